@@ -1,0 +1,107 @@
+"""Low-rank adapters (LoRA) for the Llama proxy: frozen base weights, trained adapters.
+
+For a targeted weight W (e.g. `wq` [D, H, E]) the adapter holds A [in..., r] and B [r, out...]
+with W_eff = W + (alpha / r) * A @ B, contracting the input axes of W (`wo` [H, E, D] has two).
+B starts at zero so the adapted model equals the base at initialisation.
+
+The adapters are merged into the weights inside the forward pass (`merged`): the model code stays
+untouched, and under jit the merged weight inherits W's sharding, so the extra memory is one
+sharded copy of the targeted weights. Adapters carry the logical axes of W on their input/output
+axes and None (replicated) on the rank axis.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+# Number of leading (input) axes of each adaptable weight of models/llama.py.
+INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults of `align.lora`."""
+    cd = ml_collections.ConfigDict()
+    cd.rank = 0  # adapter rank r; 0 = LoRA off (full fine-tuning of the proxy)
+    cd.alpha = 16.0  # scale numerator: W_eff = W + alpha / rank * A @ B
+    cd.targets = ("wq", "wk", "wv", "wo")  # weight names to adapt (any of wq wk wv wo w_gate w_up w_down)
+    return cd
+
+
+class LoraAdapters(nnx.Module):
+    """A and B factors for every targeted weight of a base model (paths kept as static data)."""
+
+    def __init__(self, base: nnx.Module, *, rank: int, alpha: float, targets, rngs: nnx.Rngs):
+        unknown = sorted(set(targets) - set(INPUT_AXES))
+        if rank <= 0:
+            raise ValueError(f"align.lora.rank must be positive to build adapters, got {rank}.")
+        if unknown:
+            raise ValueError(f"align.lora.targets has unknown weight names {unknown}; choose from {sorted(INPUT_AXES)}.")
+        self.rank, self.scale = int(rank), float(alpha) / float(rank)
+        paths, a_list, b_list = [], [], []
+        for path, var in nnx.to_flat_state(nnx.state(base, nnx.Param)):
+            name = path[-1]
+            if name not in targets:
+                continue
+            n_in = INPUT_AXES[name]
+            shape = tuple(var[...].shape)
+            axes = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
+            in_shape, out_shape = shape[:n_in], shape[n_in:]
+            a = jax.random.normal(rngs.params(), in_shape + (rank,), jnp.float32) / math.sqrt(math.prod(in_shape))
+            a_list.append(nnx.Param(a.astype(var[...].dtype), out_sharding=axes[:n_in] + (None,),
+                                    eager_sharding=False))
+            b_list.append(nnx.Param(jnp.zeros((rank,) + out_shape, var[...].dtype),
+                                    out_sharding=(None,) + axes[n_in:], eager_sharding=False))
+            paths.append(tuple(path))
+        if not paths:
+            raise ValueError(f"align.lora.targets {list(targets)} matched no weight of the proxy.")
+        self.paths = tuple(paths)
+        self.a = nnx.List(a_list)
+        self.b = nnx.List(b_list)
+
+    def deltas(self) -> dict:
+        """{path: scale * A @ B reshaped like the base weight} (in float32)."""
+        out = {}
+        for path, a, b in zip(self.paths, self.a, self.b):
+            a_val, b_val = a[...].astype(jnp.float32), b[...].astype(jnp.float32)
+            n_in = a_val.ndim - 1
+            delta = jnp.tensordot(a_val, b_val, axes=([n_in], [0]))
+            out[path] = self.scale * delta
+        return out
+
+
+def merged(base: nnx.Module, adapters: LoraAdapters) -> nnx.Module:
+    """A new module equal to `base` with W + scale * A @ B in every targeted weight (base untouched)."""
+    graphdef, state = nnx.split(base)
+    deltas = adapters.deltas()
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        key = tuple(path)
+        if key in deltas:
+            value = var[...]
+            var = var.replace(value=(value.astype(jnp.float32) + deltas[key]).astype(value.dtype))
+        flat.append((path, var))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save_adapters(adapters: LoraAdapters, folder: str | pathlib.Path, *, targets) -> None:
+    """Writes `adapters.safetensors` (keys `<path>.lora_a` / `.lora_b`) and `lora.json`."""
+    from safetensors.numpy import save_file
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for path, a, b in zip(adapters.paths, adapters.a, adapters.b):
+        key = ".".join(str(p) for p in path)
+        tensors[f"{key}.lora_a"] = np.asarray(jax.device_get(a[...]), np.float32)
+        tensors[f"{key}.lora_b"] = np.asarray(jax.device_get(b[...]), np.float32)
+    save_file(tensors, str(folder / "adapters.safetensors"))
+    meta = {"rank": adapters.rank, "scale": adapters.scale, "targets": list(targets),
+            "input_axes": {k: INPUT_AXES[k] for k in targets}}
+    (folder / "lora.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,0 +1,127 @@
+"""Loss functions of the align stage, for `train.make_train_step`, and the reference forward.
+
+`loss_fn(model, batch, *frozen) -> (loss, metrics)`: `model` is the trainable module (the proxy,
+or its LoRA adapters); `frozen` is empty, or `(base,)` with LoRA, the frozen base weights.
+
+Sequence log-probs never materialise [B, L, V] in float32: the model returns hidden states and
+`losses.sequence_logprobs` projects them onto the vocabulary a chunk of tokens at a time.
+
+DPO reference: the reference (the proxy at the start of a round) is frozen for the whole round, so
+its sequence log-probs are constants of each pair. `reference_logprobs` computes them once per
+round in its own jitted forward (no gradient, nothing donated) and they travel with the pairs as
+`ref_chosen_logp` / `ref_rejected_logp`; the gradient step reads them from the batch.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from proxykd_jax import losses
+from proxykd_jax.align import lora
+
+
+def policy_of(model: nnx.Module, frozen: tuple) -> nnx.Module:
+    """The model that runs: `model` itself, or the frozen base with `model`'s adapters merged in."""
+    if not frozen:
+        return model
+    (base,) = frozen
+    return lora.merged(base, model)
+
+
+def sequence_logprobs(model: nnx.Module, rows: dict, prefix: str = "", *, chunk: int) -> jax.Array:
+    """Sum over masked target positions of log p(target), per row: logp_B (float32)."""
+    hidden_BxLxD = model.hidden(rows[prefix + "tokens"], None, rows[prefix + "segment_ids"])
+    return losses.sequence_logprobs(hidden_BxLxD, model.unembedding(), rows[prefix + "targets"],
+                                    rows[prefix + "loss_mask"], chunk_size=chunk)
+
+
+def sft_loss_fn(model, batch, *frozen, chunk: int):
+    """Token-mean NLL of the response tokens (teacher responses)."""
+    policy = policy_of(model, frozen)
+    logp_B = sequence_logprobs(policy, batch, chunk=chunk)
+    n_tokens = jnp.sum(batch["loss_mask"])
+    nll = -jnp.sum(logp_B) / jnp.maximum(n_tokens, 1.0)
+    return nll, {"loss": nll, "nll": nll, "response_tokens": n_tokens}
+
+
+def dpo_loss_fn(model, batch, *frozen, beta: float, nll_weight: float, chunk: int):
+    """nll_weight * token-mean NLL(chosen) + DPO(beta) against the precomputed reference log-probs.
+
+    `batch` rows are pairs interleaved (chosen i at row 2i, rejected i at row 2i + 1; see
+    `phases.interleave_pairs`) with `ref_logp` [2P]; both go through one forward."""
+    policy = policy_of(model, frozen)
+    logp_2P = sequence_logprobs(policy, batch, chunk=chunk)
+    pol_chosen_P, pol_rejected_P = logp_2P[0::2], logp_2P[1::2]
+    dpo, dpo_metrics = losses.dpo_loss(pol_chosen_P, pol_rejected_P, batch["ref_logp"][0::2],
+                                       batch["ref_logp"][1::2], beta)
+    n_chosen = jnp.sum(batch["loss_mask"][0::2])
+    nll = -jnp.sum(pol_chosen_P) / jnp.maximum(n_chosen, 1.0)
+    loss = nll_weight * nll + dpo
+    metrics = {f"dpo/{k}": v for k, v in dpo_metrics.items()}
+    metrics.update({"loss": loss, "nll": nll, "dpo_loss": dpo, "response_tokens": n_chosen})
+    return loss, metrics
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk", "lora_on"))
+def _pair_logprobs(graphdef, state, rows, *, chunk: int, lora_on: bool):
+    module = nnx.merge(graphdef, state)
+    model = lora.merged(*module) if lora_on else module
+    chosen = sequence_logprobs(model, rows, "chosen_", chunk=chunk)
+    rejected = sequence_logprobs(model, rows, "rejected_", chunk=chunk)
+    return chosen, rejected
+
+
+def reference_logprobs(model: nnx.Module, frozen: tuple, rows: dict[str, np.ndarray], *, batch_size: int,
+                       chunk: int, put_batch=None) -> tuple[np.ndarray, np.ndarray]:
+    """Reference sequence log-probs of every pair in `rows` ({chosen_*, rejected_*} [S, L]).
+
+    `model`/`frozen` as in the loss functions (the reference is the policy as it is now). Runs in
+    fixed-shape batches (the last padded by repeating row 0) through one jitted forward; `put_batch`
+    places a host batch on the mesh (default: as is). Returns float32 numpy arrays [S].
+    """
+    module = (frozen[0], model) if frozen else model
+    graphdef, state = nnx.split(module)
+    n = next(iter(rows.values())).shape[0]
+    chosen_out, rejected_out = np.zeros((n,), np.float32), np.zeros((n,), np.float32)
+    keys = [k for k in rows if k.startswith(("chosen_", "rejected_"))]
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        idx = np.where(idx < n, idx, 0)
+        batch = {k: rows[k][idx] for k in keys}
+        if put_batch is not None:
+            batch = put_batch(batch)
+        c, r = _pair_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen))
+        m = min(batch_size, n - start)
+        chosen_out[start: start + m] = np.asarray(jax.device_get(c))[:m]
+        rejected_out[start: start + m] = np.asarray(jax.device_get(r))[:m]
+    return chosen_out, rejected_out
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk", "lora_on"))
+def _row_logprobs(graphdef, state, rows, *, chunk: int, lora_on: bool):
+    module = nnx.merge(graphdef, state)
+    model = lora.merged(*module) if lora_on else module
+    return sequence_logprobs(model, rows, chunk=chunk)
+
+
+def heldout_nll(model: nnx.Module, frozen: tuple, rows: dict[str, np.ndarray], *, batch_size: int, chunk: int,
+                put_batch=None) -> float:
+    """Token-mean NLL of the response targets of padded `rows` (tokens/targets/segment_ids/loss_mask)."""
+    module = (frozen[0], model) if frozen else model
+    graphdef, state = nnx.split(module)
+    n = rows["tokens"].shape[0]
+    total = 0.0
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        keep = (idx < n).astype(np.float32)
+        idx = np.where(idx < n, idx, 0)
+        batch = {k: rows[k][idx] for k in ("tokens", "targets", "segment_ids", "loss_mask")}
+        if put_batch is not None:
+            batch = put_batch(batch)
+        logp_B = np.asarray(jax.device_get(_row_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen))))
+        total += float(np.sum(logp_B.astype(np.float64) * keep))
+    return -total / max(float(np.sum(rows["loss_mask"])), 1.0)

@@ -1,0 +1,179 @@
+"""Bookkeeping of the align stage's phases: the proxy's construction, per-phase parameter
+snapshots and completion markers, row batches, and held-out evaluation.
+
+Layout under <run>/proxy/:
+    sft/            checkpoints/ (the train Loop's), params/ (end of phase), DONE
+    round_000/      reference/ (params at round start), pairs.npz, checkpoints/, params/, DONE
+    ...
+    final/          Hugging Face folder of the aligned proxy (LoRA merged), lora/ (adapters)
+    metrics.jsonl   per-phase summaries (held-out NLL, pairs kept/dropped, KL when asked)
+A phase is finished when its DONE marker exists; it is written after `params/` is complete.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from proxykd_jax.parallel import sharding as sharding_lib
+
+DONE = "DONE"
+
+
+def phase_names(rounds: int) -> list[str]:
+    return ["sft"] + [f"round_{r:03d}" for r in range(rounds)]
+
+
+def is_done(phase_dir: pathlib.Path) -> bool:
+    return (phase_dir / DONE).exists()
+
+
+def mark_done(phase_dir: pathlib.Path, summary: dict) -> None:
+    """Writes the DONE marker (with a JSON summary) atomically."""
+    tmp = phase_dir / (DONE + ".tmp")
+    tmp.write_text(json.dumps(summary, sort_keys=True) + "\n")
+    tmp.replace(phase_dir / DONE)
+
+
+def shard_module(module: nnx.Module, mesh, rules) -> nnx.Module:
+    """Places a (host-built) module's state on `mesh` by its parameters' logical axes."""
+    graphdef, state = nnx.split(module)
+    shardings = sharding_lib.state_shardings(state, mesh, rules)
+    return nnx.merge(graphdef, jax.device_put(state, shardings))
+
+
+def copy_module(module: nnx.Module) -> nnx.Module:
+    """A copy with fresh device buffers (safe to keep while the original is donated)."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+
+
+def build_proxy(proxy_cfg, seed: int, mesh, rules):
+    """(ModelConfig, sharded Llama): from the HF folder `proxy_cfg.init_from`, else random init."""
+    from proxykd_jax import config as config_lib
+    from proxykd_jax.models.llama import Llama
+
+    if proxy_cfg.init_from:
+        from proxykd_jax.models import hf
+
+        folder = pathlib.Path(proxy_cfg.init_from).expanduser()
+        if not (folder / "config.json").exists():
+            from proxykd_jax.errors import ProxyKDError
+
+            raise ProxyKDError(f"config.proxy.init_from={str(folder)!r} has no config.json; point it at a "
+                               "local Hugging Face model folder, or set it to '' for a random init.")
+        model_cfg, model = hf.load_hf(folder, dtype=proxy_cfg.dtype)
+        return model_cfg, shard_module(model, mesh, rules)
+    model_cfg = config_lib.model_config_from(proxy_cfg)
+    model = sharding_lib.create_sharded_model(Llama, mesh, rules, model_cfg, rngs=nnx.Rngs(params=seed))
+    return model_cfg, model
+
+
+def _abstract(state):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def save_params(module: nnx.Module, path: pathlib.Path) -> None:
+    """Saves the module's parameters with orbax (replacing a partial earlier attempt)."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    if path.exists():
+        shutil.rmtree(path)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path, nnx.state(module, nnx.Param))
+        ckpt.wait_until_finished()
+
+
+def restore_params(module: nnx.Module, path: pathlib.Path) -> nnx.Module:
+    """A module like `module` (same graph and shardings) with parameters read from `path`."""
+    import orbax.checkpoint as ocp
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(pathlib.Path(path).absolute(), _abstract(params))
+    return nnx.merge(graphdef, restored, rest)
+
+
+def row_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int):
+    """An endless, checkpointable grain iterator of shuffled host-local batches of `rows`.
+
+    Every process builds the same global batch order (epoch reshuffles from `seed`) and keeps its
+    slice of rows [p * B_local, (p + 1) * B_local).
+    """
+    import grain
+
+    n = next(iter(rows.values())).shape[0]
+    if n < batch_size:
+        raise ValueError(f"{n} rows cannot fill one batch of {batch_size}; lower align.batch_size or add data.")
+    procs, proc = jax.process_count(), jax.process_index()
+    if batch_size % procs:
+        raise ValueError(f"align.batch_size={batch_size} must be a multiple of the {procs} processes.")
+    local = batch_size // procs
+
+    def gather(idx):
+        idx = np.asarray(idx)[proc * local: (proc + 1) * local]
+        return {k: v[idx] for k, v in rows.items()}
+
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
+    return iter(ds.map(gather).to_iter_dataset())
+
+
+
+def train_state_from(module: nnx.Module, optimizer, mesh, rules):
+    """(graphdef, TrainState, shardings) for an existing module, with a fresh optimizer state."""
+    from proxykd_jax.train.state import TrainState, train_state_shardings
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    shardings = train_state_shardings(params, rest, optimizer, mesh, rules)
+
+    def init(p, r):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, rest=r, opt_state=optimizer.init(p))
+
+    state = jax.jit(init, out_shardings=shardings)(params, rest)
+    return graphdef, state, shardings
+
+
+def interleave_pairs(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{tokens, targets, segment_ids, loss_mask} [2S, L] with chosen i at row 2i and rejected i at
+    row 2i + 1, and `ref_logp` [2S] likewise: one row layout the train Loop and every process slice
+    keep intact (pairs stay adjacent)."""
+    out = {}
+    for k in ("tokens", "targets", "segment_ids", "loss_mask"):
+        c, r = rows["chosen_" + k], rows["rejected_" + k]
+        out[k] = np.stack([c, r], axis=1).reshape((-1,) + c.shape[1:])
+    out["ref_logp"] = np.stack([rows["ref_chosen_logp"], rows["ref_rejected_logp"]], axis=1).reshape(-1)
+    return out
+
+
+def pair_batches(rows: dict[str, np.ndarray], pairs_per_batch: int, seed: int):
+    """Endless checkpointable grain iterator of interleaved pair batches ([2 * pairs_per_batch, L])."""
+    inter = interleave_pairs(rows)
+    as_pairs = {k: v.reshape((-1, 2) + v.shape[1:]) for k, v in inter.items()}
+    it = row_batches(as_pairs, pairs_per_batch, seed)
+    return _Flatten(it)
+
+
+class _Flatten:
+    """Wraps a grain iterator of [P, 2, ...] batches into [2P, ...] batches; keeps get/set_state."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.inner)
+        return {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, state):
+        self.inner.set_state(state)

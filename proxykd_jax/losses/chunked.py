@@ -1,0 +1,302 @@
+"""Memory-bounded student losses: logits computed tile by tile over tokens, never [N, V] at once.
+
+Each chunked function splits the N tokens into tiles of `chunk_size` (the last tile padded by
+repeating the final row, then masked out), maps a `jax.checkpoint`-ed tile function over them with
+`jax.lax.map`, and so holds one float32 [chunk_size, V] logits tile at a time in the forward pass and
+rematerialises it per tile in the backward pass. The student's log-softmax is computed once per
+tile and shared by the CE and KD terms (a second one only when temperature != 1). Every chunked
+function has a `*_dense` twin computing the same from full logits, for tests.
+
+Normalisation is the caller's: the losses return sums and the token count; the default objective
+(`kd_objective`) is the per-token mean L = CE_sum / n_tokens + alpha * KD_weighted_sum / n_tokens.
+All keyword arguments are static: bind them with functools.partial before jax.jit.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from proxykd_jax.losses.divergences import check_divergence_args
+from proxykd_jax.losses.divergences import divergence as dense_divergence
+from proxykd_jax.losses.divergences import sampled_divergence, sparse_divergence
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults of the student loss settings (group `loss`, read by the distill stage)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.divergence = "forward_kl"  # forward_kl (paper) | reverse_kl | jsd | skew_kl | tvd
+    cfg.tail_mode = "tail"  # sparse targets: tail (K + one tail bucket) | renorm | sampled
+    cfg.temperature = 1.0  # divides the student's logits in the KD term (not in CE); no T^2 factor
+    cfg.alpha = 100.0  # weight of the KD term relative to CE (paper: 100), per-token mean of both
+    cfg.jsd_beta = 0.5  # jsd mixture weight of the target, in (0, 1)
+    cfg.skew_alpha = 0.1  # skew_kl: target weight in the skewed student a p + (1 - a) q, in [0, 1)
+    cfg.num_samples = 16  # draws per token for tail_mode 'sampled'
+    cfg.chunk_size = 256  # tokens per logits tile; one float32 [chunk_size, V] tile lives at a time
+    return cfg
+
+
+def loss_kwargs(cfg: ml_collections.ConfigDict) -> dict:
+    """Keyword arguments of `sparse_kd_loss` from the `loss` config group, validated."""
+    check_divergence_args(cfg.divergence, cfg.jsd_beta, cfg.skew_alpha, cfg.tail_mode)
+    _check_static(cfg.chunk_size, cfg.temperature, cfg.num_samples)
+    return dict(divergence=cfg.divergence, tail_mode=cfg.tail_mode, temperature=cfg.temperature,
+                jsd_beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, num_samples=cfg.num_samples,
+                chunk_size=cfg.chunk_size)
+
+
+def kd_objective(ce_sum, kd_sum, n_tokens, alpha: float):
+    """Per-token mean objective: (CE_sum + alpha * KD_weighted_sum) / max(n_tokens, 1)."""
+    return (ce_sum + alpha * kd_sum) / jnp.maximum(n_tokens, 1.0)
+
+
+def _check_static(chunk_size, temperature, num_samples=1):
+    if chunk_size <= 0:
+        raise ValueError(f"loss.chunk_size is {chunk_size}; it must be a positive number of tokens.")
+    if temperature <= 0:
+        raise ValueError(f"loss.temperature is {temperature}; it must be positive.")
+    if num_samples <= 0:
+        raise ValueError(f"loss.num_samples is {num_samples}; it must be a positive number of draws.")
+
+
+def _check_rows(name_to_array: dict, n: int):
+    for name, array in name_to_array.items():
+        if array.shape[0] != n:
+            raise ValueError(f"losses: {name} has {array.shape[0]} rows but hidden_NxD has {n}; "
+                             "flatten all per-token inputs to the same N.")
+
+
+def _map_tiles(tile_fn, inputs: tuple, chunk_size: int):
+    """Applies tile_fn to [chunk, ...] slices of the per-token inputs; returns per-token outputs [N, ...]."""
+    n = inputs[0].shape[0]
+    chunk = min(chunk_size, n)
+    num_tiles = -(-n // chunk)
+    pad = num_tiles * chunk - n
+
+    def tile(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge") if pad else x
+        return x.reshape((num_tiles, chunk) + x.shape[1:])
+
+    outputs = jax.lax.map(jax.checkpoint(tile_fn), tuple(tile(x) for x in inputs))
+    return jax.tree.map(lambda y: y.reshape((num_tiles * chunk,) + y.shape[2:])[:n], outputs)
+
+
+def _logits(hidden_CxD, W_DxV):
+    return jnp.dot(hidden_CxD, W_DxV, preferred_element_type=jnp.float32)
+
+
+def _student(logits_CxV, temperature: float):
+    """(log-probs for CE, log-probs for KD) sharing one log-softmax when temperature == 1."""
+    logq_CxV = jax.nn.log_softmax(logits_CxV, axis=-1)
+    logq_kd_CxV = logq_CxV if temperature == 1.0 else jax.nn.log_softmax(logits_CxV / temperature, -1)
+    return logq_CxV, logq_kd_CxV
+
+
+def _nll(logq_CxV, targets_C):
+    return -jnp.take_along_axis(logq_CxV, targets_C[:, None], axis=-1)[:, 0]
+
+
+def _masked_sums(ce_N, kd_N, mask_N, weight_N):
+    mask_N = mask_N.astype(jnp.float32)
+    on_N = mask_N != 0
+    ce_sum = jnp.sum(jnp.where(on_N, mask_N * ce_N, 0.0))
+    kd_sum = jnp.sum(jnp.where(on_N, mask_N * weight_N.astype(jnp.float32) * kd_N, 0.0))
+    return ce_sum, kd_sum, jnp.sum(mask_N)
+
+
+def _uniforms(rng, n: int, tail_mode_or_sampled, num_samples: int):
+    if not tail_mode_or_sampled:
+        return jnp.zeros((n, 0), jnp.float32)
+    if rng is None:
+        raise ValueError("losses: sampled KD needs an rng key; pass rng=jax.random.key(...).")
+    return jax.random.uniform(rng, (n, num_samples), jnp.float32)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+def cross_entropy_chunked(hidden_NxD, W_DxV, targets_N, mask_N, *, chunk_size: int = 256):
+    """Masked CE from hidden states and the unembedding, tiled over tokens: (ce_sum, n_tokens)."""
+    _check_static(chunk_size, 1.0)
+    _check_rows(dict(targets_N=targets_N, mask_N=mask_N), hidden_NxD.shape[0])
+
+    def tile_fn(args):
+        hidden_CxD, targets_C = args
+        return _nll(jax.nn.log_softmax(_logits(hidden_CxD, W_DxV), axis=-1), targets_C)
+
+    nll_N = _map_tiles(tile_fn, (hidden_NxD, targets_N), chunk_size)
+    ce_sum, _, n_tokens = _masked_sums(nll_N, nll_N, mask_N, mask_N)
+    return ce_sum, n_tokens
+
+
+# ----------------------------------------------------------------------------- sparse targets
+
+
+def _sparse_tile(logits_CxV, targets_C, ids_CxK, logprobs_CxK, tail_C, uniforms_CxS, *, divergence,
+                 tail_mode, temperature, jsd_beta, skew_alpha):
+    logq_CxV, logq_kd_CxV = _student(logits_CxV, temperature)
+    kd_C = sparse_divergence(divergence, ids_CxK, logprobs_CxK, tail_C, logq_kd_CxV,
+                             tail_mode=tail_mode, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
+                             sample_uniforms_MxS=uniforms_CxS if tail_mode == "sampled" else None)
+    return _nll(logq_CxV, targets_C), kd_C
+
+
+def _sparse_setup(hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N,
+                  divergence, tail_mode, temperature, jsd_beta, skew_alpha, num_samples, chunk_size):
+    check_divergence_args(divergence, jsd_beta, skew_alpha, tail_mode)
+    _check_static(chunk_size, temperature, num_samples)
+    _check_rows(dict(targets_N=targets_N, kd_ids_NxK=kd_ids_NxK, kd_logprobs_NxK=kd_logprobs_NxK,
+                     kd_tail_N=kd_tail_N, mask_N=mask_N, weight_N=weight_N), hidden_NxD.shape[0])
+    if kd_ids_NxK.shape != kd_logprobs_NxK.shape:
+        raise ValueError(f"losses: kd_ids_NxK {kd_ids_NxK.shape} and kd_logprobs_NxK "
+                         f"{kd_logprobs_NxK.shape} must have the same shape.")
+
+
+def sparse_kd_loss(hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N,
+                   weight_N, *, divergence: str = "forward_kl", tail_mode: str = "tail",
+                   temperature: float = 1.0, jsd_beta: float = 0.5, skew_alpha: float = 0.1,
+                   num_samples: int = 16, chunk_size: int = 256, rng=None):
+    """Student CE plus sparse-target KD, tiled over tokens.
+
+    Returns (ce_sum, kd_sum, n_tokens): ce_sum = sum_t mask_t * NLL_t,
+    kd_sum = sum_t mask_t * weight_t * D(target_t || q_t), n_tokens = sum_t mask_t.
+    `rng` (a key) is needed only for tail_mode 'sampled' (num_samples draws per token).
+    """
+    _sparse_setup(hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N,
+                  divergence, tail_mode, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], tail_mode == "sampled", num_samples)
+    kw = dict(divergence=divergence, tail_mode=tail_mode, temperature=temperature,
+              jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+
+    def tile_fn(args):
+        hidden_CxD, *rest = args
+        return _sparse_tile(_logits(hidden_CxD, W_DxV), *rest, **kw)
+
+    ce_N, kd_N = _map_tiles(tile_fn, (hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N,
+                                      uniforms_NxS), chunk_size)
+    return _masked_sums(ce_N, kd_N, mask_N, weight_N)
+
+
+def sparse_kd_loss_dense(hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N,
+                         weight_N, *, divergence: str = "forward_kl", tail_mode: str = "tail",
+                         temperature: float = 1.0, jsd_beta: float = 0.5, skew_alpha: float = 0.1,
+                         num_samples: int = 16, chunk_size: int = 256, rng=None):
+    """Reference for `sparse_kd_loss` from the full [N, V] logits (chunk_size is ignored)."""
+    _sparse_setup(hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N,
+                  divergence, tail_mode, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], tail_mode == "sampled", num_samples)
+    ce_N, kd_N = _sparse_tile(_logits(hidden_NxD, W_DxV), targets_N, kd_ids_NxK, kd_logprobs_NxK,
+                              kd_tail_N, uniforms_NxS, divergence=divergence, tail_mode=tail_mode,
+                              temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    return _masked_sums(ce_N, kd_N, mask_N, weight_N)
+
+
+# ----------------------------------------------------------------------------- dense (white-box) targets
+
+
+def _dense_tile(logits_CxV, teacher_logits_CxV, targets_C, uniforms_CxS, *, divergence, temperature,
+                jsd_beta, skew_alpha, sampled):
+    logq_CxV, logq_kd_CxV = _student(logits_CxV, temperature)
+    logp_CxV = jax.lax.stop_gradient(jax.nn.log_softmax(teacher_logits_CxV / temperature, axis=-1))
+    kw = dict(jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    if sampled:
+        kd_C = sampled_divergence(divergence, logp_CxV, logq_kd_CxV, uniforms_CxS, **kw)
+    else:
+        kd_C = dense_divergence(divergence, logp_CxV, logq_kd_CxV, **kw)
+    return _nll(logq_CxV, targets_C), kd_C
+
+
+
+def _dense_setup(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
+                 divergence, temperature, jsd_beta, skew_alpha, num_samples, chunk_size):
+    check_divergence_args(divergence, jsd_beta, skew_alpha)
+    _check_static(chunk_size, temperature, num_samples)
+    _check_rows(dict(targets_N=targets_N, teacher_hidden_NxE=teacher_hidden_NxE, mask_N=mask_N,
+                     weight_N=weight_N), hidden_NxD.shape[0])
+    if teacher_W_ExV.shape[-1] != W_DxV.shape[-1]:
+        raise ValueError(f"losses: teacher_W_ExV has vocabulary {teacher_W_ExV.shape[-1]} but the "
+                         f"student's W_DxV has {W_DxV.shape[-1]}; teacher and student must share it.")
+
+
+def dense_kd_loss(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
+                  *, divergence: str = "forward_kl", temperature: float = 1.0, jsd_beta: float = 0.5,
+                  skew_alpha: float = 0.1, sampled: bool = False, num_samples: int = 16,
+                  chunk_size: int = 256, rng=None):
+    """White-box KD: CE plus D(teacher || student) between full distributions, tiled over tokens.
+
+    The teacher's logits are computed per tile from its final hidden states and unembedding (no
+    gradient flows into them); `temperature` divides both sides' logits in the KD term. With
+    sampled=True the KD term is the importance-sampled estimate (`sampled_divergence`).
+    Returns (ce_sum, kd_sum, n_tokens) as `sparse_kd_loss`.
+    """
+    _dense_setup(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
+                 divergence, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], sampled, num_samples)
+    kw = dict(divergence=divergence, temperature=temperature, jsd_beta=jsd_beta,
+              skew_alpha=skew_alpha, sampled=sampled)
+
+    def tile_fn(args):
+        hidden_CxD, teacher_hidden_CxE, targets_C, uniforms_CxS = args
+        return _dense_tile(_logits(hidden_CxD, W_DxV), _logits(teacher_hidden_CxE, teacher_W_ExV),
+                           targets_C, uniforms_CxS, **kw)
+
+    ce_N, kd_N = _map_tiles(tile_fn, (hidden_NxD, teacher_hidden_NxE, targets_N, uniforms_NxS),
+                            chunk_size)
+    return _masked_sums(ce_N, kd_N, mask_N, weight_N)
+
+
+def dense_kd_loss_dense(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N,
+                        weight_N, *, divergence: str = "forward_kl", temperature: float = 1.0,
+                        jsd_beta: float = 0.5, skew_alpha: float = 0.1, sampled: bool = False,
+                        num_samples: int = 16, chunk_size: int = 256, rng=None):
+    """Reference for `dense_kd_loss` from the full [N, V] logits of both models."""
+    _dense_setup(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
+                 divergence, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], sampled, num_samples)
+    ce_N, kd_N = _dense_tile(_logits(hidden_NxD, W_DxV), _logits(teacher_hidden_NxE, teacher_W_ExV),
+                             targets_N, uniforms_NxS, divergence=divergence, temperature=temperature,
+                             jsd_beta=jsd_beta, skew_alpha=skew_alpha, sampled=sampled)
+    return _masked_sums(ce_N, kd_N, mask_N, weight_N)
+
+
+# ----------------------------------------------------------------------------- sequence log-probs
+
+
+def _row_sums(logp_BxL, mask_BxL, length_normalize: bool):
+    mask_BxL = mask_BxL.astype(jnp.float32)
+    total_B = jnp.sum(jnp.where(mask_BxL != 0, mask_BxL * logp_BxL, 0.0), axis=-1)
+    if length_normalize:
+        return total_B / jnp.maximum(jnp.sum(mask_BxL, axis=-1), 1.0)
+    return total_B
+
+
+def _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size):
+    _check_static(chunk_size, 1.0)
+    if targets_BxL.shape != hidden_BxLxD.shape[:2] or mask_BxL.shape != targets_BxL.shape:
+        raise ValueError(f"losses: targets_BxL {targets_BxL.shape} and mask_BxL {mask_BxL.shape} must "
+                         f"match the first two axes of hidden_BxLxD {hidden_BxLxD.shape}.")
+
+
+def sequence_logprobs(hidden_BxLxD, W_DxV, targets_BxL, mask_BxL, *, chunk_size: int = 256,
+                      length_normalize: bool = False):
+    """sum_t mask * log q(target_t) per row (divided by the row's mask sum when length_normalize),
+    tiled over the B*L tokens. Used for DPO (policy and reference) and NLL terms."""
+    _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
+    b, length, d = hidden_BxLxD.shape
+
+    def tile_fn(args):
+        hidden_CxD, targets_C = args
+        return -_nll(jax.nn.log_softmax(_logits(hidden_CxD, W_DxV), axis=-1), targets_C)
+
+    logp_N = _map_tiles(tile_fn, (hidden_BxLxD.reshape(b * length, d), targets_BxL.reshape(-1)),
+                        chunk_size)
+    return _row_sums(logp_N.reshape(b, length), mask_BxL, length_normalize)
+
+
+def sequence_logprobs_dense(hidden_BxLxD, W_DxV, targets_BxL, mask_BxL, *, chunk_size: int = 256,
+                            length_normalize: bool = False):
+    """Reference for `sequence_logprobs` from the full [B, L, V] logits."""
+    _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
+    logq_BxLxV = jax.nn.log_softmax(_logits(hidden_BxLxD, W_DxV), axis=-1)
+    logp_BxL = jnp.take_along_axis(logq_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return _row_sums(logp_BxL, mask_BxL, length_normalize)

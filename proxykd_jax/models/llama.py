@@ -1,0 +1,361 @@
+"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2).
+
+RoPE (with optional Llama-3 frequency scaling), grouped-query attention, RMSNorm, SwiGLU, optional
+q/k/v bias (Qwen2), tied or untied embeddings. Parameters are stored in `param_dtype` and cast to
+the compute `dtype`; logits are always float32. Every `nnx.Param` carries `out_sharding=` logical
+axis names (see docs/CONTRACTS.md); the mesh rules in `proxykd_jax.parallel` map them to devices.
+
+Packed sequences: `segment_ids_BxL` (0 = padding); a query attends to keys of the same non-zero
+segment whose position is not after its own. When `positions_BxL` is omitted it restarts at 0 at
+every segment boundary.
+
+Decoding: `init_cache(batch, length)` makes an empty `KVCache`; `decode(tokens_BxT, positions_BxT,
+segment_ids_BxT, cache)` writes the T new keys/values at slots `[cache.index, cache.index + T)`,
+attends over the whole cache (empty slots have segment 0 and are masked) and returns
+`(logits_BxTxV, cache)`. A prompt prefill is one `decode` call with T = prompt length.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+_MASK_VALUE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of one Llama-family decoder."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rope_theta: float = 10000.0
+    rope_scaling: tuple | None = None  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position)
+    rms_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads}).")
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}.")
+        if self.rope_scaling is not None:
+            if len(self.rope_scaling) != 5 or self.rope_scaling[0] != "llama3":
+                raise ValueError(
+                    "model.rope_scaling must be None or ('llama3', factor, low_freq_factor, high_freq_factor, "
+                    f"original_max_position), got {self.rope_scaling!r}.")
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}.")
+
+    def num_params(self) -> int:
+        """Total parameter count (embedding counted once when tied)."""
+        d, h, g, e, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.d_ff
+        attn = d * h * e + 2 * d * g * e + h * e * d + (h * e + 2 * g * e if self.qkv_bias else 0)
+        block = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.num_layers * block + d + head
+
+    def to_config(self) -> ml_collections.ConfigDict:
+        """This config as a ConfigDict with the fields of `default_config()`."""
+        cd = default_config()
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            cd[field.name] = list(value) if isinstance(value, tuple) else value
+        return cd
+
+    @classmethod
+    def from_config(cls, cd) -> "ModelConfig":
+        """Builds a ModelConfig from a ConfigDict (or mapping) with the fields of `default_config()`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = dict(cd.items())
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown model config field(s) {unknown}; known fields are {sorted(known)}.")
+        if values.get("rope_scaling") is not None:
+            values["rope_scaling"] = tuple(values["rope_scaling"])
+        return cls(**values)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults of the `model` config group (a tiny model; presets override every shape field)."""
+    cd = ml_collections.ConfigDict()
+    cd.vocab_size = 512  # vocabulary size (must match the tokenizer)
+    cd.d_model = 64  # residual stream width D
+    cd.num_layers = 2  # number of decoder blocks
+    cd.num_heads = 4  # query heads H
+    cd.num_kv_heads = 2  # key/value heads G (grouped-query attention; H % G == 0)
+    cd.head_dim = 16  # per-head width E
+    cd.d_ff = 128  # SwiGLU hidden width F
+    cd.rope_theta = 10000.0  # RoPE base
+    cd.rope_scaling = ml_collections.FieldReference(None, field_type=list)  # None or ["llama3", factor, low, high, orig_max_pos]
+    cd.rms_eps = 1e-5  # RMSNorm epsilon
+    cd.qkv_bias = False  # bias on q/k/v projections (Qwen2)
+    cd.tie_embeddings = False  # share the input embedding with the output layer
+    cd.max_seq_len = 2048  # longest sequence the model is used with
+    cd.param_dtype = "float32"  # storage dtype of parameters
+    cd.dtype = "float32"  # compute dtype of activations (logits are always float32)
+    return cd
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, backward: bool = True) -> float:
+    """Training FLOPs per token of a length-`seq_len` sequence.
+
+    Convention: 2 FLOPs per multiply-accumulate; backward = 2x forward (so training = 3x forward);
+    matmul parameters only (the embedding lookup is free, the output layer counts); attention
+    scores and the weighted sum of values counted for the causal half of the L x L matrix:
+    forward attention = 2 (QK and AV) * 2 (FLOPs/MAC) * H * E * L / 2 per token per layer.
+    """
+    d, h, g, e, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
+    matmul_params = cfg.num_layers * (d * h * e + 2 * d * g * e + h * e * d + 3 * d * f) + d * cfg.vocab_size
+    forward = 2.0 * matmul_params + 2.0 * cfg.num_layers * h * e * seq_len
+    return forward * (3.0 if backward else 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [E/2] (float64), Llama-3 scaled when `cfg.rope_scaling` is set."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    _, factor, low_freq_factor, high_freq_factor, original_max = cfg.rope_scaling
+    low_freq_wavelen = original_max / low_freq_factor
+    high_freq_wavelen = original_max / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq_E2: np.ndarray) -> jax.Array:
+    """Rotates halves (HF `rotate_half` convention) by angle position * inv_freq, in float32."""
+    angles_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_E2, jnp.float32)
+    cos = jnp.cos(angles_BxLxE2)[:, :, None, :]
+    sin = jnp.sin(angles_BxLxE2)[:, :, None, :]
+    x = x_BxLxNxE.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxNxE.dtype)
+
+
+def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
+    """Positions that restart at 0 wherever the segment id changes along the row."""
+    length = segment_ids_BxL.shape[1]
+    index_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids_BxL.shape)
+    is_start = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxL[:, :1], bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
+    start_BxL = jax.lax.cummax(jnp.where(is_start, index_BxL, 0), axis=1)
+    return index_BxL - start_BxL
+
+
+def _param(rngs: nnx.Rngs, shape, std, axes, dtype) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+def _zeros(shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, normalised in float32."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, dtype):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x_BxLxD):
+        x = x_BxLxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys/values per layer [B, C, G, E] with each slot's position and segment (0 = empty)."""
+
+    k: tuple
+    v: tuple
+    positions_BxC: jax.Array
+    segment_ids_BxC: jax.Array
+    index: jax.Array  # int32 scalar: next slot to write
+
+
+def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_seg_BxC):
+    """Masked grouped-query attention; scores and softmax in float32."""
+    b, l, h, e = q_BxLxHxE.shape
+    g = k_BxCxGxE.shape[2]
+    q_BxLxGxRxE = q_BxLxHxE.reshape(b, l, g, h // g, e)
+    scores = jnp.einsum("blgre,bcge->bgrlc", q_BxLxGxRxE, k_BxCxGxE, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(e)
+    mask_BxLxC = ((q_seg_BxL[:, :, None] == k_seg_BxC[:, None, :]) & (k_seg_BxC[:, None, :] != 0)
+                  & (k_pos_BxC[:, None, :] <= q_pos_BxL[:, :, None]))
+    scores = jnp.where(mask_BxLxC[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxCxGxE.dtype)
+    out = jnp.einsum("bgrlc,bcge->blgre", probs, v_BxCxGxE)
+    return out.reshape(b, l, h, e)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, g, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        pd = jnp.dtype(cfg.param_dtype)
+        self.wq = _param(rngs, (d, h, e), d ** -0.5, ("embed", "heads", "head_dim"), pd)
+        self.wk = _param(rngs, (d, g, e), d ** -0.5, ("embed", "kv_heads", "head_dim"), pd)
+        self.wv = _param(rngs, (d, g, e), d ** -0.5, ("embed", "kv_heads", "head_dim"), pd)
+        self.wo = _param(rngs, (h, e, d), (h * e) ** -0.5, ("heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:
+            self.bq = _zeros((h, e), ("heads", "head_dim"), pd)
+            self.bk = _zeros((g, e), ("kv_heads", "head_dim"), pd)
+            self.bv = _zeros((g, e), ("kv_heads", "head_dim"), pd)
+        self.qkv_bias = cfg.qkv_bias
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.cfg = cfg
+
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache_kv=None, index=None, k_pos=None, k_seg=None):
+        """Returns (out_BxLxD, (k, v)); with `cache_kv` the new keys/values are written at `index`."""
+        dt = self.dtype
+        q = jnp.einsum("bld,dhe->blhe", x_BxLxD, self.wq[...].astype(dt))
+        k = jnp.einsum("bld,dge->blge", x_BxLxD, self.wk[...].astype(dt))
+        v = jnp.einsum("bld,dge->blge", x_BxLxD, self.wv[...].astype(dt))
+        if self.qkv_bias:
+            q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        inv_freq = rope_inv_freq(self.cfg)
+        q = apply_rope(q, positions_BxL, inv_freq)
+        k = apply_rope(k, positions_BxL, inv_freq)
+        if cache_kv is None:
+            out = attend(q, k, v, positions_BxL, positions_BxL, segment_ids_BxL, segment_ids_BxL)
+        else:
+            k_cache, v_cache = cache_kv
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+            out = attend(q, k.astype(dt), v.astype(dt), positions_BxL, k_pos, segment_ids_BxL, k_seg)
+        return jnp.einsum("blhe,hed->bld", out, self.wo[...].astype(dt)), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        pd = jnp.dtype(cfg.param_dtype)
+        self.w_gate = _param(rngs, (d, f), d ** -0.5, ("embed", "mlp"), pd)
+        self.w_up = _param(rngs, (d, f), d ** -0.5, ("embed", "mlp"), pd)
+        self.w_down = _param(rngs, (f, d), f ** -0.5, ("mlp", "embed"), pd)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x_BxLxD):
+        dt = self.dtype
+        gate = x_BxLxD @ self.w_gate[...].astype(dt)
+        up = x_BxLxD @ self.w_up[...].astype(dt)
+        return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, dt)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, dt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, **cache_args):
+        attn_out, kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, **cache_args)
+        x_BxLxD = x_BxLxD + attn_out
+        return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), kv
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+
+class Llama(nnx.Module):
+    """Decoder-only Llama-family language model."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
+        embed_std = cfg.d_model ** -0.5 if cfg.tie_embeddings else 1.0
+        self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), embed_std, ("vocab", "embed"), pd)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, self.dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model ** -0.5, ("embed", "vocab"), pd)
+
+    def unembedding(self) -> jax.Array:
+        """Output-layer weight W_DxV in the compute dtype (embedding.T when tied)."""
+        w = self.embedding[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return w.astype(self.dtype)
+
+    def logits(self, hidden_BxLxD) -> jax.Array:
+        """float32 logits from final-norm hidden states."""
+        return jnp.einsum("bld,dv->blv", hidden_BxLxD, self.unembedding(), preferred_element_type=jnp.float32)
+
+    def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
+        """Final-norm hidden states [B, L, D] in the compute dtype."""
+        if segment_ids_BxL is None:
+            segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
+        if positions_BxL is None:
+            positions_BxL = positions_from_segments(segment_ids_BxL)
+        x = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
+        for block in self.layers:
+            x, _ = block(x, positions_BxL, segment_ids_BxL)
+        return self.final_norm(x)
+
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
+        """float32 logits [B, L, V]."""
+        return self.logits(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL))
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty cache of `length` slots per row (all slots segment 0, i.e. masked)."""
+        shape = (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(self.cfg.num_layers))
+        return KVCache(k=zeros, v=zeros, positions_BxC=jnp.zeros((batch, length), jnp.int32),
+                       segment_ids_BxC=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+    def decode(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache: KVCache):
+        """Appends T tokens to the cache at `cache.index`; returns (logits_BxTxV float32, new cache).
+
+        `segment_ids_BxT` is 0 for tokens that must stay invisible (prompt padding), else the row's
+        segment (1 for ordinary generation). Queries see cached keys of their own segment at
+        positions not after theirs.
+        """
+        index = cache.index
+        k_pos = jax.lax.dynamic_update_slice(cache.positions_BxC, positions_BxT.astype(jnp.int32), (0, index))
+        k_seg = jax.lax.dynamic_update_slice(cache.segment_ids_BxC, segment_ids_BxT.astype(jnp.int32), (0, index))
+        x = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype)
+        new_k, new_v = [], []
+        for block, k_c, v_c in zip(self.layers, cache.k, cache.v):
+            x, (k, v) = block(x, positions_BxT, segment_ids_BxT, cache_kv=(k_c, v_c), index=index,
+                              k_pos=k_pos, k_seg=k_seg)
+            new_k.append(k)
+            new_v.append(v)
+        logits = self.logits(self.final_norm(x))
+        new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), positions_BxC=k_pos, segment_ids_BxC=k_seg,
+                            index=index + tokens_BxT.shape[1])
+        return logits, new_cache

@@ -1,0 +1,141 @@
+"""Batched autoregressive sampling with a KV cache, jitted once per shape and static settings.
+
+Prompts arrive left-aligned in `prompt_tokens_BxP` with `prompt_lengths_B` real tokens each (the
+rest is padding). The whole padded prompt is prefilled in one `Llama.decode` call with padding
+slots given segment 0 (invisible); every generated token of row b then sits at position
+`prompt_lengths_B[b] + t` and cache slot `P + t`, so rows of different lengths decode together
+and each gets exactly what it would get alone.
+
+Stop tokens: a row stops after emitting one; the stop token is kept in `tokens_BxT` and counted in
+`lengths_B`; later columns hold `pad_id` (log-probs 0). The loop ends early once every row stopped.
+
+Log-probs are those of the model's own distribution (log-softmax of the raw logits, i.e. at
+temperature 1, before top-k/top-p), which is what an OpenAI-style `logprobs` field reports.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class GenerateOutput(NamedTuple):
+    tokens_BxT: jax.Array  # int32 generated tokens; pad_id after a row stopped
+    lengths_B: jax.Array  # int32 generated tokens per row, a final stop token included
+    logprobs_BxT: jax.Array | None  # float32 log-prob of each chosen token (None unless asked)
+    top_ids_BxTxN: jax.Array | None  # int32 ids of the N most likely tokens per step (None unless asked)
+    top_logprobs_BxTxN: jax.Array | None  # float32 their log-probs
+
+
+def sample_logits(logits_BxV, rng, temperature_B, top_p_B, *, top_k: int = 0) -> jax.Array:
+    """Draws one token per row: greedy where temperature == 0, else softmax(logits / T) with
+    top-k (k > 0) and nucleus top-p (p < 1) truncation. Returns int32 [B]."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    greedy_B = jnp.argmax(logits_BxV, axis=-1)
+    scaled = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
+    if top_k > 0:
+        kth_Bx1 = jax.lax.top_k(scaled, top_k)[0][:, -1:]
+        scaled = jnp.where(scaled < kth_Bx1, -jnp.inf, scaled)
+    sorted_BxV = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    keep_BxV = (mass_before_BxV < top_p_B[:, None]) | (jnp.arange(sorted_BxV.shape[-1]) == 0)
+    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    nucleus = jnp.where(scaled < cutoff_Bx1, -jnp.inf, scaled)
+    scaled = jnp.where((top_p_B < 1.0)[:, None], nucleus, scaled)
+    sampled_B = jax.random.categorical(rng, scaled, axis=-1)
+    return jnp.where(temperature_B == 0, greedy_B, sampled_B).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("max_new_tokens", "top_k", "stop_tokens", "pad_id", "return_logprobs",
+                                    "top_logprobs"))
+def _generate(graphdef, state, prompt_BxP, prompt_lengths_B, rng, temperature_B, top_p_B, *, max_new_tokens,
+              top_k, stop_tokens, pad_id, return_logprobs, top_logprobs):
+    model = nnx.merge(graphdef, state)
+    b, p = prompt_BxP.shape
+    t_max = max_new_tokens
+    cache = model.init_cache(b, p + t_max)
+    positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    segments_BxP = (positions_BxP < prompt_lengths_B[:, None]).astype(jnp.int32)
+    logits_BxPxV, cache = model.decode(prompt_BxP, positions_BxP, segments_BxP, cache)
+    last_BxV = jnp.take_along_axis(logits_BxPxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    stop_S = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+    n = max(top_logprobs, 1)
+
+    carry = dict(
+        t=jnp.zeros((), jnp.int32), logits=last_BxV, cache=cache, rng=rng,
+        done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
+        tokens=jnp.full((b, t_max), pad_id, jnp.int32), logprobs=jnp.zeros((b, t_max), jnp.float32),
+        top_ids=jnp.zeros((b, t_max, n), jnp.int32), top_lp=jnp.zeros((b, t_max, n), jnp.float32))
+
+    def cond(c):
+        return (c["t"] < t_max) & ~jnp.all(c["done"])
+
+    def body(c):
+        rng, sub = jax.random.split(c["rng"])
+        active_B = ~c["done"]
+        tok_B = sample_logits(c["logits"], sub, temperature_B, top_p_B, top_k=top_k)
+        tok_B = jnp.where(active_B, tok_B, pad_id)
+        c = dict(c, rng=rng, tokens=c["tokens"].at[:, c["t"]].set(tok_B),
+                 lengths=c["lengths"] + active_B.astype(jnp.int32),
+                 done=c["done"] | jnp.any(tok_B[:, None] == stop_S[None, :], axis=-1))
+        if return_logprobs or top_logprobs:
+            logp_BxV = jax.nn.log_softmax(c["logits"], axis=-1)
+            chosen_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=1)[:, 0]
+            c["logprobs"] = c["logprobs"].at[:, c["t"]].set(jnp.where(active_B, chosen_B, 0.0))
+            if top_logprobs:
+                top_lp, top_ids = jax.lax.top_k(logp_BxV, top_logprobs)
+                c["top_ids"] = c["top_ids"].at[:, c["t"]].set(jnp.where(active_B[:, None], top_ids, pad_id))
+                c["top_lp"] = c["top_lp"].at[:, c["t"]].set(jnp.where(active_B[:, None], top_lp, 0.0))
+        positions_Bx1 = (prompt_lengths_B + c["t"])[:, None].astype(jnp.int32)
+        logits_Bx1xV, cache = model.decode(tok_B[:, None], positions_Bx1, jnp.ones((b, 1), jnp.int32), c["cache"])
+        return dict(c, t=c["t"] + 1, logits=logits_Bx1xV[:, 0], cache=cache)
+
+    c = jax.lax.while_loop(cond, body, carry)
+    return GenerateOutput(
+        tokens_BxT=c["tokens"], lengths_B=c["lengths"],
+        logprobs_BxT=c["logprobs"] if return_logprobs else None,
+        top_ids_BxTxN=c["top_ids"] if top_logprobs else None,
+        top_logprobs_BxTxN=c["top_lp"] if top_logprobs else None)
+
+
+def generate(model, prompt_tokens_BxP, prompt_lengths_B, rng, *, max_new_tokens: int, temperature=1.0,
+             top_k: int = 0, top_p=1.0, stop_tokens=(), pad_id: int = 0, return_logprobs: bool = False,
+             top_logprobs: int = 0) -> GenerateOutput:
+    """Samples up to `max_new_tokens` tokens after each left-aligned prompt.
+
+    `temperature` and `top_p` may be scalars or per-row [B] arrays (temperature 0 = greedy) and do
+    not trigger recompilation; `max_new_tokens`, `top_k`, `stop_tokens`, `pad_id`,
+    `return_logprobs` and `top_logprobs` (N, the number of alternatives per step) are static.
+    """
+    prompt_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
+    if prompt_BxP.ndim != 2 or prompt_BxP.shape[1] == 0:
+        raise ValueError(f"prompt_tokens_BxP must be a non-empty [B, P] array, got shape {prompt_BxP.shape}.")
+    b, p = prompt_BxP.shape
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    if top_k < 0 or top_logprobs < 0:
+        raise ValueError(f"top_k and top_logprobs must be >= 0, got {top_k} and {top_logprobs}.")
+    if not isinstance(prompt_lengths_B, jax.core.Tracer):
+        lengths = np.asarray(prompt_lengths_B)
+        if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > p:
+            raise ValueError(f"prompt_lengths_B must be {b} values in [1, {p}], got {lengths.tolist()}.")
+    if not isinstance(temperature, jax.core.Tracer) and np.any(np.asarray(temperature) < 0):
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    if not isinstance(top_p, jax.core.Tracer) and np.any((np.asarray(top_p) <= 0) | (np.asarray(top_p) > 1)):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    limit = model.cfg.max_seq_len
+    if p + max_new_tokens > limit:
+        raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds model.max_seq_len {limit}.")
+    graphdef, state = nnx.split(model)
+    return _generate(
+        graphdef, state, prompt_BxP, jnp.asarray(prompt_lengths_B, jnp.int32), rng,
+        jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,)),
+        jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,)),
+        max_new_tokens=int(max_new_tokens), top_k=int(top_k), stop_tokens=tuple(int(s) for s in stop_tokens),
+        pad_id=int(pad_id), return_logprobs=bool(return_logprobs), top_logprobs=int(top_logprobs))

@@ -1,0 +1,87 @@
+"""Tokenizers: load a local Hugging Face tokenizer, build tiny word-level and byte-level BPE ones.
+
+Built tokenizers are saved as `PreTrainedTokenizerFast` folders that `AutoTokenizer` loads offline.
+Special tokens are `<pad>`=0, `<bos>`=1, `<eos>`=2, `<unk>`=3; `encode` adds none of them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+# Messages joined by single spaces: with the word tokenizer, a chat prompt tokenises exactly like its words.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} {% endif %}")
+
+
+def load_tokenizer(folder):
+    """Loads a tokenizer from a local folder (never from the network)."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Tokenizer folder {folder} does not exist; pass a local folder holding tokenizer.json.")
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise FileNotFoundError(
+            f"Tokenizer folder {folder} has no tokenizer.json, tokenizer_config.json or tokenizer.model; "
+            "save a tokenizer there with tokenizer.save_pretrained(folder).")
+    config_file = folder / "tokenizer_config.json"
+    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.exists() else None
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (folder / "tokenizer.json").exists():
+        # A generic tokenizer.json: AutoTokenizer would swap in the model type's class (e.g. Qwen2Tokenizer
+        # beside a qwen2 config.json), which re-builds the pre-tokenizer; load it as written instead.
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def _wrap_and_save(tok: Tokenizer, folder) -> PreTrainedTokenizerFast:
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    if folder is not None:
+        pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+        fast.save_pretrained(str(folder))
+    return fast
+
+
+def build_word_tokenizer(words, folder=None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over `words` (split on whitespace; ids 4.. in the given order).
+
+    Decoding joins tokens with single spaces, so decode(encode(text)) == text for text made of
+    known words separated by single spaces. Saved to `folder` when given.
+    """
+    words = list(dict.fromkeys(words))
+    clash = [w for w in words if w in SPECIAL_TOKENS or not w or any(c.isspace() for c in w)]
+    if clash:
+        raise ValueError(f"Word list holds special tokens, empty words or words with spaces: {clash[:5]}.")
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    vocab.update({w: i + len(SPECIAL_TOKENS) for i, w in enumerate(words)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with spaces, nothing else
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return _wrap_and_save(tok, folder)
+
+
+def build_bpe_tokenizer(texts, vocab_size: int, folder=None) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts` (any string round-trips); vocab_size >= 260."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"Byte-level BPE needs vocab_size >= {256 + len(SPECIAL_TOKENS)}, got {vocab_size}.")
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return _wrap_and_save(tok, folder)
+
+
+def tokenizer_hash(tok) -> str:
+    """Stable sha256 (hex, 16 chars) of the vocabulary and the special tokens."""
+    payload = {"vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
+               "special": sorted((k, str(v)) for k, v in tok.special_tokens_map.items())}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]

@@ -1,0 +1,81 @@
+"""Multi-process start-up: `jax.distributed` from config, environment, SLURM or a TPU pod slice.
+
+Order of precedence (the `mesh.distributed` config group):
+1. an explicit coordinator: `coordinator_address` / `num_processes` / `process_id` from config,
+   each falling back to env JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID;
+2. with `auto`, a SLURM job step of several tasks (SLURM_JOB_ID and SLURM_NTASKS > 1) or a
+   multi-host TPU slice (TPU_WORKER_HOSTNAMES with several hosts): `jax.distributed.initialize()`
+   with no arguments, which reads the cluster from the environment;
+3. otherwise a single process: nothing to start.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+
+import jax
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedPlan:
+    """What `maybe_initialize_distributed` will do: mode is explicit, slurm, tpu or single."""
+
+    mode: str
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer.") from None
+
+
+def resolve_distributed(dist_cfg, env: Mapping[str, str] | None = None) -> DistributedPlan:
+    """Decides how to start from `dist_cfg` (the mesh.distributed group) and `env` (default os.environ)."""
+    env = os.environ if env is None else env
+    address = dist_cfg.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "").strip() or None
+    num = dist_cfg.num_processes if dist_cfg.num_processes > 0 else _env_int(env, "JAX_NUM_PROCESSES")
+    pid = dist_cfg.process_id if dist_cfg.process_id >= 0 else _env_int(env, "JAX_PROCESS_ID")
+    if address:
+        if num is None or pid is None:
+            raise ValueError(
+                f"coordinator {address} is set but num_processes/process_id are not; set "
+                "mesh.distributed.num_processes and .process_id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID).")
+        if not 0 <= pid < num:
+            raise ValueError(f"mesh.distributed.process_id={pid} must be in [0, num_processes={num}).")
+        return DistributedPlan("explicit", address, num, pid)
+    if num is not None or pid is not None:
+        raise ValueError(
+            "num_processes/process_id are set without a coordinator; set mesh.distributed.coordinator_address "
+            "(or JAX_COORDINATOR_ADDRESS) to host:port of process 0.")
+    if dist_cfg.auto:
+        if env.get("SLURM_JOB_ID") and (_env_int(env, "SLURM_NTASKS") or 1) > 1:
+            return DistributedPlan("slurm")
+        hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+        if len(hosts) > 1:
+            return DistributedPlan("tpu")
+    return DistributedPlan("single")
+
+
+def maybe_initialize_distributed(dist_cfg, env: Mapping[str, str] | None = None) -> DistributedPlan:
+    """Starts `jax.distributed` as `resolve_distributed` decides (once), then logs the devices."""
+    plan = resolve_distributed(dist_cfg, env)
+    if plan.mode != "single" and not jax.distributed.is_initialized():
+        if plan.mode == "explicit":
+            jax.distributed.initialize(plan.coordinator_address, plan.num_processes, plan.process_id)
+        else:
+            jax.distributed.initialize()
+    log.info("jax %s: process %d of %d, %d local / %d global devices (%s), start-up mode %s",
+             jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(),
+             jax.device_count(), jax.devices()[0].platform, plan.mode)
+    return plan

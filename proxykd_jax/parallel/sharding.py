@@ -1,0 +1,156 @@
+"""Sharded model construction and host-local <-> global batches.
+
+Models are never built whole on one host: `abstract_model` traces the constructor with
+`jax.eval_shape`, `state_shardings` turns each parameter's logical axis names (`out_sharding=`
+metadata) into a NamedSharding through the rules table, and `create_sharded_model` runs the
+constructor under `jax.jit` with those `out_shardings`, so each device only ever holds its shard.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from proxykd_jax.parallel.rules import logical_to_pspec
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _ways(spec_entry, mesh: Mesh) -> int:
+    """How many shards one PartitionSpec entry (None, an axis, or a tuple of axes) makes."""
+    axes = () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else spec_entry
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A NamedSharding that keeps a whole copy on every device of `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def variable_sharding(path: str, variable: nnx.Variable, mesh: Mesh, rules) -> NamedSharding:
+    """NamedSharding of one (abstract) Variable from its logical `out_sharding` names.
+
+    An `nnx.Param` of rank >= 1 without names is an error (it would be silently replicated);
+    other variable kinds (RNG state, counters) without names are replicated.
+    """
+    names = variable.get_metadata().get("out_sharding")
+    shape = tuple(variable.shape) if hasattr(variable, "shape") else ()
+    if not names:
+        if isinstance(variable, nnx.Param) and len(shape) > 0:
+            raise ValueError(
+                f"parameter {path} (shape {shape}) has no logical axis names; create it with "
+                "nnx.Param(value, out_sharding=(<logical axis per dim>...)).")
+        return replicated(mesh)
+    if len(names) != len(shape):
+        raise ValueError(f"parameter {path} has shape {shape} but {len(names)} logical axis names {names}.")
+    spec = logical_to_pspec(names, rules, mesh)
+    for dim, (size, axes) in enumerate(zip(shape, spec)):
+        ways = _ways(axes, mesh)
+        if size % ways:
+            raise ValueError(
+                f"parameter {path} dim {dim} ({names[dim]!r}, size {size}) does not split over mesh axes "
+                f"{axes} ({ways} ways); change mesh.shape or map {names[dim]!r} differently in mesh.rules.")
+    return NamedSharding(mesh, spec)
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules):
+    """A tree like `abstract_state` (an nnx.State) with a NamedSharding in place of each value."""
+    def one(path, variable):
+        return variable.replace(variable_sharding(jax.tree_util.keystr(path), variable, mesh, rules))
+    return jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=_is_variable)
+
+
+def shardings_of(tree):
+    """The `.sharding` of every array in `tree` (e.g. a frozen model's state, for jit in_shardings)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+class ModelBuilder:
+    """Calls `cls_or_fn(*args, **kw)` inside a trace, threading any `nnx.Rngs` argument through.
+
+    An `nnx.Rngs` cannot be mutated from inside `jax.jit`, so its state is passed in as an explicit
+    input and the caller's Rngs is advanced afterwards (`advance`), exactly as an eager call would.
+    """
+
+    def __init__(self, cls_or_fn: Callable[..., nnx.Module], *args, **kw):
+        self.cls_or_fn, self.args, self.kw = cls_or_fn, args, kw
+        self.slots = [(i, a) for i, a in enumerate(args) if isinstance(a, nnx.Rngs)]
+        self.slots += [(k, v) for k, v in kw.items() if isinstance(v, nnx.Rngs)]
+        split = [nnx.split(r) for _, r in self.slots]
+        self.rng_graphdefs = [g for g, _ in split]
+        self.rng_states = [s for _, s in split]
+        self.graphdef = None
+
+    def build(self, rng_states) -> tuple[nnx.State, list]:
+        """Traceable: (model state, new Rngs states); records the model's graphdef."""
+        args, kw = list(self.args), dict(self.kw)
+        rngs = [nnx.merge(g, s) for g, s in zip(self.rng_graphdefs, rng_states)]
+        for (slot, _), r in zip(self.slots, rngs):
+            if isinstance(slot, int):
+                args[slot] = r
+            else:
+                kw[slot] = r
+        with nnx.use_eager_sharding(False):
+            model = self.cls_or_fn(*args, **kw)
+        self.graphdef, state = nnx.split(model)
+        return state, [nnx.split(r)[1] for r in rngs]
+
+    def abstract(self) -> tuple[Any, nnx.State]:
+        """(graphdef, abstract nnx.State of ShapeDtypeStructs) without allocating anything."""
+        state, _ = jax.eval_shape(self.build, self.rng_states)
+        return self.graphdef, state
+
+    def advance(self, new_rng_states) -> None:
+        """Updates the caller's Rngs to the state after construction."""
+        for (_, r), s in zip(self.slots, new_rng_states):
+            nnx.update(r, s)
+
+
+def create_sharded_model(cls_or_fn: Callable[..., nnx.Module], mesh: Mesh, rules, *args, **kw) -> nnx.Module:
+    """Builds `cls_or_fn(*args, **kw)` directly into sharded device memory.
+
+    The constructor is traced abstractly, every variable gets a NamedSharding from its logical
+    axis names and `rules`, then the constructor runs under `jax.jit(out_shardings=...)`.
+    """
+    builder = ModelBuilder(cls_or_fn, *args, **kw)
+    graphdef, abstract_state = builder.abstract()
+    shardings = state_shardings(abstract_state, mesh, rules)
+    rng_shardings = jax.tree.map(lambda _: replicated(mesh), builder.rng_states)
+    state, new_rng_states = jax.jit(builder.build, out_shardings=(shardings, rng_shardings))(builder.rng_states)
+    builder.advance(new_rng_states)
+    return nnx.merge(graphdef, state)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    """Sharding of batch arrays: leading dimension over the mesh axes of logical `batch`."""
+    return NamedSharding(mesh, logical_to_pspec(("batch",), rules, mesh))
+
+
+def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
+    """Assembles each process's rows [B_local, ...] into global arrays [B_local * processes, ...].
+
+    Rows of process p are rows [p * B_local, (p + 1) * B_local) of the global batch (the layout
+    `jax.make_array_from_process_local_data` expects); the batch dimension is split over the mesh
+    axes of logical `batch` (default data x fsdp).
+    """
+    sharding = batch_sharding(mesh, rules)
+    ways = _ways(sharding.spec[0], mesh)
+    out = {}
+    for name, value in host_batch.items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            raise ValueError(f"batch field {name!r} is a scalar; every batch field needs a leading batch dim.")
+        rows = value.shape[0] * jax.process_count()
+        if rows % ways:
+            raise ValueError(
+                f"global batch of {rows} rows (field {name!r}) does not split over {ways} batch shards "
+                f"({sharding.spec[0]}); make train.batch_size a multiple of {ways}.")
+        out[name] = jax.make_array_from_process_local_data(sharding, value, (rows,) + value.shape[1:])
+    return out

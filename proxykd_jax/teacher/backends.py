@@ -1,0 +1,172 @@
+"""Generation backends behind `serve`: a project Llama checkpoint, and a fast toy for wire tests.
+
+Both follow the protocol in `server.py`: tokenizer methods plus one batched `complete` call.
+"""
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import time
+
+import numpy as np
+
+from proxykd_jax.teacher.server import Completion
+
+
+def _next_pow2(x: int, floor: int = 1) -> int:
+    return max(floor, 1 << max(0, int(x) - 1).bit_length())
+
+
+class LlamaBackend:
+    """A project `Llama` behind one jitted `generate` per call.
+
+    Every call's sequences (prompts x n) are padded to a power-of-two batch and prompt length so
+    that a running server compiles a handful of shapes, not one per request mix.
+    """
+
+    def __init__(self, model, tokenizer, *, model_name: str, seed: int = 0, chat_format: str = ""):
+        import jax  # pylint: disable=import-outside-toplevel
+        self.model, self.tok, self.model_name = model, tokenizer, model_name
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError(f"the tokenizer of {model_name!r} has no eos token; set eos_token in "
+                             "its tokenizer_config.json")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.max_context = model.cfg.max_seq_len
+        self.chat_format = chat_format
+        self._key = jax.random.key(seed)
+        self._calls = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=True))
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The tokenizer's chat template when it has one, else `role: content` lines."""
+        if getattr(self.tok, "chat_template", None):
+            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(self.tok.encode(text, add_special_tokens=False))
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def pieces(self, context_ids: list[int], candidate_ids: list[int]) -> list[str]:
+        """Text each candidate adds after the context, decoded against its last 4 tokens (enough
+        for word separators and byte merges; exact for word-level and byte-level tokenizers)."""
+        ctx = list(context_ids[-4:])
+        base = len(self.decode(ctx))
+        return [self.decode(ctx + [int(c)])[base:] for c in candidate_ids]
+
+    def complete(self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs):
+        import jax  # pylint: disable=import-outside-toplevel
+        from proxykd_jax.models.sampling import generate  # pylint: disable=import-outside-toplevel
+        seqs = [p for p in prompts for _ in range(n)]
+        b, p = _next_pow2(len(seqs)), _next_pow2(max(len(s) for s in seqs), floor=8)
+        p = min(p, self.max_context - max_tokens)
+        tokens_BxP = np.full((b, p), self.pad_id, np.int32)
+        lengths_B = np.ones((b,), np.int32)
+        for i, s in enumerate(seqs):
+            tokens_BxP[i, : len(s)], lengths_B[i] = s, len(s)
+        self._calls += 1
+        out = generate(self.model, tokens_BxP, lengths_B, jax.random.fold_in(self._key, self._calls),
+                       max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                       stop_tokens=(self.eos_id,), pad_id=self.pad_id,
+                       return_logprobs=bool(logprobs), top_logprobs=int(top_logprobs))
+        toks_BxT, lens_B = np.asarray(out.tokens_BxT), np.asarray(out.lengths_B)
+        lp_BxT = np.asarray(out.logprobs_BxT) if out.logprobs_BxT is not None else None
+        top_ids = np.asarray(out.top_ids_BxTxN) if out.top_ids_BxTxN is not None else None
+        top_lp = np.asarray(out.top_logprobs_BxTxN) if out.top_logprobs_BxTxN is not None else None
+        results = []
+        for i in range(len(seqs)):
+            length = int(lens_B[i])
+            stopped = length > 0 and int(toks_BxT[i, length - 1]) == self.eos_id
+            keep = length - 1 if stopped else length
+            results.append(Completion(
+                token_ids=toks_BxT[i, :keep].tolist(), finish_reason="stop" if stopped else "length",
+                logprobs=lp_BxT[i, :keep].tolist() if lp_BxT is not None else None,
+                top=[list(zip(top_ids[i, t].tolist(), top_lp[i, t].tolist())) for t in range(keep)]
+                if top_ids is not None else None))
+        return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
+
+
+class ToyBackend:
+    """A deterministic byte-level "model" for exercising the wire (client, faults, batching).
+
+    Token ids 0-255 are bytes, 256 is end-of-sequence. Each call draws, per sequence, a random
+    distribution over lowercase letters and space at every step and samples from it (greedy at
+    temperature 0, then the same for the same prompt on every call), so log-probs and alternatives
+    are consistent. `latency_s` simulates the
+    accelerator time of one batched call, which makes the server saturate like a real one.
+    """
+    EOS = 256
+    ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ", np.uint8).astype(np.int64)
+
+    def __init__(self, model_name: str = "toy", seed: int = 0, latency_s: float = 0.0,
+                 max_context: int = 4096):
+        self.model_name, self.seed, self.latency_s = model_name, seed, latency_s
+        self.max_context = max_context
+        self._calls = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def pieces(self, context_ids: list[int], candidate_ids: list[int]) -> list[str]:
+        del context_ids  # one byte per token: pieces do not depend on the context
+        return [self.decode([c]) for c in candidate_ids]
+
+    def _one(self, prompt: list[int], index: int, temperature: float, max_tokens: int, k: int):
+        call = self._calls if temperature > 0 else 0  # greedy decoding is reproducible
+        digest = hashlib.sha256(np.asarray(prompt + [index, call, self.seed]).tobytes())
+        rng = np.random.default_rng(int.from_bytes(digest.digest()[:8], "little"))
+        length = int(rng.integers(1, max_tokens + 1))
+        logits_TxA = rng.normal(size=(length, len(self.ALPHABET))) * 2.0
+        logp_TxA = logits_TxA - np.log(np.exp(logits_TxA).sum(-1, keepdims=True))
+        if temperature == 0:
+            pick_T = logp_TxA.argmax(-1)
+        else:
+            gumbel = -np.log(-np.log(rng.uniform(size=logp_TxA.shape)))
+            pick_T = (logp_TxA / temperature + gumbel).argmax(-1)
+        ids = self.ALPHABET[pick_T].tolist()
+        order_TxA = np.argsort(-logp_TxA, axis=-1)[:, :k]
+        top = [[(int(self.ALPHABET[a]), float(logp_TxA[t, a])) for a in order_TxA[t]]
+               for t in range(length)]
+        return Completion(ids, "stop" if length < max_tokens else "length",
+                          logp_TxA[np.arange(length), pick_T].tolist(), top)
+
+    def complete(self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs):
+        del top_p  # the toy ignores nucleus truncation
+        self._calls += 1
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        out = [[self._one(p, j, temperature, max_tokens, top_logprobs) for j in range(n)] for p in prompts]
+        if not logprobs:
+            for row in out:
+                for c in row:
+                    c.logprobs, c.top = None, None
+        return out
+
+
+def load_backend(cfg):
+    """The backend named by the `serve` group: a Hugging Face folder or a known-teacher folder."""
+    path = pathlib.Path(cfg.path)
+    if not cfg.path or not path.is_dir():
+        raise ValueError(f"serve.path {cfg.path!r} is not a folder; point it at the checkpoint to serve")
+    name = cfg.model_name or path.name
+    if cfg.source == "hf":
+        import transformers  # pylint: disable=import-outside-toplevel
+        from proxykd_jax.models.hf import load_hf  # pylint: disable=import-outside-toplevel
+        _, model = load_hf(str(path), dtype=cfg.dtype)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+        return LlamaBackend(model, tokenizer, model_name=name, seed=cfg.seed)
+    if cfg.source == "known":
+        from proxykd_jax.teacher.known import KnownTeacher  # pylint: disable=import-outside-toplevel
+        teacher = KnownTeacher.load(str(path))
+        return LlamaBackend(teacher.model, teacher.hf_tokenizer(), model_name=name, seed=cfg.seed)
+    raise ValueError(f"serve.source must be 'hf' or 'known', not {cfg.source!r}")

@@ -1,0 +1,194 @@
+"""A tiny deterministic teacher whose full next-token distributions are known (DESIGN.md §5).
+
+`KnownTeacher.create(seed)` builds a random Llama over a word vocabulary ("w0" .. "wN" plus the
+specials <pad> <bos> <eos> <unk>) and reshapes its output layer so that its distributions are
+sharp and structured: the lm_head is scaled until the mean next-token entropy on random contexts is
+`target_entropy` nats (far below log V), and one residual channel is held constant (embedding
+column 0 fixed, attention/MLP outputs into it zeroed) so that it acts as an output bias: <pad>,
+<bos> and <unk> get probability ~0 and <eos> gets a mean probability of about `eos_rate`.
+
+The pipeline only ever sees sampled text; the evaluator reads `distributions()`. Contexts are the
+prompt's words followed by the response's words, no <bos>; the word tokenizer round-trips exactly, so
+the pipeline's tokenisation of text equals the teacher's tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from proxykd_jax.models import hf
+from proxykd_jax.models.llama import Llama, ModelConfig
+from proxykd_jax.models.sampling import generate
+from proxykd_jax.models.tokenizer import SPECIAL_TOKENS, build_word_tokenizer, load_tokenizer
+
+_BLOCKED_LOGIT = -1000.0  # weight on the constant channel for <pad> <bos> <unk>
+
+
+@nnx.jit
+def _hidden(model, tokens_BxL):
+    return model.hidden(tokens_BxL)
+
+
+@nnx.jit
+def _probs(model, tokens_BxL, segment_ids_BxL):
+    return jax.nn.softmax(model(tokens_BxL, segment_ids_BxL=segment_ids_BxL), axis=-1)
+
+
+def _log_softmax(logits_NxV: np.ndarray) -> np.ndarray:
+    z = logits_NxV - logits_NxV.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _entropy(logits_NxV: np.ndarray) -> float:
+    logp = _log_softmax(logits_NxV)
+    return float(np.mean(-np.sum(np.exp(logp) * logp, axis=-1)))
+
+
+def _bisect(fn, target, lo, hi, increasing, steps=40):
+    """Finds x in [lo, hi] with fn(x) ~= target for a monotone fn (geometric bisection when lo > 0)."""
+    for _ in range(steps):
+        mid = (lo * hi) ** 0.5 if lo > 0 else (lo + hi) / 2
+        if (fn(mid) < target) == increasing:
+            lo = mid
+        else:
+            hi = mid
+    return (lo * hi) ** 0.5 if lo > 0 else (lo + hi) / 2
+
+
+@dataclasses.dataclass
+class KnownTeacher:
+    model: Llama
+    model_config: ModelConfig
+    tokenizer: object
+    seed: int
+
+    @classmethod
+    def create(cls, seed: int, *, vocab_size: int = 256, d_model: int = 64, num_layers: int = 2, num_heads: int = 4,
+               num_kv_heads: int = 2, d_ff: int = 128, max_seq_len: int = 256, target_entropy: float = 1.5,
+               eos_rate: float = 0.04, folder=None) -> "KnownTeacher":
+        """Builds the teacher deterministically from `seed`; the tokenizer goes to `folder` (or a temp dir)."""
+        if vocab_size < len(SPECIAL_TOKENS) + 4:
+            raise ValueError(f"KnownTeacher vocab_size must be at least {len(SPECIAL_TOKENS) + 4}, got {vocab_size}.")
+        if not 0 < target_entropy < np.log(vocab_size - len(SPECIAL_TOKENS)):
+            raise ValueError(f"target_entropy must be in (0, log of the word count), got {target_entropy}.")
+        folder = pathlib.Path(folder) if folder is not None else pathlib.Path(tempfile.mkdtemp(prefix="known_teacher_"))
+        tokenizer = build_word_tokenizer([f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))], folder)
+        cfg = ModelConfig(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
+                          num_kv_heads=num_kv_heads, head_dim=d_model // num_heads, d_ff=d_ff, max_seq_len=max_seq_len)
+        model = Llama(cfg, rngs=nnx.Rngs(seed))
+        teacher = cls(model=model, model_config=cfg, tokenizer=tokenizer, seed=seed)
+        teacher._shape_output(target_entropy, eos_rate)
+        return teacher
+
+    @classmethod
+    def load(cls, folder, seed: int = -1) -> "KnownTeacher":
+        """Reads a teacher written by `save`."""
+        cfg, model = hf.load_hf(folder)
+        return cls(model=model, model_config=cfg, tokenizer=load_tokenizer(folder), seed=seed)
+
+    @property
+    def eos_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def _shape_output(self, target_entropy: float, eos_rate: float) -> None:
+        m, cfg = self.model, self.model_config
+        m.embedding[...] = m.embedding[...].at[:, 0].set(1.0)  # the constant channel
+        for block in m.layers:
+            block.attn.wo[...] = block.attn.wo[...].at[..., 0].set(0.0)
+            block.mlp.w_down[...] = block.mlp.w_down[...].at[:, 0].set(0.0)
+        rng = np.random.default_rng(self.seed)
+        n_special = len(SPECIAL_TOKENS)
+        contexts = rng.integers(n_special, cfg.vocab_size, (32, 32))
+        hidden_NxD = np.asarray(_hidden(m, jnp.asarray(contexts)), np.float64).reshape(-1, cfg.d_model)
+        head_DxV = np.array(m.lm_head[...], np.float64)
+        head_DxV[0] = 0.0
+        words = [i for i in range(cfg.vocab_size) if i >= n_special or i == self.eos_id]
+        base_NxW = hidden_NxD @ head_DxV[:, words]
+        scale = _bisect(lambda s: _entropy(s * base_NxW), target_entropy, 1e-3, 1e3, increasing=False)
+        head_DxV *= scale
+        blocked = [i for i in range(n_special) if i != self.eos_id]
+        head_DxV[:, blocked] = 0.0
+        head_DxV[0, blocked] = _BLOCKED_LOGIT
+        logits_NxV = hidden_NxD @ head_DxV
+        eos_channel_N = hidden_NxD[:, 0]
+
+        def mean_eos_prob(offset):
+            shifted = logits_NxV.copy()
+            shifted[:, self.eos_id] += offset * eos_channel_N
+            return float(np.mean(np.exp(_log_softmax(shifted)[:, self.eos_id])))
+
+        head_DxV[0, self.eos_id] += _bisect(mean_eos_prob, eos_rate, -200.0, 200.0, increasing=True)
+        m.lm_head[...] = jnp.asarray(head_DxV, m.lm_head[...].dtype)
+
+    # ------------------------------------------------------------------------------------------
+
+    def make_prompts(self, n: int, rng: np.random.Generator, *, min_words: int = 4, max_words: int = 12) -> list[str]:
+        """`n` prompts of uniformly random words."""
+        n_special = len(SPECIAL_TOKENS)
+        lengths = rng.integers(min_words, max_words + 1, n)
+        return [" ".join(f"w{i - n_special}" for i in rng.integers(n_special, self.model_config.vocab_size, k))
+                for k in lengths]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def sample(self, prompts: list[str], n_per_prompt: int, max_new_tokens: int, *, temperature: float = 1.0,
+               seed: int = 0, batch_size: int = 64) -> list[list[str]]:
+        """`n_per_prompt` responses per prompt (text without <eos>); a response ends at <eos> or max length."""
+        rows = [self.encode(p) for p in prompts for _ in range(n_per_prompt)]
+        if any(not r for r in rows):
+            raise ValueError("KnownTeacher.sample got an empty prompt; every prompt needs at least one word.")
+        width = -(-max(len(r) for r in rows) // 16) * 16  # few distinct shapes, few compilations
+        texts = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            tokens = np.zeros((batch_size, width), np.int32)
+            lengths = np.ones((batch_size,), np.int32)
+            for i, r in enumerate(chunk):
+                tokens[i, :len(r)], lengths[i] = r, len(r)
+            out = generate(self.model, tokens, lengths, jax.random.fold_in(jax.random.key(seed), start),
+                           max_new_tokens=max_new_tokens, temperature=temperature, stop_tokens=(self.eos_id,))
+            gen, lens = np.asarray(out.tokens_BxT), np.asarray(out.lengths_B)
+            for i in range(len(chunk)):
+                ids = [t for t in gen[i, :lens[i]].tolist() if t != self.eos_id]
+                texts.append(self.tokenizer.decode(ids))
+        return [texts[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompts))]
+
+    def distributions(self, context_token_ids, lengths=None) -> np.ndarray:
+        """True next-token distributions float32 [B, L, V] at every position of each context.
+
+        `context_token_ids` is a list of token lists (ragged) or a right-padded [B, L] array with
+        `lengths`; positions at or beyond a row's length hold the (meaningless) padding forward.
+        """
+        if lengths is None:
+            lengths = [len(c) for c in context_token_ids]
+            width = max(lengths)
+            tokens = np.zeros((len(context_token_ids), width), np.int32)
+            for i, c in enumerate(context_token_ids):
+                tokens[i, :len(c)] = c
+        else:
+            tokens = np.asarray(context_token_ids, np.int32)
+        lengths = np.asarray(lengths)
+        segments = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
+        return np.asarray(_probs(self.model, jnp.asarray(tokens), jnp.asarray(segments)))
+
+    def sequence_logprobs(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """Teacher log-likelihood of each response given its prompt (sum over response tokens), float64 [B]."""
+        contexts = [self.encode(p) + self.encode(r) for p, r in zip(prompts, responses)]
+        probs = self.distributions([c[:-1] if len(c) > 1 else c for c in contexts])
+        out = np.zeros(len(contexts))
+        for i, (p, c) in enumerate(zip(prompts, contexts)):
+            start = len(self.encode(p))
+            targets = c[start:]
+            out[i] = np.sum(np.log(probs[i, np.arange(start - 1, start - 1 + len(targets)), targets].astype(np.float64)))
+        return out
+
+    def save(self, folder) -> None:
+        """Writes an HF folder (weights, config, tokenizer) that `serve` and `transformers` load."""
+        hf.save_hf(self.model, self.model_config, folder, tokenizer=self.tokenizer)

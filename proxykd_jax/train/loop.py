@@ -1,0 +1,169 @@
+"""The training loop shared by every stage: data -> global batch -> step, metrics, checkpoints.
+
+The host never waits on the step it just dispatched: after dispatching step s it reads the
+metrics of step s-1. It does wait at checkpoint steps, because a checkpoint is written only
+after its own step's loss and gradient norm are known to be finite, so the newest checkpoint is
+always a good one. A non-finite loss or gradient norm stops training with `TrainingDiverged`.
+Re-running the same command resumes from the newest checkpoint (state and data position).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from proxykd_jax.parallel.sharding import global_batch
+from proxykd_jax.train.checkpoint import Checkpointer
+from proxykd_jax.train.metrics import MetricsWriter, measure_matmul_peak
+from proxykd_jax.train.state import TrainState, abstract_like
+
+log = logging.getLogger(__name__)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults of the `train` config group."""
+    cd = ml_collections.ConfigDict()
+    cd.steps = 1000  # loop steps (micro-batches; optimizer updates = steps // optim.grad_accum)
+    cd.batch_size = 8  # global batch rows per step (all processes together)
+    cd.seq_len = 256  # tokens per row
+    cd.checkpoint_every = 200  # save every N steps and at the end; 0 = never save or resume
+    cd.keep_checkpoints = 3  # keep the newest K checkpoints
+    cd.log_every = 10  # write metrics (JSONL, TensorBoard, progress bar) every N steps
+    cd.eval_every = 0  # run the eval step over the eval batches every N steps; 0 = never
+    cd.tensorboard = True  # also write TensorBoard event files under run_dir/tensorboard
+    cd.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0 = measure a float32 matmul at start
+    cd.progress = True  # show a tqdm progress bar (process 0)
+    return cd
+
+
+class TrainingDiverged(FloatingPointError):
+    """Raised when a step's loss or gradient norm is NaN or infinite."""
+
+
+class Loop:
+    """Runs `train_step` over a data iterator with metrics, evaluation and checkpoints.
+
+    `train_step(state, batch, *frozen) -> (state, metrics)` and `eval_step(state, batch, *frozen)
+    -> metrics` come from `train.step`; `state_shardings` is the TrainState of NamedShardings they
+    were jitted with. `flops_per_step` (model FLOPs of one step, see `metrics.step_flops`) enables
+    MFU; 0 leaves it out.
+    """
+
+    def __init__(self, train_cfg, *, run_dir: str | pathlib.Path, mesh: Mesh, rules, train_step: Callable,
+                 state_shardings: TrainState, eval_step: Callable | None = None, flops_per_step: float = 0.0):
+        self.cfg, self.mesh, self.rules = train_cfg, mesh, rules
+        self.run_dir = pathlib.Path(run_dir)
+        self.train_step, self.eval_step = train_step, eval_step
+        self.state_shardings = state_shardings
+        self.flops_per_step = float(flops_per_step)
+
+    def _peak_flops(self) -> float:
+        if self.cfg.peak_flops > 0:
+            return self.cfg.peak_flops * jax.device_count()
+        per_device = measure_matmul_peak() / jax.local_device_count()
+        log.info("measured float32 matmul peak: %.3g FLOP/s per device", per_device)
+        return per_device * jax.device_count()
+
+    def _check_batch(self, host_batch: dict[str, np.ndarray]) -> int:
+        """Validates the batch shape against train.batch_size / seq_len; returns global tokens."""
+        if "tokens" not in host_batch:
+            raise ValueError(f"a train batch needs a 'tokens' field; got fields {sorted(host_batch)}.")
+        local_rows, length = np.shape(host_batch["tokens"])
+        rows = local_rows * jax.process_count()
+        if rows != self.cfg.batch_size or length != self.cfg.seq_len:
+            raise ValueError(
+                f"batch 'tokens' is [{rows} global rows, {length}] but train.batch_size={self.cfg.batch_size}, "
+                f"train.seq_len={self.cfg.seq_len}; make the data pipeline and the train config agree.")
+        return rows * length
+
+    def evaluate(self, state: TrainState, batches: Iterable[dict[str, np.ndarray]], frozen: Sequence[Any] = ()):
+        """Mean of the eval step's metrics over `batches` (host-local numpy dicts), as floats."""
+        totals: dict[str, float] = {}
+        count = 0
+        for host_batch in batches:
+            metrics = jax.device_get(self.eval_step(state, global_batch(host_batch, self.mesh, self.rules), *frozen))
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+            count += 1
+        if count == 0:
+            raise ValueError("the eval batches are empty; give at least one batch or set train.eval_every = 0.")
+        return {name: total / count for name, total in totals.items()}
+
+    def run(self, state: TrainState, data_iter: Iterator[dict[str, np.ndarray]], *, frozen: Sequence[Any] = (),
+            eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None) -> TrainState:
+        """Trains from `state` (or the newest checkpoint in run_dir) to `train.steps`; returns the state."""
+        cfg = self.cfg
+        ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.keep_checkpoints) if cfg.checkpoint_every > 0 else None
+        writer = MetricsWriter(self.run_dir, cfg.tensorboard)
+        start = 0
+        try:
+            if ckpt is not None and ckpt.latest_step() is not None:
+                start = ckpt.latest_step()
+                state = ckpt.restore(abstract_like(state, self.state_shardings), data_iter, start)
+                log.info("resumed from step %d in %s", start, ckpt.directory)
+            if start >= cfg.steps:
+                return state
+            peak = self._peak_flops() if self.flops_per_step > 0 else 0.0
+            bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or jax.process_index() != 0,
+                       dynamic_ncols=True)
+            window = {"t": time.perf_counter(), "steps": 0, "tokens": 0}
+
+            def report(step: int, metrics, tokens: int) -> None:
+                """Reads one step's metrics (waits for that step only), checks them, logs them."""
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                bad = [k for k in ("loss", "grad_norm") if k in values and not math.isfinite(values[k])]
+                if bad:
+                    last = ckpt.latest_step() if ckpt is not None else None
+                    where = f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None \
+                        else "no checkpoint was written"
+                    raise TrainingDiverged(
+                        f"{bad[0]} is {values[bad[0]]} at step {step}; training stopped and {where}. "
+                        "Lower optim.lr, tighten optim.clip_norm or check the data of this step.")
+                window["steps"] += 1
+                window["tokens"] += tokens
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    elapsed = time.perf_counter() - window["t"]
+                    values["tokens_per_s"] = window["tokens"] / elapsed
+                    if peak > 0:
+                        values["mfu"] = self.flops_per_step * window["steps"] / elapsed / peak
+                    writer.write(step, values)
+                    bar.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in values})
+                    window.update(t=time.perf_counter(), steps=0, tokens=0)
+                bar.update(step - bar.n)
+
+            pending = None
+            for step in range(start + 1, cfg.steps + 1):
+                try:
+                    host_batch = next(data_iter)
+                except StopIteration:
+                    raise ValueError(f"the data iterator ended after {step - 1} steps but train.steps = {cfg.steps}; "
+                                     "lower train.steps or give more data (e.g. more epochs).") from None
+                tokens = self._check_batch(host_batch)
+                state, metrics = self.train_step(state, global_batch(host_batch, self.mesh, self.rules), *frozen)
+                if pending is not None:
+                    report(*pending)
+                pending = (step, metrics, tokens)
+                if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                    report(*pending)
+                    pending = None
+                    ckpt.save(step, state, data_iter)
+                if eval_batches is not None and self.eval_step is not None and cfg.eval_every > 0 \
+                        and step % cfg.eval_every == 0:
+                    writer.write(step, {f"eval_{k}": v for k, v in self.evaluate(state, eval_batches(), frozen).items()})
+            if pending is not None:
+                report(*pending)
+            bar.close()
+            return state
+        finally:
+            writer.close()
+            if ckpt is not None:
+                ckpt.close()

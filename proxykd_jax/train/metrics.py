@@ -1,0 +1,90 @@
+"""Metric sinks (JSONL + TensorBoard), FLOP accounting and a measured matmul peak for MFU.
+
+MFU convention: model FLOPs only (2 per multiply-accumulate; backward = 2x forward; causal
+attention counted for half the L x L matrix, as `models.llama.flops_per_token`); frozen forward
+passes count 1x forward; rematerialisation is not counted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+class MetricsWriter:
+    """Appends metric dicts to `run_dir/metrics.jsonl` and, optionally, TensorBoard (process 0 only)."""
+
+    def __init__(self, run_dir: str | pathlib.Path, tensorboard: bool):
+        self.enabled = jax.process_index() == 0
+        self.path = pathlib.Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in metrics.items():
+                self._tb.add_scalar(name, float(value), int(step))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
+    """All records of `run_dir/metrics.jsonl` in file order."""
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def step_flops(tokens_per_step: int, train_flops_per_token: float,
+               frozen_forward_flops_per_token: Sequence[float] = ()) -> float:
+    """Model FLOPs of one train step: trainable fwd+bwd plus each frozen model's forward."""
+    return float(tokens_per_step) * (float(train_flops_per_token) + float(sum(frozen_forward_flops_per_token)))
+
+
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5,
+                        devices: Sequence[jax.Device] | None = None) -> float:
+    """Measured FLOP/s of an n x n x n matmul run on every device at once (median of `repeats`).
+
+    Each device multiplies its own pair of matrices; the result is the aggregate over `devices`
+    (default: this process's local devices), so simulated devices sharing cores are not
+    over-counted.
+    """
+    devices = list(jax.local_devices() if devices is None else devices)
+    mesh = jax.sharding.Mesh(np.array(devices), ("d",))
+    sharding = NamedSharding(mesh, PartitionSpec("d"))
+    key_a, key_b = jax.random.split(jax.random.key(0))
+    shape = (len(devices), n, n)
+    a = jax.jit(lambda k: jax.random.normal(k, shape, dtype), out_shardings=sharding)(key_a)
+    b = jax.jit(lambda k: jax.random.normal(k, shape, dtype), out_shardings=sharding)(key_b)
+    matmul = jax.jit(lambda x, y: jnp.einsum("dij,djk->dik", x, y), out_shardings=sharding)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2.0 * math.prod(shape) * n / statistics.median(times)

@@ -1,0 +1,126 @@
+"""The distill stage end to end on a tiny run directory: KD, the α = 0 baseline, white-box mode and
+refusal to overwrite. Also the fixtures (config, run directory) of test_distill_resume.py / test_export.py."""
+import json
+import pathlib
+
+import ml_collections
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from proxykd_jax import data
+from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.models.tokenizer import build_word_tokenizer
+
+WORDS = [f"w{i}" for i in range(60)]
+SEQ, BATCH, K = 32, 8, 8
+
+
+def make_config(run_dir, **overrides) -> ml_collections.ConfigDict:
+    """The groups the distill stage reads, with tiny shapes (no configs/ file needed)."""
+    from proxykd_jax import config as config_lib
+    from proxykd_jax.parallel import mesh
+    from proxykd_jax.stages import distill
+    from proxykd_jax.train import loop, optim
+
+    cfg = ml_collections.ConfigDict()
+    cfg.run = config_lib.run_config()
+    cfg.run.dir = str(run_dir)
+    cfg.mesh = mesh.default_config()
+    cfg.model = config_lib.model_group()
+    cfg.model.update(vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, d_ff=48,
+                     max_seq_len=SEQ)
+    cfg.data = data.default_config()
+    cfg.data.update(seq_len=SEQ, batch_size=BATCH, num_epochs=0)
+    cfg.data.split.update(warmup=0.0, align=0.0, distill=1.0, heldout=0.0)
+    cfg.optim = optim.default_config()
+    cfg.optim.update(lr=3e-3, warmup_steps=1)
+    cfg.train = loop.default_config()
+    cfg.train.update(steps=6, batch_size=BATCH, seq_len=SEQ, checkpoint_every=2, log_every=1, tensorboard=False,
+                     progress=False, peak_flops=1e9)
+    cfg.distill = distill.default_config()
+    cfg.distill.loss.chunk_size = 64
+    for key, value in overrides.items():
+        group, field = key.split(".", 1)
+        cfg[group][field] = value
+    return cfg
+
+
+def build_run(root: pathlib.Path, n_samples: int = 40, seed: int = 0) -> pathlib.Path:
+    """corpus -> prepared/ (+ tokenizer) -> a posterior store of random top-K distributions."""
+    rng = np.random.default_rng(seed)
+    run = root / "run"
+    corpus = root / "corpus.jsonl"
+    with corpus.open("w") as f:
+        for i in range(n_samples):
+            prompt = " ".join(rng.choice(WORDS, rng.integers(2, 5)))
+            response = " ".join(rng.choice(WORDS, rng.integers(3, 9)))
+            f.write(json.dumps({"id": f"p{i}", "prompt": prompt, "response": response}) + "\n")
+    tokenizer = build_word_tokenizer(WORDS, run / "prepared_tokenizer")
+    cfg = make_config(run)
+    data.prepare([corpus], tokenizer, run / "prepared", cfg.data, progress=False)
+    tokenizer.save_pretrained(run / "prepared" / "tokenizer")
+    prepared = data.PreparedData(run / "prepared")
+    with data.StoreWriter(run / "posterior", k=K, vocab_size=cfg.model.vocab_size,
+                          tokenizer_hash=prepared.tokenizer_hash, value_dtype="float32", tail_dtype="float32") as w:
+        for rec in prepared.iter_split("distill"):
+            t = len(rec["tokens"]) - int(rec["prompt_len"])
+            ids = np.stack([rng.permutation(cfg.model.vocab_size)[:K] for _ in range(t)]).astype(np.int32)
+            probs = rng.dirichlet(np.full(K + 1, 0.3), size=t)
+            w.add(int(rec["sample_id"]), ids, np.log(probs[:, :K]), probs[:, K], weight=rng.uniform(0.2, 1.0))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return build_run(tmp_path_factory.mktemp("distill"))
+
+
+def final_params(out: pathlib.Path) -> dict:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def read_metrics(out: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kd_and_sft_runs_write_students_with_metrics(run_dir):
+    from proxykd_jax.stages import distill
+
+    distill.run(make_config(run_dir))
+    distill.run(make_config(run_dir, **{"distill.loss": dict(distill.default_config().loss, alpha=0.0)}))
+    kd, sft = final_params(run_dir / "student"), final_params(run_dir / "student_sft")
+    assert set(kd) == set(sft) and (run_dir / "student" / "final" / "tokenizer.json").exists()
+    assert any(not np.allclose(kd[n], sft[n]) for n in kd)
+    kd_m, sft_m = read_metrics(run_dir / "student"), read_metrics(run_dir / "student_sft")
+    assert [m["step"] for m in kd_m] == list(range(1, 7))
+    assert all(m["kd"] > 0 and 0 < m["mfu"] and m["tokens_per_s"] > 0 for m in kd_m)
+    assert all(m["kd"] == 0.0 for m in sft_m)
+    # the KD run's objective is CE + α·KD per token; the SFT run's is CE alone
+    assert all(abs(m["loss"] - (m["ce"] + 100.0 * m["kd"])) < 1e-3 * m["loss"] for m in kd_m)
+    assert all(abs(m["loss"] - m["ce"]) < 1e-6 for m in sft_m)
+    assert [m["tokens"] for m in kd_m] == [m["tokens"] for m in sft_m]  # same batches for both students
+    with pytest.raises(ProxyKDError, match="overwrite"):
+        distill.setup(make_config(run_dir))
+
+
+def test_white_box_run_uses_the_live_teacher(run_dir):
+    from flax import nnx
+
+    from proxykd_jax.models import hf
+    from proxykd_jax.models.llama import Llama
+    from proxykd_jax.stages import distill
+
+    cfg = make_config(run_dir, **{"distill.output": "student_wb", "train.steps": 2})
+    teacher_cfg = distill.config_lib.model_config_from(cfg.model)
+    hf.save_hf(Llama(teacher_cfg, rngs=nnx.Rngs(7)), teacher_cfg, run_dir / "teacher_hf")
+    cfg.distill.white_box = str(run_dir / "teacher_hf")
+    setup = distill.setup(cfg)
+    assert len(setup.frozen) == 1 and not any(k.startswith("kd_") for k in next(iter(setup.data_iter)))
+    distill.run(cfg)
+    metrics = read_metrics(run_dir / "student_wb")
+    assert len(metrics) == 2 and all(m["kd"] > 0 and m["mfu"] > 0 for m in metrics)
+    bad = make_config(run_dir, **{"distill.output": "student_wb2", "model.vocab_size": 80})
+    bad.distill.white_box = str(run_dir / "teacher_hf")
+    with pytest.raises(ProxyKDError, match="vocab_size"):
+        distill.setup(bad)

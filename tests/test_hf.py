@@ -1,0 +1,114 @@
+"""HF import/export parity with transformers (torch, float32) on tiny random models."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from proxykd_jax.models import hf
+from proxykd_jax.models.llama import Llama, ModelConfig
+from flax import nnx
+
+COMMON = dict(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128)
+TOKENS = np.random.default_rng(0).integers(0, 67, (2, 19))
+
+
+def _hf_model(kind, **kw):
+    torch.manual_seed(0)
+    cfg_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config}[kind]
+    model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+                 "qwen2": transformers.Qwen2ForCausalLM}[kind]
+    model = model_cls(cfg_cls(**{**COMMON, **kw})).float().eval()
+    with torch.no_grad():  # HF init is tiny (std 0.02) and biases/norms trivial: make every tensor matter
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.ndim == 1 and p.shape[0] == 32 else 0.0))
+    return model
+
+
+def _hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    ("llama", dict(tie_word_embeddings=True, head_dim=16)),
+    ("mistral", dict(rope_theta=1000.0)),
+    ("qwen2", dict()),
+])
+def test_import_matches_transformers(tmp_path, kind, kw):
+    ref = _hf_model(kind, **kw)
+    ref.save_pretrained(tmp_path)
+    cfg, model = hf.load_hf(tmp_path)
+    assert cfg.qkv_bias == (kind == "qwen2")
+    assert cfg.tie_embeddings == bool(kw.get("tie_word_embeddings"))
+    assert (cfg.rope_scaling is not None) == ("rope_scaling" in kw)
+    expected = _hf_logits(ref, TOKENS)
+    assert np.std(expected) > 0.5
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=True,
+                                             rope_scaling=("llama3", 4.0, 1.0, 4.0, 16))])
+def test_export_loads_in_transformers(tmp_path, kw):
+    cfg = ModelConfig(vocab_size=67, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48,
+                      max_seq_len=128, **kw)
+    model = Llama(cfg, rngs=nnx.Rngs(3))
+    hf.save_hf(model, cfg, tmp_path)
+    arch = json.loads((tmp_path / "config.json").read_text())["architectures"]
+    assert arch == ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    np.testing.assert_allclose(_hf_logits(ref, TOKENS), np.asarray(model(jnp.asarray(TOKENS))), atol=1e-4, rtol=1e-4)
+    cfg2, model2 = hf.load_hf(tmp_path)
+    assert cfg2 == cfg
+
+
+def test_sharded_index_import_and_export(tmp_path):
+    ref = _hf_model("llama")
+    ref.save_pretrained(tmp_path / "a", max_shard_size="20KB")
+    assert (tmp_path / "a" / "model.safetensors.index.json").exists()
+    cfg, model = hf.load_hf(tmp_path / "a")
+    expected = _hf_logits(ref, TOKENS)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), expected, atol=1e-4, rtol=1e-4)
+    hf.save_hf(model, cfg, tmp_path / "b", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    _, model_b = hf.load_hf(tmp_path / "b")
+    np.testing.assert_allclose(np.asarray(model_b(jnp.asarray(TOKENS))), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_params_and_tokenizer_saved(tmp_path):
+    from proxykd_jax.models.tokenizer import build_word_tokenizer, load_tokenizer
+    ref = _hf_model("qwen2")
+    ref.save_pretrained(tmp_path / "a")
+    cfg, model = hf.load_hf(tmp_path / "a", dtype="bfloat16", param_dtype="bfloat16")
+    assert model.embedding[...].dtype == jnp.bfloat16
+    tok = build_word_tokenizer([f"w{i}" for i in range(60)])
+    hf.save_hf(model, cfg, tmp_path / "b", tokenizer=tok)
+    assert load_tokenizer(tmp_path / "b").encode("w3 w9") == tok.encode("w3 w9")
+    _, back = hf.load_hf(tmp_path / "b", param_dtype="bfloat16")
+    np.testing.assert_array_equal(np.asarray(back.embedding[...]), np.asarray(model.embedding[...]))
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hf.load_hf(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        hf.load_hf(tmp_path / "empty")
+    with pytest.raises(ValueError, match="Unsupported architecture.*GPT2LMHeadModel.*LlamaForCausalLM"):
+        hf.config_from_hf({"architectures": ["GPT2LMHeadModel"]})
+    ref = _hf_model("llama")
+    ref.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**json.loads((tmp_path / "m" / "config.json").read_text()),
+                                                            "intermediate_size": 64}))
+    with pytest.raises(ValueError, match=r"Tensor model\.layers\.\d\.mlp\.\w+_proj\.weight .*shape \((48, 32|32, 48)\).*implies \((64, 32|32, 64)\)"):
+        hf.load_hf(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        hf.load_hf(tmp_path / "m")

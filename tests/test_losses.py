@@ -1,0 +1,331 @@
+"""Losses: divergences against float64 numpy and hand-computed values, sparse tail modes, the sampled
+estimator's unbiasedness, chunked = dense in value and gradient, sequence log-probs and DPO."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from proxykd_jax import losses as L
+
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _np_divergence(kind, logp, logq, beta=0.5, skew=0.1):
+    """Float64 reference, written from the definitions (0 log 0 = 0)."""
+    p, q = np.exp(logp), np.exp(logq)
+
+    def kl(a, b):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0).sum(-1)
+
+    if kind == "forward_kl":
+        return kl(p, q)
+    if kind == "reverse_kl":
+        return kl(q, p)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if kind == "skew_kl":
+        return kl(p, skew * p + (1 - skew) * q)
+    return 0.5 * np.abs(p - q).sum(-1)
+
+
+def _random_pair(seed, m, v, zeros=True):
+    rng = np.random.default_rng(seed)
+    logp = _np_log_softmax(rng.normal(size=(m, v)) * 2.0)
+    if zeros:  # a few target zeros (forward/skew/jsd/tvd must handle them; reverse_kl is +inf there)
+        logp[:, : v // 4] = -np.inf
+        logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    logq = _np_log_softmax(rng.normal(size=(m, v)) * 1.5)
+    return logp, logq
+
+
+@pytest.mark.parametrize("kind", L.KINDS)
+def test_divergence_matches_float64_reference(kind):
+    logp, logq = _random_pair(0, 6, 37, zeros=kind != "reverse_kl")
+    kw = dict(jsd_beta=0.3, skew_alpha=0.2)
+    got = L.divergence(kind, jnp.asarray(logp, jnp.float32), jnp.asarray(logq, jnp.float32), **kw)
+    want = _np_divergence(kind, logp, logq, beta=0.3, skew=0.2)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL)
+    grad = jax.grad(lambda lq: L.divergence(kind, jnp.asarray(logp, jnp.float32), lq, **kw).sum())(
+        jnp.asarray(logq, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_divergence_hand_computed_v3():
+    # p = (1/2, 1/4, 1/4), q = (1/4, 1/2, 1/4)
+    # forward KL = 1/2 ln 2 + 1/4 ln(1/2) + 0 = 1/4 ln 2 = 0.1732868
+    # reverse KL = 1/4 ln(1/2) + 1/2 ln 2 + 0 = 1/4 ln 2
+    # TVD = 1/2 (1/4 + 1/4 + 0) = 0.25
+    # skew a=0.2: m = 0.2 p + 0.8 q = (0.3, 0.45, 0.25);
+    #   KL(p||m) = 0.5 ln(0.5/0.3) + 0.25 ln(0.25/0.45) = 0.2554128 - 0.1469467 = 0.1084661
+    # jsd beta=0.25: m = 0.25 p + 0.75 q = (0.3125, 0.4375, 0.25);
+    #   0.25 KL(p||m) = 0.25 (0.5 ln 1.6 + 0.25 ln(0.25/0.4375)) = 0.25 * 0.0950981 = 0.0237745
+    #   0.75 KL(q||m) = 0.75 (0.25 ln 0.8 + 0.5 ln(0.5/0.4375)) = 0.75 * 0.0109798 = 0.0082349
+    #   jsd = 0.0320094
+    logp = jnp.log(jnp.array([0.5, 0.25, 0.25]))
+    logq = jnp.log(jnp.array([0.25, 0.5, 0.25]))
+    want = dict(forward_kl=0.25 * math.log(2), reverse_kl=0.25 * math.log(2), tvd=0.25,
+                skew_kl=0.1084661, jsd=0.0320094)
+    for kind, value in want.items():
+        got = L.divergence(kind, logp, logq, jsd_beta=0.25, skew_alpha=0.2)
+        np.testing.assert_allclose(float(got), value, rtol=0, atol=2e-7, err_msg=kind)
+
+
+def test_sparse_tail_and_renorm_hand_computed_v3():
+    # student q = (1/4, 1/2, 1/4).
+    # tail: target top-1 = id 0 with p 1/2, tail 1/2 -> buckets p = (1/2, 1/2), q = (1/4, 3/4)
+    #   forward KL = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3) = 0.1438410
+    # renorm: target top-2 = ids (0, 1) with p (1/2, 1/4) -> (2/3, 1/3); student (1/4, 1/2) -> (1/3, 2/3)
+    #   forward KL = 2/3 ln 2 + 1/3 ln(1/2) = 1/3 ln 2 = 0.2310491
+    logq = jnp.log(jnp.array([[0.25, 0.5, 0.25]]))
+    tail = L.sparse_divergence("forward_kl", jnp.array([[0, 2]]), jnp.array([[math.log(0.5), -jnp.inf]]),
+                               jnp.array([0.5]), logq, tail_mode="tail")
+    renorm = L.sparse_divergence("forward_kl", jnp.array([[0, 1]]), jnp.log(jnp.array([[0.5, 0.25]])),
+                                 jnp.array([0.25]), logq, tail_mode="renorm")
+    np.testing.assert_allclose(float(tail[0]), 0.5 * math.log(4 / 3), atol=2e-7)
+    np.testing.assert_allclose(float(renorm[0]), math.log(2) / 3, atol=2e-7)
+
+
+@pytest.mark.parametrize("kind", L.KINDS)
+def test_divergence_properties(kind):
+    logp, logq = _random_pair(1, 64, 50, zeros=False)
+    logp, logq = jnp.asarray(logp, jnp.float32), jnp.asarray(logq, jnp.float32)
+    d = np.asarray(L.divergence(kind, logp, logq, jsd_beta=0.3))
+    same = np.asarray(L.divergence(kind, logq, logq, jsd_beta=0.3))
+    assert np.all(d > 0) and np.all(np.abs(same) < 1e-6)
+    if kind == "jsd":
+        assert np.all(d <= L.binary_entropy(0.3) + 1e-6) and L.binary_entropy(0.3) < math.log(2)
+        disjoint = L.divergence("jsd", jnp.log(jnp.array([1.0, 0.0])), jnp.log(jnp.array([0.0, 1.0])))
+        np.testing.assert_allclose(float(disjoint), math.log(2), rtol=1e-6)  # the bound is attained
+    if kind == "tvd":
+        assert np.all(d <= 1.0)
+
+
+def _sparse_target(seed, m, v, k):
+    rng = np.random.default_rng(seed)
+    logp = _np_log_softmax(rng.normal(size=(m, v)) * 2.0)
+    ids = np.argsort(-logp, axis=-1)[:, :k]
+    lps = np.take_along_axis(logp, ids, -1)
+    tail = np.clip(1.0 - np.exp(lps).sum(-1), 0.0, None) if k < v else np.zeros(m)
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(lps, jnp.float32), jnp.asarray(tail, jnp.float32), logp
+
+
+@pytest.mark.parametrize("kind", L.KINDS)
+def test_sparse_tail_full_support_equals_dense(kind):
+    ids, lps, tail, logp = _sparse_target(2, 5, 24, 24)
+    ids, lps = ids[:, ::-1], lps[:, ::-1]  # order must not matter
+    logq = jnp.asarray(_random_pair(3, 5, 24, zeros=False)[1], jnp.float32)
+    got = L.sparse_divergence(kind, ids, lps, tail, logq, tail_mode="tail", jsd_beta=0.4)
+    want = _np_divergence(kind, logp, np.asarray(logq, np.float64), beta=0.4)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", L.KINDS)
+def test_sparse_tail_equals_dense_against_completed_target(kind):
+    ids, lps, tail, _ = _sparse_target(4, 5, 30, 6)
+    lps = lps.at[:, -1].set(-jnp.inf)  # an absent entry: its student mass joins the tail
+    tail = 1.0 - jnp.sum(jnp.exp(lps), -1)
+    logq = jnp.asarray(_random_pair(5, 5, 30, zeros=False)[1], jnp.float32)
+    got = L.sparse_divergence(kind, ids, lps, tail, logq, tail_mode="tail")
+    completed = np.asarray(L.complete_sparse_target(ids, lps, tail, logq), np.float64)
+    np.testing.assert_allclose(np.exp(completed).sum(-1), 1.0, rtol=1e-5)
+    want = _np_divergence(kind, completed, np.asarray(logq, np.float64))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("kind", L.KINDS)
+def test_sampled_is_unbiased(kind):
+    """4000 independent draws per token: the mean estimate is the dense value within 4.5 s.e."""
+    draws, m, v = 4000, 3, 16
+    ids, lps, tail, _ = _sparse_target(6, m, v, 4)
+    logq = jnp.asarray(_random_pair(7, m, v, zeros=False)[1], jnp.float32)
+    uniforms = jax.random.uniform(jax.random.key(8), (draws * m, 1))
+    rep = lambda x: jnp.tile(x, (draws,) + (1,) * (x.ndim - 1))  # noqa: E731
+    est = L.sparse_divergence(kind, rep(ids), rep(lps), rep(tail), rep(logq), tail_mode="sampled",
+                              sample_uniforms_MxS=uniforms)
+    est = np.asarray(est, np.float64).reshape(draws, m)
+    dense = np.asarray(L.sparse_divergence(kind, ids, lps, tail, logq, tail_mode="tail"))
+    stderr = est.std(0, ddof=1) / math.sqrt(draws)
+    assert np.all(stderr > 0)
+    assert np.all(np.abs(est.mean(0) - dense) < 4.5 * stderr + 1e-6), (est.mean(0), dense, stderr)
+    # dense (white-box) targets: same estimator on the full target distribution
+    logp = jnp.asarray(_random_pair(9, m, v, zeros=False)[0], jnp.float32)
+    est = np.asarray(L.sampled_divergence(kind, rep(logp), rep(logq), uniforms), np.float64)
+    est = est.reshape(draws, m)
+    dense = np.asarray(L.divergence(kind, logp, logq))
+    assert np.all(np.abs(est.mean(0) - dense) < 4.5 * est.std(0, ddof=1) / math.sqrt(draws) + 1e-6)
+
+
+def _kd_inputs(n=13, d=16, v=40, k=6, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 8)
+    hidden = jax.random.normal(keys[0], (n, d))
+    w = jax.random.normal(keys[1], (d, v)) / math.sqrt(d)
+    targets = jax.random.randint(keys[2], (n,), 0, v)
+    logp = jax.nn.log_softmax(2.0 * jax.random.normal(keys[3], (n, v)))
+    lps, ids = jax.lax.top_k(logp, k)
+    lps = lps.at[0, -2:].set(-jnp.inf)  # absent entries
+    tail = 1.0 - jnp.sum(jnp.exp(lps), -1)
+    mask = (jax.random.uniform(keys[4], (n,)) < 0.8).astype(jnp.float32).at[0].set(1.0)
+    weight = jax.random.uniform(keys[5], (n,), minval=0.2, maxval=2.0)
+    return hidden, w, targets, ids, lps, tail, mask, weight
+
+
+CASES = [(kind, "tail", 1.0) for kind in L.KINDS] + [
+    ("forward_kl", "renorm", 1.0), ("jsd", "renorm", 1.0), ("forward_kl", "sampled", 1.0),
+    ("tvd", "sampled", 1.0), ("skew_kl", "tail", 2.0), ("forward_kl", "tail", 0.7)]
+
+
+@pytest.mark.parametrize("kind,tail_mode,temperature", CASES)
+def test_sparse_kd_chunked_equals_dense(kind, tail_mode, temperature):
+    hidden, w, targets, ids, lps, tail, mask, weight = _kd_inputs()
+    kw = dict(divergence=kind, tail_mode=tail_mode, temperature=temperature, num_samples=3,
+              rng=jax.random.key(1))
+
+    def run(fn):
+        def loss(h, W):
+            ce, kd, n = fn(h, W, targets, ids, lps, tail, mask, weight, **kw)
+            return L.kd_objective(ce, kd, n, alpha=3.0), (ce, kd, n)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(hidden, w)
+
+    (val, aux), grads = run(functools.partial(L.sparse_kd_loss, chunk_size=4))  # 13 = 3*4 + 1
+    (val_d, aux_d), grads_d = run(L.sparse_kd_loss_dense)
+    np.testing.assert_allclose(np.asarray(aux), np.asarray(aux_d), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(float(val), float(val_d), rtol=RTOL, atol=ATOL)
+    assert float(aux[2]) == float(mask.sum()) and float(aux[1]) > 0
+    for g, g_d in zip(grads, grads_d):
+        assert np.all(np.isfinite(np.asarray(g)))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_d), rtol=RTOL, atol=ATOL)
+
+
+def test_sparse_kd_sums_match_per_token_reference():
+    hidden, w, targets, ids, lps, tail, mask, weight = _kd_inputs()
+    ce, kd, n = L.sparse_kd_loss(hidden, w, targets, ids, lps, tail, mask, weight, chunk_size=5)
+    logq = np.asarray(jax.nn.log_softmax(hidden @ w), np.float64)
+    nll = -logq[np.arange(13), np.asarray(targets)]
+    completed = np.asarray(L.complete_sparse_target(ids, lps, tail, jnp.asarray(logq, jnp.float32)))
+    d = _np_divergence("forward_kl", completed.astype(np.float64), logq)
+    m, wt = np.asarray(mask, np.float64), np.asarray(weight, np.float64)
+    np.testing.assert_allclose(float(ce), (m * nll).sum(), rtol=RTOL)
+    np.testing.assert_allclose(float(kd), (m * wt * d).sum(), rtol=RTOL)
+    np.testing.assert_allclose(float(n), m.sum())
+
+
+def test_masked_garbage_rows_stay_finite():
+    hidden, w, targets, ids, lps, tail, mask, weight = _kd_inputs()
+    lps = lps.at[3].set(-jnp.inf)  # a prompt position: no target at all
+    tail = tail.at[3].set(0.0)
+    mask = mask.at[3].set(0.0)
+    for kind in L.KINDS:
+        for mode in L.TAIL_MODES:
+            fn = lambda h, W: L.sparse_kd_loss(h, W, targets, ids, lps, tail, mask, weight,  # noqa: E731
+                                               divergence=kind, tail_mode=mode, chunk_size=8,
+                                               rng=jax.random.key(0))[1]
+            val, grads = jax.value_and_grad(fn, argnums=(0, 1))(hidden, w)
+            assert np.isfinite(float(val)), (kind, mode)
+            assert all(np.all(np.isfinite(np.asarray(g))) for g in grads), (kind, mode)
+
+
+@pytest.mark.parametrize("kind,sampled", [("forward_kl", False), ("jsd", False), ("reverse_kl", True)])
+def test_dense_kd_chunked_equals_dense(kind, sampled):
+    hidden, w, targets, _, _, _, mask, weight = _kd_inputs()
+    t_hidden = jax.random.normal(jax.random.key(5), (13, 24))
+    t_w = jax.random.normal(jax.random.key(6), (24, 40)) / 3.0
+    kw = dict(divergence=kind, sampled=sampled, temperature=1.5, num_samples=2, rng=jax.random.key(2))
+
+    def run(fn):
+        loss = lambda h, W: L.kd_objective(*fn(h, W, targets, t_hidden, t_w, mask, weight, **kw), 2.0)  # noqa: E731
+        return jax.value_and_grad(loss, argnums=(0, 1))(hidden, w)
+
+    val, grads = run(functools.partial(L.dense_kd_loss, chunk_size=6))
+    val_d, grads_d = run(L.dense_kd_loss_dense)
+    np.testing.assert_allclose(float(val), float(val_d), rtol=RTOL, atol=ATOL)
+    for g, g_d in zip(grads, grads_d):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_d), rtol=RTOL, atol=ATOL)
+    # the student as its own teacher: the KD term vanishes
+    _, kd_self, _ = L.dense_kd_loss(hidden, w, targets, hidden, w, mask, weight, divergence=kind,
+                                    chunk_size=6)
+    assert abs(float(kd_self)) < 1e-5
+
+
+def test_cross_entropy_matches_numpy_and_chunked():
+    hidden, w, targets, _, _, _, mask, _ = _kd_inputs()
+    logits = np.asarray(hidden @ w, np.float64)
+    nll = -_np_log_softmax(logits)[np.arange(13), np.asarray(targets)]
+    ce, n = L.cross_entropy(hidden @ w, targets, mask)
+    np.testing.assert_allclose(float(ce), (nll * np.asarray(mask)).sum(), rtol=RTOL)
+    fn = lambda f: jax.value_and_grad(lambda h, W: f(h, W)[0], argnums=(0, 1))(hidden, w)  # noqa: E731
+    val_c, g_c = fn(lambda h, W: L.cross_entropy_chunked(h, W, targets, mask, chunk_size=5))
+    val_d, g_d = fn(lambda h, W: L.cross_entropy(h @ W, targets, mask))
+    np.testing.assert_allclose(float(val_c), float(val_d), rtol=RTOL)
+    for a, b in zip(g_c, g_d):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sequence_logprobs_chunked_equals_dense(normalize):
+    keys = jax.random.split(jax.random.key(3), 4)
+    hidden = jax.random.normal(keys[0], (3, 7, 16))
+    w = jax.random.normal(keys[1], (16, 40)) / 4.0
+    targets = jax.random.randint(keys[2], (3, 7), 0, 40)
+    mask = (jax.random.uniform(keys[3], (3, 7)) < 0.7).astype(jnp.float32)
+    kw = dict(length_normalize=normalize)
+    fn = lambda f: jax.value_and_grad(  # noqa: E731
+        lambda h, W: jnp.sum(f(h, W, targets, mask, **kw) * jnp.array([1.0, -2.0, 0.5])), argnums=(0, 1))
+    val, grads = fn(functools.partial(L.sequence_logprobs, chunk_size=4))(hidden, w)  # 21 = 5*4 + 1
+    val_d, grads_d = fn(L.sequence_logprobs_dense)(hidden, w)
+    np.testing.assert_allclose(float(val), float(val_d), rtol=RTOL, atol=ATOL)
+    for a, b in zip(grads, grads_d):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
+    logq = _np_log_softmax(np.asarray(hidden @ w, np.float64))
+    per_tok = np.take_along_axis(logq, np.asarray(targets)[..., None], -1)[..., 0] * np.asarray(mask)
+    want = per_tok.sum(-1) / (np.maximum(np.asarray(mask).sum(-1), 1) if normalize else 1)
+    got = L.sequence_logprobs(hidden, w, targets, mask, chunk_size=4, **kw)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL)
+
+
+def test_dpo_hand_computed():
+    # beta 0.1. Pair 1: r_c = 0.1 (-10 - -11) = 0.1, r_r = 0.1 (-12 - -11) = -0.1, margin 0.2,
+    #   loss = log(1 + e^-0.2) = 0.5981389. Pair 2: r_c = 0.1 (-5 - -4) = -0.1, r_r = 0.1 (-6 - -7) = 0.1,
+    #   margin -0.2, loss = log(1 + e^0.2) = 0.7981389. Mean loss 0.6981389, accuracy 0.5.
+    loss, metrics = L.dpo_loss(jnp.array([-10.0, -5.0]), jnp.array([-12.0, -6.0]),
+                               jnp.array([-11.0, -4.0]), jnp.array([-11.0, -7.0]), beta=0.1)
+    np.testing.assert_allclose(float(loss), 0.6981389, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["rewards_chosen"]), 0.0, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["rewards_rejected"]), 0.0, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["margin"]), 0.0, atol=1e-6)
+    assert float(metrics["accuracy"]) == 0.5
+    # gradient reaches only the policy: d loss / d pol_chosen_1 = -beta * sigmoid(-0.2) / 2
+    g = jax.grad(lambda pc, rc: L.dpo_loss(pc, jnp.array([-12.0, -6.0]), rc, jnp.array([-11.0, -7.0]),
+                                           beta=0.1)[0], argnums=(0, 1))(
+        jnp.array([-10.0, -5.0]), jnp.array([-11.0, -4.0]))
+    np.testing.assert_allclose(float(g[0][0]), -0.1 / (1 + math.exp(0.2)) / 2, rtol=1e-5)
+    assert np.all(np.asarray(g[1]) == 0)
+
+
+def test_config_and_bad_input_errors():
+    cfg = L.default_config()
+    kw = L.loss_kwargs(cfg)
+    assert kw["divergence"] == "forward_kl" and kw["tail_mode"] == "tail"
+    hidden, w, targets, ids, lps, tail, mask, weight = _kd_inputs()
+    args = (hidden, w, targets, ids, lps, tail, mask, weight)
+    with pytest.raises(ValueError, match="loss.divergence"):
+        L.sparse_kd_loss(*args, divergence="kl")
+    with pytest.raises(ValueError, match="loss.tail_mode"):
+        L.sparse_kd_loss(*args, tail_mode="drop")
+    with pytest.raises(ValueError, match="rng"):
+        L.sparse_kd_loss(*args, tail_mode="sampled")
+    with pytest.raises(ValueError, match="loss.jsd_beta"):
+        L.divergence("jsd", lps, lps, jsd_beta=1.0)
+    with pytest.raises(ValueError, match="mask_N has 12 rows"):
+        L.sparse_kd_loss(hidden, w, targets, ids, lps, tail, mask[:12], weight)
+    with pytest.raises(ValueError, match="align.dpo_beta"):
+        L.dpo_loss(targets, targets, targets, targets, beta=0.0)

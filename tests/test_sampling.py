@@ -1,0 +1,156 @@
+"""KV-cache decoding and sampling against repeated full forwards."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from proxykd_jax.models.llama import Llama, ModelConfig
+from proxykd_jax.models.sampling import generate, sample_logits
+
+CFG = ModelConfig(vocab_size=37, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48,
+                  qkv_bias=True, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = Llama(CFG, rngs=nnx.Rngs(0))
+    state = nnx.state(m, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(11), len(leaves))
+    nnx.update(m, jax.tree.unflatten(treedef, [
+        0.4 * jax.random.normal(k, x.shape) + (1.0 if x.ndim == 1 else 0.0) for k, x in zip(keys, leaves)]))
+    return m
+
+
+@nnx.jit
+def _full_logits(model, tokens_1xW):
+    return model(tokens_1xW)
+
+
+def full_logits(model, seq, width=24):
+    """Full-forward logits of `seq` (right-padded to a fixed width: causal, so padding is harmless)."""
+    padded = np.zeros((1, width), np.int32)
+    padded[0, :len(seq)] = seq
+    return np.asarray(_full_logits(model, jnp.asarray(padded)))[0, :len(seq)]
+
+
+def greedy_reference(model, prompt, steps):
+    seq = list(prompt)
+    for _ in range(steps):
+        seq.append(int(np.argmax(full_logits(model, seq)[-1])))
+    return seq[len(prompt):]
+
+
+def left_aligned(prompts, pad=0):
+    p = max(len(x) for x in prompts)
+    arr = np.full((len(prompts), p), pad, np.int32)
+    for i, x in enumerate(prompts):
+        arr[i, :len(x)] = x
+    return arr, np.array([len(x) for x in prompts], np.int32)
+
+
+PROMPTS = [[3, 9, 4, 22, 7, 1, 30], [5, 2], [17, 8, 8, 12]]
+
+
+def test_kv_cache_logits_equal_full_forward(model):
+    tokens = np.random.default_rng(0).integers(1, CFG.vocab_size, (2, 12))
+    full = np.stack([full_logits(model, row) for row in tokens])
+    cache = model.init_cache(2, 16)
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    logits_pre, cache = model.decode(jnp.asarray(tokens[:, :5]), pos[:, :5], jnp.ones((2, 5), jnp.int32), cache)
+    steps = [logits_pre]
+    for t in range(5, 12):
+        lg, cache = model.decode(jnp.asarray(tokens[:, t:t + 1]), pos[:, t:t + 1], jnp.ones((2, 1), jnp.int32), cache)
+        steps.append(lg)
+    np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], 1), full, rtol=1e-5, atol=1e-5)
+    assert int(cache.index) == 12
+
+
+def test_greedy_equals_repeated_argmax_and_lengths_independent(model):
+    prompts, lengths = left_aligned(PROMPTS)
+    out = generate(model, prompts, lengths, jax.random.key(0), max_new_tokens=6, temperature=0.0)
+    assert out.tokens_BxT.shape == (3, 6)
+    np.testing.assert_array_equal(np.asarray(out.lengths_B), [6, 6, 6])
+    for i, prompt in enumerate(PROMPTS):
+        ref = greedy_reference(model, prompt, 6)
+        assert np.asarray(out.tokens_BxT[i]).tolist() == ref
+        alone = generate(model, np.array([prompt], np.int32), np.array([len(prompt)]), jax.random.key(5),
+                         max_new_tokens=6, temperature=0.0)
+        assert np.asarray(alone.tokens_BxT[0]).tolist() == ref
+    # a batch with a different padded width gives the same answer
+    wide, wide_len = left_aligned(PROMPTS + [[1] * 11])
+    out_wide = generate(model, wide, wide_len, jax.random.key(0), max_new_tokens=6, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(out_wide.tokens_BxT[:3]), np.asarray(out.tokens_BxT))
+
+
+def test_stop_tokens_and_lengths(model):
+    prompts, lengths = left_aligned(PROMPTS)
+    ref = [greedy_reference(model, p, 8) for p in PROMPTS]
+    stop = ref[0][2]  # row 0 emits this at step 2 (maybe earlier too)
+    out = generate(model, prompts, lengths, jax.random.key(0), max_new_tokens=8, temperature=0.0,
+                   stop_tokens=(stop,), pad_id=-1, return_logprobs=True)
+    tokens, lens = np.asarray(out.tokens_BxT), np.asarray(out.lengths_B)
+    for i in range(3):
+        n = ref[i].index(stop) + 1 if stop in ref[i] else 8
+        assert lens[i] == n
+        assert tokens[i, :n].tolist() == ref[i][:n]
+        assert np.all(tokens[i, n:] == -1)
+        assert np.all(np.asarray(out.logprobs_BxT)[i, n:] == 0.0)
+    assert lens[0] <= 3
+
+
+def test_logprobs_match_full_forward(model):
+    prompts, lengths = left_aligned(PROMPTS)
+    out = generate(model, prompts, lengths, jax.random.key(3), max_new_tokens=5, temperature=1.0,
+                   return_logprobs=True, top_logprobs=4)
+    for i, prompt in enumerate(PROMPTS):
+        seq = prompt + np.asarray(out.tokens_BxT[i]).tolist()
+        logp = np.asarray(jax.nn.log_softmax(full_logits(model, seq)))
+        for t in range(5):
+            row = logp[len(prompt) - 1 + t]
+            np.testing.assert_allclose(out.logprobs_BxT[i, t], row[seq[len(prompt) + t]], atol=1e-4)
+            np.testing.assert_array_equal(np.asarray(out.top_ids_BxTxN[i, t]), np.argsort(-row)[:4])
+            np.testing.assert_allclose(np.asarray(out.top_logprobs_BxTxN[i, t]), np.sort(row)[::-1][:4], atol=1e-4)
+
+
+def test_sampling_is_seeded(model):
+    prompts, lengths = left_aligned(PROMPTS)
+    a = generate(model, prompts, lengths, jax.random.key(1), max_new_tokens=6)
+    b = generate(model, prompts, lengths, jax.random.key(1), max_new_tokens=6)
+    c = generate(model, prompts, lengths, jax.random.key(2), max_new_tokens=6)
+    np.testing.assert_array_equal(np.asarray(a.tokens_BxT), np.asarray(b.tokens_BxT))
+    assert not np.array_equal(np.asarray(a.tokens_BxT), np.asarray(c.tokens_BxT))
+
+
+def _draws(logits_V, n, **kw):
+    logits = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (n, len(logits_V)))
+    temperature = jnp.full((n,), kw.pop("temperature", 1.0))
+    top_p = jnp.full((n,), kw.pop("top_p", 1.0))
+    return np.asarray(sample_logits(logits, jax.random.key(42), temperature, top_p, **kw))
+
+
+def test_top_k_and_top_p_restrict_support():
+    logits = np.log(np.array([0.05, 0.3, 0.02, 0.25, 0.2, 0.08, 0.1]))
+    n = 20000
+    free = np.bincount(_draws(logits, n), minlength=7) / n
+    np.testing.assert_allclose(free, np.exp(logits), atol=0.015)
+    topk = np.bincount(_draws(logits, n, top_k=3), minlength=7) / n
+    assert set(np.nonzero(topk)[0]) == {1, 3, 4}
+    np.testing.assert_allclose(topk[[1, 3, 4]], np.array([0.3, 0.25, 0.2]) / 0.75, atol=0.015)
+    # nucleus 0.6: 0.3 + 0.25 = 0.55 < 0.6, so token 4 (0.2) is the last one kept
+    topp = np.bincount(_draws(logits, n, top_p=0.6), minlength=7) / n
+    assert set(np.nonzero(topp)[0]) == {1, 3, 4}
+    cold = np.bincount(_draws(logits, n, temperature=0.25), minlength=7) / n
+    assert cold[1] > 0.55  # sharper at low temperature
+    assert set(_draws(logits, 50, temperature=0.0)) == {1}
+
+
+def test_bad_arguments(model):
+    prompts, lengths = left_aligned(PROMPTS)
+    with pytest.raises(ValueError, match="prompt_lengths_B"):
+        generate(model, prompts, np.array([0, 2, 4]), jax.random.key(0), max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, prompts, lengths, jax.random.key(0), max_new_tokens=100)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, prompts, lengths, jax.random.key(0), max_new_tokens=2, top_p=0.0)

@@ -1,0 +1,106 @@
+"""`serve` with a real project Llama behind it, `collect` over loopback, then `prepare`."""
+import json
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from proxykd_jax.data import config as data_config
+from proxykd_jax.data.prepare import prepare
+from proxykd_jax.data.records import PreparedData
+from proxykd_jax.models.llama import Llama, ModelConfig
+from proxykd_jax.models.tokenizer import build_bpe_tokenizer
+from proxykd_jax.teacher.backends import LlamaBackend
+from proxykd_jax.teacher.client import collect
+from proxykd_jax.teacher.config import collect_config
+from proxykd_jax.teacher.server import ServerThread, make_app
+
+WORDS = ("the a cat dog sat ran on under mat log red blue big small fast slow one two three "
+         "four and or but then here there now later up down left right").split()
+K = 5
+
+
+class RecordingBackend(LlamaBackend):
+    """Remembers each prompt's completion so the test can check the wire against the model."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.seen = {}
+
+    def complete(self, prompts, **kw):
+        out = super().complete(prompts, **kw)
+        for p, (c,) in zip(prompts, out):
+            self.seen[tuple(p)] = c
+        return out
+
+
+def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=8)) for _ in range(200)]
+    tok = build_bpe_tokenizer(texts, 300, tmp_path / "tok")  # byte-level: token pieces are exact
+    cfg = ModelConfig(vocab_size=len(tok), d_model=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                      head_dim=16, d_ff=64, max_seq_len=64)
+    model = Llama(cfg, rngs=nnx.Rngs(jax.random.key(7)))
+    backend = RecordingBackend(model, tok, model_name="tiny", seed=1)
+    prompts = tmp_path / "prompts.jsonl"
+    with open(prompts, "w") as f:
+        for i in range(6):
+            words = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 6))))
+            f.write(json.dumps({"id": f"q{i}", "messages": [{"role": "user", "content": words}]}) + "\n")
+    app = make_app(backend, batch_window_ms=20)
+    with ServerThread(app) as srv:
+        ccfg = collect_config()
+        ccfg.prompts, ccfg.out, ccfg.base_url, ccfg.model = str(prompts), str(tmp_path / "c.jsonl"), srv.base_url, "tiny"
+        ccfg.max_tokens, ccfg.top_logprobs, ccfg.concurrency, ccfg.progress = 6, K, 6, False
+        ccfg.temperature = 1.0
+        stats = collect(ccfg)
+    # an untrained model may end a response at once (eos first): recorded, not stored, not retried
+    assert stats["done"] >= 3 and stats["done"] + stats["failed"].get("no_content", 0) == 6
+    assert max(app.state.batcher.calls) > 1  # concurrent requests shared one generate call
+
+    def clean(tid, piece):  # a piece that re-tokenizes to its own id (not a partial UTF-8 byte)
+        return "\ufffd" not in piece and tok(piece, add_special_tokens=False)["input_ids"] == [tid]
+
+    rows = [json.loads(line) for line in pathlib.Path(ccfg.out).read_text().splitlines()]
+    expected_heads = {}
+    for r in rows:
+        prompt_ids = backend.chat_ids(r["messages"])
+        c = backend.seen[tuple(prompt_ids)]
+        assert r["tokens"] == [backend.pieces(c.token_ids[:j], [t])[0] for j, t in enumerate(c.token_ids)]
+        assert "".join(r["tokens"]) == r["response"]
+        logits = np.asarray(model(np.asarray([prompt_ids + c.token_ids], np.int32)), np.float64)[0]
+        m = logits.max(-1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        heads, prefix_clean = [], True
+        for j, alts in enumerate(r["top_logprobs"]):
+            row = logp[len(prompt_ids) + j - 1]  # the distribution that produced token j
+            want = np.argsort(-row)[:K]
+            assert [a for a, _ in c.top[j]] == want.tolist()
+            np.testing.assert_allclose([a["logprob"] for a in alts], row[want], atol=2e-4)
+            pieces = backend.pieces(c.token_ids[:j], want.tolist())
+            assert [a["token"] for a in alts] == pieces
+            prefix_clean = prefix_clean and clean(c.token_ids[j], r["tokens"][j])
+            heads.append({int(i): a["logprob"] for i, a, pc in zip(want, alts, pieces) if clean(i, pc)}
+                         if prefix_clean else None)
+        expected_heads[r["id"]] = heads
+
+    dcfg = data_config.default_config()
+    dcfg.seq_len = 32
+    dcfg.split.warmup, dcfg.split.align, dcfg.split.distill, dcfg.split.heldout = 0.25, 0.25, 0.25, 0.25
+    prepare([ccfg.out], tok, tmp_path / "prepared", dcfg, progress=False)
+    data = PreparedData(tmp_path / "prepared")
+    seen = checked = 0
+    for split in data.manifest["splits"]:
+        for rec in data.iter_split(split):
+            heads, p = expected_heads[rec["record_id"]], rec["prompt_len"]
+            for j, want in enumerate(heads):  # row i of the teacher head predicts token i
+                if want is None:  # after a partial-UTF-8 token the text no longer re-tokenizes alike
+                    break
+                ids, lps = rec["teacher_ids"][p + j], rec["teacher_logprobs"][p + j]
+                got = {int(i): float(lp) for i, lp in zip(ids, lps) if np.isfinite(lp)}
+                assert got.keys() == want.keys()
+                np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=1e-5)
+                checked += 1
+            seen += 1
+    assert seen == stats["done"] == len(rows) and checked >= 3

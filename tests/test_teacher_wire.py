@@ -1,0 +1,261 @@
+"""`collect` against `serve` over real loopback HTTP: faults, dedup, resume, rate limits, bad input."""
+import collections
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import openai
+import pytest
+
+from proxykd_jax.teacher.backends import ToyBackend
+from proxykd_jax.teacher.client import CollectError, RateLimiter, collect
+from proxykd_jax.teacher.config import collect_config
+from proxykd_jax.teacher.server import Faults, ServerThread, make_app
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def write_prompts(path, n, chat=False):
+    lines = []
+    for i in range(n):
+        row = {"id": f"p{i}"}
+        if chat:
+            row["messages"] = [{"role": "system", "content": "be brief"},
+                               {"role": "user", "content": f"question {i}"}]
+        else:
+            row["prompt"] = f"prompt number {i}"
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_cfg(tmp_path, base_url, **kw):
+    cfg = collect_config()
+    cfg.prompts = str(tmp_path / "prompts.jsonl")
+    cfg.out = str(tmp_path / "corpus.jsonl")
+    cfg.base_url, cfg.model = base_url, "toy"
+    cfg.max_tokens, cfg.backoff_initial_s, cfg.progress = 8, 0.01, False
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def read_corpus(path):
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+
+
+def ok_counts(app):
+    return collections.Counter(e["key"] for e in app.state.requests if e["outcome"] == "ok")
+
+
+def test_complete_and_unique_under_faults(tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", 15, chat=True)
+    faults = Faults(fail_429_rate=0.15, retry_after_s=0.05, fail_500_rate=0.1, slow_rate=0.1,
+                    slow_delay_s=0.05, drop_rate=0.1, seed=3)
+    app = make_app(ToyBackend(), faults)
+    with ServerThread(app) as srv:
+        cfg = make_cfg(tmp_path, srv.base_url, samples_per_prompt=3, top_logprobs=4, concurrency=8)
+        stats = collect(cfg)
+    rows = read_corpus(cfg.out)
+    keys = [r["key"] for r in rows]
+    assert len(rows) == 45 and len(set(keys)) == 45
+    assert {(r["id"], r["sample_index"]) for r in rows} == {(f"p{i}", s) for i in range(15) for s in range(3)}
+    outcomes = collections.Counter(e["outcome"] for e in app.state.requests)
+    assert outcomes["429"] > 0 and outcomes["500"] > 0 and outcomes["drop"] > 0
+    # every sample was answered in full exactly once: nothing was paid for twice
+    assert ok_counts(app) == collections.Counter(keys)
+    assert stats["done"] == 45 and stats["failed"] == {} and stats["retries"] >= sum(
+        outcomes[k] for k in ("429", "500", "drop"))
+    assert not pathlib.Path(cfg.out + ".failures.jsonl").exists()
+    for r in rows:  # top_logprobs round-trip: one entry per teacher token, the tokens spell the text
+        assert r["messages"][1]["content"] == f"question {r['id'][1:]}"
+        assert "".join(r["tokens"]) == r["response"]
+        assert len(r["top_logprobs"]) == len(r["tokens"]) and all(len(t) == 4 for t in r["top_logprobs"])
+        for alts in r["top_logprobs"]:
+            lps = [a["logprob"] for a in alts]
+            assert lps == sorted(lps, reverse=True) and lps[0] <= 0
+        assert r["meta"]["usage"]["completion_tokens"] == len(r["tokens"])
+        assert "api_key" not in json.dumps(r)
+
+
+def test_rerun_skips_done_and_key_never_stored(tmp_path, monkeypatch):
+    write_prompts(tmp_path / "prompts.jsonl", 6)
+    monkeypatch.setenv("TOY_KEY", "sk-secret-123")
+    app = make_app(ToyBackend(), api_key="sk-secret-123")
+    with ServerThread(app) as srv:
+        cfg = make_cfg(tmp_path, srv.base_url, api="completions", samples_per_prompt=2,
+                       api_key_env="TOY_KEY", top_logprobs=2)
+        first = collect(cfg)
+        n_requests = len(app.state.requests)
+        second = collect(cfg)
+        assert len(app.state.requests) == n_requests  # nothing requested again
+        cfg.samples_per_prompt = 3  # one more sample per prompt: only the new ones are requested
+        third = collect(cfg)
+    assert (first["done"], second["done"], second["already_done"], third["done"]) == (12, 0, 12, 6)
+    assert len(app.state.requests) == n_requests + 6
+    text = pathlib.Path(cfg.out).read_text()
+    assert "sk-secret-123" not in text and len(read_corpus(cfg.out)) == 18
+    row = read_corpus(cfg.out)[0]
+    assert row["prompt"] == "prompt number 0" and len(row["tokens"]) == len(row["top_logprobs"])
+
+
+def test_rate_limit_holds_on_the_wire(tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", 24)
+    app = make_app(ToyBackend())
+    with ServerThread(app) as srv:
+        cfg = make_cfg(tmp_path, srv.base_url, requests_per_minute=900, concurrency=16)
+        collect(cfg)
+    times = sorted(e["t"] for e in app.state.requests)
+    limiter = RateLimiter(900)  # capacity 15 requests, refill 14.75/s
+    assert len(times) == 24
+    for i in range(len(times)):
+        for j in range(i + 1, len(times)):  # +1 absorbs client-to-server arrival jitter
+            assert j - i + 1 <= limiter.capacity + limiter.rate * (times[j] - times[i]) + 1
+    assert times[-1] - times[0] >= (24 - limiter.capacity - 1) / limiter.rate
+
+
+def test_token_bucket_debt_keeps_long_run_rate():
+    import asyncio
+
+    async def run():
+        limiter = RateLimiter(6000)  # 100/s: capacity 100, refill 98.33/s
+        start = time.monotonic()
+        for _ in range(4):
+            await limiter.acquire(150)  # larger than the capacity: waits for a full bucket, then debt
+        return time.monotonic() - start, limiter
+
+    elapsed, limiter = asyncio.run(run())
+    # 600 units: 100 from the initial bucket, the rest refilled at limiter.rate (the last 150 as debt)
+    assert elapsed >= (600 - 150 - limiter.capacity) / limiter.rate * 0.95
+
+
+def test_kill_mid_run_and_resume(tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", 40)
+    app = make_app(ToyBackend(latency_s=0.02), Faults(fail_429_rate=0.1, retry_after_s=0.02, seed=5))
+    with ServerThread(app) as srv:
+        cfg = make_cfg(tmp_path, srv.base_url, concurrency=2)
+        script = textwrap.dedent(f"""
+            import json, ml_collections
+            from proxykd_jax.teacher.client import collect
+            collect(ml_collections.ConfigDict(json.loads({cfg.to_json()!r})))
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        out = pathlib.Path(cfg.out)
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_text().count("\n") >= 8):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "collect wrote nothing within 60 s"
+            time.sleep(0.02)  # polling a file another process writes
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        finished = {json.loads(line)["key"] for line in out.read_text().split("\n")[:-1]}
+        assert 8 <= len(finished) < 40, "the kill should land mid-run"
+        restart = time.monotonic()
+        stats = collect(cfg)
+    rows = read_corpus(out)
+    assert len(rows) == 40 and len({r["key"] for r in rows}) == 40
+    assert stats["already_done"] == len(finished)
+    after = [e["key"] for e in app.state.requests if e["t"] >= restart]
+    assert not finished & set(after), "a finished sample was requested again after the restart"
+
+
+def test_unreachable_endpoint_is_one_clear_error(tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", 3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again below: nothing listens there
+    cfg = make_cfg(tmp_path, f"http://127.0.0.1:{port}/v1", max_attempts=2)
+    with pytest.raises(CollectError, match=r"cannot reach http://127\.0\.0\.1:\d+/v1"):
+        collect(cfg)
+
+
+def test_wrong_key_stops_and_keeps_collected(tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", 4)
+    app = make_app(ToyBackend(), api_key="right")
+    with ServerThread(app) as srv:
+        cfg = make_cfg(tmp_path, srv.base_url, api_key="right")
+        collect(cfg)
+        before = pathlib.Path(cfg.out).read_text()
+        write_prompts(tmp_path / "prompts.jsonl", 8)
+        cfg.api_key = "sk-bad-7f3a"
+        with pytest.raises(CollectError, match="API key was rejected") as info:
+            collect(cfg)
+    assert "sk-bad-7f3a" not in str(info.value)
+    assert pathlib.Path(cfg.out).read_text() == before
+
+
+def test_malformed_prompt_line_fails_before_any_request(tmp_path):
+    path = write_prompts(tmp_path / "prompts.jsonl", 3)
+    path.write_text(path.read_text() + '{"id": "x", "prompt": \n')
+    app = make_app(ToyBackend())
+    with ServerThread(app) as srv:
+        with pytest.raises(CollectError, match=r"prompts\.jsonl line 4: not valid JSON .*fix or remove"):
+            collect(make_cfg(tmp_path, srv.base_url))
+        path.write_text('{"id": "a", "messages": [{"role": "user"}]}\n')
+        with pytest.raises(CollectError, match=r"line 1: 'messages' must be"):
+            collect(make_cfg(tmp_path, srv.base_url))
+    assert app.state.requests == []
+
+
+class _EmptyForSome(ToyBackend):
+    """Answers prompts that contain 'EMPTY' with no content at all."""
+
+    def complete(self, prompts, **kw):
+        out = super().complete(prompts, **kw)
+        for p, row in zip(prompts, out):
+            if b"EMPTY" in bytes(x for x in p if x < 256):
+                for c in row:
+                    c.token_ids, c.logprobs, c.top = [], None, None
+        return out
+
+
+def test_response_without_content_is_recorded_not_retried(tmp_path):
+    path = write_prompts(tmp_path / "prompts.jsonl", 5)
+    path.write_text(path.read_text() + json.dumps({"id": "e", "prompt": "EMPTY please"}) + "\n")
+    app = make_app(_EmptyForSome())
+    with ServerThread(app) as srv:
+        cfg = make_cfg(tmp_path, srv.base_url)
+        stats = collect(cfg)
+        # a torn last line (a crash mid-write) is cut off and that sample fetched again
+        out = pathlib.Path(cfg.out)
+        rows = read_corpus(out)
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]) + json.dumps(rows[-1])[:20])
+        again = collect(cfg)
+    assert stats["done"] == 5 and stats["failed"] == {"no_content": 1}
+    fails = read_corpus(cfg.out + ".failures.jsonl")
+    assert fails[0]["id"] == "e" and fails[0]["reason"] == "no_content"
+    assert sum(e["key"] == fails[0]["key"] for e in app.state.requests) == 2  # once per run
+    assert again["done"] == 1 and len(read_corpus(cfg.out)) == 5
+
+
+def test_server_api_n_stop_usage_and_batching(tmp_path):
+    app = make_app(ToyBackend(latency_s=0.01), batch_window_ms=20)
+    with ServerThread(app) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["toy"]
+        r = client.completions.create(model="toy", prompt=["ab", "cde"], n=3, max_tokens=12,
+                                      logprobs=2, temperature=0.7)
+        assert len(r.choices) == 6 and r.usage.prompt_tokens == 5
+        assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
+        full = client.completions.create(model="toy", prompt="stop test", max_tokens=20, temperature=0)
+        cut = full.choices[0].text[3:5]
+        r = client.completions.create(model="toy", prompt="stop test", max_tokens=20, temperature=0,
+                                      stop=[cut], logprobs=1)
+        text = r.choices[0].text
+        assert text == full.choices[0].text[: full.choices[0].text.find(cut)]
+        assert "".join(r.choices[0].logprobs.tokens) == text and r.choices[0].finish_reason == "stop"
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="other", prompt="x", max_tokens=2)
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model="toy", prompt="x", max_tokens=2, temperature=-1)
+        write_prompts(tmp_path / "prompts.jsonl", 16)
+        app.state.batcher.calls.clear()
+        collect(make_cfg(tmp_path, srv.base_url, concurrency=16))
+        assert max(app.state.batcher.calls) > 1 and sum(app.state.batcher.calls) == 16

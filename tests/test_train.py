@@ -1,0 +1,194 @@
+"""Optimizer, train loop, checkpoints (resume, other mesh), NaN stop, metrics — tiny Llama, 8 CPU devices."""
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from parallel_helpers import BATCH, LENGTH, TINY, ce_loss, make_batch, mesh_cfg, optim_cfg
+from proxykd_jax.models.llama import Llama
+from proxykd_jax.parallel import LOGICAL_RULES, batch_sharding, global_batch, make_mesh
+from proxykd_jax.train import (Checkpointer, Loop, TrainingDiverged, abstract_like, create_train_state,
+                               make_eval_step, make_optimizer, make_schedule, make_train_step, read_metrics)
+from proxykd_jax.train.loop import default_config as train_default_config
+
+STEPS = 6
+
+
+class Batches:
+    """Deterministic batches by index, with get_state/set_state; raises after `crash_at` batches."""
+
+    def __init__(self, crash_at=None, poison_at=None):
+        self.index, self.crash_at, self.poison_at = 0, crash_at, poison_at
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.index == self.crash_at:
+            raise KeyboardInterrupt("simulated kill")
+        batch = make_batch(seed=100 + self.index)
+        batch["scale"] = np.full((BATCH,), np.nan if self.index == self.poison_at else 1.0, np.float32)
+        self.index += 1
+        return batch
+
+    def get_state(self):
+        return {"index": self.index}
+
+    def set_state(self, state):
+        self.index = state["index"]
+
+
+def scaled_ce(model, batch):
+    loss, aux = ce_loss(model, batch)
+    return loss * jnp.mean(batch["scale"]), aux
+
+
+def grain_batches():
+    """The same batches as `Batches` through a grain pipeline (a checkpointable DatasetIterator)."""
+    def to_batch(i):
+        batch = make_batch(seed=100 + int(i))
+        batch["scale"] = np.ones((BATCH,), np.float32)
+        return batch
+    return iter(grain.MapDataset.range(1000).map(to_batch).to_iter_dataset())
+
+
+def train_cfg(**overrides):
+    cfg = train_default_config()
+    cfg.update(dict(steps=STEPS, batch_size=BATCH, seq_len=LENGTH, checkpoint_every=2, keep_checkpoints=2,
+                    log_every=1, tensorboard=False, progress=False, peak_flops=1e9), **overrides)
+    return cfg
+
+
+def setup(mesh, grad_accum=1, total_steps=STEPS, loss_fn=scaled_ce):
+    ocfg = optim_cfg(grad_accum=grad_accum)
+    optimizer = make_optimizer(ocfg, total_steps)
+    graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, TINY, rngs=nnx.Rngs(0))
+    bsh = batch_sharding(mesh, LOGICAL_RULES)
+    step = make_train_step(loss_fn, graphdef, optimizer, state_shardings=shardings, batch_shardings=bsh,
+                           schedule=make_schedule(ocfg, total_steps), grad_accum=grad_accum)
+    eval_step = make_eval_step(loss_fn, graphdef, state_shardings=shardings, batch_shardings=bsh)
+    return graphdef, state, shardings, step, eval_step
+
+
+def run_loop(tmp_path, data, mesh=None, **cfg_overrides):
+    mesh = mesh or make_mesh(mesh_cfg(fsdp=4, tensor=2))
+    _, state, shardings, step, eval_step = setup(mesh)
+    loop = Loop(train_cfg(**cfg_overrides), run_dir=tmp_path, mesh=mesh, rules=LOGICAL_RULES, train_step=step,
+                state_shardings=shardings, eval_step=eval_step, flops_per_step=1e6)
+    return loop.run(state, data, eval_batches=lambda: [make_batch(seed=7) | {"scale": np.ones(BATCH, np.float32)}])
+
+
+def params_np(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = optim_cfg(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    schedule = make_schedule(cfg, total_steps=100)
+    assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
+    assert float(schedule(10)) == pytest.approx(1.0)
+    assert float(schedule(55)) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 0.5)), rel=1e-5)
+    assert float(schedule(100)) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="optim.warmup_steps"):
+        make_schedule(optim_cfg(warmup_steps=10), total_steps=10)
+
+
+def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
+    mesh = make_mesh(mesh_cfg(fsdp=8))
+    b1, b2 = make_batch(seed=11), make_batch(seed=12)
+    b1["loss_mask"][:] = 1.0  # equal token counts: mean of the two means = mean over both
+    b2["loss_mask"][:] = 1.0
+    _, acc_state, _, acc_step, _ = setup(mesh, grad_accum=2, total_steps=4, loss_fn=ce_loss)
+    for b in (b1, b2):
+        acc_state, _ = acc_step(acc_state, global_batch(b, mesh, LOGICAL_RULES))
+    # the same schedule (2 optimizer updates), one step on both halves at once
+    _, big_state, _, big_step, _ = setup(mesh, grad_accum=1, total_steps=2, loss_fn=ce_loss)
+    both = {k: np.concatenate([b1[k], b2[k]]) for k in b1}
+    big_state, _ = big_step(big_state, global_batch(both, mesh, LOGICAL_RULES))
+    for a, b in zip(params_np(acc_state), params_np(big_state)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    fresh = [np.asarray(x) for x in jax.tree.leaves(nnx.state(Llama(TINY, rngs=nnx.Rngs(0)), nnx.Param))]
+    assert max(np.abs(a - b).max() for a, b in zip(params_np(acc_state), fresh)) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full")
+    return run_dir, params_np(run_loop(run_dir, Batches()))
+
+
+def test_loop_writes_metrics_and_checkpoints(uninterrupted):
+    run_dir, _ = uninterrupted
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert all(np.isfinite(r["loss"]) and r["tokens_per_s"] > 0 and r["mfu"] > 0 and "lr" in r for r in train)
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert Checkpointer(run_dir / "checkpoints", 2).all_steps() == [4, 6]
+
+
+@pytest.mark.parametrize("kind", ["json", "grain"])
+def test_resume_after_a_kill_gives_the_same_final_params(tmp_path, uninterrupted, kind):
+    _, expected = uninterrupted
+    if kind == "json":
+        with pytest.raises(KeyboardInterrupt):
+            run_loop(tmp_path, Batches(crash_at=3))  # dies during step 4, after the step-2 checkpoint
+        assert Checkpointer(tmp_path / "checkpoints", 2).latest_step() == 2
+        final = run_loop(tmp_path, Batches())  # the same command again
+    else:
+        run_loop(tmp_path, grain_batches(), steps=2)  # a run stopped after its step-2 checkpoint
+        final = run_loop(tmp_path, grain_batches())
+    assert int(final.step) == STEPS
+    for a, b in zip(params_np(final), expected):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("target", ["2x4", "1 device"])
+def test_restore_onto_a_different_mesh(tmp_path, target):
+    mesh = make_mesh(mesh_cfg(fsdp=8))
+    _, state, _, step, _ = setup(mesh)
+    state, _ = step(state, global_batch(make_batch(seed=5) | {"scale": np.ones(BATCH, np.float32)}, mesh,
+                                         LOGICAL_RULES))
+    ckpt = Checkpointer(tmp_path, keep=1)
+    ckpt.save(1, state)
+    ckpt.wait()
+    saved = jax.tree.map(np.asarray, state)
+    new_mesh = make_mesh(mesh_cfg(data=2, fsdp=4)) if target == "2x4" else make_mesh(mesh_cfg(), jax.devices()[:1])
+    _, fresh, new_shardings, _, _ = setup(new_mesh)
+    restored = ckpt.restore(abstract_like(fresh, new_shardings))
+    ckpt.close()
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+        np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, rtol=0)
+        assert a.sharding.mesh.shape == new_mesh.shape
+    assert int(restored.step) == 1
+    wq = restored.params["layers"][0]["attn"]["wq"][...]
+    assert wq.sharding.spec == new_shardings.params["layers"][0]["attn"]["wq"].get_value().spec
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5; .*last good checkpoint is step 4"):
+        run_loop(tmp_path, Batches(poison_at=4), checkpoint_every=1)
+    ckpt = Checkpointer(tmp_path / "checkpoints", 2)
+    assert ckpt.latest_step() == 4
+    mesh = make_mesh(mesh_cfg(fsdp=4, tensor=2))
+    _, fresh, shardings, _, _ = setup(mesh)
+    good = ckpt.restore(abstract_like(fresh, shardings))
+    assert all(np.isfinite(x).all() for x in params_np(good))
+
+
+def test_eval_metrics_and_no_donation(tmp_path):
+    run_loop(tmp_path, Batches(), steps=2, eval_every=2, checkpoint_every=0)
+    evals = [r for r in read_metrics(tmp_path) if "eval_loss" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 2 and np.isfinite(evals[0]["eval_loss"])
+    mesh = make_mesh(mesh_cfg(fsdp=8))
+    _, state, _, _, eval_step = setup(mesh)
+    batch = global_batch(make_batch(seed=7) | {"scale": np.ones(BATCH, np.float32)}, mesh, LOGICAL_RULES)
+    first = eval_step(state, batch)["loss"]
+    assert float(eval_step(state, batch)["loss"]) == float(first)  # state still alive: nothing donated
+
+
+def test_batch_shape_must_match_the_train_config(tmp_path):
+    with pytest.raises(ValueError, match="train.batch_size=16"):
+        run_loop(tmp_path, Batches(), batch_size=16, checkpoint_every=0)
