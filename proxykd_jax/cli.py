@@ -44,9 +44,10 @@ def _run_stage(stage: str, argv: list[str]) -> int:
                                     flag_values=flag_values, lock_config=True)
     try:
         flag_values(["proxykd"] + argv)
-    except flags.Error as e:
-        raise UserError(f"{e}. Fields and their comments are in the config file and in "
-                        "the module named by each group's default_config().") from None
+    except (flags.Error, AttributeError, KeyError) as e:
+        msg = str(e).strip("\"'")
+        raise UserError(f"bad config override ({msg}); fields and their comments are in the config file and "
+                        "in the module named by each group's default_config().") from None
     cfg = flag_values.config
     if cfg is None:
         raise UserError(f"`proxykd {stage}` needs --config=PATH (for example --config=configs/demo.py).")
@@ -56,7 +57,7 @@ def _run_stage(stage: str, argv: list[str]) -> int:
     config_lib.validate(cfg)
     from proxykd_jax.parallel import distributed
 
-    distributed.maybe_initialize_distributed(cfg.mesh)
+    distributed.maybe_initialize_distributed(cfg.mesh.distributed)
     import jax
 
     logging.info("jax %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
@@ -82,6 +83,6 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         sys.exit(_run_stage(stage, rest))
-    except (UserError, ProxyKDError) as e:
+    except (UserError, ProxyKDError, FileNotFoundError, FileExistsError) as e:
         print(f"proxykd {stage}: {e}", file=sys.stderr)
         sys.exit(2)

@@ -62,7 +62,6 @@ def test_parquet_gzip_and_datasets_folder_match_jsonl(tok, tmp_path):
   ref_recs = sorted((r["sample_id"], r["tokens"].tolist()) for r in _all(tmp_path / "a")[1])
   for i, src in enumerate([tmp_path / "c.parquet", tmp_path / "c.jsonl.gz", tmp_path / "hf"]):
     m = prepare([src], tok, tmp_path / f"o{i}", tiny_cfg(), progress=False)
-    assert m["splits"] == {k: dict(v, files=v["files"]) for k, v in m["splits"].items()}
     recs = sorted((r["sample_id"], r["tokens"].tolist()) for r in _all(tmp_path / f"o{i}")[1])
     assert recs == ref_recs, src
     assert {k: v["samples"] for k, v in m["splits"].items()} == \
@@ -102,7 +101,6 @@ def test_teacher_logprobs_aligned_by_character_span(tok, tmp_path):
   total = kept = 0
   mass_total = mass_kept = 0.0
   for r in recs:
-    text = r.get("text")
     lp = r["teacher_logprobs"]
     assert lp.shape == (len(r["tokens"]), 4)
     assert np.all(np.isneginf(lp[:r["prompt_len"]]))  # prompt rows never carry teacher values
@@ -180,7 +178,7 @@ def test_existing_output_is_refused_then_overwritten(tok, tmp_path):
 
 
 def test_prepare_memory_is_bounded_by_the_buffer(tok, tmp_path):
-  """Peak Python memory depends on data.prepare_buffer_mb, not on the corpus size."""
+  """Peak Python memory is set by data.prepare_buffer_mb; only 8-byte id lists grow with the corpus."""
   import tracemalloc
   rows = make_rows(1800, responses=2, seed=5, words=(20, 30))
   prepare([write_jsonl(tmp_path / "w.jsonl", rows[:20])], tok, tmp_path / "w", tiny_cfg(seq_len=128),
@@ -194,5 +192,6 @@ def test_prepare_memory_is_bounded_by_the_buffer(tok, tmp_path):
             progress=False)
     peaks.append(tracemalloc.get_traced_memory()[1])
     tracemalloc.stop()
-  assert peaks[1] < peaks[0] + 0.05 * (sizes[1] - sizes[0]), (sizes, peaks)
-  assert peaks[1] < sizes[1] / 2, (sizes, peaks)
+  added_samples = 2 * (1800 - 600)
+  assert peaks[1] - peaks[0] < 40 * added_samples, (sizes, peaks)  # ids only, not text or tokens
+  assert peaks[1] < 30 * 0.02 * 2**20, (sizes, peaks)  # tokenised text is ~20x its buffered size

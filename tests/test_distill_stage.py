@@ -124,3 +124,15 @@ def test_white_box_run_uses_the_live_teacher(run_dir):
     bad.distill.white_box = str(run_dir / "teacher_hf")
     with pytest.raises(ProxyKDError, match="vocab_size"):
         distill.setup(bad)
+
+
+def test_a_diverging_run_stops_before_checkpointing_nan(run_dir):
+    from proxykd_jax.stages import distill
+    from proxykd_jax.train import TrainingDiverged
+
+    cfg = make_config(run_dir, **{"distill.output": "student_nan", "train.steps": 3, "optim.clip_norm": 0.0})
+    cfg.optim.lr = 1e30
+    with pytest.raises(TrainingDiverged, match="step 2"):
+        distill.run(cfg)
+    assert not (run_dir / "student_nan" / "final").exists()
+    assert not list((run_dir / "student_nan" / "checkpoints").glob("2*"))

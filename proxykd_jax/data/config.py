@@ -7,6 +7,8 @@ SPLITS = ("warmup", "align", "distill", "heldout")
 def default_config() -> ml_collections.ConfigDict:
   """Returns the `data` group with one comment per field."""
   cd = ml_collections.ConfigDict()
+  cd.corpus = ""  # teacher corpus: comma-separated JSONL/parquet files or folders; "" = <run>/corpus/teacher.jsonl
+  cd.tokenizer = ""  # local tokenizer folder (normally the proxy's Hugging Face folder)
   cd.seq_len = 256  # tokens per packed row (and the longest sample prepare accepts)
   cd.on_error = "error"  # "error": stop on the first bad row; "skip": skip, count and report it
   cd.truncate = False  # True: cut over-long responses to seq_len (counted) instead of on_error

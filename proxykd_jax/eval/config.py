@@ -9,4 +9,5 @@ def default_config() -> ml_collections.ConfigDict:
     cd.batch_size = 16  # samples per forward pass
     cd.generate_prompts = 32  # prompts the students answer for the teacher-likelihood metric (known teacher only)
     cd.max_new_tokens = 32  # length of those generations
+    cd.known_teacher = ""  # folder of a KnownTeacher (the demo's): adds KL-to-teacher metrics; "" = real teacher
     return cd

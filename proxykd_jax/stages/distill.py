@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from proxykd_jax import config as config_lib
 from proxykd_jax import data, losses, models, parallel, train
@@ -220,7 +221,9 @@ def setup(cfg) -> Distillation:
         if not cfg.run.overwrite:
             raise ProxyKDError(f"{out_dir}/final already holds a finished student; set --config.run.overwrite=True "
                                "to train it again, or --config.distill.output=NAME for another folder.")
-        shutil.rmtree(out_dir)
+        if jax.process_index() == 0:
+            shutil.rmtree(out_dir)
+        multihost_utils.sync_global_devices("distill: old student removed")
     alpha = float(dcfg.loss.alpha)
     white_box = bool(dcfg.white_box)
     _require(paths.prepared / "manifest.json", "the prepared data", "prepare")

@@ -160,13 +160,12 @@ def load_backend(cfg):
         raise ValueError(f"serve.path {cfg.path!r} is not a folder; point it at the checkpoint to serve")
     name = cfg.model_name or path.name
     if cfg.source == "hf":
-        import transformers  # pylint: disable=import-outside-toplevel
         from proxykd_jax.models.hf import load_hf  # pylint: disable=import-outside-toplevel
+        from proxykd_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
         _, model = load_hf(str(path), dtype=cfg.dtype)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
-        return LlamaBackend(model, tokenizer, model_name=name, seed=cfg.seed)
+        return LlamaBackend(model, load_tokenizer(path), model_name=name, seed=cfg.seed)
     if cfg.source == "known":
         from proxykd_jax.teacher.known import KnownTeacher  # pylint: disable=import-outside-toplevel
         teacher = KnownTeacher.load(str(path))
-        return LlamaBackend(teacher.model, teacher.hf_tokenizer(), model_name=name, seed=cfg.seed)
+        return LlamaBackend(teacher.model, teacher.tokenizer, model_name=name, seed=cfg.seed)
     raise ValueError(f"serve.source must be 'hf' or 'known', not {cfg.source!r}")

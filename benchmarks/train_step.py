@@ -1,0 +1,120 @@
+"""Throughput of one jitted AdamW train step of a small Llama, against the measured matmul peak.
+
+    .venv/bin/python benchmarks/train_step.py [--steps 10] [--warmup 3] [--no-torch]
+
+Model: 4 layers, d_model 256, 8 heads (head_dim 32), d_ff 1024, vocab 8192, seq 256, batch 8,
+float32, dense cross entropy, AdamW with global-norm clipping. FLOPs/token follow
+`models.llama.flops_per_token` (2 per MAC, training = 3x forward, causal attention halved). When
+torch + transformers import, the same step runs in PyTorch eager (LlamaForCausalLM, same shapes).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from _common import matmul_peak, median_time, print_table  # noqa: E402
+from proxykd_jax.models.llama import Llama, ModelConfig, flops_per_token  # noqa: E402
+from proxykd_jax.parallel import LOGICAL_RULES, batch_sharding, global_batch, make_mesh  # noqa: E402
+from proxykd_jax.parallel.mesh import default_config as mesh_default_config  # noqa: E402
+from proxykd_jax.train import create_train_state, make_optimizer, make_train_step  # noqa: E402
+from proxykd_jax.train.optim import default_config as optim_default_config  # noqa: E402
+
+CFG = ModelConfig(vocab_size=8192, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=32, d_ff=1024,
+                  max_seq_len=256)
+BATCH, LENGTH = 8, 256
+
+
+def ce_loss(model, batch):
+    logits = model(batch["tokens"])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    return jnp.mean(nll), {}
+
+
+def host_batch(seed: int = 0) -> dict[str, np.ndarray]:
+    seq = np.random.default_rng(seed).integers(0, CFG.vocab_size, (BATCH, LENGTH + 1), dtype=np.int32)
+    return {"tokens": seq[:, :-1], "targets": seq[:, 1:]}
+
+
+def jax_step_seconds(warmup: int, repeats: int) -> float:
+    mesh = make_mesh(mesh_default_config())
+    optim_cfg = optim_default_config()
+    optim_cfg.warmup_steps = 10
+    optimizer = make_optimizer(optim_cfg, total_steps=1000)
+    graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, CFG, rngs=nnx.Rngs(0))
+    step = make_train_step(ce_loss, graphdef, optimizer, state_shardings=shardings,
+                           batch_shardings=batch_sharding(mesh, LOGICAL_RULES))
+    batch = global_batch(host_batch(), mesh, LOGICAL_RULES)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return median_time(run, warmup=warmup, repeats=repeats)
+
+
+def torch_step_seconds(warmup: int, repeats: int) -> float | None:
+    try:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=CFG.vocab_size, hidden_size=CFG.d_model, intermediate_size=CFG.d_ff,
+                         num_hidden_layers=CFG.num_layers, num_attention_heads=CFG.num_heads,
+                         num_key_value_heads=CFG.num_kv_heads, head_dim=CFG.head_dim, max_position_embeddings=LENGTH,
+                         tie_word_embeddings=False, rms_norm_eps=CFG.rms_eps)
+    model = LlamaForCausalLM(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    batch = host_batch()
+    tokens, targets = torch.from_numpy(batch["tokens"]).long(), torch.from_numpy(batch["targets"]).long()
+
+    def run():
+        logits = model(input_ids=tokens).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG.vocab_size).float(), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return median_time(run, warmup=warmup, repeats=repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (incl. compilation)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    args = parser.parse_args()
+
+    tokens = BATCH * LENGTH
+    flops_tok = flops_per_token(CFG, LENGTH)
+    peak = matmul_peak()
+    rows = []
+    jax_s = jax_step_seconds(args.warmup, args.steps)
+    torch_s = None if args.no_torch else torch_step_seconds(args.warmup, args.steps)
+    for name, seconds in (("jax (jit)", jax_s), ("pytorch eager", torch_s)):
+        if seconds is None:
+            continue
+        achieved = flops_tok * tokens / seconds
+        rows.append([name, tokens / seconds, flops_tok / 1e6, achieved / 1e9, peak / 1e9, achieved / peak])
+    print(f"# train_step, {datetime.date.today()}, jax {jax.__version__} on {jax.devices()[0].device_kind} "
+          f"x{jax.device_count()}; batch {BATCH} x seq {LENGTH}, float32; median of {args.steps} steps")
+    print("# FLOPs/token: 2 per MAC, training = 3x forward, causal attention halved, embedding lookup free")
+    print_table(rows, ["impl", "tokens/s", "MFLOP/token", "GFLOP/s", "matmul peak GFLOP/s", "frac of peak"])
+    if torch_s is not None:
+        print(f"JAX / PyTorch tokens/s ratio: {torch_s / jax_s:.2f}")
+
+
+if __name__ == "__main__":
+    main()
