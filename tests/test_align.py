@@ -1,4 +1,8 @@
-"""Align-stage pieces: rows and pairs, LoRA, DPO + NLL objective, sampling, KL to a known teacher."""
+"""Align-stage pieces: rows and pairs, LoRA, DPO + NLL objective, sampling, KL to a known teacher.
+
+Model forwards and gradients run jitted (eager op-by-op dispatch dominated this file's runtime).
+"""
+import functools
 import math
 
 import jax
@@ -14,12 +18,26 @@ from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.models.sampling import generate
 from proxykd_jax.parallel import LOGICAL_RULES, make_mesh
 
-CFG = ModelConfig(vocab_size=96, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
-                  max_seq_len=64)
+CFG = ModelConfig(vocab_size=96, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
+                  max_seq_len=32)
 
 
 def _model(seed=0):
     return Llama(CFG, rngs=nnx.Rngs(params=seed))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens_BxL, segment_ids_BxL):
+    """Logits of a model, or of (base, adapters) merged, in one jitted call."""
+    module = nnx.merge(graphdef, state)
+    model = lora.merged(*module) if isinstance(module, tuple) else module
+    return model(tokens_BxL, None, segment_ids_BxL)
+
+
+def _logits(module, tokens_BxL, segment_ids_BxL=None):
+    tokens_BxL = jnp.asarray(tokens_BxL)
+    seg = jnp.ones_like(tokens_BxL) if segment_ids_BxL is None else jnp.asarray(segment_ids_BxL)
+    return _forward(*nnx.split(module), tokens_BxL, seg)
 
 
 def _random_pairs(rng, n, length=24):
@@ -33,8 +51,7 @@ def _random_pairs(rng, n, length=24):
 
 def _dense_logp64(model, rows, prefix=""):
     """float64 sum over masked targets of log-softmax(full logits)."""
-    logits = np.asarray(model(jnp.asarray(rows[prefix + "tokens"]), None,
-                              jnp.asarray(rows[prefix + "segment_ids"])), np.float64)
+    logits = np.asarray(_logits(model, rows[prefix + "tokens"], rows[prefix + "segment_ids"]), np.float64)
     logz = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
     tgt = np.take_along_axis(logits, rows[prefix + "targets"][..., None], -1)[..., 0]
     return np.sum((tgt - logz) * rows[prefix + "loss_mask"], -1)
@@ -64,12 +81,12 @@ def test_lora_merge_matches_manual_weights():
     base = _model()
     adapters = lora.LoraAdapters(base, rank=3, alpha=6.0, targets=("wq", "wo", "w_down"), rngs=nnx.Rngs(1))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 9)))
-    np.testing.assert_allclose(lora.merged(base, adapters)(tokens), base(tokens), atol=0)  # B = 0 at init
+    np.testing.assert_allclose(_logits((base, adapters), tokens), _logits(base, tokens), atol=0)  # B = 0 at init
     for i, b in enumerate(adapters.b):
         b[...] = jax.random.normal(jax.random.key(i), b[...].shape) * 0.3
     manual = _model()
     wo_a, wo_b = [(a[...], b[...]) for p, a, b in zip(adapters.paths, adapters.a, adapters.b)
-                  if p == ("layers", 1, "attn", "wo")][0]
+                  if p == ("layers", 0, "attn", "wo")][0]
     for p, a, b in zip(adapters.paths, adapters.a, adapters.b):
         layer = manual.layers[p[1]]
         holder = layer.attn if p[2] == "attn" else layer.mlp
@@ -77,8 +94,9 @@ def test_lora_merge_matches_manual_weights():
         n_in = a[...].ndim - 1
         w[...] = w[...] + 2.0 * np.tensordot(np.asarray(a[...]), np.asarray(b[...]), axes=([n_in], [0]))
     assert wo_a.shape == (4, 8, 3) and wo_b.shape == (3, 32)
-    np.testing.assert_allclose(lora.merged(base, adapters)(tokens), manual(tokens), rtol=1e-5, atol=1e-5)
-    assert np.abs(np.asarray(lora.merged(base, adapters)(tokens) - base(tokens))).max() > 1e-3
+    merged_logits = _logits((base, adapters), tokens)
+    np.testing.assert_allclose(merged_logits, _logits(manual, tokens), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(merged_logits - _logits(base, tokens))).max() > 1e-3
 
 
 def test_sequence_logprobs_match_dense_float64():
@@ -95,7 +113,9 @@ def test_dpo_objective_hand_computed():
     ref_r = np.array([-25.0, -15.0, -9.0, -11.0], np.float32)
     rows.update(ref_chosen_logp=ref_c, ref_rejected_logp=ref_r)
     batch = {k: jnp.asarray(v) for k, v in phases.interleave_pairs(rows).items()}
-    loss, metrics = objectives.dpo_loss_fn(model, batch, beta=0.1, nll_weight=0.7, chunk=8)
+    graphdef, state = nnx.split(model)
+    loss_fn = functools.partial(objectives.dpo_loss_fn, beta=0.1, nll_weight=0.7, chunk=8)
+    loss, metrics = jax.jit(lambda st, b: loss_fn(nnx.merge(graphdef, st), b))(state, batch)
     pc, pr = _dense_logp64(model, rows, "chosen_"), _dense_logp64(model, rows, "rejected_")
     margin = 0.1 * ((pc - ref_c) - (pr - ref_r))
     dpo = np.mean([math.log1p(math.exp(-m)) for m in margin])
@@ -107,13 +127,36 @@ def test_dpo_objective_hand_computed():
     np.testing.assert_allclose(float(metrics["dpo/margin"]), np.mean(margin), rtol=1e-4, atol=1e-5)
 
 
+def test_dpo_loss_literal_example():
+    """beta = 0.5: rewards 0.5 * (-10 + 11) = 0.5 and 0.5 * (-12 + 11) = -0.5, margin 1, loss log(1 + e^-1);
+    second pair: rewards 0.5 * (-4 + 2) = -1 and 0.5 * (-3 + 5) = 1, margin -2, loss log(1 + e^2)."""
+    from proxykd_jax.losses import dpo_loss
+
+    loss, m = dpo_loss(jnp.array([-10.0, -4.0]), jnp.array([-12.0, -3.0]), jnp.array([-11.0, -2.0]),
+                       jnp.array([-11.0, -5.0]), 0.5)
+    np.testing.assert_allclose(float(loss), (0.31326168751822286 + 2.1269280110429727) / 2, rtol=1e-6)
+    np.testing.assert_allclose([float(m["margin"]), float(m["accuracy"])], [-0.5, 0.5], rtol=1e-6)
+    np.testing.assert_allclose([float(m["rewards_chosen"]), float(m["rewards_rejected"])], [-0.25, 0.25], rtol=1e-6)
+
+
 def test_lora_gradients_reach_adapters_only():
     base = _model()
     adapters = lora.LoraAdapters(base, rank=2, alpha=4.0, targets=("wq", "wv"), rngs=nnx.Rngs(3))
     rows = {k: jnp.asarray(v) for k, v in pairs.pad_rows([(5, 6), (7, 8, 9)], [(10, 11, 2), (12, 2)], 12).items()}
-    grads = nnx.grad(lambda a: objectives.sft_loss_fn(a, rows, base, chunk=8)[0])(adapters)
-    norms = [float(jnp.abs(g[...]).sum()) for g in jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, nnx.Variable))]
-    assert len(norms) == 8 and sum(n > 0 for n in norms) >= 4  # B gets gradient at B = 0, A does not yet
+    graphdef, state = nnx.split(adapters)
+
+    @jax.jit
+    def grad_fn(adapter_state, base_state):
+        base_model = nnx.merge(*base_split[:1], base_state)
+        return jax.grad(lambda st: objectives.sft_loss_fn(nnx.merge(graphdef, st), rows, base_model, chunk=8)[0])(
+            adapter_state)
+
+    base_split = nnx.split(base)
+    grads = nnx.merge(graphdef, grad_fn(state, base_split[1]))
+    assert len(grads.a) == len(grads.b) == 2  # wq and wv of the one layer
+    # dL/dA = dL/dW_eff . B^T vanishes while B = 0; dL/dB does not
+    assert all(float(jnp.abs(g[...]).max()) == 0.0 for g in grads.a)
+    assert all(float(jnp.abs(g[...]).max()) > 0.0 for g in grads.b)
 
 
 def test_sampling_respects_stop_tokens_and_lengths():
@@ -143,12 +186,11 @@ def test_kl_to_teacher_matches_dense():
                               10)
 
     def teacher_probs(tokens, seg):
-        return np.asarray(jax.nn.softmax(teacher(jnp.asarray(tokens), None, jnp.asarray(seg)), -1), np.float64)
+        return np.asarray(jax.nn.softmax(_logits(teacher, tokens, seg), -1), np.float64)
 
     got = known_teacher.proxy_kl_to_teacher(teacher_probs, model, rows, batch_size=1)
     q = teacher_probs(rows["tokens"], rows["segment_ids"])
-    logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray(rows["tokens"]), None, jnp.asarray(rows["segment_ids"])),
-                                         -1), np.float64)
+    logp = np.asarray(jax.nn.log_softmax(_logits(model, rows["tokens"], rows["segment_ids"]), -1), np.float64)
     kl = np.sum(q * (np.log(q) - logp), -1)
     want = np.sum(kl * rows["loss_mask"]) / rows["loss_mask"].sum()
     np.testing.assert_allclose(got, want, rtol=1e-5)

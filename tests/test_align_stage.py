@@ -1,20 +1,25 @@
-"""The align stage end to end on a tiny run directory: SFT + DPO rounds, frozen reference, final HF folder."""
+"""The align stage end to end on a tiny run directory: SFT + DPO rounds, frozen reference, final HF
+folder, and the same run on an 8-device mesh (fsdp=4, tensor=2) equal to a 1-device run.
+
+The prepared data is built once per module and copied into each run directory.
+"""
 import json
 import pathlib
+import shutil
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
-
-from proxykd_jax import data
-from proxykd_jax.models.tokenizer import build_word_tokenizer
 
 WORDS = [f"w{i}" for i in range(56)]
 SEQ = 32
 
 
-def make_config(run_dir) -> ml_collections.ConfigDict:
+def make_config(run_dir, **align_overrides) -> ml_collections.ConfigDict:
+    """A tiny align config: 1-layer proxy, 8 pairs per step, SFT 4 steps, 2 DPO rounds of 3 steps."""
     from proxykd_jax import config as config_lib
+    from proxykd_jax import data
     from proxykd_jax.parallel import mesh
     from proxykd_jax.stages import align
     from proxykd_jax.train import loop, optim
@@ -24,7 +29,7 @@ def make_config(run_dir) -> ml_collections.ConfigDict:
     cfg.run.dir = str(run_dir)
     cfg.mesh = mesh.default_config()
     cfg.proxy = config_lib.model_group()
-    cfg.proxy.update(vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, d_ff=48,
+    cfg.proxy.update(vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16, d_ff=48,
                      max_seq_len=SEQ)
     cfg.data = data.default_config()
     cfg.data.update(seq_len=SEQ)
@@ -35,59 +40,117 @@ def make_config(run_dir) -> ml_collections.ConfigDict:
     cfg.align = align.default_config()
     cfg.align.update(batch_size=8, sft_steps=4, sft_lr=3e-3, rounds=2, dpo_steps_per_round=3, dpo_lr=1e-3,
                      max_new_tokens=8, sample_batch_size=8, logprob_chunk=64, eval_batch_size=8, checkpoint_every=2)
+    cfg.align.update(align_overrides)
     return cfg
 
 
-def build_run(root: pathlib.Path, n: int = 48, seed: int = 0) -> pathlib.Path:
+def build_prepared(root: pathlib.Path, n: int = 48, seed: int = 0) -> pathlib.Path:
+    """Writes a random word corpus and prepares it into <root>/prepared (with its tokenizer)."""
+    from proxykd_jax import data
+    from proxykd_jax.models.tokenizer import build_word_tokenizer
+
     rng = np.random.default_rng(seed)
-    run = root / "run"
     corpus = root / "corpus.jsonl"
     with corpus.open("w") as f:
         for i in range(n):
             prompt = " ".join(rng.choice(WORDS, rng.integers(2, 5)))
             response = " ".join(rng.choice(WORDS[:12], rng.integers(2, 6)))
             f.write(json.dumps({"id": f"p{i}", "prompt": prompt, "response": response}) + "\n")
-    tokenizer = build_word_tokenizer(WORDS, run / "prepared_tokenizer")
-    data.prepare([corpus], tokenizer, run / "prepared", make_config(run).data, progress=False)
-    tokenizer.save_pretrained(run / "prepared" / "tokenizer")
+    tokenizer = build_word_tokenizer(WORDS, root / "tokenizer_src")
+    data.prepare([corpus], tokenizer, root / "prepared", make_config(root).data, progress=False)
+    tokenizer.save_pretrained(root / "prepared" / "tokenizer")
+    return root / "prepared"
+
+
+def new_run(prepared: pathlib.Path, run: pathlib.Path) -> pathlib.Path:
+    """A fresh run directory holding a copy of the prepared data."""
+    run.mkdir(parents=True)
+    shutil.copytree(prepared, run / "prepared")
     return run
 
 
-def test_align_stage_runs_and_keeps_reference_frozen(tmp_path):
+def final_params(run: pathlib.Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
-    from proxykd_jax.align import phases
+    return load_file(str(run / "proxy" / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return build_prepared(tmp_path_factory.mktemp("align_data"))
+
+
+@pytest.fixture(scope="module")
+def sharded_run(prepared, tmp_path_factory):
+    """(run dir, config, summaries) of the align stage on all 8 devices as fsdp=4 x tensor=2."""
     from proxykd_jax.stages import align
 
-    run = build_run(tmp_path)
+    run = new_run(prepared, tmp_path_factory.mktemp("align_sharded") / "run")
     cfg = make_config(run)
-    summaries = align.run(cfg)
+    cfg.mesh.shape.update(data=1, fsdp=4, tensor=2)
+    assert jax.device_count() == 8
+    return run, cfg, align.run(cfg)
+
+
+def _template(cfg):
+    from flax import nnx
+
+    from proxykd_jax import config as config_lib
+    from proxykd_jax.models.llama import Llama
+
+    return Llama(config_lib.model_config_from(cfg.proxy), rngs=nnx.Rngs(0))
+
+
+def _leaves(module):
+    from flax import nnx
+
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(module, nnx.Param))]
+
+
+def test_align_stage_runs_and_keeps_reference_frozen(sharded_run):
+    from proxykd_jax.align import objectives, pairs, phases
+    from proxykd_jax.stages import align
+
+    run, cfg, summaries = sharded_run
     out = run / "proxy"
     assert set(summaries) == {"init", "sft", "round_000", "round_001"}
     assert summaries["sft"]["heldout_nll"] < summaries["init"]["heldout_nll"]
     for name in ("sft", "round_000", "round_001"):
         assert phases.is_done(out / name)
-    # the round-0 reference is the SFT result, untouched by the round's steps
-    from proxykd_jax.models.llama import Llama
-    from flax import nnx
-    template = Llama(align.phases.build_proxy(cfg.proxy, 0, *_mesh(cfg))[0], rngs=nnx.Rngs(0))
-    ref0 = phases.restore_params(template, out / "round_000" / "reference")
+        assert summaries[name]["heldout_nll"] > 0
+    assert summaries["round_000"]["steps"] == 3 and summaries["round_000"]["pairs"] > 0
+    template = _template(cfg)
     sft = phases.restore_params(template, out / "sft" / "params")
-    after = phases.restore_params(template, out / "round_000" / "params")
-    ref_leaves = [np.asarray(x) for x in jax_leaves(ref0)]
-    for a, b in zip(ref_leaves, jax_leaves(sft)):
-        np.testing.assert_array_equal(a, np.asarray(b))
-    assert max(np.abs(a - np.asarray(b)).max() for a, b in zip(ref_leaves, jax_leaves(after))) > 0
-    assert load_file(str(out / "final" / "model.safetensors"))
+    after0 = phases.restore_params(template, out / "round_000" / "params")
+    # each round's reference is the policy at the round's start, still intact after the round trained
+    for ref_dir, start in (("round_000", sft), ("round_001", after0)):
+        ref = phases.restore_params(template, out / ref_dir / "reference")
+        for a, b in zip(_leaves(ref), _leaves(start)):
+            np.testing.assert_array_equal(a, b)
+    assert max(np.abs(a - b).max() for a, b in zip(_leaves(sft), _leaves(after0))) > 0
+    # the reference log-probs the round trained against are those of the SFT proxy
+    rows, _ = pairs.load_pairs(out / "round_000" / "pairs.npz")
+    ref_c, ref_r = objectives.reference_logprobs(sft, (), rows, batch_size=8, chunk=64)
+    np.testing.assert_allclose(rows["ref_chosen_logp"], ref_c, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rows["ref_rejected_logp"], ref_r, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(rows["chosen_tokens"], rows["rejected_tokens"])
+    assert final_params(run)
     assert align.run(cfg) == {}  # finished: nothing to redo
 
 
-def _mesh(cfg):
-    from proxykd_jax.parallel import make_mesh
-    return make_mesh(cfg.mesh), cfg.mesh.rules
+def test_sharded_run_equals_single_device(sharded_run, prepared, tmp_path):
+    from proxykd_jax.stages import align
 
-
-def jax_leaves(module):
-    import jax
-    from flax import nnx
-    return jax.tree.leaves(nnx.state(module, nnx.Param))
+    run8, _, summaries8 = sharded_run
+    run1 = new_run(prepared, tmp_path / "run")
+    cfg = make_config(run1)
+    cfg.mesh.shape.update(data=1, fsdp=1, tensor=1)
+    summaries1 = align.run(cfg, devices=jax.devices()[:1])
+    for name in ("init", "sft", "round_000", "round_001"):
+        np.testing.assert_allclose(summaries1[name]["heldout_nll"], summaries8[name]["heldout_nll"], rtol=1e-5)
+    for name in ("round_000", "round_001"):
+        assert summaries1[name]["pairs"] == summaries8[name]["pairs"]
+    p1, p8 = final_params(run1), final_params(run8)
+    assert sorted(p1) == sorted(p8)
+    for key in p1:
+        np.testing.assert_allclose(p1[key], p8[key], rtol=1e-5, atol=1e-5, err_msg=key)

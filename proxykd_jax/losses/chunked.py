@@ -69,6 +69,8 @@ def _check_rows(name_to_array: dict, n: int):
 def _map_tiles(tile_fn, inputs: tuple, chunk_size: int):
     """Applies tile_fn to [chunk, ...] slices of the per-token inputs; returns per-token outputs [N, ...]."""
     n = inputs[0].shape[0]
+    if n == 0:
+        raise ValueError("losses: the batch has no tokens (N = 0); pass at least one token row.")
     chunk = min(chunk_size, n)
     num_tiles = -(-n // chunk)
     pad = num_tiles * chunk - n

@@ -154,3 +154,9 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dic
                 f"({sharding.spec[0]}); make train.batch_size a multiple of {ways}.")
         out[name] = jax.make_array_from_process_local_data(sharding, value, (rows,) + value.shape[1:])
     return out
+
+
+def place_model(model: nnx.Module, mesh: Mesh, rules) -> tuple[Any, nnx.State]:
+    """(graphdef, state) of a host-built model (e.g. loaded weights) laid out by its logical axes."""
+    graphdef, state = nnx.split(model)
+    return graphdef, jax.device_put(state, state_shardings(state, mesh, rules))

@@ -171,9 +171,14 @@ def _phase_optimizer(cfg, lr: float, steps: int):
 
 
 def train_phase(cfg, phase_dir: pathlib.Path, trainable, frozen, loss_fn, data_iter, *, steps: int, lr: float,
-                rows_per_step: int, frozen_forward: bool, mesh, rules):
+                rows_per_step: int, mesh, rules, step_cache: dict | None = None, cache_key=None):
     """Runs `steps` steps of `loss_fn` through the train Loop in `phase_dir` (resuming from its
-    checkpoints); returns the trained module (a new module; `trainable` may be donated)."""
+    checkpoints); returns the trained module (a new module; `trainable` may be donated).
+
+    With `step_cache`, the jitted step (and its optimizer) is built once per `cache_key` and reused
+    by later phases with the same key (the DPO rounds), so it is traced and compiled once. MFU counts
+    the step's own work: fwd + bwd of the policy on every row (reference log-probs are precomputed).
+    """
     from flax import nnx
 
     from proxykd_jax.models.llama import flops_per_token
@@ -182,16 +187,22 @@ def train_phase(cfg, phase_dir: pathlib.Path, trainable, frozen, loss_fn, data_i
     from proxykd_jax.train.loop import Loop
     from proxykd_jax.train.step import make_train_step
 
-    optimizer, schedule = _phase_optimizer(cfg, lr, steps)
-    graphdef, state, shardings = phases.train_state_from(trainable, optimizer, mesh, rules)
-    step = make_train_step(loss_fn, graphdef, optimizer, state_shardings=shardings,
-                           batch_shardings=sharding_lib.batch_sharding(mesh, rules),
-                           frozen_shardings=tuple(sharding_lib.shardings_of(f) for f in frozen), schedule=schedule)
+    cached = step_cache.get(cache_key) if step_cache is not None else None
+    if cached is None:
+        optimizer, schedule = _phase_optimizer(cfg, lr, steps)
+        graphdef, state, shardings = phases.train_state_from(trainable, optimizer, mesh, rules)
+        step = make_train_step(loss_fn, graphdef, optimizer, state_shardings=shardings,
+                               batch_shardings=sharding_lib.batch_sharding(mesh, rules),
+                               frozen_shardings=tuple(sharding_lib.shardings_of(f) for f in frozen),
+                               schedule=schedule)
+        if step_cache is not None:
+            step_cache[cache_key] = (optimizer, step)
+    else:
+        optimizer, step = cached
+        graphdef, state, shardings = phases.train_state_from(trainable, optimizer, mesh, rules)
     seq_len = _seq_len(cfg)
     model_cfg = (frozen[0] if frozen else trainable).cfg
-    train_fpt = flops_per_token(model_cfg, seq_len, backward=True)
-    ref_fpt = [flops_per_token(model_cfg, seq_len, backward=False)] if frozen_forward else []
-    flops = metrics_lib.step_flops(rows_per_step * seq_len, train_fpt, ref_fpt)
+    flops = metrics_lib.step_flops(rows_per_step * seq_len, flops_per_token(model_cfg, seq_len, backward=True))
     tcfg = ml_collections.ConfigDict(cfg.train.to_dict())
     tcfg.steps, tcfg.batch_size, tcfg.seq_len = steps, rows_per_step, seq_len
     tcfg.checkpoint_every = cfg.align.checkpoint_every
@@ -207,11 +218,12 @@ def _summary(out_dir: pathlib.Path, record: dict) -> None:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def run(cfg, *, teacher_probs_fn=None) -> dict:
+def run(cfg, *, teacher_probs_fn=None, devices=None) -> dict:
     """Runs (or resumes) warm-up + DPO rounds; writes <run>/proxy/final/. Returns per-phase summaries.
 
     `teacher_probs_fn(tokens_BxL, segment_ids_BxL) -> probs_BxLxV` (known-teacher runs only) adds
-    the held-out KL to the teacher before alignment and after every phase."""
+    the held-out KL to the teacher before alignment and after every phase. `devices` (default: all)
+    are the devices the mesh is laid over."""
     from proxykd_jax.eval.known_teacher import proxy_kl_to_teacher
     from proxykd_jax.parallel import make_mesh
     from proxykd_jax.parallel import sharding as sharding_lib
@@ -223,7 +235,7 @@ def run(cfg, *, teacher_probs_fn=None) -> dict:
         log.info("align: %s exists; nothing to do (set run.overwrite=True to redo)", final_dir)
         return {}
     out.mkdir(parents=True, exist_ok=True)
-    mesh, rules = make_mesh(cfg.mesh), cfg.mesh.rules
+    mesh, rules = make_mesh(cfg.mesh, devices), cfg.mesh.rules
     seq_len, seed = _seq_len(cfg), int(cfg.run.seed)
     examples, tok = load_examples(paths.prepared)
     pad_id = int(tok.get("pad_id") if tok.get("pad_id") is not None else 0)
@@ -234,7 +246,7 @@ def run(cfg, *, teacher_probs_fn=None) -> dict:
 
     model_cfg, proxy = phases.build_proxy(cfg.proxy, seed, mesh, rules)
     trainable, frozen = make_trainable(proxy, acfg.lora, seed, mesh, rules)
-    summaries = {}
+    summaries, step_cache = {}, {}
 
     def evaluate(name, extra):
         record = {"phase": name, **extra}
@@ -269,8 +281,7 @@ def run(cfg, *, teacher_probs_fn=None) -> dict:
                 loss_fn = functools.partial(objectives.sft_loss_fn, chunk=acfg.logprob_chunk)
                 data_iter = phases.row_batches(rows, acfg.batch_size, seed)
                 trainable = train_phase(cfg, phase_dir, trainable, frozen, loss_fn, data_iter, steps=acfg.sft_steps,
-                                        lr=acfg.sft_lr, rows_per_step=acfg.batch_size, frozen_forward=False,
-                                        mesh=mesh, rules=rules)
+                                        lr=acfg.sft_lr, rows_per_step=acfg.batch_size, mesh=mesh, rules=rules)
         else:
             r = int(name.split("_")[1])
             if not examples["align"]:
@@ -293,8 +304,8 @@ def run(cfg, *, teacher_probs_fn=None) -> dict:
                                         chunk=acfg.logprob_chunk)
             data_iter = phases.pair_batches(rows, acfg.batch_size, seed + 1 + r)
             trainable = train_phase(cfg, phase_dir, trainable, frozen, loss_fn, data_iter, steps=steps,
-                                    lr=acfg.dpo_lr, rows_per_step=2 * acfg.batch_size, frozen_forward=True,
-                                    mesh=mesh, rules=rules)
+                                    lr=acfg.dpo_lr, rows_per_step=2 * acfg.batch_size, mesh=mesh, rules=rules,
+                                    step_cache=step_cache, cache_key=("dpo", steps))
             extra = {"pairs": n_pairs, "dropped_equal": dropped, "steps": steps}
         phases.save_params(trainable, phase_dir / "params")
         record = evaluate(name, extra)

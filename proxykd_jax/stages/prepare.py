@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from proxykd_jax.data import prepare as prepare_lib
+from proxykd_jax.data.prepare import prepare as prepare_corpus
+from proxykd_jax.data.records import PreparedData
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import tokenizer as tokenizer_lib
 from proxykd_jax.stages.paths import RunPaths
@@ -34,8 +35,8 @@ def run(cfg) -> dict:
     tok = tokenizer_lib.load_tokenizer(cfg.data.tokenizer)
     if (paths.prepared / "manifest.json").exists() and not cfg.run.overwrite:
         logging.info("prepare: %s is finished; skipping (run.overwrite=True redoes it)", paths.prepared)
-        return prepare_lib.read_manifest(paths.prepared)
-    manifest = prepare_lib.prepare(corpus_paths(cfg), tok, paths.prepared, cfg.data,
+        return PreparedData(paths.prepared).manifest
+    manifest = prepare_corpus(corpus_paths(cfg), tok, paths.prepared, cfg.data,
                                    overwrite=cfg.run.overwrite)
     tok.save_pretrained(str(paths.tokenizer))
     return manifest

@@ -234,6 +234,39 @@ def _logprob_fields(choice, api: str) -> dict:
     return {"tokens": list(lp.tokens), "top_logprobs": tops}
 
 
+class DurableAppender:
+    """Appends JSON lines with group commit: whatever queued while the last fsync ran is written
+    and fsynced together, and each `append` returns only once its own line is on disk."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path, self.pending, self.task = path, [], None
+
+    async def append(self, record: dict):
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append(((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"), future))
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._drain())
+        await future
+
+    def _write(self, lines: list[bytes]):
+        with open(self.path, "ab") as f:
+            f.write(b"".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def _drain(self):
+        while self.pending:
+            batch, self.pending = self.pending, []
+            try:
+                await asyncio.to_thread(self._write, [line for line, _ in batch])
+            except OSError as err:
+                for _, future in batch:
+                    future.set_exception(err)
+                continue
+            for _, future in batch:
+                future.set_result(None)
+
+
 class Collector:
     """One `collect` run: the work list, the HTTP client, the limiters and the output file."""
 
@@ -247,7 +280,8 @@ class Collector:
         self.rpm = RateLimiter(cfg.requests_per_minute) if cfg.requests_per_minute > 0 else None
         self.tpm = RateLimiter(cfg.tokens_per_minute) if cfg.tokens_per_minute > 0 else None
         self.rng = random.Random(cfg.seed)
-        self.write_lock = asyncio.Lock()
+        self.corpus = DurableAppender(self.out)
+        self.failures = DurableAppender(self.fail_path)
         done = read_done(self.out)
         work = [(p, s, request_key(cfg.model, p, self.params, s))
                 for p in prompts for s in range(cfg.samples_per_prompt)]
@@ -299,18 +333,6 @@ class Collector:
                           "finish_reason": choice.finish_reason, "usage": usage}
         return record
 
-    async def _append(self, path: pathlib.Path, record: dict):
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-
-        def write():
-            with open(path, "ab") as f:
-                f.write(line)
-                f.flush()
-                os.fsync(f.fileno())
-
-        async with self.write_lock:
-            await asyncio.to_thread(write)
-
     async def _one(self, prompt: Prompt, sample_index: int, key: str, max_attempts: int):
         """Runs one sample to completion: appends a record or a failure; returns the failure."""
         cfg = self.cfg
@@ -345,7 +367,7 @@ class Collector:
                 self.tpm.refund(estimate - usage["prompt_tokens"] - usage["completion_tokens"])
             self.stats["tokens_in"] += usage.get("prompt_tokens", 0)
             self.stats["tokens_out"] += usage.get("completion_tokens", 0)
-            await self._append(self.out, record)
+            await self.corpus.append(record)
             self.stats["done"] += 1
             return None
         return None
@@ -356,7 +378,7 @@ class Collector:
             return
         failed = self.stats["failed"]
         failed[failure.reason] = failed.get(failure.reason, 0) + 1
-        await self._append(self.fail_path, {"id": prompt.id, "line": prompt.line,
+        await self.failures.append({"id": prompt.id, "line": prompt.line,
                                             "sample_index": sample_index, "key": key,
                                             "reason": failure.reason, "message": str(failure),
                                             "time": time.time()})

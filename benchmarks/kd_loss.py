@@ -1,0 +1,87 @@
+"""Loss + gradient time and compiled temporary memory: token-chunked vs dense, CE alone vs CE + sparse KD.
+
+    .venv/bin/python benchmarks/kd_loss.py [--tokens 2048] [--d-model 256] [--vocab 8192 32768]
+                                           [--topk 64] [--chunk 256] [--reps 3]
+
+Each row times jit(value_and_grad) of the per-token objective w.r.t. the hidden states and the
+unembedding (median of --reps runs after one warm-up, compile excluded) and reports XLA's
+temp_size_in_bytes for the compiled function. The KD target is a random top-K posterior with tail.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from proxykd_jax import losses as L
+
+
+def _inputs(n, d, v, k, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    hidden = jax.random.normal(keys[0], (n, d))
+    w = jax.random.normal(keys[1], (d, v)) / d**0.5
+    targets = jax.random.randint(keys[2], (n,), 0, v)
+    lps, ids = jax.lax.top_k(jax.nn.log_softmax(3.0 * jax.random.normal(keys[3], (n, v))), k)
+    tail = jnp.maximum(1.0 - jnp.sum(jnp.exp(lps), -1), 0.0)
+    return hidden, w, targets, ids, lps, tail, jnp.ones((n,)), jnp.ones((n,))
+
+
+def _objectives(chunk):
+    """name -> objective(hidden, w, targets, ids, lps, tail, mask, weight)."""
+    def ce(fn):
+        return lambda h, w, t, i, lp, tl, m, wt: L.kd_objective(*fn(h, w, t, m), 0.0, alpha=0.0)
+
+    def kd(fn):
+        return lambda *a: L.kd_objective(*fn(*a), alpha=100.0)
+
+    ce_dense = lambda h, w, t, m: L.cross_entropy(jnp.dot(h, w), t, m)  # noqa: E731
+    return {
+        "CE dense": ce(ce_dense),
+        "CE chunked": ce(functools.partial(L.cross_entropy_chunked, chunk_size=chunk)),
+        "CE+KD dense": kd(L.sparse_kd_loss_dense),
+        "CE+KD chunked": kd(functools.partial(L.sparse_kd_loss, chunk_size=chunk)),
+    }
+
+
+def _measure(objective, args, reps):
+    step = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
+    compiled = step.lower(*args).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), temp
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--topk", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), N={args.tokens}, "
+          f"D={args.d_model}, K={args.topk}, chunk={args.chunk}, median of {args.reps}")
+    header = f"{'V':>7} | {'loss':<14} | {'loss+grad ms':>12} | {'temp MiB':>9} | {'[N,V] f32 MiB':>13}"
+    print(header)
+    print("-" * len(header))
+    for vocab in args.vocab:
+        inputs = _inputs(args.tokens, args.d_model, vocab, args.topk)
+        logits_mib = args.tokens * vocab * 4 / 2**20
+        for name, objective in _objectives(args.chunk).items():
+            seconds, temp = _measure(objective, inputs, args.reps)
+            print(f"{vocab:>7} | {name:<14} | {seconds * 1e3:>12.1f} | {temp / 2**20:>9.1f} | "
+                  f"{logits_mib:>13.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
