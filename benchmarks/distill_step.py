@@ -42,7 +42,8 @@ def make_batch(cfg: ModelConfig, batch: int, seq: int, k: int, prompt: int, seed
     probs = rng.dirichlet(np.full(k + 1, 0.2), size=(batch, seq)).astype(np.float32)
     mask = np.ones((batch, seq), np.float32)
     mask[:, :prompt] = 0.0
-    return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], positions=np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+    positions = np.tile(np.arange(seq, dtype=np.int32), (batch, 1))
+    return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], positions=positions,
                 segment_ids=np.ones((batch, seq), np.int32), loss_mask=mask,
                 sample_ids=np.repeat(np.arange(batch, dtype=np.int32)[:, None], seq, 1),
                 kd_ids=kd_ids, kd_logprobs=np.log(np.maximum(probs[..., :k], 1e-30)), kd_tail=probs[..., k],

@@ -17,12 +17,12 @@ def _shape(group, d_model, num_layers, num_heads, num_kv_heads, d_ff, vocab=512)
 def get_config():
     cfg = base_config()
     cfg.run.dir = "runs/demo"
-    cfg.mesh.shape.fsdp = 1  # one CPU device; launch/local.sh with SIMULATE_DEVICES=8 + fsdp=-1 shards it
     _shape(cfg.proxy, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=128)  # = the teacher's shape
     _shape(cfg.model, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, d_ff=64)  # the student
     cfg.data.seq_len = 64
     cfg.data.batch_size = 16
     cfg.data.store.k = 32
+    cfg.data.num_epochs = 0  # repeat the (small) split: train.steps decides how long the student trains
     cfg.train.seq_len = 64
     cfg.train.batch_size = 16
     cfg.train.steps = 300

@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     from proxykd_jax.data import config as data_config
     from proxykd_jax.eval import config as eval_config
     from proxykd_jax.parallel import mesh
-    from proxykd_jax.stages import align, demo, distill
+    from proxykd_jax.stages import align, demo, distill, export
     from proxykd_jax.teacher import config as teacher_config
     from proxykd_jax.train import loop, optim
 
@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.collect = teacher_config.collect_config()
     cfg.serve = teacher_config.serve_config()
     cfg.eval = eval_config.default_config()
+    cfg.export = export.default_config()
     cfg.demo = demo.default_config()
     return cfg
 

@@ -58,7 +58,7 @@ def test_packed_batches_follow_the_contract(setup):
   seen = []
   for batch in it:
     assert {k: v.shape[:2] for k, v in batch.items()} == {k: (4, 48) for k in batch}
-    assert batch["kd_ids"].shape == (4, 48, K) and batch["teacher_logprobs"].shape == (4, 48, 20)
+    assert batch["kd_ids"].shape == (4, 48, K) and batch["teacher_topk_logprobs"].shape == (4, 48, 20)
     assert batch["loss_mask"].dtype == np.float32
     pad = batch["segment_ids"] == 0
     assert np.all(batch["sample_ids"][pad] == -1) and np.all(batch["loss_mask"][pad] == 0)
@@ -72,7 +72,7 @@ def test_packed_batches_follow_the_contract(setup):
       np.testing.assert_array_equal(batch["tokens"][b, idx], r["tokens"][:-1])
       np.testing.assert_array_equal(batch["targets"][b, idx], r["tokens"][1:])
       np.testing.assert_array_equal(batch["loss_mask"][b, idx], r["loss_mask"][1:])
-      np.testing.assert_array_equal(batch["teacher_logprobs"][b, idx], r["teacher_logprobs"][1:])
+      np.testing.assert_array_equal(batch["teacher_topk_logprobs"][b, idx], r["teacher_topk_logprobs"][1:])
       ids, lps, tail, weight = setup["store"][sid]
       resp = idx[r["prompt_len"] - 1:]  # inputs whose target is a response token
       np.testing.assert_array_equal(batch["kd_ids"][b, resp], ids)

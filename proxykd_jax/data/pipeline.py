@@ -8,7 +8,7 @@ Packed batches are numpy dicts of [B_local, L] arrays (B_local = batch_size / pr
 tokens, targets, positions, segment_ids (0 = padding), loss_mask (float32; 1 where the target is
 a response token), sample_ids (-1 on padding); with a store: kd_ids [B, L, K], kd_logprobs
 [B, L, K] (-inf where absent), kd_tail, weight; with teacher log-probs in the corpus:
-teacher_ids / teacher_logprobs [B, L, 20]. `iter_samples` gives one sample per row instead.
+teacher_topk_ids / teacher_topk_logprobs [B, L, 20]. `iter_samples` gives one sample per row instead.
 """
 import logging
 
@@ -21,7 +21,7 @@ from proxykd_jax.data.records import PreparedData, decode_record
 from proxykd_jax.data.store import StoreReader
 
 _SEQ_FIELDS = ("tokens", "targets", "loss_mask", "sample_ids")
-_PAD = {"sample_ids": -1, "kd_logprobs": -np.inf, "teacher_logprobs": -np.inf}
+_PAD = {"sample_ids": -1, "kd_logprobs": -np.inf, "teacher_topk_logprobs": -np.inf}
 
 
 def _open(prepared) -> PreparedData:
@@ -70,12 +70,12 @@ class _ToExample(grain.transforms.Map):
           "loss_mask": rec["loss_mask"][1:].astype(np.float32),
           "sample_ids": np.full(n - 1, sid, np.int64)}
     if self.teacher_k:
-      if "teacher_ids" in rec:
-        ex["teacher_ids"] = rec["teacher_ids"][1:].astype(np.int32)
-        ex["teacher_logprobs"] = rec["teacher_logprobs"][1:].astype(np.float32)
+      if "teacher_topk_ids" in rec:
+        ex["teacher_topk_ids"] = rec["teacher_topk_ids"][1:].astype(np.int32)
+        ex["teacher_topk_logprobs"] = rec["teacher_topk_logprobs"][1:].astype(np.float32)
       else:
-        ex["teacher_ids"] = np.zeros((n - 1, self.teacher_k), np.int32)
-        ex["teacher_logprobs"] = np.full((n - 1, self.teacher_k), -np.inf, np.float32)
+        ex["teacher_topk_ids"] = np.zeros((n - 1, self.teacher_k), np.int32)
+        ex["teacher_topk_logprobs"] = np.full((n - 1, self.teacher_k), -np.inf, np.float32)
     if self.store is not None:
       entry = self.store.get(sid)
       t, k = n - p, self.store.k
@@ -149,7 +149,7 @@ def make_dataset(prepared, split: str, dcfg, *, store=None, vocab_size: int | No
                 vocab_size=vocab_size)
   fields = list(_SEQ_FIELDS)
   if prepared.has_teacher_head:
-    fields += ["teacher_ids", "teacher_logprobs"]
+    fields += ["teacher_topk_ids", "teacher_topk_logprobs"]
   if store is not None:
     fields += ["kd_ids", "kd_logprobs", "kd_tail", "weight"]
   it = ds.to_iter_dataset()

@@ -22,6 +22,8 @@ from proxykd_jax.data.config import SPLITS
 from proxykd_jax.models.tokenizer import tokenizer_hash
 
 _MAX_ERRORS_KEPT = 20
+# Python memory of a tokenised character (ids, offsets, records; measured on byte-level BPE).
+_BYTES_PER_CHAR = 80
 
 
 class _IdSet:
@@ -97,8 +99,8 @@ def _record(enc: align.Encoded) -> dict:
          "loss_mask": loss_mask, "meta": {k: v for k, v in s.meta.items()
                                           if isinstance(v, (str, int, float, bool))}}
   if enc.teacher_ids_LxK is not None:
-    rec["teacher_ids"] = enc.teacher_ids_LxK
-    rec["teacher_logprobs"] = enc.teacher_logprobs_LxK
+    rec["teacher_topk_ids"] = enc.teacher_ids_LxK
+    rec["teacher_topk_logprobs"] = enc.teacher_logprobs_LxK
   return rec
 
 
@@ -196,7 +198,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
       seen_ids.add(s.sample_id)
     for sample in row:
       buffer.append(sample)
-      buffered += 4 * len(sample.response) + len(sample.prompt or "") + 256
+      buffered += _BYTES_PER_CHAR * (len(sample.response) + len(sample.prompt or "")) + 512
     if buffered >= budget:
       flush()
       buffered = 0
@@ -217,7 +219,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
       "counts": {"rows": counts["rows"], "samples": counts["samples"],
                  "truncated": counts["truncated"], "skipped": dict(skipped),
                  "skipped_total": sum(skipped.values()), "errors": errors},
-      "teacher_logprobs": stats.as_dict(),
+      "teacher_topk_logprobs": stats.as_dict(),
       "seconds": time.time() - t0,
   }
   path = tmp / records.MANIFEST

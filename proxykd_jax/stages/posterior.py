@@ -4,10 +4,11 @@ Two passes over the distillation split (DESIGN.md §2):
 
 1. *Weights and empirical Bayes.* The proxy scores every teacher response:
    l(x, y) (mean or summed token log-likelihood) gives mu, gamma and the
-   sample weights w = sigmoid((l - mu) / gamma). On a held-out fraction of the
-   samples the prior is queried leave-one-out and (kappa, N_max) are fitted by
-   held-out log-likelihood; the fitted posterior scores at least the prior and
-   the proxy there (both are points of the search). Written to
+   sample weights w = sigmoid((l - mu) / gamma). A fraction of the samples is
+   held out: prior tables built without them (their sibling responses still
+   count in the per-prompt tries) must predict their tokens, and (kappa, N_max)
+   are fitted by that held-out log-likelihood; the fitted posterior scores at
+   least the prior and the proxy there (both are points of the search). Written to
    `<run>/posterior/estimate.json`, so a resumed run skips this pass.
 2. *Store.* One jitted function per batch runs the proxy forward and the
    posterior kernel (exact sparse top-k; no dense prior); the top-k, the tail
@@ -107,7 +108,7 @@ def _batches(prepared, cfg, seq_len: int, batch_size: int):
     return pipeline.iter_samples(prepared, SPLIT, cfg.data, batch_size=batch_size, seq_len=seq_len)
 
 
-def first_pass(cfg, prepared, tables, graphdef, state, mesh, rules, *, seq_len, batch_size) -> dict:
+def first_pass(cfg, prepared, graphdef, state, mesh, rules, *, seq_len, batch_size) -> dict:
     """Sample log-likelihoods -> (mu, gamma, weights) and the empirical-Bayes fit."""
     pcfg = cfg.posterior
     ids, logliks = [], []
@@ -138,7 +139,7 @@ def first_pass(cfg, prepared, tables, graphdef, state, mesh, rules, *, seq_len, 
            "weight_normalize": pcfg.weight_normalize, "kappa": float(cfg.prior.kappa),
            "n_max": float(pcfg.n_max), "fitted": False}
     if pcfg.fit_empirical_bayes:
-        est.update(_fit(cfg, prepared, tables, sample_ids, w, hold_sid, hold_seqs, hold_proxy_y))
+        est.update(_fit(cfg, prepared, sample_ids, w, hold_sid, hold_seqs, hold_proxy_y))
     est["weights"] = {str(s): float(x) for s, x in zip(sample_ids, w)}
     return est
 
@@ -149,17 +150,18 @@ def _prompt_keys(prepared, sample_ids) -> dict[int, int]:
             if int(r["sample_id"]) in wanted}
 
 
-def _fit(cfg, prepared, tables, sample_ids, w, hold_sid, hold_seqs, hold_proxy_y) -> dict:
-    """Empirical Bayes on the held-out samples (prior queried leave-one-out)."""
+def _fit(cfg, prepared, sample_ids, w, hold_sid, hold_seqs, hold_proxy_y) -> dict:
+    """Empirical Bayes on held-out samples, scored against tables built without them (DESIGN §2)."""
     if not hold_sid:
         raise ProxyKDError(f"posterior.eb_holdout_fraction={cfg.posterior.eb_holdout_fraction} holds out no "
                            "sample of the distillation split; raise it or set posterior.fit_empirical_bayes=False.")
     keys = _prompt_keys(prepared, hold_sid)
     w_of = dict(zip(sample_ids.tolist(), w.tolist()))
-    prior = tables.query(np.asarray([keys[s] for s in hold_sid], np.int64), hold_seqs, mode="leave_one_out")
+    held_out_tables = prior_stage.build(prepared, cfg.prior, exclude=frozenset(_allgather(np.asarray(hold_sid))))
+    prior = held_out_tables.query(np.asarray([keys[s] for s in hold_sid], np.int64), hold_seqs, mode="external")
     weight_N = np.concatenate([np.full(len(y), w_of[s]) for s, y in zip(hold_sid, hold_seqs)])
     stats = empirical.heldout_stats_from_probs(np.concatenate(hold_proxy_y), np.concatenate(hold_seqs),
-                                               prior, tables.base_V, weight_N)
+                                               prior, held_out_tables.base_V, weight_N)
     stats = empirical.HeldoutStats(*(_allgather(np.asarray(x)) for x in stats))
     res = empirical.fit_empirical_bayes(stats, refine_steps=cfg.posterior.eb_refine_steps)
     print(f"[posterior] {res.summary()} on {stats.proxy_y_N.shape[0]} held-out tokens")
@@ -281,7 +283,7 @@ def run(cfg) -> dict:
         log.info("posterior: reusing %s (mu=%.4f gamma=%.4f kappa=%.4g N_max=%.4g)", est_path, est["mu"],
                  est["gamma"], est["kappa"], est["n_max"])
     else:
-        est = first_pass(cfg, prepared, tables, graphdef, state, mesh, rules, seq_len=seq_len,
+        est = first_pass(cfg, prepared, graphdef, state, mesh, rules, seq_len=seq_len,
                          batch_size=batch_size)
         est.update(proxy=str(folder), prior=str(paths.prior), mode=cfg.posterior.mode, k=cfg.data.store.k)
         if jax.process_index() == 0:

@@ -22,10 +22,12 @@ SPLIT = "distill"
 MANIFEST = "manifest.json"
 
 
-def response_batches(prepared: PreparedData, split: str, batch: int = 4096):
+def response_batches(prepared: PreparedData, split: str, batch: int = 4096, exclude=frozenset()):
     """(prompt_keys int64[b], [response tokens int32[T]]) in batches of `batch` samples."""
     keys, seqs = [], []
     for rec in prepared.iter_split(split):
+        if int(rec["sample_id"]) in exclude:
+            continue
         keys.append(int(rec["prompt_key"]))
         seqs.append(np.asarray(rec["tokens"][int(rec["prompt_len"]):], np.int32))
         if len(keys) == batch:
@@ -35,13 +37,14 @@ def response_batches(prepared: PreparedData, split: str, batch: int = 4096):
         yield np.asarray(keys, np.int64), seqs
 
 
-def build(prepared: PreparedData, pcfg, split: str = SPLIT) -> prior_lib.PriorTables:
+def build(prepared: PreparedData, pcfg, split: str = SPLIT, exclude=frozenset()) -> prior_lib.PriorTables:
+    """The tables from `split`'s responses, leaving out the sample ids in `exclude`."""
     vocab = int(prepared.manifest["tokenizer"]["vocab_size"])
     builder = prior_lib.PriorBuilder(vocab_size=vocab, order=pcfg.ngram_order,
                                      exact_top_s=pcfg.exact_top_s, ngram_top_s=pcfg.ngram_top_s,
                                      buffer_pairs=pcfg.buffer_pairs)
     with tqdm.tqdm(total=prepared.num_samples(split), desc="prior", unit="sample") as bar:
-        for keys, seqs in response_batches(prepared, split):
+        for keys, seqs in response_batches(prepared, split, exclude=exclude):
             builder.add(keys, seqs)
             bar.update(len(keys))
     return builder.finalize()

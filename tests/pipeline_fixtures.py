@@ -1,0 +1,74 @@
+"""A tiny known-teacher run directory, built once per test module: corpus -> prepared -> proxy folder.
+
+The corpus is sampled from the known teacher directly (the HTTP path has its own tests); the proxy
+is the teacher with multiplicative weight noise, exactly as the demo makes it.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import runpy
+
+import numpy as np
+
+from proxykd_jax.stages import demo
+from proxykd_jax.teacher.known import KnownTeacher
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+VOCAB = 96
+
+
+def tiny_config(run_dir: pathlib.Path):
+    """configs/demo.py shrunk to seconds: vocab 96, seq 40, a handful of steps."""
+    cfg = runpy.run_path(str(REPO / "configs" / "demo.py"))["get_config"]()
+    with cfg.unlocked():
+        cfg.run.dir = str(run_dir)
+        for group in (cfg.proxy, cfg.model):
+            group.vocab_size = VOCAB
+            group.max_seq_len = 64
+        cfg.proxy.d_model, cfg.proxy.head_dim, cfg.proxy.d_ff, cfg.proxy.num_layers = 32, 8, 64, 1
+        cfg.model.d_model, cfg.model.head_dim, cfg.model.d_ff, cfg.model.num_layers = 16, 8, 32, 1
+        cfg.data.seq_len = cfg.train.seq_len = 40
+        cfg.data.batch_size = cfg.train.batch_size = 8
+        cfg.data.store.k = 8
+        cfg.train.steps, cfg.train.checkpoint_every, cfg.train.log_every = 6, 3, 3
+        cfg.train.tensorboard, cfg.train.progress = False, False
+        cfg.train.peak_flops = 1e11
+        cfg.align.sft_steps, cfg.align.rounds, cfg.align.prompts_per_round = 4, 1, 16
+        cfg.align.batch_size, cfg.align.max_new_tokens, cfg.align.checkpoint_every = 8, 12, 2
+        cfg.align.sample_batch_size, cfg.align.eval_batch_size, cfg.align.heldout_samples = 8, 8, 8
+        cfg.posterior.batch_size = 8
+        cfg.posterior.eb_holdout_fraction = 0.3
+        cfg.eval.max_samples, cfg.eval.batch_size, cfg.eval.generate_prompts = 16, 8, 4
+        cfg.eval.max_new_tokens = 8
+        cfg.demo.num_prompts, cfg.demo.samples_per_prompt, cfg.demo.max_new_tokens = 48, 3, 12
+        cfg.demo.teacher_d_model, cfg.demo.teacher_num_layers = 32, 1
+    return cfg
+
+
+def build_run(run_dir: pathlib.Path):
+    """(cfg, teacher): teacher folder, sampled corpus, prepared data and the proxy init folder."""
+    from proxykd_jax.stages import prepare
+
+    cfg = tiny_config(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    teacher = KnownTeacher.create(3, vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=cfg.proxy.num_heads,
+                                  num_kv_heads=cfg.proxy.num_kv_heads, d_ff=cfg.proxy.d_ff, max_seq_len=64,
+                                  folder=run_dir / "teacher_tok")
+    teacher.save(str(run_dir / "teacher"))
+    prompts = teacher.make_prompts(cfg.demo.num_prompts, np.random.default_rng(0), min_words=3, max_words=8)
+    responses = teacher.sample(prompts, cfg.demo.samples_per_prompt, cfg.demo.max_new_tokens, seed=1)
+    corpus = run_dir / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for i, (p, rs) in enumerate(zip(prompts, responses)):
+            rs = [r for r in rs if r.strip()]
+            if rs:
+                f.write(json.dumps({"id": f"p{i}", "prompt": p, "responses": rs}) + "\n")
+    demo._perturbed_proxy(teacher, run_dir / "proxy_init", 0.15, 5)
+    with cfg.unlocked():
+        cfg.data.corpus = str(corpus)
+        cfg.data.tokenizer = str(run_dir / "proxy_init")
+        cfg.proxy.init_from = str(run_dir / "proxy_init")
+        cfg.eval.known_teacher = str(run_dir / "teacher")
+    prepare.run(cfg)
+    return cfg, teacher
