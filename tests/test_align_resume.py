@@ -56,6 +56,7 @@ def test_kill9_mid_round_then_rerun_matches_uninterrupted(tmp_path):
 
     from proxykd_jax.stages import align
 
+    (tmp_path / "data").mkdir()
     prepared = build_prepared(tmp_path / "data")
     run = new_run(prepared, tmp_path / "killed")
     log_path = tmp_path / "killed.log"

@@ -120,7 +120,7 @@ def test_teacher_logprobs_aligned_by_character_span(tok, tmp_path):
           kept += 1
           mass_kept += sum(np.exp(a["logprob"]) for a in alts
                            if len(tok(a["token"], add_special_tokens=False)["input_ids"]) == 1)
-  tl = m["teacher_topk_logprobs"]
+  tl = m["teacher_logprobs"]
   extra = len(pieces)
   assert tl["positions_total"] == total + extra
   assert 0 < tl["positions_kept"] - kept <= extra

@@ -42,8 +42,8 @@ class Encoded:
   sample: Sample
   tokens_L: np.ndarray  # int32
   prompt_len: int
-  teacher_ids_LxK: np.ndarray | None  # int32, 0 where absent
-  teacher_logprobs_LxK: np.ndarray | None  # float32, -inf where absent
+  teacher_topk_ids_LxK: np.ndarray | None  # int32, 0 where absent
+  teacher_topk_logprobs_LxK: np.ndarray | None  # float32, -inf where absent
   stats: AlignStats
   truncated: bool
 

@@ -98,9 +98,9 @@ def _record(enc: align.Encoded) -> dict:
          "response_index": s.response_index, "prompt_len": enc.prompt_len, "tokens": enc.tokens_L,
          "loss_mask": loss_mask, "meta": {k: v for k, v in s.meta.items()
                                           if isinstance(v, (str, int, float, bool))}}
-  if enc.teacher_ids_LxK is not None:
-    rec["teacher_topk_ids"] = enc.teacher_ids_LxK
-    rec["teacher_topk_logprobs"] = enc.teacher_logprobs_LxK
+  if enc.teacher_topk_ids_LxK is not None:
+    rec["teacher_topk_ids"] = enc.teacher_topk_ids_LxK
+    rec["teacher_topk_logprobs"] = enc.teacher_topk_logprobs_LxK
   return rec
 
 
@@ -219,7 +219,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
       "counts": {"rows": counts["rows"], "samples": counts["samples"],
                  "truncated": counts["truncated"], "skipped": dict(skipped),
                  "skipped_total": sum(skipped.values()), "errors": errors},
-      "teacher_topk_logprobs": stats.as_dict(),
+      "teacher_logprobs": stats.as_dict(),
       "seconds": time.time() - t0,
   }
   path = tmp / records.MANIFEST

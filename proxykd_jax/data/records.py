@@ -82,4 +82,4 @@ class PreparedData:
 
   @property
   def has_teacher_head(self) -> bool:
-    return bool(self.manifest["teacher_topk_logprobs"]["samples_with_logprobs"])
+    return bool(self.manifest["teacher_logprobs"]["samples_with_logprobs"])
