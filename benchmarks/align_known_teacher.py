@@ -36,6 +36,8 @@ VARIANTS = {  # name -> align overrides on top of configs/demo.py
     "base": {},
     "sft+": {"beta": 1e-6},
     "lr1e-3": {"dpo_lr": 1e-3},
+    "sft+lr1e-3": {"beta": 1e-6, "dpo_lr": 1e-3},
+    "nll0": {"nll_weight": 0.0, "dpo_lr": 1e-3},
     "beta0.5": {"beta": 0.5, "dpo_lr": 1e-3},
     "nll0.2": {"nll_weight": 0.2, "dpo_lr": 1e-3},
     "samples2": {"samples_per_prompt": 2, "dpo_lr": 1e-3},
@@ -62,8 +64,9 @@ def build_setup(out: pathlib.Path, num_prompts: int, samples: int):
         prompts = teacher.make_prompts(num_prompts, np.random.default_rng(cfg.run.seed))
         responses = teacher.sample(prompts, samples, d.max_new_tokens, seed=cfg.run.seed)
         corpus = out / "corpus.jsonl"
+        kept = [(i, p, [x for x in r if x]) for i, (p, r) in enumerate(zip(prompts, responses))]  # drop empty ones
         corpus.write_text("".join(json.dumps({"id": f"p{i:05d}", "prompt": p, "responses": r}) + "\n"
-                                  for i, (p, r) in enumerate(zip(prompts, responses))))
+                                  for i, p, r in kept if r))
         data.prepare([corpus], teacher.tokenizer, prepared, cfg.data, progress=False)
         teacher.tokenizer.save_pretrained(str(prepared / "tokenizer"))
     _perturbed_proxy(teacher, out / "proxy_init", d.proxy_noise, cfg.run.seed + 1)

@@ -46,8 +46,26 @@ def tiny_config(run_dir: pathlib.Path):
     return cfg
 
 
-def build_run(run_dir: pathlib.Path):
-    """(cfg, teacher): teacher folder, sampled corpus, prepared data and the proxy init folder."""
+def _top_logprobs(teacher, prompt: str, response: str, n: int) -> dict:
+    """OpenAI-style `tokens` + `top_logprobs` of a response, from the teacher's true distributions."""
+    p_ids, r_ids = teacher.encode(prompt), teacher.encode(response)
+    q = teacher.distributions([p_ids + r_ids])[0]
+    pieces, top = [], []
+    for t, tok in enumerate(r_ids):
+        dist = q[len(p_ids) + t - 1]
+        sep = " " if t else ""
+        pieces.append(sep + teacher.tokenizer.decode([tok]))
+        best = np.argsort(-dist)[:n]
+        top.append([{"token": sep + teacher.tokenizer.decode([int(i)]), "logprob": float(np.log(dist[i]))}
+                    for i in best])
+    return {"tokens": pieces, "top_logprobs": top}
+
+
+def build_run(run_dir: pathlib.Path, top_logprobs: int = 0):
+    """(cfg, teacher): teacher folder, sampled corpus, prepared data and the proxy init folder.
+
+    With `top_logprobs` > 0 every response carries the teacher's top log-probs (one line per sample).
+    """
     from proxykd_jax.stages import prepare
 
     cfg = tiny_config(run_dir)
@@ -62,7 +80,11 @@ def build_run(run_dir: pathlib.Path):
     with open(corpus, "w") as f:
         for i, (p, rs) in enumerate(zip(prompts, responses)):
             rs = [r for r in rs if r.strip()]
-            if rs:
+            if rs and top_logprobs:
+                for j, r in enumerate(rs):
+                    row = {"id": f"p{i}", "prompt": p, "response": r, "sample_index": j}
+                    f.write(json.dumps(row | _top_logprobs(teacher, p, r, top_logprobs)) + "\n")
+            elif rs:
                 f.write(json.dumps({"id": f"p{i}", "prompt": p, "responses": rs}) + "\n")
     demo._perturbed_proxy(teacher, run_dir / "proxy_init", 0.15, 5)
     with cfg.unlocked():

@@ -195,3 +195,36 @@ def test_prepare_memory_is_bounded_by_the_buffer(tok, tmp_path):
   added_samples = 2 * (1800 - 600)
   assert peaks[1] - peaks[0] < 40 * added_samples, (sizes, peaks)  # ids only, not text or tokens
   assert peaks[1] < 6e5 + 2 * 0.02 * 2**20, (sizes, peaks)  # fixed overhead + about the buffer
+
+
+def test_word_tokenizer_keeps_teacher_head_with_leading_space_pieces(tmp_path):
+  """OpenAI-style pieces carry their separator (" dog"); a word-level tokenizer's offsets do not."""
+  from proxykd_jax.models.tokenizer import build_word_tokenizer
+  words = [f"w{i}" for i in range(40)]
+  wtok = build_word_tokenizer(words, tmp_path / "wtok")
+  rng = np.random.default_rng(3)
+  rows = []
+  for i in range(6):
+    resp = [words[j] for j in rng.integers(0, 40, 5)]
+    pieces = [resp[0]] + [" " + w for w in resp[1:]]
+    top = []
+    for p in pieces:
+      others = [w for w in rng.permutation(words)[:4] if w != p.strip()][:3]
+      alts = [p] + [(" " if p.startswith(" ") else "") + w for w in others]
+      lps = np.log(rng.dirichlet(np.ones(len(alts))) * 0.9)
+      top.append([{"token": t, "logprob": float(lp)} for t, lp in zip(alts, lps)])
+    rows.append({"id": f"q{i}", "prompt": "w1 w2", "response": " ".join(resp), "tokens": pieces,
+                 "top_logprobs": top})
+  m = prepare([write_jsonl(tmp_path / "c.jsonl", rows)], wtok, tmp_path / "out", tiny_cfg(), progress=False)
+  assert m["teacher_logprobs"]["position_fraction"] == 1.0
+  _, recs = _all(tmp_path / "out")
+  for rec in recs:
+    row = rows[int(rec["record_id"][1:])]
+    p = int(rec["prompt_len"])
+    for t, alts in enumerate(row["top_logprobs"]):
+      want = {wtok.convert_tokens_to_ids(a["token"].strip()): a["logprob"] for a in alts}
+      got = {int(i): float(lp) for i, lp in zip(rec["teacher_topk_ids"][p + t], rec["teacher_topk_logprobs"][p + t])
+             if np.isfinite(lp)}
+      assert set(got) == set(want)
+      for i, lp in got.items():
+        assert abs(lp - want[i]) < 1e-5

@@ -92,3 +92,27 @@ def test_prior_stage_is_skipped_when_finished(run):
     manifest = prior.run(cfg)
     assert manifest["tokens"] > 0 and manifest["split"] == "distill"
     assert (RunPaths.from_config(cfg).prior / "tables.npz").exists()
+
+
+def test_teacher_top_logprobs_fix_the_head(tmp_path):
+    """Where the corpus carries the teacher's top log-probs, the stored posterior keeps them as is."""
+    cfg, teacher = build_run(tmp_path / "head_run", top_logprobs=4)
+    with cfg.unlocked():
+        cfg.posterior.proxy = cfg.proxy.init_from
+        cfg.data.store.value_dtype = "float32"
+    prior.run(cfg)
+    posterior.run(cfg)
+    prepared, store = _store(cfg)
+    assert prepared.has_teacher_head
+    checked = 0
+    for rec in prepared.iter_split("distill"):
+        p = int(rec["prompt_len"])
+        entry = store.get(int(rec["sample_id"]))
+        head_ids, head_lps = rec["teacher_topk_ids"][p:], rec["teacher_topk_logprobs"][p:]
+        for t in range(len(head_ids) - 1):  # the final eos position has no teacher head
+            stored = dict(zip(entry.ids_TxK[t].tolist(), entry.logprobs_TxK[t].tolist()))
+            for i, lp in zip(head_ids[t], head_lps[t]):
+                if np.isfinite(lp):
+                    assert abs(stored[int(i)] - lp) < 1e-4
+                    checked += 1
+    assert checked > 50

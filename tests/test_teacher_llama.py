@@ -102,7 +102,7 @@ def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
             for j, want in enumerate(heads):  # row i of the teacher head predicts token i
                 if want is None:  # after a partial-UTF-8 token the text no longer re-tokenizes alike
                     break
-                ids, lps = rec["teacher_ids"][p + j], rec["teacher_logprobs"][p + j]
+                ids, lps = rec["teacher_topk_ids"][p + j], rec["teacher_topk_logprobs"][p + j]
                 got = {int(i): float(lp) for i, lp in zip(ids, lps) if np.isfinite(lp)}
                 assert got.keys() == want.keys()
                 np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=1e-5)

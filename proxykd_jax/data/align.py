@@ -76,6 +76,16 @@ def _teacher_spans(sample: Sample) -> list[tuple[int, int] | None]:
   return spans
 
 
+def _trim_uncovered_space(text: str, span: tuple[int, int], covered) -> tuple[int, int]:
+  """A teacher span minus leading whitespace that none of our tokens covers (word-level tokenizers
+  drop the separator the teacher's token " dog" carries; the token itself still coincides)."""
+  a, b = span
+  lead = len(text[a:b]) - len(text[a:b].lstrip())
+  if 0 < lead < b - a and not covered[a:a + lead].any():
+    return a + lead, b
+  return span
+
+
 class SampleEncoder:
   """Tokenises samples in batches with a Hugging Face fast tokenizer and aligns teacher log-probs."""
 
@@ -142,10 +152,15 @@ class SampleEncoder:
     for j, (a, b) in enumerate(offs):
       by_span.setdefault((int(a), int(b)), []).append(j)
     stats.samples_with_logprobs = 1
+    covered = np.zeros(len(s.response) + 1, bool)
+    for a, b in offs:
+      covered[int(a):int(b)] = True
     for span, alts in zip(_teacher_spans(s), s.teacher_alts):
       probs = np.exp(np.asarray([lp for _, lp in alts], np.float64))
       stats.positions_total += 1
       stats.mass_total += float(probs.sum())
+      if span is not None and span not in by_span:
+        span = _trim_uncovered_space(s.response, span, covered)
       ours = by_span.get(span) if span is not None else None
       if not ours or len(ours) != 1:
         continue

@@ -234,7 +234,7 @@ def second_pass(cfg, prepared, tables, est, graphdef, state, mesh, rules, *, seq
             for f, name in zip(prior, SparsePrior._fields):
                 local["prior_" + name] = f.reshape((rows, length) + f.shape[1:])
             if use_head:
-                local["head_ids"], local["head_lps"] = host_batch["teacher_ids"], host_batch["teacher_logprobs"]
+                local["head_ids"], local["head_lps"] = host_batch["teacher_topk_ids"], host_batch["teacher_topk_logprobs"]
             gb = parallel.global_batch(local, mesh, rules)
             flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
             g_prior = SparsePrior(*(flat(gb["prior_" + n]) for n in SparsePrior._fields))
