@@ -2,11 +2,14 @@
 
 For each vocabulary size it times, on the default device:
   floor    — jnp.sum over the float32 logits [N, V] (one read of the array: the bandwidth floor);
+  lse      — one logsumexp over the logits (the least any normalised estimate must compute: one
+             exp per logit; on CPU this, not memory bandwidth, bounds the kernel);
   proxy    — softmax + top-k of the proxy alone (what any top-k store would pay);
-  kernel   — the posterior combination (`posterior_topk`, mode expected, k = 64), all jitted;
+  kernel   — the posterior combination (`posterior_topk`, mode expected, k = 64), all jitted, with
+             the token axis in blocks of `chunk` tokens (0: all at once);
 and prints tokens/s and kernel time as a fraction of the floor (floor / kernel, higher is better).
 
-  .venv/bin/python benchmarks/posterior.py [--tokens 512] [--vocabs 32768,131072] [--k 64]
+  .venv/bin/python benchmarks/posterior.py [--tokens 512] [--vocabs 32768,131072] [--k 64] [--chunks 0,64]
 """
 import argparse
 import time
@@ -46,25 +49,29 @@ def main():
   ap.add_argument("--tokens", type=int, default=512)
   ap.add_argument("--vocabs", default="32768,131072")
   ap.add_argument("--k", type=int, default=64)
-  ap.add_argument("--chunk", type=int, default=0, help="tokens per kernel block (0: all)")
+  ap.add_argument("--chunks", default="0,64", help="tokens per kernel block (0: all), one row each")
   ap.add_argument("--reps", type=int, default=5)
   args = ap.parse_args()
   print(f"device: {jax.devices()[0].device_kind} x{len(jax.devices())}, tokens {args.tokens}, "
         f"k {args.k}, exact S=16, n-gram S2=96")
-  print(f"{'vocab':>7} {'floor ms':>9} {'proxy ms':>9} {'kernel ms':>10} {'kernel tok/s':>13} "
-        f"{'GB/s floor':>11} {'floor/kernel':>13}")
+  print(f"{'vocab':>7} {'chunk':>6} {'floor ms':>9} {'lse ms':>8} {'proxy ms':>9} {'kernel ms':>10} "
+        f"{'kernel tok/s':>13} {'GB/s floor':>11} {'floor/lse':>10} {'floor/kernel':>13}")
   floor_fn = jax.jit(lambda x: jnp.sum(x))
   proxy_fn = jax.jit(lambda x: jax.lax.top_k(jax.nn.softmax(x, axis=-1), args.k))
-  kernel_fn = jax.jit(lambda lg, pr, b, npn: posterior_topk(lg, pr, b, npn, 1.0, k=args.k,
-                                                            chunk=args.chunk))
+  lse_fn = jax.jit(lambda x: jax.nn.logsumexp(x, axis=-1))
   for v in (int(x) for x in args.vocabs.split(",")):
     logits, prior, base, npn = case(args.tokens, v)
-    t_floor = _time(floor_fn, logits, reps=args.reps)
-    t_proxy = _time(proxy_fn, logits, reps=args.reps)
-    t_kernel = _time(kernel_fn, logits, prior, base, npn, reps=args.reps)
-    gbs = logits.size * 4 / t_floor / 1e9
-    print(f"{v:>7} {t_floor * 1e3:>9.2f} {t_proxy * 1e3:>9.2f} {t_kernel * 1e3:>10.2f} "
-          f"{args.tokens / t_kernel:>13.0f} {gbs:>11.1f} {t_floor / t_kernel:>13.1%}")
+    for chunk in (int(c) for c in args.chunks.split(",")):
+      kernel_fn = jax.jit(lambda lg, pr, b, npn, c=chunk: posterior_topk(lg, pr, b, npn, 1.0, k=args.k,
+                                                                          chunk=c))
+      t_floor = _time(floor_fn, logits, reps=args.reps)
+      t_lse = _time(lse_fn, logits, reps=args.reps)
+      t_proxy = _time(proxy_fn, logits, reps=args.reps)
+      t_kernel = _time(kernel_fn, logits, prior, base, npn, reps=args.reps)
+      gbs = logits.size * 4 / t_floor / 1e9
+      print(f"{v:>7} {chunk:>6} {t_floor * 1e3:>9.2f} {t_lse * 1e3:>8.2f} {t_proxy * 1e3:>9.2f} "
+            f"{t_kernel * 1e3:>10.2f} {args.tokens / t_kernel:>13.0f} {gbs:>11.1f} "
+            f"{t_floor / t_lse:>10.1%} {t_floor / t_kernel:>13.1%}")
 
 
 if __name__ == "__main__":

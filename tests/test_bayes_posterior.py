@@ -6,6 +6,7 @@ import pytest
 from jax.sharding import AxisType
 
 from proxykd_jax.bayes import SparsePrior, make_sharded_posterior, posterior_topk
+from proxykd_jax.bayes.posterior import blocked_top_k
 
 V, N, S, S2, K = 256, 24, 6, 12, 16
 
@@ -85,6 +86,28 @@ def test_topk_matches_dense_reference(mode):
   fn = jax.jit(lambda *a: posterior_topk(*a, k=K, mode=mode, beta=0.7))
   out = fn(logits, prior, base, n_pseudo, kappa)
   check_topk(dense_posterior(logits, prior, base, n_pseudo, kappa, mode, beta=0.7), *out)
+
+
+@pytest.mark.parametrize("mode", ["expected", "geometric"])
+def test_topk_matches_dense_reference_on_the_blocked_path(mode):
+  # V = 4001 is not a multiple of the 32-id blocks and has 126 of them > 2k: the blocked top-k runs.
+  logits, prior, base, n_pseudo = random_case(7, n=8, v=4001)
+  fn = jax.jit(lambda *a: posterior_topk(*a, k=24, mode=mode, beta=0.7))
+  check_topk(dense_posterior(logits, prior, base, n_pseudo, 2.0, mode, beta=0.7),
+             *fn(logits, prior, base, n_pseudo, 2.0), k=24)
+
+
+def test_blocked_top_k_equals_lax_top_k_with_ties():
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(16, 1000)).astype(np.float32))
+  base = jnp.asarray(rng.integers(0, 3, 1000).astype(np.float32))  # many exact ties
+  score = lambda lg, b: jnp.floor(lg) + b  # noqa: E731
+  want = jax.lax.top_k(score(logits, base[None]), 20)
+  got = jax.jit(lambda lg, b: blocked_top_k(score, lg, b, 20, block=10))(logits, base)
+  np.testing.assert_array_equal(got[0], want[0])  # the values exactly; tied ids may differ
+  full = np.asarray(score(logits, base[None]))
+  np.testing.assert_array_equal(np.take_along_axis(full, np.asarray(got[1]), 1), want[0])
+  assert all(len(set(row)) == 20 for row in np.asarray(got[1]).tolist())
 
 
 def test_teacher_head_fixed_and_tail_from_posterior():
