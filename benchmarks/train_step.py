@@ -1,6 +1,6 @@
 """Throughput of one jitted AdamW train step of a small Llama, against the measured matmul peak.
 
-    .venv/bin/python benchmarks/train_step.py [--steps 10] [--warmup 3] [--no-torch]
+    .venv/bin/python benchmarks/train_step.py [--steps 4] [--rounds 4] [--warmup 3] [--no-torch]
 
 Model: 4 layers, d_model 256, 8 heads (head_dim 32), d_ff 1024, vocab 8192, seq 256, batch 8,
 float32, dense cross entropy, AdamW with global-norm clipping. FLOPs/token follow
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,8 @@ def host_batch(seed: int = 0) -> dict[str, np.ndarray]:
     return {"tokens": seq[:, :-1], "targets": seq[:, 1:]}
 
 
-def jax_step_seconds(warmup: int, repeats: int) -> float:
+def jax_step_fn():
+    """The benchmarked JAX step as a blocking closure."""
     mesh = make_mesh(mesh_default_config())
     optim_cfg = optim_default_config()
     optim_cfg.warmup_steps = 10
@@ -60,10 +62,11 @@ def jax_step_seconds(warmup: int, repeats: int) -> float:
         holder["state"], metrics = step(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    return median_time(run, warmup=warmup, repeats=repeats)
+    return run
 
 
-def torch_step_seconds(warmup: int, repeats: int) -> float | None:
+def torch_step_fn():
+    """The same step in PyTorch eager + transformers, or None without torch."""
     try:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -87,12 +90,24 @@ def torch_step_seconds(warmup: int, repeats: int) -> float | None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return median_time(run, warmup=warmup, repeats=repeats)
+    return run
+
+
+def interleaved_medians(fns: dict, *, warmup: int, steps: int, rounds: int) -> dict:
+    """Median step seconds of each closure, timed in alternating rounds so machine noise hits all alike."""
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():
+        median_time(fn, warmup=warmup, repeats=1)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_time(fn, warmup=0, repeats=steps))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per round (median reported)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating JAX / PyTorch rounds")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (incl. compilation)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
     args = parser.parse_args()
@@ -101,15 +116,20 @@ def main() -> None:
     flops_tok = flops_per_token(CFG, LENGTH)
     peak = matmul_peak()
     rows = []
-    jax_s = jax_step_seconds(args.warmup, args.steps)
-    torch_s = None if args.no_torch else torch_step_seconds(args.warmup, args.steps)
+    fns = {"jax": jax_step_fn()}
+    torch_fn = None if args.no_torch else torch_step_fn()
+    if torch_fn is not None:
+        fns["torch"] = torch_fn
+    medians = interleaved_medians(fns, warmup=args.warmup, steps=args.steps, rounds=args.rounds)
+    jax_s, torch_s = medians["jax"], medians.get("torch")
     for name, seconds in (("jax (jit)", jax_s), ("pytorch eager", torch_s)):
         if seconds is None:
             continue
         achieved = flops_tok * tokens / seconds
         rows.append([name, tokens / seconds, flops_tok / 1e6, achieved / 1e9, peak / 1e9, achieved / peak])
     print(f"# train_step, {datetime.date.today()}, jax {jax.__version__} on {jax.devices()[0].device_kind} "
-          f"x{jax.device_count()}; batch {BATCH} x seq {LENGTH}, float32; median of {args.steps} steps")
+          f"x{jax.device_count()}; batch {BATCH} x seq {LENGTH}, float32; median of {args.rounds} alternating "
+          f"rounds of {args.steps} steps")
     print("# FLOPs/token: 2 per MAC, training = 3x forward, causal attention halved, embedding lookup free")
     print_table(rows, ["impl", "tokens/s", "MFLOP/token", "GFLOP/s", "matmul peak GFLOP/s", "frac of peak"])
     if torch_s is not None:

@@ -206,19 +206,43 @@ class KVCache(NamedTuple):
     index: jax.Array  # int32 scalar: next slot to write
 
 
+def dense(x, w, n_contract: int = 1, preferred_element_type=None):
+    """Contracts the last `n_contract` axes of x with the first of w, as one 2-D matmul.
+
+    Same result as the einsum; XLA:CPU runs [B, L, D] x [D, ...] contractions (and above all their
+    weight gradients, which contract over B and L) up to 1.6x faster when both sides are 2-D.
+    """
+    lead, inner = x.shape[: x.ndim - n_contract], x.shape[x.ndim - n_contract:]
+    k = math.prod(inner)
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *w.shape[n_contract:])
+
+
 def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_seg_BxC):
-    """Masked grouped-query attention; scores and softmax in float32."""
+    """Masked grouped-query attention; scores and softmax in float32.
+
+    Laid out for XLA:CPU, measured on the benchmark shapes (B 8, L 256, H 8, E 32): heads move ahead
+    of the sequence axes so both batched matmuls have leading batch axes, q is scaled before the
+    matmul (an [L, E] multiply, not [L, C]), the mask is an additive bias, and the softmax is
+    written out with a stop-gradient max; together 2.4x faster forward and 1.7x faster
+    forward + backward than contracting in [B, L, H, E] with `jnp.where` and `jax.nn.softmax`.
+    """
     b, l, h, e = q_BxLxHxE.shape
-    g = k_BxCxGxE.shape[2]
-    q_BxLxGxRxE = q_BxLxHxE.reshape(b, l, g, h // g, e)
-    scores = jnp.einsum("blgre,bcge->bgrlc", q_BxLxGxRxE, k_BxCxGxE, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(e)
+    c, g = k_BxCxGxE.shape[1], k_BxCxGxE.shape[2]
+    r = h // g  # query heads per key/value head, folded into the matmul's row axis (M = R * L)
+    q = (q_BxLxHxE * jnp.asarray(1 / math.sqrt(e), q_BxLxHxE.dtype)).reshape(b, l, g, r, e)
+    q_BxGxMxE = q.transpose(0, 2, 3, 1, 4).reshape(b, g, r * l, e)
+    k_BxGxCxE = k_BxCxGxE.transpose(0, 2, 1, 3)
+    v_BxGxCxE = v_BxCxGxE.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bgme,bgce->bgmc", q_BxGxMxE, k_BxGxCxE, preferred_element_type=jnp.float32)
     mask_BxLxC = ((q_seg_BxL[:, :, None] == k_seg_BxC[:, None, :]) & (k_seg_BxC[:, None, :] != 0)
                   & (k_pos_BxC[:, None, :] <= q_pos_BxL[:, :, None]))
-    scores = jnp.where(mask_BxLxC[:, None, None], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxCxGxE.dtype)
-    out = jnp.einsum("bgrlc,bcge->blgre", probs, v_BxCxGxE)
-    return out.reshape(b, l, h, e)
+    bias_Bx1xLxC = jnp.where(mask_BxLxC, 0.0, _MASK_VALUE)[:, None]
+    scores = (scores.reshape(b, g * r, l, c) + bias_Bx1xLxC).reshape(b, g, r * l, c)
+    unnorm = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    probs = (unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)).astype(v_BxCxGxE.dtype)
+    out = jnp.einsum("bgmc,bgce->bgme", probs, v_BxGxCxE)
+    return out.reshape(b, g, r, l, e).transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
 
 
 class Attention(nnx.Module):
@@ -240,9 +264,9 @@ class Attention(nnx.Module):
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache_kv=None, index=None, k_pos=None, k_seg=None):
         """Returns (out_BxLxD, (k, v)); with `cache_kv` the new keys/values are written at `index`."""
         dt = self.dtype
-        q = jnp.einsum("bld,dhe->blhe", x_BxLxD, self.wq[...].astype(dt))
-        k = jnp.einsum("bld,dge->blge", x_BxLxD, self.wk[...].astype(dt))
-        v = jnp.einsum("bld,dge->blge", x_BxLxD, self.wv[...].astype(dt))
+        q = dense(x_BxLxD, self.wq[...].astype(dt))
+        k = dense(x_BxLxD, self.wk[...].astype(dt))
+        v = dense(x_BxLxD, self.wv[...].astype(dt))
         if self.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         inv_freq = rope_inv_freq(self.cfg)
@@ -255,7 +279,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
             out = attend(q, k.astype(dt), v.astype(dt), positions_BxL, k_pos, segment_ids_BxL, k_seg)
-        return jnp.einsum("blhe,hed->bld", out, self.wo[...].astype(dt)), (k, v)
+        return dense(out, self.wo[...].astype(dt), 2), (k, v)
 
 
 class MLP(nnx.Module):
@@ -269,9 +293,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxLxD):
         dt = self.dtype
-        gate = x_BxLxD @ self.w_gate[...].astype(dt)
-        up = x_BxLxD @ self.w_up[...].astype(dt)
-        return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
+        gate = dense(x_BxLxD, self.w_gate[...].astype(dt))
+        up = dense(x_BxLxD, self.w_up[...].astype(dt))
+        return dense(jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -314,7 +338,7 @@ class Llama(nnx.Module):
 
     def logits(self, hidden_BxLxD) -> jax.Array:
         """float32 logits from final-norm hidden states."""
-        return jnp.einsum("bld,dv->blv", hidden_BxLxD, self.unembedding(), preferred_element_type=jnp.float32)
+        return dense(hidden_BxLxD, self.unembedding(), preferred_element_type=jnp.float32)
 
     def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
         """Final-norm hidden states [B, L, D] in the compute dtype."""
