@@ -88,3 +88,6 @@ def main(argv: list[str] | None = None) -> None:
     except (UserError, ProxyKDError, FileNotFoundError, FileExistsError) as e:
         print(f"proxykd {stage}: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # train.loop.TrainingDiverged: the message names the step
+        print(f"proxykd {stage}: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -15,10 +15,12 @@ import os
 import pathlib
 from typing import Any, Iterator
 
+from proxykd_jax.errors import ProxyKDError
+
 _INT63 = (1 << 63) - 1
 
 
-class DataError(ValueError):
+class DataError(ProxyKDError):
   """Bad input data; the message names the file and the line or sample id."""
 
   def __init__(self, message: str, reason: str = "bad_row"):
