@@ -123,6 +123,24 @@ def test_sampling_is_seeded(model):
     assert not np.array_equal(np.asarray(a.tokens_BxT), np.asarray(c.tokens_BxT))
 
 
+def test_suppressed_tokens_are_never_sampled(model):
+    prompts, lengths = left_aligned(PROMPTS)
+    free = generate(model, prompts, lengths, jax.random.key(5), max_new_tokens=12, temperature=3.0)
+    drawn = set(np.asarray(free.tokens_BxT).ravel().tolist())
+    banned = sorted(drawn)[:4]  # ids the unrestricted sampler does draw
+    out = generate(model, prompts, lengths, jax.random.key(5), max_new_tokens=12, temperature=3.0,
+                   suppress_tokens=banned, return_logprobs=True, pad_id=36)
+    toks = np.asarray(out.tokens_BxT)
+    for i, n in enumerate(np.asarray(out.lengths_B)):
+        assert not set(toks[i, :n].tolist()) & set(banned)
+    # the reported log-probs stay those of the model's own (unsuppressed) distribution
+    seq = PROMPTS[0] + toks[0, :3].tolist()
+    logp = np.asarray(jax.nn.log_softmax(full_logits(model, seq)))
+    for t in range(3):
+        np.testing.assert_allclose(out.logprobs_BxT[0, t], logp[len(PROMPTS[0]) - 1 + t][seq[len(PROMPTS[0]) + t]],
+                                   atol=1e-4)
+
+
 def _draws(logits_V, n, **kw):
     logits = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (n, len(logits_V)))
     temperature = jnp.full((n,), kw.pop("temperature", 1.0))

@@ -53,9 +53,9 @@ def sample_logits(logits_BxV, rng, temperature_B, top_p_B, *, top_k: int = 0) ->
 
 @functools.partial(jax.jit, static_argnums=0,
                    static_argnames=("max_new_tokens", "top_k", "stop_tokens", "pad_id", "return_logprobs",
-                                    "top_logprobs"))
+                                    "top_logprobs", "suppress_tokens"))
 def _generate(graphdef, state, prompt_BxP, prompt_lengths_B, rng, temperature_B, top_p_B, *, max_new_tokens,
-              top_k, stop_tokens, pad_id, return_logprobs, top_logprobs):
+              top_k, stop_tokens, pad_id, return_logprobs, top_logprobs, suppress_tokens=()):
     model = nnx.merge(graphdef, state)
     b, p = prompt_BxP.shape
     t_max = max_new_tokens
@@ -79,7 +79,10 @@ def _generate(graphdef, state, prompt_BxP, prompt_lengths_B, rng, temperature_B,
     def body(c):
         rng, sub = jax.random.split(c["rng"])
         active_B = ~c["done"]
-        tok_B = sample_logits(c["logits"], sub, temperature_B, top_p_B, top_k=top_k)
+        sample_from = c["logits"]
+        if suppress_tokens:  # never drawn; reported log-probs stay those of the model's distribution
+            sample_from = sample_from.at[:, jnp.asarray(suppress_tokens, jnp.int32)].set(-jnp.inf)
+        tok_B = sample_logits(sample_from, sub, temperature_B, top_p_B, top_k=top_k)
         tok_B = jnp.where(active_B, tok_B, pad_id)
         c = dict(c, rng=rng, tokens=c["tokens"].at[:, c["t"]].set(tok_B),
                  lengths=c["lengths"] + active_B.astype(jnp.int32),
@@ -106,12 +109,13 @@ def _generate(graphdef, state, prompt_BxP, prompt_lengths_B, rng, temperature_B,
 
 def generate(model, prompt_tokens_BxP, prompt_lengths_B, rng, *, max_new_tokens: int, temperature=1.0,
              top_k: int = 0, top_p=1.0, stop_tokens=(), pad_id: int = 0, return_logprobs: bool = False,
-             top_logprobs: int = 0) -> GenerateOutput:
+             top_logprobs: int = 0, suppress_tokens=()) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each left-aligned prompt.
 
     `temperature` and `top_p` may be scalars or per-row [B] arrays (temperature 0 = greedy) and do
     not trigger recompilation; `max_new_tokens`, `top_k`, `stop_tokens`, `pad_id`,
-    `return_logprobs` and `top_logprobs` (N, the number of alternatives per step) are static.
+    `return_logprobs`, `top_logprobs` (N, the number of alternatives per step) and
+    `suppress_tokens` (ids never sampled, e.g. pad/bos/unk) are static.
     """
     prompt_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
     if prompt_BxP.ndim != 2 or prompt_BxP.shape[1] == 0:
@@ -138,4 +142,5 @@ def generate(model, prompt_tokens_BxP, prompt_lengths_B, rng, *, max_new_tokens:
         jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,)),
         jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,)),
         max_new_tokens=int(max_new_tokens), top_k=int(top_k), stop_tokens=tuple(int(s) for s in stop_tokens),
-        pad_id=int(pad_id), return_logprobs=bool(return_logprobs), top_logprobs=int(top_logprobs))
+        pad_id=int(pad_id), return_logprobs=bool(return_logprobs), top_logprobs=int(top_logprobs),
+        suppress_tokens=tuple(sorted({int(t) for t in suppress_tokens})))

@@ -164,12 +164,6 @@ def _replicated(mesh, tree):
     return jax.jit(lambda x: x, out_shardings=parallel.replicated(mesh))(tree)
 
 
-def _place(model, mesh, rules):
-    """A host-built model moved onto `mesh` with the shardings of its logical axes."""
-    graphdef, state = nnx.split(model)
-    return graphdef, jax.device_put(state, parallel.state_shardings(state, mesh, rules))
-
-
 def _check_same_shape(loaded: ModelConfig, configured: ModelConfig, folder) -> None:
     fields = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff")
     diff = [f"{f}={getattr(loaded, f)} (config: {getattr(configured, f)})" for f in fields
@@ -254,7 +248,7 @@ def setup(cfg) -> Distillation:
         if teacher_cfg.vocab_size != model_cfg.vocab_size:
             raise ProxyKDError(f"{dcfg.white_box}: teacher vocab_size {teacher_cfg.vocab_size} differs from "
                                f"config.model.vocab_size {model_cfg.vocab_size}; white-box KD needs one vocabulary.")
-        teacher_graphdef, teacher_state = _place(teacher, mesh, rules)
+        teacher_graphdef, teacher_state = parallel.place_model(teacher, mesh, rules)
         loss_fn = make_white_box_loss_fn(dcfg.loss, teacher_graphdef, seed=seed)
         frozen, frozen_sh = (teacher_state,), (parallel.shardings_of(teacher_state),)
         frozen_flops = (models.flops_per_token(teacher_cfg, seq_len, backward=False),)

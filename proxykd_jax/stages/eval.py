@@ -159,10 +159,12 @@ def generation_metrics(cfg, prepared, teacher, students: dict) -> dict:
     for i, r in enumerate(rows):
         tokens[i, :len(r)] = r
     lengths = np.asarray([len(r) for r in rows], np.int32)
+    # Special tokens other than eos never occur in a response (pad, bos, unk): not sampled, as in serving.
+    specials = tuple(i for i in getattr(teacher.tokenizer, "all_special_ids", ()) if i != teacher.eos_id)
     out = {}
     for name, model in students.items():
         gen = generate(model, tokens, lengths, jax.random.key(cfg.run.seed), max_new_tokens=cfg.eval.max_new_tokens,
-                       temperature=1.0, stop_tokens=(teacher.eos_id,))
+                       temperature=1.0, stop_tokens=(teacher.eos_id,), suppress_tokens=specials)
         g, glen = np.asarray(gen.tokens_BxT), np.asarray(gen.lengths_B)
         contexts = [list(rows[i]) + g[i, :glen[i]].tolist() for i in range(len(rows))]
         q = teacher.distributions(contexts)
@@ -170,7 +172,7 @@ def generation_metrics(cfg, prepared, teacher, students: dict) -> dict:
         for i, ctx in enumerate(contexts):
             p = len(rows[i])
             for t in range(p, len(ctx)):
-                total += float(np.log(max(q[i, t - 1, ctx[t]], 1e-300)))
+                total += float(np.log(max(float(q[i, t - 1, ctx[t]]), 1e-300)))  # float64 floor
                 count += 1
         out[name] = total / max(count, 1)
     return out
