@@ -8,6 +8,7 @@ Re-running the same command resumes from the newest checkpoint (state and data p
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import pathlib
@@ -45,6 +46,14 @@ def default_config() -> ml_collections.ConfigDict:
     return cd
 
 
+@functools.cache
+def _measured_peak_per_device() -> float:
+    """The float32 matmul peak per device, measured once per process (each stage phase reuses it)."""
+    per_device = measure_matmul_peak() / jax.local_device_count()
+    log.info("measured float32 matmul peak: %.3g FLOP/s per device", per_device)
+    return per_device
+
+
 class TrainingDiverged(FloatingPointError):
     """Raised when a step's loss or gradient norm is NaN or infinite."""
 
@@ -69,9 +78,7 @@ class Loop:
     def _peak_flops(self) -> float:
         if self.cfg.peak_flops > 0:
             return self.cfg.peak_flops * jax.device_count()
-        per_device = measure_matmul_peak() / jax.local_device_count()
-        log.info("measured float32 matmul peak: %.3g FLOP/s per device", per_device)
-        return per_device * jax.device_count()
+        return _measured_peak_per_device() * jax.device_count()
 
     def _check_batch(self, host_batch: dict[str, np.ndarray]) -> int:
         """Validates the batch shape against train.batch_size / seq_len; returns global tokens."""
