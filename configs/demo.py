@@ -39,7 +39,7 @@ def get_config():
     cfg.align.max_new_tokens = 25
     cfg.align.checkpoint_every = 50
     cfg.posterior.batch_size = 32
-    cfg.collect.concurrency = 64  # fills the server's batches: few distinct shapes to compile
+    cfg.collect.concurrency = 1  # one request at a time: the served teacher draws in a fixed order (reproducible corpus)
     cfg.posterior.eb_holdout_fraction = 0.2
     cfg.eval.max_samples = 128
     return cfg.lock()
