@@ -21,9 +21,13 @@ import random
 import time
 import urllib.parse
 
-import httpx2
 import openai
 import tqdm
+
+try:  # the HTTP library under the official client: httpx2 from openai 3, httpx before
+    import httpx2 as _http
+except ImportError:  # pragma: no cover - older openai
+    import httpx as _http
 
 from proxykd_jax.errors import ProxyKDError
 
@@ -285,7 +289,7 @@ class Collector:
         n_clients = -(-max(1, cfg.concurrency) // CONNECTIONS_PER_CLIENT)
         self.clients = [openai.AsyncOpenAI(
             base_url=cfg.base_url, api_key=api_key, max_retries=0, timeout=cfg.request_timeout_s,
-            http_client=openai.DefaultAsyncHttpxClient(limits=httpx2.Limits(
+            http_client=openai.DefaultAsyncHttpxClient(limits=_http.Limits(
                 max_connections=CONNECTIONS_PER_CLIENT, max_keepalive_connections=CONNECTIONS_PER_CLIENT)))
             for _ in range(n_clients)]
         self.client = self.clients[0]
