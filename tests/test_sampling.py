@@ -141,6 +141,27 @@ def test_suppressed_tokens_are_never_sampled(model):
                                    atol=1e-4)
 
 
+def test_per_row_keys_make_rows_independent_of_their_batch(model):
+    keys = jax.random.split(jax.random.key(8), 4)
+    prompts, lengths = left_aligned(PROMPTS + [[11, 4, 6, 2, 9, 9, 13]])  # all rows padded to width 7
+    out = generate(model, prompts, lengths, keys, max_new_tokens=8, temperature=1.5)
+    order = [2, 0, 3, 1]  # the same rows with their keys, in another order
+    shuffled = generate(model, prompts[order], lengths[order], keys[np.asarray(order)], max_new_tokens=8,
+                        temperature=1.5)
+    other = generate(model, prompts[[0, 0, 0, 0]], lengths[[0, 0, 0, 0]],  # row 0 among new neighbours
+                     jax.random.split(jax.random.key(9), 4).at[2].set(keys[0]), max_new_tokens=8,
+                     temperature=1.5)
+    for j, i in enumerate(order):
+        n = int(out.lengths_B[i])
+        assert int(shuffled.lengths_B[j]) == n
+        np.testing.assert_array_equal(np.asarray(shuffled.tokens_BxT[j, :n]), np.asarray(out.tokens_BxT[i, :n]))
+    n = int(out.lengths_B[0])
+    np.testing.assert_array_equal(np.asarray(other.tokens_BxT[2, :n]), np.asarray(out.tokens_BxT[0, :n]))
+    assert len({tuple(np.asarray(other.tokens_BxT[r]).tolist()) for r in range(4)}) > 1  # keys matter
+    with pytest.raises(ValueError, match="typed key"):
+        generate(model, prompts, lengths, keys[:2], max_new_tokens=2)
+
+
 def _draws(logits_V, n, **kw):
     logits = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (n, len(logits_V)))
     temperature = jnp.full((n,), kw.pop("temperature", 1.0))

@@ -55,6 +55,12 @@ def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
         ccfg.max_tokens, ccfg.top_logprobs, ccfg.concurrency, ccfg.progress = 6, K, 6, False
         ccfg.temperature = 1.0
         stats = collect(ccfg)
+        again = ccfg.copy_and_resolve_references()
+        again.out, again.concurrency = str(tmp_path / "again.jsonl"), 2  # other batches, same seeds
+        collect(again)
+    first = {r["key"]: r["response"] for r in map(json.loads, pathlib.Path(ccfg.out).read_text().splitlines())}
+    second = {r["key"]: r["response"] for r in map(json.loads, pathlib.Path(again.out).read_text().splitlines())}
+    assert first and first == second  # each sample's seed, not its batch, decides its tokens
     # an untrained model may end a response at once (eos first): recorded, not stored, not retried
     assert stats["done"] >= 3 and stats["done"] + stats["failed"].get("no_content", 0) == 6
     assert max(app.state.batcher.calls) > 1  # concurrent requests shared one generate call

@@ -33,7 +33,8 @@ class GenerateOutput(NamedTuple):
 
 def sample_logits(logits_BxV, rng, temperature_B, top_p_B, *, top_k: int = 0) -> jax.Array:
     """Draws one token per row: greedy where temperature == 0, else softmax(logits / T) with
-    top-k (k > 0) and nucleus top-p (p < 1) truncation. Returns int32 [B]."""
+    top-k (k > 0) and nucleus top-p (p < 1) truncation. `rng` is one key, or one key per row ([B]:
+    each row's draw then depends only on its own key). Returns int32 [B]."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
     scaled = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
@@ -47,7 +48,10 @@ def sample_logits(logits_BxV, rng, temperature_B, top_p_B, *, top_k: int = 0) ->
     cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
     nucleus = jnp.where(scaled < cutoff_Bx1, -jnp.inf, scaled)
     scaled = jnp.where((top_p_B < 1.0)[:, None], nucleus, scaled)
-    sampled_B = jax.random.categorical(rng, scaled, axis=-1)
+    if rng.ndim == 1:
+        sampled_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, scaled)
+    else:
+        sampled_B = jax.random.categorical(rng, scaled, axis=-1)
     return jnp.where(temperature_B == 0, greedy_B, sampled_B).astype(jnp.int32)
 
 
@@ -77,7 +81,11 @@ def _generate(graphdef, state, prompt_BxP, prompt_lengths_B, rng, temperature_B,
         return (c["t"] < t_max) & ~jnp.all(c["done"])
 
     def body(c):
-        rng, sub = jax.random.split(c["rng"])
+        if c["rng"].ndim == 1:  # one key per row: draws independent of the batch's composition
+            pairs = jax.vmap(jax.random.split)(c["rng"])
+            rng, sub = pairs[:, 0], pairs[:, 1]
+        else:
+            rng, sub = jax.random.split(c["rng"])
         active_B = ~c["done"]
         sample_from = c["logits"]
         if suppress_tokens:  # never drawn; reported log-probs stay those of the model's distribution
@@ -115,7 +123,9 @@ def generate(model, prompt_tokens_BxP, prompt_lengths_B, rng, *, max_new_tokens:
     `temperature` and `top_p` may be scalars or per-row [B] arrays (temperature 0 = greedy) and do
     not trigger recompilation; `max_new_tokens`, `top_k`, `stop_tokens`, `pad_id`,
     `return_logprobs`, `top_logprobs` (N, the number of alternatives per step) and
-    `suppress_tokens` (ids never sampled, e.g. pad/bos/unk) are static.
+    `suppress_tokens` (ids never sampled, e.g. pad/bos/unk) are static. `rng` is one key, or a
+    [B] array of keys, one per row: then each row's tokens depend only on its own key and prompt,
+    not on which other rows share the call (how `serve` honours per-request seeds).
     """
     prompt_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
     if prompt_BxP.ndim != 2 or prompt_BxP.shape[1] == 0:
@@ -133,6 +143,9 @@ def generate(model, prompt_tokens_BxP, prompt_lengths_B, rng, *, max_new_tokens:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
     if not isinstance(top_p, jax.core.Tracer) and np.any((np.asarray(top_p) <= 0) | (np.asarray(top_p) > 1)):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or rng.shape not in ((), (b,)):
+        raise ValueError(f"rng must be one typed key (jax.random.key) or {b} of them, got dtype {rng.dtype} "
+                         f"and shape {rng.shape}.")
     limit = model.cfg.max_seq_len
     if p + max_new_tokens > limit:
         raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds model.max_seq_len {limit}.")

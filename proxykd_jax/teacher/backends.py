@@ -58,8 +58,23 @@ class LlamaBackend:
         base = len(self.decode(ctx))
         return [self.decode(ctx + [int(c)])[base:] for c in candidate_ids]
 
-    def complete(self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs):
+    def _row_keys(self, num_prompts: int, n: int, rows: int, seeds):
+        """One key per generated row: from the request's seed (and the sample's index) where it has
+        one, else from this backend's key and the call counter."""
         import jax  # pylint: disable=import-outside-toplevel
+        call_key = jax.random.fold_in(self._key, self._calls)
+        keys = []
+        for i in range(rows):
+            seed = seeds[i // n] if seeds is not None and i < num_prompts * n else None
+            if seed is None:
+                keys.append(jax.random.fold_in(call_key, i))
+            else:  # any 64-bit seed, as two 32-bit words
+                seed = int(seed) % (1 << 64)
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), seed >> 32), seed & 0xFFFFFFFF)
+                keys.append(jax.random.fold_in(key, i % n))
+        return jax.random.wrap_key_data(np.stack([np.asarray(jax.random.key_data(k)) for k in keys]))
+
+    def complete(self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs, seeds=None):
         from proxykd_jax.models.sampling import generate  # pylint: disable=import-outside-toplevel
         seqs = [p for p in prompts for _ in range(n)]
         b, p = _next_pow2(len(seqs)), _next_pow2(max(len(s) for s in seqs), floor=8)
@@ -69,7 +84,7 @@ class LlamaBackend:
         for i, s in enumerate(seqs):
             tokens_BxP[i, : len(s)], lengths_B[i] = s, len(s)
         self._calls += 1
-        out = generate(self.model, tokens_BxP, lengths_B, jax.random.fold_in(self._key, self._calls),
+        out = generate(self.model, tokens_BxP, lengths_B, self._row_keys(len(prompts), n, b, seeds),
                        max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                        stop_tokens=(self.eos_id,), pad_id=self.pad_id,
                        return_logprobs=bool(logprobs), top_logprobs=int(top_logprobs))
@@ -121,8 +136,10 @@ class ToyBackend:
         del context_ids  # one byte per token: pieces do not depend on the context
         return [self.decode([c]) for c in candidate_ids]
 
-    def _one(self, prompt: list[int], index: int, temperature: float, max_tokens: int, k: int):
+    def _one(self, prompt: list[int], index: int, temperature: float, max_tokens: int, k: int, seed=None):
         call = self._calls if temperature > 0 else 0  # greedy decoding is reproducible
+        if seed is not None and temperature > 0:  # a seeded request is reproducible too
+            call = -1 - (int(seed) % (1 << 62))
         digest = hashlib.sha256(np.asarray(prompt + [index, call, self.seed]).tobytes())
         rng = np.random.default_rng(int.from_bytes(digest.digest()[:8], "little"))
         length = int(rng.integers(1, max_tokens + 1))
@@ -140,12 +157,14 @@ class ToyBackend:
         return Completion(ids, "stop" if length < max_tokens else "length",
                           logp_TxA[np.arange(length), pick_T].tolist(), top)
 
-    def complete(self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs):
+    def complete(self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs, seeds=None):
         del top_p  # the toy ignores nucleus truncation
         self._calls += 1
         if self.latency_s:
             time.sleep(self.latency_s)
-        out = [[self._one(p, j, temperature, max_tokens, top_logprobs) for j in range(n)] for p in prompts]
+        seeds = seeds or [None] * len(prompts)
+        out = [[self._one(p, j, temperature, max_tokens, top_logprobs, seed) for j in range(n)]
+               for p, seed in zip(prompts, seeds)]
         if not logprobs:
             for row in out:
                 for c in row:

@@ -323,6 +323,8 @@ class Collector:
                     max_tokens=p["max_tokens"], n=1)
         if p["stop"]:
             body["stop"] = p["stop"]
+        if cfg.send_seed:  # the sample's own seed: reproducible whatever else is in flight
+            body["seed"] = int(key[:15], 16)
         options = {"headers": {"X-Request-Key": key}}
         if cfg.api == "chat":
             body["messages"] = list(prompt.messages or [{"role": "user", "content": prompt.prompt}])

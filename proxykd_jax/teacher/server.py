@@ -14,8 +14,11 @@ A backend is any object with
   pieces(context_ids, candidate_ids) -> list[str]: the text each candidate adds after the context
       (chosen pieces concatenate to `decode(ids)`, as OpenAI token strings do)
   max_context: int (prompt + max_tokens limit)
-  complete(prompts: list[list[int]], *, n, temperature, top_p, max_tokens, logprobs, top_logprobs)
+  complete(prompts: list[list[int]], *, n, temperature, top_p, max_tokens, logprobs, top_logprobs,
+           seeds: list[int | None] | None = None)
       -> per prompt, n `Completion`s (end-of-sequence stripped; stop strings are applied here).
+      A prompt with a seed (the request's `seed` field) gets the same completions whatever else
+      shares the call.
 """
 from __future__ import annotations
 
@@ -149,11 +152,12 @@ class Batcher:
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generate")
         self.calls: list[int] = []  # sequences per backend call, for tests and benchmarks
 
-    async def submit(self, prompts: list[list[int]], params: dict) -> list[list[Completion]]:
+    async def submit(self, prompts: list[list[int]], params: dict, seed: int | None = None
+                     ) -> list[list[Completion]]:
         key = tuple(sorted(params.items()))
         future = asyncio.get_running_loop().create_future()
         first = key not in self.pending
-        self.pending.setdefault(key, []).append((prompts, future))
+        self.pending.setdefault(key, []).append((prompts, future, seed))
         if first:
             asyncio.get_running_loop().call_later(self.window_s, self._start, key)
         return await future
@@ -174,17 +178,19 @@ class Batcher:
                 asyncio.get_running_loop().call_soon(self._start, key)
             if not take:
                 return
-            prompts = [p for item, _ in take for p in item]
+            prompts = [p for item, _, _ in take for p in item]
+            seeds = [seed for item, _, seed in take for _ in item]
             self.calls.append(len(prompts) * dict(key)["n"])
-            call = functools.partial(self.backend.complete, prompts, **dict(key))
+            extra = {"seeds": seeds} if any(s is not None for s in seeds) else {}
+            call = functools.partial(self.backend.complete, prompts, **dict(key), **extra)
             try:
                 results = await asyncio.get_running_loop().run_in_executor(self.executor, call)
             except Exception as err:  # handed to each waiting request
-                for _, future in take:
+                for _, future, _ in take:
                     future.set_exception(err)
                 return
             i = 0
-            for item, future in take:
+            for item, future, _ in take:
                 future.set_result(results[i: i + len(item)])
                 i += len(item)
 
@@ -201,6 +207,7 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    seed: int | None = None  # same seed, same completion, whatever shares the batch
 
 
 class CompletionRequest(BaseModel):
@@ -213,6 +220,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = 16
     stop: str | list[str] | None = None
     logprobs: int | None = None
+    seed: int | None = None
 
 
 def apply_stop(backend, c: Completion, stops: list[str]) -> tuple[str, Completion]:
@@ -259,7 +267,7 @@ def make_app(backend, faults: Faults | None = None, *, api_key: str | None = Non
             raise ApiError(400, f"max_tokens must be 1-{max_tokens_limit}, got {max_tokens}.",
                            "invalid_request")
 
-    async def run(prompts, n, temperature, top_p, max_tokens, logprobs, k):
+    async def run(prompts, n, temperature, top_p, max_tokens, logprobs, k, seed=None):
         if app.state.batcher is None:  # created inside the server's event loop
             app.state.batcher = Batcher(backend, batch_window_ms / 1000.0, max_batch)
         for ids in prompts:
@@ -271,7 +279,7 @@ def make_app(backend, faults: Faults | None = None, *, api_key: str | None = Non
                                "context_length_exceeded")
         params = dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                       logprobs=logprobs, top_logprobs=k)
-        return await app.state.batcher.submit(prompts, params)
+        return await app.state.batcher.submit(prompts, params, seed)
 
     def token_table(c: Completion) -> list[tuple[str, float, list[tuple[str, float]]]]:
         """Per generated token: its text piece, its log-prob, and its alternatives' pieces."""
@@ -302,7 +310,7 @@ def make_app(backend, faults: Faults | None = None, *, api_key: str | None = Non
         prompts = [backend.chat_ids(req.messages)]
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         outs = (await run(prompts, req.n, req.temperature, req.top_p, max_tokens,
-                          req.logprobs or k > 0, k))[0]
+                          req.logprobs or k > 0, k, req.seed))[0]
         choices, counts = [], []
         for i, c in enumerate(outs):
             text, c = apply_stop(backend, c, stops)
@@ -326,7 +334,7 @@ def make_app(backend, faults: Faults | None = None, *, api_key: str | None = Non
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         prompts = [backend.encode(t) for t in texts]
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        outs = await run(prompts, req.n, req.temperature, req.top_p, max_tokens, k > 0, k)
+        outs = await run(prompts, req.n, req.temperature, req.top_p, max_tokens, k > 0, k, req.seed)
         choices, counts = [], []
         for per_prompt in outs:
             for c in per_prompt:
