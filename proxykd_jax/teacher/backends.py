@@ -4,6 +4,7 @@ Both follow the protocol in `server.py`: tokenizer methods plus one batched `com
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import pathlib
 import time
@@ -15,6 +16,25 @@ from proxykd_jax.teacher.server import Completion
 
 def _next_pow2(x: int, floor: int = 1) -> int:
     return max(floor, 1 << max(0, int(x) - 1).bit_length())
+
+
+@functools.cache
+def _row_keys_fn():
+    """The jitted key builder of `LlamaBackend` (jax is imported only when a model is served)."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    @jax.jit
+    def row_keys(base_key, call, seeded_R, hi_R, lo_R, n):
+        rows = jax.numpy.arange(seeded_R.shape[0], dtype=jax.numpy.uint32)
+
+        def one(seeded, hi, lo, row):
+            from_seed = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), hi), lo), row % n)
+            from_call = jax.random.fold_in(jax.random.fold_in(base_key, call), row)
+            return jax.numpy.where(seeded, jax.random.key_data(from_seed), jax.random.key_data(from_call))
+
+        return jax.random.wrap_key_data(jax.vmap(one)(seeded_R, hi_R, lo_R, rows))
+
+    return row_keys
 
 
 class LlamaBackend:
@@ -61,18 +81,12 @@ class LlamaBackend:
     def _row_keys(self, num_prompts: int, n: int, rows: int, seeds):
         """One key per generated row: from the request's seed (and the sample's index) where it has
         one, else from this backend's key and the call counter."""
-        import jax  # pylint: disable=import-outside-toplevel
-        call_key = jax.random.fold_in(self._key, self._calls)
-        keys = []
-        for i in range(rows):
-            seed = seeds[i // n] if seeds is not None and i < num_prompts * n else None
-            if seed is None:
-                keys.append(jax.random.fold_in(call_key, i))
-            else:  # any 64-bit seed, as two 32-bit words
-                seed = int(seed) % (1 << 64)
-                key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), seed >> 32), seed & 0xFFFFFFFF)
-                keys.append(jax.random.fold_in(key, i % n))
-        return jax.random.wrap_key_data(np.stack([np.asarray(jax.random.key_data(k)) for k in keys]))
+        seeded, hi, lo = np.zeros(rows, bool), np.zeros(rows, np.uint32), np.zeros(rows, np.uint32)
+        for i in range(min(rows, num_prompts * n) if seeds is not None else 0):
+            if seeds[i // n] is not None:  # any 64-bit seed, as two 32-bit words
+                seed = int(seeds[i // n]) % (1 << 64)
+                seeded[i], hi[i], lo[i] = True, seed >> 32, seed & 0xFFFFFFFF
+        return _row_keys_fn()(self._key, np.uint32(self._calls), seeded, hi, lo, np.uint32(n))
 
     def complete(self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs, seeds=None):
         from proxykd_jax.models.sampling import generate  # pylint: disable=import-outside-toplevel
