@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from _common import matmul_peak, median_time, print_table  # noqa: E402
+from proxykd_jax import losses  # noqa: E402
 from proxykd_jax.models.llama import Llama, ModelConfig, flops_per_token  # noqa: E402
 from proxykd_jax.parallel import LOGICAL_RULES, batch_sharding, global_batch, make_mesh  # noqa: E402
 from proxykd_jax.parallel.mesh import default_config as mesh_default_config  # noqa: E402
@@ -32,11 +33,22 @@ from proxykd_jax.train.optim import default_config as optim_default_config  # no
 CFG = ModelConfig(vocab_size=8192, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=32, d_ff=1024,
                   max_seq_len=256)
 BATCH, LENGTH = 8, 256
+CHUNK = 512  # tokens per logits tile of the fused cross-entropy
 
 
-def ce_loss(model, batch):
-    logits = model(batch["tokens"])
-    logp = jax.nn.log_softmax(logits, axis=-1)
+def ce_loss(model, batch, chunk_size=CHUNK):
+    """Mean next-token cross-entropy: the library's fused linear + CE (`losses.cross_entropy_chunked`)."""
+    hidden = model.hidden(batch["tokens"])
+    targets = batch["targets"].reshape(-1)
+    ce_sum, n_tokens = losses.cross_entropy_chunked(hidden.reshape(-1, hidden.shape[-1]), model.unembedding(),
+                                                    targets, jnp.ones(targets.shape, jnp.float32),
+                                                    chunk_size=chunk_size)
+    return ce_sum / n_tokens, {}
+
+
+def dense_ce_loss(model, batch):
+    """The same loss from full [B, L, V] logits (plain autodiff), for comparison."""
+    logp = jax.nn.log_softmax(model(batch["tokens"]), axis=-1)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     return jnp.mean(nll), {}
 
@@ -46,14 +58,14 @@ def host_batch(seed: int = 0) -> dict[str, np.ndarray]:
     return {"tokens": seq[:, :-1], "targets": seq[:, 1:]}
 
 
-def jax_step_fn():
+def jax_step_fn(loss_fn=ce_loss):
     """The benchmarked JAX step as a blocking closure."""
     mesh = make_mesh(mesh_default_config())
     optim_cfg = optim_default_config()
     optim_cfg.warmup_steps = 10
     optimizer = make_optimizer(optim_cfg, total_steps=1000)
     graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, CFG, rngs=nnx.Rngs(0))
-    step = make_train_step(ce_loss, graphdef, optimizer, state_shardings=shardings,
+    step = make_train_step(loss_fn, graphdef, optimizer, state_shardings=shardings,
                            batch_shardings=batch_sharding(mesh, LOGICAL_RULES))
     batch = global_batch(host_batch(), mesh, LOGICAL_RULES)
     holder = {"state": state}
@@ -65,8 +77,8 @@ def jax_step_fn():
     return run
 
 
-def torch_step_fn():
-    """The same step in PyTorch eager + transformers, or None without torch."""
+def torch_step_fn(compile_model: bool = False):
+    """The same step in PyTorch + transformers (eager, or the model under torch.compile), or None without torch."""
     try:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -78,12 +90,13 @@ def torch_step_fn():
                          num_key_value_heads=CFG.num_kv_heads, head_dim=CFG.head_dim, max_position_embeddings=LENGTH,
                          tie_word_embeddings=False, rms_norm_eps=CFG.rms_eps)
     model = LlamaForCausalLM(config).train()
+    forward = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     batch = host_batch()
     tokens, targets = torch.from_numpy(batch["tokens"]).long(), torch.from_numpy(batch["targets"]).long()
 
     def run():
-        logits = model(input_ids=tokens).logits
+        logits = forward(input_ids=tokens).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG.vocab_size).float(), targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -107,24 +120,30 @@ def interleaved_medians(fns: dict, *, warmup: int, steps: int, rounds: int) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round (median reported)")
-    parser.add_argument("--rounds", type=int, default=4, help="alternating JAX / PyTorch rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds over the implementations")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (incl. compilation)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="also time PyTorch with the model under torch.compile (needs a C++ compiler)")
+    parser.add_argument("--no-dense-ce", action="store_true", help="skip the JAX row with the dense cross-entropy")
     args = parser.parse_args()
 
     tokens = BATCH * LENGTH
     flops_tok = flops_per_token(CFG, LENGTH)
     peak = matmul_peak()
-    rows = []
-    fns = {"jax": jax_step_fn()}
-    torch_fn = None if args.no_torch else torch_step_fn()
-    if torch_fn is not None:
-        fns["torch"] = torch_fn
+    fns = {f"jax (jit), fused CE, tiles of {CHUNK}": jax_step_fn()}
+    if not args.no_dense_ce:
+        fns["jax (jit), dense CE"] = jax_step_fn(dense_ce_loss)
+    if not args.no_torch:
+        for name, compiled in (("pytorch eager", False), ("pytorch torch.compile", True)):
+            if compiled and not args.torch_compile:
+                continue
+            fn = torch_step_fn(compiled)
+            if fn is not None:
+                fns[name] = fn
     medians = interleaved_medians(fns, warmup=args.warmup, steps=args.steps, rounds=args.rounds)
-    jax_s, torch_s = medians["jax"], medians.get("torch")
-    for name, seconds in (("jax (jit)", jax_s), ("pytorch eager", torch_s)):
-        if seconds is None:
-            continue
+    rows = []
+    for name, seconds in medians.items():
         achieved = flops_tok * tokens / seconds
         rows.append([name, tokens / seconds, flops_tok / 1e6, achieved / 1e9, peak / 1e9, achieved / peak])
     print(f"# train_step, {datetime.date.today()}, jax {jax.__version__} on {jax.devices()[0].device_kind} "
@@ -132,8 +151,10 @@ def main() -> None:
           f"rounds of {args.steps} steps")
     print("# FLOPs/token: 2 per MAC, training = 3x forward, causal attention halved, embedding lookup free")
     print_table(rows, ["impl", "tokens/s", "MFLOP/token", "GFLOP/s", "matmul peak GFLOP/s", "frac of peak"])
-    if torch_s is not None:
-        print(f"JAX / PyTorch tokens/s ratio: {torch_s / jax_s:.2f}")
+    jax_s = next(iter(medians.values()))
+    for name, seconds in medians.items():
+        if name.startswith("pytorch"):
+            print(f"JAX / {name} tokens/s ratio: {seconds / jax_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -292,6 +292,43 @@ def test_cross_entropy_matches_numpy_and_chunked():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
 
 
+def test_fused_cross_entropy_gradients_scale_with_the_cotangent():
+    """The fused CE computes its gradient in the forward pass; the backward only scales it by the
+    cotangent of ce_sum. Check a non-unit cotangent, the mask's gradient (= NLL per token), a tile
+    size that does not divide N, and that jit without differentiation gives the same value."""
+    hidden, w, targets, _, _, _, mask, _ = _kd_inputs()
+
+    def objective(f, h, W, m):
+        ce, n = f(h, W, targets, m)
+        return 3.7 * ce / n + jnp.sum(ce * h[:2])  # cotangent of ce_sum depends on h: not a constant
+
+    fused = functools.partial(L.cross_entropy_chunked, chunk_size=4)
+    grads_f = jax.jit(jax.grad(functools.partial(objective, fused), argnums=(0, 1, 2)))(hidden, w, mask)
+    grads_d = jax.jit(jax.grad(lambda h, W, m: objective(lambda *a: L.cross_entropy(a[0] @ a[1], *a[2:]), h, W, m),
+                               argnums=(0, 1, 2)))(hidden, w, mask)
+    for a, b in zip(grads_f, grads_d):
+        assert float(jnp.abs(b).max()) > 1e-3
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
+    ce_jit, _ = jax.jit(fused)(hidden, w, targets, mask)
+    ce_ref, _ = L.cross_entropy(hidden @ w, targets, mask)
+    np.testing.assert_allclose(float(ce_jit), float(ce_ref), rtol=RTOL)
+
+
+def test_fused_cross_entropy_bfloat16_inputs():
+    hidden, w, targets, _, _, _, mask, _ = _kd_inputs()
+    h16, w16 = hidden.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    fn = jax.jit(jax.value_and_grad(lambda h, W: L.cross_entropy_chunked(h, W, targets, mask, chunk_size=5)[0],
+                                    argnums=(0, 1)))
+    val, (gh, gw) = fn(h16, w16)
+    assert gh.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
+    ref_val, (rh, rw) = jax.value_and_grad(
+        lambda h, W: L.cross_entropy(jnp.dot(h, W, preferred_element_type=jnp.float32), targets, mask)[0],
+        argnums=(0, 1))(h16.astype(jnp.float32), w16.astype(jnp.float32))
+    np.testing.assert_allclose(float(val), float(ref_val), rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(gh, np.float32), np.asarray(rh), rtol=0.05, atol=0.02)
+    np.testing.assert_allclose(np.asarray(gw, np.float32), np.asarray(rw), rtol=0.05, atol=0.02)
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_sequence_logprobs_chunked_equals_dense(normalize):
     keys = jax.random.split(jax.random.key(3), 4)

@@ -52,3 +52,21 @@ def test_chunked_temp_constant_in_tokens(temps):
     # doubling N adds only per-token vectors and the [N, D] hidden gradient (2 MiB here), not N x V
     assert temps["chunked_8k"] < 1.25 * temps["chunked_4k"], temps
     assert temps["chunked_8k"] - temps["chunked_4k"] < 4096 * V * 4 / 64, temps
+
+
+def _ce_temp_bytes(n):
+    """temp_size_in_bytes of jit(grad(fused CE mean wrt hidden and W)) at N = n tokens."""
+    def objective(hidden, w, targets, mask):
+        ce_sum, n_tokens = L.cross_entropy_chunked(hidden, w, targets, mask, chunk_size=CHUNK)
+        return ce_sum / n_tokens
+
+    spec = jax.ShapeDtypeStruct
+    args = (spec((n, D), jnp.float32), spec((D, V), jnp.float32), spec((n,), jnp.int32), spec((n,), jnp.float32))
+    return jax.jit(jax.grad(objective, argnums=(0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_fused_cross_entropy_temp_bounded_and_constant_in_tokens():
+    small, large = _ce_temp_bytes(4096), _ce_temp_bytes(8192)
+    tile, full_logits = CHUNK * V * 4, 4096 * V * 4
+    assert small < 2 * tile <= full_logits / 8, (small, tile)  # one logits tile (+ its gradient) and dW: no [N, V]
+    assert large - small < 4096 * V * 4 / 64, (small, large)  # doubling N adds per-token rows only

@@ -187,3 +187,36 @@ def test_flops_per_token_convention():
     fwd = llama.flops_per_token(cfg, 16, backward=False)
     assert fwd == 2 * mm + 2 * cfg.num_layers * 4 * 8 * 16
     assert llama.flops_per_token(cfg, 16) == 3 * fwd
+
+
+@pytest.mark.parametrize("length,num_blocks", [(256, None), (96, 3), (40, 1)])
+def test_self_attend_matches_dense_attention(length, num_blocks):
+    """Block-causal self-attention (custom VJP) against the dense masked `attend` it replaces in
+    training: values and q/k/v gradients on packed rows with padding and grouped-query heads."""
+    b, h, g, e = 3, 4, 2, 8
+    keys = jax.random.split(jax.random.key(length), 4)
+    q = jax.random.normal(keys[0], (b, length, h, e))
+    k = jax.random.normal(keys[1], (b, length, g, e))
+    v = jax.random.normal(keys[2], (b, length, g, e))
+    seg = np.ones((b, length), np.int32)
+    seg[1, length // 3:] = 2
+    seg[2, length // 2:length - 5], seg[2, length - 5:] = 2, 0
+    seg = jnp.asarray(seg)
+    pos = llama.positions_from_segments(seg)
+    real = np.asarray(seg) != 0
+    cotangent = jax.random.normal(keys[3], q.shape) * jnp.asarray(real)[:, :, None, None]  # padding rows unused
+    blocked, blocked_vjp = jax.vjp(lambda *a: llama.self_attend(*a, pos, seg, num_blocks), q, k, v)
+    dense, dense_vjp = jax.vjp(lambda *a: llama.attend(*a, pos, pos, seg, seg), q, k, v)
+    np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(dense)[real], rtol=1e-5, atol=1e-5)
+    for got, want in zip(blocked_vjp(cotangent), dense_vjp(cotangent)):
+        assert float(jnp.abs(want).max()) > 0.1
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    if num_blocks is None:
+        assert llama.causal_blocks(length) == 4  # the default path really is blocked at this length
+
+
+def test_self_attend_rejects_blocks_that_do_not_divide_the_length():
+    x = jnp.ones((1, 10, 2, 4))
+    ones = jnp.ones((1, 10), jnp.int32)
+    with pytest.raises(ValueError, match="3 query blocks do not divide the sequence length 10"):
+        llama.self_attend(x, x, x, ones, ones, 3)

@@ -13,9 +13,12 @@ All keyword arguments are static: bind them with functools.partial before jax.ji
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from proxykd_jax.losses.divergences import check_divergence_args
 from proxykd_jax.losses.divergences import divergence as dense_divergence
@@ -118,17 +121,88 @@ def _uniforms(rng, n: int, tail_mode_or_sampled, num_samples: int):
 
 
 def cross_entropy_chunked(hidden_NxD, W_DxV, targets_N, mask_N, *, chunk_size: int = 256):
-    """Masked CE from hidden states and the unembedding, tiled over tokens: (ce_sum, n_tokens)."""
+    """Masked CE from hidden states and the unembedding, tiled over tokens: (ce_sum, n_tokens).
+
+    Under differentiation the gradient is computed in the forward pass, tile by tile (a
+    `jax.custom_vjp`): each tile's logits give both its NLL and dNLL/dlogits = softmax - onehot,
+    which is contracted at once into the hidden-state gradient and a running float32 dW. No logits
+    tile is kept or recomputed (three unembedding matmuls in all, as for the dense loss, instead
+    of four with rematerialisation), and the backward pass only scales the saved gradients by the
+    cotangent of ce_sum. Peak memory is one [chunk_size, V] tile plus dW.
+    """
     _check_static(chunk_size, 1.0)
     _check_rows(dict(targets_N=targets_N, mask_N=mask_N), hidden_NxD.shape[0])
+    if hidden_NxD.shape[0] == 0:
+        raise ValueError("losses: the batch has no tokens (N = 0); pass at least one token row.")
+    mask_N = mask_N.astype(jnp.float32)
+    return _fused_ce(hidden_NxD, W_DxV, targets_N, mask_N, chunk_size), jnp.sum(mask_N)
 
-    def tile_fn(args):
-        hidden_CxD, targets_C = args
-        return _nll(jax.nn.log_softmax(_logits(hidden_CxD, W_DxV), axis=-1), targets_C)
 
-    nll_N = _map_tiles(tile_fn, (hidden_NxD, targets_N), chunk_size)
-    ce_sum, _, n_tokens = _masked_sums(nll_N, nll_N, mask_N, mask_N)
-    return ce_sum, n_tokens
+def _ce_tiles(hidden_NxD, targets_N, mask_N, chunk_size):
+    """[T, C, ...] tiles of the per-token inputs; padded rows (edge copies) get mask 0."""
+    n = hidden_NxD.shape[0]
+    chunk = min(chunk_size, n)
+    num_tiles = -(-n // chunk)
+    pad = num_tiles * chunk - n
+
+    def tile(x, mode="edge"):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode=mode) if pad else x
+        return x.reshape((num_tiles, chunk) + x.shape[1:])
+
+    return tile(hidden_NxD), tile(targets_N), tile(mask_N, "constant")
+
+
+def _ce_tile_terms(hidden_CxD, W_DxV, targets_C, mask_C):
+    """Masked NLL sum of one tile and its gradient wrt the tile's float32 logits."""
+    logits_CxV = _logits(hidden_CxD, W_DxV)
+    shifted = logits_CxV - jnp.max(logits_CxV, axis=-1, keepdims=True)
+    unnorm = jnp.exp(shifted)
+    total_C = jnp.sum(unnorm, axis=-1)
+    onehot = jnp.arange(logits_CxV.shape[-1])[None, :] == targets_C[:, None]
+    target_C = jnp.sum(jnp.where(onehot, shifted, 0.0), axis=-1)
+    nll_C = jnp.where(mask_C != 0, jnp.log(total_C) - target_C, 0.0)  # masked tokens: no value, no gradient
+    dlogits_CxV = (unnorm / total_C[:, None] - onehot) * mask_C[:, None]
+    return jnp.sum(mask_C * nll_C), nll_C, dlogits_CxV
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_ce(hidden_NxD, W_DxV, targets_N, mask_N, chunk_size):
+    hidden_T, targets_T, mask_T = _ce_tiles(hidden_NxD, targets_N, mask_N, chunk_size)
+
+    def tile_sum(args):
+        return _ce_tile_terms(args[0], W_DxV, args[1], args[2])[0]
+
+    return jnp.sum(jax.lax.map(tile_sum, (hidden_T, targets_T, mask_T)))
+
+
+def _fused_ce_fwd(hidden_NxD, W_DxV, targets_N, mask_N, chunk_size):
+    hidden_T, targets_T, mask_T = _ce_tiles(hidden_NxD, targets_N, mask_N, chunk_size)
+
+    def step(dW_DxV, args):
+        hidden_CxD, targets_C, mask_C = args
+        nll_sum, nll_C, dlogits_CxV = _ce_tile_terms(hidden_CxD, W_DxV, targets_C, mask_C)
+        dlogits = dlogits_CxV.astype(W_DxV.dtype)
+        dhidden_CxD = jax.lax.dot_general(dlogits, W_DxV, (((1,), (1,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
+        dW_DxV = dW_DxV + jax.lax.dot_general(hidden_CxD, dlogits, (((0,), (0,)), ((), ())),
+                                              preferred_element_type=jnp.float32)
+        return dW_DxV, (nll_sum, nll_C, dhidden_CxD.astype(hidden_CxD.dtype))
+
+    dW_DxV, (sums_T, nll_T, dhidden_T) = jax.lax.scan(step, jnp.zeros(W_DxV.shape, jnp.float32),
+                                               (hidden_T, targets_T, mask_T))
+    n = hidden_NxD.shape[0]
+    dhidden_NxD = dhidden_T.reshape((-1, hidden_NxD.shape[1]))[:n]
+    nll_N = nll_T.reshape(-1)[:n]
+    return jnp.sum(sums_T), (dhidden_NxD, dW_DxV.astype(W_DxV.dtype), targets_N, nll_N)
+
+
+def _fused_ce_bwd(chunk_size, res, g):
+    dhidden_NxD, dW_DxV, targets_N, nll_N = res  # d ce_sum / d mask_t = NLL_t (0 where mask_t = 0)
+    return (g.astype(dhidden_NxD.dtype) * dhidden_NxD, g.astype(dW_DxV.dtype) * dW_DxV,
+            np.zeros(targets_N.shape, jax.dtypes.float0), g * nll_N)
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 # ----------------------------------------------------------------------------- sparse targets
