@@ -212,6 +212,18 @@ def test_sparse_kd_chunked_equals_dense(kind, tail_mode, temperature):
     for g, g_d in zip(grads, grads_d):
         assert np.all(np.isfinite(np.asarray(g)))
         np.testing.assert_allclose(np.asarray(g), np.asarray(g_d), rtol=RTOL, atol=ATOL)
+    # the fused objective (gradient computed in the forward pass): same value, metrics and gradients
+    fused = functools.partial(L.sparse_kd_objective, alpha=3.0, chunk_size=4)
+
+    def fused_loss(h, W):
+        loss_sum, ce, kd, n = fused(h, W, targets, ids, lps, tail, mask, weight, **kw)
+        return loss_sum / jnp.maximum(n, 1.0), (ce, kd, n)
+
+    (val_f, aux_f), grads_f = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1), has_aux=True))(hidden, w)
+    np.testing.assert_allclose(float(val_f), float(val_d), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(np.asarray(aux_f), np.asarray(aux_d), rtol=RTOL, atol=ATOL)
+    for g, g_d in zip(grads_f, grads_d):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_d), rtol=RTOL, atol=ATOL)
 
 
 def test_sparse_kd_sums_match_per_token_reference():
@@ -268,6 +280,16 @@ def test_dense_kd_chunked_equals_dense(kind, sampled):
     np.testing.assert_allclose(float(val), float(val_d), rtol=RTOL, atol=ATOL)
     for g, g_d in zip(grads, grads_d):
         np.testing.assert_allclose(np.asarray(g), np.asarray(g_d), rtol=RTOL, atol=ATOL)
+
+    def fused_loss(h, W):
+        loss_sum, _, _, n = L.dense_kd_objective(h, W, targets, t_hidden, t_w, mask, weight, alpha=2.0,
+                                                 chunk_size=6, **kw)
+        return loss_sum / n
+
+    val_f, grads_f = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)))(hidden, w)
+    np.testing.assert_allclose(float(val_f), float(val_d), rtol=RTOL, atol=ATOL)
+    for g, g_d in zip(grads_f, grads_d):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_d), rtol=RTOL, atol=ATOL)
     # the student as its own teacher: the KD term vanishes
     self_kd = jax.jit(functools.partial(L.dense_kd_loss, divergence=kind, chunk_size=6))
     _, kd_self, _ = self_kd(hidden, w, targets, hidden, w, mask, weight)
@@ -294,8 +316,8 @@ def test_cross_entropy_matches_numpy_and_chunked():
 
 def test_fused_cross_entropy_gradients_scale_with_the_cotangent():
     """The fused CE computes its gradient in the forward pass; the backward only scales it by the
-    cotangent of ce_sum. Check a non-unit cotangent, the mask's gradient (= NLL per token), a tile
-    size that does not divide N, and that jit without differentiation gives the same value."""
+    cotangent of ce_sum. Check a cotangent that depends on the inputs, a tile size that does not
+    divide N, and that jit without differentiation gives the same value."""
     hidden, w, targets, _, _, _, mask, _ = _kd_inputs()
 
     def objective(f, h, W, m):
@@ -303,9 +325,9 @@ def test_fused_cross_entropy_gradients_scale_with_the_cotangent():
         return 3.7 * ce / n + jnp.sum(ce * h[:2])  # cotangent of ce_sum depends on h: not a constant
 
     fused = functools.partial(L.cross_entropy_chunked, chunk_size=4)
-    grads_f = jax.jit(jax.grad(functools.partial(objective, fused), argnums=(0, 1, 2)))(hidden, w, mask)
+    grads_f = jax.jit(jax.grad(functools.partial(objective, fused), argnums=(0, 1)))(hidden, w, mask)
     grads_d = jax.jit(jax.grad(lambda h, W, m: objective(lambda *a: L.cross_entropy(a[0] @ a[1], *a[2:]), h, W, m),
-                               argnums=(0, 1, 2)))(hidden, w, mask)
+                               argnums=(0, 1)))(hidden, w, mask)
     for a, b in zip(grads_f, grads_d):
         assert float(jnp.abs(b).max()) > 1e-3
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)

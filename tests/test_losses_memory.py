@@ -14,9 +14,12 @@ from proxykd_jax import losses as L
 V, D, K, CHUNK = 131072, 64, 64, 256
 
 
-def _temp_bytes(loss_fn, n):
+def _temp_bytes(loss_fn, n, fused=False):
     """temp_size_in_bytes of jit(value_and_grad(CE + KD objective wrt hidden and W)) at N = n tokens."""
     def objective(hidden, w, targets, ids, lps, tail, mask, weight):
+        if fused:
+            loss_sum, _, _, n_tokens = loss_fn(hidden, w, targets, ids, lps, tail, mask, weight, alpha=100.0)
+            return loss_sum / n_tokens
         return L.kd_objective(*loss_fn(hidden, w, targets, ids, lps, tail, mask, weight), alpha=100.0)
 
     spec = jax.ShapeDtypeStruct
@@ -32,8 +35,10 @@ def _temp_bytes(loss_fn, n):
 @pytest.fixture(scope="module")
 def temps():
     chunked = functools.partial(L.sparse_kd_loss, chunk_size=CHUNK)
+    fused = functools.partial(L.sparse_kd_objective, chunk_size=CHUNK)
     return dict(chunked_4k=_temp_bytes(chunked, 4096), chunked_8k=_temp_bytes(chunked, 8192),
-                dense_4k=_temp_bytes(L.sparse_kd_loss_dense, 4096))
+                dense_4k=_temp_bytes(L.sparse_kd_loss_dense, 4096),
+                fused_4k=_temp_bytes(fused, 4096, True), fused_8k=_temp_bytes(fused, 8192, True))
 
 
 def test_dense_reference_materialises_full_logits(temps):
@@ -52,6 +57,12 @@ def test_chunked_temp_constant_in_tokens(temps):
     # doubling N adds only per-token vectors and the [N, D] hidden gradient (2 MiB here), not N x V
     assert temps["chunked_8k"] < 1.25 * temps["chunked_4k"], temps
     assert temps["chunked_8k"] - temps["chunked_4k"] < 4096 * V * 4 / 64, temps
+
+
+def test_fused_objective_temp_bounded_and_constant_in_tokens(temps):
+    tile = CHUNK * V * 4
+    assert temps["fused_4k"] < 5 * tile, temps  # logits tile, its gradient, log-probs; dW [D, V] = tile / 4
+    assert temps["fused_8k"] - temps["fused_4k"] < 4096 * V * 4 / 64, temps
 
 
 def _ce_temp_bytes(n):

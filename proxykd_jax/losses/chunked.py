@@ -1,11 +1,19 @@
 """Memory-bounded student losses: logits computed tile by tile over tokens, never [N, V] at once.
 
 Each chunked function splits the N tokens into tiles of `chunk_size` (the last tile padded by
-repeating the final row, then masked out), maps a `jax.checkpoint`-ed tile function over them with
-`jax.lax.map`, and so holds one float32 [chunk_size, V] logits tile at a time in the forward pass and
-rematerialises it per tile in the backward pass. The student's log-softmax is computed once per
-tile and shared by the CE and KD terms (a second one only when temperature != 1). Every chunked
-function has a `*_dense` twin computing the same from full logits, for tests.
+repeating the final row, then masked out) and holds one float32 [chunk_size, V] logits tile at a
+time. Two kinds:
+
+- fused (`cross_entropy_chunked`, `sparse_kd_objective`, `dense_kd_objective`; what the training
+  steps use): the gradient wrt hidden and W is computed in the forward pass, tile by tile, and the
+  backward pass only scales it (see "fused linear + loss" below). One differentiable output.
+- rematerialised (`sparse_kd_loss`, `dense_kd_loss`, `sequence_logprobs`): `jax.lax.map` of a
+  `jax.checkpoint`-ed tile; every output is differentiable; the backward pass recomputes each
+  tile's logits (four unembedding matmuls instead of three).
+
+The student's log-softmax is computed once per tile and shared by the CE and KD terms (a second one
+only when temperature != 1). Every chunked function has a `*_dense` twin (or, for the fused
+objectives, the `*_loss_dense` one) computing the same from full logits, for tests.
 
 Normalisation is the caller's: the losses return sums and the token count; the default objective
 (`kd_objective`) is the per-token mean L = CE_sum / n_tokens + alpha * KD_weighted_sum / n_tokens.
@@ -117,92 +125,117 @@ def _uniforms(rng, n: int, tail_mode_or_sampled, num_samples: int):
     return jax.random.uniform(rng, (n, num_samples), jnp.float32)
 
 
+# ----------------------------------------------------------------------------- fused linear + loss
+#
+# The `cross_entropy_chunked` and `*_kd_objective` losses compute their gradient in the forward
+# pass, tile by tile (a `jax.custom_vjp`): each tile's logits give its loss and, by a VJP of the
+# tile's loss wrt the logits, dLoss/dlogits, which is contracted at once into the tile's
+# hidden-state gradient and a running float32 dW. No logits tile is kept or recomputed: three
+# unembedding matmuls in all, as for the dense loss (rematerialisation needs four), and no [N, V]
+# array. The backward pass only scales the saved gradients by the loss's cotangent, so gradients
+# flow to `hidden_NxD` and `W_DxV` only (targets, masks, weights and teacher inputs are data).
+
+
+def _pad_tiles(x, num_tiles: int, chunk: int, mode: str = "edge"):
+    pad = num_tiles * chunk - x.shape[0]
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode=mode) if pad else x
+    return x.reshape((num_tiles, chunk) + x.shape[1:])
+
+
+def _fused_tiles(hidden_NxD, mask_N, per_token: tuple, chunk_size: int):
+    """[T, C, ...] tiles: padded rows repeat the last row (edge) with mask 0."""
+    n = hidden_NxD.shape[0]
+    chunk = min(chunk_size, n)
+    num_tiles = -(-n // chunk)
+    tiles = tuple(_pad_tiles(x, num_tiles, chunk) for x in (hidden_NxD, *per_token))
+    return tiles[0], _pad_tiles(mask_N, num_tiles, chunk, "constant"), tiles[1:]
+
+
+def _zero_cotangent(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
+def _fused_linear_loss(tile_fn, hidden_NxD, W_DxV, mask_N, per_token, shared, chunk_size):
+    """sum over token tiles of `tile_fn(logits_CxV, mask_C, *per_token_C, *shared) -> (loss, aux)`."""
+    hidden_T, mask_T, tokens_T = _fused_tiles(hidden_NxD, mask_N, per_token, chunk_size)
+
+    def tile(args):
+        hidden_CxD, mask_C, *tokens_C = args
+        return tile_fn(_logits(hidden_CxD, W_DxV), mask_C, *tokens_C, *shared)
+
+    loss_T, aux_T = jax.lax.map(tile, (hidden_T, mask_T, *tokens_T))
+    return jnp.sum(loss_T), jax.tree.map(lambda a: jnp.sum(a, axis=0), aux_T)
+
+
+def _fused_linear_loss_fwd(tile_fn, hidden_NxD, W_DxV, mask_N, per_token, shared, chunk_size):
+    hidden_T, mask_T, tokens_T = _fused_tiles(hidden_NxD, mask_N, per_token, chunk_size)
+
+    def step(dW_DxV, args):
+        hidden_CxD, mask_C, *tokens_C = args
+        loss, tile_vjp, aux = jax.vjp(lambda logits: tile_fn(logits, mask_C, *tokens_C, *shared),
+                                      _logits(hidden_CxD, W_DxV), has_aux=True)
+        dlogits_CxV = tile_vjp(jnp.ones_like(loss))[0].astype(W_DxV.dtype)
+        dhidden_CxD = jax.lax.dot_general(dlogits_CxV, W_DxV, (((1,), (1,)), ((), ())),
+                                          preferred_element_type=jnp.float32)
+        dW_DxV = dW_DxV + jax.lax.dot_general(hidden_CxD, dlogits_CxV, (((0,), (0,)), ((), ())),
+                                              preferred_element_type=jnp.float32)
+        return dW_DxV, (loss, aux, dhidden_CxD.astype(hidden_CxD.dtype))
+
+    dW_DxV, (loss_T, aux_T, dhidden_T) = jax.lax.scan(step, jnp.zeros(W_DxV.shape, jnp.float32),
+                                                      (hidden_T, mask_T, *tokens_T))
+    dhidden_NxD = dhidden_T.reshape((-1, hidden_NxD.shape[1]))[:hidden_NxD.shape[0]]
+    out = (jnp.sum(loss_T), jax.tree.map(lambda a: jnp.sum(a, axis=0), aux_T))
+    return out, (dhidden_NxD, dW_DxV.astype(W_DxV.dtype), mask_N, per_token, shared)
+
+
+def _fused_linear_loss_bwd(tile_fn, chunk_size, res, cotangents):
+    dhidden_NxD, dW_DxV, mask_N, per_token, shared = res
+    g = cotangents[0]  # aux outputs are metrics: the public functions return them under stop_gradient
+    return (g.astype(dhidden_NxD.dtype) * dhidden_NxD, g.astype(dW_DxV.dtype) * dW_DxV, _zero_cotangent(mask_N),
+            jax.tree.map(_zero_cotangent, per_token), jax.tree.map(_zero_cotangent, shared))
+
+
+_fused_linear_loss.defvjp(_fused_linear_loss_fwd, _fused_linear_loss_bwd)
+
+
+def _fused(tile_fn, hidden_NxD, W_DxV, mask_N, per_token=(), shared=(), *, chunk_size: int):
+    if hidden_NxD.shape[0] == 0:
+        raise ValueError("losses: the batch has no tokens (N = 0); pass at least one token row.")
+    loss, aux = _fused_linear_loss(tile_fn, hidden_NxD, W_DxV, mask_N.astype(jnp.float32), tuple(per_token),
+                                   tuple(shared), chunk_size)
+    return loss, jax.lax.stop_gradient(aux)
+
+
+def _masked_tile_sums(mask_C, ce_C, kd_C, weight_C):
+    on_C = mask_C != 0
+    ce = jnp.sum(jnp.where(on_C, mask_C * ce_C, 0.0))
+    kd = jnp.sum(jnp.where(on_C, mask_C * weight_C.astype(jnp.float32) * kd_C, 0.0))
+    return ce, kd
+
+
 # ----------------------------------------------------------------------------- cross-entropy
+
+
+def _ce_tile(logits_CxV, mask_C, targets_C):
+    """Masked NLL sum of one tile, written without a gather (its VJP is softmax - onehot, no scatter)."""
+    shifted = logits_CxV - jax.lax.stop_gradient(jnp.max(logits_CxV, axis=-1, keepdims=True))
+    onehot = jnp.arange(logits_CxV.shape[-1])[None, :] == targets_C[:, None]
+    nll_C = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) - jnp.sum(jnp.where(onehot, shifted, 0.0), axis=-1)
+    return jnp.sum(jnp.where(mask_C != 0, mask_C * nll_C, 0.0)), ()
 
 
 def cross_entropy_chunked(hidden_NxD, W_DxV, targets_N, mask_N, *, chunk_size: int = 256):
     """Masked CE from hidden states and the unembedding, tiled over tokens: (ce_sum, n_tokens).
 
-    Under differentiation the gradient is computed in the forward pass, tile by tile (a
-    `jax.custom_vjp`): each tile's logits give both its NLL and dNLL/dlogits = softmax - onehot,
-    which is contracted at once into the hidden-state gradient and a running float32 dW. No logits
-    tile is kept or recomputed (three unembedding matmuls in all, as for the dense loss, instead
-    of four with rematerialisation), and the backward pass only scales the saved gradients by the
-    cotangent of ce_sum. Peak memory is one [chunk_size, V] tile plus dW.
+    Fused (see above): the gradient wrt hidden_NxD and W_DxV is computed in the forward pass.
     """
     _check_static(chunk_size, 1.0)
     _check_rows(dict(targets_N=targets_N, mask_N=mask_N), hidden_NxD.shape[0])
-    if hidden_NxD.shape[0] == 0:
-        raise ValueError("losses: the batch has no tokens (N = 0); pass at least one token row.")
-    mask_N = mask_N.astype(jnp.float32)
-    return _fused_ce(hidden_NxD, W_DxV, targets_N, mask_N, chunk_size), jnp.sum(mask_N)
-
-
-def _ce_tiles(hidden_NxD, targets_N, mask_N, chunk_size):
-    """[T, C, ...] tiles of the per-token inputs; padded rows (edge copies) get mask 0."""
-    n = hidden_NxD.shape[0]
-    chunk = min(chunk_size, n)
-    num_tiles = -(-n // chunk)
-    pad = num_tiles * chunk - n
-
-    def tile(x, mode="edge"):
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode=mode) if pad else x
-        return x.reshape((num_tiles, chunk) + x.shape[1:])
-
-    return tile(hidden_NxD), tile(targets_N), tile(mask_N, "constant")
-
-
-def _ce_tile_terms(hidden_CxD, W_DxV, targets_C, mask_C):
-    """Masked NLL sum of one tile and its gradient wrt the tile's float32 logits."""
-    logits_CxV = _logits(hidden_CxD, W_DxV)
-    shifted = logits_CxV - jnp.max(logits_CxV, axis=-1, keepdims=True)
-    unnorm = jnp.exp(shifted)
-    total_C = jnp.sum(unnorm, axis=-1)
-    onehot = jnp.arange(logits_CxV.shape[-1])[None, :] == targets_C[:, None]
-    target_C = jnp.sum(jnp.where(onehot, shifted, 0.0), axis=-1)
-    nll_C = jnp.where(mask_C != 0, jnp.log(total_C) - target_C, 0.0)  # masked tokens: no value, no gradient
-    dlogits_CxV = (unnorm / total_C[:, None] - onehot) * mask_C[:, None]
-    return jnp.sum(mask_C * nll_C), nll_C, dlogits_CxV
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused_ce(hidden_NxD, W_DxV, targets_N, mask_N, chunk_size):
-    hidden_T, targets_T, mask_T = _ce_tiles(hidden_NxD, targets_N, mask_N, chunk_size)
-
-    def tile_sum(args):
-        return _ce_tile_terms(args[0], W_DxV, args[1], args[2])[0]
-
-    return jnp.sum(jax.lax.map(tile_sum, (hidden_T, targets_T, mask_T)))
-
-
-def _fused_ce_fwd(hidden_NxD, W_DxV, targets_N, mask_N, chunk_size):
-    hidden_T, targets_T, mask_T = _ce_tiles(hidden_NxD, targets_N, mask_N, chunk_size)
-
-    def step(dW_DxV, args):
-        hidden_CxD, targets_C, mask_C = args
-        nll_sum, nll_C, dlogits_CxV = _ce_tile_terms(hidden_CxD, W_DxV, targets_C, mask_C)
-        dlogits = dlogits_CxV.astype(W_DxV.dtype)
-        dhidden_CxD = jax.lax.dot_general(dlogits, W_DxV, (((1,), (1,)), ((), ())),
-                                          preferred_element_type=jnp.float32)
-        dW_DxV = dW_DxV + jax.lax.dot_general(hidden_CxD, dlogits, (((0,), (0,)), ((), ())),
-                                              preferred_element_type=jnp.float32)
-        return dW_DxV, (nll_sum, nll_C, dhidden_CxD.astype(hidden_CxD.dtype))
-
-    dW_DxV, (sums_T, nll_T, dhidden_T) = jax.lax.scan(step, jnp.zeros(W_DxV.shape, jnp.float32),
-                                               (hidden_T, targets_T, mask_T))
-    n = hidden_NxD.shape[0]
-    dhidden_NxD = dhidden_T.reshape((-1, hidden_NxD.shape[1]))[:n]
-    nll_N = nll_T.reshape(-1)[:n]
-    return jnp.sum(sums_T), (dhidden_NxD, dW_DxV.astype(W_DxV.dtype), targets_N, nll_N)
-
-
-def _fused_ce_bwd(chunk_size, res, g):
-    dhidden_NxD, dW_DxV, targets_N, nll_N = res  # d ce_sum / d mask_t = NLL_t (0 where mask_t = 0)
-    return (g.astype(dhidden_NxD.dtype) * dhidden_NxD, g.astype(dW_DxV.dtype) * dW_DxV,
-            np.zeros(targets_N.shape, jax.dtypes.float0), g * nll_N)
-
-
-_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+    ce_sum, _ = _fused(_ce_tile, hidden_NxD, W_DxV, mask_N, (targets_N,), chunk_size=chunk_size)
+    return ce_sum, jnp.sum(mask_N.astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------- sparse targets
@@ -265,6 +298,36 @@ def sparse_kd_loss_dense(hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_N
                               kd_tail_N, uniforms_NxS, divergence=divergence, tail_mode=tail_mode,
                               temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
     return _masked_sums(ce_N, kd_N, mask_N, weight_N)
+
+
+def _objective_tile(tile_terms, alpha):
+    """(loss, (ce, kd)) of one tile from its per-token (nll_C, kd_C): loss = ce + alpha * kd."""
+    def tile_fn(logits_CxV, mask_C, weight_C, *rest):
+        ce, kd = _masked_tile_sums(mask_C, *tile_terms(logits_CxV, *rest), weight_C)
+        return ce + alpha * kd, (ce, kd)
+    return tile_fn
+
+
+def sparse_kd_objective(hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N,
+                        weight_N, *, alpha: float, divergence: str = "forward_kl", tail_mode: str = "tail",
+                        temperature: float = 1.0, jsd_beta: float = 0.5, skew_alpha: float = 0.1,
+                        num_samples: int = 16, chunk_size: int = 256, rng=None):
+    """`sparse_kd_loss` fused into one objective: (loss_sum, ce_sum, kd_sum, n_tokens).
+
+    loss_sum = ce_sum + alpha * kd_sum carries the gradient (wrt hidden_NxD and W_DxV, computed in
+    the forward pass; see "fused linear + loss"); ce_sum and kd_sum are the same sums as
+    `sparse_kd_loss` returns, as metrics without gradient. The distillation objective is
+    loss_sum / max(n_tokens, 1) (= `kd_objective`).
+    """
+    _sparse_setup(hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N,
+                  divergence, tail_mode, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], tail_mode == "sampled", num_samples)
+    terms = functools.partial(_sparse_tile, divergence=divergence, tail_mode=tail_mode,
+                              temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    loss_sum, (ce_sum, kd_sum) = _fused(
+        _objective_tile(terms, float(alpha)), hidden_NxD, W_DxV, mask_N,
+        (weight_N, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, uniforms_NxS), chunk_size=chunk_size)
+    return loss_sum, ce_sum, kd_sum, jnp.sum(mask_N.astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------- dense (white-box) targets
@@ -333,6 +396,28 @@ def dense_kd_loss_dense(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teache
                              targets_N, uniforms_NxS, divergence=divergence, temperature=temperature,
                              jsd_beta=jsd_beta, skew_alpha=skew_alpha, sampled=sampled)
     return _masked_sums(ce_N, kd_N, mask_N, weight_N)
+
+
+def dense_kd_objective(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
+                       *, alpha: float, divergence: str = "forward_kl", temperature: float = 1.0,
+                       jsd_beta: float = 0.5, skew_alpha: float = 0.1, sampled: bool = False,
+                       num_samples: int = 16, chunk_size: int = 256, rng=None):
+    """`dense_kd_loss` fused into one objective: (loss_sum, ce_sum, kd_sum, n_tokens), as
+    `sparse_kd_objective` (the teacher's logits are computed per tile, without gradient)."""
+    _dense_setup(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
+                 divergence, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], sampled, num_samples)
+    kw = dict(divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
+              sampled=sampled)
+
+    def terms(logits_CxV, teacher_hidden_CxE, targets_C, uniforms_CxS, teacher_W):
+        return _dense_tile(logits_CxV, _logits(teacher_hidden_CxE, teacher_W), targets_C, uniforms_CxS, **kw)
+
+    loss_sum, (ce_sum, kd_sum) = _fused(
+        _objective_tile(terms, float(alpha)), hidden_NxD, W_DxV, mask_N,
+        (weight_N, jax.lax.stop_gradient(teacher_hidden_NxE), targets_N, uniforms_NxS),
+        (jax.lax.stop_gradient(teacher_W_ExV),), chunk_size=chunk_size)
+    return loss_sum, ce_sum, kd_sum, jnp.sum(mask_N.astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------- sequence log-probs

@@ -13,7 +13,7 @@ the teacher tokens, written to `<run>/student_sft/` so the two students compare 
 
 White-box mode (`distill.white_box` = a Hugging Face folder): the target is a live open teacher's
 full distribution, computed in the same step from its frozen, non-donated parameters, tile by tile
-(`losses.dense_kd_loss`); no store is read and w_t = 1.
+(`losses.dense_kd_objective`); no store is read and w_t = 1.
 
 Departure from the v1 abstract: the store holds the posterior only (no separate prior target), so
 there is no prior term; train on a prior-only store (`posterior` with N_max = 0) to compare.
@@ -69,9 +69,11 @@ def _flatten(batch, *names):
     return [batch[n].reshape((-1,) + batch[n].shape[2:]) for n in names]
 
 
-def _metrics(ce_sum, kd_sum, n_tokens, alpha):
-    loss = losses.kd_objective(ce_sum, kd_sum, n_tokens, alpha)
+def _metrics(ce_sum, kd_sum, n_tokens, alpha, loss_sum=None):
+    """(loss, metrics); `loss_sum` (= ce_sum + alpha * kd_sum) carries the gradient when the fused
+    objective computed it, else the loss is formed from the two sums."""
     denom = jnp.maximum(n_tokens, 1.0)
+    loss = losses.kd_objective(ce_sum, kd_sum, n_tokens, alpha) if loss_sum is None else loss_sum / denom
     return loss, {"loss": loss, "ce": ce_sum / denom, "kd": kd_sum / denom, "tokens": n_tokens}
 
 
@@ -105,9 +107,10 @@ def make_loss_fn(loss_cfg, *, seed: int = 0):
         kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, weight_N = _flatten(batch, "kd_ids", "kd_logprobs", "kd_tail",
                                                                     "weight")
         rng = _sample_key(seed, batch) if kw["tail_mode"] == "sampled" else None
-        ce_sum, kd_sum, n_tokens = losses.sparse_kd_loss(
-            hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N, rng=rng, **kw)
-        return _metrics(ce_sum, kd_sum, n_tokens, alpha)
+        loss_sum, ce_sum, kd_sum, n_tokens = losses.sparse_kd_objective(
+            hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N, alpha=alpha,
+            rng=rng, **kw)
+        return _metrics(ce_sum, kd_sum, n_tokens, alpha, loss_sum)
 
     return loss_fn
 
@@ -117,7 +120,7 @@ def make_white_box_loss_fn(loss_cfg, teacher_graphdef, *, seed: int = 0):
 
     The teacher is a frozen Llama sharing the student's vocabulary, passed as its nnx state (a frozen,
     non-donated step input) and merged with `teacher_graphdef` here; its hidden states are computed
-    in the step under stop_gradient and its logits tile by tile inside `losses.dense_kd_loss`.
+    in the step under stop_gradient and its logits tile by tile inside `losses.dense_kd_objective`.
     Per-token weights are 1 (no proxy, no alignment weight). `loss.tail_mode == 'sampled'` selects
     the importance-sampled estimate; the other tail modes do not apply to dense targets.
     """
@@ -138,10 +141,10 @@ def make_white_box_loss_fn(loss_cfg, teacher_graphdef, *, seed: int = 0):
         teacher_W_ExV = jax.lax.stop_gradient(teacher.unembedding())
         targets_N, mask_N = _flatten(batch, "targets", "loss_mask")
         rng = _sample_key(seed, batch) if sampled else None
-        ce_sum, kd_sum, n_tokens = losses.dense_kd_loss(
+        loss_sum, ce_sum, kd_sum, n_tokens = losses.dense_kd_objective(
             hidden_NxD, model.unembedding(), targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N,
-            jnp.ones_like(mask_N, jnp.float32), sampled=sampled, rng=rng, **kw)
-        return _metrics(ce_sum, kd_sum, n_tokens, alpha)
+            jnp.ones_like(mask_N, jnp.float32), alpha=alpha, sampled=sampled, rng=rng, **kw)
+        return _metrics(ce_sum, kd_sum, n_tokens, alpha, loss_sum)
 
     return loss_fn
 
