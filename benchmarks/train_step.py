@@ -1,11 +1,21 @@
 """Throughput of one jitted AdamW train step of a small Llama, against the measured matmul peak.
 
     .venv/bin/python benchmarks/train_step.py [--steps 4] [--rounds 4] [--warmup 3] [--no-torch]
+                                              [--torch-compile] [--no-dense-ce]
 
 Model: 4 layers, d_model 256, 8 heads (head_dim 32), d_ff 1024, vocab 8192, seq 256, batch 8,
-float32, dense cross entropy, AdamW with global-norm clipping. FLOPs/token follow
-`models.llama.flops_per_token` (2 per MAC, training = 3x forward, causal attention halved). When
-torch + transformers import, the same step runs in PyTorch eager (LlamaForCausalLM, same shapes).
+float32, AdamW with global-norm clipping. Rows, timed in alternating rounds (median):
+
+  jax (jit), fused CE    the library's step (`train.make_train_step`) with the library's loss,
+                         `losses.cross_entropy_chunked` (gradient computed in the forward pass)
+  jax (jit), dense CE    the same step with log_softmax + take_along_axis over full [B, L, V] logits
+  pytorch eager          LlamaForCausalLM (transformers, sdpa attention) + F.cross_entropy, AdamW,
+                         clip_grad_norm_ (when torch + transformers import)
+  pytorch torch.compile  the same with the model under torch.compile (--torch-compile; needs a C++
+                         compiler, adds about a minute of compilation)
+
+FLOPs/token follow `models.llama.flops_per_token` (2 per MAC, training = 3x forward, causal
+attention halved).
 """
 from __future__ import annotations
 

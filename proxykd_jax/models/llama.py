@@ -264,43 +264,38 @@ def _block_probs(q_i, k_c, bias_i, r):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _causal_core(q_BxGxRxLxE, k_BxGxLxE, v_BxGxLxE, biases, num_blocks):
-    return _causal_core_fwd(q_BxGxRxLxE, k_BxGxLxE, v_BxGxLxE, biases, num_blocks)[0]
+def _causal_core(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r):
+    """Query blocks q[i] ([B, G, R * bq, E], rows of head group g) against keys [0, (i + 1) bq)."""
+    return _causal_core_fwd(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r)[0]
 
 
-def _causal_core_fwd(q, k, v, biases, num_blocks):
-    b, g, r, l, e = q.shape
-    bq = l // num_blocks
+def _causal_core_fwd(q, k, v, biases, r):
+    bq = q.shape[3] // r
     outs, probs = [], []
-    for i in range(num_blocks):
+    for i in range(q.shape[0]):
         c = (i + 1) * bq
-        q_i = q[:, :, :, i * bq:c].reshape(b, g, r * bq, e)
-        p = _block_probs(q_i, k[:, :, :c], biases[i], r)
+        p = _block_probs(q[i], k[:, :, :c], biases[i], r)
         probs.append(p)
-        outs.append(jnp.einsum("bgmc,bgce->bgme", p.astype(v.dtype), v[:, :, :c]).reshape(b, g, r, bq, e))
-    out = jnp.concatenate(outs, axis=3)
+        outs.append(jnp.einsum("bgmc,bgce->bgme", p.astype(v.dtype), v[:, :, :c]))
+    out = jnp.stack(outs)
     return out, (q, k, v, tuple(probs), out)
 
 
-def _causal_core_bwd(num_blocks, res, dout):
+def _causal_core_bwd(r, res, dout):
     q, k, v, probs, out = res
-    b, g, r, l, e = q.shape
-    bq = l // num_blocks
+    bq = q.shape[3] // r
     f32 = jnp.float32
     dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
     for i, p in enumerate(probs):
         c = (i + 1) * bq
-        rows = slice(i * bq, c)
-        do = dout[:, :, :, rows].reshape(b, g, r * bq, e)
-        o = out[:, :, :, rows].reshape(b, g, r * bq, e)
-        q_i = q[:, :, :, rows].reshape(b, g, r * bq, e)
+        do = dout[i]
         dv = dv.at[:, :, :c].add(jnp.einsum("bgmc,bgme->bgce", p.astype(do.dtype), do, preferred_element_type=f32))
         dp = jnp.einsum("bgme,bgce->bgmc", do, v[:, :, :c], preferred_element_type=f32)
-        delta = jnp.sum(do.astype(f32) * o.astype(f32), axis=-1, keepdims=True)
+        delta = jnp.sum(do.astype(f32) * out[i].astype(f32), axis=-1, keepdims=True)
         ds = (p * (dp - delta)).astype(q.dtype)
-        dq.append(jnp.einsum("bgmc,bgce->bgme", ds, k[:, :, :c]).reshape(b, g, r, bq, e))
-        dk = dk.at[:, :, :c].add(jnp.einsum("bgmc,bgme->bgce", ds, q_i, preferred_element_type=f32))
-    return jnp.concatenate(dq, axis=3), dk.astype(k.dtype), dv.astype(v.dtype), None
+        dq.append(jnp.einsum("bgmc,bgce->bgme", ds, k[:, :, :c]))
+        dk = dk.at[:, :, :c].add(jnp.einsum("bgmc,bgme->bgce", ds, q[i], preferred_element_type=f32))
+    return jnp.stack(dq), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _causal_core.defvjp(_causal_core_fwd, _causal_core_bwd)
@@ -315,7 +310,8 @@ def self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL,
     work drops to (n + 1) / 2n of it for n blocks). A custom VJP saves the float32 probabilities
     and applies the softmax backward directly (dS = P (dP - rowsum(dO O))). Measured on the
     benchmark shapes (B 8, L 256, H 8, E 32, 4 blocks): forward + backward 2x faster than
-    autodiff of `attend`.
+    autodiff of `attend`. The probabilities take (n + 1) / 2n of B H L^2 float32 per layer; on an
+    accelerator a fused (flash) kernel would keep only the row statistics (not built: BUILD_NOTES).
     """
     b, l, h, e = q_BxLxHxE.shape
     g = k_BxLxGxE.shape[2]
@@ -324,7 +320,9 @@ def self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL,
     if l % n:
         raise ValueError(f"self_attend: {n} query blocks do not divide the sequence length {l}.")
     bq = l // n
-    q = (q_BxLxHxE * jnp.asarray(1 / math.sqrt(e), q_BxLxHxE.dtype)).reshape(b, l, g, r, e).transpose(0, 2, 3, 1, 4)
+    # one transpose to query blocks [N, B, G, R * bq, E]: each block contiguous, rows ordered (r, t)
+    q = (q_BxLxHxE * jnp.asarray(1 / math.sqrt(e), q_BxLxHxE.dtype)).reshape(b, n, bq, g, r, e)
+    q = q.transpose(1, 0, 3, 4, 2, 5).reshape(n, b, g, r * bq, e)
     index = jnp.arange(l)
     biases = []
     for i in range(n):
@@ -334,8 +332,8 @@ def self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL,
         visible = ((q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
                    & (k_pos[:, None, :] <= q_pos[:, :, None]) & (index[None, :c] <= index[i * bq:c, None])[None])
         biases.append(jnp.where(visible, 0.0, _MASK_VALUE).astype(jnp.float32))
-    out = _causal_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), tuple(biases), n)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
+    out = _causal_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), tuple(biases), r)
+    return out.reshape(n, b, g, r, bq, e).transpose(1, 0, 4, 2, 3, 5).reshape(b, l, h, e)
 
 
 class Attention(nnx.Module):
