@@ -3,8 +3,9 @@
 `loss_fn(model, batch, *frozen) -> (loss, metrics)`: `model` is the trainable module (the proxy,
 or its LoRA adapters); `frozen` is empty, or `(base,)` with LoRA, the frozen base weights.
 
-Sequence log-probs never materialise [B, L, V] in float32: the model returns hidden states and
-`losses.sequence_logprobs` projects them onto the vocabulary a chunk of tokens at a time.
+Neither loss materialises [B, L, V] in float32: the model returns hidden states and the losses
+project them onto the vocabulary a chunk of tokens at a time (`losses.cross_entropy_chunked` for
+SFT, `losses.sequence_logprobs` for DPO's per-row log-probs).
 
 DPO reference: the reference (the proxy at the start of a round) is frozen for the whole round, so
 its sequence log-probs are constants of each pair. `reference_logprobs` computes them once per
@@ -40,11 +41,13 @@ def sequence_logprobs(model: nnx.Module, rows: dict, prefix: str = "", *, chunk:
 
 
 def sft_loss_fn(model, batch, *frozen, chunk: int):
-    """Token-mean NLL of the response tokens (teacher responses)."""
+    """Token-mean NLL of the response tokens (teacher responses), by the fused chunked CE."""
     policy = policy_of(model, frozen)
-    logp_B = sequence_logprobs(policy, batch, chunk=chunk)
-    n_tokens = jnp.sum(batch["loss_mask"])
-    nll = -jnp.sum(logp_B) / jnp.maximum(n_tokens, 1.0)
+    hidden_BxLxD = policy.hidden(batch["tokens"], None, batch["segment_ids"])
+    ce_sum, n_tokens = losses.cross_entropy_chunked(
+        hidden_BxLxD.reshape(-1, hidden_BxLxD.shape[-1]), policy.unembedding(), batch["targets"].reshape(-1),
+        batch["loss_mask"].reshape(-1), chunk_size=chunk)
+    nll = ce_sum / jnp.maximum(n_tokens, 1.0)
     return nll, {"loss": nll, "nll": nll, "response_tokens": n_tokens}
 
 
