@@ -219,3 +219,27 @@ def test_frozen_inputs_are_passed_through_and_not_donated():
     assert float(metrics2["loss"]) < float(metrics["loss"])  # the student moves towards the reference
     for a, b in zip(jax.tree.leaves(ref_state), before):  # still alive and unchanged
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_cpu_steps_use_the_memory_optimised_schedule_with_the_same_results():
+    from proxykd_jax.train.step import default_compiler_options
+    mesh = make_mesh(mesh_cfg(fsdp=4, tensor=2))
+    optimizer = make_optimizer(optim_cfg(), STEPS)
+    graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, TINY, rngs=nnx.Rngs(0))
+    assert default_compiler_options(shardings) == {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+    batch = global_batch(make_batch(seed=5) | {"scale": np.ones(BATCH, np.float32)}, mesh, LOGICAL_RULES)
+    results = []
+    for options in (None, {}):  # the CPU default, and XLA's own schedule
+        step = make_train_step(scaled_ce, graphdef, optimizer, state_shardings=shardings,
+                               batch_shardings=batch_sharding(mesh, LOGICAL_RULES), compiler_options=options)
+        fresh = jax.tree.map(jnp.copy, state)  # the step donates its input state
+        new_state, metrics = step(fresh, batch)
+        results.append((float(metrics["loss"]), params_np(new_state)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="no_such_option"):
+        bad = make_train_step(scaled_ce, graphdef, optimizer, state_shardings=shardings,
+                              batch_shardings=batch_sharding(mesh, LOGICAL_RULES),
+                              compiler_options={"xla_cpu_no_such_option": "1"})
+        bad(jax.tree.map(jnp.copy, state), batch)
