@@ -77,20 +77,26 @@ def _check_rows(name_to_array: dict, n: int):
                              "flatten all per-token inputs to the same N.")
 
 
-def _map_tiles(tile_fn, inputs: tuple, chunk_size: int):
-    """Applies tile_fn to [chunk, ...] slices of the per-token inputs; returns per-token outputs [N, ...]."""
-    n = inputs[0].shape[0]
+def _tiling(n: int, chunk_size: int) -> tuple[int, int]:
+    """(number of tiles, tile length) for N tokens."""
     if n == 0:
         raise ValueError("losses: the batch has no tokens (N = 0); pass at least one token row.")
     chunk = min(chunk_size, n)
-    num_tiles = -(-n // chunk)
-    pad = num_tiles * chunk - n
+    return -(-n // chunk), chunk
 
-    def tile(x):
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge") if pad else x
-        return x.reshape((num_tiles, chunk) + x.shape[1:])
 
-    outputs = jax.lax.map(jax.checkpoint(tile_fn), tuple(tile(x) for x in inputs))
+def _pad_tiles(x, num_tiles: int, chunk: int, mode: str = "edge"):
+    """[N, ...] -> [num_tiles, chunk, ...], the last tile padded (by repeating the last row for 'edge')."""
+    pad = num_tiles * chunk - x.shape[0]
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode=mode) if pad else x
+    return x.reshape((num_tiles, chunk) + x.shape[1:])
+
+
+def _map_tiles(tile_fn, inputs: tuple, chunk_size: int):
+    """Applies tile_fn to [chunk, ...] slices of the per-token inputs; returns per-token outputs [N, ...]."""
+    n = inputs[0].shape[0]
+    num_tiles, chunk = _tiling(n, chunk_size)
+    outputs = jax.lax.map(jax.checkpoint(tile_fn), tuple(_pad_tiles(x, num_tiles, chunk) for x in inputs))
     return jax.tree.map(lambda y: y.reshape((num_tiles * chunk,) + y.shape[2:])[:n], outputs)
 
 
@@ -109,12 +115,16 @@ def _nll(logq_CxV, targets_C):
     return -jnp.take_along_axis(logq_CxV, targets_C[:, None], axis=-1)[:, 0]
 
 
+def _weighted_sums(mask, ce, kd, weight):
+    """(sum mask * ce, sum mask * weight * kd) over the tokens with mask != 0 (others may be inf/nan)."""
+    on = mask != 0
+    return (jnp.sum(jnp.where(on, mask * ce, 0.0)),
+            jnp.sum(jnp.where(on, mask * weight.astype(jnp.float32) * kd, 0.0)))
+
+
 def _masked_sums(ce_N, kd_N, mask_N, weight_N):
     mask_N = mask_N.astype(jnp.float32)
-    on_N = mask_N != 0
-    ce_sum = jnp.sum(jnp.where(on_N, mask_N * ce_N, 0.0))
-    kd_sum = jnp.sum(jnp.where(on_N, mask_N * weight_N.astype(jnp.float32) * kd_N, 0.0))
-    return ce_sum, kd_sum, jnp.sum(mask_N)
+    return (*_weighted_sums(mask_N, ce_N, kd_N, weight_N), jnp.sum(mask_N))
 
 
 def _uniforms(rng, n: int, tail_mode_or_sampled, num_samples: int):
@@ -136,17 +146,9 @@ def _uniforms(rng, n: int, tail_mode_or_sampled, num_samples: int):
 # flow to `hidden_NxD` and `W_DxV` only (targets, masks, weights and teacher inputs are data).
 
 
-def _pad_tiles(x, num_tiles: int, chunk: int, mode: str = "edge"):
-    pad = num_tiles * chunk - x.shape[0]
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode=mode) if pad else x
-    return x.reshape((num_tiles, chunk) + x.shape[1:])
-
-
 def _fused_tiles(hidden_NxD, mask_N, per_token: tuple, chunk_size: int):
     """[T, C, ...] tiles: padded rows repeat the last row (edge) with mask 0."""
-    n = hidden_NxD.shape[0]
-    chunk = min(chunk_size, n)
-    num_tiles = -(-n // chunk)
+    num_tiles, chunk = _tiling(hidden_NxD.shape[0], chunk_size)
     tiles = tuple(_pad_tiles(x, num_tiles, chunk) for x in (hidden_NxD, *per_token))
     return tiles[0], _pad_tiles(mask_N, num_tiles, chunk, "constant"), tiles[1:]
 
@@ -202,18 +204,10 @@ _fused_linear_loss.defvjp(_fused_linear_loss_fwd, _fused_linear_loss_bwd)
 
 
 def _fused(tile_fn, hidden_NxD, W_DxV, mask_N, per_token=(), shared=(), *, chunk_size: int):
-    if hidden_NxD.shape[0] == 0:
-        raise ValueError("losses: the batch has no tokens (N = 0); pass at least one token row.")
+    _tiling(hidden_NxD.shape[0], chunk_size)  # rejects N = 0 before tracing
     loss, aux = _fused_linear_loss(tile_fn, hidden_NxD, W_DxV, mask_N.astype(jnp.float32), tuple(per_token),
                                    tuple(shared), chunk_size)
     return loss, jax.lax.stop_gradient(aux)
-
-
-def _masked_tile_sums(mask_C, ce_C, kd_C, weight_C):
-    on_C = mask_C != 0
-    ce = jnp.sum(jnp.where(on_C, mask_C * ce_C, 0.0))
-    kd = jnp.sum(jnp.where(on_C, mask_C * weight_C.astype(jnp.float32) * kd_C, 0.0))
-    return ce, kd
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -303,7 +297,7 @@ def sparse_kd_loss_dense(hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_N
 def _objective_tile(tile_terms, alpha):
     """(loss, (ce, kd)) of one tile from its per-token (nll_C, kd_C): loss = ce + alpha * kd."""
     def tile_fn(logits_CxV, mask_C, weight_C, *rest):
-        ce, kd = _masked_tile_sums(mask_C, *tile_terms(logits_CxV, *rest), weight_C)
+        ce, kd = _weighted_sums(mask_C, *tile_terms(logits_CxV, *rest), weight_C)
         return ce + alpha * kd, (ce, kd)
     return tile_fn
 
