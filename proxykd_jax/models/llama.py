@@ -219,6 +219,14 @@ def dense(x, w, n_contract: int = 1, preferred_element_type=None):
     return y.reshape(*lead, *w.shape[n_contract:])
 
 
+def _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, causal_LxC=True):
+    """Additive float32 mask [B, L, C]: 0 where a query sees a key (same non-zero segment, key
+    position not after the query's, and `causal_LxC`), else a large negative value."""
+    visible = ((q_seg_BxL[:, :, None] == k_seg_BxC[:, None, :]) & (k_seg_BxC[:, None, :] != 0)
+               & (k_pos_BxC[:, None, :] <= q_pos_BxL[:, :, None]) & causal_LxC)
+    return jnp.where(visible, 0.0, _MASK_VALUE).astype(jnp.float32)
+
+
 def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_seg_BxC):
     """Masked grouped-query attention; scores and softmax in float32.
 
@@ -236,9 +244,7 @@ def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_s
     k_BxGxCxE = k_BxCxGxE.transpose(0, 2, 1, 3)
     v_BxGxCxE = v_BxCxGxE.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bgme,bgce->bgmc", q_BxGxMxE, k_BxGxCxE, preferred_element_type=jnp.float32)
-    mask_BxLxC = ((q_seg_BxL[:, :, None] == k_seg_BxC[:, None, :]) & (k_seg_BxC[:, None, :] != 0)
-                  & (k_pos_BxC[:, None, :] <= q_pos_BxL[:, :, None]))
-    bias_Bx1xLxC = jnp.where(mask_BxLxC, 0.0, _MASK_VALUE)[:, None]
+    bias_Bx1xLxC = _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC)[:, None]
     scores = (scores.reshape(b, g * r, l, c) + bias_Bx1xLxC).reshape(b, g, r * l, c)
     unnorm = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     probs = (unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)).astype(v_BxCxGxE.dtype)
@@ -327,11 +333,8 @@ def self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL,
     biases = []
     for i in range(n):
         c = (i + 1) * bq
-        q_seg, k_seg = segment_ids_BxL[:, i * bq:c], segment_ids_BxL[:, :c]
-        q_pos, k_pos = positions_BxL[:, i * bq:c], positions_BxL[:, :c]
-        visible = ((q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] != 0)
-                   & (k_pos[:, None, :] <= q_pos[:, :, None]) & (index[None, :c] <= index[i * bq:c, None])[None])
-        biases.append(jnp.where(visible, 0.0, _MASK_VALUE).astype(jnp.float32))
+        biases.append(_mask_bias(segment_ids_BxL[:, i * bq:c], segment_ids_BxL[:, :c], positions_BxL[:, i * bq:c],
+                                 positions_BxL[:, :c], (index[None, :c] <= index[i * bq:c, None])[None]))
     out = _causal_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), tuple(biases), r)
     return out.reshape(n, b, g, r, bq, e).transpose(1, 0, 4, 2, 3, 5).reshape(b, l, h, e)
 
