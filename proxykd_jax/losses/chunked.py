@@ -153,6 +153,10 @@ def _fused_tiles(hidden_NxD, mask_N, per_token: tuple, chunk_size: int):
     return tiles[0], _pad_tiles(mask_N, num_tiles, chunk, "constant"), tiles[1:]
 
 
+def _sum_tiles(loss_T, aux_T):
+    return jnp.sum(loss_T), jax.tree.map(lambda a: jnp.sum(a, axis=0), aux_T)
+
+
 def _zero_cotangent(x):
     if jnp.issubdtype(x.dtype, jnp.inexact):
         return jnp.zeros_like(x)
@@ -168,8 +172,7 @@ def _fused_linear_loss(tile_fn, hidden_NxD, W_DxV, mask_N, per_token, shared, ch
         hidden_CxD, mask_C, *tokens_C = args
         return tile_fn(_logits(hidden_CxD, W_DxV), mask_C, *tokens_C, *shared)
 
-    loss_T, aux_T = jax.lax.map(tile, (hidden_T, mask_T, *tokens_T))
-    return jnp.sum(loss_T), jax.tree.map(lambda a: jnp.sum(a, axis=0), aux_T)
+    return _sum_tiles(*jax.lax.map(tile, (hidden_T, mask_T, *tokens_T)))
 
 
 def _fused_linear_loss_fwd(tile_fn, hidden_NxD, W_DxV, mask_N, per_token, shared, chunk_size):
@@ -189,8 +192,7 @@ def _fused_linear_loss_fwd(tile_fn, hidden_NxD, W_DxV, mask_N, per_token, shared
     dW_DxV, (loss_T, aux_T, dhidden_T) = jax.lax.scan(step, jnp.zeros(W_DxV.shape, jnp.float32),
                                                       (hidden_T, mask_T, *tokens_T))
     dhidden_NxD = dhidden_T.reshape((-1, hidden_NxD.shape[1]))[:hidden_NxD.shape[0]]
-    out = (jnp.sum(loss_T), jax.tree.map(lambda a: jnp.sum(a, axis=0), aux_T))
-    return out, (dhidden_NxD, dW_DxV.astype(W_DxV.dtype), mask_N, per_token, shared)
+    return _sum_tiles(loss_T, aux_T), (dhidden_NxD, dW_DxV.astype(W_DxV.dtype), mask_N, per_token, shared)
 
 
 def _fused_linear_loss_bwd(tile_fn, chunk_size, res, cotangents):
@@ -397,7 +399,7 @@ def dense_kd_objective(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher
                        jsd_beta: float = 0.5, skew_alpha: float = 0.1, sampled: bool = False,
                        num_samples: int = 16, chunk_size: int = 256, rng=None):
     """`dense_kd_loss` fused into one objective: (loss_sum, ce_sum, kd_sum, n_tokens), as
-    `sparse_kd_objective` (the teacher's logits are computed per tile, without gradient)."""
+    `sparse_kd_objective` (the teacher's logits are computed per tile; no gradient reaches the teacher)."""
     _dense_setup(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
                  divergence, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], sampled, num_samples)
@@ -409,8 +411,7 @@ def dense_kd_objective(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher
 
     loss_sum, (ce_sum, kd_sum) = _fused(
         _objective_tile(terms, float(alpha)), hidden_NxD, W_DxV, mask_N,
-        (weight_N, jax.lax.stop_gradient(teacher_hidden_NxE), targets_N, uniforms_NxS),
-        (jax.lax.stop_gradient(teacher_W_ExV),), chunk_size=chunk_size)
+        (weight_N, teacher_hidden_NxE, targets_N, uniforms_NxS), (teacher_W_ExV,), chunk_size=chunk_size)
     return loss_sum, ce_sum, kd_sum, jnp.sum(mask_N.astype(jnp.float32))
 
 

@@ -69,11 +69,11 @@ def _flatten(batch, *names):
     return [batch[n].reshape((-1,) + batch[n].shape[2:]) for n in names]
 
 
-def _metrics(ce_sum, kd_sum, n_tokens, alpha, loss_sum=None):
-    """(loss, metrics); `loss_sum` (= ce_sum + alpha * kd_sum) carries the gradient when the fused
-    objective computed it, else the loss is formed from the two sums."""
+def _metrics(loss_sum, ce_sum, kd_sum, n_tokens):
+    """(loss, metrics): the per-token mean of `loss_sum` (= ce_sum + alpha * kd_sum, the sum that
+    carries the gradient) and of its two parts."""
     denom = jnp.maximum(n_tokens, 1.0)
-    loss = losses.kd_objective(ce_sum, kd_sum, n_tokens, alpha) if loss_sum is None else loss_sum / denom
+    loss = loss_sum / denom
     return loss, {"loss": loss, "ce": ce_sum / denom, "kd": kd_sum / denom, "tokens": n_tokens}
 
 
@@ -103,14 +103,14 @@ def make_loss_fn(loss_cfg, *, seed: int = 0):
         if alpha == 0.0:
             ce_sum, n_tokens = losses.cross_entropy_chunked(hidden_NxD, W_DxV, targets_N, mask_N,
                                                             chunk_size=kw["chunk_size"])
-            return _metrics(ce_sum, jnp.zeros((), jnp.float32), n_tokens, alpha)
+            return _metrics(ce_sum, ce_sum, jnp.zeros((), jnp.float32), n_tokens)
         kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, weight_N = _flatten(batch, "kd_ids", "kd_logprobs", "kd_tail",
                                                                     "weight")
         rng = _sample_key(seed, batch) if kw["tail_mode"] == "sampled" else None
         loss_sum, ce_sum, kd_sum, n_tokens = losses.sparse_kd_objective(
             hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N, alpha=alpha,
             rng=rng, **kw)
-        return _metrics(ce_sum, kd_sum, n_tokens, alpha, loss_sum)
+        return _metrics(loss_sum, ce_sum, kd_sum, n_tokens)
 
     return loss_fn
 
@@ -144,7 +144,7 @@ def make_white_box_loss_fn(loss_cfg, teacher_graphdef, *, seed: int = 0):
         loss_sum, ce_sum, kd_sum, n_tokens = losses.dense_kd_objective(
             hidden_NxD, model.unembedding(), targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N,
             jnp.ones_like(mask_N, jnp.float32), alpha=alpha, sampled=sampled, rng=rng, **kw)
-        return _metrics(ce_sum, kd_sum, n_tokens, alpha, loss_sum)
+        return _metrics(loss_sum, ce_sum, kd_sum, n_tokens)
 
     return loss_fn
 
