@@ -1,4 +1,5 @@
 """Shared benchmark helpers: timing, the measured float32 matmul peak, and a table printer."""
+
 from __future__ import annotations
 
 import statistics
@@ -27,17 +28,19 @@ def median_time(fn: Callable[[], object], *, warmup: int, repeats: int) -> float
 
 def print_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     """Prints (and returns) a plain-text table with right-aligned numeric columns."""
+
     def fmt(x):
         if isinstance(x, float):
             return f"{x:,.4g}" if abs(x) < 1e4 else f"{x:,.0f}"
         return str(x)
+
     cells = [[fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(headers, widths)),
-             "-+-".join("-" * w for w in widths)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(headers, widths)), "-+-".join("-" * w for w in widths)]
     for row in cells:
-        lines.append(" | ".join(c.rjust(w) if c[:1].isdigit() or c[:1] == "-" else c.ljust(w)
-                                for c, w in zip(row, widths)))
+        lines.append(
+            " | ".join(c.rjust(w) if c[:1].isdigit() or c[:1] == "-" else c.ljust(w) for c, w in zip(row, widths))
+        )
     text = "\n".join(lines)
     print(text)
     return text

@@ -15,6 +15,7 @@ its own DPO rounds. "sft+" is the control: beta = 1e-6 leaves the DPO term's gra
 its usual size, so its rounds are plain NLL steps on the alignment split's teacher responses (same
 steps, same learning rate): whatever a DPO variant gains beyond it comes from the preference term.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-
 from _common import print_table  # noqa: E402
 
 VARIANTS = {  # name -> align overrides on top of configs/demo.py
@@ -54,19 +54,27 @@ def build_setup(out: pathlib.Path, num_prompts: int, samples: int):
 
     cfg = demo_config.get_config().unlock()
     d = cfg.demo
-    teacher = KnownTeacher.create(d.teacher_seed, vocab_size=cfg.proxy.vocab_size, d_model=d.teacher_d_model,
-                                  num_layers=d.teacher_num_layers, num_heads=cfg.proxy.num_heads,
-                                  num_kv_heads=cfg.proxy.num_kv_heads, d_ff=cfg.proxy.d_ff,
-                                  max_seq_len=cfg.proxy.max_seq_len, target_entropy=d.teacher_entropy,
-                                  folder=out / "teacher_tokenizer")
+    teacher = KnownTeacher.create(
+        d.teacher_seed,
+        vocab_size=cfg.proxy.vocab_size,
+        d_model=d.teacher_d_model,
+        num_layers=d.teacher_num_layers,
+        num_heads=cfg.proxy.num_heads,
+        num_kv_heads=cfg.proxy.num_kv_heads,
+        d_ff=cfg.proxy.d_ff,
+        max_seq_len=cfg.proxy.max_seq_len,
+        target_entropy=d.teacher_entropy,
+        folder=out / "teacher_tokenizer",
+    )
     prepared = out / "base_run" / "prepared"
     if not prepared.exists():
         prompts = teacher.make_prompts(num_prompts, np.random.default_rng(cfg.run.seed))
         responses = teacher.sample(prompts, samples, d.max_new_tokens, seed=cfg.run.seed)
         corpus = out / "corpus.jsonl"
         kept = [(i, p, [x for x in r if x]) for i, (p, r) in enumerate(zip(prompts, responses))]  # drop empty ones
-        corpus.write_text("".join(json.dumps({"id": f"p{i:05d}", "prompt": p, "responses": r}) + "\n"
-                                  for i, p, r in kept if r))
+        corpus.write_text(
+            "".join(json.dumps({"id": f"p{i:05d}", "prompt": p, "responses": r}) + "\n" for i, p, r in kept if r)
+        )
         data.prepare([corpus], teacher.tokenizer, prepared, cfg.data, progress=False)
         teacher.tokenizer.save_pretrained(str(prepared / "tokenizer"))
     _perturbed_proxy(teacher, out / "proxy_init", d.proxy_noise, cfg.run.seed + 1)
@@ -114,12 +122,32 @@ def main() -> None:
         rounds = sorted(k for k in rec if k.startswith("round_"))
         overrides = ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "demo config"
         kls = [rec[r]["kl_to_teacher"] for r in rounds]
-        rows.append((name, overrides, base["init"]["kl_to_teacher"], base["sft"]["kl_to_teacher"],
-                     " ".join(f"{k:.4f}" for k in kls), f"{kls[-1] - base['sft']['kl_to_teacher']:+.4f}",
-                     rec[rounds[-1]]["heldout_nll"], f"{results[name]['seconds']:.0f}"))
+        rows.append(
+            (
+                name,
+                overrides,
+                base["init"]["kl_to_teacher"],
+                base["sft"]["kl_to_teacher"],
+                " ".join(f"{k:.4f}" for k in kls),
+                f"{kls[-1] - base['sft']['kl_to_teacher']:+.4f}",
+                rec[rounds[-1]]["heldout_nll"],
+                f"{results[name]['seconds']:.0f}",
+            )
+        )
     print(f"held-out contexts: KL(teacher || proxy) in nats over {cfg.align.heldout_samples} held-out responses")
-    print_table(rows, ["variant", "align overrides", "KL init", "KL after SFT", "KL after each DPO round",
-                       "last - SFT", "held-out NLL", "s"])
+    print_table(
+        rows,
+        [
+            "variant",
+            "align overrides",
+            "KL init",
+            "KL after SFT",
+            "KL after each DPO round",
+            "last - SFT",
+            "held-out NLL",
+            "s",
+        ],
+    )
 
 
 if __name__ == "__main__":

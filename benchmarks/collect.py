@@ -11,12 +11,13 @@ sample): the rate one core running only the client could reach.
     .venv/bin/python benchmarks/collect.py --samples 200 --latency-ms 100 --max-batch 16 \
         --concurrency 1,8,16,64                                                          # server-bound
 """
+
 import argparse
 import contextlib
 import io
 import json
-import pathlib
 import os
+import pathlib
 import subprocess
 import sys
 import tempfile
@@ -62,21 +63,33 @@ def main():
     ap.add_argument("--concurrency", default="1,8,64", help="comma-separated levels")
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args()
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(args.latency_ms / 1000), str(args.max_batch)],
-                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(args.latency_ms / 1000), str(args.max_batch)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = int(proc.stdout.readline())
         ceiling = args.max_batch / (args.latency_ms / 1000)
-        print(f"toy server: {args.latency_ms:g} ms per call of <= {args.max_batch} sequences "
-              f"(ceiling ~{ceiling:.0f} samples/s)")
-        print(f"{'concurrency':>11} {'samples':>8} {'seconds':>8} {'samples/s':>10} {'vs c=1':>7} "
-              f"{'client CPU ms/sample':>21} {'server CPU ms/sample':>21} {'client-only ceiling/s':>22}")
+        print(
+            f"toy server: {args.latency_ms:g} ms per call of <= {args.max_batch} sequences "
+            f"(ceiling ~{ceiling:.0f} samples/s)"
+        )
+        print(
+            f"{'concurrency':>11} {'samples':>8} {'seconds':>8} {'samples/s':>10} {'vs c=1':>7} "
+            f"{'client CPU ms/sample':>21} {'server CPU ms/sample':>21} {'client-only ceiling/s':>22}"
+        )
         base = None
         for level in [int(x) for x in args.concurrency.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:
                 prompts = pathlib.Path(tmp) / "prompts.jsonl"
-                prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"benchmark prompt {i}"}) + "\n"
-                                           for i in range(args.samples)))
+                prompts.write_text(
+                    "".join(
+                        json.dumps({"id": f"p{i}", "prompt": f"benchmark prompt {i}"}) + "\n"
+                        for i in range(args.samples)
+                    )
+                )
                 cfg = collect_config()
                 cfg.prompts, cfg.out = str(prompts), str(pathlib.Path(tmp) / "corpus.jsonl")
                 cfg.base_url, cfg.model = f"http://127.0.0.1:{port}/v1", "toy"
@@ -88,8 +101,11 @@ def main():
                 server_s = (_cpu_seconds(proc.pid) - server0) / stats["done"]
             rate = stats["samples_per_s"]
             base = base or rate
-            print(f"{level:>11} {stats['done']:>8} {stats['elapsed_s']:>8.2f} {rate:>10.1f} {rate / base:>6.1f}x "
-                  f"{client_s * 1e3:>21.2f} {server_s * 1e3:>21.2f} {1 / client_s:>22.0f}", flush=True)
+            print(
+                f"{level:>11} {stats['done']:>8} {stats['elapsed_s']:>8.2f} {rate:>10.1f} {rate / base:>6.1f}x "
+                f"{client_s * 1e3:>21.2f} {server_s * 1e3:>21.2f} {1 / client_s:>22.0f}",
+                flush=True,
+            )
     finally:
         proc.terminate()
         proc.wait()

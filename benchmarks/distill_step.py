@@ -17,6 +17,7 @@ the same device in the same run. Prints the KD/SFT overhead and the JAX/PyTorch 
       --seq 256 --batch 8 --k 64]
 Needs torch (the `bench` extra) for the third row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,18 @@ def make_batch(cfg: ModelConfig, batch: int, seq: int, k: int, prompt: int, seed
     mask = np.ones((batch, seq), np.float32)
     mask[:, :prompt] = 0.0
     positions = np.tile(np.arange(seq, dtype=np.int32), (batch, 1))
-    return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], positions=positions,
-                segment_ids=np.ones((batch, seq), np.int32), loss_mask=mask,
-                sample_ids=np.repeat(np.arange(batch, dtype=np.int32)[:, None], seq, 1),
-                kd_ids=kd_ids, kd_logprobs=np.log(np.maximum(probs[..., :k], 1e-30)), kd_tail=probs[..., k],
-                weight=np.full((batch, seq), 0.7, np.float32))
+    return dict(
+        tokens=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        positions=positions,
+        segment_ids=np.ones((batch, seq), np.int32),
+        loss_mask=mask,
+        sample_ids=np.repeat(np.arange(batch, dtype=np.int32)[:, None], seq, 1),
+        kd_ids=kd_ids,
+        kd_logprobs=np.log(np.maximum(probs[..., :k], 1e-30)),
+        kd_tail=probs[..., k],
+        weight=np.full((batch, seq), 0.7, np.float32),
+    )
 
 
 def jax_step(cfg: ModelConfig, batch: dict, alpha: float, lr: float):
@@ -62,10 +70,18 @@ def jax_step(cfg: ModelConfig, batch: dict, alpha: float, lr: float):
     graphdef, state, shardings = train.create_train_state(optimizer, mesh, rules, Llama, cfg, rngs=nnx.Rngs(0))
     loss_cfg = losses.default_config()
     loss_cfg.alpha = alpha
-    fields = batch if alpha > 0 else {k: v for k, v in batch.items() if k not in ("kd_ids", "kd_logprobs",
-                                                                                     "kd_tail", "weight")}
-    step = train.make_train_step(distill.make_loss_fn(loss_cfg), graphdef, optimizer, state_shardings=shardings,
-                                 batch_shardings=parallel.batch_sharding(mesh, rules))
+    fields = (
+        batch
+        if alpha > 0
+        else {k: v for k, v in batch.items() if k not in ("kd_ids", "kd_logprobs", "kd_tail", "weight")}
+    )
+    step = train.make_train_step(
+        distill.make_loss_fn(loss_cfg),
+        graphdef,
+        optimizer,
+        state_shardings=shardings,
+        batch_shardings=parallel.batch_sharding(mesh, rules),
+    )
     device_batch = parallel.global_batch(fields, mesh, rules)
     holder = [state]
 
@@ -84,11 +100,25 @@ def torch_step(cfg: ModelConfig, batch: dict, alpha: float, lr: float):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.rms_eps,
-        tie_word_embeddings=False, use_cache=False)).float().train()
+    model = (
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=cfg.vocab_size,
+                hidden_size=cfg.d_model,
+                intermediate_size=cfg.d_ff,
+                num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads,
+                num_key_value_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim,
+                max_position_embeddings=cfg.max_seq_len,
+                rms_norm_eps=cfg.rms_eps,
+                tie_word_embeddings=False,
+                use_cache=False,
+            )
+        )
+        .float()
+        .train()
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     b = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
     tokens, targets, kd_ids = b["tokens"].long(), b["targets"].long(), b["kd_ids"].long()
@@ -128,13 +158,22 @@ def main():
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch row")
     args = ap.parse_args()
 
-    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers, num_heads=args.heads,
-                      num_kv_heads=args.heads, head_dim=args.d_model // args.heads, d_ff=args.d_ff,
-                      max_seq_len=args.seq)
+    cfg = ModelConfig(
+        vocab_size=args.vocab,
+        d_model=args.d_model,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.heads,
+        head_dim=args.d_model // args.heads,
+        d_ff=args.d_ff,
+        max_seq_len=args.seq,
+    )
     batch = make_batch(cfg, args.batch, args.seq, args.k, prompt=args.seq // 8)
     lr = 1e-4
-    rows = {"jax sft (alpha=0)": jax_step(cfg, batch, 0.0, lr),
-            f"jax kd (alpha={args.alpha:g}, K={args.k})": jax_step(cfg, batch, args.alpha, lr)}
+    rows = {
+        "jax sft (alpha=0)": jax_step(cfg, batch, 0.0, lr),
+        f"jax kd (alpha={args.alpha:g}, K={args.k})": jax_step(cfg, batch, args.alpha, lr),
+    }
     if not args.no_torch:
         rows[f"torch kd (alpha={args.alpha:g}, K={args.k}, eager)"] = torch_step(cfg, batch, args.alpha, lr)
     for fn in rows.values():  # compile + warm up
@@ -151,15 +190,19 @@ def main():
     flops = tokens * flops_per_token(cfg, args.seq, backward=True)
 
     device = jax.devices()[0]
-    print(f"# distill step, {datetime.date.today().isoformat()}, {device.platform} ({device.device_kind}), "
-          f"{args.layers} layers, d_model {args.d_model}, vocab {args.vocab}, seq {args.seq}, batch {args.batch}, "
-          f"K {args.k}; median of {args.rounds} rounds; float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(
+        f"# distill step, {datetime.date.today().isoformat()}, {device.platform} ({device.device_kind}), "
+        f"{args.layers} layers, d_model {args.d_model}, vocab {args.vocab}, seq {args.seq}, batch {args.batch}, "
+        f"K {args.k}; median of {args.rounds} rounds; float32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
     print(f"{'step':<40} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7}")
     medians = {}
     for name, ts in times.items():
         medians[name] = statistics.median(ts)
-        print(f"{name:<40} {medians[name] * 1e3:>9.1f} {tokens / medians[name]:>10.0f} "
-              f"{flops / medians[name] / peak:>7.1%}")
+        print(
+            f"{name:<40} {medians[name] * 1e3:>9.1f} {tokens / medians[name]:>10.0f} "
+            f"{flops / medians[name] / peak:>7.1%}"
+        )
     sft, kd, *ref = list(medians.values())
     print(f"KD overhead over SFT (JAX): {kd / sft - 1:+.1%}")
     if ref:

@@ -7,6 +7,7 @@ Each row times jit(value_and_grad) of the per-token objective w.r.t. the hidden 
 unembedding (median of --reps runs after one warm-up, compile excluded) and reports XLA's
 temp_size_in_bytes for the compiled function. The KD target is a random top-K posterior with tail.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def _inputs(n, d, v, k, seed=0):
 
 def _objectives(chunk):
     """name -> objective(hidden, w, targets, ids, lps, tail, mask, weight)."""
+
     def ce(fn):
         return lambda h, w, t, i, lp, tl, m, wt: L.kd_objective(*fn(h, w, t, m), 0.0, alpha=0.0)
 
@@ -74,8 +76,10 @@ def main():
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), N={args.tokens}, "
-          f"D={args.d_model}, K={args.topk}, chunk={args.chunk}, median of {args.reps}")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), N={args.tokens}, "
+        f"D={args.d_model}, K={args.topk}, chunk={args.chunk}, median of {args.reps}"
+    )
     header = f"{'V':>7} | {'loss':<19} | {'loss+grad ms':>12} | {'temp MiB':>9} | {'[N,V] f32 MiB':>13}"
     print(header)
     print("-" * len(header))
@@ -84,8 +88,10 @@ def main():
         logits_mib = args.tokens * vocab * 4 / 2**20
         for name, objective in _objectives(args.chunk).items():
             seconds, temp = _measure(objective, inputs, args.reps)
-            print(f"{vocab:>7} | {name:<19} | {seconds * 1e3:>12.1f} | {temp / 2**20:>9.1f} | "
-                  f"{logits_mib:>13.1f}", flush=True)
+            print(
+                f"{vocab:>7} | {name:<19} | {seconds * 1e3:>12.1f} | {temp / 2**20:>9.1f} | {logits_mib:>13.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

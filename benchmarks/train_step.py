@@ -17,6 +17,7 @@ float32, AdamW with global-norm clipping. Rows, timed in alternating rounds (med
 FLOPs/token follow `models.llama.flops_per_token` (2 per MAC, training = 3x forward, causal
 attention halved).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import matmul_peak, median_time, print_table  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from _common import matmul_peak, median_time, print_table  # noqa: E402
 from proxykd_jax import losses  # noqa: E402
 from proxykd_jax.models.llama import Llama, ModelConfig, flops_per_token  # noqa: E402
 from proxykd_jax.parallel import LOGICAL_RULES, batch_sharding, global_batch, make_mesh  # noqa: E402
@@ -40,8 +41,9 @@ from proxykd_jax.parallel.mesh import default_config as mesh_default_config  # n
 from proxykd_jax.train import create_train_state, make_optimizer, make_train_step  # noqa: E402
 from proxykd_jax.train.optim import default_config as optim_default_config  # noqa: E402
 
-CFG = ModelConfig(vocab_size=8192, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=32, d_ff=1024,
-                  max_seq_len=256)
+CFG = ModelConfig(
+    vocab_size=8192, d_model=256, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=32, d_ff=1024, max_seq_len=256
+)
 BATCH, LENGTH = 8, 256
 CHUNK = 512  # tokens per logits tile of the fused cross-entropy
 
@@ -50,9 +52,13 @@ def ce_loss(model, batch, chunk_size=CHUNK):
     """Mean next-token cross-entropy: the library's fused linear + CE (`losses.cross_entropy_chunked`)."""
     hidden = model.hidden(batch["tokens"])
     targets = batch["targets"].reshape(-1)
-    ce_sum, n_tokens = losses.cross_entropy_chunked(hidden.reshape(-1, hidden.shape[-1]), model.unembedding(),
-                                                    targets, jnp.ones(targets.shape, jnp.float32),
-                                                    chunk_size=chunk_size)
+    ce_sum, n_tokens = losses.cross_entropy_chunked(
+        hidden.reshape(-1, hidden.shape[-1]),
+        model.unembedding(),
+        targets,
+        jnp.ones(targets.shape, jnp.float32),
+        chunk_size=chunk_size,
+    )
     return ce_sum / n_tokens, {}
 
 
@@ -75,8 +81,9 @@ def jax_step_fn(loss_fn=ce_loss):
     optim_cfg.warmup_steps = 10
     optimizer = make_optimizer(optim_cfg, total_steps=1000)
     graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, CFG, rngs=nnx.Rngs(0))
-    step = make_train_step(loss_fn, graphdef, optimizer, state_shardings=shardings,
-                           batch_shardings=batch_sharding(mesh, LOGICAL_RULES))
+    step = make_train_step(
+        loss_fn, graphdef, optimizer, state_shardings=shardings, batch_shardings=batch_sharding(mesh, LOGICAL_RULES)
+    )
     batch = global_batch(host_batch(), mesh, LOGICAL_RULES)
     holder = {"state": state}
 
@@ -95,10 +102,18 @@ def torch_step_fn(compile_model: bool = False):
     except ImportError:
         return None
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=CFG.vocab_size, hidden_size=CFG.d_model, intermediate_size=CFG.d_ff,
-                         num_hidden_layers=CFG.num_layers, num_attention_heads=CFG.num_heads,
-                         num_key_value_heads=CFG.num_kv_heads, head_dim=CFG.head_dim, max_position_embeddings=LENGTH,
-                         tie_word_embeddings=False, rms_norm_eps=CFG.rms_eps)
+    config = LlamaConfig(
+        vocab_size=CFG.vocab_size,
+        hidden_size=CFG.d_model,
+        intermediate_size=CFG.d_ff,
+        num_hidden_layers=CFG.num_layers,
+        num_attention_heads=CFG.num_heads,
+        num_key_value_heads=CFG.num_kv_heads,
+        head_dim=CFG.head_dim,
+        max_position_embeddings=LENGTH,
+        tie_word_embeddings=False,
+        rms_norm_eps=CFG.rms_eps,
+    )
     model = LlamaForCausalLM(config).train()
     forward = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -119,7 +134,7 @@ def torch_step_fn(compile_model: bool = False):
 def interleaved_medians(fns: dict, *, warmup: int, steps: int, rounds: int) -> dict:
     """Median step seconds of each closure, timed in alternating rounds so machine noise hits all alike."""
     times = {name: [] for name in fns}
-    for name, fn in fns.items():
+    for fn in fns.values():
         median_time(fn, warmup=warmup, repeats=1)
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -133,8 +148,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds over the implementations")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (incl. compilation)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    parser.add_argument("--torch-compile", action="store_true",
-                        help="also time PyTorch with the model under torch.compile (needs a C++ compiler)")
+    parser.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="also time PyTorch with the model under torch.compile (needs a C++ compiler)",
+    )
     parser.add_argument("--no-dense-ce", action="store_true", help="skip the JAX row with the dense cross-entropy")
     args = parser.parse_args()
 
@@ -156,9 +174,11 @@ def main() -> None:
     for name, seconds in medians.items():
         achieved = flops_tok * tokens / seconds
         rows.append([name, tokens / seconds, flops_tok / 1e6, achieved / 1e9, peak / 1e9, achieved / peak])
-    print(f"# train_step, {datetime.date.today()}, jax {jax.__version__} on {jax.devices()[0].device_kind} "
-          f"x{jax.device_count()}; batch {BATCH} x seq {LENGTH}, float32; median of {args.rounds} alternating "
-          f"rounds of {args.steps} steps")
+    print(
+        f"# train_step, {datetime.date.today()}, jax {jax.__version__} on {jax.devices()[0].device_kind} "
+        f"x{jax.device_count()}; batch {BATCH} x seq {LENGTH}, float32; median of {args.rounds} alternating "
+        f"rounds of {args.steps} steps"
+    )
     print("# FLOPs/token: 2 per MAC, training = 3x forward, causal attention halved, embedding lookup free")
     print_table(rows, ["impl", "tokens/s", "MFLOP/token", "GFLOP/s", "matmul peak GFLOP/s", "frac of peak"])
     jax_s = next(iter(medians.values()))

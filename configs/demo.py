@@ -5,12 +5,18 @@
 Sized to finish in minutes on a 2-core CPU; every field can be overridden,
 e.g. --config.demo.num_prompts=1000 --config.train.steps=600.
 """
+
 from proxykd_jax.config import base_config
 
 
 def _shape(group, d_model, num_layers, num_heads, num_kv_heads, d_ff, vocab=512):
     group.vocab_size, group.d_model, group.num_layers = vocab, d_model, num_layers
-    group.num_heads, group.num_kv_heads, group.head_dim, group.d_ff = num_heads, num_kv_heads, d_model // num_heads, d_ff
+    group.num_heads, group.num_kv_heads, group.head_dim, group.d_ff = (
+        num_heads,
+        num_kv_heads,
+        d_model // num_heads,
+        d_ff,
+    )
     group.max_seq_len = 128
 
 
@@ -39,7 +45,9 @@ def get_config():
     cfg.align.max_new_tokens = 25
     cfg.align.checkpoint_every = 50
     cfg.posterior.batch_size = 32
-    cfg.collect.concurrency = 1  # one request at a time: the served teacher draws in a fixed order (reproducible corpus)
+    cfg.collect.concurrency = (
+        1  # one request at a time: the served teacher draws in a fixed order (reproducible corpus)
+    )
     cfg.posterior.eb_holdout_fraction = 0.2
     cfg.eval.max_samples = 128
     return cfg.lock()

@@ -8,6 +8,7 @@ These are shape presets: weights come from the user's local Hugging Face
 folders (`--config.model.init_from=/path`, `--config.proxy.init_from=/path`),
 whose config.json must agree with the shape (checked at load).
 """
+
 from proxykd_jax.config import base_config
 
 SHAPES = {
@@ -24,8 +25,18 @@ LLAMA3_SCALING = ("llama3", 8.0, 1.0, 4.0, 8192)
 def _set_shape(group, name: str) -> None:
     if name not in SHAPES:
         raise ValueError(f"configs/llama.py: unknown preset {name!r}; choose from {sorted(SHAPES)}.")
-    (group.vocab_size, group.d_model, group.num_layers, group.num_heads, group.num_kv_heads, group.head_dim,
-     group.d_ff, group.rope_theta, group.rms_eps, group.max_seq_len) = SHAPES[name]
+    (
+        group.vocab_size,
+        group.d_model,
+        group.num_layers,
+        group.num_heads,
+        group.num_kv_heads,
+        group.head_dim,
+        group.d_ff,
+        group.rope_theta,
+        group.rms_eps,
+        group.max_seq_len,
+    ) = SHAPES[name]
     group.rope_scaling = LLAMA3_SCALING if name.startswith("llama3") else None
     group.param_dtype = "float32"  # master weights
     group.dtype = "bfloat16"  # compute

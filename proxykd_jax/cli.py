@@ -7,6 +7,7 @@ The entry point parses flags, starts jax.distributed when the config asks for
 it, logs the devices, and calls one function per stage. All logic lives in
 `proxykd_jax.stages`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -40,14 +41,17 @@ def _run_stage(stage: str, argv: list[str]) -> int:
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Config file (`path.py` or `path.py:arg`).",
-                                    flag_values=flag_values, lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file (`path.py` or `path.py:arg`).", flag_values=flag_values, lock_config=True
+    )
     try:
         flag_values(["proxykd"] + argv)
     except (flags.Error, AttributeError, KeyError) as e:
         msg = str(e).strip("\"'")
-        raise UserError(f"bad config override ({msg}); fields and their comments are in the config file and "
-                        "in the module named by each group's default_config().") from None
+        raise UserError(
+            f"bad config override ({msg}); fields and their comments are in the config file and "
+            "in the module named by each group's default_config()."
+        ) from None
     cfg = flag_values.config
     if cfg is None:
         raise UserError(f"`proxykd {stage}` needs --config=PATH (for example --config=configs/demo.py).")
@@ -60,9 +64,15 @@ def _run_stage(stage: str, argv: list[str]) -> int:
     distributed.maybe_initialize_distributed(cfg.mesh.distributed)
     import jax
 
-    logging.info("jax %s: process %d/%d, %d local / %d global devices (%s)", jax.__version__,
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count(), jax.devices()[0].platform)
+    logging.info(
+        "jax %s: process %d/%d, %d local / %d global devices (%s)",
+        jax.__version__,
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
     module = importlib.import_module(f"proxykd_jax.stages.{stage}")
     module.run(cfg)
     return 0
@@ -70,8 +80,9 @@ def _run_stage(stage: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("httpx", "httpx2", "httpcore", "absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not argv or argv[0] in ("-h", "--help", "help"):

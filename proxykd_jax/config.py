@@ -5,6 +5,7 @@ own `default_config()`; `base_config()` puts the groups together, and the files
 under `configs/` change what differs. `validate` runs before any stage starts
 and speaks in one sentence per problem.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -72,8 +73,10 @@ def model_config_from(group: ml_collections.ConfigDict):
 
 def _check_model(name: str, group) -> None:
     if group.num_heads % group.num_kv_heads:
-        raise ProxyKDError(f"config.{name}.num_heads={group.num_heads} is not a multiple of "
-                           f"num_kv_heads={group.num_kv_heads}; grouped-query attention needs it to be.")
+        raise ProxyKDError(
+            f"config.{name}.num_heads={group.num_heads} is not a multiple of "
+            f"num_kv_heads={group.num_kv_heads}; grouped-query attention needs it to be."
+        )
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
         if getattr(group, field) <= 0:
             raise ProxyKDError(f"config.{name}.{field}={getattr(group, field)} must be positive.")
@@ -91,9 +94,13 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ProxyKDError(f"config.data.splits: fractions must lie in [0, 1], got {bad}.")
         total = sum(fractions.values())
         if abs(total - 1.0) > 1e-6:
-            raise ProxyKDError(f"config.data.splits fractions sum to {total:.4f}, not 1; "
-                               f"adjust {sorted(fractions)} so they add up to 1.")
+            raise ProxyKDError(
+                f"config.data.splits fractions sum to {total:.4f}, not 1; "
+                f"adjust {sorted(fractions)} so they add up to 1."
+            )
     if "model" in cfg and "proxy" in cfg and cfg.model.vocab_size != cfg.proxy.vocab_size:
-        raise ProxyKDError(f"config.model.vocab_size={cfg.model.vocab_size} differs from "
-                           f"config.proxy.vocab_size={cfg.proxy.vocab_size}; student and proxy must share "
-                           "one tokenizer and vocabulary.")
+        raise ProxyKDError(
+            f"config.model.vocab_size={cfg.model.vocab_size} differs from "
+            f"config.proxy.vocab_size={cfg.proxy.vocab_size}; student and proxy must share "
+            "one tokenizer and vocabulary."
+        )

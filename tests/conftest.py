@@ -2,6 +2,7 @@
 
 Both must be in place before jax is imported anywhere.
 """
+
 import os
 import pathlib
 

@@ -4,6 +4,7 @@ As a script: `python tests/parallel_helpers.py <coordinator> <num_processes> <pr
 starts jax.distributed, runs `sharded_forward_and_step` on its half of the global batch and (on
 process 0) writes the results.
 """
+
 from __future__ import annotations
 
 import sys
@@ -37,8 +38,11 @@ def make_batch(seed: int, rows: int = BATCH, length: int = LENGTH, vocab: int = 
     """A host batch of random tokens with next-token targets and a random loss mask."""
     rng = np.random.default_rng(seed)
     seq = rng.integers(0, vocab, size=(rows, length + 1), dtype=np.int32)
-    return {"tokens": seq[:, :-1], "targets": seq[:, 1:],
-            "loss_mask": (rng.random((rows, length)) < 0.8).astype(np.float32)}
+    return {
+        "tokens": seq[:, :-1],
+        "targets": seq[:, 1:],
+        "loss_mask": (rng.random((rows, length)) < 0.8).astype(np.float32),
+    }
 
 
 def ce_loss(model, batch):
@@ -54,12 +58,12 @@ def ce_loss(model, batch):
 def sharded_forward_and_step(mesh, host_batch: dict, steps: int = 1, seed: int = 0):
     """Logits of a fresh TINY model on `host_batch` and its params after `steps` optimizer steps."""
     optimizer = make_optimizer(optim_cfg(), total_steps=10)
-    graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, TINY,
-                                                    rngs=nnx.Rngs(seed))
+    graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, TINY, rngs=nnx.Rngs(seed))
     batch = global_batch(host_batch, mesh, LOGICAL_RULES)
     logits = jax.jit(lambda s, b: s.model(graphdef)(b["tokens"]))(state, batch)
-    step = make_train_step(ce_loss, graphdef, optimizer, state_shardings=shardings,
-                           batch_shardings=batch_sharding(mesh, LOGICAL_RULES))
+    step = make_train_step(
+        ce_loss, graphdef, optimizer, state_shardings=shardings, batch_shardings=batch_sharding(mesh, LOGICAL_RULES)
+    )
     losses = []
     for _ in range(steps):
         state, metrics = step(state, batch)
@@ -70,6 +74,7 @@ def sharded_forward_and_step(mesh, host_batch: dict, steps: int = 1, seed: int =
 def _gather(x) -> np.ndarray:
     """A global array as one numpy array on every process."""
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -80,7 +85,7 @@ def main(argv: list[str]) -> None:
     mesh = make_mesh(mesh_cfg(fsdp=-1, tensor=2))
     full = make_batch(seed=1)
     rows = BATCH // num_processes
-    local = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in full.items()}
+    local = {k: v[process_id * rows : (process_id + 1) * rows] for k, v in full.items()}
     logits, state, losses = sharded_forward_and_step(mesh, local)
     flat = {jax.tree_util.keystr(p): _gather(v) for p, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     logits = _gather(logits)

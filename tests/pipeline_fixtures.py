@@ -3,6 +3,7 @@
 The corpus is sampled from the known teacher directly (the HTTP path has its own tests); the proxy
 is the teacher with multiplicative weight noise, exactly as the demo makes it.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,9 @@ def _top_logprobs(teacher, prompt: str, response: str, n: int) -> dict:
         sep = " " if t else ""
         pieces.append(sep + teacher.tokenizer.decode([tok]))
         best = np.argsort(-dist)[:n]
-        top.append([{"token": sep + teacher.tokenizer.decode([int(i)]), "logprob": float(np.log(dist[i]))}
-                    for i in best])
+        top.append(
+            [{"token": sep + teacher.tokenizer.decode([int(i)]), "logprob": float(np.log(dist[i]))} for i in best]
+        )
     return {"tokens": pieces, "top_logprobs": top}
 
 
@@ -70,9 +72,17 @@ def build_run(run_dir: pathlib.Path, top_logprobs: int = 0):
 
     cfg = tiny_config(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    teacher = KnownTeacher.create(3, vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=cfg.proxy.num_heads,
-                                  num_kv_heads=cfg.proxy.num_kv_heads, d_ff=cfg.proxy.d_ff, max_seq_len=64,
-                                  folder=run_dir / "teacher_tok")
+    teacher = KnownTeacher.create(
+        3,
+        vocab_size=VOCAB,
+        d_model=32,
+        num_layers=1,
+        num_heads=cfg.proxy.num_heads,
+        num_kv_heads=cfg.proxy.num_kv_heads,
+        d_ff=cfg.proxy.d_ff,
+        max_seq_len=64,
+        folder=run_dir / "teacher_tok",
+    )
     teacher.save(str(run_dir / "teacher"))
     prompts = teacher.make_prompts(cfg.demo.num_prompts, np.random.default_rng(0), min_words=3, max_words=8)
     responses = teacher.sample(prompts, cfg.demo.samples_per_prompt, cfg.demo.max_new_tokens, seed=1)

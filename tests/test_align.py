@@ -2,12 +2,13 @@
 
 Model forwards and gradients run jitted (eager op-by-op dispatch dominated this file's runtime).
 """
+
 import functools
 import math
 
 import jax
-import ml_collections
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,8 +19,9 @@ from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.models.sampling import generate
 from proxykd_jax.parallel import LOGICAL_RULES, make_mesh
 
-CFG = ModelConfig(vocab_size=96, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
-                  max_seq_len=32)
+CFG = ModelConfig(
+    vocab_size=96, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=32
+)
 
 
 def _model(seed=0):
@@ -44,8 +46,13 @@ def _random_pairs(rng, n, length=24):
     out = []
     for _ in range(n):
         p = int(rng.integers(2, 7))
-        out.append((tuple(rng.integers(3, 96, p)), tuple(rng.integers(3, 96, int(rng.integers(2, 9)))),
-                    tuple(rng.integers(3, 96, int(rng.integers(1, 9))))))
+        out.append(
+            (
+                tuple(rng.integers(3, 96, p)),
+                tuple(rng.integers(3, 96, int(rng.integers(2, 9)))),
+                tuple(rng.integers(3, 96, int(rng.integers(1, 9)))),
+            )
+        )
     return pairs.pair_rows(out, length)
 
 
@@ -63,8 +70,12 @@ def test_rows_and_examples():
     np.testing.assert_array_equal(rows["targets"][0], [6, 7, 8, 9, 2, 0, 0, 0])
     np.testing.assert_array_equal(rows["loss_mask"][0], [0, 0, 1, 1, 1, 0, 0, 0])
     np.testing.assert_array_equal(rows["segment_ids"][0], [1, 1, 1, 1, 1, 1, 0, 0])
-    rec = {"sample_id": 3, "prompt_id": 9, "tokens": np.array([5, 6, 7, 8, 9, 2], np.int32),
-           "loss_mask": np.array([0, 0, 0, 1, 1, 1], bool)}
+    rec = {
+        "sample_id": 3,
+        "prompt_id": 9,
+        "tokens": np.array([5, 6, 7, 8, 9, 2], np.int32),
+        "loss_mask": np.array([0, 0, 0, 1, 1, 1], bool),
+    }
     (ex,) = pairs.examples_from_records([rec])
     assert ex.prompt == (5, 6, 7) and ex.response == (8, 9, 2) and ex.sample_id == 3
     with pytest.raises(ValueError, match="align.seq_len"):
@@ -85,8 +96,9 @@ def test_lora_merge_matches_manual_weights():
     for i, b in enumerate(adapters.b):
         b[...] = jax.random.normal(jax.random.key(i), b[...].shape) * 0.3
     manual = _model()
-    wo_a, wo_b = [(a[...], b[...]) for p, a, b in zip(adapters.paths, adapters.a, adapters.b)
-                  if p == ("layers", 0, "attn", "wo")][0]
+    wo_a, wo_b = [
+        (a[...], b[...]) for p, a, b in zip(adapters.paths, adapters.a, adapters.b) if p == ("layers", 0, "attn", "wo")
+    ][0]
     for p, a, b in zip(adapters.paths, adapters.a, adapters.b):
         layer = manual.layers[p[1]]
         holder = layer.attn if p[2] == "attn" else layer.mlp
@@ -132,8 +144,9 @@ def test_dpo_loss_literal_example():
     second pair: rewards 0.5 * (-4 + 2) = -1 and 0.5 * (-3 + 5) = 1, margin -2, loss log(1 + e^2)."""
     from proxykd_jax.losses import dpo_loss
 
-    loss, m = dpo_loss(jnp.array([-10.0, -4.0]), jnp.array([-12.0, -3.0]), jnp.array([-11.0, -2.0]),
-                       jnp.array([-11.0, -5.0]), 0.5)
+    loss, m = dpo_loss(
+        jnp.array([-10.0, -4.0]), jnp.array([-12.0, -3.0]), jnp.array([-11.0, -2.0]), jnp.array([-11.0, -5.0]), 0.5
+    )
     np.testing.assert_allclose(float(loss), (0.31326168751822286 + 2.1269280110429727) / 2, rtol=1e-6)
     np.testing.assert_allclose([float(m["margin"]), float(m["accuracy"])], [-0.5, 0.5], rtol=1e-6)
     np.testing.assert_allclose([float(m["rewards_chosen"]), float(m["rewards_rejected"])], [-0.25, 0.25], rtol=1e-6)
@@ -149,7 +162,8 @@ def test_lora_gradients_reach_adapters_only():
     def grad_fn(adapter_state, base_state):
         base_model = nnx.merge(*base_split[:1], base_state)
         return jax.grad(lambda st: objectives.sft_loss_fn(nnx.merge(graphdef, st), rows, base_model, chunk=8)[0])(
-            adapter_state)
+            adapter_state
+        )
 
     base_split = nnx.split(base)
     grads = nnx.merge(graphdef, grad_fn(state, base_split[1]))
@@ -182,8 +196,7 @@ def test_sampling_respects_stop_tokens_and_lengths():
 
 def test_kl_to_teacher_matches_dense():
     model, teacher = _model(5), _model(6)
-    rows = pairs.example_rows([pairs.Example(0, 0, (3, 4, 5), (6, 7, 8, 9)), pairs.Example(1, 1, (10,), (11, 12))],
-                              10)
+    rows = pairs.example_rows([pairs.Example(0, 0, (3, 4, 5), (6, 7, 8, 9)), pairs.Example(1, 1, (10,), (11, 12))], 10)
 
     def teacher_probs(tokens, seg):
         return np.asarray(jax.nn.softmax(_logits(teacher, tokens, seg), -1), np.float64)
@@ -210,7 +223,7 @@ def test_reference_and_heldout_sharded_equal_single_device():
     np.testing.assert_allclose(ref8[0], ref1[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ref8[1], ref1[1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ref1[0], _dense_logp64(single, rows, "chosen_"), rtol=1e-5, atol=1e-5)
-    held = {k[len("chosen_"):]: v for k, v in rows.items() if k.startswith("chosen_")}
+    held = {k[len("chosen_") :]: v for k, v in rows.items() if k.startswith("chosen_")}
     nll1 = objectives.heldout_nll(single, (), held, batch_size=4, chunk=16)
     nll8 = objectives.heldout_nll(sharded, (), held, batch_size=4, chunk=16, put_batch=put)
     np.testing.assert_allclose(nll8, nll1, rtol=1e-5)

@@ -5,6 +5,7 @@ The killed and resumed runs are subprocesses on one CPU device (`python tests/te
 <run dir>` runs the stage on the config of test_align_stage.py); the uninterrupted run is in this
 process, on a 1-device mesh.
 """
+
 import os
 import pathlib
 import signal
@@ -30,9 +31,14 @@ def stage_config(run_dir):
 def _env() -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
     return env
 
 
@@ -76,8 +82,9 @@ def test_kill9_mid_round_then_rerun_matches_uninterrupted(tmp_path):
             except subprocess.TimeoutExpired:
                 assert time.monotonic() < deadline, "no round-0 checkpoint in time:\n" + _tail(log_path)
                 continue
-            raise AssertionError(f"the align run ended (rc {proc.returncode}) before round 0 checkpointed:\n"
-                                 + _tail(log_path))
+            raise AssertionError(
+                f"the align run ended (rc {proc.returncode}) before round 0 checkpointed:\n" + _tail(log_path)
+            )
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:

@@ -3,6 +3,7 @@ folder, and the same run on an 8-device mesh (fsdp=4, tensor=2) equal to a 1-dev
 
 The prepared data is built once per module and copied into each run directory.
 """
+
 import json
 import pathlib
 import shutil
@@ -29,8 +30,9 @@ def make_config(run_dir, **align_overrides) -> ml_collections.ConfigDict:
     cfg.run.dir = str(run_dir)
     cfg.mesh = mesh.default_config()
     cfg.proxy = config_lib.model_group()
-    cfg.proxy.update(vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16, d_ff=48,
-                     max_seq_len=SEQ)
+    cfg.proxy.update(
+        vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16, d_ff=48, max_seq_len=SEQ
+    )
     cfg.data = data.default_config()
     cfg.data.update(seq_len=SEQ)
     cfg.data.split.update(warmup=0.3, align=0.5, distill=0.0, heldout=0.2)
@@ -38,8 +40,19 @@ def make_config(run_dir, **align_overrides) -> ml_collections.ConfigDict:
     cfg.train = loop.default_config()
     cfg.train.update(log_every=1, tensorboard=False, progress=False, peak_flops=1e9)
     cfg.align = align.default_config()
-    cfg.align.update(batch_size=8, sft_steps=4, sft_lr=3e-3, rounds=2, dpo_steps_per_round=3, dpo_lr=1e-3,
-                     max_new_tokens=8, sample_batch_size=8, logprob_chunk=64, eval_batch_size=8, checkpoint_every=2)
+    cfg.align.update(
+        batch_size=8,
+        sft_steps=4,
+        sft_lr=3e-3,
+        rounds=2,
+        dpo_steps_per_round=3,
+        dpo_lr=1e-3,
+        max_new_tokens=8,
+        sample_batch_size=8,
+        logprob_chunk=64,
+        eval_batch_size=8,
+        checkpoint_every=2,
+    )
     cfg.align.update(align_overrides)
     return cfg
 

@@ -1,115 +1,125 @@
 """Empirical Bayes on a simulated teacher, held-out scores vs the kernel, and sample weights."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from proxykd_jax.bayes import (PriorTables, fit_empirical_bayes, heldout_stats, posterior_topk,
-                               sample_weights, score, sequence_loglik, weight_stats)
+from proxykd_jax.bayes import (
+    PriorTables,
+    fit_empirical_bayes,
+    heldout_stats,
+    posterior_topk,
+    sample_weights,
+    score,
+    sequence_loglik,
+    weight_stats,
+)
 
 V, C, R = 128, 300, 6
 
 
 def simulate(seed, noise):
-  """A teacher per prompt, R one-token responses from it, and a proxy = teacher logits + noise."""
-  rng = np.random.default_rng(seed)
-  teacher_logits = 2.5 * rng.normal(size=(C, V))
-  q = np.exp(teacher_logits - teacher_logits.max(1, keepdims=True))
-  q /= q.sum(1, keepdims=True)
-  draws = np.array([rng.choice(V, R, p=row) for row in q])  # [C, R]
-  proxy = (teacher_logits + noise * rng.normal(size=(C, V))).astype(np.float32)
-  keys = np.repeat(np.arange(C, dtype=np.int64), R)
-  seqs = list(draws.reshape(-1, 1))
-  tables = PriorTables.build(keys, seqs, vocab_size=V, order=2, exact_top_s=R)
-  return q, proxy, keys, seqs, tables
+    """A teacher per prompt, R one-token responses from it, and a proxy = teacher logits + noise."""
+    rng = np.random.default_rng(seed)
+    teacher_logits = 2.5 * rng.normal(size=(C, V))
+    q = np.exp(teacher_logits - teacher_logits.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    draws = np.array([rng.choice(V, R, p=row) for row in q])  # [C, R]
+    proxy = (teacher_logits + noise * rng.normal(size=(C, V))).astype(np.float32)
+    keys = np.repeat(np.arange(C, dtype=np.int64), R)
+    seqs = list(draws.reshape(-1, 1))
+    tables = PriorTables.build(keys, seqs, vocab_size=V, order=2, exact_top_s=R)
+    return q, proxy, keys, seqs, tables
 
 
 def kl(q, r):
-  with np.errstate(divide="ignore", invalid="ignore"):
-    return float(np.mean(np.sum(np.where(q > 0, q * (np.log(q) - np.log(r)), 0.0), 1)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.mean(np.sum(np.where(q > 0, q * (np.log(q) - np.log(r)), 0.0), 1)))
 
 
 def dense_estimate(tables, keys, proxy, kappa, n_max):
-  """The posterior over the whole vocabulary (k = V) at each prompt's first position."""
-  pr = tables.query(keys[::R], [np.zeros(1, np.int64)] * C, mode="external")
-  ids, lp, _ = jax.jit(lambda *a: posterior_topk(*a, k=V))(
-      proxy, pr, tables.base_V, np.full(C, n_max, np.float32), kappa)
-  out = np.zeros((C, V))
-  np.put_along_axis(out, np.asarray(ids), np.exp(np.asarray(lp, np.float64)), 1)
-  return out
+    """The posterior over the whole vocabulary (k = V) at each prompt's first position."""
+    pr = tables.query(keys[::R], [np.zeros(1, np.int64)] * C, mode="external")
+    ids, lp, _ = jax.jit(lambda *a: posterior_topk(*a, k=V))(
+        proxy, pr, tables.base_V, np.full(C, n_max, np.float32), kappa
+    )
+    out = np.zeros((C, V))
+    np.put_along_axis(out, np.asarray(ids), np.exp(np.asarray(lp, np.float64)), 1)
+    return out
 
 
 @pytest.mark.parametrize("noise", [2.5, 1.2])
 def test_fitted_posterior_beats_prior_and_proxy(noise):
-  q, proxy, keys, seqs, tables = simulate(0, noise)
-  loo = tables.query(keys, seqs, mode="leave_one_out")
-  stats = heldout_stats(np.repeat(proxy, R, 0), keys * 0 + np.concatenate(seqs), loo,
-                        tables.base_V)
-  res = fit_empirical_bayes(stats, verbose=True)
-  assert res.score_posterior >= max(res.score_prior, res.score_proxy)
-  assert 0 < res.n_max < np.inf and res.kappa > 0
-  p = np.exp(proxy - proxy.max(1, keepdims=True))
-  p /= p.sum(1, keepdims=True)
-  # The prior at its own best kappa (N = 0) and the posterior, both over the full response counts.
-  prior = dense_estimate(tables, keys, proxy, max(res.prior_kappa, 1e-3), 0.0)
-  post = dense_estimate(tables, keys, proxy, res.kappa, res.n_max)
-  kl_proxy, kl_prior, kl_post = kl(q, p), kl(q, prior), kl(q, post)
-  print(f"noise {noise}: KL proxy {kl_proxy:.3f} prior {kl_prior:.3f} posterior {kl_post:.3f} "
-        f"(posterior/proxy {kl_post / kl_proxy:.2f}, posterior/prior {kl_post / kl_prior:.2f})")
-  assert kl_post < kl_proxy and kl_post < kl_prior
+    q, proxy, keys, seqs, tables = simulate(0, noise)
+    loo = tables.query(keys, seqs, mode="leave_one_out")
+    stats = heldout_stats(np.repeat(proxy, R, 0), keys * 0 + np.concatenate(seqs), loo, tables.base_V)
+    res = fit_empirical_bayes(stats, verbose=True)
+    assert res.score_posterior >= max(res.score_prior, res.score_proxy)
+    assert 0 < res.n_max < np.inf and res.kappa > 0
+    p = np.exp(proxy - proxy.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    # The prior at its own best kappa (N = 0) and the posterior, both over the full response counts.
+    prior = dense_estimate(tables, keys, proxy, max(res.prior_kappa, 1e-3), 0.0)
+    post = dense_estimate(tables, keys, proxy, res.kappa, res.n_max)
+    kl_proxy, kl_prior, kl_post = kl(q, p), kl(q, prior), kl(q, post)
+    print(
+        f"noise {noise}: KL proxy {kl_proxy:.3f} prior {kl_prior:.3f} posterior {kl_post:.3f} "
+        f"(posterior/proxy {kl_post / kl_proxy:.2f}, posterior/prior {kl_post / kl_prior:.2f})"
+    )
+    assert kl_post < kl_proxy and kl_post < kl_prior
 
 
 def test_endpoints_perfect_and_useless_proxy():
-  q, proxy, keys, seqs, tables = simulate(1, 0.0)
-  loo = tables.query(keys, seqs, mode="leave_one_out")
-  y = np.concatenate(seqs)
-  good = fit_empirical_bayes(heldout_stats(np.repeat(proxy, R, 0), y, loo, tables.base_V))
-  assert good.n_max > 100 and good.score_posterior - good.score_proxy < 0.01
-  useless = np.random.default_rng(2).normal(size=proxy.shape).astype(np.float32) * 3
-  bad = fit_empirical_bayes(heldout_stats(np.repeat(useless, R, 0), y, loo, tables.base_V))
-  assert bad.n_max < 1.0 and bad.score_posterior - bad.score_prior < 0.05
-  assert bad.score_proxy < bad.score_prior
+    q, proxy, keys, seqs, tables = simulate(1, 0.0)
+    loo = tables.query(keys, seqs, mode="leave_one_out")
+    y = np.concatenate(seqs)
+    good = fit_empirical_bayes(heldout_stats(np.repeat(proxy, R, 0), y, loo, tables.base_V))
+    assert good.n_max > 100 and good.score_posterior - good.score_proxy < 0.01
+    useless = np.random.default_rng(2).normal(size=proxy.shape).astype(np.float32) * 3
+    bad = fit_empirical_bayes(heldout_stats(np.repeat(useless, R, 0), y, loo, tables.base_V))
+    assert bad.n_max < 1.0 and bad.score_posterior - bad.score_prior < 0.05
+    assert bad.score_proxy < bad.score_prior
 
 
 def test_score_matches_kernel_log_prob():
-  _, proxy, keys, seqs, tables = simulate(3, 1.0)
-  logits = np.repeat(proxy, R, 0)
-  y = np.concatenate(seqs)
-  loo = tables.query(keys, seqs, mode="leave_one_out")
-  w = np.random.default_rng(4).uniform(0.1, 1.0, y.shape[0])
-  stats = heldout_stats(logits, y, loo, tables.base_V, weight_N=w)
-  kappa, n_max = 0.7, 5.0
-  ids, lp, _ = jax.jit(lambda *a: posterior_topk(*a, k=V))(logits, loo, tables.base_V,
-                                                          (n_max * w).astype(np.float32), kappa)
-  logq_y = np.asarray(lp)[np.asarray(ids) == y[:, None]]
-  assert logq_y.shape == y.shape
-  np.testing.assert_allclose(score(stats, kappa, n_max), logq_y.astype(np.float64).mean(),
-                             rtol=1e-5)
+    _, proxy, keys, seqs, tables = simulate(3, 1.0)
+    logits = np.repeat(proxy, R, 0)
+    y = np.concatenate(seqs)
+    loo = tables.query(keys, seqs, mode="leave_one_out")
+    w = np.random.default_rng(4).uniform(0.1, 1.0, y.shape[0])
+    stats = heldout_stats(logits, y, loo, tables.base_V, weight_N=w)
+    kappa, n_max = 0.7, 5.0
+    ids, lp, _ = jax.jit(lambda *a: posterior_topk(*a, k=V))(
+        logits, loo, tables.base_V, (n_max * w).astype(np.float32), kappa
+    )
+    logq_y = np.asarray(lp)[np.asarray(ids) == y[:, None]]
+    assert logq_y.shape == y.shape
+    np.testing.assert_allclose(score(stats, kappa, n_max), logq_y.astype(np.float64).mean(), rtol=1e-5)
 
 
 def test_sample_weights():
-  rng = np.random.default_rng(5)
-  lp = -rng.exponential(size=(6, 10)).astype(np.float32)
-  mask = rng.random((6, 10)) < 0.7
-  mask[:, 0] = True
-  ll_mean = np.asarray(sequence_loglik(jnp.asarray(lp), jnp.asarray(mask)))
-  ll_sum = np.asarray(sequence_loglik(jnp.asarray(lp), jnp.asarray(mask), normalize="sum"))
-  np.testing.assert_allclose(ll_sum, (lp * mask).sum(1), rtol=1e-6)
-  np.testing.assert_allclose(ll_mean, (lp * mask).sum(1) / mask.sum(1), rtol=1e-6)
-  mu, gamma = weight_stats(ll_mean)
-  np.testing.assert_allclose([mu, gamma], [ll_mean.mean(), ll_mean.std()], rtol=1e-6)
-  w = np.asarray(sample_weights(ll_mean, mu, gamma))
-  np.testing.assert_allclose(w, 1 / (1 + np.exp(-(ll_mean - mu) / gamma)), rtol=1e-5)
-  assert np.all(np.diff(w[np.argsort(ll_mean)]) >= 0)
-  with pytest.raises(ValueError, match="normalize"):
-    sequence_loglik(jnp.asarray(lp), jnp.asarray(mask), normalize="max")
-  with pytest.raises(ValueError, match="not finite"):
-    weight_stats(np.array([0.0, np.nan]))
-  with pytest.raises(ValueError, match="held-out"):
-    fit_empirical_bayes(heldout_stats(np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
-                                      *_empty_prior()))
+    rng = np.random.default_rng(5)
+    lp = -rng.exponential(size=(6, 10)).astype(np.float32)
+    mask = rng.random((6, 10)) < 0.7
+    mask[:, 0] = True
+    ll_mean = np.asarray(sequence_loglik(jnp.asarray(lp), jnp.asarray(mask)))
+    ll_sum = np.asarray(sequence_loglik(jnp.asarray(lp), jnp.asarray(mask), normalize="sum"))
+    np.testing.assert_allclose(ll_sum, (lp * mask).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(ll_mean, (lp * mask).sum(1) / mask.sum(1), rtol=1e-6)
+    mu, gamma = weight_stats(ll_mean)
+    np.testing.assert_allclose([mu, gamma], [ll_mean.mean(), ll_mean.std()], rtol=1e-6)
+    w = np.asarray(sample_weights(ll_mean, mu, gamma))
+    np.testing.assert_allclose(w, 1 / (1 + np.exp(-(ll_mean - mu) / gamma)), rtol=1e-5)
+    assert np.all(np.diff(w[np.argsort(ll_mean)]) >= 0)
+    with pytest.raises(ValueError, match="normalize"):
+        sequence_loglik(jnp.asarray(lp), jnp.asarray(mask), normalize="max")
+    with pytest.raises(ValueError, match="not finite"):
+        weight_stats(np.array([0.0, np.nan]))
+    with pytest.raises(ValueError, match="held-out"):
+        fit_empirical_bayes(heldout_stats(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), *_empty_prior()))
 
 
 def _empty_prior():
-  tables = PriorTables.build([0], [np.array([1, 2])], vocab_size=4, order=2)
-  return tables.query([], [], mode="external"), tables.base_V
+    tables = PriorTables.build([0], [np.array([1, 2])], vocab_size=4, order=2)
+    return tables.query([], [], mode="external"), tables.base_V

@@ -1,4 +1,5 @@
 """The distill stage's loss functions against plain float64 numpy formulas on random inputs."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,9 +37,18 @@ def random_batch(seed):
     kd_tail = (1.0 - np.exp(kd_logprobs.astype(np.float64)).sum(-1)).astype(np.float32)
     weight = np.where(segment_ids == 2, 0.3, 0.8).astype(np.float32)
     sample_ids = np.where(segment_ids > 0, segment_ids + 10, 0).astype(np.int32)
-    return dict(tokens=tokens, targets=targets, positions=positions, segment_ids=segment_ids,
-                loss_mask=loss_mask, sample_ids=sample_ids, kd_ids=kd_ids, kd_logprobs=kd_logprobs,
-                kd_tail=kd_tail, weight=weight)
+    return dict(
+        tokens=tokens,
+        targets=targets,
+        positions=positions,
+        segment_ids=segment_ids,
+        loss_mask=loss_mask,
+        sample_ids=sample_ids,
+        kd_ids=kd_ids,
+        kd_logprobs=kd_logprobs,
+        kd_tail=kd_tail,
+        weight=weight,
+    )
 
 
 def logsoftmax64(logits):

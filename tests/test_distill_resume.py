@@ -1,5 +1,6 @@
 """Resume after SIGKILL: a distill run killed mid-way and rerun ends with the same parameters as an
 uninterrupted run (state and data-iterator position both restored from the checkpoint)."""
+
 import json
 import pathlib
 import signal
@@ -8,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from test_distill_stage import build_run, final_params, make_config, read_metrics
 
 
@@ -39,8 +39,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(run_dir):
     from proxykd_jax.stages import distill
 
     overrides = {"distill.output": "student_killed", "train.steps": 8}
-    script = KILL_SCRIPT.format(tests=str(pathlib.Path(__file__).parent), run=str(run_dir),
-                                overrides=json.dumps(overrides), kill_at=5)
+    script = KILL_SCRIPT.format(
+        tests=str(pathlib.Path(__file__).parent), run=str(run_dir), overrides=json.dumps(overrides), kill_at=5
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     killed = run_dir / "student_killed"
@@ -56,4 +57,4 @@ def test_resume_after_sigkill_equals_uninterrupted_run(run_dir):
     restarts = [i for i in range(1, len(logged)) if logged[i] <= logged[i - 1]]
     resumed_from = logged[restarts[0]] - 1 if restarts else 4
     assert resumed_from >= 2  # continued from a checkpoint, not from scratch
-    assert logged[-(8 - resumed_from):] == list(range(resumed_from + 1, 9))
+    assert logged[-(8 - resumed_from) :] == list(range(resumed_from + 1, 9))

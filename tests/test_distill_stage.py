@@ -1,5 +1,6 @@
 """The distill stage end to end on a tiny run directory: KD, the α = 0 baseline, white-box mode and
 refusal to overwrite. Also the fixtures (config, run directory) of test_distill_resume.py / test_export.py."""
+
 import json
 import pathlib
 
@@ -28,16 +29,25 @@ def make_config(run_dir, **overrides) -> ml_collections.ConfigDict:
     cfg.run.dir = str(run_dir)
     cfg.mesh = mesh.default_config()
     cfg.model = config_lib.model_group()
-    cfg.model.update(vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, d_ff=48,
-                     max_seq_len=SEQ)
+    cfg.model.update(
+        vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, d_ff=48, max_seq_len=SEQ
+    )
     cfg.data = data.default_config()
     cfg.data.update(seq_len=SEQ, batch_size=BATCH, num_epochs=0)
     cfg.data.split.update(warmup=0.0, align=0.0, distill=1.0, heldout=0.0)
     cfg.optim = optim.default_config()
     cfg.optim.update(lr=3e-3, warmup_steps=1)
     cfg.train = loop.default_config()
-    cfg.train.update(steps=6, batch_size=BATCH, seq_len=SEQ, checkpoint_every=2, log_every=1, tensorboard=False,
-                     progress=False, peak_flops=1e9)
+    cfg.train.update(
+        steps=6,
+        batch_size=BATCH,
+        seq_len=SEQ,
+        checkpoint_every=2,
+        log_every=1,
+        tensorboard=False,
+        progress=False,
+        peak_flops=1e9,
+    )
     cfg.distill = distill.default_config()
     cfg.distill.loss.chunk_size = 64
     for key, value in overrides.items():
@@ -61,8 +71,14 @@ def build_run(root: pathlib.Path, n_samples: int = 40, seed: int = 0) -> pathlib
     data.prepare([corpus], tokenizer, run / "prepared", cfg.data, progress=False)
     tokenizer.save_pretrained(run / "prepared" / "tokenizer")
     prepared = data.PreparedData(run / "prepared")
-    with data.StoreWriter(run / "posterior", k=K, vocab_size=cfg.model.vocab_size,
-                          tokenizer_hash=prepared.tokenizer_hash, value_dtype="float32", tail_dtype="float32") as w:
+    with data.StoreWriter(
+        run / "posterior",
+        k=K,
+        vocab_size=cfg.model.vocab_size,
+        tokenizer_hash=prepared.tokenizer_hash,
+        value_dtype="float32",
+        tail_dtype="float32",
+    ) as w:
         for rec in prepared.iter_split("distill"):
             t = len(rec["tokens"]) - int(rec["prompt_len"])
             ids = np.stack([rng.permutation(cfg.model.vocab_size)[:K] for _ in range(t)]).astype(np.int32)

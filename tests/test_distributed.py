@@ -1,4 +1,5 @@
 """Two jax.distributed processes x 4 CPU devices agree with one process x 8 devices."""
+
 import os
 import pathlib
 import socket
@@ -7,8 +8,8 @@ import sys
 
 import jax
 import numpy as np
-
 from parallel_helpers import make_batch, mesh_cfg, sharded_forward_and_step
+
 from proxykd_jax.parallel import make_mesh
 
 HELPER = pathlib.Path(__file__).with_name("parallel_helpers.py")
@@ -23,11 +24,20 @@ def _free_port() -> int:
 
 def test_two_processes_match_one_process(tmp_path):
     out = tmp_path / "result.npz"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)
+    )
     coordinator = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, str(HELPER), coordinator, "2", str(pid), str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HELPER), coordinator, "2", str(pid), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
     logs = []
     try:
         for proc in procs:

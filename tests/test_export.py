@@ -1,13 +1,14 @@
 """The export stage: the newest student checkpoint as an HF folder that transformers loads with the
 same logits; refusal to overwrite; the step and missing-checkpoint errors."""
+
 import numpy as np
 import pytest
 import torch
 import transformers
+from test_distill_stage import build_run, make_config
 
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.stages import distill, export
-from test_distill_stage import build_run, make_config
 
 
 def export_config(run_dir, **overrides):
@@ -29,8 +30,9 @@ def test_export_loads_in_transformers_with_matching_logits(trained):
     assert out == trained / "export" and (out / "tokenizer.json").exists()
     _, ours, step = export.load_student(cfg, trained / "student")
     assert step == 3
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True,
-                                                                 dtype=torch.float32).eval()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out), local_files_only=True, dtype=torch.float32
+    ).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     assert len(tokenizer) <= cfg.model.vocab_size and tokenizer.decode(tokenizer.encode("w3 w7")) == "w3 w7"
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, 20)).astype(np.int32)

@@ -1,4 +1,5 @@
 """HF import/export parity with transformers (torch, float32) on tiny random models."""
+
 import json
 
 import jax.numpy as jnp
@@ -6,22 +7,36 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from proxykd_jax.models import hf
 from proxykd_jax.models.llama import Llama, ModelConfig
-from flax import nnx
 
-COMMON = dict(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128)
+COMMON = dict(
+    vocab_size=67,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=128,
+)
 TOKENS = np.random.default_rng(0).integers(0, 67, (2, 19))
 
 
 def _hf_model(kind, **kw):
     torch.manual_seed(0)
-    cfg_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config}[kind]
-    model_cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "qwen2": transformers.Qwen2ForCausalLM}[kind]
+    cfg_cls = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+    }[kind]
+    model_cls = {
+        "llama": transformers.LlamaForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+    }[kind]
     model = model_cls(cfg_cls(**{**COMMON, **kw})).float().eval()
     with torch.no_grad():  # HF init is tiny (std 0.02) and biases/norms trivial: make every tensor matter
         for p in model.parameters():
@@ -34,13 +49,26 @@ def _hf_logits(model, tokens):
         return model(torch.tensor(tokens)).logits.numpy()
 
 
-@pytest.mark.parametrize("kind,kw", [
-    ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
-    ("llama", dict(tie_word_embeddings=True, head_dim=16)),
-    ("mistral", dict(rope_theta=1000.0)),
-    ("qwen2", dict()),
-])
+@pytest.mark.parametrize(
+    "kind,kw",
+    [
+        (
+            "llama",
+            dict(
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+            ),
+        ),
+        ("llama", dict(tie_word_embeddings=True, head_dim=16)),
+        ("mistral", dict(rope_theta=1000.0)),
+        ("qwen2", dict()),
+    ],
+)
 def test_import_matches_transformers(tmp_path, kind, kw):
     ref = _hf_model(kind, **kw)
     ref.save_pretrained(tmp_path)
@@ -53,11 +81,13 @@ def test_import_matches_transformers(tmp_path, kind, kw):
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_embeddings=True,
-                                             rope_scaling=("llama3", 4.0, 1.0, 4.0, 16))])
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(qkv_bias=True, tie_embeddings=True, rope_scaling=("llama3", 4.0, 1.0, 4.0, 16))]
+)
 def test_export_loads_in_transformers(tmp_path, kw):
-    cfg = ModelConfig(vocab_size=67, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48,
-                      max_seq_len=128, **kw)
+    cfg = ModelConfig(
+        vocab_size=67, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48, max_seq_len=128, **kw
+    )
     model = Llama(cfg, rngs=nnx.Rngs(3))
     hf.save_hf(model, cfg, tmp_path)
     arch = json.loads((tmp_path / "config.json").read_text())["architectures"]
@@ -84,6 +114,7 @@ def test_sharded_index_import_and_export(tmp_path):
 
 def test_bf16_params_and_tokenizer_saved(tmp_path):
     from proxykd_jax.models.tokenizer import build_word_tokenizer, load_tokenizer
+
     ref = _hf_model("qwen2")
     ref.save_pretrained(tmp_path / "a")
     cfg, model = hf.load_hf(tmp_path / "a", dtype="bfloat16", param_dtype="bfloat16")
@@ -105,9 +136,13 @@ def test_bad_inputs(tmp_path):
         hf.config_from_hf({"architectures": ["GPT2LMHeadModel"]})
     ref = _hf_model("llama")
     ref.save_pretrained(tmp_path / "m")
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**json.loads((tmp_path / "m" / "config.json").read_text()),
-                                                            "intermediate_size": 64}))
-    with pytest.raises(ValueError, match=r"Tensor model\.layers\.\d\.mlp\.\w+_proj\.weight .*shape \((48, 32|32, 48)\).*implies \((64, 32|32, 64)\)"):
+    (tmp_path / "m" / "config.json").write_text(
+        json.dumps({**json.loads((tmp_path / "m" / "config.json").read_text()), "intermediate_size": 64})
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"Tensor model\.layers\.\d\.mlp\.\w+_proj\.weight .*shape \((48, 32|32, 48)\).*implies \((64, 32|32, 64)\)",
+    ):
         hf.load_hf(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):

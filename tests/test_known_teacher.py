@@ -1,10 +1,10 @@
 """Known teacher (determinism, sharpness, round trips) and the tokenizer builders."""
+
 import numpy as np
 import pytest
 
 from proxykd_jax.models import hf
-from proxykd_jax.models.tokenizer import (build_bpe_tokenizer, build_word_tokenizer, load_tokenizer,
-                                          tokenizer_hash)
+from proxykd_jax.models.tokenizer import build_bpe_tokenizer, build_word_tokenizer, load_tokenizer, tokenizer_hash
 from proxykd_jax.teacher.known import KnownTeacher
 
 KW = dict(vocab_size=128, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_seq_len=128)
@@ -52,7 +52,7 @@ def test_distributions_sharp_structured_and_normalised(teacher):
     # array + lengths form gives the same numbers
     padded = np.zeros((len(ctx), lengths.max()), np.int32)
     for i, c in enumerate(ctx):
-        padded[i, :len(c)] = c
+        padded[i, : len(c)] = c
     np.testing.assert_allclose(teacher.distributions(padded, lengths)[mask], probs[mask], atol=1e-6)
 
 
@@ -74,9 +74,10 @@ def test_sample_round_trip_and_determinism(teacher):
     assert len(set(lengths)) > 1  # some responses end at <eos>
     # samples follow the true distribution: the teacher likes its own samples far more than random text
     own = teacher.sequence_logprobs([p for p in prompts for _ in range(3)], [r for rs in r1 for r in rs])
-    rand = teacher.sequence_logprobs([p for p in prompts for _ in range(3)],
-                                     [" ".join(f"w{i}" for i in np.random.default_rng(0).integers(0, 124, len(r.split())))
-                                      for rs in r1 for r in rs])
+    rand = teacher.sequence_logprobs(
+        [p for p in prompts for _ in range(3)],
+        [" ".join(f"w{i}" for i in np.random.default_rng(0).integers(0, 124, len(r.split()))) for rs in r1 for r in rs],
+    )
     assert own.mean() > rand.mean() + 1.0
 
 
@@ -97,8 +98,9 @@ def test_word_tokenizer(tmp_path):
     assert ids == [6, 4, 5, 5] and loaded.decode(ids) == "c9 apple b b"
     assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.unk_token_id) == (0, 1, 2, 3)
     assert loaded.encode("zzz") == [3]
-    chat = loaded.apply_chat_template([{"role": "user", "content": "b apple"}], tokenize=False,
-                                      add_generation_prompt=True)
+    chat = loaded.apply_chat_template(
+        [{"role": "user", "content": "b apple"}], tokenize=False, add_generation_prompt=True
+    )
     assert loaded.encode(chat) == loaded.encode("b apple")
     assert tokenizer_hash(tok) == tokenizer_hash(loaded)
     assert tokenizer_hash(tok) != tokenizer_hash(build_word_tokenizer(["apple", "c9", "b"]))

@@ -1,5 +1,6 @@
 """Losses: divergences against float64 numpy and hand-computed values, sparse tail modes, the sampled
 estimator's unbiasedness, chunked = dense in value and gradient, sequence log-probs and DPO."""
+
 import functools
 import math
 
@@ -56,7 +57,8 @@ def test_divergence_matches_float64_reference(kind):
     want = _np_divergence(kind, logp, logq, beta=0.3, skew=0.2)
     np.testing.assert_allclose(np.asarray(got), want, rtol=RTOL, atol=ATOL)
     grad = jax.grad(lambda lq: L.divergence(kind, jnp.asarray(logp, jnp.float32), lq, **kw).sum())(
-        jnp.asarray(logq, jnp.float32))
+        jnp.asarray(logq, jnp.float32)
+    )
     assert np.all(np.isfinite(np.asarray(grad)))
 
 
@@ -73,8 +75,9 @@ def test_divergence_hand_computed_v3():
     #   jsd = 0.0320094
     logp = jnp.log(jnp.array([0.5, 0.25, 0.25]))
     logq = jnp.log(jnp.array([0.25, 0.5, 0.25]))
-    want = dict(forward_kl=0.25 * math.log(2), reverse_kl=0.25 * math.log(2), tvd=0.25,
-                skew_kl=0.1084661, jsd=0.0320094)
+    want = dict(
+        forward_kl=0.25 * math.log(2), reverse_kl=0.25 * math.log(2), tvd=0.25, skew_kl=0.1084661, jsd=0.0320094
+    )
     for kind, value in want.items():
         got = L.divergence(kind, logp, logq, jsd_beta=0.25, skew_alpha=0.2)
         np.testing.assert_allclose(float(got), value, rtol=0, atol=2e-7, err_msg=kind)
@@ -87,10 +90,22 @@ def test_sparse_tail_and_renorm_hand_computed_v3():
     # renorm: target top-2 = ids (0, 1) with p (1/2, 1/4) -> (2/3, 1/3); student (1/4, 1/2) -> (1/3, 2/3)
     #   forward KL = 2/3 ln 2 + 1/3 ln(1/2) = 1/3 ln 2 = 0.2310491
     logq = jnp.log(jnp.array([[0.25, 0.5, 0.25]]))
-    tail = L.sparse_divergence("forward_kl", jnp.array([[0, 2]]), jnp.array([[math.log(0.5), -jnp.inf]]),
-                               jnp.array([0.5]), logq, tail_mode="tail")
-    renorm = L.sparse_divergence("forward_kl", jnp.array([[0, 1]]), jnp.log(jnp.array([[0.5, 0.25]])),
-                                 jnp.array([0.25]), logq, tail_mode="renorm")
+    tail = L.sparse_divergence(
+        "forward_kl",
+        jnp.array([[0, 2]]),
+        jnp.array([[math.log(0.5), -jnp.inf]]),
+        jnp.array([0.5]),
+        logq,
+        tail_mode="tail",
+    )
+    renorm = L.sparse_divergence(
+        "forward_kl",
+        jnp.array([[0, 1]]),
+        jnp.log(jnp.array([[0.5, 0.25]])),
+        jnp.array([0.25]),
+        logq,
+        tail_mode="renorm",
+    )
     np.testing.assert_allclose(float(tail[0]), 0.5 * math.log(4 / 3), atol=2e-7)
     np.testing.assert_allclose(float(renorm[0]), math.log(2) / 3, atol=2e-7)
 
@@ -154,8 +169,9 @@ def test_sampled_is_unbiased(kind):
 
     @jax.jit
     def estimates_and_values():
-        sparse_est = L.sparse_divergence(kind, rep(ids), rep(lps), rep(tail), rep(logq),
-                                         tail_mode="sampled", sample_uniforms_MxS=uniforms)
+        sparse_est = L.sparse_divergence(
+            kind, rep(ids), rep(lps), rep(tail), rep(logq), tail_mode="sampled", sample_uniforms_MxS=uniforms
+        )
         sparse_val = L.sparse_divergence(kind, ids, lps, tail, logq, tail_mode="tail")
         # dense (white-box) targets: the same estimator on the full target distribution
         dense_est = L.sampled_divergence(kind, rep(logp), rep(logq), uniforms)
@@ -166,8 +182,7 @@ def test_sampled_is_unbiased(kind):
         est = np.asarray(est, np.float64).reshape(draws, m)
         stderr = est.std(0, ddof=1) / math.sqrt(draws)
         assert np.all(stderr > 0)
-        assert np.all(np.abs(est.mean(0) - np.asarray(value)) < 4.5 * stderr + 1e-6), (
-            est.mean(0), value, stderr)
+        assert np.all(np.abs(est.mean(0) - np.asarray(value)) < 4.5 * stderr + 1e-6), (est.mean(0), value, stderr)
 
 
 def _kd_inputs(n=13, d=16, v=40, k=6, seed=0):
@@ -188,20 +203,19 @@ def _kd_inputs(n=13, d=16, v=40, k=6, seed=0):
 
 # Chunking is independent of the divergence (each kind is checked per token above): a few cases
 # cover every tail mode, both temperature paths and padding (N = 13, chunk 4).
-CASES = [("forward_kl", "tail", 1.0), ("reverse_kl", "tail", 2.0), ("jsd", "renorm", 0.7),
-         ("tvd", "sampled", 1.0)]
+CASES = [("forward_kl", "tail", 1.0), ("reverse_kl", "tail", 2.0), ("jsd", "renorm", 0.7), ("tvd", "sampled", 1.0)]
 
 
 @pytest.mark.parametrize("kind,tail_mode,temperature", CASES)
 def test_sparse_kd_chunked_equals_dense(kind, tail_mode, temperature):
     hidden, w, targets, ids, lps, tail, mask, weight = _kd_inputs()
-    kw = dict(divergence=kind, tail_mode=tail_mode, temperature=temperature, num_samples=3,
-              rng=jax.random.key(1))
+    kw = dict(divergence=kind, tail_mode=tail_mode, temperature=temperature, num_samples=3, rng=jax.random.key(1))
 
     def run(fn):
         def loss(h, W):
             ce, kd, n = fn(h, W, targets, ids, lps, tail, mask, weight, **kw)
             return L.kd_objective(ce, kd, n, alpha=3.0), (ce, kd, n)
+
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(hidden, w)
 
     (val, aux), grads = run(functools.partial(L.sparse_kd_loss, chunk_size=4))  # 13 = 3*4 + 1
@@ -253,9 +267,21 @@ def test_all_absent_target_rows_are_nan_free():
         out = []
         for kind in L.KINDS:
             for mode in L.TAIL_MODES:
-                f = lambda z: jnp.sum(jnp.where(jnp.array([False, True]), L.sparse_divergence(  # noqa: E731
-                    kind, ids, lps, tail, jax.nn.log_softmax(z), tail_mode=mode,
-                    sample_uniforms_MxS=jnp.full((2, 2), 0.5)), 0.0))
+                f = lambda z, kind=kind, mode=mode: jnp.sum(
+                    jnp.where(
+                        jnp.array([False, True]),
+                        L.sparse_divergence(
+                            kind,
+                            ids,
+                            lps,
+                            tail,
+                            jax.nn.log_softmax(z),
+                            tail_mode=mode,
+                            sample_uniforms_MxS=jnp.full((2, 2), 0.5),
+                        ),
+                        0.0,
+                    )
+                )
                 out.append(jax.value_and_grad(f)(z))
         return out
 
@@ -273,6 +299,7 @@ def test_dense_kd_chunked_equals_dense(kind, sampled):
     def run(fn):
         def loss(h, W):
             return L.kd_objective(*fn(h, W, targets, t_hidden, t_w, mask, weight, **kw), 2.0)
+
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hidden, w)
 
     val, grads = run(functools.partial(L.dense_kd_loss, chunk_size=6))
@@ -282,8 +309,9 @@ def test_dense_kd_chunked_equals_dense(kind, sampled):
         np.testing.assert_allclose(np.asarray(g), np.asarray(g_d), rtol=RTOL, atol=ATOL)
 
     def fused_loss(h, W):
-        loss_sum, _, _, n = L.dense_kd_objective(h, W, targets, t_hidden, t_w, mask, weight, alpha=2.0,
-                                                 chunk_size=6, **kw)
+        loss_sum, _, _, n = L.dense_kd_objective(
+            h, W, targets, t_hidden, t_w, mask, weight, alpha=2.0, chunk_size=6, **kw
+        )
         return loss_sum / n
 
     val_f, grads_f = jax.jit(jax.value_and_grad(fused_loss, argnums=(0, 1)))(hidden, w)
@@ -326,8 +354,9 @@ def test_fused_cross_entropy_gradients_scale_with_the_cotangent():
 
     fused = functools.partial(L.cross_entropy_chunked, chunk_size=4)
     grads_f = jax.jit(jax.grad(functools.partial(objective, fused), argnums=(0, 1)))(hidden, w, mask)
-    grads_d = jax.jit(jax.grad(lambda h, W, m: objective(lambda *a: L.cross_entropy(a[0] @ a[1], *a[2:]), h, W, m),
-                               argnums=(0, 1)))(hidden, w, mask)
+    grads_d = jax.jit(
+        jax.grad(lambda h, W, m: objective(lambda *a: L.cross_entropy(a[0] @ a[1], *a[2:]), h, W, m), argnums=(0, 1))
+    )(hidden, w, mask)
     for a, b in zip(grads_f, grads_d):
         assert float(jnp.abs(b).max()) > 1e-3
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL)
@@ -339,13 +368,15 @@ def test_fused_cross_entropy_gradients_scale_with_the_cotangent():
 def test_fused_cross_entropy_bfloat16_inputs():
     hidden, w, targets, _, _, _, mask, _ = _kd_inputs()
     h16, w16 = hidden.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    fn = jax.jit(jax.value_and_grad(lambda h, W: L.cross_entropy_chunked(h, W, targets, mask, chunk_size=5)[0],
-                                    argnums=(0, 1)))
+    fn = jax.jit(
+        jax.value_and_grad(lambda h, W: L.cross_entropy_chunked(h, W, targets, mask, chunk_size=5)[0], argnums=(0, 1))
+    )
     val, (gh, gw) = fn(h16, w16)
     assert gh.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
     ref_val, (rh, rw) = jax.value_and_grad(
         lambda h, W: L.cross_entropy(jnp.dot(h, W, preferred_element_type=jnp.float32), targets, mask)[0],
-        argnums=(0, 1))(h16.astype(jnp.float32), w16.astype(jnp.float32))
+        argnums=(0, 1),
+    )(h16.astype(jnp.float32), w16.astype(jnp.float32))
     np.testing.assert_allclose(float(val), float(ref_val), rtol=1e-3)
     np.testing.assert_allclose(np.asarray(gh, np.float32), np.asarray(rh), rtol=0.05, atol=0.02)
     np.testing.assert_allclose(np.asarray(gw, np.float32), np.asarray(rw), rtol=0.05, atol=0.02)
@@ -359,8 +390,11 @@ def test_sequence_logprobs_chunked_equals_dense(normalize):
     targets = jax.random.randint(keys[2], (3, 7), 0, 40)
     mask = (jax.random.uniform(keys[3], (3, 7)) < 0.7).astype(jnp.float32)
     kw = dict(length_normalize=normalize)
-    fn = lambda f: jax.jit(jax.value_and_grad(  # noqa: E731
-        lambda h, W: jnp.sum(f(h, W, targets, mask, **kw) * jnp.array([1.0, -2.0, 0.5])), argnums=(0, 1)))
+    fn = lambda f: jax.jit(
+        jax.value_and_grad(  # noqa: E731
+            lambda h, W: jnp.sum(f(h, W, targets, mask, **kw) * jnp.array([1.0, -2.0, 0.5])), argnums=(0, 1)
+        )
+    )
     val, grads = fn(functools.partial(L.sequence_logprobs, chunk_size=4))(hidden, w)  # 21 = 5*4 + 1
     val_d, grads_d = fn(L.sequence_logprobs_dense)(hidden, w)
     np.testing.assert_allclose(float(val), float(val_d), rtol=RTOL, atol=ATOL)
@@ -377,17 +411,19 @@ def test_dpo_hand_computed():
     # beta 0.1. Pair 1: r_c = 0.1 (-10 - -11) = 0.1, r_r = 0.1 (-12 - -11) = -0.1, margin 0.2,
     #   loss = log(1 + e^-0.2) = 0.5981389. Pair 2: r_c = 0.1 (-5 - -4) = -0.1, r_r = 0.1 (-6 - -7) = 0.1,
     #   margin -0.2, loss = log(1 + e^0.2) = 0.7981389. Mean loss 0.6981389, accuracy 0.5.
-    loss, metrics = L.dpo_loss(jnp.array([-10.0, -5.0]), jnp.array([-12.0, -6.0]),
-                               jnp.array([-11.0, -4.0]), jnp.array([-11.0, -7.0]), beta=0.1)
+    loss, metrics = L.dpo_loss(
+        jnp.array([-10.0, -5.0]), jnp.array([-12.0, -6.0]), jnp.array([-11.0, -4.0]), jnp.array([-11.0, -7.0]), beta=0.1
+    )
     np.testing.assert_allclose(float(loss), 0.6981389, atol=1e-6)
     np.testing.assert_allclose(float(metrics["rewards_chosen"]), 0.0, atol=1e-6)
     np.testing.assert_allclose(float(metrics["rewards_rejected"]), 0.0, atol=1e-6)
     np.testing.assert_allclose(float(metrics["margin"]), 0.0, atol=1e-6)
     assert float(metrics["accuracy"]) == 0.5
     # gradient reaches only the policy: d loss / d pol_chosen_1 = -beta * sigmoid(-0.2) / 2
-    g = jax.grad(lambda pc, rc: L.dpo_loss(pc, jnp.array([-12.0, -6.0]), rc, jnp.array([-11.0, -7.0]),
-                                           beta=0.1)[0], argnums=(0, 1))(
-        jnp.array([-10.0, -5.0]), jnp.array([-11.0, -4.0]))
+    g = jax.grad(
+        lambda pc, rc: L.dpo_loss(pc, jnp.array([-12.0, -6.0]), rc, jnp.array([-11.0, -7.0]), beta=0.1)[0],
+        argnums=(0, 1),
+    )(jnp.array([-10.0, -5.0]), jnp.array([-11.0, -4.0]))
     np.testing.assert_allclose(float(g[0][0]), -0.1 / (1 + math.exp(0.2)) / 2, rtol=1e-5)
     assert np.all(np.asarray(g[1]) == 0)
 

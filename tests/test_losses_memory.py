@@ -3,6 +3,7 @@ and do not grow with the number of tokens, while the dense references need at le
 
 Nothing is allocated: arguments are jax.ShapeDtypeStruct and only compilation runs.
 """
+
 import functools
 
 import jax
@@ -16,6 +17,7 @@ V, D, K, CHUNK = 131072, 64, 64, 256
 
 def _temp_bytes(loss_fn, n, fused=False):
     """temp_size_in_bytes of jit(value_and_grad(CE + KD objective wrt hidden and W)) at N = n tokens."""
+
     def objective(hidden, w, targets, ids, lps, tail, mask, weight):
         if fused:
             loss_sum, _, _, n_tokens = loss_fn(hidden, w, targets, ids, lps, tail, mask, weight, alpha=100.0)
@@ -23,9 +25,16 @@ def _temp_bytes(loss_fn, n, fused=False):
         return L.kd_objective(*loss_fn(hidden, w, targets, ids, lps, tail, mask, weight), alpha=100.0)
 
     spec = jax.ShapeDtypeStruct
-    args = (spec((n, D), jnp.float32), spec((D, V), jnp.float32), spec((n,), jnp.int32),
-            spec((n, K), jnp.int32), spec((n, K), jnp.float32), spec((n,), jnp.float32),
-            spec((n,), jnp.float32), spec((n,), jnp.float32))
+    args = (
+        spec((n, D), jnp.float32),
+        spec((D, V), jnp.float32),
+        spec((n,), jnp.int32),
+        spec((n, K), jnp.int32),
+        spec((n, K), jnp.float32),
+        spec((n,), jnp.float32),
+        spec((n,), jnp.float32),
+        spec((n,), jnp.float32),
+    )
     compiled = jax.jit(jax.value_and_grad(objective, argnums=(0, 1))).lower(*args).compile()
     stats = compiled.memory_analysis()
     assert stats is not None, "this backend reports no compiled memory statistics"
@@ -36,9 +45,13 @@ def _temp_bytes(loss_fn, n, fused=False):
 def temps():
     chunked = functools.partial(L.sparse_kd_loss, chunk_size=CHUNK)
     fused = functools.partial(L.sparse_kd_objective, chunk_size=CHUNK)
-    return dict(chunked_4k=_temp_bytes(chunked, 4096), chunked_8k=_temp_bytes(chunked, 8192),
-                dense_4k=_temp_bytes(L.sparse_kd_loss_dense, 4096),
-                fused_4k=_temp_bytes(fused, 4096, True), fused_8k=_temp_bytes(fused, 8192, True))
+    return dict(
+        chunked_4k=_temp_bytes(chunked, 4096),
+        chunked_8k=_temp_bytes(chunked, 8192),
+        dense_4k=_temp_bytes(L.sparse_kd_loss_dense, 4096),
+        fused_4k=_temp_bytes(fused, 4096, True),
+        fused_8k=_temp_bytes(fused, 8192, True),
+    )
 
 
 def test_dense_reference_materialises_full_logits(temps):
@@ -67,6 +80,7 @@ def test_fused_objective_temp_bounded_and_constant_in_tokens(temps):
 
 def _ce_temp_bytes(n):
     """temp_size_in_bytes of jit(grad(fused CE mean wrt hidden and W)) at N = n tokens."""
+
     def objective(hidden, w, targets, mask):
         ce_sum, n_tokens = L.cross_entropy_chunked(hidden, w, targets, mask, chunk_size=CHUNK)
         return ce_sum / n_tokens

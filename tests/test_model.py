@@ -1,4 +1,5 @@
 """Llama forward against a float64 numpy reference, packing, tying, dtypes, axis names."""
+
 import math
 
 import jax
@@ -14,8 +15,9 @@ AXES = {"embed", "vocab", "mlp", "heads", "kv_heads", "head_dim", "layers"}
 
 
 def small_cfg(**kw):
-    base = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48,
-                rope_theta=500.0)
+    base = dict(
+        vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48, rope_theta=500.0
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -25,8 +27,10 @@ def randomize(model, seed):
     state = nnx.state(model, nnx.Param)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [(0.3 * jax.random.normal(k, x.shape) + (1.0 if x.ndim == 1 else 0.0)).astype(x.dtype)
-           for k, x in zip(keys, leaves)]
+    new = [
+        (0.3 * jax.random.normal(k, x.shape) + (1.0 if x.ndim == 1 else 0.0)).astype(x.dtype)
+        for k, x in zip(keys, leaves)
+    ]
     nnx.update(model, jax.tree.unflatten(treedef, new))
     return model
 
@@ -37,6 +41,7 @@ def np_params(model):
 
 def ref_forward(p, cfg, tokens, positions):
     """Plain float64 numpy Llama math for one unpacked row [L]."""
+
     def rms(x, s):
         return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.rms_eps) * s
 
@@ -90,12 +95,15 @@ def ref_forward(p, cfg, tokens, positions):
     return x @ w
 
 
-@pytest.mark.parametrize("kw", [
-    dict(),
-    dict(qkv_bias=True),
-    dict(rope_scaling=("llama3", 8.0, 1.0, 4.0, 32), rope_theta=10000.0),
-    dict(tie_embeddings=True, num_kv_heads=1),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(qkv_bias=True),
+        dict(rope_scaling=("llama3", 8.0, 1.0, 4.0, 32), rope_theta=10000.0),
+        dict(tie_embeddings=True, num_kv_heads=1),
+    ],
+)
 def test_forward_matches_float64_reference(kw):
     cfg = small_cfg(**kw)
     model = randomize(Llama(cfg, rngs=nnx.Rngs(1)), seed=7)
@@ -199,8 +207,8 @@ def test_self_attend_matches_dense_attention(length, num_blocks):
     k = jax.random.normal(keys[1], (b, length, g, e))
     v = jax.random.normal(keys[2], (b, length, g, e))
     seg = np.ones((b, length), np.int32)
-    seg[1, length // 3:] = 2
-    seg[2, length // 2:length - 5], seg[2, length - 5:] = 2, 0
+    seg[1, length // 3 :] = 2
+    seg[2, length // 2 : length - 5], seg[2, length - 5 :] = 2, 0
     seg = jnp.asarray(seg)
     pos = llama.positions_from_segments(seg)
     real = np.asarray(seg) != 0

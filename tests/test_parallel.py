@@ -1,4 +1,5 @@
 """Mesh, logical-axis rules, sharded construction and sharded numerics on 8 simulated devices."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -6,11 +7,18 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-
 from parallel_helpers import BATCH, TINY, make_batch, mesh_cfg, sharded_forward_and_step
+
 from proxykd_jax.models.llama import Llama
-from proxykd_jax.parallel import (LOGICAL_RULES, create_sharded_model, default_config, global_batch,
-                                  logical_to_pspec, make_mesh, resolve_distributed)
+from proxykd_jax.parallel import (
+    LOGICAL_RULES,
+    create_sharded_model,
+    default_config,
+    global_batch,
+    logical_to_pspec,
+    make_mesh,
+    resolve_distributed,
+)
 
 
 def test_make_mesh_fills_the_free_axis():
@@ -19,12 +27,18 @@ def test_make_mesh_fills_the_free_axis():
     assert dict(make_mesh(default_config()).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
 
 
-@pytest.mark.parametrize("shape, message", [
-    (dict(data=3, fsdp=1, tensor=1), "mesh data=3 x fsdp=1 x tensor=1 needs 3 devices, 8 available; change mesh.shape"),
-    (dict(data=3, fsdp=-1, tensor=1), "needs a multiple of 3 devices, 8 available"),
-    (dict(data=-1, fsdp=-1, tensor=1), "at most one -1"),
-    (dict(data=1, fsdp=8, pipeline=1), "unknown axes ['pipeline']"),
-])
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        (
+            dict(data=3, fsdp=1, tensor=1),
+            "mesh data=3 x fsdp=1 x tensor=1 needs 3 devices, 8 available; change mesh.shape",
+        ),
+        (dict(data=3, fsdp=-1, tensor=1), "needs a multiple of 3 devices, 8 available"),
+        (dict(data=-1, fsdp=-1, tensor=1), "at most one -1"),
+        (dict(data=1, fsdp=8, pipeline=1), "unknown axes ['pipeline']"),
+    ],
+)
 def test_bad_mesh_shape_raises_a_clear_message(shape, message):
     with pytest.raises(ValueError) as err:
         make_mesh(ml_collections.ConfigDict({"shape": shape}))
@@ -58,9 +72,13 @@ def test_create_sharded_model_shards_params_and_matches_eager_init():
     assert wq.addressable_shards[0].data.shape == (TINY.d_model // 4, TINY.num_heads // 2, TINY.head_dim)
     assert model.embedding[...].sharding.spec == P("tensor", "fsdp")
     assert model.layers[0].mlp.w_down[...].sharding.spec == P("tensor", "fsdp")
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0],
-                            jax.tree.leaves(nnx.state(eager, nnx.Param))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0],
+        jax.tree.leaves(nnx.state(eager, nnx.Param)),
+    ):
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 class _Unannotated(nnx.Module):
@@ -112,8 +130,10 @@ def test_sharded_forward_and_optimizer_steps_match_single_device(shape, single_d
         np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))
     # the steps changed the parameters (compare with a fresh init)
     fresh = nnx.state(Llama(TINY, rngs=nnx.Rngs(0)), nnx.Param)
-    moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(fresh)))
+    moved = max(
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(fresh))
+    )
     assert moved > 1e-3
     assert BATCH % mesh.size == 0
 
@@ -126,9 +146,15 @@ def _dist(**kw):
 
 def test_resolve_distributed_modes():
     assert resolve_distributed(_dist(), {}).mode == "single"
-    plan = resolve_distributed(_dist(), {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
-                                         "JAX_PROCESS_ID": "2"})
-    assert (plan.mode, plan.coordinator_address, plan.num_processes, plan.process_id) == ("explicit", "10.0.0.1:1234", 4, 2)
+    plan = resolve_distributed(
+        _dist(), {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "2"}
+    )
+    assert (plan.mode, plan.coordinator_address, plan.num_processes, plan.process_id) == (
+        "explicit",
+        "10.0.0.1:1234",
+        4,
+        2,
+    )
     plan = resolve_distributed(_dist(coordinator_address="h:1", num_processes=2, process_id=1), {})
     assert (plan.mode, plan.num_processes, plan.process_id) == ("explicit", 2, 1)
     assert resolve_distributed(_dist(), {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}).mode == "slurm"

@@ -1,4 +1,5 @@
 """The prior and posterior stages on a tiny known-teacher run: store contents, EB fit, resume."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ def test_store_covers_split_and_is_normalised(run):
     assert len(list(RunPaths.from_config(cfg).posterior.glob("shard-*.json"))) > 1
     for rec in prepared.iter_split("distill"):
         entry = store.get(int(rec["sample_id"]))
-        response = rec["tokens"][int(rec["prompt_len"]):]
+        response = rec["tokens"][int(rec["prompt_len"]) :]
         assert entry.ids_TxK.shape == (len(response), cfg.data.store.k)
         total = np.exp(entry.logprobs_TxK.astype(np.float64)).sum(1) + entry.tail_T
         np.testing.assert_allclose(total, 1.0, atol=2e-2)  # bf16 values, float16 tail

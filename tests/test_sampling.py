@@ -1,4 +1,5 @@
 """KV-cache decoding and sampling against repeated full forwards."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +9,17 @@ from flax import nnx
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.models.sampling import generate, sample_logits
 
-CFG = ModelConfig(vocab_size=37, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48,
-                  qkv_bias=True, max_seq_len=64)
+CFG = ModelConfig(
+    vocab_size=37,
+    d_model=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    d_ff=48,
+    qkv_bias=True,
+    max_seq_len=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +28,12 @@ def model():
     state = nnx.state(m, nnx.Param)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(11), len(leaves))
-    nnx.update(m, jax.tree.unflatten(treedef, [
-        0.4 * jax.random.normal(k, x.shape) + (1.0 if x.ndim == 1 else 0.0) for k, x in zip(keys, leaves)]))
+    nnx.update(
+        m,
+        jax.tree.unflatten(
+            treedef, [0.4 * jax.random.normal(k, x.shape) + (1.0 if x.ndim == 1 else 0.0) for k, x in zip(keys, leaves)]
+        ),
+    )
     return m
 
 
@@ -31,22 +45,22 @@ def _full_logits(model, tokens_1xW):
 def full_logits(model, seq, width=24):
     """Full-forward logits of `seq` (right-padded to a fixed width: causal, so padding is harmless)."""
     padded = np.zeros((1, width), np.int32)
-    padded[0, :len(seq)] = seq
-    return np.asarray(_full_logits(model, jnp.asarray(padded)))[0, :len(seq)]
+    padded[0, : len(seq)] = seq
+    return np.asarray(_full_logits(model, jnp.asarray(padded)))[0, : len(seq)]
 
 
 def greedy_reference(model, prompt, steps):
     seq = list(prompt)
     for _ in range(steps):
         seq.append(int(np.argmax(full_logits(model, seq)[-1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def left_aligned(prompts, pad=0):
     p = max(len(x) for x in prompts)
     arr = np.full((len(prompts), p), pad, np.int32)
     for i, x in enumerate(prompts):
-        arr[i, :len(x)] = x
+        arr[i, : len(x)] = x
     return arr, np.array([len(x) for x in prompts], np.int32)
 
 
@@ -61,7 +75,9 @@ def test_kv_cache_logits_equal_full_forward(model):
     logits_pre, cache = model.decode(jnp.asarray(tokens[:, :5]), pos[:, :5], jnp.ones((2, 5), jnp.int32), cache)
     steps = [logits_pre]
     for t in range(5, 12):
-        lg, cache = model.decode(jnp.asarray(tokens[:, t:t + 1]), pos[:, t:t + 1], jnp.ones((2, 1), jnp.int32), cache)
+        lg, cache = model.decode(
+            jnp.asarray(tokens[:, t : t + 1]), pos[:, t : t + 1], jnp.ones((2, 1), jnp.int32), cache
+        )
         steps.append(lg)
     np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], 1), full, rtol=1e-5, atol=1e-5)
     assert int(cache.index) == 12
@@ -75,8 +91,14 @@ def test_greedy_equals_repeated_argmax_and_lengths_independent(model):
     for i, prompt in enumerate(PROMPTS):
         ref = greedy_reference(model, prompt, 6)
         assert np.asarray(out.tokens_BxT[i]).tolist() == ref
-        alone = generate(model, np.array([prompt], np.int32), np.array([len(prompt)]), jax.random.key(5),
-                         max_new_tokens=6, temperature=0.0)
+        alone = generate(
+            model,
+            np.array([prompt], np.int32),
+            np.array([len(prompt)]),
+            jax.random.key(5),
+            max_new_tokens=6,
+            temperature=0.0,
+        )
         assert np.asarray(alone.tokens_BxT[0]).tolist() == ref
     # a batch with a different padded width gives the same answer
     wide, wide_len = left_aligned(PROMPTS + [[1] * 11])
@@ -88,8 +110,17 @@ def test_stop_tokens_and_lengths(model):
     prompts, lengths = left_aligned(PROMPTS)
     ref = [greedy_reference(model, p, 8) for p in PROMPTS]
     stop = ref[0][2]  # row 0 emits this at step 2 (maybe earlier too)
-    out = generate(model, prompts, lengths, jax.random.key(0), max_new_tokens=8, temperature=0.0,
-                   stop_tokens=(stop,), pad_id=-1, return_logprobs=True)
+    out = generate(
+        model,
+        prompts,
+        lengths,
+        jax.random.key(0),
+        max_new_tokens=8,
+        temperature=0.0,
+        stop_tokens=(stop,),
+        pad_id=-1,
+        return_logprobs=True,
+    )
     tokens, lens = np.asarray(out.tokens_BxT), np.asarray(out.lengths_B)
     for i in range(3):
         n = ref[i].index(stop) + 1 if stop in ref[i] else 8
@@ -102,8 +133,16 @@ def test_stop_tokens_and_lengths(model):
 
 def test_logprobs_match_full_forward(model):
     prompts, lengths = left_aligned(PROMPTS)
-    out = generate(model, prompts, lengths, jax.random.key(3), max_new_tokens=5, temperature=1.0,
-                   return_logprobs=True, top_logprobs=4)
+    out = generate(
+        model,
+        prompts,
+        lengths,
+        jax.random.key(3),
+        max_new_tokens=5,
+        temperature=1.0,
+        return_logprobs=True,
+        top_logprobs=4,
+    )
     for i, prompt in enumerate(PROMPTS):
         seq = prompt + np.asarray(out.tokens_BxT[i]).tolist()
         logp = np.asarray(jax.nn.log_softmax(full_logits(model, seq)))
@@ -128,8 +167,17 @@ def test_suppressed_tokens_are_never_sampled(model):
     free = generate(model, prompts, lengths, jax.random.key(5), max_new_tokens=12, temperature=3.0)
     drawn = set(np.asarray(free.tokens_BxT).ravel().tolist())
     banned = sorted(drawn)[:4]  # ids the unrestricted sampler does draw
-    out = generate(model, prompts, lengths, jax.random.key(5), max_new_tokens=12, temperature=3.0,
-                   suppress_tokens=banned, return_logprobs=True, pad_id=36)
+    out = generate(
+        model,
+        prompts,
+        lengths,
+        jax.random.key(5),
+        max_new_tokens=12,
+        temperature=3.0,
+        suppress_tokens=banned,
+        return_logprobs=True,
+        pad_id=36,
+    )
     toks = np.asarray(out.tokens_BxT)
     for i, n in enumerate(np.asarray(out.lengths_B)):
         assert not set(toks[i, :n].tolist()) & set(banned)
@@ -137,8 +185,9 @@ def test_suppressed_tokens_are_never_sampled(model):
     seq = PROMPTS[0] + toks[0, :3].tolist()
     logp = np.asarray(jax.nn.log_softmax(full_logits(model, seq)))
     for t in range(3):
-        np.testing.assert_allclose(out.logprobs_BxT[0, t], logp[len(PROMPTS[0]) - 1 + t][seq[len(PROMPTS[0]) + t]],
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            out.logprobs_BxT[0, t], logp[len(PROMPTS[0]) - 1 + t][seq[len(PROMPTS[0]) + t]], atol=1e-4
+        )
 
 
 def test_per_row_keys_make_rows_independent_of_their_batch(model):
@@ -146,11 +195,17 @@ def test_per_row_keys_make_rows_independent_of_their_batch(model):
     prompts, lengths = left_aligned(PROMPTS + [[11, 4, 6, 2, 9, 9, 13]])  # all rows padded to width 7
     out = generate(model, prompts, lengths, keys, max_new_tokens=8, temperature=1.5)
     order = [2, 0, 3, 1]  # the same rows with their keys, in another order
-    shuffled = generate(model, prompts[order], lengths[order], keys[np.asarray(order)], max_new_tokens=8,
-                        temperature=1.5)
-    other = generate(model, prompts[[0, 0, 0, 0]], lengths[[0, 0, 0, 0]],  # row 0 among new neighbours
-                     jax.random.split(jax.random.key(9), 4).at[2].set(keys[0]), max_new_tokens=8,
-                     temperature=1.5)
+    shuffled = generate(
+        model, prompts[order], lengths[order], keys[np.asarray(order)], max_new_tokens=8, temperature=1.5
+    )
+    other = generate(
+        model,
+        prompts[[0, 0, 0, 0]],
+        lengths[[0, 0, 0, 0]],  # row 0 among new neighbours
+        jax.random.split(jax.random.key(9), 4).at[2].set(keys[0]),
+        max_new_tokens=8,
+        temperature=1.5,
+    )
     for j, i in enumerate(order):
         n = int(out.lengths_B[i])
         assert int(shuffled.lengths_B[j]) == n

@@ -1,4 +1,5 @@
 """`serve` with a real project Llama behind it, `collect` over loopback, then `prepare`."""
+
 import json
 import pathlib
 
@@ -16,8 +17,10 @@ from proxykd_jax.teacher.client import collect
 from proxykd_jax.teacher.config import collect_config
 from proxykd_jax.teacher.server import ServerThread, make_app
 
-WORDS = ("the a cat dog sat ran on under mat log red blue big small fast slow one two three "
-         "four and or but then here there now later up down left right").split()
+WORDS = (
+    "the a cat dog sat ran on under mat log red blue big small fast slow one two three "
+    "four and or but then here there now later up down left right"
+).split()
 K = 5
 
 
@@ -39,8 +42,9 @@ def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, size=8)) for _ in range(200)]
     tok = build_bpe_tokenizer(texts, 300, tmp_path / "tok")  # byte-level: token pieces are exact
-    cfg = ModelConfig(vocab_size=len(tok), d_model=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                      head_dim=16, d_ff=64, max_seq_len=64)
+    cfg = ModelConfig(
+        vocab_size=len(tok), d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, d_ff=64, max_seq_len=64
+    )
     model = Llama(cfg, rngs=nnx.Rngs(jax.random.key(7)))
     backend = RecordingBackend(model, tok, model_name="tiny", seed=1)
     prompts = tmp_path / "prompts.jsonl"
@@ -51,7 +55,12 @@ def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
     app = make_app(backend, batch_window_ms=20)
     with ServerThread(app) as srv:
         ccfg = collect_config()
-        ccfg.prompts, ccfg.out, ccfg.base_url, ccfg.model = str(prompts), str(tmp_path / "c.jsonl"), srv.base_url, "tiny"
+        ccfg.prompts, ccfg.out, ccfg.base_url, ccfg.model = (
+            str(prompts),
+            str(tmp_path / "c.jsonl"),
+            srv.base_url,
+            "tiny",
+        )
         ccfg.max_tokens, ccfg.top_logprobs, ccfg.concurrency, ccfg.progress = 6, K, 6, False
         ccfg.temperature = 1.0
         stats = collect(ccfg)
@@ -69,8 +78,9 @@ def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
         return "\ufffd" not in piece and tok(piece, add_special_tokens=False)["input_ids"] == [tid]
 
     rows = [json.loads(line) for line in pathlib.Path(ccfg.out).read_text().splitlines()]
-    seqs = [backend.chat_ids(r["messages"]) + backend.seen[tuple(backend.chat_ids(r["messages"]))].token_ids
-            for r in rows]
+    seqs = [
+        backend.chat_ids(r["messages"]) + backend.seen[tuple(backend.chat_ids(r["messages"]))].token_ids for r in rows
+    ]
     batch_BxL = np.zeros((len(rows), 32), np.int32)  # right padding leaves earlier positions alone
     for b, seq in enumerate(seqs):
         batch_BxL[b, : len(seq)] = seq
@@ -92,8 +102,9 @@ def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
             pieces = backend.pieces(c.token_ids[:j], want.tolist())
             assert [a["token"] for a in alts] == pieces
             prefix_clean = prefix_clean and clean(c.token_ids[j], r["tokens"][j])
-            heads.append({int(i): a["logprob"] for i, a, pc in zip(want, alts, pieces) if clean(i, pc)}
-                         if prefix_clean else None)
+            heads.append(
+                {int(i): a["logprob"] for i, a, pc in zip(want, alts, pieces) if clean(i, pc)} if prefix_clean else None
+            )
         expected_heads[r["id"]] = heads
 
     dcfg = data_config.default_config()

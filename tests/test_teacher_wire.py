@@ -1,4 +1,5 @@
 """`collect` against `serve` over real loopback HTTP: faults, dedup, resume, rate limits, bad input."""
+
 import collections
 import json
 import os
@@ -26,8 +27,7 @@ def write_prompts(path, n, chat=False):
     for i in range(n):
         row = {"id": f"p{i}"}
         if chat:
-            row["messages"] = [{"role": "system", "content": "be brief"},
-                               {"role": "user", "content": f"question {i}"}]
+            row["messages"] = [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"question {i}"}]
         else:
             row["prompt"] = f"prompt number {i}"
         lines.append(json.dumps(row))
@@ -56,8 +56,15 @@ def ok_counts(app):
 
 def test_complete_and_unique_under_faults(tmp_path):
     write_prompts(tmp_path / "prompts.jsonl", 15, chat=True)
-    faults = Faults(fail_429_rate=0.15, retry_after_s=0.05, fail_500_rate=0.1, slow_rate=0.1,
-                    slow_delay_s=0.05, drop_rate=0.1, seed=3)
+    faults = Faults(
+        fail_429_rate=0.15,
+        retry_after_s=0.05,
+        fail_500_rate=0.1,
+        slow_rate=0.1,
+        slow_delay_s=0.05,
+        drop_rate=0.1,
+        seed=3,
+    )
     app = make_app(ToyBackend(), faults)
     with ServerThread(app) as srv:
         cfg = make_cfg(tmp_path, srv.base_url, samples_per_prompt=3, top_logprobs=4, concurrency=8)
@@ -70,8 +77,11 @@ def test_complete_and_unique_under_faults(tmp_path):
     assert outcomes["429"] > 0 and outcomes["500"] > 0 and outcomes["drop"] > 0
     # every sample was answered in full exactly once: nothing was paid for twice
     assert ok_counts(app) == collections.Counter(keys)
-    assert stats["done"] == 45 and stats["failed"] == {} and stats["retries"] >= sum(
-        outcomes[k] for k in ("429", "500", "drop"))
+    assert (
+        stats["done"] == 45
+        and stats["failed"] == {}
+        and stats["retries"] >= sum(outcomes[k] for k in ("429", "500", "drop"))
+    )
     assert not pathlib.Path(cfg.out + ".failures.jsonl").exists()
     for r in rows:  # top_logprobs round-trip: one entry per teacher token, the tokens spell the text
         assert r["messages"][1]["content"] == f"question {r['id'][1:]}"
@@ -89,8 +99,9 @@ def test_rerun_skips_done_and_key_never_stored(tmp_path, monkeypatch):
     monkeypatch.setenv("TOY_KEY", "sk-secret-123")
     app = make_app(ToyBackend(), api_key="sk-secret-123")
     with ServerThread(app) as srv:
-        cfg = make_cfg(tmp_path, srv.base_url, api="completions", samples_per_prompt=2,
-                       api_key_env="TOY_KEY", top_logprobs=2)
+        cfg = make_cfg(
+            tmp_path, srv.base_url, api="completions", samples_per_prompt=2, api_key_env="TOY_KEY", top_logprobs=2
+        )
         first = collect(cfg)
         n_requests = len(app.state.requests)
         second = collect(cfg)
@@ -146,8 +157,9 @@ def test_kill_mid_run_and_resume(tmp_path):
             from proxykd_jax.teacher.client import collect
             collect(ml_collections.ConfigDict(json.loads({cfg.to_json()!r})))
         """)
-        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         out = pathlib.Path(cfg.out)
         deadline = time.monotonic() + 60
         while not (out.exists() and out.read_text().count("\n") >= 8):
@@ -241,14 +253,16 @@ def test_server_api_n_stop_usage_and_batching(tmp_path):
     with ServerThread(app) as srv:
         client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["toy"]
-        r = client.completions.create(model="toy", prompt=["ab", "cde"], n=3, max_tokens=12,
-                                      logprobs=2, temperature=0.7)
+        r = client.completions.create(
+            model="toy", prompt=["ab", "cde"], n=3, max_tokens=12, logprobs=2, temperature=0.7
+        )
         assert len(r.choices) == 6 and r.usage.prompt_tokens == 5
         assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
         full = client.completions.create(model="toy", prompt="stop test", max_tokens=20, temperature=0)
         cut = full.choices[0].text[3:5]
-        r = client.completions.create(model="toy", prompt="stop test", max_tokens=20, temperature=0,
-                                      stop=[cut], logprobs=1)
+        r = client.completions.create(
+            model="toy", prompt="stop test", max_tokens=20, temperature=0, stop=[cut], logprobs=1
+        )
         text = r.choices[0].text
         assert text == full.choices[0].text[: full.choices[0].text.find(cut)]
         assert "".join(r.choices[0].logprobs.tokens) == text and r.choices[0].finish_reason == "stop"

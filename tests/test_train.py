@@ -1,16 +1,27 @@
 """Optimizer, train loop, checkpoints (resume, other mesh), NaN stop, metrics — tiny Llama, 8 CPU devices."""
+
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from parallel_helpers import BATCH, LENGTH, TINY, ce_loss, make_batch, mesh_cfg, optim_cfg
+
 from proxykd_jax.models.llama import Llama
 from proxykd_jax.parallel import LOGICAL_RULES, batch_sharding, global_batch, make_mesh
-from proxykd_jax.train import (Checkpointer, Loop, TrainingDiverged, abstract_like, create_train_state,
-                               make_eval_step, make_optimizer, make_schedule, make_train_step, read_metrics)
+from proxykd_jax.train import (
+    Checkpointer,
+    Loop,
+    TrainingDiverged,
+    abstract_like,
+    create_train_state,
+    make_eval_step,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+    read_metrics,
+)
 from proxykd_jax.train.loop import default_config as train_default_config
 
 STEPS = 6
@@ -47,17 +58,31 @@ def scaled_ce(model, batch):
 
 def grain_batches():
     """The same batches as `Batches` through a grain pipeline (a checkpointable DatasetIterator)."""
+
     def to_batch(i):
         batch = make_batch(seed=100 + int(i))
         batch["scale"] = np.ones((BATCH,), np.float32)
         return batch
+
     return iter(grain.MapDataset.range(1000).map(to_batch).to_iter_dataset())
 
 
 def train_cfg(**overrides):
     cfg = train_default_config()
-    cfg.update(dict(steps=STEPS, batch_size=BATCH, seq_len=LENGTH, checkpoint_every=2, keep_checkpoints=2,
-                    log_every=1, tensorboard=False, progress=False, peak_flops=1e9), **overrides)
+    cfg.update(
+        dict(
+            steps=STEPS,
+            batch_size=BATCH,
+            seq_len=LENGTH,
+            checkpoint_every=2,
+            keep_checkpoints=2,
+            log_every=1,
+            tensorboard=False,
+            progress=False,
+            peak_flops=1e9,
+        ),
+        **overrides,
+    )
     return cfg
 
 
@@ -66,8 +91,15 @@ def setup(mesh, grad_accum=1, total_steps=STEPS, loss_fn=scaled_ce):
     optimizer = make_optimizer(ocfg, total_steps)
     graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, TINY, rngs=nnx.Rngs(0))
     bsh = batch_sharding(mesh, LOGICAL_RULES)
-    step = make_train_step(loss_fn, graphdef, optimizer, state_shardings=shardings, batch_shardings=bsh,
-                           schedule=make_schedule(ocfg, total_steps), grad_accum=grad_accum)
+    step = make_train_step(
+        loss_fn,
+        graphdef,
+        optimizer,
+        state_shardings=shardings,
+        batch_shardings=bsh,
+        schedule=make_schedule(ocfg, total_steps),
+        grad_accum=grad_accum,
+    )
     eval_step = make_eval_step(loss_fn, graphdef, state_shardings=shardings, batch_shardings=bsh)
     return graphdef, state, shardings, step, eval_step
 
@@ -75,8 +107,16 @@ def setup(mesh, grad_accum=1, total_steps=STEPS, loss_fn=scaled_ce):
 def run_loop(tmp_path, data, mesh=None, **cfg_overrides):
     mesh = mesh or make_mesh(mesh_cfg(fsdp=4, tensor=2))
     _, state, shardings, step, eval_step = setup(mesh)
-    loop = Loop(train_cfg(**cfg_overrides), run_dir=tmp_path, mesh=mesh, rules=LOGICAL_RULES, train_step=step,
-                state_shardings=shardings, eval_step=eval_step, flops_per_step=1e6)
+    loop = Loop(
+        train_cfg(**cfg_overrides),
+        run_dir=tmp_path,
+        mesh=mesh,
+        rules=LOGICAL_RULES,
+        train_step=step,
+        state_shardings=shardings,
+        eval_step=eval_step,
+        flops_per_step=1e6,
+    )
     return loop.run(state, data, eval_batches=lambda: [make_batch(seed=7) | {"scale": np.ones(BATCH, np.float32)}])
 
 
@@ -149,8 +189,9 @@ def test_resume_after_a_kill_gives_the_same_final_params(tmp_path, uninterrupted
 def test_restore_onto_a_different_mesh(tmp_path, target):
     mesh = make_mesh(mesh_cfg(fsdp=8))
     _, state, _, step, _ = setup(mesh)
-    state, _ = step(state, global_batch(make_batch(seed=5) | {"scale": np.ones(BATCH, np.float32)}, mesh,
-                                         LOGICAL_RULES))
+    state, _ = step(
+        state, global_batch(make_batch(seed=5) | {"scale": np.ones(BATCH, np.float32)}, mesh, LOGICAL_RULES)
+    )
     ckpt = Checkpointer(tmp_path, keep=1)
     ckpt.save(1, state)
     ckpt.wait()
@@ -196,6 +237,7 @@ def test_batch_shape_must_match_the_train_config(tmp_path):
 
 def test_frozen_inputs_are_passed_through_and_not_donated():
     from proxykd_jax.parallel import create_sharded_model, shardings_of
+
     mesh = make_mesh(mesh_cfg(fsdp=4, tensor=2))
     ref = create_sharded_model(Llama, mesh, LOGICAL_RULES, TINY, rngs=nnx.Rngs(9))
     ref_graphdef, ref_state = nnx.split(ref)
@@ -207,9 +249,14 @@ def test_frozen_inputs_are_passed_through_and_not_donated():
 
     optimizer = make_optimizer(optim_cfg(), STEPS)
     graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, TINY, rngs=nnx.Rngs(0))
-    step = make_train_step(distance_to_ref, graphdef, optimizer, state_shardings=shardings,
-                           batch_shardings=batch_sharding(mesh, LOGICAL_RULES),
-                           frozen_shardings=(shardings_of(ref_state),))
+    step = make_train_step(
+        distance_to_ref,
+        graphdef,
+        optimizer,
+        state_shardings=shardings,
+        batch_shardings=batch_sharding(mesh, LOGICAL_RULES),
+        frozen_shardings=(shardings_of(ref_state),),
+    )
     host = make_batch(seed=3)
     expected = float(jnp.mean((state.model(graphdef)(host["tokens"]) - ref(host["tokens"])) ** 2))
     batch = global_batch(host, mesh, LOGICAL_RULES)
@@ -223,6 +270,7 @@ def test_frozen_inputs_are_passed_through_and_not_donated():
 
 def test_cpu_steps_use_the_memory_optimised_schedule_with_the_same_results():
     from proxykd_jax.train.step import default_compiler_options
+
     mesh = make_mesh(mesh_cfg(fsdp=4, tensor=2))
     optimizer = make_optimizer(optim_cfg(), STEPS)
     graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, TINY, rngs=nnx.Rngs(0))
@@ -230,8 +278,14 @@ def test_cpu_steps_use_the_memory_optimised_schedule_with_the_same_results():
     batch = global_batch(make_batch(seed=5) | {"scale": np.ones(BATCH, np.float32)}, mesh, LOGICAL_RULES)
     results = []
     for options in (None, {}):  # the CPU default, and XLA's own schedule
-        step = make_train_step(scaled_ce, graphdef, optimizer, state_shardings=shardings,
-                               batch_shardings=batch_sharding(mesh, LOGICAL_RULES), compiler_options=options)
+        step = make_train_step(
+            scaled_ce,
+            graphdef,
+            optimizer,
+            state_shardings=shardings,
+            batch_shardings=batch_sharding(mesh, LOGICAL_RULES),
+            compiler_options=options,
+        )
         fresh = jax.tree.map(jnp.copy, state)  # the step donates its input state
         new_state, metrics = step(fresh, batch)
         results.append((float(metrics["loss"]), params_np(new_state)))
@@ -239,7 +293,12 @@ def test_cpu_steps_use_the_memory_optimised_schedule_with_the_same_results():
     for a, b in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="no_such_option"):
-        bad = make_train_step(scaled_ce, graphdef, optimizer, state_shardings=shardings,
-                              batch_shardings=batch_sharding(mesh, LOGICAL_RULES),
-                              compiler_options={"xla_cpu_no_such_option": "1"})
+        bad = make_train_step(
+            scaled_ce,
+            graphdef,
+            optimizer,
+            state_shardings=shardings,
+            batch_shardings=batch_sharding(mesh, LOGICAL_RULES),
+            compiler_options={"xla_cpu_no_such_option": "1"},
+        )
         bad(jax.tree.map(jnp.copy, state), batch)

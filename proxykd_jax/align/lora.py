@@ -9,6 +9,7 @@ untouched, and under jit the merged weight inherits W's sharding, so the extra m
 sharded copy of the targeted weights. Adapters carry the logical axes of W on their input/output
 axes and None (replicated) on the rank axis.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,9 @@ class LoraAdapters(nnx.Module):
         if rank <= 0:
             raise ValueError(f"align.lora.rank must be positive to build adapters, got {rank}.")
         if unknown:
-            raise ValueError(f"align.lora.targets has unknown weight names {unknown}; choose from {sorted(INPUT_AXES)}.")
+            raise ValueError(
+                f"align.lora.targets has unknown weight names {unknown}; choose from {sorted(INPUT_AXES)}."
+            )
         self.rank, self.scale = int(rank), float(alpha) / float(rank)
         paths, a_list, b_list = [], [], []
         for path, var in nnx.to_flat_state(nnx.state(base, nnx.Param)):
@@ -54,10 +57,14 @@ class LoraAdapters(nnx.Module):
             axes = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
             in_shape, out_shape = shape[:n_in], shape[n_in:]
             a = jax.random.normal(rngs.params(), in_shape + (rank,), jnp.float32) / math.sqrt(math.prod(in_shape))
-            a_list.append(nnx.Param(a.astype(var[...].dtype), out_sharding=axes[:n_in] + (None,),
-                                    eager_sharding=False))
-            b_list.append(nnx.Param(jnp.zeros((rank,) + out_shape, var[...].dtype),
-                                    out_sharding=(None,) + axes[n_in:], eager_sharding=False))
+            a_list.append(nnx.Param(a.astype(var[...].dtype), out_sharding=axes[:n_in] + (None,), eager_sharding=False))
+            b_list.append(
+                nnx.Param(
+                    jnp.zeros((rank,) + out_shape, var[...].dtype),
+                    out_sharding=(None,) + axes[n_in:],
+                    eager_sharding=False,
+                )
+            )
             paths.append(tuple(path))
         if not paths:
             raise ValueError(f"align.lora.targets {list(targets)} matched no weight of the proxy.")
@@ -102,6 +109,10 @@ def save_adapters(adapters: LoraAdapters, folder: str | pathlib.Path, *, targets
         tensors[f"{key}.lora_a"] = np.asarray(jax.device_get(a[...]), np.float32)
         tensors[f"{key}.lora_b"] = np.asarray(jax.device_get(b[...]), np.float32)
     save_file(tensors, str(folder / "adapters.safetensors"))
-    meta = {"rank": adapters.rank, "scale": adapters.scale, "targets": list(targets),
-            "input_axes": {k: INPUT_AXES[k] for k in targets}}
+    meta = {
+        "rank": adapters.rank,
+        "scale": adapters.scale,
+        "targets": list(targets),
+        "input_axes": {k: INPUT_AXES[k] for k in targets},
+    }
     (folder / "lora.json").write_text(json.dumps(meta, indent=2) + "\n")

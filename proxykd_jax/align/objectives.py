@@ -12,6 +12,7 @@ its sequence log-probs are constants of each pair. `reference_logprobs` computes
 round in its own jitted forward (no gradient, nothing donated) and they travel with the pairs as
 `ref_chosen_logp` / `ref_rejected_logp`; the gradient step reads them from the batch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,9 @@ def policy_of(model: nnx.Module, frozen: tuple) -> nnx.Module:
 def sequence_logprobs(model: nnx.Module, rows: dict, prefix: str = "", *, chunk: int) -> jax.Array:
     """Sum over masked target positions of log p(target), per row: logp_B (float32)."""
     hidden_BxLxD = model.hidden(rows[prefix + "tokens"], None, rows[prefix + "segment_ids"])
-    return losses.sequence_logprobs(hidden_BxLxD, model.unembedding(), rows[prefix + "targets"],
-                                    rows[prefix + "loss_mask"], chunk_size=chunk)
+    return losses.sequence_logprobs(
+        hidden_BxLxD, model.unembedding(), rows[prefix + "targets"], rows[prefix + "loss_mask"], chunk_size=chunk
+    )
 
 
 def sft_loss_fn(model, batch, *frozen, chunk: int):
@@ -45,8 +47,12 @@ def sft_loss_fn(model, batch, *frozen, chunk: int):
     policy = policy_of(model, frozen)
     hidden_BxLxD = policy.hidden(batch["tokens"], None, batch["segment_ids"])
     ce_sum, n_tokens = losses.cross_entropy_chunked(
-        hidden_BxLxD.reshape(-1, hidden_BxLxD.shape[-1]), policy.unembedding(), batch["targets"].reshape(-1),
-        batch["loss_mask"].reshape(-1), chunk_size=chunk)
+        hidden_BxLxD.reshape(-1, hidden_BxLxD.shape[-1]),
+        policy.unembedding(),
+        batch["targets"].reshape(-1),
+        batch["loss_mask"].reshape(-1),
+        chunk_size=chunk,
+    )
     nll = ce_sum / jnp.maximum(n_tokens, 1.0)
     return nll, {"loss": nll, "nll": nll, "response_tokens": n_tokens}
 
@@ -59,8 +65,9 @@ def dpo_loss_fn(model, batch, *frozen, beta: float, nll_weight: float, chunk: in
     policy = policy_of(model, frozen)
     logp_2P = sequence_logprobs(policy, batch, chunk=chunk)
     pol_chosen_P, pol_rejected_P = logp_2P[0::2], logp_2P[1::2]
-    dpo, dpo_metrics = losses.dpo_loss(pol_chosen_P, pol_rejected_P, batch["ref_logp"][0::2],
-                                       batch["ref_logp"][1::2], beta)
+    dpo, dpo_metrics = losses.dpo_loss(
+        pol_chosen_P, pol_rejected_P, batch["ref_logp"][0::2], batch["ref_logp"][1::2], beta
+    )
     n_chosen = jnp.sum(batch["loss_mask"][0::2])
     nll = -jnp.sum(pol_chosen_P) / jnp.maximum(n_chosen, 1.0)
     loss = nll_weight * nll + dpo
@@ -78,8 +85,9 @@ def _pair_logprobs(graphdef, state, rows, *, chunk: int, lora_on: bool):
     return chosen, rejected
 
 
-def reference_logprobs(model: nnx.Module, frozen: tuple, rows: dict[str, np.ndarray], *, batch_size: int,
-                       chunk: int, put_batch=None) -> tuple[np.ndarray, np.ndarray]:
+def reference_logprobs(
+    model: nnx.Module, frozen: tuple, rows: dict[str, np.ndarray], *, batch_size: int, chunk: int, put_batch=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Reference sequence log-probs of every pair in `rows` ({chosen_*, rejected_*} [S, L]).
 
     `model`/`frozen` as in the loss functions (the reference is the policy as it is now). Runs in
@@ -99,8 +107,8 @@ def reference_logprobs(model: nnx.Module, frozen: tuple, rows: dict[str, np.ndar
             batch = put_batch(batch)
         c, r = _pair_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen))
         m = min(batch_size, n - start)
-        chosen_out[start: start + m] = np.asarray(jax.device_get(c))[:m]
-        rejected_out[start: start + m] = np.asarray(jax.device_get(r))[:m]
+        chosen_out[start : start + m] = np.asarray(jax.device_get(c))[:m]
+        rejected_out[start : start + m] = np.asarray(jax.device_get(r))[:m]
     return chosen_out, rejected_out
 
 
@@ -111,8 +119,9 @@ def _row_logprobs(graphdef, state, rows, *, chunk: int, lora_on: bool):
     return sequence_logprobs(model, rows, chunk=chunk)
 
 
-def heldout_nll(model: nnx.Module, frozen: tuple, rows: dict[str, np.ndarray], *, batch_size: int, chunk: int,
-                put_batch=None) -> float:
+def heldout_nll(
+    model: nnx.Module, frozen: tuple, rows: dict[str, np.ndarray], *, batch_size: int, chunk: int, put_batch=None
+) -> float:
     """Token-mean NLL of the response targets of padded `rows` (tokens/targets/segment_ids/loss_mask)."""
     module = (frozen[0], model) if frozen else model
     graphdef, state = nnx.split(module)

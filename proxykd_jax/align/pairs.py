@@ -5,6 +5,7 @@ A row dict has, all [B, L]: `tokens`, `targets` (tokens shifted left by one), `s
 (1 on real tokens, 0 on padding), `loss_mask` (float32, 1 where the *target* is a response token).
 A pair batch has the same fields prefixed `chosen_` and `rejected_`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,17 +41,26 @@ def examples_from_records(records) -> list[Example]:
         if where.size == 0 or where[0] == 0:
             continue
         start, stop = int(where[0]), int(where[-1]) + 1
-        out.append(Example(sample_id=int(rec["sample_id"]), prompt_id=int(rec.get("prompt_key", rec.get("prompt_id", 0))),
-                           prompt=tuple(int(t) for t in tokens[:start]),
-                           response=tuple(int(t) for t in tokens[start:stop])))
+        out.append(
+            Example(
+                sample_id=int(rec["sample_id"]),
+                prompt_id=int(rec.get("prompt_key", rec.get("prompt_id", 0))),
+                prompt=tuple(int(t) for t in tokens[:start]),
+                response=tuple(int(t) for t in tokens[start:stop]),
+            )
+        )
     return out
 
 
 def pad_rows(prompts, responses, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """Rows prompt + response padded to `length` (responses cut to fit), with response-target mask."""
     b = len(prompts)
-    rows = {"tokens": np.full((b, length), pad_id, np.int32), "targets": np.full((b, length), pad_id, np.int32),
-            "segment_ids": np.zeros((b, length), np.int32), "loss_mask": np.zeros((b, length), np.float32)}
+    rows = {
+        "tokens": np.full((b, length), pad_id, np.int32),
+        "targets": np.full((b, length), pad_id, np.int32),
+        "segment_ids": np.zeros((b, length), np.int32),
+        "loss_mask": np.zeros((b, length), np.float32),
+    }
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         p = len(prompt)
         if p >= length:
@@ -60,7 +70,7 @@ def pad_rows(prompts, responses, length: int, pad_id: int = 0) -> dict[str, np.n
         rows["tokens"][i, :n] = seq
         rows["targets"][i, : n - 1] = seq[1:]
         rows["segment_ids"][i, :n] = 1
-        rows["loss_mask"][i, p - 1: n - 1] = 1.0
+        rows["loss_mask"][i, p - 1 : n - 1] = 1.0
     return rows
 
 
@@ -90,7 +100,7 @@ def sample_responses(sample_fn, prompts, rng, *, batch_size: int, width: int, pa
     """
     out = []
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start: start + batch_size])
+        chunk = list(prompts[start : start + batch_size])
         n_real = len(chunk)
         chunk += [chunk[0]] * (batch_size - n_real)
         prompt_BxP, lengths_B = left_aligned_prompts(chunk, width, pad_id)

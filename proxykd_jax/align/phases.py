@@ -9,6 +9,7 @@ Layout under <run>/proxy/:
     metrics.jsonl   per-phase summaries (held-out NLL, pairs kept/dropped, KL when asked)
 A phase is finished when its DONE marker exists; it is written after `params/` is complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,10 @@ def build_proxy(proxy_cfg, seed: int, mesh, rules):
         if not (folder / "config.json").exists():
             from proxykd_jax.errors import ProxyKDError
 
-            raise ProxyKDError(f"config.proxy.init_from={str(folder)!r} has no config.json; point it at a "
-                               "local Hugging Face model folder, or set it to '' for a random init.")
+            raise ProxyKDError(
+                f"config.proxy.init_from={str(folder)!r} has no config.json; point it at a "
+                "local Hugging Face model folder, or set it to '' for a random init."
+            )
         model_cfg, model = hf.load_hf(folder, dtype=proxy_cfg.dtype)
         return model_cfg, shard_module(model, mesh, rules)
     model_cfg = config_lib.model_config_from(proxy_cfg)
@@ -117,12 +120,11 @@ def row_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int):
     local = batch_size // procs
 
     def gather(idx):
-        idx = np.asarray(idx)[proc * local: (proc + 1) * local]
+        idx = np.asarray(idx)[proc * local : (proc + 1) * local]
         return {k: v[idx] for k, v in rows.items()}
 
     ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
     return iter(ds.map(gather).to_iter_dataset())
-
 
 
 def train_state_from(module: nnx.Module, optimizer, mesh, rules):

@@ -8,6 +8,7 @@ and mean log q_t(y_t) is a proper score. Everything reduces to five numbers per 
 search is cheap. The grids include N_max = 0 (the prior) and N_max = inf (the proxy), so the fitted
 posterior never scores below either.
 """
+
 import dataclasses
 import typing
 
@@ -22,116 +23,124 @@ DEFAULT_N_MAX_GRID = (0.0,) + tuple(np.logspace(-1, 4, 11).tolist()) + (float("i
 
 
 class HeldoutStats(typing.NamedTuple):
-  """Per held-out token: exact count of y and in total, p_ngram(y) and its mass, p_proxy(y), w."""
-  exact_y_N: np.ndarray
-  exact_total_N: np.ndarray
-  ngram_y_N: np.ndarray
-  ngram_mass_N: np.ndarray
-  proxy_y_N: np.ndarray
-  weight_N: np.ndarray
+    """Per held-out token: exact count of y and in total, p_ngram(y) and its mass, p_proxy(y), w."""
+
+    exact_y_N: np.ndarray
+    exact_total_N: np.ndarray
+    ngram_y_N: np.ndarray
+    ngram_mass_N: np.ndarray
+    proxy_y_N: np.ndarray
+    weight_N: np.ndarray
 
 
 @jax.jit
 def _proxy_target_prob(proxy_logits_NxV, targets_N):
-  logits = proxy_logits_NxV.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=1)
-  return jnp.exp(jnp.take_along_axis(logits, targets_N[:, None], axis=1)[:, 0] - lse)
+    logits = proxy_logits_NxV.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=1)
+    return jnp.exp(jnp.take_along_axis(logits, targets_N[:, None], axis=1)[:, 0] - lse)
 
 
 def heldout_stats(proxy_logits_NxV, targets_N, prior: SparsePrior, base_V, weight_N=None):
-  """Reduces held-out positions to `HeldoutStats` (prior queried with mode leave_one_out/external)."""
-  proxy_y = _proxy_target_prob(proxy_logits_NxV, jnp.asarray(np.asarray(targets_N), jnp.int32))
-  return heldout_stats_from_probs(np.asarray(proxy_y, np.float64), targets_N, prior, base_V, weight_N)
+    """Reduces held-out positions to `HeldoutStats` (prior queried with mode leave_one_out/external)."""
+    proxy_y = _proxy_target_prob(proxy_logits_NxV, jnp.asarray(np.asarray(targets_N), jnp.int32))
+    return heldout_stats_from_probs(np.asarray(proxy_y, np.float64), targets_N, prior, base_V, weight_N)
 
 
 def heldout_stats_from_probs(proxy_y_N, targets_N, prior: SparsePrior, base_V, weight_N=None):
-  """`heldout_stats` from the proxy's probability of each target (no [N, V] logits on the host)."""
-  y = np.asarray(targets_N, np.int64)
-  ids, cnt = np.asarray(prior.ids_NxS), np.asarray(prior.counts_NxS, np.float64)
-  ng_ids, ng_p = np.asarray(prior.ngram_ids_NxS2), np.asarray(prior.ngram_probs_NxS2, np.float64)
-  floor = np.asarray(prior.floor_N, np.float64)
-  base = np.asarray(base_V, np.float64)
-  exact_y = np.sum(np.where(ids == y[:, None], cnt, 0.0), 1)
-  ngram_y = np.sum(np.where(ng_ids == y[:, None], ng_p, 0.0), 1) + floor * base[y]
-  w = np.ones_like(floor) if weight_N is None else np.asarray(weight_N, np.float64)
-  return HeldoutStats(exact_y, cnt.sum(1), ngram_y, ng_p.sum(1) + floor, np.asarray(proxy_y_N, np.float64), w)
+    """`heldout_stats` from the proxy's probability of each target (no [N, V] logits on the host)."""
+    y = np.asarray(targets_N, np.int64)
+    ids, cnt = np.asarray(prior.ids_NxS), np.asarray(prior.counts_NxS, np.float64)
+    ng_ids, ng_p = np.asarray(prior.ngram_ids_NxS2), np.asarray(prior.ngram_probs_NxS2, np.float64)
+    floor = np.asarray(prior.floor_N, np.float64)
+    base = np.asarray(base_V, np.float64)
+    exact_y = np.sum(np.where(ids == y[:, None], cnt, 0.0), 1)
+    ngram_y = np.sum(np.where(ng_ids == y[:, None], ng_p, 0.0), 1) + floor * base[y]
+    w = np.ones_like(floor) if weight_N is None else np.asarray(weight_N, np.float64)
+    return HeldoutStats(exact_y, cnt.sum(1), ngram_y, ng_p.sum(1) + floor, np.asarray(proxy_y_N, np.float64), w)
 
 
 def score(stats: HeldoutStats, kappa, n_max):
-  """Mean log q(y) over the held-out tokens (-inf where q(y) = 0 or is undefined)."""
-  if np.isinf(n_max):
-    return float(np.mean(np.log(stats.proxy_y_N)))
-  with np.errstate(divide="ignore", invalid="ignore"):
-    num = stats.exact_y_N + kappa * stats.ngram_y_N + n_max * stats.weight_N * stats.proxy_y_N
-    den = stats.exact_total_N + kappa * stats.ngram_mass_N + n_max * stats.weight_N
-    logq = np.where((num > 0) & (den > 0), np.log(num) - np.log(den), -np.inf)
-  return float(np.mean(logq))
+    """Mean log q(y) over the held-out tokens (-inf where q(y) = 0 or is undefined)."""
+    if np.isinf(n_max):
+        return float(np.mean(np.log(stats.proxy_y_N)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        num = stats.exact_y_N + kappa * stats.ngram_y_N + n_max * stats.weight_N * stats.proxy_y_N
+        den = stats.exact_total_N + kappa * stats.ngram_mass_N + n_max * stats.weight_N
+        logq = np.where((num > 0) & (den > 0), np.log(num) - np.log(den), -np.inf)
+    return float(np.mean(logq))
 
 
 @dataclasses.dataclass
 class EBResult:
-  """Fitted values and the held-out mean log-likelihoods (higher is better) of each estimate."""
-  kappa: float
-  n_max: float
-  score_posterior: float
-  score_prior: float
-  prior_kappa: float
-  score_proxy: float
-  grid_scores: np.ndarray  # [len(kappa_grid), len(n_max_grid)]
+    """Fitted values and the held-out mean log-likelihoods (higher is better) of each estimate."""
 
-  def summary(self):
-    return (f"empirical Bayes: kappa={self.kappa:.4g} N_max={self.n_max:.4g} | held-out log-lik "
+    kappa: float
+    n_max: float
+    score_posterior: float
+    score_prior: float
+    prior_kappa: float
+    score_proxy: float
+    grid_scores: np.ndarray  # [len(kappa_grid), len(n_max_grid)]
+
+    def summary(self):
+        return (
+            f"empirical Bayes: kappa={self.kappa:.4g} N_max={self.n_max:.4g} | held-out log-lik "
             f"posterior {self.score_posterior:.4f}, prior {self.score_prior:.4f} "
-            f"(kappa={self.prior_kappa:.4g}), proxy {self.score_proxy:.4f}")
+            f"(kappa={self.prior_kappa:.4g}), proxy {self.score_proxy:.4f}"
+        )
 
 
 def _golden(f, lo, hi, steps):
-  """Maximises f on [lo, hi] (log-space coordinates) by golden-section search."""
-  g = (np.sqrt(5.0) - 1.0) / 2.0
-  a, b = lo, hi
-  c, d = b - g * (b - a), a + g * (b - a)
-  fc, fd = f(c), f(d)
-  for _ in range(steps):
-    if fc >= fd:
-      b, d, fd = d, c, fc
-      c = b - g * (b - a)
-      fc = f(c)
-    else:
-      a, c, fc = c, d, fd
-      d = a + g * (b - a)
-      fd = f(d)
-  return (c, fc) if fc >= fd else (d, fd)
+    """Maximises f on [lo, hi] (log-space coordinates) by golden-section search."""
+    g = (np.sqrt(5.0) - 1.0) / 2.0
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(steps):
+        if fc >= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return (c, fc) if fc >= fd else (d, fd)
 
 
 def _refine(f, grid, i, steps):
-  """Golden-section in log space between the finite positive neighbours of grid[i]."""
-  pos = [x for x in grid if 0 < x < np.inf]
-  if not 0 < grid[i] < np.inf or len(pos) < 2:
-    return grid[i], f(grid[i])
-  j = pos.index(grid[i])
-  lo, hi = np.log(pos[max(j - 1, 0)]), np.log(pos[min(j + 1, len(pos) - 1)])
-  x, fx = _golden(lambda t: f(float(np.exp(t))), lo, hi, steps)
-  return (float(np.exp(x)), fx) if fx > f(grid[i]) else (grid[i], f(grid[i]))
+    """Golden-section in log space between the finite positive neighbours of grid[i]."""
+    pos = [x for x in grid if 0 < x < np.inf]
+    if not 0 < grid[i] < np.inf or len(pos) < 2:
+        return grid[i], f(grid[i])
+    j = pos.index(grid[i])
+    lo, hi = np.log(pos[max(j - 1, 0)]), np.log(pos[min(j + 1, len(pos) - 1)])
+    x, fx = _golden(lambda t: f(float(np.exp(t))), lo, hi, steps)
+    return (float(np.exp(x)), fx) if fx > f(grid[i]) else (grid[i], f(grid[i]))
 
 
-def fit_empirical_bayes(stats: HeldoutStats, *, kappa_grid=DEFAULT_KAPPA_GRID,
-                        n_max_grid=DEFAULT_N_MAX_GRID, refine_steps=12, verbose=False) -> EBResult:
-  """Grid search over (kappa, N_max), then golden-section refinement of each in turn."""
-  if stats.proxy_y_N.size == 0:
-    raise ValueError("empirical Bayes: no held-out tokens; hold out at least one response of a "
-                     "prompt that has several (posterior.eb_holdout_fraction).")
-  kg = sorted(set(float(x) for x in kappa_grid) | {0.0})
-  ng = sorted(set(float(x) for x in n_max_grid) | {0.0, float("inf")})
-  grid = np.array([[score(stats, kp, nm) for nm in ng] for kp in kg])
-  i, j = np.unravel_index(np.argmax(grid), grid.shape)
-  kappa, n_max, best = kg[i], ng[j], grid[i, j]
-  if np.isfinite(n_max) and refine_steps:
-    kappa, best = _refine(lambda x: score(stats, x, n_max), kg, i, refine_steps)
-    n_max, best = _refine(lambda x: score(stats, kappa, x), ng, j, refine_steps)
-  prior_i = int(np.argmax(grid[:, 0]))
-  res = EBResult(float(kappa), float(n_max), float(best), float(grid[prior_i, 0]),
-                 float(kg[prior_i]), float(grid[0, -1]), grid)
-  assert res.score_posterior >= max(res.score_prior, res.score_proxy), res.summary()
-  if verbose:
-    print(res.summary())
-  return res
+def fit_empirical_bayes(
+    stats: HeldoutStats, *, kappa_grid=DEFAULT_KAPPA_GRID, n_max_grid=DEFAULT_N_MAX_GRID, refine_steps=12, verbose=False
+) -> EBResult:
+    """Grid search over (kappa, N_max), then golden-section refinement of each in turn."""
+    if stats.proxy_y_N.size == 0:
+        raise ValueError(
+            "empirical Bayes: no held-out tokens; hold out at least one response of a "
+            "prompt that has several (posterior.eb_holdout_fraction)."
+        )
+    kg = sorted(set(float(x) for x in kappa_grid) | {0.0})
+    ng = sorted(set(float(x) for x in n_max_grid) | {0.0, float("inf")})
+    grid = np.array([[score(stats, kp, nm) for nm in ng] for kp in kg])
+    i, j = np.unravel_index(np.argmax(grid), grid.shape)
+    kappa, n_max, best = kg[i], ng[j], grid[i, j]
+    if np.isfinite(n_max) and refine_steps:
+        kappa, best = _refine(lambda x: score(stats, x, n_max), kg, i, refine_steps)
+        n_max, best = _refine(lambda x: score(stats, kappa, x), ng, j, refine_steps)
+    prior_i = int(np.argmax(grid[:, 0]))
+    res = EBResult(
+        float(kappa), float(n_max), float(best), float(grid[prior_i, 0]), float(kg[prior_i]), float(grid[0, -1]), grid
+    )
+    assert res.score_posterior >= max(res.score_prior, res.score_proxy), res.summary()
+    if verbose:
+        print(res.summary())
+    return res

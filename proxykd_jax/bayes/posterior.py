@@ -9,6 +9,7 @@ sparse ids, sums duplicate ids after a sort, and keeps the top k of that union p
 No dense prior is ever built. Where the teacher returned top log-probs they are fixed as the head and
 the posterior, without the head's ids, is renormalised to the remaining mass.
 """
+
 import functools
 
 import jax
@@ -23,264 +24,290 @@ _PRIORITY = 4.0  # added to head probabilities so teacher entries always win a t
 
 
 def _sparse(prior, kappa, n_pseudo_N, sampled_ids_NxM):
-  """Sparse ids and pseudo-counts of the prior (and of the proxy's draws in `sampled` mode)."""
-  ids = [prior.ids_NxS, prior.ngram_ids_NxS2]
-  vals = [prior.counts_NxS.astype(jnp.float32), kappa * prior.ngram_probs_NxS2.astype(jnp.float32)]
-  if sampled_ids_NxM is not None:
-    m = sampled_ids_NxM.shape[1]
-    ids.append(sampled_ids_NxM)
-    vals.append(jnp.broadcast_to((n_pseudo_N / m)[:, None], sampled_ids_NxM.shape))
-  return jnp.concatenate(ids, 1).astype(jnp.int32), jnp.concatenate(vals, 1)
+    """Sparse ids and pseudo-counts of the prior (and of the proxy's draws in `sampled` mode)."""
+    ids = [prior.ids_NxS, prior.ngram_ids_NxS2]
+    vals = [prior.counts_NxS.astype(jnp.float32), kappa * prior.ngram_probs_NxS2.astype(jnp.float32)]
+    if sampled_ids_NxM is not None:
+        m = sampled_ids_NxM.shape[1]
+        ids.append(sampled_ids_NxM)
+        vals.append(jnp.broadcast_to((n_pseudo_N / m)[:, None], sampled_ids_NxM.shape))
+    return jnp.concatenate(ids, 1).astype(jnp.int32), jnp.concatenate(vals, 1)
 
 
 def _dedupe_sum(ids_NxC, vals_NxC):
-  """Sorts ids per row; returns (ids, summed values of each run at its last element, is_last)."""
-  ids_s, vals_s = jax.lax.sort((ids_NxC, vals_NxC), dimension=1, num_keys=1)
-  c = ids_s.shape[1]
-  incl = jnp.cumsum(vals_s, axis=1)
-  excl = incl - vals_s
-  first = jnp.concatenate([jnp.ones_like(ids_s[:, :1], bool), ids_s[:, 1:] != ids_s[:, :-1]], 1)
-  last = jnp.concatenate([ids_s[:, 1:] != ids_s[:, :-1], jnp.ones_like(ids_s[:, :1], bool)], 1)
-  start = jax.lax.cummax(jnp.where(first, jnp.arange(c)[None, :], 0), axis=1)
-  run = incl - jnp.take_along_axis(excl, start, axis=1)
-  return ids_s, run, last
+    """Sorts ids per row; returns (ids, summed values of each run at its last element, is_last)."""
+    ids_s, vals_s = jax.lax.sort((ids_NxC, vals_NxC), dimension=1, num_keys=1)
+    c = ids_s.shape[1]
+    incl = jnp.cumsum(vals_s, axis=1)
+    excl = incl - vals_s
+    first = jnp.concatenate([jnp.ones_like(ids_s[:, :1], bool), ids_s[:, 1:] != ids_s[:, :-1]], 1)
+    last = jnp.concatenate([ids_s[:, 1:] != ids_s[:, :-1], jnp.ones_like(ids_s[:, :1], bool)], 1)
+    start = jax.lax.cummax(jnp.where(first, jnp.arange(c)[None, :], 0), axis=1)
+    run = incl - jnp.take_along_axis(excl, start, axis=1)
+    return ids_s, run, last
 
 
 def _sparse_at(ids_NxJ, sp_ids_NxS, sp_vals_NxS):
-  """Sum of sparse pseudo-counts at arbitrary ids (small J: an equality matrix)."""
-  eq = ids_NxJ[:, :, None] == sp_ids_NxS[:, None, :]
-  return jnp.sum(jnp.where(eq, sp_vals_NxS[:, None, :], 0.0), axis=2)
+    """Sum of sparse pseudo-counts at arbitrary ids (small J: an equality matrix)."""
+    eq = ids_NxJ[:, :, None] == sp_ids_NxS[:, None, :]
+    return jnp.sum(jnp.where(eq, sp_vals_NxS[:, None, :], 0.0), axis=2)
 
 
 def _slice_reduce(op, x_NxBxM):
-  """op over axis 1 as an unrolled elementwise chain over contiguous [N, M] slices.
+    """op over axis 1 as an unrolled elementwise chain over contiguous [N, M] slices.
 
-  XLA:CPU vectorises this along M; a reduce over a short middle or minor axis it does not (4x
-  slower measured at V = 32k-128k).
-  """
-  return functools.reduce(op, [x_NxBxM[:, i] for i in range(x_NxBxM.shape[1])])
+    XLA:CPU vectorises this along M; a reduce over a short middle or minor axis it does not (4x
+    slower measured at V = 32k-128k).
+    """
+    return functools.reduce(op, [x_NxBxM[:, i] for i in range(x_NxBxM.shape[1])])
 
 
 def blocked_top_k(score, logits_NxV, base_V, k, block=16):
-  """Top-k values over v of score(logits[:, v], base[v]) without materialising the [N, V] scores.
+    """Top-k values over v of score(logits[:, v], base[v]) without materialising the [N, V] scores.
 
-  Ids are split into V/B blocks of B ids each (block j holds j, j + V/B, j + 2V/B, ...). The k
-  largest scores lie in the k blocks with the largest block maxima: any other entry is at most the
-  k-th largest block maximum, and k entries reach it. One fused pass computes the block maxima, the
-  scores of the k*B candidate ids are recomputed from gathered logits, and a top-k over them
-  finishes. On CPU this replaces an exp written over [N, V] plus XLA's row top-k over V. `score`
-  must be elementwise and broadcast over (logits [N, ., .], base [., .]). Returns
-  (values_NxK, ids_NxK int32): the values of `lax.top_k`; among exactly tied values the ids may
-  differ from its lowest-id choice.
-  """
-  n, v = logits_NxV.shape
-  nb = v // block
-  if v % block or nb <= 2 * k:
-    vals, ids = jax.lax.top_k(score(logits_NxV[:, None, :], base_V[None, :])[:, 0, :], k)
+    Ids are split into V/B blocks of B ids each (block j holds j, j + V/B, j + 2V/B, ...). The k
+    largest scores lie in the k blocks with the largest block maxima: any other entry is at most the
+    k-th largest block maximum, and k entries reach it. One fused pass computes the block maxima, the
+    scores of the k*B candidate ids are recomputed from gathered logits, and a top-k over them
+    finishes. On CPU this replaces an exp written over [N, V] plus XLA's row top-k over V. `score`
+    must be elementwise and broadcast over (logits [N, ., .], base [., .]). Returns
+    (values_NxK, ids_NxK int32): the values of `lax.top_k`; among exactly tied values the ids may
+    differ from its lowest-id choice.
+    """
+    n, v = logits_NxV.shape
+    nb = v // block
+    if v % block or nb <= 2 * k:
+        vals, ids = jax.lax.top_k(score(logits_NxV[:, None, :], base_V[None, :])[:, 0, :], k)
+        return vals, ids.astype(jnp.int32)
+    lg = logits_NxV.reshape(n, block, nb)
+    bs = base_V.reshape(block, nb)
+    block_max = _slice_reduce(jnp.maximum, score(lg, bs[None]))
+    _, blocks_NxK = jax.lax.top_k(block_max, k)
+    cand_lg = jnp.take_along_axis(lg, blocks_NxK[:, None, :], axis=2)  # [N, B, k]
+    cand = score(cand_lg, bs[:, blocks_NxK].transpose(1, 0, 2)).reshape(n, block * k)
+    vals, pos = jax.lax.top_k(cand, k)
+    ids = (pos // k) * nb + jnp.take_along_axis(blocks_NxK, pos % k, axis=1)
     return vals, ids.astype(jnp.int32)
-  lg = logits_NxV.reshape(n, block, nb)
-  bs = base_V.reshape(block, nb)
-  block_max = _slice_reduce(jnp.maximum, score(lg, bs[None]))
-  _, blocks_NxK = jax.lax.top_k(block_max, k)
-  cand_lg = jnp.take_along_axis(lg, blocks_NxK[:, None, :], axis=2)  # [N, B, k]
-  cand = score(cand_lg, bs[:, blocks_NxK].transpose(1, 0, 2)).reshape(n, block * k)
-  vals, pos = jax.lax.top_k(cand, k)
-  ids = (pos // k) * nb + jnp.take_along_axis(blocks_NxK, pos % k, axis=1)
-  return vals, ids.astype(jnp.int32)
 
 
-def _posterior_core(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms_NxM,
-                    head_ids_NxH, head_logprobs_NxH, *, k, mode, beta):
-  """One block of tokens; returns (ids_NxK int32, logprobs_NxK float32, tail_N float32)."""
-  logits = jnp.asarray(proxy_logits_NxV).astype(jnp.float32)
-  base = jnp.asarray(base_V, jnp.float32)
-  kappa = jnp.asarray(kappa, jnp.float32)
-  n_pseudo = jnp.asarray(n_pseudo_N, jnp.float32)
-  prior = SparsePrior(*(jnp.asarray(x) for x in prior))
-  floor = kappa * prior.floor_N.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=1, keepdims=True)
-  logp = logits - lse  # fused into each consumer; gathers read `logits` and subtract lse instead
-  logp_at = lambda ids: jnp.take_along_axis(logits, ids, axis=1) - lse  # noqa: E731
+def _posterior_core(
+    proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms_NxM, head_ids_NxH, head_logprobs_NxH, *, k, mode, beta
+):
+    """One block of tokens; returns (ids_NxK int32, logprobs_NxK float32, tail_N float32)."""
+    logits = jnp.asarray(proxy_logits_NxV).astype(jnp.float32)
+    base = jnp.asarray(base_V, jnp.float32)
+    kappa = jnp.asarray(kappa, jnp.float32)
+    n_pseudo = jnp.asarray(n_pseudo_N, jnp.float32)
+    prior = SparsePrior(*(jnp.asarray(x) for x in prior))
+    floor = kappa * prior.floor_N.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=1, keepdims=True)
+    logp = logits - lse  # fused into each consumer; gathers read `logits` and subtract lse instead
+    logp_at = lambda ids: jnp.take_along_axis(logits, ids, axis=1) - lse  # noqa: E731
 
-  sampled = None
-  if mode == "sampled":
-    cdf = jnp.cumsum(jnp.exp(logp), axis=1)
-    u = uniforms_NxM * cdf[:, -1:]
-    sampled = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(cdf, u)
-    sampled = jnp.minimum(sampled, logits.shape[1] - 1)
-  sp_ids, sp_vals = _sparse(prior, kappa, n_pseudo, sampled)
-  prior_mass = (jnp.sum(prior.counts_NxS.astype(jnp.float32), 1)
-                + kappa * jnp.sum(prior.ngram_probs_NxS2.astype(jnp.float32), 1) + floor)
+    sampled = None
+    if mode == "sampled":
+        cdf = jnp.cumsum(jnp.exp(logp), axis=1)
+        u = uniforms_NxM * cdf[:, -1:]
+        sampled = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(cdf, u)
+        sampled = jnp.minimum(sampled, logits.shape[1] - 1)
+    sp_ids, sp_vals = _sparse(prior, kappa, n_pseudo, sampled)
+    prior_mass = (
+        jnp.sum(prior.counts_NxS.astype(jnp.float32), 1)
+        + kappa * jnp.sum(prior.ngram_probs_NxS2.astype(jnp.float32), 1)
+        + floor
+    )
 
-  # Dense term whose top-k (together with the sparse ids) contains the posterior's top-k.
-  if mode == "expected":
-    npn, fl = n_pseudo[:, None, None], floor[:, None, None]
-    _, top_ids = blocked_top_k(lambda lg, b: npn * jnp.exp(lg - lse[:, :, None]) + fl * b,
-                               logits, base, k)
-  elif mode == "sampled":
-    _, top_ids = jax.lax.top_k(base, k)
-    top_ids = jnp.broadcast_to(top_ids[None, :], (logits.shape[0], k))
-  else:
-    _, top_ids = blocked_top_k(lambda lg, b: lg + beta * jnp.log(b), logits, base, k)
+    # Dense term whose top-k (together with the sparse ids) contains the posterior's top-k.
+    if mode == "expected":
+        npn, fl = n_pseudo[:, None, None], floor[:, None, None]
+        _, top_ids = blocked_top_k(lambda lg, b: npn * jnp.exp(lg - lse[:, :, None]) + fl * b, logits, base, k)
+    elif mode == "sampled":
+        _, top_ids = jax.lax.top_k(base, k)
+        top_ids = jnp.broadcast_to(top_ids[None, :], (logits.shape[0], k))
+    else:
+        _, top_ids = blocked_top_k(lambda lg, b: lg + beta * jnp.log(b), logits, base, k)
 
-  cand_ids = jnp.concatenate([top_ids.astype(jnp.int32), sp_ids], 1)
-  cand_sp = jnp.concatenate([jnp.zeros(top_ids.shape, jnp.float32), sp_vals], 1)
-  cand_ids, run, keep = _dedupe_sum(cand_ids, cand_sp)
-  cand_logp = logp_at(cand_ids)
-  floor_at = floor[:, None] * base[cand_ids]
+    cand_ids = jnp.concatenate([top_ids.astype(jnp.int32), sp_ids], 1)
+    cand_sp = jnp.concatenate([jnp.zeros(top_ids.shape, jnp.float32), sp_vals], 1)
+    cand_ids, run, keep = _dedupe_sum(cand_ids, cand_sp)
+    cand_logp = logp_at(cand_ids)
+    floor_at = floor[:, None] * base[cand_ids]
 
-  if mode == "geometric":
-    # q ∝ p * prior_mean^beta; off the support prior_mean = floor * base / prior_mass.
-    log_mass = jnp.log(prior_mass)[:, None]
-    dense_all = logp + beta * (jnp.log(floor[:, None] * base[None, :]) - log_mass)
-    full = cand_logp + beta * (jnp.log(run + floor_at) - log_mass)
-    dense_c = cand_logp + beta * (jnp.log(floor_at) - log_mass)
-    full = jnp.where(keep, full, -jnp.inf)
-    shift = jnp.maximum(jnp.max(full, 1, keepdims=True), jnp.max(dense_all, 1, keepdims=True))
-    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-    z = (jnp.sum(jnp.exp(dense_all - shift), 1)
-         + jnp.sum(jnp.where(keep, jnp.exp(full - shift) - jnp.exp(dense_c - shift), 0.0), 1))
-    log_z = shift[:, 0] + jnp.log(z)
-    cand_q = jnp.exp(full - log_z[:, None])
+    if mode == "geometric":
+        # q ∝ p * prior_mean^beta; off the support prior_mean = floor * base / prior_mass.
+        log_mass = jnp.log(prior_mass)[:, None]
+        dense_all = logp + beta * (jnp.log(floor[:, None] * base[None, :]) - log_mass)
+        full = cand_logp + beta * (jnp.log(run + floor_at) - log_mass)
+        dense_c = cand_logp + beta * (jnp.log(floor_at) - log_mass)
+        full = jnp.where(keep, full, -jnp.inf)
+        shift = jnp.maximum(jnp.max(full, 1, keepdims=True), jnp.max(dense_all, 1, keepdims=True))
+        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+        z = jnp.sum(jnp.exp(dense_all - shift), 1) + jnp.sum(
+            jnp.where(keep, jnp.exp(full - shift) - jnp.exp(dense_c - shift), 0.0), 1
+        )
+        log_z = shift[:, 0] + jnp.log(z)
+        cand_q = jnp.exp(full - log_z[:, None])
 
-    def q_at(ids):
-      lp = logp_at(ids)
-      pm = _sparse_at(ids, sp_ids, sp_vals) + floor[:, None] * base[ids]
-      return jnp.exp(lp + beta * (jnp.log(pm) - log_mass) - log_z[:, None])
-  else:
-    total = prior_mass + n_pseudo
-    dense_at = floor_at + (n_pseudo[:, None] * jnp.exp(cand_logp) if mode == "expected" else 0.0)
-    cand_q = jnp.where(keep, (dense_at + run) / total[:, None], -jnp.inf)
+        def q_at(ids):
+            lp = logp_at(ids)
+            pm = _sparse_at(ids, sp_ids, sp_vals) + floor[:, None] * base[ids]
+            return jnp.exp(lp + beta * (jnp.log(pm) - log_mass) - log_z[:, None])
+    else:
+        total = prior_mass + n_pseudo
+        dense_at = floor_at + (n_pseudo[:, None] * jnp.exp(cand_logp) if mode == "expected" else 0.0)
+        cand_q = jnp.where(keep, (dense_at + run) / total[:, None], -jnp.inf)
 
-    def q_at(ids):
-      val = _sparse_at(ids, sp_ids, sp_vals) + floor[:, None] * base[ids]
-      if mode == "expected":
-        val = val + n_pseudo[:, None] * jnp.exp(logp_at(ids))
-      return val / total[:, None]
+        def q_at(ids):
+            val = _sparse_at(ids, sp_ids, sp_vals) + floor[:, None] * base[ids]
+            if mode == "expected":
+                val = val + n_pseudo[:, None] * jnp.exp(logp_at(ids))
+            return val / total[:, None]
 
-  if head_ids_NxH is None:
-    top_q, pos = jax.lax.top_k(cand_q, k)
-    out_ids = jnp.take_along_axis(cand_ids, pos, axis=1)
-  else:
-    head_ids = head_ids_NxH.astype(jnp.int32)
-    valid = jnp.isfinite(head_logprobs_NxH)
-    head_p = jnp.where(valid, jnp.exp(jnp.where(valid, head_logprobs_NxH, 0.0)), 0.0)
-    head_mass = jnp.minimum(jnp.sum(head_p, 1), 1.0)
-    q_head = jnp.sum(jnp.where(valid, q_at(head_ids), 0.0), 1)
-    in_head = jnp.any((cand_ids[:, :, None] == head_ids[:, None, :]) & valid[:, None, :], 2)
-    scale = (1.0 - head_mass) / jnp.maximum(1.0 - q_head, 1e-30)
-    cand_r = jnp.where(in_head, -jnp.inf, cand_q * scale[:, None])
-    key = jnp.concatenate([jnp.where(valid, head_p + _PRIORITY, -jnp.inf), cand_r], 1)
-    all_ids = jnp.concatenate([head_ids, cand_ids], 1)
-    _, pos = jax.lax.top_k(key, k)
-    out_ids = jnp.take_along_axis(all_ids, pos, axis=1)
-    top_q = jnp.take_along_axis(jnp.concatenate([head_p, cand_r], 1), pos, axis=1)
-  top_q = jnp.maximum(top_q, 0.0)
-  tail = jnp.maximum(1.0 - jnp.sum(top_q, 1), 0.0)
-  return out_ids, jnp.log(top_q), tail
+    if head_ids_NxH is None:
+        top_q, pos = jax.lax.top_k(cand_q, k)
+        out_ids = jnp.take_along_axis(cand_ids, pos, axis=1)
+    else:
+        head_ids = head_ids_NxH.astype(jnp.int32)
+        valid = jnp.isfinite(head_logprobs_NxH)
+        head_p = jnp.where(valid, jnp.exp(jnp.where(valid, head_logprobs_NxH, 0.0)), 0.0)
+        head_mass = jnp.minimum(jnp.sum(head_p, 1), 1.0)
+        q_head = jnp.sum(jnp.where(valid, q_at(head_ids), 0.0), 1)
+        in_head = jnp.any((cand_ids[:, :, None] == head_ids[:, None, :]) & valid[:, None, :], 2)
+        scale = (1.0 - head_mass) / jnp.maximum(1.0 - q_head, 1e-30)
+        cand_r = jnp.where(in_head, -jnp.inf, cand_q * scale[:, None])
+        key = jnp.concatenate([jnp.where(valid, head_p + _PRIORITY, -jnp.inf), cand_r], 1)
+        all_ids = jnp.concatenate([head_ids, cand_ids], 1)
+        _, pos = jax.lax.top_k(key, k)
+        out_ids = jnp.take_along_axis(all_ids, pos, axis=1)
+        top_q = jnp.take_along_axis(jnp.concatenate([head_p, cand_r], 1), pos, axis=1)
+    top_q = jnp.maximum(top_q, 0.0)
+    tail = jnp.maximum(1.0 - jnp.sum(top_q, 1), 0.0)
+    return out_ids, jnp.log(top_q), tail
 
 
-def _run_blocked(core, proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms_NxM,
-                 head_ids_NxH, head_logprobs_NxH, chunk):
-  """Runs `core` on the whole token axis, or block by block (lax.map) when chunk < N."""
-  n = proxy_logits_NxV.shape[0]
-  if not chunk or chunk >= n:
-    return core(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms_NxM, head_ids_NxH,
-                head_logprobs_NxH)
-  pad = (-n) % chunk
+def _run_blocked(
+    core, proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms_NxM, head_ids_NxH, head_logprobs_NxH, chunk
+):
+    """Runs `core` on the whole token axis, or block by block (lax.map) when chunk < N."""
+    n = proxy_logits_NxV.shape[0]
+    if not chunk or chunk >= n:
+        return core(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms_NxM, head_ids_NxH, head_logprobs_NxH)
+    pad = (-n) % chunk
 
-  def blocks(x, fill=0):
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-    return x.reshape((-1, chunk) + x.shape[1:])
+    def blocks(x, fill=0):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+        return x.reshape((-1, chunk) + x.shape[1:])
 
-  per_token = (proxy_logits_NxV, prior, uniforms_NxM, head_ids_NxH, head_logprobs_NxH)
-  blocked = jax.tree.map(blocks, per_token), blocks(n_pseudo_N, fill=1)
+    per_token = (proxy_logits_NxV, prior, uniforms_NxM, head_ids_NxH, head_logprobs_NxH)
+    blocked = jax.tree.map(blocks, per_token), blocks(n_pseudo_N, fill=1)
 
-  def one(xs):
-    (lg, pr, un, hi, hl), npn = xs
-    return core(lg, pr, base_V, npn, kappa, un, hi, hl)
+    def one(xs):
+        (lg, pr, un, hi, hl), npn = xs
+        return core(lg, pr, base_V, npn, kappa, un, hi, hl)
 
-  out = jax.lax.map(one, blocked)
-  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:n], out)
+    out = jax.lax.map(one, blocked)
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:n], out)
 
 
 def _check(mode, k, v):
-  if mode not in MODES:
-    raise ValueError(f"posterior: mode={mode!r} is not one of {MODES}; set posterior.mode.")
-  if not 0 < k <= v:
-    raise ValueError(f"posterior: k={k} must be in [1, vocab={v}]; set data.store.k.")
+    if mode not in MODES:
+        raise ValueError(f"posterior: mode={mode!r} is not one of {MODES}; set posterior.mode.")
+    if not 0 < k <= v:
+        raise ValueError(f"posterior: k={k} must be in [1, vocab={v}]; set data.store.k.")
 
 
-def posterior_topk(proxy_logits_NxV, prior: SparsePrior, base_V, n_pseudo_N, kappa, *, k,
-                   mode="expected", num_samples=64, beta=1.0, rng=None, head_ids_NxH=None,
-                   head_logprobs_NxH=None, chunk=0):
-  """The posterior's exact top-k at N positions (pure; jit it, or call it inside a jitted step).
+def posterior_topk(
+    proxy_logits_NxV,
+    prior: SparsePrior,
+    base_V,
+    n_pseudo_N,
+    kappa,
+    *,
+    k,
+    mode="expected",
+    num_samples=64,
+    beta=1.0,
+    rng=None,
+    head_ids_NxH=None,
+    head_logprobs_NxH=None,
+    chunk=0,
+):
+    """The posterior's exact top-k at N positions (pure; jit it, or call it inside a jitted step).
 
-  proxy_logits_NxV: proxy logits (any float dtype); prior: `SparsePrior` at the same positions;
-  base_V: the n-gram's dense base distribution; n_pseudo_N: N_t = N_max * w; kappa: prior strength;
-  k: entries kept; mode: "expected" | "sampled" (needs rng; num_samples draws) | "geometric" (beta);
-  head_*_NxH: teacher top log-probs (-inf where absent) fixed as the head; chunk: tokens per block
-  (0: all at once). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32), sorted by
-  probability, with exp(logprobs).sum() + tail == 1. A position whose total pseudo-count is zero
-  (N_t = 0 with an empty prior) has no posterior and yields NaN; include_self queries never do.
-  """
-  n, v = proxy_logits_NxV.shape
-  _check(mode, k, v)
-  uniforms = None
-  if mode == "sampled":
-    if rng is None:
-      raise ValueError("posterior: mode='sampled' needs an rng key for the proxy draws.")
-    uniforms = jax.random.uniform(rng, (n, num_samples), jnp.float32)
-  core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta)
-  return _run_blocked(core, proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms,
-                      head_ids_NxH, head_logprobs_NxH, chunk)
-
-
-def make_sharded_posterior(mesh, *, axes=("data", "fsdp"), k, mode="expected", num_samples=64,
-                           beta=1.0, chunk=0):
-  """A jitted posterior with the token axis sharded over `axes` of `mesh` (shard_map inside).
-
-  Returns f(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, rng=None, head_ids_NxH=None,
-  head_logprobs_NxH=None) with the outputs of `posterior_topk`, sharded the same way over tokens;
-  N must divide evenly over the product of the mesh axes.
-  """
-  axes = tuple(a for a in axes if a in mesh.axis_names)
-  if not axes:
-    raise ValueError(f"posterior: none of the axes {axes} is in the mesh {mesh.axis_names}.")
-  tok = P(axes)
-  n_shards = 1
-  for a in axes:
-    n_shards *= mesh.shape[a]
-  core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta)
-  explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-
-  @jax.jit
-  def run(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, rng=None, head_ids_NxH=None,
-          head_logprobs_NxH=None):
+    proxy_logits_NxV: proxy logits (any float dtype); prior: `SparsePrior` at the same positions;
+    base_V: the n-gram's dense base distribution; n_pseudo_N: N_t = N_max * w; kappa: prior strength;
+    k: entries kept; mode: "expected" | "sampled" (needs rng; num_samples draws) | "geometric" (beta);
+    head_*_NxH: teacher top log-probs (-inf where absent) fixed as the head; chunk: tokens per block
+    (0: all at once). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32), sorted by
+    probability, with exp(logprobs).sum() + tail == 1. A position whose total pseudo-count is zero
+    (N_t = 0 with an empty prior) has no posterior and yields NaN; include_self queries never do.
+    """
     n, v = proxy_logits_NxV.shape
     _check(mode, k, v)
-    if n % n_shards:
-      raise ValueError(f"posterior: {n} tokens do not split over {n_shards} devices on mesh axes "
-                       f"{axes}; pad the batch to a multiple of {n_shards}.")
-    if mode == "sampled" and rng is None:
-      raise ValueError("posterior: mode='sampled' needs an rng key for the proxy draws.")
-    extras = {}
+    uniforms = None
     if mode == "sampled":
-      extras["uniforms"] = jax.random.uniform(rng, (n, num_samples), jnp.float32)
-    if head_ids_NxH is not None:
-      extras["head_ids"], extras["head_lp"] = head_ids_NxH, head_logprobs_NxH
+        if rng is None:
+            raise ValueError("posterior: mode='sampled' needs an rng key for the proxy draws.")
+        uniforms = jax.random.uniform(rng, (n, num_samples), jnp.float32)
+    core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta)
+    return _run_blocked(
+        core, proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms, head_ids_NxH, head_logprobs_NxH, chunk
+    )
 
-    def per_shard(lg, pr, npn, ex, base, kp):
-      return _run_blocked(core, lg, pr, base, npn, kp, ex.get("uniforms"), ex.get("head_ids"),
-                          ex.get("head_lp"), chunk)
 
-    specs = (tok, SparsePrior(tok, tok, tok, tok, tok), tok, {x: tok for x in extras}, P(), P())
-    args = (proxy_logits_NxV, SparsePrior(*prior), n_pseudo_N, extras,
-            jnp.asarray(base_V, jnp.float32), jnp.asarray(kappa, jnp.float32))
-    if explicit:  # Explicit mesh axes: shard_map wants its inputs already laid out as in_specs.
-      args = jax.tree.map(lambda x, s: jax.reshard(x, NamedSharding(mesh, s)), args, specs,
-                          is_leaf=lambda x: isinstance(x, P))
-    mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=(tok, tok, tok))
-    return mapped(*args)
+def make_sharded_posterior(mesh, *, axes=("data", "fsdp"), k, mode="expected", num_samples=64, beta=1.0, chunk=0):
+    """A jitted posterior with the token axis sharded over `axes` of `mesh` (shard_map inside).
 
-  return run
+    Returns f(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, rng=None, head_ids_NxH=None,
+    head_logprobs_NxH=None) with the outputs of `posterior_topk`, sharded the same way over tokens;
+    N must divide evenly over the product of the mesh axes.
+    """
+    axes = tuple(a for a in axes if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"posterior: none of the axes {axes} is in the mesh {mesh.axis_names}.")
+    tok = P(axes)
+    n_shards = 1
+    for a in axes:
+        n_shards *= mesh.shape[a]
+    core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta)
+    explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+    @jax.jit
+    def run(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, rng=None, head_ids_NxH=None, head_logprobs_NxH=None):
+        n, v = proxy_logits_NxV.shape
+        _check(mode, k, v)
+        if n % n_shards:
+            raise ValueError(
+                f"posterior: {n} tokens do not split over {n_shards} devices on mesh axes "
+                f"{axes}; pad the batch to a multiple of {n_shards}."
+            )
+        if mode == "sampled" and rng is None:
+            raise ValueError("posterior: mode='sampled' needs an rng key for the proxy draws.")
+        extras = {}
+        if mode == "sampled":
+            extras["uniforms"] = jax.random.uniform(rng, (n, num_samples), jnp.float32)
+        if head_ids_NxH is not None:
+            extras["head_ids"], extras["head_lp"] = head_ids_NxH, head_logprobs_NxH
+
+        def per_shard(lg, pr, npn, ex, base, kp):
+            return _run_blocked(
+                core, lg, pr, base, npn, kp, ex.get("uniforms"), ex.get("head_ids"), ex.get("head_lp"), chunk
+            )
+
+        specs = (tok, SparsePrior(tok, tok, tok, tok, tok), tok, {x: tok for x in extras}, P(), P())
+        args = (
+            proxy_logits_NxV,
+            SparsePrior(*prior),
+            n_pseudo_N,
+            extras,
+            jnp.asarray(base_V, jnp.float32),
+            jnp.asarray(kappa, jnp.float32),
+        )
+        if explicit:  # Explicit mesh axes: shard_map wants its inputs already laid out as in_specs.
+            args = jax.tree.map(
+                lambda x, s: jax.reshard(x, NamedSharding(mesh, s)), args, specs, is_leaf=lambda x: isinstance(x, P)
+            )
+        mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=(tok, tok, tok))
+        return mapped(*args)
+
+    return run

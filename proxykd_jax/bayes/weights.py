@@ -3,6 +3,7 @@
 l is the proxy's log-likelihood of the teacher response (mean per token by default, or summed);
 mu and gamma are its mean and standard deviation over the distillation split.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,29 +12,31 @@ NORMALIZE = ("mean", "sum")
 
 
 def sequence_loglik(token_logprobs_BxL, mask_BxL, *, normalize="mean"):
-  """l per sample from the proxy's log-probs of the teacher tokens, over response positions."""
-  if normalize not in NORMALIZE:
-    raise ValueError(f"weights: normalize={normalize!r} is not one of {NORMALIZE}; "
-                     "set posterior.weight_normalize.")
-  mask = mask_BxL.astype(jnp.float32)
-  total = jnp.sum(token_logprobs_BxL.astype(jnp.float32) * mask, axis=-1)
-  if normalize == "sum":
-    return total
-  return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+    """l per sample from the proxy's log-probs of the teacher tokens, over response positions."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"weights: normalize={normalize!r} is not one of {NORMALIZE}; set posterior.weight_normalize.")
+    mask = mask_BxL.astype(jnp.float32)
+    total = jnp.sum(token_logprobs_BxL.astype(jnp.float32) * mask, axis=-1)
+    if normalize == "sum":
+        return total
+    return total / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
 
 def weight_stats(loglik_S, *, min_gamma=1e-6):
-  """(mu, gamma): mean and standard deviation of l over the split (float64, host side)."""
-  x = np.asarray(loglik_S, np.float64).reshape(-1)
-  if x.size == 0:
-    raise ValueError("weights: no sample log-likelihoods to compute mu and gamma from; "
-                     "the distillation split is empty.")
-  if not np.all(np.isfinite(x)):
-    raise ValueError("weights: a sample log-likelihood is not finite; check the proxy forward "
-                     "and the loss masks of the posterior stage.")
-  return float(x.mean()), float(max(x.std(), min_gamma))
+    """(mu, gamma): mean and standard deviation of l over the split (float64, host side)."""
+    x = np.asarray(loglik_S, np.float64).reshape(-1)
+    if x.size == 0:
+        raise ValueError(
+            "weights: no sample log-likelihoods to compute mu and gamma from; the distillation split is empty."
+        )
+    if not np.all(np.isfinite(x)):
+        raise ValueError(
+            "weights: a sample log-likelihood is not finite; check the proxy forward "
+            "and the loss masks of the posterior stage."
+        )
+    return float(x.mean()), float(max(x.std(), min_gamma))
 
 
 def sample_weights(loglik_S, mu, gamma):
-  """w = sigmoid((l - mu) / gamma), element-wise (jnp or numpy inputs)."""
-  return jax.nn.sigmoid((jnp.asarray(loglik_S, jnp.float32) - mu) / gamma)
+    """w = sigmoid((l - mu) / gamma), element-wise (jnp or numpy inputs)."""
+    return jax.nn.sigmoid((jnp.asarray(loglik_S, jnp.float32) - mu) / gamma)

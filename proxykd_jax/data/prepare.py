@@ -5,6 +5,7 @@ at most that much text and written at once; only the seen prompt ids (to refuse 
 written sample ids grow with the corpus, at 8 bytes per id. Output is written to a temporary sibling folder and renamed
 into place at the end, so a crash never leaves a half-written prepared directory behind.
 """
+
 import array
 import collections
 import json
@@ -13,9 +14,9 @@ import pathlib
 import shutil
 import time
 
-from array_record.python import array_record_module
 import numpy as np
 import tqdm
+from array_record.python import array_record_module
 
 from proxykd_jax.data import align, corpus, records, split
 from proxykd_jax.data.config import SPLITS
@@ -27,205 +28,232 @@ _BYTES_PER_CHAR = 80
 
 
 class _IdSet:
-  """A set of int64 ids in about 8 bytes each: a sorted array plus a small pending set."""
+    """A set of int64 ids in about 8 bytes each: a sorted array plus a small pending set."""
 
-  def __init__(self, pending_max: int = 1 << 10):
-    self.sorted = np.zeros(0, np.int64)
-    self.pending: set[int] = set()
-    self.pending_max = pending_max
+    def __init__(self, pending_max: int = 1 << 10):
+        self.sorted = np.zeros(0, np.int64)
+        self.pending: set[int] = set()
+        self.pending_max = pending_max
 
-  def __contains__(self, key: int) -> bool:
-    if key in self.pending:
-      return True
-    j = np.searchsorted(self.sorted, key)
-    return bool(j < len(self.sorted) and self.sorted[j] == key)
+    def __contains__(self, key: int) -> bool:
+        if key in self.pending:
+            return True
+        j = np.searchsorted(self.sorted, key)
+        return bool(j < len(self.sorted) and self.sorted[j] == key)
 
-  def add(self, key: int):
-    self.pending.add(key)
-    if len(self.pending) >= self.pending_max:
-      self.sorted = np.union1d(self.sorted, np.fromiter(self.pending, np.int64, len(self.pending)))
-      self.pending.clear()
+    def add(self, key: int):
+        self.pending.add(key)
+        if len(self.pending) >= self.pending_max:
+            self.sorted = np.union1d(self.sorted, np.fromiter(self.pending, np.int64, len(self.pending)))
+            self.pending.clear()
 
 
 def _data_group(cfg):
-  """Accepts the whole config or its `data` group."""
-  return cfg.data if "data" in cfg else cfg
+    """Accepts the whole config or its `data` group."""
+    return cfg.data if "data" in cfg else cfg
 
 
 class _SplitWriter:
-  """Writes one split's records into ArrayRecord files of at most `per_file` records each."""
+    """Writes one split's records into ArrayRecord files of at most `per_file` records each."""
 
-  def __init__(self, root: pathlib.Path, name: str, per_file: int):
-    self.dir = root / name
-    self.dir.mkdir(parents=True, exist_ok=True)
-    self.name, self.per_file = name, per_file
-    self.files: list[str] = []
-    self.writer, self.in_file = None, 0
-    self.samples = self.prompts = self.tokens = self.response_tokens = 0
-    self.sample_ids = array.array("q")  # 8 bytes per sample, written as <split>/sample_ids.npy
+    def __init__(self, root: pathlib.Path, name: str, per_file: int):
+        self.dir = root / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name, self.per_file = name, per_file
+        self.files: list[str] = []
+        self.writer, self.in_file = None, 0
+        self.samples = self.prompts = self.tokens = self.response_tokens = 0
+        self.sample_ids = array.array("q")  # 8 bytes per sample, written as <split>/sample_ids.npy
 
-  def write(self, rec: dict, new_prompt: bool):
-    if self.writer is None or self.in_file >= self.per_file:
-      self._close_file()
-      rel = f"{self.name}/records-{len(self.files):05d}.arrayrecord"
-      self.writer = array_record_module.ArrayRecordWriter(str(self.dir.parent / rel), "group_size:1")
-      self.files.append(rel)
-    self.writer.write(records.encode_record(rec))
-    self.in_file += 1
-    self.sample_ids.append(rec["sample_id"])
-    self.samples += 1
-    self.prompts += int(new_prompt)
-    self.tokens += len(rec["tokens"])
-    self.response_tokens += len(rec["tokens"]) - rec["prompt_len"]
+    def write(self, rec: dict, new_prompt: bool):
+        if self.writer is None or self.in_file >= self.per_file:
+            self._close_file()
+            rel = f"{self.name}/records-{len(self.files):05d}.arrayrecord"
+            self.writer = array_record_module.ArrayRecordWriter(str(self.dir.parent / rel), "group_size:1")
+            self.files.append(rel)
+        self.writer.write(records.encode_record(rec))
+        self.in_file += 1
+        self.sample_ids.append(rec["sample_id"])
+        self.samples += 1
+        self.prompts += int(new_prompt)
+        self.tokens += len(rec["tokens"])
+        self.response_tokens += len(rec["tokens"]) - rec["prompt_len"]
 
-  def _close_file(self):
-    if self.writer is not None:
-      self.writer.close()
-    self.writer, self.in_file = None, 0
+    def _close_file(self):
+        if self.writer is not None:
+            self.writer.close()
+        self.writer, self.in_file = None, 0
 
-  def close(self) -> dict:
-    self._close_file()
-    np.save(self.dir / "sample_ids.npy", np.frombuffer(self.sample_ids, np.int64))
-    return {"samples": self.samples, "prompts": self.prompts, "tokens": self.tokens,
-            "response_tokens": self.response_tokens, "files": self.files}
+    def close(self) -> dict:
+        self._close_file()
+        np.save(self.dir / "sample_ids.npy", np.frombuffer(self.sample_ids, np.int64))
+        return {
+            "samples": self.samples,
+            "prompts": self.prompts,
+            "tokens": self.tokens,
+            "response_tokens": self.response_tokens,
+            "files": self.files,
+        }
 
 
 def _record(enc: align.Encoded) -> dict:
-  s = enc.sample
-  loss_mask = np.zeros(len(enc.tokens_L), bool)
-  loss_mask[enc.prompt_len:] = True
-  rec = {"sample_id": s.sample_id, "prompt_key": s.prompt_key, "record_id": s.record_id,
-         "response_index": s.response_index, "prompt_len": enc.prompt_len, "tokens": enc.tokens_L,
-         "loss_mask": loss_mask, "meta": {k: v for k, v in s.meta.items()
-                                          if isinstance(v, (str, int, float, bool))}}
-  if enc.teacher_topk_ids_LxK is not None:
-    rec["teacher_topk_ids"] = enc.teacher_topk_ids_LxK
-    rec["teacher_topk_logprobs"] = enc.teacher_topk_logprobs_LxK
-  return rec
+    s = enc.sample
+    loss_mask = np.zeros(len(enc.tokens_L), bool)
+    loss_mask[enc.prompt_len :] = True
+    rec = {
+        "sample_id": s.sample_id,
+        "prompt_key": s.prompt_key,
+        "record_id": s.record_id,
+        "response_index": s.response_index,
+        "prompt_len": enc.prompt_len,
+        "tokens": enc.tokens_L,
+        "loss_mask": loss_mask,
+        "meta": {k: v for k, v in s.meta.items() if isinstance(v, (str, int, float, bool))},
+    }
+    if enc.teacher_topk_ids_LxK is not None:
+        rec["teacher_topk_ids"] = enc.teacher_topk_ids_LxK
+        rec["teacher_topk_logprobs"] = enc.teacher_topk_logprobs_LxK
+    return rec
 
 
 def _check_out(out: pathlib.Path, overwrite: bool):
-  if out.exists() and any(out.iterdir()) and not overwrite:
-    raise FileExistsError(f"{out}: output already exists; pass overwrite=True (--overwrite) to "
-                          "replace it, or choose another folder.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out}: output already exists; pass overwrite=True (--overwrite) to replace it, or choose another folder."
+        )
 
 
-def prepare(corpus_paths, tokenizer, out_dir, cfg, overwrite: bool = False,
-            progress: bool = True) -> dict:
-  """Tokenises and splits a teacher corpus into `out_dir`; returns the manifest it wrote.
+def prepare(corpus_paths, tokenizer, out_dir, cfg, overwrite: bool = False, progress: bool = True) -> dict:
+    """Tokenises and splits a teacher corpus into `out_dir`; returns the manifest it wrote.
 
-  Args:
-    corpus_paths: JSONL/parquet files, folders of them, or local `datasets` folders.
-    tokenizer: a Hugging Face fast tokenizer (its chat template formats `messages`).
-    out_dir: the prepared directory to create (refused if it exists unless `overwrite`).
-    cfg: the `data` config group (or a whole config holding one).
-  """
-  dcfg = _data_group(cfg)
-  out = pathlib.Path(out_dir)
-  _check_out(out, overwrite)
-  fractions = split.split_fractions(dcfg.split)
-  tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  tmp.mkdir(parents=True)
-  try:
-    manifest = _prepare_into(corpus_paths, tokenizer, tmp, dcfg, fractions, progress)
+    Args:
+      corpus_paths: JSONL/parquet files, folders of them, or local `datasets` folders.
+      tokenizer: a Hugging Face fast tokenizer (its chat template formats `messages`).
+      out_dir: the prepared directory to create (refused if it exists unless `overwrite`).
+      cfg: the `data` config group (or a whole config holding one).
+    """
+    dcfg = _data_group(cfg)
+    out = pathlib.Path(out_dir)
     _check_out(out, overwrite)
-    if out.exists():
-      old = out.parent / f".{out.name}.old-{os.getpid()}"
-      out.rename(old)
-      tmp.rename(out)
-      shutil.rmtree(old)
-    else:
-      tmp.rename(out)
-  finally:
+    fractions = split.split_fractions(dcfg.split)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
-      shutil.rmtree(tmp)
-  return manifest
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = _prepare_into(corpus_paths, tokenizer, tmp, dcfg, fractions, progress)
+        _check_out(out, overwrite)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
 
 
 def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, progress) -> dict:
-  t0 = time.time()
-  skipped: collections.Counter = collections.Counter()
-  errors: list[str] = []
-  encoder = align.SampleEncoder(tokenizer, seq_len=dcfg.seq_len, teacher_topk=dcfg.teacher_topk,
-                                add_eos=dcfg.add_eos, truncate=dcfg.truncate)
-  if dcfg.add_eos and tokenizer.eos_token_id is None:
-    raise ValueError("data.add_eos is set but the tokenizer has no eos token; set its eos_token or "
-                     "data.add_eos=False.")
-  writers = {name: _SplitWriter(tmp, name, dcfg.records_per_file) for name in SPLITS}
-  stats = align.AlignStats()
-  seen_ids = _IdSet()
-  counts = collections.Counter()
-  budget = int(dcfg.prepare_buffer_mb * (1 << 20))
-  buffer: list[corpus.Sample] = []
-  buffered = 0
-  sources = [str(p) for p in corpus.expand_paths(corpus_paths)]
-  bar = tqdm.tqdm(unit=" samples", desc="prepare", disable=not progress)
+    t0 = time.time()
+    skipped: collections.Counter = collections.Counter()
+    errors: list[str] = []
+    encoder = align.SampleEncoder(
+        tokenizer, seq_len=dcfg.seq_len, teacher_topk=dcfg.teacher_topk, add_eos=dcfg.add_eos, truncate=dcfg.truncate
+    )
+    if dcfg.add_eos and tokenizer.eos_token_id is None:
+        raise ValueError(
+            "data.add_eos is set but the tokenizer has no eos token; set its eos_token or data.add_eos=False."
+        )
+    writers = {name: _SplitWriter(tmp, name, dcfg.records_per_file) for name in SPLITS}
+    stats = align.AlignStats()
+    seen_ids = _IdSet()
+    counts = collections.Counter()
+    budget = int(dcfg.prepare_buffer_mb * (1 << 20))
+    buffer: list[corpus.Sample] = []
+    buffered = 0
+    sources = [str(p) for p in corpus.expand_paths(corpus_paths)]
+    bar = tqdm.tqdm(unit=" samples", desc="prepare", disable=not progress)
 
-  def flush():
-    last_key = None
-    for enc in encoder.encode_batch(buffer):
-      if isinstance(enc, corpus.DataError):
-        skip(enc)
-        continue
-      s = enc.sample
-      name = split.assign_split(s.record_id, fractions, dcfg.split.salt)
-      writers[name].write(_record(enc), new_prompt=s.prompt_key != last_key)
-      last_key = s.prompt_key
-      stats.add(enc.stats)
-      counts["samples"] += 1
-      counts["truncated"] += int(enc.truncated)
-    bar.update(len(buffer))
-    buffer.clear()
+    def flush():
+        last_key = None
+        for enc in encoder.encode_batch(buffer):
+            if isinstance(enc, corpus.DataError):
+                skip(enc)
+                continue
+            s = enc.sample
+            name = split.assign_split(s.record_id, fractions, dcfg.split.salt)
+            writers[name].write(_record(enc), new_prompt=s.prompt_key != last_key)
+            last_key = s.prompt_key
+            stats.add(enc.stats)
+            counts["samples"] += 1
+            counts["truncated"] += int(enc.truncated)
+        bar.update(len(buffer))
+        buffer.clear()
 
-  def skip(err: corpus.DataError):
-    if dcfg.on_error == "error":
-      raise err
-    skipped[err.reason] += 1
-    if len(errors) < _MAX_ERRORS_KEPT:
-      errors.append(str(err))
+    def skip(err: corpus.DataError):
+        if dcfg.on_error == "error":
+            raise err
+        skipped[err.reason] += 1
+        if len(errors) < _MAX_ERRORS_KEPT:
+            errors.append(str(err))
 
-  for row in corpus.iter_corpus(corpus_paths, dcfg.on_error, skipped, errors, _MAX_ERRORS_KEPT):
-    counts["rows"] += 1
-    dup = next((s for s in row if s.sample_id in seen_ids), None)
-    if dup is not None:
-      skip(corpus.DataError(f"{dup.where}: duplicate sample: prompt id {dup.record_id!r} response "
-                            f"{dup.response_index} appears twice (give each line of a prompt its own "
-                            "`sample_index`, or list all responses in one row).", "duplicate_id"))
-      continue
-    for s in row:
-      seen_ids.add(s.sample_id)
-    for sample in row:
-      buffer.append(sample)
-      buffered += _BYTES_PER_CHAR * (len(sample.response) + len(sample.prompt or "")) + 512
-    if buffered >= budget:
-      flush()
-      buffered = 0
-  flush()
-  bar.close()
-  split_info = {name: w.close() for name, w in writers.items()}
-  manifest = {
-      "format_version": records.FORMAT_VERSION,
-      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-      "sources": sources,
-      "tokenizer": {"hash": tokenizer_hash(tokenizer), "name": getattr(tokenizer, "name_or_path", ""),
-                    "vocab_size": len(tokenizer), "eos_id": tokenizer.eos_token_id,
-                    "pad_id": tokenizer.pad_token_id,
-                    "chat_template": bool(getattr(tokenizer, "chat_template", None))},
-      "seq_len": int(dcfg.seq_len), "teacher_topk": int(dcfg.teacher_topk),
-      "split": {"fractions": fractions, "salt": dcfg.split.salt},
-      "splits": split_info,
-      "counts": {"rows": counts["rows"], "samples": counts["samples"],
-                 "truncated": counts["truncated"], "skipped": dict(skipped),
-                 "skipped_total": sum(skipped.values()), "errors": errors},
-      "teacher_logprobs": stats.as_dict(),
-      "seconds": time.time() - t0,
-  }
-  path = tmp / records.MANIFEST
-  with open(path, "w") as f:
-    json.dump(manifest, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  return manifest
-
+    for row in corpus.iter_corpus(corpus_paths, dcfg.on_error, skipped, errors, _MAX_ERRORS_KEPT):
+        counts["rows"] += 1
+        dup = next((s for s in row if s.sample_id in seen_ids), None)
+        if dup is not None:
+            skip(
+                corpus.DataError(
+                    f"{dup.where}: duplicate sample: prompt id {dup.record_id!r} response "
+                    f"{dup.response_index} appears twice (give each line of a prompt its own "
+                    "`sample_index`, or list all responses in one row).",
+                    "duplicate_id",
+                )
+            )
+            continue
+        for s in row:
+            seen_ids.add(s.sample_id)
+        for sample in row:
+            buffer.append(sample)
+            buffered += _BYTES_PER_CHAR * (len(sample.response) + len(sample.prompt or "")) + 512
+        if buffered >= budget:
+            flush()
+            buffered = 0
+    flush()
+    bar.close()
+    split_info = {name: w.close() for name, w in writers.items()}
+    manifest = {
+        "format_version": records.FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sources": sources,
+        "tokenizer": {
+            "hash": tokenizer_hash(tokenizer),
+            "name": getattr(tokenizer, "name_or_path", ""),
+            "vocab_size": len(tokenizer),
+            "eos_id": tokenizer.eos_token_id,
+            "pad_id": tokenizer.pad_token_id,
+            "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        },
+        "seq_len": int(dcfg.seq_len),
+        "teacher_topk": int(dcfg.teacher_topk),
+        "split": {"fractions": fractions, "salt": dcfg.split.salt},
+        "splits": split_info,
+        "counts": {
+            "rows": counts["rows"],
+            "samples": counts["samples"],
+            "truncated": counts["truncated"],
+            "skipped": dict(skipped),
+            "skipped_total": sum(skipped.values()),
+            "errors": errors,
+        },
+        "teacher_logprobs": stats.as_dict(),
+        "seconds": time.time() - t0,
+    }
+    path = tmp / records.MANIFEST
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    return manifest

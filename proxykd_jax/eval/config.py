@@ -1,4 +1,5 @@
 """Defaults of the `eval` group (read by stages/eval.py)."""
+
 import ml_collections
 
 

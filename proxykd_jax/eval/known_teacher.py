@@ -6,6 +6,7 @@ far the model's next-token distributions are from the teacher's, averaged over t
 positions (normally: positions whose target is a teacher response token). Model log-probs come
 from a jitted forward in float32; the KL itself is summed in float64 on the host.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,9 @@ def kl_terms(teacher_probs_BxLxV: np.ndarray, model_logprobs_BxLxV: np.ndarray) 
     return np.sum(np.where(q > 0, q * (logq - logp), 0.0), axis=-1)
 
 
-def kl_to_teacher(teacher_probs_fn, model: nnx.Module, tokens_BxL, mask_BxL, segment_ids_BxL=None, *,
-                  batch_size: int = 16) -> dict[str, float]:
+def kl_to_teacher(
+    teacher_probs_fn, model: nnx.Module, tokens_BxL, mask_BxL, segment_ids_BxL=None, *, batch_size: int = 16
+) -> dict[str, float]:
     """Mean over masked positions of KL(q_t || model_t), and the number of positions.
 
     teacher_probs_fn(tokens_bxL, segment_ids_bxL) -> probs [b, L, V]: the teacher's next-token
@@ -45,8 +47,10 @@ def kl_to_teacher(teacher_probs_fn, model: nnx.Module, tokens_BxL, mask_BxL, seg
         segment_ids_BxL = np.ones_like(tokens_BxL)
     segment_ids_BxL = np.asarray(segment_ids_BxL, np.int32)
     if tokens_BxL.shape != mask_BxL.shape or tokens_BxL.shape != segment_ids_BxL.shape:
-        raise ValueError(f"tokens {tokens_BxL.shape}, mask {mask_BxL.shape} and segment ids "
-                         f"{segment_ids_BxL.shape} must have one [B, L] shape.")
+        raise ValueError(
+            f"tokens {tokens_BxL.shape}, mask {mask_BxL.shape} and segment ids "
+            f"{segment_ids_BxL.shape} must have one [B, L] shape."
+        )
     graphdef, state = nnx.split(model)
     total, count = 0.0, 0.0
     n = tokens_BxL.shape[0]
@@ -59,7 +63,7 @@ def kl_to_teacher(teacher_probs_fn, model: nnx.Module, tokens_BxL, mask_BxL, seg
         q = np.asarray(teacher_probs_fn(tokens_BxL[idx][:m], segment_ids_BxL[idx][:m]))
         if q.shape != logp.shape:
             raise ValueError(f"teacher distributions have shape {q.shape}; the model gives {logp.shape}.")
-        mask = mask_BxL[start: start + m]
+        mask = mask_BxL[start : start + m]
         total += float(np.sum(kl_terms(q, logp) * mask))
         count += float(np.sum(mask))
     if count == 0:
@@ -70,5 +74,6 @@ def kl_to_teacher(teacher_probs_fn, model: nnx.Module, tokens_BxL, mask_BxL, seg
 def proxy_kl_to_teacher(teacher_probs_fn, model: nnx.Module, rows: dict, *, batch_size: int = 16) -> float:
     """E_t KL(q_t || proxy_t) over the response-target positions of padded rows
     (`tokens`, `segment_ids`, `loss_mask` as built by `proxykd_jax.align.pairs.pad_rows`)."""
-    return kl_to_teacher(teacher_probs_fn, model, rows["tokens"], rows["loss_mask"], rows["segment_ids"],
-                         batch_size=batch_size)["kl"]
+    return kl_to_teacher(
+        teacher_probs_fn, model, rows["tokens"], rows["loss_mask"], rows["segment_ids"], batch_size=batch_size
+    )["kl"]

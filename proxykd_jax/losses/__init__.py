@@ -2,19 +2,57 @@
 sparse (top-K + tail) targets, token-tiled memory-bounded CE + KD with dense references, sequence
 log-probs and DPO. See `divergences` for the kinds and tail modes and `chunked` for the tiling.
 """
-from proxykd_jax.losses.chunked import (cross_entropy_chunked, default_config, dense_kd_loss,
-                                        dense_kd_loss_dense, dense_kd_objective, kd_objective, loss_kwargs,
-                                        sequence_logprobs, sequence_logprobs_dense, sparse_kd_loss,
-                                        sparse_kd_loss_dense, sparse_kd_objective)
-from proxykd_jax.losses.divergences import (KINDS, TAIL_MODES, binary_entropy, complete_sparse_target,
-                                            cross_entropy, divergence, divergence_terms,
-                                            masked_logsumexp, sampled_divergence, sparse_divergence)
+
+from proxykd_jax.losses.chunked import (
+    cross_entropy_chunked,
+    default_config,
+    dense_kd_loss,
+    dense_kd_loss_dense,
+    dense_kd_objective,
+    kd_objective,
+    loss_kwargs,
+    sequence_logprobs,
+    sequence_logprobs_dense,
+    sparse_kd_loss,
+    sparse_kd_loss_dense,
+    sparse_kd_objective,
+)
+from proxykd_jax.losses.divergences import (
+    KINDS,
+    TAIL_MODES,
+    binary_entropy,
+    complete_sparse_target,
+    cross_entropy,
+    divergence,
+    divergence_terms,
+    masked_logsumexp,
+    sampled_divergence,
+    sparse_divergence,
+)
 from proxykd_jax.losses.dpo import dpo_loss
 
 __all__ = [
-    "KINDS", "TAIL_MODES", "binary_entropy", "complete_sparse_target", "cross_entropy",
-    "cross_entropy_chunked", "default_config", "dense_kd_loss", "dense_kd_loss_dense", "dense_kd_objective",
-    "divergence", "divergence_terms", "dpo_loss", "kd_objective", "loss_kwargs", "masked_logsumexp",
-    "sampled_divergence", "sequence_logprobs", "sequence_logprobs_dense", "sparse_divergence",
-    "sparse_kd_loss", "sparse_kd_loss_dense", "sparse_kd_objective",
+    "KINDS",
+    "TAIL_MODES",
+    "binary_entropy",
+    "complete_sparse_target",
+    "cross_entropy",
+    "cross_entropy_chunked",
+    "default_config",
+    "dense_kd_loss",
+    "dense_kd_loss_dense",
+    "dense_kd_objective",
+    "divergence",
+    "divergence_terms",
+    "dpo_loss",
+    "kd_objective",
+    "loss_kwargs",
+    "masked_logsumexp",
+    "sampled_divergence",
+    "sequence_logprobs",
+    "sequence_logprobs_dense",
+    "sparse_divergence",
+    "sparse_kd_loss",
+    "sparse_kd_loss_dense",
+    "sparse_kd_objective",
 ]

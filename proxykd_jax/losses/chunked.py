@@ -19,6 +19,7 @@ Normalisation is the caller's: the losses return sums and the token count; the d
 (`kd_objective`) is the per-token mean L = CE_sum / n_tokens + alpha * KD_weighted_sum / n_tokens.
 All keyword arguments are static: bind them with functools.partial before jax.jit.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,9 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from proxykd_jax.losses.divergences import check_divergence_args
+from proxykd_jax.losses.divergences import check_divergence_args, sampled_divergence, sparse_divergence
 from proxykd_jax.losses.divergences import divergence as dense_divergence
-from proxykd_jax.losses.divergences import sampled_divergence, sparse_divergence
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -51,9 +51,15 @@ def loss_kwargs(cfg: ml_collections.ConfigDict) -> dict:
     """Keyword arguments of `sparse_kd_loss` from the `loss` config group, validated."""
     check_divergence_args(cfg.divergence, cfg.jsd_beta, cfg.skew_alpha, cfg.tail_mode)
     _check_static(cfg.chunk_size, cfg.temperature, cfg.num_samples)
-    return dict(divergence=cfg.divergence, tail_mode=cfg.tail_mode, temperature=cfg.temperature,
-                jsd_beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, num_samples=cfg.num_samples,
-                chunk_size=cfg.chunk_size)
+    return dict(
+        divergence=cfg.divergence,
+        tail_mode=cfg.tail_mode,
+        temperature=cfg.temperature,
+        jsd_beta=cfg.jsd_beta,
+        skew_alpha=cfg.skew_alpha,
+        num_samples=cfg.num_samples,
+        chunk_size=cfg.chunk_size,
+    )
 
 
 def kd_objective(ce_sum, kd_sum, n_tokens, alpha: float):
@@ -73,8 +79,10 @@ def _check_static(chunk_size, temperature, num_samples=1):
 def _check_rows(name_to_array: dict, n: int):
     for name, array in name_to_array.items():
         if array.shape[0] != n:
-            raise ValueError(f"losses: {name} has {array.shape[0]} rows but hidden_NxD has {n}; "
-                             "flatten all per-token inputs to the same N.")
+            raise ValueError(
+                f"losses: {name} has {array.shape[0]} rows but hidden_NxD has {n}; "
+                "flatten all per-token inputs to the same N."
+            )
 
 
 def _tiling(n: int, chunk_size: int) -> tuple[int, int]:
@@ -118,8 +126,7 @@ def _nll(logq_CxV, targets_C):
 def _weighted_sums(mask, ce, kd, weight):
     """(sum mask * ce, sum mask * weight * kd) over the tokens with mask != 0 (others may be inf/nan)."""
     on = mask != 0
-    return (jnp.sum(jnp.where(on, mask * ce, 0.0)),
-            jnp.sum(jnp.where(on, mask * weight.astype(jnp.float32) * kd, 0.0)))
+    return (jnp.sum(jnp.where(on, mask * ce, 0.0)), jnp.sum(jnp.where(on, mask * weight.astype(jnp.float32) * kd, 0.0)))
 
 
 def _masked_sums(ce_N, kd_N, mask_N, weight_N):
@@ -180,26 +187,35 @@ def _fused_linear_loss_fwd(tile_fn, hidden_NxD, W_DxV, mask_N, per_token, shared
 
     def step(dW_DxV, args):
         hidden_CxD, mask_C, *tokens_C = args
-        loss, tile_vjp, aux = jax.vjp(lambda logits: tile_fn(logits, mask_C, *tokens_C, *shared),
-                                      _logits(hidden_CxD, W_DxV), has_aux=True)
+        loss, tile_vjp, aux = jax.vjp(
+            lambda logits: tile_fn(logits, mask_C, *tokens_C, *shared), _logits(hidden_CxD, W_DxV), has_aux=True
+        )
         dlogits_CxV = tile_vjp(jnp.ones_like(loss))[0].astype(W_DxV.dtype)
-        dhidden_CxD = jax.lax.dot_general(dlogits_CxV, W_DxV, (((1,), (1,)), ((), ())),
-                                          preferred_element_type=jnp.float32)
-        dW_DxV = dW_DxV + jax.lax.dot_general(hidden_CxD, dlogits_CxV, (((0,), (0,)), ((), ())),
-                                              preferred_element_type=jnp.float32)
+        dhidden_CxD = jax.lax.dot_general(
+            dlogits_CxV, W_DxV, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        dW_DxV = dW_DxV + jax.lax.dot_general(
+            hidden_CxD, dlogits_CxV, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
         return dW_DxV, (loss, aux, dhidden_CxD.astype(hidden_CxD.dtype))
 
-    dW_DxV, (loss_T, aux_T, dhidden_T) = jax.lax.scan(step, jnp.zeros(W_DxV.shape, jnp.float32),
-                                                      (hidden_T, mask_T, *tokens_T))
-    dhidden_NxD = dhidden_T.reshape((-1, hidden_NxD.shape[1]))[:hidden_NxD.shape[0]]
+    dW_DxV, (loss_T, aux_T, dhidden_T) = jax.lax.scan(
+        step, jnp.zeros(W_DxV.shape, jnp.float32), (hidden_T, mask_T, *tokens_T)
+    )
+    dhidden_NxD = dhidden_T.reshape((-1, hidden_NxD.shape[1]))[: hidden_NxD.shape[0]]
     return _sum_tiles(loss_T, aux_T), (dhidden_NxD, dW_DxV.astype(W_DxV.dtype), mask_N, per_token, shared)
 
 
 def _fused_linear_loss_bwd(tile_fn, chunk_size, res, cotangents):
     dhidden_NxD, dW_DxV, mask_N, per_token, shared = res
     g = cotangents[0]  # aux outputs are metrics: the public functions return them under stop_gradient
-    return (g.astype(dhidden_NxD.dtype) * dhidden_NxD, g.astype(dW_DxV.dtype) * dW_DxV, _zero_cotangent(mask_N),
-            jax.tree.map(_zero_cotangent, per_token), jax.tree.map(_zero_cotangent, shared))
+    return (
+        g.astype(dhidden_NxD.dtype) * dhidden_NxD,
+        g.astype(dW_DxV.dtype) * dW_DxV,
+        _zero_cotangent(mask_N),
+        jax.tree.map(_zero_cotangent, per_token),
+        jax.tree.map(_zero_cotangent, shared),
+    )
 
 
 _fused_linear_loss.defvjp(_fused_linear_loss_fwd, _fused_linear_loss_bwd)
@@ -207,8 +223,9 @@ _fused_linear_loss.defvjp(_fused_linear_loss_fwd, _fused_linear_loss_bwd)
 
 def _fused(tile_fn, hidden_NxD, W_DxV, mask_N, per_token=(), shared=(), *, chunk_size: int):
     _tiling(hidden_NxD.shape[0], chunk_size)  # rejects N = 0 before tracing
-    loss, aux = _fused_linear_loss(tile_fn, hidden_NxD, W_DxV, mask_N.astype(jnp.float32), tuple(per_token),
-                                   tuple(shared), chunk_size)
+    loss, aux = _fused_linear_loss(
+        tile_fn, hidden_NxD, W_DxV, mask_N.astype(jnp.float32), tuple(per_token), tuple(shared), chunk_size
+    )
     return loss, jax.lax.stop_gradient(aux)
 
 
@@ -237,77 +254,210 @@ def cross_entropy_chunked(hidden_NxD, W_DxV, targets_N, mask_N, *, chunk_size: i
 # ----------------------------------------------------------------------------- sparse targets
 
 
-def _sparse_tile(logits_CxV, targets_C, ids_CxK, logprobs_CxK, tail_C, uniforms_CxS, *, divergence,
-                 tail_mode, temperature, jsd_beta, skew_alpha):
+def _sparse_tile(
+    logits_CxV,
+    targets_C,
+    ids_CxK,
+    logprobs_CxK,
+    tail_C,
+    uniforms_CxS,
+    *,
+    divergence,
+    tail_mode,
+    temperature,
+    jsd_beta,
+    skew_alpha,
+):
     logq_CxV, logq_kd_CxV = _student(logits_CxV, temperature)
-    kd_C = sparse_divergence(divergence, ids_CxK, logprobs_CxK, tail_C, logq_kd_CxV,
-                             tail_mode=tail_mode, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
-                             sample_uniforms_MxS=uniforms_CxS if tail_mode == "sampled" else None)
+    kd_C = sparse_divergence(
+        divergence,
+        ids_CxK,
+        logprobs_CxK,
+        tail_C,
+        logq_kd_CxV,
+        tail_mode=tail_mode,
+        jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha,
+        sample_uniforms_MxS=uniforms_CxS if tail_mode == "sampled" else None,
+    )
     return _nll(logq_CxV, targets_C), kd_C
 
 
-def _sparse_setup(hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N,
-                  divergence, tail_mode, temperature, jsd_beta, skew_alpha, num_samples, chunk_size):
+def _sparse_setup(
+    hidden_NxD,
+    targets_N,
+    kd_ids_NxK,
+    kd_logprobs_NxK,
+    kd_tail_N,
+    mask_N,
+    weight_N,
+    divergence,
+    tail_mode,
+    temperature,
+    jsd_beta,
+    skew_alpha,
+    num_samples,
+    chunk_size,
+):
     check_divergence_args(divergence, jsd_beta, skew_alpha, tail_mode)
     _check_static(chunk_size, temperature, num_samples)
-    _check_rows(dict(targets_N=targets_N, kd_ids_NxK=kd_ids_NxK, kd_logprobs_NxK=kd_logprobs_NxK,
-                     kd_tail_N=kd_tail_N, mask_N=mask_N, weight_N=weight_N), hidden_NxD.shape[0])
+    _check_rows(
+        dict(
+            targets_N=targets_N,
+            kd_ids_NxK=kd_ids_NxK,
+            kd_logprobs_NxK=kd_logprobs_NxK,
+            kd_tail_N=kd_tail_N,
+            mask_N=mask_N,
+            weight_N=weight_N,
+        ),
+        hidden_NxD.shape[0],
+    )
     if kd_ids_NxK.shape != kd_logprobs_NxK.shape:
-        raise ValueError(f"losses: kd_ids_NxK {kd_ids_NxK.shape} and kd_logprobs_NxK "
-                         f"{kd_logprobs_NxK.shape} must have the same shape.")
+        raise ValueError(
+            f"losses: kd_ids_NxK {kd_ids_NxK.shape} and kd_logprobs_NxK "
+            f"{kd_logprobs_NxK.shape} must have the same shape."
+        )
 
 
-def sparse_kd_loss(hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N,
-                   weight_N, *, divergence: str = "forward_kl", tail_mode: str = "tail",
-                   temperature: float = 1.0, jsd_beta: float = 0.5, skew_alpha: float = 0.1,
-                   num_samples: int = 16, chunk_size: int = 256, rng=None):
+def sparse_kd_loss(
+    hidden_NxD,
+    W_DxV,
+    targets_N,
+    kd_ids_NxK,
+    kd_logprobs_NxK,
+    kd_tail_N,
+    mask_N,
+    weight_N,
+    *,
+    divergence: str = "forward_kl",
+    tail_mode: str = "tail",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    num_samples: int = 16,
+    chunk_size: int = 256,
+    rng=None,
+):
     """Student CE plus sparse-target KD, tiled over tokens.
 
     Returns (ce_sum, kd_sum, n_tokens): ce_sum = sum_t mask_t * NLL_t,
     kd_sum = sum_t mask_t * weight_t * D(target_t || q_t), n_tokens = sum_t mask_t.
     `rng` (a key) is needed only for tail_mode 'sampled' (num_samples draws per token).
     """
-    _sparse_setup(hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N,
-                  divergence, tail_mode, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    _sparse_setup(
+        hidden_NxD,
+        targets_N,
+        kd_ids_NxK,
+        kd_logprobs_NxK,
+        kd_tail_N,
+        mask_N,
+        weight_N,
+        divergence,
+        tail_mode,
+        temperature,
+        jsd_beta,
+        skew_alpha,
+        num_samples,
+        chunk_size,
+    )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], tail_mode == "sampled", num_samples)
-    kw = dict(divergence=divergence, tail_mode=tail_mode, temperature=temperature,
-              jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    kw = dict(
+        divergence=divergence, tail_mode=tail_mode, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha
+    )
 
     def tile_fn(args):
         hidden_CxD, *rest = args
         return _sparse_tile(_logits(hidden_CxD, W_DxV), *rest, **kw)
 
-    ce_N, kd_N = _map_tiles(tile_fn, (hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N,
-                                      uniforms_NxS), chunk_size)
+    ce_N, kd_N = _map_tiles(
+        tile_fn, (hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, uniforms_NxS), chunk_size
+    )
     return _masked_sums(ce_N, kd_N, mask_N, weight_N)
 
 
-def sparse_kd_loss_dense(hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N,
-                         weight_N, *, divergence: str = "forward_kl", tail_mode: str = "tail",
-                         temperature: float = 1.0, jsd_beta: float = 0.5, skew_alpha: float = 0.1,
-                         num_samples: int = 16, chunk_size: int = 256, rng=None):
+def sparse_kd_loss_dense(
+    hidden_NxD,
+    W_DxV,
+    targets_N,
+    kd_ids_NxK,
+    kd_logprobs_NxK,
+    kd_tail_N,
+    mask_N,
+    weight_N,
+    *,
+    divergence: str = "forward_kl",
+    tail_mode: str = "tail",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    num_samples: int = 16,
+    chunk_size: int = 256,
+    rng=None,
+):
     """Reference for `sparse_kd_loss` from the full [N, V] logits (chunk_size is ignored)."""
-    _sparse_setup(hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N,
-                  divergence, tail_mode, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    _sparse_setup(
+        hidden_NxD,
+        targets_N,
+        kd_ids_NxK,
+        kd_logprobs_NxK,
+        kd_tail_N,
+        mask_N,
+        weight_N,
+        divergence,
+        tail_mode,
+        temperature,
+        jsd_beta,
+        skew_alpha,
+        num_samples,
+        chunk_size,
+    )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], tail_mode == "sampled", num_samples)
-    ce_N, kd_N = _sparse_tile(_logits(hidden_NxD, W_DxV), targets_N, kd_ids_NxK, kd_logprobs_NxK,
-                              kd_tail_N, uniforms_NxS, divergence=divergence, tail_mode=tail_mode,
-                              temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    ce_N, kd_N = _sparse_tile(
+        _logits(hidden_NxD, W_DxV),
+        targets_N,
+        kd_ids_NxK,
+        kd_logprobs_NxK,
+        kd_tail_N,
+        uniforms_NxS,
+        divergence=divergence,
+        tail_mode=tail_mode,
+        temperature=temperature,
+        jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha,
+    )
     return _masked_sums(ce_N, kd_N, mask_N, weight_N)
 
 
 def _objective_tile(tile_terms, alpha):
     """(loss, (ce, kd)) of one tile from its per-token (nll_C, kd_C): loss = ce + alpha * kd."""
+
     def tile_fn(logits_CxV, mask_C, weight_C, *rest):
         ce, kd = _weighted_sums(mask_C, *tile_terms(logits_CxV, *rest), weight_C)
         return ce + alpha * kd, (ce, kd)
+
     return tile_fn
 
 
-def sparse_kd_objective(hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N,
-                        weight_N, *, alpha: float, divergence: str = "forward_kl", tail_mode: str = "tail",
-                        temperature: float = 1.0, jsd_beta: float = 0.5, skew_alpha: float = 0.1,
-                        num_samples: int = 16, chunk_size: int = 256, rng=None):
+def sparse_kd_objective(
+    hidden_NxD,
+    W_DxV,
+    targets_N,
+    kd_ids_NxK,
+    kd_logprobs_NxK,
+    kd_tail_N,
+    mask_N,
+    weight_N,
+    *,
+    alpha: float,
+    divergence: str = "forward_kl",
+    tail_mode: str = "tail",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    num_samples: int = 16,
+    chunk_size: int = 256,
+    rng=None,
+):
     """`sparse_kd_loss` fused into one objective: (loss_sum, ce_sum, kd_sum, n_tokens).
 
     loss_sum = ce_sum + alpha * kd_sum carries the gradient (wrt hidden_NxD and W_DxV, computed in
@@ -315,22 +465,48 @@ def sparse_kd_objective(hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_Nx
     `sparse_kd_loss` returns, as metrics without gradient. The distillation objective is
     loss_sum / max(n_tokens, 1) (= `kd_objective`).
     """
-    _sparse_setup(hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N,
-                  divergence, tail_mode, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    _sparse_setup(
+        hidden_NxD,
+        targets_N,
+        kd_ids_NxK,
+        kd_logprobs_NxK,
+        kd_tail_N,
+        mask_N,
+        weight_N,
+        divergence,
+        tail_mode,
+        temperature,
+        jsd_beta,
+        skew_alpha,
+        num_samples,
+        chunk_size,
+    )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], tail_mode == "sampled", num_samples)
-    terms = functools.partial(_sparse_tile, divergence=divergence, tail_mode=tail_mode,
-                              temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    terms = functools.partial(
+        _sparse_tile,
+        divergence=divergence,
+        tail_mode=tail_mode,
+        temperature=temperature,
+        jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha,
+    )
     loss_sum, (ce_sum, kd_sum) = _fused(
-        _objective_tile(terms, float(alpha)), hidden_NxD, W_DxV, mask_N,
-        (weight_N, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, uniforms_NxS), chunk_size=chunk_size)
+        _objective_tile(terms, float(alpha)),
+        hidden_NxD,
+        W_DxV,
+        mask_N,
+        (weight_N, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, uniforms_NxS),
+        chunk_size=chunk_size,
+    )
     return loss_sum, ce_sum, kd_sum, jnp.sum(mask_N.astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------- dense (white-box) targets
 
 
-def _dense_tile(logits_CxV, teacher_logits_CxV, targets_C, uniforms_CxS, *, divergence, temperature,
-                jsd_beta, skew_alpha, sampled):
+def _dense_tile(
+    logits_CxV, teacher_logits_CxV, targets_C, uniforms_CxS, *, divergence, temperature, jsd_beta, skew_alpha, sampled
+):
     logq_CxV, logq_kd_CxV = _student(logits_CxV, temperature)
     logp_CxV = jax.lax.stop_gradient(jax.nn.log_softmax(teacher_logits_CxV / temperature, axis=-1))
     kw = dict(jsd_beta=jsd_beta, skew_alpha=skew_alpha)
@@ -341,22 +517,52 @@ def _dense_tile(logits_CxV, teacher_logits_CxV, targets_C, uniforms_CxS, *, dive
     return _nll(logq_CxV, targets_C), kd_C
 
 
-
-def _dense_setup(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
-                 divergence, temperature, jsd_beta, skew_alpha, num_samples, chunk_size):
+def _dense_setup(
+    hidden_NxD,
+    W_DxV,
+    targets_N,
+    teacher_hidden_NxE,
+    teacher_W_ExV,
+    mask_N,
+    weight_N,
+    divergence,
+    temperature,
+    jsd_beta,
+    skew_alpha,
+    num_samples,
+    chunk_size,
+):
     check_divergence_args(divergence, jsd_beta, skew_alpha)
     _check_static(chunk_size, temperature, num_samples)
-    _check_rows(dict(targets_N=targets_N, teacher_hidden_NxE=teacher_hidden_NxE, mask_N=mask_N,
-                     weight_N=weight_N), hidden_NxD.shape[0])
+    _check_rows(
+        dict(targets_N=targets_N, teacher_hidden_NxE=teacher_hidden_NxE, mask_N=mask_N, weight_N=weight_N),
+        hidden_NxD.shape[0],
+    )
     if teacher_W_ExV.shape[-1] != W_DxV.shape[-1]:
-        raise ValueError(f"losses: teacher_W_ExV has vocabulary {teacher_W_ExV.shape[-1]} but the "
-                         f"student's W_DxV has {W_DxV.shape[-1]}; teacher and student must share it.")
+        raise ValueError(
+            f"losses: teacher_W_ExV has vocabulary {teacher_W_ExV.shape[-1]} but the "
+            f"student's W_DxV has {W_DxV.shape[-1]}; teacher and student must share it."
+        )
 
 
-def dense_kd_loss(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
-                  *, divergence: str = "forward_kl", temperature: float = 1.0, jsd_beta: float = 0.5,
-                  skew_alpha: float = 0.1, sampled: bool = False, num_samples: int = 16,
-                  chunk_size: int = 256, rng=None):
+def dense_kd_loss(
+    hidden_NxD,
+    W_DxV,
+    targets_N,
+    teacher_hidden_NxE,
+    teacher_W_ExV,
+    mask_N,
+    weight_N,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    sampled: bool = False,
+    num_samples: int = 16,
+    chunk_size: int = 256,
+    rng=None,
+):
     """White-box KD: CE plus D(teacher || student) between full distributions, tiled over tokens.
 
     The teacher's logits are computed per tile from its final hidden states and unembedding (no
@@ -364,54 +570,134 @@ def dense_kd_loss(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_Ex
     sampled=True the KD term is the importance-sampled estimate (`sampled_divergence`).
     Returns (ce_sum, kd_sum, n_tokens) as `sparse_kd_loss`.
     """
-    _dense_setup(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
-                 divergence, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    _dense_setup(
+        hidden_NxD,
+        W_DxV,
+        targets_N,
+        teacher_hidden_NxE,
+        teacher_W_ExV,
+        mask_N,
+        weight_N,
+        divergence,
+        temperature,
+        jsd_beta,
+        skew_alpha,
+        num_samples,
+        chunk_size,
+    )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], sampled, num_samples)
-    kw = dict(divergence=divergence, temperature=temperature, jsd_beta=jsd_beta,
-              skew_alpha=skew_alpha, sampled=sampled)
+    kw = dict(divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha, sampled=sampled)
 
     def tile_fn(args):
         hidden_CxD, teacher_hidden_CxE, targets_C, uniforms_CxS = args
-        return _dense_tile(_logits(hidden_CxD, W_DxV), _logits(teacher_hidden_CxE, teacher_W_ExV),
-                           targets_C, uniforms_CxS, **kw)
+        return _dense_tile(
+            _logits(hidden_CxD, W_DxV), _logits(teacher_hidden_CxE, teacher_W_ExV), targets_C, uniforms_CxS, **kw
+        )
 
-    ce_N, kd_N = _map_tiles(tile_fn, (hidden_NxD, teacher_hidden_NxE, targets_N, uniforms_NxS),
-                            chunk_size)
+    ce_N, kd_N = _map_tiles(tile_fn, (hidden_NxD, teacher_hidden_NxE, targets_N, uniforms_NxS), chunk_size)
     return _masked_sums(ce_N, kd_N, mask_N, weight_N)
 
 
-def dense_kd_loss_dense(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N,
-                        weight_N, *, divergence: str = "forward_kl", temperature: float = 1.0,
-                        jsd_beta: float = 0.5, skew_alpha: float = 0.1, sampled: bool = False,
-                        num_samples: int = 16, chunk_size: int = 256, rng=None):
+def dense_kd_loss_dense(
+    hidden_NxD,
+    W_DxV,
+    targets_N,
+    teacher_hidden_NxE,
+    teacher_W_ExV,
+    mask_N,
+    weight_N,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    sampled: bool = False,
+    num_samples: int = 16,
+    chunk_size: int = 256,
+    rng=None,
+):
     """Reference for `dense_kd_loss` from the full [N, V] logits of both models."""
-    _dense_setup(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
-                 divergence, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    _dense_setup(
+        hidden_NxD,
+        W_DxV,
+        targets_N,
+        teacher_hidden_NxE,
+        teacher_W_ExV,
+        mask_N,
+        weight_N,
+        divergence,
+        temperature,
+        jsd_beta,
+        skew_alpha,
+        num_samples,
+        chunk_size,
+    )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], sampled, num_samples)
-    ce_N, kd_N = _dense_tile(_logits(hidden_NxD, W_DxV), _logits(teacher_hidden_NxE, teacher_W_ExV),
-                             targets_N, uniforms_NxS, divergence=divergence, temperature=temperature,
-                             jsd_beta=jsd_beta, skew_alpha=skew_alpha, sampled=sampled)
+    ce_N, kd_N = _dense_tile(
+        _logits(hidden_NxD, W_DxV),
+        _logits(teacher_hidden_NxE, teacher_W_ExV),
+        targets_N,
+        uniforms_NxS,
+        divergence=divergence,
+        temperature=temperature,
+        jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha,
+        sampled=sampled,
+    )
     return _masked_sums(ce_N, kd_N, mask_N, weight_N)
 
 
-def dense_kd_objective(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
-                       *, alpha: float, divergence: str = "forward_kl", temperature: float = 1.0,
-                       jsd_beta: float = 0.5, skew_alpha: float = 0.1, sampled: bool = False,
-                       num_samples: int = 16, chunk_size: int = 256, rng=None):
+def dense_kd_objective(
+    hidden_NxD,
+    W_DxV,
+    targets_N,
+    teacher_hidden_NxE,
+    teacher_W_ExV,
+    mask_N,
+    weight_N,
+    *,
+    alpha: float,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    sampled: bool = False,
+    num_samples: int = 16,
+    chunk_size: int = 256,
+    rng=None,
+):
     """`dense_kd_loss` fused into one objective: (loss_sum, ce_sum, kd_sum, n_tokens), as
     `sparse_kd_objective` (the teacher's logits are computed per tile; no gradient reaches the teacher)."""
-    _dense_setup(hidden_NxD, W_DxV, targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N, weight_N,
-                 divergence, temperature, jsd_beta, skew_alpha, num_samples, chunk_size)
+    _dense_setup(
+        hidden_NxD,
+        W_DxV,
+        targets_N,
+        teacher_hidden_NxE,
+        teacher_W_ExV,
+        mask_N,
+        weight_N,
+        divergence,
+        temperature,
+        jsd_beta,
+        skew_alpha,
+        num_samples,
+        chunk_size,
+    )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], sampled, num_samples)
-    kw = dict(divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
-              sampled=sampled)
+    kw = dict(divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha, sampled=sampled)
 
     def terms(logits_CxV, teacher_hidden_CxE, targets_C, uniforms_CxS, teacher_W):
         return _dense_tile(logits_CxV, _logits(teacher_hidden_CxE, teacher_W), targets_C, uniforms_CxS, **kw)
 
     loss_sum, (ce_sum, kd_sum) = _fused(
-        _objective_tile(terms, float(alpha)), hidden_NxD, W_DxV, mask_N,
-        (weight_N, teacher_hidden_NxE, targets_N, uniforms_NxS), (teacher_W_ExV,), chunk_size=chunk_size)
+        _objective_tile(terms, float(alpha)),
+        hidden_NxD,
+        W_DxV,
+        mask_N,
+        (weight_N, teacher_hidden_NxE, targets_N, uniforms_NxS),
+        (teacher_W_ExV,),
+        chunk_size=chunk_size,
+    )
     return loss_sum, ce_sum, kd_sum, jnp.sum(mask_N.astype(jnp.float32))
 
 
@@ -429,12 +715,15 @@ def _row_sums(logp_BxL, mask_BxL, length_normalize: bool):
 def _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size):
     _check_static(chunk_size, 1.0)
     if targets_BxL.shape != hidden_BxLxD.shape[:2] or mask_BxL.shape != targets_BxL.shape:
-        raise ValueError(f"losses: targets_BxL {targets_BxL.shape} and mask_BxL {mask_BxL.shape} must "
-                         f"match the first two axes of hidden_BxLxD {hidden_BxLxD.shape}.")
+        raise ValueError(
+            f"losses: targets_BxL {targets_BxL.shape} and mask_BxL {mask_BxL.shape} must "
+            f"match the first two axes of hidden_BxLxD {hidden_BxLxD.shape}."
+        )
 
 
-def sequence_logprobs(hidden_BxLxD, W_DxV, targets_BxL, mask_BxL, *, chunk_size: int = 256,
-                      length_normalize: bool = False):
+def sequence_logprobs(
+    hidden_BxLxD, W_DxV, targets_BxL, mask_BxL, *, chunk_size: int = 256, length_normalize: bool = False
+):
     """sum_t mask * log q(target_t) per row (divided by the row's mask sum when length_normalize),
     tiled over the B*L tokens. Used for DPO (policy and reference) and NLL terms."""
     _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
@@ -444,13 +733,13 @@ def sequence_logprobs(hidden_BxLxD, W_DxV, targets_BxL, mask_BxL, *, chunk_size:
         hidden_CxD, targets_C = args
         return -_nll(jax.nn.log_softmax(_logits(hidden_CxD, W_DxV), axis=-1), targets_C)
 
-    logp_N = _map_tiles(tile_fn, (hidden_BxLxD.reshape(b * length, d), targets_BxL.reshape(-1)),
-                        chunk_size)
+    logp_N = _map_tiles(tile_fn, (hidden_BxLxD.reshape(b * length, d), targets_BxL.reshape(-1)), chunk_size)
     return _row_sums(logp_N.reshape(b, length), mask_BxL, length_normalize)
 
 
-def sequence_logprobs_dense(hidden_BxLxD, W_DxV, targets_BxL, mask_BxL, *, chunk_size: int = 256,
-                            length_normalize: bool = False):
+def sequence_logprobs_dense(
+    hidden_BxLxD, W_DxV, targets_BxL, mask_BxL, *, chunk_size: int = 256, length_normalize: bool = False
+):
     """Reference for `sequence_logprobs` from the full [B, L, V] logits."""
     _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
     logq_BxLxV = jax.nn.log_softmax(_logits(hidden_BxLxD, W_DxV), axis=-1)

@@ -27,6 +27,7 @@ distribution by `sparse_divergence`, with one of three tail modes:
 Absent top-K entries have log-prob -inf (any id); their student mass counts as tail. Valid ids in
 one row must be distinct.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,7 @@ def _plogratio(prob, log_a, log_b):
     return jnp.where(finite, prob * diff, jnp.where(positive, jnp.inf, 0.0))
 
 
-def divergence_terms(kind: str, target_logprobs, student_logprobs, *, jsd_beta: float = 0.5,
-                     skew_alpha: float = 0.1):
+def divergence_terms(kind: str, target_logprobs, student_logprobs, *, jsd_beta: float = 0.5, skew_alpha: float = 0.1):
     """Elementwise terms whose sum over the last axis is D(p || q); same shape as the inputs."""
     check_divergence_args(kind, jsd_beta, skew_alpha)
     logp, logq = target_logprobs, student_logprobs
@@ -97,11 +97,9 @@ def divergence_terms(kind: str, target_logprobs, student_logprobs, *, jsd_beta: 
     return 0.5 * jnp.abs(p - q)
 
 
-def divergence(kind: str, target_logprobs, student_logprobs, *, jsd_beta: float = 0.5,
-               skew_alpha: float = 0.1):
+def divergence(kind: str, target_logprobs, student_logprobs, *, jsd_beta: float = 0.5, skew_alpha: float = 0.1):
     """D(p_target || q_student) over the last axis, for two full (dense) distributions."""
-    terms = divergence_terms(kind, target_logprobs, student_logprobs, jsd_beta=jsd_beta,
-                             skew_alpha=skew_alpha)
+    terms = divergence_terms(kind, target_logprobs, student_logprobs, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
     return jnp.sum(terms, axis=-1)
 
 
@@ -133,15 +131,23 @@ def complete_sparse_target(kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logpr
     """Dense target log-probs [M, V]: the top-K values, and the tail mass spread over the other ids
     in proportion to the student (differentiable through the student's part)."""
     logp_MxK, _, logp_tail_M, logq_tail_M, member_MxV, rows_Mx1, slot_ids_MxK = _sparse_parts(
-        kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV)
+        kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV
+    )
     top_MxV = jnp.full(member_MxV.shape, -jnp.inf).at[rows_Mx1, slot_ids_MxK].set(logp_MxK, mode="drop")
     tail_norm_M = jnp.where(jnp.isfinite(logq_tail_M), logq_tail_M, 0.0)
     spread_MxV = (logp_tail_M - tail_norm_M)[:, None] + student_logprobs_MxV
     return jnp.where(member_MxV, top_MxV, spread_MxV)
 
 
-def sampled_divergence(kind: str, target_logprobs_MxV, student_logprobs_MxV, sample_uniforms_MxS, *,
-                       jsd_beta: float = 0.5, skew_alpha: float = 0.1):
+def sampled_divergence(
+    kind: str,
+    target_logprobs_MxV,
+    student_logprobs_MxV,
+    sample_uniforms_MxS,
+    *,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+):
     """Unbiased importance-sampled estimate of D(p || q) per row, RS-KD style.
 
     With draws x_1..x_S ~ r (inverse-CDF from the given uniforms in [0, 1)) the estimate is
@@ -163,17 +169,29 @@ def sampled_divergence(kind: str, target_logprobs_MxV, student_logprobs_MxV, sam
     draws_MxS = jax.vmap(lambda c, u: jnp.searchsorted(c, u, side="right"))(cdf_MxV, points_MxS)
     draws_MxS = jnp.minimum(draws_MxS, logp_MxV.shape[-1] - 1)
     terms_MxS = divergence_terms(
-        kind, jnp.take_along_axis(logp_MxV, draws_MxS, axis=-1),
+        kind,
+        jnp.take_along_axis(logp_MxV, draws_MxS, axis=-1),
         jnp.take_along_axis(student_logprobs_MxV, draws_MxS, axis=-1),
-        jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+        jsd_beta=jsd_beta,
+        skew_alpha=skew_alpha,
+    )
     logr_MxS = jnp.take_along_axis(logr_MxV, draws_MxS, axis=-1)
     weights_MxS = jnp.exp(-jnp.where(jnp.isfinite(logr_MxS), logr_MxS, 0.0))
     return jnp.mean(jnp.where(jnp.isfinite(logr_MxS), terms_MxS * weights_MxS, 0.0), axis=-1)
 
 
-def sparse_divergence(kind: str, kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV, *,
-                      tail_mode: str = "tail", jsd_beta: float = 0.5, skew_alpha: float = 0.1,
-                      sample_uniforms_MxS=None):
+def sparse_divergence(
+    kind: str,
+    kd_ids_MxK,
+    kd_logprobs_MxK,
+    kd_tail_M,
+    student_logprobs_MxV,
+    *,
+    tail_mode: str = "tail",
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    sample_uniforms_MxS=None,
+):
     """D(sparse target || q_student) per row; see the module docstring for the tail modes.
 
     kd_ids_MxK int32, kd_logprobs_MxK float32 (-inf where absent), kd_tail_M float32 (1 - sum topk),
@@ -183,12 +201,14 @@ def sparse_divergence(kind: str, kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student
     kw = dict(jsd_beta=jsd_beta, skew_alpha=skew_alpha)
     if tail_mode == "sampled":
         if sample_uniforms_MxS is None:
-            raise ValueError("loss.tail_mode 'sampled' needs sample uniforms; pass an rng key and "
-                             "loss.num_samples > 0.")
+            raise ValueError(
+                "loss.tail_mode 'sampled' needs sample uniforms; pass an rng key and loss.num_samples > 0."
+            )
         logp_MxV = complete_sparse_target(kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV)
         return sampled_divergence(kind, logp_MxV, student_logprobs_MxV, sample_uniforms_MxS, **kw)
     logp_MxK, logq_MxK, logp_tail_M, logq_tail_M, *_ = _sparse_parts(
-        kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV)
+        kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV
+    )
     if tail_mode == "renorm":
         keep_MxK = logp_MxK > -jnp.inf
         norm_p = masked_logsumexp(logp_MxK, keep_MxK)[:, None]

@@ -8,6 +8,7 @@ Qwen2ForCausalLM when the model has q/k/v bias, LlamaForCausalLM otherwise.
 Mistral / Qwen2 sliding-window attention is not implemented; the imported config's `max_seq_len` is
 capped at the window, where full causal attention is identical.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,9 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
-        raise ValueError(f"Unsupported architecture {archs or hf.get('model_type')!r}; supported: {', '.join(SUPPORTED)}.")
+        raise ValueError(
+            f"Unsupported architecture {archs or hf.get('model_type')!r}; supported: {', '.join(SUPPORTED)}."
+        )
     try:
         d_model, num_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -40,8 +43,13 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         if rope_type in (None, "default"):
             rope_scaling = None
         elif rope_type == "llama3":
-            rope_scaling = ("llama3", float(rope["factor"]), float(rope["low_freq_factor"]),
-                            float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+            rope_scaling = (
+                "llama3",
+                float(rope["factor"]),
+                float(rope["low_freq_factor"]),
+                float(rope["high_freq_factor"]),
+                int(rope["original_max_position_embeddings"]),
+            )
         else:
             raise ValueError(f"config.json rope type {rope_type!r} is not supported; supported: default, llama3.")
         if arch != "Qwen2ForCausalLM" and hf.get("attention_bias"):
@@ -51,12 +59,22 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         if window and (arch == "MistralForCausalLM" or hf.get("use_sliding_window")):
             max_seq_len = min(max_seq_len, int(window))
         return ModelConfig(
-            vocab_size=int(hf["vocab_size"]), d_model=d_model, num_layers=int(hf["num_hidden_layers"]),
-            num_heads=num_heads, num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=int(hf.get("head_dim") or d_model // num_heads), d_ff=int(hf["intermediate_size"]),
-            rope_theta=rope_theta, rope_scaling=rope_scaling, rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            qkv_bias=arch == "Qwen2ForCausalLM", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_seq_len=max_seq_len, param_dtype=param_dtype, dtype=dtype)
+            vocab_size=int(hf["vocab_size"]),
+            d_model=d_model,
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(hf.get("head_dim") or d_model // num_heads),
+            d_ff=int(hf["intermediate_size"]),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            qkv_bias=arch == "Qwen2ForCausalLM",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_seq_len=max_seq_len,
+            param_dtype=param_dtype,
+            dtype=dtype,
+        )
     except KeyError as e:
         raise ValueError(f"config.json lacks the field {e.args[0]!r} that a {arch} config must have.") from None
 
@@ -69,27 +87,49 @@ def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple]:
         shapes["lm_head.weight"] = (v, d)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (h * e, d), p + "self_attn.k_proj.weight": (g * e, d),
-            p + "self_attn.v_proj.weight": (g * e, d), p + "self_attn.o_proj.weight": (d, h * e),
-            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f),
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (h * e, d),
+                p + "self_attn.k_proj.weight": (g * e, d),
+                p + "self_attn.v_proj.weight": (g * e, d),
+                p + "self_attn.o_proj.weight": (d, h * e),
+                p + "mlp.gate_proj.weight": (f, d),
+                p + "mlp.up_proj.weight": (f, d),
+                p + "mlp.down_proj.weight": (d, f),
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+            }
+        )
         if cfg.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (h * e,), p + "self_attn.k_proj.bias": (g * e,),
-                           p + "self_attn.v_proj.bias": (g * e,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (h * e,),
+                    p + "self_attn.k_proj.bias": (g * e,),
+                    p + "self_attn.v_proj.bias": (g * e,),
+                }
+            )
     return shapes
 
 
 _LAYER_KEYS = {
-    "self_attn.q_proj.weight": ("attn", "wq"), "self_attn.k_proj.weight": ("attn", "wk"),
-    "self_attn.v_proj.weight": ("attn", "wv"), "self_attn.o_proj.weight": ("attn", "wo"),
-    "self_attn.q_proj.bias": ("attn", "bq"), "self_attn.k_proj.bias": ("attn", "bk"),
-    "self_attn.v_proj.bias": ("attn", "bv"), "mlp.gate_proj.weight": ("mlp", "w_gate"),
-    "mlp.up_proj.weight": ("mlp", "w_up"), "mlp.down_proj.weight": ("mlp", "w_down"),
-    "input_layernorm.weight": ("attn_norm", "scale"), "post_attention_layernorm.weight": ("mlp_norm", "scale"),
+    "self_attn.q_proj.weight": ("attn", "wq"),
+    "self_attn.k_proj.weight": ("attn", "wk"),
+    "self_attn.v_proj.weight": ("attn", "wv"),
+    "self_attn.o_proj.weight": ("attn", "wo"),
+    "self_attn.q_proj.bias": ("attn", "bq"),
+    "self_attn.k_proj.bias": ("attn", "bk"),
+    "self_attn.v_proj.bias": ("attn", "bv"),
+    "mlp.gate_proj.weight": ("mlp", "w_gate"),
+    "mlp.up_proj.weight": ("mlp", "w_up"),
+    "mlp.down_proj.weight": ("mlp", "w_down"),
+    "input_layernorm.weight": ("attn_norm", "scale"),
+    "post_attention_layernorm.weight": ("mlp_norm", "scale"),
 }
-_TOP_KEYS = {"model.embed_tokens.weight": ("embedding",), "model.norm.weight": ("final_norm", "scale"),
-             "lm_head.weight": ("lm_head",)}
+_TOP_KEYS = {
+    "model.embed_tokens.weight": ("embedding",),
+    "model.norm.weight": ("final_norm", "scale"),
+    "lm_head.weight": ("lm_head",),
+}
 
 
 def _our_key(name: str) -> tuple:
@@ -158,7 +198,9 @@ def load_hf(folder, *, dtype: str = "float32", param_dtype: str = "float32") -> 
         present.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(present))
     if missing:
-        raise ValueError(f"{folder} lacks tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} the config requires.")
+        raise ValueError(
+            f"{folder} lacks tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} the config requires."
+        )
     unexpected = sorted(set(present) - set(expected))
     if unexpected:
         raise ValueError(f"{folder} has tensor(s) {unexpected[:4]} this {cfg.num_layers}-layer config does not use.")
@@ -170,8 +212,9 @@ def load_hf(folder, *, dtype: str = "float32", param_dtype: str = "float32") -> 
             for name in names:
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != expected[name]:
-                    raise ValueError(f"Tensor {name} in {path.name} has shape {shape}, but config.json implies "
-                                     f"{expected[name]}.")
+                    raise ValueError(
+                        f"Tensor {name} in {path.name} has shape {shape}, but config.json implies {expected[name]}."
+                    )
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     values = {}
@@ -189,15 +232,31 @@ def _hf_config(cfg: ModelConfig, arch: str) -> dict:
     from transformers import LlamaConfig, Qwen2Config
 
     kwargs = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_eps, tie_word_embeddings=cfg.tie_embeddings,
-        max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, hidden_act="silu",
-        pad_token_id=None, bos_token_id=None, eos_token_id=None)
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_theta=cfg.rope_theta,
+        hidden_act="silu",
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     if cfg.rope_scaling is not None:
         _, factor, low, high, orig = cfg.rope_scaling
-        kwargs["rope_scaling"] = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                                  "high_freq_factor": high, "original_max_position_embeddings": orig}
+        kwargs["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": orig,
+        }
     hf_cfg = Qwen2Config(**kwargs) if arch == "Qwen2ForCausalLM" else LlamaConfig(attention_bias=False, **kwargs)
     out = hf_cfg.to_dict()
     out["architectures"] = [arch]

@@ -14,6 +14,7 @@ segment_ids_BxT, cache)` writes the T new keys/values at slots `[cache.index, ca
 attends over the whole cache (empty slots have segment 0 and are masked) and returns
 `(logits_BxTxV, cache)`. A prompt prefill is one `decode` call with T = prompt length.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,14 +57,16 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}.")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads}).")
+                f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})."
+            )
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}.")
         if self.rope_scaling is not None:
             if len(self.rope_scaling) != 5 or self.rope_scaling[0] != "llama3":
                 raise ValueError(
                     "model.rope_scaling must be None or ('llama3', factor, low_freq_factor, high_freq_factor, "
-                    f"original_max_position), got {self.rope_scaling!r}.")
+                    f"original_max_position), got {self.rope_scaling!r}."
+                )
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
@@ -86,7 +89,7 @@ class ModelConfig:
         return cd
 
     @classmethod
-    def from_config(cls, cd) -> "ModelConfig":
+    def from_config(cls, cd) -> ModelConfig:
         """Builds a ModelConfig from a ConfigDict (or mapping) with the fields of `default_config()`."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = dict(cd.items())
@@ -109,7 +112,9 @@ def default_config() -> ml_collections.ConfigDict:
     cd.head_dim = 16  # per-head width E
     cd.d_ff = 128  # SwiGLU hidden width F
     cd.rope_theta = 10000.0  # RoPE base
-    cd.rope_scaling = ml_collections.FieldReference(None, field_type=list)  # None or ["llama3", factor, low, high, orig_max_pos]
+    cd.rope_scaling = ml_collections.FieldReference(
+        None, field_type=list
+    )  # None or ["llama3", factor, low, high, orig_max_pos]
     cd.rms_eps = 1e-5  # RMSNorm epsilon
     cd.qkv_bias = False  # bias on q/k/v projections (Qwen2)
     cd.tie_embeddings = False  # share the input embedding with the output layer
@@ -170,7 +175,8 @@ def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
     length = segment_ids_BxL.shape[1]
     index_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids_BxL.shape)
     is_start = jnp.concatenate(
-        [jnp.ones_like(segment_ids_BxL[:, :1], bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
+        [jnp.ones_like(segment_ids_BxL[:, :1], bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1
+    )
     start_BxL = jax.lax.cummax(jnp.where(is_start, index_BxL, 0), axis=1)
     return index_BxL - start_BxL
 
@@ -213,7 +219,7 @@ def dense(x, w, n_contract: int = 1, preferred_element_type=None):
     Same result as the einsum; XLA:CPU runs [B, L, D] x [D, ...] contractions (and above all their
     weight gradients, which contract over B and L) up to 1.6x faster when both sides are 2-D.
     """
-    lead, inner = x.shape[: x.ndim - n_contract], x.shape[x.ndim - n_contract:]
+    lead, inner = x.shape[: x.ndim - n_contract], x.shape[x.ndim - n_contract :]
     k = math.prod(inner)
     y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *w.shape[n_contract:])
@@ -222,8 +228,12 @@ def dense(x, w, n_contract: int = 1, preferred_element_type=None):
 def _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, causal_LxC=True):
     """Additive float32 mask [B, L, C]: 0 where a query sees a key (same non-zero segment, key
     position not after the query's, and `causal_LxC`), else a large negative value."""
-    visible = ((q_seg_BxL[:, :, None] == k_seg_BxC[:, None, :]) & (k_seg_BxC[:, None, :] != 0)
-               & (k_pos_BxC[:, None, :] <= q_pos_BxL[:, :, None]) & causal_LxC)
+    visible = (
+        (q_seg_BxL[:, :, None] == k_seg_BxC[:, None, :])
+        & (k_seg_BxC[:, None, :] != 0)
+        & (k_pos_BxC[:, None, :] <= q_pos_BxL[:, :, None])
+        & causal_LxC
+    )
     return jnp.where(visible, 0.0, _MASK_VALUE).astype(jnp.float32)
 
 
@@ -333,8 +343,15 @@ def self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL,
     biases = []
     for i in range(n):
         c = (i + 1) * bq
-        biases.append(_mask_bias(segment_ids_BxL[:, i * bq:c], segment_ids_BxL[:, :c], positions_BxL[:, i * bq:c],
-                                 positions_BxL[:, :c], (index[None, :c] <= index[i * bq:c, None])[None]))
+        biases.append(
+            _mask_bias(
+                segment_ids_BxL[:, i * bq : c],
+                segment_ids_BxL[:, :c],
+                positions_BxL[:, i * bq : c],
+                positions_BxL[:, :c],
+                (index[None, :c] <= index[i * bq : c, None])[None],
+            )
+        )
     out = _causal_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), tuple(biases), r)
     return out.reshape(n, b, g, r, bq, e).transpose(1, 0, 4, 2, 3, 5).reshape(b, l, h, e)
 
@@ -343,9 +360,9 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, h, g, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pd = jnp.dtype(cfg.param_dtype)
-        self.wq = _param(rngs, (d, h, e), d ** -0.5, ("embed", "heads", "head_dim"), pd)
-        self.wk = _param(rngs, (d, g, e), d ** -0.5, ("embed", "kv_heads", "head_dim"), pd)
-        self.wv = _param(rngs, (d, g, e), d ** -0.5, ("embed", "kv_heads", "head_dim"), pd)
+        self.wq = _param(rngs, (d, h, e), d**-0.5, ("embed", "heads", "head_dim"), pd)
+        self.wk = _param(rngs, (d, g, e), d**-0.5, ("embed", "kv_heads", "head_dim"), pd)
+        self.wv = _param(rngs, (d, g, e), d**-0.5, ("embed", "kv_heads", "head_dim"), pd)
         self.wo = _param(rngs, (h, e, d), (h * e) ** -0.5, ("heads", "head_dim", "embed"), pd)
         if cfg.qkv_bias:
             self.bq = _zeros((h, e), ("heads", "head_dim"), pd)
@@ -380,9 +397,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
         pd = jnp.dtype(cfg.param_dtype)
-        self.w_gate = _param(rngs, (d, f), d ** -0.5, ("embed", "mlp"), pd)
-        self.w_up = _param(rngs, (d, f), d ** -0.5, ("embed", "mlp"), pd)
-        self.w_down = _param(rngs, (f, d), f ** -0.5, ("mlp", "embed"), pd)
+        self.w_gate = _param(rngs, (d, f), d**-0.5, ("embed", "mlp"), pd)
+        self.w_up = _param(rngs, (d, f), d**-0.5, ("embed", "mlp"), pd)
+        self.w_down = _param(rngs, (f, d), f**-0.5, ("mlp", "embed"), pd)
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x_BxLxD):
@@ -418,12 +435,12 @@ class Llama(nnx.Module):
         self.cfg = cfg
         pd = jnp.dtype(cfg.param_dtype)
         self.dtype = jnp.dtype(cfg.dtype)
-        embed_std = cfg.d_model ** -0.5 if cfg.tie_embeddings else 1.0
+        embed_std = cfg.d_model**-0.5 if cfg.tie_embeddings else 1.0
         self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), embed_std, ("vocab", "embed"), pd)
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, self.dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model ** -0.5, ("embed", "vocab"), pd)
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, ("embed", "vocab"), pd)
 
     def unembedding(self) -> jax.Array:
         """Output-layer weight W_DxV in the compute dtype (embedding.T when tied)."""
@@ -453,8 +470,13 @@ class Llama(nnx.Module):
         """An empty cache of `length` slots per row (all slots segment 0, i.e. masked)."""
         shape = (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(self.cfg.num_layers))
-        return KVCache(k=zeros, v=zeros, positions_BxC=jnp.zeros((batch, length), jnp.int32),
-                       segment_ids_BxC=jnp.zeros((batch, length), jnp.int32), index=jnp.zeros((), jnp.int32))
+        return KVCache(
+            k=zeros,
+            v=zeros,
+            positions_BxC=jnp.zeros((batch, length), jnp.int32),
+            segment_ids_BxC=jnp.zeros((batch, length), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
 
     def decode(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache: KVCache):
         """Appends T tokens to the cache at `cache.index`; returns (logits_BxTxV float32, new cache).
@@ -469,11 +491,17 @@ class Llama(nnx.Module):
         x = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype)
         new_k, new_v = [], []
         for block, k_c, v_c in zip(self.layers, cache.k, cache.v):
-            x, (k, v) = block(x, positions_BxT, segment_ids_BxT, cache_kv=(k_c, v_c), index=index,
-                              k_pos=k_pos, k_seg=k_seg)
+            x, (k, v) = block(
+                x, positions_BxT, segment_ids_BxT, cache_kv=(k_c, v_c), index=index, k_pos=k_pos, k_seg=k_seg
+            )
             new_k.append(k)
             new_v.append(v)
         logits = self.logits(self.final_norm(x))
-        new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), positions_BxC=k_pos, segment_ids_BxC=k_seg,
-                            index=index + tokens_BxT.shape[1])
+        new_cache = KVCache(
+            k=tuple(new_k),
+            v=tuple(new_v),
+            positions_BxC=k_pos,
+            segment_ids_BxC=k_seg,
+            index=index + tokens_BxT.shape[1],
+        )
         return logits, new_cache

@@ -12,6 +12,7 @@ Stop tokens: a row stops after emitting one; the stop token is kept in `tokens_B
 Log-probs are those of the model's own distribution (log-softmax of the raw logits, i.e. at
 temperature 1, before top-k/top-p), which is what an OpenAI-style `logprobs` field reports.
 """
+
 from __future__ import annotations
 
 import functools
@@ -55,11 +56,36 @@ def sample_logits(logits_BxV, rng, temperature_B, top_p_B, *, top_k: int = 0) ->
     return jnp.where(temperature_B == 0, greedy_B, sampled_B).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0,
-                   static_argnames=("max_new_tokens", "top_k", "stop_tokens", "pad_id", "return_logprobs",
-                                    "top_logprobs", "suppress_tokens"))
-def _generate(graphdef, state, prompt_BxP, prompt_lengths_B, rng, temperature_B, top_p_B, *, max_new_tokens,
-              top_k, stop_tokens, pad_id, return_logprobs, top_logprobs, suppress_tokens=()):
+@functools.partial(
+    jax.jit,
+    static_argnums=0,
+    static_argnames=(
+        "max_new_tokens",
+        "top_k",
+        "stop_tokens",
+        "pad_id",
+        "return_logprobs",
+        "top_logprobs",
+        "suppress_tokens",
+    ),
+)
+def _generate(
+    graphdef,
+    state,
+    prompt_BxP,
+    prompt_lengths_B,
+    rng,
+    temperature_B,
+    top_p_B,
+    *,
+    max_new_tokens,
+    top_k,
+    stop_tokens,
+    pad_id,
+    return_logprobs,
+    top_logprobs,
+    suppress_tokens=(),
+):
     model = nnx.merge(graphdef, state)
     b, p = prompt_BxP.shape
     t_max = max_new_tokens
@@ -72,10 +98,17 @@ def _generate(graphdef, state, prompt_BxP, prompt_lengths_B, rng, temperature_B,
     n = max(top_logprobs, 1)
 
     carry = dict(
-        t=jnp.zeros((), jnp.int32), logits=last_BxV, cache=cache, rng=rng,
-        done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
-        tokens=jnp.full((b, t_max), pad_id, jnp.int32), logprobs=jnp.zeros((b, t_max), jnp.float32),
-        top_ids=jnp.zeros((b, t_max, n), jnp.int32), top_lp=jnp.zeros((b, t_max, n), jnp.float32))
+        t=jnp.zeros((), jnp.int32),
+        logits=last_BxV,
+        cache=cache,
+        rng=rng,
+        done=jnp.zeros((b,), bool),
+        lengths=jnp.zeros((b,), jnp.int32),
+        tokens=jnp.full((b, t_max), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, t_max), jnp.float32),
+        top_ids=jnp.zeros((b, t_max, n), jnp.int32),
+        top_lp=jnp.zeros((b, t_max, n), jnp.float32),
+    )
 
     def cond(c):
         return (c["t"] < t_max) & ~jnp.all(c["done"])
@@ -92,9 +125,13 @@ def _generate(graphdef, state, prompt_BxP, prompt_lengths_B, rng, temperature_B,
             sample_from = sample_from.at[:, jnp.asarray(suppress_tokens, jnp.int32)].set(-jnp.inf)
         tok_B = sample_logits(sample_from, sub, temperature_B, top_p_B, top_k=top_k)
         tok_B = jnp.where(active_B, tok_B, pad_id)
-        c = dict(c, rng=rng, tokens=c["tokens"].at[:, c["t"]].set(tok_B),
-                 lengths=c["lengths"] + active_B.astype(jnp.int32),
-                 done=c["done"] | jnp.any(tok_B[:, None] == stop_S[None, :], axis=-1))
+        c = dict(
+            c,
+            rng=rng,
+            tokens=c["tokens"].at[:, c["t"]].set(tok_B),
+            lengths=c["lengths"] + active_B.astype(jnp.int32),
+            done=c["done"] | jnp.any(tok_B[:, None] == stop_S[None, :], axis=-1),
+        )
         if return_logprobs or top_logprobs:
             logp_BxV = jax.nn.log_softmax(c["logits"], axis=-1)
             chosen_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=1)[:, 0]
@@ -109,15 +146,30 @@ def _generate(graphdef, state, prompt_BxP, prompt_lengths_B, rng, temperature_B,
 
     c = jax.lax.while_loop(cond, body, carry)
     return GenerateOutput(
-        tokens_BxT=c["tokens"], lengths_B=c["lengths"],
+        tokens_BxT=c["tokens"],
+        lengths_B=c["lengths"],
         logprobs_BxT=c["logprobs"] if return_logprobs else None,
         top_ids_BxTxN=c["top_ids"] if top_logprobs else None,
-        top_logprobs_BxTxN=c["top_lp"] if top_logprobs else None)
+        top_logprobs_BxTxN=c["top_lp"] if top_logprobs else None,
+    )
 
 
-def generate(model, prompt_tokens_BxP, prompt_lengths_B, rng, *, max_new_tokens: int, temperature=1.0,
-             top_k: int = 0, top_p=1.0, stop_tokens=(), pad_id: int = 0, return_logprobs: bool = False,
-             top_logprobs: int = 0, suppress_tokens=()) -> GenerateOutput:
+def generate(
+    model,
+    prompt_tokens_BxP,
+    prompt_lengths_B,
+    rng,
+    *,
+    max_new_tokens: int,
+    temperature=1.0,
+    top_k: int = 0,
+    top_p=1.0,
+    stop_tokens=(),
+    pad_id: int = 0,
+    return_logprobs: bool = False,
+    top_logprobs: int = 0,
+    suppress_tokens=(),
+) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each left-aligned prompt.
 
     `temperature` and `top_p` may be scalars or per-row [B] arrays (temperature 0 = greedy) and do
@@ -144,16 +196,26 @@ def generate(model, prompt_tokens_BxP, prompt_lengths_B, rng, *, max_new_tokens:
     if not isinstance(top_p, jax.core.Tracer) and np.any((np.asarray(top_p) <= 0) | (np.asarray(top_p) > 1)):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or rng.shape not in ((), (b,)):
-        raise ValueError(f"rng must be one typed key (jax.random.key) or {b} of them, got dtype {rng.dtype} "
-                         f"and shape {rng.shape}.")
+        raise ValueError(
+            f"rng must be one typed key (jax.random.key) or {b} of them, got dtype {rng.dtype} and shape {rng.shape}."
+        )
     limit = model.cfg.max_seq_len
     if p + max_new_tokens > limit:
         raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds model.max_seq_len {limit}.")
     graphdef, state = nnx.split(model)
     return _generate(
-        graphdef, state, prompt_BxP, jnp.asarray(prompt_lengths_B, jnp.int32), rng,
+        graphdef,
+        state,
+        prompt_BxP,
+        jnp.asarray(prompt_lengths_B, jnp.int32),
+        rng,
         jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,)),
         jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,)),
-        max_new_tokens=int(max_new_tokens), top_k=int(top_k), stop_tokens=tuple(int(s) for s in stop_tokens),
-        pad_id=int(pad_id), return_logprobs=bool(return_logprobs), top_logprobs=int(top_logprobs),
-        suppress_tokens=tuple(sorted({int(t) for t in suppress_tokens})))
+        max_new_tokens=int(max_new_tokens),
+        top_k=int(top_k),
+        stop_tokens=tuple(int(s) for s in stop_tokens),
+        pad_id=int(pad_id),
+        return_logprobs=bool(return_logprobs),
+        top_logprobs=int(top_logprobs),
+        suppress_tokens=tuple(sorted({int(t) for t in suppress_tokens})),
+    )

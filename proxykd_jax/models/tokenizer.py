@@ -3,6 +3,7 @@
 Built tokenizers are saved as `PreTrainedTokenizerFast` folders that `AutoTokenizer` loads offline.
 Special tokens are `<pad>`=0, `<bos>`=1, `<eos>`=2, `<unk>`=3; `encode` adds none of them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,18 +17,22 @@ SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Messages joined by single spaces: with the word tokenizer, a chat prompt tokenises exactly like its words.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
-    "{% if add_generation_prompt %} {% endif %}")
+    "{% if add_generation_prompt %} {% endif %}"
+)
 
 
 def load_tokenizer(folder):
     """Loads a tokenizer from a local folder (never from the network)."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"Tokenizer folder {folder} does not exist; pass a local folder holding tokenizer.json.")
+        raise FileNotFoundError(
+            f"Tokenizer folder {folder} does not exist; pass a local folder holding tokenizer.json."
+        )
     if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise FileNotFoundError(
             f"Tokenizer folder {folder} has no tokenizer.json, tokenizer_config.json or tokenizer.model; "
-            "save a tokenizer there with tokenizer.save_pretrained(folder).")
+            "save a tokenizer there with tokenizer.save_pretrained(folder)."
+        )
     config_file = folder / "tokenizer_config.json"
     declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.exists() else None
     if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (folder / "tokenizer.json").exists():
@@ -39,8 +44,13 @@ def load_tokenizer(folder):
 
 def _wrap_and_save(tok: Tokenizer, folder) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-        clean_up_tokenization_spaces=False)
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
     fast.chat_template = CHAT_TEMPLATE
     if folder is not None:
         pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
@@ -74,14 +84,20 @@ def build_bpe_tokenizer(texts, vocab_size: int, folder=None) -> PreTrainedTokeni
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts), trainer=trainer)
     return _wrap_and_save(tok, folder)
 
 
 def tokenizer_hash(tok) -> str:
     """Stable sha256 (hex, 16 chars) of the vocabulary and the special tokens."""
-    payload = {"vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
-               "special": sorted((k, str(v)) for k, v in tok.special_tokens_map.items())}
+    payload = {
+        "vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
+        "special": sorted((k, str(v)) for k, v in tok.special_tokens_map.items()),
+    }
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]

@@ -1,13 +1,39 @@
 """Device mesh, logical-axis sharding rules, sharded model construction and jax.distributed start-up."""
+
 from proxykd_jax.parallel.distributed import DistributedPlan, maybe_initialize_distributed, resolve_distributed
 from proxykd_jax.parallel.mesh import MESH_AXES, default_config, make_mesh, resolve_shape
 from proxykd_jax.parallel.rules import LOGICAL_RULES, logical_to_pspec, logical_to_sharding, normalize_rules
-from proxykd_jax.parallel.sharding import (ModelBuilder, batch_sharding, create_sharded_model, global_batch, place_model,
-                                           replicated, shardings_of, state_shardings, variable_sharding)
+from proxykd_jax.parallel.sharding import (
+    ModelBuilder,
+    batch_sharding,
+    create_sharded_model,
+    global_batch,
+    place_model,
+    replicated,
+    shardings_of,
+    state_shardings,
+    variable_sharding,
+)
 
 __all__ = [
-    "DistributedPlan", "LOGICAL_RULES", "MESH_AXES", "ModelBuilder", "batch_sharding",
-    "create_sharded_model", "default_config", "global_batch", "logical_to_pspec", "logical_to_sharding",
-    "make_mesh", "maybe_initialize_distributed", "normalize_rules", "place_model", "replicated", "resolve_distributed",
-    "resolve_shape", "shardings_of", "state_shardings", "variable_sharding",
+    "DistributedPlan",
+    "LOGICAL_RULES",
+    "MESH_AXES",
+    "ModelBuilder",
+    "batch_sharding",
+    "create_sharded_model",
+    "default_config",
+    "global_batch",
+    "logical_to_pspec",
+    "logical_to_sharding",
+    "make_mesh",
+    "maybe_initialize_distributed",
+    "normalize_rules",
+    "place_model",
+    "replicated",
+    "resolve_distributed",
+    "resolve_shape",
+    "shardings_of",
+    "state_shardings",
+    "variable_sharding",
 ]

@@ -8,6 +8,7 @@ Order of precedence (the `mesh.distributed` config group):
    with no arguments, which reads the cluster from the environment;
 3. otherwise a single process: nothing to start.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,14 +51,16 @@ def resolve_distributed(dist_cfg, env: Mapping[str, str] | None = None) -> Distr
         if num is None or pid is None:
             raise ValueError(
                 f"coordinator {address} is set but num_processes/process_id are not; set "
-                "mesh.distributed.num_processes and .process_id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID).")
+                "mesh.distributed.num_processes and .process_id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID)."
+            )
         if not 0 <= pid < num:
             raise ValueError(f"mesh.distributed.process_id={pid} must be in [0, num_processes={num}).")
         return DistributedPlan("explicit", address, num, pid)
     if num is not None or pid is not None:
         raise ValueError(
             "num_processes/process_id are set without a coordinator; set mesh.distributed.coordinator_address "
-            "(or JAX_COORDINATOR_ADDRESS) to host:port of process 0.")
+            "(or JAX_COORDINATOR_ADDRESS) to host:port of process 0."
+        )
     if dist_cfg.auto:
         if env.get("SLURM_JOB_ID") and (_env_int(env, "SLURM_NTASKS") or 1) > 1:
             return DistributedPlan("slurm")
@@ -75,7 +78,14 @@ def maybe_initialize_distributed(dist_cfg, env: Mapping[str, str] | None = None)
             jax.distributed.initialize(plan.coordinator_address, plan.num_processes, plan.process_id)
         else:
             jax.distributed.initialize()
-    log.info("jax %s: process %d of %d, %d local / %d global devices (%s), start-up mode %s",
-             jax.__version__, jax.process_index(), jax.process_count(), jax.local_device_count(),
-             jax.device_count(), jax.devices()[0].platform, plan.mode)
+    log.info(
+        "jax %s: process %d of %d, %d local / %d global devices (%s), start-up mode %s",
+        jax.__version__,
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+        plan.mode,
+    )
     return plan

@@ -4,6 +4,7 @@ Axes are always ("data", "fsdp", "tensor"): `data` replicates parameters and spl
 `fsdp` splits both the batch and the parameters (gathered per layer by XLA), `tensor` splits the
 heads / feed-forward / vocabulary dimensions of single matmuls.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,18 +45,18 @@ def resolve_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, int,
     if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(
             f"mesh.shape {dict(zip(MESH_AXES, sizes))} is invalid: use positive sizes and at most one -1; "
-            "change mesh.shape.")
+            "change mesh.shape."
+        )
     known = math.prod(s for s in sizes if s != -1)
     described = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
     if fill:
         if num_devices % known:
             raise ValueError(
-                f"mesh {described} needs a multiple of {known} devices, {num_devices} available; "
-                "change mesh.shape.")
+                f"mesh {described} needs a multiple of {known} devices, {num_devices} available; change mesh.shape."
+            )
         sizes[fill[0]] = num_devices // known
     elif known != num_devices:
-        raise ValueError(
-            f"mesh {described} needs {known} devices, {num_devices} available; change mesh.shape.")
+        raise ValueError(f"mesh {described} needs {known} devices, {num_devices} available; change mesh.shape.")
     return tuple(sizes)
 
 

@@ -7,6 +7,7 @@ replication. Within one array a mesh axis is used at most once: a later dimensio
 an axis already taken by an earlier dimension keeps only the untaken axes (so an activation
 [batch, length, embed] is split over (data, fsdp) on batch and left whole on embed).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -47,8 +48,9 @@ def normalize_rules(rules) -> Rules:
     return tuple(normalized)
 
 
-def logical_to_pspec(logical_axes: Sequence[str | None], rules=LOGICAL_RULES,
-                     mesh: Mesh | None = None) -> PartitionSpec:
+def logical_to_pspec(
+    logical_axes: Sequence[str | None], rules=LOGICAL_RULES, mesh: Mesh | None = None
+) -> PartitionSpec:
     """PartitionSpec for an array whose dimensions carry `logical_axes` (None = replicated dim).
 
     Raises ValueError on a logical axis that the rules do not name, or (with `mesh`) on a rule
@@ -64,14 +66,16 @@ def logical_to_pspec(logical_axes: Sequence[str | None], rules=LOGICAL_RULES,
         if logical not in table:
             raise ValueError(
                 f"logical axis {logical!r} has no entry in the sharding rules (mesh.rules); add "
-                f"({logical!r}, <mesh axis or None>) to mesh.rules. Known: {sorted(table)}.")
+                f"({logical!r}, <mesh axis or None>) to mesh.rules. Known: {sorted(table)}."
+            )
         axes = tuple(a for a in table[logical] if a not in used)
         if mesh is not None:
             missing = [a for a in axes if a not in mesh.axis_names]
             if missing:
                 raise ValueError(
                     f"mesh.rules maps {logical!r} to mesh axes {missing} that the mesh {mesh.axis_names} "
-                    "does not have; fix mesh.rules.")
+                    "does not have; fix mesh.rules."
+                )
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*spec)

@@ -5,6 +5,7 @@ Models are never built whole on one host: `abstract_model` traces the constructo
 metadata) into a NamedSharding through the rules table, and `create_sharded_model` runs the
 constructor under `jax.jit` with those `out_shardings`, so each device only ever holds its shard.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,7 +47,8 @@ def variable_sharding(path: str, variable: nnx.Variable, mesh: Mesh, rules) -> N
         if isinstance(variable, nnx.Param) and len(shape) > 0:
             raise ValueError(
                 f"parameter {path} (shape {shape}) has no logical axis names; create it with "
-                "nnx.Param(value, out_sharding=(<logical axis per dim>...)).")
+                "nnx.Param(value, out_sharding=(<logical axis per dim>...))."
+            )
         return replicated(mesh)
     if len(names) != len(shape):
         raise ValueError(f"parameter {path} has shape {shape} but {len(names)} logical axis names {names}.")
@@ -56,14 +58,17 @@ def variable_sharding(path: str, variable: nnx.Variable, mesh: Mesh, rules) -> N
         if size % ways:
             raise ValueError(
                 f"parameter {path} dim {dim} ({names[dim]!r}, size {size}) does not split over mesh axes "
-                f"{axes} ({ways} ways); change mesh.shape or map {names[dim]!r} differently in mesh.rules.")
+                f"{axes} ({ways} ways); change mesh.shape or map {names[dim]!r} differently in mesh.rules."
+            )
     return NamedSharding(mesh, spec)
 
 
 def state_shardings(abstract_state, mesh: Mesh, rules):
     """A tree like `abstract_state` (an nnx.State) with a NamedSharding in place of each value."""
+
     def one(path, variable):
         return variable.replace(variable_sharding(jax.tree_util.keystr(path), variable, mesh, rules))
+
     return jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=_is_variable)
 
 
@@ -151,7 +156,8 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dic
         if rows % ways:
             raise ValueError(
                 f"global batch of {rows} rows (field {name!r}) does not split over {ways} batch shards "
-                f"({sharding.spec[0]}); make train.batch_size a multiple of {ways}.")
+                f"({sharding.spec[0]}); make train.batch_size a multiple of {ways}."
+            )
         out[name] = jax.make_array_from_process_local_data(sharding, value, (rows,) + value.shape[1:])
     return out
 

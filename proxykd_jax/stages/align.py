@@ -10,6 +10,7 @@ Phases, each resumable and skipped once finished (markers in <run>/proxy/, see a
 Every phase trains through the one train Loop (checkpoints, metrics, NaN stop, resume). The final
 proxy (LoRA merged) is written as a Hugging Face folder to <run>/proxy/final/.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,7 +23,8 @@ import ml_collections
 import numpy as np
 
 from proxykd_jax.align import lora as lora_lib
-from proxykd_jax.align import objectives, pairs as pairs_lib, phases
+from proxykd_jax.align import objectives, phases
+from proxykd_jax.align import pairs as pairs_lib
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.stages.paths import RunPaths
 
@@ -87,8 +89,15 @@ def make_trainable(model, lora_cfg, seed: int, mesh, rules):
     from proxykd_jax.parallel import sharding as sharding_lib
 
     adapters = sharding_lib.create_sharded_model(
-        lora_lib.LoraAdapters, mesh, rules, model, rank=lora_cfg.rank, alpha=lora_cfg.alpha,
-        targets=tuple(lora_cfg.targets), rngs=nnx.Rngs(params=seed + 1))
+        lora_lib.LoraAdapters,
+        mesh,
+        rules,
+        model,
+        rank=lora_cfg.rank,
+        alpha=lora_cfg.alpha,
+        targets=tuple(lora_cfg.targets),
+        rngs=nnx.Rngs(params=seed + 1),
+    )
     return adapters, (model,)
 
 
@@ -99,9 +108,17 @@ def make_sampler(trainable, frozen, acfg, stop_tokens, pad_id):
     policy = objectives.policy_of(trainable, frozen)
 
     def sample_fn(prompt_BxP, lengths_B, rng):
-        out = generate(policy, prompt_BxP, lengths_B, rng, max_new_tokens=acfg.max_new_tokens,
-                       temperature=acfg.temperature, top_p=acfg.top_p, stop_tokens=tuple(stop_tokens),
-                       pad_id=pad_id)
+        out = generate(
+            policy,
+            prompt_BxP,
+            lengths_B,
+            rng,
+            max_new_tokens=acfg.max_new_tokens,
+            temperature=acfg.temperature,
+            top_p=acfg.top_p,
+            stop_tokens=tuple(stop_tokens),
+            pad_id=pad_id,
+        )
         return out.tokens_BxT, out.lengths_B
 
     return sample_fn
@@ -121,31 +138,53 @@ def round_examples(examples: list, acfg, seed: int, round_index: int) -> list:
     return [examples[i] for i in idx]
 
 
-def make_round_pairs(reference, frozen, examples: list, acfg, *, seed: int, round_index: int, seq_len: int,
-                     stop_tokens, pad_id: int, put_batch) -> tuple[dict[str, np.ndarray], int]:
+def make_round_pairs(
+    reference,
+    frozen,
+    examples: list,
+    acfg,
+    *,
+    seed: int,
+    round_index: int,
+    seq_len: int,
+    stop_tokens,
+    pad_id: int,
+    put_batch,
+) -> tuple[dict[str, np.ndarray], int]:
     """Samples rejected responses from `reference`, builds pair rows, adds reference log-probs.
 
     Returns ({chosen_*, rejected_*, ref_chosen_logp, ref_rejected_logp}, dropped pairs)."""
     chosen = round_examples(examples, acfg, seed, round_index)
     width = max(len(e.prompt) for e in chosen)
     if width + acfg.max_new_tokens > reference_max_len(reference, frozen):
-        raise ProxyKDError(f"prompts of up to {width} tokens + align.max_new_tokens={acfg.max_new_tokens} exceed "
-                           "the proxy's max_seq_len; lower align.max_new_tokens.")
+        raise ProxyKDError(
+            f"prompts of up to {width} tokens + align.max_new_tokens={acfg.max_new_tokens} exceed "
+            "the proxy's max_seq_len; lower align.max_new_tokens."
+        )
     sample_fn = make_sampler(reference, frozen, acfg, stop_tokens, pad_id)
     rng = jax.random.fold_in(jax.random.key(seed), 1000 + round_index)
     samples = [[] for _ in chosen]
     for s in range(acfg.samples_per_prompt):
-        out = pairs_lib.sample_responses(sample_fn, [e.prompt for e in chosen], jax.random.fold_in(rng, s),
-                                         batch_size=acfg.sample_batch_size, width=width, pad_id=pad_id)
+        out = pairs_lib.sample_responses(
+            sample_fn,
+            [e.prompt for e in chosen],
+            jax.random.fold_in(rng, s),
+            batch_size=acfg.sample_batch_size,
+            width=width,
+            pad_id=pad_id,
+        )
         for i, response in enumerate(out):
             samples[i].append(response)
     pair_list, dropped = pairs_lib.build_pairs(chosen, samples)
     if not pair_list:
-        raise ProxyKDError(f"align round {round_index}: every sampled response equalled the teacher's; raise "
-                           "align.temperature or align.samples_per_prompt.")
+        raise ProxyKDError(
+            f"align round {round_index}: every sampled response equalled the teacher's; raise "
+            "align.temperature or align.samples_per_prompt."
+        )
     rows = pairs_lib.pair_rows(pair_list, seq_len, pad_id)
-    ref_c, ref_r = objectives.reference_logprobs(reference, frozen, rows, batch_size=acfg.eval_batch_size,
-                                                 chunk=acfg.logprob_chunk, put_batch=put_batch)
+    ref_c, ref_r = objectives.reference_logprobs(
+        reference, frozen, rows, batch_size=acfg.eval_batch_size, chunk=acfg.logprob_chunk, put_batch=put_batch
+    )
     rows["ref_chosen_logp"], rows["ref_rejected_logp"] = ref_c, ref_r
     return rows, dropped
 
@@ -170,8 +209,22 @@ def _phase_optimizer(cfg, lr: float, steps: int):
     return optim.make_optimizer(ocfg, steps), optim.make_schedule(ocfg, steps)
 
 
-def train_phase(cfg, phase_dir: pathlib.Path, trainable, frozen, loss_fn, data_iter, *, steps: int, lr: float,
-                rows_per_step: int, mesh, rules, step_cache: dict | None = None, cache_key=None):
+def train_phase(
+    cfg,
+    phase_dir: pathlib.Path,
+    trainable,
+    frozen,
+    loss_fn,
+    data_iter,
+    *,
+    steps: int,
+    lr: float,
+    rows_per_step: int,
+    mesh,
+    rules,
+    step_cache: dict | None = None,
+    cache_key=None,
+):
     """Runs `steps` steps of `loss_fn` through the train Loop in `phase_dir` (resuming from its
     checkpoints); returns the trained module (a new module; `trainable` may be donated).
 
@@ -191,10 +244,15 @@ def train_phase(cfg, phase_dir: pathlib.Path, trainable, frozen, loss_fn, data_i
     if cached is None:
         optimizer, schedule = _phase_optimizer(cfg, lr, steps)
         graphdef, state, shardings = phases.train_state_from(trainable, optimizer, mesh, rules)
-        step = make_train_step(loss_fn, graphdef, optimizer, state_shardings=shardings,
-                               batch_shardings=sharding_lib.batch_sharding(mesh, rules),
-                               frozen_shardings=tuple(sharding_lib.shardings_of(f) for f in frozen),
-                               schedule=schedule)
+        step = make_train_step(
+            loss_fn,
+            graphdef,
+            optimizer,
+            state_shardings=shardings,
+            batch_shardings=sharding_lib.batch_sharding(mesh, rules),
+            frozen_shardings=tuple(sharding_lib.shardings_of(f) for f in frozen),
+            schedule=schedule,
+        )
         if step_cache is not None:
             step_cache[cache_key] = (optimizer, step)
     else:
@@ -206,8 +264,15 @@ def train_phase(cfg, phase_dir: pathlib.Path, trainable, frozen, loss_fn, data_i
     tcfg = ml_collections.ConfigDict(cfg.train.to_dict())
     tcfg.steps, tcfg.batch_size, tcfg.seq_len = steps, rows_per_step, seq_len
     tcfg.checkpoint_every = cfg.align.checkpoint_every
-    loop = Loop(tcfg, run_dir=phase_dir, mesh=mesh, rules=rules, train_step=step, state_shardings=shardings,
-                flops_per_step=flops)
+    loop = Loop(
+        tcfg,
+        run_dir=phase_dir,
+        mesh=mesh,
+        rules=rules,
+        train_step=step,
+        state_shardings=shardings,
+        flops_per_step=flops,
+    )
     state = loop.run(state, data_iter, frozen=frozen)
     return nnx.merge(graphdef, state.params, state.rest)
 
@@ -251,12 +316,19 @@ def run(cfg, *, teacher_probs_fn=None, devices=None) -> dict:
     def evaluate(name, extra):
         record = {"phase": name, **extra}
         if held_rows is not None:
-            record["heldout_nll"] = objectives.heldout_nll(trainable, frozen, held_rows, batch_size=acfg.eval_batch_size,
-                                                           chunk=acfg.logprob_chunk, put_batch=put_batch)
+            record["heldout_nll"] = objectives.heldout_nll(
+                trainable,
+                frozen,
+                held_rows,
+                batch_size=acfg.eval_batch_size,
+                chunk=acfg.logprob_chunk,
+                put_batch=put_batch,
+            )
             if teacher_probs_fn is not None:
                 policy = objectives.policy_of(trainable, frozen)
-                record["kl_to_teacher"] = proxy_kl_to_teacher(teacher_probs_fn, policy, held_rows,
-                                                              batch_size=acfg.eval_batch_size)
+                record["kl_to_teacher"] = proxy_kl_to_teacher(
+                    teacher_probs_fn, policy, held_rows, batch_size=acfg.eval_batch_size
+                )
         log.info("align %s: %s", name, record)
         _summary(out, record)
         summaries[name] = record
@@ -275,37 +347,74 @@ def run(cfg, *, teacher_probs_fn=None, devices=None) -> dict:
         if name == "sft":
             if acfg.sft_steps > 0:
                 if not examples["warmup"]:
-                    raise ProxyKDError(f"{paths.prepared}: the warmup split is empty; set align.sft_steps=0 or "
-                                       "give data.split.warmup a positive fraction.")
+                    raise ProxyKDError(
+                        f"{paths.prepared}: the warmup split is empty; set align.sft_steps=0 or "
+                        "give data.split.warmup a positive fraction."
+                    )
                 rows = pairs_lib.example_rows(examples["warmup"], seq_len, pad_id)
                 loss_fn = functools.partial(objectives.sft_loss_fn, chunk=acfg.logprob_chunk)
                 data_iter = phases.row_batches(rows, acfg.batch_size, seed)
-                trainable = train_phase(cfg, phase_dir, trainable, frozen, loss_fn, data_iter, steps=acfg.sft_steps,
-                                        lr=acfg.sft_lr, rows_per_step=acfg.batch_size, mesh=mesh, rules=rules)
+                trainable = train_phase(
+                    cfg,
+                    phase_dir,
+                    trainable,
+                    frozen,
+                    loss_fn,
+                    data_iter,
+                    steps=acfg.sft_steps,
+                    lr=acfg.sft_lr,
+                    rows_per_step=acfg.batch_size,
+                    mesh=mesh,
+                    rules=rules,
+                )
         else:
             r = int(name.split("_")[1])
             if not examples["align"]:
-                raise ProxyKDError(f"{paths.prepared}: the align split is empty; set align.rounds=0 or give "
-                                   "data.split.align a positive fraction.")
+                raise ProxyKDError(
+                    f"{paths.prepared}: the align split is empty; set align.rounds=0 or give "
+                    "data.split.align a positive fraction."
+                )
             ref_path, pairs_path = phase_dir / "reference", phase_dir / "pairs.npz"
             if not ref_path.exists():
                 phases.save_params(trainable, ref_path)
             reference = phases.restore_params(trainable, ref_path)
             if not pairs_path.exists():
-                rows, dropped = make_round_pairs(reference, frozen, examples["align"], acfg, seed=seed, round_index=r,
-                                                 seq_len=seq_len, stop_tokens=stop_tokens, pad_id=pad_id,
-                                                 put_batch=put_batch)
+                rows, dropped = make_round_pairs(
+                    reference,
+                    frozen,
+                    examples["align"],
+                    acfg,
+                    seed=seed,
+                    round_index=r,
+                    seq_len=seq_len,
+                    stop_tokens=stop_tokens,
+                    pad_id=pad_id,
+                    put_batch=put_batch,
+                )
                 if jax.process_index() == 0:
                     pairs_lib.save_pairs(pairs_path, rows, dropped)
             rows, dropped = pairs_lib.load_pairs(pairs_path)
             n_pairs = rows["chosen_tokens"].shape[0]
             steps = acfg.dpo_steps_per_round or max(n_pairs // acfg.batch_size, 1)
-            loss_fn = functools.partial(objectives.dpo_loss_fn, beta=acfg.beta, nll_weight=acfg.nll_weight,
-                                        chunk=acfg.logprob_chunk)
+            loss_fn = functools.partial(
+                objectives.dpo_loss_fn, beta=acfg.beta, nll_weight=acfg.nll_weight, chunk=acfg.logprob_chunk
+            )
             data_iter = phases.pair_batches(rows, acfg.batch_size, seed + 1 + r)
-            trainable = train_phase(cfg, phase_dir, trainable, frozen, loss_fn, data_iter, steps=steps,
-                                    lr=acfg.dpo_lr, rows_per_step=2 * acfg.batch_size, mesh=mesh, rules=rules,
-                                    step_cache=step_cache, cache_key=("dpo", steps))
+            trainable = train_phase(
+                cfg,
+                phase_dir,
+                trainable,
+                frozen,
+                loss_fn,
+                data_iter,
+                steps=steps,
+                lr=acfg.dpo_lr,
+                rows_per_step=2 * acfg.batch_size,
+                mesh=mesh,
+                rules=rules,
+                step_cache=step_cache,
+                cache_key=("dpo", steps),
+            )
             extra = {"pairs": n_pairs, "dropped_equal": dropped, "steps": steps}
         phases.save_params(trainable, phase_dir / "params")
         record = evaluate(name, extra)

@@ -1,4 +1,5 @@
 """`proxykd collect`: prompts + an OpenAI-compatible endpoint -> the teacher corpus."""
+
 from __future__ import annotations
 
 from proxykd_jax.stages.paths import RunPaths

@@ -10,6 +10,7 @@ the alpha = 0 SFT baseline, same steps and data) -> eval, which alone knows the
 teacher's true distributions. Every stage is resumable: re-running the command
 after an interruption continues where it stopped.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,11 +48,18 @@ def _teacher(cfg, folder: pathlib.Path):
     if (folder / "config.json").exists():
         return KnownTeacher.load(str(folder))
     d = cfg.demo
-    teacher = KnownTeacher.create(d.teacher_seed, vocab_size=cfg.proxy.vocab_size, d_model=d.teacher_d_model,
-                                  num_layers=d.teacher_num_layers, num_heads=cfg.proxy.num_heads,
-                                  num_kv_heads=cfg.proxy.num_kv_heads, d_ff=cfg.proxy.d_ff,
-                                  max_seq_len=cfg.proxy.max_seq_len, target_entropy=d.teacher_entropy,
-                                  folder=folder / "tokenizer_build")
+    teacher = KnownTeacher.create(
+        d.teacher_seed,
+        vocab_size=cfg.proxy.vocab_size,
+        d_model=d.teacher_d_model,
+        num_layers=d.teacher_num_layers,
+        num_heads=cfg.proxy.num_heads,
+        num_kv_heads=cfg.proxy.num_kv_heads,
+        d_ff=cfg.proxy.d_ff,
+        max_seq_len=cfg.proxy.max_seq_len,
+        target_entropy=d.teacher_entropy,
+        folder=folder / "tokenizer_build",
+    )
     teacher.save(str(folder))
     return teacher
 
@@ -84,6 +92,7 @@ def _perturbed_proxy(teacher, folder: pathlib.Path, noise: float, seed: int) -> 
 def _teacher_probs_fn(teacher):
     def probs(tokens_BxL, segment_ids_BxL):
         return teacher.distributions(np.asarray(tokens_BxL), np.asarray((np.asarray(segment_ids_BxL) > 0).sum(1)))
+
     return probs
 
 
@@ -100,7 +109,8 @@ def _collect_over_http(cfg, teacher) -> None:
 
 
 def run(cfg) -> dict:
-    from proxykd_jax.stages import align, distill, eval as eval_stage, posterior, prepare, prior
+    from proxykd_jax.stages import align, distill, posterior, prepare, prior
+    from proxykd_jax.stages import eval as eval_stage
 
     paths = RunPaths.from_config(cfg)
     paths.root.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ full distribution, computed in the same step from its frozen, non-donated parame
 Departure from the v1 abstract: the store holds the posterior only (no separate prior target), so
 there is no prior term; train on a prior-only store (`posterior` with N_max = 0) to compare.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,15 +102,25 @@ def make_loss_fn(loss_cfg, *, seed: int = 0):
         W_DxV = model.unembedding()
         targets_N, mask_N = _flatten(batch, "targets", "loss_mask")
         if alpha == 0.0:
-            ce_sum, n_tokens = losses.cross_entropy_chunked(hidden_NxD, W_DxV, targets_N, mask_N,
-                                                            chunk_size=kw["chunk_size"])
+            ce_sum, n_tokens = losses.cross_entropy_chunked(
+                hidden_NxD, W_DxV, targets_N, mask_N, chunk_size=kw["chunk_size"]
+            )
             return _metrics(ce_sum, ce_sum, jnp.zeros((), jnp.float32), n_tokens)
-        kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, weight_N = _flatten(batch, "kd_ids", "kd_logprobs", "kd_tail",
-                                                                    "weight")
+        kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, weight_N = _flatten(batch, "kd_ids", "kd_logprobs", "kd_tail", "weight")
         rng = _sample_key(seed, batch) if kw["tail_mode"] == "sampled" else None
         loss_sum, ce_sum, kd_sum, n_tokens = losses.sparse_kd_objective(
-            hidden_NxD, W_DxV, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, mask_N, weight_N, alpha=alpha,
-            rng=rng, **kw)
+            hidden_NxD,
+            W_DxV,
+            targets_N,
+            kd_ids_NxK,
+            kd_logprobs_NxK,
+            kd_tail_N,
+            mask_N,
+            weight_N,
+            alpha=alpha,
+            rng=rng,
+            **kw,
+        )
         return _metrics(loss_sum, ce_sum, kd_sum, n_tokens)
 
     return loss_fn
@@ -127,8 +138,10 @@ def make_white_box_loss_fn(loss_cfg, teacher_graphdef, *, seed: int = 0):
     kw = losses.loss_kwargs(loss_cfg)
     alpha = float(loss_cfg.alpha)
     if alpha <= 0:
-        raise ValueError(f"distill.loss.alpha is {alpha} with distill.white_box set; white-box distillation "
-                         "needs alpha > 0 (train the SFT baseline without distill.white_box).")
+        raise ValueError(
+            f"distill.loss.alpha is {alpha} with distill.white_box set; white-box distillation "
+            "needs alpha > 0 (train the SFT baseline without distill.white_box)."
+        )
     sampled = kw.pop("tail_mode") == "sampled"
 
     def loss_fn(model, batch, teacher_state):
@@ -142,8 +155,18 @@ def make_white_box_loss_fn(loss_cfg, teacher_graphdef, *, seed: int = 0):
         targets_N, mask_N = _flatten(batch, "targets", "loss_mask")
         rng = _sample_key(seed, batch) if sampled else None
         loss_sum, ce_sum, kd_sum, n_tokens = losses.dense_kd_objective(
-            hidden_NxD, model.unembedding(), targets_N, teacher_hidden_NxE, teacher_W_ExV, mask_N,
-            jnp.ones_like(mask_N, jnp.float32), alpha=alpha, sampled=sampled, rng=rng, **kw)
+            hidden_NxD,
+            model.unembedding(),
+            targets_N,
+            teacher_hidden_NxE,
+            teacher_W_ExV,
+            mask_N,
+            jnp.ones_like(mask_N, jnp.float32),
+            alpha=alpha,
+            sampled=sampled,
+            rng=rng,
+            **kw,
+        )
         return _metrics(loss_sum, ce_sum, kd_sum, n_tokens)
 
     return loss_fn
@@ -169,11 +192,16 @@ def _replicated(mesh, tree):
 
 def _check_same_shape(loaded: ModelConfig, configured: ModelConfig, folder) -> None:
     fields = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff")
-    diff = [f"{f}={getattr(loaded, f)} (config: {getattr(configured, f)})" for f in fields
-            if getattr(loaded, f) != getattr(configured, f)]
+    diff = [
+        f"{f}={getattr(loaded, f)} (config: {getattr(configured, f)})"
+        for f in fields
+        if getattr(loaded, f) != getattr(configured, f)
+    ]
     if diff:
-        raise ProxyKDError(f"{folder}/config.json disagrees with config.model on {', '.join(diff)}; "
-                           "make the model group match the folder (or pick the matching preset).")
+        raise ProxyKDError(
+            f"{folder}/config.json disagrees with config.model on {', '.join(diff)}; "
+            "make the model group match the folder (or pick the matching preset)."
+        )
 
 
 def _require(path: pathlib.Path, what: str, stage: str) -> None:
@@ -216,8 +244,10 @@ def setup(cfg) -> Distillation:
     out_dir = paths.student(output_name(dcfg))
     if (out_dir / "final").exists():
         if not cfg.run.overwrite:
-            raise ProxyKDError(f"{out_dir}/final already holds a finished student; set --config.run.overwrite=True "
-                               "to train it again, or --config.distill.output=NAME for another folder.")
+            raise ProxyKDError(
+                f"{out_dir}/final already holds a finished student; set --config.run.overwrite=True "
+                "to train it again, or --config.distill.output=NAME for another folder."
+            )
         if jax.process_index() == 0:
             shutil.rmtree(out_dir)
         multihost_utils.sync_global_devices("distill: old student removed")
@@ -234,8 +264,7 @@ def setup(cfg) -> Distillation:
     model_cfg = config_lib.model_config_from(cfg.model)
     steps, seed = cfg.train.steps, cfg.run.seed + dcfg.seed
     optimizer = train.make_optimizer(cfg.optim, steps)
-    graphdef, state, shardings = train.create_train_state(optimizer, mesh, rules, Llama, model_cfg,
-                                                          rngs=nnx.Rngs(seed))
+    graphdef, state, shardings = train.create_train_state(optimizer, mesh, rules, Llama, model_cfg, rngs=nnx.Rngs(seed))
     if cfg.model.init_from:
         loaded_cfg, loaded = hf.load_hf(cfg.model.init_from, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
         _check_same_shape(loaded_cfg, model_cfg, cfg.model.init_from)
@@ -249,29 +278,65 @@ def setup(cfg) -> Distillation:
     if white_box:
         teacher_cfg, teacher = hf.load_hf(dcfg.white_box, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
         if teacher_cfg.vocab_size != model_cfg.vocab_size:
-            raise ProxyKDError(f"{dcfg.white_box}: teacher vocab_size {teacher_cfg.vocab_size} differs from "
-                               f"config.model.vocab_size {model_cfg.vocab_size}; white-box KD needs one vocabulary.")
+            raise ProxyKDError(
+                f"{dcfg.white_box}: teacher vocab_size {teacher_cfg.vocab_size} differs from "
+                f"config.model.vocab_size {model_cfg.vocab_size}; white-box KD needs one vocabulary."
+            )
         teacher_graphdef, teacher_state = parallel.place_model(teacher, mesh, rules)
         loss_fn = make_white_box_loss_fn(dcfg.loss, teacher_graphdef, seed=seed)
         frozen, frozen_sh = (teacher_state,), (parallel.shardings_of(teacher_state),)
         frozen_flops = (models.flops_per_token(teacher_cfg, seq_len, backward=False),)
     else:
         loss_fn = make_loss_fn(dcfg.loss, seed=seed)
-    step = train.make_train_step(loss_fn, graphdef, optimizer, state_shardings=shardings, batch_shardings=batch_sh,
-                                 frozen_shardings=frozen_sh, schedule=train.make_schedule(cfg.optim, steps),
-                                 grad_accum=cfg.optim.grad_accum)
+    step = train.make_train_step(
+        loss_fn,
+        graphdef,
+        optimizer,
+        state_shardings=shardings,
+        batch_shardings=batch_sh,
+        frozen_shardings=frozen_sh,
+        schedule=train.make_schedule(cfg.optim, steps),
+        grad_accum=cfg.optim.grad_accum,
+    )
     flops = train.step_flops(cfg.train.batch_size * seq_len, train_flops, frozen_flops)
-    loop = train.Loop(cfg.train, run_dir=out_dir, mesh=mesh, rules=rules, train_step=step,
-                      state_shardings=shardings, flops_per_step=flops)
+    loop = train.Loop(
+        cfg.train,
+        run_dir=out_dir,
+        mesh=mesh,
+        rules=rules,
+        train_step=step,
+        state_shardings=shardings,
+        flops_per_step=flops,
+    )
 
-    dataset = data.make_dataset(paths.prepared, dcfg.split, cfg.data, store=store, vocab_size=model_cfg.vocab_size,
-                                seq_len=seq_len, batch_size=cfg.train.batch_size)
+    dataset = data.make_dataset(
+        paths.prepared,
+        dcfg.split,
+        cfg.data,
+        store=store,
+        vocab_size=model_cfg.vocab_size,
+        seq_len=seq_len,
+        batch_size=cfg.train.batch_size,
+    )
     if store is not None and alpha == 0.0:
         dataset = dataset.map(_DropStore())
-    log.info("distill: %s, alpha=%g, %s -> %s", "white-box teacher " + dcfg.white_box if white_box else
-             "sparse store" if alpha > 0 else "SFT baseline", alpha, dcfg.split, out_dir)
-    return Distillation(loop=loop, state=state, graphdef=graphdef, data_iter=iter(dataset), frozen=frozen,
-                        model_cfg=model_cfg, out_dir=out_dir, tokenizer=tokenizer)
+    log.info(
+        "distill: %s, alpha=%g, %s -> %s",
+        "white-box teacher " + dcfg.white_box if white_box else "sparse store" if alpha > 0 else "SFT baseline",
+        alpha,
+        dcfg.split,
+        out_dir,
+    )
+    return Distillation(
+        loop=loop,
+        state=state,
+        graphdef=graphdef,
+        data_iter=iter(dataset),
+        frozen=frozen,
+        model_cfg=model_cfg,
+        out_dir=out_dir,
+        tokenizer=tokenizer,
+    )
 
 
 def run(cfg) -> None:

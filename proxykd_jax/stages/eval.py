@@ -13,6 +13,7 @@ and after alignment, Proxy-KD student, SFT student). With a known teacher
 
 Writes `<run>/eval/metrics.json` and prints a table.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,10 +49,12 @@ def _log_softmax(graphdef_state, batch):
 def run_models(cfg) -> dict[str, pathlib.Path]:
     """The run's model folders that exist, by role."""
     paths = RunPaths.from_config(cfg)
-    cands = {"proxy (before align)": pathlib.Path(cfg.proxy.init_from) if cfg.proxy.init_from else None,
-             "proxy (aligned)": paths.proxy / "final",
-             "student (SFT, alpha=0)": paths.student("student_sft") / "final",
-             "student (Proxy-KD)": paths.student("student") / "final"}
+    cands = {
+        "proxy (before align)": pathlib.Path(cfg.proxy.init_from) if cfg.proxy.init_from else None,
+        "proxy (aligned)": paths.proxy / "final",
+        "student (SFT, alpha=0)": paths.student("student_sft") / "final",
+        "student (Proxy-KD)": paths.student("student") / "final",
+    }
     return {k: v for k, v in cands.items() if v is not None and (v / "config.json").exists()}
 
 
@@ -122,12 +125,18 @@ def estimator_metrics(cfg, prepared, teacher, models: dict, est: dict) -> dict:
             key = np.asarray([_prompt_key(prepared, sid)], np.int64)
             prior = tables.query(key, [y.astype(np.int32)], mode="include_self")
             a = kappa * tables.dense_ngram(prior)
-            np.add.at(a, (np.repeat(np.arange(len(y)), prior.ids_NxS.shape[1]), np.asarray(prior.ids_NxS).reshape(-1)),
-                      np.asarray(prior.counts_NxS, np.float64).reshape(-1))
+            np.add.at(
+                a,
+                (np.repeat(np.arange(len(y)), prior.ids_NxS.shape[1]), np.asarray(prior.ids_NxS).reshape(-1)),
+                np.asarray(prior.counts_NxS, np.float64).reshape(-1),
+            )
             one_hot = np.full((len(y), vocab), ONE_HOT_SMOOTHING / vocab)
             one_hot[np.arange(len(y)), y] += 1.0 - ONE_HOT_SMOOTHING
-            estimates = {"one-hot (smoothed)": one_hot, "prior": a / a.sum(1, keepdims=True),
-                         "posterior (store)": _dense_store(store.get(sid), vocab)}
+            estimates = {
+                "one-hot (smoothed)": one_hot,
+                "prior": a / a.sum(1, keepdims=True),
+                "posterior (store)": _dense_store(store.get(sid), vocab),
+            }
             estimates.update({name: np.exp(lp[row, sl]) for name, lp in lps.items()})
             for name, e in estimates.items():
                 sums[name] = sums.get(name, 0.0) + float(np.sum(kl_terms(q, np.log(np.maximum(e, 1e-300)))))
@@ -146,7 +155,7 @@ def _prompt_key(prepared, sid: int) -> int:
 
 def generation_metrics(cfg, prepared, teacher, students: dict) -> dict:
     """Teacher mean log-likelihood per token of each student's sampled answers to held-out prompts."""
-    prompts, rows = [], []
+    rows = []
     for batch in _rows(prepared, cfg, "heldout", cfg.eval.generate_prompts):
         for row in range(batch["tokens"].shape[0]):
             if batch["sample_ids"][row, 0] >= 0 and len(rows) < cfg.eval.generate_prompts:
@@ -157,16 +166,24 @@ def generation_metrics(cfg, prepared, teacher, students: dict) -> dict:
     width = max(len(r) for r in rows)
     tokens = np.zeros((len(rows), width), np.int32)
     for i, r in enumerate(rows):
-        tokens[i, :len(r)] = r
+        tokens[i, : len(r)] = r
     lengths = np.asarray([len(r) for r in rows], np.int32)
     # Special tokens other than eos never occur in a response (pad, bos, unk): not sampled, as in serving.
     specials = tuple(i for i in getattr(teacher.tokenizer, "all_special_ids", ()) if i != teacher.eos_id)
     out = {}
     for name, model in students.items():
-        gen = generate(model, tokens, lengths, jax.random.key(cfg.run.seed), max_new_tokens=cfg.eval.max_new_tokens,
-                       temperature=1.0, stop_tokens=(teacher.eos_id,), suppress_tokens=specials)
+        gen = generate(
+            model,
+            tokens,
+            lengths,
+            jax.random.key(cfg.run.seed),
+            max_new_tokens=cfg.eval.max_new_tokens,
+            temperature=1.0,
+            stop_tokens=(teacher.eos_id,),
+            suppress_tokens=specials,
+        )
         g, glen = np.asarray(gen.tokens_BxT), np.asarray(gen.lengths_B)
-        contexts = [list(rows[i]) + g[i, :glen[i]].tolist() for i in range(len(rows))]
+        contexts = [list(rows[i]) + g[i, : glen[i]].tolist() for i in range(len(rows))]
         q = teacher.distributions(contexts)
         total = count = 0.0
         for i, ctx in enumerate(contexts):
@@ -194,8 +211,9 @@ def run(cfg, *, teacher=None) -> dict:
     if teacher is not None:
         est_path = paths.posterior / "estimate.json"
         if est_path.exists():
-            metrics["estimator_kl"] = estimator_metrics(cfg, prepared, teacher, models,
-                                                        json.loads(est_path.read_text()))
+            metrics["estimator_kl"] = estimator_metrics(
+                cfg, prepared, teacher, models, json.loads(est_path.read_text())
+            )
         students = {k: m for k, m in models.items() if k.startswith("student")}
         for name, ll in generation_metrics(cfg, prepared, teacher, students).items():
             metrics["models"][name]["teacher_loglik_of_generations"] = ll
@@ -206,15 +224,23 @@ def run(cfg, *, teacher=None) -> dict:
 
 
 def format_table(metrics: dict) -> str:
-    lines = ["| model | held-out NLL/token | KL(teacher ‖ model) | teacher log-lik of generations |",
-             "|---|---|---|---|"]
+    lines = [
+        "| model | held-out NLL/token | KL(teacher ‖ model) | teacher log-lik of generations |",
+        "|---|---|---|---|",
+    ]
     for name, m in metrics["models"].items():
-        cells = [f"{m['heldout_nll']:.4f}", f"{m['kl_to_teacher']:.4f}" if "kl_to_teacher" in m else "-",
-                 f"{m['teacher_loglik_of_generations']:.4f}" if "teacher_loglik_of_generations" in m else "-"]
+        cells = [
+            f"{m['heldout_nll']:.4f}",
+            f"{m['kl_to_teacher']:.4f}" if "kl_to_teacher" in m else "-",
+            f"{m['teacher_loglik_of_generations']:.4f}" if "teacher_loglik_of_generations" in m else "-",
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "estimator_kl" in metrics:
         est = metrics["estimator_kl"]
-        lines += ["", f"| estimate of the teacher (distillation split, {est['positions']} positions) | "
-                      "KL(teacher ‖ estimate) |", "|---|---|"]
+        lines += [
+            "",
+            f"| estimate of the teacher (distillation split, {est['positions']} positions) | KL(teacher ‖ estimate) |",
+            "|---|---|",
+        ]
         lines += [f"| {name} | {v:.4f} |" for name, v in est.items() if name != "positions"]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ checkpoint is restored onto the configured mesh (it may differ from the one that
 `model`, `optim` and `train.steps` settings must be those of the distill run. A non-empty output
 folder is refused unless `run.overwrite` is set; the folder is written beside and renamed into place.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,8 +48,12 @@ def _abstract_state(cfg, model_cfg: ModelConfig, mesh, rules):
     graphdef, abstract = ModelBuilder(Llama, model_cfg, rngs=nnx.Rngs(0)).abstract()
     params, rest = nnx.split_state(abstract, nnx.Param, ...)
     shardings = train.train_state_shardings(params, rest, optimizer, mesh, rules)
-    state = train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, rest=rest,
-                             opt_state=jax.eval_shape(optimizer.init, params))
+    state = train.TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        rest=rest,
+        opt_state=jax.eval_shape(optimizer.init, params),
+    )
     return graphdef, train.abstract_like(state, shardings)
 
 
@@ -64,22 +69,29 @@ def load_student(cfg, source_dir: pathlib.Path, step: int = 0) -> tuple[ModelCon
         latest = checkpointer.latest_step() if checkpointer is not None else None
         if latest is None:
             if (source_dir / "final" / "config.json").exists():
-                loaded_cfg, model = hf.load_hf(source_dir / "final", dtype=model_cfg.dtype,
-                                               param_dtype=model_cfg.param_dtype)
+                loaded_cfg, model = hf.load_hf(
+                    source_dir / "final", dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype
+                )
                 return loaded_cfg, model, cfg.train.steps
-            raise ProxyKDError(f"{source_dir} holds no checkpoint and no final/ folder; run `proxykd distill` "
-                               "with this config first (or set export.source to the student's folder).")
+            raise ProxyKDError(
+                f"{source_dir} holds no checkpoint and no final/ folder; run `proxykd distill` "
+                "with this config first (or set export.source to the student's folder)."
+            )
         step = step or latest
         if step not in checkpointer.all_steps():
-            raise ProxyKDError(f"export.step={step} is not among the checkpoints in {ckpt_dir} "
-                               f"({checkpointer.all_steps()}); pick one of them or 0 for the newest.")
+            raise ProxyKDError(
+                f"export.step={step} is not among the checkpoints in {ckpt_dir} "
+                f"({checkpointer.all_steps()}); pick one of them or 0 for the newest."
+            )
         mesh, rules = parallel.make_mesh(cfg.mesh), parallel.normalize_rules(cfg.mesh.rules)
         graphdef, target = _abstract_state(cfg, model_cfg, mesh, rules)
         try:
             state = checkpointer.restore(target, step=step)
         except (ValueError, KeyError) as e:
-            raise ProxyKDError(f"{ckpt_dir}: checkpoint {step} does not match config.model/optim ({e}); export "
-                               "with the config the student was trained with.") from None
+            raise ProxyKDError(
+                f"{ckpt_dir}: checkpoint {step} does not match config.model/optim ({e}); export "
+                "with the config the student was trained with."
+            ) from None
     finally:
         if checkpointer is not None:
             checkpointer.close()
@@ -93,11 +105,14 @@ def run(cfg) -> pathlib.Path:
     source = paths.student(cfg.export.source or distill.output_name(cfg.distill))
     out = pathlib.Path(cfg.export.out).expanduser() if cfg.export.out else paths.export
     if out.exists() and any(out.iterdir()) and not cfg.run.overwrite:
-        raise ProxyKDError(f"{out} is not empty; set --config.run.overwrite=True to replace it, or "
-                           "--config.export.out=FOLDER to write elsewhere.")
+        raise ProxyKDError(
+            f"{out} is not empty; set --config.run.overwrite=True to replace it, or "
+            "--config.export.out=FOLDER to write elsewhere."
+        )
     if not paths.tokenizer.exists():
-        raise ProxyKDError(f"{paths.tokenizer} does not exist: the run's tokenizer is missing; run "
-                           "`proxykd prepare` first.")
+        raise ProxyKDError(
+            f"{paths.tokenizer} does not exist: the run's tokenizer is missing; run `proxykd prepare` first."
+        )
     tokenizer = load_tokenizer(paths.tokenizer)
     model_cfg, model, step = load_student(cfg, source, cfg.export.step)
     if jax.process_index() == 0:

@@ -1,16 +1,17 @@
 """Where each stage reads and writes inside one run directory (DESIGN.md §3).
 
-    <run_dir>/
-      corpus/teacher.jsonl        collect   (or the user's own corpus files, data.corpus)
-      prepared/                   prepare   records per split + manifest.json
-      prior/                      prior     n-gram + trie tables + manifest.json
-      proxy/                      align     checkpoints/ (SFT step, DPO rounds), metrics.jsonl, final/
-      posterior/                  posterior sparse store shards + manifest.json (weights, EB fit)
-      student/                    distill   checkpoints/, metrics.jsonl, final/
-      student_sft/                distill with distill.alpha=0 (the SFT baseline)
-      eval/                       eval      metrics.json (+ plots)
-      export/                     export    Hugging Face folder
+<run_dir>/
+  corpus/teacher.jsonl        collect   (or the user's own corpus files, data.corpus)
+  prepared/                   prepare   records per split + manifest.json
+  prior/                      prior     n-gram + trie tables + manifest.json
+  proxy/                      align     checkpoints/ (SFT step, DPO rounds), metrics.jsonl, final/
+  posterior/                  posterior sparse store shards + manifest.json (weights, EB fit)
+  student/                    distill   checkpoints/, metrics.jsonl, final/
+  student_sft/                distill with distill.alpha=0 (the SFT baseline)
+  eval/                       eval      metrics.json (+ plots)
+  export/                     export    Hugging Face folder
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,7 @@ class RunPaths:
     root: pathlib.Path
 
     @classmethod
-    def from_config(cls, cfg) -> "RunPaths":
+    def from_config(cls, cfg) -> RunPaths:
         return cls(pathlib.Path(cfg.run.dir).expanduser())
 
     @property

@@ -1,4 +1,5 @@
 """`proxykd serve`: a project checkpoint behind an OpenAI-compatible HTTP API."""
+
 from __future__ import annotations
 
 from proxykd_jax.teacher import server

@@ -2,6 +2,7 @@
 
 Both follow the protocol in `server.py`: tokenizer methods plus one batched `complete` call.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,11 +47,13 @@ class LlamaBackend:
 
     def __init__(self, model, tokenizer, *, model_name: str, seed: int = 0, chat_format: str = ""):
         import jax  # pylint: disable=import-outside-toplevel
+
         self.model, self.tok, self.model_name = model, tokenizer, model_name
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
-            raise ValueError(f"the tokenizer of {model_name!r} has no eos token; set eos_token in "
-                             "its tokenizer_config.json")
+            raise ValueError(
+                f"the tokenizer of {model_name!r} has no eos token; set eos_token in its tokenizer_config.json"
+            )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.max_context = model.cfg.max_seq_len
         self.chat_format = chat_format
@@ -90,6 +93,7 @@ class LlamaBackend:
 
     def complete(self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs, seeds=None):
         from proxykd_jax.models.sampling import generate  # pylint: disable=import-outside-toplevel
+
         seqs = [p for p in prompts for _ in range(n)]
         b, p = _next_pow2(len(seqs)), _next_pow2(max(len(s) for s in seqs), floor=8)
         p = min(p, self.max_context - max_tokens)
@@ -98,10 +102,19 @@ class LlamaBackend:
         for i, s in enumerate(seqs):
             tokens_BxP[i, : len(s)], lengths_B[i] = s, len(s)
         self._calls += 1
-        out = generate(self.model, tokens_BxP, lengths_B, self._row_keys(len(prompts), n, b, seeds),
-                       max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                       stop_tokens=(self.eos_id,), pad_id=self.pad_id,
-                       return_logprobs=bool(logprobs), top_logprobs=int(top_logprobs))
+        out = generate(
+            self.model,
+            tokens_BxP,
+            lengths_B,
+            self._row_keys(len(prompts), n, b, seeds),
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_tokens=(self.eos_id,),
+            pad_id=self.pad_id,
+            return_logprobs=bool(logprobs),
+            top_logprobs=int(top_logprobs),
+        )
         toks_BxT, lens_B = np.asarray(out.tokens_BxT), np.asarray(out.lengths_B)
         lp_BxT = np.asarray(out.logprobs_BxT) if out.logprobs_BxT is not None else None
         top_ids = np.asarray(out.top_ids_BxTxN) if out.top_ids_BxTxN is not None else None
@@ -111,12 +124,17 @@ class LlamaBackend:
             length = int(lens_B[i])
             stopped = length > 0 and int(toks_BxT[i, length - 1]) == self.eos_id
             keep = length - 1 if stopped else length
-            results.append(Completion(
-                token_ids=toks_BxT[i, :keep].tolist(), finish_reason="stop" if stopped else "length",
-                logprobs=lp_BxT[i, :keep].tolist() if lp_BxT is not None else None,
-                top=[list(zip(top_ids[i, t].tolist(), top_lp[i, t].tolist())) for t in range(keep)]
-                if top_ids is not None else None))
-        return [results[j * n:(j + 1) * n] for j in range(len(prompts))]
+            results.append(
+                Completion(
+                    token_ids=toks_BxT[i, :keep].tolist(),
+                    finish_reason="stop" if stopped else "length",
+                    logprobs=lp_BxT[i, :keep].tolist() if lp_BxT is not None else None,
+                    top=[list(zip(top_ids[i, t].tolist(), top_lp[i, t].tolist())) for t in range(keep)]
+                    if top_ids is not None
+                    else None,
+                )
+            )
+        return [results[j * n : (j + 1) * n] for j in range(len(prompts))]
 
 
 class ToyBackend:
@@ -128,11 +146,11 @@ class ToyBackend:
     are consistent. `latency_s` simulates the
     accelerator time of one batched call, which makes the server saturate like a real one.
     """
+
     EOS = 256
     ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ", np.uint8).astype(np.int64)
 
-    def __init__(self, model_name: str = "toy", seed: int = 0, latency_s: float = 0.0,
-                 max_context: int = 4096):
+    def __init__(self, model_name: str = "toy", seed: int = 0, latency_s: float = 0.0, max_context: int = 4096):
         self.model_name, self.seed, self.latency_s = model_name, seed, latency_s
         self.max_context = max_context
         self._calls = 0
@@ -166,10 +184,10 @@ class ToyBackend:
             pick_T = (logp_TxA / temperature + gumbel).argmax(-1)
         ids = self.ALPHABET[pick_T].tolist()
         order_TxA = np.argsort(-logp_TxA, axis=-1)[:, :k]
-        top = [[(int(self.ALPHABET[a]), float(logp_TxA[t, a])) for a in order_TxA[t]]
-               for t in range(length)]
-        return Completion(ids, "stop" if length < max_tokens else "length",
-                          logp_TxA[np.arange(length), pick_T].tolist(), top)
+        top = [[(int(self.ALPHABET[a]), float(logp_TxA[t, a])) for a in order_TxA[t]] for t in range(length)]
+        return Completion(
+            ids, "stop" if length < max_tokens else "length", logp_TxA[np.arange(length), pick_T].tolist(), top
+        )
 
     def complete(self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs, seeds=None):
         del top_p  # the toy ignores nucleus truncation
@@ -177,8 +195,10 @@ class ToyBackend:
         if self.latency_s:
             time.sleep(self.latency_s)
         seeds = seeds or [None] * len(prompts)
-        out = [[self._one(p, j, temperature, max_tokens, top_logprobs, seed) for j in range(n)]
-               for p, seed in zip(prompts, seeds)]
+        out = [
+            [self._one(p, j, temperature, max_tokens, top_logprobs, seed) for j in range(n)]
+            for p, seed in zip(prompts, seeds)
+        ]
         if not logprobs:
             for row in out:
                 for c in row:
@@ -195,10 +215,12 @@ def load_backend(cfg):
     if cfg.source == "hf":
         from proxykd_jax.models.hf import load_hf  # pylint: disable=import-outside-toplevel
         from proxykd_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+
         _, model = load_hf(str(path), dtype=cfg.dtype)
         return LlamaBackend(model, load_tokenizer(path), model_name=name, seed=cfg.seed)
     if cfg.source == "known":
         from proxykd_jax.teacher.known import KnownTeacher  # pylint: disable=import-outside-toplevel
+
         teacher = KnownTeacher.load(str(path))
         return LlamaBackend(teacher.model, teacher.tokenizer, model_name=name, seed=cfg.seed)
     raise ValueError(f"serve.source must be 'hf' or 'known', not {cfg.source!r}")

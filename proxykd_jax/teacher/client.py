@@ -7,6 +7,7 @@ Retryable failures (429, 5xx, timeouts, dropped connections) back off exponentia
 honouring Retry-After; the rest are recorded in `<out>.failures.jsonl` and counted in the summary.
 The API key is read from config or the environment and never written anywhere.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,8 +34,11 @@ from proxykd_jax.errors import ProxyKDError
 
 RETRYABLE_STATUS = (408, 409, 429)
 CONNECTIONS_PER_CLIENT = 8
-FATAL_STATUS = {401: "the API key was rejected (401)", 403: "access is forbidden (403)",
-                404: "the endpoint or model was not found (404)"}
+FATAL_STATUS = {
+    401: "the API key was rejected (401)",
+    403: "access is forbidden (403)",
+    404: "the endpoint or model was not found (404)",
+}
 
 
 class CollectError(ProxyKDError):
@@ -44,6 +48,7 @@ class CollectError(ProxyKDError):
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """One prompt line: exactly one of `prompt` (text) and `messages` (chat) is set."""
+
     id: str
     line: int
     prompt: str | None
@@ -69,32 +74,41 @@ def read_prompts(path: str, api: str) -> list[Prompt]:
         except json.JSONDecodeError as e:
             raise CollectError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
         if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
-            raise CollectError(f"{where}: expected an object with exactly one of 'prompt' (string) "
-                               "or 'messages' (list of {role, content}); fix or remove the line")
+            raise CollectError(
+                f"{where}: expected an object with exactly one of 'prompt' (string) "
+                "or 'messages' (list of {role, content}); fix or remove the line"
+            )
         text, messages = obj.get("prompt"), obj.get("messages")
         if "prompt" in obj and (not isinstance(text, str) or not text):
             raise CollectError(f"{where}: 'prompt' must be a non-empty string; fix or remove the line")
         if "messages" in obj:
-            ok = isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in messages)
+            ok = (
+                isinstance(messages, list)
+                and messages
+                and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages
+                )
+            )
             if not ok:
-                raise CollectError(f"{where}: 'messages' must be a non-empty list of objects with "
-                                   "string 'role' and 'content'; fix or remove the line")
+                raise CollectError(
+                    f"{where}: 'messages' must be a non-empty list of objects with "
+                    "string 'role' and 'content'; fix or remove the line"
+                )
             if api != "chat":
-                raise CollectError(f"{where}: chat 'messages' need collect.api='chat' "
-                                   f"(it is {api!r}); use 'prompt' text or switch the api")
+                raise CollectError(
+                    f"{where}: chat 'messages' need collect.api='chat' "
+                    f"(it is {api!r}); use 'prompt' text or switch the api"
+                )
             messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
         pid = obj.get("id")
         if pid is None:
-            pid = hashlib.sha256(_canonical(text if messages is None else list(messages)).encode()
-                                 ).hexdigest()[:16]
+            pid = hashlib.sha256(_canonical(text if messages is None else list(messages)).encode()).hexdigest()[:16]
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
             raise CollectError(f"{where}: 'id' must be a string or integer; fix the line")
         pid = str(pid)
         if pid in seen:
-            raise CollectError(f"{where}: id {pid!r} already used on line {seen[pid]}; "
-                               "prompt ids must be unique")
+            raise CollectError(f"{where}: id {pid!r} already used on line {seen[pid]}; prompt ids must be unique")
         seen[pid] = lineno
         prompts.append(Prompt(pid, lineno, text, messages))
     if not prompts:
@@ -104,9 +118,14 @@ def read_prompts(path: str, api: str) -> list[Prompt]:
 
 def sampling_params(cfg) -> dict:
     """The sampling parameters that go into every request and every content key."""
-    return {"api": cfg.api, "temperature": float(cfg.temperature), "top_p": float(cfg.top_p),
-            "max_tokens": int(cfg.max_tokens), "stop": list(cfg.stop),
-            "top_logprobs": int(cfg.top_logprobs)}
+    return {
+        "api": cfg.api,
+        "temperature": float(cfg.temperature),
+        "top_p": float(cfg.top_p),
+        "max_tokens": int(cfg.max_tokens),
+        "stop": list(cfg.stop),
+        "top_logprobs": int(cfg.top_logprobs),
+    }
 
 
 def request_key(model: str, prompt: Prompt, params: dict, sample_index: int) -> str:
@@ -132,8 +151,10 @@ def read_done(out: pathlib.Path) -> set[str]:
         try:
             done.add(json.loads(raw)["key"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise CollectError(f"{out} line {lineno}: not a corpus record with a 'key'; "
-                               "move the file aside or point collect.out elsewhere") from None
+            raise CollectError(
+                f"{out} line {lineno}: not a corpus record with a 'key'; "
+                "move the file aside or point collect.out elsewhere"
+            ) from None
     return done
 
 
@@ -172,8 +193,9 @@ class RateLimiter:
 
 
 class _Failure(Exception):
-    def __init__(self, reason: str, message: str, retryable: bool, retry_after: float | None = None,
-                 fatal: bool = False):
+    def __init__(
+        self, reason: str, message: str, retryable: bool, retry_after: float | None = None, fatal: bool = False
+    ):
         super().__init__(message)
         self.reason, self.retryable, self.retry_after, self.fatal = reason, retryable, retry_after, fatal
 
@@ -208,8 +230,7 @@ def _classify(err: Exception) -> _Failure:
         status = err.status_code
         code = str(getattr(err, "code", "") or "")
         if status == 429 and code == "insufficient_quota":
-            return _Failure("quota", "the account is out of quota (429 insufficient_quota)", False,
-                            fatal=True)
+            return _Failure("quota", "the account is out of quota (429 insufficient_quota)", False, fatal=True)
         if status in FATAL_STATUS:
             return _Failure(f"http_{status}", FATAL_STATUS[status], False, fatal=True)
         if status >= 500 or status in RETRYABLE_STATUS:
@@ -231,14 +252,24 @@ def _logprob_fields(choice, api: str) -> dict:
         content = lp.content or []
         if not content:
             return {}
-        tops = [[{"token": t.token, "logprob": float(t.logprob),
-                  **({"bytes": list(t.bytes)} if t.bytes is not None else {})}
-                 for t in (entry.top_logprobs or [])] for entry in content]
+        tops = [
+            [
+                {
+                    "token": t.token,
+                    "logprob": float(t.logprob),
+                    **({"bytes": list(t.bytes)} if t.bytes is not None else {}),
+                }
+                for t in (entry.top_logprobs or [])
+            ]
+            for entry in content
+        ]
         return {"tokens": [entry.token for entry in content], "top_logprobs": tops}
     if not lp.tokens or lp.top_logprobs is None:
         return {}
-    tops = [[{"token": tok, "logprob": float(v)} for tok, v in sorted(
-        (d or {}).items(), key=lambda kv: -kv[1])] for d in lp.top_logprobs]
+    tops = [
+        [{"token": tok, "logprob": float(v)} for tok, v in sorted((d or {}).items(), key=lambda kv: -kv[1])]
+        for d in lp.top_logprobs
+    ]
     return {"tokens": list(lp.tokens), "top_logprobs": tops}
 
 
@@ -287,11 +318,20 @@ class Collector:
         # every request, so one pool of 64 connections costs the client more CPU per sample than the
         # server spends (benchmarks/collect.py prints both).
         n_clients = -(-max(1, cfg.concurrency) // CONNECTIONS_PER_CLIENT)
-        self.clients = [openai.AsyncOpenAI(
-            base_url=cfg.base_url, api_key=api_key, max_retries=0, timeout=cfg.request_timeout_s,
-            http_client=openai.DefaultAsyncHttpxClient(limits=_http.Limits(
-                max_connections=CONNECTIONS_PER_CLIENT, max_keepalive_connections=CONNECTIONS_PER_CLIENT)))
-            for _ in range(n_clients)]
+        self.clients = [
+            openai.AsyncOpenAI(
+                base_url=cfg.base_url,
+                api_key=api_key,
+                max_retries=0,
+                timeout=cfg.request_timeout_s,
+                http_client=openai.DefaultAsyncHttpxClient(
+                    limits=_http.Limits(
+                        max_connections=CONNECTIONS_PER_CLIENT, max_keepalive_connections=CONNECTIONS_PER_CLIENT
+                    )
+                ),
+            )
+            for _ in range(n_clients)
+        ]
         self.client = self.clients[0]
         self.rpm = RateLimiter(cfg.requests_per_minute) if cfg.requests_per_minute > 0 else None
         self.tpm = RateLimiter(cfg.tokens_per_minute) if cfg.tokens_per_minute > 0 else None
@@ -299,16 +339,27 @@ class Collector:
         self.corpus = DurableAppender(self.out)
         self.failures = DurableAppender(self.fail_path)
         done = read_done(self.out)
-        work = [(p, s, request_key(cfg.model, p, self.params, s))
-                for p in prompts for s in range(cfg.samples_per_prompt)]
+        work = [
+            (p, s, request_key(cfg.model, p, self.params, s)) for p in prompts for s in range(cfg.samples_per_prompt)
+        ]
         self.todo = [w for w in work if w[2] not in done]
         unknown = len(done - {w[2] for w in work})
         if unknown:
-            print(f"[collect] {self.out}: {unknown} existing records do not match the current "
-                  "prompts/sampling config; they are kept as they are")
-        self.stats = {"out": str(self.out), "requested": len(work),
-                      "already_done": len(work) - len(self.todo), "done": 0, "failed": {},
-                      "tokens_in": 0, "tokens_out": 0, "requests": 0, "retries": 0}
+            print(
+                f"[collect] {self.out}: {unknown} existing records do not match the current "
+                "prompts/sampling config; they are kept as they are"
+            )
+        self.stats = {
+            "out": str(self.out),
+            "requested": len(work),
+            "already_done": len(work) - len(self.todo),
+            "done": 0,
+            "failed": {},
+            "tokens_in": 0,
+            "tokens_out": 0,
+            "requests": 0,
+            "retries": 0,
+        }
         self.fatal: str | None = None
 
     async def _request(self, prompt: Prompt, key: str, client=None):
@@ -319,8 +370,7 @@ class Collector:
         body here is already in wire format, so the same request and typed response skip it.
         """
         cfg, p, client = self.cfg, self.params, client or self.client
-        body = dict(model=cfg.model, temperature=p["temperature"], top_p=p["top_p"],
-                    max_tokens=p["max_tokens"], n=1)
+        body = dict(model=cfg.model, temperature=p["temperature"], top_p=p["top_p"], max_tokens=p["max_tokens"], n=1)
         if p["stop"]:
             body["stop"] = p["stop"]
         if cfg.send_seed:  # the sample's own seed: reproducible whatever else is in flight
@@ -330,13 +380,13 @@ class Collector:
             body["messages"] = list(prompt.messages or [{"role": "user", "content": prompt.prompt}])
             if p["top_logprobs"] > 0:
                 body.update(logprobs=True, top_logprobs=p["top_logprobs"])
-            return await client.post("/chat/completions", body=body, options=options,
-                                     cast_to=openai.types.chat.ChatCompletion)
+            return await client.post(
+                "/chat/completions", body=body, options=options, cast_to=openai.types.chat.ChatCompletion
+            )
         body["prompt"] = prompt.prompt
         if p["top_logprobs"] > 0:
             body["logprobs"] = p["top_logprobs"]
-        return await client.post("/completions", body=body, options=options,
-                                 cast_to=openai.types.Completion)
+        return await client.post("/completions", body=body, options=options, cast_to=openai.types.Completion)
 
     def _record(self, prompt: Prompt, sample_index: int, key: str, resp) -> dict:
         if not resp.choices:
@@ -348,17 +398,24 @@ class Collector:
         if not text:
             raise _Failure("no_content", "the response has no content", False)
         usage = resp.usage
-        usage = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens
-                 } if usage is not None else {}
+        usage = (
+            {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+            if usage is not None
+            else {}
+        )
         record = {"id": prompt.id}
-        record.update({"prompt": prompt.prompt} if prompt.messages is None
-                      else {"messages": list(prompt.messages)})
+        record.update({"prompt": prompt.prompt} if prompt.messages is None else {"messages": list(prompt.messages)})
         record.update(response=text, sample_index=sample_index, key=key)
         if self.params["top_logprobs"] > 0:
             record.update(_logprob_fields(choice, self.cfg.api))
-        record["meta"] = {"model": self.cfg.model, "temperature": self.params["temperature"],
-                          "top_p": self.params["top_p"], "max_tokens": self.params["max_tokens"],
-                          "finish_reason": choice.finish_reason, "usage": usage}
+        record["meta"] = {
+            "model": self.cfg.model,
+            "temperature": self.params["temperature"],
+            "top_p": self.params["top_p"],
+            "max_tokens": self.params["max_tokens"],
+            "finish_reason": choice.finish_reason,
+            "usage": usage,
+        }
         return record
 
     async def _one(self, prompt: Prompt, sample_index: int, key: str, max_attempts: int, client=None):
@@ -383,7 +440,7 @@ class Collector:
                     self.tpm.refund(estimate)
                 if failure.retryable and attempt + 1 < max_attempts:
                     self.stats["retries"] += 1
-                    ceiling = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** attempt)
+                    ceiling = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2**attempt)
                     await asyncio.sleep(max(self.rng.uniform(0, ceiling), failure.retry_after or 0))
                     continue
                 if failure.retryable:
@@ -406,16 +463,22 @@ class Collector:
             return
         failed = self.stats["failed"]
         failed[failure.reason] = failed.get(failure.reason, 0) + 1
-        await self.failures.append({"id": prompt.id, "line": prompt.line,
-                                            "sample_index": sample_index, "key": key,
-                                            "reason": failure.reason, "message": str(failure),
-                                            "time": time.time()})
+        await self.failures.append(
+            {
+                "id": prompt.id,
+                "line": prompt.line,
+                "sample_index": sample_index,
+                "key": key,
+                "reason": failure.reason,
+                "message": str(failure),
+                "time": time.time(),
+            }
+        )
 
     async def run(self) -> dict:
         start = time.monotonic()
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm.tqdm(total=len(self.todo), disable=not self.cfg.progress, desc="collect",
-                        unit="sample")
+        bar = tqdm.tqdm(total=len(self.todo), disable=not self.cfg.progress, desc="collect", unit="sample")
         queue = list(reversed(self.todo))
         try:
             if queue:  # a lone first request: a dead endpoint or bad key stops here
@@ -423,8 +486,10 @@ class Collector:
                 failure = await self._one(*first, max_attempts=min(3, self.cfg.max_attempts))
                 bar.update(1)
                 if failure is not None and failure.reason.endswith("connection"):
-                    self.fatal = (f"cannot reach {self.cfg.base_url} ({failure}); check "
-                                  "collect.base_url and that the server is running")
+                    self.fatal = (
+                        f"cannot reach {self.cfg.base_url} ({failure}); check "
+                        "collect.base_url and that the server is running"
+                    )
 
             async def worker(client):
                 while queue and not self.fatal:
@@ -432,8 +497,9 @@ class Collector:
                     bar.update(1)
                     bar.set_postfix(failed=sum(self.stats["failed"].values()), refresh=False)
 
-            await asyncio.gather(*(worker(self.clients[i // CONNECTIONS_PER_CLIENT])
-                                   for i in range(max(1, self.cfg.concurrency))))
+            await asyncio.gather(
+                *(worker(self.clients[i // CONNECTIONS_PER_CLIENT]) for i in range(max(1, self.cfg.concurrency)))
+            )
         finally:
             bar.close()
             for client in self.clients:
@@ -442,9 +508,14 @@ class Collector:
         self.stats["elapsed_s"] = round(elapsed, 3)
         self.stats["samples_per_s"] = round(self.stats["done"] / max(elapsed, 1e-9), 3)
         if self.cfg.price_input_per_mtok or self.cfg.price_output_per_mtok:
-            self.stats["cost"] = round((self.stats["tokens_in"] * self.cfg.price_input_per_mtok
-                                        + self.stats["tokens_out"] * self.cfg.price_output_per_mtok)
-                                       / 1e6, 6)
+            self.stats["cost"] = round(
+                (
+                    self.stats["tokens_in"] * self.cfg.price_input_per_mtok
+                    + self.stats["tokens_out"] * self.cfg.price_output_per_mtok
+                )
+                / 1e6,
+                6,
+            )
         return self.stats
 
 
@@ -456,16 +527,19 @@ def resolve_api_key(cfg) -> str:
     host = urllib.parse.urlparse(cfg.base_url).hostname or ""
     if host in ("localhost", "::1") or host.startswith("127."):
         return "no-key"
-    raise CollectError(f"no API key for {cfg.base_url}: set collect.api_key or the environment "
-                       f"variable {cfg.api_key_env!r}")
+    raise CollectError(
+        f"no API key for {cfg.base_url}: set collect.api_key or the environment variable {cfg.api_key_env!r}"
+    )
 
 
 def format_summary(stats: dict) -> str:
     failed = ", ".join(f"{k}: {v}" for k, v in sorted(stats["failed"].items())) or "none"
-    line = (f"[collect] {stats['out']}: {stats['done']} done this run, {stats['already_done']} "
-            f"already done, of {stats['requested']}; failed: {failed}; tokens in/out "
-            f"{stats['tokens_in']}/{stats['tokens_out']}; {stats['requests']} requests "
-            f"({stats['retries']} retries); {stats['samples_per_s']} samples/s")
+    line = (
+        f"[collect] {stats['out']}: {stats['done']} done this run, {stats['already_done']} "
+        f"already done, of {stats['requested']}; failed: {failed}; tokens in/out "
+        f"{stats['tokens_in']}/{stats['tokens_out']}; {stats['requests']} requests "
+        f"({stats['retries']} retries); {stats['samples_per_s']} samples/s"
+    )
     return line + (f"; cost {stats['cost']}" if "cost" in stats else "")
 
 
@@ -490,6 +564,8 @@ def collect(cfg) -> dict:
     stats = asyncio.run(collector.run())
     print(format_summary(stats))
     if collector.fatal:
-        raise CollectError(f"collect stopped: {collector.fatal}; {stats['done'] + stats['already_done']}"
-                           f" finished samples are safe in {cfg.out}")
+        raise CollectError(
+            f"collect stopped: {collector.fatal}; {stats['done'] + stats['already_done']}"
+            f" finished samples are safe in {cfg.out}"
+        )
     return stats

@@ -1,4 +1,5 @@
 """Defaults of the `collect` and `serve` config groups (teacher access over HTTP)."""
+
 import ml_collections
 
 
@@ -18,7 +19,9 @@ def collect_config() -> ml_collections.ConfigDict:
     c.max_tokens = 256  # maximum tokens per response
     c.stop = ()  # stop strings sent with each request (at most 4 for OpenAI)
     c.top_logprobs = 0  # 0-20 alternatives per token recorded when the endpoint returns them; 0 = off
-    c.send_seed = True  # send each sample's own `seed` (from its content key): exact with `serve`, best effort elsewhere
+    c.send_seed = (
+        True  # send each sample's own `seed` (from its content key): exact with `serve`, best effort elsewhere
+    )
     c.concurrency = 8  # requests in flight at once
     c.requests_per_minute = 0  # request rate limit; 0 = unlimited
     c.tokens_per_minute = 0  # token rate limit (prompt estimate + max_tokens reserved); 0 = unlimited

@@ -11,6 +11,7 @@ The pipeline only ever sees sampled text; the evaluator reads `distributions()`.
 prompt's words followed by the response's words, no <bos>; the word tokenizer round-trips exactly, so
 the pipeline's tokenisation of text equals the teacher's tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,9 +70,21 @@ class KnownTeacher:
     seed: int
 
     @classmethod
-    def create(cls, seed: int, *, vocab_size: int = 256, d_model: int = 64, num_layers: int = 2, num_heads: int = 4,
-               num_kv_heads: int = 2, d_ff: int = 128, max_seq_len: int = 256, target_entropy: float = 1.5,
-               eos_rate: float = 0.04, folder=None) -> "KnownTeacher":
+    def create(
+        cls,
+        seed: int,
+        *,
+        vocab_size: int = 256,
+        d_model: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        num_kv_heads: int = 2,
+        d_ff: int = 128,
+        max_seq_len: int = 256,
+        target_entropy: float = 1.5,
+        eos_rate: float = 0.04,
+        folder=None,
+    ) -> KnownTeacher:
         """Builds the teacher deterministically from `seed`; the tokenizer goes to `folder` (or a temp dir)."""
         if vocab_size < len(SPECIAL_TOKENS) + 4:
             raise ValueError(f"KnownTeacher vocab_size must be at least {len(SPECIAL_TOKENS) + 4}, got {vocab_size}.")
@@ -79,15 +92,23 @@ class KnownTeacher:
             raise ValueError(f"target_entropy must be in (0, log of the word count), got {target_entropy}.")
         folder = pathlib.Path(folder) if folder is not None else pathlib.Path(tempfile.mkdtemp(prefix="known_teacher_"))
         tokenizer = build_word_tokenizer([f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))], folder)
-        cfg = ModelConfig(vocab_size=vocab_size, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
-                          num_kv_heads=num_kv_heads, head_dim=d_model // num_heads, d_ff=d_ff, max_seq_len=max_seq_len)
+        cfg = ModelConfig(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=d_model // num_heads,
+            d_ff=d_ff,
+            max_seq_len=max_seq_len,
+        )
         model = Llama(cfg, rngs=nnx.Rngs(seed))
         teacher = cls(model=model, model_config=cfg, tokenizer=tokenizer, seed=seed)
         teacher._shape_output(target_entropy, eos_rate)
         return teacher
 
     @classmethod
-    def load(cls, folder, seed: int = -1) -> "KnownTeacher":
+    def load(cls, folder, seed: int = -1) -> KnownTeacher:
         """Reads a teacher written by `save`."""
         cfg, model = hf.load_hf(folder)
         return cls(model=model, model_config=cfg, tokenizer=load_tokenizer(folder), seed=seed)
@@ -132,14 +153,24 @@ class KnownTeacher:
         """`n` prompts of uniformly random words."""
         n_special = len(SPECIAL_TOKENS)
         lengths = rng.integers(min_words, max_words + 1, n)
-        return [" ".join(f"w{i - n_special}" for i in rng.integers(n_special, self.model_config.vocab_size, k))
-                for k in lengths]
+        return [
+            " ".join(f"w{i - n_special}" for i in rng.integers(n_special, self.model_config.vocab_size, k))
+            for k in lengths
+        ]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def sample(self, prompts: list[str], n_per_prompt: int, max_new_tokens: int, *, temperature: float = 1.0,
-               seed: int = 0, batch_size: int = 64) -> list[list[str]]:
+    def sample(
+        self,
+        prompts: list[str],
+        n_per_prompt: int,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> list[list[str]]:
         """`n_per_prompt` responses per prompt (text without <eos>); a response ends at <eos> or max length."""
         rows = [self.encode(p) for p in prompts for _ in range(n_per_prompt)]
         if any(not r for r in rows):
@@ -147,18 +178,25 @@ class KnownTeacher:
         width = -(-max(len(r) for r in rows) // 16) * 16  # few distinct shapes, few compilations
         texts = []
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             tokens = np.zeros((batch_size, width), np.int32)
             lengths = np.ones((batch_size,), np.int32)
             for i, r in enumerate(chunk):
-                tokens[i, :len(r)], lengths[i] = r, len(r)
-            out = generate(self.model, tokens, lengths, jax.random.fold_in(jax.random.key(seed), start),
-                           max_new_tokens=max_new_tokens, temperature=temperature, stop_tokens=(self.eos_id,))
+                tokens[i, : len(r)], lengths[i] = r, len(r)
+            out = generate(
+                self.model,
+                tokens,
+                lengths,
+                jax.random.fold_in(jax.random.key(seed), start),
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                stop_tokens=(self.eos_id,),
+            )
             gen, lens = np.asarray(out.tokens_BxT), np.asarray(out.lengths_B)
             for i in range(len(chunk)):
-                ids = [t for t in gen[i, :lens[i]].tolist() if t != self.eos_id]
+                ids = [t for t in gen[i, : lens[i]].tolist() if t != self.eos_id]
                 texts.append(self.tokenizer.decode(ids))
-        return [texts[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompts))]
+        return [texts[i * n_per_prompt : (i + 1) * n_per_prompt] for i in range(len(prompts))]
 
     def distributions(self, context_token_ids, lengths=None) -> np.ndarray:
         """True next-token distributions float32 [B, L, V] at every position of each context.
@@ -171,7 +209,7 @@ class KnownTeacher:
             width = max(lengths)
             tokens = np.zeros((len(context_token_ids), width), np.int32)
             for i, c in enumerate(context_token_ids):
-                tokens[i, :len(c)] = c
+                tokens[i, : len(c)] = c
         else:
             tokens = np.asarray(context_token_ids, np.int32)
         lengths = np.asarray(lengths)
@@ -186,7 +224,9 @@ class KnownTeacher:
         for i, (p, c) in enumerate(zip(prompts, contexts)):
             start = len(self.encode(p))
             targets = c[start:]
-            out[i] = np.sum(np.log(probs[i, np.arange(start - 1, start - 1 + len(targets)), targets].astype(np.float64)))
+            out[i] = np.sum(
+                np.log(probs[i, np.arange(start - 1, start - 1 + len(targets)), targets].astype(np.float64))
+            )
         return out
 
     def save(self, folder) -> None:

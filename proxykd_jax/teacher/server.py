@@ -20,6 +20,7 @@ A backend is any object with
       A prompt with a seed (the request's `seed` field) gets the same completions whatever else
       shares the call.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,6 +42,7 @@ from pydantic import BaseModel, ConfigDict
 @dataclasses.dataclass
 class Completion:
     """One generated sequence: ids without end-of-sequence, per-token log-probs and alternatives."""
+
     token_ids: list[int]
     finish_reason: str  # "stop" (end of sequence or stop string) or "length"
     logprobs: list[float] | None = None
@@ -50,6 +52,7 @@ class Completion:
 @dataclasses.dataclass
 class Faults:
     """Injected failures for tests; each completion request draws one outcome from a seeded RNG."""
+
     fail_429_rate: float = 0.0
     retry_after_s: float = 1.0
     fail_500_rate: float = 0.0
@@ -65,8 +68,7 @@ class Faults:
 
     def draw(self) -> tuple[str | None, bool]:
         u, slow = self._rng.random(), self._rng.random() < self.slow_rate
-        for name, rate in (("429", self.fail_429_rate), ("500", self.fail_500_rate),
-                           ("drop", self.drop_rate)):
+        for name, rate in (("429", self.fail_429_rate), ("500", self.fail_500_rate), ("drop", self.drop_rate)):
             if u < rate:
                 return name, slow
             u -= rate
@@ -80,9 +82,17 @@ class ApiError(Exception):
 
 
 def _error_response(status: int, message: str, code: str, headers=None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"
-                                   if status < 500 else "server_error", "code": code}},
-                        status_code=status, headers=headers)
+    return JSONResponse(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error" if status < 500 else "server_error",
+                "code": code,
+            }
+        },
+        status_code=status,
+        headers=headers,
+    )
 
 
 class WireMiddleware:
@@ -96,12 +106,15 @@ class WireMiddleware:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if self.api_key and headers.get(b"authorization", b"").decode() != f"Bearer {self.api_key}":
-            return await _error_response(401, "Incorrect API key provided.", "invalid_api_key")(
-                scope, receive, send)
+            return await _error_response(401, "Incorrect API key provided.", "invalid_api_key")(scope, receive, send)
         if scope["method"] != "POST" or not scope["path"].endswith("completions"):
             return await self.app(scope, receive, send)
-        entry = {"t": time.monotonic(), "key": headers.get(b"x-request-key", b"").decode(),
-                 "path": scope["path"], "outcome": None}
+        entry = {
+            "t": time.monotonic(),
+            "key": headers.get(b"x-request-key", b"").decode(),
+            "path": scope["path"],
+            "outcome": None,
+        }
         self.log.append(entry)
         fault, slow = self.faults.draw() if self.faults else (None, False)
         if slow:
@@ -124,10 +137,14 @@ class WireMiddleware:
             await self.app(scope, receive, capture)
             entry["outcome"] = "drop"
             hdrs = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-            await send({"type": "http.response.start", "status": start.get("status", 200),
-                        "headers": hdrs + [(b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": bytes(body[: len(body) // 2]),
-                        "more_body": True})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": start.get("status", 200),
+                    "headers": hdrs + [(b"content-length", str(len(body)).encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": bytes(body[: len(body) // 2]), "more_body": True})
             return  # the server closes the connection on an incomplete body
 
         async def logged_send(message):
@@ -152,8 +169,7 @@ class Batcher:
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generate")
         self.calls: list[int] = []  # sequences per backend call, for tests and benchmarks
 
-    async def submit(self, prompts: list[list[int]], params: dict, seed: int | None = None
-                     ) -> list[list[Completion]]:
+    async def submit(self, prompts: list[list[int]], params: dict, seed: int | None = None) -> list[list[Completion]]:
         key = tuple(sorted(params.items()))
         future = asyncio.get_running_loop().create_future()
         first = key not in self.pending
@@ -191,7 +207,7 @@ class Batcher:
                 return
             i = 0
             for item, future, _ in take:
-                future.set_result(results[i: i + len(item)])
+                future.set_result(results[i : i + len(item)])
                 i += len(item)
 
 
@@ -230,16 +246,26 @@ def apply_stop(backend, c: Completion, stops: list[str]) -> tuple[str, Completio
     if not cuts:
         return text, c
     cut = min(cuts)
-    keep = next((i for i in range(len(c.token_ids))
-                 if len(backend.decode(c.token_ids[: i + 1])) > cut), len(c.token_ids))
-    return text[:cut], Completion(c.token_ids[:keep], "stop",
-                                  c.logprobs[:keep] if c.logprobs is not None else None,
-                                  c.top[:keep] if c.top is not None else None)
+    keep = next(
+        (i for i in range(len(c.token_ids)) if len(backend.decode(c.token_ids[: i + 1])) > cut), len(c.token_ids)
+    )
+    return text[:cut], Completion(
+        c.token_ids[:keep],
+        "stop",
+        c.logprobs[:keep] if c.logprobs is not None else None,
+        c.top[:keep] if c.top is not None else None,
+    )
 
 
-def make_app(backend, faults: Faults | None = None, *, api_key: str | None = None,
-             max_tokens_limit: int = 1024, batch_window_ms: float = 5.0,
-             max_batch: int = 32) -> fastapi.FastAPI:
+def make_app(
+    backend,
+    faults: Faults | None = None,
+    *,
+    api_key: str | None = None,
+    max_tokens_limit: int = 1024,
+    batch_window_ms: float = 5.0,
+    max_batch: int = 32,
+) -> fastapi.FastAPI:
     """The OpenAI-compatible app. `app.state.requests` logs completion requests (for tests)."""
     app = fastapi.FastAPI(title="proxykd_jax serve")
     app.state.requests = []
@@ -258,14 +284,17 @@ def make_app(backend, faults: Faults | None = None, *, api_key: str | None = Non
 
     def check(model: str, n: int, temperature: float, top_p: float, max_tokens: int, k: int):
         if model != backend.model_name:
-            raise ApiError(404, f"The model '{model}' does not exist; this server serves "
-                                f"'{backend.model_name}'.", "model_not_found")
+            raise ApiError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{backend.model_name}'.",
+                "model_not_found",
+            )
         if not 1 <= n <= 128 or temperature < 0 or not 0 < top_p <= 1 or not 0 <= k <= 20:
-            raise ApiError(400, "n must be 1-128, temperature >= 0, top_p in (0, 1] and "
-                                "top_logprobs 0-20.", "invalid_request")
+            raise ApiError(
+                400, "n must be 1-128, temperature >= 0, top_p in (0, 1] and top_logprobs 0-20.", "invalid_request"
+            )
         if not 1 <= max_tokens <= max_tokens_limit:
-            raise ApiError(400, f"max_tokens must be 1-{max_tokens_limit}, got {max_tokens}.",
-                           "invalid_request")
+            raise ApiError(400, f"max_tokens must be 1-{max_tokens_limit}, got {max_tokens}.", "invalid_request")
 
     async def run(prompts, n, temperature, top_p, max_tokens, logprobs, k, seed=None):
         if app.state.batcher is None:  # created inside the server's event loop
@@ -274,11 +303,15 @@ def make_app(backend, faults: Faults | None = None, *, api_key: str | None = Non
             if not ids:
                 raise ApiError(400, "the prompt is empty.", "invalid_request")
             if len(ids) + max_tokens > backend.max_context:
-                raise ApiError(400, f"the prompt has {len(ids)} tokens; with max_tokens {max_tokens} "
-                                    f"it exceeds the context of {backend.max_context}.",
-                               "context_length_exceeded")
-        params = dict(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                      logprobs=logprobs, top_logprobs=k)
+                raise ApiError(
+                    400,
+                    f"the prompt has {len(ids)} tokens; with max_tokens {max_tokens} "
+                    f"it exceeds the context of {backend.max_context}.",
+                    "context_length_exceeded",
+                )
+        params = dict(
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=logprobs, top_logprobs=k
+        )
         return await app.state.batcher.submit(prompts, params, seed)
 
     def token_table(c: Completion) -> list[tuple[str, float, list[tuple[str, float]]]]:
@@ -299,8 +332,10 @@ def make_app(backend, faults: Faults | None = None, *, api_key: str | None = Non
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": backend.model_name, "object": "model",
-                                            "created": 0, "owned_by": "proxykd_jax"}]}
+        return {
+            "object": "list",
+            "data": [{"id": backend.model_name, "object": "model", "created": 0, "owned_by": "proxykd_jax"}],
+        }
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
@@ -309,22 +344,35 @@ def make_app(backend, faults: Faults | None = None, *, api_key: str | None = Non
         check(req.model, req.n, req.temperature, req.top_p, max_tokens, k)
         prompts = [backend.chat_ids(req.messages)]
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        outs = (await run(prompts, req.n, req.temperature, req.top_p, max_tokens,
-                          req.logprobs or k > 0, k, req.seed))[0]
+        outs = (await run(prompts, req.n, req.temperature, req.top_p, max_tokens, req.logprobs or k > 0, k, req.seed))[
+            0
+        ]
         choices, counts = [], []
         for i, c in enumerate(outs):
             text, c = apply_stop(backend, c, stops)
             counts.append(len(c.token_ids))
-            choice = {"index": i, "message": {"role": "assistant", "content": text},
-                      "finish_reason": c.finish_reason, "logprobs": None}
+            choice = {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": c.finish_reason,
+                "logprobs": None,
+            }
             if req.logprobs and c.logprobs is not None:
-                choice["logprobs"] = {"content": [
-                    {**entry(text, lp), "top_logprobs": [entry(*a) for a in alts]}
-                    for text, lp, alts in token_table(c)]}
+                choice["logprobs"] = {
+                    "content": [
+                        {**entry(text, lp), "top_logprobs": [entry(*a) for a in alts]}
+                        for text, lp, alts in token_table(c)
+                    ]
+                }
             choices.append(choice)
-        return {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion",
-                "created": int(time.time()), "model": backend.model_name, "choices": choices,
-                "usage": usage(prompts, counts)}
+        return {
+            "id": f"chatcmpl-{time.time_ns()}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": backend.model_name,
+            "choices": choices,
+            "usage": usage(prompts, counts),
+        }
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -340,19 +388,26 @@ def make_app(backend, faults: Faults | None = None, *, api_key: str | None = Non
             for c in per_prompt:
                 text, c = apply_stop(backend, c, stops)
                 counts.append(len(c.token_ids))
-                choice = {"index": len(choices), "text": text, "finish_reason": c.finish_reason,
-                          "logprobs": None}
+                choice = {"index": len(choices), "text": text, "finish_reason": c.finish_reason, "logprobs": None}
                 if k and c.logprobs is not None:
                     table = token_table(c)
                     toks = [text for text, _, _ in table]
                     offsets = [sum(len(x) for x in toks[:j]) for j in range(len(toks))]
                     choice["logprobs"] = {
-                        "tokens": toks, "token_logprobs": c.logprobs, "text_offset": offsets,
-                        "top_logprobs": [dict(reversed(alts)) for _, _, alts in table]}
+                        "tokens": toks,
+                        "token_logprobs": c.logprobs,
+                        "text_offset": offsets,
+                        "top_logprobs": [dict(reversed(alts)) for _, _, alts in table],
+                    }
                 choices.append(choice)
-        return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion",
-                "created": int(time.time()), "model": backend.model_name, "choices": choices,
-                "usage": usage(prompts, counts)}
+        return {
+            "id": f"cmpl-{time.time_ns()}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": backend.model_name,
+            "choices": choices,
+            "usage": usage(prompts, counts),
+        }
 
     return app
 
@@ -365,7 +420,7 @@ class ServerThread:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         self.thread.start()
         while not self.server.started:  # uvicorn flips this once the socket listens
             if not self.thread.is_alive():
@@ -389,19 +444,29 @@ class ServerThread:
 def serve(cfg) -> None:
     """Runs the `serve` stage on the `serve` config group until interrupted (Ctrl-C)."""
     import os  # pylint: disable=import-outside-toplevel
+
     from proxykd_jax.teacher.backends import load_backend  # pylint: disable=import-outside-toplevel
+
     f = cfg.faults
-    faults = Faults(f.fail_429_rate, f.retry_after_s, f.fail_500_rate, f.slow_rate, f.slow_delay_s,
-                    f.drop_rate, f.seed)
-    active = faults if faults.fail_429_rate or faults.fail_500_rate or faults.slow_rate \
-        or faults.drop_rate else None
+    faults = Faults(f.fail_429_rate, f.retry_after_s, f.fail_500_rate, f.slow_rate, f.slow_delay_s, f.drop_rate, f.seed)
+    active = faults if faults.fail_429_rate or faults.fail_500_rate or faults.slow_rate or faults.drop_rate else None
     api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
     if cfg.api_key_env and not api_key:
-        raise ValueError(f"serve.api_key_env names {cfg.api_key_env!r}, which is not set; export "
-                         "it or set serve.api_key_env to '' for no authentication")
+        raise ValueError(
+            f"serve.api_key_env names {cfg.api_key_env!r}, which is not set; export "
+            "it or set serve.api_key_env to '' for no authentication"
+        )
     backend = load_backend(cfg)
-    app = make_app(backend, active, api_key=api_key or None, max_tokens_limit=cfg.max_tokens_limit,
-                   batch_window_ms=cfg.batch_window_ms, max_batch=cfg.max_batch)
-    print(f"[serve] {backend.model_name} on http://{cfg.host}:{cfg.port}/v1"
-          + (f" with injected faults {dataclasses.asdict(faults)}" if active else ""))
+    app = make_app(
+        backend,
+        active,
+        api_key=api_key or None,
+        max_tokens_limit=cfg.max_tokens_limit,
+        batch_window_ms=cfg.batch_window_ms,
+        max_batch=cfg.max_batch,
+    )
+    print(
+        f"[serve] {backend.model_name} on http://{cfg.host}:{cfg.port}/v1"
+        + (f" with injected faults {dataclasses.asdict(faults)}" if active else "")
+    )
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

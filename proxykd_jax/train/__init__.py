@@ -2,6 +2,7 @@
 
 Config groups: `train` (`train.loop.default_config`) and `optim` (`train.optim.default_config`).
 """
+
 from proxykd_jax.train.checkpoint import Checkpointer
 from proxykd_jax.train.loop import Loop, TrainingDiverged
 from proxykd_jax.train.metrics import MetricsWriter, measure_matmul_peak, read_metrics, step_flops
@@ -10,7 +11,19 @@ from proxykd_jax.train.state import TrainState, abstract_like, create_train_stat
 from proxykd_jax.train.step import make_eval_step, make_train_step
 
 __all__ = [
-    "Checkpointer", "Loop", "MetricsWriter", "TrainState", "TrainingDiverged", "abstract_like",
-    "create_train_state", "make_eval_step", "make_optimizer", "make_schedule", "make_train_step",
-    "measure_matmul_peak", "read_metrics", "step_flops", "train_state_shardings",
+    "Checkpointer",
+    "Loop",
+    "MetricsWriter",
+    "TrainState",
+    "TrainingDiverged",
+    "abstract_like",
+    "create_train_state",
+    "make_eval_step",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "measure_matmul_peak",
+    "read_metrics",
+    "step_flops",
+    "train_state_shardings",
 ]

@@ -9,6 +9,7 @@ last `keep` checkpoints.
 In a multi-process run, plain-Python iterator state is written by process 0 only, so it must be
 the same on every process; grain iterators are saved per process.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,10 @@ class Checkpointer:
         elif kind == "json":
             items["data"] = ocp.args.JsonSave(data_iter.get_state())
         elif data_iter is not None and not self._warned:
-            log.warning("data iterator %s has no get_state/set_state: a resumed run restarts its data from "
-                        "the beginning", type(data_iter).__name__)
+            log.warning(
+                "data iterator %s has no get_state/set_state: a resumed run restarts its data from the beginning",
+                type(data_iter).__name__,
+            )
             self._warned = True
         self.manager.save(step, args=ocp.args.Composite(**items))
 
@@ -81,8 +84,9 @@ class Checkpointer:
         kind = _data_kind(data_iter)
         saved = set(self.manager.item_metadata(step).keys()) if kind else set()
         if kind and "data" not in saved:
-            log.warning("checkpoint %d in %s has no data iterator state; data restarts from the beginning",
-                        step, self.directory)
+            log.warning(
+                "checkpoint %d in %s has no data iterator state; data restarts from the beginning", step, self.directory
+            )
             kind = None
         if kind == "grain":
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)

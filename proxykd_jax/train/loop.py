@@ -6,6 +6,7 @@ after its own step's loss and gradient norm are known to be finite, so the newes
 always a good one. A non-finite loss or gradient norm stops training with `TrainingDiverged`.
 Re-running the same command resumes from the newest checkpoint (state and data position).
 """
+
 from __future__ import annotations
 
 import functools
@@ -67,8 +68,18 @@ class Loop:
     MFU; 0 leaves it out.
     """
 
-    def __init__(self, train_cfg, *, run_dir: str | pathlib.Path, mesh: Mesh, rules, train_step: Callable,
-                 state_shardings: TrainState, eval_step: Callable | None = None, flops_per_step: float = 0.0):
+    def __init__(
+        self,
+        train_cfg,
+        *,
+        run_dir: str | pathlib.Path,
+        mesh: Mesh,
+        rules,
+        train_step: Callable,
+        state_shardings: TrainState,
+        eval_step: Callable | None = None,
+        flops_per_step: float = 0.0,
+    ):
         self.cfg, self.mesh, self.rules = train_cfg, mesh, rules
         self.run_dir = pathlib.Path(run_dir)
         self.train_step, self.eval_step = train_step, eval_step
@@ -89,7 +100,8 @@ class Loop:
         if rows != self.cfg.batch_size or length != self.cfg.seq_len:
             raise ValueError(
                 f"batch 'tokens' is [{rows} global rows, {length}] but train.batch_size={self.cfg.batch_size}, "
-                f"train.seq_len={self.cfg.seq_len}; make the data pipeline and the train config agree.")
+                f"train.seq_len={self.cfg.seq_len}; make the data pipeline and the train config agree."
+            )
         return rows * length
 
     def evaluate(self, state: TrainState, batches: Iterable[dict[str, np.ndarray]], frozen: Sequence[Any] = ()):
@@ -105,8 +117,14 @@ class Loop:
             raise ValueError("the eval batches are empty; give at least one batch or set train.eval_every = 0.")
         return {name: total / count for name, total in totals.items()}
 
-    def run(self, state: TrainState, data_iter: Iterator[dict[str, np.ndarray]], *, frozen: Sequence[Any] = (),
-            eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None) -> TrainState:
+    def run(
+        self,
+        state: TrainState,
+        data_iter: Iterator[dict[str, np.ndarray]],
+        *,
+        frozen: Sequence[Any] = (),
+        eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
+    ) -> TrainState:
         """Trains from `state` (or the newest checkpoint in run_dir) to `train.steps`; returns the state."""
         cfg = self.cfg
         ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.keep_checkpoints) if cfg.checkpoint_every > 0 else None
@@ -120,8 +138,9 @@ class Loop:
             if start >= cfg.steps:
                 return state
             peak = self._peak_flops() if self.flops_per_step > 0 else 0.0
-            bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or jax.process_index() != 0,
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=cfg.steps, initial=start, disable=not cfg.progress or jax.process_index() != 0, dynamic_ncols=True
+            )
             window = {"t": time.perf_counter(), "steps": 0, "tokens": 0}
 
             def report(step: int, metrics, tokens: int) -> None:
@@ -130,11 +149,15 @@ class Loop:
                 bad = [k for k in ("loss", "grad_norm") if k in values and not math.isfinite(values[k])]
                 if bad:
                     last = ckpt.latest_step() if ckpt is not None else None
-                    where = f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None \
+                    where = (
+                        f"the last good checkpoint is step {last} in {ckpt.directory}"
+                        if last is not None
                         else "no checkpoint was written"
+                    )
                     raise TrainingDiverged(
                         f"{bad[0]} is {values[bad[0]]} at step {step}; training stopped and {where}. "
-                        "Lower optim.lr, tighten optim.clip_norm or check the data of this step.")
+                        "Lower optim.lr, tighten optim.clip_norm or check the data of this step."
+                    )
                 window["steps"] += 1
                 window["tokens"] += tokens
                 if step % cfg.log_every == 0 or step == cfg.steps:
@@ -152,8 +175,10 @@ class Loop:
                 try:
                     host_batch = next(data_iter)
                 except StopIteration:
-                    raise ValueError(f"the data iterator ended after {step - 1} steps but train.steps = {cfg.steps}; "
-                                     "lower train.steps or give more data (e.g. more epochs).") from None
+                    raise ValueError(
+                        f"the data iterator ended after {step - 1} steps but train.steps = {cfg.steps}; "
+                        "lower train.steps or give more data (e.g. more epochs)."
+                    ) from None
                 tokens = self._check_batch(host_batch)
                 state, metrics = self.train_step(state, global_batch(host_batch, self.mesh, self.rules), *frozen)
                 if pending is not None:
@@ -163,9 +188,15 @@ class Loop:
                     report(*pending)
                     pending = None
                     ckpt.save(step, state, data_iter)
-                if eval_batches is not None and self.eval_step is not None and cfg.eval_every > 0 \
-                        and step % cfg.eval_every == 0:
-                    writer.write(step, {f"eval_{k}": v for k, v in self.evaluate(state, eval_batches(), frozen).items()})
+                if (
+                    eval_batches is not None
+                    and self.eval_step is not None
+                    and cfg.eval_every > 0
+                    and step % cfg.eval_every == 0
+                ):
+                    writer.write(
+                        step, {f"eval_{k}": v for k, v in self.evaluate(state, eval_batches(), frozen).items()}
+                    )
             if pending is not None:
                 report(*pending)
             bar.close()

@@ -4,6 +4,7 @@ MFU convention: model FLOPs only (2 per multiply-accumulate; backward = 2x forwa
 attention counted for half the L x L matrix, as `models.llama.flops_per_token`); frozen forward
 passes count 1x forward; rematerialisation is not counted.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ class MetricsWriter:
             self._file = self.path.open("a")
             if tensorboard:
                 from tensorboardX import SummaryWriter
+
                 self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -59,14 +61,16 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def step_flops(tokens_per_step: int, train_flops_per_token: float,
-               frozen_forward_flops_per_token: Sequence[float] = ()) -> float:
+def step_flops(
+    tokens_per_step: int, train_flops_per_token: float, frozen_forward_flops_per_token: Sequence[float] = ()
+) -> float:
     """Model FLOPs of one train step: trainable fwd+bwd plus each frozen model's forward."""
     return float(tokens_per_step) * (float(train_flops_per_token) + float(sum(frozen_forward_flops_per_token)))
 
 
-def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5,
-                        devices: Sequence[jax.Device] | None = None) -> float:
+def measure_matmul_peak(
+    n: int = 2048, dtype=jnp.float32, repeats: int = 5, devices: Sequence[jax.Device] | None = None
+) -> float:
     """Measured FLOP/s of an n x n x n matmul run on every device at once (median of `repeats`).
 
     Each device multiplies its own pair of matrices; the result is the aggregate over `devices`

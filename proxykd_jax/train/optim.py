@@ -1,4 +1,5 @@
 """AdamW with linear warm-up + cosine decay, global-norm clipping and gradient accumulation."""
+
 from __future__ import annotations
 
 import jax
@@ -33,10 +34,15 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     if warmup >= updates:
         raise ValueError(
             f"optim.warmup_steps ({warmup}) must be below the decay length ({updates} optimizer updates); "
-            "lower optim.warmup_steps or raise train.steps / optim.decay_steps.")
+            "lower optim.warmup_steps or raise train.steps / optim.decay_steps."
+        )
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup, decay_steps=updates,
-        end_value=optim_cfg.lr * optim_cfg.min_lr_ratio)
+        init_value=0.0,
+        peak_value=optim_cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=updates,
+        end_value=optim_cfg.lr * optim_cfg.min_lr_ratio,
+    )
 
 
 def _decay_mask(params):
@@ -49,8 +55,16 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
     if optim_cfg.grad_accum < 1:
         raise ValueError(f"optim.grad_accum must be >= 1, got {optim_cfg.grad_accum}.")
     parts = [optax.clip_by_global_norm(optim_cfg.clip_norm)] if optim_cfg.clip_norm > 0 else []
-    parts.append(optax.adamw(make_schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
-                             eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=_decay_mask))
+    parts.append(
+        optax.adamw(
+            make_schedule(optim_cfg, total_steps),
+            b1=optim_cfg.b1,
+            b2=optim_cfg.b2,
+            eps=optim_cfg.eps,
+            weight_decay=optim_cfg.weight_decay,
+            mask=_decay_mask,
+        )
+    )
     optimizer = optax.chain(*parts)
     if optim_cfg.grad_accum > 1:
         optimizer = optax.MultiSteps(optimizer, every_k_schedule=optim_cfg.grad_accum).gradient_transformation()

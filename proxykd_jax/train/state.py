@@ -4,6 +4,7 @@ The model is kept split (`nnx.split`) so every jitted function is a pure functio
 graphdef is static and `TrainState.model(graphdef)` merges a live module back. Frozen models (a
 DPO reference, a proxy, a teacher) are not part of the train state.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -37,20 +38,27 @@ def _split(state: nnx.State) -> tuple[nnx.State, nnx.State]:
     return nnx.split_state(state, nnx.Param, ...)
 
 
-def train_state_shardings(abstract_params, abstract_rest, optimizer: optax.GradientTransformation,
-                          mesh: Mesh, rules) -> TrainState:
+def train_state_shardings(
+    abstract_params, abstract_rest, optimizer: optax.GradientTransformation, mesh: Mesh, rules
+) -> TrainState:
     """A TrainState of NamedShardings: params by their logical axes, optimizer moments like their params."""
     rep = replicated(mesh)
     params_sh = state_shardings(abstract_params, mesh, rules)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    opt_sh = optax.tree_map_params(optimizer, lambda _, sharding: sharding, abstract_opt, params_sh,
-                                   transform_non_params=lambda _: rep,
-                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+    opt_sh = optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        abstract_opt,
+        params_sh,
+        transform_non_params=lambda _: rep,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
     return TrainState(step=rep, params=params_sh, rest=state_shardings(abstract_rest, mesh, rules), opt_state=opt_sh)
 
 
-def create_train_state(optimizer: optax.GradientTransformation, mesh: Mesh, rules,
-                       cls_or_fn: Callable[..., nnx.Module], *args, **kw) -> tuple[Any, TrainState, TrainState]:
+def create_train_state(
+    optimizer: optax.GradientTransformation, mesh: Mesh, rules, cls_or_fn: Callable[..., nnx.Module], *args, **kw
+) -> tuple[Any, TrainState, TrainState]:
     """Builds model `cls_or_fn(*args, **kw)` and its optimizer state directly sharded on `mesh`.
 
     Returns (graphdef, state, shardings) where `shardings` is a TrainState of NamedShardings (for

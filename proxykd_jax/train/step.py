@@ -5,6 +5,7 @@ A stage (SFT, DPO, distillation) supplies only `loss_fn(model, batch, *frozen) -
 in/out shardings and the state donated. Frozen inputs (reference model, proxy, teacher outputs)
 follow the batch as extra arguments, are never donated and get no gradient.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -38,10 +39,18 @@ def default_compiler_options(state_shardings: TrainState) -> dict[str, str]:
     return dict(_PLATFORM_COMPILER_OPTIONS.get(platform, {}))
 
 
-def make_train_step(loss_fn: LossFn, graphdef, optimizer: optax.GradientTransformation, *,
-                    state_shardings: TrainState, batch_shardings, frozen_shardings: Sequence[Any] = (),
-                    schedule: optax.Schedule | None = None, grad_accum: int = 1,
-                    compiler_options: dict[str, str] | None = None):
+def make_train_step(
+    loss_fn: LossFn,
+    graphdef,
+    optimizer: optax.GradientTransformation,
+    *,
+    state_shardings: TrainState,
+    batch_shardings,
+    frozen_shardings: Sequence[Any] = (),
+    schedule: optax.Schedule | None = None,
+    grad_accum: int = 1,
+    compiler_options: dict[str, str] | None = None,
+):
     """`step(state, batch, *frozen) -> (state, metrics)`, jitted once, state donated.
 
     metrics: `loss`, `grad_norm` (before clipping), `lr` (when `schedule` is given; the schedule is
@@ -50,6 +59,7 @@ def make_train_step(loss_fn: LossFn, graphdef, optimizer: optax.GradientTransfor
     NamedSharding for a whole batch dict). `compiler_options` (XLA debug options) default to
     `default_compiler_options`.
     """
+
     def step(state: TrainState, batch, *frozen):
         def compute(params):
             model = nnx.merge(graphdef, params, state.rest)
@@ -69,18 +79,27 @@ def make_train_step(loss_fn: LossFn, graphdef, optimizer: optax.GradientTransfor
     metrics_sh = _metrics_sharding(state_shardings)
     if compiler_options is None:
         compiler_options = default_compiler_options(state_shardings)
-    return jax.jit(step, in_shardings=(state_shardings, batch_shardings, *frozen_shardings),
-                   out_shardings=(state_shardings, metrics_sh), donate_argnums=(0,),
-                   compiler_options=compiler_options)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings, *frozen_shardings),
+        out_shardings=(state_shardings, metrics_sh),
+        donate_argnums=(0,),
+        compiler_options=compiler_options,
+    )
 
 
-def make_eval_step(loss_fn: LossFn, graphdef, *, state_shardings: TrainState, batch_shardings,
-                   frozen_shardings: Sequence[Any] = ()):
+def make_eval_step(
+    loss_fn: LossFn, graphdef, *, state_shardings: TrainState, batch_shardings, frozen_shardings: Sequence[Any] = ()
+):
     """`eval_step(state, batch, *frozen) -> metrics` (`loss` + the loss_fn's metrics); nothing donated."""
+
     def eval_step(state: TrainState, batch, *frozen):
         loss, aux = loss_fn(state.model(graphdef), batch, *frozen)
         return {"loss": loss, **aux}
 
-    return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings, *frozen_shardings),
-                   out_shardings=_metrics_sharding(state_shardings),
-                   compiler_options=default_compiler_options(state_shardings))
+    return jax.jit(
+        eval_step,
+        in_shardings=(state_shardings, batch_shardings, *frozen_shardings),
+        out_shardings=_metrics_sharding(state_shardings),
+        compiler_options=default_compiler_options(state_shardings),
+    )
