@@ -1,14 +1,28 @@
-"""`proxykd collect`: prompts + an OpenAI-compatible endpoint -> the teacher corpus."""
+"""`proxykd collect`: prompts + an OpenAI-compatible endpoint -> the teacher corpus
+(`teacher/client.py`), `<run>/corpus/teacher.jsonl` unless `collect.out` says otherwise. Resumable:
+samples already in the corpus are never requested (or paid for) again."""
 
 from __future__ import annotations
 
-from proxykd_jax.stages.paths import RunPaths
+import logging
+
 from proxykd_jax.teacher import client
 
+log = logging.getLogger(__name__)
 
-def run(cfg) -> dict:
-    ccfg = cfg.collect
-    if not ccfg.out:
-        with ccfg.unlocked():
-            ccfg.out = str(RunPaths.from_config(cfg).corpus)
-    return client.collect(ccfg)
+
+def run(ctx) -> dict:
+    """Collects the missing samples; the corpus is finished once every requested sample is in it."""
+    art = ctx.artifact("collect")
+    if art.done:
+        log.info("collect: %s is finished with these settings; reusing it", art.path)
+        return art.summary
+    art.begin()
+    ccfg = ctx.cfg.collect.copy_and_resolve_references()
+    ccfg.out = str(art.work)
+    stats = client.collect(ccfg)
+    if stats["done"] + stats["already_done"] == stats["requested"]:
+        art.finish({k: stats[k] for k in ("requested", "tokens_in", "tokens_out") if k in stats})
+    else:
+        log.warning("collect: %s is unfinished; run the same command again for the missing samples", art.path)
+    return stats

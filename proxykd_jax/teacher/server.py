@@ -441,11 +441,10 @@ class ServerThread:
         self.thread.join(10)
 
 
-def serve(cfg) -> None:
-    """Runs the `serve` stage on the `serve` config group until interrupted (Ctrl-C)."""
+def serve(cfg, backend) -> None:
+    """Serves `backend` (see `backends.py`; the `serve` stage places its model on the mesh) with the
+    `serve` config group's settings until interrupted (Ctrl-C)."""
     import os  # pylint: disable=import-outside-toplevel
-
-    from proxykd_jax.teacher.backends import load_backend  # pylint: disable=import-outside-toplevel
 
     f = cfg.faults
     faults = Faults(f.fail_429_rate, f.retry_after_s, f.fail_500_rate, f.slow_rate, f.slow_delay_s, f.drop_rate, f.seed)
@@ -456,7 +455,6 @@ def serve(cfg) -> None:
             f"serve.api_key_env names {cfg.api_key_env!r}, which is not set; export "
             "it or set serve.api_key_env to '' for no authentication"
         )
-    backend = load_backend(cfg)
     app = make_app(
         backend,
         active,
