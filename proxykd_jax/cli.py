@@ -65,6 +65,7 @@ def _run_stage(stage: str, argv: list[str]) -> int:
         raise UserError(
             f"bad config override ({msg}); `proxykd {stage} --help` lists the fields and their meaning."
         ) from None
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags; ours live in flag_values
     cfg = flag_values.config
     if cfg is None:
         raise UserError(f"`proxykd {stage}` needs --config=PATH (for example --config=configs/demo.py).")

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from proxykd_jax import losses
-from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.context import student_name
+from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.train import distill
 
 B, L, K, V = 2, 12, 5, 97

@@ -8,11 +8,11 @@ import ml_collections
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from stage_helpers import run_stage
 
 from proxykd_jax import data
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.tokenizer import build_word_tokenizer
-from stage_helpers import run_stage
 
 WORDS = [f"w{i}" for i in range(60)]
 SEQ, BATCH, K = 32, 8, 8

@@ -71,10 +71,21 @@ def _empty(batch: dict) -> dict:
     return out
 
 
+def local_rows(batch_size: int) -> int:
+    """This process's rows of a global batch of `batch_size` rows."""
+    if batch_size % jax.process_count():
+        raise ProxyKDError(
+            f"posterior.batch_size={batch_size} must be a multiple of the {jax.process_count()} processes."
+        )
+    return batch_size // jax.process_count()
+
+
 def batches(prepared, data_cfg, *, seq_len: int, batch_size: int):
-    """This process's one-sample-per-row batches of the split, padded to the count every process runs."""
-    it = pipeline.iter_samples(prepared, SPLIT, data_cfg, batch_size=batch_size, seq_len=seq_len)
-    return hosts.lockstep(it, hosts.batches_per_process(prepared.num_samples(SPLIT), batch_size), _empty)
+    """This process's rows of the split's global batches (`batch_size` samples, one per row; batch g
+    holds the same samples on one process or many), padded to the count every process runs."""
+    local = local_rows(batch_size)
+    it = pipeline.iter_samples(prepared, SPLIT, data_cfg, batch_size=local, seq_len=seq_len)
+    return hosts.lockstep(it, hosts.batches_per_process(prepared.num_samples(SPLIT), local), _empty)
 
 
 def is_holdout(sample_ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -96,7 +107,7 @@ def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq
     with tqdm.tqdm(total=total, desc="posterior: proxy scores", unit="sample", disable=not progress) as bar:
         for host_batch in batches(prepared, data_cfg, seq_len=seq_len, batch_size=batch_size):
             gb = global_batch({k: host_batch[k] for k in _MODEL_FIELDS}, mesh, rules)
-            lp = hosts.host_rows(fwd(graphdef, state, gb), batch_size)
+            lp = hosts.host_rows(fwd(graphdef, state, gb), local_rows(batch_size))
             spans = response_spans(host_batch)
             for row, start, t in spans:
                 sid = int(host_batch["sample_ids"][row, 0])

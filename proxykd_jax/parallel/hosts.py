@@ -69,17 +69,27 @@ def host_rows(x, rows: int) -> np.ndarray:
 
 
 def allgather(x: np.ndarray) -> np.ndarray:
-    """Concatenates a host array over processes along axis 0 (lengths may differ), in process order."""
-    x = np.asarray(x)
+    """Concatenates a host array over processes along axis 0 (lengths may differ), in process order.
+
+    Values travel as raw bytes, so int64 ids and float64 sums arrive exactly (jax arrays would
+    narrow them to 32 bits without x64)."""
+    x = np.ascontiguousarray(x)
     if jax.process_count() == 1:
         return x
     from jax.experimental import multihost_utils
 
-    n = multihost_utils.process_allgather(np.asarray([x.shape[0]], np.int64)).reshape(-1)
-    buf = np.zeros((int(n.max()),) + x.shape[1:], x.dtype)
-    buf[: x.shape[0]] = x
-    parts = multihost_utils.process_allgather(buf)
-    return np.concatenate([p[: int(c)] for p, c in zip(parts, n)])
+    row_shape, dtype = x.shape[1:], x.dtype
+    raw = (
+        x.reshape(x.shape[0], -1).view(np.uint8)
+        if x.size
+        else np.zeros((0, dtype.itemsize * int(np.prod(row_shape))), np.uint8)
+    )
+    n = np.asarray(multihost_utils.process_allgather(np.asarray([raw.shape[0]], np.int32))).reshape(-1)
+    buf = np.zeros((max(int(n.max()), 1), raw.shape[1]), np.uint8)
+    buf[: raw.shape[0]] = raw
+    parts = np.asarray(multihost_utils.process_allgather(buf))
+    out = np.concatenate([p[: int(c)] for p, c in zip(parts, n)])
+    return np.ascontiguousarray(out).view(dtype).reshape((-1,) + row_shape)
 
 
 def allsum(values: Mapping[str, float]) -> dict[str, float]:

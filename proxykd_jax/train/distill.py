@@ -169,6 +169,17 @@ class _DropStore(grain.transforms.Map):
 _STORE_FIELDS = ("kd_ids", "kd_logprobs", "kd_tail", "weight")
 
 
+class _ProcessRows(grain.transforms.Map):
+    """This process's rows [p * B/P, (p + 1) * B/P) of a global batch every process packed alike."""
+
+    def __init__(self, index: int, count: int):
+        self.index, self.count = index, count
+
+    def map(self, batch):
+        rows = next(iter(batch.values())).shape[0] // self.count
+        return {k: v[self.index * rows : (self.index + 1) * rows] for k, v in batch.items()}
+
+
 @dataclasses.dataclass
 class Distillation:
     """Everything one distill run needs, built by `setup`; `train()` runs it to the end."""
@@ -271,6 +282,8 @@ def setup(
         state_shardings=shardings,
         flops_per_step=flops,
     )
+    # Every process packs the same global batches and keeps its rows, so a run on P processes
+    # trains on exactly the batches of a run on one (each host decodes the whole global batch).
     dataset = data.make_dataset(
         prepared_dir,
         dcfg.split,
@@ -279,7 +292,11 @@ def setup(
         vocab_size=model_cfg.vocab_size,
         seq_len=seq_len,
         batch_size=train_cfg.batch_size,
+        process_index=0,
+        process_count=1,
     )
+    if jax.process_count() > 1:
+        dataset = dataset.map(_ProcessRows(jax.process_index(), jax.process_count()))
     if store is not None and alpha == 0.0:
         dataset = dataset.map(_DropStore())
     log.info(
