@@ -117,6 +117,8 @@ def test_align(base, tmp_path):
     from safetensors.numpy import load_file
 
     one, two = two_runs(base, tmp_path, "proxy")
+    for cfg in (one, two):  # SFT 2 steps (checkpointed at 1), one DPO round of 1 step on 8 pairs
+        cfg.align.update(sft_steps=2, checkpoint_every=1, prompts_per_round=8, max_new_tokens=6, heldout_samples=4)
     run_stage("align", one)
     launch("align", two, tmp_path / "align.log")
     proxy_one, proxy_two = (pathlib.Path(c.run.dir) / "proxy" for c in (one, two))

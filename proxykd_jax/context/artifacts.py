@@ -375,7 +375,7 @@ def open_artifact(
         changes = _changes(rec.get("fields", {}), fields, rec.get("inputs", {}), inputs)
         state = "finished" if rec.get("finished") else "unfinished"
         raise ProxyKDError(
-            f"{path} ({state}) was made with other settings: {'; '.join(changes)}. Set "
+            f"{path} ({state}) was made from other settings or inputs: {'; '.join(changes)}. Set "
             f"--config.run.overwrite=True to replace it (the new one is written beside it and moved "
             f"into place when finished){hint}, or choose another --config.run.dir."
         )
