@@ -5,6 +5,7 @@
 #   SIMULATE_DEVICES=8 launch/local.sh distill --config=configs/demo.py     (8 CPU devices)
 #   NUM_PROCESSES=2 SIMULATE_DEVICES=4 launch/local.sh distill --config=configs/demo.py
 #   launch/local.sh --dry-run distill ...   prints the commands and environment, runs nothing
+# COORDINATOR_PORT fixes the port of process 0 (default: a free one).
 # With several processes the first one to fail stops the others; the exit status is its status.
 set -euo pipefail
 cd "$(dirname "$0")/.."
