@@ -89,6 +89,7 @@ def test_local_dry_run_starts_n_processes_on_one_port():
             "NUM_PROCESSES": "2",
             "SIMULATE_DEVICES": "4",
             "PYTHON": "py",
+            "COORDINATOR_PORT": "23456",
             "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
         },
     )
