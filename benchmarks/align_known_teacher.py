@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/align_known_teacher.py [--out /tmp/align_kt] [--variants base,lr1e-3,...]
 
-The known-teacher setup of DESIGN.md §5 at the demo's size (configs/demo.py): a KnownTeacher
+The known-teacher setup (docs/METHOD.md) at the demo's size (configs/demo.py): a KnownTeacher
 (vocab 512, d_model 64, 2 layers, entropy 1.5 nats), 400 prompts x 4 sampled responses written as
 a JSONL corpus, prepared with the teacher's word tokenizer (warm-up / align / distill / held-out
 splits), and a proxy with the teacher's architecture whose weights are the teacher's times
