@@ -35,6 +35,7 @@ def tiny_config(run_dir: pathlib.Path):
         cfg.train.steps, cfg.train.checkpoint_every, cfg.train.log_every = 6, 3, 3
         cfg.train.tensorboard, cfg.train.progress = False, False
         cfg.train.peak_flops = 1e11
+        cfg.optim.warmup_steps = 1
         cfg.align.sft_steps, cfg.align.rounds, cfg.align.prompts_per_round = 4, 1, 16
         cfg.align.batch_size, cfg.align.max_new_tokens, cfg.align.checkpoint_every = 8, 12, 2
         cfg.align.sample_batch_size, cfg.align.eval_batch_size, cfg.align.heldout_samples = 8, 8, 8

@@ -67,8 +67,8 @@ def eval_batches(prepared, split: str, data_cfg, *, batch_size: int, limit: int 
     it = pipeline.iter_samples(prepared, split, data_cfg, batch_size=local)
     out = []
     for batch in hosts.lockstep(it, hosts.batches_per_process(total, local), _empty):
-        if len(out) == count:
-            continue  # drain (each process stops at the same global batch)
+        if len(out) == count:  # every process stops at the same global batch
+            break
         out.append(batch)
     return out
 
