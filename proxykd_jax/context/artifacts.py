@@ -61,9 +61,7 @@ def _export_source(cfg, paths: RunPaths) -> pathlib.Path:
     return paths.student(cfg.export.source or student_name(cfg.distill))
 
 
-_MODEL_SHAPE = tuple(
-    f"proxy.{f}" for f in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "d_ff", "max_seq_len")
-)
+_MODEL_SHAPE = tuple(f"proxy.{f}" for f in ("vocab_size", "num_heads", "num_kv_heads", "d_ff", "max_seq_len"))
 
 # What each stage's artifact depends on. Operational settings (batch sizes that only bound memory,
 # progress bars, checkpoint cadence, rate limits, worker counts) are left out: changing them never
