@@ -235,12 +235,16 @@ def test_response_without_content_is_recorded_not_retried(tmp_path):
     app = make_app(_EmptyForSome())
     with ServerThread(app) as srv:
         cfg = make_cfg(tmp_path, srv.base_url)
-        stats = collect(cfg)
+        with pytest.raises(CollectError, match=r"finished with failures \(no_content: 1; .*1 failed") as info:
+            collect(cfg)  # a run that ends with failed samples exits non-zero
+        stats = info.value.stats
         # a torn last line (a crash mid-write) is cut off and that sample fetched again
         out = pathlib.Path(cfg.out)
         rows = read_corpus(out)
         out.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]) + json.dumps(rows[-1])[:20])
-        again = collect(cfg)
+        with pytest.raises(CollectError) as info:
+            collect(cfg)
+        again = info.value.stats
     assert stats["done"] == 5 and stats["failed"] == {"no_content": 1}
     fails = read_corpus(cfg.out + ".failures.jsonl")
     assert fails[0]["id"] == "e" and fails[0]["reason"] == "no_content"
