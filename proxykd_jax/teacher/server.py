@@ -219,8 +219,8 @@ def make_app(
             if len(ids) + max_tokens > backend.max_context:
                 raise ApiError(
                     400,
-                    f"the prompt has {len(ids)} tokens; with max_tokens {max_tokens} "
-                    f"it exceeds the context of {backend.max_context}.",
+                    f"invalid request field '{field}': the prompt has {len(ids)} tokens; with max_tokens "
+                    f"{max_tokens} it exceeds the context of {backend.max_context}.",
                     "context_length_exceeded",
                     param=field,
                 )
@@ -309,11 +309,13 @@ def make_app(
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        max_tokens = req.max_completion_tokens or req.max_tokens or max_tokens_limit
+        max_tokens = req.max_completion_tokens or req.max_tokens
         k = req.top_logprobs or 0
-        check(req.model, max_tokens, field)
+        check(req.model, max_tokens or 1, field)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         prompts = [await asyncio.to_thread(backend.chat_ids, messages)]
+        if max_tokens is None:  # as in the OpenAI API: up to the context (and this server's limit)
+            max_tokens = max(1, min(max_tokens_limit, backend.max_context - len(prompts[0])))
         check_lengths(prompts, max_tokens, "messages")
         logprobs = req.logprobs or k > 0
         outs = (await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, logprobs, k, req.seed))[0]

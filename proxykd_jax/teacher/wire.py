@@ -130,11 +130,13 @@ class WireMiddleware:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.api_key and headers.get(b"authorization", b"").decode() != f"Bearer {self.api_key}":
-            return await error_response(401, "Incorrect API key provided.", "invalid_api_key")(scope, receive, send)
         entry = None
         if scope["method"] == "POST" and scope["path"].endswith("completions"):
             entry = self.log.start(headers.get(b"x-request-key", b"").decode(), scope["path"])
+        if self.api_key and headers.get(b"authorization", b"").decode() != f"Bearer {self.api_key}":
+            if entry is not None:
+                self.log.finish(entry, "401")
+            return await error_response(401, "Incorrect API key provided.", "invalid_api_key")(scope, receive, send)
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
