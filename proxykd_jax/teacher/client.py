@@ -5,7 +5,9 @@ parameters and sample index). Finished samples are appended to the corpus with f
 crash loses at most the requests in flight and a re-run skips every key already in the file.
 Retryable failures (429, 5xx, timeouts, dropped connections, malformed 200 bodies) back off
 exponentially with full jitter, honouring Retry-After; the rest are recorded in
-`<out>.failures.jsonl` and counted in the summary.
+`<out>.failures.jsonl` and counted in the summary. A well-formed answer without usable text (empty,
+or stopped by a content filter) is final: recorded there as `"final": true` and not asked again by a
+re-run, since asking again would pay again for the same answer.
 
 A circuit breaker keeps a dead or broken endpoint from holding the run: until the endpoint has
 answered once, and again whenever an attempt gets no answer at all, one request at a time probes
@@ -35,7 +37,7 @@ except ImportError:  # pragma: no cover - older openai
     import httpx as _http
 
 from proxykd_jax import progress
-from proxykd_jax.teacher.journal import DurableAppender, read_done
+from proxykd_jax.teacher.journal import DurableAppender, read_declined, read_done
 from proxykd_jax.teacher.prompts import CollectError, Prompt, canonical, read_prompts, request_key, sampling_params
 from proxykd_jax.teacher.responses import Answer, MalformedResponse, parse_answer
 
@@ -87,10 +89,12 @@ class RateLimiter:
 class _Failure(Exception):
     """One failed attempt. `answered`: the endpoint sent a response (a status line) to it."""
 
-    def __init__(self, reason: str, message: str, retryable: bool, *, answered: bool, retry_after=None, fatal=False):
+    def __init__(
+        self, reason: str, message: str, retryable: bool, *, answered: bool, retry_after=None, fatal=False, final=False
+    ):
         super().__init__(message)
         self.reason, self.retryable, self.answered = reason, retryable, answered
-        self.retry_after, self.fatal = retry_after, fatal
+        self.retry_after, self.fatal, self.final = retry_after, fatal, final
 
 
 def _retry_after(response) -> float | None:
@@ -141,7 +145,9 @@ def _classify(err: Exception) -> _Failure:
                 f"http_{status}", f"HTTP {status}", True, answered=True, retry_after=_retry_after(err.response)
             )
         if "content_filter" in code or "content_filter" in str(err.message):
-            return _Failure("content_filter", "the endpoint's content filter refused the prompt", False, answered=True)
+            return _Failure(
+                "content_filter", "the endpoint's content filter refused the prompt", False, answered=True, final=True
+            )
         return _Failure(f"http_{status}", f"HTTP {status}: {err.message}", False, answered=True)
     raise err
 
@@ -184,10 +190,11 @@ class Collector:
         self.corpus = DurableAppender(self.out)
         self.failures = DurableAppender(self.fail_path)
         done = read_done(self.out)
+        declined = read_declined(self.fail_path)
         work = [
             (p, s, request_key(cfg.model, p, self.params, s)) for p in prompts for s in range(cfg.samples_per_prompt)
         ]
-        self.todo = [w for w in work if w[2] not in done]
+        self.todo = [w for w in work if w[2] not in done and w[2] not in declined]
         unknown = len(done - {w[2] for w in work})
         if unknown:
             print(
@@ -197,8 +204,10 @@ class Collector:
         self.stats = {
             "out": str(self.out),
             "requested": len(work),
-            "already_done": len(work) - len(self.todo),
+            "already_done": sum(w[2] in done for w in work),
+            "already_declined": sum(w[2] in declined and w[2] not in done for w in work),
             "done": 0,
+            "declined": {},
             "failed": {},
             "remaining": len(self.todo),
             "lost": 0,
@@ -333,10 +342,12 @@ class Collector:
 
     def _record(self, prompt: Prompt, sample_index: int, key: str, answer: Answer) -> dict:
         if answer.finish_reason == "content_filter":
-            raise _Failure("content_filter", "the endpoint's content filter stopped the response", False, answered=True)
+            raise _Failure(
+                "content_filter", "the endpoint's content filter stopped the response", False, answered=True, final=True
+            )
         if not answer.text:
             why = f" (refusal: {answer.refusal})" if answer.refusal else ""
-            raise _Failure("no_content", f"the response has no content{why}", False, answered=True)
+            raise _Failure("no_content", f"the response has no content{why}", False, answered=True, final=True)
         record = {"id": prompt.id}
         record.update({"prompt": prompt.prompt} if prompt.messages is None else {"messages": list(prompt.messages)})
         record.update(response=answer.text, sample_index=sample_index, key=key)
@@ -409,8 +420,8 @@ class Collector:
         return False
 
     async def _fail(self, prompt: Prompt, sample_index: int, key: str, failure: _Failure) -> bool:
-        failed = self.stats["failed"]
-        failed[failure.reason] = failed.get(failure.reason, 0) + 1
+        counts = self.stats["declined" if failure.final else "failed"]
+        counts[failure.reason] = counts.get(failure.reason, 0) + 1
         row = {
             "id": prompt.id,
             "line": prompt.line,
@@ -418,6 +429,7 @@ class Collector:
             "key": key,
             "reason": failure.reason,
             "message": str(failure),
+            "final": failure.final,
             "time": time.time(),
         }
         try:
@@ -459,7 +471,9 @@ class Collector:
 
     def _finish_stats(self, start: float):
         stats = self.stats
-        stats["remaining"] = len(self.todo) - stats["done"] - sum(stats["failed"].values())
+        stats["remaining"] = (
+            len(self.todo) - stats["done"] - sum(stats["failed"].values()) - sum(stats["declined"].values())
+        )
         elapsed = time.monotonic() - start
         stats["elapsed_s"] = round(elapsed, 3)
         stats["samples_per_s"] = round(stats["done"] / max(elapsed, 1e-9), 3)
@@ -502,6 +516,11 @@ class Collector:
                 f"collect finished with failures ({reasons}; details in {self.fail_path}); {counts}; "
                 "re-running the same command retries the failed samples"
             )
+        if s["requested"] and not s["done"] + s["already_done"]:
+            return (
+                f"collect stored nothing: every answer was empty or refused ({_counts(s['declined'])}; details in "
+                f"{self.fail_path}); check the prompts and collect.model"
+            )
         return None
 
 
@@ -518,11 +537,17 @@ def resolve_api_key(cfg) -> str:
     )
 
 
+def _counts(by_reason: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items())) or "none"
+
+
 def format_summary(stats: dict) -> str:
-    failed = ", ".join(f"{k}: {v}" for k, v in sorted(stats["failed"].items())) or "none"
+    declined = sum(stats["declined"].values()) + stats["already_declined"]
     line = (
         f"[collect] {stats['out']}: {stats['done']} done this run, {stats['already_done']} "
-        f"already done, {stats['remaining']} not yet done, of {stats['requested']}; failed: {failed}; "
+        f"already done, {stats['remaining']} not yet done, of {stats['requested']}; failed: "
+        f"{_counts(stats['failed'])}; answered without usable text: {declined} "
+        f"({_counts(stats['declined'])} this run); "
         f"tokens in/out {stats['tokens_in']}/{stats['tokens_out']}; {stats['requests']} requests "
         f"({stats['retries']} retries); {stats['samples_per_s']} samples/s"
     )

@@ -42,6 +42,26 @@ def read_done(out: pathlib.Path) -> set[str]:
     return done
 
 
+def read_declined(path: pathlib.Path) -> set[str]:
+    """Keys the endpoint answered for good without usable text (`"final": true` rows of the failures
+    file): asking again would pay again for the same answer. Unreadable lines are skipped."""
+    if not path.exists():
+        return set()
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as err:
+        raise CollectError(f"{path} cannot be read ({err.strerror}); check its permissions") from None
+    keys = set()
+    for raw in lines:
+        try:
+            row = json.loads(raw)
+        except ValueError:  # a torn or blank line
+            continue
+        if isinstance(row, dict) and row.get("final") is True and isinstance(row.get("key"), str):
+            keys.add(row["key"])
+    return keys
+
+
 def _write_lines(path: pathlib.Path, lines: list[bytes]) -> tuple[int, OSError | None]:
     """Appends whole lines and fsyncs; returns (lines written, the error that stopped the rest)."""
     try:
