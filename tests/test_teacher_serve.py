@@ -286,3 +286,15 @@ def test_serve_settings_fail_with_one_sentence(tmp_path, monkeypatch):
     cfg.api_key_env = "NO_SUCH_KEY_VAR"
     with pytest.raises(ProxyKDError, match="serve.api_key_env names 'NO_SUCH_KEY_VAR'"):
         serve(cfg)
+
+
+class BrokenToy(ToyBackend):
+    def complete(self, prompts, **kw):
+        raise RuntimeError("the accelerator fell over")
+
+
+def test_backend_error_is_a_500_in_the_api_layout():
+    with ServerThread(make_app(BrokenToy())) as srv:
+        status, answer = post(srv.port, COMPLETIONS, "{" + OK_COMPLETION + "}")
+        assert status == 500 and answer["error"]["code"] == "internal_error"
+        assert answer["error"]["type"] == "server_error" and "RuntimeError" in answer["error"]["message"]
