@@ -10,7 +10,6 @@ must end in exit 2 with whole lines on disk. Every wait is bounded.
 import collections
 import json
 import pathlib
-import resource
 import select
 import signal
 import socket
@@ -66,7 +65,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli_collect(run_dir, prompts, base_url, *extra, **popen) -> subprocess.Popen:
+# `python -m proxykd_jax` with every file of the process capped at argv[1] bytes first (Python
+# ignores SIGXFSZ, so a write past the cap fails with EFBIG, as a full disk fails with ENOSPC).
+SMALL_DISK = (
+    "import resource, runpy, sys; limit = int(sys.argv.pop(1)); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+    "runpy.run_module('proxykd_jax', run_name='__main__', alter_sys=True)"
+)
+
+
+def cli_collect(run_dir, prompts, base_url, *extra, file_limit=None) -> subprocess.Popen:
     args = [
         "--config=configs/demo.py",
         f"--config.run.dir={run_dir}",
@@ -81,12 +89,13 @@ def cli_collect(run_dir, prompts, base_url, *extra, **popen) -> subprocess.Popen
         *extra,
     ]
     return subprocess.Popen(
-        [sys.executable, "-m", "proxykd_jax", "collect", *args],
+        [sys.executable, "-m", "proxykd_jax", "collect", *args]
+        if file_limit is None
+        else [sys.executable, "-c", SMALL_DISK, str(file_limit), "collect", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        **popen,
     )
 
 
@@ -158,12 +167,9 @@ def test_disk_full_exits_2_with_whole_lines_and_a_rerun_completes(tmp_path):
     corpus = run_dir / "corpus" / "teacher.jsonl"
     limit = 3000  # bytes any file of the process may reach: room for a few records
 
-    def small_disk():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: writes fail with EFBIG
-
     app = make_app(ToyBackend())
     with ServerThread(app) as srv:
-        proc = cli_collect(run_dir, prompts, srv.base_url, preexec_fn=small_disk)
+        proc = cli_collect(run_dir, prompts, srv.base_url, file_limit=limit)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and "Traceback" not in err, err
         assert f"cannot write {corpus} (File too large)" in err and "re-running the same command continues" in err
