@@ -10,6 +10,12 @@ sample): the rate one core running only the client could reach.
     .venv/bin/python benchmarks/collect.py --samples 400 --latency-ms 20 --max-batch 64   # client-bound
     .venv/bin/python benchmarks/collect.py --samples 200 --latency-ms 100 --max-batch 16 \
         --concurrency 1,8,16,64                                                          # server-bound
+
+`--breaker` instead times how long `collect`, with the default breaker settings, takes to give up
+(and how it exits) when nothing listens, when the server is killed mid-run, and when every request
+is answered 500:
+
+    .venv/bin/python benchmarks/collect.py --breaker
 """
 
 import argparse
@@ -18,24 +24,27 @@ import io
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxykd_jax.teacher.client import collect  # noqa: E402
+from proxykd_jax.teacher.client import CollectError, collect  # noqa: E402
 from proxykd_jax.teacher.config import collect_config  # noqa: E402
 
 SERVER = textwrap.dedent("""
     import sys, uvicorn
     from proxykd_jax.teacher.backends import ToyBackend
-    from proxykd_jax.teacher.server import make_app
-    latency, max_batch = float(sys.argv[1]), int(sys.argv[2])
-    app = make_app(ToyBackend(latency_s=latency), batch_window_ms=2, max_batch=max_batch)
+    from proxykd_jax.teacher.server import Faults, make_app
+    latency, max_batch, fail_500 = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    faults = Faults(fail_500_rate=fail_500) if fail_500 else None
+    app = make_app(ToyBackend(latency_s=latency), faults, batch_window_ms=2, max_batch=max_batch)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="off")
     server = uvicorn.Server(config)
     import threading
@@ -55,6 +64,75 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_server(latency_s: float, max_batch: int, fail_500: float = 0.0) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(latency_s), str(max_batch), str(fail_500)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return proc, int(proc.stdout.readline())
+
+
+def _prompts_cfg(tmp: str, n: int, port: int, **kw):
+    prompts = pathlib.Path(tmp) / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"benchmark prompt {i}"}) + "\n" for i in range(n)))
+    cfg = collect_config()
+    cfg.prompts, cfg.out = str(prompts), str(pathlib.Path(tmp) / "corpus.jsonl")
+    cfg.base_url, cfg.model, cfg.progress = f"http://127.0.0.1:{port}/v1", "toy", False
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def _timed_collect(cfg) -> tuple[float, str]:
+    start = time.monotonic()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            collect(cfg)
+        outcome = "exit 0"
+    except CollectError as err:
+        outcome = "exit 2: " + str(err).split(";")[0]
+    return time.monotonic() - start, outcome
+
+
+def breaker_table():
+    """Seconds until `collect` (default breaker settings) gives up in three broken-endpoint cases."""
+    print("collect with default settings: breaker_failures=6, breaker_no_success_s=60, max_attempts=8")
+    print(f"{'case':<34} {'seconds':>8}  outcome")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # closed again: nothing listens there
+        rows.append(("nothing listens", *_timed_collect(_prompts_cfg(tmp, 20, port))))
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_server(0.05, 8)
+        cfg = _prompts_cfg(tmp, 2000, port)
+        killed = {}
+
+        def kill_after_first_records():
+            out = pathlib.Path(cfg.out)
+            while not (out.exists() and out.read_bytes().count(b"\n") >= 50):
+                time.sleep(0.01)  # polling a file the run writes
+            proc.kill()
+            killed["t"] = time.monotonic()
+
+        threading.Thread(target=kill_after_first_records, daemon=True).start()
+        _, outcome = _timed_collect(cfg)
+        rows.append(("server killed mid-run", time.monotonic() - killed["t"], outcome))
+        proc.wait()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_server(0.0, 8, fail_500=1.0)
+        try:
+            rows.append(("every request answered 500", *_timed_collect(_prompts_cfg(tmp, 6, port))))
+        finally:
+            proc.terminate()
+            proc.wait()
+    for case, seconds, outcome in rows:
+        print(f"{case:<34} {seconds:>8.1f}  {outcome[:110]}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=400, help="samples collected per concurrency level")
@@ -62,15 +140,12 @@ def main():
     ap.add_argument("--max-batch", type=int, default=64, help="sequences per batched call")
     ap.add_argument("--concurrency", default="1,8,64", help="comma-separated levels")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--breaker", action="store_true", help="time the breaker on broken endpoints instead")
     args = ap.parse_args()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(args.latency_ms / 1000), str(args.max_batch)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    if args.breaker:
+        return breaker_table()
+    proc, port = start_server(args.latency_ms / 1000, args.max_batch)
     try:
-        port = int(proc.stdout.readline())
         ceiling = args.max_batch / (args.latency_ms / 1000)
         print(
             f"toy server: {args.latency_ms:g} ms per call of <= {args.max_batch} sequences "

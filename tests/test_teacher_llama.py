@@ -15,7 +15,9 @@ from proxykd_jax.models.tokenizer import build_bpe_tokenizer
 from proxykd_jax.teacher.backends import LlamaBackend
 from proxykd_jax.teacher.client import collect
 from proxykd_jax.teacher.config import collect_config
+from proxykd_jax.teacher.responses import bytes_token
 from proxykd_jax.teacher.server import ServerThread, make_app
+from proxykd_jax.teacher.token_bytes import token_byte_table
 
 WORDS = (
     "the a cat dog sat ran on under mat log red blue big small fast slow one two three "
@@ -71,11 +73,13 @@ def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
     second = {r["key"]: r["response"] for r in map(json.loads, pathlib.Path(again.out).read_text().splitlines())}
     assert first and first == second  # each sample's seed, not its batch, decides its tokens
     # an untrained model may end a response at once (eos first): recorded, not stored, not retried
-    assert stats["done"] >= 3 and stats["done"] + stats["failed"].get("no_content", 0) == 6
+    assert stats["done"] >= 3 and stats["done"] + stats["declined"].get("no_content", 0) == 6
     assert max(app.state.batcher.calls) > 1  # concurrent requests shared one generate call
 
     def clean(tid, piece):  # a piece that re-tokenizes to its own id (not a partial UTF-8 byte)
         return "\ufffd" not in piece and tok(piece, add_special_tokens=False)["input_ids"] == [tid]
+
+    table = token_byte_table(tok)
 
     rows = [json.loads(line) for line in pathlib.Path(ccfg.out).read_text().splitlines()]
     seqs = [
@@ -89,8 +93,10 @@ def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
     for r, logits in zip(rows, logits_BxLxV):
         prompt_ids = backend.chat_ids(r["messages"])
         c = backend.seen[tuple(prompt_ids)]
-        assert r["tokens"] == [backend.pieces(c.token_ids[:j], [t])[0] for j, t in enumerate(c.token_ids)]
-        assert "".join(r["tokens"]) == r["response"]
+        # each token's true bytes (byte-level BPE: partial UTF-8 too), and its API string
+        assert r["token_bytes"] == [list(table[t]) for t in c.token_ids]
+        assert r["tokens"] == [bytes_token(table[t]) for t in c.token_ids]
+        assert bytes(b for tb in r["token_bytes"] for b in tb).decode("utf-8", "replace") == r["response"]
         m = logits.max(-1, keepdims=True)
         logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
         heads, prefix_clean = [], True
@@ -99,8 +105,9 @@ def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
             want = np.argsort(-row)[:K]
             assert [a for a, _ in c.top[j]] == want.tolist()
             np.testing.assert_allclose([a["logprob"] for a in alts], row[want], atol=2e-4)
-            pieces = backend.pieces(c.token_ids[:j], want.tolist())
-            assert [a["token"] for a in alts] == pieces
+            assert [a["bytes"] for a in alts] == [list(table[i]) for i in want]
+            pieces = [a["token"] for a in alts]
+            assert pieces == [bytes_token(table[i]) for i in want]
             prefix_clean = prefix_clean and clean(c.token_ids[j], r["tokens"][j])
             heads.append(
                 {int(i): a["logprob"] for i, a, pc in zip(want, alts, pieces) if clean(i, pc)} if prefix_clean else None

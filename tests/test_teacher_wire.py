@@ -1,6 +1,7 @@
 """`collect` against `serve` over real loopback HTTP: faults, dedup, resume, rate limits, bad input."""
 
 import collections
+import io
 import json
 import os
 import pathlib
@@ -9,11 +10,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import openai
 import pytest
 
+from proxykd_jax.progress import bar
 from proxykd_jax.teacher.backends import ToyBackend
 from proxykd_jax.teacher.client import CollectError, RateLimiter, collect
 from proxykd_jax.teacher.config import collect_config
@@ -63,6 +66,7 @@ def test_complete_and_unique_under_faults(tmp_path):
         slow_rate=0.1,
         slow_delay_s=0.05,
         drop_rate=0.1,
+        malformed_rate=0.1,
         seed=3,
     )
     app = make_app(ToyBackend(), faults)
@@ -74,18 +78,19 @@ def test_complete_and_unique_under_faults(tmp_path):
     assert len(rows) == 45 and len(set(keys)) == 45
     assert {(r["id"], r["sample_index"]) for r in rows} == {(f"p{i}", s) for i in range(15) for s in range(3)}
     outcomes = collections.Counter(e["outcome"] for e in app.state.requests)
-    assert outcomes["429"] > 0 and outcomes["500"] > 0 and outcomes["drop"] > 0
+    assert all(outcomes[k] > 0 for k in ("429", "500", "503", "drop", "malformed"))
     # every sample was answered in full exactly once: nothing was paid for twice
     assert ok_counts(app) == collections.Counter(keys)
     assert (
         stats["done"] == 45
         and stats["failed"] == {}
-        and stats["retries"] >= sum(outcomes[k] for k in ("429", "500", "drop"))
+        and stats["retries"] >= sum(outcomes[k] for k in ("429", "500", "503", "drop", "malformed"))
     )
     assert not pathlib.Path(cfg.out + ".failures.jsonl").exists()
     for r in rows:  # top_logprobs round-trip: one entry per teacher token, the tokens spell the text
         assert r["messages"][1]["content"] == f"question {r['id'][1:]}"
         assert "".join(r["tokens"]) == r["response"]
+        assert r["token_bytes"] == [list(t.encode()) for t in r["tokens"]]
         assert len(r["top_logprobs"]) == len(r["tokens"]) and all(len(t) == 4 for t in r["top_logprobs"])
         for alts in r["top_logprobs"]:
             lps = [a["logprob"] for a in alts]
@@ -198,9 +203,12 @@ def test_wrong_key_stops_and_keeps_collected(tmp_path):
         before = pathlib.Path(cfg.out).read_text()
         write_prompts(tmp_path / "prompts.jsonl", 8)
         cfg.api_key = "sk-bad-7f3a"
+        n = len(app.state.requests)
         with pytest.raises(CollectError, match="API key was rejected") as info:
             collect(cfg)
     assert "sk-bad-7f3a" not in str(info.value)
+    # until the endpoint has answered once, one request at a time: the rejected key cost one request
+    assert [e["outcome"] for e in app.state.requests[n:]] == ["401"]
     assert pathlib.Path(cfg.out).read_text() == before
 
 
@@ -229,23 +237,28 @@ class _EmptyForSome(ToyBackend):
         return out
 
 
-def test_response_without_content_is_recorded_not_retried(tmp_path):
+def test_response_without_content_is_final_not_failed(tmp_path):
     path = write_prompts(tmp_path / "prompts.jsonl", 5)
     path.write_text(path.read_text() + json.dumps({"id": "e", "prompt": "EMPTY please"}) + "\n")
     app = make_app(_EmptyForSome())
     with ServerThread(app) as srv:
         cfg = make_cfg(tmp_path, srv.base_url)
-        stats = collect(cfg)
+        stats = collect(cfg)  # an empty answer is the teacher's answer: recorded, the run succeeds
         # a torn last line (a crash mid-write) is cut off and that sample fetched again
         out = pathlib.Path(cfg.out)
         rows = read_corpus(out)
         out.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]) + json.dumps(rows[-1])[:20])
         again = collect(cfg)
-    assert stats["done"] == 5 and stats["failed"] == {"no_content": 1}
+        asked = collections.Counter(e["key"] for e in app.state.requests)
+        path.write_text(json.dumps({"id": "e", "prompt": "EMPTY please"}) + "\n")
+        with pytest.raises(CollectError, match=r"stored nothing: every answer was empty or refused"):
+            collect(make_cfg(tmp_path, srv.base_url, out=str(tmp_path / "other.jsonl")))
+    assert stats["done"] == 5 and stats["declined"] == {"no_content": 1} and stats["failed"] == {}
     fails = read_corpus(cfg.out + ".failures.jsonl")
-    assert fails[0]["id"] == "e" and fails[0]["reason"] == "no_content"
-    assert sum(e["key"] == fails[0]["key"] for e in app.state.requests) == 2  # once per run
-    assert again["done"] == 1 and len(read_corpus(cfg.out)) == 5
+    assert fails[0]["id"] == "e" and fails[0]["reason"] == "no_content" and fails[0]["final"] is True
+    # asked once: the re-run skipped it (asking again would pay again for the same answer)
+    assert asked[fails[0]["key"]] == 1
+    assert again["done"] == 1 and again["already_declined"] == 1 and len(read_corpus(cfg.out)) == 5
 
 
 def test_server_api_n_stop_usage_and_batching(tmp_path):
@@ -274,3 +287,112 @@ def test_server_api_n_stop_usage_and_batching(tmp_path):
         app.state.batcher.calls.clear()
         collect(make_cfg(tmp_path, srv.base_url, concurrency=16))
         assert max(app.state.batcher.calls) > 1 and sum(app.state.batcher.calls) == 16
+
+
+def test_always_failing_server_exits_nonzero_within_the_breaker_time(tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", 6)
+    app = make_app(ToyBackend(), Faults(fail_500_rate=1.0))
+    with ServerThread(app) as srv:
+        cfg = make_cfg(tmp_path, srv.base_url, max_attempts=3)
+        with pytest.raises(CollectError, match=r"finished with failures \(retries_exhausted_http_5\d\d: \d.* 0 done"):
+            collect(cfg)  # every sample used its attempts: failed, exit non-zero
+        cfg.max_attempts, cfg.breaker_no_success_s, cfg.backoff_max_s = 1000, 0.5, 0.05
+        start = time.monotonic()
+        with pytest.raises(CollectError, match=r"stopped: no sample finished in the last \d+ s of failures") as info:
+            collect(cfg)
+        assert time.monotonic() - start < 10
+    stats = info.value.stats
+    assert stats["done"] == 0 and stats["remaining"] == 6 and "re-running the same command continues" in str(info.value)
+
+
+class ScriptedFaults(Faults):
+    """Answers the first requests with the given faults, then serves normally."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script = list(script)
+
+    def draw(self):
+        return (self.script.pop(0) if self.script else None), False
+
+
+def test_first_sample_meeting_500_429_drop_is_not_unreachable(tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", 4)
+    app = make_app(ToyBackend(), ScriptedFaults(["500", "429", "drop"]))
+    with ServerThread(app) as srv:
+        cfg = make_cfg(tmp_path, srv.base_url, max_attempts=3, concurrency=1)
+        with pytest.raises(CollectError) as info:
+            collect(cfg)
+    message = str(info.value)
+    assert "cannot reach" not in message and "retries_exhausted_dropped: 1" in message
+    assert info.value.stats["done"] == 3
+    # the first sample met all three faults and used its attempts; the others were not held up
+    first = [e["key"] for e in app.state.requests[:3]]
+    assert len(set(first)) == 1 and [e["outcome"] for e in app.state.requests[:3]] == ["500", "429", "drop"]
+
+
+class CountingToy(ToyBackend):
+    """Signals once it has served `n` calls, so a test can act mid-run without polling."""
+
+    def __init__(self, n, **kw):
+        super().__init__(**kw)
+        self.n, self.reached = n, threading.Event()
+
+    def complete(self, prompts, **kw):
+        out = super().complete(prompts, **kw)
+        self.n -= len(prompts)
+        if self.n <= 0:
+            self.reached.set()
+        return out
+
+
+def test_server_gone_mid_run_stops_soon_and_a_rerun_continues(tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", 40)
+    backend = CountingToy(8, latency_s=0.01)
+    first = make_app(backend)
+    with ServerThread(first) as srv:
+        port = srv.port
+        cfg = make_cfg(tmp_path, srv.base_url, concurrency=2, breaker_failures=4)
+        result = {}
+
+        def run():
+            try:
+                collect(cfg)
+            except CollectError as err:
+                result["error"] = err
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert backend.reached.wait(30)
+    gone = time.monotonic()  # the server has shut down: nothing listens on the port now
+    thread.join(30)
+    assert not thread.is_alive() and time.monotonic() - gone < 10
+    err = result["error"]
+    assert "the endpoint stopped answering: 4 attempts in a row got no answer" in str(err)
+    assert "re-running the same command continues" in str(err) and err.stats["remaining"] > 0
+    second = make_app(ToyBackend())
+    with ServerThread(second, port=port):
+        stats = collect(cfg)
+    rows = read_corpus(cfg.out)
+    assert len(rows) == 40 and len({r["key"] for r in rows}) == 40
+    assert stats["already_done"] == err.stats["done"]
+    paid = ok_counts(first) + ok_counts(second)
+    assert max(paid.values()) == 1 and set(paid) == {r["key"] for r in rows}
+
+
+def test_prompts_file_that_is_not_utf8_is_one_clear_error(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(CollectError, match=r"prompts.jsonl line 2: byte 0xe9 at column 16 is not UTF-8 text"):
+        collect(make_cfg(tmp_path, "http://127.0.0.1:9/v1"))
+
+
+def test_progress_prints_lines_when_not_a_terminal():
+    stream = io.StringIO()  # not a terminal
+    b = bar(total=5, desc="collect", unit="sample", interval_s=0.0, file=stream)
+    for _ in range(5):
+        b.update(1)
+    b.close()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) >= 5
+    assert lines[0].startswith("collect:   0%") and "5/5" in lines[-1]

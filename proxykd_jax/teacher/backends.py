@@ -12,7 +12,9 @@ import time
 
 import numpy as np
 
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.teacher.server import Completion
+from proxykd_jax.teacher.token_bytes import token_byte_table
 
 
 def _next_pow2(x: int, floor: int = 1) -> int:
@@ -59,6 +61,7 @@ class LlamaBackend:
         self.chat_format = chat_format
         self._key = jax.random.key(seed)
         self._calls = 0
+        self._byte_table = None  # token id -> bytes, built on first use
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=True))
@@ -80,6 +83,20 @@ class LlamaBackend:
         ctx = list(context_ids[-4:])
         base = len(self.decode(ctx))
         return [self.decode(ctx + [int(c)])[base:] for c in candidate_ids]
+
+    def token_bytes(self, context_ids: list[int], candidate_ids: list[int]) -> list[bytes]:
+        """Each candidate's true bytes: from the tokenizer's byte mapping where it has one (exact
+        for byte-level BPE, partial UTF-8 sequences included), else the UTF-8 of its piece."""
+        if self._byte_table is None:
+            self._byte_table = token_byte_table(self.tok)
+        table = self._byte_table
+        out = [table[c] if 0 <= c < len(table) else None for c in map(int, candidate_ids)]
+        missing = [i for i, b in enumerate(out) if b is None]
+        if missing:
+            pieces = self.pieces(context_ids, [candidate_ids[i] for i in missing])
+            for i, piece in zip(missing, pieces):
+                out[i] = piece.encode("utf-8")
+        return out
 
     def _row_keys(self, num_prompts: int, n: int, rows: int, seeds):
         """One key per generated row: from the request's seed (and the sample's index) where it has
@@ -168,6 +185,10 @@ class ToyBackend:
         del context_ids  # one byte per token: pieces do not depend on the context
         return [self.decode([c]) for c in candidate_ids]
 
+    def token_bytes(self, context_ids: list[int], candidate_ids: list[int]) -> list[bytes]:
+        del context_ids
+        return [bytes([c]) if c < 256 else b"" for c in candidate_ids]
+
     def _one(self, prompt: list[int], index: int, temperature: float, max_tokens: int, k: int, seed=None):
         call = self._calls if temperature > 0 else 0  # greedy decoding is reproducible
         if seed is not None and temperature > 0:  # a seeded request is reproducible too
@@ -206,21 +227,40 @@ class ToyBackend:
         return out
 
 
-def load_backend(cfg):
-    """The backend named by the `serve` group: a Hugging Face folder or a known-teacher folder."""
-    path = pathlib.Path(cfg.path)
-    if not cfg.path or not path.is_dir():
-        raise ValueError(f"serve.path {cfg.path!r} is not a folder; point it at the checkpoint to serve")
-    name = cfg.model_name or path.name
-    if cfg.source == "hf":
-        from proxykd_jax.models.hf import load_hf  # pylint: disable=import-outside-toplevel
-        from proxykd_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+def load_backend(cfg, *, load_model=None, place=None):
+    """The backend named by the `serve` group: a Hugging Face folder or a known-teacher folder.
 
-        _, model = load_hf(str(path), dtype=cfg.dtype)
-        return LlamaBackend(model, load_tokenizer(path), model_name=name, seed=cfg.seed)
-    if cfg.source == "known":
+    `load_model(folder, dtype=...) -> (config, model)` replaces `models.hf.load_hf` and `place(model)`
+    places a known teacher's model (the `serve` stage puts both on its mesh)."""
+    if cfg.source not in ("hf", "known"):
+        raise ProxyKDError(f"serve.source must be 'hf' or 'known', not {cfg.source!r}")
+    path = pathlib.Path(cfg.path).expanduser()
+    if not cfg.path:
+        raise ProxyKDError("serve.path is empty; set it to the model folder to serve (an `export` output)")
+    if not path.is_dir():
+        raise ProxyKDError(f"serve.path {cfg.path!r} is not a folder; point it at the model folder to serve")
+    missing = [name for name in ("config.json",) if not (path / name).is_file()]
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        missing.append("tokenizer.json")
+    if missing:
+        raise ProxyKDError(
+            f"serve.path {cfg.path!r} has no {' or '.join(missing)}; it must be a model folder written by "
+            "`export` (or a Hugging Face Llama folder)"
+        )
+    name = cfg.model_name or path.name
+    try:
+        if cfg.source == "hf":
+            from proxykd_jax.models.hf import load_hf  # pylint: disable=import-outside-toplevel
+            from proxykd_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+
+            _, model = (load_model or load_hf)(path, dtype=cfg.dtype)
+            return LlamaBackend(model, load_tokenizer(path), model_name=name, seed=cfg.seed)
         from proxykd_jax.teacher.known import KnownTeacher  # pylint: disable=import-outside-toplevel
 
         teacher = KnownTeacher.load(str(path))
-        return LlamaBackend(teacher.model, teacher.tokenizer, model_name=name, seed=cfg.seed)
-    raise ValueError(f"serve.source must be 'hf' or 'known', not {cfg.source!r}")
+        model = place(teacher.model) if place is not None else teacher.model
+        return LlamaBackend(model, teacher.tokenizer, model_name=name, seed=cfg.seed)
+    except ProxyKDError:
+        raise
+    except (OSError, ValueError, KeyError) as err:  # a folder that is not a loadable model
+        raise ProxyKDError(f"serve.path {cfg.path!r} cannot be served: {err}") from None

@@ -3,18 +3,25 @@
 Each (prompt, sample_index) is one request with a content key (sha256 of model, prompt, sampling
 parameters and sample index). Finished samples are appended to the corpus with flush + fsync, so a
 crash loses at most the requests in flight and a re-run skips every key already in the file.
-Retryable failures (429, 5xx, timeouts, dropped connections) back off exponentially with full jitter,
-honouring Retry-After; the rest are recorded in `<out>.failures.jsonl` and counted in the summary.
+Retryable failures (429, 5xx, timeouts, dropped connections, malformed 200 bodies) back off
+exponentially with full jitter, honouring Retry-After; the rest are recorded in
+`<out>.failures.jsonl` and counted in the summary. A well-formed answer without usable text (empty,
+or stopped by a content filter) is final: recorded there as `"final": true` and not asked again by a
+re-run, since asking again would pay again for the same answer.
+
+A circuit breaker keeps a dead or broken endpoint from holding the run: until the endpoint has
+answered once, and again whenever an attempt gets no answer at all, one request at a time probes
+it; `breaker_failures` probes in a row without an answer, or `breaker_no_success_s` seconds of
+failures without a single finished sample, stop the run. A run that stops, or ends with failed
+samples, raises `CollectError` after printing its summary; a re-run continues where it stopped.
 The API key is read from config or the environment and never written anywhere.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import collections
 import email.utils
-import hashlib
-import json
 import math
 import os
 import pathlib
@@ -23,14 +30,18 @@ import time
 import urllib.parse
 
 import openai
-import tqdm
 
 try:  # the HTTP library under the official client: httpx2 from openai 3, httpx before
     import httpx2 as _http
 except ImportError:  # pragma: no cover - older openai
     import httpx as _http
 
-from proxykd_jax.errors import ProxyKDError
+from proxykd_jax import progress
+from proxykd_jax.teacher.journal import DurableAppender, read_declined, read_done
+from proxykd_jax.teacher.prompts import CollectError, Prompt, canonical, read_prompts, request_key, sampling_params
+from proxykd_jax.teacher.responses import Answer, MalformedResponse, parse_answer
+
+__all__ = ["CollectError", "RateLimiter", "collect", "format_summary", "resolve_api_key"]
 
 RETRYABLE_STATUS = (408, 409, 429)
 CONNECTIONS_PER_CLIENT = 8
@@ -39,123 +50,6 @@ FATAL_STATUS = {
     403: "access is forbidden (403)",
     404: "the endpoint or model was not found (404)",
 }
-
-
-class CollectError(ProxyKDError):
-    """A user-facing failure of `collect` (bad prompts file, unreachable endpoint, rejected key)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    """One prompt line: exactly one of `prompt` (text) and `messages` (chat) is set."""
-
-    id: str
-    line: int
-    prompt: str | None
-    messages: tuple | None
-
-
-def _canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
-def read_prompts(path: str, api: str) -> list[Prompt]:
-    """Reads and validates the whole prompts file before any request is made."""
-    p = pathlib.Path(path)
-    if not path or not p.is_file():
-        raise CollectError(f"prompts file {path!r} does not exist; set collect.prompts to a JSONL file")
-    prompts, seen = [], {}
-    for lineno, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{p.name} line {lineno}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise CollectError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
-        if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
-            raise CollectError(
-                f"{where}: expected an object with exactly one of 'prompt' (string) "
-                "or 'messages' (list of {role, content}); fix or remove the line"
-            )
-        text, messages = obj.get("prompt"), obj.get("messages")
-        if "prompt" in obj and (not isinstance(text, str) or not text):
-            raise CollectError(f"{where}: 'prompt' must be a non-empty string; fix or remove the line")
-        if "messages" in obj:
-            ok = (
-                isinstance(messages, list)
-                and messages
-                and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in messages
-                )
-            )
-            if not ok:
-                raise CollectError(
-                    f"{where}: 'messages' must be a non-empty list of objects with "
-                    "string 'role' and 'content'; fix or remove the line"
-                )
-            if api != "chat":
-                raise CollectError(
-                    f"{where}: chat 'messages' need collect.api='chat' "
-                    f"(it is {api!r}); use 'prompt' text or switch the api"
-                )
-            messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
-        pid = obj.get("id")
-        if pid is None:
-            pid = hashlib.sha256(_canonical(text if messages is None else list(messages)).encode()).hexdigest()[:16]
-        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
-            raise CollectError(f"{where}: 'id' must be a string or integer; fix the line")
-        pid = str(pid)
-        if pid in seen:
-            raise CollectError(f"{where}: id {pid!r} already used on line {seen[pid]}; prompt ids must be unique")
-        seen[pid] = lineno
-        prompts.append(Prompt(pid, lineno, text, messages))
-    if not prompts:
-        raise CollectError(f"prompts file {path!r} holds no prompts")
-    return prompts
-
-
-def sampling_params(cfg) -> dict:
-    """The sampling parameters that go into every request and every content key."""
-    return {
-        "api": cfg.api,
-        "temperature": float(cfg.temperature),
-        "top_p": float(cfg.top_p),
-        "max_tokens": int(cfg.max_tokens),
-        "stop": list(cfg.stop),
-        "top_logprobs": int(cfg.top_logprobs),
-    }
-
-
-def request_key(model: str, prompt: Prompt, params: dict, sample_index: int) -> str:
-    """Content hash of (endpoint model, prompt, sampling parameters, sample index)."""
-    content = prompt.prompt if prompt.messages is None else list(prompt.messages)
-    return hashlib.sha256(_canonical([model, content, params, sample_index]).encode()).hexdigest()
-
-
-def read_done(out: pathlib.Path) -> set[str]:
-    """Keys already in the corpus; a torn last line (crash mid-write) is cut off the file."""
-    if not out.exists():
-        return set()
-    data = out.read_bytes()
-    lines = data.split(b"\n")
-    if lines[-1]:  # no trailing newline: the last write was torn by a crash
-        print(f"[collect] {out}: dropping a torn last line ({len(lines[-1])} bytes) left by a crash")
-        with open(out, "r+b") as f:
-            f.truncate(len(data) - len(lines[-1]))
-    done = set()
-    for lineno, raw in enumerate(lines[:-1], start=1):
-        if not raw.strip():
-            continue
-        try:
-            done.add(json.loads(raw)["key"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CollectError(
-                f"{out} line {lineno}: not a corpus record with a 'key'; "
-                "move the file aside or point collect.out elsewhere"
-            ) from None
-    return done
 
 
 class RateLimiter:
@@ -193,11 +87,14 @@ class RateLimiter:
 
 
 class _Failure(Exception):
+    """One failed attempt. `answered`: the endpoint sent a response (a status line) to it."""
+
     def __init__(
-        self, reason: str, message: str, retryable: bool, retry_after: float | None = None, fatal: bool = False
+        self, reason: str, message: str, retryable: bool, *, answered: bool, retry_after=None, fatal=False, final=False
     ):
         super().__init__(message)
-        self.reason, self.retryable, self.retry_after, self.fatal = reason, retryable, retry_after, fatal
+        self.reason, self.retryable, self.answered = reason, retryable, answered
+        self.retry_after, self.fatal, self.final = retry_after, fatal, final
 
 
 def _retry_after(response) -> float | None:
@@ -215,105 +112,60 @@ def _retry_after(response) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return None if parsed is None else max(0.0, parsed.timestamp() - time.time())
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):  # neither seconds nor an HTTP date: no hint
+            return None
+        return max(0.0, parsed.timestamp() - time.time())
 
 
 def _classify(err: Exception) -> _Failure:
     """Maps a client exception to a retryable / per-prompt / fatal failure."""
+    if isinstance(err, MalformedResponse):
+        return _Failure("malformed_response", f"the 200 response is not usable: {err}", True, answered=True)
     if isinstance(err, openai.APITimeoutError):
-        return _Failure("timeout", "the request timed out", True)
+        return _Failure("timeout", "the request timed out", True, answered=False)
     if isinstance(err, openai.APIConnectionError):
         cause = err.__cause__ or err
-        return _Failure("connection", f"connection failed ({type(cause).__name__}: {cause})", True)
+        # A body cut short means the server did answer (the status line came) and then dropped.
+        answered = "message body" in str(cause)
+        reason = "dropped" if answered else "connection"
+        return _Failure(reason, f"connection failed ({type(cause).__name__}: {cause})", True, answered=answered)
     if isinstance(err, openai.APIStatusError):
         status = err.status_code
         code = str(getattr(err, "code", "") or "")
         if status == 429 and code == "insufficient_quota":
-            return _Failure("quota", "the account is out of quota (429 insufficient_quota)", False, fatal=True)
+            return _Failure(
+                "quota", "the account is out of quota (429 insufficient_quota)", False, answered=True, fatal=True
+            )
         if status in FATAL_STATUS:
-            return _Failure(f"http_{status}", FATAL_STATUS[status], False, fatal=True)
+            return _Failure(f"http_{status}", FATAL_STATUS[status], False, answered=True, fatal=True)
         if status >= 500 or status in RETRYABLE_STATUS:
-            return _Failure(f"http_{status}", f"HTTP {status}", True, _retry_after(err.response))
+            return _Failure(
+                f"http_{status}", f"HTTP {status}", True, answered=True, retry_after=_retry_after(err.response)
+            )
         if "content_filter" in code or "content_filter" in str(err.message):
-            return _Failure("content_filter", "the endpoint's content filter refused the prompt", False)
-        return _Failure(f"http_{status}", f"HTTP {status}: {err.message}", False)
-    if isinstance(err, (openai.APIResponseValidationError, json.JSONDecodeError)):
-        return _Failure("malformed_response", f"the response could not be parsed ({err})", True)
+            return _Failure(
+                "content_filter", "the endpoint's content filter refused the prompt", False, answered=True, final=True
+            )
+        return _Failure(f"http_{status}", f"HTTP {status}: {err.message}", False, answered=True)
     raise err
 
 
-def _logprob_fields(choice, api: str) -> dict:
-    """Teacher token strings and per-token top-k alternatives, when the endpoint returned them."""
-    lp = getattr(choice, "logprobs", None)
-    if lp is None:
-        return {}
-    if api == "chat":
-        content = lp.content or []
-        if not content:
-            return {}
-        tops = [
-            [
-                {
-                    "token": t.token,
-                    "logprob": float(t.logprob),
-                    **({"bytes": list(t.bytes)} if t.bytes is not None else {}),
-                }
-                for t in (entry.top_logprobs or [])
-            ]
-            for entry in content
-        ]
-        return {"tokens": [entry.token for entry in content], "top_logprobs": tops}
-    if not lp.tokens or lp.top_logprobs is None:
-        return {}
-    tops = [
-        [{"token": tok, "logprob": float(v)} for tok, v in sorted((d or {}).items(), key=lambda kv: -kv[1])]
-        for d in lp.top_logprobs
-    ]
-    return {"tokens": list(lp.tokens), "top_logprobs": tops}
-
-
-class DurableAppender:
-    """Appends JSON lines with group commit: whatever queued while the last fsync ran is written
-    and fsynced together, and each `append` returns only once its own line is on disk."""
-
-    def __init__(self, path: pathlib.Path):
-        self.path, self.pending, self.task = path, [], None
-
-    async def append(self, record: dict):
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append(((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"), future))
-        if self.task is None or self.task.done():
-            self.task = asyncio.ensure_future(self._drain())
-        await future
-
-    def _write(self, lines: list[bytes]):
-        with open(self.path, "ab") as f:
-            f.write(b"".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
-
-    async def _drain(self):
-        while self.pending:
-            batch, self.pending = self.pending, []
-            try:
-                await asyncio.to_thread(self._write, [line for line, _ in batch])
-            except OSError as err:
-                for _, future in batch:
-                    future.set_exception(err)
-                continue
-            for _, future in batch:
-                future.set_result(None)
-
-
 class Collector:
-    """One `collect` run: the work list, the HTTP client, the limiters and the output file."""
+    """One `collect` run: the work list, the HTTP clients, the limiters, the breaker and the files."""
 
     def __init__(self, cfg, prompts: list[Prompt], api_key: str):
         self.cfg = cfg
         self.params = sampling_params(cfg)
         self.out = pathlib.Path(cfg.out)
         self.fail_path = self.out.with_name(self.out.name + ".failures.jsonl")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CollectError(
+                f"collect.out folder {str(self.out.parent)!r} cannot be created ({err.strerror})"
+            ) from None
         # One client per CONNECTIONS_PER_CLIENT workers: the HTTP pool scans all its connections for
         # every request, so one pool of 64 connections costs the client more CPU per sample than the
         # server spends (benchmarks/collect.py prints both).
@@ -332,17 +184,17 @@ class Collector:
             )
             for _ in range(n_clients)
         ]
-        self.client = self.clients[0]
         self.rpm = RateLimiter(cfg.requests_per_minute) if cfg.requests_per_minute > 0 else None
         self.tpm = RateLimiter(cfg.tokens_per_minute) if cfg.tokens_per_minute > 0 else None
         self.rng = random.Random(cfg.seed)
         self.corpus = DurableAppender(self.out)
         self.failures = DurableAppender(self.fail_path)
         done = read_done(self.out)
+        declined = read_declined(self.fail_path)
         work = [
             (p, s, request_key(cfg.model, p, self.params, s)) for p in prompts for s in range(cfg.samples_per_prompt)
         ]
-        self.todo = [w for w in work if w[2] not in done]
+        self.todo = [w for w in work if w[2] not in done and w[2] not in declined]
         unknown = len(done - {w[2] for w in work})
         if unknown:
             print(
@@ -352,24 +204,123 @@ class Collector:
         self.stats = {
             "out": str(self.out),
             "requested": len(work),
-            "already_done": len(work) - len(self.todo),
+            "already_done": sum(w[2] in done for w in work),
+            "already_declined": sum(w[2] in declined and w[2] not in done for w in work),
             "done": 0,
+            "declined": {},
             "failed": {},
+            "remaining": len(self.todo),
+            "lost": 0,
             "tokens_in": 0,
             "tokens_out": 0,
             "requests": 0,
             "retries": 0,
         }
-        self.fatal: str | None = None
+        self.stop_reason: str | None = None  # why the run stopped early (fatal error, breaker, disk)
+        # Breaker state: the gate is open once the endpoint has answered; while it is shut, one
+        # task (the prober) sends requests and the others wait for it to open.
+        self.ever_answered = False
+        self.gate_open = False
+        self.prober = None
+        self.streak = 0  # probes in a row that got no answer at all
+        self.streak_mark = -math.inf  # when the last counted one failed
+        self.last_progress = time.monotonic()
+        self.since_progress: collections.Counter = collections.Counter()
+        self.last_failure: _Failure | None = None
+        self._changed = None  # asyncio.Event pulsed whenever the gate or the stop flag changes
+        self._stopped = None  # asyncio.Event set once the run stops
 
-    async def _request(self, prompt: Prompt, key: str, client=None):
-        """One API call through the official client's `post` with a plain JSON body.
+    # -- breaker -----------------------------------------------------------------------------
+
+    def _pulse(self):
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _halt(self, reason: str):
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self._stopped.set()
+            self._pulse()
+
+    def _answered(self):
+        self.ever_answered = True
+        self.streak, self.streak_mark = 0, -math.inf
+        if not self.gate_open:
+            self.gate_open, self.prober = True, None
+            self._pulse()
+
+    def _progressed(self):
+        self.last_progress = time.monotonic()
+        self.since_progress.clear()
+
+    def _failed_attempt(self, failure: _Failure, sent: float):
+        """Breaker bookkeeping for one retryable failure; may stop the run."""
+        cfg, now = self.cfg, time.monotonic()
+        self.last_failure = failure
+        self.since_progress[failure.reason] += 1
+        if not failure.answered:
+            if sent >= self.streak_mark:  # sent after the last counted failure: an independent try
+                self.streak, self.streak_mark = self.streak + 1, now
+            if self.gate_open:
+                self.gate_open = False
+                self._pulse()
+            if self.streak >= cfg.breaker_failures:
+                if not self.ever_answered:
+                    self._halt(
+                        f"cannot reach {cfg.base_url}: {self.streak} attempts got no answer (last: {failure}); "
+                        "check collect.base_url and that the server is running"
+                    )
+                else:
+                    self._halt(
+                        f"the endpoint stopped answering: {self.streak} attempts in a row got no answer "
+                        f"(last: {failure})"
+                    )
+                return
+        if now - self.last_progress >= cfg.breaker_no_success_s:
+            seen = ", ".join(f"{k}: {v}" for k, v in sorted(self.since_progress.items()))
+            self._halt(f"no sample finished in the last {now - self.last_progress:.0f} s of failures ({seen})")
+
+    async def _admit(self) -> bool:
+        """Waits until this task may send a request; False once the run has stopped."""
+        me = asyncio.current_task()
+        while self.stop_reason is None:
+            if self.gate_open:
+                return True
+            if self.prober is None or self.prober is me:
+                self.prober = me
+                return True
+            await self._changed.wait()
+        return False
+
+    async def _sleep(self, seconds: float):
+        """Sleeps, or returns as soon as the run stops."""
+        try:
+            await asyncio.wait_for(self._stopped.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def _until_stopped(self, awaitable) -> bool:
+        """Awaits `awaitable` unless the run stops first (then cancels it and returns False)."""
+        task, stop = asyncio.ensure_future(awaitable), asyncio.ensure_future(self._stopped.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        return False
+
+    # -- one sample ----------------------------------------------------------------------------
+
+    async def _request(self, prompt: Prompt, key: str, client) -> bytes:
+        """One API call through the official client's `post`, with a plain JSON body.
 
         `chat.completions.create` would first walk the body through the SDK's typed-params transform
         (about 1.5 ms of client CPU per request, the largest single cost at high concurrency); the
-        body here is already in wire format, so the same request and typed response skip it.
+        body here is already in wire format, and the answer comes back as raw bytes that
+        `responses.parse_answer` checks field by field.
         """
-        cfg, p, client = self.cfg, self.params, client or self.client
+        cfg, p = self.cfg, self.params
         body = dict(model=cfg.model, temperature=p["temperature"], top_p=p["top_p"], max_tokens=p["max_tokens"], n=1)
         if p["stop"]:
             body["stop"] = p["stop"]
@@ -380,123 +331,134 @@ class Collector:
             body["messages"] = list(prompt.messages or [{"role": "user", "content": prompt.prompt}])
             if p["top_logprobs"] > 0:
                 body.update(logprobs=True, top_logprobs=p["top_logprobs"])
-            return await client.post(
-                "/chat/completions", body=body, options=options, cast_to=openai.types.chat.ChatCompletion
-            )
-        body["prompt"] = prompt.prompt
-        if p["top_logprobs"] > 0:
-            body["logprobs"] = p["top_logprobs"]
-        return await client.post("/completions", body=body, options=options, cast_to=openai.types.Completion)
+            path = "/chat/completions"
+        else:
+            body["prompt"] = prompt.prompt
+            if p["top_logprobs"] > 0:
+                body["logprobs"] = p["top_logprobs"]
+            path = "/completions"
+        response = await client.post(path, body=body, options=options, cast_to=_http.Response)
+        return response.content
 
-    def _record(self, prompt: Prompt, sample_index: int, key: str, resp) -> dict:
-        if not resp.choices:
-            raise _Failure("no_content", "the response has no choices", False)
-        choice = resp.choices[0]
-        if choice.finish_reason == "content_filter":
-            raise _Failure("content_filter", "the endpoint's content filter stopped the response", False)
-        text = choice.message.content if self.cfg.api == "chat" else choice.text
-        if not text:
-            raise _Failure("no_content", "the response has no content", False)
-        usage = resp.usage
-        usage = (
-            {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
-            if usage is not None
-            else {}
-        )
+    def _record(self, prompt: Prompt, sample_index: int, key: str, answer: Answer) -> dict:
+        if answer.finish_reason == "content_filter":
+            raise _Failure(
+                "content_filter", "the endpoint's content filter stopped the response", False, answered=True, final=True
+            )
+        if not answer.text:
+            why = f" (refusal: {answer.refusal})" if answer.refusal else ""
+            raise _Failure("no_content", f"the response has no content{why}", False, answered=True, final=True)
         record = {"id": prompt.id}
         record.update({"prompt": prompt.prompt} if prompt.messages is None else {"messages": list(prompt.messages)})
-        record.update(response=text, sample_index=sample_index, key=key)
-        if self.params["top_logprobs"] > 0:
-            record.update(_logprob_fields(choice, self.cfg.api))
+        record.update(response=answer.text, sample_index=sample_index, key=key)
+        record.update(answer.logprobs)
         record["meta"] = {
             "model": self.cfg.model,
             "temperature": self.params["temperature"],
             "top_p": self.params["top_p"],
             "max_tokens": self.params["max_tokens"],
-            "finish_reason": choice.finish_reason,
-            "usage": usage,
+            "finish_reason": answer.finish_reason,
+            "usage": answer.usage,
         }
         return record
 
-    async def _one(self, prompt: Prompt, sample_index: int, key: str, max_attempts: int, client=None):
-        """Runs one sample to completion: appends a record or a failure; returns the failure."""
+    async def _one(self, prompt: Prompt, sample_index: int, key: str, client) -> bool:
+        """Runs one sample: True once it is stored or recorded as failed, False if the run stopped first."""
         cfg = self.cfg
-        text = prompt.prompt if prompt.messages is None else _canonical(list(prompt.messages))
+        text = prompt.prompt if prompt.messages is None else canonical(list(prompt.messages))
         estimate = math.ceil(len(text) / 4) + cfg.max_tokens
-        for attempt in range(max_attempts):
-            if self.fatal:
-                return None
-            if self.rpm:
-                await self.rpm.acquire(1)
-            if self.tpm:
-                await self.tpm.acquire(estimate)
+        for attempt in range(max(1, cfg.max_attempts)):
+            if not await self._admit():
+                return False
+            if self.rpm and not await self._until_stopped(self.rpm.acquire(1)):
+                return False
+            if self.tpm and not await self._until_stopped(self.tpm.acquire(estimate)):
+                return False
+            sent = time.monotonic()
             self.stats["requests"] += 1
             try:
-                resp = await self._request(prompt, key, client)
-                record = self._record(prompt, sample_index, key, resp)
+                raw = await self._request(prompt, key, client)
+                self._answered()
+                record = self._record(prompt, sample_index, key, parse_answer(raw, cfg.api, cfg.top_logprobs > 0))
             except Exception as err:  # classified below; unknown errors re-raise
                 failure = err if isinstance(err, _Failure) else _classify(err)
                 if self.tpm:
                     self.tpm.refund(estimate)
-                if failure.retryable and attempt + 1 < max_attempts:
+                if failure.answered:
+                    self._answered()
+                if failure.fatal:
+                    self._halt(str(failure))
+                    return False
+                if not failure.retryable:  # a definite answer for this sample: progress, not an outage
+                    self._progressed()
+                    return await self._fail(prompt, sample_index, key, failure)
+                self._failed_attempt(failure, sent)
+                if self.stop_reason is not None:
+                    return False
+                if attempt + 1 < cfg.max_attempts:
                     self.stats["retries"] += 1
-                    ceiling = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2**attempt)
-                    await asyncio.sleep(max(self.rng.uniform(0, ceiling), failure.retry_after or 0))
+                    n = attempt if failure.answered else self.streak - 1  # probes back off by the streak
+                    ceiling = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** max(0, n))
+                    await self._sleep(max(self.rng.uniform(0, ceiling), failure.retry_after or 0))
                     continue
-                if failure.retryable:
-                    failure.reason = f"retries_exhausted_{failure.reason}"
-                await self._fail(prompt, sample_index, key, failure)
-                return failure
+                failure.reason = f"retries_exhausted_{failure.reason}"
+                return await self._fail(prompt, sample_index, key, failure)
+            self._progressed()
             usage = record["meta"]["usage"]
             if self.tpm and usage:
                 self.tpm.refund(estimate - usage["prompt_tokens"] - usage["completion_tokens"])
+            try:
+                await self.corpus.append(record)
+            except OSError as err:
+                self.stats["lost"] += 1
+                self._halt(f"cannot write {self.out} ({err.strerror or err})")
+                return False
             self.stats["tokens_in"] += usage.get("prompt_tokens", 0)
             self.stats["tokens_out"] += usage.get("completion_tokens", 0)
-            await self.corpus.append(record)
             self.stats["done"] += 1
-            return None
-        return None
+            return True
+        return False
 
-    async def _fail(self, prompt: Prompt, sample_index: int, key: str, failure: _Failure):
-        if failure.fatal:
-            self.fatal = self.fatal or str(failure)
-            return
-        failed = self.stats["failed"]
-        failed[failure.reason] = failed.get(failure.reason, 0) + 1
-        await self.failures.append(
-            {
-                "id": prompt.id,
-                "line": prompt.line,
-                "sample_index": sample_index,
-                "key": key,
-                "reason": failure.reason,
-                "message": str(failure),
-                "time": time.time(),
-            }
-        )
+    async def _fail(self, prompt: Prompt, sample_index: int, key: str, failure: _Failure) -> bool:
+        counts = self.stats["declined" if failure.final else "failed"]
+        counts[failure.reason] = counts.get(failure.reason, 0) + 1
+        row = {
+            "id": prompt.id,
+            "line": prompt.line,
+            "sample_index": sample_index,
+            "key": key,
+            "reason": failure.reason,
+            "message": str(failure),
+            "final": failure.final,
+            "time": time.time(),
+        }
+        try:
+            await self.failures.append(row)
+        except OSError as err:
+            self._halt(f"cannot write {self.fail_path} ({err.strerror or err})")
+        return True
+
+    # -- the run -------------------------------------------------------------------------------
 
     async def run(self) -> dict:
         start = time.monotonic()
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm.tqdm(total=len(self.todo), disable=not self.cfg.progress, desc="collect", unit="sample")
+        self.last_progress = start
+        self._changed, self._stopped = asyncio.Event(), asyncio.Event()
+        bar = progress.bar(total=len(self.todo), disable=not self.cfg.progress, desc="collect", unit="sample")
         queue = list(reversed(self.todo))
+
+        async def worker(client):
+            try:
+                while queue and self.stop_reason is None:
+                    if await self._one(*queue.pop(), client=client):
+                        bar.update(1)
+                        bar.set_postfix(failed=sum(self.stats["failed"].values()), refresh=False)
+            finally:
+                if self.prober is asyncio.current_task():  # hand the probing on to a waiting task
+                    self.prober = None
+                    self._pulse()
+
         try:
-            if queue:  # a lone first request: a dead endpoint or bad key stops here
-                first = queue.pop()
-                failure = await self._one(*first, max_attempts=min(3, self.cfg.max_attempts))
-                bar.update(1)
-                if failure is not None and failure.reason.endswith("connection"):
-                    self.fatal = (
-                        f"cannot reach {self.cfg.base_url} ({failure}); check "
-                        "collect.base_url and that the server is running"
-                    )
-
-            async def worker(client):
-                while queue and not self.fatal:
-                    await self._one(*queue.pop(), max_attempts=self.cfg.max_attempts, client=client)
-                    bar.update(1)
-                    bar.set_postfix(failed=sum(self.stats["failed"].values()), refresh=False)
-
             await asyncio.gather(
                 *(worker(self.clients[i // CONNECTIONS_PER_CLIENT]) for i in range(max(1, self.cfg.concurrency)))
             )
@@ -504,19 +466,62 @@ class Collector:
             bar.close()
             for client in self.clients:
                 await client.close()
+            self._finish_stats(start)
+        return self.stats
+
+    def _finish_stats(self, start: float):
+        stats = self.stats
+        stats["remaining"] = (
+            len(self.todo) - stats["done"] - sum(stats["failed"].values()) - sum(stats["declined"].values())
+        )
         elapsed = time.monotonic() - start
-        self.stats["elapsed_s"] = round(elapsed, 3)
-        self.stats["samples_per_s"] = round(self.stats["done"] / max(elapsed, 1e-9), 3)
+        stats["elapsed_s"] = round(elapsed, 3)
+        stats["samples_per_s"] = round(stats["done"] / max(elapsed, 1e-9), 3)
         if self.cfg.price_input_per_mtok or self.cfg.price_output_per_mtok:
-            self.stats["cost"] = round(
+            stats["cost"] = round(
                 (
-                    self.stats["tokens_in"] * self.cfg.price_input_per_mtok
-                    + self.stats["tokens_out"] * self.cfg.price_output_per_mtok
+                    stats["tokens_in"] * self.cfg.price_input_per_mtok
+                    + stats["tokens_out"] * self.cfg.price_output_per_mtok
                 )
                 / 1e6,
                 6,
             )
-        return self.stats
+
+    def outcome(self) -> str | None:
+        """The one-sentence error of a run that stopped or left failures; None when all is done."""
+        s = self.stats
+        n_failed = sum(s["failed"].values())
+        counts = (
+            f"{s['done']} done this run and {s['already_done']} before, {n_failed} failed, "
+            f"{s['remaining']} not yet done, of {s['requested']}"
+        )
+        if self.stop_reason is not None:
+            lost = (
+                f"; {s['lost']} answers that arrived after that could not be stored and will be requested again"
+                if s["lost"]
+                else ""
+            )
+            return (
+                f"collect stopped: {self.stop_reason}; {counts}{lost}; finished samples are safe in {self.out} "
+                "and re-running the same command continues with the rest"
+            )
+        if n_failed and not self.ever_answered:
+            return (
+                f"collect stopped: cannot reach {self.cfg.base_url}: no attempt got an answer (last: "
+                f"{self.last_failure}); check collect.base_url and that the server is running; {counts}"
+            )
+        if n_failed:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed"].items()))
+            return (
+                f"collect finished with failures ({reasons}; details in {self.fail_path}); {counts}; "
+                "re-running the same command retries the failed samples"
+            )
+        if s["requested"] and not s["done"] + s["already_done"]:
+            return (
+                f"collect stored nothing: every answer was empty or refused ({_counts(s['declined'])}; details in "
+                f"{self.fail_path}); check the prompts and collect.model"
+            )
+        return None
 
 
 def resolve_api_key(cfg) -> str:
@@ -532,23 +537,25 @@ def resolve_api_key(cfg) -> str:
     )
 
 
+def _counts(by_reason: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items())) or "none"
+
+
 def format_summary(stats: dict) -> str:
-    failed = ", ".join(f"{k}: {v}" for k, v in sorted(stats["failed"].items())) or "none"
+    declined = sum(stats["declined"].values()) + stats["already_declined"]
     line = (
         f"[collect] {stats['out']}: {stats['done']} done this run, {stats['already_done']} "
-        f"already done, of {stats['requested']}; failed: {failed}; tokens in/out "
-        f"{stats['tokens_in']}/{stats['tokens_out']}; {stats['requests']} requests "
+        f"already done, {stats['remaining']} not yet done, of {stats['requested']}; failed: "
+        f"{_counts(stats['failed'])}; answered without usable text: {declined} "
+        f"({_counts(stats['declined'])} this run); "
+        f"tokens in/out {stats['tokens_in']}/{stats['tokens_out']}; {stats['requests']} requests "
         f"({stats['retries']} retries); {stats['samples_per_s']} samples/s"
     )
+    line += f"; {stats['lost']} answers lost (not stored)" if stats.get("lost") else ""
     return line + (f"; cost {stats['cost']}" if "cost" in stats else "")
 
 
-def collect(cfg) -> dict:
-    """Runs the `collect` stage on the `collect` config group; returns (and prints) the summary.
-
-    Raises CollectError with one clear sentence for a bad prompts file, a missing key, an
-    unreachable endpoint or a rejected key; every record finished before that stays in the corpus.
-    """
+def _check_config(cfg):
     if cfg.api not in ("chat", "completions"):
         raise CollectError(f"collect.api must be 'chat' or 'completions', not {cfg.api!r}")
     if not 0 <= cfg.top_logprobs <= 20:
@@ -557,15 +564,31 @@ def collect(cfg) -> dict:
         raise CollectError("collect.out is empty; set it to the corpus JSONL path to write")
     if not cfg.model:
         raise CollectError("collect.model is empty; set it to the endpoint's model name")
-    if cfg.samples_per_prompt < 1:
-        raise CollectError("collect.samples_per_prompt must be at least 1")
+    for field, low in (("samples_per_prompt", 1), ("max_attempts", 1), ("breaker_failures", 1), ("concurrency", 1)):
+        if cfg[field] < low:
+            raise CollectError(f"collect.{field} is {cfg[field]}; it must be at least {low}")
+    for field in ("breaker_no_success_s", "request_timeout_s"):
+        if not cfg[field] > 0:
+            raise CollectError(f"collect.{field} is {cfg[field]}; it must be a positive number of seconds")
+
+
+def collect(cfg) -> dict:
+    """Runs the `collect` stage on the `collect` config group; returns (and prints) the summary.
+
+    Raises CollectError with one clear sentence for a bad prompts file, a missing key, an
+    unreachable endpoint or a rejected key, for a run the breaker or a full disk stopped, and for a
+    run that ended with failed samples; every record finished before that stays in the corpus.
+    """
+    _check_config(cfg)
     prompts = read_prompts(cfg.prompts, cfg.api)
     collector = Collector(cfg, prompts, resolve_api_key(cfg))
-    stats = asyncio.run(collector.run())
+    try:
+        stats = asyncio.run(collector.run())
+    except KeyboardInterrupt:
+        stats = collector.stats
+        collector.stop_reason = collector.stop_reason or "interrupted"
     print(format_summary(stats))
-    if collector.fatal:
-        raise CollectError(
-            f"collect stopped: {collector.fatal}; {stats['done'] + stats['already_done']}"
-            f" finished samples are safe in {cfg.out}"
-        )
+    message = collector.outcome()
+    if message:
+        raise CollectError(message, stats)
     return stats

@@ -26,12 +26,14 @@ def collect_config() -> ml_collections.ConfigDict:
     c.requests_per_minute = 0  # request rate limit; 0 = unlimited
     c.tokens_per_minute = 0  # token rate limit (prompt estimate + max_tokens reserved); 0 = unlimited
     c.request_timeout_s = 120.0  # per-request timeout; a timeout is retried
-    c.max_attempts = 8  # attempts per request for retryable errors (429, 5xx, timeouts, drops)
+    c.max_attempts = 8  # attempts per request for retryable errors (429, 5xx, timeouts, drops, malformed bodies)
+    c.breaker_failures = 6  # stop after this many probes in a row get no answer (refused, reset, timed out)
+    c.breaker_no_success_s = 60.0  # stop when attempts keep failing and no sample has finished for this long
     c.backoff_initial_s = 0.5  # first backoff; doubles per attempt with full jitter
     c.backoff_max_s = 60.0  # backoff ceiling (a longer Retry-After is still honoured)
     c.price_input_per_mtok = 0.0  # price per million prompt tokens for the cost summary; 0 = no cost line
     c.price_output_per_mtok = 0.0  # price per million completion tokens for the cost summary
-    c.progress = True  # show a tqdm progress bar
+    c.progress = True  # show a progress bar (a line every 30 s when stderr is not a terminal)
     c.seed = 0  # seed of the backoff jitter
     return c
 
@@ -41,10 +43,11 @@ def faults_config() -> ml_collections.ConfigDict:
     f = ml_collections.ConfigDict()
     f.fail_429_rate = 0.0  # fraction of completion requests answered 429 with Retry-After
     f.retry_after_s = 1.0  # Retry-After sent with injected 429s (seconds, may be fractional)
-    f.fail_500_rate = 0.0  # fraction of completion requests answered 500
+    f.fail_500_rate = 0.0  # fraction of completion requests answered 500 or 503
     f.slow_rate = 0.0  # fraction of completion requests delayed by slow_delay_s
     f.slow_delay_s = 1.0  # delay of slowed requests
     f.drop_rate = 0.0  # fraction of completion requests whose connection closes mid-response
+    f.malformed_rate = 0.0  # fraction answered 200 with an unusable body (bad JSON, a choice without message/text)
     f.seed = 0  # seed of the fault draws
     return f
 
@@ -62,6 +65,8 @@ def serve_config() -> ml_collections.ConfigDict:
     c.max_tokens_limit = 1024  # largest max_tokens a request may ask for
     c.batch_window_ms = 5.0  # how long the batcher waits to gather concurrent requests into one call
     c.max_batch = 32  # most sequences (requests x n) generated in one call
+    c.max_body_bytes = 2 * 1024 * 1024  # larger request bodies are refused with 413 before they are read
+    c.request_log = ""  # JSONL file with one line per completion request (time, X-Request-Key, outcome); "" = off
     c.seed = 0  # sampling seed of the server
     c.faults = faults_config()
     return c

@@ -1,18 +1,19 @@
 """`serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of a generation backend.
 
 Endpoints: `/v1/models`, `/v1/chat/completions`, `/v1/completions` with `n`, temperature, top-p,
-max tokens, stop strings, `logprobs`/`top_logprobs` and usage counts. Concurrent requests with the
-same sampling settings are gathered for `batch_window_ms` and run as one backend call (one jitted
-`generate` for `backends.LlamaBackend`). Faults (429 with
-Retry-After, 500, slow responses, connections closed mid-response) are injected only when a
-`Faults` object is passed explicitly. Every completion request is logged with its arrival time,
-its `X-Request-Key` header (sent by `collect`) and its outcome, so tests can count requests.
+max tokens, stop strings, `logprobs`/`top_logprobs` (each token's `bytes` too) and usage counts.
+Request bodies are checked by the pydantic models in `api.py` (a bad field is a 400 naming it) and
+capped at `max_body_bytes` (413 before the body is read). Tokenising a long prompt and building a
+large response run on worker threads, and generation on its own thread, so the event loop keeps
+answering while a large request is tokenised (small ones stay on the loop: cheaper than a hop). Concurrent requests with the same sampling settings
+are gathered for `batch_window_ms` and run as one backend call (one jitted `generate` for
+`backends.LlamaBackend`). `wire.py` logs every completion request and injects faults when asked.
 
 A backend is any object with
   model_name: str
   encode(text) -> list[int];  chat_ids(messages) -> list[int];  decode(ids) -> str
-  pieces(context_ids, candidate_ids) -> list[str]: the text each candidate adds after the context
-      (chosen pieces concatenate to `decode(ids)`, as OpenAI token strings do)
+  token_bytes(context_ids, candidate_ids) -> list[bytes]: each candidate's true bytes after the
+      context (chosen tokens' bytes concatenate to the UTF-8 that `decode(ids)` decodes)
   max_context: int (prompt + max_tokens limit)
   complete(prompts: list[list[int]], *, n, temperature, top_p, max_tokens, logprobs, top_logprobs,
            seeds: list[int | None] | None = None)
@@ -24,19 +25,24 @@ A backend is any object with
 from __future__ import annotations
 
 import asyncio
+import codecs
 import concurrent.futures
 import dataclasses
 import functools
-import random
 import threading
 import time
-from typing import Any
 
 import fastapi
 import uvicorn
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException
+
+from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.teacher.api import ChatRequest, CompletionRequest
+from proxykd_jax.teacher.responses import bytes_token
+from proxykd_jax.teacher.wire import ApiError, Faults, RequestLog, WireMiddleware, error_response
+
+__all__ = ["Completion", "Faults", "ServerThread", "make_app", "serve"]
 
 
 @dataclasses.dataclass
@@ -47,112 +53,6 @@ class Completion:
     finish_reason: str  # "stop" (end of sequence or stop string) or "length"
     logprobs: list[float] | None = None
     top: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob), most likely first
-
-
-@dataclasses.dataclass
-class Faults:
-    """Injected failures for tests; each completion request draws one outcome from a seeded RNG."""
-
-    fail_429_rate: float = 0.0
-    retry_after_s: float = 1.0
-    fail_500_rate: float = 0.0
-    slow_rate: float = 0.0
-    slow_delay_s: float = 1.0
-    drop_rate: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self):
-        self._rng = random.Random(self.seed)
-        if self.fail_429_rate + self.fail_500_rate + self.drop_rate > 1.0:
-            raise ValueError("serve.faults: fail_429_rate + fail_500_rate + drop_rate must be <= 1")
-
-    def draw(self) -> tuple[str | None, bool]:
-        u, slow = self._rng.random(), self._rng.random() < self.slow_rate
-        for name, rate in (("429", self.fail_429_rate), ("500", self.fail_500_rate), ("drop", self.drop_rate)):
-            if u < rate:
-                return name, slow
-            u -= rate
-        return None, slow
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.headers = status, code, headers or {}
-
-
-def _error_response(status: int, message: str, code: str, headers=None) -> JSONResponse:
-    return JSONResponse(
-        {
-            "error": {
-                "message": message,
-                "type": "invalid_request_error" if status < 500 else "server_error",
-                "code": code,
-            }
-        },
-        status_code=status,
-        headers=headers,
-    )
-
-
-class WireMiddleware:
-    """ASGI middleware: logs completion requests and injects faults (only when `faults` is set)."""
-
-    def __init__(self, app, faults: Faults | None, log: list, api_key: str | None):
-        self.app, self.faults, self.log, self.api_key = app, faults, log, api_key
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
-            return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.api_key and headers.get(b"authorization", b"").decode() != f"Bearer {self.api_key}":
-            return await _error_response(401, "Incorrect API key provided.", "invalid_api_key")(scope, receive, send)
-        if scope["method"] != "POST" or not scope["path"].endswith("completions"):
-            return await self.app(scope, receive, send)
-        entry = {
-            "t": time.monotonic(),
-            "key": headers.get(b"x-request-key", b"").decode(),
-            "path": scope["path"],
-            "outcome": None,
-        }
-        self.log.append(entry)
-        fault, slow = self.faults.draw() if self.faults else (None, False)
-        if slow:
-            await asyncio.sleep(self.faults.slow_delay_s)
-        if fault in ("429", "500"):
-            entry["outcome"] = fault
-            ra = self.faults.retry_after_s
-            extra = {"retry-after": f"{ra:g}", "retry-after-ms": str(int(ra * 1000))} if fault == "429" else {}
-            msg = "Rate limit reached (injected)." if fault == "429" else "Internal error (injected)."
-            return await _error_response(int(fault), msg, "injected", extra)(scope, receive, send)
-        if fault == "drop":
-            start, body = {}, bytearray()
-
-            async def capture(message):
-                if message["type"] == "http.response.start":
-                    start.update(message)
-                else:
-                    body.extend(message.get("body", b""))
-
-            await self.app(scope, receive, capture)
-            entry["outcome"] = "drop"
-            hdrs = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": start.get("status", 200),
-                    "headers": hdrs + [(b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send({"type": "http.response.body", "body": bytes(body[: len(body) // 2]), "more_body": True})
-            return  # the server closes the connection on an incomplete body
-
-        async def logged_send(message):
-            if message["type"] == "http.response.start":
-                entry["outcome"] = "ok" if message["status"] == 200 else str(message["status"])
-            await send(message)
-
-        await self.app(scope, receive, logged_send)
 
 
 class Batcher:
@@ -211,34 +111,6 @@ class Batcher:
                 i += len(item)
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    messages: list[dict[str, Any]]
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    stop: str | list[str] | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    seed: int | None = None  # same seed, same completion, whatever shares the batch
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    prompt: str | list[str]
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int | None = 16
-    stop: str | list[str] | None = None
-    logprobs: int | None = None
-    seed: int | None = None
-
-
 def apply_stop(backend, c: Completion, stops: list[str]) -> tuple[str, Completion]:
     """Cuts text and tokens before the earliest stop string (OpenAI semantics: stop not included)."""
     text = backend.decode(c.token_ids)
@@ -257,6 +129,33 @@ def apply_stop(backend, c: Completion, stops: list[str]) -> tuple[str, Completio
     )
 
 
+INLINE_WORK = 16_384  # characters of text (or about that much token-table work) handled on the event loop
+
+
+def _field(loc) -> str:
+    return ".".join(str(x) for x in loc if x != "body")
+
+
+def _token_rows(backend, c: Completion) -> list[tuple[bytes, float, list[tuple[bytes, float]]]]:
+    """Per generated token: its bytes, its log-prob, and its alternatives' bytes and log-probs."""
+    rows = []
+    for j, (tid, lp) in enumerate(zip(c.token_ids, c.logprobs)):
+        alts = c.top[j] if c.top else []
+        raw = backend.token_bytes(c.token_ids[:j], [tid] + [a for a, _ in alts])
+        rows.append((raw[0], lp, [(b, alp) for b, (_, alp) in zip(raw[1:], alts)]))
+    return rows
+
+
+def _text_offsets(start: int, token_bytes: list[bytes]) -> list[int]:
+    """Character offset of each token in prompt + text: the characters complete before it begins
+    (a token that finishes a character another token began points at that character)."""
+    decoder, offsets, n = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], start
+    for raw in token_bytes:
+        offsets.append(n)
+        n += len(decoder.decode(raw))
+    return offsets
+
+
 def make_app(
     backend,
     faults: Faults | None = None,
@@ -265,91 +164,105 @@ def make_app(
     max_tokens_limit: int = 1024,
     batch_window_ms: float = 5.0,
     max_batch: int = 32,
+    max_body_bytes: int = 2 * 1024 * 1024,
+    request_log: str | None = None,
 ) -> fastapi.FastAPI:
-    """The OpenAI-compatible app. `app.state.requests` logs completion requests (for tests)."""
+    """The OpenAI-compatible app. `app.state.requests` lists completion requests (for tests), and
+    `request_log` names a JSONL file that gets them too."""
     app = fastapi.FastAPI(title="proxykd_jax serve")
-    app.state.requests = []
+    log = RequestLog(request_log or None)
+    app.state.requests = log.entries
     app.state.batcher = None
-    app.add_middleware(WireMiddleware, faults=faults, log=app.state.requests, api_key=api_key)
+    app.add_middleware(WireMiddleware, faults=faults, log=log, api_key=api_key, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_, err: ApiError):
-        return _error_response(err.status, str(err), err.code, err.headers)
+        return error_response(err.status, str(err), err.code, err.headers, err.param)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_, err: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status_code, "error")
+        return error_response(err.status_code, str(err.detail), code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_, err: Exception):  # the traceback still goes to the server's log
+        return error_response(500, f"internal error ({type(err).__name__}); see the server's log.", "internal_error")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
-        field = ".".join(str(x) for x in first["loc"] if x != "body")
-        return _error_response(400, f"invalid request field '{field}': {first['msg']}", "invalid_request")
+        errors = err.errors() or [{"loc": ("body",), "msg": "invalid request", "type": ""}]
+        first = errors[0]
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})."
+            return error_response(400, message, "invalid_json")
+        field = _field(first["loc"])
+        if not field:
+            return error_response(400, f"the request body must be a JSON object ({first['msg']}).", "invalid_request")
+        msg = first["msg"].removeprefix("Value error, ")
+        return error_response(400, f"invalid request field '{field}': {msg}.", "invalid_request", param=field)
 
-    def check(model: str, n: int, temperature: float, top_p: float, max_tokens: int, k: int):
+    def check(model: str, max_tokens: int, field: str):
         if model != backend.model_name:
             raise ApiError(
                 404,
                 f"The model '{model}' does not exist; this server serves '{backend.model_name}'.",
                 "model_not_found",
-            )
-        if not 1 <= n <= 128 or temperature < 0 or not 0 < top_p <= 1 or not 0 <= k <= 20:
-            raise ApiError(
-                400, "n must be 1-128, temperature >= 0, top_p in (0, 1] and top_logprobs 0-20.", "invalid_request"
+                param="model",
             )
         if not 1 <= max_tokens <= max_tokens_limit:
-            raise ApiError(400, f"max_tokens must be 1-{max_tokens_limit}, got {max_tokens}.", "invalid_request")
+            raise ApiError(
+                400,
+                f"invalid request field '{field}': must be 1-{max_tokens_limit} on this server, got {max_tokens}.",
+                "invalid_request",
+                param=field,
+            )
 
-    async def run(prompts, n, temperature, top_p, max_tokens, logprobs, k, seed=None):
-        if app.state.batcher is None:  # created inside the server's event loop
-            app.state.batcher = Batcher(backend, batch_window_ms / 1000.0, max_batch)
+    def check_lengths(prompts: list[list[int]], max_tokens: int, field: str):
         for ids in prompts:
             if not ids:
-                raise ApiError(400, "the prompt is empty.", "invalid_request")
+                raise ApiError(
+                    400, f"invalid request field '{field}': the prompt is empty.", "invalid_request", param=field
+                )
             if len(ids) + max_tokens > backend.max_context:
                 raise ApiError(
                     400,
-                    f"the prompt has {len(ids)} tokens; with max_tokens {max_tokens} "
-                    f"it exceeds the context of {backend.max_context}.",
+                    f"invalid request field '{field}': the prompt has {len(ids)} tokens; with max_tokens "
+                    f"{max_tokens} it exceeds the context of {backend.max_context}.",
                     "context_length_exceeded",
+                    param=field,
                 )
+
+    async def generate(prompts, n, temperature, top_p, max_tokens, logprobs, k, seed=None):
+        if app.state.batcher is None:  # created inside the server's event loop
+            app.state.batcher = Batcher(backend, batch_window_ms / 1000.0, max_batch)
         params = dict(
             n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=logprobs, top_logprobs=k
         )
         return await app.state.batcher.submit(prompts, params, seed)
 
-    def token_table(c: Completion) -> list[tuple[str, float, list[tuple[str, float]]]]:
-        """Per generated token: its text piece, its log-prob, and its alternatives' pieces."""
-        rows = []
-        for j, (tid, lp) in enumerate(zip(c.token_ids, c.logprobs)):
-            alts = c.top[j] if c.top else []
-            texts = backend.pieces(c.token_ids[:j], [tid] + [a for a, _ in alts])
-            rows.append((texts[0], lp, [(t, alp) for t, (_, alp) in zip(texts[1:], alts)]))
-        return rows
+    async def off_loop(size: int, fn, *args):
+        """Runs `fn` on a worker thread when its input is large; small work stays on the loop, where
+        it costs less than the hand-off (a thread hop is ~0.2 ms of server CPU per request)."""
+        if size <= INLINE_WORK:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
 
-    def entry(text: str, lp: float) -> dict:
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+    def response_size(completions, k: int, stops: list[str]) -> int:  # about the characters to decode
+        tokens = sum(len(c.token_ids) for c in completions)
+        longest = max((len(c.token_ids) for c in completions), default=0)
+        return tokens * (k + 1) * 8 + (tokens * longest if stops else 0)  # a stop cut decodes prefixes
 
     def usage(prompts, choices_tokens) -> dict:
         p, c = sum(len(x) for x in prompts), sum(choices_tokens)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    @app.get("/v1/models")
-    async def models():
-        return {
-            "object": "list",
-            "data": [{"id": backend.model_name, "object": "model", "created": 0, "owned_by": "proxykd_jax"}],
-        }
+    def entry(raw: bytes, lp: float) -> dict:
+        return {"token": bytes_token(raw), "logprob": lp, "bytes": list(raw)}
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        max_tokens = req.max_completion_tokens or req.max_tokens or max_tokens_limit
-        k = req.top_logprobs or 0
-        check(req.model, req.n, req.temperature, req.top_p, max_tokens, k)
-        prompts = [backend.chat_ids(req.messages)]
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        outs = (await run(prompts, req.n, req.temperature, req.top_p, max_tokens, req.logprobs or k > 0, k, req.seed))[
-            0
-        ]
+    def chat_body(req: ChatRequest, prompts, outs) -> dict:
         choices, counts = [], []
         for i, c in enumerate(outs):
-            text, c = apply_stop(backend, c, stops)
+            text, c = apply_stop(backend, c, req.stops)
             counts.append(len(c.token_ids))
             choice = {
                 "index": i,
@@ -357,11 +270,11 @@ def make_app(
                 "finish_reason": c.finish_reason,
                 "logprobs": None,
             }
-            if req.logprobs and c.logprobs is not None:
+            if c.logprobs is not None:
                 choice["logprobs"] = {
                     "content": [
-                        {**entry(text, lp), "top_logprobs": [entry(*a) for a in alts]}
-                        for text, lp, alts in token_table(c)
+                        {**entry(raw, lp), "top_logprobs": [entry(*a) for a in alts]}
+                        for raw, lp, alts in _token_rows(backend, c)
                     ]
                 }
             choices.append(choice)
@@ -374,30 +287,26 @@ def make_app(
             "usage": usage(prompts, counts),
         }
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        k = req.logprobs or 0
-        max_tokens = req.max_tokens or max_tokens_limit
-        check(req.model, req.n, req.temperature, req.top_p, max_tokens, k)
-        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        prompts = [backend.encode(t) for t in texts]
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        outs = await run(prompts, req.n, req.temperature, req.top_p, max_tokens, k > 0, k, req.seed)
+    def completions_body(req: CompletionRequest, prompts, outs) -> dict:
         choices, counts = [], []
-        for per_prompt in outs:
+        for prompt_text, per_prompt in zip(req.prompt, outs):
             for c in per_prompt:
-                text, c = apply_stop(backend, c, stops)
+                text, c = apply_stop(backend, c, req.stops)
                 counts.append(len(c.token_ids))
                 choice = {"index": len(choices), "text": text, "finish_reason": c.finish_reason, "logprobs": None}
-                if k and c.logprobs is not None:
-                    table = token_table(c)
-                    toks = [text for text, _, _ in table]
-                    offsets = [sum(len(x) for x in toks[:j]) for j in range(len(toks))]
+                if c.logprobs is not None:
+                    rows = _token_rows(backend, c)
+                    alternatives = []
+                    for _, _, alts in rows:  # a dict keyed by token string, likeliest first
+                        top: dict[str, float] = {}
+                        for raw, alp in alts:
+                            top.setdefault(bytes_token(raw), alp)
+                        alternatives.append(top)
                     choice["logprobs"] = {
-                        "tokens": toks,
-                        "token_logprobs": c.logprobs,
-                        "text_offset": offsets,
-                        "top_logprobs": [dict(reversed(alts)) for _, _, alts in table],
+                        "tokens": [bytes_token(raw) for raw, _, _ in rows],
+                        "token_logprobs": [lp for _, lp, _ in rows],
+                        "text_offset": _text_offsets(len(prompt_text), [raw for raw, _, _ in rows]),
+                        "top_logprobs": alternatives,
                     }
                 choices.append(choice)
         return {
@@ -408,6 +317,42 @@ def make_app(
             "choices": choices,
             "usage": usage(prompts, counts),
         }
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [{"id": backend.model_name, "object": "model", "created": 0, "owned_by": "proxykd_jax"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        k = req.top_logprobs or 0
+        check(req.model, max_tokens or 1, field)
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        size = sum(len(m["content"]) for m in messages)
+        prompts = [await off_loop(size, backend.chat_ids, messages)]
+        if max_tokens is None:  # as in the OpenAI API: up to the context (and this server's limit)
+            max_tokens = max(1, min(max_tokens_limit, backend.max_context - len(prompts[0])))
+        check_lengths(prompts, max_tokens, "messages")
+        logprobs = req.logprobs or k > 0
+        outs = (await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, logprobs, k, req.seed))[0]
+        return await off_loop(response_size(outs, k, req.stops), chat_body, req, prompts, outs)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        k = req.logprobs or 0
+        max_tokens = req.max_tokens or max_tokens_limit
+        check(req.model, max_tokens, "max_tokens")
+        size = sum(len(t) for t in req.prompt)
+        prompts = await off_loop(size, lambda: [backend.encode(t) for t in req.prompt])
+        check_lengths(prompts, max_tokens, "prompt")
+        outs = await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, k > 0, k, req.seed)
+        return await off_loop(
+            response_size([c for row in outs for c in row], k, req.stops), completions_body, req, prompts, outs
+        )
 
     return app
 
@@ -441,30 +386,50 @@ class ServerThread:
         self.thread.join(10)
 
 
-def serve(cfg, backend) -> None:
-    """Serves `backend` (see `backends.py`; the `serve` stage places its model on the mesh) with the
-    `serve` config group's settings until interrupted (Ctrl-C)."""
+def serve(cfg, make_backend) -> None:
+    """Serves the backend `make_backend()` builds (e.g. `lambda: backends.load_backend(cfg)`; the
+    `serve` stage places its model on the mesh) on the `serve` config group until interrupted.
+
+    Bad settings (a missing model folder, an unset key variable, impossible fault rates) raise
+    ProxyKDError naming the field before anything is loaded or bound.
+    """
     import os  # pylint: disable=import-outside-toplevel
 
     f = cfg.faults
-    faults = Faults(f.fail_429_rate, f.retry_after_s, f.fail_500_rate, f.slow_rate, f.slow_delay_s, f.drop_rate, f.seed)
-    active = faults if faults.fail_429_rate or faults.fail_500_rate or faults.slow_rate or faults.drop_rate else None
+    try:
+        faults = Faults(
+            f.fail_429_rate,
+            f.retry_after_s,
+            f.fail_500_rate,
+            f.slow_rate,
+            f.slow_delay_s,
+            f.drop_rate,
+            f.seed,
+            f.malformed_rate,
+        )
+    except ValueError as err:
+        raise ProxyKDError(f"{err}; lower the rates") from None
     api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
     if cfg.api_key_env and not api_key:
-        raise ValueError(
+        raise ProxyKDError(
             f"serve.api_key_env names {cfg.api_key_env!r}, which is not set; export "
             "it or set serve.api_key_env to '' for no authentication"
         )
+    if cfg.max_body_bytes < 1:
+        raise ProxyKDError(f"serve.max_body_bytes is {cfg.max_body_bytes}; set a positive number of bytes")
+    backend = make_backend()
     app = make_app(
         backend,
-        active,
+        faults if faults.active else None,
         api_key=api_key or None,
         max_tokens_limit=cfg.max_tokens_limit,
         batch_window_ms=cfg.batch_window_ms,
         max_batch=cfg.max_batch,
+        max_body_bytes=cfg.max_body_bytes,
+        request_log=cfg.request_log or None,
     )
     print(
         f"[serve] {backend.model_name} on http://{cfg.host}:{cfg.port}/v1"
-        + (f" with injected faults {dataclasses.asdict(faults)}" if active else "")
+        + (f" with injected faults {dataclasses.asdict(faults)}" if faults.active else "")
     )
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

@@ -1,0 +1,121 @@
+"""The corpus file of `collect` as a journal: durable appends, and the keys already in it.
+
+A line counts only once it is whole on disk: appends are fsynced, a write that fails part-way
+(a full disk, a file-size limit, an I/O error) is cut back to the last whole line, and a torn
+last line left by a crash is cut off when the file is opened again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+
+from proxykd_jax.teacher.prompts import CollectError
+
+
+def read_done(out: pathlib.Path) -> set[str]:
+    """Keys already in the corpus; a torn last line (crash mid-write) is cut off the file."""
+    if not out.exists():
+        return set()
+    try:
+        data = out.read_bytes()
+        lines = data.split(b"\n")
+        if lines[-1]:  # no trailing newline: the last write was torn by a crash
+            print(f"[collect] {out}: dropping a torn last line ({len(lines[-1])} bytes) left by a crash")
+            with open(out, "r+b") as f:
+                f.truncate(len(data) - len(lines[-1]))
+    except OSError as err:
+        raise CollectError(f"{out} cannot be read and repaired ({err.strerror}); check its permissions") from None
+    done = set()
+    for lineno, raw in enumerate(lines[:-1], start=1):
+        if not raw.strip():
+            continue
+        try:
+            done.add(json.loads(raw)["key"])
+        except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, or not a record
+            raise CollectError(
+                f"{out} line {lineno}: not a corpus record with a 'key'; "
+                "move the file aside or point collect.out elsewhere"
+            ) from None
+    return done
+
+
+def read_declined(path: pathlib.Path) -> set[str]:
+    """Keys the endpoint answered for good without usable text (`"final": true` rows of the failures
+    file): asking again would pay again for the same answer. Unreadable lines are skipped."""
+    if not path.exists():
+        return set()
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as err:
+        raise CollectError(f"{path} cannot be read ({err.strerror}); check its permissions") from None
+    keys = set()
+    for raw in lines:
+        try:
+            row = json.loads(raw)
+        except ValueError:  # a torn or blank line
+            continue
+        if isinstance(row, dict) and row.get("final") is True and isinstance(row.get("key"), str):
+            keys.add(row["key"])
+    return keys
+
+
+def _write_lines(path: pathlib.Path, lines: list[bytes]) -> tuple[int, OSError | None]:
+    """Appends whole lines and fsyncs; returns (lines written, the error that stopped the rest)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as err:
+        return 0, err
+    written, error = 0, None
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            for line in lines:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view) :]
+                end += len(line)
+                written += 1
+        except OSError as err:
+            error = err
+            try:
+                os.ftruncate(fd, end)  # drop the part of a line that did fit
+            except OSError:
+                pass  # a torn last line is cut off when the file is read again
+        try:
+            os.fsync(fd)
+        except OSError as err:  # the written lines may not be durable: none of them counts
+            written, error = 0, error or err
+    finally:
+        os.close(fd)
+    return written, error
+
+
+class DurableAppender:
+    """Appends JSON lines with group commit: whatever queued while the last fsync ran is written
+    and fsynced together, and each `append` returns only once its own line is on disk (or raises
+    the OSError that kept it off the disk)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path, self.pending, self.task = path, [], None
+
+    async def append(self, record: dict):
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append(((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"), future))
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._drain())
+        await future
+
+    async def _drain(self):
+        while self.pending:
+            batch, self.pending = self.pending, []
+            written, error = await asyncio.to_thread(_write_lines, self.path, [line for line, _ in batch])
+            for i, (_, future) in enumerate(batch):
+                if future.done():  # its waiter was cancelled (Ctrl-C)
+                    continue
+                if i < written:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)

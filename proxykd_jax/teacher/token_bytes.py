@@ -1,0 +1,65 @@
+"""The true bytes of each token of a Hugging Face tokenizer, from its byte mapping.
+
+Byte-level BPE (GPT-2 style) spells every byte as one printable character, so a vocabulary entry
+maps back to its exact bytes even when it holds only part of a UTF-8 sequence, which decoding it
+(with replacement characters) would lose. SentencePiece-style byte fallback has one `<0xNN>` token
+per byte. Added and special tokens stand for the UTF-8 of their text. Tokens whose bytes depend on
+their neighbours (word-level vocabularies that decode with separators, `▁` word starts) have no
+entry: `None`, for the caller to take from decoding in context.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+@functools.cache
+def byte_level_alphabet() -> dict[str, int]:
+    """The character a byte-level BPE spells each byte with, inverted: char -> byte value.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, 0x7f-0xa0,
+    0xad) take the code points from 256 upwards, in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+def _kinds(node) -> set[str]:
+    """Component types in a tokenizer.json node, looking into `Sequence`s."""
+    if not isinstance(node, dict):
+        return set()
+    found = {node.get("type")}
+    for child in node.get("pretokenizers", []) + node.get("decoders", []) + node.get("normalizers", []):
+        found |= _kinds(child)
+    return found
+
+
+def token_byte_table(tokenizer) -> list[bytes | None]:
+    """Per token id: the token's bytes where the byte mapping fixes them, else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    byte_level = "ByteLevel" in _kinds(spec.get("decoder")) | _kinds(spec.get("pre_tokenizer"))
+    byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
+    added = {t["id"]: t["content"] for t in spec.get("added_tokens", [])}
+    alphabet = byte_level_alphabet()
+    vocab = tokenizer.get_vocab()
+    table: list[bytes | None] = [None] * max(len(tokenizer), max(vocab.values(), default=-1) + 1)
+    for piece, i in vocab.items():
+        if i in added:
+            table[i] = added[i].encode("utf-8")
+        elif byte_level and all(c in alphabet for c in piece):
+            table[i] = bytes(alphabet[c] for c in piece)
+        elif byte_fallback and _BYTE_TOKEN.fullmatch(piece):
+            table[i] = bytes([int(piece[3:5], 16)])
+    return table

@@ -1,0 +1,300 @@
+"""`serve` on its own: the bad-request table, the body limit, tokenisation off the event loop,
+token bytes on the wire (chat `bytes`, completions `bytes:` strings and `text_offset`), the byte
+table of real tokenizers, and `serve` settings that must fail with one sentence."""
+
+import http.client
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.models.tokenizer import build_bpe_tokenizer
+from proxykd_jax.teacher.backends import ToyBackend, load_backend
+from proxykd_jax.teacher.client import collect
+from proxykd_jax.teacher.config import collect_config, serve_config
+from proxykd_jax.teacher.responses import bytes_token
+from proxykd_jax.teacher.server import Completion, ServerThread, make_app, serve
+from proxykd_jax.teacher.token_bytes import byte_level_alphabet, token_byte_table
+
+
+def post(port, path, body, headers=None, chunked=False, timeout=10.0):
+    """(status, parsed JSON) of one POST; `body` is sent as given (bytes, str, or an iterable of chunks)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        if isinstance(body, str):
+            body = body.encode()
+        conn.request(
+            "POST",
+            path,
+            body=body,
+            headers={"Content-Type": "application/json", **(headers or {})},
+            encode_chunked=chunked,
+        )
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    finally:
+        conn.close()
+
+
+class CountingToy(ToyBackend):
+    """Counts tokenizer calls, to show a refused request was never tokenised."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.encoded = 0
+
+    def encode(self, text):
+        self.encoded += 1
+        return super().encode(text)
+
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+OK_CHAT = '"model": "toy", "messages": [{"role": "user", "content": "hi"}]'
+OK_COMPLETION = '"model": "toy", "prompt": "hi"'
+LONG_PROMPT = "x" * 100  # over the toy's context of 64 with max_tokens 16
+
+BAD_REQUESTS = [  # (path, raw JSON body, status, the field the error names)
+    (CHAT, '{"model": "toy", "messages": []}', 400, "messages"),
+    (CHAT, '{"model": "toy"}', 400, "messages"),
+    (CHAT, '{"model": "toy", "messages": [{"role": "user"}]}', 400, "messages.0.content"),
+    (CHAT, '{"model": "toy", "messages": [{"role": "user", "content": 5}]}', 400, "messages.0.content"),
+    (CHAT, '{"model": "toy", "messages": [{"role": "", "content": "hi"}]}', 400, "messages.0.role"),
+    (CHAT, "{" + OK_CHAT + ', "temperature": NaN}', 400, "temperature"),
+    (CHAT, "{" + OK_CHAT + ', "temperature": Infinity}', 400, "temperature"),
+    (CHAT, "{" + OK_CHAT + ', "temperature": 2.5}', 400, "temperature"),
+    (CHAT, "{" + OK_CHAT + ', "temperature": -1}', 400, "temperature"),
+    (CHAT, "{" + OK_CHAT + ', "top_p": 0}', 400, "top_p"),
+    (CHAT, "{" + OK_CHAT + ', "top_p": NaN}', 400, "top_p"),
+    (CHAT, "{" + OK_CHAT + ', "n": 0}', 400, "n"),
+    (CHAT, "{" + OK_CHAT + ', "n": 129}', 400, "n"),
+    (CHAT, "{" + OK_CHAT + ', "n": "many"}', 400, "n"),
+    (CHAT, "{" + OK_CHAT + ', "top_logprobs": 21}', 400, "top_logprobs"),
+    (CHAT, "{" + OK_CHAT + ', "max_tokens": 0}', 400, "max_tokens"),
+    (CHAT, "{" + OK_CHAT + ', "max_tokens": 5000}', 400, "max_tokens"),
+    (CHAT, "{" + OK_CHAT + ', "max_completion_tokens": 5000}', 400, "max_completion_tokens"),
+    (CHAT, "{" + OK_CHAT + ', "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
+    (CHAT, '{"model": "other", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+    (CHAT, '{"model": "toy", "messages": [{"role": "user", "content": "' + LONG_PROMPT + '"}]}', 400, "messages"),
+    (CHAT, "{", 400, None),
+    (CHAT, "[]", 400, None),
+    (COMPLETIONS, '{"model": "toy", "prompt": ""}', 400, "prompt"),
+    (COMPLETIONS, '{"model": "toy", "prompt": []}', 400, "prompt"),
+    (COMPLETIONS, '{"model": "toy", "prompt": ["ok", ""]}', 400, "prompt"),
+    (COMPLETIONS, '{"model": "toy", "prompt": [1, 2, 3]}', 400, "prompt"),
+    (COMPLETIONS, '{"model": "toy"}', 400, "prompt"),
+    (COMPLETIONS, "{" + OK_COMPLETION + ', "logprobs": 21}', 400, "logprobs"),
+    (COMPLETIONS, "{" + OK_COMPLETION + ', "temperature": NaN}', 400, "temperature"),
+    (COMPLETIONS, "{" + OK_COMPLETION + ', "max_tokens": -3}', 400, "max_tokens"),
+    (COMPLETIONS, '{"model": "toy", "prompt": "' + LONG_PROMPT + '"}', 400, "prompt"),
+]
+
+
+def test_bad_request_table():
+    backend = CountingToy(max_context=64)
+    app = make_app(backend)
+    with ServerThread(app) as srv:
+        for path, body, status, field in BAD_REQUESTS:
+            got, answer = post(srv.port, path, body)
+            assert got == status, (body, answer)
+            err = answer["error"]
+            assert err["param"] == field, (body, err)
+            assert err["message"] and (field is None or f"'{field}'" in err["message"] or field == "model"), err
+            assert err["type"] == "invalid_request_error"
+        got, answer = post(srv.port, "/v1/nothing", "{}")
+        assert got == 404 and answer["error"]["code"] == "not_found"
+        # the server is still well and answers good requests
+        assert post(srv.port, CHAT, "{" + OK_CHAT + ', "max_tokens": 4}')[0] == 200
+        assert post(srv.port, COMPLETIONS, "{" + OK_COMPLETION + ', "max_tokens": 4, "n": 2}')[0] == 200
+    # the tokenizer saw only the two good and the two over-long prompts; generation only the good ones (n=1, n=2)
+    assert sum(app.state.batcher.calls) == 3 and backend.encoded == 4
+
+
+def test_body_limit_answers_413_before_tokenising():
+    backend = CountingToy()
+    app = make_app(backend, max_body_bytes=1000)
+    big = json.dumps({"model": "toy", "prompt": "y" * 2000, "max_tokens": 2})
+    with ServerThread(app) as srv:
+        status, answer = post(srv.port, COMPLETIONS, big)  # refused on its Content-Length
+        assert status == 413 and "1000 bytes" in answer["error"]["message"]
+        chunks = (big[i : i + 300].encode() for i in range(0, len(big), 300))  # no Content-Length
+        status, answer = post(srv.port, COMPLETIONS, chunks, chunked=True)
+        assert status == 413 and answer["error"]["code"] == "request_too_large"
+        assert post(srv.port, COMPLETIONS, json.dumps({"model": "toy", "prompt": "y" * 500, "max_tokens": 2}))[0] == 200
+    assert backend.encoded == 1
+    assert [e["outcome"] for e in app.state.requests] == ["413", "413", "ok"]
+
+
+class BlockingTokenizer(ToyBackend):
+    """Tokenising a long text blocks until the test releases it: a stand-in for a slow tokenizer."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def encode(self, text):
+        if len(text) > 10_000:
+            self.started.set()
+            assert self.release.wait(30), "the test never released the large request"
+        return super().encode(text)
+
+
+def test_large_request_does_not_stall_small_ones():
+    backend = BlockingTokenizer(max_context=4096)
+    app = make_app(backend, max_body_bytes=2_000_000)
+    large = json.dumps({"model": "toy", "prompt": "z" * 1_000_000, "max_tokens": 4})  # under the body limit
+    small = json.dumps({"model": "toy", "prompt": "hello", "max_tokens": 4})
+    with ServerThread(app) as srv:
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(large=post(srv.port, COMPLETIONS, large, timeout=60)))
+        thread.start()
+        assert backend.started.wait(30), "the large request never reached the tokenizer"
+        start = time.monotonic()
+        status, answer = post(srv.port, COMPLETIONS, small, timeout=10)  # would time out on a blocked loop
+        latency = time.monotonic() - start
+        backend.release.set()
+        thread.join(60)
+    assert status == 200 and answer["choices"][0]["text"]
+    assert latency < 5.0
+    status, answer = result["large"]  # tokenised, then refused: far over the context
+    assert status == 400 and answer["error"]["code"] == "context_length_exceeded"
+
+
+class Utf8Toy(ToyBackend):
+    """Draws bytes of multi-byte characters one token each: most tokens are partial UTF-8."""
+
+    ALPHABET = np.array(list("aé€ ".encode()), np.int64)
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen = {}
+
+    def complete(self, prompts, **kw):
+        out = super().complete(prompts, **kw)
+        for p, row in zip(prompts, out):
+            self.seen[bytes(x for x in p if x < 256)] = row[0]
+        return out
+
+
+class FixedToy(ToyBackend):
+    """Always answers the bytes of 'aé€ b', one token per byte, with two alternatives each."""
+
+    def complete(self, prompts, *, n, logprobs, **kw):
+        ids = list("aé€ b".encode())
+        top = [[(i, -0.1), (ord("q"), -2.5)] for i in ids]
+        c = Completion(ids, "stop", [-0.1] * len(ids) if logprobs else None, top if logprobs else None)
+        return [[c] * n for _ in prompts]
+
+
+def test_token_bytes_and_text_offset_on_the_wire(tmp_path):
+    with ServerThread(make_app(FixedToy())) as srv:
+        status, answer = post(srv.port, COMPLETIONS, json.dumps({"model": "toy", "prompt": "ab", "logprobs": 2}))
+        assert status == 200
+        lp = answer["choices"][0]["logprobs"]
+        assert answer["choices"][0]["text"] == "aé€ b"
+        esc = ["bytes:\\xc3", "bytes:\\xa9", "bytes:\\xe2", "bytes:\\x82", "bytes:\\xac"]
+        assert lp["tokens"] == ["a", *esc, " ", "b"]
+        # offsets count characters of prompt + text complete before each token: "ab" is 2 long
+        assert lp["text_offset"] == [2, 3, 3, 4, 4, 4, 5, 6]
+        assert lp["top_logprobs"][1] == {"bytes:\\xc3": -0.1, "q": -2.5}
+        status, answer = post(
+            srv.port,
+            CHAT,
+            json.dumps(
+                {"model": "toy", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2}
+            ),
+        )
+        content = answer["choices"][0]["logprobs"]["content"]
+        assert [c["bytes"] for c in content] == [[b] for b in "aé€ b".encode()]
+        assert [c["token"] for c in content] == lp["tokens"]
+        assert [a["bytes"] for a in content[2]["top_logprobs"]] == [[0xA9], [ord("q")]]
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(6)))
+    backend = Utf8Toy()
+    with ServerThread(make_app(backend)) as srv:
+        for api in ("chat", "completions"):
+            cfg = collect_config()
+            cfg.prompts, cfg.out, cfg.base_url, cfg.model = (
+                str(prompts),
+                str(tmp_path / f"{api}.jsonl"),
+                srv.base_url,
+                "toy",
+            )
+            cfg.api, cfg.max_tokens, cfg.top_logprobs, cfg.progress, cfg.temperature = api, 12, 3, False, 0.0
+            collect(cfg)
+            rows = [json.loads(line) for line in open(cfg.out)]
+            assert len(rows) == 6
+            for r in rows:
+                prompt = r["prompt"] if api == "completions" else f"user: {r['prompt']}\nassistant:"
+                c = backend.seen[prompt.encode()]
+                assert r["token_bytes"] == [[t] for t in c.token_ids]  # exact, partial UTF-8 included
+                assert r["tokens"] == [bytes_token(bytes([t])) for t in c.token_ids]
+                assert r["response"] == bytes(c.token_ids).decode("utf-8", "replace")
+                for alts, top in zip(r["top_logprobs"], c.top):
+                    assert [a["bytes"] for a in alts] == [[t] for t, _ in top]
+                    assert [a["logprob"] for a in alts] == pytest.approx([lp for _, lp in top])
+
+
+def test_byte_table_of_byte_level_bpe_is_exact(tmp_path):
+    tok = build_bpe_tokenizer(["the cat sat on the mat", "a dog ran"] * 20, 300)  # ASCII merges only
+    table = token_byte_table(tok)
+    text = "the cät sat — on 😀 mat ü\n\tx"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert b"".join(table[i] for i in ids) == text.encode()
+    assert any(len(table[i]) == 1 and table[i][0] >= 0x80 for i in ids)  # partial UTF-8 tokens occur
+    assert table[tok.eos_token_id] == b"<eos>"
+    assert sorted(byte_level_alphabet().values()) == list(range(256))
+
+
+def test_byte_table_of_byte_fallback_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁": 1, "a": 2, "▁a": 3, **{f"<0x{b:02X}>": 4 + b for b in range(256)}}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "a")], unk_token="<unk>", byte_fallback=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    table = token_byte_table(tok)
+    ids = tok("a€", add_special_tokens=False)["input_ids"]
+    assert [table[i] for i in ids] == [None, b"\xe2", b"\x82", b"\xac"]  # "▁a" depends on its place
+    assert table[0] == b"<unk>"
+
+
+def test_serve_settings_fail_with_one_sentence(tmp_path, monkeypatch):
+    cfg = serve_config()
+    with pytest.raises(ProxyKDError, match="serve.path is empty"):
+        load_backend(cfg)
+    cfg.path = str(tmp_path / "nowhere")
+    with pytest.raises(ProxyKDError, match=r"serve.path '.*nowhere' is not a folder"):
+        load_backend(cfg)
+    cfg.path = str(tmp_path)
+    with pytest.raises(ProxyKDError, match=r"has no config.json or tokenizer.json; it must be a model folder"):
+        load_backend(cfg)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ProxyKDError, match=r"serve.path '.*' cannot be served"):
+        load_backend(cfg)
+    cfg.source = "gguf"
+    with pytest.raises(ProxyKDError, match="serve.source must be 'hf' or 'known'"):
+        load_backend(cfg)
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    cfg.api_key_env = "NO_SUCH_KEY_VAR"
+    with pytest.raises(ProxyKDError, match="serve.api_key_env names 'NO_SUCH_KEY_VAR'"):
+        serve(cfg, lambda: load_backend(cfg))
+
+
+class BrokenToy(ToyBackend):
+    def complete(self, prompts, **kw):
+        raise RuntimeError("the accelerator fell over")
+
+
+def test_backend_error_is_a_500_in_the_api_layout():
+    with ServerThread(make_app(BrokenToy())) as srv:
+        status, answer = post(srv.port, COMPLETIONS, "{" + OK_COMPLETION + "}")
+        assert status == 500 and answer["error"]["code"] == "internal_error"
+        assert answer["error"]["type"] == "server_error" and "RuntimeError" in answer["error"]["message"]
