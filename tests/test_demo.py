@@ -14,8 +14,15 @@ from proxykd_jax.errors import ProxyKDError
 from tests.pipeline_fixtures import tiny_config
 
 
+def demo_config(run_dir):
+    """The tiny config with alignment cut to its SFT phase (the DPO rounds have their own tests)."""
+    cfg = tiny_config(run_dir)
+    cfg.align.rounds, cfg.align.sft_steps, cfg.train.steps = 0, 2, 3
+    return cfg
+
+
 def test_demo_runs_then_reuses_every_stage(tmp_path):
-    cfg = tiny_config(tmp_path / "run")
+    cfg = demo_config(tmp_path / "run")
     metrics = run_stage("demo", cfg)
     run = tmp_path / "run"
     assert set(metrics["models"]) == {
@@ -30,12 +37,12 @@ def test_demo_runs_then_reuses_every_stage(tmp_path):
     assert all(r is not None and r["finished"] for r in records.values()), records
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "proxykd.lock"}
 
-    again = run_stage("demo", tiny_config(run))  # everything finished: reused, nothing recomputed
+    again = run_stage("demo", demo_config(run))  # everything finished: reused, nothing recomputed
     assert json.loads(json.dumps(again)) == json.loads((run / "eval" / "metrics.json").read_text())
     changed = [p for p, t in stamps.items() if p.exists() and p.stat().st_mtime_ns != t]
     assert changed == [run / "results.md"]
 
-    other = tiny_config(run)
+    other = demo_config(run)
     other.demo.teacher_seed = 7
     with pytest.raises(ProxyKDError, match=r"demo \(finished\).*demo.teacher_seed 1234 -> 7"):
         run_stage("demo", other)

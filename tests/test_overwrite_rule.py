@@ -73,7 +73,7 @@ def _changed(cfg, key, value):
         ("distill", ("distill.loss.alpha", 50.0), ("train.checkpoint_every", 7)),
         ("eval", ("eval.max_samples", 8), ("mesh.shape.fsdp", 2)),
         ("export", ("export.step", 3), ("export.out", "/elsewhere")),
-        ("demo", ("demo.teacher_seed", 1), ("demo.num_prompts", 400)),
+        ("demo", ("demo.teacher_seed", 1), ("proxy.d_model", 128)),
     ],
 )
 def test_fields_that_change_results_change_the_hash(stage, changes, keeps, tmp_path):
