@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/align_known_teacher.py [--out /tmp/align_kt] [--variants base,lr1e-3,...]
 
-The known-teacher setup of DESIGN.md §5 at the demo's size (configs/demo.py): a KnownTeacher
+The known-teacher setup (docs/METHOD.md) at the demo's size (configs/demo.py): a KnownTeacher
 (vocab 512, d_model 64, 2 layers, entropy 1.5 nats), 400 prompts x 4 sampled responses written as
 a JSONL corpus, prepared with the teacher's word tokenizer (warm-up / align / distill / held-out
 splits), and a proxy with the teacher's architecture whose weights are the teacher's times
@@ -49,7 +49,7 @@ def build_setup(out: pathlib.Path, num_prompts: int, samples: int):
     """(teacher, config) with <out>/base_run/prepared and <out>/proxy_init written (once)."""
     from configs import demo as demo_config
     from proxykd_jax import data
-    from proxykd_jax.stages.demo import _perturbed_proxy
+    from proxykd_jax.eval.benchmark import perturbed_proxy
     from proxykd_jax.teacher.known import KnownTeacher
 
     cfg = demo_config.get_config().unlock()
@@ -77,7 +77,7 @@ def build_setup(out: pathlib.Path, num_prompts: int, samples: int):
         )
         data.prepare([corpus], teacher.tokenizer, prepared, cfg.data, progress=False)
         teacher.tokenizer.save_pretrained(str(prepared / "tokenizer"))
-    _perturbed_proxy(teacher, out / "proxy_init", d.proxy_noise, cfg.run.seed + 1)
+    perturbed_proxy(teacher, out / "proxy_init", d.proxy_noise, cfg.run.seed + 1)
     cfg.proxy.init_from = str(out / "proxy_init")
     cfg.train.progress = False
     cfg.train.tensorboard = False
@@ -85,9 +85,13 @@ def build_setup(out: pathlib.Path, num_prompts: int, samples: int):
 
 
 def run_variant(out: pathlib.Path, teacher, cfg, name: str, overrides: dict) -> dict:
-    """Runs one variant's align stage (sharing the base run's SFT phase); returns its summaries."""
-    from proxykd_jax.stages import align
-    from proxykd_jax.stages.demo import _teacher_probs_fn
+    """Runs one variant's alignment (sharing the base run's SFT phase); returns its summaries.
+
+    Calls the library (`align.rounds`) rather than the stage: the variants share a finished SFT
+    phase, which the stage's overwrite rule would (rightly) refuse to mix into another artifact."""
+    from proxykd_jax import context
+    from proxykd_jax.align import rounds
+    from proxykd_jax.eval.benchmark import teacher_probs_fn
 
     run = out / ("base_run" if name == "base" else f"run_{name}")
     if name != "base" and not run.exists():
@@ -98,7 +102,24 @@ def run_variant(out: pathlib.Path, teacher, cfg, name: str, overrides: dict) -> 
     vcfg.run.dir = str(run)
     vcfg.align.update(overrides)
     start = time.perf_counter()
-    align.run(vcfg, teacher_probs_fn=_teacher_probs_fn(teacher))
+    with context.create(vcfg, "align", lock=False) as ctx:
+        _, proxy = ctx.init_model("proxy", ctx.seed)
+        sink = ctx.sink(run / "proxy")
+        rounds.align_proxy(
+            proxy,
+            rounds.AlignData.load(run / "prepared"),
+            vcfg.align,
+            vcfg.optim,
+            vcfg.train,
+            out_dir=run / "proxy",
+            mesh=ctx.mesh,
+            rules=ctx.rules,
+            seed=ctx.seed,
+            seq_len=int(vcfg.align.seq_len or vcfg.data.seq_len),
+            sink=sink,
+            teacher_probs_fn=teacher_probs_fn(teacher),
+        )
+        sink.close()
     summaries = [json.loads(line) for line in (run / "proxy" / "metrics.jsonl").read_text().splitlines()]
     return {"records": {r["phase"]: r for r in summaries}, "seconds": time.perf_counter() - start}
 

@@ -32,7 +32,7 @@ from flax import nnx
 from proxykd_jax import losses, parallel, train
 from proxykd_jax.models import flops_per_token
 from proxykd_jax.models.llama import Llama, ModelConfig
-from proxykd_jax.stages import distill
+from proxykd_jax.train import distill
 
 
 def make_batch(cfg: ModelConfig, batch: int, seq: int, k: int, prompt: int, seed: int = 0) -> dict:

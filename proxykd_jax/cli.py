@@ -1,39 +1,53 @@
 """One entry point, one subcommand per pipeline stage.
 
     proxykd <stage> --config=configs/demo.py [--config.model.num_layers=4 ...]
+    proxykd <stage> --help          the config fields the stage reads, with defaults and comments
     python -m proxykd_jax <stage> --config=configs/llama.py:7b
 
-The entry point parses flags, starts jax.distributed when the config asks for
-it, logs the devices, and calls one function per stage. All logic lives in
-`proxykd_jax.stages`.
+The entry point parses flags, validates the config, starts jax.distributed when the config asks
+for it, logs the devices, builds the run context (mesh, paths, overwrite rule, run-directory lock)
+and runs the stage (`proxykd_jax.stages`). Bad input exits 2 with one sentence; a diverged run
+exits 1.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 
-STAGES = {
-    "collect": "Query an OpenAI-compatible teacher endpoint for responses to prompts.",
-    "prepare": "Tokenise the teacher corpus, split it by prompt, write records + manifest.",
-    "prior": "Build the prior tables (per-prompt prefix tries, back-off n-gram).",
-    "align": "Align the proxy to the teacher: SFT warm-up, then DPO rounds.",
-    "posterior": "Combine the aligned proxy with the prior; write the sparse posterior store.",
-    "distill": "Train the student on hard labels + weighted KL to the posterior.",
-    "eval": "Evaluate checkpoints on held-out data (and against a known teacher).",
-    "export": "Write a checkpoint as a Hugging Face folder.",
-    "serve": "Serve a model behind an OpenAI-compatible HTTP API.",
-    "demo": "Run the whole pipeline on the built-in tiny known-teacher setup.",
-}
+from proxykd_jax.stages import STAGES
 
-USAGE = "usage: proxykd <stage> --config=CONFIG_FILE[:ARG] [--config.FIELD=VALUE ...]\n\nstages:\n" + "\n".join(
-    f"  {name:<10} {doc}" for name, doc in STAGES.items()
+USAGE = (
+    "usage: proxykd <stage> --config=CONFIG_FILE[:ARG] [--config.FIELD=VALUE ...]\n\nstages:\n"
+    + "\n".join(f"  {name:<10} {stage.doc}" for name, stage in STAGES.items())
+    + "\n\n`proxykd <stage> --help` lists the config fields a stage reads."
 )
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one sentence, no traceback."""
+
+
+def stage_help(stage: str) -> str:
+    """The config groups `stage` reads, each field with its default and one-line comment."""
+    from proxykd_jax import config as config_lib
+    from proxykd_jax.context.artifacts import flatten
+
+    cfg, docs = config_lib.base_config(), config_lib.field_docs()
+    groups = STAGES[stage].groups or tuple(cfg.keys())
+    lines = [
+        f"proxykd {stage}: {STAGES[stage].doc}",
+        "",
+        f"usage: proxykd {stage} --config=CONFIG_FILE[:ARG] [--config.FIELD=VALUE ...]",
+        "",
+        "config fields it reads (defaults before a config file changes them):",
+    ]
+    for group in groups:
+        lines.append(f"  {group}:")
+        for key, value in flatten({group: cfg[group].to_dict()}).items():
+            lines.append(f"    --config.{key}={value!r}")
+            lines.append(f"        {docs.get(key, '')}")
+    return "\n".join(lines)
 
 
 def _run_stage(stage: str, argv: list[str]) -> int:
@@ -49,9 +63,9 @@ def _run_stage(stage: str, argv: list[str]) -> int:
     except (flags.Error, AttributeError, KeyError) as e:
         msg = str(e).strip("\"'")
         raise UserError(
-            f"bad config override ({msg}); fields and their comments are in the config file and "
-            "in the module named by each group's default_config()."
+            f"bad config override ({msg}); `proxykd {stage} --help` lists the fields and their meaning."
         ) from None
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags; ours live in flag_values
     cfg = flag_values.config
     if cfg is None:
         raise UserError(f"`proxykd {stage}` needs --config=PATH (for example --config=configs/demo.py).")
@@ -61,20 +75,14 @@ def _run_stage(stage: str, argv: list[str]) -> int:
     config_lib.validate(cfg)
     from proxykd_jax.parallel import distributed
 
-    distributed.maybe_initialize_distributed(cfg.mesh.distributed)
-    import jax
+    try:
+        distributed.maybe_initialize_distributed(cfg.mesh.distributed)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    from proxykd_jax import context, stages
 
-    logging.info(
-        "jax %s: process %d/%d, %d local / %d global devices (%s)",
-        jax.__version__,
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-        jax.devices()[0].platform,
-    )
-    module = importlib.import_module(f"proxykd_jax.stages.{stage}")
-    module.run(cfg)
+    with context.create(cfg, stage) as ctx:
+        stages.run_stage(stage, ctx)
     return 0
 
 
@@ -92,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     if stage not in STAGES:
         print(f"proxykd: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}.", file=sys.stderr)
         sys.exit(2)
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
+        print(stage_help(stage))
+        sys.exit(0)
     from proxykd_jax.errors import ProxyKDError
 
     try:

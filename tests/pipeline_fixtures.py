@@ -12,7 +12,7 @@ import runpy
 
 import numpy as np
 
-from proxykd_jax.stages import demo
+from proxykd_jax.eval import benchmark
 from proxykd_jax.teacher.known import KnownTeacher
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -35,6 +35,7 @@ def tiny_config(run_dir: pathlib.Path):
         cfg.train.steps, cfg.train.checkpoint_every, cfg.train.log_every = 6, 3, 3
         cfg.train.tensorboard, cfg.train.progress = False, False
         cfg.train.peak_flops = 1e11
+        cfg.optim.warmup_steps = 1
         cfg.align.sft_steps, cfg.align.rounds, cfg.align.prompts_per_round = 4, 1, 16
         cfg.align.batch_size, cfg.align.max_new_tokens, cfg.align.checkpoint_every = 8, 12, 2
         cfg.align.sample_batch_size, cfg.align.eval_batch_size, cfg.align.heldout_samples = 8, 8, 8
@@ -68,7 +69,7 @@ def build_run(run_dir: pathlib.Path, top_logprobs: int = 0):
 
     With `top_logprobs` > 0 every response carries the teacher's top log-probs (one line per sample).
     """
-    from proxykd_jax.stages import prepare
+    from stage_helpers import run_stage
 
     cfg = tiny_config(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -96,11 +97,11 @@ def build_run(run_dir: pathlib.Path, top_logprobs: int = 0):
                     f.write(json.dumps(row | _top_logprobs(teacher, p, r, top_logprobs)) + "\n")
             elif rs:
                 f.write(json.dumps({"id": f"p{i}", "prompt": p, "responses": rs}) + "\n")
-    demo._perturbed_proxy(teacher, run_dir / "proxy_init", 0.15, 5)
+    benchmark.perturbed_proxy(teacher, run_dir / "proxy_init", 0.15, 5)
     with cfg.unlocked():
         cfg.data.corpus = str(corpus)
         cfg.data.tokenizer = str(run_dir / "proxy_init")
         cfg.proxy.init_from = str(run_dir / "proxy_init")
         cfg.eval.known_teacher = str(run_dir / "teacher")
-    prepare.run(cfg)
+    run_stage("prepare", cfg)
     return cfg, teacher

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from stage_helpers import run_stage  # noqa: E402
 from test_align_stage import build_prepared, final_params, make_config, new_run  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -60,8 +61,6 @@ def _tail(path: pathlib.Path) -> str:
 def test_kill9_mid_round_then_rerun_matches_uninterrupted(tmp_path):
     import jax
 
-    from proxykd_jax.stages import align
-
     (tmp_path / "data").mkdir()
     prepared = build_prepared(tmp_path / "data")
     run = new_run(prepared, tmp_path / "killed")
@@ -71,7 +70,7 @@ def test_kill9_mid_round_then_rerun_matches_uninterrupted(tmp_path):
     try:
         # meanwhile, the uninterrupted run in this process
         reference = new_run(prepared, tmp_path / "uninterrupted")
-        summaries = align.run(stage_config(reference), devices=jax.devices()[:1])
+        summaries = run_stage("align", stage_config(reference), devices=jax.devices()[:1])
         assert set(summaries) == {"init", "sft", "round_000", "round_001"}
         # kill -9 as soon as round 0 has its first checkpoint (SFT done, reference and pairs saved)
         checkpoints = run / "proxy" / "round_000" / "checkpoints"
@@ -110,6 +109,4 @@ if __name__ == "__main__":
 
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from proxykd_jax.stages import align as align_stage
-
-    align_stage.run(stage_config(pathlib.Path(sys.argv[1])))
+    run_stage("align", stage_config(pathlib.Path(sys.argv[1])))

@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from stage_helpers import run_stage
 
 WORDS = [f"w{i}" for i in range(56)]
 SEQ = 32
@@ -20,13 +21,13 @@ SEQ = 32
 def make_config(run_dir, **align_overrides) -> ml_collections.ConfigDict:
     """A tiny align config: 1-layer proxy, 8 pairs per step, SFT 4 steps, 2 DPO rounds of 3 steps."""
     from proxykd_jax import config as config_lib
-    from proxykd_jax import data
+    from proxykd_jax import context, data
+    from proxykd_jax.align import config as align_config
     from proxykd_jax.parallel import mesh
-    from proxykd_jax.stages import align
     from proxykd_jax.train import loop, optim
 
     cfg = ml_collections.ConfigDict()
-    cfg.run = config_lib.run_config()
+    cfg.run = context.run_config()
     cfg.run.dir = str(run_dir)
     cfg.mesh = mesh.default_config()
     cfg.proxy = config_lib.model_group()
@@ -39,7 +40,7 @@ def make_config(run_dir, **align_overrides) -> ml_collections.ConfigDict:
     cfg.optim = optim.default_config()
     cfg.train = loop.default_config()
     cfg.train.update(log_every=1, tensorboard=False, progress=False, peak_flops=1e9)
-    cfg.align = align.default_config()
+    cfg.align = align_config.default_config()
     cfg.align.update(
         batch_size=8,
         sft_steps=4,
@@ -96,22 +97,19 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sharded_run(prepared, tmp_path_factory):
     """(run dir, config, summaries) of the align stage on all 8 devices as fsdp=4 x tensor=2."""
-    from proxykd_jax.stages import align
-
     run = new_run(prepared, tmp_path_factory.mktemp("align_sharded") / "run")
     cfg = make_config(run)
     cfg.mesh.shape.update(data=1, fsdp=4, tensor=2)
     assert jax.device_count() == 8
-    return run, cfg, align.run(cfg)
+    return run, cfg, run_stage("align", cfg)
 
 
 def _template(cfg):
     from flax import nnx
 
-    from proxykd_jax import config as config_lib
-    from proxykd_jax.models.llama import Llama
+    from proxykd_jax.models.llama import Llama, ModelConfig
 
-    return Llama(config_lib.model_config_from(cfg.proxy), rngs=nnx.Rngs(0))
+    return Llama(ModelConfig.from_config(cfg.proxy), rngs=nnx.Rngs(0))
 
 
 def _leaves(module):
@@ -122,7 +120,6 @@ def _leaves(module):
 
 def test_align_stage_runs_and_keeps_reference_frozen(sharded_run):
     from proxykd_jax.align import objectives, pairs, phases
-    from proxykd_jax.stages import align
 
     run, cfg, summaries = sharded_run
     out = run / "proxy"
@@ -148,17 +145,16 @@ def test_align_stage_runs_and_keeps_reference_frozen(sharded_run):
     np.testing.assert_allclose(rows["ref_rejected_logp"], ref_r, rtol=1e-5, atol=1e-5)
     assert not np.array_equal(rows["chosen_tokens"], rows["rejected_tokens"])
     assert final_params(run)
-    assert align.run(cfg) == {}  # finished: nothing to redo
+    assert run_stage("align", cfg) == summaries  # finished: reused, nothing to redo
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_sharded_run_equals_single_device(sharded_run, prepared, tmp_path):
-    from proxykd_jax.stages import align
-
     run8, _, summaries8 = sharded_run
     run1 = new_run(prepared, tmp_path / "run")
     cfg = make_config(run1)
     cfg.mesh.shape.update(data=1, fsdp=1, tensor=1)
-    summaries1 = align.run(cfg, devices=jax.devices()[:1])
+    summaries1 = run_stage("align", cfg, devices=jax.devices()[:1])
     for name in ("init", "sft", "round_000", "round_001"):
         np.testing.assert_allclose(summaries1[name]["heldout_nll"], summaries8[name]["heldout_nll"], rtol=1e-5)
     for name in ("round_000", "round_001"):

@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from proxykd_jax import losses
+from proxykd_jax.context import student_name
 from proxykd_jax.models.llama import Llama, ModelConfig
-from proxykd_jax.stages import distill
+from proxykd_jax.train import distill
 
 B, L, K, V = 2, 12, 5, 97
 
@@ -127,8 +128,8 @@ def test_bad_settings_are_refused():
 
 def test_output_name_follows_alpha_unless_overridden():
     cfg = distill.default_config()
-    assert distill.output_name(cfg) == "student"
+    assert student_name(cfg) == "student"
     cfg.loss.alpha = 0.0
-    assert distill.output_name(cfg) == "student_sft"
+    assert student_name(cfg) == "student_sft"
     cfg.output = "student_b"
-    assert distill.output_name(cfg) == "student_b"
+    assert student_name(cfg) == "student_b"

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from stage_helpers import run_stage
 from test_distill_stage import build_run, final_params, make_config, read_metrics
 
 
@@ -21,9 +22,11 @@ KILL_SCRIPT = """
 import os, signal, sys, json
 sys.path.insert(0, {tests!r})
 import test_distill_stage as t
+from proxykd_jax import context
 from proxykd_jax.stages import distill
 cfg = t.make_config({run!r}, **json.loads({overrides!r}))
-setup = distill.setup(cfg)
+ctx = context.create(cfg, "distill")
+setup = distill.setup(ctx, ctx.artifact("distill"))
 step, calls = setup.loop.train_step, [0]
 def killing_step(*args):
     calls[0] += 1
@@ -36,8 +39,6 @@ setup.train()
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(run_dir):
-    from proxykd_jax.stages import distill
-
     overrides = {"distill.output": "student_killed", "train.steps": 8}
     script = KILL_SCRIPT.format(
         tests=str(pathlib.Path(__file__).parent), run=str(run_dir), overrides=json.dumps(overrides), kill_at=5
@@ -48,8 +49,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(run_dir):
     steps = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and not (killed / "final").exists()
 
-    distill.run(make_config(run_dir, **overrides))  # resumes from the newest checkpoint
-    distill.run(make_config(run_dir, **{**overrides, "distill.output": "student_straight"}))
+    assert (run_dir / "proxykd.lock").exists()  # left behind by the killed run: stale, taken over below
+    run_stage("distill", make_config(run_dir, **overrides))  # resumes from the newest checkpoint
+    run_stage("distill", make_config(run_dir, **{**overrides, "distill.output": "student_straight"}))
     resumed, straight = final_params(killed), final_params(run_dir / "student_straight")
     for name in straight:
         np.testing.assert_allclose(resumed[name], straight[name], atol=1e-5, err_msg=name)

@@ -1,5 +1,5 @@
 """The distill stage end to end on a tiny run directory: KD, the α = 0 baseline, white-box mode and
-refusal to overwrite. Also the fixtures (config, run directory) of test_distill_resume.py / test_export.py."""
+the overwrite rule. Also the fixtures (config, run directory) of test_distill_resume.py / test_export.py."""
 
 import json
 import pathlib
@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from stage_helpers import run_stage
 
 from proxykd_jax import data
 from proxykd_jax.errors import ProxyKDError
@@ -20,12 +21,12 @@ SEQ, BATCH, K = 32, 8, 8
 def make_config(run_dir, **overrides) -> ml_collections.ConfigDict:
     """The groups the distill stage reads, with tiny shapes (no configs/ file needed)."""
     from proxykd_jax import config as config_lib
+    from proxykd_jax import context
     from proxykd_jax.parallel import mesh
-    from proxykd_jax.stages import distill
-    from proxykd_jax.train import loop, optim
+    from proxykd_jax.train import distill, loop, optim
 
     cfg = ml_collections.ConfigDict()
-    cfg.run = config_lib.run_config()
+    cfg.run = context.run_config()
     cfg.run.dir = str(run_dir)
     cfg.mesh = mesh.default_config()
     cfg.model = config_lib.model_group()
@@ -101,10 +102,10 @@ def read_metrics(out: pathlib.Path) -> list[dict]:
 
 
 def test_kd_and_sft_runs_write_students_with_metrics(run_dir):
-    from proxykd_jax.stages import distill
+    from proxykd_jax.train import distill
 
-    distill.run(make_config(run_dir))
-    distill.run(make_config(run_dir, **{"distill.loss": dict(distill.default_config().loss, alpha=0.0)}))
+    run_stage("distill", make_config(run_dir))
+    run_stage("distill", make_config(run_dir, **{"distill.loss": dict(distill.default_config().loss, alpha=0.0)}))
     kd, sft = final_params(run_dir / "student"), final_params(run_dir / "student_sft")
     assert set(kd) == set(sft) and (run_dir / "student" / "final" / "tokenizer.json").exists()
     assert any(not np.allclose(kd[n], sft[n]) for n in kd)
@@ -116,40 +117,47 @@ def test_kd_and_sft_runs_write_students_with_metrics(run_dir):
     assert all(abs(m["loss"] - (m["ce"] + 100.0 * m["kd"])) < 1e-3 * m["loss"] for m in kd_m)
     assert all(abs(m["loss"] - m["ce"]) < 1e-6 for m in sft_m)
     assert [m["tokens"] for m in kd_m] == [m["tokens"] for m in sft_m]  # same batches for both students
-    with pytest.raises(ProxyKDError, match="overwrite"):
-        distill.setup(make_config(run_dir))
+    # the same settings again: the finished student is reused, nothing trains
+    assert run_stage("distill", make_config(run_dir))["steps"] == 6
+    assert read_metrics(run_dir / "student") == kd_m
+    # other settings: refused, naming the changed field, until run.overwrite is set
+    with pytest.raises(ProxyKDError, match=r"optim.lr 0.003 -> 0.002.*run.overwrite=True"):
+        run_stage("distill", make_config(run_dir, **{"optim.lr": 2e-3}))
+    assert final_params(run_dir / "student").keys() == kd.keys()
 
 
 def test_white_box_run_uses_the_live_teacher(run_dir):
     from flax import nnx
 
+    from proxykd_jax import context
     from proxykd_jax.models import hf
-    from proxykd_jax.models.llama import Llama
+    from proxykd_jax.models.llama import Llama, ModelConfig
     from proxykd_jax.stages import distill
 
     cfg = make_config(run_dir, **{"distill.output": "student_wb", "train.steps": 2})
-    teacher_cfg = distill.config_lib.model_config_from(cfg.model)
+    teacher_cfg = ModelConfig.from_config(cfg.model)
     hf.save_hf(Llama(teacher_cfg, rngs=nnx.Rngs(7)), teacher_cfg, run_dir / "teacher_hf")
     cfg.distill.white_box = str(run_dir / "teacher_hf")
-    setup = distill.setup(cfg)
+    with context.create(cfg, "distill") as ctx:
+        setup = distill.setup(ctx, ctx.artifact("distill"))
     assert len(setup.frozen) == 1 and not any(k.startswith("kd_") for k in next(iter(setup.data_iter)))
-    distill.run(cfg)
+    run_stage("distill", cfg)
     metrics = read_metrics(run_dir / "student_wb")
     assert len(metrics) == 2 and all(m["kd"] > 0 and m["mfu"] > 0 for m in metrics)
     bad = make_config(run_dir, **{"distill.output": "student_wb2", "model.vocab_size": 80})
     bad.distill.white_box = str(run_dir / "teacher_hf")
     with pytest.raises(ProxyKDError, match="vocab_size"):
-        distill.setup(bad)
+        run_stage("distill", bad)
+    assert not (run_dir / "student_wb2").exists()  # refused before anything was written
 
 
 def test_a_diverging_run_stops_before_checkpointing_nan(run_dir):
-    from proxykd_jax.stages import distill
     from proxykd_jax.train import TrainingDiverged
 
     cfg = make_config(run_dir, **{"distill.output": "student_nan", "train.steps": 4, "optim.clip_norm": 0.0})
     cfg.optim.lr = 1e30  # lr is 0 for update 1 (warm-up), so step 3 is the first to see the blown-up weights
     with pytest.raises(TrainingDiverged, match="step 3"):
-        distill.run(cfg)
+        run_stage("distill", cfg)
     out = run_dir / "student_nan"
     assert not (out / "final").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]  # the last good one only

@@ -1,34 +1,42 @@
 """The export stage: the newest student checkpoint as an HF folder that transformers loads with the
-same logits; refusal to overwrite; the step and missing-checkpoint errors."""
+same logits; refusal to replace a folder it did not write; the step and missing-checkpoint errors."""
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from stage_helpers import run_stage
 from test_distill_stage import build_run, make_config
 
+from proxykd_jax import context
 from proxykd_jax.errors import ProxyKDError
-from proxykd_jax.stages import distill, export
+from proxykd_jax.stages import export
+from proxykd_jax.train.export import default_config
 
 
 def export_config(run_dir, **overrides):
     cfg = make_config(run_dir, **{"train.steps": 3, **overrides})
-    cfg.export = export.default_config()
+    cfg.export = default_config()
     return cfg
+
+
+def load_student(cfg, source, step=0):
+    with context.create(cfg, "export", lock=False) as ctx:
+        return export.load(ctx, step, source)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run_dir = build_run(tmp_path_factory.mktemp("export"), n_samples=24)
-    distill.run(export_config(run_dir))
+    run_stage("distill", export_config(run_dir))
     return run_dir
 
 
 def test_export_loads_in_transformers_with_matching_logits(trained):
     cfg = export_config(trained)
-    out = export.run(cfg)
+    out = run_stage("export", cfg)
     assert out == trained / "export" and (out / "tokenizer.json").exists()
-    _, ours, step = export.load_student(cfg, trained / "student")
+    _, ours, step = load_student(cfg, trained / "student")
     assert step == 3
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         str(out), local_files_only=True, dtype=torch.float32
@@ -40,7 +48,7 @@ def test_export_loads_in_transformers_with_matching_logits(trained):
         theirs = hf_model(torch.from_numpy(tokens).long()).logits.numpy()
     np.testing.assert_allclose(np.asarray(ours(tokens)), theirs, atol=1e-4, rtol=1e-4)
     # the newest checkpoint (step 3) was exported, not the older step-2 one
-    _, older, _ = export.load_student(cfg, trained / "student", 2)
+    _, older, _ = load_student(cfg, trained / "student", 2)
     assert not np.allclose(np.asarray(older(tokens)), theirs, atol=1e-4)
 
 
@@ -50,13 +58,13 @@ def test_export_refuses_a_non_empty_folder_and_bad_steps(trained, tmp_path):
     target.mkdir()
     (target / "keep.txt").write_text("user data")
     cfg.export.out = str(target)
-    with pytest.raises(ProxyKDError, match="not empty"):
-        export.run(cfg)
+    with pytest.raises(ProxyKDError, match="not made by `proxykd export`"):
+        run_stage("export", cfg)
     cfg.run.overwrite = True
-    export.run(cfg)
+    run_stage("export", cfg)
     assert not (target / "keep.txt").exists() and (target / "model.safetensors").exists()
     cfg.export.step = 1
     with pytest.raises(ProxyKDError, match="export.step=1"):
-        export.load_student(cfg, trained / "student", 1)
+        load_student(cfg, trained / "student", 1)
     with pytest.raises(ProxyKDError, match="no checkpoint"):
-        export.load_student(cfg, trained / "nothing_here")
+        load_student(cfg, trained / "nothing_here")

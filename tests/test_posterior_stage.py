@@ -7,12 +7,14 @@ import json
 import numpy as np
 import pytest
 
+from proxykd_jax.context import RunPaths
+from proxykd_jax.context.artifacts import read_record, record_path
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.data.store import StoreReader
 from proxykd_jax.errors import ProxyKDError
-from proxykd_jax.stages import posterior, prior
-from proxykd_jax.stages.paths import RunPaths
+from proxykd_jax.stages import posterior
 from tests.pipeline_fixtures import build_run
+from tests.stage_helpers import run_stage
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +23,8 @@ def run(tmp_path_factory):
     with cfg.unlocked():
         cfg.posterior.proxy = cfg.proxy.init_from  # any proxy folder will do for the estimator
         cfg.data.store.shard_mb = 0.002  # several shards, so resume has something to skip
-    prior.run(cfg)
-    est = posterior.run(cfg)
+    run_stage("prior", cfg)
+    est = run_stage("posterior", cfg)
     return cfg, teacher, est
 
 
@@ -68,7 +70,10 @@ def test_killed_run_resumes_without_recomputing(run):
     for meta in shards[keep:]:  # as if killed after `keep` finished shards
         meta.unlink()
         meta.with_suffix(".bin").unlink()
-    posterior.run(cfg)
+    record = read_record(paths.posterior)
+    record_path(paths.posterior, False).write_text(json.dumps(record | {"finished": False}))  # as a killed run left it
+    run_stage("posterior", cfg)
+    assert read_record(paths.posterior)["finished"]
     _, after = _store(cfg)
     assert len(after) == len(reference)
     for sid, entry in reference.items():
@@ -84,13 +89,17 @@ def test_missing_proxy_is_a_clear_error(run, tmp_path):
     cfg, _, _ = run
     bad = cfg.copy_and_resolve_references()
     bad.posterior.proxy = str(tmp_path / "nowhere")
+    with pytest.raises(ProxyKDError, match=r"posterior.proxy .* -> .*nowhere"):  # a changed field first
+        run_stage("posterior", bad)
+    bad.run.overwrite = True
     with pytest.raises(ProxyKDError, match="run `proxykd align` first"):
-        posterior.run(bad)
+        run_stage("posterior", bad)
+    assert not (RunPaths.from_config(cfg).root / ".posterior.new").exists()  # refused before writing anything
 
 
 def test_prior_stage_is_skipped_when_finished(run):
     cfg, _, _ = run
-    manifest = prior.run(cfg)
+    manifest = run_stage("prior", cfg)
     assert manifest["tokens"] > 0 and manifest["split"] == "distill"
     assert (RunPaths.from_config(cfg).prior / "tables.npz").exists()
 
@@ -101,8 +110,8 @@ def test_teacher_top_logprobs_fix_the_head(tmp_path):
     with cfg.unlocked():
         cfg.posterior.proxy = cfg.proxy.init_from
         cfg.data.store.value_dtype = "float32"
-    prior.run(cfg)
-    posterior.run(cfg)
+    run_stage("prior", cfg)
+    run_stage("posterior", cfg)
     prepared, store = _store(cfg)
     assert prepared.has_teacher_head
     checked = 0

@@ -285,7 +285,7 @@ def test_serve_settings_fail_with_one_sentence(tmp_path, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
     cfg.api_key_env = "NO_SUCH_KEY_VAR"
     with pytest.raises(ProxyKDError, match="serve.api_key_env names 'NO_SUCH_KEY_VAR'"):
-        serve(cfg)
+        serve(cfg, lambda: load_backend(cfg))
 
 
 class BrokenToy(ToyBackend):

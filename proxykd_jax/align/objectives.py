@@ -24,6 +24,7 @@ from flax import nnx
 
 from proxykd_jax import losses
 from proxykd_jax.align import lora
+from proxykd_jax.parallel.hosts import to_host
 
 
 def policy_of(model: nnx.Module, frozen: tuple) -> nnx.Module:
@@ -107,8 +108,8 @@ def reference_logprobs(
             batch = put_batch(batch)
         c, r = _pair_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen))
         m = min(batch_size, n - start)
-        chosen_out[start : start + m] = np.asarray(jax.device_get(c))[:m]
-        rejected_out[start : start + m] = np.asarray(jax.device_get(r))[:m]
+        chosen_out[start : start + m] = to_host(c)[:m]
+        rejected_out[start : start + m] = to_host(r)[:m]
     return chosen_out, rejected_out
 
 
@@ -134,6 +135,6 @@ def heldout_nll(
         batch = {k: rows[k][idx] for k in ("tokens", "targets", "segment_ids", "loss_mask")}
         if put_batch is not None:
             batch = put_batch(batch)
-        logp_B = np.asarray(jax.device_get(_row_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen))))
+        logp_B = to_host(_row_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen)))
         total += float(np.sum(logp_B.astype(np.float64) * keep))
     return -total / max(float(np.sum(rows["loss_mask"])), 1.0)

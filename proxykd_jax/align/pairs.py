@@ -14,6 +14,8 @@ import os
 import jax
 import numpy as np
 
+from proxykd_jax.parallel.hosts import to_host
+
 ROW_FIELDS = ("tokens", "targets", "segment_ids", "loss_mask")
 
 
@@ -105,7 +107,7 @@ def sample_responses(sample_fn, prompts, rng, *, batch_size: int, width: int, pa
         chunk += [chunk[0]] * (batch_size - n_real)
         prompt_BxP, lengths_B = left_aligned_prompts(chunk, width, pad_id)
         tokens_BxT, gen_lengths_B = sample_fn(prompt_BxP, lengths_B, jax.random.fold_in(rng, start // batch_size))
-        tokens_BxT, gen_lengths_B = np.asarray(jax.device_get(tokens_BxT)), np.asarray(jax.device_get(gen_lengths_B))
+        tokens_BxT, gen_lengths_B = to_host(tokens_BxT), to_host(gen_lengths_B)
         out.extend(tuple(int(t) for t in tokens_BxT[i, : gen_lengths_B[i]]) for i in range(n_real))
     return out
 

@@ -1,5 +1,5 @@
-"""Bookkeeping of the align stage's phases: the proxy's construction, per-phase parameter
-snapshots and completion markers, row batches, and held-out evaluation.
+"""Bookkeeping of the align phases: per-phase parameter snapshots and completion markers, row
+batches, and train states for existing modules.
 
 Layout under <run>/proxy/:
     sft/            checkpoints/ (the train Loop's), params/ (end of phase), DONE
@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from proxykd_jax.parallel import sharding as sharding_lib
+from proxykd_jax.parallel.hosts import sync
 
 DONE = "DONE"
 
@@ -35,10 +36,12 @@ def is_done(phase_dir: pathlib.Path) -> bool:
 
 
 def mark_done(phase_dir: pathlib.Path, summary: dict) -> None:
-    """Writes the DONE marker (with a JSON summary) atomically."""
-    tmp = phase_dir / (DONE + ".tmp")
-    tmp.write_text(json.dumps(summary, sort_keys=True) + "\n")
-    tmp.replace(phase_dir / DONE)
+    """Writes the DONE marker (with a JSON summary) atomically (process 0; every process waits)."""
+    if jax.process_index() == 0:
+        tmp = phase_dir / (DONE + ".tmp")
+        tmp.write_text(json.dumps(summary, sort_keys=True) + "\n")
+        tmp.replace(phase_dir / DONE)
+    sync(f"align: {phase_dir.name} done")
 
 
 def shard_module(module: nnx.Module, mesh, rules) -> nnx.Module:
@@ -54,29 +57,6 @@ def copy_module(module: nnx.Module) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
 
-def build_proxy(proxy_cfg, seed: int, mesh, rules):
-    """(ModelConfig, sharded Llama): from the HF folder `proxy_cfg.init_from`, else random init."""
-    from proxykd_jax import config as config_lib
-    from proxykd_jax.models.llama import Llama
-
-    if proxy_cfg.init_from:
-        from proxykd_jax.models import hf
-
-        folder = pathlib.Path(proxy_cfg.init_from).expanduser()
-        if not (folder / "config.json").exists():
-            from proxykd_jax.errors import ProxyKDError
-
-            raise ProxyKDError(
-                f"config.proxy.init_from={str(folder)!r} has no config.json; point it at a "
-                "local Hugging Face model folder, or set it to '' for a random init."
-            )
-        model_cfg, model = hf.load_hf(folder, dtype=proxy_cfg.dtype)
-        return model_cfg, shard_module(model, mesh, rules)
-    model_cfg = config_lib.model_config_from(proxy_cfg)
-    model = sharding_lib.create_sharded_model(Llama, mesh, rules, model_cfg, rngs=nnx.Rngs(params=seed))
-    return model_cfg, model
-
-
 def _abstract(state):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
@@ -86,8 +66,9 @@ def save_params(module: nnx.Module, path: pathlib.Path) -> None:
     import orbax.checkpoint as ocp
 
     path = pathlib.Path(path).absolute()
-    if path.exists():
+    if path.exists() and jax.process_index() == 0:
         shutil.rmtree(path)
+    sync(f"align: {path.name} cleared")
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path, nnx.state(module, nnx.Param))
         ckpt.wait_until_finished()

@@ -1,5 +1,5 @@
 """The Bayesian estimator: corpus prior tables, the posterior kernel, sample weights and the
-empirical Bayes fit of the prior strength kappa and the proxy evidence N_max (DESIGN §2)."""
+empirical Bayes fit of the prior strength kappa and the proxy evidence N_max (docs/METHOD.md)."""
 
 from proxykd_jax.bayes.config import default_config, posterior_config, prior_config
 from proxykd_jax.bayes.empirical import EBResult, HeldoutStats, fit_empirical_bayes, heldout_stats, score

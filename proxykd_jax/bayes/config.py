@@ -1,4 +1,4 @@
-"""Defaults of the `prior` and `posterior` config groups (the Bayesian estimator, DESIGN §2)."""
+"""Defaults of the `prior` and `posterior` config groups (the Bayesian estimator, docs/METHOD.md)."""
 
 import ml_collections
 

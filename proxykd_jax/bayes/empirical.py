@@ -1,4 +1,5 @@
-"""Empirical Bayes: fit kappa and N_max by held-out (leave-one-out) log-likelihood (DESIGN §2).
+"""Empirical Bayes: fit kappa and N_max by held-out (leave-one-out) log-likelihood
+(docs/METHOD.md).
 
 At each held-out teacher token y_t the posterior, built without y_t's own count, must predict it:
 

@@ -1,4 +1,5 @@
-"""The posterior kernel: proxy distribution x corpus prior -> exact sparse top-k (DESIGN §2).
+"""The posterior kernel: proxy distribution x corpus prior -> exact sparse top-k
+(docs/METHOD.md).
 
 Pseudo-counts a'_t = exact_t + kappa * (ngram_sparse_t + floor_t * base) + evidence_t, with
 evidence_t = N_t * p_t (`expected`) or (N_t / M) * counts of M draws from p_t (`sampled`); the

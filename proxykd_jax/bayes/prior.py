@@ -1,4 +1,5 @@
-"""The corpus prior: per-prompt prefix tries and an interpolated Witten–Bell n-gram (DESIGN §2).
+"""The corpus prior: per-prompt prefix tries and an interpolated Witten–Bell n-gram
+(docs/METHOD.md).
 
 Pseudo-counts at position t of a response to prompt x are
 
@@ -144,7 +145,7 @@ class PriorTables:
         """The prior at every position of the given responses, flattened (N = total tokens).
 
         mode: "include_self" — the responses were in the tables, the exact counts include their own
-        token (DESIGN: the observed token always counts 1); "leave_one_out" — they were in the tables
+        token (the observed token always counts 1); "leave_one_out" — they were in the tables
         and their own token is subtracted (held-out scoring); "external" — they were not in the tables.
         """
         if mode not in QUERY_MODES:

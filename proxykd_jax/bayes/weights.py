@@ -1,4 +1,5 @@
-"""Per-sample weights w(x, y) = sigmoid((l(x, y) - mu) / gamma) (DESIGN §2, v2 Eq. 9).
+"""Per-sample weights w(x, y) = sigmoid((l(x, y) - mu) / gamma) (docs/METHOD.md; Eq. 9 of the
+paper's second version).
 
 l is the proxy's log-likelihood of the teacher response (mean per token by default, or summed);
 mu and gamma are its mean and standard deviation over the distillation split.

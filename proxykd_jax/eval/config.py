@@ -1,4 +1,4 @@
-"""Defaults of the `eval` group (read by stages/eval.py)."""
+"""Defaults of the `eval` group (read by the eval stage and eval/metrics.py)."""
 
 import ml_collections
 

@@ -1,7 +1,7 @@
 """KL from a known teacher to a model on teacher contexts: E_t KL(q_t || p_t).
 
 Given a function that returns the teacher's true next-token distributions at every position of a
-batch of token rows (the known-teacher benchmark of DESIGN.md §5), and a model, this measures how
+batch of token rows (the known-teacher benchmark of docs/METHOD.md), and a model, this measures how
 far the model's next-token distributions are from the teacher's, averaged over the masked
 positions (normally: positions whose target is a teacher response token). Model log-probs come
 from a jitted forward in float32; the KL itself is summed in float64 on the host.

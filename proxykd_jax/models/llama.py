@@ -90,9 +90,10 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, cd) -> ModelConfig:
-        """Builds a ModelConfig from a ConfigDict (or mapping) with the fields of `default_config()`."""
+        """Builds a ModelConfig from a ConfigDict (or mapping) with the fields of `default_config()`
+        (a config group's `init_from`, where its weights come from, is not a shape field: skipped)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        values = dict(cd.items())
+        values = {k: v for k, v in cd.items() if k != "init_from"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown model config field(s) {unknown}; known fields are {sorted(known)}.")

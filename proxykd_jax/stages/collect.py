@@ -1,14 +1,27 @@
-"""`proxykd collect`: prompts + an OpenAI-compatible endpoint -> the teacher corpus."""
+"""`proxykd collect`: prompts + an OpenAI-compatible endpoint -> the teacher corpus
+(`teacher/client.py`), `<run>/corpus/teacher.jsonl` unless `collect.out` says otherwise. Resumable:
+samples already in the corpus are never requested (or paid for) again."""
 
 from __future__ import annotations
 
-from proxykd_jax.stages.paths import RunPaths
+import logging
+
 from proxykd_jax.teacher import client
 
+log = logging.getLogger(__name__)
 
-def run(cfg) -> dict:
-    ccfg = cfg.collect
-    if not ccfg.out:
-        with ccfg.unlocked():
-            ccfg.out = str(RunPaths.from_config(cfg).corpus)
-    return client.collect(ccfg)
+
+def run(ctx) -> dict:
+    """Collects the missing samples; the corpus is finished once every requested sample is in it or
+    was answered without content (final). A run that stops or leaves failures raises CollectError
+    and leaves the corpus unfinished: the same command continues it."""
+    art = ctx.artifact("collect")
+    if art.done:
+        log.info("collect: %s is finished with these settings; reusing it", art.path)
+        return art.summary
+    art.begin()
+    ccfg = ctx.cfg.collect.copy_and_resolve_references()
+    ccfg.out = str(art.work)
+    stats = client.collect(ccfg)
+    art.finish({k: stats[k] for k in ("requested", "already_done", "done", "declined", "tokens_in", "tokens_out")})
+    return stats

@@ -1,9 +1,8 @@
 """`proxykd prepare`: tokenise the teacher corpus, split it by prompt, write records.
 
-Reads `data.corpus` (files, folders or local `datasets` folders; default: the run's
-collected corpus) with the tokenizer in `data.tokenizer`, writes `<run>/prepared/`
-and copies the tokenizer to `<run>/prepared/tokenizer/` so every later stage uses
-the very same one.
+Reads `data.corpus` (files, folders or local `datasets` folders; default: the run's collected
+corpus) with the tokenizer in `data.tokenizer` (`data/prepare.py`), writes `<run>/prepared/` and
+copies the tokenizer to `<run>/prepared/tokenizer/` so every later stage uses the very same one.
 """
 
 from __future__ import annotations
@@ -14,32 +13,39 @@ from proxykd_jax.data.prepare import prepare as prepare_corpus
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import tokenizer as tokenizer_lib
-from proxykd_jax.stages.paths import RunPaths
+
+log = logging.getLogger(__name__)
 
 
-def corpus_paths(cfg) -> list[str]:
-    paths = RunPaths.from_config(cfg)
-    given = [p for p in str(cfg.data.corpus).split(",") if p]
+def corpus_paths(ctx) -> list[str]:
+    given = [p for p in str(ctx.cfg.data.corpus).split(",") if p]
     if given:
         return given
-    if not paths.corpus.exists():
+    corpus = ctx.artifact_path("collect")
+    if not corpus.exists():
         raise ProxyKDError(
-            f"no corpus: data.corpus is empty and {paths.corpus} does not exist; run "
+            f"no corpus: data.corpus is empty and {corpus} does not exist; run "
             "`proxykd collect` first or set --config.data.corpus=PATH[,PATH...]."
         )
-    return [str(paths.corpus)]
+    return [str(corpus)]
 
 
-def run(cfg) -> dict:
-    paths = RunPaths.from_config(cfg)
-    if not cfg.data.tokenizer:
+def run(ctx) -> dict:
+    """Prepares (or reuses) the records; returns the manifest."""
+    art = ctx.artifact("prepare")
+    if art.done:
+        log.info("prepare: %s is finished with these settings; reusing it", art.path)
+        return PreparedData(art.path).manifest
+    if not ctx.cfg.data.tokenizer:
         raise ProxyKDError(
             "data.tokenizer is empty; set it to a local tokenizer folder (for example the proxy's Hugging Face folder)."
         )
-    tok = tokenizer_lib.load_tokenizer(cfg.data.tokenizer)
-    if (paths.prepared / "manifest.json").exists() and not cfg.run.overwrite:
-        logging.info("prepare: %s is finished; skipping (run.overwrite=True redoes it)", paths.prepared)
-        return PreparedData(paths.prepared).manifest
-    manifest = prepare_corpus(corpus_paths(cfg), tok, paths.prepared, cfg.data, overwrite=cfg.run.overwrite)
-    tok.save_pretrained(str(paths.tokenizer))
+    sources = corpus_paths(ctx)
+    tok = tokenizer_lib.load_tokenizer(ctx.cfg.data.tokenizer)
+    art.begin()
+    if ctx.is_writer:
+        prepare_corpus(sources, tok, art.work, ctx.cfg.data, overwrite=True)
+        tok.save_pretrained(str(art.work / "tokenizer"))
+    manifest = PreparedData(art.work).manifest
+    art.finish({"samples": manifest["counts"]["samples"], "tokenizer_hash": manifest["tokenizer"]["hash"]})
     return manifest

@@ -1,9 +1,22 @@
-"""`proxykd serve`: a project checkpoint behind an OpenAI-compatible HTTP API."""
+"""`proxykd serve`: a model behind an OpenAI-compatible HTTP API (`teacher/server.py`), its weights
+placed on the mesh of the local devices. Reads only: takes no run-directory lock."""
 
 from __future__ import annotations
 
-from proxykd_jax.teacher import server
+from flax import nnx
+
+from proxykd_jax.parallel import place_model
+from proxykd_jax.teacher import backends, server
 
 
-def run(cfg) -> None:
-    server.serve(cfg.serve)
+def make_backend(ctx) -> backends.LlamaBackend:
+    """The backend of the `serve` group (a Hugging Face or known-teacher folder) on the mesh."""
+    return backends.load_backend(
+        ctx.cfg.serve,
+        load_model=lambda folder, dtype: ctx.load_model(folder, dtype=dtype),
+        place=lambda model: nnx.merge(*place_model(model, ctx.mesh, ctx.rules)),
+    )
+
+
+def run(ctx) -> None:
+    server.serve(ctx.cfg.serve, lambda: make_backend(ctx))

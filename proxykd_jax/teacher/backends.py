@@ -227,8 +227,11 @@ class ToyBackend:
         return out
 
 
-def load_backend(cfg):
-    """The backend named by the `serve` group: a Hugging Face folder or a known-teacher folder."""
+def load_backend(cfg, *, load_model=None, place=None):
+    """The backend named by the `serve` group: a Hugging Face folder or a known-teacher folder.
+
+    `load_model(folder, dtype=...) -> (config, model)` replaces `models.hf.load_hf` and `place(model)`
+    places a known teacher's model (the `serve` stage puts both on its mesh)."""
     if cfg.source not in ("hf", "known"):
         raise ProxyKDError(f"serve.source must be 'hf' or 'known', not {cfg.source!r}")
     path = pathlib.Path(cfg.path).expanduser()
@@ -250,12 +253,13 @@ def load_backend(cfg):
             from proxykd_jax.models.hf import load_hf  # pylint: disable=import-outside-toplevel
             from proxykd_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
 
-            _, model = load_hf(str(path), dtype=cfg.dtype)
+            _, model = (load_model or load_hf)(path, dtype=cfg.dtype)
             return LlamaBackend(model, load_tokenizer(path), model_name=name, seed=cfg.seed)
         from proxykd_jax.teacher.known import KnownTeacher  # pylint: disable=import-outside-toplevel
 
         teacher = KnownTeacher.load(str(path))
-        return LlamaBackend(teacher.model, teacher.tokenizer, model_name=name, seed=cfg.seed)
+        model = place(teacher.model) if place is not None else teacher.model
+        return LlamaBackend(model, teacher.tokenizer, model_name=name, seed=cfg.seed)
     except ProxyKDError:
         raise
     except (OSError, ValueError, KeyError) as err:  # a folder that is not a loadable model

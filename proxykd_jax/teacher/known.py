@@ -1,4 +1,5 @@
-"""A tiny deterministic teacher whose full next-token distributions are known (DESIGN.md §5).
+"""A tiny deterministic teacher whose full next-token distributions are known (the known-teacher
+benchmark, docs/METHOD.md).
 
 `KnownTeacher.create(seed)` builds a random Llama over a word vocabulary ("w0" .. "wN" plus the
 specials <pad> <bos> <eos> <unk>) and reshapes its output layer so that its distributions are

@@ -386,15 +386,14 @@ class ServerThread:
         self.thread.join(10)
 
 
-def serve(cfg) -> None:
-    """Runs the `serve` stage on the `serve` config group until interrupted (Ctrl-C).
+def serve(cfg, make_backend) -> None:
+    """Serves the backend `make_backend()` builds (e.g. `lambda: backends.load_backend(cfg)`; the
+    `serve` stage places its model on the mesh) on the `serve` config group until interrupted.
 
     Bad settings (a missing model folder, an unset key variable, impossible fault rates) raise
     ProxyKDError naming the field before anything is loaded or bound.
     """
     import os  # pylint: disable=import-outside-toplevel
-
-    from proxykd_jax.teacher.backends import load_backend  # pylint: disable=import-outside-toplevel
 
     f = cfg.faults
     try:
@@ -418,7 +417,7 @@ def serve(cfg) -> None:
         )
     if cfg.max_body_bytes < 1:
         raise ProxyKDError(f"serve.max_body_bytes is {cfg.max_body_bytes}; set a positive number of bytes")
-    backend = load_backend(cfg)
+    backend = make_backend()
     app = make_app(
         backend,
         faults if faults.active else None,

@@ -46,6 +46,12 @@ class MetricsWriter:
             for name, value in metrics.items():
                 self._tb.add_scalar(name, float(value), int(step))
 
+    def append(self, record: Mapping) -> None:
+        """Appends one JSON record as it is (e.g. a phase summary without a step)."""
+        if self.enabled:
+            self._file.write(json.dumps(dict(record), sort_keys=True) + "\n")
+            self._file.flush()
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -29,7 +29,7 @@ def _metrics_sharding(state_shardings: TrainState) -> NamedSharding:
 # XLA:CPU runs independent ops of a program concurrently; its default schedule puts the two matmuls
 # of each linear layer's backward pass (input and weight gradients) side by side, and each then runs
 # at about half speed on the shared cores. The memory-optimised schedule orders them apart:
-# measured 3-9% faster train steps on the 2-core benchmark machine (BUILD_NOTES.md, issue 2).
+# measured 3-9% faster train steps on the 2-core benchmark machine (BUILD_NOTES.md, train-step figures).
 _PLATFORM_COMPILER_OPTIONS = {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
 
 

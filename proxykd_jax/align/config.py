@@ -1,0 +1,33 @@
+"""Defaults of the `align` config group (read by align/rounds.py)."""
+
+import ml_collections
+
+from proxykd_jax.align import lora as lora_lib
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults of the `align` group. beta = 0.1 and the summed NLL + DPO loss follow the paper;
+    the rest are documented choices for small proxies."""
+    cd = ml_collections.ConfigDict()
+    cd.seq_len = 0  # row length of (prompt + response) rows; 0 = data.seq_len
+    cd.batch_size = 8  # global rows per step (pairs per step in DPO rounds)
+    cd.sft_steps = 200  # warm-up SFT steps on the warm-up split (0 = skip the warm-up)
+    cd.sft_lr = 1e-4  # peak learning rate of the warm-up (optim group supplies the schedule shape)
+    cd.rounds = 2  # DPO rounds on the alignment split
+    cd.dpo_steps_per_round = 0  # steps per round; 0 = one pass over the round's pairs
+    cd.dpo_lr = 1e-5  # peak learning rate of every DPO round (optimizer state restarts each round)
+    cd.prompts_per_round = 0  # alignment examples sampled per round (a fresh subset each round); 0 = all
+    cd.samples_per_prompt = 1  # rejected responses sampled per example (each makes one pair)
+    cd.beta = 0.1  # DPO temperature beta (paper value)
+    cd.nll_weight = 1.0  # weight of NLL(chosen) added to the DPO loss (paper: 1, summed)
+    cd.temperature = 1.0  # sampling temperature of rejected responses
+    cd.top_p = 1.0  # nucleus top-p of rejected responses
+    cd.max_new_tokens = 64  # longest rejected response (tokens, a final eos included)
+    cd.sample_batch_size = 16  # prompts per generation call (fixed shape: compiled once)
+    cd.logprob_chunk = 256  # tokens per vocabulary projection chunk in sequence log-probs
+    cd.eval_batch_size = 16  # rows per forward in the reference and held-out passes
+    cd.heldout_samples = 64  # held-out split examples scored (NLL) after every phase; 0 = all
+    cd.warmup_steps = 10  # linear LR warm-up of each phase (replaces optim.warmup_steps; capped at steps - 1)
+    cd.checkpoint_every = 50  # steps between checkpoints within a phase
+    cd.lora = lora_lib.default_config()  # optional low-rank adapters (rank 0 = full fine-tuning)
+    return cd

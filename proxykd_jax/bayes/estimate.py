@@ -1,0 +1,307 @@
+"""The posterior estimate over the distillation split: sample weights, the empirical-Bayes fit and
+the sparse top-k store (the method is written out in docs/METHOD.md).
+
+Two passes over the split:
+
+1. *Weights and empirical Bayes* (`fit_estimate`). The proxy scores every teacher response:
+   l(x, y) (mean or summed token log-likelihood) gives mu, gamma and the sample weights
+   w = sigmoid((l - mu) / gamma). A fraction of the samples is held out: prior tables built
+   without them (their sibling responses still count in the per-prompt tries) must predict their
+   tokens, and (kappa, N_max) are fitted by that held-out log-likelihood; the fitted posterior
+   scores at least the prior and the proxy there (both are points of the search).
+2. *Store* (`write_store`). One jitted function per batch runs the proxy forward and the posterior
+   kernel (exact sparse top-k; no dense prior); the top-k, the tail mass and the sample weight go
+   to this host's store shards. A killed run resumes after the last finished shard.
+
+Each process reads its own slice of the split; every collective step runs on every process the
+same number of times (`parallel.hosts.lockstep`), and the statistics are gathered over processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from proxykd_jax.bayes import empirical
+from proxykd_jax.bayes import posterior as kernel
+from proxykd_jax.bayes import weights as weights_lib
+from proxykd_jax.bayes.prior import SparsePrior
+from proxykd_jax.bayes.tables import build_prior
+from proxykd_jax.data import pipeline
+from proxykd_jax.data.store import StoreWriter
+from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.parallel import hosts
+from proxykd_jax.parallel.sharding import global_batch, replicated
+
+log = logging.getLogger(__name__)
+SPLIT = "distill"
+_N_MAX_CAP = 1e9  # N_max = inf (the proxy alone) is run as this many pseudo-observations
+_MODEL_FIELDS = ("tokens", "targets", "positions", "segment_ids")
+
+
+def target_logprobs(graphdef, state, batch):
+    """log p_proxy(target) at every position [B, L] (float32; vocabulary never leaves the device)."""
+    model = nnx.merge(graphdef, state)
+    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    return picked - lse
+
+
+def response_spans(batch) -> list[tuple[int, int, int]]:
+    """(row, first input index, response tokens T) of each real row of an `iter_samples` batch."""
+    spans = []
+    for i, (sid, n_in, p) in enumerate(zip(batch["sample_ids"][:, 0], batch["lengths"], batch["prompt_lengths"])):
+        if sid >= 0 and n_in > 0:
+            spans.append((i, int(p) - 1, int(n_in) - int(p) + 1))
+    return spans
+
+
+def _empty(batch: dict) -> dict:
+    """A padding batch shaped like `batch` (no sample in it)."""
+    out = dict(batch)
+    out["sample_ids"] = np.full_like(batch["sample_ids"], -1)
+    out["lengths"] = np.zeros_like(batch["lengths"])
+    return out
+
+
+def local_rows(batch_size: int) -> int:
+    """This process's rows of a global batch of `batch_size` rows."""
+    if batch_size % jax.process_count():
+        raise ProxyKDError(
+            f"posterior.batch_size={batch_size} must be a multiple of the {jax.process_count()} processes."
+        )
+    return batch_size // jax.process_count()
+
+
+def batches(prepared, data_cfg, *, seq_len: int, batch_size: int):
+    """This process's rows of the split's global batches (`batch_size` samples, one per row; batch g
+    holds the same samples on one process or many), padded to the count every process runs."""
+    local = local_rows(batch_size)
+    it = pipeline.iter_samples(prepared, SPLIT, data_cfg, batch_size=local, seq_len=seq_len)
+    return hosts.lockstep(it, hosts.batches_per_process(prepared.num_samples(SPLIT), local), _empty)
+
+
+def is_holdout(sample_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """A stable pseudo-random subset of samples (by id) for the empirical-Bayes fit."""
+    h = (sample_ids.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
+    return (h.astype(np.float64) / float(1 << 24)) < fraction
+
+
+def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq_len: int, batch_size: int) -> dict:
+    """Pass 1: sample log-likelihoods -> (mu, gamma, weights of every sample) and the EB fit.
+
+    `pcfg`/`prior_cfg`/`data_cfg` are the posterior, prior and data config groups."""
+    graphdef, state = nnx.split(model)
+    ids, logliks = [], []
+    hold_seqs, hold_proxy_y, hold_sid = [], [], []
+    fwd = jax.jit(target_logprobs, static_argnums=0, out_shardings=replicated(mesh))
+    total = prepared.num_samples(SPLIT)
+    progress = jax.process_index() == 0
+    with tqdm.tqdm(total=total, desc="posterior: proxy scores", unit="sample", disable=not progress) as bar:
+        for host_batch in batches(prepared, data_cfg, seq_len=seq_len, batch_size=batch_size):
+            gb = global_batch({k: host_batch[k] for k in _MODEL_FIELDS}, mesh, rules)
+            lp = hosts.host_rows(fwd(graphdef, state, gb), local_rows(batch_size))
+            spans = response_spans(host_batch)
+            for row, start, t in spans:
+                sid = int(host_batch["sample_ids"][row, 0])
+                tok_lp = lp[row, start : start + t].astype(np.float64)
+                ids.append(sid)
+                logliks.append(tok_lp.sum() / (t if pcfg.weight_normalize == "mean" else 1))
+                if is_holdout(np.asarray([sid]), pcfg.eb_holdout_fraction)[0]:
+                    hold_sid.append(sid)
+                    hold_seqs.append(np.asarray(host_batch["targets"][row, start : start + t], np.int32))
+                    hold_proxy_y.append(np.exp(tok_lp))
+            bar.update(len(spans) * jax.process_count())
+    sample_ids = np.asarray(ids, np.int64)
+    loglik = np.asarray(logliks, np.float64)
+    mu, gamma = weights_lib.weight_stats(hosts.allgather(loglik))
+    w = (
+        np.asarray(weights_lib.sample_weights(loglik, mu, gamma), np.float64)
+        if pcfg.use_weights
+        else np.ones_like(loglik)
+    )
+    all_ids, all_w = hosts.allgather(sample_ids), hosts.allgather(w)
+    est = {
+        "mu": mu,
+        "gamma": gamma,
+        "num_samples": int(all_ids.shape[0]),
+        "weight_normalize": pcfg.weight_normalize,
+        "kappa": float(prior_cfg.kappa),
+        "n_max": float(pcfg.n_max),
+        "fitted": False,
+    }
+    if pcfg.fit_empirical_bayes:
+        est.update(
+            _fit(
+                prepared,
+                pcfg,
+                prior_cfg,
+                dict(zip(all_ids.tolist(), all_w.tolist())),
+                hold_sid,
+                hold_seqs,
+                hold_proxy_y,
+            )
+        )
+    est["weights"] = {str(s): float(x) for s, x in sorted(zip(all_ids.tolist(), all_w.tolist()))}
+    return est
+
+
+def _fit(prepared, pcfg, prior_cfg, w_of: dict, hold_sid, hold_seqs, hold_proxy_y) -> dict:
+    """Empirical Bayes on held-out samples, scored against tables built without them."""
+    all_held = hosts.allgather(np.asarray(hold_sid, np.int64))
+    if not len(all_held):
+        raise ProxyKDError(
+            f"posterior.eb_holdout_fraction={pcfg.eb_holdout_fraction} holds out no "
+            "sample of the distillation split; raise it or set posterior.fit_empirical_bayes=False."
+        )
+    wanted = set(hold_sid)
+    keys = {
+        int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split(SPLIT) if int(r["sample_id"]) in wanted
+    }
+    held_out_tables = build_prior(prepared, prior_cfg, exclude=frozenset(all_held.tolist()), progress=False)
+    stats_parts = []
+    if hold_sid:
+        prior = held_out_tables.query(np.asarray([keys[s] for s in hold_sid], np.int64), hold_seqs, mode="external")
+        weight_N = np.concatenate([np.full(len(y), w_of[s]) for s, y in zip(hold_sid, hold_seqs)])
+        stats_parts = empirical.heldout_stats_from_probs(
+            np.concatenate(hold_proxy_y), np.concatenate(hold_seqs), prior, held_out_tables.base_V, weight_N
+        )
+    stats = empirical.HeldoutStats(*(hosts.allgather(np.asarray(x)) for x in _or_empty(stats_parts)))
+    res = empirical.fit_empirical_bayes(stats, refine_steps=pcfg.eb_refine_steps)
+    log.info("posterior: %s on %d held-out tokens", res.summary(), stats.proxy_y_N.shape[0])
+    return {
+        "kappa": res.kappa,
+        "n_max": res.n_max,
+        "fitted": True,
+        "heldout_tokens": int(stats.proxy_y_N.shape[0]),
+        "heldout_loglik": {
+            "posterior": res.score_posterior,
+            "prior": res.score_prior,
+            "prior_kappa": res.prior_kappa,
+            "proxy": res.score_proxy,
+        },
+    }
+
+
+def _or_empty(stats_parts):
+    """The held-out statistics of this process (empty arrays of the right kind when it held none out)."""
+    if stats_parts:
+        return stats_parts
+    return [np.zeros((0,), np.float64) for _ in empirical.HeldoutStats._fields]
+
+
+def _dense_prior_rows(tables, keys, seqs, spans, rows: int, length: int) -> SparsePrior:
+    """The prior at every position of a [rows, length] batch (zeros off the response tokens)."""
+    q = tables.query(np.asarray(keys, np.int64), seqs, mode="include_self")
+    out = []
+    for field in q:
+        field = np.asarray(field)
+        shape = (rows * length,) + field.shape[1:]
+        full = np.ones(shape, field.dtype) if field.ndim == 1 else np.zeros(shape, field.dtype)
+        offset = 0
+        for row, start, t in spans:
+            full[row * length + start : row * length + start + t] = field[offset : offset + t]
+            offset += t
+        out.append(full)
+    return SparsePrior(*out)
+
+
+def make_posterior_step(graphdef, pcfg, *, k: int, mesh):
+    """jit(proxy forward + posterior kernel) for one batch -> ids/logprobs [B*L, K], tail [B*L]."""
+
+    def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps):
+        model = nnx.merge(graphdef, state)
+        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+        n = logits.shape[0] * logits.shape[1]
+        return kernel.posterior_topk(
+            logits.reshape(n, -1),
+            prior,
+            base_V,
+            n_pseudo_N,
+            kappa,
+            k=k,
+            mode=pcfg.mode,
+            num_samples=pcfg.num_samples,
+            beta=pcfg.beta,
+            rng=rng,
+            head_ids_NxH=head_ids,
+            head_logprobs_NxH=head_lps,
+            chunk=pcfg.chunk_tokens,
+        )
+
+    return jax.jit(step, out_shardings=replicated(mesh))
+
+
+def write_store(
+    prepared, tables, est: dict, model, pcfg, data_cfg, *, out: pathlib.Path, mesh, rules, seq_len, batch_size, seed
+) -> int:
+    """Pass 2: the posterior's top-k of every response token into this host's shards in `out`.
+
+    Resumes after the last finished shard; returns the number of samples written by this process."""
+    graphdef, state = nnx.split(model)
+    scfg = data_cfg.store
+    writer = StoreWriter.from_config(
+        out, scfg, vocab_size=model.cfg.vocab_size, tokenizer_hash=prepared.tokenizer_hash, host=jax.process_index()
+    )
+    done = set(writer.finished_sample_ids().tolist())
+    step = make_posterior_step(graphdef, pcfg, k=scfg.k, mesh=mesh)
+    keys_of = {int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split(SPLIT)}
+    weights = est["weights"]
+    kappa = jnp.float32(est["kappa"])
+    n_max = min(float(est["n_max"]), _N_MAX_CAP)
+    base = jnp.asarray(tables.base_V, jnp.float32)
+    use_head = pcfg.use_teacher_topk and prepared.has_teacher_head
+    root = jax.random.key(seed)
+    written, progress = 0, jax.process_index() == 0
+    with tqdm.tqdm(
+        total=prepared.num_samples(SPLIT), desc="posterior: store", unit="sample", disable=not progress
+    ) as bar:
+        for b, host_batch in enumerate(batches(prepared, data_cfg, seq_len=seq_len, batch_size=batch_size)):
+            spans = response_spans(host_batch)
+            todo = [s for s in spans if int(host_batch["sample_ids"][s[0], 0]) not in done]
+            bar.update((len(spans) - len(todo)) * jax.process_count())
+            if not todo and jax.process_count() == 1:  # (several processes all step together)
+                continue
+            sids = [int(host_batch["sample_ids"][row, 0]) for row, _, _ in todo]
+            seqs = [np.asarray(host_batch["targets"][row, s : s + t], np.int32) for row, s, t in todo]
+            rows, length = host_batch["tokens"].shape
+            prior = _dense_prior_rows(tables, [keys_of[s] for s in sids], seqs, todo, rows, length)
+            n_pseudo = np.zeros((rows, length), np.float32)
+            for (row, s, t), sid in zip(todo, sids):
+                n_pseudo[row, s : s + t] = n_max * weights[str(sid)]
+            local = {k: host_batch[k] for k in _MODEL_FIELDS}
+            local["n_pseudo"] = n_pseudo
+            for f, name in zip(prior, SparsePrior._fields):
+                local["prior_" + name] = f.reshape((rows, length) + f.shape[1:])
+            if use_head:
+                local["head_ids"] = host_batch["teacher_topk_ids"]
+                local["head_lps"] = host_batch["teacher_topk_logprobs"]
+            gb = global_batch(local, mesh, rules)
+            flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+            g_prior = SparsePrior(*(flat(gb["prior_" + n]) for n in SparsePrior._fields))
+            ids, lps, tail = step(
+                state,
+                gb,
+                g_prior,
+                base,
+                flat(gb["n_pseudo"]),
+                kappa,
+                jax.random.fold_in(root, b),
+                flat(gb["head_ids"]) if use_head else None,
+                flat(gb["head_lps"]) if use_head else None,
+            )
+            ids, lps, tail = (hosts.host_rows(x, rows * length) for x in (ids, lps, tail))
+            for (row, s, t), sid in zip(todo, sids):
+                sl = slice(row * length + s, row * length + s + t)
+                writer.add(sid, ids[sl], lps[sl], tail[sl], weight=weights[str(sid)])
+                written += 1
+            bar.update(len(todo) * jax.process_count())
+    writer.close()
+    return written

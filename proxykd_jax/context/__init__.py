@@ -1,0 +1,209 @@
+"""The run context: what every stage needs, built once by the CLI from the validated config.
+
+    with context.create(cfg, "distill") as ctx:
+        stages.run_stage("distill", ctx)
+
+A `RunContext` holds the device mesh and the normalised sharding rules, the run paths, the
+overwrite policy (`ctx.artifact()`, see `context/artifacts.py`), the run-directory lock
+(`context/lock.py`), the sharded model loader (`ctx.load_model`, `ctx.init_model`) and the metric
+sinks (`ctx.sink`, `ctx.write_json`). Stages are `run(ctx)` and combine library calls; nothing
+below a stage reads the whole config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from proxykd_jax.context.artifacts import ARTIFACTS, Artifact, open_artifact
+from proxykd_jax.context.lock import RunLock, RunLocked
+from proxykd_jax.context.paths import RunPaths, student_name
+from proxykd_jax.errors import ProxyKDError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ARTIFACTS", "Artifact", "RunContext", "RunLocked", "RunPaths", "create", "run_config", "student_name"]
+
+_SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff")
+
+
+def run_config() -> ml_collections.ConfigDict:
+    """Defaults of the `run` group."""
+    cd = ml_collections.ConfigDict()
+    cd.dir = "runs/default"  # run directory: every stage reads and writes here (context/paths.py)
+    cd.seed = 0  # base seed; each stage derives its own streams from it
+    cd.overwrite = False  # replace an artifact made with other settings (written beside, then moved into place)
+    return cd
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Everything a stage needs; see the module docstring. Build it with `create`."""
+
+    cfg: ml_collections.ConfigDict
+    stage: str
+    paths: RunPaths
+    mesh: Mesh
+    rules: tuple
+    lock: RunLock | None = None
+
+    @property
+    def overwrite(self) -> bool:
+        return bool(self.cfg.run.overwrite)
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.run.seed)
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes shared files (process 0)."""
+        return jax.process_index() == 0
+
+    # ------------------------------------------------------------------ the overwrite rule
+
+    def artifact(self, name: str | None = None) -> Artifact:
+        """What to do with stage `name`'s artifact (default: this stage's); raises on a refusal."""
+        from proxykd_jax.parallel import hosts
+
+        return open_artifact(
+            name or self.stage, self.cfg, self.paths, overwrite=self.overwrite, sync=hosts.sync, writer=self.is_writer
+        )
+
+    def artifact_path(self, name: str) -> pathlib.Path:
+        """Where stage `name`'s artifact is for this config (no decision, no check)."""
+        return ARTIFACTS[name].path(self.cfg, self.paths)
+
+    # ------------------------------------------------------------------ models on the mesh
+
+    def model_config(self, group):
+        """The ModelConfig of a model config group (`model`, `proxy`)."""
+        from proxykd_jax.models.llama import ModelConfig
+
+        try:
+            return ModelConfig.from_config(group)
+        except (TypeError, ValueError) as e:
+            raise ProxyKDError(f"model config: {e}; see models/llama.py default_config() for the fields.") from None
+
+    def load_model(self, folder, *, dtype: str = "float32", param_dtype: str = "float32"):
+        """(ModelConfig, Llama) from a Hugging Face folder, its parameters sharded over the mesh."""
+        from flax import nnx
+
+        from proxykd_jax import parallel
+        from proxykd_jax.models import hf
+
+        folder = pathlib.Path(folder).expanduser()
+        if not (folder / "config.json").exists():
+            raise ProxyKDError(f"{folder} is not a Hugging Face model folder (no config.json).")
+        model_cfg, model = hf.load_hf(folder, dtype=dtype, param_dtype=param_dtype)
+        graphdef, state = parallel.place_model(model, self.mesh, self.rules)
+        return model_cfg, nnx.merge(graphdef, state)
+
+    def init_model(self, name: str, seed: int):
+        """(ModelConfig, sharded Llama) of config group `name`: its `init_from` folder (whose shape must
+        agree with the group), else a random init from `seed`, built directly into sharded memory."""
+        from flax import nnx
+
+        from proxykd_jax.models.llama import Llama
+        from proxykd_jax.parallel import sharding
+
+        group = self.cfg[name]
+        model_cfg = self.model_config(group)
+        if not group.init_from:
+            return model_cfg, sharding.create_sharded_model(
+                Llama, self.mesh, self.rules, model_cfg, rngs=nnx.Rngs(params=seed)
+            )
+        folder = pathlib.Path(group.init_from).expanduser()
+        if not (folder / "config.json").exists():
+            raise ProxyKDError(
+                f"config.{name}.init_from={str(folder)!r} has no config.json; point it at a local Hugging Face "
+                "model folder, or set it to '' for a random init."
+            )
+        loaded_cfg, model = self.load_model(folder, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
+        diff = [
+            f"{f}={getattr(loaded_cfg, f)} (config: {getattr(model_cfg, f)})"
+            for f in _SHAPE_FIELDS
+            if getattr(loaded_cfg, f) != getattr(model_cfg, f)
+        ]
+        if diff:
+            raise ProxyKDError(
+                f"{folder}/config.json disagrees with config.{name} on {', '.join(diff)}; make the {name} "
+                "group match the folder (or pick the matching preset)."
+            )
+        return loaded_cfg, model
+
+    # ------------------------------------------------------------------ metric sinks
+
+    def sink(self, folder, *, tensorboard: bool = False):
+        """A metrics writer for `folder` (JSONL, optionally TensorBoard; process 0 writes)."""
+        from proxykd_jax.train.metrics import MetricsWriter
+
+        return MetricsWriter(folder, tensorboard)
+
+    def write_json(self, path, obj) -> None:
+        """Writes `obj` as JSON atomically (process 0)."""
+        if not self.is_writer:
+            return
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=1, default=repr))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
+    # ------------------------------------------------------------------ derived contexts
+
+    def with_config(self, cfg: ml_collections.ConfigDict, stage: str | None = None) -> RunContext:
+        """The same mesh, lock and run directory with another config (e.g. the alpha = 0 student)."""
+        return dataclasses.replace(self, cfg=cfg, stage=stage or self.stage)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> RunContext:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _take_lock(paths: RunPaths, stage: str) -> RunLock:
+    """Process 0 takes the lock; every process learns whether it did and stops together if not."""
+    from proxykd_jax.parallel import hosts
+
+    lock, error = RunLock(paths.lock, stage), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except RunLocked as e:
+            error = e
+    if hosts.broadcast(0 if error is None else 1):
+        raise error or RunLocked(f"{paths.root} is in use by another run (process 0 could not take {paths.lock}).")
+    return lock
+
+
+def create(cfg, stage: str, *, devices: Sequence[jax.Device] | None = None, lock: bool | None = None) -> RunContext:
+    """The context of `stage` for a validated config: mesh over `devices` (default: all), normalised
+    rules, paths and, for stages that write an artifact (all but `serve`), the run-directory lock."""
+    from proxykd_jax import parallel
+
+    try:
+        mesh = parallel.make_mesh(cfg.mesh, devices)
+        rules = parallel.normalize_rules(cfg.mesh.rules)
+    except ValueError as e:
+        raise ProxyKDError(str(e)) from None
+    paths = RunPaths.from_config(cfg)
+    take = (stage in ARTIFACTS) if lock is None else lock
+    return RunContext(
+        cfg=cfg, stage=stage, paths=paths, mesh=mesh, rules=rules, lock=_take_lock(paths, stage) if take else None
+    )

@@ -1,0 +1,247 @@
+"""Held-out metrics of the run's models, with every model on the mesh.
+
+Always: held-out NLL per response token of every model the run has (proxy before and after
+alignment, Proxy-KD student, SFT student). With a known teacher (the demo's) also:
+
+* E_t KL(q_t || model_t) on held-out teacher contexts for every model;
+* the estimator's quality on the distillation split (contexts the proxy never trained on):
+  E_t KL(q_t || .) for the smoothed one-hot label, the prior mean, the proxy before/after
+  alignment and the posterior as stored (top-k + tail, the tail spread evenly over the other tokens);
+* the teacher's mean per-token log-likelihood of each student's generations.
+
+Batches are global (`eval.batch_size` rows, split over processes), so batch g holds the same
+samples on one process or many; per-token log-probs come back from the mesh whole
+(replicated), each process scores its own rows in float64 and the sums are added over processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from proxykd_jax.data import pipeline
+from proxykd_jax.eval.known_teacher import kl_terms
+from proxykd_jax.parallel import hosts
+from proxykd_jax.parallel.sharding import global_batch, replicated
+
+ONE_HOT_SMOOTHING = 0.1  # label smoothing of the one-hot reference estimate
+_MODEL_FIELDS = ("tokens", "positions", "segment_ids", "targets")
+
+
+@functools.cache
+def _scorer(mesh, full: bool):
+    """jit(model, batch) -> (log p(target) [B, L], log p [B, L, V] when `full`), replicated on `mesh`."""
+
+    def score(graphdef, state, batch):
+        model = nnx.merge(graphdef, state)
+        logp = jax.nn.log_softmax(model(batch["tokens"], batch["positions"], batch["segment_ids"]), axis=-1)
+        picked = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        return picked, (logp if full else None)
+
+    return jax.jit(score, static_argnums=0, out_shardings=replicated(mesh))
+
+
+def _empty(batch: dict) -> dict:
+    out = dict(batch)
+    out["sample_ids"] = np.full_like(batch["sample_ids"], -1)
+    out["lengths"] = np.zeros_like(batch["lengths"])
+    out["loss_mask"] = np.zeros_like(batch["loss_mask"])
+    out["segment_ids"] = np.zeros_like(batch["segment_ids"])
+    return out
+
+
+def eval_batches(prepared, split: str, data_cfg, *, batch_size: int, limit: int = 0) -> list[dict]:
+    """This process's rows of the first ceil(limit / batch_size) global batches of `split` (all when
+    limit = 0): one sample per row, `batch_size` rows per global batch split over processes."""
+    if batch_size % jax.process_count():
+        raise ValueError(f"eval.batch_size={batch_size} must be a multiple of the {jax.process_count()} processes.")
+    local = batch_size // jax.process_count()
+    total = prepared.num_samples(split)
+    count = math.ceil(min(total, limit or total) / batch_size)
+    it = pipeline.iter_samples(prepared, split, data_cfg, batch_size=local)
+    out = []
+    for batch in hosts.lockstep(it, hosts.batches_per_process(total, local), _empty):
+        if len(out) == count:  # every process stops at the same global batch
+            break
+        out.append(batch)
+    return out
+
+
+def _mask(batch) -> np.ndarray:
+    return np.asarray(batch["loss_mask"], np.float64) * (batch["segment_ids"] > 0)
+
+
+class Scorer:
+    """Runs models on host batches over the mesh; returns this process's rows as float64."""
+
+    def __init__(self, mesh, rules):
+        self.mesh, self.rules = mesh, rules
+
+    def __call__(self, model, batch, *, full: bool):
+        graphdef, state = nnx.split(model)
+        gb = global_batch({k: batch[k] for k in _MODEL_FIELDS}, self.mesh, self.rules)
+        picked, logp = _scorer(self.mesh, full)(graphdef, state, gb)
+        rows = batch["tokens"].shape[0]
+        picked = hosts.host_rows(picked, rows).astype(np.float64)
+        return picked, (hosts.host_rows(logp, rows).astype(np.float64) if full else None)
+
+
+def model_metrics(models: dict, batches: list, teacher, scorer: Scorer) -> dict:
+    """{name: {heldout_nll, kl_to_teacher (with a teacher)}} per response token over `batches`."""
+    out = {}
+    for name, model in models.items():
+        sums = {"nll": 0.0, "kl": 0.0, "n": 0.0}
+        for batch in batches:
+            picked, logp = scorer(model, batch, full=teacher is not None)
+            mask = _mask(batch)
+            sums["nll"] -= float(np.sum(picked * mask))
+            sums["n"] += float(mask.sum())
+            if teacher is not None and mask.any():
+                q = teacher.distributions(batch["tokens"], batch["lengths"])
+                sums["kl"] += float(np.sum(kl_terms(q, logp) * mask))
+        sums = hosts.allsum(sums)
+        out[name] = {"heldout_nll": sums["nll"] / sums["n"]}
+        if teacher is not None:
+            out[name]["kl_to_teacher"] = sums["kl"] / sums["n"]
+    return out
+
+
+def _dense_store(entry, vocab: int) -> np.ndarray:
+    """[T, V] from a store entry: top-k as stored, the tail spread evenly over the other ids."""
+    t, k = entry.ids_TxK.shape
+    q = np.repeat((np.asarray(entry.tail_T, np.float64) / max(vocab - k, 1))[:, None], vocab, 1)
+    np.put_along_axis(q, entry.ids_TxK.astype(np.int64), np.exp(entry.logprobs_TxK.astype(np.float64)), 1)
+    return q
+
+
+def estimator_metrics(prepared, tables, store, teacher, proxies: dict, kappa: float, batches, scorer) -> dict:
+    """E_t KL(q_t || .) of each estimate on distillation-split response positions (`batches`)."""
+    vocab = tables.vocab_size
+    keys = {int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split("distill")}
+    sums, n = {}, 0.0
+    for batch in batches:
+        if not (batch["sample_ids"][:, 0] >= 0).any():
+            for model in proxies.values():  # every process runs every collective step
+                scorer(model, batch, full=True)
+            continue
+        q_all = teacher.distributions(batch["tokens"], batch["lengths"]).astype(np.float64)
+        lps = {name: scorer(m, batch, full=True)[1] for name, m in proxies.items()}
+        for row in range(batch["tokens"].shape[0]):
+            sid = int(batch["sample_ids"][row, 0])
+            if sid < 0:
+                continue
+            p, length = int(batch["prompt_lengths"][row]), int(batch["lengths"][row])
+            sl = slice(p - 1, length)
+            y = batch["targets"][row, sl].astype(np.int64)
+            q = q_all[row, sl]
+            prior = tables.query(np.asarray([keys[sid]], np.int64), [y.astype(np.int32)], mode="include_self")
+            a = kappa * tables.dense_ngram(prior)
+            np.add.at(
+                a,
+                (np.repeat(np.arange(len(y)), prior.ids_NxS.shape[1]), np.asarray(prior.ids_NxS).reshape(-1)),
+                np.asarray(prior.counts_NxS, np.float64).reshape(-1),
+            )
+            one_hot = np.full((len(y), vocab), ONE_HOT_SMOOTHING / vocab)
+            one_hot[np.arange(len(y)), y] += 1.0 - ONE_HOT_SMOOTHING
+            estimates = {
+                "one-hot (smoothed)": one_hot,
+                "prior": a / a.sum(1, keepdims=True),
+                "posterior (store)": _dense_store(store.get(sid), vocab),
+            }
+            estimates.update({name: np.exp(lp[row, sl]) for name, lp in lps.items()})
+            for name, e in estimates.items():
+                sums[name] = sums.get(name, 0.0) + float(np.sum(kl_terms(q, np.log(np.maximum(e, 1e-300)))))
+            n += len(y)
+    names = ["one-hot (smoothed)", "prior", "posterior (store)"] + list(proxies)
+    total = hosts.allsum({**{k: sums.get(k, 0.0) for k in names}, "positions": n})
+    return {name: total[name] / total["positions"] for name in names} | {"positions": int(total["positions"])}
+
+
+def heldout_prompts(prepared, data_cfg, split: str, limit: int) -> list[np.ndarray]:
+    """The first `limit` prompts of `split`, the same on every process."""
+    rows = []
+    for batch in pipeline.iter_samples(prepared, split, data_cfg, batch_size=16, process_index=0, process_count=1):
+        for row in range(batch["tokens"].shape[0]):
+            if batch["sample_ids"][row, 0] >= 0 and len(rows) < limit:
+                rows.append(batch["tokens"][row, : int(batch["prompt_lengths"][row])])
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def generation_metrics(students: dict, prompts: list, teacher, *, max_new_tokens: int, seed: int) -> dict:
+    """Teacher mean log-likelihood per token of each student's sampled answers to `prompts`."""
+    from proxykd_jax.models.sampling import generate
+
+    if not prompts:
+        return {}
+    width = max(len(r) for r in prompts)
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for i, r in enumerate(prompts):
+        tokens[i, : len(r)] = r
+    lengths = np.asarray([len(r) for r in prompts], np.int32)
+    # Special tokens other than eos never occur in a response (pad, bos, unk): not sampled, as in serving.
+    specials = tuple(i for i in getattr(teacher.tokenizer, "all_special_ids", ()) if i != teacher.eos_id)
+    out = {}
+    for name, model in students.items():
+        gen = generate(
+            model,
+            tokens,
+            lengths,
+            jax.random.key(seed),
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            stop_tokens=(teacher.eos_id,),
+            suppress_tokens=specials,
+        )
+        g, glen = hosts.to_host(gen.tokens_BxT), hosts.to_host(gen.lengths_B)
+        contexts = [list(prompts[i]) + g[i, : glen[i]].tolist() for i in range(len(prompts))]
+        q = teacher.distributions(contexts)
+        total = count = 0.0
+        for i, ctx in enumerate(contexts):
+            p = len(prompts[i])
+            for t in range(p, len(ctx)):
+                total += float(np.log(max(float(q[i, t - 1, ctx[t]]), 1e-300)))  # float64 floor
+                count += 1
+        out[name] = total / max(count, 1)
+    return out
+
+
+def model_folders(proxy_init: str, paths) -> dict[str, pathlib.Path]:
+    """The run's model folders that exist, by role (`paths`: the run's paths)."""
+    cands = {
+        "proxy (before align)": pathlib.Path(proxy_init) if proxy_init else None,
+        "proxy (aligned)": paths.proxy / "final",
+        "student (SFT, alpha=0)": paths.student("student_sft") / "final",
+        "student (Proxy-KD)": paths.student("student") / "final",
+    }
+    return {k: v for k, v in cands.items() if v is not None and (v / "config.json").exists()}
+
+
+def format_table(metrics: dict) -> str:
+    lines = [
+        "| model | held-out NLL/token | KL(teacher ‖ model) | teacher log-lik of generations |",
+        "|---|---|---|---|",
+    ]
+    for name, m in metrics["models"].items():
+        cells = [
+            f"{m['heldout_nll']:.4f}",
+            f"{m['kl_to_teacher']:.4f}" if "kl_to_teacher" in m else "-",
+            f"{m['teacher_loglik_of_generations']:.4f}" if "teacher_loglik_of_generations" in m else "-",
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "estimator_kl" in metrics:
+        est = metrics["estimator_kl"]
+        lines += [
+            "",
+            f"| estimate of the teacher (distillation split, {est['positions']} positions) | KL(teacher ‖ estimate) |",
+            "|---|---|",
+        ]
+        lines += [f"| {name} | {v:.4f} |" for name, v in est.items() if name != "positions"]
+    return "\n".join(lines)

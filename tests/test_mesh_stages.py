@@ -1,0 +1,90 @@
+"""`eval` and `serve` place their models on the mesh: with mesh.shape.fsdp=4 (parameters split over
+4 simulated devices) they give the numbers they give on one device."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import jax
+import numpy as np
+import pytest
+from stage_helpers import run_stage
+
+from proxykd_jax import context
+from proxykd_jax.errors import ProxyKDError
+from tests.pipeline_fixtures import build_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny known-teacher run with the proxy's init folder also as proxy/final and as the student."""
+    root = tmp_path_factory.mktemp("mesh_stages")
+    cfg, teacher = build_run(root / "run")
+    shutil.copytree(cfg.proxy.init_from, root / "run" / "proxy" / "final")
+    shutil.copytree(cfg.proxy.init_from, root / "run" / "student" / "final")
+    return root, cfg, teacher
+
+
+def _numbers(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _numbers(value, f"{prefix}/{key}").items()}
+    return {prefix: tree} if isinstance(tree, (int, float)) else {}
+
+
+def test_eval_on_four_devices_equals_one_device(run):
+    root, cfg, _ = run
+    results = {}
+    for devices, name in ((4, "fsdp4"), (1, "single")):
+        shutil.copytree(root / "run", root / name)
+        c = cfg.copy_and_resolve_references()
+        c.run.dir = str(root / name)
+        c.mesh.shape.update(data=1, fsdp=devices, tensor=1)
+        results[name] = run_stage("eval", c, devices=jax.devices()[:devices])
+    a, b = _numbers(results["fsdp4"]), _numbers(results["single"])
+    assert a.keys() == b.keys() and "/models/student (Proxy-KD)/teacher_loglik_of_generations" in a
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    # the finished evaluation is reused; other settings are refused by the overwrite rule
+    c = cfg.copy_and_resolve_references()
+    c.run.dir = str(root / "fsdp4")
+    stamp = (root / "fsdp4" / "eval" / "metrics.json").stat().st_mtime_ns
+    assert run_stage("eval", c) == results["fsdp4"]
+    assert (root / "fsdp4" / "eval" / "metrics.json").stat().st_mtime_ns == stamp
+    c.eval.max_samples = 8
+    with pytest.raises(ProxyKDError, match=r"eval.max_samples 16 -> 8"):
+        run_stage("eval", c)
+
+
+def _backend(cfg, devices: int):
+    from proxykd_jax.stages.serve import make_backend
+
+    c = cfg.copy_and_resolve_references()
+    c.mesh.shape.update(data=1, fsdp=devices, tensor=1)
+    c.serve.update(source="hf", path=cfg.proxy.init_from, model_name="proxy")
+    with context.create(c, "serve", devices=jax.devices()[:devices]) as ctx:
+        return make_backend(ctx)
+
+
+def test_serve_places_the_model_on_the_mesh_and_samples_as_one_device(run):
+    from flax import nnx
+
+    from proxykd_jax.teacher.server import ServerThread, make_app
+
+    _, cfg, _ = run
+    sharded, single = _backend(cfg, 4), _backend(cfg, 1)
+    leaves = jax.tree.leaves(nnx.state(sharded.model, nnx.Param))
+    assert all(len(leaf.sharding.device_set) == 4 for leaf in leaves)
+    assert any(not leaf.sharding.is_fully_replicated for leaf in leaves)  # split over fsdp, not copied
+    prompts = [sharded.encode("w1 w2 w3"), sharded.encode("w4 w5")]
+    kwargs = dict(n=2, temperature=1.0, top_p=0.9, max_tokens=8, logprobs=True, top_logprobs=3, seeds=[11, 12])
+    a, b = sharded.complete(prompts, **kwargs), single.complete(prompts, **kwargs)
+    for row_a, row_b in zip(a, b):
+        for x, y in zip(row_a, row_b):
+            assert x.token_ids == y.token_ids and x.finish_reason == y.finish_reason
+            np.testing.assert_allclose(x.logprobs, y.logprobs, rtol=1e-5, atol=1e-5)
+    with ServerThread(make_app(sharded)) as server:  # and it answers over HTTP
+        body = {"model": "proxy", "prompt": "w1 w2", "max_tokens": 4, "seed": 3}
+        reply = httpx.post(server.base_url + "/completions", json=body, timeout=120).json()
+    assert reply["choices"][0]["text"] and json.dumps(reply)
