@@ -6,8 +6,9 @@
 
 The entry point parses flags, validates the config, starts jax.distributed when the config asks
 for it, logs the devices, builds the run context (mesh, paths, overwrite rule, run-directory lock)
-and runs the stage (`proxykd_jax.stages`). Bad input exits 2 with one sentence; a diverged run
-exits 1.
+and runs the stage (`proxykd_jax.stages`). Every expected failure (`errors.ProxyKDError` and its
+family) prints one line, `error: proxykd <stage>: <sentence>`, and exits 2; a diverged run exits 1;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from proxykd_jax.errors import ConfigError, ProxyKDError, one_line
 from proxykd_jax.stages import STAGES
 
 USAGE = (
@@ -24,8 +26,8 @@ USAGE = (
 )
 
 
-class UserError(Exception):
-    """Bad input from the user: printed as one sentence, no traceback."""
+class UserError(ConfigError):
+    """Bad command-line input: printed as one sentence, no traceback."""
 
 
 def stage_help(stage: str) -> str:
@@ -72,15 +74,20 @@ def _run_stage(stage: str, argv: list[str]) -> int:
 
     from proxykd_jax import config as config_lib
 
-    config_lib.validate(cfg)
+    config_lib.validate(cfg, stage)  # fields and input paths first: no jax start-up for a typo
     from proxykd_jax.parallel import distributed
 
     try:
         distributed.maybe_initialize_distributed(cfg.mesh.distributed)
     except ValueError as e:
         raise UserError(str(e)) from None
+    import jax
+
+    # the mesh against the devices, batch sizes against the mesh: all before the run directory exists
+    config_lib.validate(cfg, stage, num_devices=jax.device_count(), process_count=jax.process_count())
     from proxykd_jax import context, stages
 
+    context.preflight(cfg, stage)
     with context.create(cfg, stage) as ctx:
         stages.run_stage(stage, ctx)
     return 0
@@ -98,18 +105,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
-        print(f"proxykd: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}.", file=sys.stderr)
+        print(f"error: proxykd: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}.", file=sys.stderr)
         sys.exit(2)
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
         print(stage_help(stage))
         sys.exit(0)
-    from proxykd_jax.errors import ProxyKDError
-
     try:
         sys.exit(_run_stage(stage, rest))
-    except (UserError, ProxyKDError, FileNotFoundError, FileExistsError) as e:
-        print(f"proxykd {stage}: {e}", file=sys.stderr)
+    except (ProxyKDError, FileNotFoundError, FileExistsError) as e:
+        # expected failures: one line, no traceback (anything else is a bug and keeps its traceback)
+        print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:  # train.loop.TrainingDiverged: the message names the step
-        print(f"proxykd {stage}: {e}", file=sys.stderr)
+        print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
         sys.exit(1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.errors import ConfigError
 
 
 def model_group(init_from: str = "") -> ml_collections.ConfigDict:
@@ -56,37 +56,196 @@ def base_config() -> ml_collections.ConfigDict:
 
 def _check_model(name: str, group) -> None:
     if group.num_heads % group.num_kv_heads:
-        raise ProxyKDError(
+        raise ConfigError(
             f"config.{name}.num_heads={group.num_heads} is not a multiple of "
             f"num_kv_heads={group.num_kv_heads}; grouped-query attention needs it to be."
         )
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
         if getattr(group, field) <= 0:
-            raise ProxyKDError(f"config.{name}.{field}={getattr(group, field)} must be positive.")
+            raise ConfigError(f"config.{name}.{field}={getattr(group, field)} must be positive.")
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Cross-field checks, before any long work starts."""
-    for name in ("model", "proxy"):
-        if name in cfg:
-            _check_model(name, cfg[name])
-    if "data" in cfg and "split" in cfg.data:
-        fractions = {k: float(v) for k, v in cfg.data.split.items() if k != "salt"}
-        bad = {k: v for k, v in fractions.items() if not 0.0 <= v <= 1.0}
-        if bad:
-            raise ProxyKDError(f"config.data.split: fractions must lie in [0, 1], got {bad}.")
-        total = sum(fractions.values())
-        if abs(total - 1.0) > 1e-6:
-            raise ProxyKDError(
-                f"config.data.split fractions sum to {total:.4f}, not 1; "
-                f"adjust {sorted(fractions)} so they add up to 1."
+# (field, smallest allowed value): counts and sizes a stage divides by or loops over.
+_AT_LEAST = (
+    ("train.steps", 1),
+    ("train.batch_size", 1),
+    ("train.seq_len", 1),
+    ("train.log_every", 1),
+    ("train.checkpoint_every", 0),
+    ("train.keep_checkpoints", 1),
+    ("train.eval_every", 0),
+    ("optim.grad_accum", 1),
+    ("optim.warmup_steps", 0),
+    ("optim.decay_steps", 0),
+    ("data.batch_size", 1),
+    ("data.seq_len", 1),
+    ("data.records_per_file", 1),
+    ("data.num_epochs", 0),
+    ("data.num_workers", 0),
+    ("data.store.k", 1),
+    ("align.batch_size", 1),
+    ("align.sample_batch_size", 1),
+    ("align.eval_batch_size", 1),
+    ("align.sft_steps", 0),
+    ("align.rounds", 0),
+    ("align.max_new_tokens", 1),
+    ("align.warmup_steps", 0),
+    ("align.checkpoint_every", 0),
+    ("posterior.batch_size", 1),
+    ("posterior.chunk_tokens", 1),
+    ("posterior.num_samples", 1),
+    ("eval.batch_size", 1),
+    ("eval.max_samples", 0),
+    ("eval.max_new_tokens", 0),
+    ("collect.concurrency", 1),
+    ("collect.samples_per_prompt", 1),
+    ("collect.max_attempts", 1),
+    ("collect.max_tokens", 1),
+    ("serve.max_batch", 1),
+    ("serve.max_tokens_limit", 1),
+    ("serve.max_body_bytes", 1),
+    ("demo.num_prompts", 1),
+    ("demo.samples_per_prompt", 1),
+    ("demo.max_new_tokens", 1),
+)
+_POSITIVE_FLOATS = ("optim.lr", "align.sft_lr", "align.dpo_lr")
+
+# (stage, config field naming a path that must exist when set, what it should be).
+_INPUT_PATHS = (
+    ("collect", "collect.prompts", "the prompts JSONL file"),
+    ("prepare", "data.tokenizer", "a local tokenizer folder"),
+    ("align", "proxy.init_from", "a local Hugging Face model folder"),
+    ("posterior", "posterior.proxy", "the aligned proxy's Hugging Face folder"),
+    ("distill", "model.init_from", "a local Hugging Face model folder"),
+    ("distill", "distill.white_box", "the white-box teacher's Hugging Face folder"),
+    ("eval", "eval.known_teacher", "the known teacher's folder"),
+    ("serve", "serve.path", "the model folder to serve"),
+)
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_ranges(cfg, groups) -> None:
+    for field, low in _AT_LEAST:
+        value = _get(cfg, field)
+        if field.split(".")[0] not in groups or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config.{field}={value!r} must be a whole number (>= {low}).")
+        if value < low:
+            raise ConfigError(f"config.{field}={value} must be at least {low}; set --config.{field} to {low} or more.")
+    for field in _POSITIVE_FLOATS:
+        value = _get(cfg, field)
+        if field.split(".")[0] in groups and value is not None and not float(value) > 0:
+            raise ConfigError(f"config.{field}={value!r} must be a positive number.")
+
+
+def _check_split(cfg) -> None:
+    fractions = {k: float(v) for k, v in cfg.data.split.items() if k != "salt"}
+    bad = {k: v for k, v in fractions.items() if not 0.0 <= v <= 1.0}
+    if bad:
+        raise ConfigError(f"config.data.split: fractions must lie in [0, 1], got {bad}.")
+    total = sum(fractions.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(
+            f"config.data.split fractions sum to {total:.4f}, not 1; adjust {sorted(fractions)} so they add up to 1."
+        )
+
+
+def _check_mesh(cfg, groups, num_devices: int, process_count: int) -> None:
+    from proxykd_jax.parallel import mesh as mesh_lib
+
+    try:
+        data, fsdp, _ = mesh_lib.resolve_shape(dict(cfg.mesh.shape), num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    shards = data * fsdp  # the batch dimension is split over ("data", "fsdp")
+    for group, field in (("train", "batch_size"), ("align", "batch_size"), ("align", "sample_batch_size")):
+        if group not in groups or group not in cfg:
+            continue
+        value = int(cfg[group][field])
+        for ways, what in (
+            (shards, f"the mesh's data x fsdp = {data} x {fsdp} batch shards"),
+            (process_count, f"the {process_count} processes"),
+        ):
+            if value % ways:
+                raise ConfigError(
+                    f"config.{group}.{field}={value} is not a multiple of {what}; make it a multiple of {ways}."
+                )
+
+
+def _check_training(cfg, groups) -> None:
+    if "train" in groups and "optim" in groups:
+        steps, accum = int(cfg.train.steps), int(cfg.optim.grad_accum)
+        updates = int(cfg.optim.decay_steps) or max(steps // accum, 1)
+        if int(cfg.optim.warmup_steps) >= updates:
+            raise ConfigError(
+                f"config.optim.warmup_steps={cfg.optim.warmup_steps} must be below the schedule's "
+                f"{updates} optimizer updates (train.steps={steps} // optim.grad_accum={accum}, or "
+                "optim.decay_steps); lower optim.warmup_steps or raise train.steps."
             )
+        if int(cfg.train.seq_len) > int(cfg.model.max_seq_len) and "model" in groups:
+            raise ConfigError(
+                f"config.train.seq_len={cfg.train.seq_len} exceeds config.model.max_seq_len="
+                f"{cfg.model.max_seq_len}; lower train.seq_len or raise model.max_seq_len."
+            )
+
+
+def _check_paths(cfg, stage: str | None) -> None:
+    import pathlib
+
+    for owner, field, what in _INPUT_PATHS:
+        value = _get(cfg, field)
+        if stage not in (owner, None) or not value:
+            continue
+        if not pathlib.Path(str(value)).expanduser().exists():
+            raise ConfigError(f"config.{field}={str(value)!r} does not exist; point it at {what}.")
+    if stage in ("prepare", None) and "data" in cfg:
+        for path in (p for p in str(cfg.data.corpus).split(",") if p):
+            if not pathlib.Path(path).expanduser().exists():
+                raise ConfigError(
+                    f"config.data.corpus names {path!r}, which does not exist; give JSONL, parquet or "
+                    "datasets folders (comma-separated)."
+                )
+
+
+def validate(
+    cfg: ml_collections.ConfigDict, stage: str | None = None, num_devices: int | None = None, process_count: int = 1
+) -> None:
+    """Cross-field checks, before any output folder is created or any long work starts.
+
+    With `stage`, only the groups that stage reads are checked, and the input paths it needs
+    must exist; with `num_devices`, the mesh shape must fit the devices and the training batch
+    sizes must split over its batch shards (and over `process_count` processes).
+    """
+    groups = tuple(cfg.keys())
+    if stage is not None:
+        from proxykd_jax.stages import STAGES
+
+        groups = STAGES[stage].groups or groups
+    for name in ("model", "proxy"):
+        if name in cfg and name in groups:
+            _check_model(name, cfg[name])
+    _check_ranges(cfg, groups)
+    if "data" in cfg and "split" in cfg.data and "data" in groups:
+        _check_split(cfg)
     if "model" in cfg and "proxy" in cfg and cfg.model.vocab_size != cfg.proxy.vocab_size:
-        raise ProxyKDError(
+        raise ConfigError(
             f"config.model.vocab_size={cfg.model.vocab_size} differs from "
             f"config.proxy.vocab_size={cfg.proxy.vocab_size}; student and proxy must share "
             "one tokenizer and vocabulary."
         )
+    _check_training(cfg, groups)
+    if num_devices is not None and "mesh" in cfg and "mesh" in groups:
+        _check_mesh(cfg, groups, num_devices, process_count)
+    _check_paths(cfg, stage)
 
 
 def field_docs(fn=None, prefix: str = "") -> dict[str, str]:

@@ -23,14 +23,24 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from proxykd_jax.context.artifacts import ARTIFACTS, Artifact, open_artifact
+from proxykd_jax.context.artifacts import ARTIFACTS, Artifact, open_artifact, read_record
 from proxykd_jax.context.lock import RunLock, RunLocked
-from proxykd_jax.context.paths import RunPaths, student_name
+from proxykd_jax.context.paths import STUDENT, RunPaths, student_name
 from proxykd_jax.errors import ProxyKDError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ARTIFACTS", "Artifact", "RunContext", "RunLocked", "RunPaths", "create", "run_config", "student_name"]
+__all__ = [
+    "ARTIFACTS",
+    "Artifact",
+    "RunContext",
+    "RunLocked",
+    "RunPaths",
+    "create",
+    "preflight",
+    "run_config",
+    "student_name",
+]
 
 _SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff")
 
@@ -190,6 +200,48 @@ def _take_lock(paths: RunPaths, stage: str) -> RunLock:
     if hosts.broadcast(0 if error is None else 1):
         raise error or RunLocked(f"{paths.root} is in use by another run (process 0 could not take {paths.lock}).")
     return lock
+
+
+def _needs(cfg, stage: str, paths: RunPaths) -> list[tuple[pathlib.Path, str, str]]:
+    """(path that must exist, what it is, the stage that makes it) for `stage`'s upstream inputs."""
+    prepared = (paths.prepared / "manifest.json", "the prepared data", "prepare")
+    if stage == "prepare" and not str(cfg.data.corpus):
+        corpus = ARTIFACTS["collect"].path(cfg, paths)
+        return [(corpus, "the collected corpus (data.corpus is empty)", "collect")]
+    if stage in ("prior", "align", "eval"):
+        return [prepared]
+    if stage == "posterior":
+        proxy = pathlib.Path(cfg.posterior.proxy or paths.proxy / "final").expanduser()
+        return [
+            prepared,
+            (paths.prior, "the prior tables", "prior"),
+            (proxy / "config.json", "the aligned proxy", "align"),
+        ]
+    if stage == "distill":
+        needs = [prepared]
+        if not cfg.distill.white_box and float(cfg.distill.loss.alpha) > 0:
+            needs.append((paths.posterior, "the posterior store", "posterior"))
+        return needs
+    if stage == "export":
+        source = paths.student(cfg.export.source or student_name(cfg.distill))
+        what = "the student" if source.name == STUDENT else f"the distilled model {source.name!r}"
+        return [(paths.tokenizer, "the run's tokenizer", "prepare"), (source, what, "distill")]
+    return []
+
+
+def preflight(cfg, stage: str) -> None:
+    """Refuses, before the run directory is created or locked, a stage whose upstream inputs are
+    missing (unless its own artifact is already finished and would be reused)."""
+    if stage not in ARTIFACTS:
+        return
+    paths = RunPaths.from_config(cfg)
+    spec = ARTIFACTS[stage]
+    record = read_record(spec.path(cfg, paths), spec.is_file)
+    if record is not None and record.get("finished"):
+        return
+    for path, what, maker in _needs(cfg, stage, paths):
+        if not path.exists():
+            raise ProxyKDError(f"{path} does not exist: {what} is missing; run `proxykd {maker}` first.")
 
 
 def create(cfg, stage: str, *, devices: Sequence[jax.Device] | None = None, lock: bool | None = None) -> RunContext:
