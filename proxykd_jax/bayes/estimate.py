@@ -25,9 +25,9 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 from flax import nnx
 
+from proxykd_jax import progress as progress_bars
 from proxykd_jax.bayes import empirical
 from proxykd_jax.bayes import posterior as kernel
 from proxykd_jax.bayes import weights as weights_lib
@@ -104,7 +104,7 @@ def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq
     fwd = jax.jit(target_logprobs, static_argnums=0, out_shardings=replicated(mesh))
     total = prepared.num_samples(SPLIT)
     progress = jax.process_index() == 0
-    with tqdm.tqdm(total=total, desc="posterior: proxy scores", unit="sample", disable=not progress) as bar:
+    with progress_bars.bar(total=total, desc="posterior: proxy scores", unit="sample", disable=not progress) as bar:
         for host_batch in batches(prepared, data_cfg, seq_len=seq_len, batch_size=batch_size):
             gb = global_batch({k: host_batch[k] for k in _MODEL_FIELDS}, mesh, rules)
             lp = hosts.host_rows(fwd(graphdef, state, gb), local_rows(batch_size))
@@ -260,7 +260,7 @@ def write_store(
     use_head = pcfg.use_teacher_topk and prepared.has_teacher_head
     root = jax.random.key(seed)
     written, progress = 0, jax.process_index() == 0
-    with tqdm.tqdm(
+    with progress_bars.bar(
         total=prepared.num_samples(SPLIT), desc="posterior: store", unit="sample", disable=not progress
     ) as bar:
         for b, host_batch in enumerate(batches(prepared, data_cfg, seq_len=seq_len, batch_size=batch_size)):

@@ -13,8 +13,8 @@ import pathlib
 import time
 
 import numpy as np
-import tqdm
 
+from proxykd_jax import progress as progress_bars
 from proxykd_jax.bayes.prior import PriorBuilder, PriorTables
 from proxykd_jax.errors import ProxyKDError
 
@@ -49,7 +49,7 @@ def build_prior(prepared, pcfg, split: str = SPLIT, exclude=frozenset(), progres
         buffer_pairs=pcfg.buffer_pairs,
     )
     total = prepared.num_samples(split)
-    with tqdm.tqdm(total=total, desc="prior", unit="sample", disable=not progress) as bar:
+    with progress_bars.bar(total=total, desc="prior", unit="sample", disable=not progress) as bar:
         for keys, seqs in response_batches(prepared, split, exclude=exclude):
             builder.add(keys, seqs)
             bar.update(len(keys))

@@ -108,12 +108,11 @@ class RunContext:
         from flax import nnx
 
         from proxykd_jax import parallel
-        from proxykd_jax.models import hf
 
         folder = pathlib.Path(folder).expanduser()
         if not (folder / "config.json").exists():
             raise ProxyKDError(f"{folder} is not a Hugging Face model folder (no config.json).")
-        model_cfg, model = hf.load_hf(folder, dtype=dtype, param_dtype=param_dtype)
+        model_cfg, model = load_folder(folder, dtype=dtype, param_dtype=param_dtype)
         graphdef, state = parallel.place_model(model, self.mesh, self.rules)
         return model_cfg, nnx.merge(graphdef, state)
 
@@ -185,6 +184,25 @@ class RunContext:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def load_folder(folder: pathlib.Path, **kwargs):
+    """`models.hf.load_hf` with its refusals (architecture, shapes, unreadable weights) as one sentence."""
+    from safetensors import SafetensorError
+
+    from proxykd_jax.errors import ModelFolderError
+    from proxykd_jax.models import hf
+
+    try:
+        return hf.load_hf(folder, **kwargs)
+    except (ValueError, KeyError, SafetensorError, OSError) as e:
+        if isinstance(e, ProxyKDError):
+            raise
+        detail = e if isinstance(e, ValueError) else f"unreadable weights: {type(e).__name__}: {e}"
+        raise ModelFolderError(
+            f"{folder} cannot be loaded: {detail}; use a Llama-family Hugging Face folder whose weights match "
+            "its config.json."
+        ) from None
 
 
 def _take_lock(paths: RunPaths, stage: str) -> RunLock:

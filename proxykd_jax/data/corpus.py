@@ -59,12 +59,6 @@ def stable_int63(text: str) -> int:
     return int.from_bytes(digest, "little") & _INT63
 
 
-def _open_text(path: pathlib.Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def _is_hf_folder(path: pathlib.Path) -> bool:
     return path.is_dir() and (
         (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists()
@@ -127,11 +121,25 @@ def iter_rows(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
         raise DataError(
             f"{path}: unknown corpus format; use .jsonl, .jsonl.gz, .parquet or a datasets folder.", "missing_file"
         )
-    with _open_text(path) as f:
-        for n, line in enumerate(f, start=1):
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        offset = 0  # byte offset of the line's start (in the decompressed stream for .gz)
+        for n, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield (
+                    where,
+                    DataError(
+                        f"{where}: byte 0x{raw[e.start]:02x} at byte offset {start + e.start} is not UTF-8 text; "
+                        "save the file as UTF-8, or fix or remove the line, or set data.on_error=skip.",
+                        "bad_encoding",
+                    ),
+                )
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -199,6 +207,11 @@ def samples_of_row(row: dict, where: str) -> list[Sample]:
     """Turns one corpus row into samples (one per response); raises DataError on a bad row."""
     if row.get("id") is None or str(row["id"]) == "":
         raise DataError(f"{where}: missing field 'id' (the prompt id).", "missing_field")
+    if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+        raise DataError(
+            f"{where}: field 'id' is a {type(row['id']).__name__}; a prompt id must be a string or an integer.",
+            "bad_field",
+        )
     messages, prompt = row.get("messages"), row.get("prompt")
     if "responses" in row and row["responses"] is not None:
         responses = row["responses"]

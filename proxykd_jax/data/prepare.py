@@ -15,9 +15,9 @@ import shutil
 import time
 
 import numpy as np
-import tqdm
 from array_record.python import array_record_module
 
+from proxykd_jax import progress as progress_bars
 from proxykd_jax.data import align, corpus, records, split
 from proxykd_jax.data.config import SPLITS
 from proxykd_jax.models.tokenizer import tokenizer_hash
@@ -175,18 +175,21 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
     buffer: list[corpus.Sample] = []
     buffered = 0
     sources = [str(p) for p in corpus.expand_paths(corpus_paths)]
-    bar = tqdm.tqdm(unit=" samples", desc="prepare", disable=not progress)
+    bar = progress_bars.bar(unit=" samples", desc="prepare", disable=not progress)
+
+    seen_prompts = _IdSet()  # a prompt's rows may come in any order; it is counted once (in its one split)
 
     def flush():
-        last_key = None
         for enc in encoder.encode_batch(buffer):
             if isinstance(enc, corpus.DataError):
                 skip(enc)
                 continue
             s = enc.sample
             name = split.assign_split(s.record_id, fractions, dcfg.split.salt)
-            writers[name].write(_record(enc), new_prompt=s.prompt_key != last_key)
-            last_key = s.prompt_key
+            new_prompt = s.prompt_key not in seen_prompts
+            writers[name].write(_record(enc), new_prompt=new_prompt)
+            if new_prompt:
+                seen_prompts.add(s.prompt_key)
             stats.add(enc.stats)
             counts["samples"] += 1
             counts["truncated"] += int(enc.truncated)
@@ -223,6 +226,13 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
             buffered = 0
     flush()
     bar.close()
+    if counts["samples"] == 0:
+        raise corpus.DataError(
+            f"{', '.join(sources)}: the corpus gave no samples ({counts['rows']} rows read, "
+            f"{sum(skipped.values())} samples skipped{': ' + errors[0] if errors else ''}); "
+            "give a corpus with at least one prompt and response.",
+            "empty_corpus",
+        )
     split_info = {name: w.close() for name, w in writers.items()}
     manifest = {
         "format_version": records.FORMAT_VERSION,

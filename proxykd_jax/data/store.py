@@ -18,6 +18,8 @@ import pathlib
 import ml_dtypes
 import numpy as np
 
+from proxykd_jax.errors import InputFileError
+
 STORE_VERSION = 1
 _ALIGN = 64
 _Q_NEGINF = 255  # uint8 code for a -inf log-prob (fewer than k candidates)
@@ -298,17 +300,23 @@ class StoreReader:
             )
         self.shards = []
         for m in metas:
-            meta = json.loads(m.read_text())
+            try:
+                meta = json.loads(m.read_text())
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise InputFileError(
+                    f"{m}: the shard manifest is not valid JSON ({e}); delete the store folder {self.dir} "
+                    "and re-run `proxykd posterior`."
+                ) from None
             for key, want in (("tokenizer_hash", tokenizer_hash), ("vocab_size", vocab_size)):
                 if want is not None and meta[key] != want:
-                    raise ValueError(
+                    raise InputFileError(
                         f"{m}: store written with {key}={meta[key]!r} but the data uses "
                         f"{want!r}; re-run `posterior` with the same tokenizer as `prepare`."
                     )
             first = self.shards[0][1] if self.shards else meta
             for key in ("k", "vocab_size", "tokenizer_hash"):
                 if meta[key] != first[key]:
-                    raise ValueError(
+                    raise InputFileError(
                         f"{m}: {key}={meta[key]!r} differs from other shards ({first[key]!r}); "
                         "one store folder must hold shards of one run."
                     )
@@ -316,9 +324,9 @@ class StoreReader:
             if not path.exists():
                 raise FileNotFoundError(f"{path}: data file of finished shard {m.name} is missing.")
             if verify and _sha256(path) != meta["sha256"]:
-                raise ValueError(
-                    f"{path}: sha256 checksum does not match its manifest (corrupt or "
-                    "truncated); delete the shard's .bin and .json and re-run `posterior`."
+                raise InputFileError(
+                    f"{path}: sha256 checksum does not match its manifest (corrupt or truncated); delete "
+                    f"the store folder {self.dir} and re-run `proxykd posterior`."
                 )
             self.shards.append((path, meta))
         self.k = self.shards[0][1]["k"]
@@ -332,7 +340,7 @@ class StoreReader:
         self._sorted_ids, self._which, self._rows = all_ids[order], which[order], rows[order]
         dup = self._sorted_ids[1:][self._sorted_ids[1:] == self._sorted_ids[:-1]]
         if len(dup):
-            raise ValueError(
+            raise InputFileError(
                 f"{self.dir}: sample id {int(dup[0])} is stored in more than one shard; delete the duplicate shard."
             )
         self._maps = None

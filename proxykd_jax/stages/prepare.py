@@ -8,6 +8,7 @@ copies the tokenizer to `<run>/prepared/tokenizer/` so every later stage uses th
 from __future__ import annotations
 
 import logging
+import shutil
 
 from proxykd_jax.data.prepare import prepare as prepare_corpus
 from proxykd_jax.data.records import PreparedData
@@ -42,9 +43,15 @@ def run(ctx) -> dict:
         )
     sources = corpus_paths(ctx)
     tok = tokenizer_lib.load_tokenizer(ctx.cfg.data.tokenizer)
+    fresh = not art.work.exists()
     art.begin()
     if ctx.is_writer:
-        prepare_corpus(sources, tok, art.work, ctx.cfg.data, overwrite=True)
+        try:
+            prepare_corpus(sources, tok, art.work, ctx.cfg.data, overwrite=True)
+        except ProxyKDError:
+            if fresh:  # bad corpus: leave no half-made artifact behind (prepare writes nothing until done)
+                shutil.rmtree(art.work, ignore_errors=True)
+            raise
         tok.save_pretrained(str(art.work / "tokenizer"))
     manifest = PreparedData(art.work).manifest
     art.finish({"samples": manifest["counts"]["samples"], "tokenizer_hash": manifest["tokenizer"]["hash"]})

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import sys
+import threading
 
 import grain
 import orbax.checkpoint as ocp
 
+from proxykd_jax.errors import CheckpointError, one_line
 from proxykd_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,54 @@ def _data_kind(data_iter) -> str | None:
     if callable(getattr(data_iter, "get_state", None)) and callable(getattr(data_iter, "set_state", None)):
         return "json"
     return None
+
+
+def _looks_damaged(e: Exception) -> bool:
+    """Whether a restore failure comes from the files (damaged, truncated, other shapes), not a bug."""
+    if isinstance(e, (ValueError, KeyError, OSError, EOFError, TypeError)):
+        return True
+    text = str(e)
+    return any(code in text for code in ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION", "INVALID_"))
+
+
+_LOOP_CLOSED_NOISE = (
+    "Traceback (most recent call last):",
+    "asyncio/base_events.py",
+    "self._check_closed()",
+    "raise RuntimeError('Event loop is closed')",
+    "RuntimeError: Event loop is closed",
+)
+
+
+class _WithoutLoopClosedNoise:
+    """sys.stderr without the lines of `RuntimeError: Event loop is closed` tracebacks.
+
+    When a restore fails, tensorstore reads still in flight complete after orbax closed its event
+    loop, and tensorstore prints each one's traceback from its own threads (through sys.stderr, not
+    through any hook). They say nothing the CheckpointError does not, and would bury it."""
+
+    def __init__(self, stream):
+        self.stream, self.pending, self.lock = stream, "", threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            self.pending += text
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                if not any(noise in line for noise in _LOOP_CLOSED_NOISE):
+                    self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _quiet_closed_loop_reports() -> None:
+    if not isinstance(sys.stderr, _WithoutLoopClosedNoise):
+        sys.stderr = _WithoutLoopClosedNoise(sys.stderr)
 
 
 class Checkpointer:
@@ -92,7 +143,18 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         elif kind == "json":
             items["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # tensorstore, orbax and JSON failures of damaged files share no base class
+            if not _looks_damaged(e):
+                raise
+            _quiet_closed_loop_reports()
+            reason = one_line(str(e).split("[tensorstore_spec")[0])[:160]
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: {reason}); it is "
+                f"damaged or was written with another model or optimizer config: delete {self.directory / str(step)} "
+                "to resume from the checkpoint before it, or re-run with --config.run.overwrite=True to start over."
+            ) from None
         if kind == "json":
             data_iter.set_state(restored["data"])
         return restored["state"]

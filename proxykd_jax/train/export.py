@@ -81,6 +81,8 @@ def load_student(
         try:
             state = checkpointer.restore(target, step=step)
         except (ValueError, KeyError) as e:
+            if isinstance(e, ProxyKDError):  # a damaged checkpoint: train.checkpoint names the step
+                raise
             raise ProxyKDError(
                 f"{ckpt_dir}: checkpoint {step} does not match config.model/optim ({e}); export "
                 "with the config the student was trained with."

@@ -21,8 +21,8 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
+from proxykd_jax import progress
 from proxykd_jax.parallel.sharding import global_batch
 from proxykd_jax.train.checkpoint import Checkpointer
 from proxykd_jax.train.metrics import MetricsWriter, measure_matmul_peak
@@ -138,8 +138,12 @@ class Loop:
             if start >= cfg.steps:
                 return state
             peak = self._peak_flops() if self.flops_per_step > 0 else 0.0
-            bar = tqdm(
-                total=cfg.steps, initial=start, disable=not cfg.progress or jax.process_index() != 0, dynamic_ncols=True
+            bar = progress.bar(
+                total=cfg.steps,
+                initial=start,
+                desc="train",
+                unit="step",
+                disable=not cfg.progress or jax.process_index() != 0,
             )
             window = {"t": time.perf_counter(), "steps": 0, "tokens": 0}
 
