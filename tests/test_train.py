@@ -185,6 +185,19 @@ def test_resume_after_a_kill_gives_the_same_final_params(tmp_path, uninterrupted
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+def test_metrics_keep_one_row_per_step_after_a_kill_and_resume(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(tmp_path, Batches(crash_at=5), checkpoint_every=3)  # dies during step 6, checkpoint at 3
+    killed = {r["step"]: r["loss"] for r in read_metrics(tmp_path) if "loss" in r}
+    assert sorted(killed) == [1, 2, 3, 4]  # step 4 was logged after the step-3 checkpoint
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # and the kill tore the next line
+    run_loop(tmp_path, Batches(), checkpoint_every=3)  # resumes from step 3: steps 4-6 again
+    train = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(train[3]["loss"], killed[4], rtol=1e-6)  # the redone step 4 is the same step
+
+
 @pytest.mark.parametrize("target", ["2x4", "1 device"])
 def test_restore_onto_a_different_mesh(tmp_path, target):
     mesh = make_mesh(mesh_cfg(fsdp=8))

@@ -20,6 +20,7 @@ import numpy as np
 from proxykd_jax.data.corpus import DataError
 from proxykd_jax.data.records import PreparedData, decode_record
 from proxykd_jax.data.store import StoreReader
+from proxykd_jax.errors import InputFileError
 
 _SEQ_FIELDS = ("tokens", "targets", "loss_mask", "sample_ids")
 _PAD = {"sample_ids": -1, "kd_logprobs": -np.inf, "teacher_topk_logprobs": -np.inf}
@@ -34,17 +35,17 @@ def open_store(prepared: PreparedData, store, vocab_size: int | None = None) -> 
     if not isinstance(store, StoreReader):
         store = StoreReader(store, tokenizer_hash=prepared.tokenizer_hash, vocab_size=vocab_size)
     if store.tokenizer_hash != prepared.tokenizer_hash:
-        raise ValueError(
+        raise InputFileError(
             f"{store.dir}: store tokenizer hash {store.tokenizer_hash[:12]} differs from the "
             f"prepared data's {prepared.tokenizer_hash[:12]}; re-run `posterior`."
         )
     if vocab_size is not None and store.vocab_size != vocab_size:
-        raise ValueError(
+        raise InputFileError(
             f"{store.dir}: store vocab_size {store.vocab_size} differs from the model's "
             f"{vocab_size}; re-run `posterior` for this model."
         )
     if store.vocab_size < prepared.manifest["tokenizer"]["vocab_size"]:
-        raise ValueError(
+        raise InputFileError(
             f"{store.dir}: store vocab_size {store.vocab_size} is smaller than the "
             f"tokenizer's {prepared.manifest['tokenizer']['vocab_size']}."
         )

@@ -128,13 +128,14 @@ class Loop:
         """Trains from `state` (or the newest checkpoint in run_dir) to `train.steps`; returns the state."""
         cfg = self.cfg
         ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.keep_checkpoints) if cfg.checkpoint_every > 0 else None
-        writer = MetricsWriter(self.run_dir, cfg.tensorboard)
-        start = 0
+        start, writer = 0, None
         try:
             if ckpt is not None and ckpt.latest_step() is not None:
                 start = ckpt.latest_step()
                 state = ckpt.restore(abstract_like(state, self.state_shardings), data_iter, start)
                 log.info("resumed from step %d in %s", start, ckpt.directory)
+            # rows past `start` come from a run killed after that checkpoint: they are written again
+            writer = MetricsWriter(self.run_dir, cfg.tensorboard, resume_step=start)
             if start >= cfg.steps:
                 return state
             peak = self._peak_flops() if self.flops_per_step > 0 else 0.0
@@ -206,6 +207,7 @@ class Loop:
             bar.close()
             return state
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
             if ckpt is not None:
                 ckpt.close()

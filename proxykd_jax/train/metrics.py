@@ -23,13 +23,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 class MetricsWriter:
     """Appends metric dicts to `run_dir/metrics.jsonl` and, optionally, TensorBoard (process 0 only)."""
 
-    def __init__(self, run_dir: str | pathlib.Path, tensorboard: bool):
+    def __init__(self, run_dir: str | pathlib.Path, tensorboard: bool, resume_step: int | None = None):
+        """With `resume_step` (the step a loop restarts after), rows of later steps, written by the run
+        that was killed after that checkpoint, are dropped first, so each step keeps one row."""
         self.enabled = jax.process_index() == 0
         self.path = pathlib.Path(run_dir) / "metrics.jsonl"
         self._file = None
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                truncate_after(self.path, resume_step)
             self._file = self.path.open("a")
             if tensorboard:
                 from tensorboardX import SummaryWriter
@@ -59,6 +63,32 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def truncate_after(path: pathlib.Path, step: int) -> int:
+    """Drops the rows of `path` whose step is past `step` (rows without a step stay); returns how many.
+
+    A torn last line (the writer killed mid-write) is dropped too. The file is replaced atomically."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
 
 
 def read_metrics(run_dir: str | pathlib.Path) -> list[dict]:
