@@ -73,8 +73,10 @@ def _run_stage(stage: str, argv: list[str]) -> int:
         raise UserError(f"`proxykd {stage}` needs --config=PATH (for example --config=configs/demo.py).")
 
     from proxykd_jax import config as config_lib
+    from proxykd_jax import context, stages
 
     config_lib.validate(cfg, stage)  # fields and input paths first: no jax start-up for a typo
+    context.preflight(cfg, stage)  # the upstream artifacts the stage reads
     from proxykd_jax.parallel import distributed
 
     try:
@@ -85,9 +87,6 @@ def _run_stage(stage: str, argv: list[str]) -> int:
 
     # the mesh against the devices, batch sizes against the mesh: all before the run directory exists
     config_lib.validate(cfg, stage, num_devices=jax.device_count(), process_count=jax.process_count())
-    from proxykd_jax import context, stages
-
-    context.preflight(cfg, stage)
     with context.create(cfg, stage) as ctx:
         stages.run_stage(stage, ctx)
     return 0

@@ -69,10 +69,30 @@ def _edit_json(path: pathlib.Path, **changes) -> None:
     path.write_text(json.dumps(json.loads(path.read_text()) | changes))
 
 
+def _without(*names):
+    """Removes the artifacts a stage would write: the fixture's store and checkpoint carry no record."""
+
+    def remove(run):
+        for name in names:
+            shutil.rmtree(run / name)
+
+    return remove
+
+
+def _both(*steps):
+    def run_all(run):
+        for step in steps:
+            step(run)
+
+    return run_all
+
+
 SETUPS = {
-    "store_truncated": lambda run: truncate(_shards(run)[0]),
-    "store_flipped": lambda run: flip_byte(_shards(run)[0]),
-    "store_manifest_garbage": lambda run: _shards(run)[0].with_suffix(".json").write_text('{"k": 8, "vocab'),
+    "store_truncated": _both(lambda run: truncate(_shards(run)[0]), _without("student")),
+    "store_flipped": _both(lambda run: flip_byte(_shards(run)[0]), _without("student")),
+    "store_manifest_garbage": _both(
+        lambda run: _shards(run)[0].with_suffix(".json").write_text('{"k": 8, "vocab'), _without("student")
+    ),
     "ckpt_truncated": lambda run: [truncate(p, 0.3) for p in _checkpoint_files(run)],
     "ckpt_flipped": lambda run: [flip_byte(p) for p in _checkpoint_files(run)],
     "ckpt_metadata_garbage": lambda run: (run / "student" / "checkpoints" / "3" / "state" / "_METADATA").write_text(
@@ -81,12 +101,16 @@ SETUPS = {
     "gpt2_folder": lambda run: _edit_json(
         run / "proxy_copy" / "config.json", architectures=["GPT2LMHeadModel"], model_type="gpt2"
     ),
-    "wrong_shapes_folder": lambda run: _edit_json(run / "proxy_copy" / "config.json", intermediate_size=48),
-    "truncated_weights": lambda run: truncate(run / "proxy_copy" / "model.safetensors", 0.6),
-    "no_prior": lambda run: shutil.rmtree(run / "prior"),
-    "no_student": lambda run: shutil.rmtree(run / "student"),
-    "no_prepared": lambda run: shutil.rmtree(run / "prepared"),
-    "no_store": lambda run: shutil.rmtree(run / "posterior"),
+    "wrong_shapes_folder": _both(
+        lambda run: _edit_json(run / "proxy_copy" / "config.json", intermediate_size=48), _without("posterior")
+    ),
+    "truncated_weights": _both(
+        lambda run: truncate(run / "proxy_copy" / "model.safetensors", 0.6), _without("posterior")
+    ),
+    "no_prior": _without("prior", "posterior"),
+    "no_student": _without("student"),
+    "no_prepared": _without("prepared"),
+    "no_store": _without("posterior", "student"),
     "serve_folder_without_config": lambda run: (run / "proxy_copy" / "config.json").unlink(),
 }
 

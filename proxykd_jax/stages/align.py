@@ -28,10 +28,10 @@ def run(ctx, *, teacher_probs_fn=None) -> dict:
     if art.done:
         log.info("align: %s is finished with these settings; reusing it", art.path)
         return art.summary or {}
-    art.begin()
     cfg = ctx.cfg
     data = rounds.AlignData.load(ctx.paths.prepared)
-    model_cfg, proxy = ctx.init_model("proxy", ctx.seed)
+    model_cfg, proxy = ctx.init_model("proxy", ctx.seed)  # a folder that cannot load stops before any write
+    art.begin()
     sink = ctx.sink(art.work)
     try:
         trainable, frozen, _ = rounds.align_proxy(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from proxykd_jax.teacher import client
+from proxykd_jax.teacher.prompts import read_prompts
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +20,9 @@ def run(ctx) -> dict:
     if art.done:
         log.info("collect: %s is finished with these settings; reusing it", art.path)
         return art.summary
-    art.begin()
     ccfg = ctx.cfg.collect.copy_and_resolve_references()
+    read_prompts(ccfg.prompts, ccfg.api)  # a bad prompts file stops before the corpus is begun
+    art.begin()
     ccfg.out = str(art.work)
     stats = client.collect(ccfg)
     art.finish({k: stats[k] for k in ("requested", "already_done", "done", "declined", "tokens_in", "tokens_out")})
