@@ -261,10 +261,11 @@ CASES = [
         "prepare",
         ("--config.data.corpus=",),
         ("corpus", "run `proxykd collect` first"),
+        True,
         run_dir="missing",
     ),
     # ---------------------------------------------------------------- prior
-    Case("prior-no-prepared-data", "prior", (), ("prepared", "run `proxykd prepare` first"), run_dir="missing"),
+    Case("prior-no-prepared-data", "prior", (), ("prepared", "run `proxykd prepare` first"), True, run_dir="missing"),
     Case("prior-unknown-field", "prior", ("--config.prior.no_such_field=1",), ("bad config override",), True),
     Case("prior-bad-value-type", "prior", ("--config.prior.kappa=lots",), ("bad config override",), True),
     # ---------------------------------------------------------------- align
@@ -307,7 +308,7 @@ CASES = [
         ("proxy_copy", "cannot be loaded"),
         setup="truncated_weights",
     ),
-    Case("posterior-no-prior", "posterior", (), ("prior", "run `proxykd prior` first"), setup="no_prior"),
+    Case("posterior-no-prior", "posterior", (), ("prior", "run `proxykd prior` first"), True, setup="no_prior"),
     Case(
         "posterior-batch-size-0", "posterior", ("--config.posterior.batch_size=0",), ("posterior.batch_size=0",), True
     ),
@@ -346,7 +347,7 @@ CASES = [
     ),
     Case("distill-store-shard-bit-flipped", "distill", (), ("shard-", "sha256"), setup="store_flipped"),
     Case("distill-store-manifest-garbage", "distill", (), ("shard-", "not valid JSON"), setup="store_manifest_garbage"),
-    Case("distill-no-store", "distill", (), ("posterior", "run `proxykd posterior` first"), setup="no_store"),
+    Case("distill-no-store", "distill", (), ("posterior", "run `proxykd posterior` first"), True, setup="no_store"),
     # ---------------------------------------------------------------- eval
     Case(
         "eval-known-teacher-missing",
@@ -356,7 +357,7 @@ CASES = [
         True,
     ),
     Case("eval-batch-size-0", "eval", ("--config.eval.batch_size=0",), ("config.eval.batch_size=0",), True),
-    Case("eval-no-prepared-data", "eval", (), ("prepared", "run `proxykd prepare` first"), setup="no_prepared"),
+    Case("eval-no-prepared-data", "eval", (), ("prepared", "run `proxykd prepare` first"), True, setup="no_prepared"),
     # ---------------------------------------------------------------- export
     Case(
         "export-checkpoint-truncated",
@@ -374,7 +375,7 @@ CASES = [
     ),
     Case("export-checkpoint-metadata-garbage", "export", (), ("checkpoint step 3",), setup="ckpt_metadata_garbage"),
     Case("export-step-not-saved", "export", ("--config.export.step=5",), ("export.step=5", "[3]")),
-    Case("export-no-student", "export", (), ("student", "run `proxykd distill` first"), setup="no_student"),
+    Case("export-no-student", "export", (), ("student", "run `proxykd distill` first"), True, setup="no_student"),
     # ---------------------------------------------------------------- serve
     Case(
         "serve-path-missing",
