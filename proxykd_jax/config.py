@@ -159,7 +159,7 @@ def _check_split(cfg) -> None:
         )
 
 
-def _check_mesh(cfg, groups, num_devices: int, process_count: int) -> None:
+def _check_mesh(cfg, stage: str | None, num_devices: int, process_count: int) -> None:
     from proxykd_jax.parallel import mesh as mesh_lib
 
     try:
@@ -167,8 +167,9 @@ def _check_mesh(cfg, groups, num_devices: int, process_count: int) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     shards = data * fsdp  # the batch dimension is split over ("data", "fsdp")
-    for group, field in (("train", "batch_size"), ("align", "batch_size"), ("align", "sample_batch_size")):
-        if group not in groups or group not in cfg:
+    # the training batches each stage splits over the batch shards (align's own batch, distill's train batch)
+    for stage_name, group, field in (("distill", "train", "batch_size"), ("align", "align", "batch_size")):
+        if stage not in (None, "demo", stage_name) or group not in cfg:
             continue
         value = int(cfg[group][field])
         for ways, what in (
@@ -244,7 +245,7 @@ def validate(
         )
     _check_training(cfg, groups)
     if num_devices is not None and "mesh" in cfg and "mesh" in groups:
-        _check_mesh(cfg, groups, num_devices, process_count)
+        _check_mesh(cfg, stage, num_devices, process_count)
     _check_paths(cfg, stage)
 
 
