@@ -45,6 +45,7 @@ class Case:
     setup: str = ""  # name of a function below that damages this row's copy of the run dir
     run_dir: str = "copy"  # copy | missing (must not be created) | empty
     may_write: bool = False  # collect keeps an unfinished, resumable record of what it did
+    file_limit: int = 0  # > 0: every file of the process is capped at this many bytes (a full disk)
 
 
 def flip_byte(path: pathlib.Path, at: float = 0.5) -> None:
@@ -185,6 +186,21 @@ CASES = [
         ),
         ("2 failed", "re-running the same command"),
         may_write=True,
+    ),
+    Case(
+        "collect-disk-full",
+        "collect",
+        (P.format("prompts30.jsonl"), "--config.collect.base_url={healthy}", *COLLECT),
+        ("cannot write", "File too large", "re-running the same command continues"),
+        may_write=True,
+        file_limit=3000,  # room for the record and a few samples
+    ),
+    Case(
+        "collect-disk-full-at-once",
+        "collect",
+        (P.format("prompts.jsonl"), "--config.collect.base_url={healthy}", *COLLECT),
+        ("cannot write", "teacher.jsonl.artifact.json", "File too large"),
+        file_limit=200,  # not even the artifact's record fits
     ),
     # ---------------------------------------------------------------- prepare
     Case(
@@ -411,6 +427,7 @@ def _write_inputs(folder: pathlib.Path) -> None:
     folder.mkdir()
     row = {"id": "p0", "prompt": "hello there", "responses": ["general kenobi"]}
     (folder / "prompts.jsonl").write_text('{"id": "a", "prompt": "hello"}\n{"id": "b", "prompt": "world"}\n')
+    (folder / "prompts30.jsonl").write_text("".join(f'{{"id": "p{i}", "prompt": "prompt {i}"}}\n' for i in range(30)))
     (folder / "prompts_latin1.jsonl").write_bytes(b'{"id": "a", "prompt": "ok"}\n{"id": "b", "prompt": "caf\xe9"}\n')
     (folder / "prompts_idlist.jsonl").write_text('{"id": ["a"], "prompt": "hello"}\n')
     (folder / "empty.jsonl").write_text("")
@@ -477,10 +494,16 @@ def _run_case(case: Case, base: pathlib.Path, servers: dict) -> dict:
         run.mkdir(parents=True)
     before = snapshot(run)
     fmt = dict(run=run, base=base, **servers)
+    # Python ignores SIGXFSZ, so a write past RLIMIT_FSIZE fails with EFBIG, as a full disk fails with ENOSPC
+    small_disk = (
+        "import resource, runpy, sys; limit = int(sys.argv.pop(1)); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); "
+        "runpy.run_module('proxykd_jax', run_name='__main__', alter_sys=True)"
+    )
+    launcher = ["-c", small_disk, str(case.file_limit)] if case.file_limit else ["-m", "proxykd_jax"]
     argv = [
         sys.executable,
-        "-m",
-        "proxykd_jax",
+        *launcher,
         case.stage,
         f"--config={REPO}/tests/pickled_config.py:{base / 'cfg.pkl'}",
         f"--config.run.dir={run}",
@@ -509,8 +532,9 @@ def results(tmp_path_factory):
     shared_before = snapshot(base / "run")
     server500 = ServerThread(make_app(ToyBackend(), Faults(fail_500_rate=1.0)))
     malformed = ServerThread(make_app(ToyBackend(), Faults(malformed_rate=1.0)))
-    with server500 as s500, malformed as smal:
-        servers = {"server500": s500.base_url, "malformed": smal.base_url}
+    healthy = ServerThread(make_app(ToyBackend()))
+    with server500 as s500, malformed as smal, healthy as ok:
+        servers = {"server500": s500.base_url, "malformed": smal.base_url, "healthy": ok.base_url}
         with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
             futures = {case.id: pool.submit(_run_case, case, base, servers) for case in CASES}
             out = {name: f.result() for name, f in futures.items()}

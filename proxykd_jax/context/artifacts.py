@@ -265,12 +265,21 @@ class Artifact:
 
     def _write_record(self, where: pathlib.Path, rec: dict) -> None:
         target = record_path(where, self.is_file)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(rec, indent=1, sort_keys=True, default=repr))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(target)
+        tmp, created = target.with_name(target.name + ".tmp"), not target.parent.exists()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(rec, indent=1, sort_keys=True, default=repr))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            tmp.replace(target)
+        except OSError as e:  # a full disk, a read-only folder: the record stays as it was
+            tmp.unlink(missing_ok=True)
+            if created:
+                shutil.rmtree(target.parent, ignore_errors=True)
+            raise ProxyKDError(
+                f"cannot write {target} ({e.strerror or e}); free space or fix the folder's permissions, then "
+                "re-run the same command."
+            ) from None
 
     def begin(self) -> None:
         """Marks the artifact as being made (before the stage writes anything into `work`)."""
