@@ -14,14 +14,16 @@ capped at the window, where full causal attention is identical.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.models.safetensors_io import SafetensorsFolder, TensorMap, host_value, load_leaf, write_sharded
@@ -200,6 +202,34 @@ def _checked_folder(folder: pathlib.Path, cfg: ModelConfig) -> SafetensorsFolder
     return source
 
 
+def read_config(folder, *, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
+    """The ModelConfig of a local HF folder's config.json."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Model folder {folder} does not exist; pass a local Hugging Face model folder.")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} has no config.json; it must be a Hugging Face model folder.")
+    try:
+        hf_cfg = json.loads((folder / "config.json").read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{folder}/config.json is not valid JSON ({e}).") from None
+    return config_from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype)
+
+
+def load_params(folder, cfg: ModelConfig, targets: Mapping[tuple, tuple], param_dtype) -> dict[tuple, jax.Array]:
+    """Our parameters `targets` (path -> (shape, sharding)) read from a folder's safetensors, each
+    straight into its sharded array; the folder's tensors are checked against `cfg` first."""
+    source = _checked_folder(pathlib.Path(folder), cfg)
+    dtype = np.dtype(jnp.dtype(param_dtype))
+    out = {}
+    for key, (shape, sharding) in targets.items():
+        tmap = tensor_map(key, cfg)
+        if tmap.shape != tuple(shape):
+            raise ValueError(f"parameter {key} has shape {tuple(shape)} but its HF tensors give {tmap.shape}.")
+        out[key] = load_leaf(source, tmap, sharding, dtype)
+    return out
+
+
 def load_hf(
     folder, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None, rules=None
 ) -> tuple[ModelConfig, Llama]:
@@ -210,27 +240,18 @@ def load_hf(
     without, onto the default device. No tensor is ever built whole on the host first."""
     from proxykd_jax.parallel import LOGICAL_RULES, state_shardings
 
-    folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Model folder {folder} does not exist; pass a local Hugging Face model folder.")
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no config.json; it must be a Hugging Face model folder.")
-    try:
-        hf_cfg = json.loads((folder / "config.json").read_text())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{folder}/config.json is not valid JSON ({e}).") from None
-    cfg = config_from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype)
-    source = _checked_folder(folder, cfg)
-    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    cfg = read_config(folder, dtype=dtype, param_dtype=param_dtype)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+    flat = dict(nnx.to_flat_state(state))
     if mesh is not None:
-        shardings = dict(nnx.to_flat_state(state_shardings(state, mesh, rules or LOGICAL_RULES)))
-    for key, var in nnx.to_flat_state(state):
-        tmap = tensor_map(key, cfg)
-        if tmap.shape != tuple(var.shape):
-            raise ValueError(f"parameter {key} has shape {tuple(var.shape)} but its HF tensors give {tmap.shape}.")
-        sharding = shardings[key].get_value() if mesh is not None else SingleDeviceSharding(jax.devices()[0])
-        var.set_value(load_leaf(source, tmap, sharding, np.dtype(jnp.dtype(param_dtype))))
+        shardings = {
+            k: v.get_value() for k, v in nnx.to_flat_state(state_shardings(state, mesh, rules or LOGICAL_RULES))
+        }
+    else:
+        shardings = dict.fromkeys(flat, SingleDeviceSharding(jax.devices()[0]))
+    values = load_params(folder, cfg, {k: (v.shape, shardings[k]) for k, v in flat.items()}, param_dtype)
+    for key, var in flat.items():
+        var.set_value(values[key])
     return cfg, nnx.merge(graphdef, state)
 
 
@@ -276,11 +297,21 @@ def token_ids_of(tokenizer) -> dict:
     return dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos if pad is None else pad)
 
 
+@functools.cache
+def _take(out_sharding):
+    """Jitted `x[i]` along axis 0 (i traced: one compilation per leaf layout, not per layer)."""
+    return jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), out_shardings=out_sharding)
+
+
 def _stack_element(x: jax.Array, i: int) -> jax.Array:
-    """Element i of a stacked leaf without gathering the others."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable and x.is_fully_replicated:
+    """Element i of a stacked leaf, laid out as the leaf's other axes are, without gathering the others."""
+    if not x.is_fully_addressable and x.is_fully_replicated:
         return x.addressable_data(0)[i]  # every process holds it whole: a local slice
-    return x[i]
+    out = None
+    if isinstance(x.sharding, NamedSharding):
+        spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+        out = NamedSharding(x.sharding.mesh, PartitionSpec(*spec[1:]))
+    return _take(out)(x, np.int32(i))
 
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -289,32 +320,46 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 def save_hf(
     model: Llama, cfg: ModelConfig, folder, tokenizer=None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 ) -> None:
+    """Writes `model` as a Hugging Face folder; see `save_params`."""
+    params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    save_params(params, cfg, folder, tokenizer, max_shard_bytes=max_shard_bytes)
+
+
+def save_params(
+    params: Mapping[tuple, jax.Array],
+    cfg: ModelConfig,
+    folder,
+    tokenizer=None,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
     """Writes config.json, generation_config.json, safetensors files of at most `max_shard_bytes`
     (more than one: with model.safetensors.index.json) and the tokenizer, one tensor at a time.
 
-    Works on a model sharded over any mesh without gathering it: each tensor (one layer of a stacked
-    leaf) is brought to the host only when it is written. When the model spans several processes
-    every process must call this (gathering a tensor is then collective) and process 0 writes all
-    files; a model every process holds whole may be saved by process 0 alone."""
+    `params` maps our parameter paths to (possibly sharded) arrays. Nothing is gathered whole: each
+    tensor (one layer of a stacked leaf) is brought to the host only when it is written. When the
+    model spans several processes every process must call this (gathering a tensor is then
+    collective) and process 0 writes all files; a model every process holds whole may be saved by
+    process 0 alone. config.json and generation_config.json carry the tokenizer's bos/eos/pad ids,
+    so `generate()` in transformers stops at eos by itself."""
     arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
     folder = pathlib.Path(folder)
     writer = jax.process_index() == 0
-    state = nnx.state(model, nnx.Param)
-    leaves = {tuple(key): var.get_value() for key, var in nnx.to_flat_state(state)}
     where: dict[str, tuple[tuple, int | None, TensorMap]] = {}
-    for key in leaves:
+    for key in params:
         tmap = tensor_map(key, cfg)
+        if tmap.shape != tuple(params[key].shape):
+            raise ValueError(f"parameter {key} has shape {tuple(params[key].shape)}, the config implies {tmap.shape}.")
         for i, name in enumerate(tmap.names):
             where[name] = (key, i if tmap.stacked else None, tmap)
     expected = _hf_shapes(cfg)
     if set(where) != set(expected):
         raise ValueError(f"model parameters do not match the config: {sorted(set(where) ^ set(expected))[:4]}.")
-    tensors = {name: (expected[name], np.dtype(leaves[where[name][0]].dtype)) for name in expected}
+    tensors = {name: (expected[name], np.dtype(params[where[name][0]].dtype)) for name in expected}
 
     def fetch(name: str):
         key, i, tmap = where[name]
-        x = leaves[key] if i is None else _stack_element(leaves[key], i)
-        value = host_value(x)
+        value = host_value(params[key] if i is None else _stack_element(params[key], i))
         return tmap.to_hf(value) if writer else None
 
     token_ids = token_ids_of(tokenizer)
