@@ -5,8 +5,9 @@ Reading. A `TensorMap` says how one leaf of our parameter state is made from Hug
 which tensor(s) (one, or N stacked along a new leading axis, element i of that axis being
 `names[i]`), how each HF dimension splits into ours (`split`, e.g. q_proj [H * E, D] -> (H, E), (D,))
 and in which order the split axes appear in our layout (`perm`). `load_leaf` builds the leaf with
-`jax.make_array_from_callback`: each callback receives the block its device holds, and reads only
-the rows and columns of that block (the layer range of a stacked leaf, then the HF slice) through
+one block per addressable device (as `jax.make_array_from_callback` would, but placing each block
+as soon as it is read, so the host holds one block at a time): each reads only the rows and columns
+of that block (the layer range of a stacked leaf, then the HF slice) through
 safetensors' lazy `get_slice`, reshapes and transposes it to our layout and converts its dtype.
 Only this process's addressable devices ask, so in a multi-process run each host reads what its
 devices hold. Files are opened per read and closed after it: safetensors maps files into memory, and
@@ -169,16 +170,18 @@ class TensorMap:
 def load_leaf(source: SafetensorsFolder, tmap: TensorMap, sharding, dtype) -> jax.Array:
     """One global array laid out by `sharding`, each addressable device's block read on its own.
 
-    Devices holding the same block (replicated dimensions) share one read."""
-    blocks: dict[tuple, np.ndarray] = {}
-
-    def block(index):
+    Blocks go to their device as they are read, so the host holds one block at a time; devices
+    holding the same block (replicated dimensions) get a device-to-device copy of the first read."""
+    placed: dict[tuple, jax.Array] = {}
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(tmap.shape).items():
         key = tuple(_bounds(s, n) for s, n in zip(index, tmap.shape))
-        if key not in blocks:
-            blocks[key] = tmap.read(source, index, dtype)
-        return blocks[key]
-
-    return jax.make_array_from_callback(tmap.shape, sharding, block)
+        if key in placed:
+            arrays.append(jax.device_put(placed[key], device))
+        else:
+            placed[key] = jax.device_put(tmap.read(source, index, dtype), device)
+            arrays.append(placed[key])
+    return jax.make_array_from_single_device_arrays(tmap.shape, sharding, arrays)
 
 
 # ---------------------------------------------------------------------------------------------- writing
