@@ -237,7 +237,7 @@ def load_hf(
 
     With `mesh` (and `rules`, default the standard table) every parameter is built straight into its
     sharded global array, each device's block read from the files on its own (`safetensors_io`);
-    without, onto the default device. No tensor is ever built whole on the host first."""
+    without, onto this process's first device. No tensor is ever built whole on the host first."""
     from proxykd_jax.parallel import LOGICAL_RULES, state_shardings
 
     cfg = read_config(folder, dtype=dtype, param_dtype=param_dtype)
@@ -248,7 +248,7 @@ def load_hf(
             k: v.get_value() for k, v in nnx.to_flat_state(state_shardings(state, mesh, rules or LOGICAL_RULES))
         }
     else:
-        shardings = dict.fromkeys(flat, SingleDeviceSharding(jax.devices()[0]))
+        shardings = dict.fromkeys(flat, SingleDeviceSharding(jax.local_devices()[0]))
     values = load_params(folder, cfg, {k: (v.shape, shardings[k]) for k, v in flat.items()}, param_dtype)
     for key, var in flat.items():
         var.set_value(values[key])

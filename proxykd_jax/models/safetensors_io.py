@@ -181,7 +181,7 @@ def load_leaf(source: SafetensorsFolder, tmap: TensorMap, sharding, dtype) -> ja
         else:
             placed[key] = jax.device_put(tmap.read(source, index, dtype), device)
             arrays.append(placed[key])
-    return jax.make_array_from_single_device_arrays(tmap.shape, sharding, arrays)
+    return jax.make_array_from_single_device_arrays(tmap.shape, sharding, arrays, dtype=np.dtype(dtype))
 
 
 # ---------------------------------------------------------------------------------------------- writing
