@@ -52,6 +52,13 @@ def _bits(x) -> np.ndarray:
     return x.view(np.uint16 if x.dtype.itemsize == 2 else np.uint32)
 
 
+def _layer(flat, i: int, rest: tuple) -> np.ndarray:
+    """Layer i's parameter `rest` from a flat state with per-layer or stacked (scanned) layers."""
+    if ("layers", i, *rest) in flat:
+        return np.asarray(flat[("layers", i, *rest)].get_value())
+    return np.asarray(flat[("layers", *rest)].get_value())[i]
+
+
 class _CountingReads:
     """Records every block read from the files (tensor name, elements)."""
 
@@ -106,24 +113,37 @@ def test_mesh_load_equals_single_device_bit_for_bit(tmp_path, monkeypatch, kind,
     cast = np.float32 if param_dtype == "float32" else ml_dtypes.bfloat16
     np.testing.assert_array_equal(np.asarray(sharded.embedding[...]), sd["model.embed_tokens.weight"].astype(cast))
     wq = sd["model.layers.1.self_attn.q_proj.weight"].T.reshape(32, 4, 8).astype(cast)
-    np.testing.assert_array_equal(np.asarray(sharded.layers[1].attn.wq[...]), wq)
+    np.testing.assert_array_equal(_layer(a, 1, ("attn", "wq")), wq)
 
 
-def _stacked_targets(cfg, mesh, per_layer):
-    """A scanned model's targets: one leaf per per-layer parameter kind with a leading layer axis,
-    layers split over fsdp (a layout no unstacked leaf has)."""
+PER_LAYER = [
+    ("attn", "wq"),
+    ("attn", "wk"),
+    ("attn", "wv"),
+    ("attn", "wo"),
+    ("attn", "bq"),
+    ("attn", "bk"),
+    ("attn", "bv"),
+    ("mlp", "w_gate"),
+    ("mlp", "w_up"),
+    ("mlp", "w_down"),
+    ("attn_norm", "scale"),
+    ("mlp_norm", "scale"),
+]
+
+
+def _stacked_targets(cfg, mesh):
+    """A scanned model's targets: one leaf per per-layer parameter kind with a leading layer axis;
+    wq and wo split over (layers: fsdp, next axis: tensor), the others over their last axis."""
     targets = {}
-    for key, var in per_layer.items():
-        if key[0] != "layers":
-            targets[key] = (var.shape, NamedSharding(mesh, PartitionSpec()))
-            continue
-        if key[1] != 0:
-            continue
-        stacked = ("layers",) + key[2:]
-        spec = PartitionSpec(None, *([None] * (len(var.shape) - 1)), "tensor")
-        if key[-1] in ("wq", "wo"):
-            spec = PartitionSpec("fsdp", "tensor")  # layer axis and the next over two mesh axes
-        targets[stacked] = ((cfg.num_layers, *var.shape), NamedSharding(mesh, spec))
+    for key in [("embedding",), ("final_norm", "scale"), ("lm_head",)] + [("layers", *r) for r in PER_LAYER]:
+        shape = hf.tensor_map(key, cfg).shape
+        spec = PartitionSpec()
+        if key[0] == "layers":
+            spec = PartitionSpec(*([None] * (len(shape) - 1)), "tensor")
+            if key[-1] in ("wq", "wo"):
+                spec = PartitionSpec("fsdp", "tensor")
+        targets[key] = (shape, NamedSharding(mesh, spec))
     return targets
 
 
@@ -131,29 +151,29 @@ def test_stacked_leaves_from_per_layer_tensors_and_back(tmp_path, monkeypatch):
     """Scanned layers: each per-layer tensor kind becomes one leaf [num_layers, ...]; a device
     reads only its layer range and its block. Written back, every file tensor is bit-identical."""
     folder = _write_hf(tmp_path / "m", "qwen2", torch.bfloat16, layers=4)
-    cfg, single = hf.load_hf(folder, param_dtype="bfloat16")
-    per_layer = dict(nnx.to_flat_state(nnx.state(single, nnx.Param)))
-    per_layer = {tuple(k): v.get_value() for k, v in per_layer.items()}
-    mesh = _mesh()
-    targets = _stacked_targets(cfg, mesh, per_layer)
-    assert hf.tensor_map(("layers", "attn", "wq"), cfg).names[3] == "model.layers.3.self_attn.q_proj.weight"
+    cfg = hf.read_config(folder, param_dtype="bfloat16")
+    targets = _stacked_targets(cfg, _mesh())
+    tmap = hf.tensor_map(("layers", "attn", "wq"), cfg)
+    assert tmap.stacked and tmap.shape == (4, 32, 4, 8)
+    assert tmap.names[3] == "model.layers.3.self_attn.q_proj.weight"
     reads = _CountingReads(monkeypatch)
     stacked = hf.load_params(folder, cfg, targets, "bfloat16")
     layer_reads = [n for name, n in reads.reads if name.endswith("q_proj.weight")]
     assert len(layer_reads) == 4 * 2 and sum(layer_reads) == 4 * 32 * 32  # 4 layers x 2 tensor halves
+    theirs = safetensors_io.SafetensorsFolder(folder)
     for key, x in stacked.items():
         assert x.sharding == targets[key][1]
-        if key[0] == "layers" and not isinstance(key[1], int):
-            want = np.stack([np.asarray(per_layer[("layers", i, *key[1:])]) for i in range(cfg.num_layers)])
-        else:
-            want = np.asarray(per_layer[key])
-        np.testing.assert_array_equal(_bits(x), _bits(want), err_msg=str(key))
+        tmap = hf.tensor_map(key, cfg)
+        value = np.asarray(x)
+        for i, name in enumerate(tmap.names):  # element i of the stack is the file's tensor, bit for bit
+            np.testing.assert_array_equal(
+                _bits(tmap.to_hf(value[i] if tmap.stacked else value)), _bits(theirs.read(name, ())), err_msg=name
+            )
     # written back from the stacked sharded leaves: the same tensors, in files within the limit
     hf.save_params(stacked, cfg, tmp_path / "out", max_shard_bytes=6_000)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 3
-    theirs = safetensors_io.SafetensorsFolder(folder)
     ours = safetensors_io.SafetensorsFolder(tmp_path / "out")
     assert set(ours.headers) == set(theirs.headers)
     for name in theirs.headers:
@@ -181,9 +201,9 @@ def test_export_writes_token_ids_and_generate_stops_at_eos(tmp_path):
     emb[:, 0] = -10.0
     emb[w5, 0] = 10.0
     model.embedding.set_value(jnp.asarray(emb))
-    for block in model.layers:
-        block.attn.wo.set_value(block.attn.wo[...].at[:, :, 0].set(0.0))
-        block.mlp.w_down.set_value(block.mlp.w_down[...].at[:, 0].set(0.0))
+    for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if key[-1] in ("wo", "w_down"):  # their last axis writes the residual stream
+            var.set_value(var.get_value().at[..., 0].set(0.0))
     head = np.zeros((cfg.d_model, cfg.vocab_size), np.float32)
     head[0, eos], head[0, w5] = 50.0, -50.0
     model.lm_head.set_value(jnp.asarray(head))

@@ -62,7 +62,7 @@ def sample_logits(logits_BxV, rng, temperature_B, top_p_B, *, top_k: int = 0) ->
 
 
 class CacheShardings(NamedTuple):
-    kv: NamedSharding  # keys and values [B, C, G, E]
+    kv: NamedSharding  # keys and values of one layer [B, C, G, E] (a stacked cache adds a whole layer axis)
     rows: NamedSharding  # slot positions and segments [B, C]
 
 
@@ -97,9 +97,19 @@ def cache_shardings(model, batch: int, length: int, rules=None) -> CacheSharding
 
 
 def _constrain(cache, shardings: CacheShardings | None):
+    """The cache laid out by `shardings`: keys/values one [B, C, G, E] array per layer, or one
+    stacked [layers, B, C, G, E] array (the layer axis stays whole)."""
     if shardings is None:
         return cache
-    kv = lambda xs: tuple(jax.lax.with_sharding_constraint(x, shardings.kv) for x in xs)  # noqa: E731
+
+    def kv(x):
+        if isinstance(x, (tuple, list)):
+            return type(x)(kv(layer) for layer in x)
+        extra = (None,) * (x.ndim - len(shardings.kv.spec))
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(shardings.kv.mesh, PartitionSpec(*extra, *shardings.kv.spec))
+        )
+
     return cache._replace(
         k=kv(cache.k),
         v=kv(cache.v),
