@@ -1,6 +1,8 @@
 """The export stage: the newest student checkpoint as an HF folder that transformers loads with the
 same logits; refusal to replace a folder it did not write; the step and missing-checkpoint errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -68,3 +70,37 @@ def test_export_refuses_a_non_empty_folder_and_bad_steps(trained, tmp_path):
         load_student(cfg, trained / "student", 1)
     with pytest.raises(ProxyKDError, match="no checkpoint"):
         load_student(cfg, trained / "nothing_here")
+
+
+def test_export_in_size_limited_files_on_another_mesh_with_token_ids(trained, tmp_path):
+    """A data=2 x fsdp=4 mesh and 3 kB files: the same tensors bit for bit as the one-file export,
+    and config.json / generation_config.json carry the tokenizer's special ids."""
+    from proxykd_jax.models.safetensors_io import SafetensorsFolder
+    from proxykd_jax.models.tokenizer import load_tokenizer
+
+    cfg = export_config(trained)
+    one = run_stage("export", cfg)
+    cfg.export.update(out=str(tmp_path / "split"), max_shard_bytes=3000)
+    cfg.mesh.shape.update(data=2, fsdp=4, tensor=1)
+    split = run_stage("export", cfg)
+    index = json.loads((split / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (split / "model.safetensors").exists()
+    a, b = SafetensorsFolder(one), SafetensorsFolder(split)
+    assert a.headers == b.headers
+    for name in a.headers:
+        np.testing.assert_array_equal(a.read(name, ()), b.read(name, ()), err_msg=name)
+        assert index["weight_map"][name] == b.files[name].name
+    sizes = [(split / f).stat().st_size for f in files]
+    biggest = max(int(np.prod(shape)) * 4 for shape, _ in a.headers.values())
+    assert all(s <= max(3000, biggest) + 2048 for s in sizes)  # header bytes on top of the data
+    tok = load_tokenizer(one)
+    for folder in (one, split):
+        config = json.loads((folder / "config.json").read_text())
+        generation = json.loads((folder / "generation_config.json").read_text())
+        ids = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == ids
+        assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == ids
+    cfg.export.max_shard_bytes = 0
+    with pytest.raises(ProxyKDError, match="export.max_shard_bytes must be positive"):
+        run_stage("export", cfg)

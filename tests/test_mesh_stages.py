@@ -70,6 +70,7 @@ def _backend(cfg, devices: int):
 def test_serve_places_the_model_on_the_mesh_and_samples_as_one_device(run):
     from flax import nnx
 
+    from proxykd_jax.models import sampling
     from proxykd_jax.teacher.server import ServerThread, make_app
 
     _, cfg, _ = run
@@ -77,6 +78,8 @@ def test_serve_places_the_model_on_the_mesh_and_samples_as_one_device(run):
     leaves = jax.tree.leaves(nnx.state(sharded.model, nnx.Param))
     assert all(len(leaf.sharding.device_set) == 4 for leaf in leaves)
     assert any(not leaf.sharding.is_fully_replicated for leaf in leaves)  # split over fsdp, not copied
+    cache = sampling.cache_shardings(sharded.model, 4, 16, sharded.rules)  # KV cache rows split too
+    assert cache.kv.spec[0] == ("data", "fsdp") and len(cache.kv.device_set) == 4
     prompts = [sharded.encode("w1 w2 w3"), sharded.encode("w4 w5")]
     kwargs = dict(n=2, temperature=1.0, top_p=0.9, max_tokens=8, logprobs=True, top_logprobs=3, seeds=[11, 12])
     a, b = sharded.complete(prompts, **kwargs), single.complete(prompts, **kwargs)

@@ -248,3 +248,45 @@ def test_bad_arguments(model):
         generate(model, prompts, lengths, jax.random.key(0), max_new_tokens=100)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, prompts, lengths, jax.random.key(0), max_new_tokens=2, top_p=0.0)
+
+
+def test_sharded_cache_on_a_mesh_samples_as_one_device(model):
+    """fsdp=4 x tensor=2: weights split, the KV cache split over rows (batch) and kv heads; the same
+    tokens and log-probs as on one device, and a fraction of the per-device cache memory."""
+    from jax.sharding import AxisType, PartitionSpec
+
+    from proxykd_jax.models import sampling
+    from proxykd_jax.parallel import LOGICAL_RULES, MESH_AXES, place_model
+
+    rules = tuple((name, None if name == "vocab" else axes) for name, axes in LOGICAL_RULES)  # vocab 37 is odd
+    mesh = jax.make_mesh((1, 4, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:8])
+    sharded = nnx.merge(*place_model(model, mesh, rules))
+    prompts = [PROMPTS[i % 3][: 2 + i % 4] for i in range(8)]
+    tokens, lengths = left_aligned(prompts)
+    kw = dict(max_new_tokens=40, temperature=0.8, top_p=0.95, return_logprobs=True, stop_tokens=(5,))
+    keys = jax.random.split(jax.random.key(3), 8)
+    a = generate(sharded, tokens, lengths, keys, rules=rules, **kw)
+    b = generate(model, tokens, lengths, keys, **kw)
+    np.testing.assert_array_equal(np.asarray(a.tokens_BxT), np.asarray(b.tokens_BxT))
+    np.testing.assert_array_equal(np.asarray(a.lengths_B), np.asarray(b.lengths_B))
+    np.testing.assert_allclose(np.asarray(a.logprobs_BxT), np.asarray(b.logprobs_BxT), rtol=1e-4, atol=1e-4)
+    shardings = sampling.cache_shardings(sharded, 8, tokens.shape[1] + 40, rules)
+    assert shardings.kv.spec == PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    assert shardings.rows.spec == PartitionSpec(("data", "fsdp"), None)
+    assert sampling.cache_shardings(sharded, 2, 16, rules).kv.spec == PartitionSpec("data", None, "tensor", None)
+    assert sampling.cache_shardings(model, 8, 16) is None  # one device: nothing to split
+
+    # per-device temporaries of the compiled loop, with the cache split and with it whole
+    graphdef, state = nnx.split(sharded)
+    args = (graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), keys, jnp.ones(8), jnp.ones(8))
+    static = dict(max_new_tokens=56, top_k=0, stop_tokens=(), pad_id=0, return_logprobs=False, top_logprobs=0)
+
+    def temp_bytes(rules_):
+        cache = sampling.cache_shardings(sharded, 8, tokens.shape[1] + 56, rules_)
+        compiled = sampling._generate.lower(*args, **static, cache_sharding=cache).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    whole_rules = tuple((n, None if n in ("batch", "kv_heads") else axes) for n, axes in rules)
+    cache_bytes = 2 * CFG.num_layers * 8 * (tokens.shape[1] + 56) * CFG.num_kv_heads * CFG.head_dim * 4
+    split, whole = temp_bytes(rules), temp_bytes(whole_rules)
+    assert whole - split >= cache_bytes * 3 // 4, (whole, split, cache_bytes)  # each device holds 1/8 of it

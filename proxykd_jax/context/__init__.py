@@ -104,17 +104,13 @@ class RunContext:
             raise ProxyKDError(f"model config: {e}; see models/llama.py default_config() for the fields.") from None
 
     def load_model(self, folder, *, dtype: str = "float32", param_dtype: str = "float32"):
-        """(ModelConfig, Llama) from a Hugging Face folder, its parameters sharded over the mesh."""
-        from flax import nnx
-
-        from proxykd_jax import parallel
+        """(ModelConfig, Llama) from a Hugging Face folder, every parameter streamed straight into its
+        sharded array on the mesh (each process reads only the blocks its devices hold)."""
 
         folder = pathlib.Path(folder).expanduser()
         if not (folder / "config.json").exists():
             raise ProxyKDError(f"{folder} is not a Hugging Face model folder (no config.json).")
-        model_cfg, model = load_folder(folder, dtype=dtype, param_dtype=param_dtype)
-        graphdef, state = parallel.place_model(model, self.mesh, self.rules)
-        return model_cfg, nnx.merge(graphdef, state)
+        return load_folder(folder, dtype=dtype, param_dtype=param_dtype, mesh=self.mesh, rules=self.rules)
 
     def init_model(self, name: str, seed: int):
         """(ModelConfig, sharded Llama) of config group `name`: its `init_from` folder (whose shape must

@@ -1,9 +1,12 @@
 """Hugging Face safetensors import/export for Llama, Mistral and Qwen2 causal LMs (no torch needed).
 
-`load_hf(folder)` reads config.json and model.safetensors (or a sharded model.safetensors.index.json),
-checks every tensor's shape against the config from the file headers alone, then builds the model
-without a random initialisation. `save_hf(model, cfg, folder)` writes a folder `transformers` loads:
-Qwen2ForCausalLM when the model has q/k/v bias, LlamaForCausalLM otherwise.
+`load_hf(folder, mesh=..., rules=...)` reads config.json and model.safetensors (or a sharded
+model.safetensors.index.json), checks every tensor's shape against the config from the file headers
+alone, then builds each parameter straight into its sharded global array, every device reading
+only its own block (`safetensors_io`); nothing is randomly initialised or built whole on one host.
+`save_hf(model, cfg, folder)` writes a folder `transformers` loads (Qwen2ForCausalLM when the model
+has q/k/v bias, LlamaForCausalLM otherwise), one tensor at a time, in files of at most 5 GB.
+`tensor_map` is the one place that maps our parameter paths to HF tensor names and layouts.
 
 Mistral / Qwen2 sliding-window attention is not implemented; the imported config's `max_seq_len` is
 capped at the window, where full causal attention is identical.
@@ -11,17 +14,19 @@ capped at the window, where full causal attention is identical.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
-from safetensors.numpy import save_file
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from proxykd_jax.models.llama import Llama, ModelConfig
+from proxykd_jax.models.safetensors_io import SafetensorsFolder, TensorMap, host_value, load_leaf, write_sharded
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -126,109 +131,131 @@ _LAYER_KEYS = {
     "post_attention_layernorm.weight": ("mlp_norm", "scale"),
 }
 _TOP_KEYS = {
-    "model.embed_tokens.weight": ("embedding",),
-    "model.norm.weight": ("final_norm", "scale"),
-    "lm_head.weight": ("lm_head",),
+    ("embedding",): "model.embed_tokens.weight",
+    ("final_norm", "scale"): "model.norm.weight",
+    ("lm_head",): "lm_head.weight",
 }
+_PER_LAYER = {ours: hf_name for hf_name, ours in _LAYER_KEYS.items()}
 
 
-def _our_key(name: str) -> tuple:
-    """Path in our parameter state of one HF tensor name."""
-    if name in _TOP_KEYS:
-        return _TOP_KEYS[name]
-    _, _, i, rest = name.split(".", 3)
-    return ("layers", int(i)) + _LAYER_KEYS[rest]
+def tensor_map(path: tuple, cfg: ModelConfig) -> TensorMap:
+    """The one map between our parameter paths and Hugging Face tensors (and their layouts).
+
+    A path `("layers", i, *rest)` is layer i's tensor; a path `("layers", *rest)` (no index) is a
+    scanned stack of all layers, read as `num_layers` tensors stacked along a new leading axis.
+    Linear weights are [out, in] in HF; ours are [in, ...heads, out].
+    """
+    d, h, g, e, f, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+    path = tuple(path)
+    if path in _TOP_KEYS:
+        split, perm = {
+            ("embedding",): (((v,), (d,)), (0, 1)),
+            ("final_norm", "scale"): (((d,),), (0,)),
+            ("lm_head",): (((v,), (d,)), (1, 0)),
+        }[path]
+        return TensorMap((_TOP_KEYS[path],), split, perm)
+    indexed = len(path) > 1 and path[0] == "layers" and isinstance(path[1], int)
+    rest = path[2:] if indexed else path[1:]
+    if path[:1] != ("layers",) or rest not in _PER_LAYER:
+        raise KeyError(f"parameter {'/'.join(map(str, path))} has no Hugging Face counterpart.")
+    heads = {"wq": h, "bq": h}.get(rest[-1], g)
+    split, perm = {
+        "wq": (((h, e), (d,)), (2, 0, 1)),
+        "wk": (((g, e), (d,)), (2, 0, 1)),
+        "wv": (((g, e), (d,)), (2, 0, 1)),
+        "wo": (((d,), (h, e)), (1, 2, 0)),
+        "bq": (((heads, e),), (0, 1)),
+        "bk": (((heads, e),), (0, 1)),
+        "bv": (((heads, e),), (0, 1)),
+        "w_gate": (((f,), (d,)), (1, 0)),
+        "w_up": (((f,), (d,)), (1, 0)),
+        "w_down": (((d,), (f,)), (1, 0)),
+        "scale": (((d,),), (0,)),
+    }[rest[-1]]
+    layers = (path[1],) if indexed else range(cfg.num_layers)
+    names = tuple(f"model.layers.{i}.{_PER_LAYER[rest]}" for i in layers)
+    return TensorMap(names, split, perm, stacked=not indexed)
 
 
-def _to_ours(name: str, x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """One HF tensor in our layout (Linear weights are [out, in]; ours are [in, ...heads, out])."""
-    d, h, e = cfg.d_model, cfg.num_heads, cfg.head_dim
-    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-        return x.T.reshape(d, -1, e)
-    if name.endswith("o_proj.weight"):
-        return x.T.reshape(h, e, d)
-    if name.endswith("proj.bias"):
-        return x.reshape(-1, e)
-    if x.ndim == 2 and name != "model.embed_tokens.weight":  # lm_head and MLP weights
-        return x.T
-    return x
+def _checked_folder(folder: pathlib.Path, cfg: ModelConfig) -> SafetensorsFolder:
+    """The folder's tensors, checked against the config from the file headers alone."""
+    source = SafetensorsFolder(folder)
+    expected = _hf_shapes(cfg)
+    present = {n for n in source.files if not n.endswith(_IGNORED_SUFFIXES)}
+    if cfg.tie_embeddings:
+        present.discard("lm_head.weight")
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise ValueError(
+            f"{folder} lacks tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} the config requires."
+        )
+    unexpected = sorted(present - set(expected))
+    if unexpected:
+        raise ValueError(f"{folder} has tensor(s) {unexpected[:4]} this {cfg.num_layers}-layer config does not use.")
+    for name in sorted(expected):
+        shape = source.shape(name)
+        if shape != expected[name]:
+            raise ValueError(
+                f"Tensor {name} in {source.files[name].name} has shape {shape}, but config.json implies "
+                f"{expected[name]}."
+            )
+    return source
 
 
-def _to_hf(name: str, x: np.ndarray) -> np.ndarray:
-    """Inverse of `_to_ours`."""
-    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-        return x.reshape(x.shape[0], -1).T
-    if name.endswith("o_proj.weight"):
-        return x.reshape(-1, x.shape[-1]).T
-    if name.endswith("proj.bias"):
-        return x.reshape(-1)
-    if x.ndim == 2 and name != "model.embed_tokens.weight":
-        return x.T
-    return x
-
-
-def _weight_files(folder: pathlib.Path) -> dict[str, pathlib.Path]:
-    """Tensor name -> safetensors file, from the index when sharded."""
-    index = folder / "model.safetensors.index.json"
-    single = folder / "model.safetensors"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
-        if missing:
-            raise FileNotFoundError(f"{index} names shard(s) {missing} that are not in {folder}.")
-        return {name: folder / f for name, f in weight_map.items()}
-    if single.exists():
-        with safe_open(str(single), framework="np") as f:
-            return {name: single for name in f.keys()}
-    raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json.")
-
-
-def load_hf(folder, *, dtype: str = "float32", param_dtype: str = "float32") -> tuple[ModelConfig, Llama]:
-    """Imports a local HF folder; returns (config, model) with parameters in `param_dtype`."""
+def read_config(folder, *, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
+    """The ModelConfig of a local HF folder's config.json."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Model folder {folder} does not exist; pass a local Hugging Face model folder.")
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no config.json; it must be a Hugging Face model folder.")
-    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), dtype=dtype, param_dtype=param_dtype)
-    files = _weight_files(folder)
-    expected = _hf_shapes(cfg)
-    present = {n: p for n, p in files.items() if not n.endswith(_IGNORED_SUFFIXES)}
-    if cfg.tie_embeddings:
-        present.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(present))
-    if missing:
-        raise ValueError(
-            f"{folder} lacks tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} the config requires."
-        )
-    unexpected = sorted(set(present) - set(expected))
-    if unexpected:
-        raise ValueError(f"{folder} has tensor(s) {unexpected[:4]} this {cfg.num_layers}-layer config does not use.")
-    by_file: dict[pathlib.Path, list[str]] = {}
-    for name, path in present.items():
-        by_file.setdefault(path, []).append(name)
-    for path, names in by_file.items():  # headers only: shapes are checked before any tensor is read
-        with safe_open(str(path), framework="np") as f:
-            for name in names:
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected[name]:
-                    raise ValueError(
-                        f"Tensor {name} in {path.name} has shape {shape}, but config.json implies {expected[name]}."
-                    )
-    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    values = {}
-    for path, names in by_file.items():
-        with safe_open(str(path), framework="np") as f:
-            for name in names:
-                array = _to_ours(name, f.get_tensor(name), cfg)
-                values[_our_key(name)] = jnp.asarray(np.ascontiguousarray(array), dtype=param_dtype)
-    for key, var in nnx.to_flat_state(state):
+    try:
+        hf_cfg = json.loads((folder / "config.json").read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{folder}/config.json is not valid JSON ({e}).") from None
+    return config_from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype)
+
+
+def load_params(folder, cfg: ModelConfig, targets: Mapping[tuple, tuple], param_dtype) -> dict[tuple, jax.Array]:
+    """Our parameters `targets` (path -> (shape, sharding)) read from a folder's safetensors, each
+    straight into its sharded array; the folder's tensors are checked against `cfg` first."""
+    source = _checked_folder(pathlib.Path(folder), cfg)
+    dtype = np.dtype(jnp.dtype(param_dtype))
+    out = {}
+    for key, (shape, sharding) in targets.items():
+        tmap = tensor_map(key, cfg)
+        if tmap.shape != tuple(shape):
+            raise ValueError(f"parameter {key} has shape {tuple(shape)} but its HF tensors give {tmap.shape}.")
+        out[key] = load_leaf(source, tmap, sharding, dtype)
+    return out
+
+
+def load_hf(
+    folder, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None, rules=None
+) -> tuple[ModelConfig, Llama]:
+    """Imports a local HF folder; returns (config, model) with parameters in `param_dtype`.
+
+    With `mesh` (and `rules`, default the standard table) every parameter is built straight into its
+    sharded global array, each device's block read from the files on its own (`safetensors_io`);
+    without, onto this process's first device. No tensor is ever built whole on the host first."""
+    from proxykd_jax.parallel import LOGICAL_RULES, state_shardings
+
+    cfg = read_config(folder, dtype=dtype, param_dtype=param_dtype)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+    flat = dict(nnx.to_flat_state(state))
+    if mesh is not None:
+        shardings = {
+            k: v.get_value() for k, v in nnx.to_flat_state(state_shardings(state, mesh, rules or LOGICAL_RULES))
+        }
+    else:
+        shardings = dict.fromkeys(flat, SingleDeviceSharding(jax.local_devices()[0]))
+    values = load_params(folder, cfg, {k: (v.shape, shardings[k]) for k, v in flat.items()}, param_dtype)
+    for key, var in flat.items():
         var.set_value(values[key])
     return cfg, nnx.merge(graphdef, state)
 
 
-def _hf_config(cfg: ModelConfig, arch: str) -> dict:
+def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
     from transformers import LlamaConfig, Qwen2Config
 
     kwargs = dict(
@@ -244,9 +271,7 @@ def _hf_config(cfg: ModelConfig, arch: str) -> dict:
         max_position_embeddings=cfg.max_seq_len,
         rope_theta=cfg.rope_theta,
         hidden_act="silu",
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
+        **token_ids,
     )
     if cfg.rope_scaling is not None:
         _, factor, low, high, orig = cfg.rope_scaling
@@ -264,34 +289,85 @@ def _hf_config(cfg: ModelConfig, arch: str) -> dict:
     return out
 
 
-def save_hf(model: Llama, cfg: ModelConfig, folder, tokenizer=None, *, max_shard_bytes: int | None = None) -> None:
-    """Writes config.json + safetensors (sharded with an index above `max_shard_bytes`) + tokenizer."""
+def token_ids_of(tokenizer) -> dict:
+    """bos/eos/pad ids of a tokenizer (None where it has none; pad falls back to eos)."""
+    if tokenizer is None:
+        return dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    return dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos if pad is None else pad)
+
+
+@functools.cache
+def _take(out_sharding):
+    """Jitted `x[i]` along axis 0 (i traced: one compilation per leaf layout, not per layer)."""
+    return jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False), out_shardings=out_sharding)
+
+
+def _stack_element(x: jax.Array, i: int) -> jax.Array:
+    """Element i of a stacked leaf, laid out as the leaf's other axes are, without gathering the others."""
+    if not x.is_fully_addressable and x.is_fully_replicated:
+        return x.addressable_data(0)[i]  # every process holds it whole: a local slice
+    out = None
+    if isinstance(x.sharding, NamedSharding):
+        spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+        out = NamedSharding(x.sharding.mesh, PartitionSpec(*spec[1:]))
+    return _take(out)(x, np.int32(i))
+
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+
+def save_hf(
+    model: Llama, cfg: ModelConfig, folder, tokenizer=None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+) -> None:
+    """Writes `model` as a Hugging Face folder; see `save_params`."""
+    params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    save_params(params, cfg, folder, tokenizer, max_shard_bytes=max_shard_bytes)
+
+
+def save_params(
+    params: Mapping[tuple, jax.Array],
+    cfg: ModelConfig,
+    folder,
+    tokenizer=None,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Writes config.json, generation_config.json, safetensors files of at most `max_shard_bytes`
+    (more than one: with model.safetensors.index.json) and the tokenizer, one tensor at a time.
+
+    `params` maps our parameter paths to (possibly sharded) arrays. Nothing is gathered whole: each
+    tensor (one layer of a stacked leaf) is brought to the host only when it is written. When the
+    model spans several processes every process must call this (gathering a tensor is then
+    collective) and process 0 writes all files; a model every process holds whole may be saved by
+    process 0 alone. config.json and generation_config.json carry the tokenizer's bos/eos/pad ids,
+    so `generate()` in transformers stops at eos by itself."""
     arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
     folder = pathlib.Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    flat = {key: np.asarray(jax.device_get(var[...])) for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    tensors = {}
-    for name, shape in _hf_shapes(cfg).items():
-        hf = _to_hf(name, flat[_our_key(name)])
-        assert hf.shape == shape, (name, hf.shape, shape)
-        tensors[name] = np.ascontiguousarray(hf)
-    (folder / "config.json").write_text(json.dumps(_hf_config(cfg, arch), indent=2))
-    if max_shard_bytes is None or sum(t.nbytes for t in tensors.values()) <= max_shard_bytes:
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        shards, current, size = [], {}, 0
-        for name, t in tensors.items():
-            if current and size + t.nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name], size = t, size + t.nbytes
-        shards.append(current)
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(folder / fname), metadata={"format": "pt"})
-            weight_map.update({name: fname for name in shard})
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    if tokenizer is not None:
+    writer = jax.process_index() == 0
+    where: dict[str, tuple[tuple, int | None, TensorMap]] = {}
+    for key in params:
+        tmap = tensor_map(key, cfg)
+        if tmap.shape != tuple(params[key].shape):
+            raise ValueError(f"parameter {key} has shape {tuple(params[key].shape)}, the config implies {tmap.shape}.")
+        for i, name in enumerate(tmap.names):
+            where[name] = (key, i if tmap.stacked else None, tmap)
+    expected = _hf_shapes(cfg)
+    if set(where) != set(expected):
+        raise ValueError(f"model parameters do not match the config: {sorted(set(where) ^ set(expected))[:4]}.")
+    tensors = {name: (expected[name], np.dtype(params[where[name][0]].dtype)) for name in expected}
+
+    def fetch(name: str):
+        key, i, tmap = where[name]
+        value = host_value(params[key] if i is None else _stack_element(params[key], i))
+        return tmap.to_hf(value) if writer else None
+
+    token_ids = token_ids_of(tokenizer)
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(_hf_config(cfg, arch, token_ids), indent=2))
+        generation = {k: v for k, v in token_ids.items() if v is not None}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    write_sharded(folder, tensors, fetch, max_shard_bytes=max_shard_bytes, write=writer)
+    if writer and tokenizer is not None:
         tokenizer.save_pretrained(str(folder))

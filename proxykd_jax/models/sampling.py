@@ -9,6 +9,10 @@ and each gets exactly what it would get alone.
 Stop tokens: a row stops after emitting one; the stop token is kept in `tokens_BxT` and counted in
 `lengths_B`; later columns hold `pad_id` (log-probs 0). The loop ends early once every row stopped.
 
+On a mesh (the model's parameters laid out by `NamedSharding`s) the KV cache is sharded as the
+logical axes say: rows over the `batch` mesh axes, key/value heads over the `kv_heads` axes
+(`cache_shardings`); a dimension that does not split evenly over its axes stays whole.
+
 Log-probs are those of the model's own distribution (log-softmax of the raw logits, i.e. at
 temperature 1, before top-k/top-p), which is what an OpenAI-style `logprobs` field reports.
 """
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 class GenerateOutput(NamedTuple):
@@ -56,6 +61,63 @@ def sample_logits(logits_BxV, rng, temperature_B, top_p_B, *, top_k: int = 0) ->
     return jnp.where(temperature_B == 0, greedy_B, sampled_B).astype(jnp.int32)
 
 
+class CacheShardings(NamedTuple):
+    kv: NamedSharding  # keys and values of one layer [B, C, G, E] (a stacked cache adds a whole layer axis)
+    rows: NamedSharding  # slot positions and segments [B, C]
+
+
+def _fit(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
+    """`spec` with each dimension's mesh axes cut to the longest prefix that divides its size."""
+    out = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        while axes and size % int(np.prod([mesh.shape[a] for a in axes])):
+            axes = axes[:-1]
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def cache_shardings(model, batch: int, length: int, rules=None) -> CacheShardings | None:
+    """Shardings of `model`'s KV cache for `batch` rows of `length` slots on the mesh its parameters
+    live on (None when they are not on a multi-device mesh). `rules`: the logical-axis rules
+    (default: the standard table)."""
+    from proxykd_jax.parallel.rules import LOGICAL_RULES, logical_to_pspec
+
+    sharding = getattr(model.embedding[...], "sharding", None)
+    if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
+        return None
+    mesh, rules = sharding.mesh, rules or LOGICAL_RULES
+    kv_shape = (batch, length, model.cfg.num_kv_heads, model.cfg.head_dim)
+    kv = logical_to_pspec(("batch", "length", "kv_heads", "head_dim"), rules, mesh)
+    rows = logical_to_pspec(("batch", "length"), rules, mesh)
+    return CacheShardings(
+        kv=NamedSharding(mesh, _fit(kv, kv_shape, mesh)),
+        rows=NamedSharding(mesh, _fit(rows, (batch, length), mesh)),
+    )
+
+
+def _constrain(cache, shardings: CacheShardings | None):
+    """The cache laid out by `shardings`: keys/values one [B, C, G, E] array per layer, or one
+    stacked [layers, B, C, G, E] array (the layer axis stays whole)."""
+    if shardings is None:
+        return cache
+
+    def kv(x):
+        if isinstance(x, (tuple, list)):
+            return type(x)(kv(layer) for layer in x)
+        extra = (None,) * (x.ndim - len(shardings.kv.spec))
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(shardings.kv.mesh, PartitionSpec(*extra, *shardings.kv.spec))
+        )
+
+    return cache._replace(
+        k=kv(cache.k),
+        v=kv(cache.v),
+        positions_BxC=jax.lax.with_sharding_constraint(cache.positions_BxC, shardings.rows),
+        segment_ids_BxC=jax.lax.with_sharding_constraint(cache.segment_ids_BxC, shardings.rows),
+    )
+
+
 @functools.partial(
     jax.jit,
     static_argnums=0,
@@ -67,6 +129,7 @@ def sample_logits(logits_BxV, rng, temperature_B, top_p_B, *, top_k: int = 0) ->
         "return_logprobs",
         "top_logprobs",
         "suppress_tokens",
+        "cache_sharding",
     ),
 )
 def _generate(
@@ -85,14 +148,16 @@ def _generate(
     return_logprobs,
     top_logprobs,
     suppress_tokens=(),
+    cache_sharding=None,
 ):
     model = nnx.merge(graphdef, state)
     b, p = prompt_BxP.shape
     t_max = max_new_tokens
-    cache = model.init_cache(b, p + t_max)
+    cache = _constrain(model.init_cache(b, p + t_max), cache_sharding)
     positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     segments_BxP = (positions_BxP < prompt_lengths_B[:, None]).astype(jnp.int32)
     logits_BxPxV, cache = model.decode(prompt_BxP, positions_BxP, segments_BxP, cache)
+    cache = _constrain(cache, cache_sharding)
     last_BxV = jnp.take_along_axis(logits_BxPxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
     stop_S = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     n = max(top_logprobs, 1)
@@ -142,7 +207,7 @@ def _generate(
                 c["top_lp"] = c["top_lp"].at[:, c["t"]].set(jnp.where(active_B[:, None], top_lp, 0.0))
         positions_Bx1 = (prompt_lengths_B + c["t"])[:, None].astype(jnp.int32)
         logits_Bx1xV, cache = model.decode(tok_B[:, None], positions_Bx1, jnp.ones((b, 1), jnp.int32), c["cache"])
-        return dict(c, t=c["t"] + 1, logits=logits_Bx1xV[:, 0], cache=cache)
+        return dict(c, t=c["t"] + 1, logits=logits_Bx1xV[:, 0], cache=_constrain(cache, cache_sharding))
 
     c = jax.lax.while_loop(cond, body, carry)
     return GenerateOutput(
@@ -169,6 +234,7 @@ def generate(
     return_logprobs: bool = False,
     top_logprobs: int = 0,
     suppress_tokens=(),
+    rules=None,
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each left-aligned prompt.
 
@@ -177,7 +243,8 @@ def generate(
     `return_logprobs`, `top_logprobs` (N, the number of alternatives per step) and
     `suppress_tokens` (ids never sampled, e.g. pad/bos/unk) are static. `rng` is one key, or a
     [B] array of keys, one per row: then each row's tokens depend only on its own key and prompt,
-    not on which other rows share the call (how `serve` honours per-request seeds).
+    not on which other rows share the call (how `serve` honours per-request seeds). On a mesh the KV
+    cache is sharded by `rules` (default: the standard logical-axis table; see `cache_shardings`).
     """
     prompt_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
     if prompt_BxP.ndim != 2 or prompt_BxP.shape[1] == 0:
@@ -218,4 +285,5 @@ def generate(
         return_logprobs=bool(return_logprobs),
         top_logprobs=int(top_logprobs),
         suppress_tokens=tuple(sorted({int(t) for t in suppress_tokens})),
+        cache_sharding=cache_shardings(model, b, p + max_new_tokens, rules),
     )

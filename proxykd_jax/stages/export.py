@@ -2,8 +2,12 @@
 
 Reads `<run>/<student>/checkpoints/` (`export.source`; by default the folder `distill` writes with
 the same config: student, or student_sft when distill.loss.alpha = 0) onto the configured mesh and
-writes `export.out` (default `<run>/export/`): config.json, model.safetensors and the run's
-tokenizer files, a folder `transformers.AutoModelForCausalLM` and `AutoTokenizer` load.
+writes `export.out` (default `<run>/export/`): config.json and generation_config.json (with the
+tokenizer's bos/eos/pad ids), safetensors files of at most `export.max_shard_bytes` (with
+model.safetensors.index.json when there are several) and the run's tokenizer files, a folder
+`transformers.AutoModelForCausalLM` and `AutoTokenizer` load. The sharded student is written tensor
+by tensor, never gathered whole: every process takes part in gathering each tensor, process 0
+writes the files.
 """
 
 from __future__ import annotations
@@ -11,14 +15,10 @@ from __future__ import annotations
 import logging
 import pathlib
 
-import jax
-from flax import nnx
-
 from proxykd_jax.context import student_name
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import hf
 from proxykd_jax.models.tokenizer import load_tokenizer
-from proxykd_jax.parallel import hosts
 from proxykd_jax.train.export import load_student
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ def load(ctx, step: int = 0, source: pathlib.Path | None = None):
 
 def run(ctx) -> pathlib.Path:
     """Writes (or reuses) the export folder; returns it."""
+    if ctx.cfg.export.max_shard_bytes < 1:
+        raise ProxyKDError(f"export.max_shard_bytes must be positive, got {ctx.cfg.export.max_shard_bytes}.")
     art = ctx.artifact("export")
     if art.done:
         log.info("export: %s is finished with these settings; reusing it", art.path)
@@ -52,11 +54,8 @@ def run(ctx) -> pathlib.Path:
         )
     tokenizer = load_tokenizer(ctx.paths.tokenizer)
     model_cfg, model, step = load(ctx, ctx.cfg.export.step)
-    graphdef, state = nnx.split(model)
-    state = hosts.replicate(state, ctx.mesh)
     art.begin()
-    if jax.process_index() == 0:
-        hf.save_hf(nnx.merge(graphdef, state), model_cfg, art.work, tokenizer=tokenizer)
-        log.info("export: step %d written to %s", step, art.path)
+    hf.save_hf(model, model_cfg, art.work, tokenizer=tokenizer, max_shard_bytes=int(ctx.cfg.export.max_shard_bytes))
+    log.info("export: step %d written to %s", step, art.path)
     art.finish({"step": int(step)})
     return art.path

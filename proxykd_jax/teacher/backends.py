@@ -59,6 +59,7 @@ class LlamaBackend:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.max_context = model.cfg.max_seq_len
         self.chat_format = chat_format
+        self.rules = None  # logical-axis rules of the model's mesh (the KV cache is split by them); None: default
         self._key = jax.random.key(seed)
         self._calls = 0
         self._byte_table = None  # token id -> bytes, built on first use
@@ -131,6 +132,7 @@ class LlamaBackend:
             pad_id=self.pad_id,
             return_logprobs=bool(logprobs),
             top_logprobs=int(top_logprobs),
+            rules=self.rules,
         )
         toks_BxT, lens_B = np.asarray(out.tokens_BxT), np.asarray(out.lengths_B)
         lp_BxT = np.asarray(out.logprobs_BxT) if out.logprobs_BxT is not None else None

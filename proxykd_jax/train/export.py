@@ -26,6 +26,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.source = ""  # run-dir subfolder of the student to export; "" = distill's output for this config
     cd.step = 0  # checkpoint step to export; 0 = the newest
     cd.out = ""  # output folder; "" = <run>/export
+    cd.max_shard_bytes = 5 * 10**9  # largest safetensors file; above it: several plus model.safetensors.index.json
     return cd
 
 
