@@ -132,12 +132,13 @@ _TOP_KEYS = {
 }
 
 
-def _our_key(name: str) -> tuple:
-    """Path in our parameter state of one HF tensor name."""
+def _our_key(name: str) -> tuple[tuple, int | None]:
+    """(path in our parameter state, layer index or None) of one HF tensor name: block parameters
+    are stacked [layers, ...], so `model.layers.i.<x>` is row i of the stacked `layers.<x>`."""
     if name in _TOP_KEYS:
-        return _TOP_KEYS[name]
+        return _TOP_KEYS[name], None
     _, _, i, rest = name.split(".", 3)
-    return ("layers", int(i)) + _LAYER_KEYS[rest]
+    return ("layers",) + _LAYER_KEYS[rest], int(i)
 
 
 def _to_ours(name: str, x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -222,9 +223,13 @@ def load_hf(folder, *, dtype: str = "float32", param_dtype: str = "float32") -> 
         with safe_open(str(path), framework="np") as f:
             for name in names:
                 array = _to_ours(name, f.get_tensor(name), cfg)
-                values[_our_key(name)] = jnp.asarray(np.ascontiguousarray(array), dtype=param_dtype)
+                key, layer = _our_key(name)
+                if layer is None:
+                    values[key] = array
+                else:
+                    values.setdefault(key, np.empty((cfg.num_layers, *array.shape), array.dtype))[layer] = array
     for key, var in nnx.to_flat_state(state):
-        var.set_value(values[key])
+        var.set_value(jnp.asarray(np.ascontiguousarray(values[key]), dtype=param_dtype))
     return cfg, nnx.merge(graphdef, state)
 
 
@@ -272,7 +277,8 @@ def save_hf(model: Llama, cfg: ModelConfig, folder, tokenizer=None, *, max_shard
     flat = {key: np.asarray(jax.device_get(var[...])) for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     tensors = {}
     for name, shape in _hf_shapes(cfg).items():
-        hf = _to_hf(name, flat[_our_key(name)])
+        key, layer = _our_key(name)
+        hf = _to_hf(name, flat[key] if layer is None else flat[key][layer])
         assert hf.shape == shape, (name, hf.shape, shape)
         tensors[name] = np.ascontiguousarray(hf)
     (folder / "config.json").write_text(json.dumps(_hf_config(cfg, arch), indent=2))
