@@ -163,7 +163,7 @@ def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPl
 
     unknown = sorted(set(steps) - set(STEPS))
     if unknown:
-        raise ValueError(f"plan: unknown step(s) {unknown}; choose from {', '.join(STEPS)}.")
+        raise ValueError(f"unknown step(s) {unknown}; choose from {', '.join(STEPS)}.")
     rules = normalize_rules(cfg.mesh.rules)
     n_dev = mesh.devices.size
 
@@ -386,11 +386,15 @@ def main(argv: list[str]) -> int:
 
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=flag_values, lock_config=True)
+    saved_argv = sys.argv
+    sys.argv = ["proxykd plan"] + rest  # ml_collections finds the --config.* overrides in sys.argv
     try:
-        flag_values(["proxykd plan"] + rest)
+        flag_values(sys.argv)
     except (flags.Error, AttributeError, KeyError) as e:
         print(f"proxykd plan: bad argument ({str(e).strip(chr(39))}).", file=sys.stderr)
         return 2
+    finally:
+        sys.argv = saved_argv
     cfg = flag_values.config
     if cfg is None:
         print("proxykd plan: needs --config=PATH (for example --config=configs/llama.py:7b,70b).", file=sys.stderr)
