@@ -302,7 +302,8 @@ def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPl
             fn = jax.jit(eval_fn, out_shardings=replicated(mesh))
             args = (state, batch)
             flops = b * length * flops_per_token(mc, length, backward=False)
-        compiled = fn.lower(*args).compile()
+        with jax.set_mesh(mesh):  # the model pins activation rows to the batch axes (llama.shard_batch)
+            compiled = fn.lower(*args).compile()
         out.append(_measure(name, compiled, mc.num_layers, flops, n_dev))
         del compiled
     return out

@@ -322,6 +322,19 @@ class Block(nnx.Module):
         return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), kv
 
 
+def shard_batch(x):
+    """Pins dim 0 (rows) of an activation to the batch mesh axes (`data`, `fsdp`) when a mesh is set
+    (`jax.set_mesh`); a no-op otherwise. Without it, XLA may resolve the FSDP conflict of a
+    matmul (rows and the weight's `embed` dim both on `fsdp`) by gathering the rows: measured with
+    `proxykd plan`, the 70B proxy's [rows, L, V] logits then end up whole on every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in ("data", "fsdp") if mesh is not None and a in (mesh.axis_names or ()))
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    spec = jax.sharding.PartitionSpec(axes, *([jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def remat_policy(name: str):
     """`jax.checkpoint` policy for `model.remat` (None for `full`: save nothing but the layer input)."""
     cp = jax.checkpoint_policies
@@ -351,7 +364,7 @@ def run_layers(cfg: ModelConfig, layers: Block, x_BxLxD, positions_BxL, segment_
         block = nnx.merge(graphdef, layer_state)
         if kv is None:
             x, _ = block(x, positions_BxL, segment_ids_BxL)
-            return x, None
+            return shard_batch(x), None
         index, k_pos, k_seg = cache[2:]
         return block(x, positions_BxL, segment_ids_BxL, cache_kv=kv, index=index, k_pos=k_pos, k_seg=k_seg)
 
@@ -393,7 +406,7 @@ class Llama(nnx.Module):
 
     def logits(self, hidden_BxLxD) -> jax.Array:
         """float32 logits from final-norm hidden states."""
-        return dense(hidden_BxLxD, self.unembedding(), preferred_element_type=jnp.float32)
+        return shard_batch(dense(shard_batch(hidden_BxLxD), self.unembedding(), preferred_element_type=jnp.float32))
 
     def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
         """Final-norm hidden states [B, L, D] in the compute dtype."""
@@ -401,9 +414,9 @@ class Llama(nnx.Module):
             segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
         if positions_BxL is None:
             positions_BxL = positions_from_segments(segment_ids_BxL)
-        x = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
+        x = shard_batch(jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype))
         x, _ = run_layers(self.cfg, self.layers, x, positions_BxL, segment_ids_BxL)
-        return self.final_norm(x)
+        return shard_batch(self.final_norm(x))
 
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
         """float32 logits [B, L, V]."""
