@@ -9,6 +9,12 @@ Packed sequences: `segment_ids_BxL` (0 = padding); a query attends to keys of th
 segment whose position is not after its own. When `positions_BxL` is omitted it restarts at 0 at
 every segment boundary.
 
+Layers: the blocks' parameters are stacked on a leading `layers` axis (`Llama.layers` is one `Block`
+holding [layers, ...] arrays); `run_layers` runs them with `jax.lax.scan` (`model.scan_layers`, one
+traced block: compile time flat in depth) or an unrolled loop over the same arrays, each layer under
+`jax.checkpoint` with the `model.remat` policy. Attention goes through `models.attention`
+(`model.attention`: blocked on CPU, cuDNN on GPU, Pallas splash on TPU).
+
 Decoding: `init_cache(batch, length)` makes an empty `KVCache`; `decode(tokens_BxT, positions_BxT,
 segment_ids_BxT, cache)` writes the T new keys/values at slots `[cache.index, cache.index + T)`,
 attends over the whole cache (empty slots have segment 0 and are masked) and returns
