@@ -46,7 +46,7 @@ KNOWN = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2
 def student_config(tiny: bool, remat: str, attention: str) -> ModelConfig:
     if tiny:
         shape = dict(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=128)
-    else:  # ~1.1B parameters
+    else:  # 1.10B parameters
         shape = dict(
             vocab_size=32000, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, d_ff=8192
         )
