@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         sys.exit(0 if argv else 2)
     stage, rest = argv[0], argv[1:]
+    if stage == "plan":  # ahead-of-time memory/FLOPs plan of every stage's step (proxykd_jax/plan.py)
+        sys.exit(__import__("proxykd_jax.plan", fromlist=["main"]).main(rest))
     if stage not in STAGES:
         print(f"error: proxykd: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}.", file=sys.stderr)
         sys.exit(2)

@@ -97,15 +97,17 @@ def test_lora_merge_matches_manual_weights():
         b[...] = jax.random.normal(jax.random.key(i), b[...].shape) * 0.3
     manual = _model()
     wo_a, wo_b = [
-        (a[...], b[...]) for p, a, b in zip(adapters.paths, adapters.a, adapters.b) if p == ("layers", 0, "attn", "wo")
+        (a[...], b[...]) for p, a, b in zip(adapters.paths, adapters.a, adapters.b) if p == ("layers", "attn", "wo")
     ][0]
-    for p, a, b in zip(adapters.paths, adapters.a, adapters.b):
-        layer = manual.layers[p[1]]
-        holder = layer.attn if p[2] == "attn" else layer.mlp
-        w = getattr(holder, p[3])
-        n_in = a[...].ndim - 1
-        w[...] = w[...] + 2.0 * np.tensordot(np.asarray(a[...]), np.asarray(b[...]), axes=([n_in], [0]))
-    assert wo_a.shape == (4, 8, 3) and wo_b.shape == (3, 32)
+    n_layers = manual.cfg.num_layers
+    for p, a, b in zip(adapters.paths, adapters.a, adapters.b):  # one adapter per layer of the stacked weight
+        holder = manual.layers.attn if p[1] == "attn" else manual.layers.mlp
+        w = getattr(holder, p[2])
+        a_np, b_np = np.asarray(a[...]), np.asarray(b[...])
+        n_in = a_np.ndim - 2
+        delta = np.stack([np.tensordot(a_np[i], b_np[i], axes=([n_in], [0])) for i in range(n_layers)])
+        w[...] = w[...] + 2.0 * delta
+    assert wo_a.shape == (n_layers, 4, 8, 3) and wo_b.shape == (n_layers, 3, 32)
     merged_logits = _logits((base, adapters), tokens)
     np.testing.assert_allclose(merged_logits, _logits(manual, tokens), rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(merged_logits - _logits(base, tokens))).max() > 1e-3

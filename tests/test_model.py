@@ -70,7 +70,8 @@ def ref_forward(p, cfg, tokens, positions):
     L = len(tokens)
     x = p["embedding"][tokens]
     rep = cfg.num_heads // cfg.num_kv_heads
-    for lp in p["layers"].values() if isinstance(p["layers"], dict) else p["layers"]:
+    for i in range(cfg.num_layers):  # stacked parameters [layers, ...]: layer i is index i
+        lp = jax.tree.map(lambda a, i=i: a[i], p["layers"])
         a = lp["attn"]
         h = rms(x, lp["attn_norm"]["scale"])
         q = np.einsum("ld,dhe->lhe", h, a["wq"])
@@ -174,8 +175,9 @@ def test_every_param_has_logical_axes():
         axes = var.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == var[...].ndim, path
         assert set(axes) <= AXES, (path, axes)
+        assert (path[0] == "layers") == (axes[0] == "layers")  # every block parameter is stacked
         count += 1
-    assert count == 1 + 2 * (2 + 4 + 3 + 3) + 1 + 1
+    assert count == 1 + (2 + 4 + 3 + 3) + 1 + 1
 
 
 def test_config_round_trip_and_errors():

@@ -67,11 +67,16 @@ def test_create_sharded_model_shards_params_and_matches_eager_init():
     eager = Llama(TINY, rngs=eager_rngs)
     # the caller's Rngs advances exactly as an eager construction would
     assert int(rngs.params.count[...]) == int(eager_rngs.params.count[...]) > 0
-    wq = model.layers[0].attn.wq[...]
-    assert wq.sharding.spec == P("fsdp", "tensor", None)
-    assert wq.addressable_shards[0].data.shape == (TINY.d_model // 4, TINY.num_heads // 2, TINY.head_dim)
+    wq = model.layers.attn.wq[...]  # stacked [layers, D, H, E]; the layers axis stays whole
+    assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert wq.addressable_shards[0].data.shape == (
+        TINY.num_layers,
+        TINY.d_model // 4,
+        TINY.num_heads // 2,
+        TINY.head_dim,
+    )
     assert model.embedding[...].sharding.spec == P("tensor", "fsdp")
-    assert model.layers[0].mlp.w_down[...].sharding.spec == P("tensor", "fsdp")
+    assert model.layers.mlp.w_down[...].sharding.spec == P(None, "tensor", "fsdp")
     for (path, a), b in zip(
         jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0],
         jax.tree.leaves(nnx.state(eager, nnx.Param)),
@@ -123,8 +128,8 @@ def test_sharded_forward_and_optimizer_steps_match_single_device(shape, single_d
     assert float(jnp.std(logits)) > 0.1  # a real, non-degenerate forward
     np.testing.assert_allclose(np.asarray(logits), ref_logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose([float(x) for x in losses], ref_losses, atol=1e-5, rtol=0)
-    wq = state.params["layers"][0]["attn"]["wq"][...]
-    assert wq.sharding.spec == P("fsdp", "tensor", None) and wq.sharding.mesh.shape == mesh.shape
+    wq = state.params["layers"]["attn"]["wq"][...]
+    assert wq.sharding.spec == P(None, "fsdp", "tensor", None) and wq.sharding.mesh.shape == mesh.shape
     moved = 0.0
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state.params)[0], jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, rtol=0, err_msg=jax.tree_util.keystr(path))

@@ -217,8 +217,8 @@ def test_restore_onto_a_different_mesh(tmp_path, target):
         np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, rtol=0)
         assert a.sharding.mesh.shape == new_mesh.shape
     assert int(restored.step) == 1
-    wq = restored.params["layers"][0]["attn"]["wq"][...]
-    assert wq.sharding.spec == new_shardings.params["layers"][0]["attn"]["wq"].get_value().spec
+    wq = restored.params["layers"]["attn"]["wq"][...]
+    assert wq.sharding.spec == new_shardings.params["layers"]["attn"]["wq"].get_value().spec
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -8,6 +8,9 @@ The adapters are merged into the weights inside the forward pass (`merged`): the
 untouched, and under jit the merged weight inherits W's sharding, so the extra memory is one
 sharded copy of the targeted weights. Adapters carry the logical axes of W on their input/output
 axes and None (replicated) on the rank axis.
+
+Stacked weights (the decoder's blocks hold [layers, ...] parameters, leading logical axis `layers`)
+get one adapter per layer: A [layers, in..., r], B [layers, r, out...], contracted layer by layer.
 """
 
 from __future__ import annotations
@@ -47,38 +50,44 @@ class LoraAdapters(nnx.Module):
                 f"align.lora.targets has unknown weight names {unknown}; choose from {sorted(INPUT_AXES)}."
             )
         self.rank, self.scale = int(rank), float(alpha) / float(rank)
-        paths, a_list, b_list = [], [], []
+        paths, a_list, b_list, lead_flags = [], [], [], []
         for path, var in nnx.to_flat_state(nnx.state(base, nnx.Param)):
             name = path[-1]
             if name not in targets:
                 continue
-            n_in = INPUT_AXES[name]
             shape = tuple(var[...].shape)
             axes = tuple(var.get_metadata().get("out_sharding") or (None,) * len(shape))
-            in_shape, out_shape = shape[:n_in], shape[n_in:]
-            a = jax.random.normal(rngs.params(), in_shape + (rank,), jnp.float32) / math.sqrt(math.prod(in_shape))
+            lead = 1 if axes[:1] == ("layers",) else 0  # stacked layers: one adapter per layer
+            n_in = lead + INPUT_AXES[name]
+            stack_shape, in_shape, out_shape = shape[:lead], shape[lead:n_in], shape[n_in:]
+            a = jax.random.normal(rngs.params(), shape[:n_in] + (rank,), jnp.float32) / math.sqrt(math.prod(in_shape))
             a_list.append(nnx.Param(a.astype(var[...].dtype), out_sharding=axes[:n_in] + (None,), eager_sharding=False))
             b_list.append(
                 nnx.Param(
-                    jnp.zeros((rank,) + out_shape, var[...].dtype),
-                    out_sharding=(None,) + axes[n_in:],
+                    jnp.zeros(stack_shape + (rank,) + out_shape, var[...].dtype),
+                    out_sharding=axes[:lead] + (None,) + axes[n_in:],
                     eager_sharding=False,
                 )
             )
             paths.append(tuple(path))
+            lead_flags.append(bool(lead))
         if not paths:
             raise ValueError(f"align.lora.targets {list(targets)} matched no weight of the proxy.")
         self.paths = tuple(paths)
+        self.stacked = tuple(lead_flags)
         self.a = nnx.List(a_list)
         self.b = nnx.List(b_list)
 
     def deltas(self) -> dict:
         """{path: scale * A @ B reshaped like the base weight} (in float32)."""
         out = {}
-        for path, a, b in zip(self.paths, self.a, self.b):
+        for path, stacked, a, b in zip(self.paths, self.stacked, self.a, self.b):
             a_val, b_val = a[...].astype(jnp.float32), b[...].astype(jnp.float32)
-            n_in = a_val.ndim - 1
-            delta = jnp.tensordot(a_val, b_val, axes=([n_in], [0]))
+
+            def product(a_in, b_out):
+                return jnp.tensordot(a_in, b_out, axes=([a_in.ndim - 1], [0]))
+
+            delta = jax.vmap(product)(a_val, b_val) if stacked else product(a_val, b_val)
             out[path] = self.scale * delta
         return out
 

@@ -9,6 +9,12 @@ Packed sequences: `segment_ids_BxL` (0 = padding); a query attends to keys of th
 segment whose position is not after its own. When `positions_BxL` is omitted it restarts at 0 at
 every segment boundary.
 
+Layers: the blocks' parameters are stacked on a leading `layers` axis (`Llama.layers` is one `Block`
+holding [layers, ...] arrays); `run_layers` runs them with `jax.lax.scan` (`model.scan_layers`, one
+traced block: compile time flat in depth) or an unrolled loop over the same arrays, each layer under
+`jax.checkpoint` with the `model.remat` policy. Attention goes through `models.attention`
+(`model.attention`: blocked on CPU, cuDNN on GPU, Pallas splash on TPU).
+
 Decoding: `init_cache(batch, length)` makes an empty `KVCache`; `decode(tokens_BxT, positions_BxT,
 segment_ids_BxT, cache)` writes the T new keys/values at slots `[cache.index, cache.index + T)`,
 attends over the whole cache (empty slots have segment 0 and are masked) and returns
@@ -18,7 +24,6 @@ attends over the whole cache (empty slots have segment 0 and are masked) and ret
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import NamedTuple
 
@@ -28,7 +33,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-_MASK_VALUE = -1e30
+from proxykd_jax.models.attention import (  # noqa: F401  (attend/self_attend/causal_blocks re-exported)
+    IMPLEMENTATIONS,
+    attend,
+    causal_blocks,
+    self_attend,
+    self_attention,
+)
+
+REMAT_POLICIES = ("none", "full", "save_dots", "dots_with_no_batch_dims", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +63,9 @@ class ModelConfig:
     max_seq_len: int = 2048
     param_dtype: str = "float32"
     dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
@@ -68,6 +84,11 @@ class ModelConfig:
                     f"original_max_position), got {self.rope_scaling!r}."
                 )
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}.")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {self.attention!r}.")
+        object.__setattr__(self, "scan_layers", bool(self.scan_layers))
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}.")
@@ -122,6 +143,9 @@ def default_config() -> ml_collections.ConfigDict:
     cd.max_seq_len = 2048  # longest sequence the model is used with
     cd.param_dtype = "float32"  # storage dtype of parameters
     cd.dtype = "float32"  # compute dtype of activations (logits are always float32)
+    cd.scan_layers = True  # run the stacked layers with jax.lax.scan (False: an unrolled Python loop)
+    cd.remat = "none"  # per-layer rematerialisation: none, full, save_dots, dots_with_no_batch_dims, offload
+    cd.attention = "auto"  # auto, blocked, xla, cudnn, pallas (models/attention.py)
     return cd
 
 
@@ -182,20 +206,28 @@ def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
     return index_BxL - start_BxL
 
 
-def _param(rngs: nnx.Rngs, shape, std, axes, dtype) -> nnx.Param:
+def _stacked(shape, axes, stack):
+    return (shape, axes) if stack is None else ((stack, *shape), ("layers", *axes))
+
+
+def _param(rngs: nnx.Rngs, shape, std, axes, dtype, stack: int | None = None) -> nnx.Param:
+    """Normal(0, std) parameter; with `stack` a leading `layers` axis of that many layers."""
+    shape, axes = _stacked(shape, axes, stack)
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
 
 
-def _zeros(shape, axes, dtype) -> nnx.Param:
+def _zeros(shape, axes, dtype, stack: int | None = None) -> nnx.Param:
+    shape, axes = _stacked(shape, axes, stack)
     return nnx.Param(jnp.zeros(shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale, normalised in float32."""
 
-    def __init__(self, dim: int, eps: float, param_dtype, dtype):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
+    def __init__(self, dim: int, eps: float, param_dtype, dtype, stack: int | None = None):
+        shape, axes = _stacked((dim,), ("embed",), stack)
+        self.scale = nnx.Param(jnp.ones(shape, param_dtype), out_sharding=axes, eager_sharding=False)
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x_BxLxD):
@@ -205,10 +237,10 @@ class RMSNorm(nnx.Module):
 
 
 class KVCache(NamedTuple):
-    """Keys/values per layer [B, C, G, E] with each slot's position and segment (0 = empty)."""
+    """Keys/values of all layers [layers, B, C, G, E] with each slot's position and segment (0 = empty)."""
 
-    k: tuple
-    v: tuple
+    k: jax.Array
+    v: jax.Array
     positions_BxC: jax.Array
     segment_ids_BxC: jax.Array
     index: jax.Array  # int32 scalar: next slot to write
@@ -226,149 +258,18 @@ def dense(x, w, n_contract: int = 1, preferred_element_type=None):
     return y.reshape(*lead, *w.shape[n_contract:])
 
 
-def _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, causal_LxC=True):
-    """Additive float32 mask [B, L, C]: 0 where a query sees a key (same non-zero segment, key
-    position not after the query's, and `causal_LxC`), else a large negative value."""
-    visible = (
-        (q_seg_BxL[:, :, None] == k_seg_BxC[:, None, :])
-        & (k_seg_BxC[:, None, :] != 0)
-        & (k_pos_BxC[:, None, :] <= q_pos_BxL[:, :, None])
-        & causal_LxC
-    )
-    return jnp.where(visible, 0.0, _MASK_VALUE).astype(jnp.float32)
-
-
-def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_seg_BxC):
-    """Masked grouped-query attention; scores and softmax in float32.
-
-    Laid out for XLA:CPU, measured on the benchmark shapes (B 8, L 256, H 8, E 32): heads move ahead
-    of the sequence axes so both batched matmuls have leading batch axes, q is scaled before the
-    matmul (an [L, E] multiply, not [L, C]), the mask is an additive bias, and the softmax is
-    written out with a stop-gradient max; together 2.4x faster forward and 1.7x faster
-    forward + backward than contracting in [B, L, H, E] with `jnp.where` and `jax.nn.softmax`.
-    """
-    b, l, h, e = q_BxLxHxE.shape
-    c, g = k_BxCxGxE.shape[1], k_BxCxGxE.shape[2]
-    r = h // g  # query heads per key/value head, folded into the matmul's row axis (M = R * L)
-    q = (q_BxLxHxE * jnp.asarray(1 / math.sqrt(e), q_BxLxHxE.dtype)).reshape(b, l, g, r, e)
-    q_BxGxMxE = q.transpose(0, 2, 3, 1, 4).reshape(b, g, r * l, e)
-    k_BxGxCxE = k_BxCxGxE.transpose(0, 2, 1, 3)
-    v_BxGxCxE = v_BxCxGxE.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bgme,bgce->bgmc", q_BxGxMxE, k_BxGxCxE, preferred_element_type=jnp.float32)
-    bias_Bx1xLxC = _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC)[:, None]
-    scores = (scores.reshape(b, g * r, l, c) + bias_Bx1xLxC).reshape(b, g, r * l, c)
-    unnorm = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    probs = (unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)).astype(v_BxCxGxE.dtype)
-    out = jnp.einsum("bgmc,bgce->bgme", probs, v_BxGxCxE)
-    return out.reshape(b, g, r, l, e).transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
-
-
-def causal_blocks(length: int) -> int:
-    """Query blocks for `self_attend`: the most of 8, 4, 2 that divide `length` into >= 64 rows."""
-    for n in (8, 4, 2):
-        if length % n == 0 and length // n >= 64:
-            return n
-    return 1
-
-
-def _block_probs(q_i, k_c, bias_i, r):
-    """Softmax probabilities (float32) of one query block against its visible key prefix."""
-    b, g, m, _ = q_i.shape
-    s = jnp.einsum("bgme,bgce->bgmc", q_i, k_c, preferred_element_type=jnp.float32)
-    s = (s.reshape(b, g, r, m // r, -1) + bias_i[:, None, None]).reshape(b, g, m, -1)
-    u = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    return u / jnp.sum(u, axis=-1, keepdims=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _causal_core(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r):
-    """Query blocks q[i] ([B, G, R * bq, E], rows of head group g) against keys [0, (i + 1) bq)."""
-    return _causal_core_fwd(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r)[0]
-
-
-def _causal_core_fwd(q, k, v, biases, r):
-    bq = q.shape[3] // r
-    outs, probs = [], []
-    for i in range(q.shape[0]):
-        c = (i + 1) * bq
-        p = _block_probs(q[i], k[:, :, :c], biases[i], r)
-        probs.append(p)
-        outs.append(jnp.einsum("bgmc,bgce->bgme", p.astype(v.dtype), v[:, :, :c]))
-    out = jnp.stack(outs)
-    return out, (q, k, v, tuple(probs), out)
-
-
-def _causal_core_bwd(r, res, dout):
-    q, k, v, probs, out = res
-    bq = q.shape[3] // r
-    f32 = jnp.float32
-    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
-    for i, p in enumerate(probs):
-        c = (i + 1) * bq
-        do = dout[i]
-        dv = dv.at[:, :, :c].add(jnp.einsum("bgmc,bgme->bgce", p.astype(do.dtype), do, preferred_element_type=f32))
-        dp = jnp.einsum("bgme,bgce->bgmc", do, v[:, :, :c], preferred_element_type=f32)
-        delta = jnp.sum(do.astype(f32) * out[i].astype(f32), axis=-1, keepdims=True)
-        ds = (p * (dp - delta)).astype(q.dtype)
-        dq.append(jnp.einsum("bgmc,bgce->bgme", ds, k[:, :, :c]))
-        dk = dk.at[:, :, :c].add(jnp.einsum("bgmc,bgme->bgce", ds, q[i], preferred_element_type=f32))
-    return jnp.stack(dq), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_causal_core.defvjp(_causal_core_fwd, _causal_core_bwd)
-
-
-def self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, num_blocks: int | None = None):
-    """Causal self-attention over packed rows (training and scoring; no cache).
-
-    Same mask as `attend` plus index causality (a key after the query in the row is never seen,
-    which packed rows with per-segment positions already imply), so query block i only meets the
-    keys of blocks 0..i: the all-masked blocks above the diagonal are never computed (the L x L
-    work drops to (n + 1) / 2n of it for n blocks). A custom VJP saves the float32 probabilities
-    and applies the softmax backward directly (dS = P (dP - rowsum(dO O))). Measured on the
-    benchmark shapes (B 8, L 256, H 8, E 32, 4 blocks): forward + backward 2x faster than
-    autodiff of `attend`. The probabilities take (n + 1) / 2n of B H L^2 float32 per layer; on an
-    accelerator a fused (flash) kernel would keep only the row statistics (not built: BUILD_NOTES).
-    """
-    b, l, h, e = q_BxLxHxE.shape
-    g = k_BxLxGxE.shape[2]
-    r = h // g
-    n = causal_blocks(l) if num_blocks is None else num_blocks
-    if l % n:
-        raise ValueError(f"self_attend: {n} query blocks do not divide the sequence length {l}.")
-    bq = l // n
-    # one transpose to query blocks [N, B, G, R * bq, E]: each block contiguous, rows ordered (r, t)
-    q = (q_BxLxHxE * jnp.asarray(1 / math.sqrt(e), q_BxLxHxE.dtype)).reshape(b, n, bq, g, r, e)
-    q = q.transpose(1, 0, 3, 4, 2, 5).reshape(n, b, g, r * bq, e)
-    index = jnp.arange(l)
-    biases = []
-    for i in range(n):
-        c = (i + 1) * bq
-        biases.append(
-            _mask_bias(
-                segment_ids_BxL[:, i * bq : c],
-                segment_ids_BxL[:, :c],
-                positions_BxL[:, i * bq : c],
-                positions_BxL[:, :c],
-                (index[None, :c] <= index[i * bq : c, None])[None],
-            )
-        )
-    out = _causal_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), tuple(biases), r)
-    return out.reshape(n, b, g, r, bq, e).transpose(1, 0, 4, 2, 3, 5).reshape(b, l, h, e)
-
-
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         d, h, g, e = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         pd = jnp.dtype(cfg.param_dtype)
-        self.wq = _param(rngs, (d, h, e), d**-0.5, ("embed", "heads", "head_dim"), pd)
-        self.wk = _param(rngs, (d, g, e), d**-0.5, ("embed", "kv_heads", "head_dim"), pd)
-        self.wv = _param(rngs, (d, g, e), d**-0.5, ("embed", "kv_heads", "head_dim"), pd)
-        self.wo = _param(rngs, (h, e, d), (h * e) ** -0.5, ("heads", "head_dim", "embed"), pd)
+        self.wq = _param(rngs, (d, h, e), d**-0.5, ("embed", "heads", "head_dim"), pd, stack)
+        self.wk = _param(rngs, (d, g, e), d**-0.5, ("embed", "kv_heads", "head_dim"), pd, stack)
+        self.wv = _param(rngs, (d, g, e), d**-0.5, ("embed", "kv_heads", "head_dim"), pd, stack)
+        self.wo = _param(rngs, (h, e, d), (h * e) ** -0.5, ("heads", "head_dim", "embed"), pd, stack)
         if cfg.qkv_bias:
-            self.bq = _zeros((h, e), ("heads", "head_dim"), pd)
-            self.bk = _zeros((g, e), ("kv_heads", "head_dim"), pd)
-            self.bv = _zeros((g, e), ("kv_heads", "head_dim"), pd)
+            self.bq = _zeros((h, e), ("heads", "head_dim"), pd, stack)
+            self.bk = _zeros((g, e), ("kv_heads", "head_dim"), pd, stack)
+            self.bv = _zeros((g, e), ("kv_heads", "head_dim"), pd, stack)
         self.qkv_bias = cfg.qkv_bias
         self.dtype = jnp.dtype(cfg.dtype)
         self.cfg = cfg
@@ -385,7 +286,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions_BxL, inv_freq)
         k = apply_rope(k, positions_BxL, inv_freq)
         if cache_kv is None:
-            out = self_attend(q, k, v, positions_BxL, segment_ids_BxL)
+            out = self_attention(q, k, v, positions_BxL, segment_ids_BxL, implementation=self.cfg.attention)
         else:
             k_cache, v_cache = cache_kv
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
@@ -395,12 +296,12 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         d, f = cfg.d_model, cfg.d_ff
         pd = jnp.dtype(cfg.param_dtype)
-        self.w_gate = _param(rngs, (d, f), d**-0.5, ("embed", "mlp"), pd)
-        self.w_up = _param(rngs, (d, f), d**-0.5, ("embed", "mlp"), pd)
-        self.w_down = _param(rngs, (f, d), f**-0.5, ("mlp", "embed"), pd)
+        self.w_gate = _param(rngs, (d, f), d**-0.5, ("embed", "mlp"), pd, stack)
+        self.w_up = _param(rngs, (d, f), d**-0.5, ("embed", "mlp"), pd, stack)
+        self.w_down = _param(rngs, (f, d), f**-0.5, ("mlp", "embed"), pd, stack)
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x_BxLxD):
@@ -411,17 +312,78 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    """One decoder block; with `stack` = N it holds the parameters of N blocks on a leading `layers`
+    axis (what `Llama.layers` is) and is run one layer at a time by `run_layers`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
         pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, dt)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, dt)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, dt, stack)
+        self.attn = Attention(cfg, rngs=rngs, stack=stack)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, dt, stack)
+        self.mlp = MLP(cfg, rngs=rngs, stack=stack)
 
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, **cache_args):
         attn_out, kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, **cache_args)
         x_BxLxD = x_BxLxD + attn_out
         return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), kv
+
+
+def shard_batch(x):
+    """Pins dim 0 (rows) of an activation to the batch mesh axes (`data`, `fsdp`) when a mesh is set
+    (`jax.set_mesh`); a no-op otherwise. Without it, XLA may resolve the FSDP conflict of a
+    matmul (rows and the weight's `embed` dim both on `fsdp`) by gathering the rows: measured with
+    `proxykd plan`, the 70B proxy's [rows, L, V] logits then end up whole on every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in ("data", "fsdp") if mesh is not None and a in (mesh.axis_names or ()))
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    spec = jax.sharding.PartitionSpec(axes, *([jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def remat_policy(name: str):
+    """`jax.checkpoint` policy for `model.remat` (None for `full`: save nothing but the layer input)."""
+    cp = jax.checkpoint_policies
+    if name == "full":
+        return None
+    if name == "save_dots":
+        return cp.checkpoint_dots
+    if name == "dots_with_no_batch_dims":
+        return cp.dots_with_no_batch_dims_saveable
+    if name == "offload":
+        if jax.default_backend() == "cpu":
+            raise ValueError("model.remat='offload' moves saved activations to host memory, which needs a GPU or TPU.")
+        return cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+    raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {name!r}.")
+
+
+def run_layers(cfg: ModelConfig, layers: Block, x_BxLxD, positions_BxL, segment_ids_BxL, cache=None):
+    """Runs the stacked blocks in order: `jax.lax.scan` over the `layers` axis (`cfg.scan_layers`)
+    or an unrolled loop over the same stacked parameters, each layer under `jax.checkpoint` with
+    `cfg.remat`'s policy. With `cache` = (k, v, index, k_pos, k_seg) (k, v [layers, B, C, G, E])
+    returns (x, (new_k, new_v)); without, (x, None).
+    """
+    graphdef, state = nnx.split(layers)
+
+    def body(x, layer_in):
+        layer_state, kv = layer_in
+        block = nnx.merge(graphdef, layer_state)
+        if kv is None:
+            x, _ = block(x, positions_BxL, segment_ids_BxL)
+            return shard_batch(x), None
+        index, k_pos, k_seg = cache[2:]
+        return block(x, positions_BxL, segment_ids_BxL, cache_kv=kv, index=index, k_pos=k_pos, k_seg=k_seg)
+
+    if cfg.remat != "none":
+        body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+    xs = (state, None if cache is None else (cache[0], cache[1]))
+    if cfg.scan_layers:
+        return jax.lax.scan(body, x_BxLxD, xs)
+    outs = []
+    for i in range(cfg.num_layers):
+        x_BxLxD, out = body(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], xs))
+        outs.append(out)
+    return x_BxLxD, None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,7 +400,7 @@ class Llama(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         embed_std = cfg.d_model**-0.5 if cfg.tie_embeddings else 1.0
         self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), embed_std, ("vocab", "embed"), pd)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = Block(cfg, rngs=rngs, stack=cfg.num_layers)  # parameters [layers, ...]
         self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, self.dtype)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, ("embed", "vocab"), pd)
@@ -450,7 +412,7 @@ class Llama(nnx.Module):
 
     def logits(self, hidden_BxLxD) -> jax.Array:
         """float32 logits from final-norm hidden states."""
-        return dense(hidden_BxLxD, self.unembedding(), preferred_element_type=jnp.float32)
+        return shard_batch(dense(shard_batch(hidden_BxLxD), self.unembedding(), preferred_element_type=jnp.float32))
 
     def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
         """Final-norm hidden states [B, L, D] in the compute dtype."""
@@ -458,10 +420,9 @@ class Llama(nnx.Module):
             segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
         if positions_BxL is None:
             positions_BxL = positions_from_segments(segment_ids_BxL)
-        x = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
-        for block in self.layers:
-            x, _ = block(x, positions_BxL, segment_ids_BxL)
-        return self.final_norm(x)
+        x = shard_batch(jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype))
+        x, _ = run_layers(self.cfg, self.layers, x, positions_BxL, segment_ids_BxL)
+        return shard_batch(self.final_norm(x))
 
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
         """float32 logits [B, L, V]."""
@@ -469,8 +430,8 @@ class Llama(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty cache of `length` slots per row (all slots segment 0, i.e. masked)."""
-        shape = (batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(self.cfg.num_layers))
+        shape = (self.cfg.num_layers, batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
+        zeros = jnp.zeros(shape, self.dtype)
         return KVCache(
             k=zeros,
             v=zeros,
@@ -490,17 +451,13 @@ class Llama(nnx.Module):
         k_pos = jax.lax.dynamic_update_slice(cache.positions_BxC, positions_BxT.astype(jnp.int32), (0, index))
         k_seg = jax.lax.dynamic_update_slice(cache.segment_ids_BxC, segment_ids_BxT.astype(jnp.int32), (0, index))
         x = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype)
-        new_k, new_v = [], []
-        for block, k_c, v_c in zip(self.layers, cache.k, cache.v):
-            x, (k, v) = block(
-                x, positions_BxT, segment_ids_BxT, cache_kv=(k_c, v_c), index=index, k_pos=k_pos, k_seg=k_seg
-            )
-            new_k.append(k)
-            new_v.append(v)
+        x, (new_k, new_v) = run_layers(
+            self.cfg, self.layers, x, positions_BxT, segment_ids_BxT, (cache.k, cache.v, index, k_pos, k_seg)
+        )
         logits = self.logits(self.final_norm(x))
         new_cache = KVCache(
-            k=tuple(new_k),
-            v=tuple(new_v),
+            k=new_k,
+            v=new_v,
             positions_BxC=k_pos,
             segment_ids_BxC=k_seg,
             index=index + tokens_BxT.shape[1],

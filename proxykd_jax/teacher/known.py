@@ -121,9 +121,8 @@ class KnownTeacher:
     def _shape_output(self, target_entropy: float, eos_rate: float) -> None:
         m, cfg = self.model, self.model_config
         m.embedding[...] = m.embedding[...].at[:, 0].set(1.0)  # the constant channel
-        for block in m.layers:
-            block.attn.wo[...] = block.attn.wo[...].at[..., 0].set(0.0)
-            block.mlp.w_down[...] = block.mlp.w_down[...].at[:, 0].set(0.0)
+        m.layers.attn.wo[...] = m.layers.attn.wo[...].at[..., 0].set(0.0)  # stacked [layers, ...]
+        m.layers.mlp.w_down[...] = m.layers.mlp.w_down[...].at[..., 0].set(0.0)
         rng = np.random.default_rng(self.seed)
         n_special = len(SPECIAL_TOKENS)
         contexts = rng.integers(n_special, cfg.vocab_size, (32, 32))

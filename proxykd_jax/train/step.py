@@ -79,13 +79,30 @@ def make_train_step(
     metrics_sh = _metrics_sharding(state_shardings)
     if compiler_options is None:
         compiler_options = default_compiler_options(state_shardings)
-    return jax.jit(
+    jitted = jax.jit(
         step,
         in_shardings=(state_shardings, batch_shardings, *frozen_shardings),
         out_shardings=(state_shardings, metrics_sh),
         donate_argnums=(0,),
         compiler_options=compiler_options,
     )
+    return _under_mesh(jitted, state_shardings.step.mesh)
+
+
+def _under_mesh(jitted, mesh):
+    """`jitted` traced and run with `mesh` set, so the model can pin activation rows to the batch
+    axes (`models.llama.shard_batch`); `.lower` is kept for ahead-of-time compilation."""
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    def lower(*args):
+        with jax.set_mesh(mesh):
+            return jitted.lower(*args)
+
+    call.lower = lower
+    return call
 
 
 def make_eval_step(
@@ -97,9 +114,10 @@ def make_eval_step(
         loss, aux = loss_fn(state.model(graphdef), batch, *frozen)
         return {"loss": loss, **aux}
 
-    return jax.jit(
+    jitted = jax.jit(
         eval_step,
         in_shardings=(state_shardings, batch_shardings, *frozen_shardings),
         out_shardings=_metrics_sharding(state_shardings),
         compiler_options=default_compiler_options(state_shardings),
     )
+    return _under_mesh(jitted, state_shardings.step.mesh)

@@ -1,0 +1,246 @@
+"""Attention kernels behind one function, `self_attention(..., implementation=...)`.
+
+Every path computes the same masked grouped-query attention over packed rows: a query sees the keys
+of its own non-zero segment whose position is not after its own and whose index in the row is not
+after its own (index causality, which packed rows with per-segment positions already imply). Rows of
+padding queries (segment 0) come back as zeros on every path.
+
+Implementations (`model.attention`):
+
+- `blocked`: the block-causal custom-VJP kernel below (`self_attend`), tuned for XLA:CPU; it saves
+  the float32 probabilities of the visible blocks for the backward pass.
+- `xla`: `jax.nn.dot_product_attention(implementation="xla")` with a boolean mask built from the
+  segment ids and positions (float32 softmax inside jax).
+- `cudnn`: the same call with `implementation="cudnn"` (cuDNN fused flash attention: bf16/fp16 on an
+  NVIDIA GPU; causal mask type plus the segment mask as a bias).
+- `pallas`: jax's Pallas splash-attention kernel for TPU (segment ids + causal mask; imported only
+  when that path is traced, i.e. on a TPU).
+- `auto`: cudnn on GPU (when the compute dtype is bf16/fp16, else xla), pallas on TPU, blocked on CPU.
+
+The cache path used by decoding (`attend`) stays dense: its keys are the cache slots, not the row.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+_MASK_VALUE = -1e30
+IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "pallas")
+
+
+def _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, causal_LxC=True):
+    """Additive float32 mask [B, L, C]: 0 where a query sees a key (same non-zero segment, key
+    position not after the query's, and `causal_LxC`), else a large negative value."""
+    visible = (
+        (q_seg_BxL[:, :, None] == k_seg_BxC[:, None, :])
+        & (k_seg_BxC[:, None, :] != 0)
+        & (k_pos_BxC[:, None, :] <= q_pos_BxL[:, :, None])
+        & causal_LxC
+    )
+    return jnp.where(visible, 0.0, _MASK_VALUE).astype(jnp.float32)
+
+
+def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_seg_BxC):
+    """Masked grouped-query attention; scores and softmax in float32.
+
+    Laid out for XLA:CPU, measured on the benchmark shapes (B 8, L 256, H 8, E 32): heads move ahead
+    of the sequence axes so both batched matmuls have leading batch axes, q is scaled before the
+    matmul (an [L, E] multiply, not [L, C]), the mask is an additive bias, and the softmax is
+    written out with a stop-gradient max; together 2.4x faster forward and 1.7x faster
+    forward + backward than contracting in [B, L, H, E] with `jnp.where` and `jax.nn.softmax`.
+    """
+    b, l, h, e = q_BxLxHxE.shape
+    c, g = k_BxCxGxE.shape[1], k_BxCxGxE.shape[2]
+    r = h // g  # query heads per key/value head, folded into the matmul's row axis (M = R * L)
+    q = (q_BxLxHxE * jnp.asarray(1 / math.sqrt(e), q_BxLxHxE.dtype)).reshape(b, l, g, r, e)
+    q_BxGxMxE = q.transpose(0, 2, 3, 1, 4).reshape(b, g, r * l, e)
+    k_BxGxCxE = k_BxCxGxE.transpose(0, 2, 1, 3)
+    v_BxGxCxE = v_BxCxGxE.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bgme,bgce->bgmc", q_BxGxMxE, k_BxGxCxE, preferred_element_type=jnp.float32)
+    bias_Bx1xLxC = _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC)[:, None]
+    scores = (scores.reshape(b, g * r, l, c) + bias_Bx1xLxC).reshape(b, g, r * l, c)
+    unnorm = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    probs = (unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)).astype(v_BxCxGxE.dtype)
+    out = jnp.einsum("bgmc,bgce->bgme", probs, v_BxGxCxE)
+    return out.reshape(b, g, r, l, e).transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
+
+
+def causal_blocks(length: int) -> int:
+    """Query blocks for `self_attend`: the most of 8, 4, 2 that divide `length` into >= 64 rows."""
+    for n in (8, 4, 2):
+        if length % n == 0 and length // n >= 64:
+            return n
+    return 1
+
+
+def _block_probs(q_i, k_c, bias_i, r):
+    """Softmax probabilities (float32) of one query block against its visible key prefix."""
+    b, g, m, _ = q_i.shape
+    s = jnp.einsum("bgme,bgce->bgmc", q_i, k_c, preferred_element_type=jnp.float32)
+    s = (s.reshape(b, g, r, m // r, -1) + bias_i[:, None, None]).reshape(b, g, m, -1)
+    u = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    return u / jnp.sum(u, axis=-1, keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _causal_core(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r):
+    """Query blocks q[i] ([B, G, R * bq, E], rows of head group g) against keys [0, (i + 1) bq)."""
+    return _causal_core_fwd(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r)[0]
+
+
+def _causal_core_fwd(q, k, v, biases, r):
+    bq = q.shape[3] // r
+    outs, probs = [], []
+    for i in range(q.shape[0]):
+        c = (i + 1) * bq
+        p = _block_probs(q[i], k[:, :, :c], biases[i], r)
+        probs.append(p)
+        outs.append(jnp.einsum("bgmc,bgce->bgme", p.astype(v.dtype), v[:, :, :c]))
+    out = jnp.stack(outs)
+    return out, (q, k, v, tuple(probs), out)
+
+
+def _causal_core_bwd(r, res, dout):
+    q, k, v, probs, out = res
+    bq = q.shape[3] // r
+    f32 = jnp.float32
+    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+    for i, p in enumerate(probs):
+        c = (i + 1) * bq
+        do = dout[i]
+        dv = dv.at[:, :, :c].add(jnp.einsum("bgmc,bgme->bgce", p.astype(do.dtype), do, preferred_element_type=f32))
+        dp = jnp.einsum("bgme,bgce->bgmc", do, v[:, :, :c], preferred_element_type=f32)
+        delta = jnp.sum(do.astype(f32) * out[i].astype(f32), axis=-1, keepdims=True)
+        ds = (p * (dp - delta)).astype(q.dtype)
+        dq.append(jnp.einsum("bgmc,bgce->bgme", ds, k[:, :, :c]))
+        dk = dk.at[:, :, :c].add(jnp.einsum("bgmc,bgme->bgce", ds, q[i], preferred_element_type=f32))
+    return jnp.stack(dq), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_causal_core.defvjp(_causal_core_fwd, _causal_core_bwd)
+
+
+def self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, num_blocks: int | None = None):
+    """Causal self-attention over packed rows (training and scoring; no cache).
+
+    Same mask as `attend` plus index causality (a key after the query in the row is never seen,
+    which packed rows with per-segment positions already imply), so query block i only meets the
+    keys of blocks 0..i: the all-masked blocks above the diagonal are never computed (the L x L
+    work drops to (n + 1) / 2n of it for n blocks). A custom VJP saves the float32 probabilities
+    and applies the softmax backward directly (dS = P (dP - rowsum(dO O))). Measured on the
+    benchmark shapes (B 8, L 256, H 8, E 32, 4 blocks): forward + backward 2x faster than
+    autodiff of `attend`. The probabilities take (n + 1) / 2n of B H L^2 float32 per layer; on an
+    accelerator a fused (flash) kernel would keep only the row statistics (not built: BUILD_NOTES).
+    """
+    b, l, h, e = q_BxLxHxE.shape
+    g = k_BxLxGxE.shape[2]
+    r = h // g
+    n = causal_blocks(l) if num_blocks is None else num_blocks
+    if l % n:
+        raise ValueError(f"self_attend: {n} query blocks do not divide the sequence length {l}.")
+    bq = l // n
+    # one transpose to query blocks [N, B, G, R * bq, E]: each block contiguous, rows ordered (r, t)
+    q = (q_BxLxHxE * jnp.asarray(1 / math.sqrt(e), q_BxLxHxE.dtype)).reshape(b, n, bq, g, r, e)
+    q = q.transpose(1, 0, 3, 4, 2, 5).reshape(n, b, g, r * bq, e)
+    index = jnp.arange(l)
+    biases = []
+    for i in range(n):
+        c = (i + 1) * bq
+        biases.append(
+            _mask_bias(
+                segment_ids_BxL[:, i * bq : c],
+                segment_ids_BxL[:, :c],
+                positions_BxL[:, i * bq : c],
+                positions_BxL[:, :c],
+                (index[None, :c] <= index[i * bq : c, None])[None],
+            )
+        )
+    out = _causal_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), tuple(biases), r)
+    return out.reshape(n, b, g, r, bq, e).transpose(1, 0, 4, 2, 3, 5).reshape(b, l, h, e)
+
+
+def visible_mask(positions_BxL, segment_ids_BxL) -> jax.Array:
+    """Boolean [B, L, L]: query i sees key j (same non-zero segment, position and index not after i's)."""
+    length = segment_ids_BxL.shape[1]
+    index = jnp.arange(length)
+    return (
+        (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
+        & (segment_ids_BxL[:, None, :] != 0)
+        & (positions_BxL[:, None, :] <= positions_BxL[:, :, None])
+        & (index[None, :] <= index[:, None])[None]
+    )
+
+
+def resolve(implementation: str, dtype=jnp.float32, platform: str | None = None) -> str:
+    """The concrete implementation `auto` stands for on `platform` (default: jax's default backend)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}.")
+    if implementation != "auto":
+        return implementation
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
+        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    if platform == "tpu":
+        return "pallas"
+    return "blocked"
+
+
+def _dpa(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, implementation):
+    mask_Bx1xLxL = visible_mask(positions_BxL, segment_ids_BxL)[:, None]
+    return jax.nn.dot_product_attention(
+        q_BxLxHxE,
+        k_BxLxGxE,
+        v_BxLxGxE,
+        mask=mask_Bx1xLxL,
+        is_causal=implementation == "cudnn",  # cuDNN skips the blocks above the diagonal; the mask still applies
+        implementation=implementation,
+    )
+
+
+def _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL):
+    """Pallas splash attention (TPU): one MQA kernel per key/value head, causal mask + segment ids.
+
+    Packed rows restart positions at segment boundaries, so segment ids plus index causality are the
+    whole mask. Imported here so that non-TPU installs never load the kernel.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, l, h, e = q_BxLxHxE.shape
+    g = k_BxLxGxE.shape[2]
+    r = h // g
+    mask = sm.MultiHeadMask([sm.CausalMask((l, l)) for _ in range(r)])
+    kernel = sk.make_splash_mqa_single_device(mask=mask)
+    q = (q_BxLxHxE * jnp.asarray(1 / math.sqrt(e), q_BxLxHxE.dtype)).reshape(b, l, g, r, e).transpose(0, 2, 3, 1, 4)
+    k = k_BxLxGxE.transpose(0, 2, 1, 3)
+    v = v_BxLxGxE.transpose(0, 2, 1, 3)
+
+    def one_row(q_GxRxLxE, k_GxLxE, v_GxLxE, seg_L):
+        ids = sk.SegmentIds(q=seg_L, kv=seg_L)
+        return jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=ids))(q_GxRxLxE, k_GxLxE, v_GxLxE)
+
+    out = jax.vmap(one_row)(q, k, v, segment_ids_BxL)  # [B, G, R, L, E]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
+
+
+def self_attention(
+    q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, *, implementation: str = "auto"
+) -> jax.Array:
+    """Causal grouped-query self-attention over packed rows with the chosen implementation.
+
+    q [B, L, H, E] (unscaled), k/v [B, L, G, E] with H % G == 0; returns [B, L, H, E] in q's dtype,
+    zero on padding queries (segment 0).
+    """
+    impl = resolve(implementation, q_BxLxHxE.dtype)
+    if impl == "blocked":
+        out = self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL)
+    elif impl in ("xla", "cudnn"):
+        out = _dpa(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, impl)
+    else:
+        out = _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL)
+    keep_BxLx1x1 = (segment_ids_BxL != 0)[:, :, None, None]
+    return jnp.where(keep_BxLx1x1, out, jnp.zeros((), out.dtype)).astype(q_BxLxHxE.dtype)

@@ -1,0 +1,454 @@
+"""`proxykd plan --config=...`: will this config fit this mesh? Ahead-of-time, nothing allocated.
+
+    proxykd plan --config=configs/llama.py:7b,70b --devices=8 [--steps=distill,posterior]
+        [--peak-tflops=989] [--layers=2,4] [--config.FIELD=VALUE ...]
+
+Builds the config's mesh over `--devices` simulated CPU devices (XLA's
+`--xla_force_host_platform_device_count`, set before jax starts its backend), makes every input of
+every stage's step an abstract `jax.ShapeDtypeStruct` carrying its `NamedSharding`, and lowers and
+compiles the steps: the distillation train step (student, sparse KD), the alignment SFT and DPO train
+steps of the proxy (full fine-tuning and LoRA), the posterior step (proxy forward + posterior kernel)
+and an eval forward (the student's chunked NLL). For each it prints the per-device argument, output,
+temporary and total bytes (`compiled.memory_analysis()`), the FLOPs XLA counts (`cost_analysis()`;
+XLA counts a `while`/scan body once, so with `model.scan_layers` this is about one layer's work),
+the model's own count (`models.llama.flops_per_token`, per device) and the step time that count
+implies at `--peak-tflops` per device (100% MFU; divide by the MFU you expect).
+
+`--layers=A,B` compiles the models with A and then B layers and extrapolates bytes linearly to the
+configured depth: with scanned layers every per-layer buffer (parameters, optimizer moments, saved
+activations) grows linearly with depth, so two depths fix the line (use it when compiling the
+full depth on CPU is too slow). The memory figures are those of the XLA:CPU compilation of the
+same sharded program: an approximation of a GPU/TPU compilation (fusion, layouts and the attention
+kernel differ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+
+STEPS = ("distill", "sft", "sft_lora", "dpo", "dpo_lora", "posterior", "eval")
+_STEP_MODEL = {"distill": "model", "eval": "model"}  # the rest run the proxy
+
+
+def simulate_devices(n: int) -> None:
+    """Makes jax's CPU backend expose `n` devices; must run before jax initialises a backend."""
+    import jax
+
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    try:
+        jax.config.update("jax_platforms", "cpu")
+    except RuntimeError:  # backend already up (e.g. inside a test process): use what is there
+        pass
+    have = len(jax.devices())
+    if have < n:
+        raise ValueError(
+            f"plan needs {n} simulated devices but jax already started with {have}; run `proxykd plan` "
+            "in a fresh process (or set XLA_FLAGS=--xla_force_host_platform_device_count before starting)."
+        )
+
+
+@dataclasses.dataclass
+class StepPlan:
+    name: str
+    layers: int
+    argument_bytes: float
+    output_bytes: float
+    temp_bytes: float
+    alias_bytes: float
+    hlo_flops: float
+    model_flops: float  # per device, per step
+
+    @property
+    def total_bytes(self) -> float:
+        """Live bytes per device at the step's peak: arguments + outputs not aliased to them + temporaries."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+
+def _abstract(tree, shardings):
+    import jax
+
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _abstract_module(make, mesh, rules):
+    """(graphdef, abstract state with shardings) of the module `make()` builds; nothing allocated."""
+    from flax import nnx
+
+    from proxykd_jax.parallel.sharding import state_shardings
+
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    return graphdef, _abstract(state, state_shardings(state, mesh, rules))
+
+
+def _abstract_train_state(make, optimizer, mesh, rules):
+    import jax
+    from flax import nnx
+
+    from proxykd_jax.train.state import TrainState, train_state_shardings
+
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    params, rest = nnx.split_state(state, nnx.Param, ...)
+    sh = train_state_shardings(params, rest, optimizer, mesh, rules)
+    opt = jax.eval_shape(optimizer.init, params)
+    step = jax.ShapeDtypeStruct((), "int32")
+    tree = TrainState(step=step, params=params, rest=rest, opt_state=opt)
+    return graphdef, _abstract(tree, sh), sh
+
+
+def _batch(fields: dict, mesh, rules):
+    import jax
+
+    from proxykd_jax.parallel.sharding import batch_sharding
+
+    sh = batch_sharding(mesh, rules)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in fields.items()}
+
+
+def _rows(b, length, *names, dtype="int32"):
+    return {n: ((b, length), dtype) for n in names}
+
+
+def _measure(name, compiled, layers, model_flops, n_devices) -> StepPlan:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older jax returns one dict per program
+        cost = cost[0] if cost else {}
+    return StepPlan(
+        name=name,
+        layers=layers,
+        argument_bytes=float(mem.argument_size_in_bytes),
+        output_bytes=float(mem.output_size_in_bytes),
+        temp_bytes=float(mem.temp_size_in_bytes),
+        alias_bytes=float(mem.alias_size_in_bytes),
+        hlo_flops=float((cost or {}).get("flops", float("nan"))),
+        model_flops=model_flops / n_devices,
+    )
+
+
+def _maker(cls, mc):
+    from flax import nnx
+
+    return lambda: cls(mc, rngs=nnx.Rngs(0))
+
+
+def _adapters_maker(llama_cls, lora, mc, rank, alpha, targets):
+    from flax import nnx
+
+    def make():
+        base = llama_cls(mc, rngs=nnx.Rngs(0))
+        return lora.LoraAdapters(base, rank=rank, alpha=alpha, targets=targets, rngs=nnx.Rngs(1))
+
+    return make
+
+
+def _posterior_step(graphdef, pcfg, k: int, mesh):
+    """jit(proxy forward + posterior kernel): the kernel through `make_sharded_posterior` (tokens stay
+    sharded over (data, fsdp); the plain-jit kernel of `bayes.estimate.make_posterior_step` measured
+    125 GB per device on the 70B proxy at 64 devices: BUILD_NOTES, accelerator path)."""
+    import jax
+    from flax import nnx
+
+    from proxykd_jax.bayes.posterior import make_sharded_posterior
+    from proxykd_jax.parallel.sharding import replicated
+
+    kernel = make_sharded_posterior(
+        mesh, k=k, mode=pcfg.mode, num_samples=pcfg.num_samples, beta=pcfg.beta, chunk=pcfg.chunk_tokens
+    )
+
+    def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps):
+        logits = nnx.merge(graphdef, state)(batch["tokens"], batch["positions"], batch["segment_ids"])
+        n = logits.shape[0] * logits.shape[1]
+        return kernel(logits.reshape(n, -1), prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps)
+
+    return jax.jit(step, out_shardings=replicated(mesh))
+
+
+def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPlan]:
+    """Lowers and compiles `steps` for `cfg` on `mesh` (abstract inputs); with `layers` both models
+    get that many layers. Returns one StepPlan per step."""
+    import jax
+    from flax import nnx
+
+    from proxykd_jax.align import lora, objectives
+    from proxykd_jax.bayes.prior import SparsePrior
+    from proxykd_jax.models.llama import Llama, ModelConfig, flops_per_token
+    from proxykd_jax.parallel.rules import normalize_rules
+    from proxykd_jax.parallel.sharding import batch_sharding, replicated
+    from proxykd_jax.train import distill, optim
+    from proxykd_jax.train import step as step_lib
+
+    unknown = sorted(set(steps) - set(STEPS))
+    if unknown:
+        raise ValueError(f"unknown step(s) {unknown}; choose from {', '.join(STEPS)}.")
+    rules = normalize_rules(cfg.mesh.rules)
+    n_dev = mesh.devices.size
+
+    def model_cfg(group):
+        mc = ModelConfig.from_config(group)
+        return dataclasses.replace(mc, num_layers=layers) if layers else mc
+
+    student, proxy = model_cfg(cfg.model), model_cfg(cfg.proxy)
+    optimizer = optim.make_optimizer(cfg.optim, max(int(cfg.train.steps), 1))
+    k = int(cfg.data.store.k)
+    out = []
+    for name in steps:
+        mc = student if _STEP_MODEL.get(name) == "model" else proxy
+        if name == "distill":
+            b, length = int(cfg.train.batch_size), int(cfg.train.seq_len)
+            graphdef, state, sh = _abstract_train_state(_maker(Llama, mc), optimizer, mesh, rules)
+            fields = _rows(b, length, "tokens", "targets", "positions", "segment_ids", "sample_ids")
+            fields.update(_rows(b, length, "loss_mask", "kd_tail", "weight", dtype="float32"))
+            fields.update(kd_ids=((b, length, k), "int32"), kd_logprobs=((b, length, k), "float32"))
+            batch = _batch(fields, mesh, rules)
+            fn = step_lib.make_train_step(
+                distill.make_loss_fn(cfg.distill.loss),
+                graphdef,
+                optimizer,
+                state_shardings=sh,
+                batch_shardings=batch_sharding(mesh, rules),
+            )
+            args = (state, batch)
+            flops = b * length * flops_per_token(mc, length, backward=True)
+        elif name in ("sft", "sft_lora", "dpo", "dpo_lora"):
+            pairs = int(cfg.align.batch_size)
+            b = 2 * pairs if name.startswith("dpo") else pairs
+            length = int(cfg.align.seq_len or cfg.data.seq_len)
+            chunk = int(cfg.align.logprob_chunk)
+            frozen, frozen_sh = (), ()
+            if name.endswith("lora"):
+                lcfg = cfg.align.lora
+                rank = int(lcfg.rank) or 16
+                base_gd, base_state = _abstract_module(_maker(Llama, mc), mesh, rules)
+
+                make_adapters = _adapters_maker(Llama, lora, mc, rank, float(lcfg.alpha), tuple(lcfg.targets))
+                graphdef, state, sh = _abstract_train_state(make_adapters, optimizer, mesh, rules)
+                frozen = (_Frozen(base_gd, base_state),)
+                frozen_sh = (jax.tree.map(lambda x: x.sharding, base_state),)
+                # frozen base: forward + input gradients only (no weight gradients): about 2x forward
+                flops = b * length * flops_per_token(mc, length, backward=False) * 2
+            else:
+                graphdef, state, sh = _abstract_train_state(_maker(Llama, mc), optimizer, mesh, rules)
+                flops = b * length * flops_per_token(mc, length, backward=True)
+            fields = _rows(b, length, "tokens", "targets", "segment_ids")
+            fields.update(_rows(b, length, "loss_mask", dtype="float32"))
+            if name.startswith("dpo"):
+                fields["ref_logp"] = ((b,), "float32")
+                inner = objectives.dpo_loss_fn
+                kw = dict(beta=float(cfg.align.beta), nll_weight=float(cfg.align.nll_weight), chunk=chunk)
+            else:
+                inner = objectives.sft_loss_fn
+                kw = dict(chunk=chunk)
+
+            def loss_fn(model, batch, *fz, inner=inner, kw=kw):
+                return inner(model, batch, *(f.module() for f in fz), **kw)
+
+            batch = _batch(fields, mesh, rules)
+            fn = step_lib.make_train_step(
+                loss_fn,
+                graphdef,
+                optimizer,
+                state_shardings=sh,
+                batch_shardings=batch_sharding(mesh, rules),
+                frozen_shardings=tuple(_Frozen(f.graphdef, s) for f, s in zip(frozen, frozen_sh)),
+            )
+            args = (state, batch, *frozen)
+        elif name == "posterior":
+            b, length = int(cfg.posterior.batch_size), int(cfg.data.seq_len)
+            graphdef, state = _abstract_module(_maker(Llama, mc), mesh, rules)
+            batch = _batch(_rows(b, length, "tokens", "positions", "segment_ids"), mesh, rules)
+            n = b * length
+            s1, s2 = int(cfg.prior.exact_top_s), int(cfg.prior.ngram_top_s) * int(cfg.prior.ngram_order)
+            tok = batch_sharding(mesh, rules)
+            tok1 = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tok.spec[0]))
+
+            def arr(shape, dtype, sharding=tok1):
+                return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+            prior = SparsePrior(
+                arr((n, s1), "int32"), arr((n, s1), "float32"), arr((n, s2), "int32"), arr((n, s2), "float32"),
+                arr((n,), "float32"),
+            )  # fmt: skip
+            rep = replicated(mesh)
+            head = int(cfg.data.teacher_topk)
+            fn = _posterior_step(graphdef, cfg.posterior, k, mesh)
+            args = (
+                state,
+                batch,
+                prior,
+                arr((mc.vocab_size,), "float32", rep),
+                arr((n,), "float32"),
+                arr((), "float32", rep),
+                None,
+                arr((n, head), "int32"),
+                arr((n, head), "float32"),
+            )
+            flops = n * flops_per_token(mc, length, backward=False)
+        elif name == "eval":
+            b, length = int(cfg.train.batch_size), int(cfg.train.seq_len)
+            graphdef, state = _abstract_module(_maker(Llama, mc), mesh, rules)
+            fields = _rows(b, length, "tokens", "targets", "segment_ids")
+            fields.update(_rows(b, length, "loss_mask", dtype="float32"))
+            batch = _batch(fields, mesh, rules)
+            chunk = int(cfg.align.logprob_chunk)
+
+            def eval_fn(state, batch, graphdef=graphdef, chunk=chunk):
+                return objectives.sft_loss_fn(nnx.merge(graphdef, state), batch, chunk=chunk)[0]
+
+            fn = jax.jit(eval_fn, out_shardings=replicated(mesh))
+            args = (state, batch)
+            flops = b * length * flops_per_token(mc, length, backward=False)
+        with jax.set_mesh(mesh):  # the model pins activation rows to the batch axes (llama.shard_batch)
+            compiled = fn.lower(*args).compile()
+        out.append(_measure(name, compiled, mc.num_layers, flops, n_dev))
+        del compiled
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frozen:
+    """A frozen model passed to a step as (static graphdef, state): a pytree whose only leaves are the state."""
+
+    graphdef: object
+    state: object
+
+    def module(self):
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, self.state)
+
+
+def _register_frozen():
+    import jax
+
+    jax.tree_util.register_pytree_node(
+        _Frozen, lambda f: ((f.state,), f.graphdef), lambda graphdef, children: _Frozen(graphdef, children[0])
+    )
+
+
+_register_frozen()
+
+
+def extrapolate(low: list[StepPlan], high: list[StepPlan], depth: dict[str, int]) -> list[StepPlan]:
+    """Per step, bytes and FLOPs on the line through (layers, value) at two depths, read at `depth[name]`."""
+    out = []
+    for a, b in zip(low, high):
+        target = depth[a.name]
+        t = (target - a.layers) / (b.layers - a.layers)
+
+        def line(x, y, t=t):
+            return x + (y - x) * t
+
+        out.append(
+            StepPlan(
+                a.name,
+                target,
+                line(a.argument_bytes, b.argument_bytes),
+                line(a.output_bytes, b.output_bytes),
+                line(a.temp_bytes, b.temp_bytes),
+                line(a.alias_bytes, b.alias_bytes),
+                line(a.hlo_flops, b.hlo_flops),
+                line(a.model_flops, b.model_flops),
+            )
+        )
+    return out
+
+
+def format_table(plans: list[StepPlan], peak_flops: float, limit_gb: float) -> str:
+    gb = 1e9
+    headers = [
+        "step",
+        "layers",
+        "args GB",
+        "out GB",
+        "temp GB",
+        "total GB",
+        "fits",
+        "HLO TFLOP",
+        "model TFLOP",
+        "s@peak",
+    ]
+    rows = [
+        [
+            p.name,
+            str(p.layers),
+            f"{p.argument_bytes / gb:.2f}",
+            f"{p.output_bytes / gb:.2f}",
+            f"{p.temp_bytes / gb:.2f}",
+            f"{p.total_bytes / gb:.2f}",
+            "yes" if p.total_bytes <= limit_gb * gb else "NO",
+            f"{p.hlo_flops / 1e12:.3g}",
+            f"{p.model_flops / 1e12:.3g}",
+            f"{p.model_flops / peak_flops:.3g}",
+        ]
+        for p in plans
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(headers, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """`proxykd plan` entry point; returns the exit status (2 on bad input, with one sentence)."""
+    ap = argparse.ArgumentParser(prog="proxykd plan", description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=0, help="simulated devices (default: the mesh.shape product)")
+    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak (H100 SXM dense bf16: 989)")
+    ap.add_argument("--limit-gb", type=float, default=80.0, help="per-device memory the 'fits' column checks")
+    ap.add_argument("--layers", default="", help="A,B: compile at A and B layers and extrapolate bytes to full depth")
+    known, rest = ap.parse_known_args(argv)
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=flag_values, lock_config=True)
+    saved_argv = sys.argv
+    sys.argv = ["proxykd plan"] + rest  # ml_collections finds the --config.* overrides in sys.argv
+    try:
+        flag_values(sys.argv)
+    except (flags.Error, AttributeError, KeyError) as e:
+        print(f"proxykd plan: bad argument ({str(e).strip(chr(39))}).", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved_argv
+    cfg = flag_values.config
+    if cfg is None:
+        print("proxykd plan: needs --config=PATH (for example --config=configs/llama.py:7b,70b).", file=sys.stderr)
+        return 2
+    try:
+        sizes = [int(v) for v in dict(cfg.mesh.shape).values()]
+        n = known.devices or (math.prod(sizes) if all(s > 0 for s in sizes) else 0)
+        if n <= 0:
+            raise ValueError("mesh.shape has a -1 axis; pass --devices=N (the number of accelerators to plan for).")
+        simulate_devices(n)
+        import jax
+
+        from proxykd_jax.parallel.mesh import make_mesh
+
+        mesh = make_mesh(cfg.mesh, jax.devices()[:n])
+        steps = tuple(s for s in known.steps.split(",") if s)
+        if known.layers:
+            lo, hi = (int(x) for x in known.layers.split(","))
+            if not 0 < lo < hi:
+                raise ValueError(f"--layers needs two depths 0 < A < B, got {known.layers!r}.")
+            depth = {s: int((cfg.model if _STEP_MODEL.get(s) == "model" else cfg.proxy).num_layers) for s in steps}
+            plans = extrapolate(plan_steps(cfg, mesh, steps, lo), plan_steps(cfg, mesh, steps, hi), depth)
+            how = f"bytes and FLOPs extrapolated linearly from {lo} and {hi} layers"
+        else:
+            plans = plan_steps(cfg, mesh, steps)
+            how = "compiled at full depth"
+    except ValueError as e:
+        print(f"proxykd plan: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"mesh {dict(mesh.shape)} on {n} simulated CPU devices ({how}); per-device figures from the XLA:CPU "
+        f"compilation (an approximation of a GPU/TPU one); s@peak = model FLOPs / {known.peak_tflops:g} TFLOP/s "
+        "(100% MFU); HLO FLOPs count a scanned layer once."
+    )
+    print(format_table(plans, known.peak_tflops * 1e12, known.limit_gb))
+    return 0
