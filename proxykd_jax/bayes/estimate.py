@@ -213,10 +213,21 @@ def _dense_prior_rows(tables, keys, seqs, spans, rows: int, length: int) -> Spar
     return SparsePrior(*out)
 
 
+def head_symbols(prepared, vocab_size: int):
+    """The first-byte symbols of a `bytes` head over the model's vocabulary (ids beyond the
+    tokenizer's: OTHER_SYMBOL), or None for an `exact` head."""
+    sym = prepared.head_symbols()
+    if sym is None:
+        return None
+    out = np.full(vocab_size, kernel.OTHER_SYMBOL, np.int32)
+    out[: min(len(sym), vocab_size)] = sym[:vocab_size]
+    return jnp.asarray(out)
+
+
 def make_posterior_step(graphdef, pcfg, *, k: int, mesh):
     """jit(proxy forward + posterior kernel) for one batch -> ids/logprobs [B*L, K], tail [B*L]."""
 
-    def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps):
+    def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps, head_sym_V=None):
         model = nnx.merge(graphdef, state)
         logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
         n = logits.shape[0] * logits.shape[1]
@@ -234,6 +245,7 @@ def make_posterior_step(graphdef, pcfg, *, k: int, mesh):
             head_ids_NxH=head_ids,
             head_logprobs_NxH=head_lps,
             chunk=pcfg.chunk_tokens,
+            head_sym_V=head_sym_V,
         )
 
     return jax.jit(step, out_shardings=replicated(mesh))
@@ -258,6 +270,7 @@ def write_store(
     n_max = min(float(est["n_max"]), _N_MAX_CAP)
     base = jnp.asarray(tables.base_V, jnp.float32)
     use_head = pcfg.use_teacher_topk and prepared.has_teacher_head
+    head_sym = head_symbols(prepared, model.cfg.vocab_size) if use_head else None
     root = jax.random.key(seed)
     written, progress = 0, jax.process_index() == 0
     with tqdm.tqdm(
@@ -296,6 +309,7 @@ def write_store(
                 jax.random.fold_in(root, b),
                 flat(gb["head_ids"]) if use_head else None,
                 flat(gb["head_lps"]) if use_head else None,
+                head_sym,
             )
             ids, lps, tail = (hosts.host_rows(x, rows * length) for x in (ids, lps, tail))
             for (row, s, t), sid in zip(todo, sids):

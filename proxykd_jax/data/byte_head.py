@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from proxykd_jax.bayes.posterior import END_SYMBOL, N_SYMBOLS, OTHER_SYMBOL
+from proxykd_jax.teacher.responses import token_bytes_of
 from proxykd_jax.teacher.token_bytes import token_byte_table
 
 __all__ = ["END_SYMBOL", "N_SYMBOLS", "OTHER_SYMBOL", "symbols_from_bytes", "token_symbols", "teacher_symbol"]
@@ -57,12 +58,10 @@ def token_symbols(tokenizer) -> np.ndarray:
     return symbols_from_bytes(token_bytes(tokenizer), eos_ids=(tokenizer.eos_token_id,), special_ids=special)
 
 
-def teacher_symbol(text: str, raw: bytes | None = None) -> int:
-    """The symbol of one teacher alternative: its first byte, END_SYMBOL for end of text (an empty
-    string or a known end-of-text marker), OTHER_SYMBOL for nothing."""
-    if text in END_STRINGS:
+def teacher_symbol(text: str) -> int:
+    """The symbol of one teacher alternative (an API token string, `bytes:\\xNN` spellings read as
+    their bytes): its first byte, END_SYMBOL for end of text (the empty string or a known
+    end-of-text marker)."""
+    if text in END_STRINGS or not text:
         return END_SYMBOL
-    data = raw if raw is not None else text.encode("utf-8")
-    if not data:
-        return END_SYMBOL if raw is None and text == "" else OTHER_SYMBOL
-    return data[0]
+    return token_bytes_of(text)[0] if token_bytes_of(text) else END_SYMBOL
