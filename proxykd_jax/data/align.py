@@ -33,8 +33,9 @@ class AlignStats:
     mass_total: float = 0.0
     mass_kept: float = 0.0
     samples_with_logprobs: int = 0
-    student_positions_total: int = 0  # our response targets (tokens + eos) of samples with log-probs
+    student_positions_total: int = 0  # our response tokens (eos excluded) of samples with log-probs
     student_positions_covered: int = 0  # of those, the ones that received a teacher head
+    mass_matched: float = 0.0  # teacher top-logprob mass at the teacher positions matched to one of ours
 
     def add(self, other: "AlignStats"):
         for f in dataclasses.fields(self):
@@ -45,6 +46,7 @@ class AlignStats:
         d["position_fraction"] = self.positions_kept / max(self.positions_total, 1)
         d["mass_fraction"] = self.mass_kept / max(self.mass_total, 1e-30)
         d["student_position_fraction"] = self.student_positions_covered / max(self.student_positions_total, 1)
+        d["head_mass_fraction"] = self.mass_kept / max(self.mass_matched, 1e-30)  # of the matched positions' mass
         return d
 
 
@@ -173,8 +175,10 @@ class SampleEncoder:
                 t_ids, t_lps = self._align_bytes(s, len(p_ids), r_ids, offs, len(tokens), stats, truncated)
             else:
                 t_ids, t_lps = self._align(s, len(p_ids), offs, len(tokens), stats)
-            stats.student_positions_total = len(tokens) - len(p_ids)
-            stats.student_positions_covered = int(np.isfinite(t_lps[len(p_ids) :]).any(1).sum())
+            # Our response tokens, the appended eos excluded (APIs send no log-probs for the stop token).
+            resp_rows = slice(len(p_ids), len(p_ids) + len(r_ids))
+            stats.student_positions_total = len(r_ids)
+            stats.student_positions_covered = int(np.isfinite(t_lps[resp_rows]).any(1).sum())
         return Encoded(s, tokens, len(p_ids), t_ids, t_lps, stats, truncated)
 
     def _align(self, s: Sample, prompt_len: int, offs, n: int, stats: AlignStats):
@@ -197,6 +201,7 @@ class SampleEncoder:
             ours = by_span.get(span) if span is not None else None
             if not ours or len(ours) != 1:
                 continue
+            stats.mass_matched += float(probs.sum())
             merged: dict[int, float] = {}
             for (text, _), p in zip(alts, probs):
                 tid = self._single_id(text)
@@ -273,6 +278,7 @@ class SampleEncoder:
             row = row_at.get(start) if start is not None else None
             if row is None:
                 continue
+            stats.mass_matched += float(probs.sum())
             merged: dict[int, float] = {}
             for (text, _), p in zip(alts, probs):
                 sym = self._symbol(text)

@@ -195,10 +195,10 @@ def coverage_line(manifest: dict) -> str:
     t = manifest["teacher_logprobs"]
     if not t["samples_with_logprobs"]:
         return "prepare: the corpus has no teacher log-probs (no teacher head)"
-    frac, mass = t["student_position_fraction"], t["mass_fraction"]
+    frac, mass = t["student_position_fraction"], t["head_mass_fraction"]
     line = (
-        f"prepare: teacher head {manifest['teacher_head']}: covers {frac:.1%} of our response positions and "
-        f"{mass:.1%} of the teacher's top-logprob mass"
+        f"prepare: teacher head {manifest['teacher_head']}: covers {frac:.1%} of our response positions, keeping "
+        f"{mass:.1%} of the teacher's top-logprob mass there ({t['mass_fraction']:.1%} of all its mass)"
     )
     if frac < _LOW_COVERAGE:
         other = "bytes" if manifest["teacher_head"] == "exact" else "exact"
