@@ -96,22 +96,37 @@ def teacher_nats_per_byte(teacher, prompts: list[str], responses: list[str]) -> 
 # The character teacher's setup.
 
 
-def top_logprob_fields(teacher, prompt: str, response: str, n: int) -> dict:
-    """OpenAI-style `tokens` + `top_logprobs` (with `bytes`) of a response from the teacher's true
-    distributions, exactly what its HTTP server sends; the final <eos> has no entry (as an API)."""
-    p_ids, r_ids = teacher.encode(prompt), teacher.encode(response)
-    q = teacher.distributions([p_ids + r_ids])[0]
-    pieces, top = [], []
-    for t, tok in enumerate(r_ids):
-        dist = q[len(p_ids) + t - 1]
-        pieces.append(teacher.tokenizer.decode([tok]))
-        best = np.argsort(-dist)[:n]
-        alts = []
-        for i in best:
-            text = teacher.tokenizer.decode([int(i)], skip_special_tokens=False)
-            alts.append({"token": text, "logprob": float(np.log(max(dist[i], 1e-30))), "bytes": list(text.encode())})
-        top.append(alts)
-    return {"tokens": pieces, "top_logprobs": top}
+def top_logprob_fields(teacher, prompts: list[str], responses: list[str], n: int, *, batch: int = 64) -> list[dict]:
+    """OpenAI-style `tokens` + `top_logprobs` (with `bytes`) of each response from the teacher's true
+    distributions, as its HTTP server sends them; the final <eos> has no entry (as with an API)."""
+    pieces = [teacher.tokenizer.decode([i], skip_special_tokens=False) for i in range(teacher.model_config.vocab_size)]
+    out = []
+    for lo in range(0, len(prompts), batch):
+        ps, rs = prompts[lo : lo + batch], responses[lo : lo + batch]
+        ctx = [teacher.encode(p) + teacher.encode(r) for p, r in zip(ps, rs)]
+        width = -(-max(len(c) for c in ctx) // 16) * 16  # few distinct shapes, few compilations
+        tokens = np.zeros((batch, width), np.int32)
+        lengths = np.ones(batch, np.int32)
+        for i, c in enumerate(ctx):
+            tokens[i, : len(c)], lengths[i] = c, len(c)
+        q = teacher.distributions(tokens, lengths)
+        for i, (p, r) in enumerate(zip(ps, rs)):
+            start, r_ids = len(teacher.encode(p)), teacher.encode(r)
+            top = []
+            for t in range(len(r_ids)):
+                dist = q[i, start + t - 1].astype(np.float64)
+                top.append(
+                    [
+                        {
+                            "token": pieces[k],
+                            "logprob": float(np.log(max(dist[k], 1e-30))),
+                            "bytes": list(pieces[k].encode()),
+                        }
+                        for k in np.argsort(-dist)[:n]
+                    ]
+                )
+            out.append({"tokens": [pieces[t] for t in r_ids], "top_logprobs": top})
+    return out
 
 
 def char_teacher(seed: int, folder: pathlib.Path, *, vocab_size: int, d_model: int, num_layers: int, proxy_cfg, **kw):
@@ -177,8 +192,95 @@ def write_corpus(
     """The teacher's answers with their top log-probs as a corpus JSONL (one line per sample), as
     `collect` writes it from the HTTP server (the benchmarks' shortcut; tests cover the HTTP path)."""
     answers = teacher.sample(prompts, samples, max_new_tokens, seed=seed)
+    rows = [
+        {"id": f"p{i:05d}", "prompt": p, "response": a, "sample_index": j}
+        for i, (p, group) in enumerate(zip(prompts, answers))
+        for j, a in enumerate(x for x in group if x.strip())
+    ]
+    fields = top_logprob_fields(teacher, [r["prompt"] for r in rows], [r["response"] for r in rows], top)
     with open(path, "w") as f:
-        for i, (p, group) in enumerate(zip(prompts, answers)):
-            for j, a in enumerate(x for x in group if x.strip()):
-                row = {"id": f"p{i:05d}", "prompt": p, "response": a, "sample_index": j}
-                f.write(json.dumps(row | top_logprob_fields(teacher, p, a, top)) + "\n")
+        for row, extra in zip(rows, fields):
+            f.write(json.dumps(row | extra) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The posterior itself on held-out text (dense float64: for the small vocabularies of benchmarks).
+
+
+def dense_projection(q_NxV, head_ids_NxH, head_logprobs_NxH, sym_V=None) -> np.ndarray:
+    """The posterior after the teacher head, dense float64: `exact` (sym_V None) fixes the head tokens
+    and renormalises the rest to the remaining mass; `bytes` is the first-byte I-projection."""
+    q = np.asarray(q_NxV, np.float64)
+    out = q.copy()
+    for i in range(q.shape[0]):
+        ok = np.isfinite(head_logprobs_NxH[i])
+        if not ok.any():
+            continue
+        ids, a = np.asarray(head_ids_NxH[i])[ok], np.exp(np.asarray(head_logprobs_NxH[i], np.float64)[ok])
+        if sym_V is None:
+            rest = np.ones(q.shape[1], bool)
+            rest[ids] = False
+            out[i, rest] = q[i, rest] / max(q[i, rest].sum(), 1e-300) * max(1 - a.sum(), 0.0)
+            out[i, ids] = 0.0
+            np.add.at(out[i], ids, a)
+            continue
+        groups = np.zeros(byte_head.N_SYMBOLS)
+        np.add.at(groups, sym_V, q[i])
+        mass = np.zeros(byte_head.N_SYMBOLS)
+        np.add.at(mass, ids, a)
+        r = max(1.0 - mass.sum(), 0.0)
+        mass[groups <= 0] = 0.0
+        m = mass + r * groups
+        m /= m.sum()
+        out[i] = q[i] * np.where(groups > 0, m / np.where(groups > 0, groups, 1.0), 0.0)[sym_V]
+    return out
+
+
+def posterior_heldout_nats_per_byte(
+    prepared, tables, est: dict, proxy, data_cfg, *, use_head: bool, split: str = "heldout", batch_size: int = 16
+) -> float:
+    """Nats per byte of `split`'s responses under the posterior (`expected` mode) built as the store is
+    (prior tables of the distillation split, queried `external`; the proxy; N_max w; the teacher
+    head where `use_head`), in dense float64; w from the estimate's mu and gamma."""
+    from proxykd_jax.bayes import weights as weights_lib
+    from proxykd_jax.bayes.estimate import response_spans
+    from proxykd_jax.data import pipeline
+    from proxykd_jax.models.tokenizer import load_tokenizer
+
+    sym = prepared.head_symbols()
+    nbytes_V = token_byte_lengths(load_tokenizer(prepared.root / "tokenizer"), proxy.cfg.vocab_size)
+    fwd = nnx.jit(lambda m, b: jax.nn.log_softmax(m(b["tokens"], b["positions"], b["segment_ids"]), axis=-1))
+    n_max, kappa = min(float(est["n_max"]), 1e9), float(est["kappa"])
+    base = np.asarray(tables.base_V, np.float64)
+    nll = total_bytes = 0.0
+    seq_len = int(data_cfg.seq_len)
+    keys_of = {int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split(split)}
+    for batch in pipeline.iter_samples(prepared, split, data_cfg, batch_size=batch_size, seq_len=seq_len):
+        spans = response_spans(batch)
+        if not spans:
+            continue
+        logp = np.asarray(fwd(proxy, {k: batch[k] for k in ("tokens", "positions", "segment_ids")}), np.float64)
+        for row, start, t in spans:
+            y = np.asarray(batch["targets"][row, start : start + t], np.int64)
+            lp = logp[row, start : start + t]
+            w = float(weights_lib.sample_weights(lp[np.arange(t), y].mean(), est["mu"], est["gamma"]))
+            pr = tables.query(
+                np.asarray([keys_of[int(batch["sample_ids"][row, 0])]], np.int64), [y.astype(np.int32)], mode="external"
+            )
+            a = kappa * np.asarray(pr.floor_N, np.float64)[:, None] * base[None]
+            rows = np.arange(t)[:, None]
+            np.add.at(a, (np.broadcast_to(rows, pr.ids_NxS.shape), pr.ids_NxS), np.asarray(pr.counts_NxS, np.float64))
+            ng = np.asarray(pr.ngram_probs_NxS2, np.float64)
+            np.add.at(a, (np.broadcast_to(rows, pr.ngram_ids_NxS2.shape), pr.ngram_ids_NxS2), kappa * ng)
+            post = a + n_max * w * np.exp(lp)
+            q = post / post.sum(1, keepdims=True)
+            if use_head and prepared.has_teacher_head:
+                q = dense_projection(
+                    q,
+                    batch["teacher_topk_ids"][row, start : start + t],
+                    batch["teacher_topk_logprobs"][row, start : start + t],
+                    sym,
+                )
+            nll -= float(np.sum(np.log(np.maximum(q[np.arange(t), y], 1e-300))))
+            total_bytes += float(nbytes_V[y].sum())
+    return nll / max(total_bytes, 1.0)
