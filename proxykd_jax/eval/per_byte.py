@@ -86,6 +86,37 @@ def generation_nats_per_byte(
     return out
 
 
+def eval_metrics(models: dict, prepared, cfg, teacher, batches: list, scorer, *, seed: int) -> dict:
+    """The eval stage's metrics against a teacher with another tokenizer: every model's nats per byte
+    of the held-out split, each student's generations scored by the teacher per byte, and the
+    teacher's own nats per byte of the same held-out text."""
+    import collections
+
+    from proxykd_jax.data.corpus import iter_corpus
+    from proxykd_jax.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(prepared.root / "tokenizer")
+    vocab = max(m.cfg.vocab_size for m in models.values())
+    per = heldout_nats_per_byte(models, batches, token_byte_lengths(tok, vocab), scorer)
+    out = {
+        "units": "per_byte",
+        "split": cfg.eval.split,
+        "models": {k: {"heldout_nats_per_byte": v} for k, v in per.items()},
+    }
+    wanted = {int(r["sample_id"]) for r in prepared.iter_split(cfg.eval.split)}
+    held = [s for row in iter_corpus(prepared.manifest["sources"], "skip", collections.Counter()) for s in row]
+    held = [s for s in held if s.sample_id in wanted and s.prompt is not None][: max(int(cfg.eval.max_samples), 1)]
+    out["teacher_nats_per_byte"] = teacher_nats_per_byte(teacher, [s.prompt for s in held], [s.response for s in held])
+    prompts = list(dict.fromkeys(s.prompt for s in held))[: int(cfg.eval.generate_prompts)]
+    students = {k: m for k, m in models.items() if k.startswith("student")}
+    gen = generation_nats_per_byte(
+        students, prompts, teacher, tok, max_new_tokens=int(cfg.eval.max_new_tokens), seed=seed
+    )
+    for name, v in gen.items():
+        out["models"][name]["teacher_nats_per_byte_of_generations"] = v
+    return out
+
+
 def teacher_nats_per_byte(teacher, prompts: list[str], responses: list[str]) -> float:
     """The teacher's own nats per byte of held-out text (the floor every model is measured against)."""
     ll, nbytes = teacher.text_logprob(prompts, responses)

@@ -54,6 +54,8 @@ def run(ctx) -> dict:
         cfg.data.tokenizer = str(folder / "proxy_init")
         cfg.proxy.init_from = str(folder / "proxy_init")
         cfg.eval.known_teacher = str(folder / "teacher")
+        if cfg.demo.teacher_tokenizer == "char":  # the teacher's own tokens: its top log-probs are the point
+            cfg.collect.top_logprobs = 20
 
     print("[demo] 1/7 collect: teacher responses over HTTP")
     _collect_over_http(ctx, teacher)
@@ -62,7 +64,8 @@ def run(ctx) -> dict:
     print("[demo] 3/7 prior")
     stages.run_stage("prior", ctx)
     print("[demo] 4/7 align the proxy (SFT, then DPO rounds)")
-    stages.run_stage("align", ctx, teacher_probs_fn=benchmark.teacher_probs_fn(teacher))
+    same = cfg.demo.teacher_tokenizer != "char"  # a character teacher's distributions are over other tokens
+    stages.run_stage("align", ctx, teacher_probs_fn=benchmark.teacher_probs_fn(teacher) if same else None)
     print("[demo] 5/7 posterior")
     stages.run_stage("posterior", ctx)
     print("[demo] 6/7 distill: Proxy-KD student, then the alpha = 0 SFT baseline")
