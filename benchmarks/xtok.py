@@ -8,13 +8,16 @@ runs share corpus, proxy init and split and differ only in the teacher head:
   span    data.teacher_head=exact (the span rule: a teacher token kept where it equals one of ours)
   nohead  data.teacher_head=bytes, posterior.use_teacher_topk=False
 
+With --fixed_eb a fourth run, `bytes_fixed`, keeps the bytes head but takes kappa and N_max from the
+`nohead` run's (head-free) empirical-Bayes fit instead of fitting them after the head.
+
 Each runs prepare -> prior -> posterior -> distill (Proxy-KD); the proxy is aligned (SFT warm-up) once,
 in the `bytes` run, and shared; the `nohead` run also trains the alpha = 0 SFT student. Measured:
 coverage of our response positions (span vs byte rule), the posterior's nats per byte on the held-out
 split (dense float64, prior tables queried `external`), each student's nats per byte on held-out
 teacher text and the teacher's nats per byte of each student's generations.
 
-  python benchmarks/xtok.py --seeds 0,1,2 --out /tmp/xtok
+  python benchmarks/xtok.py --seeds 0,1,2 --out /tmp/xtok [--fixed_eb]
 """
 
 from __future__ import annotations
@@ -92,21 +95,27 @@ def one_seed(seed: int, out: pathlib.Path, args) -> dict:
         per_byte.write_corpus(
             teacher, prompts, corpus, samples=args.samples, max_new_tokens=args.max_new_tokens, top=20, seed=seed
         )
+    variants = VARIANTS + (("bytes_fixed",) if args.fixed_eb else ())
     cfgs = {}
-    for v in VARIANTS:
+    for v in variants:
         cfg = base_config(root / v, args)
         with cfg.unlocked():
             cfg.data.corpus = str(corpus)
             cfg.data.tokenizer = cfg.proxy.init_from = str(root / "proxy_init")
             cfg.data.teacher_head = "exact" if v == "span" else "bytes"
+            cfg.posterior.fit_empirical_bayes = v != "bytes_fixed"
             cfg.posterior.use_teacher_topk = v != "nohead"
             if v != "bytes":
                 cfg.posterior.proxy = str(root / "bytes" / "proxy" / "final")
         cfgs[v] = cfg
     res = {"seed": seed, "coverage": {}, "posterior_nats_per_byte": {}, "student_nats_per_byte": {}, "gen": {}}
     t0 = time.time()
-    for v in VARIANTS:
+    for v in variants:
         cfg = cfgs[v]
+        if v == "bytes_fixed":
+            fitted = res["estimate"]["nohead"]
+            with cfg.unlocked():
+                cfg.prior.kappa, cfg.posterior.n_max = fitted["kappa"], fitted["n_max"]
         manifest = run("prepare", cfg)
         res["coverage"][v] = manifest["teacher_logprobs"]["student_position_fraction"]
         run("prior", cfg)
@@ -125,12 +134,17 @@ def one_seed(seed: int, out: pathlib.Path, args) -> dict:
     scorer = Scorer(mesh, rules)
     nbytes = per_byte.token_byte_lengths(tok, args.vocab)
     proxy = hf.load_hf(str(root / "bytes" / "proxy" / "final"))[1]
-    for v in VARIANTS:
+    for v in variants:
         paths = RunPaths.from_config(cfgs[v])
         prepared = PreparedData(paths.prepared)
         est = json.loads((paths.posterior / "estimate.json").read_text())
         res["posterior_nats_per_byte"][v] = per_byte.posterior_heldout_nats_per_byte(
-            prepared, load_prior(paths.prior), est, proxy, cfgs[v].data, use_head=v != "nohead"
+            prepared,
+            load_prior(paths.prior),
+            est | {"n_max": est.get("n_max", cfgs[v].posterior.n_max)},
+            proxy,
+            cfgs[v].data,
+            use_head=v != "nohead",
         )
     paths = RunPaths.from_config(cfgs["nohead"])
     prepared = PreparedData(paths.prepared)
@@ -201,6 +215,7 @@ def main():
     ap.add_argument("--sft_steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--gen_prompts", type=int, default=32)
+    ap.add_argument("--fixed_eb", action="store_true", help="add the bytes_fixed run (head-free EB fit)")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     results = []
