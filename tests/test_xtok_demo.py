@@ -32,3 +32,25 @@ def test_char_teacher_demo_runs_with_a_bytes_head(tmp_path):
     assert models["proxy (aligned)"]["heldout_nats_per_byte"] < models["proxy (before align)"]["heldout_nats_per_byte"]
     assert all(m["teacher_nats_per_byte_of_generations"] > 0 for k, m in models.items() if k.startswith("student"))
     assert (paths.root / "results.md").read_text().startswith("| model | held-out nats/byte |")
+
+
+def test_bad_teacher_settings_are_one_sentence(tmp_path):
+    import pytest
+
+    from proxykd_jax.errors import ProxyKDError
+
+    cfg = demo_config(tmp_path / "run")
+    with cfg.unlocked():
+        cfg.demo.teacher_tokenizer = "char"  # the tiny config's vocabulary (96) is too small for a BPE
+    with pytest.raises(ProxyKDError, match="at least 260"):
+        run_stage("demo", cfg)
+    with cfg.unlocked():
+        cfg.demo.teacher_tokenizer = "bpe"
+    with pytest.raises(ProxyKDError, match="not one of same, char"):
+        run_stage("demo", cfg)
+    with cfg.unlocked():
+        cfg.demo.teacher_tokenizer = "same"
+        cfg.data.teacher_head = "tokens"
+        cfg.data.corpus = str(tmp_path / "none.jsonl")
+    with pytest.raises(ProxyKDError, match="data.teacher_head='tokens'"):
+        run_stage("prepare", cfg)

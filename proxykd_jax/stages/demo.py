@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from proxykd_jax import stages
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.eval import benchmark
 from proxykd_jax.eval.metrics import format_table
 
@@ -35,6 +36,13 @@ def _collect_over_http(ctx, teacher) -> None:
 
 def run(ctx) -> dict:
     cfg, paths = ctx.cfg, ctx.paths
+    if cfg.demo.teacher_tokenizer not in ("same", "char"):
+        raise ProxyKDError(f"demo.teacher_tokenizer={cfg.demo.teacher_tokenizer!r} is not one of same, char.")
+    if cfg.demo.teacher_tokenizer == "char" and min(cfg.proxy.vocab_size, cfg.model.vocab_size) < 260:
+        raise ProxyKDError(
+            "demo.teacher_tokenizer=char gives the student a byte-level BPE: set proxy.vocab_size and "
+            "model.vocab_size to at least 260."
+        )
     folder = paths.demo
     print(
         f"[demo] run directory {paths.root}; the teacher lives in {folder / 'teacher'} and is only reachable over HTTP"
