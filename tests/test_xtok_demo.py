@@ -19,6 +19,7 @@ def test_char_teacher_demo_runs_with_a_bytes_head(tmp_path):
         cfg.data.seq_len = cfg.train.seq_len = 60
         cfg.proxy.max_seq_len = cfg.model.max_seq_len = 96
         cfg.demo.max_new_tokens = 16
+        cfg.demo.num_prompts, cfg.demo.samples_per_prompt = 32, 2
     metrics = run_stage("demo", cfg)
     paths = RunPaths.from_config(cfg)
     manifest = json.loads((paths.prepared / "manifest.json").read_text())
