@@ -216,6 +216,7 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--gen_prompts", type=int, default=32)
     ap.add_argument("--fixed_eb", action="store_true", help="add the bytes_fixed run (head-free EB fit)")
+    ap.add_argument("--results", default="results.json", help="file name of the results in --out")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     results = []
@@ -223,7 +224,7 @@ def main():
         r = one_seed(s, out, args)
         print(json.dumps(r), flush=True)
         results.append(r)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / args.results).write_text(json.dumps(results, indent=1))
     print(summarise(results))
 
 
