@@ -150,7 +150,7 @@ def one_seed(seed: int, out: pathlib.Path, args) -> dict:
     prepared = PreparedData(paths.prepared)
     batches = eval_batches(prepared, "heldout", cfgs["nohead"].data, batch_size=16)
     models = {
-        f"kd_{v}": hf.load_hf(str(RunPaths.from_config(cfgs[v]).student("student") / "final"))[1] for v in VARIANTS
+        f"kd_{v}": hf.load_hf(str(RunPaths.from_config(cfgs[v]).student("student") / "final"))[1] for v in variants
     }
     models["sft"] = hf.load_hf(str(paths.student("student_sft") / "final"))[1]
     models["proxy"] = proxy
