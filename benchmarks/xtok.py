@@ -171,6 +171,37 @@ def one_seed(seed: int, out: pathlib.Path, args) -> dict:
     return res
 
 
+def store_stats(out: pathlib.Path, seeds, variants, samples: int = 300) -> None:
+    """Prints, per finished run, what the stored posterior puts where on the distillation split (first
+    `samples` samples): mean tail mass, how often the sampled token is among the top-k, the mean top-1
+    probability and the mean probability of the sampled token itself."""
+    from proxykd_jax.data.records import PreparedData
+    from proxykd_jax.data.store import StoreReader
+
+    for seed in seeds:
+        for v in variants:
+            root = out / f"seed{seed}" / v
+            if not (root / "posterior").exists():
+                continue
+            pd = PreparedData(root / "prepared")
+            st = StoreReader(root / "posterior", tokenizer_hash=pd.tokenizer_hash)
+            tail, hit, top1, q_y = [], [], [], []
+            for i, rec in enumerate(pd.iter_split("distill")):
+                if i >= samples:
+                    break
+                e = st.get(int(rec["sample_id"]))
+                y = rec["tokens"][int(rec["prompt_len"]) :]
+                pr = np.exp(e.logprobs_TxK.astype(np.float64))
+                tail.append(e.tail_T)
+                hit.append((e.ids_TxK == y[:, None]).any(1))
+                top1.append(pr.max(1))
+                q_y.append(np.where(e.ids_TxK == y[:, None], pr, 0.0).sum(1))
+            m = [float(np.concatenate(x).mean()) for x in (tail, hit, top1, q_y)]
+            print(
+                f"seed {seed} {v}: tail {m[0]:.3f}, sampled token in top-k {m[1]:.3f}, top-1 {m[2]:.3f}, q(sampled) {m[3]:.3f}"
+            )
+
+
 def summarise(results: list[dict]) -> str:
     def ms(xs):
         return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
@@ -217,8 +248,12 @@ def main():
     ap.add_argument("--gen_prompts", type=int, default=32)
     ap.add_argument("--fixed_eb", action="store_true", help="add the bytes_fixed run (head-free EB fit)")
     ap.add_argument("--results", default="results.json", help="file name of the results in --out")
+    ap.add_argument("--store_stats", action="store_true", help="only print the stores' statistics of finished runs")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
+    if args.store_stats:
+        store_stats(out, [int(x) for x in args.seeds.split(",")], VARIANTS + ("bytes_fixed",))
+        return
     results = []
     for s in [int(x) for x in args.seeds.split(",")]:
         r = one_seed(s, out, args)
