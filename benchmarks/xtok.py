@@ -202,6 +202,55 @@ def store_stats(out: pathlib.Path, seeds, variants, samples: int = 300) -> None:
             )
 
 
+def alpha_sweep(out: pathlib.Path, seeds, alpha: float, args) -> list[dict]:
+    """Trains the Proxy-KD students of the finished `bytes` and `nohead` runs again with
+    distill.loss.alpha = `alpha` (output `student_a<alpha>`) and scores them like `one_seed`."""
+    from proxykd_jax.context import RunPaths
+    from proxykd_jax.data.records import PreparedData
+    from proxykd_jax.eval import per_byte
+    from proxykd_jax.eval.metrics import Scorer, eval_batches
+    from proxykd_jax.models import hf
+    from proxykd_jax.parallel import make_mesh, normalize_rules
+
+    results = []
+    for seed in seeds:
+        root = out / f"seed{seed}"
+        models = {}
+        for v in ("bytes", "nohead"):
+            cfg = base_config(root / v, args)
+            with cfg.unlocked():
+                cfg.data.corpus = str(root / "corpus.jsonl")
+                cfg.data.tokenizer = cfg.proxy.init_from = str(root / "proxy_init")
+                cfg.data.teacher_head = "bytes"
+                cfg.posterior.use_teacher_topk = v != "nohead"
+                if v != "bytes":
+                    cfg.posterior.proxy = str(root / "bytes" / "proxy" / "final")
+                cfg.distill.loss.alpha = alpha
+                cfg.distill.output = f"student_a{alpha:g}"
+            run("distill", cfg)
+            models[f"kd_{v}_a{alpha:g}"] = hf.load_hf(
+                str(RunPaths.from_config(cfg).student(cfg.distill.output) / "final")
+            )[1]
+        cfg0 = base_config(root / "nohead", args)
+        prepared = PreparedData(RunPaths.from_config(cfg0).prepared)
+        scorer = Scorer(make_mesh(cfg0.mesh, None), normalize_rules(cfg0.mesh.rules))
+        tok = hf_tokenizer(root)
+        batches = eval_batches(prepared, "heldout", cfg0.data, batch_size=16)
+        r = {"seed": seed, "alpha": alpha}
+        r["student_nats_per_byte"] = per_byte.heldout_nats_per_byte(
+            models, batches, per_byte.token_byte_lengths(tok, args.vocab), scorer
+        )
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    return results
+
+
+def hf_tokenizer(root: pathlib.Path):
+    from proxykd_jax.models.tokenizer import load_tokenizer
+
+    return load_tokenizer(root / "proxy_init")
+
+
 def summarise(results: list[dict]) -> str:
     def ms(xs):
         return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
@@ -248,9 +297,14 @@ def main():
     ap.add_argument("--gen_prompts", type=int, default=32)
     ap.add_argument("--fixed_eb", action="store_true", help="add the bytes_fixed run (head-free EB fit)")
     ap.add_argument("--results", default="results.json", help="file name of the results in --out")
+    ap.add_argument("--alpha_sweep", type=float, default=0.0, help="retrain bytes/nohead students at this alpha")
     ap.add_argument("--store_stats", action="store_true", help="only print the stores' statistics of finished runs")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
+    if args.alpha_sweep:
+        res = alpha_sweep(out, [int(x) for x in args.seeds.split(",")], args.alpha_sweep, args)
+        (out / args.results).write_text(json.dumps(res, indent=1))
+        return
     if args.store_stats:
         store_stats(out, [int(x) for x in args.seeds.split(",")], VARIANTS + ("bytes_fixed",))
         return
