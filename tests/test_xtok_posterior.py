@@ -186,9 +186,11 @@ def test_one_token_per_symbol_differs_from_the_token_head_by_the_spread_remainde
     lp = np.log(rng.dirichlet(np.ones(6), n)[:, :4]).astype(np.float32)
     q = dense_posterior(logits, prior, base, n_pseudo, 2.0, "expected", 1.0)
     r = 1 - np.exp(lp.astype(np.float64)).sum(1)
-    by_token = posterior_topk(logits, prior, base, n_pseudo, 2.0, k=k, head_ids_NxH=head, head_logprobs_NxH=lp)
-    by_byte = posterior_topk(
-        logits, prior, base, n_pseudo, 2.0, k=k, head_ids_NxH=sym[head], head_logprobs_NxH=lp, head_sym_V=sym
+    by_token = jax.jit(lambda *a: posterior_topk(*a, k=k, head_ids_NxH=head, head_logprobs_NxH=lp))(
+        logits, prior, base, n_pseudo, 2.0
+    )
+    by_byte = jax.jit(lambda *a: posterior_topk(*a, k=k, head_ids_NxH=sym[head], head_logprobs_NxH=lp, head_sym_V=sym))(
+        logits, prior, base, n_pseudo, 2.0
     )
     tok_of = [dict(zip(i.tolist(), x.tolist())) for i, x in zip(np.asarray(by_token[0]), np.asarray(by_token[1]))]
     byte_of = [dict(zip(i.tolist(), x.tolist())) for i, x in zip(np.asarray(by_byte[0]), np.asarray(by_byte[1]))]
