@@ -106,9 +106,16 @@ def test_teacher_logprobs_aligned_by_character_span(tok, tmp_path):
             },
         }
     )
+    # The teacher's word chunks are not our BPE tokens: `auto` picks the first-byte rule
+    # (tests/test_xtok_prepare.py); the span rule is asked for by name.
     m = prepare(
-        [write_jsonl(tmp_path / "c.jsonl", rows)], tok, tmp_path / "o", tiny_cfg(teacher_topk=4), progress=False
+        [write_jsonl(tmp_path / "c.jsonl", rows)],
+        tok,
+        tmp_path / "o",
+        tiny_cfg(teacher_topk=4, teacher_head="exact"),
+        progress=False,
     )
+    assert m["teacher_head"] == "exact" and m["teacher_head_decision"] == {"source": "config"}
     recs = _all(tmp_path / "o")[1]
     total = kept = 0
     mass_total = mass_kept = 0.0

@@ -34,6 +34,70 @@ class HeldoutStats(typing.NamedTuple):
     weight_N: np.ndarray
 
 
+class HeadStats(typing.NamedTuple):
+    """Per held-out token, what the teacher head adds (docs/TOKENIZERS.md).
+
+    `bytes` head: a_y = teacher mass of y's first-byte group b, a_eff = mass of the head's symbols
+    that some token of ours starts with, r = max(1 - total mass, 0), and the exact counts, n-gram
+    mass and proxy mass of group b. `exact` head: a_y = teacher probability of y (0 when y is not in
+    the head), a_eff = head mass, and the same three sums over the head's tokens H. Rows without a
+    head have a_eff = 0, r = 1.
+    """
+
+    a_y_N: np.ndarray
+    a_eff_N: np.ndarray
+    r_N: np.ndarray
+    exact_g_N: np.ndarray
+    ngram_g_N: np.ndarray
+    proxy_g_N: np.ndarray
+    in_head_N: np.ndarray  # exact head: y is one of the head's tokens (float 0/1); bytes head: 1
+
+
+def head_stats(head_ids_NxH, head_logprobs_NxH, targets_N, prior: SparsePrior, base_V, proxy_g_N, sym_V=None):
+    """`HeadStats` of held-out positions (prior queried external/leave_one_out, as for `heldout_stats`).
+
+    proxy_g_N: the proxy's mass of y's group (bytes head, `sym_V` given) or of the head's tokens (exact)."""
+    y = np.asarray(targets_N, np.int64)
+    lp = np.asarray(head_logprobs_NxH, np.float64)
+    ok = np.isfinite(lp)
+    a = np.where(ok, np.exp(np.where(ok, lp, 0.0)), 0.0)
+    hid = np.asarray(head_ids_NxH, np.int64)
+    ids, cnt = np.asarray(prior.ids_NxS), np.asarray(prior.counts_NxS, np.float64)
+    ng_ids, ng_p = np.asarray(prior.ngram_ids_NxS2), np.asarray(prior.ngram_probs_NxS2, np.float64)
+    floor, base = np.asarray(prior.floor_N, np.float64), np.asarray(base_V, np.float64)
+    if sym_V is not None:
+        sym = np.asarray(sym_V, np.int64)
+        b = sym[y]
+        has_tokens = np.zeros(int(max(sym.max(), hid.max(initial=0))) + 1, bool)
+        has_tokens[sym] = True
+        a_y = np.sum(np.where(ok & (hid == b[:, None]), a, 0.0), 1)
+        a_eff = np.sum(np.where(ok & has_tokens[np.clip(hid, 0, len(has_tokens) - 1)], a, 0.0), 1)
+        base_g = np.zeros(int(sym.max()) + 1)
+        np.add.at(base_g, sym, base)
+        exact_g = np.sum(np.where(sym[ids] == b[:, None], cnt, 0.0), 1)
+        ngram_g = np.sum(np.where(sym[ng_ids] == b[:, None], ng_p, 0.0), 1) + floor * base_g[b]
+        in_head = np.ones_like(a_y)
+    else:
+        member = lambda x: np.any((x[:, :, None] == hid[:, None, :]) & ok[:, None, :], 2)  # noqa: E731
+        a_y = np.sum(np.where(ok & (hid == y[:, None]), a, 0.0), 1)
+        a_eff = a.sum(1)
+        exact_g = np.sum(np.where(member(ids), cnt, 0.0), 1)
+        ngram_g = np.sum(np.where(member(ng_ids), ng_p, 0.0), 1) + floor * np.sum(np.where(ok, base[hid], 0.0), 1)
+        in_head = np.any(ok & (hid == y[:, None]), 1).astype(np.float64)
+    r = np.maximum(1.0 - a.sum(1), 0.0)
+    return HeadStats(a_y, a_eff, r, exact_g, ngram_g, np.asarray(proxy_g_N, np.float64), in_head)
+
+
+def _with_head(q_y, q_g, head: HeadStats, kind: str):
+    """q'(y) from q̂(y) and q̂ of y's group (bytes) or of the head's tokens (exact)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if kind == "bytes":
+            rho = np.where(q_g > 0, head.a_y_N / q_g, 0.0) + head.r_N
+            return q_y * rho / np.maximum(head.a_eff_N + head.r_N, 1e-300)
+        rest = q_y * np.maximum(1.0 - head.a_eff_N, 0.0) / np.maximum(1.0 - q_g, 1e-300)
+        return np.where(head.in_head_N > 0, head.a_y_N, rest)
+
+
 @jax.jit
 def _proxy_target_prob(proxy_logits_NxV, targets_N):
     logits = proxy_logits_NxV.astype(jnp.float32)
@@ -60,14 +124,27 @@ def heldout_stats_from_probs(proxy_y_N, targets_N, prior: SparsePrior, base_V, w
     return HeldoutStats(exact_y, cnt.sum(1), ngram_y, ng_p.sum(1) + floor, np.asarray(proxy_y_N, np.float64), w)
 
 
-def score(stats: HeldoutStats, kappa, n_max):
-    """Mean log q(y) over the held-out tokens (-inf where q(y) = 0 or is undefined)."""
-    if np.isinf(n_max):
-        return float(np.mean(np.log(stats.proxy_y_N)))
+def score(stats: HeldoutStats, kappa, n_max, head: HeadStats | None = None, head_kind: str = "exact"):
+    """Mean log q(y) over the held-out tokens (-inf where q(y) = 0 or is undefined); with `head`, of
+    the posterior after the teacher head (`head_kind` "exact" or "bytes")."""
+    if head is None:
+        if np.isinf(n_max):
+            return float(np.mean(np.log(stats.proxy_y_N)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            num = stats.exact_y_N + kappa * stats.ngram_y_N + n_max * stats.weight_N * stats.proxy_y_N
+            den = stats.exact_total_N + kappa * stats.ngram_mass_N + n_max * stats.weight_N
+            logq = np.where((num > 0) & (den > 0), np.log(num) - np.log(den), -np.inf)
+        return float(np.mean(logq))
     with np.errstate(divide="ignore", invalid="ignore"):
-        num = stats.exact_y_N + kappa * stats.ngram_y_N + n_max * stats.weight_N * stats.proxy_y_N
-        den = stats.exact_total_N + kappa * stats.ngram_mass_N + n_max * stats.weight_N
-        logq = np.where((num > 0) & (den > 0), np.log(num) - np.log(den), -np.inf)
+        if np.isinf(n_max):
+            q_y = stats.proxy_y_N
+            q_g = head.proxy_g_N
+        else:
+            den = stats.exact_total_N + kappa * stats.ngram_mass_N + n_max * stats.weight_N
+            q_y = (stats.exact_y_N + kappa * stats.ngram_y_N + n_max * stats.weight_N * stats.proxy_y_N) / den
+            q_g = (head.exact_g_N + kappa * head.ngram_g_N + n_max * stats.weight_N * head.proxy_g_N) / den
+        q_y = _with_head(q_y, q_g, head, head_kind)
+        logq = np.where(np.isfinite(q_y) & (q_y > 0), np.log(np.where(q_y > 0, q_y, 1.0)), -np.inf)
     return float(np.mean(logq))
 
 
@@ -121,9 +198,20 @@ def _refine(f, grid, i, steps):
 
 
 def fit_empirical_bayes(
-    stats: HeldoutStats, *, kappa_grid=DEFAULT_KAPPA_GRID, n_max_grid=DEFAULT_N_MAX_GRID, refine_steps=12, verbose=False
+    stats: HeldoutStats,
+    *,
+    kappa_grid=DEFAULT_KAPPA_GRID,
+    n_max_grid=DEFAULT_N_MAX_GRID,
+    refine_steps=12,
+    verbose=False,
+    head: HeadStats | None = None,
+    head_kind: str = "exact",
 ) -> EBResult:
-    """Grid search over (kappa, N_max), then golden-section refinement of each in turn."""
+    """Grid search over (kappa, N_max), then golden-section refinement of each in turn (scored after
+    the teacher head when `head` is given: the estimate the store holds)."""
+    _score = score
+    if head is not None:
+        _score = lambda st, kp, nm: score(st, kp, nm, head, head_kind)  # noqa: E731
     if stats.proxy_y_N.size == 0:
         raise ValueError(
             "empirical Bayes: no held-out tokens; hold out at least one response of a "
@@ -131,12 +219,12 @@ def fit_empirical_bayes(
         )
     kg = sorted(set(float(x) for x in kappa_grid) | {0.0})
     ng = sorted(set(float(x) for x in n_max_grid) | {0.0, float("inf")})
-    grid = np.array([[score(stats, kp, nm) for nm in ng] for kp in kg])
+    grid = np.array([[_score(stats, kp, nm) for nm in ng] for kp in kg])
     i, j = np.unravel_index(np.argmax(grid), grid.shape)
     kappa, n_max, best = kg[i], ng[j], grid[i, j]
     if np.isfinite(n_max) and refine_steps:
-        kappa, best = _refine(lambda x: score(stats, x, n_max), kg, i, refine_steps)
-        n_max, best = _refine(lambda x: score(stats, kappa, x), ng, j, refine_steps)
+        kappa, best = _refine(lambda x: _score(stats, x, n_max), kg, i, refine_steps)
+        n_max, best = _refine(lambda x: _score(stats, kappa, x), ng, j, refine_steps)
     prior_i = int(np.argmax(grid[:, 0]))
     res = EBResult(
         float(kappa), float(n_max), float(best), float(grid[prior_i, 0]), float(kg[prior_i]), float(grid[0, -1]), grid

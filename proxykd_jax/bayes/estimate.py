@@ -54,6 +54,15 @@ def target_logprobs(graphdef, state, batch):
     return picked - lse
 
 
+def group_mass_of_target(graphdef, state, batch, sym_V):
+    """The proxy's mass of each target's first-byte group [B, L] (a `bytes` head's EB statistics)."""
+    model = nnx.merge(graphdef, state)
+    p = jax.nn.softmax(model(batch["tokens"], batch["positions"], batch["segment_ids"]).astype(jnp.float32), axis=-1)
+    onehot = jax.nn.one_hot(sym_V, kernel.N_SYMBOLS, dtype=jnp.float32)
+    groups = jnp.einsum("blv,vs->bls", p, onehot, precision=jax.lax.Precision.HIGHEST)
+    return jnp.take_along_axis(groups, sym_V[batch["targets"]][..., None], axis=-1)[..., 0]
+
+
 def response_spans(batch) -> list[tuple[int, int, int]]:
     """(row, first input index, response tokens T) of each real row of an `iter_samples` batch."""
     spans = []
@@ -102,12 +111,21 @@ def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq
     ids, logliks = [], []
     hold_seqs, hold_proxy_y, hold_sid = [], [], []
     fwd = jax.jit(target_logprobs, static_argnums=0, out_shardings=replicated(mesh))
+    # A bytes head is fitted as it is used: the held-out score is that of the projected posterior.
+    # (An exact head keeps the head-free fit, so same-tokenizer runs are unchanged.)
+    head_sym = (
+        head_symbols(prepared, model.cfg.vocab_size) if pcfg.use_teacher_topk and prepared.has_teacher_head else None
+    )
+    hold_head = [] if head_sym is not None else None
+    group_fwd = jax.jit(group_mass_of_target, static_argnums=0, out_shardings=replicated(mesh))
     total = prepared.num_samples(SPLIT)
     progress = jax.process_index() == 0
     with progress_bars.bar(total=total, desc="posterior: proxy scores", unit="sample", disable=not progress) as bar:
         for host_batch in batches(prepared, data_cfg, seq_len=seq_len, batch_size=batch_size):
             gb = global_batch({k: host_batch[k] for k in _MODEL_FIELDS}, mesh, rules)
             lp = hosts.host_rows(fwd(graphdef, state, gb), local_rows(batch_size))
+            if hold_head is not None:
+                g = hosts.host_rows(group_fwd(graphdef, state, gb, head_sym), local_rows(batch_size))
             spans = response_spans(host_batch)
             for row, start, t in spans:
                 sid = int(host_batch["sample_ids"][row, 0])
@@ -118,6 +136,15 @@ def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq
                     hold_sid.append(sid)
                     hold_seqs.append(np.asarray(host_batch["targets"][row, start : start + t], np.int32))
                     hold_proxy_y.append(np.exp(tok_lp))
+                    if hold_head is not None:
+                        sl = slice(start, start + t)
+                        hold_head.append(
+                            (
+                                host_batch["teacher_topk_ids"][row, sl],
+                                host_batch["teacher_topk_logprobs"][row, sl],
+                                g[row, sl].astype(np.float64),
+                            )
+                        )
             bar.update(len(spans) * jax.process_count())
     sample_ids = np.asarray(ids, np.int64)
     loglik = np.asarray(logliks, np.float64)
@@ -147,13 +174,15 @@ def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq
                 hold_sid,
                 hold_seqs,
                 hold_proxy_y,
+                hold_head,
+                None if head_sym is None else np.asarray(head_sym),
             )
         )
     est["weights"] = {str(s): float(x) for s, x in sorted(zip(all_ids.tolist(), all_w.tolist()))}
     return est
 
 
-def _fit(prepared, pcfg, prior_cfg, w_of: dict, hold_sid, hold_seqs, hold_proxy_y) -> dict:
+def _fit(prepared, pcfg, prior_cfg, w_of: dict, hold_sid, hold_seqs, hold_proxy_y, hold_head=None, sym=None) -> dict:
     """Empirical Bayes on held-out samples, scored against tables built without them."""
     all_held = hosts.allgather(np.asarray(hold_sid, np.int64))
     if not len(all_held):
@@ -166,20 +195,30 @@ def _fit(prepared, pcfg, prior_cfg, w_of: dict, hold_sid, hold_seqs, hold_proxy_
         int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split(SPLIT) if int(r["sample_id"]) in wanted
     }
     held_out_tables = build_prior(prepared, prior_cfg, exclude=frozenset(all_held.tolist()), progress=False)
-    stats_parts = []
+    stats_parts, head_parts = [], []
     if hold_sid:
         prior = held_out_tables.query(np.asarray([keys[s] for s in hold_sid], np.int64), hold_seqs, mode="external")
         weight_N = np.concatenate([np.full(len(y), w_of[s]) for s, y in zip(hold_sid, hold_seqs)])
         stats_parts = empirical.heldout_stats_from_probs(
             np.concatenate(hold_proxy_y), np.concatenate(hold_seqs), prior, held_out_tables.base_V, weight_N
         )
+        if hold_head is not None:
+            ids, lps, g = (np.concatenate([h[i] for h in hold_head]) for i in range(3))
+            head_parts = empirical.head_stats(
+                ids, lps, np.concatenate(hold_seqs), prior, held_out_tables.base_V, g, sym
+            )
     stats = empirical.HeldoutStats(*(hosts.allgather(np.asarray(x)) for x in _or_empty(stats_parts)))
-    res = empirical.fit_empirical_bayes(stats, refine_steps=pcfg.eb_refine_steps)
+    head = None
+    if hold_head is not None:
+        parts = head_parts or [np.zeros((0,), np.float64) for _ in empirical.HeadStats._fields]
+        head = empirical.HeadStats(*(hosts.allgather(np.asarray(x)) for x in parts))
+    res = empirical.fit_empirical_bayes(stats, refine_steps=pcfg.eb_refine_steps, head=head, head_kind="bytes")
     log.info("posterior: %s on %d held-out tokens", res.summary(), stats.proxy_y_N.shape[0])
     return {
         "kappa": res.kappa,
         "n_max": res.n_max,
         "fitted": True,
+        "fit_with_head": head is not None,
         "heldout_tokens": int(stats.proxy_y_N.shape[0]),
         "heldout_loglik": {
             "posterior": res.score_posterior,
@@ -213,10 +252,21 @@ def _dense_prior_rows(tables, keys, seqs, spans, rows: int, length: int) -> Spar
     return SparsePrior(*out)
 
 
+def head_symbols(prepared, vocab_size: int):
+    """The first-byte symbols of a `bytes` head over the model's vocabulary (ids beyond the
+    tokenizer's: OTHER_SYMBOL), or None for an `exact` head."""
+    sym = prepared.head_symbols()
+    if sym is None:
+        return None
+    out = np.full(vocab_size, kernel.OTHER_SYMBOL, np.int32)
+    out[: min(len(sym), vocab_size)] = sym[:vocab_size]
+    return jnp.asarray(out)
+
+
 def make_posterior_step(graphdef, pcfg, *, k: int, mesh):
     """jit(proxy forward + posterior kernel) for one batch -> ids/logprobs [B*L, K], tail [B*L]."""
 
-    def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps):
+    def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps, head_sym_V=None):
         model = nnx.merge(graphdef, state)
         logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
         n = logits.shape[0] * logits.shape[1]
@@ -234,6 +284,7 @@ def make_posterior_step(graphdef, pcfg, *, k: int, mesh):
             head_ids_NxH=head_ids,
             head_logprobs_NxH=head_lps,
             chunk=pcfg.chunk_tokens,
+            head_sym_V=head_sym_V,
         )
 
     return jax.jit(step, out_shardings=replicated(mesh))
@@ -258,6 +309,7 @@ def write_store(
     n_max = min(float(est["n_max"]), _N_MAX_CAP)
     base = jnp.asarray(tables.base_V, jnp.float32)
     use_head = pcfg.use_teacher_topk and prepared.has_teacher_head
+    head_sym = head_symbols(prepared, model.cfg.vocab_size) if use_head else None
     root = jax.random.key(seed)
     written, progress = 0, jax.process_index() == 0
     with progress_bars.bar(
@@ -296,6 +348,7 @@ def write_store(
                 jax.random.fold_in(root, b),
                 flat(gb["head_ids"]) if use_head else None,
                 flat(gb["head_lps"]) if use_head else None,
+                head_sym,
             )
             ids, lps, tail = (hosts.host_rows(x, rows * length) for x in (ids, lps, tail))
             for (row, s, t), sid in zip(todo, sids):

@@ -7,8 +7,17 @@ evidence_t = N_t * p_t (`expected`) or (N_t / M) * counts of M draws from p_t (`
 support the score is a fixed function of the dense term (N_t p_t + kappa floor_t base in `expected`),
 so top-k(q_t) lies in top-k(dense term) ∪ support(prior): the kernel takes the dense top-k, adds the
 sparse ids, sums duplicate ids after a sort, and keeps the top k of that union plus the tail mass.
-No dense prior is ever built. Where the teacher returned top log-probs they are fixed as the head and
-the posterior, without the head's ids, is renormalised to the remaining mass.
+No dense prior is ever built. Where the teacher returned top log-probs over our own tokens
+(`exact` head) they are fixed as the head and the posterior, without the head's ids, is
+renormalised to the remaining mass.
+
+A teacher with another tokenizer (`bytes` head, docs/TOKENIZERS.md) gives the distribution of the
+continuation's first byte instead: masses a(b) over symbols b (bytes 0-255, end of text 256) and an
+unknown remainder r = 1 - sum_b a(b). With `sym_V` mapping each of our tokens to its first byte
+(specials to 256/257), the posterior q̂ is projected to q'(t) = q̂(t) m(b(t)) / Q̂(b(t)),
+m(b) = a(b) + r Q̂(b), where Q̂(b) is the exact group sum of q̂. The kernel computes the group sums
+of the dense term per block of tokens (a [V] -> [258] segment sum), then takes the blocked top-k of
+the dense term times the group factor, so the stored top-k and tail are exact for q'.
 """
 
 import functools
@@ -21,6 +30,9 @@ from jax.sharding import PartitionSpec as P
 from proxykd_jax.bayes.prior import SparsePrior
 
 MODES = ("expected", "sampled", "geometric")
+N_SYMBOLS = 258  # first-byte symbols: bytes 0-255, END_SYMBOL, OTHER_SYMBOL
+END_SYMBOL = 256  # end of text (the eos token; a teacher's end-of-text entry)
+OTHER_SYMBOL = 257  # special tokens that are not end of text, tokens without bytes
 _PRIORITY = 4.0  # added to head probabilities so teacher entries always win a top-k slot
 
 
@@ -63,7 +75,7 @@ def _slice_reduce(op, x_NxBxM):
     return functools.reduce(op, [x_NxBxM[:, i] for i in range(x_NxBxM.shape[1])])
 
 
-def blocked_top_k(score, logits_NxV, base_V, k, block=16):
+def blocked_top_k(score, logits_NxV, base_V, k, block=16, sym_V=None):
     """Top-k values over v of score(logits[:, v], base[v]) without materialising the [N, V] scores.
 
     Ids are split into V/B blocks of B ids each (block j holds j, j + V/B, j + 2V/B, ...). The k
@@ -71,30 +83,108 @@ def blocked_top_k(score, logits_NxV, base_V, k, block=16):
     k-th largest block maximum, and k entries reach it. One fused pass computes the block maxima, the
     scores of the k*B candidate ids are recomputed from gathered logits, and a top-k over them
     finishes. On CPU this replaces an exp written over [N, V] plus XLA's row top-k over V. `score`
-    must be elementwise and broadcast over (logits [N, ., .], base [., .]). Returns
+    must be elementwise and broadcast over (logits [N, ., .], base [., .]); with `sym_V` (int32 [V])
+    it takes a third argument, the ids' symbols shaped like base. Returns
     (values_NxK, ids_NxK int32): the values of `lax.top_k`; among exactly tied values the ids may
     differ from its lowest-id choice.
     """
     n, v = logits_NxV.shape
     nb = v // block
+    cols = (base_V,) if sym_V is None else (base_V, sym_V)
     if v % block or nb <= 2 * k:
-        vals, ids = jax.lax.top_k(score(logits_NxV[:, None, :], base_V[None, :])[:, 0, :], k)
+        vals, ids = jax.lax.top_k(score(logits_NxV[:, None, :], *(c[None, None, :] for c in cols))[:, 0, :], k)
         return vals, ids.astype(jnp.int32)
     lg = logits_NxV.reshape(n, block, nb)
-    bs = base_V.reshape(block, nb)
-    block_max = _slice_reduce(jnp.maximum, score(lg, bs[None]))
+    cs = [c.reshape(block, nb) for c in cols]
+    block_max = _slice_reduce(jnp.maximum, score(lg, *(c[None] for c in cs)))
     _, blocks_NxK = jax.lax.top_k(block_max, k)
     cand_lg = jnp.take_along_axis(lg, blocks_NxK[:, None, :], axis=2)  # [N, B, k]
-    cand = score(cand_lg, bs[:, blocks_NxK].transpose(1, 0, 2)).reshape(n, block * k)
+    cand = score(cand_lg, *(c[:, blocks_NxK].transpose(1, 0, 2) for c in cs)).reshape(n, block * k)
     vals, pos = jax.lax.top_k(cand, k)
     ids = (pos // k) * nb + jnp.take_along_axis(blocks_NxK, pos % k, axis=1)
     return vals, ids.astype(jnp.int32)
 
 
+def _rows_at(x_NxS, sym):
+    """x[n, sym[n, ...]] for symbols shaped [1 or N, ...] (broadcast over rows)."""
+    n = x_NxS.shape[0]
+    idx = jnp.broadcast_to(sym, (n,) + sym.shape[1:])
+    return jnp.take_along_axis(x_NxS, idx.reshape(n, -1), axis=1).reshape(idx.shape)
+
+
+def group_factor(head_syms_NxH, head_logprobs_NxH, groups_NxS):
+    """rho(b) = m(b) / Q̂(b) of the first-byte I-projection, from unnormalised group masses of q̂.
+
+    a(b): teacher masses per symbol (-inf log-probs are absent entries; repeated symbols add up);
+    r = 1 - sum a. Groups with Q̂(b) = 0 cannot take mass: their a(b) is dropped and the rest
+    renormalised (rows without any head get rho = 1).
+    """
+    n, s = groups_NxS.shape
+    total = jnp.sum(groups_NxS, 1, keepdims=True)
+    q_hat = groups_NxS / jnp.where(total > 0, total, 1.0)
+    valid = jnp.isfinite(head_logprobs_NxH)
+    syms = jnp.clip(jnp.where(valid, head_syms_NxH.astype(jnp.int32), 0), 0, s - 1)
+    mass = jnp.where(valid, jnp.exp(jnp.where(valid, head_logprobs_NxH, 0.0)), 0.0)
+    a = jnp.zeros((n, s), jnp.float32).at[jnp.arange(n)[:, None], syms].add(mass)
+    r = jnp.maximum(1.0 - jnp.sum(a, 1, keepdims=True), 0.0)
+    feasible = q_hat > 0
+    rho = jnp.where(feasible, a / jnp.where(feasible, q_hat, 1.0), 0.0) + r
+    norm = jnp.sum(q_hat * rho, 1, keepdims=True)
+    return jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1.0), 1.0)
+
+
+def _group_sums(x_NxV, sym_V):
+    """Per-row sums of x over each first-byte group: [N, V] -> [N, N_SYMBOLS] (a one-hot matmul)."""
+    onehot = jax.nn.one_hot(sym_V, N_SYMBOLS, dtype=jnp.float32)
+    return jnp.dot(x_NxV, onehot, precision=jax.lax.Precision.HIGHEST)
+
+
+def _byte_groups(logp, logp_at, prior_mass, floor, base, n_pseudo, sp_ids, sp_vals, sym, mode, beta):
+    """Unnormalised first-byte group masses [N, N_SYMBOLS] of the posterior q̂ (before the head).
+
+    q̂ = (d + adj) / Z with d a fixed function of (logits, base) over the whole vocabulary and adj
+    non-zero only on the prior's sparse support; both are summed per group.
+    """
+    ids, run, keep = _dedupe_sum(sp_ids, sp_vals)
+    floor_at = floor[:, None] * base[ids]
+    if mode == "geometric":
+        log_mass = jnp.log(prior_mass)[:, None]
+        dense_all = logp + beta * (jnp.log(floor[:, None] * base[None, :]) - log_mass)
+        lp = logp_at(ids)
+        full = jnp.where(keep, lp + beta * (jnp.log(run + floor_at) - log_mass), -jnp.inf)
+        dense_c = lp + beta * (jnp.log(floor_at) - log_mass)
+        shift = jnp.maximum(jnp.max(full, 1, keepdims=True), jnp.max(dense_all, 1, keepdims=True))
+        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+        d = jnp.exp(dense_all - shift)
+        adj = jnp.where(keep, jnp.exp(full - shift) - jnp.exp(dense_c - shift), 0.0)
+        dense_groups = _group_sums(d, sym)
+    else:
+        adj = jnp.where(keep, run, 0.0)
+        dense_groups = floor[:, None] * _group_sums(base[None, :], sym)
+        if mode == "expected":
+            dense_groups = dense_groups + n_pseudo[:, None] * _group_sums(jnp.exp(logp), sym)
+    n = ids.shape[0]
+    return dense_groups.at[jnp.arange(n)[:, None], sym[ids]].add(adj)
+
+
 def _posterior_core(
-    proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms_NxM, head_ids_NxH, head_logprobs_NxH, *, k, mode, beta
+    proxy_logits_NxV,
+    prior,
+    base_V,
+    n_pseudo_N,
+    kappa,
+    uniforms_NxM,
+    head_ids_NxH,
+    head_logprobs_NxH,
+    sym_V=None,
+    *,
+    k,
+    mode,
+    beta,
 ):
-    """One block of tokens; returns (ids_NxK int32, logprobs_NxK float32, tail_N float32)."""
+    """One block of tokens; returns (ids_NxK int32, logprobs_NxK float32, tail_N float32).
+
+    With `sym_V` the head holds first-byte symbols (a `bytes` head), else our token ids."""
     logits = jnp.asarray(proxy_logits_NxV).astype(jnp.float32)
     base = jnp.asarray(base_V, jnp.float32)
     kappa = jnp.asarray(kappa, jnp.float32)
@@ -118,15 +208,40 @@ def _posterior_core(
         + floor
     )
 
-    # Dense term whose top-k (together with the sparse ids) contains the posterior's top-k.
+    rho = None
+    if sym_V is not None and head_ids_NxH is not None:
+        sym = jnp.asarray(sym_V, jnp.int32)
+        rho = group_factor(
+            head_ids_NxH,
+            head_logprobs_NxH,
+            _byte_groups(logp, logp_at, prior_mass, floor, base, n_pseudo, sp_ids, sp_vals, sym, mode, beta),
+        )
+
+    # Dense term whose top-k (together with the sparse ids) contains the posterior's top-k; with a
+    # bytes head, of the dense term times the group factor (off the sparse support q' is exactly that).
     if mode == "expected":
         npn, fl = n_pseudo[:, None, None], floor[:, None, None]
-        _, top_ids = blocked_top_k(lambda lg, b: npn * jnp.exp(lg - lse[:, :, None]) + fl * b, logits, base, k)
-    elif mode == "sampled":
+        if rho is None:
+            _, top_ids = blocked_top_k(lambda lg, b: npn * jnp.exp(lg - lse[:, :, None]) + fl * b, logits, base, k)
+        else:
+            _, top_ids = blocked_top_k(
+                lambda lg, b, sy: (npn * jnp.exp(lg - lse[:, :, None]) + fl * b) * _rows_at(rho, sy),
+                logits,
+                base,
+                k,
+                sym_V=sym,
+            )
+    elif mode == "sampled" and rho is None:
         _, top_ids = jax.lax.top_k(base, k)
         top_ids = jnp.broadcast_to(top_ids[None, :], (logits.shape[0], k))
-    else:
+    elif mode == "sampled":
+        _, top_ids = blocked_top_k(lambda lg, b, sy: b * _rows_at(rho, sy), logits, base, k, sym_V=sym)
+    elif rho is None:
         _, top_ids = blocked_top_k(lambda lg, b: lg + beta * jnp.log(b), logits, base, k)
+    else:
+        _, top_ids = blocked_top_k(
+            lambda lg, b, sy: lg + beta * jnp.log(b) + jnp.log(_rows_at(rho, sy)), logits, base, k, sym_V=sym
+        )
 
     cand_ids = jnp.concatenate([top_ids.astype(jnp.int32), sp_ids], 1)
     cand_sp = jnp.concatenate([jnp.zeros(top_ids.shape, jnp.float32), sp_vals], 1)
@@ -164,7 +279,9 @@ def _posterior_core(
                 val = val + n_pseudo[:, None] * jnp.exp(logp_at(ids))
             return val / total[:, None]
 
-    if head_ids_NxH is None:
+    if rho is not None:
+        cand_q = jnp.where(keep, cand_q * _rows_at(rho, sym[cand_ids]), -jnp.inf)
+    if head_ids_NxH is None or rho is not None:
         top_q, pos = jax.lax.top_k(cand_q, k)
         out_ids = jnp.take_along_axis(cand_ids, pos, axis=1)
     else:
@@ -187,12 +304,24 @@ def _posterior_core(
 
 
 def _run_blocked(
-    core, proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms_NxM, head_ids_NxH, head_logprobs_NxH, chunk
+    core,
+    proxy_logits_NxV,
+    prior,
+    base_V,
+    n_pseudo_N,
+    kappa,
+    uniforms_NxM,
+    head_ids_NxH,
+    head_logprobs_NxH,
+    chunk,
+    sym_V=None,
 ):
     """Runs `core` on the whole token axis, or block by block (lax.map) when chunk < N."""
     n = proxy_logits_NxV.shape[0]
     if not chunk or chunk >= n:
-        return core(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms_NxM, head_ids_NxH, head_logprobs_NxH)
+        return core(
+            proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms_NxM, head_ids_NxH, head_logprobs_NxH, sym_V
+        )
     pad = (-n) % chunk
 
     def blocks(x, fill=0):
@@ -204,7 +333,7 @@ def _run_blocked(
 
     def one(xs):
         (lg, pr, un, hi, hl), npn = xs
-        return core(lg, pr, base_V, npn, kappa, un, hi, hl)
+        return core(lg, pr, base_V, npn, kappa, un, hi, hl, sym_V)
 
     out = jax.lax.map(one, blocked)
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:n], out)
@@ -232,6 +361,7 @@ def posterior_topk(
     head_ids_NxH=None,
     head_logprobs_NxH=None,
     chunk=0,
+    head_sym_V=None,
 ):
     """The posterior's exact top-k at N positions (pure; jit it, or call it inside a jitted step).
 
@@ -239,7 +369,8 @@ def posterior_topk(
     base_V: the n-gram's dense base distribution; n_pseudo_N: N_t = N_max * w; kappa: prior strength;
     k: entries kept; mode: "expected" | "sampled" (needs rng; num_samples draws) | "geometric" (beta);
     head_*_NxH: teacher top log-probs (-inf where absent) fixed as the head; chunk: tokens per block
-    (0: all at once). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32), sorted by
+    (0: all at once); head_sym_V: int32 [V] first-byte symbol of each of our tokens — given, the
+    head holds first-byte symbols and masses (a `bytes` head) and q̂ is I-projected onto them. Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32), sorted by
     probability, with exp(logprobs).sum() + tail == 1. A position whose total pseudo-count is zero
     (N_t = 0 with an empty prior) has no posterior and yields NaN; include_self queries never do.
     """
@@ -252,7 +383,17 @@ def posterior_topk(
         uniforms = jax.random.uniform(rng, (n, num_samples), jnp.float32)
     core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta)
     return _run_blocked(
-        core, proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, uniforms, head_ids_NxH, head_logprobs_NxH, chunk
+        core,
+        proxy_logits_NxV,
+        prior,
+        base_V,
+        n_pseudo_N,
+        kappa,
+        uniforms,
+        head_ids_NxH,
+        head_logprobs_NxH,
+        chunk,
+        None if head_sym_V is None else jnp.asarray(head_sym_V, jnp.int32),
     )
 
 
@@ -260,7 +401,7 @@ def make_sharded_posterior(mesh, *, axes=("data", "fsdp"), k, mode="expected", n
     """A jitted posterior with the token axis sharded over `axes` of `mesh` (shard_map inside).
 
     Returns f(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, rng=None, head_ids_NxH=None,
-    head_logprobs_NxH=None) with the outputs of `posterior_topk`, sharded the same way over tokens;
+    head_logprobs_NxH=None, head_sym_V=None) with the outputs of `posterior_topk`, sharded the same way over tokens;
     N must divide evenly over the product of the mesh axes.
     """
     axes = tuple(a for a in axes if a in mesh.axis_names)
@@ -274,7 +415,17 @@ def make_sharded_posterior(mesh, *, axes=("data", "fsdp"), k, mode="expected", n
     explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 
     @jax.jit
-    def run(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, rng=None, head_ids_NxH=None, head_logprobs_NxH=None):
+    def run(
+        proxy_logits_NxV,
+        prior,
+        base_V,
+        n_pseudo_N,
+        kappa,
+        rng=None,
+        head_ids_NxH=None,
+        head_logprobs_NxH=None,
+        head_sym_V=None,
+    ):
         n, v = proxy_logits_NxV.shape
         _check(mode, k, v)
         if n % n_shards:
@@ -290,12 +441,32 @@ def make_sharded_posterior(mesh, *, axes=("data", "fsdp"), k, mode="expected", n
         if head_ids_NxH is not None:
             extras["head_ids"], extras["head_lp"] = head_ids_NxH, head_logprobs_NxH
 
-        def per_shard(lg, pr, npn, ex, base, kp):
+        shared = {} if head_sym_V is None else {"sym": jnp.asarray(head_sym_V, jnp.int32)}
+
+        def per_shard(lg, pr, npn, ex, base, kp, sh):
             return _run_blocked(
-                core, lg, pr, base, npn, kp, ex.get("uniforms"), ex.get("head_ids"), ex.get("head_lp"), chunk
+                core,
+                lg,
+                pr,
+                base,
+                npn,
+                kp,
+                ex.get("uniforms"),
+                ex.get("head_ids"),
+                ex.get("head_lp"),
+                chunk,
+                sh.get("sym"),
             )
 
-        specs = (tok, SparsePrior(tok, tok, tok, tok, tok), tok, {x: tok for x in extras}, P(), P())
+        specs = (
+            tok,
+            SparsePrior(tok, tok, tok, tok, tok),
+            tok,
+            {x: tok for x in extras},
+            P(),
+            P(),
+            {x: P() for x in shared},
+        )
         args = (
             proxy_logits_NxV,
             SparsePrior(*prior),
@@ -303,6 +474,7 @@ def make_sharded_posterior(mesh, *, axes=("data", "fsdp"), k, mode="expected", n
             extras,
             jnp.asarray(base_V, jnp.float32),
             jnp.asarray(kappa, jnp.float32),
+            shared,
         )
         if explicit:  # Explicit mesh axes: shard_map wants its inputs already laid out as in_specs.
             args = jax.tree.map(

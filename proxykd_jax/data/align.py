@@ -1,9 +1,15 @@
 """Tokenisation of samples and alignment of the teacher's top log-probs to our tokens.
 
-The teacher's tokens are not ours. A teacher position is kept when its character span in the
-response equals the span of exactly one of our response tokens; its alternatives are mapped where
-each is a single token of our vocabulary, and the rest of its probability is counted as unmapped.
-Positions whose span covers zero or several of our tokens are dropped and counted.
+Two rules (docs/TOKENIZERS.md), chosen by `data.teacher_head`:
+
+- `exact` (the teacher's tokenizer is ours): a teacher position is kept when its character span in
+  the response equals the span of exactly one of our response tokens; its alternatives are mapped
+  where each is a single token of our vocabulary, and the rest of its probability is counted as
+  unmapped. Positions whose span covers zero or several of our tokens are dropped and counted.
+- `bytes` (another tokenizer): teacher token boundaries are matched to our token starts by byte
+  offset; at each of our positions that starts on a teacher boundary the alternatives are summed by
+  their first byte (end of text is symbol 256): the head holds (symbol, log mass) pairs, and the
+  remainder 1 - sum of the masses is the teacher's unseen tail.
 """
 
 import dataclasses
@@ -11,7 +17,11 @@ import functools
 
 import numpy as np
 
+from proxykd_jax.data import byte_head
 from proxykd_jax.data.corpus import DataError, Sample
+from proxykd_jax.teacher.responses import token_bytes_of
+
+HEADS = ("exact", "bytes")
 
 
 @dataclasses.dataclass
@@ -23,18 +33,20 @@ class AlignStats:
     mass_total: float = 0.0
     mass_kept: float = 0.0
     samples_with_logprobs: int = 0
+    student_positions_total: int = 0  # our response tokens (eos excluded) of samples with log-probs
+    student_positions_covered: int = 0  # of those, the ones that received a teacher head
+    mass_matched: float = 0.0  # teacher top-logprob mass at the teacher positions matched to one of ours
 
     def add(self, other: "AlignStats"):
-        self.positions_total += other.positions_total
-        self.positions_kept += other.positions_kept
-        self.mass_total += other.mass_total
-        self.mass_kept += other.mass_kept
-        self.samples_with_logprobs += other.samples_with_logprobs
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["position_fraction"] = self.positions_kept / max(self.positions_total, 1)
         d["mass_fraction"] = self.mass_kept / max(self.mass_total, 1e-30)
+        d["student_position_fraction"] = self.student_positions_covered / max(self.student_positions_total, 1)
+        d["head_mass_fraction"] = self.mass_kept / max(self.mass_matched, 1e-30)  # of the matched positions' mass
         return d
 
 
@@ -93,7 +105,14 @@ class SampleEncoder:
     """Tokenises samples in batches with a Hugging Face fast tokenizer and aligns teacher log-probs."""
 
     def __init__(
-        self, tokenizer, *, seq_len: int, teacher_topk: int = 20, add_eos: bool = True, truncate: bool = False
+        self,
+        tokenizer,
+        *,
+        seq_len: int,
+        teacher_topk: int = 20,
+        add_eos: bool = True,
+        truncate: bool = False,
+        head: str = "exact",
     ):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
@@ -104,7 +123,12 @@ class SampleEncoder:
         self.topk = teacher_topk
         self.eos = tokenizer.eos_token_id if add_eos else None
         self.truncate = truncate
+        if head not in HEADS:
+            raise ValueError(f"data.teacher_head={head!r} is not one of {('auto',) + HEADS}.")
+        self.head = head
         self._single_id = functools.lru_cache(maxsize=1 << 16)(self._single_id_uncached)
+        self._token_bytes = byte_head.token_bytes(tokenizer) if head == "bytes" else None
+        self._symbol = functools.lru_cache(maxsize=1 << 16)(lambda t: byte_head.teacher_symbol(t))
 
     def _single_id_uncached(self, text: str) -> int:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -147,7 +171,14 @@ class SampleEncoder:
         stats = AlignStats()
         t_ids = t_lps = None
         if s.teacher_alts is not None:
-            t_ids, t_lps = self._align(s, len(p_ids), offs, len(tokens), stats)
+            if self.head == "bytes":
+                t_ids, t_lps = self._align_bytes(s, len(p_ids), r_ids, offs, len(tokens), stats, truncated)
+            else:
+                t_ids, t_lps = self._align(s, len(p_ids), offs, len(tokens), stats)
+            # Our response tokens, the appended eos excluded (APIs send no log-probs for the stop token).
+            resp_rows = slice(len(p_ids), len(p_ids) + len(r_ids))
+            stats.student_positions_total = len(r_ids)
+            stats.student_positions_covered = int(np.isfinite(t_lps[resp_rows]).any(1).sum())
         return Encoded(s, tokens, len(p_ids), t_ids, t_lps, stats, truncated)
 
     def _align(self, s: Sample, prompt_len: int, offs, n: int, stats: AlignStats):
@@ -170,6 +201,7 @@ class SampleEncoder:
             ours = by_span.get(span) if span is not None else None
             if not ours or len(ours) != 1:
                 continue
+            stats.mass_matched += float(probs.sum())
             merged: dict[int, float] = {}
             for (text, _), p in zip(alts, probs):
                 tid = self._single_id(text)
@@ -183,3 +215,87 @@ class SampleEncoder:
                 t_ids[row, c] = tid
                 t_lps[row, c] = np.log(p)
         return t_ids, t_lps
+
+    def _student_byte_starts(self, text: str, r_ids, offs) -> list[int | None]:
+        """Byte offset in the response where each of our response tokens starts (None: inside a character).
+
+        Exact from our tokens' bytes when they spell the response (byte-level BPE); else from the
+        character offsets, where a token that starts where the one before it starts begins inside
+        a character."""
+        pieces = [self._token_bytes[t] if 0 <= t < len(self._token_bytes) else None for t in r_ids]
+        resp = text.encode("utf-8")
+        if all(p is not None for p in pieces):
+            starts, c = [], 0
+            for p in pieces:
+                starts.append(c)
+                c += len(p)
+            if b"".join(pieces) == resp[:c]:
+                return starts
+        c2b = np.concatenate([[0], np.cumsum([len(ch.encode("utf-8")) for ch in text], dtype=np.int64)])
+        starts, prev = [], None
+        for a, _ in offs:
+            starts.append(None if a == prev else int(c2b[int(a)]))
+            prev = a
+        return starts
+
+    @staticmethod
+    def _teacher_byte_starts(s: Sample) -> list[int | None]:
+        """Byte offset of each teacher token in the response; None once its bytes stop matching. A
+        final end-of-text token starts at the end of the response."""
+        resp, out, c = s.response.encode("utf-8"), [], 0
+        for i, alts in enumerate(s.teacher_alts):
+            if s.teacher_tokens is not None:
+                tok = s.teacher_tokens[i]
+                raw = bytes(token_bytes_of(tok))
+            else:  # the sampled token: the likeliest alternative whose bytes continue the text
+                fits = [(lp, t) for t, lp in alts if t and resp.startswith(bytes(token_bytes_of(t)), c)]
+                tok = max(fits)[1] if fits else ""
+                raw = bytes(token_bytes_of(tok))
+            if raw and resp.startswith(raw, c):
+                out.append(c)
+                c += len(raw)
+                continue
+            if c == len(resp) and byte_head.teacher_symbol(tok) == byte_head.END_SYMBOL:
+                out.append(c)
+                i += 1
+            out.extend([None] * (len(s.teacher_alts) - i))
+            break
+        return out
+
+    def _align_bytes(self, s: Sample, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, truncated: bool):
+        """First-byte head rows [n, K] (row i predicts token i: symbols and log masses)."""
+        t_ids = np.zeros((n, self.topk), np.int32)
+        t_lps = np.full((n, self.topk), -np.inf, np.float32)
+        row_at = {b: prompt_len + j for j, b in enumerate(self._student_byte_starts(s.response, r_ids, offs))}
+        row_at.pop(None, None)
+        if self.eos is not None and not truncated:
+            row_at[len(s.response.encode("utf-8"))] = n - 1
+        stats.samples_with_logprobs = 1
+        for start, alts in zip(self._teacher_byte_starts(s), s.teacher_alts):
+            probs = np.exp(np.asarray([lp for _, lp in alts], np.float64))
+            stats.positions_total += 1
+            stats.mass_total += float(probs.sum())
+            row = row_at.get(start) if start is not None else None
+            if row is None:
+                continue
+            stats.mass_matched += float(probs.sum())
+            merged: dict[int, float] = {}
+            for (text, _), p in zip(alts, probs):
+                sym = self._symbol(text)
+                merged[sym] = merged.get(sym, 0.0) + float(p)
+            best = sorted(merged.items(), key=lambda kv: -kv[1])[: self.topk]
+            stats.positions_kept += 1
+            stats.mass_kept += sum(p for _, p in best)
+            for c, (sym, p) in enumerate(best):
+                t_ids[row, c] = sym
+                t_lps[row, c] = np.log(p)
+        return t_ids, t_lps
+
+
+def choose_head(stats: AlignStats, threshold: float = 0.99) -> str:
+    """`exact` when the span rule keeps nearly every teacher position and nearly all its mass (the
+    teacher tokenises like us), else `bytes`."""
+    if not stats.positions_total:
+        return "exact"
+    d = stats.as_dict()
+    return "exact" if d["position_fraction"] >= threshold and d["mass_fraction"] >= threshold else "bytes"

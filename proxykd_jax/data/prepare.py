@@ -8,7 +8,9 @@ into place at the end, so a crash never leaves a half-written prepared directory
 
 import array
 import collections
+import itertools
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -18,11 +20,14 @@ import numpy as np
 from array_record.python import array_record_module
 
 from proxykd_jax import progress as progress_bars
-from proxykd_jax.data import align, corpus, records, split
+from proxykd_jax.data import align, byte_head, corpus, records, split
 from proxykd_jax.data.config import SPLITS
 from proxykd_jax.models.tokenizer import tokenizer_hash
 
+log = logging.getLogger(__name__)
 _MAX_ERRORS_KEPT = 20
+_HEAD_PROBE_SAMPLES = 2000  # samples with teacher log-probs read to decide data.teacher_head=auto
+_LOW_COVERAGE = 0.5  # below this fraction of our positions with a teacher head, prepare warns
 # Python memory of a tokenised character (ids, offsets, records; measured on byte-level BPE).
 _BYTES_PER_CHAR = 80
 
@@ -156,12 +161,66 @@ def prepare(corpus_paths, tokenizer, out_dir, cfg, overwrite: bool = False, prog
     return manifest
 
 
+def decide_head(corpus_paths, tokenizer, dcfg) -> tuple[str, dict]:
+    """(`exact` | `bytes`, the evidence) for `data.teacher_head`: given, or for `auto` from the span
+    rule on the first samples with teacher log-probs (`align.choose_head`)."""
+    mode = str(dcfg.get("teacher_head", "auto"))
+    if mode not in ("auto",) + align.HEADS:
+        raise ValueError(f"data.teacher_head={mode!r} is not one of {('auto',) + align.HEADS}.")
+    if mode != "auto":
+        return mode, {"source": "config"}
+    encoder = align.SampleEncoder(
+        tokenizer, seq_len=1 << 30, teacher_topk=dcfg.teacher_topk, add_eos=dcfg.add_eos, head="exact"
+    )
+    rows = corpus.iter_corpus(corpus_paths, "skip", collections.Counter())
+    samples = (s for row in rows for s in row if s.teacher_alts is not None)
+    probe = list(itertools.islice(samples, _HEAD_PROBE_SAMPLES))
+    stats = align.AlignStats()
+    for start in range(0, len(probe), 256):
+        for enc in encoder.encode_batch(probe[start : start + 256]):
+            if not isinstance(enc, corpus.DataError):
+                stats.add(enc.stats)
+    d = stats.as_dict()
+    evidence = {
+        "source": "auto",
+        "probe_samples": len(probe),
+        "span_position_fraction": d["position_fraction"],
+        "span_mass_fraction": d["mass_fraction"],
+    }
+    return align.choose_head(stats), evidence
+
+
+def coverage_line(manifest: dict) -> str:
+    """One line on how much of the corpus the teacher head covers (and a warning when it is little)."""
+    t = manifest["teacher_logprobs"]
+    if not t["samples_with_logprobs"]:
+        return "prepare: the corpus has no teacher log-probs (no teacher head)"
+    frac, mass = t["student_position_fraction"], t["head_mass_fraction"]
+    line = (
+        f"prepare: teacher head {manifest['teacher_head']}: covers {frac:.1%} of our response positions, keeping "
+        f"{mass:.1%} of the teacher's top-logprob mass there ({t['mass_fraction']:.1%} of all its mass)"
+    )
+    if frac < _LOW_COVERAGE:
+        other = "bytes" if manifest["teacher_head"] == "exact" else "exact"
+        line += (
+            f"\nWARNING: the teacher head covers only {frac:.1%} of positions; the teacher's tokenizer may "
+            f"differ from ours (try data.teacher_head={other}; docs/TOKENIZERS.md)"
+        )
+    return line
+
+
 def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, progress) -> dict:
     t0 = time.time()
     skipped: collections.Counter = collections.Counter()
     errors: list[str] = []
+    head, head_evidence = decide_head(corpus_paths, tokenizer, dcfg)
     encoder = align.SampleEncoder(
-        tokenizer, seq_len=dcfg.seq_len, teacher_topk=dcfg.teacher_topk, add_eos=dcfg.add_eos, truncate=dcfg.truncate
+        tokenizer,
+        seq_len=dcfg.seq_len,
+        teacher_topk=dcfg.teacher_topk,
+        add_eos=dcfg.add_eos,
+        truncate=dcfg.truncate,
+        head=head,
     )
     if dcfg.add_eos and tokenizer.eos_token_id is None:
         raise ValueError(
@@ -259,11 +318,18 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
             "errors": errors,
         },
         "teacher_logprobs": stats.as_dict(),
+        "teacher_head": head,
+        "teacher_head_decision": head_evidence,
         "seconds": time.time() - t0,
     }
+    if head == "bytes":
+        np.save(tmp / records.SYMBOLS, byte_head.token_symbols(tokenizer))
     path = tmp / records.MANIFEST
     with open(path, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    line = coverage_line(manifest)
+    if progress or "WARNING" in line:
+        print(line)
     return manifest

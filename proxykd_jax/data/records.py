@@ -13,6 +13,7 @@ import numpy as np
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SYMBOLS = "first_byte_symbols.npy"  # int32 [V]: first-byte symbol of each of our tokens (bytes heads)
 
 
 def encode_record(fields: dict) -> bytes:
@@ -84,6 +85,21 @@ class PreparedData:
     @property
     def tokenizer_hash(self) -> str:
         return self.manifest["tokenizer"]["hash"]
+
+    @property
+    def teacher_head(self) -> str:
+        """`exact` (head ids are our tokens; also every prepared directory older than this field) or
+        `bytes` (head ids are first-byte symbols, see docs/TOKENIZERS.md)."""
+        return self.manifest.get("teacher_head", "exact")
+
+    def head_symbols(self):
+        """int32 [V] first-byte symbols of our tokens for a `bytes` head, else None."""
+        if self.teacher_head != "bytes":
+            return None
+        path = self.root / SYMBOLS
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: a bytes teacher head needs this file; re-run `prepare`.")
+        return np.load(path)
 
     @property
     def has_teacher_head(self) -> bool:

@@ -30,7 +30,13 @@ def default_config() -> ml_collections.ConfigDict:
     cd.samples_per_prompt = 4  # teacher responses per prompt (informs the per-prompt tries)
     cd.max_new_tokens = 24  # longest teacher response
     cd.proxy_noise = 0.15  # proxy init = teacher weights * (1 + proxy_noise * N(0, 1)), element-wise
+    cd.teacher_tokenizer = (
+        "same"  # "same": the teacher tokenises like the student; "char": a character-level teacher (docs/TOKENIZERS.md)
+    )
     return cd
+
+
+CHAR_TEACHER_VOCAB = 36  # the character teacher: 4 specials + 32 characters (a few of them two UTF-8 bytes)
 
 
 def make_teacher(demo_cfg, proxy_cfg, folder: pathlib.Path):
@@ -40,6 +46,26 @@ def make_teacher(demo_cfg, proxy_cfg, folder: pathlib.Path):
     if (folder / "config.json").exists():
         return KnownTeacher.load(str(folder))
     d = demo_cfg
+    mode = d.get("teacher_tokenizer", "same")
+    if mode not in ("same", "char"):
+        raise ValueError(f"demo.teacher_tokenizer={mode!r} is not one of ('same', 'char').")
+    if mode == "char":
+        if proxy_cfg.vocab_size < 260:
+            raise ValueError(
+                f"demo.teacher_tokenizer=char gives the student a byte-level BPE: proxy.vocab_size and "
+                f"model.vocab_size must be at least 260, got {proxy_cfg.vocab_size}."
+            )
+        from proxykd_jax.eval import per_byte
+
+        return per_byte.char_teacher(
+            d.teacher_seed,
+            folder,
+            vocab_size=CHAR_TEACHER_VOCAB,
+            d_model=d.teacher_d_model,
+            num_layers=d.teacher_num_layers,
+            proxy_cfg=proxy_cfg,
+            target_entropy=d.teacher_entropy,
+        )
     teacher = KnownTeacher.create(
         d.teacher_seed,
         vocab_size=proxy_cfg.vocab_size,
@@ -92,8 +118,20 @@ def teacher_probs_fn(teacher):
 
 
 def build(demo_cfg, proxy_cfg, folder: pathlib.Path, seed: int):
-    """Teacher (`folder/teacher`), prompts (`folder/prompts.jsonl`), proxy init (`folder/proxy_init`)."""
+    """Teacher (`folder/teacher`), prompts (`folder/prompts.jsonl`), proxy init (`folder/proxy_init`).
+
+    With demo.teacher_tokenizer = "char" the teacher is character-level; the proxy is then a random
+    model over a byte-level BPE trained on the teacher's text (it cannot share the teacher's weights)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if demo_cfg.get("teacher_tokenizer", "same") == "char":
+        from proxykd_jax.eval import per_byte
+
+        teacher = make_teacher(demo_cfg, proxy_cfg, folder / "teacher")
+        write_prompts(teacher, folder / "prompts.jsonl", demo_cfg.num_prompts, seed)
+        texts = min(256, int(demo_cfg.num_prompts))
+        tok = per_byte.bpe_from_teacher(teacher, folder / "bpe", int(proxy_cfg.vocab_size), texts=texts, seed=seed)
+        per_byte.random_proxy(tok, proxy_cfg, folder / "proxy_init", seed + 1)
+        return teacher
     teacher = make_teacher(demo_cfg, proxy_cfg, folder / "teacher")
     write_prompts(teacher, folder / "prompts.jsonl", demo_cfg.num_prompts, seed)
     perturbed_proxy(teacher, folder / "proxy_init", demo_cfg.proxy_noise, seed + 1)

@@ -225,6 +225,18 @@ def model_folders(proxy_init: str, paths) -> dict[str, pathlib.Path]:
 
 
 def format_table(metrics: dict) -> str:
+    if metrics.get("units") == "per_byte":
+        lines = [
+            "| model | held-out nats/byte | teacher nats/byte of generations |",
+            "|---|---|---|",
+        ]
+        for name, m in metrics["models"].items():
+            gen = m.get("teacher_nats_per_byte_of_generations")
+            lines.append(
+                f"| {name} | {m['heldout_nats_per_byte']:.4f} | " + (f"{gen:.4f}" if gen is not None else "-") + " |"
+            )
+        lines.append(f"| teacher | {metrics['teacher_nats_per_byte']:.4f} | - |")
+        return "\n".join(lines)
     lines = [
         "| model | held-out NLL/token | KL(teacher ‖ model) | teacher log-lik of generations |",
         "|---|---|---|---|",

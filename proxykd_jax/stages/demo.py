@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 
 from proxykd_jax import stages
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.eval import benchmark
 from proxykd_jax.eval.metrics import format_table
 
@@ -35,6 +36,13 @@ def _collect_over_http(ctx, teacher) -> None:
 
 def run(ctx) -> dict:
     cfg, paths = ctx.cfg, ctx.paths
+    if cfg.demo.teacher_tokenizer not in ("same", "char"):
+        raise ProxyKDError(f"demo.teacher_tokenizer={cfg.demo.teacher_tokenizer!r} is not one of same, char.")
+    if cfg.demo.teacher_tokenizer == "char" and min(cfg.proxy.vocab_size, cfg.model.vocab_size) < 260:
+        raise ProxyKDError(
+            "demo.teacher_tokenizer=char gives the student a byte-level BPE: set proxy.vocab_size and "
+            "model.vocab_size to at least 260."
+        )
     folder = paths.demo
     print(
         f"[demo] run directory {paths.root}; the teacher lives in {folder / 'teacher'} and is only reachable over HTTP"
@@ -54,6 +62,8 @@ def run(ctx) -> dict:
         cfg.data.tokenizer = str(folder / "proxy_init")
         cfg.proxy.init_from = str(folder / "proxy_init")
         cfg.eval.known_teacher = str(folder / "teacher")
+        if cfg.demo.teacher_tokenizer == "char":  # the teacher's own tokens: its top log-probs are the point
+            cfg.collect.top_logprobs = 20
 
     print("[demo] 1/7 collect: teacher responses over HTTP")
     _collect_over_http(ctx, teacher)
@@ -62,7 +72,8 @@ def run(ctx) -> dict:
     print("[demo] 3/7 prior")
     stages.run_stage("prior", ctx)
     print("[demo] 4/7 align the proxy (SFT, then DPO rounds)")
-    stages.run_stage("align", ctx, teacher_probs_fn=benchmark.teacher_probs_fn(teacher))
+    same = cfg.demo.teacher_tokenizer != "char"  # a character teacher's distributions are over other tokens
+    stages.run_stage("align", ctx, teacher_probs_fn=benchmark.teacher_probs_fn(teacher) if same else None)
     print("[demo] 5/7 posterior")
     stages.run_stage("posterior", ctx)
     print("[demo] 6/7 distill: Proxy-KD student, then the alpha = 0 SFT baseline")

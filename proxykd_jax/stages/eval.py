@@ -45,6 +45,13 @@ def run(ctx, *, teacher=None) -> dict:
     batches = lambda split: metrics_lib.eval_batches(  # noqa: E731
         prepared, split, cfg.data, batch_size=ecfg.batch_size, limit=ecfg.max_samples
     )
+    if teacher is not None and teacher.is_char:  # another tokenizer: scored per byte (docs/TOKENIZERS.md)
+        from proxykd_jax.eval import per_byte
+
+        metrics = per_byte.eval_metrics(models, prepared, cfg, teacher, batches(ecfg.split), scorer, seed=ctx.seed)
+        ctx.write_json(art.work / "metrics.json", metrics)
+        art.finish(metrics)
+        return _report(metrics)
     metrics = {"models": metrics_lib.model_metrics(models, batches(ecfg.split), teacher, scorer), "split": ecfg.split}
     if teacher is not None:
         est_path = paths.posterior / "estimate.json"

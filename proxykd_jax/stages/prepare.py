@@ -37,6 +37,9 @@ def run(ctx) -> dict:
     if art.done:
         log.info("prepare: %s is finished with these settings; reusing it", art.path)
         return PreparedData(art.path).manifest
+    head = ctx.cfg.data.get("teacher_head", "auto")
+    if head not in ("auto", "exact", "bytes"):
+        raise ProxyKDError(f"data.teacher_head={head!r} is not one of auto, exact, bytes (docs/TOKENIZERS.md).")
     if not ctx.cfg.data.tokenizer:
         raise ProxyKDError(
             "data.tokenizer is empty; set it to a local tokenizer folder (for example the proxy's Hugging Face folder)."

@@ -11,6 +11,11 @@ column 0 fixed, attention/MLP outputs into it zeroed) so that it acts as an outp
 The pipeline only ever sees sampled text; the evaluator reads `distributions()`. Contexts are the
 prompt's words followed by the response's words, no <bos>; the word tokenizer round-trips exactly, so
 the pipeline's tokenisation of text equals the teacher's tokens.
+
+`KnownTeacher.create(seed, tokenizer="char")` is the same teacher over single characters
+(`CHAR_ALPHABET`: lowercase letters, space, punctuation and two-byte UTF-8 letters): a teacher with
+its own tokenizer, whose API tokens are characters while the student's are byte-level BPE pieces
+(docs/TOKENIZERS.md). Its text is scored per byte (`text_logprob`).
 """
 
 from __future__ import annotations
@@ -27,9 +32,28 @@ from flax import nnx
 from proxykd_jax.models import hf
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.models.sampling import generate
-from proxykd_jax.models.tokenizer import SPECIAL_TOKENS, build_word_tokenizer, load_tokenizer
+from proxykd_jax.models.tokenizer import SPECIAL_TOKENS, _wrap_and_save, build_word_tokenizer, load_tokenizer
 
 _BLOCKED_LOGIT = -1000.0  # weight on the constant channel for <pad> <bos> <unk>
+# The character teacher's alphabet (é, ü, ß, ø are two UTF-8 bytes each; the first 60 characters).
+CHAR_ALPHABET = "etaoinshrdlucmfwypvbgkqjxz ,.éüßø" + "ETAOINSHRDLUCMFWYPVBGKQJXZ!?;:'-0123456789"
+TOKENIZERS = ("word", "char")
+
+
+def build_char_tokenizer(chars, folder=None):
+    """A tokenizer with one token per character of `chars` (ids 4.. in order); decoding concatenates."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = list(dict.fromkeys(chars))
+    if any(len(c) != 1 or c == "\n" for c in chars):
+        raise ValueError("build_char_tokenizer takes single characters other than newline.")
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    vocab.update({c: i + len(SPECIAL_TOKENS) for i, c in enumerate(chars)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return _wrap_and_save(tok, folder)
 
 
 @nnx.jit
@@ -85,14 +109,28 @@ class KnownTeacher:
         target_entropy: float = 1.5,
         eos_rate: float = 0.04,
         folder=None,
+        tokenizer: str = "word",
     ) -> KnownTeacher:
-        """Builds the teacher deterministically from `seed`; the tokenizer goes to `folder` (or a temp dir)."""
+        """Builds the teacher deterministically from `seed`; the tokenizer goes to `folder` (or a temp dir).
+
+        tokenizer: "word" (words w0, w1, ...; the demo's student tokenizes the same way) or "char"
+        (one token per character of `CHAR_ALPHABET`, its first vocab_size - 4 characters)."""
+        if tokenizer not in TOKENIZERS:
+            raise ValueError(f"KnownTeacher tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}.")
+        if tokenizer == "char" and vocab_size > len(SPECIAL_TOKENS) + len(CHAR_ALPHABET):
+            raise ValueError(
+                f"a character teacher has at most {len(SPECIAL_TOKENS) + len(CHAR_ALPHABET)} tokens, got vocab_size={vocab_size}."
+            )
         if vocab_size < len(SPECIAL_TOKENS) + 4:
             raise ValueError(f"KnownTeacher vocab_size must be at least {len(SPECIAL_TOKENS) + 4}, got {vocab_size}.")
         if not 0 < target_entropy < np.log(vocab_size - len(SPECIAL_TOKENS)):
             raise ValueError(f"target_entropy must be in (0, log of the word count), got {target_entropy}.")
         folder = pathlib.Path(folder) if folder is not None else pathlib.Path(tempfile.mkdtemp(prefix="known_teacher_"))
-        tokenizer = build_word_tokenizer([f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))], folder)
+        n_words = vocab_size - len(SPECIAL_TOKENS)
+        if tokenizer == "char":
+            tok = build_char_tokenizer(CHAR_ALPHABET[:n_words], folder)
+        else:
+            tok = build_word_tokenizer([f"w{i}" for i in range(n_words)], folder)
         cfg = ModelConfig(
             vocab_size=vocab_size,
             d_model=d_model,
@@ -104,7 +142,7 @@ class KnownTeacher:
             max_seq_len=max_seq_len,
         )
         model = Llama(cfg, rngs=nnx.Rngs(seed))
-        teacher = cls(model=model, model_config=cfg, tokenizer=tokenizer, seed=seed)
+        teacher = cls(model=model, model_config=cfg, tokenizer=tok, seed=seed)
         teacher._shape_output(target_entropy, eos_rate)
         return teacher
 
@@ -149,9 +187,20 @@ class KnownTeacher:
 
     # ------------------------------------------------------------------------------------------
 
+    @property
+    def is_char(self) -> bool:
+        """Whether this teacher's tokens are single characters."""
+        return self.tokenizer.convert_ids_to_tokens(len(SPECIAL_TOKENS)) == CHAR_ALPHABET[0]
+
     def make_prompts(self, n: int, rng: np.random.Generator, *, min_words: int = 4, max_words: int = 12) -> list[str]:
-        """`n` prompts of uniformly random words."""
+        """`n` prompts of uniformly random words (of the character teacher: random tokens, 3x as many)."""
         n_special = len(SPECIAL_TOKENS)
+        if self.is_char:
+            lengths = rng.integers(3 * min_words, 3 * max_words + 1, n)
+            return [
+                self.tokenizer.decode(rng.integers(n_special, self.model_config.vocab_size, k).tolist())
+                for k in lengths
+            ]
         lengths = rng.integers(min_words, max_words + 1, n)
         return [
             " ".join(f"w{i - n_special}" for i in rng.integers(n_special, self.model_config.vocab_size, k))
@@ -228,6 +277,21 @@ class KnownTeacher:
                 np.log(probs[i, np.arange(start - 1, start - 1 + len(targets)), targets].astype(np.float64))
             )
         return out
+
+    def text_logprob(self, prompts: list[str], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(teacher log-likelihood of each text after its prompt, float64 [B]; UTF-8 bytes of each text).
+
+        The text is scored as the teacher tokenises it, followed by <eos> (the end of the text is part of
+        it), so nats per byte compare across tokenizers."""
+        contexts = [self.encode(p) + self.encode(t) + [self.eos_id] for p, t in zip(prompts, texts)]
+        probs = self.distributions([c[:-1] for c in contexts])
+        out = np.zeros(len(contexts))
+        for i, (p, c) in enumerate(zip(prompts, contexts)):
+            start = len(self.encode(p))
+            targets = c[start:]
+            rows = np.arange(start - 1, start - 1 + len(targets))
+            out[i] = np.sum(np.log(np.maximum(probs[i, rows, targets].astype(np.float64), 1e-30)))
+        return out, np.asarray([len(t.encode("utf-8")) for t in texts], np.int64)
 
     def save(self, folder) -> None:
         """Writes an HF folder (weights, config, tokenizer) that `serve` and `transformers` load."""

@@ -1,0 +1,317 @@
+"""Tokenizer-free scores and the character-teacher setup (docs/TOKENIZERS.md).
+
+Models with different tokenizers are compared in nats per byte of text: a model's negative
+log-likelihood of a held-out response (its end included: our eos token, the teacher's <eos>)
+divided by the response's UTF-8 bytes. For the student's own text the judge is the teacher: its
+log-likelihood per byte of the student's generations.
+
+The setup half builds the known teacher with its own tokenizer: a character-level `KnownTeacher`,
+a byte-level BPE student tokenizer trained on the teacher's text, and a randomly initialised proxy
+over that tokenizer (a proxy cannot share weights with a teacher over other tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+from flax import nnx
+
+from proxykd_jax.data import byte_head
+from proxykd_jax.eval.metrics import _mask
+from proxykd_jax.parallel import hosts
+
+
+def token_byte_lengths(tokenizer, vocab_size: int | None = None) -> np.ndarray:
+    """float64 [V]: UTF-8 bytes each of our tokens adds to the text (specials: 0)."""
+    table = byte_head.token_bytes(tokenizer)
+    out = np.zeros(vocab_size or len(table), np.float64)
+    for i, b in enumerate(table[: len(out)]):
+        out[i] = len(b) if b else 0
+    return out
+
+
+def heldout_nats_per_byte(models: dict, batches: list, byte_lengths_V: np.ndarray, scorer) -> dict:
+    """{name: nats per byte} of each model's NLL of the response targets (eos included) over `batches`."""
+    out = {}
+    for name, model in models.items():
+        sums = {"nll": 0.0, "bytes": 0.0}
+        for batch in batches:
+            picked, _ = scorer(model, batch, full=False)
+            mask = _mask(batch)
+            sums["nll"] -= float(np.sum(picked * mask))
+            sums["bytes"] += float(np.sum(byte_lengths_V[np.asarray(batch["targets"])] * mask))
+        sums = hosts.allsum(sums)
+        out[name] = sums["nll"] / max(sums["bytes"], 1.0)
+    return out
+
+
+def generation_nats_per_byte(
+    students: dict, prompts: list[str], teacher, tokenizer, *, max_new_tokens: int, seed: int
+) -> dict:
+    """{name: -(teacher log-likelihood of the student's answers, their end included) / their bytes}.
+
+    Each student answers `prompts` (tokenised with our `tokenizer`) by sampling at temperature 1;
+    the teacher scores the decoded text with its own tokenizer (`teacher.text_logprob`)."""
+    from proxykd_jax.models.sampling import generate
+
+    if not prompts:
+        return {}
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(r) for r in ids)
+    tokens = np.zeros((len(ids), width), np.int32)
+    for i, r in enumerate(ids):
+        tokens[i, : len(r)] = r
+    lengths = np.asarray([len(r) for r in ids], np.int32)
+    eos = tokenizer.eos_token_id
+    specials = tuple(i for i in getattr(tokenizer, "all_special_ids", ()) if i != eos)
+    out = {}
+    for name, model in students.items():
+        gen = generate(
+            model,
+            tokens,
+            lengths,
+            jax.random.key(seed),
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            stop_tokens=(eos,),
+            suppress_tokens=specials,
+        )
+        g, glen = hosts.to_host(gen.tokens_BxT), hosts.to_host(gen.lengths_B)
+        texts = [tokenizer.decode([t for t in g[i, : glen[i]].tolist() if t != eos]) for i in range(len(ids))]
+        ll, nbytes = teacher.text_logprob(prompts, texts)
+        out[name] = float(-ll.sum() / max(nbytes.sum(), 1))
+    return out
+
+
+def eval_metrics(models: dict, prepared, cfg, teacher, batches: list, scorer, *, seed: int) -> dict:
+    """The eval stage's metrics against a teacher with another tokenizer: every model's nats per byte
+    of the held-out split, each student's generations scored by the teacher per byte, and the
+    teacher's own nats per byte of the same held-out text."""
+    import collections
+
+    from proxykd_jax.data.corpus import iter_corpus
+    from proxykd_jax.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(prepared.root / "tokenizer")
+    vocab = max(m.cfg.vocab_size for m in models.values())
+    per = heldout_nats_per_byte(models, batches, token_byte_lengths(tok, vocab), scorer)
+    out = {
+        "units": "per_byte",
+        "split": cfg.eval.split,
+        "models": {k: {"heldout_nats_per_byte": v} for k, v in per.items()},
+    }
+    wanted = {int(r["sample_id"]) for r in prepared.iter_split(cfg.eval.split)}
+    held = [s for row in iter_corpus(prepared.manifest["sources"], "skip", collections.Counter()) for s in row]
+    held = [s for s in held if s.sample_id in wanted and s.prompt is not None][: max(int(cfg.eval.max_samples), 1)]
+    out["teacher_nats_per_byte"] = teacher_nats_per_byte(teacher, [s.prompt for s in held], [s.response for s in held])
+    prompts = list(dict.fromkeys(s.prompt for s in held))[: int(cfg.eval.generate_prompts)]
+    students = {k: m for k, m in models.items() if k.startswith("student")}
+    gen = generation_nats_per_byte(
+        students, prompts, teacher, tok, max_new_tokens=int(cfg.eval.max_new_tokens), seed=seed
+    )
+    for name, v in gen.items():
+        out["models"][name]["teacher_nats_per_byte_of_generations"] = v
+    return out
+
+
+def teacher_nats_per_byte(teacher, prompts: list[str], responses: list[str]) -> float:
+    """The teacher's own nats per byte of held-out text (the floor every model is measured against)."""
+    ll, nbytes = teacher.text_logprob(prompts, responses)
+    return float(-ll.sum() / max(nbytes.sum(), 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The character teacher's setup.
+
+
+def top_logprob_fields(teacher, prompts: list[str], responses: list[str], n: int, *, batch: int = 64) -> list[dict]:
+    """OpenAI-style `tokens` + `top_logprobs` (with `bytes`) of each response from the teacher's true
+    distributions, as its HTTP server sends them; the final <eos> has no entry (as with an API)."""
+    pieces = [teacher.tokenizer.decode([i], skip_special_tokens=False) for i in range(teacher.model_config.vocab_size)]
+    out = []
+    for lo in range(0, len(prompts), batch):
+        ps, rs = prompts[lo : lo + batch], responses[lo : lo + batch]
+        ctx = [teacher.encode(p) + teacher.encode(r) for p, r in zip(ps, rs)]
+        width = -(-max(len(c) for c in ctx) // 16) * 16  # few distinct shapes, few compilations
+        tokens = np.zeros((batch, width), np.int32)
+        lengths = np.ones(batch, np.int32)
+        for i, c in enumerate(ctx):
+            tokens[i, : len(c)], lengths[i] = c, len(c)
+        q = teacher.distributions(tokens, lengths)
+        for i, (p, r) in enumerate(zip(ps, rs)):
+            start, r_ids = len(teacher.encode(p)), teacher.encode(r)
+            top = []
+            for t in range(len(r_ids)):
+                dist = q[i, start + t - 1].astype(np.float64)
+                top.append(
+                    [
+                        {
+                            "token": pieces[k],
+                            "logprob": float(np.log(max(dist[k], 1e-30))),
+                            "bytes": list(pieces[k].encode()),
+                        }
+                        for k in np.argsort(-dist)[:n]
+                    ]
+                )
+            out.append({"tokens": [pieces[t] for t in r_ids], "top_logprobs": top})
+    return out
+
+
+def char_teacher(seed: int, folder: pathlib.Path, *, vocab_size: int, d_model: int, num_layers: int, proxy_cfg, **kw):
+    """A character-level known teacher, saved to `folder` (loaded when it exists)."""
+    from proxykd_jax.teacher.known import KnownTeacher
+
+    if (folder / "config.json").exists():
+        return KnownTeacher.load(str(folder), seed=seed)
+    teacher = KnownTeacher.create(
+        seed,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        num_layers=num_layers,
+        num_heads=proxy_cfg.num_heads,
+        num_kv_heads=proxy_cfg.num_kv_heads,
+        d_ff=proxy_cfg.d_ff,
+        max_seq_len=proxy_cfg.max_seq_len,
+        folder=folder / "tokenizer_build",
+        tokenizer="char",
+        **kw,
+    )
+    teacher.save(str(folder))
+    return teacher
+
+
+def bpe_from_teacher(teacher, folder: pathlib.Path, vocab_size: int, *, texts: int = 256, seed: int = 0):
+    """Our tokenizer: a byte-level BPE trained on `texts` prompts and answers of the teacher (saved)."""
+    from proxykd_jax.models.tokenizer import build_bpe_tokenizer, load_tokenizer
+
+    if (folder / "tokenizer.json").exists():
+        return load_tokenizer(folder)
+    prompts = teacher.make_prompts(texts, np.random.default_rng(seed + 17))
+    answers = [a for group in teacher.sample(prompts, 1, 48, seed=seed + 17) for a in group]
+    build_bpe_tokenizer(prompts + answers, vocab_size, folder)
+    return load_tokenizer(folder)
+
+
+def random_proxy(tokenizer, proxy_cfg, folder: pathlib.Path, seed: int) -> None:
+    """A randomly initialised proxy (the `proxy` group's shape) over `tokenizer`, as an HF folder."""
+    from proxykd_jax.models import hf
+    from proxykd_jax.models.llama import Llama, ModelConfig
+
+    if (folder / "config.json").exists():
+        return
+    cfg = ModelConfig(
+        vocab_size=int(proxy_cfg.vocab_size),
+        d_model=int(proxy_cfg.d_model),
+        num_layers=int(proxy_cfg.num_layers),
+        num_heads=int(proxy_cfg.num_heads),
+        num_kv_heads=int(proxy_cfg.num_kv_heads),
+        head_dim=int(proxy_cfg.head_dim),
+        d_ff=int(proxy_cfg.d_ff),
+        max_seq_len=int(proxy_cfg.max_seq_len),
+    )
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"proxy.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens.")
+    hf.save_hf(Llama(cfg, rngs=nnx.Rngs(seed)), cfg, str(folder), tokenizer=tokenizer)
+
+
+def write_corpus(
+    teacher, prompts: list[str], path: pathlib.Path, *, samples: int, max_new_tokens: int, top: int, seed: int
+):
+    """The teacher's answers with their top log-probs as a corpus JSONL (one line per sample), as
+    `collect` writes it from the HTTP server (the benchmarks' shortcut; tests cover the HTTP path)."""
+    answers = teacher.sample(prompts, samples, max_new_tokens, seed=seed)
+    rows = [
+        {"id": f"p{i:05d}", "prompt": p, "response": a, "sample_index": j}
+        for i, (p, group) in enumerate(zip(prompts, answers))
+        for j, a in enumerate(x for x in group if x.strip())
+    ]
+    fields = top_logprob_fields(teacher, [r["prompt"] for r in rows], [r["response"] for r in rows], top)
+    with open(path, "w") as f:
+        for row, extra in zip(rows, fields):
+            f.write(json.dumps(row | extra) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The posterior itself on held-out text (dense float64: for the small vocabularies of benchmarks).
+
+
+def dense_projection(q_NxV, head_ids_NxH, head_logprobs_NxH, sym_V=None) -> np.ndarray:
+    """The posterior after the teacher head, dense float64: `exact` (sym_V None) fixes the head tokens
+    and renormalises the rest to the remaining mass; `bytes` is the first-byte I-projection."""
+    q = np.asarray(q_NxV, np.float64)
+    out = q.copy()
+    for i in range(q.shape[0]):
+        ok = np.isfinite(head_logprobs_NxH[i])
+        if not ok.any():
+            continue
+        ids, a = np.asarray(head_ids_NxH[i])[ok], np.exp(np.asarray(head_logprobs_NxH[i], np.float64)[ok])
+        if sym_V is None:
+            rest = np.ones(q.shape[1], bool)
+            rest[ids] = False
+            out[i, rest] = q[i, rest] / max(q[i, rest].sum(), 1e-300) * max(1 - a.sum(), 0.0)
+            out[i, ids] = 0.0
+            np.add.at(out[i], ids, a)
+            continue
+        groups = np.zeros(byte_head.N_SYMBOLS)
+        np.add.at(groups, sym_V, q[i])
+        mass = np.zeros(byte_head.N_SYMBOLS)
+        np.add.at(mass, ids, a)
+        r = max(1.0 - mass.sum(), 0.0)
+        mass[groups <= 0] = 0.0
+        m = mass + r * groups
+        m /= m.sum()
+        out[i] = q[i] * np.where(groups > 0, m / np.where(groups > 0, groups, 1.0), 0.0)[sym_V]
+    return out
+
+
+def posterior_heldout_nats_per_byte(
+    prepared, tables, est: dict, proxy, data_cfg, *, use_head: bool, split: str = "heldout", batch_size: int = 16
+) -> float:
+    """Nats per byte of `split`'s responses under the posterior (`expected` mode) built as the store is
+    (prior tables of the distillation split, queried `external`; the proxy; N_max w; the teacher
+    head where `use_head`), in dense float64; w from the estimate's mu and gamma."""
+    from proxykd_jax.bayes import weights as weights_lib
+    from proxykd_jax.bayes.estimate import response_spans
+    from proxykd_jax.data import pipeline
+    from proxykd_jax.models.tokenizer import load_tokenizer
+
+    sym = prepared.head_symbols()
+    nbytes_V = token_byte_lengths(load_tokenizer(prepared.root / "tokenizer"), proxy.cfg.vocab_size)
+    fwd = nnx.jit(lambda m, b: jax.nn.log_softmax(m(b["tokens"], b["positions"], b["segment_ids"]), axis=-1))
+    n_max, kappa = min(float(est["n_max"]), 1e9), float(est["kappa"])
+    base = np.asarray(tables.base_V, np.float64)
+    nll = total_bytes = 0.0
+    seq_len = int(data_cfg.seq_len)
+    keys_of = {int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split(split)}
+    for batch in pipeline.iter_samples(prepared, split, data_cfg, batch_size=batch_size, seq_len=seq_len):
+        spans = response_spans(batch)
+        if not spans:
+            continue
+        logp = np.asarray(fwd(proxy, {k: batch[k] for k in ("tokens", "positions", "segment_ids")}), np.float64)
+        for row, start, t in spans:
+            y = np.asarray(batch["targets"][row, start : start + t], np.int64)
+            lp = logp[row, start : start + t]
+            w = float(weights_lib.sample_weights(lp[np.arange(t), y].mean(), est["mu"], est["gamma"]))
+            pr = tables.query(
+                np.asarray([keys_of[int(batch["sample_ids"][row, 0])]], np.int64), [y.astype(np.int32)], mode="external"
+            )
+            a = kappa * np.asarray(pr.floor_N, np.float64)[:, None] * base[None]
+            rows = np.arange(t)[:, None]
+            np.add.at(a, (np.broadcast_to(rows, pr.ids_NxS.shape), pr.ids_NxS), np.asarray(pr.counts_NxS, np.float64))
+            ng = np.asarray(pr.ngram_probs_NxS2, np.float64)
+            np.add.at(a, (np.broadcast_to(rows, pr.ngram_ids_NxS2.shape), pr.ngram_ids_NxS2), kappa * ng)
+            post = a + n_max * w * np.exp(lp)
+            q = post / post.sum(1, keepdims=True)
+            if use_head and prepared.has_teacher_head:
+                q = dense_projection(
+                    q,
+                    batch["teacher_topk_ids"][row, start : start + t],
+                    batch["teacher_topk_logprobs"][row, start : start + t],
+                    sym,
+                )
+            nll -= float(np.sum(np.log(np.maximum(q[np.arange(t), y], 1e-300))))
+            total_bytes += float(nbytes_V[y].sum())
+    return nll / max(total_bytes, 1.0)
