@@ -18,7 +18,6 @@ def get_config():
     with cfg.unlocked():
         cfg.run.dir = "runs/report"
         cfg.report = report_config.default_config()
-        cfg.collect.concurrency = 16  # per-request seeds keep the corpus reproducible at any concurrency
         cfg.demo.num_prompts = 300
         cfg.train.steps = 200
         cfg.train.checkpoint_every = 50

@@ -3,7 +3,8 @@ docstring). Each (setting, seed) is a run directory `<run>/<setting>/seed<k>/` h
 corpus, `prepared/` and `prior/`; each alignment and posterior a variant needs is a run directory
 beside them (`a_<alignment>/`, `p_<alignment>_<posterior>/`) whose `prepared` and `prior` are
 links to the seed's, and students are distilled into the posterior's directory under the
-variant's name. Every stage there follows the usual overwrite rule and resumes after `kill -9`.
+variant's name. Every stage there follows the usual overwrite rule and resumes after `kill -9`. The teacher
+corpus is sampled straight from the known teacher (`write_corpus`, the `data.corpus` format).
 """
 
 from __future__ import annotations
@@ -51,18 +52,25 @@ def _link(folder: pathlib.Path, names=("prepared", "prior")) -> None:
             (folder / name).symlink_to(pathlib.Path("..") / name)
 
 
-def _collect_over_http(ctx, teacher) -> None:
-    """`collect` from `teacher` served by the project's server on 127.0.0.1 (as the demo does)."""
-    from proxykd_jax.teacher.backends import LlamaBackend
-    from proxykd_jax.teacher.server import ServerThread, make_app
-
-    if ctx.artifact("collect").done:
+def write_corpus(
+    teacher, prompts: pathlib.Path, out: pathlib.Path, samples_per_prompt: int, max_new_tokens: int, seed: int
+):
+    """The teacher's answers to `prompts` as a corpus file (`data.corpus` format: id, prompt,
+    responses), sampled in batches straight from the known teacher: the HTTP path is the demo's,
+    and at the report's sizes it would be most of the time. Written atomically; kept if it exists."""
+    if out.exists():
         return
-    backend = LlamaBackend(teacher.model, teacher.tokenizer, model_name="known-teacher", seed=ctx.seed)
-    with ServerThread(make_app(backend), host="127.0.0.1", port=0) as server:
-        with ctx.cfg.unlocked():
-            ctx.cfg.collect.base_url = server.base_url
-        stages.run_stage("collect", ctx)
+    rows = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
+    answers = teacher.sample([r["prompt"] for r in rows], samples_per_prompt, max_new_tokens, seed=seed)
+    lines = []
+    for row, responses in zip(rows, answers):
+        responses = [r for r in responses if r.strip()]  # an immediate <eos> is no usable text
+        if responses:
+            lines.append(json.dumps({"id": row["id"], "prompt": row["prompt"], "responses": responses}) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(out)
 
 
 @dataclasses.dataclass
@@ -82,9 +90,7 @@ class Runner:
         with cfg.unlocked():
             cfg.run.dir = str(folder)
             cfg.collect.prompts = str(prompts)
-            cfg.collect.model, cfg.collect.api = "known-teacher", "completions"
-            cfg.collect.samples_per_prompt = cfg.demo.samples_per_prompt
-            cfg.collect.max_tokens = cfg.demo.max_new_tokens
+            cfg.data.corpus = str(pathlib.Path(folder) / "corpus" / "teacher.jsonl")
             cfg.data.tokenizer = str(tokenizer)
             cfg.proxy.init_from = str(proxy_init or tokenizer)
             for key, value in overrides.items():
@@ -99,18 +105,32 @@ class Runner:
         return stages.run_stage(name, ctx, **kwargs)
 
     def collect_prepare(self, ctx, teacher, prior: bool = True) -> None:
-        _collect_over_http(ctx, teacher)
+        cfg = ctx.cfg
+        write_corpus(
+            teacher,
+            pathlib.Path(cfg.collect.prompts),
+            pathlib.Path(cfg.data.corpus),
+            cfg.demo.samples_per_prompt,
+            cfg.demo.max_new_tokens,
+            ctx.seed,
+        )
         self.stage("prepare", ctx)
         if prior:
             self.stage("prior", ctx)
 
     # ------------------------------------------------------------------ one setting, one seed
 
-    def run(self) -> list[dict]:
+    def plan(self) -> tuple[list[str], list[int], list[str]]:
+        """(settings, seeds, variants) to run; one sentence on bad input."""
         rcfg = self.cfg.report
-        settings = _names(rcfg.settings, SETTINGS, "settings")
-        variants = _names(rcfg.variants, VARIANTS, "variants")
-        seeds = _seeds(rcfg.seeds)
+        return (
+            _names(rcfg.settings, SETTINGS, "settings"),
+            _seeds(rcfg.seeds),
+            _names(rcfg.variants, VARIANTS, "variants"),
+        )
+
+    def run(self) -> list[dict]:
+        settings, seeds, variants = self.plan()
         root = self.ctx.paths.root
         total, done, start = len(settings) * len(seeds) * len(variants), 0, time.perf_counter()
         for setting in settings:
@@ -159,7 +179,12 @@ class SeedRun:
         self._prepared = False
 
     def context(self, folder, overrides):
-        overrides = {"run.seed": self.seed, "eval.known_teacher": str(self.folder / "teacher"), **overrides}
+        overrides = {
+            "run.seed": self.seed,
+            "eval.known_teacher": str(self.folder / "teacher"),
+            "data.corpus": str(self.dir / "corpus" / "teacher.jsonl"),
+            **overrides,
+        }
         return self.runner.sub_context(
             folder, self.prompts, self.folder / "proxy_init", overrides, proxy_init=self.folder / "proxy_init"
         )
@@ -286,10 +311,15 @@ def run_report(ctx) -> list[dict]:
     """Runs (or resumes) the report of `ctx`'s config into its `report` artifact; returns the results."""
     from proxykd_jax.report import plots, tables
 
+    if "report" not in ctx.cfg:
+        raise ProxyKDError(
+            "the config has no `report` group; use --config=configs/report.py (or add report.default_config())."
+        )
     art = ctx.artifact("report")
+    runner = Runner(ctx, art.work)
+    runner.plan()
     if not art.done:
         art.begin()
-    runner = Runner(ctx, art.work)
     results = runner.run()
     estimates = [r for r in results if "estimator_kl" in r]
     variants = [r for r in results if "variant" in r]
