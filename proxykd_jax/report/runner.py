@@ -15,7 +15,6 @@ import logging
 import pathlib
 import time
 
-from proxykd_jax import stages
 from proxykd_jax.context import RunPaths
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.eval import benchmark
@@ -77,6 +76,7 @@ def write_corpus(
 class Runner:
     ctx: object  # the report's RunContext (holds the run directory's lock)
     out: pathlib.Path  # the report artifact's folder (results/, report.md, PNGs)
+    run_stage: object  # stages.run_stage, handed down by the report stage (the library never imports stages)
 
     @property
     def cfg(self):
@@ -102,7 +102,7 @@ class Runner:
         return dataclasses.replace(self.ctx, cfg=cfg, paths=RunPaths(pathlib.Path(folder)), lock=None)
 
     def stage(self, name: str, ctx, **kwargs):
-        return stages.run_stage(name, ctx, **kwargs)
+        return self.run_stage(name, ctx, **kwargs)
 
     def collect_prepare(self, ctx, teacher, prior: bool = True) -> None:
         cfg = ctx.cfg
@@ -307,8 +307,9 @@ def _curve(path: pathlib.Path) -> list:
     return [(int(r["step"]), float(r["ce"])) for r in rows if "ce" in r and "step" in r]
 
 
-def run_report(ctx) -> list[dict]:
-    """Runs (or resumes) the report of `ctx`'s config into its `report` artifact; returns the results."""
+def run_report(ctx, run_stage) -> list[dict]:
+    """Runs (or resumes) the report of `ctx`'s config into its `report` artifact, running the
+    pipeline's stages through `run_stage(name, ctx, **kwargs)`; returns the results."""
     from proxykd_jax.report import plots, tables
 
     if "report" not in ctx.cfg:
@@ -316,7 +317,7 @@ def run_report(ctx) -> list[dict]:
             "the config has no `report` group; use --config=configs/report.py (or add report.default_config())."
         )
     art = ctx.artifact("report")
-    runner = Runner(ctx, art.work)
+    runner = Runner(ctx, art.work, run_stage)
     runner.plan()
     if not art.done:
         art.begin()

@@ -4,8 +4,9 @@ atomically, every stage below resumes as usual)."""
 
 from __future__ import annotations
 
+from proxykd_jax import stages
 from proxykd_jax.report import run_report
 
 
 def run(ctx) -> list[dict]:
-    return run_report(ctx)
+    return run_report(ctx, stages.run_stage)
