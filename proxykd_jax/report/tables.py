@@ -27,10 +27,14 @@ def _cell(values, digits=4) -> str:
 
 
 def by_setting(results: list[dict]) -> dict:
+    """{setting: its results}, settings in the registry's order (the default first)."""
+    from proxykd_jax.report.settings import SETTINGS
+
     out = {}
     for r in results:
         out.setdefault(r["setting"], []).append(r)
-    return out
+    order = list(SETTINGS)
+    return dict(sorted(out.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0])))
 
 
 def _paired_delta(rows: list[dict], name: str, base: str, key: str) -> list[float]:
