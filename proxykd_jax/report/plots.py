@@ -30,7 +30,8 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
 def ablation(out: pathlib.Path, results: list[dict]) -> pathlib.Path:
     plt = _plt()
     groups = by_setting(results)
-    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.8 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 4.6 * len(groups)), squeeze=False)
+    fig.subplots_adjust(hspace=0.6)
     for row, (setting, rows) in enumerate(groups.items()):
         names = [n for n in VARIANTS if any(r["variant"] == n for r in rows)]
         for col, (key, title) in enumerate(
