@@ -10,14 +10,11 @@ proxykd_jax/report/config.py.
 import pathlib
 import runpy
 
-from proxykd_jax.report import config as report_config
-
 
 def get_config():
     cfg = runpy.run_path(str(pathlib.Path(__file__).with_name("demo.py")))["get_config"]()
     with cfg.unlocked():
         cfg.run.dir = "runs/report"
-        cfg.report = report_config.default_config()
         cfg.demo.num_prompts = 300
         cfg.train.steps = 200
         cfg.train.checkpoint_every = 50
