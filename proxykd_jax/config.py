@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     from proxykd_jax.eval import benchmark
     from proxykd_jax.eval import config as eval_config
     from proxykd_jax.parallel import mesh
+    from proxykd_jax.report import config as report_config
     from proxykd_jax.teacher import config as teacher_config
     from proxykd_jax.train import distill, export, loop, optim
 
@@ -51,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.eval = eval_config.default_config()
     cfg.export = export.default_config()
     cfg.demo = benchmark.default_config()
+    cfg.report = report_config.default_config()
     return cfg
 
 

@@ -123,3 +123,45 @@ def test_sample_weights():
 def _empty_prior():
     tables = PriorTables.build([0], [np.array([1, 2])], vocab_size=4, order=2)
     return tables.query([], [], mode="external"), tables.base_V
+
+
+def three_way_stats(scale: float, n: int = 300):
+    """Held-out tokens in three equal groups where the exact counts, the n-gram and the proxy each
+    predict one group well (0.8) and the others poorly (0.1): the best posterior weighs the three
+    alike, so kappa = N_max = the exact total `scale`, far outside the default grids."""
+    from proxykd_jax.bayes import HeldoutStats
+
+    good, bad = 0.8, 0.1
+    group = np.arange(n) % 3
+    exact = np.where(group == 0, good, bad) * scale
+    ngram = np.where(group == 1, good, bad)
+    proxy = np.where(group == 2, good, bad)
+    return HeldoutStats(exact, np.full(n, scale), ngram, np.ones(n), proxy, np.ones(n))
+
+
+def test_search_expands_past_the_grid_to_an_outside_optimum(capsys):
+    from proxykd_jax.bayes.empirical import DEFAULT_KAPPA_GRID, DEFAULT_N_MAX_GRID
+
+    scale = 3e6  # kappa grid ends at 1e3, N_max grid at 1e4
+    assert scale > 100 * max(DEFAULT_KAPPA_GRID) and scale > 100 * max(x for x in DEFAULT_N_MAX_GRID if x < np.inf)
+    stats = three_way_stats(scale)
+    res = fit_empirical_bayes(stats, verbose=True)
+    printed = capsys.readouterr().out
+    assert "kappa expanded up" in printed and "N_max expanded up" in printed
+    assert scale / 3 < res.kappa < 3 * scale and scale / 3 < res.n_max < 3 * scale, res.summary()
+    # the analytic optimum, kappa = N_max = scale: q = (0.8 + 0.1 + 0.1) / 3 on every token
+    np.testing.assert_allclose(res.score_posterior, np.log(1.0 / 3.0), atol=2e-3)
+    grid_best = np.max(res.grid_scores)
+    assert res.score_posterior > grid_best + 0.01
+
+
+def test_search_reports_the_numeric_bound(capsys):
+    """The n-gram alone is best (exact counts useless): kappa runs to the bound, which is said."""
+    from proxykd_jax.bayes import HeldoutStats
+
+    n = 50
+    stats = HeldoutStats(np.zeros(n), np.full(n, 10.0), np.full(n, 0.5), np.ones(n), np.full(n, 1e-3), np.ones(n))
+    res = fit_empirical_bayes(stats, n_max_grid=(0.0, 1.0), verbose=True)
+    assert "kappa hit the search bound" in capsys.readouterr().out
+    assert res.kappa >= 1e14 and any("bound" in line for line in res.search)
+    assert res.score_posterior >= res.score_prior - 1e-9

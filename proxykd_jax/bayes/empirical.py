@@ -7,10 +7,14 @@ At each held-out teacher token y_t the posterior, built without y_t's own count,
 
 and mean log q_t(y_t) is a proper score. Everything reduces to five numbers per token, so the grid
 search is cheap. The grids include N_max = 0 (the prior) and N_max = inf (the proxy), so the fitted
-posterior never scores below either.
+posterior never scores below either. The grids only start the search: when the best value sits on a
+grid's finite edge, the search expands in log space (x10 a step) until the held-out score turns down,
+so the optimum is never cut off by the grid; it says so each time it expands, and when it reaches
+the numeric bounds `SEARCH_BOUNDS` (where q no longer changes in float64).
 """
 
 import dataclasses
+import logging
 import typing
 
 import jax
@@ -19,8 +23,11 @@ import numpy as np
 
 from proxykd_jax.bayes.prior import SparsePrior
 
+log = logging.getLogger(__name__)
+
 DEFAULT_KAPPA_GRID = (0.0,) + tuple(np.logspace(-2, 3, 11).tolist())
 DEFAULT_N_MAX_GRID = (0.0,) + tuple(np.logspace(-1, 4, 11).tolist()) + (float("inf"),)
+SEARCH_BOUNDS = (1e-12, 1e15)  # the expanding search stops here (and says so)
 
 
 class HeldoutStats(typing.NamedTuple):
@@ -159,12 +166,14 @@ class EBResult:
     prior_kappa: float
     score_proxy: float
     grid_scores: np.ndarray  # [len(kappa_grid), len(n_max_grid)]
+    search: list = dataclasses.field(default_factory=list)  # what the expanding search did, one line each
 
     def summary(self):
         return (
             f"empirical Bayes: kappa={self.kappa:.4g} N_max={self.n_max:.4g} | held-out log-lik "
             f"posterior {self.score_posterior:.4f}, prior {self.score_prior:.4f} "
             f"(kappa={self.prior_kappa:.4g}), proxy {self.score_proxy:.4f}"
+            + (f" | search: {'; '.join(self.search)}" if self.search else "")
         )
 
 
@@ -186,15 +195,42 @@ def _golden(f, lo, hi, steps):
     return (c, fc) if fc >= fd else (d, fd)
 
 
-def _refine(f, grid, i, steps):
-    """Golden-section in log space between the finite positive neighbours of grid[i]."""
-    pos = [x for x in grid if 0 < x < np.inf]
-    if not 0 < grid[i] < np.inf or len(pos) < 2:
-        return grid[i], f(grid[i])
-    j = pos.index(grid[i])
-    lo, hi = np.log(pos[max(j - 1, 0)]), np.log(pos[min(j + 1, len(pos) - 1)])
-    x, fx = _golden(lambda t: f(float(np.exp(t))), lo, hi, steps)
-    return (float(np.exp(x)), fx) if fx > f(grid[i]) else (grid[i], f(grid[i]))
+def _refine(f, x, steps):
+    """Golden-section in log space on [x / 10, 10 x] (x finite and positive); keeps x unless beaten."""
+    fx = f(x)
+    if not 0 < x < np.inf:
+        return x, fx
+    t, ft = _golden(lambda u: f(float(np.exp(u))), np.log(x) - np.log(10.0), np.log(x) + np.log(10.0), steps)
+    return (float(np.exp(t)), ft) if ft > fx else (x, fx)
+
+
+def _expand(f, grid, x, name: str, notes: list, verbose: bool):
+    """Moves x past the grid's finite edge in log space (x10 a step) while f improves.
+
+    Returns (x, grid with the visited points). Only an x on the largest finite or smallest
+    positive grid value moves; the search stops where f turns down or at `SEARCH_BOUNDS`; each
+    expansion and bound is appended to `notes` and printed (`verbose`) or logged."""
+    pos = [g for g in grid if 0 < g < np.inf]
+    if not pos or x not in (pos[0], pos[-1]):
+        return x, grid
+    factor = 10.0 if x == pos[-1] else 0.1
+    fx, visited, start, new = f(x), [], x, []
+    while True:
+        nxt = x * factor
+        if not SEARCH_BOUNDS[0] <= nxt <= SEARCH_BOUNDS[1]:
+            new.append(f"{name} hit the search bound {x:.3g}")
+            break
+        fn = f(nxt)
+        visited.append(nxt)
+        if not fn > fx:
+            break
+        x, fx = nxt, fn
+    if x != start:
+        new.insert(0, f"{name} expanded {'up' if factor > 1 else 'down'} past {start:.3g} to {x:.3g}")
+    for line in new:
+        (print if verbose else log.info)(f"empirical Bayes: {line}")
+    notes.extend(new)
+    return x, sorted(set(grid) | set(visited))
 
 
 def fit_empirical_bayes(
@@ -207,8 +243,9 @@ def fit_empirical_bayes(
     head: HeadStats | None = None,
     head_kind: str = "exact",
 ) -> EBResult:
-    """Grid search over (kappa, N_max), then golden-section refinement of each in turn (scored after
-    the teacher head when `head` is given: the estimate the store holds)."""
+    """Grid search over (kappa, N_max), an expanding log-space search past a grid edge the best value
+    sits on (coordinate-wise, until neither moves), then golden-section refinement of each in turn;
+    scored after the teacher head when `head` is given."""
     _score = score
     if head is not None:
         _score = lambda st, kp, nm: score(st, kp, nm, head, head_kind)  # noqa: E731
@@ -219,15 +256,38 @@ def fit_empirical_bayes(
         )
     kg = sorted(set(float(x) for x in kappa_grid) | {0.0})
     ng = sorted(set(float(x) for x in n_max_grid) | {0.0, float("inf")})
+    kg0 = kg
     grid = np.array([[_score(stats, kp, nm) for nm in ng] for kp in kg])
     i, j = np.unravel_index(np.argmax(grid), grid.shape)
     kappa, n_max, best = kg[i], ng[j], grid[i, j]
+    notes = []
+    if np.isfinite(n_max):
+        for _ in range(8):  # coordinate-wise: a moved N_max can move kappa's optimum and back
+            k0, n0 = kappa, n_max
+            kappa, kg = _expand(lambda x, n=n_max: _score(stats, x, n), kg, kappa, "kappa", notes, verbose)
+            n_max, ng = _expand(lambda x, k=kappa: _score(stats, k, x), ng, n_max, "N_max", notes, verbose)
+            if (kappa, n_max) == (k0, n0):
+                break
+        best = _score(stats, kappa, n_max)
     if np.isfinite(n_max) and refine_steps:
-        kappa, best = _refine(lambda x: _score(stats, x, n_max), kg, i, refine_steps)
-        n_max, best = _refine(lambda x: _score(stats, kappa, x), ng, j, refine_steps)
-    prior_i = int(np.argmax(grid[:, 0]))
+        for _ in range(4):  # coordinate-wise golden sections around the best point
+            kappa, best = _refine(lambda x, n=n_max: _score(stats, x, n), kappa, refine_steps)
+            n_max, best = _refine(lambda x, k=kappa: _score(stats, k, x), n_max, refine_steps)
+    prior_kappa, _ = _expand(
+        lambda x: _score(stats, x, 0.0), kg0, kg0[int(np.argmax(grid[:, 0]))], "prior kappa", notes, verbose
+    )
+    prior_kappa, prior_score = _refine(lambda x: _score(stats, x, 0.0), prior_kappa, refine_steps)
+    if prior_score > best:  # the prior is a posterior too (N_max = 0)
+        kappa, n_max, best = prior_kappa, 0.0, prior_score
     res = EBResult(
-        float(kappa), float(n_max), float(best), float(grid[prior_i, 0]), float(kg[prior_i]), float(grid[0, -1]), grid
+        float(kappa),
+        float(n_max),
+        float(best),
+        prior_score,
+        float(prior_kappa),
+        float(grid[0, -1]),
+        grid,
+        list(dict.fromkeys(notes)),
     )
     assert res.score_posterior >= max(res.score_prior, res.score_proxy), res.summary()
     if verbose:

@@ -220,6 +220,7 @@ def _fit(prepared, pcfg, prior_cfg, w_of: dict, hold_sid, hold_seqs, hold_proxy_
         "fitted": True,
         "fit_with_head": head is not None,
         "heldout_tokens": int(stats.proxy_y_N.shape[0]),
+        "eb_search": res.search,  # where the kappa / N_max search went past its grid or hit a bound
         "heldout_loglik": {
             "posterior": res.score_posterior,
             "prior": res.score_prior,

@@ -160,6 +160,21 @@ ARTIFACTS: dict[str, Spec] = {
             paths.student(STUDENT_SFT),
         ],
     ),
+    "report": Spec(  # the ablation report (report/): results of every variant, report.md, PNGs
+        path=lambda cfg, paths: paths.root / "report",
+        fields=("*",),
+        # which settings, seeds and variants run does not change any one result (each is its own file)
+        ignore=(
+            "run.dir",
+            "run.overwrite",
+            "mesh.*",
+            "train.progress",
+            "train.log_every",
+            "collect.*",
+            "report.settings",
+        )
+        + ("report.seeds", "report.variants"),
+    ),
     "export": Spec(
         path=lambda cfg, paths: pathlib.Path(cfg.export.out).expanduser() if cfg.export.out else paths.export,
         fields=("export.*", "model.*"),

@@ -43,6 +43,7 @@ STAGES = {
     ),
     "serve": Stage("Serve a model behind an OpenAI-compatible HTTP API.", ("mesh", "serve")),
     "demo": Stage("Run the whole pipeline on the built-in tiny known-teacher setup.", ()),  # () = every group
+    "report": Stage("Ablation report: every part of Proxy-KD over settings and seeds, with plots.", ()),
 }
 
 

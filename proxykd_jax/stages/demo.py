@@ -86,5 +86,7 @@ def run(ctx) -> dict:
     results = paths.root / "results.md"
     if ctx.is_writer:
         results.write_text(format_table(metrics) + "\n")
-    print(f"[demo] done: {results}")
+    print(
+        f"[demo] done: {results} (the ablation report over seeds and settings: proxykd report --config=configs/report.py)"
+    )
     return metrics

@@ -146,6 +146,24 @@ class KnownTeacher:
         teacher._shape_output(target_entropy, eos_rate)
         return teacher
 
+    def specialise(self, seed: int, *, noise: float, style_words: int, style_boost: float) -> KnownTeacher:
+        """This model specialised toward a style of its own (a closed model fine-tuned from an open one).
+
+        Weights get multiplicative noise `noise * N(0, 1)` (the constant channel stays constant), and
+        `style_words` random words get `style_boost` nats more logit everywhere (a bias on the
+        constant channel): a different model of the same family, with the same tokenizer."""
+        rng = np.random.default_rng(seed)
+        graphdef, state = nnx.split(self.model)
+        leaves, treedef = jax.tree.flatten(state)
+        noisy = [np.asarray(x) * (1 + noise * rng.standard_normal(x.shape)) for x in leaves]
+        model = nnx.merge(
+            graphdef, jax.tree.unflatten(treedef, [jnp.asarray(x, np.asarray(y).dtype) for x, y in zip(noisy, leaves)])
+        )
+        model.embedding[...] = model.embedding[...].at[:, 0].set(1.0)
+        words = rng.choice(np.arange(len(SPECIAL_TOKENS), self.model_config.vocab_size), style_words, replace=False)
+        model.lm_head[...] = model.lm_head[...].at[0, words].add(style_boost)
+        return KnownTeacher(model=model, model_config=self.model_config, tokenizer=self.tokenizer, seed=seed)
+
     @classmethod
     def load(cls, folder, seed: int = -1) -> KnownTeacher:
         """Reads a teacher written by `save`."""

@@ -1,0 +1,25 @@
+"""The ablation report on the demo's sizes, shrunk to run 2 settings x 3 seeds x 9 variants in
+about half an hour on a 2-core CPU:
+
+    proxykd report --config=configs/report.py [--config.report.settings=specialised]
+
+Every field can be overridden (`proxykd report --help`); `report.*` is documented in
+proxykd_jax/report/config.py.
+"""
+
+import pathlib
+import runpy
+
+
+def get_config():
+    cfg = runpy.run_path(str(pathlib.Path(__file__).with_name("demo.py")))["get_config"]()
+    with cfg.unlocked():
+        cfg.run.dir = "runs/report"
+        cfg.demo.num_prompts = 300
+        cfg.train.steps = 200
+        cfg.train.checkpoint_every = 50
+        cfg.train.log_every = 10
+        cfg.train.progress = False
+        cfg.align.prompts_per_round = 128
+        cfg.eval.max_samples = 128
+    return cfg.lock()

@@ -1,0 +1,77 @@
+"""Scores of one student against the known teacher, per byte of text (tokenizer-free):
+
+* nats per byte of held-out teacher responses (the student's NLL summed over response tokens,
+  divided by the responses' UTF-8 bytes, an <eos> counting one byte);
+* E_t KL(teacher_t || student_t) per response token on the same held-out contexts;
+* the teacher's log-likelihood per byte of the student's sampled answers to held-out prompts.
+
+The per-token scorers are eval/metrics.py's; this module adds the byte counts.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from proxykd_jax.eval import metrics as metrics_lib
+from proxykd_jax.parallel import hosts
+
+
+def text_bytes(ids, tokenizer, eos_id: int) -> int:
+    """UTF-8 bytes of the text of token `ids` (an <eos> counts one byte, a terminator)."""
+    ids = [int(i) for i in ids]
+    words = [i for i in ids if i != eos_id]
+    return len(tokenizer.decode(words).encode("utf-8")) + (len(ids) - len(words))
+
+
+def _response_bytes(batch, tokenizer, eos_id: int) -> int:
+    mask = np.asarray(batch["loss_mask"], np.float64) * (batch["segment_ids"] > 0)
+    return sum(text_bytes(batch["targets"][r][mask[r] > 0], tokenizer, eos_id) for r in range(mask.shape[0]))
+
+
+def heldout_scores(model, teacher, batches, scorer) -> dict:
+    """{nats_per_byte, nll_per_token, kl_to_teacher, tokens, bytes} on held-out `batches`."""
+    m = metrics_lib.model_metrics({"m": model}, batches, teacher, scorer)["m"]
+    counts = {"tokens": 0.0, "bytes": 0.0}
+    for batch in batches:
+        counts["tokens"] += float((np.asarray(batch["loss_mask"], np.float64) * (batch["segment_ids"] > 0)).sum())
+        counts["bytes"] += _response_bytes(batch, teacher.tokenizer, teacher.eos_id)
+    counts = hosts.allsum(counts)
+    return {
+        "nats_per_byte": m["heldout_nll"] * counts["tokens"] / counts["bytes"],
+        "nll_per_token": m["heldout_nll"],
+        "kl_to_teacher": m["kl_to_teacher"],
+        "tokens": int(counts["tokens"]),
+        "bytes": int(counts["bytes"]),
+    }
+
+
+def generation_score(model, prompts: list, teacher, *, max_new_tokens: int, seed: int) -> float:
+    """The teacher's log-likelihood per byte of the model's sampled answers to `prompts`."""
+    from proxykd_jax.models.sampling import generate
+
+    width = max(len(r) for r in prompts)
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for i, r in enumerate(prompts):
+        tokens[i, : len(r)] = r
+    lengths = np.asarray([len(r) for r in prompts], np.int32)
+    specials = tuple(i for i in getattr(teacher.tokenizer, "all_special_ids", ()) if i != teacher.eos_id)
+    gen = generate(
+        model,
+        tokens,
+        lengths,
+        jax.random.key(seed),
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        stop_tokens=(teacher.eos_id,),
+        suppress_tokens=specials,
+    )
+    g, glen = hosts.to_host(gen.tokens_BxT), hosts.to_host(gen.lengths_B)
+    answers = [g[i, : glen[i]].tolist() for i in range(len(prompts))]
+    q = teacher.distributions([list(p) + a for p, a in zip(prompts, answers)])
+    total, nbytes = 0.0, 0
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        for t, tok in enumerate(a):
+            total += float(np.log(max(float(q[i, len(p) + t - 1, tok]), 1e-300)))  # float64 floor
+        nbytes += text_bytes(a, teacher.tokenizer, teacher.eos_id)
+    return total / max(nbytes, 1)

@@ -1,0 +1,332 @@
+"""Runs the report: settings x seeds x variants, sharing every artifact it can (see the package
+docstring). Each (setting, seed) is a run directory `<run>/<setting>/seed<k>/` holding its
+corpus, `prepared/` and `prior/`; each alignment and posterior a variant needs is a run directory
+beside them (`a_<alignment>/`, `p_<alignment>_<posterior>/`) whose `prepared` and `prior` are
+links to the seed's, and students are distilled into the posterior's directory under the
+variant's name. Every stage there follows the usual overwrite rule and resumes after `kill -9`. The teacher
+corpus is sampled straight from the known teacher (`write_corpus`, the `data.corpus` format).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+
+from proxykd_jax.context import RunPaths
+from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.eval import benchmark
+from proxykd_jax.eval import metrics as metrics_lib
+from proxykd_jax.report import metrics as report_metrics
+from proxykd_jax.report.settings import SETTINGS
+from proxykd_jax.report.variants import VARIANTS, align_overrides, posterior_overrides
+
+log = logging.getLogger(__name__)
+
+
+def _names(text: str, known: dict, what: str) -> list[str]:
+    names = [n.strip() for n in str(text).split(",") if n.strip()] or list(known)
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ProxyKDError(f"config.report.{what}: unknown {', '.join(bad)}; choose from {', '.join(known)}.")
+    return names
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ProxyKDError(f"config.report.seeds={text!r} must be comma-separated integers, e.g. '0,1,2'.") from None
+    if not seeds:
+        raise ProxyKDError("config.report.seeds is empty; give at least one seed, e.g. '0,1,2'.")
+    return seeds
+
+
+def _link(folder: pathlib.Path, names=("prepared", "prior")) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(pathlib.Path("..") / name)
+
+
+def write_corpus(
+    teacher, prompts: pathlib.Path, out: pathlib.Path, samples_per_prompt: int, max_new_tokens: int, seed: int
+):
+    """The teacher's answers to `prompts` as a corpus file (`data.corpus` format: id, prompt,
+    responses), sampled in batches straight from the known teacher: the HTTP path is the demo's,
+    and at the report's sizes it would be most of the time. Written atomically; kept if it exists."""
+    if out.exists():
+        return
+    rows = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
+    answers = teacher.sample([r["prompt"] for r in rows], samples_per_prompt, max_new_tokens, seed=seed)
+    lines = []
+    for row, responses in zip(rows, answers):
+        responses = [r for r in responses if r.strip()]  # an immediate <eos> is no usable text
+        if responses:
+            lines.append(json.dumps({"id": row["id"], "prompt": row["prompt"], "responses": responses}) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(out)
+
+
+@dataclasses.dataclass
+class Runner:
+    ctx: object  # the report's RunContext (holds the run directory's lock)
+    out: pathlib.Path  # the report artifact's folder (results/, report.md, PNGs)
+    run_stage: object  # stages.run_stage, handed down by the report stage (the library never imports stages)
+
+    @property
+    def cfg(self):
+        return self.ctx.cfg
+
+    # ------------------------------------------------------------------ contexts and stages
+
+    def sub_context(self, folder: pathlib.Path, prompts, tokenizer, overrides: dict, proxy_init=None):
+        """A context on run directory `folder` (same mesh; the report holds the lock)."""
+        cfg = self.cfg.copy_and_resolve_references()
+        with cfg.unlocked():
+            cfg.run.dir = str(folder)
+            cfg.collect.prompts = str(prompts)
+            cfg.data.corpus = str(pathlib.Path(folder) / "corpus" / "teacher.jsonl")
+            cfg.data.tokenizer = str(tokenizer)
+            cfg.proxy.init_from = str(proxy_init or tokenizer)
+            for key, value in overrides.items():
+                group, *rest = key.split(".")
+                node = cfg[group]
+                for part in rest[:-1]:
+                    node = node[part]
+                node[rest[-1]] = value
+        return dataclasses.replace(self.ctx, cfg=cfg, paths=RunPaths(pathlib.Path(folder)), lock=None)
+
+    def stage(self, name: str, ctx, **kwargs):
+        return self.run_stage(name, ctx, **kwargs)
+
+    def collect_prepare(self, ctx, teacher, prior: bool = True) -> None:
+        cfg = ctx.cfg
+        write_corpus(
+            teacher,
+            pathlib.Path(cfg.collect.prompts),
+            pathlib.Path(cfg.data.corpus),
+            cfg.demo.samples_per_prompt,
+            cfg.demo.max_new_tokens,
+            ctx.seed,
+        )
+        self.stage("prepare", ctx)
+        if prior:
+            self.stage("prior", ctx)
+
+    # ------------------------------------------------------------------ one setting, one seed
+
+    def plan(self) -> tuple[list[str], list[int], list[str]]:
+        """(settings, seeds, variants) to run; one sentence on bad input."""
+        rcfg = self.cfg.report
+        return (
+            _names(rcfg.settings, SETTINGS, "settings"),
+            _seeds(rcfg.seeds),
+            _names(rcfg.variants, VARIANTS, "variants"),
+        )
+
+    def run(self) -> list[dict]:
+        settings, seeds, variants = self.plan()
+        root = self.ctx.paths.root
+        total, done, start = len(settings) * len(seeds) * len(variants), 0, time.perf_counter()
+        for setting in settings:
+            folder = root / setting
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"[report] {setting}: {SETTINGS[setting].doc}", flush=True)
+            teacher = SETTINGS[setting].build(self, folder)
+            for seed in seeds:
+                seed_run = SeedRun(self, setting, folder, seed, teacher)
+                for name in variants:
+                    t0 = time.perf_counter()
+                    res, reused = seed_run.variant(name)
+                    done += 1
+                    print(
+                        f"[report] {done}/{total} {setting} seed {seed} {name}: nats/byte "
+                        f"{res['nats_per_byte']:.4f}, KL {res['kl_to_teacher']:.4f}, teacher log-lik/byte of "
+                        f"generations {res['teacher_loglik_per_byte']:.4f} "
+                        f"({'reused' if reused else f'{time.perf_counter() - t0:.0f} s'}; "
+                        f"{time.perf_counter() - start:.0f} s in all)",
+                        flush=True,
+                    )
+                seed_run.estimates()
+        return self.results()
+
+    def results(self) -> list[dict]:
+        """Every result file under results/, as dicts."""
+        return [json.loads(p.read_text()) for p in sorted((self.out / "results").rglob("*.json"))]
+
+
+@dataclasses.dataclass
+class SeedRun:
+    runner: Runner
+    setting: str
+    folder: pathlib.Path  # the setting's folder (teacher/, proxy_init/)
+    seed: int
+    teacher: object
+
+    def __post_init__(self):
+        r, cfg = self.runner, self.runner.cfg
+        self.dir = self.folder / f"seed{self.seed}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.prompts = self.dir / "prompts.jsonl"
+        benchmark.write_prompts(self.teacher, self.prompts, cfg.demo.num_prompts, 1000 + self.seed)
+        self.results = r.out / "results" / self.setting / f"seed{self.seed}"
+        self.base = self.context(self.dir, {})
+        self._prepared = False
+
+    def context(self, folder, overrides):
+        overrides = {
+            "run.seed": self.seed,
+            "eval.known_teacher": str(self.folder / "teacher"),
+            "data.corpus": str(self.dir / "corpus" / "teacher.jsonl"),
+            **overrides,
+        }
+        return self.runner.sub_context(
+            folder, self.prompts, self.folder / "proxy_init", overrides, proxy_init=self.folder / "proxy_init"
+        )
+
+    def prepare(self) -> None:
+        if not self._prepared:
+            self.runner.collect_prepare(self.base, self.teacher)
+            self._prepared = True
+
+    def proxy(self, align: str) -> tuple[pathlib.Path, dict]:
+        """(the proxy folder of alignment `align`, its phase summaries)."""
+        if align == "none":
+            return self.folder / "proxy_init", {}
+        self.prepare()
+        folder = self.dir / f"a_{align}"
+        _link(folder)
+        actx = self.context(folder, align_overrides(align, self.runner.cfg.report))
+        summary = self.runner.stage("align", actx, teacher_probs_fn=benchmark.teacher_probs_fn(self.teacher))
+        return folder / "proxy" / "final", summary
+
+    def posterior(self, align: str, post: str):
+        """(context of posterior `post` on alignment `align`'s proxy, its estimate summary)."""
+        proxy, _ = self.proxy(align)
+        eb = None
+        if post == "prioronly":
+            eb = self.posterior("full", "eb")[1]
+        folder = self.dir / f"p_{align}_{post}"
+        _link(folder)
+        pctx = self.context(folder, {"posterior.proxy": str(proxy), **posterior_overrides(post, eb)})
+        return pctx, self.runner.stage("posterior", pctx)
+
+    def variant(self, name: str) -> tuple[dict, bool]:
+        """(result of variant `name`, whether it was reused), the result written atomically."""
+        path = self.results / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text()), True
+        self.prepare()
+        v = VARIANTS[name]
+        if v.white_box:
+            folder = self.dir / "w_teacher"
+            _link(folder, ("prepared",))
+            dctx = self.context(folder, {"distill.white_box": str(self.folder / "teacher"), "distill.output": name})
+        else:
+            pctx, _ = self.posterior(v.align, v.posterior)
+            over = {"distill.output": name} | ({"distill.loss.alpha": 0.0} if v.alpha_zero else {})
+            dctx = self.context(pctx.paths.root, {"posterior.proxy": pctx.cfg.posterior.proxy, **over})
+        self.runner.stage("distill", dctx)
+        student = dctx.paths.student(name)
+        res = {"setting": self.setting, "seed": self.seed, "variant": name, "label": v.label}
+        res.update(self.score(dctx, student / "final"))
+        res["curve"] = _curve(student / "metrics.jsonl")
+        self.runner.ctx.write_json(path, res)
+        return res, False
+
+    def score(self, ctx, folder) -> dict:
+        from proxykd_jax.data.records import PreparedData
+
+        cfg = ctx.cfg
+        prepared = PreparedData(ctx.paths.prepared)
+        model = ctx.load_model(folder)[1]
+        scorer = metrics_lib.Scorer(ctx.mesh, ctx.rules)
+        batches = metrics_lib.eval_batches(
+            prepared, cfg.eval.split, cfg.data, batch_size=cfg.eval.batch_size, limit=cfg.eval.max_samples
+        )
+        out = report_metrics.heldout_scores(model, self.teacher, batches, scorer)
+        prompts = metrics_lib.heldout_prompts(prepared, cfg.data, "heldout", cfg.eval.generate_prompts)
+        out["teacher_loglik_per_byte"] = report_metrics.generation_score(
+            model, prompts, self.teacher, max_new_tokens=cfg.eval.max_new_tokens, seed=self.seed
+        )
+        return out
+
+    def estimates(self) -> dict:
+        """KL(teacher || estimate) of the prior, each proxy and the posterior on the distillation
+        split, the alignment phases and the empirical-Bayes fit; written once per seed."""
+        path = self.results / "estimates.json"
+        if path.exists() or not (self.dir / "p_full_eb" / "posterior").exists():
+            return json.loads(path.read_text()) if path.exists() else {}
+        from proxykd_jax.bayes.tables import load_prior
+        from proxykd_jax.data.records import PreparedData
+        from proxykd_jax.data.store import StoreReader
+
+        ctx, _ = self.posterior("full", "eb")
+        est = json.loads((ctx.paths.posterior / "estimate.json").read_text())
+        prepared = PreparedData(ctx.paths.prepared)
+        proxies, phases = {"proxy (before align)": self.folder / "proxy_init"}, {}
+        for align in ("sft", "nll", "full"):
+            if (self.dir / f"a_{align}" / "proxy" / "final" / "config.json").exists():
+                folder, phases[align] = self.proxy(align)
+                proxies[f"proxy ({align})"] = folder
+        models = {k: ctx.load_model(f)[1] for k, f in proxies.items()}
+        batches = metrics_lib.eval_batches(
+            prepared, "distill", ctx.cfg.data, batch_size=ctx.cfg.eval.batch_size, limit=ctx.cfg.eval.max_samples
+        )
+        kl = metrics_lib.estimator_metrics(
+            prepared,
+            load_prior(ctx.paths.prior),
+            StoreReader(ctx.paths.posterior, tokenizer_hash=prepared.tokenizer_hash),
+            self.teacher,
+            models,
+            float(est["kappa"]),
+            batches,
+            metrics_lib.Scorer(ctx.mesh, ctx.rules),
+        )
+        out = {
+            "setting": self.setting,
+            "seed": self.seed,
+            "estimator_kl": kl,
+            "phases": {a: {p: r.get("kl_to_teacher") for p, r in s.items()} for a, s in phases.items()},
+            "eb": {k: est.get(k) for k in ("kappa", "n_max", "heldout_loglik", "eb_search", "heldout_tokens")},
+        }
+        self.runner.ctx.write_json(path, out)
+        return out
+
+
+def _curve(path: pathlib.Path) -> list:
+    """[(step, ce)] from a student's metrics.jsonl: its NLL per token of the teacher tokens it trains on."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(int(r["step"]), float(r["ce"])) for r in rows if "ce" in r and "step" in r]
+
+
+def run_report(ctx, run_stage) -> list[dict]:
+    """Runs (or resumes) the report of `ctx`'s config into its `report` artifact, running the
+    pipeline's stages through `run_stage(name, ctx, **kwargs)`; returns the results."""
+    from proxykd_jax.report import plots, tables
+
+    art = ctx.artifact("report")
+    runner = Runner(ctx, art.work, run_stage)
+    runner.plan()
+    if not art.done:
+        art.begin()
+    results = runner.run()
+    estimates = [r for r in results if "estimator_kl" in r]
+    variants = [r for r in results if "variant" in r]
+    md = tables.report_markdown(ctx.cfg, variants, estimates)
+    if ctx.is_writer:
+        pngs = plots.write_plots(art.work, variants, estimates)
+        tmp = art.work / "report.md.tmp"
+        tmp.write_text(md + "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs))
+        tmp.replace(art.work / "report.md")
+    if not art.done:
+        art.finish({"results": len(variants)})
+    print(f"[report] done: {art.path / 'report.md'}", flush=True)
+    return results
