@@ -219,6 +219,12 @@ def _check_paths(cfg, stage: str | None) -> None:
                 )
 
 
+def _check_report_seeds(text) -> None:
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not items or not all(x.lstrip("-").isdigit() for x in items):
+        raise ConfigError(f"config.report.seeds={text!r} must be comma-separated integers, e.g. '0,1,2'.")
+
+
 def validate(
     cfg: ml_collections.ConfigDict, stage: str | None = None, num_devices: int | None = None, process_count: int = 1
 ) -> None:
@@ -246,6 +252,8 @@ def validate(
             "one tokenizer and vocabulary."
         )
     _check_training(cfg, groups)
+    if "report" in cfg and "report" in groups:
+        _check_report_seeds(cfg.report.seeds)
     if num_devices is not None and "mesh" in cfg and "mesh" in groups:
         _check_mesh(cfg, stage, num_devices, process_count)
     _check_paths(cfg, stage)

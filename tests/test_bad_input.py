@@ -420,6 +420,9 @@ CASES = [
     ),
     Case("demo-mesh-two-fill-axes", "demo", ("--config.mesh.shape.tensor=-1",), ("at most one -1",), run_dir="missing"),
     Case("demo-steps-negative", "demo", ("--config.train.steps=-1",), ("train.steps=-1",), True, run_dir="missing"),
+    # ---------------------------------------------------------------- report
+    Case("report-variant-unknown", "report", ("--config.report.variants=sft,nope",), ("report.variants", "nope")),
+    Case("report-seeds-not-integers", "report", ("--config.report.seeds=0,x",), ("comma-separated integers",), True),
 ]
 
 

@@ -116,6 +116,7 @@ def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
 
     dcfg = data_config.default_config()
     dcfg.seq_len = 32
+    dcfg.teacher_head = "exact"  # the span rule is what this test checks (same tokenizer as the teacher)
     dcfg.split.warmup, dcfg.split.align, dcfg.split.distill, dcfg.split.heldout = 0.25, 0.25, 0.25, 0.25
     prepare([ccfg.out], tok, tmp_path / "prepared", dcfg, progress=False)
     data = PreparedData(tmp_path / "prepared")
