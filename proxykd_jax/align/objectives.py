@@ -25,6 +25,7 @@ from flax import nnx
 from proxykd_jax import losses
 from proxykd_jax.align import lora
 from proxykd_jax.parallel.hosts import to_host
+from proxykd_jax.parallel.sharding import mesh_of
 
 
 def policy_of(model: nnx.Module, frozen: tuple) -> nnx.Module:
@@ -106,7 +107,8 @@ def reference_logprobs(
         batch = {k: rows[k][idx] for k in keys}
         if put_batch is not None:
             batch = put_batch(batch)
-        c, r = _pair_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen))
+        with mesh_of(batch):  # rows pinned to the batch axes, as in the train step
+            c, r = _pair_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen))
         m = min(batch_size, n - start)
         chosen_out[start : start + m] = to_host(c)[:m]
         rejected_out[start : start + m] = to_host(r)[:m]
@@ -135,6 +137,7 @@ def heldout_nll(
         batch = {k: rows[k][idx] for k in ("tokens", "targets", "segment_ids", "loss_mask")}
         if put_batch is not None:
             batch = put_batch(batch)
-        logp_B = to_host(_row_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen)))
+        with mesh_of(batch):
+            logp_B = to_host(_row_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen)))
         total += float(np.sum(logp_B.astype(np.float64) * keep))
     return -total / max(float(np.sum(rows["loss_mask"])), 1.0)

@@ -386,14 +386,15 @@ def export_final(trainable, frozen, model_cfg, final_dir: pathlib.Path, lora_tar
 
     from proxykd_jax.models import hf
 
-    policy = objectives.policy_of(trainable, frozen)
-    graphdef, state = nnx.split(policy)
-    state = hosts.replicate(state, mesh)
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    hosts.sync("align: final.tmp cleared")
+    # The merged policy stays sharded: save_hf brings one tensor at a time to the host (collectively,
+    # when it spans processes) and process 0 writes. Only the (small) adapters are replicated.
+    hf.save_hf(objectives.policy_of(trainable, frozen), model_cfg, tmp, tokenizer=tokenizer)
     adapters = hosts.replicate(nnx.split(trainable)[1], mesh) if frozen else None
     if jax.process_index() == 0:
-        tmp = final_dir.with_name(final_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        hf.save_hf(nnx.merge(graphdef, state), model_cfg, tmp, tokenizer=tokenizer)
         if frozen:
             lora_lib.save_adapters(
                 nnx.merge(nnx.split(trainable)[0], adapters), final_dir.parent / "lora", targets=tuple(lora_targets)

@@ -37,7 +37,7 @@ from proxykd_jax.data import pipeline
 from proxykd_jax.data.store import StoreWriter
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.parallel import hosts
-from proxykd_jax.parallel.sharding import global_batch, replicated
+from proxykd_jax.parallel.sharding import global_batch, replicated, under_mesh
 
 log = logging.getLogger(__name__)
 SPLIT = "distill"
@@ -110,14 +110,14 @@ def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq
     graphdef, state = nnx.split(model)
     ids, logliks = [], []
     hold_seqs, hold_proxy_y, hold_sid = [], [], []
-    fwd = jax.jit(target_logprobs, static_argnums=0, out_shardings=replicated(mesh))
+    fwd = under_mesh(jax.jit(target_logprobs, static_argnums=0, out_shardings=replicated(mesh)), mesh)
     # A bytes head is fitted as it is used: the held-out score is that of the projected posterior.
     # (An exact head keeps the head-free fit, so same-tokenizer runs are unchanged.)
     head_sym = (
         head_symbols(prepared, model.cfg.vocab_size) if pcfg.use_teacher_topk and prepared.has_teacher_head else None
     )
     hold_head = [] if head_sym is not None else None
-    group_fwd = jax.jit(group_mass_of_target, static_argnums=0, out_shardings=replicated(mesh))
+    group_fwd = under_mesh(jax.jit(group_mass_of_target, static_argnums=0, out_shardings=replicated(mesh)), mesh)
     total = prepared.num_samples(SPLIT)
     progress = jax.process_index() == 0
     with progress_bars.bar(total=total, desc="posterior: proxy scores", unit="sample", disable=not progress) as bar:
@@ -288,7 +288,7 @@ def make_posterior_step(graphdef, pcfg, *, k: int, mesh):
             head_sym_V=head_sym_V,
         )
 
-    return jax.jit(step, out_shardings=replicated(mesh))
+    return under_mesh(jax.jit(step, out_shardings=replicated(mesh)), mesh)
 
 
 def write_store(

@@ -28,7 +28,7 @@ from flax import nnx
 from proxykd_jax.data import pipeline
 from proxykd_jax.eval.known_teacher import kl_terms
 from proxykd_jax.parallel import hosts
-from proxykd_jax.parallel.sharding import global_batch, replicated
+from proxykd_jax.parallel.sharding import global_batch, replicated, under_mesh
 
 ONE_HOT_SMOOTHING = 0.1  # label smoothing of the one-hot reference estimate
 _MODEL_FIELDS = ("tokens", "positions", "segment_ids", "targets")
@@ -44,7 +44,7 @@ def _scorer(mesh, full: bool):
         picked = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
         return picked, (logp if full else None)
 
-    return jax.jit(score, static_argnums=0, out_shardings=replicated(mesh))
+    return under_mesh(jax.jit(score, static_argnums=0, out_shardings=replicated(mesh)), mesh)
 
 
 def _empty(batch: dict) -> dict:

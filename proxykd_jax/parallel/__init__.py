@@ -11,7 +11,9 @@ from proxykd_jax.parallel.sharding import (
     place_model,
     replicated,
     shardings_of,
+    mesh_of,
     state_shardings,
+    under_mesh,
     variable_sharding,
 )
 
@@ -34,6 +36,8 @@ __all__ = [
     "resolve_distributed",
     "resolve_shape",
     "shardings_of",
+    "mesh_of",
     "state_shardings",
+    "under_mesh",
     "variable_sharding",
 ]

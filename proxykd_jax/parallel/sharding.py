@@ -8,6 +8,7 @@ constructor under `jax.jit` with those `out_shardings`, so each device only ever
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,6 +34,34 @@ def _ways(spec_entry, mesh: Mesh) -> int:
 def replicated(mesh: Mesh) -> NamedSharding:
     """A NamedSharding that keeps a whole copy on every device of `mesh`."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def under_mesh(jitted, mesh: Mesh):
+    """`jitted` traced and run with `mesh` set (`jax.set_mesh`), so the model can pin activation rows
+    to the batch axes (`models.llama.shard_batch`); without it, XLA may resolve a matmul's FSDP
+    conflict by gathering the rows (whole logits on every device). `.lower` is kept for ahead-of-time
+    compilation."""
+
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return jitted(*args, **kwargs)
+
+    def lower(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return jitted.lower(*args, **kwargs)
+
+    call.lower = lower
+    return call
+
+
+def mesh_of(tree):
+    """A context that sets the mesh of the first NamedSharding-placed array in `tree` (a no-op when
+    there is none): for jitted functions called on batches a caller has already placed."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return jax.set_mesh(sharding.mesh)
+    return contextlib.nullcontext()
 
 
 def variable_sharding(path: str, variable: nnx.Variable, mesh: Mesh, rules) -> NamedSharding:

@@ -199,13 +199,14 @@ class Distillation:
         import shutil
 
         state = self.loop.run(self.state, self.data_iter, frozen=self.frozen)
-        host_params = hosts.replicate((state.params, state.rest), self.loop.mesh)
+        final, tmp = self.out_dir / "final", self.out_dir / "final.tmp"
         if jax.process_index() == 0:
-            model = nnx.merge(self.graphdef, *host_params)
-            final = self.out_dir / "final"
-            tmp = self.out_dir / "final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            hf.save_hf(model, self.model_cfg, tmp, tokenizer=self.tokenizer)
+        hosts.sync("distill: final.tmp cleared")
+        # The sharded state as it is: save_hf brings one tensor at a time to the host (collectively,
+        # when the model spans processes) and process 0 writes; nothing is replicated whole.
+        hf.save_hf(nnx.merge(self.graphdef, state.params, state.rest), self.model_cfg, tmp, tokenizer=self.tokenizer)
+        if jax.process_index() == 0:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             log.info("distill: student written to %s", final)

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from proxykd_jax.parallel.sharding import under_mesh
 from proxykd_jax.train.state import TrainState
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -86,23 +87,7 @@ def make_train_step(
         donate_argnums=(0,),
         compiler_options=compiler_options,
     )
-    return _under_mesh(jitted, state_shardings.step.mesh)
-
-
-def _under_mesh(jitted, mesh):
-    """`jitted` traced and run with `mesh` set, so the model can pin activation rows to the batch
-    axes (`models.llama.shard_batch`); `.lower` is kept for ahead-of-time compilation."""
-
-    def call(*args):
-        with jax.set_mesh(mesh):
-            return jitted(*args)
-
-    def lower(*args):
-        with jax.set_mesh(mesh):
-            return jitted.lower(*args)
-
-    call.lower = lower
-    return call
+    return under_mesh(jitted, state_shardings.step.mesh)
 
 
 def make_eval_step(
@@ -120,4 +105,4 @@ def make_eval_step(
         out_shardings=_metrics_sharding(state_shardings),
         compiler_options=default_compiler_options(state_shardings),
     )
-    return _under_mesh(jitted, state_shardings.step.mesh)
+    return under_mesh(jitted, state_shardings.step.mesh)
