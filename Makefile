@@ -3,7 +3,8 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+# The compilation cache outlives checkouts (a fresh clone's suite reuses what earlier runs compiled).
+export JAX_COMPILATION_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/proxykd_jax/jax
 
 .PHONY: demo test bench clean-venv
 
@@ -22,7 +23,7 @@ demo: $(VENV)/.base
 	$(BIN)/python -m proxykd_jax demo --config=configs/demo.py
 
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(VENV)/.test
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

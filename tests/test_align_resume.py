@@ -34,7 +34,6 @@ def _env() -> dict:
     env.pop("XLA_FLAGS", None)  # one CPU device
     env.update(
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_OFFLINE="1",

@@ -215,10 +215,16 @@ def test_self_attend_matches_dense_attention(length, num_blocks):
     pos = llama.positions_from_segments(seg)
     real = np.asarray(seg) != 0
     cotangent = jax.random.normal(keys[3], q.shape) * jnp.asarray(real)[:, :, None, None]  # padding rows unused
-    blocked, blocked_vjp = jax.vjp(lambda *a: llama.self_attend(*a, pos, seg, num_blocks), q, k, v)
-    dense, dense_vjp = jax.vjp(lambda *a: llama.attend(*a, pos, pos, seg, seg), q, k, v)
+
+    @jax.jit  # one compiled program (op-by-op dispatch of the custom VJP costs tens of seconds)
+    def both(q, k, v, cotangent):
+        blocked, blocked_vjp = jax.vjp(lambda *a: llama.self_attend(*a, pos, seg, num_blocks), q, k, v)
+        dense, dense_vjp = jax.vjp(lambda *a: llama.attend(*a, pos, pos, seg, seg), q, k, v)
+        return blocked, dense, blocked_vjp(cotangent), dense_vjp(cotangent)
+
+    blocked, dense, blocked_grads, dense_grads = both(q, k, v, cotangent)
     np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(dense)[real], rtol=1e-5, atol=1e-5)
-    for got, want in zip(blocked_vjp(cotangent), dense_vjp(cotangent)):
+    for got, want in zip(blocked_grads, dense_grads):
         assert float(jnp.abs(want).max()) > 0.1
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     if num_blocks is None:

@@ -41,7 +41,7 @@ class Launch:
             SIMULATE_DEVICES=str(devices),
             PYTHON=sys.executable,
             PYTHONPATH=str(REPO),
-            JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache")),
+            JAX_COMPILATION_CACHE_DIR=os.environ["JAX_COMPILATION_CACHE_DIR"],  # set by conftest.py
         )
         command = ["bash", str(REPO / "launch" / "local.sh"), stage, f"--config={REPO}/tests/pickled_config.py:{pkl}"]
         self.stage, self.log = stage, log
