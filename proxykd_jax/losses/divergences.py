@@ -124,7 +124,10 @@ def _sparse_parts(kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV):
     logq_tail_M = masked_logsumexp(student_logprobs_MxV, ~member_MxV)
     # When the top-K covers every id (K = V) the tail holds no id and so no mass: the stored tail is
     # then float32 rounding residue, which against the student's empty tail (-inf) gave an infinite KL.
-    empty_tail_M = jnp.all(member_MxV, axis=-1)
+    if kd_ids_MxK.shape[-1] < vocab:  # fewer slots than ids: the tail is never empty (no [M, V] pass)
+        empty_tail_M = jnp.zeros((num_rows,), bool)
+    else:
+        empty_tail_M = jnp.all(member_MxV, axis=-1)
     tail_M = jnp.where(empty_tail_M, 0.0, jnp.maximum(kd_tail_M.astype(jnp.float32), 0.0))
     logp_tail_M = jnp.where(tail_M > 0, jnp.log(jnp.where(tail_M > 0, tail_M, 1.0)), -jnp.inf)
     return logp_MxK, logq_MxK, logp_tail_M, logq_tail_M, member_MxV, rows_Mx1, slot_ids_MxK
