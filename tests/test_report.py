@@ -164,6 +164,10 @@ def test_chartok_setting_reports_per_byte_scores_and_na_where_tokenizers_differ(
     import matplotlib.image
 
     assert matplotlib.image.imread(run / "report" / "ablation.png").shape[0] > 100
+    from proxykd_jax.report.runner import variants_for
+
+    assert variants_for("chartok", ["proxykd", "no_head"]) == ["proxykd", "no_head"]
+    assert variants_for("perturbed", ["proxykd", "no_head"]) == ["proxykd"]  # its corpus has no top log-probs
     cfg_small = report_config_for(tmp_path / "bad", settings="chartok", seeds="0")  # the tiny vocabulary: 96
     with pytest.raises(ProxyKDError, match="at least 260"):
         run_stage("report", cfg_small)

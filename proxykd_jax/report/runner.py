@@ -45,6 +45,11 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+def variants_for(setting: str, variants: list[str]) -> list[str]:
+    """The `variants` that apply to `setting` (a teacher-head ablation needs top log-probs in the corpus)."""
+    return [n for n in variants if SETTINGS[setting].top_logprobs or not VARIANTS[n].needs_logprobs]
+
+
 def _link(folder: pathlib.Path, names=("prepared", "prior")) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -131,7 +136,8 @@ class Runner:
     def run(self) -> list[dict]:
         settings, seeds, variants = self.plan()
         root = self.ctx.paths.root
-        total, done, start = len(settings) * len(seeds) * len(variants), 0, time.perf_counter()
+        applies = {s: variants_for(s, variants) for s in settings}
+        total, done, start = len(seeds) * sum(len(v) for v in applies.values()), 0, time.perf_counter()
         for setting in settings:
             folder = root / setting
             folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +145,7 @@ class Runner:
             teacher = SETTINGS[setting].build(self, folder)
             for seed in seeds:
                 seed_run = SeedRun(self, setting, folder, seed, teacher)
-                for name in variants:
+                for name in applies[setting]:
                     t0 = time.perf_counter()
                     res, reused = seed_run.variant(name)
                     done += 1

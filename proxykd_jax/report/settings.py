@@ -35,6 +35,7 @@ class Setting:
     doc: str
     build: Callable  # (runner, folder) -> KnownTeacher; writes folder/teacher and folder/proxy_init
     same_tokenizer: bool = True  # False: the teacher's tokens are not ours (KL, white box: n/a)
+    top_logprobs: bool = False  # whether the corpus carries the teacher's top log-probs (a teacher head)
     overrides: Callable | None = None  # (report config group) -> config overrides of every stage of a seed
     corpus: Callable | None = None  # (teacher, prompts, out, cfg, seed) -> writes the corpus; None: plain samples
 
@@ -185,6 +186,7 @@ SETTINGS: dict[str, Setting] = {
         "proxy: random init over our tokenizer + SFT warm-up",
         _chartok,
         same_tokenizer=False,
+        top_logprobs=True,
         overrides=_chartok_overrides,
         corpus=_chartok_corpus,
     ),
