@@ -124,3 +124,50 @@ def test_specialised_teacher_is_a_different_model_of_the_same_family(tmp_path):
     bias = np.asarray(teacher.model.lm_head[...])[0] - np.asarray(general.model.lm_head[...])[0]
     words = np.argsort(-bias)[:8]
     assert p_t[..., words].sum(-1).mean() > 1.5 * p_g[..., words].sum(-1).mean()
+
+
+def test_chartok_setting_reports_per_byte_scores_and_na_where_tokenizers_differ(tmp_path):
+    """A character-level teacher, our byte-level BPE: nats/byte and the teacher's score of the
+    generations are numbers, KL and the white-box ceiling are "n/a (tokenizers differ)"."""
+    cfg = report_config_for(tmp_path / "run", settings="chartok", seeds="0")
+    with cfg.unlocked():
+        cfg.report.variants = "sft,proxykd,white_box"
+        cfg.report.chartok_sft_steps, cfg.report.chartok_max_chars = 3, 16
+        cfg.align.rounds, cfg.train.steps = 0, 3
+        cfg.proxy.vocab_size = cfg.model.vocab_size = 288
+        cfg.proxy.max_seq_len = cfg.model.max_seq_len = 96
+        cfg.data.seq_len = cfg.train.seq_len = 64
+        cfg.demo.num_prompts, cfg.demo.samples_per_prompt = 32, 2
+    run_stage("report", cfg)
+    run = tmp_path / "run"
+    manifest = (run / "chartok" / "seed0" / "prepared" / "manifest.json").read_text()
+    assert '"teacher_head": "bytes"' in manifest
+    md = (run / "report" / "report.md").read_text()
+    cells = {}
+    for line in md.splitlines():
+        row = [c.strip() for c in line.strip("|").split("|")]
+        if len(row) >= 5 and row[0] in ("SFT student (alpha = 0)", "Proxy-KD (full)") or row[0].startswith("white-box"):
+            cells[row[0]] = row
+    assert set(cells) == {
+        "SFT student (alpha = 0)",
+        "Proxy-KD (full)",
+        "white-box ceiling (teacher's true distributions)",
+    }
+    na = "n/a (tokenizers differ)"
+    for name in ("SFT student (alpha = 0)", "Proxy-KD (full)"):
+        row = cells[name]
+        nats, kl, loglik = row[2:5]
+        assert 0.1 < float(nats.split("±")[0]) < 20.0 and kl == na and float(loglik.split("±")[0]) < 0.0, row
+        assert row[1] == "1"
+    assert cells["white-box ceiling (teacher's true distributions)"][2:5] == [na] * 3
+    assert "| proxy (before align) |" in md and "| proxy (full) |" in md and "κ = " in md
+    import matplotlib.image
+
+    assert matplotlib.image.imread(run / "report" / "ablation.png").shape[0] > 100
+    from proxykd_jax.report.runner import variants_for
+
+    assert variants_for("chartok", ["proxykd", "no_head"]) == ["proxykd", "no_head"]
+    assert variants_for("perturbed", ["proxykd", "no_head"]) == ["proxykd"]  # its corpus has no top log-probs
+    cfg_small = report_config_for(tmp_path / "bad", settings="chartok", seeds="0")  # the tiny vocabulary: 96
+    with pytest.raises(ProxyKDError, match="at least 260"):
+        run_stage("report", cfg_small)

@@ -15,4 +15,6 @@ def default_config() -> ml_collections.ConfigDict:
     cd.general_prompts = 800  # prompts sent to the general model for the proxy's pre-training corpus
     cd.pretrain_steps = 1000  # SFT steps that pre-train the proxy (random init) on the general model's samples
     cd.pretrain_lr = 3e-3  # their peak learning rate
+    cd.chartok_sft_steps = 300  # chartok: SFT warm-up steps of its randomly initialised proxy
+    cd.chartok_max_chars = 40  # chartok: longest teacher response, in characters
     return cd

@@ -5,6 +5,10 @@
 * E_t KL(teacher_t || student_t) per response token on the same held-out contexts;
 * the teacher's log-likelihood per byte of the student's sampled answers to held-out prompts.
 
+With a teacher over other tokens (`cross_tokenizer_scores`) the KL is "n/a (tokenizers differ)";
+nats per byte are counted the same way over our tokens, and the teacher scores the decoded answers
+with its own tokenizer (eval/per_byte.py: their end is scored and counts no byte).
+
 The per-token scorers are eval/metrics.py's; this module adds the byte counts.
 """
 
@@ -29,14 +33,18 @@ def _response_bytes(batch, tokenizer, eos_id: int) -> int:
     return sum(text_bytes(batch["targets"][r][mask[r] > 0], tokenizer, eos_id) for r in range(mask.shape[0]))
 
 
-def heldout_scores(model, teacher, batches, scorer) -> dict:
-    """{nats_per_byte, nll_per_token, kl_to_teacher, tokens, bytes} on held-out `batches`."""
-    m = metrics_lib.model_metrics({"m": model}, batches, teacher, scorer)["m"]
+def _counts(batches, tokenizer, eos_id: int) -> dict:
     counts = {"tokens": 0.0, "bytes": 0.0}
     for batch in batches:
         counts["tokens"] += float((np.asarray(batch["loss_mask"], np.float64) * (batch["segment_ids"] > 0)).sum())
-        counts["bytes"] += _response_bytes(batch, teacher.tokenizer, teacher.eos_id)
-    counts = hosts.allsum(counts)
+        counts["bytes"] += _response_bytes(batch, tokenizer, eos_id)
+    return hosts.allsum(counts)
+
+
+def heldout_scores(model, teacher, batches, scorer) -> dict:
+    """{nats_per_byte, nll_per_token, kl_to_teacher, tokens, bytes} on held-out `batches`."""
+    m = metrics_lib.model_metrics({"m": model}, batches, teacher, scorer)["m"]
+    counts = _counts(batches, teacher.tokenizer, teacher.eos_id)
     return {
         "nats_per_byte": m["heldout_nll"] * counts["tokens"] / counts["bytes"],
         "nll_per_token": m["heldout_nll"],
@@ -75,3 +83,40 @@ def generation_score(model, prompts: list, teacher, *, max_new_tokens: int, seed
             total += float(np.log(max(float(q[i, len(p) + t - 1, tok]), 1e-300)))  # float64 floor
         nbytes += text_bytes(a, teacher.tokenizer, teacher.eos_id)
     return total / max(nbytes, 1)
+
+
+NA_TOKENIZERS = "tokenizers differ"
+NA_METRICS = ("nats_per_byte", "kl_to_teacher", "teacher_loglik_per_byte")  # what a skipped variant lacks
+
+
+def nats_per_byte(model, prepared, batches, scorer) -> dict:
+    """{nats_per_byte, nll_per_token, tokens, bytes} of `model` on `batches` of `prepared` (our tokenizer)."""
+    from proxykd_jax.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(prepared.root / "tokenizer")
+    nll = metrics_lib.model_metrics({"m": model}, batches, None, scorer)["m"]["heldout_nll"]
+    counts = _counts(batches, tok, tok.eos_token_id)
+    return {
+        "nats_per_byte": nll * counts["tokens"] / counts["bytes"],
+        "nll_per_token": nll,
+        "tokens": int(counts["tokens"]),
+        "bytes": int(counts["bytes"]),
+    }
+
+
+def cross_tokenizer_scores(model, teacher, prepared, batches, prompts, scorer, max_new_tokens: int, seed: int) -> dict:
+    """The student's scores against a teacher over other tokens: nats per byte of held-out teacher
+    text, the teacher's log-likelihood per byte of the student's answers to `prompts` (our token
+    ids, decoded to text for the teacher), and KL "n/a (tokenizers differ)"."""
+    from proxykd_jax.eval import per_byte
+    from proxykd_jax.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(prepared.root / "tokenizer")
+    out = nats_per_byte(model, prepared, batches, scorer)
+    texts = [tok.decode([int(t) for t in p], skip_special_tokens=True) for p in prompts]
+    gen = per_byte.generation_nats_per_byte({"m": model}, texts, teacher, tok, max_new_tokens=max_new_tokens, seed=seed)
+    return out | {
+        "kl_to_teacher": None,
+        "teacher_loglik_per_byte": -gen["m"] if gen else None,
+        "na": {"kl_to_teacher": NA_TOKENIZERS},
+    }

@@ -33,19 +33,26 @@ def ablation(out: pathlib.Path, results: list[dict]) -> pathlib.Path:
     fig, axes = plt.subplots(len(groups), 2, figsize=(13, 4.6 * len(groups)), squeeze=False)
     fig.subplots_adjust(hspace=0.6)
     for row, (setting, rows) in enumerate(groups.items()):
-        names = [n for n in VARIANTS if any(r["variant"] == n for r in rows)]
-        for col, (key, title) in enumerate(
-            (("nats_per_byte", "held-out nats/byte"), ("kl_to_teacher", "KL to teacher"))
-        ):
+        has_kl = any(r.get("kl_to_teacher") is not None for r in rows)  # not with a teacher over other tokens
+        panels = (
+            ("nats_per_byte", "held-out nats/byte (lower is better"),
+            ("kl_to_teacher", "KL to teacher (lower is better")
+            if has_kl
+            else ("teacher_loglik_per_byte", "teacher log-lik/byte of generations (higher is better"),
+        )
+        for col, (key, title) in enumerate(panels):
+            names = [n for n in VARIANTS if any(r["variant"] == n and r.get(key) is not None for r in rows)]
             stats = [mean_std([r[key] for r in rows if r["variant"] == n]) for n in names]
             ax = axes[row, col]
+            if not names:
+                continue
             colors = ["tab:gray" if n == "sft" else "tab:green" if n == "white_box" else "tab:blue" for n in names]
             ax.bar(range(len(names)), [m for m, _, _ in stats], yerr=[s for _, s, _ in stats], color=colors, capsize=3)
             ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
             lo = min(m - s for m, s, _ in stats)
             hi = max(m + s for m, s, _ in stats)
             ax.set_ylim(lo - 0.15 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
-            ax.set_title(f"{setting}: {title} (lower is better, mean ± std over seeds)", fontsize=9)
+            ax.set_title(f"{setting}: {title}, mean ± std over seeds)", fontsize=9)
     return _save(fig, out / "ablation.png")
 
 
@@ -72,7 +79,7 @@ def curves(out: pathlib.Path, results: list[dict]) -> pathlib.Path:
 
 def alignment(out: pathlib.Path, estimates: list[dict]) -> pathlib.Path:
     plt = _plt()
-    groups = by_setting(estimates)
+    groups = {s: rows for s, rows in by_setting(estimates).items() if any(r["phases"] for r in rows)}
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.6), squeeze=False)
     for col, (setting, rows) in enumerate(groups.items()):
         ax = axes[0, col]

@@ -20,6 +20,7 @@ from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.eval import benchmark
 from proxykd_jax.eval import metrics as metrics_lib
 from proxykd_jax.report import metrics as report_metrics
+from proxykd_jax.report.metrics import NA_METRICS, NA_TOKENIZERS
 from proxykd_jax.report.settings import SETTINGS
 from proxykd_jax.report.variants import VARIANTS, align_overrides, posterior_overrides
 
@@ -42,6 +43,11 @@ def _seeds(text: str) -> list[int]:
     if not seeds:
         raise ProxyKDError("config.report.seeds is empty; give at least one seed, e.g. '0,1,2'.")
     return seeds
+
+
+def variants_for(setting: str, variants: list[str]) -> list[str]:
+    """The `variants` that apply to `setting` (a teacher-head ablation needs top log-probs in the corpus)."""
+    return [n for n in variants if SETTINGS[setting].top_logprobs or not VARIANTS[n].needs_logprobs]
 
 
 def _link(folder: pathlib.Path, names=("prepared", "prior")) -> None:
@@ -104,16 +110,14 @@ class Runner:
     def stage(self, name: str, ctx, **kwargs):
         return self.run_stage(name, ctx, **kwargs)
 
-    def collect_prepare(self, ctx, teacher, prior: bool = True) -> None:
+    def collect_prepare(self, ctx, teacher, prior: bool = True, corpus=None) -> None:
+        """Corpus (`corpus(teacher, prompts, out, cfg, seed)`, default `write_corpus`), prepare, prior."""
         cfg = ctx.cfg
-        write_corpus(
-            teacher,
-            pathlib.Path(cfg.collect.prompts),
-            pathlib.Path(cfg.data.corpus),
-            cfg.demo.samples_per_prompt,
-            cfg.demo.max_new_tokens,
-            ctx.seed,
-        )
+        prompts, out = pathlib.Path(cfg.collect.prompts), pathlib.Path(cfg.data.corpus)
+        if corpus is not None:
+            corpus(teacher, prompts, out, cfg, ctx.seed)
+        else:
+            write_corpus(teacher, prompts, out, cfg.demo.samples_per_prompt, cfg.demo.max_new_tokens, ctx.seed)
         self.stage("prepare", ctx)
         if prior:
             self.stage("prior", ctx)
@@ -132,7 +136,8 @@ class Runner:
     def run(self) -> list[dict]:
         settings, seeds, variants = self.plan()
         root = self.ctx.paths.root
-        total, done, start = len(settings) * len(seeds) * len(variants), 0, time.perf_counter()
+        applies = {s: variants_for(s, variants) for s in settings}
+        total, done, start = len(seeds) * sum(len(v) for v in applies.values()), 0, time.perf_counter()
         for setting in settings:
             folder = root / setting
             folder.mkdir(parents=True, exist_ok=True)
@@ -140,14 +145,14 @@ class Runner:
             teacher = SETTINGS[setting].build(self, folder)
             for seed in seeds:
                 seed_run = SeedRun(self, setting, folder, seed, teacher)
-                for name in variants:
+                for name in applies[setting]:
                     t0 = time.perf_counter()
                     res, reused = seed_run.variant(name)
                     done += 1
                     print(
                         f"[report] {done}/{total} {setting} seed {seed} {name}: nats/byte "
-                        f"{res['nats_per_byte']:.4f}, KL {res['kl_to_teacher']:.4f}, teacher log-lik/byte of "
-                        f"generations {res['teacher_loglik_per_byte']:.4f} "
+                        f"{_fmt(res['nats_per_byte'])}, KL {_fmt(res['kl_to_teacher'])}, teacher log-lik/byte of "
+                        f"generations {_fmt(res['teacher_loglik_per_byte'])} "
                         f"({'reused' if reused else f'{time.perf_counter() - t0:.0f} s'}; "
                         f"{time.perf_counter() - start:.0f} s in all)",
                         flush=True,
@@ -170,6 +175,7 @@ class SeedRun:
 
     def __post_init__(self):
         r, cfg = self.runner, self.runner.cfg
+        self.spec = SETTINGS[self.setting]
         self.dir = self.folder / f"seed{self.seed}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.prompts = self.dir / "prompts.jsonl"
@@ -183,6 +189,7 @@ class SeedRun:
             "run.seed": self.seed,
             "eval.known_teacher": str(self.folder / "teacher"),
             "data.corpus": str(self.dir / "corpus" / "teacher.jsonl"),
+            **(self.spec.overrides(self.runner.cfg.report) if self.spec.overrides else {}),
             **overrides,
         }
         return self.runner.sub_context(
@@ -191,7 +198,7 @@ class SeedRun:
 
     def prepare(self) -> None:
         if not self._prepared:
-            self.runner.collect_prepare(self.base, self.teacher)
+            self.runner.collect_prepare(self.base, self.teacher, corpus=self.spec.corpus)
             self._prepared = True
 
     def proxy(self, align: str) -> tuple[pathlib.Path, dict]:
@@ -202,7 +209,8 @@ class SeedRun:
         folder = self.dir / f"a_{align}"
         _link(folder)
         actx = self.context(folder, align_overrides(align, self.runner.cfg.report))
-        summary = self.runner.stage("align", actx, teacher_probs_fn=benchmark.teacher_probs_fn(self.teacher))
+        probs = benchmark.teacher_probs_fn(self.teacher) if self.spec.same_tokenizer else None  # over our tokens
+        summary = self.runner.stage("align", actx, teacher_probs_fn=probs)
         return folder / "proxy" / "final", summary
 
     def posterior(self, align: str, post: str):
@@ -221,8 +229,13 @@ class SeedRun:
         path = self.results / f"{name}.json"
         if path.exists():
             return json.loads(path.read_text()), True
-        self.prepare()
         v = VARIANTS[name]
+        res = {"setting": self.setting, "seed": self.seed, "variant": name, "label": v.label}
+        if v.white_box and not self.spec.same_tokenizer:  # its targets are distributions over the teacher's tokens
+            res.update({k: None for k in NA_METRICS} | {"na": {k: NA_TOKENIZERS for k in NA_METRICS}, "curve": []})
+            self.runner.ctx.write_json(path, res)
+            return res, False
+        self.prepare()
         if v.white_box:
             folder = self.dir / "w_teacher"
             _link(folder, ("prepared",))
@@ -233,7 +246,6 @@ class SeedRun:
             dctx = self.context(pctx.paths.root, {"posterior.proxy": pctx.cfg.posterior.proxy, **over})
         self.runner.stage("distill", dctx)
         student = dctx.paths.student(name)
-        res = {"setting": self.setting, "seed": self.seed, "variant": name, "label": v.label}
         res.update(self.score(dctx, student / "final"))
         res["curve"] = _curve(student / "metrics.jsonl")
         self.runner.ctx.write_json(path, res)
@@ -249,8 +261,12 @@ class SeedRun:
         batches = metrics_lib.eval_batches(
             prepared, cfg.eval.split, cfg.data, batch_size=cfg.eval.batch_size, limit=cfg.eval.max_samples
         )
-        out = report_metrics.heldout_scores(model, self.teacher, batches, scorer)
         prompts = metrics_lib.heldout_prompts(prepared, cfg.data, "heldout", cfg.eval.generate_prompts)
+        if not self.spec.same_tokenizer:
+            return report_metrics.cross_tokenizer_scores(
+                model, self.teacher, prepared, batches, prompts, scorer, cfg.eval.max_new_tokens, self.seed
+            )
+        out = report_metrics.heldout_scores(model, self.teacher, batches, scorer)
         out["teacher_loglik_per_byte"] = report_metrics.generation_score(
             model, prompts, self.teacher, max_new_tokens=cfg.eval.max_new_tokens, seed=self.seed
         )
@@ -275,6 +291,26 @@ class SeedRun:
                 folder, phases[align] = self.proxy(align)
                 proxies[f"proxy ({align})"] = folder
         models = {k: ctx.load_model(f)[1] for k, f in proxies.items()}
+        eb = {k: est.get(k) for k in ("kappa", "n_max", "heldout_loglik", "eb_search", "heldout_tokens")}
+        if not self.spec.same_tokenizer:  # no KL to a teacher over other tokens; the proxies per byte instead
+            batches = metrics_lib.eval_batches(
+                prepared, "heldout", ctx.cfg.data, batch_size=ctx.cfg.eval.batch_size, limit=ctx.cfg.eval.max_samples
+            )
+            scorer = metrics_lib.Scorer(ctx.mesh, ctx.rules)
+            out = {
+                "setting": self.setting,
+                "seed": self.seed,
+                "estimator_kl": {},
+                "na": {"estimator_kl": NA_TOKENIZERS, "phases": NA_TOKENIZERS},
+                "proxy_nats_per_byte": {
+                    k: report_metrics.nats_per_byte(m, prepared, batches, scorer)["nats_per_byte"]
+                    for k, m in models.items()
+                },
+                "phases": {},
+                "eb": eb,
+            }
+            self.runner.ctx.write_json(path, out)
+            return out
         batches = metrics_lib.eval_batches(
             prepared, "distill", ctx.cfg.data, batch_size=ctx.cfg.eval.batch_size, limit=ctx.cfg.eval.max_samples
         )
@@ -293,10 +329,14 @@ class SeedRun:
             "seed": self.seed,
             "estimator_kl": kl,
             "phases": {a: {p: r.get("kl_to_teacher") for p, r in s.items()} for a, s in phases.items()},
-            "eb": {k: est.get(k) for k in ("kappa", "n_max", "heldout_loglik", "eb_search", "heldout_tokens")},
+            "eb": eb,
         }
         self.runner.ctx.write_json(path, out)
         return out
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _curve(path: pathlib.Path) -> list:

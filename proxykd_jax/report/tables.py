@@ -26,6 +26,14 @@ def _cell(values, digits=4) -> str:
     return "-" if not n else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _metric_cell(rows: list[dict], key: str) -> str:
+    """mean ± std of `key` over `rows`, or "n/a (why)" where every row says the metric does not apply."""
+    reasons = {(r.get("na") or {}).get(key) for r in rows}
+    if rows and None not in reasons:
+        return "n/a (" + "; ".join(sorted(reasons)) + ")"
+    return _cell([r.get(key) for r in rows])
+
+
 def by_setting(results: list[dict]) -> dict:
     """{setting: its results}, settings in the registry's order (the default first)."""
     from proxykd_jax.report.settings import SETTINGS
@@ -39,8 +47,8 @@ def by_setting(results: list[dict]) -> dict:
 
 def _paired_delta(rows: list[dict], name: str, base: str, key: str) -> list[float]:
     """Per-seed differences variant - base (paired by seed)."""
-    a = {r["seed"]: r[key] for r in rows if r["variant"] == name}
-    b = {r["seed"]: r[key] for r in rows if r["variant"] == base}
+    a = {r["seed"]: r[key] for r in rows if r["variant"] == name and r.get(key) is not None}
+    b = {r["seed"]: r[key] for r in rows if r["variant"] == base and r.get(key) is not None}
     return [a[s] - b[s] for s in sorted(set(a) & set(b))]
 
 
@@ -52,7 +60,7 @@ def variant_table(rows: list[dict]) -> str:
     lines = [head, "|---" * (len(METRICS) + 4) + "|"]
     for n in names:
         mine = [r for r in rows if r["variant"] == n]
-        cells = [_cell([r[k] for r in mine]) for k, _ in METRICS]
+        cells = [_metric_cell(mine, k) for k, _ in METRICS]
         d_sft = _cell(_paired_delta(rows, n, "sft", "nats_per_byte")) if n != "sft" else ""
         d_kd = _cell(_paired_delta(rows, n, "proxykd", "nats_per_byte")) if n != "proxykd" else ""
         lines.append(f"| {VARIANTS[n].label} | {len(mine)} | " + " | ".join(cells) + f" | {d_sft} | {d_kd} |")
@@ -65,6 +73,16 @@ def estimate_table(estimates: list[dict]) -> str:
         names += [k for k in e["estimator_kl"] if k != "positions" and k not in names]
     lines = ["| estimate of the teacher | KL(teacher ‖ estimate)/token, distillation split |", "|---|---|"]
     lines += [f"| {n} | {_cell([e['estimator_kl'].get(n) for e in estimates])} |" for n in names]
+    return "\n".join(lines)
+
+
+def proxy_bytes_table(estimates: list[dict]) -> str:
+    """Each proxy's nats/byte of held-out teacher text (a teacher over other tokens: no KL)."""
+    names = []
+    for e in estimates:
+        names += [k for k in e.get("proxy_nats_per_byte", {}) if k not in names]
+    lines = ["| proxy | held-out nats/byte ↓ |", "|---|---|"]
+    lines += [f"| {n} | {_cell([e['proxy_nats_per_byte'].get(n) for e in estimates])} |" for n in names]
     return "\n".join(lines)
 
 
@@ -114,7 +132,21 @@ def report_markdown(cfg, results: list[dict], estimates: list[dict]) -> str:
         est = est_by.get(setting, [])
         parts += ["", f"## Setting: {setting}", "", SETTINGS[setting].doc if setting in SETTINGS else "", ""]
         parts += [variant_table(rows)]
-        if est:
+        na = est[0].get("na", {}) if est else {}
+        if est and na:
+            parts += [
+                "",
+                f"KL(teacher ‖ estimate) of the prior, proxies and posterior: n/a ({na['estimator_kl']}); "
+                f"KL(teacher ‖ proxy) through the alignment phases: n/a ({na['phases']}). The proxies per byte "
+                "of held-out teacher text instead:",
+                "",
+                proxy_bytes_table(est),
+                "",
+                "Empirical Bayes (full posterior):",
+                "",
+                eb_lines(est),
+            ]
+        elif est:
             parts += [
                 "",
                 estimate_table(est),

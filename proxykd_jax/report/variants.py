@@ -6,7 +6,8 @@ Alignments (`ALIGNMENTS`): full = SFT warm-up + DPO rounds (the config's `align`
 warm-up only; nll = the same rounds with beta -> 0 (`report.nll_beta`: DPO's gradient is off, the
 rounds are NLL on teacher text); none = the initial proxy. Posteriors (`POSTERIORS`): eb = the
 config's (weights, empirical Bayes); noweights = N_t = N_max everywhere; proxyonly = N_max = inf
-(the proxy's soft labels); prioronly = N_max = 0 (the corpus prior's, kappa from the eb fit).
+(the proxy's soft labels); prioronly = N_max = 0 (the corpus prior's, kappa from the eb fit);
+nohead = the eb posterior without the teacher's top log-probs (only where the corpus has them).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 ALIGNMENTS = ("full", "sft", "nll", "none")
-POSTERIORS = ("eb", "noweights", "proxyonly", "prioronly")
+POSTERIORS = ("eb", "noweights", "proxyonly", "prioronly", "nohead")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Variant:
     posterior: str | None  # key of POSTERIORS
     alpha_zero: bool = False  # the SFT baseline (distill.loss.alpha = 0)
     white_box: bool = False  # distil on the known teacher's true distributions (the ceiling)
+    needs_logprobs: bool = False  # only in settings whose corpus has the teacher's top log-probs
 
 
 VARIANTS: dict[str, Variant] = {
@@ -35,6 +37,7 @@ VARIANTS: dict[str, Variant] = {
     "no_weights": Variant("no sample weights", "full", "noweights"),
     "proxy_only": Variant("proxy-only soft labels (N_max = inf)", "full", "proxyonly"),
     "prior_only": Variant("prior-only soft labels (N_max = 0)", "full", "prioronly"),
+    "no_head": Variant("no teacher head (top log-probs unused)", "full", "nohead", needs_logprobs=True),
     "white_box": Variant("white-box ceiling (teacher's true distributions)", None, None, white_box=True),
 }
 
@@ -49,6 +52,8 @@ def posterior_overrides(name: str, eb_estimate: dict | None) -> dict:
         return {}
     if name == "noweights":
         return {"posterior.use_weights": False}
+    if name == "nohead":
+        return {"posterior.use_teacher_topk": False}
     if name == "proxyonly":
         return {"posterior.fit_empirical_bayes": False, "posterior.n_max": float("inf")}
     kappa = (eb_estimate or {}).get("heldout_loglik", {}).get("prior_kappa", 1.0)
