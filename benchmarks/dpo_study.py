@@ -45,7 +45,12 @@ VARIANTS = {  # name -> (align overrides on top of configs/demo.py, its NLL-only
     "ipo": ({"loss_type": "ipo"}, "ctl"),
     "cdpo0.1": ({"label_smoothing": 0.1}, "ctl"),
     "ref_initial": ({"reference": "initial"}, "ctl"),
+    # with 2 rounds the reference choice differs in round 1 only: the same comparison over 4 rounds
+    "rounds4": ({"rounds": 4}, "ctl_r4"),
+    "ctl_r4": ({"rounds": 4, "beta": NLL_BETA}, None),
+    "ref_initial_r4": ({"rounds": 4, "reference": "initial"}, "ctl_r4"),
 }
+DEFAULT_VARIANTS = "dpo,ctl,beta0.05,beta0.5,samples4,ctl4,ipo,cdpo0.1,ref_initial"
 
 
 def run_name(name: str, seed: int, base_seed: int) -> str:
@@ -58,7 +63,7 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/dpo_study", help="working directory (reused if present)")
     parser.add_argument("--noises", default="0.15,0.3,0.6", help="proxy starting distances (demo.proxy_noise)")
     parser.add_argument("--seeds", default="0", help="seeds for every variant")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {list(VARIANTS)}")
     parser.add_argument("--extra-seeds", default="1", help="more seeds, for --extra-seed-variants only")
     parser.add_argument("--extra-seed-variants", default="dpo,ctl")
     parser.add_argument("--prompts", type=int, default=400, help="prompts sent to the teacher")

@@ -373,10 +373,10 @@ def _round_pairs(trainable, frozen, data: AlignData, acfg, phase_dir, r, seed, s
     if not ref_path.exists():
         phases.save_params(trainable, ref_path)
     reference = phases.restore_params(trainable, ref_path)
-    logp_reference = None  # "previous": the round-start policy both samples and scores
-    if str(acfg.get("reference", "previous")) == "initial":
-        logp_reference = phases.restore_params(trainable, phase_dir.parent / "sft" / "params")
     if not pairs_path.exists():
+        logp_reference = None  # "previous": the round-start policy both samples and scores
+        if str(acfg.get("reference", "previous")) == "initial":
+            logp_reference = phases.restore_params(trainable, phase_dir.parent / "sft" / "params")
         rows, dropped = make_round_pairs(
             reference,
             frozen,
