@@ -45,8 +45,9 @@ VARIANTS = {  # name -> align overrides on top of configs/demo.py
 }
 
 
-def build_setup(out: pathlib.Path, num_prompts: int, samples: int):
-    """(teacher, config) with <out>/base_run/prepared and <out>/proxy_init written (once)."""
+def build_setup(out: pathlib.Path, num_prompts: int, samples: int, proxy_noise: float | None = None):
+    """(teacher, config) with <out>/base_run/prepared and <out>/proxy_init written (once); the proxy's
+    noise is `proxy_noise`, default the demo's `demo.proxy_noise`."""
     from configs import demo as demo_config
     from proxykd_jax import data
     from proxykd_jax.eval.benchmark import perturbed_proxy
@@ -77,15 +78,17 @@ def build_setup(out: pathlib.Path, num_prompts: int, samples: int):
         )
         data.prepare([corpus], teacher.tokenizer, prepared, cfg.data, progress=False)
         teacher.tokenizer.save_pretrained(str(prepared / "tokenizer"))
-    perturbed_proxy(teacher, out / "proxy_init", d.proxy_noise, cfg.run.seed + 1)
+    noise = d.proxy_noise if proxy_noise is None else proxy_noise
+    perturbed_proxy(teacher, out / "proxy_init", noise, cfg.run.seed + 1)
     cfg.proxy.init_from = str(out / "proxy_init")
     cfg.train.progress = False
     cfg.train.tensorboard = False
     return teacher, cfg
 
 
-def run_variant(out: pathlib.Path, teacher, cfg, name: str, overrides: dict) -> dict:
+def run_variant(out: pathlib.Path, teacher, cfg, name: str, overrides: dict, seed: int | None = None) -> dict:
     """Runs one variant's alignment (sharing the base run's SFT phase); returns its summaries.
+    `seed` (default run.seed) changes the rounds' rejected samples, prompt subsets and data order.
 
     Calls the library (`align.rounds`) rather than the stage: the variants share a finished SFT
     phase, which the stage's overwrite rule would (rightly) refuse to mix into another artifact."""
@@ -101,6 +104,8 @@ def run_variant(out: pathlib.Path, teacher, cfg, name: str, overrides: dict) -> 
     vcfg = cfg.copy_and_resolve_references()
     vcfg.run.dir = str(run)
     vcfg.align.update(overrides)
+    if seed is not None:
+        vcfg.run.seed = seed
     start = time.perf_counter()
     with context.create(vcfg, "align", lock=False) as ctx:
         _, proxy = ctx.init_model("proxy", ctx.seed)

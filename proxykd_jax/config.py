@@ -219,6 +219,20 @@ def _check_paths(cfg, stage: str | None) -> None:
                 )
 
 
+def _check_align(acfg) -> None:
+    loss_type, smoothing, reference = acfg.get("loss_type"), acfg.get("label_smoothing"), acfg.get("reference")
+    if loss_type is not None and loss_type not in ("dpo", "ipo"):
+        raise ConfigError(f"config.align.loss_type={loss_type!r} must be 'dpo' or 'ipo'.")
+    if reference is not None and reference not in ("previous", "initial"):
+        raise ConfigError(f"config.align.reference={reference!r} must be 'previous' or 'initial'.")
+    if smoothing is not None and not 0.0 <= float(smoothing) < 0.5:
+        raise ConfigError(f"config.align.label_smoothing={smoothing!r} must lie in [0, 0.5) (0 = plain DPO).")
+    if smoothing and loss_type == "ipo":
+        raise ConfigError("config.align.label_smoothing applies to loss_type 'dpo' only; set it to 0 with 'ipo'.")
+    if acfg.get("beta") is not None and not float(acfg.beta) > 0:
+        raise ConfigError(f"config.align.beta={acfg.beta!r} must be a positive number.")
+
+
 def _check_report_seeds(text) -> None:
     items = [x.strip() for x in str(text).split(",") if x.strip()]
     if not items or not all(x.lstrip("-").isdigit() for x in items):
@@ -252,6 +266,8 @@ def validate(
             "one tokenizer and vocabulary."
         )
     _check_training(cfg, groups)
+    if "align" in cfg and "align" in groups:
+        _check_align(cfg.align)
     if "report" in cfg and "report" in groups:
         _check_report_seeds(cfg.report.seeds)
     if num_devices is not None and "mesh" in cfg and "mesh" in groups:

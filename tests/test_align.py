@@ -154,6 +154,106 @@ def test_dpo_loss_literal_example():
     np.testing.assert_allclose([float(m["rewards_chosen"]), float(m["rewards_rejected"])], [-0.25, 0.25], rtol=1e-6)
 
 
+def _preference_ref64(pc, pr, rc, rr, beta, loss_type, eps):
+    """float64 numpy: (loss, d loss / d h per pair) of DPO / conservative DPO / IPO."""
+    h = (pc - rc) - (pr - rr)
+    if loss_type == "ipo":
+        return np.mean((h - 1.0 / (2.0 * beta)) ** 2), 2.0 * (h - 1.0 / (2.0 * beta)) / h.size
+    z = beta * h
+    loss = np.mean((1 - eps) * np.logaddexp(0.0, -z) + eps * np.logaddexp(0.0, z))
+    sig = 1.0 / (1.0 + np.exp(-z))
+    return loss, beta * (-(1 - eps) * (1 - sig) + eps * sig) / h.size
+
+
+@pytest.mark.parametrize(
+    "loss_type,eps,beta",
+    [("dpo", 0.0, 0.1), ("dpo", 0.1, 0.1), ("dpo", 0.3, 0.5), ("ipo", 0.0, 0.1), ("ipo", 0.0, 0.5)],
+)
+def test_preference_losses_match_float64(loss_type, eps, beta):
+    rng = np.random.default_rng([3, int(eps * 10), int(beta * 10)])
+    pc, pr, rc, rr = (-rng.uniform(2.0, 40.0, 16) for _ in range(4))
+    fn = jax.jit(
+        lambda a, b: objectives.preference_loss(
+            a,
+            b,
+            jnp.asarray(rc, jnp.float32),
+            jnp.asarray(rr, jnp.float32),
+            beta=beta,
+            loss_type=loss_type,
+            label_smoothing=eps,
+        ),
+        static_argnums=(),
+    )
+    (loss, metrics), (g_c, g_r) = jax.value_and_grad(lambda a, b: fn(a, b), argnums=(0, 1), has_aux=True)(
+        jnp.asarray(pc, jnp.float32), jnp.asarray(pr, jnp.float32)
+    )
+    want, dh = _preference_ref64(pc, pr, rc, rr, beta, loss_type, eps)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_c), dh, rtol=1e-4, atol=1e-7)  # dh/d log pi(chosen) = 1
+    np.testing.assert_allclose(np.asarray(g_r), -dh, rtol=1e-4, atol=1e-7)  # dh/d log pi(rejected) = -1
+    h = (pc - rc) - (pr - rr)
+    np.testing.assert_allclose(float(metrics["margin"]), np.mean(beta * h), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["accuracy"]), np.mean(h > 0), atol=1e-6)
+    if loss_type == "dpo" and eps == 0.0:  # the default path is today's `losses.dpo_loss`, bit for bit
+        from proxykd_jax.losses import dpo_loss
+
+        old, _ = dpo_loss(*(jnp.asarray(x, jnp.float32) for x in (pc, pr, rc, rr)), beta)
+        assert float(old) == float(loss)
+
+
+def test_preference_gradient_signs_and_limits():
+    """DPO always pushes h up, vanishing as h -> inf; conservative DPO and IPO push back past a
+    finite margin: log((1 - eps) / eps) / beta and 1 / (2 beta)."""
+
+    def dloss_dh(h, loss_type, eps, beta):
+        def f(x):
+            return objectives.preference_loss(
+                x,
+                jnp.zeros_like(x),
+                jnp.zeros_like(x),
+                jnp.zeros_like(x),
+                beta=beta,
+                loss_type=loss_type,
+                label_smoothing=eps,
+            )[0]
+
+        return float(jax.grad(f)(jnp.array([h], jnp.float32))[0])
+
+    beta = 0.1
+    for h in (-50.0, 0.0, 10.0, 50.0):
+        assert dloss_dh(h, "dpo", 0.0, beta) < 0
+    assert abs(dloss_dh(400.0, "dpo", 0.0, beta)) < 1e-12
+    assert abs(dloss_dh(-400.0, "dpo", 0.0, beta) + beta) < 1e-6  # saturates at -beta
+    eps = 0.1
+    h_star = math.log((1 - eps) / eps) / beta
+    assert dloss_dh(h_star - 1.0, "dpo", eps, beta) < 0 < dloss_dh(h_star + 1.0, "dpo", eps, beta)
+    assert abs(dloss_dh(h_star, "dpo", eps, beta)) < 1e-6
+    np.testing.assert_allclose(dloss_dh(400.0, "dpo", eps, beta), eps * beta, rtol=1e-5)
+    target = 1.0 / (2.0 * beta)
+    assert dloss_dh(target - 1.0, "ipo", 0.0, beta) < 0 < dloss_dh(target + 1.0, "ipo", 0.0, beta)
+    assert dloss_dh(target, "ipo", 0.0, beta) == 0.0
+    np.testing.assert_allclose(dloss_dh(target + 100.0, "ipo", 0.0, beta), 200.0, rtol=1e-5)  # grows, no saturation
+    with pytest.raises(ValueError, match="align.loss_type"):
+        objectives.preference_loss(jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), jnp.zeros(2), beta=0.1, loss_type="kto")
+
+
+def test_ipo_objective_through_the_model():
+    model = _model()
+    rows = _random_pairs(np.random.default_rng(4), 4)
+    ref_c = np.array([-30.0, -12.5, -20.0, -7.0], np.float32)
+    ref_r = np.array([-25.0, -15.0, -9.0, -11.0], np.float32)
+    rows.update(ref_chosen_logp=ref_c, ref_rejected_logp=ref_r)
+    batch = {k: jnp.asarray(v) for k, v in phases.interleave_pairs(rows).items()}
+    graphdef, state = nnx.split(model)
+    loss_fn = functools.partial(objectives.dpo_loss_fn, beta=0.5, nll_weight=0.3, chunk=8, loss_type="ipo")
+    loss, metrics = jax.jit(lambda st, b: loss_fn(nnx.merge(graphdef, st), b))(state, batch)
+    pc, pr = _dense_logp64(model, rows, "chosen_"), _dense_logp64(model, rows, "rejected_")
+    ipo = np.mean(((pc - ref_c) - (pr - ref_r) - 1.0) ** 2)
+    nll = -pc.sum() / rows["chosen_loss_mask"].sum()
+    np.testing.assert_allclose(float(metrics["dpo_loss"]), ipo, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), 0.3 * nll + ipo, rtol=1e-5)
+
+
 def test_lora_gradients_reach_adapters_only():
     base = _model()
     adapters = lora.LoraAdapters(base, rank=2, alpha=4.0, targets=("wq", "wv"), rngs=nnx.Rngs(3))

@@ -163,3 +163,29 @@ def test_sharded_run_equals_single_device(sharded_run, prepared, tmp_path):
     assert sorted(p1) == sorted(p8)
     for key in p1:
         np.testing.assert_allclose(p1[key], p8[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_initial_reference_and_ipo(prepared, tmp_path):
+    """align.reference = "initial": every round samples from the policy at its start but scores its
+    pairs with the post-SFT proxy; loss_type = "ipo" trains through the same rounds."""
+    from proxykd_jax.align import objectives, pairs, phases
+
+    run = new_run(prepared, tmp_path / "run")
+    cfg = make_config(run, reference="initial", loss_type="ipo")
+    cfg.mesh.shape.update(data=1, fsdp=1, tensor=1)
+    summaries = run_stage("align", cfg, devices=jax.devices()[:1])
+    assert set(summaries) == {"init", "sft", "round_000", "round_001"}
+    out = run / "proxy"
+    template = _template(cfg)
+    sft = phases.restore_params(template, out / "sft" / "params")
+    after0 = phases.restore_params(template, out / "round_000" / "params")
+    start1 = phases.restore_params(template, out / "round_001" / "reference")
+    for a, b in zip(_leaves(start1), _leaves(after0)):  # round 1 sampled from the policy after round 0
+        np.testing.assert_array_equal(a, b)
+    rows, _ = pairs.load_pairs(out / "round_001" / "pairs.npz")
+    ref_c, ref_r = objectives.reference_logprobs(sft, (), rows, batch_size=8, chunk=64)
+    np.testing.assert_allclose(rows["ref_chosen_logp"], ref_c, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rows["ref_rejected_logp"], ref_r, rtol=1e-5, atol=1e-5)
+    now_c, _ = objectives.reference_logprobs(after0, (), rows, batch_size=8, chunk=64)
+    assert np.abs(now_c - ref_c).max() > 1e-3  # the round-start policy would have given other numbers
+    assert np.isfinite(summaries["round_001"]["heldout_nll"])

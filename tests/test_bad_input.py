@@ -288,6 +288,8 @@ CASES = [
     Case("align-mesh-does-not-divide", "align", ("--config.mesh.shape.fsdp=3",), ("mesh", "8 available")),
     Case("align-mesh-two-fill-axes", "align", ("--config.mesh.shape.data=-1",), ("mesh.shape", "at most one -1")),
     Case("align-batch-size-0", "align", ("--config.align.batch_size=0",), ("config.align.batch_size=0",), True),
+    Case("align-bad-loss-type", "align", ("--config.align.loss_type=kto",), ("config.align.loss_type",), True),
+    Case("align-bad-reference", "align", ("--config.align.reference=sft",), ("config.align.reference",), True),
     Case(
         "align-batch-not-multiple-of-mesh",
         "align",

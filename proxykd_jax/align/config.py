@@ -19,6 +19,9 @@ def default_config() -> ml_collections.ConfigDict:
     cd.prompts_per_round = 0  # alignment examples sampled per round (a fresh subset each round); 0 = all
     cd.samples_per_prompt = 1  # rejected responses sampled per example (each makes one pair)
     cd.beta = 0.1  # DPO temperature beta (paper value)
+    cd.loss_type = "dpo"  # preference term: "dpo" (-log sigmoid, the paper's) or "ipo" (squared, Azar et al. 2023)
+    cd.label_smoothing = 0.0  # conservative DPO (loss_type dpo): chance in [0, 0.5) that a pair's label is wrong
+    cd.reference = "previous"  # DPO reference: "previous" (the proxy at each round's start) or "initial" (after SFT)
     cd.nll_weight = 1.0  # weight of NLL(chosen) added to the DPO loss (paper: 1, summed)
     cd.temperature = 1.0  # sampling temperature of rejected responses
     cd.top_p = 1.0  # nucleus top-p of rejected responses

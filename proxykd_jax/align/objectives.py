@@ -7,8 +7,8 @@ Neither loss materialises [B, L, V] in float32: the model returns hidden states 
 project them onto the vocabulary a chunk of tokens at a time (`losses.cross_entropy_chunked` for
 SFT, `losses.sequence_logprobs` for DPO's per-row log-probs).
 
-DPO reference: the reference (the proxy at the start of a round) is frozen for the whole round, so
-its sequence log-probs are constants of each pair. `reference_logprobs` computes them once per
+DPO reference: the reference (the proxy at the start of a round, or the post-SFT proxy with
+`align.reference = "initial"`) is frozen for the whole round, so its sequence log-probs are constants of each pair. `reference_logprobs` computes them once per
 round in its own jitted forward (no gradient, nothing donated) and they travel with the pairs as
 `ref_chosen_logp` / `ref_rejected_logp`; the gradient step reads them from the batch.
 """
@@ -59,16 +59,78 @@ def sft_loss_fn(model, batch, *frozen, chunk: int):
     return nll, {"loss": nll, "nll": nll, "response_tokens": n_tokens}
 
 
-def dpo_loss_fn(model, batch, *frozen, beta: float, nll_weight: float, chunk: int):
-    """nll_weight * token-mean NLL(chosen) + DPO(beta) against the precomputed reference log-probs.
+LOSS_TYPES = ("dpo", "ipo")
+
+
+def preference_loss(
+    pol_chosen_P,
+    pol_rejected_P,
+    ref_chosen_P,
+    ref_rejected_P,
+    *,
+    beta: float,
+    loss_type: str = "dpo",
+    label_smoothing=0.0,
+):
+    """The preference term of a batch of pairs, from per-sequence log-probs: (loss, metrics).
+
+    h = (log pi(c) - log pi_ref(c)) - (log pi(r) - log pi_ref(r)) (the reference carries no gradient).
+      dpo, label_smoothing = 0: mean of -log sigmoid(beta h) (`losses.dpo_loss`, Rafailov et al. 2023).
+      dpo, label_smoothing = eps > 0 (conservative DPO): mean of -(1 - eps) log sigmoid(beta h)
+        - eps log sigmoid(-beta h): the chosen label is taken as wrong with probability eps, so the
+        gradient vanishes at beta h = log((1 - eps) / eps) instead of only as h -> infinity.
+      ipo: mean of (h - 1 / (2 beta))^2 (Azar et al. 2023): h is pulled to the finite target
+        1 / (2 beta) from either side, however far the samples already are apart.
+    Metrics as `losses.dpo_loss` (rewards beta * log-ratio, margin beta * h, accuracy h > 0)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"align.loss_type={loss_type!r}; use one of {LOSS_TYPES}.")
+    if loss_type == "dpo" and not label_smoothing:
+        return losses.dpo_loss(pol_chosen_P, pol_rejected_P, ref_chosen_P, ref_rejected_P, beta)
+    if beta <= 0:
+        raise ValueError(f"align.beta is {beta}; it must be positive.")
+    ratio_c = pol_chosen_P - jax.lax.stop_gradient(ref_chosen_P)
+    ratio_r = pol_rejected_P - jax.lax.stop_gradient(ref_rejected_P)
+    h_P = ratio_c - ratio_r
+    if loss_type == "ipo":
+        loss = jnp.mean(jnp.square(h_P - 1.0 / (2.0 * beta)))
+    else:
+        eps = label_smoothing
+        loss = jnp.mean(-(1.0 - eps) * jax.nn.log_sigmoid(beta * h_P) - eps * jax.nn.log_sigmoid(-beta * h_P))
+    metrics = dict(
+        rewards_chosen=jnp.mean(beta * ratio_c),
+        rewards_rejected=jnp.mean(beta * ratio_r),
+        margin=jnp.mean(beta * h_P),
+        accuracy=jnp.mean((h_P > 0).astype(jnp.float32)),
+    )
+    return loss, metrics
+
+
+def dpo_loss_fn(
+    model,
+    batch,
+    *frozen,
+    beta: float,
+    nll_weight: float,
+    chunk: int,
+    loss_type: str = "dpo",
+    label_smoothing: float = 0.0,
+):
+    """nll_weight * token-mean NLL(chosen) + the preference term (`preference_loss`: DPO, conservative
+    DPO or IPO) against the precomputed reference log-probs.
 
     `batch` rows are pairs interleaved (chosen i at row 2i, rejected i at row 2i + 1; see
     `phases.interleave_pairs`) with `ref_logp` [2P]; both go through one forward."""
     policy = policy_of(model, frozen)
     logp_2P = sequence_logprobs(policy, batch, chunk=chunk)
     pol_chosen_P, pol_rejected_P = logp_2P[0::2], logp_2P[1::2]
-    dpo, dpo_metrics = losses.dpo_loss(
-        pol_chosen_P, pol_rejected_P, batch["ref_logp"][0::2], batch["ref_logp"][1::2], beta
+    dpo, dpo_metrics = preference_loss(
+        pol_chosen_P,
+        pol_rejected_P,
+        batch["ref_logp"][0::2],
+        batch["ref_logp"][1::2],
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
     )
     n_chosen = jnp.sum(batch["loss_mask"][0::2])
     nll = -jnp.sum(pol_chosen_P) / jnp.maximum(n_chosen, 1.0)

@@ -2,11 +2,14 @@
 
 Phases, each resumable and skipped once finished (markers in the output folder, see phases.py):
   sft        token-mean NLL of the teacher responses of the warm-up split;
-  round r    on the alignment split: reference = the policy at the round's start (a frozen copy,
-             saved with the round); one or more rejected responses per prompt sampled from it (KV
-             cache, temperature/top-p); pairs whose sample equals the teacher response dropped;
-             reference sequence log-probs computed once in their own jitted forward; then
-             `dpo_steps_per_round` steps of nll_weight * NLL(chosen) + DPO(beta).
+  round r    on the alignment split: one or more rejected responses per prompt sampled from the
+             policy at the round's start (a frozen copy, saved with the round; KV cache,
+             temperature/top-p); pairs whose sample equals the teacher response dropped; reference
+             sequence log-probs computed once in their own jitted forward, the reference being that
+             same round-start policy (`align.reference = "previous"`) or the proxy after SFT
+             ("initial"); then `dpo_steps_per_round` steps of nll_weight * NLL(chosen) + the
+             preference term (`align.loss_type`: DPO(beta), conservative with
+             `align.label_smoothing`, or IPO).
 Every phase trains through the one train Loop (checkpoints, metrics, NaN stop, resume). The final
 proxy (LoRA merged) is written as a Hugging Face folder to <out>/final/.
 
@@ -131,8 +134,10 @@ def make_round_pairs(
     stop_tokens,
     pad_id: int,
     put_batch,
+    logp_reference=None,
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Samples rejected responses from `reference`, builds pair rows, adds reference log-probs.
+    """Samples rejected responses from `reference`, builds pair rows, adds reference log-probs (of
+    `logp_reference`, default `reference` itself; same `frozen`).
 
     Returns ({chosen_*, rejected_*, ref_chosen_logp, ref_rejected_logp}, dropped pairs)."""
     chosen = round_examples(examples, acfg, seed, round_index)
@@ -164,7 +169,12 @@ def make_round_pairs(
         )
     rows = pairs_lib.pair_rows(pair_list, seq_len, pad_id)
     ref_c, ref_r = objectives.reference_logprobs(
-        reference, frozen, rows, batch_size=acfg.eval_batch_size, chunk=acfg.logprob_chunk, put_batch=put_batch
+        reference if logp_reference is None else logp_reference,
+        frozen,
+        rows,
+        batch_size=acfg.eval_batch_size,
+        chunk=acfg.logprob_chunk,
+        put_batch=put_batch,
     )
     rows["ref_chosen_logp"], rows["ref_rejected_logp"] = ref_c, ref_r
     return rows, dropped
@@ -328,7 +338,12 @@ def align_proxy(
             n_pairs = rows["chosen_tokens"].shape[0]
             steps = acfg.dpo_steps_per_round or max(n_pairs // acfg.batch_size, 1)
             loss_fn = functools.partial(
-                objectives.dpo_loss_fn, beta=acfg.beta, nll_weight=acfg.nll_weight, chunk=acfg.logprob_chunk
+                objectives.dpo_loss_fn,
+                beta=acfg.beta,
+                nll_weight=acfg.nll_weight,
+                chunk=acfg.logprob_chunk,
+                loss_type=str(acfg.get("loss_type", "dpo")),
+                label_smoothing=float(acfg.get("label_smoothing", 0.0)),
             )
             trainable = trainer.train(
                 phase_dir,
@@ -359,6 +374,9 @@ def _round_pairs(trainable, frozen, data: AlignData, acfg, phase_dir, r, seed, s
         phases.save_params(trainable, ref_path)
     reference = phases.restore_params(trainable, ref_path)
     if not pairs_path.exists():
+        logp_reference = None  # "previous": the round-start policy both samples and scores
+        if str(acfg.get("reference", "previous")) == "initial":
+            logp_reference = phases.restore_params(trainable, phase_dir.parent / "sft" / "params")
         rows, dropped = make_round_pairs(
             reference,
             frozen,
@@ -370,6 +388,7 @@ def _round_pairs(trainable, frozen, data: AlignData, acfg, phase_dir, r, seed, s
             stop_tokens=data.stop_tokens,
             pad_id=data.pad_id,
             put_batch=put_batch,
+            logp_reference=logp_reference,
         )
         if jax.process_index() == 0:
             pairs_lib.save_pairs(pairs_path, rows, dropped)
