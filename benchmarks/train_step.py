@@ -1,7 +1,7 @@
 """Throughput of one jitted AdamW train step of a small Llama, against the measured matmul peak.
 
     .venv/bin/python benchmarks/train_step.py [--steps 4] [--rounds 4] [--warmup 3] [--no-torch]
-                                              [--torch-compile] [--no-dense-ce]
+                                              [--torch-compile] [--no-dense-ce] [--scanned]
 
 Model: 4 layers, d_model 256, 8 heads (head_dim 32), d_ff 1024, vocab 8192, seq 256, batch 8,
 float32, AdamW with global-norm clipping. Rows, timed in alternating rounds (median):
@@ -9,6 +9,8 @@ float32, AdamW with global-norm clipping. Rows, timed in alternating rounds (med
   jax (jit), fused CE    the library's step (`train.make_train_step`) with the library's loss,
                          `losses.cross_entropy_chunked` (gradient computed in the forward pass)
   jax (jit), dense CE    the same step with log_softmax + take_along_axis over full [B, L, V] logits
+  jax (jit), scanned     the fused-CE step with `jax.lax.scan` over the stacked layers
+                         (`model.scan_layers=True`; the default "auto" unrolls these 4 layers) (--scanned)
   pytorch eager          LlamaForCausalLM (transformers, sdpa attention) + F.cross_entropy, AdamW,
                          clip_grad_norm_ (when torch + transformers import)
   pytorch torch.compile  the same with the model under torch.compile (--torch-compile; needs a C++
@@ -21,6 +23,7 @@ attention halved).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import statistics
@@ -74,13 +77,13 @@ def host_batch(seed: int = 0) -> dict[str, np.ndarray]:
     return {"tokens": seq[:, :-1], "targets": seq[:, 1:]}
 
 
-def jax_step_fn(loss_fn=ce_loss):
+def jax_step_fn(loss_fn=ce_loss, cfg: ModelConfig = CFG):
     """The benchmarked JAX step as a blocking closure."""
     mesh = make_mesh(mesh_default_config())
     optim_cfg = optim_default_config()
     optim_cfg.warmup_steps = 10
     optimizer = make_optimizer(optim_cfg, total_steps=1000)
-    graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, CFG, rngs=nnx.Rngs(0))
+    graphdef, state, shardings = create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, cfg, rngs=nnx.Rngs(0))
     step = make_train_step(
         loss_fn, graphdef, optimizer, state_shardings=shardings, batch_shardings=batch_sharding(mesh, LOGICAL_RULES)
     )
@@ -154,6 +157,9 @@ def main() -> None:
         help="also time PyTorch with the model under torch.compile (needs a C++ compiler)",
     )
     parser.add_argument("--no-dense-ce", action="store_true", help="skip the JAX row with the dense cross-entropy")
+    parser.add_argument(
+        "--scanned", action="store_true", help="also time the fused-CE step with scanned layers (scan_layers=True)"
+    )
     args = parser.parse_args()
 
     tokens = BATCH * LENGTH
@@ -162,6 +168,8 @@ def main() -> None:
     fns = {f"jax (jit), fused CE, tiles of {CHUNK}": jax_step_fn()}
     if not args.no_dense_ce:
         fns["jax (jit), dense CE"] = jax_step_fn(dense_ce_loss)
+    if args.scanned:
+        fns["jax (jit), fused CE, scanned layers"] = jax_step_fn(cfg=dataclasses.replace(CFG, scan_layers=True))
     if not args.no_torch:
         for name, compiled in (("pytorch eager", False), ("pytorch torch.compile", True)):
             if compiled and not args.torch_compile:

@@ -65,6 +65,15 @@ def _check_model(name: str, group) -> None:
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
         if getattr(group, field) <= 0:
             raise ConfigError(f"config.{name}.{field}={getattr(group, field)} must be positive.")
+    from proxykd_jax.models.llama import ModelConfig
+
+    try:  # the remaining per-field checks (remat, attention, dtypes, scan_layers, RoPE scaling) live there
+        ModelConfig.from_config(group)
+    except ValueError as err:  # its messages name the field as "model.<field>"
+        message = str(err)
+        if message.startswith("model."):
+            raise ConfigError(f"config.{name}.{message.removeprefix('model.')}") from None
+        raise ConfigError(f"config.{name}: {message}") from None
 
 
 # (field, smallest allowed value): counts and sizes a stage divides by or loops over.

@@ -311,6 +311,13 @@ CASES = [
         setup="gpt2_folder",
     ),
     Case("align-heads-vs-kv-heads", "align", ("--config.proxy.num_kv_heads=3",), ("num_kv_heads=3",), True),
+    Case(
+        "align-scan-layers-word",
+        "align",
+        ("--config.proxy.scan_layers=sometimes",),
+        ("config.proxy.scan_layers must be True, False or 'auto'",),
+        True,
+    ),
     # ---------------------------------------------------------------- posterior
     Case(
         "posterior-weights-vs-config-json",

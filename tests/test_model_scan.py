@@ -110,8 +110,8 @@ def test_remat_policies_give_the_same_grads(remat, scan_layers):
 
 
 def test_full_remat_saves_less_than_none():
-    """Compiled temporaries of the train step shrink under full remat (deeper model, longer rows)."""
-    cfg = small_cfg(num_layers=6, d_model=64, d_ff=128)
+    """Compiled temporaries of the scanned train step shrink under full remat (deeper model, longer rows)."""
+    cfg = small_cfg(num_layers=6, d_model=64, d_ff=128, scan_layers=True)
     state = _random_state(cfg, seed=6)
     batch = _batch(cfg, seed=7, b=4, length=128)
 
@@ -174,3 +174,14 @@ def test_bf16_compute_agrees_with_float32():
     assert all(g.dtype == np.float32 for g in flat16)
     a, b = np.concatenate([g.ravel() for g in flat32]), np.concatenate([g.ravel() for g in flat16])
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
+
+
+def test_scan_layers_auto_unrolls_shallow_models_and_scans_deep_ones():
+    shallow = small_cfg(scan_layers="auto", num_layers=llama.AUTO_UNROLL_MAX_LAYERS)
+    deep = small_cfg(scan_layers="auto", num_layers=llama.AUTO_UNROLL_MAX_LAYERS + 1)
+    assert shallow.scan_layers is False and deep.scan_layers is True
+    assert dataclasses.replace(deep, num_layers=2).scan_layers is True  # resolved once, kept by replace
+    assert small_cfg(scan_layers="auto", num_layers=2, remat="full").scan_layers is True  # remat needs the scan
+    assert llama.ModelConfig.from_config(llama.default_config()).scan_layers is False  # 2 layers
+    with pytest.raises(ValueError, match="model.scan_layers must be True, False or 'auto'"):
+        small_cfg(scan_layers="sometimes")
