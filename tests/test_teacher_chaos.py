@@ -161,6 +161,46 @@ def test_collect_survives_chaos_and_a_server_restart_without_paying_twice(tmp_pa
     assert set(paid) <= set(keys)
 
 
+def test_a_server_gone_for_good_stops_collect_with_exit_2_within_the_breaker_window(tmp_path):
+    """The server is killed mid-run and never comes back: collect must stop on its own (it used to
+    retry for 14 minutes and exit 0), keep what it stored, and say that a re-run continues."""
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 300)
+    run_dir, log, port = tmp_path / "run", tmp_path / "requests.jsonl", free_port()
+    corpus = run_dir / "corpus" / "teacher.jsonl"
+    server = start_server(port, log, seed=3)
+    try:
+        proc = cli_collect(
+            run_dir,
+            prompts,
+            f"http://127.0.0.1:{port}/v1",
+            "--config.collect.samples_per_prompt=2",
+            "--config.collect.max_attempts=1000",
+            "--config.collect.breaker_failures=6",
+            "--config.collect.breaker_no_success_s=5",
+        )
+        deadline = time.monotonic() + 60
+        while corpus_lines(corpus) < 10:  # polling a file another process writes
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "collect stored nothing within 60 s"
+            time.sleep(0.02)
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        killed_at = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - killed_at
+    finally:
+        server.kill()
+        server.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    assert stopped_after < 30, f"collect kept going {stopped_after:.0f} s after the server was gone"
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "re-running the same command continues" in errors[0], err
+    stored = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert 10 <= len(stored) < 600 and len({r["key"] for r in stored}) == len(stored)
+
+
 def test_disk_full_exits_2_with_whole_lines_and_a_rerun_completes(tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 30)
     run_dir = tmp_path / "run"
