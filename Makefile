@@ -23,7 +23,7 @@ demo: $(VENV)/.base
 	$(BIN)/python -m proxykd_jax demo --config=configs/demo.py
 
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 bench: $(VENV)/.test
 	for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
