@@ -95,7 +95,9 @@ SETUPS = {
         lambda run: _shards(run)[0].with_suffix(".json").write_text('{"k": 8, "vocab'), _without("student")
     ),
     "ckpt_truncated": lambda run: [truncate(p, 0.3) for p in _checkpoint_files(run)],
-    "ckpt_flipped": lambda run: [flip_byte(p) for p in _checkpoint_files(run)],
+    # The first byte of each data file (its zstd frame's magic): orbax keeps no checksums, so a flip
+    # inside a stored (raw) block of float data reads back without error and is not detectable.
+    "ckpt_flipped": lambda run: [flip_byte(p, at=0.0) for p in _checkpoint_files(run)],
     "ckpt_metadata_garbage": lambda run: (run / "student" / "checkpoints" / "3" / "state" / "_METADATA").write_text(
         "not json"
     ),

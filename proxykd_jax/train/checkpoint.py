@@ -82,6 +82,15 @@ class _WithoutLoopClosedNoise:
         return getattr(self.stream, name)
 
 
+class _DropAsyncioReports(logging.Filter):
+    """After a failed restore, the `asyncio` logger's reports of the same failure ("Future exception
+    was never retrieved" for each tensorstore read, callbacks on the closed loop): its handlers hold
+    the original stderr, so they bypass `_WithoutLoopClosedNoise`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
 def _quiet_closed_loop_reports() -> None:
     if not isinstance(sys.stderr, _WithoutLoopClosedNoise):
         sys.stderr = _WithoutLoopClosedNoise(sys.stderr)
@@ -143,18 +152,22 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         elif kind == "json":
             items["data"] = ocp.args.JsonRestore()
+        stderr = sys.stderr
+        _quiet_closed_loop_reports()  # reads failing in tensorstore's threads report before the restore returns
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # tensorstore, orbax and JSON failures of damaged files share no base class
             if not _looks_damaged(e):
+                sys.stderr = stderr
                 raise
-            _quiet_closed_loop_reports()
+            logging.getLogger("asyncio").addFilter(_DropAsyncioReports())
             reason = one_line(str(e).split("[tensorstore_spec")[0])[:160]
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: {reason}); it is "
                 f"damaged or was written with another model or optimizer config: delete {self.directory / str(step)} "
                 "to resume from the checkpoint before it, or re-run with --config.run.overwrite=True to start over."
             ) from None
+        sys.stderr = stderr
         if kind == "json":
             data_iter.set_state(restored["data"])
         return restored["state"]
