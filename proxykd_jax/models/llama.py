@@ -163,8 +163,8 @@ def default_config() -> ml_collections.ConfigDict:
     cd.max_seq_len = 2048  # longest sequence the model is used with
     cd.param_dtype = "float32"  # storage dtype of parameters
     cd.dtype = "float32"  # compute dtype of activations (logits are always float32)
-    any_of_true_false_auto = ml_collections.FieldReference("auto", field_type=object)
-    cd.scan_layers = any_of_true_false_auto  # True: jax.lax.scan over layers; False: unrolled; auto: unroll <= 8 w/o remat
+    auto = ml_collections.FieldReference("auto", field_type=object)  # a bool or "auto"
+    cd.scan_layers = auto  # True: lax.scan over the layers; False: unrolled loop; auto: unroll <= 8 layers w/o remat
     cd.remat = "none"  # per-layer rematerialisation: none, full, save_dots, dots_with_no_batch_dims, offload
     cd.attention = "auto"  # auto, blocked, xla, cudnn, pallas (models/attention.py)
     return cd
