@@ -1,5 +1,5 @@
-"""The ablation report on the demo's sizes, shrunk to run 2 settings x 3 seeds x 9 variants in
-about half an hour on a 2-core CPU:
+"""The ablation report on the demo's sizes: 2 settings x 3 seeds x 9 variants, about 75 s a variant
+on a 2-core CPU (about an hour in all; one setting or one seed with --config.report.settings/seeds):
 
     proxykd report --config=configs/report.py [--config.report.settings=specialised]
 
