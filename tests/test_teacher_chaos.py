@@ -168,16 +168,16 @@ def test_a_server_gone_for_good_stops_collect_with_exit_2_within_the_breaker_win
     run_dir, log, port = tmp_path / "run", tmp_path / "requests.jsonl", free_port()
     corpus = run_dir / "corpus" / "teacher.jsonl"
     server = start_server(port, log, seed=3)
+    proc = cli_collect(
+        run_dir,
+        prompts,
+        f"http://127.0.0.1:{port}/v1",
+        "--config.collect.samples_per_prompt=2",
+        "--config.collect.max_attempts=1000",
+        "--config.collect.breaker_failures=6",
+        "--config.collect.breaker_no_success_s=5",
+    )
     try:
-        proc = cli_collect(
-            run_dir,
-            prompts,
-            f"http://127.0.0.1:{port}/v1",
-            "--config.collect.samples_per_prompt=2",
-            "--config.collect.max_attempts=1000",
-            "--config.collect.breaker_failures=6",
-            "--config.collect.breaker_no_success_s=5",
-        )
         deadline = time.monotonic() + 60
         while corpus_lines(corpus) < 10:  # polling a file another process writes
             assert proc.poll() is None, proc.communicate()

@@ -125,8 +125,8 @@ class ModelConfig:
         return cls(**values)
 
 
-# Unrolled layers make the CPU train step ~15% faster at 4 layers (benchmarks/train_step.py
-# --unrolled) and compile about as fast up to a handful of layers; compile time then grows with
+# Unrolled layers make the CPU train step 10-15% faster at 4 layers (benchmarks/train_step.py
+# --scanned) and compile about as fast up to a handful of layers; compile time then grows with
 # depth (benchmarks/compile_time.py: 17.4 s scanned vs 96.1 s unrolled at 32 layers). Under remat
 # only the scan saves memory on XLA:CPU (6 layers, full remat: temporaries 18.5 of 20.0 MB unrolled,
 # 4.7 of 26.3 MB scanned), so "auto" scans whenever a remat policy is set.

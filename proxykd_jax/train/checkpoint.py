@@ -82,15 +82,6 @@ class _WithoutLoopClosedNoise:
         return getattr(self.stream, name)
 
 
-class _DropAsyncioReports(logging.Filter):
-    """After a failed restore, the `asyncio` logger's reports of the same failure ("Future exception
-    was never retrieved" for each tensorstore read, callbacks on the closed loop): its handlers hold
-    the original stderr, so they bypass `_WithoutLoopClosedNoise`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False
-
-
 def _quiet_closed_loop_reports() -> None:
     if not isinstance(sys.stderr, _WithoutLoopClosedNoise):
         sys.stderr = _WithoutLoopClosedNoise(sys.stderr)
@@ -160,7 +151,9 @@ class Checkpointer:
             if not _looks_damaged(e):
                 sys.stderr = stderr
                 raise
-            logging.getLogger("asyncio").addFilter(_DropAsyncioReports())
+            # The asyncio logger's reports of the same failure ("Future exception was never retrieved"
+            # per failed read) go to the original stderr through its handlers, past the filter above.
+            logging.getLogger("asyncio").disabled = True
             reason = one_line(str(e).split("[tensorstore_spec")[0])[:160]
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: {reason}); it is "
