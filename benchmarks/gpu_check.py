@@ -19,6 +19,7 @@ and a streaming `x + 1` over a large array).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -38,12 +39,13 @@ from proxykd_jax.models.llama import Llama, ModelConfig, flops_per_token  # noqa
 from proxykd_jax.parallel.mesh import make_mesh  # noqa: E402
 from proxykd_jax.parallel.rules import LOGICAL_RULES  # noqa: E402
 from proxykd_jax.train import distill, optim  # noqa: E402
+from proxykd_jax.train.metrics import measure_matmul_peak  # noqa: E402
 
 # device kind substring -> (dense bf16 peak FLOP/s, HBM bytes/s)
 KNOWN = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
 
 
-def student_config(tiny: bool, remat: str, attention: str) -> ModelConfig:
+def student_config(tiny: bool, remat: str, attention: str, scan_layers="auto", segments: int = 0) -> ModelConfig:
     if tiny:
         shape = dict(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=128)
     else:  # 1.10B parameters
@@ -51,11 +53,79 @@ def student_config(tiny: bool, remat: str, attention: str) -> ModelConfig:
             vocab_size=32000, d_model=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, d_ff=8192
         )
     return ModelConfig(
-        **shape, max_seq_len=4096, param_dtype="float32", dtype="bfloat16", remat=remat, attention=attention
+        **shape,
+        max_seq_len=4096,
+        param_dtype="float32",
+        dtype="bfloat16",
+        remat=remat,
+        attention=attention,
+        scan_layers=scan_layers,
+        **({"attention_segments": segments} if segments else {}),
     )
 
 
+def attention_check(seed: int = 0) -> dict:
+    """Relative errors of each GPU attention path against the float32 `xla` path on one packed, padded
+    GQA batch of bf16 inputs (values and q/k/v gradients); `cudnn_fallback` forces the masked branch of
+    the packed path (2 segment slots for rows of 3-4 segments)."""
+    from proxykd_jax.models import attention
+    from proxykd_jax.models.llama import positions_from_segments
+
+    b, length, h, g, e = 3, 512, 8, 2, 64
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(keys[0], (b, length, h, e), jnp.float32)
+    k = jax.random.normal(keys[1], (b, length, g, e), jnp.float32)
+    v = jax.random.normal(keys[2], (b, length, g, e), jnp.float32)
+    cot = jax.random.normal(keys[3], (b, length, h, e), jnp.float32)
+    seg = np.ones((b, length), np.int32)
+    seg[1, 100:] = 2
+    seg[1, 300:] = 3
+    seg[2, :50], seg[2, 50:200], seg[2, 200:470], seg[2, 470:] = 1, 2, 3, 0  # packed + padding tail
+    seg = jnp.asarray(seg)
+    pos = positions_from_segments(seg)
+
+    def grads(fn, dtype):
+        def loss(q_, k_, v_):
+            out = fn(q_.astype(dtype), k_.astype(dtype), v_.astype(dtype)).astype(jnp.float32)
+            return jnp.sum(out * cot), out
+
+        (_, out), gs = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        return (out, *gs)
+
+    ref = grads(lambda q_, k_, v_: attention.self_attention(q_, k_, v_, pos, seg, implementation="xla"), jnp.float32)
+    paths = {
+        "cudnn": lambda q_, k_, v_: attention.self_attention(q_, k_, v_, pos, seg, implementation="cudnn"),
+        "cudnn_masked": lambda q_, k_, v_: attention.self_attention(
+            q_, k_, v_, pos, seg, implementation="cudnn_masked"
+        ),
+        "cudnn_fallback": lambda q_, k_, v_: jnp.where(
+            (seg != 0)[:, :, None, None], attention._cudnn_packed(q_, k_, v_, pos, seg, 2), 0
+        ),
+    }
+    out = {}
+    for name, fn in paths.items():
+        try:
+            got = grads(fn, jnp.bfloat16)
+            out[name] = [float(jnp.linalg.norm(a - r) / jnp.linalg.norm(r)) for a, r in zip(got, ref, strict=True)]
+        except Exception as err:  # noqa: BLE001 - reported in the table
+            out[name] = repr(err)[:300]
+    return out
+
+
+def _copy_bandwidth(elements: int, repeats: int) -> float:
+    """Bytes/s (read + write) of a streaming `x + 1` over `elements` float32 values."""
+    x = jax.random.normal(jax.random.key(0), (elements,), jnp.float32)
+    f = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(f(x))
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        y = f(x)
+    jax.block_until_ready(y)
+    return 2 * x.nbytes * repeats / (time.perf_counter() - t0)
+
+
 def device_limits(args) -> tuple[float, float, str]:
+    """(peak FLOP/s, HBM bytes/s, device kind): the datasheet's for known GPUs, else the flags, else measured."""
     kind = jax.devices()[0].device_kind
     peak, bw = next((v for k, v in KNOWN.items() if k in kind), (0.0, 0.0))
     if args.peak_tflops:
@@ -65,14 +135,19 @@ def device_limits(args) -> tuple[float, float, str]:
     if not peak:
         peak = matmul_peak(n=512 if args.tiny else 2048, repeats=3)
     if not bw:
-        x = jnp.ones((16 << 20,) if args.tiny else (256 << 20,), jnp.float32)
-        f = jax.jit(lambda a: a + 1)
-        jax.block_until_ready(f(x))
-        t0 = time.perf_counter()
-        for _ in range(5):
-            jax.block_until_ready(f(x))
-        bw = 2 * x.nbytes * 5 / (time.perf_counter() - t0)  # read + write
+        bw = _copy_bandwidth((16 << 20) if args.tiny else (256 << 20), 5)
     return peak, bw, kind
+
+
+def measured_limits(tiny: bool) -> tuple[float, float]:
+    """(matmul FLOP/s, copy bytes/s) measured in this run: an 8192^3 bf16 product (tiny: 512^3 float32) on
+    random data, median of 40; a 1 GiB float32 `x + 1` (tiny: 64 MiB), read + write bytes."""
+    if tiny:
+        return matmul_peak(n=512, repeats=3), _copy_bandwidth(16 << 20, 5)
+    # median of 40: the first products run while the clocks ramp up from idle
+    return measure_matmul_peak(n=8192, dtype=jnp.bfloat16, repeats=40, devices=jax.devices()[:1]), _copy_bandwidth(
+        1 << 28, 20
+    )
 
 
 def make_batch(cfg: ModelConfig, b: int, length: int, k: int, seed: int = 0) -> dict:
@@ -97,62 +172,55 @@ def make_batch(cfg: ModelConfig, b: int, length: int, k: int, seed: int = 0) -> 
     )
 
 
-def time_steps(step, state, batch, reps: int) -> tuple[float, object]:
-    state, metrics = step(state, batch)  # compile + warm up
-    jax.block_until_ready(metrics)
+def time_steps(step, state, batch, reps: int) -> tuple[float, float, object]:
+    """(compile + first step seconds, median step seconds, state); each step waits for state and metrics."""
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    first = time.perf_counter() - t0
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
+        jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
-    return float(np.median(times)), state
+    return first, float(np.median(times)), state
 
 
-def main(argv=None) -> list:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU; the test suite)")
-    ap.add_argument("--batch", type=int, default=0, help="rows per step (default 8; tiny 2)")
-    ap.add_argument("--seq", type=int, default=0, help="tokens per row (default 2048; tiny 64)")
-    ap.add_argument("--k", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=0, help="timed steps (default 10; tiny 2)")
-    ap.add_argument("--remat", default="none")
-    ap.add_argument("--attention", default="auto")
-    ap.add_argument("--peak-tflops", type=float, default=0.0)
-    ap.add_argument("--hbm-tbs", type=float, default=0.0)
-    args = ap.parse_args(argv)
-    b = args.batch or (2 if args.tiny else 8)
-    length = args.seq or (64 if args.tiny else 2048)
-    reps = args.reps or (2 if args.tiny else 10)
-    cfg = student_config(args.tiny, args.remat, args.attention)
-    peak, bw, kind = device_limits(args)
+def step_times(cfg: ModelConfig, b: int, length: int, k: int, reps: int, trace_dir: str = "") -> dict:
+    """Median step seconds of the distill step (alpha 1) and the SFT step (alpha 0) on the same batches.
+
+    With `trace_dir`, two more distill steps run under `jax.profiler.trace` (a Perfetto trace there).
+    """
     mesh = make_mesh(ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": 1, "tensor": 1}}), jax.devices()[:1])
-    rules = LOGICAL_RULES
-    batch = parallel.global_batch(make_batch(cfg, b, length, args.k), mesh, rules)
-    optim_cfg = optim.default_config()
-    optimizer = optim.make_optimizer(optim_cfg, 1000)
-    times = {}
+    batch = parallel.global_batch(make_batch(cfg, b, length, k), mesh, LOGICAL_RULES)
+    optimizer = optim.make_optimizer(optim.default_config(), 1000)
+    out = {}
     for name, alpha in (("distill", 1.0), ("sft", 0.0)):
         loss_cfg = losses.default_config()
         loss_cfg.alpha = alpha
-        graphdef, state, sh = train.create_train_state(optimizer, mesh, rules, Llama, cfg, rngs=nnx.Rngs(0))
+        graphdef, state, sh = train.create_train_state(optimizer, mesh, LOGICAL_RULES, Llama, cfg, rngs=nnx.Rngs(0))
         step = train.make_train_step(
             distill.make_loss_fn(loss_cfg),
             graphdef,
             optimizer,
             state_shardings=sh,
-            batch_shardings=parallel.batch_sharding(mesh, rules),
+            batch_shardings=parallel.batch_sharding(mesh, LOGICAL_RULES),
         )
-        times[name], state = time_steps(step, state, batch, reps)
+        out[f"{name}_compile_s"], out[name], state = time_steps(step, state, batch, reps)
+        if trace_dir and name == "distill":
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+                for _ in range(2):
+                    state, metrics = step(state, batch)
+                jax.block_until_ready((state, metrics))
         del state, step
-    step_flops = b * length * flops_per_token(cfg, length, backward=True)
-    rows = [
-        ["distill", f"{times['distill'] * 1e3:.2f} ms", f"MFU {step_flops / times['distill'] / peak:.1%}"],
-        ["sft", f"{times['sft'] * 1e3:.2f} ms", f"MFU {step_flops / times['sft'] / peak:.1%}"],
-        ["kd", "", f"overhead {times['distill'] / times['sft'] - 1:+.1%}"],
-    ]
-    # the posterior kernel on one batch's worth of proxy logits
-    n, v = (256, cfg.vocab_size) if args.tiny else (8192, 32000)
+    return out
+
+
+def kernel_seconds(tiny: bool, k: int, chunk: int, block: int, reps: int, trace_dir: str = "") -> tuple:
+    """(mean seconds, logits bytes, [N, V]) of the posterior kernel (`posterior_topk`, mode expected, K=k,
+    row chunks of `chunk`, top-k blocks of `block` ids) on [N, V] float32 proxy logits."""
+    n, v = (256, 512) if tiny else (8192, 32000)
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(n, v)).astype(np.float32) * 3)
     ng = rng.random((n, 96)).astype(np.float32)
@@ -165,19 +233,166 @@ def main(argv=None) -> list:
     )
     base = rng.random(v).astype(np.float32)
     base_v, n_pseudo = jnp.asarray(base / base.sum()), jnp.full((n,), 10.0, jnp.float32)
-    kernel = jax.jit(lambda lg, pr, bv, npn: posterior_topk(lg, pr, bv, npn, 1.0, k=args.k, chunk=1024))
+    kernel = jax.jit(
+        lambda lg, pr, bv, npn: posterior_topk(lg, pr, bv, npn, 1.0, k=k, chunk=min(chunk, n), top_k_block=block)
+    )
     jax.block_until_ready(kernel(logits, prior, base_v, n_pseudo))
     t0 = time.perf_counter()
     for _ in range(reps):
         out = kernel(logits, prior, base_v, n_pseudo)
     jax.block_until_ready(out)
-    kernel_s = (time.perf_counter() - t0) / reps
-    achieved = logits.nbytes / kernel_s
-    rows.append(["kernel", f"{kernel_s * 1e3:.2f} ms", f"{achieved / 1e9:.1f} GB/s = {achieved / bw:.1%} of HBM"])
+    seconds = (time.perf_counter() - t0) / reps
+    if trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            jax.block_until_ready([kernel(logits, prior, base_v, n_pseudo) for _ in range(2)])
+    return seconds, logits.nbytes, (n, v)
+
+
+def _record(path: str | None, row: dict) -> None:
+    """Appends one JSON line to `path` (so a run stopped part-way keeps what it measured)."""
+    print(json.dumps(row), flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _parse_variants(text: str) -> list[tuple[str, str, int, str, int]]:
+    """'cudnn/none/8,xla/none/8/unroll,cudnn/none/8/auto/4' -> [(attention, remat, batch, layers, segments),
+    ...]; layers auto|scan|unroll; segments: `model.attention_segments` (0: the default)."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        attention, remat, batch, *rest = item.split("/")
+        layers = rest[0] if rest else "auto"
+        out.append((attention, remat, int(batch), layers, int(rest[1]) if len(rest) > 1 else 0))
+    return out
+
+
+_SCAN = {"auto": "auto", "scan": True, "unroll": False}
+
+
+def main(argv=None) -> list:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU; the test suite)")
+    ap.add_argument("--batch", type=int, default=0, help="rows per step of the first variant (default 8; tiny 2)")
+    ap.add_argument("--seq", type=int, default=0, help="tokens per row (default 2048; tiny 64)")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=0, help="timed steps (default 10; tiny 2)")
+    ap.add_argument("--remat", default="none", help="remat policy of the first variant")
+    ap.add_argument("--attention", default="auto", help="attention implementation of the first variant")
+    ap.add_argument("--layers", default="auto", choices=sorted(_SCAN), help="layer loop of the first variant")
+    ap.add_argument(
+        "--more",
+        default="",
+        help="extra variants after the first, 'attention/remat/batch[/auto|scan|unroll[/segments]],...' (e.g. "
+        "cudnn_masked/none/8,cudnn/none/16/unroll,cudnn/none/8/auto/4 (the last: 4 segment slots)); each runs only while --budget-s allows another of the "
+        "first variant's length",
+    )
+    ap.add_argument("--budget-s", type=float, default=420.0, help="wall seconds the extra variants may use in all")
+    ap.add_argument(
+        "--kernels",
+        default="1024:16",
+        help="posterior kernels to time, 'chunk:block,...' (row chunk; ids per top-k block, 0 = dense top-k)",
+    )
+    ap.add_argument("--check-attention", action="store_true", help="first compare the GPU attention paths")
+    ap.add_argument(
+        "--trace",
+        default="",
+        help="profile two distill steps of each variant (and each kernel) into folders named from this",
+    )
+    ap.add_argument("--out", default="", help="append each measured row as one JSON line to this file")
+    ap.add_argument("--peak-tflops", type=float, default=0.0)
+    ap.add_argument("--hbm-tbs", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    b = args.batch or (2 if args.tiny else 8)
+    length = args.seq or (64 if args.tiny else 2048)
+    reps = args.reps or (2 if args.tiny else 10)
+    peak, bw, kind = device_limits(args)
+    measured_peak, measured_bw = measured_limits(args.tiny)
+    _record(
+        args.out, dict(row="device", kind=kind, peak=peak, bw=bw, measured_peak=measured_peak, measured_bw=measured_bw)
+    )
+    rows, first_s, shape = [], None, None
+    if args.check_attention:
+        for name, errs in attention_check().items():
+            _record(args.out, dict(row="attention", path=name, rel_errors=errs))
+            text = (
+                errs
+                if isinstance(errs, str)
+                else ", ".join(f"{t} {x:.1e}" for t, x in zip(("out", "dq", "dk", "dv"), errs))
+            )
+            rows.append([f"attention {name}", "", text])
+
+    def kernel_rows():
+        for spec in args.kernels.split(","):
+            chunk, block = (int(x) for x in spec.split(":"))
+            trace = f"{args.trace}_kernel_{chunk}_{block}" if args.trace else ""
+            seconds, nbytes, shape = kernel_seconds(args.tiny, args.k, chunk, block, reps, trace)
+            achieved = nbytes / seconds
+            _record(
+                args.out,
+                dict(
+                    row="kernel", chunk=chunk, block=block, ms=seconds * 1e3, bytes_per_s=achieved, of_hbm=achieved / bw
+                ),
+            )
+            rows.append(
+                [
+                    "kernel" if spec == args.kernels.split(",")[0] else f"kernel [chunk {chunk}, block {block}]",
+                    f"{seconds * 1e3:.2f} ms",
+                    f"{achieved / 1e9:.1f} GB/s = {achieved / bw:.1%} of HBM ({achieved / measured_bw:.1%} of measured copy)",
+                ]
+            )
+        return shape
+
+    variants = [(args.attention, args.remat, b, args.layers, 0)] + _parse_variants(args.more)
+    for i, (attention, remat, rows_per_step, layers, segments) in enumerate(variants):
+        name = f"{attention}/{remat}/b{rows_per_step}/{layers}" + (f"/s{segments}" if segments else "")
+        if i and time.perf_counter() - start + first_s > args.budget_s:
+            print(f"skipping {name}: --budget-s {args.budget_s:.0f} s would be exceeded")
+            continue
+        cfg = student_config(args.tiny, remat, attention, _SCAN[layers], segments)
+        label = "" if i == 0 else f" [{name}]"
+        t0 = time.perf_counter()
+        try:
+            times = step_times(cfg, rows_per_step, length, args.k, reps, f"{args.trace}_{i}" if args.trace else "")
+        except Exception as e:  # noqa: BLE001 - one failed variant must not lose the others' rows
+            if i == 0 and args.tiny:
+                raise
+            _record(args.out, dict(row="error", variant=name, error=repr(e)[:2000]))
+            rows.append([f"distill{label}", "failed", type(e).__name__])
+            first_s = first_s or time.perf_counter() - t0
+            shape = shape or kernel_rows()
+            continue
+        first_s = first_s or time.perf_counter() - t0
+        step_flops = rows_per_step * length * flops_per_token(cfg, length, backward=True)
+        figures = {
+            step: dict(
+                ms=times[step] * 1e3,
+                compile_s=times[f"{step}_compile_s"],
+                mfu=step_flops / times[step] / peak,
+                of_measured=step_flops / times[step] / measured_peak,
+            )
+            for step in ("distill", "sft")
+        }
+        overhead = times["distill"] / times["sft"] - 1
+        _record(args.out, dict(row="steps", variant=name, **figures, kd_overhead=overhead))
+        for step in ("distill", "sft"):
+            f = figures[step]
+            rows.append(
+                [
+                    f"{step}{label}",
+                    f"{f['ms']:.2f} ms",
+                    f"MFU {f['mfu']:.1%} ({f['of_measured']:.1%} of measured matmul peak), compile {f['compile_s']:.0f} s",
+                ]
+            )
+        rows.append([f"kd{label}", "", f"overhead {overhead:+.1%}"])
+        shape = shape or kernel_rows()  # after the first variant, so the budget never skips the kernel
+    cfg = student_config(args.tiny, args.remat, args.attention, _SCAN[args.layers])
     print(
-        f"{kind}: peak {peak / 1e12:.1f} TFLOP/s, bandwidth {bw / 1e9:.0f} GB/s; student "
-        f"{cfg.num_params() / 1e9:.2f}B params, bf16 compute, batch {b} x seq {length}, K={args.k}; "
-        f"posterior kernel on [{n}, {v}] float32 logits"
+        f"{kind}: peak {peak / 1e12:.1f} TFLOP/s (measured bf16 matmul {measured_peak / 1e12:.1f}), bandwidth "
+        f"{bw / 1e9:.0f} GB/s (measured copy {measured_bw / 1e9:.0f}); student {cfg.num_params() / 1e9:.2f}B params, "
+        f"bf16 compute, seq {length}, K={args.k}, first variant {args.attention}/{args.remat}/batch {b}/{args.layers} "
+        f"layers; posterior kernel on {list(shape)} float32 logits; {time.perf_counter() - start:.0f} s in all"
     )
     print_table(rows, ["step", "time", "figure"])
     return rows

@@ -76,3 +76,35 @@ def test_auto_resolution_and_errors():
     assert attention.resolve("xla", jnp.float32, "cpu") == "xla"
     with pytest.raises(ValueError, match="model.attention must be one of"):
         attention.resolve("flash", jnp.float32)
+
+
+def _runs_reference(seg_row):
+    """(lengths, starts) of the runs of equal ids in one row, in order."""
+    starts = [i for i in range(len(seg_row)) if i == 0 or seg_row[i] != seg_row[i - 1]]
+    ends = starts[1:] + [len(seg_row)]
+    return [e - s for s, e in zip(starts, ends)], starts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_packed_layout_matches_the_runs_of_each_row(seed):
+    """cuDNN's packed description (lengths, offsets, -1 in unused slots) of random packed rows with
+    padding tails; a row with more runs than slots is reported as not fitting."""
+    rng = np.random.default_rng(seed)
+    b, length, slots = 5, 96, 6
+    seg = np.zeros((b, length), np.int32)
+    for row in range(b):
+        n_docs = rng.integers(1, 9)  # up to 8 documents (+ padding): some rows overflow 6 slots
+        cuts = np.sort(rng.choice(np.arange(1, length), n_docs, replace=False))
+        bounds = [0, *cuts[:-1], cuts[-1] if rng.random() < 0.7 else length]
+        for d in range(len(bounds) - 1):
+            seg[row, bounds[d] : bounds[d + 1]] = d + 1
+        # positions from bounds[-1] on stay 0: a padding tail (empty when bounds[-1] == length)
+    seqlen, offsets, fits = (np.asarray(x) for x in attention.packed_layout(jnp.asarray(seg), slots))
+    assert seqlen.shape == (b, slots) and offsets.shape == (b, slots + 1)
+    for row in range(b):
+        lengths, starts = _runs_reference(list(seg[row]))
+        assert bool(fits[row]) == (len(lengths) <= slots)
+        if len(lengths) <= slots:
+            assert list(seqlen[row]) == lengths + [-1] * (slots - len(lengths))
+            assert list(offsets[row]) == starts + [-1] * (slots + 1 - len(starts))
+            assert sum(lengths) == length

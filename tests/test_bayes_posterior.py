@@ -103,6 +103,14 @@ def test_topk_matches_dense_reference_on_the_blocked_path(mode):
     )
 
 
+def test_posterior_top_k_block_zero_takes_the_dense_path_with_the_same_result():
+    logits, prior, base, n_pseudo = random_case(4)
+    blocked = posterior_topk(logits, prior, base, n_pseudo, 2.0, k=K, top_k_block=4)
+    dense = posterior_topk(logits, prior, base, n_pseudo, 2.0, k=K, top_k_block=0)
+    for a, b in zip(blocked, dense, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
 def test_blocked_top_k_equals_lax_top_k_with_ties():
     rng = np.random.default_rng(3)
     logits = jnp.asarray(rng.normal(size=(16, 1000)).astype(np.float32))

@@ -185,3 +185,8 @@ def test_scan_layers_auto_unrolls_shallow_models_and_scans_deep_ones():
     assert llama.ModelConfig.from_config(llama.default_config()).scan_layers is False  # 2 layers
     with pytest.raises(ValueError, match="model.scan_layers must be True, False or 'auto'"):
         small_cfg(scan_layers="sometimes")
+    # on a GPU the scan cost the 16-layer student 15% of its step: "auto" unrolls at any depth there
+    deep_layers = 4 * llama.AUTO_UNROLL_MAX_LAYERS
+    assert llama.resolve_scan_layers("auto", deep_layers, "none", platform="gpu") is False
+    assert llama.resolve_scan_layers("auto", deep_layers, "full", platform="gpu") is True
+    assert llama.resolve_scan_layers("auto", deep_layers, "none", platform="cpu") is True

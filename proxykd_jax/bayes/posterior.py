@@ -82,16 +82,17 @@ def blocked_top_k(score, logits_NxV, base_V, k, block=16, sym_V=None):
     largest scores lie in the k blocks with the largest block maxima: any other entry is at most the
     k-th largest block maximum, and k entries reach it. One fused pass computes the block maxima, the
     scores of the k*B candidate ids are recomputed from gathered logits, and a top-k over them
-    finishes. On CPU this replaces an exp written over [N, V] plus XLA's row top-k over V. `score`
+    finishes. On CPU this replaces an exp written over [N, V] plus XLA's row top-k over V; `block=0`
+    takes that dense path (score over [N, V], then `lax.top_k`). `score`
     must be elementwise and broadcast over (logits [N, ., .], base [., .]); with `sym_V` (int32 [V])
     it takes a third argument, the ids' symbols shaped like base. Returns
     (values_NxK, ids_NxK int32): the values of `lax.top_k`; among exactly tied values the ids may
     differ from its lowest-id choice.
     """
     n, v = logits_NxV.shape
-    nb = v // block
+    nb = v // block if block else 0
     cols = (base_V,) if sym_V is None else (base_V, sym_V)
-    if v % block or nb <= 2 * k:
+    if not block or v % block or nb <= 2 * k:
         vals, ids = jax.lax.top_k(score(logits_NxV[:, None, :], *(c[None, None, :] for c in cols))[:, 0, :], k)
         return vals, ids.astype(jnp.int32)
     lg = logits_NxV.reshape(n, block, nb)
@@ -181,6 +182,7 @@ def _posterior_core(
     k,
     mode,
     beta,
+    block=16,
 ):
     """One block of tokens; returns (ids_NxK int32, logprobs_NxK float32, tail_N float32).
 
@@ -222,25 +224,33 @@ def _posterior_core(
     if mode == "expected":
         npn, fl = n_pseudo[:, None, None], floor[:, None, None]
         if rho is None:
-            _, top_ids = blocked_top_k(lambda lg, b: npn * jnp.exp(lg - lse[:, :, None]) + fl * b, logits, base, k)
+            _, top_ids = blocked_top_k(
+                lambda lg, b: npn * jnp.exp(lg - lse[:, :, None]) + fl * b, logits, base, k, block=block
+            )
         else:
             _, top_ids = blocked_top_k(
                 lambda lg, b, sy: (npn * jnp.exp(lg - lse[:, :, None]) + fl * b) * _rows_at(rho, sy),
                 logits,
                 base,
                 k,
+                block=block,
                 sym_V=sym,
             )
     elif mode == "sampled" and rho is None:
         _, top_ids = jax.lax.top_k(base, k)
         top_ids = jnp.broadcast_to(top_ids[None, :], (logits.shape[0], k))
     elif mode == "sampled":
-        _, top_ids = blocked_top_k(lambda lg, b, sy: b * _rows_at(rho, sy), logits, base, k, sym_V=sym)
+        _, top_ids = blocked_top_k(lambda lg, b, sy: b * _rows_at(rho, sy), logits, base, k, block=block, sym_V=sym)
     elif rho is None:
-        _, top_ids = blocked_top_k(lambda lg, b: lg + beta * jnp.log(b), logits, base, k)
+        _, top_ids = blocked_top_k(lambda lg, b: lg + beta * jnp.log(b), logits, base, k, block=block)
     else:
         _, top_ids = blocked_top_k(
-            lambda lg, b, sy: lg + beta * jnp.log(b) + jnp.log(_rows_at(rho, sy)), logits, base, k, sym_V=sym
+            lambda lg, b, sy: lg + beta * jnp.log(b) + jnp.log(_rows_at(rho, sy)),
+            logits,
+            base,
+            k,
+            block=block,
+            sym_V=sym,
         )
 
     cand_ids = jnp.concatenate([top_ids.astype(jnp.int32), sp_ids], 1)
@@ -362,6 +372,7 @@ def posterior_topk(
     head_logprobs_NxH=None,
     chunk=0,
     head_sym_V=None,
+    top_k_block=16,
 ):
     """The posterior's exact top-k at N positions (pure; jit it, or call it inside a jitted step).
 
@@ -370,7 +381,8 @@ def posterior_topk(
     k: entries kept; mode: "expected" | "sampled" (needs rng; num_samples draws) | "geometric" (beta);
     head_*_NxH: teacher top log-probs (-inf where absent) fixed as the head; chunk: tokens per block
     (0: all at once); head_sym_V: int32 [V] first-byte symbol of each of our tokens — given, the
-    head holds first-byte symbols and masses (a `bytes` head) and q̂ is I-projected onto them. Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32), sorted by
+    head holds first-byte symbols and masses (a `bytes` head) and q̂ is I-projected onto them; top_k_block: ids per block of
+    `blocked_top_k` (0: a dense score and `lax.top_k`). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32), sorted by
     probability, with exp(logprobs).sum() + tail == 1. A position whose total pseudo-count is zero
     (N_t = 0 with an empty prior) has no posterior and yields NaN; include_self queries never do.
     """
@@ -381,7 +393,7 @@ def posterior_topk(
         if rng is None:
             raise ValueError("posterior: mode='sampled' needs an rng key for the proxy draws.")
         uniforms = jax.random.uniform(rng, (n, num_samples), jnp.float32)
-    core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta)
+    core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta, block=top_k_block)
     return _run_blocked(
         core,
         proxy_logits_NxV,
@@ -397,7 +409,9 @@ def posterior_topk(
     )
 
 
-def make_sharded_posterior(mesh, *, axes=("data", "fsdp"), k, mode="expected", num_samples=64, beta=1.0, chunk=0):
+def make_sharded_posterior(
+    mesh, *, axes=("data", "fsdp"), k, mode="expected", num_samples=64, beta=1.0, chunk=0, top_k_block=16
+):
     """A jitted posterior with the token axis sharded over `axes` of `mesh` (shard_map inside).
 
     Returns f(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, rng=None, head_ids_NxH=None,
@@ -411,7 +425,7 @@ def make_sharded_posterior(mesh, *, axes=("data", "fsdp"), k, mode="expected", n
     n_shards = 1
     for a in axes:
         n_shards *= mesh.shape[a]
-    core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta)
+    core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta, block=top_k_block)
     explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 
     @jax.jit

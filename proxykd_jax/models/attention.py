@@ -11,11 +11,17 @@ Implementations (`model.attention`):
   the float32 probabilities of the visible blocks for the backward pass.
 - `xla`: `jax.nn.dot_product_attention(implementation="xla")` with a boolean mask built from the
   segment ids and positions (float32 softmax inside jax).
-- `cudnn`: the same call with `implementation="cudnn"` (cuDNN fused flash attention: bf16/fp16 on an
-  NVIDIA GPU; causal mask type plus the segment mask as a bias).
+- `cudnn`: cuDNN fused flash attention (bf16/fp16, NVIDIA Hopper or newer) in its packed-sequence
+  layout: each row's contiguous segments (the padding tail as one more) are passed as lengths and
+  offsets with the padding-causal mask type, so no [B, L, L] mask is built, read, or differentiated.
+  Rows with more than `PACKED_MAX_SEGMENTS` segments take `cudnn_masked` (a `lax.cond` per batch).
+- `cudnn_masked`: `jax.nn.dot_product_attention(implementation="cudnn")` with the causal mask type
+  plus the segment mask as an additive bias (any GPU cuDNN supports; cuDNN also computes the bias
+  gradient, which nothing uses).
 - `pallas`: jax's Pallas splash-attention kernel for TPU (segment ids + causal mask; imported only
   when that path is traced, i.e. on a TPU).
-- `auto`: cudnn on GPU (when the compute dtype is bf16/fp16, else xla), pallas on TPU, blocked on CPU.
+- `auto`: on GPU cudnn (Hopper or newer) or cudnn_masked when the compute dtype is bf16/fp16, else
+  xla; pallas on TPU; blocked on CPU.
 
 The cache path used by decoding (`attend`) stays dense: its keys are the cache slots, not the row.
 """
@@ -29,7 +35,11 @@ import jax
 import jax.numpy as jnp
 
 _MASK_VALUE = -1e30
-IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "pallas")
+IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "cudnn_masked", "pallas")
+# Segment slots per row of cuDNN's packed layout (`model.attention_segments`; a batch with a row of
+# more runs takes the masked path). cuDNN's backward pre-pass runs over every slot at full length:
+# on an H200 at 64 slots it took 20 ms of a 236 ms step, at 2 used segments per row.
+PACKED_MAX_SEGMENTS = 8
 
 
 def _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, causal_LxC=True):
@@ -183,7 +193,11 @@ def resolve(implementation: str, dtype=jnp.float32, platform: str | None = None)
         return implementation
     platform = platform or jax.default_backend()
     if platform in ("gpu", "cuda", "rocm"):
-        return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+        if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            return "xla"
+        device = jax.devices()[0]
+        capability = getattr(device, "compute_capability", "9.0") if device.platform == "gpu" else "9.0"
+        return "cudnn" if float(capability) >= 9.0 else "cudnn_masked"
     if platform == "tpu":
         return "pallas"
     return "blocked"
@@ -199,6 +213,57 @@ def _dpa(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, implem
         is_causal=implementation == "cudnn",  # cuDNN skips the blocks above the diagonal; the mask still applies
         implementation=implementation,
     )
+
+
+def packed_layout(segment_ids_BxL, max_segments: int):
+    """cuDNN's packed-sequence description of rows made of contiguous segments.
+
+    Every run of equal segment ids is one sequence (the padding tail, id 0, included: its queries
+    are zeroed afterwards, and a sequence of its own keeps its keys away from every real query).
+    Returns (seqlen_BxM, offsets_BxM1, fits_B): run lengths and start indices, -1 in unused slots,
+    and whether the row's runs fit in M = `max_segments` slots (when not, the first two are wrong).
+    """
+    b, length = segment_ids_BxL.shape
+    prev = jnp.concatenate([jnp.full((b, 1), -1, segment_ids_BxL.dtype), segment_ids_BxL[:, :-1]], 1)
+    is_start_BxL = segment_ids_BxL != prev
+    starts_BxM = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments, fill_value=length)[0])(is_start_BxL)
+    ends_BxM = jnp.concatenate([starts_BxM[:, 1:], jnp.full((b, 1), length, starts_BxM.dtype)], 1)
+    used = starts_BxM < length
+    seqlen = jnp.where(used, ends_BxM - starts_BxM, -1).astype(jnp.int32)
+    offsets = jnp.concatenate([jnp.where(used, starts_BxM, -1), jnp.full((b, 1), -1, starts_BxM.dtype)], 1)
+    return seqlen, offsets.astype(jnp.int32), jnp.sum(is_start_BxL, 1) <= max_segments
+
+
+def _cudnn_packed(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, max_segments):
+    """cuDNN flash attention over packed rows without a mask tensor (see `packed_layout`).
+
+    Uses jax's cuDNN binding directly (`jax.nn.dot_product_attention` has no packed layout); the
+    whole batch falls back to the masked call when some row has more than `max_segments` runs.
+    """
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+
+    seqlen_BxM, offsets_BxM1, fits_B = packed_layout(segment_ids_BxL, max_segments)
+    scale = 1.0 / math.sqrt(q_BxLxHxE.shape[-1])
+
+    def packed(q, k, v):
+        return cudnn_attention(
+            q,
+            k,
+            v,
+            q_seqlen=seqlen_BxM,
+            kv_seqlen=seqlen_BxM,
+            q_offsets=offsets_BxM1,
+            kv_offsets=offsets_BxM1,
+            scale=scale,
+            mask_type=MaskType.PADDING_CAUSAL,
+            qkv_layout="BTNH",
+        )
+
+    def masked(q, k, v):
+        return _dpa(q, k, v, positions_BxL, segment_ids_BxL, "cudnn")
+
+    return jax.lax.cond(jnp.all(fits_B), packed, masked, q_BxLxHxE, k_BxLxGxE, v_BxLxGxE)
 
 
 def _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL):
@@ -228,7 +293,14 @@ def _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL):
 
 
 def self_attention(
-    q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, *, implementation: str = "auto"
+    q_BxLxHxE,
+    k_BxLxGxE,
+    v_BxLxGxE,
+    positions_BxL,
+    segment_ids_BxL,
+    *,
+    implementation: str = "auto",
+    max_segments: int = PACKED_MAX_SEGMENTS,
 ) -> jax.Array:
     """Causal grouped-query self-attention over packed rows with the chosen implementation.
 
@@ -238,8 +310,10 @@ def self_attention(
     impl = resolve(implementation, q_BxLxHxE.dtype)
     if impl == "blocked":
         out = self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL)
-    elif impl in ("xla", "cudnn"):
-        out = _dpa(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, impl)
+    elif impl == "cudnn":
+        out = _cudnn_packed(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, max_segments)
+    elif impl in ("xla", "cudnn_masked"):
+        out = _dpa(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, impl.removesuffix("_masked"))
     else:
         out = _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL)
     keep_BxLx1x1 = (segment_ids_BxL != 0)[:, :, None, None]

@@ -37,6 +37,7 @@ from flax import nnx
 
 from proxykd_jax.models.attention import (  # noqa: F401  (attend/self_attend/causal_blocks re-exported)
     IMPLEMENTATIONS,
+    PACKED_MAX_SEGMENTS,
     attend,
     causal_blocks,
     self_attend,
@@ -68,9 +69,19 @@ class ModelConfig:
     scan_layers: bool | str = "auto"  # resolved to a bool by __post_init__ (see `resolve_scan_layers`)
     remat: str = "none"
     attention: str = "auto"
+    attention_segments: int = PACKED_MAX_SEGMENTS
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "d_ff",
+            "attention_segments",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}.")
         if self.num_heads % self.num_kv_heads:
@@ -129,17 +140,23 @@ class ModelConfig:
 # --scanned) and compile about as fast up to a handful of layers; compile time then grows with
 # depth (benchmarks/compile_time.py: 17.4 s scanned vs 96.1 s unrolled at 32 layers). Under remat
 # only the scan saves memory on XLA:CPU (6 layers, full remat: temporaries 18.5 of 20.0 MB unrolled,
-# 4.7 of 26.3 MB scanned), so "auto" scans whenever a remat policy is set.
+# 4.7 of 26.3 MB scanned), so "auto" scans whenever a remat policy is set. On an H200 the scan cost
+# the 1.1B student's train step 15% (benchmarks/gpu_check.py: MFU 39.6-40.4% scanned vs 46.5-47.3%
+# unrolled at 16 layers, compile 8-15 s either way): there "auto" unrolls at any depth without remat.
 AUTO_UNROLL_MAX_LAYERS = 8
 
 
-def resolve_scan_layers(value, num_layers: int, remat: str = "none") -> bool:
-    """`model.scan_layers` as a bool: True / False as given; "auto" unrolls models of at most
-    `AUTO_UNROLL_MAX_LAYERS` layers without rematerialisation and scans the rest."""
+def resolve_scan_layers(value, num_layers: int, remat: str = "none", platform: str | None = None) -> bool:
+    """`model.scan_layers` as a bool: True / False as given; "auto" unrolls models without
+    rematerialisation that have at most `AUTO_UNROLL_MAX_LAYERS` layers or run on a GPU (`platform`,
+    default jax's default backend), and scans the rest."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, str) and value.lower() == "auto":
-        return num_layers > AUTO_UNROLL_MAX_LAYERS or remat != "none"
+        if remat != "none":
+            return True
+        platform = platform or jax.default_backend()
+        return num_layers > AUTO_UNROLL_MAX_LAYERS and platform not in ("gpu", "cuda", "rocm")
     raise ValueError(f"model.scan_layers must be True, False or 'auto', got {value!r}.")
 
 
@@ -166,7 +183,8 @@ def default_config() -> ml_collections.ConfigDict:
     auto = ml_collections.FieldReference("auto", field_type=object)  # a bool or "auto"
     cd.scan_layers = auto  # True: lax.scan over the layers; False: unrolled loop; auto: unroll <= 8 layers w/o remat
     cd.remat = "none"  # per-layer rematerialisation: none, full, save_dots, dots_with_no_batch_dims, offload
-    cd.attention = "auto"  # auto, blocked, xla, cudnn, pallas (models/attention.py)
+    cd.attention = "auto"  # auto, blocked, xla, cudnn, cudnn_masked, pallas (models/attention.py)
+    cd.attention_segments = PACKED_MAX_SEGMENTS  # cudnn: segment slots per row; a batch with more takes the mask
     return cd
 
 
@@ -307,7 +325,15 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions_BxL, inv_freq)
         k = apply_rope(k, positions_BxL, inv_freq)
         if cache_kv is None:
-            out = self_attention(q, k, v, positions_BxL, segment_ids_BxL, implementation=self.cfg.attention)
+            out = self_attention(
+                q,
+                k,
+                v,
+                positions_BxL,
+                segment_ids_BxL,
+                implementation=self.cfg.attention,
+                max_segments=self.cfg.attention_segments,
+            )
         else:
             k_cache, v_cache = cache_kv
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
