@@ -3,6 +3,10 @@ on a 2-core CPU (about an hour in all; one setting or one seed with --config.rep
 
     proxykd report --config=configs/report.py [--config.report.settings=specialised]
 
+The tiny models leave cores idle: one process per setting, each with its own --config.run.dir,
+ran all three settings (chartok included) in 22 minutes on 2 cores (BUILD_NOTES.md, "The report
+re-run at HEAD").
+
 Every field can be overridden (`proxykd report --help`); `report.*` is documented in
 proxykd_jax/report/config.py.
 """
