@@ -2,6 +2,9 @@
 with the stacked cache, and bf16 compute against float32."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -190,3 +193,17 @@ def test_scan_layers_auto_unrolls_shallow_models_and_scans_deep_ones():
     assert llama.resolve_scan_layers("auto", deep_layers, "none", platform="gpu") is False
     assert llama.resolve_scan_layers("auto", deep_layers, "full", platform="gpu") is True
     assert llama.resolve_scan_layers("auto", deep_layers, "none", platform="cpu") is True
+
+
+def test_resolving_auto_layers_leaves_the_backend_uninitialised():
+    """Configs are validated before `jax.distributed.initialize`, which refuses an initialised backend."""
+    code = (
+        "from jax._src import xla_bridge\n"
+        "from proxykd_jax.models import llama\n"
+        "cfg = llama.ModelConfig(vocab_size=64, d_model=16, num_layers=12, num_heads=2, num_kv_heads=1, head_dim=8,"
+        " d_ff=32)\n"
+        "assert cfg.scan_layers is (llama.default_platform() != 'gpu'), cfg\n"
+        "assert not xla_bridge.backends_are_initialized()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pkgutil
 from typing import NamedTuple
 
 import jax
@@ -146,16 +147,35 @@ class ModelConfig:
 AUTO_UNROLL_MAX_LAYERS = 8
 
 
+def default_platform() -> str:
+    """jax's default platform without initialising a backend (configs are built before
+    `jax.distributed.initialize`, which must come first): the initialised backend's when there is one,
+    else the first of `jax_platforms` (JAX_PLATFORMS), else "gpu" when a CUDA or ROCm plugin is
+    installed, else "cpu"."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return jax.default_backend()
+    if jax.config.jax_platforms:
+        return jax.config.jax_platforms.split(",")[0].strip().lower()
+    try:
+        import jax_plugins
+    except ImportError:
+        return "cpu"
+    names = [m.name for m in pkgutil.iter_modules(getattr(jax_plugins, "__path__", []))]
+    return "gpu" if any("cuda" in n or "rocm" in n for n in names) else "cpu"
+
+
 def resolve_scan_layers(value, num_layers: int, remat: str = "none", platform: str | None = None) -> bool:
     """`model.scan_layers` as a bool: True / False as given; "auto" unrolls models without
     rematerialisation that have at most `AUTO_UNROLL_MAX_LAYERS` layers or run on a GPU (`platform`,
-    default jax's default backend), and scans the rest."""
+    default `default_platform()`), and scans the rest."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, str) and value.lower() == "auto":
         if remat != "none":
             return True
-        platform = platform or jax.default_backend()
+        platform = platform or default_platform()
         return num_layers > AUTO_UNROLL_MAX_LAYERS and platform not in ("gpu", "cuda", "rocm")
     raise ValueError(f"model.scan_layers must be True, False or 'auto', got {value!r}.")
 
