@@ -13,7 +13,14 @@ Rows:
 MFU = model FLOPs (`models.llama.flops_per_token`, training = 3x forward) per second / peak. Peak and
 bandwidth come from the device kind (H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s; H200: 989, 4.8 TB/s;
 A100: 312, 2.0 TB/s) or `--peak-tflops` / `--hbm-tbs`; on CPU they are measured (a float32 matmul,
-and a streaming `x + 1` over a large array).
+and a streaming `x + 1` over a large array). Every run also measures both ceilings itself (a bf16
+8192^3 product, a 1 GiB copy) and prints the figures against them too.
+
+More in one run: `--more` adds variants (attention / remat / rows / layer loop / segment slots), each
+only while `--budget-s` allows; `--kernels` times several posterior-kernel settings; `--check-attention`
+first compares the GPU attention paths with float32 `xla` attention (values and q/k/v gradients);
+`--trace DIR` profiles two steps of each variant; `--out FILE` appends every row as a JSON line.
+Measured on an H200: benchmarks/results/h200_2026-12-04/ (figures in BUILD_NOTES.md).
 """
 
 from __future__ import annotations
