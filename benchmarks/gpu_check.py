@@ -310,6 +310,9 @@ def main(argv=None) -> list:
     ap.add_argument("--peak-tflops", type=float, default=0.0)
     ap.add_argument("--hbm-tbs", type=float, default=0.0)
     args = ap.parse_args(argv)
+    if not args.tiny and jax.default_backend() == "cpu":
+        print("gpu_check: no accelerator here (jax's backend is cpu): running the --tiny shapes instead.")
+        args.tiny = True
     start = time.perf_counter()
     b = args.batch or (2 if args.tiny else 8)
     length = args.seq or (64 if args.tiny else 2048)
