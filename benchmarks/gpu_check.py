@@ -398,8 +398,9 @@ def main(argv=None) -> list:
         rows.append([f"kd{label}", "", f"overhead {overhead:+.1%}"])
         shape = shape or kernel_rows()  # after the first variant, so the budget never skips the kernel
     cfg = student_config(args.tiny, args.remat, args.attention, _SCAN[args.layers])
+    matmul_dtype = "float32" if args.tiny else "bf16"
     print(
-        f"{kind}: peak {peak / 1e12:.1f} TFLOP/s (measured bf16 matmul {measured_peak / 1e12:.1f}), bandwidth "
+        f"{kind}: peak {peak / 1e12:.1f} TFLOP/s (measured {matmul_dtype} matmul {measured_peak / 1e12:.1f}), bandwidth "
         f"{bw / 1e9:.0f} GB/s (measured copy {measured_bw / 1e9:.0f}); student {cfg.num_params() / 1e9:.2f}B params, "
         f"bf16 compute, seq {length}, K={args.k}, first variant {args.attention}/{args.remat}/batch {b}/{args.layers} "
         f"layers; posterior kernel on {list(shape)} float32 logits; {time.perf_counter() - start:.0f} s in all"
