@@ -12,9 +12,9 @@ Rows:
 
 MFU = model FLOPs (`models.llama.flops_per_token`, training = 3x forward) per second / peak. Peak and
 bandwidth come from the device kind (H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s; H200: 989, 4.8 TB/s;
-A100: 312, 2.0 TB/s) or `--peak-tflops` / `--hbm-tbs`; on CPU they are measured (a float32 matmul,
-and a streaming `x + 1` over a large array). Every run also measures both ceilings itself (a bf16
-8192^3 product, a 1 GiB copy) and prints the figures against them too.
+A100: 312, 2.0 TB/s) or `--peak-tflops` / `--hbm-tbs`. Every run also measures both ceilings itself (a bf16
+8192^3 product and a 1 GiB `x + 1` copy; tiny: a float32 512^3 product, a 64 MiB copy), prints the
+figures against them too, and uses them where no datasheet figure is known (the CPU).
 
 More in one run: `--more` adds variants (attention / remat / rows / layer loop / segment slots), each
 only while `--budget-s` allows; `--kernels` times several posterior-kernel settings; `--check-attention`
@@ -105,8 +105,8 @@ def attention_check(seed: int = 0) -> dict:
         "cudnn_masked": lambda q_, k_, v_: attention.self_attention(
             q_, k_, v_, pos, seg, implementation="cudnn_masked"
         ),
-        "cudnn_fallback": lambda q_, k_, v_: jnp.where(
-            (seg != 0)[:, :, None, None], attention._cudnn_packed(q_, k_, v_, pos, seg, 2), 0
+        "cudnn_fallback": lambda q_, k_, v_: attention.self_attention(
+            q_, k_, v_, pos, seg, implementation="cudnn", max_segments=2
         ),
     }
     out = {}
@@ -131,19 +131,16 @@ def _copy_bandwidth(elements: int, repeats: int) -> float:
     return 2 * x.nbytes * repeats / (time.perf_counter() - t0)
 
 
-def device_limits(args) -> tuple[float, float, str]:
-    """(peak FLOP/s, HBM bytes/s, device kind): the datasheet's for known GPUs, else the flags, else measured."""
+def device_limits(args, measured_peak: float, measured_bw: float) -> tuple[float, float, str]:
+    """(peak FLOP/s, HBM bytes/s, device kind): the flags, else the datasheet's for known GPUs, else this
+    run's own measurements (`measured_limits`)."""
     kind = jax.devices()[0].device_kind
     peak, bw = next((v for k, v in KNOWN.items() if k in kind), (0.0, 0.0))
     if args.peak_tflops:
         peak = args.peak_tflops * 1e12
     if args.hbm_tbs:
         bw = args.hbm_tbs * 1e12
-    if not peak:
-        peak = matmul_peak(n=512 if args.tiny else 2048, repeats=3)
-    if not bw:
-        bw = _copy_bandwidth((16 << 20) if args.tiny else (256 << 20), 5)
-    return peak, bw, kind
+    return peak or measured_peak, bw or measured_bw, kind
 
 
 def measured_limits(tiny: bool) -> tuple[float, float]:
@@ -317,8 +314,8 @@ def main(argv=None) -> list:
     b = args.batch or (2 if args.tiny else 8)
     length = args.seq or (64 if args.tiny else 2048)
     reps = args.reps or (2 if args.tiny else 10)
-    peak, bw, kind = device_limits(args)
     measured_peak, measured_bw = measured_limits(args.tiny)
+    peak, bw, kind = device_limits(args, measured_peak, measured_bw)
     _record(
         args.out, dict(row="device", kind=kind, peak=peak, bw=bw, measured_peak=measured_peak, measured_bw=measured_bw)
     )
@@ -334,7 +331,7 @@ def main(argv=None) -> list:
             rows.append([f"attention {name}", "", text])
 
     def kernel_rows():
-        for spec in args.kernels.split(","):
+        for j, spec in enumerate(args.kernels.split(",")):
             chunk, block = (int(x) for x in spec.split(":"))
             trace = f"{args.trace}_kernel_{chunk}_{block}" if args.trace else ""
             seconds, nbytes, shape = kernel_seconds(args.tiny, args.k, chunk, block, reps, trace)
@@ -347,7 +344,7 @@ def main(argv=None) -> list:
             )
             rows.append(
                 [
-                    "kernel" if spec == args.kernels.split(",")[0] else f"kernel [chunk {chunk}, block {block}]",
+                    "kernel" if j == 0 else f"kernel [chunk {chunk}, block {block}]",
                     f"{seconds * 1e3:.2f} ms",
                     f"{achieved / 1e9:.1f} GB/s = {achieved / bw:.1%} of HBM ({achieved / measured_bw:.1%} of measured copy)",
                 ]

@@ -186,7 +186,9 @@ def _posterior_core(
 ):
     """One block of tokens; returns (ids_NxK int32, logprobs_NxK float32, tail_N float32).
 
-    With `sym_V` the head holds first-byte symbols (a `bytes` head), else our token ids."""
+    With `sym_V` the head holds first-byte symbols (a `bytes` head), else our token ids; `block`: ids
+    per block of `blocked_top_k`."""
+    top_k = functools.partial(blocked_top_k, block=block)
     logits = jnp.asarray(proxy_logits_NxV).astype(jnp.float32)
     base = jnp.asarray(base_V, jnp.float32)
     kappa = jnp.asarray(kappa, jnp.float32)
@@ -224,33 +226,25 @@ def _posterior_core(
     if mode == "expected":
         npn, fl = n_pseudo[:, None, None], floor[:, None, None]
         if rho is None:
-            _, top_ids = blocked_top_k(
-                lambda lg, b: npn * jnp.exp(lg - lse[:, :, None]) + fl * b, logits, base, k, block=block
-            )
+            _, top_ids = top_k(lambda lg, b: npn * jnp.exp(lg - lse[:, :, None]) + fl * b, logits, base, k)
         else:
-            _, top_ids = blocked_top_k(
+            _, top_ids = top_k(
                 lambda lg, b, sy: (npn * jnp.exp(lg - lse[:, :, None]) + fl * b) * _rows_at(rho, sy),
                 logits,
                 base,
                 k,
-                block=block,
                 sym_V=sym,
             )
     elif mode == "sampled" and rho is None:
         _, top_ids = jax.lax.top_k(base, k)
         top_ids = jnp.broadcast_to(top_ids[None, :], (logits.shape[0], k))
     elif mode == "sampled":
-        _, top_ids = blocked_top_k(lambda lg, b, sy: b * _rows_at(rho, sy), logits, base, k, block=block, sym_V=sym)
+        _, top_ids = top_k(lambda lg, b, sy: b * _rows_at(rho, sy), logits, base, k, sym_V=sym)
     elif rho is None:
-        _, top_ids = blocked_top_k(lambda lg, b: lg + beta * jnp.log(b), logits, base, k, block=block)
+        _, top_ids = top_k(lambda lg, b: lg + beta * jnp.log(b), logits, base, k)
     else:
-        _, top_ids = blocked_top_k(
-            lambda lg, b, sy: lg + beta * jnp.log(b) + jnp.log(_rows_at(rho, sy)),
-            logits,
-            base,
-            k,
-            block=block,
-            sym_V=sym,
+        _, top_ids = top_k(
+            lambda lg, b, sy: lg + beta * jnp.log(b) + jnp.log(_rows_at(rho, sy)), logits, base, k, sym_V=sym
         )
 
     cand_ids = jnp.concatenate([top_ids.astype(jnp.int32), sp_ids], 1)
