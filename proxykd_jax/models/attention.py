@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 _MASK_VALUE = -1e30
 IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "cudnn_masked", "pallas")
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")  # the names jax gives a GPU platform
 # Segment slots per row of cuDNN's packed layout (`model.attention_segments`; a batch with a row of
 # more runs takes the masked path). cuDNN's backward pre-pass runs over every slot at full length:
 # on an H200 at 64 slots it took 20 ms of a 236 ms step, at 2 used segments per row.
@@ -193,7 +194,7 @@ def resolve(implementation: str, dtype=jnp.float32, platform: str | None = None)
     if implementation != "auto":
         return implementation
     platform = platform or jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm"):
+    if platform in GPU_PLATFORMS:
         if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
             return "xla"
         device = jax.devices()[0]

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from proxykd_jax.models.attention import (  # noqa: F401  (attend/self_attend/causal_blocks re-exported)
+    GPU_PLATFORMS,
     IMPLEMENTATIONS,
     PACKED_MAX_SEGMENTS,
     attend,
@@ -176,7 +177,7 @@ def resolve_scan_layers(value, num_layers: int, remat: str = "none", platform: s
         if remat != "none":
             return True
         platform = platform or default_platform()
-        return num_layers > AUTO_UNROLL_MAX_LAYERS and platform not in ("gpu", "cuda", "rocm")
+        return num_layers > AUTO_UNROLL_MAX_LAYERS and platform not in GPU_PLATFORMS
     raise ValueError(f"model.scan_layers must be True, False or 'auto', got {value!r}.")
 
 
