@@ -146,28 +146,6 @@ def _adapters_maker(llama_cls, lora, mc, rank, alpha, targets):
     return make
 
 
-def _posterior_step(graphdef, pcfg, k: int, mesh):
-    """jit(proxy forward + posterior kernel): the kernel through `make_sharded_posterior` (tokens stay
-    sharded over (data, fsdp); the plain-jit kernel of `bayes.estimate.make_posterior_step` measured
-    125 GB per device on the 70B proxy at 64 devices: BUILD_NOTES, accelerator path)."""
-    import jax
-    from flax import nnx
-
-    from proxykd_jax.bayes.posterior import make_sharded_posterior
-    from proxykd_jax.parallel.sharding import replicated
-
-    kernel = make_sharded_posterior(
-        mesh, k=k, mode=pcfg.mode, num_samples=pcfg.num_samples, beta=pcfg.beta, chunk=pcfg.chunk_tokens
-    )
-
-    def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps):
-        logits = nnx.merge(graphdef, state)(batch["tokens"], batch["positions"], batch["segment_ids"])
-        n = logits.shape[0] * logits.shape[1]
-        return kernel(logits.reshape(n, -1), prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps)
-
-    return jax.jit(step, out_shardings=replicated(mesh))
-
-
 def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPlan]:
     """Lowers and compiles `steps` for `cfg` on `mesh` (abstract inputs); with `layers` both models
     get that many layers. Returns one StepPlan per step."""
@@ -175,6 +153,7 @@ def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPl
     from flax import nnx
 
     from proxykd_jax.align import lora, objectives
+    from proxykd_jax.bayes import estimate
     from proxykd_jax.bayes.prior import SparsePrior
     from proxykd_jax.models.llama import Llama, ModelConfig, flops_per_token
     from proxykd_jax.parallel.rules import normalize_rules
@@ -275,7 +254,7 @@ def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPl
             )  # fmt: skip
             rep = replicated(mesh)
             head = int(cfg.data.teacher_topk)
-            fn = _posterior_step(graphdef, cfg.posterior, k, mesh)
+            fn = estimate.make_posterior_step(graphdef, cfg.posterior, k=k, mesh=mesh, rules=rules)
             args = (
                 state,
                 batch,

@@ -1,6 +1,7 @@
-"""The forward passes outside the train step (the posterior's proxy scores, the align reference pass)
-run with the mesh set, so activation rows stay split over the batch axes on an FSDP mesh: the same
-numbers as without the pin, and the [rows, L, V] logits are never whole on one device."""
+"""The forward passes outside the train step (the posterior's proxy scores and its store step, the
+align reference pass) run with the mesh set, so activation rows stay split over the batch axes on an
+FSDP mesh: the same numbers as on one device, and the [rows, L, V] logits are never whole on one
+device."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from flax import nnx
 from proxykd_jax import parallel
 from proxykd_jax.align import objectives
 from proxykd_jax.bayes import estimate
+from proxykd_jax.bayes.posterior import posterior_topk
+from proxykd_jax.bayes.prior import SparsePrior
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.parallel.sharding import replicated, under_mesh
 
@@ -48,6 +51,43 @@ def test_posterior_forward_keeps_rows_split_and_values(setup):
     temp = pinned.lower(graphdef, state, batch).compile().memory_analysis().temp_size_in_bytes
     logits_bytes = B * L * V * 4
     assert temp < logits_bytes / 2, (temp, logits_bytes)  # an eighth of the logits per device, not all of them
+
+
+def test_posterior_store_step_keeps_logits_split_and_matches_one_device(setup):
+    mesh, rules, model, batch = setup
+    graphdef, state = nnx.split(model)
+    n, k = B * L, 8
+    rng = np.random.default_rng(3)
+    ngram = rng.random((n, 6)).astype(np.float32)
+    base = rng.random(V).astype(np.float32)
+    host = dict(
+        prior=SparsePrior(
+            rng.integers(0, V, (n, 4)).astype(np.int32),
+            rng.integers(0, 5, (n, 4)).astype(np.float32),
+            rng.integers(0, V, (n, 6)).astype(np.int32),
+            0.8 * ngram / ngram.sum(1, keepdims=True),
+            np.full(n, 0.2, np.float32),
+        ),
+        base=base / base.sum(),
+        n_pseudo=rng.uniform(1.0, 20.0, n).astype(np.float32),
+    )
+    pcfg = ml_collections.ConfigDict({"mode": "expected", "num_samples": 4, "beta": 1.0, "chunk_tokens": 32})
+    step = estimate.make_posterior_step(graphdef, pcfg, k=k, mesh=mesh, rules=rules)
+    tok = parallel.batch_sharding(mesh, rules)
+    prior = SparsePrior(*(jax.device_put(x, tok) for x in host["prior"]))
+    args = (state, batch, prior, host["base"], jax.device_put(host["n_pseudo"], tok), np.float32(1.5), None, None, None)
+    ids, lps, tail = (np.asarray(x) for x in step(*args))
+
+    one = nnx.merge(*jax.device_get(nnx.split(model)))
+    tokens, positions, segments = (np.asarray(batch[f]) for f in ("tokens", "positions", "segment_ids"))
+    logits = one(tokens, positions, segments).reshape(n, V)
+    want = [np.asarray(x) for x in posterior_topk(logits, host["prior"], host["base"], host["n_pseudo"], 1.5, k=k)]
+    np.testing.assert_allclose(lps, want[1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(tail, want[2], rtol=1e-4, atol=1e-5)
+    assert np.mean(ids == want[0]) > 0.99  # (a near tie may swap two ids between the two forwards)
+
+    temp = step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert temp < n * V * 4 / 2, (temp, n * V * 4)  # each device scores its own rows: no gathered logits
 
 
 def test_reference_pass_under_the_batch_mesh_matches_host_rows(setup):

@@ -37,7 +37,7 @@ from proxykd_jax.data import pipeline
 from proxykd_jax.data.store import StoreWriter
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.parallel import hosts
-from proxykd_jax.parallel.sharding import global_batch, replicated, under_mesh
+from proxykd_jax.parallel.sharding import batch_sharding, global_batch, replicated, under_mesh
 
 log = logging.getLogger(__name__)
 SPLIT = "distill"
@@ -264,28 +264,36 @@ def head_symbols(prepared, vocab_size: int):
     return jnp.asarray(out)
 
 
-def make_posterior_step(graphdef, pcfg, *, k: int, mesh):
-    """jit(proxy forward + posterior kernel) for one batch -> ids/logprobs [B*L, K], tail [B*L]."""
+def make_posterior_step(graphdef, pcfg, *, k: int, mesh, rules):
+    """jit(proxy forward + posterior kernel) for one batch -> ids/logprobs [B*L, K], tail [B*L], replicated.
+
+    The kernel runs on each device's own rows of the logits (`make_sharded_posterior` over the mesh
+    axes of logical `batch`), so the [B*L, V] logits are never gathered: with the kernel as plain jit
+    XLA gathered them, 125 GB per device for the 70B proxy on 64 devices (`proxykd plan`, which
+    compiles this same step). Without a sharded batch axis the kernel is `posterior_topk` as is."""
+    spec = batch_sharding(mesh, rules).spec
+    axes = spec[0] if spec else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    options = dict(k=k, mode=pcfg.mode, num_samples=pcfg.num_samples, beta=pcfg.beta, chunk=pcfg.chunk_tokens)
+    sharded = kernel.make_sharded_posterior(mesh, axes=axes, **options) if axes else None
 
     def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps, head_sym_V=None):
         model = nnx.merge(graphdef, state)
         logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-        n = logits.shape[0] * logits.shape[1]
+        logits = logits.reshape(logits.shape[0] * logits.shape[1], -1)
+        if sharded is not None:
+            return sharded(logits, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps, head_sym_V)
         return kernel.posterior_topk(
-            logits.reshape(n, -1),
+            logits,
             prior,
             base_V,
             n_pseudo_N,
             kappa,
-            k=k,
-            mode=pcfg.mode,
-            num_samples=pcfg.num_samples,
-            beta=pcfg.beta,
             rng=rng,
             head_ids_NxH=head_ids,
             head_logprobs_NxH=head_lps,
-            chunk=pcfg.chunk_tokens,
             head_sym_V=head_sym_V,
+            **options,
         )
 
     return under_mesh(jax.jit(step, out_shardings=replicated(mesh)), mesh)
@@ -303,7 +311,7 @@ def write_store(
         out, scfg, vocab_size=model.cfg.vocab_size, tokenizer_hash=prepared.tokenizer_hash, host=jax.process_index()
     )
     done = set(writer.finished_sample_ids().tolist())
-    step = make_posterior_step(graphdef, pcfg, k=scfg.k, mesh=mesh)
+    step = make_posterior_step(graphdef, pcfg, k=scfg.k, mesh=mesh, rules=rules)
     keys_of = {int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split(SPLIT)}
     weights = est["weights"]
     kappa = jnp.float32(est["kappa"])
