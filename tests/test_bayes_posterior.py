@@ -182,9 +182,10 @@ def test_sampled_mean_matches_expected():
     assert np.mean(z) < 1.2, np.mean(z)
 
 
-def test_chunked_and_sharded_equal_single_device():
+@pytest.mark.parametrize("mode", ["expected", "geometric"])  # geometric runs in blocks; expected whole
+def test_chunked_and_sharded_equal_single_device(mode):
     logits, prior, base, n_pseudo = random_case(6, n=64)
-    kw = dict(k=K, mode="expected")
+    kw = dict(k=K, mode=mode)
     ref = jax.jit(lambda *a: posterior_topk(*a, **kw))(logits, prior, base, n_pseudo, 2.0)
     chunked = jax.jit(lambda *a: posterior_topk(*a, chunk=24, **kw))(logits, prior, base, n_pseudo, 2.0)
     outs = [chunked]
@@ -209,3 +210,14 @@ def test_bf16_logits_and_bad_input():
         posterior_topk(logits, prior, base, n_pseudo, 1.0, k=K, mode="sampled")
     with pytest.raises(ValueError, match="k="):
         posterior_topk(logits, prior, base, n_pseudo, 1.0, k=V + 1)
+
+
+def test_expected_mode_runs_whole_and_keeps_no_vocab_sized_buffer():
+    """`expected` ignores `chunk` (blocks only cost it: `lax.map` copies the logits it is given)."""
+    logits, prior, base, n_pseudo = random_case(7, n=512, v=4096)
+    args = (logits, prior, base, n_pseudo, 2.0)
+    temps = []
+    for chunk in (0, 64):
+        fn = jax.jit(lambda *a, c=chunk: posterior_topk(*a, k=K, mode="expected", chunk=c))
+        temps.append(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    assert temps[0] == temps[1] < logits.nbytes / 4, (temps, logits.nbytes)

@@ -26,7 +26,7 @@ def posterior_config() -> ml_collections.ConfigDict:
     cd.use_teacher_topk = True  # fix the head to the teacher's top log-probs where the corpus has them
     cd.weight_normalize = "mean"  # proxy log-likelihood per sample: "mean" per token, or "sum"
     cd.use_weights = True  # N_t = N_max * w(x, y); False: N_t = N_max everywhere
-    cd.chunk_tokens = 1024  # tokens per block inside the kernel: bounds the [tokens, vocab] buffers
+    cd.chunk_tokens = 1024  # tokens per kernel block: bounds [tokens, vocab] buffers (expected mode has none: whole)
     cd.fit_empirical_bayes = True  # fit kappa and N_max by held-out log-likelihood before the pass
     cd.eb_holdout_fraction = 0.05  # fraction of multi-response prompts with one response held out
     cd.eb_refine_steps = 12  # golden-section steps per parameter after the grid search

@@ -304,6 +304,18 @@ def _posterior_core(
     return out_ids, jnp.log(top_q), tail
 
 
+def _token_block(chunk, mode, bytes_head):
+    """Tokens per kernel block: `chunk`, or 0 (all at once) where the kernel keeps no [N, V] buffer.
+
+    Blocks bound the modes with [N, V] buffers (`sampled`'s CDF, `geometric`'s dense term) and a
+    bytes head's group sums. `expected` without one keeps none, and blocks only cost it: [4096, 32768]
+    float32 logits (537 MB) took 36 MB of temporaries whole and 404 MB in blocks of 1024 (`lax.map`
+    copies the logits into its stacked input), and 2,048 tokens ran 1.4-2.1x slower in blocks on CPU
+    (XLA:CPU moves each block's slice at about 3 GB/s; BUILD_NOTES, "CPU profiles, late night").
+    """
+    return 0 if mode == "expected" and not bytes_head else chunk
+
+
 def _run_blocked(
     core,
     proxy_logits_NxV,
@@ -371,7 +383,7 @@ def posterior_topk(
     base_V: the n-gram's dense base distribution; n_pseudo_N: N_t = N_max * w; kappa: prior strength;
     k: entries kept; mode: "expected" | "sampled" (needs rng; num_samples draws) | "geometric" (beta);
     head_*_NxH: teacher top log-probs (-inf where absent) fixed as the head; chunk: tokens per block
-    (0: all at once); head_sym_V: int32 [V] first-byte symbol of each of our tokens — given, the
+    (0: all at once; `expected` without a bytes head always runs whole, see `_token_block`); head_sym_V: int32 [V] first-byte symbol of each of our tokens — given, the
     head holds first-byte symbols and masses (a `bytes` head) and q̂ is I-projected onto them; top_k_block: ids per block of
     `blocked_top_k` (0: a dense score and `lax.top_k`). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32), sorted by
     probability, with exp(logprobs).sum() + tail == 1. A position whose total pseudo-count is zero
@@ -395,7 +407,7 @@ def posterior_topk(
         uniforms,
         head_ids_NxH,
         head_logprobs_NxH,
-        chunk,
+        _token_block(chunk, mode, head_sym_V is not None and head_ids_NxH is not None),
         None if head_sym_V is None else jnp.asarray(head_sym_V, jnp.int32),
     )
 
@@ -459,7 +471,7 @@ def make_sharded_posterior(
                 ex.get("uniforms"),
                 ex.get("head_ids"),
                 ex.get("head_lp"),
-                chunk,
+                _token_block(chunk, mode, "sym" in sh and "head_ids" in ex),
                 sh.get("sym"),
             )
 
