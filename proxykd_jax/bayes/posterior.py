@@ -91,7 +91,7 @@ def blocked_top_k(score, logits_NxV, base_V, k, block=16, sym_V=None):
     # An elementwise max chain over the B contiguous [N, nb] slices, each scored on its own: XLA:CPU
     # vectorises the chain along nb (a reduce over the short B axis it does not: 4x slower at V = 32k
     # to 128k) and fuses each slice's score into it (scored as one [N, B, nb] array, the array was
-    # written out and read back: the posterior kernel 25-33% slower at V = 32k, measured).
+    # written out and read back: the posterior kernel took 1.3-1.5x as long at V = 32k, measured).
     block_max = functools.reduce(
         jnp.maximum, [score(lg[:, i : i + 1], *(c[None, i : i + 1] for c in cs))[:, 0] for i in range(block)]
     )
@@ -383,7 +383,8 @@ def posterior_topk(
     base_V: the n-gram's dense base distribution; n_pseudo_N: N_t = N_max * w; kappa: prior strength;
     k: entries kept; mode: "expected" | "sampled" (needs rng; num_samples draws) | "geometric" (beta);
     head_*_NxH: teacher top log-probs (-inf where absent) fixed as the head; chunk: tokens per block
-    (0: all at once; `expected` without a bytes head always runs whole, see `_token_block`); head_sym_V: int32 [V] first-byte symbol of each of our tokens — given, the
+    (0: all at once; `expected` without a bytes head always runs whole, see `_token_block`);
+    head_sym_V: int32 [V] first-byte symbol of each of our tokens — given, the
     head holds first-byte symbols and masses (a `bytes` head) and q̂ is I-projected onto them; top_k_block: ids per block of
     `blocked_top_k` (0: a dense score and `lax.top_k`). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32), sorted by
     probability, with exp(logprobs).sum() + tail == 1. A position whose total pseudo-count is zero
