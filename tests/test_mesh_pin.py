@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from test_bayes_posterior import random_case
 
 from proxykd_jax import parallel
 from proxykd_jax.align import objectives
@@ -57,31 +58,18 @@ def test_posterior_store_step_keeps_logits_split_and_matches_one_device(setup):
     mesh, rules, model, batch = setup
     graphdef, state = nnx.split(model)
     n, k = B * L, 8
-    rng = np.random.default_rng(3)
-    ngram = rng.random((n, 6)).astype(np.float32)
-    base = rng.random(V).astype(np.float32)
-    host = dict(
-        prior=SparsePrior(
-            rng.integers(0, V, (n, 4)).astype(np.int32),
-            rng.integers(0, 5, (n, 4)).astype(np.float32),
-            rng.integers(0, V, (n, 6)).astype(np.int32),
-            0.8 * ngram / ngram.sum(1, keepdims=True),
-            np.full(n, 0.2, np.float32),
-        ),
-        base=base / base.sum(),
-        n_pseudo=rng.uniform(1.0, 20.0, n).astype(np.float32),
-    )
+    _, host_prior, base, n_pseudo = random_case(3, n=n, v=V)
     pcfg = ml_collections.ConfigDict({"mode": "expected", "num_samples": 4, "beta": 1.0, "chunk_tokens": 32})
     step = estimate.make_posterior_step(graphdef, pcfg, k=k, mesh=mesh, rules=rules)
     tok = parallel.batch_sharding(mesh, rules)
-    prior = SparsePrior(*(jax.device_put(x, tok) for x in host["prior"]))
-    args = (state, batch, prior, host["base"], jax.device_put(host["n_pseudo"], tok), np.float32(1.5), None, None, None)
+    prior = SparsePrior(*(jax.device_put(x, tok) for x in host_prior))
+    args = (state, batch, prior, base, jax.device_put(n_pseudo, tok), np.float32(1.5), None, None, None)
     ids, lps, tail = (np.asarray(x) for x in step(*args))
 
     one = nnx.merge(*jax.device_get(nnx.split(model)))
     tokens, positions, segments = (np.asarray(batch[f]) for f in ("tokens", "positions", "segment_ids"))
     logits = one(tokens, positions, segments).reshape(n, V)
-    want = [np.asarray(x) for x in posterior_topk(logits, host["prior"], host["base"], host["n_pseudo"], 1.5, k=k)]
+    want = [np.asarray(x) for x in posterior_topk(logits, host_prior, base, n_pseudo, 1.5, k=k)]
     np.testing.assert_allclose(lps, want[1], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(tail, want[2], rtol=1e-4, atol=1e-5)
     assert np.mean(ids == want[0]) > 0.99  # (a near tie may swap two ids between the two forwards)

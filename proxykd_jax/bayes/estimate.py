@@ -37,7 +37,7 @@ from proxykd_jax.data import pipeline
 from proxykd_jax.data.store import StoreWriter
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.parallel import hosts
-from proxykd_jax.parallel.sharding import batch_sharding, global_batch, replicated, under_mesh
+from proxykd_jax.parallel.sharding import batch_sharding, global_batch, replicated, spec_axes, under_mesh
 
 log = logging.getLogger(__name__)
 SPLIT = "distill"
@@ -272,8 +272,7 @@ def make_posterior_step(graphdef, pcfg, *, k: int, mesh, rules):
     XLA gathered them, 125 GB per device for the 70B proxy on 64 devices (`proxykd plan`, which
     compiles this same step). Without a sharded batch axis the kernel is `posterior_topk` as is."""
     spec = batch_sharding(mesh, rules).spec
-    axes = spec[0] if spec else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    axes = spec_axes(spec[0] if spec else None)
     options = dict(k=k, mode=pcfg.mode, num_samples=pcfg.num_samples, beta=pcfg.beta, chunk=pcfg.chunk_tokens)
     sharded = kernel.make_sharded_posterior(mesh, axes=axes, **options) if axes else None
 

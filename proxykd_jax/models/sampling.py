@@ -68,9 +68,11 @@ class CacheShardings(NamedTuple):
 
 def _fit(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
     """`spec` with each dimension's mesh axes cut to the longest prefix that divides its size."""
+    from proxykd_jax.parallel.sharding import spec_axes
+
     out = []
-    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    for size, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = spec_axes(entry)
         while axes and size % int(np.prod([mesh.shape[a] for a in axes])):
             axes = axes[:-1]
         out.append(None if not axes else axes[0] if len(axes) == 1 else axes)

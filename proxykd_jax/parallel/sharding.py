@@ -25,10 +25,14 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def spec_axes(spec_entry) -> tuple:
+    """The mesh axes of one PartitionSpec entry (None, an axis, or a tuple of axes) as a tuple."""
+    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+
+
 def _ways(spec_entry, mesh: Mesh) -> int:
-    """How many shards one PartitionSpec entry (None, an axis, or a tuple of axes) makes."""
-    axes = () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else spec_entry
-    return math.prod(mesh.shape[a] for a in axes)
+    """How many shards one PartitionSpec entry makes."""
+    return math.prod(mesh.shape[a] for a in spec_axes(spec_entry))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
