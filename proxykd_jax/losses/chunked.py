@@ -232,12 +232,57 @@ def _fused(tile_fn, hidden_NxD, W_DxV, mask_N, per_token=(), shared=(), *, chunk
 # ----------------------------------------------------------------------------- cross-entropy
 
 
+# The tile losses below write out their logits gradient (a `jax.custom_vjp` per tile, used by the
+# fused pass's VJP): dNLL/dz = softmax(z) - onehot(target) is one elementwise pass that reads the
+# logits tile again. Left to autodiff, XLA:CPU kept the tile's exponentials as a [C, V] buffer and
+# ran the cotangent through separate passes (`benchmarks/kd_loss.py`; BUILD_NOTES.md, "Analytic loss
+# tiles").
+
+
+def _softmax_terms(logits_CxV, targets_C):
+    """(shifted logits, sum of their exponentials, row max, NLL of the targets) per row."""
+    row_max_C = jnp.max(logits_CxV, axis=-1)
+    shifted_CxV = logits_CxV - row_max_C[:, None]
+    total_C = jnp.sum(jnp.exp(shifted_CxV), axis=-1)
+    onehot_CxV = jnp.arange(logits_CxV.shape[-1])[None, :] == targets_C[:, None]
+    nll_C = jnp.log(total_C) - jnp.sum(jnp.where(onehot_CxV, shifted_CxV, 0.0), axis=-1)
+    return shifted_CxV, total_C, row_max_C, nll_C
+
+
+def _softmax_grad(logits_CxV, log_norm, scale, targets_C, target_coef_C):
+    """scale * exp(logits - log_norm) - target_coef * onehot(target): one pass over the tile
+    (`log_norm` and `scale` are [C, 1]). The exponent is not the forward's `logits - row max` on
+    purpose: XLA would merge the two and keep the exponentials as a [C, V] buffer, which on CPU cost
+    more than computing them twice (CE's loss and gradient 18% slower at V 32768)."""
+    onehot_CxV = jnp.arange(logits_CxV.shape[-1])[None, :] == targets_C[:, None]
+    return jnp.exp(logits_CxV - log_norm) * scale - jnp.where(onehot_CxV, target_coef_C[:, None], 0.0)
+
+
+def _ce_forward(logits_CxV, mask_C, targets_C):
+    _, total_C, row_max_C, nll_C = _softmax_terms(logits_CxV, targets_C)
+    on_C = mask_C != 0
+    coef_C = jnp.where(on_C, mask_C, 0.0)
+    loss = jnp.sum(jnp.where(on_C, mask_C * nll_C, 0.0))
+    return loss, (logits_CxV, row_max_C + jnp.log(total_C), targets_C, coef_C, mask_C)
+
+
+@jax.custom_vjp
+def _ce_loss(logits_CxV, mask_C, targets_C):
+    """Masked NLL sum of one tile (no gather: the target's logit is read through a one-hot)."""
+    return _ce_forward(logits_CxV, mask_C, targets_C)[0]
+
+
+def _ce_bwd(residuals, g):
+    logits_CxV, log_norm_C, targets_C, coef_C, mask_C = residuals
+    dlogits_CxV = _softmax_grad(logits_CxV, log_norm_C[:, None], coef_C[:, None], targets_C, coef_C)
+    return g * dlogits_CxV, _zero_cotangent(mask_C), _zero_cotangent(targets_C)
+
+
+_ce_loss.defvjp(_ce_forward, _ce_bwd)
+
+
 def _ce_tile(logits_CxV, mask_C, targets_C):
-    """Masked NLL sum of one tile, written without a gather (its VJP is softmax - onehot, no scatter)."""
-    shifted = logits_CxV - jax.lax.stop_gradient(jnp.max(logits_CxV, axis=-1, keepdims=True))
-    onehot = jnp.arange(logits_CxV.shape[-1])[None, :] == targets_C[:, None]
-    nll_C = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) - jnp.sum(jnp.where(onehot, shifted, 0.0), axis=-1)
-    return jnp.sum(jnp.where(mask_C != 0, mask_C * nll_C, 0.0)), ()
+    return _ce_loss(logits_CxV, mask_C, targets_C), ()
 
 
 def cross_entropy_chunked(hidden_NxD, W_DxV, targets_N, mask_N, *, chunk_size: int = 256):
@@ -428,6 +473,87 @@ def sparse_kd_loss_dense(
     return _masked_sums(ce_N, kd_N, mask_N, weight_N)
 
 
+# The paper's setting (forward KL, the tail bucket, temperature 1) with its logits gradient written
+# out. Per token, with q = softmax(z), the K valid target entries p_k, P = sum_k p_k, the tail p_t
+# and the student's tail q_t = sum of q outside the K ids (exact, as in `sparse_divergence`):
+#   KD = sum_k p_k (log p_k - log q_k) + p_t (log p_t - log q_t)
+#   dKD/dz_j = q_j (P + p_t) - p_j                                  for j in K
+#            = q_j (P + p_t) - p_t q_j / q_t = (q_j / q_t) (q_t (P + p_t) - p_t)   outside K,
+# and dNLL/dz_j = q_j - [j = target]. The tile's gradient is one dense pass, the exponentials over
+# the student's tail sum (q_j / q_t <= 1 outside K, however small q_t) times a per-token factor
+# minus the target's one-hot, and then the K entries set to their own values (the dense expression
+# is wrong there, even inf). One factor for all ids, q_j (P + p_t - p_t / q_t) plus a correction
+# on K, cancels catastrophically once the student is confident (q_t ~ 1e-9: p_t / q_t ~ 1e8
+# against q_j ~ 1). Autodiff through `sparse_divergence` instead ran the log-softmax's cotangent,
+# the scatter of the gathers' cotangents and the masked tail logsumexp's VJP as separate [C, V]
+# passes (`benchmarks/kd_loss.py`; figures in BUILD_NOTES.md, "Analytic loss tiles").
+
+
+def _fkl_tail_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C):
+    """(loss, ce, kd) of one tile and the residuals of its analytic gradient."""
+    c, v = logits_CxV.shape
+    shifted_CxV, total_C, row_max_C, nll_C = _softmax_terms(logits_CxV, targets_C)
+    valid_CxK = logprobs_CxK > -jnp.inf
+    slots_CxK = jnp.where(valid_CxK, ids_CxK, v)  # absent entries: out of range, dropped
+    member_CxV = jnp.zeros((c, v), bool).at[jnp.arange(c)[:, None], slots_CxK].set(True, mode="drop")
+    tail_sum_C = jnp.sum(jnp.where(member_CxV, 0.0, jnp.exp(shifted_CxV)), axis=-1)
+    log_total_C = jnp.log(total_C)
+    logq_CxK = jnp.take_along_axis(shifted_CxV, jnp.clip(ids_CxK, 0, v - 1), axis=-1) - log_total_C[:, None]
+    logp_CxK = jnp.where(valid_CxK, logprobs_CxK, 0.0)
+    p_CxK = jnp.where(valid_CxK, jnp.exp(logp_CxK), 0.0)
+    head_C = jnp.sum(jnp.where(p_CxK > 0, p_CxK * (logp_CxK - logq_CxK), 0.0), -1)
+    p_tail_C = jnp.maximum(tail_C.astype(jnp.float32), 0.0)
+    has_tail_C = p_tail_C > 0
+    tail_on_C = has_tail_C & (tail_sum_C > 0)
+    safe_tail_sum_C = jnp.where(tail_on_C, tail_sum_C, 1.0)
+    logq_tail_C = jnp.log(safe_tail_sum_C) - log_total_C
+    tail_term_C = jnp.where(tail_on_C, p_tail_C * (jnp.log(jnp.where(has_tail_C, p_tail_C, 1.0)) - logq_tail_C), 0.0)
+    kd_C = head_C + jnp.where(has_tail_C & ~tail_on_C, jnp.inf, tail_term_C)  # p_t > 0 against q_t = 0
+    ce, kd = _weighted_sums(mask_C, nll_C, kd_C, weight_C)
+
+    on_C = mask_C != 0
+    g_ce_C = jnp.where(on_C, mask_C, 0.0)
+    g_kd_C = jnp.where(on_C, alpha * mask_C * weight_C.astype(jnp.float32), 0.0)
+    p_tail_C = jnp.where(tail_on_C, p_tail_C, 0.0)  # q_t = 0: that term is +inf with zero gradient
+    coef_C = g_ce_C + g_kd_C * (jnp.sum(p_CxK, -1) + p_tail_C)  # dLoss/dz_j = q_j coef - g_kd p_j on K
+    log_tail_norm_C = row_max_C + jnp.log(jnp.where(tail_sum_C > 0, tail_sum_C, 1.0))
+    outside_C = coef_C * (tail_sum_C / total_C) - g_kd_C * p_tail_C  # times q_j / q_t outside K
+    on_k_CxK = jnp.exp(logq_CxK) * coef_C[:, None] - g_kd_C[:, None] * p_CxK
+    on_k_CxK = on_k_CxK - jnp.where(ids_CxK == targets_C[:, None], g_ce_C[:, None], 0.0)
+    res = (logits_CxV, log_tail_norm_C, outside_C, targets_C, g_ce_C, slots_CxK, on_k_CxK)
+    return (ce + alpha * kd, ce, kd), res
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fkl_tail_loss(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C):
+    return _fkl_tail_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C)[0]
+
+
+def _fkl_tail_fwd(alpha, logits_CxV, *rest):
+    out, res = _fkl_tail_forward(alpha, logits_CxV, *rest)
+    return out, (res, rest)
+
+
+def _fkl_tail_bwd(alpha, residuals, cotangents):
+    (logits_CxV, log_tail_norm_C, outside_C, targets_C, g_ce_C, slots_CxK, on_k_CxK), rest = residuals
+    g = cotangents[0]  # ce and kd are metrics (returned under stop_gradient by `_fused`)
+    dlogits_CxV = _softmax_grad(logits_CxV, log_tail_norm_C[:, None], outside_C[:, None], targets_C, g_ce_C)
+    rows_Cx1 = jnp.arange(logits_CxV.shape[0])[:, None]
+    dlogits_CxV = dlogits_CxV.at[rows_Cx1, slots_CxK].set(on_k_CxK, mode="drop")
+    return (g * dlogits_CxV, *(jax.tree.map(_zero_cotangent, rest)))
+
+
+_fkl_tail_loss.defvjp(_fkl_tail_fwd, _fkl_tail_bwd)
+
+
+def _fkl_tail_tile(alpha):
+    def tile_fn(logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C, uniforms_CxS):
+        loss, ce, kd = _fkl_tail_loss(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C)
+        return loss, (ce, kd)
+
+    return tile_fn
+
+
 def _objective_tile(tile_terms, alpha):
     """(loss, (ce, kd)) of one tile from its per-token (nll_C, kd_C): loss = ce + alpha * kd."""
 
@@ -490,8 +616,10 @@ def sparse_kd_objective(
         jsd_beta=jsd_beta,
         skew_alpha=skew_alpha,
     )
+    analytic = (divergence, tail_mode, temperature) == ("forward_kl", "tail", 1.0)
+    analytic = analytic and kd_ids_NxK.shape[-1] < W_DxV.shape[-1]  # K = V: the tail may be empty
     loss_sum, (ce_sum, kd_sum) = _fused(
-        _objective_tile(terms, float(alpha)),
+        _fkl_tail_tile(float(alpha)) if analytic else _objective_tile(terms, float(alpha)),
         hidden_NxD,
         W_DxV,
         mask_N,
