@@ -832,6 +832,27 @@ def dense_kd_objective(
 # ----------------------------------------------------------------------------- sequence log-probs
 
 
+def _target_logprobs_fwd(logits_CxV, targets_C):
+    _, total_C, row_max_C, nll_C = _softmax_terms(logits_CxV, targets_C)
+    return -nll_C, (logits_CxV, row_max_C + jnp.log(total_C), targets_C)
+
+
+@jax.custom_vjp
+def _target_logprobs(logits_CxV, targets_C):
+    """log softmax(logits)[target] per row; its VJP is g * (onehot - softmax), one pass (see
+    `_softmax_grad`) where autodiff of log_softmax + gather took several."""
+    return _target_logprobs_fwd(logits_CxV, targets_C)[0]
+
+
+def _target_logprobs_bwd(residuals, g_C):
+    logits_CxV, log_norm_C, targets_C = residuals
+    dlogits_CxV = -_softmax_grad(logits_CxV, log_norm_C[:, None], g_C[:, None], targets_C, g_C)
+    return dlogits_CxV, _zero_cotangent(targets_C)
+
+
+_target_logprobs.defvjp(_target_logprobs_fwd, _target_logprobs_bwd)
+
+
 def _row_sums(logp_BxL, mask_BxL, length_normalize: bool):
     mask_BxL = mask_BxL.astype(jnp.float32)
     total_B = jnp.sum(jnp.where(mask_BxL != 0, mask_BxL * logp_BxL, 0.0), axis=-1)
@@ -859,7 +880,7 @@ def sequence_logprobs(
 
     def tile_fn(args):
         hidden_CxD, targets_C = args
-        return -_nll(jax.nn.log_softmax(_logits(hidden_CxD, W_DxV), axis=-1), targets_C)
+        return _target_logprobs(_logits(hidden_CxD, W_DxV), targets_C)
 
     logp_N = _map_tiles(tile_fn, (hidden_BxLxD.reshape(b * length, d), targets_BxL.reshape(-1)), chunk_size)
     return _row_sums(logp_N.reshape(b, length), mask_BxL, length_normalize)
