@@ -493,6 +493,7 @@ def _fkl_tail_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, l
     """(loss, ce, kd) of one tile and the residuals of its analytic gradient."""
     c, v = logits_CxV.shape
     shifted_CxV, total_C, row_max_C, nll_C = _softmax_terms(logits_CxV, targets_C)
+    logprobs_CxK = logprobs_CxK.astype(jnp.float32)
     valid_CxK = logprobs_CxK > -jnp.inf
     slots_CxK = jnp.where(valid_CxK, ids_CxK, v)  # absent entries: out of range, dropped
     member_CxV = jnp.zeros((c, v), bool).at[jnp.arange(c)[:, None], slots_CxK].set(True, mode="drop")
