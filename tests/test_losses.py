@@ -353,12 +353,14 @@ def test_all_absent_target_rows_are_nan_free():
         assert np.isfinite(float(val)) and np.all(np.isfinite(np.asarray(grad))), combo
 
 
-@pytest.mark.parametrize("kind,sampled", [("jsd", False), ("reverse_kl", True)])
-def test_dense_kd_chunked_equals_dense(kind, sampled):
+@pytest.mark.parametrize(
+    "kind,sampled,temperature", [("jsd", False, 1.5), ("reverse_kl", True, 1.5), ("forward_kl", False, 1.0)]
+)
+def test_dense_kd_chunked_equals_dense(kind, sampled, temperature):
     hidden, w, targets, _, _, _, mask, weight = _kd_inputs()
     t_hidden = jax.random.normal(jax.random.key(5), (13, 24))
     t_w = jax.random.normal(jax.random.key(6), (24, 40)) / 3.0
-    kw = dict(divergence=kind, sampled=sampled, temperature=1.5, num_samples=2, rng=jax.random.key(2))
+    kw = dict(divergence=kind, sampled=sampled, temperature=temperature, num_samples=2, rng=jax.random.key(2))
 
     def run(fn):
         def loss(h, W):

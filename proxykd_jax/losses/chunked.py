@@ -776,6 +776,56 @@ def dense_kd_loss_dense(
     return _masked_sums(ce_N, kd_N, mask_N, weight_N)
 
 
+def _dense_fkl_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, teacher_logits_CxV):
+    """(loss, ce, kd) of one white-box tile, forward KL at temperature 1, and its gradient's residuals:
+    dLoss/dz = q (g_ce + g_kd) - g_kd p - g_ce onehot(target), one pass over both logits tiles."""
+    shifted_CxV, total_C, row_max_C, nll_C = _softmax_terms(logits_CxV, targets_C)
+    teacher_CxV = teacher_logits_CxV.astype(jnp.float32)
+    t_max_C = jnp.max(teacher_CxV, axis=-1)
+    t_log_total_C = jnp.log(jnp.sum(jnp.exp(teacher_CxV - t_max_C[:, None]), axis=-1))
+    logp_CxV = teacher_CxV - (t_max_C + t_log_total_C)[:, None]
+    logq_CxV = shifted_CxV - jnp.log(total_C)[:, None]
+    p_CxV = jnp.exp(logp_CxV)
+    kd_C = jnp.sum(jnp.where(p_CxV > 0, p_CxV * (logp_CxV - logq_CxV), 0.0), axis=-1)
+    ce, kd = _weighted_sums(mask_C, nll_C, kd_C, weight_C)
+    on_C = mask_C != 0
+    g_ce_C = jnp.where(on_C, mask_C, 0.0)
+    g_kd_C = jnp.where(on_C, alpha * mask_C * weight_C.astype(jnp.float32), 0.0)
+    res = (logits_CxV, row_max_C + jnp.log(total_C), teacher_CxV, t_max_C, t_log_total_C, targets_C, g_ce_C, g_kd_C)
+    return (ce + alpha * kd, ce, kd), res
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense_fkl_loss(alpha, logits_CxV, mask_C, weight_C, targets_C, teacher_logits_CxV):
+    return _dense_fkl_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, teacher_logits_CxV)[0]
+
+
+def _dense_fkl_fwd(alpha, logits_CxV, *rest):
+    out, res = _dense_fkl_forward(alpha, logits_CxV, *rest)
+    return out, (res, rest)
+
+
+def _dense_fkl_bwd(alpha, residuals, cotangents):
+    (logits_CxV, log_norm_C, teacher_CxV, t_max_C, t_log_total_C, targets_C, g_ce_C, g_kd_C), rest = residuals
+    student = _softmax_grad(logits_CxV, log_norm_C[:, None], (g_ce_C + g_kd_C)[:, None], targets_C, g_ce_C)
+    # p recomputed, grouped unlike the forward's log p so that XLA does not merge the two (see `_softmax_grad`)
+    p_CxV = jnp.exp((teacher_CxV - t_max_C[:, None]) - t_log_total_C[:, None])
+    dlogits_CxV = student - g_kd_C[:, None] * p_CxV
+    return (cotangents[0] * dlogits_CxV, *(jax.tree.map(_zero_cotangent, rest)))
+
+
+_dense_fkl_loss.defvjp(_dense_fkl_fwd, _dense_fkl_bwd)
+
+
+def _dense_fkl_tile(alpha):
+    def tile_fn(logits_CxV, mask_C, weight_C, teacher_hidden_CxE, targets_C, uniforms_CxS, teacher_W):
+        teacher_logits_CxV = _logits(teacher_hidden_CxE, teacher_W)
+        loss, ce, kd = _dense_fkl_loss(alpha, logits_CxV, mask_C, weight_C, targets_C, teacher_logits_CxV)
+        return loss, (ce, kd)
+
+    return tile_fn
+
+
 def dense_kd_objective(
     hidden_NxD,
     W_DxV,
@@ -818,8 +868,9 @@ def dense_kd_objective(
     def terms(logits_CxV, teacher_hidden_CxE, targets_C, uniforms_CxS, teacher_W):
         return _dense_tile(logits_CxV, _logits(teacher_hidden_CxE, teacher_W), targets_C, uniforms_CxS, **kw)
 
+    analytic = (divergence, temperature, sampled) == ("forward_kl", 1.0, False)  # the gradient written out
     loss_sum, (ce_sum, kd_sum) = _fused(
-        _objective_tile(terms, float(alpha)),
+        _dense_fkl_tile(float(alpha)) if analytic else _objective_tile(terms, float(alpha)),
         hidden_NxD,
         W_DxV,
         mask_N,
