@@ -258,27 +258,41 @@ def _softmax_grad(logits_CxV, log_norm, scale, targets_C, target_coef_C):
     return jnp.exp(logits_CxV - log_norm) * scale - jnp.where(onehot_CxV, target_coef_C[:, None], 0.0)
 
 
+def _logits_vjp(forward, grad):
+    """f(logits, *data) -> forward's output, differentiated in the logits only and by hand:
+    `forward(logits, *data) -> (out, residuals)`, `grad(residuals, out_cotangent) -> dlogits`. The
+    data (masks, targets, the targets' log-probs, teacher logits) get zero cotangents."""
+
+    @jax.custom_vjp
+    def f(logits, *data):
+        return forward(logits, *data)[0]
+
+    def fwd(logits, *data):
+        out, residuals = forward(logits, *data)
+        return out, (residuals, data)
+
+    def bwd(saved, out_cotangent):
+        residuals, data = saved
+        return (grad(residuals, out_cotangent), *jax.tree.map(_zero_cotangent, data))
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
 def _ce_forward(logits_CxV, mask_C, targets_C):
     _, total_C, row_max_C, nll_C = _softmax_terms(logits_CxV, targets_C)
     on_C = mask_C != 0
     coef_C = jnp.where(on_C, mask_C, 0.0)
     loss = jnp.sum(jnp.where(on_C, mask_C * nll_C, 0.0))
-    return loss, (logits_CxV, row_max_C + jnp.log(total_C), targets_C, coef_C, mask_C)
+    return loss, (logits_CxV, row_max_C + jnp.log(total_C), targets_C, coef_C)
 
 
-@jax.custom_vjp
-def _ce_loss(logits_CxV, mask_C, targets_C):
-    """Masked NLL sum of one tile."""
-    return _ce_forward(logits_CxV, mask_C, targets_C)[0]
+def _ce_grad(residuals, g):
+    logits_CxV, log_norm_C, targets_C, coef_C = residuals
+    return g * _softmax_grad(logits_CxV, log_norm_C[:, None], coef_C[:, None], targets_C, coef_C)
 
 
-def _ce_bwd(residuals, g):
-    logits_CxV, log_norm_C, targets_C, coef_C, mask_C = residuals
-    dlogits_CxV = _softmax_grad(logits_CxV, log_norm_C[:, None], coef_C[:, None], targets_C, coef_C)
-    return g * dlogits_CxV, _zero_cotangent(mask_C), _zero_cotangent(targets_C)
-
-
-_ce_loss.defvjp(_ce_forward, _ce_bwd)
+_ce_loss = _logits_vjp(_ce_forward, _ce_grad)  # masked NLL sum of one tile
 
 
 def _ce_tile(logits_CxV, mask_C, targets_C):
@@ -525,31 +539,19 @@ def _fkl_tail_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, l
     return (ce + alpha * kd, ce, kd), res
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fkl_tail_loss(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C):
-    return _fkl_tail_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C)[0]
-
-
-def _fkl_tail_fwd(alpha, logits_CxV, *rest):
-    out, res = _fkl_tail_forward(alpha, logits_CxV, *rest)
-    return out, (res, rest)
-
-
-def _fkl_tail_bwd(alpha, residuals, cotangents):
-    (logits_CxV, log_tail_norm_C, outside_C, targets_C, g_ce_C, slots_CxK, on_k_CxK), rest = residuals
+def _fkl_tail_grad(residuals, cotangents):
+    logits_CxV, log_tail_norm_C, outside_C, targets_C, g_ce_C, slots_CxK, on_k_CxK = residuals
     g = cotangents[0]  # ce and kd are metrics (returned under stop_gradient by `_fused`)
     dlogits_CxV = _softmax_grad(logits_CxV, log_tail_norm_C[:, None], outside_C[:, None], targets_C, g_ce_C)
     rows_Cx1 = jnp.arange(logits_CxV.shape[0])[:, None]
-    dlogits_CxV = dlogits_CxV.at[rows_Cx1, slots_CxK].set(on_k_CxK, mode="drop")
-    return (g * dlogits_CxV, *(jax.tree.map(_zero_cotangent, rest)))
-
-
-_fkl_tail_loss.defvjp(_fkl_tail_fwd, _fkl_tail_bwd)
+    return g * dlogits_CxV.at[rows_Cx1, slots_CxK].set(on_k_CxK, mode="drop")
 
 
 def _fkl_tail_tile(alpha):
+    loss_fn = _logits_vjp(functools.partial(_fkl_tail_forward, alpha), _fkl_tail_grad)
+
     def tile_fn(logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C, uniforms_CxS):
-        loss, ce, kd = _fkl_tail_loss(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C)
+        loss, ce, kd = loss_fn(logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C)
         return loss, (ce, kd)
 
     return tile_fn
@@ -784,43 +786,31 @@ def _dense_fkl_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, teacher_l
     t_max_C = jnp.max(teacher_CxV, axis=-1)
     t_log_total_C = jnp.log(jnp.sum(jnp.exp(teacher_CxV - t_max_C[:, None]), axis=-1))
     logp_CxV = teacher_CxV - (t_max_C + t_log_total_C)[:, None]
-    logq_CxV = shifted_CxV - jnp.log(total_C)[:, None]
+    log_total_C = jnp.log(total_C)
+    logq_CxV = shifted_CxV - log_total_C[:, None]
     p_CxV = jnp.exp(logp_CxV)
     kd_C = jnp.sum(jnp.where(p_CxV > 0, p_CxV * (logp_CxV - logq_CxV), 0.0), axis=-1)
     ce, kd = _weighted_sums(mask_C, nll_C, kd_C, weight_C)
     on_C = mask_C != 0
     g_ce_C = jnp.where(on_C, mask_C, 0.0)
     g_kd_C = jnp.where(on_C, alpha * mask_C * weight_C.astype(jnp.float32), 0.0)
-    res = (logits_CxV, row_max_C + jnp.log(total_C), teacher_CxV, t_max_C, t_log_total_C, targets_C, g_ce_C, g_kd_C)
+    res = (logits_CxV, row_max_C + log_total_C, teacher_CxV, t_max_C, t_log_total_C, targets_C, g_ce_C, g_kd_C)
     return (ce + alpha * kd, ce, kd), res
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _dense_fkl_loss(alpha, logits_CxV, mask_C, weight_C, targets_C, teacher_logits_CxV):
-    return _dense_fkl_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, teacher_logits_CxV)[0]
-
-
-def _dense_fkl_fwd(alpha, logits_CxV, *rest):
-    out, res = _dense_fkl_forward(alpha, logits_CxV, *rest)
-    return out, (res, rest)
-
-
-def _dense_fkl_bwd(alpha, residuals, cotangents):
-    (logits_CxV, log_norm_C, teacher_CxV, t_max_C, t_log_total_C, targets_C, g_ce_C, g_kd_C), rest = residuals
+def _dense_fkl_grad(residuals, cotangents):
+    logits_CxV, log_norm_C, teacher_CxV, t_max_C, t_log_total_C, targets_C, g_ce_C, g_kd_C = residuals
     student = _softmax_grad(logits_CxV, log_norm_C[:, None], (g_ce_C + g_kd_C)[:, None], targets_C, g_ce_C)
     # p recomputed, grouped unlike the forward's log p so that XLA does not merge the two (see `_softmax_grad`)
     p_CxV = jnp.exp((teacher_CxV - t_max_C[:, None]) - t_log_total_C[:, None])
-    dlogits_CxV = student - g_kd_C[:, None] * p_CxV
-    return (cotangents[0] * dlogits_CxV, *(jax.tree.map(_zero_cotangent, rest)))
-
-
-_dense_fkl_loss.defvjp(_dense_fkl_fwd, _dense_fkl_bwd)
+    return cotangents[0] * (student - g_kd_C[:, None] * p_CxV)
 
 
 def _dense_fkl_tile(alpha):
+    loss_fn = _logits_vjp(functools.partial(_dense_fkl_forward, alpha), _dense_fkl_grad)
+
     def tile_fn(logits_CxV, mask_C, weight_C, teacher_hidden_CxE, targets_C, uniforms_CxS, teacher_W):
-        teacher_logits_CxV = _logits(teacher_hidden_CxE, teacher_W)
-        loss, ce, kd = _dense_fkl_loss(alpha, logits_CxV, mask_C, weight_C, targets_C, teacher_logits_CxV)
+        loss, ce, kd = loss_fn(logits_CxV, mask_C, weight_C, targets_C, _logits(teacher_hidden_CxE, teacher_W))
         return loss, (ce, kd)
 
     return tile_fn
@@ -884,25 +874,19 @@ def dense_kd_objective(
 # ----------------------------------------------------------------------------- sequence log-probs
 
 
-def _target_logprobs_fwd(logits_CxV, targets_C):
+def _target_logprobs_forward(logits_CxV, targets_C):
     _, total_C, row_max_C, nll_C = _softmax_terms(logits_CxV, targets_C)
     return -nll_C, (logits_CxV, row_max_C + jnp.log(total_C), targets_C)
 
 
-@jax.custom_vjp
-def _target_logprobs(logits_CxV, targets_C):
-    """log softmax(logits)[target] per row; its VJP is g * (onehot - softmax), one pass (see
-    `_softmax_grad`) where autodiff of log_softmax + gather took several."""
-    return _target_logprobs_fwd(logits_CxV, targets_C)[0]
-
-
-def _target_logprobs_bwd(residuals, g_C):
+def _target_logprobs_grad(residuals, g_C):
     logits_CxV, log_norm_C, targets_C = residuals
-    dlogits_CxV = -_softmax_grad(logits_CxV, log_norm_C[:, None], g_C[:, None], targets_C, g_C)
-    return dlogits_CxV, _zero_cotangent(targets_C)
+    return -_softmax_grad(logits_CxV, log_norm_C[:, None], g_C[:, None], targets_C, g_C)
 
 
-_target_logprobs.defvjp(_target_logprobs_fwd, _target_logprobs_bwd)
+# log softmax(logits)[target] per row; its VJP g * (onehot - softmax) is one pass (see `_softmax_grad`)
+# where autodiff of log_softmax + gather took several
+_target_logprobs = _logits_vjp(_target_logprobs_forward, _target_logprobs_grad)
 
 
 def _row_sums(logp_BxL, mask_BxL, length_normalize: bool):
