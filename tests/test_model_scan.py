@@ -3,6 +3,7 @@ with the stacked cache, and bf16 compute against float32."""
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -125,6 +126,64 @@ def test_full_remat_saves_less_than_none():
         return fn.lower(state).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes("full") < 0.7 * temp_bytes("none")
+
+
+def test_pallas_attention_model_matches_blocked_and_lowers_for_tpu():
+    """The scanned, rematerialised model with the Pallas splash path: on CPU (Pallas' interpreter) the
+    loss and gradients equal the blocked path's; exported for a TPU from this host, the train step's
+    program holds the Mosaic kernels (forward, dq, dkv) in its layer scans and no interpreter loop."""
+    from jax import export
+
+    cfg = small_cfg(scan_layers=True, remat="full", attention="pallas")
+    state = _random_state(cfg, seed=8)
+    batch = _batch(cfg, seed=9, length=32)
+    loss_p, grads_p = _value_and_grads(cfg, state, batch)
+    loss_b, grads_b = _value_and_grads(dataclasses.replace(cfg, attention="blocked"), state, batch)
+    np.testing.assert_allclose(loss_p, loss_b, rtol=1e-6)
+    _assert_trees_close(grads_p, grads_b, rtol=1e-4, atol=1e-6)
+
+    tpu_cfg = dataclasses.replace(cfg, dtype="bfloat16", max_seq_len=256)
+    graphdef = nnx.graphdef(Llama(tpu_cfg, rngs=nnx.Rngs(0)))
+    tpu_batch = _batch(tpu_cfg, seed=10, length=256)
+    step = jax.jit(jax.value_and_grad(lambda s, b: _loss(nnx.merge(graphdef, s), *b)))
+    text = export.export(step, platforms=["tpu"])(state, tpu_batch).mlir_module()
+    kernels = re.findall(r'kernel_name = "splash_mqa_(\w+?)_segmented', text)
+    assert sorted(kernels) == ["dkv", "dq", "fwd", "fwd"]  # full remat runs the forward kernel again
+    assert text.count("stablehlo.while") == 2  # the two layer scans; no interpreter grid loop
+
+
+def _splash_q_shapes(mlir_text):
+    """Shapes of q (the third operand) of every splash kernel call in exported StableHLO text."""
+    calls = [line for line in mlir_text.splitlines() if "@tpu_custom_call" in line]
+    return {re.findall(r"tensor<([\dx]+)x\w+>", line[line.rindex(" : (") :])[2] for line in calls}
+
+
+def test_pallas_attention_runs_per_shard_under_a_mesh():
+    """XLA cannot partition the Mosaic kernel, so under a mesh the splash path runs in shard_map: on
+    8 simulated devices (data 2, fsdp 2, tensor 2) value and gradients equal one device's blocked
+    path, and the TPU export hands each kernel call its device's rows and key/value head only."""
+    import ml_collections
+    from jax import export
+
+    from proxykd_jax import parallel
+
+    mesh = parallel.make_mesh(ml_collections.ConfigDict({"shape": {"data": 2, "fsdp": 2, "tensor": 2}}))
+    cfg = small_cfg(scan_layers=True, attention="pallas")  # 4 query heads in 2 key/value groups
+    state = _random_state(cfg, seed=11)
+    batch = _batch(cfg, seed=12, b=8, length=32)
+    graphdef = nnx.graphdef(Llama(cfg, rngs=nnx.Rngs(0)))
+    step = jax.jit(jax.value_and_grad(lambda s, b: _loss(nnx.merge(graphdef, s), *b)))
+    with jax.set_mesh(mesh):
+        loss, grads = step(state, batch)
+        sharded = export.export(step, platforms=["tpu"])(state, batch).mlir_module()
+    whole = export.export(step, platforms=["tpu"])(state, batch).mlir_module()
+    loss_b, grads_b = _value_and_grads(dataclasses.replace(cfg, attention="blocked"), state, batch)
+    np.testing.assert_allclose(float(loss), loss_b, rtol=1e-6)
+    _assert_trees_close(jax.tree.map(np.asarray, grads), grads_b, rtol=1e-4, atol=1e-6)
+    # q as [rows, (kv heads,) query heads per kv head, L padded to 128, E]: 8 rows and 2 groups whole,
+    # 2 rows and 1 group (squeezed) per device.
+    assert _splash_q_shapes(whole) == {"8x2x2x128x8"}
+    assert _splash_q_shapes(sharded) == {"2x2x128x8"}
 
 
 def test_remat_and_attention_config_errors():

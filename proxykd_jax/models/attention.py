@@ -20,7 +20,9 @@ Implementations (`model.attention`):
   plus the segment mask as an additive bias (any GPU cuDNN supports; cuDNN also computes the bias
   gradient, which nothing uses).
 - `pallas`: jax's Pallas splash-attention kernel for TPU (segment ids + causal mask; imported only
-  when that path is traced, i.e. on a TPU).
+  when that path is traced). Lowered for a TPU it is the Mosaic kernel; run on any other backend the
+  same kernel goes through Pallas' interpreter (slow, but it lets the tests check this path's values
+  and gradients on CPU, and export it for a TPU from a CPU host).
 - `auto`: on GPU cudnn (Hopper or newer) or cudnn_masked when the compute dtype is bf16/fp16, else
   xla; pallas on TPU; blocked on CPU.
 
@@ -42,6 +44,7 @@ GPU_PLATFORMS = ("gpu", "cuda", "rocm")  # the names jax gives a GPU platform
 # more runs takes the masked path). cuDNN's backward pre-pass runs over every slot at full length:
 # on an H200 at 64 slots it took 20 ms of a 236 ms step, at 2 used segments per row.
 PACKED_MAX_SEGMENTS = 8
+_SPLASH_TILE = 128  # splash attention's default query/key tile (`BlockSizes.get_default()`)
 
 
 def _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, causal_LxC=True):
@@ -272,26 +275,64 @@ def _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL):
     """Pallas splash attention (TPU): one MQA kernel per key/value head, causal mask + segment ids.
 
     Packed rows restart positions at segment boundaries, so segment ids plus index causality are the
-    whole mask. Imported here so that non-TPU installs never load the kernel.
+    whole mask. Imported here so that non-TPU installs never load the kernel. `lax.platform_dependent`
+    lowers the Mosaic kernel for a TPU and the interpreted kernel for every other platform.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
+    # The kernel's key tiles are multiples of 128 lanes: rows are padded to a multiple of 128 with
+    # segment 0, whose keys no real query sees and whose queries are sliced off.
+    pad = -q_BxLxHxE.shape[1] % _SPLASH_TILE
+    q_BxLxHxE, k_BxLxGxE, v_BxLxGxE = (
+        jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE)
+    )
+    segment_ids_BxL = jnp.pad(segment_ids_BxL, ((0, 0), (0, pad)))
     b, l, h, e = q_BxLxHxE.shape
     g = k_BxLxGxE.shape[2]
     r = h // g
     mask = sm.MultiHeadMask([sm.CausalMask((l, l)) for _ in range(r)])
-    kernel = sk.make_splash_mqa_single_device(mask=mask)
     q = (q_BxLxHxE * jnp.asarray(1 / math.sqrt(e), q_BxLxHxE.dtype)).reshape(b, l, g, r, e).transpose(0, 2, 3, 1, 4)
     k = k_BxLxGxE.transpose(0, 2, 1, 3)
     v = v_BxLxGxE.transpose(0, 2, 1, 3)
 
-    def one_row(q_GxRxLxE, k_GxLxE, v_GxLxE, seg_L):
-        ids = sk.SegmentIds(q=seg_L, kv=seg_L)
-        return jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=ids))(q_GxRxLxE, k_GxLxE, v_GxLxE)
+    def run(interpret):
+        kernel = sk.make_splash_mqa_single_device(mask=mask, interpret=interpret)  # 128-wide tiles
 
-    out = jax.vmap(one_row)(q, k, v, segment_ids_BxL)  # [B, G, R, L, E]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
+        def one_row(q_GxRxLxE, k_GxLxE, v_GxLxE, seg_L):
+            ids = sk.SegmentIds(q=seg_L, kv=seg_L)
+            return jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv, segment_ids=ids))(q_GxRxLxE, k_GxLxE, v_GxLxE)
+
+        return jax.vmap(one_row)
+
+    def kernel(*args):
+        return jax.lax.platform_dependent(*args, tpu=run(False), default=run(True))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty:
+        kernel = _per_shard(kernel, mesh, b, g)
+    out = kernel(q, k, v, segment_ids_BxL)  # [B, G, R, L, E]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)[:, : l - pad]
+
+
+def _per_shard(kernel, mesh, batch: int, kv_heads: int):
+    """`kernel` (q [B, G, R, L, E], k/v [B, G, L, E], segment ids [B, L]) under `shard_map` on `mesh`.
+
+    XLA has no partitioning rule for a Mosaic custom call, so under plain jit it would run the kernel
+    on q, k and v gathered whole onto every device. Rows are split over the mesh's batch axes (data, fsdp) and key/value heads over
+    `tensor`, as the model's activations are (`llama.shard_batch`, the `heads` rules), wherever the
+    axis divides the dimension; attention needs nothing across rows or heads.
+    """
+    P = jax.sharding.PartitionSpec
+    names = mesh.axis_names
+    rows = tuple(a for a in ("data", "fsdp") if a in names)
+    if rows and batch % math.prod(mesh.shape[a] for a in rows):
+        rows = ()
+    heads = "tensor" if "tensor" in names and kv_heads % mesh.shape["tensor"] == 0 else None
+    spec = P(rows or None, heads)  # q [B, G, R, L, E], k/v [B, G, L, E]
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=(spec, spec, spec, P(rows or None)), out_specs=spec, check_vma=False
+    )
 
 
 def self_attention(
