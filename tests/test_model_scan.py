@@ -196,6 +196,28 @@ def test_remat_and_attention_config_errors():
             llama.remat_policy("offload")
 
 
+@pytest.mark.parametrize("platform,backend,attention", [("tpu", "tpu", "pallas"), ("cuda", "gpu", "xla")])
+def test_offload_remat_lowers_for_accelerators(platform, backend, attention, monkeypatch):
+    """remat='offload' has no CPU form (no pinned host memory), so it is checked by export: traced as on
+    a TPU or a GPU, the scanned train step annotates the saved matmul outputs for pinned host memory;
+    with remat='full' nothing is offloaded."""
+    from jax import export
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)  # trace as on that platform
+    batch = _batch(small_cfg(), seed=13, length=128)
+
+    def exported(remat):
+        cfg = small_cfg(scan_layers=True, remat=remat, attention=attention)
+        state = _random_state(cfg, seed=13)
+        graphdef = nnx.graphdef(Llama(cfg, rngs=nnx.Rngs(0)))
+        step = jax.jit(jax.value_and_grad(lambda s, b: _loss(nnx.merge(graphdef, s), *b)))
+        return export.export(step, platforms=[platform])(state, batch).mlir_module()
+
+    offload, full = exported("offload"), exported("full")
+    assert "pinned_host" in offload and offload.count("annotate_device_placement") >= 2
+    assert "pinned_host" not in full and "annotate_device_placement" not in full
+
+
 def test_stacked_cache_decode_matches_forward():
     cfg = small_cfg()
     model = Llama(cfg, rngs=nnx.Rngs(8))
