@@ -8,7 +8,9 @@ Rows:
   sft      the same step with alpha = 0 (hard labels only) on the same batches, MFU
   kd       KD overhead: distill step time / SFT step time - 1
   kernel   the posterior kernel (`posterior_topk`, mode expected, K=64) on [N, V] float32 proxy logits:
-           bytes of logits read per second against the device's HBM bandwidth
+           bytes of logits read per second against the device's HBM bandwidth; by default the XLA path
+           and then `kernel="pallas"` (bayes/score_topk.py, one read of the logits), with the share of
+           rows whose top-k ids match the XLA path's
 
 MFU = model FLOPs (`models.llama.flops_per_token`, training = 3x forward) per second / peak. Peak and
 bandwidth come from the device kind (H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s; H200: 989, 4.8 TB/s;
@@ -221,10 +223,11 @@ def step_times(cfg: ModelConfig, b: int, length: int, k: int, reps: int, trace_d
     return out
 
 
-def kernel_seconds(tiny: bool, k: int, chunk: int, block: int, reps: int, trace_dir: str = "") -> tuple:
-    """(mean seconds, logits bytes, [N, V]) of the posterior kernel (`posterior_topk`, mode expected, K=k,
-    row chunks of `chunk` (ignored: mode expected runs whole), top-k blocks of `block` ids) on [N, V]
-    float32 proxy logits."""
+def kernel_seconds(tiny: bool, k: int, chunk: int, block, reps: int, trace_dir: str = "") -> tuple:
+    """(mean seconds, logits bytes, [N, V], agreement) of the posterior kernel (`posterior_topk`, mode
+    expected, K=k, row chunks of `chunk` (ignored: mode expected runs whole), top-k blocks of `block`
+    ids, or block "pallas": the one-pass Pallas kernel) on [N, V] float32 proxy logits. agreement (the
+    Pallas kernel only, else None): (rows whose top-k ids equal the XLA path's, max |log-prob| difference)."""
     n, v = (256, 512) if tiny else (8192, 32000)
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(n, v)).astype(np.float32) * 3)
@@ -238,10 +241,23 @@ def kernel_seconds(tiny: bool, k: int, chunk: int, block: int, reps: int, trace_
     )
     base = rng.random(v).astype(np.float32)
     base_v, n_pseudo = jnp.asarray(base / base.sum()), jnp.full((n,), 10.0, jnp.float32)
-    kernel = jax.jit(
-        lambda lg, pr, bv, npn: posterior_topk(lg, pr, bv, npn, 1.0, k=k, chunk=min(chunk, n), top_k_block=block)
-    )
-    jax.block_until_ready(kernel(logits, prior, base_v, n_pseudo))
+
+    def make(impl, top_k_block):
+        return jax.jit(
+            lambda lg, pr, bv, npn: posterior_topk(
+                lg, pr, bv, npn, 1.0, k=k, chunk=min(chunk, n), top_k_block=top_k_block, kernel=impl
+            )
+        )
+
+    pallas = block == "pallas"
+    kernel = make("pallas", 16) if pallas else make("xla", int(block))
+    out = jax.block_until_ready(kernel(logits, prior, base_v, n_pseudo))
+    agreement = None
+    if pallas:
+        ref = make("xla", 16)(logits, prior, base_v, n_pseudo)
+        same = np.all(np.sort(np.asarray(out[0]), 1) == np.sort(np.asarray(ref[0]), 1), axis=1)
+        agreement = (float(same.mean()), float(np.abs(np.asarray(out[1]) - np.asarray(ref[1])).max()))
+        del ref
     t0 = time.perf_counter()
     for _ in range(reps):
         out = kernel(logits, prior, base_v, n_pseudo)
@@ -250,7 +266,7 @@ def kernel_seconds(tiny: bool, k: int, chunk: int, block: int, reps: int, trace_
     if trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             jax.block_until_ready([kernel(logits, prior, base_v, n_pseudo) for _ in range(2)])
-    return seconds, logits.nbytes, (n, v)
+    return seconds, logits.nbytes, (n, v), agreement
 
 
 def _record(path: str | None, row: dict) -> None:
@@ -295,9 +311,10 @@ def main(argv=None) -> list:
     ap.add_argument("--budget-s", type=float, default=420.0, help="wall seconds the extra variants may use in all")
     ap.add_argument(
         "--kernels",
-        default="0:16",
+        default="0:16,0:pallas",
         help="posterior kernels to time, 'chunk:block,...' (row chunk, which mode expected ignores since "
-        "2026-12-04: it runs whole; ids per top-k block, 0 = dense top-k)",
+        "2026-12-04: it runs whole; ids per top-k block, 0 = dense top-k, or 'pallas': the one-pass Pallas "
+        "kernel, also checked against the XLA path)",
     )
     ap.add_argument("--check-attention", action="store_true", help="first compare the GPU attention paths")
     ap.add_argument(
@@ -334,23 +351,28 @@ def main(argv=None) -> list:
 
     def kernel_rows():
         for j, spec in enumerate(args.kernels.split(",")):
-            chunk, block = (int(x) for x in spec.split(":"))
+            chunk, block = spec.split(":")
+            chunk, block = int(chunk), block if block == "pallas" else int(block)
             trace = f"{args.trace}_kernel_{chunk}_{block}" if args.trace else ""
-            seconds, nbytes, shape = kernel_seconds(args.tiny, args.k, chunk, block, reps, trace)
+            seconds, nbytes, shape, agreement = kernel_seconds(args.tiny, args.k, chunk, block, reps, trace)
             achieved = nbytes / seconds
             _record(
                 args.out,
                 dict(
-                    row="kernel", chunk=chunk, block=block, ms=seconds * 1e3, bytes_per_s=achieved, of_hbm=achieved / bw
+                    row="kernel",
+                    chunk=chunk,
+                    block=block,
+                    ms=seconds * 1e3,
+                    bytes_per_s=achieved,
+                    of_hbm=achieved / bw,
+                    agreement=agreement,
                 ),
             )
-            rows.append(
-                [
-                    "kernel" if j == 0 else f"kernel [chunk {chunk}, block {block}]",
-                    f"{seconds * 1e3:.2f} ms",
-                    f"{achieved / 1e9:.1f} GB/s = {achieved / bw:.1%} of HBM ({achieved / measured_bw:.1%} of measured copy)",
-                ]
-            )
+            text = f"{achieved / 1e9:.1f} GB/s = {achieved / bw:.1%} of HBM ({achieved / measured_bw:.1%} of measured copy)"
+            if agreement:
+                text += f"; ids as XLA's in {agreement[0]:.1%} of rows, log-probs within {agreement[1]:.1e}"
+            label = "kernel" if j == 0 else f"kernel [chunk {chunk}, block {block}]"
+            rows.append([label, f"{seconds * 1e3:.2f} ms", text])
         return shape
 
     variants = [(args.attention, args.remat, b, args.layers, 0)] + _parse_variants(args.more)

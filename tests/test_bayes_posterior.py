@@ -103,6 +103,36 @@ def test_topk_matches_dense_reference_on_the_blocked_path(mode):
     )
 
 
+@pytest.mark.parametrize("v,head", [(4001, False), (256, True)])
+def test_pallas_kernel_matches_dense_reference(v, head):
+    """kernel='pallas' (the one-pass GPU kernel, here in Pallas' interpreter) against the float64
+    posterior, with and without an exact teacher head; the one device and the sharded call agree."""
+    logits, prior, base, n_pseudo = random_case(11, n=8, v=v)
+    kappa, k = 2.0, 24
+    q = dense_posterior(logits, prior, base, n_pseudo, kappa)
+    extra, bonus = {}, None
+    if head:
+        rng = np.random.default_rng(12)
+        head_ids = np.stack([rng.choice(v, 5, replace=False) for _ in range(8)]).astype(np.int32)
+        head_lp = np.log(rng.dirichlet(np.ones(6), 8)[:, :5]).astype(np.float32)
+        head_lp[0, 3:] = -np.inf  # absent entries
+        extra = {"head_ids_NxH": head_ids, "head_logprobs_NxH": head_lp}
+        q = dense_with_head(q, head_ids, head_lp)
+        bonus = np.zeros_like(q)
+        np.put_along_axis(bonus, head_ids, np.where(np.isfinite(head_lp), 10.0, 0.0), 1)
+    fn = jax.jit(lambda *a, **kw: posterior_topk(*a, k=k, kernel="pallas", **kw))
+    out = fn(logits, prior, base, n_pseudo, kappa, **extra)
+    check_topk(q, *out, k=k, rank_bonus=bonus)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    sharded = make_sharded_posterior(mesh, axes=("data",), k=k, kernel="pallas")(
+        logits, prior, base, n_pseudo, kappa, **extra
+    )
+    for a, b in zip(out, sharded, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="kernel='triton' is not one of"):
+        posterior_topk(logits, prior, base, n_pseudo, kappa, k=k, kernel="triton")
+
+
 def test_posterior_top_k_block_zero_takes_the_dense_path_with_the_same_result():
     logits, prior, base, n_pseudo = random_case(4)
     blocked = posterior_topk(logits, prior, base, n_pseudo, 2.0, k=K, top_k_block=4)

@@ -28,8 +28,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from proxykd_jax.bayes.prior import SparsePrior
+from proxykd_jax.bayes.score_topk import expected_score_topk
 
 MODES = ("expected", "sampled", "geometric")
+KERNELS = ("xla", "pallas")  # the dense top-k of `expected` mode: XLA ops, or one Pallas kernel (GPU)
 N_SYMBOLS = 258  # first-byte symbols: bytes 0-255, END_SYMBOL, OTHER_SYMBOL
 END_SYMBOL = 256  # end of text (the eos token; a teacher's end-of-text entry)
 OTHER_SYMBOL = 257  # special tokens that are not end of text, tokens without bytes
@@ -180,11 +182,13 @@ def _posterior_core(
     mode,
     beta,
     block=16,
+    kernel="xla",
 ):
     """One block of tokens; returns (ids_NxK int32, logprobs_NxK float32, tail_N float32).
 
     With `sym_V` the head holds first-byte symbols (a `bytes` head), else our token ids; `block`: ids
-    per block of `blocked_top_k`."""
+    per block of `blocked_top_k`; `kernel`: "pallas" takes the log-normaliser and the dense top-k of
+    `expected` mode from `score_topk.expected_score_topk` (one read of the logits on a GPU)."""
     top_k = functools.partial(blocked_top_k, block=block)
     logits = jnp.asarray(proxy_logits_NxV).astype(jnp.float32)
     base = jnp.asarray(base_V, jnp.float32)
@@ -192,7 +196,12 @@ def _posterior_core(
     n_pseudo = jnp.asarray(n_pseudo_N, jnp.float32)
     prior = SparsePrior(*(jnp.asarray(x) for x in prior))
     floor = kappa * prior.floor_N.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=1, keepdims=True)
+    fused = kernel == "pallas" and mode == "expected" and not (sym_V is not None and head_ids_NxH is not None)
+    if fused:
+        lse_N, fused_ids = expected_score_topk(proxy_logits_NxV, base, n_pseudo, floor, k)
+        lse = lse_N[:, None]
+    else:
+        lse = jax.nn.logsumexp(logits, axis=1, keepdims=True)
     logp = logits - lse  # fused into each consumer; gathers read `logits` and subtract lse instead
     logp_at = lambda ids: jnp.take_along_axis(logits, ids, axis=1) - lse  # noqa: E731
 
@@ -220,7 +229,9 @@ def _posterior_core(
 
     # Dense term whose top-k (together with the sparse ids) contains the posterior's top-k; with a
     # bytes head, of the dense term times the group factor (off the sparse support q' is exactly that).
-    if mode == "expected":
+    if fused:
+        top_ids = fused_ids
+    elif mode == "expected":
         npn, fl = n_pseudo[:, None, None], floor[:, None, None]
         if rho is None:
             _, top_ids = top_k(lambda lg, b: npn * jnp.exp(lg - lse[:, :, None]) + fl * b, logits, base, k)
@@ -352,9 +363,11 @@ def _run_blocked(
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:n], out)
 
 
-def _check(mode, k, v):
+def _check(mode, k, v, kernel="xla"):
     if mode not in MODES:
         raise ValueError(f"posterior: mode={mode!r} is not one of {MODES}; set posterior.mode.")
+    if kernel not in KERNELS:
+        raise ValueError(f"posterior: kernel={kernel!r} is not one of {KERNELS}.")
     if not 0 < k <= v:
         raise ValueError(f"posterior: k={k} must be in [1, vocab={v}]; set data.store.k.")
 
@@ -376,28 +389,31 @@ def posterior_topk(
     chunk=0,
     head_sym_V=None,
     top_k_block=16,
+    kernel="xla",
 ):
     """The posterior's exact top-k at N positions (pure; jit it, or call it inside a jitted step).
 
-    proxy_logits_NxV: proxy logits (any float dtype); prior: `SparsePrior` at the same positions;
-    base_V: the n-gram's dense base distribution; n_pseudo_N: N_t = N_max * w; kappa: prior strength;
-    k: entries kept; mode: "expected" | "sampled" (needs rng; num_samples draws) | "geometric" (beta);
-    head_*_NxH: teacher top log-probs (-inf where absent) fixed as the head; chunk: tokens per block
-    (0: all at once; `expected` without a bytes head always runs whole, see `_token_block`);
-    head_sym_V: int32 [V] first-byte symbol of each of our tokens — given, the
-    head holds first-byte symbols and masses (a `bytes` head) and q̂ is I-projected onto them; top_k_block: ids per block of
-    `blocked_top_k` (0: a dense score and `lax.top_k`). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32), sorted by
-    probability, with exp(logprobs).sum() + tail == 1. A position whose total pseudo-count is zero
-    (N_t = 0 with an empty prior) has no posterior and yields NaN; include_self queries never do.
+        proxy_logits_NxV: proxy logits (any float dtype); prior: `SparsePrior` at the same positions;
+        base_V: the n-gram's dense base distribution; n_pseudo_N: N_t = N_max * w; kappa: prior strength;
+        k: entries kept; mode: "expected" | "sampled" (needs rng; num_samples draws) | "geometric" (beta);
+        head_*_NxH: teacher top log-probs (-inf where absent) fixed as the head; chunk: tokens per block
+        (0: all at once; `expected` without a bytes head always runs whole, see `_token_block`);
+        head_sym_V: int32 [V] first-byte symbol of each of our tokens — given, the
+        head holds first-byte symbols and masses (a `bytes` head) and q̂ is I-projected onto them; top_k_block: ids per block of
+        `blocked_top_k` (0: a dense score and `lax.top_k`); kernel: "xla", or "pallas" for the one-pass
+    GPU kernel of `score_topk` (`expected` mode without a bytes head; other modes ignore it, and off a
+    CUDA GPU it runs in Pallas' interpreter). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32), sorted by
+        probability, with exp(logprobs).sum() + tail == 1. A position whose total pseudo-count is zero
+        (N_t = 0 with an empty prior) has no posterior and yields NaN; include_self queries never do.
     """
     n, v = proxy_logits_NxV.shape
-    _check(mode, k, v)
+    _check(mode, k, v, kernel)
     uniforms = None
     if mode == "sampled":
         if rng is None:
             raise ValueError("posterior: mode='sampled' needs an rng key for the proxy draws.")
         uniforms = jax.random.uniform(rng, (n, num_samples), jnp.float32)
-    core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta, block=top_k_block)
+    core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta, block=top_k_block, kernel=kernel)
     return _run_blocked(
         core,
         proxy_logits_NxV,
@@ -414,7 +430,16 @@ def posterior_topk(
 
 
 def make_sharded_posterior(
-    mesh, *, axes=("data", "fsdp"), k, mode="expected", num_samples=64, beta=1.0, chunk=0, top_k_block=16
+    mesh,
+    *,
+    axes=("data", "fsdp"),
+    k,
+    mode="expected",
+    num_samples=64,
+    beta=1.0,
+    chunk=0,
+    top_k_block=16,
+    kernel="xla",
 ):
     """A jitted posterior with the token axis sharded over `axes` of `mesh` (shard_map inside).
 
@@ -429,7 +454,7 @@ def make_sharded_posterior(
     n_shards = 1
     for a in axes:
         n_shards *= mesh.shape[a]
-    core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta, block=top_k_block)
+    core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta, block=top_k_block, kernel=kernel)
     explicit = any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
 
     @jax.jit
@@ -445,7 +470,7 @@ def make_sharded_posterior(
         head_sym_V=None,
     ):
         n, v = proxy_logits_NxV.shape
-        _check(mode, k, v)
+        _check(mode, k, v, kernel)
         if n % n_shards:
             raise ValueError(
                 f"posterior: {n} tokens do not split over {n_shards} devices on mesh axes "
@@ -498,7 +523,11 @@ def make_sharded_posterior(
             args = jax.tree.map(
                 lambda x, s: jax.reshard(x, NamedSharding(mesh, s)), args, specs, is_leaf=lambda x: isinstance(x, P)
             )
-        mapped = jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=(tok, tok, tok))
+        # Pallas' interpreter (the `pallas` kernel off a GPU) pads blocks with unvarying constants, which
+        # shard_map's varying-axes check rejects.
+        mapped = jax.shard_map(
+            per_shard, mesh=mesh, in_specs=specs, out_specs=(tok, tok, tok), check_vma=kernel != "pallas"
+        )
         return mapped(*args)
 
     return run
