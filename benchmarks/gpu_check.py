@@ -10,7 +10,7 @@ Rows:
   kernel   the posterior kernel (`posterior_topk`, mode expected, K=64) on [N, V] float32 proxy logits:
            bytes of logits read per second against the device's HBM bandwidth; by default the XLA path
            and then `kernel="pallas"` (bayes/score_topk.py, one read of the logits), with the share of
-           rows whose top-k ids match the XLA path's
+           rows whose top-k ids match the XLA path's, and that Pallas kernel timed by itself
 
 MFU = model FLOPs (`models.llama.flops_per_token`, training = 3x forward) per second / peak. Peak and
 bandwidth come from the device kind (H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s; H200: 989, 4.8 TB/s;
@@ -44,6 +44,7 @@ from flax import nnx  # noqa: E402
 from benchmarks._common import matmul_peak, print_table  # noqa: E402
 from proxykd_jax import losses, parallel, train  # noqa: E402
 from proxykd_jax.bayes import SparsePrior, posterior_topk  # noqa: E402
+from proxykd_jax.bayes.score_topk import expected_score_topk  # noqa: E402
 from proxykd_jax.models.llama import Llama, ModelConfig, flops_per_token  # noqa: E402
 from proxykd_jax.parallel.mesh import make_mesh  # noqa: E402
 from proxykd_jax.parallel.rules import LOGICAL_RULES  # noqa: E402
@@ -224,10 +225,11 @@ def step_times(cfg: ModelConfig, b: int, length: int, k: int, reps: int, trace_d
 
 
 def kernel_seconds(tiny: bool, k: int, chunk: int, block, reps: int, trace_dir: str = "") -> tuple:
-    """(mean seconds, logits bytes, [N, V], agreement) of the posterior kernel (`posterior_topk`, mode
+    """(mean seconds, logits bytes, [N, V], agreement, alone) of the posterior kernel (`posterior_topk`, mode
     expected, K=k, row chunks of `chunk` (ignored: mode expected runs whole), top-k blocks of `block`
     ids, or block "pallas": the one-pass Pallas kernel) on [N, V] float32 proxy logits. agreement (the
-    Pallas kernel only, else None): (rows whose top-k ids equal the XLA path's, max |log-prob| difference)."""
+    Pallas kernel only, else None): (rows whose top-k ids equal the XLA path's, max |log-prob| difference);
+    alone (the Pallas kernel only): mean seconds of `expected_score_topk` by itself."""
     n, v = (256, 512) if tiny else (8192, 32000)
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(n, v)).astype(np.float32) * 3)
@@ -266,7 +268,17 @@ def kernel_seconds(tiny: bool, k: int, chunk: int, block, reps: int, trace_dir: 
     if trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             jax.block_until_ready([kernel(logits, prior, base_v, n_pseudo) for _ in range(2)])
-    return seconds, logits.nbytes, (n, v), agreement
+    alone = None
+    if pallas:  # the one-pass kernel by itself (log-normaliser + dense top-k), without the XLA selection after it
+        dense = jax.jit(lambda lg, bv, npn, fl: expected_score_topk(lg, bv, npn, fl, k))
+        floor = jnp.full((n,), 0.2, jnp.float32)
+        jax.block_until_ready(dense(logits, base_v, n_pseudo, floor))
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = dense(logits, base_v, n_pseudo, floor)
+        jax.block_until_ready(out)
+        alone = (time.perf_counter() - t0) / reps
+    return seconds, logits.nbytes, (n, v), agreement, alone
 
 
 def _record(path: str | None, row: dict) -> None:
@@ -350,11 +362,20 @@ def main(argv=None) -> list:
             rows.append([f"attention {name}", "", text])
 
     def kernel_rows():
+        shape = None
         for j, spec in enumerate(args.kernels.split(",")):
             chunk, block = spec.split(":")
             chunk, block = int(chunk), block if block == "pallas" else int(block)
             trace = f"{args.trace}_kernel_{chunk}_{block}" if args.trace else ""
-            seconds, nbytes, shape, agreement = kernel_seconds(args.tiny, args.k, chunk, block, reps, trace)
+            label = "kernel" if j == 0 else f"kernel [chunk {chunk}, block {block}]"
+            try:
+                seconds, nbytes, shape, agreement, alone = kernel_seconds(args.tiny, args.k, chunk, block, reps, trace)
+            except Exception as e:  # noqa: BLE001 - a kernel that fails to compile must not lose the other rows
+                if args.tiny:
+                    raise
+                _record(args.out, dict(row="error", kernel=spec, error=repr(e)[:2000]))
+                rows.append([label, "failed", type(e).__name__])
+                continue
             achieved = nbytes / seconds
             _record(
                 args.out,
@@ -366,13 +387,22 @@ def main(argv=None) -> list:
                     bytes_per_s=achieved,
                     of_hbm=achieved / bw,
                     agreement=agreement,
+                    alone_ms=alone and alone * 1e3,
                 ),
             )
             text = f"{achieved / 1e9:.1f} GB/s = {achieved / bw:.1%} of HBM ({achieved / measured_bw:.1%} of measured copy)"
             if agreement:
                 text += f"; ids as XLA's in {agreement[0]:.1%} of rows, log-probs within {agreement[1]:.1e}"
-            label = "kernel" if j == 0 else f"kernel [chunk {chunk}, block {block}]"
             rows.append([label, f"{seconds * 1e3:.2f} ms", text])
+            if alone:
+                rows.append(
+                    [
+                        "kernel [pallas kernel alone]",
+                        f"{alone * 1e3:.2f} ms",
+                        f"{nbytes / alone / 1e9:.1f} GB/s = {nbytes / alone / bw:.1%} of HBM "
+                        f"({nbytes / alone / measured_bw:.1%} of measured copy)",
+                    ]
+                )
         return shape
 
     variants = [(args.attention, args.remat, b, args.layers, 0)] + _parse_variants(args.more)
@@ -424,7 +454,7 @@ def main(argv=None) -> list:
         f"{kind}: peak {peak / 1e12:.1f} TFLOP/s (measured {matmul_dtype} matmul {measured_peak / 1e12:.1f}), bandwidth "
         f"{bw / 1e9:.0f} GB/s (measured copy {measured_bw / 1e9:.0f}); student {cfg.num_params() / 1e9:.2f}B params, "
         f"bf16 compute, seq {length}, K={args.k}, first variant {args.attention}/{args.remat}/batch {b}/{args.layers} "
-        f"layers; posterior kernel on {list(shape)} float32 logits; {time.perf_counter() - start:.0f} s in all"
+        f"layers; posterior kernel on {list(shape or [])} float32 logits; {time.perf_counter() - start:.0f} s in all"
     )
     print_table(rows, ["step", "time", "figure"])
     return rows
