@@ -156,6 +156,13 @@ def _check_ranges(cfg, groups) -> None:
         value = _get(cfg, field)
         if field.split(".")[0] in groups and value is not None and not float(value) > 0:
             raise ConfigError(f"config.{field}={value!r} must be a positive number.")
+    if "posterior" in groups and "posterior" in cfg:
+        from proxykd_jax.bayes.config import KERNELS, MODES
+
+        for field, allowed in (("posterior.mode", MODES), ("posterior.kernel", KERNELS)):
+            value = _get(cfg, field)
+            if value is not None and value not in allowed:
+                raise ConfigError(f"config.{field}={value!r} must be one of {', '.join(allowed)}.")
 
 
 def _check_split(cfg) -> None:

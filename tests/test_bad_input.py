@@ -337,6 +337,13 @@ CASES = [
     ),
     Case("posterior-no-prior", "posterior", (), ("prior", "run `proxykd prior` first"), True, setup="no_prior"),
     Case(
+        "posterior-unknown-kernel",
+        "posterior",
+        ("--config.posterior.kernel=triton",),
+        ("config.posterior.kernel='triton'", "xla, pallas"),
+        True,
+    ),
+    Case(
         "posterior-batch-size-0", "posterior", ("--config.posterior.batch_size=0",), ("posterior.batch_size=0",), True
     ),
     Case(

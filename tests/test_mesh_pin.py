@@ -54,12 +54,15 @@ def test_posterior_forward_keeps_rows_split_and_values(setup):
     assert temp < logits_bytes / 2, (temp, logits_bytes)  # an eighth of the logits per device, not all of them
 
 
-def test_posterior_store_step_keeps_logits_split_and_matches_one_device(setup):
+@pytest.mark.parametrize("kernel", ["xla", "pallas"])
+def test_posterior_store_step_keeps_logits_split_and_matches_one_device(setup, kernel):
     mesh, rules, model, batch = setup
     graphdef, state = nnx.split(model)
     n, k = B * L, 8
     _, host_prior, base, n_pseudo = random_case(3, n=n, v=V)
-    pcfg = ml_collections.ConfigDict({"mode": "expected", "num_samples": 4, "beta": 1.0, "chunk_tokens": 32})
+    pcfg = ml_collections.ConfigDict(
+        {"mode": "expected", "num_samples": 4, "beta": 1.0, "chunk_tokens": 32, "kernel": kernel}
+    )
     step = estimate.make_posterior_step(graphdef, pcfg, k=k, mesh=mesh, rules=rules)
     tok = parallel.batch_sharding(mesh, rules)
     prior = SparsePrior(*(jax.device_put(x, tok) for x in host_prior))

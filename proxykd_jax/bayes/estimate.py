@@ -273,7 +273,9 @@ def make_posterior_step(graphdef, pcfg, *, k: int, mesh, rules):
     compiles this same step). Without a sharded batch axis the kernel is `posterior_topk` as is."""
     spec = batch_sharding(mesh, rules).spec
     axes = spec_axes(spec[0] if spec else None)
-    options = dict(k=k, mode=pcfg.mode, num_samples=pcfg.num_samples, beta=pcfg.beta, chunk=pcfg.chunk_tokens)
+    options = dict(
+        k=k, mode=pcfg.mode, num_samples=pcfg.num_samples, beta=pcfg.beta, chunk=pcfg.chunk_tokens, kernel=pcfg.kernel
+    )
     sharded = kernel.make_sharded_posterior(mesh, axes=axes, **options) if axes else None
 
     def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps, head_sym_V=None):

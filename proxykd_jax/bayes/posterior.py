@@ -27,11 +27,10 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from proxykd_jax.bayes.config import KERNELS, MODES
 from proxykd_jax.bayes.prior import SparsePrior
 from proxykd_jax.bayes.score_topk import expected_score_topk
 
-MODES = ("expected", "sampled", "geometric")
-KERNELS = ("xla", "pallas")  # the dense top-k of `expected` mode: XLA ops, or one Pallas kernel (GPU)
 N_SYMBOLS = 258  # first-byte symbols: bytes 0-255, END_SYMBOL, OTHER_SYMBOL
 END_SYMBOL = 256  # end of text (the eos token; a teacher's end-of-text entry)
 OTHER_SYMBOL = 257  # special tokens that are not end of text, tokens without bytes

@@ -125,7 +125,7 @@ ARTIFACTS: dict[str, Spec] = {
     "posterior": Spec(
         path=lambda cfg, paths: paths.posterior,
         fields=("posterior.*", "prior.kappa", "data.store.*", "data.seq_len", "proxy.dtype", "run.seed"),
-        ignore=("posterior.chunk_tokens", "data.store.shard_mb"),
+        ignore=("posterior.chunk_tokens", "posterior.kernel", "data.store.shard_mb"),
         inputs=lambda cfg, paths: [paths.prepared, paths.prior] + _proxy_artifact(cfg, paths),
     ),
     "distill": Spec(
