@@ -6,8 +6,8 @@
 jax lowers `bayes/score_topk.expected_score_topk` to Triton IR (captured from jax's Pallas-Triton
 lowering, an internal entry point), Triton compiles it to PTX for the architecture, `ptxas -v` reports
 registers and spills, and `cuobjdump -sass` gives the machine code. Printed per warp count: registers
-per thread, spill bytes, resident programs per SM by registers (65,536 per SM), SASS instructions in
-all, and each loop (a backward branch) with its instructions, MUFU (exp2/log2), barrier and
+per thread, spill bytes, shared memory per program, resident programs per SM by registers (65,536
+per SM), SASS instructions in all, and each loop (a backward branch) with its instructions, MUFU (exp2/log2), barrier and
 global-memory counts. The streaming loop runs once per tile after the first (V / tile - 1 times per
 row); the others are the fallbacks and the candidate bisection of rows with too many candidates.
 Static figures: they bound work per row, they are not a timing.
@@ -56,8 +56,8 @@ def triton_ir(rows: int, vocab: int, k: int, warps: int) -> str:
     return text
 
 
-def compile_sass(ttir: str, warps: int, arch: str, folder: str) -> tuple[str, str]:
-    """(ptxas -v report, SASS text) of the Triton IR compiled for sm_`arch`."""
+def compile_sass(ttir: str, warps: int, arch: str, folder: str) -> tuple[str, str, int]:
+    """(ptxas -v report, SASS text, shared memory bytes) of the Triton IR compiled for sm_`arch`."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -83,7 +83,7 @@ def compile_sass(ttir: str, warps: int, arch: str, folder: str) -> tuple[str, st
     sass = subprocess.run(
         [os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True
     ).stdout
-    return report.stderr, sass
+    return report.stderr, sass, int(compiled.metadata.shared)
 
 
 def loops(sass: str) -> list[tuple[int, int, dict]]:
@@ -118,20 +118,21 @@ def main(argv=None) -> list:
     rows = []
     for warps in (int(w) for w in args.warps.split(",")):
         with tempfile.TemporaryDirectory() as folder:
-            report, sass = compile_sass(triton_ir(args.rows, args.vocab, args.k, warps), warps, args.arch, folder)
+            report, sass, shared = compile_sass(
+                triton_ir(args.rows, args.vocab, args.k, warps), warps, args.arch, folder
+            )
         regs = int(re.search(r"Used (\d+) registers", report).group(1))
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
         total = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+\S", sass))
         resident = 65536 // (regs * 32 * warps)
-        rows.append(
-            [f"{warps} warps", f"{regs}", f"{spill.group(1)}/{spill.group(2)}", f"{resident}", f"{total}", "", ""]
-        )
+        rows.append([f"{warps} warps", regs, f"{spill.group(1)}/{spill.group(2)}", shared, resident, total, "", ""])
         for start, end, counts in loops(sass):
             n = sum(counts.values())
             mix = ", ".join(f"{op} {counts.get(op, 0)}" for op in ("MUFU", "BAR", "LDG", "STG"))
-            rows.append(["", "", "", "", "", f"{start:#x}-{end:#x}", f"{n} instr ({mix})"])
+            rows.append(["", "", "", "", "", "", f"{start:#x}-{end:#x}", f"{n} instr ({mix})"])
     print(f"expected_score_topk on [{args.rows}, {args.vocab}] float32 logits, k {args.k}, sm_{args.arch}")
-    print_table(rows, ["config", "regs", "spill st/ld B", "programs/SM", "SASS instr", "loop", "loop body"])
+    headers = ["config", "regs", "spill st/ld B", "shared B", "programs/SM", "SASS instr", "loop", "loop body"]
+    print_table(rows, headers)
     return rows
 
 
