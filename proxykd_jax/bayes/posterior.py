@@ -392,18 +392,18 @@ def posterior_topk(
 ):
     """The posterior's exact top-k at N positions (pure; jit it, or call it inside a jitted step).
 
-        proxy_logits_NxV: proxy logits (any float dtype); prior: `SparsePrior` at the same positions;
-        base_V: the n-gram's dense base distribution; n_pseudo_N: N_t = N_max * w; kappa: prior strength;
-        k: entries kept; mode: "expected" | "sampled" (needs rng; num_samples draws) | "geometric" (beta);
-        head_*_NxH: teacher top log-probs (-inf where absent) fixed as the head; chunk: tokens per block
-        (0: all at once; `expected` without a bytes head always runs whole, see `_token_block`);
-        head_sym_V: int32 [V] first-byte symbol of each of our tokens — given, the
-        head holds first-byte symbols and masses (a `bytes` head) and q̂ is I-projected onto them; top_k_block: ids per block of
-        `blocked_top_k` (0: a dense score and `lax.top_k`); kernel: "xla", or "pallas" for the one-pass
-    GPU kernel of `score_topk` (`expected` mode without a bytes head; other modes ignore it, and off a
-    CUDA GPU it runs in Pallas' interpreter). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32), sorted by
-        probability, with exp(logprobs).sum() + tail == 1. A position whose total pseudo-count is zero
-        (N_t = 0 with an empty prior) has no posterior and yields NaN; include_self queries never do.
+    proxy_logits_NxV: proxy logits (any float dtype); prior: `SparsePrior` at the same positions;
+    base_V: the n-gram's dense base distribution; n_pseudo_N: N_t = N_max * w; kappa: prior strength;
+    k: entries kept; mode: "expected" | "sampled" (needs rng; num_samples draws) | "geometric" (beta);
+    head_*_NxH: teacher top log-probs (-inf where absent) fixed as the head; chunk: tokens per block
+    (0: all at once; `expected` without a bytes head always runs whole, see `_token_block`);
+    head_sym_V: int32 [V] first-byte symbol of each of our tokens — given, the head holds first-byte
+    symbols and masses (a `bytes` head) and q̂ is I-projected onto them; top_k_block: ids per block of
+    `blocked_top_k` (0: a dense score and `lax.top_k`); kernel: "xla", or "pallas" for the one-pass GPU
+    kernel of `score_topk` (`expected` mode without a bytes head; other modes ignore it; off a CUDA GPU
+    it runs in Pallas' interpreter). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32),
+    sorted by probability, with exp(logprobs).sum() + tail == 1. A position whose total pseudo-count
+    is zero (N_t = 0 with an empty prior) has no posterior and yields NaN; include_self queries never do.
     """
     n, v = proxy_logits_NxV.shape
     _check(mode, k, v, kernel)
