@@ -61,6 +61,16 @@ def test_forced_paths_agree():
         _check(logits, base, n_pseudo, floor, 8, tile=256, groups=groups, cap=cap)
 
 
+def test_minus_infinity_logits():
+    """-inf logits (masked ids) score floor * base, as in the XLA path: a lane of them throughout, and
+    lanes whose first logit is -inf but later ones are not."""
+    logits, base, n_pseudo, floor = _inputs(9, 3, 1000)
+    logits[0, 5::256] = -np.inf  # lane 5 of every tile
+    logits[1, :256:3] = -np.inf  # first tile only
+    logits[2, 100:900] = -np.inf
+    _check(logits, base, n_pseudo, floor, 16, tile=256, groups=64, cap=128)
+
+
 def test_ties_give_k_distinct_ids():
     logits = np.zeros((2, 512), np.float32)
     logits[:, 100:140] = 2.0  # 40 ids tied at the top score

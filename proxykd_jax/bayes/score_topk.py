@@ -119,7 +119,9 @@ def _kernel(
 
         return jax.lax.fori_loop(0, n_tiles, again, jnp.zeros((tile,), jnp.float32)), m
 
-    s, c = jax.lax.cond(jnp.max(m - c) > _SAFE, sums_again, lambda: (s, c))
+    live = m > -jnp.inf  # a lane of -inf logits only adds nothing (its sum may have come out NaN)
+    s, c = jax.lax.cond(jnp.max(jnp.where(live, m - c, 0.0)) > _SAFE, sums_again, lambda: (s, c))
+    s = jnp.where(live, s, 0.0)
     top = jnp.max(m)
     lse2 = top + jnp.log2(jnp.sum(s * jnp.exp2(c - top)))
     lse_ref[...] = lse2 / _LOG2E
