@@ -1,7 +1,7 @@
 """Throughput of one jitted AdamW train step of a small Llama, against the measured matmul peak.
 
     .venv/bin/python benchmarks/train_step.py [--steps 4] [--rounds 4] [--warmup 3] [--no-torch]
-                                              [--torch-compile] [--no-dense-ce] [--scanned]
+                                              [--torch-compile] [--no-dense-ce] [--scanned] [--steps-per-call 4]
 
 Model: 4 layers, d_model 256, 8 heads (head_dim 32), d_ff 1024, vocab 8192, seq 256, batch 8,
 float32, AdamW with global-norm clipping. Rows, timed in alternating rounds (median):
@@ -11,6 +11,9 @@ float32, AdamW with global-norm clipping. Rows, timed in alternating rounds (med
   jax (jit), dense CE    the same step with log_softmax + take_along_axis over full [B, L, V] logits
   jax (jit), scanned     the fused-CE step with `jax.lax.scan` over the stacked layers
                          (`model.scan_layers=True`; the default "auto" unrolls these 4 layers) (--scanned)
+  jax (jit), N steps     the fused-CE step as `train.Loop` runs it on CPU in runs of >= 1,000 steps
+    per call             (`train.steps_per_call` auto = 4): N steps over N batches in one compiled call
+                         (`train.make_multi_step`); time per step (--steps-per-call N, default 4; 1 = skip)
   pytorch eager          LlamaForCausalLM (transformers, sdpa attention) + F.cross_entropy, AdamW,
                          clip_grad_norm_ (when torch + transformers import)
   pytorch torch.compile  the same with the model under torch.compile (--torch-compile; needs a C++
@@ -39,9 +42,9 @@ from flax import nnx  # noqa: E402
 
 from proxykd_jax import losses  # noqa: E402
 from proxykd_jax.models.llama import Llama, ModelConfig, flops_per_token  # noqa: E402
-from proxykd_jax.parallel import LOGICAL_RULES, batch_sharding, global_batch, make_mesh  # noqa: E402
+from proxykd_jax.parallel import LOGICAL_RULES, batch_sharding, global_batch, global_batches, make_mesh  # noqa: E402
 from proxykd_jax.parallel.mesh import default_config as mesh_default_config  # noqa: E402
-from proxykd_jax.train import create_train_state, make_optimizer, make_train_step  # noqa: E402
+from proxykd_jax.train import create_train_state, make_multi_step, make_optimizer, make_train_step  # noqa: E402
 from proxykd_jax.train.optim import default_config as optim_default_config  # noqa: E402
 
 CFG = ModelConfig(
@@ -77,8 +80,20 @@ def host_batch(seed: int = 0) -> dict[str, np.ndarray]:
     return {"tokens": seq[:, :-1], "targets": seq[:, 1:]}
 
 
-def jax_step_fn(loss_fn=ce_loss, cfg: ModelConfig = CFG):
-    """The benchmarked JAX step as a blocking closure."""
+class Steps:
+    """A blocking closure that runs `steps` train steps per call (the median is divided by it)."""
+
+    def __init__(self, run, steps: int = 1):
+        self.run, self.steps = run, steps
+
+    def __call__(self):
+        self.run()
+
+
+def jax_step_fn(loss_fn=ce_loss, cfg: ModelConfig = CFG, steps_per_call: int = 1):
+    """The benchmarked JAX step as a blocking closure: one `make_train_step` call per step, or with
+    `steps_per_call` > 1 the train loop's several-step call (`make_multi_step`, what `train.Loop` runs
+    on CPU for runs of >= 1,000 steps by default) over that many batches."""
     mesh = make_mesh(mesh_default_config())
     optim_cfg = optim_default_config()
     optim_cfg.warmup_steps = 10
@@ -87,14 +102,23 @@ def jax_step_fn(loss_fn=ce_loss, cfg: ModelConfig = CFG):
     step = make_train_step(
         loss_fn, graphdef, optimizer, state_shardings=shardings, batch_shardings=batch_sharding(mesh, LOGICAL_RULES)
     )
-    batch = global_batch(host_batch(), mesh, LOGICAL_RULES)
     holder = {"state": state}
+    if steps_per_call > 1:
+        multi = make_multi_step(step, shardings)
+        batches = global_batches([host_batch(i) for i in range(steps_per_call)], mesh, LOGICAL_RULES)
+
+        def run():
+            holder["state"], metrics = multi(holder["state"], batches)
+            jax.block_until_ready(metrics["loss"])
+
+        return Steps(run, steps_per_call)
+    batch = global_batch(host_batch(), mesh, LOGICAL_RULES)
 
     def run():
         holder["state"], metrics = step(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    return run
+    return Steps(run)
 
 
 def torch_step_fn(compile_model: bool = False):
@@ -131,17 +155,19 @@ def torch_step_fn(compile_model: bool = False):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return run
+    return Steps(run)
 
 
 def interleaved_medians(fns: dict, *, warmup: int, steps: int, rounds: int) -> dict:
-    """Median step seconds of each closure, timed in alternating rounds so machine noise hits all alike."""
+    """Median seconds per train step of each closure, timed in alternating rounds so machine noise hits
+    all alike (a closure running several steps per call is timed per call, divided by its steps)."""
     times = {name: [] for name in fns}
     for fn in fns.values():
         median_time(fn, warmup=warmup, repeats=1)
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(median_time(fn, warmup=0, repeats=steps))
+            per_call = getattr(fn, "steps", 1)
+            times[name].append(median_time(fn, warmup=0, repeats=max(1, steps // per_call)) / per_call)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -160,12 +186,22 @@ def main() -> None:
     parser.add_argument(
         "--scanned", action="store_true", help="also time the fused-CE step with scanned layers (scan_layers=True)"
     )
+    parser.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=4,
+        help="also time the fused-CE step as the train loop runs it on CPU: this many steps per call (1: skip)",
+    )
     args = parser.parse_args()
 
     tokens = BATCH * LENGTH
     flops_tok = flops_per_token(CFG, LENGTH)
     peak = matmul_peak()
     fns = {f"jax (jit), fused CE, tiles of {CHUNK}": jax_step_fn()}
+    if args.steps_per_call > 1:
+        fns[f"jax (jit), fused CE, {args.steps_per_call} steps per call"] = jax_step_fn(
+            steps_per_call=args.steps_per_call
+        )
     if not args.no_dense_ce:
         fns["jax (jit), dense CE"] = jax_step_fn(dense_ce_loss)
     if args.scanned:
@@ -189,10 +225,11 @@ def main() -> None:
     )
     print("# FLOPs/token: 2 per MAC, training = 3x forward, causal attention halved, embedding lookup free")
     print_table(rows, ["impl", "tokens/s", "MFLOP/token", "GFLOP/s", "matmul peak GFLOP/s", "frac of peak"])
-    jax_s = next(iter(medians.values()))
+    jax_rows = {n: s for n, s in medians.items() if n.startswith("jax") and "dense" not in n and "scanned" not in n}
     for name, seconds in medians.items():
         if name.startswith("pytorch"):
-            print(f"JAX / {name} tokens/s ratio: {seconds / jax_s:.2f}")
+            for jax_name, jax_s in jax_rows.items():
+                print(f"JAX [{jax_name.removeprefix('jax (jit), ')}] / {name} tokens/s ratio: {seconds / jax_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ _AT_LEAST = (
     ("train.checkpoint_every", 0),
     ("train.keep_checkpoints", 1),
     ("train.eval_every", 0),
+    ("train.steps_per_call", 0),
     ("optim.grad_accum", 1),
     ("optim.warmup_steps", 0),
     ("optim.decay_steps", 0),

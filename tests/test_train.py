@@ -198,6 +198,59 @@ def test_metrics_keep_one_row_per_step_after_a_kill_and_resume(tmp_path):
     np.testing.assert_allclose(train[3]["loss"], killed[4], rtol=1e-6)  # the redone step 4 is the same step
 
 
+def test_several_steps_per_call_equal_one_step_per_call(tmp_path):
+    """train.steps_per_call = 4 against 1 over 10 steps with checkpoints at 6 and 10: calls of steps
+    1-4 and 7-10, steps 5 and 6 alone (a call never crosses a checkpoint); the same losses, checkpoints
+    and final parameters. Then a kill inside the second 4-step group resumes from step 6 to the same end."""
+    runs = {}
+    for per_call in (1, 4):
+        run_dir = tmp_path / f"per_call_{per_call}"
+        mesh = make_mesh(mesh_cfg(fsdp=4, tensor=2))
+        _, state, shardings, step, eval_step = setup(mesh, total_steps=10)
+        loop = Loop(
+            train_cfg(steps=10, checkpoint_every=6, steps_per_call=per_call),
+            run_dir=run_dir,
+            mesh=mesh,
+            rules=LOGICAL_RULES,
+            train_step=step,
+            state_shardings=shardings,
+            flops_per_step=1e6,
+        )
+        final = loop.run(state, Batches())
+        losses = {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+        runs[per_call] = (params_np(final), losses, Checkpointer(run_dir / "checkpoints", 2).all_steps(), step)
+    (p1, l1, c1, step1), (p4, l4, c4, step4) = runs[1], runs[4]
+    assert getattr(step1, "multi", None) is None and step4.multi is not None  # built for its first call only
+    assert sorted(l4) == list(range(1, 11)) and c4 == c1 == [6, 10]
+    np.testing.assert_allclose([l4[s] for s in range(1, 11)], [l1[s] for s in range(1, 11)], rtol=1e-5)
+    for a, b in zip(p4, p1):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+    killed = tmp_path / "killed"
+    mesh = make_mesh(mesh_cfg(fsdp=4, tensor=2))
+    for data in (Batches(crash_at=8), Batches()):  # the first dies fetching step 9's batch
+        _, state, shardings, step, _ = setup(mesh, total_steps=10)
+        loop = Loop(
+            train_cfg(steps=10, checkpoint_every=6, steps_per_call=4),
+            run_dir=killed,
+            mesh=mesh,
+            rules=LOGICAL_RULES,
+            train_step=step,
+            state_shardings=shardings,
+        )
+        try:
+            final = loop.run(state, data)
+        except KeyboardInterrupt:
+            assert Checkpointer(killed / "checkpoints", 2).latest_step() == 6
+    for a, b in zip(params_np(final), p1):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_nan_inside_a_several_step_call_names_its_step(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3; .*no checkpoint was written"):
+        run_loop(tmp_path, Batches(poison_at=2), checkpoint_every=0, steps_per_call=4)  # steps 1-4 in one call
+
+
 @pytest.mark.parametrize("target", ["2x4", "1 device"])
 def test_restore_onto_a_different_mesh(tmp_path, target):
     mesh = make_mesh(mesh_cfg(fsdp=8))

@@ -170,6 +170,8 @@ ARTIFACTS: dict[str, Spec] = {
             "mesh.*",
             "train.progress",
             "train.log_every",
+            "train.steps_per_call",
+            "posterior.kernel",
             "collect.*",
             "report.settings",
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -178,20 +178,36 @@ def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dic
     `jax.make_array_from_process_local_data` expects); the batch dimension is split over the mesh
     axes of logical `batch` (default data x fsdp).
     """
+    return _assemble(host_batch, mesh, rules, stacked=0)
+
+
+def global_batches(host_batches: Sequence[Mapping[str, np.ndarray]], mesh: Mesh, rules) -> dict[str, jax.Array]:
+    """`global_batch` of n host batches stacked on a new, unsharded leading axis: [n, B, ...] (the
+    input of `train.make_multi_step`)."""
+    fields = host_batches[0].keys()
+    stacked = {name: np.stack([np.asarray(b[name]) for b in host_batches]) for name in fields}
+    return _assemble(stacked, mesh, rules, stacked=len(host_batches))
+
+
+def _assemble(host_batch, mesh: Mesh, rules, *, stacked: int) -> dict[str, jax.Array]:
     sharding = batch_sharding(mesh, rules)
     ways = _ways(sharding.spec[0], mesh)
+    if stacked:
+        sharding = NamedSharding(mesh, PartitionSpec(None, *sharding.spec))
+    lead = 1 if stacked else 0
     out = {}
     for name, value in host_batch.items():
         value = np.asarray(value)
-        if value.ndim == 0:
+        if value.ndim <= lead:
             raise ValueError(f"batch field {name!r} is a scalar; every batch field needs a leading batch dim.")
-        rows = value.shape[0] * jax.process_count()
+        rows = value.shape[lead] * jax.process_count()
         if rows % ways:
             raise ValueError(
                 f"global batch of {rows} rows (field {name!r}) does not split over {ways} batch shards "
-                f"({sharding.spec[0]}); make train.batch_size a multiple of {ways}."
+                f"({sharding.spec[lead]}); make train.batch_size a multiple of {ways}."
             )
-        out[name] = jax.make_array_from_process_local_data(sharding, value, (rows,) + value.shape[1:])
+        shape = value.shape[:lead] + (rows,) + value.shape[lead + 1 :]
+        out[name] = jax.make_array_from_process_local_data(sharding, value, shape)
     return out
 
 

@@ -8,7 +8,7 @@ from proxykd_jax.train.loop import Loop, TrainingDiverged
 from proxykd_jax.train.metrics import MetricsWriter, measure_matmul_peak, read_metrics, step_flops
 from proxykd_jax.train.optim import make_optimizer, make_schedule
 from proxykd_jax.train.state import TrainState, abstract_like, create_train_state, train_state_shardings
-from proxykd_jax.train.step import make_eval_step, make_train_step
+from proxykd_jax.train.step import make_eval_step, make_multi_step, make_train_step
 
 __all__ = [
     "Checkpointer",
@@ -19,6 +19,7 @@ __all__ = [
     "abstract_like",
     "create_train_state",
     "make_eval_step",
+    "make_multi_step",
     "make_optimizer",
     "make_schedule",
     "make_train_step",

@@ -23,10 +23,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from proxykd_jax import progress
-from proxykd_jax.parallel.sharding import global_batch
+from proxykd_jax.parallel.sharding import global_batch, global_batches
 from proxykd_jax.train.checkpoint import Checkpointer
 from proxykd_jax.train.metrics import MetricsWriter, measure_matmul_peak
 from proxykd_jax.train.state import TrainState, abstract_like
+from proxykd_jax.train.step import make_multi_step, resolve_steps_per_call
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.tensorboard = True  # also write TensorBoard event files under run_dir/tensorboard
     cd.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0 = measure a float32 matmul at start
     cd.progress = True  # show a tqdm progress bar (process 0)
+    cd.steps_per_call = 0  # steps per compiled call (a scan over batches); 0 = auto: 4 on CPU from 1000 steps, else 1
     return cd
 
 
@@ -53,6 +55,15 @@ def _measured_peak_per_device() -> float:
     per_device = measure_matmul_peak() / jax.local_device_count()
     log.info("measured float32 matmul peak: %.3g FLOP/s per device", per_device)
     return per_device
+
+
+def _steps_to_boundary(step: int, cfg) -> int:
+    """Steps after `step` up to the next checkpoint step, eval step or the last step (0: `step` is one)."""
+    ends = [cfg.steps]
+    for every in (cfg.checkpoint_every, cfg.eval_every):
+        if every > 0:
+            ends.append(-(-step // every) * every)
+    return min(ends) - step
 
 
 class TrainingDiverged(FloatingPointError):
@@ -104,6 +115,15 @@ class Loop:
             )
         return rows * length
 
+    def _next_batch(self, data_iter, step: int) -> dict[str, np.ndarray]:
+        try:
+            return next(data_iter)
+        except StopIteration:
+            raise ValueError(
+                f"the data iterator ended after {step - 1} steps but train.steps = {self.cfg.steps}; "
+                "lower train.steps or give more data (e.g. more epochs)."
+            ) from None
+
     def evaluate(self, state: TrainState, batches: Iterable[dict[str, np.ndarray]], frozen: Sequence[Any] = ()):
         """Mean of the eval step's metrics over `batches` (host-local numpy dicts), as floats."""
         totals: dict[str, float] = {}
@@ -148,9 +168,15 @@ class Loop:
             )
             window = {"t": time.perf_counter(), "steps": 0, "tokens": 0}
 
-            def report(step: int, metrics, tokens: int) -> None:
-                """Reads one step's metrics (waits for that step only), checks them, logs them."""
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            def report_all(first: int, metrics, tokens: list[int]) -> None:
+                """Reads one call's metrics (waits for that call only): one value per step, or [n] each."""
+                host = jax.device_get(metrics)
+                for i, step_tokens in enumerate(tokens):
+                    report(first + i, {k: (v[i] if len(tokens) > 1 else v) for k, v in host.items()}, step_tokens)
+
+            def report(step: int, host_metrics, tokens: int) -> None:
+                """Checks one step's metrics and logs them."""
+                values = {k: float(v) for k, v in host_metrics.items()}
                 bad = [k for k in ("loss", "grad_norm") if k in values and not math.isfinite(values[k])]
                 if bad:
                     last = ckpt.latest_step() if ckpt is not None else None
@@ -175,35 +201,45 @@ class Loop:
                     window.update(t=time.perf_counter(), steps=0, tokens=0)
                 bar.update(step - bar.n)
 
+            # Several steps per call need the step's pure function (`make_train_step`); a wrapped step
+            # (a test's, a profiler's) runs one step per call.
+            per_call = resolve_steps_per_call(cfg.get("steps_per_call", 0), self.state_shardings, cfg.steps)
+            if not hasattr(self.train_step, "step_fn"):
+                per_call = 1
             pending = None
-            for step in range(start + 1, cfg.steps + 1):
-                try:
-                    host_batch = next(data_iter)
-                except StopIteration:
-                    raise ValueError(
-                        f"the data iterator ended after {step - 1} steps but train.steps = {cfg.steps}; "
-                        "lower train.steps or give more data (e.g. more epochs)."
-                    ) from None
-                tokens = self._check_batch(host_batch)
-                state, metrics = self.train_step(state, global_batch(host_batch, self.mesh, self.rules), *frozen)
+            step = start + 1
+            while step <= cfg.steps:
+                # Several steps per call (`make_multi_step`) unless that would cross a checkpoint or eval
+                # step or the end: those steps run one at a time, so every boundary ends a call.
+                n = per_call if per_call > 1 and _steps_to_boundary(step, cfg) >= per_call - 1 else 1
+                host_batches = [self._next_batch(data_iter, step + i) for i in range(n)]
+                tokens = [self._check_batch(b) for b in host_batches]
+                if n > 1:
+                    multi = make_multi_step(self.train_step, self.state_shardings)
+                    state, metrics = multi(state, global_batches(host_batches, self.mesh, self.rules), *frozen)
+                else:
+                    batch = global_batch(host_batches[0], self.mesh, self.rules)
+                    state, metrics = self.train_step(state, batch, *frozen)
                 if pending is not None:
-                    report(*pending)
+                    report_all(*pending)
+                last = step + n - 1
                 pending = (step, metrics, tokens)
-                if ckpt is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                    report(*pending)
+                if ckpt is not None and (last % cfg.checkpoint_every == 0 or last == cfg.steps):
+                    report_all(*pending)
                     pending = None
-                    ckpt.save(step, state, data_iter)
+                    ckpt.save(last, state, data_iter)
                 if (
                     eval_batches is not None
                     and self.eval_step is not None
                     and cfg.eval_every > 0
-                    and step % cfg.eval_every == 0
+                    and last % cfg.eval_every == 0
                 ):
                     writer.write(
-                        step, {f"eval_{k}": v for k, v in self.evaluate(state, eval_batches(), frozen).items()}
+                        last, {f"eval_{k}": v for k, v in self.evaluate(state, eval_batches(), frozen).items()}
                     )
+                step = last + 1
             if pending is not None:
-                report(*pending)
+                report_all(*pending)
             bar.close()
             return state
         finally:

@@ -87,7 +87,51 @@ def make_train_step(
         donate_argnums=(0,),
         compiler_options=compiler_options,
     )
-    return under_mesh(jitted, state_shardings.step.mesh)
+    train_step = under_mesh(jitted, state_shardings.step.mesh)
+    train_step.step_fn = step  # the pure step, for `make_multi_step`
+    return train_step
+
+
+# `train.steps_per_call` = 0 (auto). On XLA:CPU every execution maps its temporaries afresh (one mmap
+# of the benchmark step's ~380 MB, ~94,000 first-touch page faults): four steps per call amortise that
+# and the dispatch, 13-15% faster steps in `benchmarks/train_step.py`. The several-step program is one
+# more trace and compile (about 2.5 s per training phase of `make demo`, whose phases are 15-300 steps
+# of 40 ms: slower there), so auto takes it on CPU for runs of at least `_AUTO_MIN_STEPS` steps.
+# Accelerators keep one step per call. (BUILD_NOTES.md, "Several train steps per call".)
+_AUTO_STEPS_PER_CALL = {"cpu": 4}
+_AUTO_MIN_STEPS = 1000
+
+
+def resolve_steps_per_call(value: int, state_shardings: TrainState, steps: int) -> int:
+    """`train.steps_per_call`, with 0 (auto) resolved for the state's platform and a run of `steps`."""
+    if value:
+        return int(value)
+    if steps < _AUTO_MIN_STEPS:
+        return 1
+    return _AUTO_STEPS_PER_CALL.get(state_shardings.step.mesh.devices.flat[0].platform, 1)
+
+
+def make_multi_step(train_step, state_shardings: TrainState):
+    """`multi(state, batches, *frozen) -> (state, metrics)`: one compiled call that runs `train_step`
+    (from `make_train_step`) once per batch of `batches` (n batches stacked on a leading axis, see
+    `parallel.global_batches`) in a `lax.scan`; metrics come back stacked, [n] each. The result equals n
+    calls of `train_step`; the state is donated. Built once per `train_step` (a phase that reuses its
+    step, as align's rounds do, reuses this too)."""
+    if getattr(train_step, "multi", None) is not None:
+        return train_step.multi
+    step = train_step.step_fn
+
+    def multi(state, batches, *frozen):
+        return jax.lax.scan(lambda carry, batch: step(carry, batch, *frozen), state, batches)
+
+    jitted = jax.jit(
+        multi,
+        out_shardings=(state_shardings, _metrics_sharding(state_shardings)),
+        donate_argnums=(0,),
+        compiler_options=default_compiler_options(state_shardings),
+    )
+    train_step.multi = under_mesh(jitted, state_shardings.step.mesh)
+    return train_step.multi
 
 
 def make_eval_step(
