@@ -104,9 +104,10 @@ def setup(mesh, grad_accum=1, total_steps=STEPS, loss_fn=scaled_ce):
     return graphdef, state, shardings, step, eval_step
 
 
-def run_loop(tmp_path, data, mesh=None, **cfg_overrides):
+def make_loop(tmp_path, mesh=None, total_steps=STEPS, **cfg_overrides):
+    """(loop, initial state, train step) on a fsdp 4 x tensor 2 mesh; the schedule spans `total_steps`."""
     mesh = mesh or make_mesh(mesh_cfg(fsdp=4, tensor=2))
-    _, state, shardings, step, eval_step = setup(mesh)
+    _, state, shardings, step, eval_step = setup(mesh, total_steps=total_steps)
     loop = Loop(
         train_cfg(**cfg_overrides),
         run_dir=tmp_path,
@@ -117,6 +118,11 @@ def run_loop(tmp_path, data, mesh=None, **cfg_overrides):
         eval_step=eval_step,
         flops_per_step=1e6,
     )
+    return loop, state, step
+
+
+def run_loop(tmp_path, data, mesh=None, total_steps=STEPS, **cfg_overrides):
+    loop, state, _ = make_loop(tmp_path, mesh, total_steps, **cfg_overrides)
     return loop.run(state, data, eval_batches=lambda: [make_batch(seed=7) | {"scale": np.ones(BATCH, np.float32)}])
 
 
@@ -205,17 +211,7 @@ def test_several_steps_per_call_equal_one_step_per_call(tmp_path):
     runs = {}
     for per_call in (1, 4):
         run_dir = tmp_path / f"per_call_{per_call}"
-        mesh = make_mesh(mesh_cfg(fsdp=4, tensor=2))
-        _, state, shardings, step, eval_step = setup(mesh, total_steps=10)
-        loop = Loop(
-            train_cfg(steps=10, checkpoint_every=6, steps_per_call=per_call),
-            run_dir=run_dir,
-            mesh=mesh,
-            rules=LOGICAL_RULES,
-            train_step=step,
-            state_shardings=shardings,
-            flops_per_step=1e6,
-        )
+        loop, state, step = make_loop(run_dir, total_steps=10, steps=10, checkpoint_every=6, steps_per_call=per_call)
         final = loop.run(state, Batches())
         losses = {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
         runs[per_call] = (params_np(final), losses, Checkpointer(run_dir / "checkpoints", 2).all_steps(), step)
@@ -227,21 +223,10 @@ def test_several_steps_per_call_equal_one_step_per_call(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
     killed = tmp_path / "killed"
-    mesh = make_mesh(mesh_cfg(fsdp=4, tensor=2))
-    for data in (Batches(crash_at=8), Batches()):  # the first dies fetching step 9's batch
-        _, state, shardings, step, _ = setup(mesh, total_steps=10)
-        loop = Loop(
-            train_cfg(steps=10, checkpoint_every=6, steps_per_call=4),
-            run_dir=killed,
-            mesh=mesh,
-            rules=LOGICAL_RULES,
-            train_step=step,
-            state_shardings=shardings,
-        )
-        try:
-            final = loop.run(state, data)
-        except KeyboardInterrupt:
-            assert Checkpointer(killed / "checkpoints", 2).latest_step() == 6
+    with pytest.raises(KeyboardInterrupt):  # dies fetching step 9's batch, inside the 7-10 group
+        run_loop(killed, Batches(crash_at=8), total_steps=10, steps=10, checkpoint_every=6, steps_per_call=4)
+    assert Checkpointer(killed / "checkpoints", 2).latest_step() == 6
+    final = run_loop(killed, Batches(), total_steps=10, steps=10, checkpoint_every=6, steps_per_call=4)
     for a, b in zip(params_np(final), p1):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
