@@ -115,6 +115,14 @@ def main(argv=None) -> list:
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--arch", default="90a", help="sm_ architecture (90a: H100/H200)")
     args = ap.parse_args(argv)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print(
+            "kernel_sass: needs the Triton compiler, which is not a dependency: run "
+            "`.venv/bin/python -m pip install triton==3.9.0` first; skipped."
+        )
+        return []
     rows = []
     for warps in (int(w) for w in args.warps.split(",")):
         with tempfile.TemporaryDirectory() as folder:
