@@ -231,6 +231,15 @@ def test_several_steps_per_call_equal_one_step_per_call(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+def test_steps_per_call_auto():
+    """0 (auto): 4 on CPU for runs of 1,000 steps or more, else 1; a set value is kept."""
+    from proxykd_jax.train.step import resolve_steps_per_call
+
+    _, _, shardings, _, _ = setup(make_mesh(mesh_cfg(fsdp=8)))
+    assert [resolve_steps_per_call(0, shardings, n) for n in (10, 999, 1000, 50_000)] == [1, 1, 4, 4]
+    assert resolve_steps_per_call(2, shardings, 10) == 2
+
+
 def test_nan_inside_a_several_step_call_names_its_step(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3; .*no checkpoint was written"):
         run_loop(tmp_path, Batches(poison_at=2), checkpoint_every=0, steps_per_call=4)  # steps 1-4 in one call
