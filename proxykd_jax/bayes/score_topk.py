@@ -49,12 +49,14 @@ def _as_bits(score, valid):
     return jnp.where(valid, jax.lax.bitcast_convert_type(score, jnp.int32), _ABSENT)
 
 
-def _kth_bits(bits, k):
-    """The largest int32 t >= 0 with at least k entries of `bits` >= t (bisection over 31 bits)."""
+def _kth_bits(bits, k, count_ge=None):
+    """The largest int32 t >= 0 with at least k entries of `bits` >= t (bisection over 31 bits);
+    `count_ge(t)` counts them instead where the entries are not one array (bits is then None)."""
+    count_ge = count_ge or (lambda t: _count(bits >= t))
 
     def step(i, t):
         cand = t | jnp.left_shift(jnp.int32(1), 30 - i)
-        return jnp.where(_count(bits >= cand) >= k, cand, t)
+        return jnp.where(count_ge(cand) >= k, cand, t)
 
     return jax.lax.fori_loop(0, 31, step, jnp.int32(0))
 
@@ -187,11 +189,7 @@ def _kernel(
         def count_ge(c):
             return jax.lax.fori_loop(0, n_tiles, lambda t, n: n + _count(bits_at(t)[1] >= c), jnp.int32(0))
 
-        def step(i, t):
-            cand = t | jnp.left_shift(jnp.int32(1), 30 - i)
-            return jnp.where(count_ge(cand) >= k, cand, t)
-
-        t = jax.lax.fori_loop(0, 31, step, jnp.int32(0))
+        t = _kth_bits(None, k, count_ge)
 
         def out(i, carry):
             ids, bits = bits_at(i)

@@ -503,6 +503,12 @@ def sparse_kd_loss_dense(
 # passes (`benchmarks/kd_loss.py`; figures in BUILD_NOTES.md, "Analytic loss tiles").
 
 
+def _grad_coefs(alpha, mask_C, weight_C):
+    """dLoss/dNLL and dLoss/dKD per token of loss = sum mask NLL + alpha sum mask weight KD (0 off the mask)."""
+    on_C = mask_C != 0
+    return jnp.where(on_C, mask_C, 0.0), jnp.where(on_C, alpha * mask_C * weight_C.astype(jnp.float32), 0.0)
+
+
 def _fkl_tail_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C):
     """(loss, ce, kd) of one tile and the residuals of its analytic gradient."""
     c, v = logits_CxV.shape
@@ -526,9 +532,7 @@ def _fkl_tail_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, l
     kd_C = head_C + jnp.where(has_tail_C & ~tail_on_C, jnp.inf, tail_term_C)  # p_t > 0 against q_t = 0
     ce, kd = _weighted_sums(mask_C, nll_C, kd_C, weight_C)
 
-    on_C = mask_C != 0
-    g_ce_C = jnp.where(on_C, mask_C, 0.0)
-    g_kd_C = jnp.where(on_C, alpha * mask_C * weight_C.astype(jnp.float32), 0.0)
+    g_ce_C, g_kd_C = _grad_coefs(alpha, mask_C, weight_C)
     p_tail_C = jnp.where(tail_on_C, p_tail_C, 0.0)  # q_t = 0: that term is +inf with zero gradient
     coef_C = g_ce_C + g_kd_C * (jnp.sum(p_CxK, -1) + p_tail_C)  # dLoss/dz_j = q_j coef - g_kd p_j on K
     log_tail_norm_C = row_max_C + jnp.log(jnp.where(tail_sum_C > 0, tail_sum_C, 1.0))
@@ -791,9 +795,7 @@ def _dense_fkl_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, teacher_l
     p_CxV = jnp.exp(logp_CxV)
     kd_C = jnp.sum(jnp.where(p_CxV > 0, p_CxV * (logp_CxV - logq_CxV), 0.0), axis=-1)
     ce, kd = _weighted_sums(mask_C, nll_C, kd_C, weight_C)
-    on_C = mask_C != 0
-    g_ce_C = jnp.where(on_C, mask_C, 0.0)
-    g_kd_C = jnp.where(on_C, alpha * mask_C * weight_C.astype(jnp.float32), 0.0)
+    g_ce_C, g_kd_C = _grad_coefs(alpha, mask_C, weight_C)
     res = (logits_CxV, row_max_C + log_total_C, teacher_CxV, t_max_C, t_log_total_C, targets_C, g_ce_C, g_kd_C)
     return (ce + alpha * kd, ce, kd), res
 

@@ -315,20 +315,24 @@ def _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)[:, : l - pad]
 
 
+def row_axes(mesh, rows: int) -> tuple[str, ...]:
+    """The mesh's batch axes (`data`, `fsdp`) that it has, or () when they do not divide `rows`: the
+    axes activation rows are split over (`llama.shard_batch`, the splash kernel's `shard_map`)."""
+    axes = tuple(a for a in ("data", "fsdp") if mesh is not None and a in (mesh.axis_names or ()))
+    return () if axes and rows % math.prod(mesh.shape[a] for a in axes) else axes
+
+
 def _per_shard(kernel, mesh, batch: int, kv_heads: int):
     """`kernel` (q [B, G, R, L, E], k/v [B, G, L, E], segment ids [B, L]) under `shard_map` on `mesh`.
 
     XLA has no partitioning rule for a Mosaic custom call, so under plain jit it would run the kernel
-    on q, k and v gathered whole onto every device. Rows are split over the mesh's batch axes (data, fsdp) and key/value heads over
-    `tensor`, as the model's activations are (`llama.shard_batch`, the `heads` rules), wherever the
-    axis divides the dimension; attention needs nothing across rows or heads.
+    on q, k and v gathered whole onto every device. Rows are split over `row_axes` and key/value heads
+    over `tensor` (where it divides them), as the model's activations are (`llama.shard_batch`, the
+    `heads` rules); attention needs nothing across rows or heads.
     """
     P = jax.sharding.PartitionSpec
-    names = mesh.axis_names
-    rows = tuple(a for a in ("data", "fsdp") if a in names)
-    if rows and batch % math.prod(mesh.shape[a] for a in rows):
-        rows = ()
-    heads = "tensor" if "tensor" in names and kv_heads % mesh.shape["tensor"] == 0 else None
+    rows = row_axes(mesh, batch)
+    heads = "tensor" if "tensor" in mesh.axis_names and kv_heads % mesh.shape["tensor"] == 0 else None
     spec = P(rows or None, heads)  # q [B, G, R, L, E], k/v [B, G, L, E]
     return jax.shard_map(
         kernel, mesh=mesh, in_specs=(spec, spec, spec, P(rows or None)), out_specs=spec, check_vma=False

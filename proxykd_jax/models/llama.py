@@ -42,6 +42,7 @@ from proxykd_jax.models.attention import (  # noqa: F401  (attend/self_attend/ca
     PACKED_MAX_SEGMENTS,
     attend,
     causal_blocks,
+    row_axes,
     self_attend,
     self_attention,
 )
@@ -401,9 +402,8 @@ def shard_batch(x):
     (`jax.set_mesh`); a no-op otherwise. Without it, XLA may resolve the FSDP conflict of a
     matmul (rows and the weight's `embed` dim both on `fsdp`) by gathering the rows: measured with
     `proxykd plan`, the 70B proxy's [rows, L, V] logits then end up whole on every device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in ("data", "fsdp") if mesh is not None and a in (mesh.axis_names or ()))
-    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    axes = row_axes(jax.sharding.get_abstract_mesh(), x.shape[0])
+    if not axes:
         return x
     spec = jax.sharding.PartitionSpec(axes, *([jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, spec)

@@ -34,10 +34,13 @@ def _metrics_sharding(state_shardings: TrainState) -> NamedSharding:
 _PLATFORM_COMPILER_OPTIONS = {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
 
 
+def _platform(state_shardings: TrainState) -> str:
+    return state_shardings.step.mesh.devices.flat[0].platform
+
+
 def default_compiler_options(state_shardings: TrainState) -> dict[str, str]:
     """XLA options the steps compile with on the state's platform (none off CPU)."""
-    platform = state_shardings.step.mesh.devices.flat[0].platform
-    return dict(_PLATFORM_COMPILER_OPTIONS.get(platform, {}))
+    return dict(_PLATFORM_COMPILER_OPTIONS.get(_platform(state_shardings), {}))
 
 
 def make_train_step(
@@ -108,7 +111,7 @@ def resolve_steps_per_call(value: int, state_shardings: TrainState, steps: int) 
         return int(value)
     if steps < _AUTO_MIN_STEPS:
         return 1
-    return _AUTO_STEPS_PER_CALL.get(state_shardings.step.mesh.devices.flat[0].platform, 1)
+    return _AUTO_STEPS_PER_CALL.get(_platform(state_shardings), 1)
 
 
 def make_multi_step(train_step, state_shardings: TrainState):
