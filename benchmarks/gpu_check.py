@@ -224,6 +224,15 @@ def step_times(cfg: ModelConfig, b: int, length: int, k: int, reps: int, trace_d
     return out
 
 
+def _mean_seconds(fn, args, reps: int) -> float:
+    """Mean seconds of `reps` back-to-back calls of a compiled `fn(*args)` (dispatched, then waited for)."""
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / reps
+
+
 def kernel_seconds(tiny: bool, k: int, chunk: int, block, reps: int, trace_dir: str = "") -> tuple:
     """(mean seconds, logits bytes, [N, V], agreement, alone) of the posterior kernel (`posterior_topk`, mode
     expected, K=k, row chunks of `chunk` (ignored: mode expected runs whole), top-k blocks of `block`
@@ -260,11 +269,7 @@ def kernel_seconds(tiny: bool, k: int, chunk: int, block, reps: int, trace_dir: 
         same = np.all(np.sort(np.asarray(out[0]), 1) == np.sort(np.asarray(ref[0]), 1), axis=1)
         agreement = (float(same.mean()), float(np.abs(np.asarray(out[1]) - np.asarray(ref[1])).max()))
         del ref
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = kernel(logits, prior, base_v, n_pseudo)
-    jax.block_until_ready(out)
-    seconds = (time.perf_counter() - t0) / reps
+    seconds = _mean_seconds(kernel, (logits, prior, base_v, n_pseudo), reps)
     if trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             jax.block_until_ready([kernel(logits, prior, base_v, n_pseudo) for _ in range(2)])
@@ -273,11 +278,7 @@ def kernel_seconds(tiny: bool, k: int, chunk: int, block, reps: int, trace_dir: 
         dense = jax.jit(lambda lg, bv, npn, fl: expected_score_topk(lg, bv, npn, fl, k))
         floor = jnp.full((n,), 0.2, jnp.float32)
         jax.block_until_ready(dense(logits, base_v, n_pseudo, floor))
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            out = dense(logits, base_v, n_pseudo, floor)
-        jax.block_until_ready(out)
-        alone = (time.perf_counter() - t0) / reps
+        alone = _mean_seconds(dense, (logits, base_v, n_pseudo, floor), reps)
     return seconds, logits.nbytes, (n, v), agreement, alone
 
 

@@ -80,16 +80,6 @@ def host_batch(seed: int = 0) -> dict[str, np.ndarray]:
     return {"tokens": seq[:, :-1], "targets": seq[:, 1:]}
 
 
-class Steps:
-    """A blocking closure that runs `steps` train steps per call (the median is divided by it)."""
-
-    def __init__(self, run, steps: int = 1):
-        self.run, self.steps = run, steps
-
-    def __call__(self):
-        self.run()
-
-
 def jax_step_fn(loss_fn=ce_loss, cfg: ModelConfig = CFG, steps_per_call: int = 1):
     """The benchmarked JAX step as a blocking closure: one `make_train_step` call per step, or with
     `steps_per_call` > 1 the train loop's several-step call (`make_multi_step`, what `train.Loop` runs
@@ -104,21 +94,17 @@ def jax_step_fn(loss_fn=ce_loss, cfg: ModelConfig = CFG, steps_per_call: int = 1
     )
     holder = {"state": state}
     if steps_per_call > 1:
-        multi = make_multi_step(step, shardings)
-        batches = global_batches([host_batch(i) for i in range(steps_per_call)], mesh, LOGICAL_RULES)
-
-        def run():
-            holder["state"], metrics = multi(holder["state"], batches)
-            jax.block_until_ready(metrics["loss"])
-
-        return Steps(run, steps_per_call)
-    batch = global_batch(host_batch(), mesh, LOGICAL_RULES)
+        call = make_multi_step(step, shardings)
+        data = global_batches([host_batch(i) for i in range(steps_per_call)], mesh, LOGICAL_RULES)
+    else:
+        call, data = step, global_batch(host_batch(), mesh, LOGICAL_RULES)
 
     def run():
-        holder["state"], metrics = step(holder["state"], batch)
+        holder["state"], metrics = call(holder["state"], data)
         jax.block_until_ready(metrics["loss"])
 
-    return Steps(run)
+    run.steps = steps_per_call  # train steps per call: `interleaved_medians` divides by it
+    return run
 
 
 def torch_step_fn(compile_model: bool = False):
@@ -155,7 +141,7 @@ def torch_step_fn(compile_model: bool = False):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return Steps(run)
+    return run
 
 
 def interleaved_medians(fns: dict, *, warmup: int, steps: int, rounds: int) -> dict:
