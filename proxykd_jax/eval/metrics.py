@@ -175,33 +175,42 @@ def heldout_prompts(prepared, data_cfg, split: str, limit: int) -> list[np.ndarr
     return rows
 
 
-def generation_metrics(students: dict, prompts: list, teacher, *, max_new_tokens: int, seed: int) -> dict:
-    """Teacher mean log-likelihood per token of each student's sampled answers to `prompts`."""
+def sample_answers(model, prompts: list, tokenizer, eos_id: int, *, max_new_tokens: int, seed: int) -> list[list[int]]:
+    """`model`'s answer to each prompt (token ids), sampled in one left-aligned batch as the eval
+    stage samples: temperature 1, ending after `eos_id` (kept in the answer), and no special token
+    other than eos ever sampled (pad, bos, unk never occur in a response, as in serving)."""
     from proxykd_jax.models.sampling import generate
 
-    if not prompts:
-        return {}
     width = max(len(r) for r in prompts)
     tokens = np.zeros((len(prompts), width), np.int32)
     for i, r in enumerate(prompts):
         tokens[i, : len(r)] = r
     lengths = np.asarray([len(r) for r in prompts], np.int32)
-    # Special tokens other than eos never occur in a response (pad, bos, unk): not sampled, as in serving.
-    specials = tuple(i for i in getattr(teacher.tokenizer, "all_special_ids", ()) if i != teacher.eos_id)
+    specials = tuple(i for i in getattr(tokenizer, "all_special_ids", ()) if i != eos_id)
+    gen = generate(
+        model,
+        tokens,
+        lengths,
+        jax.random.key(seed),
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        stop_tokens=(eos_id,),
+        suppress_tokens=specials,
+    )
+    g, glen = hosts.to_host(gen.tokens_BxT), hosts.to_host(gen.lengths_B)
+    return [g[i, : glen[i]].tolist() for i in range(len(prompts))]
+
+
+def generation_metrics(students: dict, prompts: list, teacher, *, max_new_tokens: int, seed: int) -> dict:
+    """Teacher mean log-likelihood per token of each student's sampled answers to `prompts`."""
+    if not prompts:
+        return {}
     out = {}
     for name, model in students.items():
-        gen = generate(
-            model,
-            tokens,
-            lengths,
-            jax.random.key(seed),
-            max_new_tokens=max_new_tokens,
-            temperature=1.0,
-            stop_tokens=(teacher.eos_id,),
-            suppress_tokens=specials,
+        answers = sample_answers(
+            model, prompts, teacher.tokenizer, teacher.eos_id, max_new_tokens=max_new_tokens, seed=seed
         )
-        g, glen = hosts.to_host(gen.tokens_BxT), hosts.to_host(gen.lengths_B)
-        contexts = [list(prompts[i]) + g[i, : glen[i]].tolist() for i in range(len(prompts))]
+        contexts = [list(p) + a for p, a in zip(prompts, answers)]
         q = teacher.distributions(contexts)
         total = count = 0.0
         for i, ctx in enumerate(contexts):

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from proxykd_jax.data import byte_head
-from proxykd_jax.eval.metrics import _mask
+from proxykd_jax.eval.metrics import _mask, sample_answers
 from proxykd_jax.parallel import hosts
 
 
@@ -55,32 +55,14 @@ def generation_nats_per_byte(
 
     Each student answers `prompts` (tokenised with our `tokenizer`) by sampling at temperature 1;
     the teacher scores the decoded text with its own tokenizer (`teacher.text_logprob`)."""
-    from proxykd_jax.models.sampling import generate
-
     if not prompts:
         return {}
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(len(r) for r in ids)
-    tokens = np.zeros((len(ids), width), np.int32)
-    for i, r in enumerate(ids):
-        tokens[i, : len(r)] = r
-    lengths = np.asarray([len(r) for r in ids], np.int32)
     eos = tokenizer.eos_token_id
-    specials = tuple(i for i in getattr(tokenizer, "all_special_ids", ()) if i != eos)
     out = {}
     for name, model in students.items():
-        gen = generate(
-            model,
-            tokens,
-            lengths,
-            jax.random.key(seed),
-            max_new_tokens=max_new_tokens,
-            temperature=1.0,
-            stop_tokens=(eos,),
-            suppress_tokens=specials,
-        )
-        g, glen = hosts.to_host(gen.tokens_BxT), hosts.to_host(gen.lengths_B)
-        texts = [tokenizer.decode([t for t in g[i, : glen[i]].tolist() if t != eos]) for i in range(len(ids))]
+        answers = sample_answers(model, ids, tokenizer, eos, max_new_tokens=max_new_tokens, seed=seed)
+        texts = [tokenizer.decode([t for t in a if t != eos]) for a in answers]
         ll, nbytes = teacher.text_logprob(prompts, texts)
         out[name] = float(-ll.sum() / max(nbytes.sum(), 1))
     return out

@@ -14,7 +14,6 @@ The per-token scorers are eval/metrics.py's; this module adds the byte counts.
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from proxykd_jax.eval import metrics as metrics_lib
@@ -56,26 +55,9 @@ def heldout_scores(model, teacher, batches, scorer) -> dict:
 
 def generation_score(model, prompts: list, teacher, *, max_new_tokens: int, seed: int) -> float:
     """The teacher's log-likelihood per byte of the model's sampled answers to `prompts`."""
-    from proxykd_jax.models.sampling import generate
-
-    width = max(len(r) for r in prompts)
-    tokens = np.zeros((len(prompts), width), np.int32)
-    for i, r in enumerate(prompts):
-        tokens[i, : len(r)] = r
-    lengths = np.asarray([len(r) for r in prompts], np.int32)
-    specials = tuple(i for i in getattr(teacher.tokenizer, "all_special_ids", ()) if i != teacher.eos_id)
-    gen = generate(
-        model,
-        tokens,
-        lengths,
-        jax.random.key(seed),
-        max_new_tokens=max_new_tokens,
-        temperature=1.0,
-        stop_tokens=(teacher.eos_id,),
-        suppress_tokens=specials,
+    answers = metrics_lib.sample_answers(
+        model, prompts, teacher.tokenizer, teacher.eos_id, max_new_tokens=max_new_tokens, seed=seed
     )
-    g, glen = hosts.to_host(gen.tokens_BxT), hosts.to_host(gen.lengths_B)
-    answers = [g[i, : glen[i]].tolist() for i in range(len(prompts))]
     q = teacher.distributions([list(p) + a for p, a in zip(prompts, answers)])
     total, nbytes = 0.0, 0
     for i, (p, a) in enumerate(zip(prompts, answers)):
