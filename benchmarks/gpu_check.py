@@ -9,8 +9,9 @@ Rows:
   kd       KD overhead: distill step time / SFT step time - 1
   kernel   the posterior kernel (`posterior_topk`, mode expected, K=64) on [N, V] float32 proxy logits:
            bytes of logits read per second against the device's HBM bandwidth; by default the XLA path
-           and then `kernel="pallas"` (bayes/score_topk.py, one read of the logits), with the share of
-           rows whose top-k ids match the XLA path's, and that Pallas kernel timed by itself
+           and then `kernel="pallas"` (bayes/score_topk.py: one read of the logits, and the merge with
+           the prior and the final top-k in the same kernel), with the share of rows whose top-k ids
+           match the XLA path's, and the kernel alone: its dense top-k only, and whole at 4 and 8 warps
 
 MFU = model FLOPs (`models.llama.flops_per_token`, training = 3x forward) per second / peak. Peak and
 bandwidth come from the device kind (H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s; H200: 989, 4.8 TB/s;
@@ -44,7 +45,8 @@ from flax import nnx  # noqa: E402
 from benchmarks._common import matmul_peak, print_table  # noqa: E402
 from proxykd_jax import losses, parallel, train  # noqa: E402
 from proxykd_jax.bayes import SparsePrior, posterior_topk  # noqa: E402
-from proxykd_jax.bayes.score_topk import expected_score_topk  # noqa: E402
+from proxykd_jax.bayes.posterior import _prior_mass, _sparse  # noqa: E402
+from proxykd_jax.bayes.score_topk import expected_posterior_topk, expected_score_topk  # noqa: E402
 from proxykd_jax.models.llama import Llama, ModelConfig, flops_per_token  # noqa: E402
 from proxykd_jax.parallel.mesh import make_mesh  # noqa: E402
 from proxykd_jax.parallel.rules import LOGICAL_RULES  # noqa: E402
@@ -238,7 +240,9 @@ def kernel_seconds(tiny: bool, k: int, chunk: int, block, reps: int, trace_dir: 
     expected, K=k, row chunks of `chunk` (ignored: mode expected runs whole), top-k blocks of `block`
     ids, or block "pallas": the one-pass Pallas kernel) on [N, V] float32 proxy logits. agreement (the
     Pallas kernel only, else None): (rows whose top-k ids equal the XLA path's, max |log-prob| difference);
-    alone (the Pallas kernel only): mean seconds of `expected_score_topk` by itself."""
+    alone (the Pallas kernel only): {name: mean seconds} of the kernel by itself, outside `posterior_topk`:
+    `expected_score_topk` (log-normaliser and dense top-k only) and `expected_posterior_topk` (the merge
+    with the prior and the final top-k too, what `posterior_topk` runs) at 4 and 8 warps."""
     n, v = (256, 512) if tiny else (8192, 32000)
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(n, v)).astype(np.float32) * 3)
@@ -273,12 +277,19 @@ def kernel_seconds(tiny: bool, k: int, chunk: int, block, reps: int, trace_dir: 
     if trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             jax.block_until_ready([kernel(logits, prior, base_v, n_pseudo) for _ in range(2)])
-    alone = None
-    if pallas:  # the one-pass kernel by itself (log-normaliser + dense top-k), without the XLA selection after it
-        dense = jax.jit(lambda lg, bv, npn, fl: expected_score_topk(lg, bv, npn, fl, k))
+    alone = {}
+    if pallas:  # the kernel by itself: its dense top-k only, and the whole posterior kernel at 4 and 8 warps
         floor = jnp.full((n,), 0.2, jnp.float32)
-        jax.block_until_ready(dense(logits, base_v, n_pseudo, floor))
-        alone = _mean_seconds(dense, (logits, base_v, n_pseudo, floor), reps)
+        sp_ids, sp_vals = _sparse(prior, jnp.float32(1.0), n_pseudo, None)
+        total = _prior_mass(prior, jnp.float32(1.0), floor) + n_pseudo
+        fns = {"dense top-k": (jax.jit(lambda lg, bv, npn, fl: expected_score_topk(lg, bv, npn, fl, k)), ())}
+        for warps in (4, 8):
+            fn = jax.jit(lambda *a, w=warps: expected_posterior_topk(*a, k, num_warps=w))
+            fns[f"whole, {warps} warps"] = (fn, (sp_ids, sp_vals, total))
+        for name, (fn, extra) in fns.items():
+            args = (logits, base_v, n_pseudo, floor, *extra)
+            jax.block_until_ready(fn(*args))
+            alone[name] = _mean_seconds(fn, args, reps)
     return seconds, logits.nbytes, (n, v), agreement, alone
 
 
@@ -388,20 +399,20 @@ def main(argv=None) -> list:
                     bytes_per_s=achieved,
                     of_hbm=achieved / bw,
                     agreement=agreement,
-                    alone_ms=alone and alone * 1e3,
+                    alone_ms={name: t * 1e3 for name, t in alone.items()},
                 ),
             )
             text = f"{achieved / 1e9:.1f} GB/s = {achieved / bw:.1%} of HBM ({achieved / measured_bw:.1%} of measured copy)"
             if agreement:
                 text += f"; ids as XLA's in {agreement[0]:.1%} of rows, log-probs within {agreement[1]:.1e}"
             rows.append([label, f"{seconds * 1e3:.2f} ms", text])
-            if alone:
+            for name, t in alone.items():
                 rows.append(
                     [
-                        "kernel [pallas kernel alone]",
-                        f"{alone * 1e3:.2f} ms",
-                        f"{nbytes / alone / 1e9:.1f} GB/s = {nbytes / alone / bw:.1%} of HBM "
-                        f"({nbytes / alone / measured_bw:.1%} of measured copy)",
+                        f"kernel [pallas alone: {name}]",
+                        f"{t * 1e3:.2f} ms",
+                        f"{nbytes / t / 1e9:.1f} GB/s = {nbytes / t / bw:.1%} of HBM "
+                        f"({nbytes / t / measured_bw:.1%} of measured copy)",
                     ]
                 )
         return shape

@@ -1,9 +1,12 @@
 """What the posterior's Pallas kernel compiles to on a GPU, measured on this CPU host (no GPU needed).
 
     .venv/bin/python -m pip install triton==3.9.0    # the Triton compiler, ptxas, cuobjdump; not a dependency
-    .venv/bin/python benchmarks/kernel_sass.py [--vocab 32000] [--rows 8192] [--k 64] [--warps 4,8] [--arch 90a]
+    .venv/bin/python benchmarks/kernel_sass.py [--vocab 32000] [--rows 8192] [--k 64] [--sparse 112] [--warps 4,8]
+                                               [--arch 90a]
 
-jax lowers `bayes/score_topk.expected_score_topk` to Triton IR (captured from jax's Pallas-Triton
+jax lowers `bayes/score_topk.expected_score_topk` (the dense top-k) and `expected_posterior_topk` (the same
+plus the merge with `--sparse` prior entries per row and the final top-k; what `posterior_topk` runs) to
+Triton IR (captured from jax's Pallas-Triton
 lowering, an internal entry point), Triton compiles it to PTX for the architecture, `ptxas -v` reports
 registers and spills, and `cuobjdump -sass` gives the machine code. Printed per warp count: registers
 per thread, spill bytes, shared memory per program, resident programs per SM by registers (65,536
@@ -30,11 +33,12 @@ from jax import export  # noqa: E402
 from jax._src.pallas.triton import lowering as triton_lowering  # noqa: E402
 
 from benchmarks._common import print_table  # noqa: E402
-from proxykd_jax.bayes.score_topk import expected_score_topk  # noqa: E402
+from proxykd_jax.bayes.score_topk import expected_posterior_topk, expected_score_topk  # noqa: E402
 
 
-def triton_ir(rows: int, vocab: int, k: int, warps: int) -> str:
-    """The kernel's Triton IR as text, captured while jax exports the call for CUDA."""
+def triton_ir(rows: int, vocab: int, k: int, warps: int, sparse: int = 0) -> str:
+    """The kernel's Triton IR as text, captured while jax exports the call for CUDA (with `sparse` > 0
+    `expected_posterior_topk` with that many prior entries per row, else `expected_score_topk`)."""
     captured = []
     lower = triton_lowering.lower_jaxpr_to_triton_module
 
@@ -45,11 +49,16 @@ def triton_ir(rows: int, vocab: int, k: int, warps: int) -> str:
 
     triton_lowering.lower_jaxpr_to_triton_module = capture
     try:
-        shapes = [(rows, vocab), (vocab,), (rows,), (rows,)]
-        fn = jax.jit(lambda *a: expected_score_topk(*a, k, num_warps=warps))
+        f32, i32 = jnp.float32, jnp.int32
+        shapes = [((rows, vocab), f32), ((vocab,), f32), ((rows,), f32), ((rows,), f32)]
+        if sparse:
+            shapes += [((rows, sparse), i32), ((rows, sparse), f32), ((rows,), f32)]
+            fn = jax.jit(lambda *a: expected_posterior_topk(*a, k, num_warps=warps))
+        else:
+            fn = jax.jit(lambda *a: expected_score_topk(*a, k, num_warps=warps))
         export.export(
             fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-        )(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes))
+        )(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes))
     finally:
         triton_lowering.lower_jaxpr_to_triton_module = lower
     (text,) = captured
@@ -112,6 +121,9 @@ def main(argv=None) -> list:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--k", type=int, default=64)
+    ap.add_argument(
+        "--sparse", type=int, default=112, help="prior entries per row of the posterior kernel (0: skip it)"
+    )
     ap.add_argument("--warps", default="4,8")
     ap.add_argument("--arch", default="90a", help="sm_ architecture (90a: H100/H200)")
     args = ap.parse_args(argv)
@@ -124,22 +136,25 @@ def main(argv=None) -> list:
         )
         return []
     rows = []
-    for warps in (int(w) for w in args.warps.split(",")):
+    kernels = [("dense top-k", 0)] + ([(f"posterior, {args.sparse} sparse", args.sparse)] if args.sparse else [])
+    for (name, sparse), warps in ((kn, int(w)) for kn in kernels for w in args.warps.split(",")):
         with tempfile.TemporaryDirectory() as folder:
             report, sass, shared = compile_sass(
-                triton_ir(args.rows, args.vocab, args.k, warps), warps, args.arch, folder
+                triton_ir(args.rows, args.vocab, args.k, warps, sparse), warps, args.arch, folder
             )
         regs = int(re.search(r"Used (\d+) registers", report).group(1))
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
         total = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+\S", sass))
         resident = 65536 // (regs * 32 * warps)
-        rows.append([f"{warps} warps", regs, f"{spill.group(1)}/{spill.group(2)}", shared, resident, total, "", ""])
+        rows.append(
+            [f"{name}, {warps} warps", regs, f"{spill.group(1)}/{spill.group(2)}", shared, resident, total, "", ""]
+        )
         for start, end, counts in loops(sass):
             n = sum(counts.values())
             mix = ", ".join(f"{op} {counts.get(op, 0)}" for op in ("MUFU", "BAR", "LDG", "STG"))
             rows.append(["", "", "", "", "", "", f"{start:#x}-{end:#x}", f"{n} instr ({mix})"])
-    print(f"expected_score_topk on [{args.rows}, {args.vocab}] float32 logits, k {args.k}, sm_{args.arch}")
-    headers = ["config", "regs", "spill st/ld B", "shared B", "programs/SM", "SASS instr", "loop", "loop body"]
+    print(f"the posterior kernel on [{args.rows}, {args.vocab}] float32 logits, k {args.k}, sm_{args.arch}")
+    headers = ["kernel, warps", "regs", "spill st/ld B", "shared B", "programs/SM", "SASS instr", "loop", "loop body"]
     print_table(rows, headers)
     return rows
 

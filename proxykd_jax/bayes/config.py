@@ -3,7 +3,7 @@
 import ml_collections
 
 MODES = ("expected", "sampled", "geometric")  # posterior.mode
-KERNELS = ("xla", "pallas")  # posterior.kernel: expected mode's dense top-k as XLA ops, or one Pallas kernel (GPU)
+KERNELS = ("xla", "pallas")  # posterior.kernel: expected mode's top-k as XLA ops, or in one Pallas kernel (GPU)
 
 
 def prior_config() -> ml_collections.ConfigDict:
@@ -30,7 +30,7 @@ def posterior_config() -> ml_collections.ConfigDict:
     cd.weight_normalize = "mean"  # proxy log-likelihood per sample: "mean" per token, or "sum"
     cd.use_weights = True  # N_t = N_max * w(x, y); False: N_t = N_max everywhere
     cd.chunk_tokens = 1024  # tokens per kernel block: bounds [tokens, vocab] buffers (expected mode has none: whole)
-    cd.kernel = "xla"  # expected mode's dense top-k: "xla", or "pallas" (one read of the logits, CUDA; untimed)
+    cd.kernel = "xla"  # expected mode's top-k: "xla", or "pallas" (one kernel, one read of the logits, CUDA; untimed)
     cd.fit_empirical_bayes = True  # fit kappa and N_max by held-out log-likelihood before the pass
     cd.eb_holdout_fraction = 0.05  # fraction of multi-response prompts with one response held out
     cd.eb_refine_steps = 12  # golden-section steps per parameter after the grid search

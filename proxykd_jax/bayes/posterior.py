@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from proxykd_jax.bayes.config import KERNELS, MODES
 from proxykd_jax.bayes.prior import SparsePrior
-from proxykd_jax.bayes.score_topk import expected_score_topk
+from proxykd_jax.bayes.score_topk import expected_posterior_topk, expected_score_topk
 
 N_SYMBOLS = 258  # first-byte symbols: bytes 0-255, END_SYMBOL, OTHER_SYMBOL
 END_SYMBOL = 256  # end of text (the eos token; a teacher's end-of-text entry)
@@ -46,6 +46,15 @@ def _sparse(prior, kappa, n_pseudo_N, sampled_ids_NxM):
         ids.append(sampled_ids_NxM)
         vals.append(jnp.broadcast_to((n_pseudo_N / m)[:, None], sampled_ids_NxM.shape))
     return jnp.concatenate(ids, 1).astype(jnp.int32), jnp.concatenate(vals, 1)
+
+
+def _prior_mass(prior, kappa, floor_N):
+    """The prior's total pseudo-count per position: counts + kappa * n-gram mass (sparse part + floor)."""
+    return (
+        jnp.sum(prior.counts_NxS.astype(jnp.float32), 1)
+        + kappa * jnp.sum(prior.ngram_probs_NxS2.astype(jnp.float32), 1)
+        + floor_N
+    )
 
 
 def _dedupe_sum(ids_NxC, vals_NxC):
@@ -186,8 +195,9 @@ def _posterior_core(
     """One block of tokens; returns (ids_NxK int32, logprobs_NxK float32, tail_N float32).
 
     With `sym_V` the head holds first-byte symbols (a `bytes` head), else our token ids; `block`: ids
-    per block of `blocked_top_k`; `kernel`: "pallas" takes the log-normaliser and the dense top-k of
-    `expected` mode from `score_topk.expected_score_topk` (one read of the logits on a GPU)."""
+    per block of `blocked_top_k`; `kernel`: "pallas" runs `expected` mode in `score_topk`'s kernel (one
+    read of the logits on a GPU): the whole top k (`expected_posterior_topk`), or with a teacher head
+    the log-normaliser and the dense top k (`expected_score_topk`), merged with the head here."""
     top_k = functools.partial(blocked_top_k, block=block)
     logits = jnp.asarray(proxy_logits_NxV).astype(jnp.float32)
     base = jnp.asarray(base_V, jnp.float32)
@@ -196,6 +206,10 @@ def _posterior_core(
     prior = SparsePrior(*(jnp.asarray(x) for x in prior))
     floor = kappa * prior.floor_N.astype(jnp.float32)
     fused = kernel == "pallas" and mode == "expected" and not (sym_V is not None and head_ids_NxH is not None)
+    if fused and head_ids_NxH is None:  # the whole posterior top k in the kernel
+        sp_ids, sp_vals = _sparse(prior, kappa, n_pseudo, None)
+        total = _prior_mass(prior, kappa, floor) + n_pseudo
+        return expected_posterior_topk(proxy_logits_NxV, base, n_pseudo, floor, sp_ids, sp_vals, total, k)
     if fused:
         lse_N, fused_ids = expected_score_topk(proxy_logits_NxV, base, n_pseudo, floor, k)
         lse = lse_N[:, None]
@@ -211,11 +225,7 @@ def _posterior_core(
         sampled = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="right"))(cdf, u)
         sampled = jnp.minimum(sampled, logits.shape[1] - 1)
     sp_ids, sp_vals = _sparse(prior, kappa, n_pseudo, sampled)
-    prior_mass = (
-        jnp.sum(prior.counts_NxS.astype(jnp.float32), 1)
-        + kappa * jnp.sum(prior.ngram_probs_NxS2.astype(jnp.float32), 1)
-        + floor
-    )
+    prior_mass = _prior_mass(prior, kappa, floor)
 
     rho = None
     if sym_V is not None and head_ids_NxH is not None:

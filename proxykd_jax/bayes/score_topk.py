@@ -1,4 +1,4 @@
-"""The posterior's dense top-k as one Pallas (Triton) kernel for GPUs: one read of the logits.
+"""The posterior's top-k as one Pallas (Triton) kernel for GPUs: one read of the logits.
 
 `expected` mode needs, per token row, the log-normaliser of the proxy logits and the k ids with the
 largest dense score s_v = N p_v + f base_v (p = softmax(logits), N = n_pseudo, f = floor). The XLA
@@ -20,7 +20,16 @@ s) and sorts for its top-k. This kernel, one program per row, reads them from HB
    proxy's mass) take exact bisection over the whole row, one pass per bit: correct, slow, rare.
 
 Ties at the k-th value are broken by position in the candidate list, which is deterministic but
-not `lax.top_k`'s lowest-id rule. Ids come back in that order, not sorted by score.
+not `lax.top_k`'s lowest-id rule. Ids come back in that order, not sorted by score
+(`expected_score_topk`). `expected_posterior_topk` goes on in the same program:
+
+5. The prior's sparse entries (deduplicated before the kernel: the first of each id carries the sum
+   of its values) join the k dense ids; a dense id among them drops out (the sparse entry carries
+   its dense score too). Each of the union gets q = (dense score + sparse value) / total from its
+   logit and base value (gathered from L2), the k-th largest q is found by bisection over the bits
+   as in 3, and the k taken are ranked (larger q first; ties: dense ids first, then position) and
+   written as ids, log q and the tail 1 - sum q: what `posterior._posterior_core` computes with XLA
+   sorts and gathers after the dense top-k, which then has nothing left to do.
 
 On a CUDA GPU this lowers to a Triton kernel; everywhere else (`lax.platform_dependent`) the same
 kernel runs in Pallas' interpreter, which is how the tests check it on CPU (slow: tests only).
@@ -38,6 +47,7 @@ from jax.experimental.pallas import triton as plgpu
 
 _ABSENT = -1  # int32 below the bits of every non-negative float: padding, masked entries
 _LOG2E = 1.0 / math.log(2.0)
+_CHUNK = 16  # entries per step of the selection's pairwise loops (a [k or S, 16] comparison each)
 _SAFE = 100.0  # log2 units a lane's logits may rise above its first one before its sum is redone
 
 
@@ -69,24 +79,15 @@ def _compact(values, keep, cap, ref):
     return _count(keep)
 
 
-def _kernel(
-    logits_ref,
-    base_ref,
-    lane_bmax_ref,
-    n_pseudo_ref,
-    floor_ref,
-    lse_ref,
-    ids_ref,
-    lanes_ref,
-    cand_ids_ref,
-    cand_bits_ref,
-    *,
-    k,
-    tile,
-    groups,
-    cap,
-    interpret,
-):
+def _kernel(*refs, k, tile, groups, cap, interpret, select):
+    logits_ref, base_ref, lane_bmax_ref, n_pseudo_ref, floor_ref = refs[:5]
+    if select:  # + the prior's sparse entries and total in; the ranking's scratch and the posterior out
+        sp_ids_ref, sp_run_ref, total_ref = refs[5:8]
+        lse_ref, ids_ref, lanes_ref, cand_ids_ref, cand_bits_ref, bits_ref, out_ids_ref, out_logq_ref, tail_ref = refs[
+            8:
+        ]
+    else:
+        lse_ref, ids_ref, lanes_ref, cand_ids_ref, cand_bits_ref = refs[5:]
     v = logits_ref.shape[-1]
     n_tiles = pl.cdiv(v, tile)
     depth = pl.next_power_of_2(n_tiles)
@@ -197,16 +198,92 @@ def _kernel(
 
         jax.lax.fori_loop(0, n_tiles, out, (k - count_ge(t + 1), jnp.int32(0)))
 
+    if select:
+        sync()
+        sel_refs = (logits_ref, base_ref, ids_ref, sp_ids_ref, sp_run_ref, total_ref, bits_ref)
+        _select(
+            sel_refs + (out_ids_ref, out_logq_ref, tail_ref),
+            score=lambda y, b: score(y * _LOG2E, b),
+            k=k,
+            sync=sync,
+        )
 
-def expected_score_topk(logits_NxV, base_V, n_pseudo_N, floor_N, k, *, tile=2048, groups=256, cap=128, num_warps=4):
-    """(lse_N, ids_NxK): log-sum-exp of each logits row and the ids of its k largest dense scores
-    s_v = n_pseudo * softmax(logits)_v + floor * base_v, one Pallas kernel program per row.
 
-    logits_NxV: any float dtype (read once); base_V >= 0; n_pseudo_N, floor_N >= 0; k <= V. `tile`:
-    ids per streamed tile (lanes); `groups`: lane groups for the lower bound (>= k); `cap`: candidate
-    slots (>= k); the three are rounded to powers of two as Triton needs. Ids are in candidate order,
-    not sorted by score (see the module docstring for ties).
-    """
+def _select(refs, *, score, k, sync):
+    """The posterior's top k from the dense top k (`ids_ref[:k]`) and the prior's sparse entries.
+
+    The sparse entries come deduplicated (`sp_ids_ref`: -1 where an id repeats an earlier entry;
+    `sp_run_ref`: each first entry's summed value). q_v = (score(logit_v, base_v) + run_v) / total over
+    the union of both id lists; the k largest are written sorted by q (ties by position, dense ids
+    first), as log q, with the tail 1 - sum of the k q's. Pairwise comparisons run over `_CHUNK`
+    entries of one side per step (`benchmarks/kernel_sass.py`: as whole [k, S] matrices they held 255
+    registers with spills and cut the programs per SM from 5 to 2; one entry per step cost ~300
+    instructions a step)."""
+    logits_ref, base_ref, ids_ref, sp_ids_ref, sp_run_ref, total_ref, bits_ref, out_ids_ref, out_logq_ref, tail_ref = (
+        refs
+    )
+    kp = pl.next_power_of_2(k)
+    s = sp_ids_ref.shape[-1]
+    sp = pl.next_power_of_2(s)
+    d_pos = jnp.arange(kp, dtype=jnp.int32)
+    d_ok = d_pos < k
+    s_ok = jnp.arange(sp, dtype=jnp.int32) < s
+    d_ids = plgpu.load(ids_ref.at[pl.ds(0, kp)], mask=d_ok, other=-1)
+    s_ids = plgpu.load(sp_ids_ref.at[pl.ds(0, sp)], mask=s_ok, other=-1)
+    s_run = plgpu.load(sp_run_ref.at[pl.ds(0, sp)], mask=s_ok, other=0.0)
+
+    def in_sparse(c, acc):  # dense ids that are also sparse ones: their q comes with the sparse entry
+        j = c * _CHUNK + jnp.arange(_CHUNK, dtype=jnp.int32)
+        id_j = plgpu.load(sp_ids_ref.at[pl.ds(c * _CHUNK, _CHUNK)], mask=j < s, other=-1)
+        hit = (d_ids[:, None] == id_j[None, :]) & (id_j[None, :] >= 0)
+        return acc | (jnp.max(hit.astype(jnp.int32), axis=1) > 0)
+
+    d_keep = d_ok & ~jax.lax.fori_loop(0, pl.cdiv(s, _CHUNK), in_sparse, d_pos < 0)
+    s_keep = s_ok & (s_ids >= 0)
+
+    def q_num(ids, ok, extra):
+        at = jnp.where(ok, ids, 0)
+        y = plgpu.load(logits_ref.at[at], mask=ok, other=-jnp.inf).astype(jnp.float32)
+        b = plgpu.load(base_ref.at[at], mask=ok, other=0.0)
+        return score(y, b) + extra
+
+    d_q, s_q = q_num(d_ids, d_keep, 0.0), q_num(s_ids, s_keep, s_run)
+    d_bits, s_bits = _as_bits(d_q, d_keep), _as_bits(s_q, s_keep)
+    t = _kth_bits(None, k, lambda c: _count(d_bits >= c) + _count(s_bits >= c))
+    # The k taken: all above t, then entries equal to t in position order (dense first) while slots remain,
+    # compacted in that order into the first k slots of the outputs (q for now) and of `bits_ref`.
+    room = k - _count(d_bits > t) - _count(s_bits > t)
+    d_eq, s_eq = d_bits == t, s_bits == t
+    d_take = (d_bits > t) | (d_eq & (jnp.cumsum(d_eq.astype(jnp.int32)) <= room))
+    s_take = (s_bits > t) | (s_eq & (jnp.cumsum(s_eq.astype(jnp.int32)) <= room - _count(d_eq & d_take)))
+    first = 0
+    for ids, q, bits, take in ((d_ids, d_q, d_bits, d_take), (s_ids, s_q, s_bits, s_take)):
+        slot = jnp.where(take, first + jnp.cumsum(take.astype(jnp.int32)) - 1, k)
+        for ref, x in ((out_ids_ref, ids), (out_logq_ref, q), (bits_ref, bits)):
+            plgpu.store(ref.at[slot], x, mask=take)
+        first = first + _count(take)
+    sync()
+    ids = plgpu.load(out_ids_ref.at[pl.ds(0, kp)], mask=d_ok, other=0)
+    q = plgpu.load(out_logq_ref.at[pl.ds(0, kp)], mask=d_ok, other=0.0)
+    bits = plgpu.load(bits_ref.at[pl.ds(0, kp)], mask=d_ok, other=_ABSENT)
+
+    def ahead(c, rank):  # the taken entries ranked above each: larger q, or equal q and earlier
+        j = c * _CHUNK + jnp.arange(_CHUNK, dtype=jnp.int32)
+        b = plgpu.load(bits_ref.at[pl.ds(c * _CHUNK, _CHUNK)], mask=j < k, other=_ABSENT)[None, :]
+        above = (b > bits[:, None]) | ((b == bits[:, None]) & (j[None, :] < d_pos[:, None]))
+        return rank + jnp.sum(above.astype(jnp.int32), axis=1)
+
+    rank = jax.lax.fori_loop(0, pl.cdiv(k, _CHUNK), ahead, jnp.zeros((kp,), jnp.int32))
+    sync()  # every program thread has read the compacted entries before they are overwritten
+    total = total_ref[...]
+    slot = jnp.where(d_ok, rank, k)
+    plgpu.store(out_ids_ref.at[slot], ids, mask=d_ok)
+    plgpu.store(out_logq_ref.at[slot], jnp.log(jnp.maximum(q / total, 0.0)), mask=d_ok)
+    tail_ref[...] = jnp.maximum(1.0 - jnp.sum(jnp.where(d_ok, q, 0.0)) / total, 0.0)
+
+
+def _call(logits_NxV, base_V, n_pseudo_N, floor_N, k, selection, *, tile, groups, cap, num_warps):
+    """The kernel over every row; `selection`: None, or (sp_ids_NxS, sp_run_NxS, total_N) for `_select`."""
     n, v = logits_NxV.shape
     if not 0 < k <= v:
         raise ValueError(f"posterior kernel: k={k} must be in [1, vocab={v}].")
@@ -219,26 +296,104 @@ def expected_score_topk(logits_NxV, base_V, n_pseudo_N, floor_N, k, *, tile=2048
     row, one, whole = (lambda i: (i, 0)), (lambda i: (i,)), (lambda i: (0,))
     # Under shard_map the logits are one shard's rows: the outputs vary over the same manual axes.
     like_rows = functools.partial(jax.ShapeDtypeStruct, manual_axis_type=jax.typeof(logits_NxV).mat)
+    args = [logits_NxV, base, lane_bmax, jnp.asarray(n_pseudo_N, jnp.float32), jnp.asarray(floor_N, jnp.float32)]
+    in_specs = [
+        pl.BlockSpec((None, v), row),
+        pl.BlockSpec((v,), whole),
+        pl.BlockSpec((tile,), whole),
+        pl.BlockSpec((None,), one),
+        pl.BlockSpec((None,), one),
+    ]
+    out_specs = [pl.BlockSpec((None,), one), pl.BlockSpec((None, k + 1), row)] + [
+        pl.BlockSpec((None, cap + 1), row)
+    ] * 3
+    out_shape = [like_rows((n,), jnp.float32), like_rows((n, k + 1), jnp.int32)] + [
+        like_rows((n, cap + 1), jnp.int32)
+    ] * 3
+    if selection is not None:
+        sp_ids, sp_run, total = selection
+        s = sp_ids.shape[1]
+        args += [jnp.asarray(sp_ids, jnp.int32), jnp.asarray(sp_run, jnp.float32), jnp.asarray(total, jnp.float32)]
+        in_specs += [pl.BlockSpec((None, s), row), pl.BlockSpec((None, s), row), pl.BlockSpec((None,), one)]
+        width = pl.next_power_of_2(k) + 1  # the ranking's scratch: the bits of the k taken (+ an overflow slot)
+        out_specs += [pl.BlockSpec((None, width), row)] + [pl.BlockSpec((None, k + 1), row)] * 2
+        out_specs += [pl.BlockSpec((None,), one)]
+        out_shape += [like_rows((n, width), jnp.int32), like_rows((n, k + 1), jnp.int32)]
+        out_shape += [like_rows((n, k + 1), jnp.float32), like_rows((n,), jnp.float32)]
 
     def call(interpret):
+        kernel = functools.partial(
+            _kernel, k=k, tile=tile, groups=groups, cap=cap, interpret=interpret, select=selection is not None
+        )
         return pl.pallas_call(
-            functools.partial(_kernel, k=k, tile=tile, groups=groups, cap=cap, interpret=interpret),
+            kernel,
             grid=(n,),
-            in_specs=[
-                pl.BlockSpec((None, v), row),
-                pl.BlockSpec((v,), whole),
-                pl.BlockSpec((tile,), whole),
-                pl.BlockSpec((None,), one),
-                pl.BlockSpec((None,), one),
-            ],
-            out_specs=[pl.BlockSpec((None,), one), pl.BlockSpec((None, k + 1), row)]
-            + [pl.BlockSpec((None, cap + 1), row)] * 3,
-            out_shape=[like_rows((n,), jnp.float32), like_rows((n, k + 1), jnp.int32)]
-            + [like_rows((n, cap + 1), jnp.int32)] * 3,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            out_shape=out_shape,
             compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
             interpret=interpret,
         )
 
-    args = (logits_NxV, base, lane_bmax, jnp.asarray(n_pseudo_N, jnp.float32), jnp.asarray(floor_N, jnp.float32))
-    lse, ids, *_ = jax.lax.platform_dependent(*args, cuda=lambda *a: call(False)(*a), default=lambda *a: call(True)(*a))
+    return jax.lax.platform_dependent(*args, cuda=lambda *a: call(False)(*a), default=lambda *a: call(True)(*a))
+
+
+def expected_score_topk(logits_NxV, base_V, n_pseudo_N, floor_N, k, *, tile=2048, groups=256, cap=128, num_warps=4):
+    """(lse_N, ids_NxK): log-sum-exp of each logits row and the ids of its k largest dense scores
+    s_v = n_pseudo * softmax(logits)_v + floor * base_v, one Pallas kernel program per row.
+
+    logits_NxV: any float dtype (read once); base_V >= 0; n_pseudo_N, floor_N >= 0; k <= V. `tile`:
+    ids per streamed tile (lanes); `groups`: lane groups for the lower bound (>= k); `cap`: candidate
+    slots (>= k); the three are rounded to powers of two as Triton needs. Ids are in candidate order,
+    not sorted by score (see the module docstring for ties).
+    """
+    lse, ids, *_ = _call(
+        logits_NxV, base_V, n_pseudo_N, floor_N, k, None, tile=tile, groups=groups, cap=cap, num_warps=num_warps
+    )
     return lse, ids[:, :k]
+
+
+def expected_posterior_topk(
+    logits_NxV,
+    base_V,
+    n_pseudo_N,
+    floor_N,
+    sp_ids_NxS,
+    sp_vals_NxS,
+    total_N,
+    k,
+    *,
+    tile=2048,
+    groups=256,
+    cap=128,
+    num_warps=4,
+):
+    """(ids_NxK, logq_NxK, tail_N): `expected` mode's whole posterior top k in the same kernel program.
+
+    After the dense top k (as `expected_score_topk`), each row merges the prior's sparse entries
+    (sp_ids_NxS with values sp_vals_NxS: pseudo-counts, an id may repeat) and keeps the k ids of the
+    largest q_v = (n_pseudo softmax(logits)_v + floor base_v + sum of v's sparse values) / total_N,
+    sorted by q (ties: dense ids first, then position), with log q and the tail 1 - sum of the k q's.
+    The XLA code after the dense top k in `posterior._posterior_core` (sort, dedupe, gathers, top k)
+    does the same; its ties go to the lower id instead.
+    """
+    # Deduplicate the sparse entries here (an [N, S, S] comparison XLA fuses into one small pass): the
+    # first entry of each id carries the run's sum, the repeats become -1.
+    sp_ids = jnp.asarray(sp_ids_NxS, jnp.int32)
+    same = sp_ids[:, :, None] == sp_ids[:, None, :]
+    sp_run = jnp.sum(jnp.where(same, jnp.asarray(sp_vals_NxS, jnp.float32)[:, None, :], 0.0), axis=2)
+    pos = jnp.arange(sp_ids.shape[1])
+    repeat = jnp.any(same & (pos[None, None, :] < pos[None, :, None]), axis=2)
+    *_, ids, logq, tail = _call(
+        logits_NxV,
+        base_V,
+        n_pseudo_N,
+        floor_N,
+        k,
+        (jnp.where(repeat, -1, sp_ids), sp_run, total_N),
+        tile=tile,
+        groups=groups,
+        cap=cap,
+        num_warps=num_warps,
+    )
+    return ids[:, :k], logq[:, :k], tail
