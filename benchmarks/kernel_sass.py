@@ -56,9 +56,12 @@ def triton_ir(rows: int, vocab: int, k: int, warps: int, sparse: int = 0) -> str
             fn = jax.jit(lambda *a: expected_posterior_topk(*a, k, num_warps=warps))
         else:
             fn = jax.jit(lambda *a: expected_score_topk(*a, k, num_warps=warps))
-        export.export(
-            fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-        )(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes))
+        # jax >= 0.11 reads the GPU's compute capability while lowering: name the target as an abstract device
+        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("rows",), abstract_device=device)):
+            export.export(
+                fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+            )(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes))
     finally:
         triton_lowering.lower_jaxpr_to_triton_module = lower
     (text,) = captured

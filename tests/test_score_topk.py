@@ -121,13 +121,21 @@ def test_whole_posterior_top_k_matches_float64(n, v, k, s, kw):
         np.testing.assert_allclose(tail[r], max(1.0 - q[r, ids[r]].sum(), 0.0), atol=1e-5)
 
 
+def _export_for_h200(fn, *args):
+    """jax.export for CUDA from this CPU host. jax >= 0.11 reads the GPU's compute capability while
+    lowering a Pallas Triton kernel, so the export runs under an abstract mesh naming an H200."""
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("rows",), abstract_device=device)):
+        return export.export(
+            fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        )(*args)
+
+
 def test_lowers_to_one_triton_kernel_for_cuda():
     n, v, k = 8192, 32000, 64
     shapes = [((n, v), jnp.float32), ((v,), jnp.float32), ((n,), jnp.float32), ((n,), jnp.float32)]
     fn = jax.jit(lambda *a: expected_score_topk(*a, k))
-    exported = export.export(
-        fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    )(*(jax.ShapeDtypeStruct(s, d) for s, d in shapes))
+    exported = _export_for_h200(fn, *(jax.ShapeDtypeStruct(s, d) for s, d in shapes))
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 1
     assert "grid_x = 8192" in text  # one program per row
@@ -142,9 +150,7 @@ def test_posterior_with_the_pallas_kernel_lowers_for_cuda():
     sds = jax.ShapeDtypeStruct
     prior = SparsePrior(sds((n, s), i32), sds((n, s), f32), sds((n, 2 * s), i32), sds((n, 2 * s), f32), sds((n,), f32))
     fn = jax.jit(lambda lg, pr, b, npn: posterior_topk(lg, pr, b, npn, 2.0, k=64, kernel="pallas"))
-    exported = export.export(
-        fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    )(sds((n, v), f32), prior, sds((v,), f32), sds((n,), f32))
+    exported = _export_for_h200(fn, sds((n, v), f32), prior, sds((v,), f32), sds((n,), f32))
     text = exported.mlir_module()
     assert text.count("__gpu$xla.gpu.triton") == 1
     reductions_over_v = [line for line in text.splitlines() if "stablehlo.reduce" in line and f"{n}x{v}x" in line]
