@@ -236,15 +236,16 @@ def _mean_seconds(fn, args, reps: int) -> float:
 
 
 def kernel_seconds(tiny: bool, k: int, chunk: int, block, reps: int, trace_dir: str = "") -> tuple:
-    """(mean seconds (the error, off --tiny, if the Pallas one fails), logits bytes, [N, V], agreement, alone)
-    of the posterior kernel (`posterior_topk`, mode
-    expected, K=k, row chunks of `chunk` (ignored: mode expected runs whole), top-k blocks of `block`
-    ids, or block "pallas": the one-pass Pallas kernel) on [N, V] float32 proxy logits. agreement (the
-    Pallas kernel only, else None): (rows whose top-k ids equal the XLA path's, max |log-prob| difference);
-    alone (the Pallas kernel only): {name: mean seconds, or the error it failed with off --tiny} of the
-    kernel by itself, outside `posterior_topk`:
-    `expected_score_topk` (log-normaliser and dense top-k only) and `expected_posterior_topk` (the merge
-    with the prior and the final top-k too, what `posterior_topk` runs) at 4 and 8 warps."""
+    """(seconds, logits bytes, [N, V], agreement, alone) of the posterior kernel on [N, V] float32 proxy
+    logits: `posterior_topk`, mode expected, K=k, row chunks of `chunk` (ignored: mode expected runs
+    whole), top-k blocks of `block` ids, or block "pallas": `kernel="pallas"`, the one-pass kernel.
+
+    seconds: mean seconds per call (off --tiny, the error as a string if the Pallas posterior fails).
+    agreement (Pallas only, else None): (share of rows whose top-k ids equal the XLA path's, max
+    |log-prob| difference). alone (Pallas only): {name: mean seconds, or the error off --tiny} of the
+    kernel by itself: `expected_score_topk` (log-normaliser and dense top-k only) and
+    `expected_posterior_topk` (the merge with the prior and the final top-k too, what `posterior_topk`
+    runs) at 4 and 8 warps."""
     n, v = (256, 512) if tiny else (8192, 32000)
     rng = np.random.default_rng(1)
     logits = jnp.asarray(rng.normal(size=(n, v)).astype(np.float32) * 3)

@@ -126,6 +126,7 @@ def torch_step_fn(compile_model: bool = False):
         max_position_embeddings=LENGTH,
         tie_word_embeddings=False,
         rms_norm_eps=CFG.rms_eps,
+        use_cache=False,  # a training step: no KV cache (transformers builds one by default)
     )
     model = LlamaForCausalLM(config).train()
     forward = torch.compile(model) if compile_model else model
