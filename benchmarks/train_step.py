@@ -1,7 +1,7 @@
 """Throughput of one jitted AdamW train step of a small Llama, against the measured matmul peak.
 
     .venv/bin/python benchmarks/train_step.py [--steps 4] [--rounds 4] [--warmup 3] [--no-torch]
-                                              [--torch-compile] [--no-dense-ce] [--scanned] [--steps-per-call 4]
+                                              [--torch-compile] [--no-dense-ce] [--scanned] [--steps-per-call 16]
 
 Model: 4 layers, d_model 256, 8 heads (head_dim 32), d_ff 1024, vocab 8192, seq 256, batch 8,
 float32, AdamW with global-norm clipping. Rows, timed in alternating rounds (median):
@@ -12,8 +12,8 @@ float32, AdamW with global-norm clipping. Rows, timed in alternating rounds (med
   jax (jit), scanned     the fused-CE step with `jax.lax.scan` over the stacked layers
                          (`model.scan_layers=True`; the default "auto" unrolls these 4 layers) (--scanned)
   jax (jit), N steps     the fused-CE step as `train.Loop` runs it on CPU in runs of >= 1,000 steps
-    per call             (`train.steps_per_call` auto = 4): N steps over N batches in one compiled call
-                         (`train.make_multi_step`); time per step (--steps-per-call N, default 4; 1 = skip)
+    per call             (`train.steps_per_call` auto = 16): N steps over N batches in one compiled call
+                         (`train.make_multi_step`); time per step (--steps-per-call N, default 16; 1 = skip)
   pytorch eager          LlamaForCausalLM (transformers, sdpa attention) + F.cross_entropy, AdamW,
                          clip_grad_norm_ (when torch + transformers import)
   pytorch torch.compile  the same with the model under torch.compile (--torch-compile; needs a C++
@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument(
         "--steps-per-call",
         type=int,
-        default=4,
+        default=16,
         help="also time the fused-CE step as the train loop runs it on CPU: this many steps per call (1: skip)",
     )
     args = parser.parse_args()

@@ -232,12 +232,42 @@ def test_several_steps_per_call_equal_one_step_per_call(tmp_path):
 
 
 def test_steps_per_call_auto():
-    """0 (auto): 4 on CPU for runs of 1,000 steps or more, else 1; a set value is kept."""
-    from proxykd_jax.train.step import resolve_steps_per_call
+    """0 (auto): 16 on CPU for runs of 1,000 steps or more, else 1, lowered so that one call's stacked
+    batches stay under 256 MiB; a set value is kept."""
+    from proxykd_jax.train.step import auto_steps_for_batch, resolve_steps_per_call
 
     _, _, shardings, _, _ = setup(make_mesh(mesh_cfg(fsdp=8)))
-    assert [resolve_steps_per_call(0, shardings, n) for n in (10, 999, 1000, 50_000)] == [1, 1, 4, 4]
+    assert [resolve_steps_per_call(0, shardings, n) for n in (10, 999, 1000, 50_000)] == [1, 1, 16, 16]
     assert resolve_steps_per_call(2, shardings, 10) == 2
+    small = {"tokens": np.zeros((8, 256), np.int32), "targets": np.zeros((8, 256), np.int32)}
+    # a distill batch of 64 rows x 2048 tokens with K = 64 teacher ids and log-probs: 67 MB
+    large = {"kd_ids": np.zeros((64, 2048, 64), np.int32), "kd_logprobs": np.zeros((64, 2048, 64), np.float32)}
+    assert auto_steps_for_batch(16, small) == 16
+    assert auto_steps_for_batch(16, large) == 4
+    assert auto_steps_for_batch(16, {"x": np.zeros(2**29, np.uint8)}) == 1
+
+
+def test_auto_steps_per_call_follows_the_batch_size(tmp_path, monkeypatch):
+    """The loop caps auto's steps per call by its first batch's size: with a 1,000-step run and a
+    budget of 2.5 batches, every call but those at the boundary holds 2 steps."""
+    from proxykd_jax.train import loop as loop_lib
+    from proxykd_jax.train import step as step_lib
+
+    calls = []
+    multi = step_lib.make_multi_step
+
+    def counting_multi(train_step, shardings):
+        fn = multi(train_step, shardings)
+        return lambda state, batches, *frozen: (calls.append(batches["tokens"].shape[0]), fn(state, batches, *frozen))[
+            1
+        ]
+
+    nbytes = sum(v.nbytes for v in next(Batches()).values())
+    monkeypatch.setattr(step_lib, "_AUTO_STACK_BYTES", int(2.5 * nbytes))
+    monkeypatch.setattr(step_lib, "_AUTO_MIN_STEPS", 5)
+    monkeypatch.setattr(loop_lib, "make_multi_step", counting_multi)
+    run_loop(tmp_path, Batches(), total_steps=7, steps=7, checkpoint_every=0, steps_per_call=0)
+    assert calls == [2, 2, 2]  # steps 1-6 in pairs, step 7 (the end) alone
 
 
 def test_nan_inside_a_several_step_call_names_its_step(tmp_path):

@@ -27,7 +27,7 @@ from proxykd_jax.parallel.sharding import global_batch, global_batches
 from proxykd_jax.train.checkpoint import Checkpointer
 from proxykd_jax.train.metrics import MetricsWriter, measure_matmul_peak
 from proxykd_jax.train.state import TrainState, abstract_like
-from proxykd_jax.train.step import make_multi_step, resolve_steps_per_call
+from proxykd_jax.train.step import auto_steps_for_batch, make_multi_step, resolve_steps_per_call
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
     cd.tensorboard = True  # also write TensorBoard event files under run_dir/tensorboard
     cd.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0 = measure a float32 matmul at start
     cd.progress = True  # show a tqdm progress bar (process 0)
-    cd.steps_per_call = 0  # steps per compiled call (a scan over batches); 0 = auto: 4 on CPU from 1000 steps, else 1
+    cd.steps_per_call = (
+        0  # steps per compiled call (a scan over batches); 0 = auto: <= 16 on CPU from 1000 steps, else 1
+    )
     return cd
 
 
@@ -206,13 +208,17 @@ class Loop:
             per_call = resolve_steps_per_call(cfg.get("steps_per_call", 0), self.state_shardings, cfg.steps)
             if not hasattr(self.train_step, "step_fn"):
                 per_call = 1
+            sized = bool(cfg.get("steps_per_call", 0)) or per_call == 1  # auto: cap by the first batch's size
             pending = None
             step = start + 1
             while step <= cfg.steps:
+                host_batches = [self._next_batch(data_iter, step)]
+                if not sized:
+                    per_call, sized = auto_steps_for_batch(per_call, host_batches[0]), True
                 # Several steps per call (`make_multi_step`) unless that would cross a checkpoint or eval
                 # step or the end: those steps run one at a time, so every boundary ends a call.
                 n = per_call if per_call > 1 and _steps_to_boundary(step, cfg) >= per_call - 1 else 1
-                host_batches = [self._next_batch(data_iter, step + i) for i in range(n)]
+                host_batches += [self._next_batch(data_iter, step + i) for i in range(1, n)]
                 tokens = [self._check_batch(b) for b in host_batches]
                 if n > 1:
                     multi = make_multi_step(self.train_step, self.state_shardings)

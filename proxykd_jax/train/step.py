@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -96,22 +97,33 @@ def make_train_step(
 
 
 # `train.steps_per_call` = 0 (auto). On XLA:CPU every execution maps its temporaries afresh (one mmap
-# of the benchmark step's ~380 MB, ~94,000 first-touch page faults): four steps per call amortise that
-# and the dispatch, 13-15% faster steps in `benchmarks/train_step.py`. The several-step program is one
-# more trace and compile (about 2.5 s per training phase of `make demo`, whose phases are 15-300 steps
-# of 40 ms: slower there), so auto takes it on CPU for runs of at least `_AUTO_MIN_STEPS` steps.
+# of the benchmark step's ~380 MB, ~94,000 first-touch page faults, ~150-200 ms per call with the
+# dispatch): several steps per call amortise that. `benchmarks/train_step.py`, three runs each: 4 steps
+# per call 1.13-1.15x one step's tokens/s, 16 steps 1.20-1.27x. The several-step program is one more
+# trace and compile (about 2.5 s per training phase of `make demo`, whose phases are 15-300 steps of
+# 40 ms: slower there), so auto takes it on CPU for runs of at least `_AUTO_MIN_STEPS` steps, and holds
+# the stacked host batches of one call under `_AUTO_STACK_BYTES` (`auto_steps_for_batch`).
 # Accelerators keep one step per call. (BUILD_NOTES.md, "Several train steps per call".)
-_AUTO_STEPS_PER_CALL = {"cpu": 4}
+_AUTO_STEPS_PER_CALL = {"cpu": 16}
 _AUTO_MIN_STEPS = 1000
+_AUTO_STACK_BYTES = 256 * 2**20
 
 
 def resolve_steps_per_call(value: int, state_shardings: TrainState, steps: int) -> int:
-    """`train.steps_per_call`, with 0 (auto) resolved for the state's platform and a run of `steps`."""
+    """`train.steps_per_call`, with 0 (auto) resolved for the state's platform and a run of `steps`
+    (before the batch size is known: `auto_steps_for_batch` may lower it)."""
     if value:
         return int(value)
     if steps < _AUTO_MIN_STEPS:
         return 1
     return _AUTO_STEPS_PER_CALL.get(_platform(state_shardings), 1)
+
+
+def auto_steps_for_batch(per_call: int, batch: dict) -> int:
+    """Auto's steps per call lowered so that one call's stacked host batches stay under
+    `_AUTO_STACK_BYTES` (a distill batch carries K teacher ids and log-probs per token)."""
+    nbytes = sum(np.asarray(x).nbytes for x in batch.values())
+    return max(1, min(per_call, _AUTO_STACK_BYTES // max(nbytes, 1)))
 
 
 def make_multi_step(train_step, state_shardings: TrainState):
