@@ -45,9 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.tensorboard = True  # also write TensorBoard event files under run_dir/tensorboard
     cd.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0 = measure a float32 matmul at start
     cd.progress = True  # show a tqdm progress bar (process 0)
-    cd.steps_per_call = (
-        0  # steps per compiled call (a scan over batches); 0 = auto: <= 16 on CPU from 1000 steps, else 1
-    )
+    cd.steps_per_call = 0  # steps per compiled call (a scan); 0 = auto: up to 16 on CPU for runs >= 1000 steps, else 1
     return cd
 
 
