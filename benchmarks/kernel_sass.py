@@ -4,15 +4,16 @@
     .venv/bin/python benchmarks/kernel_sass.py [--vocab 32000] [--rows 8192] [--k 64] [--sparse 112] [--warps 4,8]
                                                [--arch 90a]
 
-jax lowers `bayes/score_topk.expected_score_topk` (the dense top-k) and `expected_posterior_topk` (the same
-plus the merge with `--sparse` prior entries per row and the final top-k; what `posterior_topk` runs) to
-Triton IR (captured from jax's Pallas-Triton
-lowering, an internal entry point), Triton compiles it to PTX for the architecture, `ptxas -v` reports
-registers and spills, and `cuobjdump -sass` gives the machine code. Printed per warp count: registers
-per thread, spill bytes, shared memory per program, resident programs per SM by registers (65,536
-per SM), SASS instructions in all, and each loop (a backward branch) with its instructions, MUFU (exp2/log2), barrier and
-global-memory counts. The streaming loop runs once per tile after the first (V / tile - 1 times per
-row); the others are the fallbacks and the candidate bisection of rows with too many candidates.
+jax lowers `bayes/score_topk.expected_score_topk` (the dense top-k) and `expected_posterior_topk` (the
+same plus the merge with `--sparse` prior entries per row and the final top-k: what `posterior_topk`
+runs) to Triton IR (captured from jax's Pallas-Triton lowering, an internal entry point, exported for an
+abstract H200), Triton compiles it to PTX for the architecture, `ptxas -v` reports registers and
+spills, and `cuobjdump -sass` gives the machine code. Printed per kernel and warp count: registers per
+thread, spill bytes, shared memory per program, resident programs per SM by registers (65,536 per SM),
+SASS instructions in all, and each loop (a backward branch) with its instructions, MUFU (exp2/log2),
+barrier and global-memory counts. The streaming loop runs once per tile after the first (V / tile - 1
+times per row); the others are the fallbacks, the candidate bisection of rows with too many
+candidates, and in the posterior kernel the merge's and the ranking's 16-entry steps.
 Static figures: they bound work per row, they are not a timing.
 """
 
