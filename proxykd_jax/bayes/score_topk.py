@@ -71,12 +71,20 @@ def _kth_bits(bits, k, count_ge=None):
     return jax.lax.fori_loop(0, 31, step, jnp.int32(0))
 
 
-def _compact(values, keep, cap, ref):
-    """Writes values[keep], in order, to ref[0:cap] (slot cap absorbs the overflow); returns how many."""
-    slot = jnp.cumsum(keep.astype(jnp.int32)) - 1
+def _compact(values, keep, cap, ref, start=0):
+    """Writes values[keep], in order, to ref[start:cap] (slot cap absorbs the overflow); returns how many."""
+    slot = start + jnp.cumsum(keep.astype(jnp.int32)) - 1
     ok = keep & (slot < cap)
     plgpu.store(ref.at[jnp.where(ok, slot, cap)], values, mask=ok)
     return _count(keep)
+
+
+def _take(bits, t, room):
+    """(take, room left): the entries with bits > t, and those equal to t in order while `room` (slots
+    left for ties at the k-th value) lasts."""
+    eq = bits == t
+    take = (bits > t) | (eq & (jnp.cumsum(eq.astype(jnp.int32)) <= room))
+    return take, room - _count(eq & take)
 
 
 def _kernel(*refs, k, tile, groups, cap, interpret, select):
@@ -134,11 +142,8 @@ def _kernel(*refs, k, tile, groups, cap, interpret, select):
 
     def emit(bits, ids, t, room, n_out):
         """Stores the ids with bits > t, and with bits == t while `room` lasts, from output slot n_out."""
-        eq = bits == t
-        take = (bits > t) | (eq & (jnp.cumsum(eq.astype(jnp.int32)) <= room))
-        slot = n_out + jnp.cumsum(take.astype(jnp.int32)) - 1
-        plgpu.store(ids_ref.at[jnp.where(take, slot, k)], ids, mask=take)
-        return room - _count(eq & take), n_out + _count(take)
+        take, room = _take(bits, t, room)
+        return room, n_out + _compact(ids, take, k, ids_ref, start=n_out)
 
     # 2. t0 <= the k-th largest score.
     has = arg >= 0
@@ -252,16 +257,13 @@ def _select(refs, *, score, k, sync):
     t = _kth_bits(None, k, lambda c: _count(d_bits >= c) + _count(s_bits >= c))
     # The k taken: all above t, then entries equal to t in position order (dense first) while slots remain,
     # compacted in that order into the first k slots of the outputs (q for now) and of `bits_ref`.
-    room = k - _count(d_bits > t) - _count(s_bits > t)
-    d_eq, s_eq = d_bits == t, s_bits == t
-    d_take = (d_bits > t) | (d_eq & (jnp.cumsum(d_eq.astype(jnp.int32)) <= room))
-    s_take = (s_bits > t) | (s_eq & (jnp.cumsum(s_eq.astype(jnp.int32)) <= room - _count(d_eq & d_take)))
+    d_take, room = _take(d_bits, t, k - _count(d_bits > t) - _count(s_bits > t))
+    s_take, _ = _take(s_bits, t, room)
     first = 0
     for ids, q, bits, take in ((d_ids, d_q, d_bits, d_take), (s_ids, s_q, s_bits, s_take)):
-        slot = jnp.where(take, first + jnp.cumsum(take.astype(jnp.int32)) - 1, k)
         for ref, x in ((out_ids_ref, ids), (out_logq_ref, q), (bits_ref, bits)):
-            plgpu.store(ref.at[slot], x, mask=take)
-        first = first + _count(take)
+            taken = _compact(x, take, k, ref, start=first)
+        first = first + taken
     sync()
     ids = plgpu.load(out_ids_ref.at[pl.ds(0, kp)], mask=d_ok, other=0)
     q = plgpu.load(out_logq_ref.at[pl.ds(0, kp)], mask=d_ok, other=0.0)

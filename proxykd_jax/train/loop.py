@@ -203,16 +203,16 @@ class Loop:
 
             # Several steps per call need the step's pure function (`make_train_step`); a wrapped step
             # (a test's, a profiler's) runs one step per call.
+            auto = not cfg.get("steps_per_call", 0)
             per_call = resolve_steps_per_call(cfg.get("steps_per_call", 0), self.state_shardings, cfg.steps)
             if not hasattr(self.train_step, "step_fn"):
                 per_call = 1
-            sized = bool(cfg.get("steps_per_call", 0)) or per_call == 1  # auto: cap by the first batch's size
             pending = None
             step = start + 1
             while step <= cfg.steps:
                 host_batches = [self._next_batch(data_iter, step)]
-                if not sized:
-                    per_call, sized = auto_steps_for_batch(per_call, host_batches[0]), True
+                if auto and step == start + 1:  # auto: capped by the first batch's size
+                    per_call = auto_steps_for_batch(per_call, host_batches[0])
                 # Several steps per call (`make_multi_step`) unless that would cross a checkpoint or eval
                 # step or the end: those steps run one at a time, so every boundary ends a call.
                 n = per_call if per_call > 1 and _steps_to_boundary(step, cfg) >= per_call - 1 else 1
