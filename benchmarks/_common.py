@@ -10,7 +10,7 @@ from proxykd_jax.train.metrics import measure_matmul_peak
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 FLOP/s of an n^3 `jnp.dot` on this process's devices (median of `repeats`)."""
+    """Measured float32 FLOP/s of an n^3 `jnp.dot` on this process's devices (fastest of `repeats`)."""
     return measure_matmul_peak(n=n, repeats=repeats)
 
 

@@ -185,7 +185,7 @@ def main():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    peak = train.measure_matmul_peak(n=1024, devices=jax.devices()[:1])
+    peak = train.measure_matmul_peak(n=1024, repeats=10, devices=jax.devices()[:1])
     tokens = args.batch * args.seq
     flops = tokens * flops_per_token(cfg, args.seq, backward=True)
 

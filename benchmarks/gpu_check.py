@@ -150,10 +150,10 @@ def device_limits(args, measured_peak: float, measured_bw: float) -> tuple[float
 
 def measured_limits(tiny: bool) -> tuple[float, float]:
     """(matmul FLOP/s, copy bytes/s) measured in this run: an 8192^3 bf16 product (tiny: 512^3 float32) on
-    random data, median of 40; a 1 GiB float32 `x + 1` (tiny: 64 MiB), read + write bytes."""
+    random data, fastest of 40; a 1 GiB float32 `x + 1` (tiny: 64 MiB), read + write bytes."""
     if tiny:
         return matmul_peak(n=512, repeats=3), _copy_bandwidth(16 << 20, 5)
-    # median of 40: the first products run while the clocks ramp up from idle
+    # 40 runs: the first products run while the clocks ramp up from idle; the fastest counts
     return measure_matmul_peak(n=8192, dtype=jnp.bfloat16, repeats=40, devices=jax.devices()[:1]), _copy_bandwidth(
         1 << 28, 20
     )

@@ -1,5 +1,7 @@
 """Optimizer, train loop, checkpoints (resume, other mesh), NaN stop, metrics — tiny Llama, 8 CPU devices."""
 
+import types
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from proxykd_jax.train import (
     make_optimizer,
     make_schedule,
     make_train_step,
+    metrics,
     read_metrics,
 )
 from proxykd_jax.train.loop import default_config as train_default_config
@@ -139,6 +142,23 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert float(schedule(100)) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="optim.warmup_steps"):
         make_schedule(optim_cfg(warmup_steps=10), total_steps=10)
+
+
+def test_matmul_peak_is_the_fastest_timed_run(monkeypatch):
+    """A slow moment in the timing must not lower the peak (and so raise an MFU): the best run counts."""
+    durations = iter([0.4, 0.1, 0.3, 0.25, 0.5])
+    clock = {"t": 0.0, "running": False}
+
+    def perf_counter():  # every second call ends a timed run of the next duration
+        if clock["running"]:
+            clock["t"] += next(durations)
+        clock["running"] = not clock["running"]
+        return clock["t"]
+
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    n = 64
+    peak = metrics.measure_matmul_peak(n=n, repeats=5)
+    assert peak == pytest.approx(2 * jax.local_device_count() * n**3 / 0.1)
 
 
 def test_gradient_accumulation_equals_one_step_on_the_whole_batch():

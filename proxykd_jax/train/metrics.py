@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 
@@ -107,11 +106,15 @@ def step_flops(
 def measure_matmul_peak(
     n: int = 2048, dtype=jnp.float32, repeats: int = 5, devices: Sequence[jax.Device] | None = None
 ) -> float:
-    """Measured FLOP/s of an n x n x n matmul run on every device at once (median of `repeats`).
+    """Measured FLOP/s of an n x n x n matmul run on every device at once: the fastest of `repeats`
+    timed runs after one warm-up.
 
     Each device multiplies its own pair of matrices; the result is the aggregate over `devices`
     (default: this process's local devices), so simulated devices sharing cores are not
-    over-counted.
+    over-counted. The fastest run, not a median: other processes' load and clocks ramping up from
+    idle only ever slow a run down, so the best time is the closest to what the device can do, and
+    a FLOP/s fraction of it cannot read high because the peak was taken in a slow moment (a median
+    of 5 on a busy 2-core host once gave `benchmarks/distill_step.py` an MFU of 119.7%).
     """
     devices = list(jax.local_devices() if devices is None else devices)
     mesh = jax.sharding.Mesh(np.array(devices), ("d",))
@@ -127,4 +130,4 @@ def measure_matmul_peak(
         start = time.perf_counter()
         matmul(a, b).block_until_ready()
         times.append(time.perf_counter() - start)
-    return 2.0 * math.prod(shape) * n / statistics.median(times)
+    return 2.0 * math.prod(shape) * n / min(times)
