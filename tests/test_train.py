@@ -161,6 +161,40 @@ def test_matmul_peak_is_the_fastest_timed_run(monkeypatch):
     assert peak == pytest.approx(2 * jax.local_device_count() * n**3 / 0.1)
 
 
+def test_loop_measures_the_peak_in_the_model_compute_dtype(tmp_path, monkeypatch):
+    """With train.peak_flops = 0 a bfloat16 model's MFU is against a bfloat16 product (once per dtype)."""
+    from proxykd_jax.train import loop as loop_lib
+
+    calls = []
+
+    def fake_peak(n, dtype, repeats):
+        calls.append((n, jnp.dtype(dtype).name))
+        return 3e12 * jax.local_device_count()
+
+    monkeypatch.setattr(loop_lib, "measure_matmul_peak", fake_peak)
+    loop_lib._measured_peak_per_device.cache_clear()
+    try:
+        cfg = train_default_config()
+        assert cfg.peak_flops == 0.0
+        mesh = make_mesh(mesh_cfg(fsdp=8))
+        peaks = [
+            Loop(
+                cfg,
+                run_dir=tmp_path,
+                mesh=mesh,
+                rules=LOGICAL_RULES,
+                train_step=None,
+                state_shardings=None,
+                compute_dtype=dtype,
+            )._peak_flops()
+            for dtype in ("bfloat16", "float32", jnp.bfloat16)
+        ]
+    finally:
+        loop_lib._measured_peak_per_device.cache_clear()
+    assert calls == [(2048, "bfloat16"), (2048, "float32")]
+    assert peaks == [3e12 * jax.device_count()] * 3
+
+
 def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
     mesh = make_mesh(mesh_cfg(fsdp=8))
     b1, b2 = make_batch(seed=11), make_batch(seed=12)

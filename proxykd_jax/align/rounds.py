@@ -247,6 +247,7 @@ class PhaseTrainer:
             train_step=step,
             state_shardings=shardings,
             flops_per_step=flops,
+            compute_dtype=model_cfg.dtype,
         )
         state = loop.run(state, data_iter, frozen=frozen)
         return nnx.merge(graphdef, state.params, state.rest)

@@ -282,6 +282,7 @@ def setup(
         train_step=step,
         state_shardings=shardings,
         flops_per_step=flops,
+        compute_dtype=model_cfg.dtype,
     )
     # Every process packs the same global batches and keeps its rows, so a run on P processes
     # trains on exactly the batches of a run on one (each host decodes the whole global batch).

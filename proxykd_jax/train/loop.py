@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -43,17 +44,25 @@ def default_config() -> ml_collections.ConfigDict:
     cd.log_every = 10  # write metrics (JSONL, TensorBoard, progress bar) every N steps
     cd.eval_every = 0  # run the eval step over the eval batches every N steps; 0 = never
     cd.tensorboard = True  # also write TensorBoard event files under run_dir/tensorboard
-    cd.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0 = measure a float32 matmul at start
+    cd.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0 = measure a matmul in the model's compute dtype at start
     cd.progress = True  # show a tqdm progress bar (process 0)
     cd.steps_per_call = 0  # steps per compiled call (a scan); 0 = auto: up to 16 on CPU for runs >= 1000 steps, else 1
     return cd
 
 
 @functools.cache
-def _measured_peak_per_device() -> float:
-    """The float32 matmul peak per device, measured once per process (each stage phase reuses it)."""
-    per_device = measure_matmul_peak() / jax.local_device_count()
-    log.info("measured float32 matmul peak: %.3g FLOP/s per device", per_device)
+def _measured_peak_per_device(dtype: str = "float32") -> float:
+    """The matmul peak per device in `dtype`, measured once per process and dtype (each stage phase
+    reuses it). A bfloat16 model's MFU is against a bfloat16 product: on a GPU a float32 one runs as
+    TF32, about half the rate. 2048^3 on CPU, 4096^3 (100 MB in bfloat16) on an accelerator, where
+    a 2048^3 product is over in tens of microseconds and its timing would be mostly launch latency.
+    """
+    cpu = jax.default_backend() == "cpu"
+    per_device = (
+        measure_matmul_peak(n=2048 if cpu else 4096, dtype=jnp.dtype(dtype), repeats=5 if cpu else 20)
+        / jax.local_device_count()
+    )
+    log.info("measured %s matmul peak: %.3g FLOP/s per device", dtype, per_device)
     return per_device
 
 
@@ -76,7 +85,8 @@ class Loop:
     `train_step(state, batch, *frozen) -> (state, metrics)` and `eval_step(state, batch, *frozen)
     -> metrics` come from `train.step`; `state_shardings` is the TrainState of NamedShardings they
     were jitted with. `flops_per_step` (model FLOPs of one step, see `metrics.step_flops`) enables
-    MFU; 0 leaves it out.
+    MFU; 0 leaves it out. `compute_dtype` (the model's) picks the matmul whose measured peak MFU is
+    against when `train.peak_flops` is 0.
     """
 
     def __init__(
@@ -90,17 +100,19 @@ class Loop:
         state_shardings: TrainState,
         eval_step: Callable | None = None,
         flops_per_step: float = 0.0,
+        compute_dtype="float32",
     ):
         self.cfg, self.mesh, self.rules = train_cfg, mesh, rules
         self.run_dir = pathlib.Path(run_dir)
         self.train_step, self.eval_step = train_step, eval_step
         self.state_shardings = state_shardings
         self.flops_per_step = float(flops_per_step)
+        self.compute_dtype = jnp.dtype(compute_dtype).name
 
     def _peak_flops(self) -> float:
         if self.cfg.peak_flops > 0:
             return self.cfg.peak_flops * jax.device_count()
-        return _measured_peak_per_device() * jax.device_count()
+        return _measured_peak_per_device(self.compute_dtype) * jax.device_count()
 
     def _check_batch(self, host_batch: dict[str, np.ndarray]) -> int:
         """Validates the batch shape against train.batch_size / seq_len; returns global tokens."""
