@@ -184,6 +184,8 @@ def test_stacked_leaves_from_per_layer_tensors_and_back(tmp_path, monkeypatch):
         assert (tmp_path / "out" / f).stat().st_size <= 6_000 + 4_096 or single_tensor
 
 
+# generate() without arguments is the point here; transformers warns that it then uses the default max_length
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default `max_length`:UserWarning")
 def test_export_writes_token_ids_and_generate_stops_at_eos(tmp_path):
     """transformers' generate() with no generation arguments stops at the exported eos id."""
     from proxykd_jax.models.llama import Llama, ModelConfig
