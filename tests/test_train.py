@@ -302,8 +302,8 @@ def test_steps_per_call_auto():
 
 
 def test_auto_steps_per_call_follows_the_batch_size(tmp_path, monkeypatch):
-    """The loop caps auto's steps per call by its first batch's size: with a 1,000-step run and a
-    budget of 2.5 batches, every call but those at the boundary holds 2 steps."""
+    """The loop caps auto's steps per call by its first batch's size: with auto's minimum run lowered
+    to 5 steps and a budget of 2.5 batches, a 7-step run holds 2 steps in every call but the last."""
     from proxykd_jax.train import loop as loop_lib
     from proxykd_jax.train import step as step_lib
 
