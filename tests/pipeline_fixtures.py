@@ -64,14 +64,18 @@ def _top_logprobs(teacher, prompt: str, response: str, n: int) -> dict:
     return {"tokens": pieces, "top_logprobs": top}
 
 
-def build_run(run_dir: pathlib.Path, top_logprobs: int = 0):
+def build_run(run_dir: pathlib.Path, top_logprobs: int = 0, samples_per_prompt: int = 0):
     """(cfg, teacher): teacher folder, sampled corpus, prepared data and the proxy init folder.
 
-    With `top_logprobs` > 0 every response carries the teacher's top log-probs (one line per sample).
+    With `top_logprobs` > 0 every response carries the teacher's top log-probs (one line per sample);
+    `samples_per_prompt` > 0 replaces the tiny config's 3 responses per prompt.
     """
     from stage_helpers import run_stage
 
     cfg = tiny_config(run_dir)
+    if samples_per_prompt:
+        with cfg.unlocked():
+            cfg.demo.samples_per_prompt = samples_per_prompt
     run_dir.mkdir(parents=True, exist_ok=True)
     teacher = KnownTeacher.create(
         3,

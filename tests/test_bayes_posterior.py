@@ -176,6 +176,29 @@ def test_teacher_head_fixed_and_tail_from_posterior():
                 assert np.isclose(lp[i][ids[i] == hid][0], hl, atol=1e-5)
 
 
+def test_teacher_head_summing_past_one_is_the_whole_distribution():
+    """Rounded API log-probs may sum past 1 (the parser allows each up to +1e-4): the head is then
+    renormalised and is all of the posterior, with finite values and nothing left for the rest (before,
+    the head was kept unnormalised, and the rest's -inf * 0 made NaN keys, which a GPU ranks first)."""
+    logits, prior, base, n_pseudo = random_case(5)
+    rng = np.random.default_rng(6)
+    h = 6
+    head_ids = np.stack([rng.choice(V, h, replace=False) for _ in range(N)]).astype(np.int32)
+    head_p = rng.dirichlet(np.ones(h), N)
+    head_lp = (np.log(head_p) + 5e-5).astype(np.float32)  # sums to ~1.0003
+    ids, lp, tail = posterior_topk(
+        logits, prior, base, n_pseudo, 2.0, k=K, head_ids_NxH=head_ids, head_logprobs_NxH=head_lp
+    )
+    ids, lp, tail = np.asarray(ids), np.asarray(lp, np.float64), np.asarray(tail, np.float64)
+    assert not np.isnan(lp).any() and not np.isnan(tail).any()
+    np.testing.assert_allclose(np.exp(lp).sum(1) + tail, 1.0, atol=2e-6)
+    want = np.exp(head_lp.astype(np.float64))
+    want /= want.sum(1, keepdims=True)
+    for i in range(N):
+        for hid, p_i in zip(head_ids[i], want[i]):
+            assert np.isclose(np.exp(lp[i][ids[i] == hid][0]), p_i, rtol=1e-5)
+
+
 def test_endpoints_prior_and_proxy():
     logits, prior, base, n_pseudo = random_case(4)
     zero = np.zeros_like(n_pseudo)

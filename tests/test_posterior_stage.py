@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import pathlib
+import shutil
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
+from proxykd_jax import context
+from proxykd_jax.bayes import estimate
+from proxykd_jax.bayes.tables import load_prior
 from proxykd_jax.context import RunPaths
 from proxykd_jax.context.artifacts import read_record, record_path
 from proxykd_jax.data.records import PreparedData
@@ -126,3 +132,116 @@ def test_teacher_top_logprobs_fix_the_head(tmp_path):
                     assert abs(stored[int(i)] - lp) < 1e-4
                     checked += 1
     assert checked > 50
+
+
+def padded_copy(src: pathlib.Path, dst: pathlib.Path, extra: int) -> None:
+    """The Hugging Face folder `src` with `extra` more embedding and output rows (random, as large as
+    the others), as checkpoints that pad their vocabulary past the tokenizer's (Qwen2) have."""
+    shutil.copytree(src, dst)
+    rng = np.random.default_rng(0)
+    for path in dst.glob("*.safetensors"):
+        tensors = safetensors.numpy.load_file(path)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in tensors:
+                w = tensors[name]
+                pad = (rng.normal(size=(extra, w.shape[1])) * w.std()).astype(w.dtype)
+                tensors[name] = np.concatenate([w, pad])
+        safetensors.numpy.save_file(tensors, path, metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["vocab_size"] += extra
+    (dst / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def one_response_run(tmp_path_factory):
+    """One teacher response per prompt (collect.samples_per_prompt's default), and a proxy whose
+    embedding is padded 8 rows past the tokenizer."""
+    root = tmp_path_factory.mktemp("one_response_run")
+    cfg, _ = build_run(root, samples_per_prompt=1)
+    padded_copy(pathlib.Path(cfg.proxy.init_from), root / "proxy_padded", 8)
+    with cfg.unlocked():
+        cfg.posterior.proxy = str(root / "proxy_padded")
+        cfg.data.store.value_dtype = "float32"
+    run_stage("prior", cfg)
+    run_stage("posterior", cfg)
+    return cfg
+
+
+def test_padded_proxy_vocabulary_gets_no_posterior_mass(one_response_run):
+    """A proxy embedding larger than the tokenizer is accepted (it was refused), and its extra ids,
+    which are no token, get no probability in the store."""
+    cfg = one_response_run
+    prepared, store = _store(cfg)
+    vocab = int(prepared.manifest["tokenizer"]["vocab_size"])
+    for sid in store.sample_ids:
+        entry = store.get(int(sid))
+        kept = entry.ids_TxK[np.exp(entry.logprobs_TxK) > 0]
+        assert kept.size and kept.max() < vocab
+        np.testing.assert_allclose(np.exp(entry.logprobs_TxK.astype(np.float64)).sum(1) + entry.tail_T, 1.0, atol=1e-3)
+
+
+def test_one_response_per_prompt_stores_the_posterior_the_fit_scored(one_response_run, tmp_path):
+    """With one response per prompt no held-out token has an exact count, so the held-out score fixes
+    kappa : N_max but not their scale. The store must not depend on that scale: it leaves each
+    response's own token out of the counts. (Counting it, as with several responses per prompt, put
+    most of the mass on the observed token at the small scale the fit happened to land on.)"""
+    cfg = one_response_run
+    paths = RunPaths.from_config(cfg)
+    est = json.loads((paths.posterior / posterior.ESTIMATE).read_text())
+    assert est["fitted"] and est["count_own_token"] is False
+    prepared, tables = PreparedData(paths.prepared), load_prior(paths.prior)
+
+    def store_at(scale: float, count_own_token: bool) -> dict:
+        out = tmp_path / f"x{scale}-{count_own_token}"
+        scaled = est | {"kappa": est["kappa"] * scale, "n_max": est["n_max"] * scale}
+        with context.create(cfg, "eval") as ctx:  # any stage's context: mesh and model loading
+            _, model = ctx.load_model(pathlib.Path(cfg.posterior.proxy))
+            estimate.write_store(
+                prepared,
+                tables,
+                scaled | {"count_own_token": count_own_token},
+                model,
+                cfg.posterior,
+                cfg.data,
+                out=out,
+                mesh=ctx.mesh,
+                rules=ctx.rules,
+                seq_len=cfg.data.seq_len,
+                batch_size=cfg.posterior.batch_size,
+                seed=ctx.seed,
+            )
+        reader = StoreReader(out, tokenizer_hash=prepared.tokenizer_hash)
+        return {int(s): reader.get(int(s)) for s in reader.sample_ids}
+
+    def dense(entries: dict) -> np.ndarray:
+        rows = []
+        for sid in sorted(entries):
+            e = entries[sid]
+            q = np.zeros((e.ids_TxK.shape[0], cfg.proxy.vocab_size + 8))
+            np.put_along_axis(q, e.ids_TxK.astype(np.int64), np.exp(e.logprobs_TxK.astype(np.float64)), 1)
+            rows.append(q)
+        return np.concatenate(rows)
+
+    # Scales at which one count is not negligible against kappa + N_t (wherever the fit landed).
+    low = 1.0 / (est["kappa"] + est["n_max"])
+    np.testing.assert_allclose(dense(store_at(low, False)), dense(store_at(100 * low, False)), atol=1e-4)
+    # Counting the own token makes the store depend on the scale the fit could not set (the check
+    # above would pass vacuously if it did not).
+    assert np.abs(dense(store_at(low, True)) - dense(store_at(100 * low, True))).max() > 0.1
+
+
+def test_fit_builds_its_held_out_tables_as_the_tables_on_disk_were_built(one_response_run):
+    """The EB fit scores held-out tokens against tables rebuilt without them; those must be built like
+    the `prior` stage's tables, which the store queries, not with whatever `prior.*` the posterior's
+    command line carries (the posterior's record does not hold them)."""
+    cfg = one_response_run
+    est_path = RunPaths.from_config(cfg).posterior / posterior.ESTIMATE
+    before = json.loads(est_path.read_text())
+    other = cfg.copy_and_resolve_references()
+    other.prior.ngram_order, other.prior.exact_top_s, other.prior.ngram_top_s = 2, 1, 2
+    other.run.seed += 1  # a posterior field (unused by the expected mode), so that the stage runs again
+    other.run.overwrite = True
+    run_stage("posterior", other)
+    after = json.loads(est_path.read_text())
+    assert after["heldout_loglik"] == before["heldout_loglik"]
+    assert (after["kappa"], after["n_max"]) == (before["kappa"], before["n_max"])

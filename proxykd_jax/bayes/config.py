@@ -32,7 +32,7 @@ def posterior_config() -> ml_collections.ConfigDict:
     cd.chunk_tokens = 1024  # tokens per kernel block: bounds [tokens, vocab] buffers (expected mode has none: whole)
     cd.kernel = "xla"  # expected mode's top-k: "xla", or "pallas" (one kernel, one read of the logits, CUDA; untimed)
     cd.fit_empirical_bayes = True  # fit kappa and N_max by held-out log-likelihood before the pass
-    cd.eb_holdout_fraction = 0.05  # fraction of multi-response prompts with one response held out
+    cd.eb_holdout_fraction = 0.05  # fraction of the distillation split's responses held out for the EB fit
     cd.eb_refine_steps = 12  # golden-section steps per parameter after the grid search
     return cd
 

@@ -251,8 +251,8 @@ def fit_empirical_bayes(
         _score = lambda st, kp, nm: score(st, kp, nm, head, head_kind)  # noqa: E731
     if stats.proxy_y_N.size == 0:
         raise ValueError(
-            "empirical Bayes: no held-out tokens; hold out at least one response of a "
-            "prompt that has several (posterior.eb_holdout_fraction)."
+            "empirical Bayes: no held-out tokens; raise posterior.eb_holdout_fraction so that at least "
+            "one response of the distillation split is held out."
         )
     kg = sorted(set(float(x) for x in kappa_grid) | {0.0})
     ng = sorted(set(float(x) for x in n_max_grid) | {0.0, float("inf")})

@@ -45,19 +45,27 @@ _N_MAX_CAP = 1e9  # N_max = inf (the proxy alone) is run as this many pseudo-obs
 _MODEL_FIELDS = ("tokens", "targets", "positions", "segment_ids")
 
 
-def target_logprobs(graphdef, state, batch):
-    """log p_proxy(target) at every position [B, L] (float32; vocabulary never leaves the device)."""
-    model = nnx.merge(graphdef, state)
+def token_logits(model, batch, vocab: int = 0):
+    """The proxy's logits [B, L, V]; with `vocab` below V (a padded embedding, as Qwen's), the ids from
+    `vocab` on are no token of the tokenizer and get no probability."""
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    if 0 < vocab < logits.shape[-1]:
+        real = jnp.arange(logits.shape[-1]) < vocab
+        logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
+    return logits
+
+
+def target_logprobs(graphdef, state, batch, vocab: int = 0):
+    """log p_proxy(target) at every position [B, L] (float32; vocabulary never leaves the device)."""
+    logits = token_logits(nnx.merge(graphdef, state), batch, vocab)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     return picked - lse
 
 
-def group_mass_of_target(graphdef, state, batch, sym_V):
+def group_mass_of_target(graphdef, state, batch, sym_V, vocab: int = 0):
     """The proxy's mass of each target's first-byte group [B, L] (a `bytes` head's EB statistics)."""
-    model = nnx.merge(graphdef, state)
-    p = jax.nn.softmax(model(batch["tokens"], batch["positions"], batch["segment_ids"]).astype(jnp.float32), axis=-1)
+    p = jax.nn.softmax(token_logits(nnx.merge(graphdef, state), batch, vocab).astype(jnp.float32), axis=-1)
     onehot = jax.nn.one_hot(sym_V, kernel.N_SYMBOLS, dtype=jnp.float32)
     groups = jnp.einsum("blv,vs->bls", p, onehot, precision=jax.lax.Precision.HIGHEST)
     return jnp.take_along_axis(groups, sym_V[batch["targets"]][..., None], axis=-1)[..., 0]
@@ -110,22 +118,23 @@ def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq
     graphdef, state = nnx.split(model)
     ids, logliks = [], []
     hold_seqs, hold_proxy_y, hold_sid = [], [], []
-    fwd = under_mesh(jax.jit(target_logprobs, static_argnums=0, out_shardings=replicated(mesh)), mesh)
+    vocab = int(prepared.manifest["tokenizer"]["vocab_size"])
+    fwd = under_mesh(jax.jit(target_logprobs, static_argnums=(0, 3), out_shardings=replicated(mesh)), mesh)
     # A bytes head is fitted as it is used: the held-out score is that of the projected posterior.
     # (An exact head keeps the head-free fit, so same-tokenizer runs are unchanged.)
     head_sym = (
         head_symbols(prepared, model.cfg.vocab_size) if pcfg.use_teacher_topk and prepared.has_teacher_head else None
     )
     hold_head = [] if head_sym is not None else None
-    group_fwd = under_mesh(jax.jit(group_mass_of_target, static_argnums=0, out_shardings=replicated(mesh)), mesh)
+    group_fwd = under_mesh(jax.jit(group_mass_of_target, static_argnums=(0, 4), out_shardings=replicated(mesh)), mesh)
     total = prepared.num_samples(SPLIT)
     progress = jax.process_index() == 0
     with progress_bars.bar(total=total, desc="posterior: proxy scores", unit="sample", disable=not progress) as bar:
         for host_batch in batches(prepared, data_cfg, seq_len=seq_len, batch_size=batch_size):
             gb = global_batch({k: host_batch[k] for k in _MODEL_FIELDS}, mesh, rules)
-            lp = hosts.host_rows(fwd(graphdef, state, gb), local_rows(batch_size))
+            lp = hosts.host_rows(fwd(graphdef, state, gb, vocab), local_rows(batch_size))
             if hold_head is not None:
-                g = hosts.host_rows(group_fwd(graphdef, state, gb, head_sym), local_rows(batch_size))
+                g = hosts.host_rows(group_fwd(graphdef, state, gb, head_sym, vocab), local_rows(batch_size))
             spans = response_spans(host_batch)
             for row, start, t in spans:
                 sid = int(host_batch["sample_ids"][row, 0])
@@ -205,7 +214,7 @@ def _fit(prepared, pcfg, prior_cfg, w_of: dict, hold_sid, hold_seqs, hold_proxy_
         if hold_head is not None:
             ids, lps, g = (np.concatenate([h[i] for h in hold_head]) for i in range(3))
             head_parts = empirical.head_stats(
-                ids, lps, np.concatenate(hold_seqs), prior, held_out_tables.base_V, g, sym
+                ids, lps, np.concatenate(hold_seqs), prior, _padded_base(held_out_tables, len(sym)), g, sym
             )
     stats = empirical.HeldoutStats(*(hosts.allgather(np.asarray(x)) for x in _or_empty(stats_parts)))
     head = None
@@ -214,10 +223,22 @@ def _fit(prepared, pcfg, prior_cfg, w_of: dict, hold_sid, hold_seqs, hold_proxy_
         head = empirical.HeadStats(*(hosts.allgather(np.asarray(x)) for x in parts))
     res = empirical.fit_empirical_bayes(stats, refine_steps=pcfg.eb_refine_steps, head=head, head_kind="bytes")
     log.info("posterior: %s on %d held-out tokens", res.summary(), stats.proxy_y_N.shape[0])
+    # Only another response to the same prompt gives a held-out token an exact count. Without one the
+    # score depends on kappa : N_max alone (scaling both leaves it unchanged), so the fit cannot say
+    # what they weigh against the one count of a response's own token: the store then leaves that
+    # count out and stores the posterior the fit scored.
+    scaled = bool(stats.exact_total_N.size and np.max(stats.exact_total_N) > 0)
+    if not scaled:
+        log.warning(
+            "posterior: no held-out token has a count from another response to its prompt (one response "
+            "per prompt?), so the fit sets kappa : N_max but not their scale; the store leaves each "
+            "response's own token out of its counts. Collect collect.samples_per_prompt >= 2 to fit it."
+        )
     return {
         "kappa": res.kappa,
         "n_max": res.n_max,
         "fitted": True,
+        "count_own_token": scaled,
         "fit_with_head": head is not None,
         "heldout_tokens": int(stats.proxy_y_N.shape[0]),
         "eb_search": res.search,  # where the kappa / N_max search went past its grid or hit a bound
@@ -230,6 +251,14 @@ def _fit(prepared, pcfg, prior_cfg, w_of: dict, hold_sid, hold_seqs, hold_proxy_
     }
 
 
+def _padded_base(tables, vocab_size: int) -> np.ndarray:
+    """The n-gram's base distribution over a model's `vocab_size` ids: a padded embedding's extra ids
+    (beyond the tokenizer's, never a token) get none of its mass."""
+    base = np.zeros(vocab_size, np.float64)
+    base[: tables.base_V.shape[0]] = tables.base_V
+    return base
+
+
 def _or_empty(stats_parts):
     """The held-out statistics of this process (empty arrays of the right kind when it held none out)."""
     if stats_parts:
@@ -237,9 +266,10 @@ def _or_empty(stats_parts):
     return [np.zeros((0,), np.float64) for _ in empirical.HeldoutStats._fields]
 
 
-def _dense_prior_rows(tables, keys, seqs, spans, rows: int, length: int) -> SparsePrior:
-    """The prior at every position of a [rows, length] batch (zeros off the response tokens)."""
-    q = tables.query(np.asarray(keys, np.int64), seqs, mode="include_self")
+def _dense_prior_rows(tables, keys, seqs, spans, rows: int, length: int, mode: str) -> SparsePrior:
+    """The prior at every position of a [rows, length] batch (zeros off the response tokens); `mode`
+    as in `PriorTables.query`."""
+    q = tables.query(np.asarray(keys, np.int64), seqs, mode=mode)
     out = []
     for field in q:
         field = np.asarray(field)
@@ -264,8 +294,10 @@ def head_symbols(prepared, vocab_size: int):
     return jnp.asarray(out)
 
 
-def make_posterior_step(graphdef, pcfg, *, k: int, mesh, rules):
+def make_posterior_step(graphdef, pcfg, *, k: int, mesh, rules, vocab: int = 0):
     """jit(proxy forward + posterior kernel) for one batch -> ids/logprobs [B*L, K], tail [B*L], replicated.
+
+    `vocab`: the tokenizer's size, where the proxy's embedding is padded past it (`token_logits`).
 
     The kernel runs on each device's own rows of the logits (`make_sharded_posterior` over the mesh
     axes of logical `batch`), so the [B*L, V] logits are never gathered: with the kernel as plain jit
@@ -279,8 +311,7 @@ def make_posterior_step(graphdef, pcfg, *, k: int, mesh, rules):
     sharded = kernel.make_sharded_posterior(mesh, axes=axes, **options) if axes else None
 
     def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps, head_sym_V=None):
-        model = nnx.merge(graphdef, state)
-        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+        logits = token_logits(nnx.merge(graphdef, state), batch, vocab)
         logits = logits.reshape(logits.shape[0] * logits.shape[1], -1)
         if sharded is not None:
             return sharded(logits, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps, head_sym_V)
@@ -312,12 +343,15 @@ def write_store(
         out, scfg, vocab_size=model.cfg.vocab_size, tokenizer_hash=prepared.tokenizer_hash, host=jax.process_index()
     )
     done = set(writer.finished_sample_ids().tolist())
-    step = make_posterior_step(graphdef, pcfg, k=scfg.k, mesh=mesh, rules=rules)
+    step = make_posterior_step(graphdef, pcfg, k=scfg.k, mesh=mesh, rules=rules, vocab=tables.vocab_size)
     keys_of = {int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split(SPLIT)}
     weights = est["weights"]
     kappa = jnp.float32(est["kappa"])
+    # The observed token counts 1 (the conjugate update with it), unless the fit could not scale
+    # kappa and N_max against a count (`_fit`).
+    query_mode = "include_self" if est.get("count_own_token", True) else "leave_one_out"
     n_max = min(float(est["n_max"]), _N_MAX_CAP)
-    base = jnp.asarray(tables.base_V, jnp.float32)
+    base = jnp.asarray(_padded_base(tables, model.cfg.vocab_size), jnp.float32)
     use_head = pcfg.use_teacher_topk and prepared.has_teacher_head
     head_sym = head_symbols(prepared, model.cfg.vocab_size) if use_head else None
     root = jax.random.key(seed)
@@ -334,7 +368,7 @@ def write_store(
             sids = [int(host_batch["sample_ids"][row, 0]) for row, _, _ in todo]
             seqs = [np.asarray(host_batch["targets"][row, s : s + t], np.int32) for row, s, t in todo]
             rows, length = host_batch["tokens"].shape
-            prior = _dense_prior_rows(tables, [keys_of[s] for s in sids], seqs, todo, rows, length)
+            prior = _dense_prior_rows(tables, [keys_of[s] for s in sids], seqs, todo, rows, length, query_mode)
             n_pseudo = np.zeros((rows, length), np.float32)
             for (row, s, t), sid in zip(todo, sids):
                 n_pseudo[row, s : s + t] = n_max * weights[str(sid)]

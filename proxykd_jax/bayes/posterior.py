@@ -309,11 +309,16 @@ def _posterior_core(
         head_ids = head_ids_NxH.astype(jnp.int32)
         valid = jnp.isfinite(head_logprobs_NxH)
         head_p = jnp.where(valid, jnp.exp(jnp.where(valid, head_logprobs_NxH, 0.0)), 0.0)
+        # An API's rounded log-probs can sum past 1 (the parser allows up to +1e-4): the head is then the
+        # whole distribution, renormalised, and the rest gets nothing.
+        head_p = head_p / jnp.maximum(jnp.sum(head_p, 1, keepdims=True), 1.0)
         head_mass = jnp.minimum(jnp.sum(head_p, 1), 1.0)
         q_head = jnp.sum(jnp.where(valid, q_at(head_ids), 0.0), 1)
         in_head = jnp.any((cand_ids[:, :, None] == head_ids[:, None, :]) & valid[:, None, :], 2)
         scale = (1.0 - head_mass) / jnp.maximum(1.0 - q_head, 1e-30)
-        cand_r = jnp.where(in_head, -jnp.inf, cand_q * scale[:, None])
+        # Dropped candidates are -inf: never multiplied by a zero scale (NaN, which top_k ranks first
+        # on a GPU, where -inf * 0 is a positive NaN).
+        cand_r = jnp.where(in_head | ~keep, -jnp.inf, cand_q * scale[:, None])
         key = jnp.concatenate([jnp.where(valid, head_p + _PRIORITY, -jnp.inf), cand_r], 1)
         all_ids = jnp.concatenate([head_ids, cand_ids], 1)
         _, pos = jax.lax.top_k(key, k)
@@ -412,7 +417,8 @@ def posterior_topk(
     `blocked_top_k` (0: a dense score and `lax.top_k`); kernel: "xla", or "pallas" for the one-pass GPU
     kernel of `score_topk` (`expected` mode without a bytes head; other modes ignore it; off a CUDA GPU
     it runs in Pallas' interpreter). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32),
-    sorted by probability, with exp(logprobs).sum() + tail == 1. A position whose total pseudo-count
+    sorted by probability (with a teacher head: the head's entries first, each part sorted), with
+    exp(logprobs).sum() + tail == 1. A position whose total pseudo-count
     is zero (N_t = 0 with an empty prior) has no posterior and yields NaN; include_self queries never do.
     """
     n, v = proxy_logits_NxV.shape

@@ -145,8 +145,9 @@ class PriorTables:
         """The prior at every position of the given responses, flattened (N = total tokens).
 
         mode: "include_self" — the responses were in the tables, the exact counts include their own
-        token (the observed token always counts 1); "leave_one_out" — they were in the tables
-        and their own token is subtracted (held-out scoring); "external" — they were not in the tables.
+        token (the observed token always counts 1); "leave_one_out" — they were in the tables and
+        their own token is subtracted from the exact counts (the n-gram still holds the response: it
+        is not held out); "external" — they were not in the tables (held-out scoring).
         """
         if mode not in QUERY_MODES:
             raise ValueError(f"prior.query: mode={mode!r} is not one of {QUERY_MODES}.")

@@ -7,6 +7,7 @@ response plus its eos).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import pathlib
@@ -54,6 +55,17 @@ def build_prior(prepared, pcfg, split: str = SPLIT, exclude=frozenset(), progres
             builder.add(keys, seqs)
             bar.update(len(keys))
     return builder.finalize()
+
+
+def built_with(tables: PriorTables, pcfg):
+    """The `prior` group `pcfg` with the table-shaping fields `tables` were built with.
+
+    The posterior's held-out tables (the EB fit) must be built as the tables the store queries were,
+    whatever `prior.*` says on the posterior's command line."""
+    out = copy.deepcopy(pcfg)
+    with out.unlocked():
+        out.ngram_order, out.exact_top_s, out.ngram_top_s = tables.order, tables.exact_top_s, tables.ngram_top_s
+    return out
 
 
 def write_prior(prepared, pcfg, out: pathlib.Path) -> dict:

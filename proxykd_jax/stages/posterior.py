@@ -12,7 +12,7 @@ import pathlib
 import time
 
 from proxykd_jax.bayes import estimate
-from proxykd_jax.bayes.tables import load_prior
+from proxykd_jax.bayes.tables import built_with, load_prior
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.errors import ProxyKDError
 
@@ -39,10 +39,15 @@ def run(ctx) -> dict:
     prepared, tables = PreparedData(ctx.paths.prepared), load_prior(ctx.paths.prior)
     model_cfg, model = ctx.load_model(folder, dtype=cfg.proxy.dtype)
     vocab = int(prepared.manifest["tokenizer"]["vocab_size"])
-    if model_cfg.vocab_size < vocab or tables.vocab_size != model_cfg.vocab_size:
+    if tables.vocab_size != vocab:
         raise ProxyKDError(
-            f"{folder}: proxy vocab_size {model_cfg.vocab_size} does not match the prior tables "
-            f"({tables.vocab_size}) and tokenizer ({vocab}); rebuild `prior` with the proxy's tokenizer."
+            f"{ctx.paths.prior}: the prior tables have vocab_size {tables.vocab_size} but the prepared "
+            f"records' tokenizer has {vocab}; run `proxykd prior` again on these records."
+        )
+    if model_cfg.vocab_size < vocab:  # (a larger, padded embedding is fine: its extra ids are never tokens)
+        raise ProxyKDError(
+            f"{folder}: proxy vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {vocab}; "
+            "use a proxy with the tokenizer of the prepared records (data.tokenizer)."
         )
     art.begin()
     sizes = dict(mesh=ctx.mesh, rules=ctx.rules, seq_len=cfg.data.seq_len, batch_size=cfg.posterior.batch_size)
@@ -51,7 +56,8 @@ def run(ctx) -> dict:
         est = json.loads(est_path.read_text())
         log.info("posterior: pass 1 finished earlier (kappa=%.4g N_max=%.4g); reusing it", est["kappa"], est["n_max"])
     else:
-        est = estimate.fit_estimate(prepared, model, cfg.posterior, cfg.prior, cfg.data, **sizes)
+        prior_cfg = built_with(tables, cfg.prior)
+        est = estimate.fit_estimate(prepared, model, cfg.posterior, prior_cfg, cfg.data, **sizes)
         est.update(proxy=str(folder), prior=str(ctx.paths.prior), mode=cfg.posterior.mode, k=cfg.data.store.k)
         ctx.write_json(est_path, est)
     written = estimate.write_store(
