@@ -330,3 +330,43 @@ def test_reference_and_heldout_sharded_equal_single_device():
     nll8 = objectives.heldout_nll(sharded, (), held, batch_size=4, chunk=16, put_batch=put)
     np.testing.assert_allclose(nll8, nll1, rtol=1e-5)
     np.testing.assert_allclose(nll1, -ref1[0].astype(np.float64).sum() / held["loss_mask"].sum(), rtol=1e-5)
+
+
+def test_phase_with_grad_accum_logs_the_lr_of_each_optimizer_update(tmp_path):
+    """optim.grad_accum = 2 over a 6-step phase: 3 optimizer updates, align.warmup_steps = 10 capped at
+    2 of them (not at steps - 1 = 5, which no schedule of 3 updates can hold), and the logged lr of
+    loop step s is the schedule at update (s - 1) // 2; the phase updates the proxy."""
+    import optax
+
+    from proxykd_jax.align import config as align_config
+    from proxykd_jax.align.rounds import PhaseTrainer
+    from proxykd_jax.train import optim, read_metrics
+    from proxykd_jax.train.loop import default_config as train_default_config
+
+    acfg = align_config.default_config()
+    acfg.update(warmup_steps=10, checkpoint_every=0)
+    ocfg = optim.default_config()
+    ocfg.grad_accum = 2
+    tcfg = train_default_config()
+    tcfg.update(log_every=1, tensorboard=False, progress=False, peak_flops=1e9)
+    mesh = make_mesh(ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": 1, "tensor": 1}}), jax.devices()[:1])
+    trainer = PhaseTrainer(acfg, ocfg, tcfg, mesh, LOGICAL_RULES, seq_len=16)
+    rng = np.random.default_rng(3)
+    rows = pairs.pad_rows(
+        [tuple(rng.integers(3, 96, 3)) for _ in range(4)], [tuple(rng.integers(3, 96, 6)) for _ in range(4)], 16
+    )
+    model = _model(2)
+    before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    loss_fn = functools.partial(objectives.sft_loss_fn, chunk=16)
+    lr = 1e-3
+    trained = trainer.train(
+        tmp_path, model, (), loss_fn, phases.row_batches(rows, 4, 0), steps=6, lr=lr, rows_per_step=4
+    )
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=2, decay_steps=3, end_value=0.1 * lr)
+    logged = {r["step"]: r["lr"] for r in read_metrics(tmp_path) if "lr" in r}
+    assert sorted(logged) == list(range(1, 7))
+    expected = [float(schedule((s - 1) // 2)) for s in range(1, 7)]
+    assert expected == pytest.approx([0.0, 0.0, lr / 2, lr / 2, lr, lr])  # warm-up over updates 0-1, peak at 2
+    assert [logged[s] for s in range(1, 7)] == pytest.approx(expected, rel=1e-6)
+    after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(trained, nnx.Param))]
+    assert max(np.abs(a - b).max() for a, b in zip(after, before)) > 0

@@ -6,6 +6,7 @@ The prepared data is built once per module and copied into each run directory.
 
 import json
 import pathlib
+import re
 import shutil
 
 import jax
@@ -189,3 +190,20 @@ def test_initial_reference_and_ipo(prepared, tmp_path):
     now_c, _ = objectives.reference_logprobs(after0, (), rows, batch_size=8, chunk=64)
     assert np.abs(now_c - ref_c).max() > 1e-3  # the round-start policy would have given other numbers
     assert np.isfinite(summaries["round_001"]["heldout_nll"])
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [({"sft_steps": 1}, "align.sft_steps=1"), ({"dpo_steps_per_round": 1}, "align.dpo_steps_per_round=1")],
+)
+def test_a_phase_shorter_than_grad_accum_is_refused_before_training(prepared, tmp_path, overrides, field):
+    """With optim.grad_accum = 2 a 1-step phase would never update the proxy: refused before any phase runs."""
+    from proxykd_jax.errors import ConfigError
+
+    run = new_run(prepared, tmp_path / "run")
+    cfg = make_config(run, **overrides)
+    cfg.optim.grad_accum = 2
+    cfg.mesh.shape.update(data=1, fsdp=1, tensor=1)
+    with pytest.raises(ConfigError, match=rf"{re.escape(field)}\) is shorter than the optim\.grad_accum=2 micro"):
+        run_stage("align", cfg, devices=jax.devices()[:1])
+    assert not (run / "proxy" / "sft" / "checkpoints").exists()

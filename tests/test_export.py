@@ -104,3 +104,14 @@ def test_export_in_size_limited_files_on_another_mesh_with_token_ids(trained, tm
     cfg.export.max_shard_bytes = 0
     with pytest.raises(ProxyKDError, match="export.max_shard_bytes must be positive"):
         run_stage("export", cfg)
+
+
+def test_export_with_another_model_config_names_the_mismatch_not_damage(trained):
+    """A good checkpoint read with another model.d_ff: the message names the array and says to use the
+    config it was trained with, and never advises deleting the checkpoint."""
+    cfg = export_config(trained, **{"model.d_ff": 64})
+    with pytest.raises(ProxyKDError, match="written with another model or optimizer config") as info:
+        load_student(cfg, trained / "student")
+    message = str(info.value)
+    assert "checkpoint step 3" in message and "w_down/value is (1, 48, 32) but this config's is (1, 64, 32)" in message
+    assert "delete" not in message and "overwrite" not in message

@@ -1,5 +1,7 @@
 """Optimizer, train loop, checkpoints (resume, other mesh), NaN stop, metrics — tiny Llama, 8 CPU devices."""
 
+import dataclasses
+import re
 import types
 
 import grain
@@ -10,8 +12,9 @@ import pytest
 from flax import nnx
 from parallel_helpers import BATCH, LENGTH, TINY, ce_loss, make_batch, mesh_cfg, optim_cfg
 
+from proxykd_jax.errors import CheckpointError
 from proxykd_jax.models.llama import Llama
-from proxykd_jax.parallel import LOGICAL_RULES, batch_sharding, global_batch, make_mesh
+from proxykd_jax.parallel import LOGICAL_RULES, batch_sharding, global_batch, make_mesh, replicated
 from proxykd_jax.train import (
     Checkpointer,
     Loop,
@@ -285,6 +288,45 @@ def test_several_steps_per_call_equal_one_step_per_call(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+class FakeClock:
+    """A clock that moves only when a test moves it."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowBatches(Batches):
+    """`Batches` that each take `seconds` to fetch on `clock`."""
+
+    def __init__(self, clock: FakeClock, seconds: float):
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
+
+    def __next__(self):
+        self.clock.now += self.seconds
+        return super().__next__()
+
+
+def test_tokens_per_s_and_mfu_of_rows_that_split_calls(tmp_path):
+    """4 steps per call, a row every 3 steps, each batch 0.25 s to fetch on the loop's clock (the
+    device is instant next to it): every row, inside one call or spanning two, the first call's
+    included, has the rate of 0.25 s per step; the last call's metrics, ready as soon as they are
+    asked for, do not make its rows instant. The old loop logged near-zero seconds for rows inside
+    a call (MFU far above 1) and the whole call for the next row."""
+    clock = FakeClock()
+    loop, state, _ = make_loop(tmp_path, total_steps=12, steps=12, checkpoint_every=0, steps_per_call=4, log_every=3)
+    loop.clock = clock
+    loop.run(state, SlowBatches(clock, 0.25))
+    rows = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 6, 9, 12]
+    for r in rows:
+        assert r["tokens_per_s"] == pytest.approx(BATCH * LENGTH / 0.25)
+        assert r["mfu"] == pytest.approx(1e6 / 0.25 / (1e9 * jax.device_count()))
+
+
 def test_steps_per_call_auto():
     """0 (auto): 16 on CPU for runs of 1,000 steps or more, else 1, lowered so that one call's stacked
     batches stay under 256 MiB; a set value is kept."""
@@ -350,6 +392,49 @@ def test_restore_onto_a_different_mesh(tmp_path, target):
     assert int(restored.step) == 1
     wq = restored.params["layers"]["attn"]["wq"][...]
     assert wq.sharding.spec == new_shardings.params["layers"]["attn"]["wq"].get_value().spec
+
+
+def test_a_checkpoint_of_another_model_or_optimizer_is_not_called_damaged(tmp_path):
+    """Restoring onto another d_ff or another optimizer chain names the array and the config, and
+    never advises deleting the (good) checkpoint, which still restores with its own config."""
+    mesh = make_mesh(mesh_cfg(fsdp=8))
+    _, state, shardings, _, _ = setup(mesh)
+    ckpt = Checkpointer(tmp_path / "train_state", keep=1)
+    ckpt.save(1, state)
+    ckpt.wait()
+
+    def target(model_cfg, ocfg):
+        _, fresh, fresh_shardings = create_train_state(
+            make_optimizer(ocfg, STEPS), mesh, LOGICAL_RULES, Llama, model_cfg, rngs=nnx.Rngs(0)
+        )
+        return abstract_like(fresh, fresh_shardings)
+
+    other_model = dataclasses.replace(TINY, d_ff=2 * TINY.d_ff)
+    d, f = TINY.d_model, TINY.d_ff
+    cases = [
+        (
+            target(other_model, optim_cfg()),
+            rf"its params/layers/mlp/w_down/value is \(1, {f}, {d}\) but this config's is \(1, {2 * f}, {d}\)",
+        ),
+        (target(TINY, optim_cfg(clip_norm=0.0)), r"it has no array opt_state/0/0/count"),  # no clipping stage
+    ]
+    for abstract, detail in cases:
+        with pytest.raises(CheckpointError, match="written with another model or optimizer config") as info:
+            ckpt.restore(abstract)
+        message = str(info.value)
+        assert re.search(detail, message) and "run with the model and optim settings" in message
+        assert "delete" not in message and "overwrite" not in message and "damaged" not in message
+    restored = ckpt.restore(abstract_like(state, shardings))
+    assert int(restored.step) == 0
+    ckpt.close()
+
+    single = Checkpointer(tmp_path / "single", keep=1)  # the reviewer's case: one array of another shape
+    single.save(1, {"w": jnp.zeros((4, 3))})
+    single.wait()
+    with pytest.raises(CheckpointError, match=r"its w is \(4, 3\) but this config's is \(5, 3\)\); run with") as info:
+        single.restore({"w": jax.ShapeDtypeStruct((5, 3), jnp.float32, sharding=replicated(mesh))}, step=1)
+    assert "delete" not in str(info.value)
+    single.close()
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -30,7 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.logprob_chunk = 256  # tokens per vocabulary projection chunk in sequence log-probs
     cd.eval_batch_size = 16  # rows per forward in the reference and held-out passes
     cd.heldout_samples = 64  # held-out split examples scored (NLL) after every phase; 0 = all
-    cd.warmup_steps = 10  # linear LR warm-up of each phase (replaces optim.warmup_steps; capped at steps - 1)
+    cd.warmup_steps = 10  # linear LR warm-up of each phase (replaces optim.warmup_steps; capped below its updates)
     cd.checkpoint_every = 50  # steps between checkpoints within a phase
     cd.lora = lora_lib.default_config()  # optional low-rank adapters (rank 0 = full fine-tuning)
     return cd

@@ -32,7 +32,7 @@ import numpy as np
 from proxykd_jax.align import lora as lora_lib
 from proxykd_jax.align import objectives, phases
 from proxykd_jax.align import pairs as pairs_lib
-from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.errors import ConfigError, ProxyKDError
 from proxykd_jax.parallel import hosts
 
 log = logging.getLogger(__name__)
@@ -180,12 +180,27 @@ def make_round_pairs(
     return rows, dropped
 
 
+def _check_phase_steps(phase: str, steps: int, field: str, value: int, optim_cfg) -> None:
+    """Refuses a phase of fewer steps than the `optim.grad_accum` micro-batches of one optimizer
+    update: it would never update the proxy. `field` (= `value`) sets the phase's steps."""
+    accum = int(optim_cfg.grad_accum)
+    if steps < accum:
+        setting = f"{field}={value}" + ("" if value else ": one pass over the round's pairs")
+        raise ConfigError(
+            f"align phase {phase} ({setting}) is shorter than the optim.grad_accum={accum} micro-batches of one "
+            f"optimizer update ({steps} < {accum} steps), so it would never update the proxy; raise {field} to at "
+            f"least {accum} or lower optim.grad_accum."
+        )
+
+
 def _phase_optimizer(optim_cfg, acfg, lr: float, steps: int):
+    """(optimizer, schedule) of a `steps`-step phase: `align.warmup_steps` capped below the phase's
+    steps // optim.grad_accum optimizer updates, the cosine decay over all of them."""
     from proxykd_jax.train import optim
 
     ocfg = ml_collections.ConfigDict(optim_cfg.to_dict())
     ocfg.lr = lr
-    ocfg.warmup_steps = min(int(acfg.warmup_steps), max(steps - 1, 0))
+    ocfg.warmup_steps = min(int(acfg.warmup_steps), max(steps // int(ocfg.grad_accum) - 1, 0))
     ocfg.decay_steps = 0
     return optim.make_optimizer(ocfg, steps), optim.make_schedule(ocfg, steps)
 
@@ -205,7 +220,8 @@ class PhaseTrainer:
 
     def train(self, phase_dir, trainable, frozen, loss_fn, data_iter, *, steps, lr, rows_per_step, cache_key=None):
         """Runs `steps` steps of `loss_fn` in `phase_dir` (resuming from its checkpoints); returns the
-        trained module (a new module; `trainable` may be donated). MFU counts the step's own work:
+        trained module (a new module; `trainable` may be donated). Every `optim.grad_accum` steps make
+        one optimizer update, the schedule's unit. MFU counts the step's own work:
         fwd + bwd of the policy on every row (reference log-probs are precomputed)."""
         from flax import nnx
 
@@ -227,6 +243,7 @@ class PhaseTrainer:
                 batch_shardings=sharding_lib.batch_sharding(self.mesh, self.rules),
                 frozen_shardings=tuple(sharding_lib.shardings_of(f) for f in frozen),
                 schedule=schedule,
+                grad_accum=int(self.optim_cfg.grad_accum),
             )
             if cache_key is not None:
                 self.step_cache[cache_key] = (optimizer, step)
@@ -275,6 +292,11 @@ def align_proxy(
     the held-out KL to the teacher before alignment and after every phase."""
     from proxykd_jax.eval.known_teacher import proxy_kl_to_teacher
 
+    if acfg.sft_steps > 0:
+        _check_phase_steps("sft", acfg.sft_steps, "align.sft_steps", acfg.sft_steps, optim_cfg)
+    if acfg.rounds > 0 and acfg.dpo_steps_per_round > 0:
+        steps = acfg.dpo_steps_per_round
+        _check_phase_steps("round_000", steps, "align.dpo_steps_per_round", steps, optim_cfg)
     put_batch = functools.partial(hosts.replicated_batch, mesh=mesh, rules=rules)
     held = data.heldout[: acfg.heldout_samples or None]
     held_rows = pairs_lib.example_rows(held, seq_len, data.pad_id) if held else None
@@ -338,6 +360,7 @@ def align_proxy(
             rows, dropped = _round_pairs(trainable, frozen, data, acfg, phase_dir, r, seed, seq_len, put_batch)
             n_pairs = rows["chosen_tokens"].shape[0]
             steps = acfg.dpo_steps_per_round or max(n_pairs // acfg.batch_size, 1)
+            _check_phase_steps(name, steps, "align.dpo_steps_per_round", acfg.dpo_steps_per_round, optim_cfg)
             loss_fn = functools.partial(
                 objectives.dpo_loss_fn,
                 beta=acfg.beta,

@@ -15,7 +15,7 @@ def dpo_loss(policy_chosen_logp_B, policy_rejected_logp_B, ref_chosen_logp_B, re
     The align stage adds the NLL of the chosen responses itself.
     """
     if beta <= 0:
-        raise ValueError(f"align.dpo_beta is {beta}; it must be positive.")
+        raise ValueError(f"align.beta is {beta}; set it to a positive value (the default is 0.1).")
     shapes = {a.shape for a in (policy_chosen_logp_B, policy_rejected_logp_B, ref_chosen_logp_B, ref_rejected_logp_B)}
     if len(shapes) != 1 or len(next(iter(shapes))) != 1:
         raise ValueError(f"dpo_loss: the four log-prob inputs must be 1-D of one batch size; got {shapes}.")

@@ -4,7 +4,9 @@ Each checkpoint is one orbax step directory with two items: `state` (StandardSav
 TrainState, restored onto whatever mesh the target shardings name) and `data` (the iterator's
 position: grain's own handler for grain iterators, JSON of `get_state()` for plain Python
 iterators that define `get_state`/`set_state`). Saves are asynchronous; the manager keeps the
-last `keep` checkpoints.
+last `keep` checkpoints. A restore onto arrays of other shapes or another tree (another model or
+optimizer config) is refused before reading any array, naming one; one that fails on the files
+says the checkpoint is damaged and what to delete.
 
 In a multi-process run, plain-Python iterator state is written by process 0 only, so it must be
 the same on every process; grain iterators are saved per process.
@@ -18,6 +20,7 @@ import sys
 import threading
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from proxykd_jax.errors import CheckpointError, one_line
@@ -40,11 +43,39 @@ def _data_kind(data_iter) -> str | None:
 
 
 def _looks_damaged(e: Exception) -> bool:
-    """Whether a restore failure comes from the files (damaged, truncated, other shapes), not a bug."""
+    """Whether a restore failure comes from the files (damaged, truncated), not a bug. (Arrays of another
+    config's shapes or tree are told apart before restoring, from the checkpoint's metadata.)"""
     if isinstance(e, (ValueError, KeyError, OSError, EOFError, TypeError)):
         return True
     text = str(e)
     return any(code in text for code in ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION", "INVALID_"))
+
+
+def _leaf_shapes(tree) -> dict[str, tuple[int, ...] | None]:
+    """{path: shape} of a tree's leaves, the path spelt the same for a restore target (attributes,
+    dict keys, indices) and orbax's stored metadata of it (dict keys and indices): 'params/embedding/value'."""
+
+    def name(key) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path): getattr(leaf, "shape", None) for path, leaf in leaves}
+
+
+def _config_mismatch(stored_shapes: dict, target_shapes: dict) -> str | None:
+    """How the stored arrays differ from the target's (one array named), or None when they agree."""
+    for path, shape in target_shapes.items():
+        if path not in stored_shapes:
+            return f"it has no array {path}, which this config's train state has"
+        if stored_shapes[path] is not None and shape is not None and tuple(stored_shapes[path]) != tuple(shape):
+            return f"its {path} is {tuple(stored_shapes[path])} but this config's is {tuple(shape)}"
+    for path in stored_shapes:
+        if path not in target_shapes:
+            return f"it has an array {path}, which this config's train state lacks"
+    return None
 
 
 _LOOP_CLOSED_NOISE = (
@@ -131,6 +162,12 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory} to restore.")
+        mismatch = self._mismatch(step, target)
+        if mismatch is not None:  # a good checkpoint of another model or optimizer: never advise deleting it
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} was written with another model or optimizer config "
+                f"({mismatch}); run with the model and optim settings it was trained with."
+            )
         items = {"state": ocp.args.StandardRestore(target)}
         kind = _data_kind(data_iter)
         saved = set(self.manager.item_metadata(step).keys()) if kind else set()
@@ -157,13 +194,25 @@ class Checkpointer:
             reason = one_line(str(e).split("[tensorstore_spec")[0])[:160]
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: {reason}); it is "
-                f"damaged or was written with another model or optimizer config: delete {self.directory / str(step)} "
-                "to resume from the checkpoint before it, or re-run with --config.run.overwrite=True to start over."
+                f"damaged: delete {self.directory / str(step)} to resume from the checkpoint before it, or re-run "
+                "with --config.run.overwrite=True to start over."
             ) from None
         sys.stderr = stderr
         if kind == "json":
             data_iter.set_state(restored["data"])
         return restored["state"]
+
+    def _mismatch(self, step: int, target) -> str | None:
+        """How the arrays checkpoint `step` stores differ from `target`'s (from its metadata, reading no
+        array); None when they agree, or when the metadata cannot be read: the restore reports that damage."""
+        handler = ocp.StandardCheckpointHandler()
+        try:
+            stored = _leaf_shapes(handler.metadata(self.directory / str(step) / "state").tree)
+        except Exception:  # unreadable metadata (tensorstore, orbax and JSON failures share no base class)
+            return None
+        finally:
+            handler.close()
+        return _config_mismatch(stored, _leaf_shapes(target)) if stored else None
 
     def wait(self) -> None:
         """Blocks until in-flight saves are finished."""

@@ -5,6 +5,11 @@ metrics of step s-1. It does wait at checkpoint steps, because a checkpoint is w
 after its own step's loss and gradient norm are known to be finite, so the newest checkpoint is
 always a good one. A non-finite loss or gradient norm stops training with `TrainingDiverged`.
 Re-running the same command resumes from the newest checkpoint (state and data position).
+
+A logged row's tokens_per_s and mfu cover the steps since the previous row, timed per compiled call
+(`CallTimer`): a call's time, from the previous call's metrics arriving on the host to its own
+arriving (for the first call after start or resume: from its dispatch returning, after its
+compile), is split evenly over its steps.
 """
 
 from __future__ import annotations
@@ -75,6 +80,45 @@ def _steps_to_boundary(step: int, cfg) -> int:
     return min(ends) - step
 
 
+class CallTimer:
+    """Seconds per step of compiled calls whose metrics the host reads one call at a time, while the
+    next call runs, and the tokens/s and steps/s of a logging window of steps. Clock readings are
+    passed in.
+
+    A call's time runs from the previous call's metrics arriving on the host to its own arriving,
+    and is at least the time the host took to prepare its batches: when the host, not the device,
+    is the bottleneck, each interval between arrivals holds the preparation of the next call, and
+    the last call's metrics are ready as soon as they are asked for. The first call after start or
+    resume is timed from its dispatch returning, its compile left out. A call's time is split
+    evenly over its steps; a window's rates are its steps' tokens (and count) over their summed seconds.
+    """
+
+    def __init__(self):
+        self.last: float | None = None  # the previous call's metrics arrived (or the first call was dispatched)
+        self.tokens, self.steps, self.seconds = 0, 0, 0.0  # the window's steps
+
+    def start(self, now: float) -> None:
+        """The first call's dispatch returned (after its compile) at `now`."""
+        self.last = now
+
+    def arrived(self, now: float, steps: int, prep_seconds: float) -> float:
+        """A call of `steps` steps, whose batches took `prep_seconds` to prepare, delivered its metrics
+        at `now`: its seconds per step."""
+        per_step = max(now - self.last, prep_seconds) / steps
+        self.last = now
+        return per_step
+
+    def add(self, tokens: int, seconds: float) -> None:
+        """One step of the window, with its seconds from `arrived`."""
+        self.tokens, self.steps, self.seconds = self.tokens + tokens, self.steps + 1, self.seconds + seconds
+
+    def take(self) -> tuple[float, float] | None:
+        """(tokens/s, steps/s) of the window, or None when it took no measurable time; starts the next window."""
+        rates = (self.tokens / self.seconds, self.steps / self.seconds) if self.seconds > 0 else None
+        self.tokens, self.steps, self.seconds = 0, 0, 0.0
+        return rates
+
+
 class TrainingDiverged(FloatingPointError):
     """Raised when a step's loss or gradient norm is NaN or infinite."""
 
@@ -86,7 +130,7 @@ class Loop:
     -> metrics` come from `train.step`; `state_shardings` is the TrainState of NamedShardings they
     were jitted with. `flops_per_step` (model FLOPs of one step, see `metrics.step_flops`) enables
     MFU; 0 leaves it out. `compute_dtype` (the model's) picks the matmul whose measured peak MFU is
-    against when `train.peak_flops` is 0.
+    against when `train.peak_flops` is 0. `clock` times the calls (see `CallTimer`).
     """
 
     def __init__(
@@ -101,6 +145,7 @@ class Loop:
         eval_step: Callable | None = None,
         flops_per_step: float = 0.0,
         compute_dtype="float32",
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.cfg, self.mesh, self.rules = train_cfg, mesh, rules
         self.run_dir = pathlib.Path(run_dir)
@@ -108,6 +153,7 @@ class Loop:
         self.state_shardings = state_shardings
         self.flops_per_step = float(flops_per_step)
         self.compute_dtype = jnp.dtype(compute_dtype).name
+        self.clock = clock
 
     def _peak_flops(self) -> float:
         if self.cfg.peak_flops > 0:
@@ -178,16 +224,18 @@ class Loop:
                 unit="step",
                 disable=not cfg.progress or jax.process_index() != 0,
             )
-            window = {"t": time.perf_counter(), "steps": 0, "tokens": 0}
+            timer = CallTimer()
 
-            def report_all(first: int, metrics, tokens: list[int]) -> None:
+            def report_all(first: int, metrics, tokens: list[int], prep_seconds: float) -> None:
                 """Reads one call's metrics (waits for that call only): one value per step, or [n] each."""
                 host = jax.device_get(metrics)
+                seconds = timer.arrived(self.clock(), len(tokens), prep_seconds)
                 for i, step_tokens in enumerate(tokens):
-                    report(first + i, {k: (v[i] if len(tokens) > 1 else v) for k, v in host.items()}, step_tokens)
+                    values = {k: (v[i] if len(tokens) > 1 else v) for k, v in host.items()}
+                    report(first + i, values, step_tokens, seconds)
 
-            def report(step: int, host_metrics, tokens: int) -> None:
-                """Checks one step's metrics and logs them."""
+            def report(step: int, host_metrics, tokens: int, seconds: float) -> None:
+                """Checks one step's metrics and logs them; `seconds`: the step's share of its call's time."""
                 values = {k: float(v) for k, v in host_metrics.items()}
                 bad = [k for k in ("loss", "grad_norm") if k in values and not math.isfinite(values[k])]
                 if bad:
@@ -201,16 +249,15 @@ class Loop:
                         f"{bad[0]} is {values[bad[0]]} at step {step}; training stopped and {where}. "
                         "Lower optim.lr, tighten optim.clip_norm or check the data of this step."
                     )
-                window["steps"] += 1
-                window["tokens"] += tokens
+                timer.add(tokens, seconds)
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    elapsed = time.perf_counter() - window["t"]
-                    values["tokens_per_s"] = window["tokens"] / elapsed
-                    if peak > 0:
-                        values["mfu"] = self.flops_per_step * window["steps"] / elapsed / peak
+                    rates = timer.take()
+                    if rates is not None:  # a window that took no measurable time has no meaningful rate
+                        values["tokens_per_s"] = rates[0]
+                        if peak > 0:
+                            values["mfu"] = self.flops_per_step * rates[1] / peak
                     writer.write(step, values)
                     bar.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in values})
-                    window.update(t=time.perf_counter(), steps=0, tokens=0)
                 bar.update(step - bar.n)
 
             # Several steps per call need the step's pure function (`make_train_step`); a wrapped step
@@ -222,6 +269,7 @@ class Loop:
             pending = None
             step = start + 1
             while step <= cfg.steps:
+                prep_start = self.clock()
                 host_batches = [self._next_batch(data_iter, step)]
                 if auto and step == start + 1:  # auto: capped by the first batch's size
                     per_call = auto_steps_for_batch(per_call, host_batches[0])
@@ -232,14 +280,19 @@ class Loop:
                 tokens = [self._check_batch(b) for b in host_batches]
                 if n > 1:
                     multi = make_multi_step(self.train_step, self.state_shardings)
-                    state, metrics = multi(state, global_batches(host_batches, self.mesh, self.rules), *frozen)
+                    batches = global_batches(host_batches, self.mesh, self.rules)
+                    prep_seconds = self.clock() - prep_start
+                    state, metrics = multi(state, batches, *frozen)
                 else:
                     batch = global_batch(host_batches[0], self.mesh, self.rules)
+                    prep_seconds = self.clock() - prep_start
                     state, metrics = self.train_step(state, batch, *frozen)
+                if step == start + 1:
+                    timer.start(self.clock())  # the first call is compiled and dispatched: its time starts here
                 if pending is not None:
                     report_all(*pending)
                 last = step + n - 1
-                pending = (step, metrics, tokens)
+                pending = (step, metrics, tokens, prep_seconds)
                 if ckpt is not None and (last % cfg.checkpoint_every == 0 or last == cfg.steps):
                     report_all(*pending)
                     pending = None
