@@ -23,7 +23,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from proxykd_jax.context.artifacts import ARTIFACTS, Artifact, open_artifact, read_record
+from proxykd_jax.context.artifacts import ARTIFACTS, Artifact, check_inputs, open_artifact, settle
 from proxykd_jax.context.lock import RunLock, RunLocked
 from proxykd_jax.context.paths import STUDENT, RunPaths, student_name
 from proxykd_jax.errors import ProxyKDError
@@ -244,13 +244,15 @@ def _needs(cfg, stage: str, paths: RunPaths) -> list[tuple[pathlib.Path, str, st
 
 
 def preflight(cfg, stage: str) -> None:
-    """Refuses, before the run directory is created or locked, a stage whose upstream inputs are
-    missing (unless its own artifact is already finished and would be reused)."""
+    """Refuses, before the run directory is created or locked, a stage whose upstream artifacts are not
+    finished, or whose upstream inputs are missing (unless its own artifact is already finished and
+    would be reused). Reads files only."""
     if stage not in ARTIFACTS:
         return
     paths = RunPaths.from_config(cfg)
     spec = ARTIFACTS[stage]
-    record = read_record(spec.path(cfg, paths), spec.is_file)
+    check_inputs(stage, cfg, paths, writer=False)
+    record = settle(spec.path(cfg, paths), spec.is_file, writer=False)
     if record is not None and record.get("finished"):
         return
     for path, what, maker in _needs(cfg, stage, paths):

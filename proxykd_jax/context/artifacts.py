@@ -2,8 +2,10 @@
 
 A stage's output (its *artifact*: a folder, or the corpus file) carries a record, `artifact.json`
 in the folder (`<file>.artifact.json` beside a file): the config fields that produced it (the
-table below), the hashes of the upstream artifacts it was made from, a hash of both, and whether
-it is finished. The record is written when the stage starts, so an interrupted stage is known too.
+table below), the hashes of the upstream artifacts it was made from, the content digests of the
+input files outside the run it read (`collect.prompts`, `data.corpus`, `data.tokenizer`), a hash
+of all three, and whether it is finished. The record is written when the stage starts, so an
+interrupted stage is known too.
 
 Running a stage again:
   * same fields and inputs, finished      -> the artifact is reused (the stage does nothing);
@@ -11,12 +13,19 @@ Running a stage again:
   * different fields or inputs            -> it stops with one sentence naming what changed,
     unless `run.overwrite=True`: then the new artifact is written beside the old one
     (`.<name>.new`, resumable too) and renamed into place only when finished, so nothing finished
-    is lost if the redo dies;
-  * a non-empty output without a record (not made by a stage) -> refused unless run.overwrite.
+    is lost if the redo dies (`collect` first copies into it the samples of the old corpus that
+    the new settings still ask for: nothing already paid for is requested again);
+  * a non-empty output without a record (not made by a stage) -> refused unless run.overwrite;
+  * an upstream artifact that is not finished -> refused (its stage must finish it first).
 
 An upstream artifact's hash is part of its dependants' inputs, so rebuilding `prepared/` with
-other settings makes `prior/`, `proxy/`, ... stale, and they say so when run. `serve` writes
-nothing and has no entry.
+other settings makes `prior/`, `proxy/`, ... stale, and they say so when run. An input file's
+identity is its content (sha256, about 1.5 GB/s; the record keeps each file's size and mtime_ns
+with its digest, so an unchanged file is not read again), so a prompts file or corpus edited in
+place counts as changed. A file artifact is the file and its companions (`<name>.failures.jsonl`,
+the record); nothing else beside it is touched. The move into place is resumable: a run killed
+half-way through it is completed by the next `open_artifact`. `serve` writes nothing and has no
+entry.
 """
 
 from __future__ import annotations
@@ -47,6 +56,10 @@ class Spec:
     inputs: Callable[..., Sequence[pathlib.Path]] = lambda cfg, paths: ()  # upstream artifacts
     hint: str = ""  # where else the output could go, for the refusal message
     is_file: bool = False
+    # input files or folders outside the run, (config key, path): identified by their content
+    files: Callable[..., Sequence[tuple[str, pathlib.Path]]] = lambda cfg, paths: ()
+    companions: tuple[str, ...] = ()  # a file artifact's companion files: suffixes after its name
+    replace_note: str = ""  # what run.overwrite keeps, for the refusal message
 
 
 def _corpus(cfg, paths: RunPaths) -> pathlib.Path:
@@ -55,6 +68,14 @@ def _corpus(cfg, paths: RunPaths) -> pathlib.Path:
 
 def _proxy_artifact(cfg, paths: RunPaths) -> list[pathlib.Path]:
     return [] if cfg.posterior.proxy else [paths.proxy]
+
+
+def _path_list(key: str, value) -> list[tuple[str, pathlib.Path]]:
+    return [(key, pathlib.Path(p).expanduser()) for p in str(value or "").split(",") if p]
+
+
+def _prepare_files(cfg, paths: RunPaths) -> list[tuple[str, pathlib.Path]]:
+    return _path_list("data.corpus", cfg.data.corpus) + _path_list("data.tokenizer", cfg.data.tokenizer)
 
 
 def _export_source(cfg, paths: RunPaths) -> pathlib.Path:
@@ -92,6 +113,9 @@ ARTIFACTS: dict[str, Spec] = {
         inputs=lambda cfg, paths: [paths.demo],
         hint="--config.collect.out=FILE for another corpus",
         is_file=True,
+        files=lambda cfg, paths: _path_list("collect.prompts", cfg.collect.prompts),
+        companions=(".failures.jsonl",),  # teacher/client.py: the failed and declined samples
+        replace_note="; the samples already in it that the new settings still ask for are kept, not paid again",
     ),
     "prepare": Spec(
         path=lambda cfg, paths: paths.prepared,
@@ -109,6 +133,7 @@ ARTIFACTS: dict[str, Spec] = {
             "data.store.*",
         ),
         inputs=lambda cfg, paths: [paths.demo] + ([] if cfg.data.corpus else [_corpus(cfg, paths)]),
+        files=_prepare_files,
     ),
     "prior": Spec(
         path=lambda cfg, paths: paths.prior,
@@ -196,9 +221,11 @@ def read_record(path: pathlib.Path, is_file: bool | None = None) -> dict | None:
     candidates = [is_file] if is_file is not None else [False, True]
     for kind in candidates:
         try:
-            return json.loads(record_path(path, kind).read_text())
+            rec = json.loads(record_path(path, kind).read_text())
         except (OSError, ValueError):
             continue
+        if isinstance(rec, dict):
+            return rec
     return None
 
 
@@ -224,8 +251,70 @@ def depends_on(cfg, spec: Spec) -> dict:
     return json.loads(json.dumps(picked, sort_keys=True, default=repr))
 
 
-def _hash(fields: dict, inputs: dict) -> str:
-    return hashlib.sha256(json.dumps({"fields": fields, "inputs": inputs}, sort_keys=True).encode()).hexdigest()
+def _hash(fields: dict, inputs: dict, files: dict | None = None) -> str:
+    # without input files the hash is what it was before they were recorded: old records stay valid
+    payload = {"fields": fields, "inputs": inputs} | ({"files": files} if files else {})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------ input files
+
+# Skipped inside an input folder: a tokenizer folder is often a model's whole Hugging Face folder,
+# whose weights say nothing about the tokenizer (and would cost seconds per GB to read).
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".npz", ".onnx")
+_RACY_NS = 2_000_000_000  # a file modified this recently may change again within its mtime tick
+
+
+def _file_digest(path: pathlib.Path, known: dict, stamps: dict) -> str:
+    """sha256 of a file's bytes; reuses `known[path] = [size, mtime_ns, digest]` while size and mtime_ns
+    are unchanged, and notes the stamp in `stamps` (not for a file modified in the last 2 s)."""
+    st = path.stat()
+    key = str(path.absolute())
+    cached = known.get(key)
+    if isinstance(cached, list) and len(cached) == 3 and cached[:2] == [st.st_size, st.st_mtime_ns]:
+        digest = cached[2]
+    else:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        digest = h.hexdigest()
+    if time.time_ns() - st.st_mtime_ns > _RACY_NS:
+        stamps[key] = [st.st_size, st.st_mtime_ns, digest]
+    return digest
+
+
+def content_id(path: pathlib.Path, known: dict | None = None, stamps: dict | None = None) -> str:
+    """The identity of an input file or folder: the sha256 of its bytes (of a folder: of its files' relative
+    paths and digests, hidden files and model weights left out); "missing" when it does not exist."""
+    known = {} if known is None else known
+    stamps = {} if stamps is None else stamps
+    try:
+        if path.is_file():
+            return _file_digest(path, known, stamps)
+        if not path.is_dir():
+            return "missing"
+        entries = []
+        for f in sorted(path.rglob("*")):
+            rel = f.relative_to(path)
+            if any(part.startswith(".") for part in rel.parts) or f.name.endswith(_WEIGHTS) or not f.is_file():
+                continue
+            entries.append([rel.as_posix(), _file_digest(f, known, stamps)])
+        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    except OSError as e:
+        raise ProxyKDError(f"cannot read the input {path} ({e.strerror or e}); check that it is readable.") from None
+
+
+def _input_files(spec: Spec, cfg, paths: RunPaths, records) -> tuple[dict, dict]:
+    """({"<config key> (<path>)": content id}, {file: [size, mtime_ns, digest]}) of `spec`'s input files."""
+    known = {}
+    for rec in records:
+        if rec and isinstance(rec.get("stamps"), dict):
+            known.update(rec["stamps"])
+    files, stamps = {}, {}
+    for key, path in spec.files(cfg, paths):
+        files[f"{key} ({path})"] = content_id(path, known, stamps)
+    return files, stamps
 
 
 def _label(path: pathlib.Path, paths: RunPaths) -> str:
@@ -235,7 +324,7 @@ def _label(path: pathlib.Path, paths: RunPaths) -> str:
         return str(path)
 
 
-def _changes(old: dict, new: dict, old_inputs: dict, new_inputs: dict) -> list[str]:
+def _changes(old: dict, new: dict, old_inputs: dict, new_inputs: dict, old_files=None, new_files=None) -> list[str]:
     missing = object()
     out = []
     for key in sorted(set(old) | set(new)):
@@ -246,6 +335,12 @@ def _changes(old: dict, new: dict, old_inputs: dict, new_inputs: dict) -> list[s
     for key in sorted(set(old_inputs) | set(new_inputs)):
         if old_inputs.get(key) != new_inputs.get(key):
             out.append(f"its input {key}/ " + ("was rebuilt" if key in old_inputs else "is new"))
+    if old_files is not None:  # records made before input files were recorded have none to compare
+        for key in sorted(set(new_files or {}) - set(old_files)):
+            out.append(f"its input {key} is new")
+        for key in sorted(set(old_files) & set(new_files or {})):
+            if old_files[key] != new_files[key]:
+                out.append(f"the content of its input {key} changed")
     return out
 
 
@@ -268,6 +363,9 @@ class Artifact:
     summary: dict | None = None  # of a finished artifact being reused
     sync: Callable[[str], None] = lambda name: None
     writer: bool = True  # this process writes records (process 0)
+    files: dict = dataclasses.field(default_factory=dict)  # content ids of the input files
+    stamps: dict = dataclasses.field(default_factory=dict)  # their sizes and mtimes (not hashed)
+    companions: tuple[str, ...] = ()
 
     @property
     def done(self) -> bool:
@@ -276,6 +374,9 @@ class Artifact:
     def _record(self, finished: bool, summary=None) -> dict:
         rec = {"stage": self.name, "hash": self.hash, "finished": finished, "fields": self.fields}
         rec.update(inputs=self.inputs, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        rec.update(files=self.files, stamps=self.stamps)
+        if finished and self.is_file:  # which companions the swap moves (context: _swap_file)
+            rec["companions"] = [s for s in ("",) + self.companions if _part(self.work, s).exists()]
         if summary is not None:
             rec["summary"] = summary
         return rec
@@ -307,7 +408,7 @@ class Artifact:
             if self.status == "replace":
                 rec = read_record(self.work, self.is_file)
                 if rec is None or rec.get("hash") != self.hash:  # an abandoned redo with other settings
-                    _remove(self.work, self.is_file)
+                    _remove(self.work, self.is_file, self.companions)
             if not self.is_file:
                 self.work.mkdir(parents=True, exist_ok=True)
             self._write_record(self.work, self._record(False))
@@ -319,43 +420,107 @@ class Artifact:
         if self.writer:
             self._write_record(self.work, self._record(True, summary))
             if self.work != self.path:
-                _swap(self.work, self.path, self.is_file)
+                _swap(self.work, self.path, self.is_file, self.companions)
         self.status, self.work, self.summary = "done", self.path, summary
         self.sync(f"artifact {self.name}: finished")
 
 
-def _siblings(path: pathlib.Path) -> list[pathlib.Path]:
-    """A file artifact and its companions (`teacher.jsonl.failures.jsonl`, its record, ...)."""
-    if not path.parent.exists():
-        return []
-    return [p for p in path.parent.iterdir() if p.name == path.name or p.name.startswith(path.name + ".")]
+def _part(path: pathlib.Path, suffix: str) -> pathlib.Path:
+    """The companion `suffix` of the file artifact `path` ("" is the file itself)."""
+    return path.with_name(path.name + suffix)
 
 
-def _remove(path: pathlib.Path, is_file: bool) -> None:
+def _old(p: pathlib.Path) -> pathlib.Path:
+    return p.with_name(".old." + p.name)
+
+
+def _file_parts(path: pathlib.Path, companions: Sequence[str]) -> list[pathlib.Path]:
+    """Every file that belongs to the file artifact `path`: itself, its companions, its record (and a
+    record being written). Only these: other files whose names start with `path`'s are the user's."""
+    rec = record_path(path, True)
+    return [_part(path, s) for s in ("",) + tuple(companions)] + [rec, rec.with_name(rec.name + ".tmp")]
+
+
+def _remove(path: pathlib.Path, is_file: bool, companions: Sequence[str] = ()) -> None:
     if is_file:
-        for p in _siblings(path):
-            p.unlink()
+        for p in _file_parts(path, companions):
+            p.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _swap(work: pathlib.Path, path: pathlib.Path, is_file: bool) -> None:
-    """Moves the finished `work` into `path`; the old artifact is removed only after that."""
+def _swap(work: pathlib.Path, path: pathlib.Path, is_file: bool, companions: Sequence[str] = ()) -> None:
+    """Moves the finished `work` into `path`; the old artifact is removed only after that.
+
+    Resumable from any point: while it runs, `path` has no record (a folder: `path` is missing), and
+    `open_artifact` calls it again when it finds that state next to a finished `work`."""
     if is_file:
-        old = [p for p in _siblings(path) if not p.name.startswith(work.name)]
-        for p in old:
-            p.rename(p.with_name(".old." + p.name))
-        for p in _siblings(work):
-            p.rename(path.with_name(path.name + p.name[len(work.name) :]))
-        for p in old:
-            p.with_name(".old." + p.name).unlink()
+        _swap_file(work, path, companions)
         return
     old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
     if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
     work.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_file(work: pathlib.Path, path: pathlib.Path, companions: Sequence[str]) -> None:
+    """The file version of `_swap`. The old record goes first and the new record comes last, so a record
+    at `path` always describes a whole artifact; the finished record lists which parts it has."""
+    suffixes = ("",) + tuple(companions)
+    rec_target, rec_work = record_path(path, True), record_path(work, True)
+    moving = (read_record(work, True) or {}).get("companions")
+    if moving is None:  # a record written before companions were listed
+        moving = [s for s in suffixes if _part(work, s).exists()]
+    if rec_target.exists():
+        rec_target.rename(_old(rec_target))
+    for s in suffixes:
+        target, source = _part(path, s), _part(work, s)
+        if s in moving and not source.exists():
+            continue  # moved before an interruption
+        if target.exists():  # the old artifact's: kept aside until the new one is in place
+            target.rename(_old(target))
+        if s in moving:
+            source.rename(target)
+    rec_work.rename(rec_target)
+    _tidy(path, True, companions)
+    _file_parts(work, companions)[-1].unlink(missing_ok=True)
+
+
+def _tidy(path: pathlib.Path, is_file: bool, companions: Sequence[str]) -> None:
+    """Removes what a swap killed after the new artifact was in place left behind (the old artifact)."""
+    if is_file:
+        for p in _file_parts(path, companions)[:-1]:
+            _old(p).unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path.with_name(f".{path.name}.old"), ignore_errors=True)
+
+
+def settle(path: pathlib.Path, is_file: bool | None = None, *, writer: bool = True) -> dict | None:
+    """The record of the artifact at `path`, after completing a move into place that was interrupted
+    (`path` has no record and `.<name>.new` beside it is finished); None when there is none. Only the
+    `writer` moves files; the other processes read what the move leads to."""
+    beside = path.with_name(f".{path.name}.new")
+    for _ in range(2):  # twice: the writer may move the artifact between the two reads
+        rec = read_record(path, is_file)
+        if rec is not None:
+            return rec
+        new = read_record(beside, is_file)
+        if new is not None and new.get("finished") and new.get("stage") in ARTIFACTS:
+            break
+    else:
+        return None
+    spec = ARTIFACTS[new["stage"]]
+    if writer:
+        try:
+            _swap(beside, path, spec.is_file, spec.companions)
+        except OSError as e:
+            raise ProxyKDError(
+                f"cannot move the finished {beside} into place at {path} ({e.strerror or e}); fix the folder's "
+                "permissions and re-run the same command."
+            ) from None
+    return new
 
 
 def _is_empty(path: pathlib.Path, is_file: bool) -> bool:
@@ -364,44 +529,82 @@ def _is_empty(path: pathlib.Path, is_file: bool) -> bool:
     return not path.exists() or not any(path.iterdir())
 
 
+def _unfinished_input(name: str, upstream: pathlib.Path, rec: dict, paths: RunPaths) -> ProxyKDError:
+    maker = rec.get("stage", "?")
+    where = record_path(upstream, not (upstream / RECORD).exists())
+    return ProxyKDError(
+        f"{_label(upstream, paths)} is not finished (its `proxykd {maker}` run stopped before the end), so "
+        f"`proxykd {name}` cannot use it yet: re-run that `proxykd {maker}` command to finish it (its settings are "
+        f"in {where}), or rebuild it with --config.run.overwrite=True, then run `proxykd {name}` again."
+    )
+
+
+def check_inputs(name: str, cfg, paths: RunPaths, *, writer: bool = True) -> dict:
+    """{label: hash} of the upstream artifacts of stage `name`; raises when one is not finished (a stage
+    that read it would be made from part of it, and reused as if from all of it once it finishes)."""
+    inputs = {}
+    for upstream in ARTIFACTS[name].inputs(cfg, paths):
+        rec = settle(upstream, writer=writer)
+        if rec is None:
+            continue
+        if not rec.get("finished"):
+            raise _unfinished_input(name, upstream, rec, paths)
+        inputs[_label(upstream, paths)] = rec["hash"]
+    return inputs
+
+
 def open_artifact(
     name: str, cfg, paths: RunPaths, *, overwrite: bool, sync=lambda name: None, writer: bool = True
 ) -> Artifact:
-    """Decides what the stage `name` does with its artifact (reads files only; raises on a refusal)."""
+    """Decides what the stage `name` does with its artifact (reads files only, except to complete an
+    interrupted move into place; raises on a refusal)."""
     spec = ARTIFACTS[name]
     path = spec.path(cfg, paths)
+    inputs = check_inputs(name, cfg, paths, writer=writer)
     fields = depends_on(cfg, spec)
-    inputs = {}
-    for upstream in spec.inputs(cfg, paths):
-        rec = read_record(upstream)
-        if rec is not None:
-            inputs[_label(upstream, paths)] = rec["hash"]
-    digest = _hash(fields, inputs)
-    rec = read_record(path, spec.is_file)
+    rec = settle(path, spec.is_file, writer=writer)
+    if rec is not None and writer:
+        _tidy(path, spec.is_file, spec.companions)
     beside = path.with_name(f".{path.name}.new")
+    redo = read_record(beside, spec.is_file)
+    files, stamps = _input_files(spec, cfg, paths, [rec, redo])
+    digest = _hash(fields, inputs, files)
     art = Artifact(name, path, path, "new", fields, inputs, digest, spec.is_file, sync=sync, writer=writer)
+    art.files, art.stamps, art.companions = files, stamps, spec.companions
     hint = f", {spec.hint}" if spec.hint else ""
     if rec is None:
         if _is_empty(path, spec.is_file):
             return art
         if not overwrite:
             raise ProxyKDError(
-                f"{path} exists but was not made by `proxykd {name}` (it has no {RECORD}); set "
-                f"--config.run.overwrite=True to replace it{hint}, or choose another --config.run.dir."
+                f"{path} exists but was not made by `proxykd {name}` (it has no {record_path(path, spec.is_file)}); "
+                f"set --config.run.overwrite=True to replace it{hint}, or choose another --config.run.dir."
             )
         art.status, art.work = "replace", beside
         return art
-    if rec.get("hash") == digest:
+    # a record made before input files were recorded matches on its fields and upstream artifacts
+    legacy = "files" not in rec and rec.get("hash") == _hash(fields, inputs)
+    if rec.get("hash") == digest or legacy:
         art.status = "done" if rec.get("finished") else "resume"
         art.summary = rec.get("summary")
         return art
     if not overwrite:
-        changes = _changes(rec.get("fields", {}), fields, rec.get("inputs", {}), inputs)
+        changes = _changes(rec.get("fields", {}), fields, rec.get("inputs", {}), inputs, rec.get("files"), files) or [
+            "(unknown: its record is from another version)"
+        ]
         state = "finished" if rec.get("finished") else "unfinished"
         raise ProxyKDError(
             f"{path} ({state}) was made from other settings or inputs: {'; '.join(changes)}. Set "
             f"--config.run.overwrite=True to replace it (the new one is written beside it and moved "
-            f"into place when finished){hint}, or choose another --config.run.dir."
+            f"into place when finished{spec.replace_note}){hint}, or choose another --config.run.dir."
         )
     art.status, art.work = "replace", beside
+    if redo is not None and redo.get("finished") and redo.get("hash") == digest:  # killed before its move
+        if writer:
+            _swap(beside, path, spec.is_file, spec.companions)
+        art.status, art.work, art.summary = "done", path, redo.get("summary")
+    elif not writer and redo is None:  # the writer may have just moved the finished redo into place
+        moved = read_record(path, spec.is_file)
+        if moved is not None and moved.get("finished") and moved.get("hash") == digest:
+            art.status, art.work, art.summary = "done", path, moved.get("summary")
     return art

@@ -1,13 +1,14 @@
 """`proxykd collect`: prompts + an OpenAI-compatible endpoint -> the teacher corpus
 (`teacher/client.py`), `<run>/corpus/teacher.jsonl` unless `collect.out` says otherwise. Resumable:
-samples already in the corpus are never requested (or paid for) again."""
+samples already in the corpus are never requested (or paid for) again, and neither are they by a
+redo with other settings (`run.overwrite=True`): it starts from the samples of the old corpus that
+its settings still ask for."""
 
 from __future__ import annotations
 
 import logging
 
 from proxykd_jax.teacher import client
-from proxykd_jax.teacher.prompts import read_prompts
 
 log = logging.getLogger(__name__)
 
@@ -15,15 +16,23 @@ log = logging.getLogger(__name__)
 def run(ctx) -> dict:
     """Collects the missing samples; the corpus is finished once every requested sample is in it or
     was answered without content (final). A run that stops or leaves failures raises CollectError
-    and leaves the corpus unfinished: the same command continues it."""
+    and leaves the corpus unfinished: the same command continues it.
+
+    Changed settings (more samples per prompt, a prompts file with more prompts, another
+    temperature) make another corpus, under the one overwrite rule: refused unless
+    `run.overwrite=True`, which builds it beside the old one. Each sample is keyed by its content
+    (`request_key`), so the redo first copies the old corpus's samples whose keys it still wants
+    (`client.carry_over`) and requests only the rest: the old corpus is never paid for twice."""
     art = ctx.artifact("collect")
     if art.done:
         log.info("collect: %s is finished with these settings; reusing it", art.path)
         return art.summary
     ccfg = ctx.cfg.collect.copy_and_resolve_references()
-    read_prompts(ccfg.prompts, ccfg.api)  # a bad prompts file stops before the corpus is begun
-    art.begin()
     ccfg.out = str(art.work)
-    stats = client.collect(ccfg)
+    prompts, api_key = client.check(ccfg)  # bad fields, prompts file or key: refused before anything is written
+    art.begin()
+    if art.work != art.path and ctx.is_writer:
+        client.carry_over(ccfg, prompts, art.path, art.work)
+    stats = client.collect(ccfg, prompts=prompts, api_key=api_key)
     art.finish({k: stats[k] for k in ("requested", "already_done", "done", "declined", "tokens_in", "tokens_out")})
     return stats

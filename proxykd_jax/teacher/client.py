@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import json
 import math
 import os
 import pathlib
@@ -41,7 +42,7 @@ from proxykd_jax.teacher.journal import DurableAppender, read_declined, read_don
 from proxykd_jax.teacher.prompts import CollectError, Prompt, canonical, read_prompts, request_key, sampling_params
 from proxykd_jax.teacher.responses import Answer, MalformedResponse, parse_answer
 
-__all__ = ["CollectError", "RateLimiter", "collect", "format_summary", "resolve_api_key"]
+__all__ = ["CollectError", "RateLimiter", "carry_over", "check", "collect", "format_summary", "resolve_api_key"]
 
 RETRYABLE_STATUS = (408, 409, 429)
 CONNECTIONS_PER_CLIENT = 8
@@ -572,16 +573,85 @@ def _check_config(cfg):
             raise CollectError(f"collect.{field} is {cfg[field]}; it must be a positive number of seconds")
 
 
-def collect(cfg) -> dict:
+def check(cfg) -> tuple[list[Prompt], str]:
+    """(prompts, API key) of the `collect` config group, or CollectError with one sentence for a bad
+    field, a bad prompts file or a missing key; reads only, so a caller checks before writing anything."""
+    _check_config(cfg)
+    prompts = read_prompts(cfg.prompts, cfg.api)
+    return prompts, resolve_api_key(cfg)
+
+
+def _wanted(cfg, prompts: list[Prompt]) -> set[str]:
+    params = sampling_params(cfg)
+    return {request_key(cfg.model, p, params, s) for p in prompts for s in range(cfg.samples_per_prompt)}
+
+
+def carry_over(cfg, prompts: list[Prompt], source: pathlib.Path, dest: pathlib.Path) -> int:
+    """Copies into the corpus `dest` the samples of an earlier corpus `source` that `cfg` still asks for,
+    so a redo never pays again for a sample already paid for; returns how many it copied.
+
+    A sample's content key covers everything its answer depends on (model, prompt, sampling
+    parameters, sample index), so a stored line with a key the new settings want is exactly the answer
+    the redo would request: raising `samples_per_prompt`, adding prompts or changing `max_tokens`
+    requests only the samples whose keys are new. The final answers without usable text recorded
+    in `source`'s failures file come along too (`"final": true` rows). Resumable: lines already in
+    `dest` are not copied twice, and a line torn by a crash is cut off by the next `read_done`.
+    """
+    source, dest = pathlib.Path(source), pathlib.Path(dest)
+    wanted = _wanted(cfg, prompts)
+    fails = lambda path: path.with_name(path.name + ".failures.jsonl")  # noqa: E731
+    have = read_done(dest)
+    copied = _copy_lines(source, dest, lambda row: row.get("key") in wanted and row["key"] not in have)
+    declined = read_declined(fails(dest)) | have
+    _copy_lines(
+        fails(source),
+        fails(dest),
+        lambda row: row.get("final") is True and row.get("key") in wanted and row["key"] not in declined,
+    )
+    if copied:
+        print(f"[collect] {dest}: kept {copied} samples of {source} that these settings still ask for (not paid again)")
+    return copied
+
+
+def _copy_lines(source: pathlib.Path, dest: pathlib.Path, keep) -> int:
+    """Appends (and fsyncs) the whole JSON lines of `source` for which `keep(row)` holds, each key once."""
+    if not source.exists():
+        return 0
+    seen, n = set(), 0
+    try:
+        with open(source, "rb") as src, open(dest, "ab") as out:
+            for raw in src:
+                if not raw.endswith(b"\n"):  # a torn last line left by a crash
+                    continue
+                try:
+                    row = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("key"), str) and row["key"] not in seen and keep(row):
+                    seen.add(row["key"])
+                    out.write(raw)
+                    n += 1
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as err:
+        raise CollectError(
+            f"cannot copy the samples of {source} into {dest} ({err.strerror or err}); free space or fix the "
+            "folder's permissions, then re-run the same command"
+        ) from None
+    return n
+
+
+def collect(cfg, *, prompts: list[Prompt] | None = None, api_key: str | None = None) -> dict:
     """Runs the `collect` stage on the `collect` config group; returns (and prints) the summary.
 
     Raises CollectError with one clear sentence for a bad prompts file, a missing key, an
     unreachable endpoint or a rejected key, for a run the breaker or a full disk stopped, and for a
     run that ended with failed samples; every record finished before that stays in the corpus.
+    `prompts` and `api_key` are `check(cfg)`'s, when the caller has checked already.
     """
-    _check_config(cfg)
-    prompts = read_prompts(cfg.prompts, cfg.api)
-    collector = Collector(cfg, prompts, resolve_api_key(cfg))
+    if prompts is None or api_key is None:
+        prompts, api_key = check(cfg)
+    collector = Collector(cfg, prompts, api_key)
     try:
         stats = asyncio.run(collector.run())
     except KeyboardInterrupt:
