@@ -14,15 +14,20 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import pathlib
 import sys
 
 from proxykd_jax.errors import ConfigError, ProxyKDError, one_line
 from proxykd_jax.stages import STAGES
 
+# commands beside the stages: (name, one-line description)
+COMMANDS = {"plan": "Will this config fit this mesh? Memory and FLOPs of every stage's step, ahead of time."}
 USAGE = (
     "usage: proxykd <stage> --config=CONFIG_FILE[:ARG] [--config.FIELD=VALUE ...]\n\nstages:\n"
     + "\n".join(f"  {name:<10} {stage.doc}" for name, stage in STAGES.items())
-    + "\n\n`proxykd <stage> --help` lists the config fields a stage reads."
+    + "\n\nother commands:\n"
+    + "\n".join(f"  {name:<10} {doc}" for name, doc in COMMANDS.items())
+    + "\n\n`proxykd <stage> --help` lists the config fields a stage reads; `proxykd plan --help` the plan's flags."
 )
 
 
@@ -52,25 +57,125 @@ def stage_help(stage: str) -> str:
     return "\n".join(lines)
 
 
+def _config_argument(argv: list[str]) -> str | None:
+    """The value of the last `--config=X` (or `--config X`) in `argv`, as absl will read it."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config=", "-config=")):
+            value = arg.split("=", 1)[1]
+        elif arg in ("--config", "-config") and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _get_config_arity(path: pathlib.Path) -> tuple[int, int] | None:
+    """(most, fewest) positional arguments `get_config` of the config file at `path` takes (read, not
+    run; most is 99 with *args); None when the file defines no get_config."""
+    import ast
+
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef) and node.name == "get_config":
+            params = node.args.posonlyargs + node.args.args
+            return (99 if node.args.vararg else len(params)), len(params) - len(node.args.defaults)
+    return None
+
+
+def check_config_file(stage: str, value: str) -> None:
+    """Refuses, with one sentence, a --config value that names no readable config file."""
+    path_text, has_arg, arg = value.partition(":")
+    path = pathlib.Path(path_text)  # as ml_collections opens it: relative to the working directory
+    example = "for example --config=configs/demo.py or --config=configs/llama.py:7b,70b"
+    if not path_text:
+        raise UserError(f"`proxykd {stage}` got an empty --config; give a config file ({example}).")
+    if not path.is_file():
+        what = "is a folder, not a config file" if path.is_dir() else "does not exist"
+        raise UserError(f"config file {path_text} {what}; give --config=PATH of a config file ({example}).")
+    try:
+        arity = _get_config_arity(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path_text} cannot be read ({e}); give a readable Python config file.") from None
+    except SyntaxError as e:
+        raise UserError(
+            f"config file {path_text} line {e.lineno}: {e.msg}; fix the Python syntax of the config file."
+        ) from None
+    if arity is None:
+        raise UserError(f"config file {path_text} defines no get_config() function; a config file must define one.")
+    most, fewest = arity
+    if has_arg and most == 0:
+        raise UserError(f"config file {path_text} takes no argument after ':' (got {arg!r}); use --config={path_text}.")
+    if not has_arg and fewest > 0:
+        raise UserError(
+            f"config file {path_text} needs an argument after ':' (--config={path_text}:ARG); its docstring says which."
+        )
+
+
+def _config_file_error(value: str, message: str) -> str:
+    """One sentence from ml_collections' 'Error whilst parsing config file: <traceback>' message:
+    the exception that get_config() raised, without the traceback."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    last = lines[-1] if lines else message
+    name, _, detail = last.partition(": ")
+    path_text, has_arg, arg = value.partition(":")
+    detail = (detail or last).removeprefix(f"{path_text}: ").rstrip(".")
+    where = f"config file {path_text} with the argument {arg!r}" if has_arg else f"config file {path_text}"
+    return f"{where} failed ({name}: {detail}); fix the argument after ':' (see the file's docstring)."
+
+
+def _config_load_error(value: str | None, err: OSError) -> str:
+    """One sentence for the OSError ml_collections defers from loading the config file."""
+    cause = err.__cause__ or err
+    return (
+        f"config file {value} cannot be loaded ({type(cause).__name__}: {one_line(cause)}); check the path and "
+        "the files its get_config() reads."
+    )
+
+
+def _deferred_load_error(flag_values) -> OSError | None:
+    """The OSError of a config file that failed to load (ml_collections keeps it in the flag's value)."""
+    try:
+        loaded = flag_values["config"].value
+        if loaded is not None:
+            loaded.keys()
+    except OSError as e:
+        return e
+    except Exception:  # pylint: disable=broad-except  # any other state: not a deferred load failure
+        return None
+    return None
+
+
 def _run_stage(stage: str, argv: list[str]) -> int:
     from absl import flags
     from ml_collections import config_flags
 
+    value = _config_argument(argv)
+    if value is not None:  # a missing file or a bad ':ARG' gets its sentence before absl parses
+        check_config_file(stage, value)
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file(
         "config", None, "Config file (`path.py` or `path.py:arg`).", flag_values=flag_values, lock_config=True
     )
     try:
         flag_values(["proxykd"] + argv)
+    except OSError as e:  # raised where an override first touches a config that failed to load
+        raise UserError(_config_load_error(value, e)) from None
     except (flags.Error, AttributeError, KeyError) as e:
+        deferred = _deferred_load_error(flag_values)
+        if deferred is not None:  # an override named a field of a config that failed to load
+            raise UserError(_config_load_error(value, deferred)) from None
         msg = str(e).strip("\"'")
+        if value is not None and "Error whilst parsing config file" in msg:
+            raise UserError(_config_file_error(value, msg)) from None
         raise UserError(
-            f"bad config override ({msg}); `proxykd {stage} --help` lists the fields and their meaning."
+            f"bad config override ({one_line(msg)}); `proxykd {stage} --help` lists the fields and their meaning."
         ) from None
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags; ours live in flag_values
     cfg = flag_values.config
     if cfg is None:
         raise UserError(f"`proxykd {stage}` needs --config=PATH (for example --config=configs/demo.py).")
+    try:  # ml_collections defers an OSError of loading the file (or of get_config) to the first access
+        cfg.keys()
+    except OSError as e:
+        raise UserError(_config_load_error(value, e)) from None
 
     from proxykd_jax import config as config_lib
     from proxykd_jax import context, stages
@@ -106,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     if stage == "plan":  # ahead-of-time memory/FLOPs plan of every stage's step (proxykd_jax/plan.py)
         sys.exit(__import__("proxykd_jax.plan", fromlist=["main"]).main(rest))
     if stage not in STAGES:
-        print(f"error: proxykd: unknown stage {stage!r}; choose one of: {', '.join(STAGES)}.", file=sys.stderr)
+        choices = ", ".join([*STAGES, *COMMANDS])
+        print(f"error: proxykd: unknown stage {stage!r}; choose one of: {choices}.", file=sys.stderr)
         sys.exit(2)
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
         print(stage_help(stage))

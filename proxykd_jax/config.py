@@ -95,6 +95,9 @@ _AT_LEAST = (
     ("data.num_epochs", 0),
     ("data.num_workers", 0),
     ("data.store.k", 1),
+    ("data.teacher_topk", 1),
+    ("data.packing_bins", 0),
+    ("data.worker_buffer_size", 1),
     ("align.batch_size", 1),
     ("align.sample_batch_size", 1),
     ("align.eval_batch_size", 1),
@@ -103,16 +106,29 @@ _AT_LEAST = (
     ("align.max_new_tokens", 1),
     ("align.warmup_steps", 0),
     ("align.checkpoint_every", 0),
+    ("align.samples_per_prompt", 1),
+    ("align.prompts_per_round", 0),
+    ("align.dpo_steps_per_round", 0),
+    ("align.heldout_samples", 0),
+    ("align.logprob_chunk", 1),
+    ("prior.ngram_order", 1),
     ("posterior.batch_size", 1),
     ("posterior.chunk_tokens", 1),
     ("posterior.num_samples", 1),
+    ("posterior.eb_refine_steps", 0),
+    ("distill.loss.num_samples", 1),
+    ("distill.loss.chunk_size", 1),
     ("eval.batch_size", 1),
     ("eval.max_samples", 0),
     ("eval.max_new_tokens", 0),
+    ("eval.generate_prompts", 0),
+    ("export.step", 0),
     ("collect.concurrency", 1),
     ("collect.samples_per_prompt", 1),
     ("collect.max_attempts", 1),
     ("collect.max_tokens", 1),
+    ("collect.top_logprobs", 0),
+    ("serve.port", 0),
     ("serve.max_batch", 1),
     ("serve.max_tokens_limit", 1),
     ("serve.max_body_bytes", 1),
@@ -120,7 +136,34 @@ _AT_LEAST = (
     ("demo.samples_per_prompt", 1),
     ("demo.max_new_tokens", 1),
 )
-_POSITIVE_FLOATS = ("optim.lr", "align.sft_lr", "align.dpo_lr")
+# what a refused value of these fields would have meant, and what to use instead
+_HINTS = {
+    "data.teacher_topk": (
+        " (it is the width of the teacher head; 0 does not switch it off: a corpus without top log-probs "
+        "stores no head, and --config.posterior.use_teacher_topk=False ignores one)"
+    ),
+}
+_AT_MOST = (("collect.top_logprobs", 20), ("serve.port", 65535))
+_POSITIVE_FLOATS = ("optim.lr", "align.sft_lr", "align.dpo_lr", "distill.loss.temperature")
+# (field, low, high, whether high is allowed): fractions and mixture weights.
+_FRACTIONS = (
+    ("distill.loss.jsd_beta", 0.0, 1.0, False),
+    ("distill.loss.skew_alpha", 0.0, 1.0, False),
+    ("posterior.eb_holdout_fraction", 0.0, 1.0, False),
+    ("optim.min_lr_ratio", 0.0, 1.0, True),
+    ("align.top_p", 0.0, 1.0, True),
+)
+# (field, allowed values): fields with a fixed set of words (align.loss_type/reference: `_check_align`).
+_CHOICES = (
+    ("data.on_error", ("error", "skip")),
+    ("data.teacher_head", ("auto", "exact", "bytes")),
+    ("data.store.index_dtype", ("auto", "uint16", "uint32", "bits")),
+    ("data.store.value_dtype", ("float32", "bfloat16", "float16", "uint8")),
+    ("data.store.tail_dtype", ("float16", "float32")),
+    ("posterior.weight_normalize", ("mean", "sum")),
+    ("collect.api", ("chat", "completions")),
+    ("serve.source", ("hf", "known")),
+)
 
 # (stage, config field naming a path that must exist when set, what it should be).
 _INPUT_PATHS = (
@@ -152,18 +195,42 @@ def _check_ranges(cfg, groups) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config.{field}={value!r} must be a whole number (>= {low}).")
         if value < low:
-            raise ConfigError(f"config.{field}={value} must be at least {low}; set --config.{field} to {low} or more.")
+            raise ConfigError(
+                f"config.{field}={value} must be at least {low}{_HINTS.get(field, '')}; "
+                f"set --config.{field} to {low} or more."
+            )
     for field in _POSITIVE_FLOATS:
         value = _get(cfg, field)
         if field.split(".")[0] in groups and value is not None and not float(value) > 0:
             raise ConfigError(f"config.{field}={value!r} must be a positive number.")
-    if "posterior" in groups and "posterior" in cfg:
-        from proxykd_jax.bayes.config import KERNELS, MODES
+    for field, high in _AT_MOST:
+        value = _get(cfg, field)
+        if field.split(".")[0] in groups and value is not None and value > high:
+            raise ConfigError(f"config.{field}={value} must be at most {high}; set --config.{field} to {high} or less.")
+    for field, low, high, closed in _FRACTIONS:
+        value = _get(cfg, field)
+        if field.split(".")[0] not in groups or value is None:
+            continue
+        if not (low <= float(value) <= high if closed else low <= float(value) < high):
+            raise ConfigError(f"config.{field}={value!r} must lie in [{low:g}, {high:g}{']' if closed else ')'}.")
+    from proxykd_jax.bayes.config import KERNELS, MODES
+    from proxykd_jax.data.config import SPLITS
+    from proxykd_jax.losses.divergences import KINDS, TAIL_MODES
 
-        for field, allowed in (("posterior.mode", MODES), ("posterior.kernel", KERNELS)):
-            value = _get(cfg, field)
-            if value is not None and value not in allowed:
-                raise ConfigError(f"config.{field}={value!r} must be one of {', '.join(allowed)}.")
+    choices = _CHOICES + (
+        ("posterior.mode", MODES),
+        ("posterior.kernel", KERNELS),
+        ("distill.loss.divergence", KINDS),
+        ("distill.loss.tail_mode", TAIL_MODES),
+        ("eval.split", SPLITS),  # the prepared splits (data.split.*)
+        ("distill.split", SPLITS),
+    )
+    for field, allowed in choices:
+        value = _get(cfg, field)
+        if field.split(".")[0] in groups and value is not None and value not in allowed:
+            raise ConfigError(
+                f"config.{field}={value!r} must be one of {', '.join(allowed)}; set --config.{field} to one of them."
+            )
 
 
 def _check_split(cfg) -> None:
@@ -248,6 +315,13 @@ def _check_align(acfg) -> None:
         raise ConfigError("config.align.label_smoothing applies to loss_type 'dpo' only; set it to 0 with 'ipo'.")
     if acfg.get("beta") is not None and not float(acfg.beta) > 0:
         raise ConfigError(f"config.align.beta={acfg.beta!r} must be a positive number.")
+    per_round, per_prompt = int(acfg.get("prompts_per_round") or 0), int(acfg.get("samples_per_prompt") or 1)
+    if int(acfg.get("rounds") or 0) > 0 and 0 < per_round * per_prompt < int(acfg.get("batch_size") or 1):
+        raise ConfigError(
+            f"config.align.prompts_per_round={per_round} x samples_per_prompt={per_prompt} pairs cannot fill one "
+            f"batch of align.batch_size={acfg.batch_size}; raise align.prompts_per_round (0 = all examples) or "
+            "lower align.batch_size."
+        )
 
 
 def _check_report_seeds(text) -> None:

@@ -40,7 +40,7 @@ class Case:
     id: str
     stage: str
     args: tuple[str, ...]  # --config.* overrides; {run} = this row's run dir, {base} = the fixture's
-    expect: tuple[str, ...]  # substrings of the one error line
+    expect: tuple[str, ...]  # substrings of the one error line ({busy_port}, ... filled in as in args)
     fast: bool = False  # fails in config validation, before jax starts
     setup: str = ""  # name of a function below that damages this row's copy of the run dir
     run_dir: str = "copy"  # copy | missing (must not be created) | empty
@@ -88,6 +88,19 @@ def _both(*steps):
     return run_all
 
 
+def _empty_split(*names):
+    """Makes the prepared manifest say these splits hold nothing (as a corpus of too few prompts does)."""
+
+    def empty(run):
+        path = run / "prepared" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        for name in names:
+            manifest["splits"][name].update(samples=0, prompts=0, tokens=0, response_tokens=0, files=[])
+        path.write_text(json.dumps(manifest))
+
+    return empty
+
+
 SETUPS = {
     "store_truncated": _both(lambda run: truncate(_shards(run)[0]), _without("student")),
     "store_flipped": _both(lambda run: flip_byte(_shards(run)[0]), _without("student")),
@@ -115,6 +128,12 @@ SETUPS = {
     "no_prepared": _without("prepared"),
     "no_store": _without("posterior", "student"),
     "serve_folder_without_config": lambda run: (run / "proxy_copy" / "config.json").unlink(),
+    "prepared_format_99": _both(
+        lambda run: _edit_json(run / "prepared" / "manifest.json", format_version=99), _without("prior", "posterior")
+    ),
+    "distill_split_empty": _empty_split("distill"),
+    "heldout_split_empty": _empty_split("heldout"),
+    "align_split_empty": _empty_split("align"),
 }
 
 P = "--config.collect.prompts={{base}}/inputs/{}"
@@ -275,6 +294,38 @@ CASES = [
         run_dir="missing",
     ),
     Case(
+        "prepare-on-error-word",
+        "prepare",
+        (SHARED_CORPUS, "--config.data.on_error=ignore"),
+        ("config.data.on_error='ignore'", "error, skip"),
+        True,
+        run_dir="missing",
+    ),
+    Case(
+        "prepare-teacher-topk-negative",
+        "prepare",
+        (SHARED_CORPUS, "--config.data.teacher_topk=-1"),
+        ("config.data.teacher_topk=-1", "at least 1"),
+        True,
+        run_dir="missing",
+    ),
+    Case(
+        "prepare-teacher-topk-0",
+        "prepare",
+        (SHARED_CORPUS, "--config.data.teacher_topk=0"),
+        ("config.data.teacher_topk=0", "does not switch it off", "posterior.use_teacher_topk=False"),
+        True,
+        run_dir="missing",
+    ),
+    Case(
+        "prepare-store-value-dtype-word",
+        "prepare",
+        (SHARED_CORPUS, "--config.data.store.value_dtype=int4"),
+        ("config.data.store.value_dtype='int4'", "uint8"),
+        True,
+        run_dir="missing",
+    ),
+    Case(
         "prepare-no-corpus-at-all",
         "prepare",
         ("--config.data.corpus=",),
@@ -286,6 +337,13 @@ CASES = [
     Case("prior-no-prepared-data", "prior", (), ("prepared", "run `proxykd prepare` first"), True, run_dir="missing"),
     Case("prior-unknown-field", "prior", ("--config.prior.no_such_field=1",), ("bad config override",), True),
     Case("prior-bad-value-type", "prior", ("--config.prior.kappa=lots",), ("bad config override",), True),
+    Case(
+        "prior-prepared-format-version",
+        "prior",
+        (),
+        ("manifest.json: format_version 99 is not 1", "re-run `proxykd prepare`"),
+        setup="prepared_format_99",
+    ),
     # ---------------------------------------------------------------- align
     Case("align-mesh-does-not-divide", "align", ("--config.mesh.shape.fsdp=3",), ("mesh", "8 available")),
     Case("align-mesh-two-fill-axes", "align", ("--config.mesh.shape.data=-1",), ("mesh.shape", "at most one -1")),
@@ -297,6 +355,26 @@ CASES = [
         "align",
         ("--config.align.batch_size=4",),
         ("config.align.batch_size=4", "multiple of 8"),
+    ),
+    Case(
+        "align-warmup-smaller-than-batch",
+        "align",
+        ("--config.align.batch_size=64", "--config.align.prompts_per_round=0"),
+        ("split 'warmup' has only", "fewer than align.batch_size=64", "lower --config.align.batch_size"),
+    ),
+    Case(
+        "align-split-empty",
+        "align",
+        ("--config.align.sft_steps=0",),
+        ("split 'align' has no samples", "--config.align.rounds=0", "data.split.align"),
+        setup="align_split_empty",
+    ),
+    Case(
+        "align-round-pairs-below-batch",
+        "align",
+        ("--config.align.prompts_per_round=2",),
+        ("align.prompts_per_round=2", "align.batch_size=8"),
+        True,
     ),
     Case(
         "align-init-from-missing",
@@ -382,6 +460,27 @@ CASES = [
     Case("distill-store-shard-bit-flipped", "distill", (), ("shard-", "sha256"), setup="store_flipped"),
     Case("distill-store-manifest-garbage", "distill", (), ("shard-", "not valid JSON"), setup="store_manifest_garbage"),
     Case("distill-no-store", "distill", (), ("posterior", "run `proxykd posterior` first"), True, setup="no_store"),
+    Case(
+        "distill-split-empty",
+        "distill",
+        ("--config.distill.loss.alpha=0",),
+        ("split 'distill' has no samples", "more prompts", "data.split.distill"),
+        setup="distill_split_empty",
+    ),
+    Case(
+        "distill-split-word",
+        "distill",
+        ("--config.distill.split=train",),
+        ("config.distill.split='train'", "warmup, align, distill, heldout"),
+        True,
+    ),
+    Case(
+        "distill-divergence-word",
+        "distill",
+        ("--config.distill.loss.divergence=kl",),
+        ("config.distill.loss.divergence='kl'", "forward_kl"),
+        True,
+    ),
     # ---------------------------------------------------------------- eval
     Case(
         "eval-known-teacher-missing",
@@ -392,6 +491,20 @@ CASES = [
     ),
     Case("eval-batch-size-0", "eval", ("--config.eval.batch_size=0",), ("config.eval.batch_size=0",), True),
     Case("eval-no-prepared-data", "eval", (), ("prepared", "run `proxykd prepare` first"), True, setup="no_prepared"),
+    Case(
+        "eval-split-unknown",
+        "eval",
+        ("--config.eval.split=test",),
+        ("config.eval.split='test'", "warmup, align, distill, heldout"),
+        True,
+    ),
+    Case(
+        "eval-heldout-empty",
+        "eval",
+        (),
+        ("split 'heldout' has no samples", "--config.eval.split", "data.split.heldout"),
+        setup="heldout_split_empty",
+    ),
     # ---------------------------------------------------------------- export
     Case(
         "export-checkpoint-truncated",
@@ -431,6 +544,25 @@ CASES = [
         ("--config.serve.path={run}/proxy_copy", "--config.serve.max_batch=0"),
         ("serve.max_batch=0",),
         True,
+    ),
+    Case(
+        "serve-port-in-use",
+        "serve",
+        ("--config.serve.path={run}/proxy_copy", "--config.serve.port={busy_port}"),
+        ("port {busy_port} is in use", "--config.serve.port"),
+    ),
+    Case(
+        "serve-port-out-of-range",
+        "serve",
+        ("--config.serve.path={run}/proxy_copy", "--config.serve.port=70000"),
+        ("config.serve.port=70000", "at most 65535"),
+        True,
+    ),
+    Case(
+        "serve-request-log-folder-missing",
+        "serve",
+        ("--config.serve.path={run}/proxy_copy", "--config.serve.request_log={run}/nope/requests.jsonl"),
+        ("serve.request_log=", "folder that does not exist"),
     ),
     # ---------------------------------------------------------------- demo
     Case(
@@ -534,7 +666,9 @@ def _run_case(case: Case, base: pathlib.Path, servers: dict) -> dict:
     env |= {"JAX_PLATFORMS": "cpu"}
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
-    return dict(proc=proc, before=before, after=snapshot(run), seconds=time.perf_counter() - start, run=run, argv=argv)
+    return dict(
+        proc=proc, before=before, after=snapshot(run), seconds=time.perf_counter() - start, run=run, argv=argv, fmt=fmt
+    )
 
 
 @pytest.fixture(scope="module")
@@ -556,6 +690,7 @@ def results(tmp_path_factory):
     healthy = ServerThread(make_app(ToyBackend()))
     with server500 as s500, malformed as smal, healthy as ok:
         servers = {"server500": s500.base_url, "malformed": smal.base_url, "healthy": ok.base_url}
+        servers["busy_port"] = str(ok.port)  # a port something listens on
         with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
             futures = {case.id: pool.submit(_run_case, case, base, servers) for case in CASES}
             out = {name: f.result() for name, f in futures.items()}
@@ -584,6 +719,7 @@ def test_bad_input_exits_2_with_one_sentence_and_writes_nothing(case, results):
     line = lines[0]
     assert line.startswith(f"error: proxykd {case.stage}: "), line
     for want in case.expect:
+        want = want.format(**res["fmt"])  # {run}, {busy_port}, ... as in the row's args
         assert want in line, f"{want!r} not in {line!r}"
     if case.fast:
         assert JAX_STARTED not in err, f"{case.id} started jax before refusing: {err[-2000:]}"

@@ -50,3 +50,61 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path):
         cwd=config_lib.__file__.rsplit("/proxykd_jax/", 1)[0],
     )
     assert bad.returncode == 2 and "bad config override" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_help_and_unknown_stage_name_the_plan_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "\n  plan " in out and "proxykd plan --help" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plna"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'plna'" in err and err.rstrip().endswith(", report, plan.")
+
+
+@pytest.mark.parametrize(
+    "config, expect",
+    [
+        ("configs/nope.py", ("config file configs/nope.py does not exist", "--config=configs/demo.py")),
+        ("configs", ("config file configs is a folder",)),
+        (
+            "configs/llama.py:foo,bar",
+            ("config file configs/llama.py with the argument 'foo,bar' failed", "unknown preset 'foo'", "choose from"),
+        ),
+        ("configs/demo.py:x", ("config file configs/demo.py takes no argument after ':' (got 'x')",)),
+        ("tests/pickled_config.py", ("config file tests/pickled_config.py needs an argument after ':'",)),
+        ("{tmp}/broken.py", ("broken.py line 1: invalid syntax", "fix the Python syntax")),
+        ("{tmp}/no_function.py", ("defines no get_config() function",)),
+        ("tests/pickled_config.py:{tmp}/nope.pkl", ("cannot be loaded (FileNotFoundError", "nope.pkl")),
+    ],
+    ids=[
+        "missing",
+        "folder",
+        "bad-preset",
+        "no-argument-taken",
+        "argument-missing",
+        "syntax-error",
+        "no-get-config",
+        "deferred-oserror",
+    ],
+)
+def test_config_file_errors_are_one_sentence(config, expect, tmp_path, monkeypatch, capsys):
+    """A missing or broken --config file, or a ':ARG' it cannot take, is one sentence naming the file:
+    no traceback (not even folded into the line), nothing created."""
+    (tmp_path / "broken.py").write_text("def get_config(:\n    pass\n")
+    (tmp_path / "no_function.py").write_text("X = 1\n")
+    monkeypatch.chdir(config_lib.__file__.rsplit("/proxykd_jax/", 1)[0])
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prior", f"--config={config.format(tmp=tmp_path)}", f"--config.run.dir={run}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: proxykd prior: config file "), err
+    assert "Traceback" not in err and 'File "' not in err, err
+    for want in expect:
+        assert want in lines[0], f"{want!r} not in {lines[0]!r}"
+    assert not run.exists()

@@ -1,9 +1,11 @@
 """`serve` on its own: the bad-request table, the body limit, tokenisation off the event loop,
 token bytes on the wire (chat `bytes`, completions `bytes:` strings and `text_offset`), the byte
-table of real tokenizers, and `serve` settings that must fail with one sentence."""
+table of real tokenizers, and `serve` settings that must fail with one sentence (a busy port, an
+unwritable request log: before the model loads)."""
 
 import http.client
 import json
+import socket
 import threading
 import time
 
@@ -286,6 +288,37 @@ def test_serve_settings_fail_with_one_sentence(tmp_path, monkeypatch):
     cfg.api_key_env = "NO_SUCH_KEY_VAR"
     with pytest.raises(ProxyKDError, match="serve.api_key_env names 'NO_SUCH_KEY_VAR'"):
         serve(cfg, lambda: load_backend(cfg))
+
+
+def _must_not_load():
+    raise AssertionError("serve loaded the model before refusing its settings")
+
+
+def test_busy_port_and_unwritable_request_log_fail_before_the_model_loads(tmp_path, capsys):
+    """A port something listens on, or a request log in a missing folder, is one sentence naming the
+    field, raised before the model loads or the banner prints; a refused log file is not created."""
+    cfg = serve_config()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        cfg.port = busy.getsockname()[1]
+        with pytest.raises(
+            ProxyKDError, match=rf"port {cfg.port} is in use on 127.0.0.1; pick another with --config.serve.port"
+        ):
+            serve(cfg, _must_not_load)
+    cfg.port = 0  # any free port: only the log is wrong now
+    for log, problem in (
+        (tmp_path / "missing" / "requests.jsonl", "is in a folder that does not exist"),
+        (tmp_path, "is a folder"),
+    ):
+        cfg.request_log = str(log)
+        with pytest.raises(
+            ProxyKDError,
+            match=rf"serve.request_log='.*' {problem}.*; create the folder or point --config.serve.request_log",
+        ):
+            serve(cfg, _must_not_load)
+    assert not (tmp_path / "missing").exists()
+    assert "[serve]" not in capsys.readouterr().out  # no banner
 
 
 class BrokenToy(ToyBackend):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.parallel import sharding as sharding_lib
 from proxykd_jax.parallel.hosts import sync
 
@@ -94,10 +95,14 @@ def row_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int):
 
     n = next(iter(rows.values())).shape[0]
     if n < batch_size:
-        raise ValueError(f"{n} rows cannot fill one batch of {batch_size}; lower align.batch_size or add data.")
+        raise ProxyKDError(
+            f"{n} rows cannot fill one batch of align.batch_size={batch_size}; lower --config.align.batch_size "
+            "(a multiple of the mesh's batch shards), or give the split more prompts (more data, or a larger "
+            "data.split fraction, then re-run `proxykd prepare`)."
+        )
     procs, proc = jax.process_count(), jax.process_index()
     if batch_size % procs:
-        raise ValueError(f"align.batch_size={batch_size} must be a multiple of the {procs} processes.")
+        raise ProxyKDError(f"align.batch_size={batch_size} must be a multiple of the {procs} processes.")
     local = batch_size // procs
 
     def gather(idx):

@@ -131,9 +131,10 @@ def _samples(
     vocab_size,
 ):
     """MapDataset of per-sample examples for this process (shared by both readers)."""
+    prepared.require_samples(split)  # an empty split: one sentence (more prompts, or its data.split fraction)
     ds = grain.MapDataset.source(prepared.source(split))
     if len(ds) == 0:
-        raise ValueError(f"{prepared.root}: split {split!r} is empty; check data.split fractions.")
+        raise DataError(f"{prepared.root}: split {split!r} has no records; re-run `proxykd prepare`.", "empty_split")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs if num_epochs else None)

@@ -11,6 +11,8 @@ import pathlib
 import msgpack
 import numpy as np
 
+from proxykd_jax.errors import InputFileError, ProxyKDError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SYMBOLS = "first_byte_symbols.npy"  # int32 [V]: first-byte symbol of each of our tokens (bytes heads)
@@ -46,20 +48,49 @@ class PreparedData:
         path = self.root / MANIFEST
         if not path.exists():
             raise FileNotFoundError(f"{path}: no prepared-data manifest; run the `prepare` stage first.")
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: format_version {self.manifest.get('format_version')} is not "
-                f"{FORMAT_VERSION}; re-run `prepare` with this version of proxykd_jax."
+        try:
+            self.manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputFileError(
+                f"{path} is not valid JSON ({e}); delete {self.root} and re-run `proxykd prepare`."
+            ) from None
+        version = self.manifest.get("format_version") if isinstance(self.manifest, dict) else None
+        if version != FORMAT_VERSION:
+            raise InputFileError(
+                f"{path}: format_version {version!r} is not {FORMAT_VERSION}, the prepared-data format this "
+                f"proxykd_jax reads; delete {self.root} and re-run `proxykd prepare` with this version."
             )
 
-    def files(self, split: str) -> list[str]:
+    def _split(self, split: str) -> dict:
         if split not in self.manifest["splits"]:
-            raise KeyError(f"{self.root}: unknown split {split!r}; have {sorted(self.manifest['splits'])}.")
-        return [str(self.root / f) for f in self.manifest["splits"][split]["files"]]
+            raise ProxyKDError(
+                f"{self.root}: no split {split!r} in the prepared data; choose one of {', '.join(self.manifest['splits'])}."
+            )
+        return self.manifest["splits"][split]
+
+    def files(self, split: str) -> list[str]:
+        return [str(self.root / f) for f in self._split(split)["files"]]
 
     def num_samples(self, split: str) -> int:
-        return int(self.manifest["splits"][split]["samples"])
+        return int(self._split(split)["samples"])
+
+    def require_samples(self, split: str, need: int = 1, *, short: str = "", fix: str = "") -> int:
+        """The samples of `split`; fewer than `need` raise one sentence that says what to do.
+
+        `short` says what they are too few for (e.g. ", fewer than align.batch_size=16"), `fix` offers
+        another way out before the usual one (more prompts, or a larger data.split fraction)."""
+        n = self.num_samples(split)
+        if n >= need:
+            return n
+        prompts = sum(int(s.get("prompts", 0)) for s in self.manifest["splits"].values())
+        fraction = self.manifest.get("split", {}).get("fractions", {}).get(split)
+        share = f"data.split.{split}={fraction} of" if fraction is not None else "its share of"
+        have = "no samples" if n == 0 else f"only {n} sample{'' if n == 1 else 's'}"
+        raise ProxyKDError(
+            f"{self.root}: split {split!r} has {have}{short} (it got {share} the corpus's {prompts} prompts); "
+            f"{fix}give the corpus more prompts or raise data.split.{split}, then re-run `proxykd prepare` "
+            "with --config.run.overwrite=True."
+        )
 
     def source(self, split: str):
         """A grain random-access source of serialised records (empty splits give an empty source)."""

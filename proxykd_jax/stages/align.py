@@ -8,6 +8,7 @@ import json
 import logging
 
 from proxykd_jax.align import rounds
+from proxykd_jax.data.records import PreparedData
 from proxykd_jax.models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,27 @@ def _summaries(out_dir) -> dict:
     return {r["phase"]: r for r in records}
 
 
+def preflight(prepared: PreparedData, acfg) -> None:
+    """Refuses, before any model is loaded or anything written, splits too small for the phases:
+    the warm-up needs one batch of rows, each DPO round one batch of pairs."""
+    batch = int(acfg.batch_size)
+    short = f", fewer than align.batch_size={batch}"
+    lower = "lower --config.align.batch_size (a multiple of the mesh's batch shards), or "
+    if int(acfg.sft_steps) > 0:
+        prepared.require_samples("warmup", short=" for the SFT warm-up", fix="set --config.align.sft_steps=0, or ")
+        prepared.require_samples("warmup", batch, short=short, fix=lower)
+    if int(acfg.rounds) > 0:
+        prepared.require_samples("align", short=" for the DPO rounds", fix="set --config.align.rounds=0, or ")
+        per_prompt = int(acfg.samples_per_prompt)
+        need = -(-batch // per_prompt)  # each example makes align.samples_per_prompt pairs
+        prepared.require_samples(
+            "align",
+            need,
+            short=f", fewer than the {need} that make one batch of align.batch_size={batch} DPO pairs",
+            fix=f"raise --config.align.samples_per_prompt, {lower}",
+        )
+
+
 def run(ctx, *, teacher_probs_fn=None) -> dict:
     """Aligns the proxy; returns the summary of each phase (init, sft, round_000, ...).
 
@@ -29,6 +51,7 @@ def run(ctx, *, teacher_probs_fn=None) -> dict:
         log.info("align: %s is finished with these settings; reusing it", art.path)
         return art.summary or {}
     cfg = ctx.cfg
+    preflight(PreparedData(ctx.paths.prepared), cfg.align)
     data = rounds.AlignData.load(ctx.paths.prepared)
     model_cfg, proxy = ctx.init_model("proxy", ctx.seed)  # a folder that cannot load stops before any write
     art.begin()

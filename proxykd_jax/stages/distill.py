@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+from proxykd_jax.data.records import PreparedData
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.tokenizer import load_tokenizer
 from proxykd_jax.parallel.hosts import to_host
@@ -24,6 +25,8 @@ def setup(ctx, art) -> distill.Distillation:
     """The distillation of this context's config into artifact `art` (begun here), ready to `train()`."""
     cfg, paths = ctx.cfg, ctx.paths
     _require(paths.prepared / "manifest.json", "the prepared data", "prepare")
+    # an empty training split (or a manifest of another format) stops here, before the model is built
+    PreparedData(paths.prepared).require_samples(str(cfg.distill.split), short=" to train the student on")
     store = None
     if not cfg.distill.white_box and (float(cfg.distill.loss.alpha) > 0 or paths.posterior.exists()):
         _require(paths.posterior, "the posterior store", "posterior")

@@ -31,10 +31,16 @@ def run(ctx, *, teacher=None) -> dict:
         log.info("eval: %s is finished with these settings and models; reusing it", art.path)
         return _report(art.summary)
     prepared = PreparedData(paths.prepared)
+    # nothing is written before the splits it reads are known to hold samples
+    prepared.require_samples(str(cfg.eval.split), short=" to score", fix="choose another --config.eval.split, or ")
     if teacher is None and cfg.eval.known_teacher:
         from proxykd_jax.teacher.known import KnownTeacher
 
         teacher = KnownTeacher.load(cfg.eval.known_teacher)
+    if teacher is not None and not teacher.is_char and int(cfg.eval.generate_prompts) > 0:
+        prepared.require_samples(
+            "heldout", short=" to prompt the students with", fix="set --config.eval.generate_prompts=0, or "
+        )
     folders = metrics_lib.model_folders(cfg.proxy.init_from, paths)
     if not folders:
         raise ProxyKDError(f"{paths.root}: no model folders to evaluate; run `align` or `distill` first.")

@@ -17,9 +17,10 @@ def run(ctx) -> dict:
     if art.done:
         log.info("prior: %s is finished with these settings; reusing it", art.path)
         return art.summary
+    prepared = PreparedData(ctx.paths.prepared)  # a missing or foreign manifest stops before the record is written
     art.begin()
     manifest = None
     if ctx.is_writer:
-        manifest = tables.write_prior(PreparedData(ctx.paths.prepared), ctx.cfg.prior, art.work)
+        manifest = tables.write_prior(prepared, ctx.cfg.prior, art.work)
     art.finish(manifest)
     return manifest

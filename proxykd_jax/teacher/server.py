@@ -28,7 +28,11 @@ import asyncio
 import codecs
 import concurrent.futures
 import dataclasses
+import errno
 import functools
+import os
+import pathlib
+import socket
 import threading
 import time
 
@@ -386,12 +390,67 @@ class ServerThread:
         self.thread.join(10)
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuses, with one sentence naming the field, an address uvicorn could not listen on (tried
+    the way uvicorn binds: SO_REUSEADDR, the address family of `host`), before the model loads."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    except socket.gaierror as err:
+        raise ProxyKDError(
+            f"serve.host={host!r} is not an address of this machine ({err.strerror}); set --config.serve.host "
+            "to one, e.g. 127.0.0.1 or 0.0.0.0."
+        ) from None
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise ProxyKDError(
+                f"port {port} is in use on {host}; pick another with --config.serve.port (or stop what listens there)."
+            ) from None
+        if err.errno == errno.EACCES:
+            raise ProxyKDError(
+                f"port {port} on {host} needs privileges this process lacks; pick one above 1023 with "
+                "--config.serve.port."
+            ) from None
+        raise ProxyKDError(
+            f"cannot listen on {host}:{port} ({err.strerror}); set --config.serve.host to an address of this "
+            "machine and --config.serve.port to a free port."
+        ) from None
+
+
+def check_request_log(path_text: str) -> None:
+    """Refuses a `serve.request_log` the server could not append to (a missing folder, a folder, no
+    permission), before the model loads; creates nothing."""
+    path = pathlib.Path(path_text)
+    problem = None
+    if path.is_dir():
+        problem = "is a folder"
+    elif path.exists():
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as err:
+            problem = f"cannot be appended to ({err.strerror})"
+    elif not path.parent.is_dir():
+        problem = f"is in a folder that does not exist ({path.parent})"
+    elif not os.access(path.parent, os.W_OK | os.X_OK):
+        problem = f"cannot be created: its folder {path.parent} is not writable"
+    if problem:
+        raise ProxyKDError(
+            f"serve.request_log={path_text!r} {problem}; create the folder or point --config.serve.request_log "
+            "at a writable file ('' = no log)."
+        )
+
+
 def serve(cfg, make_backend) -> None:
     """Serves the backend `make_backend()` builds (e.g. `lambda: backends.load_backend(cfg)`; the
     `serve` stage places its model on the mesh) on the `serve` config group until interrupted.
 
-    Bad settings (a missing model folder, an unset key variable, impossible fault rates) raise
-    ProxyKDError naming the field before anything is loaded or bound.
+    Bad settings (a missing model folder, an unset key variable, impossible fault rates, an
+    unwritable request log, a port in use) raise ProxyKDError naming the field before anything is
+    loaded or bound.
     """
     import os  # pylint: disable=import-outside-toplevel
 
@@ -417,6 +476,9 @@ def serve(cfg, make_backend) -> None:
         )
     if cfg.max_body_bytes < 1:
         raise ProxyKDError(f"serve.max_body_bytes is {cfg.max_body_bytes}; set a positive number of bytes")
+    if cfg.request_log:
+        check_request_log(str(cfg.request_log))
+    check_port(str(cfg.host), int(cfg.port))  # before the model loads and the banner is printed
     backend = make_backend()
     app = make_app(
         backend,

@@ -1,0 +1,110 @@
+"""The library refusals behind the CLI's one-line errors about prepared data: an unknown, empty or
+too small split, a manifest of another format or not JSON, and align's batch of rows (each a
+`ProxyKDError`, a sentence that says what to do, never a KeyError or a bare ValueError)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from proxykd_jax import config as config_lib
+from proxykd_jax.align import phases
+from proxykd_jax.data.records import FORMAT_VERSION, PreparedData
+from proxykd_jax.errors import ConfigError, InputFileError, ProxyKDError
+
+
+def _manifest(root, **changes):
+    root.mkdir(parents=True, exist_ok=True)
+    split = {"samples": 0, "prompts": 0, "tokens": 0, "response_tokens": 0, "files": []}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"hash": "abc"},
+        "split": {"fractions": {"warmup": 0.1, "align": 0.45, "distill": 0.4, "heldout": 0.05}},
+        "splits": {
+            "warmup": split | {"samples": 1, "prompts": 1},
+            "align": dict(split),
+            "distill": dict(split),
+            "heldout": dict(split),
+        },
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest | changes))
+    return root
+
+
+def test_unknown_split_is_a_sentence_not_a_key_error(tmp_path):
+    prepared = PreparedData(_manifest(tmp_path / "prepared"))
+    for call in (prepared.num_samples, prepared.files):
+        with pytest.raises(ProxyKDError, match=r"no split 'test' in the prepared data; choose one of warmup, align"):
+            call("test")
+
+
+def test_empty_and_small_splits_say_what_to_do(tmp_path):
+    prepared = PreparedData(_manifest(tmp_path / "prepared"))
+    with pytest.raises(
+        ProxyKDError,
+        match=r"split 'distill' has no samples \(it got data.split.distill=0.4 of the corpus's 1 prompts\); "
+        r"give the corpus more prompts or raise data.split.distill, then re-run `proxykd prepare`",
+    ):
+        prepared.require_samples("distill")
+    with pytest.raises(ProxyKDError, match=r"split 'warmup' has only 1 sample, fewer than 16 .*; lower it, or give"):
+        prepared.require_samples("warmup", 16, short=", fewer than 16", fix="lower it, or ")
+    assert prepared.require_samples("warmup") == 1
+
+
+def test_manifest_of_another_format_or_not_json(tmp_path):
+    root = _manifest(tmp_path / "prepared", format_version=99)
+    with pytest.raises(InputFileError, match=r"manifest.json: format_version 99 is not 1, .*re-run `proxykd prepare`"):
+        PreparedData(root)
+    (root / "manifest.json").write_text('{"format_version": 1, "spl')
+    with pytest.raises(InputFileError, match=r"manifest.json is not valid JSON"):
+        PreparedData(root)
+
+
+def test_align_rows_that_cannot_fill_a_batch():
+    with pytest.raises(ProxyKDError, match=r"1 rows cannot fill one batch of align.batch_size=16; lower"):
+        phases.row_batches({"tokens": np.zeros((1, 4), np.int32)}, 16, 0)
+
+
+@pytest.mark.parametrize(
+    "field, value, expect",
+    [
+        ("data.on_error", "ignore", "config.data.on_error='ignore' must be one of error, skip"),
+        ("data.teacher_topk", -1, "config.data.teacher_topk=-1 must be at least 1"),
+        ("data.teacher_topk", 0, "posterior.use_teacher_topk=False"),
+        ("data.teacher_head", "byte", "config.data.teacher_head='byte' must be one of auto, exact, bytes"),
+        ("eval.split", "test", "config.eval.split='test' must be one of warmup, align, distill, heldout"),
+        ("distill.split", "train", "config.distill.split='train'"),
+        ("distill.loss.tail_mode", "drop", "config.distill.loss.tail_mode='drop'"),
+        ("distill.loss.jsd_beta", 1.0, r"config.distill.loss.jsd_beta=1.0 must lie in \[0, 1\)"),
+        ("posterior.weight_normalize", "max", "config.posterior.weight_normalize='max'"),
+        ("collect.api", "responses", "config.collect.api='responses'"),
+        ("collect.top_logprobs", 21, "config.collect.top_logprobs=21 must be at most 20"),
+        ("serve.port", 70000, "config.serve.port=70000 must be at most 65535"),
+        ("serve.source", "gguf", "config.serve.source='gguf'"),
+        ("align.prompts_per_round", 2, r"align.prompts_per_round=2 x samples_per_prompt=1 pairs cannot fill"),
+    ],
+)
+def test_validate_refuses_enumerated_and_ranged_fields(field, value, expect):
+    cfg = config_lib.base_config()
+    group, *rest = field.split(".")
+    node = cfg[group]
+    for part in rest[:-1]:
+        node = node[part]
+    node[rest[-1]] = value
+    with pytest.raises(ConfigError, match=expect):
+        config_lib.validate(cfg)
+
+
+def test_every_default_and_preset_passes_validate():
+    import runpy
+
+    from proxykd_jax.stages import STAGES
+
+    root = config_lib.__file__.rsplit("/proxykd_jax/", 1)[0]
+    for name, args in (("demo", ()), ("llama", ("7b,70b",)), ("report", ())):
+        cfg = runpy.run_path(f"{root}/configs/{name}.py")["get_config"](*args)
+        for stage in STAGES:
+            config_lib._check_ranges(cfg, STAGES[stage].groups or tuple(cfg.keys()))
+            config_lib._check_align(cfg.align)
