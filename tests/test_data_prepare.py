@@ -258,3 +258,50 @@ def test_word_tokenizer_keeps_teacher_head_with_leading_space_pieces(tmp_path):
             assert set(got) == set(want)
             for i, lp in got.items():
                 assert abs(lp - want[i]) < 1e-5
+
+
+def _cafe_row(spell):
+    """'café au lait' as a byte-level teacher sends it: é split over two tokens of one byte each."""
+    pieces = [b"caf", b"\xc3", b"\xa9", b" au", b" lait"]
+    top = [
+        [{"token": spell(p), "logprob": -0.1, "bytes": list(p)}, {"token": spell(b"\xc3\xa8"), "logprob": -3.0}]
+        for p in pieces
+    ]
+    top[1][1] = {"token": "\ufffd", "logprob": -3.0, "bytes": [0xC3]}  # a partial alternative: only its bytes say
+    return {
+        "id": "p0",
+        "prompt": "the fox",
+        "response": "café au lait",
+        "tokens": [spell(p) for p in pieces],
+        "token_bytes": [list(p) for p in pieces],
+        "top_logprobs": top,
+    }
+
+
+def _replacement(raw: bytes) -> str:  # vLLM: U+FFFD for a token that is not whole UTF-8
+    return raw.decode("utf-8", errors="replace")
+
+
+def _bytes_spelled(raw: bytes) -> str:  # OpenAI: `bytes:\xNN` for a token that is not whole UTF-8
+    from proxykd_jax.teacher.responses import bytes_token
+
+    return bytes_token(raw)
+
+
+@pytest.mark.parametrize("drop", [(), ("tokens",), ("tokens", "token_bytes")])  # the last: alternatives' bytes
+def test_token_bytes_place_replacement_character_tokens(tok, tmp_path, drop):
+    """`token_bytes` and per-alternative `bytes` are used: a row whose partial-UTF-8 tokens are spelled
+    as U+FFFD keeps the same teacher positions and heads as the same row spelled `bytes:\\xNN`."""
+    heads = {}
+    for name, spell in (("repl", _replacement), ("spelled", _bytes_spelled)):
+        row = _cafe_row(spell)
+        for key in drop:
+            del row[key]
+        path = write_jsonl(tmp_path / f"{name}.jsonl", [row])
+        m = prepare([path], tok, tmp_path / name, tiny_cfg(teacher_head="bytes"), progress=False)
+        assert m["teacher_logprobs"]["positions_total"] == 5
+        rec = _all(tmp_path / name)[1][0]
+        heads[name] = (m["teacher_logprobs"], rec["teacher_topk_ids"], rec["teacher_topk_logprobs"])
+    assert heads["repl"][0]["positions_kept"] == heads["spelled"][0]["positions_kept"] == 5
+    np.testing.assert_array_equal(heads["repl"][1], heads["spelled"][1])
+    np.testing.assert_array_equal(heads["repl"][2], heads["spelled"][2])

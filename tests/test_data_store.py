@@ -7,7 +7,7 @@ import pytest
 from test_data_common import tiny_cfg
 
 from proxykd_jax.data import SPLITS, StoreReader, StoreWriter, assign_split, kl_to_stored, split_fractions
-from proxykd_jax.data.store import decode_ids, encode_ids
+from proxykd_jax.data.store import decode_ids, encode_ids, shard_name
 
 
 def _entries(rng, n, k, vocab, max_t=12):
@@ -180,3 +180,24 @@ def test_prepared_splits_keep_prompts_together(tmp_path):
             assert len(ids) == pd.num_samples(split)
     assert all(len(s) == 1 for s in where["a"].values())  # all responses of a prompt together
     assert all(where["b"][rid] == s for rid, s in where["a"].items())  # stable under additions
+
+
+@pytest.mark.parametrize("deleted", [(".json", ".bin"), (".json",)])  # the whole shard, or only its manifest
+def test_resumed_writer_never_reuses_a_shard_name(tmp_path, deleted):
+    rng = np.random.default_rng(5)
+    data = _entries(rng, 3, 4, 50)
+    w = StoreWriter(tmp_path, k=4, vocab_size=50, tokenizer_hash="h")
+    for sid, (ids, lps, tail, weight) in data.items():
+        w.add(sid, ids, lps, tail, weight)
+        w.flush()  # one shard per sample: shard-00000-00000/1/2
+    lost = list(data)[1]
+    for ext in deleted:  # as "delete the duplicate shard" (or a kill between data file and manifest) leaves it
+        (tmp_path / (shard_name(0, 1) + ext)).unlink()
+    kept = {p.name: p.read_bytes() for p in tmp_path.glob("shard-*.json")}
+    w2 = StoreWriter(tmp_path, k=4, vocab_size=50, tokenizer_hash="h")
+    assert set(w2.finished_sample_ids().tolist()) == set(data) - {lost}
+    w2.add(lost, *data[lost])
+    w2.close()
+    assert all((tmp_path / n).read_bytes() == b for n, b in kept.items())  # no finished shard overwritten
+    assert sorted(StoreReader(tmp_path).sample_ids.tolist()) == sorted(data)
+    assert not (tmp_path / (shard_name(0, 1) + ".bin")).exists()  # the orphan data file is gone

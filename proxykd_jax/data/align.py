@@ -23,6 +23,12 @@ from proxykd_jax.teacher.responses import token_bytes_of
 
 HEADS = ("exact", "bytes")
 
+try:  # what a chat template raises for messages it refuses (`raise_exception`, an empty chat, a bad field)
+    from jinja2.exceptions import TemplateError as _JinjaError
+except ImportError:  # pragma: no cover  (jinja2 comes with transformers' chat templates)
+    _JinjaError = ValueError
+_TEMPLATE_ERRORS = (_JinjaError, ValueError, TypeError, KeyError, IndexError, AttributeError)
+
 
 @dataclasses.dataclass
 class AlignStats:
@@ -138,7 +144,18 @@ class SampleEncoder:
         """Encodes samples; an over-long sample yields a DataError in its place (unless truncating)."""
         if not samples:
             return []
-        prompts = [format_prompt(self.tok, s) for s in samples]
+        prompts, bad = [], {}
+        for i, s in enumerate(samples):
+            try:
+                prompts.append(format_prompt(self.tok, s))
+            except _TEMPLATE_ERRORS as e:  # the chat template refuses these messages
+                bad[i] = DataError(
+                    f"{s.where}: the tokenizer's chat template cannot format this row's 'messages' "
+                    f"({' '.join(str(e).split()) or type(e).__name__}); fix or remove the line, or set "
+                    "data.on_error=skip.",
+                    "bad_messages",
+                )
+                prompts.append(("", True))
         out = []
         plain = [i for i, (_, special) in enumerate(prompts) if special]
         chat = [i for i, (_, special) in enumerate(prompts) if not special]
@@ -149,8 +166,10 @@ class SampleEncoder:
                 for i, ids in zip(idx, enc):
                     prompt_ids[i] = ids
         resp = self.tok([s.response for s in samples], add_special_tokens=False, return_offsets_mapping=True)
-        for s, p_ids, r_ids, offs in zip(samples, prompt_ids, resp["input_ids"], resp["offset_mapping"]):
-            out.append(self._encode_one(s, p_ids, list(r_ids), list(offs)))
+        for i, (s, p_ids, r_ids, offs) in enumerate(
+            zip(samples, prompt_ids, resp["input_ids"], resp["offset_mapping"])
+        ):
+            out.append(bad[i] if i in bad else self._encode_one(s, p_ids, list(r_ids), list(offs)))
         return out
 
     def _encode_one(self, s: Sample, p_ids, r_ids, offs) -> Encoded | DataError:
@@ -241,16 +260,20 @@ class SampleEncoder:
     @staticmethod
     def _teacher_byte_starts(s: Sample) -> list[int | None]:
         """Byte offset of each teacher token in the response; None once its bytes stop matching. A
-        final end-of-text token starts at the end of the response."""
+        final end-of-text token starts at the end of the response. A token's bytes are the corpus's
+        `token_bytes` where given (exact for a token holding part of a UTF-8 character, which the
+        API spells as a replacement character), else those of its string."""
         resp, out, c = s.response.encode("utf-8"), [], 0
         for i, alts in enumerate(s.teacher_alts):
-            if s.teacher_tokens is not None:
-                tok = s.teacher_tokens[i]
-                raw = bytes(token_bytes_of(tok))
+            if s.teacher_tokens is not None or _given(s.teacher_token_bytes, i) is not None:
+                tok = s.teacher_tokens[i] if s.teacher_tokens is not None else ""
+                raw = _bytes_of(tok, _given(s.teacher_token_bytes, i))
             else:  # the sampled token: the likeliest alternative whose bytes continue the text
-                fits = [(lp, t) for t, lp in alts if t and resp.startswith(bytes(token_bytes_of(t)), c)]
-                tok = max(fits)[1] if fits else ""
-                raw = bytes(token_bytes_of(tok))
+                raws = [_bytes_of(t, _alt_bytes(s, i, j)) for j, (t, _) in enumerate(alts)]
+                fits = [(lp, t, j) for j, (t, lp) in enumerate(alts) if t and raws[j] and resp.startswith(raws[j], c)]
+                j = max(fits)[2] if fits else None
+                tok = alts[j][0] if j is not None else ""
+                raw = _bytes_of(tok, _alt_bytes(s, i, j) if j is not None else None)
             if raw and resp.startswith(raw, c):
                 out.append(c)
                 c += len(raw)
@@ -271,7 +294,7 @@ class SampleEncoder:
         if self.eos is not None and not truncated:
             row_at[len(s.response.encode("utf-8"))] = n - 1
         stats.samples_with_logprobs = 1
-        for start, alts in zip(self._teacher_byte_starts(s), s.teacher_alts):
+        for i, (start, alts) in enumerate(zip(self._teacher_byte_starts(s), s.teacher_alts)):
             probs = np.exp(np.asarray([lp for _, lp in alts], np.float64))
             stats.positions_total += 1
             stats.mass_total += float(probs.sum())
@@ -280,8 +303,9 @@ class SampleEncoder:
                 continue
             stats.mass_matched += float(probs.sum())
             merged: dict[int, float] = {}
-            for (text, _), p in zip(alts, probs):
-                sym = self._symbol(text)
+            for j, ((text, _), p) in enumerate(zip(alts, probs)):
+                raw = _alt_bytes(s, i, j)
+                sym = self._symbol(text) if raw is None else _symbol_of_bytes(text, raw)
                 merged[sym] = merged.get(sym, 0.0) + float(p)
             best = sorted(merged.items(), key=lambda kv: -kv[1])[: self.topk]
             stats.positions_kept += 1
@@ -290,6 +314,27 @@ class SampleEncoder:
                 t_ids[row, c] = sym
                 t_lps[row, c] = np.log(p)
         return t_ids, t_lps
+
+
+def _given(values: list | None, i: int):
+    return values[i] if values is not None and i < len(values) else None
+
+
+def _alt_bytes(s: Sample, i: int, j: int) -> bytes | None:
+    """The corpus's true bytes of alternative `j` at teacher position `i` (None when not given)."""
+    return _given(_given(s.teacher_alt_bytes, i), j)
+
+
+def _bytes_of(token: str, raw: bytes | None) -> bytes:
+    """A teacher token's bytes: `raw` when the corpus gives them, else those its string stands for."""
+    return raw if raw is not None else bytes(token_bytes_of(token))
+
+
+def _symbol_of_bytes(text: str, raw: bytes) -> int:
+    """`byte_head.teacher_symbol` for an alternative whose true bytes are known (none: end of text)."""
+    if text in byte_head.END_STRINGS or not raw:
+        return byte_head.END_SYMBOL
+    return raw[0]
 
 
 def choose_head(stats: AlignStats, threshold: float = 0.99) -> str:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +44,10 @@ class Sample:
     teacher_tokens: list[str] | None  # the teacher's sampled token strings, when given
     teacher_alts: list[list[tuple[str, float]]] | None  # per teacher token: (token, logprob) alternatives
     meta: dict
+    # The true bytes of each teacher token and of each alternative (parallel to the above; None where
+    # the corpus gives none: then the strings' bytes are used, `bytes:\xNN` spellings read as bytes).
+    teacher_token_bytes: list[bytes | None] | None = None
+    teacher_alt_bytes: list[list[bytes | None]] | None = None
 
     @property
     def prompt_key(self) -> int:
@@ -96,111 +101,261 @@ def _corpus_kind(path: pathlib.Path) -> str | None:
     return None
 
 
+def _unreadable(path: pathlib.Path, err: BaseException, after: str = "") -> DataError:
+    detail = " ".join(str(err).split()) or type(err).__name__
+    return DataError(
+        f"{path}: the file cannot be read{after} ({detail}); re-create or re-download it, or remove it from "
+        "data.corpus.",
+        "unreadable_file",
+    )
+
+
 def iter_rows(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
-    """Yields (where, row dict or DataError) for every row of one corpus file or datasets folder."""
+    """Yields (where, row dict or DataError) for every row of one corpus file or datasets folder.
+
+    A file that cannot be read (not gzip, cut short, not parquet) raises one DataError naming it."""
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+
     if _is_hf_folder(path):
         import datasets  # pylint: disable=import-outside-toplevel
 
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001  # datasets raises many kinds for a damaged folder
+            raise _unreadable(path, e) from None
         parts = ds.items() if isinstance(ds, datasets.DatasetDict) else [("", ds)]
-        for part, d in parts:
-            for i, row in enumerate(d):
-                yield f"{path}{'/' + part if part else ''}:row {i}", row
+        try:
+            for part, d in parts:
+                for i, row in enumerate(d):
+                    yield f"{path}{'/' + part if part else ''}:row {i}", row
+        except (OSError, pa.ArrowException) as e:
+            raise _unreadable(path, e) from None
         return
     kind = _corpus_kind(path)
     if kind == "parquet":
         import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
 
         i = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            for row in batch.to_pylist():
-                yield f"{path}:row {i}", row
-                i += 1
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
+                for row in batch.to_pylist():
+                    yield f"{path}:row {i}", row
+                    i += 1
+        except (OSError, pa.ArrowException) as e:
+            raise _unreadable(path, e, f" as parquet after row {i - 1}" if i else " as parquet") from None
         return
     if kind != "jsonl":
         raise DataError(
             f"{path}: unknown corpus format; use .jsonl, .jsonl.gz, .parquet or a datasets folder.", "missing_file"
         )
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-        offset = 0  # byte offset of the line's start (in the decompressed stream for .gz)
-        for n, raw in enumerate(f, start=1):
-            start, offset = offset, offset + len(raw)
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield (
-                    where,
-                    DataError(
-                        f"{where}: byte 0x{raw[e.start]:02x} at byte offset {start + e.start} is not UTF-8 text; "
-                        "save the file as UTF-8, or fix or remove the line, or set data.on_error=skip.",
-                        "bad_encoding",
-                    ),
-                )
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield (
-                    where,
-                    DataError(
-                        f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or "
-                        "remove the line, or set data.on_error=skip.",
-                        "malformed_json",
-                    ),
-                )
-                continue
-            if not isinstance(row, dict):
-                yield where, DataError(f"{where}: a corpus line must be a JSON object.", "malformed_json")
-                continue
-            yield where, row
+    lines = [0]  # lines read so far, for the message when the file breaks off
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            yield from _jsonl_rows(path, f, lines)
+    except (OSError, EOFError, zlib.error) as e:  # not gzip, cut short, unreadable
+        how = " as gzip" if path.suffix == ".gz" else ""
+        raise _unreadable(path, e, f"{how} after line {lines[0]}" if lines[0] else how) from None
 
 
-def _alts_of(entries, where: str) -> list[tuple[str, float]]:
-    """Normalises one position's alternatives: a list of {token, logprob} or a {token: logprob} map."""
-    if isinstance(entries, dict):
-        return [(str(t), float(lp)) for t, lp in entries.items()]
-    out = []
-    for e in entries or []:
-        if not isinstance(e, dict) or "token" not in e or "logprob" not in e:
-            raise DataError(f"{where}: each top_logprobs entry needs 'token' and 'logprob'.", "bad_logprobs")
-        out.append((str(e["token"]), float(e["logprob"])))
-    return out
-
-
-def _logprobs_of(row: dict, idx: int, n_resp: int, where: str):
-    """(teacher tokens | None, alternatives | None) for response `idx`, from either accepted layout."""
-    many = "responses" in row
-    lp = row.get("logprobs")
-    if isinstance(lp, (dict, list)) and lp:
-        content = lp[idx] if many and isinstance(lp, list) else lp
-        content = content.get("content") if isinstance(content, dict) else content
-        if not isinstance(content, list):
-            raise DataError(f"{where}: 'logprobs' must follow the OpenAI layout {{'content': [...]}}.", "bad_logprobs")
-        tokens = [str(c["token"]) for c in content]
-        alts = [_alts_of(c.get("top_logprobs"), where) or [(str(c["token"]), float(c["logprob"]))] for c in content]
-        return tokens, alts
-    top = row.get("top_logprobs")
-    if top is None:
-        return None, None
-    toks = row.get("tokens")
-    if many:
-        if not isinstance(top, list) or len(top) != n_resp:
-            raise DataError(
-                f"{where}: with 'responses', 'top_logprobs' must be a list with one entry per response.", "bad_logprobs"
+def _jsonl_rows(path: pathlib.Path, f, lines: list[int]) -> Iterator[tuple[str, Any]]:
+    offset = 0  # byte offset of the line's start (in the decompressed stream for .gz)
+    for n, raw in enumerate(f, start=1):
+        lines[0] = n
+        start, offset = offset, offset + len(raw)
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            yield (
+                where,
+                DataError(
+                    f"{where}: byte 0x{raw[e.start]:02x} at byte offset {start + e.start} is not UTF-8 text; "
+                    "save the file as UTF-8, or fix or remove the line, or set data.on_error=skip.",
+                    "bad_encoding",
+                ),
             )
-        top = top[idx]
-        toks = toks[idx] if isinstance(toks, list) and len(toks) == n_resp else None
-        if top is None:
-            return None, None
-    if not isinstance(top, list):
-        raise DataError(f"{where}: 'top_logprobs' must be a list with one entry per teacher token.", "bad_logprobs")
-    alts = [_alts_of(pos, where) for pos in top]
-    if toks is not None and len(toks) != len(alts):
-        raise DataError(f"{where}: 'tokens' has {len(toks)} entries but 'top_logprobs' {len(alts)}.", "bad_logprobs")
-    return ([str(t) for t in toks] if toks is not None else None), alts
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield (
+                where,
+                DataError(
+                    f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or "
+                    "remove the line, or set data.on_error=skip.",
+                    "malformed_json",
+                ),
+            )
+            continue
+        if not isinstance(row, dict):
+            yield where, DataError(f"{where}: a corpus line must be a JSON object.", "malformed_json")
+            continue
+        yield where, row
+
+
+_FIX = "fix or remove the line, or set data.on_error=skip"
+
+
+def _show(value) -> str:
+    """A short description of a bad value for a message."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+def _bad(where: str, field: str, problem: str, reason: str = "bad_logprobs") -> DataError:
+    return DataError(f"{where}: field '{field}' {problem}; {_FIX}.", reason)
+
+
+def _logprob(value, where: str, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(where, field, f"is {_show(value)}, not a number (a log-probability)")
+    value = float(value)
+    if math.isnan(value) or value > 1e-4:
+        raise _bad(where, field, f"holds the log-prob {value}, outside (-inf, 0]")
+    return value
+
+
+def _text(value, where: str, field: str) -> str:
+    if not isinstance(value, str):
+        raise _bad(where, field, f"is {_show(value)}, not a string (a token's text)")
+    return value
+
+
+def _raw_bytes(value, where: str, field: str) -> bytes | None:
+    """A token's true bytes (a list of ints 0-255), or None when not given."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in value
+    ):
+        raise _bad(where, field, f"is {_show(value)}, not a list of byte values 0-255")
+    return bytes(value)
+
+
+def _list(value, where: str, field: str, what: str) -> list:
+    if not isinstance(value, list):
+        raise _bad(where, field, f"is {_show(value)}; it must be a list {what}")
+    return value
+
+
+def _alts_of(entries, where: str, field: str) -> tuple[list[tuple[str, float]], list[bytes | None]]:
+    """One position's alternatives and their true bytes (None where not given), from a list of
+    {token, logprob, bytes?} or a {token: logprob} map."""
+    if entries is None:
+        return [], []
+    if isinstance(entries, dict):
+        alts = [(_text(t, where, field), _logprob(lp, where, f"{field}[{t!r}]")) for t, lp in entries.items()]
+        return alts, [None] * len(alts)
+    _list(entries, where, field, "of {token, logprob} objects or a {token: logprob} object")
+    alts, raws = [], []
+    for j, e in enumerate(entries):
+        if not isinstance(e, dict) or "token" not in e or "logprob" not in e:
+            raise _bad(where, f"{field}[{j}]", f"is {_show(e)}; each alternative needs 'token' and 'logprob'")
+        alts.append(
+            (_text(e["token"], where, f"{field}[{j}].token"), _logprob(e["logprob"], where, f"{field}[{j}].logprob"))
+        )
+        raws.append(_raw_bytes(e.get("bytes"), where, f"{field}[{j}].bytes"))
+    return alts, raws
+
+
+@dataclasses.dataclass
+class _TeacherLogprobs:
+    tokens: list[str] | None
+    token_bytes: list[bytes | None] | None
+    alts: list[list[tuple[str, float]]]
+    alt_bytes: list[list[bytes | None]]
+
+
+def _openai_logprobs(content, where: str, field: str) -> _TeacherLogprobs:
+    content = content.get("content") if isinstance(content, dict) else content
+    if not isinstance(content, list):
+        raise _bad(where, field, "must follow the OpenAI layout {'content': [{token, logprob, top_logprobs}, ...]}")
+    tokens, token_bytes, alts, alt_bytes = [], [], [], []
+    for i, c in enumerate(content):
+        at = f"{field}.content[{i}]"
+        if not isinstance(c, dict) or "token" not in c or "logprob" not in c:
+            raise _bad(where, at, f"is {_show(c)}; each entry needs 'token' and 'logprob'")
+        token, logprob = _text(c["token"], where, f"{at}.token"), _logprob(c["logprob"], where, f"{at}.logprob")
+        raw = _raw_bytes(c.get("bytes"), where, f"{at}.bytes")
+        pos, pos_bytes = _alts_of(c.get("top_logprobs"), where, f"{at}.top_logprobs")
+        if not pos:
+            pos, pos_bytes = [(token, logprob)], [raw]
+        tokens.append(token)
+        token_bytes.append(raw)
+        alts.append(pos)
+        alt_bytes.append(pos_bytes)
+    return _TeacherLogprobs(tokens, token_bytes, alts, alt_bytes)
+
+
+def _per_response(row: dict, key: str, idx: int, n_resp: int, where: str):
+    """(field name, value) of `key` for response `idx`: with `responses`, the list's entry `idx`."""
+    value = row.get(key)
+    if "responses" not in row or value is None:
+        return key, value
+    if not isinstance(value, list) or len(value) != n_resp:
+        raise _bad(
+            where, key, f"must be a list with one entry (or null) per response ({n_resp}) when 'responses' is given"
+        )
+    return f"{key}[{idx}]", value[idx]
+
+
+def _logprobs_of(row: dict, idx: int, n_resp: int, where: str) -> _TeacherLogprobs | None:
+    """The teacher's tokens, their bytes and alternatives for response `idx` (None when not given),
+    from either accepted layout."""
+    lp = row.get("logprobs")
+    if lp is not None and not isinstance(lp, (dict, list)):
+        raise _bad(where, "logprobs", f"is {_show(lp)}; it must follow the OpenAI layout {{'content': [...]}}")
+    if lp:
+        if "responses" in row and isinstance(lp, list):
+            field, content = _per_response(row, "logprobs", idx, n_resp, where)
+            return None if content is None else _openai_logprobs(content, where, field)
+        return _openai_logprobs(lp, where, "logprobs")
+    field, top = _per_response(row, "top_logprobs", idx, n_resp, where)
+    if top is None:
+        return None
+    _list(top, where, field, "with one entry per teacher token")
+    alts, alt_bytes = [], []
+    for i, pos in enumerate(top):
+        a, b = _alts_of(pos, where, f"{field}[{i}]")
+        alts.append(a)
+        alt_bytes.append(b)
+    tokens = token_bytes = None
+    if row.get("tokens") is not None:
+        tfield, toks = _per_response(row, "tokens", idx, n_resp, where)
+        if toks is not None:
+            _list(toks, where, tfield, "of token strings, parallel to 'top_logprobs'")
+            tokens = [_text(t, where, f"{tfield}[{i}]") for i, t in enumerate(toks)]
+            if len(tokens) != len(alts):
+                raise _bad(where, tfield, f"has {len(tokens)} entries but '{field}' {len(alts)}")
+    if row.get("token_bytes") is not None:
+        bfield, raws = _per_response(row, "token_bytes", idx, n_resp, where)
+        if raws is not None:
+            _list(raws, where, bfield, "of byte lists, parallel to 'top_logprobs'")
+            token_bytes = [_raw_bytes(r, where, f"{bfield}[{i}]") for i, r in enumerate(raws)]
+            if len(token_bytes) != len(alts):
+                raise _bad(where, bfield, f"has {len(token_bytes)} entries but '{field}' {len(alts)}")
+    return _TeacherLogprobs(tokens, token_bytes, alts, alt_bytes)
+
+
+def _messages_of(messages, where: str) -> list:
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
+    ):
+        raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects.", "missing_field")
+    return messages
+
+
+def _sample_index(row: dict, where: str) -> int:
+    value = row.get("sample_index")
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():  # parquet written from pandas: ints with nulls are floats
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(where, "sample_index", f"is {_show(value)}, not a non-negative integer", "bad_field")
+    return value
 
 
 def samples_of_row(row: dict, where: str) -> list[Sample]:
@@ -214,11 +369,11 @@ def samples_of_row(row: dict, where: str) -> list[Sample]:
         )
     messages, prompt = row.get("messages"), row.get("prompt")
     if "responses" in row and row["responses"] is not None:
-        responses = row["responses"]
+        responses, resp_field = row["responses"], "responses[{}]"
         if not isinstance(responses, list):
             raise DataError(f"{where}: 'responses' must be a list of strings.", "missing_field")
     elif row.get("response") is not None:
-        responses = [row["response"]]
+        responses, resp_field = [row["response"]], "response"
     elif (
         isinstance(messages, list)
         and messages
@@ -226,35 +381,39 @@ def samples_of_row(row: dict, where: str) -> list[Sample]:
         and messages[-1].get("role") == "assistant"
     ):
         responses, messages = [messages[-1].get("content")], messages[:-1]
+        resp_field = f"messages[{len(messages)}].content"
     else:
         raise DataError(
             f"{where}: missing field 'response' (or 'responses', or a final assistant message).", "missing_field"
         )
     if messages is None and prompt is None:
         raise DataError(f"{where}: missing field 'prompt' (or chat 'messages').", "missing_field")
-    if messages is not None and (
-        not isinstance(messages, list)
-        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
-    ):
-        raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects.", "missing_field")
-    meta = dict(row.get("meta") or {})
+    if messages is not None and not _messages_of(messages, where):
+        if prompt is None:  # a chat template cannot format an empty conversation
+            raise DataError(
+                f"{where}: 'messages' holds no message before the response; add the prompt (a user message) "
+                "before it, or remove the line, or set data.on_error=skip.",
+                "missing_field",
+            )
+        messages = None  # the plain `prompt` is the prompt
+    if messages is None and (not isinstance(prompt, (str, int, float)) or isinstance(prompt, bool)):
+        raise _bad(where, "prompt", f"is {_show(prompt)}, not a string", "bad_field")
+    meta = row.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise _bad(where, "meta", f'is {_show(meta)}, not an object (e.g. {{"teacher_model": ...}})', "bad_field")
+    meta = dict(meta or {})
     for key in ("teacher_model", "model", "temperature"):
         if key in row and key not in meta:
             meta[key] = row[key]
     out = []
     # One line per (prompt, sample), as `collect` writes: `sample_index` numbers the prompt's samples.
-    first_index = int(row.get("sample_index") or 0) if len(responses) == 1 else 0
+    first_index = _sample_index(row, where) if len(responses) == 1 else 0
     for i, resp in enumerate(responses, start=first_index):
-        if not isinstance(resp, str) or not resp.strip():
+        if not isinstance(resp, str):
+            raise _bad(where, resp_field.format(i - first_index), f"is {_show(resp)}, not a string", "bad_field")
+        if not resp.strip():
             raise DataError(f"{where}: empty response (index {i}) for id {row['id']!r}.", "empty_response")
-        toks, alts = _logprobs_of(row, i - first_index, len(responses), where)
-        if alts is not None:
-            for pos in alts:
-                for _, lp in pos:
-                    if math.isnan(lp) or lp > 1e-4:
-                        raise DataError(
-                            f"{where}: top_logprobs hold a log-prob {lp} outside (-inf, 0].", "bad_logprobs"
-                        )
+        lp = _logprobs_of(row, i - first_index, len(responses), where)
         out.append(
             Sample(
                 where=where,
@@ -263,9 +422,11 @@ def samples_of_row(row: dict, where: str) -> list[Sample]:
                 prompt=None if messages is not None else str(prompt),
                 messages=messages,
                 response=resp,
-                teacher_tokens=toks,
-                teacher_alts=alts,
+                teacher_tokens=None if lp is None else lp.tokens,
+                teacher_alts=None if lp is None else lp.alts,
                 meta=meta,
+                teacher_token_bytes=None if lp is None else lp.token_bytes,
+                teacher_alt_bytes=None if lp is None else lp.alt_bytes,
             )
         )
     return out

@@ -2,8 +2,9 @@
 
 Memory is bounded by `data.prepare_buffer_mb`: rows are read one at a time, tokenised in batches of
 at most that much text and written at once; only the seen prompt ids (to refuse duplicates) and the
-written sample ids grow with the corpus, at 8 bytes per id. Output is written to a temporary sibling folder and renamed
-into place at the end, so a crash never leaves a half-written prepared directory behind.
+written sample ids grow with the corpus, at 8 bytes per id. Output is written to a temporary sibling folder
+(`.<out>.tmp`, removed by the next run if a crash leaves it) and renamed into place at the end, so a crash
+never leaves a half-written prepared directory behind.
 """
 
 import array
@@ -128,7 +129,9 @@ def _check_out(out: pathlib.Path, overwrite: bool):
         )
 
 
-def prepare(corpus_paths, tokenizer, out_dir, cfg, overwrite: bool = False, progress: bool = True) -> dict:
+def prepare(
+    corpus_paths, tokenizer, out_dir, cfg, overwrite: bool = False, progress: bool = True, keep: tuple[str, ...] = ()
+) -> dict:
     """Tokenises and splits a teacher corpus into `out_dir`; returns the manifest it wrote.
 
     Args:
@@ -136,29 +139,53 @@ def prepare(corpus_paths, tokenizer, out_dir, cfg, overwrite: bool = False, prog
       tokenizer: a Hugging Face fast tokenizer (its chat template formats `messages`).
       out_dir: the prepared directory to create (refused if it exists unless `overwrite`).
       cfg: the `data` config group (or a whole config holding one).
+      keep: names of files in an existing `out_dir` to carry into the new one (the stage's record),
+        copied in before the swap so that no moment leaves `out_dir` without them.
+
+    The records are written to `.<out>.tmp` beside `out_dir` (a name a killed run's successor finds
+    and removes) and swapped into place at the end.
     """
     dcfg = _data_group(cfg)
     out = pathlib.Path(out_dir)
     _check_out(out, overwrite)
     fractions = split.split_fractions(dcfg.split)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp, old = _scratch(out)
+    for stale in (tmp, old):  # left by a run killed mid-prepare or mid-swap
+        if stale.exists():
+            shutil.rmtree(stale)
     tmp.mkdir(parents=True)
     try:
         manifest = _prepare_into(corpus_paths, tokenizer, tmp, dcfg, fractions, progress)
         _check_out(out, overwrite)
+        for name in keep:
+            if (out / name).is_file():
+                shutil.copy2(out / name, tmp / name)
+        _fsync_dir(tmp)
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)
             shutil.rmtree(old)
         else:
             tmp.rename(out)
+        _fsync_dir(out.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return manifest
+
+
+def _scratch(out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """(temporary folder, the old folder's place during the swap) of `out`: fixed names beside it, not
+    the `.<name>.old` the artifact layer uses for its own swap."""
+    return out.parent / f".{out.name}.tmp", out.parent / f".{out.name}.replaced"
+
+
+def _fsync_dir(path: pathlib.Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def decide_head(corpus_paths, tokenizer, dcfg) -> tuple[str, dict]:

@@ -136,6 +136,12 @@ def shard_name(host: int, seq: int) -> str:
     return f"shard-{host:05d}-{seq:05d}"
 
 
+def _shard_seq(path: pathlib.Path) -> int:
+    """The shard number in `shard-HHHHH-SSSSS.<ext>` (-1 for a name that is not a shard's)."""
+    parts = path.name.split(".", 1)[0].split("-")
+    return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else -1
+
+
 class StoreWriter:
     """Writes one host's store shards; `add` per sample, `close` to finish the last shard."""
 
@@ -171,7 +177,12 @@ class StoreWriter:
                         "write to a new store folder or delete the old shards."
                     )
             self._finished.append(m)
-        self._seq = len(self._finished)
+        # The next shard number follows the highest one on disk (finished or not), never the count of
+        # finished shards: after a shard is deleted, the count would name an existing shard and overwrite it.
+        self._seq = 1 + max((_shard_seq(p) for p in self.dir.glob(f"shard-{host:05d}-*")), default=-1)
+        for orphan in self.dir.glob(f"shard-{host:05d}-*.bin"):  # data of a shard whose manifest was never written
+            if not orphan.with_suffix(".json").exists():
+                orphan.unlink()
         self._reset()
 
     @classmethod

@@ -8,8 +8,10 @@ copies the tokenizer to `<run>/prepared/tokenizer/` so every later stage uses th
 from __future__ import annotations
 
 import logging
+import pathlib
 import shutil
 
+from proxykd_jax.context.artifacts import RECORD
 from proxykd_jax.data.prepare import prepare as prepare_corpus
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.errors import ProxyKDError
@@ -31,6 +33,10 @@ def corpus_paths(ctx) -> list[str]:
     return [str(corpus)]
 
 
+def _holds_only_record(folder: pathlib.Path) -> bool:
+    return folder.is_dir() and {p.name for p in folder.iterdir()} <= {RECORD, RECORD + ".tmp"}
+
+
 def run(ctx) -> dict:
     """Prepares (or reuses) the records; returns the manifest."""
     art = ctx.artifact("prepare")
@@ -50,9 +56,14 @@ def run(ctx) -> dict:
     art.begin()
     if ctx.is_writer:
         try:
-            prepare_corpus(sources, tok, art.work, ctx.cfg.data, overwrite=True)
-        except ProxyKDError:
-            if fresh:  # bad corpus: leave no half-made artifact behind (prepare writes nothing until done)
+            # The record `begin` wrote is carried into the new folder before it is swapped into place, so a
+            # kill never leaves `prepared/` without its (unfinished) record (between the swap's two renames
+            # there is no `prepared/` at all): the same command runs again instead of being refused.
+            prepare_corpus(sources, tok, art.work, ctx.cfg.data, overwrite=True, keep=(RECORD,))
+        except BaseException:
+            # Bad input (or any failure): leave no half-made artifact behind whose record would make the
+            # corrected command refused; prepare writes nothing into it until done, so nothing is lost.
+            if fresh or _holds_only_record(art.work):
                 shutil.rmtree(art.work, ignore_errors=True)
             raise
         tok.save_pretrained(str(art.work / "tokenizer"))

@@ -2,7 +2,7 @@
 
 A line counts only once it is whole on disk: appends are fsynced, a write that fails part-way
 (a full disk, a file-size limit, an I/O error) is cut back to the last whole line, and a torn
-last line left by a crash is cut off when the file is opened again.
+last line left by a crash is cut off when the file is opened again (the corpus and its failures file).
 """
 
 from __future__ import annotations
@@ -15,19 +15,26 @@ import pathlib
 from proxykd_jax.teacher.prompts import CollectError
 
 
+def _read_cut_torn(path: pathlib.Path) -> list[bytes]:
+    """The file's lines (the last one empty); a torn last line (crash mid-write) is cut off the file."""
+    try:
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        if lines[-1]:  # no trailing newline: the last write was torn by a crash
+            print(f"[collect] {path}: dropping a torn last line ({len(lines[-1])} bytes) left by a crash")
+            with open(path, "r+b") as f:
+                f.truncate(len(data) - len(lines[-1]))
+            lines[-1] = b""
+    except OSError as err:
+        raise CollectError(f"{path} cannot be read and repaired ({err.strerror}); check its permissions") from None
+    return lines
+
+
 def read_done(out: pathlib.Path) -> set[str]:
     """Keys already in the corpus; a torn last line (crash mid-write) is cut off the file."""
     if not out.exists():
         return set()
-    try:
-        data = out.read_bytes()
-        lines = data.split(b"\n")
-        if lines[-1]:  # no trailing newline: the last write was torn by a crash
-            print(f"[collect] {out}: dropping a torn last line ({len(lines[-1])} bytes) left by a crash")
-            with open(out, "r+b") as f:
-                f.truncate(len(data) - len(lines[-1]))
-    except OSError as err:
-        raise CollectError(f"{out} cannot be read and repaired ({err.strerror}); check its permissions") from None
+    lines = _read_cut_torn(out)
     done = set()
     for lineno, raw in enumerate(lines[:-1], start=1):
         if not raw.strip():
@@ -47,10 +54,7 @@ def read_declined(path: pathlib.Path) -> set[str]:
     file): asking again would pay again for the same answer. Unreadable lines are skipped."""
     if not path.exists():
         return set()
-    try:
-        lines = path.read_bytes().split(b"\n")
-    except OSError as err:
-        raise CollectError(f"{path} cannot be read ({err.strerror}); check its permissions") from None
+    lines = _read_cut_torn(path)  # else the next append would merge into the torn line and be lost
     keys = set()
     for raw in lines:
         try:
