@@ -253,14 +253,21 @@ def _check_mesh(cfg, stage: str | None, num_devices: int, process_count: int) ->
     except ValueError as e:
         raise ConfigError(str(e)) from None
     shards = data * fsdp  # the batch dimension is split over ("data", "fsdp")
-    # the training batches each stage splits over the batch shards (align's own batch, distill's train batch)
-    for stage_name, group, field in (("distill", "train", "batch_size"), ("align", "align", "batch_size")):
+    # the batches each stage splits over the batch shards, and whether processes hold different rows
+    # of them (align's held-out and reference passes: every process holds the whole batch)
+    for stage_name, group, field, per_process in (
+        ("distill", "train", "batch_size", True),
+        ("align", "align", "batch_size", True),
+        ("align", "align", "eval_batch_size", False),
+        ("posterior", "posterior", "batch_size", True),
+        ("eval", "eval", "batch_size", True),
+    ):
         if stage not in (None, "demo", stage_name) or group not in cfg:
             continue
         value = int(cfg[group][field])
         for ways, what in (
             (shards, f"the mesh's data x fsdp = {data} x {fsdp} batch shards"),
-            (process_count, f"the {process_count} processes"),
+            (process_count if per_process else 1, f"the {process_count} processes"),
         ):
             if value % ways:
                 raise ConfigError(

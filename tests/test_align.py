@@ -370,3 +370,41 @@ def test_phase_with_grad_accum_logs_the_lr_of_each_optimizer_update(tmp_path):
     assert [logged[s] for s in range(1, 7)] == pytest.approx(expected, rel=1e-6)
     after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(trained, nnx.Param))]
     assert max(np.abs(a - b).max() for a, b in zip(after, before)) > 0
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_phase_mfu_counts_no_weight_gradients_for_a_lora_base(tmp_path, monkeypatch, rank):
+    """The loop's FLOPs per step (its MFU numerator) are those `proxykd plan` uses: forward + backward
+    for full fine-tuning, about 2x forward for LoRA on a frozen base (it counted 3x forward)."""
+    from proxykd_jax.align import config as align_config
+    from proxykd_jax.align.rounds import PhaseTrainer
+    from proxykd_jax.models.llama import flops_per_token
+    from proxykd_jax.train import loop as loop_lib
+    from proxykd_jax.train import optim
+    from proxykd_jax.train.loop import default_config as train_default_config
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_loop(*args, **kwargs):
+        seen["flops"] = kwargs["flops_per_step"]
+        raise Stop
+
+    monkeypatch.setattr(loop_lib, "Loop", fake_loop)
+    acfg = align_config.default_config()
+    acfg.lora.rank = rank
+    mesh = make_mesh(ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": 1, "tensor": 1}}), jax.devices()[:1])
+    trainer = PhaseTrainer(acfg, optim.default_config(), train_default_config(), mesh, LOGICAL_RULES, seq_len=16)
+    base = _model(2)
+    trainable, frozen = (lora.LoraAdapters(base, rank=2, alpha=4.0, targets=("wq",), rngs=nnx.Rngs(1)), (base,))
+    if not rank:
+        trainable, frozen = base, ()
+    loss_fn = functools.partial(objectives.sft_loss_fn, chunk=16)
+    with pytest.raises(Stop):
+        trainer.train(tmp_path, trainable, frozen, loss_fn, iter(()), steps=4, lr=1e-3, rows_per_step=4)
+    forward = 4 * 16 * flops_per_token(base.cfg, 16, backward=False)
+    assert seen["flops"] == pytest.approx(
+        2 * forward if rank else 4 * 16 * flops_per_token(base.cfg, 16, backward=True)
+    )

@@ -108,3 +108,18 @@ def test_every_default_and_preset_passes_validate():
         for stage in STAGES:
             config_lib._check_ranges(cfg, STAGES[stage].groups or tuple(cfg.keys()))
             config_lib._check_align(cfg.align)
+
+
+@pytest.mark.parametrize(
+    "stage, field, value",
+    [("posterior", "posterior.batch_size", 12), ("eval", "eval.batch_size", 12), ("align", "align.eval_batch_size", 4)],
+)
+def test_every_sharded_batch_size_must_split_over_the_batch_shards(stage, field, value):
+    """These batches are split over data x fsdp too: a size that does not divide used to pass
+    validation and fail mid-stage, naming train.batch_size."""
+    cfg = config_lib.base_config()
+    group, name = field.split(".")
+    cfg[group][name] = value
+    with pytest.raises(ConfigError, match=rf"config.{field}={value} is not a multiple of .* 8 batch shards"):
+        config_lib.validate(cfg, stage, num_devices=8)
+    config_lib.validate(cfg, "prior", num_devices=8)  # a stage that does not use the field

@@ -134,6 +134,12 @@ def test_bad_inputs(tmp_path):
         hf.load_hf(tmp_path / "empty")
     with pytest.raises(ValueError, match="Unsupported architecture.*GPT2LMHeadModel.*LlamaForCausalLM"):
         hf.config_from_hf({"architectures": ["GPT2LMHeadModel"]})
+    # Settings the model does not implement are refused, not imported into another computation.
+    llama = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_attention_heads": 4}
+    with pytest.raises(ValueError, match="hidden_act='gelu'; only silu"):
+        hf.config_from_hf({**llama, "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="mlp_bias=true"):
+        hf.config_from_hf({**llama, "mlp_bias": True})
     ref = _hf_model("llama")
     ref.save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text(

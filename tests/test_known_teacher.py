@@ -106,6 +106,8 @@ def test_word_tokenizer(tmp_path):
     assert tokenizer_hash(tok) != tokenizer_hash(build_word_tokenizer(["apple", "c9", "b"]))
     with pytest.raises(ValueError, match="special tokens"):
         build_word_tokenizer(["<eos>", "a"])
+    with pytest.raises(ValueError, match="starting with '##'"):  # decoded "a ##x" as "ax"
+        build_word_tokenizer(["a", "##x"])
 
 
 def test_bpe_tokenizer(tmp_path):

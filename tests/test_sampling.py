@@ -231,6 +231,8 @@ def test_top_k_and_top_p_restrict_support():
     np.testing.assert_allclose(free, np.exp(logits), atol=0.015)
     topk = np.bincount(_draws(logits, n, top_k=3), minlength=7) / n
     assert set(np.nonzero(topk)[0]) == {1, 3, 4}
+    # k at or past the vocabulary keeps every token (lax.top_k raised for k > V)
+    np.testing.assert_allclose(np.bincount(_draws(logits, n, top_k=9), minlength=7) / n, np.exp(logits), atol=0.015)
     np.testing.assert_allclose(topk[[1, 3, 4]], np.array([0.3, 0.25, 0.2]) / 0.75, atol=0.015)
     # nucleus 0.6: 0.3 + 0.25 = 0.55 < 0.6, so token 4 (0.2) is the last one kept
     topp = np.bincount(_draws(logits, n, top_p=0.6), minlength=7) / n

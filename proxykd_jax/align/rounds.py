@@ -221,8 +221,9 @@ class PhaseTrainer:
     def train(self, phase_dir, trainable, frozen, loss_fn, data_iter, *, steps, lr, rows_per_step, cache_key=None):
         """Runs `steps` steps of `loss_fn` in `phase_dir` (resuming from its checkpoints); returns the
         trained module (a new module; `trainable` may be donated). Every `optim.grad_accum` steps make
-        one optimizer update, the schedule's unit. MFU counts the step's own work:
-        fwd + bwd of the policy on every row (reference log-probs are precomputed)."""
+        one optimizer update, the schedule's unit. MFU counts the step's own work: fwd + bwd of the
+        policy on every row (reference log-probs are precomputed), without weight gradients for a
+        LoRA-adapted frozen base (about 2x forward, the adapters' own FLOPs left out)."""
         from flax import nnx
 
         from proxykd_jax.models.llama import flops_per_token
@@ -251,7 +252,10 @@ class PhaseTrainer:
             optimizer, step = cached
             graphdef, state, shardings = phases.train_state_from(trainable, optimizer, self.mesh, self.rules)
         model_cfg = (frozen[0] if frozen else trainable).cfg
-        flops_tok = flops_per_token(model_cfg, self.seq_len, backward=True)
+        if int(self.acfg.lora.rank) > 0:  # a frozen base: forward + input gradients, no weight gradients (as `plan`)
+            flops_tok = 2 * flops_per_token(model_cfg, self.seq_len, backward=False)
+        else:
+            flops_tok = flops_per_token(model_cfg, self.seq_len, backward=True)
         flops = metrics_lib.step_flops(rows_per_step * self.seq_len, flops_tok)
         tcfg = ml_collections.ConfigDict(self.train_cfg.to_dict())
         tcfg.steps, tcfg.batch_size, tcfg.seq_len = steps, rows_per_step, self.seq_len

@@ -14,8 +14,9 @@ Implementations (`model.attention`):
 - `cudnn`: cuDNN fused flash attention (bf16/fp16, NVIDIA Hopper or newer) in its packed-sequence
   layout: each row's contiguous segments (the padding tail as one more) are passed as lengths and
   offsets with the padding-causal mask type, so no [B, L, L] mask is built, read, or differentiated.
-  A batch with a row of more than `model.attention_segments` segments (default
-  `PACKED_MAX_SEGMENTS`) takes the `cudnn_masked` call instead (a `lax.cond` per batch).
+  A batch with a row of more than `model.attention_segments` runs (default `PACKED_MAX_SEGMENTS`;
+  a padding tail is a run too, so a padded row holds one segment fewer) takes the `cudnn_masked` call
+  instead (a `lax.cond` per batch).
 - `cudnn_masked`: `jax.nn.dot_product_attention(implementation="cudnn")` with the causal mask type
   plus the segment mask as an additive bias (any GPU cuDNN supports; cuDNN also computes the bias
   gradient, which nothing uses).

@@ -59,6 +59,11 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
             raise ValueError(f"config.json rope type {rope_type!r} is not supported; supported: default, llama3.")
         if arch != "Qwen2ForCausalLM" and hf.get("attention_bias"):
             raise ValueError("config.json sets attention_bias=true (bias on o_proj too), which is not supported.")
+        if hf.get("mlp_bias"):
+            raise ValueError("config.json sets mlp_bias=true (biases on the MLP projections), which is not supported.")
+        act = hf.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"config.json sets hidden_act={act!r}; only silu (SwiGLU) is supported.")
         max_seq_len = int(hf.get("max_position_embeddings", 2048))
         window = hf.get("sliding_window")
         if window and (arch == "MistralForCausalLM" or hf.get("use_sliding_window")):

@@ -44,7 +44,7 @@ def sample_logits(logits_BxV, rng, temperature_B, top_p_B, *, top_k: int = 0) ->
     logits_BxV = logits_BxV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
     scaled = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
-    if top_k > 0:
+    if 0 < top_k < logits_BxV.shape[-1]:  # (k >= V keeps every token, as transformers' clamp does)
         kth_Bx1 = jax.lax.top_k(scaled, top_k)[0][:, -1:]
         scaled = jnp.where(scaled < kth_Bx1, -jnp.inf, scaled)
     sorted_BxV = jnp.sort(scaled, axis=-1)[:, ::-1]
@@ -256,6 +256,10 @@ def generate(
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     if top_k < 0 or top_logprobs < 0:
         raise ValueError(f"top_k and top_logprobs must be >= 0, got {top_k} and {top_logprobs}.")
+    if top_logprobs > model.cfg.vocab_size:
+        raise ValueError(
+            f"top_logprobs={top_logprobs} exceeds the model's vocabulary of {model.cfg.vocab_size} tokens."
+        )
     if not isinstance(prompt_lengths_B, jax.core.Tracer):
         lengths = np.asarray(prompt_lengths_B)
         if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > p:

@@ -65,9 +65,12 @@ def build_word_tokenizer(words, folder=None) -> PreTrainedTokenizerFast:
     known words separated by single spaces. Saved to `folder` when given.
     """
     words = list(dict.fromkeys(words))
-    clash = [w for w in words if w in SPECIAL_TOKENS or not w or any(c.isspace() for c in w)]
+    # (the decoder glues a word starting with "##" onto the one before it)
+    clash = [w for w in words if w in SPECIAL_TOKENS or not w or any(c.isspace() for c in w) or w.startswith("##")]
     if clash:
-        raise ValueError(f"Word list holds special tokens, empty words or words with spaces: {clash[:5]}.")
+        raise ValueError(
+            f"Word list holds special tokens, empty words, words with spaces or starting with '##': {clash[:5]}."
+        )
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     vocab.update({w: i + len(SPECIAL_TOKENS) for i, w in enumerate(words)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

@@ -204,7 +204,8 @@ def _assemble(host_batch, mesh: Mesh, rules, *, stacked: int) -> dict[str, jax.A
         if rows % ways:
             raise ValueError(
                 f"global batch of {rows} rows (field {name!r}) does not split over {ways} batch shards "
-                f"({sharding.spec[lead]}); make train.batch_size a multiple of {ways}."
+                f"({sharding.spec[lead]}); make the stage's batch size (train.batch_size, posterior.batch_size, "
+                f"eval.batch_size, ...) a multiple of {ways}."
             )
         shape = value.shape[:lead] + (rows,) + value.shape[lead + 1 :]
         out[name] = jax.make_array_from_process_local_data(sharding, value, shape)
