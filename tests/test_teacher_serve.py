@@ -10,6 +10,7 @@ import threading
 import time
 
 import numpy as np
+import openai
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -93,6 +94,8 @@ BAD_REQUESTS = [  # (path, raw JSON body, status, the field the error names)
     (COMPLETIONS, "{" + OK_COMPLETION + ', "temperature": NaN}', 400, "temperature"),
     (COMPLETIONS, "{" + OK_COMPLETION + ', "max_tokens": -3}', 400, "max_tokens"),
     (COMPLETIONS, '{"model": "toy", "prompt": "' + LONG_PROMPT + '"}', 400, "prompt"),
+    (CHAT, "{" + OK_CHAT + ', "stream": true}', 400, "stream"),
+    (COMPLETIONS, "{" + OK_COMPLETION + ', "stream": true}', 400, "stream"),
 ]
 
 
@@ -114,6 +117,20 @@ def test_bad_request_table():
         assert post(srv.port, COMPLETIONS, "{" + OK_COMPLETION + ', "max_tokens": 4, "n": 2}')[0] == 200
     # the tokenizer saw only the two good and the two over-long prompts; generation only the good ones (n=1, n=2)
     assert sum(app.state.batcher.calls) == 3 and backend.encoded == 4
+
+
+def test_streaming_is_refused_not_answered_with_an_empty_stream():
+    app = make_app(ToyBackend())
+    with ServerThread(app) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": "hi"}]
+        with pytest.raises(openai.BadRequestError, match="streaming is not supported") as chat:
+            list(client.chat.completions.create(model="toy", messages=messages, max_tokens=4, stream=True))
+        with pytest.raises(openai.BadRequestError, match="streaming is not supported") as completion:
+            list(client.completions.create(model="toy", prompt="hi", max_tokens=4, stream=True))
+        assert chat.value.body["param"] == completion.value.body["param"] == "stream"
+        plain = client.chat.completions.create(model="toy", messages=messages, max_tokens=4, stream=False)
+        assert plain.choices[0].message.content
 
 
 def test_body_limit_answers_413_before_tokenising():
@@ -190,6 +207,47 @@ class FixedToy(ToyBackend):
         top = [[(i, -0.1), (ord("q"), -2.5)] for i in ids]
         c = Completion(ids, "stop", [-0.1] * len(ids) if logprobs else None, top if logprobs else None)
         return [[c] * n for _ in prompts]
+
+
+class WordToy(ToyBackend):
+    """Always answers 'w1 w2 w3' as three word tokens: "w1", " w2", " w3"."""
+
+    WORDS = ["w1", " w2", " w3"]
+
+    def decode(self, ids):
+        return "".join(self.WORDS[i] for i in ids)
+
+    def token_bytes(self, context_ids, candidate_ids):
+        return [self.WORDS[i].encode() for i in candidate_ids]
+
+    def complete(self, prompts, *, n, logprobs, **kw):
+        top = [[(i, -0.2)] for i in range(3)]
+        c = Completion([0, 1, 2], "stop", [-0.2, -0.3, -0.4] if logprobs else None, top if logprobs else None)
+        return [[c] * n for _ in prompts]
+
+
+@pytest.mark.parametrize(
+    "stop, text, tokens",
+    [
+        ("w2", "w1 ", ["w1", " w2"]),  # " w2" straddles the cut: kept, the text ends before the stop string
+        (" w2", "w1", ["w1"]),  # the stop string begins on a token boundary: the tokens spell the text
+        ("w1", "", []),
+        ("w9", "w1 w2 w3", ["w1", " w2", " w3"]),
+    ],
+)
+def test_stop_strings_keep_every_token_the_text_needs(stop, text, tokens):
+    with ServerThread(make_app(WordToy())) as srv:
+        body = {"model": "toy", "prompt": "ab", "logprobs": 1, "stop": stop}
+        status, answer = post(srv.port, COMPLETIONS, json.dumps(body))
+        assert status == 200
+        choice = answer["choices"][0]
+        assert choice["text"] == text and choice["logprobs"]["tokens"] == tokens
+        assert answer["usage"]["completion_tokens"] == len(tokens) == len(choice["logprobs"]["top_logprobs"])
+        chat = {"model": "toy", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "stop": [stop]}
+        status, answer = post(srv.port, CHAT, json.dumps(chat))
+        assert status == 200 and answer["choices"][0]["message"]["content"] == text
+        assert [e["token"] for e in answer["choices"][0]["logprobs"]["content"]] == tokens
+        assert answer["usage"]["completion_tokens"] == len(tokens)
 
 
 def test_token_bytes_and_text_offset_on_the_wire(tmp_path):

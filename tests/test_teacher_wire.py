@@ -20,6 +20,7 @@ from proxykd_jax.progress import bar
 from proxykd_jax.teacher.backends import ToyBackend
 from proxykd_jax.teacher.client import CollectError, RateLimiter, collect
 from proxykd_jax.teacher.config import collect_config
+from proxykd_jax.teacher.responses import MalformedResponse, parse_answer
 from proxykd_jax.teacher.server import Faults, ServerThread, make_app
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -259,6 +260,52 @@ def test_response_without_content_is_final_not_failed(tmp_path):
     # asked once: the re-run skipped it (asking again would pay again for the same answer)
     assert asked[fails[0]["key"]] == 1
     assert again["done"] == 1 and again["already_declined"] == 1 and len(read_corpus(cfg.out)) == 5
+
+
+@pytest.mark.parametrize(
+    "api, choice",
+    [
+        ("completions", {"index": 0, "finish_reason": "stop"}),  # the server's own injected malformed body
+        ("completions", {"index": 0, "text": None, "finish_reason": "stop"}),
+        ("completions", {"index": 0, "text": 7, "finish_reason": "stop"}),
+        ("chat", {"index": 0, "finish_reason": "stop"}),
+        ("chat", {"index": 0, "message": {"role": "assistant"}, "finish_reason": "stop"}),
+        ("chat", {"index": 0, "message": {"role": "assistant", "content": ["x"]}, "finish_reason": "stop"}),
+    ],
+)
+def test_a_choice_without_its_text_field_is_malformed_not_an_empty_answer(api, choice):
+    with pytest.raises(MalformedResponse):
+        parse_answer(json.dumps({"choices": [choice]}).encode(), api, with_logprobs=False)
+
+
+def test_empty_text_and_a_refusal_with_null_content_are_real_answers():
+    body = {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+    assert parse_answer(json.dumps(body).encode(), "completions", False).text == ""
+    message = {"role": "assistant", "content": None, "refusal": "I cannot help with that."}
+    answer = parse_answer(json.dumps({"choices": [{"index": 0, "message": message}]}).encode(), "chat", False)
+    assert answer.text == "" and answer.refusal == "I cannot help with that."
+
+
+class RecordedFaults(Faults):
+    """Faults that remember what they drew (the request log says only 'malformed', not which body)."""
+
+    def draw(self):
+        fault, slow = super().draw()
+        self.__dict__.setdefault("drawn", []).append(fault)
+        return fault, slow
+
+
+def test_completions_collect_retries_malformed_bodies_until_every_sample_is_done(tmp_path):
+    write_prompts(tmp_path / "prompts.jsonl", 12)
+    faults = RecordedFaults(malformed_rate=0.5, seed=4)
+    app = make_app(ToyBackend(), faults, batch_window_ms=1)
+    with ServerThread(app) as srv:
+        cfg = make_cfg(tmp_path, srv.base_url, api="completions", samples_per_prompt=2, max_attempts=30)
+        stats = collect(cfg)
+    assert "malformed:1" in faults.drawn  # the body whose choice has no "text"
+    assert stats["done"] == 24 and stats["failed"] == {} and stats["declined"] == {}
+    assert not pathlib.Path(cfg.out + ".failures.jsonl").exists()
+    assert len(read_corpus(cfg.out)) == 24
 
 
 def test_server_api_n_stop_usage_and_batching(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import jax
 import ml_collections
@@ -34,6 +35,27 @@ def default_config() -> ml_collections.ConfigDict:
         "same"  # "same": the teacher tokenises like the student; "char": a character-level teacher (docs/TOKENIZERS.md)
     )
     return cd
+
+
+def save_atomic(write, folder: pathlib.Path):
+    """Returns `write(tmp)`, which writes the whole of `folder` into `tmp` = `<folder>.tmp` (removed
+    first: a killed run's leftover), and then renames `tmp` to `folder`; so a folder that exists is
+    complete, and a run killed mid-save leaves only a `.tmp` that the next run throws away.
+
+    Every process calls `write` (a model save may be collective); only process 0 renames (the files
+    are written by it); the others write into a `.tmp<k>` of their own and remove it."""
+    folder = pathlib.Path(folder)
+    rank = jax.process_index()
+    tmp = folder.with_name(folder.name + (".tmp" if rank == 0 else f".tmp{rank}"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    result = write(tmp)
+    if rank:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return result
+    if folder.exists():  # an older, incomplete folder without its done marker
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return result
 
 
 CHAR_TEACHER_VOCAB = 36  # the character teacher: 4 specials + 32 characters (a few of them two UTF-8 bytes)
@@ -66,20 +88,24 @@ def make_teacher(demo_cfg, proxy_cfg, folder: pathlib.Path):
             proxy_cfg=proxy_cfg,
             target_entropy=d.teacher_entropy,
         )
-    teacher = KnownTeacher.create(
-        d.teacher_seed,
-        vocab_size=proxy_cfg.vocab_size,
-        d_model=d.teacher_d_model,
-        num_layers=d.teacher_num_layers,
-        num_heads=proxy_cfg.num_heads,
-        num_kv_heads=proxy_cfg.num_kv_heads,
-        d_ff=proxy_cfg.d_ff,
-        max_seq_len=proxy_cfg.max_seq_len,
-        target_entropy=d.teacher_entropy,
-        folder=folder / "tokenizer_build",
-    )
-    teacher.save(str(folder))
-    return teacher
+
+    def write(tmp):
+        teacher = KnownTeacher.create(
+            d.teacher_seed,
+            vocab_size=proxy_cfg.vocab_size,
+            d_model=d.teacher_d_model,
+            num_layers=d.teacher_num_layers,
+            num_heads=proxy_cfg.num_heads,
+            num_kv_heads=proxy_cfg.num_kv_heads,
+            d_ff=proxy_cfg.d_ff,
+            max_seq_len=proxy_cfg.max_seq_len,
+            target_entropy=d.teacher_entropy,
+            folder=tmp / "tokenizer_build",
+        )
+        teacher.save(str(tmp))
+        return teacher
+
+    return save_atomic(write, folder)
 
 
 def write_prompts(teacher, path: pathlib.Path, n: int, seed: int) -> None:
@@ -98,14 +124,14 @@ def perturbed_proxy(teacher, folder: pathlib.Path, noise: float, seed: int) -> N
     Multiplicative noise keeps the teacher's structure (blocked special tokens stay blocked) while
     moving every distribution: at 0.15 the proxy starts about 1.5 nats of KL from the teacher.
     """
-    if (folder / "config.json").exists():
+    if (folder / "config.json").exists():  # a folder that exists is complete: saved atomically
         return
     graphdef, state = nnx.split(teacher.model)
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     noisy = [x * (1 + noise * jax.random.normal(k, x.shape, x.dtype)) for x, k in zip(leaves, keys)]
     proxy = nnx.merge(graphdef, jax.tree.unflatten(treedef, noisy))
-    hf.save_hf(proxy, teacher.model_config, str(folder), tokenizer=teacher.tokenizer)
+    save_atomic(lambda tmp: hf.save_hf(proxy, teacher.model_config, str(tmp), tokenizer=teacher.tokenizer), folder)
 
 
 def teacher_probs_fn(teacher):

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from proxykd_jax.data import byte_head
+from proxykd_jax.eval import benchmark
 from proxykd_jax.eval.metrics import _mask, sample_answers
 from proxykd_jax.parallel import hosts
 
@@ -68,6 +69,13 @@ def generation_nats_per_byte(
     return out
 
 
+def batch_sample_ids(batches: list) -> np.ndarray:
+    """int64 [S]: the distinct sample ids this process's `batches` hold (padding, -1, left out), sorted."""
+    ids = [np.asarray(b["sample_ids"], np.int64).reshape(-1) for b in batches]
+    ids = np.unique(np.concatenate(ids)) if ids else np.zeros(0, np.int64)
+    return ids[ids >= 0]
+
+
 def eval_metrics(models: dict, prepared, cfg, teacher, batches: list, scorer, *, seed: int) -> dict:
     """The eval stage's metrics against a teacher with another tokenizer: every model's nats per byte
     of the held-out split, each student's generations scored by the teacher per byte, and the
@@ -85,9 +93,10 @@ def eval_metrics(models: dict, prepared, cfg, teacher, batches: list, scorer, *,
         "split": cfg.eval.split,
         "models": {k: {"heldout_nats_per_byte": v} for k, v in per.items()},
     }
-    wanted = {int(r["sample_id"]) for r in prepared.iter_split(cfg.eval.split)}
+    # the teacher floor on exactly the samples the models were scored on: those of `batches`, on every process
+    wanted = set(hosts.allgather(batch_sample_ids(batches)).tolist())
     held = [s for row in iter_corpus(prepared.manifest["sources"], "skip", collections.Counter()) for s in row]
-    held = [s for s in held if s.sample_id in wanted and s.prompt is not None][: max(int(cfg.eval.max_samples), 1)]
+    held = [s for s in held if s.sample_id in wanted and s.prompt is not None]
     out["teacher_nats_per_byte"] = teacher_nats_per_byte(teacher, [s.prompt for s in held], [s.response for s in held])
     prompts = list(dict.fromkeys(s.prompt for s in held))[: int(cfg.eval.generate_prompts)]
     students = {k: m for k, m in models.items() if k.startswith("student")}
@@ -143,42 +152,52 @@ def top_logprob_fields(teacher, prompts: list[str], responses: list[str], n: int
 
 
 def char_teacher(seed: int, folder: pathlib.Path, *, vocab_size: int, d_model: int, num_layers: int, proxy_cfg, **kw):
-    """A character-level known teacher, saved to `folder` (loaded when it exists)."""
+    """A character-level known teacher, saved to `folder` atomically (loaded when it exists)."""
     from proxykd_jax.teacher.known import KnownTeacher
 
-    if (folder / "config.json").exists():
+    if (folder / "config.json").exists():  # a folder that exists is complete: saved atomically
         return KnownTeacher.load(str(folder), seed=seed)
-    teacher = KnownTeacher.create(
-        seed,
-        vocab_size=vocab_size,
-        d_model=d_model,
-        num_layers=num_layers,
-        num_heads=proxy_cfg.num_heads,
-        num_kv_heads=proxy_cfg.num_kv_heads,
-        d_ff=proxy_cfg.d_ff,
-        max_seq_len=proxy_cfg.max_seq_len,
-        folder=folder / "tokenizer_build",
-        tokenizer="char",
-        **kw,
-    )
-    teacher.save(str(folder))
-    return teacher
+
+    def write(tmp):
+        teacher = KnownTeacher.create(
+            seed,
+            vocab_size=vocab_size,
+            d_model=d_model,
+            num_layers=num_layers,
+            num_heads=proxy_cfg.num_heads,
+            num_kv_heads=proxy_cfg.num_kv_heads,
+            d_ff=proxy_cfg.d_ff,
+            max_seq_len=proxy_cfg.max_seq_len,
+            folder=tmp / "tokenizer_build",
+            tokenizer="char",
+            **kw,
+        )
+        teacher.save(str(tmp))
+        return teacher
+
+    return benchmark.save_atomic(write, folder)
 
 
 def bpe_from_teacher(teacher, folder: pathlib.Path, vocab_size: int, *, texts: int = 256, seed: int = 0):
-    """Our tokenizer: a byte-level BPE trained on `texts` prompts and answers of the teacher (saved)."""
+    """Our tokenizer: a byte-level BPE trained on `texts` prompts and answers of the teacher (saved
+    atomically; loaded when it exists)."""
     from proxykd_jax.models.tokenizer import build_bpe_tokenizer, load_tokenizer
 
     if (folder / "tokenizer.json").exists():
         return load_tokenizer(folder)
     prompts = teacher.make_prompts(texts, np.random.default_rng(seed + 17))
     answers = [a for group in teacher.sample(prompts, 1, 48, seed=seed + 17) for a in group]
-    build_bpe_tokenizer(prompts + answers, vocab_size, folder)
-    return load_tokenizer(folder)
+
+    def write(tmp):
+        build_bpe_tokenizer(prompts + answers, vocab_size, tmp)
+        return load_tokenizer(tmp)  # as loaded from the folder, on every process
+
+    return benchmark.save_atomic(write, folder)
 
 
 def random_proxy(tokenizer, proxy_cfg, folder: pathlib.Path, seed: int) -> None:
-    """A randomly initialised proxy (the `proxy` group's shape) over `tokenizer`, as an HF folder."""
+    """A randomly initialised proxy (the `proxy` group's shape) over `tokenizer`, as an HF folder
+    (saved atomically; kept when it exists)."""
     from proxykd_jax.models import hf
     from proxykd_jax.models.llama import Llama, ModelConfig
 
@@ -196,7 +215,8 @@ def random_proxy(tokenizer, proxy_cfg, folder: pathlib.Path, seed: int) -> None:
     )
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"proxy.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens.")
-    hf.save_hf(Llama(cfg, rngs=nnx.Rngs(seed)), cfg, str(folder), tokenizer=tokenizer)
+    model = Llama(cfg, rngs=nnx.Rngs(seed))
+    benchmark.save_atomic(lambda tmp: hf.save_hf(model, cfg, str(tmp), tokenizer=tokenizer), folder)
 
 
 def write_corpus(

@@ -84,10 +84,11 @@ def alignment(out: pathlib.Path, estimates: list[dict]) -> pathlib.Path:
     for col, (setting, rows) in enumerate(groups.items()):
         ax = axes[0, col]
         for align, color in (("full", "tab:blue"), ("nll", "tab:orange"), ("sft", "tab:gray")):
-            phases = phase_order(p for r in rows for p in r["phases"].get(align, {}))
+            runs = [r["phases"][align] for r in rows if r["phases"].get(align)]  # seeds may have run other alignments
+            phases = phase_order(p for run in runs for p in run)
             if not phases:
                 continue
-            ys = np.asarray([[r["phases"][align].get(p, np.nan) for p in phases] for r in rows], np.float64)
+            ys = np.asarray([[run.get(p, np.nan) for p in phases] for run in runs], np.float64)
             ax.errorbar(
                 range(len(phases)),
                 np.nanmean(ys, 0),

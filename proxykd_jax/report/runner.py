@@ -274,9 +274,18 @@ class SeedRun:
 
     def estimates(self) -> dict:
         """KL(teacher || estimate) of the prior, each proxy and the posterior on the distillation
-        split, the alignment phases and the empirical-Bayes fit; written once per seed."""
+        split, the alignment phases and the empirical-Bayes fit. Written per seed with the aligned
+        proxies it covers (`covers`), and written again when a later report run has added one (a
+        variant that needs another alignment), so the report never shows a stale subset."""
         path = self.results / "estimates.json"
-        if path.exists() or not (self.dir / "p_full_eb" / "posterior").exists():
+        aligned = [
+            a for a in ("sft", "nll", "full") if (self.dir / f"a_{a}" / "proxy" / "final" / "config.json").exists()
+        ]
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old.get("covers") == aligned:
+                return old
+        if not (self.dir / "p_full_eb" / "posterior").exists():
             return json.loads(path.read_text()) if path.exists() else {}
         from proxykd_jax.bayes.tables import load_prior
         from proxykd_jax.data.records import PreparedData
@@ -286,10 +295,9 @@ class SeedRun:
         est = json.loads((ctx.paths.posterior / "estimate.json").read_text())
         prepared = PreparedData(ctx.paths.prepared)
         proxies, phases = {"proxy (before align)": self.folder / "proxy_init"}, {}
-        for align in ("sft", "nll", "full"):
-            if (self.dir / f"a_{align}" / "proxy" / "final" / "config.json").exists():
-                folder, phases[align] = self.proxy(align)
-                proxies[f"proxy ({align})"] = folder
+        for align in aligned:
+            folder, phases[align] = self.proxy(align)
+            proxies[f"proxy ({align})"] = folder
         models = {k: ctx.load_model(f)[1] for k, f in proxies.items()}
         eb = {k: est.get(k) for k in ("kappa", "n_max", "heldout_loglik", "eb_search", "heldout_tokens")}
         if not self.spec.same_tokenizer:  # no KL to a teacher over other tokens; the proxies per byte instead
@@ -308,6 +316,7 @@ class SeedRun:
                 },
                 "phases": {},
                 "eb": eb,
+                "covers": aligned,
             }
             self.runner.ctx.write_json(path, out)
             return out
@@ -330,6 +339,7 @@ class SeedRun:
             "estimator_kl": kl,
             "phases": {a: {p: r.get("kl_to_teacher") for p, r in s.items()} for a, s in phases.items()},
             "eb": eb,
+            "covers": aligned,
         }
         self.runner.ctx.write_json(path, out)
         return out

@@ -61,10 +61,7 @@ def _specialised(runner, folder):
             style_words=rcfg.style_words,
             style_boost=rcfg.style_boost,
         )
-        tmp = folder / "teacher.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        teacher.save(str(tmp))
-        tmp.rename(folder / "teacher")
+        benchmark.save_atomic(lambda tmp: teacher.save(str(tmp)), folder / "teacher")
     if not (folder / "proxy_init" / "config.json").exists():
         pre = folder / "pretrain"
         prompts = pre / "prompts.jsonl"
@@ -87,24 +84,12 @@ def _specialised(runner, folder):
         )
         runner.collect_prepare(pctx, general)
         runner.stage("align", pctx, teacher_probs_fn=benchmark.teacher_probs_fn(teacher))
-        tmp = folder / "proxy_init.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(pre / "proxy" / "final", tmp)
-        tmp.rename(folder / "proxy_init")
+        benchmark.save_atomic(lambda tmp: shutil.copytree(pre / "proxy" / "final", tmp), folder / "proxy_init")
     return teacher
-
-
-def _save_atomic(write, folder) -> None:
-    """Writes `folder` through `write(tmp)`, then renames it: a killed run leaves no half-written folder."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    tmp.rename(folder)
 
 
 def _chartok(runner, folder):
     from proxykd_jax.eval import per_byte
-    from proxykd_jax.models.tokenizer import load_tokenizer
     from proxykd_jax.teacher.known import KnownTeacher
 
     cfg = runner.cfg
@@ -113,32 +98,23 @@ def _chartok(runner, folder):
             "report setting chartok gives the student a byte-level BPE: set proxy.vocab_size and model.vocab_size "
             f"to at least 260 (got {cfg.proxy.vocab_size} and {cfg.model.vocab_size})."
         )
+    # each folder is saved atomically (benchmark.save_atomic): a folder that exists is complete
     if not (folder / "teacher" / "config.json").exists():
-        _save_atomic(
-            lambda tmp: per_byte.char_teacher(
-                cfg.demo.teacher_seed,
-                tmp,
-                vocab_size=benchmark.CHAR_TEACHER_VOCAB,
-                d_model=cfg.demo.teacher_d_model,
-                num_layers=cfg.demo.teacher_num_layers,
-                proxy_cfg=cfg.proxy,
-                target_entropy=cfg.demo.teacher_entropy,
-            ),
+        per_byte.char_teacher(
+            cfg.demo.teacher_seed,
             folder / "teacher",
+            vocab_size=benchmark.CHAR_TEACHER_VOCAB,
+            d_model=cfg.demo.teacher_d_model,
+            num_layers=cfg.demo.teacher_num_layers,
+            proxy_cfg=cfg.proxy,
+            target_entropy=cfg.demo.teacher_entropy,
         )
     teacher = KnownTeacher.load(str(folder / "teacher"), seed=cfg.demo.teacher_seed)
     if not (folder / "proxy_init" / "config.json").exists():
-        if not (folder / "bpe" / "tokenizer.json").exists():
-            _save_atomic(
-                lambda tmp: per_byte.bpe_from_teacher(
-                    teacher, tmp, int(cfg.proxy.vocab_size), texts=256, seed=cfg.demo.teacher_seed
-                ),
-                folder / "bpe",
-            )
-        tok = load_tokenizer(folder / "bpe")
-        _save_atomic(
-            lambda tmp: per_byte.random_proxy(tok, cfg.proxy, tmp, cfg.demo.teacher_seed + 1), folder / "proxy_init"
+        tok = per_byte.bpe_from_teacher(
+            teacher, folder / "bpe", int(cfg.proxy.vocab_size), texts=256, seed=cfg.demo.teacher_seed
         )
+        per_byte.random_proxy(tok, cfg.proxy, folder / "proxy_init", cfg.demo.teacher_seed + 1)
     return teacher
 
 

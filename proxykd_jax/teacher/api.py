@@ -2,7 +2,8 @@
 
 Ranges follow the OpenAI API: temperature in [0, 2], top_p in (0, 1], n in 1-128, at most 20
 top log-probs, at most 4 stop strings; numbers must be finite (JSON `NaN` and `Infinity` are
-refused), messages and prompts must not be empty.
+refused), messages and prompts must not be empty. `stream: true` is refused (400 naming `stream`):
+this server answers with whole JSON bodies only.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ class _Sampling(BaseModel):
     top_p: TopP = 1.0
     stop: Any = None
     seed: int | None = None  # same seed, same completion, whatever shares the batch
+    stream: bool | None = None  # only false: answers are whole JSON bodies, never server-sent events
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("streaming is not supported by this server; send stream=false or leave it out")
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod

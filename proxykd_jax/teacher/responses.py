@@ -1,9 +1,10 @@
 """Reading one OpenAI-compatible completion body into the fields of a corpus record.
 
 The body is checked field by field rather than trusted: a 200 whose JSON does not parse, whose
-choice has no `message` (chat) or `text` (completions), or whose log-probs are not in the API's
-layout raises `MalformedResponse`, which `collect` retries like a 5xx. A well-formed answer
-without text is a real answer (`Answer.text` is empty) and is not retried.
+choice has no `message` with a `content` field (chat) or no `text` string (completions), or whose
+log-probs are not in the API's layout raises `MalformedResponse`, which `collect` retries like a
+5xx. A well-formed answer without text (an empty string, or a chat `content` of null, e.g. with a
+`refusal`) is a real answer (`Answer.text` is empty) and is not retried.
 
 Token bytes. The chat layout sends each token's true bytes (`bytes`, a list of ints: a byte-level
 BPE token may hold part of a UTF-8 sequence). The legacy completions layout has no bytes field;
@@ -158,14 +159,17 @@ def parse_answer(raw: bytes, api: str, with_logprobs: bool) -> Answer:
     refusal = None
     if api == "chat":
         message = choice.get("message")
-        if not isinstance(message, dict):
-            raise MalformedResponse("choices[0] has no 'message' object")
-        text = message.get("content")
+        if not isinstance(message, dict) or "content" not in message:
+            raise MalformedResponse("choices[0] has no 'message' object with a 'content' field")
+        text = message.get("content")  # null with a refusal (or with nothing) is a real answer
         refusal = message.get("refusal") if isinstance(message.get("refusal"), str) else None
+        if text is not None and not isinstance(text, str):
+            raise MalformedResponse(f"choices[0].message.content is a {type(text).__name__}, not a string")
     else:
         text = choice.get("text")
-    if text is not None and not isinstance(text, str):
-        raise MalformedResponse(f"the choice's text is a {type(text).__name__}, not a string")
+        if not isinstance(text, str):  # the completions layout always has a text string, even ""
+            what = "missing" if "text" not in choice else f"a {type(text).__name__}, not a string"
+            raise MalformedResponse(f"choices[0].text is {what}")
     logprobs = {}
     if with_logprobs:
         parse = _chat_logprobs if api == "chat" else _completion_logprobs

@@ -116,16 +116,26 @@ class Batcher:
 
 
 def apply_stop(backend, c: Completion, stops: list[str]) -> tuple[str, Completion]:
-    """Cuts text and tokens before the earliest stop string (OpenAI semantics: stop not included)."""
+    """Cuts at the earliest stop string: the text ends right before it (the OpenAI API's and vLLM's
+    semantics: the stop string is not included), and the tokens are those needed to spell that text.
+
+    A token that straddles the cut (" w2" when "w2" stops "w1 w2 w3") is kept: it was generated and
+    paid for, so it counts in `usage.completion_tokens` and has its log-prob row, and the text ("w1 ")
+    is a prefix of the kept tokens' text ("w1 w2"). vLLM truncates the text the same way and keeps
+    every token id it generated; here the tokens after the straddling one are dropped, so the tokens
+    run past the text by at most part of one token, and spell it exactly when the stop string begins
+    on a token boundary.
+    """
     text = backend.decode(c.token_ids)
     cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     if not cuts:
         return text, c
-    cut = min(cuts)
+    text = text[: min(cuts)]
     keep = next(
-        (i for i in range(len(c.token_ids)) if len(backend.decode(c.token_ids[: i + 1])) > cut), len(c.token_ids)
+        (i for i in range(len(c.token_ids) + 1) if backend.decode(c.token_ids[:i]).startswith(text)),
+        len(c.token_ids),
     )
-    return text[:cut], Completion(
+    return text, Completion(
         c.token_ids[:keep],
         "stop",
         c.logprobs[:keep] if c.logprobs is not None else None,

@@ -1,0 +1,60 @@
+"""The per-byte eval's teacher floor is measured on exactly the held-out samples the models are scored
+on: all of them with eval.max_samples=0, and the whole eval batches when max_samples is not a multiple
+of eval.batch_size."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from pipeline_fixtures import build_run
+
+from proxykd_jax.context import RunPaths
+from proxykd_jax.data.corpus import iter_corpus
+from proxykd_jax.data.records import PreparedData
+from proxykd_jax.eval import metrics as metrics_lib
+from proxykd_jax.eval import per_byte
+
+
+class _Model:
+    class cfg:  # noqa: N801 - stands in for a model's config
+        vocab_size = 96
+
+
+class _Teacher:
+    """Records what it is asked to score; every response costs 1 nat."""
+
+    def __init__(self):
+        self.scored = []
+
+    def text_logprob(self, prompts, responses):
+        self.scored.extend(zip(prompts, responses))
+        return -np.ones(len(responses)), np.asarray([len(r.encode()) for r in responses], np.float64)
+
+
+def _scorer(model, batch, *, full):
+    return np.zeros(np.asarray(batch["targets"]).shape), None
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    cfg, _ = build_run(tmp_path_factory.mktemp("per_byte") / "run")
+    return cfg, PreparedData(RunPaths.from_config(cfg).prepared)
+
+
+@pytest.mark.parametrize("max_samples", [0, 3])
+def test_teacher_floor_uses_the_samples_the_models_are_scored_on(run, max_samples):
+    cfg, prepared = run
+    cfg = cfg.copy_and_resolve_references()
+    cfg.eval.max_samples, cfg.eval.batch_size, cfg.eval.generate_prompts = max_samples, 2, 0
+    batches = metrics_lib.eval_batches(prepared, "heldout", cfg.data, batch_size=2, limit=max_samples)
+    scored_ids = {int(i) for b in batches for i in np.asarray(b["sample_ids"]).reshape(-1) if i >= 0}
+    total = prepared.num_samples("heldout")
+    assert total > 4 and len(scored_ids) == (total if max_samples == 0 else 4)  # 3 rounds up to two batches of 2
+    teacher = _Teacher()
+    per_byte.eval_metrics({"proxy": _Model()}, prepared, cfg, teacher, batches, _scorer, seed=0)
+    corpus = {
+        s.sample_id: (s.prompt, s.response) for row in iter_corpus(cfg.data.corpus, "error", Counter()) for s in row
+    }
+    assert sorted(teacher.scored) == sorted(corpus[i] for i in scored_ids)

@@ -1,0 +1,89 @@
+"""The report's estimates.json follows the aligned proxies that exist (a later report run that adds a
+variant needing another alignment refreshes it), and the alignment plot takes seeds whose estimates
+cover different alignments."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import matplotlib.image
+
+from proxykd_jax.data import records, store
+from proxykd_jax.eval import metrics as metrics_lib
+from proxykd_jax.report import plots
+from proxykd_jax.report.runner import SeedRun
+
+
+def _seed_run(tmp_path, monkeypatch) -> tuple[SeedRun, list]:
+    """A SeedRun whose stages and metrics are stand-ins: `calls` gets the proxies each estimate scored."""
+    calls = []
+    seed = tmp_path / "perturbed" / "seed0"
+    (seed / "p_full_eb" / "posterior").mkdir(parents=True)
+    (seed / "p_full_eb" / "posterior" / "estimate.json").write_text(json.dumps({"kappa": 1.0, "n_max": 2.0}))
+    ctx = types.SimpleNamespace(
+        paths=types.SimpleNamespace(posterior=seed / "p_full_eb" / "posterior", prepared=seed, prior=seed),
+        cfg=types.SimpleNamespace(data=None, eval=types.SimpleNamespace(batch_size=2, max_samples=2)),
+        mesh=None,
+        rules=None,
+        load_model=lambda folder: (None, folder),
+        write_json=lambda path, obj: (path.parent.mkdir(parents=True, exist_ok=True), path.write_text(json.dumps(obj))),
+    )
+    run = object.__new__(SeedRun)
+    run.runner = types.SimpleNamespace(ctx=ctx)
+    run.setting, run.seed, run.folder, run.dir, run.teacher = "perturbed", 0, tmp_path / "perturbed", seed, None
+    run.spec = types.SimpleNamespace(same_tokenizer=True)
+    run.results = tmp_path / "report" / "results" / "perturbed" / "seed0"
+    run.posterior = lambda align, post: (ctx, {})
+    run.proxy = lambda align: (seed / f"a_{align}" / "proxy" / "final", {"init": {"kl_to_teacher": 1.0}})
+    monkeypatch.setattr(records, "PreparedData", lambda root: types.SimpleNamespace(tokenizer_hash="h"))
+    monkeypatch.setattr(store, "StoreReader", lambda *a, **k: None)
+    monkeypatch.setattr("proxykd_jax.bayes.tables.load_prior", lambda path: None)
+    monkeypatch.setattr(metrics_lib, "eval_batches", lambda *a, **k: [])
+    monkeypatch.setattr(metrics_lib, "Scorer", lambda *a: None)
+    monkeypatch.setattr(
+        metrics_lib, "estimator_metrics", lambda *a: calls.append(sorted(a[4])) or {n: 0.1 for n in a[4]}
+    )
+    return run, calls
+
+
+def _align(run, name):
+    final = run.dir / f"a_{name}" / "proxy" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+
+
+def test_estimates_are_recomputed_when_another_alignment_appears(tmp_path, monkeypatch):
+    run, calls = _seed_run(tmp_path, monkeypatch)
+    _align(run, "full")
+    first = run.estimates()
+    assert set(first["phases"]) == {"full"} and len(calls) == 1
+    assert run.estimates() == first and len(calls) == 1  # nothing new: reused
+    _align(run, "sft")  # a later report run added a variant aligned by SFT only
+    second = run.estimates()
+    assert set(second["phases"]) == {"full", "sft"} and "proxy (sft)" in second["estimator_kl"] and len(calls) == 2
+    assert json.loads((run.results / "estimates.json").read_text()) == second
+    assert run.estimates() == second and len(calls) == 2
+
+
+def test_alignment_plot_takes_seeds_with_different_alignments(tmp_path):
+    eb = {"kappa": 1.0, "n_max": 2.0, "heldout_loglik": {}, "eb_search": []}
+    estimates = [
+        {
+            "setting": "perturbed",
+            "seed": 0,
+            "estimator_kl": {},
+            "phases": {"full": {"init": 1.3, "sft": 1.2}},
+            "eb": eb,
+        },
+        {
+            "setting": "perturbed",
+            "seed": 1,
+            "estimator_kl": {},
+            "phases": {"full": {"init": 1.3, "sft": 1.2, "round_000": 1.1}, "sft": {"init": 1.3, "sft": 1.25}},
+            "eb": eb,
+        },
+    ]
+    pngs = plots.write_plots(tmp_path, [], estimates)
+    assert [p.name for p in pngs] == ["alignment.png"]
+    assert matplotlib.image.imread(tmp_path / "alignment.png").shape[0] > 100
