@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from proxykd_jax.eval.folders import save_atomic
 from proxykd_jax.models import hf
 
 
@@ -35,27 +35,6 @@ def default_config() -> ml_collections.ConfigDict:
         "same"  # "same": the teacher tokenises like the student; "char": a character-level teacher (docs/TOKENIZERS.md)
     )
     return cd
-
-
-def save_atomic(write, folder: pathlib.Path):
-    """Returns `write(tmp)`, which writes the whole of `folder` into `tmp` = `<folder>.tmp` (removed
-    first: a killed run's leftover), and then renames `tmp` to `folder`; so a folder that exists is
-    complete, and a run killed mid-save leaves only a `.tmp` that the next run throws away.
-
-    Every process calls `write` (a model save may be collective); only process 0 renames (the files
-    are written by it); the others write into a `.tmp<k>` of their own and remove it."""
-    folder = pathlib.Path(folder)
-    rank = jax.process_index()
-    tmp = folder.with_name(folder.name + (".tmp" if rank == 0 else f".tmp{rank}"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    result = write(tmp)
-    if rank:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return result
-    if folder.exists():  # an older, incomplete folder without its done marker
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return result
 
 
 CHAR_TEACHER_VOCAB = 36  # the character teacher: 4 specials + 32 characters (a few of them two UTF-8 bytes)

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from proxykd_jax.data import byte_head
-from proxykd_jax.eval import benchmark
+from proxykd_jax.eval.folders import save_atomic
 from proxykd_jax.eval.metrics import _mask, sample_answers
 from proxykd_jax.parallel import hosts
 
@@ -175,7 +175,7 @@ def char_teacher(seed: int, folder: pathlib.Path, *, vocab_size: int, d_model: i
         teacher.save(str(tmp))
         return teacher
 
-    return benchmark.save_atomic(write, folder)
+    return save_atomic(write, folder)
 
 
 def bpe_from_teacher(teacher, folder: pathlib.Path, vocab_size: int, *, texts: int = 256, seed: int = 0):
@@ -192,7 +192,7 @@ def bpe_from_teacher(teacher, folder: pathlib.Path, vocab_size: int, *, texts: i
         build_bpe_tokenizer(prompts + answers, vocab_size, tmp)
         return load_tokenizer(tmp)  # as loaded from the folder, on every process
 
-    return benchmark.save_atomic(write, folder)
+    return save_atomic(write, folder)
 
 
 def random_proxy(tokenizer, proxy_cfg, folder: pathlib.Path, seed: int) -> None:
@@ -216,7 +216,7 @@ def random_proxy(tokenizer, proxy_cfg, folder: pathlib.Path, seed: int) -> None:
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"proxy.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens.")
     model = Llama(cfg, rngs=nnx.Rngs(seed))
-    benchmark.save_atomic(lambda tmp: hf.save_hf(model, cfg, str(tmp), tokenizer=tokenizer), folder)
+    save_atomic(lambda tmp: hf.save_hf(model, cfg, str(tmp), tokenizer=tokenizer), folder)
 
 
 def write_corpus(

@@ -28,6 +28,7 @@ import numpy as np
 
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.eval import benchmark
+from proxykd_jax.eval.folders import save_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,7 @@ def _specialised(runner, folder):
             style_words=rcfg.style_words,
             style_boost=rcfg.style_boost,
         )
-        benchmark.save_atomic(lambda tmp: teacher.save(str(tmp)), folder / "teacher")
+        save_atomic(lambda tmp: teacher.save(str(tmp)), folder / "teacher")
     if not (folder / "proxy_init" / "config.json").exists():
         pre = folder / "pretrain"
         prompts = pre / "prompts.jsonl"
@@ -84,7 +85,7 @@ def _specialised(runner, folder):
         )
         runner.collect_prepare(pctx, general)
         runner.stage("align", pctx, teacher_probs_fn=benchmark.teacher_probs_fn(teacher))
-        benchmark.save_atomic(lambda tmp: shutil.copytree(pre / "proxy" / "final", tmp), folder / "proxy_init")
+        save_atomic(lambda tmp: shutil.copytree(pre / "proxy" / "final", tmp), folder / "proxy_init")
     return teacher
 
 
@@ -98,7 +99,7 @@ def _chartok(runner, folder):
             "report setting chartok gives the student a byte-level BPE: set proxy.vocab_size and model.vocab_size "
             f"to at least 260 (got {cfg.proxy.vocab_size} and {cfg.model.vocab_size})."
         )
-    # each folder is saved atomically (benchmark.save_atomic): a folder that exists is complete
+    # each folder is saved atomically (eval.folders.save_atomic): a folder that exists is complete
     if not (folder / "teacher" / "config.json").exists():
         per_byte.char_teacher(
             cfg.demo.teacher_seed,
