@@ -180,12 +180,26 @@ def test_bad_rows_error_or_skip(tok, tmp_path, line, reason, needle):
     assert needle.split(":")[-1].strip() in m["counts"]["errors"][0]
 
 
-def test_truncation_is_counted(tok, tmp_path):
+def test_truncation_is_counted_and_ends_without_an_eos(tok, tmp_path):
+    """A response cut to fit data.seq_len gets no eos target: its teacher went on writing."""
     rows = [{"id": "long", "prompt": "the fox", "response": "the dog sat " * 40}]
     m = prepare([write_jsonl(tmp_path / "c.jsonl", rows)], tok, tmp_path / "o", tiny_cfg(truncate=True), progress=False)
     rec = _all(tmp_path / "o")[1][0]
     assert m["counts"]["truncated"] == 1 and len(rec["tokens"]) == 65
-    assert rec["tokens"][-1] == tok.eos_token_id
+    assert tok.eos_token_id not in rec["tokens"].tolist()
+
+
+def test_eos_only_where_the_teacher_stopped(tok, tmp_path):
+    """A response the API cut at max_tokens (finish_reason "length", as collect records it) ends
+    without an eos; one the teacher stopped (or that says nothing) ends with one."""
+    rows = [
+        {"id": f"p{i}", "prompt": "the fox", "response": "the dog sat", "meta": meta}
+        for i, meta in enumerate([{"finish_reason": "length"}, {"finish_reason": "stop"}, {}])
+    ]
+    prepare([write_jsonl(tmp_path / "c.jsonl", rows)], tok, tmp_path / "o", tiny_cfg(), progress=False)
+    recs = _all(tmp_path / "o")[1]
+    assert sorted(r["tokens"][-1] == tok.eos_token_id for r in recs) == [False, True, True]
+    assert sorted(len(r["tokens"]) for r in recs)[0] == sorted(len(r["tokens"]) for r in recs)[1] - 1
 
 
 def test_existing_output_is_refused_then_overwritten(tok, tmp_path):

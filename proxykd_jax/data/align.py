@@ -173,11 +173,16 @@ class SampleEncoder:
         return out
 
     def _encode_one(self, s: Sample, p_ids, r_ids, offs) -> Encoded | DataError:
-        n_extra = 1 if self.eos is not None else 0
+        # The eos is a target only where the teacher stopped: not after a response the API cut at its
+        # max_tokens (finish_reason "length"), nor after one data.truncate cuts at data.seq_len, whose
+        # teacher went on writing. (An eos there taught the student to stop where the teacher did not.)
+        ended = s.meta.get("finish_reason") != "length"
+        n_extra = 1 if self.eos is not None and ended else 0
         n = len(p_ids) + len(r_ids) + n_extra
-        truncated = False
+        truncated = False  # by data.seq_len (counted in the manifest)
         if n > self.seq_len + 1:
-            keep = self.seq_len + 1 - len(p_ids) - n_extra
+            n_extra = 0
+            keep = self.seq_len + 1 - len(p_ids)
             if not self.truncate or keep < 1:
                 return DataError(
                     f"{s.where}: sample {s.record_id!r}/{s.response_index} has {n} tokens, more than "
@@ -191,7 +196,7 @@ class SampleEncoder:
         t_ids = t_lps = None
         if s.teacher_alts is not None:
             if self.head == "bytes":
-                t_ids, t_lps = self._align_bytes(s, len(p_ids), r_ids, offs, len(tokens), stats, truncated)
+                t_ids, t_lps = self._align_bytes(s, len(p_ids), r_ids, offs, len(tokens), stats, bool(n_extra))
             else:
                 t_ids, t_lps = self._align(s, len(p_ids), offs, len(tokens), stats)
             # Our response tokens, the appended eos excluded (APIs send no log-probs for the stop token).
@@ -285,13 +290,14 @@ class SampleEncoder:
             break
         return out
 
-    def _align_bytes(self, s: Sample, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, truncated: bool):
-        """First-byte head rows [n, K] (row i predicts token i: symbols and log masses)."""
+    def _align_bytes(self, s: Sample, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, eos_row: bool):
+        """First-byte head rows [n, K] (row i predicts token i: symbols and log masses); `eos_row`: the
+        last row is an appended eos, where the teacher's end-of-text mass goes."""
         t_ids = np.zeros((n, self.topk), np.int32)
         t_lps = np.full((n, self.topk), -np.inf, np.float32)
         row_at = {b: prompt_len + j for j, b in enumerate(self._student_byte_starts(s.response, r_ids, offs))}
         row_at.pop(None, None)
-        if self.eos is not None and not truncated:
+        if eos_row:
             row_at[len(s.response.encode("utf-8"))] = n - 1
         stats.samples_with_logprobs = 1
         for i, (start, alts) in enumerate(zip(self._teacher_byte_starts(s), s.teacher_alts)):
