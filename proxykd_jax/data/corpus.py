@@ -8,6 +8,7 @@ skipped instead.
 
 import collections
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -321,22 +322,23 @@ def _logprobs_of(row: dict, idx: int, n_resp: int, where: str) -> _TeacherLogpro
         a, b = _alts_of(pos, where, f"{field}[{i}]")
         alts.append(a)
         alt_bytes.append(b)
-    tokens = token_bytes = None
-    if row.get("tokens") is not None:
-        tfield, toks = _per_response(row, "tokens", idx, n_resp, where)
-        if toks is not None:
-            _list(toks, where, tfield, "of token strings, parallel to 'top_logprobs'")
-            tokens = [_text(t, where, f"{tfield}[{i}]") for i, t in enumerate(toks)]
-            if len(tokens) != len(alts):
-                raise _bad(where, tfield, f"has {len(tokens)} entries but '{field}' {len(alts)}")
-    if row.get("token_bytes") is not None:
-        bfield, raws = _per_response(row, "token_bytes", idx, n_resp, where)
-        if raws is not None:
-            _list(raws, where, bfield, "of byte lists, parallel to 'top_logprobs'")
-            token_bytes = [_raw_bytes(r, where, f"{bfield}[{i}]") for i, r in enumerate(raws)]
-            if len(token_bytes) != len(alts):
-                raise _bad(where, bfield, f"has {len(token_bytes)} entries but '{field}' {len(alts)}")
+    per_token = functools.partial(_per_token, row, idx, n_resp, where, field, len(alts))
+    tokens = per_token("tokens", _text, "of token strings")
+    token_bytes = per_token("token_bytes", _raw_bytes, "of byte lists")
     return _TeacherLogprobs(tokens, token_bytes, alts, alt_bytes)
+
+
+def _per_token(row: dict, idx: int, n_resp: int, where: str, field: str, n: int, key: str, parse, what: str):
+    """`key`'s list for response `idx`, one entry per teacher token (as many as `field` has, `n`), each
+    read by `parse(value, where, field)`; None when the row does not give it."""
+    kfield, values = _per_response(row, key, idx, n_resp, where)
+    if values is None:
+        return None
+    _list(values, where, kfield, f"{what}, parallel to 'top_logprobs'")
+    out = [parse(v, where, f"{kfield}[{i}]") for i, v in enumerate(values)]
+    if len(out) != n:
+        raise _bad(where, kfield, f"has {len(out)} entries but '{field}' {n}")
+    return out
 
 
 def _messages_of(messages, where: str) -> list:

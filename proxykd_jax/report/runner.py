@@ -281,12 +281,9 @@ class SeedRun:
         aligned = [
             a for a in ("sft", "nll", "full") if (self.dir / f"a_{a}" / "proxy" / "final" / "config.json").exists()
         ]
-        if path.exists():
-            old = json.loads(path.read_text())
-            if old.get("covers") == aligned:
-                return old
-        if not (self.dir / "p_full_eb" / "posterior").exists():
-            return json.loads(path.read_text()) if path.exists() else {}
+        old = json.loads(path.read_text()) if path.exists() else {}
+        if old.get("covers") == aligned or not (self.dir / "p_full_eb" / "posterior").exists():
+            return old
         from proxykd_jax.bayes.tables import load_prior
         from proxykd_jax.data.records import PreparedData
         from proxykd_jax.data.store import StoreReader

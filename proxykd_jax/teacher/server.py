@@ -462,8 +462,6 @@ def serve(cfg, make_backend) -> None:
     unwritable request log, a port in use) raise ProxyKDError naming the field before anything is
     loaded or bound.
     """
-    import os  # pylint: disable=import-outside-toplevel
-
     f = cfg.faults
     try:
         faults = Faults(
