@@ -319,3 +319,50 @@ def test_token_bytes_place_replacement_character_tokens(tok, tmp_path, drop):
     assert heads["repl"][0]["positions_kept"] == heads["spelled"][0]["positions_kept"] == 5
     np.testing.assert_array_equal(heads["repl"][1], heads["spelled"][1])
     np.testing.assert_array_equal(heads["repl"][2], heads["spelled"][2])
+
+
+def _euro_row(tok, spell):
+    """'the dog 5€ sat' from a teacher that tokenises like us, (row, our ids, [(sampled, runner-up)]
+    per position): € is three one-byte tokens, each spelled by `spell` (vLLM: U+FFFD); the runner-up
+    is another of our tokens, a partial one (also U+FFFD) where the sampled token is partial."""
+    from proxykd_jax.data import byte_head
+
+    table = byte_head.token_bytes(tok)
+    ids = tok("the dog 5€ sat", add_special_tokens=False)["input_ids"]
+    heads = [(t, table.index(b"\xc3") if table[t][0] >= 0x80 else table.index(b" mat")) for t in ids]
+    row = {
+        "id": "p0",
+        "prompt": "the fox",
+        "response": "the dog 5€ sat",
+        "tokens": [spell(table[t]) for t in ids],
+        "token_bytes": [list(table[t]) for t in ids],
+        "top_logprobs": [
+            [{"token": spell(table[t]), "logprob": lp, "bytes": list(table[t])} for t, lp in zip(pair, (-0.1, -3.0))]
+            for pair in heads
+        ],
+    }
+    return row, ids, heads
+
+
+@pytest.mark.parametrize("spell", [_replacement, _bytes_spelled])
+@pytest.mark.parametrize("drop", [(), ("tokens",), ("tokens", "token_bytes")])  # the last: alternatives' bytes
+def test_token_bytes_place_replacement_character_tokens_exact_head(tok, tmp_path, spell, drop):
+    """The span rule places teacher tokens and maps their alternatives by their bytes: a same-tokenizer
+    row whose one-byte tokens of € are spelled U+FFFD (or `bytes:\\xNN`) keeps all 10 positions, each
+    with our token and its runner-up as the head (by their strings: 5, stopping at the first)."""
+    row, ids, heads = _euro_row(tok, spell)
+    assert len(ids) == 10 and [_replacement(bytes(b)) for b in row["token_bytes"]].count("\ufffd") == 3
+    for key in drop:
+        del row[key]
+    path = write_jsonl(tmp_path / "c.jsonl", [row])
+    m = prepare([path], tok, tmp_path / "out", tiny_cfg(teacher_head="exact"), progress=False)
+    tl = m["teacher_logprobs"]
+    assert tl["positions_total"] == tl["positions_kept"] == 10 and tl["student_position_fraction"] == 1.0
+    assert tl["mass_fraction"] == pytest.approx(1.0)
+    rec = _all(tmp_path / "out")[1][0]
+    p = int(rec["prompt_len"])
+    np.testing.assert_array_equal(rec["tokens"][p : p + 10], ids)
+    for j, pair in enumerate(heads):
+        assert rec["teacher_topk_ids"][p + j][:2].tolist() == list(pair), j
+        np.testing.assert_allclose(rec["teacher_topk_logprobs"][p + j][:2], [-0.1, -3.0], rtol=1e-6)
+        assert np.all(np.isneginf(rec["teacher_topk_logprobs"][p + j][2:]))

@@ -2,10 +2,10 @@
 
 Two rules (docs/TOKENIZERS.md), chosen by `data.teacher_head`:
 
-- `exact` (the teacher's tokenizer is ours): a teacher position is kept when its character span in
-  the response equals the span of exactly one of our response tokens; its alternatives are mapped
-  where each is a single token of our vocabulary, and the rest of its probability is counted as
-  unmapped. Positions whose span covers zero or several of our tokens are dropped and counted.
+- `exact` (the teacher's tokenizer is ours): a teacher position is kept when its byte span in the
+  response equals the span of exactly one of our response tokens; its alternatives are mapped where
+  each is a single token of our vocabulary, and the rest of its probability is counted as unmapped.
+  Positions whose span covers zero or several of our tokens are dropped and counted.
 - `bytes` (another tokenizer): teacher token boundaries are matched to our token starts by byte
   offset; at each of our positions that starts on a teacher boundary the alternatives are summed by
   their first byte (end of text is symbol 256): the head holds (symbol, log mass) pairs, and the
@@ -80,31 +80,20 @@ def format_prompt(tokenizer, sample: Sample) -> tuple[str, bool]:
     return "\n".join(lines + ["assistant: "]), True
 
 
-def _teacher_spans(sample: Sample) -> list[tuple[int, int] | None]:
-    """Character span of each teacher token in the response; None once the text stops matching."""
-    text, spans, c = sample.response, [], 0
-    for i, alts in enumerate(sample.teacher_alts):
-        if sample.teacher_tokens is not None:
-            tok = sample.teacher_tokens[i]
-        else:  # the sampled token: the likeliest alternative that continues the text
-            fits = [(lp, t) for t, lp in alts if t and text.startswith(t, c)]
-            tok = max(fits)[1] if fits else None
-        if tok is None or not tok or not text.startswith(tok, c):
-            spans.extend([None] * (len(sample.teacher_alts) - i))
-            break
-        spans.append((c, c + len(tok)))
-        c += len(tok)
-    return spans
-
-
-def _trim_uncovered_space(text: str, span: tuple[int, int], covered) -> tuple[int, int]:
-    """A teacher span minus leading whitespace that none of our tokens covers (word-level tokenizers
-    drop the separator the teacher's token " dog" carries; the token itself still coincides)."""
+def _trim_uncovered_space(resp: bytes, span: tuple[int, int], covered) -> tuple[int, int]:
+    """A teacher byte span minus leading whitespace that none of our tokens covers (word-level
+    tokenizers drop the separator the teacher's token " dog" carries; the token itself still coincides)."""
     a, b = span
-    lead = len(text[a:b]) - len(text[a:b].lstrip())
+    text = resp[a:b].decode("utf-8", errors="replace")  # whitespace is whole characters, decoded as is
+    lead = len(text[: len(text) - len(text.lstrip())].encode("utf-8"))
     if 0 < lead < b - a and not covered[a : a + lead].any():
         return a + lead, b
     return span
+
+
+def _char_to_byte(text: str) -> np.ndarray:
+    """int64 [len(text) + 1]: the byte offset in `text`'s UTF-8 of each character offset."""
+    return np.concatenate([[0], np.cumsum([len(ch.encode("utf-8")) for ch in text], dtype=np.int64)])
 
 
 class SampleEncoder:
@@ -133,12 +122,29 @@ class SampleEncoder:
             raise ValueError(f"data.teacher_head={head!r} is not one of {('auto',) + HEADS}.")
         self.head = head
         self._single_id = functools.lru_cache(maxsize=1 << 16)(self._single_id_uncached)
-        self._token_bytes = byte_head.token_bytes(tokenizer) if head == "bytes" else None
+        self._token_bytes = byte_head.token_bytes(tokenizer)
+        self._ids_by_bytes: dict[bytes, int] | None = None  # built on the first partial-UTF-8 alternative
         self._symbol = functools.lru_cache(maxsize=1 << 16)(lambda t: byte_head.teacher_symbol(t))
 
     def _single_id_uncached(self, text: str) -> int:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
         return ids[0] if len(ids) == 1 else -1
+
+    def _alt_id(self, text: str, raw: bytes | None) -> int:
+        """Our token id of a teacher alternative (-1: not one of our tokens), from its bytes (`raw`
+        where the corpus gives them): by tokenising their text, or, for bytes that are not whole
+        UTF-8 (which an API spells as a replacement character or `bytes:\\xNN`), by our tokens' bytes."""
+        raw = _bytes_of(text, raw)
+        try:
+            return self._single_id(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+        if self._ids_by_bytes is None:
+            self._ids_by_bytes = {}
+            for i, b in enumerate(self._token_bytes):
+                if b:
+                    self._ids_by_bytes.setdefault(b, i)
+        return self._ids_by_bytes.get(raw, -1)
 
     def encode_batch(self, samples: list[Sample]) -> list[Encoded | DataError]:
         """Encodes samples; an over-long sample yields a DataError in its place (unless truncating)."""
@@ -198,37 +204,44 @@ class SampleEncoder:
             if self.head == "bytes":
                 t_ids, t_lps = self._align_bytes(s, len(p_ids), r_ids, offs, len(tokens), stats, bool(n_extra))
             else:
-                t_ids, t_lps = self._align(s, len(p_ids), offs, len(tokens), stats)
+                t_ids, t_lps = self._align(s, len(p_ids), r_ids, offs, len(tokens), stats)
             # Our response tokens, the appended eos excluded (APIs send no log-probs for the stop token).
             resp_rows = slice(len(p_ids), len(p_ids) + len(r_ids))
             stats.student_positions_total = len(r_ids)
             stats.student_positions_covered = int(np.isfinite(t_lps[resp_rows]).any(1).sum())
         return Encoded(s, tokens, len(p_ids), t_ids, t_lps, stats, truncated)
 
-    def _align(self, s: Sample, prompt_len: int, offs, n: int, stats: AlignStats):
-        """Teacher head rows [n, K] (row i predicts token i) and alignment counts for one sample."""
+    def _align(self, s: Sample, prompt_len: int, r_ids, offs, n: int, stats: AlignStats):
+        """Teacher head rows [n, K] (row i predicts token i) and alignment counts for one sample.
+
+        Spans are in bytes, so a teacher token holding part of a UTF-8 character (spelled as a
+        replacement character by vLLM) is placed by its `token_bytes` like any other."""
         t_ids = np.zeros((n, self.topk), np.int32)
         t_lps = np.full((n, self.topk), -np.inf, np.float32)
+        ours_spans = self._student_byte_spans(s.response, r_ids, offs)
         by_span: dict[tuple[int, int], list[int]] = {}
-        for j, (a, b) in enumerate(offs):
-            by_span.setdefault((int(a), int(b)), []).append(j)
+        for j, span in enumerate(ours_spans):
+            by_span.setdefault(span, []).append(j)
         stats.samples_with_logprobs = 1
-        covered = np.zeros(len(s.response) + 1, bool)
-        for a, b in offs:
-            covered[int(a) : int(b)] = True
-        for span, alts in zip(_teacher_spans(s), s.teacher_alts):
+        resp = s.response.encode("utf-8")
+        covered = np.zeros(len(resp) + 1, bool)
+        for a, b in ours_spans:
+            covered[a:b] = True
+        for i, (span, alts) in enumerate(zip(_teacher_byte_spans(s), s.teacher_alts)):
             probs = np.exp(np.asarray([lp for _, lp in alts], np.float64))
             stats.positions_total += 1
             stats.mass_total += float(probs.sum())
+            if span is not None and span[0] == span[1]:  # end of text: none of our tokens
+                span = None
             if span is not None and span not in by_span:
-                span = _trim_uncovered_space(s.response, span, covered)
+                span = _trim_uncovered_space(resp, span, covered)
             ours = by_span.get(span) if span is not None else None
             if not ours or len(ours) != 1:
                 continue
             stats.mass_matched += float(probs.sum())
             merged: dict[int, float] = {}
-            for (text, _), p in zip(alts, probs):
-                tid = self._single_id(text)
+            for j, ((text, _), p) in enumerate(zip(alts, probs)):
+                tid = self._alt_id(text, _alt_bytes(s, i, j))
                 if tid >= 0:
                     merged[tid] = merged.get(tid, 0.0) + float(p)
             best = sorted(merged.items(), key=lambda kv: -kv[1])[: self.topk]
@@ -240,55 +253,40 @@ class SampleEncoder:
                 t_lps[row, c] = np.log(p)
         return t_ids, t_lps
 
+    def _spelled_starts(self, text: str, r_ids) -> list[int] | None:
+        """Byte offsets in the response where each of our response tokens starts, and the end, from
+        our tokens' bytes; None when they do not spell the response (not byte-level BPE)."""
+        pieces = [self._token_bytes[t] if 0 <= t < len(self._token_bytes) else None for t in r_ids]
+        if any(p is None for p in pieces):
+            return None
+        starts = np.concatenate([[0], np.cumsum([len(p) for p in pieces], dtype=np.int64)]).tolist()
+        return starts if b"".join(pieces) == text.encode("utf-8")[: starts[-1]] else None
+
     def _student_byte_starts(self, text: str, r_ids, offs) -> list[int | None]:
         """Byte offset in the response where each of our response tokens starts (None: inside a character).
 
         Exact from our tokens' bytes when they spell the response (byte-level BPE); else from the
         character offsets, where a token that starts where the one before it starts begins inside
         a character."""
-        pieces = [self._token_bytes[t] if 0 <= t < len(self._token_bytes) else None for t in r_ids]
-        resp = text.encode("utf-8")
-        if all(p is not None for p in pieces):
-            starts, c = [], 0
-            for p in pieces:
-                starts.append(c)
-                c += len(p)
-            if b"".join(pieces) == resp[:c]:
-                return starts
-        c2b = np.concatenate([[0], np.cumsum([len(ch.encode("utf-8")) for ch in text], dtype=np.int64)])
+        starts = self._spelled_starts(text, r_ids)
+        if starts is not None:
+            return starts[:-1]
+        c2b = _char_to_byte(text)
         starts, prev = [], None
         for a, _ in offs:
             starts.append(None if a == prev else int(c2b[int(a)]))
             prev = a
         return starts
 
-    @staticmethod
-    def _teacher_byte_starts(s: Sample) -> list[int | None]:
-        """Byte offset of each teacher token in the response; None once its bytes stop matching. A
-        final end-of-text token starts at the end of the response. A token's bytes are the corpus's
-        `token_bytes` where given (exact for a token holding part of a UTF-8 character, which the
-        API spells as a replacement character), else those of its string."""
-        resp, out, c = s.response.encode("utf-8"), [], 0
-        for i, alts in enumerate(s.teacher_alts):
-            if s.teacher_tokens is not None or _given(s.teacher_token_bytes, i) is not None:
-                tok = s.teacher_tokens[i] if s.teacher_tokens is not None else ""
-                raw = _bytes_of(tok, _given(s.teacher_token_bytes, i))
-            else:  # the sampled token: the likeliest alternative whose bytes continue the text
-                raws = [_bytes_of(t, _alt_bytes(s, i, j)) for j, (t, _) in enumerate(alts)]
-                fits = [(lp, t, j) for j, (t, lp) in enumerate(alts) if t and raws[j] and resp.startswith(raws[j], c)]
-                j = max(fits)[2] if fits else None
-                tok = alts[j][0] if j is not None else ""
-                raw = _bytes_of(tok, _alt_bytes(s, i, j) if j is not None else None)
-            if raw and resp.startswith(raw, c):
-                out.append(c)
-                c += len(raw)
-                continue
-            if c == len(resp) and byte_head.teacher_symbol(tok) == byte_head.END_SYMBOL:
-                out.append(c)
-                i += 1
-            out.extend([None] * (len(s.teacher_alts) - i))
-            break
-        return out
+    def _student_byte_spans(self, text: str, r_ids, offs) -> list[tuple[int, int]]:
+        """Byte span in the response of each of our response tokens: from our tokens' bytes when they
+        spell the response (byte-level BPE: exact also for a token holding part of a character); else
+        from the character offsets, where the tokens of one character share its span (and are dropped)."""
+        starts = self._spelled_starts(text, r_ids)
+        if starts is not None:
+            return list(zip(starts[:-1], starts[1:]))
+        c2b = _char_to_byte(text)
+        return [(int(c2b[int(a)]), int(c2b[int(b)])) for a, b in offs]
 
     def _align_bytes(self, s: Sample, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, eos_row: bool):
         """First-byte head rows [n, K] (row i predicts token i: symbols and log masses); `eos_row`: the
@@ -300,7 +298,7 @@ class SampleEncoder:
         if eos_row:
             row_at[len(s.response.encode("utf-8"))] = n - 1
         stats.samples_with_logprobs = 1
-        for i, (start, alts) in enumerate(zip(self._teacher_byte_starts(s), s.teacher_alts)):
+        for i, (start, alts) in enumerate(zip(_teacher_byte_starts(s), s.teacher_alts)):
             probs = np.exp(np.asarray([lp for _, lp in alts], np.float64))
             stats.positions_total += 1
             stats.mass_total += float(probs.sum())
@@ -320,6 +318,39 @@ class SampleEncoder:
                 t_ids[row, c] = sym
                 t_lps[row, c] = np.log(p)
         return t_ids, t_lps
+
+
+def _teacher_byte_spans(s: Sample) -> list[tuple[int, int] | None]:
+    """Byte span of each teacher token in the response; None once its bytes stop matching. A final
+    end-of-text token has the empty span at the end of the response. A token's bytes are the corpus's
+    `token_bytes` where given (exact for a token holding part of a UTF-8 character, which the API
+    spells as a replacement character), else those of its string."""
+    resp, out, c = s.response.encode("utf-8"), [], 0
+    for i, alts in enumerate(s.teacher_alts):
+        if s.teacher_tokens is not None or _given(s.teacher_token_bytes, i) is not None:
+            tok = s.teacher_tokens[i] if s.teacher_tokens is not None else ""
+            raw = _bytes_of(tok, _given(s.teacher_token_bytes, i))
+        else:  # the sampled token: the likeliest alternative whose bytes continue the text
+            raws = [_bytes_of(t, _alt_bytes(s, i, j)) for j, (t, _) in enumerate(alts)]
+            fits = [(lp, t, j) for j, (t, lp) in enumerate(alts) if t and raws[j] and resp.startswith(raws[j], c)]
+            j = max(fits)[2] if fits else None
+            tok = alts[j][0] if j is not None else ""
+            raw = _bytes_of(tok, _alt_bytes(s, i, j) if j is not None else None)
+        if raw and resp.startswith(raw, c):
+            out.append((c, c + len(raw)))
+            c += len(raw)
+            continue
+        if c == len(resp) and byte_head.teacher_symbol(tok) == byte_head.END_SYMBOL:
+            out.append((c, c))
+            i += 1
+        out.extend([None] * (len(s.teacher_alts) - i))
+        break
+    return out
+
+
+def _teacher_byte_starts(s: Sample) -> list[int | None]:
+    """Byte offset of each teacher token in the response (`_teacher_byte_spans`' starts)."""
+    return [None if span is None else span[0] for span in _teacher_byte_spans(s)]
 
 
 def _given(values: list | None, i: int):
