@@ -132,7 +132,6 @@ def one_seed(seed: int, out: pathlib.Path, args) -> dict:
     # Scores (one mesh over every device, as the eval stage does).
     mesh, rules = make_mesh(cfg0.mesh, None), normalize_rules(cfg0.mesh.rules)
     scorer = Scorer(mesh, rules)
-    nbytes = per_byte.token_byte_lengths(tok, args.vocab)
     proxy = hf.load_hf(str(root / "bytes" / "proxy" / "final"))[1]
     for v in variants:
         paths = RunPaths.from_config(cfgs[v])
@@ -154,7 +153,7 @@ def one_seed(seed: int, out: pathlib.Path, args) -> dict:
     }
     models["sft"] = hf.load_hf(str(paths.student("student_sft") / "final"))[1]
     models["proxy"] = proxy
-    res["student_nats_per_byte"] = per_byte.heldout_nats_per_byte(models, batches, nbytes, scorer)
+    res["student_nats_per_byte"] = per_byte.heldout_nats_per_byte(models, batches, tok, scorer)
     rows = [json.loads(x) for x in corpus.open()]
     held = {int(r["sample_id"]) for r in prepared.iter_split("heldout")}
     from proxykd_jax.data.corpus import stable_int63
@@ -237,9 +236,7 @@ def alpha_sweep(out: pathlib.Path, seeds, alpha: float, args) -> list[dict]:
         tok = hf_tokenizer(root)
         batches = eval_batches(prepared, "heldout", cfg0.data, batch_size=16)
         r = {"seed": seed, "alpha": alpha}
-        r["student_nats_per_byte"] = per_byte.heldout_nats_per_byte(
-            models, batches, per_byte.token_byte_lengths(tok, args.vocab), scorer
-        )
+        r["student_nats_per_byte"] = per_byte.heldout_nats_per_byte(models, batches, tok, scorer)
         print(json.dumps(r), flush=True)
         results.append(r)
     return results

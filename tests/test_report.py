@@ -16,6 +16,7 @@ import pytest
 from stage_helpers import run_stage
 
 from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.report import runner as runner_lib
 from tests.pipeline_fixtures import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -104,6 +105,19 @@ def test_bad_report_input_is_one_sentence(tmp_path):
         cfg.report.variants, cfg.report.seeds = "", "0,x"
     with pytest.raises(ProxyKDError, match="comma-separated integers"):
         run_stage("report", cfg)
+    # a report directory from before corpora recorded finish reasons: refused before any work
+    with cfg.unlocked():
+        cfg.report.seeds = "0"
+    corpus = tmp_path / "run" / "perturbed" / "seed0" / "corpus" / "teacher.jsonl"
+    corpus.parent.mkdir(parents=True)
+    corpus.write_text('{"id": "q0", "prompt": "a", "responses": ["b c", "d"]}\n')
+    with pytest.raises(
+        ProxyKDError, match=r"teacher.jsonl was written by an older proxykd_jax .* new --config.run.dir"
+    ):
+        run_stage("report", cfg)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["perturbed"]  # nothing else written
+    corpus.write_text('{"id": "q0", "prompt": "a", "response": "b c", "meta": {"finish_reason": "length"}}\n')
+    assert runner_lib._older_report(tmp_path / "run") is None
 
 
 def test_specialised_teacher_is_a_different_model_of_the_same_family(tmp_path):

@@ -1,8 +1,9 @@
 """Tokenizer-free scores and the character-teacher setup (docs/TOKENIZERS.md).
 
 Models with different tokenizers are compared in nats per byte of text: a model's negative
-log-likelihood of a held-out response (its end included: our eos token, the teacher's <eos>)
-divided by the response's UTF-8 bytes. For the student's own text the judge is the teacher: its
+log-likelihood of a held-out response (its end included where it ended: our eos token, the
+teacher's <eos>) divided by the response's UTF-8 bytes, to which the end adds none (`text_bytes`,
+the report's convention too). For the student's own text the judge is the teacher: its
 log-likelihood per byte of the student's generations.
 
 The setup half builds the known teacher with its own tokenizer: a character-level `KnownTeacher`,
@@ -25,25 +26,35 @@ from proxykd_jax.eval.metrics import _mask, sample_answers
 from proxykd_jax.parallel import hosts
 
 
-def token_byte_lengths(tokenizer, vocab_size: int | None = None) -> np.ndarray:
-    """float64 [V]: UTF-8 bytes each of our tokens adds to the text (specials: 0)."""
-    table = byte_head.token_bytes(tokenizer)
-    out = np.zeros(vocab_size or len(table), np.float64)
-    for i, b in enumerate(table[: len(out)]):
-        out[i] = len(b) if b else 0
-    return out
+def text_bytes(ids, tokenizer) -> int:
+    """UTF-8 bytes of the text of our token `ids`: the denominator of every nats per byte, in `eval`
+    and in `report` alike.
+
+    The convention: a model's log-prob of the end of a text (<eos>, where the text ended) counts in
+    the numerator, and the end adds no byte; bytes are the decoded text's UTF-8 bytes (every special
+    token adds none). So the same text has the same bytes under any tokenizer, a word tokenizer's
+    spaces included, and a teacher scoring text (`KnownTeacher.text_logprob`) counts it the same way."""
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    words = [int(i) for i in ids if int(i) not in special]
+    return len(tokenizer.decode(words).encode("utf-8")) if words else 0
 
 
-def heldout_nats_per_byte(models: dict, batches: list, byte_lengths_V: np.ndarray, scorer) -> dict:
-    """{name: nats per byte} of each model's NLL of the response targets (eos included) over `batches`."""
+def target_bytes(batch, tokenizer) -> int:
+    """`text_bytes` of the scored targets (the response, its eos included) of every row of `batch`."""
+    targets, mask = np.asarray(batch["targets"]), _mask(batch)
+    return sum(text_bytes(targets[r][mask[r] > 0], tokenizer) for r in range(mask.shape[0]))
+
+
+def heldout_nats_per_byte(models: dict, batches: list, tokenizer, scorer) -> dict:
+    """{name: nats per byte} of each model's NLL of the response targets (eos included) over `batches`,
+    per byte of the responses' text (`text_bytes`)."""
+    nbytes = float(sum(target_bytes(batch, tokenizer) for batch in batches))
     out = {}
     for name, model in models.items():
-        sums = {"nll": 0.0, "bytes": 0.0}
+        sums = {"nll": 0.0, "bytes": nbytes}
         for batch in batches:
             picked, _ = scorer(model, batch, full=False)
-            mask = _mask(batch)
-            sums["nll"] -= float(np.sum(picked * mask))
-            sums["bytes"] += float(np.sum(byte_lengths_V[np.asarray(batch["targets"])] * mask))
+            sums["nll"] -= float(np.sum(picked * _mask(batch)))
         sums = hosts.allsum(sums)
         out[name] = sums["nll"] / max(sums["bytes"], 1.0)
     return out
@@ -55,7 +66,8 @@ def generation_nats_per_byte(
     """{name: -(teacher log-likelihood of the student's answers, their end included) / their bytes}.
 
     Each student answers `prompts` (tokenised with our `tokenizer`) by sampling at temperature 1;
-    the teacher scores the decoded text with its own tokenizer (`teacher.text_logprob`)."""
+    the teacher scores the decoded text with its own tokenizer (`teacher.text_logprob`), its <eos>
+    only after an answer that ended (not one cut at max_new_tokens)."""
     if not prompts:
         return {}
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -64,7 +76,7 @@ def generation_nats_per_byte(
     for name, model in students.items():
         answers = sample_answers(model, ids, tokenizer, eos, max_new_tokens=max_new_tokens, seed=seed)
         texts = [tokenizer.decode([t for t in a if t != eos]) for a in answers]
-        ll, nbytes = teacher.text_logprob(prompts, texts)
+        ll, nbytes = teacher.text_logprob(prompts, texts, ended=[bool(a) and a[-1] == eos for a in answers])
         out[name] = float(-ll.sum() / max(nbytes.sum(), 1))
     return out
 
@@ -86,8 +98,7 @@ def eval_metrics(models: dict, prepared, cfg, teacher, batches: list, scorer, *,
     from proxykd_jax.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(prepared.root / "tokenizer")
-    vocab = max(m.cfg.vocab_size for m in models.values())
-    per = heldout_nats_per_byte(models, batches, token_byte_lengths(tok, vocab), scorer)
+    per = heldout_nats_per_byte(models, batches, tok, scorer)
     out = {
         "units": "per_byte",
         "split": cfg.eval.split,
@@ -97,7 +108,11 @@ def eval_metrics(models: dict, prepared, cfg, teacher, batches: list, scorer, *,
     wanted = set(hosts.allgather(batch_sample_ids(batches)).tolist())
     held = [s for row in iter_corpus(prepared.manifest["sources"], "skip", collections.Counter()) for s in row]
     held = [s for s in held if s.sample_id in wanted and s.prompt is not None]
-    out["teacher_nats_per_byte"] = teacher_nats_per_byte(teacher, [s.prompt for s in held], [s.response for s in held])
+    # the teacher's <eos> only where prepare made one a target: not after an answer cut at max_tokens
+    ended = [s.meta.get("finish_reason") != "length" for s in held]
+    out["teacher_nats_per_byte"] = teacher_nats_per_byte(
+        teacher, [s.prompt for s in held], [s.response for s in held], ended=ended
+    )
     prompts = list(dict.fromkeys(s.prompt for s in held))[: int(cfg.eval.generate_prompts)]
     students = {k: m for k, m in models.items() if k.startswith("student")}
     gen = generation_nats_per_byte(
@@ -108,9 +123,10 @@ def eval_metrics(models: dict, prepared, cfg, teacher, batches: list, scorer, *,
     return out
 
 
-def teacher_nats_per_byte(teacher, prompts: list[str], responses: list[str]) -> float:
-    """The teacher's own nats per byte of held-out text (the floor every model is measured against)."""
-    ll, nbytes = teacher.text_logprob(prompts, responses)
+def teacher_nats_per_byte(teacher, prompts: list[str], responses: list[str], ended=None) -> float:
+    """The teacher's own nats per byte of held-out text (the floor every model is measured against);
+    its <eos> scored after the responses that `ended` (default: all)."""
+    ll, nbytes = teacher.text_logprob(prompts, responses, ended=ended)
     return float(-ll.sum() / max(nbytes.sum(), 1))
 
 
@@ -222,13 +238,21 @@ def random_proxy(tokenizer, proxy_cfg, folder: pathlib.Path, seed: int) -> None:
 def write_corpus(
     teacher, prompts: list[str], path: pathlib.Path, *, samples: int, max_new_tokens: int, top: int, seed: int
 ):
-    """The teacher's answers with their top log-probs as a corpus JSONL (one line per sample), as
-    `collect` writes it from the HTTP server (the benchmarks' shortcut; tests cover the HTTP path)."""
-    answers = teacher.sample(prompts, samples, max_new_tokens, seed=seed)
+    """The teacher's answers with their top log-probs and finish reasons as a corpus JSONL (one line per
+    sample), as `collect` writes it from the HTTP server (the benchmarks' shortcut; tests cover the
+    HTTP path): `meta.finish_reason` "length" where max_new_tokens cut the answer, so `prepare` puts
+    no eos target after it."""
+    answers = teacher.sample_finished(prompts, samples, max_new_tokens, seed=seed)
     rows = [
-        {"id": f"p{i:05d}", "prompt": p, "response": a, "sample_index": j}
+        {
+            "id": f"p{i:05d}",
+            "prompt": p,
+            "response": a,
+            "sample_index": j,
+            "meta": {"max_tokens": max_new_tokens, "finish_reason": finish},
+        }
         for i, (p, group) in enumerate(zip(prompts, answers))
-        for j, a in enumerate(x for x in group if x.strip())
+        for j, (a, finish) in enumerate(x for x in group if x[0].strip())
     ]
     fields = top_logprob_fields(teacher, [r["prompt"] for r in rows], [r["response"] for r in rows], top)
     with open(path, "w") as f:
@@ -281,7 +305,7 @@ def posterior_heldout_nats_per_byte(
     from proxykd_jax.models.tokenizer import load_tokenizer
 
     sym = prepared.head_symbols()
-    nbytes_V = token_byte_lengths(load_tokenizer(prepared.root / "tokenizer"), proxy.cfg.vocab_size)
+    tok = load_tokenizer(prepared.root / "tokenizer")
     fwd = nnx.jit(lambda m, b: jax.nn.log_softmax(m(b["tokens"], b["positions"], b["segment_ids"]), axis=-1))
     n_max, kappa = min(float(est["n_max"]), 1e9), float(est["kappa"])
     base = np.asarray(tables.base_V, np.float64)
@@ -315,5 +339,5 @@ def posterior_heldout_nats_per_byte(
                     sym,
                 )
             nll -= float(np.sum(np.log(np.maximum(q[np.arange(t), y], 1e-300))))
-            total_bytes += float(nbytes_V[y].sum())
+            total_bytes += text_bytes(y, tok)
     return nll / max(total_bytes, 1.0)

@@ -1,15 +1,16 @@
 """Scores of one student against the known teacher, per byte of text (tokenizer-free):
 
-* nats per byte of held-out teacher responses (the student's NLL summed over response tokens,
-  divided by the responses' UTF-8 bytes, an <eos> counting one byte);
+* nats per byte of held-out teacher responses (the student's NLL summed over response tokens, the
+  <eos> included, divided by the responses' UTF-8 bytes, to which the <eos> adds none: the eval
+  stage's convention, `eval.per_byte.text_bytes`);
 * E_t KL(teacher_t || student_t) per response token on the same held-out contexts;
 * the teacher's log-likelihood per byte of the student's sampled answers to held-out prompts.
 
 With a teacher over other tokens (`cross_tokenizer_scores`) the KL is "n/a (tokenizers differ)";
 nats per byte are counted the same way over our tokens, and the teacher scores the decoded answers
-with its own tokenizer (eval/per_byte.py: their end is scored and counts no byte).
+with its own tokenizer (eval/per_byte.py: their end is scored where they ended and counts no byte).
 
-The per-token scorers are eval/metrics.py's; this module adds the byte counts.
+The per-token scorers are eval/metrics.py's, the byte counts eval/per_byte.py's (one convention).
 """
 
 from __future__ import annotations
@@ -17,33 +18,22 @@ from __future__ import annotations
 import numpy as np
 
 from proxykd_jax.eval import metrics as metrics_lib
+from proxykd_jax.eval import per_byte
 from proxykd_jax.parallel import hosts
 
 
-def text_bytes(ids, tokenizer, eos_id: int) -> int:
-    """UTF-8 bytes of the text of token `ids` (an <eos> counts one byte, a terminator)."""
-    ids = [int(i) for i in ids]
-    words = [i for i in ids if i != eos_id]
-    return len(tokenizer.decode(words).encode("utf-8")) + (len(ids) - len(words))
-
-
-def _response_bytes(batch, tokenizer, eos_id: int) -> int:
-    mask = np.asarray(batch["loss_mask"], np.float64) * (batch["segment_ids"] > 0)
-    return sum(text_bytes(batch["targets"][r][mask[r] > 0], tokenizer, eos_id) for r in range(mask.shape[0]))
-
-
-def _counts(batches, tokenizer, eos_id: int) -> dict:
+def _counts(batches, tokenizer) -> dict:
     counts = {"tokens": 0.0, "bytes": 0.0}
     for batch in batches:
         counts["tokens"] += float((np.asarray(batch["loss_mask"], np.float64) * (batch["segment_ids"] > 0)).sum())
-        counts["bytes"] += _response_bytes(batch, tokenizer, eos_id)
+        counts["bytes"] += per_byte.target_bytes(batch, tokenizer)
     return hosts.allsum(counts)
 
 
 def heldout_scores(model, teacher, batches, scorer) -> dict:
     """{nats_per_byte, nll_per_token, kl_to_teacher, tokens, bytes} on held-out `batches`."""
     m = metrics_lib.model_metrics({"m": model}, batches, teacher, scorer)["m"]
-    counts = _counts(batches, teacher.tokenizer, teacher.eos_id)
+    counts = _counts(batches, teacher.tokenizer)
     return {
         "nats_per_byte": m["heldout_nll"] * counts["tokens"] / counts["bytes"],
         "nll_per_token": m["heldout_nll"],
@@ -54,7 +44,8 @@ def heldout_scores(model, teacher, batches, scorer) -> dict:
 
 
 def generation_score(model, prompts: list, teacher, *, max_new_tokens: int, seed: int) -> float:
-    """The teacher's log-likelihood per byte of the model's sampled answers to `prompts`."""
+    """The teacher's log-likelihood per byte of the model's sampled answers to `prompts` (an answer's
+    <eos> scored where it stopped, adding no byte)."""
     answers = metrics_lib.sample_answers(
         model, prompts, teacher.tokenizer, teacher.eos_id, max_new_tokens=max_new_tokens, seed=seed
     )
@@ -63,7 +54,7 @@ def generation_score(model, prompts: list, teacher, *, max_new_tokens: int, seed
     for i, (p, a) in enumerate(zip(prompts, answers)):
         for t, tok in enumerate(a):
             total += float(np.log(max(float(q[i, len(p) + t - 1, tok]), 1e-300)))  # float64 floor
-        nbytes += text_bytes(a, teacher.tokenizer, teacher.eos_id)
+        nbytes += per_byte.text_bytes(a, teacher.tokenizer)
     return total / max(nbytes, 1)
 
 
@@ -77,7 +68,7 @@ def nats_per_byte(model, prepared, batches, scorer) -> dict:
 
     tok = load_tokenizer(prepared.root / "tokenizer")
     nll = metrics_lib.model_metrics({"m": model}, batches, None, scorer)["m"]["heldout_nll"]
-    counts = _counts(batches, tok, tok.eos_token_id)
+    counts = _counts(batches, tok)
     return {
         "nats_per_byte": nll * counts["tokens"] / counts["bytes"],
         "nll_per_token": nll,
@@ -90,7 +81,6 @@ def cross_tokenizer_scores(model, teacher, prepared, batches, prompts, scorer, m
     """The student's scores against a teacher over other tokens: nats per byte of held-out teacher
     text, the teacher's log-likelihood per byte of the student's answers to `prompts` (our token
     ids, decoded to text for the teacher), and KL "n/a (tokenizers differ)"."""
-    from proxykd_jax.eval import per_byte
     from proxykd_jax.models.tokenizer import load_tokenizer
 
     tok = load_tokenizer(prepared.root / "tokenizer")

@@ -60,18 +60,25 @@ def _link(folder: pathlib.Path, names=("prepared", "prior")) -> None:
 def write_corpus(
     teacher, prompts: pathlib.Path, out: pathlib.Path, samples_per_prompt: int, max_new_tokens: int, seed: int
 ):
-    """The teacher's answers to `prompts` as a corpus file (`data.corpus` format: id, prompt,
-    responses), sampled in batches straight from the known teacher: the HTTP path is the demo's,
-    and at the report's sizes it would be most of the time. Written atomically; kept if it exists."""
+    """The teacher's answers to `prompts` as a corpus file, one line per sample as `collect` writes it
+    (id, prompt, response, sample_index, meta.finish_reason), sampled in batches straight from the
+    known teacher: the HTTP path is the demo's, and at the report's sizes it would be most of the
+    time. Written atomically; kept if it exists (a corpus written before finish reasons were
+    recorded is kept too, and read as if every answer stopped)."""
     if out.exists():
         return
     rows = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
-    answers = teacher.sample([r["prompt"] for r in rows], samples_per_prompt, max_new_tokens, seed=seed)
+    answers = teacher.sample_finished([r["prompt"] for r in rows], samples_per_prompt, max_new_tokens, seed=seed)
     lines = []
-    for row, responses in zip(rows, answers):
-        responses = [r for r in responses if r.strip()]  # an immediate <eos> is no usable text
-        if responses:
-            lines.append(json.dumps({"id": row["id"], "prompt": row["prompt"], "responses": responses}) + "\n")
+    for row, group in zip(rows, answers):
+        # A line per sample: a `responses` list shares one `meta`, and `prepare` needs each answer's
+        # finish reason (no eos target after one cut at max_new_tokens). The sample indices number
+        # the kept answers as the list did, so the sample ids stay the same.
+        kept = [(text, finish) for text, finish in group if text.strip()]  # an immediate <eos> is no usable text
+        for j, (text, finish) in enumerate(kept):
+            line = {"id": row["id"], "prompt": row["prompt"], "response": text, "sample_index": j}
+            line["meta"] = {"max_tokens": max_new_tokens, "finish_reason": finish}
+            lines.append(json.dumps(line) + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(lines))
@@ -354,6 +361,17 @@ def _curve(path: pathlib.Path) -> list:
     return [(int(r["step"]), float(r["ce"])) for r in rows if "ce" in r and "step" in r]
 
 
+def _older_report(root: pathlib.Path) -> pathlib.Path | None:
+    """A corpus of the report in `root` written before corpora recorded each answer's finish reason (the
+    first one found), or None. Its results were scored by that version too: <eos> counted as a byte."""
+    for corpus in sorted(root.glob("*/*/corpus/teacher.jsonl")):
+        with open(corpus) as f:
+            first = f.readline()
+        if first.strip() and "finish_reason" not in first:
+            return corpus
+    return None
+
+
 def run_report(ctx, run_stage) -> list[dict]:
     """Runs (or resumes) the report of `ctx`'s config into its `report` artifact, running the
     pipeline's stages through `run_stage(name, ctx, **kwargs)`; returns the results."""
@@ -362,6 +380,12 @@ def run_report(ctx, run_stage) -> list[dict]:
     art = ctx.artifact("report")
     runner = Runner(ctx, art.work, run_stage)
     runner.plan()
+    older = _older_report(ctx.paths.root)
+    if older is not None:  # its corpora train an eos after cut answers and its scores use another byte count
+        raise ProxyKDError(
+            f"{older} was written by an older proxykd_jax (no finish reasons: cut answers get an eos target, and "
+            f"the results beside it count <eos> as a byte); run the report with a new --config.run.dir."
+        )
     if not art.done:
         art.begin()
     results = runner.run()

@@ -239,11 +239,28 @@ class KnownTeacher:
         batch_size: int = 64,
     ) -> list[list[str]]:
         """`n_per_prompt` responses per prompt (text without <eos>); a response ends at <eos> or max length."""
+        answers = self.sample_finished(
+            prompts, n_per_prompt, max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size
+        )
+        return [[text for text, _ in group] for group in answers]
+
+    def sample_finished(
+        self,
+        prompts: list[str],
+        n_per_prompt: int,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> list[list[tuple[str, str]]]:
+        """`sample`'s responses, each with its finish reason as an API gives it: "stop" where the
+        teacher sampled <eos>, "length" where `max_new_tokens` cut it (`prepare` adds no eos target there)."""
         rows = [self.encode(p) for p in prompts for _ in range(n_per_prompt)]
         if any(not r for r in rows):
             raise ValueError("KnownTeacher.sample got an empty prompt; every prompt needs at least one word.")
         width = -(-max(len(r) for r in rows) // 16) * 16  # few distinct shapes, few compilations
-        texts = []
+        answers = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             tokens = np.zeros((batch_size, width), np.int32)
@@ -261,9 +278,11 @@ class KnownTeacher:
             )
             gen, lens = np.asarray(out.tokens_BxT), np.asarray(out.lengths_B)
             for i in range(len(chunk)):
-                ids = [t for t in gen[i, : lens[i]].tolist() if t != self.eos_id]
-                texts.append(self.tokenizer.decode(ids))
-        return [texts[i * n_per_prompt : (i + 1) * n_per_prompt] for i in range(len(prompts))]
+                ids = gen[i, : lens[i]].tolist()
+                stopped = bool(ids) and ids[-1] == self.eos_id  # as LlamaBackend decides it
+                text = self.tokenizer.decode([t for t in ids if t != self.eos_id])
+                answers.append((text, "stop" if stopped else "length"))
+        return [answers[i * n_per_prompt : (i + 1) * n_per_prompt] for i in range(len(prompts))]
 
     def distributions(self, context_token_ids, lengths=None) -> np.ndarray:
         """True next-token distributions float32 [B, L, V] at every position of each context.
@@ -296,13 +315,17 @@ class KnownTeacher:
             )
         return out
 
-    def text_logprob(self, prompts: list[str], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def text_logprob(self, prompts: list[str], texts: list[str], ended=None) -> tuple[np.ndarray, np.ndarray]:
         """(teacher log-likelihood of each text after its prompt, float64 [B]; UTF-8 bytes of each text).
 
-        The text is scored as the teacher tokenises it, followed by <eos> (the end of the text is part of
-        it), so nats per byte compare across tokenizers."""
-        contexts = [self.encode(p) + self.encode(t) + [self.eos_id] for p, t in zip(prompts, texts)]
-        probs = self.distributions([c[:-1] for c in contexts])
+        The text is scored as the teacher tokenises it, followed by <eos> where it `ended` (default: every
+        text; not a text cut at a length limit, whose writer went on) so nats per byte compare across
+        tokenizers. The <eos> adds no byte (eval/per_byte.py `text_bytes`: the convention)."""
+        ended = [True] * len(texts) if ended is None else [bool(e) for e in ended]
+        contexts = [
+            self.encode(p) + self.encode(t) + ([self.eos_id] if e else []) for p, t, e in zip(prompts, texts, ended)
+        ]
+        probs = self.distributions([c[:-1] if len(c) > 1 else c for c in contexts])
         out = np.zeros(len(contexts))
         for i, (p, c) in enumerate(zip(prompts, contexts)):
             start = len(self.encode(p))
