@@ -1,12 +1,15 @@
 """What an artifact is made from: an upstream artifact that is not finished is refused (not read in
-part and then reused as if whole), and an input file or folder is identified by its content, so one
-changed in place counts as changed; a file artifact's refusals name its real record."""
+part and then reused as if whole), an input file or folder is identified by its content and a model
+folder by its small files and its weights' stamps, so one changed in place counts as changed; a file
+artifact's refusals name its real record."""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import re
+import shutil
 
 import pytest
 from stage_helpers import run_stage
@@ -123,6 +126,125 @@ def test_a_record_from_before_input_files_were_recorded_is_still_reused(tmp_path
     rec["hash"] = artifacts._hash(rec["fields"], rec["inputs"])
     record_path(art.path, False).write_text(json.dumps(rec))
     assert _open("prepare", cfg).done  # and the dependants' inputs (its hash) are unchanged
+
+
+# ------------------------------------------------------------------------------------ model folders
+
+_PAST = 1_000_000_000_000_000_000  # an mtime well in the past (2001): no file is within its mtime tick
+# (stage, config field) of every model folder a stage reads
+MODEL_FOLDERS = [
+    ("align", "proxy.init_from"),
+    ("posterior", "posterior.proxy"),
+    ("distill", "model.init_from"),
+    ("distill", "distill.white_box"),
+    ("eval", "proxy.init_from"),
+    ("eval", "eval.known_teacher"),
+]
+
+
+def _model_folder(folder: pathlib.Path) -> pathlib.Path:
+    """A tiny Hugging Face folder: config, tokenizer, weights, all with an mtime in the past."""
+    (folder / "nested").mkdir(parents=True)
+    (folder / "config.json").write_text('{"d_model": 8}')
+    (folder / "nested" / "tokenizer.json").write_text('{"v": 1}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+    for f in (folder / "config.json", folder / "nested" / "tokenizer.json", folder / "model.safetensors"):
+        os.utime(f, ns=(_PAST, _PAST))
+    return folder
+
+
+def _with(cfg, key: str, value):
+    group, field = key.split(".")
+    cfg[group][field] = value
+    return cfg
+
+
+def _finished(name, cfg):
+    art = _open(name, cfg)
+    art.begin()
+    art.finish({"done": 1})
+    return art
+
+
+@pytest.mark.parametrize("stage,key", MODEL_FOLDERS)
+def test_a_model_folder_whose_weights_are_replaced_in_place_counts_as_changed(stage, key, tmp_path):
+    folder = _model_folder(tmp_path / "model")
+    cfg = _with(_cfg(tmp_path), key, str(folder))
+    art = _finished(stage, cfg)
+    assert _open(stage, cfg).done  # nothing touched: reused
+    (folder / "model.safetensors").write_bytes(b"WEIGHTS")  # other weights of the same size, saved now
+    refusal = (
+        rf"^{re.escape(str(art.path))} \(finished\) was made from other settings or inputs: the content of its input "
+        rf"{re.escape(key)} \({re.escape(str(folder))}\) changed\. Set --config.run.overwrite=True to replace it"
+    )
+    with pytest.raises(ProxyKDError, match=refusal):
+        _open(stage, cfg)
+    redo = _open(stage, cfg, overwrite=True)
+    assert redo.status == "replace"
+    redo.begin()
+    redo.finish()
+    assert _open(stage, cfg).done  # rebuilt from the new weights: reused again
+
+
+def test_a_model_folder_untouched_is_reused_and_its_weights_never_read(tmp_path, monkeypatch):
+    folder = _model_folder(tmp_path / "model")
+    with open(folder / "pytorch_model-00001-of-00002", "wb") as f:  # weights by size, whatever the name
+        f.truncate(artifacts._BIG)
+    os.utime(folder / "pytorch_model-00001-of-00002", ns=(_PAST, _PAST))
+    (folder / ".cache").mkdir()  # hidden: a download tool's own files, not the model
+    (folder / ".cache" / "state").write_text("1")
+    cfg = _with(_cfg(tmp_path), "proxy.init_from", str(folder))
+    read = []
+    monkeypatch.setattr(artifacts, "open", lambda *a, **k: read.append(a[0].name) or open(*a, **k), raising=False)
+    art = _open("align", cfg)
+    assert sorted(read) == ["config.json", "tokenizer.json"]  # the small files only
+    art.begin()
+    art.finish()
+    read.clear()
+    (folder / ".cache" / "state").write_text("2")
+    os.utime(folder, ns=(_PAST + 5, _PAST + 5))  # the folder's own mtime is not part of it
+    assert _open("align", cfg).done and read == []  # the record's stamps stand for the small files' digests
+    big = folder / "pytorch_model-00001-of-00002"
+    with open(big, "r+b") as f:
+        f.truncate(artifacts._BIG + 1)
+    with pytest.raises(ProxyKDError, match=r"the content of its input proxy.init_from \(.*model\) changed"):
+        _open("align", cfg)
+    assert "pytorch_model-00001-of-00002" not in read
+
+
+def test_a_model_folder_copied_counts_as_the_same_only_with_its_stamps(tmp_path):
+    """A copy with the same bytes: kept stamps (`cp -p`, copytree) is the same folder; new mtimes (`cp`) is a
+    change (its weights are not read to tell); a copy elsewhere is other settings (the path is a field)."""
+    folder = _model_folder(tmp_path / "model")
+    cfg = _with(_cfg(tmp_path), "proxy.init_from", str(folder))
+    _finished("align", cfg)
+    shutil.copytree(folder, tmp_path / "copy")  # copy2: bytes and mtime_ns kept
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "copy", folder)
+    assert _open("align", cfg).done
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "copy", folder, copy_function=shutil.copyfile)  # the same bytes, mtimes now
+    with pytest.raises(ProxyKDError, match=r"the content of its input proxy.init_from \(.*model\) changed"):
+        _open("align", cfg)
+    moved = _with(_cfg(tmp_path), "proxy.init_from", str(tmp_path / "copy"))
+    with pytest.raises(ProxyKDError) as err:
+        _open("align", moved)
+    assert f'proxy.init_from "{folder}" -> "{tmp_path / "copy"}"' in str(err.value)
+    assert f"its input proxy.init_from ({tmp_path / 'copy'}) is new" in str(err.value)
+
+
+def test_a_record_from_before_model_folders_were_recorded_is_still_reused(tmp_path):
+    folder = _model_folder(tmp_path / "model")
+    cfg = _with(_cfg(tmp_path), "proxy.init_from", str(folder))
+    art = _finished("align", cfg)
+    rec = read_record(art.path)
+    del rec["models"]  # as the version that identified model folders by their path wrote it
+    rec["hash"] = artifacts._hash(rec["fields"], rec["inputs"], rec["files"])
+    record_path(art.path, False).write_text(json.dumps(rec))
+    assert _open("align", cfg).done  # not taken for changed: its dependants keep its hash
+    with pytest.raises(ProxyKDError) as err:
+        _open("align", _with(cfg, "align.beta", 0.5))
+    assert "align.beta" in str(err.value) and "proxy.init_from" not in str(err.value)  # no folder to compare
 
 
 def test_a_file_not_made_by_collect_names_its_record(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 
@@ -108,6 +109,28 @@ def test_prior_stage_is_skipped_when_finished(run):
     manifest = run_stage("prior", cfg)
     assert manifest["tokens"] > 0 and manifest["split"] == "distill"
     assert (RunPaths.from_config(cfg).prior / "tables.npz").exists()
+
+
+def test_proxy_weights_replaced_in_place_are_a_change_not_a_reuse(run):
+    """posterior.proxy is a folder outside the run: new weights under the same path are not the store's proxy."""
+    cfg, _, _ = run
+    record = read_record(RunPaths.from_config(cfg).posterior)
+    weights = pathlib.Path(cfg.posterior.proxy) / "model.safetensors"
+    kept, stat = weights.read_bytes(), weights.stat()
+    run_stage("posterior", cfg)  # untouched: reused
+    assert read_record(RunPaths.from_config(cfg).posterior) == record
+    tensors = safetensors.numpy.load_file(str(weights))
+    name = sorted(tensors)[0]
+    safetensors.numpy.save_file(tensors | {name: tensors[name] * 1.5}, str(weights), metadata={"format": "pt"})
+    try:
+        changed = r"the content of its input posterior.proxy \(.*proxy_init\) changed\. Set --config.run.overwrite=True"
+        with pytest.raises(ProxyKDError, match=changed):
+            run_stage("posterior", cfg)
+    finally:  # the module's other tests use this proxy: its bytes and stamp back
+        weights.write_bytes(kept)
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    run_stage("posterior", cfg)
+    assert read_record(RunPaths.from_config(cfg).posterior) == record
 
 
 def test_teacher_top_logprobs_fix_the_head(tmp_path):

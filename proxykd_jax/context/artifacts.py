@@ -3,9 +3,10 @@
 A stage's output (its *artifact*: a folder, or the corpus file) carries a record, `artifact.json`
 in the folder (`<file>.artifact.json` beside a file): the config fields that produced it (the
 table below), the hashes of the upstream artifacts it was made from, the content digests of the
-input files outside the run it read (`collect.prompts`, `data.corpus`, `data.tokenizer`), a hash
-of all three, and whether it is finished. The record is written when the stage starts, so an
-interrupted stage is known too.
+input files outside the run it read (`collect.prompts`, `data.corpus`, `data.tokenizer`), the
+identities of the model folders it read (`proxy.init_from`, `model.init_from`, `posterior.proxy`,
+`distill.white_box`, `eval.known_teacher`), a hash of all of these, and whether it is finished.
+The record is written when the stage starts, so an interrupted stage is known too.
 
 Running a stage again:
   * same fields and inputs, finished      -> the artifact is reused (the stage does nothing);
@@ -22,10 +23,13 @@ An upstream artifact's hash is part of its dependants' inputs, so rebuilding `pr
 other settings makes `prior/`, `proxy/`, ... stale, and they say so when run. An input file's
 identity is its content (sha256, about 1.5 GB/s; the record keeps each file's size and mtime_ns
 with its digest, so an unchanged file is not read again), so a prompts file or corpus edited in
-place counts as changed. A file artifact is the file and its companions (`<name>.failures.jsonl`,
-the record); nothing else beside it is touched. The move into place is resumable: a run killed
-half-way through it is completed by the next `open_artifact`. `serve` writes nothing and has no
-entry.
+place counts as changed. A model folder's identity is the content of its small files and the size
+and mtime_ns of its weights (`model_id`: reading the weights would cost seconds per GB), so weights
+replaced in place count as changed too. A record written before input files (model folders) were
+recorded keeps its hash and matches on what it recorded. A file artifact is the file and its
+companions (`<name>.failures.jsonl`, the record); nothing else beside it is touched. The move into
+place is resumable: a run killed half-way through it is completed by the next `open_artifact`.
+`serve` writes nothing and has no entry.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class Spec:
     is_file: bool = False
     # input files or folders outside the run, (config key, path): identified by their content
     files: Callable[..., Sequence[tuple[str, pathlib.Path]]] = lambda cfg, paths: ()
+    # model folders it reads, (config key, path): identified by their small files and weights' stamps (model_id)
+    models: Callable[..., Sequence[tuple[str, pathlib.Path]]] = lambda cfg, paths: ()
     companions: tuple[str, ...] = ()  # a file artifact's companion files: suffixes after its name
     replace_note: str = ""  # what run.overwrite keeps, for the refusal message
 
@@ -72,6 +78,11 @@ def _proxy_artifact(cfg, paths: RunPaths) -> list[pathlib.Path]:
 
 def _path_list(key: str, value) -> list[tuple[str, pathlib.Path]]:
     return [(key, pathlib.Path(p).expanduser()) for p in str(value or "").split(",") if p]
+
+
+def _folder(key: str, value) -> list[tuple[str, pathlib.Path]]:
+    """[(key, folder)] of a config field naming one model folder ([] when unset)."""
+    return [(key, pathlib.Path(str(value)).expanduser())] if value else []
 
 
 def _prepare_files(cfg, paths: RunPaths) -> list[tuple[str, pathlib.Path]]:
@@ -146,12 +157,14 @@ ARTIFACTS: dict[str, Spec] = {
         fields=("align.*", "proxy.*", "optim.*", "data.seq_len", "run.seed"),
         ignore=("align.checkpoint_every", "align.logprob_chunk", "align.eval_batch_size"),
         inputs=lambda cfg, paths: [paths.demo, paths.prepared],
+        models=lambda cfg, paths: _folder("proxy.init_from", cfg.proxy.init_from),
     ),
     "posterior": Spec(
         path=lambda cfg, paths: paths.posterior,
         fields=("posterior.*", "prior.kappa", "data.store.*", "data.seq_len", "proxy.dtype", "run.seed"),
         ignore=("posterior.chunk_tokens", "posterior.kernel", "data.store.shard_mb"),
         inputs=lambda cfg, paths: [paths.prepared, paths.prior] + _proxy_artifact(cfg, paths),
+        models=lambda cfg, paths: _folder("posterior.proxy", cfg.posterior.proxy),
     ),
     "distill": Spec(
         path=lambda cfg, paths: paths.student(student_name(cfg.distill)),
@@ -171,6 +184,9 @@ ARTIFACTS: dict[str, Spec] = {
         ignore=("distill.output", "distill.loss.chunk_size"),
         inputs=lambda cfg, paths: [paths.prepared] + ([] if cfg.distill.white_box else [paths.posterior]),
         hint="--config.distill.output=NAME for another folder",
+        models=lambda cfg, paths: (
+            _folder("model.init_from", cfg.model.init_from) + _folder("distill.white_box", cfg.distill.white_box)
+        ),
     ),
     "eval": Spec(
         path=lambda cfg, paths: paths.eval,
@@ -184,6 +200,9 @@ ARTIFACTS: dict[str, Spec] = {
             paths.student(STUDENT),
             paths.student(STUDENT_SFT),
         ],
+        models=lambda cfg, paths: (
+            _folder("proxy.init_from", cfg.proxy.init_from) + _folder("eval.known_teacher", cfg.eval.known_teacher)
+        ),
     ),
     "report": Spec(  # the ablation report (report/): results of every variant, report.md, PNGs
         path=lambda cfg, paths: paths.root / "report",
@@ -251,9 +270,10 @@ def depends_on(cfg, spec: Spec) -> dict:
     return json.loads(json.dumps(picked, sort_keys=True, default=repr))
 
 
-def _hash(fields: dict, inputs: dict, files: dict | None = None) -> str:
-    # without input files the hash is what it was before they were recorded: old records stay valid
+def _hash(fields: dict, inputs: dict, files: dict | None = None, models: dict | None = None) -> str:
+    # without input files (model folders) the hash is what it was before they were recorded: old records stay valid
     payload = {"fields": fields, "inputs": inputs} | ({"files": files} if files else {})
+    payload |= {"models": models} if models else {}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -263,6 +283,7 @@ def _hash(fields: dict, inputs: dict, files: dict | None = None) -> str:
 # whose weights say nothing about the tokenizer (and would cost seconds per GB to read).
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".npz", ".onnx")
 _RACY_NS = 2_000_000_000  # a file modified this recently may change again within its mtime tick
+_BIG = 64 << 20  # a model folder's file this large counts as weights whatever its name (by its stamp, not read)
 
 
 def _file_digest(path: pathlib.Path, known: dict, stamps: dict) -> str:
@@ -294,27 +315,73 @@ def content_id(path: pathlib.Path, known: dict | None = None, stamps: dict | Non
             return _file_digest(path, known, stamps)
         if not path.is_dir():
             return "missing"
-        entries = []
-        for f in sorted(path.rglob("*")):
-            rel = f.relative_to(path)
-            if any(part.startswith(".") for part in rel.parts) or f.name.endswith(_WEIGHTS) or not f.is_file():
-                continue
-            entries.append([rel.as_posix(), _file_digest(f, known, stamps)])
+        entries = [[rel, _file_digest(f, known, stamps)] for rel, f in _folder_files(path) if not _is_weights(f)]
         return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
     except OSError as e:
         raise ProxyKDError(f"cannot read the input {path} ({e.strerror or e}); check that it is readable.") from None
 
 
-def _input_files(spec: Spec, cfg, paths: RunPaths, records) -> tuple[dict, dict]:
-    """({"<config key> (<path>)": content id}, {file: [size, mtime_ns, digest]}) of `spec`'s input files."""
+def _folder_files(folder: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
+    """(relative path, file) of every file in `folder`, sorted; hidden files and folders left out."""
+    out = []
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder)
+        if not any(part.startswith(".") for part in rel.parts) and f.is_file():
+            out.append((rel.as_posix(), f))
+    return out
+
+
+def _is_weights(f: pathlib.Path, size: int = 0) -> bool:
+    return f.name.endswith(_WEIGHTS) or size >= _BIG
+
+
+def model_id(path: pathlib.Path, known: dict | None = None, stamps: dict | None = None) -> str:
+    """The identity of an input model folder (a Hugging Face folder, a known teacher): the sha256 of, per
+    file, its relative path and either the sha256 of its bytes (config.json, tokenizer files: small, and
+    cached in the record like input files) or, for model weights (a weights suffix, or 64 MiB and more),
+    its size and mtime_ns; "missing" when it does not exist.
+
+    Weights are not read because that costs seconds per GB on the first look in every run directory
+    (minutes for a 7B model), while a save, a download or a copy that replaces a weights file gives it a new
+    mtime_ns: weights replaced in place count as changed. What the stamp cannot tell: the same weights
+    copied anew (`cp` without `-p`, a fresh download) also count as changed (a refusal to confirm with
+    run.overwrite, never a stale reuse), and a replacement that keeps both size and mtime_ns (`cp -p` of
+    weights of the same size, `touch -r`) is not seen. The folder's path is a config field, so pointing a
+    stage at a copy elsewhere changes its settings whatever the copy holds."""
+    known = {} if known is None else known
+    stamps = {} if stamps is None else stamps
+    try:
+        if path.is_file():
+            files = [(path.name, path)]
+        elif path.is_dir():
+            files = _folder_files(path)
+        else:
+            return "missing"
+        entries = []
+        for rel, f in files:
+            st = f.stat()
+            if _is_weights(f, st.st_size):
+                entries.append([rel, st.st_size, st.st_mtime_ns])
+            else:
+                entries.append([rel, _file_digest(f, known, stamps)])
+        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    except OSError as e:
+        raise ProxyKDError(f"cannot read the input {path} ({e.strerror or e}); check that it is readable.") from None
+
+
+def _input_files(spec: Spec, cfg, paths: RunPaths, records) -> tuple[dict, dict, dict]:
+    """({"<config key> (<path>)": content id} of `spec`'s input files, the same with the model_id of its model
+    folders, {file: [size, mtime_ns, digest]} of the files read for them)."""
     known = {}
     for rec in records:
         if rec and isinstance(rec.get("stamps"), dict):
             known.update(rec["stamps"])
-    files, stamps = {}, {}
+    files, models, stamps = {}, {}, {}
     for key, path in spec.files(cfg, paths):
         files[f"{key} ({path})"] = content_id(path, known, stamps)
-    return files, stamps
+    for key, path in spec.models(cfg, paths):
+        models[f"{key} ({path})"] = model_id(path, known, stamps)
+    return files, models, stamps
 
 
 def _label(path: pathlib.Path, paths: RunPaths) -> str:
@@ -324,7 +391,9 @@ def _label(path: pathlib.Path, paths: RunPaths) -> str:
         return str(path)
 
 
-def _changes(old: dict, new: dict, old_inputs: dict, new_inputs: dict, old_files=None, new_files=None) -> list[str]:
+def _changes(old: dict, new: dict, old_inputs: dict, new_inputs: dict, old_ids=(), new_ids=()) -> list[str]:
+    """What differs, one phrase each; `old_ids`/`new_ids`: the records' input files and model folders, in turn
+    (an old one None: the record is from before they were recorded, there is nothing to compare)."""
     missing = object()
     out = []
     for key in sorted(set(old) | set(new)):
@@ -335,7 +404,9 @@ def _changes(old: dict, new: dict, old_inputs: dict, new_inputs: dict, old_files
     for key in sorted(set(old_inputs) | set(new_inputs)):
         if old_inputs.get(key) != new_inputs.get(key):
             out.append(f"its input {key}/ " + ("was rebuilt" if key in old_inputs else "is new"))
-    if old_files is not None:  # records made before input files were recorded have none to compare
+    for old_files, new_files in zip(old_ids, new_ids):
+        if old_files is None:  # records made before these were recorded have none to compare
+            continue
         for key in sorted(set(new_files or {}) - set(old_files)):
             out.append(f"its input {key} is new")
         for key in sorted(set(old_files) & set(new_files or {})):
@@ -364,6 +435,7 @@ class Artifact:
     sync: Callable[[str], None] = lambda name: None
     writer: bool = True  # this process writes records (process 0)
     files: dict = dataclasses.field(default_factory=dict)  # content ids of the input files
+    models: dict = dataclasses.field(default_factory=dict)  # model_id of the input model folders
     stamps: dict = dataclasses.field(default_factory=dict)  # their sizes and mtimes (not hashed)
     companions: tuple[str, ...] = ()
 
@@ -374,7 +446,7 @@ class Artifact:
     def _record(self, finished: bool, summary=None) -> dict:
         rec = {"stage": self.name, "hash": self.hash, "finished": finished, "fields": self.fields}
         rec.update(inputs=self.inputs, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        rec.update(files=self.files, stamps=self.stamps)
+        rec.update(files=self.files, models=self.models, stamps=self.stamps)
         if finished and self.is_file:  # which companions the swap moves (context: _swap_file)
             rec["companions"] = [s for s in ("",) + self.companions if _part(self.work, s).exists()]
         if summary is not None:
@@ -567,10 +639,10 @@ def open_artifact(
         _tidy(path, spec.is_file, spec.companions)
     beside = path.with_name(f".{path.name}.new")
     redo = read_record(beside, spec.is_file)
-    files, stamps = _input_files(spec, cfg, paths, [rec, redo])
-    digest = _hash(fields, inputs, files)
+    files, models, stamps = _input_files(spec, cfg, paths, [rec, redo])
+    digest = _hash(fields, inputs, files, models)
     art = Artifact(name, path, path, "new", fields, inputs, digest, spec.is_file, sync=sync, writer=writer)
-    art.files, art.stamps, art.companions = files, stamps, spec.companions
+    art.files, art.models, art.stamps, art.companions = files, models, stamps, spec.companions
     hint = f", {spec.hint}" if spec.hint else ""
     if rec is None:
         if _is_empty(path, spec.is_file):
@@ -582,14 +654,16 @@ def open_artifact(
             )
         art.status, art.work = "replace", beside
         return art
-    # a record made before input files were recorded matches on its fields and upstream artifacts
-    legacy = "files" not in rec and rec.get("hash") == _hash(fields, inputs)
-    if rec.get("hash") == digest or legacy:
+    # a record made before input files (model folders) were recorded matches on what it recorded: its fields
+    # (which name their paths) and upstream artifacts; it is not taken for a changed one
+    recorded = _hash(fields, inputs, files if "files" in rec else None, models if "models" in rec else None)
+    if rec.get("hash") in (digest, recorded):
         art.status = "done" if rec.get("finished") else "resume"
         art.summary = rec.get("summary")
         return art
     if not overwrite:
-        changes = _changes(rec.get("fields", {}), fields, rec.get("inputs", {}), inputs, rec.get("files"), files) or [
+        old_ids, new_ids = (rec.get("files"), rec.get("models")), (files, models)
+        changes = _changes(rec.get("fields", {}), fields, rec.get("inputs", {}), inputs, old_ids, new_ids) or [
             "(unknown: its record is from another version)"
         ]
         state = "finished" if rec.get("finished") else "unfinished"

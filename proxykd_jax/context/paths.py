@@ -13,8 +13,8 @@
   eval/                       eval      metrics.json
   export/                     export    Hugging Face folder
 Each finished folder holds `artifact.json` (the corpus: `teacher.jsonl.artifact.json` beside it):
-the config fields, upstream artifacts and input files it was made from and their hash
-(context/artifacts.py).
+the config fields, upstream artifacts, input files and model folders it was made from and their
+hash (context/artifacts.py).
 """
 
 from __future__ import annotations
