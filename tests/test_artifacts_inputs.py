@@ -10,6 +10,10 @@ import os
 import pathlib
 import re
 import shutil
+import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 from stage_helpers import run_stage
@@ -19,6 +23,8 @@ from proxykd_jax import context
 from proxykd_jax.context import artifacts
 from proxykd_jax.context.artifacts import open_artifact, read_record, record_path
 from proxykd_jax.errors import ProxyKDError
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _cfg(tmp_path, **data):
@@ -231,6 +237,73 @@ def test_a_model_folder_copied_counts_as_the_same_only_with_its_stamps(tmp_path)
         _open("align", moved)
     assert f'proxy.init_from "{folder}" -> "{tmp_path / "copy"}"' in str(err.value)
     assert f"its input proxy.init_from ({tmp_path / 'copy'}) is new" in str(err.value)
+
+
+def test_every_process_decides_with_process_0s_model_folder_identity(tmp_path):
+    """A model folder copied to each host's own disk has other mtimes there: a process other than 0
+    takes process 0's identities (`share`), so it reuses what process 0 reuses instead of refusing."""
+    folder = _model_folder(tmp_path / "model")
+    cfg = _with(_cfg(tmp_path), "proxy.init_from", str(folder))
+    paths = context.RunPaths.from_config(cfg)
+    writer = _finished("align", cfg)
+    seen_by_0 = json.dumps(writer.models, sort_keys=True)
+    os.utime(folder / "model.safetensors", ns=(_PAST + 10**9, _PAST + 10**9))  # host 1's copy of the same folder
+    with pytest.raises(ProxyKDError, match="proxy.init_from .* changed"):
+        open_artifact("align", cfg, paths, overwrite=False, writer=False)  # deciding alone, it would stop
+    other = open_artifact("align", cfg, paths, overwrite=False, writer=False, share=lambda text: seen_by_0)
+    assert other.done and other.hash == writer.hash
+
+
+def test_broadcast_text_and_open_artifact_on_two_processes(tmp_path):
+    """Two jax.distributed processes: process 1 sees another identity of the model folder (its own
+    copy's mtimes, patched in) and still reaches process 0's decision and hash."""
+    folder = _model_folder(tmp_path / "model")
+    cfg = _with(_cfg(tmp_path), "proxy.init_from", str(folder))
+    _finished("align", cfg)
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    script = tmp_path / "proc.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, pathlib, sys
+            import jax
+            import ml_collections
+            jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+            from proxykd_jax import context
+            from proxykd_jax.context import artifacts
+            from proxykd_jax.parallel import hosts
+            me = jax.process_index()
+            assert hosts.broadcast_text("from " + "x" * (3 + 40 * me) + " é") == "from xxx é"
+            if me == 1:  # this host's copy of the folder: other weights' stamps
+                artifacts.model_id = lambda path, known=None, stamps=None: "host-1-copy"
+            cfg = ml_collections.ConfigDict(json.loads(pathlib.Path(sys.argv[3]).read_text()))
+            art = artifacts.open_artifact(
+                "align", cfg, context.RunPaths.from_config(cfg), overwrite=False, sync=hosts.sync, writer=me == 0,
+                share=hosts.broadcast_text,
+            )
+            print(json.dumps({"status": art.status, "hash": art.hash}))
+            jax.distributed.shutdown()
+            """
+        )
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"127.0.0.1:{port}", str(i), str(tmp_path / "cfg.json")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert results[0] == results[1] and results[0]["status"] == "done"
 
 
 def test_a_record_from_before_model_folders_were_recorded_is_still_reused(tmp_path):

@@ -85,7 +85,13 @@ class RunContext:
         from proxykd_jax.parallel import hosts
 
         return open_artifact(
-            name or self.stage, self.cfg, self.paths, overwrite=self.overwrite, sync=hosts.sync, writer=self.is_writer
+            name or self.stage,
+            self.cfg,
+            self.paths,
+            overwrite=self.overwrite,
+            sync=hosts.sync,
+            writer=self.is_writer,
+            share=hosts.broadcast_text,
         )
 
     def artifact_path(self, name: str) -> pathlib.Path:

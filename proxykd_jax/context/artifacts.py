@@ -626,10 +626,19 @@ def check_inputs(name: str, cfg, paths: RunPaths, *, writer: bool = True) -> dic
 
 
 def open_artifact(
-    name: str, cfg, paths: RunPaths, *, overwrite: bool, sync=lambda name: None, writer: bool = True
+    name: str,
+    cfg,
+    paths: RunPaths,
+    *,
+    overwrite: bool,
+    sync=lambda name: None,
+    writer: bool = True,
+    share: Callable[[str], str] = lambda text: text,
 ) -> Artifact:
     """Decides what the stage `name` does with its artifact (reads files only, except to complete an
-    interrupted move into place; raises on a refusal)."""
+    interrupted move into place; raises on a refusal). `share`: process 0's text on every process
+    (`hosts.broadcast_text`): the model folders' identities are process 0's, since a folder copied
+    to each host's own disk has other mtimes there, and the processes must decide alike."""
     spec = ARTIFACTS[name]
     path = spec.path(cfg, paths)
     inputs = check_inputs(name, cfg, paths, writer=writer)
@@ -640,6 +649,8 @@ def open_artifact(
     beside = path.with_name(f".{path.name}.new")
     redo = read_record(beside, spec.is_file)
     files, models, stamps = _input_files(spec, cfg, paths, [rec, redo])
+    if spec.models(cfg, paths):  # the same config on every process: all of them take part, or none
+        models = json.loads(share(json.dumps(models, sort_keys=True)))
     digest = _hash(fields, inputs, files, models)
     art = Artifact(name, path, path, "new", fields, inputs, digest, spec.is_file, sync=sync, writer=writer)
     art.files, art.models, art.stamps, art.companions = files, models, stamps, spec.companions

@@ -36,6 +36,19 @@ def broadcast(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+def broadcast_text(text: str) -> str:
+    """Process 0's string, on every process (what process 0 decided, where the others might see otherwise)."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(text.encode("utf-8"), np.uint8)
+    size = broadcast(len(data))
+    padded = np.zeros(size, np.uint8)
+    padded[: min(size, len(data))] = data[:size]
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))).decode("utf-8")
+
+
 def replicated_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
     """A batch that every process holds whole, as global arrays split over the `batch` mesh axes.
 
