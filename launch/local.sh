@@ -50,7 +50,9 @@ fi
 
 pids=()
 for command in "${commands[@]}"; do
-  eval "${command}" &
+  # exec: the job is the process itself, so its exit status is the one waited for (a shell left
+  # between them under `set -e` reports 1) and `kill` below reaches it (not only its shell)
+  eval "exec ${command}" &
   pids+=("$!")
 done
 status=0

@@ -185,9 +185,17 @@ def _run_stage(stage: str, argv: list[str]) -> int:
     from proxykd_jax.parallel import distributed
 
     try:
-        distributed.maybe_initialize_distributed(cfg.mesh.distributed)
+        plan = distributed.resolve_distributed(cfg.mesh.distributed)
     except ValueError as e:
         raise UserError(str(e)) from None
+    why = stages.STAGES[stage].one_process
+    if why and plan.several:  # every process stops alike, before any of them connects to the others
+        raise UserError(
+            f"`proxykd {stage}` runs as one process ({why}), and this run starts {plan.num_processes or 'several'} "
+            f"processes ({plan.mode} start-up); run it once on one host, without NUM_PROCESSES or a multi-host "
+            "launcher (the model stages align, posterior, distill, eval and export run on all of them)."
+        )
+    distributed.maybe_initialize_distributed(cfg.mesh.distributed)
     import jax
 
     # the mesh against the devices, batch sizes against the mesh: all before the run directory exists

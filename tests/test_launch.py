@@ -104,3 +104,73 @@ def test_local_dry_run_starts_n_processes_on_one_port():
     assert env.count("device_count") == 1 and "--xla_force_host_platform_device_count=4" in env  # inherited 8 dropped
     single = _dry_run("local.sh", {"PYTHON": "py"})
     assert [shlex.split(c) for c in single["command"]] == [["py", "-m", "proxykd_jax", *ARGS]]
+
+
+def test_local_exit_status_is_the_failing_process_and_the_others_are_stopped(tmp_path):
+    """Process 1 fails with 2 once process 0 runs, which would run for a minute: the launcher exits 2
+    (the process's status, not the 1 of a shell left between them) and stops process 0 itself."""
+    started, marker, child = tmp_path / "started", tmp_path / "still_running", tmp_path / "process_0.py"
+    child.write_text(f"import time\nopen({str(started)!r}, 'w')\ntime.sleep(60)\nopen({str(marker)!r}, 'w')\n")
+    fake = tmp_path / "fake_python"
+    fake.write_text(  # process 0 runs on as the job itself (exec), as python does
+        "#!/usr/bin/env bash\n"
+        'if [[ "$*" == *process_id=1* ]]; then\n'
+        f"  while [[ ! -e {started} ]]; do sleep 0.05; done\n"
+        '  echo "error: proxykd distill: bad" >&2; exit 2\n'
+        "fi\n"
+        f"exec {sys.executable} {child}\n"
+    )
+    fake.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "COORDINATOR", "NUM_PROC", "TPU_"))}
+    env = clean | {"NUM_PROCESSES": "2", "PYTHON": str(fake), "COORDINATOR_PORT": "23456"}
+    with subprocess.Popen(
+        ["bash", str(REPO / "launch" / "local.sh"), *ARGS], env=env, stderr=subprocess.PIPE, text=True
+    ) as launcher:
+        _, err = launcher.communicate(timeout=30)
+    left = subprocess.run(["pgrep", "-f", str(child)], capture_output=True, text=True).stdout.split()
+    for pid in left:  # tidy up before failing
+        os.kill(int(pid), 9)
+    assert started.exists() and launcher.returncode == 2 and "error: proxykd distill: bad" in err
+    assert left == []  # process 0 was stopped, not left running behind the launcher
+
+
+@pytest.mark.parametrize("stage", ["collect", "prepare", "serve", "demo", "report"])
+def test_one_process_stages_refuse_a_multi_process_start_before_connecting(stage, tmp_path):
+    """Every process of a multi-process start of a one-process stage stops with one sentence and exit 2,
+    before connecting to a coordinator (none listens here: a connection attempt would hang)."""
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "from proxykd_jax import config\n\ndef get_config():\n    return config.base_config()\n"
+        if stage not in ("demo", "report")
+        else "import runpy\n\ndef get_config():\n"
+        f"    return runpy.run_path({str(REPO / 'configs' / 'demo.py')!r})['get_config']()\n"
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "q0", "prompt": "hi"}\n')
+    extra = {
+        "collect": [f"--config.collect.prompts={prompts}", "--config.collect.base_url=http://127.0.0.1:9/v1"],
+        "prepare": [f"--config.data.corpus={prompts}", f"--config.data.tokenizer={tmp_path}"],
+        "serve": [f"--config.serve.path={tmp_path}"],
+    }.get(stage, [])
+    argv = [
+        sys.executable,
+        "-m",
+        "proxykd_jax",
+        stage,
+        f"--config={cfg_file}",
+        f"--config.run.dir={tmp_path / 'run'}",
+        *extra,
+        "--config.mesh.distributed.coordinator_address=127.0.0.1:9",
+        "--config.mesh.distributed.num_processes=2",
+        "--config.mesh.distributed.process_id=1",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: proxykd {stage}: `proxykd {stage}` runs as one process (")
+    ), result.stderr
+    assert "2 processes" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""align, posterior, distill and eval as 2 jax.distributed processes x 4 CPU devices, started
+"""prior, align, posterior, distill and eval as 2 jax.distributed processes x 4 CPU devices, started
 through launch/local.sh exactly as a user would, against the same stage as 1 process x 8 devices
 (this test process): metrics to 1e-5, the posterior store's values to 1e-6.
 
@@ -123,6 +123,19 @@ def _close(a, b, tol):
         for key in x:
             if key != "at":
                 np.testing.assert_allclose(x[key], y[key], rtol=tol, atol=tol, err_msg=f"{key} at {x['at']}")
+
+
+def test_prior(base, tmp_path):
+    """Host work that process 0 does while the others wait: the same tables, and every process ends."""
+    one, two = two_runs(base, tmp_path, "prior")
+    launch = Launch("prior", two, tmp_path / "prior.log")
+    run_stage("prior", one)
+    launch.wait()
+    a, b = (np.load(pathlib.Path(c.run.dir) / "prior" / "tables.npz") for c in (one, two))
+    assert sorted(a.files) == sorted(b.files) and a.files
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert json.loads((pathlib.Path(two.run.dir) / "prior" / "artifact.json").read_text())["finished"]
 
 
 def test_align(base, tmp_path):

@@ -30,6 +30,11 @@ class DistributedPlan:
     num_processes: int | None = None
     process_id: int | None = None
 
+    @property
+    def several(self) -> bool:
+        """Whether this starts more than one process (known before anything starts)."""
+        return self.mode in ("slurm", "tpu") or (self.mode == "explicit" and (self.num_processes or 1) > 1)
+
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
     value = env.get(name, "").strip()

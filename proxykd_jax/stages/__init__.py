@@ -15,11 +15,21 @@ import importlib
 class Stage:
     doc: str
     groups: tuple[str, ...]
+    # why the stage runs as one process ("" = it runs on every process of a jax.distributed run)
+    one_process: str = ""
 
 
 STAGES = {
-    "collect": Stage("Query an OpenAI-compatible teacher endpoint for responses to prompts.", ("run", "collect")),
-    "prepare": Stage("Tokenise the teacher corpus, split it by prompt, write records + manifest.", ("run", "data")),
+    "collect": Stage(
+        "Query an OpenAI-compatible teacher endpoint for responses to prompts.",
+        ("run", "collect"),
+        one_process="it calls the teacher's API, and every process would request and pay for every sample",
+    ),
+    "prepare": Stage(
+        "Tokenise the teacher corpus, split it by prompt, write records + manifest.",
+        ("run", "data"),
+        one_process="it is host work on files, with no model on the mesh",
+    ),
     "prior": Stage("Build the prior tables (per-prompt prefix tries, back-off n-gram).", ("run", "prior")),
     "align": Stage(
         "Align the proxy to the teacher: SFT warm-up, then DPO rounds.",
@@ -41,9 +51,19 @@ STAGES = {
         "Write a student checkpoint as a Hugging Face folder.",
         ("run", "mesh", "model", "optim", "train", "distill", "export"),
     ),
-    "serve": Stage("Serve a model behind an OpenAI-compatible HTTP API.", ("mesh", "serve")),
-    "demo": Stage("Run the whole pipeline on the built-in tiny known-teacher setup.", ()),  # () = every group
-    "report": Stage("Ablation report: every part of Proxy-KD over settings and seeds, with plots.", ()),
+    "serve": Stage(
+        "Serve a model behind an OpenAI-compatible HTTP API.",
+        ("mesh", "serve"),
+        one_process="one HTTP server takes the requests, and other processes would not see them",
+    ),
+    "demo": Stage(  # () = every group
+        "Run the whole pipeline on the built-in tiny known-teacher setup.", (), one_process="it runs collect and serve"
+    ),
+    "report": Stage(
+        "Ablation report: every part of Proxy-KD over settings and seeds, with plots.",
+        (),
+        one_process="it writes its teachers' corpora and tiny models itself",
+    ),
 }
 
 
