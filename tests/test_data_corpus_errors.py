@@ -51,6 +51,26 @@ BAD_ROWS = {
         "bad_logprobs",
         "'top_logprobs[0][0].bytes' is [256], not a list of byte values",
     ),
+    "alternative-bytes-bool": (
+        _row(top_logprobs=[[{"token": "the fox", "logprob": -0.1, "bytes": [True]}]]),
+        "bad_logprobs",
+        "'top_logprobs[0][0].bytes' is [True], not a list of byte values",
+    ),
+    "alternative-bytes-float": (
+        _row(top_logprobs=[[{"token": "the fox", "logprob": -0.1, "bytes": [97, 1.5]}]]),
+        "bad_logprobs",
+        "'top_logprobs[0][0].bytes' is [97, 1.5], not a list of byte values",
+    ),
+    "alternative-bytes-negative": (
+        _row(top_logprobs=[[{"token": "the fox", "logprob": -0.1, "bytes": [-1]}]]),
+        "bad_logprobs",
+        "'top_logprobs[0][0].bytes' is [-1], not a list of byte values",
+    ),
+    "alternative-bytes-text": (
+        _row(top_logprobs=[[{"token": "the fox", "logprob": -0.1, "bytes": "abc"}]]),
+        "bad_logprobs",
+        "'top_logprobs[0][0].bytes' is 'abc', not a list of byte values",
+    ),
     "tokens-not-a-list": (_row(top_logprobs=ONE_ALT, tokens=5), "bad_logprobs", "field 'tokens' is 5"),
     "tokens-wrong-length": (
         _row(top_logprobs=ONE_ALT, tokens=["the", " fox"]),
