@@ -649,7 +649,7 @@ def open_artifact(
     beside = path.with_name(f".{path.name}.new")
     redo = read_record(beside, spec.is_file)
     files, models, stamps = _input_files(spec, cfg, paths, [rec, redo])
-    if spec.models(cfg, paths):  # the same config on every process: all of them take part, or none
+    if models:  # one entry per model folder the config names: every process takes part, or none
         models = json.loads(share(json.dumps(models, sort_keys=True)))
     digest = _hash(fields, inputs, files, models)
     art = Artifact(name, path, path, "new", fields, inputs, digest, spec.is_file, sync=sync, writer=writer)

@@ -239,21 +239,9 @@ def write_corpus(
     teacher, prompts: list[str], path: pathlib.Path, *, samples: int, max_new_tokens: int, top: int, seed: int
 ):
     """The teacher's answers with their top log-probs and finish reasons as a corpus JSONL (one line per
-    sample), as `collect` writes it from the HTTP server (the benchmarks' shortcut; tests cover the
-    HTTP path): `meta.finish_reason` "length" where max_new_tokens cut the answer, so `prepare` puts
-    no eos target after it."""
-    answers = teacher.sample_finished(prompts, samples, max_new_tokens, seed=seed)
-    rows = [
-        {
-            "id": f"p{i:05d}",
-            "prompt": p,
-            "response": a,
-            "sample_index": j,
-            "meta": {"max_tokens": max_new_tokens, "finish_reason": finish},
-        }
-        for i, (p, group) in enumerate(zip(prompts, answers))
-        for j, (a, finish) in enumerate(x for x in group if x[0].strip())
-    ]
+    sample, `KnownTeacher.corpus_rows`), as `collect` writes it from the HTTP server (the benchmarks'
+    shortcut; tests cover the HTTP path)."""
+    rows = teacher.corpus_rows([f"p{i:05d}" for i in range(len(prompts))], prompts, samples, max_new_tokens, seed=seed)
     fields = top_logprob_fields(teacher, [r["prompt"] for r in rows], [r["response"] for r in rows], top)
     with open(path, "w") as f:
         for row, extra in zip(rows, fields):

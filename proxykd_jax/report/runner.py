@@ -68,17 +68,12 @@ def write_corpus(
     if out.exists():
         return
     rows = [json.loads(line) for line in prompts.read_text().splitlines() if line.strip()]
-    answers = teacher.sample_finished([r["prompt"] for r in rows], samples_per_prompt, max_new_tokens, seed=seed)
-    lines = []
-    for row, group in zip(rows, answers):
-        # A line per sample: a `responses` list shares one `meta`, and `prepare` needs each answer's
-        # finish reason (no eos target after one cut at max_new_tokens). The sample indices number
-        # the kept answers as the list did, so the sample ids stay the same.
-        kept = [(text, finish) for text, finish in group if text.strip()]  # an immediate <eos> is no usable text
-        for j, (text, finish) in enumerate(kept):
-            line = {"id": row["id"], "prompt": row["prompt"], "response": text, "sample_index": j}
-            line["meta"] = {"max_tokens": max_new_tokens, "finish_reason": finish}
-            lines.append(json.dumps(line) + "\n")
+    # A line per sample: a `responses` list shares one `meta`, and `prepare` needs each answer's finish
+    # reason; the sample indices number the kept answers as the list did, so the sample ids stay the same.
+    samples = teacher.corpus_rows(
+        [r["id"] for r in rows], [r["prompt"] for r in rows], samples_per_prompt, max_new_tokens, seed=seed
+    )
+    lines = [json.dumps(line) + "\n" for line in samples]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(lines))

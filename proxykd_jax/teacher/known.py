@@ -284,6 +284,26 @@ class KnownTeacher:
                 answers.append((text, "stop" if stopped else "length"))
         return [answers[i * n_per_prompt : (i + 1) * n_per_prompt] for i in range(len(prompts))]
 
+    def corpus_rows(
+        self, ids: list[str], prompts: list[str], n_per_prompt: int, max_new_tokens: int, *, seed: int
+    ) -> list[dict]:
+        """Sampled answers to `prompts` (named `ids`) as corpus lines, one per sample as `collect` writes
+        them: id, prompt, response, sample_index, meta (max_tokens, finish_reason: "length" where
+        max_new_tokens cut the answer, so `prepare` puts no eos target after it). An immediate <eos>
+        is no usable text and is left out; the sample indices number the answers kept."""
+        answers = self.sample_finished(prompts, n_per_prompt, max_new_tokens, seed=seed)
+        return [
+            {
+                "id": i,
+                "prompt": p,
+                "response": text,
+                "sample_index": j,
+                "meta": {"max_tokens": max_new_tokens, "finish_reason": finish},
+            }
+            for i, p, group in zip(ids, prompts, answers)
+            for j, (text, finish) in enumerate(x for x in group if x[0].strip())
+        ]
+
     def distributions(self, context_token_ids, lengths=None) -> np.ndarray:
         """True next-token distributions float32 [B, L, V] at every position of each context.
 
