@@ -68,37 +68,18 @@ def make_teacher(demo_cfg, proxy_cfg, folder: pathlib.Path):
             target_entropy=d.teacher_entropy,
         )
 
-    return saved_teacher(
-        d.teacher_seed,
-        folder,
-        vocab_size=proxy_cfg.vocab_size,
-        d_model=d.teacher_d_model,
-        num_layers=d.teacher_num_layers,
-        proxy_cfg=proxy_cfg,
-        target_entropy=d.teacher_entropy,
-    )
-
-
-def saved_teacher(seed: int, folder: pathlib.Path, *, vocab_size: int, d_model: int, num_layers: int, proxy_cfg, **kw):
-    """A known teacher with the proxy's attention and MLP shapes (`KnownTeacher.create(seed, ..., **kw)`),
-    saved to `folder` atomically; loaded when the folder exists (a folder that exists is complete)."""
-    from proxykd_jax.teacher.known import KnownTeacher
-
-    if (folder / "config.json").exists():
-        return KnownTeacher.load(str(folder), seed=seed)
-
     def write(tmp):
         teacher = KnownTeacher.create(
-            seed,
-            vocab_size=vocab_size,
-            d_model=d_model,
-            num_layers=num_layers,
+            d.teacher_seed,
+            vocab_size=proxy_cfg.vocab_size,
+            d_model=d.teacher_d_model,
+            num_layers=d.teacher_num_layers,
             num_heads=proxy_cfg.num_heads,
             num_kv_heads=proxy_cfg.num_kv_heads,
             d_ff=proxy_cfg.d_ff,
             max_seq_len=proxy_cfg.max_seq_len,
+            target_entropy=d.teacher_entropy,
             folder=tmp / "tokenizer_build",
-            **kw,
         )
         teacher.save(str(tmp))
         return teacher

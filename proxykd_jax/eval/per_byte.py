@@ -169,18 +169,29 @@ def top_logprob_fields(teacher, prompts: list[str], responses: list[str], n: int
 
 def char_teacher(seed: int, folder: pathlib.Path, *, vocab_size: int, d_model: int, num_layers: int, proxy_cfg, **kw):
     """A character-level known teacher, saved to `folder` atomically (loaded when it exists)."""
-    from proxykd_jax.eval import benchmark
+    from proxykd_jax.teacher.known import KnownTeacher
 
-    return benchmark.saved_teacher(
-        seed,
-        folder,
-        vocab_size=vocab_size,
-        d_model=d_model,
-        num_layers=num_layers,
-        proxy_cfg=proxy_cfg,
-        tokenizer="char",
-        **kw,
-    )
+    if (folder / "config.json").exists():  # a folder that exists is complete: saved atomically
+        return KnownTeacher.load(str(folder), seed=seed)
+
+    def write(tmp):
+        teacher = KnownTeacher.create(
+            seed,
+            vocab_size=vocab_size,
+            d_model=d_model,
+            num_layers=num_layers,
+            num_heads=proxy_cfg.num_heads,
+            num_kv_heads=proxy_cfg.num_kv_heads,
+            d_ff=proxy_cfg.d_ff,
+            max_seq_len=proxy_cfg.max_seq_len,
+            folder=tmp / "tokenizer_build",
+            tokenizer="char",
+            **kw,
+        )
+        teacher.save(str(tmp))
+        return teacher
+
+    return save_atomic(write, folder)
 
 
 def bpe_from_teacher(teacher, folder: pathlib.Path, vocab_size: int, *, texts: int = 256, seed: int = 0):
