@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from proxykd_jax.eval.folders import save_atomic
+from proxykd_jax.eval.folders import save_atomic, saved_teacher
 from proxykd_jax.models import hf
 
 
@@ -42,49 +42,27 @@ CHAR_TEACHER_VOCAB = 36  # the character teacher: 4 specials + 32 characters (a 
 
 def make_teacher(demo_cfg, proxy_cfg, folder: pathlib.Path):
     """The known teacher (`demo` group; shape shared with the `proxy` group), saved to `folder`."""
-    from proxykd_jax.teacher.known import KnownTeacher
-
-    if (folder / "config.json").exists():
-        return KnownTeacher.load(str(folder))
     d = demo_cfg
     mode = d.get("teacher_tokenizer", "same")
     if mode not in ("same", "char"):
         raise ValueError(f"demo.teacher_tokenizer={mode!r} is not one of ('same', 'char').")
+    kw = {"vocab_size": proxy_cfg.vocab_size}
     if mode == "char":
         if proxy_cfg.vocab_size < 260:
             raise ValueError(
                 f"demo.teacher_tokenizer=char gives the student a byte-level BPE: proxy.vocab_size and "
                 f"model.vocab_size must be at least 260, got {proxy_cfg.vocab_size}."
             )
-        from proxykd_jax.eval import per_byte
-
-        return per_byte.char_teacher(
-            d.teacher_seed,
-            folder,
-            vocab_size=CHAR_TEACHER_VOCAB,
-            d_model=d.teacher_d_model,
-            num_layers=d.teacher_num_layers,
-            proxy_cfg=proxy_cfg,
-            target_entropy=d.teacher_entropy,
-        )
-
-    def write(tmp):
-        teacher = KnownTeacher.create(
-            d.teacher_seed,
-            vocab_size=proxy_cfg.vocab_size,
-            d_model=d.teacher_d_model,
-            num_layers=d.teacher_num_layers,
-            num_heads=proxy_cfg.num_heads,
-            num_kv_heads=proxy_cfg.num_kv_heads,
-            d_ff=proxy_cfg.d_ff,
-            max_seq_len=proxy_cfg.max_seq_len,
-            target_entropy=d.teacher_entropy,
-            folder=tmp / "tokenizer_build",
-        )
-        teacher.save(str(tmp))
-        return teacher
-
-    return save_atomic(write, folder)
+        kw = {"vocab_size": CHAR_TEACHER_VOCAB, "tokenizer": "char"}
+    return saved_teacher(
+        d.teacher_seed,
+        folder,
+        d_model=d.teacher_d_model,
+        num_layers=d.teacher_num_layers,
+        proxy_cfg=proxy_cfg,
+        target_entropy=d.teacher_entropy,
+        **kw,
+    )
 
 
 def write_prompts(teacher, path: pathlib.Path, n: int, seed: int) -> None:

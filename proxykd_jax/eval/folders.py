@@ -28,3 +28,31 @@ def save_atomic(write, folder: pathlib.Path):
         shutil.rmtree(folder)
     tmp.rename(folder)
     return result
+
+
+def saved_teacher(seed: int, folder: pathlib.Path, *, vocab_size: int, d_model: int, num_layers: int, proxy_cfg, **kw):
+    """A known teacher with the proxy's attention and MLP shapes (`KnownTeacher.create(seed, ..., **kw)`),
+    saved to `folder` atomically; loaded when the folder exists (a folder that exists is complete)."""
+    from proxykd_jax.teacher.known import KnownTeacher
+
+    folder = pathlib.Path(folder)
+    if (folder / "config.json").exists():
+        return KnownTeacher.load(str(folder), seed=seed)
+
+    def write(tmp):
+        teacher = KnownTeacher.create(
+            seed,
+            vocab_size=vocab_size,
+            d_model=d_model,
+            num_layers=num_layers,
+            num_heads=proxy_cfg.num_heads,
+            num_kv_heads=proxy_cfg.num_kv_heads,
+            d_ff=proxy_cfg.d_ff,
+            max_seq_len=proxy_cfg.max_seq_len,
+            folder=tmp / "tokenizer_build",
+            **kw,
+        )
+        teacher.save(str(tmp))
+        return teacher
+
+    return save_atomic(write, folder)

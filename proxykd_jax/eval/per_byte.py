@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from proxykd_jax.data import byte_head
-from proxykd_jax.eval.folders import save_atomic
+from proxykd_jax.eval.folders import save_atomic, saved_teacher
 from proxykd_jax.eval.metrics import _mask, sample_answers
 from proxykd_jax.parallel import hosts
 
@@ -169,29 +169,16 @@ def top_logprob_fields(teacher, prompts: list[str], responses: list[str], n: int
 
 def char_teacher(seed: int, folder: pathlib.Path, *, vocab_size: int, d_model: int, num_layers: int, proxy_cfg, **kw):
     """A character-level known teacher, saved to `folder` atomically (loaded when it exists)."""
-    from proxykd_jax.teacher.known import KnownTeacher
-
-    if (folder / "config.json").exists():  # a folder that exists is complete: saved atomically
-        return KnownTeacher.load(str(folder), seed=seed)
-
-    def write(tmp):
-        teacher = KnownTeacher.create(
-            seed,
-            vocab_size=vocab_size,
-            d_model=d_model,
-            num_layers=num_layers,
-            num_heads=proxy_cfg.num_heads,
-            num_kv_heads=proxy_cfg.num_kv_heads,
-            d_ff=proxy_cfg.d_ff,
-            max_seq_len=proxy_cfg.max_seq_len,
-            folder=tmp / "tokenizer_build",
-            tokenizer="char",
-            **kw,
-        )
-        teacher.save(str(tmp))
-        return teacher
-
-    return save_atomic(write, folder)
+    return saved_teacher(
+        seed,
+        folder,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        num_layers=num_layers,
+        proxy_cfg=proxy_cfg,
+        tokenizer="char",
+        **kw,
+    )
 
 
 def bpe_from_teacher(teacher, folder: pathlib.Path, vocab_size: int, *, texts: int = 256, seed: int = 0):
