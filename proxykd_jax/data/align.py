@@ -67,6 +67,7 @@ class Encoded:
     teacher_topk_logprobs_LxK: np.ndarray | None  # float32, -inf where absent
     stats: AlignStats
     truncated: bool
+    response_chars: int | None = None  # where `truncated`: the characters of the response its tokens cover
 
 
 def format_prompt(tokenizer, sample: Sample) -> tuple[str, bool]:
@@ -186,6 +187,7 @@ class SampleEncoder:
         n_extra = 1 if self.eos is not None and ended else 0
         n = len(p_ids) + len(r_ids) + n_extra
         truncated = False  # by data.seq_len (counted in the manifest)
+        n_resp, kept_chars = len(r_ids), None
         if n > self.seq_len + 1:
             n_extra = 0
             keep = self.seq_len + 1 - len(p_ids)
@@ -197,6 +199,7 @@ class SampleEncoder:
                     "too_long",
                 )
             r_ids, offs, truncated = r_ids[:keep], offs[:keep], True
+            kept_chars = int(offs[-1][1]) if len(r_ids) < n_resp else len(s.response)
         tokens = np.asarray(p_ids + r_ids + ([self.eos] if n_extra else []), np.int32)
         stats = AlignStats()
         t_ids = t_lps = None
@@ -209,7 +212,7 @@ class SampleEncoder:
             resp_rows = slice(len(p_ids), len(p_ids) + len(r_ids))
             stats.student_positions_total = len(r_ids)
             stats.student_positions_covered = int(np.isfinite(t_lps[resp_rows]).any(1).sum())
-        return Encoded(s, tokens, len(p_ids), t_ids, t_lps, stats, truncated)
+        return Encoded(s, tokens, len(p_ids), t_ids, t_lps, stats, truncated, kept_chars)
 
     def _align(self, s: Sample, prompt_len: int, r_ids, offs, n: int, stats: AlignStats):
         """Teacher head rows [n, K] (row i predicts token i) and alignment counts for one sample.

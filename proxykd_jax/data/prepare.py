@@ -116,6 +116,8 @@ def _record(enc: align.Encoded) -> dict:
         "loss_mask": loss_mask,
         "meta": {k: v for k, v in s.meta.items() if isinstance(v, (str, int, float, bool))},
     }
+    if enc.truncated:  # cut by data.truncate: scores of the teacher's text stop where the tokens do
+        rec["response_chars"] = enc.response_chars
     if enc.teacher_topk_ids_LxK is not None:
         rec["teacher_topk_ids"] = enc.teacher_topk_ids_LxK
         rec["teacher_topk_logprobs"] = enc.teacher_topk_logprobs_LxK

@@ -108,11 +108,16 @@ def eval_metrics(models: dict, prepared, cfg, teacher, batches: list, scorer, *,
     wanted = set(hosts.allgather(batch_sample_ids(batches)).tolist())
     held = [s for row in iter_corpus(prepared.manifest["sources"], "skip", collections.Counter()) for s in row]
     held = [s for s in held if s.sample_id in wanted and s.prompt is not None]
+    # A response that data.truncate cut is scored up to where its tokens stop, as the models score it.
+    cut = {
+        int(r["sample_id"]): int(r["response_chars"])
+        for r in prepared.iter_split(cfg.eval.split)
+        if "response_chars" in r and int(r["sample_id"]) in wanted
+    }
+    responses = [s.response[: cut.get(s.sample_id, len(s.response))] for s in held]
     # the teacher's <eos> only where prepare made one a target: not after an answer cut at max_tokens
-    ended = [s.meta.get("finish_reason") != "length" for s in held]
-    out["teacher_nats_per_byte"] = teacher_nats_per_byte(
-        teacher, [s.prompt for s in held], [s.response for s in held], ended=ended
-    )
+    ended = [s.meta.get("finish_reason") != "length" and s.sample_id not in cut for s in held]
+    out["teacher_nats_per_byte"] = teacher_nats_per_byte(teacher, [s.prompt for s in held], responses, ended=ended)
     prompts = list(dict.fromkeys(s.prompt for s in held))[: int(cfg.eval.generate_prompts)]
     students = {k: m for k, m in models.items() if k.startswith("student")}
     gen = generation_nats_per_byte(
