@@ -80,28 +80,40 @@ def test_auto_resolution_and_errors():
 
 
 def _runs_reference(seg_row):
-    """(lengths, starts) of the runs of equal ids in one row, in order."""
-    starts = [i for i in range(len(seg_row)) if i == 0 or seg_row[i] != seg_row[i - 1]]
+    """(lengths, starts) of one row's sequences in cuDNN's packed layout, in order: the runs of equal
+    ids, a run of padding (0) joined to the run before it (one at the row's start is its own)."""
+    starts = [i for i in range(len(seg_row)) if i == 0 or (seg_row[i] != seg_row[i - 1] and seg_row[i] != 0)]
     ends = starts[1:] + [len(seg_row)]
     return [e - s for s, e in zip(starts, ends)], starts
+
+
+def _random_packed_rows(rng, b, length, max_docs):
+    """Rows of 1..max_docs contiguous documents, some with a padding tail, some with leading padding."""
+    seg = np.zeros((b, length), np.int32)
+    for row in range(b):
+        n_docs = rng.integers(1, max_docs + 1)
+        cuts = np.sort(rng.choice(np.arange(1, length), n_docs, replace=False))
+        first = cuts[0] if row % 4 == 3 else 0  # leading padding on every fourth row
+        bounds = [first, *cuts[1:-1], cuts[-1] if rng.random() < 0.7 else length]
+        for d in range(len(bounds) - 1):
+            seg[row, bounds[d] : bounds[d + 1]] = d + 1
+        # positions from bounds[-1] on stay 0: a padding tail (empty when bounds[-1] == length)
+    return seg
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_packed_layout_matches_the_runs_of_each_row(seed):
     """cuDNN's packed description (lengths, offsets, -1 in unused slots) of random packed rows with
-    padding tails; a row with more runs than slots is reported as not fitting."""
+    padding; a padding tail takes no slot of its own (a row of `slots` documents and padding fits);
+    a row with more sequences than slots is reported as not fitting."""
     rng = np.random.default_rng(seed)
-    b, length, slots = 5, 96, 6
-    seg = np.zeros((b, length), np.int32)
-    for row in range(b):
-        n_docs = rng.integers(1, 9)  # up to 8 documents (+ padding): some rows overflow 6 slots
-        cuts = np.sort(rng.choice(np.arange(1, length), n_docs, replace=False))
-        bounds = [0, *cuts[:-1], cuts[-1] if rng.random() < 0.7 else length]
-        for d in range(len(bounds) - 1):
-            seg[row, bounds[d] : bounds[d + 1]] = d + 1
-        # positions from bounds[-1] on stay 0: a padding tail (empty when bounds[-1] == length)
+    b, length, slots = 8, 96, 6
+    seg = _random_packed_rows(rng, b, length, 9)  # up to 8 documents: some rows overflow 6 slots
+    seg[0] = 0
+    seg[0, : slots * 10] = np.repeat(np.arange(1, slots + 1), 10)  # exactly `slots` documents + padding
     seqlen, offsets, fits = (np.asarray(x) for x in attention.packed_layout(jnp.asarray(seg), slots))
     assert seqlen.shape == (b, slots) and offsets.shape == (b, slots + 1)
+    assert fits[0] and list(seqlen[0]) == [10] * (slots - 1) + [length - 10 * (slots - 1)]
     for row in range(b):
         lengths, starts = _runs_reference(list(seg[row]))
         assert bool(fits[row]) == (len(lengths) <= slots)
@@ -109,3 +121,46 @@ def test_packed_layout_matches_the_runs_of_each_row(seed):
             assert list(seqlen[row]) == lengths + [-1] * (slots - len(lengths))
             assert list(offsets[row]) == starts + [-1] * (slots + 1 - len(starts))
             assert sum(lengths) == length
+
+
+def _packed_sequences_attention(q, k, v, seg, slots):
+    """What cuDNN's packed layout computes, from `packed_layout` alone: causal attention within each
+    sequence [offset, offset + length) of a row; tokens in no sequence get zeros (cuDNN writes nothing
+    there), then padding queries are zeroed as `self_attention` does."""
+    seqlen, offsets, fits = attention.packed_layout(seg, slots)
+    assert bool(jnp.all(fits))
+    idx = jnp.arange(seg.shape[1])
+    in_seq = (idx[None, None] >= offsets[:, :-1, None]) & (idx[None, None] < offsets[:, :-1, None] + seqlen[..., None])
+    seq_of = jnp.where(jnp.any(in_seq, 1), jnp.argmax(in_seq, 1), -1)  # [B, L]: the token's sequence
+    mask = (seq_of[:, :, None] == seq_of[:, None, :]) & (seq_of[:, :, None] >= 0) & (idx[None, None] <= idx[:, None])
+    r = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
+    s = jnp.einsum("blhe,bmhe->bhlm", q, k) / jnp.sqrt(q.shape[-1])
+    s = jnp.where(mask[:, None], s, -jnp.inf)
+    s = jnp.where(jnp.any(mask[:, None], -1, keepdims=True), s, 0.0)
+    out = jnp.einsum("bhlm,bmhe->blhe", jax.nn.softmax(s, axis=-1), v)
+    out = jnp.where((seq_of >= 0)[:, :, None, None], out, 0.0)
+    return jnp.where((seg != 0)[:, :, None, None], out, 0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_layout_sequences_give_the_masked_attention(seed):
+    """Attention within `packed_layout`'s sequences (padding joined to the document before it) equals
+    the segment-masked reference in value and q/k/v gradients, in float64, on random packed rows with
+    padding tails, leading padding and GQA: joining the padding changes nothing a real token sees."""
+    rng = np.random.default_rng(seed)
+    b, length, slots = 8, 48, 8
+    seg = jnp.asarray(_random_packed_rows(rng, b, length, 8))
+    assert int(jnp.sum(seg == 0)) > 0
+    pos = positions_from_segments(seg)
+    with jax.enable_x64(True):
+        keys = jax.random.split(jax.random.key(seed), 4)
+        q = jax.random.normal(keys[0], (b, length, 4, 8), jnp.float64)
+        k = jax.random.normal(keys[1], (b, length, 2, 8), jnp.float64)
+        v = jax.random.normal(keys[2], (b, length, 2, 8), jnp.float64)
+        cot = jax.random.normal(keys[3], q.shape, jnp.float64)
+        got, got_vjp = jax.vjp(lambda *a: _packed_sequences_attention(*a, seg, slots), q, k, v)
+        want, want_vjp = jax.vjp(lambda *a: _dense_reference(*a, pos, seg), q, k, v)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
+        for name, g, w in zip("qkv", got_vjp(cot), want_vjp(cot)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12, err_msg=name)

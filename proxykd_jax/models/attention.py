@@ -12,11 +12,10 @@ Implementations (`model.attention`):
 - `xla`: `jax.nn.dot_product_attention(implementation="xla")` with a boolean mask built from the
   segment ids and positions (float32 softmax inside jax).
 - `cudnn`: cuDNN fused flash attention (bf16/fp16, NVIDIA Hopper or newer) in its packed-sequence
-  layout: each row's contiguous segments (the padding tail as one more) are passed as lengths and
-  offsets with the padding-causal mask type, so no [B, L, L] mask is built, read, or differentiated.
-  A batch with a row of more than `model.attention_segments` runs (default `PACKED_MAX_SEGMENTS`;
-  a padding tail is a run too, so a padded row holds one segment fewer) takes the `cudnn_masked` call
-  instead (a `lax.cond` per batch).
+  layout: each row's contiguous segments (a padding tail joined to the segment before it) are passed
+  as lengths and offsets with the padding-causal mask type, so no [B, L, L] mask is built, read, or
+  differentiated. A batch with a row of more than `model.attention_segments` segments (default
+  `PACKED_MAX_SEGMENTS`) takes the `cudnn_masked` call instead (a `lax.cond` per batch).
 - `cudnn_masked`: `jax.nn.dot_product_attention(implementation="cudnn")` with the causal mask type
   plus the segment mask as an additive bias (any GPU cuDNN supports; cuDNN also computes the bias
   gradient, which nothing uses).
@@ -42,7 +41,7 @@ _MASK_VALUE = -1e30
 IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "cudnn_masked", "pallas")
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")  # the names jax gives a GPU platform
 # Segment slots per row of cuDNN's packed layout (`model.attention_segments`; a batch with a row of
-# more runs takes the masked path). cuDNN's backward pre-pass runs over every slot at full length:
+# more segments takes the masked path). cuDNN's backward pre-pass runs over every slot at full length:
 # on an H200 at 64 slots it took 20 ms of a 236 ms step, at 2 used segments per row.
 PACKED_MAX_SEGMENTS = 8
 _SPLASH_TILE = 128  # splash attention's default query/key tile (`BlockSizes.get_default()`)
@@ -224,14 +223,17 @@ def _dpa(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, implem
 def packed_layout(segment_ids_BxL, max_segments: int):
     """cuDNN's packed-sequence description of rows made of contiguous segments.
 
-    Every run of equal segment ids is one sequence (the padding tail, id 0, included: its queries
-    are zeroed afterwards, and a sequence of its own keeps its keys away from every real query).
-    Returns (seqlen_BxM, offsets_BxM1, fits_B): run lengths and start indices, -1 in unused slots,
-    and whether the row's runs fit in M = `max_segments` slots (when not, the first two are wrong).
+    Every run of equal non-zero segment ids is one sequence. A run of padding (id 0) joins the
+    sequence before it: under the causal mask no real query of that sequence sees a padding key (each
+    comes after them), and the padding queries are zeroed afterwards, so their cotangent is zero and
+    so are their q, k and v gradients. Only padding at the start of a row is a sequence of its own
+    (every token must be in one: cuDNN writes no output or gradient outside them).
+    Returns (seqlen_BxM, offsets_BxM1, fits_B): sequence lengths and start indices, -1 in unused slots,
+    and whether the row's sequences fit in M = `max_segments` slots (when not, the first two are wrong).
     """
     b, length = segment_ids_BxL.shape
     prev = jnp.concatenate([jnp.full((b, 1), -1, segment_ids_BxL.dtype), segment_ids_BxL[:, :-1]], 1)
-    is_start_BxL = segment_ids_BxL != prev
+    is_start_BxL = (segment_ids_BxL != prev) & ((segment_ids_BxL != 0) | (prev == -1))
     starts_BxM = jax.vmap(lambda s: jnp.nonzero(s, size=max_segments, fill_value=length)[0])(is_start_BxL)
     ends_BxM = jnp.concatenate([starts_BxM[:, 1:], jnp.full((b, 1), length, starts_BxM.dtype)], 1)
     used = starts_BxM < length

@@ -206,7 +206,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.scan_layers = auto  # True: lax.scan over the layers; False: unrolled loop; auto: unroll <= 8 layers w/o remat
     cd.remat = "none"  # per-layer rematerialisation: none, full, save_dots, dots_with_no_batch_dims, offload
     cd.attention = "auto"  # auto, blocked, xla, cudnn, cudnn_masked, pallas (models/attention.py)
-    cd.attention_segments = PACKED_MAX_SEGMENTS  # cudnn: slots per row (segments + a padding tail); more: the mask
+    cd.attention_segments = PACKED_MAX_SEGMENTS  # cudnn: segments per row (a padding tail is free); more: the mask
     return cd
 
 
