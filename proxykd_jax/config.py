@@ -112,6 +112,8 @@ _AT_LEAST = (
     ("align.heldout_samples", 0),
     ("align.logprob_chunk", 1),
     ("prior.ngram_order", 1),
+    ("prior.exact_top_s", 1),
+    ("prior.ngram_top_s", 1),
     ("posterior.batch_size", 1),
     ("posterior.chunk_tokens", 1),
     ("posterior.num_samples", 1),
@@ -142,6 +144,8 @@ _HINTS = {
         " (it is the width of the teacher head; 0 does not switch it off: a corpus without top log-probs "
         "stores no head, and --config.posterior.use_teacher_topk=False ignores one)"
     ),
+    "prior.exact_top_s": " (next tokens kept per prompt prefix: the posterior cannot use tables without any)",
+    "prior.ngram_top_s": " (continuations kept per n-gram context: the posterior cannot use tables without any)",
 }
 _AT_MOST = (("collect.top_logprobs", 20), ("serve.port", 65535))
 _POSITIVE_FLOATS = ("optim.lr", "align.sft_lr", "align.dpo_lr", "distill.loss.temperature")

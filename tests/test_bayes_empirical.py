@@ -165,3 +165,13 @@ def test_search_reports_the_numeric_bound(capsys):
     assert "kappa hit the search bound" in capsys.readouterr().out
     assert res.kappa >= 1e14 and any("bound" in line for line in res.search)
     assert res.score_posterior >= res.score_prior - 1e-9
+
+
+def test_weight_stats_bad_input_is_an_expected_failure():
+    """The CLI prints a ProxyKDError as one sentence; a plain ValueError (a NaN proxy) came out as a traceback."""
+    from proxykd_jax.errors import ProxyKDError
+
+    with pytest.raises(ProxyKDError, match="1 of 3 teacher responses is not finite.*posterior.proxy"):
+        weight_stats(np.array([-1.0, np.nan, -2.0]))
+    with pytest.raises(ProxyKDError, match="distillation split is empty"):
+        weight_stats(np.zeros(0))

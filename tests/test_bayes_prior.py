@@ -172,3 +172,11 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(tables.base_V, loaded.base_V)
     with pytest.raises(FileNotFoundError, match="run the `prior` stage"):
         PriorTables.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("field", ["exact_top_s", "ngram_top_s"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_table_width_below_one_is_refused_by_name(field, value):
+    """A width of 0 built tables whose queries crashed the posterior (IndexError / ZeroDivisionError)."""
+    with pytest.raises(ValueError, match=r"exact_top_s and ngram_top_s must be >= 1"):
+        PriorTables.build([0], [np.array([1, 2])], vocab_size=V, **{field: value})

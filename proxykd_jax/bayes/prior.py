@@ -228,6 +228,8 @@ class PriorBuilder:
             raise ValueError(f"prior: ngram_order must be >= 1 (1 = unigram only), got {order}.")
         if vocab_size < 2:
             raise ValueError(f"prior: vocab_size must be >= 2, got {vocab_size}.")
+        if min(exact_top_s, ngram_top_s) < 1:  # 0 switches nothing off: the posterior could not use the tables
+            raise ValueError(f"prior: exact_top_s and ngram_top_s must be >= 1, got {exact_top_s} and {ngram_top_s}.")
         self.vocab_size, self.order = int(vocab_size), int(order)
         self.exact_top_s, self.ngram_top_s = int(exact_top_s), int(ngram_top_s)
         self.exact_min_count = int(exact_min_count)

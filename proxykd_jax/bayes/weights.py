@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from proxykd_jax.errors import ProxyKDError
+
 NORMALIZE = ("mean", "sum")
 
 
@@ -24,16 +26,21 @@ def sequence_loglik(token_logprobs_BxL, mask_BxL, *, normalize="mean"):
 
 
 def weight_stats(loglik_S, *, min_gamma=1e-6):
-    """(mu, gamma): mean and standard deviation of l over the split (float64, host side)."""
+    """(mu, gamma): mean and standard deviation of l over the split (float64, host side).
+
+    Bad input raises `ProxyKDError` (one sentence, no traceback from the CLI): a proxy with NaN or inf
+    weights gives non-finite log-likelihoods."""
     x = np.asarray(loglik_S, np.float64).reshape(-1)
     if x.size == 0:
-        raise ValueError(
+        raise ProxyKDError(
             "weights: no sample log-likelihoods to compute mu and gamma from; the distillation split is empty."
         )
     if not np.all(np.isfinite(x)):
-        raise ValueError(
-            "weights: a sample log-likelihood is not finite; check the proxy forward "
-            "and the loss masks of the posterior stage."
+        bad = int(np.sum(~np.isfinite(x)))
+        raise ProxyKDError(
+            f"weights: the proxy's log-likelihood of {bad} of {x.size} teacher responses is not finite (NaN or inf), "
+            "so its weights or outputs are broken; check the proxy folder (posterior.proxy, or the align stage's "
+            "proxy/final)."
         )
     return float(x.mean()), float(max(x.std(), min_gamma))
 
