@@ -257,3 +257,63 @@ def test_to_global_batch_on_the_mesh(setup):
         assert glob[k].shape == v.shape
         assert glob[k].sharding.spec[0] == ("data", "fsdp")
         np.testing.assert_array_equal(np.asarray(glob[k]), v)
+
+
+def test_num_workers_change_neither_batches_nor_resume(setup, tmp_path):
+    """data.num_workers is operational: the same batches, and a state saved under one count restores under another."""
+    pd = setup["pd"]
+    sids = sorted(setup["store"])
+    with StoreWriter(tmp_path / "part", k=K, vocab_size=len(setup["tok"]), tokenizer_hash=pd.tokenizer_hash) as w:
+        for sid in sids[:-3]:  # three samples skipped (data.on_error=skip): the state still counts them
+            w.add(sid, *setup["store"][sid])
+    cfg0, cfg2 = _cfg(setup, on_error="skip", num_workers=0), _cfg(setup, on_error="skip", num_workers=2)
+    it = make_iterator(pd, "distill", cfg0, store=tmp_path / "part")
+    want = _take(it, 6)
+    two = make_iterator(pd, "distill", cfg2, store=tmp_path / "part")
+    _assert_same(_take(two, 3), want[:3])
+    state = json.loads(json.dumps(two.get_state()))
+    del two
+    fresh = make_iterator(pd, "distill", cfg0, store=tmp_path / "part")
+    fresh.set_state(state)
+    _assert_same(_take(fresh, 3), want[3:])
+
+
+def test_rows_shorter_than_a_sample_stop_with_one_sentence(setup):
+    longest = max(len(r["tokens"]) - 1 for r in setup["recs"].values())
+    seq_len = longest - 1
+    with pytest.raises(
+        DataError, match=rf"distill: sample id \d+ has \d+ input tokens, more than the rows' seq_len {seq_len}"
+    ):
+        list(make_iterator(setup["pd"], "distill", setup["cfg"], seq_len=seq_len))
+    with pytest.raises(DataError, match=rf"more than the rows' seq_len {seq_len} .*data.seq_len=48"):
+        list(iter_samples(setup["pd"], "distill", setup["cfg"], batch_size=4, seq_len=seq_len))
+
+
+def test_empty_prompt_joins_the_store_posterior_writes(tmp_path):
+    """prompt_len 0: the first token is no target, so the store rows (as iter_samples' prompt_lengths place
+    them for `posterior`) start at the second token, and make_iterator joins them there."""
+    tok = make_tokenizer(tmp_path / "tok")
+    rows = make_rows(6, responses=1) + [{"id": "empty", "prompt": "", "responses": ["the quick brown fox"]}]
+    cfg = tiny_cfg(**{"split.warmup": 0.0, "split.align": 0.0, "split.distill": 1.0, "split.heldout": 0.0})
+    prepare([write_jsonl(tmp_path / "c.jsonl", rows)], tok, tmp_path / "prep", cfg, progress=False)
+    pd = PreparedData(tmp_path / "prep")
+    assert [r["prompt_len"] for r in pd.iter_split("distill") if r["record_id"] == "empty"] == [0]
+    with StoreWriter(tmp_path / "store", k=K, vocab_size=len(tok), tokenizer_hash=pd.tokenizer_hash) as w:
+        for b in iter_samples(pd, "distill", cfg, batch_size=4):
+            for i in np.flatnonzero(b["lengths"]):
+                start, t = b["prompt_lengths"][i] - 1, b["lengths"][i] - b["prompt_lengths"][i] + 1
+                y = b["targets"][i, start : start + t]  # each row's ids name the target it scores
+                w.add(int(b["sample_ids"][i, 0]), np.repeat(y[:, None], K, 1), np.full((t, K), -3.0), np.zeros(t))
+    seen = 0
+    for b in make_iterator(pd, "distill", _noshuffle(cfg), store=tmp_path / "store"):
+        m = b["loss_mask"] > 0
+        np.testing.assert_array_equal(b["kd_ids"][..., 0][m], b["targets"][m])
+        assert np.all(np.isneginf(b["kd_logprobs"][~m]))
+        seen += len(np.unique(b["sample_ids"][b["sample_ids"] >= 0]))
+    assert seen >= 4
+
+
+def _noshuffle(cfg):
+    cfg = cfg.copy_and_resolve_references()
+    cfg.shuffle, cfg.batch_size = False, 2
+    return cfg

@@ -201,3 +201,9 @@ def test_resumed_writer_never_reuses_a_shard_name(tmp_path, deleted):
     assert all((tmp_path / n).read_bytes() == b for n, b in kept.items())  # no finished shard overwritten
     assert sorted(StoreReader(tmp_path).sample_ids.tolist()) == sorted(data)
     assert not (tmp_path / (shard_name(0, 1) + ".bin")).exists()  # the orphan data file is gone
+
+
+def test_split_fractions_refuse_nan():
+    """NaN compares False both ways: it must not pass the checks and send every prompt to the last split."""
+    with pytest.raises(ValueError, match="sum to 1"):
+        split_fractions(dict(split_fractions(tiny_cfg().split), warmup=float("nan")))

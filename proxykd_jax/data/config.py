@@ -29,8 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
     cd.shuffle = True  # shuffle samples (per epoch, deterministic in shuffle_seed)
     cd.shuffle_seed = 0  # seed of the sample shuffle
     cd.num_epochs = 1  # passes over the split; 0 repeats forever
-    cd.num_workers = 0  # grain worker processes for multiprocess prefetch; 0 runs in-process
-    cd.worker_buffer_size = 2  # batches each worker prefetches
+    cd.num_workers = 0  # grain worker processes that read and join samples; 0 reads in-process (same batches)
+    cd.worker_buffer_size = 2  # batches' worth of samples each worker reads ahead (at least two chunks of 32)
     cd.store = ml_collections.ConfigDict()
     cd.store.k = 64  # top-k entries kept per response token
     cd.store.index_dtype = "auto"  # "auto" (narrowest of uint16/packed bits/uint32), "uint16", "uint32", "bits"

@@ -1,8 +1,8 @@
 """grain pipelines: one linear chain per stage, checkpointable iterator state.
 
   records -> shuffle (per epoch) -> repeat -> this process's slice -> decode -> join store entries
-  by sample id -> shift to (input, target) -> first-fit pack into rows -> batch -> multiprocess
-  prefetch -> (in the train loop) `to_global_batch` onto the mesh.
+  by sample id -> shift to (input, target) [in data.num_workers worker processes, back in order]
+  -> first-fit pack into rows -> batch -> (in the train loop) `to_global_batch` onto the mesh.
 
 Packed batches are numpy dicts of [B_local, L] arrays (B_local = batch_size / process_count):
 tokens, targets, positions, segment_ids (0 = padding), loss_mask (float32; 1 where the target is
@@ -57,23 +57,40 @@ class _Decode(grain.transforms.Map):
         return decode_record(data)
 
 
-class _NotIn(grain.transforms.Filter):
+class _NotIn(grain.transforms.Map):
+    """Records of the given sample ids become `{}` (skipped by `_InOrder`, which still counts them, so
+    that the iterator state is an index into the sample stream whatever the number of workers)."""
+
     def __init__(self, ids):
         self.ids = frozenset(int(i) for i in ids)
 
-    def filter(self, rec):
-        return int(rec["sample_id"]) not in self.ids
+    def map(self, rec):
+        return {} if int(rec["sample_id"]) in self.ids else rec
 
 
 class _ToExample(grain.transforms.Map):
     """A record (+ its store entry) as shifted per-position arrays of length n - 1."""
 
-    def __init__(self, store: StoreReader | None, teacher_k: int | None):
+    def __init__(self, store: StoreReader | None, teacher_k: int | None, seq_len: int, where: str, prepared_len):
         self.store, self.teacher_k = store, teacher_k
+        self.seq_len, self.where, self.prepared_len = seq_len, where, prepared_len
 
     def map(self, rec):
-        tokens, p = rec["tokens"].astype(np.int32), int(rec["prompt_len"])
+        if not rec:  # a sample `_NotIn` skips
+            return rec
+        # The first token is never a target: with an empty prompt (prompt_len 0) the response starts at
+        # input 0 like after a one-token prompt, and its store rows (as `iter_samples`' prompt_lengths
+        # give them to `posterior`) start at the second token.
+        tokens, p = rec["tokens"].astype(np.int32), max(int(rec["prompt_len"]), 1)
         n, sid = len(tokens), int(rec["sample_id"])
+        if n - 1 > self.seq_len:
+            raise DataError(
+                f"{self.where}: sample id {sid} has {n - 1} input tokens, more than the rows' seq_len {self.seq_len} "
+                f"(the data was prepared with data.seq_len={self.prepared_len}); raise the stage's seq_len "
+                "(train.seq_len for distill) to at least that, or re-run `proxykd prepare` with a data.seq_len no "
+                "larger than it.",
+                "too_long",
+            )
         ex = {
             "tokens": tokens[:-1],
             "targets": tokens[1:],
@@ -107,6 +124,82 @@ class _ToExample(grain.transforms.Map):
         return ex
 
 
+_CHUNK = 32  # samples per message from a worker process
+
+
+def _join(examples: list) -> dict:
+    """A chunk of examples as one array per field, samples end to end, and their lengths (-1: a skipped
+    sample): a few arrays cross from a worker process, not a few per sample (which cost 2-3x the time)."""
+    full = [ex for ex in examples if ex]
+    out = {k: np.concatenate([ex[k] for ex in full]) for k in (full[0] if full else {})}
+    out["_lengths"] = np.asarray([len(ex["tokens"]) if ex else -1 for ex in examples], np.int64)
+    return out
+
+
+def _split(chunk: dict) -> list:
+    """`_join`'s examples back (views of its arrays), `{}` for a skipped sample."""
+    lengths = chunk["_lengths"]
+    ends = np.cumsum(np.maximum(lengths, 0))
+    fields = [k for k in chunk if k != "_lengths"]
+    return [{k: chunk[k][e - n : e] for k in fields} if n >= 0 else {} for n, e in zip(lengths, ends)]
+
+
+class _InOrder(grain.IterDataset):
+    """The per-sample examples of a MapDataset in index order, read in-process or by `num_workers`
+    worker processes (each reads every num_workers-th chunk of `_CHUNK` samples; the chunks are
+    interleaved back into order), so packing sees the same stream whatever the number of workers. The
+    iterator state is the index of the next sample, `{"next_index": i}`, and restores under any number
+    of workers."""
+
+    def __init__(self, ds: grain.MapDataset, num_workers: int, buffer_size: int):
+        super().__init__()
+        self.ds, self.num_workers, self.buffer_size = ds, num_workers, buffer_size
+
+    def __iter__(self):
+        return _InOrderIterator(self.ds, self.num_workers, self.buffer_size)
+
+
+class _InOrderIterator(grain.DatasetIterator):
+    def __init__(self, ds: grain.MapDataset, num_workers: int, buffer_size: int):
+        super().__init__()
+        self.ds, self.num_workers, self.buffer_size = ds, num_workers, buffer_size
+        self.next_index, self.it, self.pending = 0, None, []
+
+    def __next__(self):
+        while True:
+            if not self.pending:
+                if self.it is None:
+                    self.it = self._open()
+                got = next(self.it)
+                self.pending = (_split(got) if self.num_workers else [got])[::-1]  # popped from the end: in order
+            ex = self.pending.pop()
+            self.next_index += 1
+            if ex:  # `{}`: a sample `_NotIn` skips
+                return ex
+
+    def _open(self):
+        rest = self.ds[self.next_index :]
+        if not self.num_workers:
+            return iter(rest)
+        chunks = rest.batch(_CHUNK, batch_fn=_join).to_iter_dataset()
+        options = grain.MultiprocessingOptions(
+            num_workers=self.num_workers, per_worker_buffer_size=max(2, -(-self.buffer_size // _CHUNK))
+        )
+        return iter(chunks.mp_prefetch(options))
+
+    def get_state(self):
+        return {"next_index": self.next_index}
+
+    def set_state(self, state):
+        self.close_inner()
+        self.next_index = int(state["next_index"])
+
+    def close_inner(self):
+        if self.it is not None and hasattr(self.it, "close"):
+            self.it.close()
+        self.it, self.pending = None, []
+
+
 class _Rename(grain.transforms.Map):
     """Packed-row keys from grain's packer to the batch contract."""
 
@@ -129,8 +222,10 @@ def _samples(
     process_index: int,
     process_count: int,
     vocab_size,
+    seq_len: int,
 ):
-    """MapDataset of per-sample examples for this process (shared by both readers)."""
+    """MapDataset of per-sample examples for this process (shared by both readers); `{}` for a
+    sample that data.on_error=skip drops because the store misses it."""
     prepared.require_samples(split)  # an empty split: one sentence (more prompts, or its data.split fraction)
     ds = grain.MapDataset.source(prepared.source(split))
     if len(ds) == 0:
@@ -152,9 +247,10 @@ def _samples(
             if dcfg.on_error != "skip":
                 raise DataError(msg, "store_missing")
             logging.warning("%s Skipping them.", msg)
-            ds = ds.filter(_NotIn(missing))
+            ds = ds.map(_NotIn(missing))
     teacher_k = prepared.manifest["teacher_topk"] if prepared.has_teacher_head else None
-    return ds.map(_ToExample(reader, teacher_k))
+    where = f"{prepared.root / split}"
+    return ds.map(_ToExample(reader, teacher_k, seq_len, where, prepared.manifest.get("seq_len")))
 
 
 def make_dataset(
@@ -193,13 +289,16 @@ def make_dataset(
         process_index=pi,
         process_count=pc,
         vocab_size=vocab_size,
+        seq_len=seq_len,
     )
     fields = list(_SEQ_FIELDS)
     if prepared.has_teacher_head:
         fields += ["teacher_topk_ids", "teacher_topk_logprobs"]
     if store is not None:
         fields += ["kd_ids", "kd_logprobs", "kd_tail", "weight"]
-    it = ds.to_iter_dataset()
+    # Workers only read and join samples; packing runs here on the stream in order, so batches and
+    # iterator states do not depend on data.num_workers (an operational setting).
+    it = _InOrder(ds, dcfg.num_workers, dcfg.worker_buffer_size * local)
     it = grain.experimental.FirstFitPackIterDataset(
         it,
         length_struct={f: seq_len for f in fields},
@@ -207,12 +306,7 @@ def make_dataset(
         shuffle_bins=False,
         padding_struct={f: _PAD.get(f) for f in fields},
     )
-    it = it.map(_Rename()).batch(local, drop_remainder=True)
-    if dcfg.num_workers:
-        it = it.mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=dcfg.num_workers, per_worker_buffer_size=dcfg.worker_buffer_size)
-        )
-    return it
+    return it.map(_Rename()).batch(local, drop_remainder=True)
 
 
 def make_iterator(prepared, split: str, dcfg, **kw) -> grain.DatasetIterator:
@@ -272,6 +366,7 @@ def iter_samples(
     prepared = _open(prepared)
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
+    seq_len = seq_len or dcfg.seq_len
     ds = _samples(
         prepared,
         split,
@@ -283,11 +378,12 @@ def iter_samples(
         process_index=pi,
         process_count=pc,
         vocab_size=vocab_size,
+        seq_len=seq_len,
     )
     pad_id = prepared.manifest["tokenizer"]["pad_id"]
     pad_id = prepared.manifest["tokenizer"]["eos_id"] if pad_id is None else pad_id
-    collate = _PadBatch(batch_size, seq_len or dcfg.seq_len, int(pad_id or 0))
-    return iter(ds.to_iter_dataset().batch(batch_size, batch_fn=collate))
+    collate = _PadBatch(batch_size, seq_len, int(pad_id or 0))
+    return iter(_InOrder(ds, 0, 0).batch(batch_size, batch_fn=collate))
 
 
 def to_global_batch(batch: dict, mesh, rules=None) -> dict:

@@ -12,7 +12,7 @@ from proxykd_jax.data.config import SPLITS
 def split_fractions(split_cfg) -> dict[str, float]:
     """Validated fractions per split (they must be non-negative and sum to 1)."""
     fr = {name: float(split_cfg[name]) for name in SPLITS}
-    if any(v < 0 for v in fr.values()) or abs(sum(fr.values()) - 1.0) > 1e-6:
+    if not all(v >= 0 for v in fr.values()) or not abs(sum(fr.values()) - 1.0) <= 1e-6:  # NaN fails both
         raise ValueError(f"data.split fractions must be >= 0 and sum to 1, got {fr}.")
     return fr
 
