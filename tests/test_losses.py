@@ -512,3 +512,80 @@ def test_config_and_bad_input_errors():
         L.sparse_kd_loss(hidden, w, targets, ids, lps, tail, mask[:12], weight)
     with pytest.raises(ValueError, match=r"^align\.beta is 0\.0; "):
         L.dpo_loss(targets, targets, targets, targets, beta=0.0)
+
+
+def test_fused_forward_kl_tail_with_the_students_tail_below_float32_range():
+    """A student whose logits outside the K ids all lie 90..110 below its max: q_t ~ e^-100 is below
+    float32's range relative to the row max, but its log is finite. The fused tile once summed the tail
+    relative to the row max, which underflowed to 0: the KD term was inf and the tail's gradient 0."""
+    v, k = 12, 3
+    gaps = np.array([90.0, 100.0, 110.0])
+    logits = np.full((3, v), 0.0)
+    logits[:, k:] = -gaps[:, None] - np.linspace(0.0, 2.0, v - k)[None, :]
+    logits[:, :k] = np.array([0.0, -1.0, -2.5])
+    hidden, w = np.eye(3, dtype=np.float32), logits.astype(np.float32)  # hidden @ w = logits, exactly
+    ids = np.tile(np.arange(k, dtype=np.int32), (3, 1))
+    p = np.array([[0.5, 0.3, 0.1], [0.6, 0.2, 0.1], [0.7, 0.1, 0.1]])
+    lps, tail = np.log(p).astype(np.float32), (1.0 - p.sum(1)).astype(np.float32)
+    targets, mask, weight = np.array([0, 5, 1], np.int32), np.ones(3, np.float32), np.array([1.0, 0.5, 2.0], np.float32)
+
+    def fused(W):
+        loss_sum, _, kd, _ = L.sparse_kd_objective(hidden, W, targets, ids, lps, tail, mask, weight, alpha=3.0)
+        return loss_sum, kd
+
+    (val, kd), grad = jax.jit(jax.value_and_grad(fused, has_aux=True))(w)
+    with jax.enable_x64(True):
+
+        def reference(W):
+            logq = jax.nn.log_softmax(jnp.asarray(hidden, jnp.float64) @ W)
+            nll = -jnp.take_along_axis(logq, jnp.asarray(targets)[:, None], 1)[:, 0]
+            logq_tail = jax.nn.logsumexp(logq[:, k:], axis=-1)
+            p64, t64 = np.exp(lps.astype(np.float64)), tail.astype(np.float64)
+            kd_n = jnp.sum(p64 * (np.log(p64) - logq[:, :k]), -1) + t64 * (np.log(t64) - logq_tail)
+            return jnp.sum(nll) + 3.0 * jnp.sum(weight * kd_n), jnp.sum(weight * kd_n)
+
+        (val_r, kd_r), grad_r = jax.value_and_grad(reference, has_aux=True)(jnp.asarray(w, jnp.float64))
+        val_r, kd_r, grad_r = float(val_r), float(kd_r), np.asarray(grad_r)
+    assert np.isfinite(float(kd)) and kd_r > 30.0
+    np.testing.assert_allclose([float(val), float(kd)], [val_r, kd_r], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), grad_r, rtol=1e-4, atol=1e-6)
+    assert np.abs(grad_r[:, k:]).max() > 1e-3  # the tail's gradient, lost when the sum underflowed
+
+
+@pytest.mark.parametrize("tail_mode", ["tail", "sampled"])
+def test_reverse_kl_reads_a_stored_zero_tail_as_float32_rounding(tail_mode):
+    """A peaked posterior's stored tail 1 - sum topk rounds to 0 in float32. Against 0, reverse KL's tail
+    term q_t log(q_t / 0) was +inf for any student and training stopped; it now reads 2^-24 (the rounding
+    unit near 1), in the fused objective and the rematerialised loss alike, equal to the float64 dense
+    reverse KL against the target completed with that tail."""
+    rng = np.random.default_rng(3)
+    n, d, v, k = 6, 8, 20, 4
+    hidden = rng.normal(size=(n, d)).astype(np.float32)
+    w = (rng.normal(size=(d, v)) / 2).astype(np.float32)
+    ids = np.stack([rng.permutation(v)[:k] for _ in range(n)]).astype(np.int32)
+    p = rng.dirichlet(np.ones(k), n)
+    lps, tail = np.log(p).astype(np.float32), np.zeros(n, np.float32)  # every stored tail rounded to 0
+    targets, mask, weight = rng.integers(0, v, n).astype(np.int32), np.ones(n, np.float32), np.ones(n, np.float32)
+    kw = dict(divergence="reverse_kl", tail_mode=tail_mode)
+    if tail_mode == "sampled":
+        kw.update(num_samples=8, rng=jax.random.key(0))
+    _, _, kd_fused, _ = L.sparse_kd_objective(hidden, w, targets, ids, lps, tail, mask, weight, alpha=1.0, **kw)
+    grad = jax.grad(
+        lambda W: L.sparse_kd_objective(hidden, W, targets, ids, lps, tail, mask, weight, alpha=1.0, **kw)[0]
+    )(w)
+    assert np.isfinite(float(kd_fused)) and np.all(np.isfinite(np.asarray(grad)))
+    if tail_mode == "sampled":
+        return
+    _, kd_remat = L.sparse_kd_loss(hidden, w, targets, ids, lps, tail, mask, weight, **kw)[:2]
+    with jax.enable_x64(True):
+        logq = np.asarray(jax.nn.log_softmax(jnp.asarray(hidden, jnp.float64) @ jnp.asarray(w, jnp.float64)))
+    q = np.exp(logq)
+    want = 0.0
+    for i in range(n):
+        outside = np.setdiff1d(np.arange(v), ids[i])
+        logp = np.full(v, -np.inf)
+        logp[ids[i]] = lps[i].astype(np.float64)
+        q_tail = q[i, outside].sum()
+        logp[outside] = np.log(2.0**-24) + logq[i, outside] - np.log(q_tail)  # the tail spread like the student
+        want += np.sum(q[i] * (logq[i] - logp))
+    np.testing.assert_allclose([float(kd_fused), float(kd_remat)], [want, want], rtol=1e-4)

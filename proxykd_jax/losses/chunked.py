@@ -512,22 +512,32 @@ def _grad_coefs(alpha, mask_C, weight_C):
 def _fkl_tail_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, logprobs_CxK, tail_C):
     """(loss, ce, kd) of one tile and the residuals of its analytic gradient."""
     c, v = logits_CxV.shape
-    shifted_CxV, total_C, row_max_C, nll_C = _softmax_terms(logits_CxV, targets_C)
     logprobs_CxK = logprobs_CxK.astype(jnp.float32)
     valid_CxK = logprobs_CxK > -jnp.inf
     slots_CxK = jnp.where(valid_CxK, ids_CxK, v)  # absent entries: out of range, dropped
     member_CxV = jnp.zeros((c, v), bool).at[jnp.arange(c)[:, None], slots_CxK].set(True, mode="drop")
-    tail_sum_C = jnp.sum(jnp.where(member_CxV, 0.0, jnp.exp(shifted_CxV)), axis=-1)
-    log_total_C = jnp.log(total_C)
-    logq_CxK = jnp.take_along_axis(shifted_CxV, jnp.clip(ids_CxK, 0, v - 1), axis=-1) - log_total_C[:, None]
+    # The student's tail sum is taken relative to the tail's own max, not the row max: relative to the row max
+    # it underflowed to 0 once every logit outside K lay ~87 below the max (a confident student), and the KD
+    # term became inf with no tail gradient. The row's normaliser follows from it and the K logits, so the
+    # [C, V] pass still takes one exponential per id.
+    tail_max_C = jnp.max(jnp.where(member_CxV, -jnp.inf, logits_CxV), axis=-1)  # finite: K < V ids
+    tail_max_C = jnp.where(jnp.isfinite(tail_max_C), tail_max_C, 0.0)
+    tail_sum_C = jnp.sum(jnp.where(member_CxV, 0.0, jnp.exp(logits_CxV - tail_max_C[:, None])), axis=-1)  # >= 1
+    logits_CxK = jnp.take_along_axis(logits_CxV, jnp.clip(ids_CxK, 0, v - 1), axis=-1)
+    row_max_C = jnp.maximum(tail_max_C, jnp.max(jnp.where(valid_CxK, logits_CxK, -jnp.inf), axis=-1))
+    head_sum_C = jnp.sum(jnp.where(valid_CxK, jnp.exp(logits_CxK - row_max_C[:, None]), 0.0), axis=-1)
+    tail_part_C = jnp.where(tail_sum_C > 0, jnp.exp(tail_max_C - row_max_C) * tail_sum_C, 0.0)
+    log_norm_C = row_max_C + jnp.log(head_sum_C + tail_part_C)
+    nll_C = log_norm_C - jnp.take_along_axis(logits_CxV, targets_C[:, None], axis=-1)[:, 0]
+    logq_CxK = logits_CxK - log_norm_C[:, None]
     logp_CxK = jnp.where(valid_CxK, logprobs_CxK, 0.0)
     p_CxK = jnp.where(valid_CxK, jnp.exp(logp_CxK), 0.0)
     head_C = jnp.sum(jnp.where(p_CxK > 0, p_CxK * (logp_CxK - logq_CxK), 0.0), -1)
     p_tail_C = jnp.maximum(tail_C.astype(jnp.float32), 0.0)
     has_tail_C = p_tail_C > 0
     tail_on_C = has_tail_C & (tail_sum_C > 0)
-    safe_tail_sum_C = jnp.where(tail_on_C, tail_sum_C, 1.0)
-    logq_tail_C = jnp.log(safe_tail_sum_C) - log_total_C
+    log_tail_norm_C = tail_max_C + jnp.log(jnp.where(tail_sum_C > 0, tail_sum_C, 1.0))
+    logq_tail_C = log_tail_norm_C - log_norm_C
     tail_term_C = jnp.where(tail_on_C, p_tail_C * (jnp.log(jnp.where(has_tail_C, p_tail_C, 1.0)) - logq_tail_C), 0.0)
     kd_C = head_C + jnp.where(has_tail_C & ~tail_on_C, jnp.inf, tail_term_C)  # p_t > 0 against q_t = 0
     ce, kd = _weighted_sums(mask_C, nll_C, kd_C, weight_C)
@@ -535,8 +545,8 @@ def _fkl_tail_forward(alpha, logits_CxV, mask_C, weight_C, targets_C, ids_CxK, l
     g_ce_C, g_kd_C = _grad_coefs(alpha, mask_C, weight_C)
     p_tail_C = jnp.where(tail_on_C, p_tail_C, 0.0)  # q_t = 0: that term is +inf with zero gradient
     coef_C = g_ce_C + g_kd_C * (jnp.sum(p_CxK, -1) + p_tail_C)  # dLoss/dz_j = q_j coef - g_kd p_j on K
-    log_tail_norm_C = row_max_C + jnp.log(jnp.where(tail_sum_C > 0, tail_sum_C, 1.0))
-    outside_C = coef_C * (tail_sum_C / total_C) - g_kd_C * p_tail_C  # times q_j / q_t outside K
+    q_tail_C = jnp.where(tail_sum_C > 0, jnp.exp(logq_tail_C), 0.0)
+    outside_C = coef_C * q_tail_C - g_kd_C * p_tail_C  # times q_j / q_t outside K
     on_k_CxK = jnp.exp(logq_CxK) * coef_C[:, None] - g_kd_C[:, None] * p_CxK
     on_k_CxK = on_k_CxK - jnp.where(ids_CxK == targets_C[:, None], g_ce_C[:, None], 0.0)
     res = (logits_CxV, log_tail_norm_C, outside_C, targets_C, g_ce_C, slots_CxK, on_k_CxK)

@@ -25,7 +25,9 @@ distribution by `sparse_divergence`, with one of three tail modes:
            `sampled_divergence`) against the completed target above; its expectation over draws is
            the `tail` value, so it adds variance in exchange for touching only S ids per token.
 Absent top-K entries have log-prob -inf (any id); their student mass counts as tail. Valid ids in
-one row must be distinct.
+one row must be distinct. A stored tail of 0 is the float32 rounding of 1 - sum topk (whose unit near
+1 is 2^-24), not a target without mass outside the K ids: reverse_kl, whose tail term divides by it,
+reads it as 2^-24 (against 0 any student mass there made the loss inf; the other kinds stay finite).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 TAIL_MODES = ("tail", "renorm", "sampled")
 # Kinds whose per-id term vanishes wherever the target does: sampling from the target alone is unbiased.
 _TARGET_SUPPORTED = ("forward_kl", "skew_kl")
+# The smallest tail a stored 1 - sum topk stands for, for kinds that divide by the target's tail.
+_TAIL_FLOOR = {"reverse_kl": 2.0**-24}
 
 
 def check_divergence_args(kind: str, jsd_beta: float, skew_alpha: float, tail_mode: str = "tail") -> None:
@@ -111,8 +115,9 @@ def cross_entropy(logits_NxV, targets_N, mask_N):
     return jnp.sum(jnp.where(mask_N != 0, mask_N * nll_N, 0.0)), jnp.sum(mask_N)
 
 
-def _sparse_parts(kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV):
-    """Shared pieces of a sparse target: valid top-K log-probs on both sides and the tail buckets."""
+def _sparse_parts(kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV, tail_floor: float = 0.0):
+    """Shared pieces of a sparse target: valid top-K log-probs on both sides and the tail buckets (the
+    stored tail raised to `tail_floor` where the tail holds ids)."""
     num_rows, vocab = student_logprobs_MxV.shape
     valid_MxK = kd_logprobs_MxK > -jnp.inf
     logp_MxK = jnp.where(valid_MxK, kd_logprobs_MxK, -jnp.inf)
@@ -128,16 +133,16 @@ def _sparse_parts(kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV):
         empty_tail_M = jnp.zeros((num_rows,), bool)
     else:
         empty_tail_M = jnp.all(member_MxV, axis=-1)
-    tail_M = jnp.where(empty_tail_M, 0.0, jnp.maximum(kd_tail_M.astype(jnp.float32), 0.0))
+    tail_M = jnp.where(empty_tail_M, 0.0, jnp.maximum(kd_tail_M.astype(jnp.float32), tail_floor))
     logp_tail_M = jnp.where(tail_M > 0, jnp.log(jnp.where(tail_M > 0, tail_M, 1.0)), -jnp.inf)
     return logp_MxK, logq_MxK, logp_tail_M, logq_tail_M, member_MxV, rows_Mx1, slot_ids_MxK
 
 
-def complete_sparse_target(kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV):
-    """Dense target log-probs [M, V]: the top-K values, and the tail mass spread over the other ids
-    in proportion to the student (differentiable through the student's part)."""
+def complete_sparse_target(kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV, tail_floor: float = 0.0):
+    """Dense target log-probs [M, V]: the top-K values, and the tail mass (at least `tail_floor`) spread
+    over the other ids in proportion to the student (differentiable through the student's part)."""
     logp_MxK, _, logp_tail_M, logq_tail_M, member_MxV, rows_Mx1, slot_ids_MxK = _sparse_parts(
-        kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV
+        kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV, tail_floor
     )
     top_MxV = jnp.full(member_MxV.shape, -jnp.inf).at[rows_Mx1, slot_ids_MxK].set(logp_MxK, mode="drop")
     tail_norm_M = jnp.where(jnp.isfinite(logq_tail_M), logq_tail_M, 0.0)
@@ -205,15 +210,16 @@ def sparse_divergence(
     """
     check_divergence_args(kind, jsd_beta, skew_alpha, tail_mode)
     kw = dict(jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    floor = _TAIL_FLOOR.get(kind, 0.0)
     if tail_mode == "sampled":
         if sample_uniforms_MxS is None:
             raise ValueError(
                 "loss.tail_mode 'sampled' needs sample uniforms; pass an rng key and loss.num_samples > 0."
             )
-        logp_MxV = complete_sparse_target(kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV)
+        logp_MxV = complete_sparse_target(kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV, floor)
         return sampled_divergence(kind, logp_MxV, student_logprobs_MxV, sample_uniforms_MxS, **kw)
     logp_MxK, logq_MxK, logp_tail_M, logq_tail_M, *_ = _sparse_parts(
-        kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV
+        kd_ids_MxK, kd_logprobs_MxK, kd_tail_M, student_logprobs_MxV, floor
     )
     if tail_mode == "renorm":
         keep_MxK = logp_MxK > -jnp.inf
