@@ -125,3 +125,33 @@ def test_every_sharded_batch_size_must_split_over_the_batch_shards(stage, field,
     with pytest.raises(ConfigError, match=rf"config.{field}={value} is not a multiple of .* 8 batch shards"):
         config_lib.validate(cfg, stage, num_devices=8)
     config_lib.validate(cfg, "prior", num_devices=8)  # a stage that does not use the field
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "corrupted"])
+def test_damaged_record_files_are_named_in_one_sentence(tmp_path, damage):
+    """A record file deleted, cut short or overwritten in the middle: array_record raised a bare
+    RuntimeError (empty for a cut file, naming no file for a corrupted one); now one sentence that
+    names the file or its split and says to re-run prepare, from the training source and from
+    iter_split alike."""
+    from test_data_common import make_rows, make_tokenizer, tiny_cfg, write_jsonl
+
+    from proxykd_jax.data import make_iterator, prepare
+
+    tok = make_tokenizer(tmp_path / "tok")
+    cfg = tiny_cfg(**{"split.warmup": 0.0, "split.align": 0.0, "split.distill": 1.0, "split.heldout": 0.0})
+    prepare([write_jsonl(tmp_path / "c.jsonl", make_rows(30))], tok, tmp_path / "prep", cfg, progress=False)
+    pd = PreparedData(tmp_path / "prep")
+    f = pd.files("distill")[0]
+    data = open(f, "rb").read()
+    if damage == "missing":
+        import os
+
+        os.remove(f)
+    else:
+        cut = data[: len(data) // 2] if damage == "truncated" else data[:64] + bytes(len(data) - 128) + data[-64:]
+        open(f, "wb").write(cut)
+    where = f if damage == "missing" else str(tmp_path / "prep")
+    with pytest.raises(InputFileError, match=rf"{where}.*re-run `proxykd prepare`"):
+        list(pd.iter_split("distill"))
+    with pytest.raises(InputFileError, match=rf"{where}.*re-run `proxykd prepare`"):
+        list(make_iterator(pd, "distill", cfg))

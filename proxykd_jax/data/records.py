@@ -93,25 +93,42 @@ class PreparedData:
         )
 
     def source(self, split: str):
-        """A grain random-access source of serialised records (empty splits give an empty source)."""
+        """A grain random-access source of serialised records (empty splits give an empty source); a
+        missing or damaged record file raises one sentence naming it (or its split) and what to do."""
         import grain  # pylint: disable=import-outside-toplevel
 
-        files = self.files(split)
+        files = self._existing(split)
         if not files:
             return grain.sources.RangeDataSource(0, 0, 1)
-        return grain.sources.ArrayRecordDataSource(files)
+        try:
+            return _Source(grain.sources.ArrayRecordDataSource(files), self.root, split)
+        except RuntimeError as e:
+            raise _damaged(self.root, self.root / split, e) from None
 
     def iter_split(self, split: str):
         """Decoded records of a split in file order (for the prior stage and tests)."""
         from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
 
-        for f in self.files(split):
-            reader = array_record_module.ArrayRecordReader(f)
-            try:
-                for i in range(reader.num_records()):
-                    yield decode_record(reader.read([i])[0])
-            finally:
-                reader.close()
+        for f in self._existing(split):
+            try:  # array_record raises RuntimeError on a damaged file: at open, read or close
+                reader = array_record_module.ArrayRecordReader(f)
+                try:
+                    for i in range(reader.num_records()):
+                        yield decode_record(reader.read([i])[0])
+                finally:
+                    reader.close()
+            except RuntimeError as e:
+                raise _damaged(self.root, f, e) from None
+
+    def _existing(self, split: str) -> list[str]:
+        files = self.files(split)
+        for f in files:
+            if not pathlib.Path(f).is_file():
+                raise InputFileError(
+                    f"{f}: a record file of the prepared data is missing; delete {self.root} and re-run "
+                    "`proxykd prepare` (with --config.run.overwrite=True)."
+                )
+        return files
 
     @property
     def tokenizer_hash(self) -> str:
@@ -135,3 +152,35 @@ class PreparedData:
     @property
     def has_teacher_head(self) -> bool:
         return bool(self.manifest["teacher_logprobs"]["samples_with_logprobs"])
+
+
+def _damaged(root: pathlib.Path, where, error: Exception) -> InputFileError:
+    """One sentence for array_record's RuntimeError on a damaged record file (truncated: no message)."""
+    detail = " ".join(str(error).split()) or "it cannot be read"
+    return InputFileError(
+        f"{where}: the prepared records are damaged ({detail}); delete {root} and re-run `proxykd prepare` "
+        "(with --config.run.overwrite=True)."
+    )
+
+
+class _Source:
+    """A grain data source over one split's record files that turns array_record's RuntimeError on a
+    damaged file into one sentence naming the split (`_damaged`); picklable for grain's workers."""
+
+    def __init__(self, source, root: pathlib.Path, split: str):
+        self.source, self.root, self.where = source, root, root / split
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        try:
+            return self.source[index]
+        except RuntimeError as e:
+            raise _damaged(self.root, self.where, e) from None
+
+    def __getitems__(self, indices):
+        try:
+            return self.source.__getitems__(indices)
+        except RuntimeError as e:
+            raise _damaged(self.root, self.where, e) from None
