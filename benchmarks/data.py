@@ -1,14 +1,17 @@
-"""Data benchmark: prepare throughput, pipeline throughput at the distillation batch shape, and the
-sparse store's bytes/token and reconstruction KL per encoding at k = 16, 64, 128.
+"""Data benchmark: prepare throughput (plain responses, and responses with the teacher's top-20 log-probs),
+pipeline throughput at the distillation batch shape, and the sparse store's bytes/token and
+reconstruction KL per encoding at k = 16, 64, 128.
 
-  .venv/bin/python benchmarks/data.py            # full run (a few minutes on 2 CPU cores)
-  .venv/bin/python benchmarks/data.py --quick    # smaller corpus and store samples
+  .venv/bin/python benchmarks/data.py                  # full run (a few minutes on 2 CPU cores)
+  .venv/bin/python benchmarks/data.py --quick          # smaller corpus and store samples
+  .venv/bin/python benchmarks/data.py --prepare-only   # the prepare table only
 
 Each part prints a table. The store KL is KL(original || stored) over the k+1 buckets (top-k and
 tail), the stored distribution renormalised, averaged over tokens; `original` is float32.
 """
 
 import argparse
+import json
 import pathlib
 import random
 import resource
@@ -42,8 +45,6 @@ def _text(rng, n):
 
 
 def make_corpus(path: pathlib.Path, n_prompts: int, seed: int = 0):
-    import json
-
     rng = random.Random(seed)
     with open(path, "w") as f:
         for i in range(n_prompts):
@@ -55,25 +56,62 @@ def make_corpus(path: pathlib.Path, n_prompts: int, seed: int = 0):
             f.write(json.dumps(row) + "\n")
 
 
-def bench_prepare(tmp: pathlib.Path, n_prompts: int, tok):
-    corpus = tmp / "corpus.jsonl"
-    make_corpus(corpus, n_prompts)
+def make_logprob_corpus(path: pathlib.Path, tok, n_samples: int, seed: int = 0):
+    """One response per line with the teacher's tokens (ours: the same tokenizer) and its top-20
+    alternatives at each, with their log-probs and bytes, as an OpenAI-style API gives them."""
+    rng, nrng = random.Random(seed), np.random.default_rng(seed)
+    vocab = len(tok)
+    pieces = [tok.decode([i]) for i in range(vocab)]
+    with open(path, "w") as f:
+        for i in range(n_samples):
+            resp = _text(rng, rng.randint(40, 160))
+            ids = tok(resp, add_special_tokens=False)["input_ids"]
+            top = []
+            for t in ids:
+                alts = [t] + list(nrng.choice(vocab, 19, replace=False))
+                lps = np.sort(-np.abs(nrng.normal(-5, 2, 20)) - 0.2)[::-1]
+                lps[0] = -0.1
+                top.append(
+                    [
+                        {"token": pieces[a], "logprob": float(lp), "bytes": list(pieces[a].encode())}
+                        for a, lp in zip(alts, lps)
+                    ]
+                )
+            row = {"id": f"p{i}", "prompt": _text(rng, 10), "response": resp, "tokens": [pieces[t] for t in ids]}
+            f.write(json.dumps(dict(row, top_logprobs=top)) + "\n")
+
+
+def bench_prepare(tmp: pathlib.Path, n_prompts: int, n_logprob_samples: int, tok):
     cfg = default_config()
     cfg.seq_len, cfg.truncate = 256, True
     cfg.split.warmup, cfg.split.align, cfg.split.distill, cfg.split.heldout = 0.0, 0.0, 1.0, 0.0
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    m = prepare([corpus], tok, tmp / "prep", cfg, progress=False)
-    dt = time.perf_counter() - t0
-    tokens = sum(s["tokens"] for s in m["splits"].values())
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print("\n## prepare (byte-level BPE, 4 responses per prompt, seq_len 256)")
-    print("| corpus MB | samples | tokens | seconds | tokens/s | max RSS growth MB |")
-    print("|---|---|---|---|---|---|")
+    print("\n## prepare (byte-level BPE, seq_len 256, one process)")
     print(
-        f"| {corpus.stat().st_size / 2**20:.1f} | {m['counts']['samples']} | {tokens} | {dt:.1f} | "
-        f"{tokens / dt:,.0f} | {(rss - rss0) / 1024:.0f} |"
+        "| corpus | corpus MB | samples | tokens | seconds | samples/s | tokens/s | teacher positions/s | max RSS growth MB |"
     )
+    print("|---|---|---|---|---|---|---|---|---|")
+    plain, with_logprobs = tmp / "corpus.jsonl", tmp / "corpus-logprobs.jsonl"
+    make_corpus(plain, n_prompts)
+    make_logprob_corpus(with_logprobs, tok, n_logprob_samples)
+    rows = [
+        ("4 responses per prompt", plain, "prep", "auto"),
+        ("teacher top-20 log-probs", with_logprobs, "prep-lp", "exact"),
+    ]
+    for name, corpus, out, head in rows:
+        cfg.teacher_head = head
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        m = prepare([corpus], tok, tmp / out, cfg, progress=False)
+        dt = time.perf_counter() - t0
+        tokens = sum(s["tokens"] for s in m["splits"].values())
+        positions = m["teacher_logprobs"]["positions_total"]
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        per_position = f"{positions / dt:,.0f}" if positions else "-"
+        print(
+            f"| {name} | {corpus.stat().st_size / 2**20:.1f} | {m['counts']['samples']} | {tokens} | {dt:.1f} | "
+            f"{m['counts']['samples'] / dt:,.1f} | {tokens / dt:,.0f} | {per_position} | {(rss - rss0) / 1024:.0f} |"
+        )
+    cfg.teacher_head = "auto"
     return tmp / "prep", cfg
 
 
@@ -178,14 +216,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--workers", type=int, default=2, help="grain workers for the second pipeline row")
+    ap.add_argument("--prepare-only", action="store_true", help="only the prepare table")
     args = ap.parse_args()
-    n_prompts, n_batches, n_tokens = (300, 50, 2000) if args.quick else (3000, 300, 20000)
+    n_prompts, n_logprob_samples, n_batches, n_tokens = (300, 200, 50, 2000) if args.quick else (3000, 1000, 300, 20000)
     with tempfile.TemporaryDirectory() as d:
         tmp = pathlib.Path(d)
         rng = random.Random(1)
         build_bpe_tokenizer([_text(rng, 30) for _ in range(2000)], 1024, tmp / "tok")
         tok = load_tokenizer(tmp / "tok")
-        prep, cfg = bench_prepare(tmp, n_prompts, tok)
+        prep, cfg = bench_prepare(tmp, n_prompts, n_logprob_samples, tok)
+        if args.prepare_only:
+            return
         bench_pipeline(prep, cfg, tok, 64, n_batches, args.workers)
         bench_store(tmp, n_tokens)
 

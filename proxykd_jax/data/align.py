@@ -14,6 +14,7 @@ Two rules (docs/TOKENIZERS.md), chosen by `data.teacher_head`:
 
 import dataclasses
 import functools
+import operator
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from proxykd_jax.data.corpus import DataError, Sample
 from proxykd_jax.teacher.responses import token_bytes_of
 
 HEADS = ("exact", "bytes")
+_ALT_CACHE_MAX = 1 << 18  # teacher alternatives whose id an encoder remembers (forgotten when full)
 
 try:  # what a chat template raises for messages it refuses (`raise_exception`, an empty chat, a bad field)
     from jinja2.exceptions import TemplateError as _JinjaError
@@ -126,6 +128,7 @@ class SampleEncoder:
         self._token_bytes = byte_head.token_bytes(tokenizer)
         self._ids_by_bytes: dict[bytes, int] | None = None  # built on the first partial-UTF-8 alternative
         self._symbol = functools.lru_cache(maxsize=1 << 16)(lambda t: byte_head.teacher_symbol(t))
+        self._alt_ids_seen: dict[str | bytes, int] = {}  # `_alt_id` by the bytes where given, else the text
 
     def _single_id_uncached(self, text: str) -> int:
         ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -146,6 +149,26 @@ class SampleEncoder:
                 if b:
                     self._ids_by_bytes.setdefault(b, i)
         return self._ids_by_bytes.get(raw, -1)
+
+    def _alt_ids(self, alts, raws) -> list[int]:
+        """`_alt_id` of each alternative of one teacher position (`raws`: their bytes, None where not
+        given), remembered by the bytes where given, else by the text: what it depends on."""
+        seen = self._alt_ids_seen
+        if len(seen) > _ALT_CACHE_MAX:
+            seen.clear()
+        keys = [text if raw is None else raw for (text, _), raw in zip(alts, raws)]
+        out = list(map(seen.get, keys))
+        if None in out:
+            for j, key in enumerate(keys):
+                if out[j] is None:
+                    out[j] = seen[key] = self._alt_id(alts[j][0], raws[j])
+        return out
+
+    def _alt_symbols(self, alts, raws) -> list[int]:
+        """The first-byte symbol of each alternative of one teacher position."""
+        return [
+            self._symbol(text) if raw is None else _symbol_of_bytes(text, raw) for (text, _), raw in zip(alts, raws)
+        ]
 
     def encode_batch(self, samples: list[Sample]) -> list[Encoded | DataError]:
         """Encodes samples; an over-long sample yields a DataError in its place (unless truncating)."""
@@ -230,10 +253,11 @@ class SampleEncoder:
         covered = np.zeros(len(resp) + 1, bool)
         for a, b in ours_spans:
             covered[a:b] = True
+        probs, masses = _position_probs(s.teacher_alts)
+        heads = []
         for i, (span, alts) in enumerate(zip(_teacher_byte_spans(s), s.teacher_alts)):
-            probs = np.exp(np.asarray([lp for _, lp in alts], np.float64))
             stats.positions_total += 1
-            stats.mass_total += float(probs.sum())
+            stats.mass_total += masses[i]
             if span is not None and span[0] == span[1]:  # end of text: none of our tokens
                 span = None
             if span is not None and span not in by_span:
@@ -241,19 +265,16 @@ class SampleEncoder:
             ours = by_span.get(span) if span is not None else None
             if not ours or len(ours) != 1:
                 continue
-            stats.mass_matched += float(probs.sum())
+            stats.mass_matched += masses[i]
             merged: dict[int, float] = {}
-            for j, ((text, _), p) in enumerate(zip(alts, probs)):
-                tid = self._alt_id(text, _alt_bytes(s, i, j))
+            for tid, p in zip(self._alt_ids(alts, _alt_bytes_row(s, i, len(alts))), probs[i]):
                 if tid >= 0:
-                    merged[tid] = merged.get(tid, 0.0) + float(p)
-            best = sorted(merged.items(), key=lambda kv: -kv[1])[: self.topk]
+                    merged[tid] = merged.get(tid, 0.0) + p
+            best = _top(merged, self.topk)
             stats.positions_kept += 1
-            stats.mass_kept += sum(p for _, p in best)
-            row = prompt_len + ours[0]
-            for c, (tid, p) in enumerate(best):
-                t_ids[row, c] = tid
-                t_lps[row, c] = np.log(p)
+            stats.mass_kept += sum([p for _, p in best])
+            heads.append((prompt_len + ours[0], best))
+        _write_heads(t_ids, t_lps, heads)
         return t_ids, t_lps
 
     def _spelled_starts(self, text: str, r_ids) -> list[int] | None:
@@ -301,26 +322,54 @@ class SampleEncoder:
         if eos_row:
             row_at[len(s.response.encode("utf-8"))] = n - 1
         stats.samples_with_logprobs = 1
+        probs, masses = _position_probs(s.teacher_alts)
+        heads = []
         for i, (start, alts) in enumerate(zip(_teacher_byte_starts(s), s.teacher_alts)):
-            probs = np.exp(np.asarray([lp for _, lp in alts], np.float64))
             stats.positions_total += 1
-            stats.mass_total += float(probs.sum())
+            stats.mass_total += masses[i]
             row = row_at.get(start) if start is not None else None
             if row is None:
                 continue
-            stats.mass_matched += float(probs.sum())
+            stats.mass_matched += masses[i]
             merged: dict[int, float] = {}
-            for j, ((text, _), p) in enumerate(zip(alts, probs)):
-                raw = _alt_bytes(s, i, j)
-                sym = self._symbol(text) if raw is None else _symbol_of_bytes(text, raw)
-                merged[sym] = merged.get(sym, 0.0) + float(p)
-            best = sorted(merged.items(), key=lambda kv: -kv[1])[: self.topk]
+            for sym, p in zip(self._alt_symbols(alts, _alt_bytes_row(s, i, len(alts))), probs[i]):
+                merged[sym] = merged.get(sym, 0.0) + p
+            best = _top(merged, self.topk)
             stats.positions_kept += 1
-            stats.mass_kept += sum(p for _, p in best)
-            for c, (sym, p) in enumerate(best):
-                t_ids[row, c] = sym
-                t_lps[row, c] = np.log(p)
+            stats.mass_kept += sum([p for _, p in best])
+            heads.append((row, best))
+        _write_heads(t_ids, t_lps, heads)
         return t_ids, t_lps
+
+
+def _position_probs(alts: list[list[tuple[str, float]]]) -> tuple[list[list[float]], list[float]]:
+    """The probabilities of each teacher position's alternatives and their sum (its mass): np.exp of the
+    log-probs and numpy's float64 sum (pairwise, an order the masses in the manifest depend on), taken
+    by one call for all the positions with the same number of alternatives instead of one per position."""
+    probs: list[list[float]] = [[] for _ in alts]
+    masses = [0.0] * len(alts)
+    by_count: dict[int, list[int]] = {}
+    for i, pos in enumerate(alts):
+        by_count.setdefault(len(pos), []).append(i)
+    for k, idx in by_count.items():
+        p = np.exp(np.array([[lp for _, lp in alts[i]] for i in idx], np.float64).reshape(len(idx), k))
+        for i, row, mass in zip(idx, p.tolist(), p.sum(1).tolist()):
+            probs[i], masses[i] = row, mass
+    return probs, masses
+
+
+def _top(merged: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The `k` most probable (id or symbol, probability) pairs, the first seen first among equals."""
+    return sorted(merged.items(), key=operator.itemgetter(1), reverse=True)[:k]
+
+
+def _write_heads(t_ids: np.ndarray, t_lps: np.ndarray, heads: list[tuple[int, list[tuple[int, float]]]]):
+    """Writes each (row, [(id or symbol, probability), ...]) into the head rows (log-probabilities by
+    one np.log call per sample)."""
+    rows = [row for row, best in heads for _ in best]
+    cols = [c for _, best in heads for c in range(len(best))]
+    t_ids[rows, cols] = [tid for _, best in heads for tid, _ in best]
+    t_lps[rows, cols] = np.log(np.array([p for _, best in heads for _, p in best], np.float64))
 
 
 def _teacher_byte_spans(s: Sample) -> list[tuple[int, int] | None]:
@@ -363,6 +412,14 @@ def _given(values: list | None, i: int):
 def _alt_bytes(s: Sample, i: int, j: int) -> bytes | None:
     """The corpus's true bytes of alternative `j` at teacher position `i` (None when not given)."""
     return _given(_given(s.teacher_alt_bytes, i), j)
+
+
+def _alt_bytes_row(s: Sample, i: int, n: int) -> list[bytes | None]:
+    """`_alt_bytes(s, i, j)` for j < n."""
+    raws = _given(s.teacher_alt_bytes, i)
+    if raws is None:
+        return [None] * n
+    return raws if len(raws) >= n else list(raws) + [None] * (n - len(raws))
 
 
 def _bytes_of(token: str, raw: bytes | None) -> bytes:

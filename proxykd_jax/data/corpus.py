@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -209,11 +210,14 @@ def _bad(where: str, field: str, problem: str, reason: str = "bad_logprobs") -> 
     return DataError(f"{where}: field '{field}' {problem}; {_FIX}.", reason)
 
 
+_MAX_LOGPROB = 1e-4  # log-probs up to this are accepted (rounding in an API's output)
+
+
 def _logprob(value, where: str, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(where, field, f"is {_show(value)}, not a number (a log-probability)")
     value = float(value)
-    if math.isnan(value) or value > 1e-4:
+    if math.isnan(value) or value > _MAX_LOGPROB:
         raise _bad(where, field, f"holds the log-prob {value}, outside (-inf, 0]")
     return value
 
@@ -251,6 +255,9 @@ def _alts_of(entries, where: str, field: str) -> tuple[list[tuple[str, float]], 
         alts = [(_text(t, where, field), _logprob(lp, where, f"{field}[{t!r}]")) for t, lp in entries.items()]
         return alts, [None] * len(alts)
     _list(entries, where, field, "of {token, logprob} objects or a {token: logprob} object")
+    fast = _well_formed_alts(entries)
+    if fast is not None:
+        return fast
     alts, raws = [], []
     for j, e in enumerate(entries):
         if not isinstance(e, dict) or "token" not in e or "logprob" not in e:
@@ -260,6 +267,44 @@ def _alts_of(entries, where: str, field: str) -> tuple[list[tuple[str, float]], 
         )
         raws.append(_raw_bytes(e.get("bytes"), where, f"{field}[{j}].bytes"))
     return alts, raws
+
+
+def _well_formed_alts(entries: list) -> tuple[list[tuple[str, float]], list[bytes | None]] | None:
+    """`_alts_of` for a list of alternatives that pass a few whole-list checks (each a dict with a string
+    token, a float log-prob in range and bytes absent or a list of byte values); None when any may be
+    malformed: then `_alts_of` checks them one by one and names the first problem. (A position of a
+    corpus with top-20 log-probs has 20 alternatives; checked one by one they took a third of prepare.)"""
+    if set(map(type, entries)) != {dict}:
+        return None
+    try:
+        texts = [e["token"] for e in entries]
+        logprobs = [e["logprob"] for e in entries]
+    except KeyError:
+        return None
+    if (
+        set(map(type, texts)) != {str}
+        or set(map(type, logprobs)) != {float}
+        or any(map(math.isnan, logprobs))
+        or max(logprobs) > _MAX_LOGPROB
+    ):
+        return None
+    lists = [e.get("bytes") for e in entries]
+    kinds = set(map(type, lists))
+    if kinds == {type(None)}:
+        return list(zip(texts, logprobs)), lists
+    if not kinds <= {list, type(None)}:
+        return None
+    try:
+        raws = [None if r is None else bytes(r) for r in lists]
+    except (TypeError, ValueError):
+        return None
+    # bytes() reads False and True as 0 and 1, which _raw_bytes refuses: looked for where those bytes occur.
+    given = b"".join(filter(None, raws))
+    if b"\x00" in given or b"\x01" in given:
+        values = itertools.chain.from_iterable(filter(None, lists))
+        if bool in set(map(type, values)):
+            return None
+    return list(zip(texts, logprobs)), raws
 
 
 @dataclasses.dataclass
