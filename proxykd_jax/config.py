@@ -111,6 +111,7 @@ _AT_LEAST = (
     ("align.dpo_steps_per_round", 0),
     ("align.heldout_samples", 0),
     ("align.logprob_chunk", 1),
+    ("align.seq_len", 0),
     ("prior.ngram_order", 1),
     ("prior.exact_top_s", 1),
     ("prior.ngram_top_s", 1),

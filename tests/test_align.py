@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from proxykd_jax.align import lora, objectives, pairs, phases
+from proxykd_jax.errors import ConfigError, ProxyKDError
 from proxykd_jax.eval import known_teacher
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.models.sampling import generate
@@ -78,7 +79,7 @@ def test_rows_and_examples():
     }
     (ex,) = pairs.examples_from_records([rec])
     assert ex.prompt == (5, 6, 7) and ex.response == (8, 9, 2) and ex.sample_id == 3
-    with pytest.raises(ValueError, match="align.seq_len"):
+    with pytest.raises(ProxyKDError, match=r"align\.seq_len=8"):  # one line from the CLI, no traceback
         pairs.pad_rows([tuple(range(8))], [(1,)], 8)
 
 
@@ -86,6 +87,62 @@ def test_build_pairs_drops_equal_samples():
     exs = [pairs.Example(0, 0, (1, 2), (3, 4)), pairs.Example(1, 1, (5,), (6,))]
     got, dropped = pairs.build_pairs(exs, [[(3, 4), (3, 5)], [(6,), ()]])
     assert got == [((1, 2), (3, 4), (3, 5))] and dropped == 3
+
+
+def test_rows_of_length_l_score_every_response_token_of_l_plus_1_token_records():
+    """`prepare` accepts samples of data.seq_len + 1 tokens (the distill rows' L + 1 tokens for L targets);
+    the align rows of align.seq_len = data.seq_len positions must score all their response tokens, the
+    final eos included (it was cut)."""
+    rec = {
+        "sample_id": 0,
+        "prompt_id": 0,
+        "tokens": np.array([5, 6, 7, 8, 9, 10, 11, 12, 2], np.int32),
+        "loss_mask": np.array([0, 0, 0, 1, 1, 1, 1, 1, 1], bool),
+    }
+    rows = pairs.example_rows(pairs.examples_from_records([rec]), 8)
+    np.testing.assert_array_equal(rows["tokens"][0], [5, 6, 7, 8, 9, 10, 11, 12])
+    np.testing.assert_array_equal(rows["targets"][0], [6, 7, 8, 9, 10, 11, 12, 2])
+    np.testing.assert_array_equal(rows["loss_mask"][0], [0, 0, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(rows["segment_ids"][0], [1] * 8)
+    cut = pairs.pad_rows([(5, 6, 7)], [(8, 9, 10, 11, 12, 13, 14)], 8)  # longer: cut after L + 1 tokens
+    np.testing.assert_array_equal(cut["targets"][0], [6, 7, 8, 9, 10, 11, 12, 13])
+
+
+def test_build_pairs_drops_samples_equal_within_the_row():
+    """A sample that differs from the teacher response only past the row's end (here the response fills
+    the row: prompt 3 + response 5 = the 8 tokens of a row of length 7) would make identical chosen and
+    rejected rows."""
+    ex = pairs.Example(0, 0, (5, 6, 7), (8, 9, 10, 11, 12))
+    samples = [[(8, 9, 10, 11, 12, 13, 2), (8, 9, 10, 11, 14, 2)]]
+    got, dropped = pairs.build_pairs([ex], samples, 7)
+    assert got == [((5, 6, 7), (8, 9, 10, 11, 12), (8, 9, 10, 11, 14, 2))] and dropped == 1
+    rows = pairs.pair_rows(got, 7)
+    assert not np.array_equal(rows["chosen_targets"], rows["rejected_targets"])
+    assert pairs.build_pairs([ex], samples)[1] == 0  # without the row length: compared whole
+
+
+def test_round_pairs_never_hold_identical_rows(monkeypatch):
+    """`make_round_pairs` compares the samples with the teacher responses as its rows of align.seq_len hold them."""
+    from proxykd_jax.align import config as align_config
+    from proxykd_jax.align import rounds
+
+    examples = [pairs.Example(0, 0, (5, 6, 7), (8, 9, 10, 11, 12)), pairs.Example(1, 1, (5, 6), (8, 9, 2))]
+    sampled = [(8, 9, 10, 11, 12, 13, 2), (8, 2)]  # the first equals its teacher response within the 8 tokens
+    monkeypatch.setattr(rounds.pairs_lib, "sample_responses", lambda *args, **kwargs: list(sampled))
+    acfg = align_config.default_config()
+    acfg.update(max_new_tokens=8, eval_batch_size=2, logprob_chunk=16)
+    rows, dropped = rounds.make_round_pairs(
+        _model(), (), examples, acfg, seed=0, round_index=0, seq_len=7, stop_tokens=(2,), pad_id=0, put_batch=None
+    )
+    assert dropped == 1 and rows["chosen_tokens"].shape[0] == 1
+    for k in pairs.ROW_FIELDS:
+        assert not np.array_equal(rows["chosen_" + k], rows["rejected_" + k]), k
+
+
+def test_lora_refuses_unknown_or_no_targets_with_a_config_error():
+    for targets, match in ((("wq", "attn"), r"unknown weight names \['attn'\]"), ((), "matched no weight")):
+        with pytest.raises(ConfigError, match=match):
+            lora.LoraAdapters(_model(), rank=2, alpha=4.0, targets=targets, rngs=nnx.Rngs(0))
 
 
 def test_lora_merge_matches_manual_weights():

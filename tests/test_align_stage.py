@@ -207,3 +207,26 @@ def test_a_phase_shorter_than_grad_accum_is_refused_before_training(prepared, tm
     with pytest.raises(ConfigError, match=rf"{re.escape(field)}\) is shorter than the optim\.grad_accum=2 micro"):
         run_stage("align", cfg, devices=jax.devices()[:1])
     assert not (run / "proxy" / "sft" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"lora.rank": 2, "lora.targets": ("wq", "attn")}, r"config\.align\.lora\.targets has unknown weight names"),
+        ({"lora.rank": 2, "lora.targets": ()}, r"config\.align\.lora\.targets names no weight"),
+        ({"seq_len": 4}, r"does not fit rows of align\.seq_len=4 tokens"),
+    ],
+)
+def test_bad_align_settings_stop_with_one_sentence(prepared, tmp_path, overrides, match):
+    """Settings no config check reads stop with a ProxyKDError (the CLI's one line, no traceback) naming the field."""
+    from proxykd_jax.errors import ProxyKDError
+
+    run = new_run(prepared, tmp_path / "run")
+    cfg = make_config(run)
+    cfg.mesh.shape.update(data=1, fsdp=1, tensor=1)
+    for key, value in overrides.items():
+        group, _, field = key.rpartition(".")
+        (cfg.align.lora if group else cfg.align)[field] = value
+    with pytest.raises(ProxyKDError, match=match):
+        run_stage("align", cfg, devices=jax.devices()[:1])
+    assert not (run / "proxy" / "sft" / "checkpoints").exists()

@@ -73,6 +73,7 @@ def test_align_rows_that_cannot_fill_a_batch():
         ("data.on_error", "ignore", "config.data.on_error='ignore' must be one of error, skip"),
         ("data.teacher_topk", -1, "config.data.teacher_topk=-1 must be at least 1"),
         ("data.teacher_topk", 0, "posterior.use_teacher_topk=False"),
+        ("align.seq_len", -3, r"config.align.seq_len=-3 must be at least 0"),
         ("prior.exact_top_s", 0, "config.prior.exact_top_s=0 must be at least 1 .next tokens kept per prompt"),
         ("prior.ngram_top_s", -2, "config.prior.ngram_top_s=-2 must be at least 1 .continuations kept"),
         ("data.teacher_head", "byte", "config.data.teacher_head='byte' must be one of auto, exact, bytes"),

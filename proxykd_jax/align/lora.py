@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from proxykd_jax.errors import ConfigError
+
 # Number of leading (input) axes of each adaptable weight of models/llama.py.
 INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 
@@ -44,9 +46,9 @@ class LoraAdapters(nnx.Module):
     def __init__(self, base: nnx.Module, *, rank: int, alpha: float, targets, rngs: nnx.Rngs):
         unknown = sorted(set(targets) - set(INPUT_AXES))
         if rank <= 0:
-            raise ValueError(f"align.lora.rank must be positive to build adapters, got {rank}.")
+            raise ConfigError(f"align.lora.rank must be positive to build adapters, got {rank}.")
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"align.lora.targets has unknown weight names {unknown}; choose from {sorted(INPUT_AXES)}."
             )
         self.rank, self.scale = int(rank), float(alpha) / float(rank)
@@ -72,7 +74,9 @@ class LoraAdapters(nnx.Module):
             paths.append(tuple(path))
             lead_flags.append(bool(lead))
         if not paths:
-            raise ValueError(f"align.lora.targets {list(targets)} matched no weight of the proxy.")
+            raise ConfigError(
+                f"align.lora.targets {list(targets)} matched no weight of the proxy; name some of {sorted(INPUT_AXES)}."
+            )
         self.paths = tuple(paths)
         self.stacked = tuple(lead_flags)
         self.a = nnx.List(a_list)

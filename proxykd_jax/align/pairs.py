@@ -1,7 +1,9 @@
 """Preference pairs for the DPO rounds: teacher response (chosen) vs a proxy sample (rejected).
 
-Everything here is per-sample padded rows (no packing): row b holds prompt + response, then pad.
-A row dict has, all [B, L]: `tokens`, `targets` (tokens shifted left by one), `segment_ids`
+Everything here is per-sample padded rows (no packing): row b holds prompt + response, then pad;
+like the distill rows, a row of L positions holds up to L + 1 tokens (L targets), the longest sample
+`prepare` accepts at data.seq_len = L. A row dict has, all [B, L]: `tokens`, `targets` (the tokens
+shifted left by one: the last target is the (L + 1)-th token), `segment_ids`
 (1 on real tokens, 0 on padding), `loss_mask` (float32, 1 where the *target* is a response token).
 A pair batch has the same fields prefixed `chosen_` and `rejected_`.
 """
@@ -14,6 +16,7 @@ import os
 import jax
 import numpy as np
 
+from proxykd_jax.errors import ConfigError
 from proxykd_jax.parallel.hosts import to_host
 
 ROW_FIELDS = ("tokens", "targets", "segment_ids", "loss_mask")
@@ -55,7 +58,8 @@ def examples_from_records(records) -> list[Example]:
 
 
 def pad_rows(prompts, responses, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """Rows prompt + response padded to `length` (responses cut to fit), with response-target mask."""
+    """Rows prompt + response padded to `length` positions (`length` + 1 tokens fit: the last one is
+    only a target; responses cut to fit), with response-target mask."""
     b = len(prompts)
     rows = {
         "tokens": np.full((b, length), pad_id, np.int32),
@@ -66,12 +70,15 @@ def pad_rows(prompts, responses, length: int, pad_id: int = 0) -> dict[str, np.n
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         p = len(prompt)
         if p >= length:
-            raise ValueError(f"prompt of {p} tokens does not fit rows of {length} tokens; raise align.seq_len.")
-        seq = np.asarray(list(prompt) + list(response)[: length - p], np.int32)
+            raise ConfigError(
+                f"a prompt of {p} tokens does not fit rows of align.seq_len={length} tokens (0 = data.seq_len); "
+                "raise align.seq_len."
+            )
+        seq = np.asarray(list(prompt) + list(response)[: length + 1 - p], np.int32)
         n = len(seq)
-        rows["tokens"][i, :n] = seq
+        rows["tokens"][i, : min(n, length)] = seq[:length]
         rows["targets"][i, : n - 1] = seq[1:]
-        rows["segment_ids"][i, :n] = 1
+        rows["segment_ids"][i, : min(n, length)] = 1
         rows["loss_mask"][i, p - 1 : n - 1] = 1.0
     return rows
 
@@ -112,13 +119,17 @@ def sample_responses(sample_fn, prompts, rng, *, batch_size: int, width: int, pa
     return out
 
 
-def build_pairs(examples, rejected_per_example) -> tuple[list[tuple], int]:
+def build_pairs(examples, rejected_per_example, length: int | None = None) -> tuple[list[tuple], int]:
     """[(prompt, chosen, rejected)] for every example and each of its samples, dropping samples
-    equal to the teacher response (and empty ones). Returns (pairs, number dropped)."""
+    equal to the teacher response (and empty ones). With `length` (the row length of `pair_rows`)
+    they are compared as the rows hold them, cut to `length + 1 - len(prompt)` tokens: a sample that
+    differs from the teacher response only past the row's end would make two identical rows.
+    Returns (pairs, number dropped)."""
     pairs, dropped = [], 0
     for example, samples in zip(examples, rejected_per_example):
+        cut = None if length is None else max(length + 1 - len(example.prompt), 0)
         for rejected in samples:
-            if tuple(rejected) == tuple(example.response) or len(rejected) == 0:
+            if tuple(rejected)[:cut] == tuple(example.response)[:cut] or len(rejected) == 0:
                 dropped += 1
                 continue
             pairs.append((example.prompt, example.response, tuple(rejected)))

@@ -161,7 +161,7 @@ def make_round_pairs(
         )
         for i, response in enumerate(out):
             samples[i].append(response)
-    pair_list, dropped = pairs_lib.build_pairs(chosen, samples)
+    pair_list, dropped = pairs_lib.build_pairs(chosen, samples, seq_len)
     if not pair_list:
         raise ProxyKDError(
             f"align round {round_index}: every sampled response equalled the teacher's; raise "
