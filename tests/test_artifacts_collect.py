@@ -8,6 +8,7 @@ import collections
 import json
 import pathlib
 
+import openai
 import pytest
 from stage_helpers import run_stage
 
@@ -92,3 +93,39 @@ def test_a_bad_collect_config_writes_nothing_and_the_corrected_command_runs(tmp_
             run_stage("collect", remote)
         assert not (tmp_path / "run" / "corpus").exists()
         assert run_stage("collect", _cfg(tmp_path, server.base_url, prompts))["done"] == 2  # not refused
+
+
+def test_a_redo_that_stopped_then_a_redo_with_other_settings_pays_no_sample_twice(tmp_path, monkeypatch):
+    """A redo (3 samples per prompt) stops part-way; the next redo (2 per prompt) has other settings, so
+    `begin()` removes the first one's file: the samples it paid for that the second wants are kept first."""
+    from proxykd_jax.teacher import client
+
+    prompts = _prompts(tmp_path / "prompts.jsonl", 4)
+    app = make_app(ToyBackend())
+    with ServerThread(app) as server:
+        assert run_stage("collect", _cfg(tmp_path, server.base_url, prompts, concurrency=1))["done"] == 4
+        request = client.Collector._request
+        limit = len(app.state.requests) + 4
+
+        async def quota_runs_out(self, prompt, key, http):  # the account's quota ends after 4 more samples
+            if len(app.state.requests) >= limit:
+                response = client._http.Response(429, request=client._http.Request("POST", server.base_url))
+                raise openai.RateLimitError("quota", response=response, body={"code": "insufficient_quota"})
+            return await request(self, prompt, key, http)
+
+        monkeypatch.setattr(client.Collector, "_request", quota_runs_out)
+        first = _cfg(tmp_path, server.base_url, prompts, samples_per_prompt=3, concurrency=1)
+        first.run.overwrite = True
+        with pytest.raises(ProxyKDError, match="out of quota"):
+            run_stage("collect", first)
+        monkeypatch.setattr(client.Collector, "_request", request)
+        second = _cfg(tmp_path, server.base_url, prompts, samples_per_prompt=2, concurrency=1)
+        second.run.overwrite = True
+        stats = run_stage("collect", second)
+    paid = _paid(app)
+    assert len(paid) == 4 + 4 + 2 and max(paid.values()) == 1  # 4 before, 4 by the first redo, 2 new
+    assert (stats["already_done"], stats["done"]) == (6, 2)
+    assert sorted((r["id"], r["sample_index"]) for r in _corpus(tmp_path)) == [
+        (f"q{i}", s) for i in range(4) for s in range(2)
+    ]
+    assert sorted(p.name for p in (tmp_path / "run" / "corpus").iterdir() if "kept" in p.name) == []

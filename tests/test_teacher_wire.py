@@ -134,8 +134,9 @@ def test_rate_limit_holds_on_the_wire(tmp_path, monkeypatch):
     acquire = RateLimiter.acquire
 
     async def recording_acquire(self, amount=1.0):
-        await acquire(self, amount)
+        grant = await acquire(self, amount)
         grants.append(time.monotonic())
+        return grant
 
     monkeypatch.setattr(RateLimiter, "acquire", recording_acquire)
     write_prompts(tmp_path / "prompts.jsonl", 40)
@@ -167,6 +168,44 @@ def test_token_bucket_debt_keeps_long_run_rate():
     elapsed, limiter = asyncio.run(run())
     # 600 units: 100 from the initial bucket, the rest refilled at limiter.rate (the last 150 as debt)
     assert elapsed >= (600 - 150 - limiter.capacity) / limiter.rate * 0.95
+
+
+def test_no_minute_holds_more_than_the_limit_with_requests_above_the_capacity(monkeypatch):
+    """On a virtual clock: 300-token requests against 1000 tokens/min (a bucket of 16.7) once got a grant
+    every 18.3 s, 4 of them (1200 tokens) inside one minute; refunds count at their refunded size."""
+    import asyncio
+    import types
+
+    from proxykd_jax.teacher import client as client_mod
+
+    now = [0.0]
+
+    async def sleep(seconds):
+        now[0] += max(seconds, 0.0) + 1e-7  # the clock moves by what was asked (and never stalls)
+
+    monkeypatch.setattr(client_mod, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(client_mod, "asyncio", types.SimpleNamespace(sleep=sleep, Lock=asyncio.Lock))
+
+    async def run(limiter, amounts, refund=0.0):
+        grants = []
+        for amount in amounts:
+            grant = await limiter.acquire(amount)
+            grants.append((now[0], amount - refund))
+            if refund:
+                limiter.refund(refund, grant)
+        return grants
+
+    def busiest_minute(grants):
+        return max(sum(a for u, a in grants if t <= u < t + 60.0) for t, _ in grants)
+
+    grants = asyncio.run(run(RateLimiter(1000), [300] * 12))
+    assert busiest_minute(grants) <= 1000 and grants[-1][0] < 12 * 60.0 / 3  # and no slower than 3 a minute
+    now[0] = 0.0
+    grants = asyncio.run(run(RateLimiter(1000), [300] * 12, refund=200))  # each used 100 of its 300
+    assert busiest_minute(grants) <= 1000 and grants[-1][0] < 90.0  # at their refunded size: about 10 a minute
+    now[0] = 0.0
+    grants = asyncio.run(run(RateLimiter(1000), [1500, 10, 1500]))  # larger than the limit: alone in its minute
+    assert busiest_minute(grants) == 1500
 
 
 def test_kill_mid_run_and_resume(tmp_path):
@@ -276,6 +315,39 @@ def test_response_without_content_is_final_not_failed(tmp_path):
     # asked once: the re-run skipped it (asking again would pay again for the same answer)
     assert asked[fails[0]["key"]] == 1
     assert again["done"] == 1 and again["already_declined"] == 1 and len(read_corpus(cfg.out)) == 5
+
+
+def test_answers_without_text_count_in_tokens_and_cost(tmp_path):
+    """The endpoint bills an empty answer like any other: its usage goes into the tokens and the cost."""
+    path = write_prompts(tmp_path / "prompts.jsonl", 3)
+    path.write_text(path.read_text() + json.dumps({"id": "e", "prompt": "EMPTY please"}) + "\n")
+    app = make_app(_EmptyForSome())
+    with ServerThread(app) as srv:
+        cfg = make_cfg(tmp_path, srv.base_url, price_input_per_mtok=1e6, price_output_per_mtok=2e6)
+        stats = collect(cfg)
+    assert stats["done"] == 3 and stats["declined"] == {"no_content": 1}
+    usage = [r["meta"]["usage"] for r in read_corpus(cfg.out)]
+    empty_prompt = len(_EmptyForSome().chat_ids([{"role": "user", "content": "EMPTY please"}]))
+    assert stats["tokens_in"] == sum(u["prompt_tokens"] for u in usage) + empty_prompt
+    assert stats["tokens_out"] == sum(u["completion_tokens"] for u in usage)
+    assert stats["cost"] == stats["tokens_in"] + 2 * stats["tokens_out"]
+
+
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ('{"prompt": "a cut emoji \\ud83d"}', "prompt"),
+        ('{"id": "x\\udc00", "prompt": "fine"}', "id"),
+        ('{"id": 3, "messages": [{"role": "user", "content": "\\udc00 then text"}]}', "messages"),
+    ],
+)
+def test_a_prompt_with_half_a_surrogate_pair_is_one_clear_error(tmp_path, line, field):
+    path = write_prompts(tmp_path / "prompts.jsonl", 2)
+    path.write_text(path.read_text() + line + "\n")
+    cfg = make_cfg(tmp_path, "http://127.0.0.1:9/v1")
+    with pytest.raises(CollectError, match=rf"prompts\.jsonl line 3: '{field}' holds .*surrogate.*fix or remove"):
+        collect(cfg)
+    assert not pathlib.Path(cfg.out).exists()
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from proxykd_jax.context.artifacts import read_record
 from proxykd_jax.teacher import client
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,9 @@ def run(ctx) -> dict:
     temperature) make another corpus, under the one overwrite rule: refused unless
     `run.overwrite=True`, which builds it beside the old one. Each sample is keyed by its content
     (`request_key`), so the redo first copies the old corpus's samples whose keys it still wants
-    (`client.carry_over`) and requests only the rest: the old corpus is never paid for twice."""
+    (`client.carry_over`) and requests only the rest: the old corpus is never paid for twice. Nor is an
+    unfinished redo with yet other settings, which `begin()` removes: the samples of it that these settings
+    ask for are set aside first (`.<corpus>.new.kept`) and copied into the new redo."""
     art = ctx.artifact("collect")
     if art.done:
         log.info("collect: %s is finished with these settings; reusing it", art.path)
@@ -30,9 +33,17 @@ def run(ctx) -> dict:
     ccfg = ctx.cfg.collect.copy_and_resolve_references()
     ccfg.out = str(art.work)
     prompts, api_key = client.check(ccfg)  # bad fields, prompts file or key: refused before anything is written
+    redo = art.work != art.path and ctx.is_writer
+    kept = art.work.with_name(art.work.name + ".kept")  # the paid samples of an abandoned redo, while begin() runs
+    if redo and art.work.exists() and (read_record(art.work, True) or {}).get("hash") != art.hash:
+        client.carry_over(ccfg, prompts, art.work, kept)  # begin() removes a redo made with other settings
     art.begin()
-    if art.work != art.path and ctx.is_writer:
+    if redo:
         client.carry_over(ccfg, prompts, art.path, art.work)
+        if kept.exists():
+            client.carry_over(ccfg, prompts, kept, art.work)
+            for part in (kept.with_name(kept.name + ".failures.jsonl"), kept):
+                part.unlink(missing_ok=True)
     stats = client.collect(ccfg, prompts=prompts, api_key=api_key)
     art.finish({k: stats[k] for k in ("requested", "already_done", "done", "declined", "tokens_in", "tokens_out")})
     return stats

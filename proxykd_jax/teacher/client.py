@@ -58,33 +58,64 @@ class RateLimiter:
 
     Capacity (burst) is one second's worth, at least 1; the refill rate is lowered by the capacity
     so that burst + 60 s of refill equals the limit. A request larger than the capacity waits for a
-    full bucket and drives it negative (debt), which keeps the long-run rate exact.
+    full bucket and drives it negative (debt), which keeps the long-run rate exact. The bucket alone
+    bounds a window by the limit plus the part of its last request above the capacity, so the grants
+    of the last 60 s are kept too (at their refunded size) and a request also waits until they leave
+    room for it; one larger than the whole limit waits for an empty window.
     """
 
     def __init__(self, per_minute: float):
+        self.per_minute = float(per_minute)
         self.capacity = max(1.0, per_minute / 60.0)
         self.rate = max(per_minute - self.capacity, 1e-9) / 60.0
         self.level = self.capacity
         self.stamp = time.monotonic()
         self.lock = asyncio.Lock()
+        self.grants: collections.deque = collections.deque()  # [time, amount, in window] of the last 60 s
+        self.granted = 0.0  # their amounts' sum
 
     def _refill(self):
         now = time.monotonic()
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
 
-    async def acquire(self, amount: float = 1.0):
+    def _expire(self):
+        while self.grants and self.grants[0][0] <= self.stamp - 60.0:
+            grant = self.grants.popleft()
+            self.granted -= grant[1]
+            grant[2] = False
+        if not self.grants:
+            self.granted = 0.0  # no rounding left over from the sums
+
+    async def acquire(self, amount: float = 1.0) -> list:
+        """Waits for `amount` units; returns the grant that `refund` adjusts."""
         async with self.lock:  # FIFO: one waiter at a time
             need = min(amount, self.capacity)
+            room = self.per_minute - min(amount, self.per_minute)  # the most the window may hold before it
             self._refill()
-            while self.level < need:
-                await asyncio.sleep((need - self.level) / self.rate)
+            while True:
+                self._expire()
+                if self.level < need:
+                    await asyncio.sleep((need - self.level) / self.rate)
+                elif self.granted > room + 1e-9:
+                    await asyncio.sleep(self.grants[0][0] + 60.0 - self.stamp)
+                else:
+                    break
                 self._refill()
             self.level -= amount
+            grant = [self.stamp, float(amount), True]
+            self.grants.append(grant)
+            self.granted += amount
+            return grant
 
-    def refund(self, amount: float):
+    def refund(self, amount: float, grant: list | None = None):
+        """Gives back `amount` units of `grant` (negative: takes more, a request that used more than it reserved)."""
         self._refill()
         self.level = min(self.capacity, self.level + amount)
+        if grant is not None:
+            grant[1] -= amount
+            if grant[2]:
+                self.granted -= amount
 
 
 class _Failure(Exception):
@@ -300,16 +331,15 @@ class Collector:
         except TimeoutError:
             pass
 
-    async def _until_stopped(self, awaitable) -> bool:
-        """Awaits `awaitable` unless the run stops first (then cancels it and returns False)."""
-        task, stop = asyncio.ensure_future(awaitable), asyncio.ensure_future(self._stopped.wait())
+    async def _until_stopped(self, acquire):
+        """The grant of a limiter's `acquire` unless the run stops first (then cancels it: None)."""
+        task, stop = asyncio.ensure_future(acquire), asyncio.ensure_future(self._stopped.wait())
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if task.done():
-            task.result()
-            return True
+            return task.result()
         task.cancel()
-        return False
+        return None
 
     # -- one sample ----------------------------------------------------------------------------
 
@@ -341,6 +371,13 @@ class Collector:
         response = await client.post(path, body=body, options=options, cast_to=_http.Response)
         return response.content
 
+    def _paid(self, usage: dict, tokens, estimate: int):
+        """Counts the tokens of an answer the endpoint sent (stored or not) and refunds the token bucket to them."""
+        self.stats["tokens_in"] += usage.get("prompt_tokens", 0)
+        self.stats["tokens_out"] += usage.get("completion_tokens", 0)
+        if self.tpm and usage:
+            self.tpm.refund(estimate - usage["prompt_tokens"] - usage["completion_tokens"], tokens)
+
     def _record(self, prompt: Prompt, sample_index: int, key: str, answer: Answer) -> dict:
         if answer.finish_reason == "content_filter":
             raise _Failure(
@@ -371,20 +408,24 @@ class Collector:
         for attempt in range(max(1, cfg.max_attempts)):
             if not await self._admit():
                 return False
-            if self.rpm and not await self._until_stopped(self.rpm.acquire(1)):
+            if self.rpm and await self._until_stopped(self.rpm.acquire(1)) is None:
                 return False
-            if self.tpm and not await self._until_stopped(self.tpm.acquire(estimate)):
+            tokens = await self._until_stopped(self.tpm.acquire(estimate)) if self.tpm else None
+            if self.tpm and tokens is None:
                 return False
             sent = time.monotonic()
             self.stats["requests"] += 1
+            answer = None
             try:
                 raw = await self._request(prompt, key, client)
                 self._answered()
-                record = self._record(prompt, sample_index, key, parse_answer(raw, cfg.api, cfg.top_logprobs > 0))
+                answer = parse_answer(raw, cfg.api, cfg.top_logprobs > 0)
+                self._paid(answer.usage, tokens, estimate)  # an answer without usable text is paid for too
+                record = self._record(prompt, sample_index, key, answer)
             except Exception as err:  # classified below; unknown errors re-raise
                 failure = err if isinstance(err, _Failure) else _classify(err)
-                if self.tpm:
-                    self.tpm.refund(estimate)
+                if self.tpm and answer is None:
+                    self.tpm.refund(estimate, tokens)
                 if failure.answered:
                     self._answered()
                 if failure.fatal:
@@ -405,17 +446,12 @@ class Collector:
                 failure.reason = f"retries_exhausted_{failure.reason}"
                 return await self._fail(prompt, sample_index, key, failure)
             self._progressed()
-            usage = record["meta"]["usage"]
-            if self.tpm and usage:
-                self.tpm.refund(estimate - usage["prompt_tokens"] - usage["completion_tokens"])
             try:
                 await self.corpus.append(record)
             except OSError as err:
                 self.stats["lost"] += 1
                 self._halt(f"cannot write {self.out} ({err.strerror or err})")
                 return False
-            self.stats["tokens_in"] += usage.get("prompt_tokens", 0)
-            self.stats["tokens_out"] += usage.get("completion_tokens", 0)
             self.stats["done"] += 1
             return True
         return False

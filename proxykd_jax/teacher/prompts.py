@@ -52,6 +52,19 @@ def _lines(p: pathlib.Path):
             ) from None
 
 
+def _check_text(where: str, fields: dict) -> None:
+    """Refuses a string that is not text: a lone surrogate (`"\\ud83d"` without its pair, as a truncated emoji
+    in scraped data spells it) parses as JSON but cannot be encoded, hashed into a key or sent."""
+    for name, value in fields.items():
+        try:
+            canonical(value).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise CollectError(
+                f"{where}: '{name}' holds {err.object[err.start : err.end]!r}, half of a UTF-16 surrogate pair "
+                "that is not text; fix or remove the line"
+            ) from None
+
+
 def read_prompts(path: str, api: str) -> list[Prompt]:
     """Reads and validates the whole prompts file before any request is made."""
     p = pathlib.Path(path)
@@ -94,6 +107,7 @@ def read_prompts(path: str, api: str) -> list[Prompt]:
                     f"(it is {api!r}); use 'prompt' text or switch the api"
                 )
             messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
+        _check_text(where, {"id": obj.get("id"), "prompt": text, "messages": messages})
         pid = obj.get("id")
         if pid is None:
             pid = hashlib.sha256(canonical(text if messages is None else list(messages)).encode()).hexdigest()[:16]
