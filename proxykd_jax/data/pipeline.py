@@ -129,7 +129,7 @@ _CHUNK = 32  # samples per message from a worker process
 
 def _join(examples: list) -> dict:
     """A chunk of examples as one array per field, samples end to end, and their lengths (-1: a skipped
-    sample): a few arrays cross from a worker process, not a few per sample (which cost 2-3x the time)."""
+    sample): what crosses from a worker process is a few arrays per chunk, not a few per sample."""
     full = [ex for ex in examples if ex]
     out = {k: np.concatenate([ex[k] for ex in full]) for k in (full[0] if full else {})}
     out["_lengths"] = np.asarray([len(ex["tokens"]) if ex else -1 for ex in examples], np.int64)
