@@ -327,6 +327,17 @@ def _check_align(acfg) -> None:
         raise ConfigError("config.align.label_smoothing applies to loss_type 'dpo' only; set it to 0 with 'ipo'.")
     if acfg.get("beta") is not None and not float(acfg.beta) > 0:
         raise ConfigError(f"config.align.beta={acfg.beta!r} must be a positive number.")
+    if acfg.get("temperature") is not None and not float(acfg.temperature) >= 0:
+        raise ConfigError(
+            f"config.align.temperature={acfg.temperature!r} must be at least 0 (0 samples the rejected responses "
+            "greedily)."
+        )
+    lora = acfg.get("lora")
+    if lora is not None and int(lora.get("rank") or 0) > 0 and not float(lora.get("alpha", 1.0)) > 0:
+        raise ConfigError(
+            f"config.align.lora.alpha={lora.alpha!r} must be a positive number: the adapters are scaled by "
+            "alpha / rank, so 0 would train adapters that change nothing (align.lora.rank=0 is full fine-tuning)."
+        )
     per_round, per_prompt = int(acfg.get("prompts_per_round") or 0), int(acfg.get("samples_per_prompt") or 1)
     if int(acfg.get("rounds") or 0) > 0 and 0 < per_round * per_prompt < int(acfg.get("batch_size") or 1):
         raise ConfigError(

@@ -74,6 +74,7 @@ def test_align_rows_that_cannot_fill_a_batch():
         ("data.teacher_topk", -1, "config.data.teacher_topk=-1 must be at least 1"),
         ("data.teacher_topk", 0, "posterior.use_teacher_topk=False"),
         ("align.seq_len", -3, r"config.align.seq_len=-3 must be at least 0"),
+        ("align.temperature", -0.5, r"config.align.temperature=-0.5 must be at least 0"),
         ("prior.exact_top_s", 0, "config.prior.exact_top_s=0 must be at least 1 .next tokens kept per prompt"),
         ("prior.ngram_top_s", -2, "config.prior.ngram_top_s=-2 must be at least 1 .continuations kept"),
         ("data.teacher_head", "byte", "config.data.teacher_head='byte' must be one of auto, exact, bytes"),
@@ -156,3 +157,13 @@ def test_damaged_record_files_are_named_in_one_sentence(tmp_path, damage):
         list(pd.iter_split("distill"))
     with pytest.raises(InputFileError, match=rf"{where}.*re-run `proxykd prepare`"):
         list(make_iterator(pd, "distill", cfg))
+
+
+def test_lora_alpha_of_zero_is_refused_only_with_adapters():
+    """alpha / rank scales the adapters: alpha 0 trained adapters that changed nothing, silently."""
+    cfg = config_lib.base_config()
+    cfg.align.lora.alpha = 0.0
+    config_lib.validate(cfg)  # rank 0: no adapters, alpha unused
+    cfg.align.lora.rank = 4
+    with pytest.raises(ConfigError, match=r"config.align.lora.alpha=0.0 must be a positive number"):
+        config_lib.validate(cfg)
