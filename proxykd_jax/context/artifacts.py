@@ -471,16 +471,22 @@ class Artifact:
                 "re-run the same command."
             ) from None
 
+    def stale_work(self) -> bool:
+        """Whether `work` is an abandoned redo made with other settings (or without a record), which
+        `begin()` removes; only when replacing."""
+        if self.status != "replace":
+            return False
+        rec = read_record(self.work, self.is_file)
+        return rec is None or rec.get("hash") != self.hash
+
     def begin(self) -> None:
         """Marks the artifact as being made (before the stage writes anything into `work`)."""
         if self.done:
             raise RuntimeError(f"{self.path} is finished; a stage reuses it instead of calling begin().")
         self.sync(f"artifact {self.name}: decided")
         if self.writer:
-            if self.status == "replace":
-                rec = read_record(self.work, self.is_file)
-                if rec is None or rec.get("hash") != self.hash:  # an abandoned redo with other settings
-                    _remove(self.work, self.is_file, self.companions)
+            if self.stale_work():
+                _remove(self.work, self.is_file, self.companions)
             if not self.is_file:
                 self.work.mkdir(parents=True, exist_ok=True)
             self._write_record(self.work, self._record(False))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-from proxykd_jax.context.artifacts import read_record
 from proxykd_jax.teacher import client
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def run(ctx) -> dict:
     prompts, api_key = client.check(ccfg)  # bad fields, prompts file or key: refused before anything is written
     redo = art.work != art.path and ctx.is_writer
     kept = art.work.with_name(art.work.name + ".kept")  # the paid samples of an abandoned redo, while begin() runs
-    if redo and art.work.exists() and (read_record(art.work, True) or {}).get("hash") != art.hash:
+    if redo and art.work.exists() and art.stale_work():
         client.carry_over(ccfg, prompts, art.work, kept)  # begin() removes a redo made with other settings
     art.begin()
     if redo:
