@@ -40,17 +40,26 @@ def default_config() -> ml_collections.ConfigDict:
     return cd
 
 
+def check_targets(targets, *, empty_ok: bool = True) -> None:
+    """Refuses `align.lora.targets` that name a weight models/llama.py does not have (and none at all,
+    unless `empty_ok`), in one sentence."""
+    targets = tuple(targets)
+    unknown = sorted(set(targets) - set(INPUT_AXES))
+    if unknown or not (targets or empty_ok):
+        what = f"has unknown weight names {unknown}" if unknown else "names no weight"
+        raise ConfigError(
+            f"config.align.lora.targets {what}; choose from {sorted(INPUT_AXES)} (or set align.lora.rank=0 "
+            "for full fine-tuning)."
+        )
+
+
 class LoraAdapters(nnx.Module):
     """A and B factors for every targeted weight of a base model (paths kept as static data)."""
 
     def __init__(self, base: nnx.Module, *, rank: int, alpha: float, targets, rngs: nnx.Rngs):
-        unknown = sorted(set(targets) - set(INPUT_AXES))
         if rank <= 0:
             raise ConfigError(f"align.lora.rank must be positive to build adapters, got {rank}.")
-        if unknown:
-            raise ConfigError(
-                f"align.lora.targets has unknown weight names {unknown}; choose from {sorted(INPUT_AXES)}."
-            )
+        check_targets(targets)  # none at all: "matched no weight" below
         self.rank, self.scale = int(rank), float(alpha) / float(rank)
         paths, a_list, b_list, lead_flags = [], [], [], []
         for path, var in nnx.to_flat_state(nnx.state(base, nnx.Param)):

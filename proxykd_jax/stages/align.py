@@ -9,7 +9,6 @@ import logging
 
 from proxykd_jax.align import lora, rounds
 from proxykd_jax.data.records import PreparedData
-from proxykd_jax.errors import ConfigError
 from proxykd_jax.models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -26,14 +25,8 @@ def preflight(prepared: PreparedData, acfg) -> None:
     """Refuses, before any model is loaded or anything written, splits too small for the phases:
     the warm-up needs one batch of rows, each DPO round one batch of pairs; and settings of the align
     group no other check reads: LoRA targets that name no weight of the proxy."""
-    targets = tuple(acfg.lora.targets)
-    unknown = sorted(set(targets) - set(lora.INPUT_AXES))
-    if int(acfg.lora.rank) > 0 and (unknown or not targets):
-        what = f"has unknown weight names {unknown}" if unknown else "names no weight"
-        raise ConfigError(
-            f"config.align.lora.targets {what}; choose from {sorted(lora.INPUT_AXES)} (or set align.lora.rank=0 "
-            "for full fine-tuning)."
-        )
+    if int(acfg.lora.rank) > 0:
+        lora.check_targets(acfg.lora.targets, empty_ok=False)
     batch = int(acfg.batch_size)
     short = f", fewer than align.batch_size={batch}"
     lower = "lower --config.align.batch_size (a multiple of the mesh's batch shards), or "
