@@ -131,14 +131,13 @@ def test_rate_limit_holds_on_the_wire(tmp_path, monkeypatch):
     loop's delay only once, for the whole run's span.
     """
     grants = []
-    acquire = RateLimiter.acquire
+    take = RateLimiter._take
 
-    async def recording_acquire(self, amount=1.0):
-        grant = await acquire(self, amount)
+    def recording_take(self, amount):
         grants.append(time.monotonic())
-        return grant
+        return take(self, amount)
 
-    monkeypatch.setattr(RateLimiter, "acquire", recording_acquire)
+    monkeypatch.setattr(RateLimiter, "_take", recording_take)
     write_prompts(tmp_path / "prompts.jsonl", 40)
     app = make_app(ToyBackend())
     with ServerThread(app) as srv:
@@ -206,6 +205,60 @@ def test_no_minute_holds_more_than_the_limit_with_requests_above_the_capacity(mo
     now[0] = 0.0
     grants = asyncio.run(run(RateLimiter(1000), [1500, 10, 1500]))  # larger than the limit: alone in its minute
     assert busiest_minute(grants) == 1500
+
+
+def test_both_limits_hold_where_requests_are_sent(tmp_path, monkeypatch):
+    """Under a request and a token limit, no minute of sends holds more than either allows.
+
+    On a virtual clock (the collector's `time` and `asyncio.sleep`; sleepers wake in order of their
+    wake time once the loop is idle): a 4,000-byte prompt holds a 6,000 tokens-a-minute limiter back
+    for most of a minute. The requests limiter used to grant requests while they waited for tokens, so they
+    were counted in one minute and sent in the next, together: 17 sends in a minute at 10 a minute.
+    """
+    import asyncio
+    import heapq
+    import itertools
+    import types
+
+    from proxykd_jax.teacher import client as client_mod
+
+    now, wakes, order, driver = [0.0], [], itertools.count(), []
+
+    async def drive():  # advances the clock to the next wake once every task is waiting
+        while True:
+            for _ in range(50):
+                await asyncio.sleep(0)
+            if wakes:
+                when, _, future = heapq.heappop(wakes)
+                now[0] = max(now[0], when)
+                future.set_result(None)
+
+    async def sleep(seconds):
+        if not driver:
+            driver.append(asyncio.ensure_future(drive()))
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(wakes, (now[0] + max(seconds, 0.0) + 1e-7, next(order), future))
+        await future
+
+    names = {name: getattr(asyncio, name) for name in dir(asyncio) if not name.startswith("_")}
+    monkeypatch.setattr(client_mod, "asyncio", types.SimpleNamespace(**{**names, "sleep": sleep}))
+    monkeypatch.setattr(client_mod, "time", types.SimpleNamespace(monotonic=lambda: now[0], time=time.time))
+    sends = []
+    request = client_mod.Collector._request
+
+    async def recording_request(self, prompt, key, client):
+        sends.append(now[0])
+        return await request(self, prompt, key, client)
+
+    monkeypatch.setattr(client_mod.Collector, "_request", recording_request)
+    rows = [{"id": "big", "prompt": "x " * 2_000}] + [{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(24)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with ServerThread(make_app(ToyBackend())) as srv:
+        cfg = make_cfg(tmp_path, srv.base_url, requests_per_minute=10, tokens_per_minute=6_000, concurrency=8)
+        collect(cfg)
+    assert len(sends) == 25 and len(read_corpus(cfg.out)) == 25
+    busiest = max(sum(t <= u < t + 60.0 for u in sends) for t in sends)
+    assert busiest <= 10, f"{busiest} requests sent within one minute at 10 requests a minute"
 
 
 def test_kill_mid_run_and_resume(tmp_path):

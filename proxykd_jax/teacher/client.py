@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import email.utils
 import json
 import math
@@ -87,26 +88,26 @@ class RateLimiter:
         if not self.grants:
             self.granted = 0.0  # no rounding left over from the sums
 
+    def _delay(self, amount: float) -> float:
+        """Seconds until `amount` units may be granted (0: now)."""
+        self._refill()
+        self._expire()
+        if self.level < min(amount, self.capacity):
+            return (min(amount, self.capacity) - self.level) / self.rate
+        if self.granted > self.per_minute - min(amount, self.per_minute) + 1e-9:  # no room in the window
+            return self.grants[0][0] + 60.0 - self.stamp
+        return 0.0
+
+    def _take(self, amount: float) -> list:
+        self.level -= amount
+        grant = [self.stamp, float(amount), True]
+        self.grants.append(grant)
+        self.granted += amount
+        return grant
+
     async def acquire(self, amount: float = 1.0) -> list:
         """Waits for `amount` units; returns the grant that `refund` adjusts."""
-        async with self.lock:  # FIFO: one waiter at a time
-            need = min(amount, self.capacity)
-            room = self.per_minute - min(amount, self.per_minute)  # the most the window may hold before it
-            self._refill()
-            while True:
-                self._expire()
-                if self.level < need:
-                    await asyncio.sleep((need - self.level) / self.rate)
-                elif self.granted > room + 1e-9:
-                    await asyncio.sleep(self.grants[0][0] + 60.0 - self.stamp)
-                else:
-                    break
-                self._refill()
-            self.level -= amount
-            grant = [self.stamp, float(amount), True]
-            self.grants.append(grant)
-            self.granted += amount
-            return grant
+        return (await acquire_together((self, amount)))[0]
 
     def refund(self, amount: float, grant: list | None = None):
         """Gives back `amount` units of `grant` (negative: takes more, a request that used more than it reserved)."""
@@ -116,6 +117,23 @@ class RateLimiter:
             grant[1] -= amount
             if grant[2]:
                 self.granted -= amount
+
+
+async def acquire_together(*wants: tuple[RateLimiter, float]) -> list[list]:
+    """Grants each `(limiter, amount)` at one instant, once every limiter has room; returns their grants.
+
+    A request under both a request and a token limit takes both grants when it is sent: one taken
+    early while it waited for the other would count in a window the request was not sent in, and
+    the requests that waited together would then leave together (a 10-requests-a-minute limit let
+    17 through in one minute behind a large request that the token limit held back). The locks are
+    taken in the order given, so callers name the limiters in one order.
+    """
+    async with contextlib.AsyncExitStack() as locks:
+        for limiter, _ in wants:
+            await locks.enter_async_context(limiter.lock)  # FIFO: one waiter at a time
+        while delay := max(limiter._delay(amount) for limiter, amount in wants):
+            await asyncio.sleep(delay)
+        return [limiter._take(amount) for limiter, amount in wants]
 
 
 class _Failure(Exception):
@@ -408,11 +426,13 @@ class Collector:
         for attempt in range(max(1, cfg.max_attempts)):
             if not await self._admit():
                 return False
-            if self.rpm and await self._until_stopped(self.rpm.acquire(1)) is None:
-                return False
-            tokens = await self._until_stopped(self.tpm.acquire(estimate)) if self.tpm else None
-            if self.tpm and tokens is None:
-                return False
+            tokens = None  # the token limiter's grant, which `_paid` and failures refund
+            wants = [(limiter, n) for limiter, n in ((self.rpm, 1), (self.tpm, estimate)) if limiter]
+            if wants:
+                grants = await self._until_stopped(acquire_together(*wants))
+                if grants is None:
+                    return False
+                tokens = grants[-1] if self.tpm else None
             sent = time.monotonic()
             self.stats["requests"] += 1
             answer = None
