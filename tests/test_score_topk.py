@@ -72,6 +72,14 @@ def test_minus_infinity_logits():
     _check(logits, base, n_pseudo, floor, 16, tile=256, groups=64, cap=128)
 
 
+@pytest.mark.parametrize("shift", [-100.0, 100.0])
+def test_logits_far_from_zero(shift):
+    """A softmax does not move when every logit moves: rows far below (or above) zero, with a vocabulary
+    shorter than the tile (the lanes past it hold no ids), give the float64 log-normaliser and top k."""
+    logits, base, n_pseudo, floor = _inputs(11, 3, 300)
+    _check(logits + np.float32(shift), base, n_pseudo, floor, 8, tile=512, groups=64, cap=128)
+
+
 def test_ties_give_k_distinct_ids():
     logits = np.zeros((2, 512), np.float32)
     logits[:, 100:140] = 2.0  # 40 ids tied at the top score

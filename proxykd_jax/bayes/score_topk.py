@@ -132,9 +132,9 @@ def _kernel(*refs, k, tile, groups, cap, interpret, select):
 
     live = m > -jnp.inf  # a lane of -inf logits only adds nothing (its sum may have come out NaN)
     s, c = jax.lax.cond(jnp.max(jnp.where(live, m - c, 0.0)) > _SAFE, sums_again, lambda: (s, c))
-    s = jnp.where(live, s, 0.0)
     top = jnp.max(m)
-    lse2 = top + jnp.log2(jnp.sum(s * jnp.exp2(c - top)))
+    # Lanes past the vocabulary (c = 0) are left out: 0 * 2^(0 - top) is NaN once every logit is below -88.
+    lse2 = top + jnp.log2(jnp.sum(jnp.where(live, s * jnp.exp2(c - top), 0.0)))
     lse_ref[...] = lse2 / _LOG2E
 
     def score(y, b):
