@@ -17,8 +17,24 @@ from proxykd_jax.teacher.token_bytes import token_byte_table
 
 __all__ = ["END_SYMBOL", "N_SYMBOLS", "OTHER_SYMBOL", "symbols_from_bytes", "token_symbols", "teacher_symbol"]
 
-# Strings a teacher API may use for its end-of-text alternative.
-END_STRINGS = frozenset({"<|endoftext|>", "<|eot_id|>", "<|im_end|>", "<|end|>", "</s>", "<eos>", "<|end_of_text|>"})
+# Strings a teacher API may use for its end-of-text alternative (the stop tokens of common open model families:
+# GPT-2/Qwen/Phi, Llama 3, ChatML, Phi-3/gpt-oss, Llama 2/Mistral, Gemma, DeepSeek, Command R).
+END_STRINGS = frozenset(
+    {
+        "<|endoftext|>",
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|end_of_text|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|return|>",
+        "</s>",
+        "<eos>",
+        "<end_of_turn>",
+        "<\uff5cend\u2581of\u2581sentence\uff5c>",
+        "<|END_OF_TURN_TOKEN|>",
+    }
+)
 
 
 def symbols_from_bytes(table, eos_ids=(), special_ids=()) -> np.ndarray:

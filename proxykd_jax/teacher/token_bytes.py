@@ -3,9 +3,10 @@
 Byte-level BPE (GPT-2 style) spells every byte as one printable character, so a vocabulary entry
 maps back to its exact bytes even when it holds only part of a UTF-8 sequence, which decoding it
 (with replacement characters) would lose. SentencePiece-style byte fallback has one `<0xNN>` token
-per byte. Added and special tokens stand for the UTF-8 of their text. Tokens whose bytes depend on
-their neighbours (word-level vocabularies that decode with separators, `▁` word starts) have no
-entry: `None`, for the caller to take from decoding in context.
+per byte (its byte also where the tokenizer lists it as an added token, as one trained with the 256
+of them as special tokens does). Other added and special tokens stand for the UTF-8 of their text.
+Tokens whose bytes depend on their neighbours (word-level vocabularies that decode with separators,
+`▁` word starts) have no entry: `None`, for the caller to take from decoding in context.
 """
 
 from __future__ import annotations
@@ -56,10 +57,10 @@ def token_byte_table(tokenizer) -> list[bytes | None]:
     vocab = tokenizer.get_vocab()
     table: list[bytes | None] = [None] * max(len(tokenizer), max(vocab.values(), default=-1) + 1)
     for piece, i in vocab.items():
-        if i in added:
+        if byte_fallback and _BYTE_TOKEN.fullmatch(piece):  # one byte, also where it is listed as an added token
+            table[i] = bytes([int(piece[3:5], 16)])
+        elif i in added:
             table[i] = added[i].encode("utf-8")
         elif byte_level and all(c in alphabet for c in piece):
             table[i] = bytes(alphabet[c] for c in piece)
-        elif byte_fallback and _BYTE_TOKEN.fullmatch(piece):
-            table[i] = bytes([int(piece[3:5], 16)])
     return table
