@@ -8,6 +8,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from parallel_helpers import BATCH, LENGTH, TINY, ce_loss, make_batch, mesh_cfg, optim_cfg
@@ -214,6 +215,46 @@ def test_gradient_accumulation_equals_one_step_on_the_whole_batch():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     fresh = [np.asarray(x) for x in jax.tree.leaves(nnx.state(Llama(TINY, rngs=nnx.Rngs(0)), nnx.Param))]
     assert max(np.abs(a - b).max() for a, b in zip(params_np(acc_state), fresh)) > 1e-3
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_tokens():
+    """Micro-batches of 107 and 26 loss tokens: the accumulated update equals one step on both at once
+    (the per-token mean over all their tokens), not the mean of the two micro-batch means, which gave the
+    second micro-batch's tokens four times the weight (parameters 0.02 apart after one update)."""
+    mesh = make_mesh(mesh_cfg(fsdp=8))
+    b1, b2 = make_batch(seed=11), make_batch(seed=12)
+    b2["loss_mask"][:, 4:] = 0.0
+    assert b1["loss_mask"].sum() > 3 * b2["loss_mask"].sum() > 0
+    _, acc_state, _, acc_step, _ = setup(mesh, grad_accum=2, total_steps=4, loss_fn=ce_loss)
+    for b in (b1, b2):
+        acc_state, _ = acc_step(acc_state, global_batch(b, mesh, LOGICAL_RULES))
+    _, big_state, _, big_step, _ = setup(mesh, grad_accum=1, total_steps=2, loss_fn=ce_loss)
+    both = {k: np.concatenate([b1[k], b2[k]]) for k in b1}
+    big_state, _ = big_step(big_state, global_batch(both, mesh, LOGICAL_RULES))
+    for a, b in zip(params_np(acc_state), params_np(big_state)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_accumulate_emits_the_token_weighted_mean_gradient_every_k_micro_batches():
+    """`optim.accumulate` over SGD(lr=1) against the float64 weighted mean of random gradients: zero
+    updates inside a window, -Σ w_i g_i / Σ w_i at its end, and a fresh window after it."""
+    from proxykd_jax.train.optim import accumulate
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)}
+    opt = accumulate(optax.sgd(1.0), 3)
+    state = opt.init(params)
+    for _ in range(2):  # two windows: the second starts from an emptied accumulator
+        grads = [{k: rng.normal(size=v.shape) for k, v in params.items()} for _ in range(3)]
+        weights = rng.uniform(1.0, 50.0, size=3)
+        for i, (g, w) in enumerate(zip(grads, weights)):
+            g32 = {k: jnp.asarray(v, jnp.float32) for k, v in g.items()}
+            updates, state = opt.update(g32, state, params, weight=jnp.float32(w))
+            if i < 2:
+                assert all(not np.asarray(u).any() for u in jax.tree.leaves(updates))
+        for k in params:
+            expected = -sum(w * g[k] for g, w in zip(grads, weights)) / weights.sum()
+            np.testing.assert_allclose(np.asarray(updates[k]), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -457,6 +498,35 @@ def test_eval_metrics_and_no_donation(tmp_path):
     batch = global_batch(make_batch(seed=7) | {"scale": np.ones(BATCH, np.float32)}, mesh, LOGICAL_RULES)
     first = eval_step(state, batch)["loss"]
     assert float(eval_step(state, batch)["loss"]) == float(first)  # state still alive: nothing donated
+
+
+def test_eval_averages_over_tokens_not_batches(tmp_path):
+    """Eval batches of 102 and 29 loss tokens: eval_loss is the per-token mean over all 131 (a float64 sum
+    of the per-token losses), not the mean of the two batch means; `tokens` is their total."""
+    mesh = make_mesh(mesh_cfg(fsdp=8))
+    graphdef, state, shardings, step, eval_step = setup(mesh)
+    loop = Loop(
+        train_cfg(),
+        run_dir=tmp_path,
+        mesh=mesh,
+        rules=LOGICAL_RULES,
+        train_step=step,
+        state_shardings=shardings,
+        eval_step=eval_step,
+    )
+    b1, b2 = make_batch(seed=21), make_batch(seed=22)
+    b2["loss_mask"][:, 4:] = 0.0
+    nll_sum, n = 0.0, 0.0
+    for b in (b1, b2):
+        b["scale"] = np.ones(BATCH, np.float32)
+        logits = np.asarray(jax.device_get(state.model(graphdef)(b["tokens"])), np.float64)
+        shifted = logits - logits.max(-1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        nll = -np.take_along_axis(logp, b["targets"][..., None], axis=-1)[..., 0]
+        nll_sum, n = nll_sum + (nll * b["loss_mask"]).sum(), n + b["loss_mask"].sum()
+    got = loop.evaluate(state, [b1, b2])
+    assert got["tokens"] == n == 131
+    assert got["loss"] == pytest.approx(nll_sum / n, rel=1e-5)
 
 
 def test_batch_shape_must_match_the_train_config(tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -19,7 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.b2 = 0.95  # Adam second-moment decay
     cd.eps = 1e-8  # Adam epsilon
     cd.clip_norm = 1.0  # clip the (accumulated) gradient to this global L2 norm; 0 = no clipping
-    cd.grad_accum = 1  # micro-batches per optimizer update (optax.MultiSteps); each is one loop step
+    cd.grad_accum = 1  # micro-batches per optimizer update (their token-weighted mean gradient); each is one loop step
     return cd
 
 
@@ -50,8 +53,54 @@ def _decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+class AccumulationState(NamedTuple):
+    """State of `accumulate`: micro-batches since the last update, their weighted gradient sum and weights."""
+
+    mini_step: jax.Array  # int32
+    acc_grads: Any  # Σ_i w_i g_i (float32, like the parameters)
+    acc_weight: jax.Array  # Σ_i w_i (float32)
+    inner_opt_state: Any
+
+
+def accumulate(inner: optax.GradientTransformation, every: int) -> optax.GradientTransformationExtraArgs:
+    """`inner` applied once every `every` micro-batches, to their gradients' weighted mean Σ w_i g_i / Σ w_i
+    (zero updates in between). `update(grads, state, params, weight=w_i)`: w_i is what the micro-batch's loss
+    is a mean over (its tokens), so the update equals one step on all the micro-batches' tokens at once;
+    optax.MultiSteps' plain mean of the micro-batch means over-weights the tokens of short micro-batches."""
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        return AccumulationState(
+            mini_step=jnp.zeros((), jnp.int32),
+            acc_grads=optax.tree.zeros_like(params, dtype=jnp.float32),
+            acc_weight=jnp.zeros((), jnp.float32),
+            inner_opt_state=inner.init(params),
+        )
+
+    def update(grads, state: AccumulationState, params=None, *, weight=1.0, **extra_args):
+        weight = jnp.asarray(weight, jnp.float32)
+        acc_grads = jax.tree.map(lambda acc, g: acc + weight * g.astype(jnp.float32), state.acc_grads, grads)
+        acc_weight = state.acc_weight + weight
+        mean = jax.tree.map(
+            lambda acc, g: (acc / jnp.where(acc_weight > 0, acc_weight, 1.0)).astype(g.dtype), acc_grads, grads
+        )
+        updates, inner_state = inner.update(mean, state.inner_opt_state, params, **extra_args)
+        emit = state.mini_step == every - 1
+        new_state = AccumulationState(
+            mini_step=jnp.where(emit, 0, state.mini_step + 1).astype(jnp.int32),
+            acc_grads=jax.tree.map(lambda acc: jnp.where(emit, jnp.zeros_like(acc), acc), acc_grads),
+            acc_weight=jnp.where(emit, 0.0, acc_weight),
+            inner_opt_state=jax.tree.map(
+                lambda old, new: jnp.where(emit, new, old).astype(old.dtype), state.inner_opt_state, inner_state
+            ),
+        )
+        return jax.tree.map(lambda u: jnp.where(emit, u, jnp.zeros_like(u)), updates), new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
-    """AdamW(schedule) after global-norm clipping, wrapped in MultiSteps when grad_accum > 1."""
+    """AdamW(schedule) after global-norm clipping, wrapped in `accumulate` when grad_accum > 1."""
     if optim_cfg.grad_accum < 1:
         raise ValueError(f"optim.grad_accum must be >= 1, got {optim_cfg.grad_accum}.")
     parts = [optax.clip_by_global_norm(optim_cfg.clip_norm)] if optim_cfg.clip_norm > 0 else []
@@ -67,5 +116,5 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
     )
     optimizer = optax.chain(*parts)
     if optim_cfg.grad_accum > 1:
-        optimizer = optax.MultiSteps(optimizer, every_k_schedule=optim_cfg.grad_accum).gradient_transformation()
+        optimizer = accumulate(optimizer, int(optim_cfg.grad_accum))
     return optimizer

@@ -54,6 +54,7 @@ def make_train_step(
     frozen_shardings: Sequence[Any] = (),
     schedule: optax.Schedule | None = None,
     grad_accum: int = 1,
+    accum_weight: str | None = "tokens",
     compiler_options: dict[str, str] | None = None,
 ):
     """`step(state, batch, *frozen) -> (state, metrics)`, jitted once, state donated.
@@ -61,8 +62,10 @@ def make_train_step(
     metrics: `loss`, `grad_norm` (before clipping), `lr` (when `schedule` is given; the schedule is
     indexed by optimizer updates = step // grad_accum) and whatever `loss_fn` returns, all
     replicated scalars. `batch_shardings` / `frozen_shardings` may be pytree prefixes (one
-    NamedSharding for a whole batch dict). `compiler_options` (XLA debug options) default to
-    `default_compiler_options`.
+    NamedSharding for a whole batch dict). `accum_weight`: the loss_fn metric its loss is a mean
+    over (tokens); an accumulating optimizer (`optim.accumulate`) weights each micro-batch's gradient
+    by it (equal weights when the loss_fn does not return it). `compiler_options` (XLA debug options)
+    default to `default_compiler_options`.
     """
 
     def step(state: TrainState, batch, *frozen):
@@ -73,7 +76,10 @@ def make_train_step(
             return loss, (aux, rest)
 
         (loss, (aux, rest)), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        extra = {}
+        if accum_weight in aux and isinstance(optimizer, optax.GradientTransformationExtraArgs):
+            extra["weight"] = aux[accum_weight]
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         if schedule is not None:
