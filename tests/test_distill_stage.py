@@ -161,3 +161,28 @@ def test_a_diverging_run_stops_before_checkpointing_nan(run_dir):
     out = run_dir / "student_nan"
     assert not (out / "final").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]  # the last good one only
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        (3, r"train.steps=3 is shorter than the optim.grad_accum=4 micro-batches .* never be updated"),
+        (
+            6,
+            r"train.steps=6 is not a multiple of optim.grad_accum=4: its last 2 micro-batches .* set train.steps to 4 or 8",
+        ),
+    ],
+)
+def test_steps_that_are_not_whole_accumulated_updates_are_refused(run_dir, steps, message):
+    """With optim.grad_accum = 4, 3 steps never updated the student (its final/ was its init) and 6 steps
+    trained on 2 micro-batches that were never applied: both are refused before anything is written."""
+    from proxykd_jax.errors import ConfigError
+
+    out = f"student_accum_{steps}"
+    cfg = make_config(run_dir, **{"train.steps": steps, "optim.grad_accum": 4, "optim.warmup_steps": 0})
+    cfg.distill.output = out
+    with pytest.raises(ConfigError, match=message):
+        run_stage("distill", cfg)
+    assert not (run_dir / out).exists()
+    cfg.train.steps = 8  # two whole updates: trains
+    assert run_stage("distill", cfg)["steps"] == 8

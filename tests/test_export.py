@@ -115,3 +115,15 @@ def test_export_with_another_model_config_names_the_mismatch_not_damage(trained)
     message = str(info.value)
     assert "checkpoint step 3" in message and "w_down/value is (1, 48, 32) but this config's is (1, 64, 32)" in message
     assert "delete" not in message and "overwrite" not in message
+
+
+def test_a_step_of_a_run_without_checkpoints_is_refused_not_replaced_by_final(trained):
+    """A student trained with train.checkpoint_every = 0 keeps only final/ (step 3): export.step=2 used to
+    export final/ silently and record it as step 3; it is refused, and 0 or 3 still give final/."""
+    cfg = export_config(trained, **{"train.checkpoint_every": 0, "distill.output": "student_no_checkpoints"})
+    run_stage("distill", cfg)
+    source = trained / "student_no_checkpoints"
+    assert not (source / "checkpoints").exists() and (source / "final" / "config.json").exists()
+    with pytest.raises(ProxyKDError, match=r"export.step=2 names a checkpoint, but .* keeps none, only the final"):
+        load_student(cfg, source, 2)
+    assert load_student(cfg, source, 0)[2] == load_student(cfg, source, 3)[2] == 3

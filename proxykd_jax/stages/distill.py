@@ -24,6 +24,7 @@ def _require(path, what: str, stage: str) -> None:
 def setup(ctx, art) -> distill.Distillation:
     """The distillation of this context's config into artifact `art` (begun here), ready to `train()`."""
     cfg, paths = ctx.cfg, ctx.paths
+    distill.check_steps(cfg.train, cfg.optim)  # before any model is read
     _require(paths.prepared / "manifest.json", "the prepared data", "prepare")
     # an empty training split (or a manifest of another format) stops here, before the model is built
     PreparedData(paths.prepared).require_samples(str(cfg.distill.split), short=" to train the student on")

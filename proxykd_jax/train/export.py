@@ -59,13 +59,18 @@ def load_student(
     """(model config, student sharded on `mesh`, checkpoint step) from `source_dir/checkpoints`.
 
     Falls back to `source_dir/final/` (an HF folder, read with `load_folder(folder)`) when the run
-    kept no checkpoints."""
+    kept no checkpoints (`step` must then be 0 or train.steps)."""
     ckpt_dir = source_dir / "checkpoints"
     checkpointer = train.Checkpointer(ckpt_dir, keep=train_cfg.keep_checkpoints) if ckpt_dir.exists() else None
     try:
         latest = checkpointer.latest_step() if checkpointer is not None else None
         if latest is None:
             if (source_dir / "final" / "config.json").exists() and load_folder is not None:
+                if step and step != train_cfg.steps:  # final/ is the student after train.steps, not step `step`
+                    raise ProxyKDError(
+                        f"export.step={step} names a checkpoint, but {source_dir} keeps none, only the final "
+                        f"student of step {train_cfg.steps}; set export.step=0 to export that one."
+                    )
                 loaded_cfg, model = load_folder(source_dir / "final")
                 return loaded_cfg, model, train_cfg.steps
             raise ProxyKDError(

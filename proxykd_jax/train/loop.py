@@ -183,17 +183,21 @@ class Loop:
             ) from None
 
     def evaluate(self, state: TrainState, batches: Iterable[dict[str, np.ndarray]], frozen: Sequence[Any] = ()):
-        """Mean of the eval step's metrics over `batches` (host-local numpy dicts), as floats."""
+        """The eval step's metrics over `batches` (host-local numpy dicts), as floats: when the step
+        reports `tokens`, its per-token means weighted by their batch's tokens (the mean over all of
+        them) and `tokens` summed; otherwise the mean over batches."""
         totals: dict[str, float] = {}
-        count = 0
+        count, weight = 0, 0.0
         for host_batch in batches:
             metrics = jax.device_get(self.eval_step(state, global_batch(host_batch, self.mesh, self.rules), *frozen))
+            w = float(metrics["tokens"]) if "tokens" in metrics else 1.0
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-            count += 1
+                totals[name] = totals.get(name, 0.0) + float(value) * (1.0 if name == "tokens" else w)
+            count, weight = count + 1, weight + w
         if count == 0:
             raise ValueError("the eval batches are empty; give at least one batch or set train.eval_every = 0.")
-        return {name: total / count for name, total in totals.items()}
+        weight = weight or 1.0  # no tokens at all: every per-token sum is 0
+        return {name: total if name == "tokens" else total / weight for name, total in totals.items()}
 
     def run(
         self,
