@@ -292,3 +292,46 @@ def test_sharded_cache_on_a_mesh_samples_as_one_device(model):
     cache_bytes = 2 * CFG.num_layers * 8 * (tokens.shape[1] + 56) * CFG.num_kv_heads * CFG.head_dim * 4
     split, whole = temp_bytes(rules), temp_bytes(whole_rules)
     assert whole - split >= cache_bytes * 3 // 4, (whole, split, cache_bytes)  # each device holds 1/8 of it
+
+
+def _nucleus_reference(logits_V, top_p):
+    """float64 nucleus: the fewest likeliest tokens (equal logits in id order) whose mass reaches top_p, renormalised."""
+    logits_V = np.asarray(logits_V, np.float64)
+    probs_V = np.exp(logits_V - logits_V.max())
+    probs_V /= probs_V.sum()
+    kept, mass = [], 0.0
+    for i in sorted(range(len(logits_V)), key=lambda i: (-logits_V[i], i)):
+        if kept and mass >= top_p:
+            break
+        kept.append(i)
+        mass += probs_V[i]
+    out = np.zeros_like(probs_V)
+    out[kept] = probs_V[kept] / probs_V[kept].sum()
+    return out
+
+
+def test_nucleus_boundary_ties_are_taken_in_id_order():
+    """Tokens tied at the nucleus boundary are not all kept: the nucleus is the fewest tokens whose mass
+    reaches top_p (ties in id order), so uniform logits keep about top_p of the vocabulary."""
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=12) * 1.5
+    order = np.argsort(-logits, kind="stable")
+    logits[order[3]] = logits[order[2]]  # the 3rd and 4th likeliest tokens tie
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    top_p = probs[order[:2]].sum() + 0.5 * probs[order[2]]  # reached inside the tie
+    n = 20000
+    want = _nucleus_reference(logits, top_p)
+    assert np.count_nonzero(want) == 3
+    got = np.bincount(_draws(logits, n, top_p=float(top_p)), minlength=12) / n
+    assert set(np.nonzero(got)[0]) == set(np.nonzero(want)[0])
+    np.testing.assert_allclose(got, want, atol=0.015)
+    flat = np.full(10, rng.normal())  # every logit equal (not zero)
+    want = _nucleus_reference(flat, 0.35)
+    got = np.bincount(_draws(flat, n, top_p=0.35), minlength=10) / n
+    assert set(np.nonzero(got)[0]) == {0, 1, 2, 3}
+    np.testing.assert_allclose(got, want, atol=0.015)
+    # per-row settings: a row at top_p = 1 keeps every token, a greedy row takes the lowest-id maximum
+    rows = jnp.broadcast_to(jnp.asarray(flat, jnp.float32), (3, 10))
+    keys = jax.random.split(jax.random.key(1), 3)
+    drawn = sample_logits(rows, keys, jnp.asarray([1.0, 1.0, 0.0]), jnp.asarray([0.35, 1.0, 0.35]))
+    assert int(drawn[2]) == 0 and 0 <= int(drawn[0]) <= 3

@@ -39,20 +39,24 @@ class GenerateOutput(NamedTuple):
 
 def sample_logits(logits_BxV, rng, temperature_B, top_p_B, *, top_k: int = 0) -> jax.Array:
     """Draws one token per row: greedy where temperature == 0, else softmax(logits / T) with
-    top-k (k > 0) and nucleus top-p (p < 1) truncation. `rng` is one key, or one key per row ([B]:
-    each row's draw then depends only on its own key). Returns int32 [B]."""
+    top-k (k > 0; tokens tied with the k-th stay, as in transformers) and nucleus top-p (p < 1: the
+    fewest likeliest tokens whose mass reaches p, equal logits taken in id order) truncation. `rng` is
+    one key, or one key per row ([B]: each row's draw then depends only on its own key). Returns int32 [B]."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     greedy_B = jnp.argmax(logits_BxV, axis=-1)
     scaled = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
     if 0 < top_k < logits_BxV.shape[-1]:  # (k >= V keeps every token, as transformers' clamp does)
         kth_Bx1 = jax.lax.top_k(scaled, top_k)[0][:, -1:]
         scaled = jnp.where(scaled < kth_Bx1, -jnp.inf, scaled)
-    sorted_BxV = jnp.sort(scaled, axis=-1)[:, ::-1]
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # the nucleus: the likeliest tokens until their mass reaches top_p; equal logits in id order, so a
+    # tie at the boundary does not pull every tied token in (uniform logits keep ~top_p of the tokens)
+    order_BxV = jnp.argsort(-scaled, axis=-1, stable=True)
+    probs_BxV = jax.nn.softmax(jnp.take_along_axis(scaled, order_BxV, axis=-1), axis=-1)
     mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    keep_BxV = (mass_before_BxV < top_p_B[:, None]) | (jnp.arange(sorted_BxV.shape[-1]) == 0)
-    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-    nucleus = jnp.where(scaled < cutoff_Bx1, -jnp.inf, scaled)
+    keep_sorted_BxV = (mass_before_BxV < top_p_B[:, None]) | (jnp.arange(order_BxV.shape[-1]) == 0)
+    rows_Bx1 = jnp.arange(order_BxV.shape[0])[:, None]
+    keep_BxV = jnp.zeros_like(keep_sorted_BxV).at[rows_Bx1, order_BxV].set(keep_sorted_BxV)
+    nucleus = jnp.where(keep_BxV, scaled, -jnp.inf)
     scaled = jnp.where((top_p_B < 1.0)[:, None], nucleus, scaled)
     if rng.ndim == 1:
         sampled_B = jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, scaled)
