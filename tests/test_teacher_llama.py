@@ -139,3 +139,33 @@ def test_llama_server_logprobs_round_trip_into_corpus_and_prepare(tmp_path):
                 checked += 1
             seen += 1
     assert seen == stats["done"] == len(rows) and checked >= 3
+
+
+def test_top_logprobs_past_a_tiny_vocabulary_return_all_of_it(tmp_path):
+    """A request for more alternatives (up to 20) than the model has tokens gets every token, most likely
+    first, with the model's log-probs (a 200, not a 500 from `generate`)."""
+    import http.client
+
+    from proxykd_jax.teacher.known import KnownTeacher
+
+    teacher = KnownTeacher.create(
+        2, vocab_size=12, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32, max_seq_len=32,
+        target_entropy=1.0, folder=tmp_path / "tok",
+    )  # fmt: skip
+    with ServerThread(make_app(LlamaBackend(teacher.model, teacher.tokenizer, model_name="kt"))) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=120)
+        body = {"model": "kt", "prompt": "w1 w2 w3", "max_tokens": 4, "logprobs": 20, "temperature": 0.0}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+        conn.close()
+    assert resp.status == 200, answer
+    lp = answer["choices"][0]["logprobs"]
+    ids = teacher.encode("w1 w2 w3") + teacher.encode(answer["choices"][0]["text"])
+    probs = teacher.distributions([ids])[0].astype(np.float64)
+    for t, alts in enumerate(lp["top_logprobs"]):
+        row = np.log(np.maximum(probs[2 + t], 1e-300))
+        got, want = np.sort(list(alts.values()))[::-1], np.sort(row)[::-1]
+        assert len(got) == 12 and np.all(got[want < -50] < -50)  # <pad> <bos> <unk>: blocked, 0 in float32
+        np.testing.assert_allclose(got[want > -50], want[want > -50], atol=1e-4)
+        np.testing.assert_allclose(lp["token_logprobs"][t], row[ids[3 + t]], atol=1e-4)

@@ -389,3 +389,76 @@ def test_backend_error_is_a_500_in_the_api_layout():
         status, answer = post(srv.port, COMPLETIONS, "{" + OK_COMPLETION + "}")
         assert status == 500 and answer["error"]["code"] == "internal_error"
         assert answer["error"]["type"] == "server_error" and "RuntimeError" in answer["error"]["message"]
+
+
+def test_lone_surrogates_are_a_400_naming_the_field():
+    """JSON can escape half of a UTF-16 pair ("\\ud800"), which no tokenizer can read: a 400 naming the field,
+    before tokenising, not a 500; a whole escaped pair (an emoji) is text like any other."""
+    backend = CountingToy()
+    with ServerThread(make_app(backend)) as srv:
+        for path, body, field in [
+            (COMPLETIONS, '{"model": "toy", "prompt": "a\\ud800b"}', "prompt"),
+            (COMPLETIONS, '{"model": "toy", "prompt": ["ok", "\\udfff"]}', "prompt"),
+            (CHAT, '{"model": "toy", "messages": [{"role": "user", "content": "hi \\ud83d"}]}', "messages.0.content"),
+            (CHAT, '{"model": "t\\udc00y", "messages": [{"role": "user", "content": "hi"}]}', "model"),
+        ]:
+            status, answer = post(srv.port, path, body)
+            assert status == 400, (body, answer)
+            assert answer["error"]["param"] == field and "lone UTF-16 surrogate" in answer["error"]["message"]
+        assert backend.encoded == 0
+        status, answer = post(
+            srv.port, CHAT, '{"model": "toy", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}'
+        )
+        assert status == 200 and answer["usage"]["prompt_tokens"] == len("user: 😀\nassistant:".encode())
+
+
+def test_completions_null_max_tokens_runs_to_the_context():
+    """`max_tokens: null` runs up to the context, as in chat (not to serve.max_tokens_limit, which a short prompt
+    then overflows)."""
+    with ServerThread(make_app(ToyBackend(max_context=64))) as srv:
+        status, answer = post(
+            srv.port, COMPLETIONS, json.dumps({"model": "toy", "prompt": "y" * 40, "max_tokens": None})
+        )
+        assert status == 200, answer
+        assert answer["usage"]["prompt_tokens"] == 40 and 1 <= answer["usage"]["completion_tokens"] <= 24
+        status, answer = post(
+            srv.port, CHAT, json.dumps({"model": "toy", "messages": [{"role": "user", "content": "y"}]})
+        )
+        assert status == 200 and answer["usage"]["total_tokens"] <= 64
+
+
+def test_completions_logprobs_zero_returns_the_chosen_tokens_logprobs():
+    """`logprobs: 0` (legacy completions): each chosen token's log-prob, no alternatives; left out: none."""
+    with ServerThread(make_app(ToyBackend())) as srv:
+        body = {"model": "toy", "prompt": "ab", "max_tokens": 12, "temperature": 0}
+        status, answer = post(srv.port, COMPLETIONS, json.dumps({**body, "logprobs": 0}))
+        assert status == 200
+        want = ToyBackend()._one(list(b"ab"), 0, 0.0, 12, 0)  # greedy: the same completion on every call
+        lp = answer["choices"][0]["logprobs"]
+        assert lp["tokens"] == [chr(t) for t in want.token_ids] and lp["top_logprobs"] == [{}] * len(want.token_ids)
+        np.testing.assert_allclose(lp["token_logprobs"], want.logprobs, rtol=1e-12)
+        status, answer = post(srv.port, COMPLETIONS, json.dumps(body))
+        assert status == 200 and answer["choices"][0]["logprobs"] is None
+
+
+def test_a_cancelled_request_does_not_strand_its_batch():
+    """A request cancelled while its batched call runs (its handler's task cancelled) leaves the other requests
+    of that call their answers; they do not wait forever."""
+    import asyncio
+
+    from proxykd_jax.teacher.server import Batcher
+
+    async def run():
+        batcher = Batcher(ToyBackend(latency_s=0.3), 0.05, 32)
+        params = dict(n=1, temperature=0.0, top_p=1.0, max_tokens=4, logprobs=True, top_logprobs=0)
+        first = asyncio.ensure_future(batcher.submit([list(b"a")], params))
+        second = asyncio.ensure_future(batcher.submit([list(b"b")], params))
+        await asyncio.sleep(0.15)  # both are in the running call
+        first.cancel()
+        (got,) = (await asyncio.wait_for(second, 10))[0]
+        return batcher.calls, got
+
+    calls, got = asyncio.run(run())
+    want = ToyBackend()._one(list(b"b"), 0, 0.0, 4, 0)  # greedy: the same on every call
+    assert calls == [2] and got.token_ids == want.token_ids
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-12)

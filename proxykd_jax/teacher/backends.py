@@ -131,7 +131,7 @@ class LlamaBackend:
             stop_tokens=(self.eos_id,),
             pad_id=self.pad_id,
             return_logprobs=bool(logprobs),
-            top_logprobs=int(top_logprobs),
+            top_logprobs=min(int(top_logprobs), self.model.cfg.vocab_size),  # a tiny vocabulary: all of it
             rules=self.rules,
         )
         toks_BxT, lens_B = np.asarray(out.tokens_BxT), np.asarray(out.lengths_B)

@@ -107,11 +107,13 @@ class Batcher:
                 results = await asyncio.get_running_loop().run_in_executor(self.executor, call)
             except Exception as err:  # handed to each waiting request
                 for _, future, _ in take:
-                    future.set_exception(err)
+                    if not future.done():
+                        future.set_exception(err)
                 return
             i = 0
-            for item, future, _ in take:
-                future.set_result(results[i : i + len(item)])
+            for item, future, _ in take:  # a request cancelled meanwhile (its future done) leaves the others theirs
+                if not future.done():
+                    future.set_result(results[i : i + len(item)])
                 i += len(item)
 
 
@@ -215,7 +217,22 @@ def make_app(
         msg = first["msg"].removeprefix("Value error, ")
         return error_response(400, f"invalid request field '{field}': {msg}.", "invalid_request", param=field)
 
+    def check_text(texts: list[str], field: str):
+        """Refuses a string JSON can carry but no tokenizer can read: a lone UTF-16 surrogate (`"\\ud800"`)."""
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ApiError(
+                    400,
+                    f"invalid request field '{field}': character {err.start} is a lone UTF-16 surrogate "
+                    f"(\\u{ord(text[err.start]):04x}), not text; send valid Unicode.",
+                    "invalid_request",
+                    param=field,
+                ) from None
+
     def check(model: str, max_tokens: int, field: str):
+        check_text([model], "model")  # before the 404 repeats it
         if model != backend.model_name:
             raise ApiError(
                 404,
@@ -346,6 +363,8 @@ def make_app(
         k = req.top_logprobs or 0
         check(req.model, max_tokens or 1, field)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        for i, m in enumerate(messages):
+            check_text([m["content"]], f"messages.{i}.content")
         size = sum(len(m["content"]) for m in messages)
         prompts = [await off_loop(size, backend.chat_ids, messages)]
         if max_tokens is None:  # as in the OpenAI API: up to the context (and this server's limit)
@@ -357,13 +376,17 @@ def make_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        k = req.logprobs or 0
-        max_tokens = req.max_tokens or max_tokens_limit
-        check(req.model, max_tokens, "max_tokens")
+        k = req.logprobs or 0  # logprobs=0: the chosen tokens' log-probs, no alternatives
+        max_tokens = req.max_tokens
+        check(req.model, max_tokens or 1, "max_tokens")
+        check_text(req.prompt, "prompt")
         size = sum(len(t) for t in req.prompt)
         prompts = await off_loop(size, lambda: [backend.encode(t) for t in req.prompt])
+        if max_tokens is None:  # an explicit null: as in chat, up to the context (and this server's limit)
+            max_tokens = max(1, min(max_tokens_limit, backend.max_context - max(len(ids) for ids in prompts)))
         check_lengths(prompts, max_tokens, "prompt")
-        outs = await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, k > 0, k, req.seed)
+        logprobs = req.logprobs is not None
+        outs = await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, logprobs, k, req.seed)
         return await off_loop(
             response_size([c for row in outs for c in row], k, req.stops), completions_body, req, prompts, outs
         )
