@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import hf
 from proxykd_jax.models.tokenizer import build_bpe_tokenizer, build_word_tokenizer, load_tokenizer, tokenizer_hash
 from proxykd_jax.teacher.known import KnownTeacher
@@ -128,3 +129,37 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path / "empty")
+
+
+def test_sample_uses_the_whole_context(teacher):
+    """A prompt that fits with its new tokens is sampled even where the rounded-up batch width would not fit
+    (115 + 10 <= 128; 115 rounded up to 128 + 10 would not): greedy equals the argmax of `distributions`."""
+    rng = np.random.default_rng(5)
+    prompt = " ".join(f"w{i}" for i in rng.integers(0, 124, 115))
+    (answer,) = teacher.sample([prompt], 1, max_new_tokens=10, temperature=0.0)[0]
+    ids, want = teacher.encode(prompt), []
+    assert len(ids) == 115
+    padded = np.zeros((1, 128), np.int32)
+    for _ in range(10):  # greedy reference from full forwards at one padded width
+        padded[0, : len(ids)] = ids
+        next_id = int(np.argmax(teacher.distributions(padded, [len(ids)])[0, len(ids) - 1].astype(np.float64)))
+        if next_id == teacher.eos_id:
+            break
+        ids, want = ids + [next_id], want + [next_id]
+    assert teacher.encode(answer) == want
+
+
+def test_scoring_refuses_an_empty_prompt(teacher):
+    """A text after an empty prompt has no context for its first token (there is no <bos>): refused, not
+    scored from a padding position."""
+    prompts, _ = _contexts(teacher, n=2, seed=2)
+    with pytest.raises(ProxyKDError, match=r"text_logprob got an empty prompt \(index 1\)"):
+        teacher.text_logprob([prompts[0], ""], ["w1 w2", "w1 w2"])
+    with pytest.raises(ProxyKDError, match="sequence_logprobs got an empty prompt"):
+        teacher.sequence_logprobs(["  "], ["w1 w2"])
+    # a one-token prompt scores its text from that token on: float64 sums of the distributions' log-probs
+    ll, nbytes = teacher.text_logprob(["w5"], ["w1 w2"], ended=[False])
+    probs = teacher.distributions([teacher.encode("w5 w1")])[0].astype(np.float64)
+    w1, w2 = teacher.encode("w1 w2")
+    np.testing.assert_allclose(ll, [np.log(probs[0, w1]) + np.log(probs[1, w2])], rtol=1e-6)
+    assert nbytes.tolist() == [5]

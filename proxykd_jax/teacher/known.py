@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import hf
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.models.sampling import generate
@@ -259,7 +260,8 @@ class KnownTeacher:
         rows = [self.encode(p) for p in prompts for _ in range(n_per_prompt)]
         if any(not r for r in rows):
             raise ValueError("KnownTeacher.sample got an empty prompt; every prompt needs at least one word.")
-        width = -(-max(len(r) for r in rows) // 16) * 16  # few distinct shapes, few compilations
+        longest = max(len(r) for r in rows)  # rounded up to 16 (few shapes, few compilations) within the context
+        width = max(longest, min(-(-longest // 16) * 16, self.model_config.max_seq_len - max_new_tokens))
         answers = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -322,8 +324,17 @@ class KnownTeacher:
         segments = (np.arange(tokens.shape[1])[None] < lengths[:, None]).astype(np.int32)
         return np.asarray(_probs(self.model, jnp.asarray(tokens), jnp.asarray(segments)))
 
+    def _check_prompts(self, prompts: list[str], caller: str) -> None:
+        """Refuses a prompt with no tokens: its text's first token would have no context to be scored in."""
+        empty = [i for i, p in enumerate(prompts) if not self.encode(p)]
+        if empty:
+            raise ProxyKDError(
+                f"KnownTeacher.{caller} got an empty prompt (index {empty[0]}); every prompt needs at least one token."
+            )
+
     def sequence_logprobs(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """Teacher log-likelihood of each response given its prompt (sum over response tokens), float64 [B]."""
+        self._check_prompts(prompts, "sequence_logprobs")
         contexts = [self.encode(p) + self.encode(r) for p, r in zip(prompts, responses)]
         probs = self.distributions([c[:-1] if len(c) > 1 else c for c in contexts])
         out = np.zeros(len(contexts))
@@ -342,6 +353,7 @@ class KnownTeacher:
         text; not a text cut at a length limit, whose writer went on) so nats per byte compare across
         tokenizers. The <eos> adds no byte (eval/per_byte.py `text_bytes`: the convention)."""
         ended = [True] * len(texts) if ended is None else [bool(e) for e in ended]
+        self._check_prompts(prompts, "text_logprob")
         contexts = [
             self.encode(p) + self.encode(t) + ([self.eos_id] if e else []) for p, t, e in zip(prompts, texts, ended)
         ]
