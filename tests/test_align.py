@@ -429,6 +429,47 @@ def test_phase_with_grad_accum_logs_the_lr_of_each_optimizer_update(tmp_path):
     assert max(np.abs(a - b).max() for a, b in zip(after, before)) > 0
 
 
+def test_sft_with_grad_accum_weights_micro_batches_by_their_response_tokens(tmp_path):
+    """SFT rows with 2, 4, 8 and 13 response tokens, one per micro-batch at optim.grad_accum = 4: the
+    phase's one update equals one step on all four rows at once (the token mean over all 27 tokens; the
+    mean of the four row means, what the phase did, moved the parameters elsewhere)."""
+    from proxykd_jax.align import config as align_config
+    from proxykd_jax.align.rounds import PhaseTrainer
+    from proxykd_jax.train import optim
+    from proxykd_jax.train.loop import default_config as train_default_config
+
+    acfg = align_config.default_config()
+    acfg.update(warmup_steps=0, checkpoint_every=0)
+    tcfg = train_default_config()
+    tcfg.update(log_every=1, tensorboard=False, progress=False, peak_flops=1e9)
+    mesh = make_mesh(ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": 1, "tensor": 1}}), jax.devices()[:1])
+    rng = np.random.default_rng(5)
+    rows = pairs.pad_rows(
+        [tuple(rng.integers(3, 96, 2)) for _ in range(4)], [tuple(rng.integers(3, 96, n)) for n in (2, 4, 8, 13)], 16
+    )
+    assert sorted(rows["loss_mask"].sum(1).tolist()) == [2, 4, 8, 13]
+    loss_fn = functools.partial(objectives.sft_loss_fn, chunk=16)
+    params = {}
+    for accum, batch in ((4, 1), (1, 4)):
+        ocfg = optim.default_config()
+        ocfg.grad_accum = accum
+        trainer = PhaseTrainer(acfg, ocfg, tcfg, mesh, LOGICAL_RULES, seq_len=16)
+        trained = trainer.train(
+            tmp_path / f"accum{accum}",
+            _model(2),
+            (),
+            loss_fn,
+            phases.row_batches(rows, batch, 0),
+            steps=accum,
+            lr=1e-2,
+            rows_per_step=batch,
+            accum_weight="response_tokens",
+        )
+        params[accum] = [np.asarray(x) for x in jax.tree.leaves(nnx.state(trained, nnx.Param))]
+    for a, b in zip(params[4], params[1]):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("rank", [0, 2])
 def test_phase_mfu_counts_no_weight_gradients_for_a_lora_base(tmp_path, monkeypatch, rank):
     """The loop's FLOPs per step (its MFU numerator) are those `proxykd plan` uses: forward + backward

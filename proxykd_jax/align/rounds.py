@@ -218,10 +218,24 @@ class PhaseTrainer:
     seq_len: int
     step_cache: dict = dataclasses.field(default_factory=dict)
 
-    def train(self, phase_dir, trainable, frozen, loss_fn, data_iter, *, steps, lr, rows_per_step, cache_key=None):
+    def train(
+        self,
+        phase_dir,
+        trainable,
+        frozen,
+        loss_fn,
+        data_iter,
+        *,
+        steps,
+        lr,
+        rows_per_step,
+        cache_key=None,
+        accum_weight=None,
+    ):
         """Runs `steps` steps of `loss_fn` in `phase_dir` (resuming from its checkpoints); returns the
         trained module (a new module; `trainable` may be donated). Every `optim.grad_accum` steps make
-        one optimizer update, the schedule's unit. MFU counts the step's own work: fwd + bwd of the
+        one optimizer update, the schedule's unit (`accum_weight`: the loss_fn metric its loss is a mean
+        over, which weights the micro-batches; None: equal weights). MFU counts the step's own work: fwd + bwd of the
         policy on every row (reference log-probs are precomputed), without weight gradients for a
         LoRA-adapted frozen base (about 2x forward, the adapters' own FLOPs left out)."""
         from flax import nnx
@@ -245,6 +259,7 @@ class PhaseTrainer:
                 frozen_shardings=tuple(sharding_lib.shardings_of(f) for f in frozen),
                 schedule=schedule,
                 grad_accum=int(self.optim_cfg.grad_accum),
+                accum_weight=accum_weight,
             )
             if cache_key is not None:
                 self.step_cache[cache_key] = (optimizer, step)
@@ -358,6 +373,7 @@ def align_proxy(
                     steps=acfg.sft_steps,
                     lr=acfg.sft_lr,
                     rows_per_step=acfg.batch_size,
+                    accum_weight="response_tokens",  # a token mean: micro-batches count by their tokens
                 )
         else:
             r = int(name.split("_")[1])
