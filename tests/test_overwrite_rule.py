@@ -83,6 +83,26 @@ def test_fields_that_change_results_change_the_hash(stage, changes, keeps, tmp_p
     assert digest(_changed(cfg, *keeps)) == digest(cfg)
 
 
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("collect.breaker_failures", 2),
+        ("collect.breaker_no_success_s", 600.0),
+        ("collect.requests_per_minute", 60),
+        ("collect.tokens_per_minute", 10_000),
+        ("collect.max_attempts", 3),
+        ("collect.request_timeout_s", 5.0),
+        ("collect.backoff_max_s", 1.0),
+    ],
+)
+def test_how_collect_runs_is_not_what_it_collects(key, value, tmp_path):
+    """Settings of how collect copes with the endpoint (limits, retries, when an outage stops it) leave the
+    corpus's hash alone: resuming with a patient breaker after an outage needs no run.overwrite."""
+    cfg = base(tmp_path)
+    digest = lambda c: open_artifact("collect", c, context.RunPaths.from_config(c), overwrite=False).hash  # noqa: E731
+    assert digest(_changed(cfg, key, value)) == digest(cfg)
+
+
 # ------------------------------------------------------------------------------------ the rule
 
 

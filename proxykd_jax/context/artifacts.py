@@ -117,6 +117,7 @@ ARTIFACTS: dict[str, Spec] = {
             "collect.request_timeout_s",
             "collect.max_attempts",
             "collect.backoff_*",
+            "collect.breaker_*",  # when an outage stops the run, not what it collects
             "collect.price_*",
             "collect.progress",
             "collect.seed",
