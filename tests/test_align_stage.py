@@ -209,6 +209,19 @@ def test_a_phase_shorter_than_grad_accum_is_refused_before_training(prepared, tm
     assert not (run / "proxy" / "sft" / "checkpoints").exists()
 
 
+def test_rows_longer_than_the_proxys_context_are_refused_before_training(prepared, tmp_path):
+    """align.seq_len = 48 against a proxy of max_seq_len 32: one sentence before anything is written (it
+    trained at positions the proxy never saw, without a word)."""
+    from proxykd_jax.errors import ConfigError
+
+    run = new_run(prepared, tmp_path / "run")
+    cfg = make_config(run, seq_len=48)
+    cfg.mesh.shape.update(data=1, fsdp=1, tensor=1)
+    with pytest.raises(ConfigError, match=r"config\.align\.seq_len=48 exceeds the max_seq_len 32 of the proxy; lower"):
+        run_stage("align", cfg, devices=jax.devices()[:1])
+    assert not (run / "proxy").exists()
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from proxykd_jax.context.artifacts import ARTIFACTS, Artifact, check_inputs, open_artifact, settle
 from proxykd_jax.context.lock import RunLock, RunLocked
 from proxykd_jax.context.paths import STUDENT, RunPaths, student_name
-from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.errors import ConfigError, ProxyKDError
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,16 @@ class RunContext:
         if not (folder / "config.json").exists():
             raise ProxyKDError(f"{folder} is not a Hugging Face model folder (no config.json).")
         return load_folder(folder, dtype=dtype, param_dtype=param_dtype, mesh=self.mesh, rules=self.rules)
+
+    @staticmethod
+    def require_fits(model_cfg, seq_len: int, field: str, model: str) -> None:
+        """Refuses rows of `seq_len` positions (`field`) longer than `model`'s max_seq_len: the model was
+        never trained at the positions past it, and RoPE would run there without a word."""
+        if int(seq_len) > int(model_cfg.max_seq_len):
+            raise ConfigError(
+                f"config.{field}={seq_len} exceeds the max_seq_len {model_cfg.max_seq_len} of {model}; lower "
+                f"{field} to at most {model_cfg.max_seq_len} (positions past it are ones the model never saw)."
+            )
 
     def init_model(self, name: str, seed: int):
         """(ModelConfig, sharded Llama) of config group `name`: its `init_from` folder (whose shape must

@@ -57,6 +57,8 @@ def run(ctx, *, teacher_probs_fn=None) -> dict:
     preflight(PreparedData(ctx.paths.prepared), cfg.align)
     data = rounds.AlignData.load(ctx.paths.prepared)
     model_cfg, proxy = ctx.init_model("proxy", ctx.seed)  # a folder that cannot load stops before any write
+    seq_len = int(cfg.align.seq_len or cfg.data.seq_len)
+    ctx.require_fits(model_cfg, seq_len, "align.seq_len" if cfg.align.seq_len else "data.seq_len", "the proxy")
     art.begin()
     sink = ctx.sink(art.work)
     try:
@@ -70,7 +72,7 @@ def run(ctx, *, teacher_probs_fn=None) -> dict:
             mesh=ctx.mesh,
             rules=ctx.rules,
             seed=ctx.seed,
-            seq_len=int(cfg.align.seq_len or cfg.data.seq_len),
+            seq_len=seq_len,
             sink=sink,
             teacher_probs_fn=teacher_probs_fn,
         )

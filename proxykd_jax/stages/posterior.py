@@ -38,6 +38,7 @@ def run(ctx) -> dict:
         )
     prepared, tables = PreparedData(ctx.paths.prepared), load_prior(ctx.paths.prior)
     model_cfg, model = ctx.load_model(folder, dtype=cfg.proxy.dtype)
+    ctx.require_fits(model_cfg, cfg.data.seq_len, "data.seq_len", f"the proxy in {folder}")
     vocab = int(prepared.manifest["tokenizer"]["vocab_size"])
     if tables.vocab_size != vocab:
         raise ProxyKDError(
