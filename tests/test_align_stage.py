@@ -209,6 +209,29 @@ def test_a_phase_shorter_than_grad_accum_is_refused_before_training(prepared, tm
     assert not (run / "proxy" / "sft" / "checkpoints").exists()
 
 
+def test_phases_of_whole_optimizer_updates(prepared, tmp_path):
+    """optim.grad_accum = 2: align.sft_steps = 3 (its last micro-batch computed and never applied) is refused
+    before anything is written; a DPO round of one pass over its pairs runs a whole number of updates."""
+    from proxykd_jax.errors import ConfigError
+
+    run = new_run(prepared, tmp_path / "run")
+    cfg = make_config(run, sft_steps=3, rounds=1)
+    cfg.optim.grad_accum = 2
+    cfg.mesh.shape.update(data=1, fsdp=1, tensor=1)
+    with pytest.raises(
+        ConfigError, match=r"align\.sft_steps=3\) is not a multiple of optim\.grad_accum=2: .* to 2 or 4"
+    ):
+        run_stage("align", cfg, devices=jax.devices()[:1])
+    assert not (run / "proxy").exists()  # refused before the artifact was begun: the next run needs no overwrite
+    cfg = make_config(run, sft_steps=2, rounds=1, dpo_steps_per_round=0)
+    cfg.optim.grad_accum = 2
+    cfg.mesh.shape.update(data=1, fsdp=1, tensor=1)
+    summaries = run_stage("align", cfg, devices=jax.devices()[:1])
+    pairs = summaries["round_000"]["pairs"]
+    assert (pairs // 8) % 2 == 1, pairs  # one pass would be an odd number of micro-batches of 8 pairs
+    assert summaries["round_000"]["steps"] == pairs // 8 - 1
+
+
 def test_rows_longer_than_the_proxys_context_are_refused_before_training(prepared, tmp_path):
     """align.seq_len = 48 against a proxy of max_seq_len 32: one sentence before anything is written (it
     trained at positions the proxy never saw, without a word)."""

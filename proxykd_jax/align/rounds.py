@@ -182,7 +182,9 @@ def make_round_pairs(
 
 def _check_phase_steps(phase: str, steps: int, field: str, value: int, optim_cfg) -> None:
     """Refuses a phase of fewer steps than the `optim.grad_accum` micro-batches of one optimizer
-    update: it would never update the proxy. `field` (= `value`) sets the phase's steps."""
+    update (it would never update the proxy), or a `field` (= `value`, 0: one pass over the pairs,
+    which `_whole_updates` rounds down instead) that is no whole number of updates (its last
+    micro-batches would be computed and never applied)."""
     accum = int(optim_cfg.grad_accum)
     if steps < accum:
         setting = f"{field}={value}" + ("" if value else ": one pass over the round's pairs")
@@ -191,6 +193,22 @@ def _check_phase_steps(phase: str, steps: int, field: str, value: int, optim_cfg
             f"optimizer update ({steps} < {accum} steps), so it would never update the proxy; raise {field} to at "
             f"least {accum} or lower optim.grad_accum."
         )
+    if value and steps % accum:
+        low = steps - steps % accum
+        raise ConfigError(
+            f"align phase {phase} ({field}={value}) is not a multiple of optim.grad_accum={accum}: its last "
+            f"{steps % accum} micro-batches would be computed and never applied to the proxy; set {field} to "
+            f"{low} or {low + accum}, or change optim.grad_accum."
+        )
+
+
+def check_steps(acfg, optim_cfg) -> None:
+    """The phases' step settings against `optim.grad_accum` (`_check_phase_steps`), before anything runs."""
+    if acfg.sft_steps > 0:
+        _check_phase_steps("sft", acfg.sft_steps, "align.sft_steps", acfg.sft_steps, optim_cfg)
+    if acfg.rounds > 0 and acfg.dpo_steps_per_round > 0:
+        steps = acfg.dpo_steps_per_round
+        _check_phase_steps("round_000", steps, "align.dpo_steps_per_round", steps, optim_cfg)
 
 
 def _phase_optimizer(optim_cfg, acfg, lr: float, steps: int):
@@ -311,11 +329,7 @@ def align_proxy(
     the held-out KL to the teacher before alignment and after every phase."""
     from proxykd_jax.eval.known_teacher import proxy_kl_to_teacher
 
-    if acfg.sft_steps > 0:
-        _check_phase_steps("sft", acfg.sft_steps, "align.sft_steps", acfg.sft_steps, optim_cfg)
-    if acfg.rounds > 0 and acfg.dpo_steps_per_round > 0:
-        steps = acfg.dpo_steps_per_round
-        _check_phase_steps("round_000", steps, "align.dpo_steps_per_round", steps, optim_cfg)
+    check_steps(acfg, optim_cfg)
     put_batch = functools.partial(hosts.replicated_batch, mesh=mesh, rules=rules)
     held = data.heldout[: acfg.heldout_samples or None]
     held_rows = pairs_lib.example_rows(held, seq_len, data.pad_id) if held else None
@@ -380,6 +394,8 @@ def align_proxy(
             rows, dropped = _round_pairs(trainable, frozen, data, acfg, phase_dir, r, seed, seq_len, put_batch)
             n_pairs = rows["chosen_tokens"].shape[0]
             steps = acfg.dpo_steps_per_round or max(n_pairs // acfg.batch_size, 1)
+            if not acfg.dpo_steps_per_round and steps >= optim_cfg.grad_accum:  # one pass: whole updates only
+                steps -= steps % int(optim_cfg.grad_accum)
             _check_phase_steps(name, steps, "align.dpo_steps_per_round", acfg.dpo_steps_per_round, optim_cfg)
             loss_fn = functools.partial(
                 objectives.dpo_loss_fn,

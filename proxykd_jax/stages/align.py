@@ -55,6 +55,7 @@ def run(ctx, *, teacher_probs_fn=None) -> dict:
         return art.summary or {}
     cfg = ctx.cfg
     preflight(PreparedData(ctx.paths.prepared), cfg.align)
+    rounds.check_steps(cfg.align, cfg.optim)  # before the artifact is begun: a refused run leaves nothing behind
     data = rounds.AlignData.load(ctx.paths.prepared)
     model_cfg, proxy = ctx.init_model("proxy", ctx.seed)  # a folder that cannot load stops before any write
     seq_len = int(cfg.align.seq_len or cfg.data.seq_len)
