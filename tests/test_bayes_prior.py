@@ -180,3 +180,47 @@ def test_table_width_below_one_is_refused_by_name(field, value):
     """A width of 0 built tables whose queries crashed the posterior (IndexError / ZeroDivisionError)."""
     with pytest.raises(ValueError, match=r"exact_top_s and ngram_top_s must be >= 1"):
         PriorTables.build([0], [np.array([1, 2])], vocab_size=V, **{field: value})
+
+
+def test_tables_count_the_store_rows_after_an_empty_prompt(tmp_path):
+    """prompt_len 0: the first token is no target, the store's rows (iter_samples' prompt_lengths) start at the
+    second token, and the tables must count those rows (before, they counted tokens[0:], so every exact count
+    at an empty prompt's rows was one position off: the first row saw the first token, the others nothing)."""
+    from test_data_common import make_tokenizer, tiny_cfg, write_jsonl
+
+    from proxykd_jax.bayes.config import prior_config
+    from proxykd_jax.bayes.tables import build_prior
+    from proxykd_jax.data import PreparedData, iter_samples, prepare
+
+    tok = make_tokenizer(tmp_path / "tok")
+    rows = [
+        {
+            "id": "empty",
+            "prompt": "",
+            "responses": ["the quick brown fox", "the quick lazy dog", "the quick brown cat"],
+        },
+        {"id": "words", "prompt": "a blue sky", "responses": ["the quick brown fox", "birds sang"]},
+    ]
+    cfg = tiny_cfg(**{"split.warmup": 0.0, "split.align": 0.0, "split.distill": 1.0, "split.heldout": 0.0})
+    prepare([write_jsonl(tmp_path / "c.jsonl", rows)], tok, tmp_path / "prep", cfg, progress=False)
+    pd = PreparedData(tmp_path / "prep")
+    assert sorted(int(r["prompt_len"]) for r in pd.iter_split("distill"))[0] == 0
+    key_of = {int(r["sample_id"]): int(r["prompt_key"]) for r in pd.iter_split("distill")}
+    keys, seqs = [], []
+    for b in iter_samples(pd, "distill", cfg, batch_size=4):
+        for i in np.flatnonzero(b["lengths"]):
+            start, t = b["prompt_lengths"][i] - 1, b["lengths"][i] - b["prompt_lengths"][i] + 1
+            keys.append(key_of[int(b["sample_ids"][i, 0])])
+            seqs.append(b["targets"][i, start : start + t].astype(np.int64))
+    tables = build_prior(pd, prior_config(), progress=False)
+    q = tables.query(np.asarray(keys, np.int64), seqs, mode="external")
+    ref = exact_reference(keys, seqs)
+    n = sum(len(s) for s in seqs)
+    want = np.zeros((n, tables.vocab_size))
+    row = 0
+    for k, s in zip(keys, seqs):
+        for t in range(len(s)):
+            for y, c in ref[(int(k), tuple(int(x) for x in s[:t]))].items():
+                want[row, y] = c
+            row += 1
+    np.testing.assert_array_equal(to_dense(q.ids_NxS, q.counts_NxS, n, tables.vocab_size), want)

@@ -1,8 +1,8 @@
 """The corpus prior from prepared records: build the tables from one split's teacher responses
 (streamed, never the whole split in memory), save them with a manifest, load them.
 
-The response tokens counted are exactly the posterior store's rows: `tokens[prompt_len:]` (the
-response plus its eos).
+The response tokens counted are exactly the posterior store's rows: `tokens[max(prompt_len, 1):]` (the
+response plus its eos; with an empty prompt the first token is no target, docs/DATA_FORMATS.md).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def response_batches(prepared, split: str, batch: int = 4096, exclude=frozenset(
         if int(rec["sample_id"]) in exclude:
             continue
         keys.append(int(rec["prompt_key"]))
-        seqs.append(np.asarray(rec["tokens"][int(rec["prompt_len"]) :], np.int32))
+        # The store's rows: the first token is never a target (an empty prompt's row starts at the second).
+        seqs.append(np.asarray(rec["tokens"][max(int(rec["prompt_len"]), 1) :], np.int32))
         if len(keys) == batch:
             yield np.asarray(keys, np.int64), seqs
             keys, seqs = [], []
