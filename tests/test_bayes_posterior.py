@@ -274,3 +274,28 @@ def test_expected_mode_runs_whole_and_keeps_no_vocab_sized_buffer():
         fn = jax.jit(lambda *a, c=chunk: posterior_topk(*a, k=K, mode="expected", chunk=c))
         temps.append(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
     assert temps[0] == temps[1] < logits.nbytes / 4, (temps, logits.nbytes)
+
+
+@pytest.mark.parametrize("mode", ["expected", "geometric"])
+def test_teacher_head_over_a_posterior_almost_all_on_the_head(mode):
+    """A sure proxy (one head token 40 nats above the rest) at N_t = 1e9 (how N_max = inf is run): q̂ off the
+    head is ~1e-9, below float32's resolution of 1 - q̂(head). The rest still gets the teacher's remaining
+    mass in q̂'s proportions (before, 1 - q̂(head) rounded to zero: the rest was scaled by 1e29 and pushed the
+    head out of the store, probabilities ~1e17)."""
+    logits, prior, base, _ = random_case(8)
+    rng = np.random.default_rng(9)
+    h = 5
+    head_ids = np.stack([rng.choice(V, h, replace=False) for _ in range(N)]).astype(np.int32)
+    head_lp = np.log(rng.dirichlet(np.ones(h + 2), N)[:, :h]).astype(np.float32)
+    head_lp[1::3, 3:] = -np.inf
+    logits[np.arange(N), head_ids[:, 0]] += 40.0
+    n_pseudo = np.full(N, 1e9, np.float32)
+    kappa = 0.05 if mode == "expected" else 0.5
+    out = jax.jit(lambda *a, **kw: posterior_topk(*a, k=K, mode=mode, beta=0.7, **kw))(
+        logits, prior, base, n_pseudo, kappa, head_ids_NxH=head_ids, head_logprobs_NxH=head_lp
+    )
+    q = dense_posterior(logits, prior, base, n_pseudo, kappa, mode, beta=0.7)
+    bonus = np.zeros_like(q)
+    for i in range(N):
+        bonus[i, head_ids[i][np.isfinite(head_lp[i])]] = 4.0
+    check_topk(dense_with_head(q, head_ids, head_lp), *out, rank_bonus=bonus)
