@@ -18,7 +18,7 @@ from proxykd_jax.context import RunPaths
 from proxykd_jax.context.artifacts import read_record, record_path
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.data.store import StoreReader
-from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.errors import ConfigError, ProxyKDError
 from proxykd_jax.stages import posterior
 from tests.pipeline_fixtures import build_run
 from tests.stage_helpers import run_stage
@@ -102,6 +102,23 @@ def test_missing_proxy_is_a_clear_error(run, tmp_path):
     with pytest.raises(ProxyKDError, match="run `proxykd align` first"):
         run_stage("posterior", bad)
     assert not (RunPaths.from_config(cfg).root / ".posterior.new").exists()  # refused before writing anything
+
+
+@pytest.mark.parametrize(
+    "field,value", [("prior.kappa", -1.0), ("posterior.n_max", -4.0), ("posterior.beta", 0.0), ("prior.kappa", "nan")]
+)
+def test_negative_pseudo_counts_are_refused_before_any_work(run, tmp_path, field, value):
+    """With the EB fit off, prior.kappa and posterior.n_max go to the store as set: a negative N_max gave rows
+    summing past 1, a NaN kappa NaN rows, after the whole proxy pass; now one sentence before anything is read."""
+    cfg, _, _ = run
+    bad = cfg.copy_and_resolve_references()
+    group, name = field.split(".")
+    bad[group][name] = float(value)
+    bad.posterior.fit_empirical_bayes = False
+    bad.run.overwrite = True
+    with pytest.raises(ConfigError, match=rf"config.{field}=.* must be a (non-negative|positive) number"):
+        run_stage("posterior", bad)
+    assert not (RunPaths.from_config(cfg).root / ".posterior.new").exists()
 
 
 def test_prior_stage_is_skipped_when_finished(run):
