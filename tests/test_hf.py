@@ -153,3 +153,36 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         hf.load_hf(tmp_path / "m")
+
+
+@pytest.mark.parametrize("first,second", [(None, 20_000), (20_000, None)])
+def test_saving_over_an_earlier_export_leaves_only_the_new_weights(tmp_path, first, second):
+    """An export into a folder that holds an earlier one (one file, or an index and shards) must not leave
+    the old weight files behind: load_hf prefers an index, transformers a single model.safetensors."""
+    cfg = ModelConfig(vocab_size=67, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48)
+    old, new = Llama(cfg, rngs=nnx.Rngs(1)), Llama(cfg, rngs=nnx.Rngs(2))
+    hf.save_hf(old, cfg, tmp_path, **({"max_shard_bytes": first} if first else {}))
+    (tmp_path / "notes.safetensors").write_bytes(b"not ours")  # files the export does not name are kept
+    hf.save_hf(new, cfg, tmp_path, **({"max_shard_bytes": second} if second else {}))
+    weights = sorted(p.name for p in tmp_path.glob("model*"))
+    if second:
+        assert "model.safetensors" not in weights and "model.safetensors.index.json" in weights
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert set(weights) == {*index["weight_map"].values(), "model.safetensors.index.json"}
+    else:
+        assert weights == ["model.safetensors"]
+    assert (tmp_path / "notes.safetensors").read_bytes() == b"not ours"
+    expected = np.asarray(new(jnp.asarray(TOKENS)))
+    assert np.abs(expected - np.asarray(old(jnp.asarray(TOKENS)))).max() > 0.1
+    np.testing.assert_allclose(np.asarray(hf.load_hf(tmp_path)[1](jnp.asarray(TOKENS))), expected, atol=1e-5)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    np.testing.assert_allclose(_hf_logits(ref, TOKENS), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weight_map", [["model-00001-of-00005.safetensors"], {"model.norm.weight": 5}, None])
+def test_a_malformed_index_is_refused_in_one_sentence(tmp_path, weight_map):
+    cfg = ModelConfig(vocab_size=67, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=48)
+    hf.save_hf(Llama(cfg, rngs=nnx.Rngs(1)), cfg, tmp_path, max_shard_bytes=20_000)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not a safetensors index"):
+        hf.load_hf(tmp_path)

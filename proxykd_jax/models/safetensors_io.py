@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
 
@@ -47,6 +48,7 @@ DTYPES = {
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # the weight files `write_sharded` names
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -64,7 +66,9 @@ class SafetensorsFolder:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{index} is not a safetensors index (no 'weight_map' object).") from None
+                weight_map = None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index} is not a safetensors index (no 'weight_map' object of file names).")
             missing = sorted({f for f in weight_map.values() if not (self.folder / f).exists()})
             if missing:
                 raise FileNotFoundError(f"{index} names shard(s) {missing} that are not in {self.folder}.")
@@ -234,7 +238,9 @@ def write_sharded(
     at most `max_shard_bytes` plus model.safetensors.index.json; returns the file names.
 
     `fetch(name)` is called once per tensor, in order, on every process (it may be collective); only
-    with `write` (one process) are files written, and its value may be None elsewhere."""
+    with `write` (one process) are files written, and its value may be None elsewhere. Weight files of
+    an earlier save into `folder` that this one does not overwrite are removed first: a loader would
+    read them (this module prefers an index, transformers a single file)."""
     folder = pathlib.Path(folder)
     groups = plan_files(tensors, max_shard_bytes)
     fnames = (
@@ -243,6 +249,11 @@ def write_sharded(
         else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     )
     metadata = {"format": "pt", **(metadata or {})}
+    if write:  # weights of an earlier save here would be read instead of these: remove them, the index first
+        previous = [INDEX] + [p.name for p in folder.glob("model*.safetensors") if _WEIGHTS.fullmatch(p.name)]
+        for name in previous:
+            if name not in fnames:
+                (folder / name).unlink(missing_ok=True)
     for fname, names in zip(fnames, groups):
         out = open(folder / fname, "wb") if write else None
         try:
