@@ -1,5 +1,7 @@
 """Mesh, logical-axis rules, sharded construction and sharded numerics on 8 simulated devices."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,6 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from parallel_helpers import BATCH, TINY, make_batch, mesh_cfg, sharded_forward_and_step
 
+from proxykd_jax.errors import ConfigError
 from proxykd_jax.models.llama import Llama
 from proxykd_jax.parallel import (
     LOGICAL_RULES,
@@ -102,6 +105,21 @@ def test_unannotated_or_indivisible_params_raise():
         create_sharded_model(_Unannotated, mesh, LOGICAL_RULES, nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"dim 0 \('embed', size 6\) does not split"):
         create_sharded_model(_Indivisible, mesh, LOGICAL_RULES, nnx.Rngs(0))
+
+
+def test_mesh_misfits_are_config_errors_the_cli_reports_in_one_line():
+    """A model dimension, a batch or a rule that does not fit the mesh is bad input (`ConfigError`, which the
+    CLI prints as one line), not a bug with a traceback: here GQA's 2 key/value heads over tensor=4."""
+    mesh = make_mesh(mesh_cfg(fsdp=2, tensor=4))
+    cfg = dataclasses.replace(TINY, num_heads=8, num_kv_heads=2)
+    with pytest.raises(ConfigError, match=r"'kv_heads', size 2\) does not split over mesh axes tensor \(4 ways\)"):
+        create_sharded_model(Llama, mesh, LOGICAL_RULES, cfg, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="a multiple of 2"):
+        global_batch(make_batch(seed=0, rows=3), mesh, LOGICAL_RULES)
+    with pytest.raises(ConfigError, match="logical axis 'kv_heads' has no entry"):
+        create_sharded_model(Llama, mesh, [r for r in LOGICAL_RULES if r[0] != "kv_heads"], TINY, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="does not have"):
+        logical_to_pspec(("embed",), (("embed", "pipeline"),), mesh)
 
 
 def test_global_batch_shards_rows_and_rejects_indivisible_batches():

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from proxykd_jax.errors import ConfigError
+
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
@@ -35,10 +37,10 @@ def normalize_rules(rules) -> Rules:
     normalized, seen = [], set()
     for i, pair in enumerate(rules):
         if len(pair) != 2 or not isinstance(pair[0], str):
-            raise ValueError(f"mesh.rules[{i}] = {pair!r} must be a (logical axis, mesh axes) pair.")
+            raise ConfigError(f"mesh.rules[{i}] = {pair!r} must be a (logical axis, mesh axes) pair.")
         logical, axes = pair
         if logical in seen:
-            raise ValueError(f"mesh.rules names logical axis {logical!r} twice; keep one entry.")
+            raise ConfigError(f"mesh.rules names logical axis {logical!r} twice; keep one entry.")
         seen.add(logical)
         if axes is None:
             axes = ()
@@ -53,7 +55,7 @@ def logical_to_pspec(
 ) -> PartitionSpec:
     """PartitionSpec for an array whose dimensions carry `logical_axes` (None = replicated dim).
 
-    Raises ValueError on a logical axis that the rules do not name, or (with `mesh`) on a rule
+    Raises ConfigError on a logical axis that the rules do not name, or (with `mesh`) on a rule
     that names a mesh axis the mesh does not have.
     """
     table = dict(normalize_rules(rules))
@@ -64,7 +66,7 @@ def logical_to_pspec(
             spec.append(None)
             continue
         if logical not in table:
-            raise ValueError(
+            raise ConfigError(
                 f"logical axis {logical!r} has no entry in the sharding rules (mesh.rules); add "
                 f"({logical!r}, <mesh axis or None>) to mesh.rules. Known: {sorted(table)}."
             )
@@ -72,7 +74,7 @@ def logical_to_pspec(
         if mesh is not None:
             missing = [a for a in axes if a not in mesh.axis_names]
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"mesh.rules maps {logical!r} to mesh axes {missing} that the mesh {mesh.axis_names} "
                     "does not have; fix mesh.rules."
                 )

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from proxykd_jax.errors import ConfigError
 from proxykd_jax.parallel.rules import logical_to_pspec
 
 
@@ -89,7 +90,7 @@ def variable_sharding(path: str, variable: nnx.Variable, mesh: Mesh, rules) -> N
     for dim, (size, axes) in enumerate(zip(shape, spec)):
         ways = _ways(axes, mesh)
         if size % ways:
-            raise ValueError(
+            raise ConfigError(
                 f"parameter {path} dim {dim} ({names[dim]!r}, size {size}) does not split over mesh axes "
                 f"{axes} ({ways} ways); change mesh.shape or map {names[dim]!r} differently in mesh.rules."
             )
@@ -202,7 +203,7 @@ def _assemble(host_batch, mesh: Mesh, rules, *, stacked: int) -> dict[str, jax.A
             raise ValueError(f"batch field {name!r} is a scalar; every batch field needs a leading batch dim.")
         rows = value.shape[lead] * jax.process_count()
         if rows % ways:
-            raise ValueError(
+            raise ConfigError(
                 f"global batch of {rows} rows (field {name!r}) does not split over {ways} batch shards "
                 f"({sharding.spec[lead]}); make the stage's batch size (train.batch_size, posterior.batch_size, "
                 f"eval.batch_size, ...) a multiple of {ways}."
