@@ -91,3 +91,26 @@ def test_serve_places_the_model_on_the_mesh_and_samples_as_one_device(run):
         body = {"model": "proxy", "prompt": "w1 w2", "max_tokens": 4, "seed": 3}
         reply = httpx.post(server.base_url + "/completions", json=body, timeout=120).json()
     assert reply["choices"][0]["text"] and json.dumps(reply)
+
+
+def test_an_init_folder_runs_as_its_group_says_and_must_share_its_numerics(run, tmp_path):
+    """`proxy.init_from` with `proxy.remat="full"` and scanned layers: the loaded proxy runs so (config.json
+    says nothing of it; it ran unrolled without remat). A group whose RoPE base is not the folder's is
+    refused before any weight is read (distill built its student from the group: other RoPE, silently)."""
+    _, cfg, _ = run
+    c = cfg.copy_and_resolve_references()
+    c.run.dir = str(tmp_path / "run")
+    c.mesh.shape.update(data=1, fsdp=1, tensor=1)
+    c.proxy.update(remat="full", attention="xla")  # scan_layers "auto": scanned under remat
+    with context.create(c, "serve", devices=jax.devices()[:1]) as ctx:
+        model_cfg, model = ctx.init_model("proxy", 0)
+    assert (model_cfg.remat, model_cfg.scan_layers, model_cfg.attention) == ("full", True, "xla")
+    assert model.cfg == model_cfg
+    folder = tmp_path / "proxy_init"
+    shutil.copytree(cfg.proxy.init_from, folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.write_bytes(b"")  # nothing readable: the refusal must come from config.json alone
+    c.proxy.update(init_from=str(folder), rope_theta=500000.0)
+    with context.create(c, "serve", devices=jax.devices()[:1]) as ctx:
+        with pytest.raises(ProxyKDError, match=r"config.json disagrees with config.proxy on rope_theta=10000.0"):
+            ctx.init_model("proxy", 0)

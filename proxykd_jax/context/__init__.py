@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 _SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff")
+# What the model computes beyond its shapes: a stage that builds the model from its config group (distill's
+# student) would silently run other RoPE or norms than the folder's weights were trained with.
+_NUMERICS_FIELDS = ("rope_theta", "rope_scaling", "rms_eps", "qkv_bias", "tie_embeddings")
 
 
 def run_config() -> ml_collections.ConfigDict:
@@ -109,14 +112,17 @@ class RunContext:
         except (TypeError, ValueError) as e:
             raise ProxyKDError(f"model config: {e}; see models/llama.py default_config() for the fields.") from None
 
-    def load_model(self, folder, *, dtype: str = "float32", param_dtype: str = "float32"):
+    def load_model(self, folder, *, dtype: str = "float32", param_dtype: str = "float32", group=None):
         """(ModelConfig, Llama) from a Hugging Face folder, every parameter streamed straight into its
-        sharded array on the mesh (each process reads only the blocks its devices hold)."""
+        sharded array on the mesh (each process reads only the blocks its devices hold). `group` (a model
+        config group) says how it runs: remat, layer scan, attention path (config.json does not)."""
+        from proxykd_jax.models.hf import RUN_FIELDS
 
         folder = pathlib.Path(folder).expanduser()
         if not (folder / "config.json").exists():
             raise ProxyKDError(f"{folder} is not a Hugging Face model folder (no config.json).")
-        return load_folder(folder, dtype=dtype, param_dtype=param_dtype, mesh=self.mesh, rules=self.rules)
+        run = None if group is None else {f: getattr(self.model_config(group), f) for f in RUN_FIELDS}
+        return load_folder(folder, dtype=dtype, param_dtype=param_dtype, mesh=self.mesh, rules=self.rules, run=run)
 
     @staticmethod
     def require_fits(model_cfg, seq_len: int, field: str, model: str) -> None:
@@ -129,8 +135,9 @@ class RunContext:
             )
 
     def init_model(self, name: str, seed: int):
-        """(ModelConfig, sharded Llama) of config group `name`: its `init_from` folder (whose shape must
-        agree with the group), else a random init from `seed`, built directly into sharded memory."""
+        """(ModelConfig, sharded Llama) of config group `name`: its `init_from` folder (whose shapes and
+        numerics must agree with the group; it runs as the group says: remat, scan, attention), else a
+        random init from `seed`, built directly into sharded memory."""
         from flax import nnx
 
         from proxykd_jax.models.llama import Llama
@@ -148,18 +155,18 @@ class RunContext:
                 f"config.{name}.init_from={str(folder)!r} has no config.json; point it at a local Hugging Face "
                 "model folder, or set it to '' for a random init."
             )
-        loaded_cfg, model = self.load_model(folder, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
+        folder_cfg = load_folder(folder, config_only=True, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
         diff = [
-            f"{f}={getattr(loaded_cfg, f)} (config: {getattr(model_cfg, f)})"
-            for f in _SHAPE_FIELDS
-            if getattr(loaded_cfg, f) != getattr(model_cfg, f)
+            f"{f}={getattr(folder_cfg, f)} (config: {getattr(model_cfg, f)})"
+            for f in _SHAPE_FIELDS + _NUMERICS_FIELDS
+            if getattr(folder_cfg, f) != getattr(model_cfg, f)
         ]
-        if diff:
+        if diff:  # before any weight is read
             raise ProxyKDError(
                 f"{folder}/config.json disagrees with config.{name} on {', '.join(diff)}; make the {name} "
                 "group match the folder (or pick the matching preset)."
             )
-        return loaded_cfg, model
+        return self.load_model(folder, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, group=group)
 
     # ------------------------------------------------------------------ metric sinks
 
@@ -198,14 +205,17 @@ class RunContext:
         self.close()
 
 
-def load_folder(folder: pathlib.Path, **kwargs):
-    """`models.hf.load_hf` with its refusals (architecture, shapes, unreadable weights) as one sentence."""
+def load_folder(folder: pathlib.Path, *, config_only: bool = False, **kwargs):
+    """`models.hf.load_hf` (`config_only`: `read_config`, reading no weight) with its refusals
+    (architecture, shapes, unreadable weights) as one sentence."""
     from safetensors import SafetensorError
 
     from proxykd_jax.errors import ModelFolderError
     from proxykd_jax.models import hf
 
     try:
+        if config_only:
+            return hf.read_config(folder, **kwargs)
         return hf.load_hf(folder, **kwargs)
     except (ValueError, KeyError, SafetensorError, OSError) as e:
         if isinstance(e, ProxyKDError):

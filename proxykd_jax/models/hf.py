@@ -14,6 +14,7 @@ capped at the window, where full causal attention is identical.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -207,6 +208,10 @@ def _checked_folder(folder: pathlib.Path, cfg: ModelConfig) -> SafetensorsFolder
     return source
 
 
+# ModelConfig fields that say how a model runs, not what it computes: a folder's config.json leaves them out.
+RUN_FIELDS = ("scan_layers", "remat", "attention", "attention_segments")
+
+
 def read_config(folder, *, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
     """The ModelConfig of a local HF folder's config.json."""
     folder = pathlib.Path(folder)
@@ -236,9 +241,10 @@ def load_params(folder, cfg: ModelConfig, targets: Mapping[tuple, tuple], param_
 
 
 def load_hf(
-    folder, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None, rules=None
+    folder, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None, rules=None, run: dict | None = None
 ) -> tuple[ModelConfig, Llama]:
-    """Imports a local HF folder; returns (config, model) with parameters in `param_dtype`.
+    """Imports a local HF folder; returns (config, model) with parameters in `param_dtype`; `run` sets how
+    the model runs (`RUN_FIELDS`: remat, layer scan, attention path), which config.json does not say.
 
     With `mesh` (and `rules`, default the standard table) every parameter is built straight into its
     sharded global array, each device's block read from the files on its own (`safetensors_io`);
@@ -246,6 +252,8 @@ def load_hf(
     from proxykd_jax.parallel import LOGICAL_RULES, state_shardings
 
     cfg = read_config(folder, dtype=dtype, param_dtype=param_dtype)
+    if run:
+        cfg = dataclasses.replace(cfg, **{k: run[k] for k in RUN_FIELDS if k in run})
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
     flat = dict(nnx.to_flat_state(state))
     if mesh is not None:
