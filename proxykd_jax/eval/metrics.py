@@ -120,9 +120,13 @@ def _dense_store(entry, vocab: int) -> np.ndarray:
     return q
 
 
-def estimator_metrics(prepared, tables, store, teacher, proxies: dict, kappa: float, batches, scorer) -> dict:
-    """E_t KL(q_t || .) of each estimate on distillation-split response positions (`batches`)."""
+def estimator_metrics(prepared, tables, store, teacher, proxies: dict, estimate: dict, batches, scorer) -> dict:
+    """E_t KL(q_t || .) of each estimate on distillation-split response positions (`batches`); the prior is
+    the one the store was built on (`estimate`: the posterior's estimate.json, its kappa and whether the
+    response's own token counts)."""
     vocab = tables.vocab_size
+    kappa = float(estimate["kappa"])
+    query_mode = "include_self" if estimate.get("count_own_token", True) else "leave_one_out"
     keys = {int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split("distill")}
     sums, n = {}, 0.0
     for batch in batches:
@@ -140,7 +144,7 @@ def estimator_metrics(prepared, tables, store, teacher, proxies: dict, kappa: fl
             sl = slice(p - 1, length)
             y = batch["targets"][row, sl].astype(np.int64)
             q = q_all[row, sl]
-            prior = tables.query(np.asarray([keys[sid]], np.int64), [y.astype(np.int32)], mode="include_self")
+            prior = tables.query(np.asarray([keys[sid]], np.int64), [y.astype(np.int32)], mode=query_mode)
             a = kappa * tables.dense_ngram(prior)
             np.add.at(
                 a,
@@ -164,12 +168,15 @@ def estimator_metrics(prepared, tables, store, teacher, proxies: dict, kappa: fl
 
 
 def heldout_prompts(prepared, data_cfg, split: str, limit: int) -> list[np.ndarray]:
-    """The first `limit` prompts of `split`, the same on every process."""
-    rows = []
+    """The first `limit` distinct prompts of `split` (a prompt's several responses count once, as in
+    `per_byte.eval_metrics`), the same on every process."""
+    rows, seen = [], set()
     for batch in pipeline.iter_samples(prepared, split, data_cfg, batch_size=16, process_index=0, process_count=1):
         for row in range(batch["tokens"].shape[0]):
-            if batch["sample_ids"][row, 0] >= 0 and len(rows) < limit:
-                rows.append(batch["tokens"][row, : int(batch["prompt_lengths"][row])])
+            prompt = batch["tokens"][row, : int(batch["prompt_lengths"][row])]
+            if batch["sample_ids"][row, 0] >= 0 and len(rows) < limit and prompt.tobytes() not in seen:
+                seen.add(prompt.tobytes())
+                rows.append(prompt)
         if len(rows) >= limit:
             break
     return rows
@@ -202,8 +209,9 @@ def sample_answers(model, prompts: list, tokenizer, eos_id: int, *, max_new_toke
 
 
 def generation_metrics(students: dict, prompts: list, teacher, *, max_new_tokens: int, seed: int) -> dict:
-    """Teacher mean log-likelihood per token of each student's sampled answers to `prompts`."""
-    if not prompts:
+    """Teacher mean log-likelihood per token of each student's sampled answers to `prompts` ({} when
+    there are no prompts or max_new_tokens is 0: no generations)."""
+    if not prompts or max_new_tokens < 1:
         return {}
     out = {}
     for name, model in students.items():

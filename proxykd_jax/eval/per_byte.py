@@ -67,8 +67,9 @@ def generation_nats_per_byte(
 
     Each student answers `prompts` (tokenised with our `tokenizer`) by sampling at temperature 1;
     the teacher scores the decoded text with its own tokenizer (`teacher.text_logprob`), its <eos>
-    only after an answer that ended (not one cut at max_new_tokens)."""
-    if not prompts:
+    only after an answer that ended (not one cut at max_new_tokens). {} without prompts or with
+    max_new_tokens = 0 (no generations)."""
+    if not prompts or max_new_tokens < 1:
         return {}
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     eos = tokenizer.eos_token_id

@@ -43,9 +43,11 @@ def heldout_scores(model, teacher, batches, scorer) -> dict:
     }
 
 
-def generation_score(model, prompts: list, teacher, *, max_new_tokens: int, seed: int) -> float:
+def generation_score(model, prompts: list, teacher, *, max_new_tokens: int, seed: int) -> float | None:
     """The teacher's log-likelihood per byte of the model's sampled answers to `prompts` (an answer's
-    <eos> scored where it stopped, adding no byte)."""
+    <eos> scored where it stopped, adding no byte); None without prompts or with max_new_tokens = 0."""
+    if not prompts or max_new_tokens < 1:
+        return None
     answers = metrics_lib.sample_answers(
         model, prompts, teacher.tokenizer, teacher.eos_id, max_new_tokens=max_new_tokens, seed=seed
     )

@@ -4,7 +4,9 @@ corpus, `prepared/` and `prior/`; each alignment and posterior a variant needs i
 beside them (`a_<alignment>/`, `p_<alignment>_<posterior>/`) whose `prepared` and `prior` are
 links to the seed's, and students are distilled into the posterior's directory under the
 variant's name. Every stage there follows the usual overwrite rule and resumes after `kill -9`. The teacher
-corpus is sampled straight from the known teacher (`write_corpus`, the `data.corpus` format).
+corpus is sampled straight from the known teacher (`write_corpus`, the `data.corpus` format). What no stage
+records, a setting's teacher, proxy init, prompts and corpora, is kept once written: the settings it was built
+with are in `<run>/<setting>/built_with.json`, and a report with others stops before any work.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pathlib
 import time
 
 from proxykd_jax.context import RunPaths
+from proxykd_jax.context.artifacts import Spec, depends_on
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.eval import benchmark
 from proxykd_jax.eval import metrics as metrics_lib
@@ -48,6 +51,35 @@ def _seeds(text: str) -> list[int]:
 def variants_for(setting: str, variants: list[str]) -> list[str]:
     """The `variants` that apply to `setting` (a teacher-head ablation needs top log-probs in the corpus)."""
     return [n for n in variants if SETTINGS[setting].top_logprobs or not VARIANTS[n].needs_logprobs]
+
+
+# What a setting's folder is built from outside the stages' own records: its teacher and proxy init
+# (`SETTINGS[...].build`) and each seed's prompts and corpus (`SeedRun`), all kept once written.
+_BUILT_FROM = Spec(
+    path=lambda cfg, paths: paths.root,
+    fields=("demo.*", "report.*")
+    + tuple(f"proxy.{f}" for f in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"))
+    + tuple(f"proxy.{f}" for f in ("head_dim", "d_ff", "max_seq_len")),  # the teachers' and proxies' shapes
+    # which settings, seeds and variants run, and what only the stages read (they follow their own records)
+    ignore=("report.settings", "report.seeds", "report.variants", "report.nll_beta", "report.chartok_sft_steps"),
+)
+BUILT_WITH = "built_with.json"
+
+
+def check_built_with(cfg, folder: pathlib.Path) -> None:
+    """Refuses a setting's folder built with other `_BUILT_FROM` fields: its teacher, proxy init, prompts and
+    corpora would be reused as they are, and the report would show them under the new settings."""
+    path = folder / BUILT_WITH
+    if not path.exists():
+        return
+    old, new = json.loads(path.read_text()), depends_on(cfg, _BUILT_FROM)
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changes = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in keys]
+    if changes:
+        raise ProxyKDError(
+            f"{folder} holds a teacher, proxy, prompts and corpora built with other settings ({'; '.join(changes)}), "
+            "which the report does not rebuild; run it with a new --config.run.dir, or with the old settings."
+        )
 
 
 def _link(folder: pathlib.Path, names=("prepared", "prior")) -> None:
@@ -328,7 +360,7 @@ class SeedRun:
             StoreReader(ctx.paths.posterior, tokenizer_hash=prepared.tokenizer_hash),
             self.teacher,
             models,
-            float(est["kappa"]),
+            est,
             batches,
             metrics_lib.Scorer(ctx.mesh, ctx.rules),
         )
@@ -374,7 +406,9 @@ def run_report(ctx, run_stage) -> list[dict]:
 
     art = ctx.artifact("report")
     runner = Runner(ctx, art.work, run_stage)
-    runner.plan()
+    settings = runner.plan()[0]
+    for setting in settings:  # before any work
+        check_built_with(ctx.cfg, ctx.paths.root / setting)
     older = _older_report(ctx.paths.root)
     if older is not None:  # its corpora train an eos after cut answers and its scores use another byte count
         raise ProxyKDError(
@@ -383,6 +417,9 @@ def run_report(ctx, run_stage) -> list[dict]:
         )
     if not art.done:
         art.begin()
+    for setting in settings:  # what each setting's folder is (about to be) built with
+        if not (ctx.paths.root / setting / BUILT_WITH).exists():
+            ctx.write_json(ctx.paths.root / setting / BUILT_WITH, depends_on(ctx.cfg, _BUILT_FROM))
     results = runner.run()
     estimates = [r for r in results if "estimator_kl" in r]
     variants = [r for r in results if "variant" in r]

@@ -37,7 +37,8 @@ def run(ctx, *, teacher=None) -> dict:
         from proxykd_jax.teacher.known import KnownTeacher
 
         teacher = KnownTeacher.load(cfg.eval.known_teacher)
-    if teacher is not None and not teacher.is_char and int(cfg.eval.generate_prompts) > 0:
+    generates = int(cfg.eval.generate_prompts) > 0 and int(cfg.eval.max_new_tokens) > 0
+    if teacher is not None and not teacher.is_char and generates:
         prepared.require_samples(
             "heldout", short=" to prompt the students with", fix="set --config.eval.generate_prompts=0, or "
         )
@@ -69,7 +70,7 @@ def run(ctx, *, teacher=None) -> dict:
                 StoreReader(paths.posterior, tokenizer_hash=prepared.tokenizer_hash),
                 teacher,
                 proxies,
-                float(json.loads(est_path.read_text())["kappa"]),
+                json.loads(est_path.read_text()),
                 batches("distill"),
                 scorer,
             )
