@@ -164,11 +164,17 @@ class SampleEncoder:
                     out[j] = seen[key] = self._alt_id(alts[j][0], raws[j])
         return out
 
-    def _alt_symbols(self, alts, raws) -> list[int]:
-        """The first-byte symbol of each alternative of one teacher position."""
-        return [
-            self._symbol(text) if raw is None else _symbol_of_bytes(text, raw) for (text, _), raw in zip(alts, raws)
-        ]
+    def _alt_symbols(self, alts, raws) -> list[int | None]:
+        """The first-byte symbol of each alternative of one teacher position; None where it is unknown: an
+        alternative spelled with a leading replacement character and no `bytes` (part of a UTF-8 character,
+        as vLLM's legacy layout spells it), whose mass is left in the teacher's unseen remainder."""
+        out: list[int | None] = []
+        for (text, _), raw in zip(alts, raws):
+            if raw is not None:
+                out.append(_symbol_of_bytes(text, raw))
+            else:
+                out.append(None if text.startswith("\ufffd") else self._symbol(text))
+        return out
 
     def encode_batch(self, samples: list[Sample]) -> list[Encoded | DataError]:
         """Encodes samples; an over-long sample yields a DataError in its place (unless truncating)."""
@@ -287,18 +293,23 @@ class SampleEncoder:
         return starts if b"".join(pieces) == text.encode("utf-8")[: starts[-1]] else None
 
     def _student_byte_starts(self, text: str, r_ids, offs) -> list[int | None]:
-        """Byte offset in the response where each of our response tokens starts (None: inside a character).
+        """Byte offset in the response where each of our response tokens starts (None: inside a character,
+        or a token whose bytes are not the response's there).
 
         Exact from our tokens' bytes when they spell the response (byte-level BPE); else from the
         character offsets, where a token that starts where the one before it starts begins inside
-        a character."""
+        a character, and a token whose bytes differ from the text at its start gets None: a first-byte
+        head there would not be about its first byte (SentencePiece's first token `▁the` holds a dummy
+        space that the response "the ..." does not; its tokens without bytes, such as `<unk>`)."""
         starts = self._spelled_starts(text, r_ids)
         if starts is not None:
             return starts[:-1]
-        c2b = _char_to_byte(text)
+        c2b, resp, pieces = _char_to_byte(text), text.encode("utf-8"), self._token_bytes
         starts, prev = [], None
-        for a, _ in offs:
-            starts.append(None if a == prev else int(c2b[int(a)]))
+        for t, (a, _) in zip(r_ids, offs):
+            b = int(c2b[int(a)])
+            piece = pieces[t] if 0 <= t < len(pieces) else None
+            starts.append(b if a != prev and piece and resp.startswith(piece, b) else None)
             prev = a
         return starts
 
@@ -333,7 +344,8 @@ class SampleEncoder:
             stats.mass_matched += masses[i]
             merged: dict[int, float] = {}
             for sym, p in zip(self._alt_symbols(alts, _alt_bytes_row(s, i, len(alts))), probs[i]):
-                merged[sym] = merged.get(sym, 0.0) + p
+                if sym is not None:
+                    merged[sym] = merged.get(sym, 0.0) + p
             best = _top(merged, self.topk)
             stats.positions_kept += 1
             stats.mass_kept += sum([p for _, p in best])
@@ -372,31 +384,69 @@ def _write_heads(t_ids: np.ndarray, t_lps: np.ndarray, heads: list[tuple[int, li
     t_lps[rows, cols] = np.log(np.array([p for _, best in heads for _, p in best], np.float64))
 
 
+_ENDED = -1  # where `_teacher_ends` puts an end-of-text token: nothing follows it
+
+
+def _teacher_ends(s: Sample, resp: bytes, i: int, c: int) -> list[int]:
+    """Where teacher token `i` ends if it starts at byte `c` of the response, the likeliest first: its
+    bytes (the corpus's `token_bytes` where given, else those of its string) if they continue the text;
+    without `tokens`, those of each alternative that does (the sampled token is one of them). `_ENDED`
+    for an end-of-text token at the end of the response."""
+    if s.teacher_tokens is not None or _given(s.teacher_token_bytes, i) is not None:
+        tok = s.teacher_tokens[i] if s.teacher_tokens is not None else ""
+        raw = _bytes_of(tok, _given(s.teacher_token_bytes, i))
+        ends = [c + len(raw)] if raw and resp.startswith(raw, c) else []
+    else:
+        tok, alts = "", s.teacher_alts[i]
+        raws = [_bytes_of(t, _alt_bytes(s, i, j)) for j, (t, _) in enumerate(alts)]
+        fits = [(lp, t, j) for j, (t, lp) in enumerate(alts) if t and raws[j] and resp.startswith(raws[j], c)]
+        ends = [c + len(raws[j]) for _, _, j in sorted(fits, reverse=True)]
+    if not ends and c == len(resp) and byte_head.teacher_symbol(tok) == byte_head.END_SYMBOL:
+        return [_ENDED]
+    return ends
+
+
 def _teacher_byte_spans(s: Sample) -> list[tuple[int, int] | None]:
     """Byte span of each teacher token in the response; None once its bytes stop matching. A final
     end-of-text token has the empty span at the end of the response. A token's bytes are the corpus's
     `token_bytes` where given (exact for a token holding part of a UTF-8 character, which the API
-    spells as a replacement character), else those of its string."""
-    resp, out, c = s.response.encode("utf-8"), [], 0
-    for i, alts in enumerate(s.teacher_alts):
-        if s.teacher_tokens is not None or _given(s.teacher_token_bytes, i) is not None:
-            tok = s.teacher_tokens[i] if s.teacher_tokens is not None else ""
-            raw = _bytes_of(tok, _given(s.teacher_token_bytes, i))
-        else:  # the sampled token: the likeliest alternative whose bytes continue the text
-            raws = [_bytes_of(t, _alt_bytes(s, i, j)) for j, (t, _) in enumerate(alts)]
-            fits = [(lp, t, j) for j, (t, lp) in enumerate(alts) if t and raws[j] and resp.startswith(raws[j], c)]
-            j = max(fits)[2] if fits else None
-            tok = alts[j][0] if j is not None else ""
-            raw = _bytes_of(tok, _alt_bytes(s, i, j) if j is not None else None)
-        if raw and resp.startswith(raw, c):
-            out.append((c, c + len(raw)))
-            c += len(raw)
-            continue
-        if c == len(resp) and byte_head.teacher_symbol(tok) == byte_head.END_SYMBOL:
-            out.append((c, c))
-            i += 1
-        out.extend([None] * (len(s.teacher_alts) - i))
-        break
+    spells as a replacement character), else those of its string. Without `tokens` each token is read
+    as the likeliest alternative that continues the text and lets the chain go on farthest (a likelier
+    " the" that is a prefix of the sampled " there" would stop it at the next token)."""
+    resp, n, out, c = s.response.encode("utf-8"), len(s.teacher_alts), [], 0
+    for i in range(n):  # each token's likeliest reading
+        ends = _teacher_ends(s, resp, i, c)
+        if not ends or ends[0] == _ENDED:
+            out += [(c, c)] if ends else []
+            break
+        out.append((c, ends[0]))
+        c = ends[0]
+    if len(out) < n and s.teacher_tokens is None:
+        out = _farthest_chain(s, resp)
+    return out + [None] * (n - len(out))
+
+
+def _farthest_chain(s: Sample, resp: bytes) -> list[tuple[int, int]]:
+    """The spans of the longest chain of teacher tokens laid end to end from the start of the response,
+    each token the likeliest reading (`_teacher_ends`) that still reaches the chain's length."""
+    reach, ends = [{0}], {}  # reach[i]: where token i may start; ends[i, c]: `_teacher_ends` there
+    while len(reach) <= len(s.teacher_alts):
+        i, nxt = len(reach) - 1, set()
+        for c in reach[-1] - {_ENDED}:
+            ends[i, c] = _teacher_ends(s, resp, i, c)
+            nxt.update(ends[i, c])
+        if not nxt:
+            break
+        reach.append(nxt)
+    good = [reach[-1]]  # where token i may start on a longest chain, from the last token backwards
+    for i in range(len(reach) - 2, -1, -1):
+        good.append({c for c in reach[i] - {_ENDED} if any(e in good[-1] for e in ends[i, c])})
+    good.reverse()
+    out, c = [], 0
+    for i in range(len(reach) - 1):
+        e = next(e for e in ends[i, c] if e in good[i + 1])
+        out.append((c, c if e == _ENDED else e))
+        c = e
     return out
 
 
