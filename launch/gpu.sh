@@ -6,7 +6,16 @@
 #   COORDINATOR=host0:1234 NUM_PROCESSES=2 PROCESS_ID=<0|1> launch/gpu.sh distill --config=...
 #   launch/gpu.sh --dry-run distill ...   prints the command, workers and environment, runs nothing
 set -euo pipefail
-cd "$(dirname "$0")/.."
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if [[ ! -d "${root}/proxykd_jax" && -n "${SLURM_JOB_ID:-}" ]]; then
+  # sbatch runs a copy of this script from slurmd's spool folder; the job starts where sbatch was called
+  root="${SLURM_SUBMIT_DIR:-$PWD}"
+fi
+if [[ ! -d "${root}/proxykd_jax" ]]; then
+  echo "error: launch/gpu.sh: ${root} is not the proxykd_jax repository; run (or sbatch) it from the repository root." >&2
+  exit 2
+fi
+cd "$root"
 dry_run=0
 if [[ "${1:-}" == "--dry-run" ]]; then
   dry_run=1

@@ -14,7 +14,9 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
+import signal
 import sys
 
 from proxykd_jax.errors import ConfigError, ProxyKDError, one_line
@@ -130,6 +132,65 @@ def _config_load_error(value: str | None, err: OSError) -> str:
     )
 
 
+def _overrides(argv: list[str]) -> list[tuple[str, str | None]]:
+    """(dotted field, value or None when not given with '=') of each `--config.FIELD[=VALUE]` in `argv`."""
+    out = []
+    for arg in argv:
+        name, eq, raw = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name.startswith(("config.", "noconfig.")):
+            out.append((name.split(".", 1)[1], raw if eq else None))
+    return out
+
+
+def _plain_config(value: str):
+    """The config file `value` (`path[:arg]`) loaded without overrides (a failed override leaves none;
+    ml_collections would apply the overrides in sys.argv again), or None where it does not load."""
+    import runpy
+
+    path_text, has_arg, arg = value.partition(":")
+    try:
+        get_config = runpy.run_path(path_text)["get_config"]
+        return get_config(arg) if has_arg else get_config()
+    except Exception:  # pylint: disable=broad-except  # it did not load: the override's message stands
+        return None
+
+
+def _unknown_field(cfg, argv: list[str]) -> str | None:
+    """The sentence for the first override in `argv` that names no field of `cfg` (None: all exist, or no cfg)."""
+    import difflib
+
+    for field, _ in _overrides(argv) if cfg is not None else ():
+        node, done = cfg, []
+        for part in field.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                near = difflib.get_close_matches(part, keys, n=1)
+                hint = f" (did you mean --config.{'.'.join(done + near)}?)" if near else ""
+                return f"--config.{field} names no config field{hint}"
+            node, done = node[part], done + [part]
+    return None
+
+
+def _check_tuple_overrides(cfg, argv: list[str]) -> None:
+    """Refuses a tuple field's override that looks like several elements but is not a Python tuple
+    (ml_collections would silently keep it as one string, `(a,b)` -> `('(a,b)',)`)."""
+    import ast
+
+    for field, raw in _overrides(argv):
+        node = cfg
+        for part in field.split("."):
+            node = node[part]
+        if not isinstance(node, tuple) or raw is None or not (raw.startswith(("(", "[")) or "," in raw):
+            continue
+        try:
+            ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            raise UserError(
+                f"--config.{field}={raw} is not a tuple: quote each string element, e.g. "
+                f"--config.{field}=\"('a', 'b')\" (or give the flag once per element)."
+            ) from None
+
+
 def _deferred_load_error(flag_values) -> OSError | None:
     """The OSError of a config file that failed to load (ml_collections keeps it in the flag's value)."""
     try:
@@ -155,19 +216,25 @@ def _run_stage(stage: str, argv: list[str]) -> int:
         "config", None, "Config file (`path.py` or `path.py:arg`).", flag_values=flag_values, lock_config=True
     )
     try:
-        flag_values(["proxykd"] + argv)
+        rest = flag_values(["proxykd"] + argv)[1:]
     except OSError as e:  # raised where an override first touches a config that failed to load
         raise UserError(_config_load_error(value, e)) from None
-    except (flags.Error, AttributeError, KeyError) as e:
+    except (flags.Error, AttributeError, KeyError, TypeError) as e:  # TypeError: a field under a str field
         deferred = _deferred_load_error(flag_values)
         if deferred is not None:  # an override named a field of a config that failed to load
             raise UserError(_config_load_error(value, deferred)) from None
-        msg = str(e).strip("\"'")
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # str(KeyError) is a repr
         if value is not None and "Error whilst parsing config file" in msg:
             raise UserError(_config_file_error(value, msg)) from None
+        msg = (_unknown_field(_plain_config(value), argv) if value is not None else None) or one_line(msg)
         raise UserError(
-            f"bad config override ({one_line(msg)}); `proxykd {stage} --help` lists the fields and their meaning."
+            f"bad config override ({msg}); `proxykd {stage} --help` lists the fields and their meaning."
         ) from None
+    if rest:  # absl leaves what is no flag: `--config.run.overwrite False` would silently mean True
+        raise UserError(
+            f"`proxykd {stage}` got the stray argument {rest[0]!r}; give every value with '=' "
+            "(--config.FIELD=VALUE, e.g. --config.run.overwrite=False)."
+        )
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags; ours live in flag_values
     cfg = flag_values.config
     if cfg is None:
@@ -176,6 +243,7 @@ def _run_stage(stage: str, argv: list[str]) -> int:
         cfg.keys()
     except OSError as e:
         raise UserError(_config_load_error(value, e)) from None
+    _check_tuple_overrides(cfg, argv)
 
     from proxykd_jax import config as config_lib
     from proxykd_jax import context, stages
@@ -205,6 +273,20 @@ def _run_stage(stage: str, argv: list[str]) -> int:
     return 0
 
 
+def _print(text: str) -> None:
+    """`print` that tolerates a closed pipe (`proxykd distill --help | head`)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # the reader is gone: drop the rest quietly (Python's own exit flush included)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _raise_interrupt(signum, frame) -> None:
+    """SIGTERM (kill, scancel, a batch system's time limit) as KeyboardInterrupt: the stage's context
+    managers then release the run-directory lock, as after Ctrl-C."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
@@ -213,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     for noisy in ("httpx", "httpx2", "httpcore", "absl", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        _print(USAGE)
         sys.exit(0 if argv else 2)
     stage, rest = argv[0], argv[1:]
     if stage == "plan":  # ahead-of-time memory/FLOPs plan of every stage's step (proxykd_jax/plan.py)
@@ -223,10 +305,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: proxykd: unknown stage {stage!r}; choose one of: {choices}.", file=sys.stderr)
         sys.exit(2)
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
-        print(stage_help(stage))
+        _print(stage_help(stage))
         sys.exit(0)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         sys.exit(_run_stage(stage, rest))
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, and the shell's status for that signal
+        name = str(e) if str(e) in ("SIGINT", "SIGTERM") else "SIGINT"
+        print(f"error: proxykd {stage}: interrupted ({name}); run the same command again to resume.", file=sys.stderr)
+        sys.exit(128 + signal.Signals[name].value)
     except (ProxyKDError, FileNotFoundError, FileExistsError) as e:
         # expected failures: one line, no traceback (anything else is a bug and keeps its traceback)
         print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
@@ -234,3 +321,5 @@ def main(argv: list[str] | None = None) -> None:
     except FloatingPointError as e:  # train.loop.TrainingDiverged: the message names the step
         print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

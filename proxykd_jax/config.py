@@ -367,6 +367,8 @@ def validate(
         from proxykd_jax.stages import STAGES
 
         groups = STAGES[stage].groups or groups
+    if "run" in cfg and "run" in groups and not str(cfg.run.dir).strip():  # "" would be the working directory
+        raise ConfigError("config.run.dir is empty; set --config.run.dir to the run directory (e.g. runs/r1).")
     for name in ("model", "proxy"):
         if name in cfg and name in groups:
             _check_model(name, cfg[name])

@@ -3,6 +3,9 @@ one-line comments (every field has one), and bad input exits 2 with one sentence
 
 from __future__ import annotations
 
+import os
+import pathlib
+import signal
 import subprocess
 import sys
 
@@ -11,6 +14,8 @@ import pytest
 from proxykd_jax import cli, stages
 from proxykd_jax import config as config_lib
 from proxykd_jax.context.artifacts import flatten
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_every_config_field_has_a_comment():
@@ -108,3 +113,119 @@ def test_config_file_errors_are_one_sentence(config, expect, tmp_path, monkeypat
     for want in expect:
         assert want in lines[0], f"{want!r} not in {lines[0]!r}"
     assert not run.exists()
+
+
+def _main(args: list[str], monkeypatch) -> int:
+    """`cli.main(args)` as `python -m proxykd_jax ARGS` runs it (ml_collections also reads sys.argv)."""
+    monkeypatch.setattr(sys, "argv", ["proxykd", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize(
+    "extra, expect",
+    [
+        (["--config.run.overwrite", "False"], "got the stray argument 'False'; give every value with '='"),
+        (["--", "--config.run.overwrite=True"], "got the stray argument '--config.run.overwrite=True'"),
+        (
+            ["--config.train.stesp=3"],
+            "(--config.train.stesp names no config field (did you mean --config.train.steps?))",
+        ),
+        (
+            ["--noconfig.run.overwrit"],
+            "--config.run.overwrit names no config field (did you mean --config.run.overwrite?)",
+        ),
+        (["--config.run.dir.x=1"], "(--config.run.dir.x names no config field)"),
+        (["--config.train.steps=1e3"], "invalid literal for int() with base 10: '1e3');"),
+        (["--config.collect.stop=(END,)"], "--config.collect.stop=(END,) is not a tuple: quote each string element"),
+        (["--config.align.lora.targets=wq,wv"], "--config.align.lora.targets=wq,wv is not a tuple"),
+        (["--config.collect.stop=('END', 'STOP')"], "prepared/manifest.json does not exist"),  # a tuple: accepted
+        (["--config.run.dir="], "config.run.dir is empty; set --config.run.dir"),
+    ],
+    ids=[
+        "bool-value-apart",
+        "after-double-dash",
+        "typo",
+        "typo-noflag",
+        "under-a-str-field",
+        "bad-int",
+        "unquoted-tuple",
+        "comma-string-for-tuple",
+        "quoted-tuple",
+        "empty-run-dir",
+    ],
+)
+def test_bad_overrides_are_one_sentence_naming_the_flag(extra, expect, tmp_path, monkeypatch, capsys):
+    """An override that would be dropped or misread (a value after a space, a field under a string, an
+    unquoted tuple of strings, an empty run.dir meaning the working directory) stops with one sentence
+    that names the flag, before anything is written."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run = tmp_path / "run"
+    assert _main(["prior", f"--config={REPO}/configs/demo.py", f"--config.run.dir={run}", *extra], monkeypatch) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and expect in lines[0] and "Traceback" not in err, err
+    assert "\\" not in lines[0] and not run.exists() and list(cwd.iterdir()) == []
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`proxykd distill --help | head` : the reader leaves early, and the help ends without a traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "proxykd_jax", "distill", "--help"], stdout=write, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(write)
+    assert result.returncode == 0 and "Traceback" not in result.stderr and "Error" not in result.stderr, result.stderr
+
+
+_INTERRUPTED_CHILD = """
+import sys, time
+from proxykd_jax import cli, stages
+
+def run_stage(name, ctx, **kw):  # a stage that runs until it is interrupted
+    print("running", flush=True)
+    time.sleep(120)
+
+stages.run_stage = run_stage
+sys.argv = ["proxykd", *sys.argv[1:]]
+cli.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_stage_says_so_in_one_line_and_releases_the_lock(signame, status, tmp_path):
+    """Ctrl-C, and SIGTERM (kill, scancel, a batch system's time limit), stop a stage with one line and the
+    shell's status for the signal; the run-directory lock is released (after SIGTERM a job re-queued on
+    another host would otherwise find it held)."""
+    prompts, run = tmp_path / "prompts.jsonl", tmp_path / "run"
+    prompts.write_text('{"id": "q0", "prompt": "hi"}\n')
+    argv = [sys.executable, "-c", _INTERRUPTED_CHILD, "collect", f"--config={REPO}/configs/demo.py"]
+    argv += [f"--config.run.dir={run}", f"--config.collect.prompts={prompts}", "--config.collect.base_url=http://x/v1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    with subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored, as in a terminal
+    ) as child:
+        try:
+            assert child.stdout.readline() == "running\n"
+            assert (run / "proxykd.lock").exists()
+            child.send_signal(getattr(signal, signame))
+            _, err = child.communicate(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+    assert child.returncode == status, err
+    assert err.strip().splitlines()[-1] == (
+        f"error: proxykd collect: interrupted ({signame}); run the same command again to resume."
+    )
+    assert "Traceback" not in err and not (run / "proxykd.lock").exists()

@@ -174,3 +174,26 @@ def test_one_process_stages_refuse_a_multi_process_start_before_connecting(stage
     ), result.stderr
     assert "2 processes" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_gpu_under_sbatch_runs_from_the_submit_folder(tmp_path):
+    """sbatch runs a copy of the script from slurmd's spool folder, so the script's own folder is not the
+    repository: it starts in the folder sbatch was called from (or says it needs the repository root)."""
+    spool = tmp_path / "spool" / "job77"
+    spool.mkdir(parents=True)
+    script = spool / "slurm_script"
+    shutil.copy(REPO / "launch" / "gpu.sh", script)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/usr/bin/env bash\necho "cwd=$PWD"\necho "argv=$*"\n')
+    (fake / "srun").chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "COORDINATOR", "NUM_PROC", "TPU_"))}
+    env = clean | {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_SUBMIT_DIR": str(REPO)}
+    result = subprocess.run(["bash", str(script), *ARGS], env=env, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"cwd={REPO}"
+    assert result.stdout.splitlines()[1].startswith("argv=--ntasks-per-node=1 .venv/bin/python -m proxykd_jax distill")
+    elsewhere = subprocess.run(
+        ["bash", str(script), *ARGS], env=env | {"SLURM_SUBMIT_DIR": str(tmp_path)}, cwd=tmp_path, capture_output=True
+    )
+    assert elsewhere.returncode == 2 and b"run (or sbatch) it from the repository root" in elsewhere.stderr
