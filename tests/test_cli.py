@@ -229,3 +229,16 @@ def test_an_interrupted_stage_says_so_in_one_line_and_releases_the_lock(signame,
         f"error: proxykd collect: interrupted ({signame}); run the same command again to resume."
     )
     assert "Traceback" not in err and not (run / "proxykd.lock").exists()
+
+
+def test_rope_scaling_can_be_overridden(tmp_path, monkeypatch, capsys):
+    """`model.rope_scaling` takes a tuple from the command line (as a list field, ml_collections refused
+    every override of it): a malformed one reaches the model config's check, a well-formed one passes it."""
+    cfg = [f"--config={REPO}/configs/demo.py", f"--config.run.dir={tmp_path / 'run'}"]
+    bad = "--config.model.rope_scaling=('llama3', 8.0)"
+    assert _main(["distill", *cfg, bad], monkeypatch) == 2
+    assert "model.rope_scaling must be None or ('llama3', factor" in capsys.readouterr().err
+    good = "--config.model.rope_scaling=('llama3', 8.0, 1.0, 4.0, 8192)"
+    assert _main(["distill", *cfg, good], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "model.rope_scaling" not in err and "prepared/manifest.json does not exist" in err, err

@@ -194,8 +194,8 @@ def default_config() -> ml_collections.ConfigDict:
     cd.d_ff = 128  # SwiGLU hidden width F
     cd.rope_theta = 10000.0  # RoPE base
     cd.rope_scaling = ml_collections.FieldReference(
-        None, field_type=list
-    )  # None or ["llama3", factor, low, high, orig_max_pos]
+        None, field_type=tuple
+    )  # None or ("llama3", factor, low, high, orig_max_pos)
     cd.rms_eps = 1e-5  # RMSNorm epsilon
     cd.qkv_bias = False  # bias on q/k/v projections (Qwen2)
     cd.tie_embeddings = False  # share the input embedding with the output layer
