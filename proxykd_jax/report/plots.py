@@ -89,10 +89,12 @@ def alignment(out: pathlib.Path, estimates: list[dict]) -> pathlib.Path:
             if not phases:
                 continue
             ys = np.asarray([[run.get(p, np.nan) for p in phases] for run in runs], np.float64)
+            mean, n = np.nanmean(ys, 0), np.sum(np.isfinite(ys), 0)
+            spread = np.sqrt(np.nansum((ys - mean) ** 2, 0) / np.maximum(n - 1, 1))  # sample std, as the tables
             ax.errorbar(
                 range(len(phases)),
-                np.nanmean(ys, 0),
-                yerr=np.nanstd(ys, 0),
+                mean,
+                yerr=spread,
                 marker="o",
                 color=color,
                 label=align,
