@@ -169,3 +169,34 @@ def test_top_logprobs_past_a_tiny_vocabulary_return_all_of_it(tmp_path):
         assert len(got) == 12 and np.all(got[want < -50] < -50)  # <pad> <bos> <unk>: blocked, 0 in float32
         np.testing.assert_allclose(got[want > -50], want[want > -50], atol=1e-4)
         np.testing.assert_allclose(lp["token_logprobs"][t], row[ids[3 + t]], atol=1e-4)
+
+
+def test_generation_config_end_tokens_stop_an_answer(tmp_path):
+    """A folder's generation_config.json may name several `eos_token_id`s (an instruct model ends its turn
+    with its own token, Llama 3's <|eot_id|>): each ends an answer ("stop", the token left out, as the eos);
+    before, only the tokenizer's eos did and the answer ran on to max_tokens."""
+    import pytest
+
+    from proxykd_jax.errors import ProxyKDError
+    from proxykd_jax.teacher.backends import _generation_stop_ids
+
+    rng = np.random.default_rng(1)
+    tok = build_bpe_tokenizer([" ".join(rng.choice(WORDS, size=8)) for _ in range(100)], 300, tmp_path / "tok")
+    cfg = ModelConfig(
+        vocab_size=len(tok), d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, d_ff=64, max_seq_len=64
+    )
+    model = Llama(cfg, rngs=nnx.Rngs(jax.random.key(3)))
+    prompt = [tok.encode("the cat sat on")]
+    kw = dict(n=1, temperature=0.0, top_p=1.0, max_tokens=12, logprobs=False, top_logprobs=0)
+    (free,) = LlamaBackend(model, tok, model_name="m").complete(prompt, **kw)[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    j = next(i for i in range(1, 12) if free.token_ids[i] not in free.token_ids[:i])  # a token's first use
+    (cut,) = LlamaBackend(model, tok, model_name="m", stop_ids=(free.token_ids[j],)).complete(prompt, **kw)[0]
+    assert cut.finish_reason == "stop" and cut.token_ids == free.token_ids[:j]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert _generation_stop_ids(tmp_path) == (2, 7)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 5, "bos_token_id": 1}))
+    assert _generation_stop_ids(tmp_path) == (5,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["<eot>"]}))
+    with pytest.raises(ProxyKDError, match=r"generation_config.json: eos_token_id must be a token id or a list"):
+        _generation_stop_ids(tmp_path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import pathlib
 import time
 
@@ -47,7 +48,9 @@ class LlamaBackend:
     that a running server compiles a handful of shapes, not one per request mix.
     """
 
-    def __init__(self, model, tokenizer, *, model_name: str, seed: int = 0, chat_format: str = ""):
+    def __init__(
+        self, model, tokenizer, *, model_name: str, seed: int = 0, chat_format: str = "", stop_ids: tuple = ()
+    ):
         import jax  # pylint: disable=import-outside-toplevel
 
         self.model, self.tok, self.model_name = model, tokenizer, model_name
@@ -56,6 +59,8 @@ class LlamaBackend:
             raise ValueError(
                 f"the tokenizer of {model_name!r} has no eos token; set eos_token in its tokenizer_config.json"
             )
+        # the eos, and the other tokens that end an answer (an instruct model's end of turn: `stop_ids`)
+        self.stop_ids = (self.eos_id,) + tuple(t for t in stop_ids if t != self.eos_id)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.max_context = model.cfg.max_seq_len
         self.chat_format = chat_format
@@ -128,7 +133,7 @@ class LlamaBackend:
             max_new_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
-            stop_tokens=(self.eos_id,),
+            stop_tokens=self.stop_ids,
             pad_id=self.pad_id,
             return_logprobs=bool(logprobs),
             top_logprobs=min(int(top_logprobs), self.model.cfg.vocab_size),  # a tiny vocabulary: all of it
@@ -141,7 +146,7 @@ class LlamaBackend:
         results = []
         for i in range(len(seqs)):
             length = int(lens_B[i])
-            stopped = length > 0 and int(toks_BxT[i, length - 1]) == self.eos_id
+            stopped = length > 0 and int(toks_BxT[i, length - 1]) in self.stop_ids
             keep = length - 1 if stopped else length
             results.append(
                 Completion(
@@ -229,6 +234,22 @@ class ToyBackend:
         return out
 
 
+def _generation_stop_ids(folder: pathlib.Path) -> tuple:
+    """The ids a folder's generation_config.json names as `eos_token_id` (one or a list: an instruct model
+    ends a turn with its own token, Llama 3's <|eot_id|>, besides the tokenizer's eos); () without one."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return ()
+    try:
+        ids = json.loads(path.read_text()).get("eos_token_id")
+    except (ValueError, AttributeError):
+        raise ProxyKDError(f"{path} is not a JSON object; fix it or remove it") from None
+    ids = [ids] if isinstance(ids, int) else ids or []
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ProxyKDError(f"{path}: eos_token_id must be a token id or a list of them, not {ids!r}")
+    return tuple(ids)
+
+
 def load_backend(cfg, *, load_model=None, place=None):
     """The backend named by the `serve` group: a Hugging Face folder or a known-teacher folder.
 
@@ -256,7 +277,8 @@ def load_backend(cfg, *, load_model=None, place=None):
             from proxykd_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
 
             _, model = (load_model or load_hf)(path, dtype=cfg.dtype)
-            return LlamaBackend(model, load_tokenizer(path), model_name=name, seed=cfg.seed)
+            stops = _generation_stop_ids(path)
+            return LlamaBackend(model, load_tokenizer(path), model_name=name, seed=cfg.seed, stop_ids=stops)
         from proxykd_jax.teacher.known import KnownTeacher  # pylint: disable=import-outside-toplevel
 
         teacher = KnownTeacher.load(str(path))
