@@ -32,7 +32,7 @@ import numpy as np
 from proxykd_jax.align import lora as lora_lib
 from proxykd_jax.align import objectives, phases
 from proxykd_jax.align import pairs as pairs_lib
-from proxykd_jax.errors import ConfigError, ProxyKDError
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.parallel import hosts
 
 log = logging.getLogger(__name__)
@@ -181,25 +181,15 @@ def make_round_pairs(
 
 
 def _check_phase_steps(phase: str, steps: int, field: str, value: int, optim_cfg) -> None:
-    """Refuses a phase of fewer steps than the `optim.grad_accum` micro-batches of one optimizer
-    update (it would never update the proxy), or a `field` (= `value`, 0: one pass over the pairs,
-    which `_whole_updates` rounds down instead) that is no whole number of updates (its last
-    micro-batches would be computed and never applied)."""
-    accum = int(optim_cfg.grad_accum)
-    if steps < accum:
-        setting = f"{field}={value}" + ("" if value else ": one pass over the round's pairs")
-        raise ConfigError(
-            f"align phase {phase} ({setting}) is shorter than the optim.grad_accum={accum} micro-batches of one "
-            f"optimizer update ({steps} < {accum} steps), so it would never update the proxy; raise {field} to at "
-            f"least {accum} or lower optim.grad_accum."
-        )
-    if value and steps % accum:
-        low = steps - steps % accum
-        raise ConfigError(
-            f"align phase {phase} ({field}={value}) is not a multiple of optim.grad_accum={accum}: its last "
-            f"{steps % accum} micro-batches would be computed and never applied to the proxy; set {field} to "
-            f"{low} or {low + accum}, or change optim.grad_accum."
-        )
+    """Refuses a phase that is no whole number of optimizer updates (`optim.check_whole_updates`); `field`
+    (= `value`; 0: one pass over the round's pairs, which the caller rounds down to whole updates) sets its
+    `steps`."""
+    from proxykd_jax.train import optim
+
+    setting = f"{field}={value}" + ("" if value else f": one pass over the round's pairs, {steps} steps")
+    optim.check_whole_updates(
+        steps, int(optim_cfg.grad_accum), setting=f"align phase {phase} ({setting})", field=field, model="proxy"
+    )
 
 
 def check_steps(acfg, optim_cfg) -> None:

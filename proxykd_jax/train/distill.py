@@ -33,7 +33,7 @@ import ml_collections
 from flax import nnx
 
 from proxykd_jax import data, losses, models, parallel, train
-from proxykd_jax.errors import ConfigError, ProxyKDError
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import hf
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.parallel import hosts
@@ -181,22 +181,11 @@ class _ProcessRows(grain.transforms.Map):
 
 
 def check_steps(train_cfg, optim_cfg) -> None:
-    """Refuses `train.steps` that are not whole optimizer updates of `optim.grad_accum` micro-batches:
-    the micro-batches after the last whole update would be trained on and never applied to the student
-    (fewer steps than one update: the student would never change)."""
-    steps, accum = int(train_cfg.steps), int(optim_cfg.grad_accum)
-    if steps < accum:
-        raise ConfigError(
-            f"config.train.steps={steps} is shorter than the optim.grad_accum={accum} micro-batches of one "
-            f"optimizer update, so the student would never be updated; raise train.steps to {accum} (or a "
-            "multiple of it) or lower optim.grad_accum."
-        )
-    if steps % accum:
-        raise ConfigError(
-            f"config.train.steps={steps} is not a multiple of optim.grad_accum={accum}: its last {steps % accum} "
-            f"micro-batches would be computed and never applied to the student; set train.steps to "
-            f"{steps - steps % accum} or {steps - steps % accum + accum}, or change optim.grad_accum."
-        )
+    """Refuses `train.steps` that are not whole optimizer updates of `optim.grad_accum` micro-batches."""
+    steps = int(train_cfg.steps)
+    train.optim.check_whole_updates(
+        steps, int(optim_cfg.grad_accum), setting=f"config.train.steps={steps}", field="train.steps", model="student"
+    )
 
 
 @dataclasses.dataclass

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from proxykd_jax.errors import ConfigError
+
 
 def default_config() -> ml_collections.ConfigDict:
     """Defaults of the `optim` config group."""
@@ -51,6 +53,24 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 def _decay_mask(params):
     """Weight decay on matrices only: norms' scales and biases (rank < 2) are not decayed."""
     return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def check_whole_updates(steps: int, accum: int, *, setting: str, field: str, model: str) -> None:
+    """Refuses `steps` micro-batches (`setting` says where they come from, `field` sets them) that are not
+    whole optimizer updates of `accum` (optim.grad_accum): fewer than one update never changes the `model`;
+    the micro-batches after the last whole update would be computed and never applied to it."""
+    if steps < accum:
+        raise ConfigError(
+            f"{setting} is shorter than the optim.grad_accum={accum} micro-batches of one optimizer update, so "
+            f"the {model} would never be updated; raise {field} to at least {accum} or lower optim.grad_accum."
+        )
+    if steps % accum:
+        low = steps - steps % accum
+        raise ConfigError(
+            f"{setting} is not a multiple of optim.grad_accum={accum}: its last {steps % accum} micro-batches would "
+            f"be computed and never applied to the {model}; set {field} to {low} or {low + accum}, or change "
+            "optim.grad_accum."
+        )
 
 
 class AccumulationState(NamedTuple):
