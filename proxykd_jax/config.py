@@ -149,7 +149,10 @@ _HINTS = {
     "prior.ngram_top_s": " (continuations kept per n-gram context: the posterior cannot use tables without any)",
 }
 _AT_MOST = (("collect.top_logprobs", 20), ("serve.port", 65535))
-_POSITIVE_FLOATS = ("optim.lr", "align.sft_lr", "align.dpo_lr", "distill.loss.temperature")
+_POSITIVE_FLOATS = ("optim.lr", "align.sft_lr", "align.dpo_lr", "distill.loss.temperature", "posterior.beta")
+# pseudo-counts, used as set where the empirical-Bayes fit is off: a negative or NaN one stores rows that do
+# not sum to one
+_NON_NEGATIVE_FLOATS = ("prior.kappa", "posterior.n_max")
 # (field, low, high, whether high is allowed): fractions and mixture weights.
 _FRACTIONS = (
     ("distill.loss.jsd_beta", 0.0, 1.0, False),
@@ -192,7 +195,9 @@ def _get(cfg, dotted: str):
     return node
 
 
-def _check_ranges(cfg, groups) -> None:
+def check_ranges(cfg, groups) -> None:
+    """The range tables above for the fields of `groups` (`validate` runs them; a stage run as a library
+    call, without it, may run its own groups')."""
     for field, low in _AT_LEAST:
         value = _get(cfg, field)
         if field.split(".")[0] not in groups or value is None:
@@ -208,6 +213,10 @@ def _check_ranges(cfg, groups) -> None:
         value = _get(cfg, field)
         if field.split(".")[0] in groups and value is not None and not float(value) > 0:
             raise ConfigError(f"config.{field}={value!r} must be a positive number.")
+    for field in _NON_NEGATIVE_FLOATS:
+        value = _get(cfg, field)
+        if field.split(".")[0] in groups and value is not None and not float(value) >= 0:
+            raise ConfigError(f"config.{field}={value!r} must be a non-negative number.")
     for field, high in _AT_MOST:
         value = _get(cfg, field)
         if field.split(".")[0] in groups and value is not None and value > high:
@@ -372,7 +381,7 @@ def validate(
     for name in ("model", "proxy"):
         if name in cfg and name in groups:
             _check_model(name, cfg[name])
-    _check_ranges(cfg, groups)
+    check_ranges(cfg, groups)
     if "data" in cfg and "split" in cfg.data and "data" in groups:
         _check_split(cfg)
     if "model" in cfg and "proxy" in cfg and cfg.model.vocab_size != cfg.proxy.vocab_size:

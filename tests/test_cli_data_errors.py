@@ -110,7 +110,7 @@ def test_every_default_and_preset_passes_validate():
     for name, args in (("demo", ()), ("llama", ("7b,70b",)), ("report", ())):
         cfg = runpy.run_path(f"{root}/configs/{name}.py")["get_config"](*args)
         for stage in STAGES:
-            config_lib._check_ranges(cfg, STAGES[stage].groups or tuple(cfg.keys()))
+            config_lib.check_ranges(cfg, STAGES[stage].groups or tuple(cfg.keys()))
             config_lib._check_align(cfg.align)
 
 

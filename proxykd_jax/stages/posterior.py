@@ -11,10 +11,11 @@ import logging
 import pathlib
 import time
 
+from proxykd_jax import config as config_lib
 from proxykd_jax.bayes import estimate
 from proxykd_jax.bayes.tables import built_with, load_prior
 from proxykd_jax.data.records import PreparedData
-from proxykd_jax.errors import ConfigError, ProxyKDError
+from proxykd_jax.errors import ProxyKDError
 
 log = logging.getLogger(__name__)
 ESTIMATE = "estimate.json"
@@ -25,23 +26,13 @@ def proxy_folder(ctx) -> pathlib.Path:
     return pathlib.Path(ctx.cfg.posterior.proxy or ctx.paths.proxy / "final").expanduser()
 
 
-def check_strengths(cfg) -> None:
-    """prior.kappa and posterior.n_max are pseudo-counts (used as set where the EB fit is off) and
-    posterior.beta a weight: a negative or NaN one would store a posterior that does not sum to one."""
-    fields = [("prior.kappa", cfg.prior.kappa, False), ("posterior.n_max", cfg.posterior.n_max, False)]
-    fields.append(("posterior.beta", cfg.posterior.beta, True))
-    for name, value, positive in fields:
-        if not (float(value) > 0 if positive else float(value) >= 0):
-            raise ConfigError(f"config.{name}={value!r} must be a {'positive' if positive else 'non-negative'} number.")
-
-
 def run(ctx) -> dict:
     """Writes (or resumes, or reuses) the posterior store; returns the estimate without the weights."""
     cfg, art = ctx.cfg, ctx.artifact("posterior")
     if art.done:
         log.info("posterior: %s is finished with these settings; reusing it", art.path)
         return art.summary
-    check_strengths(cfg)
+    config_lib.check_ranges(cfg, ("prior", "posterior"))  # kappa, n_max, beta: also for calls without the CLI
     folder = proxy_folder(ctx)
     if not (folder / "config.json").exists():
         raise ProxyKDError(
