@@ -112,20 +112,25 @@ class RunContext:
         except (TypeError, ValueError) as e:
             raise ProxyKDError(f"model config: {e}; see models/llama.py default_config() for the fields.") from None
 
-    def load_model(self, folder, *, dtype: str = "float32", param_dtype: str = "float32", group=None):
+    def load_model(self, folder, *, dtype: str = "float32", param_dtype: str = "float32", group=None, rows=None):
         """(ModelConfig, Llama) from a Hugging Face folder, every parameter streamed straight into its
         sharded array on the mesh (each process reads only the blocks its devices hold). `group` (a model
-        config group) says how it runs: remat, layer scan, attention path (config.json does not)."""
+        config group) says how it runs: remat, layer scan, attention path (config.json does not); `rows`
+        (seq_len, the field that sets it): refused before any weight is read where longer than the model's
+        max_seq_len."""
         from proxykd_jax.models.hf import RUN_FIELDS
 
         folder = pathlib.Path(folder).expanduser()
         if not (folder / "config.json").exists():
             raise ProxyKDError(f"{folder} is not a Hugging Face model folder (no config.json).")
+        if rows is not None:
+            folder_cfg = load_folder(folder, config_only=True, dtype=dtype, param_dtype=param_dtype)
+            self._require_fits(folder_cfg, *rows, f"the model in {folder}")
         run = None if group is None else {f: getattr(self.model_config(group), f) for f in RUN_FIELDS}
         return load_folder(folder, dtype=dtype, param_dtype=param_dtype, mesh=self.mesh, rules=self.rules, run=run)
 
     @staticmethod
-    def require_fits(model_cfg, seq_len: int, field: str, model: str) -> None:
+    def _require_fits(model_cfg, seq_len: int, field: str, model: str) -> None:
         """Refuses rows of `seq_len` positions (`field`) longer than `model`'s max_seq_len: the model was
         never trained at the positions past it, and RoPE would run there without a word."""
         if int(seq_len) > int(model_cfg.max_seq_len):
@@ -134,10 +139,10 @@ class RunContext:
                 f"{field} to at most {model_cfg.max_seq_len} (positions past it are ones the model never saw)."
             )
 
-    def init_model(self, name: str, seed: int):
+    def init_model(self, name: str, seed: int, *, rows=None):
         """(ModelConfig, sharded Llama) of config group `name`: its `init_from` folder (whose shapes and
         numerics must agree with the group; it runs as the group says: remat, scan, attention), else a
-        random init from `seed`, built directly into sharded memory."""
+        random init from `seed`, built directly into sharded memory. `rows` as in `load_model`."""
         from flax import nnx
 
         from proxykd_jax.models.llama import Llama
@@ -146,6 +151,8 @@ class RunContext:
         group = self.cfg[name]
         model_cfg = self.model_config(group)
         if not group.init_from:
+            if rows is not None:
+                self._require_fits(model_cfg, *rows, f"the {name}")
             return model_cfg, sharding.create_sharded_model(
                 Llama, self.mesh, self.rules, model_cfg, rngs=nnx.Rngs(params=seed)
             )
@@ -166,6 +173,8 @@ class RunContext:
                 f"{folder}/config.json disagrees with config.{name} on {', '.join(diff)}; make the {name} "
                 "group match the folder (or pick the matching preset)."
             )
+        if rows is not None:
+            self._require_fits(folder_cfg, *rows, f"the {name} in {folder}")
         return self.load_model(folder, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, group=group)
 
     # ------------------------------------------------------------------ metric sinks

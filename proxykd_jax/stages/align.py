@@ -57,9 +57,9 @@ def run(ctx, *, teacher_probs_fn=None) -> dict:
     preflight(PreparedData(ctx.paths.prepared), cfg.align)
     rounds.check_steps(cfg.align, cfg.optim)  # before the artifact is begun: a refused run leaves nothing behind
     data = rounds.AlignData.load(ctx.paths.prepared)
-    model_cfg, proxy = ctx.init_model("proxy", ctx.seed)  # a folder that cannot load stops before any write
     seq_len = int(cfg.align.seq_len or cfg.data.seq_len)
-    ctx.require_fits(model_cfg, seq_len, "align.seq_len" if cfg.align.seq_len else "data.seq_len", "the proxy")
+    rows = (seq_len, "align.seq_len" if cfg.align.seq_len else "data.seq_len")  # no longer than the proxy's context
+    model_cfg, proxy = ctx.init_model("proxy", ctx.seed, rows=rows)  # a folder that cannot load stops before any write
     art.begin()
     sink = ctx.sink(art.work)
     try:

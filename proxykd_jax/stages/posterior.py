@@ -39,8 +39,9 @@ def run(ctx) -> dict:
             f"{folder} does not exist: no aligned proxy; run `proxykd align` first or set --config.posterior.proxy=FOLDER."
         )
     prepared, tables = PreparedData(ctx.paths.prepared), load_prior(ctx.paths.prior)
-    model_cfg, model = ctx.load_model(folder, dtype=cfg.proxy.dtype, group=cfg.proxy)
-    ctx.require_fits(model_cfg, cfg.data.seq_len, "data.seq_len", f"the proxy in {folder}")
+    model_cfg, model = ctx.load_model(
+        folder, dtype=cfg.proxy.dtype, group=cfg.proxy, rows=(cfg.data.seq_len, "data.seq_len")
+    )
     vocab = int(prepared.manifest["tokenizer"]["vocab_size"])
     if tables.vocab_size != vocab:
         raise ProxyKDError(
