@@ -350,7 +350,7 @@ class Collector:
             pass
 
     async def _until_stopped(self, acquire):
-        """The grant of a limiter's `acquire` unless the run stops first (then cancels it: None)."""
+        """The grants `acquire` (`acquire_together`) returns, unless the run stops first (then cancels it: None)."""
         task, stop = asyncio.ensure_future(acquire), asyncio.ensure_future(self._stopped.wait())
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
