@@ -1,6 +1,9 @@
 """Mesh, logical-axis rules, sharded construction and sharded numerics on 8 simulated devices."""
 
 import dataclasses
+import http.server
+import importlib.util
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,7 @@ from proxykd_jax.parallel import (
     LOGICAL_RULES,
     create_sharded_model,
     default_config,
+    distributed,
     global_batch,
     logical_to_pspec,
     make_mesh,
@@ -167,6 +171,47 @@ def _dist(**kw):
     return cd
 
 
+def test_cloud_tpu_vm_slice_from_metadata(monkeypatch):
+    """A Cloud TPU VM names its slice's hosts only in its metadata (no environment variable): several
+    hosts there start jax.distributed; one host, or no metadata server, is a single process."""
+    asked = []
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append((self.path, self.headers.get("Metadata-Flavor")))
+            body = b"t1v-n-0,t1v-n-1,t1v-n-2,t1v-n-3"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"GCE_METADATA_IP": f"127.0.0.1:{server.server_port}"}
+    try:
+        real_find_spec = importlib.util.find_spec
+        assert distributed.tpu_vm_workers(env) == []  # no libtpu here: the metadata server is not asked
+        assert asked == []
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n: object() if n == "libtpu" else real_find_spec(n))
+        assert distributed.tpu_vm_workers(env) == ["t1v-n-0", "t1v-n-1", "t1v-n-2", "t1v-n-3"]
+        assert asked == [("/computeMetadata/v1/instance/attributes/worker-network-endpoints", "Google")]
+        assert resolve_distributed(_dist(), env).mode == "tpu"
+        assert distributed.tpu_vm_workers({**env, "TPU_SKIP_MDS_QUERY": "1"}) == []
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert distributed.tpu_vm_workers(env) == []  # the server is gone: a TPU machine outside Google Cloud
+    assert resolve_distributed(_dist(), {}, tpu_workers=lambda env: ["only-host"]).mode == "single"
+    assert resolve_distributed(_dist(auto=False), {}, tpu_workers=lambda env: ["a", "b"]).mode == "single"
+    # GKE's worker list wins over the metadata, as in jax
+    assert resolve_distributed(_dist(), {"TPU_WORKER_HOSTNAMES": "a"}, tpu_workers=lambda env: ["a", "b"]).mode == (
+        "single"
+    )
+
+
 def test_resolve_distributed_modes():
     assert resolve_distributed(_dist(), {}).mode == "single"
     plan = resolve_distributed(
@@ -184,6 +229,7 @@ def test_resolve_distributed_modes():
     assert resolve_distributed(_dist(), {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}).mode == "single"
     assert resolve_distributed(_dist(), {"TPU_WORKER_HOSTNAMES": "a,b,c,d"}).mode == "tpu"
     assert resolve_distributed(_dist(auto=False), {"TPU_WORKER_HOSTNAMES": "a,b"}).mode == "single"
+    assert resolve_distributed(_dist(), {"TPU_PROCESS_ADDRESSES": "a:8476,b:8476"}).mode == "tpu"
     with pytest.raises(ValueError, match="num_processes/process_id are not"):
         resolve_distributed(_dist(coordinator_address="h:1"), {})
     with pytest.raises(ValueError, match="without a coordinator"):

@@ -4,17 +4,21 @@ Order of precedence (the `mesh.distributed` config group):
 1. an explicit coordinator: `coordinator_address` / `num_processes` / `process_id` from config,
    each falling back to env JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID;
 2. with `auto`, a SLURM job step of several tasks (SLURM_JOB_ID and SLURM_NTASKS > 1) or a
-   multi-host TPU slice (TPU_WORKER_HOSTNAMES with several hosts): `jax.distributed.initialize()`
-   with no arguments, which reads the cluster from the environment;
+   multi-host TPU slice: `jax.distributed.initialize()` with no arguments, which reads the cluster
+   from the environment. A slice is recognised as jax recognises it: on GKE by the worker list in
+   TPU_PROCESS_ADDRESSES or TPU_WORKER_HOSTNAMES, on a Cloud TPU VM (where no variable names the
+   workers) by the VM metadata's `worker-network-endpoints`, asked only where libtpu is installed;
 3. otherwise a single process: nothing to start.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import os
-from collections.abc import Mapping
+import urllib.request
+from collections.abc import Callable, Mapping
 
 import jax
 
@@ -46,8 +50,32 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r} must be an integer.") from None
 
 
-def resolve_distributed(dist_cfg, env: Mapping[str, str] | None = None) -> DistributedPlan:
-    """Decides how to start from `dist_cfg` (the mesh.distributed group) and `env` (default os.environ)."""
+_METADATA = "http://{ip}/computeMetadata/v1/instance/attributes/worker-network-endpoints"
+
+
+def tpu_vm_workers(env: Mapping[str, str]) -> list[str]:
+    """The hosts of this Cloud TPU VM's slice from its metadata server; [] off a TPU VM.
+
+    Asked only where libtpu is installed (a CPU or GPU machine never waits on the network here) and
+    not where TPU_SKIP_MDS_QUERY is set (jax's own switch for "not a GCE TPU")."""
+    if env.get("TPU_SKIP_MDS_QUERY") is not None or importlib.util.find_spec("libtpu") is None:
+        return []
+    url = _METADATA.format(ip=env.get("GCE_METADATA_IP", "metadata.google.internal"))
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Metadata-Flavor": "Google"}), timeout=5) as r:
+            text = r.read().decode()
+    except OSError:  # no metadata server: a TPU machine outside Google Cloud
+        return []
+    return [w for w in text.split(",") if w.strip()]
+
+
+def resolve_distributed(
+    dist_cfg,
+    env: Mapping[str, str] | None = None,
+    tpu_workers: Callable[[Mapping[str, str]], list[str]] = tpu_vm_workers,
+) -> DistributedPlan:
+    """Decides how to start from `dist_cfg` (the mesh.distributed group) and `env` (default os.environ);
+    `tpu_workers` asks a Cloud TPU VM for its slice's hosts (replaced in tests)."""
     env = os.environ if env is None else env
     address = dist_cfg.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "").strip() or None
     num = dist_cfg.num_processes if dist_cfg.num_processes > 0 else _env_int(env, "JAX_NUM_PROCESSES")
@@ -69,7 +97,8 @@ def resolve_distributed(dist_cfg, env: Mapping[str, str] | None = None) -> Distr
     if dist_cfg.auto:
         if env.get("SLURM_JOB_ID") and (_env_int(env, "SLURM_NTASKS") or 1) > 1:
             return DistributedPlan("slurm")
-        hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+        listed = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")  # GKE, in jax's order
+        hosts = [h for h in listed.split(",") if h.strip()] if listed is not None else tpu_workers(env)
         if len(hosts) > 1:
             return DistributedPlan("tpu")
     return DistributedPlan("single")
