@@ -164,3 +164,35 @@ def test_packed_layout_sequences_give_the_masked_attention(seed):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12)
         for name, g, w in zip("qkv", got_vjp(cot), want_vjp(cot)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("implementation", ["blocked", "xla", "pallas"])
+def test_an_id_that_comes_back_is_a_segment_of_its_own(implementation):
+    """A row repeating a segment id after another one (or after padding) attends as cuDNN's packed
+    layout reads it: each run is its own document. Every path agrees with attention within the runs
+    (the emulated packed layout, float64), in value and q/k/v gradients; the raw ids' mask differs."""
+    length = 64
+    q, k, v, _, _, cot = _packed_batch(7, length=length)
+    seg = np.ones((3, length), np.int32)
+    seg[0, 20:40] = 2  # 1, 2, 1
+    seg[1, 10:30], seg[1, 30:36] = 2, 0  # 1, 2, padding, 1
+    seg[2, 30:] = 1  # one run (unchanged)
+    seg = jnp.asarray(seg)
+    pos = positions_from_segments(seg)
+    runs = attention.contiguous_segments(seg)
+    assert np.asarray(runs)[:, -1].tolist() == [3, 3, 1]
+
+    @jax.jit
+    def value_and_grads(q, k, v, cot):
+        out, vjp = jax.vjp(lambda *a: attention.self_attention(*a, pos, seg, implementation=implementation), q, k, v)
+        return out, vjp(cot)
+
+    out, grads = value_and_grads(q, k, v, cot)
+    with jax.enable_x64(True):
+        q64, k64, v64, cot64 = (jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, cot))
+        want, want_vjp = jax.vjp(lambda *a: _packed_sequences_attention(*a, seg, 8), q64, k64, v64)
+        raw = np.asarray(_dense_reference(q64, k64, v64, pos, seg))
+        assert np.abs(raw - np.asarray(want)).max() > 0.1  # the raw ids' mask lets run 3 see run 1
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+        for name, got, w in zip("qkv", grads, want_vjp(cot64)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(w), rtol=1e-4, atol=1e-5, err_msg=name)

@@ -3,7 +3,9 @@
 Every path computes the same masked grouped-query attention over packed rows: a query sees the keys
 of its own non-zero segment whose position is not after its own and whose index in the row is not
 after its own (index causality, which packed rows with per-segment positions already imply). Rows of
-padding queries (segment 0) come back as zeros on every path.
+padding queries (segment 0) come back as zeros on every path. A segment is one contiguous run of
+equal non-zero ids: an id that comes back later in the row starts a new segment (`self_attention`
+renumbers the runs first), as cuDNN's packed layout and `positions_from_segments` read a row.
 
 Implementations (`model.attention`):
 
@@ -342,6 +344,15 @@ def _per_shard(kernel, mesh, batch: int, kv_heads: int):
     )
 
 
+def contiguous_segments(segment_ids_BxL) -> jax.Array:
+    """Segment ids renumbered 1, 2, ... by contiguous run of each row (padding stays 0), so an id that
+    comes back after another one (or after padding) is a segment of its own on every path."""
+    prev_BxL = jnp.concatenate([jnp.zeros_like(segment_ids_BxL[:, :1]), segment_ids_BxL[:, :-1]], 1)
+    starts_BxL = (segment_ids_BxL != prev_BxL) & (segment_ids_BxL != 0)
+    runs_BxL = jnp.cumsum(starts_BxL, axis=1, dtype=jnp.int32)
+    return jnp.where(segment_ids_BxL != 0, runs_BxL, 0)
+
+
 def self_attention(
     q_BxLxHxE,
     k_BxLxGxE,
@@ -358,6 +369,7 @@ def self_attention(
     zero on padding queries (segment 0).
     """
     impl = resolve(implementation, q_BxLxHxE.dtype)
+    segment_ids_BxL = contiguous_segments(segment_ids_BxL)
     if impl == "blocked":
         out = self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL)
     elif impl == "cudnn":
