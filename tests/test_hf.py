@@ -1,6 +1,7 @@
 """HF import/export parity with transformers (torch, float32) on tiny random models."""
 
 import json
+import logging
 
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +187,51 @@ def test_a_malformed_index_is_refused_in_one_sentence(tmp_path, weight_map):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(ValueError, match=r"model.safetensors.index.json is not a safetensors index"):
         hf.load_hf(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rope_scaling=("llama3", 8.0, 1.0, 4.0, 16)),
+        dict(qkv_bias=True, rope_scaling=("llama3", 8.0, 1.0, 4.0, 16)),
+        dict(),
+    ],
+)
+def test_export_writes_legacy_rope_keys_beside_rope_parameters(tmp_path, kw):
+    """Readers older than transformers 5 (and vLLM versions before it) read only the top-level rope_theta and
+    rope_scaling (and torch_dtype); without them they run the model with theta 10000 and no scaling. Both forms carry the same
+    numbers, and transformers 5 and our loader read them back unchanged and without a warning."""
+    cfg = ModelConfig(
+        vocab_size=67,
+        d_model=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        d_ff=48,
+        max_seq_len=128,
+        rope_theta=500000.0,
+        **kw,
+    )
+    hf.save_hf(Llama(cfg, rngs=nnx.Rngs(0)), cfg, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_theta"] == written["rope_parameters"]["rope_theta"] == 500000.0
+    assert written["torch_dtype"] == written["dtype"] == cfg.param_dtype  # torch_dtype: transformers 4's name
+    if cfg.rope_scaling is None:
+        assert written["rope_scaling"] is None and written["rope_parameters"]["rope_type"] == "default"
+    else:
+        legacy = written["rope_scaling"]
+        assert legacy["rope_type"] == legacy["type"] == written["rope_parameters"]["rope_type"] == "llama3"
+        fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        assert [legacy[f] for f in fields] == [written["rope_parameters"][f] for f in fields] == [8.0, 1.0, 4.0, 16]
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        loaded = transformers.AutoConfig.from_pretrained(tmp_path)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not messages
+    assert {k: v for k, v in loaded.rope_parameters.items() if k != "type"} == written["rope_parameters"]
+    assert hf.read_config(tmp_path) == cfg

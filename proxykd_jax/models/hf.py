@@ -298,7 +298,15 @@ def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
     hf_cfg = Qwen2Config(**kwargs) if arch == "Qwen2ForCausalLM" else LlamaConfig(attention_bias=False, **kwargs)
     out = hf_cfg.to_dict()
     out["architectures"] = [arch]
-    out["dtype"] = cfg.param_dtype
+    out["dtype"] = out["torch_dtype"] = cfg.param_dtype  # torch_dtype: the name before transformers 5
+    # transformers 5 writes RoPE only as `rope_parameters`; readers before it (transformers 4, vLLM on it) read
+    # only top-level rope_theta / rope_scaling and would run theta 10000 without scaling. transformers 5 reads
+    # rope_scaling first, so both forms carry the same numbers.
+    rope = out["rope_parameters"]
+    out["rope_theta"] = rope["rope_theta"]
+    out["rope_scaling"] = None
+    if rope["rope_type"] != "default":
+        out["rope_scaling"] = {"type": rope["rope_type"], **{k: v for k, v in rope.items() if k != "rope_theta"}}
     return out
 
 
