@@ -6,7 +6,9 @@ links to the seed's, and students are distilled into the posterior's directory u
 variant's name. Every stage there follows the usual overwrite rule and resumes after `kill -9`. The teacher
 corpus is sampled straight from the known teacher (`write_corpus`, the `data.corpus` format). What no stage
 records, a setting's teacher, proxy init, prompts and corpora, is kept once written: the settings it was built
-with are in `<run>/<setting>/built_with.json`, and a report with others stops before any work.
+with are in `<run>/<setting>/built_with.json`, and a report with others stops before any work. The tables
+and plots show this run's plan only (`Runner.results`); results of earlier runs with other settings, seeds
+or variants stay under `results/`, named in one line of the report (`Runner.left_out`).
 """
 
 from __future__ import annotations
@@ -194,9 +196,58 @@ class Runner:
                 seed_run.estimates()
         return self.results()
 
+    def planned(self) -> dict[pathlib.Path, set[str]]:
+        """{each result file of this run's plan: the alignments of the plan's variants in its setting}: every
+        variant that applies and, where one of them distils from the full empirical-Bayes posterior (the one
+        the estimates measure), each seed's `estimates.json`; written yet or not."""
+        settings, seeds, variants = self.plan()
+        files = {}
+        for setting in settings:
+            names = variants_for(setting, variants)
+            aligns = {VARIANTS[n].align for n in names}
+            estimated = any(VARIANTS[n].align == "full" and VARIANTS[n].posterior in ("eb", "prioronly") for n in names)
+            for seed in seeds:
+                folder = self.out / "results" / setting / f"seed{seed}"
+                files |= {folder / f"{n}.json": aligns for n in names}
+                files |= {folder / "estimates.json": aligns} if estimated else {}
+        return files
+
     def results(self) -> list[dict]:
-        """Every result file under results/, as dicts."""
-        return [json.loads(p.read_text()) for p in sorted((self.out / "results").rglob("*.json"))]
+        """The results of this run's plan, as dicts; the estimates with the plan's alignments only. results/
+        may hold others, from earlier runs in this directory with other plans (`left_out`): they stay there."""
+        return [
+            _within(json.loads(p.read_text()), aligns)[0] if p.name == "estimates.json" else json.loads(p.read_text())
+            for p, aligns in self.planned().items()
+            if p.exists()
+        ]
+
+    def left_out(self) -> str | None:
+        """One line on the results on disk outside this run's plan (left out of its tables and plots, kept on
+        disk), or None where there are none."""
+        planned, root = self.planned(), self.out / "results"
+        others = [p.relative_to(root).parts for p in sorted(root.rglob("*.json")) if p not in planned]
+        settings, seeds, _ = self.plan()
+        seeds = [f"seed{s}" for s in seeds]
+        why = {  # what puts a file outside the plan: its setting, else its seed, else itself
+            "settings": {o[0] for o in others if o[0] not in settings},
+            "seeds": {
+                o[1].removeprefix("seed") for o in others if len(o) == 3 and o[0] in settings and o[1] not in seeds
+            },
+            "files": {o[-1] for o in others if len(o) != 3 or (o[0] in settings and o[1] in seeds)},
+        }
+        aligns = set()
+        for path, mine in planned.items():
+            if path.name == "estimates.json" and path.exists():
+                aligns.update(_within(json.loads(path.read_text()), mine)[1])
+        reasons = "; ".join(f"{k} {', '.join(sorted(v, key=lambda x: (len(x), x)))}" for k, v in why.items() if v)
+        what = [f"{len(others)} result file{'s' * (len(others) != 1)} ({reasons})"] if others else []
+        what += [f"the estimates of the proxies of alignment {', '.join(sorted(aligns))}"] if aligns else []
+        if not what:
+            return None
+        return (
+            "Results on disk outside this run's plan (from earlier runs in this directory) are left out of these "
+            f"tables and plots, and kept under results/: {' and '.join(what)}."
+        )
 
 
 @dataclasses.dataclass
@@ -376,6 +427,22 @@ class SeedRun:
         return out
 
 
+def _within(estimate: dict, aligns: set) -> tuple[dict, list[str]]:
+    """(`estimate` with only the aligned proxies of `aligns`, the alignments it left out): a seed's
+    estimates cover every aligned proxy in its folder, those of earlier runs with other variants too."""
+    extra = sorted((set(estimate.get("covers") or ()) | set(estimate.get("phases") or ())) - set(aligns))
+    if not extra:
+        return estimate, []
+    drop = {f"proxy ({a})" for a in extra}
+    out = dict(estimate, phases={a: p for a, p in estimate.get("phases", {}).items() if a not in extra})
+    for key in ("estimator_kl", "proxy_nats_per_byte"):
+        if key in out:
+            out[key] = {k: v for k, v in out[key].items() if k not in drop}
+    if "covers" in out:
+        out["covers"] = [a for a in out["covers"] if a not in extra]
+    return out, extra
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -420,10 +487,13 @@ def run_report(ctx, run_stage) -> list[dict]:
     for setting in settings:  # what each setting's folder is (about to be) built with
         if not (ctx.paths.root / setting / BUILT_WITH).exists():
             ctx.write_json(ctx.paths.root / setting / BUILT_WITH, depends_on(ctx.cfg, _BUILT_FROM))
-    results = runner.run()
+    results = runner.run()  # the plan's only: earlier runs' results under results/ stay there, left out
     estimates = [r for r in results if "estimator_kl" in r]
     variants = [r for r in results if "variant" in r]
-    md = tables.report_markdown(ctx.cfg, variants, estimates)
+    left_out = runner.left_out()
+    if left_out:
+        print(f"[report] {left_out}", flush=True)
+    md = tables.report_markdown(ctx.cfg, variants, estimates, left_out=left_out)
     if ctx.is_writer:
         pngs = plots.write_plots(art.work, variants, estimates)
         tmp = art.work / "report.md.tmp"

@@ -116,7 +116,9 @@ def phase_table(estimates: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(cfg, results: list[dict], estimates: list[dict]) -> str:
+def report_markdown(cfg, results: list[dict], estimates: list[dict], left_out: str | None = None) -> str:
+    """The report of `results` and `estimates` (this run's plan); `left_out`: a line on the results on disk
+    outside it, said under the introduction."""
     from proxykd_jax.report.settings import SETTINGS
 
     parts = [
@@ -127,6 +129,8 @@ def report_markdown(cfg, results: list[dict], estimates: list[dict]) -> str:
         f"layers, {cfg.train.steps} steps; {cfg.demo.num_prompts} prompts × {cfg.demo.samples_per_prompt} "
         f"teacher responses per seed.",
     ]
+    if left_out:
+        parts += ["", left_out]
     est_by = by_setting(estimates)
     for setting, rows in by_setting(results).items():
         est = est_by.get(setting, [])
