@@ -127,11 +127,16 @@ def test_a_plan_without_a_setting_or_the_estimated_posterior_leaves_them_out(tmp
         cfg.report.settings = "specialised,perturbed"
     run_stage("report", cfg)
     assert "## Setting: specialised" in (run / "report" / "report.md").read_text()
+    assert (run / "report" / "alignment.png").exists()
+    assert json.loads((run / "report" / "artifact.json").read_text())["summary"] == {"results": 2}
     # white_box distils from no posterior: the seed's estimates (of the full eb posterior) are not its plan's
     returned = run_stage("report", _cfg(run, "0", "white_box"))
     md = (run / "report" / "report.md").read_text()
     assert "## Setting: specialised" not in md and _row(md, VARIANTS["proxykd"].label) is None, md
     assert _row(md, VARIANTS["white_box"].label)[1] == "1" and _row(md, "prior") is None and "κ" not in md, md
     assert [r["variant"] for r in returned] == ["white_box"]
+    # no estimates in this plan: the earlier alignment plot is gone, not left beside a report that no longer shows it
+    assert not (run / "report" / "alignment.png").exists() and (run / "report" / "ablation.png").exists()
+    assert json.loads((run / "report" / "artifact.json").read_text())["summary"] == {"results": 1}
     note = [line for line in md.splitlines() if "left out" in line]
     assert len(note) == 1 and "4 result files (settings specialised; files proxykd.json, estimates.json)" in note[0]

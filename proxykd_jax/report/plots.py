@@ -107,7 +107,12 @@ def alignment(out: pathlib.Path, estimates: list[dict]) -> pathlib.Path:
     return _save(fig, out / "alignment.png")
 
 
+PLOTS = ("ablation.png", "curves.png", "alignment.png")
+
+
 def write_plots(out: pathlib.Path, results: list[dict], estimates: list[dict]) -> list[pathlib.Path]:
+    """Draws the plots `results` and `estimates` have data for into `out`; removes the others (an earlier
+    report's, which report.md would no longer show). Returns the paths drawn."""
     pngs = []
     if results:
         pngs += [ablation(out, results), curves(out, results)]
@@ -116,4 +121,6 @@ def write_plots(out: pathlib.Path, results: list[dict], estimates: list[dict]) -
     import matplotlib.pyplot as plt
 
     plt.close("all")
+    for name in set(PLOTS) - {p.name for p in pngs}:
+        (out / name).unlink(missing_ok=True)
     return pngs

@@ -499,7 +499,6 @@ def run_report(ctx, run_stage) -> list[dict]:
         tmp = art.work / "report.md.tmp"
         tmp.write_text(md + "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs))
         tmp.replace(art.work / "report.md")
-    if not art.done:
-        art.finish({"results": len(variants)})
+    art.finish({"results": len(variants)})  # again when redone with another plan: the record counts this one
     print(f"[report] done: {art.path / 'report.md'}", flush=True)
     return results
