@@ -48,6 +48,6 @@ def get_config(arg: str = "7b,70b"):
     _set_shape(cfg.model, student)
     _set_shape(cfg.proxy, proxy or student)
     cfg.run.dir = f"runs/{student}-from-{proxy or student}"
-    cfg.train.seq_len = 2048
+    cfg.train.seq_len = cfg.data.seq_len = 2048  # rows trained on; the longest sample prepare takes
     cfg.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
     return cfg.lock()

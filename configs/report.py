@@ -4,8 +4,8 @@ on a 2-core CPU (about an hour in all; one setting or one seed with --config.rep
     proxykd report --config=configs/report.py [--config.report.settings=specialised]
 
 The tiny models leave cores idle: one process per setting, each with its own --config.run.dir,
-ran all three settings (chartok included) in 22 minutes on 2 cores (BUILD_NOTES.md, "The report
-re-run at HEAD").
+ran all three settings (chartok included) in 19 minutes on 2 cores (BUILD_NOTES.md, "The demo's
+table, and the report re-run at `f3af64b`").
 
 Every field can be overridden (`proxykd report --help`); `report.*` is documented in
 proxykd_jax/report/config.py.

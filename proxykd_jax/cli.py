@@ -204,7 +204,9 @@ def _deferred_load_error(flag_values) -> OSError | None:
     return None
 
 
-def _run_stage(stage: str, argv: list[str]) -> int:
+def load_config(stage: str, argv: list[str]):
+    """The config of `--config=FILE[:ARG]` and its `--config.FIELD=VALUE` overrides in `argv` (locked);
+    one sentence (`UserError`) for a missing or broken file, an unknown or ill-typed field, a stray argument."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -228,7 +230,8 @@ def _run_stage(stage: str, argv: list[str]) -> int:
             raise UserError(_config_file_error(value, msg)) from None
         msg = (_unknown_field(_plain_config(value), argv) if value is not None else None) or one_line(msg)
         raise UserError(
-            f"bad config override ({msg}); `proxykd {stage} --help` lists the fields and their meaning."
+            f"bad config override ({msg}); `proxykd {stage if stage in STAGES else '<stage>'} --help` lists the "
+            "fields and their meaning."
         ) from None
     if rest:  # absl leaves what is no flag: `--config.run.overwrite False` would silently mean True
         raise UserError(
@@ -244,7 +247,11 @@ def _run_stage(stage: str, argv: list[str]) -> int:
     except OSError as e:
         raise UserError(_config_load_error(value, e)) from None
     _check_tuple_overrides(cfg, argv)
+    return cfg
 
+
+def _run_stage(stage: str, argv: list[str]) -> int:
+    cfg = load_config(stage, argv)
     from proxykd_jax import config as config_lib
     from proxykd_jax import context, stages
 
@@ -261,7 +268,7 @@ def _run_stage(stage: str, argv: list[str]) -> int:
         raise UserError(
             f"`proxykd {stage}` runs as one process ({why}), and this run starts {plan.num_processes or 'several'} "
             f"processes ({plan.mode} start-up); run it once on one host, without NUM_PROCESSES or a multi-host "
-            "launcher (the model stages align, posterior, distill, eval and export run on all of them)."
+            "launcher (prior and the model stages align, posterior, distill, eval and export run on all of them)."
         )
     distributed.maybe_initialize_distributed(cfg.mesh.distributed)
     import jax
@@ -270,6 +277,23 @@ def _run_stage(stage: str, argv: list[str]) -> int:
     config_lib.validate(cfg, stage, num_devices=jax.device_count(), process_count=jax.process_count())
     with context.create(cfg, stage) as ctx:
         stages.run_stage(stage, ctx)
+    return 0
+
+
+def _run_plan(argv: list[str]) -> int:
+    """`proxykd plan`: its own flags (`plan.arguments`), then the config as a stage reads it."""
+    from proxykd_jax import plan
+
+    known, rest = plan.arguments().parse_known_args(argv)
+    saved_argv, sys.argv = sys.argv, ["proxykd", "plan", *rest]  # ml_collections reads overrides from sys.argv
+    try:
+        cfg = load_config("plan", rest)
+        _print(plan.run(cfg, known))
+    except (ProxyKDError, ValueError) as e:
+        print(f"error: proxykd plan: {one_line(e)}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved_argv
     return 0
 
 
@@ -299,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     stage, rest = argv[0], argv[1:]
     if stage == "plan":  # ahead-of-time memory/FLOPs plan of every stage's step (proxykd_jax/plan.py)
-        sys.exit(__import__("proxykd_jax.plan", fromlist=["main"]).main(rest))
+        sys.exit(_run_plan(rest))
     if stage not in STAGES:
         choices = ", ".join([*STAGES, *COMMANDS])
         print(f"error: proxykd: unknown stage {stage!r}; choose one of: {choices}.", file=sys.stderr)

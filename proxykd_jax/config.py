@@ -3,7 +3,7 @@
 Each module that reads a config group owns that group's defaults through its own
 `default_config()`; `base_config()` puts the groups together, and the files under `configs/`
 change what differs. `validate` runs before any stage starts and speaks in one sentence per
-problem. Only the CLI and the config files import this module.
+problem. Only the CLI, the stages and the config files import this module.
 """
 
 from __future__ import annotations

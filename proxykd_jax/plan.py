@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 
 STEPS = ("distill", "sft", "sft_lora", "dpo", "dpo_lora", "posterior", "eval")
 _STEP_MODEL = {"distill": "model", "eval": "model"}  # the rest run the proxy
@@ -372,62 +371,48 @@ def format_table(plans: list[StepPlan], peak_flops: float, limit_gb: float) -> s
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    """`proxykd plan` entry point; returns the exit status (2 on bad input, with one sentence)."""
-    ap = argparse.ArgumentParser(prog="proxykd plan", description=__doc__.splitlines()[0])
+def arguments() -> argparse.ArgumentParser:
+    """The plan's own flags; the rest of the command line is the config (`--config=...`, overrides)."""
+    ap = argparse.ArgumentParser(
+        prog="proxykd plan",
+        description=__doc__.splitlines()[0],
+        usage="proxykd plan --config=CONFIG_FILE[:ARG] [--config.FIELD=VALUE ...] [options]",
+    )
     ap.add_argument("--devices", type=int, default=0, help="simulated devices (default: the mesh.shape product)")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak (H100 SXM dense bf16: 989)")
     ap.add_argument("--limit-gb", type=float, default=80.0, help="per-device memory the 'fits' column checks")
     ap.add_argument("--layers", default="", help="A,B: compile at A and B layers and extrapolate bytes to full depth")
-    known, rest = ap.parse_known_args(argv)
-    from absl import flags
-    from ml_collections import config_flags
+    return ap
 
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=flag_values, lock_config=True)
-    saved_argv = sys.argv
-    sys.argv = ["proxykd plan"] + rest  # ml_collections finds the --config.* overrides in sys.argv
-    try:
-        flag_values(sys.argv)
-    except (flags.Error, AttributeError, KeyError) as e:
-        print(f"proxykd plan: bad argument ({str(e).strip(chr(39))}).", file=sys.stderr)
-        return 2
-    finally:
-        sys.argv = saved_argv
-    cfg = flag_values.config
-    if cfg is None:
-        print("proxykd plan: needs --config=PATH (for example --config=configs/llama.py:7b,70b).", file=sys.stderr)
-        return 2
-    try:
-        sizes = [int(v) for v in dict(cfg.mesh.shape).values()]
-        n = known.devices or (math.prod(sizes) if all(s > 0 for s in sizes) else 0)
-        if n <= 0:
-            raise ValueError("mesh.shape has a -1 axis; pass --devices=N (the number of accelerators to plan for).")
-        simulate_devices(n)
-        import jax
 
-        from proxykd_jax.parallel.mesh import make_mesh
+def run(cfg, args: argparse.Namespace) -> str:
+    """The plan of `cfg` for the flags `args` (from `arguments()`), as the printed header and table;
+    ValueError (one sentence) on bad input."""
+    sizes = [int(v) for v in dict(cfg.mesh.shape).values()]
+    n = args.devices or (math.prod(sizes) if all(s > 0 for s in sizes) else 0)
+    if n <= 0:
+        raise ValueError("mesh.shape has a -1 axis; pass --devices=N (the number of accelerators to plan for).")
+    simulate_devices(n)
+    import jax
 
-        mesh = make_mesh(cfg.mesh, jax.devices()[:n])
-        steps = tuple(s for s in known.steps.split(",") if s)
-        if known.layers:
-            lo, hi = (int(x) for x in known.layers.split(","))
-            if not 0 < lo < hi:
-                raise ValueError(f"--layers needs two depths 0 < A < B, got {known.layers!r}.")
-            depth = {s: int((cfg.model if _STEP_MODEL.get(s) == "model" else cfg.proxy).num_layers) for s in steps}
-            plans = extrapolate(plan_steps(cfg, mesh, steps, lo), plan_steps(cfg, mesh, steps, hi), depth)
-            how = f"bytes and FLOPs extrapolated linearly from {lo} and {hi} layers"
-        else:
-            plans = plan_steps(cfg, mesh, steps)
-            how = "compiled at full depth"
-    except ValueError as e:
-        print(f"proxykd plan: {e}", file=sys.stderr)
-        return 2
-    print(
+    from proxykd_jax.parallel.mesh import make_mesh
+
+    mesh = make_mesh(cfg.mesh, jax.devices()[:n])
+    steps = tuple(s for s in args.steps.split(",") if s)
+    if args.layers:
+        lo, hi = (int(x) for x in args.layers.split(","))
+        if not 0 < lo < hi:
+            raise ValueError(f"--layers needs two depths 0 < A < B, got {args.layers!r}.")
+        depth = {s: int((cfg.model if _STEP_MODEL.get(s) == "model" else cfg.proxy).num_layers) for s in steps}
+        plans = extrapolate(plan_steps(cfg, mesh, steps, lo), plan_steps(cfg, mesh, steps, hi), depth)
+        how = f"bytes and FLOPs extrapolated linearly from {lo} and {hi} layers"
+    else:
+        plans = plan_steps(cfg, mesh, steps)
+        how = "compiled at full depth"
+    header = (
         f"mesh {dict(mesh.shape)} on {n} simulated CPU devices ({how}); per-device figures from the XLA:CPU "
-        f"compilation (an approximation of a GPU/TPU one); s@peak = model FLOPs / {known.peak_tflops:g} TFLOP/s "
+        f"compilation (an approximation of a GPU/TPU one); s@peak = model FLOPs / {args.peak_tflops:g} TFLOP/s "
         "(100% MFU); HLO FLOPs count a scanned layer once."
     )
-    print(format_table(plans, known.peak_tflops * 1e12, known.limit_gb))
-    return 0
+    return header + "\n" + format_table(plans, args.peak_tflops * 1e12, args.limit_gb)

@@ -4,7 +4,7 @@ simulated devices; memory and FLOPs reported, nothing allocated."""
 import ml_collections
 import pytest
 
-from proxykd_jax import plan
+from proxykd_jax import cli, plan
 from proxykd_jax.config import base_config
 from proxykd_jax.parallel.mesh import make_mesh
 
@@ -64,10 +64,27 @@ def test_cli_prints_table_and_rejects_bad_input(capsys):
         "--config.train.batch_size=8",
         "--config.train.seq_len=32",
     ]
-    assert plan.main(args) == 0
+    assert cli._run_plan(args) == 0
     out = capsys.readouterr().out
     assert "distill" in out and "eval" in out and "total GB" in out and "simulated CPU devices" in out
-    assert plan.main(args[:2] + ["--steps=distill,warp"]) == 2
+    assert cli._run_plan(args[:2] + ["--steps=distill,warp"]) == 2
     assert "unknown step(s) ['warp']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        plan.main(["--devices=nine"])
+        cli._run_plan(["--devices=nine"])
+
+
+@pytest.mark.parametrize(
+    "argv, sentence",
+    [
+        (["--config=nonexist.py"], "config file nonexist.py does not exist; give --config=PATH"),
+        (["--devices=8"], "`proxykd plan` needs --config=PATH"),
+        (["--config=configs/demo.py", "--config.train.batch_sise=8"], "train.batch_sise"),
+        (["--config=configs/demo.py", "--config.run.overwrite", "False"], "stray argument 'False'"),
+    ],
+)
+def test_plan_bad_config_is_one_sentence(argv, sentence, capsys):
+    """The plan reads its config as a stage does: a missing file, no --config, an unknown field or a stray
+    argument is one line (exit 2), never a traceback."""
+    assert cli._run_plan(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: proxykd plan: ") and sentence in err and len(err.strip().splitlines()) == 1, err

@@ -33,7 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.worker_buffer_size = 2  # batches' worth of samples each worker reads ahead (at least two chunks of 32)
     cd.store = ml_collections.ConfigDict()
     cd.store.k = 64  # top-k entries kept per response token
-    cd.store.index_dtype = "auto"  # "auto" (narrowest of uint16/packed bits/uint32), "uint16", "uint32", "bits"
+    cd.store.index_dtype = "auto"  # "auto" (uint16 up to 65,536 ids, else packed bits), "uint16", "uint32", "bits"
     cd.store.value_dtype = "uint8"  # "float32", "bfloat16", "float16", "uint8" (per-row linear; benchmarks/data.py: k=64 202 B/token, KL 3e-6)
     cd.store.tail_dtype = "float16"  # "float32" or "float16" for the tail mass
     cd.store.shard_mb = 256.0  # bytes of token data per store shard before it is finished

@@ -203,7 +203,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.param_dtype = "float32"  # storage dtype of parameters
     cd.dtype = "float32"  # compute dtype of activations (logits are always float32)
     auto = ml_collections.FieldReference("auto", field_type=object)  # a bool or "auto"
-    cd.scan_layers = auto  # True: lax.scan over the layers; False: unrolled loop; auto: unroll <= 8 layers w/o remat
+    cd.scan_layers = auto  # True: lax.scan over layers; False: unrolled; auto: unroll w/o remat (<= 8 layers on CPU)
     cd.remat = "none"  # per-layer rematerialisation: none, full, save_dots, dots_with_no_batch_dims, offload
     cd.attention = "auto"  # auto, blocked, xla, cudnn, cudnn_masked, pallas (models/attention.py)
     cd.attention_segments = PACKED_MAX_SEGMENTS  # cudnn: segments per row (a padding tail is free); more: the mask

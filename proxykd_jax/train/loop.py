@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.keep_checkpoints = 3  # keep the newest K checkpoints
     cd.log_every = 10  # write metrics (JSONL, TensorBoard, progress bar) every N steps
     cd.eval_every = 0  # run the eval step over the eval batches every N steps; 0 = never
-    cd.tensorboard = True  # also write TensorBoard event files under run_dir/tensorboard
+    cd.tensorboard = True  # also write TensorBoard event files into tensorboard/ beside the run's metrics.jsonl
     cd.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0 = measure a matmul in the model's compute dtype at start
     cd.progress = True  # show a tqdm progress bar (process 0)
     cd.steps_per_call = 0  # steps per compiled call (a scan); 0 = auto: up to 16 on CPU for runs >= 1000 steps, else 1
