@@ -1,7 +1,8 @@
 """`serve` on its own: the bad-request table, the body limit, tokenisation off the event loop,
 token bytes on the wire (chat `bytes`, completions `bytes:` strings and `text_offset`), the byte
-table of real tokenizers, and `serve` settings that must fail with one sentence (a busy port, an
-unwritable request log: before the model loads)."""
+table of real tokenizers, `serve` settings that must fail with one sentence (a busy port, an
+unwritable request log: before the model loads), and requests without `max_tokens` (to the context)
+sharing a few compiled programs."""
 
 import http.client
 import json
@@ -462,3 +463,90 @@ def test_a_cancelled_request_does_not_strand_its_batch():
     want = ToyBackend()._one(list(b"b"), 0, 0.0, 4, 0)  # greedy: the same on every call
     assert calls == [2] and got.token_ids == want.token_ids
     np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-12)
+
+
+def _tiny_llama_backend(tmp_path, max_seq_len):
+    """A one-layer project Llama with a byte-level BPE tokenizer behind `LlamaBackend`."""
+    import jax
+    from flax import nnx
+
+    from proxykd_jax.models.llama import Llama, ModelConfig
+    from proxykd_jax.teacher.backends import LlamaBackend
+
+    words = "the a cat dog sat ran on under mat log red blue big small fast slow one two three".split()
+    rng = np.random.default_rng(0)
+    tok = build_bpe_tokenizer([" ".join(rng.choice(words, size=8)) for _ in range(100)], 300, tmp_path / "tok")
+    cfg = ModelConfig(
+        vocab_size=len(tok), d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16, d_ff=64,
+        max_seq_len=max_seq_len,
+    )  # fmt: skip
+    return LlamaBackend(Llama(cfg, rngs=nnx.Rngs(jax.random.key(3))), tok, model_name="m"), words
+
+
+def test_requests_without_max_tokens_share_a_few_compiled_programs(tmp_path):
+    """Without `max_tokens` a request runs to the context: its limit (context - prompt) differs with every prompt
+    length, and was the static generation length, so each length compiled its own program. Now prompts of six
+    lengths share at most two programs, each answer still runs exactly to the context ("length" there, "stop" at
+    an end token), and equals the answer to an explicit `max_tokens` of that limit."""
+    from proxykd_jax.models import sampling
+
+    context = 64
+    backend, words = _tiny_llama_backend(tmp_path, context)
+    rng = np.random.default_rng(1)
+
+    def chat(content, **extra):
+        body = {"model": "m", "messages": [{"role": "user", "content": content}], "temperature": 0, "logprobs": True}
+        status, answer = post(srv.port, CHAT, json.dumps({**body, **extra}), timeout=300)
+        assert status == 200, answer
+        return answer
+
+    contents, lengths = [], set()
+    while len(contents) < 6:  # prompts of six token lengths in 17-31 (one power-of-two bucket)
+        content = " ".join(rng.choice(words, size=int(rng.integers(2, 12))))
+        n = len(backend.chat_ids([{"role": "user", "content": content}]))
+        if 17 <= n <= 31 and n not in lengths:
+            contents.append(content)
+            lengths.add(n)
+    with ServerThread(make_app(backend)) as srv:
+        before = sampling._generate._cache_size()
+        answers = [chat(c) for c in contents]
+        programs = sampling._generate._cache_size() - before
+        for answer in answers:
+            (choice,) = answer["choices"]
+            reached = answer["usage"]["total_tokens"] == context
+            assert choice["finish_reason"] == ("length" if reached else "stop"), answer["usage"]
+        for i in (0, 5):  # an explicit max_tokens of the same limit: the same answer
+            explicit = chat(contents[i], max_tokens=context - answers[i]["usage"]["prompt_tokens"])
+            got, want = answers[i]["choices"][0], explicit["choices"][0]
+            assert got["message"] == want["message"] and got["finish_reason"] == want["finish_reason"]
+            np.testing.assert_allclose(
+                [t["logprob"] for t in got["logprobs"]["content"]],
+                [t["logprob"] for t in want["logprobs"]["content"]],
+                rtol=1e-5,
+                atol=1e-5,
+            )
+    assert programs <= 2, programs  # before: one per prompt length (6)
+
+
+def test_prompts_to_the_context_in_one_call_answer_as_alone(tmp_path):
+    """A call whose short and long prompts run to the context is split by each prompt's own shape (one shape
+    for both would hold twice the context): each prompt, seeded or greedy, gets what it gets alone, in order,
+    running exactly to the context ("length") unless an end token stops it."""
+    context = 64
+    backend, words = _tiny_llama_backend(tmp_path, context)
+    prompts = [backend.encode(" ".join(words[:2])), backend.encode(" ".join(words * 2)[:150])]
+    assert len(prompts[0]) < 8 and len(prompts[1]) > 32
+    shapes, generate = [], backend._generate
+    backend._generate = lambda *args, **kw: shapes.append(args[3]) or generate(*args, **kw)  # (P, T) per call
+    for temperature, seeds in ((0.0, None), (1.0, [11, 12])):
+        kw = dict(n=2, temperature=temperature, top_p=1.0, max_tokens=1024, logprobs=True, top_logprobs=0)
+        shapes.clear()
+        both = backend.complete(prompts, **kw, seeds=seeds, to_context=True)
+        assert len(shapes) == 2 and max(map(sum, shapes)) <= context * 5 // 4, shapes  # one (P, T) was (64, 63)
+        for j, prompt in enumerate(prompts):
+            alone = backend.complete([prompt], **kw, seeds=seeds and seeds[j : j + 1], to_context=True)[0]
+            for got, want in zip(both[j], alone):
+                assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+                np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-6, atol=1e-6)
+                reached = len(prompt) + len(got.token_ids) == context
+                assert got.finish_reason == ("length" if reached else "stop")

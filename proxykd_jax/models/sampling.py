@@ -7,7 +7,9 @@ slots given segment 0 (invisible); every generated token of row b then sits at p
 and each gets exactly what it would get alone.
 
 Stop tokens: a row stops after emitting one; the stop token is kept in `tokens_BxT` and counted in
-`lengths_B`; later columns hold `pad_id` (log-probs 0). The loop ends early once every row stopped.
+`lengths_B`; later columns hold `pad_id` (log-probs 0). A row also stops at its own limit
+(`limits_B`, a traced array: rows of one compiled shape may each end at another length). The loop
+ends early once every row stopped.
 
 On a mesh (the model's parameters laid out by `NamedSharding`s) the KV cache is sharded as the
 logical axes say: rows over the `batch` mesh axes, key/value heads over the `kv_heads` axes
@@ -147,6 +149,7 @@ def _generate(
     temperature_B,
     top_p_B,
     *,
+    limits_B=None,
     max_new_tokens,
     top_k,
     stop_tokens,
@@ -159,6 +162,7 @@ def _generate(
     model = nnx.merge(graphdef, state)
     b, p = prompt_BxP.shape
     t_max = max_new_tokens
+    limits_B = jnp.full((b,), t_max, jnp.int32) if limits_B is None else limits_B
     cache = _constrain(model.init_cache(b, p + t_max), cache_sharding)
     positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     segments_BxP = (positions_BxP < prompt_lengths_B[:, None]).astype(jnp.int32)
@@ -196,12 +200,13 @@ def _generate(
             sample_from = sample_from.at[:, jnp.asarray(suppress_tokens, jnp.int32)].set(-jnp.inf)
         tok_B = sample_logits(sample_from, sub, temperature_B, top_p_B, top_k=top_k)
         tok_B = jnp.where(active_B, tok_B, pad_id)
+        lengths_B = c["lengths"] + active_B.astype(jnp.int32)
         c = dict(
             c,
             rng=rng,
             tokens=c["tokens"].at[:, c["t"]].set(tok_B),
-            lengths=c["lengths"] + active_B.astype(jnp.int32),
-            done=c["done"] | jnp.any(tok_B[:, None] == stop_S[None, :], axis=-1),
+            lengths=lengths_B,
+            done=c["done"] | jnp.any(tok_B[:, None] == stop_S[None, :], axis=-1) | (lengths_B >= limits_B),
         )
         if return_logprobs or top_logprobs:
             logp_BxV = jax.nn.log_softmax(c["logits"], axis=-1)
@@ -241,6 +246,7 @@ def generate(
     top_logprobs: int = 0,
     suppress_tokens=(),
     rules=None,
+    limits_B=None,
 ) -> GenerateOutput:
     """Samples up to `max_new_tokens` tokens after each left-aligned prompt.
 
@@ -251,6 +257,11 @@ def generate(
     [B] array of keys, one per row: then each row's tokens depend only on its own key and prompt,
     not on which other rows share the call (how `serve` honours per-request seeds). On a mesh the KV
     cache is sharded by `rules` (default: the standard logical-axis table; see `cache_shardings`).
+
+    `limits_B`: each row's own limit on new tokens, in [1, max_new_tokens] (traced: one compiled shape
+    serves rows and calls of other limits; None: `max_new_tokens` for every row). With it, what must fit
+    `model.max_seq_len` is each row's prompt length plus its limit (the positions it reaches), not P +
+    `max_new_tokens` (the cache's slots): a padded shape may then hold more slots than the context.
     """
     prompt_BxP = jnp.asarray(prompt_tokens_BxP, jnp.int32)
     if prompt_BxP.ndim != 2 or prompt_BxP.shape[1] == 0:
@@ -277,8 +288,20 @@ def generate(
             f"rng must be one typed key (jax.random.key) or {b} of them, got dtype {rng.dtype} and shape {rng.shape}."
         )
     limit = model.cfg.max_seq_len
-    if p + max_new_tokens > limit:
+    if limits_B is None and p + max_new_tokens > limit:
         raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds model.max_seq_len {limit}.")
+    if limits_B is not None and not isinstance(limits_B, jax.core.Tracer):
+        caps = np.asarray(limits_B)
+        if caps.shape != (b,) or caps.min() < 1 or caps.max() > max_new_tokens:
+            raise ValueError(f"limits_B must be {b} values in [1, {max_new_tokens}], got {caps.tolist()}.")
+        if not isinstance(prompt_lengths_B, jax.core.Tracer):
+            reach = np.asarray(prompt_lengths_B) + caps
+            if reach.max() > limit:
+                row = int(reach.argmax())
+                raise ValueError(
+                    f"row {row}: prompt length {int(np.asarray(prompt_lengths_B)[row])} + limit {int(caps[row])} "
+                    f"exceeds model.max_seq_len {limit}."
+                )
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef,
@@ -288,6 +311,7 @@ def generate(
         rng,
         jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,)),
         jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,)),
+        limits_B=None if limits_B is None else jnp.asarray(limits_B, jnp.int32),
         max_new_tokens=int(max_new_tokens),
         top_k=int(top_k),
         stop_tokens=tuple(int(s) for s in stop_tokens),

@@ -22,6 +22,28 @@ def _next_pow2(x: int, floor: int = 1) -> int:
     return max(floor, 1 << max(0, int(x) - 1).bit_length())
 
 
+def generation_shape(prompt_len: int, limit: int, max_tokens: int, context: int) -> tuple[int, int]:
+    """(P, T): the padded prompt length and generated length of one `generate` call whose longest prompt has
+    `prompt_len` tokens and whose largest row limit is `limit` (each row's limit is traced, `generate`'s
+    `limits_B`). Both come from small sets (powers of two, `max_tokens`, the context less one of those or
+    half of one), so a server compiles a few shapes, not one per prompt length.
+
+    P + T stays within `context` where such a shape exists (always for rows that share one limit that fits:
+    an explicit `max_tokens`); else (a prompt that runs to the context, padded) the cache holds more slots
+    than the context (for one prompt: under half more, a quarter for a power-of-two context), while each
+    row's positions stay within it.
+    """
+    t = min(max_tokens, _next_pow2(limit), context - 1)  # (a prompt has a token)
+    p = min(_next_pow2(prompt_len, floor=8), context)
+    if p + t <= context:
+        return p, t
+    if prompt_len + t <= context:  # the prompt padded to what the context leaves
+        return context - t, t
+    # no shape within the context: the padding of P or of T spills past it; the fewest slots of three shapes
+    options = [(context - t // 2, t), (p, min(t, context - p // 2)), (p, t)]
+    return min([(pp, tt) for pp, tt in options if pp >= prompt_len and tt >= limit], key=sum)
+
+
 @functools.cache
 def _row_keys_fn():
     """The jitted key builder of `LlamaBackend` (jax is imported only when a model is served)."""
@@ -44,8 +66,9 @@ def _row_keys_fn():
 class LlamaBackend:
     """A project `Llama` behind one jitted `generate` per call.
 
-    Every call's sequences (prompts x n) are padded to a power-of-two batch and prompt length so
-    that a running server compiles a handful of shapes, not one per request mix.
+    Every call's sequences (prompts x n) are padded to a power-of-two batch and to a prompt and
+    generated length from `generation_shape`, each row stopping at its own limit, so that a running
+    server compiles a handful of shapes, not one per request mix or prompt length.
     """
 
     def __init__(
@@ -114,23 +137,52 @@ class LlamaBackend:
                 seeded[i], hi[i], lo[i] = True, seed >> 32, seed & 0xFFFFFFFF
         return _row_keys_fn()(self._key, np.uint32(self._calls), seeded, hi, lo, np.uint32(n))
 
-    def complete(self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs, seeds=None):
+    def complete(
+        self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs, seeds=None, to_context=False
+    ):
+        context = self.max_context
+        limits = [min(max_tokens, context - len(p)) if to_context else max_tokens for p in prompts]
+        shape = generation_shape(max(map(len, prompts)), max(limits), max_tokens, context)
+        groups = {shape: list(range(len(prompts)))}
+        if to_context and sum(shape) > context:  # long and short prompts to the context: each shape's own call,
+            groups = {}  # so that the cache stays near the context (one shape for all would take up to twice it)
+            for j, p in enumerate(prompts):
+                groups.setdefault(generation_shape(len(p), limits[j], max_tokens, context), []).append(j)
+        out = [None] * len(prompts)
+        for shape, js in groups.items():
+            rows = self._generate(
+                [prompts[j] for j in js],
+                [limits[j] for j in js],
+                [seeds[j] for j in js] if seeds is not None else None,
+                shape,
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                logprobs=logprobs,
+                top_logprobs=top_logprobs,
+            )
+            for j, row in zip(js, rows):
+                out[j] = row
+        return out
+
+    def _generate(self, prompts, limits, seeds, shape, *, n, temperature, top_p, logprobs, top_logprobs):
+        """n completions of each prompt, each at most its limit, in one `generate` call of `shape` (P, T)."""
         from proxykd_jax.models.sampling import generate  # pylint: disable=import-outside-toplevel
 
         seqs = [p for p in prompts for _ in range(n)]
-        b, p = _next_pow2(len(seqs)), _next_pow2(max(len(s) for s in seqs), floor=8)
-        p = min(p, self.max_context - max_tokens)
+        b, (p, t) = _next_pow2(len(seqs)), shape
         tokens_BxP = np.full((b, p), self.pad_id, np.int32)
-        lengths_B = np.ones((b,), np.int32)
+        lengths_B, limits_B = np.ones((b,), np.int32), np.ones((b,), np.int32)  # padding rows: one token
         for i, s in enumerate(seqs):
-            tokens_BxP[i, : len(s)], lengths_B[i] = s, len(s)
+            tokens_BxP[i, : len(s)], lengths_B[i], limits_B[i] = s, len(s), limits[i // n]
         self._calls += 1
         out = generate(
             self.model,
             tokens_BxP,
             lengths_B,
             self._row_keys(len(prompts), n, b, seeds),
-            max_new_tokens=max_tokens,
+            max_new_tokens=t,
+            limits_B=limits_B,
             temperature=temperature,
             top_p=top_p,
             stop_tokens=self.stop_ids,
@@ -153,7 +205,7 @@ class LlamaBackend:
                     token_ids=toks_BxT[i, :keep].tolist(),
                     finish_reason="stop" if stopped else "length",
                     logprobs=lp_BxT[i, :keep].tolist() if lp_BxT is not None else None,
-                    top=[list(zip(top_ids[i, t].tolist(), top_lp[i, t].tolist())) for t in range(keep)]
+                    top=[list(zip(top_ids[i, k].tolist(), top_lp[i, k].tolist())) for k in range(keep)]
                     if top_ids is not None
                     else None,
                 )
@@ -217,15 +269,18 @@ class ToyBackend:
             ids, "stop" if length < max_tokens else "length", logp_TxA[np.arange(length), pick_T].tolist(), top
         )
 
-    def complete(self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs, seeds=None):
+    def complete(
+        self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs, seeds=None, to_context=False
+    ):
         del top_p  # the toy ignores nucleus truncation
         self._calls += 1
         if self.latency_s:
             time.sleep(self.latency_s)
         seeds = seeds or [None] * len(prompts)
+        limits = [min(max_tokens, self.max_context - len(p)) if to_context else max_tokens for p in prompts]
         out = [
-            [self._one(p, j, temperature, max_tokens, top_logprobs, seed) for j in range(n)]
-            for p, seed in zip(prompts, seeds)
+            [self._one(p, j, temperature, limit, top_logprobs, seed) for j in range(n)]
+            for p, seed, limit in zip(prompts, seeds, limits)
         ]
         if not logprobs:
             for row in out:

@@ -16,10 +16,12 @@ A backend is any object with
       context (chosen tokens' bytes concatenate to the UTF-8 that `decode(ids)` decodes)
   max_context: int (prompt + max_tokens limit)
   complete(prompts: list[list[int]], *, n, temperature, top_p, max_tokens, logprobs, top_logprobs,
-           seeds: list[int | None] | None = None)
+           seeds: list[int | None] | None = None, to_context: bool = False)
       -> per prompt, n `Completion`s (end-of-sequence stripped; stop strings are applied here).
       A prompt with a seed (the request's `seed` field) gets the same completions whatever else
-      shares the call.
+      shares the call. With `to_context` (a request without a limit) each prompt's limit is
+      min(max_tokens, max_context - its length): the call's settings do not depend on prompt
+      lengths, so such requests batch together and `LlamaBackend` compiles a few shapes for them.
 """
 
 from __future__ import annotations
@@ -264,10 +266,17 @@ def make_app(
                 )
 
     async def generate(prompts, n, temperature, top_p, max_tokens, logprobs, k, seed=None):
+        """`max_tokens` None: each prompt up to the context, and at most this server's limit."""
         if app.state.batcher is None:  # created inside the server's event loop
             app.state.batcher = Batcher(backend, batch_window_ms / 1000.0, max_batch)
         params = dict(
-            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=logprobs, top_logprobs=k
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens or max_tokens_limit,
+            logprobs=logprobs,
+            top_logprobs=k,
+            to_context=max_tokens is None,
         )
         return await app.state.batcher.submit(prompts, params, seed)
 
@@ -367,9 +376,8 @@ def make_app(
             check_text([m["content"]], f"messages.{i}.content")
         size = sum(len(m["content"]) for m in messages)
         prompts = [await off_loop(size, backend.chat_ids, messages)]
-        if max_tokens is None:  # as in the OpenAI API: up to the context (and this server's limit)
-            max_tokens = max(1, min(max_tokens_limit, backend.max_context - len(prompts[0])))
-        check_lengths(prompts, max_tokens, "messages")
+        # no max_tokens: as in the OpenAI API, up to the context (and this server's limit); room for one token
+        check_lengths(prompts, max_tokens or 1, "messages")
         logprobs = req.logprobs or k > 0
         outs = (await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, logprobs, k, req.seed))[0]
         return await off_loop(response_size(outs, k, req.stops), chat_body, req, prompts, outs)
@@ -382,9 +390,8 @@ def make_app(
         check_text(req.prompt, "prompt")
         size = sum(len(t) for t in req.prompt)
         prompts = await off_loop(size, lambda: [backend.encode(t) for t in req.prompt])
-        if max_tokens is None:  # an explicit null: as in chat, up to the context (and this server's limit)
-            max_tokens = max(1, min(max_tokens_limit, backend.max_context - max(len(ids) for ids in prompts)))
-        check_lengths(prompts, max_tokens, "prompt")
+        # an explicit null: as in chat, each prompt up to the context (and this server's limit)
+        check_lengths(prompts, max_tokens or 1, "prompt")
         logprobs = req.logprobs is not None
         outs = await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, logprobs, k, req.seed)
         return await off_loop(
