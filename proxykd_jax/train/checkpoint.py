@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import pathlib
 import sys
-import threading
 
 import grain
 import jax
@@ -78,44 +77,46 @@ def _config_mismatch(stored_shapes: dict, target_shapes: dict) -> str | None:
     return None
 
 
-_LOOP_CLOSED_NOISE = (
-    "Traceback (most recent call last):",
-    "asyncio/base_events.py",
-    "self._check_closed()",
-    "raise RuntimeError('Event loop is closed')",
-    "RuntimeError: Event loop is closed",
-)
+class _WithoutClosedLoopReports:
+    """A `sys.unraisablehook` that passes on everything but tensorstore's reports of reads that finished
+    after orbax closed the event loop awaiting them.
+
+    Orbax awaits tensorstore reads with `asyncio.gather` on a loop of its own and closes that loop as
+    soon as one read fails (a damaged file). When a read still in flight finishes, tensorstore's
+    `Future.__await__` callback calls the closed loop's `call_soon_threadsafe` from tensorstore's
+    threads and hands the RuntimeError to `PyErr_WriteUnraisable` with no object: the default hook
+    prints a bare `RuntimeError: Event loop is closed` traceback. Nothing waits for those reads; the
+    restore's own error says what failed."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def __call__(self, unraisable) -> None:
+        if not _is_closed_loop_report(unraisable):
+            self.hook(unraisable)
 
 
-class _WithoutLoopClosedNoise:
-    """sys.stderr without the lines of `RuntimeError: Event loop is closed` tracebacks.
-
-    When a restore fails, tensorstore reads still in flight complete after orbax closed its event
-    loop, and tensorstore prints each one's traceback from its own threads (through sys.stderr, not
-    through any hook). They say nothing the CheckpointError does not, and would bury it."""
-
-    def __init__(self, stream):
-        self.stream, self.pending, self.lock = stream, "", threading.Lock()
-
-    def write(self, text: str) -> int:
-        with self.lock:
-            self.pending += text
-            *lines, self.pending = self.pending.split("\n")
-            for line in lines:
-                if not any(noise in line for noise in _LOOP_CLOSED_NOISE):
-                    self.stream.write(line + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
+def _is_closed_loop_report(unraisable) -> bool:
+    """Whether `unraisable` is exactly tensorstore's closed-loop report: a RuntimeError('Event loop is
+    closed') raised in asyncio's `call_soon_threadsafe` as called from native code, with no object."""
+    if unraisable.object is not None or unraisable.err_msg is not None:
+        return False
+    if unraisable.exc_type is not RuntimeError or str(unraisable.exc_value) != "Event loop is closed":
+        return False
+    tb = unraisable.exc_traceback
+    if tb is None:
+        return False
+    frame = tb.tb_frame  # the outermost Python frame: the one native code called
+    return frame.f_code.co_name == "call_soon_threadsafe" and frame.f_globals.get("__name__") == "asyncio.base_events"
 
 
-def _quiet_closed_loop_reports() -> None:
-    if not isinstance(sys.stderr, _WithoutLoopClosedNoise):
-        sys.stderr = _WithoutLoopClosedNoise(sys.stderr)
+def _route_closed_loop_reports() -> object | None:
+    """Installs the hook above; returns the hook it wraps, or None when it was installed already."""
+    previous = sys.unraisablehook
+    if isinstance(previous, _WithoutClosedLoopReports):
+        return None
+    sys.unraisablehook = _WithoutClosedLoopReports(previous)
+    return previous
 
 
 class Checkpointer:
@@ -157,11 +158,20 @@ class Checkpointer:
 
         `target` is a TrainState of arrays or ShapeDtypeStructs with `.sharding` (see
         `state.abstract_like`); the mesh may differ from the one that saved. The data iterator,
-        when given and saved, is moved to the saved position.
+        when given and saved, is moved to the saved position. A restore that fails leaves
+        `sys.unraisablehook` wrapped in `_WithoutClosedLoopReports`: reads it left in flight may finish later.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory} to restore.")
+        previous = _route_closed_loop_reports()  # reads of a damaged checkpoint may outlive a failed restore
+        restored = self._restore(step, target, data_iter)
+        hook = sys.unraisablehook  # every read finished: put back the hook this restore wrapped
+        if previous is not None and isinstance(hook, _WithoutClosedLoopReports) and hook.hook is previous:
+            sys.unraisablehook = previous
+        return restored
+
+    def _restore(self, step: int, target: TrainState, data_iter) -> TrainState:
         mismatch = self._mismatch(step, target)
         if mismatch is not None:  # a good checkpoint of another model or optimizer: never advise deleting it
             raise CheckpointError(
@@ -180,16 +190,13 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         elif kind == "json":
             items["data"] = ocp.args.JsonRestore()
-        stderr = sys.stderr
-        _quiet_closed_loop_reports()  # reads failing in tensorstore's threads report before the restore returns
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # tensorstore, orbax and JSON failures of damaged files share no base class
             if not _looks_damaged(e):
-                sys.stderr = stderr
                 raise
             # The asyncio logger's reports of the same failure ("Future exception was never retrieved"
-            # per failed read) go to the original stderr through its handlers, past the filter above.
+            # per failed read) go to the original stderr through its handlers.
             logging.getLogger("asyncio").disabled = True
             reason = one_line(str(e).split("[tensorstore_spec")[0])[:160]
             raise CheckpointError(
@@ -197,7 +204,6 @@ class Checkpointer:
                 f"damaged: delete {self.directory / str(step)} to resume from the checkpoint before it, or re-run "
                 "with --config.run.overwrite=True to start over."
             ) from None
-        sys.stderr = stderr
         if kind == "json":
             data_iter.set_state(restored["data"])
         return restored["state"]

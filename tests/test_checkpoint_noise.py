@@ -1,0 +1,115 @@
+"""A restore of a damaged checkpoint ends in one CheckpointError, with no `RuntimeError: Event loop is
+closed` tracebacks above it, and hides nothing else.
+
+How they arise: orbax awaits tensorstore reads with `asyncio.gather` on an event loop of its own, which
+it closes as soon as one read fails. A read still in flight then finishes: tensorstore's `__await__`
+callback calls `loop.call_soon_threadsafe` on the closed loop, and passes the RuntimeError to
+`sys.unraisablehook` (the default hook prints its traceback). The race is forced here: each array read
+leaves a tensorstore future pending beside a failing one, and the test finishes the pending reads once
+orbax closed its loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorstore as ts
+
+from proxykd_jax.errors import CheckpointError
+from proxykd_jax.train.checkpoint import Checkpointer
+
+
+@pytest.fixture
+def reads_outlive_damage(monkeypatch):
+    """Every array read (metadata or data) of a checkpoint fails while another is still in flight;
+    returns `finish()`, which completes the reads in flight. Reads left by the checkpoint metadata
+    pass (its shape check before the restore) finish as soon as it returns."""
+    in_flight: list = []
+
+    async def read_beside_damage(self, infos, args=None):
+        promise, pending = ts.Promise.new()
+        in_flight.append(promise)
+
+        async def damaged():
+            raise ValueError("DATA_LOSS: a damaged chunk (forced)")
+
+        await asyncio.gather(pending, damaged())
+
+    def finish():
+        while in_flight:
+            in_flight.pop().set_result(None)
+
+    array_handler = type(ocp.type_handlers.get_type_handler(jax.Array))
+    monkeypatch.setattr(array_handler, "metadata", read_beside_damage)
+    monkeypatch.setattr(array_handler, "deserialize", read_beside_damage)
+    metadata = ocp.StandardCheckpointHandler.metadata
+
+    def metadata_then_finish(self, directory):
+        try:
+            return metadata(self, directory)
+        finally:
+            finish()
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "metadata", metadata_then_finish)
+    return finish
+
+
+def test_reads_finishing_after_a_damaged_restore_report_nothing(tmp_path, monkeypatch, capsys, reads_outlive_damage):
+    w = np.random.default_rng().normal(size=(4, 3)).astype(np.float32)
+    ckpt = Checkpointer(tmp_path, keep=1)
+    ckpt.save(1, {"w": jnp.asarray(w)})
+    ckpt.wait()
+    reported = []  # what reaches the hook the default of which prints
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    target = {
+        "w": jax.ShapeDtypeStruct(w.shape, jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    }
+
+    with pytest.raises(CheckpointError, match=r"checkpoint step 1 in .* cannot be read .*DATA_LOSS.*damaged"):
+        ckpt.restore(target, step=1)
+    reads_outlive_damage()  # the restore's own reads finish after it failed
+    assert [f"{r.exc_type.__name__}: {r.exc_value}" for r in reported] == []
+
+    # Nothing else is hidden: another unraisable exception, the same message raised outside asyncio's
+    # loop, and any traceback printed to stderr all still come through.
+    class Leaky:
+        def __del__(self):
+            raise KeyError("from __del__")
+
+    Leaky()
+    promise, future = ts.Promise.new()
+    future.add_done_callback(lambda _: (_ for _ in ()).throw(RuntimeError("Event loop is closed")))
+    promise.set_result(None)
+    assert [(r.exc_type, str(r.exc_value)) for r in reported] == [
+        (KeyError, "'from __del__'"),
+        (RuntimeError, "Event loop is closed"),
+    ]
+    try:
+        raise RuntimeError("Event loop is closed")
+    except RuntimeError:
+        traceback.print_exc()
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):\n") and "RuntimeError: Event loop is closed" in err
+    ckpt.close()
+
+
+def test_a_good_restore_puts_the_hook_back(tmp_path):
+    w = np.random.default_rng().normal(size=(5, 2)).astype(np.float32)
+    ckpt = Checkpointer(tmp_path, keep=1)
+    ckpt.save(1, {"w": jnp.asarray(w)})
+    ckpt.wait()
+    hook = sys.unraisablehook
+    target = {
+        "w": jax.ShapeDtypeStruct(w.shape, jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    }
+    restored = ckpt.restore(target, step=1)
+    assert sys.unraisablehook is hook
+    np.testing.assert_array_equal(np.asarray(restored["w"]), w)
+    ckpt.close()
