@@ -186,3 +186,40 @@ def test_steps_that_are_not_whole_accumulated_updates_are_refused(run_dir, steps
     assert not (run_dir / out).exists()
     cfg.train.steps = 8  # two whole updates: trains
     assert run_stage("distill", cfg)["steps"] == 8
+
+
+def test_a_student_folder_of_another_context_is_refused(run_dir, tmp_path):
+    """A model.init_from folder trained for 16 positions under a group of max_seq_len 32: the student would be
+    trained at positions it never saw and saved claiming the group's context. Refused before anything is
+    written, naming both values; the matching group trains."""
+    from flax import nnx
+
+    from proxykd_jax.models import hf
+    from proxykd_jax.models.llama import Llama, ModelConfig
+
+    cfg = make_config(run_dir)
+    shape = {k: cfg.model[k] for k in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads")}
+    shape.update(head_dim=cfg.model.head_dim, d_ff=cfg.model.d_ff)
+    folder = tmp_path / "student16"
+    hf.save_hf(
+        Llama(ModelConfig(**shape, max_seq_len=16), rngs=nnx.Rngs(0)), ModelConfig(**shape, max_seq_len=16), folder
+    )
+    cfg.model.init_from = str(folder)
+    cfg.distill.output = "student_ctx"
+    with pytest.raises(ProxyKDError, match=r"config.json disagrees with config.model on max_seq_len=16 \(config: 32\)"):
+        run_stage("distill", cfg)
+    assert not (run_dir / "student_ctx").exists()
+
+
+@pytest.mark.parametrize("steps", [6, 5])
+def test_a_split_too_small_for_the_steps_is_one_sentence(run_dir, steps):
+    """One epoch of the 40 samples: 6 steps of 8 rows need 48 rows, more than 40 samples can fill (refused
+    before anything is written); 5 steps pass that bound, but the samples pack 2-4 to a row and the data runs
+    out during training: one sentence (a ProxyKDError, not a bare ValueError) saying what to change."""
+    cfg = make_config(run_dir, **{"train.steps": steps, "data.num_epochs": 1})
+    cfg.distill.output = f"student_epoch_{steps}"
+    message = "pack into at most 5 batches" if steps == 6 else r"ran out after \d of train.steps=5 steps"
+    with pytest.raises(ProxyKDError, match=message) as info:
+        run_stage("distill", cfg)
+    assert "data.num_epochs=0" in str(info.value)
+    assert (run_dir / cfg.distill.output).exists() == (steps == 5)

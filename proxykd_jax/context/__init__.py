@@ -45,7 +45,8 @@ __all__ = [
 _SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff")
 # What the model computes beyond its shapes: a stage that builds the model from its config group (distill's
 # student) would silently run other RoPE or norms than the folder's weights were trained with.
-_NUMERICS_FIELDS = ("rope_theta", "rope_scaling", "rms_eps", "qkv_bias", "tie_embeddings")
+# max_seq_len too: the student saved from its group would claim another context than its weights were trained for.
+_NUMERICS_FIELDS = ("rope_theta", "rope_scaling", "rms_eps", "qkv_bias", "tie_embeddings", "max_seq_len")
 
 
 def run_config() -> ml_collections.ConfigDict:

@@ -27,13 +27,20 @@ def setup(ctx, art) -> distill.Distillation:
     distill.check_steps(cfg.train, cfg.optim)  # before any model is read
     _require(paths.prepared / "manifest.json", "the prepared data", "prepare")
     # an empty training split (or a manifest of another format) stops here, before the model is built
-    PreparedData(paths.prepared).require_samples(str(cfg.distill.split), short=" to train the student on")
+    samples = PreparedData(paths.prepared).require_samples(str(cfg.distill.split), short=" to train the student on")
+    epochs, steps, rows = int(cfg.data.num_epochs), int(cfg.train.steps), int(cfg.train.batch_size)
+    if epochs and samples * epochs < steps * rows:  # a packed row holds one sample or more
+        raise ProxyKDError(
+            f"split {cfg.distill.split!r} has {samples} samples; {epochs} epoch(s) of them pack into at most "
+            f"{samples * epochs // rows} batches of train.batch_size={rows} rows, fewer than train.steps={steps}; "
+            "set data.num_epochs=0 (repeat the data) or raise it, or lower train.steps."
+        )
     store = None
     if not cfg.distill.white_box and (float(cfg.distill.loss.alpha) > 0 or paths.posterior.exists()):
         _require(paths.posterior, "the posterior store", "posterior")
         store = paths.posterior
     model_cfg = ctx.model_config(cfg.model)
-    init = ctx.init_model("model", 0)[1] if cfg.model.init_from else None
+    init = ctx.init_model("model", 0, rows=(cfg.train.seq_len, "train.seq_len"))[1] if cfg.model.init_from else None
     teacher = None
     if cfg.distill.white_box:
         teacher = ctx.load_model(cfg.distill.white_box, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
@@ -66,4 +73,5 @@ def run(ctx) -> dict:
     state = setup(ctx, art).train()
     summary = {"steps": int(to_host(state.step)), "final": str(art.path / "final")}
     art.finish(summary)
+    log.info("distill: student written to %s", summary["final"])
     return summary

@@ -217,7 +217,6 @@ class Distillation:
         if jax.process_index() == 0:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            log.info("distill: student written to %s", final)
         hosts.sync("distill: student written")
         return state
 

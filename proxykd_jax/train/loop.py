@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from proxykd_jax import progress
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.parallel.sharding import global_batch, global_batches
 from proxykd_jax.train.checkpoint import Checkpointer
 from proxykd_jax.train.metrics import MetricsWriter, measure_matmul_peak
@@ -177,9 +178,11 @@ class Loop:
         try:
             return next(data_iter)
         except StopIteration:
-            raise ValueError(
-                f"the data iterator ended after {step - 1} steps but train.steps = {self.cfg.steps}; "
-                "lower train.steps or give more data (e.g. more epochs)."
+            raise ProxyKDError(
+                f"the training data ran out after {step - 1} of train.steps={self.cfg.steps} steps (batches of "
+                f"train.batch_size={self.cfg.batch_size} rows x train.seq_len={self.cfg.seq_len} tokens; a split "
+                "that packs into fewer rows than one batch gives none); set data.num_epochs=0 (repeat the data) "
+                "or raise it, lower train.steps or train.batch_size, or give more data."
             ) from None
 
     def evaluate(self, state: TrainState, batches: Iterable[dict[str, np.ndarray]], frozen: Sequence[Any] = ()):
