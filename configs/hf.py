@@ -1,0 +1,63 @@
+"""Your own Hugging Face folders: `--config=configs/hf.py:STUDENT_FOLDER[,PROXY_FOLDER]`.
+
+    configs/hf.py:/models/tinyllama,/models/llama-2-7b   a student and a proxy folder
+    configs/hf.py:/models/qwen2-0.5b                     one folder: the proxy has the student's shape
+
+Each model group takes its shape and numerics (vocabulary, widths, depth, heads, RoPE, norm epsilon,
+q/k/v bias, tied embeddings, context) from its folder's config.json (Llama, Mistral and Qwen2
+architectures) and points `init_from` at the folder, so nothing is typed twice and the load-time check
+(the folder must agree with its group) holds by construction. `data.tokenizer` is the proxy folder's
+tokenizer (the student's if the proxy folder has none). Compute is bfloat16 over float32 weights, as in
+configs/llama.py; rows are 2,048 tokens or the shorter of the two contexts. Any field can still be
+overridden on the command line.
+"""
+
+import pathlib
+
+from proxykd_jax.config import base_config
+from proxykd_jax.models.hf import read_config
+
+FIELDS = (
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "d_ff",
+    "rope_theta",
+    "rope_scaling",
+    "rms_eps",
+    "qkv_bias",
+    "tie_embeddings",
+    "max_seq_len",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _from_folder(group, folder: pathlib.Path):
+    model = read_config(folder)  # one sentence on a missing folder, config.json or unsupported architecture
+    for field in FIELDS:
+        group[field] = getattr(model, field)
+    group.init_from = str(folder)
+    group.param_dtype = "float32"  # master weights
+    group.dtype = "bfloat16"  # compute
+    return model
+
+
+def get_config(arg: str):
+    student_arg, _, proxy_arg = arg.partition(",")
+    if not student_arg:
+        raise ValueError("configs/hf.py needs a student folder: --config=configs/hf.py:STUDENT_FOLDER[,PROXY_FOLDER].")
+    student = pathlib.Path(student_arg).expanduser()
+    proxy = pathlib.Path(proxy_arg).expanduser() if proxy_arg else student
+    cfg = base_config()
+    contexts = [_from_folder(cfg.model, student).max_seq_len, _from_folder(cfg.proxy, proxy).max_seq_len]
+    cfg.train.seq_len = cfg.data.seq_len = min(2048, *contexts)
+    for folder in (proxy, student):
+        if any((folder / name).exists() for name in TOKENIZER_FILES):
+            cfg.data.tokenizer = str(folder)
+            break
+    cfg.run.dir = f"runs/{student.name}-from-{proxy.name}"
+    cfg.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
+    return cfg.lock()
