@@ -6,7 +6,9 @@ after its own step's loss and gradient norm are known to be finite, so the newes
 always a good one. A non-finite loss or gradient norm stops training with `TrainingDiverged`.
 Re-running the same command resumes from the newest checkpoint (state and data position).
 
-A logged row's tokens_per_s and mfu cover the steps since the previous row, timed per compiled call
+A logged row's tokens_per_s and mfu cover the steps since the previous row; both count every position
+of the batch's rows (rows x seq_len, padding included: what the step computes, not the tokens it trains
+on, which a step's own metrics report where it has them). They are timed per compiled call
 (`CallTimer`): a call's time, from the previous call's metrics arriving on the host to its own
 arriving (for the first call after start or resume: from its dispatch returning, after its
 compile), is split evenly over its steps.
