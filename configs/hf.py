@@ -15,29 +15,15 @@ overridden on the command line.
 import pathlib
 
 from proxykd_jax.config import base_config
+from proxykd_jax.context import FOLDER_FIELDS
 from proxykd_jax.models.hf import read_config
 
-FIELDS = (
-    "vocab_size",
-    "d_model",
-    "num_layers",
-    "num_heads",
-    "num_kv_heads",
-    "head_dim",
-    "d_ff",
-    "rope_theta",
-    "rope_scaling",
-    "rms_eps",
-    "qkv_bias",
-    "tie_embeddings",
-    "max_seq_len",
-)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def _from_folder(group, folder: pathlib.Path):
     model = read_config(folder)  # one sentence on a missing folder, config.json or unsupported architecture
-    for field in FIELDS:
+    for field in FOLDER_FIELDS:  # the fields init_model checks the folder against
         group[field] = getattr(model, field)
     group.init_from = str(folder)
     group.param_dtype = "float32"  # master weights

@@ -37,17 +37,23 @@ def _dense_reference(q, k, v, pos, seg):
     return jnp.where((seg != 0)[:, :, None, None], out, 0.0)
 
 
+def _value_and_grads(implementation, q, k, v, pos, seg, cot):
+    """`self_attention`'s output and q/k/v cotangents, as one compiled program (op-by-op dispatch of the
+    custom VJP is slow)."""
+
+    @jax.jit
+    def run(q, k, v, cot):
+        out, vjp = jax.vjp(lambda *a: attention.self_attention(*a, pos, seg, implementation=implementation), q, k, v)
+        return out, vjp(cot)
+
+    return run(q, k, v, cot)
+
+
 @pytest.mark.parametrize("implementation", ["blocked", "xla", "pallas"])
 @pytest.mark.parametrize("length", [64, 256])
 def test_paths_match_float64_reference_in_value_and_grads(implementation, length):
     q, k, v, pos, seg, cot = _packed_batch(length, length=length)
-
-    @jax.jit  # one compiled program: op-by-op dispatch of the custom VJP is slow
-    def value_and_grads(q, k, v, cot):
-        out, vjp = jax.vjp(lambda *a: attention.self_attention(*a, pos, seg, implementation=implementation), q, k, v)
-        return out, vjp(cot)
-
-    out, grads = value_and_grads(q, k, v, cot)
+    out, grads = _value_and_grads(implementation, q, k, v, pos, seg, cot)
     with jax.enable_x64(True):
         q64, k64, v64, cot64 = (jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, cot))
         ref, ref_vjp = jax.vjp(lambda *a: _dense_reference(*a, pos, seg), q64, k64, v64)
@@ -182,12 +188,7 @@ def test_an_id_that_comes_back_is_a_segment_of_its_own(implementation):
     runs = attention.contiguous_segments(seg)
     assert np.asarray(runs)[:, -1].tolist() == [3, 3, 1]
 
-    @jax.jit
-    def value_and_grads(q, k, v, cot):
-        out, vjp = jax.vjp(lambda *a: attention.self_attention(*a, pos, seg, implementation=implementation), q, k, v)
-        return out, vjp(cot)
-
-    out, grads = value_and_grads(q, k, v, cot)
+    out, grads = _value_and_grads(implementation, q, k, v, pos, seg, cot)
     with jax.enable_x64(True):
         q64, k64, v64, cot64 = (jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v, cot))
         want, want_vjp = jax.vjp(lambda *a: _packed_sequences_attention(*a, seg, 8), q64, k64, v64)

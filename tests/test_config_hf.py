@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from proxykd_jax import cli
-from proxykd_jax.context import _NUMERICS_FIELDS, _SHAPE_FIELDS
+from proxykd_jax.context import FOLDER_FIELDS
 from proxykd_jax.models import hf
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.models.tokenizer import build_word_tokenizer
@@ -54,7 +54,7 @@ def test_groups_take_the_folders_shapes_and_agree_with_them(tmp_path, monkeypatc
     for name, folder, want in (("model", student, STUDENT), ("proxy", proxy, PROXY)):
         group = ModelConfig.from_config(cfg[name])
         # the check init_model makes before reading a weight
-        assert [f for f in _SHAPE_FIELDS + _NUMERICS_FIELDS if getattr(group, f) != getattr(want, f)] == [], name
+        assert [f for f in FOLDER_FIELDS if getattr(group, f) != getattr(want, f)] == [], name
         assert cfg[name].init_from == str(folder) and (group.dtype, group.param_dtype) == ("bfloat16", "float32")
     assert cfg.data.tokenizer == str(proxy)  # the proxy folder holds the tokenizer; the student's does not
     assert cfg.train.seq_len == cfg.data.seq_len == 512 and cfg.train.steps == 7

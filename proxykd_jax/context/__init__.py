@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ARTIFACTS",
+    "FOLDER_FIELDS",
     "Artifact",
     "RunContext",
     "RunLocked",
@@ -47,6 +48,7 @@ _SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_hea
 # student) would silently run other RoPE or norms than the folder's weights were trained with.
 # max_seq_len too: the student saved from its group would claim another context than its weights were trained for.
 _NUMERICS_FIELDS = ("rope_theta", "rope_scaling", "rms_eps", "qkv_bias", "tie_embeddings", "max_seq_len")
+FOLDER_FIELDS = _SHAPE_FIELDS + _NUMERICS_FIELDS  # what an init_from folder's config.json must agree on with its group
 
 
 def run_config() -> ml_collections.ConfigDict:
@@ -166,7 +168,7 @@ class RunContext:
         folder_cfg = load_folder(folder, config_only=True, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
         diff = [
             f"{f}={getattr(folder_cfg, f)} (config: {getattr(model_cfg, f)})"
-            for f in _SHAPE_FIELDS + _NUMERICS_FIELDS
+            for f in FOLDER_FIELDS
             if getattr(folder_cfg, f) != getattr(model_cfg, f)
         ]
         if diff:  # before any weight is read
