@@ -33,6 +33,8 @@ def _from_folder(group, folder: pathlib.Path):
 
 def get_config(arg: str):
     student_arg, _, proxy_arg = arg.partition(",")
+    if "," in proxy_arg:
+        raise ValueError(f"configs/hf.py takes one or two folders (student, proxy), got {arg!r}.")
     if not student_arg:
         raise ValueError("configs/hf.py needs a student folder: --config=configs/hf.py:STUDENT_FOLDER[,PROXY_FOLDER].")
     student = pathlib.Path(student_arg).expanduser()

@@ -387,8 +387,9 @@ def validate(
     if "model" in cfg and "proxy" in cfg and cfg.model.vocab_size != cfg.proxy.vocab_size:
         raise ConfigError(
             f"config.model.vocab_size={cfg.model.vocab_size} differs from "
-            f"config.proxy.vocab_size={cfg.proxy.vocab_size}; student and proxy must share "
-            "one tokenizer and vocabulary."
+            f"config.proxy.vocab_size={cfg.proxy.vocab_size}; student and proxy must share one tokenizer and "
+            "one vocabulary size (the posterior's token ids index both models' outputs; models that pad their "
+            "embeddings to different sizes cannot be paired yet)."
         )
     _check_training(cfg, groups)
     if "align" in cfg and "align" in groups:

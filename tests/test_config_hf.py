@@ -63,8 +63,35 @@ def test_groups_take_the_folders_shapes_and_agree_with_them(tmp_path, monkeypatc
     assert one.proxy.init_from == one.model.init_from == str(proxy) and one.train.seq_len == 1024
 
 
-@pytest.mark.parametrize("arg, sentence", [("{tmp}/nope", "nope does not exist"), ("", "needs a student folder")])
+@pytest.mark.parametrize(
+    "arg, sentence",
+    [("{tmp}/nope", "nope does not exist"), ("", "needs a student folder"), ("a,b,c", "takes one or two folders")],
+)
 def test_a_missing_folder_is_one_sentence(tmp_path, monkeypatch, arg, sentence):
     with pytest.raises(cli.UserError, match=sentence) as info:
         _load([f"--config=configs/hf.py:{arg.format(tmp=tmp_path)}"], monkeypatch)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["missing shard", "torch weights only"])
+def test_a_folder_without_its_weights_says_what_to_do(tmp_path, damage):
+    """A shard the index names is gone, or the folder holds pytorch_model.bin only: one sentence naming the
+    folder, that weights are read as safetensors, and what to do."""
+    from proxykd_jax.context import load_folder
+    from proxykd_jax.errors import ModelFolderError
+
+    folder = tmp_path / "m"
+    hf.save_hf(Llama(STUDENT, rngs=nnx.Rngs(0)), STUDENT, folder, max_shard_bytes=20_000)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    if damage == "missing shard":
+        shards[-1].unlink()
+    else:
+        for f in [*shards, folder / "model.safetensors.index.json"]:
+            f.unlink()
+        (folder / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(ModelFolderError) as info:
+        load_folder(folder)
+    message = str(info.value)
+    assert message.startswith(str(folder)) and "safetensors" in message and "restore what is missing" in message
+    assert ".;" not in message and "\n" not in message

@@ -5,6 +5,7 @@ import pathlib
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from proxykd_jax.data import config as data_config
@@ -200,3 +201,23 @@ def test_generation_config_end_tokens_stop_an_answer(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["<eot>"]}))
     with pytest.raises(ProxyKDError, match=r"generation_config.json: eos_token_id must be a token id or a list"):
         _generation_stop_ids(tmp_path)
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_serve_prompts_a_chat_as_prepare_trained_on_it(tmp_path, template):
+    """A served model gets, for chat messages, the very token ids `prepare` trained it on: the tokenizer's
+    chat template, or without one the same `role: content` lines ending "assistant: " (serve ended them
+    "assistant:", a prompt the model never saw)."""
+    from proxykd_jax.data.align import format_prompt
+    from proxykd_jax.data.corpus import Sample
+
+    tok = build_bpe_tokenizer(["user: what is the cat on? assistant: the mat"] * 20, 300)
+    if not template:
+        tok.chat_template = None
+    cfg = ModelConfig(vocab_size=len(tok), d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32, head_dim=8)
+    backend = LlamaBackend(Llama(cfg, rngs=nnx.Rngs(0)), tok, model_name="m")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "what is the cat on?"}]
+    sample = Sample("f:1", "q1", 0, None, messages, "the mat", None, None, {})
+    text, special = format_prompt(tok, sample)
+    assert text.endswith("assistant: ") != template
+    assert backend.chat_ids(messages) == list(tok.encode(text, add_special_tokens=special))

@@ -291,7 +291,11 @@ def test_token_bytes_and_text_offset_on_the_wire(tmp_path):
             rows = [json.loads(line) for line in open(cfg.out)]
             assert len(rows) == 6
             for r in rows:
-                prompt = r["prompt"] if api == "completions" else f"user: {r['prompt']}\nassistant:"
+                if api == "chat":  # stored as the teacher got it: one user message
+                    assert "prompt" not in r and len(r["messages"]) == 1 and r["messages"][0]["role"] == "user"
+                    prompt = f"user: {r['messages'][0]['content']}\nassistant:"
+                else:
+                    prompt = r["prompt"]
                 c = backend.seen[prompt.encode()]
                 assert r["token_bytes"] == [[t] for t in c.token_ids]  # exact, partial UTF-8 included
                 assert r["tokens"] == [bytes_token(bytes([t])) for t in c.token_ids]

@@ -234,8 +234,9 @@ def load_folder(folder: pathlib.Path, *, config_only: bool = False, **kwargs):
             raise
         detail = e if isinstance(e, ValueError) else f"unreadable weights: {type(e).__name__}: {e}"
         raise ModelFolderError(
-            f"{folder} cannot be loaded: {detail}; use a Llama-family Hugging Face folder whose weights match "
-            "its config.json."
+            f"{folder} cannot be loaded: {str(detail).rstrip('.')}; a model folder holds a Llama, Mistral or Qwen2 "
+            "config.json and its weights as safetensors (model.safetensors, or shards and their index): restore "
+            "what is missing or damaged, or re-save the model with transformers' save_pretrained."
         ) from None
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from proxykd_jax.data import byte_head
 from proxykd_jax.data.corpus import DataError, Sample
+from proxykd_jax.models.tokenizer import chat_prompt
 from proxykd_jax.teacher.responses import token_bytes_of
 
 HEADS = ("exact", "bytes")
@@ -76,11 +77,7 @@ def format_prompt(tokenizer, sample: Sample) -> tuple[str, bool]:
     """(prompt text, whether the tokenizer should add its special tokens) for one sample."""
     if sample.messages is None:
         return sample.prompt, True
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(sample.messages, add_generation_prompt=True, tokenize=False)
-        return text, False
-    lines = [f"{m['role']}: {m['content']}" for m in sample.messages]
-    return "\n".join(lines + ["assistant: "]), True
+    return chat_prompt(tokenizer, sample.messages)
 
 
 def _trim_uncovered_space(resp: bytes, span: tuple[int, int], covered) -> tuple[int, int]:

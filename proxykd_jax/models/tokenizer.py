@@ -42,6 +42,15 @@ def load_tokenizer(folder):
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
+def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, bool]:
+    """(prompt text, whether the tokenizer should add its special tokens) of chat `messages`: the tokenizer's
+    chat template with the generation prompt, else `role: content` lines and "assistant: ". prepare formats
+    training prompts and serve formats requests with it, so a served model sees what it was trained on."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
+    return "\n".join([f"{m['role']}: {m['content']}" for m in messages] + ["assistant: "]), True
+
+
 def _wrap_and_save(tok: Tokenizer, folder) -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,

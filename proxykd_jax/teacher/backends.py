@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.models.tokenizer import chat_prompt
 from proxykd_jax.teacher.server import Completion
 from proxykd_jax.teacher.token_bytes import token_byte_table
 
@@ -71,9 +72,7 @@ class LlamaBackend:
     server compiles a handful of shapes, not one per request mix or prompt length.
     """
 
-    def __init__(
-        self, model, tokenizer, *, model_name: str, seed: int = 0, chat_format: str = "", stop_ids: tuple = ()
-    ):
+    def __init__(self, model, tokenizer, *, model_name: str, seed: int = 0, stop_ids: tuple = ()):
         import jax  # pylint: disable=import-outside-toplevel
 
         self.model, self.tok, self.model_name = model, tokenizer, model_name
@@ -86,7 +85,6 @@ class LlamaBackend:
         self.stop_ids = (self.eos_id,) + tuple(t for t in stop_ids if t != self.eos_id)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self.max_context = model.cfg.max_seq_len
-        self.chat_format = chat_format
         self.rules = None  # logical-axis rules of the model's mesh (the KV cache is split by them); None: default
         self._key = jax.random.key(seed)
         self._calls = 0
@@ -96,12 +94,9 @@ class LlamaBackend:
         return list(self.tok.encode(text, add_special_tokens=True))
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        """The tokenizer's chat template when it has one, else `role: content` lines."""
-        if getattr(self.tok, "chat_template", None):
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return list(self.tok.encode(text, add_special_tokens=False))
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.encode(text)
+        """The prompt `prepare` trains on for these messages (`models.tokenizer.chat_prompt`)."""
+        text, special = chat_prompt(self.tok, messages)
+        return list(self.tok.encode(text, add_special_tokens=special))
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)

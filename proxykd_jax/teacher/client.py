@@ -405,7 +405,10 @@ class Collector:
             why = f" (refusal: {answer.refusal})" if answer.refusal else ""
             raise _Failure("no_content", f"the response has no content{why}", False, answered=True, final=True)
         record = {"id": prompt.id}
-        record.update({"prompt": prompt.prompt} if prompt.messages is None else {"messages": list(prompt.messages)})
+        messages = prompt.messages
+        if messages is None and self.cfg.api == "chat":  # stored as the teacher got it: prepare then formats it alike
+            messages = [{"role": "user", "content": prompt.prompt}]
+        record.update({"prompt": prompt.prompt} if messages is None else {"messages": list(messages)})
         record.update(response=answer.text, sample_index=sample_index, key=key)
         record.update(answer.logprobs)
         record["meta"] = {

@@ -180,7 +180,8 @@ class Checkpointer:
             )
         items = {"state": ocp.args.StandardRestore(target)}
         kind = _data_kind(data_iter)
-        saved = set(self.manager.item_metadata(step).keys()) if kind else set()
+        # the items a step holds are its folders (orbax's item_metadata logs a warning per item it has no handler for)
+        saved = {p.name for p in (self.directory / str(step)).iterdir() if p.is_dir()} if kind else set()
         if kind and "data" not in saved:
             log.warning(
                 "checkpoint %d in %s has no data iterator state; data restarts from the beginning", step, self.directory
