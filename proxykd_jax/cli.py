@@ -259,18 +259,21 @@ def _run_stage(stage: str, argv: list[str]) -> int:
     context.preflight(cfg, stage)  # the upstream artifacts the stage reads
     from proxykd_jax.parallel import distributed
 
+    why = stages.STAGES[stage].one_process
+    # A TPU VM's metadata says what the machine is, not how this command was started: a one-process stage
+    # run on one host of a pod slice is right, so only a launcher's environment counts for it.
+    workers = distributed.no_tpu_workers if why else distributed.tpu_vm_workers
     try:
-        plan = distributed.resolve_distributed(cfg.mesh.distributed)
+        plan = distributed.resolve_distributed(cfg.mesh.distributed, tpu_workers=workers)
     except ValueError as e:
         raise UserError(str(e)) from None
-    why = stages.STAGES[stage].one_process
     if why and plan.several:  # every process stops alike, before any of them connects to the others
         raise UserError(
             f"`proxykd {stage}` runs as one process ({why}), and this run starts {plan.num_processes or 'several'} "
             f"processes ({plan.mode} start-up); run it once on one host, without NUM_PROCESSES or a multi-host "
             "launcher (prior and the model stages align, posterior, distill, eval and export run on all of them)."
         )
-    distributed.maybe_initialize_distributed(cfg.mesh.distributed)
+    distributed.maybe_initialize_distributed(cfg.mesh.distributed, plan=plan)
     import jax
 
     # the mesh against the devices, batch sizes against the mesh: all before the run directory exists

@@ -197,3 +197,34 @@ def test_gpu_under_sbatch_runs_from_the_submit_folder(tmp_path):
         ["bash", str(script), *ARGS], env=env | {"SLURM_SUBMIT_DIR": str(tmp_path)}, cwd=tmp_path, capture_output=True
     )
     assert elsewhere.returncode == 2 and b"run (or sbatch) it from the repository root" in elsewhere.stderr
+
+
+def test_a_one_process_stage_on_one_host_of_a_tpu_vm_slice_runs(tmp_path, monkeypatch):
+    """A TPU VM's metadata lists its slice's hosts whatever started the command: `collect` run once on one
+    host must run as one process (it was refused as "several processes"); the model stages still read the
+    slice from the metadata (tests/test_parallel.py)."""
+    from proxykd_jax import cli, stages
+    from proxykd_jax.parallel import distributed
+
+    monkeypatch.setattr(distributed, "tpu_vm_workers", lambda env: ["t1v-n-0", "t1v-n-1"])
+    ran = []
+    monkeypatch.setattr(stages, "run_stage", lambda stage, ctx: ran.append((stage, ctx.stage)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "q0", "prompt": "hi"}\n')
+    argv = [
+        f"--config={REPO / 'configs' / 'demo.py'}",
+        f"--config.run.dir={tmp_path / 'run'}",
+        f"--config.collect.prompts={prompts}",
+        "--config.collect.base_url=http://127.0.0.1:9/v1",
+    ]
+    monkeypatch.setattr(sys, "argv", ["proxykd", "collect", *argv])  # ml_collections reads overrides there
+    assert cli._run_stage("collect", argv) == 0
+    assert ran == [("collect", "collect")]
+    # a model stage on the same host reads the slice (and starts jax.distributed)
+    assert distributed.resolve_distributed(_auto(), {}, tpu_workers=distributed.tpu_vm_workers).mode == "tpu"
+
+
+def _auto():
+    from proxykd_jax.parallel import default_config
+
+    return default_config().distributed

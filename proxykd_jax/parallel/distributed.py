@@ -7,7 +7,9 @@ Order of precedence (the `mesh.distributed` config group):
    multi-host TPU slice: `jax.distributed.initialize()` with no arguments, which reads the cluster
    from the environment. A slice is recognised as jax recognises it: on GKE by the worker list in
    TPU_PROCESS_ADDRESSES or TPU_WORKER_HOSTNAMES, on a Cloud TPU VM (where no variable names the
-   workers) by the VM metadata's `worker-network-endpoints`, asked only where libtpu is installed;
+   workers) by the VM metadata's `worker-network-endpoints`, asked only where libtpu is installed
+   (and not for a stage that runs as one process: the metadata says what the machine is, not how the
+   command was started);
 3. otherwise a single process: nothing to start.
 """
 
@@ -69,6 +71,12 @@ def tpu_vm_workers(env: Mapping[str, str]) -> list[str]:
     return [w for w in text.split(",") if w.strip()]
 
 
+def no_tpu_workers(env: Mapping[str, str]) -> list[str]:
+    """`tpu_workers` that never asks the metadata server (for stages that run as one process)."""
+    del env
+    return []
+
+
 def resolve_distributed(
     dist_cfg,
     env: Mapping[str, str] | None = None,
@@ -104,9 +112,12 @@ def resolve_distributed(
     return DistributedPlan("single")
 
 
-def maybe_initialize_distributed(dist_cfg, env: Mapping[str, str] | None = None) -> DistributedPlan:
-    """Starts `jax.distributed` as `resolve_distributed` decides (once), then logs the devices."""
-    plan = resolve_distributed(dist_cfg, env)
+def maybe_initialize_distributed(
+    dist_cfg, env: Mapping[str, str] | None = None, plan: DistributedPlan | None = None
+) -> DistributedPlan:
+    """Starts `jax.distributed` as `plan` says (default: as `resolve_distributed` decides; once), then logs
+    the devices."""
+    plan = resolve_distributed(dist_cfg, env) if plan is None else plan
     if plan.mode != "single" and not jax.distributed.is_initialized():
         if plan.mode == "explicit":
             jax.distributed.initialize(plan.coordinator_address, plan.num_processes, plan.process_id)
