@@ -40,7 +40,7 @@ def setup(ctx, art) -> distill.Distillation:
         _require(paths.posterior, "the posterior store", "posterior")
         store = paths.posterior
     model_cfg = ctx.model_config(cfg.model)
-    init = ctx.init_model("model", 0, rows=(cfg.train.seq_len, "train.seq_len"))[1] if cfg.model.init_from else None
+    init = ctx.init_model("model", 0)[1] if cfg.model.init_from else None
     teacher = None
     if cfg.distill.white_box:
         teacher = ctx.load_model(cfg.distill.white_box, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
