@@ -176,11 +176,14 @@ def _check_tuple_overrides(cfg, argv: list[str]) -> None:
     (ml_collections would silently keep it as one string, `(a,b)` -> `('(a,b)',)`)."""
     import ast
 
+    from proxykd_jax.config import get_field
+
     for field, raw in _overrides(argv):
-        node = cfg
-        for part in field.split("."):
-            node = node[part]
-        if not isinstance(node, tuple) or raw is None or not (raw.startswith(("(", "[")) or "," in raw):
+        if (
+            not isinstance(get_field(cfg, field), tuple)
+            or raw is None
+            or not (raw.startswith(("(", "[")) or "," in raw)
+        ):
             continue
         try:
             ast.literal_eval(raw)

@@ -186,7 +186,8 @@ _INPUT_PATHS = (
 )
 
 
-def _get(cfg, dotted: str):
+def get_field(cfg, dotted: str):
+    """The value of the dotted field `dotted` of `cfg`, or None where it has no such field."""
     node = cfg
     for part in dotted.split("."):
         if part not in node:
@@ -199,7 +200,7 @@ def check_ranges(cfg, groups) -> None:
     """The range tables above for the fields of `groups` (`validate` runs them; a stage run as a library
     call, without it, may run its own groups')."""
     for field, low in _AT_LEAST:
-        value = _get(cfg, field)
+        value = get_field(cfg, field)
         if field.split(".")[0] not in groups or value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int):
@@ -210,19 +211,19 @@ def check_ranges(cfg, groups) -> None:
                 f"set --config.{field} to {low} or more."
             )
     for field in _POSITIVE_FLOATS:
-        value = _get(cfg, field)
+        value = get_field(cfg, field)
         if field.split(".")[0] in groups and value is not None and not float(value) > 0:
             raise ConfigError(f"config.{field}={value!r} must be a positive number.")
     for field in _NON_NEGATIVE_FLOATS:
-        value = _get(cfg, field)
+        value = get_field(cfg, field)
         if field.split(".")[0] in groups and value is not None and not float(value) >= 0:
             raise ConfigError(f"config.{field}={value!r} must be a non-negative number.")
     for field, high in _AT_MOST:
-        value = _get(cfg, field)
+        value = get_field(cfg, field)
         if field.split(".")[0] in groups and value is not None and value > high:
             raise ConfigError(f"config.{field}={value} must be at most {high}; set --config.{field} to {high} or less.")
     for field, low, high, closed in _FRACTIONS:
-        value = _get(cfg, field)
+        value = get_field(cfg, field)
         if field.split(".")[0] not in groups or value is None:
             continue
         if not (low <= float(value) <= high if closed else low <= float(value) < high):
@@ -240,7 +241,7 @@ def check_ranges(cfg, groups) -> None:
         ("distill.split", SPLITS),
     )
     for field, allowed in choices:
-        value = _get(cfg, field)
+        value = get_field(cfg, field)
         if field.split(".")[0] in groups and value is not None and value not in allowed:
             raise ConfigError(
                 f"config.{field}={value!r} must be one of {', '.join(allowed)}; set --config.{field} to one of them."
@@ -310,7 +311,7 @@ def _check_paths(cfg, stage: str | None) -> None:
     import pathlib
 
     for owner, field, what in _INPUT_PATHS:
-        value = _get(cfg, field)
+        value = get_field(cfg, field)
         if stage not in (owner, None) or not value:
             continue
         if not pathlib.Path(str(value)).expanduser().exists():
