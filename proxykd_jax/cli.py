@@ -281,7 +281,8 @@ def _run_stage(stage: str, argv: list[str]) -> int:
 
     # the mesh against the devices, batch sizes against the mesh: all before the run directory exists
     config_lib.validate(cfg, stage, num_devices=jax.device_count(), process_count=jax.process_count())
-    with context.create(cfg, stage) as ctx:
+    groups = stages.STAGES[stage].groups
+    with context.create(cfg, stage, on_mesh=not groups or "mesh" in groups) as ctx:
         stages.run_stage(stage, ctx)
     return 0
 

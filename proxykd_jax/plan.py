@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import math
 import os
 
 STEPS = ("distill", "sft", "sft_lora", "dpo", "dpo_lora", "posterior", "eval")
 _STEP_MODEL = {"distill": "model", "eval": "model"}  # the rest run the proxy
+
+log = logging.getLogger(__name__)
 
 
 def simulate_devices(n: int) -> None:
@@ -174,8 +177,9 @@ def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPl
     optimizer = optim.make_optimizer(cfg.optim, max(int(cfg.train.steps), 1))
     k = int(cfg.data.store.k)
     out = []
-    for name in steps:
+    for i, name in enumerate(steps):
         mc = student if _STEP_MODEL.get(name) == "model" else proxy
+        log.info("plan: compiling the %s step (%d of %d) at %d layers", name, i + 1, len(steps), mc.num_layers)
         if name == "distill":
             b, length = int(cfg.train.batch_size), int(cfg.train.seq_len)
             graphdef, state, sh = _abstract_train_state(_maker(Llama, mc), optimizer, mesh, rules)
@@ -398,7 +402,10 @@ def run(cfg, args: argparse.Namespace) -> str:
 
     from proxykd_jax.parallel.mesh import make_mesh
 
-    mesh = make_mesh(cfg.mesh, jax.devices()[:n])
+    try:
+        mesh = make_mesh(cfg.mesh, jax.devices()[:n])
+    except ValueError as e:  # the mesh names more (or a non-multiple of) devices than --devices
+        raise ValueError(str(e).removesuffix("; change mesh.shape.") + "; change --devices or mesh.shape.") from None
     steps = tuple(s for s in args.steps.split(",") if s)
     if args.layers:
         lo, hi = (int(x) for x in args.layers.split(","))

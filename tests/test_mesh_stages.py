@@ -114,3 +114,32 @@ def test_an_init_folder_runs_as_its_group_says_and_must_share_its_numerics(run, 
     with context.create(c, "serve", devices=jax.devices()[:1]) as ctx:
         with pytest.raises(ProxyKDError, match=r"config.json disagrees with config.proxy on rope_theta=10000.0"):
             ctx.init_model("proxy", 0)
+
+
+def test_stages_that_place_no_model_run_whatever_mesh_the_config_names(run, tmp_path, monkeypatch, capsys):
+    """A cluster's config (mesh.shape.fsdp=16) on a host with fewer devices, such as a login node: prior
+    (like collect and prepare, no model on the mesh) runs; distill stops with one sentence on the mesh."""
+    import pickle
+    import sys
+
+    from proxykd_jax import cli
+
+    root, cfg, _ = run
+    c = cfg.copy_and_resolve_references()
+    c.run.dir = str(tmp_path / "run")
+    shutil.copytree(root / "run", c.run.dir, ignore=shutil.ignore_patterns("prior", "proxykd.lock"))
+    c.mesh.shape.update(data=1, fsdp=16, tensor=1)  # 16 > the 8 simulated devices
+    (tmp_path / "cfg.pkl").write_bytes(pickle.dumps(c))
+    config = f"--config=tests/pickled_config.py:{tmp_path / 'cfg.pkl'}"
+
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", ["proxykd", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(list(args))
+        return exit_info.value.code
+
+    assert main("prior", config) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "prior" / "artifact.json").read_text())["finished"]
+    assert main("posterior", config) == 2
+    err = capsys.readouterr().err
+    assert "mesh data=1 x fsdp=16 x tensor=1 needs 16 devices, 8 available" in err and "Traceback" not in err, err

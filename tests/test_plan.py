@@ -1,6 +1,8 @@
 """`proxykd plan`: every stage's step lowered and compiled on abstract sharded inputs over 8
 simulated devices; memory and FLOPs reported, nothing allocated."""
 
+import logging
+
 import ml_collections
 import pytest
 
@@ -56,7 +58,8 @@ def test_extrapolation_is_linear_in_depth():
     assert abs(est.total_bytes - p6.total_bytes) < 0.1 * p6.total_bytes
 
 
-def test_cli_prints_table_and_rejects_bad_input(capsys):
+def test_cli_prints_table_and_rejects_bad_input(capsys, caplog):
+    caplog.set_level(logging.INFO, logger="proxykd_jax.plan")
     args = [
         "--config=configs/demo.py",
         "--devices=8",
@@ -67,6 +70,7 @@ def test_cli_prints_table_and_rejects_bad_input(capsys):
     assert cli._run_plan(args) == 0
     out = capsys.readouterr().out
     assert "distill" in out and "eval" in out and "total GB" in out and "simulated CPU devices" in out
+    assert "compiling the eval step (2 of 2)" in caplog.text  # each compile is announced (minutes at 70B)
     assert cli._run_plan(args[:2] + ["--steps=distill,warp"]) == 2
     assert "unknown step(s) ['warp']" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -80,6 +84,10 @@ def test_cli_prints_table_and_rejects_bad_input(capsys):
         (["--devices=8"], "`proxykd plan` needs --config=PATH"),
         (["--config=configs/demo.py", "--config.train.batch_sise=8"], "train.batch_sise"),
         (["--config=configs/demo.py", "--config.run.overwrite", "False"], "stray argument 'False'"),
+        (
+            ["--config=configs/demo.py", "--config.mesh.shape.fsdp=4", "--devices=2"],
+            "needs 4 devices, 2 available; change --devices or mesh.shape.",
+        ),
     ],
 )
 def test_plan_bad_config_is_one_sentence(argv, sentence, capsys):

@@ -299,13 +299,27 @@ def preflight(cfg, stage: str) -> None:
             raise ProxyKDError(f"{path} does not exist: {what} is missing; run `proxykd {maker}` first.")
 
 
-def create(cfg, stage: str, *, devices: Sequence[jax.Device] | None = None, lock: bool | None = None) -> RunContext:
+def create(
+    cfg,
+    stage: str,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    lock: bool | None = None,
+    on_mesh: bool = True,
+) -> RunContext:
     """The context of `stage` for a validated config: mesh over `devices` (default: all), normalised
-    rules, paths and, for stages that write an artifact (all but `serve`), the run-directory lock."""
+    rules, paths and, for stages that write an artifact (all but `serve`), the run-directory lock.
+
+    `on_mesh=False` is for stages that place no model (collect, prepare, prior): their mesh is one local
+    device, so they run on any host (a login node, a laptop) whatever mesh the config names."""
     from proxykd_jax import parallel
 
     try:
-        mesh = parallel.make_mesh(cfg.mesh, devices)
+        if on_mesh:
+            mesh = parallel.make_mesh(cfg.mesh, devices)
+        else:
+            one = ml_collections.ConfigDict({"shape": {"data": 1, "fsdp": 1, "tensor": 1}})
+            mesh = parallel.make_mesh(one, list(devices or jax.local_devices())[:1])
         rules = parallel.normalize_rules(cfg.mesh.rules)
     except ValueError as e:
         raise ProxyKDError(str(e)) from None
