@@ -1,8 +1,10 @@
 """Mesh, logical-axis rules, sharded construction and sharded numerics on 8 simulated devices."""
 
+import ast
 import dataclasses
 import http.server
 import importlib.util
+import re
 import threading
 
 import jax
@@ -116,8 +118,14 @@ def test_mesh_misfits_are_config_errors_the_cli_reports_in_one_line():
     CLI prints as one line), not a bug with a traceback: here GQA's 2 key/value heads over tensor=4."""
     mesh = make_mesh(mesh_cfg(fsdp=2, tensor=4))
     cfg = dataclasses.replace(TINY, num_heads=8, num_kv_heads=2)
-    with pytest.raises(ConfigError, match=r"'kv_heads', size 2\) does not split over mesh axes tensor \(4 ways\)"):
+    with pytest.raises(ConfigError, match=r"'kv_heads', size 2\) does not split over mesh axes tensor \(4 ways\)") as e:
         create_sharded_model(Llama, mesh, LOGICAL_RULES, cfg, rngs=nnx.Rngs(0))
+    # the override the sentence offers is a working value: the key/value heads whole on every device
+    override = re.search(r'--config.mesh.rules="(.*)"', str(e.value)).group(1)
+    rules = ast.literal_eval(override)
+    assert dict(rules)["kv_heads"] is None and len(rules) == len(LOGICAL_RULES)
+    assert all(dict(rules)[k] == v for k, v in LOGICAL_RULES if k != "kv_heads")
+    create_sharded_model(Llama, mesh, rules, cfg, rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="a multiple of 2"):
         global_batch(make_batch(seed=0, rows=3), mesh, LOGICAL_RULES)
     with pytest.raises(ConfigError, match="logical axis 'kv_heads' has no entry"):

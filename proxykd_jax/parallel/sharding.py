@@ -92,9 +92,20 @@ def variable_sharding(path: str, variable: nnx.Variable, mesh: Mesh, rules) -> N
         if size % ways:
             raise ConfigError(
                 f"parameter {path} dim {dim} ({names[dim]!r}, size {size}) does not split over mesh axes "
-                f"{axes} ({ways} ways); change mesh.shape or map {names[dim]!r} differently in mesh.rules."
+                f"{axes} ({ways} ways); change mesh.shape, or keep {names[dim]!r} whole on every device with "
+                f'--config.mesh.rules="{_rules_without(rules, names[dim])}".'
             )
     return NamedSharding(mesh, spec)
+
+
+def _rules_without(rules, logical: str) -> str:
+    """`rules` as a command-line value, with `logical` mapped to no mesh axis (kept whole)."""
+
+    def axes(a):
+        a = tuple(a) if isinstance(a, (tuple, list)) else (a,) if a else ()
+        return None if not a else a[0] if len(a) == 1 else a
+
+    return repr(tuple((name, None if name == logical else axes(a)) for name, a in rules))
 
 
 def state_shardings(abstract_state, mesh: Mesh, rules):
