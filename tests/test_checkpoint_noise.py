@@ -6,12 +6,16 @@ it closes as soon as one read fails. A read still in flight then finishes: tenso
 callback calls `loop.call_soon_threadsafe` on the closed loop, and passes the RuntimeError to
 `sys.unraisablehook` (the default hook prints its traceback). The race is forced here: each array read
 leaves a tensorstore future pending beside a failing one, and the test finishes the pending reads once
-orbax closed its loop.
+orbax closed its loop. Reads that fail after the loop stopped are reported by asyncio's logger
+("Future exception was never retrieved"); those about the damaged step are dropped, and every other
+asyncio record still comes through.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import sys
 import traceback
 
@@ -112,4 +116,73 @@ def test_a_good_restore_puts_the_hook_back(tmp_path):
     restored = ckpt.restore(target, step=1)
     assert sys.unraisablehook is hook
     np.testing.assert_array_equal(np.asarray(restored["w"]), w)
+    ckpt.close()
+
+
+class Records(logging.Handler):
+    """The messages of the records a logger passes on (its filters applied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def asyncio_records():
+    logger, handler = logging.getLogger("asyncio"), Records()
+    logger.addHandler(handler)
+    yield handler.messages
+    logger.removeHandler(handler)
+
+
+def bit_flipped_checkpoint(folder, arrays: int = 40):
+    """A checkpoint at step 1 of `arrays` random arrays with the first byte of each data file flipped, and
+    its restore target."""
+    rng = np.random.default_rng()
+    state = {f"a{i}": jnp.asarray(rng.normal(size=(16, 8 + i)).astype(np.float32)) for i in range(arrays)}
+    ckpt = Checkpointer(folder, keep=1)
+    ckpt.save(1, state)
+    ckpt.wait()
+    for path in sorted((folder / "1" / "state" / "d").iterdir()):
+        data = bytearray(path.read_bytes())
+        data[0] ^= 0xFF
+        path.write_bytes(bytes(data))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return ckpt, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device) for k, v in state.items()}
+
+
+def unretrieved(error: Exception) -> None:
+    """Makes asyncio report a future whose exception nobody retrieved, as it does for each read that
+    fails after orbax stopped awaiting it."""
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    future.set_exception(error)
+    loop.close()
+    del future
+    gc.collect()
+
+
+def test_a_damaged_restore_silences_its_own_unretrieved_reads_and_nothing_else(tmp_path, asyncio_records):
+    """A bit-flipped checkpoint: the reads its failed restore leaves in flight fail like the one that
+    failed it (tensorstore's message naming a file of the step), and asyncio's reports of them are
+    dropped; the same report about another folder, and every other asyncio record, still come through
+    (the asyncio logger used to be disabled for good)."""
+    ckpt, target = bit_flipped_checkpoint(tmp_path / "ckpt", arrays=4)
+    with pytest.raises(CheckpointError, match="damaged") as info:
+        ckpt.restore(target, step=1)
+    read_error = info.value.__context__  # the failed read's own error
+    assert str(tmp_path / "ckpt" / "1") in str(read_error)
+    gc.collect()
+    asyncio_records.clear()
+    unretrieved(read_error)
+    unretrieved(ValueError(str(read_error).replace(str(tmp_path / "ckpt"), str(tmp_path / "other"))))
+    logging.getLogger("asyncio").warning("an unrelated asyncio warning")
+    assert [m.splitlines()[0] for m in asyncio_records] == [
+        "Future exception was never retrieved",
+        "an unrelated asyncio warning",
+    ]
+    assert not logging.getLogger("asyncio").disabled
     ckpt.close()

@@ -127,3 +127,24 @@ def test_a_step_of_a_run_without_checkpoints_is_refused_not_replaced_by_final(tr
     with pytest.raises(ProxyKDError, match=r"export.step=2 names a checkpoint, but .* keeps none, only the final"):
         load_student(cfg, source, 2)
     assert load_student(cfg, source, 0)[2] == load_student(cfg, source, 3)[2] == 3
+
+
+def test_exported_tokenizer_config_has_no_load_time_keys_and_the_same_tokenizer(trained):
+    """transformers 5 writes the arguments a tokenizer was loaded with (`local_files_only`, `is_local`)
+    into the tokenizer_config.json it saves; the export leaves them out, and AutoTokenizer reads the
+    same tokenizer back."""
+    from proxykd_jax.models.tokenizer import load_tokenizer
+
+    out = run_stage("export", export_config(trained))
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert not {"local_files_only", "is_local", "name_or_path"} & written.keys()
+    ours = load_tokenizer(trained / "prepared" / "tokenizer")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert theirs.get_vocab() == ours.get_vocab() and theirs.special_tokens_map == ours.special_tokens_map
+    rng = np.random.default_rng()
+    words = list(ours.get_vocab()) + ["unseen", "w3w7", "<eos>"]
+    for _ in range(5):
+        text = " ".join(rng.choice(words, size=int(rng.integers(1, 12))))
+        assert theirs.encode(text) == ours.encode(text)
+        ids = rng.integers(0, len(ours), size=8).tolist()
+        assert theirs.decode(ids) == ours.decode(ids)

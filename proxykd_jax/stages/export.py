@@ -4,7 +4,8 @@ Reads `<run>/<student>/checkpoints/` (`export.source`; by default the folder `di
 the same config: student, or student_sft when distill.loss.alpha = 0) onto the configured mesh and
 writes `export.out` (default `<run>/export/`): config.json and generation_config.json (with the
 tokenizer's bos/eos/pad ids), safetensors files of at most `export.max_shard_bytes` (with
-model.safetensors.index.json when there are several) and the run's tokenizer files, a folder
+model.safetensors.index.json when there are several) and the run's tokenizer files (their
+tokenizer_config.json without the arguments the tokenizer was loaded with: `_LOAD_TIME_KEYS`), a folder
 `transformers.AutoModelForCausalLM` and `AutoTokenizer` load. The sharded student is written tensor
 by tensor, never gathered whole: every process takes part in gathering each tensor, process 0
 writes the files.
@@ -12,6 +13,7 @@ writes the files.
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
@@ -22,6 +24,21 @@ from proxykd_jax.models.tokenizer import load_tokenizer
 from proxykd_jax.train.export import load_student
 
 log = logging.getLogger(__name__)
+
+# What transformers 5 keeps from `from_pretrained` and writes back on save: how this process loaded the
+# tokenizer (and where from), not what the tokenizer is.
+_LOAD_TIME_KEYS = ("local_files_only", "is_local", "name_or_path")
+
+
+def _drop_load_time_keys(folder: pathlib.Path) -> None:
+    """Rewrites folder/tokenizer_config.json without `_LOAD_TIME_KEYS` (when it has any)."""
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config, dict) and any(key in config for key in _LOAD_TIME_KEYS):
+        kept = {key: value for key, value in config.items() if key not in _LOAD_TIME_KEYS}
+        path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def load(ctx, step: int = 0, source: pathlib.Path | None = None):
@@ -56,6 +73,8 @@ def run(ctx) -> pathlib.Path:
     model_cfg, model, step = load(ctx, ctx.cfg.export.step)
     art.begin()
     hf.save_hf(model, model_cfg, art.work, tokenizer=tokenizer, max_shard_bytes=int(ctx.cfg.export.max_shard_bytes))
+    if ctx.is_writer:  # the process that wrote the tokenizer files
+        _drop_load_time_keys(art.work)
     log.info("export: step %d written to %s", step, art.path)
     art.finish({"step": int(step)})
     return art.path

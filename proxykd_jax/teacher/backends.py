@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import pathlib
+import re
 import time
 
 import numpy as np
@@ -17,6 +18,18 @@ from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.tokenizer import chat_prompt
 from proxykd_jax.teacher.server import Completion
 from proxykd_jax.teacher.token_bytes import token_byte_table
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _special_ids(tokenizer) -> frozenset[int]:
+    """The ids an answer's text leaves out, as vLLM and the OpenAI API do: the tokenizer's special tokens
+    (its named ones and the added tokens marked special, such as an end of turn), less the byte-fallback
+    `<0xNN>` tokens some tokenizers list among them, which spell bytes of the text."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ids = {int(i) for i, t in added.items() if getattr(t, "special", False)}
+    ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    return frozenset(i for i in ids if not _BYTE_TOKEN.fullmatch(str(tokenizer.convert_ids_to_tokens(i))))
 
 
 def _next_pow2(x: int, floor: int = 1) -> int:
@@ -89,6 +102,7 @@ class LlamaBackend:
         self._key = jax.random.key(seed)
         self._calls = 0
         self._byte_table = None  # token id -> bytes, built on first use
+        self.special_ids = _special_ids(tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=True))
@@ -99,14 +113,21 @@ class LlamaBackend:
         return list(self.tok.encode(text, add_special_tokens=special))
 
     def decode(self, ids: list[int]) -> str:
+        """The text an answer of `ids` returns: `special_ids` left out. (The tokenizer decodes the ids that
+        remain as its own `skip_special_tokens` would, which drops the tokens before its decoder runs.)"""
+        return self._spell([i for i in map(int, ids) if i not in self.special_ids])
+
+    def _spell(self, ids: list[int]) -> str:
+        """`ids` decoded with every token spelled out, special ones included."""
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
     def pieces(self, context_ids: list[int], candidate_ids: list[int]) -> list[str]:
         """Text each candidate adds after the context, decoded against its last 4 tokens (enough
-        for word separators and byte merges; exact for word-level and byte-level tokenizers)."""
+        for word separators and byte merges; exact for word-level and byte-level tokenizers). A
+        special token's piece is its own text."""
         ctx = list(context_ids[-4:])
-        base = len(self.decode(ctx))
-        return [self.decode(ctx + [int(c)])[base:] for c in candidate_ids]
+        base = len(self._spell(ctx))
+        return [self._spell(ctx + [int(c)])[base:] for c in candidate_ids]
 
     def token_bytes(self, context_ids: list[int], candidate_ids: list[int]) -> list[bytes]:
         """Each candidate's true bytes: from the tokenizer's byte mapping where it has one (exact
@@ -220,6 +241,7 @@ class ToyBackend:
 
     EOS = 256
     ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz ", np.uint8).astype(np.int64)
+    special_ids = frozenset({EOS})
 
     def __init__(self, model_name: str = "toy", seed: int = 0, latency_s: float = 0.0, max_context: int = 4096):
         self.model_name, self.seed, self.latency_s = model_name, seed, latency_s

@@ -11,9 +11,13 @@ are gathered for `batch_window_ms` and run as one backend call (one jitted `gene
 
 A backend is any object with
   model_name: str
-  encode(text) -> list[int];  chat_ids(messages) -> list[int];  decode(ids) -> str
+  encode(text) -> list[int];  chat_ids(messages) -> list[int]
+  decode(ids) -> str: the answer's text, without the tokens of `special_ids` (as vLLM and the
+      OpenAI API return it: an end-of-turn token that does not stop the answer is not text)
+  special_ids: frozenset[int]
   token_bytes(context_ids, candidate_ids) -> list[bytes]: each candidate's true bytes after the
-      context (chosen tokens' bytes concatenate to the UTF-8 that `decode(ids)` decodes)
+      context, a special token's its own text (chosen tokens' bytes, those of `special_ids` left
+      out, concatenate to the UTF-8 that `decode(ids)` decodes)
   max_context: int (prompt + max_tokens limit)
   complete(prompts: list[list[int]], *, n, temperature, top_p, max_tokens, logprobs, top_logprobs,
            seeds: list[int | None] | None = None, to_context: bool = False)
@@ -164,13 +168,14 @@ def _token_rows(backend, c: Completion) -> list[tuple[bytes, float, list[tuple[b
     return rows
 
 
-def _text_offsets(start: int, token_bytes: list[bytes]) -> list[int]:
+def _text_offsets(start: int, token_bytes: list[bytes], in_text: list[bool]) -> list[int]:
     """Character offset of each token in prompt + text: the characters complete before it begins
-    (a token that finishes a character another token began points at that character)."""
+    (a token that finishes a character another token began points at that character; one not
+    `in_text`, a special token, adds none)."""
     decoder, offsets, n = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], start
-    for raw in token_bytes:
+    for raw, kept in zip(token_bytes, in_text):
         offsets.append(n)
-        n += len(decoder.decode(raw))
+        n += len(decoder.decode(raw)) if kept else 0
     return offsets
 
 
@@ -345,7 +350,11 @@ def make_app(
                     choice["logprobs"] = {
                         "tokens": [bytes_token(raw) for raw, _, _ in rows],
                         "token_logprobs": [lp for _, lp, _ in rows],
-                        "text_offset": _text_offsets(len(prompt_text), [raw for raw, _, _ in rows]),
+                        "text_offset": _text_offsets(
+                            len(prompt_text),
+                            [raw for raw, _, _ in rows],
+                            [t not in backend.special_ids for t in c.token_ids],
+                        ),
                         "top_logprobs": alternatives,
                     }
                 choices.append(choice)

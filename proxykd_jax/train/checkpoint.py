@@ -6,7 +6,8 @@ position: grain's own handler for grain iterators, JSON of `get_state()` for pla
 iterators that define `get_state`/`set_state`). Saves are asynchronous; the manager keeps the
 last `keep` checkpoints. A restore onto arrays of other shapes or another tree (another model or
 optimizer config) is refused before reading any array, naming one; one that fails on the files
-says the checkpoint is damaged and what to delete.
+says the checkpoint is damaged and what to delete, in one error: the reads it leaves in flight report
+nothing (`_WithoutClosedLoopReports`, `_WithoutUnretrievedReads`).
 
 In a multi-process run, plain-Python iterator state is written by process 0 only, so it must be
 the same on every process; grain iterators are saved per process.
@@ -15,6 +16,7 @@ the same on every process; grain iterators are saved per process.
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
 import sys
 
@@ -119,6 +121,42 @@ def _route_closed_loop_reports() -> object | None:
     return previous
 
 
+_UNRETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+
+
+class _WithoutUnretrievedReads(logging.Filter):
+    """A filter of the asyncio logger that drops its "exception was never retrieved" reports of reads in
+    the `folders` of damaged checkpoint steps, and passes every other record.
+
+    When one read of a restore fails, orbax's `asyncio.gather` stops awaiting the others and orbax closes
+    its loop; the reads that fail after that are never retrieved, and asyncio reports each (with its
+    traceback) when it is collected, maybe long after the restore raised. Tensorstore's message of each
+    names the file it could not read, inside the step's folder."""
+
+    def __init__(self):
+        super().__init__()
+        self.folders: set[str] = set()
+
+    def watch(self, folder: str) -> bool:
+        """Drops the reports about `folder` from now on, installed on the asyncio logger; True when it
+        did not already."""
+        logger = logging.getLogger("asyncio")
+        if self not in logger.filters:
+            logger.addFilter(self)
+        new = folder not in self.folders
+        self.folders.add(folder)
+        return new
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.folders or not isinstance(record.msg, str) or not record.msg.startswith(_UNRETRIEVED):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or not any(folder in str(error) for folder in self.folders)
+
+
+_UNRETRIEVED_READS = _WithoutUnretrievedReads()
+
+
 class Checkpointer:
     """An orbax CheckpointManager over `directory` for TrainState + data iterator position."""
 
@@ -159,16 +197,21 @@ class Checkpointer:
         `target` is a TrainState of arrays or ShapeDtypeStructs with `.sharding` (see
         `state.abstract_like`); the mesh may differ from the one that saved. The data iterator,
         when given and saved, is moved to the saved position. A restore that fails leaves
-        `sys.unraisablehook` wrapped in `_WithoutClosedLoopReports`: reads it left in flight may finish later.
+        `sys.unraisablehook` wrapped in `_WithoutClosedLoopReports` and the step's folder watched by
+        `_WithoutUnretrievedReads`: reads it left in flight may finish later.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory} to restore.")
         previous = _route_closed_loop_reports()  # reads of a damaged checkpoint may outlive a failed restore
+        folder = f"{self.directory / str(step)}{os.sep}"
+        watched = _UNRETRIEVED_READS.watch(folder)
         restored = self._restore(step, target, data_iter)
         hook = sys.unraisablehook  # every read finished: put back the hook this restore wrapped
         if previous is not None and isinstance(hook, _WithoutClosedLoopReports) and hook.hook is previous:
             sys.unraisablehook = previous
+        if watched:
+            _UNRETRIEVED_READS.folders.discard(folder)
         return restored
 
     def _restore(self, step: int, target: TrainState, data_iter) -> TrainState:
@@ -196,9 +239,6 @@ class Checkpointer:
         except Exception as e:  # tensorstore, orbax and JSON failures of damaged files share no base class
             if not _looks_damaged(e):
                 raise
-            # The asyncio logger's reports of the same failure ("Future exception was never retrieved"
-            # per failed read) go to the original stderr through its handlers.
-            logging.getLogger("asyncio").disabled = True
             reason = one_line(str(e).split("[tensorstore_spec")[0])[:160]
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} cannot be read ({type(e).__name__}: {reason}); it is "
