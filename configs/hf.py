@@ -7,7 +7,9 @@ Each model group takes its shape and numerics (vocabulary, widths, depth, heads,
 q/k/v bias, tied embeddings, context) from its folder's config.json (Llama, Mistral and Qwen2
 architectures) and points `init_from` at the folder, so nothing is typed twice and the load-time check
 (the folder must agree with its group) holds by construction. `data.tokenizer` is the proxy folder's
-tokenizer (the student's if the proxy folder has none). Compute is bfloat16 over float32 weights, as in
+tokenizer (the student's if the proxy folder has none): the two must share it, though their embeddings
+may be padded to different sizes (Qwen2.5-0.5B's 151,936 rows, Qwen2.5-7B's 152,064, for 151,665 tokens),
+each at least the tokenizer's. Compute is bfloat16 over float32 weights, as in
 configs/llama.py; rows are 2,048 tokens or the shorter of the two contexts. Any field can still be
 overridden on the command line.
 """

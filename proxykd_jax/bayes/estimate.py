@@ -19,6 +19,7 @@ same number of times (`parallel.hosts.lockstep`), and the statistics are gathere
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
@@ -259,6 +260,23 @@ def _padded_base(tables, vocab_size: int) -> np.ndarray:
     return base
 
 
+def _store_vocab(out: pathlib.Path, tokens: int) -> int:
+    """The vocab_size a store in `out` records: the tokenizer's `tokens`, or, resuming a store begun
+    before it recorded that, the size its finished shards already hold."""
+    first = next(iter(sorted(pathlib.Path(out).glob("shard-*.json"))), None)
+    return int(json.loads(first.read_text())["vocab_size"]) if first is not None else int(tokens)
+
+
+def _token_ids(ids_NxK: np.ndarray, logprobs_NxK: np.ndarray, tokens: int):
+    """(ids, log-probs) with every id of a padded embedding (>= `tokens`, never a token) stored as an
+    absent entry of id 0: the posterior gives those ids no probability (`token_logits`), but the top-k
+    picks them where it holds more slots than ids with mass, and a smaller student could not index them."""
+    padded = ids_NxK >= tokens
+    if not padded.any():
+        return ids_NxK, logprobs_NxK
+    return np.where(padded, 0, ids_NxK), np.where(padded, -np.inf, logprobs_NxK).astype(logprobs_NxK.dtype)
+
+
 def _or_empty(stats_parts):
     """The held-out statistics of this process (empty arrays of the right kind when it held none out)."""
     if stats_parts:
@@ -334,13 +352,20 @@ def make_posterior_step(graphdef, pcfg, *, k: int, mesh, rules, vocab: int = 0):
 def write_store(
     prepared, tables, est: dict, model, pcfg, data_cfg, *, out: pathlib.Path, mesh, rules, seq_len, batch_size, seed
 ) -> int:
-    """Pass 2: the posterior's top-k of every response token into this host's shards in `out`.
+    """Pass 2: the posterior's top-k of every response token into this host's shards in `out`. The
+    stored ids index the tokenizer's vocabulary (the store's vocab_size), so any model of the tokenizer
+    can read them, whatever size its embedding is padded to.
 
     Resumes after the last finished shard; returns the number of samples written by this process."""
     graphdef, state = nnx.split(model)
     scfg = data_cfg.store
+    tokens = tables.vocab_size  # the tokenizer's: what the stored ids index, whatever the models' padding
     writer = StoreWriter.from_config(
-        out, scfg, vocab_size=model.cfg.vocab_size, tokenizer_hash=prepared.tokenizer_hash, host=jax.process_index()
+        out,
+        scfg,
+        vocab_size=_store_vocab(out, tokens),
+        tokenizer_hash=prepared.tokenizer_hash,
+        host=jax.process_index(),
     )
     done = set(writer.finished_sample_ids().tolist())
     step = make_posterior_step(graphdef, pcfg, k=scfg.k, mesh=mesh, rules=rules, vocab=tables.vocab_size)
@@ -395,6 +420,7 @@ def write_store(
                 head_sym,
             )
             ids, lps, tail = (hosts.host_rows(x, rows * length) for x in (ids, lps, tail))
+            ids, lps = _token_ids(ids, lps, tokens)
             for (row, s, t), sid in zip(todo, sids):
                 sl = slice(row * length + s, row * length + s + t)
                 writer.add(sid, ids[sl], lps[sl], tail[sl], weight=weights[str(sid)])

@@ -20,7 +20,7 @@ import numpy as np
 from proxykd_jax.data.corpus import DataError
 from proxykd_jax.data.records import PreparedData, decode_record
 from proxykd_jax.data.store import StoreReader
-from proxykd_jax.errors import InputFileError
+from proxykd_jax.errors import ConfigError, InputFileError
 
 _SEQ_FIELDS = ("tokens", "targets", "loss_mask", "sample_ids")
 _PAD = {"sample_ids": -1, "kd_logprobs": -np.inf, "teacher_topk_logprobs": -np.inf}
@@ -30,24 +30,43 @@ def _open(prepared) -> PreparedData:
     return prepared if isinstance(prepared, PreparedData) else PreparedData(prepared)
 
 
+def require_vocab(prepared: PreparedData, vocab_size: int, field: str) -> None:
+    """Refuses a model of `vocab_size` rows (config field `field`) that cannot index every token of the
+    prepared tokenizer. A larger, padded embedding is fine: its extra ids are never tokens, so the
+    student and the proxy may pad to different sizes."""
+    tokens = int(prepared.manifest["tokenizer"]["vocab_size"])
+    if int(vocab_size) < tokens:
+        raise ConfigError(
+            f"config.{field}={vocab_size} is smaller than the {tokens} tokens of the prepared tokenizer "
+            f"({prepared.root}); use a model of that tokenizer and set {field} to its embedding rows "
+            f"(at least {tokens})."
+        )
+
+
 def open_store(prepared: PreparedData, store, vocab_size: int | None = None) -> StoreReader:
-    """A StoreReader checked against the prepared data's tokenizer (and the model's vocab size)."""
+    """A StoreReader checked against the prepared data's tokenizer (and that a model of `vocab_size`
+    rows can index its ids).
+
+    A store records the ids its token ids index (`vocab_size`): the tokenizer's size; stores written
+    before recorded the proxy's embedding rows, which then equalled the student's."""
     if not isinstance(store, StoreReader):
-        store = StoreReader(store, tokenizer_hash=prepared.tokenizer_hash, vocab_size=vocab_size)
+        store = StoreReader(store, tokenizer_hash=prepared.tokenizer_hash)
     if store.tokenizer_hash != prepared.tokenizer_hash:
         raise InputFileError(
             f"{store.dir}: store tokenizer hash {store.tokenizer_hash[:12]} differs from the "
             f"prepared data's {prepared.tokenizer_hash[:12]}; re-run `posterior`."
         )
-    if vocab_size is not None and store.vocab_size != vocab_size:
+    tokens = prepared.manifest["tokenizer"]["vocab_size"]
+    if vocab_size is not None and store.vocab_size > vocab_size:
         raise InputFileError(
-            f"{store.dir}: store vocab_size {store.vocab_size} differs from the model's "
-            f"{vocab_size}; re-run `posterior` for this model."
+            f"{store.dir}: the store's ids index {store.vocab_size} ids (an older store records its proxy's "
+            f"embedding rows), more than the model's vocab_size {vocab_size}; delete {store.dir} and re-run "
+            f"`proxykd posterior`, which records the tokenizer's {tokens}."
         )
-    if store.vocab_size < prepared.manifest["tokenizer"]["vocab_size"]:
+    if store.vocab_size < tokens:
         raise InputFileError(
-            f"{store.dir}: store vocab_size {store.vocab_size} is smaller than the "
-            f"tokenizer's {prepared.manifest['tokenizer']['vocab_size']}."
+            f"{store.dir}: store vocab_size {store.vocab_size} is smaller than the tokenizer's {tokens}; "
+            "re-run `proxykd posterior` on these prepared records."
         )
     return store
 

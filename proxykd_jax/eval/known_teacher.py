@@ -24,11 +24,19 @@ def _log_softmax(graphdef, state, tokens_BxL, segment_ids_BxL):
 
 
 def kl_terms(teacher_probs_BxLxV: np.ndarray, model_logprobs_BxLxV: np.ndarray) -> np.ndarray:
-    """KL(q || p) per position [B, L] in float64 (terms with q = 0 contribute 0)."""
+    """KL(q || p) per position [B, L] in float64 (terms with q = 0 contribute 0).
+
+    The two may have different widths (one tokenizer, embeddings padded to different sizes): the
+    narrower is read as giving the ids past its width no probability (inf where q has mass there)."""
     q = np.asarray(teacher_probs_BxLxV, np.float64)
     logp = np.asarray(model_logprobs_BxLxV, np.float64)
-    logq = np.log(np.where(q > 0, q, 1.0))
-    return np.sum(np.where(q > 0, q * (logq - logp), 0.0), axis=-1)
+    width = max(q.shape[-1], logp.shape[-1])
+    if q.shape[-1] < width:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (width - q.shape[-1],))], -1)
+    if logp.shape[-1] < width:
+        logp = np.concatenate([logp, np.full(logp.shape[:-1] + (width - logp.shape[-1],), -np.inf)], -1)
+    on = q > 0
+    return np.sum(np.where(on, q * (np.log(np.where(on, q, 1.0)) - np.where(on, logp, 0.0)), 0.0), axis=-1)
 
 
 def kl_to_teacher(
@@ -61,7 +69,7 @@ def kl_to_teacher(
         logp = _log_softmax(graphdef, state, jnp.asarray(tokens_BxL[idx]), jnp.asarray(segment_ids_BxL[idx]))
         logp = np.asarray(jax.device_get(logp))[:m]
         q = np.asarray(teacher_probs_fn(tokens_BxL[idx][:m], segment_ids_BxL[idx][:m]))
-        if q.shape != logp.shape:
+        if q.shape[:-1] != logp.shape[:-1]:  # (the vocabularies may differ in padding: `kl_terms`)
             raise ValueError(f"teacher distributions have shape {q.shape}; the model gives {logp.shape}.")
         mask = mask_BxL[start : start + m]
         total += float(np.sum(kl_terms(q, logp) * mask))

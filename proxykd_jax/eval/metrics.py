@@ -113,10 +113,14 @@ def model_metrics(models: dict, batches: list, teacher, scorer: Scorer) -> dict:
 
 
 def _dense_store(entry, vocab: int) -> np.ndarray:
-    """[T, V] from a store entry: top-k as stored, the tail spread evenly over the other ids."""
-    t, k = entry.ids_TxK.shape
-    q = np.repeat((np.asarray(entry.tail_T, np.float64) / max(vocab - k, 1))[:, None], vocab, 1)
-    np.put_along_axis(q, entry.ids_TxK.astype(np.int64), np.exp(entry.logprobs_TxK.astype(np.float64)), 1)
+    """[T, V] from a store entry: top-k as stored, the tail spread evenly over the other ids (absent
+    entries, log-prob -inf, name no id: any id, an id of a padded embedding in stores written before)."""
+    lps = entry.logprobs_TxK.astype(np.float64)
+    valid = np.isfinite(lps)
+    spread = np.asarray(entry.tail_T, np.float64) / np.maximum(vocab - valid.sum(1), 1)
+    q = np.repeat(spread[:, None], vocab, 1)
+    rows, slots = np.nonzero(valid)
+    q[rows, entry.ids_TxK[rows, slots].astype(np.int64)] = np.exp(lps[rows, slots])
     return q
 
 
@@ -185,7 +189,8 @@ def heldout_prompts(prepared, data_cfg, split: str, limit: int) -> list[np.ndarr
 def sample_answers(model, prompts: list, tokenizer, eos_id: int, *, max_new_tokens: int, seed: int) -> list[list[int]]:
     """`model`'s answer to each prompt (token ids), sampled in one left-aligned batch as the eval
     stage samples: temperature 1, ending after `eos_id` (kept in the answer), and no special token
-    other than eos ever sampled (pad, bos, unk never occur in a response, as in serving)."""
+    other than eos ever sampled (pad, bos, unk never occur in a response, as in serving), nor an id
+    past the tokenizer's (a padded embedding's, which the teacher cannot score)."""
     from proxykd_jax.models.sampling import generate
 
     width = max(len(r) for r in prompts)
@@ -194,6 +199,7 @@ def sample_answers(model, prompts: list, tokenizer, eos_id: int, *, max_new_toke
         tokens[i, : len(r)] = r
     lengths = np.asarray([len(r) for r in prompts], np.int32)
     specials = tuple(i for i in getattr(tokenizer, "all_special_ids", ()) if i != eos_id)
+    specials += tuple(range(len(tokenizer), model.cfg.vocab_size))  # the ids of a padded embedding: no token
     gen = generate(
         model,
         tokens,

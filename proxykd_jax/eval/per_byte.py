@@ -287,9 +287,12 @@ def posterior_heldout_nats_per_byte(
 
     sym = prepared.head_symbols()
     tok = load_tokenizer(prepared.root / "tokenizer")
-    fwd = nnx.jit(lambda m, b: jax.nn.log_softmax(m(b["tokens"], b["positions"], b["segment_ids"]), axis=-1))
     n_max, kappa = min(float(est["n_max"]), 1e9), float(est["kappa"])
     base = np.asarray(tables.base_V, np.float64)
+    tokens = base.shape[0]  # the proxy over the tokenizer's ids, as the store is built (`estimate.token_logits`)
+    fwd = nnx.jit(
+        lambda m, b: jax.nn.log_softmax(m(b["tokens"], b["positions"], b["segment_ids"])[..., :tokens], axis=-1)
+    )
     nll = total_bytes = 0.0
     seq_len = int(data_cfg.seq_len)
     keys_of = {int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split(split)}

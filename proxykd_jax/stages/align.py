@@ -8,6 +8,7 @@ import json
 import logging
 
 from proxykd_jax.align import lora, rounds
+from proxykd_jax.data.pipeline import require_vocab
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.models.tokenizer import load_tokenizer
 
@@ -54,7 +55,9 @@ def run(ctx, *, teacher_probs_fn=None) -> dict:
         log.info("align: %s is finished with these settings; reusing it", art.path)
         return art.summary or {}
     cfg = ctx.cfg
-    preflight(PreparedData(ctx.paths.prepared), cfg.align)
+    prepared = PreparedData(ctx.paths.prepared)
+    require_vocab(prepared, cfg.proxy.vocab_size, "proxy.vocab_size")  # (init_from's must equal the group's)
+    preflight(prepared, cfg.align)
     rounds.check_steps(cfg.align, cfg.optim)  # before the artifact is begun: a refused run leaves nothing behind
     data = rounds.AlignData.load(ctx.paths.prepared)
     seq_len = int(cfg.align.seq_len or cfg.data.seq_len)

@@ -6,7 +6,10 @@ A killed run resumes from its newest checkpoint."""
 from __future__ import annotations
 
 import logging
+import pathlib
 
+from proxykd_jax.context import load_folder
+from proxykd_jax.data.pipeline import require_vocab
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.tokenizer import load_tokenizer
@@ -27,7 +30,9 @@ def setup(ctx, art) -> distill.Distillation:
     distill.check_steps(cfg.train, cfg.optim)  # before any model is read
     _require(paths.prepared / "manifest.json", "the prepared data", "prepare")
     # an empty training split (or a manifest of another format) stops here, before the model is built
-    samples = PreparedData(paths.prepared).require_samples(str(cfg.distill.split), short=" to train the student on")
+    prepared = PreparedData(paths.prepared)
+    samples = prepared.require_samples(str(cfg.distill.split), short=" to train the student on")
+    require_vocab(prepared, cfg.model.vocab_size, "model.vocab_size")  # (init_from's must equal the group's)
     epochs, steps, rows = int(cfg.data.num_epochs), int(cfg.train.steps), int(cfg.train.batch_size)
     if epochs and samples * epochs < steps * rows:  # a packed row holds one sample or more
         raise ProxyKDError(
@@ -40,6 +45,16 @@ def setup(ctx, art) -> distill.Distillation:
         _require(paths.posterior, "the posterior store", "posterior")
         store = paths.posterior
     model_cfg = ctx.model_config(cfg.model)
+    if cfg.distill.white_box:
+        # its full distribution is compared with the student's id by id: one vocabulary size, checked
+        # before any weight is read (`distill.setup` holds the same for library calls)
+        teacher_rows = load_folder(pathlib.Path(cfg.distill.white_box).expanduser(), config_only=True).vocab_size
+        if teacher_rows != model_cfg.vocab_size:
+            raise ProxyKDError(
+                f"{cfg.distill.white_box}: teacher vocab_size {teacher_rows} differs from config.model.vocab_size "
+                f"{model_cfg.vocab_size}; white-box KD compares full distributions id by id, so use a teacher "
+                "whose embedding has the student's rows (or distil from a posterior store instead)."
+            )
     init = ctx.init_model("model", 0)[1] if cfg.model.init_from else None
     teacher = None
     if cfg.distill.white_box:

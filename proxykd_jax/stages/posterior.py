@@ -14,6 +14,7 @@ import time
 from proxykd_jax import config as config_lib
 from proxykd_jax.bayes import estimate
 from proxykd_jax.bayes.tables import built_with, load_prior
+from proxykd_jax.context import load_folder
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.errors import ProxyKDError
 
@@ -39,20 +40,19 @@ def run(ctx) -> dict:
             f"{folder} does not exist: no aligned proxy; run `proxykd align` first or set --config.posterior.proxy=FOLDER."
         )
     prepared, tables = PreparedData(ctx.paths.prepared), load_prior(ctx.paths.prior)
-    model_cfg, model = ctx.load_model(
-        folder, dtype=cfg.proxy.dtype, group=cfg.proxy, rows=(cfg.data.seq_len, "data.seq_len")
-    )
     vocab = int(prepared.manifest["tokenizer"]["vocab_size"])
     if tables.vocab_size != vocab:
         raise ProxyKDError(
             f"{ctx.paths.prior}: the prior tables have vocab_size {tables.vocab_size} but the prepared "
             f"records' tokenizer has {vocab}; run `proxykd prior` again on these records."
         )
-    if model_cfg.vocab_size < vocab:  # (a larger, padded embedding is fine: its extra ids are never tokens)
+    rows = load_folder(folder, config_only=True).vocab_size  # before any weight is read
+    if rows < vocab:  # (a larger, padded embedding is fine: its extra ids are never tokens)
         raise ProxyKDError(
-            f"{folder}: proxy vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {vocab}; "
+            f"{folder}: proxy vocab_size {rows} is smaller than the tokenizer's {vocab}; "
             "use a proxy with the tokenizer of the prepared records (data.tokenizer)."
         )
+    _, model = ctx.load_model(folder, dtype=cfg.proxy.dtype, group=cfg.proxy, rows=(cfg.data.seq_len, "data.seq_len"))
     art.begin()
     sizes = dict(mesh=ctx.mesh, rules=ctx.rules, seq_len=cfg.data.seq_len, batch_size=cfg.posterior.batch_size)
     start, est_path = time.perf_counter(), art.work / ESTIMATE
