@@ -297,3 +297,26 @@ def test_eval_scores_the_padded_student_and_proxy(distilled):
         assert np.isfinite(m["heldout_nll"]) and np.isfinite(m["kl_to_teacher"])
     assert np.isfinite(models["student (Proxy-KD)"]["teacher_loglik_of_generations"])
     assert all(np.isfinite(v) for v in metrics["estimator_kl"].values())
+
+
+def test_serving_a_padded_model_never_answers_with_its_extra_ids(run):
+    """`serve` of the 320-row proxy (its extra rows larger than the others, so that an unmasked padded id
+    would often be drawn and lead the top-k): tokens and top log-probs name only the tokenizer's 270 ids."""
+    from proxykd_jax.models.tokenizer import load_tokenizer
+    from proxykd_jax.teacher.backends import LlamaBackend
+
+    cfg, _ = run
+    _, model = hf.load_hf(pathlib.Path(cfg.proxy.init_from))
+    tok = load_tokenizer(cfg.proxy.init_from)
+    assert len(tok) == TOKENS and model.cfg.vocab_size == PROXY
+    backend = LlamaBackend(model, tok, model_name="proxy")
+    prompts = [backend.encode("w1 w2 w3"), backend.encode("w4")]
+    rows = backend.complete(
+        prompts, n=4, temperature=2.0, top_p=1.0, max_tokens=16, logprobs=True, top_logprobs=20, seeds=[1, 2]
+    )
+    completions = [c for row in rows for c in row]
+    assert sum(len(c.token_ids) for c in completions) > 16
+    for c in completions:
+        assert max(c.token_ids) < TOKENS
+        assert all(i < TOKENS for alternatives in c.top for i, _ in alternatives)
+        assert len(c.top[0]) == 20

@@ -190,6 +190,41 @@ def test_suppressed_tokens_are_never_sampled(model):
         )
 
 
+def test_a_padded_embedding_never_samples_nor_lists_its_extra_ids(model):
+    """`vocab`: the model's rows past the tokenizer's size (a padded embedding, as Qwen's) get no probability:
+    never drawn, never among the top log-probs, which are the model's distribution over the first `vocab`
+    ids (a float64 reference from full forwards)."""
+    vocab = 29  # of the model's 37 rows
+    prompts, lengths = left_aligned(PROMPTS)
+    free = generate(model, prompts, lengths, jax.random.key(5), max_new_tokens=12, temperature=3.0)
+    assert np.asarray(free.tokens_BxT).max() >= vocab  # the unrestricted sampler does draw padded ids
+    out = generate(
+        model,
+        prompts,
+        lengths,
+        jax.random.key(5),
+        max_new_tokens=12,
+        temperature=3.0,
+        return_logprobs=True,
+        top_logprobs=5,
+        vocab=vocab,
+    )
+    toks, top = np.asarray(out.tokens_BxT), np.asarray(out.top_ids_BxTxN)
+    for i, prompt in enumerate(PROMPTS):
+        n = int(out.lengths_B[i])
+        assert toks[i, :n].max() < vocab and top[i, :n].max() < vocab
+        seq = prompt + toks[i, :n].tolist()
+        logits = full_logits(model, seq).astype(np.float64)[:, :vocab]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        logp -= logits.max(-1, keepdims=True)
+        for t in range(n):
+            row = logp[len(prompt) - 1 + t]
+            np.testing.assert_allclose(out.logprobs_BxT[i, t], row[seq[len(prompt) + t]], atol=1e-4)
+            np.testing.assert_array_equal(top[i, t], np.argsort(-row)[:5])
+    with pytest.raises(ValueError, match="vocab=38 must be in"):
+        generate(model, prompts, lengths, jax.random.key(5), max_new_tokens=2, vocab=38)
+
+
 def test_per_row_keys_make_rows_independent_of_their_batch(model):
     keys = jax.random.split(jax.random.key(8), 4)
     prompts, lengths = left_aligned(PROMPTS + [[11, 4, 6, 2, 9, 9, 13]])  # all rows padded to width 7

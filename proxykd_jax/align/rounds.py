@@ -48,6 +48,7 @@ class AlignData:
     pad_id: int
     stop_tokens: tuple[int, ...]
     root: pathlib.Path
+    vocab: int = 0  # the tokenizer's size: a padded proxy never samples the ids past it
 
     @classmethod
     def load(cls, prepared_dir: pathlib.Path) -> AlignData:
@@ -61,7 +62,8 @@ class AlignData:
         tok = dict(data.manifest["tokenizer"])
         pad_id = int(tok.get("pad_id") if tok.get("pad_id") is not None else 0)
         stop_tokens = (int(tok["eos_id"]),) if tok.get("eos_id") is not None else ()
-        return cls(**splits, pad_id=pad_id, stop_tokens=stop_tokens, root=pathlib.Path(prepared_dir))
+        vocab = int(tok.get("vocab_size") or 0)
+        return cls(**splits, pad_id=pad_id, stop_tokens=stop_tokens, root=pathlib.Path(prepared_dir), vocab=vocab)
 
 
 def make_trainable(model, lora_cfg, seed: int, mesh, rules):
@@ -85,8 +87,9 @@ def make_trainable(model, lora_cfg, seed: int, mesh, rules):
     return adapters, (model,)
 
 
-def make_sampler(trainable, frozen, acfg, stop_tokens, pad_id):
-    """sample_fn(prompt_BxP, lengths_B, rng) -> (tokens_BxT, lengths_B) from the current policy."""
+def make_sampler(trainable, frozen, acfg, stop_tokens, pad_id, vocab: int = 0):
+    """sample_fn(prompt_BxP, lengths_B, rng) -> (tokens_BxT, lengths_B) from the current policy (over the
+    tokenizer's first `vocab` ids: a padded embedding's are no token; 0 = all)."""
     from proxykd_jax.models.sampling import generate
 
     policy = objectives.policy_of(trainable, frozen)
@@ -102,6 +105,7 @@ def make_sampler(trainable, frozen, acfg, stop_tokens, pad_id):
             top_p=acfg.top_p,
             stop_tokens=tuple(stop_tokens),
             pad_id=pad_id,
+            vocab=vocab,
         )
         return out.tokens_BxT, out.lengths_B
 
@@ -135,6 +139,7 @@ def make_round_pairs(
     pad_id: int,
     put_batch,
     logp_reference=None,
+    vocab: int = 0,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Samples rejected responses from `reference`, builds pair rows, adds reference log-probs (of
     `logp_reference`, default `reference` itself; same `frozen`).
@@ -147,7 +152,7 @@ def make_round_pairs(
             f"prompts of up to {width} tokens + align.max_new_tokens={acfg.max_new_tokens} exceed "
             "the proxy's max_seq_len; lower align.max_new_tokens."
         )
-    sample_fn = make_sampler(reference, frozen, acfg, stop_tokens, pad_id)
+    sample_fn = make_sampler(reference, frozen, acfg, stop_tokens, pad_id, vocab)
     rng = jax.random.fold_in(jax.random.key(seed), 1000 + round_index)
     samples = [[] for _ in chosen]
     for s in range(acfg.samples_per_prompt):
@@ -439,6 +444,7 @@ def _round_pairs(trainable, frozen, data: AlignData, acfg, phase_dir, r, seed, s
             pad_id=data.pad_id,
             put_batch=put_batch,
             logp_reference=logp_reference,
+            vocab=data.vocab,
         )
         if jax.process_index() == 0:
             pairs_lib.save_pairs(pairs_path, rows, dropped)

@@ -199,7 +199,6 @@ def sample_answers(model, prompts: list, tokenizer, eos_id: int, *, max_new_toke
         tokens[i, : len(r)] = r
     lengths = np.asarray([len(r) for r in prompts], np.int32)
     specials = tuple(i for i in getattr(tokenizer, "all_special_ids", ()) if i != eos_id)
-    specials += tuple(range(len(tokenizer), model.cfg.vocab_size))  # the ids of a padded embedding: no token
     gen = generate(
         model,
         tokens,
@@ -209,6 +208,7 @@ def sample_answers(model, prompts: list, tokenizer, eos_id: int, *, max_new_toke
         temperature=1.0,
         stop_tokens=(eos_id,),
         suppress_tokens=specials,
+        vocab=min(len(tokenizer), model.cfg.vocab_size),  # a padded embedding's ids: no token
     )
     g, glen = hosts.to_host(gen.tokens_BxT), hosts.to_host(gen.lengths_B)
     return [g[i, : glen[i]].tolist() for i in range(len(prompts))]

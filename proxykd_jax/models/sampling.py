@@ -137,6 +137,7 @@ def _constrain(cache, shardings: CacheShardings | None):
         "return_logprobs",
         "top_logprobs",
         "suppress_tokens",
+        "vocab",
         "cache_sharding",
     ),
 )
@@ -157,9 +158,16 @@ def _generate(
     return_logprobs,
     top_logprobs,
     suppress_tokens=(),
+    vocab=0,
     cache_sharding=None,
 ):
     model = nnx.merge(graphdef, state)
+
+    def tokens_only(logits_BxV):  # the ids of a padded embedding are no token: no probability
+        if 0 < vocab < logits_BxV.shape[-1]:
+            return jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab, logits_BxV, -jnp.inf)
+        return logits_BxV
+
     b, p = prompt_BxP.shape
     t_max = max_new_tokens
     limits_B = jnp.full((b,), t_max, jnp.int32) if limits_B is None else limits_B
@@ -168,7 +176,7 @@ def _generate(
     segments_BxP = (positions_BxP < prompt_lengths_B[:, None]).astype(jnp.int32)
     logits_BxPxV, cache = model.decode(prompt_BxP, positions_BxP, segments_BxP, cache)
     cache = _constrain(cache, cache_sharding)
-    last_BxV = jnp.take_along_axis(logits_BxPxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    last_BxV = tokens_only(jnp.take_along_axis(logits_BxPxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0])
     stop_S = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     n = max(top_logprobs, 1)
 
@@ -218,7 +226,7 @@ def _generate(
                 c["top_lp"] = c["top_lp"].at[:, c["t"]].set(jnp.where(active_B[:, None], top_lp, 0.0))
         positions_Bx1 = (prompt_lengths_B + c["t"])[:, None].astype(jnp.int32)
         logits_Bx1xV, cache = model.decode(tok_B[:, None], positions_Bx1, jnp.ones((b, 1), jnp.int32), c["cache"])
-        return dict(c, t=c["t"] + 1, logits=logits_Bx1xV[:, 0], cache=_constrain(cache, cache_sharding))
+        return dict(c, t=c["t"] + 1, logits=tokens_only(logits_Bx1xV[:, 0]), cache=_constrain(cache, cache_sharding))
 
     c = jax.lax.while_loop(cond, body, carry)
     return GenerateOutput(
@@ -245,6 +253,7 @@ def generate(
     return_logprobs: bool = False,
     top_logprobs: int = 0,
     suppress_tokens=(),
+    vocab: int = 0,
     rules=None,
     limits_B=None,
 ) -> GenerateOutput:
@@ -253,7 +262,10 @@ def generate(
     `temperature` and `top_p` may be scalars or per-row [B] arrays (temperature 0 = greedy) and do
     not trigger recompilation; `max_new_tokens`, `top_k`, `stop_tokens`, `pad_id`,
     `return_logprobs`, `top_logprobs` (N, the number of alternatives per step) and
-    `suppress_tokens` (ids never sampled, e.g. pad/bos/unk) are static. `rng` is one key, or a
+    `suppress_tokens` (ids never sampled, e.g. pad/bos/unk) are static. `vocab` (static; 0 = the
+    model's) is the tokenizer's size where the model's embedding is padded past it: the ids from
+    `vocab` on get no probability, neither sampled nor among the reported log-probs, which are then
+    those of the model's distribution over the tokenizer's ids. `rng` is one key, or a
     [B] array of keys, one per row: then each row's tokens depend only on its own key and prompt,
     not on which other rows share the call (how `serve` honours per-request seeds). On a mesh the KV
     cache is sharded by `rules` (default: the standard logical-axis table; see `cache_shardings`).
@@ -271,9 +283,11 @@ def generate(
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     if top_k < 0 or top_logprobs < 0:
         raise ValueError(f"top_k and top_logprobs must be >= 0, got {top_k} and {top_logprobs}.")
-    if top_logprobs > model.cfg.vocab_size:
+    if vocab < 0 or vocab > model.cfg.vocab_size:
+        raise ValueError(f"vocab={vocab} must be in [0, the model's vocab_size {model.cfg.vocab_size}].")
+    if top_logprobs > (vocab or model.cfg.vocab_size):
         raise ValueError(
-            f"top_logprobs={top_logprobs} exceeds the model's vocabulary of {model.cfg.vocab_size} tokens."
+            f"top_logprobs={top_logprobs} exceeds the model's vocabulary of {vocab or model.cfg.vocab_size} tokens."
         )
     if not isinstance(prompt_lengths_B, jax.core.Tracer):
         lengths = np.asarray(prompt_lengths_B)
@@ -319,5 +333,6 @@ def generate(
         return_logprobs=bool(return_logprobs),
         top_logprobs=int(top_logprobs),
         suppress_tokens=tuple(sorted({int(t) for t in suppress_tokens})),
+        vocab=int(vocab),
         cache_sharding=cache_shardings(model, b, p + max_new_tokens, rules),
     )

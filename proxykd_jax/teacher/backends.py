@@ -103,6 +103,8 @@ class LlamaBackend:
         self._calls = 0
         self._byte_table = None  # token id -> bytes, built on first use
         self.special_ids = _special_ids(tokenizer)
+        # the tokenizer's ids: those of an embedding padded past them are no token, never sampled nor listed
+        self.vocab = min(len(tokenizer), model.cfg.vocab_size)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=True))
@@ -204,7 +206,8 @@ class LlamaBackend:
             stop_tokens=self.stop_ids,
             pad_id=self.pad_id,
             return_logprobs=bool(logprobs),
-            top_logprobs=min(int(top_logprobs), self.model.cfg.vocab_size),  # a tiny vocabulary: all of it
+            top_logprobs=min(int(top_logprobs), self.vocab),  # a tiny vocabulary: all of it
+            vocab=self.vocab,
             rules=self.rules,
         )
         toks_BxT, lens_B = np.asarray(out.tokens_BxT), np.asarray(out.lengths_B)
