@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from proxykd_jax import progress as progress_bars
 from proxykd_jax.data import pipeline
 from proxykd_jax.eval.known_teacher import kl_terms
 from proxykd_jax.parallel import hosts
@@ -95,8 +96,12 @@ class Scorer:
 def model_metrics(models: dict, batches: list, teacher, scorer: Scorer) -> dict:
     """{name: {heldout_nll, kl_to_teacher (with a teacher)}} per response token over `batches`."""
     out = {}
+    bar = progress_bars.bar(
+        total=len(models) * len(batches), desc="eval: scoring", unit="batch", disable=jax.process_index() != 0
+    )
     for name, model in models.items():
         sums = {"nll": 0.0, "kl": 0.0, "n": 0.0}
+        bar.set_postfix_str(name)
         for batch in batches:
             picked, logp = scorer(model, batch, full=teacher is not None)
             mask = _mask(batch)
@@ -105,10 +110,12 @@ def model_metrics(models: dict, batches: list, teacher, scorer: Scorer) -> dict:
             if teacher is not None and mask.any():
                 q = teacher.distributions(batch["tokens"], batch["lengths"])
                 sums["kl"] += float(np.sum(kl_terms(q, logp) * mask))
+            bar.update()
         sums = hosts.allsum(sums)
         out[name] = {"heldout_nll": sums["nll"] / sums["n"]}
         if teacher is not None:
             out[name]["kl_to_teacher"] = sums["kl"] / sums["n"]
+    bar.close()
     return out
 
 

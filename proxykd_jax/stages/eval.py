@@ -46,6 +46,7 @@ def run(ctx, *, teacher=None) -> dict:
     if not folders:
         raise ProxyKDError(f"{paths.root}: no model folders to evaluate; run `align` or `distill` first.")
     art.begin()
+    log.info("eval: %s on the %s split", ", ".join(folders), cfg.eval.split)
     models = {name: ctx.load_model(folder)[1] for name, folder in folders.items()}
     scorer = metrics_lib.Scorer(ctx.mesh, ctx.rules)
     ecfg = cfg.eval
@@ -63,6 +64,7 @@ def run(ctx, *, teacher=None) -> dict:
     if teacher is not None:
         est_path = paths.posterior / "estimate.json"
         if est_path.exists():
+            log.info("eval: the posterior estimator against the known teacher")
             proxies = {k: m for k, m in models.items() if k.startswith("proxy")}
             metrics["estimator_kl"] = metrics_lib.estimator_metrics(
                 prepared,
@@ -76,6 +78,8 @@ def run(ctx, *, teacher=None) -> dict:
             )
         students = {k: m for k, m in models.items() if k.startswith("student")}
         prompts = metrics_lib.heldout_prompts(prepared, cfg.data, "heldout", ecfg.generate_prompts)
+        if students and prompts and ecfg.max_new_tokens > 0:
+            log.info("eval: the students answer %d held-out prompts; the teacher scores the answers", len(prompts))
         generated = metrics_lib.generation_metrics(
             students, prompts, teacher, max_new_tokens=ecfg.max_new_tokens, seed=ctx.seed
         )
