@@ -182,6 +182,27 @@ def test_a_folder_not_made_by_the_stage_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "prior").iterdir()) == ["artifact.json", "tables.txt"]
 
 
+def test_a_run_killed_while_writing_its_first_record_resumes(tmp_path):
+    """`kill -9` between the first record's write and its rename leaves a folder with `artifact.json.tmp`
+    alone (a partial one here): the same command starts the stage as new; it was refused as a folder
+    not made by the stage. Anything else in the folder is still refused."""
+    cfg = base(tmp_path)
+    (tmp_path / "prior").mkdir()
+    (tmp_path / "prior" / "artifact.json.tmp").write_text('{"stage": "prior", "ha')
+    art = _open(cfg)
+    assert art.status == "new"
+    _write(art, "tables")
+    art.finish()
+    assert sorted(p.name for p in (tmp_path / "prior").iterdir()) == ["artifact.json", "tables.txt"]
+    assert _open(cfg).done
+    other = base(tmp_path / "other")
+    (tmp_path / "other" / "prior").mkdir(parents=True)
+    for name in ("artifact.json.tmp", "mine.txt"):
+        (tmp_path / "other" / "prior" / name).write_text("user data")
+    with pytest.raises(ProxyKDError, match=r"not made by `proxykd prior`"):
+        _open(other)
+
+
 def test_a_file_artifact_moves_with_its_companions(tmp_path):
     cfg = base(tmp_path)
     paths = context.RunPaths.from_config(cfg)

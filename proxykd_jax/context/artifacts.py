@@ -603,9 +603,11 @@ def settle(path: pathlib.Path, is_file: bool | None = None, *, writer: bool = Tr
 
 
 def _is_empty(path: pathlib.Path, is_file: bool) -> bool:
+    """Whether nothing is at `path` yet: a folder holding only the first record of a run killed while it
+    wrote it (`artifact.json.tmp`, before the rename) holds nothing of anyone's either."""
     if is_file:
         return not path.exists()
-    return not path.exists() or not any(path.iterdir())
+    return not path.exists() or {p.name for p in path.iterdir()} <= {RECORD + ".tmp"}
 
 
 def _unfinished_input(name: str, upstream: pathlib.Path, rec: dict, paths: RunPaths) -> ProxyKDError:
