@@ -61,6 +61,22 @@ def test_an_unfinished_upstream_artifact_is_refused_naming_it_and_its_command(tm
     assert _open("prepare", cfg).status == "new" and corpus.exists()  # finished: prepare may read it now
 
 
+def test_an_unfinished_corpus_named_by_path_is_refused_too(tmp_path):
+    """`data.corpus` naming a corpus `collect` is still writing (the run's own, or one written with
+    collect.out) is refused as the run's corpus is; a corpus file of the user's (no record) is read."""
+    (tmp_path / "tok").mkdir()
+    cfg = _cfg(tmp_path, tokenizer=str(tmp_path / "tok"))
+    corpus = _unfinished_corpus(cfg)
+    own = _cfg(tmp_path, tokenizer=str(tmp_path / "tok"), corpus=f"{tmp_path / 'users.jsonl'},{corpus}")
+    (tmp_path / "users.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    with pytest.raises(ProxyKDError, match=r"corpus/teacher.jsonl is not finished .*`proxykd collect`"):
+        context.preflight(own, "prepare")
+    _open("collect", cfg).finish({"done": 1})
+    assert _open("prepare", own).status == "new"
+    users = _cfg(tmp_path / "other", tokenizer=str(tmp_path / "tok"), corpus=str(tmp_path / "users.jsonl"))
+    assert _open("prepare", users).status == "new"
+
+
 def test_an_unfinished_upstream_makes_a_finished_dependant_stale_rather_than_reused(tmp_path):
     cfg = _cfg(tmp_path)
     prepared = _open("prepare", cfg)

@@ -296,3 +296,14 @@ def test_collect_reuses_a_finished_corpus_without_a_request(tmp_path):
         assert run_stage("collect", hotter)["done"] == 10
     corpus = (tmp_path / "run" / "corpus" / "teacher.jsonl").read_text().splitlines()
     assert len(corpus) == 10 and all(json.loads(line)["meta"]["temperature"] == 0.5 for line in corpus)
+
+
+def test_a_changed_input_is_named_for_what_changed():
+    """`export` of the SFT student over an export of the Proxy-KD one: student/ was not rebuilt, it stopped
+    being the input (the refusal said "was rebuilt")."""
+    changes = artifacts._changes({}, {}, {"student": "a", "prepared": "p"}, {"student_sft": "b", "prepared": "q"})
+    assert changes == [
+        "its input prepared/ was rebuilt",
+        "it was made from student/, no longer an input",
+        "its input student_sft/ is new",
+    ]

@@ -85,6 +85,15 @@ def _folder(key: str, value) -> list[tuple[str, pathlib.Path]]:
     return [(key, pathlib.Path(str(value)).expanduser())] if value else []
 
 
+def _prepare_inputs(cfg, paths: RunPaths) -> list[pathlib.Path]:
+    """The run's corpus, or the `data.corpus` files that `collect` made (a corpus file with its record,
+    such as the run's own named by path): one still being collected is not prepared from."""
+    if not cfg.data.corpus:
+        return [paths.demo, _corpus(cfg, paths)]
+    collected = [p for _, p in _path_list("data.corpus", cfg.data.corpus) if record_path(p, True).exists()]
+    return [paths.demo] + collected
+
+
 def _prepare_files(cfg, paths: RunPaths) -> list[tuple[str, pathlib.Path]]:
     return _path_list("data.corpus", cfg.data.corpus) + _path_list("data.tokenizer", cfg.data.tokenizer)
 
@@ -144,7 +153,7 @@ ARTIFACTS: dict[str, Spec] = {
             "data.worker_buffer_size",
             "data.store.*",
         ),
-        inputs=lambda cfg, paths: [paths.demo] + ([] if cfg.data.corpus else [_corpus(cfg, paths)]),
+        inputs=_prepare_inputs,
         files=_prepare_files,
     ),
     "prior": Spec(
@@ -404,7 +413,10 @@ def _changes(old: dict, new: dict, old_inputs: dict, new_inputs: dict, old_ids=(
             out.append(f"{key} {show(a)} -> {show(b)}")
     for key in sorted(set(old_inputs) | set(new_inputs)):
         if old_inputs.get(key) != new_inputs.get(key):
-            out.append(f"its input {key}/ " + ("was rebuilt" if key in old_inputs else "is new"))
+            if key not in new_inputs:
+                out.append(f"it was made from {key}/, no longer an input")
+            else:
+                out.append(f"its input {key}/ " + ("was rebuilt" if key in old_inputs else "is new"))
     for old_files, new_files in zip(old_ids, new_ids):
         if old_files is None:  # records made before these were recorded have none to compare
             continue
