@@ -148,3 +148,33 @@ def test_exported_tokenizer_config_has_no_load_time_keys_and_the_same_tokenizer(
         assert theirs.encode(text) == ours.encode(text)
         ids = rng.integers(0, len(ours), size=8).tolist()
         assert theirs.decode(ids) == ours.decode(ids)
+
+
+def test_an_instruct_students_end_of_turn_ids_survive_the_export(trained, tmp_path):
+    """The folder the run's tokenizer came from lists an end-of-turn id besides the eos in its
+    generation_config.json (Llama 3's <|eot_id|>): the export lists both, in config.json and
+    generation_config.json, so transformers' `generate` and `proxykd serve` of the export stop at it
+    (the export listed the tokenizer's eos alone: the student ran past its end of turn)."""
+    import shutil
+
+    from proxykd_jax.models.tokenizer import load_tokenizer
+    from proxykd_jax.teacher.backends import LlamaBackend, load_backend
+
+    tok_folder = tmp_path / "instruct"
+    shutil.copytree(context.RunPaths.from_config(export_config(trained)).tokenizer, tok_folder)
+    eos = load_tokenizer(tok_folder).eos_token_id
+    turn = eos + 3
+    (tok_folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, turn]}))
+    cfg = export_config(trained)
+    cfg.data.tokenizer = str(tok_folder)
+    cfg.export.out = str(tmp_path / "export")
+    out = run_stage("export", cfg)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text())["eos_token_id"] == [eos, turn], name
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [eos, turn]
+    from proxykd_jax.teacher.config import serve_config
+
+    serve = serve_config()
+    serve.update(source="hf", path=str(out))
+    backend = load_backend(serve)
+    assert isinstance(backend, LlamaBackend) and backend.stop_ids == (eos, turn)

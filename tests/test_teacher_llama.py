@@ -183,7 +183,7 @@ def test_generation_config_end_tokens_stop_an_answer(tmp_path):
     import pytest
 
     from proxykd_jax.errors import ProxyKDError
-    from proxykd_jax.teacher.backends import _generation_stop_ids
+    from proxykd_jax.models.hf import generation_stop_ids
 
     rng = np.random.default_rng(1)
     tok = build_bpe_tokenizer([" ".join(rng.choice(WORDS, size=8)) for _ in range(100)], 300, tmp_path / "tok")
@@ -199,12 +199,12 @@ def test_generation_config_end_tokens_stop_an_answer(tmp_path):
     (cut,) = LlamaBackend(model, tok, model_name="m", stop_ids=(free.token_ids[j],)).complete(prompt, **kw)[0]
     assert cut.finish_reason == "stop" and cut.token_ids == free.token_ids[:j]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
-    assert _generation_stop_ids(tmp_path) == (2, 7)
+    assert generation_stop_ids(tmp_path) == (2, 7)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 5, "bos_token_id": 1}))
-    assert _generation_stop_ids(tmp_path) == (5,)
+    assert generation_stop_ids(tmp_path) == (5,)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["<eot>"]}))
     with pytest.raises(ProxyKDError, match=r"generation_config.json: eos_token_id must be a token id or a list"):
-        _generation_stop_ids(tmp_path)
+        generation_stop_ids(tmp_path)
 
 
 @pytest.mark.parametrize("template", [True, False])

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.models.safetensors_io import SafetensorsFolder, TensorMap, host_value, load_leaf, write_sharded
 
@@ -310,12 +311,31 @@ def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
     return out
 
 
-def token_ids_of(tokenizer) -> dict:
-    """bos/eos/pad ids of a tokenizer (None where it has none; pad falls back to eos)."""
+def generation_stop_ids(folder: pathlib.Path) -> tuple:
+    """The ids a folder's generation_config.json names as `eos_token_id` (one or a list: an instruct model
+    ends a turn with its own token, Llama 3's <|eot_id|>, besides the tokenizer's eos); () without one."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return ()
+    try:
+        ids = json.loads(path.read_text()).get("eos_token_id")
+    except (ValueError, AttributeError):
+        raise ProxyKDError(f"{path} is not a JSON object; fix it or remove it") from None
+    ids = [ids] if isinstance(ids, int) else ids or []
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ProxyKDError(f"{path}: eos_token_id must be a token id or a list of them, not {ids!r}")
+    return tuple(ids)
+
+
+def token_ids_of(tokenizer, stop_ids=()) -> dict:
+    """bos/eos/pad ids of a tokenizer (None where it has none; pad falls back to eos). With `stop_ids`
+    (an instruct model's end-of-turn tokens besides the eos), eos_token_id is the list of the eos and
+    those, as such a model's own config.json and generation_config.json give it."""
     if tokenizer is None:
         return dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    return dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos if pad is None else pad)
+    ends = [t for t in dict.fromkeys([eos, *map(int, stop_ids)]) if t is not None]
+    return dict(bos_token_id=bos, eos_token_id=ends if len(ends) > 1 else eos, pad_token_id=eos if pad is None else pad)
 
 
 @functools.cache
@@ -339,11 +359,17 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
 
 def save_hf(
-    model: Llama, cfg: ModelConfig, folder, tokenizer=None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    model: Llama,
+    cfg: ModelConfig,
+    folder,
+    tokenizer=None,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    stop_ids=(),
 ) -> None:
     """Writes `model` as a Hugging Face folder; see `save_params`."""
     params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    save_params(params, cfg, folder, tokenizer, max_shard_bytes=max_shard_bytes)
+    save_params(params, cfg, folder, tokenizer, max_shard_bytes=max_shard_bytes, stop_ids=stop_ids)
 
 
 def save_params(
@@ -353,6 +379,7 @@ def save_params(
     tokenizer=None,
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    stop_ids=(),
 ) -> None:
     """Writes config.json, generation_config.json, safetensors files of at most `max_shard_bytes`
     (more than one: with model.safetensors.index.json) and the tokenizer, one tensor at a time.
@@ -361,8 +388,9 @@ def save_params(
     tensor (one layer of a stacked leaf) is brought to the host only when it is written. When the
     model spans several processes every process must call this (gathering a tensor is then
     collective) and process 0 writes all files; a model every process holds whole may be saved by
-    process 0 alone. config.json and generation_config.json carry the tokenizer's bos/eos/pad ids,
-    so `generate()` in transformers stops at eos by itself."""
+    process 0 alone. config.json and generation_config.json carry the tokenizer's bos/eos/pad ids
+    (eos with the end-of-turn `stop_ids`, `token_ids_of`), so `generate()` in transformers and
+    `proxykd serve` stop at them by themselves."""
     arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
     folder = pathlib.Path(folder)
     writer = jax.process_index() == 0
@@ -383,7 +411,7 @@ def save_params(
         value = host_value(params[key] if i is None else _stack_element(params[key], i))
         return tmap.to_hf(value) if writer else None
 
-    token_ids = token_ids_of(tokenizer)
+    token_ids = token_ids_of(tokenizer, stop_ids)
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(_hf_config(cfg, arch, token_ids), indent=2))

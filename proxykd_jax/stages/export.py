@@ -41,6 +41,19 @@ def _drop_load_time_keys(folder: pathlib.Path) -> None:
         path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _stop_ids(cfg) -> tuple:
+    """The end-of-turn ids an instruct student ends its answers with besides the tokenizer's eos (Llama 3's
+    <|eot_id|>): those its own folder's generation_config.json lists (`model.init_from`), else those of
+    the folder the run's tokenizer came from (`data.tokenizer`); () for neither."""
+    tokenizer_folders = [p for p in str(cfg.data.tokenizer or "").split(",") if p][:1]
+    for folder in [str(cfg.model.init_from or "")] + tokenizer_folders:
+        if folder and pathlib.Path(folder).expanduser().is_dir():
+            ids = hf.generation_stop_ids(pathlib.Path(folder).expanduser())
+            if ids:
+                return ids
+    return ()
+
+
 def load(ctx, step: int = 0, source: pathlib.Path | None = None):
     """(ModelConfig, student on the mesh, step) of the configured source folder."""
     cfg = ctx.cfg
@@ -72,7 +85,14 @@ def run(ctx) -> pathlib.Path:
     tokenizer = load_tokenizer(ctx.paths.tokenizer)
     model_cfg, model, step = load(ctx, ctx.cfg.export.step)
     art.begin()
-    hf.save_hf(model, model_cfg, art.work, tokenizer=tokenizer, max_shard_bytes=int(ctx.cfg.export.max_shard_bytes))
+    hf.save_hf(
+        model,
+        model_cfg,
+        art.work,
+        tokenizer=tokenizer,
+        max_shard_bytes=int(ctx.cfg.export.max_shard_bytes),
+        stop_ids=_stop_ids(ctx.cfg),
+    )
     if ctx.is_writer:  # the process that wrote the tokenizer files
         _drop_load_time_keys(art.work)
     log.info("export: step %d written to %s", step, art.path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import pathlib
 import re
 import time
@@ -309,22 +308,6 @@ class ToyBackend:
         return out
 
 
-def _generation_stop_ids(folder: pathlib.Path) -> tuple:
-    """The ids a folder's generation_config.json names as `eos_token_id` (one or a list: an instruct model
-    ends a turn with its own token, Llama 3's <|eot_id|>, besides the tokenizer's eos); () without one."""
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return ()
-    try:
-        ids = json.loads(path.read_text()).get("eos_token_id")
-    except (ValueError, AttributeError):
-        raise ProxyKDError(f"{path} is not a JSON object; fix it or remove it") from None
-    ids = [ids] if isinstance(ids, int) else ids or []
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise ProxyKDError(f"{path}: eos_token_id must be a token id or a list of them, not {ids!r}")
-    return tuple(ids)
-
-
 def load_backend(cfg, *, load_model=None, place=None):
     """The backend named by the `serve` group: a Hugging Face folder or a known-teacher folder.
 
@@ -348,11 +331,11 @@ def load_backend(cfg, *, load_model=None, place=None):
     name = cfg.model_name or path.name
     try:
         if cfg.source == "hf":
-            from proxykd_jax.models.hf import load_hf  # pylint: disable=import-outside-toplevel
+            from proxykd_jax.models.hf import generation_stop_ids, load_hf  # pylint: disable=import-outside-toplevel
             from proxykd_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
 
             _, model = (load_model or load_hf)(path, dtype=cfg.dtype)
-            stops = _generation_stop_ids(path)
+            stops = generation_stop_ids(path)
             return LlamaBackend(model, load_tokenizer(path), model_name=name, seed=cfg.seed, stop_ids=stops)
         from proxykd_jax.teacher.known import KnownTeacher  # pylint: disable=import-outside-toplevel
 
