@@ -138,7 +138,7 @@ def test_chat_template_refusal_is_a_row_error(tok, tmp_path):
     tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
     try:
         rows = make_rows(2, responses=1) + [
-            {"id": "z", "messages": [{"role": "assistant", "content": "hi"}], "response": "the fox"}
+            {"id": "z", "messages": [{"role": "user", "content": "hi"}], "response": "the fox"}
         ]
         path = write_jsonl(tmp_path / "c.jsonl", rows)
         with pytest.raises(DataError, match="roles must alternate") as e:

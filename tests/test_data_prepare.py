@@ -161,7 +161,7 @@ def test_teacher_logprobs_aligned_by_character_span(tok, tmp_path):
     "line,reason,needle",
     [
         ("{not json", "malformed_json", ":3: malformed JSON"),
-        ('{"prompt": "x", "response": "the dog"}', "missing_field", "missing field 'id'"),
+        ('{"id": "", "prompt": "x", "response": "the dog"}', "bad_field", "field 'id' is empty"),
         ('{"id": "z", "response": "the dog"}', "missing_field", "missing field 'prompt'"),
         ('{"id": "z", "prompt": "x"}', "missing_field", "missing field 'response'"),
         ('{"id": "z", "prompt": "x", "response": "  "}', "empty_response", "empty response"),

@@ -1,9 +1,10 @@
 """Teacher-corpus readers: JSONL (optionally gzipped), parquet and local Hugging Face folders.
 
 A corpus row is one prompt with one or more teacher responses (see docs/DATA_FORMATS.md). Readers
-stream rows one at a time and turn each into `Sample`s, one per response. Bad rows raise
-`DataError` naming the file and line; with `on_error="skip"` they are counted in a `Counter` and
-skipped instead.
+stream rows one at a time and turn each into `Sample`s, one per response; ShareGPT (`conversations`)
+and Alpaca (`instruction`, `input`, `output`) rows are read as chat `messages`, and a `.json` file
+holding a JSON array as its items. Bad rows raise `DataError` naming the file and line; with
+`on_error="skip"` they are counted in a `Counter` and skipped instead.
 """
 
 import collections
@@ -21,8 +22,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.teacher.prompts import canonical
 
 _INT63 = (1 << 63) - 1
+_MAX_JSON_ARRAY = 64 << 20  # a `.json` file holding a JSON array is read whole (several times its size in memory)
 
 
 class DataError(ProxyKDError):
@@ -150,6 +153,9 @@ def iter_rows(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
         raise DataError(
             f"{path}: unknown corpus format; use .jsonl, .jsonl.gz, .parquet or a datasets folder.", "missing_file"
         )
+    if _is_json_array(path):
+        yield from _json_array_rows(path)
+        return
     lines = [0]  # lines read so far, for the message when the file breaks off
     try:
         with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
@@ -157,6 +163,54 @@ def iter_rows(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
     except (OSError, EOFError, zlib.error) as e:  # not gzip, cut short, unreadable
         how = " as gzip" if path.suffix == ".gz" else ""
         raise _unreadable(path, e, f"{how} after line {lines[0]}" if lines[0] else how) from None
+
+
+def _is_json_array(path: pathlib.Path) -> bool:
+    """Whether a `.json` file holds a JSON array (a JSONL file's lines are objects)."""
+    if not path.name.lower().endswith(".json"):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False  # reported by the JSONL reader
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+
+
+def _json_array_rows(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+    """(where, row or DataError) of each item of a `.json` file holding a JSON array, read whole."""
+    size = path.stat().st_size
+    if size > _MAX_JSON_ARRAY:
+        raise DataError(
+            f"{path}: the file is a JSON array of {size / (1 << 20):.0f} MiB, too large to read whole; write "
+            f"one object per line (JSONL), e.g. `jq -c '.[]' {path.name} > {path.stem}.jsonl`.",
+            "malformed_json",
+        )
+    try:
+        items = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: byte 0x{e.object[e.start]:02x} at byte offset {e.start} is not UTF-8 text; save the file as "
+            "UTF-8.",
+            "bad_encoding",
+        ) from None
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}:{e.lineno}: malformed JSON in the file's JSON array ({_json_problem(e)}); fix it, or write "
+            "one object per line (JSONL).",
+            "malformed_json",
+        ) from None
+    for i, row in enumerate(items):
+        where = f"{path}:item {i}"
+        if not isinstance(row, dict):
+            yield where, DataError(f"{where}: an item of a corpus JSON array must be a JSON object.", "malformed_json")
+            continue
+        yield where, row
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    # json's messages end in "at" where it gives the position ("Unterminated string starting at")
+    return f"{e.msg.removesuffix(' at')} at column {e.colno}"
 
 
 def _jsonl_rows(path: pathlib.Path, f, lines: list[int]) -> Iterator[tuple[str, Any]]:
@@ -185,8 +239,7 @@ def _jsonl_rows(path: pathlib.Path, f, lines: list[int]) -> Iterator[tuple[str, 
             yield (
                 where,
                 DataError(
-                    f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or "
-                    "remove the line, or set data.on_error=skip.",
+                    f"{where}: malformed JSON ({_json_problem(e)}); fix or remove the line, or set data.on_error=skip.",
                     "malformed_json",
                 ),
             )
@@ -198,6 +251,11 @@ def _jsonl_rows(path: pathlib.Path, f, lines: list[int]) -> Iterator[tuple[str, 
 
 
 _FIX = "fix or remove the line, or set data.on_error=skip"
+
+
+def without_advice(message: str) -> str:
+    """A bad row's sentence without the advice each one ends with (for a list of several)."""
+    return message.removesuffix(f"; {_FIX}.").rstrip(".") + "."
 
 
 def _show(value) -> str:
@@ -365,6 +423,13 @@ def _logprobs_of(row: dict, idx: int, n_resp: int, where: str) -> _TeacherLogpro
     _list(top, where, field, "with one entry per teacher token")
     alts, alt_bytes = [], []
     for i, pos in enumerate(top):
+        if isinstance(pos, dict) and "token" in pos and "logprob" in pos:  # not a {token: logprob} map
+            raise _bad(
+                where,
+                f"{field}[{i}]",
+                "is an OpenAI `logprobs.content` entry {token, logprob, top_logprobs}: put that list under "
+                "'logprobs' as {'content': [...]} ('top_logprobs' holds one list of alternatives per teacher token)",
+            )
         a, b = _alts_of(pos, where, f"{field}[{i}]")
         alts.append(a)
         alt_bytes.append(b)
@@ -387,12 +452,98 @@ def _per_token(row: dict, idx: int, n_resp: int, where: str, field: str, n: int,
     return out
 
 
+# ShareGPT's speakers (`from`) as chat roles
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _as_chat(row: dict, where: str) -> dict:
+    """A ShareGPT (`conversations`) or Alpaca (`instruction`, `input`, `output`) row in the native layout,
+    its turns as chat `messages`; any other row as it is."""
+    if "conversations" in row and "messages" not in row and "prompt" not in row:
+        turns = row["conversations"]
+        if not isinstance(turns, list):
+            raise _bad(where, "conversations", f"is {_show(turns)}, not a list of ShareGPT turns", "bad_field")
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise _bad(
+                    where, f"conversations[{i}]", f"is {_show(turn)}, not a ShareGPT turn {{from, value}}", "bad_field"
+                )
+            speaker = turn.get("from")
+            if not isinstance(speaker, str) or speaker not in _SHAREGPT_ROLES:
+                raise _bad(
+                    where,
+                    f"conversations[{i}].from",
+                    f"is {_show(speaker)}; a ShareGPT turn is from 'system', 'human' or 'gpt'",
+                    "bad_field",
+                )
+            if not isinstance(turn.get("value"), str):
+                raise _bad(
+                    where,
+                    f"conversations[{i}].value",
+                    f"is {_show(turn.get('value'))}, not a ShareGPT turn's text",
+                    "bad_field",
+                )
+            messages.append({"role": _SHAREGPT_ROLES[speaker], "content": turn["value"]})
+        return {**row, "messages": messages}
+    if "instruction" in row and not {"prompt", "messages", "conversations"} & row.keys():
+        if "output" not in row:
+            raise DataError(
+                f"{where}: missing field 'output' (Alpaca rows give 'instruction', 'input' and 'output').",
+                "missing_field",
+            )
+        for key in ("instruction", "input", "output"):
+            if (key != "input" or row.get(key) is not None) and not isinstance(row.get(key), str):
+                raise _bad(where, key, f"is {_show(row.get(key))}, not a string", "bad_field")
+        user = row["instruction"] + ("\n" + row["input"] if row.get("input") else "")
+        return {**row, "messages": [{"role": "user", "content": user}], "response": row["output"]}
+    return row
+
+
+def _text_of(content, where: str, field: str) -> str:
+    """A message's text: a string, or OpenAI content parts `[{"type": "text", "text": ...}]` joined as
+    `serve` joins them (teacher/api.py)."""
+    if isinstance(content, str):
+        return content
+    what = "not the message's text (a string or a list of text parts)"
+    if not isinstance(content, list):
+        raise _bad(where, field, f"is {'null' if content is None else _show(content)}, {what}", "bad_field")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind not in (None, "text"):
+            raise _bad(where, f"{field}[{j}]", f"is a {kind!r} part; only text can be trained on", "bad_field")
+        else:
+            raise _bad(
+                where,
+                f"{field}[{j}]",
+                f"is {_show(part)}, not a text part {{'type': 'text', 'text': ...}}",
+                "bad_field",
+            )
+    return "".join(texts)
+
+
 def _messages_of(messages, where: str) -> list:
+    """`messages` checked, each content as its text (a new list where any content was not a string)."""
     if not isinstance(messages, list) or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
     ):
         raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects.", "missing_field")
-    return messages
+    out = messages
+    for i, m in enumerate(messages):
+        if not isinstance(m["content"], str):
+            out = list(out) if out is messages else out
+            out[i] = {**m, "content": _text_of(m["content"], where, f"messages[{i}].content")}
+    return out
+
+
+def _prompt_id(prompt, messages: list | None) -> str:
+    """The id `collect` gives a prompt without one (teacher/prompts.py): a hash of the prompt, so the rows of
+    one prompt share it (one split, one prompt key)."""
+    content = str(prompt) if messages is None else [{"role": m["role"], "content": m["content"]} for m in messages]
+    return hashlib.sha256(canonical(content).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _sample_index(row: dict, where: str) -> int:
@@ -406,29 +557,41 @@ def _sample_index(row: dict, where: str) -> int:
     return value
 
 
-def samples_of_row(row: dict, where: str) -> list[Sample]:
-    """Turns one corpus row into samples (one per response); raises DataError on a bad row."""
-    if row.get("id") is None or str(row["id"]) == "":
-        raise DataError(f"{where}: missing field 'id' (the prompt id).", "missing_field")
-    if isinstance(row["id"], bool) or not isinstance(row["id"], (str, int)):
+def samples_of_row(row: dict, where: str, logprobs: bool = True) -> list[Sample]:
+    """Turns one corpus row into samples (one per response); raises DataError on a bad row. With
+    `logprobs=False` the teacher's log-probs are neither read nor checked (half the time of a row with them)."""
+    row = _as_chat(row, where)
+    rid = row.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int, type(None))):
         raise DataError(
-            f"{where}: field 'id' is a {type(row['id']).__name__}; a prompt id must be a string or an integer.",
+            f"{where}: field 'id' is a {type(rid).__name__}; a prompt id must be a string or an integer.", "bad_field"
+        )
+    if rid == "":
+        raise _bad(
+            where,
+            "id",
+            "is empty; give the prompt id, or leave the field out for one made from the prompt",
             "bad_field",
         )
     messages, prompt = row.get("messages"), row.get("prompt")
-    if "responses" in row and row["responses"] is not None:
+    if messages is not None:
+        messages = _messages_of(messages, where)
+    answer = bool(messages) and messages[-1]["role"] == "assistant"
+    given = next((key for key in ("responses", "response") if row.get(key) is not None), None)
+    if answer and given:
+        raise DataError(
+            f"{where}: the row gives two answers, the final assistant message 'messages[{len(messages) - 1}]' and "
+            f"'{given}'; keep one of them, or set data.on_error=skip.",
+            "ambiguous_response",
+        )
+    if given == "responses":
         responses, resp_field = row["responses"], "responses[{}]"
         if not isinstance(responses, list):
             raise DataError(f"{where}: 'responses' must be a list of strings.", "missing_field")
-    elif row.get("response") is not None:
+    elif given == "response":
         responses, resp_field = [row["response"]], "response"
-    elif (
-        isinstance(messages, list)
-        and messages
-        and isinstance(messages[-1], dict)
-        and messages[-1].get("role") == "assistant"
-    ):
-        responses, messages = [messages[-1].get("content")], messages[:-1]
+    elif answer:
+        responses, messages = [messages[-1]["content"]], messages[:-1]
         resp_field = f"messages[{len(messages)}].content"
     else:
         raise DataError(
@@ -436,7 +599,7 @@ def samples_of_row(row: dict, where: str) -> list[Sample]:
         )
     if messages is None and prompt is None:
         raise DataError(f"{where}: missing field 'prompt' (or chat 'messages').", "missing_field")
-    if messages is not None and not _messages_of(messages, where):
+    if messages is not None and not messages:
         if prompt is None:  # a chat template cannot format an empty conversation
             raise DataError(
                 f"{where}: 'messages' holds no message before the response; add the prompt (a user message) "
@@ -446,11 +609,12 @@ def samples_of_row(row: dict, where: str) -> list[Sample]:
         messages = None  # the plain `prompt` is the prompt
     if messages is None and (not isinstance(prompt, (str, int, float)) or isinstance(prompt, bool)):
         raise _bad(where, "prompt", f"is {_show(prompt)}, not a string", "bad_field")
+    rid = _prompt_id(prompt, messages) if rid is None else str(rid)
     meta = row.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise _bad(where, "meta", f'is {_show(meta)}, not an object (e.g. {{"teacher_model": ...}})', "bad_field")
     meta = dict(meta or {})
-    for key in ("teacher_model", "model", "temperature"):
+    for key in ("teacher_model", "model", "temperature", "finish_reason"):  # as API records give them
         if key in row and key not in meta:
             meta[key] = row[key]
     out = []
@@ -460,12 +624,12 @@ def samples_of_row(row: dict, where: str) -> list[Sample]:
         if not isinstance(resp, str):
             raise _bad(where, resp_field.format(i - first_index), f"is {_show(resp)}, not a string", "bad_field")
         if not resp.strip():
-            raise DataError(f"{where}: empty response (index {i}) for id {row['id']!r}.", "empty_response")
-        lp = _logprobs_of(row, i - first_index, len(responses), where)
+            raise DataError(f"{where}: empty response (index {i}) for id {rid!r}.", "empty_response")
+        lp = _logprobs_of(row, i - first_index, len(responses), where) if logprobs else None
         out.append(
             Sample(
                 where=where,
-                record_id=str(row["id"]),
+                record_id=rid,
                 response_index=i,
                 prompt=None if messages is not None else str(prompt),
                 messages=messages,
@@ -481,26 +645,39 @@ def samples_of_row(row: dict, where: str) -> list[Sample]:
 
 
 def iter_corpus(
-    paths, on_error: str, skipped: collections.Counter, errors: list[str] | None = None, max_errors: int = 20
+    paths,
+    on_error: str,
+    skipped: collections.Counter,
+    errors: list[DataError] | None = None,
+    max_errors: int = 20,
+    logprobs: bool = True,
 ) -> Iterator[list[Sample]]:
     """Streams the corpus row by row as lists of samples (one per response).
 
     With on_error="error" a bad row raises its DataError; with "skip" it is counted in `skipped` by
-    reason, its message kept in `errors` (the first `max_errors`), and it is dropped.
+    reason, its DataError kept in `errors` (the first `max_errors`), and it is dropped. The rows of a prompt
+    given without `id` nor `sample_index` are its samples 0, 1, ... in the order read (one int per such
+    prompt is kept to count them). `logprobs=False` leaves the teacher's log-probs unread (`samples_of_row`).
     """
     if on_error not in ("error", "skip"):
         raise ValueError(f"data.on_error must be 'error' or 'skip', got {on_error!r}.")
+    numbered: dict[int, int] = {}  # samples so far of each prompt given without `id` nor `sample_index`
     for path in expand_paths(paths):
         for where, row in iter_rows(path):
             try:
                 if isinstance(row, DataError):
                     raise row
-                samples = samples_of_row(row, where)
+                samples = samples_of_row(row, where, logprobs)
             except DataError as e:
                 if on_error == "error":
                     raise
                 skipped[e.reason] += 1
                 if errors is not None and len(errors) < max_errors:
-                    errors.append(str(e))
+                    errors.append(e)
                 continue
+            if samples and row.get("id") is None and row.get("sample_index") is None:
+                first = numbered.get(samples[0].prompt_key, 0)
+                numbered[samples[0].prompt_key] = first + len(samples)
+                for s in samples:
+                    s.response_index += first
             yield samples
