@@ -297,6 +297,30 @@ def test_eval_scores_the_padded_student_and_proxy(distilled):
         assert np.isfinite(m["heldout_nll"]) and np.isfinite(m["kl_to_teacher"])
     assert np.isfinite(models["student (Proxy-KD)"]["teacher_loglik_of_generations"])
     assert all(np.isfinite(v) for v in metrics["estimator_kl"].values())
+    # the proxy's held-out NLL is over the tokenizer's 270 ids (as the posterior and sampling take it), not
+    # its 320 rows: a float64 reference from the proxy's logits on the same held-out samples
+    from proxykd_jax.eval import metrics as metrics_lib
+
+    _, proxy = hf.load_hf(pathlib.Path(cfg.proxy.init_from))
+    prepared = PreparedData(RunPaths.from_config(cfg).prepared)
+    batches = metrics_lib.eval_batches(
+        prepared, cfg.eval.split, cfg.data, batch_size=cfg.eval.batch_size, limit=cfg.eval.max_samples
+    )
+    nll = n = 0.0
+    for b in batches:
+        logits = np.asarray(proxy(jnp.asarray(b["tokens"]), jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"])))
+        logp = log_softmax(logits.astype(np.float64)[..., :TOKENS])
+        picked = np.take_along_axis(logp, np.asarray(b["targets"])[..., None], -1)[..., 0]
+        mask = np.asarray(b["loss_mask"], np.float64) * (np.asarray(b["segment_ids"]) > 0)
+        nll, n = nll - float((picked * mask).sum()), n + float(mask.sum())
+    np.testing.assert_allclose(models["proxy (before align)"]["heldout_nll"], nll / n, rtol=1e-4)
+    from proxykd_jax.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(prepared.root / "tokenizer")
+    prompts = metrics_lib.heldout_prompts(prepared, cfg.data, "heldout", 8)
+    _, student = hf.load_hf(RunPaths.from_config(cfg).student("student") / "final")
+    answers = metrics_lib.sample_answers(student, prompts, tok, tok.eos_token_id, max_new_tokens=16, seed=0)
+    assert student.cfg.vocab_size == STUDENT and max(max(a) for a in answers if a) < TOKENS
 
 
 def test_serving_a_padded_model_never_answers_with_its_extra_ids(run):

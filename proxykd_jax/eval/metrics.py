@@ -36,12 +36,15 @@ _MODEL_FIELDS = ("tokens", "positions", "segment_ids", "targets")
 
 
 @functools.cache
-def _scorer(mesh, full: bool):
-    """jit(model, batch) -> (log p(target) [B, L], log p [B, L, V] when `full`), replicated on `mesh`."""
+def _scorer(mesh, full: bool, vocab: int = 0):
+    """jit(model, batch) -> (log p(target) [B, L], log p [B, L, V] when `full`), replicated on `mesh`; with
+    `vocab` below the model's rows (a padded embedding), the distribution over the first `vocab` ids only,
+    as the posterior and sampling take it (V = `vocab`)."""
 
     def score(graphdef, state, batch):
         model = nnx.merge(graphdef, state)
-        logp = jax.nn.log_softmax(model(batch["tokens"], batch["positions"], batch["segment_ids"]), axis=-1)
+        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+        logp = jax.nn.log_softmax(logits[..., :vocab] if 0 < vocab < logits.shape[-1] else logits, axis=-1)
         picked = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
         return picked, (logp if full else None)
 
@@ -79,15 +82,16 @@ def _mask(batch) -> np.ndarray:
 
 
 class Scorer:
-    """Runs models on host batches over the mesh; returns this process's rows as float64."""
+    """Runs models on host batches over the mesh; returns this process's rows as float64. `vocab`: the
+    tokenizer's size, where a model's embedding is padded past it (0: every row is a token)."""
 
-    def __init__(self, mesh, rules):
-        self.mesh, self.rules = mesh, rules
+    def __init__(self, mesh, rules, vocab: int = 0):
+        self.mesh, self.rules, self.vocab = mesh, rules, int(vocab)
 
     def __call__(self, model, batch, *, full: bool):
         graphdef, state = nnx.split(model)
         gb = global_batch({k: batch[k] for k in _MODEL_FIELDS}, self.mesh, self.rules)
-        picked, logp = _scorer(self.mesh, full)(graphdef, state, gb)
+        picked, logp = _scorer(self.mesh, full, self.vocab)(graphdef, state, gb)
         rows = batch["tokens"].shape[0]
         picked = hosts.host_rows(picked, rows).astype(np.float64)
         return picked, (hosts.host_rows(logp, rows).astype(np.float64) if full else None)

@@ -48,7 +48,7 @@ def run(ctx, *, teacher=None) -> dict:
     art.begin()
     log.info("eval: %s on the %s split", ", ".join(folders), cfg.eval.split)
     models = {name: ctx.load_model(folder)[1] for name, folder in folders.items()}
-    scorer = metrics_lib.Scorer(ctx.mesh, ctx.rules)
+    scorer = metrics_lib.Scorer(ctx.mesh, ctx.rules, vocab=int(prepared.manifest["tokenizer"]["vocab_size"]))
     ecfg = cfg.eval
     batches = lambda split: metrics_lib.eval_batches(  # noqa: E731
         prepared, split, cfg.data, batch_size=ecfg.batch_size, limit=ecfg.max_samples
