@@ -405,6 +405,8 @@ def run(cfg, args: argparse.Namespace) -> str:
     try:
         mesh = make_mesh(cfg.mesh, jax.devices()[:n])
     except ValueError as e:  # the mesh names more (or a non-multiple of) devices than --devices
+        if "available" not in str(e):
+            raise
         raise ValueError(str(e).removesuffix("; change mesh.shape.") + "; change --devices or mesh.shape.") from None
     steps = tuple(s for s in args.steps.split(",") if s)
     if args.layers:

@@ -178,3 +178,18 @@ def test_an_instruct_students_end_of_turn_ids_survive_the_export(trained, tmp_pa
     serve.update(source="hf", path=str(out))
     backend = load_backend(serve)
     assert isinstance(backend, LlamaBackend) and backend.stop_ids == (eos, turn)
+
+
+def test_token_ids_list_the_eos_with_the_stop_ids():
+    """eos_token_id: the eos alone, or the list of the eos and the end-of-turn ids; a single stop id of a
+    tokenizer without an eos is kept (it was dropped)."""
+    import types
+
+    from proxykd_jax.models.hf import token_ids_of
+
+    tok = types.SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    assert token_ids_of(tok) == dict(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    assert token_ids_of(tok, (2, 5))["eos_token_id"] == [2, 5]
+    assert token_ids_of(tok, (5, 2, 5))["eos_token_id"] == [2, 5]
+    no_eos = types.SimpleNamespace(bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    assert token_ids_of(no_eos, (7,))["eos_token_id"] == 7 and token_ids_of(no_eos)["eos_token_id"] is None

@@ -84,6 +84,10 @@ def test_cli_prints_table_and_rejects_bad_input(capsys, caplog):
         (["--devices=8"], "`proxykd plan` needs --config=PATH"),
         (["--config=configs/demo.py", "--config.train.batch_sise=8"], "train.batch_sise"),
         (["--config=configs/demo.py", "--config.run.overwrite", "False"], "stray argument 'False'"),
+        (  # not about the devices: no advice on --devices
+            ["--config=configs/demo.py", "--config.mesh.shape.fsdp=0", "--devices=2"],
+            "use positive sizes and at most one -1; change mesh.shape.",
+        ),
         (
             ["--config=configs/demo.py", "--config.mesh.shape.fsdp=4", "--devices=2"],
             "needs 4 devices, 2 available; change --devices or mesh.shape.",

@@ -335,7 +335,8 @@ def token_ids_of(tokenizer, stop_ids=()) -> dict:
         return dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     ends = [t for t in dict.fromkeys([eos, *map(int, stop_ids)]) if t is not None]
-    return dict(bos_token_id=bos, eos_token_id=ends if len(ends) > 1 else eos, pad_token_id=eos if pad is None else pad)
+    end = ends if len(ends) > 1 else (ends[0] if ends else None)
+    return dict(bos_token_id=bos, eos_token_id=end, pad_token_id=eos if pad is None else pad)
 
 
 @functools.cache
