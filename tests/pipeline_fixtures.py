@@ -64,6 +64,24 @@ def _top_logprobs(teacher, prompt: str, response: str, n: int) -> dict:
     return {"tokens": pieces, "top_logprobs": top}
 
 
+def tiny_teacher(cfg, root: pathlib.Path, vocab_size: int) -> KnownTeacher:
+    """The tests' known teacher (seed 3, one layer, the proxy group's heads and width) over `vocab_size`
+    words, its tokenizer in root/teacher_tok and the teacher saved in root/teacher."""
+    teacher = KnownTeacher.create(
+        3,
+        vocab_size=vocab_size,
+        d_model=32,
+        num_layers=1,
+        num_heads=cfg.proxy.num_heads,
+        num_kv_heads=cfg.proxy.num_kv_heads,
+        d_ff=cfg.proxy.d_ff,
+        max_seq_len=64,
+        folder=root / "teacher_tok",
+    )
+    teacher.save(str(root / "teacher"))
+    return teacher
+
+
 def build_run(run_dir: pathlib.Path, top_logprobs: int = 0, samples_per_prompt: int = 0):
     """(cfg, teacher): teacher folder, sampled corpus, prepared data and the proxy init folder.
 
@@ -77,18 +95,7 @@ def build_run(run_dir: pathlib.Path, top_logprobs: int = 0, samples_per_prompt: 
         with cfg.unlocked():
             cfg.demo.samples_per_prompt = samples_per_prompt
     run_dir.mkdir(parents=True, exist_ok=True)
-    teacher = KnownTeacher.create(
-        3,
-        vocab_size=VOCAB,
-        d_model=32,
-        num_layers=1,
-        num_heads=cfg.proxy.num_heads,
-        num_kv_heads=cfg.proxy.num_kv_heads,
-        d_ff=cfg.proxy.d_ff,
-        max_seq_len=64,
-        folder=run_dir / "teacher_tok",
-    )
-    teacher.save(str(run_dir / "teacher"))
+    teacher = tiny_teacher(cfg, run_dir, VOCAB)
     prompts = teacher.make_prompts(cfg.demo.num_prompts, np.random.default_rng(0), min_words=3, max_words=8)
     responses = teacher.sample(prompts, cfg.demo.samples_per_prompt, cfg.demo.max_new_tokens, seed=1)
     corpus = run_dir / "corpus.jsonl"

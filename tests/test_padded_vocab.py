@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
-from pipeline_fixtures import tiny_config
+from pipeline_fixtures import tiny_config, tiny_teacher
 from stage_helpers import run_stage
 
 from proxykd_jax import cli, context, data
@@ -31,7 +31,6 @@ from proxykd_jax.eval.known_teacher import kl_terms
 from proxykd_jax.models import hf
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.models.tokenizer import build_word_tokenizer
-from proxykd_jax.teacher.known import KnownTeacher
 from proxykd_jax.train import distill as distill_lib
 
 TOKENS, STUDENT, PROXY = 270, 288, 320
@@ -66,18 +65,7 @@ def run(tmp_path_factory):
     written from the proxy padded to 320 (the student's group: 288 rows)."""
     root = tmp_path_factory.mktemp("padded_vocab")
     cfg = tiny_config(root / "run")
-    teacher = KnownTeacher.create(
-        3,
-        vocab_size=TOKENS,
-        d_model=32,
-        num_layers=1,
-        num_heads=cfg.proxy.num_heads,
-        num_kv_heads=cfg.proxy.num_kv_heads,
-        d_ff=cfg.proxy.d_ff,
-        max_seq_len=64,
-        folder=root / "teacher_tok",
-    )
-    teacher.save(str(root / "teacher"))
+    teacher = tiny_teacher(cfg, root, TOKENS)
     prompts = teacher.make_prompts(24, np.random.default_rng(0), min_words=3, max_words=8)
     with open(root / "corpus.jsonl", "w") as f:
         for i, (p, rs) in enumerate(zip(prompts, teacher.sample(prompts, 3, 10, seed=1))):
