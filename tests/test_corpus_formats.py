@@ -78,6 +78,15 @@ def test_null_content_is_refused_naming_the_message(tmp_path):
     _refusal(tmp_path, row | {"response": "the fox"}, "field 'messages[1].content' is null", "bad_field")
 
 
+def test_an_empty_responses_list_is_refused_not_dropped(tmp_path):
+    """The row gave nothing to train on and vanished without a word; with on_error=skip it is counted."""
+    _refusal(
+        tmp_path, {"id": "z", "prompt": "the fox", "responses": []}, "'responses' is an empty list", "empty_response"
+    )
+    path = write_jsonl(tmp_path / "s.jsonl", make_rows(2, responses=1) + [{"id": "z", "prompt": "a", "responses": []}])
+    assert len(_samples(path, on_error="skip")) == 2
+
+
 @pytest.mark.parametrize("field", ["response", "responses"])
 def test_a_final_assistant_message_and_a_response_field_is_refused(tmp_path, field):
     chat = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "ANSWER_A"}]

@@ -588,6 +588,12 @@ def samples_of_row(row: dict, where: str, logprobs: bool = True) -> list[Sample]
         responses, resp_field = row["responses"], "responses[{}]"
         if not isinstance(responses, list):
             raise DataError(f"{where}: 'responses' must be a list of strings.", "missing_field")
+        if not responses:  # a row that gives nothing to train on: said, not silently dropped
+            raise DataError(
+                f"{where}: 'responses' is an empty list; give the prompt's responses, or remove the line, or set "
+                "data.on_error=skip.",
+                "empty_response",
+            )
     elif given == "response":
         responses, resp_field = [row["response"]], "response"
     elif answer:
