@@ -139,6 +139,10 @@ def test_sharegpt_rows_are_chat_messages(tmp_path):
     want = _samples(write_jsonl(tmp_path / "native.jsonl", native))
     got = _samples(write_jsonl(tmp_path / "share.jsonl", share))
     assert [_fields(s) for s in got] == [_fields(s) for s in want]
+    # ShareGPT's speaker names used as `messages` roles ('human', 'gpt') read as user and assistant turns
+    named = [{"id": r["id"], "messages": [{**m, "role": who[m["role"]]} for m in r["messages"]]} for r in native]
+    got = _samples(write_jsonl(tmp_path / "named.jsonl", named))
+    assert [_fields(s) for s in got] == [_fields(s) for s in want]
 
 
 @pytest.mark.parametrize(
