@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import pathlib
-import re
 import time
 
 import numpy as np
@@ -16,9 +15,7 @@ import numpy as np
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.tokenizer import chat_prompt
 from proxykd_jax.teacher.server import Completion
-from proxykd_jax.teacher.token_bytes import token_byte_table
-
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+from proxykd_jax.teacher.token_bytes import BYTE_TOKEN, token_byte_table
 
 
 def _special_ids(tokenizer) -> frozenset[int]:
@@ -28,7 +25,7 @@ def _special_ids(tokenizer) -> frozenset[int]:
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     ids = {int(i) for i, t in added.items() if getattr(t, "special", False)}
     ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
-    return frozenset(i for i in ids if not _BYTE_TOKEN.fullmatch(str(tokenizer.convert_ids_to_tokens(i))))
+    return frozenset(i for i in ids if not BYTE_TOKEN.fullmatch(str(tokenizer.convert_ids_to_tokens(i))))
 
 
 def _next_pow2(x: int, floor: int = 1) -> int:

@@ -15,7 +15,7 @@ import functools
 import json
 import re
 
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback token: one byte
 
 
 @functools.cache
@@ -57,7 +57,7 @@ def token_byte_table(tokenizer) -> list[bytes | None]:
     vocab = tokenizer.get_vocab()
     table: list[bytes | None] = [None] * max(len(tokenizer), max(vocab.values(), default=-1) + 1)
     for piece, i in vocab.items():
-        if byte_fallback and _BYTE_TOKEN.fullmatch(piece):  # one byte, also where it is listed as an added token
+        if byte_fallback and BYTE_TOKEN.fullmatch(piece):  # one byte, also where it is listed as an added token
             table[i] = bytes([int(piece[3:5], 16)])
         elif i in added:
             table[i] = added[i].encode("utf-8")
