@@ -45,8 +45,7 @@ def _stop_ids(cfg) -> tuple:
     """The end-of-turn ids an instruct student ends its answers with besides the tokenizer's eos (Llama 3's
     <|eot_id|>): those its own folder's generation_config.json lists (`model.init_from`), else those of
     the folder the run's tokenizer came from (`data.tokenizer`); () for neither."""
-    tokenizer_folders = [p for p in str(cfg.data.tokenizer or "").split(",") if p][:1]
-    for folder in [str(cfg.model.init_from or "")] + tokenizer_folders:
+    for folder in (cfg.model.init_from, cfg.data.tokenizer):
         if folder and pathlib.Path(folder).expanduser().is_dir():
             ids = hf.generation_stop_ids(pathlib.Path(folder).expanduser())
             if ids:
