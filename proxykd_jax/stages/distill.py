@@ -47,14 +47,9 @@ def setup(ctx, art) -> distill.Distillation:
     model_cfg = ctx.model_config(cfg.model)
     if cfg.distill.white_box:
         # its full distribution is compared with the student's id by id: one vocabulary size, checked
-        # before any weight is read (`distill.setup` holds the same for library calls)
+        # before any weight is read (`distill.setup` checks it again for library calls)
         teacher_rows = load_folder(pathlib.Path(cfg.distill.white_box).expanduser(), config_only=True).vocab_size
-        if teacher_rows != model_cfg.vocab_size:
-            raise ProxyKDError(
-                f"{cfg.distill.white_box}: teacher vocab_size {teacher_rows} differs from config.model.vocab_size "
-                f"{model_cfg.vocab_size}; white-box KD compares full distributions id by id, so use a teacher "
-                "whose embedding has the student's rows (or distil from a posterior store instead)."
-            )
+        distill.check_teacher_rows(cfg.distill.white_box, teacher_rows, model_cfg.vocab_size)
     init = ctx.init_model("model", 0)[1] if cfg.model.init_from else None
     teacher = None
     if cfg.distill.white_box:

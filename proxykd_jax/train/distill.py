@@ -221,6 +221,17 @@ class Distillation:
         return state
 
 
+def check_teacher_rows(teacher, teacher_rows: int, student_rows: int) -> None:
+    """White-box KD compares the teacher's full distribution with the student's id by id: their embeddings
+    must have one number of rows (a posterior store needs no such thing)."""
+    if teacher_rows != student_rows:
+        raise ProxyKDError(
+            f"{teacher}: teacher vocab_size {teacher_rows} differs from config.model.vocab_size {student_rows}; "
+            "white-box KD compares full distributions id by id, so use a teacher whose embedding has the "
+            "student's rows (or distil from a posterior store instead)."
+        )
+
+
 def setup(
     dcfg,
     model_cfg: ModelConfig,
@@ -260,11 +271,7 @@ def setup(
     frozen, frozen_sh, frozen_flops = (), (), ()
     if teacher is not None:
         teacher_cfg, teacher_model = teacher
-        if teacher_cfg.vocab_size != model_cfg.vocab_size:
-            raise ProxyKDError(
-                f"{dcfg.white_box}: teacher vocab_size {teacher_cfg.vocab_size} differs from "
-                f"config.model.vocab_size {model_cfg.vocab_size}; white-box KD needs one vocabulary."
-            )
+        check_teacher_rows(dcfg.white_box, teacher_cfg.vocab_size, model_cfg.vocab_size)
         teacher_graphdef, teacher_state = nnx.split(teacher_model)
         loss_fn = make_white_box_loss_fn(dcfg.loss, teacher_graphdef, seed=seed)
         frozen, frozen_sh = (teacher_state,), (parallel.shardings_of(teacher_state),)
