@@ -20,17 +20,11 @@ import numpy as np
 
 from proxykd_jax.data import byte_head
 from proxykd_jax.data.corpus import DataError, Sample
-from proxykd_jax.models.tokenizer import chat_prompt
+from proxykd_jax.models.tokenizer import TEMPLATE_ERRORS, chat_prompt, end_of_turn_id
 from proxykd_jax.teacher.responses import token_bytes_of
 
 HEADS = ("exact", "bytes")
 _ALT_CACHE_MAX = 1 << 18  # teacher alternatives whose id an encoder remembers (forgotten when full)
-
-try:  # what a chat template raises for messages it refuses (`raise_exception`, an empty chat, a bad field)
-    from jinja2.exceptions import TemplateError as _JinjaError
-except ImportError:  # pragma: no cover  (jinja2 comes with transformers' chat templates)
-    _JinjaError = ValueError
-_TEMPLATE_ERRORS = (_JinjaError, ValueError, TypeError, KeyError, IndexError, AttributeError)
 
 
 @dataclasses.dataclass
@@ -42,7 +36,7 @@ class AlignStats:
     mass_total: float = 0.0
     mass_kept: float = 0.0
     samples_with_logprobs: int = 0
-    student_positions_total: int = 0  # our response tokens (eos excluded) of samples with log-probs
+    student_positions_total: int = 0  # our response tokens (end token excluded) of samples with log-probs
     student_positions_covered: int = 0  # of those, the ones that received a teacher head
     mass_matched: float = 0.0  # teacher top-logprob mass at the teacher positions matched to one of ours
 
@@ -61,7 +55,8 @@ class AlignStats:
 
 @dataclasses.dataclass
 class Encoded:
-    """A tokenised sample: `tokens_L` = prompt + response (+ eos); teacher rows predict token i."""
+    """A tokenised sample: `tokens_L` = prompt + response (+ its end token: `SampleEncoder`); teacher rows predict
+    token i."""
 
     sample: Sample
     tokens_L: np.ndarray  # int32
@@ -97,7 +92,11 @@ def _char_to_byte(text: str) -> np.ndarray:
 
 
 class SampleEncoder:
-    """Tokenises samples in batches with a Hugging Face fast tokenizer and aligns teacher log-probs."""
+    """Tokenises samples in batches with a Hugging Face fast tokenizer and aligns teacher log-probs.
+
+    With `add_eos`, a response the teacher finished ends with one more token: the chat template's end of turn
+    (`end_of_turn_id`: Llama 3's <|eot_id|>, not its eos <|end_of_text|>) for a row the template formats, the
+    eos for a plain-text row (a `prompt`, or `messages` without a template)."""
 
     def __init__(
         self,
@@ -117,6 +116,7 @@ class SampleEncoder:
         self.seq_len = seq_len
         self.topk = teacher_topk
         self.eos = tokenizer.eos_token_id if add_eos else None
+        self.end_of_turn = end_of_turn_id(tokenizer) if add_eos else None  # ends the answers of templated rows
         self.truncate = truncate
         if head not in HEADS:
             raise ValueError(f"data.teacher_head={head!r} is not one of {('auto',) + HEADS}.")
@@ -181,7 +181,7 @@ class SampleEncoder:
         for i, s in enumerate(samples):
             try:
                 prompts.append(format_prompt(self.tok, s))
-            except _TEMPLATE_ERRORS as e:  # the chat template refuses these messages
+            except TEMPLATE_ERRORS as e:  # the chat template refuses these messages
                 bad[i] = DataError(
                     f"{s.where}: the tokenizer's chat template cannot format this row's 'messages' "
                     f"({' '.join(str(e).split()) or type(e).__name__}); fix or remove the line, or set "
@@ -202,15 +202,17 @@ class SampleEncoder:
         for i, (s, p_ids, r_ids, offs) in enumerate(
             zip(samples, prompt_ids, resp["input_ids"], resp["offset_mapping"])
         ):
-            out.append(bad[i] if i in bad else self._encode_one(s, p_ids, list(r_ids), list(offs)))
+            end = self.eos if prompts[i][1] else self.end_of_turn  # a templated row: the template's turn end
+            out.append(bad[i] if i in bad else self._encode_one(s, p_ids, list(r_ids), list(offs), end))
         return out
 
-    def _encode_one(self, s: Sample, p_ids, r_ids, offs) -> Encoded | DataError:
-        # The eos is a target only where the teacher stopped: not after a response the API cut at its
-        # max_tokens (finish_reason "length"), nor after one data.truncate cuts at data.seq_len, whose
-        # teacher went on writing. (An eos there taught the student to stop where the teacher did not.)
+    def _encode_one(self, s: Sample, p_ids, r_ids, offs, end: int | None) -> Encoded | DataError:
+        # The end token (`end`: the eos, or the chat template's end of turn) is a target only where the teacher
+        # stopped: not after a response the API cut at its max_tokens (finish_reason "length"), nor after one
+        # data.truncate cuts at data.seq_len, whose teacher went on writing. (An end there taught the student to
+        # stop where the teacher did not.)
         ended = s.meta.get("finish_reason") != "length"
-        n_extra = 1 if self.eos is not None and ended else 0
+        n_extra = 1 if end is not None and ended else 0
         n = len(p_ids) + len(r_ids) + n_extra
         truncated = False  # by data.seq_len (counted in the manifest)
         n_resp, kept_chars = len(r_ids), None
@@ -226,7 +228,7 @@ class SampleEncoder:
                 )
             r_ids, offs, truncated = r_ids[:keep], offs[:keep], True
             kept_chars = int(offs[-1][1]) if len(r_ids) < n_resp else len(s.response)
-        tokens = np.asarray(p_ids + r_ids + ([self.eos] if n_extra else []), np.int32)
+        tokens = np.asarray(p_ids + r_ids + ([end] if n_extra else []), np.int32)
         stats = AlignStats()
         t_ids = t_lps = None
         if s.teacher_alts is not None:
@@ -234,7 +236,7 @@ class SampleEncoder:
                 t_ids, t_lps = self._align_bytes(s, len(p_ids), r_ids, offs, len(tokens), stats, bool(n_extra))
             else:
                 t_ids, t_lps = self._align(s, len(p_ids), r_ids, offs, len(tokens), stats)
-            # Our response tokens, the appended eos excluded (APIs send no log-probs for the stop token).
+            # Our response tokens, the appended end token excluded (APIs send no log-probs for the stop token).
             resp_rows = slice(len(p_ids), len(p_ids) + len(r_ids))
             stats.student_positions_total = len(r_ids)
             stats.student_positions_covered = int(np.isfinite(t_lps[resp_rows]).any(1).sum())
@@ -322,7 +324,7 @@ class SampleEncoder:
 
     def _align_bytes(self, s: Sample, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, eos_row: bool):
         """First-byte head rows [n, K] (row i predicts token i: symbols and log masses); `eos_row`: the
-        last row is an appended eos, where the teacher's end-of-text mass goes."""
+        last row is an appended end token (eos or end of turn), where the teacher's end-of-text mass goes."""
         t_ids = np.zeros((n, self.topk), np.int32)
         t_lps = np.full((n, self.topk), -np.inf, np.float32)
         row_at = {b: prompt_len + j for j, b in enumerate(self._student_byte_starts(s.response, r_ids, offs))}

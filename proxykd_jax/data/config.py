@@ -13,7 +13,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.seq_len = 256  # tokens per packed row (and the longest sample prepare accepts)
     cd.on_error = "error"  # "error": stop on the first bad row; "skip": skip, count and report it
     cd.truncate = False  # True: cut over-long responses to seq_len (counted) instead of on_error
-    cd.add_eos = True  # append the tokenizer's eos after each response (the last target)
+    cd.add_eos = True  # end each finished response (last target): the chat template's end of turn, else the eos
     cd.teacher_head = "auto"  # teacher top log-probs: "exact" (same tokenizer: span rule), "bytes" (first-byte rule), "auto" (decided from the data)
     cd.teacher_topk = 20  # width of the teacher top-logprob head kept per position (API maximum 20)
     cd.prepare_buffer_mb = 64.0  # approximate peak memory of `prepare` (text is tokenised in batches of this size)

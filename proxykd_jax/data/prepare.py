@@ -32,7 +32,7 @@ from array_record.python import array_record_module
 from proxykd_jax import progress as progress_bars
 from proxykd_jax.data import align, byte_head, corpus, records, split
 from proxykd_jax.data.config import SPLITS
-from proxykd_jax.models.tokenizer import tokenizer_hash
+from proxykd_jax.models.tokenizer import end_of_turn_id, tokenizer_hash
 
 log = logging.getLogger(__name__)
 _MAX_ERRORS_KEPT = 20
@@ -415,6 +415,8 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
             "name": getattr(tokenizer, "name_or_path", ""),
             "vocab_size": len(tokenizer),
             "eos_id": tokenizer.eos_token_id,
+            # what ends the answers of rows the chat template formats (the eos where it writes no special token)
+            "end_of_turn_id": end_of_turn_id(tokenizer),
             "pad_id": tokenizer.pad_token_id,
             "chat_template": bool(getattr(tokenizer, "chat_template", None)),
         },
@@ -436,7 +438,10 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
         "seconds": time.time() - t0,
     }
     if head == "bytes":
-        np.save(tmp / records.SYMBOLS, byte_head.token_symbols(tokenizer))
+        symbols = byte_head.token_symbols(tokenizer)
+        if manifest["tokenizer"]["end_of_turn_id"] is not None:  # an end of text, like the eos
+            symbols[manifest["tokenizer"]["end_of_turn_id"]] = byte_head.END_SYMBOL
+        np.save(tmp / records.SYMBOLS, symbols)
     path = tmp / records.MANIFEST
     with open(path, "w") as f:
         json.dump(manifest, f, indent=1)

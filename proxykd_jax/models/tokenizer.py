@@ -13,7 +13,13 @@ import pathlib
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+try:  # what a chat template raises for messages it refuses (`raise_exception`, an empty chat, a bad field)
+    from jinja2.exceptions import TemplateError as _JinjaError
+except ImportError:  # pragma: no cover  (jinja2 comes with transformers' chat templates)
+    _JinjaError = ValueError
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+TEMPLATE_ERRORS = (_JinjaError, ValueError, TypeError, KeyError, IndexError, AttributeError)
 # Messages joined by single spaces: with the word tokenizer, a chat prompt tokenises exactly like its words.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
@@ -49,6 +55,39 @@ def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, bool]:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
     return "\n".join([f"{m['role']}: {m['content']}" for m in messages] + ["assistant: "]), True
+
+
+# The content of the probe conversation's answer: text no template writes around a message by itself.
+_TURN_PROBE = "proxykd-end-of-turn-probe"
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The id of the token the tokenizer's chat template writes right after an assistant message's content: the
+    token that ends an answer in a chat (Llama 3's <|eot_id|>, whose eos is <|end_of_text|>; Qwen's <|im_end|>,
+    its eos too). Found by rendering a probe conversation (a user message and an answer holding a marker, no
+    generation prompt) and tokenising what follows the marker; its first token counts when it is a special or
+    added token that is not whitespace. Else, for a template that writes nothing or ordinary text after a
+    message (this module's CHAT_TEMPLATE), refuses the probe, or without a template: the eos (None without one).
+    Costs one render: callers find it once per tokenizer, and again when its chat template changes."""
+    eos = tokenizer.eos_token_id
+    if not getattr(tokenizer, "chat_template", None):
+        return eos
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(probe, add_generation_prompt=False, tokenize=False)
+    except TEMPLATE_ERRORS:  # a template that refuses the probe (its own checks): the eos, as without one
+        return eos
+    at = text.rfind(_TURN_PROBE) if isinstance(text, str) else -1
+    after = text[at + len(_TURN_PROBE) :] if at >= 0 else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    if not ids:
+        return eos
+    first = int(ids[0])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = first in set(getattr(tokenizer, "all_special_ids", ()) or ()) or first in added
+    piece = tokenizer.convert_ids_to_tokens(first)
+    # (<unk>: text a word-level vocabulary does not hold, not a token the template names)
+    return first if special and first != tokenizer.unk_token_id and piece and piece.strip() else eos
 
 
 def _wrap_and_save(tok: Tokenizer, folder) -> PreTrainedTokenizerFast:
@@ -107,9 +146,13 @@ def build_bpe_tokenizer(texts, vocab_size: int, folder=None) -> PreTrainedTokeni
 
 
 def tokenizer_hash(tok) -> str:
-    """Stable sha256 (hex, 16 chars) of the vocabulary and the special tokens."""
+    """Stable sha256 (hex, 16 chars) of the vocabulary and the special tokens, and of the chat template's end of
+    turn (`end_of_turn_id`) where it is not the eos: prepared records end chat answers with it."""
     payload = {
         "vocab": sorted(tok.get_vocab().items(), key=lambda kv: kv[1]),
         "special": sorted((k, str(v)) for k, v in tok.special_tokens_map.items()),
     }
+    turn_end = end_of_turn_id(tok)
+    if turn_end != tok.eos_token_id:  # (left out otherwise: the hashes of such tokenizers stay what they were)
+        payload["end_of_turn"] = turn_end
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
