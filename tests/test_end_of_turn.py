@@ -178,3 +178,41 @@ def test_alignment_encoding_ends_with_the_turn_end(toks, kind, tmp_path):
     short = len(_want(tok, rows[0], None)) - 2  # the response cut by two tokens
     enc = align.SampleEncoder(tok, seq_len=short, truncate=True).encode_batch(samples[:1])[0]
     assert enc.truncated and len(enc.tokens_L) == short + 1 and enc.tokens_L[-1] not in (turn_end, eos)
+
+
+def test_sampled_answers_end_at_the_turn_end(toks, tmp_path, monkeypatch):
+    """What the student learnt to end with ends its sampled answers: DPO's rejected answers (`AlignData`'s stop
+    tokens, from the manifest) and eval's generations stop at the turn end as at the eos, and eval samples it
+    (it was suppressed as a special token other than the eos)."""
+    from proxykd_jax.align.rounds import AlignData
+    from proxykd_jax.eval import metrics, per_byte
+    from proxykd_jax.models import sampling
+
+    tok = toks["llama3"]
+    eot, eos = tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id
+    rows = [dict(r, id=f"r{i}") for i, r in enumerate(_rows(random.Random(5), n=24))]
+    prepare([write_jsonl(tmp_path / "c.jsonl", rows)], tok, tmp_path / "out", tiny_cfg(seq_len=256), progress=False)
+    assert AlignData.load(tmp_path / "out").stop_tokens == (eos, eot)
+
+    seen = {}
+
+    def fake_generate(model, tokens, lengths, rng, *, stop_tokens, suppress_tokens, **kw):
+        seen.update(stop=stop_tokens, suppress=suppress_tokens)
+        answers = np.asarray([[5, 6, eot], [7, eos, 0]], np.int32)
+        return sampling.GenerateOutput(answers, np.asarray([3, 2], np.int32), None, None, None)
+
+    monkeypatch.setattr(sampling, "generate", fake_generate)
+
+    class Model:
+        cfg = type("Cfg", (), {"vocab_size": len(tok)})
+
+    class Teacher:
+        def text_logprob(self, prompts, texts, ended):
+            seen.update(texts=texts, ended=ended)
+            return np.zeros(len(texts)), np.ones(len(texts))
+
+    per_byte.generation_nats_per_byte({"s": Model()}, ["a b", "c"], Teacher(), tok, max_new_tokens=3, seed=0)
+    assert set(seen["stop"]) == {eos, eot} and eot not in seen["suppress"] and eos not in seen["suppress"]
+    assert seen["ended"] == [True, True] and seen["texts"] == [tok.decode([5, 6]), tok.decode([7])]
+    metrics.sample_answers(Model(), [[4, 5]], tok, eos, max_new_tokens=3, seed=0)
+    assert seen["stop"] == (eos,)

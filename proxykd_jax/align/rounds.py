@@ -61,7 +61,9 @@ class AlignData:
         splits = {n: pairs_lib.examples_from_records(data.iter_split(n)) for n in ("warmup", "align", "heldout")}
         tok = dict(data.manifest["tokenizer"])
         pad_id = int(tok.get("pad_id") if tok.get("pad_id") is not None else 0)
-        stop_tokens = (int(tok["eos_id"]),) if tok.get("eos_id") is not None else ()
+        # a rejected answer ends at the eos or at the chat template's end of turn (what chosen ones end with)
+        stops = (tok.get("eos_id"), tok.get("end_of_turn_id"))
+        stop_tokens = tuple(dict.fromkeys(int(t) for t in stops if t is not None))
         vocab = int(tok.get("vocab_size") or 0)
         return cls(**splits, pad_id=pad_id, stop_tokens=stop_tokens, root=pathlib.Path(prepared_dir), vocab=vocab)
 

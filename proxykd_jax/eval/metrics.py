@@ -197,11 +197,12 @@ def heldout_prompts(prepared, data_cfg, split: str, limit: int) -> list[np.ndarr
     return rows
 
 
-def sample_answers(model, prompts: list, tokenizer, eos_id: int, *, max_new_tokens: int, seed: int) -> list[list[int]]:
+def sample_answers(model, prompts: list, tokenizer, stop_ids, *, max_new_tokens: int, seed: int) -> list[list[int]]:
     """`model`'s answer to each prompt (token ids), sampled in one left-aligned batch as the eval
-    stage samples: temperature 1, ending after `eos_id` (kept in the answer), and no special token
-    other than eos ever sampled (pad, bos, unk never occur in a response, as in serving), nor an id
-    past the tokenizer's (a padded embedding's, which the teacher cannot score)."""
+    stage samples: temperature 1, ending after one of `stop_ids` (an id or several: the eos, a chat
+    template's end of turn; kept in the answer), and no other special token ever sampled (pad, bos, unk
+    never occur in a response, as in serving), nor an id past the tokenizer's (a padded embedding's,
+    which the teacher cannot score)."""
     from proxykd_jax.models.sampling import generate
 
     width = max(len(r) for r in prompts)
@@ -209,7 +210,8 @@ def sample_answers(model, prompts: list, tokenizer, eos_id: int, *, max_new_toke
     for i, r in enumerate(prompts):
         tokens[i, : len(r)] = r
     lengths = np.asarray([len(r) for r in prompts], np.int32)
-    specials = tuple(i for i in getattr(tokenizer, "all_special_ids", ()) if i != eos_id)
+    stops = tuple(dict.fromkeys(int(i) for i in ((stop_ids,) if isinstance(stop_ids, int) else stop_ids)))
+    specials = tuple(i for i in getattr(tokenizer, "all_special_ids", ()) if i not in stops)
     gen = generate(
         model,
         tokens,
@@ -217,7 +219,7 @@ def sample_answers(model, prompts: list, tokenizer, eos_id: int, *, max_new_toke
         jax.random.key(seed),
         max_new_tokens=max_new_tokens,
         temperature=1.0,
-        stop_tokens=(eos_id,),
+        stop_tokens=stops,
         suppress_tokens=specials,
         vocab=min(len(tokenizer), model.cfg.vocab_size),  # a padded embedding's ids: no token
     )

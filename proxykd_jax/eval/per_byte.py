@@ -23,6 +23,7 @@ from flax import nnx
 from proxykd_jax.data import byte_head
 from proxykd_jax.eval.folders import save_atomic, saved_teacher
 from proxykd_jax.eval.metrics import _mask, sample_answers
+from proxykd_jax.models.tokenizer import end_of_turn_id
 from proxykd_jax.parallel import hosts
 
 
@@ -72,12 +73,13 @@ def generation_nats_per_byte(
     if not prompts or max_new_tokens < 1:
         return {}
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    eos = tokenizer.eos_token_id
+    # an answer ends at the eos or at the chat template's end of turn (what prepare ended chat answers with)
+    stops = tuple(t for t in dict.fromkeys([tokenizer.eos_token_id, end_of_turn_id(tokenizer)]) if t is not None)
     out = {}
     for name, model in students.items():
-        answers = sample_answers(model, ids, tokenizer, eos, max_new_tokens=max_new_tokens, seed=seed)
-        texts = [tokenizer.decode([t for t in a if t != eos]) for a in answers]
-        ll, nbytes = teacher.text_logprob(prompts, texts, ended=[bool(a) and a[-1] == eos for a in answers])
+        answers = sample_answers(model, ids, tokenizer, stops, max_new_tokens=max_new_tokens, seed=seed)
+        texts = [tokenizer.decode([t for t in a if t not in stops]) for a in answers]
+        ll, nbytes = teacher.text_logprob(prompts, texts, ended=[bool(a) and a[-1] in stops for a in answers])
         out[name] = float(-ll.sum() / max(nbytes.sum(), 1))
     return out
 
