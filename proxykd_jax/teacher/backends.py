@@ -15,7 +15,9 @@ import numpy as np
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.tokenizer import chat_prompt
 from proxykd_jax.teacher.server import Completion
-from proxykd_jax.teacher.token_bytes import BYTE_TOKEN, token_byte_table
+from proxykd_jax.teacher.token_bytes import BYTE_TOKEN, drops_word_start_space, token_byte_table
+
+CONTEXT_TOKENS = 4  # tokens of context a token is spelled after (enough for word separators and byte merges)
 
 
 def _special_ids(tokenizer) -> frozenset[int]:
@@ -99,6 +101,7 @@ class LlamaBackend:
         self._calls = 0
         self._byte_table = None  # token id -> bytes, built on first use
         self.special_ids = _special_ids(tokenizer)
+        self._continues_prompt = drops_word_start_space(tokenizer)
         # the tokenizer's ids: those of an embedding padded past them are no token, never sampled nor listed
         self.vocab = min(len(tokenizer), model.cfg.vocab_size)
 
@@ -119,11 +122,20 @@ class LlamaBackend:
         """`ids` decoded with every token spelled out, special ones included."""
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
+    def prompt_context(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt's last tokens that an answer is spelled after, where a SentencePiece-style decoder
+        would drop the space of its first word (`▁Hello` after "say" is " Hello", as vLLM returns it):
+        the last `CONTEXT_TOKENS` that are not `special_ids` (none: a prompt of special tokens alone has
+        no text to continue). Other tokenizers spell an answer alone: none."""
+        if not self._continues_prompt:
+            return []
+        return [i for i in map(int, prompt_ids) if i not in self.special_ids][-CONTEXT_TOKENS:]
+
     def pieces(self, context_ids: list[int], candidate_ids: list[int]) -> list[str]:
-        """Text each candidate adds after the context, decoded against its last 4 tokens (enough
-        for word separators and byte merges; exact for word-level and byte-level tokenizers). A
-        special token's piece is its own text."""
-        ctx = list(context_ids[-4:])
+        """Text each candidate adds after the context, decoded against its last `CONTEXT_TOKENS`
+        tokens (exact for word-level and byte-level tokenizers). A special token's piece is its own
+        text."""
+        ctx = list(context_ids[-CONTEXT_TOKENS:])
         base = len(self._spell(ctx))
         return [self._spell(ctx + [int(c)])[base:] for c in candidate_ids]
 
@@ -255,6 +267,10 @@ class ToyBackend:
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def prompt_context(self, prompt_ids: list[int]) -> list[int]:
+        del prompt_ids  # one byte per token: an answer is spelled alone
+        return []
 
     def pieces(self, context_ids: list[int], candidate_ids: list[int]) -> list[str]:
         del context_ids  # one byte per token: pieces do not depend on the context

@@ -17,7 +17,9 @@ A backend is any object with
   special_ids: frozenset[int]
   token_bytes(context_ids, candidate_ids) -> list[bytes]: each candidate's true bytes after the
       context, a special token's its own text (chosen tokens' bytes, those of `special_ids` left
-      out, concatenate to the UTF-8 that `decode(ids)` decodes)
+      out, concatenate to the UTF-8 of the answer's text, `answer_text`)
+  prompt_context(prompt_ids) -> list[int]: the prompt's tail an answer's text continues (vLLM's
+      spelling: a SentencePiece `▁Hello` after "say" is " Hello"), [] where an answer is spelled alone
   max_context: int (prompt + max_tokens limit)
   complete(prompts: list[list[int]], *, n, temperature, top_p, max_tokens, logprobs, top_logprobs,
            seeds: list[int | None] | None = None, to_context: bool = False)
@@ -123,7 +125,28 @@ class Batcher:
                 i += len(item)
 
 
-def apply_stop(backend, c: Completion, stops: list[str]) -> tuple[str, Completion]:
+def answer_text(backend, context_ids: list[int], ids: list[int]) -> str:
+    """The text `ids` add after `context_ids` (from `prompt_context`): decode(context + ids) less
+    decode(context), or `ids` decoded alone where the context's text is not a prefix of that (no
+    context, or a decoder that rewrites across the seam)."""
+    if context_ids:
+        head, full = backend.decode(context_ids), backend.decode(list(context_ids) + list(ids))
+        if full.startswith(head):
+            return full[len(head) :]
+    return backend.decode(ids)
+
+
+def answer_context(backend, prompt_ids: list[int], c: Completion) -> list[int]:
+    """The tokens the answer `c` to `prompt_ids` is spelled after: the backend's `prompt_context`,
+    or none where that context's text is not a prefix of the whole answer's (then its text, tokens'
+    bytes and stop cut all spell it alone, and still agree)."""
+    ctx = backend.prompt_context(prompt_ids)
+    if ctx and not backend.decode(ctx + list(c.token_ids)).startswith(backend.decode(ctx)):
+        return []
+    return ctx
+
+
+def apply_stop(backend, c: Completion, stops: list[str], context_ids: list[int] = ()) -> tuple[str, Completion]:
     """Cuts at the earliest stop string: the text ends right before it (the OpenAI API's and vLLM's
     semantics: the stop string is not included), and the tokens are those needed to spell that text.
 
@@ -132,15 +155,15 @@ def apply_stop(backend, c: Completion, stops: list[str]) -> tuple[str, Completio
     is a prefix of the kept tokens' text ("w1 w2"). vLLM truncates the text the same way and keeps
     every token id it generated; here the tokens after the straddling one are dropped, so the tokens
     run past the text by at most part of one token, and spell it exactly when the stop string begins
-    on a token boundary.
+    on a token boundary. The text is the one the answer adds after `context_ids` (`answer_text`).
     """
-    text = backend.decode(c.token_ids)
+    text = answer_text(backend, context_ids, c.token_ids)
     cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     if not cuts:
         return text, c
     text = text[: min(cuts)]
     keep = next(
-        (i for i in range(len(c.token_ids) + 1) if backend.decode(c.token_ids[:i]).startswith(text)),
+        (i for i in range(len(c.token_ids) + 1) if answer_text(backend, context_ids, c.token_ids[:i]).startswith(text)),
         len(c.token_ids),
     )
     return text, Completion(
@@ -158,12 +181,13 @@ def _field(loc) -> str:
     return ".".join(str(x) for x in loc if x != "body")
 
 
-def _token_rows(backend, c: Completion) -> list[tuple[bytes, float, list[tuple[bytes, float]]]]:
-    """Per generated token: its bytes, its log-prob, and its alternatives' bytes and log-probs."""
-    rows = []
+def _token_rows(backend, c: Completion, context_ids: list[int]) -> list[tuple[bytes, float, list[tuple[bytes, float]]]]:
+    """Per generated token: its bytes after `context_ids` and the answer before it, its log-prob, and
+    its alternatives' bytes and log-probs."""
+    rows, context_ids = [], list(context_ids)
     for j, (tid, lp) in enumerate(zip(c.token_ids, c.logprobs)):
         alts = c.top[j] if c.top else []
-        raw = backend.token_bytes(c.token_ids[:j], [tid] + [a for a, _ in alts])
+        raw = backend.token_bytes(context_ids + c.token_ids[:j], [tid] + [a for a, _ in alts])
         rows.append((raw[0], lp, [(b, alp) for b, (_, alp) in zip(raw[1:], alts)]))
     return rows
 
@@ -307,7 +331,8 @@ def make_app(
     def chat_body(req: ChatRequest, prompts, outs) -> dict:
         choices, counts = [], []
         for i, c in enumerate(outs):
-            text, c = apply_stop(backend, c, req.stops)
+            ctx = answer_context(backend, prompts[0], c)
+            text, c = apply_stop(backend, c, req.stops, ctx)
             counts.append(len(c.token_ids))
             choice = {
                 "index": i,
@@ -319,7 +344,7 @@ def make_app(
                 choice["logprobs"] = {
                     "content": [
                         {**entry(raw, lp), "top_logprobs": [entry(*a) for a in alts]}
-                        for raw, lp, alts in _token_rows(backend, c)
+                        for raw, lp, alts in _token_rows(backend, c, ctx)
                     ]
                 }
             choices.append(choice)
@@ -334,13 +359,14 @@ def make_app(
 
     def completions_body(req: CompletionRequest, prompts, outs) -> dict:
         choices, counts = [], []
-        for prompt_text, per_prompt in zip(req.prompt, outs):
+        for prompt_text, prompt_ids, per_prompt in zip(req.prompt, prompts, outs):
             for c in per_prompt:
-                text, c = apply_stop(backend, c, req.stops)
+                ctx = answer_context(backend, prompt_ids, c)
+                text, c = apply_stop(backend, c, req.stops, ctx)
                 counts.append(len(c.token_ids))
                 choice = {"index": len(choices), "text": text, "finish_reason": c.finish_reason, "logprobs": None}
                 if c.logprobs is not None:
-                    rows = _token_rows(backend, c)
+                    rows = _token_rows(backend, c, ctx)
                     alternatives = []
                     for _, _, alts in rows:  # a dict keyed by token string, likeliest first
                         top: dict[str, float] = {}

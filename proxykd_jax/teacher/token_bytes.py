@@ -6,7 +6,9 @@ maps back to its exact bytes even when it holds only part of a UTF-8 sequence, w
 per byte (its byte also where the tokenizer lists it as an added token, as one trained with the 256
 of them as special tokens does). Other added and special tokens stand for the UTF-8 of their text.
 Tokens whose bytes depend on their neighbours (word-level vocabularies that decode with separators,
-`▁` word starts) have no entry: `None`, for the caller to take from decoding in context.
+`▁` word starts) have no entry: `None`, for the caller to take from decoding in context. A
+SentencePiece-style decoder drops the space of a `▁` word start that opens the text
+(`drops_word_start_space`): an answer's first token is spelled after the prompt's tail to keep it.
 """
 
 from __future__ import annotations
@@ -36,20 +38,43 @@ def byte_level_alphabet() -> dict[str, int]:
     return table
 
 
+def _nodes(node) -> list[dict]:
+    """The components of a tokenizer.json node, looking into `Sequence`s."""
+    if not isinstance(node, dict):
+        return []
+    found = [node]
+    for child in node.get("pretokenizers", []) + node.get("decoders", []) + node.get("normalizers", []):
+        found += _nodes(child)
+    return found
+
+
 def _kinds(node) -> set[str]:
     """Component types in a tokenizer.json node, looking into `Sequence`s."""
-    if not isinstance(node, dict):
-        return set()
-    found = {node.get("type")}
-    for child in node.get("pretokenizers", []) + node.get("decoders", []) + node.get("normalizers", []):
-        found |= _kinds(child)
-    return found
+    return {n.get("type") for n in _nodes(node)}
+
+
+def _spec(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return json.loads(backend.to_str()) if backend is not None else {}
+
+
+def drops_word_start_space(tokenizer) -> bool:
+    """Whether decoding drops the space of a `▁` word start at the start of the text: a `Metaspace`
+    decoder that prepends (Mistral's tokenizer.json) or a `Strip` of leading characters (Llama 2's).
+    Such a token decoded alone loses the space it holds where it continues a text."""
+    for node in _nodes(_spec(tokenizer).get("decoder")):
+        kind = node.get("type")
+        # (tokenizers before 0.14 wrote `add_prefix_space` instead of a prepend scheme)
+        if kind == "Metaspace" and node.get("prepend_scheme", "always") != "never" and node.get("add_prefix_space", 1):
+            return True
+        if kind == "Strip" and node.get("start", 0) > 0:
+            return True
+    return False
 
 
 def token_byte_table(tokenizer) -> list[bytes | None]:
     """Per token id: the token's bytes where the byte mapping fixes them, else None."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
+    spec = _spec(tokenizer)
     byte_level = "ByteLevel" in _kinds(spec.get("decoder")) | _kinds(spec.get("pre_tokenizer"))
     byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
     added = {t["id"]: t["content"] for t in spec.get("added_tokens", [])}
