@@ -45,6 +45,24 @@ def test_byte_fallback_tokens_listed_as_added_tokens_are_their_byte():
         assert spelled == b" " + text.encode()  # the ▁ the normalizer puts before the text, then the text
 
 
+def test_added_special_tokens_are_no_text():
+    """Added tokens flagged special (Llama 3's header and reserved tokens, not named bos/eos) spell no text: no
+    bytes, the OTHER symbol (they took the byte "<" of their text); an added token not flagged special keeps
+    its text, and a `<0xNN>` listed as special its byte (above)."""
+    from tokenizers import AddedToken
+
+    tok = build_bpe_tokenizer(["ab ab cd the end"] * 20, vocab_size=280)
+    tok.add_tokens([AddedToken(t, special=True) for t in ("<|start_header_id|>", "<|reserved_special_token_7|>")])
+    tok.add_tokens(["<tag>"])
+    pieces, sym = byte_head.token_bytes(tok), byte_head.token_symbols(tok)
+    for t in ("<|start_header_id|>", "<|reserved_special_token_7|>"):
+        i = tok.convert_tokens_to_ids(t)
+        assert pieces[i] is None and sym[i] == byte_head.OTHER_SYMBOL
+    i = tok.convert_tokens_to_ids("<tag>")
+    assert pieces[i] == b"<tag>" and sym[i] == ord("<")
+    assert sym[tok.eos_token_id] == byte_head.END_SYMBOL
+
+
 @pytest.mark.parametrize(
     "stop", ["<|eot_id|>", "<end_of_turn>", "<|eom_id|>", "<|return|>", "<\uff5cend\u2581of\u2581sentence\uff5c>"]
 )
