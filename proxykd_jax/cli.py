@@ -13,11 +13,13 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pathlib
 import signal
 import sys
+import threading
 
 from proxykd_jax.errors import ConfigError, ProxyKDError, one_line
 from proxykd_jax.stages import STAGES
@@ -312,9 +314,24 @@ def _print(text: str) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _in_gc_callback(frame) -> bool:
+    """Whether `frame` runs inside a garbage-collector callback (jax registers one)."""
+    codes = {getattr(callback, "__code__", None) for callback in gc.callbacks} - {None}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _raise_interrupt(signum, frame) -> None:
-    """SIGTERM (kill, scancel, a batch system's time limit) as KeyboardInterrupt: the stage's context
-    managers then release the run-directory lock, as after Ctrl-C."""
+    """Ctrl-C and SIGTERM (kill, scancel, a batch system's time limit) as KeyboardInterrupt: the stage's
+    context managers then release the run-directory lock. Python prints and drops an exception raised in a
+    garbage-collector callback (jax's runs often while a stage starts), and the stage would run on: there
+    the signal is sent again, to arrive once the callback has returned."""
+    if _in_gc_callback(frame):
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -338,7 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help", "-help", "--helpfull") for a in rest):
         _print(stage_help(stage))
         sys.exit(0)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # (a SIGINT the shell ignores, as for a background job, stays ignored)
+    caught = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, _raise_interrupt) for s in caught}
     try:
         sys.exit(_run_stage(stage, rest))
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, and the shell's status for that signal
@@ -353,4 +372,5 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

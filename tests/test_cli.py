@@ -232,6 +232,67 @@ def test_an_interrupted_stage_says_so_in_one_line_and_releases_the_lock(signame,
     assert "Traceback" not in err and not (run / "proxykd.lock").exists()
 
 
+_INTERRUPTED_IN_GC_CHILD = """
+import gc, sys, threading, time
+from proxykd_jax import cli, stages
+
+handled = threading.Event()
+handler = cli._raise_interrupt
+
+def seen(signum, frame):  # the CLI's handler, telling the gc callback below that the signal reached it
+    handled.set()
+    return handler(signum, frame)
+
+cli._raise_interrupt = seen
+
+def run_stage(name, ctx, **kw):
+    def callback(phase, info):  # as jax's _xla_gc_callback: Python code the garbage collector runs
+        if phase == "start" and not handled.is_set():
+            print("in a gc callback", flush=True)
+            handled.wait(60)  # the signal arrives here; an exception raised here is printed and dropped
+    gc.callbacks.append(callback)
+    gc.collect()
+    gc.callbacks.remove(callback)
+    for _ in range(50):  # the stage's work after the collection
+        time.sleep(0.1)
+    print("the stage was not interrupted", flush=True)
+
+stages.run_stage = run_stage
+cli.main(sys.argv[1:])
+"""
+
+
+def test_an_interrupt_that_arrives_in_a_gc_callback_still_stops_the_stage(tmp_path):
+    """Ctrl-C while the garbage collector runs jax's callback (a stage's start-up is full of them): Python prints
+    and drops a KeyboardInterrupt raised there, so the stage ran on (a served model kept serving); the signal is
+    delivered again once the callback returns."""
+    prompts, run = tmp_path / "prompts.jsonl", tmp_path / "run"
+    prompts.write_text('{"id": "q0", "prompt": "hi"}\n')
+    argv = [sys.executable, "-c", _INTERRUPTED_IN_GC_CHILD, "collect", f"--config={REPO}/configs/demo.py"]
+    argv += [f"--config.run.dir={run}", f"--config.collect.prompts={prompts}", "--config.collect.base_url=http://x/v1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    with subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    ) as child:
+        try:
+            assert child.stdout.readline() == "in a gc callback\n"
+            child.send_signal(signal.SIGINT)
+            out, err = child.communicate(timeout=60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+    assert child.returncode == 130 and "not interrupted" not in out, err
+    assert err.strip().splitlines()[-1] == (
+        "error: proxykd collect: interrupted (SIGINT); run the same command again to resume."
+    )
+    assert "Exception ignored" not in err and "Traceback" not in err
+
+
 def test_rope_scaling_can_be_overridden(tmp_path, monkeypatch, capsys):
     """`model.rope_scaling` takes a tuple from the command line (as a list field, ml_collections refused
     every override of it): a malformed one reaches the model config's check, a well-formed one passes it."""
