@@ -86,6 +86,17 @@ def _trim_uncovered_space(resp: bytes, span: tuple[int, int], covered) -> tuple[
     return span
 
 
+def _adds_dummy_prefix(tokenizer, token_bytes: list[bytes | None]) -> bool:
+    """Whether the tokenizer writes a dummy-prefix space before a text on its own even where the text starts with
+    a space (Llama 2's tokenizer.json layout, a `Prepend("▁")` normalizer: " a" is `▁ ▁a`, where after a prompt
+    the same text is `▁a`). Probed once: "a" alone starts with a token holding a space, and " a" differs from it.
+    (A Metaspace pre-tokenizer adds no prefix to a text that starts with a space: " a" is `▁a` there too.)"""
+    alone = tokenizer("a", add_special_tokens=False)["input_ids"]
+    spaced = tokenizer(" a", add_special_tokens=False)["input_ids"]
+    first = token_bytes[alone[0]] if alone and 0 <= alone[0] < len(token_bytes) else None
+    return bool(first and first.startswith(b" ")) and spaced != alone
+
+
 def _char_to_byte(text: str) -> np.ndarray:
     """int64 [len(text) + 1]: the byte offset in `text`'s UTF-8 of each character offset."""
     return np.concatenate([[0], np.cumsum([len(ch.encode("utf-8")) for ch in text], dtype=np.int64)])
@@ -126,9 +137,25 @@ class SampleEncoder:
         self._ids_by_bytes: dict[bytes, int] | None = None  # built on the first partial-UTF-8 alternative
         self._symbol = functools.lru_cache(maxsize=1 << 16)(lambda t: byte_head.teacher_symbol(t))
         self._alt_ids_seen: dict[str | bytes, int] = {}  # `_alt_id` by the bytes where given, else the text
+        self._dummy_prefix = _adds_dummy_prefix(tokenizer, self._token_bytes)
+
+    def _in_context(self, text: str) -> str:
+        """The text to tokenise for `text` as it reads after a prompt: without its leading space where our
+        tokenizer's dummy prefix stands for it (`_adds_dummy_prefix`; its tokens then start one character later)."""
+        return text[1:] if self._dummy_prefix and len(text) > 1 and text[0] == " " else text
+
+    def _shift_offsets(self, r_ids, offs) -> list:
+        """Offsets of the tokens of a response tokenised without its leading space (`_in_context`), in the response:
+        one character later, and the first token, whose dummy prefix is the response's space, from its start (a lone
+        `▁` holds only that space)."""
+        offs = [(int(a) + 1, int(b) + 1) for a, b in offs]
+        first = self._token_bytes[r_ids[0]] if r_ids and 0 <= r_ids[0] < len(self._token_bytes) else None
+        if first and first.startswith(b" "):
+            offs[0] = (0, 1 if first == b" " else offs[0][1])
+        return offs
 
     def _single_id_uncached(self, text: str) -> int:
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        ids = self.tok(self._in_context(text), add_special_tokens=False)["input_ids"]
         return ids[0] if len(ids) == 1 else -1
 
     def _alt_id(self, text: str, raw: bytes | None) -> int:
@@ -198,12 +225,17 @@ class SampleEncoder:
                 enc = self.tok([prompts[i][0] for i in idx], add_special_tokens=special)["input_ids"]
                 for i, ids in zip(idx, enc):
                     prompt_ids[i] = ids
-        resp = self.tok([s.response for s in samples], add_special_tokens=False, return_offsets_mapping=True)
+        # A response tokenised as it reads after the prompt (" the dog" as `▁the ▁dog`, not `▁ ▁the ▁dog`).
+        texts = [self._in_context(s.response) for s in samples]
+        resp = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)
         for i, (s, p_ids, r_ids, offs) in enumerate(
             zip(samples, prompt_ids, resp["input_ids"], resp["offset_mapping"])
         ):
             end = self.eos if prompts[i][1] else self.end_of_turn  # a templated row: the template's turn end
-            out.append(bad[i] if i in bad else self._encode_one(s, p_ids, list(r_ids), list(offs), end))
+            r_ids, offs = list(r_ids), list(offs)
+            if len(texts[i]) < len(s.response):
+                offs = self._shift_offsets(r_ids, offs)
+            out.append(bad[i] if i in bad else self._encode_one(s, p_ids, r_ids, offs, end))
         return out
 
     def _encode_one(self, s: Sample, p_ids, r_ids, offs, end: int | None) -> Encoded | DataError:
