@@ -25,7 +25,7 @@ from proxykd_jax.bayes.tables import load_prior
 from proxykd_jax.context import RunPaths
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.data.store import StoreReader, StoreWriter
-from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.errors import ConfigError, ProxyKDError
 from proxykd_jax.eval import benchmark
 from proxykd_jax.eval.known_teacher import kl_terms
 from proxykd_jax.models import hf
@@ -332,3 +332,22 @@ def test_serving_a_padded_model_never_answers_with_its_extra_ids(run):
         assert max(c.token_ids) < TOKENS
         assert all(i < TOKENS for alternatives in c.top for i, _ in alternatives)
         assert len(c.top[0]) == 20
+
+
+def test_eval_refuses_rows_past_a_models_context_before_writing(run, tmp_path):
+    """eval, like distill and posterior, refuses prepared rows (data.seq_len) longer than a model's max_seq_len
+    before it writes anything (it scored them, at positions the model never saw)."""
+    cfg, _ = run
+    short = tmp_path / "proxy_short"
+    shutil.copytree(cfg.proxy.init_from, short)
+    config = json.loads((short / "config.json").read_text())
+    config["max_position_embeddings"] = int(cfg.data.seq_len) - 1
+    (short / "config.json").write_text(json.dumps(config))
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.proxy.init_from, cfg.run.overwrite = str(short), True
+    eval_dir = pathlib.Path(cfg.run.dir) / "eval"
+    before = sorted(p.name for p in eval_dir.iterdir()) if eval_dir.exists() else None
+    with pytest.raises(ConfigError, match=rf"config\.data\.seq_len={cfg.data.seq_len} exceeds the max_seq_len"):
+        run_stage("eval", cfg)
+    assert (sorted(p.name for p in eval_dir.iterdir()) if eval_dir.exists() else None) == before

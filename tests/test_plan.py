@@ -100,3 +100,82 @@ def test_plan_bad_config_is_one_sentence(argv, sentence, capsys):
     assert cli._run_plan(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: proxykd plan: ") and sentence in err and len(err.strip().splitlines()) == 1, err
+
+
+def _demo(*extra):
+    return ["--config=configs/demo.py", "--devices=8", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, sentence",
+    [
+        (  # DPO's 2 x 4 rows split over 8 shards, but the align stage refuses align.batch_size=4
+            ["--steps=dpo", "--config.align.batch_size=4"],
+            "config.align.batch_size=4 is not a multiple of the mesh's data x fsdp = 1 x 8 batch shards",
+        ),
+        (  # distill refuses rows longer than the student's context (an imported Mistral's sliding window)
+            ["--steps=distill", "--config.train.seq_len=256"],
+            "config.train.seq_len=256 exceeds config.model.max_seq_len=128",
+        ),
+        (["--steps=sft", "--config.align.seq_len=256"], "config.align.seq_len=256 exceeds the max_seq_len 128"),
+        (
+            ["--steps=distill", "--config.train.steps=201", "--config.optim.grad_accum=2"],
+            "config.train.steps=201 is not a multiple of optim.grad_accum=2",
+        ),
+    ],
+)
+def test_plan_runs_the_stage_checks_before_compiling(extra, sentence, capsys, caplog):
+    """A config its stage refuses is refused by the plan with the stage's sentence, before any compile."""
+    caplog.set_level(logging.INFO, logger="proxykd_jax.plan")
+    assert cli._run_plan(_demo(*extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: proxykd plan: ") and sentence in err and len(err.strip().splitlines()) == 1, err
+    assert "compiling" not in caplog.text
+
+
+def test_plan_checks_the_vocabulary_against_the_tokenizer(tmp_path, capsys, caplog):
+    from proxykd_jax.models.tokenizer import build_word_tokenizer
+
+    caplog.set_level(logging.INFO, logger="proxykd_jax.plan")
+    tok = build_word_tokenizer([f"w{i}" for i in range(40)], tmp_path / "tok")
+    args = _demo("--steps=distill", f"--config.data.tokenizer={tmp_path / 'tok'}", f"--config.run.dir={tmp_path}/r")
+    assert cli._run_plan([*args, "--config.model.vocab_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert f"config.model.vocab_size=16 is smaller than the {len(tok)} tokens of the tokenizer" in err, err
+    assert "compiling" not in caplog.text
+
+
+def test_plan_layers_takes_two_depths(capsys):
+    assert cli._run_plan(_demo("--steps=eval", "--layers=2")) == 2
+    err = capsys.readouterr().err
+    assert "--layers takes two depths A,B with 0 < A < B (e.g. --layers=2,4), got '2'" in err, err
+
+
+def test_eval_row_runs_eval_batch_of_data_rows():
+    """The eval row is the eval stage's forward: eval.batch_size rows of data.seq_len tokens."""
+    cfg = _cfg()
+    cfg.eval.batch_size, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seq_len = 16, 24, 8, 32
+    mesh = make_mesh(cfg.mesh)
+    (p,) = plan.plan_steps(cfg, mesh, ("eval",))
+    cfg.eval.batch_size = 32
+    (p2,) = plan.plan_steps(cfg, mesh, ("eval",))
+    assert p2.model_flops == 2 * p.model_flops  # the rows are eval.batch_size's
+    assert (p.rows, p.seq_len) == (16, 24)
+
+
+def test_plan_prints_what_each_row_assumed(capsys, tmp_path):
+    """Rows and sequence length per row with their config fields, the peak and limit flags, remat and the
+    attention path compiled; a row that does not fit gets a hint; no tokenizer: said so."""
+    args = _demo(
+        "--steps=distill,eval", "--config.eval.batch_size=24", "--limit-gb=1e-9", f"--config.run.dir={tmp_path}/r"
+    )
+    assert cli._run_plan(args) == 0
+    out = capsys.readouterr().out
+    header, table = out[: out.index("step |")], out[out.index("total GB") :]
+    assert "--peak-tflops" in header and "--limit-gb" in header and "model.remat=none" in header, header
+    assert "attention blocked" in header and "float32" in header, header
+    assert "rows" in out and "seq" in out and "HLO TFLOP" not in out
+    assert " 24 |" in table and "eval.batch_size" in table and "data.seq_len" in table, table
+    assert "eval does not fit" in table and "eval.batch_size" in table.split("eval does not fit")[1], table
+    assert "distill does not fit" in table and "--config.model.remat=full" in table, table
+    assert "vocab_size not checked against a tokenizer" in table, table

@@ -128,12 +128,12 @@ class RunContext:
             raise ProxyKDError(f"{folder} is not a Hugging Face model folder (no config.json).")
         if rows is not None:
             folder_cfg = load_folder(folder, config_only=True, dtype=dtype, param_dtype=param_dtype)
-            self._require_fits(folder_cfg, *rows, f"the model in {folder}")
+            self.require_fits(folder_cfg, *rows, f"the model in {folder}")
         run = None if group is None else {f: getattr(self.model_config(group), f) for f in RUN_FIELDS}
         return load_folder(folder, dtype=dtype, param_dtype=param_dtype, mesh=self.mesh, rules=self.rules, run=run)
 
     @staticmethod
-    def _require_fits(model_cfg, seq_len: int, field: str, model: str) -> None:
+    def require_fits(model_cfg, seq_len: int, field: str, model: str) -> None:
         """Refuses rows of `seq_len` positions (`field`) longer than `model`'s max_seq_len: the model was
         never trained at the positions past it, and RoPE would run there without a word."""
         if int(seq_len) > int(model_cfg.max_seq_len):
@@ -155,7 +155,7 @@ class RunContext:
         model_cfg = self.model_config(group)
         if not group.init_from:
             if rows is not None:
-                self._require_fits(model_cfg, *rows, f"the {name}")
+                self.require_fits(model_cfg, *rows, f"the {name}")
             return model_cfg, sharding.create_sharded_model(
                 Llama, self.mesh, self.rules, model_cfg, rngs=nnx.Rngs(params=seed)
             )
@@ -177,7 +177,7 @@ class RunContext:
                 "group match the folder (or pick the matching preset)."
             )
         if rows is not None:
-            self._require_fits(folder_cfg, *rows, f"the {name} in {folder}")
+            self.require_fits(folder_cfg, *rows, f"the {name} in {folder}")
         return self.load_model(folder, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, group=group)
 
     # ------------------------------------------------------------------ metric sinks

@@ -10,6 +10,7 @@ import logging
 import jax
 
 from proxykd_jax.bayes.tables import load_prior
+from proxykd_jax.context import load_folder
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.data.store import StoreReader
 from proxykd_jax.errors import ProxyKDError
@@ -45,6 +46,9 @@ def run(ctx, *, teacher=None) -> dict:
     folders = metrics_lib.model_folders(cfg.proxy.init_from, paths)
     if not folders:
         raise ProxyKDError(f"{paths.root}: no model folders to evaluate; run `align` or `distill` first.")
+    for folder in folders.values():  # rows past a model's context: refused before anything is written
+        model_cfg = load_folder(folder, config_only=True)
+        ctx.require_fits(model_cfg, int(cfg.data.seq_len), "data.seq_len", f"the model in {folder}")
     art.begin()
     log.info("eval: %s on the %s split", ", ".join(folders), cfg.eval.split)
     models = {name: ctx.load_model(folder)[1] for name, folder in folders.items()}
