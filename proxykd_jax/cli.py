@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_run_stage(stage, rest))
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, and the shell's status for that signal
         name = str(e) if str(e) in ("SIGINT", "SIGTERM") else "SIGINT"
-        print(f"error: proxykd {stage}: interrupted ({name}); run the same command again to resume.", file=sys.stderr)
+        then = "the server stopped" if stage == "serve" else "run the same command again to resume"
+        print(f"error: proxykd {stage}: interrupted ({name}); {then}.", file=sys.stderr)
         sys.exit(128 + signal.Signals[name].value)
     except (ProxyKDError, FileNotFoundError, FileExistsError) as e:
         # expected failures: one line, no traceback (anything else is a bug and keeps its traceback)

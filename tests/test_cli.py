@@ -293,6 +293,18 @@ def test_an_interrupt_that_arrives_in_a_gc_callback_still_stops_the_stage(tmp_pa
     assert "Exception ignored" not in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stopped_server_says_it_stopped(signame, status, monkeypatch, capsys):
+    """`serve` ends with its signal's status and a line that says the server stopped (not "resume")."""
+
+    def stopped(stage, rest):
+        raise KeyboardInterrupt(signame)  # as `teacher.server.serve` raises after a graceful shutdown
+
+    monkeypatch.setattr(cli, "_run_stage", stopped)
+    assert _main(["serve", f"--config={REPO}/configs/demo.py"], monkeypatch) == status
+    assert capsys.readouterr().err.strip() == f"error: proxykd serve: interrupted ({signame}); the server stopped."
+
+
 def test_rope_scaling_can_be_overridden(tmp_path, monkeypatch, capsys):
     """`model.rope_scaling` takes a tuple from the command line (as a list field, ml_collections refused
     every override of it): a malformed one reaches the model config's check, a well-formed one passes it."""

@@ -1,7 +1,8 @@
 """`serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of a generation backend.
 
-Endpoints: `/v1/models`, `/v1/chat/completions`, `/v1/completions` with `n`, temperature, top-p,
-max tokens, stop strings, `logprobs`/`top_logprobs` (each token's `bytes` too) and usage counts.
+Endpoints: `/v1/models` (and `/v1/models/{id}`), `/v1/chat/completions`, `/v1/completions` (text or
+token-id prompts, `echo`) with `n`, temperature, top-p, max tokens, stop strings, `logprobs`/`top_logprobs`
+(each token's `bytes` too) and usage counts.
 Request bodies are checked by the pydantic models in `api.py` (a bad field is a 400 naming it) and
 capped at `max_body_bytes` (413 before the body is read). Tokenising a long prompt and building a
 large response run on worker threads, and generation on its own thread, so the event loop keeps
@@ -21,6 +22,8 @@ A backend is any object with
   prompt_context(prompt_ids) -> list[int]: the prompt's tail an answer's text continues (vLLM's
       spelling: a SentencePiece `▁Hello` after "say" is " Hello"), [] where an answer is spelled alone
   max_context: int (prompt + max_tokens limit)
+  vocab: int, optional: a completions prompt of token ids may hold ids 0 to vocab - 1 (without it,
+      text prompts only)
   complete(prompts: list[list[int]], *, n, temperature, top_p, max_tokens, logprobs, top_logprobs,
            seeds: list[int | None] | None = None, to_context: bool = False)
       -> per prompt, n `Completion`s (end-of-sequence stripped; stop strings are applied here).
@@ -35,11 +38,13 @@ from __future__ import annotations
 import asyncio
 import codecs
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import functools
 import os
 import pathlib
+import signal
 import socket
 import threading
 import time
@@ -68,10 +73,12 @@ class Completion:
 
 
 class Batcher:
-    """Gathers concurrent requests with equal sampling settings into one backend call.
+    """Gathers concurrent requests with equal sampling settings into backend calls of at most
+    `max_batch` sequences (prompts x n).
 
     Requests wait up to `window_s` for company; one call runs at a time on a single worker thread
-    (the accelerator), and requests that arrive while it runs join the next call.
+    (the accelerator), and requests that arrive while it runs join the next call. A request of more
+    than `max_batch` sequences runs in parts (`parts`) and gets its answers back in order.
     """
 
     def __init__(self, backend, window_s: float, max_batch: int):
@@ -81,14 +88,31 @@ class Batcher:
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generate")
         self.calls: list[int] = []  # sequences per backend call, for tests and benchmarks
 
+    def parts(self, num_prompts: int, n: int, seed: int | None) -> list[tuple[slice, int]]:
+        """(prompts, n) of each part of a request: whole prompts, as many as `max_batch` holds; a prompt
+        whose n alone exceeds it, in parts of n. Not with a seed: a backend numbers a seed's samples
+        within its call (the same seed gives the same answers whatever shares the call, `LlamaBackend`'s
+        row keys), so such a prompt keeps its n in one call, over `max_batch`."""
+        if n <= self.max_batch or seed is not None:
+            per = max(1, self.max_batch // n)
+            return [(slice(i, i + per), n) for i in range(0, num_prompts, per)]
+        sizes = [min(self.max_batch, n - i) for i in range(0, n, self.max_batch)]
+        return [(slice(j, j + 1), k) for j in range(num_prompts) for k in sizes]
+
     async def submit(self, prompts: list[list[int]], params: dict, seed: int | None = None) -> list[list[Completion]]:
-        key = tuple(sorted(params.items()))
-        future = asyncio.get_running_loop().create_future()
-        first = key not in self.pending
-        self.pending.setdefault(key, []).append((prompts, future, seed))
-        if first:
-            asyncio.get_running_loop().call_later(self.window_s, self._start, key)
-        return await future
+        """Per prompt, its n completions (the backend's `complete` of the request's settings)."""
+        parts, futures = self.parts(len(prompts), params["n"], seed), []
+        for rows, n in parts:
+            key = tuple(sorted(dict(params, n=n).items()))
+            futures.append(asyncio.get_running_loop().create_future())
+            if key not in self.pending:
+                asyncio.get_running_loop().call_later(self.window_s, self._start, key)
+            self.pending.setdefault(key, []).append((prompts[rows], futures[-1], seed))
+        answers: dict[int, list[Completion]] = {}
+        for (rows, _), part in zip(parts, await asyncio.gather(*futures)):
+            for j, row in zip(range(len(prompts))[rows], part):  # a prompt's parts of n, in order
+                answers.setdefault(j, []).extend(row)
+        return [answers[j] for j in range(len(prompts))]
 
     def _start(self, key):
         asyncio.ensure_future(self._run(key))
@@ -262,7 +286,7 @@ def make_app(
                     param=field,
                 ) from None
 
-    def check(model: str, max_tokens: int, field: str):
+    def check_model(model: str):
         check_text([model], "model")  # before the 404 repeats it
         if model != backend.model_name:
             raise ApiError(
@@ -271,6 +295,9 @@ def make_app(
                 "model_not_found",
                 param="model",
             )
+
+    def check(model: str, max_tokens: int, field: str):
+        check_model(model)
         if not 1 <= max_tokens <= max_tokens_limit:
             raise ApiError(
                 400,
@@ -294,6 +321,26 @@ def make_app(
                     param=field,
                 )
 
+    def check_ids(prompts: list[list[int]]):
+        """Refuses token-id prompts a backend without `vocab` cannot take, and ids outside its vocabulary."""
+        vocab = getattr(backend, "vocab", None)
+        if prompts and vocab is None:
+            raise ApiError(
+                400,
+                "invalid request field 'prompt': this server's model takes text prompts only, not token ids.",
+                "invalid_request",
+                param="prompt",
+            )
+        for ids in prompts:
+            if max(ids) >= vocab:
+                raise ApiError(
+                    400,
+                    f"invalid request field 'prompt': token id {max(ids)} is outside the model's vocabulary of "
+                    f"{vocab} (ids 0-{vocab - 1}).",
+                    "invalid_request",
+                    param="prompt",
+                )
+
     async def generate(prompts, n, temperature, top_p, max_tokens, logprobs, k, seed=None):
         """`max_tokens` None: each prompt up to the context, and at most this server's limit."""
         if app.state.batcher is None:  # created inside the server's event loop
@@ -308,6 +355,11 @@ def make_app(
             to_context=max_tokens is None,
         )
         return await app.state.batcher.submit(prompts, params, seed)
+
+    def read_prompts(given: list) -> tuple[list[list[int]], list[str]]:
+        """Each completions prompt's token ids and text, from its text or its ids."""
+        ids = [backend.encode(p) if isinstance(p, str) else p for p in given]
+        return ids, [p if isinstance(p, str) else backend.decode(p) for p in given]
 
     async def off_loop(size: int, fn, *args):
         """Runs `fn` on a worker thread when its input is large; small work stays on the loop, where
@@ -357,13 +409,14 @@ def make_app(
             "usage": usage(prompts, counts),
         }
 
-    def completions_body(req: CompletionRequest, prompts, outs) -> dict:
+    def completions_body(req: CompletionRequest, texts, prompts, outs) -> dict:
         choices, counts = [], []
-        for prompt_text, prompt_ids, per_prompt in zip(req.prompt, prompts, outs):
+        for prompt_text, prompt_ids, per_prompt in zip(texts, prompts, outs):
             for c in per_prompt:
                 ctx = answer_context(backend, prompt_ids, c)
                 text, c = apply_stop(backend, c, req.stops, ctx)
                 counts.append(len(c.token_ids))
+                text = prompt_text + text if req.echo else text  # (echo has no log-probs: api.py)
                 choice = {"index": len(choices), "text": text, "finish_reason": c.finish_reason, "logprobs": None}
                 if c.logprobs is not None:
                     rows = _token_rows(backend, c, ctx)
@@ -393,12 +446,16 @@ def make_app(
             "usage": usage(prompts, counts),
         }
 
+    model_card = {"id": backend.model_name, "object": "model", "created": 0, "owned_by": "proxykd_jax"}
+
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": backend.model_name, "object": "model", "created": 0, "owned_by": "proxykd_jax"}],
-        }
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        check_model(model)
+        return model_card
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
@@ -422,15 +479,16 @@ def make_app(
         k = req.logprobs or 0  # logprobs=0: the chosen tokens' log-probs, no alternatives
         max_tokens = req.max_tokens
         check(req.model, max_tokens or 1, "max_tokens")
-        check_text(req.prompt, "prompt")
+        check_text([t for t in req.prompt if isinstance(t, str)], "prompt")
+        check_ids([t for t in req.prompt if not isinstance(t, str)])
         size = sum(len(t) for t in req.prompt)
-        prompts = await off_loop(size, lambda: [backend.encode(t) for t in req.prompt])
+        prompts, texts = await off_loop(size, read_prompts, req.prompt)
         # an explicit null: as in chat, each prompt up to the context (and this server's limit)
         check_lengths(prompts, max_tokens or 1, "prompt")
         logprobs = req.logprobs is not None
         outs = await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, logprobs, k, req.seed)
         return await off_loop(
-            response_size([c for row in outs for c in row], k, req.stops), completions_body, req, prompts, outs
+            response_size([c for row in outs for c in row], k, req.stops), completions_body, req, texts, prompts, outs
         )
 
     return app
@@ -463,6 +521,31 @@ class ServerThread:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(10)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopped by SIGINT or SIGTERM as any stage is: it finishes the requests in
+    flight, then `run` returns and `serve` raises KeyboardInterrupt naming the signal (the CLI's one
+    line and exit status 130 or 143). uvicorn itself re-raises the signal once stopped, which
+    `uvicorn.run` then swallows: the process ended with status 0 and no word."""
+
+    stopped_by: str | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.stopped_by = self.stopped_by or signal.Signals(sig).name
+        super().handle_exit(sig, frame)  # a second Ctrl-C: stop without waiting for the requests
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def check_port(host: str, port: int) -> None:
@@ -521,7 +604,8 @@ def check_request_log(path_text: str) -> None:
 
 def serve(cfg, make_backend) -> None:
     """Serves the backend `make_backend()` builds (e.g. `lambda: backends.load_backend(cfg)`; the
-    `serve` stage places its model on the mesh) on the `serve` config group until interrupted.
+    `serve` stage places its model on the mesh) on the `serve` config group until interrupted: SIGINT
+    or SIGTERM lets the requests in flight finish, then raises KeyboardInterrupt naming the signal.
 
     Bad settings (a missing model folder, an unset key variable, impossible fault rates, an
     unwritable request log, a port in use) raise ProxyKDError naming the field before anything is
@@ -567,4 +651,7 @@ def serve(cfg, make_backend) -> None:
         f"[serve] {backend.model_name} on http://{cfg.host}:{cfg.port}/v1"
         + (f" with injected faults {dataclasses.asdict(faults)}" if faults.active else "")
     )
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    server = _Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning"))
+    server.run()
+    if server.stopped_by:
+        raise KeyboardInterrupt(server.stopped_by)
