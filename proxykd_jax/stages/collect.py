@@ -44,5 +44,6 @@ def run(ctx) -> dict:
             for part in (kept.with_name(kept.name + ".failures.jsonl"), kept):
                 part.unlink(missing_ok=True)
     stats = client.collect(ccfg, prompts=prompts, api_key=api_key)
-    art.finish({k: stats[k] for k in ("requested", "already_done", "done", "declined", "tokens_in", "tokens_out")})
+    keys = ("requested", "already_done", "done", "declined", "without_logprobs", "tokens_in", "tokens_out")
+    art.finish({k: stats[k] for k in keys})
     return stats

@@ -11,10 +11,20 @@ re-run, since asking again would pay again for the same answer.
 
 A circuit breaker keeps a dead or broken endpoint from holding the run: until the endpoint has
 answered once, and again whenever an attempt gets no answer at all, one request at a time probes
-it; `breaker_failures` probes in a row without an answer, or `breaker_no_success_s` seconds of
-failures without a single finished sample, stop the run. A run that stops, or ends with failed
-samples, raises `CollectError` after printing its summary; a re-run continues where it stopped.
-The API key is read from config or the environment and never written anywhere.
+it, the probes spaced by doubling waits (`backoff_initial_s` up to `backoff_max_s`, no jitter: one
+prober) and each announced on stdout; `breaker_failures` probes in a row without an answer (the
+default spans about two minutes: a server restart), or `breaker_no_success_s` seconds of failures
+without a single finished sample (refused connections excepted: the probes count those), stop the
+run; an endpoint that never answered, `UNREACHED_PROBES` probes (a wrong URL or port). A probe without an answer does not use up its sample's `max_attempts`. A run that stops, or ends
+with failed samples, raises `CollectError` after printing its summary; a re-run continues where it
+stopped.
+
+A run that asks for log-probs (`top_logprobs` > 0) stops once its first `LOGPROBS_CHECK` stored answers
+all came without them (an endpoint that ignores the parameter would otherwise be paid for a whole
+corpus without them); those answers stay in the corpus as text-only records. Answers without log-probs
+among answers with them are stored and counted in the summary (`without_logprobs`).
+The API key is read from config or the environment and never written anywhere (a server's error
+message that repeats it is shown with the key masked).
 """
 
 from __future__ import annotations
@@ -48,10 +58,13 @@ __all__ = ["CollectError", "RateLimiter", "carry_over", "check", "collect", "for
 RETRYABLE_STATUS = (408, 409, 429)
 CONNECTIONS_PER_CLIENT = 8
 FATAL_STATUS = {
-    401: "the API key was rejected (401)",
-    403: "access is forbidden (403)",
-    404: "the endpoint or model was not found (404)",
+    401: "the API key was rejected",
+    403: "access is forbidden",
+    404: "the endpoint or model was not found",
 }
+SERVER_MESSAGE_CHARS = 200  # an error body's message is cut to this many characters in sentences
+LOGPROBS_CHECK = 3  # stored answers, all without the log-probs asked for, that stop the run
+UNREACHED_PROBES = 6  # probes (about 16 s) after which an endpoint that never answered is given up
 
 
 class RateLimiter:
@@ -169,8 +182,24 @@ def _retry_after(response) -> float | None:
         return max(0.0, parsed.timestamp() - time.time())
 
 
-def _classify(err: Exception) -> _Failure:
-    """Maps a client exception to a retryable / per-prompt / fatal failure."""
+def _server_message(err, secret: str = "") -> str:
+    """The error body's own message (OpenAI layout `error.message`, else the body's text), on one line,
+    the key masked, cut to SERVER_MESSAGE_CHARS; "" when there is none."""
+    body = getattr(err, "body", None)
+    message = body.get("message") if isinstance(body, dict) else body
+    if not isinstance(message, str):
+        return ""
+    message = " ".join(message.split())
+    if secret:
+        message = message.replace(secret, "***")
+    if len(message) > SERVER_MESSAGE_CHARS:
+        message = message[: SERVER_MESSAGE_CHARS - 3] + "..."
+    return message
+
+
+def _classify(err: Exception, secret: str = "") -> _Failure:
+    """Maps a client exception to a retryable / per-prompt / fatal failure; the sentence carries the
+    server's own error message (`secret`, the API key, masked in it)."""
     if isinstance(err, MalformedResponse):
         return _Failure("malformed_response", f"the 200 response is not usable: {err}", True, answered=True)
     if isinstance(err, openai.APITimeoutError):
@@ -184,21 +213,24 @@ def _classify(err: Exception) -> _Failure:
     if isinstance(err, openai.APIStatusError):
         status = err.status_code
         code = str(getattr(err, "code", "") or "")
+        said = _server_message(err, secret)
+        said = f": {said}" if said else ""
         if status == 429 and code == "insufficient_quota":
             return _Failure(
                 "quota", "the account is out of quota (429 insufficient_quota)", False, answered=True, fatal=True
             )
         if status in FATAL_STATUS:
-            return _Failure(f"http_{status}", FATAL_STATUS[status], False, answered=True, fatal=True)
+            what = f"{FATAL_STATUS[status]} ({status}{said})"
+            return _Failure(f"http_{status}", what, False, answered=True, fatal=True)
         if status >= 500 or status in RETRYABLE_STATUS:
             return _Failure(
-                f"http_{status}", f"HTTP {status}", True, answered=True, retry_after=_retry_after(err.response)
+                f"http_{status}", f"HTTP {status}{said}", True, answered=True, retry_after=_retry_after(err.response)
             )
         if "content_filter" in code or "content_filter" in str(err.message):
             return _Failure(
                 "content_filter", "the endpoint's content filter refused the prompt", False, answered=True, final=True
             )
-        return _Failure(f"http_{status}", f"HTTP {status}: {err.message}", False, answered=True)
+        return _Failure(f"http_{status}", f"HTTP {status}{said}", False, answered=True)
     raise err
 
 
@@ -207,6 +239,7 @@ class Collector:
 
     def __init__(self, cfg, prompts: list[Prompt], api_key: str):
         self.cfg = cfg
+        self.secret = api_key  # only to mask it in the server's error messages
         self.params = sampling_params(cfg)
         self.out = pathlib.Path(cfg.out)
         self.fail_path = self.out.with_name(self.out.name + ".failures.jsonl")
@@ -265,7 +298,9 @@ class Collector:
             "tokens_out": 0,
             "requests": 0,
             "retries": 0,
+            "without_logprobs": 0,  # stored answers without the log-probs asked for
         }
+        self.with_logprobs = 0  # stored answers of this run that carried them
         self.stop_reason: str | None = None  # why the run stopped early (fatal error, breaker, disk)
         # Breaker state: the gate is open once the endpoint has answered; while it is shut, one
         # task (the prober) sends requests and the others wait for it to open.
@@ -274,6 +309,7 @@ class Collector:
         self.prober = None
         self.streak = 0  # probes in a row that got no answer at all
         self.streak_mark = -math.inf  # when the last counted one failed
+        self.next_probe = -math.inf  # when the prober may send the next probe
         self.last_progress = time.monotonic()
         self.since_progress: collections.Counter = collections.Counter()
         self.last_failure: _Failure | None = None
@@ -293,8 +329,10 @@ class Collector:
             self._pulse()
 
     def _answered(self):
+        if self.streak and self.ever_answered and self.stop_reason is None:
+            print(f"[collect] {self.cfg.base_url} answers again; resuming")
         self.ever_answered = True
-        self.streak, self.streak_mark = 0, -math.inf
+        self.streak, self.streak_mark, self.next_probe = 0, -math.inf, -math.inf
         if not self.gate_open:
             self.gate_open, self.prober = True, None
             self._pulse()
@@ -303,18 +341,39 @@ class Collector:
         self.last_progress = time.monotonic()
         self.since_progress.clear()
 
+    def _probe_wait(self, streak: int) -> float:
+        """Seconds from the `streak`-th probe without an answer to the next one."""
+        return min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** max(0, streak - 1))
+
     def _failed_attempt(self, failure: _Failure, sent: float):
-        """Breaker bookkeeping for one retryable failure; may stop the run."""
+        """Breaker bookkeeping for one retryable failure; may stop the run. Announces the breaker
+        opening and each probe without an answer (with when the next one goes out) on stdout."""
         cfg, now = self.cfg, time.monotonic()
+        # an endpoint that never answered (a wrong URL or port) is given up sooner than one that went quiet
+        limit = cfg.breaker_failures if self.ever_answered else min(cfg.breaker_failures, UNREACHED_PROBES)
         self.last_failure = failure
         self.since_progress[failure.reason] += 1
         if not failure.answered:
-            if sent >= self.streak_mark:  # sent after the last counted failure: an independent try
+            counted = sent >= self.streak_mark  # sent after the last counted failure: an independent try
+            if counted:
                 self.streak, self.streak_mark = self.streak + 1, now
             if self.gate_open:
                 self.gate_open = False
                 self._pulse()
-            if self.streak >= cfg.breaker_failures:
+                window = sum(self._probe_wait(k) for k in range(1, limit))
+                print(
+                    f"[collect] {cfg.base_url} stopped answering ({failure}); probing it with one request at a "
+                    f"time, giving up after {limit} probes in a row without an answer "
+                    f"(about {window:.0f} s; collect.breaker_failures)"
+                )
+            if counted and self.streak < limit:
+                wait = self._probe_wait(self.streak)
+                self.next_probe = now + wait
+                print(
+                    f"[collect] probe {self.streak} of {limit} to {cfg.base_url} got no answer "
+                    f"({failure}); next try in {wait:.1f} s"
+                )
+            if self.streak >= limit:
                 if not self.ever_answered:
                     self._halt(
                         f"cannot reach {cfg.base_url}: {self.streak} attempts got no answer (last: {failure}); "
@@ -326,7 +385,7 @@ class Collector:
                         f"(last: {failure})"
                     )
                 return
-        if now - self.last_progress >= cfg.breaker_no_success_s:
+        if failure.reason != "connection" and now - self.last_progress >= cfg.breaker_no_success_s:
             seen = ", ".join(f"{k}: {v}" for k, v in sorted(self.since_progress.items()))
             self._halt(f"no sample finished in the last {now - self.last_progress:.0f} s of failures ({seen})")
 
@@ -338,7 +397,11 @@ class Collector:
                 return True
             if self.prober is None or self.prober is me:
                 self.prober = me
-                return True
+                delay = self.next_probe - time.monotonic()
+                if delay <= 0:
+                    return True
+                await self._sleep(delay)  # the breaker's wait before the next probe
+                continue
             await self._changed.wait()
         return False
 
@@ -426,7 +489,8 @@ class Collector:
         cfg = self.cfg
         text = prompt.prompt if prompt.messages is None else canonical(list(prompt.messages))
         estimate = math.ceil(len(text) / 4) + cfg.max_tokens
-        for attempt in range(max(1, cfg.max_attempts)):
+        used = 0  # attempts used up: all but probes that got no answer (the breaker bounds those)
+        while True:
             if not await self._admit():
                 return False
             tokens = None  # the token limiter's grant, which `_paid` and failures refund
@@ -436,7 +500,7 @@ class Collector:
                 if grants is None:
                     return False
                 tokens = grants[-1] if self.tpm else None
-            sent = time.monotonic()
+            sent, probing = time.monotonic(), not self.gate_open
             self.stats["requests"] += 1
             answer = None
             try:
@@ -446,7 +510,7 @@ class Collector:
                 self._paid(answer.usage, tokens, estimate)  # an answer without usable text is paid for too
                 record = self._record(prompt, sample_index, key, answer)
             except Exception as err:  # classified below; unknown errors re-raise
-                failure = err if isinstance(err, _Failure) else _classify(err)
+                failure = err if isinstance(err, _Failure) else _classify(err, self.secret)
                 if self.tpm and answer is None:
                     self.tpm.refund(estimate, tokens)
                 if failure.answered:
@@ -460,11 +524,12 @@ class Collector:
                 self._failed_attempt(failure, sent)
                 if self.stop_reason is not None:
                     return False
-                if attempt + 1 < cfg.max_attempts:
+                used += failure.answered or not probing
+                if used < cfg.max_attempts:
                     self.stats["retries"] += 1
-                    n = attempt if failure.answered else self.streak - 1  # probes back off by the streak
-                    ceiling = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** max(0, n))
-                    await self._sleep(max(self.rng.uniform(0, ceiling), failure.retry_after or 0))
+                    if failure.answered:  # else `_admit` holds the retry until the breaker's next probe
+                        ceiling = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** max(0, used - 1))
+                        await self._sleep(max(self.rng.uniform(0, ceiling), failure.retry_after or 0))
                     continue
                 failure.reason = f"retries_exhausted_{failure.reason}"
                 return await self._fail(prompt, sample_index, key, failure)
@@ -476,8 +541,25 @@ class Collector:
                 self._halt(f"cannot write {self.out} ({err.strerror or err})")
                 return False
             self.stats["done"] += 1
+            if cfg.top_logprobs > 0:
+                self._logprobs_came(bool(answer.logprobs))
             return True
-        return False
+
+    def _logprobs_came(self, came: bool):
+        """Counts a stored answer with or without the log-probs asked for; stops the run when the first
+        LOGPROBS_CHECK all came without (the answers stay stored: they were paid for)."""
+        if came:
+            self.with_logprobs += 1
+            return
+        self.stats["without_logprobs"] += 1
+        n, cfg = self.stats["without_logprobs"], self.cfg
+        if n >= LOGPROBS_CHECK and not self.with_logprobs:
+            self._halt(
+                f"the teacher at {cfg.base_url} returned no log-probs in its first {n} answers although "
+                f"collect.top_logprobs={cfg.top_logprobs} asked for them; set collect.top_logprobs=0 to collect "
+                f"text only, or use an endpoint that returns them (the answers so far stay in {self.out} as "
+                "text-only records)"
+            )
 
     async def _fail(self, prompt: Prompt, sample_index: int, key: str, failure: _Failure) -> bool:
         counts = self.stats["declined" if failure.final else "failed"]
@@ -612,6 +694,11 @@ def format_summary(stats: dict) -> str:
         f"({stats['retries']} retries); {stats['samples_per_s']} samples/s"
     )
     line += f"; {stats['lost']} answers lost (not stored)" if stats.get("lost") else ""
+    if stats.get("without_logprobs"):
+        line += (
+            f"; {stats['without_logprobs']} answers came without the log-probs asked for "
+            "(stored as text only: no teacher log-probs for them)"
+        )
     return line + (f"; cost {stats['cost']}" if "cost" in stats else "")
 
 

@@ -18,7 +18,7 @@ def collect_config() -> ml_collections.ConfigDict:
     c.top_p = 1.0  # nucleus sampling threshold sent with each request
     c.max_tokens = 256  # maximum tokens per response
     c.stop = ()  # stop strings sent with each request (at most 4 for OpenAI)
-    c.top_logprobs = 0  # 0-20 alternatives per token recorded when the endpoint returns them; 0 = off
+    c.top_logprobs = 0  # 0-20 alternatives per token asked for (a run whose first answers lack them stops); 0 = off
     c.send_seed = (
         True  # send each sample's own `seed` (from its content key): exact with `serve`, best effort elsewhere
     )
@@ -27,7 +27,7 @@ def collect_config() -> ml_collections.ConfigDict:
     c.tokens_per_minute = 0  # token rate limit (prompt estimate + max_tokens reserved); 0 = unlimited
     c.request_timeout_s = 120.0  # per-request timeout; a timeout is retried
     c.max_attempts = 8  # attempts per request for retryable errors (429, 5xx, timeouts, drops, malformed bodies)
-    c.breaker_failures = 6  # stop after this many probes in a row get no answer (refused, reset, timed out)
+    c.breaker_failures = 9  # stop after this many probes in a row get no answer (9: about 2 min, a server restart)
     c.breaker_no_success_s = 60.0  # stop when attempts keep failing and no sample has finished for this long
     c.backoff_initial_s = 0.5  # first backoff; doubles per attempt with full jitter
     c.backoff_max_s = 60.0  # backoff ceiling (a longer Retry-After is still honoured)

@@ -11,6 +11,12 @@ BPE token may hold part of a UTF-8 sequence). The legacy completions layout has 
 like the OpenAI API, a server may spell a token that is not valid UTF-8 on its own as
 `bytes:\\xe2\\x80` (the escaped bytes), which `token_bytes_of` turns back into its bytes. Any other
 token string stands for its own UTF-8.
+
+Tokens past a stop cut. With stop strings, servers (vLLM, `serve`) cut the text right before the stop
+string but keep the token that straddles the cut ('w12' answered with the tokens ['w124']). When the
+tokens spell the text and then more, the record keeps the tokens (and their rows) that spell a prefix
+of the text and drops the straddling one and any after it; that stretch of the text has no teacher
+log-probs. Tokens that spell some other text are left as they are.
 """
 
 from __future__ import annotations
@@ -133,6 +139,23 @@ def _completion_logprobs(lp) -> dict:
     return {"tokens": tokens, "token_bytes": [token_bytes_of(t) for t in tokens], "top_logprobs": rows}
 
 
+def spelled_prefix(logprobs: dict, text: str) -> dict:
+    """`logprobs` cut to the tokens that spell a prefix of `text`, when all of them spell `text` and more
+    (a stop cut inside a token); else `logprobs` unchanged."""
+    token_bytes = logprobs.get("token_bytes")
+    if not token_bytes:
+        return logprobs
+    want = text.encode("utf-8")
+    spelled = b"".join(bytes(b) for b in token_bytes)
+    if len(spelled) <= len(want) or not spelled.startswith(want):
+        return logprobs
+    keep, end = 0, 0
+    while end + len(token_bytes[keep]) <= len(want):
+        end += len(token_bytes[keep])
+        keep += 1
+    return {name: rows[:keep] for name, rows in logprobs.items()}
+
+
 def _usage(usage) -> dict:
     if not isinstance(usage, dict):
         return {}
@@ -173,5 +196,5 @@ def parse_answer(raw: bytes, api: str, with_logprobs: bool) -> Answer:
     logprobs = {}
     if with_logprobs:
         parse = _chat_logprobs if api == "chat" else _completion_logprobs
-        logprobs = parse(choice.get("logprobs"))
+        logprobs = spelled_prefix(parse(choice.get("logprobs")), text or "")
     return Answer(text or "", finish, _usage(data.get("usage")), refusal, logprobs)
