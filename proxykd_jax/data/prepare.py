@@ -32,7 +32,7 @@ from array_record.python import array_record_module
 from proxykd_jax import progress as progress_bars
 from proxykd_jax.data import align, byte_head, corpus, records, split
 from proxykd_jax.data.config import SPLITS
-from proxykd_jax.models.tokenizer import end_of_turn_id, tokenizer_hash
+from proxykd_jax.models.tokenizer import TEMPLATE_ERRORS, end_of_turn_id, tokenizer_hash
 
 log = logging.getLogger(__name__)
 _MAX_ERRORS_KEPT = 20
@@ -220,11 +220,94 @@ def _fsync_dir(path: pathlib.Path):
         os.close(fd)
 
 
-def _duplicate(dup: corpus.Sample) -> corpus.DataError:
+def _file_of(where: str) -> str:
+    """The file of a `file:line` (`file:row N`, `file:item N`) place."""
+    m = re.fullmatch(r"(.*?):(?:row |item )?\d+", where)
+    return m.group(1) if m else where
+
+
+def _first_places(corpus_paths, sample_ids, logprobs: bool) -> dict[int, str]:
+    """{sample id: the place its first sample is read from} for `sample_ids`: a second pass over the corpus
+    (only when a duplicate is found: the first pass keeps 8 bytes per id, not places), reading the log-probs
+    where that pass did (a row it skipped for them is skipped here too)."""
+    wanted, found = set(sample_ids), {}
+    for row in corpus.iter_corpus(corpus_paths, "skip", collections.Counter(), logprobs=logprobs):
+        for s in row:
+            if s.sample_id in wanted and s.sample_id not in found:
+                found[s.sample_id] = s.where
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def _duplicate(dup: corpus.Sample, first: str | None = None) -> corpus.DataError:
+    """A sample given twice, naming both places (`first`: where it was read before) and what to do. Two
+    files (one prompts file collected as chat and as completions) need ids unique across them: the id fixes
+    the prompt key, the split and the sample id (docs/DATA_FORMATS.md)."""
+    said = f"{dup.where}: duplicate sample: prompt id {dup.record_id!r} response {dup.response_index}"
+    if first is None:
+        said += " appears twice"
+    elif first == dup.where:
+        return corpus.DataError(
+            f"{said} is read twice from {first}: the same file is given twice; list it once in data.corpus.",
+            "duplicate_id",
+        )
+    elif _file_of(first) != _file_of(dup.where):
+        return corpus.DataError(
+            f"{said} was given before, at {first} in another corpus file (prompt ids must be unique across the "
+            "data.corpus files: rename one file's ids, e.g. with a prefix).",
+            "duplicate_id",
+        )
+    else:
+        said += f" was given before, at {first}"
     return corpus.DataError(
-        f"{dup.where}: duplicate sample: prompt id {dup.record_id!r} response {dup.response_index} appears twice "
-        "(give each line of a prompt its own `sample_index`, or list all responses in one row).",
+        f"{said} (give each line of a prompt its own `sample_index`, or list all responses in one row).",
         "duplicate_id",
+    )
+
+
+def _name_first_places(corpus_paths, errors: list, dups: dict[int, corpus.Sample], logprobs: bool) -> None:
+    """Rewrites the duplicate messages in `errors` (`dups`: their index -> the duplicate sample) to name the
+    place each sample was first read from."""
+    if dups:
+        first = _first_places(corpus_paths, {s.sample_id for s in dups.values()}, logprobs)
+        for i, s in dups.items():
+            errors[i] = _duplicate(s, first.get(s.sample_id))
+
+
+def _template_refusals(corpus_paths, tokenizer, first: corpus.DataError) -> corpus.DataError:
+    """The chat template's refusal of one row (`first`) as one sentence on all the rows it refuses: how many,
+    the first few and the fix; `first` itself when it is the only one. Renders the prompts once more
+    without tokenising, only on the way to this refusal."""
+    rows = refused = 0
+    shown, reason, all_system = [], "", True
+    for row in corpus.iter_corpus(corpus_paths, "skip", collections.Counter(), logprobs=False):
+        rows += 1
+        for s in row:
+            if s.messages is None:
+                continue
+            try:
+                align.format_prompt(tokenizer, s)
+            except TEMPLATE_ERRORS as e:
+                refused += 1
+                if len(shown) < _BAD_LINES_SHOWN:
+                    shown.append(s.where)
+                reason = reason or " ".join(str(e).split()) or type(e).__name__
+                head = s.messages[0] if s.messages else None
+                all_system = all_system and isinstance(head, dict) and head.get("role") == "system"
+                break
+    if refused < 2:
+        return first
+    fix = (
+        "merge each system message's text into the first user message yourself (this template takes no system "
+        "message), or set data.on_error=skip to leave these rows out"
+        if all_system
+        else "fix or remove these rows, or set data.on_error=skip to leave them out"
+    )
+    return corpus.DataError(
+        f"{refused} of {rows} rows of the corpus have 'messages' the tokenizer's chat template refuses ({reason}): "
+        f"{', '.join(shown)}{', ...' if refused > len(shown) else ''}; {fix}.",
+        "bad_messages",
     )
 
 
@@ -237,6 +320,7 @@ def check_corpus(corpus_paths, progress: bool = False):
     skipped: collections.Counter = collections.Counter()
     errors: list[corpus.DataError] = []
     seen_ids = _IdSet()
+    dups: dict[int, corpus.Sample] = {}  # index in `errors` -> the duplicate sample there
     bar = progress_bars.bar(unit=" rows", desc="prepare: checking the corpus", disable=not progress)
     rows = corpus.iter_corpus(corpus_paths, "skip", skipped, errors, _BAD_LINES_SHOWN, logprobs=False)
     n = 0
@@ -249,12 +333,14 @@ def check_corpus(corpus_paths, progress: bool = False):
             if dup is not None:
                 skipped["duplicate_id"] += 1
                 if len(errors) < _BAD_LINES_SHOWN:
+                    dups[len(errors)] = dup
                     errors.append(_duplicate(dup))
                 continue
             for s in row:
                 seen_ids.add(s.sample_id)
     bar.update(n % 4096)
     bar.close()
+    _name_first_places(corpus_paths, errors, dups, logprobs=False)
     total = sum(skipped.values())
     if total == 1:
         raise errors[0]
@@ -347,6 +433,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
     bar = progress_bars.bar(unit=" samples", desc="prepare", disable=not progress)
 
     seen_prompts = _IdSet()  # a prompt's rows may come in any order; it is counted once (in its one split)
+    dups: dict[int, corpus.Sample] = {}  # index in `errors` -> the duplicate sample there
 
     def flush():
         for s, enc in zip(buffer, encoder.encode_batch(buffer)):
@@ -373,11 +460,17 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
         bar.update(len(buffer))
         buffer.clear()
 
-    def skip(err: corpus.DataError):
+    def skip(err: corpus.DataError, dup: corpus.Sample | None = None):
         if dcfg.on_error == "error":
+            if err.reason == "bad_messages":  # the template may refuse many rows: say how many
+                raise _template_refusals(corpus_paths, tokenizer, err)
+            if dup is not None:
+                raise _duplicate(dup, _first_places(corpus_paths, [dup.sample_id], True).get(dup.sample_id))
             raise err
         skipped[err.reason] += 1
         if len(errors) < _MAX_ERRORS_KEPT:
+            if dup is not None:
+                dups[len(errors)] = dup
             errors.append(err)
 
     with _gc_per_batch() as collect_garbage:
@@ -385,7 +478,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
             counts["rows"] += 1
             dup = next((s for s in row if s.sample_id in seen_ids), None)
             if dup is not None:
-                skip(_duplicate(dup))
+                skip(_duplicate(dup), dup)
                 continue
             for s in row:
                 seen_ids.add(s.sample_id)
@@ -398,6 +491,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
                 buffered = 0
         flush()
     bar.close()
+    _name_first_places(corpus_paths, errors, dups, logprobs=True)
     if counts["samples"] == 0:
         raise corpus.DataError(
             f"{', '.join(sources)}: the corpus gave no samples ({counts['rows']} rows read, "

@@ -69,4 +69,12 @@ def run(ctx) -> dict:
         tok.save_pretrained(str(art.work / "tokenizer"))
     manifest = PreparedData(art.work).manifest
     art.finish({"samples": manifest["counts"]["samples"], "tokenizer_hash": manifest["tokenizer"]["hash"]})
+    splits = manifest["splits"]
+    log.info(
+        "prepare: %d samples (%s), %d tokens -> %s",
+        manifest["counts"]["samples"],
+        ", ".join(f"{name} {s['samples']}" for name, s in splits.items()),
+        sum(s["tokens"] for s in splits.values()),
+        art.path,
+    )
     return manifest
