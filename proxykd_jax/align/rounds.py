@@ -49,6 +49,7 @@ class AlignData:
     stop_tokens: tuple[int, ...]
     root: pathlib.Path
     vocab: int = 0  # the tokenizer's size: a padded proxy never samples the ids past it
+    suppress_tokens: tuple[int, ...] = ()  # the tokenizer's special ids but the stop tokens: never sampled
 
     @classmethod
     def load(cls, prepared_dir: pathlib.Path) -> AlignData:
@@ -65,7 +66,22 @@ class AlignData:
         stops = (tok.get("eos_id"), tok.get("end_of_turn_id"))
         stop_tokens = tuple(dict.fromkeys(int(t) for t in stops if t is not None))
         vocab = int(tok.get("vocab_size") or 0)
-        return cls(**splits, pad_id=pad_id, stop_tokens=stop_tokens, root=pathlib.Path(prepared_dir), vocab=vocab)
+        # and holds no other special token of the run's tokenizer (pad, bos, unk, a template's headers), as eval's
+        suppress = ()
+        if (pathlib.Path(prepared_dir) / "tokenizer").is_dir():  # (written by the `prepare` stage)
+            from proxykd_jax.data.byte_head import special_ids
+            from proxykd_jax.models.tokenizer import load_tokenizer
+
+            suppress = tuple(sorted(special_ids(load_tokenizer(pathlib.Path(prepared_dir) / "tokenizer"))))
+            suppress = tuple(t for t in suppress if t not in stop_tokens)
+        return cls(
+            **splits,
+            pad_id=pad_id,
+            stop_tokens=stop_tokens,
+            root=pathlib.Path(prepared_dir),
+            vocab=vocab,
+            suppress_tokens=suppress,
+        )
 
 
 def make_trainable(model, lora_cfg, seed: int, mesh, rules):
@@ -89,9 +105,10 @@ def make_trainable(model, lora_cfg, seed: int, mesh, rules):
     return adapters, (model,)
 
 
-def make_sampler(trainable, frozen, acfg, stop_tokens, pad_id, vocab: int = 0):
+def make_sampler(trainable, frozen, acfg, stop_tokens, pad_id, vocab: int = 0, suppress_tokens=()):
     """sample_fn(prompt_BxP, lengths_B, rng) -> (tokens_BxT, lengths_B) from the current policy (over the
-    tokenizer's first `vocab` ids: a padded embedding's are no token; 0 = all)."""
+    tokenizer's first `vocab` ids: a padded embedding's are no token; 0 = all), never sampling `suppress_tokens`
+    (the special tokens that are no stop token)."""
     from proxykd_jax.models.sampling import generate
 
     policy = objectives.policy_of(trainable, frozen)
@@ -106,6 +123,7 @@ def make_sampler(trainable, frozen, acfg, stop_tokens, pad_id, vocab: int = 0):
             temperature=acfg.temperature,
             top_p=acfg.top_p,
             stop_tokens=tuple(stop_tokens),
+            suppress_tokens=tuple(suppress_tokens),
             pad_id=pad_id,
             vocab=vocab,
         )
@@ -142,9 +160,10 @@ def make_round_pairs(
     put_batch,
     logp_reference=None,
     vocab: int = 0,
+    suppress_tokens=(),
 ) -> tuple[dict[str, np.ndarray], int]:
-    """Samples rejected responses from `reference`, builds pair rows, adds reference log-probs (of
-    `logp_reference`, default `reference` itself; same `frozen`).
+    """Samples rejected responses from `reference` (never `suppress_tokens`), builds pair rows, adds reference
+    log-probs (of `logp_reference`, default `reference` itself; same `frozen`).
 
     Returns ({chosen_*, rejected_*, ref_chosen_logp, ref_rejected_logp}, dropped pairs)."""
     chosen = round_examples(examples, acfg, seed, round_index)
@@ -154,7 +173,7 @@ def make_round_pairs(
             f"prompts of up to {width} tokens + align.max_new_tokens={acfg.max_new_tokens} exceed "
             "the proxy's max_seq_len; lower align.max_new_tokens."
         )
-    sample_fn = make_sampler(reference, frozen, acfg, stop_tokens, pad_id, vocab)
+    sample_fn = make_sampler(reference, frozen, acfg, stop_tokens, pad_id, vocab, suppress_tokens)
     rng = jax.random.fold_in(jax.random.key(seed), 1000 + round_index)
     samples = [[] for _ in chosen]
     for s in range(acfg.samples_per_prompt):
@@ -447,6 +466,7 @@ def _round_pairs(trainable, frozen, data: AlignData, acfg, phase_dir, r, seed, s
             put_batch=put_batch,
             logp_reference=logp_reference,
             vocab=data.vocab,
+            suppress_tokens=data.suppress_tokens,
         )
         if jax.process_index() == 0:
             pairs_lib.save_pairs(pairs_path, rows, dropped)
@@ -454,14 +474,21 @@ def _round_pairs(trainable, frozen, data: AlignData, acfg, phase_dir, r, seed, s
     return pairs_lib.load_pairs(pairs_path)
 
 
-def export_final(trainable, frozen, model_cfg, final_dir: pathlib.Path, lora_targets, mesh, tokenizer=None) -> None:
+def export_final(
+    trainable, frozen, model_cfg, final_dir: pathlib.Path, lora_targets, mesh, tokenizer=None, stop_ids=()
+) -> None:
     """Writes the aligned proxy (LoRA merged) as a Hugging Face folder (`final_dir`, written beside
-    and renamed into place), and the adapters beside it (`lora/`) when there are any."""
+    and renamed into place), and the adapters beside it (`lora/`) when there are any. Its eos_token_id lists,
+    besides the tokenizer's eos, `stop_ids` (those of the folder the proxy started from) and the end of turn of
+    the run's tokenizer (`end_of_turn_id`, the prepared manifest's: what its templated answers end with)."""
     import shutil
 
     from flax import nnx
 
     from proxykd_jax.models import hf
+    from proxykd_jax.models.tokenizer import end_of_turn_id
+
+    stops = hf.answer_stop_ids(stop_ids, end_of_turn_id(tokenizer) if tokenizer is not None else None)
 
     tmp = final_dir.with_name(final_dir.name + ".tmp")
     if jax.process_index() == 0:
@@ -469,7 +496,7 @@ def export_final(trainable, frozen, model_cfg, final_dir: pathlib.Path, lora_tar
     hosts.sync("align: final.tmp cleared")
     # The merged policy stays sharded: save_hf brings one tensor at a time to the host (collectively,
     # when it spans processes) and process 0 writes. Only the (small) adapters are replicated.
-    hf.save_hf(objectives.policy_of(trainable, frozen), model_cfg, tmp, tokenizer=tokenizer)
+    hf.save_hf(objectives.policy_of(trainable, frozen), model_cfg, tmp, tokenizer=tokenizer, stop_ids=stops)
     adapters = hosts.replicate(nnx.split(trainable)[1], mesh) if frozen else None
     if jax.process_index() == 0:
         if frozen:

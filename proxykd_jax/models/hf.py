@@ -327,6 +327,15 @@ def generation_stop_ids(folder: pathlib.Path) -> tuple:
     return tuple(ids)
 
 
+def answer_stop_ids(folder_ids, end_of_turn) -> tuple:
+    """The ids besides the eos that end a model's answers (`save_hf`'s `stop_ids`, `proxykd serve`'s), each once:
+    `folder_ids` (a folder's generation_config.json's, `generation_stop_ids`) and `end_of_turn`, the token its
+    chat template ends a turn with (`models.tokenizer.end_of_turn_id`, which `prepare` records in its manifest;
+    None: none), which a base model's folder does not list although a model trained on templated answers ends
+    them there."""
+    return tuple(dict.fromkeys([*map(int, folder_ids), *([int(end_of_turn)] if end_of_turn is not None else [])]))
+
+
 def token_ids_of(tokenizer, stop_ids=()) -> dict:
     """bos/eos/pad ids of a tokenizer (None where it has none; pad falls back to eos). With `stop_ids`
     (an instruct model's end-of-turn tokens besides the eos), eos_token_id is the list of the eos and

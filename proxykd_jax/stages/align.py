@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import pathlib
 
 from proxykd_jax.align import lora, rounds
 from proxykd_jax.data.pipeline import require_vocab
 from proxykd_jax.data.records import PreparedData
+from proxykd_jax.models import hf
 from proxykd_jax.models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,16 @@ def run(ctx, *, teacher_probs_fn=None) -> dict:
     finally:
         sink.close()
     tokenizer = load_tokenizer(ctx.paths.tokenizer) if ctx.paths.tokenizer.exists() else None
+    start = pathlib.Path(str(cfg.proxy.init_from)).expanduser() if cfg.proxy.init_from else None
     rounds.export_final(
-        trainable, frozen, model_cfg, art.work / "final", cfg.align.lora.targets, ctx.mesh, tokenizer=tokenizer
+        trainable,
+        frozen,
+        model_cfg,
+        art.work / "final",
+        cfg.align.lora.targets,
+        ctx.mesh,
+        tokenizer=tokenizer,
+        stop_ids=hf.generation_stop_ids(start) if start is not None and start.is_dir() else (),  # (Llama 3.1's eom)
     )
     summaries = _summaries(art.work)
     art.finish(summaries)

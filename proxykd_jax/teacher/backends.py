@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from proxykd_jax.errors import ProxyKDError
-from proxykd_jax.models.tokenizer import chat_prompt
+from proxykd_jax.models.tokenizer import chat_prompt, end_of_turn_id
 from proxykd_jax.teacher.server import Completion
 from proxykd_jax.teacher.token_bytes import BYTE_TOKEN, drops_word_start_space, token_byte_table
 
@@ -343,18 +343,24 @@ def load_backend(cfg, *, load_model=None, place=None):
         )
     name = cfg.model_name or path.name
     try:
+        from proxykd_jax.models.hf import answer_stop_ids  # pylint: disable=import-outside-toplevel
+
         if cfg.source == "hf":
             from proxykd_jax.models.hf import generation_stop_ids, load_hf  # pylint: disable=import-outside-toplevel
             from proxykd_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
 
             _, model = (load_model or load_hf)(path, dtype=cfg.dtype)
-            stops = generation_stop_ids(path)
-            return LlamaBackend(model, load_tokenizer(path), model_name=name, seed=cfg.seed, stop_ids=stops)
+            tokenizer = load_tokenizer(path)
+            # the folder's ids and its template's end of turn: a chat model served with its template ends turns
+            # there, even where its folder lists the eos alone (a base model's, trained on templated answers)
+            stops = answer_stop_ids(generation_stop_ids(path), end_of_turn_id(tokenizer))
+            return LlamaBackend(model, tokenizer, model_name=name, seed=cfg.seed, stop_ids=stops)
         from proxykd_jax.teacher.known import KnownTeacher  # pylint: disable=import-outside-toplevel
 
         teacher = KnownTeacher.load(str(path))
         model = place(teacher.model) if place is not None else teacher.model
-        return LlamaBackend(model, teacher.tokenizer, model_name=name, seed=cfg.seed)
+        stops = answer_stop_ids((), end_of_turn_id(teacher.tokenizer))
+        return LlamaBackend(model, teacher.tokenizer, model_name=name, seed=cfg.seed, stop_ids=stops)
     except ProxyKDError:
         raise
     except (OSError, ValueError, KeyError) as err:  # a folder that is not a loadable model
