@@ -33,6 +33,7 @@ def _env() -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device
     env.update(
+        PYTHONPATH=str(REPO),  # the checkout under test (a script's own folder is tests/, not the repository)
         JAX_PLATFORMS="cpu",
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
         TOKENIZERS_PARALLELISM="false",
