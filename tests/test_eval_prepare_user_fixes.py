@@ -83,8 +83,8 @@ def test_non_finite_metrics_are_written_as_null_and_said(caplog):
         "models": {"proxy": {"heldout_nll": nll, "kl_to_teacher": float("nan")}},
         "estimator_kl": {"posterior (store)": float("inf"), "prior": nll / 2, "positions": 7},
     }
-    with caplog.at_level(logging.WARNING, logger=eval_stage.__name__):
-        safe = eval_stage.finite_or_null(metrics)
+    with caplog.at_level(logging.WARNING, logger=eval_stage.metrics_lib.__name__):
+        safe = eval_stage.metrics_lib.finite_or_null(metrics)
     text = json.dumps(safe, allow_nan=False)  # valid JSON
     assert json.loads(text) == {
         "models": {"proxy": {"heldout_nll": nll, "kl_to_teacher": None}},
@@ -93,7 +93,9 @@ def test_non_finite_metrics_are_written_as_null_and_said(caplog):
     said = caplog.text
     assert "models.proxy.kl_to_teacher" in said and "estimator_kl.posterior (store)" in said and "null" in said
     assert math.isnan(metrics["models"]["proxy"]["kl_to_teacher"])  # the caller's dict is left as it was
-    assert "nan" in eval_stage.metrics_lib.format_table(eval_stage.nulls_as_nan(safe))  # a stored null still prints
+    assert "nan" in eval_stage.metrics_lib.format_table(
+        eval_stage.metrics_lib.nulls_as_nan(safe)
+    )  # a stored null still prints
 
 
 # ------------------------------------------------------------------------------------------- prepare

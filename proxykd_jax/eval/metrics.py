@@ -17,6 +17,7 @@ samples on one process or many; per-token log-probs come back from the mesh whol
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import pathlib
 
@@ -27,9 +28,12 @@ from flax import nnx
 
 from proxykd_jax import progress as progress_bars
 from proxykd_jax.data import pipeline
+from proxykd_jax.errors import ConfigError
 from proxykd_jax.eval.known_teacher import kl_terms
 from proxykd_jax.parallel import hosts
 from proxykd_jax.parallel.sharding import global_batch, replicated, under_mesh
+
+log = logging.getLogger(__name__)
 
 ONE_HOT_SMOOTHING = 0.1  # label smoothing of the one-hot reference estimate
 _MODEL_FIELDS = ("tokens", "positions", "segment_ids", "targets")
@@ -293,3 +297,53 @@ def format_table(metrics: dict) -> str:
         ]
         lines += [f"| {name} | {v:.4f} |" for name, v in est.items() if name != "positions"]
     return "\n".join(lines)
+
+
+def nulls_as_nan(metrics: dict) -> dict:
+    """`metrics` with each null (a value that was not finite, `finite_or_null`) read back as NaN: what `run`
+    prints and returns, the same whether it evaluated or reused metrics.json."""
+    if isinstance(metrics, dict):
+        return {k: nulls_as_nan(v) for k, v in metrics.items()}
+    return math.nan if metrics is None else metrics
+
+
+def finite_or_null(metrics: dict) -> dict:
+    """A copy of `metrics` with each NaN or infinite number as None (JSON null: NaN and Infinity are not
+    JSON), said in one warning. A KL can be infinite where an estimate gives no probability to a token
+    the teacher can write (a posterior entry without tail mass)."""
+    bad = []
+
+    def walk(value, name):
+        if isinstance(value, dict):
+            return {k: walk(v, f"{name}.{k}" if name else str(k)) for k, v in value.items()}
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(f"{name} = {value}")
+            return None
+        return value
+
+    safe = walk(metrics, "")
+    if bad:
+        log.warning(
+            "eval: %s not finite (a KL is infinite where a model or an estimate gives no probability to a token "
+            "the teacher writes); metrics.json stores null there",
+            ", ".join(bad),
+        )
+    return safe
+
+
+def check_teacher_tokenizer(teacher, prepared, folder: str) -> None:
+    """Refuses a known teacher that reads token ids otherwise than the prepared data (a character-level one
+    is scored per byte instead): its distributions and log-likelihoods would be read at the wrong ids."""
+    from proxykd_jax.models.tokenizer import tokenizer_hash
+
+    theirs = tokenizer_hash(teacher.tokenizer)
+    if teacher.is_char or theirs == prepared.tokenizer_hash:
+        return
+    ours = prepared.manifest["tokenizer"]
+    raise ConfigError(
+        f"eval.known_teacher={folder}: the teacher's tokenizer ({len(teacher.tokenizer)} tokens, hash {theirs}) "
+        f"differs from the prepared data's ({ours['vocab_size']} tokens, hash {ours['hash']} in "
+        f"{prepared.root / 'manifest.json'}), so its probabilities cannot be read at the run's token ids; give a "
+        "known teacher with the run's tokenizer (data.tokenizer) or a character-level one, or leave "
+        "eval.known_teacher unset."
+    )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 
 import jax
 
@@ -15,66 +14,17 @@ from proxykd_jax.bayes.tables import load_prior
 from proxykd_jax.context import load_folder
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.data.store import StoreReader
-from proxykd_jax.errors import ConfigError, ProxyKDError
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.eval import metrics as metrics_lib
-from proxykd_jax.models.tokenizer import tokenizer_hash
 
 log = logging.getLogger(__name__)
 
 
-def nulls_as_nan(metrics: dict) -> dict:
-    """`metrics` with each null (a value that was not finite, `finite_or_null`) read back as NaN: what `run`
-    prints and returns, the same whether it evaluated or reused metrics.json."""
-    if isinstance(metrics, dict):
-        return {k: nulls_as_nan(v) for k, v in metrics.items()}
-    return math.nan if metrics is None else metrics
-
-
 def _report(metrics: dict) -> dict:
-    metrics = nulls_as_nan(metrics)
+    metrics = metrics_lib.nulls_as_nan(metrics)
     if jax.process_index() == 0:
         print(metrics_lib.format_table(metrics))
     return metrics
-
-
-def finite_or_null(metrics: dict) -> dict:
-    """A copy of `metrics` with each NaN or infinite number as None (JSON null: NaN and Infinity are not
-    JSON), said in one warning. A KL can be infinite where an estimate gives no probability to a token
-    the teacher can write (a posterior entry without tail mass)."""
-    bad = []
-
-    def walk(value, name):
-        if isinstance(value, dict):
-            return {k: walk(v, f"{name}.{k}" if name else str(k)) for k, v in value.items()}
-        if isinstance(value, float) and not math.isfinite(value):
-            bad.append(f"{name} = {value}")
-            return None
-        return value
-
-    safe = walk(metrics, "")
-    if bad:
-        log.warning(
-            "eval: %s not finite (a KL is infinite where a model or an estimate gives no probability to a token "
-            "the teacher writes); metrics.json stores null there",
-            ", ".join(bad),
-        )
-    return safe
-
-
-def _check_teacher_tokenizer(teacher, prepared: PreparedData, folder: str) -> None:
-    """Refuses a known teacher that reads token ids otherwise than the prepared data (a character-level one
-    is scored per byte instead): its distributions and log-likelihoods would be read at the wrong ids."""
-    theirs = tokenizer_hash(teacher.tokenizer)
-    if teacher.is_char or theirs == prepared.tokenizer_hash:
-        return
-    ours = prepared.manifest["tokenizer"]
-    raise ConfigError(
-        f"eval.known_teacher={folder}: the teacher's tokenizer ({len(teacher.tokenizer)} tokens, hash {theirs}) "
-        f"differs from the prepared data's ({ours['vocab_size']} tokens, hash {ours['hash']} in "
-        f"{prepared.root / 'manifest.json'}), so its probabilities cannot be read at the run's token ids; give a "
-        "known teacher with the run's tokenizer (data.tokenizer) or a character-level one, or leave "
-        "eval.known_teacher unset."
-    )
 
 
 def run(ctx, *, teacher=None) -> dict:
@@ -91,7 +41,7 @@ def run(ctx, *, teacher=None) -> dict:
 
         teacher = KnownTeacher.load(cfg.eval.known_teacher)
     if teacher is not None:
-        _check_teacher_tokenizer(teacher, prepared, str(cfg.eval.known_teacher or "(the given teacher)"))
+        metrics_lib.check_teacher_tokenizer(teacher, prepared, str(cfg.eval.known_teacher or "(the given teacher)"))
     generates = int(cfg.eval.generate_prompts) > 0 and int(cfg.eval.max_new_tokens) > 0
     if teacher is not None and not teacher.is_char and generates:
         prepared.require_samples(
@@ -114,7 +64,7 @@ def run(ctx, *, teacher=None) -> dict:
     if teacher is not None and teacher.is_char:  # another tokenizer: scored per byte (docs/TOKENIZERS.md)
         from proxykd_jax.eval import per_byte
 
-        metrics = finite_or_null(
+        metrics = metrics_lib.finite_or_null(
             per_byte.eval_metrics(models, prepared, cfg, teacher, batches(ecfg.split), scorer, seed=ctx.seed)
         )
         ctx.write_json(art.work / "metrics.json", metrics)
@@ -145,7 +95,7 @@ def run(ctx, *, teacher=None) -> dict:
         )
         for name, ll in generated.items():
             metrics["models"][name]["teacher_loglik_of_generations"] = ll
-    metrics = finite_or_null(metrics)
+    metrics = metrics_lib.finite_or_null(metrics)
     ctx.write_json(art.work / "metrics.json", metrics)
     art.finish(metrics)
     return _report(metrics)
