@@ -199,14 +199,12 @@ cli.main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGTERM", 143)])
-def test_an_interrupted_stage_says_so_in_one_line_and_releases_the_lock(signame, status, tmp_path):
-    """Ctrl-C, and SIGTERM (kill, scancel, a batch system's time limit), stop a stage with one line and the
-    shell's status for the signal; the run-directory lock is released (after SIGTERM a job re-queued on
-    another host would otherwise find it held)."""
+def _interrupted_collect(child_code: str, tmp_path, ready: str, signame: str, check_ready=lambda run: None):
+    """(status, stdout, stderr, run dir) of `proxykd collect` run by `child_code` and sent `signame` once it
+    prints `ready` (SIGINT not ignored, as in a terminal)."""
     prompts, run = tmp_path / "prompts.jsonl", tmp_path / "run"
     prompts.write_text('{"id": "q0", "prompt": "hi"}\n')
-    argv = [sys.executable, "-c", _INTERRUPTED_CHILD, "collect", f"--config={REPO}/configs/demo.py"]
+    argv = [sys.executable, "-c", child_code, "collect", f"--config={REPO}/configs/demo.py"]
     argv += [f"--config.run.dir={run}", f"--config.collect.prompts={prompts}", "--config.collect.base_url=http://x/v1"]
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     with subprocess.Popen(
@@ -215,17 +213,30 @@ def test_an_interrupted_stage_says_so_in_one_line_and_releases_the_lock(signame,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # not ignored, as in a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     ) as child:
         try:
-            assert child.stdout.readline() == "running\n"
-            assert (run / "proxykd.lock").exists()
+            assert child.stdout.readline() == ready + "\n"
+            check_ready(run)
             child.send_signal(getattr(signal, signame))
-            _, err = child.communicate(timeout=60)
+            out, err = child.communicate(timeout=60)
         finally:
             if child.poll() is None:
                 child.kill()
-    assert child.returncode == status, err
+    return child.returncode, out, err, run
+
+
+@pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupted_stage_says_so_in_one_line_and_releases_the_lock(signame, status, tmp_path):
+    """Ctrl-C, and SIGTERM (kill, scancel, a batch system's time limit), stop a stage with one line and the
+    shell's status for the signal; the run-directory lock is released (after SIGTERM a job re-queued on
+    another host would otherwise find it held)."""
+
+    def locked(run):
+        assert (run / "proxykd.lock").exists()
+
+    code, _, err, run = _interrupted_collect(_INTERRUPTED_CHILD, tmp_path, "running", signame, locked)
+    assert code == status, err
     assert err.strip().splitlines()[-1] == (
         f"error: proxykd collect: interrupted ({signame}); run the same command again to resume."
     )
@@ -266,27 +277,8 @@ def test_an_interrupt_that_arrives_in_a_gc_callback_still_stops_the_stage(tmp_pa
     """Ctrl-C while the garbage collector runs jax's callback (a stage's start-up is full of them): Python prints
     and drops a KeyboardInterrupt raised there, so the stage ran on (a served model kept serving); the signal is
     delivered again once the callback returns."""
-    prompts, run = tmp_path / "prompts.jsonl", tmp_path / "run"
-    prompts.write_text('{"id": "q0", "prompt": "hi"}\n')
-    argv = [sys.executable, "-c", _INTERRUPTED_IN_GC_CHILD, "collect", f"--config={REPO}/configs/demo.py"]
-    argv += [f"--config.run.dir={run}", f"--config.collect.prompts={prompts}", "--config.collect.base_url=http://x/v1"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    with subprocess.Popen(
-        argv,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    ) as child:
-        try:
-            assert child.stdout.readline() == "in a gc callback\n"
-            child.send_signal(signal.SIGINT)
-            out, err = child.communicate(timeout=60)
-        finally:
-            if child.poll() is None:
-                child.kill()
-    assert child.returncode == 130 and "not interrupted" not in out, err
+    code, out, err, _ = _interrupted_collect(_INTERRUPTED_IN_GC_CHILD, tmp_path, "in a gc callback", "SIGINT")
+    assert code == 130 and "not interrupted" not in out, err
     assert err.strip().splitlines()[-1] == (
         "error: proxykd collect: interrupted (SIGINT); run the same command again to resume."
     )

@@ -5,13 +5,14 @@ on loopback (`ServerThread`), a fake clock for the breaker."""
 import contextlib
 import io
 import json
-import pathlib
 import random
 import types
 
 import httpx2
 import openai
 import pytest
+from test_teacher_wire import make_cfg as wire_cfg
+from test_teacher_wire import read_corpus
 
 from proxykd_jax.teacher import client as client_mod
 from proxykd_jax.teacher.backends import ToyBackend
@@ -22,19 +23,10 @@ from proxykd_jax.teacher.server import ServerThread, make_app
 
 
 def make_cfg(tmp_path, base_url, n_prompts=4, **kw):
+    """test_teacher_wire's collect config over `n_prompts` prompts written here."""
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"prompt {i}"}) + "\n" for i in range(n_prompts)))
-    cfg = collect_config()
-    cfg.prompts, cfg.out = str(path), str(tmp_path / "corpus.jsonl")
-    cfg.base_url, cfg.model = base_url, "toy"
-    cfg.max_tokens, cfg.backoff_initial_s, cfg.progress = 8, 0.01, False
-    for k, v in kw.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
-def read_corpus(path):
-    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+    return wire_cfg(tmp_path, base_url, **kw)
 
 
 def strip_logprobs(monkeypatch, which=lambda key: True):
