@@ -185,3 +185,47 @@ def test_a_template_refusing_many_rows_says_how_many_and_the_fix(tok, tmp_path):
     assert "data.on_error=skip" in message and "merge each system message's text into the first user message" in message
     m = prepare([path], tok, tmp_path / "o", tiny_cfg(on_error="skip"), progress=False)
     assert m["counts"]["skipped"] == {"bad_messages": 20} and m["counts"]["samples"] == 40
+
+
+def test_per_byte_generations_prompt_as_prepare_trained(monkeypatch):
+    """The students answer plain prompts tokenised as prepare tokenised them for training: with the
+    tokenizer's special tokens (a bos where its post-processor adds one), not without."""
+    import random
+
+    from test_data_common import sentence
+    from tokenizers import processors
+
+    from proxykd_jax.data import align
+    from proxykd_jax.data.corpus import Sample
+    from proxykd_jax.eval import per_byte
+    from proxykd_jax.models import sampling
+    from proxykd_jax.models.tokenizer import build_bpe_tokenizer
+
+    rng = random.Random(11)
+    tok = build_bpe_tokenizer([sentence(rng, 12) for _ in range(200)], 300)
+    bos = tok.convert_tokens_to_ids("<bos>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    prompt = sentence(rng, 5)
+    trained = align.SampleEncoder(tok, seq_len=128).encode_batch(
+        [Sample("t:1", "r", 0, prompt, None, " a", None, None, {})]
+    )
+    seen = {}
+
+    def fake_generate(model, tokens, lengths, rng, **kw):
+        seen["prompt"] = np.asarray(tokens)[0, : int(lengths[0])].tolist()
+        return sampling.GenerateOutput(
+            np.asarray([[tok.eos_token_id]], np.int32), np.asarray([1], np.int32), None, None, None
+        )
+
+    monkeypatch.setattr(sampling, "generate", fake_generate)
+
+    class Model:
+        cfg = type("Cfg", (), {"vocab_size": len(tok)})
+
+    class Teacher:
+        def text_logprob(self, prompts, texts, ended):
+            return np.zeros(len(texts)), np.ones(len(texts))
+
+    per_byte.generation_nats_per_byte({"s": Model()}, [prompt], Teacher(), tok, max_new_tokens=2, seed=0)
+    assert seen["prompt"][0] == bos
+    assert seen["prompt"] == trained[0].tokens_L[: len(seen["prompt"])].tolist()

@@ -72,7 +72,8 @@ def generation_nats_per_byte(
     max_new_tokens = 0 (no generations)."""
     if not prompts or max_new_tokens < 1:
         return {}
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # as prepare tokenised these plain prompts for training: with the tokenizer's special tokens (a bos)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
     # an answer ends at the eos or at the chat template's end of turn (what prepare ended chat answers with)
     stops = tuple(t for t in dict.fromkeys([tokenizer.eos_token_id, end_of_turn_id(tokenizer)]) if t is not None)
     out = {}
