@@ -9,7 +9,8 @@ at most that much text and written at once; only the seen prompt ids (to refuse 
 written sample ids grow with the corpus, at 8 bytes per id (and, for prompts given without `id`, a
 count per prompt: `corpus.iter_corpus`). Output is written to a temporary sibling folder
 (`.<out>.tmp`, removed by the next run if a crash leaves it) and renamed into place at the end, so a crash
-never leaves a half-written prepared directory behind.
+never leaves a half-written prepared directory behind. What it says about bad input (the `DataError`s and
+the lines on skipped or truncated rows) is worded in `data/prepare_errors.py`.
 """
 
 import array
@@ -22,7 +23,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import shutil
 import time
 
@@ -32,12 +32,23 @@ from array_record.python import array_record_module
 from proxykd_jax import progress as progress_bars
 from proxykd_jax.data import align, byte_head, corpus, records, split
 from proxykd_jax.data.config import SPLITS
-from proxykd_jax.models.tokenizer import TEMPLATE_ERRORS, end_of_turn_id, tokenizer_hash
+from proxykd_jax.data.prepare_errors import (
+    BAD_LINES_SHOWN,
+    MAX_ERRORS_KEPT,
+    SKIPS_SHOWN,
+    bad_lines,
+    duplicate,
+    empty_corpus,
+    first_places,
+    name_first_places,
+    prompt_too_long,
+    skipped_line,
+    template_refusals,
+    truncated_line,
+)
+from proxykd_jax.models.tokenizer import end_of_turn_id, tokenizer_hash
 
 log = logging.getLogger(__name__)
-_MAX_ERRORS_KEPT = 20
-_BAD_LINES_SHOWN = 5  # bad lines named in one refusal of `check_corpus`
-_SKIPS_SHOWN = 3  # skipped (or truncated) samples named on the line printed after prepare
 _HEAD_PROBE_SAMPLES = 2000  # samples with teacher log-probs read to decide data.teacher_head=auto
 _LOW_COVERAGE = 0.5  # below this fraction of our positions with a teacher head, prepare warns
 # Python memory of a tokenised character (ids, offsets, records; measured on byte-level BPE).
@@ -220,97 +231,6 @@ def _fsync_dir(path: pathlib.Path):
         os.close(fd)
 
 
-def _file_of(where: str) -> str:
-    """The file of a `file:line` (`file:row N`, `file:item N`) place."""
-    m = re.fullmatch(r"(.*?):(?:row |item )?\d+", where)
-    return m.group(1) if m else where
-
-
-def _first_places(corpus_paths, sample_ids, logprobs: bool) -> dict[int, str]:
-    """{sample id: the place its first sample is read from} for `sample_ids`: a second pass over the corpus
-    (only when a duplicate is found: the first pass keeps 8 bytes per id, not places), reading the log-probs
-    where that pass did (a row it skipped for them is skipped here too)."""
-    wanted, found = set(sample_ids), {}
-    for row in corpus.iter_corpus(corpus_paths, "skip", collections.Counter(), logprobs=logprobs):
-        for s in row:
-            if s.sample_id in wanted and s.sample_id not in found:
-                found[s.sample_id] = s.where
-        if len(found) == len(wanted):
-            break
-    return found
-
-
-def _duplicate(dup: corpus.Sample, first: str | None = None) -> corpus.DataError:
-    """A sample given twice, naming both places (`first`: where it was read before) and what to do. Two
-    files (one prompts file collected as chat and as completions) need ids unique across them: the id fixes
-    the prompt key, the split and the sample id (docs/DATA_FORMATS.md)."""
-    said = f"{dup.where}: duplicate sample: prompt id {dup.record_id!r} response {dup.response_index}"
-    if first is None:
-        said += " appears twice"
-    elif first == dup.where:
-        return corpus.DataError(
-            f"{said} is read twice from {first}: the same file is given twice; list it once in data.corpus.",
-            "duplicate_id",
-        )
-    elif _file_of(first) != _file_of(dup.where):
-        return corpus.DataError(
-            f"{said} was given before, at {first} in another corpus file (prompt ids must be unique across the "
-            "data.corpus files: rename one file's ids, e.g. with a prefix).",
-            "duplicate_id",
-        )
-    else:
-        said += f" was given before, at {first}"
-    return corpus.DataError(
-        f"{said} (give each line of a prompt its own `sample_index`, or list all responses in one row).",
-        "duplicate_id",
-    )
-
-
-def _name_first_places(corpus_paths, errors: list, dups: dict[int, corpus.Sample], logprobs: bool) -> None:
-    """Rewrites the duplicate messages in `errors` (`dups`: their index -> the duplicate sample) to name the
-    place each sample was first read from."""
-    if dups:
-        first = _first_places(corpus_paths, {s.sample_id for s in dups.values()}, logprobs)
-        for i, s in dups.items():
-            errors[i] = _duplicate(s, first.get(s.sample_id))
-
-
-def _template_refusals(corpus_paths, tokenizer, first: corpus.DataError) -> corpus.DataError:
-    """The chat template's refusal of one row (`first`) as one sentence on all the rows it refuses: how many,
-    the first few and the fix; `first` itself when it is the only one. Renders the prompts once more
-    without tokenising, only on the way to this refusal."""
-    rows = refused = 0
-    shown, reason, all_system = [], "", True
-    for row in corpus.iter_corpus(corpus_paths, "skip", collections.Counter(), logprobs=False):
-        rows += 1
-        for s in row:
-            if s.messages is None:
-                continue
-            try:
-                align.format_prompt(tokenizer, s)
-            except TEMPLATE_ERRORS as e:
-                refused += 1
-                if len(shown) < _BAD_LINES_SHOWN:
-                    shown.append(s.where)
-                reason = reason or " ".join(str(e).split()) or type(e).__name__
-                head = s.messages[0] if s.messages else None
-                all_system = all_system and isinstance(head, dict) and head.get("role") == "system"
-                break
-    if refused < 2:
-        return first
-    fix = (
-        "merge each system message's text into the first user message yourself (this template takes no system "
-        "message), or set data.on_error=skip to leave these rows out"
-        if all_system
-        else "fix or remove these rows, or set data.on_error=skip to leave them out"
-    )
-    return corpus.DataError(
-        f"{refused} of {rows} rows of the corpus have 'messages' the tokenizer's chat template refuses ({reason}): "
-        f"{', '.join(shown)}{', ...' if refused > len(shown) else ''}; {fix}.",
-        "bad_messages",
-    )
-
-
 def check_corpus(corpus_paths, progress: bool = False):
     """Reads the whole corpus once without tokenising (JSON, fields, duplicate samples); raises one DataError
     for its bad lines: a bad line's own sentence, or for several how many and the first few.
@@ -322,7 +242,7 @@ def check_corpus(corpus_paths, progress: bool = False):
     seen_ids = _IdSet()
     dups: dict[int, corpus.Sample] = {}  # index in `errors` -> the duplicate sample there
     bar = progress_bars.bar(unit=" rows", desc="prepare: checking the corpus", disable=not progress)
-    rows = corpus.iter_corpus(corpus_paths, "skip", skipped, errors, _BAD_LINES_SHOWN, logprobs=False)
+    rows = corpus.iter_corpus(corpus_paths, "skip", skipped, errors, BAD_LINES_SHOWN, logprobs=False)
     n = 0
     with _gc_per_batch() as collect_garbage:
         for n, row in enumerate(rows, 1):
@@ -332,25 +252,18 @@ def check_corpus(corpus_paths, progress: bool = False):
             dup = next((s for s in row if s.sample_id in seen_ids), None)
             if dup is not None:
                 skipped["duplicate_id"] += 1
-                if len(errors) < _BAD_LINES_SHOWN:
+                if len(errors) < BAD_LINES_SHOWN:
                     dups[len(errors)] = dup
-                    errors.append(_duplicate(dup))
+                    errors.append(duplicate(dup))
                 continue
             for s in row:
                 seen_ids.add(s.sample_id)
     bar.update(n % 4096)
     bar.close()
-    _name_first_places(corpus_paths, errors, dups, logprobs=False)
+    name_first_places(corpus_paths, errors, dups, logprobs=False)
     total = sum(skipped.values())
-    if total == 1:
-        raise errors[0]
     if total:
-        listed = " ".join(f"({i}) {corpus.without_advice(str(e))}" for i, e in enumerate(errors, 1))
-        shown = f" (the first {len(errors)} listed)" if total > len(errors) else ""
-        raise corpus.DataError(
-            f"{total} bad lines in the corpus{shown}; fix or remove them, or set data.on_error=skip: {listed}",
-            errors[0].reason,
-        )
+        raise bad_lines(total, errors)
 
 
 def decide_head(corpus_paths, tokenizer, dcfg) -> tuple[str, dict]:
@@ -439,12 +352,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
         for s, enc in zip(buffer, encoder.encode_batch(buffer)):
             if isinstance(enc, corpus.DataError):
                 if enc.reason == "too_long" and dcfg.truncate:  # refused only when no response token fits
-                    enc = corpus.DataError(
-                        f"{s.where}: the prompt of sample {s.record_id!r}/{s.response_index} alone has more than "
-                        f"data.seq_len = {dcfg.seq_len} tokens, and data.truncate cuts only responses; raise "
-                        "data.seq_len, shorten or drop the prompt, or set data.on_error=skip.",
-                        "too_long",
-                    )
+                    enc = prompt_too_long(s, dcfg.seq_len)
                 skip(enc)
                 continue
             name = split.assign_split(s.record_id, fractions, dcfg.split.salt)
@@ -455,7 +363,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
             stats.add(enc.stats)
             counts["samples"] += 1
             counts["truncated"] += int(enc.truncated)
-            if enc.truncated and len(truncated_at) < _SKIPS_SHOWN:
+            if enc.truncated and len(truncated_at) < SKIPS_SHOWN:
                 truncated_at.append(s.where)
         bar.update(len(buffer))
         buffer.clear()
@@ -463,22 +371,22 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
     def skip(err: corpus.DataError, dup: corpus.Sample | None = None):
         if dcfg.on_error == "error":
             if err.reason == "bad_messages":  # the template may refuse many rows: say how many
-                raise _template_refusals(corpus_paths, tokenizer, err)
+                raise template_refusals(corpus_paths, tokenizer, err)
             if dup is not None:
-                raise _duplicate(dup, _first_places(corpus_paths, [dup.sample_id], True).get(dup.sample_id))
+                raise duplicate(dup, first_places(corpus_paths, [dup.sample_id], True).get(dup.sample_id))
             raise err
         skipped[err.reason] += 1
-        if len(errors) < _MAX_ERRORS_KEPT:
+        if len(errors) < MAX_ERRORS_KEPT:
             if dup is not None:
                 dups[len(errors)] = dup
             errors.append(err)
 
     with _gc_per_batch() as collect_garbage:
-        for row in corpus.iter_corpus(corpus_paths, dcfg.on_error, skipped, errors, _MAX_ERRORS_KEPT):
+        for row in corpus.iter_corpus(corpus_paths, dcfg.on_error, skipped, errors, MAX_ERRORS_KEPT):
             counts["rows"] += 1
             dup = next((s for s in row if s.sample_id in seen_ids), None)
             if dup is not None:
-                skip(_duplicate(dup), dup)
+                skip(duplicate(dup), dup)
                 continue
             for s in row:
                 seen_ids.add(s.sample_id)
@@ -491,14 +399,9 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
                 buffered = 0
         flush()
     bar.close()
-    _name_first_places(corpus_paths, errors, dups, logprobs=True)
+    name_first_places(corpus_paths, errors, dups, logprobs=True)
     if counts["samples"] == 0:
-        raise corpus.DataError(
-            f"{', '.join(sources)}: the corpus gave no samples ({counts['rows']} rows read, "
-            f"{sum(skipped.values())} samples skipped{': ' + str(errors[0]) if errors else ''}); "
-            "give a corpus with at least one prompt and response.",
-            "empty_corpus",
-        )
+        raise empty_corpus(sources, counts["rows"], skipped, errors)
     split_info = {name: w.close() for name, w in writers.items()}
     manifest = {
         "format_version": records.FORMAT_VERSION,
@@ -541,38 +444,10 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    for line in (_skipped_line(skipped, errors), _truncated_line(counts["truncated"], truncated_at, dcfg.seq_len)):
+    for line in (skipped_line(skipped, errors), truncated_line(counts["truncated"], truncated_at, dcfg.seq_len)):
         if line:  # data dropped or cut: said whatever `progress` says
             print(line)
     line = coverage_line(manifest)
     if progress or "WARNING" in line:
         print(line)
     return manifest
-
-
-def _where(err: corpus.DataError) -> str:
-    """The `file:line` (`file:row N`, `file:item N`) a row's message starts with."""
-    m = re.match(r"(.*?:(?:row |item )?\d+): ", str(err))
-    return m.group(1) if m else "?"
-
-
-def _skipped_line(skipped: collections.Counter, errors: list[corpus.DataError]) -> str | None:
-    """One line on the rows data.on_error=skip dropped (None when none): how many, why, the first few."""
-    total = sum(skipped.values())
-    if not total:
-        return None
-    reasons = ", ".join(f"{reason} {n}" for reason, n in skipped.most_common())
-    shown = errors[:_SKIPS_SHOWN]
-    first = ", ".join(f"{_where(e)} ({e.reason})" for e in shown) + (", ..." if total > len(shown) else "")
-    return (
-        f"prepare: skipped {total} bad rows (data.on_error=skip; {reasons}): {first}; the first "
-        f"{_MAX_ERRORS_KEPT} messages are in manifest.json counts.errors"
-    )
-
-
-def _truncated_line(n: int, first: list[str], seq_len: int) -> str | None:
-    """One line on the responses data.truncate cut (None when none)."""
-    if not n:
-        return None
-    where = ", ".join(first) + (", ..." if n > len(first) else "")
-    return f"prepare: data.truncate cut {n} response{'s' if n > 1 else ''} to fit data.seq_len = {seq_len}: {where}"
