@@ -15,7 +15,8 @@ from stage_helpers import run_stage
 from proxykd_jax import config as config_lib
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.teacher.backends import ToyBackend
-from proxykd_jax.teacher.server import ServerThread, make_app
+from proxykd_jax.teacher.listen import ServerThread
+from proxykd_jax.teacher.server import make_app
 
 
 def _prompts(path: pathlib.Path, n: int) -> pathlib.Path:

@@ -28,7 +28,8 @@ from stage_helpers import run_stage
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.data.store import StoreWriter
 from proxykd_jax.teacher.backends import ToyBackend
-from proxykd_jax.teacher.server import ServerThread, make_app
+from proxykd_jax.teacher.listen import ServerThread
+from proxykd_jax.teacher.server import make_app
 from proxykd_jax.teacher.wire import Faults
 
 JAX_STARTED = "proxykd_jax.parallel.distributed"  # the log line that follows jax's start-up

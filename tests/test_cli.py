@@ -290,7 +290,7 @@ def test_a_stopped_server_says_it_stopped(signame, status, monkeypatch, capsys):
     """`serve` ends with its signal's status and a line that says the server stopped (not "resume")."""
 
     def stopped(stage, rest):
-        raise KeyboardInterrupt(signame)  # as `teacher.server.serve` raises after a graceful shutdown
+        raise KeyboardInterrupt(signame)  # as `teacher.listen.serve` raises after a graceful shutdown
 
     monkeypatch.setattr(cli, "_run_stage", stopped)
     assert _main(["serve", f"--config={REPO}/configs/demo.py"], monkeypatch) == status

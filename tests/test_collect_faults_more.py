@@ -18,8 +18,9 @@ from proxykd_jax.teacher import client as client_mod
 from proxykd_jax.teacher.backends import ToyBackend
 from proxykd_jax.teacher.client import CollectError, collect
 from proxykd_jax.teacher.config import collect_config
+from proxykd_jax.teacher.listen import ServerThread
 from proxykd_jax.teacher.responses import parse_answer
-from proxykd_jax.teacher.server import ServerThread, make_app
+from proxykd_jax.teacher.server import make_app
 
 
 def make_cfg(tmp_path, base_url, n_prompts=4, **kw):

@@ -71,7 +71,8 @@ def test_serve_places_the_model_on_the_mesh_and_samples_as_one_device(run):
     from flax import nnx
 
     from proxykd_jax.models import sampling
-    from proxykd_jax.teacher.server import ServerThread, make_app
+    from proxykd_jax.teacher.listen import ServerThread
+    from proxykd_jax.teacher.server import make_app
 
     _, cfg, _ = run
     sharded, single = _backend(cfg, 4), _backend(cfg, 1)

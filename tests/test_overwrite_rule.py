@@ -268,7 +268,8 @@ def test_prepare_and_prior_reuse_refuse_and_replace(tmp_path):
 
 def test_collect_reuses_a_finished_corpus_without_a_request(tmp_path):
     from proxykd_jax.teacher.backends import ToyBackend
-    from proxykd_jax.teacher.server import ServerThread, make_app
+    from proxykd_jax.teacher.listen import ServerThread
+    from proxykd_jax.teacher.server import make_app
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}"}) + "\n" for i in range(5)))

@@ -18,7 +18,8 @@ import pytest
 from proxykd_jax import config as config_lib
 from proxykd_jax.context.lock import RunLock, RunLocked
 from proxykd_jax.teacher.backends import ToyBackend
-from proxykd_jax.teacher.server import ServerThread, make_app
+from proxykd_jax.teacher.listen import ServerThread
+from proxykd_jax.teacher.server import make_app
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 

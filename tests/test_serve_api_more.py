@@ -18,7 +18,8 @@ from test_teacher_serve import _tiny_llama_backend, post
 
 from proxykd_jax.teacher.backends import ToyBackend
 from proxykd_jax.teacher.config import serve_config
-from proxykd_jax.teacher.server import Batcher, Completion, ServerThread, make_app, serve
+from proxykd_jax.teacher.listen import ServerThread, serve
+from proxykd_jax.teacher.server import Batcher, Completion, make_app
 
 
 class EchoBackend(ToyBackend):

@@ -14,7 +14,8 @@ from tokenizers import AddedToken
 
 from proxykd_jax.models.tokenizer import build_bpe_tokenizer
 from proxykd_jax.teacher.backends import LlamaBackend
-from proxykd_jax.teacher.server import Completion, ServerThread, make_app
+from proxykd_jax.teacher.listen import ServerThread
+from proxykd_jax.teacher.server import Completion, make_app
 
 WORDS = "the cat sat on a mat and dog ran far".split()
 

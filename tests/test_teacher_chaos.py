@@ -21,7 +21,8 @@ import time
 from proxykd_jax.teacher.backends import ToyBackend
 from proxykd_jax.teacher.client import collect
 from proxykd_jax.teacher.config import collect_config
-from proxykd_jax.teacher.server import ServerThread, make_app
+from proxykd_jax.teacher.listen import ServerThread
+from proxykd_jax.teacher.server import make_app
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -16,8 +16,9 @@ from proxykd_jax.models.tokenizer import build_bpe_tokenizer
 from proxykd_jax.teacher.backends import LlamaBackend
 from proxykd_jax.teacher.client import collect
 from proxykd_jax.teacher.config import collect_config
+from proxykd_jax.teacher.listen import ServerThread
 from proxykd_jax.teacher.responses import bytes_token
-from proxykd_jax.teacher.server import ServerThread, make_app
+from proxykd_jax.teacher.server import make_app
 from proxykd_jax.teacher.token_bytes import token_byte_table
 
 WORDS = (

@@ -20,8 +20,9 @@ from proxykd_jax.models.tokenizer import build_bpe_tokenizer
 from proxykd_jax.teacher.backends import ToyBackend, load_backend
 from proxykd_jax.teacher.client import collect
 from proxykd_jax.teacher.config import collect_config, serve_config
+from proxykd_jax.teacher.listen import ServerThread, serve
 from proxykd_jax.teacher.responses import bytes_token
-from proxykd_jax.teacher.server import Completion, ServerThread, make_app, serve
+from proxykd_jax.teacher.server import Completion, make_app
 from proxykd_jax.teacher.token_bytes import byte_level_alphabet, token_byte_table
 
 

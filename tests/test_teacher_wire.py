@@ -20,8 +20,9 @@ from proxykd_jax.progress import bar
 from proxykd_jax.teacher.backends import ToyBackend
 from proxykd_jax.teacher.client import CollectError, RateLimiter, collect
 from proxykd_jax.teacher.config import collect_config
+from proxykd_jax.teacher.listen import ServerThread
 from proxykd_jax.teacher.responses import MalformedResponse, parse_answer
-from proxykd_jax.teacher.server import Faults, ServerThread, make_app
+from proxykd_jax.teacher.server import Faults, make_app
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -26,7 +26,8 @@ CHARS = 36  # teacher vocabulary: 4 specials + 32 characters (é ü ß ø among 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from proxykd_jax.teacher.backends import LlamaBackend
-    from proxykd_jax.teacher.server import ServerThread, make_app
+    from proxykd_jax.teacher.listen import ServerThread
+    from proxykd_jax.teacher.server import make_app
 
     root = tmp_path_factory.mktemp("xtok")
     cfg = tiny_config(root / "run")

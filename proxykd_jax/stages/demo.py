@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 def _collect_over_http(ctx, teacher) -> None:
     from proxykd_jax.teacher.backends import LlamaBackend
-    from proxykd_jax.teacher.server import ServerThread, make_app
+    from proxykd_jax.teacher.listen import ServerThread
+    from proxykd_jax.teacher.server import make_app
 
     if ctx.artifact("collect").done:
         stages.run_stage("collect", ctx)  # reuses the corpus

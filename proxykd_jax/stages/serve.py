@@ -8,7 +8,7 @@ from __future__ import annotations
 from flax import nnx
 
 from proxykd_jax.parallel import place_model
-from proxykd_jax.teacher import backends, server
+from proxykd_jax.teacher import backends, listen
 
 
 def make_backend(ctx) -> backends.LlamaBackend:
@@ -23,4 +23,4 @@ def make_backend(ctx) -> backends.LlamaBackend:
 
 
 def run(ctx) -> None:
-    server.serve(ctx.cfg.serve, lambda: make_backend(ctx))
+    listen.serve(ctx.cfg.serve, lambda: make_backend(ctx))
