@@ -135,3 +135,25 @@ def test_dpo_rejected_answers_hold_no_special_token_but_the_stops(toks, tmp_path
     assert len(answers) >= 24 and ends, (len(answers), ends)
     assert [tok.convert_ids_to_tokens(t) for b in bodies for t in b if t in specials] == []
     assert data.stop_tokens == (eos, eot) and set(data.suppress_tokens) == specials - {eos, eot}
+
+
+def test_distilled_student_lists_the_turn_end(toks, tmp_path):  # noqa: F811
+    """distill's `final/` (a Hugging Face folder users load and serve) lists the manifest's end of turn besides
+    the eos and its start folder's ids, as the export does (it listed the eos alone)."""
+    tok = toks["llama3"]
+    eos, eot = tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")
+    run = tmp_path / "run"
+    _prepared(tok, run / "prepared", n=40, warmup=0.0, align=0.0, distill=1.0, heldout=0.0)
+    model_cfg = _model_cfg()
+    student = tmp_path / "base_student"
+    hf.save_hf(Llama(model_cfg, rngs=nnx.Rngs(0)), model_cfg, student, tokenizer=tok, stop_ids=(7,))
+    assert hf.generation_stop_ids(student) == (eos, 7)
+    cfg = make_config(run, **{"model.init_from": str(student), "model.vocab_size": V, "model.max_seq_len": 256})
+    cfg.data.seq_len = cfg.train.seq_len = 256
+    cfg.train.steps, cfg.train.checkpoint_every = 2, 0
+    cfg.distill.loss.alpha = 0.0  # the SFT student: no posterior store needed
+    summary = run_stage("distill", cfg)
+    final = run / "student_sft" / "final"
+    assert summary["final"].endswith("final") and _eos_ids(final) == [[eos, 7, eot]] * 2
+    assert hf.trained_stop_ids((str(student),), run / "prepared") == (eos, 7, eot)
+    assert hf.trained_stop_ids((), tmp_path / "nothing") == ()

@@ -327,6 +327,26 @@ def generation_stop_ids(folder: pathlib.Path) -> tuple:
     return tuple(ids)
 
 
+def trained_stop_ids(folders, prepared_dir: pathlib.Path) -> tuple:
+    """The ids besides the eos that end the answers of a model trained on prepared data (`save_hf`'s `stop_ids` for
+    distill's student and its export): those of the first of `folders` (e.g. model.init_from, data.tokenizer)
+    whose generation_config.json lists any, and the end of turn `prepare` ended templated answers with
+    (`<prepared_dir>/manifest.json`'s tokenizer.end_of_turn_id: Llama 3's <|eot_id|>, which a base model's folder
+    does not list)."""
+    ids: tuple = ()
+    for folder in folders:
+        if folder and pathlib.Path(folder).expanduser().is_dir():
+            ids = generation_stop_ids(pathlib.Path(folder).expanduser())
+            if ids:
+                break
+    try:
+        manifest = json.loads((pathlib.Path(prepared_dir) / "manifest.json").read_text())
+        turn_end = manifest["tokenizer"].get("end_of_turn_id")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no manifest: nothing says how answers end
+        turn_end = None
+    return answer_stop_ids(ids, turn_end)
+
+
 def answer_stop_ids(folder_ids, end_of_turn) -> tuple:
     """The ids besides the eos that end a model's answers (`save_hf`'s `stop_ids`, `proxykd serve`'s), each once:
     `folder_ids` (a folder's generation_config.json's, `generation_stop_ids`) and `end_of_turn`, the token its

@@ -12,6 +12,7 @@ from proxykd_jax.context import load_folder
 from proxykd_jax.data.pipeline import require_vocab
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.models import hf
 from proxykd_jax.models.tokenizer import load_tokenizer
 from proxykd_jax.parallel.hosts import to_host
 from proxykd_jax.train import distill
@@ -69,6 +70,7 @@ def setup(ctx, art) -> distill.Distillation:
         init_model=init,
         teacher=teacher,
         tokenizer=load_tokenizer(paths.tokenizer) if paths.tokenizer.exists() else None,
+        stop_ids=hf.trained_stop_ids((cfg.model.init_from, cfg.data.tokenizer), paths.prepared),
     )
     art.begin()
     return run

@@ -3,7 +3,7 @@
 Reads `<run>/<student>/checkpoints/` (`export.source`; by default the folder `distill` writes with
 the same config: student, or student_sft when distill.loss.alpha = 0) onto the configured mesh and
 writes `export.out` (default `<run>/export/`): config.json and generation_config.json (with the
-tokenizer's bos/eos/pad ids, eos_token_id listing the end-of-turn ids besides the eos: `_stop_ids`),
+tokenizer's bos/eos/pad ids, eos_token_id listing the end-of-turn ids besides the eos: `hf.trained_stop_ids`),
 safetensors files of at most `export.max_shard_bytes` (with model.safetensors.index.json when there
 are several) and the run's tokenizer files (their tokenizer_config.json without the arguments the
 tokenizer was loaded with: `_LOAD_TIME_KEYS`), a folder `transformers.AutoModelForCausalLM` and
@@ -19,7 +19,6 @@ import logging
 import pathlib
 
 from proxykd_jax.context import student_name
-from proxykd_jax.data.records import PreparedData
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import hf
 from proxykd_jax.models.tokenizer import load_tokenizer
@@ -41,25 +40,6 @@ def _drop_load_time_keys(folder: pathlib.Path) -> None:
     if isinstance(config, dict) and any(key in config for key in _LOAD_TIME_KEYS):
         kept = {key: value for key, value in config.items() if key not in _LOAD_TIME_KEYS}
         path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _stop_ids(cfg, prepared: pathlib.Path) -> tuple:
-    """The ids that end the student's answers besides the tokenizer's eos: those its own folder's
-    generation_config.json lists (`model.init_from`), else those of the folder the run's tokenizer came from
-    (`data.tokenizer`), and the chat template's end of turn its templated answers were trained to end with (the
-    prepared manifest's `tokenizer.end_of_turn_id`: Llama 3's <|eot_id|>, which a base student's folder does not
-    list)."""
-    ids: tuple = ()
-    for folder in (cfg.model.init_from, cfg.data.tokenizer):
-        if folder and pathlib.Path(folder).expanduser().is_dir():
-            ids = hf.generation_stop_ids(pathlib.Path(folder).expanduser())
-            if ids:
-                break
-    try:
-        turn_end = PreparedData(prepared).manifest["tokenizer"].get("end_of_turn_id")
-    except FileNotFoundError:  # no manifest: nothing says what the answers ended with
-        turn_end = None
-    return hf.answer_stop_ids(ids, turn_end)
 
 
 def load(ctx, step: int = 0, source: pathlib.Path | None = None):
@@ -99,7 +79,7 @@ def run(ctx) -> pathlib.Path:
         art.work,
         tokenizer=tokenizer,
         max_shard_bytes=int(ctx.cfg.export.max_shard_bytes),
-        stop_ids=_stop_ids(ctx.cfg, ctx.paths.prepared),
+        stop_ids=hf.trained_stop_ids((ctx.cfg.model.init_from, ctx.cfg.data.tokenizer), ctx.paths.prepared),
     )
     if ctx.is_writer:  # the process that wrote the tokenizer files
         _drop_load_time_keys(art.work)

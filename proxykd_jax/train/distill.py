@@ -200,6 +200,7 @@ class Distillation:
     model_cfg: ModelConfig
     out_dir: pathlib.Path
     tokenizer: Any
+    stop_ids: tuple = ()  # besides the eos, the ids final/ lists as ending an answer (`hf.trained_stop_ids`)
 
     def train(self) -> train.TrainState:
         """Trains (resuming from the newest checkpoint), then writes <out_dir>/final/ as an HF folder
@@ -213,7 +214,8 @@ class Distillation:
         hosts.sync("distill: final.tmp cleared")
         # The sharded state as it is: save_hf brings one tensor at a time to the host (collectively,
         # when the model spans processes) and process 0 writes; nothing is replicated whole.
-        hf.save_hf(nnx.merge(self.graphdef, state.params, state.rest), self.model_cfg, tmp, tokenizer=self.tokenizer)
+        student = nnx.merge(self.graphdef, state.params, state.rest)
+        hf.save_hf(student, self.model_cfg, tmp, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
         if jax.process_index() == 0:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -248,13 +250,15 @@ def setup(
     init_model=None,
     teacher=None,
     tokenizer=None,
+    stop_ids=(),
 ) -> Distillation:
     """Builds the student state, data iterator, (white-box) teacher, train step and Loop.
 
     `dcfg`, `optim_cfg`, `train_cfg`, `data_cfg` are the distill, optim, train and data config
     groups; `store` the posterior store folder (None: no store; joined for α = 0 too when given,
     so both students see the same samples); `init_model` a placed Llama whose parameters start the
-    student (None: random init from `seed`); `teacher` a placed (ModelConfig, Llama) in white-box mode.
+    student (None: random init from `seed`); `teacher` a placed (ModelConfig, Llama) in white-box mode;
+    `stop_ids` what final/ lists besides the eos as ending an answer (`hf.trained_stop_ids`).
     """
     check_steps(train_cfg, optim_cfg)
     alpha = float(dcfg.loss.alpha)
@@ -336,4 +340,5 @@ def setup(
         model_cfg=model_cfg,
         out_dir=out_dir,
         tokenizer=tokenizer,
+        stop_ids=tuple(stop_ids),
     )
