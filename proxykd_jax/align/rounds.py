@@ -69,8 +69,8 @@ class AlignData:
         # and holds no other special token of the run's tokenizer (pad, bos, unk, a template's headers), as eval's
         suppress = ()
         if (pathlib.Path(prepared_dir) / "tokenizer").is_dir():  # (written by the `prepare` stage)
-            from proxykd_jax.data.byte_head import special_ids
             from proxykd_jax.models.tokenizer import load_tokenizer
+            from proxykd_jax.teacher.token_bytes import special_ids
 
             suppress = tuple(sorted(special_ids(load_tokenizer(pathlib.Path(prepared_dir) / "tokenizer"))))
             suppress = tuple(t for t in suppress if t not in stop_tokens)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from proxykd_jax.bayes.posterior import END_SYMBOL, N_SYMBOLS, OTHER_SYMBOL
+from proxykd_jax.models.tokenizer import end_of_turn_id
 from proxykd_jax.teacher.responses import token_bytes_of
-from proxykd_jax.teacher.token_bytes import BYTE_TOKEN, token_byte_table
+from proxykd_jax.teacher.token_bytes import special_ids, token_byte_table
 
 __all__ = ["END_SYMBOL", "N_SYMBOLS", "OTHER_SYMBOL", "symbols_from_bytes", "token_symbols", "teacher_symbol"]
 
@@ -51,17 +52,6 @@ def symbols_from_bytes(table, eos_ids=(), special_ids=()) -> np.ndarray:
     return sym
 
 
-def special_ids(tokenizer) -> set[int]:
-    """Ids of the tokenizer's special tokens: the named ones (bos, eos, ...) and the added tokens flagged
-    special (Llama 3's <|start_header_id|>, <|eot_id|>, its reserved tokens), which no text spells; byte-fallback
-    `<0xNN>` tokens listed as special spell a byte, and are left out."""
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for i, token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
-        if getattr(token, "special", False) and not BYTE_TOKEN.fullmatch(str(token)):
-            special.add(int(i))
-    return special
-
-
 def token_bytes(tokenizer) -> list[bytes | None]:
     """Bytes of each of our tokens: the byte mapping where it fixes them, else the token's own text
     (word-level pieces; SentencePiece's `▁` read as a space); special tokens (`special_ids`) are None."""
@@ -80,11 +70,11 @@ def token_bytes(tokenizer) -> list[bytes | None]:
 
 
 def token_symbols(tokenizer) -> np.ndarray:
-    """int32 [V] first-byte symbols of a Hugging Face tokenizer's tokens (eos -> END_SYMBOL, other special
-    tokens -> OTHER_SYMBOL)."""
-    return symbols_from_bytes(
-        token_bytes(tokenizer), eos_ids=(tokenizer.eos_token_id,), special_ids=special_ids(tokenizer)
-    )
+    """int32 [V] first-byte symbols of a Hugging Face tokenizer's tokens (the eos and the chat template's end of
+    turn, `end_of_turn_id`, which `prepare` ends templated answers with -> END_SYMBOL; other special tokens ->
+    OTHER_SYMBOL)."""
+    ends = (tokenizer.eos_token_id, end_of_turn_id(tokenizer))
+    return symbols_from_bytes(token_bytes(tokenizer), eos_ids=ends, special_ids=special_ids(tokenizer))
 
 
 def teacher_symbol(text: str) -> int:

@@ -533,7 +533,7 @@ def _messages_of(messages, where: str) -> list:
         raise DataError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects.", "missing_field")
     out = messages
     for i, m in enumerate(messages):
-        role = _SHAREGPT_ROLES.get(m["role"], m["role"]) if m["role"] in ("human", "gpt") else m["role"]
+        role = _SHAREGPT_ROLES.get(m["role"], m["role"])
         if not isinstance(m["content"], str) or role != m["role"]:  # ShareGPT's speaker names as roles: read as such
             out = list(out) if out is messages else out
             out[i] = {**m, "role": role, "content": _text_of(m["content"], where, f"messages[{i}].content")}

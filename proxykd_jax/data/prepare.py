@@ -223,6 +223,16 @@ def _scratch(out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     return out.parent / f".{out.name}.tmp", out.parent / f".{out.name}.replaced"
 
 
+def _claim(row: list, seen_ids) -> corpus.Sample | None:
+    """The first sample of `row` whose id `seen_ids` holds (a duplicate: the row is not taken), else None
+    with the row's ids added to `seen_ids`."""
+    dup = next((s for s in row if s.sample_id in seen_ids), None)
+    if dup is None:
+        for s in row:
+            seen_ids.add(s.sample_id)
+    return dup
+
+
 def _fsync_dir(path: pathlib.Path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -249,15 +259,12 @@ def check_corpus(corpus_paths, progress: bool = False):
             if n % 4096 == 0:
                 bar.update(4096)
                 collect_garbage()
-            dup = next((s for s in row if s.sample_id in seen_ids), None)
+            dup = _claim(row, seen_ids)
             if dup is not None:
                 skipped["duplicate_id"] += 1
                 if len(errors) < BAD_LINES_SHOWN:
                     dups[len(errors)] = dup
                     errors.append(duplicate(dup))
-                continue
-            for s in row:
-                seen_ids.add(s.sample_id)
     bar.update(n % 4096)
     bar.close()
     name_first_places(corpus_paths, errors, dups, logprobs=False)
@@ -384,12 +391,10 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
     with _gc_per_batch() as collect_garbage:
         for row in corpus.iter_corpus(corpus_paths, dcfg.on_error, skipped, errors, MAX_ERRORS_KEPT):
             counts["rows"] += 1
-            dup = next((s for s in row if s.sample_id in seen_ids), None)
+            dup = _claim(row, seen_ids)
             if dup is not None:
                 skip(duplicate(dup), dup)
                 continue
-            for s in row:
-                seen_ids.add(s.sample_id)
             for sample in row:
                 buffer.append(sample)
                 buffered += _BYTES_PER_CHAR * (len(sample.response) + len(sample.prompt or "")) + 512
@@ -435,10 +440,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
         "seconds": time.time() - t0,
     }
     if head == "bytes":
-        symbols = byte_head.token_symbols(tokenizer)
-        if manifest["tokenizer"]["end_of_turn_id"] is not None:  # an end of text, like the eos
-            symbols[manifest["tokenizer"]["end_of_turn_id"]] = byte_head.END_SYMBOL
-        np.save(tmp / records.SYMBOLS, symbols)
+        np.save(tmp / records.SYMBOLS, byte_head.token_symbols(tokenizer))
     path = tmp / records.MANIFEST
     with open(path, "w") as f:
         json.dump(manifest, f, indent=1)

@@ -15,19 +15,9 @@ import numpy as np
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.tokenizer import chat_prompt, end_of_turn_id
 from proxykd_jax.teacher.server import Completion
-from proxykd_jax.teacher.token_bytes import BYTE_TOKEN, drops_word_start_space, token_byte_table
+from proxykd_jax.teacher.token_bytes import drops_word_start_space, special_ids, token_byte_table
 
 CONTEXT_TOKENS = 4  # tokens of context a token is spelled after (enough for word separators and byte merges)
-
-
-def _special_ids(tokenizer) -> frozenset[int]:
-    """The ids an answer's text leaves out, as vLLM and the OpenAI API do: the tokenizer's special tokens
-    (its named ones and the added tokens marked special, such as an end of turn), less the byte-fallback
-    `<0xNN>` tokens some tokenizers list among them, which spell bytes of the text."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    ids = {int(i) for i, t in added.items() if getattr(t, "special", False)}
-    ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
-    return frozenset(i for i in ids if not BYTE_TOKEN.fullmatch(str(tokenizer.convert_ids_to_tokens(i))))
 
 
 def _next_pow2(x: int, floor: int = 1) -> int:
@@ -100,7 +90,7 @@ class LlamaBackend:
         self._key = jax.random.key(seed)
         self._calls = 0
         self._byte_table = None  # token id -> bytes, built on first use
-        self.special_ids = _special_ids(tokenizer)
+        self.special_ids = special_ids(tokenizer)  # left out of an answer's text, as vLLM and the OpenAI API do
         self._continues_prompt = drops_word_start_space(tokenizer)
         # the tokenizer's ids: those of an embedding padded past them are no token, never sampled nor listed
         self.vocab = min(len(tokenizer), model.cfg.vocab_size)

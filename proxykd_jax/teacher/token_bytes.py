@@ -38,6 +38,16 @@ def byte_level_alphabet() -> dict[str, int]:
     return table
 
 
+def special_ids(tokenizer) -> frozenset[int]:
+    """The ids of a tokenizer's special tokens, which spell no text: its named ones (bos, eos, ...) and the
+    added tokens marked special (an end of turn such as Llama 3's <|eot_id|>, its header and reserved
+    tokens), less the byte-fallback `<0xNN>` tokens some tokenizers list among them, which spell a byte."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    ids = {int(i) for i, t in added.items() if getattr(t, "special", False)}
+    ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    return frozenset(i for i in ids if not BYTE_TOKEN.fullmatch(str(tokenizer.convert_ids_to_tokens(i))))
+
+
 def _nodes(node) -> list[dict]:
     """The components of a tokenizer.json node, looking into `Sequence`s."""
     if not isinstance(node, dict):
