@@ -464,7 +464,7 @@ def format_table(plans: list[StepPlan], peak_flops: float, limit_gb: float) -> s
 def _header(cfg, mesh, n: int, how: str, steps, args) -> list[str]:
     """What every row assumed: the mesh, the remat policy and attention path of each model, the peak and limit."""
     from proxykd_jax.models import attention
-    from proxykd_jax.models.llama import ModelConfig
+    from proxykd_jax.models.llama import ModelConfig, resolve_scan_layers
 
     models, overstated = [], False
     for group in dict.fromkeys(_STEP_MODEL.get(s, "proxy") for s in steps):
@@ -473,7 +473,12 @@ def _header(cfg, mesh, n: int, how: str, steps, args) -> list[str]:
         trains = any(_STEP_MODEL.get(s, "proxy") == group for s in steps if s in _TRAINS)
         overstated |= trains and path in ("blocked", "xla") and mc.remat != "full"
         what = "student" if group == "model" else "proxy"
-        models.append(f"{what}: {group}.remat={mc.remat}, attention {path} ({group}.attention={mc.attention} on CPU)")
+        layers = "scanned layers" if mc.scan_layers else "unrolled layers"
+        if resolve_scan_layers(cfg[group].scan_layers, mc.num_layers, mc.remat, "gpu") != mc.scan_layers:
+            layers += f" ({group}.scan_layers=auto: a GPU run unrolls them)"
+        models.append(
+            f"{what}: {group}.remat={mc.remat}, {layers}, attention {path} ({group}.attention={mc.attention} on CPU)"
+        )
     lines = [
         f"mesh {dict(mesh.shape)} on {n} simulated CPU devices ({how}); per-device figures from the XLA:CPU "
         "compilation (an approximation of a GPU/TPU one).",

@@ -174,8 +174,17 @@ def test_plan_prints_what_each_row_assumed(capsys, tmp_path):
     header, table = out[: out.index("step |")], out[out.index("total GB") :]
     assert "--peak-tflops" in header and "--limit-gb" in header and "model.remat=none" in header, header
     assert "attention blocked" in header and "float32" in header, header
+    assert "unrolled layers" in header, header  # the demo's 2 layers with scan_layers=auto
     assert "rows" in out and "seq" in out and "HLO TFLOP" not in out
     assert " 24 |" in table and "eval.batch_size" in table and "data.seq_len" in table, table
     assert "eval does not fit" in table and "eval.batch_size" in table.split("eval does not fit")[1], table
     assert "distill does not fit" in table and "--config.model.remat=full" in table, table
     assert "vocab_size not checked against a tokenizer" in table, table
+
+
+def test_plan_header_says_a_gpu_run_unrolls_what_the_cpu_plan_scanned(capsys, tmp_path):
+    """scan_layers=auto without remat scans deep models on CPU but unrolls them on a GPU: the header says so."""
+    args = _demo("--steps=eval", "--config.model.num_layers=12", f"--config.run.dir={tmp_path}/r")
+    assert cli._run_plan(args) == 0
+    header = capsys.readouterr().out.split("step |")[0]
+    assert "student: model.remat=none, scanned layers (model.scan_layers=auto: a GPU run unrolls them)" in header
