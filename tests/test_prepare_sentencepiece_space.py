@@ -152,3 +152,31 @@ def test_byte_level_and_word_responses_are_tokenised_alone(kind, tmp_path):
         prompt, response = " ".join(rng.choice(WORDS, size=3)), lead + " ".join(rng.choice(WORDS, size=4))
         enc = encode(tok, prompt, response)
         assert enc.tokens_L[enc.prompt_len :].tolist() == tok(response, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("style", LAYOUTS)
+def test_alternatives_inside_a_word_are_pieces_without_the_word_start(style, tmp_path):
+    """A teacher alternative without a leading space ("sat" inside "▁thesat") is our piece `sat`, not the
+    word-start `▁sat` that tokenising it on its own gives; a word-start alternative (" sat") stays `▁sat`."""
+    rng = np.random.default_rng()
+    tok = layout(style, tmp_path / "tok")
+    vocab = tok.get_vocab()
+    inner = [p for p in vocab if p.isalpha() and "\u2581" + p in vocab]  # pieces with and without the word start
+    words = vocab_words(tok)
+    pairs = [
+        (w, p)
+        for w in words
+        for p in inner
+        if tok.convert_ids_to_tokens(tok(" " + w + p, add_special_tokens=False)["input_ids"])[-2:] == ["\u2581" + w, p]
+    ]
+    assert len(inner) >= 4 and pairs, (inner, pairs)
+    w, p = pairs[int(rng.integers(len(pairs)))]
+    others = [str(o) for o in rng.choice([o for o in inner if o != p], size=3, replace=False)]
+    lps = np.sort(rng.uniform(-4.0, -0.05, size=5))[::-1]
+    alts = [[(" " + w, -0.1)], [(p, lps[0]), *zip(others, lps[1:4]), (" " + others[0], lps[4])]]
+    prompt = " ".join(rng.choice(words, size=2))
+    enc = encode(tok, prompt, " " + w + p, tokens=[" " + w, p], alts=alts)
+    row = enc.prompt_len + 1
+    got = {int(i): float(lp) for i, lp in zip(enc.teacher_topk_ids_LxK[row], enc.teacher_topk_logprobs_LxK[row])}
+    want = {vocab[p]: lps[0], **{vocab[o]: lp for o, lp in zip(others, lps[1:4])}, vocab["\u2581" + others[0]]: lps[4]}
+    assert {i: lp for i, lp in got.items() if np.isfinite(lp)} == pytest.approx(want, abs=1e-6)

@@ -22,6 +22,7 @@ from proxykd_jax.data import byte_head
 from proxykd_jax.data.corpus import DataError, Sample
 from proxykd_jax.models.tokenizer import TEMPLATE_ERRORS, chat_prompt, end_of_turn_id
 from proxykd_jax.teacher.responses import token_bytes_of
+from proxykd_jax.teacher.token_bytes import BYTE_TOKEN
 
 HEADS = ("exact", "bytes")
 _ALT_CACHE_MAX = 1 << 18  # teacher alternatives whose id an encoder remembers (forgotten when full)
@@ -138,6 +139,9 @@ class SampleEncoder:
         self._symbol = functools.lru_cache(maxsize=1 << 16)(lambda t: byte_head.teacher_symbol(t))
         self._alt_ids_seen: dict[str | bytes, int] = {}  # `_alt_id` by the bytes where given, else the text
         self._dummy_prefix = _adds_dummy_prefix(tokenizer, self._token_bytes)
+        # SentencePiece layouts write a word-start `▁` before a text on its own: "ing" alone is `▁ing`
+        alone = tokenizer("a", add_special_tokens=False)["input_ids"]
+        self._prefixes_alone = bool(alone) and (self._token_bytes[alone[0]] or b"").startswith(b" ")
 
     def _in_context(self, text: str) -> str:
         """The text to tokenise for `text` as it reads after a prompt: without its leading space where our
@@ -155,8 +159,22 @@ class SampleEncoder:
         return offs
 
     def _single_id_uncached(self, text: str) -> int:
+        if self._prefixes_alone and text and not text[0].isspace():
+            # inside a word ("ing" after "▁walk"): the piece without `▁`, which tokenising it alone never gives
+            return self._id_of_bytes(text.encode("utf-8"))
         ids = self.tok(self._in_context(text), add_special_tokens=False)["input_ids"]
         return ids[0] if len(ids) == 1 else -1
+
+    def _id_of_bytes(self, raw: bytes) -> int:
+        """The token whose bytes are `raw` (-1: none): an ordinary piece before a byte-fallback `<0xNN>` one."""
+        if self._ids_by_bytes is None:
+            self._ids_by_bytes = {}
+            pieces = self.tok.convert_ids_to_tokens(list(range(len(self._token_bytes))))
+            for fallback in (False, True):
+                for i, (b, piece) in enumerate(zip(self._token_bytes, pieces)):
+                    if b and bool(piece and BYTE_TOKEN.fullmatch(piece)) == fallback:
+                        self._ids_by_bytes.setdefault(b, i)
+        return self._ids_by_bytes.get(raw, -1)
 
     def _alt_id(self, text: str, raw: bytes | None) -> int:
         """Our token id of a teacher alternative (-1: not one of our tokens), from its bytes (`raw`
@@ -166,13 +184,7 @@ class SampleEncoder:
         try:
             return self._single_id(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            pass
-        if self._ids_by_bytes is None:
-            self._ids_by_bytes = {}
-            for i, b in enumerate(self._token_bytes):
-                if b:
-                    self._ids_by_bytes.setdefault(b, i)
-        return self._ids_by_bytes.get(raw, -1)
+            return self._id_of_bytes(raw)
 
     def _alt_ids(self, alts, raws) -> list[int]:
         """`_alt_id` of each alternative of one teacher position (`raws`: their bytes, None where not
