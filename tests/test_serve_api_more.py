@@ -67,12 +67,12 @@ def test_a_large_request_runs_in_calls_of_at_most_max_batch_sequences():
 
 def test_a_split_request_gets_the_answers_of_the_unsplit_one_for_its_seed():
     """Seeded answers do not depend on how `max_batch` cuts a request: sampled answers (and their log-probs) of
-    7 prompts x n=3 with a seed equal those of one call, as do those of a seeded prompt whose n exceeds max_batch."""
+    7 prompts x n=3 with a seed equal those of one call, as do those of a seeded prompt whose n exceeds max_batch, run in parts."""
     prompts = [list(f"prompt {i}".encode()) for i in range(7)]
     requests = [(prompts, _params(3), 11), ([list(b"solo")], _params(6), 5)]
     split, calls = _submit_all(ToyBackend(), 4, requests)
     whole, whole_calls = _submit_all(ToyBackend(), 64, requests)
-    assert whole_calls == [21, 6] and sorted(calls) == [3] * 7 + [6]  # the seeded n=6 keeps its call
+    assert whole_calls == [21, 6] and sorted(calls) == [2] + [3] * 7 + [4]  # the seeded n=6 in parts of 4 and 2
     for got, want in zip(split, whole):
         assert [[(c.token_ids, c.logprobs, c.top) for c in row] for row in got] == [
             [(c.token_ids, c.logprobs, c.top) for c in row] for row in want

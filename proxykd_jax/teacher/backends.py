@@ -52,15 +52,15 @@ def _row_keys_fn():
     import jax  # pylint: disable=import-outside-toplevel
 
     @jax.jit
-    def row_keys(base_key, call, seeded_R, hi_R, lo_R, n):
+    def row_keys(base_key, call, seeded_R, hi_R, lo_R, sample_R):
         rows = jax.numpy.arange(seeded_R.shape[0], dtype=jax.numpy.uint32)
 
-        def one(seeded, hi, lo, row):
-            from_seed = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), hi), lo), row % n)
+        def one(seeded, hi, lo, sample, row):
+            from_seed = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), hi), lo), sample)
             from_call = jax.random.fold_in(jax.random.fold_in(base_key, call), row)
             return jax.numpy.where(seeded, jax.random.key_data(from_seed), jax.random.key_data(from_call))
 
-        return jax.random.wrap_key_data(jax.vmap(one)(seeded_R, hi_R, lo_R, rows))
+        return jax.random.wrap_key_data(jax.vmap(one)(seeded_R, hi_R, lo_R, sample_R, rows))
 
     return row_keys
 
@@ -143,18 +143,32 @@ class LlamaBackend:
                 out[i] = piece.encode("utf-8")
         return out
 
-    def _row_keys(self, num_prompts: int, n: int, rows: int, seeds):
-        """One key per generated row: from the request's seed (and the sample's index) where it has
-        one, else from this backend's key and the call counter."""
+    def _row_keys(self, num_prompts: int, n: int, rows: int, seeds, starts=None):
+        """One key per generated row: from the request's seed and the sample's index in its request (its
+        prompt's start, `starts`, plus its index in the call) where it has one, else from this backend's
+        key and the call counter."""
         seeded, hi, lo = np.zeros(rows, bool), np.zeros(rows, np.uint32), np.zeros(rows, np.uint32)
+        sample = np.zeros(rows, np.uint32)
         for i in range(min(rows, num_prompts * n) if seeds is not None else 0):
             if seeds[i // n] is not None:  # any 64-bit seed, as two 32-bit words
                 seed = int(seeds[i // n]) % (1 << 64)
                 seeded[i], hi[i], lo[i] = True, seed >> 32, seed & 0xFFFFFFFF
-        return _row_keys_fn()(self._key, np.uint32(self._calls), seeded, hi, lo, np.uint32(n))
+                sample[i] = (starts[i // n] if starts is not None else 0) + i % n
+        return _row_keys_fn()(self._key, np.uint32(self._calls), seeded, hi, lo, sample)
 
     def complete(
-        self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs, seeds=None, to_context=False
+        self,
+        prompts,
+        *,
+        n,
+        temperature,
+        top_p,
+        max_tokens,
+        logprobs,
+        top_logprobs,
+        seeds=None,
+        starts=None,
+        to_context=False,
     ):
         context = self.max_context
         limits = [min(max_tokens, context - len(p)) if to_context else max_tokens for p in prompts]
@@ -171,6 +185,7 @@ class LlamaBackend:
                 [limits[j] for j in js],
                 [seeds[j] for j in js] if seeds is not None else None,
                 shape,
+                starts=[starts[j] for j in js] if starts is not None else None,
                 n=n,
                 temperature=temperature,
                 top_p=top_p,
@@ -181,7 +196,7 @@ class LlamaBackend:
                 out[j] = row
         return out
 
-    def _generate(self, prompts, limits, seeds, shape, *, n, temperature, top_p, logprobs, top_logprobs):
+    def _generate(self, prompts, limits, seeds, shape, *, starts, n, temperature, top_p, logprobs, top_logprobs):
         """n completions of each prompt, each at most its limit, in one `generate` call of `shape` (P, T)."""
         from proxykd_jax.models.sampling import generate  # pylint: disable=import-outside-toplevel
 
@@ -196,7 +211,7 @@ class LlamaBackend:
             self.model,
             tokens_BxP,
             lengths_B,
-            self._row_keys(len(prompts), n, b, seeds),
+            self._row_keys(len(prompts), n, b, seeds, starts),
             max_new_tokens=t,
             limits_B=limits_B,
             temperature=temperature,
@@ -292,17 +307,31 @@ class ToyBackend:
         )
 
     def complete(
-        self, prompts, *, n, temperature, top_p, max_tokens, logprobs, top_logprobs, seeds=None, to_context=False
+        self,
+        prompts,
+        *,
+        n,
+        temperature,
+        top_p,
+        max_tokens,
+        logprobs,
+        top_logprobs,
+        seeds=None,
+        starts=None,
+        to_context=False,
     ):
         del top_p  # the toy ignores nucleus truncation
         self._calls += 1
         if self.latency_s:
             time.sleep(self.latency_s)
-        seeds = seeds or [None] * len(prompts)
+        seeds, starts = seeds or [None] * len(prompts), starts or [0] * len(prompts)
         limits = [min(max_tokens, self.max_context - len(p)) if to_context else max_tokens for p in prompts]
-        out = [
-            [self._one(p, j, temperature, limit, top_logprobs, seed) for j in range(n)]
-            for p, seed, limit in zip(prompts, seeds, limits)
+        out = [  # a seeded prompt's samples numbered from its start in its request
+            [
+                self._one(p, j + (start if seed is not None else 0), temperature, limit, top_logprobs, seed)
+                for j in range(n)
+            ]
+            for p, seed, start, limit in zip(prompts, seeds, starts, limits)
         ]
         if not logprobs:
             for row in out:

@@ -26,12 +26,15 @@ A backend is any object with
   vocab: int, optional: a completions prompt of token ids may hold ids 0 to vocab - 1 (without it,
       text prompts only)
   complete(prompts: list[list[int]], *, n, temperature, top_p, max_tokens, logprobs, top_logprobs,
-           seeds: list[int | None] | None = None, to_context: bool = False)
+           seeds: list[int | None] | None = None, starts: list[int] | None = None, to_context: bool = False)
       -> per prompt, n `Completion`s (end-of-sequence stripped; stop strings are applied here).
       A prompt with a seed (the request's `seed` field) gets the same completions whatever else
-      shares the call. With `to_context` (a request without a limit) each prompt's limit is
-      min(max_tokens, max_context - its length): the call's settings do not depend on prompt
-      lengths, so such requests batch together and `LlamaBackend` compiles a few shapes for them.
+      shares the call: its j-th is sample starts[i] + j of its seed (`starts`, given with `seeds`:
+      per prompt, the index in its request of the call's first sample; None: 0), so a request split
+      into parts of n gets the samples of the unsplit one. With `to_context` (a request without a
+      limit) each prompt's limit is min(max_tokens, max_context - its length): the call's settings do
+      not depend on prompt lengths, so such requests batch together and `LlamaBackend` compiles a few
+      shapes for them.
 """
 
 from __future__ import annotations
@@ -80,28 +83,28 @@ class Batcher:
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generate")
         self.calls: list[int] = []  # sequences per backend call, for tests and benchmarks
 
-    def parts(self, num_prompts: int, n: int, seed: int | None) -> list[tuple[slice, int]]:
-        """(prompts, n) of each part of a request: whole prompts, as many as `max_batch` holds; a prompt
-        whose n alone exceeds it, in parts of n. Not with a seed: a backend numbers a seed's samples
-        within its call (the same seed gives the same answers whatever shares the call, `LlamaBackend`'s
-        row keys), so such a prompt keeps its n in one call, over `max_batch`."""
-        if n <= self.max_batch or seed is not None:
-            per = max(1, self.max_batch // n)
-            return [(slice(i, i + per), n) for i in range(0, num_prompts, per)]
-        sizes = [min(self.max_batch, n - i) for i in range(0, n, self.max_batch)]
-        return [(slice(j, j + 1), k) for j in range(num_prompts) for k in sizes]
+    def parts(self, num_prompts: int, n: int) -> list[tuple[slice, int, int]]:
+        """(prompts, n, start) of each part of a request: whole prompts, as many as `max_batch` holds; a
+        prompt whose n alone exceeds it, in parts of at most `max_batch` samples, `start` the index of a
+        part's first sample. A seeded prompt's samples are numbered from it (`complete`'s `starts`), so
+        each gets the answer of its seed and index whichever part it runs in."""
+        if n <= self.max_batch:
+            per = self.max_batch // n
+            return [(slice(i, i + per), n, 0) for i in range(0, num_prompts, per)]
+        starts = range(0, n, self.max_batch)
+        return [(slice(j, j + 1), min(self.max_batch, n - i), i) for j in range(num_prompts) for i in starts]
 
     async def submit(self, prompts: list[list[int]], params: dict, seed: int | None = None) -> list[list[Completion]]:
         """Per prompt, its n completions (the backend's `complete` of the request's settings)."""
-        parts, futures = self.parts(len(prompts), params["n"], seed), []
-        for rows, n in parts:
+        parts, futures = self.parts(len(prompts), params["n"]), []
+        for rows, n, start in parts:
             key = tuple(sorted(dict(params, n=n).items()))
             futures.append(asyncio.get_running_loop().create_future())
             if key not in self.pending:
                 asyncio.get_running_loop().call_later(self.window_s, self._start, key)
-            self.pending.setdefault(key, []).append((prompts[rows], futures[-1], seed))
+            self.pending.setdefault(key, []).append((prompts[rows], futures[-1], seed, start))
         answers: dict[int, list[Completion]] = {}
-        for (rows, _), part in zip(parts, await asyncio.gather(*futures)):
+        for (rows, _, _), part in zip(parts, await asyncio.gather(*futures)):
             for j, row in zip(range(len(prompts))[rows], part):  # a prompt's parts of n, in order
                 answers.setdefault(j, []).extend(row)
         return [answers[j] for j in range(len(prompts))]
@@ -122,20 +125,21 @@ class Batcher:
                 asyncio.get_running_loop().call_soon(self._start, key)
             if not take:
                 return
-            prompts = [p for item, _, _ in take for p in item]
-            seeds = [seed for item, _, seed in take for _ in item]
+            prompts = [p for item, *_ in take for p in item]
+            seeds = [seed for item, _, seed, _ in take for _ in item]
+            starts = [start for item, _, _, start in take for _ in item]
             self.calls.append(len(prompts) * dict(key)["n"])
-            extra = {"seeds": seeds} if any(s is not None for s in seeds) else {}
+            extra = {"seeds": seeds, "starts": starts} if any(s is not None for s in seeds) else {}
             call = functools.partial(self.backend.complete, prompts, **dict(key), **extra)
             try:
                 results = await asyncio.get_running_loop().run_in_executor(self.executor, call)
             except Exception as err:  # handed to each waiting request
-                for _, future, _ in take:
+                for _, future, *_ in take:
                     if not future.done():
                         future.set_exception(err)
                 return
             i = 0
-            for item, future, _ in take:  # a request cancelled meanwhile (its future done) leaves the others theirs
+            for item, future, *_ in take:  # a request cancelled meanwhile (its future done) leaves the others theirs
                 if not future.done():
                     future.set_result(results[i : i + len(item)])
                 i += len(item)
