@@ -291,7 +291,9 @@ def _check_mesh(cfg, stage: str | None, num_devices: int, process_count: int) ->
 
 
 def _check_training(cfg, groups) -> None:
-    if "train" in groups and "optim" in groups:
+    # train.steps and optim.warmup_steps make distill's schedule; align's phases set their own (align.*_steps,
+    # align.warmup_steps), so a stage without the distill group does not check them.
+    if "train" in groups and "optim" in groups and "distill" in groups:
         steps, accum = int(cfg.train.steps), int(cfg.optim.grad_accum)
         updates = int(cfg.optim.decay_steps) or max(steps // accum, 1)
         if int(cfg.optim.warmup_steps) >= updates:

@@ -211,6 +211,39 @@ def test_a_student_folder_of_another_context_is_refused(run_dir, tmp_path):
     assert not (run_dir / "student_ctx").exists()
 
 
+def _mistral_folder(cfg, folder, window, max_positions):
+    """A student folder of the group's shapes labelled as a Mistral with a sliding window."""
+    from flax import nnx
+
+    from proxykd_jax.models import hf
+    from proxykd_jax.models.llama import Llama, ModelConfig
+
+    shape = {k: cfg.model[k] for k in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads")}
+    mc = ModelConfig(**shape, head_dim=cfg.model.head_dim, d_ff=cfg.model.d_ff, max_seq_len=max_positions)
+    hf.save_hf(Llama(mc, rngs=nnx.Rngs(0)), mc, folder)
+    spec = json.loads((folder / "config.json").read_text())
+    spec.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=window)
+    (folder / "config.json").write_text(json.dumps(spec))
+    return folder
+
+
+def test_a_mistral_student_is_written_back_as_a_mistral_with_its_window(run_dir, tmp_path):
+    """A Mistral student folder (window SEQ, context 4 x SEQ): its max_seq_len is the window (a group of the
+    folder's context is refused with a sentence naming the window), and final/ keeps the family, the window and
+    the context (it was written as a Llama of max_position_embeddings SEQ before)."""
+    cfg = make_config(run_dir, **{"train.steps": 2, "optim.warmup_steps": 0})
+    cfg.model.init_from = str(_mistral_folder(cfg, tmp_path / "mistral", SEQ, 4 * SEQ))
+    cfg.distill.output = "student_mistral"
+    cfg.model.max_seq_len = 4 * SEQ
+    with pytest.raises(ProxyKDError, match=f"max_seq_len={SEQ} .config: {4 * SEQ}. .the folder's max_seq_len is its "):
+        run_stage("distill", cfg)
+    cfg.model.max_seq_len = SEQ
+    run_stage("distill", cfg)
+    written = json.loads((run_dir / "student_mistral" / "final" / "config.json").read_text())
+    assert (written["architectures"], written["model_type"]) == (["MistralForCausalLM"], "mistral")
+    assert (written["sliding_window"], written["max_position_embeddings"]) == (SEQ, 4 * SEQ)
+
+
 @pytest.mark.parametrize("steps", [6, 5])
 def test_a_split_too_small_for_the_steps_is_one_sentence(run_dir, steps):
     """One epoch of the 40 samples: 6 steps of 8 rows need 48 rows, more than 40 samples can fill (refused

@@ -475,12 +475,13 @@ def _round_pairs(trainable, frozen, data: AlignData, acfg, phase_dir, r, seed, s
 
 
 def export_final(
-    trainable, frozen, model_cfg, final_dir: pathlib.Path, lora_targets, mesh, tokenizer=None, stop_ids=()
+    trainable, frozen, model_cfg, final_dir: pathlib.Path, lora_targets, mesh, tokenizer=None, stop_ids=(), source=None
 ) -> None:
     """Writes the aligned proxy (LoRA merged) as a Hugging Face folder (`final_dir`, written beside
     and renamed into place), and the adapters beside it (`lora/`) when there are any. Its eos_token_id lists,
     besides the tokenizer's eos, `stop_ids` (those of the folder the proxy started from) and the end of turn of
-    the run's tokenizer (`end_of_turn_id`, the prepared manifest's: what its templated answers end with)."""
+    the run's tokenizer (`end_of_turn_id`, the prepared manifest's: what its templated answers end with); its
+    config.json is `source`'s, the folder the proxy started from, where that describes it (`hf.source_config`)."""
     import shutil
 
     from flax import nnx
@@ -496,7 +497,8 @@ def export_final(
     hosts.sync("align: final.tmp cleared")
     # The merged policy stays sharded: save_hf brings one tensor at a time to the host (collectively,
     # when it spans processes) and process 0 writes. Only the (small) adapters are replicated.
-    hf.save_hf(objectives.policy_of(trainable, frozen), model_cfg, tmp, tokenizer=tokenizer, stop_ids=stops)
+    policy = objectives.policy_of(trainable, frozen)
+    hf.save_hf(policy, model_cfg, tmp, tokenizer=tokenizer, stop_ids=stops, source=source)
     adapters = hosts.replicate(nnx.split(trainable)[1], mesh) if frozen else None
     if jax.process_index() == 0:
         if frozen:

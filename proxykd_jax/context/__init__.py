@@ -60,6 +60,21 @@ def run_config() -> ml_collections.ConfigDict:
     return cd
 
 
+def _window_note(folder: pathlib.Path) -> str:
+    """Where a folder's max_seq_len is its sliding window, a clause saying so (else "")."""
+    from proxykd_jax.models import hf
+
+    spec = json.loads((folder / "config.json").read_text())
+    arch = next(iter(spec.get("architectures") or []), "")
+    window = hf.sliding_window(spec, arch)
+    if not window or window >= int(spec.get("max_position_embeddings", 2048)):
+        return ""
+    return (
+        f" (the folder's max_seq_len is its sliding_window {window}: proxykd runs full attention, which equals "
+        "the window's only up to there)"
+    )
+
+
 @dataclasses.dataclass
 class RunContext:
     """Everything a stage needs; see the module docstring. Build it with `create`."""
@@ -139,7 +154,9 @@ class RunContext:
         if int(seq_len) > int(model_cfg.max_seq_len):
             raise ConfigError(
                 f"config.{field}={seq_len} exceeds the max_seq_len {model_cfg.max_seq_len} of {model}; lower "
-                f"{field} to at most {model_cfg.max_seq_len} (positions past it are ones the model never saw)."
+                f"{field} to at most {model_cfg.max_seq_len} (positions past it are ones the model never saw; "
+                "an imported model's max_seq_len is its sliding window where it has one, past which proxykd's "
+                "full attention is not the window's)."
             )
 
     def init_model(self, name: str, seed: int, *, rows=None):
@@ -172,8 +189,9 @@ class RunContext:
             if getattr(folder_cfg, f) != getattr(model_cfg, f)
         ]
         if diff:  # before any weight is read
+            window = "" if folder_cfg.max_seq_len == model_cfg.max_seq_len else _window_note(folder)
             raise ProxyKDError(
-                f"{folder}/config.json disagrees with config.{name} on {', '.join(diff)}; make the {name} "
+                f"{folder}/config.json disagrees with config.{name} on {', '.join(diff)}{window}; make the {name} "
                 "group match the folder (or pick the matching preset)."
             )
         if rows is not None:

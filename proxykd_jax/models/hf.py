@@ -4,12 +4,14 @@
 model.safetensors.index.json), checks every tensor's shape against the config from the file headers
 alone, then builds each parameter straight into its sharded global array, every device reading
 only its own block (`safetensors_io`); nothing is randomly initialised or built whole on one host.
-`save_hf(model, cfg, folder)` writes a folder `transformers` loads (Qwen2ForCausalLM when the model
-has q/k/v bias, LlamaForCausalLM otherwise), one tensor at a time, in files of at most 5 GB.
+`save_hf(model, cfg, folder)` writes a folder `transformers` loads (with `source`, the folder the model was
+imported from, its config.json: the same family; else Qwen2ForCausalLM when the model has q/k/v bias,
+LlamaForCausalLM otherwise), one tensor at a time, in files of at most 5 GB.
 `tensor_map` is the one place that maps our parameter paths to HF tensor names and layouts.
 
 Mistral / Qwen2 sliding-window attention is not implemented; the imported config's `max_seq_len` is
-capped at the window, where full causal attention is identical.
+capped at the window, where full causal attention is identical (`sliding_window`), and the model refuses
+longer rows. An export with `source` keeps the source's window and context in its config.json.
 """
 
 from __future__ import annotations
@@ -67,9 +69,9 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         if act not in ("silu", "swish"):
             raise ValueError(f"config.json sets hidden_act={act!r}; only silu (SwiGLU) is supported.")
         max_seq_len = int(hf.get("max_position_embeddings", 2048))
-        window = hf.get("sliding_window")
-        if window and (arch == "MistralForCausalLM" or hf.get("use_sliding_window")):
-            max_seq_len = min(max_seq_len, int(window))
+        window = sliding_window(hf, arch)
+        if window:
+            max_seq_len = min(max_seq_len, window)
         return ModelConfig(
             vocab_size=int(hf["vocab_size"]),
             d_model=d_model,
@@ -89,6 +91,26 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         )
     except KeyError as e:
         raise ValueError(f"config.json lacks the field {e.args[0]!r} that a {arch} config must have.") from None
+
+
+def sliding_window(hf: dict, arch: str) -> int | None:
+    """The attention window a config.json's model runs some layers with, as transformers reads it (None: none):
+    Mistral's `sliding_window` on every layer; Qwen2's only with `use_sliding_window`, on the layers its
+    `layer_types` name "sliding_attention" (without them: layers from `max_window_layers` on)."""
+    window = hf.get("sliding_window")
+    if not window or arch == "LlamaForCausalLM":
+        return None
+    if arch == "Qwen2ForCausalLM":
+        if not hf.get("use_sliding_window"):
+            return None
+        layers = int(hf["num_hidden_layers"])
+        types = hf.get("layer_types") or [
+            "sliding_attention" if i >= int(hf.get("max_window_layers", 28)) else "full_attention"
+            for i in range(layers)
+        ]
+        if "sliding_attention" not in types:
+            return None
+    return int(window)
 
 
 def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple]:
@@ -311,6 +333,25 @@ def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
     return out
 
 
+_COMPUTES = tuple(
+    f.name for f in dataclasses.fields(ModelConfig) if f.name not in (*RUN_FIELDS, "dtype", "param_dtype")
+)
+
+
+def source_config(folder, cfg: ModelConfig) -> dict | None:
+    """The config.json of `folder` (a model's source folder; None or "": none) where it describes a model that
+    computes what `cfg` does (every field but how it runs and its dtypes); else None."""
+    path = pathlib.Path(str(folder)).expanduser() / "config.json" if folder else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        spec = json.loads(path.read_text())
+        theirs = config_from_hf(spec, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    except ValueError:
+        return None
+    return spec if all(getattr(theirs, f) == getattr(cfg, f) for f in _COMPUTES) else None
+
+
 def generation_stop_ids(folder: pathlib.Path) -> tuple:
     """The ids a folder's generation_config.json names as `eos_token_id` (one or a list: an instruct model
     ends a turn with its own token, Llama 3's <|eot_id|>, besides the tokenizer's eos); () without one."""
@@ -396,10 +437,11 @@ def save_hf(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     stop_ids=(),
+    source=None,
 ) -> None:
     """Writes `model` as a Hugging Face folder; see `save_params`."""
     params = {tuple(k): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    save_params(params, cfg, folder, tokenizer, max_shard_bytes=max_shard_bytes, stop_ids=stop_ids)
+    save_params(params, cfg, folder, tokenizer, max_shard_bytes=max_shard_bytes, stop_ids=stop_ids, source=source)
 
 
 def save_params(
@@ -410,9 +452,13 @@ def save_params(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     stop_ids=(),
+    source=None,
 ) -> None:
     """Writes config.json, generation_config.json, safetensors files of at most `max_shard_bytes`
     (more than one: with model.safetensors.index.json) and the tokenizer, one tensor at a time.
+    config.json is `source`'s (the folder the model was imported from, when it describes this model: its
+    family, a Mistral's sliding window and full context, fields transformers keeps) with this folder's
+    token ids and dtype; else one written from `cfg` (Qwen2ForCausalLM with q/k/v bias, else LlamaForCausalLM).
 
     `params` maps our parameter paths to (possibly sharded) arrays. Nothing is gathered whole: each
     tensor (one layer of a stacked leaf) is brought to the host only when it is written. When the
@@ -444,7 +490,12 @@ def save_params(
     token_ids = token_ids_of(tokenizer, stop_ids)
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(_hf_config(cfg, arch, token_ids), indent=2))
+        config = _hf_config(cfg, arch, token_ids)
+        like = source_config(source, cfg)
+        if like is not None:
+            ours = [k for k in token_ids if config[k] is not None] + ["dtype", "torch_dtype"]
+            config = {**like, **{k: config[k] for k in ours}}
+        (folder / "config.json").write_text(json.dumps(config, indent=2))
         generation = {k: v for k, v in token_ids.items() if v is not None}
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     write_sharded(folder, tensors, fetch, max_shard_bytes=max_shard_bytes, write=writer)

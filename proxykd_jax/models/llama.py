@@ -483,7 +483,13 @@ class Llama(nnx.Module):
         return shard_batch(dense(shard_batch(hidden_BxLxD), self.unembedding(), preferred_element_type=jnp.float32))
 
     def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
-        """Final-norm hidden states [B, L, D] in the compute dtype."""
+        """Final-norm hidden states [B, L, D] in the compute dtype; rows of at most `max_seq_len` tokens (an
+        imported Mistral-style model's is its attention window, which is exact only up to there)."""
+        if tokens_BxL.shape[-1] > self.cfg.max_seq_len:
+            raise ValueError(
+                f"rows of {tokens_BxL.shape[-1]} tokens are longer than the model's max_seq_len "
+                f"{self.cfg.max_seq_len} (its context, or an imported model's sliding window); use shorter rows."
+            )
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
         if positions_BxL is None:

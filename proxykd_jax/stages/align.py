@@ -95,6 +95,7 @@ def run(ctx, *, teacher_probs_fn=None) -> dict:
         ctx.mesh,
         tokenizer=tokenizer,
         stop_ids=hf.generation_stop_ids(start) if start is not None and start.is_dir() else (),  # (Llama 3.1's eom)
+        source=start,
     )
     summaries = _summaries(art.work)
     art.finish(summaries)

@@ -71,6 +71,7 @@ def setup(ctx, art) -> distill.Distillation:
         teacher=teacher,
         tokenizer=load_tokenizer(paths.tokenizer) if paths.tokenizer.exists() else None,
         stop_ids=hf.trained_stop_ids((cfg.model.init_from, cfg.data.tokenizer), paths.prepared),
+        source=cfg.model.init_from,
     )
     art.begin()
     return run

@@ -80,6 +80,7 @@ def run(ctx) -> pathlib.Path:
         tokenizer=tokenizer,
         max_shard_bytes=int(ctx.cfg.export.max_shard_bytes),
         stop_ids=hf.trained_stop_ids((ctx.cfg.model.init_from, ctx.cfg.data.tokenizer), ctx.paths.prepared),
+        source=ctx.cfg.model.init_from,
     )
     if ctx.is_writer:  # the process that wrote the tokenizer files
         _drop_load_time_keys(art.work)

@@ -201,6 +201,7 @@ class Distillation:
     out_dir: pathlib.Path
     tokenizer: Any
     stop_ids: tuple = ()  # besides the eos, the ids final/ lists as ending an answer (`hf.trained_stop_ids`)
+    source: str = ""  # the folder the student started from, whose config.json final/ keeps (`hf.source_config`)
 
     def train(self) -> train.TrainState:
         """Trains (resuming from the newest checkpoint), then writes <out_dir>/final/ as an HF folder
@@ -215,7 +216,7 @@ class Distillation:
         # The sharded state as it is: save_hf brings one tensor at a time to the host (collectively,
         # when the model spans processes) and process 0 writes; nothing is replicated whole.
         student = nnx.merge(self.graphdef, state.params, state.rest)
-        hf.save_hf(student, self.model_cfg, tmp, tokenizer=self.tokenizer, stop_ids=self.stop_ids)
+        hf.save_hf(student, self.model_cfg, tmp, tokenizer=self.tokenizer, stop_ids=self.stop_ids, source=self.source)
         if jax.process_index() == 0:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -251,6 +252,7 @@ def setup(
     teacher=None,
     tokenizer=None,
     stop_ids=(),
+    source="",
 ) -> Distillation:
     """Builds the student state, data iterator, (white-box) teacher, train step and Loop.
 
@@ -258,7 +260,8 @@ def setup(
     groups; `store` the posterior store folder (None: no store; joined for α = 0 too when given,
     so both students see the same samples); `init_model` a placed Llama whose parameters start the
     student (None: random init from `seed`); `teacher` a placed (ModelConfig, Llama) in white-box mode;
-    `stop_ids` what final/ lists besides the eos as ending an answer (`hf.trained_stop_ids`).
+    `stop_ids` what final/ lists besides the eos as ending an answer (`hf.trained_stop_ids`); `source` the folder
+    the student started from, whose config.json final/ keeps (its family: a Mistral stays a Mistral).
     """
     check_steps(train_cfg, optim_cfg)
     alpha = float(dcfg.loss.alpha)
@@ -341,4 +344,5 @@ def setup(
         out_dir=out_dir,
         tokenizer=tokenizer,
         stop_ids=tuple(stop_ids),
+        source=str(source or ""),
     )
