@@ -527,10 +527,17 @@ def arguments() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0],
         usage="proxykd plan --config=CONFIG_FILE[:ARG] [--config.FIELD=VALUE ...] [options]",
     )
-    ap.add_argument("--devices", type=int, default=0, help="simulated devices (default: the mesh.shape product)")
+    ap.add_argument(
+        "--devices",
+        type=int,
+        default=0,
+        help="simulated devices; needed where mesh.shape has a -1 axis (every shipped config), else its product",
+    )
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak (H100 SXM dense bf16: 989)")
-    ap.add_argument("--limit-gb", type=float, default=80.0, help="per-device memory the 'fits' column checks")
+    ap.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="per-device peak TFLOP/s (default 989: H100 SXM dense bf16)"
+    )
+    ap.add_argument("--limit-gb", type=float, default=80.0, help="per-device GB the 'fits' column checks (default 80)")
     ap.add_argument(
         "--layers", default="", help="A,B (0 < A < B): compile at A and B layers, extrapolate bytes to full depth"
     )

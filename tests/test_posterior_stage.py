@@ -121,6 +121,18 @@ def test_negative_pseudo_counts_are_refused_before_any_work(run, tmp_path, field
     assert not (RunPaths.from_config(cfg).root / ".posterior.new").exists()
 
 
+def test_a_holdout_that_holds_out_nothing_is_refused_before_anything_is_written(run):
+    """An eb_holdout_fraction too small for the split was refused after the proxy's whole first pass, leaving an
+    unfinished posterior of those settings that blocked the corrected command; now before anything is written."""
+    cfg, _, _ = run
+    bad = cfg.copy_and_resolve_references()
+    bad.posterior.eb_holdout_fraction = 1e-9
+    bad.run.overwrite = True
+    with pytest.raises(ProxyKDError, match=r"posterior.eb_holdout_fraction=1e-09 holds out no sample"):
+        run_stage("posterior", bad)
+    assert not (RunPaths.from_config(cfg).root / ".posterior.new").exists()
+
+
 def test_prior_stage_is_skipped_when_finished(run):
     cfg, _, _ = run
     manifest = run_stage("prior", cfg)

@@ -112,6 +112,24 @@ def is_holdout(sample_ids: np.ndarray, fraction: float) -> np.ndarray:
     return (h.astype(np.float64) / float(1 << 24)) < fraction
 
 
+def _no_holdout(pcfg) -> ProxyKDError:
+    return ProxyKDError(
+        f"posterior.eb_holdout_fraction={pcfg.eb_holdout_fraction} holds out no "
+        "sample of the distillation split; raise it or set posterior.fit_empirical_bayes=False."
+    )
+
+
+def check_holdout(prepared, pcfg) -> None:
+    """Refuses, before the proxy's pass, an empirical-Bayes fit whose `eb_holdout_fraction` holds out no sample of
+    the split (the ids are read only where that can happen: fewer than 30 samples expected held out)."""
+    fraction = float(pcfg.eb_holdout_fraction)
+    if not pcfg.fit_empirical_bayes or prepared.num_samples(SPLIT) * fraction >= 30:
+        return
+    ids = np.fromiter((int(r["sample_id"]) for r in prepared.iter_split(SPLIT)), np.int64)
+    if not is_holdout(ids, fraction).any():
+        raise _no_holdout(pcfg)
+
+
 def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq_len: int, batch_size: int) -> dict:
     """Pass 1: sample log-likelihoods -> (mu, gamma, weights of every sample) and the EB fit.
 
@@ -196,10 +214,7 @@ def _fit(prepared, pcfg, prior_cfg, w_of: dict, hold_sid, hold_seqs, hold_proxy_
     """Empirical Bayes on held-out samples, scored against tables built without them."""
     all_held = hosts.allgather(np.asarray(hold_sid, np.int64))
     if not len(all_held):
-        raise ProxyKDError(
-            f"posterior.eb_holdout_fraction={pcfg.eb_holdout_fraction} holds out no "
-            "sample of the distillation split; raise it or set posterior.fit_empirical_bayes=False."
-        )
+        raise _no_holdout(pcfg)
     wanted = set(hold_sid)
     keys = {
         int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split(SPLIT) if int(r["sample_id"]) in wanted

@@ -168,7 +168,7 @@ def _record(enc: align.Encoded) -> dict:
 def _check_out(out: pathlib.Path, overwrite: bool):
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
-            f"{out}: output already exists; pass overwrite=True (--overwrite) to replace it, or choose another folder."
+            f"{out}: output already exists; pass overwrite=True (--config.run.overwrite=True with proxykd prepare) to replace it, or choose another folder."
         )
 
 

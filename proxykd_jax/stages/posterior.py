@@ -46,6 +46,8 @@ def run(ctx) -> dict:
             f"{ctx.paths.prior}: the prior tables have vocab_size {tables.vocab_size} but the prepared "
             f"records' tokenizer has {vocab}; run `proxykd prior` again on these records."
         )
+    if not (art.work / ESTIMATE).exists():
+        estimate.check_holdout(prepared, cfg.posterior)
     rows = load_folder(folder, config_only=True).vocab_size  # before any weight is read
     if rows < vocab:  # (a larger, padded embedding is fine: its extra ids are never tokens)
         raise ProxyKDError(
