@@ -72,7 +72,10 @@ def test_a_windowed_model_is_capped_at_its_window_and_refuses_longer_rows(tmp_pa
         model(jnp.asarray(longer))
     model.cfg = dataclasses.replace(cfg, max_seq_len=128)  # what ran before: full attention past the window
     gap = np.abs(np.asarray(model(jnp.asarray(longer))) - _logits(ref, longer)).max(axis=(0, 2))
-    assert gap[:8].max() < 1e-3 and gap[8:].min() > 1e-2, gap
+    # Each position past the window differs by more than the bound of equal above (float32 agreement is ~1e-5).
+    # Not 1e-2: where one layer slides (qwen2 here) position 8 loses one key in that layer, whose random weight
+    # can be small (gap[8] under 1e-2 in 0.2% of draws, 0.005 the least of 2000; under 1e-3 ~1e-5, extrapolated).
+    assert gap[:8].max() < 1e-3 and gap[8:].min() > 1e-3, gap
 
 
 @pytest.mark.parametrize(
