@@ -224,3 +224,30 @@ def test_tables_count_the_store_rows_after_an_empty_prompt(tmp_path):
                 want[row, y] = c
             row += 1
     np.testing.assert_array_equal(to_dense(q.ids_NxS, q.counts_NxS, n, tables.vocab_size), want)
+
+
+@pytest.mark.parametrize("buffer_pairs", [1, 7, 50, 10**9])
+def test_pair_accumulator_equals_one_reduction_whatever_its_buffer(buffer_pairs):
+    """Runs of buffered pairs merged as they fill (geometric sizes) give exactly the one-shot reduction, also when
+    `flush` is called midway and pairs are added after it."""
+    from proxykd_jax.bayes.counts import PairAccumulator, reduce_pairs
+
+    rng = np.random.default_rng()
+    chunks = [
+        (rng.integers(0, 40, n).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15), rng.integers(0, 5, n))
+        for n in rng.integers(0, 30, 40)
+    ]
+    acc = PairAccumulator(buffer_pairs)
+    for i, (k, nx) in enumerate(chunks):
+        acc.add(k, nx)
+        if i == 20:
+            acc.flush()
+            want = reduce_pairs(
+                np.concatenate([c[0] for c in chunks[:21]]), np.concatenate([c[1] for c in chunks[:21]])
+            )
+            assert all(np.array_equal(a, b) for a, b in zip((acc.keys, acc.nexts, acc.counts), want))
+    acc.flush()
+    want = reduce_pairs(np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks]))
+    assert len(want[0]) > 40 and want[2].max() > 1
+    for got, expected in zip((acc.keys, acc.nexts, acc.counts), want):
+        np.testing.assert_array_equal(got, expected)

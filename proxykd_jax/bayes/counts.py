@@ -116,13 +116,17 @@ def reduce_pairs(keys, nexts, counts=None):
 class PairAccumulator:
     """Streams (key, next) pairs into a reduced sorted table with bounded buffering.
 
-    Raw pairs are buffered up to `buffer_pairs`, then reduced and merged into the running table, so
-    memory stays at the table's size (distinct pairs) plus one buffer.
+    Raw pairs are buffered up to `buffer_pairs`, then reduced into a sorted run; a run is merged with the one
+    before it once it is at least half that one's size, so runs shrink geometrically and every pair is
+    re-sorted O(log n) times (merging each buffer into the whole table re-sorted the table at every flush:
+    quadratic in the corpus). `flush` merges the runs into `keys`, `nexts`, `counts`. Memory stays within
+    about twice the table's size (distinct pairs, some in two runs) plus one buffer.
     """
 
     def __init__(self, buffer_pairs=2_000_000):
         self.buffer_pairs = int(buffer_pairs)
         self._raw_keys, self._raw_next, self._raw_n = [], [], 0
+        self._runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.keys = np.zeros(0, np.uint64)
         self.nexts = np.zeros(0, np.int32)
         self.counts = np.zeros(0, np.int64)
@@ -132,20 +136,30 @@ class PairAccumulator:
         self._raw_next.append(np.asarray(nexts, np.int32))
         self._raw_n += len(keys)
         if self._raw_n >= self.buffer_pairs:
-            self.flush()
+            self._spill()
+
+    def _spill(self):
+        if self._raw_n:
+            self._runs.append(reduce_pairs(np.concatenate(self._raw_keys), np.concatenate(self._raw_next)))
+            self._raw_keys, self._raw_next, self._raw_n = [], [], 0
+        while len(self._runs) > 1 and 2 * len(self._runs[-1][0]) >= len(self._runs[-2][0]):
+            self._merge_last_two()
+
+    def _merge_last_two(self):
+        (k2, n2, c2), (k1, n1, c1) = self._runs.pop(), self._runs.pop()
+        self._runs.append(reduce_pairs(np.concatenate([k1, k2]), np.concatenate([n1, n2]), np.concatenate([c1, c2])))
 
     def flush(self):
-        if not self._raw_n:
-            return
-        k, nx, c = reduce_pairs(np.concatenate(self._raw_keys), np.concatenate(self._raw_next))
-        self._raw_keys, self._raw_next, self._raw_n = [], [], 0
-        self.keys, self.nexts, self.counts = reduce_pairs(
-            np.concatenate([self.keys, k]), np.concatenate([self.nexts, nx]), np.concatenate([self.counts, c])
-        )
+        """Reduces every pair added so far into `keys`, `nexts`, `counts`."""
+        self._spill()
+        while len(self._runs) > 1:
+            self._merge_last_two()
+        if self._runs:
+            self.keys, self.nexts, self.counts = self._runs[0]
 
     @property
     def nbytes(self):
-        return self.keys.nbytes + self.nexts.nbytes + self.counts.nbytes
+        return sum(a.nbytes for run in self._runs for a in run)
 
 
 @dataclasses.dataclass
