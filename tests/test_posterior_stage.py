@@ -13,12 +13,13 @@ import safetensors.numpy
 
 from proxykd_jax import context
 from proxykd_jax.bayes import estimate
-from proxykd_jax.bayes.tables import load_prior
+from proxykd_jax.bayes.tables import built_with, load_prior
 from proxykd_jax.context import RunPaths
 from proxykd_jax.context.artifacts import read_record, record_path
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.data.store import StoreReader
 from proxykd_jax.errors import ConfigError, ProxyKDError
+from proxykd_jax.parallel import hosts
 from proxykd_jax.stages import posterior
 from tests.pipeline_fixtures import build_run
 from tests.stage_helpers import run_stage
@@ -90,6 +91,46 @@ def test_killed_run_resumes_without_recomputing(run):
         np.testing.assert_array_equal(again.tail_T, entry.tail_T)
     kept = {m.name for m in shards[:keep]}
     assert kept <= {m.name for m in paths.posterior.glob("shard-*.json")}
+
+
+def test_a_run_killed_in_pass_one_resumes_at_its_last_chunk(run, tmp_path, monkeypatch):
+    """Pass 1 (the proxy's scores of every sample) is kept in chunks: killed after two of them, the next run
+    scores only the batches after them and fits exactly what an unbroken pass fits (weights, held-out
+    statistics, kappa and N_max); the stage leaves no chunk behind once estimate.json is written."""
+    from proxykd_jax.bayes import pass1_log
+
+    cfg, _, _ = run
+    paths = RunPaths.from_config(cfg)
+    assert not list(paths.posterior.glob("pass1.*"))
+    prepared, tables = PreparedData(paths.prepared), load_prior(paths.prior)
+    with context.create(cfg, "eval") as ctx:  # any stage's context: mesh and model loading
+        _, model = ctx.load_model(pathlib.Path(cfg.posterior.proxy))
+        sizes = dict(mesh=ctx.mesh, rules=ctx.rules, seq_len=cfg.data.seq_len, batch_size=cfg.posterior.batch_size)
+
+        def fit(log_dir):
+            prior_cfg = built_with(tables, cfg.prior)
+            return estimate.fit_estimate(prepared, model, cfg.posterior, prior_cfg, cfg.data, log_dir=log_dir, **sizes)
+
+        whole = fit(None)
+        saves, real_save = [], pass1_log.Pass1Log.save
+
+        def killed_at_the_third(self, part):
+            if len(saves) == 2:
+                raise KeyboardInterrupt
+            saves.append(part)
+            real_save(self, part)
+
+        monkeypatch.setattr(pass1_log.Pass1Log, "save", killed_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            fit(tmp_path)
+        monkeypatch.setattr(pass1_log.Pass1Log, "save", real_save)
+        assert len(list(tmp_path.glob("pass1.*.npz"))) == 2
+        scored, real_global_batch = [], estimate.global_batch
+        monkeypatch.setattr(estimate, "global_batch", lambda *a: scored.append(1) or real_global_batch(*a))
+        again = fit(tmp_path)
+    total = hosts.batches_per_process(prepared.num_samples("distill"), estimate.local_rows(cfg.posterior.batch_size))
+    assert len(scored) == total - 2 * pass1_log.chunk_batches(total) and total > 3
+    assert sum(len(p["ids"]) for p in saves) > 0 and again == whole
 
 
 def test_missing_proxy_is_a_clear_error(run, tmp_path):

@@ -8,7 +8,8 @@ Two passes over the split:
    w = sigmoid((l - mu) / gamma). A fraction of the samples is held out: prior tables built
    without them (their sibling responses still count in the per-prompt tries) must predict their
    tokens, and (kappa, N_max) are fitted by that held-out log-likelihood; the fitted posterior
-   scores at least the prior and the proxy there (both are points of the search).
+   scores at least the prior and the proxy there (both are points of the search). The scores are kept
+   in chunks as they come (`pass1_log`): a killed run resumes at the last chunk.
 2. *Store* (`write_store`). One jitted function per batch runs the proxy forward and the posterior
    kernel (exact sparse top-k; no dense prior); the top-k, the tail mass and the sample weight go
    to this host's store shards. A killed run resumes after the last finished shard.
@@ -29,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from proxykd_jax import progress as progress_bars
-from proxykd_jax.bayes import empirical
+from proxykd_jax.bayes import empirical, pass1_log
 from proxykd_jax.bayes import posterior as kernel
 from proxykd_jax.bayes import weights as weights_lib
 from proxykd_jax.bayes.prior import SparsePrior
@@ -130,13 +131,14 @@ def check_holdout(prepared, pcfg) -> None:
         raise _no_holdout(pcfg)
 
 
-def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq_len: int, batch_size: int) -> dict:
+def fit_estimate(
+    prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq_len: int, batch_size: int, log_dir=None
+) -> dict:
     """Pass 1: sample log-likelihoods -> (mu, gamma, weights of every sample) and the EB fit.
 
-    `pcfg`/`prior_cfg`/`data_cfg` are the posterior, prior and data config groups."""
+    `pcfg`/`prior_cfg`/`data_cfg` are the posterior, prior and data config groups; with `log_dir` the pass is
+    kept there in chunks (`pass1_log`) and a killed run resumes at the last one."""
     graphdef, state = nnx.split(model)
-    ids, logliks = [], []
-    hold_seqs, hold_proxy_y, hold_sid = [], [], []
     vocab = int(prepared.manifest["tokenizer"]["vocab_size"])
     fwd = under_mesh(jax.jit(target_logprobs, static_argnums=(0, 3), out_shardings=replicated(mesh)), mesh)
     # A bytes head is fitted as it is used: the held-out score is that of the projected posterior.
@@ -144,16 +146,36 @@ def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq
     head_sym = (
         head_symbols(prepared, model.cfg.vocab_size) if pcfg.use_teacher_topk and prepared.has_teacher_head else None
     )
-    hold_head = [] if head_sym is not None else None
     group_fwd = under_mesh(jax.jit(group_mass_of_target, static_argnums=(0, 4), out_shardings=replicated(mesh)), mesh)
-    total = prepared.num_samples(SPLIT)
+    total, rows = prepared.num_samples(SPLIT), local_rows(batch_size)
+    every = pass1_log.chunk_batches(hosts.batches_per_process(total, rows))
+    fingerprint = dict(batch_size=batch_size, seq_len=seq_len, processes=jax.process_count(), head=head_sym is not None)
+    kept = pass1_log.Pass1Log(log_dir, every=every, fingerprint=fingerprint) if log_dir is not None else None
+    ids, logliks, hold_sid = [], [], []
+    hold = {name: [] for name in ("seqs", "proxy_y", "head_ids", "head_lp", "head_g")}
+    skip, chunks = kept.resume() if kept is not None else (0, [])
+    for chunk in chunks:
+        c_ids, c_logliks, c_hold_sid, c_hold = pass1_log.unpack(chunk)
+        ids += c_ids
+        logliks += c_logliks
+        hold_sid += c_hold_sid
+        for name, arrays in c_hold.items():
+            hold[name] += arrays
+    if skip:
+        log.info("posterior: pass 1 resumes after %d of its batches (%d samples scored earlier)", skip, len(ids))
+    saved = (len(ids), len(hold_sid))  # what the chunks on disk hold
     progress = jax.process_index() == 0
-    with progress_bars.bar(total=total, desc="posterior: proxy scores", unit="sample", disable=not progress) as bar:
-        for host_batch in batches(prepared, data_cfg, seq_len=seq_len, batch_size=batch_size):
+    with progress_bars.bar(
+        total=total, desc="posterior: pass 1 of 2, proxy scores", unit="sample", disable=not progress
+    ) as bar:
+        bar.update(len(ids) * jax.process_count())
+        for b, host_batch in enumerate(batches(prepared, data_cfg, seq_len=seq_len, batch_size=batch_size)):
+            if b < skip:  # scored before the run was killed: its data is read, not run
+                continue
             gb = global_batch({k: host_batch[k] for k in _MODEL_FIELDS}, mesh, rules)
-            lp = hosts.host_rows(fwd(graphdef, state, gb, vocab), local_rows(batch_size))
-            if hold_head is not None:
-                g = hosts.host_rows(group_fwd(graphdef, state, gb, head_sym, vocab), local_rows(batch_size))
+            lp = hosts.host_rows(fwd(graphdef, state, gb, vocab), rows)
+            if head_sym is not None:
+                g = hosts.host_rows(group_fwd(graphdef, state, gb, head_sym, vocab), rows)
             spans = response_spans(host_batch)
             for row, start, t in spans:
                 sid = int(host_batch["sample_ids"][row, 0])
@@ -161,19 +183,21 @@ def fit_estimate(prepared, model, pcfg, prior_cfg, data_cfg, *, mesh, rules, seq
                 ids.append(sid)
                 logliks.append(tok_lp.sum() / (t if pcfg.weight_normalize == "mean" else 1))
                 if is_holdout(np.asarray([sid]), pcfg.eb_holdout_fraction)[0]:
+                    sl = slice(start, start + t)
                     hold_sid.append(sid)
-                    hold_seqs.append(np.asarray(host_batch["targets"][row, start : start + t], np.int32))
-                    hold_proxy_y.append(np.exp(tok_lp))
-                    if hold_head is not None:
-                        sl = slice(start, start + t)
-                        hold_head.append(
-                            (
-                                host_batch["teacher_topk_ids"][row, sl],
-                                host_batch["teacher_topk_logprobs"][row, sl],
-                                g[row, sl].astype(np.float64),
-                            )
-                        )
+                    hold["seqs"].append(np.asarray(host_batch["targets"][row, sl], np.int32))
+                    hold["proxy_y"].append(np.exp(tok_lp))
+                    if head_sym is not None:
+                        hold["head_ids"].append(np.asarray(host_batch["teacher_topk_ids"][row, sl]))
+                        hold["head_lp"].append(np.asarray(host_batch["teacher_topk_logprobs"][row, sl]))
+                        hold["head_g"].append(g[row, sl].astype(np.float64))
             bar.update(len(spans) * jax.process_count())
+            if kept is not None and (b + 1) % every == 0:
+                n, h = saved
+                kept.save(pass1_log.pack(ids[n:], logliks[n:], hold_sid[h:], {k: v[h:] for k, v in hold.items()}))
+                saved = (len(ids), len(hold_sid))
+    hold_head = list(zip(hold["head_ids"], hold["head_lp"], hold["head_g"])) if head_sym is not None else None
+    hold_seqs, hold_proxy_y = hold["seqs"], hold["proxy_y"]
     sample_ids = np.asarray(ids, np.int64)
     loglik = np.asarray(logliks, np.float64)
     mu, gamma = weights_lib.weight_stats(hosts.allgather(loglik))
@@ -397,7 +421,7 @@ def write_store(
     root = jax.random.key(seed)
     written, progress = 0, jax.process_index() == 0
     with progress_bars.bar(
-        total=prepared.num_samples(SPLIT), desc="posterior: store", unit="sample", disable=not progress
+        total=prepared.num_samples(SPLIT), desc="posterior: pass 2 of 2, store", unit="sample", disable=not progress
     ) as bar:
         for b, host_batch in enumerate(batches(prepared, data_cfg, seq_len=seq_len, batch_size=batch_size)):
             spans = response_spans(host_batch)

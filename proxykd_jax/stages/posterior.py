@@ -12,7 +12,7 @@ import pathlib
 import time
 
 from proxykd_jax import config as config_lib
-from proxykd_jax.bayes import estimate
+from proxykd_jax.bayes import estimate, pass1_log
 from proxykd_jax.bayes.tables import built_with, load_prior
 from proxykd_jax.context import load_folder
 from proxykd_jax.data.records import PreparedData
@@ -63,9 +63,10 @@ def run(ctx) -> dict:
         log.info("posterior: pass 1 finished earlier (kappa=%.4g N_max=%.4g); reusing it", est["kappa"], est["n_max"])
     else:
         prior_cfg = built_with(tables, cfg.prior)
-        est = estimate.fit_estimate(prepared, model, cfg.posterior, prior_cfg, cfg.data, **sizes)
+        est = estimate.fit_estimate(prepared, model, cfg.posterior, prior_cfg, cfg.data, log_dir=art.work, **sizes)
         est.update(proxy=str(folder), prior=str(ctx.paths.prior), mode=cfg.posterior.mode, k=cfg.data.store.k)
         ctx.write_json(est_path, est)
+    pass1_log.Pass1Log.clear(art.work)  # (each process its own; pass 1 is in estimate.json now)
     written = estimate.write_store(
         prepared, tables, est, model, cfg.posterior, cfg.data, out=art.work, seed=ctx.seed, **sizes
     )
