@@ -375,3 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+if __name__ == "__main__":  # python -m proxykd_jax.cli, as python -m proxykd_jax
+    main()
