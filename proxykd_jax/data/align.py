@@ -216,27 +216,37 @@ class SampleEncoder:
         """Encodes samples; an over-long sample yields a DataError in its place (unless truncating)."""
         if not samples:
             return []
-        prompts, bad = [], {}
+        # The chat template is rendered once per conversation of the batch (the rows of one prompt repeat it), known
+        # by its repr: it tells apart the 1, 1.0 and True that are equal in Python (and that a template writes apart).
+        prompts, bad, rendered = [], {}, {}
         for i, s in enumerate(samples):
-            try:
-                prompts.append(format_prompt(self.tok, s))
-            except TEMPLATE_ERRORS as e:  # the chat template refuses these messages
+            key = None if s.messages is None else repr(s.messages)
+            prompt = rendered.get(key) if key is not None else None
+            if prompt is None:
+                try:
+                    prompt = format_prompt(self.tok, s)
+                except TEMPLATE_ERRORS as e:  # the chat template refuses these messages
+                    prompt = e
+                if key is not None:
+                    rendered[key] = prompt
+            if isinstance(prompt, Exception):
                 bad[i] = DataError(
                     f"{s.where}: the tokenizer's chat template cannot format this row's 'messages' "
-                    f"({' '.join(str(e).split()) or type(e).__name__}); fix or remove the line, or set "
+                    f"({' '.join(str(prompt).split()) or type(prompt).__name__}); fix or remove the line, or set "
                     "data.on_error=skip.",
                     "bad_messages",
                 )
-                prompts.append(("", True))
+                prompt = ("", True)
+            prompts.append(prompt)
         out = []
-        plain = [i for i, (_, special) in enumerate(prompts) if special]
-        chat = [i for i, (_, special) in enumerate(prompts) if not special]
-        prompt_ids = [None] * len(samples)
-        for idx, special in ((plain, True), (chat, False)):
-            if idx:
-                enc = self.tok([prompts[i][0] for i in idx], add_special_tokens=special)["input_ids"]
-                for i, ids in zip(idx, enc):
-                    prompt_ids[i] = ids
+        ids_of = {}  # each distinct prompt tokenised once; its samples share the list
+        for special in (True, False):
+            texts = list(dict.fromkeys(text for text, sp in prompts if sp == special))
+            if texts:
+                ids_of.update(
+                    zip([(t, special) for t in texts], self.tok(texts, add_special_tokens=special)["input_ids"])
+                )
+        prompt_ids = [ids_of[p] for p in prompts]
         # A response tokenised as it reads after the prompt (" the dog" as `▁the ▁dog`, not `▁ ▁the ▁dog`).
         texts = [self._in_context(s.response) for s in samples]
         resp = self.tok(texts, add_special_tokens=False, return_offsets_mapping=True)

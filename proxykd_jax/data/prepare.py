@@ -5,12 +5,13 @@ fields, duplicate samples), so a bad line anywhere stops prepare before the long
 first few bad lines at once.
 
 Memory is bounded by `data.prepare_buffer_mb`: rows are read one at a time, tokenised in batches of
-at most that much text and written at once; only the seen prompt ids (to refuse duplicates) and the
-written sample ids grow with the corpus, at 8 bytes per id (and, for prompts given without `id`, a
-count per prompt: `corpus.iter_corpus`). Output is written to a temporary sibling folder
-(`.<out>.tmp`, removed by the next run if a crash leaves it) and renamed into place at the end, so a crash
-never leaves a half-written prepared directory behind. What it says about bad input (the `DataError`s and
-the lines on skipped or truncated rows) is worded in `data/prepare_errors.py`.
+about that much memory (`_buffered_bytes`: their text and the teacher's alternatives) and written at
+once; only the seen prompt ids (to refuse duplicates) and the written sample ids grow with the corpus,
+at 8 bytes per id (and, for prompts given without `id`, a count per prompt: `corpus.iter_corpus`).
+Output is written to a temporary sibling folder (`.<out>.tmp`, removed by the next run if a crash
+leaves it) and renamed into place at the end, so a crash never leaves a half-written prepared
+directory behind. What it says about bad input (the `DataError`s and the lines on skipped or truncated
+rows) is worded in `data/prepare_errors.py`.
 """
 
 import array
@@ -18,7 +19,6 @@ import collections
 import contextlib
 import functools
 import gc
-import itertools
 import json
 import logging
 import os
@@ -53,6 +53,9 @@ _HEAD_PROBE_SAMPLES = 2000  # samples with teacher log-probs read to decide data
 _LOW_COVERAGE = 0.5  # below this fraction of our positions with a teacher head, prepare warns
 # Python memory of a tokenised character (ids, offsets, records; measured on byte-level BPE).
 _BYTES_PER_CHAR = 80
+# Python memory of a teacher alternative as read (its string, log-prob and bytes: 206 B measured on top-20
+# log-probs with bytes). Counting text alone, a batch of such samples held 12 times data.prepare_buffer_mb.
+_BYTES_PER_ALT = 200
 
 
 class _IdSet:
@@ -93,6 +96,12 @@ def _gc_per_batch():
         yield functools.partial(gc.collect, 1)
     finally:
         gc.enable()
+
+
+def _buffered_bytes(s: corpus.Sample) -> int:
+    """About the Python memory a sample takes from being read until its batch is written."""
+    alts = sum(map(len, s.teacher_alts)) if s.teacher_alts is not None else 0
+    return _BYTES_PER_CHAR * (len(s.response) + len(s.prompt or "")) + _BYTES_PER_ALT * alts + 512
 
 
 def _data_group(cfg):
@@ -241,9 +250,10 @@ def _fsync_dir(path: pathlib.Path):
         os.close(fd)
 
 
-def check_corpus(corpus_paths, progress: bool = False):
+def check_corpus(corpus_paths, progress: bool = False) -> tuple[int, int]:
     """Reads the whole corpus once without tokenising (JSON, fields, duplicate samples); raises one DataError
-    for its bad lines: a bad line's own sentence, or for several how many and the first few.
+    for its bad lines: a bad line's own sentence, or for several how many and the first few. Returns the
+    (rows, samples) it read: the totals of the later passes' bars.
 
     The teacher's log-probs are checked by the tokenising pass instead: reading them would double this pass's
     time (20,000 samples, half with top-20 log-probs: 2.7 s without them, 4.4 s with; the whole prepare 17 s)."""
@@ -253,12 +263,13 @@ def check_corpus(corpus_paths, progress: bool = False):
     dups: dict[int, corpus.Sample] = {}  # index in `errors` -> the duplicate sample there
     bar = progress_bars.bar(unit=" rows", desc="prepare: checking the corpus", disable=not progress)
     rows = corpus.iter_corpus(corpus_paths, "skip", skipped, errors, BAD_LINES_SHOWN, logprobs=False)
-    n = 0
+    n = samples = 0
     with _gc_per_batch() as collect_garbage:
         for n, row in enumerate(rows, 1):
             if n % 4096 == 0:
                 bar.update(4096)
                 collect_garbage()
+            samples += len(row)
             dup = _claim(row, seen_ids)
             if dup is not None:
                 skipped["duplicate_id"] += 1
@@ -271,11 +282,16 @@ def check_corpus(corpus_paths, progress: bool = False):
     total = sum(skipped.values())
     if total:
         raise bad_lines(total, errors)
+    return n, samples
 
 
-def decide_head(corpus_paths, tokenizer, dcfg) -> tuple[str, dict]:
+def decide_head(corpus_paths, tokenizer, dcfg, progress: bool = False, rows: int | None = None) -> tuple[str, dict]:
     """(`exact` | `bytes`, the evidence) for `data.teacher_head`: given, or for `auto` from the span
-    rule on the first samples with teacher log-probs (`align.choose_head`)."""
+    rule on the first samples with teacher log-probs (`align.choose_head`), read until there are enough
+    (a corpus with fewer is read to its end: `rows`, its rows where known, is the bar's total).
+
+    They are encoded as they are read, in batches of data.prepare_buffer_mb (`_buffered_bytes`) or 256
+    samples: only a batch is held (holding them all took 0.6 GB on a corpus of 1,200 with top-20 log-probs)."""
     mode = str(dcfg.get("teacher_head", "auto"))
     if mode not in ("auto",) + align.HEADS:
         raise ValueError(f"data.teacher_head={mode!r} is not one of {('auto',) + align.HEADS}.")
@@ -284,19 +300,38 @@ def decide_head(corpus_paths, tokenizer, dcfg) -> tuple[str, dict]:
     encoder = align.SampleEncoder(
         tokenizer, seq_len=1 << 30, teacher_topk=dcfg.teacher_topk, add_eos=dcfg.add_eos, head="exact"
     )
-    rows = corpus.iter_corpus(corpus_paths, "skip", collections.Counter())
-    samples = (s for row in rows for s in row if s.teacher_alts is not None)
-    with _gc_per_batch():
-        probe = list(itertools.islice(samples, _HEAD_PROBE_SAMPLES))
     stats = align.AlignStats()
-    for start in range(0, len(probe), 256):
-        for enc in encoder.encode_batch(probe[start : start + 256]):
+    budget = int(dcfg.prepare_buffer_mb * (1 << 20))
+    batch: list[corpus.Sample] = []
+    taken = buffered = 0
+
+    def encode():
+        for enc in encoder.encode_batch(batch):
             if not isinstance(enc, corpus.DataError):
                 stats.add(enc.stats)
+        batch.clear()
+
+    bar = progress_bars.bar(total=rows, unit=" rows", desc="prepare: choosing the teacher head", disable=not progress)
+    with _gc_per_batch() as collect_garbage:
+        for row in corpus.iter_corpus(corpus_paths, "skip", collections.Counter()):
+            bar.update()
+            for s in row:
+                if s.teacher_alts is not None and taken < _HEAD_PROBE_SAMPLES:
+                    batch.append(s)
+                    taken += 1
+                    buffered += _buffered_bytes(s)
+            if len(batch) >= 256 or buffered >= budget or taken == _HEAD_PROBE_SAMPLES:
+                encode()
+                collect_garbage()
+                buffered = 0
+            if taken == _HEAD_PROBE_SAMPLES:
+                break
+        encode()
+    bar.close()
     d = stats.as_dict()
     evidence = {
         "source": "auto",
-        "probe_samples": len(probe),
+        "probe_samples": taken,
         "span_position_fraction": d["position_fraction"],
         "span_mass_fraction": d["mass_fraction"],
     }
@@ -327,9 +362,10 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
     skipped: collections.Counter = collections.Counter()
     errors: list[corpus.DataError] = []
     truncated_at: list[str] = []  # the first few samples data.truncate cut, for the line printed at the end
+    rows = total = None  # counted by the checking pass (`data.on_error=error`), for the bars
     if dcfg.on_error == "error":
-        check_corpus(corpus_paths, progress)
-    head, head_evidence = decide_head(corpus_paths, tokenizer, dcfg)
+        rows, total = check_corpus(corpus_paths, progress)
+    head, head_evidence = decide_head(corpus_paths, tokenizer, dcfg, progress, rows)
     encoder = align.SampleEncoder(
         tokenizer,
         seq_len=dcfg.seq_len,
@@ -350,7 +386,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
     buffer: list[corpus.Sample] = []
     buffered = 0
     sources = [str(p) for p in corpus.expand_paths(corpus_paths)]
-    bar = progress_bars.bar(unit=" samples", desc="prepare", disable=not progress)
+    bar = progress_bars.bar(total=total, unit=" samples", desc="prepare", disable=not progress)
 
     seen_prompts = _IdSet()  # a prompt's rows may come in any order; it is counted once (in its one split)
     dups: dict[int, corpus.Sample] = {}  # index in `errors` -> the duplicate sample there
@@ -397,7 +433,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
                 continue
             for sample in row:
                 buffer.append(sample)
-                buffered += _BYTES_PER_CHAR * (len(sample.response) + len(sample.prompt or "")) + 512
+                buffered += _buffered_bytes(sample)
             if buffered >= budget:
                 flush()
                 collect_garbage()
