@@ -26,8 +26,8 @@ COMMON = dict(
 TOKENS = np.random.default_rng(0).integers(0, 67, (2, 19))
 
 
-def _hf_model(kind, **kw):
-    torch.manual_seed(0)
+def _hf_model(kind, seed=0, **kw):
+    torch.manual_seed(seed)
     cfg_cls = {
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,

@@ -13,39 +13,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from test_hf import _hf_logits, _hf_model
 
 from proxykd_jax import config as config_lib
 from proxykd_jax.errors import ConfigError
 from proxykd_jax.models import hf
 
-COMMON = dict(
-    vocab_size=67,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-    max_position_embeddings=128,
-)
-
 
 def _model(kind, **kw):
-    torch.manual_seed(int(np.random.default_rng().integers(1 << 31)))
-    cfg_cls, model_cls = {
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[kind]
-    model = model_cls(cfg_cls(**{**COMMON, **kw})).float().eval()
-    with torch.no_grad():  # HF init is tiny (std 0.02): make every tensor matter
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.ndim == 1 and p.shape[0] == 32 else 0.0))
-    return model
-
-
-def _logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.numpy()
+    return _hf_model(kind, seed=int(np.random.default_rng().integers(1 << 31)), **kw)
 
 
 def _tokens(length):
@@ -66,12 +42,12 @@ def test_a_windowed_model_is_capped_at_its_window_and_refuses_longer_rows(tmp_pa
     cfg, model = hf.load_hf(tmp_path)
     assert cfg.max_seq_len == 8
     tokens = _tokens(8)
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), _logits(ref, tokens), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), _hf_logits(ref, tokens), atol=1e-4, rtol=1e-4)
     longer = _tokens(19)
     with pytest.raises(ValueError, match="rows of 19 tokens are longer than the model's max_seq_len 8"):
         model(jnp.asarray(longer))
     model.cfg = dataclasses.replace(cfg, max_seq_len=128)  # what ran before: full attention past the window
-    gap = np.abs(np.asarray(model(jnp.asarray(longer))) - _logits(ref, longer)).max(axis=(0, 2))
+    gap = np.abs(np.asarray(model(jnp.asarray(longer))) - _hf_logits(ref, longer)).max(axis=(0, 2))
     # Each position past the window differs by more than the bound of equal above (float32 agreement is ~1e-5).
     # Not 1e-2: where one layer slides (qwen2 here) position 8 loses one key in that layer, whose random weight
     # can be small (gap[8] under 1e-2 in 0.2% of draws, 0.005 the least of 2000; under 1e-3 ~1e-5, extrapolated).
@@ -91,7 +67,7 @@ def test_a_qwen2_whose_layers_do_not_slide_keeps_its_context(tmp_path, kw):
     cfg, model = hf.load_hf(tmp_path)
     assert cfg.max_seq_len == 128
     tokens = _tokens(19)
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), _logits(ref, tokens), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), _hf_logits(ref, tokens), atol=1e-4, rtol=1e-4)
 
 
 def test_an_export_from_a_mistral_folder_stays_a_mistral_with_its_window(tmp_path):
@@ -104,7 +80,7 @@ def test_an_export_from_a_mistral_folder_stays_a_mistral_with_its_window(tmp_pat
     assert (written["sliding_window"], written["max_position_embeddings"]) == (8, 128)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     tokens = _tokens(19)  # past the window too: transformers applies it, as the source did
-    np.testing.assert_allclose(_logits(back, tokens), _logits(ref, tokens), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(ref, tokens), atol=1e-5, rtol=1e-5)
     assert hf.read_config(tmp_path / "out") == cfg
     # without the source (or one that describes another model) the config is written from ours: a Llama capped there
     other = _model("mistral", sliding_window=8, intermediate_size=40)
