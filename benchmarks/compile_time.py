@@ -61,6 +61,7 @@ def main(argv=None) -> None:
         num_kv_heads=2,
         head_dim=args.d_model // 4,
         d_ff=2 * args.d_model,
+        max_seq_len=max(2048, args.seq),
         remat=args.remat,
     )
     rows = []

@@ -57,7 +57,9 @@ from proxykd_jax.train.metrics import measure_matmul_peak  # noqa: E402
 KNOWN = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
 
 
-def student_config(tiny: bool, remat: str, attention: str, scan_layers="auto", segments: int = 0) -> ModelConfig:
+def student_config(
+    tiny: bool, remat: str, attention: str, scan_layers="auto", segments: int = 0, max_seq_len: int = 4096
+) -> ModelConfig:
     if tiny:
         shape = dict(vocab_size=512, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=128)
     else:  # 1.10B parameters
@@ -66,7 +68,7 @@ def student_config(tiny: bool, remat: str, attention: str, scan_layers="auto", s
         )
     return ModelConfig(
         **shape,
-        max_seq_len=4096,
+        max_seq_len=max_seq_len,
         param_dtype="float32",
         dtype="bfloat16",
         remat=remat,
@@ -445,7 +447,7 @@ def main(argv=None) -> list:
         if i and time.perf_counter() - start + first_s > args.budget_s:
             print(f"skipping {name}: --budget-s {args.budget_s:.0f} s would be exceeded")
             continue
-        cfg = student_config(args.tiny, remat, attention, _SCAN[layers], segments)
+        cfg = student_config(args.tiny, remat, attention, _SCAN[layers], segments, max(4096, length))
         label = "" if i == 0 else f" [{name}]"
         t0 = time.perf_counter()
         try:
@@ -482,7 +484,7 @@ def main(argv=None) -> list:
             )
         rows.append([f"kd{label}", "", f"overhead {overhead:+.1%}"])
         shape = shape or kernel_rows()  # after the first variant, so the budget never skips the kernel
-    cfg = student_config(args.tiny, args.remat, args.attention, _SCAN[args.layers])
+    cfg = student_config(args.tiny, args.remat, args.attention, _SCAN[args.layers], max_seq_len=max(4096, length))
     matmul_dtype = "float32" if args.tiny else "bf16"
     print(
         f"{kind}: peak {peak / 1e12:.1f} TFLOP/s (measured {matmul_dtype} matmul {measured_peak / 1e12:.1f}), bandwidth "

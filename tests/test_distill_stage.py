@@ -1,6 +1,7 @@
 """The distill stage end to end on a tiny run directory: KD, the α = 0 baseline, white-box mode and
 the overwrite rule. Also the fixtures (config, run directory) of test_distill_resume.py / test_export.py."""
 
+import dataclasses
 import json
 import pathlib
 
@@ -149,6 +150,13 @@ def test_white_box_run_uses_the_live_teacher(run_dir):
     with pytest.raises(ProxyKDError, match="vocab_size"):
         run_stage("distill", bad)
     assert not (run_dir / "student_wb2").exists()  # refused before anything was written
+    short_cfg = dataclasses.replace(teacher_cfg, max_seq_len=SEQ // 2)  # rows past the teacher's context
+    hf.save_hf(Llama(short_cfg, rngs=nnx.Rngs(7)), short_cfg, run_dir / "teacher_short")
+    bad = make_config(run_dir, **{"distill.output": "student_wb3"})
+    bad.distill.white_box = str(run_dir / "teacher_short")
+    with pytest.raises(ProxyKDError, match=f"config.train.seq_len={SEQ} exceeds the max_seq_len {SEQ // 2}"):
+        run_stage("distill", bad)
+    assert not (run_dir / "student_wb3").exists()
 
 
 def test_a_diverging_run_stops_before_checkpointing_nan(run_dir):

@@ -230,3 +230,21 @@ def test_per_byte_generations_prompt_as_prepare_trained(monkeypatch):
     per_byte.generation_nats_per_byte({"s": Model()}, [prompt], Teacher(), tok, max_new_tokens=2, seed=0)
     assert seen["prompt"][0] == bos
     assert seen["prompt"] == trained[0].tokens_L[: len(seen["prompt"])].tolist()
+
+
+def test_eval_refuses_a_known_teacher_shorter_than_the_rows_before_work(known_run, tmp_path):
+    """The known teacher scores rows of data.seq_len: one of a shorter context is refused before anything is written
+    (its forward refused them inside the scoring, after the artifact had begun)."""
+    import shutil
+
+    cfg, _ = known_run
+    short = tmp_path / "short"
+    shutil.copytree(cfg.eval.known_teacher, short)
+    spec = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**spec, "max_position_embeddings": cfg.data.seq_len // 2}))
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.eval.known_teacher, cfg.run.overwrite = str(short), True
+    with pytest.raises(ConfigError, match=f"data.seq_len={cfg.data.seq_len} exceeds the max_seq_len "):
+        run_stage("eval", cfg)
+    assert not (pathlib.Path(cfg.run.dir) / ".eval.new").exists()

@@ -71,13 +71,14 @@ def test_a_qwen2_whose_layers_do_not_slide_keeps_its_context(tmp_path, kw):
 
 
 def test_an_export_from_a_mistral_folder_stays_a_mistral_with_its_window(tmp_path):
-    ref = _model("mistral", sliding_window=8)
+    ref = _model("mistral", sliding_window=8, rope_theta=1e6)
     ref.save_pretrained(tmp_path / "src")
     cfg, model = hf.load_hf(tmp_path / "src")
     hf.save_hf(model, cfg, tmp_path / "out", source=tmp_path / "src")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["architectures"] == ["MistralForCausalLM"] and written["model_type"] == "mistral"
     assert (written["sliding_window"], written["max_position_embeddings"]) == (8, 128)
+    assert written["rope_theta"] == 1e6  # top-level too (readers before transformers 5), whatever the source had
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     tokens = _tokens(19)  # past the window too: transformers applies it, as the source did
     np.testing.assert_allclose(_hf_logits(back, tokens), _hf_logits(ref, tokens), atol=1e-5, rtol=1e-5)

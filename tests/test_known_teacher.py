@@ -163,3 +163,12 @@ def test_scoring_refuses_an_empty_prompt(teacher):
     w1, w2 = teacher.encode("w1 w2")
     np.testing.assert_allclose(ll, [np.log(probs[0, w1]) + np.log(probs[1, w2])], rtol=1e-6)
     assert nbytes.tolist() == [5]
+
+
+def test_a_teacher_of_a_short_context_can_be_made(tmp_path):
+    """Its output is shaped on rows of at most its context (rows of 32 were refused by a model of 16)."""
+    short = KnownTeacher.create(5, folder=tmp_path / "tok", **{**KW, "max_seq_len": 16})
+    assert short.model_config.max_seq_len == 16
+    probs = short.distributions([[4, 5, 6], list(range(4, 20))]).astype(np.float64)
+    assert probs.shape == (2, 16, 128)
+    np.testing.assert_allclose(probs[1].sum(-1), 1.0, atol=1e-5)

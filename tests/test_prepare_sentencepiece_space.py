@@ -157,7 +157,8 @@ def test_byte_level_and_word_responses_are_tokenised_alone(kind, tmp_path):
 @pytest.mark.parametrize("style", LAYOUTS)
 def test_alternatives_inside_a_word_are_pieces_without_the_word_start(style, tmp_path):
     """A teacher alternative without a leading space ("sat" inside "▁thesat") is our piece `sat`, not the
-    word-start `▁sat` that tokenising it on its own gives; a word-start alternative (" sat") stays `▁sat`."""
+    word-start `▁sat` that tokenising it on its own gives; a word-start alternative (" sat") stays `▁sat`, and
+    "</s>" our eos."""
     rng = np.random.default_rng()
     tok = layout(style, tmp_path / "tok")
     vocab = tok.get_vocab()
@@ -173,10 +174,11 @@ def test_alternatives_inside_a_word_are_pieces_without_the_word_start(style, tmp
     w, p = pairs[int(rng.integers(len(pairs)))]
     others = [str(o) for o in rng.choice([o for o in inner if o != p], size=3, replace=False)]
     lps = np.sort(rng.uniform(-4.0, -0.05, size=5))[::-1]
-    alts = [[(" " + w, -0.1)], [(p, lps[0]), *zip(others, lps[1:4]), (" " + others[0], lps[4])]]
+    alts = [[(" " + w, -0.1)], [(p, lps[0]), *zip(others, lps[1:4]), (" " + others[0], lps[4]), ("</s>", -6.0)]]
     prompt = " ".join(rng.choice(words, size=2))
     enc = encode(tok, prompt, " " + w + p, tokens=[" " + w, p], alts=alts)
     row = enc.prompt_len + 1
     got = {int(i): float(lp) for i, lp in zip(enc.teacher_topk_ids_LxK[row], enc.teacher_topk_logprobs_LxK[row])}
     want = {vocab[p]: lps[0], **{vocab[o]: lp for o, lp in zip(others, lps[1:4])}, vocab["\u2581" + others[0]]: lps[4]}
+    want[tok.eos_token_id] = -6.0  # the teacher's end of text: our eos, a special token and no piece
     assert {i: lp for i, lp in got.items() if np.isfinite(lp)} == pytest.approx(want, abs=1e-6)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pathlib
+import zipfile
 
 import jax
 import numpy as np
@@ -52,7 +53,7 @@ class Pass1Log:
                     if str(z["fingerprint"]) != self.fingerprint:
                         break
                     chunks.append({k: z[k] for k in z.files if k != "fingerprint"})
-            except (OSError, ValueError, KeyError):  # a damaged chunk: score its batches again
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: score its batches again
                 break
             count += 1
         agreed = int(hosts.allgather(np.asarray([len(chunks)], np.int64)).min())

@@ -142,6 +142,7 @@ class SampleEncoder:
         # SentencePiece layouts write a word-start `▁` before a text on its own: "ing" alone is `▁ing`
         alone = tokenizer("a", add_special_tokens=False)["input_ids"]
         self._prefixes_alone = bool(alone) and (self._token_bytes[alone[0]] or b"").startswith(b" ")
+        self._added = tokenizer.get_added_vocab()  # "</s>" is the eos, tokenised alone as it is
 
     def _in_context(self, text: str) -> str:
         """The text to tokenise for `text` as it reads after a prompt: without its leading space where our
@@ -159,7 +160,7 @@ class SampleEncoder:
         return offs
 
     def _single_id_uncached(self, text: str) -> int:
-        if self._prefixes_alone and text and not text[0].isspace():
+        if self._prefixes_alone and text and not text[0].isspace() and text not in self._added:
             # inside a word ("ing" after "▁walk"): the piece without `▁`, which tokenising it alone never gives
             return self._id_of_bytes(text.encode("utf-8"))
         ids = self.tok(self._in_context(text), add_special_tokens=False)["input_ids"]

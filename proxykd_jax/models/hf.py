@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import pathlib
 from collections.abc import Mapping
 
@@ -31,6 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.models.safetensors_io import SafetensorsFolder, TensorMap, host_value, load_leaf, write_sharded
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -349,7 +352,11 @@ def source_config(folder, cfg: ModelConfig) -> dict | None:
         theirs = config_from_hf(spec, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     except ValueError:
         return None
-    return spec if all(getattr(theirs, f) == getattr(cfg, f) for f in _COMPUTES) else None
+    differ = [f for f in _COMPUTES if getattr(theirs, f) != getattr(cfg, f)]
+    if differ:
+        log.info("%s describes another model (%s): config.json is written from the model's own", path, differ[0])
+        return None
+    return spec
 
 
 def generation_stop_ids(folder: pathlib.Path) -> tuple:
@@ -493,7 +500,13 @@ def save_params(
         config = _hf_config(cfg, arch, token_ids)
         like = source_config(source, cfg)
         if like is not None:
-            ours = [k for k in token_ids if config[k] is not None] + ["dtype", "torch_dtype"]
+            # (and top-level RoPE, which readers before transformers 5 need: a v5 source has rope_parameters only)
+            ours = [k for k in token_ids if config[k] is not None] + [
+                "dtype",
+                "torch_dtype",
+                "rope_theta",
+                "rope_scaling",
+            ]
             config = {**like, **{k: config[k] for k in ours}}
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         generation = {k: v for k, v in token_ids.items() if v is not None}

@@ -54,7 +54,12 @@ def setup(ctx, art) -> distill.Distillation:
     init = ctx.init_model("model", 0)[1] if cfg.model.init_from else None
     teacher = None
     if cfg.distill.white_box:
-        teacher = ctx.load_model(cfg.distill.white_box, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
+        teacher = ctx.load_model(
+            cfg.distill.white_box,
+            dtype=model_cfg.dtype,
+            param_dtype=model_cfg.param_dtype,
+            rows=(cfg.train.seq_len, "train.seq_len"),
+        )
     run = distill.setup(
         cfg.distill,
         model_cfg,

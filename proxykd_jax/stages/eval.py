@@ -41,7 +41,9 @@ def run(ctx, *, teacher=None) -> dict:
 
         teacher = KnownTeacher.load(cfg.eval.known_teacher)
     if teacher is not None:
-        metrics_lib.check_teacher_tokenizer(teacher, prepared, str(cfg.eval.known_teacher or "(the given teacher)"))
+        name = str(cfg.eval.known_teacher or "(the given teacher)")
+        metrics_lib.check_teacher_tokenizer(teacher, prepared, name)
+        ctx.require_fits(teacher.model_config, int(cfg.data.seq_len), "data.seq_len", f"the known teacher {name}")
     generates = int(cfg.eval.generate_prompts) > 0 and int(cfg.eval.max_new_tokens) > 0
     if teacher is not None and not teacher.is_char and generates:
         prepared.require_samples(

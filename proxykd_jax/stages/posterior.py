@@ -17,6 +17,7 @@ from proxykd_jax.bayes.tables import built_with, load_prior
 from proxykd_jax.context import load_folder
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.parallel import hosts
 
 log = logging.getLogger(__name__)
 ESTIMATE = "estimate.json"
@@ -66,7 +67,8 @@ def run(ctx) -> dict:
         est = estimate.fit_estimate(prepared, model, cfg.posterior, prior_cfg, cfg.data, log_dir=art.work, **sizes)
         est.update(proxy=str(folder), prior=str(ctx.paths.prior), mode=cfg.posterior.mode, k=cfg.data.store.k)
         ctx.write_json(est_path, est)
-    pass1_log.Pass1Log.clear(art.work)  # (each process its own; pass 1 is in estimate.json now)
+        hosts.sync("posterior: estimate.json written")  # before any process drops the chunks it holds
+    pass1_log.Pass1Log.clear(art.work)  # (all processes' chunks: pass 1 is in estimate.json now)
     written = estimate.write_store(
         prepared, tables, est, model, cfg.posterior, cfg.data, out=art.work, seed=ctx.seed, **sizes
     )

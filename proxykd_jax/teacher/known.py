@@ -182,7 +182,7 @@ class KnownTeacher:
         m.layers.mlp.w_down[...] = m.layers.mlp.w_down[...].at[..., 0].set(0.0)
         rng = np.random.default_rng(self.seed)
         n_special = len(SPECIAL_TOKENS)
-        contexts = rng.integers(n_special, cfg.vocab_size, (32, 32))
+        contexts = rng.integers(n_special, cfg.vocab_size, (32, min(32, cfg.max_seq_len)))
         hidden_NxD = np.asarray(_hidden(m, jnp.asarray(contexts)), np.float64).reshape(-1, cfg.d_model)
         head_DxV = np.array(m.lm_head[...], np.float64)
         head_DxV[0] = 0.0
