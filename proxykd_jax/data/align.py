@@ -87,15 +87,22 @@ def _trim_uncovered_space(resp: bytes, span: tuple[int, int], covered) -> tuple[
     return span
 
 
+def _prefixes_alone(tokenizer, token_bytes: list[bytes | None]) -> bool:
+    """Whether a text on its own starts with a token holding a space (SentencePiece's word-start `▁`: "ing"
+    alone is `▁ing`). Probed once, on "a"."""
+    alone = tokenizer("a", add_special_tokens=False)["input_ids"]
+    first = token_bytes[alone[0]] if alone and 0 <= alone[0] < len(token_bytes) else None
+    return bool(first and first.startswith(b" "))
+
+
 def _adds_dummy_prefix(tokenizer, token_bytes: list[bytes | None]) -> bool:
     """Whether the tokenizer writes a dummy-prefix space before a text on its own even where the text starts with
     a space (Llama 2's tokenizer.json layout, a `Prepend("▁")` normalizer: " a" is `▁ ▁a`, where after a prompt
-    the same text is `▁a`). Probed once: "a" alone starts with a token holding a space, and " a" differs from it.
-    (A Metaspace pre-tokenizer adds no prefix to a text that starts with a space: " a" is `▁a` there too.)"""
-    alone = tokenizer("a", add_special_tokens=False)["input_ids"]
-    spaced = tokenizer(" a", add_special_tokens=False)["input_ids"]
-    first = token_bytes[alone[0]] if alone and 0 <= alone[0] < len(token_bytes) else None
-    return bool(first and first.startswith(b" ")) and spaced != alone
+    the same text is `▁a`). Probed once: "a" alone starts with a token holding a space (`_prefixes_alone`), and
+    " a" differs from it. (A Metaspace pre-tokenizer adds no prefix to a text that starts with a space: " a" is
+    `▁a` there too.)"""
+    spaced, alone = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (" a", "a"))
+    return _prefixes_alone(tokenizer, token_bytes) and spaced != alone
 
 
 def _char_to_byte(text: str) -> np.ndarray:
@@ -139,9 +146,7 @@ class SampleEncoder:
         self._symbol = functools.lru_cache(maxsize=1 << 16)(lambda t: byte_head.teacher_symbol(t))
         self._alt_ids_seen: dict[str | bytes, int] = {}  # `_alt_id` by the bytes where given, else the text
         self._dummy_prefix = _adds_dummy_prefix(tokenizer, self._token_bytes)
-        # SentencePiece layouts write a word-start `▁` before a text on its own: "ing" alone is `▁ing`
-        alone = tokenizer("a", add_special_tokens=False)["input_ids"]
-        self._prefixes_alone = bool(alone) and (self._token_bytes[alone[0]] or b"").startswith(b" ")
+        self._prefixes_alone = _prefixes_alone(tokenizer, self._token_bytes)
         self._added = tokenizer.get_added_vocab()  # "</s>" is the eos, tokenised alone as it is
 
     def _in_context(self, text: str) -> str:

@@ -320,13 +320,13 @@ def decide_head(corpus_paths, tokenizer, dcfg, progress: bool = False, rows: int
                     batch.append(s)
                     taken += 1
                     buffered += _buffered_bytes(s)
-            if len(batch) >= 256 or buffered >= budget or taken == _HEAD_PROBE_SAMPLES:
+            if taken == _HEAD_PROBE_SAMPLES:
+                break
+            if len(batch) >= 256 or buffered >= budget:
                 encode()
                 collect_garbage()
                 buffered = 0
-            if taken == _HEAD_PROBE_SAMPLES:
-                break
-        encode()
+        encode()  # the last batch
     bar.close()
     d = stats.as_dict()
     evidence = {

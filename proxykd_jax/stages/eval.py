@@ -66,12 +66,9 @@ def run(ctx, *, teacher=None) -> dict:
     if teacher is not None and teacher.is_char:  # another tokenizer: scored per byte (docs/TOKENIZERS.md)
         from proxykd_jax.eval import per_byte
 
-        metrics = metrics_lib.finite_or_null(
-            per_byte.eval_metrics(models, prepared, cfg, teacher, batches(ecfg.split), scorer, seed=ctx.seed)
+        return _finish(
+            ctx, art, per_byte.eval_metrics(models, prepared, cfg, teacher, batches(ecfg.split), scorer, seed=ctx.seed)
         )
-        ctx.write_json(art.work / "metrics.json", metrics)
-        art.finish(metrics)
-        return _report(metrics)
     metrics = {"models": metrics_lib.model_metrics(models, batches(ecfg.split), teacher, scorer), "split": ecfg.split}
     if teacher is not None:
         est_path = paths.posterior / "estimate.json"
@@ -97,6 +94,11 @@ def run(ctx, *, teacher=None) -> dict:
         )
         for name, ll in generated.items():
             metrics["models"][name]["teacher_loglik_of_generations"] = ll
+    return _finish(ctx, art, metrics)
+
+
+def _finish(ctx, art, metrics: dict) -> dict:
+    """Writes metrics.json (a value that is not finite as null), finishes the artifact, prints the table."""
     metrics = metrics_lib.finite_or_null(metrics)
     ctx.write_json(art.work / "metrics.json", metrics)
     art.finish(metrics)

@@ -47,7 +47,8 @@ def run(ctx) -> dict:
             f"{ctx.paths.prior}: the prior tables have vocab_size {tables.vocab_size} but the prepared "
             f"records' tokenizer has {vocab}; run `proxykd prior` again on these records."
         )
-    if not (art.work / ESTIMATE).exists():
+    est_path = art.work / ESTIMATE  # pass 1's result, once written
+    if not est_path.exists():
         estimate.check_holdout(prepared, cfg.posterior)
     rows = load_folder(folder, config_only=True).vocab_size  # before any weight is read
     if rows < vocab:  # (a larger, padded embedding is fine: its extra ids are never tokens)
@@ -58,7 +59,7 @@ def run(ctx) -> dict:
     _, model = ctx.load_model(folder, dtype=cfg.proxy.dtype, group=cfg.proxy, rows=(cfg.data.seq_len, "data.seq_len"))
     art.begin()
     sizes = dict(mesh=ctx.mesh, rules=ctx.rules, seq_len=cfg.data.seq_len, batch_size=cfg.posterior.batch_size)
-    start, est_path = time.perf_counter(), art.work / ESTIMATE
+    start = time.perf_counter()
     if est_path.exists():
         est = json.loads(est_path.read_text())
         log.info("posterior: pass 1 finished earlier (kappa=%.4g N_max=%.4g); reusing it", est["kappa"], est["n_max"])

@@ -341,9 +341,10 @@ class Collector:
         self.last_progress = time.monotonic()
         self.since_progress.clear()
 
-    def _probe_wait(self, streak: int) -> float:
-        """Seconds from the `streak`-th probe without an answer to the next one."""
-        return min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** max(0, streak - 1))
+    def _backoff(self, n: int) -> float:
+        """The n-th of the doubling waits (`backoff_initial_s` up to `backoff_max_s`): the wait after the n-th
+        probe without an answer, and the ceiling of the jittered wait before the n-th retry."""
+        return min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2 ** max(0, n - 1))
 
     def _failed_attempt(self, failure: _Failure, sent: float):
         """Breaker bookkeeping for one retryable failure; may stop the run. Announces the breaker
@@ -360,14 +361,14 @@ class Collector:
             if self.gate_open:
                 self.gate_open = False
                 self._pulse()
-                window = sum(self._probe_wait(k) for k in range(1, limit))
+                window = sum(self._backoff(k) for k in range(1, limit))
                 print(
                     f"[collect] {cfg.base_url} stopped answering ({failure}); probing it with one request at a "
                     f"time, giving up after {limit} probes in a row without an answer "
                     f"(about {window:.0f} s; collect.breaker_failures)"
                 )
             if counted and self.streak < limit:
-                wait = self._probe_wait(self.streak)
+                wait = self._backoff(self.streak)
                 self.next_probe = now + wait
                 print(
                     f"[collect] probe {self.streak} of {limit} to {cfg.base_url} got no answer "
@@ -528,7 +529,7 @@ class Collector:
                 if used < cfg.max_attempts:
                     self.stats["retries"] += 1
                     if failure.answered:  # else `_admit` holds the retry until the breaker's next probe
-                        ceiling = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** max(0, used - 1))
+                        ceiling = self._backoff(used)
                         await self._sleep(max(self.rng.uniform(0, ceiling), failure.retry_after or 0))
                     continue
                 failure.reason = f"retries_exhausted_{failure.reason}"
