@@ -140,3 +140,41 @@ def test_posterior_store_is_the_projection(run):
                     assert group + entry.tail_T[j] >= x - 0.03, (group, x)
                     moved += 1
     assert moved > 10
+
+
+def test_pass_one_runs_the_proxy_once_per_batch(run, monkeypatch):
+    """With a bytes head, pass 1 takes the targets' log-probabilities and the first-byte group masses of the
+    held-out samples from one forward pass (it ran the proxy twice per batch), and fits what the stage did."""
+    import jax
+
+    from proxykd_jax import parallel
+    from proxykd_jax.bayes import estimate
+    from proxykd_jax.bayes.tables import built_with, load_prior
+    from proxykd_jax.models import hf
+
+    cfg = run[0]
+    run_stage("prior", cfg)
+    stage = run_stage("posterior", cfg)
+    paths = RunPaths.from_config(cfg)
+    prepared, tables = PreparedData(paths.prepared), load_prior(paths.prior)
+    mesh = parallel.make_mesh(cfg.mesh)
+    _, model = hf.load_hf(stage["proxy"], mesh=mesh, rules=parallel.LOGICAL_RULES)
+    forwards = []
+    logits = estimate.token_logits
+    jax.clear_caches()  # the stage traced pass 1's functions already: count the traces of a fresh pass
+    monkeypatch.setattr(estimate, "token_logits", lambda *a, **k: forwards.append(1) or logits(*a, **k))
+    est = estimate.fit_estimate(
+        prepared,
+        model,
+        cfg.posterior,
+        built_with(tables, cfg.prior),
+        cfg.data,
+        mesh=mesh,
+        rules=parallel.LOGICAL_RULES,
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.posterior.batch_size,
+    )
+    assert len(forwards) == 1  # traced once: one jitted forward serves every batch
+    assert est["heldout_tokens"] == stage["heldout_tokens"] > 0
+    for key in ("kappa", "n_max", "mu", "gamma"):
+        np.testing.assert_allclose(est[key], stage[key], rtol=1e-4, err_msg=key)

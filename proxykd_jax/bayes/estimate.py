@@ -59,18 +59,28 @@ def token_logits(model, batch, vocab: int = 0):
 
 def target_logprobs(graphdef, state, batch, vocab: int = 0):
     """log p_proxy(target) at every position [B, L] (float32; vocabulary never leaves the device)."""
+    return _target_scores(token_logits(nnx.merge(graphdef, state), batch, vocab), batch["targets"])
+
+
+def target_scores(graphdef, state, batch, sym_V, vocab: int = 0):
+    """log p_proxy(target) [B, L] and, for a `bytes` head (its first-byte symbols `sym_V`), the proxy's mass of
+    each target's first-byte group [B, L] (the head's EB statistics): one forward pass gives both."""
     logits = token_logits(nnx.merge(graphdef, state), batch, vocab)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    return picked - lse
+    return _target_scores(logits, batch["targets"]), _group_mass(logits, batch["targets"], sym_V)
 
 
-def group_mass_of_target(graphdef, state, batch, sym_V, vocab: int = 0):
-    """The proxy's mass of each target's first-byte group [B, L] (a `bytes` head's EB statistics)."""
-    p = jax.nn.softmax(token_logits(nnx.merge(graphdef, state), batch, vocab).astype(jnp.float32), axis=-1)
-    onehot = jax.nn.one_hot(sym_V, kernel.N_SYMBOLS, dtype=jnp.float32)
-    groups = jnp.einsum("blv,vs->bls", p, onehot, precision=jax.lax.Precision.HIGHEST)
-    return jnp.take_along_axis(groups, sym_V[batch["targets"]][..., None], axis=-1)[..., 0]
+def _target_scores(logits, targets):
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _group_mass(logits, targets, sym_V):
+    """sum of p(v) over the tokens v whose first byte is the target's: a masked log-sum-exp over the
+    vocabulary, no [V, symbols] product."""
+    logits = logits.astype(jnp.float32)
+    same = sym_V == sym_V[targets][..., None]
+    group = jax.nn.logsumexp(jnp.where(same, logits, -jnp.inf), axis=-1)
+    return jnp.exp(group - jax.nn.logsumexp(logits, axis=-1))
 
 
 def response_spans(batch) -> list[tuple[int, int, int]]:
@@ -140,13 +150,15 @@ def fit_estimate(
     kept there in chunks (`pass1_log`) and a killed run resumes at the last one."""
     graphdef, state = nnx.split(model)
     vocab = int(prepared.manifest["tokenizer"]["vocab_size"])
-    fwd = under_mesh(jax.jit(target_logprobs, static_argnums=(0, 3), out_shardings=replicated(mesh)), mesh)
     # A bytes head is fitted as it is used: the held-out score is that of the projected posterior.
     # (An exact head keeps the head-free fit, so same-tokenizer runs are unchanged.)
     head_sym = (
         head_symbols(prepared, model.cfg.vocab_size) if pcfg.use_teacher_topk and prepared.has_teacher_head else None
     )
-    group_fwd = under_mesh(jax.jit(group_mass_of_target, static_argnums=(0, 4), out_shardings=replicated(mesh)), mesh)
+    if head_sym is None:
+        fwd = under_mesh(jax.jit(target_logprobs, static_argnums=(0, 3), out_shardings=replicated(mesh)), mesh)
+    else:
+        fwd = under_mesh(jax.jit(target_scores, static_argnums=(0, 4), out_shardings=replicated(mesh)), mesh)
     total, rows = prepared.num_samples(SPLIT), local_rows(batch_size)
     every = pass1_log.chunk_batches(hosts.batches_per_process(total, rows))
     fingerprint = dict(batch_size=batch_size, seq_len=seq_len, processes=jax.process_count(), head=head_sym is not None)
@@ -173,9 +185,10 @@ def fit_estimate(
             if b < skip:  # scored before the run was killed: its data is read, not run
                 continue
             gb = global_batch({k: host_batch[k] for k in _MODEL_FIELDS}, mesh, rules)
-            lp = hosts.host_rows(fwd(graphdef, state, gb, vocab), rows)
-            if head_sym is not None:
-                g = hosts.host_rows(group_fwd(graphdef, state, gb, head_sym, vocab), rows)
+            if head_sym is None:
+                lp = hosts.host_rows(fwd(graphdef, state, gb, vocab), rows)
+            else:
+                lp, g = (hosts.host_rows(x, rows) for x in fwd(graphdef, state, gb, head_sym, vocab))
             spans = response_spans(host_batch)
             for row, start, t in spans:
                 sid = int(host_batch["sample_ids"][row, 0])
