@@ -72,6 +72,8 @@ def _changed(cfg, key, value):
         ("posterior", ("posterior.n_max", 4.0), ("posterior.chunk_tokens", 64)),
         ("distill", ("distill.loss.alpha", 50.0), ("train.checkpoint_every", 7)),
         ("eval", ("eval.max_samples", 8), ("mesh.shape.fsdp", 2)),
+        ("eval", ("proxy.param_dtype", "bfloat16"), ("proxy.remat", "full")),  # eval runs a proxy in its dtypes
+        ("eval", ("model.dtype", "bfloat16"), ("model.remat", "full")),
         ("export", ("export.step", 3), ("export.out", "/elsewhere")),
         ("demo", ("demo.teacher_seed", 1), ("proxy.d_model", 128)),
     ],

@@ -103,6 +103,7 @@ def _export_source(cfg, paths: RunPaths) -> pathlib.Path:
 
 
 _MODEL_SHAPE = tuple(f"proxy.{f}" for f in ("vocab_size", "num_heads", "num_kv_heads", "d_ff", "max_seq_len"))
+_DTYPES = ("proxy.dtype", "proxy.param_dtype", "model.dtype", "model.param_dtype")
 
 # What each stage's artifact depends on. Operational settings (batch sizes that only bound memory,
 # progress bars, checkpoint cadence, rate limits, worker counts) are left out: changing them never
@@ -200,7 +201,8 @@ ARTIFACTS: dict[str, Spec] = {
     ),
     "eval": Spec(
         path=lambda cfg, paths: paths.eval,
-        fields=("eval.*", "data.seq_len", "proxy.init_from", "run.seed"),
+        # (each model is scored in the dtypes its own stage runs it in)
+        fields=("eval.*", "data.seq_len", "proxy.init_from", "run.seed", *_DTYPES),
         inputs=lambda cfg, paths: [
             paths.demo,
             paths.prepared,

@@ -1,4 +1,4 @@
-"""Held-out metrics of the run's models, with every model on the mesh.
+"""Held-out metrics of the run's models, each model on the mesh on its own.
 
 Always: held-out NLL per response token of every model the run has (proxy before and after
 alignment, Proxy-KD student, SFT student). With a known teacher (the demo's) also:
@@ -9,6 +9,10 @@ alignment, Proxy-KD student, SFT student). With a known teacher (the demo's) als
   alignment and the posterior as stored (top-k + tail, the tail spread evenly over the other tokens);
 * the teacher's mean per-token log-likelihood of each student's generations.
 
+`score_model` scores one model for everything it takes part in (the eval stage loads, scores and
+releases one model at a time); `reference_estimator_kl` is the estimator's part that needs no model;
+`join_metrics` puts them together.
+
 Batches are global (`eval.batch_size` rows, split over processes), so batch g holds the same
 samples on one process or many; per-token log-probs come back from the mesh whole
 (replicated), each process scores its own rows in float64 and the sums are added over processes.
@@ -17,9 +21,11 @@ samples on one process or many; per-token log-probs come back from the mesh whol
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -139,28 +145,30 @@ def _dense_store(entry, vocab: int) -> np.ndarray:
     return q
 
 
-def estimator_metrics(prepared, tables, store, teacher, proxies: dict, estimate: dict, batches, scorer) -> dict:
-    """E_t KL(q_t || .) of each estimate on distillation-split response positions (`batches`); the prior is
-    the one the store was built on (`estimate`: the posterior's estimate.json, its kappa and whether the
-    response's own token counts)."""
+def _response_rows(batch):
+    """(row, sample id, slice of its response's positions) of each sample of `batch` (padding rows left out)."""
+    for row in range(batch["tokens"].shape[0]):
+        sid = int(batch["sample_ids"][row, 0])
+        if sid >= 0:
+            yield row, sid, slice(int(batch["prompt_lengths"][row]) - 1, int(batch["lengths"][row]))
+
+
+def reference_estimator_kl(prepared, tables, store, teacher, estimate: dict, batches) -> dict:
+    """E_t KL(q_t || .) on distillation-split response positions (`batches`) of the estimates no model makes:
+    the smoothed one-hot label, the prior (the one the store was built on: `estimate` is the posterior's
+    estimate.json, its kappa and whether the response's own token counts) and the posterior as stored; with
+    the number of positions."""
     vocab = tables.vocab_size
     kappa = float(estimate["kappa"])
     query_mode = "include_self" if estimate.get("count_own_token", True) else "leave_one_out"
     keys = {int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split("distill")}
-    sums, n = {}, 0.0
+    names = ["one-hot (smoothed)", "prior", "posterior (store)"]
+    sums, n = dict.fromkeys(names, 0.0), 0.0
     for batch in batches:
         if not (batch["sample_ids"][:, 0] >= 0).any():
-            for model in proxies.values():  # every process runs every collective step
-                scorer(model, batch, full=True)
             continue
         q_all = teacher.distributions(batch["tokens"], batch["lengths"]).astype(np.float64)
-        lps = {name: scorer(m, batch, full=True)[1] for name, m in proxies.items()}
-        for row in range(batch["tokens"].shape[0]):
-            sid = int(batch["sample_ids"][row, 0])
-            if sid < 0:
-                continue
-            p, length = int(batch["prompt_lengths"][row]), int(batch["lengths"][row])
-            sl = slice(p - 1, length)
+        for row, sid, sl in _response_rows(batch):
             y = batch["targets"][row, sl].astype(np.int64)
             q = q_all[row, sl]
             prior = tables.query(np.asarray([keys[sid]], np.int64), [y.astype(np.int32)], mode=query_mode)
@@ -177,13 +185,100 @@ def estimator_metrics(prepared, tables, store, teacher, proxies: dict, estimate:
                 "prior": a / a.sum(1, keepdims=True),
                 "posterior (store)": _dense_store(store.get(sid), vocab),
             }
-            estimates.update({name: np.exp(lp[row, sl]) for name, lp in lps.items()})
             for name, e in estimates.items():
-                sums[name] = sums.get(name, 0.0) + float(np.sum(kl_terms(q, np.log(np.maximum(e, 1e-300)))))
+                sums[name] += float(np.sum(kl_terms(q, np.log(np.maximum(e, 1e-300)))))
             n += len(y)
-    names = ["one-hot (smoothed)", "prior", "posterior (store)"] + list(proxies)
-    total = hosts.allsum({**{k: sums.get(k, 0.0) for k in names}, "positions": n})
+    total = hosts.allsum({**sums, "positions": n})
     return {name: total[name] / total["positions"] for name in names} | {"positions": int(total["positions"])}
+
+
+def proxy_estimator_kl(proxy, teacher, batches, scorer: Scorer) -> dict:
+    """{"kl": E_t KL(q_t || proxy_t), "positions"} on the response positions of `batches`: a proxy's own
+    part of `estimator_metrics`."""
+    total, n = 0.0, 0.0
+    for batch in batches:
+        lp = scorer(proxy, batch, full=True)[1]  # every process runs every collective step
+        if not (batch["sample_ids"][:, 0] >= 0).any():
+            continue
+        q_all = teacher.distributions(batch["tokens"], batch["lengths"]).astype(np.float64)
+        for row, _, sl in _response_rows(batch):
+            e = np.exp(lp[row, sl])
+            total += float(np.sum(kl_terms(q_all[row, sl], np.log(np.maximum(e, 1e-300)))))
+            n += len(batch["targets"][row, sl])
+    sums = hosts.allsum({"kl": total, "positions": n})
+    return {"kl": sums["kl"] / sums["positions"], "positions": int(sums["positions"])}
+
+
+def join_estimator(reference: dict, proxies: dict) -> dict:
+    """`estimator_metrics` from its model-free part (`reference_estimator_kl`) and each proxy's
+    (`proxy_estimator_kl`, by name), which were scored on the same positions."""
+    if any(p["positions"] != reference["positions"] for p in proxies.values()):
+        raise ValueError(f"estimator parts scored on different positions: {reference} vs {proxies}")
+    out = {name: v for name, v in reference.items() if name != "positions"}
+    return out | {name: p["kl"] for name, p in proxies.items()} | {"positions": reference["positions"]}
+
+
+def estimator_metrics(prepared, tables, store, teacher, proxies: dict, estimate: dict, batches, scorer) -> dict:
+    """E_t KL(q_t || .) of each estimate on distillation-split response positions (`batches`): those no model
+    makes (`reference_estimator_kl`) and each of `proxies` (`proxy_estimator_kl`)."""
+    reference = reference_estimator_kl(prepared, tables, store, teacher, estimate, batches)
+    return join_estimator(reference, {k: proxy_estimator_kl(m, teacher, batches, scorer) for k, m in proxies.items()})
+
+
+def score_model(
+    name: str, model, batches, teacher, scorer: Scorer, *, estimator_batches=None, prompts=(), max_new_tokens=0, seed=0
+) -> dict:
+    """Everything model `name` takes part in, with only it in memory: {"models": its `model_metrics` and,
+    a student's with a teacher, its teacher log-likelihood of generations (`generation_metrics`)}, and
+    {"estimator": `proxy_estimator_kl`} for a proxy with a teacher and `estimator_batches`."""
+    out = {"models": model_metrics({name: model}, batches, teacher, scorer)[name]}
+    if teacher is not None and estimator_batches is not None and name.startswith("proxy"):
+        out["estimator"] = proxy_estimator_kl(model, teacher, estimator_batches, scorer)
+    if teacher is not None and name.startswith("student"):
+        generated = generation_metrics({name: model}, prompts, teacher, max_new_tokens=max_new_tokens, seed=seed)
+        if name in generated:  # (none without prompts or new tokens)
+            out["models"]["teacher_loglik_of_generations"] = generated[name]
+    return out
+
+
+def join_metrics(scores: dict, split: str, reference: dict | None = None) -> dict:
+    """The eval's metrics from each model's `score_model` (by name, in the table's order) and, where the
+    estimator is scored, its model-free part (`reference_estimator_kl`)."""
+    metrics = {"models": {name: s["models"] for name, s in scores.items()}, "split": split}
+    if reference is not None:
+        proxies = {name: s["estimator"] for name, s in scores.items() if "estimator" in s}
+        metrics["estimator_kl"] = join_estimator(reference, proxies)
+    return metrics
+
+
+class Kept:
+    """Scores kept in `folder` (the eval artifact's scored/), one small JSON file per model (or per part that
+    no model takes part in), so a killed eval resumes with what it finished. `write(path, obj)` writes
+    atomically (process 0's `RunContext.write_json`); `writer`: whether this process reads the files."""
+
+    def __init__(self, folder: pathlib.Path, write, writer: bool):
+        self.folder, self.write, self.writer = pathlib.Path(folder), write, writer
+
+    def __call__(self, name: str, key: dict, score):
+        """What `score()` returned for `name` when scored with `key` (how it was scored: its folder, dtypes),
+        kept in its file by an earlier, killed run; else `score()`, then written there. A file that is
+        damaged or of another key is scored again. Every process takes process 0's decision and values."""
+        path = self.folder / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".json")
+        key, text = json.loads(json.dumps(key)), "null"
+        if self.writer:
+            try:
+                kept = json.loads(path.read_text())
+                if isinstance(kept, dict) and kept.get("key") == key and "scores" in kept:
+                    text = json.dumps(kept["scores"])
+            except (OSError, ValueError):  # missing or damaged (a torn write): scored again
+                pass
+        scores = json.loads(hosts.broadcast_text(text))
+        if scores is not None:
+            log.info("eval: %s was scored before the run stopped; reusing %s", name, path)
+            return scores
+        scores = score()
+        self.write(path, {"key": key, "scores": scores})
+        return scores
 
 
 def heldout_prompts(prepared, data_cfg, split: str, limit: int) -> list[np.ndarray]:

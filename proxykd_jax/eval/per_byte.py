@@ -92,44 +92,67 @@ def batch_sample_ids(batches: list) -> np.ndarray:
     return ids[ids >= 0]
 
 
-def eval_metrics(models: dict, prepared, cfg, teacher, batches: list, scorer, *, seed: int) -> dict:
-    """The eval stage's metrics against a teacher with another tokenizer: every model's nats per byte
-    of the held-out split, each student's generations scored by the teacher per byte, and the
-    teacher's own nats per byte of the same held-out text."""
+def heldout_texts(prepared, cfg, batches: list) -> tuple[list[str], list[str], list[bool]]:
+    """(prompts, responses, ended) of the held-out samples the models are scored on (those of `batches`, on
+    every process), as the teacher scores them: a response that data.truncate cut up to where its tokens stop,
+    and the teacher's <eos> (`ended`) only where prepare made one a target."""
     import collections
 
     from proxykd_jax.data.corpus import iter_corpus
-    from proxykd_jax.models.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(prepared.root / "tokenizer")
-    per = heldout_nats_per_byte(models, batches, tok, scorer)
-    out = {
-        "units": "per_byte",
-        "split": cfg.eval.split,
-        "models": {k: {"heldout_nats_per_byte": v} for k, v in per.items()},
-    }
-    # the teacher floor on exactly the samples the models were scored on: those of `batches`, on every process
     wanted = set(hosts.allgather(batch_sample_ids(batches)).tolist())
     held = [s for row in iter_corpus(prepared.manifest["sources"], "skip", collections.Counter()) for s in row]
     held = [s for s in held if s.sample_id in wanted and s.prompt is not None]
-    # A response that data.truncate cut is scored up to where its tokens stop, as the models score it.
     cut = {
         int(r["sample_id"]): int(r["response_chars"])
         for r in prepared.iter_split(cfg.eval.split)
         if "response_chars" in r and int(r["sample_id"]) in wanted
     }
     responses = [s.response[: cut.get(s.sample_id, len(s.response))] for s in held]
-    # the teacher's <eos> only where prepare made one a target: not after an answer cut at max_tokens
+    # not after an answer cut at max_tokens, nor after one data.truncate cut
     ended = [s.meta.get("finish_reason") != "length" and s.sample_id not in cut for s in held]
-    out["teacher_nats_per_byte"] = teacher_nats_per_byte(teacher, [s.prompt for s in held], responses, ended=ended)
-    prompts = list(dict.fromkeys(s.prompt for s in held))[: int(cfg.eval.generate_prompts)]
-    students = {k: m for k, m in models.items() if k.startswith("student")}
-    gen = generation_nats_per_byte(
-        students, prompts, teacher, tok, max_new_tokens=int(cfg.eval.max_new_tokens), seed=seed
-    )
-    for name, v in gen.items():
-        out["models"][name]["teacher_nats_per_byte_of_generations"] = v
+    return [s.prompt for s in held], responses, ended
+
+
+def model_scores(
+    name: str, model, batches: list, tokenizer, scorer, teacher, prompts: list[str], *, max_new_tokens: int, seed: int
+) -> dict:
+    """Everything model `name` takes part in against a teacher with another tokenizer, with only it in
+    memory: its nats per byte of the held-out split and, a student's, the teacher's nats per byte of its
+    answers to `prompts`."""
+    out = {"heldout_nats_per_byte": heldout_nats_per_byte({name: model}, batches, tokenizer, scorer)[name]}
+    if name.startswith("student"):
+        gen = generation_nats_per_byte(
+            {name: model}, prompts, teacher, tokenizer, max_new_tokens=max_new_tokens, seed=seed
+        )
+        if name in gen:  # (none without prompts or new tokens)
+            out["teacher_nats_per_byte_of_generations"] = gen[name]
     return out
+
+
+def join_metrics(scores: dict, split: str, teacher_floor: float) -> dict:
+    """The eval's per-byte metrics from each model's `model_scores` (by name) and the teacher's own nats
+    per byte of the same held-out text."""
+    return {"units": "per_byte", "split": split, "models": dict(scores), "teacher_nats_per_byte": teacher_floor}
+
+
+def eval_metrics(models: dict, prepared, cfg, teacher, batches: list, scorer, *, seed: int) -> dict:
+    """The eval stage's metrics against a teacher with another tokenizer: every model's nats per byte
+    of the held-out split, each student's generations scored by the teacher per byte, and the
+    teacher's own nats per byte of the same held-out text (the stage runs these parts one model at a time)."""
+    from proxykd_jax.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(prepared.root / "tokenizer")
+    prompts, responses, ended = heldout_texts(prepared, cfg, batches)
+    floor = teacher_nats_per_byte(teacher, prompts, responses, ended=ended)
+    asked = list(dict.fromkeys(prompts))[: int(cfg.eval.generate_prompts)]
+    scores = {
+        name: model_scores(
+            name, m, batches, tok, scorer, teacher, asked, max_new_tokens=int(cfg.eval.max_new_tokens), seed=seed
+        )
+        for name, m in models.items()
+    }
+    return join_metrics(scores, cfg.eval.split, floor)
 
 
 def teacher_nats_per_byte(teacher, prompts: list[str], responses: list[str], ended=None) -> float:

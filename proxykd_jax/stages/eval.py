@@ -1,10 +1,14 @@
 """`proxykd eval`: score the run's models on held-out teacher data (and against a known teacher,
-`eval.known_teacher`, refused unless its tokenizer is the prepared data's or character-level), every model on
-the mesh (`eval/metrics.py`). Writes `<run>/eval/metrics.json` (a value that is not finite as null) and prints a
-table."""
+`eval.known_teacher`, refused unless its tokenizer is the prepared data's or character-level), one model on the
+mesh at a time (`eval/metrics.py`): each is loaded in its group's dtypes, scored for everything it takes part in,
+its scores written to `<run>/eval/scored/<model>.json` and released before the next loads, so a killed eval
+resumes with the models it finished. Writes `<run>/eval/metrics.json` (a value that is not finite as null) and
+prints a table."""
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import logging
 
@@ -16,6 +20,7 @@ from proxykd_jax.data.records import PreparedData
 from proxykd_jax.data.store import StoreReader
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.eval import metrics as metrics_lib
+from proxykd_jax.models.hf import RUN_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -56,45 +61,55 @@ def run(ctx, *, teacher=None) -> dict:
         model_cfg = load_folder(folder, config_only=True)
         ctx.require_fits(model_cfg, int(cfg.data.seq_len), "data.seq_len", f"the model in {folder}")
     art.begin()
-    log.info("eval: %s on the %s split", ", ".join(folders), cfg.eval.split)
-    models = {name: ctx.load_model(folder)[1] for name, folder in folders.items()}
+    log.info("eval: %s on the %s split, one model at a time", ", ".join(folders), cfg.eval.split)
     scorer = metrics_lib.Scorer(ctx.mesh, ctx.rules, vocab=int(prepared.manifest["tokenizer"]["vocab_size"]))
-    ecfg = cfg.eval
     batches = lambda split: metrics_lib.eval_batches(  # noqa: E731
-        prepared, split, cfg.data, batch_size=ecfg.batch_size, limit=ecfg.max_samples
+        prepared, split, cfg.data, batch_size=cfg.eval.batch_size, limit=cfg.eval.max_samples
+    )
+    held, kept = batches(cfg.eval.split), metrics_lib.Kept(art.work / "scored", ctx.write_json, ctx.is_writer)
+    common = dict(
+        batches=held, scorer=scorer, teacher=teacher, max_new_tokens=int(cfg.eval.max_new_tokens), seed=ctx.seed
     )
     if teacher is not None and teacher.is_char:  # another tokenizer: scored per byte (docs/TOKENIZERS.md)
         from proxykd_jax.eval import per_byte
+        from proxykd_jax.models.tokenizer import load_tokenizer
 
-        return _finish(
-            ctx, art, per_byte.eval_metrics(models, prepared, cfg, teacher, batches(ecfg.split), scorer, seed=ctx.seed)
-        )
-    metrics = {"models": metrics_lib.model_metrics(models, batches(ecfg.split), teacher, scorer), "split": ecfg.split}
-    if teacher is not None:
-        est_path = paths.posterior / "estimate.json"
-        if est_path.exists():
-            log.info("eval: the posterior estimator against the known teacher")
-            proxies = {k: m for k, m in models.items() if k.startswith("proxy")}
-            metrics["estimator_kl"] = metrics_lib.estimator_metrics(
-                prepared,
-                load_prior(paths.prior),
-                StoreReader(paths.posterior, tokenizer_hash=prepared.tokenizer_hash),
-                teacher,
-                proxies,
-                json.loads(est_path.read_text()),
-                batches("distill"),
-                scorer,
+        texts, answers, ended = per_byte.heldout_texts(prepared, cfg, held)
+        floor = kept("teacher", {}, lambda: per_byte.teacher_nats_per_byte(teacher, texts, answers, ended))
+        prompts = list(dict.fromkeys(texts))[: int(cfg.eval.generate_prompts)]
+        tok = load_tokenizer(prepared.root / "tokenizer")
+        score = functools.partial(per_byte.model_scores, tokenizer=tok, prompts=prompts, **common)
+        join = functools.partial(per_byte.join_metrics, split=cfg.eval.split, teacher_floor=floor)
+    else:
+        est_path, prompts, reference, estimated = paths.posterior / "estimate.json", [], None, None
+        if teacher is not None and est_path.exists():  # the posterior estimator against the known teacher
+            estimated, est = batches("distill"), json.loads(est_path.read_text())
+            store = StoreReader(paths.posterior, tokenizer_hash=prepared.tokenizer_hash)
+            reference_kl = metrics_lib.reference_estimator_kl  # the part no model takes part in: scored once
+            reference = kept(
+                "estimates", {}, lambda: reference_kl(prepared, load_prior(paths.prior), store, teacher, est, estimated)
             )
-        students = {k: m for k, m in models.items() if k.startswith("student")}
-        prompts = metrics_lib.heldout_prompts(prepared, cfg.data, "heldout", ecfg.generate_prompts)
-        if students and prompts and ecfg.max_new_tokens > 0:
-            log.info("eval: the students answer %d held-out prompts; the teacher scores the answers", len(prompts))
-        generated = metrics_lib.generation_metrics(
-            students, prompts, teacher, max_new_tokens=ecfg.max_new_tokens, seed=ctx.seed
-        )
-        for name, ll in generated.items():
-            metrics["models"][name]["teacher_loglik_of_generations"] = ll
-    return _finish(ctx, art, metrics)
+        if teacher is not None:
+            prompts = metrics_lib.heldout_prompts(prepared, cfg.data, "heldout", cfg.eval.generate_prompts)
+        score = functools.partial(metrics_lib.score_model, estimator_batches=estimated, prompts=prompts, **common)
+        join = functools.partial(metrics_lib.join_metrics, split=cfg.eval.split, reference=reference)
+    scores = {}
+    for name, folder in folders.items():  # in the dtypes align, posterior and distill run them in
+        group = cfg.proxy if name.startswith("proxy") else cfg.model
+        load = dict(dtype=str(group.dtype), param_dtype=str(group.param_dtype))
+        key = {"folder": str(folder), "run": {f: repr(group[f]) for f in RUN_FIELDS}, **load}
+        key["teacher"] = None if teacher is None else ("char" if teacher.is_char else "same tokenizer")
+        scores[name] = kept(name, key, functools.partial(_score, ctx, score, name, folder, load | {"group": group}))
+    return _finish(ctx, art, join(scores))
+
+
+def _score(ctx, score, name: str, folder, load: dict) -> dict:
+    """`score(name, model)` of the model in `folder`, on the mesh only during this call: its module graph holds
+    reference cycles, so it is collected here, not whenever Python's collector runs (after the next load)."""
+    try:
+        return score(name, ctx.load_model(folder, **load)[1])
+    finally:
+        gc.collect()
 
 
 def _finish(ctx, art, metrics: dict) -> dict:
