@@ -17,17 +17,21 @@ from proxykd_jax.report.runner import SeedRun
 
 
 def _seed_run(tmp_path, monkeypatch) -> tuple[SeedRun, list]:
-    """A SeedRun whose stages and metrics are stand-ins: `calls` gets the proxies each estimate scored."""
+    """A SeedRun whose stages and metrics are stand-ins: `calls` gets the proxy folders each estimate scored."""
     calls = []
     seed = tmp_path / "perturbed" / "seed0"
     (seed / "p_full_eb" / "posterior").mkdir(parents=True)
     (seed / "p_full_eb" / "posterior" / "estimate.json").write_text(json.dumps({"kappa": 1.0, "n_max": 2.0}))
     ctx = types.SimpleNamespace(
         paths=types.SimpleNamespace(posterior=seed / "p_full_eb" / "posterior", prepared=seed, prior=seed),
-        cfg=types.SimpleNamespace(data=None, eval=types.SimpleNamespace(batch_size=2, max_samples=2)),
+        cfg=types.SimpleNamespace(
+            data=None,
+            eval=types.SimpleNamespace(batch_size=2, max_samples=2),
+            proxy=types.SimpleNamespace(dtype="float32", param_dtype="float32"),
+        ),
         mesh=None,
         rules=None,
-        load_model=lambda folder: (None, folder),
+        load_model=lambda folder, **kw: (None, folder),
         write_json=lambda path, obj: (path.parent.mkdir(parents=True, exist_ok=True), path.write_text(json.dumps(obj))),
     )
     run = object.__new__(SeedRun)
@@ -42,8 +46,10 @@ def _seed_run(tmp_path, monkeypatch) -> tuple[SeedRun, list]:
     monkeypatch.setattr("proxykd_jax.bayes.tables.load_prior", lambda path: None)
     monkeypatch.setattr(metrics_lib, "eval_batches", lambda *a, **k: [])
     monkeypatch.setattr(metrics_lib, "Scorer", lambda *a: None)
-    monkeypatch.setattr(
-        metrics_lib, "estimator_metrics", lambda *a: calls.append(sorted(a[4])) or {n: 0.1 for n in a[4]}
+    reference = {"one-hot (smoothed)": 0.3, "prior": 0.2, "posterior (store)": 0.1, "positions": 5}
+    monkeypatch.setattr(metrics_lib, "reference_estimator_kl", lambda *a: calls.append([]) or reference)
+    monkeypatch.setattr(  # (the stand-in model is its folder)
+        metrics_lib, "proxy_estimator_kl", lambda m, *a: calls[-1].append(m) or {"kl": 0.1, "positions": 5}
     )
     return run, calls
 
@@ -63,6 +69,7 @@ def test_estimates_are_recomputed_when_another_alignment_appears(tmp_path, monke
     _align(run, "sft")  # a later report run added a variant aligned by SFT only
     second = run.estimates()
     assert set(second["phases"]) == {"full", "sft"} and "proxy (sft)" in second["estimator_kl"] and len(calls) == 2
+    assert len(calls[-1]) == 3 and second["estimator_kl"]["positions"] == 5  # init, full, sft: one at a time
     assert json.loads((run.results / "estimates.json").read_text()) == second
     assert run.estimates() == second and len(calls) == 2
 

@@ -21,6 +21,7 @@ samples on one process or many; per-token log-probs come back from the mesh whol
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import math
@@ -249,6 +250,16 @@ def join_metrics(scores: dict, split: str, reference: dict | None = None) -> dic
         proxies = {name: s["estimator"] for name, s in scores.items() if "estimator" in s}
         metrics["estimator_kl"] = join_estimator(reference, proxies)
     return metrics
+
+
+def scored_alone(load_model, folder, score, **load):
+    """`score(model)` of the model `load_model(folder, **load)` loads (a `RunContext.load_model`), collected
+    before this returns: an NNX module graph holds reference cycles, so without a collection here it would
+    stay on the device until Python's collector runs (after the next model has loaded)."""
+    try:
+        return score(load_model(folder, **load)[1])
+    finally:
+        gc.collect()
 
 
 class Kept:

@@ -341,7 +341,8 @@ class SeedRun:
 
         cfg = ctx.cfg
         prepared = PreparedData(ctx.paths.prepared)
-        model = ctx.load_model(folder)[1]
+        group = cfg.model  # the student, in the dtypes distill ran it in (as the eval stage loads it)
+        model = ctx.load_model(folder, dtype=str(group.dtype), param_dtype=str(group.param_dtype), group=group)[1]
         scorer = metrics_lib.Scorer(ctx.mesh, ctx.rules)
         batches = metrics_lib.eval_batches(
             prepared, cfg.eval.split, cfg.data, batch_size=cfg.eval.batch_size, limit=cfg.eval.max_samples
@@ -380,7 +381,11 @@ class SeedRun:
         for align in aligned:
             folder, phases[align] = self.proxy(align)
             proxies[f"proxy ({align})"] = folder
-        models = {k: ctx.load_model(f)[1] for k, f in proxies.items()}
+        load = dict(dtype=str(ctx.cfg.proxy.dtype), param_dtype=str(ctx.cfg.proxy.param_dtype), group=ctx.cfg.proxy)
+
+        def each_proxy(score) -> dict:  # one proxy in memory at a time, as the eval stage scores them
+            return {k: metrics_lib.scored_alone(ctx.load_model, f, score, **load) for k, f in proxies.items()}
+
         eb = {k: est.get(k) for k in ("kappa", "n_max", "heldout_loglik", "eb_search", "heldout_tokens")}
         if not self.spec.same_tokenizer:  # no KL to a teacher over other tokens; the proxies per byte instead
             batches = metrics_lib.eval_batches(
@@ -392,10 +397,9 @@ class SeedRun:
                 "seed": self.seed,
                 "estimator_kl": {},
                 "na": {"estimator_kl": NA_TOKENIZERS, "phases": NA_TOKENIZERS},
-                "proxy_nats_per_byte": {
-                    k: report_metrics.nats_per_byte(m, prepared, batches, scorer)["nats_per_byte"]
-                    for k, m in models.items()
-                },
+                "proxy_nats_per_byte": each_proxy(
+                    lambda m: report_metrics.nats_per_byte(m, prepared, batches, scorer)["nats_per_byte"]
+                ),
                 "phases": {},
                 "eb": eb,
                 "covers": aligned,
@@ -405,15 +409,13 @@ class SeedRun:
         batches = metrics_lib.eval_batches(
             prepared, "distill", ctx.cfg.data, batch_size=ctx.cfg.eval.batch_size, limit=ctx.cfg.eval.max_samples
         )
-        kl = metrics_lib.estimator_metrics(
-            prepared,
-            load_prior(ctx.paths.prior),
-            StoreReader(ctx.paths.posterior, tokenizer_hash=prepared.tokenizer_hash),
-            self.teacher,
-            models,
-            est,
-            batches,
-            metrics_lib.Scorer(ctx.mesh, ctx.rules),
+        store = StoreReader(ctx.paths.posterior, tokenizer_hash=prepared.tokenizer_hash)
+        reference = metrics_lib.reference_estimator_kl(
+            prepared, load_prior(ctx.paths.prior), store, self.teacher, est, batches
+        )
+        scorer = metrics_lib.Scorer(ctx.mesh, ctx.rules)
+        kl = metrics_lib.join_estimator(
+            reference, each_proxy(lambda m: metrics_lib.proxy_estimator_kl(m, self.teacher, batches, scorer))
         )
         out = {
             "setting": self.setting,

@@ -8,7 +8,6 @@ prints a table."""
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import logging
 
@@ -99,17 +98,9 @@ def run(ctx, *, teacher=None) -> dict:
         load = dict(dtype=str(group.dtype), param_dtype=str(group.param_dtype))
         key = {"folder": str(folder), "run": {f: repr(group[f]) for f in RUN_FIELDS}, **load}
         key["teacher"] = None if teacher is None else ("char" if teacher.is_char else "same tokenizer")
-        scores[name] = kept(name, key, functools.partial(_score, ctx, score, name, folder, load | {"group": group}))
+        scored = functools.partial(metrics_lib.scored_alone, ctx.load_model, folder, functools.partial(score, name))
+        scores[name] = kept(name, key, functools.partial(scored, **load, group=group))
     return _finish(ctx, art, join(scores))
-
-
-def _score(ctx, score, name: str, folder, load: dict) -> dict:
-    """`score(name, model)` of the model in `folder`, on the mesh only during this call: its module graph holds
-    reference cycles, so it is collected here, not whenever Python's collector runs (after the next load)."""
-    try:
-        return score(name, ctx.load_model(folder, **load)[1])
-    finally:
-        gc.collect()
 
 
 def _finish(ctx, art, metrics: dict) -> dict:
