@@ -125,3 +125,46 @@ def test_alignment_error_bars_are_the_sample_std_of_the_tables(tmp_path, monkeyp
     plots.write_plots(tmp_path, [], estimates)
     want = [np.std(kls[:, 0], ddof=1), np.std(kls[:, 1], ddof=1), 0.0]  # round_000: seed 0 only
     np.testing.assert_allclose(drawn[0], want, rtol=1e-12)
+
+
+def test_a_scored_student_is_released_when_score_returns(tmp_path, monkeypatch):
+    """`SeedRun.score` loads a variant's student in the model group's dtypes and releases it before it returns,
+    as the eval stage does (`metrics.scored_alone`): a module graph holds reference cycles, so without a
+    collection the student stays on the device into the next variant's distill."""
+    import gc
+    import weakref
+
+    import jax
+    from flax import nnx
+
+    from proxykd_jax.models.llama import Llama, ModelConfig
+    from proxykd_jax.report import metrics as report_metrics
+
+    run, _ = _seed_run(tmp_path, monkeypatch)
+    student = ModelConfig(
+        vocab_size=64, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, d_ff=32, max_seq_len=8
+    )
+    loaded, refs = [], []
+
+    def load_model(folder, **kw):
+        loaded.append(kw)
+        model = Llama(student, rngs=nnx.Rngs(int(np.random.default_rng().integers(1 << 30))))
+        refs.extend(weakref.ref(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        return student, model
+
+    group = types.SimpleNamespace(dtype="bfloat16", param_dtype="float32")
+    held = types.SimpleNamespace(split="heldout", batch_size=2, max_samples=2, generate_prompts=1, max_new_tokens=4)
+    ctx = types.SimpleNamespace(**vars(run.runner.ctx))
+    ctx.load_model, ctx.cfg = load_model, types.SimpleNamespace(**vars(ctx.cfg) | {"model": group, "eval": held})
+    monkeypatch.setattr(metrics_lib, "heldout_prompts", lambda *a: [])
+    monkeypatch.setattr(report_metrics, "heldout_scores", lambda model, *a: {"nats_per_byte": 1.5})
+    monkeypatch.setattr(report_metrics, "generation_score", lambda model, *a, **k: -2.0)
+    gc.disable()  # a student kept only by reference cycles is freed by `score`, not by chance
+    try:
+        out = run.score(ctx, tmp_path / "student" / "final")
+        alive = sum(r() is not None for r in refs)
+    finally:
+        gc.enable()
+    assert out == {"nats_per_byte": 1.5, "teacher_loglik_per_byte": -2.0}
+    assert loaded == [{"dtype": "bfloat16", "param_dtype": "float32", "group": group}] and refs
+    assert alive == 0

@@ -59,17 +59,18 @@ def token_logits(model, batch, vocab: int = 0):
 
 def target_logprobs(graphdef, state, batch, vocab: int = 0):
     """log p_proxy(target) at every position [B, L] (float32; vocabulary never leaves the device)."""
-    return _target_scores(token_logits(nnx.merge(graphdef, state), batch, vocab), batch["targets"])
+    return _picked_logprobs(token_logits(nnx.merge(graphdef, state), batch, vocab), batch["targets"])
 
 
 def target_scores(graphdef, state, batch, sym_V, vocab: int = 0):
     """log p_proxy(target) [B, L] and, for a `bytes` head (its first-byte symbols `sym_V`), the proxy's mass of
     each target's first-byte group [B, L] (the head's EB statistics): one forward pass gives both."""
     logits = token_logits(nnx.merge(graphdef, state), batch, vocab)
-    return _target_scores(logits, batch["targets"]), _group_mass(logits, batch["targets"], sym_V)
+    return _picked_logprobs(logits, batch["targets"]), _group_mass(logits, batch["targets"], sym_V)
 
 
-def _target_scores(logits, targets):
+def _picked_logprobs(logits, targets):
+    """log softmax(logits) at each target [B, L]."""
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
 

@@ -10,7 +10,7 @@
   posterior/                  posterior sparse store shards + estimate.json (weights, EB fit)
   student/                    distill   checkpoints/, metrics.jsonl, final/
   student_sft/                distill with distill.loss.alpha = 0 (the SFT baseline)
-  eval/                       eval      metrics.json
+  eval/                       eval      metrics.json, scored/<model>.json (each model's scores, kept for a resume)
   export/                     export    Hugging Face folder
 Each finished folder holds `artifact.json` (the corpus: `teacher.jsonl.artifact.json` beside it):
 the config fields, upstream artifacts, input files and model folders it was made from and their

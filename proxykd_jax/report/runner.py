@@ -341,22 +341,26 @@ class SeedRun:
 
         cfg = ctx.cfg
         prepared = PreparedData(ctx.paths.prepared)
-        group = cfg.model  # the student, in the dtypes distill ran it in (as the eval stage loads it)
-        model = ctx.load_model(folder, dtype=str(group.dtype), param_dtype=str(group.param_dtype), group=group)[1]
         scorer = metrics_lib.Scorer(ctx.mesh, ctx.rules)
         batches = metrics_lib.eval_batches(
             prepared, cfg.eval.split, cfg.data, batch_size=cfg.eval.batch_size, limit=cfg.eval.max_samples
         )
         prompts = metrics_lib.heldout_prompts(prepared, cfg.data, "heldout", cfg.eval.generate_prompts)
-        if not self.spec.same_tokenizer:
-            return report_metrics.cross_tokenizer_scores(
-                model, self.teacher, prepared, batches, prompts, scorer, cfg.eval.max_new_tokens, self.seed
+
+        def scores(model) -> dict:
+            if not self.spec.same_tokenizer:
+                return report_metrics.cross_tokenizer_scores(
+                    model, self.teacher, prepared, batches, prompts, scorer, cfg.eval.max_new_tokens, self.seed
+                )
+            out = report_metrics.heldout_scores(model, self.teacher, batches, scorer)
+            out["teacher_loglik_per_byte"] = report_metrics.generation_score(
+                model, prompts, self.teacher, max_new_tokens=cfg.eval.max_new_tokens, seed=self.seed
             )
-        out = report_metrics.heldout_scores(model, self.teacher, batches, scorer)
-        out["teacher_loglik_per_byte"] = report_metrics.generation_score(
-            model, prompts, self.teacher, max_new_tokens=cfg.eval.max_new_tokens, seed=self.seed
-        )
-        return out
+            return out
+
+        group = cfg.model  # the student, in the dtypes distill ran it in, released before the next variant
+        load = dict(dtype=str(group.dtype), param_dtype=str(group.param_dtype), group=group)
+        return metrics_lib.scored_alone(ctx.load_model, folder, scores, **load)
 
     def estimates(self) -> dict:
         """KL(teacher || estimate) of the prior, each proxy and the posterior on the distillation
