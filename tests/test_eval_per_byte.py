@@ -17,11 +17,6 @@ from proxykd_jax.eval import metrics as metrics_lib
 from proxykd_jax.eval import per_byte
 
 
-class _Model:
-    class cfg:  # noqa: N801 - stands in for a model's config
-        vocab_size = 96
-
-
 class _Teacher:
     """Records what it is asked to score; every response costs 1 nat."""
 
@@ -32,10 +27,6 @@ class _Teacher:
         self.scored.extend(zip(prompts, responses))
         self.ended.extend([True] * len(responses) if ended is None else ended)
         return -np.ones(len(responses)), np.asarray([len(r.encode()) for r in responses], np.float64)
-
-
-def _scorer(model, batch, *, full):
-    return np.zeros(np.asarray(batch["targets"]).shape), None
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +45,7 @@ def test_teacher_floor_uses_the_samples_the_models_are_scored_on(run, max_sample
     total = prepared.num_samples("heldout")
     assert total > 4 and len(scored_ids) == (total if max_samples == 0 else 4)  # 3 rounds up to two batches of 2
     teacher = _Teacher()
-    per_byte.eval_metrics({"proxy": _Model()}, prepared, cfg, teacher, batches, _scorer, seed=0)
+    per_byte.teacher_nats_per_byte(teacher, *per_byte.heldout_texts(prepared, cfg, batches))  # the eval stage's floor
     corpus = {
         s.sample_id: (s.prompt, s.response) for row in iter_corpus(cfg.data.corpus, "error", Counter()) for s in row
     }
@@ -80,7 +71,7 @@ def test_teacher_floor_stops_where_a_truncated_sample_stops(run, tmp_path):
     assert manifest["counts"]["truncated"] > 0 and 0 < len(cut) < len(records)
     batches = metrics_lib.eval_batches(prepared, "heldout", cfg.data, batch_size=2, limit=0)
     teacher = _Teacher()
-    per_byte.eval_metrics({"proxy": _Model()}, prepared, cfg, teacher, batches, _scorer, seed=0)
+    per_byte.teacher_nats_per_byte(teacher, *per_byte.heldout_texts(prepared, cfg, batches))  # the eval stage's floor
     corpus = {s.sample_id: s for row in iter_corpus(cfg.data.corpus, "error", Counter()) for s in row}
     by_text = {}
     for (prompt, text), ended in zip(teacher.scored, teacher.ended):

@@ -293,8 +293,8 @@ class Kept:
 
 
 def heldout_prompts(prepared, data_cfg, split: str, limit: int) -> list[np.ndarray]:
-    """The first `limit` distinct prompts of `split` (a prompt's several responses count once, as in
-    `per_byte.eval_metrics`), the same on every process."""
+    """The first `limit` distinct prompts of `split` (a prompt's several responses count once, as the
+    eval stage's per-byte prompts do), the same on every process."""
     rows, seen = [], set()
     for batch in pipeline.iter_samples(prepared, split, data_cfg, batch_size=16, process_index=0, process_count=1):
         for row in range(batch["tokens"].shape[0]):

@@ -136,25 +136,6 @@ def join_metrics(scores: dict, split: str, teacher_floor: float) -> dict:
     return {"units": "per_byte", "split": split, "models": dict(scores), "teacher_nats_per_byte": teacher_floor}
 
 
-def eval_metrics(models: dict, prepared, cfg, teacher, batches: list, scorer, *, seed: int) -> dict:
-    """The eval stage's metrics against a teacher with another tokenizer: every model's nats per byte
-    of the held-out split, each student's generations scored by the teacher per byte, and the
-    teacher's own nats per byte of the same held-out text (the stage runs these parts one model at a time)."""
-    from proxykd_jax.models.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(prepared.root / "tokenizer")
-    prompts, responses, ended = heldout_texts(prepared, cfg, batches)
-    floor = teacher_nats_per_byte(teacher, prompts, responses, ended=ended)
-    asked = list(dict.fromkeys(prompts))[: int(cfg.eval.generate_prompts)]
-    scores = {
-        name: model_scores(
-            name, m, batches, tok, scorer, teacher, asked, max_new_tokens=int(cfg.eval.max_new_tokens), seed=seed
-        )
-        for name, m in models.items()
-    }
-    return join_metrics(scores, cfg.eval.split, floor)
-
-
 def teacher_nats_per_byte(teacher, prompts: list[str], responses: list[str], ended=None) -> float:
     """The teacher's own nats per byte of held-out text (the floor every model is measured against);
     its <eos> scored after the responses that `ended` (default: all)."""
