@@ -7,8 +7,8 @@
 The entry point parses flags, validates the config, starts jax.distributed when the config asks
 for it, logs the devices, builds the run context (mesh, paths, overwrite rule, run-directory lock)
 and runs the stage (`proxykd_jax.stages`). Every expected failure (`errors.ProxyKDError` and its
-family) prints one line, `error: proxykd <stage>: <sentence>`, and exits 2; a diverged run exits 1;
-anything else is a bug and keeps its traceback.
+family; a full disk or a device out of memory, `exhaustion.py`) prints one line, `error: proxykd <stage>:
+<sentence>`, and exits 2; a diverged run exits 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 
-from proxykd_jax.errors import ConfigError, ProxyKDError, one_line
+from proxykd_jax.errors import ConfigError, ProxyKDError, ResourceExhausted, one_line
 from proxykd_jax.stages import STAGES
 
 # commands beside the stages: (name, one-line description)
@@ -257,6 +257,20 @@ def load_config(stage: str, argv: list[str]):
 
 def _run_stage(stage: str, argv: list[str]) -> int:
     cfg = load_config(stage, argv)
+    from proxykd_jax import exhaustion
+
+    exhaustion.quiet_background_reports()
+    try:
+        return _run_loaded(stage, cfg)
+    except Exception as e:  # a full disk or device memory: one line (`exhaustion.py`); anything else is re-raised
+        line = exhaustion.explain(stage, e, cfg=cfg, argv=argv)
+        if line is None:
+            raise
+        gc.collect()  # the writes a failed save left unfinished report now, filtered, not while Python shuts down
+        raise ResourceExhausted(line) from e
+
+
+def _run_loaded(stage: str, cfg) -> int:
     from proxykd_jax import config as config_lib
     from proxykd_jax import context, stages
 

@@ -1,4 +1,4 @@
-"""The exception family for expected failures: bad input, a missing or damaged file.
+"""The exception family for expected failures: bad input, a missing or damaged file, a full disk.
 
 Each is raised with one sentence that names the file and line (or byte offset), the config
 field or the checkpoint step, and says what to do. The CLI prints it as one line,
@@ -27,6 +27,11 @@ class ModelFolderError(ProxyKDError):
 
 class CheckpointError(ProxyKDError):
     """A checkpoint that cannot be restored; the message names the step and what to delete or re-run."""
+
+
+class ResourceExhausted(ProxyKDError):
+    """A full (or read-only) disk, or device memory too small for a step (`exhaustion.py`); the message says
+    what ran out, where, and what to change before running the same command again."""
 
 
 def one_line(message: str) -> str:

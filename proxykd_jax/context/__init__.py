@@ -266,10 +266,13 @@ def _take_lock(paths: RunPaths, stage: str) -> RunLock:
     if jax.process_index() == 0:
         try:
             lock.acquire()
-        except RunLocked as e:
+        except Exception as e:  # held by another run, or a full disk: the other processes must not wait on
             error = e
     if hosts.broadcast(0 if error is None else 1):
-        raise error or RunLocked(f"{paths.root} is in use by another run (process 0 could not take {paths.lock}).")
+        raise error or RunLocked(
+            f"process 0 could not take {paths.lock} (another run holds it, or it could not be written); "
+            "process 0's error says which."
+        )
     return lock
 
 

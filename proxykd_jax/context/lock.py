@@ -91,10 +91,14 @@ class RunLock:
                     continue
                 self._check_holder(holder)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._owner(), f)
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self._owner(), f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except BaseException:  # a full disk: a lock without its owner would refuse every later command
+                self.path.unlink(missing_ok=True)
+                raise
             self.held = True
             return
         raise RunLocked(f"{self.path}: could not take the run-directory lock; delete the file if no stage is running.")

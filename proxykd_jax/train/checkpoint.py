@@ -176,7 +176,9 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: TrainState, data_iter=None) -> None:
-        """Starts an asynchronous save (device arrays are copied before this returns)."""
+        """Starts an asynchronous save (device arrays are copied before this returns). A save whose write
+        fails (a full disk) leaves tensorstore reporting to a closed loop, as a failed restore does."""
+        _route_closed_loop_reports()
         items = {"state": ocp.args.StandardSave(state)}
         kind = _data_kind(data_iter)
         if kind == "grain":
