@@ -25,13 +25,17 @@ from proxykd_jax.errors import ConfigError, ProxyKDError, ResourceExhausted, one
 from proxykd_jax.stages import STAGES
 
 # commands beside the stages: (name, one-line description)
-COMMANDS = {"plan": "Will this config fit this mesh? Memory and FLOPs of every stage's step, ahead of time."}
+COMMANDS = {
+    "plan": "Will this config fit this mesh? Memory and FLOPs of every stage's step, ahead of time.",
+    "status": "Where does this run stand? Each stage's artifact, its progress, and what the next run would do.",
+}
 USAGE = (
     "usage: proxykd <stage> --config=CONFIG_FILE[:ARG] [--config.FIELD=VALUE ...]\n\nstages:\n"
     + "\n".join(f"  {name:<10} {stage.doc}" for name, stage in STAGES.items())
     + "\n\nother commands:\n"
     + "\n".join(f"  {name:<10} {doc}" for name, doc in COMMANDS.items())
-    + "\n\n`proxykd <stage> --help` lists the config fields a stage reads; `proxykd plan --help` the plan's flags."
+    + "\n\n`proxykd <stage> --help` lists the config fields a stage reads; `proxykd plan --help` the plan's flags;"
+    + " `proxykd status --help` what status shows."
 )
 
 
@@ -362,6 +366,10 @@ def main(argv: list[str] | None = None) -> None:
     stage, rest = argv[0], argv[1:]
     if stage == "plan":  # ahead-of-time memory/FLOPs plan of every stage's step (proxykd_jax/plan.py)
         sys.exit(_run_plan(rest))
+    if stage == "status":  # each stage's artifact and what the next run would do; read-only (proxykd_jax/status.py)
+        from proxykd_jax import status
+
+        sys.exit(status.main(rest, load_config))
     if stage not in STAGES:
         choices = ", ".join([*STAGES, *COMMANDS])
         print(f"error: proxykd: unknown stage {stage!r}; choose one of: {choices}.", file=sys.stderr)

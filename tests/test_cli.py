@@ -57,17 +57,17 @@ def test_bad_input_exits_2_with_one_sentence(tmp_path):
     assert bad.returncode == 2 and "bad config override" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_help_and_unknown_stage_name_the_plan_command(capsys):
+def test_help_and_unknown_stage_name_the_plan_and_status_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "\n  plan " in out and "proxykd plan --help" in out
+    assert "\n  plan " in out and "proxykd plan --help" in out and "\n  status " in out
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["plna"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "unknown stage 'plna'" in err and err.rstrip().endswith(", report, plan.")
+    assert "unknown stage 'plna'" in err and err.rstrip().endswith(", report, plan, status.")
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,15 @@ def test_demo_runs_then_reuses_every_stage(tmp_path):
     changed = [p for p, t in stamps.items() if p.exists() and p.stat().st_mtime_ns != t]
     assert changed == [run / "results.md"]
 
+    # `proxykd status` with the demo's config sees the settings the demo ran its stages with: all finished
+    from proxykd_jax import status
+
+    table = status.run(demo_config(run))
+    rows = [line.split() for line in table.split("\n\n")[1].splitlines()[1:]]
+    assert [r[0] for r in rows] == [*status.ORDER[:6], "distill", *status.ORDER[6:9]], table
+    assert all(r[2:4] == ["finished", "reuses"] for r in rows[:-1]), table  # (the demo does not export)
+    assert rows[-1][2:5] == ["not", "started", "starts"] and "1 phase," in table, table
+
     other = demo_config(run)
     other.demo.teacher_seed = 7
     with pytest.raises(ProxyKDError, match=r"demo \(finished\).*demo.teacher_seed 1234 -> 7"):

@@ -18,6 +18,8 @@ Running a stage again:
     the new settings still ask for: nothing already paid for is requested again);
   * a non-empty output without a record (not made by a stage) -> refused unless run.overwrite;
   * an upstream artifact that is not finished -> refused (its stage must finish it first).
+`outlook` says which of these the next run would do without doing it (`proxykd status`); `open_artifact`
+acts on it.
 
 An upstream artifact's hash is part of its dependants' inputs, so rebuilding `prepared/` with
 other settings makes `prior/`, `proxy/`, ... stale, and they say so when run. An input file's
@@ -634,18 +636,86 @@ def _unfinished_input(name: str, upstream: pathlib.Path, rec: dict, paths: RunPa
     )
 
 
-def check_inputs(name: str, cfg, paths: RunPaths, *, writer: bool = True) -> dict:
-    """{label: hash} of the upstream artifacts of stage `name`; raises when one is not finished (a stage
-    that read it would be made from part of it, and reused as if from all of it once it finishes)."""
-    inputs = {}
+def _upstream(name: str, cfg, paths: RunPaths, *, writer: bool) -> tuple[dict, list[tuple[pathlib.Path, dict]]]:
+    """({label: hash} of the upstream artifacts of stage `name` that have a record, [(upstream, record)] of
+    those not finished)."""
+    inputs, waiting = {}, []
     for upstream in ARTIFACTS[name].inputs(cfg, paths):
         rec = settle(upstream, writer=writer)
         if rec is None:
             continue
         if not rec.get("finished"):
-            raise _unfinished_input(name, upstream, rec, paths)
-        inputs[_label(upstream, paths)] = rec["hash"]
+            waiting.append((upstream, rec))
+        inputs[_label(upstream, paths)] = rec.get("hash")
+    return inputs, waiting
+
+
+def check_inputs(name: str, cfg, paths: RunPaths, *, writer: bool = True) -> dict:
+    """{label: hash} of the upstream artifacts of stage `name`; raises when one is not finished (a stage
+    that read it would be made from part of it, and reused as if from all of it once it finishes)."""
+    inputs, waiting = _upstream(name, cfg, paths, writer=writer)
+    if waiting:
+        raise _unfinished_input(name, *waiting[0], paths)
     return inputs
+
+
+@dataclasses.dataclass
+class Outlook:
+    """What the next run of a stage would find (`outlook`): its artifact as `open_artifact` decides it
+    before the overwrite rule (status new, resume or done), and what the rule acts on."""
+
+    artifact: Artifact
+    record: dict | None  # the artifact's record (None: it has none)
+    redo: dict | None  # the record of the redo beside it (`.<name>.new`, run.overwrite), if any
+    changes: list[str]  # what differs from the record, one phrase each ([]: it matches, or there is none)
+    waiting: list[tuple[pathlib.Path, dict]]  # (upstream artifact, its record) of those not finished
+    foreign: bool  # a non-empty output without a record (not made by the stage)
+
+    @property
+    def state(self) -> str:
+        """finished | unfinished (", other settings" where the record differs) | not started | not made by proxykd."""
+        if self.record is None:
+            return "not made by proxykd" if self.foreign else "not started"
+        done = "finished" if self.record.get("finished") else "unfinished"
+        return done + (", other settings" if self.changes else "")
+
+
+def outlook(
+    name: str, cfg, paths: RunPaths, *, writer: bool = False, share: Callable[[str], str] = lambda text: text
+) -> Outlook:
+    """What the next `proxykd <name>` would find, raising nothing for a refusal. Reads files only (and hashes
+    the input files whose size or mtime changed since the record: `content_id`); the `writer` completes an
+    interrupted move into place, where no upstream artifact is unfinished. `share`: as in `open_artifact`."""
+    spec = ARTIFACTS[name]
+    path = spec.path(cfg, paths)
+    inputs, waiting = _upstream(name, cfg, paths, writer=writer)
+    writer = writer and not waiting  # a stage that stops for its inputs moves nothing of its own
+    fields = depends_on(cfg, spec)
+    rec = settle(path, spec.is_file, writer=writer)
+    if rec is not None and writer:
+        _tidy(path, spec.is_file, spec.companions)
+    redo = read_record(path.with_name(f".{path.name}.new"), spec.is_file)
+    files, models, stamps = _input_files(spec, cfg, paths, [rec, redo])
+    if models:  # one entry per model folder the config names: every process takes part, or none
+        models = json.loads(share(json.dumps(models, sort_keys=True)))
+    digest = _hash(fields, inputs, files, models)
+    art = Artifact(name, path, path, "new", fields, inputs, digest, spec.is_file, writer=writer)
+    art.files, art.models, art.stamps, art.companions = files, models, stamps, spec.companions
+    look = Outlook(art, rec, redo, [], waiting, rec is None and not _is_empty(path, spec.is_file))
+    if rec is None:
+        return look
+    # a record made before input files (model folders) were recorded matches on what it recorded: its fields
+    # (which name their paths) and upstream artifacts; it is not taken for a changed one
+    recorded = _hash(fields, inputs, files if "files" in rec else None, models if "models" in rec else None)
+    if rec.get("hash") in (digest, recorded):
+        art.status = "done" if rec.get("finished") else "resume"
+        art.summary = rec.get("summary")
+    else:
+        old_ids, new_ids = (rec.get("files"), rec.get("models")), (files, models)
+        look.changes = _changes(rec.get("fields", {}), fields, rec.get("inputs", {}), inputs, old_ids, new_ids) or [
+            "(unknown: its record is from another version)"
+        ]
+    return look
 
 
 def open_artifact(
@@ -663,23 +733,16 @@ def open_artifact(
     (`hosts.broadcast_text`): the model folders' identities are process 0's, since a folder copied
     to each host's own disk has other mtimes there, and the processes must decide alike."""
     spec = ARTIFACTS[name]
-    path = spec.path(cfg, paths)
-    inputs = check_inputs(name, cfg, paths, writer=writer)
-    fields = depends_on(cfg, spec)
-    rec = settle(path, spec.is_file, writer=writer)
-    if rec is not None and writer:
-        _tidy(path, spec.is_file, spec.companions)
+    look = outlook(name, cfg, paths, writer=writer, share=share)
+    if look.waiting:
+        raise _unfinished_input(name, *look.waiting[0], paths)
+    art, rec, redo = look.artifact, look.record, look.redo
+    art.sync, art.writer = sync, writer
+    path, digest = art.path, art.hash
     beside = path.with_name(f".{path.name}.new")
-    redo = read_record(beside, spec.is_file)
-    files, models, stamps = _input_files(spec, cfg, paths, [rec, redo])
-    if models:  # one entry per model folder the config names: every process takes part, or none
-        models = json.loads(share(json.dumps(models, sort_keys=True)))
-    digest = _hash(fields, inputs, files, models)
-    art = Artifact(name, path, path, "new", fields, inputs, digest, spec.is_file, sync=sync, writer=writer)
-    art.files, art.models, art.stamps, art.companions = files, models, stamps, spec.companions
     hint = f", {spec.hint}" if spec.hint else ""
     if rec is None:
-        if _is_empty(path, spec.is_file):
+        if not look.foreign:
             return art
         if not overwrite:
             raise ProxyKDError(
@@ -688,21 +751,12 @@ def open_artifact(
             )
         art.status, art.work = "replace", beside
         return art
-    # a record made before input files (model folders) were recorded matches on what it recorded: its fields
-    # (which name their paths) and upstream artifacts; it is not taken for a changed one
-    recorded = _hash(fields, inputs, files if "files" in rec else None, models if "models" in rec else None)
-    if rec.get("hash") in (digest, recorded):
-        art.status = "done" if rec.get("finished") else "resume"
-        art.summary = rec.get("summary")
+    if not look.changes:
         return art
     if not overwrite:
-        old_ids, new_ids = (rec.get("files"), rec.get("models")), (files, models)
-        changes = _changes(rec.get("fields", {}), fields, rec.get("inputs", {}), inputs, old_ids, new_ids) or [
-            "(unknown: its record is from another version)"
-        ]
         state = "finished" if rec.get("finished") else "unfinished"
         raise ProxyKDError(
-            f"{path} ({state}) was made from other settings or inputs: {'; '.join(changes)}. Set "
+            f"{path} ({state}) was made from other settings or inputs: {'; '.join(look.changes)}. Set "
             f"--config.run.overwrite=True to replace it (the new one is written beside it and moved "
             f"into place when finished{spec.replace_note}){hint}, or choose another --config.run.dir."
         )

@@ -40,7 +40,7 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised name
 
 
-def _alive(pid: int, start_time: str | None) -> bool:
+def process_alive(pid: int, start_time: str | None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -107,7 +107,7 @@ class RunLock:
         """Raises RunLocked for a live holder; moves a stale lock aside (one process wins that race)."""
         pid, host = int(holder.get("pid", -1)), str(holder.get("host", "?"))
         here = socket.gethostname()
-        if host != here or _alive(pid, holder.get("start_time")):
+        if host != here or process_alive(pid, holder.get("start_time")):
             where = "this host" if host == here else f"host {host}"
             raise RunLocked(
                 f"{self.path.parent} is in use: `{holder.get('stage', '?')}` runs there as pid {pid} on {where} "

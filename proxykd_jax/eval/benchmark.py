@@ -119,3 +119,20 @@ def build(demo_cfg, proxy_cfg, folder: pathlib.Path, seed: int):
     write_prompts(teacher, folder / "prompts.jsonl", demo_cfg.num_prompts, seed)
     perturbed_proxy(teacher, folder / "proxy_init", demo_cfg.proxy_noise, seed + 1)
     return teacher
+
+
+def demo_settings(cfg, folder) -> None:
+    """Sets on `cfg` (in place) what `proxykd demo` runs its stages with: its built-in teacher's prompts, the
+    collect request, the proxy init and tokenizer, and the known teacher, all under `folder` (the run's demo/)."""
+    folder = pathlib.Path(folder)
+    with cfg.unlocked():
+        cfg.collect.prompts = str(folder / "prompts.jsonl")
+        cfg.collect.model = "known-teacher"
+        cfg.collect.api = "completions"
+        cfg.collect.samples_per_prompt = cfg.demo.samples_per_prompt
+        cfg.collect.max_tokens = cfg.demo.max_new_tokens
+        cfg.data.tokenizer = str(folder / "proxy_init")
+        cfg.proxy.init_from = str(folder / "proxy_init")
+        cfg.eval.known_teacher = str(folder / "teacher")
+        if cfg.demo.teacher_tokenizer == "char":  # the teacher's own tokens: its top log-probs are the point
+            cfg.collect.top_logprobs = 20

@@ -54,17 +54,7 @@ def run(ctx) -> dict:
         benchmark.build(cfg.demo, cfg.proxy, art.work, ctx.seed)
         art.finish({"teacher": str(art.path / "teacher")})
     teacher = benchmark.make_teacher(cfg.demo, cfg.proxy, folder / "teacher")
-    with cfg.unlocked():
-        cfg.collect.prompts = str(folder / "prompts.jsonl")
-        cfg.collect.model = "known-teacher"
-        cfg.collect.api = "completions"
-        cfg.collect.samples_per_prompt = cfg.demo.samples_per_prompt
-        cfg.collect.max_tokens = cfg.demo.max_new_tokens
-        cfg.data.tokenizer = str(folder / "proxy_init")
-        cfg.proxy.init_from = str(folder / "proxy_init")
-        cfg.eval.known_teacher = str(folder / "teacher")
-        if cfg.demo.teacher_tokenizer == "char":  # the teacher's own tokens: its top log-probs are the point
-            cfg.collect.top_logprobs = 20
+    benchmark.demo_settings(cfg, folder)
 
     print("[demo] 1/7 collect: teacher responses over HTTP")
     _collect_over_http(ctx, teacher)
