@@ -42,7 +42,7 @@ _PATHS = (
 # stage: (its `proxykd plan` steps, its batch-size field, its sequence-length field, the model group it trains)
 _STEPS = {
     "distill": ("distill", "train.batch_size", "train.seq_len", "model"),
-    "align": ("sft,dpo", "align.batch_size", "align.seq_len", "proxy"),
+    "align": ("sft,dpo", "align.batch_size", "align.seq_len (0: data.seq_len)", "proxy"),
     "posterior": ("posterior", "posterior.batch_size", "data.seq_len", ""),
     "eval": ("eval", "eval.batch_size", "data.seq_len", ""),
 }
@@ -60,6 +60,14 @@ def _chain(error: BaseException):
         todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
 
 
+def _text(error: BaseException) -> str:
+    """str(error), or "" where its __str__ itself raises (that error is then no exhaustion this module knows)."""
+    try:
+        return str(error)
+    except Exception:  # pylint: disable=broad-except  # any __str__ may fail; explaining must not
+        return ""
+
+
 def _named_path(text: str) -> str | None:
     for pattern in _PATHS:
         match = pattern.search(text)
@@ -74,7 +82,7 @@ def disk_full(error: BaseException) -> tuple[int, str | None] | None:
         if isinstance(e, OSError) and e.errno in _DISK:
             name = e.filename if e.filename is not None else e.filename2
             return e.errno, (os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else None)
-        text = str(e)
+        text = _text(e)
         for code in _DISK:
             if os.strerror(code) in text or f"os_error_code='{code}'" in text:
                 return code, _named_path(text)
@@ -87,7 +95,7 @@ def out_of_memory(error: BaseException) -> str | None:
     if jax is None:
         return None
     for e in _chain(error):
-        lines = str(e).strip().splitlines()
+        lines = _text(e).strip().splitlines()
         if isinstance(e, jax.errors.JaxRuntimeError) and lines:
             first = lines[0].strip()
             if first.startswith("RESOURCE_EXHAUSTED") or "out of memory" in first.lower():

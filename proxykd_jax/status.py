@@ -13,11 +13,11 @@ alpha = 0 SFT baseline where its folder exists), each with:
     report's variant results), what changed, and an upstream artifact that is unfinished or has other settings.
 
 The decisions are the stages' own (`context.artifacts.outlook`, which `open_artifact` acts on). Read-only: it
-takes no lock (the header names a lock's holder: pid, host, stage, since, and whether it is alive), writes
-nothing, loads no model and reads no weights (model folders are identified by `model_id`: their small files
-and their weights' sizes and mtimes). Input files whose size or mtime changed since a record was written are
-read again to hash them (`content_id`), quietly, so the first status after such a change can take a while on
-a big corpus.
+takes no lock (the header names a lock's holder: pid, host, stage, the artifact it writes, since, and whether it
+is alive), writes nothing, loads no model and reads no weights (model folders are identified by `model_id`:
+their small files and their weights' sizes and mtimes). Input files whose size or mtime changed since a record
+was written are read again to hash them (`content_id`), quietly, by every status until a stage writes that
+record again (status writes nothing): on a big corpus each can take a while.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import socket
 import sys
 import types
 
-from proxykd_jax.context import preflight
+from proxykd_jax.context import check_run_dir, preflight
 from proxykd_jax.context.artifacts import ARTIFACTS, Outlook, outlook, read_record, record_path
 from proxykd_jax.context.lock import process_alive
 from proxykd_jax.context.paths import STUDENT_SFT, RunPaths, student_name
@@ -56,8 +56,9 @@ class Row:
 # ------------------------------------------------------------------------------------ reading the run
 
 
-def lock_holder(paths: RunPaths) -> tuple[str, str | None]:
-    """(one line on the run-directory lock, the stage of a live holder on this host or None); reads only."""
+def lock_holder(paths: RunPaths) -> tuple[str, tuple[str, str] | None]:
+    """(one line on the run-directory lock, (stage, the artifact path it writes; "" from a lock that names none)
+    of a live holder on this host, or None); reads only."""
     try:
         holder = json.loads(paths.lock.read_text())
     except FileNotFoundError:
@@ -67,12 +68,15 @@ def lock_holder(paths: RunPaths) -> tuple[str, str | None]:
     if not isinstance(holder, dict):
         return f"{paths.lock} is damaged", None
     pid, host, stage = holder.get("pid", "?"), str(holder.get("host", "?")), holder.get("stage", "?")
-    who = f"`{stage}`, pid {pid}"
+    artifact = holder.get("artifact") if isinstance(holder.get("artifact"), str) else ""
+    is_file = isinstance(stage, str) and stage in ARTIFACTS and ARTIFACTS[stage].is_file
+    writing = f" writing {_label(pathlib.Path(artifact), paths, is_file)}" if artifact else ""
+    who = f"`{stage}`{writing}, pid {pid}"
     since = f"since {holder.get('since', '?')}"
     if host != socket.gethostname():
         return f"held by {who} on host {host} {since} (not checkable from this host)", None
     if isinstance(pid, int) and process_alive(pid, holder.get("start_time")):
-        return f"held by {who} on this host {since}", str(stage)
+        return f"held by {who} on this host {since}", (str(stage), artifact)
     return f"stale: {who} ({since}) is gone; the next stage takes the lock over", None
 
 
@@ -321,9 +325,9 @@ def _redo_note(name: str, cfg, paths: RunPaths, look: Outlook) -> str:
     )
 
 
-def stage_row(name: str, cfg, paths: RunPaths, running: str | None = None) -> tuple[Row, Outlook | None]:
+def stage_row(name: str, cfg, paths: RunPaths, running=None) -> tuple[Row, Outlook | None]:
     """The row of stage `name` for `cfg`, and the outlook it was read from (None where that failed); `running`:
-    the stage of the lock's live holder."""
+    (stage, artifact path) of the lock's live holder (`lock_holder`)."""
     spec = ARTIFACTS[name]
     path = spec.path(cfg, paths)
     row = Row(name, _label(path, paths, spec.is_file))
@@ -358,7 +362,7 @@ def stage_row(name: str, cfg, paths: RunPaths, running: str | None = None) -> tu
         except ProxyKDError as e:  # an upstream input that is missing
             row.next = "refuses"
             row.detail.append(one_line(e).rstrip(".").replace(f"{paths.root}/", ""))
-    if running == name and row.state == "unfinished":
+    if running and running[0] == name and running[1] in ("", str(path)) and row.state == "unfinished":
         row.next = "running now"
     return row, look
 
@@ -374,7 +378,7 @@ def _students(cfg, paths: RunPaths) -> list:
     return out
 
 
-def stage_rows(cfg, running: str | None = None) -> list[Row]:
+def stage_rows(cfg, running=None) -> list[Row]:
     """A row per stage in pipeline order (see the module docstring)."""
     paths = RunPaths.from_config(cfg)
     out, states, looks = [], {}, []
@@ -410,6 +414,7 @@ def table(rows: list[Row]) -> str:
 def run(cfg) -> str:
     """The status table of the run directory `cfg.run.dir` for `cfg` (reads only; see the module docstring)."""
     paths = RunPaths.from_config(cfg)
+    check_run_dir(paths)
     if "demo" in cfg and (read_record(paths.demo) or {}).get("finished"):  # a demo run: its stages' settings
         from proxykd_jax.eval.benchmark import demo_settings
 

@@ -343,3 +343,22 @@ def test_a_file_not_made_by_collect_names_its_record(tmp_path):
     (tmp_path / "mine.jsonl").write_text("my own corpus\n")
     with pytest.raises(ProxyKDError, match=r"it has no .*mine\.jsonl\.artifact\.json\)"):
         _open("collect", cfg)
+
+
+def test_a_stage_refused_for_an_unfinished_input_moves_none_of_its_other_inputs(tmp_path):
+    """posterior refused for an unfinished prior/ leaves the proxy/ that a killed `align` was moving into
+    place (.proxy.new finished, the old proxy/ set aside) as it found it: the refusal touches nothing."""
+    cfg = _cfg(tmp_path)
+    cfg.posterior.proxy = ""  # the run's own proxy/ is an input, after prior/
+    run = tmp_path / "run"
+    for folder, stage, finished in (
+        ("prepared", "prepare", True),
+        ("prior", "prior", False),
+        (".proxy.new", "align", True),
+    ):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "artifact.json").write_text(json.dumps({"stage": stage, "hash": folder, "finished": finished}))
+    (run / ".proxy.old").mkdir()
+    with pytest.raises(ProxyKDError, match=r"prior is not finished"):
+        _open("posterior", cfg)
+    assert sorted(p.name for p in run.iterdir()) == [".proxy.new", ".proxy.old", "prepared", "prior"]

@@ -330,3 +330,23 @@ def test_a_checkpoint_save_on_a_full_tmpfs(tmp_path, caplog):
     finally:
         sys.unraisablehook = unraisable
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("str() of this error fails")
+
+
+def test_an_error_whose_str_fails_is_no_exhaustion_and_its_report_is_kept(caplog):
+    """`explain` and the log filter read each error's text: one whose str() raises is not a full disk or an
+    out-of-memory (its traceback stays), and a thread's report of it is logged, not raised from the log call."""
+    from proxykd_jax import exhaustion
+
+    try:
+        raise ValueError("a background save failed") from _Unprintable()
+    except ValueError as e:
+        assert _explain("distill", e) is None
+    exhaustion.quiet_background_reports()
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("absl").error("a thread failed", exc_info=_Unprintable())
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == ["a thread failed"]

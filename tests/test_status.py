@@ -268,3 +268,37 @@ def test_collect_progress_counts_the_samples_asked_for(run, tmp_path):
     more = _rows(_changed(cfg, collect__samples_per_prompt=3))["corpus/teacher.jsonl"]
     assert more.state == "unfinished, other settings"
     assert _detail(more) == f"{stored} of 15 samples; changed: collect.samples_per_prompt 2 -> 3"
+
+
+def test_running_now_is_only_the_student_the_lock_holder_writes(tmp_path):
+    """A distill writing student_c/ holds the lock: student_c/ is running now, while student_b/ (stopped
+    earlier, unfinished too) is what the next run with its config resumes; the header names the folder."""
+    from pipeline_fixtures import tiny_config
+
+    cfgs = {name: _changed(tiny_config(tmp_path / "run"), distill__output=name) for name in ("student_b", "student_c")}
+    for cfg in cfgs.values():
+        open_artifact("distill", cfg, context.RunPaths.from_config(cfg), overwrite=False).begin()
+    with context.create(cfgs["student_c"], "distill", on_mesh=False):
+        text = status.run(cfgs["student_b"])
+        assert re.search(r"^distill +student_b/ +unfinished +resumes ", text, re.M), text
+        assert "lock: held by `distill` writing student_c/, pid " in text
+        assert re.search(r"^distill +student_c/ +unfinished +running now ", status.run(cfgs["student_c"]), re.M)
+
+
+def test_a_run_dir_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    """run.dir naming a file, or a folder under one: status and the stages say so in one line (exit 2)
+    instead of reporting a run directory that does not exist yet, or failing on mkdir."""
+    from pipeline_fixtures import tiny_config
+
+    (tmp_path / "afile").write_text("not a folder")
+    for run_dir in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        pickled = tmp_path / "cfg.pkl"
+        pickled.write_bytes(pickle.dumps(tiny_config(run_dir)))
+        argv = [f"--config={REPO / 'tests' / 'pickled_config.py'}:{pickled}"]
+        assert status.main(argv, cli.load_config) == 2
+        with pytest.raises(SystemExit) as done:
+            cli.main(["prior", *argv])
+        assert done.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        want = f"{tmp_path / 'afile'} is a file, not a folder"
+        assert len(err) == 2 and all(want in line for line in err), err

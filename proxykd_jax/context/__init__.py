@@ -258,11 +258,12 @@ def load_folder(folder: pathlib.Path, *, config_only: bool = False, **kwargs):
         ) from None
 
 
-def _take_lock(paths: RunPaths, stage: str) -> RunLock:
-    """Process 0 takes the lock; every process learns whether it did and stops together if not."""
+def _take_lock(paths: RunPaths, stage: str, artifact: str = "") -> RunLock:
+    """Process 0 takes the lock (naming `artifact`, the path the stage writes: `proxykd status`); every process
+    learns whether it did and stops together if not."""
     from proxykd_jax.parallel import hosts
 
-    lock, error = RunLock(paths.lock, stage), None
+    lock, error = RunLock(paths.lock, stage, artifact), None
     if jax.process_index() == 0:
         try:
             lock.acquire()
@@ -303,6 +304,23 @@ def _needs(cfg, stage: str, paths: RunPaths) -> list[tuple[pathlib.Path, str, st
     return []
 
 
+def check_run_dir(paths: RunPaths) -> None:
+    """Refuses a run directory that is a file or lies under one (nothing could be made there); reads only."""
+    for where in (paths.root, *paths.root.parents):
+        try:
+            if not where.exists():
+                continue
+            is_dir = where.is_dir()
+        except OSError:  # not readable: the stage's own error names it
+            return
+        if not is_dir:
+            raise ProxyKDError(
+                f"config.run.dir is {paths.root}, but {where} is a file, not a folder; set --config.run.dir to a "
+                "folder (it is created if missing)."
+            )
+        return
+
+
 def preflight(cfg, stage: str) -> None:
     """Refuses, before the run directory is created or locked, a stage whose upstream artifacts are not
     finished, or whose upstream inputs are missing (unless its own artifact is already finished and
@@ -310,6 +328,7 @@ def preflight(cfg, stage: str) -> None:
     if stage not in ARTIFACTS:
         return
     paths = RunPaths.from_config(cfg)
+    check_run_dir(paths)
     spec = ARTIFACTS[stage]
     check_inputs(stage, cfg, paths, writer=False)
     record = settle(spec.path(cfg, paths), spec.is_file, writer=False)
@@ -346,6 +365,12 @@ def create(
         raise ProxyKDError(str(e)) from None
     paths = RunPaths.from_config(cfg)
     take = (stage in ARTIFACTS) if lock is None else lock
+    artifact = str(ARTIFACTS[stage].path(cfg, paths)) if stage in ARTIFACTS else ""
     return RunContext(
-        cfg=cfg, stage=stage, paths=paths, mesh=mesh, rules=rules, lock=_take_lock(paths, stage) if take else None
+        cfg=cfg,
+        stage=stage,
+        paths=paths,
+        mesh=mesh,
+        rules=rules,
+        lock=_take_lock(paths, stage, artifact) if take else None,
     )

@@ -638,10 +638,10 @@ def _unfinished_input(name: str, upstream: pathlib.Path, rec: dict, paths: RunPa
 
 def _upstream(name: str, cfg, paths: RunPaths, *, writer: bool) -> tuple[dict, list[tuple[pathlib.Path, dict]]]:
     """({label: hash} of the upstream artifacts of stage `name` that have a record, [(upstream, record)] of
-    those not finished)."""
+    those not finished). Once one is not finished the stage stops: it completes no move of the others."""
     inputs, waiting = {}, []
     for upstream in ARTIFACTS[name].inputs(cfg, paths):
-        rec = settle(upstream, writer=writer)
+        rec = settle(upstream, writer=writer and not waiting)
         if rec is None:
             continue
         if not rec.get("finished"):

@@ -1,12 +1,12 @@
 """The run-directory lock: one stage at a time per run directory.
 
 A stage that writes into a run directory first creates `<run>/proxykd.lock` with `O_EXCL`
-(atomic on local and NFS file systems) holding the owner's pid, host, stage, process start time and
-the time it was taken. A second process finds the file and stops with `RunLocked` (the CLI exits
-2) naming the holder's pid, host and stage. A lock whose holder is gone is stale: same host, and
-either no process with that pid exists or the pid now belongs to a process started at another
-time (pid reuse). A stale lock is taken over with a warning, so a run killed with `kill -9`
-resumes by running the same command again. A lock held from another host cannot be checked
+(atomic on local and NFS file systems) holding the owner's pid, host, stage, the artifact it writes,
+process start time and the time it was taken. A second process finds the file and stops with
+`RunLocked` (the CLI exits 2) naming the holder's pid, host and stage. A lock whose holder is gone
+is stale: same host, and either no process with that pid exists or the pid now belongs to a process
+started at another time (pid reuse). A stale lock is taken over with a warning, so a run killed with
+`kill -9` resumes by running the same command again. A lock held from another host cannot be checked
 from here; the message says which file to delete once that host's run is known to be over.
 
 In a multi-process (jax.distributed) run only process 0 takes the lock; the others learn the
@@ -54,8 +54,8 @@ def process_alive(pid: int, start_time: str | None) -> bool:
 class RunLock:
     """`<run>/proxykd.lock` for one stage; `acquire` or use as a context manager."""
 
-    def __init__(self, path: pathlib.Path, stage: str):
-        self.path, self.stage = pathlib.Path(path), stage
+    def __init__(self, path: pathlib.Path, stage: str, artifact: str = ""):
+        self.path, self.stage, self.artifact = pathlib.Path(path), stage, artifact  # artifact: the path it writes
         self.held = False
 
     def _owner(self) -> dict:
@@ -64,6 +64,7 @@ class RunLock:
             "pid": pid,
             "host": socket.gethostname(),
             "stage": self.stage,
+            **({"artifact": self.artifact} if self.artifact else {}),
             "start_time": _start_time(pid),
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
