@@ -7,6 +7,7 @@ uninterrupted run."""
 from __future__ import annotations
 
 import gc
+import json
 import pathlib
 import shutil
 import weakref
@@ -128,3 +129,15 @@ def test_a_killed_eval_scores_only_the_models_it_had_not_finished(base, whole, t
     run_stage("eval", cfg)
     assert loads.folders == (ORDER[2:] if damage is None else [ORDER[0]] + ORDER[2:])
     assert (root / "eval" / "metrics.json").read_text() == whole
+
+
+def test_a_reused_eval_prints_and_returns_its_models_in_the_order_it_scored_them(base, tmp_path, capsys):
+    """The rerun that reuses a finished eval prints the table of the run that made it (the record's summary is
+    stored with sorted keys: it listed 'proxy (aligned)' before 'proxy (before align)')."""
+    cfg = _copy(base, tmp_path / "run")
+    first = run_stage("eval", cfg)
+    printed = capsys.readouterr().out
+    again = run_stage("eval", cfg)
+    assert capsys.readouterr().out == printed
+    scored = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert list(again["models"]) == list(first["models"]) == list(scored["models"])

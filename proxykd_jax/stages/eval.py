@@ -31,12 +31,21 @@ def _report(metrics: dict) -> dict:
     return metrics
 
 
+def _as_written(art) -> dict:
+    """A finished eval's metrics.json: its models in the order they were scored (the record's summary, the
+    same metrics with its keys sorted, where the file cannot be read)."""
+    try:
+        return json.loads((art.path / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return art.summary
+
+
 def run(ctx, *, teacher=None) -> dict:
     """Evaluates (or reuses the evaluation of) the run's models; returns the metrics."""
     cfg, paths, art = ctx.cfg, ctx.paths, ctx.artifact("eval")
     if art.done:
         log.info("eval: %s is finished with these settings and models; reusing it", art.path)
-        return _report(art.summary)
+        return _report(_as_written(art))
     prepared = PreparedData(paths.prepared)
     # nothing is written before the splits it reads are known to hold samples
     prepared.require_samples(str(cfg.eval.split), short=" to score", fix="choose another --config.eval.split, or ")
