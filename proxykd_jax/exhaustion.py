@@ -1,7 +1,7 @@
 """A full disk and a device out of memory, as the CLI reports them: one line that says what ran out, where,
 and what to do (`cli._run_stage` raises it as `errors.ResourceExhausted`).
 
-A full disk (ENOSPC, EDQUOT) or a read-only one (EROFS) reaches a stage in several forms, often as the
+A full disk (ENOSPC, EDQUOT), a read-only one (EROFS) or a file past a size limit (EFBIG) reaches a stage in several forms, often as the
 cause or context of an exception that orbax's checkpoint thread raises again:
   an OSError     from Python's own writes (a write or close names no file, an open names it);
   a RuntimeError from array_record's writer: "write() failed: No space left on device; writing PATH; ...";
@@ -32,6 +32,10 @@ _DISK = {
     errno.ENOSPC: ("no space left on device", "free space on that filesystem"),
     errno.EDQUOT: ("disk quota exceeded", "free space within your quota on that filesystem"),
     errno.EROFS: ("read-only file system", "make that filesystem writable (or set --config.run.dir to another)"),
+    errno.EFBIG: (
+        "file too large (the process's file-size limit, or the filesystem's largest file)",
+        "raise the limit (`ulimit -f`) or set --config.run.dir on a filesystem that holds larger files",
+    ),
 }
 # where a message that is no OSError names its file: tensorstore's, then array_record's
 _PATHS = (

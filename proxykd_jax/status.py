@@ -69,6 +69,7 @@ def lock_holder(paths: RunPaths) -> tuple[str, tuple[str, str] | None]:
         return f"{paths.lock} is damaged", None
     pid, host, stage = holder.get("pid", "?"), str(holder.get("host", "?")), holder.get("stage", "?")
     artifact = holder.get("artifact") if isinstance(holder.get("artifact"), str) else ""
+    artifact = str(paths.root / artifact) if artifact else ""  # (relative to the run directory, or whole)
     is_file = isinstance(stage, str) and stage in ARTIFACTS and ARTIFACTS[stage].is_file
     writing = f" writing {_label(pathlib.Path(artifact), paths, is_file)}" if artifact else ""
     who = f"`{stage}`{writing}, pid {pid}"

@@ -222,7 +222,7 @@ CASES = [
         "collect",
         (P.format("prompts.jsonl"), "--config.collect.base_url={healthy}", *COLLECT),
         ("cannot write", "teacher.jsonl.artifact.json", "File too large"),
-        file_limit=200,  # not even the artifact's record fits
+        file_limit=400,  # the lock fits, not the artifact's record
     ),
     # ---------------------------------------------------------------- prepare
     Case(

@@ -181,6 +181,7 @@ def test_out_of_memory_advice_names_the_stage_fields():
         ),
         (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), "disk quota exceeded writing under /r"),
         (OSError(errno.EROFS, os.strerror(errno.EROFS), "/r/lock"), "read-only file system writing /r/lock"),
+        (OSError(errno.EFBIG, os.strerror(errno.EFBIG), "/r/lock"), "file too large (the process's file-size limit"),
         (  # array_record's writer
             RuntimeError("write() failed: No space left on device; writing /r/prepared/a.arrayrecord; at byte 0"),
             "no space left on device writing /r/prepared/a.arrayrecord;",
@@ -194,7 +195,7 @@ def test_out_of_memory_advice_names_the_stage_fields():
             "no space left on device writing /r/student/3.orbax-checkpoint-tmp/_sharding;",
         ),
     ],
-    ids=["enospc-path", "edquot", "erofs", "array-record", "tensorstore"],
+    ids=["enospc-path", "edquot", "erofs", "efbig", "array-record", "tensorstore"],
 )
 def test_disk_full_errors_are_recognised_in_the_chain(error, want):
     """Each form a full disk takes, also as the cause of another exception, names the file it names."""

@@ -304,6 +304,14 @@ def _needs(cfg, stage: str, paths: RunPaths) -> list[tuple[pathlib.Path, str, st
     return []
 
 
+def _within(path: pathlib.Path, paths: RunPaths) -> str:
+    """`path` relative to the run directory where it lies inside it (the lock names it so), else whole."""
+    try:
+        return str(path.relative_to(paths.root))
+    except ValueError:
+        return str(path)
+
+
 def check_run_dir(paths: RunPaths) -> None:
     """Refuses a run directory that is a file or lies under one (nothing could be made there); reads only."""
     for where in (paths.root, *paths.root.parents):
@@ -365,7 +373,7 @@ def create(
         raise ProxyKDError(str(e)) from None
     paths = RunPaths.from_config(cfg)
     take = (stage in ARTIFACTS) if lock is None else lock
-    artifact = str(ARTIFACTS[stage].path(cfg, paths)) if stage in ARTIFACTS else ""
+    artifact = _within(ARTIFACTS[stage].path(cfg, paths), paths) if stage in ARTIFACTS else ""
     return RunContext(
         cfg=cfg,
         stage=stage,
