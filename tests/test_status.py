@@ -25,13 +25,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _changed(cfg, **fields):
+    """A copy of `cfg` with `group__field=value` set (`__` for the dots of a field's path)."""
     cfg = cfg.copy_and_resolve_references()
-    for key, value in fields.items():
-        *groups, field = key.split("__")
-        node = cfg
-        for g in groups:
-            node = node[g]
-        node[field] = value
+    cfg.update_from_flattened_dict({key.replace("__", "."): value for key, value in fields.items()})
     return cfg
 
 
