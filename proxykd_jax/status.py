@@ -32,7 +32,7 @@ import sys
 import types
 
 from proxykd_jax.context import check_run_dir, preflight
-from proxykd_jax.context.artifacts import ARTIFACTS, Outlook, outlook, read_record, record_path
+from proxykd_jax.context.artifacts import ARTIFACTS, Outlook, outlook, read_record, record_path, run_relative
 from proxykd_jax.context.lock import process_alive
 from proxykd_jax.context.paths import STUDENT_SFT, RunPaths, student_name
 from proxykd_jax.errors import ProxyKDError, one_line
@@ -207,7 +207,7 @@ def posterior_progress(cfg, paths: RunPaths, folder: pathlib.Path) -> str:
     samples = _prepared_samples(paths, "distill")
     if not (folder / "estimate.json").exists():
         chunks = 0
-        while (folder / f"pass1.p0000.{chunks:05d}.npz").exists():  # process 0's chunks, as pass1_log names them
+        while pass1_log.chunk_path(folder, 0, chunks).exists():  # process 0's chunks
             chunks += 1
         if samples is None:
             return f"pass 1: {chunks} chunks"
@@ -286,10 +286,7 @@ def summary(name: str, rec: dict, cfg, path: pathlib.Path) -> str:
 
 
 def _label(path: pathlib.Path, paths: RunPaths, is_file: bool) -> str:
-    try:
-        text = str(path.relative_to(paths.root))
-    except ValueError:
-        text = str(path)
+    text = run_relative(path, paths)
     return text if is_file else text + "/"
 
 

@@ -42,7 +42,7 @@ class Pass1Log:
         self.next_chunk = 0
 
     def _path(self, chunk: int) -> pathlib.Path:
-        return self.folder / f"pass1.p{self.process:04d}.{chunk:05d}.npz"
+        return chunk_path(self.folder, self.process, chunk)
 
     def resume(self) -> tuple[int, list[dict]]:
         """(batches done, the chunks' contents in order): the chunks every process finished."""
@@ -79,6 +79,11 @@ class Pass1Log:
         """Removes every process's chunks (once the estimate they made is written)."""
         for path in pathlib.Path(folder).glob("pass1.p*.npz"):
             path.unlink(missing_ok=True)
+
+
+def chunk_path(folder, process: int, chunk: int) -> pathlib.Path:
+    """The file of chunk `chunk` of process `process` in `folder`."""
+    return pathlib.Path(folder) / f"pass1.p{process:04d}.{chunk:05d}.npz"
 
 
 def pack(ids, logliks, hold_sid, hold: dict[str, list]) -> dict:

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from proxykd_jax.context.artifacts import ARTIFACTS, Artifact, check_inputs, open_artifact, settle
+from proxykd_jax.context.artifacts import ARTIFACTS, Artifact, check_inputs, open_artifact, run_relative, settle
 from proxykd_jax.context.lock import RunLock, RunLocked
 from proxykd_jax.context.paths import STUDENT, RunPaths, student_name
 from proxykd_jax.errors import ConfigError, ProxyKDError
@@ -304,14 +304,6 @@ def _needs(cfg, stage: str, paths: RunPaths) -> list[tuple[pathlib.Path, str, st
     return []
 
 
-def _within(path: pathlib.Path, paths: RunPaths) -> str:
-    """`path` relative to the run directory where it lies inside it (the lock names it so), else whole."""
-    try:
-        return str(path.relative_to(paths.root))
-    except ValueError:
-        return str(path)
-
-
 def check_run_dir(paths: RunPaths) -> None:
     """Refuses a run directory that is a file or lies under one (nothing could be made there); reads only."""
     for where in (paths.root, *paths.root.parents):
@@ -373,7 +365,8 @@ def create(
         raise ProxyKDError(str(e)) from None
     paths = RunPaths.from_config(cfg)
     take = (stage in ARTIFACTS) if lock is None else lock
-    artifact = _within(ARTIFACTS[stage].path(cfg, paths), paths) if stage in ARTIFACTS else ""
+    # the lock names the artifact its stage writes, relative to the run directory
+    artifact = run_relative(ARTIFACTS[stage].path(cfg, paths), paths) if stage in ARTIFACTS else ""
     return RunContext(
         cfg=cfg,
         stage=stage,

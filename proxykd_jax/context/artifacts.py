@@ -398,7 +398,8 @@ def _input_files(spec: Spec, cfg, paths: RunPaths, records) -> tuple[dict, dict,
     return files, models, stamps
 
 
-def _label(path: pathlib.Path, paths: RunPaths) -> str:
+def run_relative(path: pathlib.Path, paths: RunPaths) -> str:
+    """`path` relative to the run directory where it lies inside it, else whole."""
     try:
         return str(path.relative_to(paths.root))
     except ValueError:
@@ -630,7 +631,7 @@ def _unfinished_input(name: str, upstream: pathlib.Path, rec: dict, paths: RunPa
     maker = rec.get("stage", "?")
     where = record_path(upstream, not (upstream / RECORD).exists())
     return ProxyKDError(
-        f"{_label(upstream, paths)} is not finished (its `proxykd {maker}` run stopped before the end), so "
+        f"{run_relative(upstream, paths)} is not finished (its `proxykd {maker}` run stopped before the end), so "
         f"`proxykd {name}` cannot use it yet: re-run that `proxykd {maker}` command to finish it (its settings are "
         f"in {where}), or rebuild it with --config.run.overwrite=True, then run `proxykd {name}` again."
     )
@@ -646,7 +647,7 @@ def _upstream(name: str, cfg, paths: RunPaths, *, writer: bool) -> tuple[dict, l
             continue
         if not rec.get("finished"):
             waiting.append((upstream, rec))
-        inputs[_label(upstream, paths)] = rec.get("hash")
+        inputs[run_relative(upstream, paths)] = rec.get("hash")
     return inputs, waiting
 
 
