@@ -25,6 +25,7 @@ import re
 import shlex
 import sys
 
+from proxykd_jax import batch_steps
 from proxykd_jax.errors import ProxyKDError
 
 # errno: (what ran out, what to do about it)
@@ -43,13 +44,6 @@ _PATHS = (
     re.compile(r'local file "([^"]+)"'),
     re.compile(r"writing (/[^;\s]+)"),
 )
-# stage: (its `proxykd plan` steps, its batch-size field, its sequence-length field, the model group it trains)
-_STEPS = {
-    "distill": ("distill", "train.batch_size", "train.seq_len", "model"),
-    "align": ("sft,dpo", "align.batch_size", "align.seq_len (0: data.seq_len)", "proxy"),
-    "posterior": ("posterior", "posterior.batch_size", "data.seq_len", ""),
-    "eval": ("eval", "eval.batch_size", "data.seq_len", ""),
-}
 
 
 def _chain(error: BaseException):
@@ -112,24 +106,25 @@ def _plan_command(stage: str, cfg, argv: list[str], devices: int | None) -> str:
     the stage's steps."""
     if devices is None:
         devices = sys.modules["jax"].device_count()  # jax ran the step that ran out of memory
-    steps = _STEPS[stage][0] if stage in _STEPS else ""
-    if stage == "align" and cfg is not None and int(cfg.align.lora.get("rank") or 0) > 0:
-        steps = "sft_lora,dpo_lora"
+    steps = ",".join(batch_steps.stage_steps(stage, cfg))
     parts = ["proxykd plan", *(shlex.quote(a) for a in argv)]
     parts += [f"--devices={devices}"] if devices else []
     parts += [f"--steps={steps}"] if steps else []
     return " ".join(parts)
 
 
-def _memory_advice(stage: str) -> str:
-    if stage not in _STEPS:
+def _memory_advice(stage: str, cfg) -> str:
+    """The fields to lower for `stage`'s steps: its batch and sequence fields and its model's remat."""
+    steps = batch_steps.stage_steps(stage, cfg)
+    if not steps or cfg is None:
         return (
             "lower the stage's batch size or sequence length, set --config.model.remat=full (the student) or "
             "--config.proxy.remat=full (the proxy), or use more devices"
         )
-    _, batch, seq, trains = _STEPS[stage]
-    remat = f", set --config.{trains}.remat=full" if trains else ""
-    return f"lower {batch} or {seq}{remat}, or use more devices"
+    _, _, rows, seq = batch_steps.row_shape(cfg, steps[0])
+    group = batch_steps.model_group(steps[0])
+    remat = f", set --config.{group}.remat=full" if steps[0] in batch_steps.TRAINS else ""
+    return f"lower {rows} or {seq}{remat}, or use more devices"
 
 
 class _WithoutExhaustionReports(logging.Filter):
@@ -177,7 +172,7 @@ def explain(stage: str, error: BaseException, cfg=None, argv: list[str] | None =
     if first is not None:
         return (
             f"the device ran out of memory ({first}); `{_plan_command(stage, cfg, list(argv or ()), devices)}` "
-            f"prints each step's bytes per device: {_memory_advice(stage)}; checkpoints written so far are kept "
+            f"prints each step's bytes per device: {_memory_advice(stage, cfg)}; checkpoints written so far are kept "
             "and the same command resumes."
         )
     return None

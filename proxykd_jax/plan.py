@@ -36,11 +36,7 @@ import math
 import os
 import pathlib
 
-STEPS = ("distill", "sft", "sft_lora", "dpo", "dpo_lora", "posterior", "eval")
-_STEP_MODEL = {"distill": "model", "eval": "model"}  # the rest run the proxy
-# the stage that runs each step (its checks are the plan's)
-_STAGE = {"distill": "distill", "posterior": "posterior", "eval": "eval"} | dict.fromkeys(STEPS[1:5], "align")
-_TRAINS = ("distill", "sft", "sft_lora", "dpo", "dpo_lora")  # steps with a backward pass (remat matters)
+from proxykd_jax.batch_steps import STAGE, STEPS, TRAINS, model_group, row_shape
 
 log = logging.getLogger(__name__)
 
@@ -159,24 +155,6 @@ def _adapters_maker(llama_cls, lora, mc, rank, alpha, targets):
     return make
 
 
-def row_shape(cfg, name: str) -> tuple[int, int, str, str]:
-    """(rows, seq_len, the field(s) rows come from, the field seq_len comes from) of the batch step `name`
-    runs in its stage."""
-    if name == "distill":
-        return int(cfg.train.batch_size), int(cfg.train.seq_len), "train.batch_size", "train.seq_len"
-    if name in ("sft", "sft_lora", "dpo", "dpo_lora"):
-        pairs, length = int(cfg.align.batch_size), int(cfg.align.seq_len or cfg.data.seq_len)
-        seq_field = "align.seq_len" if cfg.align.seq_len else "data.seq_len"
-        if name.startswith("dpo"):  # a chosen and a rejected row per pair
-            return 2 * pairs, length, "2 x align.batch_size", seq_field
-        return pairs, length, "align.batch_size", seq_field
-    if name == "posterior":
-        return int(cfg.posterior.batch_size), int(cfg.data.seq_len), "posterior.batch_size", "data.seq_len"
-    if name == "eval":  # eval scores one sample per row of data.seq_len (`eval.metrics.eval_batches`)
-        return int(cfg.eval.batch_size), int(cfg.data.seq_len), "eval.batch_size", "data.seq_len"
-    raise ValueError(f"unknown step {name!r}; choose from {', '.join(STEPS)}.")
-
-
 def _tokenizer_size(cfg) -> tuple[int | None, str]:
     """(tokens, where from) of the run's tokenizer: the prepared data's manifest (what the stages check)
     when the run has one, else `data.tokenizer` loaded; (None, why not) when neither is there."""
@@ -209,7 +187,7 @@ def check(cfg, steps, num_devices: int) -> list[str]:
     from proxykd_jax.errors import ConfigError
     from proxykd_jax.train import distill
 
-    stages = tuple(dict.fromkeys(_STAGE[s] for s in steps))
+    stages = tuple(dict.fromkeys(STAGE[s] for s in steps))
     for stage in stages:
         try:
             config_lib.validate(cfg, stage, num_devices=num_devices)
@@ -225,7 +203,7 @@ def check(cfg, steps, num_devices: int) -> list[str]:
         lora.check_targets(cfg.align.lora.targets, empty_ok=False)
     notes = []
     for name in steps:
-        group = _STEP_MODEL.get(name, "proxy")
+        group = model_group(name)
         _, length, _, seq_field = row_shape(cfg, name)
         if name != "distill":  # (distill's train.seq_len: config.validate)
             RunContext.require_fits(cfg[group], length, seq_field, f"the {group}")
@@ -277,7 +255,7 @@ def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPl
     k = int(cfg.data.store.k)
     out = []
     for i, name in enumerate(steps):
-        mc = student if _STEP_MODEL.get(name) == "model" else proxy
+        mc = student if model_group(name) == "model" else proxy
         log.info("plan: compiling the %s step (%d of %d) at %d layers", name, i + 1, len(steps), mc.num_layers)
         b, length, _, _ = row_shape(cfg, name)
         if name == "distill":
@@ -467,10 +445,10 @@ def _header(cfg, mesh, n: int, how: str, steps, args) -> list[str]:
     from proxykd_jax.models.llama import ModelConfig, resolve_scan_layers
 
     models, overstated = [], False
-    for group in dict.fromkeys(_STEP_MODEL.get(s, "proxy") for s in steps):
+    for group in dict.fromkeys(model_group(s) for s in steps):
         mc = ModelConfig.from_config(cfg[group])
         path = attention.resolve(mc.attention, mc.dtype, platform="cpu")
-        trains = any(_STEP_MODEL.get(s, "proxy") == group for s in steps if s in _TRAINS)
+        trains = any(model_group(s) == group for s in steps if s in TRAINS)
         overstated |= trains and path in ("blocked", "xla") and mc.remat != "full"
         what = "student" if group == "model" else "proxy"
         layers = "scanned layers" if mc.scan_layers else "unrolled layers"
@@ -501,14 +479,14 @@ def _legend(cfg, plans: list[StepPlan], limit_gb: float, n: int) -> list[str]:
     lines = ["rows x seq from the config:"]
     for p in plans:
         _, _, rows_field, seq_field = row_shape(cfg, p.name)
-        unset = " (align.seq_len=0)" if p.name in _TRAINS[1:] and seq_field == "data.seq_len" else ""
+        unset = " (align.seq_len=0)" if p.name in TRAINS[1:] and seq_field == "data.seq_len" else ""
         lines.append(f"  {p.name}: {rows_field} x {seq_field}{unset}")
     for p in plans:
         if p.total_bytes <= limit_gb * 1e9:
             continue
-        group = _STEP_MODEL.get(p.name, "proxy")
+        group = model_group(p.name)
         remat = str(cfg[group].remat)
-        tries = [f"--config.{group}.remat=full (now {remat})"] if p.name in _TRAINS and remat != "full" else []
+        tries = [f"--config.{group}.remat=full (now {remat})"] if p.name in TRAINS and remat != "full" else []
         if p.name in ("sft", "dpo"):
             tries.append(f"LoRA (align.lora.rank > 0: the {p.name}_lora row)")
         tries += [f"a smaller {row_shape(cfg, p.name)[2].removeprefix('2 x ')}", f"more --devices than {n}"]
@@ -579,7 +557,7 @@ def run(cfg, args: argparse.Namespace) -> str:
         raise ValueError(str(e).removesuffix("; change mesh.shape.") + "; change --devices or mesh.shape.") from None
     if depths:
         lo, hi = depths
-        depth = {s: int((cfg.model if _STEP_MODEL.get(s) == "model" else cfg.proxy).num_layers) for s in steps}
+        depth = {s: int((cfg.model if model_group(s) == "model" else cfg.proxy).num_layers) for s in steps}
         plans = extrapolate(plan_steps(cfg, mesh, steps, lo), plan_steps(cfg, mesh, steps, hi), depth)
         how = f"bytes and FLOPs extrapolated linearly from {lo} and {hi} layers"
         notes += [

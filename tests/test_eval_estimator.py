@@ -55,15 +55,13 @@ def test_prior_estimate_leaves_the_own_token_out_where_the_store_does(tmp_path):
     store = StoreReader(paths.posterior, tokenizer_hash=prepared.tokenizer_hash)
     batches = metrics_lib.eval_batches(prepared, "distill", cfg.data, batch_size=8, limit=0)
     kappa = 0.5  # a small kappa, where the own token's count weighs most
-    got = metrics_lib.estimator_metrics(prepared, tables, store, teacher, {}, est | {"kappa": kappa}, batches, None)[
-        "prior"
-    ]
+    got = metrics_lib.reference_estimator_kl(prepared, tables, store, teacher, est | {"kappa": kappa}, batches)["prior"]
     want = _prior_kl(prepared, tables, teacher, batches, kappa, "leave_one_out")
     counted = _prior_kl(prepared, tables, teacher, batches, kappa, "include_self")
     assert abs(want - counted) > 0.05  # the two priors differ by far more than the tolerance
     assert got == pytest.approx(want, rel=1e-6)
     # two or more responses per prompt: the own token counts, in the store and in the prior
-    both = metrics_lib.estimator_metrics(
-        prepared, tables, store, teacher, {}, {"kappa": kappa, "count_own_token": True}, batches, None
+    both = metrics_lib.reference_estimator_kl(
+        prepared, tables, store, teacher, {"kappa": kappa, "count_own_token": True}, batches
     )["prior"]
     assert both == pytest.approx(counted, rel=1e-6)

@@ -195,7 +195,7 @@ def reference_estimator_kl(prepared, tables, store, teacher, estimate: dict, bat
 
 def proxy_estimator_kl(proxy, teacher, batches, scorer: Scorer) -> dict:
     """{"kl": E_t KL(q_t || proxy_t), "positions"} on the response positions of `batches`: a proxy's own
-    part of `estimator_metrics`."""
+    part of the eval's estimator metrics (`join_estimator`)."""
     total, n = 0.0, 0.0
     for batch in batches:
         lp = scorer(proxy, batch, full=True)[1]  # every process runs every collective step
@@ -211,19 +211,12 @@ def proxy_estimator_kl(proxy, teacher, batches, scorer: Scorer) -> dict:
 
 
 def join_estimator(reference: dict, proxies: dict) -> dict:
-    """`estimator_metrics` from its model-free part (`reference_estimator_kl`) and each proxy's
-    (`proxy_estimator_kl`, by name), which were scored on the same positions."""
+    """The estimator metrics (E_t KL(q_t || .) of each estimate) from their model-free part
+    (`reference_estimator_kl`) and each proxy's (`proxy_estimator_kl`, by name), scored on the same positions."""
     if any(p["positions"] != reference["positions"] for p in proxies.values()):
         raise ValueError(f"estimator parts scored on different positions: {reference} vs {proxies}")
     out = {name: v for name, v in reference.items() if name != "positions"}
     return out | {name: p["kl"] for name, p in proxies.items()} | {"positions": reference["positions"]}
-
-
-def estimator_metrics(prepared, tables, store, teacher, proxies: dict, estimate: dict, batches, scorer) -> dict:
-    """E_t KL(q_t || .) of each estimate on distillation-split response positions (`batches`): those no model
-    makes (`reference_estimator_kl`) and each of `proxies` (`proxy_estimator_kl`)."""
-    reference = reference_estimator_kl(prepared, tables, store, teacher, estimate, batches)
-    return join_estimator(reference, {k: proxy_estimator_kl(m, teacher, batches, scorer) for k, m in proxies.items()})
 
 
 def score_model(
