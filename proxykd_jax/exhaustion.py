@@ -1,7 +1,8 @@
 """A full disk and a device out of memory, as the CLI reports them: one line that says what ran out, where,
 and what to do (`cli._run_stage` raises it as `errors.ResourceExhausted`).
 
-A full disk (ENOSPC, EDQUOT), a read-only one (EROFS) or a file past a size limit (EFBIG) reaches a stage in several forms, often as the
+A full disk (ENOSPC, EDQUOT), a read-only one (EROFS), a file past a size limit (EFBIG) or a folder this user
+may not write (EACCES, an OSError only) reaches a stage in several forms, often as the
 cause or context of an exception that orbax's checkpoint thread raises again:
   an OSError     from Python's own writes (a write or close names no file, an open names it);
   a RuntimeError from array_record's writer: "write() failed: No space left on device; writing PATH; ...";
@@ -37,7 +38,13 @@ _DISK = {
         "file too large (the process's file-size limit, or the filesystem's largest file)",
         "raise the limit (`ulimit -f`) or set --config.run.dir on a filesystem that holds larger files",
     ),
+    # a read names the input it could not read first (the stages' own checks); a write this user may not make
+    errno.EACCES: (
+        "permission denied",
+        "give this user access to it (or set --config.run.dir to a folder you can write)",
+    ),
 }
+_TEXT_ONLY_NOT = (errno.EACCES,)  # recognised as an OSError only: "Permission denied" in any message is too loose
 # where a message that is no OSError names its file: tensorstore's, then array_record's
 _PATHS = (
     re.compile(r'Failed writing: "([^"]+)"'),
@@ -81,7 +88,7 @@ def disk_full(error: BaseException) -> tuple[int, str | None] | None:
             name = e.filename if e.filename is not None else e.filename2
             return e.errno, (os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else None)
         text = _text(e)
-        for code in _DISK:
+        for code in set(_DISK) - set(_TEXT_ONLY_NOT):
             if os.strerror(code) in text or f"os_error_code='{code}'" in text:
                 return code, _named_path(text)
     return None
@@ -167,7 +174,8 @@ def explain(stage: str, error: BaseException, cfg=None, argv: list[str] | None =
         code, path = full
         what, todo = _DISK[code]
         where = path or (f"under {cfg.run.dir}" if cfg is not None else "the run directory")
-        return f"{what} writing {where}; {todo} and run the same command again to resume."
+        verb = "on" if code == errno.EACCES else "writing"  # (a permission error may be a read's)
+        return f"{what} {verb} {where}; {todo} and run the same command again to resume."
     first = out_of_memory(error)
     if first is not None:
         return (

@@ -182,6 +182,10 @@ def test_out_of_memory_advice_names_the_stage_fields():
         (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), "disk quota exceeded writing under /r"),
         (OSError(errno.EROFS, os.strerror(errno.EROFS), "/r/lock"), "read-only file system writing /r/lock"),
         (OSError(errno.EFBIG, os.strerror(errno.EFBIG), "/r/lock"), "file too large (the process's file-size limit"),
+        (
+            PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/r/prior"),
+            "permission denied on /r/prior; give this user access",
+        ),
         (  # array_record's writer
             RuntimeError("write() failed: No space left on device; writing /r/prepared/a.arrayrecord; at byte 0"),
             "no space left on device writing /r/prepared/a.arrayrecord;",
@@ -195,7 +199,7 @@ def test_out_of_memory_advice_names_the_stage_fields():
             "no space left on device writing /r/student/3.orbax-checkpoint-tmp/_sharding;",
         ),
     ],
-    ids=["enospc-path", "edquot", "erofs", "efbig", "array-record", "tensorstore"],
+    ids=["enospc-path", "edquot", "erofs", "efbig", "eacces", "array-record", "tensorstore"],
 )
 def test_disk_full_errors_are_recognised_in_the_chain(error, want):
     """Each form a full disk takes, also as the cause of another exception, names the file it names."""
@@ -242,6 +246,33 @@ def test_other_failures_keep_their_traceback(prepared_run, tmp_path, monkeypatch
             cli.main(["prior", *args])
         assert raised.value is error
         assert _explain("prior", error) is None
+
+
+def test_a_run_directory_this_user_cannot_write(prepared_run, tmp_path):
+    """`proxykd prior` where the run directory belongs to another user and this one may not write there: one
+    line naming the file, exit 2 (it was a PermissionError traceback). Root without the capability to pass
+    file permissions (capsh drops it) stands for that user; skipped where that cannot be arranged."""
+    if os.geteuid() != 0 or shutil.which("capsh") is None:
+        pytest.skip("needs root and capsh to drop CAP_DAC_OVERRIDE")
+    run_dir = tmp_path / "theirs"
+    args = _copy(prepared_run, run_dir, tmp_path)
+    os.chown(run_dir, 65534, 65534)  # nobody's, mode 755: only nobody writes there
+    os.chmod(run_dir, 0o755)
+    command = " ".join([sys.executable, "-m", "proxykd_jax", "prior", *args])
+    done = subprocess.run(
+        ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", command],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=os.environ | {"JAX_PLATFORMS": "cpu"},
+    )
+    if "Operation not permitted" in done.stderr and "capsh" in done.stderr:
+        pytest.skip(f"capsh cannot drop capabilities here: {done.stderr.strip()}")
+    assert done.returncode == 2, done.stderr
+    line = _error_line(done.stderr)
+    assert line.startswith(f"error: proxykd prior: permission denied on {run_dir}/"), line
+    assert "--config.run.dir" in line and "run the same command again" in line, line
+    assert not (run_dir / "prior").exists()
 
 
 def _mount(where: pathlib.Path, size: str, *more: str) -> bool:
