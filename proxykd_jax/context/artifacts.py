@@ -131,6 +131,7 @@ ARTIFACTS: dict[str, Spec] = {
             "collect.backoff_*",
             "collect.breaker_*",  # when an outage stops the run, not what it collects
             "collect.price_*",
+            "collect.max_cost",  # where the run stops, not what it collects
             "collect.progress",
             "collect.seed",
         ),

@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - older openai
     import httpx as _http
 
 from proxykd_jax import progress
-from proxykd_jax.teacher.journal import DurableAppender, read_declined, read_done
+from proxykd_jax.teacher.journal import DurableAppender, read_declined, read_done, read_done_and_billed
 from proxykd_jax.teacher.prompts import CollectError, Prompt, canonical, read_prompts, request_key, sampling_params
 from proxykd_jax.teacher.responses import Answer, MalformedResponse, parse_answer
 
@@ -234,6 +234,11 @@ def _classify(err: Exception, secret: str = "") -> _Failure:
     raise err
 
 
+# Prompt tokens beyond the prompt's UTF-8 bytes that a request's worst cost allows for (a chat template's
+# role and turn tokens): a byte-level tokenizer makes at most one token per byte.
+_PROMPT_OVERHEAD_TOKENS = 64
+
+
 class Collector:
     """One `collect` run: the work list, the HTTP clients, the limiters, the breaker and the files."""
 
@@ -272,7 +277,7 @@ class Collector:
         self.rng = random.Random(cfg.seed)
         self.corpus = DurableAppender(self.out)
         self.failures = DurableAppender(self.fail_path)
-        done = read_done(self.out)
+        done, billed = read_done_and_billed(self.out)
         declined = read_declined(self.fail_path)
         work = [
             (p, s, request_key(cfg.model, p, self.params, s)) for p in prompts for s in range(cfg.samples_per_prompt)
@@ -301,6 +306,11 @@ class Collector:
             "without_logprobs": 0,  # stored answers without the log-probs asked for
         }
         self.with_logprobs = 0  # stored answers of this run that carried them
+        # The spend cap: what the corpus's answers were billed before this run, and the most the requests in
+        # flight may still cost (each reserves its worst case until its answer's usage is counted).
+        self.cap = float(cfg.get("max_cost", 0.0) or 0.0)
+        self.spent_before = self._cost(*billed)
+        self.reserved, self.reservations = 0.0, 0
         self.stop_reason: str | None = None  # why the run stopped early (fatal error, breaker, disk)
         # Breaker state: the gate is open once the endpoint has answered; while it is shut, one
         # task (the prober) sends requests and the others wait for it to open.
@@ -389,6 +399,31 @@ class Collector:
         if failure.reason != "connection" and now - self.last_progress >= cfg.breaker_no_success_s:
             seen = ", ".join(f"{k}: {v}" for k, v in sorted(self.since_progress.items()))
             self._halt(f"no sample finished in the last {now - self.last_progress:.0f} s of failures ({seen})")
+
+    def _cost(self, tokens_in: int, tokens_out: int) -> float:
+        """What `tokens_in` prompt and `tokens_out` completion tokens cost at the configured prices."""
+        return (tokens_in * self.cfg.price_input_per_mtok + tokens_out * self.cfg.price_output_per_mtok) / 1e6
+
+    def spent(self) -> float:
+        """What the corpus's answers cost: those stored before this run and every answer of this run."""
+        return self.spent_before + self._cost(self.stats["tokens_in"], self.stats["tokens_out"])
+
+    async def _reserve(self, worst: float) -> bool:
+        """Reserves `worst` (a request's most cost) under `collect.max_cost`: waits while requests in flight
+        may still leave room, stops the run once none are and the cap leaves none; False once stopped."""
+        while self.stop_reason is None:
+            if not self.cap or self.spent() + self.reserved + worst <= self.cap:
+                self.reserved, self.reservations = self.reserved + worst, self.reservations + 1
+                return True
+            if not self.reservations:
+                self._halt(
+                    f"collect.max_cost={self.cap:g} is reached: this corpus's answers cost {self.spent():.6g} "
+                    f"({self.spent_before:.6g} of it before this run) and the next request may cost up to "
+                    f"{worst:.6g} more; raise collect.max_cost to continue"
+                )
+                break
+            await self._changed.wait()
+        return False
 
     async def _admit(self) -> bool:
         """Waits until this task may send a request; False once the run has stopped."""
@@ -491,60 +526,77 @@ class Collector:
         text = prompt.prompt if prompt.messages is None else canonical(list(prompt.messages))
         estimate = math.ceil(len(text) / 4) + cfg.max_tokens
         used = 0  # attempts used up: all but probes that got no answer (the breaker bounds those)
+        worst = self._cost(len(text.encode("utf-8")) + _PROMPT_OVERHEAD_TOKENS, cfg.max_tokens)
         while True:
-            if not await self._admit():
+            if not await self._admit() or not await self._reserve(worst):
                 return False
-            tokens = None  # the token limiter's grant, which `_paid` and failures refund
-            wants = [(limiter, n) for limiter, n in ((self.rpm, 1), (self.tpm, estimate)) if limiter]
-            if wants:
-                grants = await self._until_stopped(acquire_together(*wants))
-                if grants is None:
-                    return False
-                tokens = grants[-1] if self.tpm else None
-            sent, probing = time.monotonic(), not self.gate_open
-            self.stats["requests"] += 1
-            answer = None
             try:
-                raw = await self._request(prompt, key, client)
+                outcome = await self._attempt(prompt, sample_index, key, client, estimate, used)
+            finally:
+                self.reservations -= 1
+                self.reserved = self.reserved - worst if self.reservations else 0.0  # (no float drift when idle)
+                self._pulse()  # a task waiting in `_reserve` looks again
+            if isinstance(outcome, bool):
+                return outcome
+            used, wait = outcome  # to be retried, after `wait` seconds (its reservation released meanwhile)
+            if wait:
+                await self._sleep(wait)
+
+    async def _attempt(self, prompt: Prompt, sample_index: int, key: str, client, estimate: int, used: int):
+        """One request for a sample: True once it is stored or recorded as failed, False if the run stopped
+        first, else (the attempts used up so far, the seconds to wait before the retry)."""
+        cfg = self.cfg
+        tokens = None  # the token limiter's grant, which `_paid` and failures refund
+        wants = [(limiter, n) for limiter, n in ((self.rpm, 1), (self.tpm, estimate)) if limiter]
+        if wants:
+            grants = await self._until_stopped(acquire_together(*wants))
+            if grants is None:
+                return False
+            tokens = grants[-1] if self.tpm else None
+        sent, probing = time.monotonic(), not self.gate_open
+        self.stats["requests"] += 1
+        answer = None
+        try:
+            raw = await self._request(prompt, key, client)
+            self._answered()
+            answer = parse_answer(raw, cfg.api, cfg.top_logprobs > 0)
+            self._paid(answer.usage, tokens, estimate)  # an answer without usable text is paid for too
+            record = self._record(prompt, sample_index, key, answer)
+        except Exception as err:  # classified below; unknown errors re-raise
+            failure = err if isinstance(err, _Failure) else _classify(err, self.secret)
+            if self.tpm and answer is None:
+                self.tpm.refund(estimate, tokens)
+            if failure.answered:
                 self._answered()
-                answer = parse_answer(raw, cfg.api, cfg.top_logprobs > 0)
-                self._paid(answer.usage, tokens, estimate)  # an answer without usable text is paid for too
-                record = self._record(prompt, sample_index, key, answer)
-            except Exception as err:  # classified below; unknown errors re-raise
-                failure = err if isinstance(err, _Failure) else _classify(err, self.secret)
-                if self.tpm and answer is None:
-                    self.tpm.refund(estimate, tokens)
-                if failure.answered:
-                    self._answered()
-                if failure.fatal:
-                    self._halt(str(failure))
-                    return False
-                if not failure.retryable:  # a definite answer for this sample: progress, not an outage
-                    self._progressed()
-                    return await self._fail(prompt, sample_index, key, failure)
-                self._failed_attempt(failure, sent)
-                if self.stop_reason is not None:
-                    return False
-                used += failure.answered or not probing
-                if used < cfg.max_attempts:
-                    self.stats["retries"] += 1
-                    if failure.answered:  # else `_admit` holds the retry until the breaker's next probe
-                        ceiling = self._backoff(used)
-                        await self._sleep(max(self.rng.uniform(0, ceiling), failure.retry_after or 0))
-                    continue
-                failure.reason = f"retries_exhausted_{failure.reason}"
-                return await self._fail(prompt, sample_index, key, failure)
-            self._progressed()
-            try:
-                await self.corpus.append(record)
-            except OSError as err:
-                self.stats["lost"] += 1
-                self._halt(f"cannot write {self.out} ({err.strerror or err})")
+            if failure.fatal:
+                self._halt(str(failure))
                 return False
-            self.stats["done"] += 1
-            if cfg.top_logprobs > 0:
-                self._logprobs_came(bool(answer.logprobs))
-            return True
+            if not failure.retryable:  # a definite answer for this sample: progress, not an outage
+                self._progressed()
+                return await self._fail(prompt, sample_index, key, failure)
+            self._failed_attempt(failure, sent)
+            if self.stop_reason is not None:
+                return False
+            used += failure.answered or not probing
+            if used < cfg.max_attempts:
+                self.stats["retries"] += 1
+                wait = 0.0  # without an answer `_admit` holds the retry until the breaker's next probe
+                if failure.answered:
+                    wait = max(self.rng.uniform(0, self._backoff(used)), failure.retry_after or 0)
+                return used, wait
+            failure.reason = f"retries_exhausted_{failure.reason}"
+            return await self._fail(prompt, sample_index, key, failure)
+        self._progressed()
+        try:
+            await self.corpus.append(record)
+        except OSError as err:
+            self.stats["lost"] += 1
+            self._halt(f"cannot write {self.out} ({err.strerror or err})")
+            return False
+        self.stats["done"] += 1
+        if cfg.top_logprobs > 0:
+            self._logprobs_came(bool(answer.logprobs))
+        return True
 
     def _logprobs_came(self, came: bool):
         """Counts a stored answer with or without the log-probs asked for; stops the run when the first
@@ -621,14 +673,10 @@ class Collector:
         stats["elapsed_s"] = round(elapsed, 3)
         stats["samples_per_s"] = round(stats["done"] / max(elapsed, 1e-9), 3)
         if self.cfg.price_input_per_mtok or self.cfg.price_output_per_mtok:
-            stats["cost"] = round(
-                (
-                    stats["tokens_in"] * self.cfg.price_input_per_mtok
-                    + stats["tokens_out"] * self.cfg.price_output_per_mtok
-                )
-                / 1e6,
-                6,
-            )
+            stats["cost"] = round(self._cost(stats["tokens_in"], stats["tokens_out"]), 6)
+            stats["corpus_cost"] = round(
+                self.spent(), 6
+            )  # its answers of every run (their stored usage) and this run's
 
     def outcome(self) -> str | None:
         """The one-sentence error of a run that stopped or left failures; None when all is done."""
@@ -700,7 +748,10 @@ def format_summary(stats: dict) -> str:
             f"; {stats['without_logprobs']} answers came without the log-probs asked for "
             "(stored as text only: no teacher log-probs for them)"
         )
-    return line + (f"; cost {stats['cost']}" if "cost" in stats else "")
+    if "cost" not in stats:
+        return line
+    before = stats.get("corpus_cost", stats["cost"]) - stats["cost"]
+    return line + f"; cost {stats['cost']}" + (f" ({stats['corpus_cost']} for the whole corpus)" if before > 0 else "")
 
 
 def _check_config(cfg):
@@ -718,6 +769,14 @@ def _check_config(cfg):
     for field in ("breaker_no_success_s", "request_timeout_s"):
         if not cfg[field] > 0:
             raise CollectError(f"collect.{field} is {cfg[field]}; it must be a positive number of seconds")
+    for field in ("price_input_per_mtok", "price_output_per_mtok", "max_cost"):
+        if not 0 <= float(cfg.get(field, 0.0)) < math.inf:
+            raise CollectError(f"collect.{field} is {cfg[field]}; it must be a number >= 0")
+    if cfg.get("max_cost", 0.0) and not (cfg.price_input_per_mtok or cfg.price_output_per_mtok):
+        raise CollectError(
+            f"collect.max_cost is {cfg.max_cost} but no price is set; set collect.price_input_per_mtok and "
+            "collect.price_output_per_mtok (the endpoint's prices per million tokens) for the cap to count against"
+        )
 
 
 def check(cfg) -> tuple[list[Prompt], str]:

@@ -33,6 +33,7 @@ def collect_config() -> ml_collections.ConfigDict:
     c.backoff_max_s = 60.0  # backoff ceiling (a longer Retry-After is still honoured)
     c.price_input_per_mtok = 0.0  # price per million prompt tokens for the cost summary; 0 = no cost line
     c.price_output_per_mtok = 0.0  # price per million completion tokens for the cost summary
+    c.max_cost = 0.0  # spend cap (prices' currency): stops before a request could pass it; raise it to go on; 0 = none
     c.progress = True  # show a progress bar (a line every 30 s when stderr is not a terminal)
     c.seed = 0  # seed of the backoff jitter
     return c

@@ -32,21 +32,36 @@ def _read_cut_torn(path: pathlib.Path) -> list[bytes]:
 
 def read_done(out: pathlib.Path) -> set[str]:
     """Keys already in the corpus; a torn last line (crash mid-write) is cut off the file."""
+    return read_done_and_billed(out)[0]
+
+
+def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int]]:
+    """(`read_done`'s keys, the prompt and completion tokens its answers were billed: their `meta.usage`,
+    0 where an endpoint sent none)."""
     if not out.exists():
-        return set()
+        return set(), (0, 0)
     lines = _read_cut_torn(out)
-    done = set()
+    done, billed_in, billed_out = set(), 0, 0
     for lineno, raw in enumerate(lines[:-1], start=1):
         if not raw.strip():
             continue
         try:
-            done.add(json.loads(raw)["key"])
+            row = json.loads(raw)
+            done.add(row["key"])
         except (ValueError, KeyError, TypeError):  # not JSON, not UTF-8, or not a record
             raise CollectError(
                 f"{out} line {lineno}: not a corpus record with a 'key'; "
                 "move the file aside or point collect.out elsewhere"
             ) from None
-    return done
+        usage = (row.get("meta") or {}).get("usage") if isinstance(row.get("meta"), dict) else None
+        if isinstance(usage, dict):
+            billed_in += _count(usage.get("prompt_tokens"))
+            billed_out += _count(usage.get("completion_tokens"))
+    return done, (billed_in, billed_out)
+
+
+def _count(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def read_declined(path: pathlib.Path) -> set[str]:

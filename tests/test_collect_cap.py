@@ -1,0 +1,92 @@
+"""`collect.max_cost`: no request is sent that could take the corpus's cost past the cap, the run stops there
+with one sentence, counts the answers of earlier runs when it resumes, and continues once the cap is raised
+(the cap is no setting of the corpus: raising it never refuses the stage)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+import random
+
+import pytest
+from stage_helpers import run_stage
+
+from proxykd_jax import config as config_lib
+from proxykd_jax.teacher.backends import ToyBackend
+from proxykd_jax.teacher.client import CollectError
+from proxykd_jax.teacher.listen import ServerThread
+from proxykd_jax.teacher.server import make_app
+
+PRICE_IN, PRICE_OUT = 1e6, 3e6  # per million tokens: 1 and 3 currency units per token
+
+
+def _prompts(path: pathlib.Path, n: int, rng: random.Random) -> pathlib.Path:
+    rows = [{"id": f"q{i}", "prompt": f"question {i}: " + " ".join(["word"] * rng.randint(1, 12))} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path, base_url: str, prompts: pathlib.Path, **collect):
+    cfg = config_lib.base_config()
+    cfg.run.dir = str(tmp_path / "run")
+    cfg.collect.update(prompts=str(prompts), base_url=base_url, model="toy", max_tokens=8, progress=False)
+    cfg.collect.update(price_input_per_mtok=PRICE_IN, price_output_per_mtok=PRICE_OUT, concurrency=4)
+    cfg.collect.update(collect)
+    return cfg
+
+
+def _corpus_cost(tmp_path) -> float:
+    lines = (tmp_path / "run" / "corpus" / "teacher.jsonl").read_text().splitlines()
+    usage = [json.loads(line)["meta"]["usage"] for line in lines]
+    return sum(u["prompt_tokens"] * PRICE_IN + u["completion_tokens"] * PRICE_OUT for u in usage) / 1e6
+
+
+def test_the_cap_stops_the_run_before_it_is_passed_and_a_raised_cap_continues(tmp_path):
+    rng = random.Random()
+    n = rng.randint(12, 20)
+    prompts = _prompts(tmp_path / "prompts.jsonl", n, rng)
+    app = make_app(ToyBackend())
+    with ServerThread(app) as server:
+        uncapped = _cfg(tmp_path / "all", server.base_url, prompts)
+        assert run_stage("collect", uncapped)["done"] == n
+        full = _corpus_cost(tmp_path / "all")
+        cap = round(full * rng.uniform(0.3, 0.6), 3)
+        cfg = _cfg(tmp_path, server.base_url, prompts, max_cost=cap)
+        with pytest.raises(CollectError, match=rf"collect.max_cost={cap:g} is reached: .*raise collect.max_cost"):
+            run_stage("collect", cfg)
+        first = _corpus_cost(tmp_path)
+        done = len((tmp_path / "run" / "corpus" / "teacher.jsonl").read_text().splitlines())
+        assert 0 < done < n and first <= cap, (done, first, cap)
+        requests = len(app.state.requests)
+        # the same command again: the earlier answers count, so nothing more is sent
+        with pytest.raises(CollectError, match=rf"answers cost {first:.6g} \({first:.6g} of it before this run\)"):
+            run_stage("collect", cfg)
+        assert len(app.state.requests) == requests
+        # a raised cap continues (not refused as a changed setting) and finishes every sample, each paid once
+        cfg.collect.max_cost = full * 2
+        stats = run_stage("collect", cfg)
+    assert stats["already_done"] == done and stats["done"] == n - done
+    assert stats["corpus_cost"] == pytest.approx(_corpus_cost(tmp_path)) and _corpus_cost(tmp_path) <= full * 2
+    paid = collections.Counter(e["key"] for e in app.state.requests if e["outcome"] == "ok")
+    assert max(paid.values()) == 2 and len(paid) == n  # each sample once here and once in the uncapped run
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            dict(max_cost=5.0, price_input_per_mtok=0.0, price_output_per_mtok=0.0),
+            "collect.max_cost is 5.0 but no price",
+        ),
+        (dict(max_cost=-1.0), "collect.max_cost is -1.0; it must be a number >= 0"),
+        (dict(price_output_per_mtok=float("nan")), "collect.price_output_per_mtok is nan; it must be a number >= 0"),
+    ],
+)
+def test_a_cap_without_prices_or_below_zero_is_one_sentence_before_any_request(tmp_path, fields, message):
+    prompts = _prompts(tmp_path / "prompts.jsonl", 2, random.Random())
+    app = make_app(ToyBackend())
+    with ServerThread(app) as server:
+        with pytest.raises(CollectError, match=message):
+            run_stage("collect", _cfg(tmp_path, server.base_url, prompts, **fields))
+    assert not app.state.requests and not (tmp_path / "run" / "corpus" / "teacher.jsonl").exists()
