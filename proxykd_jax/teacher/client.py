@@ -535,7 +535,8 @@ class Collector:
             finally:
                 self.reservations -= 1
                 self.reserved = self.reserved - worst if self.reservations else 0.0  # (no float drift when idle)
-                self._pulse()  # a task waiting in `_reserve` looks again
+                if self.cap:
+                    self._pulse()  # a task waiting in `_reserve` looks again
             if isinstance(outcome, bool):
                 return outcome
             used, wait = outcome  # to be retried, after `wait` seconds (its reservation released meanwhile)
