@@ -90,3 +90,30 @@ def test_a_cap_without_prices_or_below_zero_is_one_sentence_before_any_request(t
         with pytest.raises(CollectError, match=message):
             run_stage("collect", _cfg(tmp_path, server.base_url, prompts, **fields))
     assert not app.state.requests and not (tmp_path / "run" / "corpus" / "teacher.jsonl").exists()
+
+
+def test_an_endpoint_without_usage_counts_stops_a_capped_run_and_a_corpus_without_them_is_refused(
+    tmp_path, monkeypatch
+):
+    """Without usage counts the cap could not be kept: the run stops at the first such answer (it is stored:
+    paid for), and a capped run on a corpus holding such answers is refused before any request."""
+    import dataclasses
+
+    from proxykd_jax.teacher import client as client_mod
+
+    parse = client_mod.parse_answer
+    monkeypatch.setattr(client_mod, "parse_answer", lambda *a, **kw: dataclasses.replace(parse(*a, **kw), usage={}))
+    prompts = _prompts(tmp_path / "prompts.jsonl", 12, random.Random())
+    app = make_app(ToyBackend())
+    with ServerThread(app) as server:
+        cfg = _cfg(tmp_path, server.base_url, prompts, max_cost=1e9, concurrency=2)
+        with pytest.raises(CollectError, match=r"sent an answer without usage counts, so collect.max_cost cannot be"):
+            run_stage("collect", cfg)
+        stored = len((tmp_path / "run" / "corpus" / "teacher.jsonl").read_text().splitlines())
+        assert 1 <= stored <= 2 and len(app.state.requests) == stored
+        monkeypatch.setattr(client_mod, "parse_answer", parse)  # an endpoint that sends usage from now on
+        with pytest.raises(CollectError, match=rf"but {stored} answers in .* carry no usage counts"):
+            run_stage("collect", cfg)
+        assert len(app.state.requests) == stored
+        cfg.collect.max_cost = 0.0  # uncapped, the same corpus finishes
+        assert run_stage("collect", cfg)["done"] == 12 - stored

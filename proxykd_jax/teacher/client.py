@@ -309,7 +309,13 @@ class Collector:
         # The spend cap: what the corpus's answers were billed before this run, and the most the requests in
         # flight may still cost (each reserves its worst case until its answer's usage is counted).
         self.cap = float(cfg.get("max_cost", 0.0) or 0.0)
-        self.spent_before = self._cost(*billed)
+        if self.cap and billed[2]:
+            raise CollectError(
+                f"collect.max_cost is set but {billed[2]} answers in {self.out} carry no usage counts (their endpoint "
+                "sent none), so what the corpus cost is unknown; unset collect.max_cost or collect into another "
+                "collect.out"
+            )
+        self.spent_before = self._cost(*billed[:2])
         self.reserved, self.reservations = 0.0, 0
         self.stop_reason: str | None = None  # why the run stopped early (fatal error, breaker, disk)
         # Breaker state: the gate is open once the endpoint has answered; while it is shut, one
@@ -489,7 +495,13 @@ class Collector:
         return response.content
 
     def _paid(self, usage: dict, tokens, estimate: int):
-        """Counts the tokens of an answer the endpoint sent (stored or not) and refunds the token bucket to them."""
+        """Counts the tokens of an answer the endpoint sent (stored or not) and refunds the token bucket to them;
+        under a spend cap an answer without usage counts stops the run (the cap could not be kept)."""
+        if self.cap and not usage:
+            self._halt(
+                f"{self.cfg.base_url} sent an answer without usage counts, so collect.max_cost cannot be kept; "
+                "unset collect.max_cost for this endpoint (the answers so far are stored)"
+            )
         self.stats["tokens_in"] += usage.get("prompt_tokens", 0)
         self.stats["tokens_out"] += usage.get("completion_tokens", 0)
         if self.tpm and usage:

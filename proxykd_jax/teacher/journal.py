@@ -35,13 +35,13 @@ def read_done(out: pathlib.Path) -> set[str]:
     return read_done_and_billed(out)[0]
 
 
-def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int]]:
-    """(`read_done`'s keys, the prompt and completion tokens its answers were billed: their `meta.usage`,
-    0 where an endpoint sent none)."""
+def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int, int]]:
+    """(`read_done`'s keys, (the prompt and completion tokens its answers were billed: their `meta.usage`,
+    the answers whose endpoint sent no usage))."""
     if not out.exists():
-        return set(), (0, 0)
+        return set(), (0, 0, 0)
     lines = _read_cut_torn(out)
-    done, billed_in, billed_out = set(), 0, 0
+    done, billed_in, billed_out, unbilled = set(), 0, 0, 0
     for lineno, raw in enumerate(lines[:-1], start=1):
         if not raw.strip():
             continue
@@ -53,15 +53,13 @@ def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int]]:
                 f"{out} line {lineno}: not a corpus record with a 'key'; "
                 "move the file aside or point collect.out elsewhere"
             ) from None
-        usage = (row.get("meta") or {}).get("usage") if isinstance(row.get("meta"), dict) else None
-        if isinstance(usage, dict):
-            billed_in += _count(usage.get("prompt_tokens"))
-            billed_out += _count(usage.get("completion_tokens"))
-    return done, (billed_in, billed_out)
-
-
-def _count(value) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+        usage = row.get("meta", {}).get("usage") if isinstance(row.get("meta"), dict) else None
+        counts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens")] if isinstance(usage, dict) else []
+        if len(counts) == 2 and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            billed_in, billed_out = billed_in + counts[0], billed_out + counts[1]
+        else:
+            unbilled += 1
+    return done, (billed_in, billed_out, unbilled)
 
 
 def read_declined(path: pathlib.Path) -> set[str]:
