@@ -47,7 +47,7 @@ _SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_hea
 # What the model computes beyond its shapes: a stage that builds the model from its config group (distill's
 # student) would silently run other RoPE or norms than the folder's weights were trained with.
 # max_seq_len too: the student saved from its group would claim another context than its weights were trained for.
-_NUMERICS_FIELDS = ("rope_theta", "rope_scaling", "rms_eps", "qkv_bias", "tie_embeddings", "max_seq_len")
+_NUMERICS_FIELDS = ("rope_theta", "rope_scaling", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings", "max_seq_len")
 FOLDER_FIELDS = _SHAPE_FIELDS + _NUMERICS_FIELDS  # what an init_from folder's config.json must agree on with its group
 
 
@@ -252,7 +252,7 @@ def load_folder(folder: pathlib.Path, *, config_only: bool = False, **kwargs):
             raise
         detail = e if isinstance(e, ValueError) else f"unreadable weights: {type(e).__name__}: {e}"
         raise ModelFolderError(
-            f"{folder} cannot be loaded: {str(detail).rstrip('.')}; a model folder holds a Llama, Mistral or Qwen2 "
+            f"{folder} cannot be loaded: {str(detail).rstrip('.')}; a model folder holds a Llama, Mistral, Qwen2 or Qwen3 "
             "config.json and its weights as safetensors (model.safetensors, or shards and their index): restore "
             "what is missing or damaged, or re-save the model with transformers' save_pretrained."
         ) from None

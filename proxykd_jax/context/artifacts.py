@@ -278,10 +278,19 @@ def _matches(key: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(key, p) or key == p for p in patterns)
 
 
+# Fields added after artifacts were recorded, by their last name, with the value that computes what runs
+# before them did: at that value a field is left out of an artifact's settings, so the records made before it
+# was added (and their hashes) still match.
+_ADDED_FIELDS = {"qk_norm": False}
+
+
 def depends_on(cfg, spec: Spec) -> dict:
-    """{dotted key: value} of the config fields `spec` depends on, as JSON values."""
+    """{dotted key: value} of the config fields `spec` depends on, as JSON values (less `_ADDED_FIELDS` at the
+    value that runs before them computed)."""
     flat = flatten(cfg.to_dict())
     picked = {k: v for k, v in flat.items() if _matches(k, spec.fields) and not _matches(k, spec.ignore)}
+    missing = object()
+    picked = {k: v for k, v in picked.items() if _ADDED_FIELDS.get(k.rsplit(".", 1)[-1], missing) != v}
     return json.loads(json.dumps(picked, sort_keys=True, default=repr))
 
 

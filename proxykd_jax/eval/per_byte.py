@@ -212,23 +212,14 @@ def bpe_from_teacher(teacher, folder: pathlib.Path, vocab_size: int, *, texts: i
 
 
 def random_proxy(tokenizer, proxy_cfg, folder: pathlib.Path, seed: int) -> None:
-    """A randomly initialised proxy (the `proxy` group's shape) over `tokenizer`, as an HF folder
+    """A randomly initialised proxy (the `proxy` group's shape and numerics) over `tokenizer`, as an HF folder
     (saved atomically; kept when it exists)."""
     from proxykd_jax.models import hf
     from proxykd_jax.models.llama import Llama, ModelConfig
 
     if (folder / "config.json").exists():
         return
-    cfg = ModelConfig(
-        vocab_size=int(proxy_cfg.vocab_size),
-        d_model=int(proxy_cfg.d_model),
-        num_layers=int(proxy_cfg.num_layers),
-        num_heads=int(proxy_cfg.num_heads),
-        num_kv_heads=int(proxy_cfg.num_kv_heads),
-        head_dim=int(proxy_cfg.head_dim),
-        d_ff=int(proxy_cfg.d_ff),
-        max_seq_len=int(proxy_cfg.max_seq_len),
-    )
+    cfg = ModelConfig.from_config(proxy_cfg)  # every field: a q/k bias or norm, RoPE, eps, tied embeddings
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"proxy.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens.")
     model = Llama(cfg, rngs=nnx.Rngs(seed))

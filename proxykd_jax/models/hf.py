@@ -1,15 +1,16 @@
-"""Hugging Face safetensors import/export for Llama, Mistral and Qwen2 causal LMs (no torch needed).
+"""Hugging Face safetensors import/export for Llama, Mistral, Qwen2 and Qwen3 causal LMs (no torch needed).
 
 `load_hf(folder, mesh=..., rules=...)` reads config.json and model.safetensors (or a sharded
 model.safetensors.index.json), checks every tensor's shape against the config from the file headers
 alone, then builds each parameter straight into its sharded global array, every device reading
 only its own block (`safetensors_io`); nothing is randomly initialised or built whole on one host.
 `save_hf(model, cfg, folder)` writes a folder `transformers` loads (with `source`, the folder the model was
-imported from, its config.json: the same family; else Qwen2ForCausalLM when the model has q/k/v bias,
-LlamaForCausalLM otherwise), one tensor at a time, in files of at most 5 GB.
+imported from, its config.json: the same family; else Qwen3ForCausalLM when the model has q/k norms,
+Qwen2ForCausalLM when it has q/k/v bias, LlamaForCausalLM otherwise), one tensor at a time, in files of at
+most 5 GB.
 `tensor_map` is the one place that maps our parameter paths to HF tensor names and layouts.
 
-Mistral / Qwen2 sliding-window attention is not implemented; the imported config's `max_seq_len` is
+Mistral / Qwen2 / Qwen3 sliding-window attention is not implemented; the imported config's `max_seq_len` is
 capped at the window, where full causal attention is identical (`sliding_window`), and the model refuses
 longer rows. An export with `source` keeps the source's window and context in its config.json.
 """
@@ -35,7 +36,8 @@ from proxykd_jax.models.safetensors_io import SafetensorsFolder, TensorMap, host
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, what it runs a config.json without head_dim with
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -64,13 +66,14 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
             )
         else:
             raise ValueError(f"config.json rope type {rope_type!r} is not supported; supported: default, llama3.")
-        if arch != "Qwen2ForCausalLM" and hf.get("attention_bias"):
+        if arch != "Qwen2ForCausalLM" and hf.get("attention_bias"):  # Qwen3's attention_bias: o_proj's too
             raise ValueError("config.json sets attention_bias=true (bias on o_proj too), which is not supported.")
         if hf.get("mlp_bias"):
             raise ValueError("config.json sets mlp_bias=true (biases on the MLP projections), which is not supported.")
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise ValueError(f"config.json sets hidden_act={act!r}; only silu (SwiGLU) is supported.")
+        default_head_dim = _QWEN3_HEAD_DIM if arch == "Qwen3ForCausalLM" else d_model // num_heads
         max_seq_len = int(hf.get("max_position_embeddings", 2048))
         window = sliding_window(hf, arch)
         if window:
@@ -81,12 +84,13 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
             num_layers=int(hf["num_hidden_layers"]),
             num_heads=num_heads,
             num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=int(hf.get("head_dim") or d_model // num_heads),
+            head_dim=int(hf.get("head_dim") or default_head_dim),
             d_ff=int(hf["intermediate_size"]),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
             qkv_bias=arch == "Qwen2ForCausalLM",
+            qk_norm=arch == "Qwen3ForCausalLM",
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_seq_len=max_seq_len,
             param_dtype=param_dtype,
@@ -98,12 +102,12 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
 
 def sliding_window(hf: dict, arch: str) -> int | None:
     """The attention window a config.json's model runs some layers with, as transformers reads it (None: none):
-    Mistral's `sliding_window` on every layer; Qwen2's only with `use_sliding_window`, on the layers its
-    `layer_types` name "sliding_attention" (without them: layers from `max_window_layers` on)."""
+    Mistral's `sliding_window` on every layer; Qwen2's and Qwen3's only with `use_sliding_window`, on the layers
+    their `layer_types` name "sliding_attention" (without them: layers from `max_window_layers` on)."""
     window = hf.get("sliding_window")
     if not window or arch == "LlamaForCausalLM":
         return None
-    if arch == "Qwen2ForCausalLM":
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         if not hf.get("use_sliding_window"):
             return None
         layers = int(hf["num_hidden_layers"])
@@ -145,6 +149,8 @@ def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple]:
                     p + "self_attn.v_proj.bias": (g * e,),
                 }
             )
+        if cfg.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (e,), p + "self_attn.k_norm.weight": (e,)})
     return shapes
 
 
@@ -156,6 +162,8 @@ _LAYER_KEYS = {
     "self_attn.q_proj.bias": ("attn", "bq"),
     "self_attn.k_proj.bias": ("attn", "bk"),
     "self_attn.v_proj.bias": ("attn", "bv"),
+    "self_attn.q_norm.weight": ("attn", "q_norm", "scale"),
+    "self_attn.k_norm.weight": ("attn", "k_norm", "scale"),
     "mlp.gate_proj.weight": ("mlp", "w_gate"),
     "mlp.up_proj.weight": ("mlp", "w_up"),
     "mlp.down_proj.weight": ("mlp", "w_down"),
@@ -191,6 +199,7 @@ def tensor_map(path: tuple, cfg: ModelConfig) -> TensorMap:
     if path[:1] != ("layers",) or rest not in _PER_LAYER:
         raise KeyError(f"parameter {'/'.join(map(str, path))} has no Hugging Face counterpart.")
     heads = {"wq": h, "bq": h}.get(rest[-1], g)
+    leaf = rest[-2] if rest[-1] == "scale" else rest[-1]  # a norm's scale: which norm (its width)
     split, perm = {
         "wq": (((h, e), (d,)), (2, 0, 1)),
         "wk": (((g, e), (d,)), (2, 0, 1)),
@@ -202,8 +211,11 @@ def tensor_map(path: tuple, cfg: ModelConfig) -> TensorMap:
         "w_gate": (((f,), (d,)), (1, 0)),
         "w_up": (((f,), (d,)), (1, 0)),
         "w_down": (((d,), (f,)), (1, 0)),
-        "scale": (((d,),), (0,)),
-    }[rest[-1]]
+        "attn_norm": (((d,),), (0,)),
+        "mlp_norm": (((d,),), (0,)),
+        "q_norm": (((e,),), (0,)),
+        "k_norm": (((e,),), (0,)),
+    }[leaf]
     layers = (path[1],) if indexed else range(cfg.num_layers)
     names = tuple(f"model.layers.{i}.{_PER_LAYER[rest]}" for i in layers)
     return TensorMap(names, split, perm, stacked=not indexed)
@@ -295,7 +307,7 @@ def load_hf(
 
 
 def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     kwargs = dict(
         vocab_size=cfg.vocab_size,
@@ -321,7 +333,12 @@ def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
             "high_freq_factor": high,
             "original_max_position_embeddings": orig,
         }
-    hf_cfg = Qwen2Config(**kwargs) if arch == "Qwen2ForCausalLM" else LlamaConfig(attention_bias=False, **kwargs)
+    if arch == "Qwen3ForCausalLM":
+        hf_cfg = Qwen3Config(attention_bias=False, use_sliding_window=False, **kwargs)
+    elif arch == "Qwen2ForCausalLM":
+        hf_cfg = Qwen2Config(**kwargs)
+    else:
+        hf_cfg = LlamaConfig(attention_bias=False, **kwargs)
     out = hf_cfg.to_dict()
     out["architectures"] = [arch]
     out["dtype"] = out["torch_dtype"] = cfg.param_dtype  # torch_dtype: the name before transformers 5
@@ -465,7 +482,8 @@ def save_params(
     (more than one: with model.safetensors.index.json) and the tokenizer, one tensor at a time.
     config.json is `source`'s (the folder the model was imported from, when it describes this model: its
     family, a Mistral's sliding window and full context, fields transformers keeps) with this folder's
-    token ids and dtype; else one written from `cfg` (Qwen2ForCausalLM with q/k/v bias, else LlamaForCausalLM).
+    token ids and dtype; else one written from `cfg` (Qwen3ForCausalLM with q/k norms, Qwen2ForCausalLM with q/k/v
+    bias, else LlamaForCausalLM).
 
     `params` maps our parameter paths to (possibly sharded) arrays. Nothing is gathered whole: each
     tensor (one layer of a stacked leaf) is brought to the host only when it is written. When the
@@ -474,7 +492,7 @@ def save_params(
     process 0 alone. config.json and generation_config.json carry the tokenizer's bos/eos/pad ids
     (eos with the end-of-turn `stop_ids`, `token_ids_of`), so `generate()` in transformers and
     `proxykd serve` stop at them by themselves."""
-    arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
     folder = pathlib.Path(folder)
     writer = jax.process_index() == 0
     where: dict[str, tuple[tuple, int | None, TensorMap]] = {}

@@ -1,9 +1,10 @@
-"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2).
+"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3).
 
 RoPE (with optional Llama-3 frequency scaling), grouped-query attention, RMSNorm, SwiGLU, optional
-q/k/v bias (Qwen2), tied or untied embeddings. Parameters are stored in `param_dtype` and cast to
-the compute `dtype`; logits are always float32. Every `nnx.Param` carries `out_sharding=` logical
-axis names (see docs/CONTRACTS.md); the mesh rules in `proxykd_jax.parallel` map them to devices.
+q/k/v bias (Qwen2), optional per-head RMSNorm of queries and keys before RoPE (Qwen3), tied or untied
+embeddings. Parameters are stored in `param_dtype` and cast to the compute `dtype`; logits are always
+float32. Every `nnx.Param` carries `out_sharding=` logical axis names (see docs/CONTRACTS.md); the mesh
+rules in `proxykd_jax.parallel` map them to devices.
 
 Packed sequences: `segment_ids_BxL` (0 = padding); a query attends to keys of the same non-zero
 segment whose position is not after its own. When `positions_BxL` is omitted it restarts at 0 at
@@ -65,6 +66,7 @@ class ModelConfig:
     rope_scaling: tuple | None = None  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position)
     rms_eps: float = 1e-5
     qkv_bias: bool = False
+    qk_norm: bool = False
     tie_embeddings: bool = False
     max_seq_len: int = 2048
     param_dtype: str = "float32"
@@ -93,6 +95,11 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}.")
+        if self.qk_norm and self.qkv_bias:
+            raise ValueError(
+                "model.qk_norm (Qwen3) with model.qkv_bias (Qwen2) is a model no Hugging Face family holds, so it "
+                "could not be exported; set one of them to False."
+            )
         if self.rope_scaling is not None:
             if len(self.rope_scaling) != 5 or self.rope_scaling[0] != "llama3":
                 raise ValueError(
@@ -113,6 +120,7 @@ class ModelConfig:
         """Total parameter count (embedding counted once when tied)."""
         d, h, g, e, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.d_ff
         attn = d * h * e + 2 * d * g * e + h * e * d + (h * e + 2 * g * e if self.qkv_bias else 0)
+        attn += 2 * e if self.qk_norm else 0
         block = attn + 3 * d * f + 2 * d
         head = 0 if self.tie_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * block + d + head
@@ -198,6 +206,7 @@ def default_config() -> ml_collections.ConfigDict:
     )  # None or ("llama3", factor, low, high, orig_max_pos)
     cd.rms_eps = 1e-5  # RMSNorm epsilon
     cd.qkv_bias = False  # bias on q/k/v projections (Qwen2)
+    cd.qk_norm = False  # per-head RMSNorm of queries and keys after the projection, before RoPE (Qwen3)
     cd.tie_embeddings = False  # share the input embedding with the output layer
     cd.max_seq_len = 2048  # longest sequence the model is used with
     cd.param_dtype = "float32"  # storage dtype of parameters
@@ -271,6 +280,11 @@ def _stacked(shape, axes, stack):
     return (shape, axes) if stack is None else ((stack, *shape), ("layers", *axes))
 
 
+# Parameters no weight decay applies to (`train.optim`): norms' scales and attention biases, by name (the
+# decoder's layers stack their parameters on a leading `layers` axis, so a rank cannot tell them from weights).
+NO_WEIGHT_DECAY = frozenset({"scale", "bq", "bk", "bv"})
+
+
 def _param(rngs: nnx.Rngs, shape, std, axes, dtype, stack: int | None = None) -> nnx.Param:
     """Normal(0, std) parameter; with `stack` a leading `layers` axis of that many layers."""
     shape, axes = _stacked(shape, axes, stack)
@@ -284,10 +298,11 @@ def _zeros(shape, axes, dtype, stack: int | None = None) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * scale, normalised in float32."""
+    """x / rms(x) * scale over the last axis (logical `axis`: `embed`, or `head_dim` for a per-head norm),
+    normalised in float32."""
 
-    def __init__(self, dim: int, eps: float, param_dtype, dtype, stack: int | None = None):
-        shape, axes = _stacked((dim,), ("embed",), stack)
+    def __init__(self, dim: int, eps: float, param_dtype, dtype, stack: int | None = None, axis: str = "embed"):
+        shape, axes = _stacked((dim,), (axis,), stack)
         self.scale = nnx.Param(jnp.ones(shape, param_dtype), out_sharding=axes, eager_sharding=False)
         self.eps, self.dtype = eps, dtype
 
@@ -331,7 +346,10 @@ class Attention(nnx.Module):
             self.bq = _zeros((h, e), ("heads", "head_dim"), pd, stack)
             self.bk = _zeros((g, e), ("kv_heads", "head_dim"), pd, stack)
             self.bv = _zeros((g, e), ("kv_heads", "head_dim"), pd, stack)
-        self.qkv_bias = cfg.qkv_bias
+        if cfg.qk_norm:  # one scale [E] shared by the heads, as Qwen3's q_norm / k_norm
+            self.q_norm = RMSNorm(e, cfg.rms_eps, pd, jnp.dtype(cfg.dtype), stack, axis="head_dim")
+            self.k_norm = RMSNorm(e, cfg.rms_eps, pd, jnp.dtype(cfg.dtype), stack, axis="head_dim")
+        self.qkv_bias, self.qk_norm = cfg.qkv_bias, cfg.qk_norm
         self.dtype = jnp.dtype(cfg.dtype)
         self.cfg = cfg
 
@@ -343,6 +361,8 @@ class Attention(nnx.Module):
         v = dense(x_BxLxD, self.wv[...].astype(dt))
         if self.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.cfg)
         q = apply_rope(q, positions_BxL, inv_freq)
         k = apply_rope(k, positions_BxL, inv_freq)
