@@ -591,3 +591,26 @@ def test_cpu_steps_use_the_memory_optimised_schedule_with_the_same_results():
             compiler_options={"xla_cpu_no_such_option": "1"},
         )
         bad(jax.tree.map(jnp.copy, state), batch)
+
+
+@pytest.mark.parametrize("qk", ["bias", "norm"])
+def test_weight_decay_spares_norm_scales_and_biases(qk):
+    """AdamW's decoupled decay shrinks weight matrices and embeddings only. A decoder layer's norm scales and
+    attention biases are stacked over the layers (rank 2-3, like matrices): they were decayed too."""
+    rng = np.random.default_rng()
+    extra = {"qkv_bias": True} if qk == "bias" else {"qk_norm": True}
+    model = Llama(dataclasses.replace(TINY, **extra), rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), p.dtype), nnx.state(model, nnx.Param))
+    tx = make_optimizer(optim_cfg(lr=0.1, weight_decay=0.5, clip_norm=0.0), total_steps=10)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    after = optax.apply_updates(params, updates)
+    spared, decayed = [], []
+    for (path, old), new in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(after)):
+        name = jax.tree_util.keystr(path)
+        is_weight = not any(k in name for k in ("scale", "'bq'", "'bk'", "'bv'"))
+        (decayed if is_weight else spared).append(name)
+        want = old * (1 - 0.1 * 0.5) if is_weight else old
+        np.testing.assert_allclose(np.asarray(new), np.asarray(want), rtol=1e-6, atol=1e-7, err_msg=name)
+    assert any("attn_norm" in n for n in spared) and any(f"'{w}'" in n for n in decayed for w in ("wq", "w_up"))
+    assert any(("q_norm" if qk == "norm" else "'bq'") in n for n in spared), spared

@@ -10,6 +10,7 @@ import ml_collections
 import optax
 
 from proxykd_jax.errors import ConfigError
+from proxykd_jax.models.llama import NO_WEIGHT_DECAY
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -19,7 +20,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.warmup_steps = 100  # linear warm-up from 0 over this many optimizer updates
     cd.decay_steps = 0  # cosine decay length in optimizer updates incl. warm-up; 0 = train.steps // grad_accum
     cd.min_lr_ratio = 0.1  # final learning rate as a fraction of `lr`
-    cd.weight_decay = 0.1  # decoupled weight decay (AdamW), applied to parameters of rank >= 2 only
+    cd.weight_decay = 0.1  # decoupled weight decay (AdamW) on weight matrices and embeddings (not norms, biases)
     cd.b1 = 0.9  # Adam first-moment decay
     cd.b2 = 0.95  # Adam second-moment decay
     cd.eps = 1e-8  # Adam epsilon
@@ -51,8 +52,14 @@ def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only: norms' scales and biases (rank < 2) are not decayed."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on weight matrices and embeddings only: no norm's scale or bias is decayed (named in
+    `llama.NO_WEIGHT_DECAY`: stacked over the layers, a layer norm's scale has rank 2 like a matrix)."""
+
+    def decays(path, p) -> bool:
+        names = {str(getattr(k, "key", getattr(k, "name", k))) for k in path}
+        return p.ndim >= 2 and not names & NO_WEIGHT_DECAY
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def check_whole_updates(steps: int, accum: int, *, setting: str, field: str, model: str) -> None:
