@@ -8,8 +8,11 @@ problem. Only the CLI, the stages and the config files import this module.
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
+from proxykd_jax.config_ranges import check_ranges, get_field
 from proxykd_jax.errors import ConfigError
 
 
@@ -57,14 +60,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def _check_model(name: str, group) -> None:
+    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
+        if getattr(group, field) <= 0:
+            raise ConfigError(f"config.{name}.{field}={getattr(group, field)} must be positive.")
     if group.num_heads % group.num_kv_heads:
         raise ConfigError(
             f"config.{name}.num_heads={group.num_heads} is not a multiple of "
             f"num_kv_heads={group.num_kv_heads}; grouped-query attention needs it to be."
         )
-    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff"):
-        if getattr(group, field) <= 0:
-            raise ConfigError(f"config.{name}.{field}={getattr(group, field)} must be positive.")
     from proxykd_jax.models.llama import ModelConfig
 
     try:  # the remaining per-field checks (remat, attention, dtypes, scan_layers, RoPE scaling) live there
@@ -75,103 +78,6 @@ def _check_model(name: str, group) -> None:
             raise ConfigError(f"config.{name}.{message.removeprefix('model.')}") from None
         raise ConfigError(f"config.{name}: {message}") from None
 
-
-# (field, smallest allowed value): counts and sizes a stage divides by or loops over.
-_AT_LEAST = (
-    ("train.steps", 1),
-    ("train.batch_size", 1),
-    ("train.seq_len", 1),
-    ("train.log_every", 1),
-    ("train.checkpoint_every", 0),
-    ("train.keep_checkpoints", 1),
-    ("train.eval_every", 0),
-    ("train.steps_per_call", 0),
-    ("optim.grad_accum", 1),
-    ("optim.warmup_steps", 0),
-    ("optim.decay_steps", 0),
-    ("data.batch_size", 1),
-    ("data.seq_len", 1),
-    ("data.records_per_file", 1),
-    ("data.num_epochs", 0),
-    ("data.num_workers", 0),
-    ("data.store.k", 1),
-    ("data.teacher_topk", 1),
-    ("data.packing_bins", 0),
-    ("data.worker_buffer_size", 1),
-    ("align.batch_size", 1),
-    ("align.sample_batch_size", 1),
-    ("align.eval_batch_size", 1),
-    ("align.sft_steps", 0),
-    ("align.rounds", 0),
-    ("align.max_new_tokens", 1),
-    ("align.warmup_steps", 0),
-    ("align.checkpoint_every", 0),
-    ("align.samples_per_prompt", 1),
-    ("align.prompts_per_round", 0),
-    ("align.dpo_steps_per_round", 0),
-    ("align.heldout_samples", 0),
-    ("align.logprob_chunk", 1),
-    ("align.seq_len", 0),
-    ("prior.ngram_order", 1),
-    ("prior.exact_top_s", 1),
-    ("prior.ngram_top_s", 1),
-    ("posterior.batch_size", 1),
-    ("posterior.chunk_tokens", 1),
-    ("posterior.num_samples", 1),
-    ("posterior.eb_refine_steps", 0),
-    ("distill.loss.num_samples", 1),
-    ("distill.loss.chunk_size", 1),
-    ("eval.batch_size", 1),
-    ("eval.max_samples", 0),
-    ("eval.max_new_tokens", 0),
-    ("eval.generate_prompts", 0),
-    ("export.step", 0),
-    ("collect.concurrency", 1),
-    ("collect.samples_per_prompt", 1),
-    ("collect.max_attempts", 1),
-    ("collect.max_tokens", 1),
-    ("collect.top_logprobs", 0),
-    ("serve.port", 0),
-    ("serve.max_batch", 1),
-    ("serve.max_tokens_limit", 1),
-    ("serve.max_body_bytes", 1),
-    ("demo.num_prompts", 1),
-    ("demo.samples_per_prompt", 1),
-    ("demo.max_new_tokens", 1),
-)
-# what a refused value of these fields would have meant, and what to use instead
-_HINTS = {
-    "data.teacher_topk": (
-        " (it is the width of the teacher head; 0 does not switch it off: a corpus without top log-probs "
-        "stores no head, and --config.posterior.use_teacher_topk=False ignores one)"
-    ),
-    "prior.exact_top_s": " (next tokens kept per prompt prefix: the posterior cannot use tables without any)",
-    "prior.ngram_top_s": " (continuations kept per n-gram context: the posterior cannot use tables without any)",
-}
-_AT_MOST = (("collect.top_logprobs", 20), ("serve.port", 65535))
-_POSITIVE_FLOATS = ("optim.lr", "align.sft_lr", "align.dpo_lr", "distill.loss.temperature", "posterior.beta")
-# pseudo-counts, used as set where the empirical-Bayes fit is off: a negative or NaN one stores rows that do
-# not sum to one
-_NON_NEGATIVE_FLOATS = ("prior.kappa", "posterior.n_max")
-# (field, low, high, whether high is allowed): fractions and mixture weights.
-_FRACTIONS = (
-    ("distill.loss.jsd_beta", 0.0, 1.0, False),
-    ("distill.loss.skew_alpha", 0.0, 1.0, False),
-    ("posterior.eb_holdout_fraction", 0.0, 1.0, False),
-    ("optim.min_lr_ratio", 0.0, 1.0, True),
-    ("align.top_p", 0.0, 1.0, True),
-)
-# (field, allowed values): fields with a fixed set of words (align.loss_type/reference: `_check_align`).
-_CHOICES = (
-    ("data.on_error", ("error", "skip")),
-    ("data.teacher_head", ("auto", "exact", "bytes")),
-    ("data.store.index_dtype", ("auto", "uint16", "uint32", "bits")),
-    ("data.store.value_dtype", ("float32", "bfloat16", "float16", "uint8")),
-    ("data.store.tail_dtype", ("float16", "float32")),
-    ("posterior.weight_normalize", ("mean", "sum")),
-    ("collect.api", ("chat", "completions")),
-    ("serve.source", ("hf", "known")),
-)
 
 # (stage, config field naming a path that must exist when set, what it should be).
 _INPUT_PATHS = (
@@ -184,68 +90,6 @@ _INPUT_PATHS = (
     ("eval", "eval.known_teacher", "the known teacher's folder"),
     ("serve", "serve.path", "the model folder to serve"),
 )
-
-
-def get_field(cfg, dotted: str):
-    """The value of the dotted field `dotted` of `cfg`, or None where it has no such field."""
-    node = cfg
-    for part in dotted.split("."):
-        if part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def check_ranges(cfg, groups) -> None:
-    """The range tables above for the fields of `groups` (`validate` runs them; a stage run as a library
-    call, without it, may run its own groups')."""
-    for field, low in _AT_LEAST:
-        value = get_field(cfg, field)
-        if field.split(".")[0] not in groups or value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config.{field}={value!r} must be a whole number (>= {low}).")
-        if value < low:
-            raise ConfigError(
-                f"config.{field}={value} must be at least {low}{_HINTS.get(field, '')}; "
-                f"set --config.{field} to {low} or more."
-            )
-    for field in _POSITIVE_FLOATS:
-        value = get_field(cfg, field)
-        if field.split(".")[0] in groups and value is not None and not float(value) > 0:
-            raise ConfigError(f"config.{field}={value!r} must be a positive number.")
-    for field in _NON_NEGATIVE_FLOATS:
-        value = get_field(cfg, field)
-        if field.split(".")[0] in groups and value is not None and not float(value) >= 0:
-            raise ConfigError(f"config.{field}={value!r} must be a non-negative number.")
-    for field, high in _AT_MOST:
-        value = get_field(cfg, field)
-        if field.split(".")[0] in groups and value is not None and value > high:
-            raise ConfigError(f"config.{field}={value} must be at most {high}; set --config.{field} to {high} or less.")
-    for field, low, high, closed in _FRACTIONS:
-        value = get_field(cfg, field)
-        if field.split(".")[0] not in groups or value is None:
-            continue
-        if not (low <= float(value) <= high if closed else low <= float(value) < high):
-            raise ConfigError(f"config.{field}={value!r} must lie in [{low:g}, {high:g}{']' if closed else ')'}.")
-    from proxykd_jax.bayes.config import KERNELS, MODES
-    from proxykd_jax.data.config import SPLITS
-    from proxykd_jax.losses.divergences import KINDS, TAIL_MODES
-
-    choices = _CHOICES + (
-        ("posterior.mode", MODES),
-        ("posterior.kernel", KERNELS),
-        ("distill.loss.divergence", KINDS),
-        ("distill.loss.tail_mode", TAIL_MODES),
-        ("eval.split", SPLITS),  # the prepared splits (data.split.*)
-        ("distill.split", SPLITS),
-    )
-    for field, allowed in choices:
-        value = get_field(cfg, field)
-        if field.split(".")[0] in groups and value is not None and value not in allowed:
-            raise ConfigError(
-                f"config.{field}={value!r} must be one of {', '.join(allowed)}; set --config.{field} to one of them."
-            )
 
 
 def _check_split(cfg) -> None:
@@ -337,17 +181,17 @@ def _check_align(acfg) -> None:
         raise ConfigError(f"config.align.label_smoothing={smoothing!r} must lie in [0, 0.5) (0 = plain DPO).")
     if smoothing and loss_type == "ipo":
         raise ConfigError("config.align.label_smoothing applies to loss_type 'dpo' only; set it to 0 with 'ipo'.")
-    if acfg.get("beta") is not None and not float(acfg.beta) > 0:
-        raise ConfigError(f"config.align.beta={acfg.beta!r} must be a positive number.")
-    if acfg.get("temperature") is not None and not float(acfg.temperature) >= 0:
+    if acfg.get("beta") is not None and not 0 < float(acfg.beta) < math.inf:
+        raise ConfigError(f"config.align.beta={acfg.beta!r} must be a positive number (finite).")
+    if acfg.get("temperature") is not None and not 0 <= float(acfg.temperature) < math.inf:
         raise ConfigError(
-            f"config.align.temperature={acfg.temperature!r} must be at least 0 (0 samples the rejected responses "
-            "greedily)."
+            f"config.align.temperature={acfg.temperature!r} must be at least 0 and finite (0 samples the rejected "
+            "responses greedily)."
         )
     lora = acfg.get("lora")
-    if lora is not None and int(lora.get("rank") or 0) > 0 and not float(lora.get("alpha", 1.0)) > 0:
+    if lora is not None and int(lora.get("rank") or 0) > 0 and not 0 < float(lora.get("alpha", 1.0)) < math.inf:
         raise ConfigError(
-            f"config.align.lora.alpha={lora.alpha!r} must be a positive number: the adapters are scaled by "
+            f"config.align.lora.alpha={lora.alpha!r} must be a positive number (finite): the adapters are scaled by "
             "alpha / rank, so 0 would train adapters that change nothing (align.lora.rank=0 is full fine-tuning)."
         )
     per_round, per_prompt = int(acfg.get("prompts_per_round") or 0), int(acfg.get("samples_per_prompt") or 1)
@@ -363,6 +207,40 @@ def _check_report_seeds(text) -> None:
     items = [x.strip() for x in str(text).split(",") if x.strip()]
     if not items or not all(x.lstrip("-").isdigit() for x in items):
         raise ConfigError(f"config.report.seeds={text!r} must be comma-separated integers, e.g. '0,1,2'.")
+
+
+def _check_known_teacher(cfg, stage: str) -> None:
+    """The demo's and the report's known teachers (`eval/benchmark.py`, `report/settings.py`): built with the
+    proxy's heads over the proxy's vocabulary (a character teacher: its own 36 tokens)."""
+    from proxykd_jax.eval.benchmark import CHAR_TEACHER_VOCAB
+    from proxykd_jax.models.tokenizer import SPECIAL_TOKENS
+
+    demo, heads = cfg.demo, int(cfg.proxy.num_heads)
+    if int(demo.teacher_d_model) % (2 * heads):
+        raise ConfigError(
+            f"config.demo.teacher_d_model={demo.teacher_d_model} must be a multiple of {2 * heads}: the known teacher "
+            f"has the proxy's {heads} heads (proxy.num_heads), and its head_dim = teacher_d_model / {heads} must be "
+            "even for RoPE."
+        )
+    vocabs = [CHAR_TEACHER_VOCAB if demo.teacher_tokenizer == "char" else int(cfg.proxy.vocab_size)]
+    if stage == "report" and "chartok" in str(cfg.report.settings):  # the report's character teacher
+        vocabs.append(CHAR_TEACHER_VOCAB)
+    words = min(vocabs) - len(SPECIAL_TOKENS)
+    if not 0 < float(demo.teacher_entropy) < math.log(words):
+        raise ConfigError(
+            f"config.demo.teacher_entropy={demo.teacher_entropy!r} must lie in (0, {math.log(words):.4f}) nats: "
+            f"below the log of the teacher's {words} words."
+        )
+    if stage != "report":
+        return
+    if not math.isfinite(float(cfg.report.style_boost)):
+        raise ConfigError(f"config.report.style_boost={cfg.report.style_boost!r} must be a finite number (nats).")
+    words = int(cfg.proxy.vocab_size) - len(SPECIAL_TOKENS)  # the specialised teacher has the general one's words
+    if int(cfg.report.style_words) > words:
+        raise ConfigError(
+            f"config.report.style_words={cfg.report.style_words} must be at most {words}, the teacher's words "
+            "(proxy.vocab_size less its special tokens)."
+        )
 
 
 def validate(
@@ -394,6 +272,8 @@ def validate(
         _check_align(cfg.align)
     if "report" in cfg and "report" in groups:
         _check_report_seeds(cfg.report.seeds)
+    if stage in ("demo", "report") and "demo" in cfg:
+        _check_known_teacher(cfg, stage)
     if num_devices is not None and "mesh" in cfg and "mesh" in groups:
         _check_mesh(cfg, stage, num_devices, process_count)
     _check_paths(cfg, stage)
