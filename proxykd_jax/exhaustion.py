@@ -43,8 +43,10 @@ _DISK = {
         "permission denied",
         "give this user access to it (or set --config.run.dir to a folder you can write)",
     ),
+    errno.ENOTDIR: ("not a directory", "a part of that path is a file: move it aside or choose another path,"),
 }
-_TEXT_ONLY_NOT = (errno.EACCES,)  # recognised as an OSError only: "Permission denied" in any message is too loose
+# recognised as an OSError only: "Permission denied" or "Not a directory" in any message is too loose
+_TEXT_ONLY_NOT = (errno.EACCES, errno.ENOTDIR)
 # where a message that is no OSError names its file: tensorstore's, then array_record's
 _PATHS = (
     re.compile(r'Failed writing: "([^"]+)"'),
@@ -163,7 +165,8 @@ def quiet_background_reports() -> None:
 
 
 def explain(stage: str, error: BaseException, cfg=None, argv: list[str] | None = None, devices: int | None = None):
-    """The one line (str) for a full disk or a device out of memory behind `error` in `proxykd <stage>` run
+    """The one line (str) for a full disk (or a path that cannot be written), a device or the host out of memory
+    behind `error` in `proxykd <stage>` run
     as `argv` (after the stage name) with config `cfg` on `devices` devices (None: as many as jax has); None
     for any other error, and for a `ProxyKDError`, which says it in its own sentence (collect's counts what it
     stored)."""
@@ -174,7 +177,7 @@ def explain(stage: str, error: BaseException, cfg=None, argv: list[str] | None =
         code, path = full
         what, todo = _DISK[code]
         where = path or (f"under {cfg.run.dir}" if cfg is not None else "the run directory")
-        verb = "on" if code == errno.EACCES else "writing"  # (a permission error may be a read's)
+        verb = "on" if code in _TEXT_ONLY_NOT else "writing"  # (these may be a read's)
         return f"{what} {verb} {where}; {todo} and run the same command again to resume."
     first = out_of_memory(error)
     if first is not None:
@@ -182,5 +185,13 @@ def explain(stage: str, error: BaseException, cfg=None, argv: list[str] | None =
             f"the device ran out of memory ({first}); `{_plan_command(stage, cfg, list(argv or ()), devices)}` "
             f"prints each step's bytes per device: {_memory_advice(stage, cfg)}; checkpoints written so far are kept "
             "and the same command resumes."
+        )
+    host = next((e for e in _chain(error) if isinstance(e, MemoryError)), None)
+    if host is not None:  # numpy's "Unable to allocate 7.45 TiB for an array with shape ..." names the size
+        said = _text(host).strip().splitlines()[:1]
+        advice = _memory_advice(stage, cfg).split(", set --config")[0].removesuffix(", or use more devices")
+        return (
+            f"the host ran out of memory (MemoryError{': ' + said[0][:200] if said else ''}); {advice}, or run on a "
+            "machine with more memory; finished work is kept and the same command resumes."
         )
     return None

@@ -186,6 +186,10 @@ def test_out_of_memory_advice_names_the_stage_fields():
             PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/r/prior"),
             "permission denied on /r/prior; give this user access",
         ),
+        (
+            NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), "/r/notes.txt/student"),
+            "not a directory on /r/notes.txt/student; a part of that path is a file",
+        ),
         (  # array_record's writer
             RuntimeError("write() failed: No space left on device; writing /r/prepared/a.arrayrecord; at byte 0"),
             "no space left on device writing /r/prepared/a.arrayrecord;",
@@ -199,7 +203,7 @@ def test_out_of_memory_advice_names_the_stage_fields():
             "no space left on device writing /r/student/3.orbax-checkpoint-tmp/_sharding;",
         ),
     ],
-    ids=["enospc-path", "edquot", "erofs", "efbig", "eacces", "array-record", "tensorstore"],
+    ids=["enospc-path", "edquot", "erofs", "efbig", "eacces", "enotdir", "array-record", "tensorstore"],
 )
 def test_disk_full_errors_are_recognised_in_the_chain(error, want):
     """Each form a full disk takes, also as the cause of another exception, names the file it names."""
@@ -211,6 +215,22 @@ def test_disk_full_errors_are_recognised_in_the_chain(error, want):
     except RuntimeError as outer:
         line = _explain("distill", outer)
     assert line is not None and want in line, line
+
+
+def test_host_out_of_memory_is_one_line_naming_the_stage_fields():
+    """numpy's MemoryError for a batch far too large (eval.batch_size=10**12 reached grain's batching as a
+    traceback): one line with numpy's size and the stage's fields to lower."""
+    try:
+        np.empty((10**12, 1 << 16), np.float32)  # 256 PB
+    except MemoryError as e:
+        error = e
+    try:
+        raise RuntimeError("a worker failed") from error
+    except RuntimeError as outer:
+        line = _explain("eval", outer)
+    assert line is not None and line.startswith("the host ran out of memory (MemoryError: Unable to allocate "), line
+    assert "lower eval.batch_size or data.seq_len, or run on a machine with more memory" in line, line
+    assert _explain("distill", MemoryError()).startswith("the host ran out of memory (MemoryError); lower train.")
 
 
 def test_a_sentence_of_the_stage_itself_is_kept():
