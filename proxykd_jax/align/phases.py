@@ -2,12 +2,14 @@
 batches, and train states for existing modules.
 
 Layout under <run>/proxy/:
-    sft/            checkpoints/ (the train Loop's), params/ (end of phase), DONE
-    round_000/      reference/ (params at round start), pairs.npz, checkpoints/, params/, DONE
+    sft/            checkpoints/ (the train Loop's, while the phase runs), params/ (end of phase), DONE
+    round_000/      reference/ (params at round start), pairs.npz, checkpoints/ (while it runs), params/, DONE
     ...
     final/          Hugging Face folder of the aligned proxy (LoRA merged), lora/ (adapters)
-    metrics.jsonl   per-phase summaries (held-out NLL, pairs kept/dropped, KL when asked)
-A phase is finished when its DONE marker exists; it is written after `params/` is complete.
+    metrics.jsonl   per-phase summaries (held-out NLL, pairs kept/dropped, KL when asked), one per phase
+A phase is finished when its DONE marker exists; it is written after `params/` is complete. Its checkpoints
+(train state with the optimizer's moments, `train.keep_checkpoints` of them) are then removed: a resumed run
+reads a finished phase's `params/` only.
 """
 
 from __future__ import annotations
@@ -37,12 +39,53 @@ def is_done(phase_dir: pathlib.Path) -> bool:
 
 
 def mark_done(phase_dir: pathlib.Path, summary: dict) -> None:
-    """Writes the DONE marker (with a JSON summary) atomically (process 0; every process waits)."""
+    """Writes the DONE marker (with a JSON summary) atomically, then removes the phase's checkpoints
+    (process 0; every process waits)."""
     if jax.process_index() == 0:
         tmp = phase_dir / (DONE + ".tmp")
         tmp.write_text(json.dumps(summary, sort_keys=True) + "\n")
         tmp.replace(phase_dir / DONE)
     sync(f"align: {phase_dir.name} done")
+    drop_checkpoints([phase_dir])
+
+
+def drop_checkpoints(phase_dirs) -> None:
+    """Removes the checkpoints of those of `phase_dirs` that are finished (a kill between a phase's DONE
+    marker and their removal leaves them); process 0, every process waits."""
+    if jax.process_index() == 0:
+        for phase_dir in phase_dirs:
+            if is_done(phase_dir):
+                shutil.rmtree(phase_dir / "checkpoints", ignore_errors=True)
+    sync("align: finished phases' checkpoints removed")
+
+
+def read_summaries(path: pathlib.Path) -> list[dict]:
+    """The phase summaries of an align `metrics.jsonl` in file order (none where it does not exist; a line a
+    crash cut short is skipped)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else ():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "phase" in row:
+            rows.append(row)
+    return rows
+
+
+class OncePerPhase:
+    """A sink (`append(record)`) that passes on one summary per phase: those already in `out_dir/metrics.jsonl`
+    are not written again. A phase summarised before a kill (the initial proxy, before the warm-up's first
+    checkpoint; a phase, before its DONE marker) is summarised again, to the same values, when the run resumes."""
+
+    def __init__(self, sink, out_dir: pathlib.Path):
+        self.sink = sink
+        self.phases = {row.get("phase") for row in read_summaries(pathlib.Path(out_dir) / "metrics.jsonl")}
+
+    def append(self, record: dict) -> None:
+        if record.get("phase") not in self.phases:
+            self.phases.add(record.get("phase"))
+            self.sink.append(record)
 
 
 def shard_module(module: nnx.Module, mesh, rules) -> nnx.Module:

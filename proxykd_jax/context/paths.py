@@ -6,7 +6,7 @@
   corpus/teacher.jsonl        collect   (or the user's own corpus files, data.corpus)
   prepared/                   prepare   records per split + manifest.json, tokenizer/
   prior/                      prior     n-gram + trie tables + manifest.json
-  proxy/                      align     sft/ and round_NNN/ (each checkpoints/, metrics.jsonl), final/
+  proxy/                      align     sft/ and round_NNN/ (params/, checkpoints/ while running), metrics.jsonl, final/
   posterior/                  posterior sparse store shards + estimate.json (weights, EB fit)
   student/                    distill   checkpoints/, metrics.jsonl, final/
   student_sft/                distill with distill.loss.alpha = 0 (the SFT baseline)

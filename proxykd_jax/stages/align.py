@@ -4,11 +4,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 
-from proxykd_jax.align import lora, rounds
+from proxykd_jax.align import lora, phases, rounds
 from proxykd_jax.data.pipeline import require_vocab
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.models import hf
@@ -20,8 +19,7 @@ log = logging.getLogger(__name__)
 def _summaries(out_dir) -> dict:
     """Every phase's latest summary from `<out>/metrics.jsonl`."""
     path = out_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return {r["phase"]: r for r in records}
+    return {r["phase"]: r for r in phases.read_summaries(path)}
 
 
 def preflight(prepared: PreparedData, acfg) -> None:
@@ -66,6 +64,7 @@ def run(ctx, *, teacher_probs_fn=None) -> dict:
     rows = (seq_len, "align.seq_len" if cfg.align.seq_len else "data.seq_len")  # no longer than the proxy's context
     model_cfg, proxy = ctx.init_model("proxy", ctx.seed, rows=rows)  # a folder that cannot load stops before any write
     art.begin()
+    phases.drop_checkpoints([art.work / name for name in phases.phase_names(cfg.align.rounds)])
     sink = ctx.sink(art.work)
     try:
         trainable, frozen, _ = rounds.align_proxy(
@@ -79,7 +78,7 @@ def run(ctx, *, teacher_probs_fn=None) -> dict:
             rules=ctx.rules,
             seed=ctx.seed,
             seq_len=seq_len,
-            sink=sink,
+            sink=phases.OncePerPhase(sink, art.work),
             teacher_probs_fn=teacher_probs_fn,
         )
     finally:

@@ -4,7 +4,8 @@ Each checkpoint is one orbax step directory with two items: `state` (StandardSav
 TrainState, restored onto whatever mesh the target shardings name) and `data` (the iterator's
 position: grain's own handler for grain iterators, JSON of `get_state()` for plain Python
 iterators that define `get_state`/`set_state`). Saves are asynchronous; the manager keeps the
-last `keep` checkpoints. A restore onto arrays of other shapes or another tree (another model or
+last `keep` checkpoints (a lowered `keep` deletes the oldest at the next save) and removes, when it opens, the
+unfinished steps of a killed run. A restore onto arrays of other shapes or another tree (another model or
 optimizer config) is refused before reading any array, naming one; one that fails on the files
 says the checkpoint is damaged and what to delete, in one error: the reads it leaves in flight report
 nothing (`_WithoutClosedLoopReports`, `_WithoutUnretrievedReads`).
@@ -164,7 +165,9 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}.")
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        # a step a killed run left half-written (`<step>.orbax-checkpoint-tmp`) is removed here: the run that
+        # resumes may never save that step again (another train.checkpoint_every)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._warned = False
 

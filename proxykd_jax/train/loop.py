@@ -3,8 +3,11 @@
 The host never waits on the step it just dispatched: after dispatching step s it reads the
 metrics of step s-1. It does wait at checkpoint steps, because a checkpoint is written only
 after its own step's loss and gradient norm are known to be finite, so the newest checkpoint is
-always a good one. A non-finite loss or gradient norm stops training with `TrainingDiverged`.
-Re-running the same command resumes from the newest checkpoint (state and data position).
+always a good one, and only after every metrics row up to its step (eval rows included) is on
+disk: a resumed run starts after it and writes none of them again, and drops the rows the killed run
+wrote past it (TensorBoard is told to hide them). A non-finite loss or gradient norm stops training
+with `TrainingDiverged`. Re-running the same command resumes from the newest checkpoint (state and
+data position).
 
 A logged row's tokens_per_s and mfu cover the steps since the previous row; both count every position
 of the batch's rows (rows x seq_len, padding included: what the step computes, not the tokens it trains
@@ -302,10 +305,10 @@ class Loop:
                     report_all(*pending)
                 last = step + n - 1
                 pending = (step, metrics, tokens, prep_seconds)
-                if ckpt is not None and (last % cfg.checkpoint_every == 0 or last == cfg.steps):
+                saves = ckpt is not None and (last % cfg.checkpoint_every == 0 or last == cfg.steps)
+                if saves:
                     report_all(*pending)
                     pending = None
-                    ckpt.save(last, state, data_iter)
                 if (
                     eval_batches is not None
                     and self.eval_step is not None
@@ -315,6 +318,9 @@ class Loop:
                     writer.write(
                         last, {f"eval_{k}": v for k, v in self.evaluate(state, eval_batches(), frozen).items()}
                     )
+                if saves:  # after every row up to its step is on disk: a resumed run writes none of them again
+                    writer.flush()
+                    ckpt.save(last, state, data_iter)
                 step = last + 1
             if pending is not None:
                 report_all(*pending)

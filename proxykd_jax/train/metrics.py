@@ -24,7 +24,8 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str | pathlib.Path, tensorboard: bool, resume_step: int | None = None):
         """With `resume_step` (the step a loop restarts after), rows of later steps, written by the run
-        that was killed after that checkpoint, are dropped first, so each step keeps one row."""
+        that was killed after that checkpoint, are dropped first, so each step keeps one row; TensorBoard,
+        whose event files are only appended to, is told to hide them (`TensorBoardEvents`)."""
         self.enabled = jax.process_index() == 0
         self.path = pathlib.Path(run_dir) / "metrics.jsonl"
         self._file = None
@@ -35,9 +36,7 @@ class MetricsWriter:
                 truncate_after(self.path, resume_step)
             self._file = self.path.open("a")
             if tensorboard:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
+                self._tb = TensorBoardEvents(pathlib.Path(run_dir) / "tensorboard", resume_step)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -46,14 +45,18 @@ class MetricsWriter:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for name, value in metrics.items():
-                self._tb.add_scalar(name, float(value), int(step))
+            self._tb.write(int(step), metrics)
 
     def append(self, record: Mapping) -> None:
         """Appends one JSON record as it is (e.g. a phase summary without a step)."""
         if self.enabled:
             self._file.write(json.dumps(dict(record), sort_keys=True) + "\n")
             self._file.flush()
+
+    def flush(self) -> None:
+        """Puts every row written so far on disk (the JSONL rows are at each write; TensorBoard's here)."""
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
         if self._file is not None:
@@ -62,6 +65,38 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class TensorBoardEvents:
+    """Scalars in a new TensorBoard event file in `folder`, written in the calling thread: on disk after
+    `flush`. (tensorboardX's `SummaryWriter` hands events to a thread that writes them within two minutes,
+    which a `kill -9` loses and its `flush` does not wait for.)
+
+    With `resume_step`, the file opens with a purge from step `resume_step + 1` (a `SessionLog` START): TensorBoard
+    hides the earlier files' events of those steps, which the run that was killed wrote and this one writes again."""
+
+    def __init__(self, folder: pathlib.Path, resume_step: int | None = None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2, summary_pb2
+
+        self._event, self._summary = event_pb2, summary_pb2
+        folder.mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(folder / "events"))
+        if resume_step is not None:
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=resume_step + 1, session_log=start))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        summary = self._summary.Summary(
+            value=[self._summary.Summary.Value(tag=k, simple_value=float(v)) for k, v in metrics.items()]
+        )
+        self._writer.write_event(self._event.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def truncate_after(path: pathlib.Path, step: int) -> int:
