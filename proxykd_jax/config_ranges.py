@@ -131,6 +131,9 @@ _NON_NEGATIVE_FLOATS = (
     "collect.backoff_max_s",
     "demo.proxy_noise",
     "report.specialise_noise",
+    "serve.batch_window_ms",
+    "serve.faults.retry_after_s",
+    "serve.faults.slow_delay_s",
 )
 # pseudo-counts, used as set where the empirical-Bayes fit is off: infinity is their limit (the n-gram prior
 # alone, the proxy alone), which stores finite, normalised rows
@@ -142,6 +145,11 @@ _FRACTIONS = (
     ("posterior.eb_holdout_fraction", 0.0, 1.0, False),
     ("optim.min_lr_ratio", 0.0, 1.0, True),
     ("align.top_p", 0.0, 1.0, True),
+    ("serve.faults.fail_429_rate", 0.0, 1.0, True),
+    ("serve.faults.fail_500_rate", 0.0, 1.0, True),
+    ("serve.faults.slow_rate", 0.0, 1.0, True),
+    ("serve.faults.drop_rate", 0.0, 1.0, True),
+    ("serve.faults.malformed_rate", 0.0, 1.0, True),
     ("collect.top_p", 0.0, 1.0, True),
     ("optim.b1", 0.0, 1.0, False),
     ("optim.b2", 0.0, 1.0, False),

@@ -90,6 +90,10 @@ REFUSED = [
     ("report", "report.chartok_sft_steps", -1, "at least 0"),
     ("report", "report.pretrain_lr", -1.0, "finite number above 0"),
     ("report", "report.nll_beta", -1.0, "finite number above 0"),
+    ("serve", "serve.batch_window_ms", NAN, "finite number of at least 0"),
+    ("serve", "serve.faults.slow_delay_s", -1.0, "finite number of at least 0"),
+    ("serve", "serve.faults.retry_after_s", NAN, "finite number of at least 0"),
+    ("serve", "serve.faults.drop_rate", -0.5, "must lie in [0, 1]"),
 ]
 
 # values at the edges of those ranges, which keep their meaning
@@ -114,6 +118,7 @@ ACCEPTED = [
     ("report", "report.style_words", 0),
     ("report", "report.style_boost", -2.0),
     ("report", "report.pretrain_steps", 0),
+    ("serve", "serve.batch_window_ms", 0.0),  # no waiting for more requests
 ]
 
 
