@@ -235,7 +235,9 @@ def _classify(err: Exception, secret: str = "") -> _Failure:
 
 
 # Prompt tokens beyond the prompt's UTF-8 bytes that a request's worst cost allows for (a chat template's
-# role and turn tokens): a byte-level tokenizer makes at most one token per byte.
+# role and turn tokens) before the corpus holds an answer: a byte-level tokenizer makes at most one token per
+# byte. The endpoint's own tokens (a template's hidden system prompt) are no more than the fewest prompt tokens
+# an answer was billed, so from then on that many are allowed for where it is more (`Collector._reserve`).
 _PROMPT_OVERHEAD_TOKENS = 64
 
 
@@ -317,6 +319,7 @@ class Collector:
             )
         self.spent_before = self._cost(*billed[:2])
         self.reserved, self.reservations = 0.0, 0
+        self.fewest_prompt_tokens: int | None = billed[3]  # of the corpus's answers: bounds the endpoint's own
         self.stop_reason: str | None = None  # why the run stopped early (fatal error, breaker, disk)
         # Breaker state: the gate is open once the endpoint has answered; while it is shut, one
         # task (the prober) sends requests and the others wait for it to open.
@@ -414,13 +417,19 @@ class Collector:
         """What the corpus's answers cost: those stored before this run and every answer of this run."""
         return self.spent_before + self._cost(self.stats["tokens_in"], self.stats["tokens_out"])
 
-    async def _reserve(self, worst: float) -> bool:
-        """Reserves `worst` (a request's most cost) under `collect.max_cost`: waits while requests in flight
-        may still leave room, stops the run once none are and the cap leaves none; False once stopped."""
+    async def _reserve(self, prompt_bytes: int) -> float | None:
+        """Reserves under `collect.max_cost` the most a request for a prompt of `prompt_bytes` UTF-8 bytes may
+        cost (those bytes, the endpoint's own tokens, `max_tokens`); returns it, or None once the run stopped.
+        Waits while requests in flight may still leave room, stops the run once none are and the cap leaves none.
+        Until the corpus holds an answer, one request at a time: what the endpoint adds to a prompt (a chat
+        template's hidden system prompt) is unknown, and only one answer may cost more than its reservation."""
         while self.stop_reason is None:
-            if not self.cap or self.spent() + self.reserved + worst <= self.cap:
+            own = max(_PROMPT_OVERHEAD_TOKENS, self.fewest_prompt_tokens or 0)
+            worst = self._cost(prompt_bytes + own, self.cfg.max_tokens)
+            first = self.cap and self.fewest_prompt_tokens is None and self.reservations
+            if not self.cap or (not first and self.spent() + self.reserved + worst <= self.cap):
                 self.reserved, self.reservations = self.reserved + worst, self.reservations + 1
-                return True
+                return worst
             if not self.reservations:
                 self._halt(
                     f"collect.max_cost={self.cap:g} is reached: this corpus's answers cost {self.spent():.6g} "
@@ -429,7 +438,7 @@ class Collector:
                 )
                 break
             await self._changed.wait()
-        return False
+        return None
 
     async def _admit(self) -> bool:
         """Waits until this task may send a request; False once the run has stopped."""
@@ -504,6 +513,8 @@ class Collector:
             )
         self.stats["tokens_in"] += usage.get("prompt_tokens", 0)
         self.stats["tokens_out"] += usage.get("completion_tokens", 0)
+        if usage and (self.fewest_prompt_tokens is None or usage["prompt_tokens"] < self.fewest_prompt_tokens):
+            self.fewest_prompt_tokens = usage["prompt_tokens"]
         if self.tpm and usage:
             self.tpm.refund(estimate - usage["prompt_tokens"] - usage["completion_tokens"], tokens)
 
@@ -538,9 +549,10 @@ class Collector:
         text = prompt.prompt if prompt.messages is None else canonical(list(prompt.messages))
         estimate = math.ceil(len(text) / 4) + cfg.max_tokens
         used = 0  # attempts used up: all but probes that got no answer (the breaker bounds those)
-        worst = self._cost(len(text.encode("utf-8")) + _PROMPT_OVERHEAD_TOKENS, cfg.max_tokens)
+        prompt_bytes = len(text.encode("utf-8"))
         while True:
-            if not await self._admit() or not await self._reserve(worst):
+            worst = await self._reserve(prompt_bytes) if await self._admit() else None
+            if worst is None:
                 return False
             try:
                 outcome = await self._attempt(prompt, sample_index, key, client, estimate, used)

@@ -35,13 +35,13 @@ def read_done(out: pathlib.Path) -> set[str]:
     return read_done_and_billed(out)[0]
 
 
-def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int, int]]:
+def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int, int, int | None]]:
     """(`read_done`'s keys, (the prompt and completion tokens its answers were billed: their `meta.usage`,
-    the answers whose endpoint sent no usage))."""
+    the answers whose endpoint sent no usage, the fewest prompt tokens an answer was billed: None for none))."""
     if not out.exists():
-        return set(), (0, 0, 0)
+        return set(), (0, 0, 0, None)
     lines = _read_cut_torn(out)
-    done, billed_in, billed_out, unbilled = set(), 0, 0, 0
+    done, billed_in, billed_out, unbilled, fewest = set(), 0, 0, 0, None
     for lineno, raw in enumerate(lines[:-1], start=1):
         if not raw.strip():
             continue
@@ -57,9 +57,10 @@ def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int, i
         counts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens")] if isinstance(usage, dict) else []
         if len(counts) == 2 and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
             billed_in, billed_out = billed_in + counts[0], billed_out + counts[1]
+            fewest = counts[0] if fewest is None else min(fewest, counts[0])
         else:
             unbilled += 1
-    return done, (billed_in, billed_out, unbilled)
+    return done, (billed_in, billed_out, unbilled, fewest)
 
 
 def read_declined(path: pathlib.Path) -> set[str]:

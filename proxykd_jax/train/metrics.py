@@ -81,7 +81,9 @@ class TensorBoardEvents:
 
         self._event, self._summary = event_pb2, summary_pb2
         folder.mkdir(parents=True, exist_ok=True)
-        self._writer = EventsWriter(str(folder / "events"))
+        # the file's name holds the second it opens in, and opening a name that exists empties it: a suffix in
+        # nanoseconds keeps a killed run's file that opened in the same second (and sorts after it, as it must)
+        self._writer = EventsWriter(str(folder / "events"), filename_suffix=f".{time.time_ns()}")
         if resume_step is not None:
             start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
             self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=resume_step + 1, session_log=start))
