@@ -263,7 +263,8 @@ def summary(name: str, rec: dict, cfg, path: pathlib.Path) -> str:
     if name == "prior":
         return f"{s['tokens']} tokens, {s['ngram_order']}-gram"
     if name == "align":
-        phases = [k for k in s if k != "init"]
+        # in training order (the record's keys are sorted: "round_000" < "sft"); round numbers are zero-padded
+        phases = sorted((k for k in s if k != "init"), key=lambda k: (k != "sft", k))
         nll = [s[k]["heldout_nll"] for k in ("init", phases[-1]) if "heldout_nll" in s.get(k, {})]
         return f"{len(phases)} phase{'s' * (len(phases) != 1)}" + (
             f", held-out NLL {' -> '.join(f'{x:.3f}' for x in nll)}" if nll else ""

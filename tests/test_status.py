@@ -298,3 +298,13 @@ def test_a_run_dir_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         want = f"{tmp_path / 'afile'} is a file, not a folder"
         assert len(err) == 2 and all(want in line for line in err), err
+
+
+def test_a_finished_align_names_its_last_phase_held_out_nll(tmp_path):
+    """artifact.json sorts the summary's keys ("round_000" < "round_001" < "sft"): the detail named the SFT
+    warm-up's NLL as the last one."""
+    nll = {"init": 3.5, "sft": 3.1, "round_000": 3.0, "round_001": 2.9}
+    rec = {"summary": {k: {"heldout_nll": v} for k, v in sorted(nll.items())}}
+    assert status.summary("align", rec, None, tmp_path) == "3 phases, held-out NLL 3.500 -> 2.900"
+    rec = {"summary": {k: {"heldout_nll": nll[k]} for k in ("init", "sft")}}  # align.rounds=0
+    assert status.summary("align", rec, None, tmp_path) == "1 phase, held-out NLL 3.500 -> 3.100"
