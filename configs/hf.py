@@ -4,14 +4,14 @@
     configs/hf.py:/models/qwen2-0.5b                     one folder: the proxy has the student's shape
 
 Each model group takes its shape and numerics (vocabulary, widths, depth, heads, RoPE, norm epsilon,
-q/k/v bias, tied embeddings, context) from its folder's config.json (Llama, Mistral and Qwen2
-architectures) and points `init_from` at the folder, so nothing is typed twice and the load-time check
+q/k/v bias, q/k norm, tied embeddings, context) from its folder's config.json (Llama, Mistral, Qwen2 and
+Qwen3 architectures) and points `init_from` at the folder, so nothing is typed twice and the load-time check
 (the folder must agree with its group) holds by construction. `data.tokenizer` is the proxy folder's
-tokenizer (the student's if the proxy folder has none): the two must share it, though their embeddings
-may be padded to different sizes (Qwen2.5-0.5B's 151,936 rows, Qwen2.5-7B's 152,064, for 151,665 tokens),
-each at least the tokenizer's. Compute is bfloat16 over float32 weights, as in
-configs/llama.py; rows are 2,048 tokens or the shorter of the two contexts. Any field can still be
-overridden on the command line.
+tokenizer (the student's if the proxy folder has none): the two must share it (prepare, align and distill
+refuse a folder holding another one), though their embeddings may be padded to different sizes
+(Qwen2.5-0.5B's 151,936 rows, Qwen2.5-7B's 152,064, for 151,665 tokens), each at least the tokenizer's.
+Compute is bfloat16 over float32 weights, as in configs/llama.py; rows are 2,048 tokens or the shorter of
+the two contexts. Any field can still be overridden on the command line.
 """
 
 import pathlib
@@ -19,8 +19,7 @@ import pathlib
 from proxykd_jax.config import base_config
 from proxykd_jax.context import FOLDER_FIELDS
 from proxykd_jax.models.hf import read_config
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+from proxykd_jax.models.tokenizer import has_tokenizer
 
 
 def _from_folder(group, folder: pathlib.Path):
@@ -45,7 +44,7 @@ def get_config(arg: str):
     contexts = [_from_folder(cfg.model, student).max_seq_len, _from_folder(cfg.proxy, proxy).max_seq_len]
     cfg.train.seq_len = cfg.data.seq_len = min(2048, *contexts)
     for folder in (proxy, student):
-        if any((folder / name).exists() for name in TOKENIZER_FILES):
+        if has_tokenizer(folder):
             cfg.data.tokenizer = str(folder)
             break
     cfg.run.dir = f"runs/{student.name}-from-{proxy.name}"

@@ -304,6 +304,45 @@ def _needs(cfg, stage: str, paths: RunPaths) -> list[tuple[pathlib.Path, str, st
     return []
 
 
+# The stages that train a model folder on the run's token ids, and the groups whose `init_from` each reads.
+_TOKENIZER_GROUPS = {"prepare": ("model", "proxy"), "align": ("proxy",), "distill": ("model",)}
+
+
+def _check_shared_tokenizer(cfg, stage: str, paths: RunPaths) -> None:
+    """Refuses an `init_from` folder holding another tokenizer than the run's (`data.tokenizer` at prepare, the
+    prepared copy after): its embedding rows index its own tokens, and the run would train and score it on the
+    run's ids (the student and the proxy share one tokenizer). A folder without a tokenizer is taken as it is."""
+    from proxykd_jax.models.tokenizer import has_tokenizer, load_tokenizer, vocabulary_difference
+
+    def tokenizer_of(folder: pathlib.Path):
+        try:  # one that cannot be loaded is left to the stage (the run's) or was never read (a model folder's)
+            return load_tokenizer(folder) if has_tokenizer(folder) else None
+        except (OSError, ValueError, TypeError):
+            return None
+
+    if stage == "prepare":
+        ours, what = pathlib.Path(str(cfg.data.tokenizer)).expanduser(), f"data.tokenizer={cfg.data.tokenizer}"
+    else:
+        ours, what = paths.tokenizer, f"the run's ({paths.tokenizer}, prepare's copy of data.tokenizer)"
+    groups = [name for name in _TOKENIZER_GROUPS.get(stage, ()) if str(cfg[name].init_from)]
+    folders = {name: pathlib.Path(str(cfg[name].init_from)).expanduser() for name in groups}
+    folders = {name: folder for name, folder in folders.items() if folder != ours and has_tokenizer(folder)}
+    if not folders or (stage == "prepare" and not str(cfg.data.tokenizer)):
+        return
+    run_tokenizer = tokenizer_of(ours)
+    if run_tokenizer is None:
+        return
+    for name, folder in folders.items():
+        theirs = tokenizer_of(folder)
+        difference = "" if theirs is None else vocabulary_difference(run_tokenizer, theirs)
+        if difference:
+            raise ConfigError(
+                f"config.{name}.init_from={folder} holds another tokenizer than {what}: {difference}; the student "
+                "and the proxy must share one tokenizer, since each model's embedding rows index its own tokens: "
+                "pick a student and a proxy of one tokenizer."
+            )
+
+
 def check_run_dir(paths: RunPaths) -> None:
     """Refuses a run directory that is a file or lies under one (nothing could be made there); reads only."""
     for where in (paths.root, *paths.root.parents):
@@ -323,8 +362,8 @@ def check_run_dir(paths: RunPaths) -> None:
 
 def preflight(cfg, stage: str) -> None:
     """Refuses, before the run directory is created or locked, a stage whose upstream artifacts are not
-    finished, or whose upstream inputs are missing (unless its own artifact is already finished and
-    would be reused). Reads files only."""
+    finished, whose upstream inputs are missing, or that would train a model folder holding another tokenizer
+    than the run's (unless its own artifact is already finished and would be reused). Reads files only."""
     if stage not in ARTIFACTS:
         return
     paths = RunPaths.from_config(cfg)
@@ -337,6 +376,7 @@ def preflight(cfg, stage: str) -> None:
     for path, what, maker in _needs(cfg, stage, paths):
         if not path.exists():
             raise ProxyKDError(f"{path} does not exist: {what} is missing; run `proxykd {maker}` first.")
+    _check_shared_tokenizer(cfg, stage, paths)
 
 
 def create(

@@ -27,6 +27,14 @@ CHAT_TEMPLATE = (
 )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # a folder holding one has a tokenizer
+
+
+def has_tokenizer(folder) -> bool:
+    """Whether `folder` holds a tokenizer (one of `TOKENIZER_FILES`), as a model's Hugging Face folder often does."""
+    return any((pathlib.Path(folder) / name).exists() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(folder):
     """Loads a tokenizer from a local folder (never from the network)."""
     folder = pathlib.Path(folder)
@@ -34,7 +42,7 @@ def load_tokenizer(folder):
         raise FileNotFoundError(
             f"Tokenizer folder {folder} does not exist; pass a local folder holding tokenizer.json."
         )
-    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if not has_tokenizer(folder):
         raise FileNotFoundError(
             f"Tokenizer folder {folder} has no tokenizer.json, tokenizer_config.json or tokenizer.model; "
             "save a tokenizer there with tokenizer.save_pretrained(folder)."
@@ -143,6 +151,18 @@ def build_bpe_tokenizer(texts, vocab_size: int, folder=None) -> PreTrainedTokeni
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
     return _wrap_and_save(tok, folder)
+
+
+def vocabulary_difference(ours, theirs) -> str:
+    """The first id that tokenizer `theirs` reads as another token than `ours` does, in words; "" where they agree
+    on every id both hold (one may extend the other with added tokens, as Qwen3's is Qwen2.5's and four more, and
+    their chat templates may differ)."""
+    mine = {i: t for t, i in ours.get_vocab().items()}
+    other = {i: t for t, i in theirs.get_vocab().items()}
+    for i in range(min(len(ours), len(theirs))):
+        if mine.get(i) != other.get(i):
+            return f"id {i} is {other.get(i)!r} there and {mine.get(i)!r} in the run's"
+    return ""
 
 
 def tokenizer_hash(tok) -> str:
