@@ -157,7 +157,7 @@ def test_negative_pseudo_counts_are_refused_before_any_work(run, tmp_path, field
     bad[group][name] = float(value)
     bad.posterior.fit_empirical_bayes = False
     bad.run.overwrite = True
-    with pytest.raises(ConfigError, match=rf"config.{field}=.* must be a (non-negative|positive) number"):
+    with pytest.raises(ConfigError, match=rf"config.{field}=.* must be a (finite )?number (of at least 0|above 0)"):
         run_stage("posterior", bad)
     assert not (RunPaths.from_config(cfg).root / ".posterior.new").exists()
 
