@@ -162,6 +162,13 @@ def _check_paths(cfg, stage: str | None) -> None:
             continue
         if not pathlib.Path(str(value)).expanduser().exists():
             raise ConfigError(f"config.{field}={str(value)!r} does not exist; point it at {what}.")
+    output = str(get_field(cfg, "distill.output") or "")
+    parts = pathlib.PurePath(output).parts
+    if output and (pathlib.PurePath(output).is_absolute() or ".." in parts or len(parts) != 1):
+        raise ConfigError(
+            f"config.distill.output={output!r} must be a folder name inside the run directory (e.g. student_v2): "
+            "eval, export and status look for students there; set --config.run.dir for another place."
+        )
     if stage in ("prepare", None) and "data" in cfg:
         for path in (p for p in str(cfg.data.corpus).split(",") if p):
             if not pathlib.Path(path).expanduser().exists():

@@ -170,3 +170,12 @@ def test_the_cli_refuses_them_before_jax_starts(stage, override, tmp_path):
     assert len(lines) == 1 and f"config.{field}=" in lines[0], proc.stderr[-2000:]
     assert "proxykd_jax.parallel.distributed" not in proc.stderr  # refused before jax started
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("output", ["/tmp/elsewhere", "../student", "a/b"])
+def test_a_distill_output_outside_the_run_directory_is_refused(output):
+    """distill.output names a student folder inside the run directory (eval, export and status look there); an
+    absolute or escaping path wrote the student elsewhere, where they did not find it."""
+    with pytest.raises(ConfigError, match=r"config.distill.output=.* must be a folder name inside the run directory"):
+        config_lib.validate(_config("distill.output", output), "distill")
+    config_lib.validate(_config("distill.output", "student_v2"), "distill")
