@@ -122,18 +122,18 @@ def _plan_command(stage: str, cfg, argv: list[str], devices: int | None) -> str:
     return " ".join(parts)
 
 
-def _memory_advice(stage: str, cfg) -> str:
-    """The fields to lower for `stage`'s steps: its batch and sequence fields and its model's remat."""
+def _what_to_lower(stage: str, cfg) -> tuple[str, str]:
+    """("lower <its rows field> or <its sequence field>", ", set --config.<group>.remat=full" where the step trains)
+    for `stage`'s batch steps; the general words for a stage that runs none of them (or without a config)."""
     steps = batch_steps.stage_steps(stage, cfg)
     if not steps or cfg is None:
         return (
-            "lower the stage's batch size or sequence length, set --config.model.remat=full (the student) or "
-            "--config.proxy.remat=full (the proxy), or use more devices"
+            "lower the stage's batch size or sequence length",
+            ", set --config.model.remat=full (the student) or --config.proxy.remat=full (the proxy)",
         )
     _, _, rows, seq = batch_steps.row_shape(cfg, steps[0])
     group = batch_steps.model_group(steps[0])
-    remat = f", set --config.{group}.remat=full" if steps[0] in batch_steps.TRAINS else ""
-    return f"lower {rows} or {seq}{remat}, or use more devices"
+    return f"lower {rows} or {seq}", (f", set --config.{group}.remat=full" if steps[0] in batch_steps.TRAINS else "")
 
 
 class _WithoutExhaustionReports(logging.Filter):
@@ -181,17 +181,18 @@ def explain(stage: str, error: BaseException, cfg=None, argv: list[str] | None =
         return f"{what} {verb} {where}; {todo} and run the same command again to resume."
     first = out_of_memory(error)
     if first is not None:
+        lower, remat = _what_to_lower(stage, cfg)
         return (
             f"the device ran out of memory ({first}); `{_plan_command(stage, cfg, list(argv or ()), devices)}` "
-            f"prints each step's bytes per device: {_memory_advice(stage, cfg)}; checkpoints written so far are kept "
+            f"prints each step's bytes per device: {lower}{remat}, or use more devices; checkpoints written so far are kept "
             "and the same command resumes."
         )
     host = next((e for e in _chain(error) if isinstance(e, MemoryError)), None)
     if host is not None:  # numpy's "Unable to allocate 7.45 TiB for an array with shape ..." names the size
         said = _text(host).strip().splitlines()[:1]
-        advice = _memory_advice(stage, cfg).split(", set --config")[0].removesuffix(", or use more devices")
+        lower, _ = _what_to_lower(stage, cfg)
         return (
-            f"the host ran out of memory (MemoryError{': ' + said[0][:200] if said else ''}); {advice}, or run on a "
+            f"the host ran out of memory (MemoryError{': ' + said[0][:200] if said else ''}); {lower}, or run on a "
             "machine with more memory; finished work is kept and the same command resumes."
         )
     return None
