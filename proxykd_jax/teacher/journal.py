@@ -13,6 +13,7 @@ import os
 import pathlib
 
 from proxykd_jax.teacher.prompts import CollectError
+from proxykd_jax.teacher.responses import usage_counts
 
 
 def _read_cut_torn(path: pathlib.Path) -> list[bytes]:
@@ -53,11 +54,10 @@ def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int, i
                 f"{out} line {lineno}: not a corpus record with a 'key'; "
                 "move the file aside or point collect.out elsewhere"
             ) from None
-        usage = row.get("meta", {}).get("usage") if isinstance(row.get("meta"), dict) else None
-        counts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens")] if isinstance(usage, dict) else []
-        if len(counts) == 2 and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
-            billed_in, billed_out = billed_in + counts[0], billed_out + counts[1]
-            fewest = counts[0] if fewest is None else min(fewest, counts[0])
+        usage = usage_counts(row.get("meta", {}).get("usage") if isinstance(row.get("meta"), dict) else None)
+        if usage:
+            billed_in, billed_out = billed_in + usage["prompt_tokens"], billed_out + usage["completion_tokens"]
+            fewest = usage["prompt_tokens"] if fewest is None else min(fewest, usage["prompt_tokens"])
         else:
             unbilled += 1
     return done, (billed_in, billed_out, unbilled, fewest)

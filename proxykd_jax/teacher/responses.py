@@ -156,7 +156,9 @@ def spelled_prefix(logprobs: dict, text: str) -> dict:
     return {name: rows[:keep] for name, rows in logprobs.items()}
 
 
-def _usage(usage) -> dict:
+def usage_counts(usage) -> dict:
+    """{prompt_tokens, completion_tokens} of an answer's `usage` where both are counts (whole numbers >= 0),
+    else {} (the endpoint sent none, or something else): what an answer and a stored record were billed."""
     if not isinstance(usage, dict):
         return {}
     p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
@@ -197,4 +199,4 @@ def parse_answer(raw: bytes, api: str, with_logprobs: bool) -> Answer:
     if with_logprobs:
         parse = _chat_logprobs if api == "chat" else _completion_logprobs
         logprobs = spelled_prefix(parse(choice.get("logprobs")), text or "")
-    return Answer(text or "", finish, _usage(data.get("usage")), refusal, logprobs)
+    return Answer(text or "", finish, usage_counts(data.get("usage")), refusal, logprobs)
