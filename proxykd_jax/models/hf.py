@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import pathlib
 from collections.abc import Mapping
 
@@ -41,8 +42,79 @@ _QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, what it runs a confi
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """transformers' YaRN `get_mscale`: 1 + 0.1 * mscale * ln(factor) (1 for a factor up to 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _rope_scaling(rope: dict, hf: dict) -> tuple | None:
+    """`ModelConfig.rope_scaling` of a config.json's RoPE dict, with transformers 5's defaults filled in as its
+    `modeling_rope_utils` does (YaRN: original_max_position_embeddings the context, factor the context over it,
+    attention_factor from mscale / mscale_all_dim or factor, beta_fast 32, beta_slow 1, truncate)."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type == "linear":
+        return ("linear", float(rope["factor"]))
+    if rope_type == "llama3":
+        return (
+            "llama3",
+            float(rope["factor"]),
+            float(rope["low_freq_factor"]),
+            float(rope["high_freq_factor"]),
+            int(rope["original_max_position_embeddings"]),
+        )
+    if rope_type == "yarn":
+        original = int(rope.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048))
+        factor = rope["factor"]
+        factor = float(int(hf.get("max_position_embeddings", 2048)) / original if factor is None else factor)
+        attention_factor = rope.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+            attention_factor = (
+                _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                if mscale and mscale_all_dim
+                else _yarn_mscale(factor)
+            )
+        beta_fast, beta_slow = float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1)
+        return (
+            "yarn",
+            factor,
+            original,
+            beta_fast,
+            beta_slow,
+            bool(rope.get("truncate", True)),
+            float(attention_factor),
+        )
+    why = " (its scaling depends on the sequence length at run time)" if rope_type == "dynamic" else ""
+    raise ValueError(
+        f"config.json rope type {rope_type!r}{why} is not supported; supported: default, linear, llama3, yarn."
+    )
+
+
+def _rope_to_hf(scaling: tuple) -> dict:
+    """config.json's RoPE dict of a `ModelConfig.rope_scaling` tuple (not None): what transformers reads back as
+    the same numbers."""
+    kind, *values = scaling
+    names = {
+        "linear": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        "yarn": (
+            "factor",
+            "original_max_position_embeddings",
+            "beta_fast",
+            "beta_slow",
+            "truncate",
+            "attention_factor",
+        ),
+    }[kind]
+    return {"rope_type": kind, **dict(zip(names, values, strict=True))}
+
+
 def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict (old top-level or v5 `rope_parameters` RoPE keys)."""
+    """ModelConfig from a Hugging Face config.json dict (old top-level or v5 `rope_parameters` RoPE keys, read
+    with transformers' priorities: `rope_scaling` before `rope_parameters`, the RoPE dict's rope_theta before the
+    top-level one)."""
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
@@ -51,21 +123,14 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         )
     try:
         d_model, num_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope_theta = float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0)
-        if rope_type in (None, "default"):
-            rope_scaling = None
-        elif rope_type == "llama3":
-            rope_scaling = (
-                "llama3",
-                float(rope["factor"]),
-                float(rope["low_freq_factor"]),
-                float(rope["high_freq_factor"]),
-                int(rope["original_max_position_embeddings"]),
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        rope_theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+        rope_scaling = _rope_scaling(rope, hf)
+        partial = float(rope.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0)
+        if partial != 1.0:
+            raise ValueError(
+                f"config.json sets partial_rotary_factor={partial} (RoPE on part of each head), which is not supported."
             )
-        else:
-            raise ValueError(f"config.json rope type {rope_type!r} is not supported; supported: default, llama3.")
         if arch != "Qwen2ForCausalLM" and hf.get("attention_bias"):  # Qwen3's attention_bias: o_proj's too
             raise ValueError("config.json sets attention_bias=true (bias on o_proj too), which is not supported.")
         if hf.get("mlp_bias"):
@@ -325,14 +390,7 @@ def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
         **token_ids,
     )
     if cfg.rope_scaling is not None:
-        _, factor, low, high, orig = cfg.rope_scaling
-        kwargs["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": factor,
-            "low_freq_factor": low,
-            "high_freq_factor": high,
-            "original_max_position_embeddings": orig,
-        }
+        kwargs["rope_scaling"] = _rope_to_hf(cfg.rope_scaling)
     if arch == "Qwen3ForCausalLM":
         hf_cfg = Qwen3Config(attention_bias=False, use_sliding_window=False, **kwargs)
     elif arch == "Qwen2ForCausalLM":

@@ -1,8 +1,8 @@
 """Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3).
 
-RoPE (with optional Llama-3 frequency scaling), grouped-query attention, RMSNorm, SwiGLU, optional
-q/k/v bias (Qwen2), optional per-head RMSNorm of queries and keys before RoPE (Qwen3), tied or untied
-embeddings. Parameters are stored in `param_dtype` and cast to the compute `dtype`; logits are always
+RoPE (optionally scaled as transformers does: linear, Llama-3 or YaRN), grouped-query attention, RMSNorm,
+SwiGLU, optional q/k/v bias (Qwen2), optional per-head RMSNorm of queries and keys before RoPE (Qwen3), tied or
+untied embeddings. Parameters are stored in `param_dtype` and cast to the compute `dtype`; logits are always
 float32. Every `nnx.Param` carries `out_sharding=` logical axis names (see docs/CONTRACTS.md); the mesh
 rules in `proxykd_jax.parallel` map them to devices.
 
@@ -49,6 +49,43 @@ from proxykd_jax.models.attention import (  # noqa: F401  (attend/self_attend/ca
 )
 
 REMAT_POLICIES = ("none", "full", "save_dots", "dots_with_no_batch_dims", "offload")
+# The forms of `model.rope_scaling`, each transformers 5's RoPE type of that name (modeling_rope_utils) with every
+# parameter that changes the numbers, in this order; YaRN's attention_factor is the resolved one (from mscale and
+# mscale_all_dim, or factor, where config.json gives none), its beta_fast / beta_slow the defaults 32 / 1 filled in.
+ROPE_SCALING_FORMS = (
+    "('llama3', factor, low_freq_factor, high_freq_factor, original_max_position), ('linear', factor) or "
+    "('yarn', factor, original_max_position, beta_fast, beta_slow, truncate, attention_factor)"
+)
+
+
+def _valid_rope_scaling(value) -> bool:
+    """Whether `value` is one of `ROPE_SCALING_FORMS`, every number finite and above 0, truncate a bool."""
+
+    def positive(x) -> bool:
+        return (
+            isinstance(x, (int, float, np.integer, np.floating))
+            and not isinstance(x, (bool, np.bool_))
+            and 0 < x < math.inf
+        )
+
+    if not isinstance(value, (tuple, list)) or not value:
+        return False
+    kind, *rest = value
+    if kind == "llama3":
+        return len(rest) == 4 and all(map(positive, rest))
+    if kind == "linear":
+        return len(rest) == 1 and positive(rest[0])
+    if kind == "yarn":
+        if len(rest) != 6:
+            return False
+        factor, original, beta_fast, beta_slow, truncate, attention_factor = rest
+        whole = positive(original) and float(original).is_integer()
+        return (
+            whole
+            and all(map(positive, (factor, beta_fast, beta_slow, attention_factor)))
+            and isinstance(truncate, (bool, np.bool_))
+        )
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +100,7 @@ class ModelConfig:
     head_dim: int
     d_ff: int
     rope_theta: float = 10000.0
-    rope_scaling: tuple | None = None  # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position)
+    rope_scaling: tuple | None = None  # None or one of `ROPE_SCALING_FORMS` (see `rope_inv_freq`)
     rms_eps: float = 1e-5
     qkv_bias: bool = False
     qk_norm: bool = False
@@ -101,11 +138,8 @@ class ModelConfig:
                 "could not be exported; set one of them to False."
             )
         if self.rope_scaling is not None:
-            if len(self.rope_scaling) != 5 or self.rope_scaling[0] != "llama3":
-                raise ValueError(
-                    "model.rope_scaling must be None or ('llama3', factor, low_freq_factor, high_freq_factor, "
-                    f"original_max_position), got {self.rope_scaling!r}."
-                )
+            if not _valid_rope_scaling(self.rope_scaling):
+                raise ValueError(f"model.rope_scaling must be None or {ROPE_SCALING_FORMS}, got {self.rope_scaling!r}.")
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}.")
@@ -201,9 +235,9 @@ def default_config() -> ml_collections.ConfigDict:
     cd.head_dim = 16  # per-head width E
     cd.d_ff = 128  # SwiGLU hidden width F
     cd.rope_theta = 10000.0  # RoPE base
-    cd.rope_scaling = ml_collections.FieldReference(
-        None, field_type=tuple
-    )  # None or ("llama3", factor, low, high, orig_max_pos)
+    # None, ("llama3", factor, low, high, orig_max_pos), ("linear", factor) or
+    # ("yarn", factor, orig_max_pos, beta_fast, beta_slow, truncate, attention_factor)
+    cd.rope_scaling = ml_collections.FieldReference(None, field_type=tuple)
     cd.rms_eps = 1e-5  # RMSNorm epsilon
     cd.qkv_bias = False  # bias on q/k/v projections (Qwen2)
     cd.qk_norm = False  # per-head RMSNorm of queries and keys after the projection, before RoPE (Qwen3)
@@ -239,10 +273,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, backward: bool = True) ->
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies [E/2] (float64), Llama-3 scaled when `cfg.rope_scaling` is set."""
+    """Inverse RoPE frequencies [E/2] (float64), scaled by `cfg.rope_scaling`'s type as transformers 5's
+    `modeling_rope_utils` does: linear divides them all by the factor; Llama-3 divides the low frequencies,
+    keeps the high ones and blends between; YaRN blends interpolated (divided) and extrapolated (kept)
+    frequencies along a ramp over the dimensions set by beta_fast / beta_slow (see `rope_attention_factor`)."""
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
     if cfg.rope_scaling is None:
         return inv_freq
+    if cfg.rope_scaling[0] == "linear":
+        return inv_freq / cfg.rope_scaling[1]
+    if cfg.rope_scaling[0] == "yarn":
+        return _yarn_inv_freq(inv_freq, cfg.head_dim, cfg.rope_theta, *cfg.rope_scaling[1:6])
     _, factor, low_freq_factor, high_freq_factor, original_max = cfg.rope_scaling
     low_freq_wavelen = original_max / low_freq_factor
     high_freq_wavelen = original_max / high_freq_factor
@@ -254,11 +295,40 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled)
 
 
-def apply_rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq_E2: np.ndarray) -> jax.Array:
-    """Rotates halves (HF `rotate_half` convention) by angle position * inv_freq, in float32."""
+def _yarn_inv_freq(inv_freq, dim, base, factor, original_max, beta_fast, beta_slow, truncate) -> np.ndarray:
+    """transformers' `_compute_yarn_parameters` frequencies (float64): dimensions below the one that turns
+    beta_fast times over `original_max` positions keep their frequency, those above beta_slow's are divided by
+    `factor`, linearly blended between (the bounds floored / ceiled when `truncate`)."""
+
+    def correction_dim(rotations):
+        return dim * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    extrapolation = 1 - np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    return inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """What cos and sin are multiplied by (so q.k by its square): YaRN's attention_factor, else 1."""
+    scaling = cfg.rope_scaling
+    return float(scaling[6]) if scaling is not None and scaling[0] == "yarn" else 1.0
+
+
+def apply_rope(
+    x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq_E2: np.ndarray, attention_factor: float = 1.0
+) -> jax.Array:
+    """Rotates halves (HF `rotate_half` convention) by angle position * inv_freq, in float32; cos and sin are
+    scaled by `attention_factor` (YaRN's; at 1 the computation is the unscaled one, op for op)."""
     angles_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_E2, jnp.float32)
     cos = jnp.cos(angles_BxLxE2)[:, :, None, :]
     sin = jnp.sin(angles_BxLxE2)[:, :, None, :]
+    if attention_factor != 1.0:
+        cos, sin = cos * jnp.float32(attention_factor), sin * jnp.float32(attention_factor)
     x = x_BxLxNxE.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -363,9 +433,9 @@ class Attention(nnx.Module):
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_inv_freq(self.cfg)
-        q = apply_rope(q, positions_BxL, inv_freq)
-        k = apply_rope(k, positions_BxL, inv_freq)
+        inv_freq, attention_factor = rope_inv_freq(self.cfg), rope_attention_factor(self.cfg)
+        q = apply_rope(q, positions_BxL, inv_freq, attention_factor)
+        k = apply_rope(k, positions_BxL, inv_freq, attention_factor)
         if cache_kv is None:
             out = self_attention(
                 q,
