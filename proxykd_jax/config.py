@@ -229,6 +229,24 @@ def _check_known_teacher(cfg, stage: str) -> None:
             f"has the proxy's {heads} heads (proxy.num_heads), and its head_dim = teacher_d_model / {heads} must be "
             "even for RoPE."
         )
+    # A teacher over the proxy's tokenizer starts the proxy: the demo's proxy is its weights with noise, the
+    # report's perturbed and specialised settings likewise; only a character teacher's proxy has its own shape.
+    if stage == "report":
+        same = bool({s.strip() for s in str(cfg.report.settings).split(",") if s.strip()} - {"chartok"})
+    else:
+        same = demo.teacher_tokenizer != "char"
+    teacher_head_dim = int(demo.teacher_d_model) // heads
+    pairs = (  # (field the sentence names, its value, what it must equal, that value)
+        ("demo.teacher_d_model", demo.teacher_d_model, "proxy.d_model", cfg.proxy.d_model),
+        ("demo.teacher_num_layers", demo.teacher_num_layers, "proxy.num_layers", cfg.proxy.num_layers),
+        ("proxy.head_dim", cfg.proxy.head_dim, "demo.teacher_d_model / proxy.num_heads", teacher_head_dim),
+    )
+    for field, value, other, want in pairs if same else ():
+        if int(value) != int(want):
+            raise ConfigError(
+                f"config.{field}={value!r} must equal {other} ({want}): a known teacher over the proxy's "
+                f"tokenizer gives the proxy its starting weights, so they share one shape; set {field}={want}."
+            )
     vocabs = [CHAR_TEACHER_VOCAB if demo.teacher_tokenizer == "char" else int(cfg.proxy.vocab_size)]
     if stage == "report" and "chartok" in str(cfg.report.settings):  # the report's character teacher
         vocabs.append(CHAR_TEACHER_VOCAB)

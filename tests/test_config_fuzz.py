@@ -39,6 +39,11 @@ REFUSED = [
     ("demo", "demo.teacher_d_model", 0, "at least 1"),
     ("demo", "demo.teacher_d_model", 20, "multiple of 8"),
     ("demo", "demo.teacher_num_layers", 0, "at least 1"),
+    # ran collect, prepare and prior, then stopped at align: the proxy starts as the teacher's weights
+    ("demo", "demo.teacher_d_model", 96, "must equal proxy.d_model (64)"),
+    ("demo", "demo.teacher_num_layers", 3, "must equal proxy.num_layers (2)"),
+    ("demo", "proxy.head_dim", 8, "must equal demo.teacher_d_model / proxy.num_heads (16)"),
+    ("report", "demo.teacher_num_layers", 1, "must equal proxy.num_layers (2)"),
     ("demo", "demo.teacher_seed", -1, "at least 0"),
     ("demo", "demo.teacher_entropy", 0.0, "must lie in (0, 6.2"),
     ("demo", "demo.teacher_entropy", NAN, "must lie in (0, 6.2"),
@@ -179,3 +184,16 @@ def test_a_distill_output_outside_the_run_directory_is_refused(output):
     with pytest.raises(ConfigError, match=r"config.distill.output=.* must be a folder name inside the run directory"):
         config_lib.validate(_config("distill.output", output), "distill")
     config_lib.validate(_config("distill.output", "student_v2"), "distill")
+
+
+@pytest.mark.parametrize(
+    "stage, group, field, value",
+    [("demo", "demo", "teacher_tokenizer", "char"), ("report", "report", "settings", "chartok")],
+)
+def test_a_character_teacher_may_have_its_own_shape(stage, group, field, value):
+    """Its proxy is a random model of the proxy group's shape (it cannot start from the teacher's weights)."""
+    cfg = _config("demo.teacher_num_layers", 3)
+    with cfg.unlocked():
+        cfg.demo.teacher_d_model, cfg[group][field] = 96, value
+        cfg.proxy.vocab_size = cfg.model.vocab_size = 512
+    config_lib.validate(cfg, stage)
