@@ -235,9 +235,9 @@ def default_config() -> ml_collections.ConfigDict:
     cd.head_dim = 16  # per-head width E
     cd.d_ff = 128  # SwiGLU hidden width F
     cd.rope_theta = 10000.0  # RoPE base
-    # None, ("llama3", factor, low, high, orig_max_pos), ("linear", factor) or
-    # ("yarn", factor, orig_max_pos, beta_fast, beta_slow, truncate, attention_factor)
-    cd.rope_scaling = ml_collections.FieldReference(None, field_type=tuple)
+    cd.rope_scaling = ml_collections.FieldReference(
+        None, field_type=tuple
+    )  # None, ("linear", factor), ("llama3", ...) or ("yarn", ...): models/llama.py ROPE_SCALING_FORMS
     cd.rms_eps = 1e-5  # RMSNorm epsilon
     cd.qkv_bias = False  # bias on q/k/v projections (Qwen2)
     cd.qk_norm = False  # per-head RMSNorm of queries and keys after the projection, before RoPE (Qwen3)

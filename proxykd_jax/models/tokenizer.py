@@ -1,7 +1,9 @@
 """Tokenizers: load a local Hugging Face tokenizer, build tiny word-level and byte-level BPE ones.
 
 Built tokenizers are saved as `PreTrainedTokenizerFast` folders that `AutoTokenizer` loads offline.
-Special tokens are `<pad>`=0, `<bos>`=1, `<eos>`=2, `<unk>`=3; `encode` adds none of them.
+Special tokens are `<pad>`=0, `<bos>`=1, `<eos>`=2, `<unk>`=3; `encode` adds none of them. `tokenizers` and
+`transformers` are imported where a tokenizer is loaded or built: config checks import this module for its
+names alone, and transformers imports torch where it is installed (seconds).
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # (annotations only)
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
 try:  # what a chat template raises for messages it refuses (`raise_exception`, an empty chat, a bad field)
     from jinja2.exceptions import TemplateError as _JinjaError
@@ -47,6 +51,8 @@ def load_tokenizer(folder):
             f"Tokenizer folder {folder} has no tokenizer.json, tokenizer_config.json or tokenizer.model; "
             "save a tokenizer there with tokenizer.save_pretrained(folder)."
         )
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     config_file = folder / "tokenizer_config.json"
     declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.exists() else None
     if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (folder / "tokenizer.json").exists():
@@ -99,6 +105,8 @@ def end_of_turn_id(tokenizer) -> int | None:
 
 
 def _wrap_and_save(tok: Tokenizer, folder) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -120,6 +128,8 @@ def build_word_tokenizer(words, folder=None) -> PreTrainedTokenizerFast:
     Decoding joins tokens with single spaces, so decode(encode(text)) == text for text made of
     known words separated by single spaces. Saved to `folder` when given.
     """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     words = list(dict.fromkeys(words))
     # (the decoder glues a word starting with "##" onto the one before it)
     clash = [w for w in words if w in SPECIAL_TOKENS or not w or any(c.isspace() for c in w) or w.startswith("##")]
@@ -138,6 +148,8 @@ def build_word_tokenizer(words, folder=None) -> PreTrainedTokenizerFast:
 
 def build_bpe_tokenizer(texts, vocab_size: int, folder=None) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on `texts` (any string round-trips); vocab_size >= 260."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"Byte-level BPE needs vocab_size >= {256 + len(SPECIAL_TOKENS)}, got {vocab_size}.")
     tok = Tokenizer(models.BPE(unk_token=None))
