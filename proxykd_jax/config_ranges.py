@@ -163,6 +163,7 @@ _CHOICES = (
     ("data.store.tail_dtype", ("float16", "float32")),
     ("posterior.weight_normalize", ("mean", "sum")),
     ("collect.api", ("chat", "completions")),
+    ("collect.token_limit", ("max_tokens", "max_completion_tokens")),
     ("serve.source", ("hf", "known")),
     ("demo.teacher_tokenizer", ("same", "char")),
 )

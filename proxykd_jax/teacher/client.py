@@ -25,6 +25,12 @@ corpus without them); those answers stay in the corpus as text-only records. Ans
 among answers with them are stored and counted in the summary (`without_logprobs`).
 The API key is read from config or the environment and never written anywhere (a server's error
 message that repeats it is shown with the key masked).
+
+Reasoning models (OpenAI o-series and gpt-5) take the limit as `max_completion_tokens` (`collect.token_limit`),
+which bounds their hidden reasoning too, and some refuse temperature and top_p at any value
+(`collect.send_sampling=False` leaves both out). A 400 that calls a field the run sends unsupported would
+come for every request alike: the first one stops the run with the setting to change. Under a spend cap, an
+answer billed more completion tokens than its limit (reasoning the limit does not bound) stops the run too.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import math
 import os
 import pathlib
 import random
+import re
 import time
 import urllib.parse
 
@@ -65,6 +72,20 @@ FATAL_STATUS = {
 SERVER_MESSAGE_CHARS = 200  # an error body's message is cut to this many characters in sentences
 LOGPROBS_CHECK = 3  # stored answers, all without the log-probs asked for, that stop the run
 UNREACHED_PROBES = 6  # probes (about 16 s) after which an endpoint that never answered is given up
+_SAMPLING = "collect.send_sampling=False (temperature and top_p left out)"
+# The request fields `collect` sends, and the setting to change where the endpoint calls one unsupported (400
+# "Unsupported parameter: 'max_tokens' ..." / "Unsupported value: 'temperature' ...", as reasoning models answer).
+SETTING_OF_FIELD = {
+    "max_tokens": "collect.token_limit='max_completion_tokens'",
+    "max_completion_tokens": "collect.token_limit='max_tokens'",
+    "temperature": f"{_SAMPLING}, or collect.temperature to a value it takes",
+    "top_p": f"{_SAMPLING}, or collect.top_p to a value it takes",
+    "logprobs": "collect.top_logprobs=0 (text only: it gives no log-probs)",
+    "top_logprobs": "collect.top_logprobs=0 (text only: it gives no log-probs)",
+    "stop": "collect.stop=() (no stop strings)",
+    "seed": "collect.send_seed=False",
+}
+_UNSUPPORTED = re.compile(r"unsupported (?:parameter|value)\W*'(\w+)'", re.IGNORECASE)
 
 
 class RateLimiter:
@@ -197,6 +218,16 @@ def _server_message(err, secret: str = "") -> str:
     return message
 
 
+def _refused_field(err) -> str | None:
+    """The request field of SETTING_OF_FIELD an error body calls unsupported (its `param`, else the field its
+    message names), or None."""
+    named = _UNSUPPORTED.search(_server_message(err))
+    if not (named or str(getattr(err, "code", "") or "") in ("unsupported_parameter", "unsupported_value")):
+        return None
+    field = err.param if isinstance(getattr(err, "param", None), str) else named and named.group(1)
+    return field if field in SETTING_OF_FIELD else None
+
+
 def _classify(err: Exception, secret: str = "") -> _Failure:
     """Maps a client exception to a retryable / per-prompt / fatal failure; the sentence carries the
     server's own error message (`secret`, the API key, masked in it)."""
@@ -222,6 +253,10 @@ def _classify(err: Exception, secret: str = "") -> _Failure:
         if status in FATAL_STATUS:
             what = f"{FATAL_STATUS[status]} ({status}{said})"
             return _Failure(f"http_{status}", what, False, answered=True, fatal=True)
+        field = _refused_field(err) if status in (400, 422) else None
+        if field:  # every request carries it: the first answer stops the run rather than each sample failing
+            what = f"the endpoint refuses the request field '{field}' ({status}{said}); set {SETTING_OF_FIELD[field]}"
+            return _Failure(f"refused_{field}", what, False, answered=True, fatal=True)
         if status >= 500 or status in RETRYABLE_STATUS:
             return _Failure(
                 f"http_{status}", f"HTTP {status}{said}", True, answered=True, retry_after=_retry_after(err.response)
@@ -303,6 +338,7 @@ class Collector:
             "lost": 0,
             "tokens_in": 0,
             "tokens_out": 0,
+            "reasoning_tokens": 0,  # of tokens_out: hidden reasoning billed as completion tokens
             "requests": 0,
             "retries": 0,
             "without_logprobs": 0,  # stored answers without the log-probs asked for
@@ -316,6 +352,13 @@ class Collector:
                 f"collect.max_cost is set but {billed[2]} answers in {self.out} carry no usage counts (their endpoint "
                 "sent none), so what the corpus cost is unknown; unset collect.max_cost or collect into another "
                 "collect.out"
+            )
+        passed = billed[4].get(cfg.token_limit, 0)
+        if self.cap and passed:
+            raise CollectError(
+                f"collect.max_cost is set but {passed} answers in {self.out} were billed more completion tokens than "
+                f"the collect.max_tokens they were sent with (as {cfg.token_limit}: hidden reasoning it does not bound), "
+                f"so what the next answers cost has no bound; {self._unbounded_advice()}"
             )
         self.spent_before = self._cost(*billed[:2])
         self.reserved, self.reservations = 0.0, 0
@@ -484,7 +527,8 @@ class Collector:
         `responses.parse_answer` checks field by field.
         """
         cfg, p = self.cfg, self.params
-        body = dict(model=cfg.model, temperature=p["temperature"], top_p=p["top_p"], max_tokens=p["max_tokens"], n=1)
+        sampling = dict(temperature=p["temperature"], top_p=p["top_p"]) if cfg.send_sampling else {}
+        body = dict(model=cfg.model, **sampling, **{cfg.token_limit: p["max_tokens"]}, n=1)
         if p["stop"]:
             body["stop"] = p["stop"]
         if cfg.send_seed:  # the sample's own seed: reproducible whatever else is in flight
@@ -513,10 +557,26 @@ class Collector:
             )
         self.stats["tokens_in"] += usage.get("prompt_tokens", 0)
         self.stats["tokens_out"] += usage.get("completion_tokens", 0)
+        reasoning = usage.get("completion_tokens_details", {}).get("reasoning_tokens")
+        self.stats["reasoning_tokens"] += reasoning or 0
+        if self.cap and usage and usage["completion_tokens"] > self.cfg.max_tokens:
+            of_it = f" ({reasoning} of them reasoning)" if reasoning else ""
+            self._halt(
+                f"{self.cfg.base_url} billed {usage['completion_tokens']} completion tokens{of_it} for one answer, more "
+                f"than collect.max_tokens={self.cfg.max_tokens} sent as {self.cfg.token_limit}, so collect.max_cost "
+                f"cannot be kept (the limit does not bound its hidden reasoning); {self._unbounded_advice()} (the "
+                "answers so far are stored)"
+            )
         if usage and (self.fewest_prompt_tokens is None or usage["prompt_tokens"] < self.fewest_prompt_tokens):
             self.fewest_prompt_tokens = usage["prompt_tokens"]
         if self.tpm and usage:
             self.tpm.refund(estimate - usage["prompt_tokens"] - usage["completion_tokens"], tokens)
+
+    def _unbounded_advice(self) -> str:
+        """What to do where the limit does not bound what an answer is billed."""
+        if self.cfg.token_limit == "max_tokens" and self.cfg.api == "chat":
+            return "set collect.token_limit='max_completion_tokens' if the endpoint takes it, or unset collect.max_cost"
+        return "unset collect.max_cost for this endpoint"
 
     def _record(self, prompt: Prompt, sample_index: int, key: str, answer: Answer) -> dict:
         if answer.finish_reason == "content_filter":
@@ -525,6 +585,10 @@ class Collector:
             )
         if not answer.text:
             why = f" (refusal: {answer.refusal})" if answer.refusal else ""
+            if answer.finish_reason == "length":  # a reasoning model that thought until the limit
+                reasoning = answer.usage.get("completion_tokens_details", {}).get("reasoning_tokens")
+                spent = f" ({reasoning} tokens of hidden reasoning)" if reasoning else ""
+                why = f": collect.max_tokens={self.cfg.max_tokens} ran out first{spent}; raise it for room to answer"
             raise _Failure("no_content", f"the response has no content{why}", False, answered=True, final=True)
         record = {"id": prompt.id}
         messages = prompt.messages
@@ -535,9 +599,9 @@ class Collector:
         record.update(answer.logprobs)
         record["meta"] = {
             "model": self.cfg.model,
-            "temperature": self.params["temperature"],
+            "temperature": self.params["temperature"],  # null: not sent, the endpoint sampled at its own settings
             "top_p": self.params["top_p"],
-            "max_tokens": self.params["max_tokens"],
+            self.cfg.token_limit: self.params["max_tokens"],  # the limit under the name it was sent as
             "finish_reason": answer.finish_reason,
             "usage": answer.usage,
         }
@@ -759,12 +823,13 @@ def _counts(by_reason: dict) -> str:
 
 def format_summary(stats: dict) -> str:
     declined = sum(stats["declined"].values()) + stats["already_declined"]
+    reasoning = f" ({stats['reasoning_tokens']} of them reasoning)" if stats.get("reasoning_tokens") else ""
     line = (
         f"[collect] {stats['out']}: {stats['done']} done this run, {stats['already_done']} "
         f"already done, {stats['remaining']} not yet done, of {stats['requested']}; failed: "
         f"{_counts(stats['failed'])}; answered without usable text: {declined} "
         f"({_counts(stats['declined'])} this run); "
-        f"tokens in/out {stats['tokens_in']}/{stats['tokens_out']}; {stats['requests']} requests "
+        f"tokens in/out {stats['tokens_in']}/{stats['tokens_out']}{reasoning}; {stats['requests']} requests "
         f"({stats['retries']} retries); {stats['samples_per_s']} samples/s"
     )
     line += f"; {stats['lost']} answers lost (not stored)" if stats.get("lost") else ""
@@ -782,6 +847,21 @@ def format_summary(stats: dict) -> str:
 def _check_config(cfg):
     if cfg.api not in ("chat", "completions"):
         raise CollectError(f"collect.api must be 'chat' or 'completions', not {cfg.api!r}")
+    if cfg.token_limit not in ("max_tokens", "max_completion_tokens"):
+        raise CollectError(
+            f"collect.token_limit must be 'max_tokens' or 'max_completion_tokens', not {cfg.token_limit!r}"
+        )
+    if cfg.token_limit == "max_completion_tokens" and cfg.api != "chat":
+        raise CollectError(
+            "collect.token_limit='max_completion_tokens' needs collect.api='chat' (the completions API takes "
+            "max_tokens only); set one of them"
+        )
+    for field in ("temperature", "top_p"):
+        if not cfg.send_sampling and float(cfg[field]) != 1.0:
+            raise CollectError(
+                f"collect.{field}={cfg[field]} is not sent with collect.send_sampling=False (the endpoint samples at "
+                f"its own settings); set collect.{field}=1.0, or collect.send_sampling=True to send it"
+            )
     if not 0 <= cfg.top_logprobs <= 20:
         raise CollectError(f"collect.top_logprobs must be within 0-20, not {cfg.top_logprobs}")
     if not cfg.out:

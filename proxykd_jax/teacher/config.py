@@ -16,7 +16,9 @@ def collect_config() -> ml_collections.ConfigDict:
     c.samples_per_prompt = 1  # responses requested per prompt (one request each, sample_index 0..n-1)
     c.temperature = 1.0  # sampling temperature sent with each request
     c.top_p = 1.0  # nucleus sampling threshold sent with each request
-    c.max_tokens = 256  # maximum tokens per response
+    c.max_tokens = 256  # maximum tokens per response (with max_completion_tokens: hidden reasoning included)
+    c.token_limit = "max_tokens"  # request field max_tokens is sent as: "max_completion_tokens" for reasoning models
+    c.send_sampling = True  # send temperature and top_p; False leaves both out (reasoning models that refuse them)
     c.stop = ()  # stop strings sent with each request (at most 4 for OpenAI)
     c.top_logprobs = 0  # 0-20 alternatives per token asked for (a run whose first answers lack them stops); 0 = off
     c.send_seed = (

@@ -36,13 +36,15 @@ def read_done(out: pathlib.Path) -> set[str]:
     return read_done_and_billed(out)[0]
 
 
-def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int, int, int | None]]:
+def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int, int, int | None, dict[str, int]]]:
     """(`read_done`'s keys, (the prompt and completion tokens its answers were billed: their `meta.usage`,
-    the answers whose endpoint sent no usage, the fewest prompt tokens an answer was billed: None for none))."""
+    the answers whose endpoint sent no usage, the fewest prompt tokens an answer was billed: None for none,
+    per limit field, `meta.max_tokens` or `meta.max_completion_tokens` as sent, the answers billed more
+    completion tokens than it: hidden reasoning the limit did not bound))."""
     if not out.exists():
-        return set(), (0, 0, 0, None)
+        return set(), (0, 0, 0, None, {})
     lines = _read_cut_torn(out)
-    done, billed_in, billed_out, unbilled, fewest = set(), 0, 0, 0, None
+    done, billed_in, billed_out, unbilled, fewest, passed = set(), 0, 0, 0, None, {}
     for lineno, raw in enumerate(lines[:-1], start=1):
         if not raw.strip():
             continue
@@ -54,13 +56,17 @@ def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int, i
                 f"{out} line {lineno}: not a corpus record with a 'key'; "
                 "move the file aside or point collect.out elsewhere"
             ) from None
-        usage = usage_counts(row.get("meta", {}).get("usage") if isinstance(row.get("meta"), dict) else None)
+        meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+        usage = usage_counts(meta.get("usage"))
         if usage:
             billed_in, billed_out = billed_in + usage["prompt_tokens"], billed_out + usage["completion_tokens"]
             fewest = usage["prompt_tokens"] if fewest is None else min(fewest, usage["prompt_tokens"])
+            for field in ("max_tokens", "max_completion_tokens"):
+                if isinstance(meta.get(field), int) and usage["completion_tokens"] > meta[field]:
+                    passed[field] = passed.get(field, 0) + 1
         else:
             unbilled += 1
-    return done, (billed_in, billed_out, unbilled, fewest)
+    return done, (billed_in, billed_out, unbilled, fewest, passed)
 
 
 def read_declined(path: pathlib.Path) -> set[str]:

@@ -124,15 +124,21 @@ def read_prompts(path: str, api: str) -> list[Prompt]:
 
 
 def sampling_params(cfg) -> dict:
-    """The sampling parameters that go into every request and every content key."""
-    return {
+    """The sampling parameters that go into every request and every content key: temperature and top_p are None
+    where they are not sent (the endpoint samples at its own settings), and a limit sent under another name than
+    max_tokens is named (both are absent from the keys of the default settings, which stay what they were)."""
+    sent = bool(cfg.get("send_sampling", True))
+    params = {
         "api": cfg.api,
-        "temperature": float(cfg.temperature),
-        "top_p": float(cfg.top_p),
+        "temperature": float(cfg.temperature) if sent else None,
+        "top_p": float(cfg.top_p) if sent else None,
         "max_tokens": int(cfg.max_tokens),
         "stop": list(cfg.stop),
         "top_logprobs": int(cfg.top_logprobs),
     }
+    if cfg.get("token_limit", "max_tokens") != "max_tokens":
+        params["token_limit"] = cfg.token_limit
+    return params
 
 
 def request_key(model: str, prompt: Prompt, params: dict, sample_index: int) -> str:

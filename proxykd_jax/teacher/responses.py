@@ -39,7 +39,7 @@ class Answer:
 
     text: str
     finish_reason: str | None
-    usage: dict  # prompt_tokens, completion_tokens (empty when the endpoint sent none)
+    usage: dict  # prompt_tokens, completion_tokens (reasoning: completion_tokens_details); empty when none sent
     refusal: str | None = None
     logprobs: dict = dataclasses.field(default_factory=dict)  # tokens, token_bytes, top_logprobs
 
@@ -156,15 +156,26 @@ def spelled_prefix(logprobs: dict, text: str) -> dict:
     return {name: rows[:keep] for name, rows in logprobs.items()}
 
 
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def usage_counts(usage) -> dict:
     """{prompt_tokens, completion_tokens} of an answer's `usage` where both are counts (whole numbers >= 0),
-    else {} (the endpoint sent none, or something else): what an answer and a stored record were billed."""
+    else {} (the endpoint sent none, or something else): what an answer and a stored record were billed. A
+    reasoning model's hidden tokens, billed among the completion tokens, are kept as the API spells them
+    (`completion_tokens_details.reasoning_tokens`) where they are a count within the completion tokens."""
     if not isinstance(usage, dict):
         return {}
     p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (p, c)):
+    if not (_count(p) and _count(c)):
         return {}
-    return {"prompt_tokens": p, "completion_tokens": c}
+    counts = {"prompt_tokens": p, "completion_tokens": c}
+    details = usage.get("completion_tokens_details")
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    if _count(reasoning) and reasoning <= c:
+        counts["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return counts
 
 
 def parse_answer(raw: bytes, api: str, with_logprobs: bool) -> Answer:
