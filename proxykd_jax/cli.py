@@ -8,7 +8,8 @@ The entry point parses flags, validates the config, starts jax.distributed when 
 for it, logs the devices, builds the run context (mesh, paths, overwrite rule, run-directory lock)
 and runs the stage (`proxykd_jax.stages`). Every expected failure (`errors.ProxyKDError` and its
 family; a full disk or a device out of memory, `exhaustion.py`) prints one line, `error: proxykd <stage>:
-<sentence>`, and exits 2; a diverged run exits 1; anything else is a bug and keeps its traceback.
+<sentence>`, and exits 2; a diverged run, or a process of a multi-process run whose peer died, exits 1; anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ USAGE = (
 
 class UserError(ConfigError):
     """Bad command-line input: printed as one sentence, no traceback."""
+
+
+class PeerLost(RuntimeError):
+    """Another process of a multi-process run is gone mid-step: printed as one sentence, exit 1 at once."""
 
 
 def stage_help(stage: str) -> str:
@@ -266,8 +271,19 @@ def _run_stage(stage: str, argv: list[str]) -> int:
     exhaustion.quiet_background_reports()
     try:
         return _run_loaded(stage, cfg)
-    except Exception as e:  # a full disk or device memory: one line (`exhaustion.py`); anything else is re-raised
+    except Exception as e:  # a full disk or device memory, a lost peer process: one line; anything else is re-raised
         line = exhaustion.explain(stage, e, cfg=cfg, argv=argv)
+        if line is None and "jax" in sys.modules:
+            from proxykd_jax.parallel import distributed
+
+            if said := distributed.lost_peer(e):
+                import jax
+
+                raise PeerLost(
+                    f"process {jax.process_index()} of {jax.process_count()} lost the others mid-step ({said}): "
+                    "another process of this run stopped, and its own log says why; once that is fixed, run the "
+                    "same command on every process to resume from the last checkpoint."
+                ) from e
         if line is None:
             raise
         gc.collect()  # the writes a failed save left unfinished report now, filtered, not while Python shuts down
@@ -394,6 +410,15 @@ def main(argv: list[str] | None = None) -> None:
     except FloatingPointError as e:  # train.loop.TrainingDiverged: the message names the step
         print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
+    except PeerLost as e:
+        # jax's exit would wait at a shutdown barrier for the lost process until its heartbeat times out, then
+        # abort with a C++ stack trace; the run-directory lock is released already (a save cut short is a
+        # checkpoint's temporary folder, which the next run removes)
+        print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -71,6 +71,7 @@ _AT_LEAST = (
     ("collect.requests_per_minute", 0),
     ("collect.tokens_per_minute", 0),
     ("mesh.distributed.num_processes", 0),
+    ("mesh.distributed.heartbeat_timeout_s", 1),
     ("serve.port", 0),
     ("serve.max_batch", 1),
     ("serve.max_tokens_limit", 1),

@@ -13,8 +13,10 @@ import os
 import pathlib
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -192,6 +194,55 @@ def test_distill(base, tmp_path):
     first, second = _metrics(student_one / "metrics.jsonl"), _metrics(student_two / "metrics.jsonl")
     assert [r["at"] for r in first] == [1, 2, 3, 4] and all(r["kd"] > 0 for r in first)
     _close(first, second, 1e-5)
+
+
+def test_a_process_whose_peer_is_killed_stops_at_once_in_one_line(base, tmp_path):
+    """`kill -9` of one process mid-distill: the other printed the broken collective's traceback, then waited at
+    jax's shutdown barrier for the heartbeat timeout (100 s) and aborted with a C++ stack trace (exit 134). Now
+    it stops at once: one line, exit 1, the run directory unlocked for the same command on every process."""
+    _, cfg = two_runs(base, tmp_path, "student")
+    with cfg.unlocked():
+        cfg.train.steps, cfg.train.checkpoint_every, cfg.train.log_every = 100_000, 0, 1
+        cfg.mesh.shape.update(data=2, fsdp=1, tensor=1)  # one device each: gloo's socket to the peer breaks
+    pkl = tmp_path / "cfg.pkl"
+    pkl.write_bytes(pickle.dumps(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = str(REPO)
+    logs = [(tmp_path / f"process{i}.log").open("w+") for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "proxykd_jax", "distill", f"--config={REPO}/tests/pickled_config.py:{pkl}"]
+            + [f"--config.mesh.distributed.coordinator_address=127.0.0.1:{port}"]
+            + ["--config.mesh.distributed.num_processes=2", f"--config.mesh.distributed.process_id={i}"],
+            env=env,
+            cwd=REPO,
+            stdout=logs[i],
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    metrics = pathlib.Path(cfg.run.dir) / "student" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # both processes are stepping
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, logs[0].name
+            time.sleep(0.1)
+        procs[1].kill()
+        code = procs[0].wait(timeout=90)  # before jax's heartbeat timeout
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    logs[0].seek(0)
+    err = logs[0].read()
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(lines) == 1, err[-4000:]
+    assert lines[0].startswith("error: proxykd distill: process 0 of 2 lost the others mid-step ("), lines[0]
+    assert "another process of this run stopped" in lines[0] and "Traceback" not in err, err[-4000:]
+    assert not (pathlib.Path(cfg.run.dir) / "proxykd.lock").exists()
 
 
 def _numbers(tree, prefix=""):

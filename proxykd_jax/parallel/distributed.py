@@ -19,6 +19,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import re
 import urllib.request
 from collections.abc import Callable, Mapping
 
@@ -119,10 +120,11 @@ def maybe_initialize_distributed(
     the devices."""
     plan = resolve_distributed(dist_cfg, env) if plan is None else plan
     if plan.mode != "single" and not jax.distributed.is_initialized():
+        heartbeat = {"heartbeat_timeout_seconds": int(dist_cfg.get("heartbeat_timeout_s", 100))}
         if plan.mode == "explicit":
-            jax.distributed.initialize(plan.coordinator_address, plan.num_processes, plan.process_id)
+            jax.distributed.initialize(plan.coordinator_address, plan.num_processes, plan.process_id, **heartbeat)
         else:
-            jax.distributed.initialize()
+            jax.distributed.initialize(**heartbeat)
     log.info(
         "jax %s: process %d of %d, %d local / %d global devices (%s), start-up mode %s",
         jax.__version__,
@@ -134,3 +136,20 @@ def maybe_initialize_distributed(
         plan.mode,
     )
     return plan
+
+
+# What a broken collective or jax's coordination service says where another process of the run is gone: gloo's
+# socket errors (CPU), NCCL's (GPU), the heartbeat check's.
+_PEER_LOST = re.compile(
+    r"connection (?:reset|closed) by peer|heartbeat timeout|tasks are unhealthy|remote process exited|"
+    r"gloo \S+ failed",
+    re.IGNORECASE,
+)
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """The first line of `err` where it says that another process of this multi-process run is gone (a
+    collective broke mid-step), else None (one process, or another error)."""
+    if not jax.distributed.is_initialized() or jax.process_count() < 2 or not _PEER_LOST.search(str(err)):
+        return None
+    return str(err).strip().splitlines()[0][:300]
