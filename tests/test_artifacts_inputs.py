@@ -362,3 +362,33 @@ def test_a_stage_refused_for_an_unfinished_input_moves_none_of_its_other_inputs(
     with pytest.raises(ProxyKDError, match=r"prior is not finished"):
         _open("posterior", cfg)
     assert sorted(p.name for p in run.iterdir()) == [".proxy.new", ".proxy.old", "prepared", "prior"]
+
+
+def test_a_finished_align_is_reused_after_a_change_of_the_schedule_only_distill_reads(tmp_path):
+    """align runs each phase on its own schedule (align.sft_lr / dpo_lr, align.warmup_steps, the decay over the
+    phase): lowering optim.warmup_steps, as distill's refusal may ask, refused a finished align as changed. A
+    record made while align still depended on those fields is reused too; other optim fields still count."""
+    folder = _model_folder(tmp_path / "model")
+    cfg = _with(_cfg(tmp_path), "proxy.init_from", str(folder))
+    art = _finished("align", cfg)
+    assert _open("align", cfg).done
+    for key, value in (("optim.warmup_steps", 7), ("optim.lr", 1e-2), ("optim.decay_steps", 50)):
+        assert _open("align", _with(cfg.copy_and_resolve_references(), key, value)).done, key
+    rec = read_record(art.path)  # as the version that recorded them wrote it
+    rec["fields"].update({"optim.lr": 3e-4, "optim.warmup_steps": 100, "optim.decay_steps": 0})
+    rec["hash"] = artifacts._hash(rec["fields"], rec["inputs"], rec["files"], rec["models"])
+    record_path(art.path, False).write_text(json.dumps(rec))
+    assert _open("align", _with(cfg.copy_and_resolve_references(), "optim.warmup_steps", 7)).done
+    with pytest.raises(ProxyKDError, match=r"optim\.b2"):
+        _open("align", _with(cfg.copy_and_resolve_references(), "optim.b2", 0.5))
+
+
+def test_collect_fields_added_later_are_left_out_at_the_value_earlier_runs_computed_with(tmp_path):
+    """A corpus collected before collect.token_limit and collect.send_sampling existed is not taken for
+    another one: at their defaults they are not part of its settings."""
+    cfg = _cfg(tmp_path)
+    fields = artifacts.depends_on(cfg, artifacts.ARTIFACTS["collect"])
+    assert "collect.token_limit" not in fields and "collect.send_sampling" not in fields
+    cfg.collect.token_limit, cfg.collect.send_sampling = "max_completion_tokens", False
+    fields = artifacts.depends_on(cfg, artifacts.ARTIFACTS["collect"])
+    assert fields["collect.token_limit"] == "max_completion_tokens" and fields["collect.send_sampling"] is False

@@ -169,7 +169,9 @@ ARTIFACTS: dict[str, Spec] = {
     "align": Spec(
         path=lambda cfg, paths: paths.proxy,
         fields=("align.*", "proxy.*", "optim.*", "data.seq_len", "run.seed"),
-        ignore=("align.checkpoint_every", "align.logprob_chunk", "align.eval_batch_size"),
+        # each phase's schedule is its own: align.sft_lr / dpo_lr, align.warmup_steps, the decay over the phase
+        ignore=("align.checkpoint_every", "align.logprob_chunk", "align.eval_batch_size")
+        + ("optim.lr", "optim.warmup_steps", "optim.decay_steps"),
         inputs=lambda cfg, paths: [paths.demo, paths.prepared],
         models=lambda cfg, paths: _folder("proxy.init_from", cfg.proxy.init_from),
     ),
@@ -281,7 +283,7 @@ def _matches(key: str, patterns) -> bool:
 # Fields added after artifacts were recorded, by their last name, with the value that computes what runs
 # before them did: at that value a field is left out of an artifact's settings, so the records made before it
 # was added (and their hashes) still match.
-_ADDED_FIELDS = {"qk_norm": False}
+_ADDED_FIELDS = {"qk_norm": False, "token_limit": "max_tokens", "send_sampling": True}
 
 
 def depends_on(cfg, spec: Spec) -> dict:
@@ -717,7 +719,9 @@ def outlook(
         return look
     # a record made before input files (model folders) were recorded matches on what it recorded: its fields
     # (which name their paths) and upstream artifacts; it is not taken for a changed one
-    recorded = _hash(fields, inputs, files if "files" in rec else None, models if "models" in rec else None)
+    # and a field the stage has ignored since (it never changed the result) is taken as the record has it
+    then = {k: v for k, v in rec.get("fields", {}).items() if _matches(k, spec.ignore)}
+    recorded = _hash(fields | then, inputs, files if "files" in rec else None, models if "models" in rec else None)
     if rec.get("hash") in (digest, recorded):
         art.status = "done" if rec.get("finished") else "resume"
         art.summary = rec.get("summary")
