@@ -42,6 +42,22 @@ def _corpus_cost(tmp_path) -> float:
     return sum(u["prompt_tokens"] * PRICE_IN + u["completion_tokens"] * PRICE_OUT for u in usage) / 1e6
 
 
+def _left(tmp_path, prompts: pathlib.Path) -> list[str]:
+    """The prompts of `prompts` that the corpus holds no answer for."""
+    stored = {
+        json.loads(line)["id"] for line in (tmp_path / "run" / "corpus" / "teacher.jsonl").read_text().splitlines()
+    }
+    return [row["prompt"] for row in map(json.loads, prompts.read_text().splitlines()) if row["id"] not in stored]
+
+
+def _worst(tmp_path, prompts: pathlib.Path, prompt: str) -> float:
+    """The most a request for `prompt` may cost with the corpus as it is (`Collector._reserve`'s reckoning): its
+    bytes, the endpoint's own tokens (the fewest prompt tokens an answer was billed, at least 64), max_tokens=8."""
+    lines = (tmp_path / "run" / "corpus" / "teacher.jsonl").read_text().splitlines()
+    own = max(64, min(json.loads(line)["meta"]["usage"]["prompt_tokens"] for line in lines))
+    return ((len(prompt.encode()) + own) * PRICE_IN + 8 * PRICE_OUT) / 1e6
+
+
 def test_the_cap_stops_the_run_before_it_is_passed_and_a_raised_cap_continues(tmp_path):
     rng = random.Random()
     n = rng.randint(12, 20)
@@ -59,6 +75,8 @@ def test_the_cap_stops_the_run_before_it_is_passed_and_a_raised_cap_continues(tm
         done = len((tmp_path / "run" / "corpus" / "teacher.jsonl").read_text().splitlines())
         assert 0 < done < n and first <= cap, (done, first, cap)
         requests = len(app.state.requests)
+        # the stop means nothing more fits: the cheapest request left may cost more than the room under the cap
+        assert first + min(_worst(tmp_path, prompts, left) for left in _left(tmp_path, prompts)) > cap
         # the same command again: the earlier answers count, so nothing more is sent
         with pytest.raises(CollectError, match=rf"answers cost {first:.6g} \({first:.6g} of it before this run\)"):
             run_stage("collect", cfg)
@@ -70,6 +88,33 @@ def test_the_cap_stops_the_run_before_it_is_passed_and_a_raised_cap_continues(tm
     assert stats["corpus_cost"] == pytest.approx(_corpus_cost(tmp_path)) and _corpus_cost(tmp_path) <= full * 2
     paid = collections.Counter(e["key"] for e in app.state.requests if e["outcome"] == "ok")
     assert max(paid.values()) == 2 and len(paid) == n  # each sample once here and once in the uncapped run
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_request_over_the_cap_does_not_stop_the_run_while_a_shorter_one_fits(tmp_path, seed):
+    """One at a time: after the first answer a long prompt no longer fits under the cap but a short one after it
+    does; the run sends the short one, then stops naming what the long one may cost, and the same command again
+    (concurrent) sends nothing. The cap is the first two requests' reservations, so it holds whatever they cost."""
+    rng = random.Random(seed)
+    first, long, short = (rng.randint(*span) for span in ((47, 90), (250, 400), (1, 20)))
+    rows = [{"id": f"q{i}", "prompt": "w" * size} for i, size in enumerate((first, long, short))]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    own = first + len("user: \nassistant:")  # the fewest prompt tokens billed once the first answer came: over 64
+    worst = lambda size, own: ((size + own) * PRICE_IN + 8 * PRICE_OUT) / 1e6  # noqa: E731
+    cap = worst(first, 64) + worst(short, own)
+    app = make_app(ToyBackend())
+    with ServerThread(app) as server:
+        cfg = _cfg(tmp_path, server.base_url, prompts, max_cost=cap, concurrency=1)
+        left = rf"may cost up to {worst(long, 64):.6g} more \(the cheapest of the 1 left\)"  # the short one's own: 64
+        with pytest.raises(CollectError, match=left + "; raise collect.max_cost"):
+            run_stage("collect", cfg)
+        assert _left(tmp_path, prompts) == [rows[1]["prompt"]]
+        assert _corpus_cost(tmp_path) + worst(long, 64) > cap >= _corpus_cost(tmp_path)
+        cfg.collect.concurrency = 4
+        with pytest.raises(CollectError, match=left):
+            run_stage("collect", cfg)
+    assert len(app.state.requests) == 2
 
 
 @pytest.mark.parametrize(

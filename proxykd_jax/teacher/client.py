@@ -362,6 +362,7 @@ class Collector:
             )
         self.spent_before = self._cost(*billed[:2])
         self.reserved, self.reservations = 0.0, 0
+        self.passed_over: list = []  # (prompt, sample_index, key, prompt bytes) that did not fit: `_over_cap`
         self.fewest_prompt_tokens: int | None = billed[3]  # of the corpus's answers: bounds the endpoint's own
         self.stop_reason: str | None = None  # why the run stopped early (fatal error, breaker, disk)
         # Breaker state: the gate is open once the endpoint has answered; while it is shut, one
@@ -460,28 +461,48 @@ class Collector:
         """What the corpus's answers cost: those stored before this run and every answer of this run."""
         return self.spent_before + self._cost(self.stats["tokens_in"], self.stats["tokens_out"])
 
+    def _worst(self, prompt_bytes: int) -> float:
+        """The most a request for a prompt of `prompt_bytes` UTF-8 bytes may cost: those bytes, the endpoint's own
+        tokens, `max_tokens`."""
+        own = max(_PROMPT_OVERHEAD_TOKENS, self.fewest_prompt_tokens or 0)
+        return self._cost(prompt_bytes + own, self.cfg.max_tokens)
+
     async def _reserve(self, prompt_bytes: int) -> float | None:
-        """Reserves under `collect.max_cost` the most a request for a prompt of `prompt_bytes` UTF-8 bytes may
-        cost (those bytes, the endpoint's own tokens, `max_tokens`); returns it, or None once the run stopped.
-        Waits while requests in flight may still leave room, stops the run once none are and the cap leaves none.
+        """Reserves under `collect.max_cost` a request's `_worst` cost; returns it, or None once the run stopped or
+        the request does not fit. Waits while requests in flight may still leave room; one that does not fit even
+        with none in flight is passed over, and the run goes on with the rest (a shorter prompt may fit), so the
+        run stops at the cap only once nothing left fits (`_over_cap`).
         Until the corpus holds an answer, one request at a time: what the endpoint adds to a prompt (a chat
         template's hidden system prompt) is unknown, and only one answer may cost more than its reservation."""
         while self.stop_reason is None:
-            own = max(_PROMPT_OVERHEAD_TOKENS, self.fewest_prompt_tokens or 0)
-            worst = self._cost(prompt_bytes + own, self.cfg.max_tokens)
+            worst = self._worst(prompt_bytes)
             first = self.cap and self.fewest_prompt_tokens is None and self.reservations
             if not self.cap or (not first and self.spent() + self.reserved + worst <= self.cap):
                 self.reserved, self.reservations = self.reserved + worst, self.reservations + 1
                 return worst
-            if not self.reservations:
-                self._halt(
-                    f"collect.max_cost={self.cap:g} is reached: this corpus's answers cost {self.spent():.6g} "
-                    f"({self.spent_before:.6g} of it before this run) and the next request may cost up to "
-                    f"{worst:.6g} more; raise collect.max_cost to continue"
-                )
+            if not self.reservations or self.spent() + worst > self.cap:
                 break
             await self._changed.wait()
         return None
+
+    def _over_cap(self, queue: list) -> bool:
+        """After the workers ran out of samples: puts the samples the cap passed over that fit now (an answer since
+        billed fewer prompt tokens, which lowers `_worst`) back on `queue` and returns True; else, where some were
+        passed over, stops the run at the cap with the most the cheapest of them may cost, and returns False."""
+        if self.stop_reason is not None or not self.passed_over:
+            return False
+        fits = [self.spent() + self._worst(left[3]) <= self.cap for left in self.passed_over]
+        if any(fits):
+            queue.extend(reversed([left[:3] for left, fit in zip(self.passed_over, fits) if fit]))
+            self.passed_over = [left for left, fit in zip(self.passed_over, fits) if not fit]
+            return True
+        self._halt(
+            f"collect.max_cost={self.cap:g} is reached: this corpus's answers cost {self.spent():.6g} "
+            f"({self.spent_before:.6g} of it before this run) and the next request may cost up to "
+            f"{min(self._worst(left[3]) for left in self.passed_over):.6g} more (the cheapest of the "
+            f"{len(self.passed_over)} left); raise collect.max_cost to continue"
+        )
+        return False
 
     async def _admit(self) -> bool:
         """Waits until this task may send a request; False once the run has stopped."""
@@ -617,6 +638,8 @@ class Collector:
         while True:
             worst = await self._reserve(prompt_bytes) if await self._admit() else None
             if worst is None:
+                if self.stop_reason is None:  # it does not fit under the cap: `_over_cap` looks again at the end
+                    self.passed_over.append((prompt, sample_index, key, prompt_bytes))
                 return False
             try:
                 outcome = await self._attempt(prompt, sample_index, key, client, estimate, used)
@@ -743,9 +766,12 @@ class Collector:
                     self._pulse()
 
         try:
-            await asyncio.gather(
-                *(worker(self.clients[i // CONNECTIONS_PER_CLIENT]) for i in range(max(1, self.cfg.concurrency)))
-            )
+            while True:
+                await asyncio.gather(
+                    *(worker(self.clients[i // CONNECTIONS_PER_CLIENT]) for i in range(max(1, self.cfg.concurrency)))
+                )
+                if not self._over_cap(queue):  # passed over by the cap: sent after all where they fit now
+                    break
         finally:
             bar.close()
             for client in self.clients:
