@@ -6,7 +6,8 @@ alpha = 0 SFT baseline where its folder exists), each with:
   * state: `finished`, `unfinished` (", other settings" where its record was made from other settings or
     inputs), `not started`, or `not made by proxykd` (a folder without a record);
   * next run: what `proxykd <stage>` with this config would do: reuses, resumes, starts, refuses (the first
-    changes are named as the refusal names them), replaces (run.overwrite), or `running now`;
+    changes are named as the refusal names them; a missing input, or collect's bad field, prompts file or API key,
+    in the stage's own sentence), replaces (run.overwrite), or `running now`;
   * size on disk, and a detail: the record's summary of a finished artifact, the progress of an unfinished
     one where cheap to read (collect's samples, align's phases and distill's last checkpoint step from the
     checkpoint folders' names, posterior's pass-1 chunks and pass-2 shards, eval's scored models, the
@@ -307,6 +308,24 @@ def _next(look: Outlook, overwrite: bool) -> str:
     return "replaces"
 
 
+# what `_next` says where `proxykd collect` goes on to check its fields, prompts file and key (`collect_refusal`)
+_COLLECT_CHECKS = ("starts", "resumes", "replaces", "resumes its redo")
+
+
+def collect_refusal(cfg, path: pathlib.Path) -> str:
+    """The sentence `proxykd collect` refuses with before writing anything (a bad field, prompts file or API key:
+    `teacher.client.check`, as the stage runs it for its corpus at `path`); "" where it would go on."""
+    from proxykd_jax.teacher import client
+
+    ccfg = cfg.collect.copy_and_resolve_references()
+    ccfg.out = str(path)
+    try:
+        client.check(ccfg)
+    except ProxyKDError as e:
+        return one_line(e)
+    return ""
+
+
 def _changed(changes: list[str]) -> str:
     more = len(changes) - SHOWN_CHANGES
     return "changed: " + "; ".join(changes[:SHOWN_CHANGES]) + (f" (and {more} more)" if more > 0 else "")
@@ -361,6 +380,10 @@ def stage_row(name: str, cfg, paths: RunPaths, running=None) -> tuple[Row, Outlo
         except ProxyKDError as e:  # an upstream input that is missing
             row.next = "refuses"
             row.detail.append(one_line(e).rstrip(".").replace(f"{paths.root}/", ""))
+    refusal = collect_refusal(cfg, path) if name == "collect" and row.next in _COLLECT_CHECKS else ""
+    if refusal:
+        row.next = "refuses"
+        row.detail.append(refusal)
     if running and running[0] == name and running[1] in ("", str(path)) and row.state == "unfinished":
         row.next = "running now"
     return row, look

@@ -193,3 +193,55 @@ def test_token_ids_list_the_eos_with_the_stop_ids():
     assert token_ids_of(tok, (5, 2, 5))["eos_token_id"] == [2, 5]
     no_eos = types.SimpleNamespace(bos_token_id=None, eos_token_id=None, pad_token_id=0)
     assert token_ids_of(no_eos, (7,))["eos_token_id"] == 7 and token_ids_of(no_eos)["eos_token_id"] is None
+
+
+def test_export_takes_the_start_folder_from_the_students_record(tmp_path, monkeypatch, caplog):
+    """`proxykd distill $R --config.model.init_from=F` then `proxykd export $R`: the export keeps F's config.json
+    keys (a Mistral's window) and stop ids, read from the record of the folder exported (export.source), not of
+    distill's default student (the export was a Llama listing the eos alone); a later identical export is reused.
+    A config's init_from that differs from the record's wins, with a warning naming both."""
+    import logging
+
+    from flax import nnx
+    from test_distill_stage import SEQ, WORDS, _mistral_folder
+
+    from proxykd_jax.context.artifacts import open_artifact
+    from proxykd_jax.models import hf
+    from proxykd_jax.models.llama import Llama, ModelConfig
+    from proxykd_jax.models.tokenizer import build_word_tokenizer
+
+    run = tmp_path / "run"
+    eos = build_word_tokenizer(WORDS, run / "prepared" / "tokenizer").eos_token_id
+    cfg = export_config(run)
+    llama_folder = tmp_path / "llama"
+    model_cfg = ModelConfig.from_config(cfg.model)
+    hf.save_hf(Llama(model_cfg, rngs=nnx.Rngs(0)), model_cfg, llama_folder)
+    mistral = _mistral_folder(cfg, tmp_path / "mistral", SEQ, 4 * SEQ)
+    turn = eos + int(np.random.default_rng().integers(1, 20))
+    (mistral / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, turn]}))
+    paths = context.RunPaths.from_config(cfg)
+    for output, folder in (("", llama_folder), ("student_b", mistral)):  # distill's records of two students
+        cfg.model.init_from, cfg.distill.output = str(folder), output
+        art = open_artifact("distill", cfg, paths, overwrite=False)
+        art.begin()
+        art.finish({"steps": 3})
+    trained = Llama(model_cfg, rngs=nnx.Rngs(1))
+    monkeypatch.setattr(export, "load", lambda ctx, step=0, source=None: (model_cfg, trained, 3))
+    cfg.model.init_from, cfg.distill.output, cfg.export.source = "", "", "student_b"
+    with caplog.at_level(logging.INFO, logger=export.__name__):
+        out = run_stage("export", cfg)
+    written = json.loads((out / "config.json").read_text())
+    assert (written["model_type"], written.get("sliding_window"), written["max_position_embeddings"]) == (
+        "mistral", SEQ, 4 * SEQ
+    )  # fmt: skip
+    assert written["eos_token_id"] == json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert written["eos_token_id"] == [eos, turn]
+    assert f"model.init_from={mistral}" in caplog.text and "student_b" in caplog.text
+    assert open_artifact("export", cfg, paths, overwrite=False).status == "done"  # the same command again: reused
+    caplog.clear()
+    cfg.model.init_from, cfg.export.out = str(llama_folder), str(tmp_path / "other")
+    with caplog.at_level(logging.INFO, logger=export.__name__):
+        out = run_stage("export", cfg)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and str(llama_folder) in warned[0] and str(mistral) in warned[0], warned

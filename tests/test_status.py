@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from pipeline_fixtures import build_run
 from stage_helpers import run_stage
@@ -308,3 +309,22 @@ def test_a_finished_align_names_its_last_phase_held_out_nll(tmp_path):
     assert status.summary("align", rec, None, tmp_path) == "3 phases, held-out NLL 3.500 -> 2.900"
     rec = {"summary": {k: {"heldout_nll": nll[k]} for k in ("init", "sft")}}  # align.rounds=0
     assert status.summary("align", rec, None, tmp_path) == "1 phase, held-out NLL 3.500 -> 3.100"
+
+
+def test_collect_says_it_refuses_what_the_stage_refuses(tmp_path):
+    """collect.prompts empty, or collect.model: `proxykd collect` refuses before it writes anything, and status
+    says so with the same sentence (it said `starts`); a prompts file and a model name: it starts."""
+    from pipeline_fixtures import tiny_config
+
+    cfg = _changed(tiny_config(tmp_path / "run"), data__corpus="", collect__model="teacher-model")
+    prompts = tmp_path / "prompts.jsonl"
+    words = np.random.default_rng().integers(0, 1000, 6)
+    prompts.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in words))
+    for fields in ({}, {"collect__model": ""}):
+        refusing = _changed(cfg, **fields)
+        row = _rows(refusing)["corpus/teacher.jsonl"]
+        with pytest.raises(ProxyKDError) as refused:
+            run_stage("collect", refusing)
+        assert (row.state, row.next, _detail(row)) == ("not started", "refuses", str(refused.value))
+    row = _rows(_changed(cfg, collect__prompts=str(prompts)))["corpus/teacher.jsonl"]
+    assert (row.state, row.next, _detail(row)) == ("not started", "starts", "")

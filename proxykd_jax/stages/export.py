@@ -7,8 +7,9 @@ tokenizer's bos/eos/pad ids, eos_token_id listing the end-of-turn ids besides th
 safetensors files of at most `export.max_shard_bytes` (with model.safetensors.index.json when there
 are several) and the run's tokenizer files (their tokenizer_config.json without the arguments the
 tokenizer was loaded with: `_LOAD_TIME_KEYS`), a folder `transformers.AutoModelForCausalLM` and
-`AutoTokenizer` load. The sharded student is written tensor
-by tensor, never gathered whole: every process takes part in gathering each tensor, process 0
+`AutoTokenizer` load, keeping the config.json keys and stop ids of the folder the student started from
+(`model.init_from`, else the one the exported folder's record names: `start_folder`). The sharded student is
+written tensor by tensor, never gathered whole: every process takes part in gathering each tensor, process 0
 writes the files.
 """
 
@@ -19,6 +20,7 @@ import logging
 import pathlib
 
 from proxykd_jax.context import student_name
+from proxykd_jax.context.artifacts import read_record, record_path
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import hf
 from proxykd_jax.models.tokenizer import load_tokenizer
@@ -42,10 +44,34 @@ def _drop_load_time_keys(folder: pathlib.Path) -> None:
         path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def source_folder(ctx) -> pathlib.Path:
+    """The student folder exported: `export.source`, else the one `distill` writes with this config."""
+    return ctx.paths.student(ctx.cfg.export.source or student_name(ctx.cfg.distill))
+
+
+def start_folder(ctx) -> tuple[str, str]:
+    """(the folder the exported student started from, which field said so): config.model.init_from, else the
+    `model.init_from` in the source folder's record (`proxykd distill $R --config.model.init_from=F` then
+    `proxykd export $R`); ("", "") where neither names one. The config's wins, with a warning, where both
+    name folders and they differ. Read, never set: the export's settings (its artifact's hash) stay the config's."""
+    ours, folder = str(ctx.cfg.model.init_from or ""), source_folder(ctx)
+    fields, record = (read_record(folder, False) or {}).get("fields"), record_path(folder, False)
+    theirs = str(fields.get("model.init_from") or "") if isinstance(fields, dict) else ""
+    if ours and theirs and pathlib.Path(ours).expanduser() != pathlib.Path(theirs).expanduser():
+        log.warning(
+            "export: config.model.init_from=%s differs from model.init_from=%s, which %s records the student was "
+            "distilled from; config.json keys and stop ids come from the config's (drop the override for the other)",
+            ours,
+            theirs,
+            record,
+        )
+    return (theirs, f"the record {record}") if theirs and not ours else (ours, "config.model.init_from" if ours else "")
+
+
 def load(ctx, step: int = 0, source: pathlib.Path | None = None):
     """(ModelConfig, student on the mesh, step) of the configured source folder."""
     cfg = ctx.cfg
-    source = source or ctx.paths.student(cfg.export.source or student_name(cfg.distill))
+    source = source or source_folder(ctx)
     return load_student(
         ctx.model_config(cfg.model),
         cfg.optim,
@@ -72,6 +98,7 @@ def run(ctx) -> pathlib.Path:
         )
     tokenizer = load_tokenizer(ctx.paths.tokenizer)
     model_cfg, model, step = load(ctx, ctx.cfg.export.step)
+    start, said = start_folder(ctx)
     art.begin()
     hf.save_hf(
         model,
@@ -79,11 +106,12 @@ def run(ctx) -> pathlib.Path:
         art.work,
         tokenizer=tokenizer,
         max_shard_bytes=int(ctx.cfg.export.max_shard_bytes),
-        stop_ids=hf.trained_stop_ids((ctx.cfg.model.init_from, ctx.cfg.data.tokenizer), ctx.paths.prepared),
-        source=ctx.cfg.model.init_from,
+        stop_ids=hf.trained_stop_ids((start, ctx.cfg.data.tokenizer), ctx.paths.prepared),
+        source=start,
     )
     if ctx.is_writer:  # the process that wrote the tokenizer files
         _drop_load_time_keys(art.work)
-    log.info("export: step %d written to %s", step, art.path)
+    came = f"model.init_from={start} ({said})" if start else "no model.init_from"
+    log.info("export: step %d written to %s; config.json keys and stop ids from %s", step, art.path, came)
     art.finish({"step": int(step)})
     return art.path
