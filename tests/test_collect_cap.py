@@ -5,6 +5,10 @@ with one sentence, counts the answers of earlier runs when it resumes, and conti
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
+import errno
+import io
 import json
 import pathlib
 import random
@@ -13,9 +17,13 @@ import pytest
 from stage_helpers import run_stage
 
 from proxykd_jax import config as config_lib
+from proxykd_jax.teacher import client as client_mod
+from proxykd_jax.teacher import journal
 from proxykd_jax.teacher.backends import ToyBackend
 from proxykd_jax.teacher.client import CollectError
+from proxykd_jax.teacher.config import collect_config
 from proxykd_jax.teacher.listen import ServerThread
+from proxykd_jax.teacher.prompts import read_prompts
 from proxykd_jax.teacher.server import make_app
 
 PRICE_IN, PRICE_OUT = 1e6, 3e6  # per million tokens: 1 and 3 currency units per token
@@ -142,10 +150,6 @@ def test_an_endpoint_without_usage_counts_stops_a_capped_run_and_a_corpus_withou
 ):
     """Without usage counts the cap could not be kept: the run stops at the first such answer (it is stored:
     paid for), and a capped run on a corpus holding such answers is refused before any request."""
-    import dataclasses
-
-    from proxykd_jax.teacher import client as client_mod
-
     parse = client_mod.parse_answer
     monkeypatch.setattr(client_mod, "parse_answer", lambda *a, **kw: dataclasses.replace(parse(*a, **kw), usage={}))
     prompts = _prompts(tmp_path / "prompts.jsonl", 12, random.Random())
@@ -162,3 +166,134 @@ def test_an_endpoint_without_usage_counts_stops_a_capped_run_and_a_corpus_withou
         assert len(app.state.requests) == stored
         cfg.collect.max_cost = 0.0  # uncapped, the same corpus finishes
         assert run_stage("collect", cfg)["done"] == 12 - stored
+
+
+# -- answers billed but not stored (declined, or lost to a disk error) count in later runs' spend ---------------
+
+
+def _collect_cfg(tmp_path, base_url: str, prompts: pathlib.Path, **fields):
+    cfg = collect_config()
+    cfg.update(prompts=str(prompts), out=str(tmp_path / "corpus.jsonl"), base_url=base_url, model="toy", max_tokens=8)
+    cfg.update(progress=False, price_input_per_mtok=PRICE_IN, price_output_per_mtok=PRICE_OUT, concurrency=1)
+    cfg.update(fields)
+    return cfg
+
+
+def _quiet(cfg) -> tuple[dict, str]:
+    """`collect(cfg)`'s stats and its error's sentence ("" when it finished)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return client_mod.collect(cfg), ""
+        except CollectError as err:
+            return err.stats, str(err)
+
+
+def _next_run(cfg) -> client_mod.Collector:
+    """The `Collector` the same command would run next (what it counts before its first request)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return client_mod.Collector(cfg, read_prompts(cfg.prompts, cfg.api), "no-key")
+
+
+def _cost(usage: dict) -> float:
+    return (usage["prompt_tokens"] * PRICE_IN + usage["completion_tokens"] * PRICE_OUT) / 1e6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_declined_answers_count_against_the_cap_in_every_later_run(tmp_path, monkeypatch, seed):
+    """Answers without usable text are billed but not stored: their usage goes into the failures file and counts
+    in each later run's spend, so the same capped command run twice bills no more than the cap in all."""
+    rng = random.Random(seed)
+    decide, parse = random.Random(rng.random()), client_mod.parse_answer
+    declining = lambda *a, **kw: (lambda ans: dataclasses.replace(ans, text="") if decide.random() < 0.5 else ans)(  # noqa: E731
+        parse(*a, **kw)
+    )
+    monkeypatch.setattr(client_mod, "parse_answer", declining)
+    n = rng.randint(14, 20)
+    prompts = _prompts(tmp_path / "prompts.jsonl", n, rng)
+    with ServerThread(make_app(ToyBackend())) as server:
+        cfg = _collect_cfg(tmp_path, server.base_url, prompts, max_cost=round(n * 80 * rng.uniform(0.4, 0.6), 3))
+        first, said = _quiet(cfg)
+        assert "collect.max_cost" in said and "is reached" in said and sum(first["declined"].values()) > 0, said
+        assert _next_run(cfg).spent_before == pytest.approx(first["cost"])  # every answer of run 1, stored or not
+        second, _ = _quiet(cfg)
+    assert second["corpus_cost"] - second["cost"] == pytest.approx(first["cost"])
+    assert first["cost"] + second["cost"] <= cfg.max_cost
+    stored = [json.loads(line)["meta"]["usage"] for line in pathlib.Path(cfg.out).read_text().splitlines()]
+    failed = [json.loads(line) for line in pathlib.Path(cfg.out + ".failures.jsonl").read_text().splitlines()]
+    assert all(row["final"] and row["max_tokens"] == 8 for row in failed)
+    billed = stored + [row["usage"] for row in failed]
+    assert sum(u["prompt_tokens"] for u in billed) == first["tokens_in"] + second["tokens_in"]
+    assert sum(u["completion_tokens"] for u in billed) == first["tokens_out"] + second["tokens_out"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_failure_rows_with_usage_bound_the_next_run_and_rows_without_usage_count_nothing(tmp_path, seed):
+    """A new run counts the usage of the failures file's billed rows (declined, or not stored) in what the corpus
+    cost and in the fewest prompt tokens an answer was billed; old rows and failures without an answer count
+    nothing; a billed row past its limit, or one whose endpoint sent no usage, refuses a capped run as a corpus
+    record does."""
+    rng = random.Random(seed)
+    prompts = _prompts(tmp_path / "prompts.jsonl", 3, rng)
+    cfg = _collect_cfg(tmp_path, "http://127.0.0.1:9/v1", prompts, max_cost=1e9)
+    usage = lambda low: {"prompt_tokens": rng.randint(low, low + 50), "completion_tokens": rng.randint(1, 8)}  # noqa: E731
+    corpus = [{"key": f"c{i}", "meta": {"max_tokens": 8, "usage": usage(120)}} for i in range(rng.randint(2, 6))]
+    billed = [
+        {"key": f"d{i}", "reason": "no_content", "final": i % 2 == 0, "usage": usage(65), "max_tokens": 8}
+        for i in range(rng.randint(2, 6))
+    ]
+    unbilled = [{"key": "old", "reason": "content_filter", "final": True}, {"key": "x", "reason": "http_400"}]
+    pathlib.Path(cfg.out).write_text("".join(json.dumps(row) + "\n" for row in corpus))
+    fails = pathlib.Path(cfg.out + ".failures.jsonl")
+    write = lambda rows: fails.write_text("".join(json.dumps(row) + "\n" for row in rows))  # noqa: E731
+    write(billed + unbilled)
+    collector = _next_run(cfg)
+    every = [row["meta"]["usage"] for row in corpus] + [row["usage"] for row in billed]
+    assert collector.spent_before == pytest.approx(sum(map(_cost, every)))
+    assert collector.fewest_prompt_tokens == min(row["usage"]["prompt_tokens"] for row in billed)  # under 120
+    write(
+        billed
+        + unbilled
+        + [{"key": "r", "final": True, "usage": {"prompt_tokens": 9, "completion_tokens": 9}, "max_tokens": 8}]
+    )
+    with pytest.raises(CollectError, match=r"collect.max_cost is set but 1 answers in .* more completion tokens"):
+        _next_run(cfg)
+    write(billed + unbilled + [{"key": "u", "final": True, "usage": {}, "max_tokens": 8}])
+    with pytest.raises(CollectError, match=r"collect.max_cost is set but 1 answers in .* carry no usage counts"):
+        _next_run(cfg)
+
+
+@pytest.mark.parametrize("failures_too", [False, True])
+def test_an_answer_lost_to_a_disk_error_counts_later_or_the_stop_says_it_was_billed(
+    tmp_path, monkeypatch, failures_too
+):
+    """An answer the corpus could not take (a full disk) is kept with its usage in the failures file, counted by
+    the next run and asked again there; where that file cannot be written either, the stop sentence says what was
+    billed this run and stored nowhere."""
+    rng = random.Random(7 + failures_too)
+    n, ok = rng.randint(6, 10), rng.randint(1, 4)
+    prompts = _prompts(tmp_path / "prompts.jsonl", n, rng)
+    append, written = journal.DurableAppender.append, collections.Counter()
+
+    async def full_disk(self, record):
+        corpus = not self.path.name.endswith(".failures.jsonl")
+        written[corpus] += 1
+        if (corpus and written[corpus] > ok) or (not corpus and failures_too):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await append(self, record)
+
+    monkeypatch.setattr(journal.DurableAppender, "append", full_disk)
+    with ServerThread(make_app(ToyBackend())) as server:
+        cfg = _collect_cfg(tmp_path, server.base_url, prompts, max_cost=1e9)
+        first, said = _quiet(cfg)
+    monkeypatch.setattr(journal.DurableAppender, "append", append)
+    assert first["lost"] == 1 and first["done"] == ok and "No space left on device" in said
+    stored = sum(_cost(json.loads(line)["meta"]["usage"]) for line in pathlib.Path(cfg.out).read_text().splitlines())
+    lost = first["cost"] - stored
+    collector = _next_run(cfg)
+    assert len(collector.todo) == n - ok  # the lost answer is asked again
+    if failures_too:
+        assert f"1 answers billed this run (cost {lost:.6g}) are stored nowhere" in said, said
+        assert collector.spent_before == pytest.approx(stored)
+    else:
+        assert "stored nowhere" not in said
+        assert collector.spent_before == pytest.approx(first["cost"])

@@ -7,7 +7,8 @@ Retryable failures (429, 5xx, timeouts, dropped connections, malformed 200 bodie
 exponentially with full jitter, honouring Retry-After; the rest are recorded in
 `<out>.failures.jsonl` and counted in the summary. A well-formed answer without usable text (empty,
 or stopped by a content filter) is final: recorded there as `"final": true` and not asked again by a
-re-run, since asking again would pay again for the same answer.
+re-run, since asking again would pay again for the same answer. The row of an answer billed but not stored
+(final, or one the corpus could not take) keeps its `usage`, which later runs count in the corpus's cost.
 
 A circuit breaker keeps a dead or broken endpoint from holding the run: until the endpoint has
 answered once, and again whenever an attempt gets no answer at all, one request at a time probes
@@ -314,7 +315,7 @@ class Collector:
         self.rng = random.Random(cfg.seed)
         self.corpus = DurableAppender(self.out)
         self.failures = DurableAppender(self.fail_path)
-        done, billed = read_done_and_billed(self.out)
+        done, billed = read_done_and_billed(self.out, self.fail_path)  # answers billed but not stored count too
         declined = read_declined(self.fail_path)
         work = [
             (p, s, request_key(cfg.model, p, self.params, s)) for p in prompts for s in range(cfg.samples_per_prompt)
@@ -349,21 +350,22 @@ class Collector:
         self.cap = float(cfg.get("max_cost", 0.0) or 0.0)
         if self.cap and billed[2]:
             raise CollectError(
-                f"collect.max_cost is set but {billed[2]} answers in {self.out} carry no usage counts (their endpoint "
-                "sent none), so what the corpus cost is unknown; unset collect.max_cost or collect into another "
-                "collect.out"
+                f"collect.max_cost is set but {billed[2]} answers in {self.out} or its failures file carry no usage "
+                "counts (their endpoint sent none), so what the corpus cost is unknown; unset collect.max_cost or "
+                "collect into another collect.out"
             )
         passed = billed[4].get(cfg.token_limit, 0)
         if self.cap and passed:
             raise CollectError(
-                f"collect.max_cost is set but {passed} answers in {self.out} were billed more completion tokens than "
-                f"the collect.max_tokens they were sent with (as {cfg.token_limit}: hidden reasoning it does not bound), "
-                f"so what the next answers cost has no bound; {self._unbounded_advice()}"
+                f"collect.max_cost is set but {passed} answers in {self.out} or its failures file were billed more "
+                f"completion tokens than the collect.max_tokens they were sent with (as {cfg.token_limit}: hidden "
+                f"reasoning it does not bound), so what the next answers cost has no bound; {self._unbounded_advice()}"
             )
         self.spent_before = self._cost(*billed[:2])
         self.reserved, self.reservations = 0.0, 0
         self.passed_over: list = []  # (prompt, sample_index, key, prompt bytes) that did not fit: `_over_cap`
         self.fewest_prompt_tokens: int | None = billed[3]  # of the corpus's answers: bounds the endpoint's own
+        self.unrecorded = [0, 0, 0]  # answers of this run billed and written nowhere, their prompt, completion tokens
         self.stop_reason: str | None = None  # why the run stopped early (fatal error, breaker, disk)
         # Breaker state: the gate is open once the endpoint has answered; while it is shut, one
         # task (the prober) sends requests and the others wait for it to open.
@@ -685,7 +687,7 @@ class Collector:
                 return False
             if not failure.retryable:  # a definite answer for this sample: progress, not an outage
                 self._progressed()
-                return await self._fail(prompt, sample_index, key, failure)
+                return await self._fail(prompt, sample_index, key, failure, answer)
             self._failed_attempt(failure, sent)
             if self.stop_reason is not None:
                 return False
@@ -704,6 +706,8 @@ class Collector:
         except OSError as err:
             self.stats["lost"] += 1
             self._halt(f"cannot write {self.out} ({err.strerror or err})")
+            lost = _Failure("not_stored", f"cannot write {self.out} ({err.strerror or err})", False, answered=True)
+            await self._note(prompt, sample_index, key, lost, answer)  # its usage, for later runs to count
             return False
         self.stats["done"] += 1
         if cfg.top_logprobs > 0:
@@ -726,9 +730,17 @@ class Collector:
                 "text-only records)"
             )
 
-    async def _fail(self, prompt: Prompt, sample_index: int, key: str, failure: _Failure) -> bool:
+    async def _fail(self, prompt: Prompt, sample_index: int, key: str, failure: _Failure, answer=None) -> bool:
+        """Counts a failed or declined sample and records it in the failures file; `answer`: the one it was billed."""
         counts = self.stats["declined" if failure.final else "failed"]
         counts[failure.reason] = counts.get(failure.reason, 0) + 1
+        await self._note(prompt, sample_index, key, failure, answer)
+        return True
+
+    async def _note(self, prompt: Prompt, sample_index: int, key: str, failure: _Failure, answer: Answer | None):
+        """Appends a sample's failure row; one of an `answer` that was billed but not stored keeps its usage and the
+        limit it was sent with, which later runs count as billed (`journal.read_done_and_billed`). Where the row
+        cannot be written, the run stops, and such an answer is counted as billed and written nowhere."""
         row = {
             "id": prompt.id,
             "line": prompt.line,
@@ -739,11 +751,20 @@ class Collector:
             "final": failure.final,
             "time": time.time(),
         }
+        if answer is not None:
+            row.update({"usage": answer.usage, self.cfg.token_limit: self.params["max_tokens"]})
         try:
             await self.failures.append(row)
         except OSError as err:
             self._halt(f"cannot write {self.fail_path} ({err.strerror or err})")
-        return True
+            if answer is not None:
+                n, tokens_in, tokens_out = self.unrecorded
+                usage = answer.usage
+                self.unrecorded = [
+                    n + 1,
+                    tokens_in + usage.get("prompt_tokens", 0),
+                    tokens_out + usage.get("completion_tokens", 0),
+                ]
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -808,8 +829,8 @@ class Collector:
                 else ""
             )
             return (
-                f"collect stopped: {self.stop_reason}; {counts}{lost}; finished samples are safe in {self.out} "
-                "and re-running the same command continues with the rest"
+                f"collect stopped: {self.stop_reason}; {counts}{lost}{self._written_nowhere()}; finished samples are "
+                f"safe in {self.out} and re-running the same command continues with the rest"
             )
         if n_failed and not self.ever_answered:
             return (
@@ -828,6 +849,22 @@ class Collector:
                 f"{self.fail_path}); check the prompts and collect.model"
             )
         return None
+
+    def _written_nowhere(self) -> str:
+        """What this run was billed for answers that neither the corpus nor its failures file could take: a later
+        run cannot count them (nor keep `collect.max_cost` with them)."""
+        n, tokens_in, tokens_out = self.unrecorded
+        if not n:
+            return ""
+        priced = self.cfg.price_input_per_mtok or self.cfg.price_output_per_mtok
+        billed = (
+            f"cost {self._cost(tokens_in, tokens_out):.6g}" if priced else f"{tokens_in}/{tokens_out} tokens in/out"
+        )
+        capped = " against collect.max_cost" if self.cap else " in the corpus's cost"
+        return (
+            f"; {n} answers billed this run ({billed}) are stored nowhere ({self.out} and {self.fail_path} could not "
+            f"be written): a re-run cannot count them{capped}"
+        )
 
 
 def resolve_api_key(cfg) -> str:

@@ -36,16 +36,50 @@ def read_done(out: pathlib.Path) -> set[str]:
     return read_done_and_billed(out)[0]
 
 
-def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int, int, int | None, dict[str, int]]]:
+class _Bill:
+    """What answers were billed, added up one answer at a time (`read_done_and_billed`'s totals)."""
+
+    def __init__(self):
+        self.tokens_in, self.tokens_out, self.unbilled = 0, 0, 0
+        self.fewest: int | None = None
+        self.passed: dict[str, int] = {}
+
+    def add(self, usage, sent: dict):
+        """One answer's `usage` as the endpoint sent it, `sent` the row holding the limit it was sent with."""
+        usage = usage_counts(usage)
+        if not usage:
+            self.unbilled += 1
+            return
+        self.tokens_in += usage["prompt_tokens"]
+        self.tokens_out += usage["completion_tokens"]
+        self.fewest = usage["prompt_tokens"] if self.fewest is None else min(self.fewest, usage["prompt_tokens"])
+        for field in ("max_tokens", "max_completion_tokens"):
+            if isinstance(sent.get(field), int) and usage["completion_tokens"] > sent[field]:
+                self.passed[field] = self.passed.get(field, 0) + 1
+
+    def totals(self) -> tuple[int, int, int, int | None, dict[str, int]]:
+        return self.tokens_in, self.tokens_out, self.unbilled, self.fewest, self.passed
+
+
+def read_done_and_billed(
+    out: pathlib.Path, failures: pathlib.Path | None = None
+) -> tuple[set[str], tuple[int, int, int, int | None, dict[str, int]]]:
     """(`read_done`'s keys, (the prompt and completion tokens its answers were billed: their `meta.usage`,
     the answers whose endpoint sent no usage, the fewest prompt tokens an answer was billed: None for none,
     per limit field, `meta.max_tokens` or `meta.max_completion_tokens` as sent, the answers billed more
-    completion tokens than it: hidden reasoning the limit did not bound))."""
-    if not out.exists():
-        return set(), (0, 0, 0, None, {})
-    lines = _read_cut_torn(out)
-    done, billed_in, billed_out, unbilled, fewest, passed = set(), 0, 0, 0, None, {}
-    for lineno, raw in enumerate(lines[:-1], start=1):
+    completion tokens than it: hidden reasoning the limit did not bound)). With `failures`, the corpus's
+    failures file, its answers billed but not stored (rows with a `usage`, beside the limit as sent) count too."""
+    bill = _Bill()
+    done = _read_corpus(out, bill) if out.exists() else set()
+    if failures is not None:
+        _read_failures(failures, bill)
+    return done, bill.totals()
+
+
+def _read_corpus(out: pathlib.Path, bill: _Bill) -> set[str]:
+    """The corpus's keys; adds each record's `meta.usage` to `bill`."""
+    done = set()
+    for lineno, raw in enumerate(_read_cut_torn(out)[:-1], start=1):
         if not raw.strip():
             continue
         try:
@@ -57,21 +91,19 @@ def read_done_and_billed(out: pathlib.Path) -> tuple[set[str], tuple[int, int, i
                 "move the file aside or point collect.out elsewhere"
             ) from None
         meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
-        usage = usage_counts(meta.get("usage"))
-        if usage:
-            billed_in, billed_out = billed_in + usage["prompt_tokens"], billed_out + usage["completion_tokens"]
-            fewest = usage["prompt_tokens"] if fewest is None else min(fewest, usage["prompt_tokens"])
-            for field in ("max_tokens", "max_completion_tokens"):
-                if isinstance(meta.get(field), int) and usage["completion_tokens"] > meta[field]:
-                    passed[field] = passed.get(field, 0) + 1
-        else:
-            unbilled += 1
-    return done, (billed_in, billed_out, unbilled, fewest, passed)
+        bill.add(meta.get("usage"), meta)
+    return done
 
 
 def read_declined(path: pathlib.Path) -> set[str]:
     """Keys the endpoint answered for good without usable text (`"final": true` rows of the failures
     file): asking again would pay again for the same answer. Unreadable lines are skipped."""
+    return _read_failures(path, _Bill())
+
+
+def _read_failures(path: pathlib.Path, bill: _Bill) -> set[str]:
+    """`read_declined`'s keys; adds to `bill` each row's `usage`: the rows of answers billed but not stored (rows
+    written before they kept it, and failures without an answer, have none and count nothing)."""
     if not path.exists():
         return set()
     lines = _read_cut_torn(path)  # else the next append would merge into the torn line and be lost
@@ -81,8 +113,12 @@ def read_declined(path: pathlib.Path) -> set[str]:
             row = json.loads(raw)
         except ValueError:  # a torn or blank line
             continue
-        if isinstance(row, dict) and row.get("final") is True and isinstance(row.get("key"), str):
+        if not isinstance(row, dict):
+            continue
+        if row.get("final") is True and isinstance(row.get("key"), str):
             keys.add(row["key"])
+        if "usage" in row:
+            bill.add(row["usage"], row)
     return keys
 
 
