@@ -17,10 +17,10 @@ from proxykd_jax.errors import ConfigError
 
 
 def model_group(init_from: str = "") -> ml_collections.ConfigDict:
-    """A model shape (models.llama.default_config) plus where its weights come from."""
-    from proxykd_jax.models import llama
+    """A model shape (models.config.default_config) plus where its weights come from."""
+    from proxykd_jax.models import config as model_config
 
-    cd = llama.default_config()
+    cd = model_config.default_config()
     cd.init_from = init_from  # local Hugging Face folder with weights; "" = random init from run.seed
     return cd
 
@@ -31,12 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
     from proxykd_jax.align import config as align_config
     from proxykd_jax.bayes import config as bayes_config
     from proxykd_jax.data import config as data_config
-    from proxykd_jax.eval import benchmark
     from proxykd_jax.eval import config as eval_config
     from proxykd_jax.parallel import mesh
     from proxykd_jax.report import config as report_config
     from proxykd_jax.teacher import config as teacher_config
-    from proxykd_jax.train import distill, export, loop, optim
+    from proxykd_jax.train.config import distill_config, export_config, loop_config, optim_config
 
     cfg = ml_collections.ConfigDict()
     cfg.run = context.run_config()
@@ -46,15 +45,15 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.data = data_config.default_config()
     cfg.prior = bayes_config.prior_config()
     cfg.posterior = bayes_config.posterior_config()
-    cfg.optim = optim.default_config()
-    cfg.train = loop.default_config()
+    cfg.optim = optim_config()
+    cfg.train = loop_config()
     cfg.align = align_config.default_config()
-    cfg.distill = distill.default_config()
+    cfg.distill = distill_config()
     cfg.collect = teacher_config.collect_config()
     cfg.serve = teacher_config.serve_config()
     cfg.eval = eval_config.default_config()
-    cfg.export = export.default_config()
-    cfg.demo = benchmark.default_config()
+    cfg.export = export_config()
+    cfg.demo = eval_config.demo_config()
     cfg.report = report_config.default_config()
     return cfg
 
@@ -68,7 +67,7 @@ def _check_model(name: str, group) -> None:
             f"config.{name}.num_heads={group.num_heads} is not a multiple of "
             f"num_kv_heads={group.num_kv_heads}; grouped-query attention needs it to be."
         )
-    from proxykd_jax.models.llama import ModelConfig
+    from proxykd_jax.models.config import ModelConfig
 
     try:  # the remaining per-field checks (remat, attention, dtypes, scan_layers, RoPE scaling) live there
         ModelConfig.from_config(group)
@@ -219,7 +218,7 @@ def _check_report_seeds(text) -> None:
 def _check_known_teacher(cfg, stage: str) -> None:
     """The demo's and the report's known teachers (`eval/benchmark.py`, `report/settings.py`): built with the
     proxy's heads over the proxy's vocabulary (a character teacher: its own 36 tokens)."""
-    from proxykd_jax.eval.benchmark import CHAR_TEACHER_VOCAB
+    from proxykd_jax.eval.config import CHAR_TEACHER_VOCAB
     from proxykd_jax.models.tokenizer import SPECIAL_TOKENS
 
     demo, heads = cfg.demo, int(cfg.proxy.num_heads)

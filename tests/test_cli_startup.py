@@ -1,6 +1,7 @@
-"""A refusal in config validation is quick: the CLI loads the config and refuses it without importing the
-tokenizer and checkpoint libraries (transformers pulls in torch where it is installed: seconds per typo).
-Each case runs the CLI's `main` in a fresh interpreter and reads `sys.modules` after it exits."""
+"""A refusal in config validation and a stage's `--help` are quick: the CLI loads the config defaults and
+refuses the config (or lists its fields) without importing the model, optimiser, data-pipeline, checkpoint and
+tokenizer libraries (transformers pulls in torch where it is installed: seconds per typo). Each case runs the
+CLI's `main` in a fresh interpreter and reads `sys.modules` after it exits."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import sys
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-# what a refusal must not import (transformers and torch cost seconds). The modules that own config defaults
-# still import jax, flax and optax (models/llama.py, train/optim.py), grain and orbax (train/distill.py,
-# train/checkpoint.py) and safetensors (models/safetensors_io.py, through eval/benchmark.py).
-HEAVY = ("transformers", "torch", "tokenizers")
+# what a refusal or a stage's --help must not import (transformers and torch cost seconds; flax, optax, grain,
+# orbax and safetensors together about 0.8 s). The config defaults live in modules that import none of them
+# (models/config.py, train/config.py, align/config.py, eval/config.py, the other packages' config.py), and the
+# packages models, train, data, parallel and report load their heavy modules on first use of a name
+# (`__getattr__`). jax itself is still imported (context/__init__.py, the `run` group's owner).
+HEAVY = ("transformers", "torch", "tokenizers", "flax", "optax", "grain", "orbax", "safetensors")
 WRAPPER = """
 import json, sys
 from proxykd_jax import cli
@@ -64,3 +67,35 @@ def test_the_usage_imports_no_jax():
     code, err, modules = _run_cli("--help")
     assert code == 0 and err == ""
     assert sorted(modules & {"jax", "ml_collections", *HEAVY}) == []
+
+
+@pytest.mark.parametrize("stage", ["distill", "demo"])  # demo reads every group
+def test_a_stage_help_imports_no_heavy_library(stage):
+    code, err, modules = _run_cli(stage, "--help")
+    assert code == 0 and err == "", err[-3000:]
+    assert sorted(modules & set(HEAVY)) == []
+
+
+DEFERRED_NAMES = """
+import importlib
+for pkg in ("models", "train", "data", "parallel", "report"):
+    module = importlib.import_module("proxykd_jax." + pkg)
+    for name in module.__all__:
+        value = getattr(module, name)
+        home = importlib.import_module(value.__module__) if hasattr(value, "__module__") else module
+        assert getattr(home, name, value) is value, (pkg, name)
+from proxykd_jax import train
+assert callable(train.optim.make_optimizer)  # a module as an attribute (benchmarks/distill_step.py)
+from proxykd_jax.data import prepare
+assert callable(prepare) and prepare.__module__ == "proxykd_jax.data.prepare"  # the function, not the module
+print("ok")
+"""
+
+
+def test_the_deferred_package_names_all_load():
+    # models, train, data, parallel and report import their heavy modules on the first use of a name; each name of
+    # their __all__ is still the object its module defines (in a fresh interpreter: the report's runner imports
+    # the report's metrics module while the package's names load)
+    env = os.environ | {"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", DEFERRED_NAMES], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -1,8 +1,7 @@
-"""Defaults of the `align` config group (read by align/rounds.py)."""
+"""Defaults of the `align` config group (read by align/rounds.py) and of its `lora` part (align/lora.py, which
+re-exports them as `default_config`); no flax: config checks and `proxykd <stage> --help` read this module alone."""
 
 import ml_collections
-
-from proxykd_jax.align import lora as lora_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -32,5 +31,14 @@ def default_config() -> ml_collections.ConfigDict:
     cd.heldout_samples = 64  # held-out split examples scored (NLL) after every phase; 0 = all
     cd.warmup_steps = 10  # linear LR warm-up of each phase (replaces optim.warmup_steps; capped below its updates)
     cd.checkpoint_every = 50  # steps between checkpoints within a phase
-    cd.lora = lora_lib.default_config()  # optional low-rank adapters (rank 0 = full fine-tuning)
+    cd.lora = lora_config()  # optional low-rank adapters (rank 0 = full fine-tuning)
+    return cd
+
+
+def lora_config() -> ml_collections.ConfigDict:
+    """Defaults of `align.lora`."""
+    cd = ml_collections.ConfigDict()
+    cd.rank = 0  # adapter rank r; 0 = LoRA off (full fine-tuning of the proxy)
+    cd.alpha = 16.0  # scale numerator: W_eff = W + alpha / rank * A @ B
+    cd.targets = ("wq", "wk", "wv", "wo")  # weight names to adapt (any of wq wk wv wo w_gate w_up w_down)
     return cd

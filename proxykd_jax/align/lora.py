@@ -21,23 +21,14 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
+from proxykd_jax.align.config import lora_config as default_config  # noqa: F401  (re-exported)
 from proxykd_jax.errors import ConfigError
 
 # Number of leading (input) axes of each adaptable weight of models/llama.py.
 INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults of `align.lora`."""
-    cd = ml_collections.ConfigDict()
-    cd.rank = 0  # adapter rank r; 0 = LoRA off (full fine-tuning of the proxy)
-    cd.alpha = 16.0  # scale numerator: W_eff = W + alpha / rank * A @ B
-    cd.targets = ("wq", "wk", "wv", "wo")  # weight names to adapt (any of wq wk wv wo w_gate w_up w_down)
-    return cd
 
 
 def check_targets(targets, *, empty_ok: bool = True) -> None:

@@ -1,5 +1,8 @@
 """Teacher corpus readers, tokenisation and splits, the `prepare` stage, the sparse posterior store
-and the grain pipelines. Formats: docs/DATA_FORMATS.md."""
+and the grain pipelines. Formats: docs/DATA_FORMATS.md.
+
+The pipelines' names (`data/pipeline.py`, grain) load on their first use (`proxykd_jax.deferred`), so config
+checks and `proxykd <stage> --help` (the `data` group's defaults, `data/config.py`) import no grain."""
 
 from absl import flags as _flags
 
@@ -9,11 +12,11 @@ if not _flags.FLAGS.is_parsed():
 
 from proxykd_jax.data.config import SPLITS, default_config  # noqa: E402
 from proxykd_jax.data.corpus import DataError, Sample, iter_corpus, stable_int63  # noqa: E402
-from proxykd_jax.data.pipeline import iter_samples, make_dataset, make_iterator, open_store, to_global_batch  # noqa: E402
 from proxykd_jax.data.prepare import prepare, tokenizer_hash  # noqa: E402
 from proxykd_jax.data.records import PreparedData, decode_record, encode_record  # noqa: E402
 from proxykd_jax.data.split import assign_split, split_fractions  # noqa: E402
 from proxykd_jax.data.store import StoreEntry, StoreReader, StoreWriter, kl_to_stored  # noqa: E402
+from proxykd_jax.deferred import names_of  # noqa: E402
 
 __all__ = [
     "DataError",
@@ -39,3 +42,7 @@ __all__ = [
     "to_global_batch",
     "tokenizer_hash",
 ]
+
+__getattr__ = names_of(
+    __name__, {"pipeline": ("iter_samples", "make_dataset", "make_iterator", "open_store", "to_global_batch")}
+)

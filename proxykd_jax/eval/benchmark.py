@@ -12,32 +12,13 @@ import json
 import pathlib
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
+from proxykd_jax.eval.config import CHAR_TEACHER_VOCAB
+from proxykd_jax.eval.config import demo_config as default_config  # noqa: F401  (re-exported)
 from proxykd_jax.eval.folders import save_atomic, saved_teacher
 from proxykd_jax.models import hf
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults of the `demo` group: the known teacher and the collected corpus."""
-    cd = ml_collections.ConfigDict()
-    cd.teacher_seed = 1234  # seed the known teacher is built from
-    cd.teacher_d_model = 64  # teacher width (the proxy has the teacher's shape: config.proxy)
-    cd.teacher_num_layers = 2  # teacher depth
-    cd.teacher_entropy = 1.5  # mean next-token entropy of the teacher (nats)
-    cd.num_prompts = 400  # prompts sent to the teacher
-    cd.samples_per_prompt = 4  # teacher responses per prompt (informs the per-prompt tries)
-    cd.max_new_tokens = 24  # longest teacher response
-    cd.proxy_noise = 0.15  # proxy init = teacher weights * (1 + proxy_noise * N(0, 1)), element-wise
-    cd.teacher_tokenizer = (
-        "same"  # "same": the teacher tokenises like the student; "char": a character-level teacher (docs/TOKENIZERS.md)
-    )
-    return cd
-
-
-CHAR_TEACHER_VOCAB = 36  # the character teacher: 4 specials + 32 characters (a few of them two UTF-8 bytes)
 
 
 def make_teacher(demo_cfg, proxy_cfg, folder: pathlib.Path):

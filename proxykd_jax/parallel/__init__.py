@@ -1,22 +1,12 @@
-"""Device mesh, logical-axis sharding rules, sharded model construction and jax.distributed start-up."""
+"""Device mesh, logical-axis sharding rules, sharded model construction and jax.distributed start-up.
 
+The names of `parallel/sharding.py` (flax) load on their first use (`proxykd_jax.deferred`), so config checks and `proxykd <stage> --help`
+(the `mesh` group's defaults, `parallel/mesh.py`) import no flax."""
+
+from proxykd_jax.deferred import names_of
 from proxykd_jax.parallel.distributed import DistributedPlan, maybe_initialize_distributed, resolve_distributed
 from proxykd_jax.parallel.mesh import MESH_AXES, default_config, make_mesh, resolve_shape
 from proxykd_jax.parallel.rules import LOGICAL_RULES, logical_to_pspec, logical_to_sharding, normalize_rules
-from proxykd_jax.parallel.sharding import (
-    ModelBuilder,
-    batch_sharding,
-    create_sharded_model,
-    global_batch,
-    global_batches,
-    mesh_of,
-    place_model,
-    replicated,
-    shardings_of,
-    state_shardings,
-    under_mesh,
-    variable_sharding,
-)
 
 __all__ = [
     "DistributedPlan",
@@ -43,3 +33,23 @@ __all__ = [
     "under_mesh",
     "variable_sharding",
 ]
+
+__getattr__ = names_of(
+    __name__,
+    {
+        "sharding": (
+            "ModelBuilder",
+            "batch_sharding",
+            "create_sharded_model",
+            "global_batch",
+            "global_batches",
+            "mesh_of",
+            "place_model",
+            "replicated",
+            "shardings_of",
+            "state_shardings",
+            "under_mesh",
+            "variable_sharding",
+        )
+    },
+)

@@ -1,14 +1,11 @@
 """Train state, optimizer, pure jitted steps and the shared training loop.
 
-Config groups: `train` (`train.loop.default_config`) and `optim` (`train.optim.default_config`).
+Config groups: `train` (`train.loop.default_config`) and `optim` (`train.optim.default_config`); their defaults
+and the `distill` and `export` groups' live in `train/config.py`, which imports no flax, optax, orbax or grain.
+The names below load with their modules on their first use (`proxykd_jax.deferred`).
 """
 
-from proxykd_jax.train.checkpoint import Checkpointer
-from proxykd_jax.train.loop import Loop, TrainingDiverged
-from proxykd_jax.train.metrics import MetricsWriter, measure_matmul_peak, read_metrics, step_flops
-from proxykd_jax.train.optim import make_optimizer, make_schedule
-from proxykd_jax.train.state import TrainState, abstract_like, create_train_state, train_state_shardings
-from proxykd_jax.train.step import make_eval_step, make_multi_step, make_train_step
+from proxykd_jax.deferred import names_of
 
 __all__ = [
     "Checkpointer",
@@ -28,3 +25,14 @@ __all__ = [
     "step_flops",
     "train_state_shardings",
 ]
+__getattr__ = names_of(
+    __name__,
+    {
+        "checkpoint": ("Checkpointer",),
+        "loop": ("Loop", "TrainingDiverged"),
+        "metrics": ("MetricsWriter", "measure_matmul_peak", "read_metrics", "step_flops"),
+        "optim": ("make_optimizer", "make_schedule"),
+        "state": ("TrainState", "abstract_like", "create_train_state", "train_state_shardings"),
+        "step": ("make_eval_step", "make_multi_step", "make_train_step"),
+    },
+)

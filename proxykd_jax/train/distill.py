@@ -29,7 +29,6 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from proxykd_jax import data, losses, models, parallel, train
@@ -37,19 +36,9 @@ from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import hf
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.parallel import hosts
+from proxykd_jax.train.config import distill_config as default_config  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults of the `distill` config group (steps, batch and optimiser: `train`, `data`, `optim`)."""
-    cd = ml_collections.ConfigDict()
-    cd.loss = losses.default_config()  # CE + KD settings: alpha (0 = SFT baseline), divergence, tail_mode, ...
-    cd.split = "distill"  # prepared split the student trains on
-    cd.white_box = ""  # Hugging Face folder of an open teacher: distil from its live logits; "" = use the store
-    cd.output = ""  # run-dir subfolder for checkpoints; "" = student, or student_sft when loss.alpha == 0
-    cd.seed = 1  # offset added to run.seed for the student's init and the sampled-tail draws
-    return cd
 
 
 def _flatten(batch, *names):

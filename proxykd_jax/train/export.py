@@ -11,23 +11,13 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from proxykd_jax import train
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.parallel.sharding import ModelBuilder
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults of the `export` config group."""
-    cd = ml_collections.ConfigDict()
-    cd.source = ""  # run-dir subfolder of the student to export; "" = distill's output for this config
-    cd.step = 0  # checkpoint step to export; 0 = the newest
-    cd.out = ""  # output folder; "" = <run>/export
-    cd.max_shard_bytes = 5 * 10**9  # largest safetensors file; above it: several plus model.safetensors.index.json
-    return cd
+from proxykd_jax.train.config import export_config as default_config  # noqa: F401  (re-exported)
 
 
 def _abstract_state(model_cfg: ModelConfig, optim_cfg, steps: int, mesh, rules):

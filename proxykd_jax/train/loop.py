@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
@@ -37,28 +36,12 @@ from proxykd_jax import progress
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.parallel.sharding import global_batch, global_batches
 from proxykd_jax.train.checkpoint import Checkpointer
+from proxykd_jax.train.config import loop_config as default_config  # noqa: F401  (re-exported)
 from proxykd_jax.train.metrics import MetricsWriter, measure_matmul_peak
 from proxykd_jax.train.state import TrainState, abstract_like
 from proxykd_jax.train.step import auto_steps_for_batch, make_multi_step, resolve_steps_per_call
 
 log = logging.getLogger(__name__)
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults of the `train` config group."""
-    cd = ml_collections.ConfigDict()
-    cd.steps = 1000  # loop steps (micro-batches; optimizer updates = steps // optim.grad_accum)
-    cd.batch_size = 8  # global batch rows per step (all processes together)
-    cd.seq_len = 256  # tokens per row
-    cd.checkpoint_every = 200  # save every N steps and at the end; 0 = never save or resume
-    cd.keep_checkpoints = 3  # keep the newest K checkpoints
-    cd.log_every = 10  # write metrics (JSONL, TensorBoard, progress bar) every N steps
-    cd.eval_every = 0  # run the eval step over the eval batches every N steps; 0 = never
-    cd.tensorboard = True  # also write TensorBoard event files into tensorboard/ beside the run's metrics.jsonl
-    cd.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0 = measure a matmul in the model's compute dtype at start
-    cd.progress = True  # show a tqdm progress bar (process 0)
-    cd.steps_per_call = 0  # steps per compiled call (a scan); 0 = auto: up to 16 on CPU for runs >= 1000 steps, else 1
-    return cd
 
 
 @functools.cache

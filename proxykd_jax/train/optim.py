@@ -6,27 +6,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from proxykd_jax.errors import ConfigError
 from proxykd_jax.models.llama import NO_WEIGHT_DECAY
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Defaults of the `optim` config group."""
-    cd = ml_collections.ConfigDict()
-    cd.lr = 3e-4  # peak learning rate (reached after warm-up)
-    cd.warmup_steps = 100  # linear warm-up from 0 over this many optimizer updates
-    cd.decay_steps = 0  # cosine decay length in optimizer updates incl. warm-up; 0 = train.steps // grad_accum
-    cd.min_lr_ratio = 0.1  # final learning rate as a fraction of `lr`
-    cd.weight_decay = 0.1  # decoupled weight decay (AdamW) on weight matrices and embeddings (not norms, biases)
-    cd.b1 = 0.9  # Adam first-moment decay
-    cd.b2 = 0.95  # Adam second-moment decay
-    cd.eps = 1e-8  # Adam epsilon
-    cd.clip_norm = 1.0  # clip the (accumulated) gradient to this global L2 norm; 0 = no clipping
-    cd.grad_accum = 1  # micro-batches per optimizer update (their token-weighted mean gradient); each is one loop step
-    return cd
+from proxykd_jax.train.config import optim_config as default_config  # noqa: F401  (re-exported)
 
 
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:

@@ -1,0 +1,219 @@
+"""The `model` config group: its defaults (`default_config`) and `ModelConfig`, the shape and numerics of one
+Llama-family decoder with their checks. It imports no flax: config validation and `proxykd <stage> --help`
+read this module alone; `models/llama.py`, the decoder, re-exports its names."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pkgutil
+
+import jax
+import ml_collections
+import numpy as np
+
+from proxykd_jax.models.attention import GPU_PLATFORMS, IMPLEMENTATIONS, PACKED_MAX_SEGMENTS
+
+REMAT_POLICIES = ("none", "full", "save_dots", "dots_with_no_batch_dims", "offload")
+# The forms of `model.rope_scaling`, each transformers 5's RoPE type of that name (modeling_rope_utils) with every
+# parameter that changes the numbers, in this order; YaRN's attention_factor is the resolved one (from mscale and
+# mscale_all_dim, or factor, where config.json gives none), its beta_fast / beta_slow the defaults 32 / 1 filled in.
+ROPE_SCALING_FORMS = (
+    "('llama3', factor, low_freq_factor, high_freq_factor, original_max_position), ('linear', factor) or "
+    "('yarn', factor, original_max_position, beta_fast, beta_slow, truncate, attention_factor)"
+)
+
+
+def _valid_rope_scaling(value) -> bool:
+    """Whether `value` is one of `ROPE_SCALING_FORMS`, every number finite and above 0, truncate a bool."""
+
+    def positive(x) -> bool:
+        return (
+            isinstance(x, (int, float, np.integer, np.floating))
+            and not isinstance(x, (bool, np.bool_))
+            and 0 < x < math.inf
+        )
+
+    if not isinstance(value, (tuple, list)) or not value:
+        return False
+    kind, *rest = value
+    if kind == "llama3":
+        return len(rest) == 4 and all(map(positive, rest))
+    if kind == "linear":
+        return len(rest) == 1 and positive(rest[0])
+    if kind == "yarn":
+        if len(rest) != 6:
+            return False
+        factor, original, beta_fast, beta_slow, truncate, attention_factor = rest
+        whole = positive(original) and float(original).is_integer()
+        return (
+            whole
+            and all(map(positive, (factor, beta_fast, beta_slow, attention_factor)))
+            and isinstance(truncate, (bool, np.bool_))
+        )
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of one Llama-family decoder."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rope_theta: float = 10000.0
+    rope_scaling: tuple | None = None  # None or one of `ROPE_SCALING_FORMS` (see `rope_inv_freq`)
+    rms_eps: float = 1e-5
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    max_seq_len: int = 2048
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    scan_layers: bool | str = "auto"  # resolved to a bool by __post_init__ (see `resolve_scan_layers`)
+    remat: str = "none"
+    attention: str = "auto"
+    attention_segments: int = PACKED_MAX_SEGMENTS
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "d_ff",
+            "attention_segments",
+        ):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"model.{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})."
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}.")
+        if self.qk_norm and self.qkv_bias:
+            raise ValueError(
+                "model.qk_norm (Qwen3) with model.qkv_bias (Qwen2) is a model no Hugging Face family holds, so it "
+                "could not be exported; set one of them to False."
+            )
+        if self.rope_scaling is not None:
+            if not _valid_rope_scaling(self.rope_scaling):
+                raise ValueError(f"model.rope_scaling must be None or {ROPE_SCALING_FORMS}, got {self.rope_scaling!r}.")
+            object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}.")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {self.attention!r}.")
+        object.__setattr__(self, "scan_layers", resolve_scan_layers(self.scan_layers, int(self.num_layers), self.remat))
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}.")
+
+    def num_params(self) -> int:
+        """Total parameter count (embedding counted once when tied)."""
+        d, h, g, e, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.d_ff
+        attn = d * h * e + 2 * d * g * e + h * e * d + (h * e + 2 * g * e if self.qkv_bias else 0)
+        attn += 2 * e if self.qk_norm else 0
+        block = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.num_layers * block + d + head
+
+    def to_config(self) -> ml_collections.ConfigDict:
+        """This config as a ConfigDict with the fields of `default_config()`."""
+        cd = default_config()
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            cd[field.name] = list(value) if isinstance(value, tuple) else value
+        return cd
+
+    @classmethod
+    def from_config(cls, cd) -> ModelConfig:
+        """Builds a ModelConfig from a ConfigDict (or mapping) with the fields of `default_config()`
+        (a config group's `init_from`, where its weights come from, is not a shape field: skipped)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in cd.items() if k != "init_from"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown model config field(s) {unknown}; known fields are {sorted(known)}.")
+        if values.get("rope_scaling") is not None:
+            values["rope_scaling"] = tuple(values["rope_scaling"])
+        return cls(**values)
+
+
+# Unrolled layers make the CPU train step 10-15% faster at 4 layers (benchmarks/train_step.py
+# --scanned) and compile about as fast up to a handful of layers; compile time then grows with
+# depth (benchmarks/compile_time.py: 17.4 s scanned vs 96.1 s unrolled at 32 layers). Under remat
+# only the scan saves memory on XLA:CPU (6 layers, full remat: temporaries 18.5 of 20.0 MB unrolled,
+# 4.7 of 26.3 MB scanned), so "auto" scans whenever a remat policy is set. On an H200 the scan cost
+# the 1.1B student's train step 15% (benchmarks/gpu_check.py: MFU 39.6-40.4% scanned vs 46.5-47.3%
+# unrolled at 16 layers, compile 8-15 s either way): there "auto" unrolls at any depth without remat.
+AUTO_UNROLL_MAX_LAYERS = 8
+
+
+def default_platform() -> str:
+    """jax's default platform without initialising a backend (configs are built before
+    `jax.distributed.initialize`, which must come first): the initialised backend's when there is one,
+    else the first of `jax_platforms` (JAX_PLATFORMS), else "gpu" when a CUDA or ROCm plugin is
+    installed, else "cpu"."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return jax.default_backend()
+    if jax.config.jax_platforms:
+        return jax.config.jax_platforms.split(",")[0].strip().lower()
+    try:
+        import jax_plugins
+    except ImportError:
+        return "cpu"
+    names = [m.name for m in pkgutil.iter_modules(getattr(jax_plugins, "__path__", []))]
+    return "gpu" if any("cuda" in n or "rocm" in n for n in names) else "cpu"
+
+
+def resolve_scan_layers(value, num_layers: int, remat: str = "none", platform: str | None = None) -> bool:
+    """`model.scan_layers` as a bool: True / False as given; "auto" unrolls models without
+    rematerialisation that have at most `AUTO_UNROLL_MAX_LAYERS` layers or run on a GPU (`platform`,
+    default `default_platform()`), and scans the rest."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, str) and value.lower() == "auto":
+        if remat != "none":
+            return True
+        platform = platform or default_platform()
+        return num_layers > AUTO_UNROLL_MAX_LAYERS and platform not in GPU_PLATFORMS
+    raise ValueError(f"model.scan_layers must be True, False or 'auto', got {value!r}.")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Defaults of the `model` config group (a tiny model; presets override every shape field)."""
+    cd = ml_collections.ConfigDict()
+    cd.vocab_size = 512  # vocabulary size (must match the tokenizer)
+    cd.d_model = 64  # residual stream width D
+    cd.num_layers = 2  # number of decoder blocks
+    cd.num_heads = 4  # query heads H
+    cd.num_kv_heads = 2  # key/value heads G (grouped-query attention; H % G == 0)
+    cd.head_dim = 16  # per-head width E
+    cd.d_ff = 128  # SwiGLU hidden width F
+    cd.rope_theta = 10000.0  # RoPE base
+    cd.rope_scaling = ml_collections.FieldReference(
+        None, field_type=tuple
+    )  # None, ("linear", factor), ("llama3", ...) or ("yarn", ...): models/llama.py ROPE_SCALING_FORMS
+    cd.rms_eps = 1e-5  # RMSNorm epsilon
+    cd.qkv_bias = False  # bias on q/k/v projections (Qwen2)
+    cd.qk_norm = False  # per-head RMSNorm of queries and keys after the projection, before RoPE (Qwen3)
+    cd.tie_embeddings = False  # share the input embedding with the output layer
+    cd.max_seq_len = 2048  # longest sequence the model is used with
+    cd.param_dtype = "float32"  # storage dtype of parameters
+    cd.dtype = "float32"  # compute dtype of activations (logits are always float32)
+    auto = ml_collections.FieldReference("auto", field_type=object)  # a bool or "auto"
+    cd.scan_layers = auto  # True: lax.scan over layers; False: unrolled; auto: unroll w/o remat (<= 8 layers on CPU)
+    cd.remat = "none"  # per-layer rematerialisation: none, full, save_dots, dots_with_no_batch_dims, offload
+    cd.attention = "auto"  # auto, blocked, xla, cudnn, cudnn_masked, pallas (models/attention.py)
+    cd.attention_segments = PACKED_MAX_SEGMENTS  # cudnn: segments per row (a padding tail is free); more: the mask
+    return cd
