@@ -205,6 +205,20 @@ def _check_tuple_overrides(cfg, argv: list[str]) -> None:
             ) from None
 
 
+def _none_overrides(cfg, argv: list[str]) -> None:
+    """`--config.FIELD=None` on a tuple field (`model.rope_scaling`): ml_collections parses it as `(None,)`, which
+    no such field takes; it means None, as in a config file."""
+    from proxykd_jax.config import get_field
+
+    for field, raw in _overrides(argv):
+        if raw is not None and raw.strip() == "None" and get_field(cfg, field) == (None,):
+            *groups, leaf = field.split(".")
+            node = cfg
+            for group in groups:
+                node = node[group]
+            node[leaf] = None
+
+
 def _deferred_load_error(flag_values) -> OSError | None:
     """The OSError of a config file that failed to load (ml_collections keeps it in the flag's value)."""
     try:
@@ -261,6 +275,7 @@ def load_config(stage: str, argv: list[str]):
     except OSError as e:
         raise UserError(_config_load_error(value, e)) from None
     _check_tuple_overrides(cfg, argv)
+    _none_overrides(cfg, argv)
     return cfg
 
 

@@ -201,6 +201,12 @@ def check(cfg, steps, num_devices: int) -> list[str]:
         rounds.check_steps(cfg.align, cfg.optim)
     if any(s.endswith("lora") for s in steps):
         lora.check_targets(cfg.align.lora.targets, empty_ok=False)
+    from proxykd_jax.context import init_folder
+    from proxykd_jax.models.config import ModelConfig
+
+    for group in dict.fromkeys(model_group(name) for name in steps):  # a start folder must match its group
+        if cfg[group].get("init_from"):
+            init_folder(group, cfg[group], ModelConfig.from_config(cfg[group]))
     notes = []
     for name in steps:
         group = model_group(name)

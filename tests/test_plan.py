@@ -145,6 +145,27 @@ def test_plan_checks_the_vocabulary_against_the_tokenizer(tmp_path, capsys, capl
     assert "compiling" not in caplog.text
 
 
+def test_plan_checks_a_start_folder_against_its_group(tmp_path, capsys, caplog):
+    """Raising model.max_seq_len, as the plan's own refusal of a long train.seq_len suggests, passed the plan while
+    distill refused it: the start folder's config.json says 128. The plan now refuses it as distill does."""
+    import runpy
+
+    from flax import nnx
+
+    from proxykd_jax.models import hf
+    from proxykd_jax.models.llama import Llama, ModelConfig
+
+    caplog.set_level(logging.INFO, logger="proxykd_jax.plan")
+    group = runpy.run_path("configs/demo.py")["get_config"]().model
+    model_cfg = ModelConfig.from_config(group)
+    hf.save_hf(Llama(model_cfg, rngs=nnx.Rngs(0)), model_cfg, tmp_path / "student")
+    args = _demo("--steps=distill", f"--config.model.init_from={tmp_path / 'student'}", "--config.train.seq_len=96")
+    assert cli._run_plan([*args, "--config.model.max_seq_len=256"]) == 2
+    err = capsys.readouterr().err
+    assert "student/config.json disagrees with config.model on max_seq_len=128 (config: 256)" in err, err
+    assert "compiling" not in caplog.text
+
+
 def test_plan_layers_takes_two_depths(capsys):
     assert cli._run_plan(_demo("--steps=eval", "--layers=2")) == 2
     err = capsys.readouterr().err

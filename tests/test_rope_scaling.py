@@ -220,3 +220,17 @@ def test_a_yarn_folder_through_configs_hf(tmp_path):
     for group in (cfg.model, cfg.proxy):
         built = ModelConfig.from_config({k: v for k, v in group.items() if k not in ("dtype", "param_dtype")})
         assert built.rope_scaling == folder.rope_scaling and built.rope_theta == folder.rope_theta
+
+
+@pytest.mark.parametrize("preset", ["configs/demo.py", "configs/llama.py:llama3-8b,70b"])
+def test_the_command_line_turns_rope_scaling_off_with_none(preset, monkeypatch):
+    """`--config.model.rope_scaling=None` was parsed as (None,) by ml_collections (a tuple field) and refused as
+    no form of model.rope_scaling; it means None, as in a config file. A tuple is still read as one."""
+    from proxykd_jax import cli
+
+    for value, want in (("None", None), ("('linear', 2.0)", ("linear", 2.0))):
+        argv = [f"--config={preset}", f"--config.model.rope_scaling={value}"]
+        monkeypatch.setattr("sys.argv", ["proxykd", "distill", *argv])  # ml_collections reads overrides there
+        cfg = cli.load_config("distill", argv)
+        assert cfg.model.rope_scaling == want
+        assert ModelConfig.from_config(cfg.model).rope_scaling == want

@@ -176,24 +176,7 @@ class RunContext:
             return model_cfg, sharding.create_sharded_model(
                 Llama, self.mesh, self.rules, model_cfg, rngs=nnx.Rngs(params=seed)
             )
-        folder = pathlib.Path(group.init_from).expanduser()
-        if not (folder / "config.json").exists():
-            raise ProxyKDError(
-                f"config.{name}.init_from={str(folder)!r} has no config.json; point it at a local Hugging Face "
-                "model folder, or set it to '' for a random init."
-            )
-        folder_cfg = load_folder(folder, config_only=True, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
-        diff = [
-            f"{f}={getattr(folder_cfg, f)} (config: {getattr(model_cfg, f)})"
-            for f in FOLDER_FIELDS
-            if getattr(folder_cfg, f) != getattr(model_cfg, f)
-        ]
-        if diff:  # before any weight is read
-            window = "" if folder_cfg.max_seq_len == model_cfg.max_seq_len else _window_note(folder)
-            raise ProxyKDError(
-                f"{folder}/config.json disagrees with config.{name} on {', '.join(diff)}{window}; make the {name} "
-                "group match the folder (or pick the matching preset)."
-            )
+        folder, folder_cfg = init_folder(name, group, model_cfg)  # before any weight is read
         if rows is not None:
             self.require_fits(folder_cfg, *rows, f"the {name} in {folder}")
         return self.load_model(folder, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, group=group)
@@ -233,6 +216,30 @@ class RunContext:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def init_folder(name: str, group, model_cfg):
+    """(folder, its ModelConfig) of config group `name`'s `init_from` (the group's ModelConfig: `model_cfg`),
+    refused in one sentence where it has no config.json or its shapes and numerics disagree with the group."""
+    folder = pathlib.Path(group.init_from).expanduser()
+    if not (folder / "config.json").exists():
+        raise ProxyKDError(
+            f"config.{name}.init_from={str(folder)!r} has no config.json; point it at a local Hugging Face "
+            "model folder, or set it to '' for a random init."
+        )
+    folder_cfg = load_folder(folder, config_only=True, dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype)
+    diff = [
+        f"{f}={getattr(folder_cfg, f)} (config: {getattr(model_cfg, f)})"
+        for f in FOLDER_FIELDS
+        if getattr(folder_cfg, f) != getattr(model_cfg, f)
+    ]
+    if diff:
+        window = "" if folder_cfg.max_seq_len == model_cfg.max_seq_len else _window_note(folder)
+        raise ProxyKDError(
+            f"{folder}/config.json disagrees with config.{name} on {', '.join(diff)}{window}; make the {name} "
+            "group match the folder (or pick the matching preset)."
+        )
+    return folder, folder_cfg
 
 
 def load_folder(folder: pathlib.Path, *, config_only: bool = False, **kwargs):
