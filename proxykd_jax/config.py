@@ -8,6 +8,7 @@ problem. Only the CLI, the stages and the config files import this module.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import ml_collections
@@ -229,9 +230,11 @@ def _check_known_teacher(cfg, stage: str) -> None:
             "even for RoPE."
         )
     # A teacher over the proxy's tokenizer starts the proxy: the demo's proxy is its weights with noise, the
-    # report's perturbed and specialised settings likewise; only a character teacher's proxy has its own shape.
+    # report's perturbed setting likewise; the specialised setting's proxy is a random init of the proxy group
+    # pre-trained on the general teacher's samples, and a character teacher's is a random init: their own shape.
     if stage == "report":
-        same = bool({s.strip() for s in str(cfg.report.settings).split(",") if s.strip()} - {"chartok"})
+        names = {s.strip() for s in str(cfg.report.settings).split(",") if s.strip()}
+        same = not names or "perturbed" in names  # (none named: every setting, `report.runner`)
     else:
         same = demo.teacher_tokenizer != "char"
     teacher_head_dim = int(demo.teacher_d_model) // heads
@@ -245,6 +248,18 @@ def _check_known_teacher(cfg, stage: str) -> None:
             raise ConfigError(
                 f"config.{field}={value!r} must equal {other} ({want}): a known teacher over the proxy's "
                 f"tokenizer gives the proxy its starting weights, so they share one shape; set {field}={want}."
+            )
+    from proxykd_jax.models.config import ModelConfig
+
+    # and the same numerics: the teacher's are ModelConfig's defaults (teacher/known.py `KnownTeacher.create`)
+    teacher = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for name in ("rope_theta", "rope_scaling", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings") if same else ():
+        value = cfg.proxy[name]
+        if (tuple(value) if isinstance(value, (tuple, list)) else value) != teacher[name]:
+            raise ConfigError(
+                f"config.proxy.{name}={value!r} must equal the known teacher's ({teacher[name]!r}): a known teacher "
+                "over the proxy's tokenizer gives the proxy its starting weights, so they compute alike; set "
+                f"proxy.{name}={teacher[name]!r}."
             )
     vocabs = [CHAR_TEACHER_VOCAB if demo.teacher_tokenizer == "char" else int(cfg.proxy.vocab_size)]
     if stage == "report" and "chartok" in str(cfg.report.settings):  # the report's character teacher

@@ -204,7 +204,9 @@ def check(cfg, steps, num_devices: int) -> list[str]:
     from proxykd_jax.context import init_folder
     from proxykd_jax.models.config import ModelConfig
 
-    for group in dict.fromkeys(model_group(name) for name in steps):  # a start folder must match its group
+    # a start folder must match its group, where a stage starts from it (align, distill; posterior and eval run
+    # the models those made)
+    for group in dict.fromkeys(model_group(name) for name in steps if STAGE[name] in ("align", "distill")):
         if cfg[group].get("init_from"):
             init_folder(group, cfg[group], ModelConfig.from_config(cfg[group]))
     notes = []

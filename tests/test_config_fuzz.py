@@ -44,6 +44,11 @@ REFUSED = [
     ("demo", "demo.teacher_num_layers", 3, "must equal proxy.num_layers (2)"),
     ("demo", "proxy.head_dim", 8, "must equal demo.teacher_d_model / proxy.num_heads (16)"),
     ("report", "demo.teacher_num_layers", 1, "must equal proxy.num_layers (2)"),
+    # and its numerics: the teacher's are ModelConfig's defaults (teacher/known.py), so were the proxy start's
+    ("demo", "proxy.qk_norm", True, "must equal the known teacher's (False)"),
+    ("demo", "proxy.rope_theta", 500000.0, "must equal the known teacher's (10000.0)"),
+    ("demo", "proxy.rope_scaling", ("linear", 2.0), "must equal the known teacher's (None)"),
+    ("report", "proxy.tie_embeddings", True, "must equal the known teacher's (False)"),
     ("demo", "demo.teacher_seed", -1, "at least 0"),
     ("demo", "demo.teacher_entropy", 0.0, "must lie in (0, 6.2"),
     ("demo", "demo.teacher_entropy", NAN, "must lie in (0, 6.2"),
@@ -195,5 +200,21 @@ def test_a_character_teacher_may_have_its_own_shape(stage, group, field, value):
     cfg = _config("demo.teacher_num_layers", 3)
     with cfg.unlocked():
         cfg.demo.teacher_d_model, cfg[group][field] = 96, value
+        cfg.proxy.qk_norm = True
         cfg.proxy.vocab_size = cfg.model.vocab_size = 512
     config_lib.validate(cfg, stage)
+
+
+def test_the_specialised_setting_s_proxy_may_have_its_own_shape():
+    """Its proxy is a random init of the proxy group pre-trained on the general teacher's samples
+    (report/settings.py `_specialised`): only the perturbed setting starts the proxy from a teacher's weights."""
+    cfg = _config("report.settings", "specialised")
+    with cfg.unlocked():
+        cfg.demo.teacher_num_layers = int(cfg.proxy.num_layers) + 1
+        cfg.proxy.qk_norm = True
+    config_lib.validate(cfg, "report")
+    for settings in ("specialised,perturbed", ""):  # "": every setting
+        with cfg.unlocked():
+            cfg.report.settings = settings
+        with pytest.raises(ConfigError, match="must equal proxy.num_layers"):
+            config_lib.validate(cfg, "report")

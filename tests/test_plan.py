@@ -8,6 +8,7 @@ import pytest
 
 from proxykd_jax import cli, plan
 from proxykd_jax.config import base_config
+from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.parallel.mesh import make_mesh
 
 
@@ -164,6 +165,27 @@ def test_plan_checks_a_start_folder_against_its_group(tmp_path, capsys, caplog):
     err = capsys.readouterr().err
     assert "student/config.json disagrees with config.model on max_seq_len=128 (config: 256)" in err, err
     assert "compiling" not in caplog.text
+
+
+def test_plan_checks_start_folders_of_the_stages_that_start_from_them_only(tmp_path):
+    """Only align (proxy.init_from) and distill (model.init_from) start from a folder: posterior runs the aligned
+    proxy and eval the distilled students, so their plans take a start folder that disagrees with its group."""
+    import runpy
+
+    from flax import nnx
+
+    from proxykd_jax.models import hf
+    from proxykd_jax.models.llama import Llama, ModelConfig
+
+    cfg = runpy.run_path("configs/demo.py")["get_config"]()
+    for group in ("model", "proxy"):
+        model_cfg = ModelConfig.from_config(cfg[group])
+        hf.save_hf(Llama(model_cfg, rngs=nnx.Rngs(0)), model_cfg, tmp_path / group)
+        cfg[group].init_from, cfg[group].max_seq_len = str(tmp_path / group), 2 * model_cfg.max_seq_len
+    plan.check(cfg, ("posterior", "eval"), 8)
+    for step, group in (("sft", "proxy"), ("distill", "model")):
+        with pytest.raises(ProxyKDError, match=f"{group}/config.json disagrees with config.{group} on max_seq_len"):
+            plan.check(cfg, (step,), 8)
 
 
 def test_plan_layers_takes_two_depths(capsys):

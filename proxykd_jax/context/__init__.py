@@ -128,7 +128,7 @@ class RunContext:
         try:
             return ModelConfig.from_config(group)
         except (TypeError, ValueError) as e:
-            raise ProxyKDError(f"model config: {e}; see models/llama.py default_config() for the fields.") from None
+            raise ProxyKDError(f"model config: {e}; see models/config.py default_config() for the fields.") from None
 
     def load_model(self, folder, *, dtype: str = "float32", param_dtype: str = "float32", group=None, rows=None):
         """(ModelConfig, Llama) from a Hugging Face folder, every parameter streamed straight into its

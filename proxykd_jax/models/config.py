@@ -203,7 +203,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.rope_theta = 10000.0  # RoPE base
     cd.rope_scaling = ml_collections.FieldReference(
         None, field_type=tuple
-    )  # None, ("linear", factor), ("llama3", ...) or ("yarn", ...): models/llama.py ROPE_SCALING_FORMS
+    )  # None, ("linear", factor), ("llama3", ...) or ("yarn", ...): models/config.py ROPE_SCALING_FORMS
     cd.rms_eps = 1e-5  # RMSNorm epsilon
     cd.qkv_bias = False  # bias on q/k/v projections (Qwen2)
     cd.qk_norm = False  # per-head RMSNorm of queries and keys after the projection, before RoPE (Qwen3)
