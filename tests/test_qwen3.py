@@ -101,12 +101,17 @@ def test_packed_and_padded_rows_and_cached_decoding_match_transformers(tmp_path)
     np.testing.assert_allclose(np.concatenate(parts, axis=1), logits[1:], atol=1e-4, rtol=1e-4)
 
 
+def tiny_config(**numerics) -> ModelConfig:
+    """A 2-layer grouped-query model with head_dim 16 != d_model / heads (as Qwen3 has), 128 positions."""
+    return ModelConfig(
+        vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=48,
+        max_seq_len=128, rms_eps=1e-6, **numerics,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_export_loads_in_transformers_as_qwen3(tmp_path, tie):
-    cfg = ModelConfig(
-        vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=48,
-        max_seq_len=128, rms_eps=1e-6, rope_theta=1e6, qk_norm=True, tie_embeddings=tie,
-    )  # fmt: skip
+    cfg = tiny_config(rope_theta=1e6, qk_norm=True, tie_embeddings=tie)
     model = _randomised(Llama(cfg, rngs=nnx.Rngs(_seed())))
     hf.save_hf(model, cfg, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())

@@ -17,7 +17,7 @@ import torch
 import transformers
 from flax import nnx
 from test_hf import _hf_logits, _hf_model
-from test_qwen3 import QWEN3, VOCAB, _qwen3, _randomised, _seed, _tokens
+from test_qwen3 import QWEN3, _qwen3, _randomised, _seed, _tokens, tiny_config
 
 from proxykd_jax.models import hf, llama
 from proxykd_jax.models.llama import Llama, ModelConfig
@@ -136,10 +136,7 @@ def test_linear_llama_import_matches_transformers(tmp_path, legacy):
     ],
 )
 def test_export_reloads_in_transformers_with_the_same_logits(tmp_path, scaling, qk_norm):
-    cfg = ModelConfig(
-        vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, d_ff=48,
-        max_seq_len=128, rms_eps=1e-6, rope_theta=1e4, qk_norm=qk_norm, rope_scaling=scaling,
-    )  # fmt: skip
+    cfg = tiny_config(rope_theta=1e4, qk_norm=qk_norm, rope_scaling=scaling)
     model = _randomised(Llama(cfg, rngs=nnx.Rngs(_seed())))
     hf.save_hf(model, cfg, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
