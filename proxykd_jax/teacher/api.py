@@ -2,13 +2,13 @@
 
 Ranges follow the OpenAI API: temperature in [0, 2], top_p in (0, 1], n in 1-128, at most 20
 top log-probs, at most 4 stop strings; numbers must be finite (JSON `NaN` and `Infinity` are
-refused), messages and prompts must not be empty. `stream: true` is refused (400 naming `stream`):
-this server answers with whole JSON bodies only.
+refused), messages and prompts must not be empty. `stream: true` answers with server-sent events
+(server.py), `stream_options` null or an object (`include_usage`); `stream` with log-probs is refused there.
 
 OpenAI fields the server does not implement (`UNSUPPORTED`, `CHAT_UNSUPPORTED`, `COMPLETION_UNSUPPORTED`)
 are accepted only at a value that leaves the answer as it is (their default), else refused with a 400
 naming them. Any other field, one that cannot change the answer (`user`, `metadata`, `store`,
-`stream_options`, `parallel_tool_calls`, ...) or one unknown here, is accepted and ignored.
+`parallel_tool_calls`, ...) or one unknown here, is accepted and ignored.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ class _Sampling(BaseModel):
     top_p: TopP = 1.0
     stop: Any = None
     seed: int | None = None  # same seed, same completion, whatever shares the batch
-    stream: bool | None = None  # only false: answers are whole JSON bodies, never server-sent events
+    stream: bool | None = None  # true: the answer as server-sent events, once it is whole (server.py)
+    stream_options: dict | None = None  # read only with stream: {"include_usage": true} adds a usage chunk
     logit_bias: Any = None  # the fields of `UNSUPPORTED`: their defaults only
     presence_penalty: Any = None
     frequency_penalty: Any = None
@@ -94,13 +95,6 @@ class _Sampling(BaseModel):
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         return _default_only(value, info, UNSUPPORTED)
 
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("streaming is not supported by this server; send stream=false or leave it out")
-        return value
-
     @field_validator("stop", mode="before")
     @classmethod
     def _stops(cls, value: Any) -> list[str] | None:
@@ -109,6 +103,10 @@ class _Sampling(BaseModel):
     @property
     def stops(self) -> list[str]:
         return list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
 
 class ChatRequest(_Sampling):

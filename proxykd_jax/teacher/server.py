@@ -3,7 +3,9 @@ runs it under uvicorn (`serve`, `ServerThread`).
 
 Endpoints: `/v1/models` (and `/v1/models/{id}`), `/v1/chat/completions`, `/v1/completions` (text or
 token-id prompts, `echo`) with `n`, temperature, top-p, max tokens, stop strings, `logprobs`/`top_logprobs`
-(each token's `bytes` too) and usage counts.
+(each token's `bytes` too) and usage counts; `stream: true` sends the answer as server-sent events in the
+OpenAI layout (`chat_stream`, `completions_stream`: one chunk per token's text, `_text_pieces`), once it is
+whole: generation stays batched and whole, so a stream brings no earlier first token.
 Request bodies are checked by the pydantic models in `api.py` (a bad field is a 400 naming it) and
 capped at `max_body_bytes` (413 before the body is read). Tokenising a long prompt and building a
 large response run on worker threads, and generation on its own thread, so the event loop keeps
@@ -44,10 +46,12 @@ import codecs
 import concurrent.futures
 import dataclasses
 import functools
+import json
 import time
 
 import fastapi
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
 from proxykd_jax.teacher.api import ChatRequest, CompletionRequest
@@ -210,6 +214,29 @@ def _token_rows(backend, c: Completion, context_ids: list[int]) -> list[tuple[by
         raw = backend.token_bytes(context_ids + c.token_ids[:j], [tid] + [a for a, _ in alts])
         rows.append((raw[0], lp, [(b, alp) for b, (_, alp) in zip(raw[1:], alts)]))
     return rows
+
+
+def _text_pieces(backend, c: Completion, context_ids: list[int], text: str) -> list[str]:
+    """`text`, the answer `c` adds after `context_ids` (cut at a stop string), in one piece per generated
+    token: its bytes as `_token_rows` gives them, a token that ends mid-character merged with the next, a
+    special token adding none. The whole text in one piece where a decoder spells it otherwise."""
+    decoder, pieces, context_ids = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], list(context_ids)
+    for j, tid in enumerate(c.token_ids):
+        if tid not in backend.special_ids:
+            pieces.append(decoder.decode(backend.token_bytes(context_ids + c.token_ids[:j], [tid])[0]))
+    pieces.append(decoder.decode(b"", final=True))
+    kept, size = [], 0
+    for piece in pieces:  # up to the stop cut, which may fall inside a token
+        piece = piece[: len(text) - size]
+        if piece:
+            kept.append(piece)
+            size += len(piece)
+    return kept if "".join(kept) == text else [text] if text else []
+
+
+def _events(chunks: list[dict]) -> list[bytes]:
+    """Server-sent events of the OpenAI API's streams: one `data:` line per chunk, then `data: [DONE]`."""
+    return [b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
 
 
 def _text_offsets(start: int, token_bytes: list[bytes], in_text: list[bool]) -> list[int]:
@@ -442,6 +469,67 @@ def make_app(
             "usage": usage(prompts, counts),
         }
 
+    def check_stream(req, logprobs: bool):
+        if req.stream and logprobs:
+            raise ApiError(
+                400,
+                "invalid request field 'stream': this server does not stream log-probs; leave out stream, or "
+                "logprobs and top_logprobs.",
+                "invalid_request",
+                param="stream",
+            )
+
+    def stream_events(req, obj: str, prefix: str, choices: list[dict], prompts, counts) -> list[bytes]:
+        """Each choice chunk in an envelope (one `id`, `created`, `model`), then a usage chunk with
+        `stream_options.include_usage` (the other chunks then carry `usage: null`, as in the OpenAI API)."""
+        head = {
+            "id": f"{prefix}-{time.time_ns()}",
+            "object": obj,
+            "created": int(time.time()),
+            "model": backend.model_name,
+        }
+        extra = {"usage": None} if req.include_usage else {}
+        chunks = [{**head, "choices": [choice], **extra} for choice in choices]
+        if req.include_usage:
+            chunks.append({**head, "choices": [], "usage": usage(prompts, counts)})
+        return _events(chunks)
+
+    def chat_stream(req: ChatRequest, prompts, outs) -> list[bytes]:
+        """Per choice: a `role` delta, one `content` delta per token's text, an empty delta with `finish_reason`."""
+        choices, counts = [], []
+        for i, c in enumerate(outs):
+            ctx = answer_context(backend, prompts[0], c)
+            text, c = apply_stop(backend, c, req.stops, ctx)
+            counts.append(len(c.token_ids))
+            pieces = [{"content": piece} for piece in _text_pieces(backend, c, ctx, text)]
+            deltas = [{"role": "assistant", "content": ""}, *pieces, {}]
+            for j, delta in enumerate(deltas):
+                finish = c.finish_reason if j == len(deltas) - 1 else None
+                choices.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": finish})
+        return stream_events(req, "chat.completion.chunk", "chatcmpl", choices, prompts, counts)
+
+    def completions_stream(req: CompletionRequest, texts, prompts, outs) -> list[bytes]:
+        """Per choice: its echoed prompt, one `text` per token's text, an empty `text` with `finish_reason`."""
+        choices, counts = [], []
+        for prompt_text, prompt_ids, per_prompt in zip(texts, prompts, outs):
+            for c in per_prompt:
+                ctx = answer_context(backend, prompt_ids, c)
+                text, c = apply_stop(backend, c, req.stops, ctx)
+                counts.append(len(c.token_ids))
+                index = len(counts) - 1
+                pieces = ([prompt_text] if req.echo else []) + _text_pieces(backend, c, ctx, text)
+                for piece in pieces:
+                    choices.append({"index": index, "text": piece, "logprobs": None, "finish_reason": None})
+                choices.append({"index": index, "text": "", "logprobs": None, "finish_reason": c.finish_reason})
+        return stream_events(req, "text_completion", "cmpl", choices, prompts, counts)
+
+    def streamed(events: list[bytes]) -> StreamingResponse:
+        async def each():  # an async generator: a plain iterator would hop to a thread per event
+            for event in events:
+                yield event
+
+        return StreamingResponse(each(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
     model_card = {"id": backend.model_name, "object": "model", "created": 0, "owned_by": "proxykd_jax"}
 
     @app.get("/v1/models")
@@ -459,6 +547,7 @@ def make_app(
         max_tokens = req.max_completion_tokens or req.max_tokens
         k = req.top_logprobs or 0
         check(req.model, max_tokens or 1, field)
+        check_stream(req, req.logprobs or k > 0)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         for i, m in enumerate(messages):
             check_text([m["content"]], f"messages.{i}.content")
@@ -468,6 +557,8 @@ def make_app(
         check_lengths(prompts, max_tokens or 1, "messages")
         logprobs = req.logprobs or k > 0
         outs = (await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, logprobs, k, req.seed))[0]
+        if req.stream:
+            return streamed(await off_loop(response_size(outs, 0, req.stops), chat_stream, req, prompts, outs))
         return await off_loop(response_size(outs, k, req.stops), chat_body, req, prompts, outs)
 
     @app.post("/v1/completions")
@@ -475,6 +566,7 @@ def make_app(
         k = req.logprobs or 0  # logprobs=0: the chosen tokens' log-probs, no alternatives
         max_tokens = req.max_tokens
         check(req.model, max_tokens or 1, "max_tokens")
+        check_stream(req, req.logprobs is not None)
         check_text([t for t in req.prompt if isinstance(t, str)], "prompt")
         check_ids([t for t in req.prompt if not isinstance(t, str)])
         size = sum(len(t) for t in req.prompt)
@@ -483,8 +575,9 @@ def make_app(
         check_lengths(prompts, max_tokens or 1, "prompt")
         logprobs = req.logprobs is not None
         outs = await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, logprobs, k, req.seed)
-        return await off_loop(
-            response_size([c for row in outs for c in row], k, req.stops), completions_body, req, texts, prompts, outs
-        )
+        size = response_size([c for row in outs for c in row], k, req.stops)
+        if req.stream:
+            return streamed(await off_loop(size, completions_stream, req, texts, prompts, outs))
+        return await off_loop(size, completions_body, req, texts, prompts, outs)
 
     return app
