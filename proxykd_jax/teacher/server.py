@@ -432,34 +432,40 @@ def make_app(
             "usage": usage(prompts, counts),
         }
 
-    def completions_body(req: CompletionRequest, texts, prompts, outs) -> dict:
-        choices, counts = [], []
+    def each_answer(texts, prompts, outs, stops):
+        """(prompt text, the answer's context ids, its text cut at a stop string, the completion cut alike) of
+        every completions choice, in order."""
         for prompt_text, prompt_ids, per_prompt in zip(texts, prompts, outs):
             for c in per_prompt:
                 ctx = answer_context(backend, prompt_ids, c)
-                text, c = apply_stop(backend, c, req.stops, ctx)
-                counts.append(len(c.token_ids))
-                text = prompt_text + text if req.echo else text  # (echo has no log-probs: api.py)
-                choice = {"index": len(choices), "text": text, "finish_reason": c.finish_reason, "logprobs": None}
-                if c.logprobs is not None:
-                    rows = _token_rows(backend, c, ctx)
-                    alternatives = []
-                    for _, _, alts in rows:  # a dict keyed by token string, likeliest first
-                        top: dict[str, float] = {}
-                        for raw, alp in alts:
-                            top.setdefault(bytes_token(raw), alp)
-                        alternatives.append(top)
-                    choice["logprobs"] = {
-                        "tokens": [bytes_token(raw) for raw, _, _ in rows],
-                        "token_logprobs": [lp for _, lp, _ in rows],
-                        "text_offset": _text_offsets(
-                            len(prompt_text),
-                            [raw for raw, _, _ in rows],
-                            [t not in backend.special_ids for t in c.token_ids],
-                        ),
-                        "top_logprobs": alternatives,
-                    }
-                choices.append(choice)
+                text, c = apply_stop(backend, c, stops, ctx)
+                yield prompt_text, ctx, text, c
+
+    def completions_body(req: CompletionRequest, texts, prompts, outs) -> dict:
+        choices, counts = [], []
+        for prompt_text, ctx, text, c in each_answer(texts, prompts, outs, req.stops):
+            counts.append(len(c.token_ids))
+            text = prompt_text + text if req.echo else text  # (echo has no log-probs: api.py)
+            choice = {"index": len(choices), "text": text, "finish_reason": c.finish_reason, "logprobs": None}
+            if c.logprobs is not None:
+                rows = _token_rows(backend, c, ctx)
+                alternatives = []
+                for _, _, alts in rows:  # a dict keyed by token string, likeliest first
+                    top: dict[str, float] = {}
+                    for raw, alp in alts:
+                        top.setdefault(bytes_token(raw), alp)
+                    alternatives.append(top)
+                choice["logprobs"] = {
+                    "tokens": [bytes_token(raw) for raw, _, _ in rows],
+                    "token_logprobs": [lp for _, lp, _ in rows],
+                    "text_offset": _text_offsets(
+                        len(prompt_text),
+                        [raw for raw, _, _ in rows],
+                        [t not in backend.special_ids for t in c.token_ids],
+                    ),
+                    "top_logprobs": alternatives,
+                }
+            choices.append(choice)
         return {
             "id": f"cmpl-{time.time_ns()}",
             "object": "text_completion",
@@ -511,16 +517,13 @@ def make_app(
     def completions_stream(req: CompletionRequest, texts, prompts, outs) -> list[bytes]:
         """Per choice: its echoed prompt, one `text` per token's text, an empty `text` with `finish_reason`."""
         choices, counts = [], []
-        for prompt_text, prompt_ids, per_prompt in zip(texts, prompts, outs):
-            for c in per_prompt:
-                ctx = answer_context(backend, prompt_ids, c)
-                text, c = apply_stop(backend, c, req.stops, ctx)
-                counts.append(len(c.token_ids))
-                index = len(counts) - 1
-                pieces = ([prompt_text] if req.echo else []) + _text_pieces(backend, c, ctx, text)
-                for piece in pieces:
-                    choices.append({"index": index, "text": piece, "logprobs": None, "finish_reason": None})
-                choices.append({"index": index, "text": "", "logprobs": None, "finish_reason": c.finish_reason})
+        for prompt_text, ctx, text, c in each_answer(texts, prompts, outs, req.stops):
+            counts.append(len(c.token_ids))
+            index = len(counts) - 1
+            pieces = ([prompt_text] if req.echo else []) + _text_pieces(backend, c, ctx, text)
+            for piece in pieces:
+                choices.append({"index": index, "text": piece, "logprobs": None, "finish_reason": None})
+            choices.append({"index": index, "text": "", "logprobs": None, "finish_reason": c.finish_reason})
         return stream_events(req, "text_completion", "cmpl", choices, prompts, counts)
 
     def streamed(events: list[bytes]) -> StreamingResponse:
