@@ -100,7 +100,8 @@ def _prepare_files(cfg, paths: RunPaths) -> list[tuple[str, pathlib.Path]]:
     return _path_list("data.corpus", cfg.data.corpus) + _path_list("data.tokenizer", cfg.data.tokenizer)
 
 
-def _export_source(cfg, paths: RunPaths) -> pathlib.Path:
+def export_source(cfg, paths: RunPaths) -> pathlib.Path:
+    """The student folder `export` writes out: `export.source`, else the one `distill` writes with this config."""
     return paths.student(cfg.export.source or student_name(cfg.distill))
 
 
@@ -242,7 +243,7 @@ ARTIFACTS: dict[str, Spec] = {
         path=lambda cfg, paths: pathlib.Path(cfg.export.out).expanduser() if cfg.export.out else paths.export,
         fields=("export.*", "model.*"),
         ignore=("export.out",),
-        inputs=lambda cfg, paths: [_export_source(cfg, paths)],
+        inputs=lambda cfg, paths: [export_source(cfg, paths)],
         hint="--config.export.out=FOLDER to write elsewhere",
     ),
 }

@@ -19,8 +19,7 @@ import json
 import logging
 import pathlib
 
-from proxykd_jax.context import student_name
-from proxykd_jax.context.artifacts import read_record, record_path
+from proxykd_jax.context.artifacts import export_source, read_record, record_path
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import hf
 from proxykd_jax.models.tokenizer import load_tokenizer
@@ -44,17 +43,12 @@ def _drop_load_time_keys(folder: pathlib.Path) -> None:
         path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def source_folder(ctx) -> pathlib.Path:
-    """The student folder exported: `export.source`, else the one `distill` writes with this config."""
-    return ctx.paths.student(ctx.cfg.export.source or student_name(ctx.cfg.distill))
-
-
 def start_folder(ctx) -> tuple[str, str]:
     """(the folder the exported student started from, which field said so): config.model.init_from, else the
     `model.init_from` in the source folder's record (`proxykd distill $R --config.model.init_from=F` then
     `proxykd export $R`); ("", "") where neither names one. The config's wins, with a warning, where both
     name folders and they differ. Read, never set: the export's settings (its artifact's hash) stay the config's."""
-    ours, folder = str(ctx.cfg.model.init_from or ""), source_folder(ctx)
+    ours, folder = str(ctx.cfg.model.init_from or ""), export_source(ctx.cfg, ctx.paths)
     fields, record = (read_record(folder, False) or {}).get("fields"), record_path(folder, False)
     theirs = str(fields.get("model.init_from") or "") if isinstance(fields, dict) else ""
     if ours and theirs and pathlib.Path(ours).expanduser() != pathlib.Path(theirs).expanduser():
@@ -71,7 +65,7 @@ def start_folder(ctx) -> tuple[str, str]:
 def load(ctx, step: int = 0, source: pathlib.Path | None = None):
     """(ModelConfig, student on the mesh, step) of the configured source folder."""
     cfg = ctx.cfg
-    source = source or source_folder(ctx)
+    source = source or export_source(ctx.cfg, ctx.paths)
     return load_student(
         ctx.model_config(cfg.model),
         cfg.optim,
