@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from proxykd_jax.errors import ConfigError
+from proxykd_jax.teacher.config import TOKEN_LIMITS
 
 # (field, smallest allowed value): counts and sizes a stage divides by or loops over.
 _AT_LEAST = (
@@ -164,7 +165,7 @@ _CHOICES = (
     ("data.store.tail_dtype", ("float16", "float32")),
     ("posterior.weight_normalize", ("mean", "sum")),
     ("collect.api", ("chat", "completions")),
-    ("collect.token_limit", ("max_tokens", "max_completion_tokens")),
+    ("collect.token_limit", TOKEN_LIMITS),
     ("serve.source", ("hf", "known")),
     ("demo.teacher_tokenizer", ("same", "char")),
 )

@@ -57,9 +57,10 @@ except ImportError:  # pragma: no cover - older openai
     import httpx as _http
 
 from proxykd_jax import progress
+from proxykd_jax.teacher.config import TOKEN_LIMITS
 from proxykd_jax.teacher.journal import DurableAppender, read_declined, read_done, read_done_and_billed
 from proxykd_jax.teacher.prompts import CollectError, Prompt, canonical, read_prompts, request_key, sampling_params
-from proxykd_jax.teacher.responses import Answer, MalformedResponse, parse_answer
+from proxykd_jax.teacher.responses import Answer, MalformedResponse, parse_answer, reasoning_tokens
 
 __all__ = ["CollectError", "RateLimiter", "carry_over", "check", "collect", "format_summary", "resolve_api_key"]
 
@@ -580,7 +581,7 @@ class Collector:
             )
         self.stats["tokens_in"] += usage.get("prompt_tokens", 0)
         self.stats["tokens_out"] += usage.get("completion_tokens", 0)
-        reasoning = usage.get("completion_tokens_details", {}).get("reasoning_tokens")
+        reasoning = reasoning_tokens(usage)
         self.stats["reasoning_tokens"] += reasoning or 0
         if self.cap and usage and usage["completion_tokens"] > self.cfg.max_tokens:
             of_it = f" ({reasoning} of them reasoning)" if reasoning else ""
@@ -609,7 +610,7 @@ class Collector:
         if not answer.text:
             why = f" (refusal: {answer.refusal})" if answer.refusal else ""
             if answer.finish_reason == "length":  # a reasoning model that thought until the limit
-                reasoning = answer.usage.get("completion_tokens_details", {}).get("reasoning_tokens")
+                reasoning = reasoning_tokens(answer.usage)
                 spent = f" ({reasoning} tokens of hidden reasoning)" if reasoning else ""
                 why = f": collect.max_tokens={self.cfg.max_tokens} ran out first{spent}; raise it for room to answer"
             raise _Failure("no_content", f"the response has no content{why}", False, answered=True, final=True)
@@ -910,9 +911,9 @@ def format_summary(stats: dict) -> str:
 def _check_config(cfg):
     if cfg.api not in ("chat", "completions"):
         raise CollectError(f"collect.api must be 'chat' or 'completions', not {cfg.api!r}")
-    if cfg.token_limit not in ("max_tokens", "max_completion_tokens"):
+    if cfg.token_limit not in TOKEN_LIMITS:
         raise CollectError(
-            f"collect.token_limit must be 'max_tokens' or 'max_completion_tokens', not {cfg.token_limit!r}"
+            f"collect.token_limit must be {' or '.join(map(repr, TOKEN_LIMITS))}, not {cfg.token_limit!r}"
         )
     if cfg.token_limit == "max_completion_tokens" and cfg.api != "chat":
         raise CollectError(

@@ -2,6 +2,9 @@
 
 import ml_collections
 
+# the request fields a response's length limit may be sent as (`collect.token_limit`): reasoning models take the second
+TOKEN_LIMITS = ("max_tokens", "max_completion_tokens")
+
 
 def collect_config() -> ml_collections.ConfigDict:
     """Defaults of the `collect` group: prompts + OpenAI-compatible endpoint -> teacher corpus."""

@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 
+from proxykd_jax.teacher.config import TOKEN_LIMITS
 from proxykd_jax.teacher.prompts import CollectError
 from proxykd_jax.teacher.responses import usage_counts
 
@@ -53,7 +54,7 @@ class _Bill:
         self.tokens_in += usage["prompt_tokens"]
         self.tokens_out += usage["completion_tokens"]
         self.fewest = usage["prompt_tokens"] if self.fewest is None else min(self.fewest, usage["prompt_tokens"])
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in TOKEN_LIMITS:
             if isinstance(sent.get(field), int) and usage["completion_tokens"] > sent[field]:
                 self.passed[field] = self.passed.get(field, 0) + 1
 

@@ -178,6 +178,11 @@ def usage_counts(usage) -> dict:
     return counts
 
 
+def reasoning_tokens(usage: dict) -> int | None:
+    """The hidden reasoning tokens among a `usage_counts` usage's completion tokens, or None where not given."""
+    return usage.get("completion_tokens_details", {}).get("reasoning_tokens")
+
+
 def parse_answer(raw: bytes, api: str, with_logprobs: bool) -> Answer:
     """The first choice of a completion body; raises MalformedResponse when it is not usable."""
     try:
