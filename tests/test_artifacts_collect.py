@@ -99,7 +99,7 @@ def test_a_bad_collect_config_writes_nothing_and_the_corrected_command_runs(tmp_
 def test_a_redo_that_stopped_then_a_redo_with_other_settings_pays_no_sample_twice(tmp_path, monkeypatch):
     """A redo (3 samples per prompt) stops part-way; the next redo (2 per prompt) has other settings, so
     `begin()` removes the first one's file: the samples it paid for that the second wants are kept first."""
-    from proxykd_jax.teacher import client
+    from proxykd_jax.teacher import collector as client
 
     prompts = _prompts(tmp_path / "prompts.jsonl", 4)
     app = make_app(ToyBackend())

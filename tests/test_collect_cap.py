@@ -18,6 +18,7 @@ from stage_helpers import run_stage
 
 from proxykd_jax import config as config_lib
 from proxykd_jax.teacher import client as client_mod
+from proxykd_jax.teacher import collector as collector_mod
 from proxykd_jax.teacher import journal
 from proxykd_jax.teacher.backends import ToyBackend
 from proxykd_jax.teacher.client import CollectError
@@ -150,8 +151,8 @@ def test_an_endpoint_without_usage_counts_stops_a_capped_run_and_a_corpus_withou
 ):
     """Without usage counts the cap could not be kept: the run stops at the first such answer (it is stored:
     paid for), and a capped run on a corpus holding such answers is refused before any request."""
-    parse = client_mod.parse_answer
-    monkeypatch.setattr(client_mod, "parse_answer", lambda *a, **kw: dataclasses.replace(parse(*a, **kw), usage={}))
+    parse = collector_mod.parse_answer
+    monkeypatch.setattr(collector_mod, "parse_answer", lambda *a, **kw: dataclasses.replace(parse(*a, **kw), usage={}))
     prompts = _prompts(tmp_path / "prompts.jsonl", 12, random.Random())
     app = make_app(ToyBackend())
     with ServerThread(app) as server:
@@ -160,7 +161,7 @@ def test_an_endpoint_without_usage_counts_stops_a_capped_run_and_a_corpus_withou
             run_stage("collect", cfg)
         stored = len((tmp_path / "run" / "corpus" / "teacher.jsonl").read_text().splitlines())
         assert 1 <= stored <= 2 and len(app.state.requests) == stored
-        monkeypatch.setattr(client_mod, "parse_answer", parse)  # an endpoint that sends usage from now on
+        monkeypatch.setattr(collector_mod, "parse_answer", parse)  # an endpoint that sends usage from now on
         with pytest.raises(CollectError, match=rf"but {stored} answers in .* carry no usage counts"):
             run_stage("collect", cfg)
         assert len(app.state.requests) == stored
@@ -188,10 +189,10 @@ def _quiet(cfg) -> tuple[dict, str]:
             return err.stats, str(err)
 
 
-def _next_run(cfg) -> client_mod.Collector:
+def _next_run(cfg) -> collector_mod.Collector:
     """The `Collector` the same command would run next (what it counts before its first request)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        return client_mod.Collector(cfg, read_prompts(cfg.prompts, cfg.api), "no-key")
+        return collector_mod.Collector(cfg, read_prompts(cfg.prompts, cfg.api), "no-key")
 
 
 def _cost(usage: dict) -> float:
@@ -203,18 +204,18 @@ def test_declined_answers_count_against_the_cap_in_every_later_run(tmp_path, mon
     """Answers without usable text are billed but not stored: their usage goes into the failures file and counts
     in each later run's spend, so the same capped command run twice bills no more than the cap in all."""
     rng = random.Random(seed)
-    decide, parse = random.Random(rng.random()), client_mod.parse_answer
+    decide, parse = random.Random(rng.random()), collector_mod.parse_answer
     declining = lambda *a, **kw: (lambda ans: dataclasses.replace(ans, text="") if decide.random() < 0.5 else ans)(  # noqa: E731
         parse(*a, **kw)
     )
-    monkeypatch.setattr(client_mod, "parse_answer", declining)
+    monkeypatch.setattr(collector_mod, "parse_answer", declining)
     n = rng.randint(14, 20)
     prompts = _prompts(tmp_path / "prompts.jsonl", n, rng)
     with ServerThread(make_app(ToyBackend())) as server:
         cfg = _collect_cfg(tmp_path, server.base_url, prompts, max_cost=round(n * 80 * rng.uniform(0.4, 0.6), 3))
         first, said = _quiet(cfg)
         assert "collect.max_cost" in said and "is reached" in said and sum(first["declined"].values()) > 0, said
-        assert _next_run(cfg).spent_before == pytest.approx(first["cost"])  # every answer of run 1, stored or not
+        assert _next_run(cfg).spend.before == pytest.approx(first["cost"])  # every answer of run 1, stored or not
         second, _ = _quiet(cfg)
     assert second["corpus_cost"] - second["cost"] == pytest.approx(first["cost"])
     assert first["cost"] + second["cost"] <= cfg.max_cost
@@ -248,8 +249,8 @@ def test_failure_rows_with_usage_bound_the_next_run_and_rows_without_usage_count
     write(billed + unbilled)
     collector = _next_run(cfg)
     every = [row["meta"]["usage"] for row in corpus] + [row["usage"] for row in billed]
-    assert collector.spent_before == pytest.approx(sum(map(_cost, every)))
-    assert collector.fewest_prompt_tokens == min(row["usage"]["prompt_tokens"] for row in billed)  # under 120
+    assert collector.spend.before == pytest.approx(sum(map(_cost, every)))
+    assert collector.spend.fewest_prompt_tokens == min(row["usage"]["prompt_tokens"] for row in billed)  # under 120
     write(
         billed
         + unbilled
@@ -293,7 +294,7 @@ def test_an_answer_lost_to_a_disk_error_counts_later_or_the_stop_says_it_was_bil
     assert len(collector.todo) == n - ok  # the lost answer is asked again
     if failures_too:
         assert f"1 answers billed this run (cost {lost:.6g}) are stored nowhere" in said, said
-        assert collector.spent_before == pytest.approx(stored)
+        assert collector.spend.before == pytest.approx(stored)
     else:
         assert "stored nowhere" not in said
-        assert collector.spent_before == pytest.approx(first["cost"])
+        assert collector.spend.before == pytest.approx(first["cost"])

@@ -15,6 +15,8 @@ from test_teacher_wire import make_cfg as wire_cfg
 from test_teacher_wire import read_corpus
 
 from proxykd_jax.teacher import client as client_mod
+from proxykd_jax.teacher import collector as collector_mod
+from proxykd_jax.teacher import failures
 from proxykd_jax.teacher.backends import ToyBackend
 from proxykd_jax.teacher.client import CollectError, collect
 from proxykd_jax.teacher.config import collect_config
@@ -32,7 +34,7 @@ def make_cfg(tmp_path, base_url, n_prompts=4, **kw):
 
 def strip_logprobs(monkeypatch, which=lambda key: True):
     """The teacher answers, and a proxy in between drops `logprobs` from the answers to `which` keys."""
-    request = client_mod.Collector._request
+    request = collector_mod.Collector._request
 
     async def stripped(self, prompt, key, client):
         body = json.loads(await request(self, prompt, key, client))
@@ -41,7 +43,7 @@ def strip_logprobs(monkeypatch, which=lambda key: True):
                 choice["logprobs"] = None
         return json.dumps(body).encode()
 
-    monkeypatch.setattr(client_mod.Collector, "_request", stripped)
+    monkeypatch.setattr(collector_mod.Collector, "_request", stripped)
 
 
 def test_a_teacher_that_ignores_logprobs_stops_the_run_early_and_keeps_what_it_paid_for(tmp_path, monkeypatch):
@@ -53,7 +55,7 @@ def test_a_teacher_that_ignores_logprobs_stops_the_run_early_and_keeps_what_it_p
     message = str(info.value)
     assert "collect.top_logprobs=0" in message and cfg.base_url in message
     rows = read_corpus(cfg.out)
-    assert len(rows) == client_mod.LOGPROBS_CHECK < 10  # stopped after the first answers, which are kept
+    assert len(rows) == collector_mod.LOGPROBS_CHECK < 10  # stopped after the first answers, which are kept
     assert all(row["response"] and "tokens" not in row for row in rows)
     assert info.value.stats["without_logprobs"] == len(rows)
 
@@ -126,18 +128,20 @@ def test_tokens_that_run_past_a_stop_cut_are_dropped_so_the_rest_spell_the_respo
 def fake_clock(monkeypatch):
     """A clock only the collector's waits move: `Collector._sleep` advances it instead of sleeping."""
     now = [0.0]
-    monkeypatch.setattr(client_mod, "time", types.SimpleNamespace(monotonic=lambda: now[0], time=lambda: 1e9 + now[0]))
+    monkeypatch.setattr(
+        collector_mod, "time", types.SimpleNamespace(monotonic=lambda: now[0], time=lambda: 1e9 + now[0])
+    )
 
     async def sleep(self, seconds):
         now[0] += max(seconds, 0.0)
 
-    monkeypatch.setattr(client_mod.Collector, "_sleep", sleep)
+    monkeypatch.setattr(collector_mod.Collector, "_sleep", sleep)
     return now
 
 
 def outage(monkeypatch, now, start, end):
     """Connections are refused from the first request after `start` s of the fake clock until `end`."""
-    request = client_mod.Collector._request
+    request = collector_mod.Collector._request
 
     async def flaky(self, prompt, key, client):
         if self.stats["done"] >= 1 and now[0] < start:
@@ -146,7 +150,7 @@ def outage(monkeypatch, now, start, end):
             raise openai.APIConnectionError(request=httpx2.Request("POST", "http://127.0.0.1/v1"))
         return await request(self, prompt, key, client)
 
-    monkeypatch.setattr(client_mod.Collector, "_request", flaky)
+    monkeypatch.setattr(collector_mod.Collector, "_request", flaky)
 
 
 def test_the_default_breaker_waits_out_a_server_restart_and_says_what_it_does(tmp_path, monkeypatch):
@@ -190,7 +194,7 @@ def test_an_endpoint_that_never_answered_is_given_up_after_the_short_count(tmp_p
         with contextlib.redirect_stdout(out), pytest.raises(CollectError, match="cannot reach .*: 6 attempts"):
             collect(cfg)
     probes = [line for line in out.getvalue().splitlines() if "next try in" in line]
-    assert len(probes) == client_mod.UNREACHED_PROBES - 1 and "probe 1 of 6" in probes[0], probes
+    assert len(probes) == collector_mod.UNREACHED_PROBES - 1 and "probe 1 of 6" in probes[0], probes
     assert now[0] < 20.0
 
 
@@ -209,12 +213,12 @@ def status_error(status, body):
 
 
 def test_failure_rows_and_fatal_errors_carry_the_error_message_truncated_and_without_the_key():
-    failure = client_mod._classify(status_error(429, {"error": {"message": "Rate limit reached for gpt-4o"}}))
+    failure = failures.classify(status_error(429, {"error": {"message": "Rate limit reached for gpt-4o"}}))
     assert failure.retryable and str(failure) == "HTTP 429: Rate limit reached for gpt-4o"
     long = "x" * 500
-    failure = client_mod._classify(status_error(400, {"error": {"message": long}}))
+    failure = failures.classify(status_error(400, {"error": {"message": long}}))
     assert 200 <= len(str(failure)) < 240 and str(failure).endswith("...")
-    failure = client_mod._classify(
+    failure = failures.classify(
         status_error(401, {"error": {"message": "Incorrect API key provided: sk-secret-123."}}), secret="sk-secret-123"
     )
     assert failure.fatal and "Incorrect API key provided" in str(failure) and "sk-secret-123" not in str(failure)

@@ -18,6 +18,8 @@ from test_teacher_wire import make_cfg as wire_cfg
 from test_teacher_wire import read_corpus
 
 from proxykd_jax.teacher import client as client_mod
+from proxykd_jax.teacher import collector as collector_mod
+from proxykd_jax.teacher import failures
 from proxykd_jax.teacher.backends import ToyBackend
 from proxykd_jax.teacher.client import CollectError, collect
 from proxykd_jax.teacher.journal import read_done_and_billed
@@ -171,7 +173,7 @@ def test_a_reasoning_endpoint_is_collected_with_its_usage_as_billed(tmp_path):
     assert stats["reasoning_tokens"] == sum(
         u["completion_tokens_details"]["reasoning_tokens"] for u in app.state.billed
     )
-    assert f"({stats['reasoning_tokens']} of them reasoning)" in client_mod.format_summary(stats)
+    assert f"({stats['reasoning_tokens']} of them reasoning)" in collector_mod.format_summary(stats)
     _, (tokens_in, tokens_out, unbilled, _, _) = read_done_and_billed(tmp_path / "corpus.jsonl")
     assert unbilled == 0 and tokens_out == sum(r["meta"]["usage"]["completion_tokens"] for r in rows)
     assert tokens_in == sum(r["meta"]["usage"]["prompt_tokens"] for r in rows)
@@ -246,14 +248,14 @@ def test_a_refusal_without_param_is_read_from_its_message_and_other_400s_stay_pe
         response = httpx2.Response(400, request=httpx2.Request("POST", "http://x/v1/chat/completions"), json=body)
         return openai.APIStatusError("Error code: 400", response=response, body=body["error"])
 
-    failure = client_mod._classify(error({"error": {"message": MAX_TOKENS_REFUSED}}))  # no param, no code
+    failure = failures.classify(error({"error": {"message": MAX_TOKENS_REFUSED}}))  # no param, no code
     assert failure.fatal and "set collect.token_limit='max_completion_tokens'" in str(failure)
-    failure = client_mod._classify(error({"error": {"message": "Unsupported value: 'top_p' must be 1", "param": None}}))
+    failure = failures.classify(error({"error": {"message": "Unsupported value: 'top_p' must be 1", "param": None}}))
     assert failure.fatal and "collect.send_sampling=False" in str(failure)
     too_long = {"message": "This model's maximum context length is 128000 tokens.", "param": "messages"}
-    failure = client_mod._classify(error({"error": {**too_long, "code": "context_length_exceeded"}}))
+    failure = failures.classify(error({"error": {**too_long, "code": "context_length_exceeded"}}))
     assert not failure.fatal and not failure.retryable and failure.reason == "http_400"
-    failure = client_mod._classify(error({"error": {"message": "Unsupported parameter: 'tools'", "param": "tools"}}))
+    failure = failures.classify(error({"error": {"message": "Unsupported parameter: 'tools'", "param": "tools"}}))
     assert not failure.fatal  # not a field collect sends
 
 

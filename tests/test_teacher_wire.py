@@ -176,15 +176,15 @@ def test_no_minute_holds_more_than_the_limit_with_requests_above_the_capacity(mo
     import asyncio
     import types
 
-    from proxykd_jax.teacher import client as client_mod
+    from proxykd_jax.teacher import rate
 
     now = [0.0]
 
     async def sleep(seconds):
         now[0] += max(seconds, 0.0) + 1e-7  # the clock moves by what was asked (and never stalls)
 
-    monkeypatch.setattr(client_mod, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
-    monkeypatch.setattr(client_mod, "asyncio", types.SimpleNamespace(sleep=sleep, Lock=asyncio.Lock))
+    monkeypatch.setattr(rate, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(rate, "asyncio", types.SimpleNamespace(sleep=sleep, Lock=asyncio.Lock))
 
     async def run(limiter, amounts, refund=0.0):
         grants = []
@@ -221,7 +221,8 @@ def test_both_limits_hold_where_requests_are_sent(tmp_path, monkeypatch):
     import itertools
     import types
 
-    from proxykd_jax.teacher import client as client_mod
+    from proxykd_jax.teacher import collector as collector_mod
+    from proxykd_jax.teacher import rate
 
     now, wakes, order, driver = [0.0], [], itertools.count(), []
 
@@ -242,16 +243,17 @@ def test_both_limits_hold_where_requests_are_sent(tmp_path, monkeypatch):
         await future
 
     names = {name: getattr(asyncio, name) for name in dir(asyncio) if not name.startswith("_")}
-    monkeypatch.setattr(client_mod, "asyncio", types.SimpleNamespace(**{**names, "sleep": sleep}))
-    monkeypatch.setattr(client_mod, "time", types.SimpleNamespace(monotonic=lambda: now[0], time=time.time))
+    for module in (collector_mod, rate):  # the collector's clock and its rate limiters'
+        monkeypatch.setattr(module, "asyncio", types.SimpleNamespace(**{**names, "sleep": sleep}))
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(monotonic=lambda: now[0], time=time.time))
     sends = []
-    request = client_mod.Collector._request
+    request = collector_mod.Collector._request
 
     async def recording_request(self, prompt, key, client):
         sends.append(now[0])
         return await request(self, prompt, key, client)
 
-    monkeypatch.setattr(client_mod.Collector, "_request", recording_request)
+    monkeypatch.setattr(collector_mod.Collector, "_request", recording_request)
     rows = [{"id": "big", "prompt": "x " * 2_000}] + [{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(24)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     with ServerThread(make_app(ToyBackend())) as srv:
