@@ -2,16 +2,23 @@
 concatenate to the non-streamed answer of the same seed (n=2, stop strings, echo), `include_usage` ends the
 stream with the non-streamed usage, every chunk of a response shares its `id`, `created` and `model`, a
 token that ends mid-character is merged with the next, the raw wire is `data:` events ending with
-`data: [DONE]`, and `stream` with log-probs is a plain JSON 400 naming `stream`."""
+`data: [DONE]`, and a bad `stream_options` is a plain JSON 400 naming it. With log-probs each chunk carries the
+entries of the tokens whose text it sends (a merged chunk all of them, a special token's in a chunk beside
+it), and the stream's entries concatenate to the non-streamed answer's of the same seed."""
 
 import http.client
 import json
 import random
 
+import numpy as np
 import openai
 import pytest
+from test_serve_special_tokens import WORDS, FixedLlama, random_answer
 from test_teacher_serve import post
+from test_xtok_token_bytes import byte_fallback_tokenizer
+from tokenizers import AddedToken
 
+from proxykd_jax.models.tokenizer import build_bpe_tokenizer
 from proxykd_jax.teacher.backends import ToyBackend
 from proxykd_jax.teacher.listen import ServerThread
 from proxykd_jax.teacher.server import Completion, make_app
@@ -103,19 +110,122 @@ def test_the_wire_is_server_sent_events_ending_with_done(client):
     assert all(json.loads(e.removeprefix("data: "))["object"] == "text_completion" for e in events[:-2])
 
 
-@pytest.mark.parametrize(
-    "path, extra",
-    [
-        ("/v1/chat/completions", {"logprobs": True}),
-        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 3}),
-        ("/v1/completions", {"logprobs": 0}),
-        ("/v1/chat/completions", {"stream_options": "yes"}),
-    ],
-)
-def test_stream_with_logprobs_is_a_plain_400_naming_stream(client, path, extra):
+def test_a_bad_stream_options_is_a_plain_400_naming_it(client):
     _, srv = client
-    body = {"model": "toy", "max_tokens": 4, "stream": True, **extra}
-    body.update({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else {"prompt": "hi"})
-    status, answer = post(srv.port, path, json.dumps(body))
-    field = "stream_options" if "stream_options" in extra else "stream"
-    assert status == 400 and answer["error"]["param"] == field and f"'{field}'" in answer["error"]["message"]
+    body = {"model": "toy", "max_tokens": 4, "stream": True, "stream_options": "yes"}
+    status, answer = post(
+        srv.port, "/v1/chat/completions", json.dumps({**body, "messages": [{"role": "user", "content": "hi"}]})
+    )
+    assert (
+        status == 400
+        and answer["error"]["param"] == "stream_options"
+        and "'stream_options'" in answer["error"]["message"]
+    )
+
+
+@pytest.mark.parametrize("stop", [None, ["e", "q"]])
+def test_chat_stream_logprobs_concatenate_to_the_plain_entries(client, stop):
+    c, _ = client
+    kw = dict(model="toy", messages=[{"role": "user", "content": "say"}], max_tokens=30, n=2, seed=_seed(), stop=stop)
+    plain = c.chat.completions.create(**kw, logprobs=True, top_logprobs=3)
+    chunks = list(c.chat.completions.create(**kw, logprobs=True, top_logprobs=3, stream=True))
+    if stop is None:  # (with a stop string a choice may be empty)
+        assert isinstance(chunks[1].choices[0].logprobs.content[0].logprob, float)
+    for choice in plain.choices:
+        deltas = [x for ch in chunks for x in ch.choices if x.index == choice.index]
+        entries = [e for d in deltas if d.logprobs for e in d.logprobs.content]
+        assert [e.model_dump() for e in entries] == [e.model_dump() for e in choice.logprobs.content]
+        assert all(len(e.top_logprobs) == 3 for e in entries)
+        for d in deltas:  # each chunk's entries spell its text (the toy's tokens are single bytes)
+            spelled = bytes(b for e in (d.logprobs.content if d.logprobs else []) for b in e.bytes)
+            assert spelled == (d.delta.content or "").encode()
+
+
+def test_completions_stream_logprobs_concatenate_to_the_plain_lists(client):
+    c, _ = client
+    kw = dict(model="toy", prompt=["one", "two"], max_tokens=20, n=2, seed=_seed(), logprobs=2)
+    plain = c.completions.create(**kw)
+    chunks = list(c.completions.create(**kw, stream=True))
+    assert isinstance(chunks[0].choices[0].logprobs.token_logprobs[0], float)
+    for choice in plain.choices:
+        parts = [x for ch in chunks for x in ch.choices if x.index == choice.index]
+        keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        got = {k: [v for p in parts if p.logprobs for v in getattr(p.logprobs, k)] for k in keys}
+        assert got == {k: getattr(choice.logprobs, k) for k in got}
+        assert all(len(top) == 2 for top in got["top_logprobs"])
+        assert all("".join(p.logprobs.tokens) == p.text for p in parts if p.logprobs)
+
+
+class SpecialBackend(ToyBackend):
+    """Answers random text with multi-byte characters (one byte per token) and the special token at random
+    places, each with random log-probs and two alternatives."""
+
+    def complete(self, prompts, *, n, logprobs, **kw):
+        rng = random.Random(prompts[0][-1])
+        ids = list(("".join(rng.choice("ab ïé€😀") for _ in range(12)) + "€").encode())
+        for _ in range(3):
+            ids.insert(rng.randrange(len(ids) + 1), self.EOS)
+        top = [[(t, -rng.random()), (rng.randrange(256), -1 - rng.random()), (self.EOS, -2.0)] for t in ids]
+        c = Completion(ids, "length", [row[0][1] for row in top], top) if logprobs else Completion(ids, "length")
+        return [[c] * n for _ in prompts]
+
+
+def test_a_merged_chunk_carries_all_its_tokens_and_special_tokens_are_not_lost():
+    with ServerThread(make_app(SpecialBackend())) as srv:
+        c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+        prompt = "hi" + chr(97 + random.randrange(26))
+        msgs = [{"role": "user", "content": prompt}]
+        plain = c.chat.completions.create(model="toy", messages=msgs, max_tokens=40, logprobs=True, top_logprobs=2)
+        chunks = list(
+            c.chat.completions.create(
+                model="toy", messages=msgs, max_tokens=40, logprobs=True, stream=True, top_logprobs=2
+            )
+        )
+        entries = [[e.model_dump() for e in x.logprobs.content] for ch in chunks for x in ch.choices if x.logprobs]
+        assert sum(entries, []) == [e.model_dump() for e in plain.choices[0].logprobs.content]
+        assert len(sum(entries, [])) >= 16 and [len(e) for e in entries] != [1] * len(entries)
+        assert "".join(x.delta.content or "" for ch in chunks for x in ch.choices) == plain.choices[0].message.content
+        plain = c.completions.create(model="toy", prompt=prompt, max_tokens=40, logprobs=2)
+        parts = [
+            x
+            for ch in c.completions.create(model="toy", prompt=prompt, max_tokens=40, logprobs=2, stream=True)
+            for x in ch.choices
+        ]
+        assert [t for p in parts if p.logprobs for t in p.logprobs.text_offset] == plain.choices[0].logprobs.text_offset
+        assert [t for p in parts if p.logprobs for t in p.logprobs.tokens] == plain.choices[0].logprobs.tokens
+
+
+def _tokenizer_answer(kind, rng):
+    """(backend, stop) answering fixed ids of a real tokenizer: BPE words with special tokens and a stop
+    string inside a word (the token straddling it kept), or SentencePiece byte-fallback tokens of
+    multi-byte characters spelled after the prompt (`▁` the space before the answer)."""
+    if kind == "bpe":
+        tok = build_bpe_tokenizer([" ".join(rng.choice(WORDS, size=8)) for _ in range(50)], 300)
+        tok.add_tokens([AddedToken("<|im_end|>", special=True)])
+        specials = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<bos>")]
+        ids, top = random_answer(rng, tok, specials)
+        word = tok.decode(ids, skip_special_tokens=True).split()[4]
+        return FixedLlama(tok, ids, top), [" " + word[: max(1, len(word) - 1)]]
+    tok = byte_fallback_tokenizer()
+    ids = tok("the end\nhello \u4e2d\u6587 \u00e9", add_special_tokens=False)["input_ids"]
+    ids.insert(int(rng.integers(1, len(ids))), tok.convert_tokens_to_ids("<s>"))
+    return FixedLlama(tok, ids, [(float(-rng.exponential()), [(ids[0], -9.0)]) for _ in ids]), None
+
+
+@pytest.mark.parametrize("kind", ["bpe", "byte_fallback"])
+def test_stream_logprobs_of_a_real_tokenizer_concatenate_to_the_plain_answer(kind):
+    backend, stop = _tokenizer_answer(kind, np.random.default_rng())
+    with ServerThread(make_app(backend)) as srv:
+        c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+        kw = dict(model="m", messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=2, stop=stop)
+        plain = c.chat.completions.create(**kw).choices[0]
+        deltas = [x for ch in c.chat.completions.create(**kw, stream=True) for x in ch.choices]
+        assert "".join(d.delta.content or "" for d in deltas) == plain.message.content
+        entries = [e.model_dump() for d in deltas if d.logprobs for e in d.logprobs.content]
+        assert entries == [e.model_dump() for e in plain.logprobs.content] and entries
+        kw = dict(model="m", prompt="hi there", logprobs=2, stop=stop)
+        plain = c.completions.create(**kw).choices[0]
+        parts = [x for ch in c.completions.create(**kw, stream=True) for x in ch.choices]
+        assert "".join(p.text for p in parts) == plain.text
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            assert [v for p in parts if p.logprobs for v in getattr(p.logprobs, key)] == getattr(plain.logprobs, key)

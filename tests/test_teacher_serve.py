@@ -95,8 +95,6 @@ BAD_REQUESTS = [  # (path, raw JSON body, status, the field the error names)
     (COMPLETIONS, "{" + OK_COMPLETION + ', "temperature": NaN}', 400, "temperature"),
     (COMPLETIONS, "{" + OK_COMPLETION + ', "max_tokens": -3}', 400, "max_tokens"),
     (COMPLETIONS, '{"model": "toy", "prompt": "' + LONG_PROMPT + '"}', 400, "prompt"),
-    (CHAT, "{" + OK_CHAT + ', "stream": true, "logprobs": true}', 400, "stream"),  # streams carry no log-probs
-    (COMPLETIONS, "{" + OK_COMPLETION + ', "stream": true, "logprobs": 2}', 400, "stream"),
 ]
 
 

@@ -3,7 +3,7 @@
 Ranges follow the OpenAI API: temperature in [0, 2], top_p in (0, 1], n in 1-128, at most 20
 top log-probs, at most 4 stop strings; numbers must be finite (JSON `NaN` and `Infinity` are
 refused), messages and prompts must not be empty. `stream: true` answers with server-sent events
-(server.py), `stream_options` null or an object (`include_usage`); `stream` with log-probs is refused there.
+(stream.py), with log-probs too; `stream_options` null or an object (`include_usage`).
 
 OpenAI fields the server does not implement (`UNSUPPORTED`, `CHAT_UNSUPPORTED`, `COMPLETION_UNSUPPORTED`)
 are accepted only at a value that leaves the answer as it is (their default), else refused with a 400
@@ -84,7 +84,7 @@ class _Sampling(BaseModel):
     top_p: TopP = 1.0
     stop: Any = None
     seed: int | None = None  # same seed, same completion, whatever shares the batch
-    stream: bool | None = None  # true: the answer as server-sent events, once it is whole (server.py)
+    stream: bool | None = None  # true: the answer as server-sent events, once it is whole (stream.py)
     stream_options: dict | None = None  # read only with stream: {"include_usage": true} adds a usage chunk
     logit_bias: Any = None  # the fields of `UNSUPPORTED`: their defaults only
     presence_penalty: Any = None

@@ -3,9 +3,9 @@ runs it under uvicorn (`serve`, `ServerThread`).
 
 Endpoints: `/v1/models` (and `/v1/models/{id}`), `/v1/chat/completions`, `/v1/completions` (text or
 token-id prompts, `echo`) with `n`, temperature, top-p, max tokens, stop strings, `logprobs`/`top_logprobs`
-(each token's `bytes` too) and usage counts; `stream: true` sends the answer as server-sent events in the
-OpenAI layout (`chat_stream`, `completions_stream`: one chunk per token's text, `_text_pieces`), once it is
-whole: generation stays batched and whole, so a stream brings no earlier first token.
+(each token's `bytes` too) and usage counts, built in `answers.py`; `stream: true` sends the answer as
+server-sent events in the OpenAI layout (`stream.py`: one chunk per token's text, with its log-probs where
+asked), once it is whole: generation stays batched and whole, so a stream brings no earlier first token.
 Request bodies are checked by the pydantic models in `api.py` (a bad field is a 400 naming it) and
 capped at `max_body_bytes` (413 before the body is read). Tokenising a long prompt and building a
 large response run on worker threads, and generation on its own thread, so the event loop keeps
@@ -42,33 +42,19 @@ A backend is any object with
 from __future__ import annotations
 
 import asyncio
-import codecs
 import concurrent.futures
-import dataclasses
 import functools
-import json
-import time
 
 import fastapi
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
+from proxykd_jax.teacher.answers import Completion, chat_body, completions_body
 from proxykd_jax.teacher.api import ChatRequest, CompletionRequest
-from proxykd_jax.teacher.responses import bytes_token
+from proxykd_jax.teacher.stream import chat_stream, completions_stream, streamed
 from proxykd_jax.teacher.wire import ApiError, Faults, RequestLog, WireMiddleware, error_response
 
-__all__ = ["Completion", "Faults", "make_app"]
-
-
-@dataclasses.dataclass
-class Completion:
-    """One generated sequence: ids without end-of-sequence, per-token log-probs and alternatives."""
-
-    token_ids: list[int]
-    finish_reason: str  # "stop" (end of sequence or stop string) or "length"
-    logprobs: list[float] | None = None
-    top: list[list[tuple[int, float]]] | None = None  # per token: (id, logprob), most likely first
+__all__ = ["Batcher", "Completion", "Faults", "make_app"]
 
 
 class Batcher:
@@ -149,105 +135,11 @@ class Batcher:
                 i += len(item)
 
 
-def answer_text(backend, context_ids: list[int], ids: list[int]) -> str:
-    """The text `ids` add after `context_ids` (from `prompt_context`): decode(context + ids) less
-    decode(context), or `ids` decoded alone where the context's text is not a prefix of that (no
-    context, or a decoder that rewrites across the seam)."""
-    if context_ids:
-        head, full = backend.decode(context_ids), backend.decode(list(context_ids) + list(ids))
-        if full.startswith(head):
-            return full[len(head) :]
-    return backend.decode(ids)
-
-
-def answer_context(backend, prompt_ids: list[int], c: Completion) -> list[int]:
-    """The tokens the answer `c` to `prompt_ids` is spelled after: the backend's `prompt_context`,
-    or none where that context's text is not a prefix of the whole answer's (then its text, tokens'
-    bytes and stop cut all spell it alone, and still agree)."""
-    ctx = backend.prompt_context(prompt_ids)
-    if ctx and not backend.decode(ctx + list(c.token_ids)).startswith(backend.decode(ctx)):
-        return []
-    return ctx
-
-
-def apply_stop(backend, c: Completion, stops: list[str], context_ids: list[int] = ()) -> tuple[str, Completion]:
-    """Cuts at the earliest stop string: the text ends right before it (the OpenAI API's and vLLM's
-    semantics: the stop string is not included), and the tokens are those needed to spell that text.
-
-    A token that straddles the cut (" w2" when "w2" stops "w1 w2 w3") is kept: it was generated and
-    paid for, so it counts in `usage.completion_tokens` and has its log-prob row, and the text ("w1 ")
-    is a prefix of the kept tokens' text ("w1 w2"). vLLM truncates the text the same way and keeps
-    every token id it generated; here the tokens after the straddling one are dropped, so the tokens
-    run past the text by at most part of one token, and spell it exactly when the stop string begins
-    on a token boundary. The text is the one the answer adds after `context_ids` (`answer_text`).
-    """
-    text = answer_text(backend, context_ids, c.token_ids)
-    cuts = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    if not cuts:
-        return text, c
-    text = text[: min(cuts)]
-    keep = next(
-        (i for i in range(len(c.token_ids) + 1) if answer_text(backend, context_ids, c.token_ids[:i]).startswith(text)),
-        len(c.token_ids),
-    )
-    return text, Completion(
-        c.token_ids[:keep],
-        "stop",
-        c.logprobs[:keep] if c.logprobs is not None else None,
-        c.top[:keep] if c.top is not None else None,
-    )
-
-
 INLINE_WORK = 16_384  # characters of text (or about that much token-table work) handled on the event loop
 
 
 def _field(loc) -> str:
     return ".".join(str(x) for x in loc if x != "body")
-
-
-def _token_rows(backend, c: Completion, context_ids: list[int]) -> list[tuple[bytes, float, list[tuple[bytes, float]]]]:
-    """Per generated token: its bytes after `context_ids` and the answer before it, its log-prob, and
-    its alternatives' bytes and log-probs."""
-    rows, context_ids = [], list(context_ids)
-    for j, (tid, lp) in enumerate(zip(c.token_ids, c.logprobs)):
-        alts = c.top[j] if c.top else []
-        raw = backend.token_bytes(context_ids + c.token_ids[:j], [tid] + [a for a, _ in alts])
-        rows.append((raw[0], lp, [(b, alp) for b, (_, alp) in zip(raw[1:], alts)]))
-    return rows
-
-
-def _text_pieces(backend, c: Completion, context_ids: list[int], text: str) -> list[str]:
-    """`text`, the answer `c` adds after `context_ids` (cut at a stop string), in one piece per generated
-    token: its bytes as `_token_rows` gives them, a token that ends mid-character merged with the next, a
-    special token adding none. The whole text in one piece where a decoder spells it otherwise."""
-    decoder, pieces, context_ids = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], list(context_ids)
-    for j, tid in enumerate(c.token_ids):
-        if tid not in backend.special_ids:
-            pieces.append(decoder.decode(backend.token_bytes(context_ids + c.token_ids[:j], [tid])[0]))
-    pieces.append(decoder.decode(b"", final=True))
-    kept, size = [], 0
-    for piece in pieces:  # up to the stop cut, which may fall inside a token
-        piece = piece[: len(text) - size]
-        if piece:
-            kept.append(piece)
-            size += len(piece)
-    return kept if "".join(kept) == text else [text] if text else []
-
-
-def _events(chunks: list[dict]) -> list[bytes]:
-    """Server-sent events of the OpenAI API's streams: one `data:` line per chunk, then `data: [DONE]`."""
-    return [b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n" for c in chunks] + [b"data: [DONE]\n\n"]
-
-
-def _text_offsets(start: int, token_bytes: list[bytes], in_text: list[bool]) -> list[int]:
-    """Character offset of each token in prompt + text: the characters complete before it begins
-    (a token that finishes a character another token began points at that character; one not
-    `in_text`, a special token, adds none)."""
-    decoder, offsets, n = codecs.getincrementaldecoder("utf-8")(errors="replace"), [], start
-    for raw, kept in zip(token_bytes, in_text):
-        offsets.append(n)
-        n += len(decoder.decode(raw)) if kept else 0
-    return offsets
 
 
 def make_app(
@@ -396,143 +288,6 @@ def make_app(
         longest = max((len(c.token_ids) for c in completions), default=0)
         return tokens * (k + 1) * 8 + (tokens * longest if stops else 0)  # a stop cut decodes prefixes
 
-    def usage(prompts, choices_tokens) -> dict:
-        p, c = sum(len(x) for x in prompts), sum(choices_tokens)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-    def entry(raw: bytes, lp: float) -> dict:
-        return {"token": bytes_token(raw), "logprob": lp, "bytes": list(raw)}
-
-    def chat_body(req: ChatRequest, prompts, outs) -> dict:
-        choices, counts = [], []
-        for i, c in enumerate(outs):
-            ctx = answer_context(backend, prompts[0], c)
-            text, c = apply_stop(backend, c, req.stops, ctx)
-            counts.append(len(c.token_ids))
-            choice = {
-                "index": i,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": c.finish_reason,
-                "logprobs": None,
-            }
-            if c.logprobs is not None:
-                choice["logprobs"] = {
-                    "content": [
-                        {**entry(raw, lp), "top_logprobs": [entry(*a) for a in alts]}
-                        for raw, lp, alts in _token_rows(backend, c, ctx)
-                    ]
-                }
-            choices.append(choice)
-        return {
-            "id": f"chatcmpl-{time.time_ns()}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": backend.model_name,
-            "choices": choices,
-            "usage": usage(prompts, counts),
-        }
-
-    def each_answer(texts, prompts, outs, stops):
-        """(prompt text, the answer's context ids, its text cut at a stop string, the completion cut alike) of
-        every completions choice, in order."""
-        for prompt_text, prompt_ids, per_prompt in zip(texts, prompts, outs):
-            for c in per_prompt:
-                ctx = answer_context(backend, prompt_ids, c)
-                text, c = apply_stop(backend, c, stops, ctx)
-                yield prompt_text, ctx, text, c
-
-    def completions_body(req: CompletionRequest, texts, prompts, outs) -> dict:
-        choices, counts = [], []
-        for prompt_text, ctx, text, c in each_answer(texts, prompts, outs, req.stops):
-            counts.append(len(c.token_ids))
-            text = prompt_text + text if req.echo else text  # (echo has no log-probs: api.py)
-            choice = {"index": len(choices), "text": text, "finish_reason": c.finish_reason, "logprobs": None}
-            if c.logprobs is not None:
-                rows = _token_rows(backend, c, ctx)
-                alternatives = []
-                for _, _, alts in rows:  # a dict keyed by token string, likeliest first
-                    top: dict[str, float] = {}
-                    for raw, alp in alts:
-                        top.setdefault(bytes_token(raw), alp)
-                    alternatives.append(top)
-                choice["logprobs"] = {
-                    "tokens": [bytes_token(raw) for raw, _, _ in rows],
-                    "token_logprobs": [lp for _, lp, _ in rows],
-                    "text_offset": _text_offsets(
-                        len(prompt_text),
-                        [raw for raw, _, _ in rows],
-                        [t not in backend.special_ids for t in c.token_ids],
-                    ),
-                    "top_logprobs": alternatives,
-                }
-            choices.append(choice)
-        return {
-            "id": f"cmpl-{time.time_ns()}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": backend.model_name,
-            "choices": choices,
-            "usage": usage(prompts, counts),
-        }
-
-    def check_stream(req, logprobs: bool):
-        if req.stream and logprobs:
-            raise ApiError(
-                400,
-                "invalid request field 'stream': this server does not stream log-probs; leave out stream, or "
-                "logprobs and top_logprobs.",
-                "invalid_request",
-                param="stream",
-            )
-
-    def stream_events(req, obj: str, prefix: str, choices: list[dict], prompts, counts) -> list[bytes]:
-        """Each choice chunk in an envelope (one `id`, `created`, `model`), then a usage chunk with
-        `stream_options.include_usage` (the other chunks then carry `usage: null`, as in the OpenAI API)."""
-        head = {
-            "id": f"{prefix}-{time.time_ns()}",
-            "object": obj,
-            "created": int(time.time()),
-            "model": backend.model_name,
-        }
-        extra = {"usage": None} if req.include_usage else {}
-        chunks = [{**head, "choices": [choice], **extra} for choice in choices]
-        if req.include_usage:
-            chunks.append({**head, "choices": [], "usage": usage(prompts, counts)})
-        return _events(chunks)
-
-    def chat_stream(req: ChatRequest, prompts, outs) -> list[bytes]:
-        """Per choice: a `role` delta, one `content` delta per token's text, an empty delta with `finish_reason`."""
-        choices, counts = [], []
-        for i, c in enumerate(outs):
-            ctx = answer_context(backend, prompts[0], c)
-            text, c = apply_stop(backend, c, req.stops, ctx)
-            counts.append(len(c.token_ids))
-            pieces = [{"content": piece} for piece in _text_pieces(backend, c, ctx, text)]
-            deltas = [{"role": "assistant", "content": ""}, *pieces, {}]
-            for j, delta in enumerate(deltas):
-                finish = c.finish_reason if j == len(deltas) - 1 else None
-                choices.append({"index": i, "delta": delta, "logprobs": None, "finish_reason": finish})
-        return stream_events(req, "chat.completion.chunk", "chatcmpl", choices, prompts, counts)
-
-    def completions_stream(req: CompletionRequest, texts, prompts, outs) -> list[bytes]:
-        """Per choice: its echoed prompt, one `text` per token's text, an empty `text` with `finish_reason`."""
-        choices, counts = [], []
-        for prompt_text, ctx, text, c in each_answer(texts, prompts, outs, req.stops):
-            counts.append(len(c.token_ids))
-            index = len(counts) - 1
-            pieces = ([prompt_text] if req.echo else []) + _text_pieces(backend, c, ctx, text)
-            for piece in pieces:
-                choices.append({"index": index, "text": piece, "logprobs": None, "finish_reason": None})
-            choices.append({"index": index, "text": "", "logprobs": None, "finish_reason": c.finish_reason})
-        return stream_events(req, "text_completion", "cmpl", choices, prompts, counts)
-
-    def streamed(events: list[bytes]) -> StreamingResponse:
-        async def each():  # an async generator: a plain iterator would hop to a thread per event
-            for event in events:
-                yield event
-
-        return StreamingResponse(each(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
-
     model_card = {"id": backend.model_name, "object": "model", "created": 0, "owned_by": "proxykd_jax"}
 
     @app.get("/v1/models")
@@ -550,7 +305,6 @@ def make_app(
         max_tokens = req.max_completion_tokens or req.max_tokens
         k = req.top_logprobs or 0
         check(req.model, max_tokens or 1, field)
-        check_stream(req, req.logprobs or k > 0)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         for i, m in enumerate(messages):
             check_text([m["content"]], f"messages.{i}.content")
@@ -560,16 +314,16 @@ def make_app(
         check_lengths(prompts, max_tokens or 1, "messages")
         logprobs = req.logprobs or k > 0
         outs = (await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, logprobs, k, req.seed))[0]
+        size = response_size(outs, k, req.stops)
         if req.stream:
-            return streamed(await off_loop(response_size(outs, 0, req.stops), chat_stream, req, prompts, outs))
-        return await off_loop(response_size(outs, k, req.stops), chat_body, req, prompts, outs)
+            return streamed(await off_loop(size, chat_stream, backend, req, prompts, outs))
+        return await off_loop(size, chat_body, backend, req, prompts, outs)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         k = req.logprobs or 0  # logprobs=0: the chosen tokens' log-probs, no alternatives
         max_tokens = req.max_tokens
         check(req.model, max_tokens or 1, "max_tokens")
-        check_stream(req, req.logprobs is not None)
         check_text([t for t in req.prompt if isinstance(t, str)], "prompt")
         check_ids([t for t in req.prompt if not isinstance(t, str)])
         size = sum(len(t) for t in req.prompt)
@@ -580,7 +334,7 @@ def make_app(
         outs = await generate(prompts, req.n, req.temperature, req.top_p, max_tokens, logprobs, k, req.seed)
         size = response_size([c for row in outs for c in row], k, req.stops)
         if req.stream:
-            return streamed(await off_loop(size, completions_stream, req, texts, prompts, outs))
-        return await off_loop(size, completions_body, req, texts, prompts, outs)
+            return streamed(await off_loop(size, completions_stream, backend, req, texts, prompts, outs))
+        return await off_loop(size, completions_body, backend, req, texts, prompts, outs)
 
     return app
