@@ -6,7 +6,8 @@ table below), the hashes of the upstream artifacts it was made from, the content
 input files outside the run it read (`collect.prompts`, `data.corpus`, `data.tokenizer`), the
 identities of the model folders it read (`proxy.init_from`, `model.init_from`, `posterior.proxy`,
 `distill.white_box`, `eval.known_teacher`), a hash of all of these, and whether it is finished.
-The record is written when the stage starts, so an interrupted stage is known too.
+The record is written when the stage starts, so an interrupted stage is known too. Fields that name paths
+(`PATH_FIELDS`) count by what they name: the absolute path they resolve to from the working directory.
 
 Running a stage again:
   * same fields and inputs, finished      -> the artifact is reused (the stage does nothing);
@@ -68,6 +69,41 @@ class Spec:
     models: Callable[..., Sequence[tuple[str, pathlib.Path]]] = lambda cfg, paths: ()
     companions: tuple[str, ...] = ()  # a file artifact's companion files: suffixes after its name
     replace_note: str = ""  # what run.overwrite keeps, for the refusal message
+    # fields the stage takes from elsewhere where the config leaves them unset, {dotted key: value}: recorded as
+    # the value it works with, so a run that names it and one that leaves it to the stage are the same settings
+    derived: Callable[..., dict] = lambda cfg, paths: {}
+
+
+# The config fields that name files or folders. Each is recorded as the absolute path(s) it resolves to from
+# the working directory of the run (`resolve_path`): a file named relative in one run and absolute in the next
+# is the same setting, and a relative name re-run from another directory is another one. _PATH_LISTS name
+# several, comma-separated.
+PATH_FIELDS = (
+    "collect.prompts",
+    "collect.out",
+    "data.corpus",
+    "data.tokenizer",
+    "proxy.init_from",
+    "model.init_from",
+    "posterior.proxy",
+    "distill.white_box",
+    "eval.known_teacher",
+    "export.out",
+    "serve.path",
+    "serve.request_log",
+)
+_PATH_LISTS = ("collect.prompts", "data.corpus", "data.tokenizer")
+
+
+def _path_parts(key: str, value) -> list[str]:
+    text = str(value or "")
+    return [p for p in text.split(",") if p] if key in _PATH_LISTS else [text] * bool(text)
+
+
+def resolve_path(key: str, value) -> str:
+    """What the path field `key` = `value` names from here: its absolute path(s), user and symlinks resolved
+    (comma-separated for a list); "" unset."""
+    return ",".join(str(pathlib.Path(p).expanduser().resolve()) for p in _path_parts(key, value))
 
 
 def _corpus(cfg, paths: RunPaths) -> pathlib.Path:
@@ -79,12 +115,8 @@ def _proxy_artifact(cfg, paths: RunPaths) -> list[pathlib.Path]:
 
 
 def _path_list(key: str, value) -> list[tuple[str, pathlib.Path]]:
-    return [(key, pathlib.Path(p).expanduser()) for p in str(value or "").split(",") if p]
-
-
-def _folder(key: str, value) -> list[tuple[str, pathlib.Path]]:
-    """[(key, folder)] of a config field naming one model folder ([] when unset)."""
-    return [(key, pathlib.Path(str(value)).expanduser())] if value else []
+    """[(key, path)] of a path field (`PATH_FIELDS`): each path it names, resolved ([] when unset)."""
+    return [(key, pathlib.Path(p)) for p in resolve_path(key, value).split(",") if p]
 
 
 def _prepare_inputs(cfg, paths: RunPaths) -> list[pathlib.Path]:
@@ -103,6 +135,14 @@ def _prepare_files(cfg, paths: RunPaths) -> list[tuple[str, pathlib.Path]]:
 def export_source(cfg, paths: RunPaths) -> pathlib.Path:
     """The student folder `export` writes out: `export.source`, else the one `distill` writes with this config."""
     return paths.student(cfg.export.source or student_name(cfg.distill))
+
+
+def recorded_start(cfg, paths: RunPaths) -> tuple[str, pathlib.Path]:
+    """(the `model.init_from` in the record of the folder `export` writes out, "" where it names none; that
+    record's path): the folder the student started from (`proxykd distill $R --config.model.init_from=F`)."""
+    folder = export_source(cfg, paths)
+    fields = (read_record(folder, False) or {}).get("fields")
+    return (str(fields.get("model.init_from") or "") if isinstance(fields, dict) else ""), record_path(folder, False)
 
 
 _MODEL_SHAPE = tuple(f"proxy.{f}" for f in ("vocab_size", "num_heads", "num_kv_heads", "d_ff", "max_seq_len"))
@@ -174,14 +214,14 @@ ARTIFACTS: dict[str, Spec] = {
         ignore=("align.checkpoint_every", "align.logprob_chunk", "align.eval_batch_size")
         + ("optim.lr", "optim.warmup_steps", "optim.decay_steps"),
         inputs=lambda cfg, paths: [paths.demo, paths.prepared],
-        models=lambda cfg, paths: _folder("proxy.init_from", cfg.proxy.init_from),
+        models=lambda cfg, paths: _path_list("proxy.init_from", cfg.proxy.init_from),
     ),
     "posterior": Spec(
         path=lambda cfg, paths: paths.posterior,
         fields=("posterior.*", "prior.kappa", "data.store.*", "data.seq_len", "proxy.dtype", "run.seed"),
         ignore=("posterior.chunk_tokens", "posterior.kernel", "data.store.shard_mb"),
         inputs=lambda cfg, paths: [paths.prepared, paths.prior] + _proxy_artifact(cfg, paths),
-        models=lambda cfg, paths: _folder("posterior.proxy", cfg.posterior.proxy),
+        models=lambda cfg, paths: _path_list("posterior.proxy", cfg.posterior.proxy),
     ),
     "distill": Spec(
         path=lambda cfg, paths: paths.student(student_name(cfg.distill)),
@@ -202,7 +242,7 @@ ARTIFACTS: dict[str, Spec] = {
         inputs=lambda cfg, paths: [paths.prepared] + ([] if cfg.distill.white_box else [paths.posterior]),
         hint="--config.distill.output=NAME for another folder",
         models=lambda cfg, paths: (
-            _folder("model.init_from", cfg.model.init_from) + _folder("distill.white_box", cfg.distill.white_box)
+            _path_list("model.init_from", cfg.model.init_from) + _path_list("distill.white_box", cfg.distill.white_box)
         ),
     ),
     "eval": Spec(
@@ -219,7 +259,8 @@ ARTIFACTS: dict[str, Spec] = {
             paths.student(STUDENT_SFT),
         ],
         models=lambda cfg, paths: (
-            _folder("proxy.init_from", cfg.proxy.init_from) + _folder("eval.known_teacher", cfg.eval.known_teacher)
+            _path_list("proxy.init_from", cfg.proxy.init_from)
+            + _path_list("eval.known_teacher", cfg.eval.known_teacher)
         ),
     ),
     "report": Spec(  # the ablation report (report/): results of every variant, report.md, PNGs
@@ -245,6 +286,8 @@ ARTIFACTS: dict[str, Spec] = {
         ignore=("export.out",),
         inputs=lambda cfg, paths: [export_source(cfg, paths)],
         hint="--config.export.out=FOLDER to write elsewhere",
+        # the start folder whose config.json keys and stop ids it keeps: the config's, else the student's record's
+        derived=lambda cfg, paths: {"model.init_from": cfg.model.init_from or recorded_start(cfg, paths)[0]},
     ),
 }
 
@@ -289,12 +332,31 @@ _ADDED_FIELDS = {"qk_norm": False, "token_limit": "max_tokens", "send_sampling":
 
 def depends_on(cfg, spec: Spec) -> dict:
     """{dotted key: value} of the config fields `spec` depends on, as JSON values (less `_ADDED_FIELDS` at the
-    value that runs before them computed)."""
+    value that runs before them computed; `PATH_FIELDS` as what they name: `resolve_path`)."""
     flat = flatten(cfg.to_dict())
     picked = {k: v for k, v in flat.items() if _matches(k, spec.fields) and not _matches(k, spec.ignore)}
     missing = object()
     picked = {k: v for k, v in picked.items() if _ADDED_FIELDS.get(k.rsplit(".", 1)[-1], missing) != v}
+    picked = {k: resolve_path(k, v) if k in PATH_FIELDS and isinstance(v, str) else v for k, v in picked.items()}
     return json.loads(json.dumps(picked, sort_keys=True, default=repr))
+
+
+def _as_recorded(recorded: dict, fields: dict) -> tuple[dict, dict]:
+    """(`fields` with the text a record names a path field by, where that text resolves here to the path these
+    fields name; {input key with the path: the key with the text}): records written before path fields were
+    recorded resolved kept the text they were given, in their fields and in the keys of their input files."""
+    named, keys = dict(fields), {}
+    for key in PATH_FIELDS:
+        text, ours = recorded.get(key), fields.get(key)
+        if isinstance(text, str) and isinstance(ours, str) and text != ours and resolve_path(key, text) == ours:
+            named[key] = text
+            for part, path in zip(_path_parts(key, text), _path_parts(key, ours)):
+                keys[f"{key} ({path})"] = f"{key} ({pathlib.Path(part).expanduser()})"
+    return named, keys
+
+
+def _rekey(ids: dict | None, keys: dict) -> dict | None:
+    return None if ids is None else {keys.get(k, k): v for k, v in ids.items()}
 
 
 def _hash(fields: dict, inputs: dict, files: dict | None = None, models: dict | None = None) -> str:
@@ -428,7 +490,9 @@ def _changes(old: dict, new: dict, old_inputs: dict, new_inputs: dict, old_ids=(
         a, b = old.get(key, missing), new.get(key, missing)
         if a != b:
             show = lambda v: "(unset)" if v is missing else json.dumps(v)  # noqa: E731
-            out.append(f"{key} {show(a)} -> {show(b)}")
+            # a path recorded as its text (an older record): what it names from here too
+            here = resolve_path(key, a) if key in PATH_FIELDS and isinstance(a, str) else a
+            out.append(f"{key} {show(a)}" + (f" (here {here})" if here != a else "") + f" -> {show(b)}")
     for key in sorted(set(old_inputs) | set(new_inputs)):
         if old_inputs.get(key) != new_inputs.get(key):
             if key not in new_inputs:
@@ -704,7 +768,9 @@ def outlook(
     path = spec.path(cfg, paths)
     inputs, waiting = _upstream(name, cfg, paths, writer=writer)
     writer = writer and not waiting  # a stage that stops for its inputs moves nothing of its own
-    fields = depends_on(cfg, spec)
+    configured = depends_on(cfg, spec)
+    derived = {k: resolve_path(k, v) if k in PATH_FIELDS else v for k, v in spec.derived(cfg, paths).items()}
+    fields = configured | {k: v for k, v in derived.items() if k in configured}
     rec = settle(path, spec.is_file, writer=writer)
     if rec is not None and writer:
         _tidy(path, spec.is_file, spec.companions)
@@ -719,16 +785,25 @@ def outlook(
     if rec is None:
         return look
     # a record made before input files (model folders) were recorded matches on what it recorded: its fields
-    # (which name their paths) and upstream artifacts; it is not taken for a changed one
-    # and a field the stage has ignored since (it never changed the result) is taken as the record has it
-    then = {k: v for k, v in rec.get("fields", {}).items() if _matches(k, spec.ignore)}
-    recorded = _hash(fields | then, inputs, files if "files" in rec else None, models if "models" in rec else None)
-    if rec.get("hash") in (digest, recorded):
+    # (which name their paths) and upstream artifacts; it is not taken for a changed one;
+    # a field the stage has ignored since (it never changed the result) is taken as the record has it;
+    # a path field recorded as its text is taken as the record has it where it names the same path (`_as_recorded`);
+    # and a derived field recorded as the config had it (before it was derived) is taken so
+    old = rec.get("fields", {})
+    old = old if isinstance(old, dict) else {}
+    then = {k: v for k, v in old.items() if _matches(k, spec.ignore)}
+    hashes = {digest}
+    for variant in (fields, configured):
+        named, keys = _as_recorded(old, variant)
+        old_files, old_models = files if "files" in rec else None, models if "models" in rec else None
+        hashes.add(_hash(named | then, inputs, _rekey(old_files, keys), _rekey(old_models, keys)))
+    if rec.get("hash") in hashes:
         art.status = "done" if rec.get("finished") else "resume"
         art.summary = rec.get("summary")
     else:
-        old_ids, new_ids = (rec.get("files"), rec.get("models")), (files, models)
-        look.changes = _changes(rec.get("fields", {}), fields, rec.get("inputs", {}), inputs, old_ids, new_ids) or [
+        named, keys = _as_recorded(old, fields)
+        old_ids, new_ids = (rec.get("files"), rec.get("models")), (_rekey(files, keys), _rekey(models, keys))
+        look.changes = _changes(old, named, rec.get("inputs", {}), inputs, old_ids, new_ids) or [
             "(unknown: its record is from another version)"
         ]
     return look

@@ -19,7 +19,7 @@ import json
 import logging
 import pathlib
 
-from proxykd_jax.context.artifacts import export_source, read_record, record_path
+from proxykd_jax.context.artifacts import export_source, recorded_start, resolve_path
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import hf
 from proxykd_jax.models.tokenizer import load_tokenizer
@@ -46,12 +46,12 @@ def _drop_load_time_keys(folder: pathlib.Path) -> None:
 def start_folder(ctx) -> tuple[str, str]:
     """(the folder the exported student started from, which field said so): config.model.init_from, else the
     `model.init_from` in the source folder's record (`proxykd distill $R --config.model.init_from=F` then
-    `proxykd export $R`); ("", "") where neither names one. The config's wins, with a warning, where both
-    name folders and they differ. Read, never set: the export's settings (its artifact's hash) stay the config's."""
-    ours, folder = str(ctx.cfg.model.init_from or ""), export_source(ctx.cfg, ctx.paths)
-    fields, record = (read_record(folder, False) or {}).get("fields"), record_path(folder, False)
-    theirs = str(fields.get("model.init_from") or "") if isinstance(fields, dict) else ""
-    if ours and theirs and pathlib.Path(ours).expanduser() != pathlib.Path(theirs).expanduser():
+    `proxykd export $R`: `recorded_start`); ("", "") where neither names one. The config's wins, with a warning,
+    where both name folders and they differ. Read, never set: the export's record holds the same folder (the
+    export's `derived` field), so a plain re-run after one naming it is unchanged."""
+    ours = str(ctx.cfg.model.init_from or "")
+    theirs, record = recorded_start(ctx.cfg, ctx.paths)
+    if ours and theirs and resolve_path("model.init_from", ours) != resolve_path("model.init_from", theirs):
         log.warning(
             "export: config.model.init_from=%s differs from model.init_from=%s, which %s records the student was "
             "distilled from; config.json keys and stop ids come from the config's (drop the override for the other)",
