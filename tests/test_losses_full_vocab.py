@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from proxykd_jax.losses import chunked
+from proxykd_jax.losses import sparse_kd
+from proxykd_jax.losses.objective import kd_objective
 
 
 def _case(seed: int, n: int = 12, d: int = 16, v: int = 24):
@@ -45,17 +46,17 @@ def test_kd_loss_is_finite_and_exact_when_k_equals_vocab(divergence, seed):
     hidden, w, targets, ids, lp, tail, mask, weight, lp64 = _case(seed)
     assert (tail > 0).any()  # the residue that made the loss infinite
     args = tuple(map(jnp.asarray, (hidden, w, targets, ids, lp, tail, mask, weight)))
-    _, kd_sum, _ = chunked.sparse_kd_loss(*args, divergence=divergence, chunk_size=5)
+    _, kd_sum, _ = sparse_kd.sparse_kd_loss(*args, divergence=divergence, chunk_size=5)
     want = _reference_kd(hidden, w, lp64, weight, divergence)
     assert np.isfinite(float(kd_sum))
     np.testing.assert_allclose(float(kd_sum), want, rtol=2e-5, atol=2e-5)
-    dense = chunked.sparse_kd_loss_dense(*args, divergence=divergence)
+    dense = sparse_kd.sparse_kd_loss_dense(*args, divergence=divergence)
     np.testing.assert_allclose(float(dense[1]), want, rtol=2e-5, atol=2e-5)
 
     # the fused objective's gradient is finite too (this is what distillation differentiates)
     def objective(h, wt):
-        ce, kd, n = chunked.sparse_kd_loss(h, wt, *args[2:], divergence=divergence, chunk_size=5)
-        return chunked.kd_objective(ce, kd, n, 1.0)
+        ce, kd, n = sparse_kd.sparse_kd_loss(h, wt, *args[2:], divergence=divergence, chunk_size=5)
+        return kd_objective(ce, kd, n, 1.0)
 
     grads = jax.grad(objective, argnums=(0, 1))(args[0], args[1])
     assert all(bool(jnp.isfinite(g).all()) for g in grads)
@@ -69,7 +70,7 @@ def test_a_real_tail_still_counts_when_k_is_below_vocab():
         np.float32
     )
     args = tuple(map(jnp.asarray, (hidden, w, targets, top_ids, top_lp, top_tail, mask, weight)))
-    _, kd_sum, _ = chunked.sparse_kd_loss(*args, chunk_size=5)
+    _, kd_sum, _ = sparse_kd.sparse_kd_loss(*args, chunk_size=5)
     logits = hidden.astype(np.float64) @ w.astype(np.float64)
     logq = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     rows = np.arange(len(ids))[:, None]

@@ -11,19 +11,19 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from proxykd_jax.losses import chunked
+from proxykd_jax.losses import likelihood
 
 N, D, V, C = 8 * 64, 32, 1024, 64
 
 
 def _ce(h, W, t, m):
-    return jax.value_and_grad(lambda h, W: chunked.cross_entropy_chunked(h, W, t, m, chunk_size=C)[0], (0, 1))(h, W)
+    return jax.value_and_grad(lambda h, W: likelihood.cross_entropy_chunked(h, W, t, m, chunk_size=C)[0], (0, 1))(h, W)
 
 
 def _seq(h, W, t, m):
     b = 8
     f = lambda h, W: jnp.sum(  # noqa: E731
-        chunked.sequence_logprobs(h.reshape(b, -1, D), W, t.reshape(b, -1), m.reshape(b, -1), chunk_size=C)
+        likelihood.sequence_logprobs(h.reshape(b, -1, D), W, t.reshape(b, -1), m.reshape(b, -1), chunk_size=C)
     )
     return jax.value_and_grad(f, (0, 1))(h, W)
 
