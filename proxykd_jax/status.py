@@ -33,9 +33,11 @@ import sys
 import types
 
 from proxykd_jax.context import check_run_dir, preflight
-from proxykd_jax.context.artifacts import ARTIFACTS, Outlook, outlook, read_record, record_path, run_relative
+from proxykd_jax.context.artifacts import Outlook, outlook, run_relative
 from proxykd_jax.context.lock import process_alive
 from proxykd_jax.context.paths import STUDENT_SFT, RunPaths, student_name
+from proxykd_jax.context.records import read_record, record_path
+from proxykd_jax.context.specs import ARTIFACTS
 from proxykd_jax.errors import ProxyKDError, one_line
 
 ORDER = ("demo", "collect", "prepare", "prior", "align", "posterior", "distill", "eval", "export", "report")

@@ -20,8 +20,9 @@ from stage_helpers import run_stage
 
 from proxykd_jax import config as config_lib
 from proxykd_jax import context
-from proxykd_jax.context import artifacts
-from proxykd_jax.context.artifacts import open_artifact, read_record, record_path
+from proxykd_jax.context import artifacts, identity, specs
+from proxykd_jax.context.artifacts import open_artifact
+from proxykd_jax.context.records import read_record, record_path
 from proxykd_jax.errors import ProxyKDError
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -128,7 +129,7 @@ def test_an_unchanged_input_file_is_not_read_again(tmp_path, monkeypatch):
     stamp = read_record(tmp_path / "run" / "prepared")["stamps"][str(corpus.absolute())]
     assert stamp[:2] == [corpus.stat().st_size, old]
     read = []
-    monkeypatch.setattr(artifacts, "open", lambda *a, **k: read.append(a) or open(*a, **k), raising=False)
+    monkeypatch.setattr(identity, "open", lambda *a, **k: read.append(a) or open(*a, **k), raising=False)
     assert _open("prepare", cfg).done and read == []  # the recorded size and mtime_ns stand for the digest
     with corpus.open("a") as f:
         f.write("\n")
@@ -211,13 +212,13 @@ def test_a_model_folder_whose_weights_are_replaced_in_place_counts_as_changed(st
 def test_a_model_folder_untouched_is_reused_and_its_weights_never_read(tmp_path, monkeypatch):
     folder = _model_folder(tmp_path / "model")
     with open(folder / "pytorch_model-00001-of-00002", "wb") as f:  # weights by size, whatever the name
-        f.truncate(artifacts._BIG)
+        f.truncate(identity._BIG)
     os.utime(folder / "pytorch_model-00001-of-00002", ns=(_PAST, _PAST))
     (folder / ".cache").mkdir()  # hidden: a download tool's own files, not the model
     (folder / ".cache" / "state").write_text("1")
     cfg = _with(_cfg(tmp_path), "proxy.init_from", str(folder))
     read = []
-    monkeypatch.setattr(artifacts, "open", lambda *a, **k: read.append(a[0].name) or open(*a, **k), raising=False)
+    monkeypatch.setattr(identity, "open", lambda *a, **k: read.append(a[0].name) or open(*a, **k), raising=False)
     art = _open("align", cfg)
     assert sorted(read) == ["config.json", "tokenizer.json"]  # the small files only
     art.begin()
@@ -228,7 +229,7 @@ def test_a_model_folder_untouched_is_reused_and_its_weights_never_read(tmp_path,
     assert _open("align", cfg).done and read == []  # the record's stamps stand for the small files' digests
     big = folder / "pytorch_model-00001-of-00002"
     with open(big, "r+b") as f:
-        f.truncate(artifacts._BIG + 1)
+        f.truncate(identity._BIG + 1)
     with pytest.raises(ProxyKDError, match=r"the content of its input proxy.init_from \(.*model\) changed"):
         _open("align", cfg)
     assert "pytorch_model-00001-of-00002" not in read
@@ -286,12 +287,12 @@ def test_broadcast_text_and_open_artifact_on_two_processes(tmp_path):
             import ml_collections
             jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
             from proxykd_jax import context
-            from proxykd_jax.context import artifacts
+            from proxykd_jax.context import artifacts, identity
             from proxykd_jax.parallel import hosts
             me = jax.process_index()
             assert hosts.broadcast_text("from " + "x" * (3 + 40 * me) + " é") == "from xxx é"
             if me == 1:  # this host's copy of the folder: other weights' stamps
-                artifacts.model_id = lambda path, known=None, stamps=None: "host-1-copy"
+                identity.model_id = lambda path, known=None, stamps=None: "host-1-copy"
             cfg = ml_collections.ConfigDict(json.loads(pathlib.Path(sys.argv[3]).read_text()))
             art = artifacts.open_artifact(
                 "align", cfg, context.RunPaths.from_config(cfg), overwrite=False, sync=hosts.sync, writer=me == 0,
@@ -387,8 +388,8 @@ def test_collect_fields_added_later_are_left_out_at_the_value_earlier_runs_compu
     """A corpus collected before collect.token_limit and collect.send_sampling existed is not taken for
     another one: at their defaults they are not part of its settings."""
     cfg = _cfg(tmp_path)
-    fields = artifacts.depends_on(cfg, artifacts.ARTIFACTS["collect"])
+    fields = artifacts.depends_on(cfg, specs.ARTIFACTS["collect"])
     assert "collect.token_limit" not in fields and "collect.send_sampling" not in fields
     cfg.collect.token_limit, cfg.collect.send_sampling = "max_completion_tokens", False
-    fields = artifacts.depends_on(cfg, artifacts.ARTIFACTS["collect"])
+    fields = artifacts.depends_on(cfg, specs.ARTIFACTS["collect"])
     assert fields["collect.token_limit"] == "max_completion_tokens" and fields["collect.send_sampling"] is False

@@ -11,7 +11,8 @@ import pytest
 
 from proxykd_jax import config as config_lib
 from proxykd_jax import context
-from proxykd_jax.context.artifacts import open_artifact, read_record
+from proxykd_jax.context.artifacts import open_artifact
+from proxykd_jax.context.records import read_record
 
 
 class Killed(BaseException):

@@ -16,7 +16,7 @@ import pytest
 from stage_helpers import run_stage
 
 from proxykd_jax import config as config_lib
-from proxykd_jax.context.artifacts import read_record
+from proxykd_jax.context.records import read_record
 from proxykd_jax.data import DataError
 from proxykd_jax.models.tokenizer import build_word_tokenizer
 

@@ -9,7 +9,7 @@ import json
 import pytest
 from stage_helpers import run_stage
 
-from proxykd_jax.context.artifacts import read_record
+from proxykd_jax.context.records import read_record
 from proxykd_jax.errors import ProxyKDError
 from tests.pipeline_fixtures import tiny_config
 

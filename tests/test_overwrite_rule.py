@@ -14,7 +14,9 @@ from stage_helpers import run_stage
 from proxykd_jax import config as config_lib
 from proxykd_jax import context, stages
 from proxykd_jax.context import artifacts
-from proxykd_jax.context.artifacts import ARTIFACTS, open_artifact, read_record
+from proxykd_jax.context.artifacts import open_artifact
+from proxykd_jax.context.records import read_record
+from proxykd_jax.context.specs import ARTIFACTS
 from proxykd_jax.errors import ProxyKDError
 
 

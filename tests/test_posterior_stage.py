@@ -15,7 +15,7 @@ from proxykd_jax import context
 from proxykd_jax.bayes import estimate
 from proxykd_jax.bayes.tables import built_with, load_prior
 from proxykd_jax.context import RunPaths
-from proxykd_jax.context.artifacts import read_record, record_path
+from proxykd_jax.context.records import read_record, record_path
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.data.store import StoreReader
 from proxykd_jax.errors import ConfigError, ProxyKDError

@@ -224,7 +224,7 @@ def test_a_qwen3_folder_sets_qk_norm_through_configs_hf_and_older_records_still_
     import pathlib
     import runpy
 
-    from proxykd_jax.context import artifacts
+    from proxykd_jax.context import artifacts, specs
 
     _qwen3().save_pretrained(tmp_path / "q3")
     get_config = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "configs" / "hf.py"))["get_config"]
@@ -234,7 +234,7 @@ def test_a_qwen3_folder_sets_qk_norm_through_configs_hf_and_older_records_still_
     with before.unlocked():
         del before.model["qk_norm"], before.proxy["qk_norm"]  # a config of the version before the field
     cfg.model.qk_norm = cfg.proxy.qk_norm = False
-    for name, spec in artifacts.ARTIFACTS.items():
+    for name, spec in specs.ARTIFACTS.items():
         assert artifacts.depends_on(cfg, spec) == artifacts.depends_on(before, spec), name
     cfg.model.qk_norm = True
-    assert artifacts.depends_on(cfg, artifacts.ARTIFACTS["distill"])["model.qk_norm"] is True
+    assert artifacts.depends_on(cfg, specs.ARTIFACTS["distill"])["model.qk_norm"] is True

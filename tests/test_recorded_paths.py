@@ -13,8 +13,9 @@ import pytest
 
 from proxykd_jax import config as config_lib
 from proxykd_jax import context
-from proxykd_jax.context import artifacts
-from proxykd_jax.context.artifacts import open_artifact, read_record, record_path
+from proxykd_jax.context import artifacts, specs
+from proxykd_jax.context.artifacts import open_artifact
+from proxykd_jax.context.records import read_record, record_path
 from proxykd_jax.errors import ProxyKDError
 
 
@@ -163,6 +164,6 @@ def test_every_path_field_is_in_the_list():
     """The config fields that name paths (config._INPUT_PATHS, the comma lists, the outputs) are all compared
     by what they name."""
     named = {field for _, field, _ in config_lib._INPUT_PATHS} | {"data.corpus", "collect.out", "export.out"}
-    assert named <= set(artifacts.PATH_FIELDS)
+    assert named <= set(specs.PATH_FIELDS)
     flat = artifacts.flatten(config_lib.base_config().to_dict())
-    assert all(key in flat for key in artifacts.PATH_FIELDS)
+    assert all(key in flat for key in specs.PATH_FIELDS)

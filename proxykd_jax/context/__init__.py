@@ -23,9 +23,11 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from proxykd_jax.context.artifacts import ARTIFACTS, Artifact, check_inputs, open_artifact, run_relative, settle
+from proxykd_jax.context.artifacts import check_inputs, open_artifact, run_relative, settle
 from proxykd_jax.context.lock import RunLock, RunLocked
 from proxykd_jax.context.paths import STUDENT, RunPaths, student_name
+from proxykd_jax.context.records import Artifact
+from proxykd_jax.context.specs import ARTIFACTS
 from proxykd_jax.errors import ConfigError, ProxyKDError
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,15 @@ _SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_hea
 # student) would silently run other RoPE or norms than the folder's weights were trained with.
 # max_seq_len too: the student saved from its group would claim another context than its weights were trained for.
 _NUMERICS_FIELDS = ("rope_theta", "rope_scaling", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings", "max_seq_len")
+_NUMERICS_FIELDS += (  # Gemma 3's
+    "norm_plus_one",
+    "embed_scale",
+    "activation",
+    "sandwich_norms",
+    "query_pre_attn_scalar",
+    "layer_types",
+    "rope_local_theta",
+)
 FOLDER_FIELDS = _SHAPE_FIELDS + _NUMERICS_FIELDS  # what an init_from folder's config.json must agree on with its group
 
 

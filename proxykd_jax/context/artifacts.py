@@ -1,13 +1,13 @@
-"""One overwrite rule for every stage, and the table of what each stage's artifact depends on.
+"""One overwrite rule for every stage: what a re-run does with the artifact it finds.
 
 A stage's output (its *artifact*: a folder, or the corpus file) carries a record, `artifact.json`
 in the folder (`<file>.artifact.json` beside a file): the config fields that produced it (the
-table below), the hashes of the upstream artifacts it was made from, the content digests of the
+table `specs.ARTIFACTS`), the hashes of the upstream artifacts it was made from, the content digests of the
 input files outside the run it read (`collect.prompts`, `data.corpus`, `data.tokenizer`), the
 identities of the model folders it read (`proxy.init_from`, `model.init_from`, `posterior.proxy`,
 `distill.white_box`, `eval.known_teacher`), a hash of all of these, and whether it is finished.
 The record is written when the stage starts, so an interrupted stage is known too. Fields that name paths
-(`PATH_FIELDS`) count by what they name: the absolute path they resolve to from the working directory.
+(`specs.PATH_FIELDS`) count by what they name: the absolute path they resolve to from the working directory.
 
 Running a stage again:
   * same fields and inputs, finished      -> the artifact is reused (the stage does nothing);
@@ -33,6 +33,11 @@ recorded keeps its hash and matches on what it recorded. A file artifact is the 
 companions (`<name>.failures.jsonl`, the record); nothing else beside it is touched. The move into
 place is resumable: a run killed half-way through it is completed by the next `open_artifact`.
 `serve` writes nothing and has no entry.
+
+Here: the settings an artifact is compared on (`depends_on`, `_hash`), the move into place completed
+(`settle`), and the decision (`outlook`, `open_artifact`). Elsewhere in context/: `specs.py` (the table,
+`ARTIFACTS`, `PATH_FIELDS`), `records.py` (the record files, `Artifact`, the move), `identity.py` (the input
+files' and model folders' identities).
 """
 
 from __future__ import annotations
@@ -41,272 +46,14 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import os
 import pathlib
-import shutil
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from proxykd_jax.context.paths import STUDENT, STUDENT_SFT, RunPaths, student_name
+from proxykd_jax.context.identity import input_files
+from proxykd_jax.context.paths import RunPaths
+from proxykd_jax.context.records import RECORD, Artifact, read_record, record_path, swap_into_place, tidy
+from proxykd_jax.context.specs import ARTIFACTS, PATH_FIELDS, Spec, path_parts, resolve_path
 from proxykd_jax.errors import ProxyKDError
-
-RECORD = "artifact.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Spec:
-    """One stage's artifact: where it is, the config fields it depends on, its upstream artifacts."""
-
-    path: Callable[..., pathlib.Path]  # (cfg, paths) -> the artifact's folder (or file)
-    fields: tuple[str, ...]  # dotted config keys; "group.*" = every field of the group
-    ignore: tuple[str, ...] = ()  # keys matched by `fields` that do not change the result
-    inputs: Callable[..., Sequence[pathlib.Path]] = lambda cfg, paths: ()  # upstream artifacts
-    hint: str = ""  # where else the output could go, for the refusal message
-    is_file: bool = False
-    # input files or folders outside the run, (config key, path): identified by their content
-    files: Callable[..., Sequence[tuple[str, pathlib.Path]]] = lambda cfg, paths: ()
-    # model folders it reads, (config key, path): identified by their small files and weights' stamps (model_id)
-    models: Callable[..., Sequence[tuple[str, pathlib.Path]]] = lambda cfg, paths: ()
-    companions: tuple[str, ...] = ()  # a file artifact's companion files: suffixes after its name
-    replace_note: str = ""  # what run.overwrite keeps, for the refusal message
-    # fields the stage takes from elsewhere where the config leaves them unset, {dotted key: value}: recorded as
-    # the value it works with, so a run that names it and one that leaves it to the stage are the same settings
-    derived: Callable[..., dict] = lambda cfg, paths: {}
-
-
-# The config fields that name files or folders. Each is recorded as the absolute path(s) it resolves to from
-# the working directory of the run (`resolve_path`): a file named relative in one run and absolute in the next
-# is the same setting, and a relative name re-run from another directory is another one. _PATH_LISTS name
-# several, comma-separated.
-PATH_FIELDS = (
-    "collect.prompts",
-    "collect.out",
-    "data.corpus",
-    "data.tokenizer",
-    "proxy.init_from",
-    "model.init_from",
-    "posterior.proxy",
-    "distill.white_box",
-    "eval.known_teacher",
-    "export.out",
-    "serve.path",
-    "serve.request_log",
-)
-_PATH_LISTS = ("collect.prompts", "data.corpus", "data.tokenizer")
-
-
-def _path_parts(key: str, value) -> list[str]:
-    text = str(value or "")
-    return [p for p in text.split(",") if p] if key in _PATH_LISTS else [text] * bool(text)
-
-
-def resolve_path(key: str, value) -> str:
-    """What the path field `key` = `value` names from here: its absolute path(s), user and symlinks resolved
-    (comma-separated for a list); "" unset."""
-    return ",".join(str(pathlib.Path(p).expanduser().resolve()) for p in _path_parts(key, value))
-
-
-def _corpus(cfg, paths: RunPaths) -> pathlib.Path:
-    return pathlib.Path(cfg.collect.out).expanduser() if cfg.collect.out else paths.corpus
-
-
-def _proxy_artifact(cfg, paths: RunPaths) -> list[pathlib.Path]:
-    return [] if cfg.posterior.proxy else [paths.proxy]
-
-
-def _path_list(key: str, value) -> list[tuple[str, pathlib.Path]]:
-    """[(key, path)] of a path field (`PATH_FIELDS`): each path it names, resolved ([] when unset)."""
-    return [(key, pathlib.Path(p)) for p in resolve_path(key, value).split(",") if p]
-
-
-def _prepare_inputs(cfg, paths: RunPaths) -> list[pathlib.Path]:
-    """The run's corpus, or the `data.corpus` files that `collect` made (a corpus file with its record,
-    such as the run's own named by path): one still being collected is not prepared from."""
-    if not cfg.data.corpus:
-        return [paths.demo, _corpus(cfg, paths)]
-    collected = [p for _, p in _path_list("data.corpus", cfg.data.corpus) if record_path(p, True).exists()]
-    return [paths.demo] + collected
-
-
-def _prepare_files(cfg, paths: RunPaths) -> list[tuple[str, pathlib.Path]]:
-    return _path_list("data.corpus", cfg.data.corpus) + _path_list("data.tokenizer", cfg.data.tokenizer)
-
-
-def export_source(cfg, paths: RunPaths) -> pathlib.Path:
-    """The student folder `export` writes out: `export.source`, else the one `distill` writes with this config."""
-    return paths.student(cfg.export.source or student_name(cfg.distill))
-
-
-def recorded_start(cfg, paths: RunPaths) -> tuple[str, pathlib.Path]:
-    """(the `model.init_from` in the record of the folder `export` writes out, "" where it names none; that
-    record's path): the folder the student started from (`proxykd distill $R --config.model.init_from=F`)."""
-    folder = export_source(cfg, paths)
-    fields = (read_record(folder, False) or {}).get("fields")
-    return (str(fields.get("model.init_from") or "") if isinstance(fields, dict) else ""), record_path(folder, False)
-
-
-_MODEL_SHAPE = tuple(f"proxy.{f}" for f in ("vocab_size", "num_heads", "num_kv_heads", "d_ff", "max_seq_len"))
-_DTYPES = ("proxy.dtype", "proxy.param_dtype", "model.dtype", "model.param_dtype")
-
-# What each stage's artifact depends on. Operational settings (batch sizes that only bound memory,
-# progress bars, checkpoint cadence, rate limits, worker counts) are left out: changing them never
-# changes a result.
-ARTIFACTS: dict[str, Spec] = {
-    "demo": Spec(
-        path=lambda cfg, paths: paths.demo,
-        fields=("demo.*", "run.seed") + _MODEL_SHAPE,
-    ),
-    "collect": Spec(
-        path=_corpus,
-        fields=("collect.*",),
-        ignore=(
-            "collect.out",
-            "collect.base_url",
-            "collect.api_key",
-            "collect.api_key_env",
-            "collect.concurrency",
-            "collect.requests_per_minute",
-            "collect.tokens_per_minute",
-            "collect.request_timeout_s",
-            "collect.max_attempts",
-            "collect.backoff_*",
-            "collect.breaker_*",  # when an outage stops the run, not what it collects
-            "collect.price_*",
-            "collect.max_cost",  # where the run stops, not what it collects
-            "collect.progress",
-            "collect.seed",
-        ),
-        inputs=lambda cfg, paths: [paths.demo],
-        hint="--config.collect.out=FILE for another corpus",
-        is_file=True,
-        files=lambda cfg, paths: _path_list("collect.prompts", cfg.collect.prompts),
-        companions=(".failures.jsonl",),  # teacher/client.py: the failed and declined samples
-        replace_note="; the samples already in it that the new settings still ask for are kept, not paid again",
-    ),
-    "prepare": Spec(
-        path=lambda cfg, paths: paths.prepared,
-        fields=("data.*",),
-        ignore=(
-            "data.prepare_buffer_mb",
-            "data.records_per_file",
-            "data.batch_size",
-            "data.packing_bins",
-            "data.shuffle",
-            "data.shuffle_seed",
-            "data.num_epochs",
-            "data.num_workers",
-            "data.worker_buffer_size",
-            "data.store.*",
-        ),
-        inputs=_prepare_inputs,
-        files=_prepare_files,
-    ),
-    "prior": Spec(
-        path=lambda cfg, paths: paths.prior,
-        fields=("prior.*",),
-        ignore=("prior.kappa", "prior.buffer_pairs"),
-        inputs=lambda cfg, paths: [paths.prepared],
-    ),
-    "align": Spec(
-        path=lambda cfg, paths: paths.proxy,
-        fields=("align.*", "proxy.*", "optim.*", "data.seq_len", "run.seed"),
-        # each phase's schedule is its own: align.sft_lr / dpo_lr, align.warmup_steps, the decay over the phase
-        ignore=("align.checkpoint_every", "align.logprob_chunk", "align.eval_batch_size")
-        + ("optim.lr", "optim.warmup_steps", "optim.decay_steps"),
-        inputs=lambda cfg, paths: [paths.demo, paths.prepared],
-        models=lambda cfg, paths: _path_list("proxy.init_from", cfg.proxy.init_from),
-    ),
-    "posterior": Spec(
-        path=lambda cfg, paths: paths.posterior,
-        fields=("posterior.*", "prior.kappa", "data.store.*", "data.seq_len", "proxy.dtype", "run.seed"),
-        ignore=("posterior.chunk_tokens", "posterior.kernel", "data.store.shard_mb"),
-        inputs=lambda cfg, paths: [paths.prepared, paths.prior] + _proxy_artifact(cfg, paths),
-        models=lambda cfg, paths: _path_list("posterior.proxy", cfg.posterior.proxy),
-    ),
-    "distill": Spec(
-        path=lambda cfg, paths: paths.student(student_name(cfg.distill)),
-        fields=(
-            "distill.*",
-            "model.*",
-            "optim.*",
-            "train.steps",
-            "train.batch_size",
-            "train.seq_len",
-            "data.packing_bins",
-            "data.shuffle",
-            "data.shuffle_seed",
-            "data.num_epochs",
-            "run.seed",
-        ),
-        ignore=("distill.output", "distill.loss.chunk_size"),
-        inputs=lambda cfg, paths: [paths.prepared] + ([] if cfg.distill.white_box else [paths.posterior]),
-        hint="--config.distill.output=NAME for another folder",
-        models=lambda cfg, paths: (
-            _path_list("model.init_from", cfg.model.init_from) + _path_list("distill.white_box", cfg.distill.white_box)
-        ),
-    ),
-    "eval": Spec(
-        path=lambda cfg, paths: paths.eval,
-        # (each model is scored in the dtypes its own stage runs it in)
-        fields=("eval.*", "data.seq_len", "proxy.init_from", "run.seed", *_DTYPES),
-        inputs=lambda cfg, paths: [
-            paths.demo,
-            paths.prepared,
-            paths.prior,
-            paths.proxy,
-            paths.posterior,
-            paths.student(STUDENT),
-            paths.student(STUDENT_SFT),
-        ],
-        models=lambda cfg, paths: (
-            _path_list("proxy.init_from", cfg.proxy.init_from)
-            + _path_list("eval.known_teacher", cfg.eval.known_teacher)
-        ),
-    ),
-    "report": Spec(  # the ablation report (report/): results of every variant, report.md, PNGs
-        path=lambda cfg, paths: paths.root / "report",
-        fields=("*",),
-        # which settings, seeds and variants run does not change any one result (each is its own file)
-        ignore=(
-            "run.dir",
-            "run.overwrite",
-            "mesh.*",
-            "train.progress",
-            "train.log_every",
-            "train.steps_per_call",
-            "posterior.kernel",
-            "collect.*",
-            "report.settings",
-        )
-        + ("report.seeds", "report.variants"),
-    ),
-    "export": Spec(
-        path=lambda cfg, paths: pathlib.Path(cfg.export.out).expanduser() if cfg.export.out else paths.export,
-        fields=("export.*", "model.*"),
-        ignore=("export.out",),
-        inputs=lambda cfg, paths: [export_source(cfg, paths)],
-        hint="--config.export.out=FOLDER to write elsewhere",
-        # the start folder whose config.json keys and stop ids it keeps: the config's, else the student's record's
-        derived=lambda cfg, paths: {"model.init_from": cfg.model.init_from or recorded_start(cfg, paths)[0]},
-    ),
-}
-
-
-def record_path(path: pathlib.Path, is_file: bool) -> pathlib.Path:
-    return path.with_name(path.name + "." + RECORD) if is_file else path / RECORD
-
-
-def read_record(path: pathlib.Path, is_file: bool | None = None) -> dict | None:
-    """The record of the artifact at `path` (None when it has none or it is unreadable)."""
-    candidates = [is_file] if is_file is not None else [False, True]
-    for kind in candidates:
-        try:
-            rec = json.loads(record_path(path, kind).read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(rec, dict):
-            return rec
-    return None
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -328,6 +75,15 @@ def _matches(key: str, patterns) -> bool:
 # before them did: at that value a field is left out of an artifact's settings, so the records made before it
 # was added (and their hashes) still match.
 _ADDED_FIELDS = {"qk_norm": False, "token_limit": "max_tokens", "send_sampling": True}
+_ADDED_FIELDS |= {  # the model's Gemma 3 numerics
+    "norm_plus_one": False,
+    "embed_scale": False,
+    "activation": "silu",
+    "sandwich_norms": False,
+    "query_pre_attn_scalar": None,
+    "layer_types": None,
+    "rope_local_theta": None,
+}
 
 
 def depends_on(cfg, spec: Spec) -> dict:
@@ -350,7 +106,7 @@ def _as_recorded(recorded: dict, fields: dict) -> tuple[dict, dict]:
         text, ours = recorded.get(key), fields.get(key)
         if isinstance(text, str) and isinstance(ours, str) and text != ours and resolve_path(key, text) == ours:
             named[key] = text
-            for part, path in zip(_path_parts(key, text), _path_parts(key, ours)):
+            for part, path in zip(path_parts(key, text), path_parts(key, ours)):
                 keys[f"{key} ({path})"] = f"{key} ({pathlib.Path(part).expanduser()})"
     return named, keys
 
@@ -364,113 +120,6 @@ def _hash(fields: dict, inputs: dict, files: dict | None = None, models: dict | 
     payload = {"fields": fields, "inputs": inputs} | ({"files": files} if files else {})
     payload |= {"models": models} if models else {}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-# ------------------------------------------------------------------------------------ input files
-
-# Skipped inside an input folder: a tokenizer folder is often a model's whole Hugging Face folder,
-# whose weights say nothing about the tokenizer (and would cost seconds per GB to read).
-_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".npz", ".onnx")
-_RACY_NS = 2_000_000_000  # a file modified this recently may change again within its mtime tick
-_BIG = 64 << 20  # a model folder's file this large counts as weights whatever its name (by its stamp, not read)
-
-
-def _file_digest(path: pathlib.Path, known: dict, stamps: dict) -> str:
-    """sha256 of a file's bytes; reuses `known[path] = [size, mtime_ns, digest]` while size and mtime_ns
-    are unchanged, and notes the stamp in `stamps` (not for a file modified in the last 2 s)."""
-    st = path.stat()
-    key = str(path.absolute())
-    cached = known.get(key)
-    if isinstance(cached, list) and len(cached) == 3 and cached[:2] == [st.st_size, st.st_mtime_ns]:
-        digest = cached[2]
-    else:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        digest = h.hexdigest()
-    if time.time_ns() - st.st_mtime_ns > _RACY_NS:
-        stamps[key] = [st.st_size, st.st_mtime_ns, digest]
-    return digest
-
-
-def content_id(path: pathlib.Path, known: dict | None = None, stamps: dict | None = None) -> str:
-    """The identity of an input file or folder: the sha256 of its bytes (of a folder: of its files' relative
-    paths and digests, hidden files and model weights left out); "missing" when it does not exist."""
-    known = {} if known is None else known
-    stamps = {} if stamps is None else stamps
-    try:
-        if path.is_file():
-            return _file_digest(path, known, stamps)
-        if not path.is_dir():
-            return "missing"
-        entries = [[rel, _file_digest(f, known, stamps)] for rel, f in _folder_files(path) if not _is_weights(f)]
-        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-    except OSError as e:
-        raise ProxyKDError(f"cannot read the input {path} ({e.strerror or e}); check that it is readable.") from None
-
-
-def _folder_files(folder: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
-    """(relative path, file) of every file in `folder`, sorted; hidden files and folders left out."""
-    out = []
-    for f in sorted(folder.rglob("*")):
-        rel = f.relative_to(folder)
-        if not any(part.startswith(".") for part in rel.parts) and f.is_file():
-            out.append((rel.as_posix(), f))
-    return out
-
-
-def _is_weights(f: pathlib.Path, size: int = 0) -> bool:
-    return f.name.endswith(_WEIGHTS) or size >= _BIG
-
-
-def model_id(path: pathlib.Path, known: dict | None = None, stamps: dict | None = None) -> str:
-    """The identity of an input model folder (a Hugging Face folder, a known teacher): the sha256 of, per
-    file, its relative path and either the sha256 of its bytes (config.json, tokenizer files: small, and
-    cached in the record like input files) or, for model weights (a weights suffix, or 64 MiB and more),
-    its size and mtime_ns; "missing" when it does not exist.
-
-    Weights are not read because that costs seconds per GB on the first look in every run directory
-    (minutes for a 7B model), while a save, a download or a copy that replaces a weights file gives it a new
-    mtime_ns: weights replaced in place count as changed. What the stamp cannot tell: the same weights
-    copied anew (`cp` without `-p`, a fresh download) also count as changed (a refusal to confirm with
-    run.overwrite, never a stale reuse), and a replacement that keeps both size and mtime_ns (`cp -p` of
-    weights of the same size, `touch -r`) is not seen. The folder's path is a config field, so pointing a
-    stage at a copy elsewhere changes its settings whatever the copy holds."""
-    known = {} if known is None else known
-    stamps = {} if stamps is None else stamps
-    try:
-        if path.is_file():
-            files = [(path.name, path)]
-        elif path.is_dir():
-            files = _folder_files(path)
-        else:
-            return "missing"
-        entries = []
-        for rel, f in files:
-            st = f.stat()
-            if _is_weights(f, st.st_size):
-                entries.append([rel, st.st_size, st.st_mtime_ns])
-            else:
-                entries.append([rel, _file_digest(f, known, stamps)])
-        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-    except OSError as e:
-        raise ProxyKDError(f"cannot read the input {path} ({e.strerror or e}); check that it is readable.") from None
-
-
-def _input_files(spec: Spec, cfg, paths: RunPaths, records) -> tuple[dict, dict, dict]:
-    """({"<config key> (<path>)": content id} of `spec`'s input files, the same with the model_id of its model
-    folders, {file: [size, mtime_ns, digest]} of the files read for them)."""
-    known = {}
-    for rec in records:
-        if rec and isinstance(rec.get("stamps"), dict):
-            known.update(rec["stamps"])
-    files, models, stamps = {}, {}, {}
-    for key, path in spec.files(cfg, paths):
-        files[f"{key} ({path})"] = content_id(path, known, stamps)
-    for key, path in spec.models(cfg, paths):
-        models[f"{key} ({path})"] = model_id(path, known, stamps)
-    return files, models, stamps
 
 
 def run_relative(path: pathlib.Path, paths: RunPaths) -> str:
@@ -510,166 +159,6 @@ def _changes(old: dict, new: dict, old_inputs: dict, new_inputs: dict, old_ids=(
     return out
 
 
-@dataclasses.dataclass
-class Artifact:
-    """One stage's artifact and what to do with it: status is new, resume, done or replace.
-
-    `work` is where the stage writes: the artifact itself, or `.<name>.new` beside it when
-    replacing. Call `begin()` before writing and `finish(summary)` when done.
-    """
-
-    name: str
-    path: pathlib.Path
-    work: pathlib.Path
-    status: str
-    fields: dict
-    inputs: dict
-    hash: str
-    is_file: bool
-    summary: dict | None = None  # of a finished artifact being reused
-    sync: Callable[[str], None] = lambda name: None
-    writer: bool = True  # this process writes records (process 0)
-    files: dict = dataclasses.field(default_factory=dict)  # content ids of the input files
-    models: dict = dataclasses.field(default_factory=dict)  # model_id of the input model folders
-    stamps: dict = dataclasses.field(default_factory=dict)  # their sizes and mtimes (not hashed)
-    companions: tuple[str, ...] = ()
-
-    @property
-    def done(self) -> bool:
-        return self.status == "done"
-
-    def _record(self, finished: bool, summary=None) -> dict:
-        rec = {"stage": self.name, "hash": self.hash, "finished": finished, "fields": self.fields}
-        rec.update(inputs=self.inputs, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        rec.update(files=self.files, models=self.models, stamps=self.stamps)
-        if finished and self.is_file:  # which companions the swap moves (context: _swap_file)
-            rec["companions"] = [s for s in ("",) + self.companions if _part(self.work, s).exists()]
-        if summary is not None:
-            rec["summary"] = summary
-        return rec
-
-    def _write_record(self, where: pathlib.Path, rec: dict) -> None:
-        target = record_path(where, self.is_file)
-        tmp, created = target.with_name(target.name + ".tmp"), not target.parent.exists()
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(rec, indent=1, sort_keys=True, default=repr))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            tmp.replace(target)
-        except OSError as e:  # a full disk, a read-only folder: the record stays as it was
-            tmp.unlink(missing_ok=True)
-            if created:
-                shutil.rmtree(target.parent, ignore_errors=True)
-            raise ProxyKDError(
-                f"cannot write {target} ({e.strerror or e}); free space or fix the folder's permissions, then "
-                "re-run the same command."
-            ) from None
-
-    def stale_work(self) -> bool:
-        """Whether `work` is an abandoned redo made with other settings (or without a record), which
-        `begin()` removes; only when replacing."""
-        if self.status != "replace":
-            return False
-        rec = read_record(self.work, self.is_file)
-        return rec is None or rec.get("hash") != self.hash
-
-    def begin(self) -> None:
-        """Marks the artifact as being made (before the stage writes anything into `work`)."""
-        if self.done:
-            raise RuntimeError(f"{self.path} is finished; a stage reuses it instead of calling begin().")
-        self.sync(f"artifact {self.name}: decided")
-        if self.writer:
-            if self.stale_work():
-                _remove(self.work, self.is_file, self.companions)
-            if not self.is_file:
-                self.work.mkdir(parents=True, exist_ok=True)
-            self._write_record(self.work, self._record(False))
-        self.sync(f"artifact {self.name}: begun")
-
-    def finish(self, summary: dict | None = None) -> None:
-        """Records the artifact as finished (with `summary`) and, when replacing, moves it into place."""
-        self.sync(f"artifact {self.name}: finishing")
-        if self.writer:
-            self._write_record(self.work, self._record(True, summary))
-            if self.work != self.path:
-                _swap(self.work, self.path, self.is_file, self.companions)
-        self.status, self.work, self.summary = "done", self.path, summary
-        self.sync(f"artifact {self.name}: finished")
-
-
-def _part(path: pathlib.Path, suffix: str) -> pathlib.Path:
-    """The companion `suffix` of the file artifact `path` ("" is the file itself)."""
-    return path.with_name(path.name + suffix)
-
-
-def _old(p: pathlib.Path) -> pathlib.Path:
-    return p.with_name(".old." + p.name)
-
-
-def _file_parts(path: pathlib.Path, companions: Sequence[str]) -> list[pathlib.Path]:
-    """Every file that belongs to the file artifact `path`: itself, its companions, its record (and a
-    record being written). Only these: other files whose names start with `path`'s are the user's."""
-    rec = record_path(path, True)
-    return [_part(path, s) for s in ("",) + tuple(companions)] + [rec, rec.with_name(rec.name + ".tmp")]
-
-
-def _remove(path: pathlib.Path, is_file: bool, companions: Sequence[str] = ()) -> None:
-    if is_file:
-        for p in _file_parts(path, companions):
-            p.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _swap(work: pathlib.Path, path: pathlib.Path, is_file: bool, companions: Sequence[str] = ()) -> None:
-    """Moves the finished `work` into `path`; the old artifact is removed only after that.
-
-    Resumable from any point: while it runs, `path` has no record (a folder: `path` is missing), and
-    `open_artifact` calls it again when it finds that state next to a finished `work`."""
-    if is_file:
-        _swap_file(work, path, companions)
-        return
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-    work.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _swap_file(work: pathlib.Path, path: pathlib.Path, companions: Sequence[str]) -> None:
-    """The file version of `_swap`. The old record goes first and the new record comes last, so a record
-    at `path` always describes a whole artifact; the finished record lists which parts it has."""
-    suffixes = ("",) + tuple(companions)
-    rec_target, rec_work = record_path(path, True), record_path(work, True)
-    moving = (read_record(work, True) or {}).get("companions")
-    if moving is None:  # a record written before companions were listed
-        moving = [s for s in suffixes if _part(work, s).exists()]
-    if rec_target.exists():
-        rec_target.rename(_old(rec_target))
-    for s in suffixes:
-        target, source = _part(path, s), _part(work, s)
-        if s in moving and not source.exists():
-            continue  # moved before an interruption
-        if target.exists():  # the old artifact's: kept aside until the new one is in place
-            target.rename(_old(target))
-        if s in moving:
-            source.rename(target)
-    rec_work.rename(rec_target)
-    _tidy(path, True, companions)
-    _file_parts(work, companions)[-1].unlink(missing_ok=True)
-
-
-def _tidy(path: pathlib.Path, is_file: bool, companions: Sequence[str]) -> None:
-    """Removes what a swap killed after the new artifact was in place left behind (the old artifact)."""
-    if is_file:
-        for p in _file_parts(path, companions)[:-1]:
-            _old(p).unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path.with_name(f".{path.name}.old"), ignore_errors=True)
-
-
 def settle(path: pathlib.Path, is_file: bool | None = None, *, writer: bool = True) -> dict | None:
     """The record of the artifact at `path`, after completing a move into place that was interrupted
     (`path` has no record and `.<name>.new` beside it is finished); None when there is none. Only the
@@ -687,7 +176,7 @@ def settle(path: pathlib.Path, is_file: bool | None = None, *, writer: bool = Tr
     spec = ARTIFACTS[new["stage"]]
     if writer:
         try:
-            _swap(beside, path, spec.is_file, spec.companions)
+            swap_into_place(beside, path, spec.is_file, spec.companions)
         except OSError as e:
             raise ProxyKDError(
                 f"cannot move the finished {beside} into place at {path} ({e.strerror or e}); fix the folder's "
@@ -773,9 +262,9 @@ def outlook(
     fields = configured | {k: v for k, v in derived.items() if k in configured}
     rec = settle(path, spec.is_file, writer=writer)
     if rec is not None and writer:
-        _tidy(path, spec.is_file, spec.companions)
+        tidy(path, spec.is_file, spec.companions)
     redo = read_record(path.with_name(f".{path.name}.new"), spec.is_file)
-    files, models, stamps = _input_files(spec, cfg, paths, [rec, redo])
+    files, models, stamps = input_files(spec, cfg, paths, [rec, redo])
     if models:  # one entry per model folder the config names: every process takes part, or none
         models = json.loads(share(json.dumps(models, sort_keys=True)))
     digest = _hash(fields, inputs, files, models)
@@ -854,7 +343,7 @@ def open_artifact(
     art.status, art.work = "replace", beside
     if redo is not None and redo.get("finished") and redo.get("hash") == digest:  # killed before its move
         if writer:
-            _swap(beside, path, spec.is_file, spec.companions)
+            swap_into_place(beside, path, spec.is_file, spec.companions)
         art.status, art.work, art.summary = "done", path, redo.get("summary")
     elif not writer and redo is None:  # the writer may have just moved the finished redo into place
         moved = read_record(path, spec.is_file)

@@ -20,7 +20,8 @@ import pathlib
 import time
 
 from proxykd_jax.context import RunPaths
-from proxykd_jax.context.artifacts import Spec, depends_on
+from proxykd_jax.context.artifacts import depends_on
+from proxykd_jax.context.specs import Spec
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.eval import benchmark
 from proxykd_jax.eval import metrics as metrics_lib

@@ -19,7 +19,7 @@ import json
 import logging
 import pathlib
 
-from proxykd_jax.context.artifacts import export_source, recorded_start, resolve_path
+from proxykd_jax.context.specs import export_source, recorded_start, resolve_path
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models import hf
 from proxykd_jax.models.tokenizer import load_tokenizer

@@ -11,7 +11,7 @@ import logging
 import pathlib
 import shutil
 
-from proxykd_jax.context.artifacts import RECORD
+from proxykd_jax.context.records import RECORD
 from proxykd_jax.data.prepare import prepare as prepare_corpus
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.errors import ProxyKDError
