@@ -22,6 +22,8 @@ ROPE_SCALING_FORMS = (
     "('llama3', factor, low_freq_factor, high_freq_factor, original_max_position), ('linear', factor) or "
     "('yarn', factor, original_max_position, beta_fast, beta_slow, truncate, attention_factor)"
 )
+ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's: SwiGLU (Llama), GeGLU with tanh-approximated GELU (Gemma 3)
+LAYER_TYPES = ("sliding_attention", "full_attention")  # `model.layer_types`' names, transformers' (Gemma 3)
 
 
 def _valid_rope_scaling(value) -> bool:
@@ -78,6 +80,14 @@ class ModelConfig:
     remat: str = "none"
     attention: str = "auto"
     attention_segments: int = PACKED_MAX_SEGMENTS
+    # Gemma 3 (each default computes what the other families do)
+    norm_plus_one: bool = False  # RMSNorms scale by 1 + weight (weights initialised at 0)
+    embed_scale: bool = False  # embeddings times sqrt(d_model) (in the compute dtype) before the first layer
+    activation: str = "silu"  # one of ACTIVATIONS
+    sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too, before each residual add
+    query_pre_attn_scalar: int | None = None  # attention scores scaled by its ** -0.5 (None: head_dim's)
+    layer_types: tuple | None = None  # None, or one of LAYER_TYPES per layer: the sliding ones use rope_local_theta
+    rope_local_theta: float | None = None  # RoPE base of the "sliding_attention" layers (unscaled)
 
     def __post_init__(self):
         for name in (
@@ -107,6 +117,15 @@ class ModelConfig:
             if not _valid_rope_scaling(self.rope_scaling):
                 raise ValueError(f"model.rope_scaling must be None or {ROPE_SCALING_FORMS}, got {self.rope_scaling!r}.")
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}.")
+        scalar = self.query_pre_attn_scalar
+        if scalar is not None and not (
+            isinstance(scalar, (int, np.integer)) and not isinstance(scalar, bool) and scalar > 0
+        ):
+            raise ValueError(f"model.query_pre_attn_scalar must be None or a positive integer, got {scalar!r}.")
+        self._check_layer_types()
+        self._check_gemma()
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}.")
         if self.attention not in IMPLEMENTATIONS:
@@ -116,12 +135,50 @@ class ModelConfig:
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}.")
 
+    def _check_layer_types(self) -> None:
+        """`layer_types` and `rope_local_theta` are set together, one type per layer (stored as a tuple)."""
+        types, theta = self.layer_types, self.rope_local_theta
+        if types is None and theta is None:
+            return
+        if types is None or isinstance(types, str) or len(types) != int(self.num_layers):
+            raise ValueError(
+                f"model.layer_types must list one of {', '.join(LAYER_TYPES)} for each of the {self.num_layers} "
+                f"layers when model.rope_local_theta is set, got {types!r}."
+            )
+        if any(t not in LAYER_TYPES for t in types):
+            raise ValueError(f"model.layer_types must name only {', '.join(LAYER_TYPES)}, got {types!r}.")
+        object.__setattr__(self, "layer_types", tuple(types))
+        if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and 0 < theta < math.inf):
+            raise ValueError(
+                f"model.rope_local_theta (the sliding layers' RoPE base) must be a positive number when "
+                f"model.layer_types is set, got {theta!r}."
+            )
+
+    def _check_gemma(self) -> None:
+        """Gemma 3's numerics come together: a part of them is a model no Hugging Face family holds."""
+        parts = dict(
+            norm_plus_one=self.norm_plus_one,
+            embed_scale=self.embed_scale,
+            activation=self.activation == "gelu_tanh",
+            sandwich_norms=self.sandwich_norms,
+            qk_norm=self.qk_norm,
+        )
+        extras = self.query_pre_attn_scalar is not None or self.layer_types is not None
+        if (any(v for k, v in parts.items() if k != "qk_norm") or extras) and not all(parts.values()):
+            off = [k for k, v in parts.items() if not v]
+            raise ValueError(
+                "model.norm_plus_one, embed_scale, activation='gelu_tanh', sandwich_norms and qk_norm make a Gemma 3 "
+                "model together (query_pre_attn_scalar and layer_types only with them), and a part of them is a "
+                f"model no Hugging Face family holds, so it could not be exported; set all of them or none "
+                f"({', '.join(off)} not set)."
+            )
+
     def num_params(self) -> int:
         """Total parameter count (embedding counted once when tied)."""
         d, h, g, e, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.d_ff
         attn = d * h * e + 2 * d * g * e + h * e * d + (h * e + 2 * g * e if self.qkv_bias else 0)
         attn += 2 * e if self.qk_norm else 0
-        block = attn + 3 * d * f + 2 * d
+        block = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d
         head = 0 if self.tie_embeddings else d * self.vocab_size
         return self.vocab_size * d + self.num_layers * block + d + head
 
@@ -142,8 +199,9 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown model config field(s) {unknown}; known fields are {sorted(known)}.")
-        if values.get("rope_scaling") is not None:
-            values["rope_scaling"] = tuple(values["rope_scaling"])
+        for name in ("rope_scaling", "layer_types"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
         return cls(**values)
 
 
@@ -216,4 +274,15 @@ def default_config() -> ml_collections.ConfigDict:
     cd.remat = "none"  # per-layer rematerialisation: none, full, save_dots, dots_with_no_batch_dims, offload
     cd.attention = "auto"  # auto, blocked, xla, cudnn, cudnn_masked, pallas (models/attention.py)
     cd.attention_segments = PACKED_MAX_SEGMENTS  # cudnn: segments per row (a padding tail is free); more: the mask
+    cd.norm_plus_one = False  # RMSNorm scales by 1 + weight, weights initialised at 0 (Gemma 3)
+    cd.embed_scale = False  # embeddings times sqrt(d_model) before the first layer (Gemma 3)
+    cd.activation = "silu"  # gated MLP activation: silu (SwiGLU) or gelu_tanh (Gemma 3)
+    cd.sandwich_norms = False  # RMSNorm on the attention and MLP outputs before each residual add (Gemma 3)
+    cd.query_pre_attn_scalar = ml_collections.FieldReference(
+        None, field_type=int
+    )  # attention scores times its ** -0.5; None: head_dim's (Gemma 3 sets it)
+    cd.layer_types = ml_collections.FieldReference(
+        None, field_type=tuple
+    )  # None or per layer "sliding_attention" / "full_attention": which RoPE base it uses (Gemma 3)
+    cd.rope_local_theta = ml_collections.FieldReference(None, field_type=float)  # sliding layers' RoPE base
     return cd

@@ -1,18 +1,20 @@
-"""Hugging Face safetensors import/export for Llama, Mistral, Qwen2 and Qwen3 causal LMs (no torch needed).
+"""Hugging Face safetensors import/export for Llama, Mistral, Qwen2, Qwen3 and Gemma 3 causal LMs (no torch needed).
 
 `load_hf(folder, mesh=..., rules=...)` reads config.json and model.safetensors (or a sharded
 model.safetensors.index.json), checks every tensor's shape against the config from the file headers
 alone, then builds each parameter straight into its sharded global array, every device reading
 only its own block (`safetensors_io`); nothing is randomly initialised or built whole on one host.
 `save_hf(model, cfg, folder)` writes a folder `transformers` loads (with `source`, the folder the model was
-imported from, its config.json: the same family; else Qwen3ForCausalLM when the model has q/k norms,
-Qwen2ForCausalLM when it has q/k/v bias, LlamaForCausalLM otherwise), one tensor at a time, in files of at
-most 5 GB.
+imported from, its config.json: the same family; else Gemma3ForCausalLM when the model has Gemma's norms,
+Qwen3ForCausalLM when it has q/k norms, Qwen2ForCausalLM when it has q/k/v bias, LlamaForCausalLM otherwise), one
+tensor at a time, in files of at most 5 GB.
 `tensor_map` is the one place that maps our parameter paths to HF tensor names and layouts.
 
-Mistral / Qwen2 / Qwen3 sliding-window attention is not implemented; the imported config's `max_seq_len` is
-capped at the window, where full causal attention is identical (`sliding_window`), and the model refuses
-longer rows. An export with `source` keeps the source's window and context in its config.json.
+Mistral / Qwen2 / Qwen3 / Gemma 3 sliding-window attention is not implemented; the imported config's `max_seq_len`
+is capped at the window, where full causal attention is identical (`sliding_window`), and the model refuses
+longer rows (Gemma 3's sliding layers keep their own RoPE base, `model.layer_types`). An export with `source` keeps
+the source's window and context in its config.json. Gemma 3's logit soft-capping and bidirectional attention are
+refused.
 """
 
 from __future__ import annotations
@@ -37,8 +39,19 @@ from proxykd_jax.models.safetensors_io import SafetensorsFolder, TensorMap, host
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
 _QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, what it runs a config.json without head_dim with
+GEMMA3 = "Gemma3ForCausalLM"
+# transformers' Gemma3TextConfig defaults for keys a config.json may leave out
+_GEMMA3_DEFAULTS = dict(
+    head_dim=256,
+    query_pre_attn_scalar=256,
+    max_position_embeddings=131_072,
+    sliding_window=4096,
+    tie_word_embeddings=True,
+    hidden_activation="gelu_pytorch_tanh",
+)
+_GEMMA3_PATTERN = 6  # sliding_window_pattern's default: every 6th layer full, the others sliding
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -121,9 +134,14 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         raise ValueError(
             f"Unsupported architecture {archs or hf.get('model_type')!r}; supported: {', '.join(SUPPORTED)}."
         )
+    gemma = {}
+    if arch == GEMMA3:
+        hf = {**_GEMMA3_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
     try:
+        if arch == GEMMA3:
+            gemma = _gemma3_fields(hf)
         d_model, num_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        rope = (gemma.pop("full_rope") if gemma else None) or hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         rope_theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
         rope_scaling = _rope_scaling(rope, hf)
         partial = float(rope.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0)
@@ -136,7 +154,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         if hf.get("mlp_bias"):
             raise ValueError("config.json sets mlp_bias=true (biases on the MLP projections), which is not supported.")
         act = hf.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
+        if act not in ("silu", "swish") and not gemma:
             raise ValueError(f"config.json sets hidden_act={act!r}; only silu (SwiGLU) is supported.")
         default_head_dim = _QWEN3_HEAD_DIM if arch == "Qwen3ForCausalLM" else d_model // num_heads
         max_seq_len = int(hf.get("max_position_embeddings", 2048))
@@ -155,20 +173,72 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
             rope_scaling=rope_scaling,
             rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
             qkv_bias=arch == "Qwen2ForCausalLM",
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", GEMMA3),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_seq_len=max_seq_len,
             param_dtype=param_dtype,
             dtype=dtype,
+            **gemma,
         )
     except KeyError as e:
         raise ValueError(f"config.json lacks the field {e.args[0]!r} that a {arch} config must have.") from None
 
 
+def _gemma3_layer_types(hf: dict) -> list:
+    """A Gemma 3 config.json's `layer_types`, or transformers' from `sliding_window_pattern` without them."""
+    pattern = int(hf.get("sliding_window_pattern") or _GEMMA3_PATTERN)
+    layers = int(hf["num_hidden_layers"])
+    return list(hf.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)
+    ])  # fmt: skip
+
+
+def _gemma3_fields(hf: dict) -> dict:
+    """The `ModelConfig` fields of a Gemma 3 config.json (its defaults filled in) beyond the Llama ones, and
+    "full_rope", the full-attention layers' RoPE dict, read as transformers 5's `convert_rope_params_to_dict`
+    does: `rope_parameters` keyed by layer type, updated by a top-level `rope_scaling` (full layers), each type's
+    rope_theta else top-level `rope_theta` (full) / `rope_local_base_freq` (sliding)."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hf.get(key) is not None:
+            raise ValueError(f"config.json sets {key}={hf[key]!r} (logit soft-capping), which is not supported.")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("config.json sets use_bidirectional_attention=true (an encoder), which is not supported.")
+    act = hf.get("hidden_activation")
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"config.json sets hidden_activation={act!r}; a Gemma 3 must use gelu_pytorch_tanh.")
+    params = hf.get("rope_parameters") or {}
+    full = dict(params.get("full_attention") or {"rope_type": "default"}, **(hf.get("rope_scaling") or {}))
+    local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+    full.setdefault("rope_theta", hf.get("rope_theta", 1e6))
+    local.setdefault("rope_theta", hf.get("rope_local_base_freq", 1e4))
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ValueError(
+            f"config.json's rope_parameters scale the sliding_attention layers' RoPE ({local}), which is not "
+            "supported; only their rope_theta may differ."
+        )
+    types = _gemma3_layer_types(hf)
+    sliding = "sliding_attention" in types
+    scalar = int(hf["query_pre_attn_scalar"])
+    return dict(
+        full_rope=full,
+        norm_plus_one=True,
+        embed_scale=True,
+        activation="gelu_tanh",
+        sandwich_norms=True,
+        query_pre_attn_scalar=None if scalar == int(hf["head_dim"]) else scalar,
+        layer_types=tuple(types) if sliding else None,  # none sliding: every layer the full RoPE, as ours
+        rope_local_theta=float(local["rope_theta"]) if sliding else None,
+    )
+
+
 def sliding_window(hf: dict, arch: str) -> int | None:
     """The attention window a config.json's model runs some layers with, as transformers reads it (None: none):
     Mistral's `sliding_window` on every layer; Qwen2's and Qwen3's only with `use_sliding_window`, on the layers
-    their `layer_types` name "sliding_attention" (without them: layers from `max_window_layers` on)."""
+    their `layer_types` name "sliding_attention" (without them: layers from `max_window_layers` on); Gemma 3's on
+    its "sliding_attention" layers (`sliding_window_pattern` without `layer_types`), 4096 by default."""
+    if arch == GEMMA3:
+        hf = {**_GEMMA3_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+        return int(hf["sliding_window"]) if "sliding_attention" in _gemma3_layer_types(hf) else None
     window = hf.get("sliding_window")
     if not window or arch == "LlamaForCausalLM":
         return None
@@ -202,8 +272,7 @@ def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple]:
                 p + "mlp.gate_proj.weight": (f, d),
                 p + "mlp.up_proj.weight": (f, d),
                 p + "mlp.down_proj.weight": (d, f),
-                p + "input_layernorm.weight": (d,),
-                p + "post_attention_layernorm.weight": (d,),
+                **{p + name: (d,) for name in _layer_keys(cfg) if name.endswith("layernorm.weight")},
             }
         )
         if cfg.qkv_bias:
@@ -235,12 +304,26 @@ _LAYER_KEYS = {
     "input_layernorm.weight": ("attn_norm", "scale"),
     "post_attention_layernorm.weight": ("mlp_norm", "scale"),
 }
+# Gemma 3's four norms per layer: post_attention_layernorm is on the attention's output, not before the MLP
+_GEMMA3_NORMS = {
+    "input_layernorm.weight": ("attn_norm", "scale"),
+    "post_attention_layernorm.weight": ("attn_out_norm", "scale"),
+    "pre_feedforward_layernorm.weight": ("mlp_norm", "scale"),
+    "post_feedforward_layernorm.weight": ("mlp_out_norm", "scale"),
+}
+_GEMMA3_LAYER_KEYS = {k: v for k, v in _LAYER_KEYS.items() if not k.endswith("layernorm.weight")} | _GEMMA3_NORMS
+
+
+def _layer_keys(cfg: ModelConfig) -> dict:
+    """HF tensor name (after `model.layers.{i}.`) -> our path in a block, for this config's family."""
+    return _GEMMA3_LAYER_KEYS if cfg.sandwich_norms else _LAYER_KEYS
+
+
 _TOP_KEYS = {
     ("embedding",): "model.embed_tokens.weight",
     ("final_norm", "scale"): "model.norm.weight",
     ("lm_head",): "lm_head.weight",
 }
-_PER_LAYER = {ours: hf_name for hf_name, ours in _LAYER_KEYS.items()}
 
 
 def tensor_map(path: tuple, cfg: ModelConfig) -> TensorMap:
@@ -261,7 +344,8 @@ def tensor_map(path: tuple, cfg: ModelConfig) -> TensorMap:
         return TensorMap((_TOP_KEYS[path],), split, perm)
     indexed = len(path) > 1 and path[0] == "layers" and isinstance(path[1], int)
     rest = path[2:] if indexed else path[1:]
-    if path[:1] != ("layers",) or rest not in _PER_LAYER:
+    per_layer = {ours: hf_name for hf_name, ours in _layer_keys(cfg).items()}
+    if path[:1] != ("layers",) or rest not in per_layer:
         raise KeyError(f"parameter {'/'.join(map(str, path))} has no Hugging Face counterpart.")
     heads = {"wq": h, "bq": h}.get(rest[-1], g)
     leaf = rest[-2] if rest[-1] == "scale" else rest[-1]  # a norm's scale: which norm (its width)
@@ -278,11 +362,13 @@ def tensor_map(path: tuple, cfg: ModelConfig) -> TensorMap:
         "w_down": (((d,), (f,)), (1, 0)),
         "attn_norm": (((d,),), (0,)),
         "mlp_norm": (((d,),), (0,)),
+        "attn_out_norm": (((d,),), (0,)),
+        "mlp_out_norm": (((d,),), (0,)),
         "q_norm": (((e,),), (0,)),
         "k_norm": (((e,),), (0,)),
     }[leaf]
     layers = (path[1],) if indexed else range(cfg.num_layers)
-    names = tuple(f"model.layers.{i}.{_PER_LAYER[rest]}" for i in layers)
+    names = tuple(f"model.layers.{i}.{per_layer[rest]}" for i in layers)
     return TensorMap(names, split, perm, stacked=not indexed)
 
 
@@ -371,6 +457,39 @@ def load_hf(
     return cfg, nnx.merge(graphdef, state)
 
 
+def _gemma3_config(cfg: ModelConfig, kwargs: dict) -> dict:
+    """config.json of a Gemma 3 `cfg` (`kwargs`: `_hf_config`'s common keys): RoPE keyed by layer type as
+    transformers 5 writes it, and as top-level rope_theta / rope_local_base_freq / rope_scaling for readers before
+    it; the sliding window the context (where our full attention is the window's)."""
+    from transformers import Gemma3TextConfig
+
+    full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        full = {**_rope_to_hf(cfg.rope_scaling), "rope_theta": cfg.rope_theta}
+    local_theta = cfg.rope_theta if cfg.rope_local_theta is None else cfg.rope_local_theta
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("rope_theta", "hidden_act", "rms_norm_eps")}
+    hf_cfg = Gemma3TextConfig(
+        **kwargs,
+        rms_norm_eps=cfg.rms_eps,
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+        sliding_window=cfg.max_seq_len,
+        layer_types=list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
+        rope_parameters={
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+        },
+        attention_bias=False,
+    )
+    out = hf_cfg.to_dict()
+    out["architectures"] = [GEMMA3]
+    out["dtype"] = out["torch_dtype"] = cfg.param_dtype
+    out["rope_theta"], out["rope_local_base_freq"] = cfg.rope_theta, local_theta
+    scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+    out["rope_scaling"] = None if cfg.rope_scaling is None else {"type": scaling["rope_type"], **scaling}
+    return out
+
+
 def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
@@ -389,6 +508,8 @@ def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
         hidden_act="silu",
         **token_ids,
     )
+    if arch == GEMMA3:
+        return _gemma3_config(cfg, kwargs)
     if cfg.rope_scaling is not None:
         kwargs["rope_scaling"] = _rope_to_hf(cfg.rope_scaling)
     if arch == "Qwen3ForCausalLM":
@@ -540,8 +661,8 @@ def save_params(
     (more than one: with model.safetensors.index.json) and the tokenizer, one tensor at a time.
     config.json is `source`'s (the folder the model was imported from, when it describes this model: its
     family, a Mistral's sliding window and full context, fields transformers keeps) with this folder's
-    token ids and dtype; else one written from `cfg` (Qwen3ForCausalLM with q/k norms, Qwen2ForCausalLM with q/k/v
-    bias, else LlamaForCausalLM).
+    token ids and dtype; else one written from `cfg` (Gemma3ForCausalLM with Gemma's norms, Qwen3ForCausalLM with q/k
+    norms, Qwen2ForCausalLM with q/k/v bias, else LlamaForCausalLM).
 
     `params` maps our parameter paths to (possibly sharded) arrays. Nothing is gathered whole: each
     tensor (one layer of a stacked leaf) is brought to the host only when it is written. When the
@@ -551,6 +672,7 @@ def save_params(
     (eos with the end-of-turn `stop_ids`, `token_ids_of`), so `generate()` in transformers and
     `proxykd serve` stop at them by themselves."""
     arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    arch = GEMMA3 if cfg.sandwich_norms else arch
     folder = pathlib.Path(folder)
     writer = jax.process_index() == 0
     where: dict[str, tuple[tuple, int | None, TensorMap]] = {}
@@ -583,6 +705,7 @@ def save_params(
                 "rope_theta",
                 "rope_scaling",
             ]
+            ours += ["rope_local_base_freq"] if arch == GEMMA3 else []
             config = {**like, **{k: config[k] for k in ours}}
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         generation = {k: v for k, v in token_ids.items() if v is not None}

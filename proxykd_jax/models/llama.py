@@ -1,8 +1,10 @@
-"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3).
+"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3 text).
 
 RoPE (optionally scaled as transformers does: linear, Llama-3 or YaRN), grouped-query attention, RMSNorm,
 SwiGLU, optional q/k/v bias (Qwen2), optional per-head RMSNorm of queries and keys before RoPE (Qwen3), tied or
-untied embeddings. Parameters are stored in `param_dtype` and cast to the compute `dtype`; logits are always
+untied embeddings. Gemma 3's numerics are fields of `ModelConfig`: norms times 1 + weight, scaled embeddings,
+GeGLU, norms on the attention and MLP outputs, the query_pre_attn_scalar score scale, and per-layer RoPE
+(`layer_types`: a scanned per-layer flag picks the sliding layers' `rope_local_theta` frequencies). Parameters are stored in `param_dtype` and cast to the compute `dtype`; logits are always
 float32. Every `nnx.Param` carries `out_sharding=` logical axis names (see docs/CONTRACTS.md); the mesh
 rules in `proxykd_jax.parallel` map them to devices.
 
@@ -26,6 +28,7 @@ attends over the whole cache (empty slots have segment 0 and are masked) and ret
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -121,15 +124,13 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     return float(scaling[6]) if scaling is not None and scaling[0] == "yarn" else 1.0
 
 
-def apply_rope(
-    x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq_E2: np.ndarray, attention_factor: float = 1.0
-) -> jax.Array:
+def apply_rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq_E2, attention_factor=1.0) -> jax.Array:
     """Rotates halves (HF `rotate_half` convention) by angle position * inv_freq, in float32; cos and sin are
     scaled by `attention_factor` (YaRN's; at 1 the computation is the unscaled one, op for op)."""
     angles_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_E2, jnp.float32)
     cos = jnp.cos(angles_BxLxE2)[:, :, None, :]
     sin = jnp.sin(angles_BxLxE2)[:, :, None, :]
-    if attention_factor != 1.0:
+    if not isinstance(attention_factor, float) or attention_factor != 1.0:  # (a traced factor: a per-layer one)
         cos, sin = cos * jnp.float32(attention_factor), sin * jnp.float32(attention_factor)
     x = x_BxLxNxE.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
@@ -171,17 +172,27 @@ def _zeros(shape, axes, dtype, stack: int | None = None) -> nnx.Param:
 
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale over the last axis (logical `axis`: `embed`, or `head_dim` for a per-head norm),
-    normalised in float32."""
+    normalised in float32; with `plus_one` (Gemma) times 1 + scale, the scale initialised at 0."""
 
-    def __init__(self, dim: int, eps: float, param_dtype, dtype, stack: int | None = None, axis: str = "embed"):
+    def __init__(
+        self, dim: int, eps: float, param_dtype, dtype, stack=None, axis: str = "embed", plus_one: bool = False
+    ):
         shape, axes = _stacked((dim,), (axis,), stack)
-        self.scale = nnx.Param(jnp.ones(shape, param_dtype), out_sharding=axes, eager_sharding=False)
-        self.eps, self.dtype = eps, dtype
+        init = jnp.zeros if plus_one else jnp.ones
+        self.scale = nnx.Param(init(shape, param_dtype), out_sharding=axes, eager_sharding=False)
+        self.eps, self.dtype, self.plus_one = eps, dtype, plus_one
 
     def __call__(self, x_BxLxD):
         x = x_BxLxD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        return (x * (1.0 + scale if self.plus_one else scale)).astype(self.dtype)
+
+
+def _norm(cfg: ModelConfig, dim: int, stack=None, axis: str = "embed") -> RMSNorm:
+    """The config's RMSNorm of width `dim`."""
+    pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+    return RMSNorm(dim, cfg.rms_eps, pd, dt, stack, axis, plus_one=cfg.norm_plus_one)
 
 
 class KVCache(NamedTuple):
@@ -218,15 +229,18 @@ class Attention(nnx.Module):
             self.bq = _zeros((h, e), ("heads", "head_dim"), pd, stack)
             self.bk = _zeros((g, e), ("kv_heads", "head_dim"), pd, stack)
             self.bv = _zeros((g, e), ("kv_heads", "head_dim"), pd, stack)
-        if cfg.qk_norm:  # one scale [E] shared by the heads, as Qwen3's q_norm / k_norm
-            self.q_norm = RMSNorm(e, cfg.rms_eps, pd, jnp.dtype(cfg.dtype), stack, axis="head_dim")
-            self.k_norm = RMSNorm(e, cfg.rms_eps, pd, jnp.dtype(cfg.dtype), stack, axis="head_dim")
+        if cfg.qk_norm:  # one scale [E] shared by the heads, as Qwen3's (and Gemma 3's) q_norm / k_norm
+            self.q_norm = _norm(cfg, e, stack, axis="head_dim")
+            self.k_norm = _norm(cfg, e, stack, axis="head_dim")
         self.qkv_bias, self.qk_norm = cfg.qkv_bias, cfg.qk_norm
         self.dtype = jnp.dtype(cfg.dtype)
         self.cfg = cfg
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, cache_kv=None, index=None, k_pos=None, k_seg=None):
-        """Returns (out_BxLxD, (k, v)); with `cache_kv` the new keys/values are written at `index`."""
+    def __call__(
+        self, x_BxLxD, positions_BxL, segment_ids_BxL, cache_kv=None, index=None, k_pos=None, k_seg=None, local=None
+    ):
+        """Returns (out_BxLxD, (k, v)); with `cache_kv` the new keys/values are written at `index`. `local` (a
+        traced bool, with `cfg.layer_types`): this layer is a sliding one, whose RoPE is `rope_local_theta`'s."""
         dt = self.dtype
         q = dense(x_BxLxD, self.wq[...].astype(dt))
         k = dense(x_BxLxD, self.wk[...].astype(dt))
@@ -236,8 +250,14 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq, attention_factor = rope_inv_freq(self.cfg), rope_attention_factor(self.cfg)
+        if local is not None:  # a scanned flag picks the layer's frequencies: one traced block serves both kinds
+            local_cfg = dataclasses.replace(self.cfg, rope_theta=self.cfg.rope_local_theta, rope_scaling=None)
+            inv_freq = jnp.where(local, jnp.asarray(rope_inv_freq(local_cfg), jnp.float32), inv_freq)
+            attention_factor = jnp.where(local, 1.0, attention_factor) if attention_factor != 1.0 else 1.0
         q = apply_rope(q, positions_BxL, inv_freq, attention_factor)
         k = apply_rope(k, positions_BxL, inv_freq, attention_factor)
+        if self.cfg.query_pre_attn_scalar is not None:  # the kernels scale by E ** -0.5: make it the scalar's
+            q = q * jnp.asarray(math.sqrt(self.cfg.head_dim / self.cfg.query_pre_attn_scalar), dt)
         if cache_kv is None:
             out = self_attention(
                 q,
@@ -263,13 +283,14 @@ class MLP(nnx.Module):
         self.w_gate = _param(rngs, (d, f), d**-0.5, ("embed", "mlp"), pd, stack)
         self.w_up = _param(rngs, (d, f), d**-0.5, ("embed", "mlp"), pd, stack)
         self.w_down = _param(rngs, (f, d), f**-0.5, ("mlp", "embed"), pd, stack)
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype, self.activation = jnp.dtype(cfg.dtype), cfg.activation
 
     def __call__(self, x_BxLxD):
         dt = self.dtype
         gate = dense(x_BxLxD, self.w_gate[...].astype(dt))
         up = dense(x_BxLxD, self.w_up[...].astype(dt))
-        return dense(jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
+        act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return dense(act * up, self.w_down[...].astype(dt))
 
 
 class Block(nnx.Module):
@@ -277,16 +298,23 @@ class Block(nnx.Module):
     axis (what `Llama.layers` is) and is run one layer at a time by `run_layers`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int | None = None):
-        pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, dt, stack)
+        self.attn_norm = _norm(cfg, cfg.d_model, stack)
         self.attn = Attention(cfg, rngs=rngs, stack=stack)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, dt, stack)
+        self.mlp_norm = _norm(cfg, cfg.d_model, stack)
         self.mlp = MLP(cfg, rngs=rngs, stack=stack)
+        if cfg.sandwich_norms:  # Gemma: the outputs normed too, before the residual adds
+            self.attn_out_norm = _norm(cfg, cfg.d_model, stack)
+            self.mlp_out_norm = _norm(cfg, cfg.d_model, stack)
+        self.sandwich_norms = cfg.sandwich_norms
 
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, **cache_args):
         attn_out, kv = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, **cache_args)
+        mlp = self.mlp
+        if self.sandwich_norms:
+            attn_out = self.attn_out_norm(attn_out)
+            mlp = lambda x: self.mlp_out_norm(self.mlp(x))  # noqa: E731
         x_BxLxD = x_BxLxD + attn_out
-        return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD)), kv
+        return x_BxLxD + mlp(self.mlp_norm(x_BxLxD)), kv
 
 
 def shard_batch(x):
@@ -326,17 +354,19 @@ def run_layers(cfg: ModelConfig, layers: Block, x_BxLxD, positions_BxL, segment_
     graphdef, state = nnx.split(layers)
 
     def body(x, layer_in):
-        layer_state, kv = layer_in
+        layer_state, kv, local = layer_in
         block = nnx.merge(graphdef, layer_state)
+        per_layer = {} if local is None else {"local": local}
         if kv is None:
-            x, _ = block(x, positions_BxL, segment_ids_BxL)
+            x, _ = block(x, positions_BxL, segment_ids_BxL, **per_layer)
             return shard_batch(x), None
         index, k_pos, k_seg = cache[2:]
-        return block(x, positions_BxL, segment_ids_BxL, cache_kv=kv, index=index, k_pos=k_pos, k_seg=k_seg)
+        return block(x, positions_BxL, segment_ids_BxL, cache_kv=kv, index=index, k_pos=k_pos, k_seg=k_seg, **per_layer)
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
-    xs = (state, None if cache is None else (cache[0], cache[1]))
+    local = None if cfg.layer_types is None else jnp.asarray([t == "sliding_attention" for t in cfg.layer_types])
+    xs = (state, None if cache is None else (cache[0], cache[1]), local)
     if cfg.scan_layers:
         return jax.lax.scan(body, x_BxLxD, xs)
     outs = []
@@ -361,7 +391,7 @@ class Llama(nnx.Module):
         embed_std = cfg.d_model**-0.5 if cfg.tie_embeddings else 1.0
         self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), embed_std, ("vocab", "embed"), pd)
         self.layers = Block(cfg, rngs=rngs, stack=cfg.num_layers)  # parameters [layers, ...]
-        self.final_norm = RMSNorm(cfg.d_model, cfg.rms_eps, pd, self.dtype)
+        self.final_norm = _norm(cfg, cfg.d_model)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, ("embed", "vocab"), pd)
 
@@ -373,6 +403,11 @@ class Llama(nnx.Module):
     def logits(self, hidden_BxLxD) -> jax.Array:
         """float32 logits from final-norm hidden states."""
         return shard_batch(dense(shard_batch(hidden_BxLxD), self.unembedding(), preferred_element_type=jnp.float32))
+
+    def embed(self, tokens_BxL) -> jax.Array:
+        """Input embeddings in the compute dtype (times sqrt(d_model), cast to it, with `cfg.embed_scale`)."""
+        x = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
+        return x * jnp.asarray(self.cfg.d_model**0.5, self.dtype) if self.cfg.embed_scale else x
 
     def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
         """Final-norm hidden states [B, L, D] in the compute dtype; rows of at most `max_seq_len` tokens (an
@@ -386,7 +421,7 @@ class Llama(nnx.Module):
             segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
         if positions_BxL is None:
             positions_BxL = positions_from_segments(segment_ids_BxL)
-        x = shard_batch(jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype))
+        x = shard_batch(self.embed(tokens_BxL))
         x, _ = run_layers(self.cfg, self.layers, x, positions_BxL, segment_ids_BxL)
         return shard_batch(self.final_norm(x))
 
@@ -416,7 +451,7 @@ class Llama(nnx.Module):
         index = cache.index
         k_pos = jax.lax.dynamic_update_slice(cache.positions_BxC, positions_BxT.astype(jnp.int32), (0, index))
         k_seg = jax.lax.dynamic_update_slice(cache.segment_ids_BxC, segment_ids_BxT.astype(jnp.int32), (0, index))
-        x = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.dtype)
+        x = self.embed(tokens_BxT)
         x, (new_k, new_v) = run_layers(
             self.cfg, self.layers, x, positions_BxT, segment_ids_BxT, (cache.k, cache.v, index, k_pos, k_seg)
         )
