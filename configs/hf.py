@@ -4,9 +4,10 @@
     configs/hf.py:/models/qwen2-0.5b                     one folder: the proxy has the student's shape
 
 Each model group takes its shape and numerics (vocabulary, widths, depth, heads, RoPE, norm epsilon,
-q/k/v bias, q/k norm, tied embeddings, context) from its folder's config.json (Llama, Mistral, Qwen2 and
-Qwen3 architectures) and points `init_from` at the folder, so nothing is typed twice and the load-time check
-(the folder must agree with its group) holds by construction. `data.tokenizer` is the proxy folder's
+q/k/v bias, q/k norm, tied embeddings, context; Gemma 3's norms, activation, attention scale and per-layer RoPE)
+from its folder's config.json (Llama, Mistral, Qwen2, Qwen3 and Gemma 3 text (`Gemma3ForCausalLM`) architectures)
+and points `init_from` at the folder, so nothing is typed twice and the load-time check (the folder must agree
+with its group) holds by construction. `data.tokenizer` is the proxy folder's
 tokenizer (the student's if the proxy folder has none): the two must share it (prepare, align and distill
 refuse a folder holding another one), though their embeddings may be padded to different sizes
 (Qwen2.5-0.5B's 151,936 rows, Qwen2.5-7B's 152,064, for 151,665 tokens), each at least the tokenizer's.

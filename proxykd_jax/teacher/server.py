@@ -49,6 +49,7 @@ import fastapi
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from proxykd_jax.models.tokenizer import TEMPLATE_ERRORS
 from proxykd_jax.teacher.answers import Completion, chat_body, completions_body
 from proxykd_jax.teacher.api import ChatRequest, CompletionRequest
 from proxykd_jax.teacher.stream import chat_stream, completions_stream, streamed
@@ -309,7 +310,17 @@ def make_app(
         for i, m in enumerate(messages):
             check_text([m["content"]], f"messages.{i}.content")
         size = sum(len(m["content"]) for m in messages)
-        prompts = [await off_loop(size, backend.chat_ids, messages)]
+        try:
+            prompts = [await off_loop(size, backend.chat_ids, messages)]
+        except TEMPLATE_ERRORS as err:  # the chat template refuses them (Gemma's: roles must alternate)
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ApiError(
+                400,
+                f"invalid request field 'messages': the model's chat template refuses them ({reason}); "
+                "send messages it accepts.",
+                "invalid_request",
+                param="messages",
+            ) from None
         # no max_tokens: as in the OpenAI API, up to the context (and this server's limit); room for one token
         check_lengths(prompts, max_tokens or 1, "messages")
         logprobs = req.logprobs or k > 0
