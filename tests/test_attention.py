@@ -1,6 +1,7 @@
 """models/attention.py: the blocked, XLA and Pallas splash paths agree with a float64 dense reference
-(values and q/k/v gradients) on packed, padded grouped-query batches; `auto` picks per platform. The
-splash kernel runs in Pallas' interpreter here; its TPU lowering is checked in test_model_scan.py."""
+(values and q/k/v gradients) on packed, padded grouped-query batches, and so do blocked, XLA and cuDNN masked
+(on a GPU) under a sliding window, a traced one too; `auto` picks per platform. The splash kernel runs in Pallas'
+interpreter here; its TPU lowering is checked in test_model_scan.py."""
 
 import jax
 import jax.numpy as jnp
@@ -24,12 +25,15 @@ def _packed_batch(seed, b=3, length=64, h=4, g=2, e=8):
     return q, k, v, positions_from_segments(seg), seg, cot
 
 
-def _dense_reference(q, k, v, pos, seg):
-    """Plain masked softmax attention (repeated k/v heads), zero on padding queries."""
+def _dense_reference(q, k, v, pos, seg, window=None):
+    """Plain masked softmax attention (repeated k/v heads), zero on padding queries; with `window` a query sees
+    only the keys less than `window` positions before its own (transformers' `sliding_window_overlay`)."""
     r = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
     s = jnp.einsum("blhe,bmhe->bhlm", q, k) / jnp.sqrt(q.shape[-1])
     mask = attention.visible_mask(pos, seg)[:, None]
+    if window is not None:
+        mask = mask & (pos[:, None, :, None] - pos[:, None, None, :] < window)
     s = jnp.where(mask, s, -jnp.inf)
     s = jnp.where(jnp.any(mask, -1, keepdims=True), s, 0.0)
     p = jax.nn.softmax(s, axis=-1)
@@ -37,16 +41,20 @@ def _dense_reference(q, k, v, pos, seg):
     return jnp.where((seg != 0)[:, :, None, None], out, 0.0)
 
 
-def _value_and_grads(implementation, q, k, v, pos, seg, cot):
+def _value_and_grads(implementation, q, k, v, pos, seg, cot, window=None):
     """`self_attention`'s output and q/k/v cotangents, as one compiled program (op-by-op dispatch of the
-    custom VJP is slow)."""
+    custom VJP is slow); a `window` is passed traced (as a scanned layer's is)."""
 
-    @jax.jit
-    def run(q, k, v, cot):
-        out, vjp = jax.vjp(lambda *a: attention.self_attention(*a, pos, seg, implementation=implementation), q, k, v)
+    def run(q, k, v, cot, *window):
+        def f(*a):
+            return attention.self_attention(
+                *a, pos, seg, implementation=implementation, window=window[0] if window else None
+            )
+
+        out, vjp = jax.vjp(f, q, k, v)
         return out, vjp(cot)
 
-    return run(q, k, v, cot)
+    return jax.jit(run)(q, k, v, cot, *([] if window is None else [jnp.int32(window)]))
 
 
 @pytest.mark.parametrize("implementation", ["blocked", "xla", "pallas"])
@@ -66,6 +74,48 @@ def test_paths_match_float64_reference_in_value_and_grads(implementation, length
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+WINDOWED_PATHS = ["blocked", "xla", "cudnn_masked"]
+
+
+@pytest.mark.parametrize("implementation", WINDOWED_PATHS)
+@pytest.mark.parametrize("window", [2, 8])
+def test_windowed_paths_match_float64_reference_in_value_and_grads(implementation, window):
+    """A sliding window (a query sees the keys less than `window` positions back, per packed segment) on rows and
+    segments longer than it, passed as a traced value; a traced window wider than any row is no window at all."""
+    if implementation == "cudnn_masked" and jax.default_backend() != "gpu":
+        pytest.skip("cuDNN runs on a GPU only")
+    q, k, v, pos, seg, cot = _packed_batch(window + 11, length=128)
+    dtype = jnp.bfloat16 if implementation == "cudnn_masked" else jnp.float32
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    q, k, v, cot = (x.astype(dtype) for x in (q, k, v, cot))
+    out, grads = _value_and_grads(implementation, q, k, v, pos, seg, cot, window)
+    with jax.enable_x64(True):
+        q64, k64, v64, cot64 = (jnp.asarray(np.asarray(x, np.float32), jnp.float64) for x in (q, k, v, cot))
+        ref, ref_vjp = jax.vjp(lambda *a: _dense_reference(*a, pos, seg, window), q64, k64, v64)
+        ref_grads = [np.asarray(g) for g in ref_vjp(cot64)]
+        ref, full = np.asarray(ref), np.asarray(_dense_reference(q64, k64, v64, pos, seg))
+    assert np.abs(full - ref).max() > 0.1  # the window changes the answer on these rows
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, **tol)
+    assert np.all(np.asarray(out)[np.asarray(seg) == 0] == 0)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert np.abs(want).max() > 0.1, name
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, err_msg=name, **{**tol, "atol": 10 * tol["atol"]})
+    if implementation != "cudnn_masked":
+        wide, _ = _value_and_grads(implementation, q, k, v, pos, seg, cot, np.iinfo(np.int32).max)
+        plain, _ = _value_and_grads(implementation, q, k, v, pos, seg, cot)
+        np.testing.assert_allclose(np.asarray(wide), np.asarray(plain), rtol=1e-6, atol=1e-6)
+
+
+def test_the_cache_path_applies_the_window():
+    """`attend` (decoding over cache slots) with a window equals the windowed reference on packed rows."""
+    q, k, v, pos, seg, _ = _packed_batch(3, length=48)
+    real = np.asarray(seg) != 0  # (padding queries: `attend` leaves them to its caller)
+    got = np.asarray(attention.attend(q, k, v, pos, pos, seg, seg, window=jnp.int32(5)))
+    want, full = (np.asarray(_dense_reference(q, k, v, pos, seg, w)) for w in (5, None))
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
+    assert np.abs(got - full)[real].max() > 0.1
+
+
 def test_blocked_and_xla_agree_in_bf16():
     q, k, v, pos, seg, _ = _packed_batch(5, length=128)
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
@@ -83,6 +133,15 @@ def test_auto_resolution_and_errors():
     assert attention.resolve("xla", jnp.float32, "cpu") == "xla"
     with pytest.raises(ValueError, match="model.attention must be one of"):
         attention.resolve("flash", jnp.float32)
+    # a sliding window: the paths that take a traced one
+    assert attention.resolve("auto", jnp.float32, "cpu", windowed=True) == "blocked"
+    assert attention.resolve("auto", jnp.bfloat16, "gpu", windowed=True) == "cudnn_masked"
+    assert attention.resolve("auto", jnp.float32, "gpu", windowed=True) == "xla"
+    assert attention.resolve("auto", jnp.bfloat16, "tpu", windowed=True) == "xla"
+    for implementation in ("cudnn", "pallas"):
+        with pytest.raises(ValueError, match=f"model.attention='{implementation}' cannot apply a sliding") as e:
+            attention.resolve(implementation, jnp.bfloat16, "gpu", windowed=True)
+        assert "\n" not in str(e.value)
 
 
 def _runs_reference(seg_row):

@@ -236,16 +236,16 @@ def _mistral_folder(cfg, folder, window, max_positions):
 
 
 def test_a_mistral_student_is_written_back_as_a_mistral_with_its_window(run_dir, tmp_path):
-    """A Mistral student folder (window SEQ, context 4 x SEQ): its max_seq_len is the window (a group of the
-    folder's context is refused with a sentence naming the window), and final/ keeps the family, the window and
-    the context (it was written as a Llama of max_position_embeddings SEQ before)."""
+    """A Mistral student folder (window SEQ, context 4 x SEQ): its group must name the window (a group without it
+    is refused with a sentence naming it), and final/ keeps the family, the window and the context (it was
+    written as a Llama of max_position_embeddings SEQ before)."""
     cfg = make_config(run_dir, **{"train.steps": 2, "optim.warmup_steps": 0})
     cfg.model.init_from = str(_mistral_folder(cfg, tmp_path / "mistral", SEQ, 4 * SEQ))
     cfg.distill.output = "student_mistral"
     cfg.model.max_seq_len = 4 * SEQ
-    with pytest.raises(ProxyKDError, match=f"max_seq_len={SEQ} .config: {4 * SEQ}. .the folder's max_seq_len is its "):
+    with pytest.raises(ProxyKDError, match=f"sliding_window={SEQ} .config: None."):
         run_stage("distill", cfg)
-    cfg.model.max_seq_len = SEQ
+    cfg.model.sliding_window = SEQ
     run_stage("distill", cfg)
     written = json.loads((run_dir / "student_mistral" / "final" / "config.json").read_text())
     assert (written["architectures"], written["model_type"]) == (["MistralForCausalLM"], "mistral")

@@ -200,6 +200,7 @@ def test_export_takes_the_start_folder_from_the_students_record(tmp_path, monkey
     keys (a Mistral's window) and stop ids, read from the record of the folder exported (export.source), not of
     distill's default student (the export was a Llama listing the eos alone); a later identical export is reused.
     A config's init_from that differs from the record's wins, with a warning naming both."""
+    import dataclasses
     import logging
 
     from flax import nnx
@@ -225,8 +226,10 @@ def test_export_takes_the_start_folder_from_the_students_record(tmp_path, monkey
         art = open_artifact("distill", cfg, paths, overwrite=False)
         art.begin()
         art.finish({"steps": 3})
-    trained = Llama(model_cfg, rngs=nnx.Rngs(1))
-    monkeypatch.setattr(export, "load", lambda ctx, step=0, source=None: (model_cfg, trained, 3))
+    # student_b, distilled from the Mistral folder, has its window and context
+    mistral_cfg = dataclasses.replace(model_cfg, sliding_window=SEQ, max_seq_len=4 * SEQ)
+    loaded = [(mistral_cfg, Llama(mistral_cfg, rngs=nnx.Rngs(1)), 3)]
+    monkeypatch.setattr(export, "load", lambda ctx, step=0, source=None: loaded[0])
     cfg.model.init_from, cfg.distill.output, cfg.export.source = "", "", "student_b"
     with caplog.at_level(logging.INFO, logger=export.__name__):
         out = run_stage("export", cfg)
@@ -239,6 +242,7 @@ def test_export_takes_the_start_folder_from_the_students_record(tmp_path, monkey
     assert f"model.init_from={mistral}" in caplog.text and "student_b" in caplog.text
     assert open_artifact("export", cfg, paths, overwrite=False).status == "done"  # the same command again: reused
     caplog.clear()
+    loaded[0] = (model_cfg, Llama(model_cfg, rngs=nnx.Rngs(1)), 3)  # a student the Llama folder describes
     cfg.model.init_from, cfg.export.out = str(llama_folder), str(tmp_path / "other")
     with caplog.at_level(logging.INFO, logger=export.__name__):
         out = run_stage("export", cfg)

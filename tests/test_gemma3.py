@@ -1,8 +1,9 @@
 """Gemma 3 text models (`Gemma3ForCausalLM`) as student and proxy: RMSNorm x * (1 + w), embeddings times
 sqrt(d_model), gelu-tanh MLP, post-attention and post-MLP norms, attention scaled by query_pre_attn_scalar, and per
-layer RoPE (sliding layers their own theta, full layers theirs with scaling). Import equals transformers' logits
-(scanned and unrolled, packed and padded rows, cached decoding, greedy generation), both config.json RoPE forms are
-read as transformers reads them, export loads back in transformers as a Gemma 3, and what we do not run is refused."""
+layer RoPE (sliding layers their own theta, full layers theirs with scaling) and sliding window. Import equals
+transformers' logits (scanned and unrolled, packed and padded rows, cached decoding, greedy generation, all longer
+than the window), both config.json RoPE forms are read as transformers reads them, export loads back in transformers
+as a Gemma 3, and what we do not run is refused."""
 
 import json
 
@@ -54,7 +55,8 @@ def _tokens(rows: int, length: int) -> np.ndarray:
 def _gemma3(**kw):
     """A tiny Gemma 3 with every tensor random (norm weights too, around 0: Gemma's norms scale by 1 + w)."""
     torch.manual_seed(_seed())
-    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**{**GEMMA3, **kw})).float().eval()
+    config = transformers.Gemma3TextConfig(**{**GEMMA3, **kw}, attn_implementation="eager")
+    model = transformers.Gemma3ForCausalLM(config).float().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.2))
@@ -63,10 +65,10 @@ def _gemma3(**kw):
 
 @pytest.mark.parametrize("scan, tie", [(True, True), (False, False)])
 def test_import_matches_transformers(tmp_path, scan, tie):
-    ref = _gemma3(tie_word_embeddings=tie)
+    ref = _gemma3(tie_word_embeddings=tie, sliding_window=8)
     ref.save_pretrained(tmp_path)
     cfg, model = hf.load_hf(tmp_path, run={"scan_layers": scan})
-    assert (cfg.head_dim, cfg.query_pre_attn_scalar, cfg.max_seq_len) == (16, 24, 64)  # capped at the window
+    assert (cfg.head_dim, cfg.query_pre_attn_scalar, cfg.max_seq_len, cfg.sliding_window) == (16, 24, 128, 8)
     assert cfg.norm_plus_one and cfg.embed_scale and cfg.sandwich_norms and cfg.qk_norm
     assert (cfg.activation, cfg.rope_theta, cfg.rope_local_theta) == ("gelu_tanh", 5000.0, 100.0)
     assert cfg.rope_scaling == ("linear", 8.0) and cfg.layer_types == tuple(TYPES)
@@ -79,7 +81,7 @@ def test_import_matches_transformers(tmp_path, scan, tie):
 
 
 def test_packed_rows_cached_decoding_and_generation_match_transformers(tmp_path):
-    ref = _gemma3()
+    ref = _gemma3(sliding_window=5)  # every sequence below longer than the window
     ref.save_pretrained(tmp_path)
     _, model = hf.load_hf(tmp_path, run={"scan_layers": True})
     a, b, c = _tokens(1, 6)[0], _tokens(1, 9)[0], _tokens(1, 19)[0]
@@ -101,8 +103,11 @@ def test_packed_rows_cached_decoding_and_generation_match_transformers(tmp_path)
     np.testing.assert_allclose(np.concatenate(parts, axis=1), logits[1:], atol=1e-4, rtol=1e-4)
     # greedy generation: transformers' own continuation
     out = generate(model, jnp.asarray(c[None, :8]), np.array([8]), jax.random.key(0), max_new_tokens=6, temperature=0)
-    with torch.no_grad():
-        theirs = ref.generate(torch.tensor(c[None, :8]), max_new_tokens=6, do_sample=False, eos_token_id=None)
+    with torch.no_grad():  # (a whole mask: without one, transformers masks out a prompt token equal to the pad id)
+        prompt = torch.tensor(c[None, :8])
+        theirs = ref.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, eos_token_id=None
+        )
     np.testing.assert_array_equal(np.asarray(out.tokens_BxT)[0], theirs[0, 8:].numpy())
 
 
@@ -141,9 +146,10 @@ def test_old_config_json_forms_are_read_as_transformers_reads_them(tmp_path):
     np.testing.assert_allclose(
         np.asarray(model(jnp.asarray(tokens))), _hf_logits(old_ref, tokens), atol=1e-4, rtol=1e-4
     )
-    # no window key at all: transformers' default window of 4096 caps the context
+    # no window key at all: transformers' default window of 4096, within the full context
     no_window = {k: v for k, v in spec.items() if k != "sliding_window"}
-    assert hf.config_from_hf({**no_window, "max_position_embeddings": 8192}).max_seq_len == 4096
+    cfg = hf.config_from_hf({**no_window, "max_position_embeddings": 8192})
+    assert (cfg.max_seq_len, cfg.sliding_window) == (8192, 4096)
 
 
 def test_what_gemma_runs_that_we_do_not_is_refused(tmp_path):
@@ -190,14 +196,15 @@ def _randomised(model: Llama) -> Llama:
     return model
 
 
-@pytest.mark.parametrize("scaling", [None, ("linear", 4.0)])
-def test_export_loads_in_transformers_as_gemma3(tmp_path, scaling):
-    cfg = tiny_config(rope_scaling=scaling)
+@pytest.mark.parametrize("scaling, window", [(None, None), (("linear", 4.0), 7)])
+def test_export_loads_in_transformers_as_gemma3(tmp_path, scaling, window):
+    cfg = tiny_config(rope_scaling=scaling, sliding_window=window)
     model = _randomised(Llama(cfg, rngs=nnx.Rngs(_seed())))
     hf.save_hf(model, cfg, tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     assert (written["architectures"], written["model_type"]) == (["Gemma3ForCausalLM"], "gemma3_text")
-    assert (written["layer_types"], written["query_pre_attn_scalar"], written["sliding_window"]) == (TYPES, 20, 64)
+    expected = (TYPES, 20, window or 64)  # without a window: the context's, which is full attention
+    assert (written["layer_types"], written["query_pre_attn_scalar"], written["sliding_window"]) == expected
     assert written["rope_local_base_freq"] == written["rope_parameters"]["sliding_attention"]["rope_theta"] == 50.0
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(back).__name__ == "Gemma3ForCausalLM"
@@ -226,7 +233,9 @@ def test_config_fields_are_checked_and_settable():
     for key, value in gemma.items():
         cd[key] = value
     cd.query_pre_attn_scalar, cd.layer_types, cd.rope_local_theta = 12, ["sliding_attention", "full_attention"], 10.0
+    cd.sliding_window = 6
     cfg = ModelConfig.from_config(cd)
+    assert cfg.sliding_window == 6 and cfg.windowed
     assert (
         cfg.layer_types == ("sliding_attention", "full_attention") and ModelConfig.from_config(cfg.to_config()) == cfg
     )
@@ -236,6 +245,7 @@ def test_config_fields_are_checked_and_settable():
         "query_pre_attn_scalar": dict(query_pre_attn_scalar=-1),
         "layer_types": dict(layer_types=("sliding_attention",), rope_local_theta=10.0),
         "rope_local_theta": dict(layer_types=("sliding_attention", "full_attention")),
+        "sliding_window": dict(sliding_window=0),
         "norm_plus_one": dict(sandwich_norms=False),  # a part of Gemma's numerics: no family to export it as
     }
     for name, fields in bad.items():
@@ -244,6 +254,26 @@ def test_config_fields_are_checked_and_settable():
         assert "\n" not in str(e.value), name
     with pytest.raises(ValueError, match="sandwich_norms not set"):
         ModelConfig(**{**base, "sandwich_norms": False})
+    # the window: layer_types without rope_local_theta (the sliding layers run the normal RoPE), checked paths
+    windowed = ModelConfig(**{**base, "sliding_window": 4, "layer_types": ("sliding_attention", "full_attention")})
+    assert windowed.windowed and windowed.rope_local_theta is None
+    plain = {k: v for k, v in base.items() if k not in gemma}
+    assert ModelConfig(**plain, sliding_window=4).windowed  # Mistral: every layer
+    refusals = {
+        "model.attention='cudnn' cannot apply a sliding window": dict(
+            base, sliding_window=4, layer_types=("full_attention", "sliding_attention"), attention="cudnn"
+        ),
+        "model.attention='pallas' cannot apply a sliding window": dict(plain, sliding_window=4, attention="pallas"),
+        "model.layer_types .* no Hugging Face family": dict(
+            plain, sliding_window=4, layer_types=("full_attention",) * 2
+        ),
+        "model.sliding_window on a Gemma 3 model needs model.layer_types": dict(base, sliding_window=4),
+        "model.layer_types names the layers": dict(base, layer_types=("full_attention",) * 2),
+    }
+    for match, fields in refusals.items():
+        with pytest.raises(ValueError, match=match) as e:
+            ModelConfig(**fields)
+        assert "\n" not in str(e.value) and str(e.value).endswith("."), match
 
 
 def test_lora_on_a_gemma_model_adapts_its_projections_and_merges():

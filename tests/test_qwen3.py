@@ -125,19 +125,19 @@ def test_export_loads_in_transformers_as_qwen3(tmp_path, tie):
 
 
 def test_windows_and_refusals_follow_transformers(tmp_path):
-    """Qwen3 slides as Qwen2 does (only with use_sliding_window, from max_window_layers on): capped at the window;
+    """Qwen3 slides as Qwen2 does (only with use_sliding_window, from max_window_layers on), past the window too;
     attention_bias (on o_proj too) and q/k norm with q/k bias (no Hugging Face family has both) are refused."""
     ref = _qwen3(use_sliding_window=True, sliding_window=8, max_window_layers=1)
     ref.save_pretrained(tmp_path / "w")
     cfg, model = hf.load_hf(tmp_path / "w")
-    assert cfg.max_seq_len == 8
-    tokens = _tokens(2, 8)
+    assert (cfg.max_seq_len, cfg.sliding_window, cfg.layer_types) == (128, 8, ("full_attention", "sliding_attention"))
+    tokens = _tokens(2, 20)  # longer than the window
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), _hf_logits(ref, tokens), atol=1e-4, rtol=1e-4)
     spec = json.loads((tmp_path / "w" / "config.json").read_text())
-    assert hf.config_from_hf({**spec, "use_sliding_window": False}).max_seq_len == 128
+    assert hf.config_from_hf({**spec, "use_sliding_window": False}).sliding_window is None
     no_types = {k: v for k, v in spec.items() if k != "layer_types"}  # then layers from max_window_layers on slide
-    assert hf.config_from_hf({**no_types, "max_window_layers": 1}).max_seq_len == 8
-    assert hf.config_from_hf({**no_types, "max_window_layers": 2}).max_seq_len == 128
+    assert hf.config_from_hf({**no_types, "max_window_layers": 1}).sliding_window == 8
+    assert hf.config_from_hf({**no_types, "max_window_layers": 2}).sliding_window is None
     assert hf.config_from_hf({k: v for k, v in spec.items() if k != "head_dim"}).head_dim == 128  # Qwen3Config's
     with pytest.raises(ValueError, match="attention_bias=true"):
         hf.config_from_hf({**spec, "attention_bias": True})

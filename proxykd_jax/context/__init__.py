@@ -58,6 +58,7 @@ _NUMERICS_FIELDS += (  # Gemma 3's
     "query_pre_attn_scalar",
     "layer_types",
     "rope_local_theta",
+    "sliding_window",
 )
 FOLDER_FIELDS = _SHAPE_FIELDS + _NUMERICS_FIELDS  # what an init_from folder's config.json must agree on with its group
 
@@ -69,21 +70,6 @@ def run_config() -> ml_collections.ConfigDict:
     cd.seed = 0  # base seed; each stage derives its own streams from it
     cd.overwrite = False  # replace an artifact made with other settings (written beside, then moved into place)
     return cd
-
-
-def _window_note(folder: pathlib.Path) -> str:
-    """Where a folder's max_seq_len is its sliding window, a clause saying so (else "")."""
-    from proxykd_jax.models import hf
-
-    spec = json.loads((folder / "config.json").read_text())
-    arch = next(iter(spec.get("architectures") or []), "")
-    window = hf.sliding_window(spec, arch)
-    if not window or window >= int(spec.get("max_position_embeddings", 2048)):
-        return ""
-    return (
-        f" (the folder's max_seq_len is its sliding_window {window}: proxykd runs full attention, which equals "
-        "the window's only up to there)"
-    )
 
 
 @dataclasses.dataclass
@@ -165,9 +151,7 @@ class RunContext:
         if int(seq_len) > int(model_cfg.max_seq_len):
             raise ConfigError(
                 f"config.{field}={seq_len} exceeds the max_seq_len {model_cfg.max_seq_len} of {model}; lower "
-                f"{field} to at most {model_cfg.max_seq_len} (positions past it are ones the model never saw; "
-                "an imported model's max_seq_len is its sliding window where it has one, past which proxykd's "
-                "full attention is not the window's)."
+                f"{field} to at most {model_cfg.max_seq_len} (positions past it are ones the model never saw)."
             )
 
     def init_model(self, name: str, seed: int, *, rows=None):
@@ -245,9 +229,8 @@ def init_folder(name: str, group, model_cfg):
         if getattr(folder_cfg, f) != getattr(model_cfg, f)
     ]
     if diff:
-        window = "" if folder_cfg.max_seq_len == model_cfg.max_seq_len else _window_note(folder)
         raise ProxyKDError(
-            f"{folder}/config.json disagrees with config.{name} on {', '.join(diff)}{window}; make the {name} "
+            f"{folder}/config.json disagrees with config.{name} on {', '.join(diff)}; make the {name} "
             "group match the folder (or pick the matching preset)."
         )
     return folder, folder_cfg

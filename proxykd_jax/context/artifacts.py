@@ -83,6 +83,7 @@ _ADDED_FIELDS |= {  # the model's Gemma 3 numerics
     "query_pre_attn_scalar": None,
     "layer_types": None,
     "rope_local_theta": None,
+    "sliding_window": None,  # (the model's sliding window)
 }
 
 

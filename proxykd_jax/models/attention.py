@@ -7,6 +7,15 @@ padding queries (segment 0) come back as zeros on every path. A segment is one c
 equal non-zero ids: an id that comes back later in the row starts a new segment (`self_attention`
 renumbers the runs first), as cuDNN's packed layout and `positions_from_segments` read a row.
 
+Sliding window (`window`, a model's `sliding_window` on its sliding layers): a query also sees only the keys less
+than `window` positions before its own (query position - key position < window, transformers 5's
+`sliding_window_overlay` on positions, as it reads packed rows), on every path below but `cudnn` and `pallas`. The
+window may be a traced int32 scalar, so that one scanned layer body serves sliding and full layers (a full layer's
+window: a value larger than any position). `cudnn` (packed lengths and static mask types) and `pallas` (static
+masks) cannot take a traced window: with one, `auto` resolves to `cudnn_masked` on GPU (`xla` in float32) and
+to `xla` on TPU, and an explicit `cudnn` or `pallas` is refused. The blocked kernel still skips only the blocks
+above the diagonal (those behind the window are computed, and masked).
+
 Implementations (`model.attention`):
 
 - `blocked`: the block-causal custom-VJP kernel below (`self_attend`), tuned for XLA:CPU; it saves
@@ -26,9 +35,10 @@ Implementations (`model.attention`):
   same kernel goes through Pallas' interpreter (slow, but it lets the tests check this path's values
   and gradients on CPU, and export it for a TPU from a CPU host).
 - `auto`: on GPU cudnn (Hopper or newer) or cudnn_masked when the compute dtype is bf16/fp16, else
-  xla; pallas on TPU; blocked on CPU.
+  xla; pallas on TPU; blocked on CPU (with a window: see above).
 
-The cache path used by decoding (`attend`) stays dense: its keys are the cache slots, not the row.
+The cache path used by decoding (`attend`) stays dense: its keys are the cache slots, not the row; it applies the
+window too.
 """
 
 from __future__ import annotations
@@ -49,20 +59,28 @@ PACKED_MAX_SEGMENTS = 8
 _SPLASH_TILE = 128  # splash attention's default query/key tile (`BlockSizes.get_default()`)
 
 
-def _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, causal_LxC=True):
+def _in_window(q_pos_BxL, k_pos_BxC, window):
+    """Boolean [B, L, C]: the key is less than `window` positions before the query (transformers'
+    `sliding_window_overlay`: key > query - window)."""
+    return q_pos_BxL[:, :, None] - k_pos_BxC[:, None, :] < window
+
+
+def _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, causal_LxC=True, window=None):
     """Additive float32 mask [B, L, C]: 0 where a query sees a key (same non-zero segment, key
-    position not after the query's, and `causal_LxC`), else a large negative value."""
+    position not after the query's, `causal_LxC`, and within `window` when given), else a large negative value."""
     visible = (
         (q_seg_BxL[:, :, None] == k_seg_BxC[:, None, :])
         & (k_seg_BxC[:, None, :] != 0)
         & (k_pos_BxC[:, None, :] <= q_pos_BxL[:, :, None])
         & causal_LxC
     )
+    if window is not None:
+        visible = visible & _in_window(q_pos_BxL, k_pos_BxC, window)
     return jnp.where(visible, 0.0, _MASK_VALUE).astype(jnp.float32)
 
 
-def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_seg_BxC):
-    """Masked grouped-query attention; scores and softmax in float32.
+def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_seg_BxC, window=None):
+    """Masked grouped-query attention; scores and softmax in float32; `window`: the sliding window (None: none).
 
     Laid out for XLA:CPU, measured on the benchmark shapes (B 8, L 256, H 8, E 32): heads move ahead
     of the sequence axes so both batched matmuls have leading batch axes, q is scaled before the
@@ -78,7 +96,7 @@ def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_s
     k_BxGxCxE = k_BxCxGxE.transpose(0, 2, 1, 3)
     v_BxGxCxE = v_BxCxGxE.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bgme,bgce->bgmc", q_BxGxMxE, k_BxGxCxE, preferred_element_type=jnp.float32)
-    bias_Bx1xLxC = _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC)[:, None]
+    bias_Bx1xLxC = _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, window=window)[:, None]
     scores = (scores.reshape(b, g * r, l, c) + bias_Bx1xLxC).reshape(b, g, r * l, c)
     unnorm = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     probs = (unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)).astype(v_BxCxGxE.dtype)
@@ -141,11 +159,13 @@ def _causal_core_bwd(r, res, dout):
 _causal_core.defvjp(_causal_core_fwd, _causal_core_bwd)
 
 
-def self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, num_blocks: int | None = None):
+def self_attend(
+    q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, num_blocks: int | None = None, window=None
+):
     """Causal self-attention over packed rows (training and scoring; no cache).
 
-    Same mask as `attend` plus index causality (a key after the query in the row is never seen,
-    which packed rows with per-segment positions already imply), so query block i only meets the
+    Same mask as `attend` (the `window` in each block's bias) plus index causality (a key after the query in
+    the row is never seen, which packed rows with per-segment positions already imply), so query block i only meets the
     keys of blocks 0..i: the all-masked blocks above the diagonal are never computed (the L x L
     work drops to (n + 1) / 2n of it for n blocks). A custom VJP saves the float32 probabilities
     and applies the softmax backward directly (dS = P (dP - rowsum(dO O))). Measured on the
@@ -174,44 +194,64 @@ def self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL,
                 positions_BxL[:, i * bq : c],
                 positions_BxL[:, :c],
                 (index[None, :c] <= index[i * bq : c, None])[None],
+                window,
             )
         )
     out = _causal_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), tuple(biases), r)
     return out.reshape(n, b, g, r, bq, e).transpose(1, 0, 4, 2, 3, 5).reshape(b, l, h, e)
 
 
-def visible_mask(positions_BxL, segment_ids_BxL) -> jax.Array:
-    """Boolean [B, L, L]: query i sees key j (same non-zero segment, position and index not after i's)."""
+def visible_mask(positions_BxL, segment_ids_BxL, window=None) -> jax.Array:
+    """Boolean [B, L, L]: query i sees key j (same non-zero segment, position and index not after i's, and
+    within `window` when given)."""
     length = segment_ids_BxL.shape[1]
     index = jnp.arange(length)
-    return (
+    visible = (
         (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])
         & (segment_ids_BxL[:, None, :] != 0)
         & (positions_BxL[:, None, :] <= positions_BxL[:, :, None])
         & (index[None, :] <= index[:, None])[None]
     )
+    return visible if window is None else visible & _in_window(positions_BxL, positions_BxL, window)
 
 
-def resolve(implementation: str, dtype=jnp.float32, platform: str | None = None) -> str:
-    """The concrete implementation `auto` stands for on `platform` (default: jax's default backend)."""
+UNWINDOWED = ("cudnn", "pallas")  # the paths that cannot take a (traced) sliding window
+
+
+def refuse_unwindowed(implementation: str) -> None:
+    """Refuses, for a model with a sliding window, an `UNWINDOWED` path."""
+    if implementation in UNWINDOWED:
+        raise ValueError(
+            f"model.attention={implementation!r} cannot apply a sliding window (model.sliding_window); use 'auto', "
+            "'cudnn_masked' or 'xla' on GPU, 'xla' on TPU, or 'blocked' on CPU."
+        )
+
+
+def resolve(implementation: str, dtype=jnp.float32, platform: str | None = None, windowed: bool = False) -> str:
+    """The concrete implementation `auto` stands for on `platform` (default: jax's default backend), for a model
+    with a sliding window when `windowed` (an explicit `UNWINDOWED` path is then refused)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}.")
+    if windowed:
+        refuse_unwindowed(implementation)
     if implementation != "auto":
         return implementation
     platform = platform or jax.default_backend()
     if platform in GPU_PLATFORMS:
         if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
             return "xla"
+        if windowed:
+            return "cudnn_masked"
         device = jax.devices()[0]
         capability = getattr(device, "compute_capability", "9.0") if device.platform == "gpu" else "9.0"
         return "cudnn" if float(capability) >= 9.0 else "cudnn_masked"
     if platform == "tpu":
-        return "pallas"
+        return "xla" if windowed else "pallas"
     return "blocked"
 
 
-def _dpa(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, implementation):
-    mask_Bx1xLxL = visible_mask(positions_BxL, segment_ids_BxL)[:, None]
+def _dpa(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, implementation, window=None):
+    mask_Bx1xLxL = visible_mask(positions_BxL, segment_ids_BxL, window)[:, None]
     return jax.nn.dot_product_attention(
         q_BxLxHxE,
         k_BxLxGxE,
@@ -362,20 +402,23 @@ def self_attention(
     *,
     implementation: str = "auto",
     max_segments: int = PACKED_MAX_SEGMENTS,
+    window=None,
 ) -> jax.Array:
     """Causal grouped-query self-attention over packed rows with the chosen implementation.
 
     q [B, L, H, E] (unscaled), k/v [B, L, G, E] with H % G == 0; returns [B, L, H, E] in q's dtype,
-    zero on padding queries (segment 0).
+    zero on padding queries (segment 0). `window`: the sliding window (an int or a traced int32 scalar; None: none).
     """
-    impl = resolve(implementation, q_BxLxHxE.dtype)
+    impl = resolve(implementation, q_BxLxHxE.dtype, windowed=window is not None)
     segment_ids_BxL = contiguous_segments(segment_ids_BxL)
     if impl == "blocked":
-        out = self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL)
+        out = self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, window=window)
     elif impl == "cudnn":
         out = _cudnn_packed(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, max_segments)
     elif impl in ("xla", "cudnn_masked"):
-        out = _dpa(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, impl.removesuffix("_masked"))
+        out = _dpa(
+            q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, impl.removesuffix("_masked"), window
+        )
     else:
         out = _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL)
     keep_BxLx1x1 = (segment_ids_BxL != 0)[:, :, None, None]

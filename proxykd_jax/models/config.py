@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from proxykd_jax.models.attention import GPU_PLATFORMS, IMPLEMENTATIONS, PACKED_MAX_SEGMENTS
+from proxykd_jax.models.attention import GPU_PLATFORMS, IMPLEMENTATIONS, PACKED_MAX_SEGMENTS, refuse_unwindowed
 
 REMAT_POLICIES = ("none", "full", "save_dots", "dots_with_no_batch_dims", "offload")
 # The forms of `model.rope_scaling`, each transformers 5's RoPE type of that name (modeling_rope_utils) with every
@@ -23,7 +23,8 @@ ROPE_SCALING_FORMS = (
     "('yarn', factor, original_max_position, beta_fast, beta_slow, truncate, attention_factor)"
 )
 ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's: SwiGLU (Llama), GeGLU with tanh-approximated GELU (Gemma 3)
-LAYER_TYPES = ("sliding_attention", "full_attention")  # `model.layer_types`' names, transformers' (Gemma 3)
+LAYER_TYPES = ("sliding_attention", "full_attention")  # `model.layer_types`' names, transformers'
+SLIDING = LAYER_TYPES[0]
 
 
 def _valid_rope_scaling(value) -> bool:
@@ -86,8 +87,11 @@ class ModelConfig:
     activation: str = "silu"  # one of ACTIVATIONS
     sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too, before each residual add
     query_pre_attn_scalar: int | None = None  # attention scores scaled by its ** -0.5 (None: head_dim's)
-    layer_types: tuple | None = None  # None, or one of LAYER_TYPES per layer: the sliding ones use rope_local_theta
-    rope_local_theta: float | None = None  # RoPE base of the "sliding_attention" layers (unscaled)
+    layer_types: tuple | None = None  # None, or one of LAYER_TYPES per layer: which layers slide
+    rope_local_theta: float | None = None  # RoPE base of the "sliding_attention" layers (unscaled; None: rope_theta's)
+    # Mistral, Qwen2 / Qwen3 with use_sliding_window, Gemma 3: a query sees the keys less than this many positions
+    # back, on the layer_types' sliding layers (every layer without layer_types); None: no window
+    sliding_window: int | None = None
 
     def __post_init__(self):
         for name in (
@@ -124,19 +128,32 @@ class ModelConfig:
             isinstance(scalar, (int, np.integer)) and not isinstance(scalar, bool) and scalar > 0
         ):
             raise ValueError(f"model.query_pre_attn_scalar must be None or a positive integer, got {scalar!r}.")
+        window = self.sliding_window
+        if window is not None:
+            if not (isinstance(window, (int, np.integer)) and not isinstance(window, bool) and window > 0):
+                raise ValueError(f"model.sliding_window must be None or a positive integer, got {window!r}.")
+            object.__setattr__(self, "sliding_window", int(window))
         self._check_layer_types()
         self._check_gemma()
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}.")
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {self.attention!r}.")
+        if self.windowed:
+            refuse_unwindowed(self.attention)
         object.__setattr__(self, "scan_layers", resolve_scan_layers(self.scan_layers, int(self.num_layers), self.remat))
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}.")
 
+    @property
+    def windowed(self) -> bool:
+        """Whether some layer attends within `sliding_window`."""
+        return self.sliding_window is not None and (self.layer_types is None or SLIDING in self.layer_types)
+
     def _check_layer_types(self) -> None:
-        """`layer_types` and `rope_local_theta` are set together, one type per layer (stored as a tuple)."""
+        """`layer_types`, one type per layer (stored as a tuple), says which layers `sliding_window` and
+        `rope_local_theta` (which need it) apply to; it is set with one of them."""
         types, theta = self.layer_types, self.rope_local_theta
         if types is None and theta is None:
             return
@@ -148,10 +165,17 @@ class ModelConfig:
         if any(t not in LAYER_TYPES for t in types):
             raise ValueError(f"model.layer_types must name only {', '.join(LAYER_TYPES)}, got {types!r}.")
         object.__setattr__(self, "layer_types", tuple(types))
-        if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and 0 < theta < math.inf):
+        if theta is None and self.sliding_window is None:
             raise ValueError(
-                f"model.rope_local_theta (the sliding layers' RoPE base) must be a positive number when "
-                f"model.layer_types is set, got {theta!r}."
+                "model.layer_types names the layers that model.sliding_window or model.rope_local_theta apply to; "
+                "set one of them, or set layer_types to None."
+            )
+        if theta is not None and not (
+            isinstance(theta, (int, float)) and not isinstance(theta, bool) and 0 < theta < math.inf
+        ):
+            raise ValueError(
+                "model.rope_local_theta (the sliding layers' RoPE base) must be None or a positive number, "
+                f"got {theta!r}."
             )
 
     def _check_gemma(self) -> None:
@@ -163,14 +187,25 @@ class ModelConfig:
             sandwich_norms=self.sandwich_norms,
             qk_norm=self.qk_norm,
         )
-        extras = self.query_pre_attn_scalar is not None or self.layer_types is not None
+        extras = self.query_pre_attn_scalar is not None or self.rope_local_theta is not None
         if (any(v for k, v in parts.items() if k != "qk_norm") or extras) and not all(parts.values()):
             off = [k for k, v in parts.items() if not v]
             raise ValueError(
                 "model.norm_plus_one, embed_scale, activation='gelu_tanh', sandwich_norms and qk_norm make a Gemma 3 "
-                "model together (query_pre_attn_scalar and layer_types only with them), and a part of them is a "
+                "model together (query_pre_attn_scalar and rope_local_theta only with them), and a part of them is a "
                 f"model no Hugging Face family holds, so it could not be exported; set all of them or none "
                 f"({', '.join(off)} not set)."
+            )
+        if self.layer_types is not None and not (self.qkv_bias or self.qk_norm):
+            raise ValueError(
+                "model.layer_types (sliding and full layers) on a model without qkv_bias (Qwen2), qk_norm (Qwen3) or "
+                "Gemma 3's numerics is a model no Hugging Face family holds, so it could not be exported; set "
+                "layer_types to None (every layer slides, as Mistral's)."
+            )
+        if self.sandwich_norms and self.sliding_window is not None and self.layer_types is None:
+            raise ValueError(
+                "model.sliding_window on a Gemma 3 model needs model.layer_types (which layers slide), as its "
+                "config.json has them; set layer_types."
             )
 
     def num_params(self) -> int:
@@ -283,6 +318,9 @@ def default_config() -> ml_collections.ConfigDict:
     )  # attention scores times its ** -0.5; None: head_dim's (Gemma 3 sets it)
     cd.layer_types = ml_collections.FieldReference(
         None, field_type=tuple
-    )  # None or per layer "sliding_attention" / "full_attention": which RoPE base it uses (Gemma 3)
+    )  # None or per layer "sliding_attention" / "full_attention": which layers slide (Gemma 3, Qwen2 / Qwen3)
     cd.rope_local_theta = ml_collections.FieldReference(None, field_type=float)  # sliding layers' RoPE base
+    cd.sliding_window = ml_collections.FieldReference(
+        None, field_type=int
+    )  # None, or the keys a query sees on sliding layers (layer_types'; all without): Mistral, Qwen, Gemma 3
     return cd

@@ -6,15 +6,17 @@ alone, then builds each parameter straight into its sharded global array, every 
 only its own block (`safetensors_io`); nothing is randomly initialised or built whole on one host.
 `save_hf(model, cfg, folder)` writes a folder `transformers` loads (with `source`, the folder the model was
 imported from, its config.json: the same family; else Gemma3ForCausalLM when the model has Gemma's norms,
-Qwen3ForCausalLM when it has q/k norms, Qwen2ForCausalLM when it has q/k/v bias, LlamaForCausalLM otherwise), one
-tensor at a time, in files of at most 5 GB.
+Qwen3ForCausalLM when it has q/k norms, Qwen2ForCausalLM when it has q/k/v bias, MistralForCausalLM when it has a
+sliding window, LlamaForCausalLM otherwise), one tensor at a time, in files of at most 5 GB.
 `tensor_map` is the one place that maps our parameter paths to HF tensor names and layouts.
 
-Mistral / Qwen2 / Qwen3 / Gemma 3 sliding-window attention is not implemented; the imported config's `max_seq_len`
-is capped at the window, where full causal attention is identical (`sliding_window`), and the model refuses
-longer rows (Gemma 3's sliding layers keep their own RoPE base, `model.layer_types`). An export with `source` keeps
-the source's window and context in its config.json. Gemma 3's logit soft-capping and bidirectional attention are
-refused.
+Mistral / Qwen2 / Qwen3 / Gemma 3 sliding windows are imported as transformers reads them (`sliding_window`): the
+config's `sliding_window` and, where only some layers slide, `layer_types` (Qwen's `max_window_layers` or
+`layer_types`, Gemma 3's `layer_types` or `sliding_window_pattern`; Gemma 3's sliding layers keep their own RoPE
+base); `max_seq_len` is the model's context (`max_position_embeddings`). A window at least that long is no window.
+An export writes the window back (Mistral: MistralForCausalLM; Qwen: `use_sliding_window` and `layer_types`; Gemma
+3: its `sliding_window`); one with `source` keeps the source's config.json. Gemma 3's logit soft-capping and
+bidirectional attention are refused.
 """
 
 from __future__ import annotations
@@ -159,8 +161,9 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         default_head_dim = _QWEN3_HEAD_DIM if arch == "Qwen3ForCausalLM" else d_model // num_heads
         max_seq_len = int(hf.get("max_position_embeddings", 2048))
         window = sliding_window(hf, arch)
-        if window:
-            max_seq_len = min(max_seq_len, window)
+        window = window if window and window < max_seq_len else None  # one as long as the context: full attention
+        if not gemma:  # Qwen's sliding layers (Gemma's layer_types, which also pick the RoPE base: `_gemma3_fields`)
+            gemma = dict(layer_types=_qwen_layer_types(hf) if window and arch.startswith("Qwen") else None)
         return ModelConfig(
             vocab_size=int(hf["vocab_size"]),
             d_model=d_model,
@@ -178,6 +181,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
             max_seq_len=max_seq_len,
             param_dtype=param_dtype,
             dtype=dtype,
+            sliding_window=window,
             **gemma,
         )
     except KeyError as e:
@@ -231,6 +235,15 @@ def _gemma3_fields(hf: dict) -> dict:
     )
 
 
+def _qwen_layer_types(hf: dict) -> tuple:
+    """A Qwen2 / Qwen3 config.json's layer types, as transformers reads them: its `layer_types`, else sliding from
+    layer `max_window_layers` on."""
+    layers = int(hf["num_hidden_layers"])
+    return tuple(hf.get("layer_types") or [
+        "sliding_attention" if i >= int(hf.get("max_window_layers", 28)) else "full_attention" for i in range(layers)
+    ])  # fmt: skip
+
+
 def sliding_window(hf: dict, arch: str) -> int | None:
     """The attention window a config.json's model runs some layers with, as transformers reads it (None: none):
     Mistral's `sliding_window` on every layer; Qwen2's and Qwen3's only with `use_sliding_window`, on the layers
@@ -243,14 +256,7 @@ def sliding_window(hf: dict, arch: str) -> int | None:
     if not window or arch == "LlamaForCausalLM":
         return None
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        if not hf.get("use_sliding_window"):
-            return None
-        layers = int(hf["num_hidden_layers"])
-        types = hf.get("layer_types") or [
-            "sliding_attention" if i >= int(hf.get("max_window_layers", 28)) else "full_attention"
-            for i in range(layers)
-        ]
-        if "sliding_attention" not in types:
+        if not hf.get("use_sliding_window") or "sliding_attention" not in _qwen_layer_types(hf):
             return None
     return int(window)
 
@@ -460,7 +466,7 @@ def load_hf(
 def _gemma3_config(cfg: ModelConfig, kwargs: dict) -> dict:
     """config.json of a Gemma 3 `cfg` (`kwargs`: `_hf_config`'s common keys): RoPE keyed by layer type as
     transformers 5 writes it, and as top-level rope_theta / rope_local_base_freq / rope_scaling for readers before
-    it; the sliding window the context (where our full attention is the window's)."""
+    it; the sliding window (without one the context, where the window's attention is the full one)."""
     from transformers import Gemma3TextConfig
 
     full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -473,7 +479,7 @@ def _gemma3_config(cfg: ModelConfig, kwargs: dict) -> dict:
         rms_norm_eps=cfg.rms_eps,
         hidden_activation="gelu_pytorch_tanh",
         query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
-        sliding_window=cfg.max_seq_len,
+        sliding_window=cfg.sliding_window or cfg.max_seq_len,
         layer_types=list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
         rope_parameters={
             "full_attention": full,
@@ -491,7 +497,7 @@ def _gemma3_config(cfg: ModelConfig, kwargs: dict) -> dict:
 
 
 def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     kwargs = dict(
         vocab_size=cfg.vocab_size,
@@ -512,10 +518,13 @@ def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
         return _gemma3_config(cfg, kwargs)
     if cfg.rope_scaling is not None:
         kwargs["rope_scaling"] = _rope_to_hf(cfg.rope_scaling)
-    if arch == "Qwen3ForCausalLM":
-        hf_cfg = Qwen3Config(attention_bias=False, use_sliding_window=False, **kwargs)
-    elif arch == "Qwen2ForCausalLM":
-        hf_cfg = Qwen2Config(**kwargs)
+    window = cfg.sliding_window if cfg.windowed else None
+    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
+        types = list(cfg.layer_types or ["sliding_attention"] * cfg.num_layers) if window else None
+        qwen = dict(use_sliding_window=window is not None, sliding_window=window, layer_types=types)
+        hf_cfg = (Qwen3Config if arch == "Qwen3ForCausalLM" else Qwen2Config)(attention_bias=False, **qwen, **kwargs)
+    elif arch == "MistralForCausalLM":
+        hf_cfg = MistralConfig(sliding_window=window, **kwargs)
     else:
         hf_cfg = LlamaConfig(attention_bias=False, **kwargs)
     out = hf_cfg.to_dict()
@@ -662,7 +671,7 @@ def save_params(
     config.json is `source`'s (the folder the model was imported from, when it describes this model: its
     family, a Mistral's sliding window and full context, fields transformers keeps) with this folder's
     token ids and dtype; else one written from `cfg` (Gemma3ForCausalLM with Gemma's norms, Qwen3ForCausalLM with q/k
-    norms, Qwen2ForCausalLM with q/k/v bias, else LlamaForCausalLM).
+    norms, Qwen2ForCausalLM with q/k/v bias, else MistralForCausalLM with a sliding window, else LlamaForCausalLM).
 
     `params` maps our parameter paths to (possibly sharded) arrays. Nothing is gathered whole: each
     tensor (one layer of a stacked leaf) is brought to the host only when it is written. When the
@@ -671,7 +680,8 @@ def save_params(
     process 0 alone. config.json and generation_config.json carry the tokenizer's bos/eos/pad ids
     (eos with the end-of-turn `stop_ids`, `token_ids_of`), so `generate()` in transformers and
     `proxykd serve` stop at them by themselves."""
-    arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    plain = "MistralForCausalLM" if cfg.windowed else "LlamaForCausalLM"  # (a Mistral slides on every layer)
+    arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else plain
     arch = GEMMA3 if cfg.sandwich_norms else arch
     folder = pathlib.Path(folder)
     writer = jax.process_index() == 0

@@ -4,8 +4,11 @@ RoPE (optionally scaled as transformers does: linear, Llama-3 or YaRN), grouped-
 SwiGLU, optional q/k/v bias (Qwen2), optional per-head RMSNorm of queries and keys before RoPE (Qwen3), tied or
 untied embeddings. Gemma 3's numerics are fields of `ModelConfig`: norms times 1 + weight, scaled embeddings,
 GeGLU, norms on the attention and MLP outputs, the query_pre_attn_scalar score scale, and per-layer RoPE
-(`layer_types`: a scanned per-layer flag picks the sliding layers' `rope_local_theta` frequencies). Parameters are stored in `param_dtype` and cast to the compute `dtype`; logits are always
-float32. Every `nnx.Param` carries `out_sharding=` logical axis names (see docs/CONTRACTS.md); the mesh
+(`layer_types`: a scanned per-layer flag picks the sliding layers' `rope_local_theta` frequencies). Sliding-window
+attention (Mistral, Qwen2 / Qwen3, Gemma 3: `sliding_window`) on the `layer_types`' sliding layers (every layer
+without them): the same per-layer flag makes a traced window, the model's or one wider than any row.
+Parameters are stored in `param_dtype` and cast to the compute `dtype`; logits are always float32. Every
+`nnx.Param` carries `out_sharding=` logical axis names (see docs/CONTRACTS.md); the mesh
 rules in `proxykd_jax.parallel` map them to devices.
 
 Packed sequences: `segment_ids_BxL` (0 = padding); a query attends to keys of the same non-zero
@@ -18,7 +21,7 @@ traced block: compile time flat in depth) or an unrolled loop over the same arra
 CPU, compile time growing with depth; `"auto"`, the default, unrolls up to
 `AUTO_UNROLL_MAX_LAYERS` layers without remat and scans the rest), each layer under
 `jax.checkpoint` with the `model.remat` policy. Attention goes through `models.attention`
-(`model.attention`: blocked on CPU, cuDNN on GPU, Pallas splash on TPU).
+(`model.attention`: blocked on CPU, cuDNN on GPU, Pallas splash on TPU; with a window, see there).
 
 Decoding: `init_cache(batch, length)` makes an empty `KVCache`; `decode(tokens_BxT, positions_BxT,
 segment_ids_BxT, cache)` writes the T new keys/values at slots `[cache.index, cache.index + T)`,
@@ -240,7 +243,8 @@ class Attention(nnx.Module):
         self, x_BxLxD, positions_BxL, segment_ids_BxL, cache_kv=None, index=None, k_pos=None, k_seg=None, local=None
     ):
         """Returns (out_BxLxD, (k, v)); with `cache_kv` the new keys/values are written at `index`. `local` (a
-        traced bool, with `cfg.layer_types`): this layer is a sliding one, whose RoPE is `rope_local_theta`'s."""
+        traced bool, with `cfg.layer_types`): this layer is a sliding one, whose RoPE is `rope_local_theta`'s (where
+        set) and which attends within `sliding_window` (where set)."""
         dt = self.dtype
         q = dense(x_BxLxD, self.wq[...].astype(dt))
         k = dense(x_BxLxD, self.wk[...].astype(dt))
@@ -250,7 +254,7 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq, attention_factor = rope_inv_freq(self.cfg), rope_attention_factor(self.cfg)
-        if local is not None:  # a scanned flag picks the layer's frequencies: one traced block serves both kinds
+        if local is not None and self.cfg.rope_local_theta is not None:  # a scanned flag picks the frequencies
             local_cfg = dataclasses.replace(self.cfg, rope_theta=self.cfg.rope_local_theta, rope_scaling=None)
             inv_freq = jnp.where(local, jnp.asarray(rope_inv_freq(local_cfg), jnp.float32), inv_freq)
             attention_factor = jnp.where(local, 1.0, attention_factor) if attention_factor != 1.0 else 1.0
@@ -258,6 +262,11 @@ class Attention(nnx.Module):
         k = apply_rope(k, positions_BxL, inv_freq, attention_factor)
         if self.cfg.query_pre_attn_scalar is not None:  # the kernels scale by E ** -0.5: make it the scalar's
             q = q * jnp.asarray(math.sqrt(self.cfg.head_dim / self.cfg.query_pre_attn_scalar), dt)
+        window = None
+        if self.cfg.windowed:  # every layer slides, or the flag picks the window or one wider than any row
+            window = self.cfg.sliding_window
+            if local is not None:
+                window = jnp.where(local, jnp.int32(window), jnp.int32(np.iinfo(np.int32).max))
         if cache_kv is None:
             out = self_attention(
                 q,
@@ -267,12 +276,13 @@ class Attention(nnx.Module):
                 segment_ids_BxL,
                 implementation=self.cfg.attention,
                 max_segments=self.cfg.attention_segments,
+                window=window,
             )
         else:
             k_cache, v_cache = cache_kv
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-            out = attend(q, k.astype(dt), v.astype(dt), positions_BxL, k_pos, segment_ids_BxL, k_seg)
+            out = attend(q, k.astype(dt), v.astype(dt), positions_BxL, k_pos, segment_ids_BxL, k_seg, window)
         return dense(out, self.wo[...].astype(dt), 2), (k, v)
 
 
@@ -410,12 +420,11 @@ class Llama(nnx.Module):
         return x * jnp.asarray(self.cfg.d_model**0.5, self.dtype) if self.cfg.embed_scale else x
 
     def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:
-        """Final-norm hidden states [B, L, D] in the compute dtype; rows of at most `max_seq_len` tokens (an
-        imported Mistral-style model's is its attention window, which is exact only up to there)."""
+        """Final-norm hidden states [B, L, D] in the compute dtype; rows of at most `max_seq_len` tokens."""
         if tokens_BxL.shape[-1] > self.cfg.max_seq_len:
             raise ValueError(
                 f"rows of {tokens_BxL.shape[-1]} tokens are longer than the model's max_seq_len "
-                f"{self.cfg.max_seq_len} (its context, or an imported model's sliding window); use shorter rows."
+                f"{self.cfg.max_seq_len} (its context); use shorter rows."
             )
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones(tokens_BxL.shape, jnp.int32)
