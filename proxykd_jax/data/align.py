@@ -15,6 +15,7 @@ Two rules (docs/TOKENIZERS.md), chosen by `data.teacher_head`:
 import dataclasses
 import functools
 import operator
+import re
 
 import numpy as np
 
@@ -444,32 +445,42 @@ def _write_heads(t_ids: np.ndarray, t_lps: np.ndarray, heads: list[tuple[int, li
 
 
 _ENDED = -1  # where `_teacher_ends` puts an end-of-text token: nothing follows it
+# A special token's string (`<bos>`, `<start_of_turn>`, `<|im_start|>`): what a server that leaves special tokens out
+# of the text (vLLM's skip_special_tokens, `serve`) still names in the token's log-prob entry.
+_SPECIAL_TOKEN = re.compile(r"<[^\s<>]+>")
 
 
 def _teacher_ends(s: Sample, resp: bytes, i: int, c: int) -> list[int]:
     """Where teacher token `i` ends if it starts at byte `c` of the response, the likeliest first: its
     bytes (the corpus's `token_bytes` where given, else those of its string) if they continue the text;
     without `tokens`, those of each alternative that does (the sampled token is one of them). `_ENDED`
-    for an end-of-text token at the end of the response."""
+    for an end-of-text token at the end of the response. `c` itself (it occupies no bytes) for a token
+    whose given bytes are empty, or a special token (`_SPECIAL_TOKEN`) whose bytes do not continue the
+    text: one sampled mid-answer that the text leaves out, after which the chain goes on. (Not without
+    `tokens`: the sampled token is unknown there, and the end tokens most positions list would let every
+    position be read as empty, the search growing with the text.)"""
     if s.teacher_tokens is not None or _given(s.teacher_token_bytes, i) is not None:
         tok = s.teacher_tokens[i] if s.teacher_tokens is not None else ""
         raw = _bytes_of(tok, _given(s.teacher_token_bytes, i))
         ends = [c + len(raw)] if raw and resp.startswith(raw, c) else []
     else:
-        tok, alts = "", s.teacher_alts[i]
+        tok, alts, raw = "", s.teacher_alts[i], None
         raws = [_bytes_of(t, _alt_bytes(s, i, j)) for j, (t, _) in enumerate(alts)]
         fits = [(lp, t, j) for j, (t, lp) in enumerate(alts) if t and raws[j] and resp.startswith(raws[j], c)]
         ends = [c + len(raws[j]) for _, _, j in sorted(fits, reverse=True)]
     if not ends and c == len(resp) and byte_head.teacher_symbol(tok) == byte_head.END_SYMBOL:
         return [_ENDED]
+    if not ends and raw is not None and (not raw or _SPECIAL_TOKEN.fullmatch(tok)):
+        return [c]
     return ends
 
 
 def _teacher_byte_spans(s: Sample) -> list[tuple[int, int] | None]:
-    """Byte span of each teacher token in the response; None once its bytes stop matching. A final
-    end-of-text token has the empty span at the end of the response. A token's bytes are the corpus's
-    `token_bytes` where given (exact for a token holding part of a UTF-8 character, which the API
-    spells as a replacement character), else those of its string. Without `tokens` each token is read
+    """Byte span of each teacher token in the response; None once its bytes stop matching, and for a
+    token that occupies none (a special token the text leaves out, `_teacher_ends`: the tokens after it
+    go on). A final end-of-text token has the empty span at the end of the response. A token's bytes are
+    the corpus's `token_bytes` where given (exact for a token holding part of a UTF-8 character, which the
+    API spells as a replacement character), else those of its string. Without `tokens` each token is read
     as the likeliest alternative that continues the text and lets the chain go on farthest (a likelier
     " the" that is a prefix of the sampled " there" would stop it at the next token)."""
     resp, n, out, c = s.response.encode("utf-8"), len(s.teacher_alts), [], 0
@@ -478,16 +489,17 @@ def _teacher_byte_spans(s: Sample) -> list[tuple[int, int] | None]:
         if not ends or ends[0] == _ENDED:
             out += [(c, c)] if ends else []
             break
-        out.append((c, ends[0]))
+        out.append(None if ends[0] == c else (c, ends[0]))
         c = ends[0]
     if len(out) < n and s.teacher_tokens is None:
         out = _farthest_chain(s, resp)
     return out + [None] * (n - len(out))
 
 
-def _farthest_chain(s: Sample, resp: bytes) -> list[tuple[int, int]]:
+def _farthest_chain(s: Sample, resp: bytes) -> list[tuple[int, int] | None]:
     """The spans of the longest chain of teacher tokens laid end to end from the start of the response,
-    each token the likeliest reading (`_teacher_ends`) that still reaches the chain's length."""
+    each token the likeliest reading (`_teacher_ends`) that still reaches the chain's length (None: a
+    token of no bytes)."""
     reach, ends = [{0}], {}  # reach[i]: where token i may start; ends[i, c]: `_teacher_ends` there
     while len(reach) <= len(s.teacher_alts):
         i, nxt = len(reach) - 1, set()
@@ -504,7 +516,7 @@ def _farthest_chain(s: Sample, resp: bytes) -> list[tuple[int, int]]:
     out, c = [], 0
     for i in range(len(reach) - 1):
         e = next(e for e in ends[i, c] if e in good[i + 1])
-        out.append((c, c if e == _ENDED else e))
+        out.append((c, c) if e == _ENDED else None if e == c else (c, e))
         c = e
     return out
 

@@ -1,7 +1,7 @@
 """The answers `serve` sends (`server.py`): a backend's `Completion`, its text after the prompt cut at a stop
 string (`answer_text`, `answer_context`, `apply_stop`), its log-prob entries in the chat and completions
-layouts (`chat_logprobs`, `completion_logprobs`, each token's `bytes` too) and the non-streamed bodies
-(`chat_body`, `completions_body`); `stream.py` sends the same entries in chunks."""
+layouts (`chat_logprobs`, `completion_logprobs`, each token's `bytes` too: none for a special token) and the
+non-streamed bodies (`chat_body`, `completions_body`); `stream.py` sends the same entries in chunks."""
 
 from __future__ import annotations
 
@@ -110,14 +110,21 @@ def _text_offsets(start: int, token_bytes: list[bytes], in_text: list[bool]) -> 
     return offsets
 
 
-def _entry(raw: bytes, lp: float) -> dict:
-    return {"token": bytes_token(raw), "logprob": lp, "bytes": list(raw)}
+def _entry(raw: bytes, lp: float, in_text: bool = True) -> dict:
+    return {"token": bytes_token(raw), "logprob": lp, "bytes": list(raw) if in_text else []}
 
 
 def chat_logprobs(backend, c: Completion, ctx: list[int]) -> dict:
-    """A chat choice's `logprobs`: one entry per generated token (`content`), with its alternatives."""
+    """A chat choice's `logprobs`: one entry per generated token (`content`), with its alternatives. A special
+    token, which the text leaves out, is named by its own text with empty `bytes` (the entries' bytes concatenate
+    to the text's UTF-8, as the OpenAI API's do); an alternative keeps its text's bytes."""
     rows = _token_rows(backend, c, ctx)
-    return {"content": [{**_entry(raw, lp), "top_logprobs": [_entry(*a) for a in alts]} for raw, lp, alts in rows]}
+    return {
+        "content": [
+            {**_entry(raw, lp, tid not in backend.special_ids), "top_logprobs": [_entry(*a) for a in alts]}
+            for tid, (raw, lp, alts) in zip(c.token_ids, rows)
+        ]
+    }
 
 
 def completion_logprobs(backend, c: Completion, ctx: list[int], prompt_text: str) -> dict:
