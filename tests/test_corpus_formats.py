@@ -14,7 +14,7 @@ import re
 import pytest
 from test_data_common import make_rows, make_tokenizer, sentence, tiny_cfg, write_jsonl
 
-from proxykd_jax.data import DataError, PreparedData, align, corpus, prepare
+from proxykd_jax.data import DataError, PreparedData, align, corpus, corpus_files, prepare
 from proxykd_jax.teacher.prompts import canonical
 
 
@@ -184,7 +184,7 @@ def test_a_json_array_file_is_read_like_jsonl(tmp_path, indent):
 
 def test_a_json_array_too_large_to_read_whole_is_refused(tmp_path, monkeypatch):
     (tmp_path / "c.json").write_text(json.dumps(make_rows(5, responses=1)))
-    monkeypatch.setattr(corpus, "_MAX_JSON_ARRAY", 100)
+    monkeypatch.setattr(corpus_files, "_MAX_JSON_ARRAY", 100)
     with pytest.raises(DataError, match=re.escape("is a JSON array") + ".*" + re.escape("one object per line (JSONL)")):
         _samples(tmp_path / "c.json", on_error="skip")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_data_common import make_rows, make_tokenizer, tiny_cfg, write_jsonl
 
-from proxykd_jax.data import align, corpus, prepare
+from proxykd_jax.data import align, corpus, corpus_logprobs, prepare
 
 _BAD_ENTRIES = ["a", None, 3, ["token", "logprob"]]
 _BAD_TOKENS = [3, None, b"x", ["a"]]
@@ -61,7 +61,7 @@ def _random_entries(rng: random.Random) -> list:
 
 def _outcome(entries):
     try:
-        return corpus._alts_of(entries, "c.jsonl:3", "top_logprobs[7]")
+        return corpus_logprobs._alts_of(entries, "c.jsonl:3", "top_logprobs[7]")
     except corpus.DataError as e:
         return type(e), str(e), e.reason
 
@@ -70,7 +70,7 @@ def test_alternatives_and_errors_match_the_per_field_checks(monkeypatch):
     rng = random.Random(0)
     cases = [_random_entries(rng) for _ in range(4000)] + [[], [{"token": "a", "logprob": -1}] * 20]
     fast = [_outcome(c) for c in cases]
-    monkeypatch.setattr(corpus, "_well_formed_alts", lambda entries: None)
+    monkeypatch.setattr(corpus_logprobs, "_well_formed_alts", lambda entries: None)
     slow = [_outcome(c) for c in cases]
     assert fast == slow
     assert sum(isinstance(o[0], list) for o in slow) > 500  # both kinds were met
@@ -148,7 +148,7 @@ def test_records_match_the_per_field_checks(tok, tmp_path, monkeypatch, head):
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     cfg = tiny_cfg(teacher_head=head)
     fast = prepare([path], tok, tmp_path / "fast", cfg, progress=False)
-    monkeypatch.setattr(corpus, "_well_formed_alts", lambda entries: None)
+    monkeypatch.setattr(corpus_logprobs, "_well_formed_alts", lambda entries: None)
     slow = prepare([path], tok, tmp_path / "slow", cfg, progress=False)
     assert fast["teacher_logprobs"]["positions_kept"] > 0
     for m in (fast, slow):

@@ -11,7 +11,8 @@ if not _flags.FLAGS.is_parsed():
     _flags.FLAGS.mark_as_parsed()
 
 from proxykd_jax.data.config import SPLITS, default_config  # noqa: E402
-from proxykd_jax.data.corpus import DataError, Sample, iter_corpus, stable_int63  # noqa: E402
+from proxykd_jax.data.corpus import Sample, iter_corpus, stable_int63  # noqa: E402
+from proxykd_jax.data.corpus_errors import DataError  # noqa: E402
 from proxykd_jax.data.prepare import prepare, tokenizer_hash  # noqa: E402
 from proxykd_jax.data.records import PreparedData, decode_record, encode_record  # noqa: E402
 from proxykd_jax.data.split import assign_split, split_fractions  # noqa: E402

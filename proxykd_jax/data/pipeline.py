@@ -17,7 +17,7 @@ import grain
 import jax
 import numpy as np
 
-from proxykd_jax.data.corpus import DataError
+from proxykd_jax.data.corpus_errors import DataError
 from proxykd_jax.data.records import PreparedData, decode_record
 from proxykd_jax.data.store import StoreReader
 from proxykd_jax.errors import ConfigError, InputFileError

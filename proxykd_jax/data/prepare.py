@@ -30,7 +30,7 @@ import numpy as np
 from array_record.python import array_record_module
 
 from proxykd_jax import progress as progress_bars
-from proxykd_jax.data import align, byte_head, corpus, records, split
+from proxykd_jax.data import align, byte_head, corpus, corpus_files, records, split
 from proxykd_jax.data.config import SPLITS
 from proxykd_jax.data.prepare_errors import (
     BAD_LINES_SHOWN,
@@ -385,7 +385,7 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
     budget = int(dcfg.prepare_buffer_mb * (1 << 20))
     buffer: list[corpus.Sample] = []
     buffered = 0
-    sources = [str(p) for p in corpus.expand_paths(corpus_paths)]
+    sources = [str(p) for p in corpus_files.expand_paths(corpus_paths)]
     bar = progress_bars.bar(total=total, unit=" samples", desc="prepare", disable=not progress)
 
     seen_prompts = _IdSet()  # a prompt's rows may come in any order; it is counted once (in its one split)

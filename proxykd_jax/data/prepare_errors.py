@@ -7,7 +7,7 @@ skipped or truncated. The pipeline itself (reading, tokenising, splitting, writi
 import collections
 import re
 
-from proxykd_jax.data import align, corpus
+from proxykd_jax.data import align, corpus, corpus_errors
 from proxykd_jax.models.tokenizer import TEMPLATE_ERRORS
 
 MAX_ERRORS_KEPT = 20  # bad rows' messages kept (in manifest.json counts.errors) under data.on_error=skip
@@ -117,7 +117,7 @@ def bad_lines(total: int, errors: list[corpus.DataError]) -> corpus.DataError:
     own sentence, or for several how many and the first few."""
     if total == 1:
         return errors[0]
-    listed = " ".join(f"({i}) {corpus.without_advice(str(e))}" for i, e in enumerate(errors, 1))
+    listed = " ".join(f"({i}) {corpus_errors.without_advice(str(e))}" for i, e in enumerate(errors, 1))
     shown = f" (the first {len(errors)} listed)" if total > len(errors) else ""
     return corpus.DataError(
         f"{total} bad lines in the corpus{shown}; fix or remove them, or set data.on_error=skip: {listed}",
