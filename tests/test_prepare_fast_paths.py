@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_data_common import make_rows, make_tokenizer, tiny_cfg, write_jsonl
 
-from proxykd_jax.data import align, corpus, corpus_logprobs, prepare
+from proxykd_jax.data import align, corpus, corpus_logprobs, prepare, teacher_positions
 
 _BAD_ENTRIES = ["a", None, 3, ["token", "logprob"]]
 _BAD_TOKENS = [3, None, b"x", ["a"]]
@@ -86,7 +86,7 @@ def test_probabilities_and_masses_match_per_position_numpy():
         lps = -np.abs(rng.normal(-4, 3, k)) * rng.uniform(0, 3)
         lps[rng.random(k) < 0.05] = -np.inf
         alts.append([(f"t{j}", float(lp)) for j, lp in enumerate(lps)])
-    probs, masses = align._position_probs(alts)
+    probs, masses = teacher_positions._position_probs(alts)
     for pos, p, mass in zip(alts, probs, masses):
         want = np.exp(np.asarray([lp for _, lp in pos], np.float64))
         assert p == [float(x) for x in want]

@@ -1,5 +1,5 @@
 """A special token the teacher samples mid-answer (`<start_of_turn>`, `<bos>`, `<pad>`, ...) is in its log-prob
-entries but not in its text (vLLM with skip_special_tokens, `serve`): data/align.py reads it as occupying no
+entries but not in its text (vLLM with skip_special_tokens, `serve`): data/teacher_positions.py reads it as occupying no
 bytes, so the teacher positions after it keep their heads, the same as those of the answer without it (both
 heads, with the token's bytes given as its string's, not given, or empty); an end token at the end of the answer
 is still the end. `serve` gives such a token empty `bytes`, so that the entries' bytes concatenate to the text."""
@@ -12,7 +12,7 @@ from test_serve_special_tokens import WORDS, FixedLlama, random_answer
 from test_teacher_serve import post
 from tokenizers import AddedToken
 
-from proxykd_jax.data import align, byte_head
+from proxykd_jax.data import align, byte_head, teacher_positions
 from proxykd_jax.data.corpus import Sample
 from proxykd_jax.models.tokenizer import build_bpe_tokenizer
 from proxykd_jax.teacher.listen import ServerThread
@@ -80,7 +80,7 @@ def test_positions_after_a_special_token_keep_the_heads_of_the_answer_without_it
     np.testing.assert_array_equal(got.teacher_topk_logprobs_LxK, want.teacher_topk_logprobs_LxK)
     assert got.stats.positions_kept == want.stats.positions_kept
     assert got.stats.positions_total == len(with_special)
-    spans = align._teacher_byte_spans(_sample(with_special, layout, text))
+    spans = teacher_positions._teacher_byte_spans(_sample(with_special, layout, text))
     assert [s is None for s in spans] == [t in SPECIALS for t, _, _ in with_special[:-1]] + [False]
     assert spans[-1] == (len(text.encode()),) * 2  # the end token at the end of the answer is still the end
 
@@ -89,9 +89,9 @@ def test_a_special_token_whose_bytes_continue_the_text_is_text():
     """A `<b>` that the text holds is an ordinary token: it takes its bytes."""
     alts = [[("a", -0.1)], [("<b>", -0.2)], [("c", -0.3)]]
     s = Sample("t.jsonl:1", "x", 0, "p", None, "a<b>c", ["a", "<b>", "c"], alts, {})
-    assert align._teacher_byte_spans(s) == [(0, 1), (1, 4), (4, 5)]
+    assert teacher_positions._teacher_byte_spans(s) == [(0, 1), (1, 4), (4, 5)]
     s = Sample("t.jsonl:1", "x", 0, "p", None, "ac", ["a", "<b>", "c"], alts, {})
-    assert align._teacher_byte_spans(s) == [(0, 1), None, (1, 2)]
+    assert teacher_positions._teacher_byte_spans(s) == [(0, 1), None, (1, 2)]
 
 
 def test_serve_gives_a_special_token_left_out_of_the_text_empty_bytes():

@@ -13,7 +13,7 @@ from test_xtok_token_bytes import byte_fallback_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from proxykd_jax.data import align, byte_head
+from proxykd_jax.data import align, byte_head, teacher_positions
 from proxykd_jax.data.corpus import Sample
 from proxykd_jax.models.tokenizer import build_bpe_tokenizer
 
@@ -133,7 +133,7 @@ def test_without_tokens_a_likelier_prefix_of_the_sampled_token_does_not_end_the_
     alts = [[(t, math.log(x)) for t, x in pos] for pos in alts]
     text = " there is it"
     s = Sample("x:1", "p", 0, "q", None, text, None, alts, {})
-    assert align._teacher_byte_spans(s) == [(0, 6), (6, 9), (9, 12)]
+    assert teacher_positions._teacher_byte_spans(s) == [(0, 6), (6, 9), (9, 12)]
     tok = build_bpe_tokenizer(["the there is it"] * 20, vocab_size=270)
     e = align.SampleEncoder(tok, seq_len=64, head="bytes").encode_batch([s])[0]
     ids = e.tokens_L[e.prompt_len : -1].tolist()
@@ -157,6 +157,6 @@ def test_without_tokens_the_likeliest_of_the_longest_chains_is_taken():
         [("d", -0.1)],
     ]
     s = Sample("x:1", "p", 0, "q", None, "abcd", None, alts, {})
-    assert align._teacher_byte_spans(s) == [(0, 2), (2, 4), (4, 4)]
+    assert teacher_positions._teacher_byte_spans(s) == [(0, 2), (2, 4), (4, 4)]
     s = Sample("x:1", "p", 0, "q", None, "abcd", None, alts[:2], {})
-    assert align._teacher_byte_spans(s) == [(0, 2), (2, 4)]
+    assert teacher_positions._teacher_byte_spans(s) == [(0, 2), (2, 4)]
