@@ -45,7 +45,7 @@ from flax import nnx  # noqa: E402
 from benchmarks._common import matmul_peak, print_table  # noqa: E402
 from proxykd_jax import losses, parallel, train  # noqa: E402
 from proxykd_jax.bayes import SparsePrior, posterior_topk  # noqa: E402
-from proxykd_jax.bayes.posterior import _prior_mass, _sparse  # noqa: E402
+from proxykd_jax.bayes.posterior_union import _prior_mass, _sparse  # noqa: E402
 from proxykd_jax.bayes.score_topk import expected_posterior_topk, expected_score_topk  # noqa: E402
 from proxykd_jax.models.llama import Llama, ModelConfig, flops_per_token  # noqa: E402
 from proxykd_jax.parallel.mesh import make_mesh  # noqa: E402

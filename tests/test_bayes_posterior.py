@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import AxisType
 
 from proxykd_jax.bayes import SparsePrior, make_sharded_posterior, posterior_topk
-from proxykd_jax.bayes.posterior import blocked_top_k
+from proxykd_jax.bayes.posterior_union import blocked_top_k
 
 V, N, S, S2, K = 256, 24, 6, 12, 16
 

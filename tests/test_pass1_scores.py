@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from proxykd_jax.bayes import estimate
-from proxykd_jax.bayes import posterior as kernel
+from proxykd_jax.bayes import estimate, posterior_bytes
 from proxykd_jax.models.llama import Llama, ModelConfig
 
 B, L, V = 3, 16, 300
@@ -30,7 +29,7 @@ def test_target_scores_match_a_float64_reference(vocab):
         "segment_ids": np.ones((B, L), np.int32),
     }
     sym = rng.integers(0, 12, V).astype(np.int32)  # few symbols: groups of ~25 tokens
-    sym[vocab:] = kernel.OTHER_SYMBOL
+    sym[vocab:] = posterior_bytes.OTHER_SYMBOL
     graphdef, state = nnx.split(model)
     fn = jax.jit(estimate.target_scores, static_argnums=(0, 4))
     lp, g = (np.asarray(x) for x in fn(graphdef, state, batch, sym, vocab))

@@ -33,6 +33,7 @@ from proxykd_jax import progress as progress_bars
 from proxykd_jax.bayes import empirical, pass1_log
 from proxykd_jax.bayes import posterior as kernel
 from proxykd_jax.bayes import weights as weights_lib
+from proxykd_jax.bayes.posterior_bytes import OTHER_SYMBOL
 from proxykd_jax.bayes.prior import SparsePrior
 from proxykd_jax.bayes.tables import build_prior
 from proxykd_jax.data import pipeline
@@ -360,7 +361,7 @@ def head_symbols(prepared, vocab_size: int):
     sym = prepared.head_symbols()
     if sym is None:
         return None
-    out = np.full(vocab_size, kernel.OTHER_SYMBOL, np.int32)
+    out = np.full(vocab_size, OTHER_SYMBOL, np.int32)
     out[: min(len(sym), vocab_size)] = sym[:vocab_size]
     return jnp.asarray(out)
 

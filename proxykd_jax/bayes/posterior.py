@@ -18,6 +18,11 @@ unknown remainder r = 1 - sum_b a(b). With `sym_V` mapping each of our tokens to
 m(b) = a(b) + r Q̂(b), where Q̂(b) is the exact group sum of q̂. The kernel computes the group sums
 of the dense term per block of tokens (a [V] -> [258] segment sum), then takes the blocked top-k of
 the dense term times the group factor, so the stored top-k and tail are exact for q'.
+
+This module holds the kernel on one block of tokens (`_posterior_core`) and its callers: token blocks,
+`posterior_topk`, and `make_sharded_posterior` over a mesh. The union's pieces (sparse pseudo-counts,
+duplicate sums, `blocked_top_k`) are in `posterior_union.py`, the first-byte projection of a `bytes`
+head (`group_factor`, the symbol constants) in `posterior_bytes.py`.
 """
 
 import functools
@@ -28,151 +33,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from proxykd_jax.bayes.config import KERNELS, MODES
+from proxykd_jax.bayes.posterior_bytes import _byte_groups, _rows_at, group_factor
+from proxykd_jax.bayes.posterior_union import _dedupe_sum, _prior_mass, _sparse, _sparse_at, blocked_top_k
 from proxykd_jax.bayes.prior import SparsePrior
 from proxykd_jax.bayes.score_topk import expected_posterior_topk, expected_score_topk
 
-N_SYMBOLS = 258  # first-byte symbols: bytes 0-255, END_SYMBOL, OTHER_SYMBOL
-END_SYMBOL = 256  # end of text (the eos token; a teacher's end-of-text entry)
-OTHER_SYMBOL = 257  # special tokens that are not end of text, tokens without bytes
 _PRIORITY = 4.0  # added to head probabilities so teacher entries always win a top-k slot
-
-
-def _sparse(prior, kappa, n_pseudo_N, sampled_ids_NxM):
-    """Sparse ids and pseudo-counts of the prior (and of the proxy's draws in `sampled` mode)."""
-    ids = [prior.ids_NxS, prior.ngram_ids_NxS2]
-    vals = [prior.counts_NxS.astype(jnp.float32), kappa * prior.ngram_probs_NxS2.astype(jnp.float32)]
-    if sampled_ids_NxM is not None:
-        m = sampled_ids_NxM.shape[1]
-        ids.append(sampled_ids_NxM)
-        vals.append(jnp.broadcast_to((n_pseudo_N / m)[:, None], sampled_ids_NxM.shape))
-    return jnp.concatenate(ids, 1).astype(jnp.int32), jnp.concatenate(vals, 1)
-
-
-def _prior_mass(prior, kappa, floor_N):
-    """The prior's total pseudo-count per position: counts + kappa * n-gram mass (sparse part + floor)."""
-    return (
-        jnp.sum(prior.counts_NxS.astype(jnp.float32), 1)
-        + kappa * jnp.sum(prior.ngram_probs_NxS2.astype(jnp.float32), 1)
-        + floor_N
-    )
-
-
-def _dedupe_sum(ids_NxC, vals_NxC):
-    """Sorts ids per row; returns (ids, summed values of each run at its last element, is_last)."""
-    ids_s, vals_s = jax.lax.sort((ids_NxC, vals_NxC), dimension=1, num_keys=1)
-    c = ids_s.shape[1]
-    incl = jnp.cumsum(vals_s, axis=1)
-    excl = incl - vals_s
-    first = jnp.concatenate([jnp.ones_like(ids_s[:, :1], bool), ids_s[:, 1:] != ids_s[:, :-1]], 1)
-    last = jnp.concatenate([ids_s[:, 1:] != ids_s[:, :-1], jnp.ones_like(ids_s[:, :1], bool)], 1)
-    start = jax.lax.cummax(jnp.where(first, jnp.arange(c)[None, :], 0), axis=1)
-    run = incl - jnp.take_along_axis(excl, start, axis=1)
-    return ids_s, run, last
-
-
-def _sparse_at(ids_NxJ, sp_ids_NxS, sp_vals_NxS):
-    """Sum of sparse pseudo-counts at arbitrary ids (small J: an equality matrix)."""
-    eq = ids_NxJ[:, :, None] == sp_ids_NxS[:, None, :]
-    return jnp.sum(jnp.where(eq, sp_vals_NxS[:, None, :], 0.0), axis=2)
-
-
-def blocked_top_k(score, logits_NxV, base_V, k, block=16, sym_V=None):
-    """Top-k values over v of score(logits[:, v], base[v]) without materialising the [N, V] scores.
-
-    Ids are split into V/B blocks of B ids each (block j holds j, j + V/B, j + 2V/B, ...). The k
-    largest scores lie in the k blocks with the largest block maxima: any other entry is at most the
-    k-th largest block maximum, and k entries reach it. One fused pass computes the block maxima, the
-    scores of the k*B candidate ids are recomputed from gathered logits, and a top-k over them
-    finishes. On CPU this replaces an exp written over [N, V] plus XLA's row top-k over V; `block=0`
-    takes that dense path (score over [N, V], then `lax.top_k`). `score`
-    must be elementwise and broadcast over (logits [N, ., .], base [., .]); with `sym_V` (int32 [V])
-    it takes a third argument, the ids' symbols shaped like base. Returns
-    (values_NxK, ids_NxK int32): the values of `lax.top_k`; among exactly tied values the ids may
-    differ from its lowest-id choice.
-    """
-    n, v = logits_NxV.shape
-    nb = v // block if block else 0
-    cols = (base_V,) if sym_V is None else (base_V, sym_V)
-    if not block or v % block or nb <= 2 * k:
-        vals, ids = jax.lax.top_k(score(logits_NxV[:, None, :], *(c[None, None, :] for c in cols))[:, 0, :], k)
-        return vals, ids.astype(jnp.int32)
-    lg = logits_NxV.reshape(n, block, nb)
-    cs = [c.reshape(block, nb) for c in cols]
-    # An elementwise max chain over the B contiguous [N, nb] slices, each scored on its own: XLA:CPU
-    # vectorises the chain along nb (a reduce over the short B axis it does not: 4x slower at V = 32k
-    # to 128k) and fuses each slice's score into it (scored as one [N, B, nb] array, the array was
-    # written out and read back: the posterior kernel took 1.3-1.5x as long at V = 32k, measured).
-    block_max = functools.reduce(
-        jnp.maximum, [score(lg[:, i : i + 1], *(c[None, i : i + 1] for c in cs))[:, 0] for i in range(block)]
-    )
-    _, blocks_NxK = jax.lax.top_k(block_max, k)
-    cand_lg = jnp.take_along_axis(lg, blocks_NxK[:, None, :], axis=2)  # [N, B, k]
-    cand = score(cand_lg, *(c[:, blocks_NxK].transpose(1, 0, 2) for c in cs)).reshape(n, block * k)
-    vals, pos = jax.lax.top_k(cand, k)
-    ids = (pos // k) * nb + jnp.take_along_axis(blocks_NxK, pos % k, axis=1)
-    return vals, ids.astype(jnp.int32)
-
-
-def _rows_at(x_NxS, sym):
-    """x[n, sym[n, ...]] for symbols shaped [1 or N, ...] (broadcast over rows)."""
-    n = x_NxS.shape[0]
-    idx = jnp.broadcast_to(sym, (n,) + sym.shape[1:])
-    return jnp.take_along_axis(x_NxS, idx.reshape(n, -1), axis=1).reshape(idx.shape)
-
-
-def group_factor(head_syms_NxH, head_logprobs_NxH, groups_NxS):
-    """rho(b) = m(b) / Q̂(b) of the first-byte I-projection, from unnormalised group masses of q̂.
-
-    a(b): teacher masses per symbol (-inf log-probs are absent entries; repeated symbols add up);
-    r = 1 - sum a. Groups with Q̂(b) = 0 cannot take mass: their a(b) is dropped and the rest
-    renormalised (rows without any head get rho = 1).
-    """
-    n, s = groups_NxS.shape
-    total = jnp.sum(groups_NxS, 1, keepdims=True)
-    q_hat = groups_NxS / jnp.where(total > 0, total, 1.0)
-    valid = jnp.isfinite(head_logprobs_NxH)
-    syms = jnp.clip(jnp.where(valid, head_syms_NxH.astype(jnp.int32), 0), 0, s - 1)
-    mass = jnp.where(valid, jnp.exp(jnp.where(valid, head_logprobs_NxH, 0.0)), 0.0)
-    a = jnp.zeros((n, s), jnp.float32).at[jnp.arange(n)[:, None], syms].add(mass)
-    r = jnp.maximum(1.0 - jnp.sum(a, 1, keepdims=True), 0.0)
-    feasible = q_hat > 0
-    rho = jnp.where(feasible, a / jnp.where(feasible, q_hat, 1.0), 0.0) + r
-    norm = jnp.sum(q_hat * rho, 1, keepdims=True)
-    return jnp.where(norm > 0, rho / jnp.where(norm > 0, norm, 1.0), 1.0)
-
-
-def _group_sums(x_NxV, sym_V):
-    """Per-row sums of x over each first-byte group: [N, V] -> [N, N_SYMBOLS] (a one-hot matmul)."""
-    onehot = jax.nn.one_hot(sym_V, N_SYMBOLS, dtype=jnp.float32)
-    return jnp.dot(x_NxV, onehot, precision=jax.lax.Precision.HIGHEST)
-
-
-def _byte_groups(logp, logp_at, prior_mass, floor, base, n_pseudo, sp_ids, sp_vals, sym, mode, beta):
-    """Unnormalised first-byte group masses [N, N_SYMBOLS] of the posterior q̂ (before the head).
-
-    q̂ = (d + adj) / Z with d a fixed function of (logits, base) over the whole vocabulary and adj
-    non-zero only on the prior's sparse support; both are summed per group.
-    """
-    ids, run, keep = _dedupe_sum(sp_ids, sp_vals)
-    floor_at = floor[:, None] * base[ids]
-    if mode == "geometric":
-        log_mass = jnp.log(prior_mass)[:, None]
-        dense_all = logp + beta * (jnp.log(floor[:, None] * base[None, :]) - log_mass)
-        lp = logp_at(ids)
-        full = jnp.where(keep, lp + beta * (jnp.log(run + floor_at) - log_mass), -jnp.inf)
-        dense_c = lp + beta * (jnp.log(floor_at) - log_mass)
-        shift = jnp.maximum(jnp.max(full, 1, keepdims=True), jnp.max(dense_all, 1, keepdims=True))
-        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-        d = jnp.exp(dense_all - shift)
-        adj = jnp.where(keep, jnp.exp(full - shift) - jnp.exp(dense_c - shift), 0.0)
-        dense_groups = _group_sums(d, sym)
-    else:
-        adj = jnp.where(keep, run, 0.0)
-        dense_groups = floor[:, None] * _group_sums(base[None, :], sym)
-        if mode == "expected":
-            dense_groups = dense_groups + n_pseudo[:, None] * _group_sums(jnp.exp(logp), sym)
-    n = ids.shape[0]
-    return dense_groups.at[jnp.arange(n)[:, None], sym[ids]].add(adj)
 
 
 def _posterior_core(

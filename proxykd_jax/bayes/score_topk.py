@@ -2,7 +2,7 @@
 
 `expected` mode needs, per token row, the log-normaliser of the proxy logits and the k ids with the
 largest dense score s_v = N p_v + f base_v (p = softmax(logits), N = n_pseudo, f = floor). The XLA
-path (`posterior.blocked_top_k`) reads the [N, V] logits twice (log-sum-exp, then block maxima of
+path (`posterior_union.blocked_top_k`) reads the [N, V] logits twice (log-sum-exp, then block maxima of
 s) and sorts for its top-k. This kernel, one program per row, reads them from HBM once:
 
 1. Stream the row in tiles of `tile` ids. Lane j of a tile sees ids j, j + tile, j + 2 tile, ...;

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from proxykd_jax.bayes.posterior import END_SYMBOL, N_SYMBOLS, OTHER_SYMBOL
+from proxykd_jax.bayes.posterior_bytes import END_SYMBOL, N_SYMBOLS, OTHER_SYMBOL
 from proxykd_jax.models.tokenizer import end_of_turn_id
 from proxykd_jax.teacher.responses import token_bytes_of
 from proxykd_jax.teacher.token_bytes import special_ids, token_byte_table
