@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import ml_collections
 
@@ -72,10 +73,10 @@ def _check_model(name: str, group) -> None:
 
     try:  # the remaining per-field checks (remat, attention, dtypes, scan_layers, RoPE scaling) live there
         ModelConfig.from_config(group)
-    except ValueError as err:  # its messages name the field as "model.<field>"
-        message = str(err)
-        if message.startswith("model."):
-            raise ConfigError(f"config.{name}.{message.removeprefix('model.')}") from None
+    except ValueError as err:  # its messages name fields as "model.<field>", the first and any later ones
+        message = re.sub(r"\bmodel\.(?=[a-z_])", f"{name}.", str(err))
+        if message.startswith(f"{name}."):
+            raise ConfigError(f"config.{message}") from None
         raise ConfigError(f"config.{name}: {message}") from None
 
 
@@ -216,6 +217,13 @@ def _check_report_seeds(text) -> None:
         raise ConfigError(f"config.report.seeds={text!r} must be comma-separated integers, e.g. '0,1,2'.")
 
 
+# The numerics a proxy started from the known teacher's weights must share with it (align checks its start folder
+# on them: context.FOLDER_FIELDS); the teacher's are ModelConfig's defaults (teacher/known.py).
+_KNOWN_TEACHER_NUMERICS = ("rope_theta", "rope_scaling", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings")
+_KNOWN_TEACHER_NUMERICS += ("norm_plus_one", "embed_scale", "activation", "sandwich_norms", "query_pre_attn_scalar")
+_KNOWN_TEACHER_NUMERICS += ("layer_types", "rope_local_theta", "sliding_window")
+
+
 def _check_known_teacher(cfg, stage: str) -> None:
     """The demo's and the report's known teachers (`eval/benchmark.py`, `report/settings.py`): built with the
     proxy's heads over the proxy's vocabulary (a character teacher: its own 36 tokens)."""
@@ -253,7 +261,7 @@ def _check_known_teacher(cfg, stage: str) -> None:
 
     # and the same numerics: the teacher's are ModelConfig's defaults (teacher/known.py `KnownTeacher.create`)
     teacher = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    for name in ("rope_theta", "rope_scaling", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings") if same else ():
+    for name in _KNOWN_TEACHER_NUMERICS if same else ():
         value = cfg.proxy[name]
         if (tuple(value) if isinstance(value, (tuple, list)) else value) != teacher[name]:
             raise ConfigError(

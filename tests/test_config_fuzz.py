@@ -49,6 +49,8 @@ REFUSED = [
     ("demo", "proxy.rope_theta", 500000.0, "must equal the known teacher's (10000.0)"),
     ("demo", "proxy.rope_scaling", ("linear", 2.0), "must equal the known teacher's (None)"),
     ("report", "proxy.tie_embeddings", True, "must equal the known teacher's (False)"),
+    # (and the numerics added since: the demo's proxy start has no window, align refused it after collect)
+    ("demo", "proxy.sliding_window", 8, "must equal the known teacher's (None)"),
     ("demo", "demo.teacher_seed", -1, "at least 0"),
     ("demo", "demo.teacher_entropy", 0.0, "must lie in (0, 6.2"),
     ("demo", "demo.teacher_entropy", NAN, "must lie in (0, 6.2"),

@@ -116,6 +116,20 @@ def _rekey(ids: dict | None, keys: dict) -> dict | None:
     return None if ids is None else {keys.get(k, k): v for k, v in ids.items()}
 
 
+def _inputs_as_recorded(recorded: dict, inputs: dict, paths: RunPaths) -> dict:
+    """`inputs` with the labels a record gave the collected corpus files its `data.corpus` named: records written
+    before path fields were recorded resolved labelled each by its text (relative to the run directory where it
+    lay in it: `run_relative`), not by the path it resolves to."""
+    text = recorded.get("data.corpus")
+    if not isinstance(text, str):
+        return inputs
+    labels = {}
+    for part in path_parts("data.corpus", text):
+        then = pathlib.Path(part).expanduser()
+        labels[run_relative(pathlib.Path(resolve_path("data.corpus", part)), paths)] = run_relative(then, paths)
+    return _rekey(inputs, labels)
+
+
 def _hash(fields: dict, inputs: dict, files: dict | None = None, models: dict | None = None) -> str:
     # without input files (model folders) the hash is what it was before they were recorded: old records stay valid
     payload = {"fields": fields, "inputs": inputs} | ({"files": files} if files else {})
@@ -277,23 +291,25 @@ def outlook(
     # a record made before input files (model folders) were recorded matches on what it recorded: its fields
     # (which name their paths) and upstream artifacts; it is not taken for a changed one;
     # a field the stage has ignored since (it never changed the result) is taken as the record has it;
-    # a path field recorded as its text is taken as the record has it where it names the same path (`_as_recorded`);
+    # a path field recorded as its text is taken as the record has it where it names the same path (`_as_recorded`),
+    # and so is the label of an input that text named (`_inputs_as_recorded`);
     # and a derived field recorded as the config had it (before it was derived) is taken so
     old = rec.get("fields", {})
     old = old if isinstance(old, dict) else {}
     then = {k: v for k, v in old.items() if _matches(k, spec.ignore)}
     hashes = {digest}
+    labelled = _inputs_as_recorded(old, inputs, paths)
     for variant in (fields, configured):
         named, keys = _as_recorded(old, variant)
         old_files, old_models = files if "files" in rec else None, models if "models" in rec else None
-        hashes.add(_hash(named | then, inputs, _rekey(old_files, keys), _rekey(old_models, keys)))
+        hashes.add(_hash(named | then, labelled, _rekey(old_files, keys), _rekey(old_models, keys)))
     if rec.get("hash") in hashes:
         art.status = "done" if rec.get("finished") else "resume"
         art.summary = rec.get("summary")
     else:
         named, keys = _as_recorded(old, fields)
         old_ids, new_ids = (rec.get("files"), rec.get("models")), (_rekey(files, keys), _rekey(models, keys))
-        look.changes = _changes(old, named, rec.get("inputs", {}), inputs, old_ids, new_ids) or [
+        look.changes = _changes(old, named, rec.get("inputs", {}), labelled, old_ids, new_ids) or [
             "(unknown: its record is from another version)"
         ]
     return look
