@@ -263,7 +263,9 @@ def test_every_process_decides_with_process_0s_model_folder_identity(tmp_path):
     cfg = _with(_cfg(tmp_path), "proxy.init_from", str(folder))
     paths = context.RunPaths.from_config(cfg)
     writer = _finished("align", cfg)
-    seen_by_0 = json.dumps(writer.models, sort_keys=True)
+    sent = []  # what process 0 shares: its fields, input files' and model folders' identities
+    assert open_artifact("align", cfg, paths, overwrite=False, share=lambda text: sent.append(text) or text).done
+    seen_by_0 = sent[-1]
     os.utime(folder / "model.safetensors", ns=(_PAST + 10**9, _PAST + 10**9))  # host 1's copy of the same folder
     with pytest.raises(ProxyKDError, match="proxy.init_from .* changed"):
         open_artifact("align", cfg, paths, overwrite=False, writer=False)  # deciding alone, it would stop

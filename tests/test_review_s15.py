@@ -71,3 +71,43 @@ def test_the_proxys_model_sentences_name_the_proxys_fields(changes, named):
         config_lib.validate(cfg, "align")
     message = str(info.value)
     assert message.startswith("config.proxy.") and named in message and "model." not in message, message
+
+
+@pytest.mark.parametrize("first", [1, 3])
+def test_a_qwen_export_names_its_first_sliding_layer_for_older_readers(first):
+    """A Qwen export with sliding layers writes `max_window_layers` at its first sliding layer (it wrote 28, so a
+    reader before `layer_types` saw a 4-layer model with sliding layers as one without): read without
+    `layer_types`, the config.json gives the same layers."""
+    from proxykd_jax.models import hf_config
+    from proxykd_jax.models.llama import ModelConfig
+
+    types = ("full_attention",) * first + ("sliding_attention",) * (4 - first)
+    window = int(np.random.default_rng().integers(4, 16))
+    cfg = ModelConfig(vocab_size=64, d_model=16, num_layers=4, num_heads=2, num_kv_heads=1, head_dim=8, d_ff=32,
+                      qkv_bias=True, max_seq_len=64, sliding_window=window, layer_types=types)  # fmt: skip
+    written = hf_config._hf_config(cfg, "Qwen2ForCausalLM", {})
+    assert written["max_window_layers"] == first
+    older = {k: v for k, v in written.items() if k != "layer_types"}
+    back = hf_config.config_from_hf(older)
+    assert (back.sliding_window, back.layer_types) == (window, types)
+
+
+def test_every_process_decides_on_process_0s_paths(tmp_path, monkeypatch):
+    """Path fields are recorded as the paths they resolve to, which a process launched from another directory
+    (or reaching the files through another mount) resolves otherwise: every process takes process 0's fields and
+    input identities (`share`), so all decide alike. Here process 1 runs from b/, where `in/p.jsonl` is another
+    file of the same bytes: alone it would redo the finished collect that process 0 reuses."""
+    text = "".join(json.dumps({"prompt": f"p {w}"}) + "\n" for w in np.random.default_rng().integers(0, 10**9, 3))
+    for host in ("a", "b"):
+        (tmp_path / host / "in").mkdir(parents=True)
+        (tmp_path / host / "in" / "p.jsonl").write_text(text)
+    cfg = config_lib.base_config()
+    cfg.run.dir, cfg.collect.prompts = str(tmp_path / "run"), "in/p.jsonl"
+    paths = context.RunPaths.from_config(cfg)
+    monkeypatch.chdir(tmp_path / "a")
+    _make("collect", cfg, paths)
+    sent = []
+    assert artifacts.outlook("collect", cfg, paths, share=lambda t: sent.append(t) or t).artifact.status == "done"
+    monkeypatch.chdir(tmp_path / "b")
+    assert artifacts.outlook("collect", cfg, paths).artifact.status == "new"  # its own resolution: another file
+    assert artifacts.outlook("collect", cfg, paths, share=lambda t: sent[-1]).artifact.status == "done"

@@ -274,14 +274,17 @@ def outlook(
     writer = writer and not waiting  # a stage that stops for its inputs moves nothing of its own
     configured = depends_on(cfg, spec)
     derived = {k: resolve_path(k, v) if k in PATH_FIELDS else v for k, v in spec.derived(cfg, paths).items()}
-    fields = configured | {k: v for k, v in derived.items() if k in configured}
     rec = settle(path, spec.is_file, writer=writer)
     if rec is not None and writer:
         tidy(path, spec.is_file, spec.companions)
     redo = read_record(path.with_name(f".{path.name}.new"), spec.is_file)
     files, models, stamps = input_files(spec, cfg, paths, [rec, redo])
-    if models:  # one entry per model folder the config names: every process takes part, or none
-        models = json.loads(share(json.dumps(models, sort_keys=True)))
+    # one decision on every process: process 0's resolved paths (hosts may reach a file through another working
+    # directory or mount) and its input files' and model folders' identities
+    configured, derived, files, models = json.loads(
+        share(json.dumps([configured, derived, files, models], sort_keys=True))
+    )
+    fields = configured | {k: v for k, v in derived.items() if k in configured}
     digest = _hash(fields, inputs, files, models)
     art = Artifact(name, path, path, "new", fields, inputs, digest, spec.is_file, writer=writer)
     art.files, art.models, art.stamps, art.companions = files, models, stamps, spec.companions

@@ -238,7 +238,7 @@ def generation_stop_ids(folder: pathlib.Path) -> tuple:
     try:
         ids = json.loads(path.read_text()).get("eos_token_id")
     except (ValueError, AttributeError):
-        raise ProxyKDError(f"{path} is not a JSON object; fix it or remove it") from None
+        raise ProxyKDError(f"{path} is not a JSON object; fix it or remove it.") from None
     ids = [ids] if isinstance(ids, int) else ids or []
     if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise ProxyKDError(f"{path}: eos_token_id must be a token id or a list of them, not {ids!r}")
@@ -261,7 +261,7 @@ def source_generation(folder) -> dict:
     except (UnicodeDecodeError, ValueError):
         spec = None
     if not isinstance(spec, dict):
-        raise ProxyKDError(f"{path} is not a JSON object; fix it or remove it")
+        raise ProxyKDError(f"{path} is not a JSON object; fix it or remove it.")
     return {k: v for k, v in spec.items() if k not in _GENERATION_OURS}
 
 

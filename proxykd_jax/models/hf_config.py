@@ -319,6 +319,8 @@ def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
     if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
         types = list(cfg.layer_types or ["sliding_attention"] * cfg.num_layers) if window else None
         qwen = dict(use_sliding_window=window is not None, sliding_window=window, layer_types=types)
+        if types:  # for readers before `layer_types` (transformers < 4.53): layers from this one on slide
+            qwen["max_window_layers"] = types.index("sliding_attention")
         hf_cfg = (Qwen3Config if arch == "Qwen3ForCausalLM" else Qwen2Config)(attention_bias=False, **qwen, **kwargs)
     elif arch == "MistralForCausalLM":
         hf_cfg = MistralConfig(sliding_window=window, **kwargs)
