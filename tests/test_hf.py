@@ -50,6 +50,32 @@ def _hf_logits(model, tokens):
         return model(torch.tensor(tokens)).logits.numpy()
 
 
+def packed_and_cached_match(ref, model, draw) -> np.ndarray:
+    """Checks an imported `model` against transformers' `ref` on packed and padded rows (sequences of 6 and 9
+    tokens, then a padding tail; and one of 19), each sequence as if alone, and a prompt prefill then two steps of
+    decoding through the KV cache against the full forward; `draw(n)`: n random token ids. Returns the 19."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    a, b, c = draw(6), draw(9), draw(19)
+    tokens = np.stack([np.concatenate([a, b, np.zeros(4, int)]), c])
+    segments = np.array([[1] * 6 + [2] * 9 + [0] * 4, [1] * 19])
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, t, s: nnx.merge(graphdef, st)(t, None, s))
+    logits = np.asarray(forward(state, jnp.asarray(tokens), jnp.asarray(segments)))
+    for row, start, seq in ((0, 0, a), (0, 6, b), (1, 0, c)):  # each packed sequence as if alone
+        expected = _hf_logits(ref, seq[None])[0]
+        np.testing.assert_allclose(logits[row, start : start + len(seq)], expected, atol=1e-4, rtol=1e-4)
+    decode = jax.jit(lambda st, t, p, cache: nnx.merge(graphdef, st).decode(t, p, jnp.ones_like(p), cache))
+    cache, parts = model.init_cache(1, 19), []
+    for lo, hi in ((0, 17), (17, 18), (18, 19)):
+        out, cache = decode(state, jnp.asarray(tokens[1:, lo:hi]), jnp.arange(lo, hi, dtype=jnp.int32)[None], cache)
+        parts.append(np.asarray(out))
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), logits[1:], atol=1e-4, rtol=1e-4)
+    return c
+
+
 @pytest.mark.parametrize(
     "kind,kw",
     [

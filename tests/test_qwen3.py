@@ -15,7 +15,7 @@ import torch
 import transformers
 from flax import nnx
 from parallel_helpers import ce_loss, mesh_cfg, optim_cfg
-from test_hf import _hf_logits
+from test_hf import _hf_logits, packed_and_cached_match
 
 from proxykd_jax.align import lora, objectives, phases, rounds
 from proxykd_jax.models import hf
@@ -82,23 +82,7 @@ def test_packed_and_padded_rows_and_cached_decoding_match_transformers(tmp_path)
     ref = _qwen3()
     ref.save_pretrained(tmp_path)
     _, model = hf.load_hf(tmp_path)
-    a, b, c = _tokens(1, 6)[0], _tokens(1, 9)[0], _tokens(1, 19)[0]
-    tokens = np.stack([np.concatenate([a, b, np.zeros(4, int)]), c])
-    segments = np.array([[1] * 6 + [2] * 9 + [0] * 4, [1] * 19])
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda st, t, s: nnx.merge(graphdef, st)(t, None, s))
-    logits = np.asarray(forward(state, jnp.asarray(tokens), jnp.asarray(segments)))
-    for row, start, seq in ((0, 0, a), (0, 6, b), (1, 0, c)):  # each packed sequence as if alone
-        expected = _hf_logits(ref, seq[None])[0]
-        np.testing.assert_allclose(logits[row, start : start + len(seq)], expected, atol=1e-4, rtol=1e-4)
-    # a prompt prefill then two steps of decoding: keys are normed before they are cached
-    decode = jax.jit(lambda st, t, p, c: nnx.merge(graphdef, st).decode(t, p, jnp.ones_like(p), c))
-    cache = model.init_cache(1, 19)
-    parts = []
-    for lo, hi in ((0, 17), (17, 18), (18, 19)):
-        out, cache = decode(state, jnp.asarray(tokens[1:, lo:hi]), jnp.arange(lo, hi, dtype=jnp.int32)[None], cache)
-        parts.append(np.asarray(out))
-    np.testing.assert_allclose(np.concatenate(parts, axis=1), logits[1:], atol=1e-4, rtol=1e-4)
+    packed_and_cached_match(ref, model, lambda n: _tokens(1, n)[0])  # keys are normed before they are cached
 
 
 def tiny_config(**numerics) -> ModelConfig:
