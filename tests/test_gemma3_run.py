@@ -6,7 +6,6 @@ in transformers as a Gemma 3 with the student's logits."""
 import dataclasses
 import json
 import pathlib
-import random
 import runpy
 
 import jax.numpy as jnp
@@ -16,7 +15,8 @@ import torch
 import transformers
 from flax import nnx
 from stage_helpers import run_stage
-from test_data_common import WORDS, sentence
+from test_data_common import WORDS
+from test_qwen3_run import _corpus
 
 from proxykd_jax import context
 from proxykd_jax.errors import ProxyKDError
@@ -61,14 +61,6 @@ def folders(tmp_path_factory):
         "student": _folder(root / "gemma3-student", GEMMA3, run_tok),
         "other": _folder(root / "gemma3-other-tokenizer", GEMMA3, build_word_tokenizer(WORDS[::-1])),
     }
-
-
-def _corpus(tmp_path):
-    rng = random.Random(0)
-    rows = [
-        {"id": f"q{i}", "prompt": sentence(rng, 3), "responses": [sentence(rng, 4), sentence(rng, 5)]} for i in range(8)
-    ]
-    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_configs_hf_takes_every_number_a_gemma_folder_computes_with(tmp_path, folders):
