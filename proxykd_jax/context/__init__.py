@@ -59,6 +59,7 @@ _NUMERICS_FIELDS += (  # Gemma 3's
     "layer_types",
     "rope_local_theta",
     "sliding_window",
+    "rope_layers",  # SmolLM3's
 )
 FOLDER_FIELDS = _SHAPE_FIELDS + _NUMERICS_FIELDS  # what an init_from folder's config.json must agree on with its group
 

@@ -84,6 +84,7 @@ _ADDED_FIELDS |= {  # the model's Gemma 3 numerics
     "layer_types": None,
     "rope_local_theta": None,
     "sliding_window": None,  # (the model's sliding window)
+    "rope_layers": None,  # (SmolLM3's layers without RoPE)
 }
 
 

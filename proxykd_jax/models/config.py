@@ -92,6 +92,8 @@ class ModelConfig:
     # Mistral, Qwen2 / Qwen3 with use_sliding_window, Gemma 3: a query sees the keys less than this many positions
     # back, on the layer_types' sliding layers (every layer without layer_types); None: no window
     sliding_window: int | None = None
+    # SmolLM3: None (RoPE on every layer), or per layer whether it applies RoPE (False: a NoPE layer, q and k unrotated)
+    rope_layers: tuple | None = None
 
     def __post_init__(self):
         for name in (
@@ -134,6 +136,7 @@ class ModelConfig:
                 raise ValueError(f"model.sliding_window must be None or a positive integer, got {window!r}.")
             object.__setattr__(self, "sliding_window", int(window))
         self._check_layer_types()
+        self._check_rope_layers()
         self._check_gemma()
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}.")
@@ -178,6 +181,31 @@ class ModelConfig:
                 f"got {theta!r}."
             )
 
+    def _check_rope_layers(self) -> None:
+        """`rope_layers`, one bool per layer (stored as a tuple; all True, RoPE everywhere, stored as None), is
+        SmolLM3's, a Llama's numerics: with Qwen's or Gemma 3's it is a model no Hugging Face family holds."""
+        flags = self.rope_layers
+        if flags is None:
+            return
+        if (
+            isinstance(flags, str)
+            or not isinstance(flags, (tuple, list))
+            or len(flags) != int(self.num_layers)
+            or any(not isinstance(f, (bool, int, np.bool_, np.integer)) or f not in (0, 1) for f in flags)
+        ):
+            raise ValueError(
+                f"model.rope_layers must list one of 1 / True (RoPE) or 0 / False (no RoPE) for each of the "
+                f"{self.num_layers} layers, or be None (RoPE on every layer), got {flags!r}."
+            )
+        flags = tuple(bool(f) for f in flags)
+        object.__setattr__(self, "rope_layers", None if all(flags) else flags)
+        if self.rope_layers is not None and (self.qkv_bias or self.qk_norm or self.rope_local_theta is not None):
+            raise ValueError(
+                "model.rope_layers (SmolLM3's layers without RoPE) with qkv_bias (Qwen2), qk_norm (Qwen3, Gemma 3) or "
+                "rope_local_theta is a model no Hugging Face family holds, so it could not be exported; set "
+                "rope_layers to None or those to their defaults."
+            )
+
     def _check_gemma(self) -> None:
         """Gemma 3's numerics come together: a part of them is a model no Hugging Face family holds."""
         parts = dict(
@@ -196,11 +224,11 @@ class ModelConfig:
                 f"model no Hugging Face family holds, so it could not be exported; set all of them or none "
                 f"({', '.join(off)} not set)."
             )
-        if self.layer_types is not None and not (self.qkv_bias or self.qk_norm):
+        if self.layer_types is not None and not (self.qkv_bias or self.qk_norm or self.rope_layers is not None):
             raise ValueError(
-                "model.layer_types (sliding and full layers) on a model without qkv_bias (Qwen2), qk_norm (Qwen3) or "
-                "Gemma 3's numerics is a model no Hugging Face family holds, so it could not be exported; set "
-                "layer_types to None (every layer slides, as Mistral's)."
+                "model.layer_types (sliding and full layers) on a model without qkv_bias (Qwen2), qk_norm (Qwen3), "
+                "rope_layers (SmolLM3) or Gemma 3's numerics is a model no Hugging Face family holds, so it could not "
+                "be exported; set layer_types to None (every layer slides, as Mistral's)."
             )
         if self.sandwich_norms and self.sliding_window is not None and self.layer_types is None:
             raise ValueError(
@@ -234,7 +262,7 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown model config field(s) {unknown}; known fields are {sorted(known)}.")
-        for name in ("rope_scaling", "layer_types"):
+        for name in ("rope_scaling", "layer_types", "rope_layers"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])
         return cls(**values)
@@ -323,4 +351,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.sliding_window = ml_collections.FieldReference(
         None, field_type=int
     )  # None, or the keys a query sees on sliding layers (layer_types'; all without): Mistral, Qwen, Gemma 3
+    cd.rope_layers = ml_collections.FieldReference(
+        None, field_type=tuple
+    )  # None (RoPE on every layer) or per layer True (RoPE) / False (no RoPE: SmolLM3's NoPE layers)
     return cd

@@ -355,8 +355,9 @@ def save_params(
     (more than one: with model.safetensors.index.json) and the tokenizer, one tensor at a time.
     config.json is `source`'s (the folder the model was imported from, when it describes this model: its
     family, a Mistral's sliding window and full context, fields transformers keeps) with this folder's
-    token ids and dtype; else one written from `cfg` (Gemma3ForCausalLM with Gemma's norms, Qwen3ForCausalLM with q/k
-    norms, Qwen2ForCausalLM with q/k/v bias, else MistralForCausalLM with a sliding window, else LlamaForCausalLM).
+    token ids and dtype; else one written from `cfg` (Gemma3ForCausalLM with Gemma's norms, SmolLM3ForCausalLM with
+    layers without RoPE, Qwen3ForCausalLM with q/k norms, Qwen2ForCausalLM with q/k/v bias, else MistralForCausalLM
+    with a sliding window, else LlamaForCausalLM).
 
     `params` maps our parameter paths to (possibly sharded) arrays. Nothing is gathered whole: each
     tensor (one layer of a stacked leaf) is brought to the host only when it is written. When the
@@ -368,7 +369,7 @@ def save_params(
     sampling defaults (`source_generation`), so `generate()` samples as it did on the source."""
     plain = "MistralForCausalLM" if cfg.windowed else "LlamaForCausalLM"  # (a Mistral slides on every layer)
     arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else plain
-    arch = GEMMA3 if cfg.sandwich_norms else arch
+    arch = GEMMA3 if cfg.sandwich_norms else "SmolLM3ForCausalLM" if cfg.rope_layers is not None else arch
     folder = pathlib.Path(folder)
     writer = jax.process_index() == 0
     where: dict[str, tuple[tuple, int | None, TensorMap]] = {}

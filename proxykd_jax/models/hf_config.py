@@ -1,14 +1,16 @@
-"""Hugging Face config.json <-> `ModelConfig` for Llama, Mistral, Qwen2, Qwen3 and Gemma 3 causal LMs.
+"""Hugging Face config.json <-> `ModelConfig` for Llama, Mistral, Qwen2, Qwen3, Gemma 3 and SmolLM3 causal LMs.
 
 `config_from_hf` / `read_config` read a config.json as transformers does: RoPE (`_rope_scaling`: linear, llama3,
 YaRN with transformers 5's defaults; old top-level or v5 `rope_parameters` keys), Gemma 3's fields and per-layer-type
 RoPE, and the sliding windows (`sliding_window`: Mistral's on every layer; Qwen's with `use_sliding_window` on the
 layers its `layer_types` or `max_window_layers` name; Gemma 3's `layer_types` or `sliding_window_pattern`, its
-sliding layers with their own RoPE base). `max_seq_len` is the model's context (`max_position_embeddings`); a window
-at least that long is no window. Gemma 3's logit soft-capping and bidirectional attention are refused.
-`_hf_config` writes an export's config.json back (`_rope_to_hf`; Mistral: its window; Qwen: `use_sliding_window` and
-`layer_types`; Gemma 3 `_gemma3_config`: its `sliding_window`), and `source_config` is a source folder's config.json
-where it describes the model exported. The weights, tokenizer and generation_config.json are `models.hf`'s.
+sliding layers with their own RoPE base; SmolLM3's with `use_sliding_window` on its `layer_types`' sliding layers, by
+default those without RoPE), and SmolLM3's `no_rope_layers` (`rope_layers`; by default every 4th layer without).
+`max_seq_len` is the model's context (`max_position_embeddings`); a window at least that long is no window. Gemma 3's
+logit soft-capping and bidirectional attention are refused. `_hf_config` writes an export's config.json back
+(`_rope_to_hf`; Mistral: its window; Qwen: `use_sliding_window` and `layer_types`; SmolLM3: `no_rope_layers` too;
+Gemma 3 `_gemma3_config`: its `sliding_window`), and `source_config` is a source folder's config.json where it
+describes the model exported. The weights, tokenizer and generation_config.json are `models.hf`'s.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from proxykd_jax.models.llama import ModelConfig
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
+SUPPORTED += ("SmolLM3ForCausalLM",)
 _QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, what it runs a config.json without head_dim with
 GEMMA3 = "Gemma3ForCausalLM"
 # transformers' Gemma3TextConfig defaults for keys a config.json may leave out
@@ -36,6 +39,11 @@ _GEMMA3_DEFAULTS = dict(
     hidden_activation="gelu_pytorch_tanh",
 )
 _GEMMA3_PATTERN = 6  # sliding_window_pattern's default: every 6th layer full, the others sliding
+SMOLLM3 = "SmolLM3ForCausalLM"
+# transformers' SmolLM3Config defaults for keys a config.json may leave out (its RoPE base: default_theta)
+_SMOLLM3_DEFAULTS = dict(
+    rope_theta=2_000_000.0, max_position_embeddings=32_768, tie_word_embeddings=True, no_rope_layer_interval=4
+)
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -118,8 +126,9 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
             f"Unsupported architecture {archs or hf.get('model_type')!r}; supported: {', '.join(SUPPORTED)}."
         )
     gemma = {}
-    if arch == GEMMA3:
-        hf = {**_GEMMA3_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    if arch in (GEMMA3, SMOLLM3):
+        defaults = _GEMMA3_DEFAULTS if arch == GEMMA3 else _SMOLLM3_DEFAULTS
+        hf = {**defaults, **{k: v for k, v in hf.items() if v is not None}}
     try:
         if arch == GEMMA3:
             gemma = _gemma3_fields(hf)
@@ -143,7 +152,10 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         max_seq_len = int(hf.get("max_position_embeddings", 2048))
         window = sliding_window(hf, arch)
         window = window if window and window < max_seq_len else None  # one as long as the context: full attention
-        if not gemma:  # Qwen's sliding layers (Gemma's layer_types, which also pick the RoPE base: `_gemma3_fields`)
+        if arch == SMOLLM3:  # its NoPE layers, and the sliding ones (by default the NoPE ones)
+            flags = _smollm3_rope_layers(hf)
+            gemma = dict(rope_layers=flags, layer_types=_smollm3_layer_types(hf, flags) if window else None)
+        elif not gemma:  # Qwen's sliding layers (Gemma's layer_types, which also pick the RoPE base: `_gemma3_fields`)
             gemma = dict(layer_types=_qwen_layer_types(hf) if window and arch.startswith("Qwen") else None)
         return ModelConfig(
             vocab_size=int(hf["vocab_size"]),
@@ -225,6 +237,32 @@ def _qwen_layer_types(hf: dict) -> tuple:
     ])  # fmt: skip
 
 
+def _smollm3_rope_layers(hf: dict) -> tuple:
+    """A SmolLM3 config.json's `no_rope_layers` (1: RoPE, 0: none) as bools, or transformers' without them: every
+    `no_rope_layer_interval`-th layer without RoPE."""
+    layers = int(hf["num_hidden_layers"])
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        interval = int(hf.get("no_rope_layer_interval") or 4)
+        flags = [(i + 1) % interval != 0 for i in range(layers)]
+    if len(flags) < layers or any(f not in (0, 1) for f in flags):
+        raise ValueError(
+            f"config.json's no_rope_layers must list 1 (RoPE) or 0 (no RoPE) for each of the {layers} layers, "
+            f"got {flags!r}."
+        )
+    return tuple(bool(f) for f in flags[:layers])
+
+
+def _smollm3_layer_types(hf: dict, rope_layers: tuple) -> tuple:
+    """A SmolLM3 config.json's layer types, as transformers reads them: its `layer_types`, else sliding on the layers
+    without RoPE where `use_sliding_window` and `sliding_window` are set."""
+    layers = int(hf["num_hidden_layers"])
+    slide = bool(hf.get("use_sliding_window")) and hf.get("sliding_window") is not None
+    return tuple(hf.get("layer_types") or [
+        "sliding_attention" if slide and not rope else "full_attention" for rope in rope_layers[:layers]
+    ])  # fmt: skip
+
+
 def sliding_window(hf: dict, arch: str) -> int | None:
     """The attention window a config.json's model runs some layers with, as transformers reads it (None: none):
     Mistral's `sliding_window` on every layer; Qwen2's and Qwen3's only with `use_sliding_window`, on the layers
@@ -236,6 +274,16 @@ def sliding_window(hf: dict, arch: str) -> int | None:
     window = hf.get("sliding_window")
     if not window or arch == "LlamaForCausalLM":
         return None
+    if arch == SMOLLM3:
+        hf = {**_SMOLLM3_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+        types = _smollm3_layer_types(hf, _smollm3_rope_layers(hf))
+        if "sliding_attention" in types and not hf.get("use_sliding_window"):  # (its masks slide, flash would not)
+            raise ValueError(
+                "config.json's layer_types name sliding layers while use_sliding_window is false, which transformers "
+                "runs with or without the window by attention kernel; set use_sliding_window, or sliding_window to "
+                "null."
+            )
+        return int(window) if "sliding_attention" in types else None
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         if not hf.get("use_sliding_window") or "sliding_attention" not in _qwen_layer_types(hf):
             return None
@@ -316,7 +364,20 @@ def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
     if cfg.rope_scaling is not None:
         kwargs["rope_scaling"] = _rope_to_hf(cfg.rope_scaling)
     window = cfg.sliding_window if cfg.windowed else None
-    if arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
+    if arch == SMOLLM3:
+        from transformers import SmolLM3Config
+
+        types = list(cfg.layer_types or [("sliding_attention" if window else "full_attention")] * cfg.num_layers)
+        hf_cfg = SmolLM3Config(
+            no_rope_layers=[int(f) for f in cfg.rope_layers or [True] * cfg.num_layers],
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            layer_types=types,
+            attention_bias=False,
+            mlp_bias=False,
+            **kwargs,
+        )
+    elif arch in ("Qwen3ForCausalLM", "Qwen2ForCausalLM"):
         types = list(cfg.layer_types or ["sliding_attention"] * cfg.num_layers) if window else None
         qwen = dict(use_sliding_window=window is not None, sliding_window=window, layer_types=types)
         if types:  # for readers before `layer_types` (transformers < 4.53): layers from this one on slide

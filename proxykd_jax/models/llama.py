@@ -1,4 +1,4 @@
-"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3 text).
+"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3 text, SmolLM3).
 
 RoPE (optionally scaled as transformers does: linear, Llama-3 or YaRN), grouped-query attention, RMSNorm,
 SwiGLU, optional q/k/v bias (Qwen2), optional per-head RMSNorm of queries and keys before RoPE (Qwen3), tied or
@@ -6,7 +6,8 @@ untied embeddings. Gemma 3's numerics are fields of `ModelConfig`: norms times 1
 GeGLU, norms on the attention and MLP outputs, the query_pre_attn_scalar score scale, and per-layer RoPE
 (`layer_types`: a scanned per-layer flag picks the sliding layers' `rope_local_theta` frequencies). Sliding-window
 attention (Mistral, Qwen2 / Qwen3, Gemma 3: `sliding_window`) on the `layer_types`' sliding layers (every layer
-without them): the same per-layer flag makes a traced window, the model's or one wider than any row.
+without them): the same per-layer flag makes a traced window, the model's or one wider than any row. SmolLM3's
+NoPE layers (`rope_layers`): a second scanned per-layer flag keeps q and k unrotated on them.
 Parameters are stored in `param_dtype` and cast to the compute `dtype`; logits are always float32. Every
 `nnx.Param` carries `out_sharding=` logical axis names (see docs/CONTRACTS.md); the mesh
 rules in `proxykd_jax.parallel` map them to devices.
@@ -240,11 +241,21 @@ class Attention(nnx.Module):
         self.cfg = cfg
 
     def __call__(
-        self, x_BxLxD, positions_BxL, segment_ids_BxL, cache_kv=None, index=None, k_pos=None, k_seg=None, local=None
+        self,
+        x_BxLxD,
+        positions_BxL,
+        segment_ids_BxL,
+        cache_kv=None,
+        index=None,
+        k_pos=None,
+        k_seg=None,
+        local=None,
+        rope=None,
     ):
         """Returns (out_BxLxD, (k, v)); with `cache_kv` the new keys/values are written at `index`. `local` (a
         traced bool, with `cfg.layer_types`): this layer is a sliding one, whose RoPE is `rope_local_theta`'s (where
-        set) and which attends within `sliding_window` (where set)."""
+        set) and which attends within `sliding_window` (where set). `rope` (a traced bool, with `cfg.rope_layers`):
+        this layer applies RoPE (else q and k go unrotated, SmolLM3's NoPE layers)."""
         dt = self.dtype
         q = dense(x_BxLxD, self.wq[...].astype(dt))
         k = dense(x_BxLxD, self.wk[...].astype(dt))
@@ -258,8 +269,9 @@ class Attention(nnx.Module):
             local_cfg = dataclasses.replace(self.cfg, rope_theta=self.cfg.rope_local_theta, rope_scaling=None)
             inv_freq = jnp.where(local, jnp.asarray(rope_inv_freq(local_cfg), jnp.float32), inv_freq)
             attention_factor = jnp.where(local, 1.0, attention_factor) if attention_factor != 1.0 else 1.0
-        q = apply_rope(q, positions_BxL, inv_freq, attention_factor)
-        k = apply_rope(k, positions_BxL, inv_freq, attention_factor)
+        q_rot = apply_rope(q, positions_BxL, inv_freq, attention_factor)
+        k_rot = apply_rope(k, positions_BxL, inv_freq, attention_factor)
+        q, k = (q_rot, k_rot) if rope is None else (jnp.where(rope, q_rot, q), jnp.where(rope, k_rot, k))
         if self.cfg.query_pre_attn_scalar is not None:  # the kernels scale by E ** -0.5: make it the scalar's
             q = q * jnp.asarray(math.sqrt(self.cfg.head_dim / self.cfg.query_pre_attn_scalar), dt)
         window = None
@@ -364,9 +376,8 @@ def run_layers(cfg: ModelConfig, layers: Block, x_BxLxD, positions_BxL, segment_
     graphdef, state = nnx.split(layers)
 
     def body(x, layer_in):
-        layer_state, kv, local = layer_in
+        layer_state, kv, per_layer = layer_in  # per_layer: the layer's flags, {"local": ..., "rope": ...} where set
         block = nnx.merge(graphdef, layer_state)
-        per_layer = {} if local is None else {"local": local}
         if kv is None:
             x, _ = block(x, positions_BxL, segment_ids_BxL, **per_layer)
             return shard_batch(x), None
@@ -375,8 +386,12 @@ def run_layers(cfg: ModelConfig, layers: Block, x_BxLxD, positions_BxL, segment_
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
-    local = None if cfg.layer_types is None else jnp.asarray([t == "sliding_attention" for t in cfg.layer_types])
-    xs = (state, None if cache is None else (cache[0], cache[1]), local)
+    flags = {}  # per-layer flags, scanned with the parameters: one traced block whatever the layer
+    if cfg.layer_types is not None:
+        flags["local"] = jnp.asarray([t == "sliding_attention" for t in cfg.layer_types])
+    if cfg.rope_layers is not None:
+        flags["rope"] = jnp.asarray(cfg.rope_layers)
+    xs = (state, None if cache is None else (cache[0], cache[1]), flags)
     if cfg.scan_layers:
         return jax.lax.scan(body, x_BxLxD, xs)
     outs = []
