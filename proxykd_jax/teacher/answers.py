@@ -74,13 +74,19 @@ def apply_stop(backend, c: Completion, stops: list[str], context_ids: list[int] 
 
 
 def each_answer(backend, texts, prompts, outs, stops):
-    """(prompt text, the answer's context ids, its text cut at a stop string, the completion cut alike) of
-    every completions choice, in order."""
+    """(prompt text, the answer's context ids, its text cut at a stop string, the completion cut alike) of every
+    choice, in order: `outs[i]` the choices to `prompts[i]` (a chat's: its one prompt, `texts` unused)."""
     for prompt_text, prompt_ids, per_prompt in zip(texts, prompts, outs):
         for c in per_prompt:
             ctx = answer_context(backend, prompt_ids, c)
             text, c = apply_stop(backend, c, stops, ctx)
             yield prompt_text, ctx, text, c
+
+
+def envelope(backend, obj: str, prefix: str) -> dict:
+    """The fields an answer (or every chunk of a stream) carries beside its choices: `id`, `object`, `created`,
+    `model`."""
+    return {"id": f"{prefix}-{time.time_ns()}", "object": obj, "created": int(time.time()), "model": backend.model_name}
 
 
 def usage(prompts, choices_tokens) -> dict:
@@ -150,21 +156,14 @@ def completion_logprobs(backend, c: Completion, ctx: list[int], prompt_text: str
 def chat_body(backend, req, prompts, outs) -> dict:
     """The `chat.completion` answer to `req` (an `api.ChatRequest`): the choices `outs` to its prompt."""
     choices, counts = [], []
-    for i, c in enumerate(outs):
-        ctx = answer_context(backend, prompts[0], c)
-        text, c = apply_stop(backend, c, req.stops, ctx)
+    for _, ctx, text, c in each_answer(backend, [None], prompts, [outs], req.stops):
         counts.append(len(c.token_ids))
         logprobs = chat_logprobs(backend, c, ctx) if c.logprobs is not None else None
         message = {"role": "assistant", "content": text}
-        choices.append({"index": i, "message": message, "finish_reason": c.finish_reason, "logprobs": logprobs})
-    return {
-        "id": f"chatcmpl-{time.time_ns()}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": backend.model_name,
-        "choices": choices,
-        "usage": usage(prompts, counts),
-    }
+        choices.append(
+            {"index": len(choices), "message": message, "finish_reason": c.finish_reason, "logprobs": logprobs}
+        )
+    return {**envelope(backend, "chat.completion", "chatcmpl"), "choices": choices, "usage": usage(prompts, counts)}
 
 
 def completions_body(backend, req, texts, prompts, outs) -> dict:
@@ -175,11 +174,4 @@ def completions_body(backend, req, texts, prompts, outs) -> dict:
         text = prompt_text + text if req.echo else text  # (echo has no log-probs: api.py)
         logprobs = completion_logprobs(backend, c, ctx, prompt_text) if c.logprobs is not None else None
         choices.append({"index": len(choices), "text": text, "finish_reason": c.finish_reason, "logprobs": logprobs})
-    return {
-        "id": f"cmpl-{time.time_ns()}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": backend.model_name,
-        "choices": choices,
-        "usage": usage(prompts, counts),
-    }
+    return {**envelope(backend, "text_completion", "cmpl"), "choices": choices, "usage": usage(prompts, counts)}

@@ -14,18 +14,10 @@ from __future__ import annotations
 
 import codecs
 import json
-import time
 
 from fastapi.responses import StreamingResponse
 
-from proxykd_jax.teacher.answers import (
-    answer_context,
-    apply_stop,
-    chat_logprobs,
-    completion_logprobs,
-    each_answer,
-    usage,
-)
+from proxykd_jax.teacher.answers import chat_logprobs, completion_logprobs, each_answer, envelope, usage
 
 __all__ = ["chat_stream", "completions_stream", "streamed"]
 
@@ -70,7 +62,7 @@ def _events(chunks: list[dict]) -> list[bytes]:
 def _stream_events(backend, req, obj: str, prefix: str, choices: list[dict], prompts, counts) -> list[bytes]:
     """Each choice chunk in an envelope (one `id`, `created`, `model`), then a usage chunk with
     `stream_options.include_usage` (the other chunks then carry `usage: null`, as in the OpenAI API)."""
-    head = {"id": f"{prefix}-{time.time_ns()}", "object": obj, "created": int(time.time()), "model": backend.model_name}
+    head = envelope(backend, obj, prefix)
     extra = {"usage": None} if req.include_usage else {}
     chunks = [{**head, "choices": [choice], **extra} for choice in choices]
     if req.include_usage:
@@ -82,10 +74,9 @@ def chat_stream(backend, req, prompts, outs) -> list[bytes]:
     """Per choice: a `role` delta, one `content` delta per token's text (with its tokens' `logprobs.content`
     where asked), an empty delta with `finish_reason`."""
     choices, counts = [], []
-    for i, c in enumerate(outs):
-        ctx = answer_context(backend, prompts[0], c)
-        text, c = apply_stop(backend, c, req.stops, ctx)
+    for _, ctx, text, c in each_answer(backend, [None], prompts, [outs], req.stops):
         counts.append(len(c.token_ids))
+        i = len(counts) - 1
         entries = chat_logprobs(backend, c, ctx)["content"] if c.logprobs is not None else None
         role = {"role": "assistant", "content": ""}
         choices.append({"index": i, "delta": role, "logprobs": None, "finish_reason": None})
