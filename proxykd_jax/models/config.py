@@ -57,6 +57,11 @@ def _valid_rope_scaling(value) -> bool:
     return False
 
 
+def _positive_int(x) -> bool:
+    """Whether `x` is an integer (not a bool) above 0."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) and x > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of one Llama-family decoder."""
@@ -125,16 +130,12 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}.")
-        scalar = self.query_pre_attn_scalar
-        if scalar is not None and not (
-            isinstance(scalar, (int, np.integer)) and not isinstance(scalar, bool) and scalar > 0
-        ):
-            raise ValueError(f"model.query_pre_attn_scalar must be None or a positive integer, got {scalar!r}.")
-        window = self.sliding_window
-        if window is not None:
-            if not (isinstance(window, (int, np.integer)) and not isinstance(window, bool) and window > 0):
-                raise ValueError(f"model.sliding_window must be None or a positive integer, got {window!r}.")
-            object.__setattr__(self, "sliding_window", int(window))
+        for name in ("query_pre_attn_scalar", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise ValueError(f"model.{name} must be None or a positive integer, got {value!r}.")
+        if self.sliding_window is not None:
+            object.__setattr__(self, "sliding_window", int(self.sliding_window))
         self._check_layer_types()
         self._check_rope_layers()
         self._check_gemma()

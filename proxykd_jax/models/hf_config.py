@@ -44,6 +44,14 @@ SMOLLM3 = "SmolLM3ForCausalLM"
 _SMOLLM3_DEFAULTS = dict(
     rope_theta=2_000_000.0, max_position_embeddings=32_768, tie_word_embeddings=True, no_rope_layer_interval=4
 )
+_DEFAULTS = {GEMMA3: _GEMMA3_DEFAULTS, SMOLLM3: _SMOLLM3_DEFAULTS}
+
+
+def _with_defaults(hf: dict, arch: str) -> dict:
+    """A config.json dict with its family's defaults (`_DEFAULTS`) for the keys it leaves out or sets to null."""
+    if arch not in _DEFAULTS:
+        return hf
+    return {**_DEFAULTS[arch], **{k: v for k, v in hf.items() if v is not None}}
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -125,10 +133,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         raise ValueError(
             f"Unsupported architecture {archs or hf.get('model_type')!r}; supported: {', '.join(SUPPORTED)}."
         )
-    gemma = {}
-    if arch in (GEMMA3, SMOLLM3):
-        defaults = _GEMMA3_DEFAULTS if arch == GEMMA3 else _SMOLLM3_DEFAULTS
-        hf = {**defaults, **{k: v for k, v in hf.items() if v is not None}}
+    gemma, hf = {}, _with_defaults(hf, arch)
     try:
         if arch == GEMMA3:
             gemma = _gemma3_fields(hf)
@@ -268,14 +273,13 @@ def sliding_window(hf: dict, arch: str) -> int | None:
     Mistral's `sliding_window` on every layer; Qwen2's and Qwen3's only with `use_sliding_window`, on the layers
     their `layer_types` name "sliding_attention" (without them: layers from `max_window_layers` on); Gemma 3's on
     its "sliding_attention" layers (`sliding_window_pattern` without `layer_types`), 4096 by default."""
+    hf = _with_defaults(hf, arch)
     if arch == GEMMA3:
-        hf = {**_GEMMA3_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
         return int(hf["sliding_window"]) if "sliding_attention" in _gemma3_layer_types(hf) else None
     window = hf.get("sliding_window")
     if not window or arch == "LlamaForCausalLM":
         return None
     if arch == SMOLLM3:
-        hf = {**_SMOLLM3_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
         types = _smollm3_layer_types(hf, _smollm3_rope_layers(hf))
         if "sliding_attention" in types and not hf.get("use_sliding_window"):  # (its masks slide, flash would not)
             raise ValueError(
