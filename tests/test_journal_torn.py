@@ -31,3 +31,20 @@ def test_whole_files_are_left_as_they_are(tmp_path):
     path.write_bytes(data)
     assert journal.read_declined(path) == {"a"}
     assert path.read_bytes() == data
+
+
+def test_lines_whose_fsync_failed_are_cut_back_out(tmp_path, monkeypatch):
+    """A batch whose fsync fails counts as not written (its answers go to the failures file with their usage),
+    so its lines must not stay in the file either: a re-run would count those answers twice against the cap."""
+    path = tmp_path / "teacher.jsonl"
+    _append(path, {"key": "a", "final": True})
+    kept = path.read_bytes()
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        _append(path, {"key": "b", "final": True})
+    assert path.read_bytes() == kept
+    assert journal.read_done(path) == {"a"}

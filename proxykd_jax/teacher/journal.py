@@ -131,7 +131,7 @@ def _write_lines(path: pathlib.Path, lines: list[bytes]) -> tuple[int, OSError |
         return 0, err
     written, error = 0, None
     try:
-        end = os.lseek(fd, 0, os.SEEK_END)
+        start = end = os.lseek(fd, 0, os.SEEK_END)
         try:
             for line in lines:
                 view = memoryview(line)
@@ -147,8 +147,12 @@ def _write_lines(path: pathlib.Path, lines: list[bytes]) -> tuple[int, OSError |
                 pass  # a torn last line is cut off when the file is read again
         try:
             os.fsync(fd)
-        except OSError as err:  # the written lines may not be durable: none of them counts
+        except OSError as err:  # the written lines may not be durable: none of them counts, nor stays
             written, error = 0, error or err
+            try:  # (else a re-run would count an answer both stored and recorded as not stored)
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
     finally:
         os.close(fd)
     return written, error
