@@ -60,6 +60,7 @@ _NUMERICS_FIELDS += (  # Gemma 3's
     "rope_local_theta",
     "sliding_window",
     "rope_layers",  # SmolLM3's
+    "partial_rotary_factor",  # Phi-3's
 )
 FOLDER_FIELDS = _SHAPE_FIELDS + _NUMERICS_FIELDS  # what an init_from folder's config.json must agree on with its group
 

@@ -85,6 +85,7 @@ _ADDED_FIELDS |= {  # the model's Gemma 3 numerics
     "rope_local_theta": None,
     "sliding_window": None,  # (the model's sliding window)
     "rope_layers": None,  # (SmolLM3's layers without RoPE)
+    "partial_rotary_factor": 1.0,  # (Phi-3's RoPE on part of each head)
 }
 
 

@@ -20,7 +20,8 @@ REMAT_POLICIES = ("none", "full", "save_dots", "dots_with_no_batch_dims", "offlo
 # mscale_all_dim, or factor, where config.json gives none), its beta_fast / beta_slow the defaults 32 / 1 filled in.
 ROPE_SCALING_FORMS = (
     "('llama3', factor, low_freq_factor, high_freq_factor, original_max_position), ('linear', factor) or "
-    "('yarn', factor, original_max_position, beta_fast, beta_slow, truncate, attention_factor)"
+    "('yarn', factor, original_max_position, beta_fast, beta_slow, truncate, attention_factor) or "
+    "('longrope', original_max_position, attention_factor, short_factor, long_factor)"
 )
 ACTIVATIONS = ("silu", "gelu_tanh")  # the gated MLP's: SwiGLU (Llama), GeGLU with tanh-approximated GELU (Gemma 3)
 LAYER_TYPES = ("sliding_attention", "full_attention")  # `model.layer_types`' names, transformers'
@@ -54,6 +55,12 @@ def _valid_rope_scaling(value) -> bool:
             and all(map(positive, (factor, beta_fast, beta_slow, attention_factor)))
             and isinstance(truncate, (bool, np.bool_))
         )
+    if kind == "longrope":  # Phi-3's: the factors (one per rotated frequency) lists of positive numbers
+        if len(rest) != 4:
+            return False
+        original, attention_factor, short, long = rest
+        lists = [f for f in (short, long) if isinstance(f, (tuple, list)) and f and all(map(positive, f))]
+        return positive(original) and float(original).is_integer() and positive(attention_factor) and len(lists) == 2
     return False
 
 
@@ -99,6 +106,9 @@ class ModelConfig:
     sliding_window: int | None = None
     # SmolLM3: None (RoPE on every layer), or per layer whether it applies RoPE (False: a NoPE layer, q and k unrotated)
     rope_layers: tuple | None = None
+    # Phi-3 / Phi-4-mini: RoPE on the first `rotary_dim` = int(head_dim * this) dims of each head, the rest passed
+    # through unrotated (1.0: every dim, the other families)
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self):
         for name in (
@@ -128,6 +138,7 @@ class ModelConfig:
             if not _valid_rope_scaling(self.rope_scaling):
                 raise ValueError(f"model.rope_scaling must be None or {ROPE_SCALING_FORMS}, got {self.rope_scaling!r}.")
             object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
+        self._check_rotary()
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}.")
         for name in ("query_pre_attn_scalar", "sliding_window"):
@@ -151,9 +162,64 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}.")
 
     @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE rotates (transformers' int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
     def windowed(self) -> bool:
         """Whether some layer attends within `sliding_window`."""
         return self.sliding_window is not None and (self.layer_types is None or SLIDING in self.layer_types)
+
+    def _check_rotary(self) -> None:
+        """`partial_rotary_factor` (its rotated part of a head even and not empty) and longrope `rope_scaling` (one
+        short and one long factor per rotated frequency, stored as tuples of floats) are Phi-3's, a Llama's numerics
+        otherwise: with another RoPE scaling or Qwen's, Gemma 3's or SmolLM3's fields they make a model no Hugging
+        Face family holds."""
+        factor = self.partial_rotary_factor
+        number = isinstance(factor, (int, float, np.integer, np.floating)) and not isinstance(factor, (bool, np.bool_))
+        if not number or not 0 < factor <= 1:
+            raise ValueError(f"model.partial_rotary_factor must be a number in (0, 1], got {factor!r}.")
+        object.__setattr__(self, "partial_rotary_factor", float(factor))
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ValueError(
+                f"model.partial_rotary_factor={factor} rotates int(head_dim * factor) = {self.rotary_dim} dims of each "
+                "head, which must be even and at least 2; pick another factor."
+            )
+        longrope = self.rope_scaling is not None and self.rope_scaling[0] == "longrope"
+        if longrope:
+            kind, original, attention_factor, short, long = self.rope_scaling
+            short, long = tuple(map(float, short)), tuple(map(float, long))
+            if len(short) != self.rotary_dim // 2 or len(long) != self.rotary_dim // 2:
+                raise ValueError(
+                    "model.rope_scaling's longrope short_factor and long_factor must give one factor per rotated "
+                    f"frequency (rotary_dim / 2 = {self.rotary_dim // 2}), got {len(short)} and {len(long)}."
+                )
+            object.__setattr__(self, "rope_scaling", (kind, int(original), float(attention_factor), short, long))
+            if self.head_dim * self.num_heads != self.d_model:  # (Phi3Config checks the factors against that width)
+                raise ValueError(
+                    f"model.rope_scaling longrope (Phi-3's) needs model.head_dim * num_heads = d_model, got head_dim "
+                    f"{self.head_dim} for d_model {self.d_model}: transformers' Phi-3 checks the factors against "
+                    f"d_model / num_heads, so it could not be exported; set head_dim to "
+                    f"{self.d_model // self.num_heads}."
+                )
+        if self.partial_rotary_factor == 1.0 and not longrope:
+            return
+        others = dict(
+            rope_scaling=self.rope_scaling is not None and not longrope,
+            qkv_bias=self.qkv_bias,
+            qk_norm=self.qk_norm,
+            sandwich_norms=self.sandwich_norms,
+            layer_types=self.layer_types is not None,
+            rope_layers=self.rope_layers is not None,
+        )
+        on = ", ".join(k for k, v in others.items() if v)
+        if on:
+            raise ValueError(
+                f"model.partial_rotary_factor={self.partial_rotary_factor} and longrope rope_scaling are Phi-3's, and "
+                f"with {on} (another family's) they make a model no Hugging Face family holds, so it could not be "
+                f"exported; set partial_rotary_factor to 1.0 without longrope, or {on} to the default."
+            )
 
     def _check_layer_types(self) -> None:
         """`layer_types`, one type per layer (stored as a tuple), says which layers `sliding_window` and
@@ -355,4 +421,5 @@ def default_config() -> ml_collections.ConfigDict:
     cd.rope_layers = ml_collections.FieldReference(
         None, field_type=tuple
     )  # None (RoPE on every layer) or per layer True (RoPE) / False (no RoPE: SmolLM3's NoPE layers)
+    cd.partial_rotary_factor = 1.0  # RoPE on the first int(head_dim * this) dims of each head (Phi-4-mini: 0.75)
     return cd

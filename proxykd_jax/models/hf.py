@@ -1,15 +1,19 @@
-"""Hugging Face safetensors import/export for Llama, Mistral, Qwen2, Qwen3 and Gemma 3 causal LMs (no torch needed).
+"""Hugging Face safetensors import/export for Llama, Mistral, Qwen2, Qwen3, Gemma 3, SmolLM3 and Phi-3 causal LMs (no
+torch needed).
 
 `load_hf(folder, mesh=..., rules=...)` reads config.json (`models.hf_config`) and model.safetensors (or a sharded
 model.safetensors.index.json), checks every tensor's shape against the config from the file headers
 alone, then builds each parameter straight into its sharded global array, every device reading
 only its own block (`safetensors_io`); nothing is randomly initialised or built whole on one host.
 `save_hf(model, cfg, folder)` writes a folder `transformers` loads (with `source`, the folder the model was
-imported from, its config.json: the same family; else Gemma3ForCausalLM when the model has Gemma's norms,
+imported from, its config.json: the same family; else Phi3ForCausalLM when it has Phi-3's partial rotary or
+longrope, Gemma3ForCausalLM when the model has Gemma's norms,
 Qwen3ForCausalLM when it has q/k norms, Qwen2ForCausalLM when it has q/k/v bias, MistralForCausalLM when it has a
 sliding window, LlamaForCausalLM otherwise), one tensor at a time, in files of at most 5 GB, with the tokenizer and a
 generation_config.json of its stop ids (and `source`'s sampling defaults).
-`tensor_map` is the one place that maps our parameter paths to HF tensor names and layouts.
+`tensor_map` is the one place that maps our parameter paths to HF tensor names and layouts; Phi-3's fused
+qkv_proj and gate_up_proj are read as the row ranges of the q/k/v and gate/up tensors they hold (`_Unfused`, block by
+block as any tensor) and written fused back (`_FUSED`) when the export's config.json names Phi3ForCausalLM.
 How a config.json maps to a `ModelConfig` and back (RoPE, sliding windows, Gemma 3's fields) is `models.hf_config`'s;
 its `config_from_hf`, `read_config`, `sliding_window`, `SUPPORTED` and `RUN_FIELDS` are importable from here too.
 """
@@ -31,10 +35,12 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.hf_config import (
     GEMMA3,
+    PHI3,
     RUN_FIELDS,
     SUPPORTED,  # noqa: F401  (re-exported, as config_from_hf and sliding_window)
     _hf_config,
     config_from_hf,  # noqa: F401
+    is_phi3,
     read_config,
     sliding_window,  # noqa: F401
     source_config,
@@ -162,10 +168,63 @@ def tensor_map(path: tuple, cfg: ModelConfig) -> TensorMap:
     return TensorMap(names, split, perm, stacked=not indexed)
 
 
+# Phi-3's fused projections (after `model.layers.{i}.`): one tensor holding the unfused ones on its rows, in order
+_FUSED = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+
+
+def _fused_parts(layers) -> dict[str, tuple[str, ...]]:
+    """Fused tensor name -> the unfused names it holds, for each of `layers` (indices)."""
+    return {
+        f"model.layers.{i}.{fused}": tuple(f"model.layers.{i}.{part}" for part in parts)
+        for i in layers
+        for fused, parts in _FUSED.items()
+    }
+
+
+class _Unfused:
+    """A folder's tensors (`SafetensorsFolder`'s `files`, `shape` and `read`) with Phi-3's fused ones (`_FUSED`) seen
+    as the unfused tensors they hold (`expected`: name -> shape): each is a row range of its fused tensor, so a
+    device's block of it is still read alone, lazily, as `safetensors_io.load_leaf` reads any tensor."""
+
+    def __init__(self, source: SafetensorsFolder, expected: dict[str, tuple]):
+        self.source, self.files, self.parts = source, dict(source.files), {}
+        names = [n.split(".") for n in source.files if n.startswith("model.layers.")]
+        for fused, parts in _fused_parts(sorted({int(n[2]) for n in names if n[2].isdigit()})).items():
+            shapes = [expected.get(part) for part in parts]
+            if fused not in source.files or None in shapes:  # (parts the config lacks: the fused tensor is unexpected)
+                continue
+            path, start = self.files.pop(fused), 0
+            for part, shape in zip(parts, shapes):
+                self.parts[part], self.files[part] = (fused, start, shape), path
+                start += shape[0]
+            if source.shape(fused) != (start, *shapes[0][1:]):
+                raise ValueError(
+                    f"Tensor {fused} in {path.name} has shape {source.shape(fused)}, but config.json implies "
+                    f"{(start, *shapes[0][1:])}."
+                )
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.parts[name][2] if name in self.parts else self.source.shape(name)
+
+    def read(self, name: str, ranges: tuple[slice, ...]) -> np.ndarray:
+        if name not in self.parts:
+            return self.source.read(name, ranges)
+        fused, start, shape = self.parts[name]
+        ranges = tuple(ranges) or (slice(None),) * len(shape)
+        lo, hi, _ = ranges[0].indices(shape[0])
+        return self.source.read(fused, (slice(start + lo, start + hi), *ranges[1:]))
+
+
 def _checked_folder(folder: pathlib.Path, cfg: ModelConfig) -> SafetensorsFolder:
-    """The folder's tensors, checked against the config from the file headers alone."""
+    """The folder's tensors, checked against the config from the file headers alone (Phi-3's fused ones as the
+    unfused tensors they hold, `_Unfused`)."""
     source = SafetensorsFolder(folder)
     expected = _hf_shapes(cfg)
+    if any(name.endswith(tuple(_FUSED)) for name in source.files):
+        source = _Unfused(source, expected)
     present = {n for n in source.files if not n.endswith(_IGNORED_SUFFIXES)}
     if cfg.tie_embeddings:
         present.discard("lm_head.weight")
@@ -355,7 +414,8 @@ def save_params(
     (more than one: with model.safetensors.index.json) and the tokenizer, one tensor at a time.
     config.json is `source`'s (the folder the model was imported from, when it describes this model: its
     family, a Mistral's sliding window and full context, fields transformers keeps) with this folder's
-    token ids and dtype; else one written from `cfg` (Gemma3ForCausalLM with Gemma's norms, SmolLM3ForCausalLM with
+    token ids and dtype; else one written from `cfg` (Phi3ForCausalLM with Phi-3's partial rotary or longrope, its
+    q/k/v and gate/up fused as with a Phi-3 `source`, Gemma3ForCausalLM with Gemma's norms, SmolLM3ForCausalLM with
     layers without RoPE, Qwen3ForCausalLM with q/k norms, Qwen2ForCausalLM with q/k/v bias, else MistralForCausalLM
     with a sliding window, else LlamaForCausalLM).
 
@@ -370,6 +430,8 @@ def save_params(
     plain = "MistralForCausalLM" if cfg.windowed else "LlamaForCausalLM"  # (a Mistral slides on every layer)
     arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else plain
     arch = GEMMA3 if cfg.sandwich_norms else "SmolLM3ForCausalLM" if cfg.rope_layers is not None else arch
+    like = source_config(source, cfg)  # (every process: a Phi-3 source's config.json means fused tensors)
+    arch = PHI3 if is_phi3(cfg) or PHI3 in ((like or {}).get("architectures") or []) else arch
     folder = pathlib.Path(folder)
     writer = jax.process_index() == 0
     where: dict[str, tuple[tuple, int | None, TensorMap]] = {}
@@ -382,9 +444,21 @@ def save_params(
     expected = _hf_shapes(cfg)
     if set(where) != set(expected):
         raise ValueError(f"model parameters do not match the config: {sorted(set(where) ^ set(expected))[:4]}.")
-    tensors = {name: (expected[name], np.dtype(params[where[name][0]].dtype)) for name in expected}
+    fused = _fused_parts(range(cfg.num_layers)) if arch == PHI3 else {}  # a Phi-3's fused tensors, at their first part
+    first = {parts[0]: name for name, parts in fused.items()}
+    tensors = {}
+    for name in expected:
+        dtype = np.dtype(params[where[name][0]].dtype)
+        if name in first:
+            rows = sum(expected[part][0] for part in fused[first[name]])
+            tensors[first[name]] = ((rows, *expected[name][1:]), dtype)
+        elif not any(name in parts for parts in fused.values()):
+            tensors[name] = (expected[name], dtype)
 
     def fetch(name: str):
+        if name in fused:  # (every part fetched on every process: gathering may be collective)
+            values = [fetch(part) for part in fused[name]]
+            return np.concatenate(values) if writer else None
         key, i, tmap = where[name]
         value = host_value(params[key] if i is None else _stack_element(params[key], i))
         return tmap.to_hf(value) if writer else None
@@ -394,7 +468,6 @@ def save_params(
     if writer:
         folder.mkdir(parents=True, exist_ok=True)
         config = _hf_config(cfg, arch, token_ids)
-        like = source_config(source, cfg)
         if like is not None:
             # (and top-level RoPE, which readers before transformers 5 need: a v5 source has rope_parameters only)
             ours = [k for k in token_ids if config[k] is not None] + [
@@ -404,6 +477,7 @@ def save_params(
                 "rope_scaling",
             ]
             ours += ["rope_local_base_freq"] if arch == GEMMA3 else []
+            ours += ["partial_rotary_factor", "original_max_position_embeddings"] if arch == PHI3 else []
             config = {**like, **{k: config[k] for k in ours}}
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         generation = {**sampling, **{k: v for k, v in token_ids.items() if v is not None}}

@@ -1,4 +1,4 @@
-"""Hugging Face config.json <-> `ModelConfig` for Llama, Mistral, Qwen2, Qwen3, Gemma 3 and SmolLM3 causal LMs.
+"""Hugging Face config.json <-> `ModelConfig` for Llama, Mistral, Qwen2, Qwen3, Gemma 3, SmolLM3 and Phi-3 causal LMs.
 
 `config_from_hf` / `read_config` read a config.json as transformers does: RoPE (`_rope_scaling`: linear, llama3,
 YaRN with transformers 5's defaults; old top-level or v5 `rope_parameters` keys), Gemma 3's fields and per-layer-type
@@ -6,11 +6,13 @@ RoPE, and the sliding windows (`sliding_window`: Mistral's on every layer; Qwen'
 layers its `layer_types` or `max_window_layers` name; Gemma 3's `layer_types` or `sliding_window_pattern`, its
 sliding layers with their own RoPE base; SmolLM3's with `use_sliding_window` on its `layer_types`' sliding layers, by
 default those without RoPE), and SmolLM3's `no_rope_layers` (`rope_layers`; by default every 4th layer without).
+Phi-3's (Phi-3.5, Phi-4-mini): `partial_rotary_factor`, longrope (`_rope_scaling`: its short and long factors, the
+top-level original_max_position_embeddings, attention_factor resolved) and Mistral's window on every layer.
 `max_seq_len` is the model's context (`max_position_embeddings`); a window at least that long is no window. Gemma 3's
 logit soft-capping and bidirectional attention are refused. `_hf_config` writes an export's config.json back
 (`_rope_to_hf`; Mistral: its window; Qwen: `use_sliding_window` and `layer_types`; SmolLM3: `no_rope_layers` too;
-Gemma 3 `_gemma3_config`: its `sliding_window`), and `source_config` is a source folder's config.json where it
-describes the model exported. The weights, tokenizer and generation_config.json are `models.hf`'s.
+Gemma 3 `_gemma3_config`: its `sliding_window`; Phi-3 `_phi3_config`), and `source_config` is a source folder's
+config.json where it describes the model exported. The weights, tokenizer and generation_config.json are `models.hf`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from proxykd_jax.models.llama import ModelConfig
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
-SUPPORTED += ("SmolLM3ForCausalLM",)
+SUPPORTED += ("SmolLM3ForCausalLM", "Phi3ForCausalLM")
 _QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, what it runs a config.json without head_dim with
 GEMMA3 = "Gemma3ForCausalLM"
 # transformers' Gemma3TextConfig defaults for keys a config.json may leave out
@@ -44,7 +46,11 @@ SMOLLM3 = "SmolLM3ForCausalLM"
 _SMOLLM3_DEFAULTS = dict(
     rope_theta=2_000_000.0, max_position_embeddings=32_768, tie_word_embeddings=True, no_rope_layer_interval=4
 )
-_DEFAULTS = {GEMMA3: _GEMMA3_DEFAULTS, SMOLLM3: _SMOLLM3_DEFAULTS}
+PHI3 = "Phi3ForCausalLM"
+# transformers' Phi3Config defaults for keys a config.json may leave out (its longrope's original_max_position:
+# the top-level original_max_position_embeddings, before the RoPE dict's)
+_PHI3_DEFAULTS = dict(max_position_embeddings=4096, original_max_position_embeddings=4096, rms_norm_eps=1e-5)
+_DEFAULTS = {GEMMA3: _GEMMA3_DEFAULTS, SMOLLM3: _SMOLLM3_DEFAULTS, PHI3: _PHI3_DEFAULTS}
 
 
 def _with_defaults(hf: dict, arch: str) -> dict:
@@ -59,13 +65,32 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def _rope_scaling(rope: dict, hf: dict) -> tuple | None:
+def _longrope_attention(factor: float, original: int) -> float:
+    """transformers' longrope attention_factor for a `factor` (the context over `original`) without one given."""
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def _rope_scaling(rope: dict, hf: dict, arch: str = "") -> tuple | None:
     """`ModelConfig.rope_scaling` of a config.json's RoPE dict, with transformers 5's defaults filled in as its
     `modeling_rope_utils` does (YaRN: original_max_position_embeddings the context, factor the context over it,
-    attention_factor from mscale / mscale_all_dim or factor, beta_fast 32, beta_slow 1, truncate)."""
+    attention_factor from mscale / mscale_all_dim or factor, beta_fast 32, beta_slow 1, truncate). A Phi-3's
+    (`arch`) is default or longrope ("su" and "yarn" its old names), its original_max_position the top-level
+    original_max_position_embeddings, attention_factor from factor (else the context over the original)."""
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if arch == PHI3:
+        rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
+        if rope_type not in (None, "default", "longrope"):
+            raise ValueError(
+                f"config.json rope type {rope_type!r} is not one a Phi3ForCausalLM runs; supported: default, longrope."
+            )
     if rope_type in (None, "default"):
         return None
+    if rope_type == "longrope" and arch == PHI3:
+        original = int(hf["original_max_position_embeddings"])
+        factor = rope.get("factor") or int(hf["max_position_embeddings"]) / original
+        attention_factor = rope.get("attention_factor") or _longrope_attention(float(factor), original)
+        factors = [tuple(float(f) for f in rope[k]) for k in ("short_factor", "long_factor")]
+        return ("longrope", original, float(attention_factor), *factors)
     if rope_type == "linear":
         return ("linear", float(rope["factor"]))
     if rope_type == "llama3":
@@ -99,8 +124,9 @@ def _rope_scaling(rope: dict, hf: dict) -> tuple | None:
             float(attention_factor),
         )
     why = " (its scaling depends on the sequence length at run time)" if rope_type == "dynamic" else ""
+    phi3 = " (and longrope on a Phi3ForCausalLM)" if rope_type in ("longrope", "su") else ""
     raise ValueError(
-        f"config.json rope type {rope_type!r}{why} is not supported; supported: default, linear, llama3, yarn."
+        f"config.json rope type {rope_type!r}{why} is not supported; supported: default, linear, llama3, yarn{phi3}."
     )
 
 
@@ -140,11 +166,12 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         d_model, num_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         rope = (gemma.pop("full_rope") if gemma else None) or hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         rope_theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
-        rope_scaling = _rope_scaling(rope, hf)
+        rope_scaling = _rope_scaling(rope, hf, arch)
         partial = float(rope.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0)
-        if partial != 1.0:
+        if partial != 1.0 and arch != PHI3:
             raise ValueError(
-                f"config.json sets partial_rotary_factor={partial} (RoPE on part of each head), which is not supported."
+                f"config.json sets partial_rotary_factor={partial} (RoPE on part of each head), which is supported on "
+                "a Phi3ForCausalLM only."
             )
         if arch != "Qwen2ForCausalLM" and hf.get("attention_bias"):  # Qwen3's attention_bias: o_proj's too
             raise ValueError("config.json sets attention_bias=true (bias on o_proj too), which is not supported.")
@@ -180,6 +207,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
             param_dtype=param_dtype,
             dtype=dtype,
             sliding_window=window,
+            partial_rotary_factor=partial,
             **gemma,
         )
     except KeyError as e:
@@ -270,9 +298,9 @@ def _smollm3_layer_types(hf: dict, rope_layers: tuple) -> tuple:
 
 def sliding_window(hf: dict, arch: str) -> int | None:
     """The attention window a config.json's model runs some layers with, as transformers reads it (None: none):
-    Mistral's `sliding_window` on every layer; Qwen2's and Qwen3's only with `use_sliding_window`, on the layers
-    their `layer_types` name "sliding_attention" (without them: layers from `max_window_layers` on); Gemma 3's on
-    its "sliding_attention" layers (`sliding_window_pattern` without `layer_types`), 4096 by default."""
+    Mistral's and Phi-3's `sliding_window` on every layer; Qwen2's and Qwen3's only with `use_sliding_window`, on the
+    layers their `layer_types` name "sliding_attention" (without them: layers from `max_window_layers` on); Gemma 3's
+    on its "sliding_attention" layers (`sliding_window_pattern` without `layer_types`), 4096 by default."""
     hf = _with_defaults(hf, arch)
     if arch == GEMMA3:
         return int(hf["sliding_window"]) if "sliding_attention" in _gemma3_layer_types(hf) else None
@@ -345,6 +373,41 @@ def _gemma3_config(cfg: ModelConfig, kwargs: dict) -> dict:
     return out
 
 
+def is_phi3(cfg: ModelConfig) -> bool:
+    """Whether `cfg` has Phi-3's numerics (partial rotary or longrope), which only a Phi3ForCausalLM holds."""
+    return cfg.partial_rotary_factor != 1.0 or (cfg.rope_scaling is not None and cfg.rope_scaling[0] == "longrope")
+
+
+def _phi3_config(cfg: ModelConfig, kwargs: dict) -> dict:
+    """config.json of a Phi-3 `cfg` (`kwargs`: `_hf_config`'s common keys): its window on every layer, and RoPE as
+    transformers 5 writes it (`rope_parameters`) and as readers before it read it: top-level rope_theta,
+    partial_rotary_factor, original_max_position_embeddings (the context without longrope) and a `rope_scaling` of
+    the type and factors, with attention_factor only where it is not the one transformers derives from the context
+    over the original."""
+    from transformers import Phi3Config
+
+    scaling = cfg.rope_scaling
+    original = scaling[1] if scaling else cfg.max_seq_len
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.partial_rotary_factor}
+    legacy = None
+    if scaling is not None:
+        factors = {"short_factor": list(scaling[3]), "long_factor": list(scaling[4])}
+        if not math.isclose(scaling[2], _longrope_attention(cfg.max_seq_len / original, original), rel_tol=1e-12):
+            factors["attention_factor"] = scaling[2]
+        rope.update(factors, rope_type="longrope", original_max_position_embeddings=original)
+        legacy = {"type": "longrope", **factors}
+    window = cfg.sliding_window if cfg.windowed else None
+    kwargs = {k: v for k, v in kwargs.items() if k != "rope_theta"}
+    hf_cfg = Phi3Config(
+        **kwargs, rope_parameters=rope, original_max_position_embeddings=original, sliding_window=window
+    )
+    out = hf_cfg.to_dict()
+    out["architectures"] = [PHI3]
+    out["dtype"] = out["torch_dtype"] = cfg.param_dtype
+    out.update(rope_theta=cfg.rope_theta, partial_rotary_factor=cfg.partial_rotary_factor, rope_scaling=legacy)
+    return out
+
+
 def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
@@ -365,6 +428,8 @@ def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
     )
     if arch == GEMMA3:
         return _gemma3_config(cfg, kwargs)
+    if arch == PHI3:
+        return _phi3_config(cfg, kwargs)
     if cfg.rope_scaling is not None:
         kwargs["rope_scaling"] = _rope_to_hf(cfg.rope_scaling)
     window = cfg.sliding_window if cfg.windowed else None

@@ -1,6 +1,7 @@
-"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3 text, SmolLM3).
+"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3 text, SmolLM3, Phi-3).
 
-RoPE (optionally scaled as transformers does: linear, Llama-3 or YaRN), grouped-query attention, RMSNorm,
+RoPE (optionally scaled as transformers does: linear, Llama-3, YaRN or Phi-3's longrope; on part of each head
+with Phi-3's `partial_rotary_factor`), grouped-query attention, RMSNorm,
 SwiGLU, optional q/k/v bias (Qwen2), optional per-head RMSNorm of queries and keys before RoPE (Qwen3), tied or
 untied embeddings. Gemma 3's numerics are fields of `ModelConfig`: norms times 1 + weight, scaled embeddings,
 GeGLU, norms on the attention and MLP outputs, the query_pre_attn_scalar score scale, and per-layer RoPE
@@ -81,18 +82,23 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, backward: bool = True) ->
 # ----------------------------------------------------------------------------------------------
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies [E/2] (float64), scaled by `cfg.rope_scaling`'s type as transformers 5's
-    `modeling_rope_utils` does: linear divides them all by the factor; Llama-3 divides the low frequencies,
-    keeps the high ones and blends between; YaRN blends interpolated (divided) and extrapolated (kept)
-    frequencies along a ramp over the dimensions set by beta_fast / beta_slow (see `rope_attention_factor`)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+def rope_inv_freq(cfg: ModelConfig, long: bool = False) -> np.ndarray:
+    """Inverse RoPE frequencies [R/2] (float64) of the R = `cfg.rotary_dim` rotated dims of a head (E, but Phi-3's
+    partial rotary), scaled by `cfg.rope_scaling`'s type as transformers 5's `modeling_rope_utils` does: linear
+    divides them all by the factor; Llama-3 divides the low frequencies, keeps the high ones and blends between;
+    YaRN blends interpolated (divided) and extrapolated (kept) frequencies along a ramp over the dimensions set by
+    beta_fast / beta_slow (see `rope_attention_factor`); longrope divides each by its short factor (`long`: its
+    long one, which `rope_frequencies` picks for positions past original_max_position)."""
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if cfg.rope_scaling is None:
         return inv_freq
     if cfg.rope_scaling[0] == "linear":
         return inv_freq / cfg.rope_scaling[1]
     if cfg.rope_scaling[0] == "yarn":
-        return _yarn_inv_freq(inv_freq, cfg.head_dim, cfg.rope_theta, *cfg.rope_scaling[1:6])
+        return _yarn_inv_freq(inv_freq, dim, cfg.rope_theta, *cfg.rope_scaling[1:6])
+    if cfg.rope_scaling[0] == "longrope":
+        return inv_freq / np.asarray(cfg.rope_scaling[4 if long else 3], np.float64)
     _, factor, low_freq_factor, high_freq_factor, original_max = cfg.rope_scaling
     low_freq_wavelen = original_max / low_freq_factor
     high_freq_wavelen = original_max / high_freq_factor
@@ -123,22 +129,40 @@ def _yarn_inv_freq(inv_freq, dim, base, factor, original_max, beta_fast, beta_sl
 
 
 def rope_attention_factor(cfg: ModelConfig) -> float:
-    """What cos and sin are multiplied by (so q.k by its square): YaRN's attention_factor, else 1."""
+    """What cos and sin are multiplied by (so q.k by its square): YaRN's or longrope's attention_factor, else 1."""
     scaling = cfg.rope_scaling
-    return float(scaling[6]) if scaling is not None and scaling[0] == "yarn" else 1.0
+    if scaling is not None and scaling[0] in ("yarn", "longrope"):
+        return float(scaling[6 if scaling[0] == "yarn" else 2])
+    return 1.0
 
 
-def apply_rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq_E2, attention_factor=1.0) -> jax.Array:
-    """Rotates halves (HF `rotate_half` convention) by angle position * inv_freq, in float32; cos and sin are
-    scaled by `attention_factor` (YaRN's; at 1 the computation is the unscaled one, op for op)."""
-    angles_BxLxE2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_E2, jnp.float32)
-    cos = jnp.cos(angles_BxLxE2)[:, :, None, :]
-    sin = jnp.sin(angles_BxLxE2)[:, :, None, :]
+def rope_frequencies(cfg: ModelConfig, positions_BxL: jax.Array, segment_ids_BxL: jax.Array):
+    """The inverse frequencies one call rotates with: `rope_inv_freq`'s, but longrope's as transformers 5 switches
+    them per forward call (`dynamic_rope_update`): the long factors' where a token of the call (padding, segment 0,
+    aside) sits past original_max_position (its position + 1 above it), else the short ones' (a traced choice). A
+    cached decoding step is such a call too; transformers' generate() instead recomputes the cache at the crossing."""
+    inv_freq = rope_inv_freq(cfg)
+    if cfg.rope_scaling is None or cfg.rope_scaling[0] != "longrope":
+        return inv_freq
+    reach = jnp.max(jnp.where(segment_ids_BxL > 0, positions_BxL, -1)) + 1
+    long_freq = jnp.asarray(rope_inv_freq(cfg, long=True), jnp.float32)
+    return jnp.where(reach > cfg.rope_scaling[1], long_freq, jnp.asarray(inv_freq, jnp.float32))
+
+
+def apply_rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq_R2, attention_factor=1.0) -> jax.Array:
+    """Rotates halves (HF `rotate_half` convention) of the first R = 2 * len(inv_freq) dims of each head by angle
+    position * inv_freq, in float32, the other E - R (Phi-3's partial rotary) passed through; cos and sin are
+    scaled by `attention_factor` (YaRN's, longrope's; at 1 the computation is the unscaled one, op for op)."""
+    angles_BxLxR2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_R2, jnp.float32)
+    cos = jnp.cos(angles_BxLxR2)[:, :, None, :]
+    sin = jnp.sin(angles_BxLxR2)[:, :, None, :]
     if not isinstance(attention_factor, float) or attention_factor != 1.0:  # (a traced factor: a per-layer one)
         cos, sin = cos * jnp.float32(attention_factor), sin * jnp.float32(attention_factor)
     x = x_BxLxNxE.astype(jnp.float32)
+    rotary = 2 * angles_BxLxR2.shape[-1]
+    x, passed = (x, None) if rotary == x.shape[-1] else (x[..., :rotary], x[..., rotary:])
     x1, x2 = jnp.split(x, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin] + ([] if passed is None else [passed]), axis=-1)
     return out.astype(x_BxLxNxE.dtype)
 
 
@@ -264,7 +288,8 @@ class Attention(nnx.Module):
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq, attention_factor = rope_inv_freq(self.cfg), rope_attention_factor(self.cfg)
+        inv_freq = rope_frequencies(self.cfg, positions_BxL, segment_ids_BxL)
+        attention_factor = rope_attention_factor(self.cfg)
         if local is not None and self.cfg.rope_local_theta is not None:  # a scanned flag picks the frequencies
             local_cfg = dataclasses.replace(self.cfg, rope_theta=self.cfg.rope_local_theta, rope_scaling=None)
             inv_freq = jnp.where(local, jnp.asarray(rope_inv_freq(local_cfg), jnp.float32), inv_freq)
