@@ -24,6 +24,7 @@ from proxykd_jax.models.llama import Llama, ModelConfig
 
 LENGTH = 96  # positions up to 95: three times the yarn models' original 32
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3_FREQS = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
 def _legacy_form(folder: pathlib.Path) -> None:
@@ -167,14 +168,19 @@ def test_rope_keys_are_read_with_transformers_priorities(tmp_path):
         {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 7000.0}},
         {"rope_scaling": {"type": "yarn", **YARN}, "rope_parameters": {"rope_type": "default", "rope_theta": 9e3}},
         {"rope_scaling": {"type": "yarn", "factor": 4.0}},  # original_max_position_embeddings: the context's
+        {"rope_scaling": {**YARN}, "original_max_position_embeddings": 16},  # the dict's, not the top level's
+        {"rope_scaling": {**LLAMA3_FREQS}},  # the context's (was refused)
+        {"rope_scaling": {**LLAMA3_FREQS}, "original_max_position_embeddings": 16},  # still the context's
+        {"rope_scaling": {**LLAMA3_FREQS, "original_max_position_embeddings": 64}},
     ):
         (tmp_path / "config.json").write_text(json.dumps({**spec, **extra}))
         theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
         ours = hf.read_config(tmp_path)
         assert ours.rope_theta == theirs["rope_theta"], extra
         assert ours.rope_scaling[:2] == (theirs["rope_type"], theirs["factor"]), extra
-        if theirs["rope_type"] == "yarn":
-            assert ours.rope_scaling[2] == theirs["original_max_position_embeddings"], extra
+        original = {"yarn": 2, "llama3": 4}.get(theirs["rope_type"])
+        if original:
+            assert ours.rope_scaling[original] == theirs["original_max_position_embeddings"], extra
 
 
 def test_refusals():

@@ -70,6 +70,12 @@ def _longrope_attention(factor: float, original: int) -> float:
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
+def _original_max(rope: dict, hf: dict) -> int:
+    """A Llama-3 or YaRN RoPE dict's original_max_position_embeddings, else the context's, as transformers 5 reads
+    it (for these families a top-level original_max_position_embeddings is not read: Phi-3's is)."""
+    return int(rope.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048))
+
+
 def _rope_scaling(rope: dict, hf: dict, arch: str = "") -> tuple | None:
     """`ModelConfig.rope_scaling` of a config.json's RoPE dict, with transformers 5's defaults filled in as its
     `modeling_rope_utils` does (YaRN: original_max_position_embeddings the context, factor the context over it,
@@ -99,10 +105,10 @@ def _rope_scaling(rope: dict, hf: dict, arch: str = "") -> tuple | None:
             float(rope["factor"]),
             float(rope["low_freq_factor"]),
             float(rope["high_freq_factor"]),
-            int(rope["original_max_position_embeddings"]),
+            _original_max(rope, hf),
         )
     if rope_type == "yarn":
-        original = int(rope.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048))
+        original = _original_max(rope, hf)
         factor = rope["factor"]
         factor = float(int(hf.get("max_position_embeddings", 2048)) / original if factor is None else factor)
         attention_factor = rope.get("attention_factor")
