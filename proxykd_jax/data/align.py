@@ -9,7 +9,8 @@ Two rules (docs/TOKENIZERS.md), chosen by `data.teacher_head`:
 - `bytes` (another tokenizer): teacher token boundaries are matched to our token starts by byte
   offset; at each of our positions that starts on a teacher boundary the alternatives are summed by
   their first byte (end of text is symbol 256): the head holds (symbol, log mass) pairs, and the
-  remainder 1 - sum of the masses is the teacher's unseen tail.
+  remainder 1 - sum of the masses is the teacher's unseen tail (with the mass of the alternatives that
+  say nothing about our next byte: other special tokens such as `<bos>`, `SampleEncoder._alt_symbols`).
 
 Where the teacher's tokens lie in the response, and their alternatives' bytes, symbols and probabilities, are
 read in `data/teacher_positions.py`; this module tokenises and places them on our tokens.
@@ -27,6 +28,7 @@ from proxykd_jax.data.teacher_positions import (
     _alt_bytes_row,
     _bytes_of,
     _position_probs,
+    _special,
     _symbol_of_bytes,
     _teacher_byte_spans,
     _teacher_byte_starts,
@@ -217,15 +219,18 @@ class SampleEncoder:
         return out
 
     def _alt_symbols(self, alts, raws) -> list[int | None]:
-        """The first-byte symbol of each alternative of one teacher position; None where it is unknown: an
-        alternative spelled with a leading replacement character and no `bytes` (part of a UTF-8 character,
-        as vLLM's legacy layout spells it), whose mass is left in the teacher's unseen remainder."""
+        """The first-byte symbol of each alternative of one teacher position; None where it says nothing about
+        our next byte: an alternative spelled with a leading replacement character and no `bytes` (part of a
+        UTF-8 character, as vLLM's legacy layout spells it: its first byte is unknown), or a special token that
+        is not end of text (`<bos>`, `<start_of_turn>`: `teacher_positions._special`), which spells no text. Their
+        mass is left in the teacher's unseen remainder (1 - the head's sum, spread by the posterior as our own
+        first-byte distribution), the rest not renormalised, as for the alternatives below the teacher's top-k."""
         out: list[int | None] = []
         for (text, _), raw in zip(alts, raws):
             if raw is not None:
                 out.append(_symbol_of_bytes(text, raw))
             else:
-                out.append(None if text.startswith("\ufffd") else self._symbol(text))
+                out.append(None if text.startswith("\ufffd") or _special(text, None) else self._symbol(text))
         return out
 
     def encode_batch(self, samples: list[Sample]) -> list[Encoded | DataError]:
@@ -316,7 +321,9 @@ class SampleEncoder:
         """Teacher head rows [n, K] (row i predicts token i) and alignment counts for one sample.
 
         Spans are in bytes, so a teacher token holding part of a UTF-8 character (spelled as a
-        replacement character by vLLM) is placed by its `token_bytes` like any other."""
+        replacement character by vLLM) is placed by its `token_bytes` like any other, and the tokens
+        after bytes that are not UTF-8 (which the text holds as replacement characters) keep their places
+        (`teacher_positions._resync`)."""
         t_ids = np.zeros((n, self.topk), np.int32)
         t_lps = np.full((n, self.topk), -np.inf, np.float32)
         ours_spans = self._student_byte_spans(s.response, r_ids, offs)

@@ -2,6 +2,11 @@
 bytes (its string, the corpus's `token_bytes`, or without `tokens` the likeliest alternative that continues the
 text), the true bytes and first-byte symbol of each alternative, and the probabilities and mass of each teacher
 position's alternatives. `data/align.py` places these positions on our tokens (docs/TOKENIZERS.md).
+
+The tokens are laid end to end on the response's bytes (the span chain, `_teacher_byte_spans`). Where their bytes
+are not UTF-8 (a lead byte never completed, a stray continuation byte) the text holds replacement characters
+(U+FFFD) instead: one per maximal invalid subpart (byte-level BPE decoders, Python's errors="replace") or one per
+byte of a run of byte tokens (SentencePiece's byte fallback, Gemma's). The chain goes on after them (`_resync`).
 """
 
 import re
@@ -33,6 +38,16 @@ _ENDED = -1  # where `_teacher_ends` puts an end-of-text token: nothing follows 
 # A special token's string (`<bos>`, `<start_of_turn>`, `<|im_start|>`): what a server that leaves special tokens out
 # of the text (vLLM's skip_special_tokens, `serve`) still names in the token's log-prob entry.
 _SPECIAL_TOKEN = re.compile(r"<[^\s<>]+>")
+# Special tokens that are not end of text, by the names vLLM and `serve` list them under among the alternatives (with
+# their name's bytes): SentencePiece's and Gemma's, and the `<|...|>` / `<｜...｜>` names of GPT-2, ChatML, Llama 3,
+# Phi, DeepSeek, gpt-oss, Command R. Not every `<...>` (`_SPECIAL_TOKEN`): an alternative has no text to be checked
+# against, and `<table>` or Qwen's `<think>` are text tokens of some teachers.
+_SPECIAL_NAMES = frozenset(
+    {"<bos>", "<s>", "<pad>", "<unk>", "<mask>", "<start_of_turn>", "<start_of_image>", "<end_of_image>"}
+)
+_SPECIAL_NAME = re.compile(r"<\|[^\s<>|]+\|>|<\uff5c[^\s<>]+\uff5c>|<unused\d+>|<image_soft_token>")
+_REPLACEMENT = "\ufffd".encode()  # U+FFFD: what a decoder writes for bytes that are not UTF-8
+_CHECKED = 8  # tokens that must spell the text after replaced bytes (and the character after them) to go on there
 
 
 def _teacher_ends(s: Sample, resp: bytes, i: int, c: int) -> list[int]:
@@ -65,12 +80,20 @@ def _teacher_byte_spans(s: Sample) -> list[tuple[int, int] | None]:
     token that occupies none (a special token the text leaves out, `_teacher_ends`: the tokens after it
     go on). A final end-of-text token has the empty span at the end of the response. A token's bytes are
     the corpus's `token_bytes` where given (exact for a token holding part of a UTF-8 character, which the
-    API spells as a replacement character), else those of its string. Without `tokens` each token is read
-    as the likeliest alternative that continues the text and lets the chain go on farthest (a likelier
-    " the" that is a prefix of the sampled " there" would stop it at the next token)."""
+    API spells as a replacement character), else those of its string. Where the tokens' bytes are not UTF-8
+    and the text holds replacement characters for them, the chain goes on after those (`_resync`; the tokens
+    that start inside the replaced bytes get None). Without `tokens` each token is read as the likeliest
+    alternative that continues the text and lets the chain go on farthest (a likelier " the" that is a prefix
+    of the sampled " there" would stop it at the next token); there (and without `token_bytes`) the chain still
+    stops at replaced bytes: the sampled token, whose bytes the resynchronisation reads, is unknown."""
     resp, n, out, c = s.response.encode("utf-8"), len(s.teacher_alts), [], 0
-    for i in range(n):  # each token's likeliest reading
-        ends = _teacher_ends(s, resp, i, c)
+    while len(out) < n:  # each token's likeliest reading
+        ends = _teacher_ends(s, resp, len(out), c)
+        resumed = None if ends else _resync(s, resp, len(out), c)
+        if resumed is not None:  # the tokens in bytes the text replaced, and where the next one starts
+            spans, c = resumed
+            out += spans
+            continue
         if not ends or ends[0] == _ENDED:
             out += [(c, c)] if ends else []
             break
@@ -79,6 +102,112 @@ def _teacher_byte_spans(s: Sample) -> list[tuple[int, int] | None]:
     if len(out) < n and s.teacher_tokens is None:
         out = _farthest_chain(s, resp)
     return out + [None] * (n - len(out))
+
+
+def _resync(s: Sample, resp: bytes, i: int, c: int) -> tuple[list[tuple[int, int] | None], int] | None:
+    """Where the span chain goes on when teacher token `i`, at byte `c`, parts from the text at a replacement
+    character (U+FFFD) standing for bytes that are not UTF-8 (its own, or the start of a character an earlier
+    token began and it does not finish): (the spans of the tokens from `i` up to the one the chain goes on with,
+    where that one starts); None where the text holds no replacement character there (the chain stops, as
+    before), a token's bytes are not given, or no reading gets past the replacement characters.
+
+    The replaced bytes run from the start of that character to a token's start or, where a token straddles
+    their end (b"\xad\xe6\x96\x87" after b"\xe2": "\ufffd文"), to a byte inside it. Each of the k replacement
+    characters they became stands for 1 to 3 of them (a maximal invalid subpart; one byte of a byte-fallback
+    run), so x replaced bytes give k <= x <= 3k, and the replacement characters after those k are genuine
+    U+FFFD of the tokens after. The first point, in the tokens' order, from which the tokens spell the text
+    past the replacement characters (`_spells_on`) is taken; replaced bytes that end the answer end the chain.
+    Token `i` keeps its start where the replaced bytes begin in it (the text before it is what the teacher had
+    read when it sampled the token); its span is the text its bytes became (up to the end of the replaced bytes
+    where later tokens hold some of them too). The tokens that start inside the replaced bytes get None: the
+    text holds nothing of theirs to start at. (A genuine U+FFFD token next to replaced bytes, a model sampling
+    the character itself, may be read as one of them: dropped, or rarely put one replacement character off.)"""
+    raw = _known_bytes(s, i)
+    q0 = None if raw is None else _replaced_at(resp, raw, c)
+    if q0 is None:
+        return None
+    run_end = q0 + 3
+    while resp.startswith(_REPLACEMENT, run_end):
+        run_end += 3
+    r = (run_end - q0) // 3
+    x = c - q0  # replaced bytes before token j (< 1 for token i: they begin in it)
+    for j in range(i, len(s.teacher_alts)):
+        raw_j = raw if j == i else _known_bytes(s, j)
+        if raw_j is None or x > 3 * r:
+            return None
+        tok = s.teacher_tokens[j] if s.teacher_tokens is not None else ""
+        left_out = j > i and (not raw_j or _SPECIAL_TOKEN.fullmatch(tok) is not None)  # a special token, likely
+        for b in [0] if left_out else range(max(0, 1 - x), len(raw_j)):
+            for k in _replacement_counts(raw_j[b:], x + b, r):
+                e = q0 + 3 * k  # where the text goes on
+                end = _spells_on(s, resp, j, b, e, run_end)
+                if end is None:
+                    continue
+                if (j, b) == (i, 0):  # token i goes on with the text after bytes an earlier token left unfinished
+                    return [], e
+                first = (c, end if j == i else e) if c <= q0 else None
+                inside = [None] * (j - i - 1 + (b > 0 and j > i))  # token j too where it straddles their end
+                return [first] + inside, end if b else e
+        x += 0 if left_out else len(raw_j)
+    if run_end == len(resp) and _replacement_counts(b"", x, r):  # they end the answer
+        return [(c, run_end) if c <= q0 else None] + [None] * (len(s.teacher_alts) - i - 1), run_end
+    return None
+
+
+def _replaced_at(resp: bytes, raw: bytes, c: int) -> int | None:
+    """The start of the replacement character in the text where bytes `raw` laid at byte `c` part from it; None
+    where they part from it elsewhere, or do not."""
+    q = c + next((k for k, (a, b) in enumerate(zip(raw, resp[c:])) if a != b), len(raw))
+    q0 = q  # the start of the text's character where they part
+    while q - 3 < q0 < len(resp) and q0 > 0 and resp[q0] & 0xC0 == 0x80:
+        q0 -= 1
+    return q0 if resp.startswith(_REPLACEMENT, q0) and q < q0 + 3 else None
+
+
+def _replacement_counts(rest: bytes, x: int, r: int) -> range | list[int]:
+    """The numbers k of replacement characters (of the run of `r`) that `x` replaced bytes may have become, the
+    text going on with `rest`: k <= x <= 3k, and all `r` unless `rest` starts with a genuine one."""
+    lo, hi = max(1, -(-x // 3)), min(x, r)
+    if rest.startswith(_REPLACEMENT):
+        return range(lo, hi + 1)
+    return [r] if lo <= r <= hi else []
+
+
+def _spells_on(s: Sample, resp: bytes, j: int, b: int, e: int, run_end: int) -> int | None:
+    """Where token `j` ends if its bytes from `b` on start at byte `e` of the response, and the tokens from there
+    spell the text past the replacement characters that end at `run_end`: the whole character after them, then
+    `_CHECKED` more tokens, or up to the end of the text, the tokens' end, or where they part from it at other
+    replacement characters (the next `_resync`'s). None where they do not (a zero-width reading of token `j` is
+    no evidence). More than the next byte: the lead byte of an emoji that an invalid token left unfinished
+    matches the first byte of the next one, and a byte-fallback run of invalid bytes may hold the character that
+    follows it."""
+    if b == 0:
+        ends = _teacher_ends(s, resp, j, e)
+        if not ends or ends[0] == e:
+            return None
+        pos = e if ends[0] == _ENDED else ends[0]
+    else:
+        rest = _known_bytes(s, j)[b:]
+        if not resp.startswith(rest, e):
+            return None
+        pos = e + len(rest)
+    lead = resp[run_end] if run_end < len(resp) else 0
+    past = min(len(resp), run_end + 1 + (lead >= 0xC0) + (lead >= 0xE0) + (lead >= 0xF0))
+    end, t, checked = pos, j + 1, 0
+    while pos < len(resp) and t < len(s.teacher_alts) and checked < _CHECKED:
+        ends = _teacher_ends(s, resp, t, pos)
+        if not ends:  # past them, at more replaced bytes (the next `_resync`'s), else a wrong reading
+            raw = _known_bytes(s, t)
+            return end if pos >= past and (raw is None or _replaced_at(resp, raw, pos) is not None) else None
+        pos, t, checked = ends[0], t + 1, checked + (pos >= past)
+    return end if pos >= past else None
+
+
+def _known_bytes(s: Sample, i: int) -> bytes | None:
+    """Teacher token `i`'s bytes where the corpus says which token it is (`tokens` or `token_bytes`), else None."""
+    if s.teacher_tokens is None and _given(s.teacher_token_bytes, i) is None:
+        return None
+    return _bytes_of(s.teacher_tokens[i] if s.teacher_tokens is not None else "", _given(s.teacher_token_bytes, i))
 
 
 def _farthest_chain(s: Sample, resp: bytes) -> list[tuple[int, int] | None]:
@@ -133,8 +262,19 @@ def _bytes_of(token: str, raw: bytes | None) -> bytes:
     return raw if raw is not None else bytes(token_bytes_of(token))
 
 
-def _symbol_of_bytes(text: str, raw: bytes) -> int:
-    """`byte_head.teacher_symbol` for an alternative whose true bytes are known (none: end of text)."""
-    if text in byte_head.END_STRINGS or not raw:
+def _special(text: str, raw: bytes | None) -> bool:
+    """Whether a teacher alternative is a special token that is not end of text: its given bytes are none (it
+    spells no text) and its string is not empty (the end of text), or it is a known special token's name
+    (`_SPECIAL_NAMES`) with no other bytes than the name's."""
+    if raw == b"":
+        return text != "" and text not in byte_head.END_STRINGS
+    known = text in _SPECIAL_NAMES or _SPECIAL_NAME.fullmatch(text) is not None
+    return known and text not in byte_head.END_STRINGS and raw in (None, text.encode("utf-8"))
+
+
+def _symbol_of_bytes(text: str, raw: bytes) -> int | None:
+    """`byte_head.teacher_symbol` for an alternative whose true bytes are known (none and no string, or an
+    end-of-text name: end of text); None for a special token that is not end of text (`_special`)."""
+    if text in byte_head.END_STRINGS or (not raw and not text):
         return byte_head.END_SYMBOL
-    return raw[0]
+    return None if _special(text, raw) else raw[0]
