@@ -136,22 +136,52 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     return 1.0
 
 
-def rope_frequencies(cfg: ModelConfig, positions_BxL: jax.Array, segment_ids_BxL: jax.Array):
-    """The inverse frequencies one call rotates with: `rope_inv_freq`'s, but longrope's as transformers 5 switches
-    them per forward call (`dynamic_rope_update`): the long factors' where a token of the call (padding, segment 0,
-    aside) sits past original_max_position (its position + 1 above it), else the short ones' (a traced choice). A
-    cached decoding step is such a call too; transformers' generate() instead recomputes the cache at the crossing."""
+def _segment_reach(positions_BxL: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+    """Per token, 1 + the largest position of its sequence (its run of one segment id along the row; 0 on padding):
+    a segmented running max (`associative_scan`) read at each run's last token."""
+    length = segment_ids_BxL.shape[1]
+    index_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids_BxL.shape)
+    starts_BxL = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxL[:, :1], bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1
+    )
+    ends_BxL = jnp.concatenate([starts_BxL[:, 1:], jnp.ones_like(starts_BxL[:, :1])], axis=1)
+
+    def combine(left, right):  # (a run starts in the right part, its running max)
+        return left[0] | right[0], jnp.where(right[0], right[1], jnp.maximum(left[1], right[1]))
+
+    _, running_BxL = jax.lax.associative_scan(combine, (starts_BxL, positions_BxL.astype(jnp.int32)), axis=1)
+    last_BxL = jax.lax.cummin(jnp.where(ends_BxL, index_BxL, length - 1), axis=1, reverse=True)
+    return jnp.where(segment_ids_BxL > 0, jnp.take_along_axis(running_BxL, last_BxL, axis=1) + 1, 0)
+
+
+def _row_reach(positions_BxC: jax.Array, segment_ids_BxC: jax.Array) -> jax.Array:
+    """Per row [B], 1 + the largest position of its cache slots in use (segment > 0; 0 for none)."""
+    return jnp.max(jnp.where(segment_ids_BxC > 0, positions_BxC, -1), axis=1) + 1
+
+
+def rope_frequencies(cfg: ModelConfig, positions_BxL, segment_ids_BxL, k_pos_BxC=None, k_seg_BxC=None):
+    """The inverse frequencies a call rotates with: `rope_inv_freq`'s [R/2]; longrope's per token [B, L, R/2] (a
+    traced choice), as transformers 5 switches them (`dynamic_rope_update`) for one sequence run alone: the long
+    factors' where the token's sequence (its segment; padding, segment 0, aside) reaches past original_max_position
+    (its largest position + 1 above it), else the short ones', so no sequence depends on the rows or packed
+    neighbours beside it. Cached decoding (`k_pos_BxC` / `k_seg_BxC`: the cache's slots, this call's written) takes
+    each row's reach over its cache; what was cached before the row crossed is kept, short factors and all (a
+    transformers generate() recomputes the whole cache at that crossing, so tokens generated past it differ)."""
     inv_freq = rope_inv_freq(cfg)
     if cfg.rope_scaling is None or cfg.rope_scaling[0] != "longrope":
         return inv_freq
-    reach = jnp.max(jnp.where(segment_ids_BxL > 0, positions_BxL, -1)) + 1
+    if k_pos_BxC is None:
+        reach_BxL = _segment_reach(positions_BxL, segment_ids_BxL)
+    else:
+        reach_BxL = _row_reach(k_pos_BxC, k_seg_BxC)[:, None]
     long_freq = jnp.asarray(rope_inv_freq(cfg, long=True), jnp.float32)
-    return jnp.where(reach > cfg.rope_scaling[1], long_freq, jnp.asarray(inv_freq, jnp.float32))
+    return jnp.where((reach_BxL > cfg.rope_scaling[1])[..., None], long_freq, jnp.asarray(inv_freq, jnp.float32))
 
 
 def apply_rope(x_BxLxNxE: jax.Array, positions_BxL: jax.Array, inv_freq_R2, attention_factor=1.0) -> jax.Array:
-    """Rotates halves (HF `rotate_half` convention) of the first R = 2 * len(inv_freq) dims of each head by angle
-    position * inv_freq, in float32, the other E - R (Phi-3's partial rotary) passed through; cos and sin are
+    """Rotates halves (HF `rotate_half` convention) of the first R dims of each head by angle position * inv_freq
+    (`inv_freq_R2`: [R/2], or per token [B, L, R/2], longrope's `rope_frequencies`), in float32, the other E - R
+    (Phi-3's partial rotary) passed through; cos and sin are
     scaled by `attention_factor` (YaRN's, longrope's; at 1 the computation is the unscaled one, op for op)."""
     angles_BxLxR2 = positions_BxL[..., None].astype(jnp.float32) * jnp.asarray(inv_freq_R2, jnp.float32)
     cos = jnp.cos(angles_BxLxR2)[:, :, None, :]
@@ -288,7 +318,7 @@ class Attention(nnx.Module):
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        inv_freq = rope_frequencies(self.cfg, positions_BxL, segment_ids_BxL)
+        inv_freq = rope_frequencies(self.cfg, positions_BxL, segment_ids_BxL, k_pos, k_seg)
         attention_factor = rope_attention_factor(self.cfg)
         if local is not None and self.cfg.rope_local_theta is not None:  # a scanned flag picks the frequencies
             local_cfg = dataclasses.replace(self.cfg, rope_theta=self.cfg.rope_local_theta, rope_scaling=None)
