@@ -44,6 +44,15 @@ class UserError(ConfigError):
     """Bad command-line input: printed as one sentence, no traceback."""
 
 
+def _mark_failed() -> None:
+    """Tells the other processes of a multi-process run that this one stops with an error
+    (`parallel.distributed.failed`: they stop too, rather than hang in a collective it left); nothing to do where
+    jax.distributed never started (the module is imported only to start it)."""
+    started = sys.modules.get("proxykd_jax.parallel.distributed")
+    if started is not None:
+        started.failed()
+
+
 class PeerLost(RuntimeError):
     """Another process of a multi-process run is gone mid-step: printed as one sentence, exit 1 at once."""
 
@@ -327,7 +336,7 @@ def _run_loaded(stage: str, cfg) -> int:
             f"processes ({plan.mode} start-up); run it once on one host, without NUM_PROCESSES or a multi-host "
             "launcher (prior and the model stages align, posterior, distill, eval and export run on all of them)."
         )
-    distributed.maybe_initialize_distributed(cfg.mesh.distributed, plan=plan)
+    distributed.maybe_initialize_distributed(cfg.mesh.distributed, plan=plan, label=f"proxykd {stage}")
     import jax
 
     # the mesh against the devices, batch sizes against the mesh: all before the run directory exists
@@ -414,15 +423,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(_run_stage(stage, rest))
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, and the shell's status for that signal
+        _mark_failed()
         name = str(e) if str(e) in ("SIGINT", "SIGTERM") else "SIGINT"
         then = "the server stopped" if stage == "serve" else "run the same command again to resume"
         print(f"error: proxykd {stage}: interrupted ({name}); {then}.", file=sys.stderr)
         sys.exit(128 + signal.Signals[name].value)
     except (ProxyKDError, FileNotFoundError, FileExistsError) as e:
         # expected failures: one line, no traceback (anything else is a bug and keeps its traceback)
+        _mark_failed()
         print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:  # train.loop.TrainingDiverged: the message names the step
+        _mark_failed()
         print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except PeerLost as e:
@@ -434,6 +446,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            _mark_failed()
+        raise
+    except BaseException:  # a bug: its traceback, and the run's other processes told
+        _mark_failed()
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -12,7 +12,9 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -196,20 +198,16 @@ def test_distill(base, tmp_path):
     _close(first, second, 1e-5)
 
 
-def test_a_process_whose_peer_is_killed_stops_at_once_in_one_line(base, tmp_path):
-    """`kill -9` of one process mid-distill: the other printed the broken collective's traceback, then waited at
-    jax's shutdown barrier for the heartbeat timeout (100 s) and aborted with a C++ stack trace (exit 134). Now
-    it stops at once: one line, exit 1, the run directory unlocked for the same command on every process."""
-    _, cfg = two_runs(base, tmp_path, "student")
-    with cfg.unlocked():
-        cfg.train.steps, cfg.train.checkpoint_every, cfg.train.log_every = 100_000, 0, 1
-        cfg.mesh.shape.update(data=2, fsdp=1, tensor=1)  # one device each: gloo's socket to the peer breaks
+def _stop_one_of_two(cfg, tmp_path, devices: int, wait_s: float, sig=signal.SIGKILL) -> tuple[int | None, float, str]:
+    """Runs `cfg`'s distill as 2 processes x `devices` CPU devices, sends process 1 `sig` once both are stepping
+    and waits up to `wait_s` for process 0: (its exit code, None if it is still running; seconds from the signal
+    to its exit; its log)."""
     pkl = tmp_path / "cfg.pkl"
     pkl.write_bytes(pickle.dumps(cfg))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = str(REPO)
     logs = [(tmp_path / f"process{i}.log").open("w+") for i in range(2)]
     procs = [
@@ -225,24 +223,80 @@ def test_a_process_whose_peer_is_killed_stops_at_once_in_one_line(base, tmp_path
         for i in range(2)
     ]
     metrics = pathlib.Path(cfg.run.dir) / "student" / "metrics.jsonl"
+    code = None
     try:
         deadline = time.monotonic() + 300
         while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # both processes are stepping
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, logs[0].name
             time.sleep(0.1)
-        procs[1].kill()
-        code = procs[0].wait(timeout=90)  # before jax's heartbeat timeout
+        procs[1].send_signal(sig)
+        killed = time.monotonic()
+        try:
+            code = procs[0].wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            pass
+        took = time.monotonic() - killed
     finally:
         for p in procs:
             p.kill()
             p.wait()
     logs[0].seek(0)
-    err = logs[0].read()
+    return code, took, logs[0].read()
+
+
+def test_a_process_whose_peer_is_killed_stops_at_once_in_one_line(base, tmp_path):
+    """`kill -9` of one process mid-distill: the other printed the broken collective's traceback, then waited at
+    jax's shutdown barrier for the heartbeat timeout (100 s) and aborted with a C++ stack trace (exit 134). Now
+    it stops at once: one line, exit 1, the run directory unlocked for the same command on every process."""
+    _, cfg = two_runs(base, tmp_path, "student")
+    with cfg.unlocked():
+        cfg.train.steps, cfg.train.checkpoint_every, cfg.train.log_every = 100_000, 0, 1
+        cfg.mesh.shape.update(data=2, fsdp=1, tensor=1)  # one device each: gloo's socket to the peer breaks
+    code, _, err = _stop_one_of_two(cfg, tmp_path, devices=1, wait_s=90)  # before jax's heartbeat timeout
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 1 and len(lines) == 1, err[-4000:]
     assert lines[0].startswith("error: proxykd distill: process 0 of 2 lost the others mid-step ("), lines[0]
     assert "another process of this run stopped" in lines[0] and "Traceback" not in err, err[-4000:]
     assert not (pathlib.Path(cfg.run.dir) / "proxykd.lock").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["stopped", "killed"])
+def test_a_process_whose_peer_is_gone_while_its_collective_hangs_stops_in_one_line(base, tmp_path, sig):
+    """Process 1 stops answering mid-distill with 4 devices per process, where process 0's collective hangs
+    instead of breaking (NCCL on GPU): jax's heartbeat check aborted process 0 after
+    mesh.distributed.heartbeat_timeout_s with LOG(FATAL) and a C++ stack trace (exit 134). Now its PeerWatch
+    stops it after that timeout in one line, exit 1, before jax's check (three times the timeout).
+
+    SIGSTOP (a hung host, or a dead one whose sockets stay open) hangs every collective; after `kill -9` some
+    hang (all-reduce) and some break at once (all-to-all, collective permute: the existing one-line path), as the
+    moment falls: both end in one line, exit 1. The lock process 0 leaves is stale: the same command takes it."""
+    from proxykd_jax.context.lock import RunLock
+
+    timeout_s = 4
+    _, cfg = two_runs(base, tmp_path, "student")
+    with cfg.unlocked():
+        cfg.train.steps, cfg.train.checkpoint_every, cfg.train.log_every = 100_000, 0, 1
+        cfg.mesh.shape.update(data=8, fsdp=1, tensor=1)
+        cfg.mesh.distributed.heartbeat_timeout_s = timeout_s
+    code, took, err = _stop_one_of_two(cfg, tmp_path, devices=4, wait_s=3 * timeout_s + 20, sig=sig)
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 1 and len(lines) == 1, (code, err[-4000:])
+    watched = (
+        f"error: proxykd distill: process 0 of 2 lost the others (process 1 sent no heartbeat for {timeout_s} s: "
+        "mesh.distributed.heartbeat_timeout_s): another process of this run is gone or unreachable"
+    )
+    broken = "error: proxykd distill: process 0 of 2 lost the others mid-step ("
+    assert lines[0].startswith(watched) or (sig == signal.SIGKILL and lines[0].startswith(broken)), lines[0]
+    assert lines[0].endswith("run the same command on every process to resume from the last checkpoint."), lines[0]
+    for trace in ("*** Check failure", "Terminating process", "terminate called", "Traceback"):
+        assert trace not in err, err[-4000:]
+    assert not re.search(r"^F\d{4} ", err, re.MULTILINE), err[-4000:]  # an absl FATAL line (F<month><day> ...)
+    if lines[0].startswith(watched):
+        # after the timeout (less the beat, every timeout / 10, it last saw), well before jax's own abort (3x)
+        assert 0.9 * timeout_s <= took < 2 * timeout_s, took
+        lock = RunLock(pathlib.Path(cfg.run.dir) / "proxykd.lock", "distill")
+        lock.acquire()  # left by os._exit: its holder is gone, so it is taken over
+        lock.release()
 
 
 def _numbers(tree, prefix=""):

@@ -11,15 +11,22 @@ Order of precedence (the `mesh.distributed` config group):
    (and not for a stage that runs as one process: the metadata says what the machine is, not how the
    command was started);
 3. otherwise a single process: nothing to start.
+
+A started run is watched (`PeerWatch`): where another process of it goes silent, this one stops in one line
+instead of hanging in its collective until jax's heartbeat check aborts it with a C++ stack trace.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import importlib.util
 import logging
 import os
 import re
+import sys
+import threading
+import time
 import urllib.request
 from collections.abc import Callable, Mapping
 
@@ -114,17 +121,20 @@ def resolve_distributed(
 
 
 def maybe_initialize_distributed(
-    dist_cfg, env: Mapping[str, str] | None = None, plan: DistributedPlan | None = None
+    dist_cfg, env: Mapping[str, str] | None = None, plan: DistributedPlan | None = None, label: str = "proxykd"
 ) -> DistributedPlan:
-    """Starts `jax.distributed` as `plan` says (default: as `resolve_distributed` decides; once), then logs
-    the devices."""
+    """Starts `jax.distributed` as `plan` says (default: as `resolve_distributed` decides; once) and a
+    `PeerWatch` on it (`label`, e.g. "proxykd distill", begins its line), then logs the devices."""
     plan = resolve_distributed(dist_cfg, env) if plan is None else plan
     if plan.mode != "single" and not jax.distributed.is_initialized():
-        heartbeat = {"heartbeat_timeout_seconds": int(dist_cfg.get("heartbeat_timeout_s", 100))}
+        timeout_s = float(dist_cfg.get("heartbeat_timeout_s", 100))
+        # jax's own check, the fallback, well behind the watch's (which ends a run by 1.1x the timeout)
+        heartbeat = {"heartbeat_timeout_seconds": max(3, round(3 * timeout_s))}
         if plan.mode == "explicit":
             jax.distributed.initialize(plan.coordinator_address, plan.num_processes, plan.process_id, **heartbeat)
         else:
             jax.distributed.initialize(**heartbeat)
+        PeerWatch.start(timeout_s, label)
     log.info(
         "jax %s: process %d of %d, %d local / %d global devices (%s), start-up mode %s",
         jax.__version__,
@@ -153,3 +163,152 @@ def lost_peer(err: BaseException) -> str | None:
     if not jax.distributed.is_initialized() or jax.process_count() < 2 or not _PEER_LOST.search(str(err)):
         return None
     return str(err).strip().splitlines()[0][:300]
+
+
+# Where jax's key-value store keeps each process's beat: a counter, "done" once it exits through Python, "lost:<why>"
+# once it stops because another process went silent (why: which one).
+_BEATS = "proxykd/heartbeat/"
+
+
+class PeerWatch:
+    """Stops this process in one line (exit 1) where another process of the run has gone silent.
+
+    Why: where a process is killed and the others' collective hangs instead of breaking (several devices per
+    process on CPU, NCCL on GPU), jax's coordination service notices the missing heartbeats after its timeout
+    and its missed-heartbeat callback aborts every other process with LOG(FATAL) and a C++ stack trace (exit
+    134); the CLI's one-line lost-peer path never runs. jaxlib's `get_distributed_runtime_client` takes a
+    `missed_heartbeat_callback`, but (jaxlib 0.10.2) it calls a Python callable with an `absl::Status` that
+    nanobind cannot convert: std::bad_cast, std::terminate, the same exit 134, the callable never runs. So the
+    processes beat here: a daemon thread writes a counter to jax's key-value store every `interval_s` and reads
+    the others'; where one's counter has not moved for `timeout_s` (seen from here), that process is gone, and
+    this one prints its line and ends at once (os._exit: its main thread is stuck in the collective). jax's own
+    check gets three times the timeout: the fallback where this thread cannot run (the GIL held that long).
+
+    A process that exits through Python writes "done" (atexit) and is no longer watched; one that stops with an
+    error (`failed`, from the CLI) writes "failed", and the others, if still running `timeout_s` later (stuck in a
+    collective it left, not stopping with the same error), stop with a line naming it. Process 0 exits last:
+    jax's coordination service lives in it, and the others would abort at once without it. Where process 0
+    itself dies, that is what happens: jax aborts the others at once, before anything here can run. The
+    run-directory lock is left to the next run, which takes it over as stale (its pid is gone).
+    """
+
+    def __init__(self, client, process: int, count: int, timeout_s: float, label: str = "proxykd", stop=os._exit):
+        self.client, self.process, self.count, self.label, self.stop = client, process, count, label, stop
+        self.timeout_s, self.interval_s = timeout_s, min(timeout_s / 10, 5.0)
+        self.beats, self.done, self.ok = 0, threading.Event(), True
+        self.seen: dict[int, tuple[str, float]] = {}  # process -> (its value, when it last changed as seen here)
+        self._lock = threading.Lock()  # one write at a time: no counter after "done"
+
+    @classmethod
+    def start(cls, timeout_s: float, label: str) -> PeerWatch | None:
+        """Watches the run jax.distributed has just started (None: one process, or a jax without the store)."""
+        from jax._src import distributed as jax_distributed  # the client: no public handle on it
+
+        client = getattr(jax_distributed.global_state, "client", None)
+        store = all(hasattr(client, m) for m in ("key_value_set", "key_value_dir_get"))
+        if jax.process_count() < 2 or not store:  # a jax without the store: its own check alone, as before
+            return None
+        global _watch
+        watch = _watch = cls(client, jax.process_index(), jax.process_count(), timeout_s, label)
+        watch.write(str(watch.beats))
+        atexit.register(watch.leave)
+        threading.Thread(target=watch.run, name="proxykd-peer-watch", daemon=True).start()
+        return watch
+
+    def write(self, value: str) -> bool:
+        """Sets this process's beat to `value`; False where the store cannot be reached or it has left."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            try:
+                self.client.key_value_set(f"{_BEATS}{self.process}", value, allow_overwrite=True)
+            except Exception:  # the coordination service is gone: jax's own check stops this process
+                return False
+            return True
+
+    def read(self) -> dict[int, str] | None:
+        """Every process's beat (None where the store cannot be reached)."""
+        try:
+            return {int(k.rsplit("/", 1)[1]): v for k, v in self.client.key_value_dir_get(_BEATS)}
+        except Exception:
+            return None
+
+    def gone(self, values: dict[int, str] | None, now: float) -> str | None:
+        """Why another process is gone (silent for timeout_s; or what made another one stop), else None. Only
+        beats seen without a gap count: a round that missed the store starts the count over."""
+        if values is None:
+            self.seen.clear()
+            return None
+        for p in range(self.count):
+            value = values.get(p, "")
+            if p == self.process or value == "done":
+                continue
+            if value.startswith("lost:"):
+                return value.removeprefix("lost:")
+            if p not in self.seen or self.seen[p][0] != value:
+                self.seen[p] = (value, now)
+            elif now - self.seen[p][1] >= self.timeout_s:
+                if value == "failed":
+                    return f"process {p} stopped with an error {self.timeout_s:g} s ago"
+                return f"process {p} sent no heartbeat for {self.timeout_s:g} s: mesh.distributed.heartbeat_timeout_s"
+        return None
+
+    def check(self, now: float) -> str | None:
+        """One beat: writes this process's next counter, then judges the others'."""
+        self.beats += 1
+        if not self.write(str(self.beats)):
+            return self.gone(None, now)
+        return self.gone(self.read(), now)
+
+    def line(self, why: str) -> str:
+        return (
+            f"error: {self.label}: process {self.process} of {self.count} lost the others ({why}): another process "
+            "of this run is gone or unreachable, and its own log says why; once that is fixed, run the same command "
+            "on every process to resume from the last checkpoint."
+        )
+
+    def end(self, why: str, clock=time.monotonic) -> None:
+        """Says "lost" (the others stop at once), waits (process 0) up to two beats for the others still
+        beating to say so too, prints the line and stops the process with exit 1."""
+        self.write(f"lost:{why}")
+        deadline = clock() + 2 * self.interval_s
+        while self.process == 0 and clock() < deadline:
+            values = self.read() or {}
+            now = clock()
+            if all(
+                values.get(p) == "done"
+                or values.get(p, "").startswith("lost:")
+                or now - self.seen.get(p, ("", now))[1] >= self.timeout_s
+                for p in range(1, self.count)
+            ):
+                break
+            time.sleep(self.interval_s / 4)
+        print(self.line(why), file=sys.stderr)
+        for handler in logging.getLogger().handlers:  # flushed, not closed: the main thread may still log
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.stop(1)
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval_s):
+            why = self.check(time.monotonic())
+            if why is not None and not self.done.is_set():
+                self.end(why)
+                return
+
+    def leave(self) -> None:
+        """At exit through Python: "done", so that the others stop watching this process; "failed" where it
+        stopped with an error (`failed`)."""
+        self.write("done" if self.ok else "failed")
+        self.done.set()
+
+
+_watch: PeerWatch | None = None  # this process's, once started
+
+
+def failed() -> None:
+    """Marks this process as stopping with an error (the CLI's error paths): the others, if they do not stop too,
+    stop `heartbeat_timeout_s` later with a line naming it, rather than hang in a collective it left."""
+    if _watch is not None:
+        _watch.ok = False

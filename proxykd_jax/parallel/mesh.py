@@ -32,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.distributed.num_processes = 0  # total processes; 0 = env JAX_NUM_PROCESSES or autodetect
     cd.distributed.process_id = -1  # this process's index; -1 = env JAX_PROCESS_ID or autodetect
     cd.distributed.auto = True  # autodetect TPU pod slices and SLURM jobs (jax.distributed.initialize())
-    cd.distributed.heartbeat_timeout_s = 100  # a process silent this long counts as dead: jax stops the others
+    cd.distributed.heartbeat_timeout_s = 100  # a process silent this long counts as dead: the others stop (exit 1)
     return cd
 
 
