@@ -13,13 +13,15 @@ than `window` positions before its own (query position - key position < window, 
 window may be a traced int32 scalar, so that one scanned layer body serves sliding and full layers (a full layer's
 window: a value larger than any position). `cudnn` (packed lengths and static mask types) and `pallas` (static
 masks) cannot take a traced window: with one, `auto` resolves to `cudnn_masked` on GPU (`xla` in float32) and
-to `xla` on TPU, and an explicit `cudnn` or `pallas` is refused. The blocked kernel still skips only the blocks
-above the diagonal (those behind the window are computed, and masked).
+to `xla` on TPU, and an explicit `cudnn` or `pallas` is refused. The blocked kernel also skips the key blocks behind
+the window (a static one, or a traced one with `window_bound`, its static value on the sliding layers; see
+`self_attend`): its attention costs O(L W) instead of O(L^2), exactly while positions grow by at least 1 per index
+within a segment, as the packer's and `positions_from_segments`' do.
 
 Implementations (`model.attention`):
 
-- `blocked`: the block-causal custom-VJP kernel below (`self_attend`), tuned for XLA:CPU; it saves
-  the float32 probabilities of the visible blocks for the backward pass.
+- `blocked`: the block-causal custom-VJP kernels of `blocked_attention.py` (`self_attend`), tuned for XLA:CPU; it saves
+  the float32 probabilities of the visible blocks for the backward pass (with a window, of the window's band).
 - `xla`: `jax.nn.dot_product_attention(implementation="xla")` with a boolean mask built from the
   segment ids and positions (float32 softmax inside jax).
 - `cudnn`: cuDNN fused flash attention (bf16/fp16, NVIDIA Hopper or newer) in its packed-sequence
@@ -38,18 +40,25 @@ Implementations (`model.attention`):
   xla; pallas on TPU; blocked on CPU (with a window: see above).
 
 The cache path used by decoding (`attend`) stays dense: its keys are the cache slots, not the row; it applies the
-window too.
+window too (it could not skip by slot: a prompt's padding slots sit between its tokens and the generated ones).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
-_MASK_VALUE = -1e30
+from proxykd_jax.models.blocked_attention import (  # noqa: F401  (band_plan, causal_blocks re-exported)
+    _band_attend,
+    _in_window,
+    _mask_bias,
+    band_plan,
+    causal_blocks,
+    self_attend,
+)
+
 IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "cudnn_masked", "pallas")
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")  # the names jax gives a GPU platform
 # Segment slots per row of cuDNN's packed layout (`model.attention_segments`; a batch with a row of
@@ -57,26 +66,6 @@ GPU_PLATFORMS = ("gpu", "cuda", "rocm")  # the names jax gives a GPU platform
 # on an H200 at 64 slots it took 20 ms of a 236 ms step, at 2 used segments per row.
 PACKED_MAX_SEGMENTS = 8
 _SPLASH_TILE = 128  # splash attention's default query/key tile (`BlockSizes.get_default()`)
-
-
-def _in_window(q_pos_BxL, k_pos_BxC, window):
-    """Boolean [B, L, C]: the key is less than `window` positions before the query (transformers'
-    `sliding_window_overlay`: key > query - window)."""
-    return q_pos_BxL[:, :, None] - k_pos_BxC[:, None, :] < window
-
-
-def _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, causal_LxC=True, window=None):
-    """Additive float32 mask [B, L, C]: 0 where a query sees a key (same non-zero segment, key
-    position not after the query's, `causal_LxC`, and within `window` when given), else a large negative value."""
-    visible = (
-        (q_seg_BxL[:, :, None] == k_seg_BxC[:, None, :])
-        & (k_seg_BxC[:, None, :] != 0)
-        & (k_pos_BxC[:, None, :] <= q_pos_BxL[:, :, None])
-        & causal_LxC
-    )
-    if window is not None:
-        visible = visible & _in_window(q_pos_BxL, k_pos_BxC, window)
-    return jnp.where(visible, 0.0, _MASK_VALUE).astype(jnp.float32)
 
 
 def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_seg_BxC, window=None):
@@ -102,103 +91,6 @@ def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_s
     probs = (unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)).astype(v_BxCxGxE.dtype)
     out = jnp.einsum("bgmc,bgce->bgme", probs, v_BxGxCxE)
     return out.reshape(b, g, r, l, e).transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
-
-
-def causal_blocks(length: int) -> int:
-    """Query blocks for `self_attend`: the most of 8, 4, 2 that divide `length` into >= 64 rows."""
-    for n in (8, 4, 2):
-        if length % n == 0 and length // n >= 64:
-            return n
-    return 1
-
-
-def _block_probs(q_i, k_c, bias_i, r):
-    """Softmax probabilities (float32) of one query block against its visible key prefix."""
-    b, g, m, _ = q_i.shape
-    s = jnp.einsum("bgme,bgce->bgmc", q_i, k_c, preferred_element_type=jnp.float32)
-    s = (s.reshape(b, g, r, m // r, -1) + bias_i[:, None, None]).reshape(b, g, m, -1)
-    u = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    return u / jnp.sum(u, axis=-1, keepdims=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _causal_core(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r):
-    """Query blocks q[i] ([B, G, R * bq, E], rows of head group g) against keys [0, (i + 1) bq)."""
-    return _causal_core_fwd(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r)[0]
-
-
-def _causal_core_fwd(q, k, v, biases, r):
-    bq = q.shape[3] // r
-    outs, probs = [], []
-    for i in range(q.shape[0]):
-        c = (i + 1) * bq
-        p = _block_probs(q[i], k[:, :, :c], biases[i], r)
-        probs.append(p)
-        outs.append(jnp.einsum("bgmc,bgce->bgme", p.astype(v.dtype), v[:, :, :c]))
-    out = jnp.stack(outs)
-    return out, (q, k, v, tuple(probs), out)
-
-
-def _causal_core_bwd(r, res, dout):
-    q, k, v, probs, out = res
-    bq = q.shape[3] // r
-    f32 = jnp.float32
-    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
-    for i, p in enumerate(probs):
-        c = (i + 1) * bq
-        do = dout[i]
-        dv = dv.at[:, :, :c].add(jnp.einsum("bgmc,bgme->bgce", p.astype(do.dtype), do, preferred_element_type=f32))
-        dp = jnp.einsum("bgme,bgce->bgmc", do, v[:, :, :c], preferred_element_type=f32)
-        delta = jnp.sum(do.astype(f32) * out[i].astype(f32), axis=-1, keepdims=True)
-        ds = (p * (dp - delta)).astype(q.dtype)
-        dq.append(jnp.einsum("bgmc,bgce->bgme", ds, k[:, :, :c]))
-        dk = dk.at[:, :, :c].add(jnp.einsum("bgmc,bgme->bgce", ds, q[i], preferred_element_type=f32))
-    return jnp.stack(dq), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_causal_core.defvjp(_causal_core_fwd, _causal_core_bwd)
-
-
-def self_attend(
-    q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, num_blocks: int | None = None, window=None
-):
-    """Causal self-attention over packed rows (training and scoring; no cache).
-
-    Same mask as `attend` (the `window` in each block's bias) plus index causality (a key after the query in
-    the row is never seen, which packed rows with per-segment positions already imply), so query block i only meets the
-    keys of blocks 0..i: the all-masked blocks above the diagonal are never computed (the L x L
-    work drops to (n + 1) / 2n of it for n blocks). A custom VJP saves the float32 probabilities
-    and applies the softmax backward directly (dS = P (dP - rowsum(dO O))). Measured on the
-    benchmark shapes (B 8, L 256, H 8, E 32, 4 blocks): forward + backward 2x faster than
-    autodiff of `attend`. The probabilities take (n + 1) / 2n of B H L^2 float32 per layer; on an
-    accelerator a fused (flash) kernel would keep only the row statistics (not built: BUILD_NOTES).
-    """
-    b, l, h, e = q_BxLxHxE.shape
-    g = k_BxLxGxE.shape[2]
-    r = h // g
-    n = causal_blocks(l) if num_blocks is None else num_blocks
-    if l % n:
-        raise ValueError(f"self_attend: {n} query blocks do not divide the sequence length {l}.")
-    bq = l // n
-    # one transpose to query blocks [N, B, G, R * bq, E]: each block contiguous, rows ordered (r, t)
-    q = (q_BxLxHxE * jnp.asarray(1 / math.sqrt(e), q_BxLxHxE.dtype)).reshape(b, n, bq, g, r, e)
-    q = q.transpose(1, 0, 3, 4, 2, 5).reshape(n, b, g, r * bq, e)
-    index = jnp.arange(l)
-    biases = []
-    for i in range(n):
-        c = (i + 1) * bq
-        biases.append(
-            _mask_bias(
-                segment_ids_BxL[:, i * bq : c],
-                segment_ids_BxL[:, :c],
-                positions_BxL[:, i * bq : c],
-                positions_BxL[:, :c],
-                (index[None, :c] <= index[i * bq : c, None])[None],
-                window,
-            )
-        )
-    out = _causal_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), tuple(biases), r)
-    return out.reshape(n, b, g, r, bq, e).transpose(1, 0, 4, 2, 3, 5).reshape(b, l, h, e)
 
 
 def visible_mask(positions_BxL, segment_ids_BxL, window=None) -> jax.Array:
@@ -403,16 +295,21 @@ def self_attention(
     implementation: str = "auto",
     max_segments: int = PACKED_MAX_SEGMENTS,
     window=None,
+    window_bound: int | None = None,
 ) -> jax.Array:
     """Causal grouped-query self-attention over packed rows with the chosen implementation.
 
     q [B, L, H, E] (unscaled), k/v [B, L, G, E] with H % G == 0; returns [B, L, H, E] in q's dtype,
-    zero on padding queries (segment 0). `window`: the sliding window (an int or a traced int32 scalar; None: none).
+    zero on padding queries (segment 0). `window`: the sliding window (an int or a traced int32 scalar; None: none);
+    `window_bound`: with a traced one, the int it is on the layers that slide (the blocked kernel skips the keys
+    behind it there, `self_attend`).
     """
     impl = resolve(implementation, q_BxLxHxE.dtype, windowed=window is not None)
     segment_ids_BxL = contiguous_segments(segment_ids_BxL)
     if impl == "blocked":
-        out = self_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, window=window)
+        out = self_attend(
+            q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, window=window, window_bound=window_bound
+        )
     elif impl == "cudnn":
         out = _cudnn_packed(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, max_segments)
     elif impl in ("xla", "cudnn_masked"):

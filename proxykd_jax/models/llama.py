@@ -329,9 +329,9 @@ class Attention(nnx.Module):
         q, k = (q_rot, k_rot) if rope is None else (jnp.where(rope, q_rot, q), jnp.where(rope, k_rot, k))
         if self.cfg.query_pre_attn_scalar is not None:  # the kernels scale by E ** -0.5: make it the scalar's
             q = q * jnp.asarray(math.sqrt(self.cfg.head_dim / self.cfg.query_pre_attn_scalar), dt)
-        window = None
+        window = bound = None
         if self.cfg.windowed:  # every layer slides, or the flag picks the window or one wider than any row
-            window = self.cfg.sliding_window
+            window = bound = self.cfg.sliding_window
             if local is not None:
                 window = jnp.where(local, jnp.int32(window), jnp.int32(np.iinfo(np.int32).max))
         if cache_kv is None:
@@ -344,6 +344,7 @@ class Attention(nnx.Module):
                 implementation=self.cfg.attention,
                 max_segments=self.cfg.attention_segments,
                 window=window,
+                window_bound=bound,  # with a traced window, the blocked kernel's static one (skips the keys behind it)
             )
         else:
             k_cache, v_cache = cache_kv
