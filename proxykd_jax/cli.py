@@ -44,13 +44,14 @@ class UserError(ConfigError):
     """Bad command-line input: printed as one sentence, no traceback."""
 
 
-def _mark_failed() -> None:
-    """Tells the other processes of a multi-process run that this one stops with an error
-    (`parallel.distributed.failed`: they stop too, rather than hang in a collective it left); nothing to do where
-    jax.distributed never started (the module is imported only to start it)."""
+def _mark_failed(code: int) -> None:
+    """Tells the other processes of a multi-process run that this one stops with an error and exit status `code`
+    (`parallel.distributed.failed`: they stop too, rather than hang in a collective it left; it exits with `code`
+    where one of them ends the run first); nothing to do where jax.distributed never started (the module is
+    imported only to start it)."""
     started = sys.modules.get("proxykd_jax.parallel.distributed")
     if started is not None:
-        started.failed()
+        started.failed(code)
 
 
 class PeerLost(RuntimeError):
@@ -423,18 +424,18 @@ def main(argv: list[str] | None = None) -> None:
     try:
         sys.exit(_run_stage(stage, rest))
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, and the shell's status for that signal
-        _mark_failed()
         name = str(e) if str(e) in ("SIGINT", "SIGTERM") else "SIGINT"
+        _mark_failed(128 + signal.Signals[name].value)
         then = "the server stopped" if stage == "serve" else "run the same command again to resume"
         print(f"error: proxykd {stage}: interrupted ({name}); {then}.", file=sys.stderr)
         sys.exit(128 + signal.Signals[name].value)
     except (ProxyKDError, FileNotFoundError, FileExistsError) as e:
         # expected failures: one line, no traceback (anything else is a bug and keeps its traceback)
-        _mark_failed()
+        _mark_failed(2)
         print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:  # train.loop.TrainingDiverged: the message names the step
-        _mark_failed()
+        _mark_failed(1)
         print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except PeerLost as e:
@@ -448,10 +449,10 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(1)
     except SystemExit as e:
         if e.code not in (0, None):
-            _mark_failed()
+            _mark_failed(e.code if isinstance(e.code, int) else 1)
         raise
     except BaseException:  # a bug: its traceback, and the run's other processes told
-        _mark_failed()
+        _mark_failed(1)
         raise
     finally:
         for s, handler in previous.items():

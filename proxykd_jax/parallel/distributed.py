@@ -184,20 +184,27 @@ class PeerWatch:
     this one prints its line and ends at once (os._exit: its main thread is stuck in the collective). jax's own
     check gets three times the timeout: the fallback where this thread cannot run (the GIL held that long).
 
-    A process that exits through Python writes "done" (atexit) and is no longer watched; one that stops with an
-    error (`failed`, from the CLI) writes "failed", and the others, if still running `timeout_s` later (stuck in a
-    collective it left, not stopping with the same error), stop with a line naming it. Process 0 exits last:
-    jax's coordination service lives in it, and the others would abort at once without it. Where process 0
-    itself dies, that is what happens: jax aborts the others at once, before anything here can run. The
-    run-directory lock is left to the next run, which takes it over as stale (its pid is gone).
+    A process that stops through Python leaves (`leave`): "done" at exit, or "failed" as soon as the CLI knows it
+    stops with an error (`failed`). The others no longer watch a "done" one; a "failed" one they stop
+    `timeout_s` later with a line naming it (stuck in a collective it left), unless they stop too (the same error
+    everywhere: every process then meets the others at jax's shutdown barrier and exits with its own status). A
+    process that has left beats no more, but its thread goes on while it waits at that barrier: where another
+    process says "lost" (it will never come), this one exits at once with its own status and no second line (its
+    error is printed already, or it finished), instead of aborting with a C++ stack trace when the barrier fails
+    or process 0 goes. Process 0 exits last: jax's coordination service lives in it, and every process still
+    connected aborts at once without it; so where it stops, it says "lost" first and waits (two beats at most)
+    for the others, which say "lost" just before they go. Where process 0 itself dies, jax aborts the others at
+    once, before anything here can run. The run-directory lock is left to the next run, which takes it over as
+    stale (its pid is gone).
     """
 
     def __init__(self, client, process: int, count: int, timeout_s: float, label: str = "proxykd", stop=os._exit):
         self.client, self.process, self.count, self.label, self.stop = client, process, count, label, stop
         self.timeout_s, self.interval_s = timeout_s, min(timeout_s / 10, 5.0)
-        self.beats, self.done, self.ok = 0, threading.Event(), True
+        self.beats, self.ok, self.code = 0, True, 0  # code: the exit status it leaves with (`leave`)
+        self.left = self.ended = False  # it said "done" or "failed" (`leave`); it is stopping (`end`)
         self.seen: dict[int, tuple[str, float]] = {}  # process -> (its value, when it last changed as seen here)
-        self._lock = threading.Lock()  # one write at a time: no counter after "done"
+        self._lock = threading.Lock()  # one write at a time: no counter after "done", one `leave` or `end`
 
     @classmethod
     def start(cls, timeout_s: float, label: str) -> PeerWatch | None:
@@ -215,16 +222,17 @@ class PeerWatch:
         threading.Thread(target=watch.run, name="proxykd-peer-watch", daemon=True).start()
         return watch
 
+    def _set(self, value: str) -> bool:
+        try:
+            self.client.key_value_set(f"{_BEATS}{self.process}", value, allow_overwrite=True)
+        except Exception:  # the coordination service is gone: jax's own check stops this process
+            return False
+        return True
+
     def write(self, value: str) -> bool:
         """Sets this process's beat to `value`; False where the store cannot be reached or it has left."""
         with self._lock:
-            if self.done.is_set():
-                return False
-            try:
-                self.client.key_value_set(f"{_BEATS}{self.process}", value, allow_overwrite=True)
-            except Exception:  # the coordination service is gone: jax's own check stops this process
-                return False
-            return True
+            return not (self.left or self.ended) and self._set(value)
 
     def read(self) -> dict[int, str] | None:
         """Every process's beat (None where the store cannot be reached)."""
@@ -235,7 +243,8 @@ class PeerWatch:
 
     def gone(self, values: dict[int, str] | None, now: float) -> str | None:
         """Why another process is gone (silent for timeout_s; or what made another one stop), else None. Only
-        beats seen without a gap count: a round that missed the store starts the count over."""
+        beats seen without a gap count: a round that missed the store starts the count over. Once this process
+        has left, only a process that says "lost" counts (the others meet it at jax's shutdown barrier)."""
         if values is None:
             self.seen.clear()
             return None
@@ -245,6 +254,8 @@ class PeerWatch:
                 continue
             if value.startswith("lost:"):
                 return value.removeprefix("lost:")
+            if self.left:
+                continue
             if p not in self.seen or self.seen[p][0] != value:
                 self.seen[p] = (value, now)
             elif now - self.seen[p][1] >= self.timeout_s:
@@ -254,11 +265,25 @@ class PeerWatch:
         return None
 
     def check(self, now: float) -> str | None:
-        """One beat: writes this process's next counter, then judges the others'."""
-        self.beats += 1
-        if not self.write(str(self.beats)):
-            return self.gone(None, now)
+        """One round: writes this process's next counter (until it leaves), then judges the others'."""
+        if not self.left:
+            self.beats += 1
+            if not self.write(str(self.beats)):
+                return self.gone(None, now)
         return self.gone(self.read(), now)
+
+    def _stopped(self, p: int, value: str, now: float) -> bool:
+        """Whether process p has stopped: it said "lost" (its last act) or its counter has been silent for
+        timeout_s; not one that said "done" or "failed", which waits at jax's shutdown barrier."""
+        if value.startswith("lost:"):
+            return True
+        seen = self.seen.get(p)
+        return (
+            value not in ("done", "failed")
+            and seen is not None
+            and seen[0] == value
+            and now - seen[1] >= self.timeout_s
+        )
 
     def line(self, why: str) -> str:
         return (
@@ -267,48 +292,58 @@ class PeerWatch:
             "on every process to resume from the last checkpoint."
         )
 
-    def end(self, why: str, clock=time.monotonic) -> None:
-        """Says "lost" (the others stop at once), waits (process 0) up to two beats for the others still
-        beating to say so too, prints the line and stops the process with exit 1."""
-        self.write(f"lost:{why}")
-        deadline = clock() + 2 * self.interval_s
-        while self.process == 0 and clock() < deadline:
-            values = self.read() or {}
-            now = clock()
-            if all(
-                values.get(p) == "done"
-                or values.get(p, "").startswith("lost:")
-                or now - self.seen.get(p, ("", now))[1] >= self.timeout_s
-                for p in range(1, self.count)
-            ):
-                break
-            time.sleep(self.interval_s / 4)
-        print(self.line(why), file=sys.stderr)
+    def end(self, why: str, clock=time.monotonic, sleep=time.sleep) -> None:
+        """Says "lost" (the others stop at once), prints the line and stops the process with exit 1; one that has
+        left (its error printed, or finished) prints nothing and stops with its own status. Process 0 says it first
+        and waits (up to two beats) for the others to go; the others say it last, just before they go."""
+        with self._lock:
+            if self.ended:
+                return
+            self.ended = True
+        if self.process == 0:
+            self._set(f"lost:{why}")
+            deadline = clock() + 2 * self.interval_s
+            while True:
+                values, now = self.read() or {}, clock()
+                if now >= deadline or all(self._stopped(p, values.get(p, ""), now) for p in range(1, self.count)):
+                    break
+                sleep(self.interval_s / 4)
+            if any(values.get(p, "").startswith("lost:") for p in range(1, self.count)):
+                sleep(min(self.interval_s / 2, 0.5))  # their own exit, just begun, ends before the service does
+        if not self.left:
+            print(self.line(why), file=sys.stderr)
         for handler in logging.getLogger().handlers:  # flushed, not closed: the main thread may still log
             handler.flush()
         sys.stdout.flush()
         sys.stderr.flush()
-        self.stop(1)
+        if self.process != 0:
+            self._set(f"lost:{why}")
+        self.stop(self.code if self.left else 1)
 
     def run(self) -> None:
-        while not self.done.wait(self.interval_s):
+        while True:
+            time.sleep(self.interval_s)
             why = self.check(time.monotonic())
-            if why is not None and not self.done.is_set():
+            if why is not None:
                 self.end(why)
                 return
 
-    def leave(self) -> None:
-        """At exit through Python: "done", so that the others stop watching this process; "failed" where it
-        stopped with an error (`failed`)."""
-        self.write("done" if self.ok else "failed")
-        self.done.set()
+    def leave(self, ok: bool = True, code: int = 1) -> None:
+        """This process stops through Python: "done" (atexit), or "failed" (`failed`, from the CLI's error paths)
+        with `code`, the exit status it stops with (also where a process that says "lost" ends it early)."""
+        with self._lock:
+            if self.left or self.ended:
+                return
+            self.left, self.ok, self.code = True, ok, 0 if ok else code
+            self._set("done" if ok else "failed")
 
 
 _watch: PeerWatch | None = None  # this process's, once started
 
 
-def failed() -> None:
-    """Marks this process as stopping with an error (the CLI's error paths): the others, if they do not stop too,
-    stop `heartbeat_timeout_s` later with a line naming it, rather than hang in a collective it left."""
+def failed(code: int = 1) -> None:
+    """Marks this process as stopping with an error and exit status `code` (the CLI's error paths): the others, if
+    they do not stop too, stop `heartbeat_timeout_s` later with a line naming it, rather than hang in a collective
+    it left."""
     if _watch is not None:
-        _watch.ok = False
+        _watch.leave(ok=False, code=code)
