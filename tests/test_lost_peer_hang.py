@@ -5,6 +5,10 @@ runs are in test_multiprocess_stages.py (`..._while_its_collective_hangs_stops_i
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import ml_collections
 import pytest
 
@@ -154,3 +158,37 @@ def test_the_cli_marks_a_process_that_stops_with_an_error(monkeypatch, capsys, r
     with pytest.raises(SystemExit):
         cli.main(["distill"])
     assert marked == []  # a finished stage is "done"
+
+
+_SIGTERM_AFTER_START = """
+import os, signal, socket, sys, time
+import ml_collections
+from proxykd_jax.parallel import distributed
+
+def handler(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+signal.signal(signal.SIGTERM, handler)
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+cfg = ml_collections.ConfigDict(dict(heartbeat_timeout_s=10))
+distributed.maybe_initialize_distributed(cfg, plan=distributed.DistributedPlan("explicit", f"127.0.0.1:{port}", 1, 0))
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    print("still running")
+except KeyboardInterrupt as e:
+    print("interrupted", e)
+"""
+
+
+def test_sigterm_still_reaches_the_cli_once_jax_distributed_has_started(tmp_path):
+    """jax.distributed.initialize starts jax's preemption notifier, which takes SIGTERM over in C++ while Python
+    still lists the CLI's handler: kill, scancel and a batch system's time limit were ignored (only SIGKILL
+    stopped a multi-process run). The CLI's handler is put back."""
+    script = tmp_path / "sigterm.py"
+    script.write_text(_SIGTERM_AFTER_START)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.stdout.strip().splitlines()[-1] == "interrupted SIGTERM", out.stdout + out.stderr

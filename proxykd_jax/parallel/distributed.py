@@ -24,6 +24,7 @@ import importlib.util
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -130,10 +131,15 @@ def maybe_initialize_distributed(
         timeout_s = float(dist_cfg.get("heartbeat_timeout_s", 100))
         # jax's own check, the fallback, well behind the watch's (which ends a run by 1.1x the timeout)
         heartbeat = {"heartbeat_timeout_seconds": max(3, round(3 * timeout_s))}
+        on_term = signal.getsignal(signal.SIGTERM)
         if plan.mode == "explicit":
             jax.distributed.initialize(plan.coordinator_address, plan.num_processes, plan.process_id, **heartbeat)
         else:
             jax.distributed.initialize(**heartbeat)
+        if callable(on_term) and threading.current_thread() is threading.main_thread():
+            # jax's preemption notifier takes SIGTERM over in C++ (Python still lists the old handler): kill,
+            # scancel and a batch system's time limit were ignored; nothing here uses its preemption sync points
+            signal.signal(signal.SIGTERM, on_term)
         PeerWatch.start(timeout_s, label)
     log.info(
         "jax %s: process %d of %d, %d local / %d global devices (%s), start-up mode %s",
