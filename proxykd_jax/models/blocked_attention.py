@@ -100,17 +100,11 @@ def _causal_core_fwd(q, k, v, biases, r):
 def _causal_core_bwd(r, res, dout):
     q, k, v, probs, out = res
     bq = q.shape[3] // r
-    f32 = jnp.float32
-    dq, dk, dv = [], jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32)
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     for i, p in enumerate(probs):
         c = (i + 1) * bq
-        do = dout[i]
-        dv = dv.at[:, :, :c].add(jnp.einsum("bgmc,bgme->bgce", p.astype(do.dtype), do, preferred_element_type=f32))
-        dp = jnp.einsum("bgme,bgce->bgmc", do, v[:, :, :c], preferred_element_type=f32)
-        delta = jnp.sum(do.astype(f32) * out[i].astype(f32), axis=-1, keepdims=True)
-        ds = (p * (dp - delta)).astype(q.dtype)
-        dq.append(jnp.einsum("bgmc,bgce->bgme", ds, k[:, :, :c]))
-        dk = dk.at[:, :, :c].add(jnp.einsum("bgmc,bgme->bgce", ds, q[i], preferred_element_type=f32))
+        dq_i, dk_c, dv_c = _block_grads(q[i], k[:, :, :c], v[:, :, :c], p, out[i], dout[i])
+        dq, dk, dv = [*dq, dq_i], dk.at[:, :, :c].add(dk_c), dv.at[:, :, :c].add(dv_c)
     return jnp.stack(dq), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -207,7 +207,7 @@ class PeerWatch:
     def __init__(self, client, process: int, count: int, timeout_s: float, label: str = "proxykd", stop=os._exit):
         self.client, self.process, self.count, self.label, self.stop = client, process, count, label, stop
         self.timeout_s, self.interval_s = timeout_s, min(timeout_s / 10, 5.0)
-        self.beats, self.ok, self.code = 0, True, 0  # code: the exit status it leaves with (`leave`)
+        self.beats, self.code = 0, 0  # code: the exit status it leaves with (`leave`)
         self.left = self.ended = False  # it said "done" or "failed" (`leave`); it is stopping (`end`)
         self.seen: dict[int, tuple[str, float]] = {}  # process -> (its value, when it last changed as seen here)
         self._lock = threading.Lock()  # one write at a time: no counter after "done", one `leave` or `end`
@@ -340,7 +340,7 @@ class PeerWatch:
         with self._lock:
             if self.left or self.ended:
                 return
-            self.left, self.ok, self.code = True, ok, 0 if ok else code
+            self.left, self.code = True, 0 if ok else code
             self._set("done" if ok else "failed")
 
 
