@@ -59,12 +59,12 @@ def _teacher_ends(s: Sample, resp: bytes, i: int, c: int) -> list[int]:
     text: one sampled mid-answer that the text leaves out, after which the chain goes on. (Not without
     `tokens`: the sampled token is unknown there, and the end tokens most positions list would let every
     position be read as empty, the search growing with the text.)"""
-    if s.teacher_tokens is not None or _given(s.teacher_token_bytes, i) is not None:
+    raw = _known_bytes(s, i)
+    if raw is not None:
         tok = s.teacher_tokens[i] if s.teacher_tokens is not None else ""
-        raw = _bytes_of(tok, _given(s.teacher_token_bytes, i))
         ends = [c + len(raw)] if raw and resp.startswith(raw, c) else []
     else:
-        tok, alts, raw = "", s.teacher_alts[i], None
+        tok, alts = "", s.teacher_alts[i]
         raws = [_bytes_of(t, _alt_bytes(s, i, j)) for j, (t, _) in enumerate(alts)]
         fits = [(lp, t, j) for j, (t, lp) in enumerate(alts) if t and raws[j] and resp.startswith(raws[j], c)]
         ends = [c + len(raws[j]) for _, _, j in sorted(fits, reverse=True)]
