@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import subprocess
 import sys
 import traceback
 
@@ -186,3 +187,39 @@ def test_a_damaged_restore_silences_its_own_unretrieved_reads_and_nothing_else(t
     ]
     assert not logging.getLogger("asyncio").disabled
     ckpt.close()
+
+
+_EXIT_RIGHT_AFTER_OPENING = """
+import asyncio, sys
+from orbax.checkpoint._src.path import temporary_paths
+real = temporary_paths.cleanup_temporary_paths
+
+async def slow_cleanup(*args, **kwargs):  # the thread is still at work when the interpreter starts to exit
+    await asyncio.sleep(0.5)
+    return await real(*args, **kwargs)
+
+temporary_paths.cleanup_temporary_paths = slow_cleanup
+from proxykd_jax.train.checkpoint import Checkpointer
+ckpt = Checkpointer(sys.argv[1], keep=2)
+print("steps", ckpt.all_steps())
+ckpt.close()
+"""
+
+
+def test_a_stage_that_opens_checkpoints_and_exits_at_once_prints_no_traceback(tmp_path):
+    """orbax removes a killed run's half-written steps in a thread only its first save waits for. A stage
+    that opens the checkpoints and exits before any save (export, a refused resume) raced the interpreter's
+    exit: the thread's `asyncio.to_thread` found the executors shut down and printed `RuntimeError: cannot
+    schedule new futures after shutdown` with its traceback (seen once in CI, on export's bad-step case).
+    The cleanup is slowed here so that the race is always lost on the code before the fix."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    half = folder / "3.orbax-checkpoint-tmp-1733500000000000"  # what a killed save leaves
+    half.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXIT_RIGHT_AFTER_OPENING, str(folder)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "steps []" in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not half.exists(), sorted(p.name for p in folder.iterdir())  # the cleanup ran to its end

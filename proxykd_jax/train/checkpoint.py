@@ -169,6 +169,11 @@ class Checkpointer:
         # resumes may never save that step again (another train.checkpoint_every)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # orbax removes those in a thread that only its first save waits for: a stage that reads a checkpoint
+        # and exits (export, a refused resume) would race interpreter shutdown, which prints a traceback
+        cleanup = getattr(self.manager, "_cleanup_tmp_directory_future", None)
+        if cleanup is not None:
+            cleanup.result()
         self._warned = False
 
     def latest_step(self) -> int | None:
