@@ -100,8 +100,8 @@ def rope_frequencies(cfg: ModelConfig, positions_BxL, segment_ids_BxL, k_pos_BxC
     factors' where the token's sequence (its segment; padding, segment 0, aside) reaches past original_max_position
     (its largest position + 1 above it), else the short ones', so no sequence depends on the rows or packed
     neighbours beside it. Cached decoding (`k_pos_BxC` / `k_seg_BxC`: the cache's slots, this call's written) takes
-    each row's reach over its cache; what was cached before the row crossed is kept, short factors and all (a
-    transformers generate() recomputes the whole cache at that crossing, so tokens generated past it differ)."""
+    each row's reach over its cache; what was cached before the row crossed keeps its short factors, so
+    `sampling.generate` re-prefills a row at its crossing, as transformers' generate() recomputes its cache there."""
     inv_freq = rope_inv_freq(cfg)
     if cfg.rope_scaling is None or cfg.rope_scaling[0] != "longrope":
         return inv_freq

@@ -15,6 +15,12 @@ On a mesh (the model's parameters laid out by `NamedSharding`s) the KV cache is 
 logical axes say: rows over the `batch` mesh axes, key/value heads over the `kv_heads` axes
 (`cache_shardings`); a dimension that does not split evenly over its axes stays whole.
 
+Longrope (Phi-3's `rope_scaling`): a row rotates with the short factors while its positions stay below
+original_max and with the long ones once it reaches past it. At the step whose fed token sits at position
+original_max, that row alone is re-prefilled (`_recross`: its prompt and tokens so far rerun into a fresh cache row,
+the next token's logits taken from that run), as transformers' Phi-3 `generate()` recomputes its cache there; the
+code exists only where a row can cross (static: longrope and P + max_new_tokens > original_max).
+
 Log-probs are those of the model's own distribution (log-softmax of the raw logits, i.e. at
 temperature 1, before top-k/top-p), which is what an OpenAI-style `logprobs` field reports.
 """
@@ -139,6 +145,7 @@ def _constrain(cache, shardings: CacheShardings | None):
         "suppress_tokens",
         "vocab",
         "cache_sharding",
+        "recross",
     ),
 )
 def _generate(
@@ -160,7 +167,10 @@ def _generate(
     suppress_tokens=(),
     vocab=0,
     cache_sharding=None,
+    recross=True,
 ):
+    """`generate`'s jitted loop. `recross` (static; False only to compare with the program without it): re-prefill
+    a longrope row at the step it crosses original_max (see `_recross`)."""
     model = nnx.merge(graphdef, state)
 
     def tokens_only(logits_BxV):  # the ids of a padded embedding are no token: no probability
@@ -179,6 +189,10 @@ def _generate(
     last_BxV = tokens_only(jnp.take_along_axis(logits_BxPxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0])
     stop_S = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     n = max(top_logprobs, 1)
+    scaling = model.cfg.rope_scaling
+    # a row crosses at the step whose fed token sits at original_max: some prompt length in [1, P] and step in
+    # [0, T) reach it only when P + T > original_max; every other model and shape keeps the program without it
+    crossing = recross and scaling is not None and scaling[0] == "longrope" and p + t_max > scaling[1]
 
     carry = dict(
         t=jnp.zeros((), jnp.int32),
@@ -226,7 +240,12 @@ def _generate(
                 c["top_lp"] = c["top_lp"].at[:, c["t"]].set(jnp.where(active_B[:, None], top_lp, 0.0))
         positions_Bx1 = (prompt_lengths_B + c["t"])[:, None].astype(jnp.int32)
         logits_Bx1xV, cache = model.decode(tok_B[:, None], positions_Bx1, jnp.ones((b, 1), jnp.int32), c["cache"])
-        return dict(c, t=c["t"] + 1, logits=tokens_only(logits_Bx1xV[:, 0]), cache=_constrain(cache, cache_sharding))
+        t_next, logits_BxV = c["t"] + 1, tokens_only(logits_Bx1xV[:, 0])  # (in this order: the same program as ever)
+        if crossing:  # rows still going whose fed token sits at original_max: rerun on the long factors
+            crosses_B = ~c["done"] & (positions_Bx1[:, 0] == scaling[1])
+            fed = (prompt_BxP, prompt_lengths_B, c["tokens"], c["t"])
+            logits_BxV, cache = _recross(model, crosses_B, fed, logits_BxV, cache, tokens_only, cache_sharding)
+        return dict(c, t=t_next, logits=logits_BxV, cache=_constrain(cache, cache_sharding))
 
     c = jax.lax.while_loop(cond, body, carry)
     return GenerateOutput(
@@ -236,6 +255,56 @@ def _generate(
         top_ids_BxTxN=c["top_ids"] if top_logprobs else None,
         top_logprobs_BxTxN=c["top_lp"] if top_logprobs else None,
     )
+
+
+def _recross(model, crosses_B, fed, logits_BxV, cache, tokens_only, shardings: CacheShardings | None):
+    """Re-prefills each row of `crosses_B`, one at a time (a `while_loop` over them: nothing runs at a step no row
+    crosses): its prompt and tokens so far (`fed` = (prompt_BxP, prompt_lengths_B, tokens_BxT, step t); token t, the
+    one just fed, at position original_max) rerun alone at positions 0..original_max into a fresh cache row, which
+    thus rotates every key with the long factors, as transformers' Phi-3 recomputes its cache at that step. The row's
+    cache slots and next-token logits (the fed token's, from that run) replace the cached step's; other rows keep
+    theirs. Slot layout as `_generate`'s: prompt at [0, P), token j at P + j; the rerun covers P + min(T,
+    original_max) slots, as a crossing row has fed at most original_max tokens."""
+    prompt_BxP, prompt_lengths_B, tokens_BxT, t = fed
+    p, slots = prompt_BxP.shape[1], cache.positions_BxC.shape[1]
+    generated = min(tokens_BxT.shape[1], model.cfg.rope_scaling[1])
+    row_sharding = None
+    if shardings is not None:  # the batch axes cannot split one row; the others as the whole cache's
+        kv_shape = (1, slots, model.cfg.num_kv_heads, model.cfg.head_dim)
+        row_sharding = CacheShardings(
+            kv=NamedSharding(shardings.kv.mesh, _fit(shardings.kv.spec, kv_shape, shardings.kv.mesh)),
+            rows=NamedSharding(shardings.rows.mesh, _fit(shardings.rows.spec, (1, slots), shardings.rows.mesh)),
+        )
+    j_G = jnp.arange(generated, dtype=jnp.int32)
+
+    def rerun(state):
+        todo_B, logits_BxV, cache = state
+        i = jnp.argmax(todo_B)  # the first row still to rerun
+        length = jax.lax.dynamic_index_in_dim(prompt_lengths_B, i, keepdims=True)  # [1]
+        prompt_1xP = jax.lax.dynamic_slice_in_dim(prompt_BxP, i, 1)
+        tokens_1xG = jax.lax.dynamic_slice_in_dim(tokens_BxT, i, 1)[:, :generated]
+        positions_1xP = jnp.arange(p, dtype=jnp.int32)[None]
+        tokens_1xW = jnp.concatenate([prompt_1xP, tokens_1xG], axis=1)
+        positions_1xW = jnp.concatenate([positions_1xP, length[:, None] + j_G[None]], axis=1)
+        segments_1xW = jnp.concatenate([positions_1xP < length[:, None], (j_G <= t)[None]], axis=1).astype(jnp.int32)
+        fresh = _constrain(model.init_cache(1, slots), row_sharding)
+        logits_1xWxV, fresh = model.decode(tokens_1xW, positions_1xW, segments_1xW, fresh)
+        fresh = _constrain(fresh, row_sharding)
+        last_V = tokens_only(jax.lax.dynamic_index_in_dim(logits_1xWxV[0], p + t, keepdims=False))
+
+        def put(old, new, axis):  # row i of `old` (its rows along `axis`) set to `new`'s one row
+            return jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), i, axis)
+
+        cache = cache._replace(
+            k=jax.tree.map(lambda old, new: put(old, new, old.ndim - 4), cache.k, fresh.k),
+            v=jax.tree.map(lambda old, new: put(old, new, old.ndim - 4), cache.v, fresh.v),
+            positions_BxC=put(cache.positions_BxC, fresh.positions_BxC, 0),
+            segment_ids_BxC=put(cache.segment_ids_BxC, fresh.segment_ids_BxC, 0),
+        )
+        return todo_B.at[i].set(False), logits_BxV.at[i].set(last_V), _constrain(cache, shardings)
+
+    _, logits_BxV, cache = jax.lax.while_loop(lambda state: jnp.any(state[0]), rerun, (crosses_B, logits_BxV, cache))
+    return logits_BxV, cache
 
 
 def generate(
@@ -269,6 +338,11 @@ def generate(
     [B] array of keys, one per row: then each row's tokens depend only on its own key and prompt,
     not on which other rows share the call (how `serve` honours per-request seeds). On a mesh the KV
     cache is sharded by `rules` (default: the standard logical-axis table; see `cache_shardings`).
+
+    Longrope (Phi-3): a row that crosses original_max during the call is re-prefilled at the step whose fed token
+    sits there, its whole sequence rerun on the long factors and the next token's logits taken from that run, so its
+    tokens and log-probs past the crossing are those of transformers' `generate()` for that row alone (a step that
+    costs one prefill of the row).
 
     `limits_B`: each row's own limit on new tokens, in [1, max_new_tokens] (traced: one compiled shape
     serves rows and calls of other limits; None: `max_new_tokens` for every row). With it, what must fit
