@@ -34,7 +34,8 @@ come for every request alike: the first one stops the run with the setting to ch
 answer billed more completion tokens than its limit (reasoning the limit does not bound) stops the run too.
 
 This module checks a run's settings (`check`, without the official client imported) and runs it (`collect`); the
-run itself is `collector.Collector`, with `rate.py`, `failures.py` and `spend.py` (the cap's bookkeeping).
+run itself is `collector.Collector`, with `rate.py`, `failures.py`, `spend.py` (the cap's bookkeeping) and
+`summary.py` (its stats and their wording).
 """
 
 from __future__ import annotations

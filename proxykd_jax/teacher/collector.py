@@ -3,8 +3,8 @@
 Workers (`collect.concurrency`, over one HTTP client per CONNECTIONS_PER_CLIENT of them) take samples off the work
 list; each request waits for the rate limits (`rate.py`), the circuit breaker and the spend cap (`spend.py`), is
 sent as a plain JSON body, and its answer is parsed (`responses.py`), paid for, and appended to the corpus; a
-failure (`failures.py`) is retried with jittered backoff, recorded for its sample, or stops the run. `client.py`
-describes the whole stage and runs it (`client.collect`).
+failure (`failures.py`) is retried with jittered backoff, recorded for its sample, or stops the run; its stats and
+their wording are `summary.py`'s. `client.py` describes the whole stage and runs it (`client.collect`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ except ImportError:  # pragma: no cover - older openai
     import httpx as _http
 
 from proxykd_jax import progress
+from proxykd_jax.teacher import summary
 from proxykd_jax.teacher.failures import Failure, classify
 from proxykd_jax.teacher.journal import DurableAppender, read_declined, read_done_and_billed
 from proxykd_jax.teacher.prompts import CollectError, Prompt, canonical, request_key, sampling_params
 from proxykd_jax.teacher.rate import RateLimiter, acquire_together
 from proxykd_jax.teacher.responses import Answer, parse_answer, reasoning_tokens
 from proxykd_jax.teacher.spend import Spend
+from proxykd_jax.teacher.summary import format_summary  # re-exported: client.collect imports it from here
 
 __all__ = ["Collector", "format_summary"]
 
@@ -88,23 +90,7 @@ class Collector:
                 f"[collect] {self.out}: {unknown} existing records do not match the current "
                 "prompts/sampling config; they are kept as they are"
             )
-        self.stats = {
-            "out": str(self.out),
-            "requested": len(work),
-            "already_done": sum(w[2] in done for w in work),
-            "already_declined": sum(w[2] in declined and w[2] not in done for w in work),
-            "done": 0,
-            "declined": {},
-            "failed": {},
-            "remaining": len(self.todo),
-            "lost": 0,
-            "tokens_in": 0,
-            "tokens_out": 0,
-            "reasoning_tokens": 0,  # of tokens_out: hidden reasoning billed as completion tokens
-            "requests": 0,
-            "retries": 0,
-            "without_logprobs": 0,  # stored answers without the log-probs asked for
-        }
+        self.stats = summary.new_stats(self.out, work, done, declined, len(self.todo))
         self.with_logprobs = 0  # stored answers of this run that carried them
         self.spend = Spend(cfg, billed, self.out)  # the corpus's cost and collect.max_cost
         self.stop_reason: str | None = None  # why the run stopped early (fatal error, breaker, disk)
@@ -486,82 +472,9 @@ class Collector:
             bar.close()
             for client in self.clients:
                 await client.close()
-            self._finish_stats(start)
+            summary.finish_stats(self.stats, self.cfg, self.spend, len(self.todo), time.monotonic() - start)
         return self.stats
 
-    def _finish_stats(self, start: float):
-        stats = self.stats
-        stats["remaining"] = (
-            len(self.todo) - stats["done"] - sum(stats["failed"].values()) - sum(stats["declined"].values())
-        )
-        elapsed = time.monotonic() - start
-        stats["elapsed_s"] = round(elapsed, 3)
-        stats["samples_per_s"] = round(stats["done"] / max(elapsed, 1e-9), 3)
-        if self.cfg.price_input_per_mtok or self.cfg.price_output_per_mtok:
-            stats["cost"] = round(self.spend.cost(stats["tokens_in"], stats["tokens_out"]), 6)
-            stats["corpus_cost"] = round(self.spend.spent(stats), 6)  # of every run (their stored usage) and this run
-
     def outcome(self) -> str | None:
-        """The one-sentence error of a run that stopped or left failures; None when all is done."""
-        s = self.stats
-        n_failed = sum(s["failed"].values())
-        counts = (
-            f"{s['done']} done this run and {s['already_done']} before, {n_failed} failed, "
-            f"{s['remaining']} not yet done, of {s['requested']}"
-        )
-        if self.stop_reason is not None:
-            lost = (
-                f"; {s['lost']} answers that arrived after that could not be stored and will be requested again"
-                if s["lost"]
-                else ""
-            )
-            nowhere = self.spend.lost_note(self.out, self.fail_path)
-            return (
-                f"collect stopped: {self.stop_reason}; {counts}{lost}{nowhere}; finished samples are safe in "
-                f"{self.out} and re-running the same command continues with the rest"
-            )
-        if n_failed and not self.ever_answered:
-            return (
-                f"collect stopped: cannot reach {self.cfg.base_url}: no attempt got an answer (last: "
-                f"{self.last_failure}); check collect.base_url and that the server is running; {counts}"
-            )
-        if n_failed:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["failed"].items()))
-            return (
-                f"collect finished with failures ({reasons}; details in {self.fail_path}); {counts}; "
-                "re-running the same command retries the failed samples"
-            )
-        if s["requested"] and not s["done"] + s["already_done"]:
-            return (
-                "collect stored nothing: every answer was empty or refused "
-                f"({reason_counts(s['declined'])}; details in {self.fail_path}); check the prompts and collect.model"
-            )
-        return None
-
-
-def format_summary(stats: dict) -> str:
-    declined = sum(stats["declined"].values()) + stats["already_declined"]
-    reasoning = f" ({stats['reasoning_tokens']} of them reasoning)" if stats.get("reasoning_tokens") else ""
-    line = (
-        f"[collect] {stats['out']}: {stats['done']} done this run, {stats['already_done']} "
-        f"already done, {stats['remaining']} not yet done, of {stats['requested']}; failed: "
-        f"{reason_counts(stats['failed'])}; answered without usable text: {declined} "
-        f"({reason_counts(stats['declined'])} this run); "
-        f"tokens in/out {stats['tokens_in']}/{stats['tokens_out']}{reasoning}; {stats['requests']} requests "
-        f"({stats['retries']} retries); {stats['samples_per_s']} samples/s"
-    )
-    line += f"; {stats['lost']} answers lost (not stored)" if stats.get("lost") else ""
-    if stats.get("without_logprobs"):
-        line += (
-            f"; {stats['without_logprobs']} answers came without the log-probs asked for "
-            "(stored as text only: no teacher log-probs for them)"
-        )
-    if "cost" not in stats:
-        return line
-    before = stats.get("corpus_cost", stats["cost"]) - stats["cost"]
-    return line + f"; cost {stats['cost']}" + (f" ({stats['corpus_cost']} for the whole corpus)" if before > 0 else "")
-
-
-def reason_counts(by_reason: dict) -> str:
-    """`reason: count, ...` of a stats dict's failed or declined samples ("none" where there are none)."""
-    return ", ".join(f"{k}: {v}" for k, v in sorted(by_reason.items())) or "none"
+        """The one-sentence error of a run that stopped or left failures (`summary.outcome`); None when all is done."""
+        return summary.outcome(self)
