@@ -285,10 +285,13 @@ def self_attend(
     scanned body for a mixed model's sliding and full layers) takes a `lax.cond`: window <= W runs the band, else
     the causal kernel in its log-sum-exp form, which saves each row's log-sum-exp instead of its probabilities (a
     cond's residuals are both branches', allocated on every layer: saved probabilities would cost each sliding
-    layer a full layer's too). Forward + backward against the masked kernel (benchmarks/attention_window.py,
-    XLA:CPU, B 2, H 8, G 2, E 64, a shared 2-core machine): 0.36-0.43x at L 2048, W 256; 0.7-0.8x at L 2048, W 512
-    (one run of five 1.3x); 0.11-0.18x at L 4096, W 256; 0.24-0.31x at L 4096, W 512; a full layer behind the cond
-    0.8-1.4x (its probabilities recomputed). The cond's one-layer temporaries are twice the masked kernel's, but
+    layer a full layer's too). A Python int with `window_bound` (a mixed model's layer whose kind is known when
+    tracing: unrolled, `llama.run_layers`) picks at trace time: the band (the cond's branch, bit for bit) or, for a
+    full layer, the causal kernel that saves its probabilities (as a model without a window; about 1e-7 from the
+    log-sum-exp form): no second branch to trace and compile per layer. Forward + backward against the masked kernel
+    (benchmarks/attention_window.py, XLA:CPU, B 2, H 8, G 2, E 64, a shared 2-core machine): 0.36-0.43x at L 2048,
+    W 256; 0.7-0.8x at L 2048, W 512 (one run of five 1.3x); 0.11-0.18x at L 4096, W 256; 0.24-0.31x at L 4096,
+    W 512; a full layer behind the cond 0.8-1.4x (its probabilities recomputed). The cond's one-layer temporaries are twice the masked kernel's, but
     each layer saves only the band's residuals: jit(grad) through 24 scanned layers (5 of 6 sliding) at L 4096,
     W 512 took 7.0 GB of XLA temporaries instead of 15.7 GB. Without a plan (no block size fits, or a window near
     the row's length) the causal kernel masks the window; without a window it is unchanged.
@@ -299,12 +302,12 @@ def self_attend(
         raise ValueError(f"self_attend: {n} query blocks do not divide the sequence length {l}.")
     args = (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL)
     static = isinstance(window, (int, np.integer))
-    bound = int(window) if static else window_bound
+    bound = window_bound if window_bound is not None or not static else int(window)
     plan = None if window is None or bound is None else band_plan(l, bound, n)
     if plan is None:
         return _causal_attend(*args, n, window)
-    if static:
-        return _band_attend(*args, window, plan)
+    if static:  # picked at trace time (an unrolled layer of a mixed model): a full layer saves its probabilities
+        return _band_attend(*args, window, plan) if window <= bound else _causal_attend(*args, n, window)
     return jax.lax.cond(
         window <= bound,
         lambda *a: _band_attend(*a, plan),

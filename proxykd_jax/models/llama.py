@@ -7,8 +7,9 @@ untied embeddings. Gemma 3's numerics are fields of `ModelConfig`: norms times 1
 GeGLU, norms on the attention and MLP outputs, the query_pre_attn_scalar score scale, and per-layer RoPE
 (`layer_types`: a scanned per-layer flag picks the sliding layers' `rope_local_theta` frequencies). Sliding-window
 attention (Mistral, Qwen2 / Qwen3, Gemma 3: `sliding_window`) on the `layer_types`' sliding layers (every layer
-without them): the same per-layer flag makes a traced window, the model's or one wider than any row. SmolLM3's
-NoPE layers (`rope_layers`): a second scanned per-layer flag keeps q and k unrotated on them.
+without them): the same per-layer flag makes a traced window, the model's or one wider than any row (a static one
+where the layers are unrolled or all of one kind, `run_layers`). SmolLM3's NoPE layers (`rope_layers`): a second
+scanned per-layer flag keeps q and k unrotated on them.
 Parameters are stored in `param_dtype` and cast to the compute `dtype`; logits are always float32. Every
 `nnx.Param` carries `out_sharding=` logical axis names (see docs/CONTRACTS.md); the mesh
 rules in `proxykd_jax.parallel` map them to devices.
@@ -199,9 +200,10 @@ class Attention(nnx.Module):
         rope=None,
     ):
         """Returns (out_BxLxD, (k, v)); with `cache_kv` the new keys/values are written at `index`. `local` (a
-        traced bool, with `cfg.layer_types`): this layer is a sliding one, whose RoPE is `rope_local_theta`'s (where
-        set) and which attends within `sliding_window` (where set). `rope` (a traced bool, with `cfg.rope_layers`):
-        this layer applies RoPE (else q and k go unrotated, SmolLM3's NoPE layers)."""
+        traced bool, or a Python one where known when tracing, with `cfg.layer_types`): this layer is a sliding one,
+        whose RoPE is `rope_local_theta`'s (where set) and which attends within `sliding_window` (where set). `rope`
+        (a traced bool, with `cfg.rope_layers`): this layer applies RoPE (else q and k go unrotated, SmolLM3's NoPE
+        layers)."""
         dt = self.dtype
         q = dense(x_BxLxD, self.wq[...].astype(dt))
         k = dense(x_BxLxD, self.wk[...].astype(dt))
@@ -224,8 +226,11 @@ class Attention(nnx.Module):
         window = bound = None
         if self.cfg.windowed:  # every layer slides, or the flag picks the window or one wider than any row
             window = bound = self.cfg.sliding_window
-            if local is not None:
-                window = jnp.where(local, jnp.int32(window), jnp.int32(np.iinfo(np.int32).max))
+            full = int(np.iinfo(np.int32).max)
+            if isinstance(local, bool):  # known when tracing (`run_layers`): a static window, no lax.cond
+                window = window if local else full
+            elif local is not None:
+                window = jnp.where(local, jnp.int32(window), jnp.int32(full))
         if cache_kv is None:
             out = self_attention(
                 q,
@@ -320,11 +325,17 @@ def run_layers(cfg: ModelConfig, layers: Block, x_BxLxD, positions_BxL, segment_
     or an unrolled loop over the same stacked parameters, each layer under `jax.checkpoint` with
     `cfg.remat`'s policy. With `cache` = (k, v, index, k_pos, k_seg) (k, v [layers, B, C, G, E])
     returns (x, (new_k, new_v)); without, (x, None).
+
+    The `local` flag (`cfg.layer_types`) is scanned with the parameters only where one scanned body serves both
+    layer kinds; unrolled layers, or layers all of one kind, get it as a Python bool (`static`), so that each
+    layer's window is static and the blocked kernel picks its branch at trace time (`self_attend`), not with a
+    `lax.cond` per layer (both branches traced and compiled; under remat XLA kept the conds and their temporaries).
     """
     graphdef, state = nnx.split(layers)
 
-    def body(x, layer_in):
-        layer_state, kv, per_layer = layer_in  # per_layer: the layer's flags, {"local": ..., "rope": ...} where set
+    def body(x, layer_in, static):
+        layer_state, kv, per_layer = layer_in  # per_layer: the layer's traced flags, {"local": ..., "rope": ...}
+        per_layer = {**per_layer, **dict(static)}  # static: the layer's flags known when tracing, (("local", b),)
         block = nnx.merge(graphdef, layer_state)
         if kv is None:
             x, _ = block(x, positions_BxL, segment_ids_BxL, **per_layer)
@@ -333,18 +344,23 @@ def run_layers(cfg: ModelConfig, layers: Block, x_BxLxD, positions_BxL, segment_
         return block(x, positions_BxL, segment_ids_BxL, cache_kv=kv, index=index, k_pos=k_pos, k_seg=k_seg, **per_layer)
 
     if cfg.remat != "none":
-        body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+        body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers, static_argnums=2)
     flags = {}  # per-layer flags, scanned with the parameters: one traced block whatever the layer
-    if cfg.layer_types is not None:
-        flags["local"] = jnp.asarray([t == "sliding_attention" for t in cfg.layer_types])
+    local = None if cfg.layer_types is None else [t == "sliding_attention" for t in cfg.layer_types]
+    if local is not None and cfg.scan_layers and len(set(local)) > 1:
+        flags["local"] = jnp.asarray(local)
     if cfg.rope_layers is not None:
         flags["rope"] = jnp.asarray(cfg.rope_layers)
     xs = (state, None if cache is None else (cache[0], cache[1]), flags)
+
+    def static(i):
+        return () if local is None or "local" in flags else (("local", local[i]),)
+
     if cfg.scan_layers:
-        return jax.lax.scan(body, x_BxLxD, xs)
+        return jax.lax.scan(lambda x, layer_in: body(x, layer_in, static(0)), x_BxLxD, xs)
     outs = []
     for i in range(cfg.num_layers):
-        x_BxLxD, out = body(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], xs))
+        x_BxLxD, out = body(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], xs), static(i))
         outs.append(out)
     return x_BxLxD, None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
