@@ -429,12 +429,14 @@ class Llama(nnx.Module):
             index=jnp.zeros((), jnp.int32),
         )
 
-    def decode(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache: KVCache):
+    def decode(self, tokens_BxT, positions_BxT, segment_ids_BxT, cache: KVCache, logits_at_B=None):
         """Appends T tokens to the cache at `cache.index`; returns (logits_BxTxV float32, new cache).
 
         `segment_ids_BxT` is 0 for tokens that must stay invisible (prompt padding), else the row's
         segment (1 for ordinary generation). Queries see cached keys of their own segment at
-        positions not after theirs.
+        positions not after theirs. `logits_at_B` (int32 [B]): each row's one index along T whose logits
+        alone come back ([B, 1, V]), so that a long call that needs one token's (a re-prefill) never holds
+        [B, T, V] float32.
         """
         index = cache.index
         k_pos = jax.lax.dynamic_update_slice(cache.positions_BxC, positions_BxT.astype(jnp.int32), (0, index))
@@ -443,6 +445,8 @@ class Llama(nnx.Module):
         x, (new_k, new_v) = run_layers(
             self.cfg, self.layers, x, positions_BxT, segment_ids_BxT, (cache.k, cache.v, index, k_pos, k_seg)
         )
+        if logits_at_B is not None:
+            x = jnp.take_along_axis(x, logits_at_B[:, None, None], axis=1)
         logits = self.logits(self.final_norm(x))
         new_cache = KVCache(
             k=new_k,

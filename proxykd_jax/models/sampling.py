@@ -184,9 +184,10 @@ def _generate(
     cache = _constrain(model.init_cache(b, p + t_max), cache_sharding)
     positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     segments_BxP = (positions_BxP < prompt_lengths_B[:, None]).astype(jnp.int32)
-    logits_BxPxV, cache = model.decode(prompt_BxP, positions_BxP, segments_BxP, cache)
+    # each row's last prompt token's logits alone: [B, P, V] float32 is never held (16 GB at B 8, P 4096, V 128k)
+    logits_Bx1xV, cache = model.decode(prompt_BxP, positions_BxP, segments_BxP, cache, logits_at_B=prompt_lengths_B - 1)
     cache = _constrain(cache, cache_sharding)
-    last_BxV = tokens_only(jnp.take_along_axis(logits_BxPxV, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0])
+    last_BxV = tokens_only(logits_Bx1xV[:, 0])
     stop_S = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
     n = max(top_logprobs, 1)
     scaling = model.cfg.rope_scaling
@@ -288,9 +289,10 @@ def _recross(model, crosses_B, fed, logits_BxV, cache, tokens_only, shardings: C
         positions_1xW = jnp.concatenate([positions_1xP, length[:, None] + j_G[None]], axis=1)
         segments_1xW = jnp.concatenate([positions_1xP < length[:, None], (j_G <= t)[None]], axis=1).astype(jnp.int32)
         fresh = _constrain(model.init_cache(1, slots), row_sharding)
-        logits_1xWxV, fresh = model.decode(tokens_1xW, positions_1xW, segments_1xW, fresh)
+        at_1 = jnp.reshape(p + t, (1,)).astype(jnp.int32)  # the fed token's logits alone: [1, W, V] never held
+        logits_1x1xV, fresh = model.decode(tokens_1xW, positions_1xW, segments_1xW, fresh, logits_at_B=at_1)
         fresh = _constrain(fresh, row_sharding)
-        last_V = tokens_only(jax.lax.dynamic_index_in_dim(logits_1xWxV[0], p + t, keepdims=False))
+        last_V = tokens_only(logits_1x1xV[0, 0])
 
         def put(old, new, axis):  # row i of `old` (its rows along `axis`) set to `new`'s one row
             return jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), i, axis)

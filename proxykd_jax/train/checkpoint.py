@@ -173,7 +173,16 @@ class Checkpointer:
         # and exits (export, a refused resume) would race interpreter shutdown, which prints a traceback
         cleanup = getattr(self.manager, "_cleanup_tmp_directory_future", None)
         if cleanup is not None:
-            cleanup.result()
+            try:
+                cleanup.result()
+            except OSError as e:  # a folder this process may read but not write: export of another's run
+                log.warning(
+                    "could not remove the half-written checkpoint steps (*.orbax-checkpoint-tmp-*) in %s (%s); they "
+                    "are skipped, delete them where the folder is writable",
+                    self.directory,
+                    one_line(e),
+                )
+            self.manager._cleanup_tmp_directory_future = None  # waited for: orbax's first save must not raise it again
         self._warned = False
 
     def latest_step(self) -> int | None:
