@@ -116,6 +116,15 @@ def _adapters_maker(llama_cls, lora, mc, rank, alpha, targets):
     return make
 
 
+def _cut(per_layer: tuple, n: int) -> tuple:
+    """A per-layer field (`layer_types`, `rope_layers`) for `n` layers: its first n values (repeated where the
+    model has fewer), the last one replaced by the kind the cut lacks where the model mixes two kinds: a mixed model
+    compiles one scanned body for both (a traced switch), a model of one kind a static one."""
+    cut = tuple(per_layer[i % len(per_layer)] for i in range(n))
+    other = [v for v in per_layer if v != cut[0]]
+    return cut[:-1] + (other[0],) if n > 1 and other and len(set(cut)) == 1 else cut
+
+
 def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPlan]:
     """Lowers and compiles `steps` for `cfg` on `mesh` (abstract inputs); with `layers` both models
     get that many layers. Returns one StepPlan per step."""
@@ -139,7 +148,10 @@ def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPl
 
     def model_cfg(group):
         mc = ModelConfig.from_config(group)
-        return dataclasses.replace(mc, num_layers=layers) if layers else mc
+        if not layers:
+            return mc
+        per_layer = {f: _cut(getattr(mc, f), layers) for f in ("layer_types", "rope_layers") if getattr(mc, f)}
+        return dataclasses.replace(mc, num_layers=layers, **per_layer)
 
     student, proxy = model_cfg(cfg.model), model_cfg(cfg.proxy)
     optimizer = optim.make_optimizer(cfg.optim, max(int(cfg.train.steps), 1))

@@ -6,7 +6,7 @@ import logging
 import ml_collections
 import pytest
 
-from proxykd_jax import cli, plan
+from proxykd_jax import cli, compiled_steps, plan
 from proxykd_jax.config import base_config
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.parallel.mesh import make_mesh
@@ -231,3 +231,29 @@ def test_plan_header_says_a_gpu_run_unrolls_what_the_cpu_plan_scanned(capsys, tm
     assert cli._run_plan(args) == 0
     header = capsys.readouterr().out.split("step |")[0]
     assert "student: model.remat=none, scanned layers (model.scan_layers=auto: a GPU run unrolls them)" in header
+
+
+def test_cut_keeps_both_kinds_of_a_mixed_model():
+    sliding, full = "sliding_attention", "full_attention"
+    gemma = (sliding,) * 5 + (full,)
+    assert compiled_steps._cut(gemma, 2) == (sliding, full)
+    assert compiled_steps._cut(gemma, 4) == (sliding,) * 3 + (full,)
+    assert compiled_steps._cut(gemma, 8) == gemma + (sliding, sliding)
+    assert compiled_steps._cut((True, True, False), 1) == (True,)
+    assert compiled_steps._cut((full,) * 4, 2) == (full, full)
+
+
+def test_a_mixed_model_planned_at_two_depths_extrapolates_to_full_depth():
+    """`--layers=A,B` on a model with per-layer fields (`layer_types`: Gemma 3's sliding and full layers;
+    `rope_layers`: SmolLM3's NoPE layers) was refused: they kept the full depth's length. The cut keeps both kinds,
+    so the scanned body is the full model's and the line through 2 and 4 layers lands on 6."""
+    types = ("sliding_attention",) * 5 + ("full_attention",)
+    cfg = _cfg(
+        num_layers=6, scan_layers=True, sliding_window=8, layer_types=types, rope_layers=(True,) * 3 + (False,) * 3
+    )
+    mesh = make_mesh(cfg.mesh)
+    p2, p4 = plan.plan_steps(cfg, mesh, ("distill",), 2), plan.plan_steps(cfg, mesh, ("distill",), 4)
+    (p6,) = plan.plan_steps(cfg, mesh, ("distill",))
+    (est,) = plan.extrapolate(p2, p4, {"distill": 6})
+    assert abs(est.argument_bytes - p6.argument_bytes) < 0.02 * p6.argument_bytes
+    assert abs(est.total_bytes - p6.total_bytes) < 0.1 * p6.total_bytes
