@@ -119,10 +119,12 @@ def _adapters_maker(llama_cls, lora, mc, rank, alpha, targets):
 def _cut(per_layer: tuple, n: int) -> tuple:
     """A per-layer field (`layer_types`, `rope_layers`) for `n` layers: its first n values (repeated where the
     model has fewer), the last one replaced by the kind the cut lacks where the model mixes two kinds: a mixed model
-    compiles one scanned body for both (a traced switch), a model of one kind a static one."""
+    compiles one scanned body for both (a traced switch), a model of one kind a static one. One layer of a mixed
+    model is of that other kind too: SmolLM3's `rope_layers` then keeps its NoPE layer and per-layer flag, where
+    (True,) would be stored as None, which `ModelConfig` refuses beside `layer_types` (SmolLM3 with a window)."""
     cut = tuple(per_layer[i % len(per_layer)] for i in range(n))
     other = [v for v in per_layer if v != cut[0]]
-    return cut[:-1] + (other[0],) if n > 1 and other and len(set(cut)) == 1 else cut
+    return cut[:-1] + (other[0],) if other and len(set(cut)) == 1 else cut
 
 
 def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPlan]:

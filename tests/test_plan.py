@@ -191,7 +191,9 @@ def test_plan_checks_start_folders_of_the_stages_that_start_from_them_only(tmp_p
 def test_plan_layers_takes_two_depths(capsys):
     assert cli._run_plan(_demo("--steps=eval", "--layers=2")) == 2
     err = capsys.readouterr().err
-    assert "--layers takes two depths A,B with 0 < A < B (e.g. --layers=2,4), got '2'" in err, err
+    assert "--layers takes two depths A,B with 2 <= A < B (e.g. --layers=2,4;" in err and "got '2'" in err, err
+    assert cli._run_plan(_demo("--steps=eval", "--layers=1,2")) == 2
+    assert "got '1,2'" in capsys.readouterr().err
 
 
 def test_eval_row_runs_eval_batch_of_data_rows():
@@ -239,7 +241,7 @@ def test_cut_keeps_both_kinds_of_a_mixed_model():
     assert compiled_steps._cut(gemma, 2) == (sliding, full)
     assert compiled_steps._cut(gemma, 4) == (sliding,) * 3 + (full,)
     assert compiled_steps._cut(gemma, 8) == gemma + (sliding, sliding)
-    assert compiled_steps._cut((True, True, False), 1) == (True,)
+    assert compiled_steps._cut((True, True, False), 1) == (False,)  # one NoPE layer: (True,) would be stored as None
     assert compiled_steps._cut((full,) * 4, 2) == (full, full)
 
 
