@@ -52,6 +52,17 @@ def _tokens(rows: int, length: int) -> np.ndarray:
     return np.random.default_rng().integers(0, VOCAB, (rows, length))
 
 
+@nnx.jit
+def _forward(model, tokens_BxL):
+    return model(tokens_BxL)
+
+
+def _logits(model, tokens_BxL) -> np.ndarray:
+    """`model`'s logits as one compiled program (found in the persistent cache on later runs): run op by op, a
+    forward of these tiny models costs seconds of dispatch, a compile per op and shape."""
+    return np.asarray(_forward(model, jnp.asarray(tokens_BxL)))
+
+
 def _gemma3(**kw):
     """A tiny Gemma 3 with every tensor random (norm weights too, around 0: Gemma's norms scale by 1 + w)."""
     torch.manual_seed(_seed())
@@ -77,7 +88,7 @@ def test_import_matches_transformers(tmp_path, scan, tie):
     tokens = _tokens(2, 40)
     expected = _hf_logits(ref, tokens)
     assert np.std(expected) > 0.5
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(_logits(model, tokens), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_packed_rows_cached_decoding_and_generation_match_transformers(tmp_path):
@@ -127,9 +138,7 @@ def test_old_config_json_forms_are_read_as_transformers_reads_them(tmp_path):
     old_ref = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "old", dtype=torch.float32).eval()
     _, model = hf.load_hf(tmp_path / "old")
     tokens = _tokens(2, 30)
-    np.testing.assert_allclose(
-        np.asarray(model(jnp.asarray(tokens))), _hf_logits(old_ref, tokens), atol=1e-4, rtol=1e-4
-    )
+    np.testing.assert_allclose(_logits(model, tokens), _hf_logits(old_ref, tokens), atol=1e-4, rtol=1e-4)
     # no window key at all: transformers' default window of 4096, within the full context
     no_window = {k: v for k, v in spec.items() if k != "sliding_window"}
     cfg = hf.config_from_hf({**no_window, "max_position_embeddings": 8192})
@@ -193,7 +202,7 @@ def test_export_loads_in_transformers_as_gemma3(tmp_path, scaling, window):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(back).__name__ == "Gemma3ForCausalLM"
     tokens = _tokens(2, 40)
-    np.testing.assert_allclose(_hf_logits(back, tokens), np.asarray(model(jnp.asarray(tokens))), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(_hf_logits(back, tokens), _logits(model, tokens), atol=1e-4, rtol=1e-4)
     assert hf.read_config(tmp_path) == cfg
 
 
@@ -270,7 +279,7 @@ def test_lora_on_a_gemma_model_adapts_its_projections_and_merges():
     rng = np.random.default_rng()
     for b in adapters.b:
         b.set_value(jnp.asarray(rng.normal(0, 0.1, b.get_value().shape), b.get_value().dtype))
-    tokens = jnp.asarray(_tokens(1, 12))
+    tokens = _tokens(1, 12)
     merged = lora.merged(model, adapters)
     by_hand = _randomised(Llama(tiny_config(), rngs=nnx.Rngs(0)))
     nnx.update(by_hand, nnx.state(model))
@@ -278,5 +287,6 @@ def test_lora_on_a_gemma_model_adapts_its_projections_and_merges():
     for path, var in nnx.to_flat_state(nnx.state(by_hand, nnx.Param)):
         if tuple(path) in deltas:
             var.set_value(var.get_value() + deltas[tuple(path)])
-    assert np.abs(np.asarray(merged(tokens)) - np.asarray(model(tokens))).max() > 1e-3
-    np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(by_hand(tokens)), atol=1e-5, rtol=1e-5)
+    merged_logits = _logits(merged, tokens)
+    assert np.abs(merged_logits - _logits(model, tokens)).max() > 1e-3
+    np.testing.assert_allclose(merged_logits, _logits(by_hand, tokens), atol=1e-5, rtol=1e-5)

@@ -294,9 +294,10 @@ def test_eval_scores_the_padded_student_and_proxy(distilled):
     batches = metrics_lib.eval_batches(
         prepared, cfg.eval.split, cfg.data, batch_size=cfg.eval.batch_size, limit=cfg.eval.max_samples
     )
+    forward = nnx.jit(lambda m, *rows: m(*rows))  # (one compile; op by op, a forward costs seconds of dispatch)
     nll = n = 0.0
     for b in batches:
-        logits = np.asarray(proxy(jnp.asarray(b["tokens"]), jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"])))
+        logits = np.asarray(forward(proxy, *(jnp.asarray(b[k]) for k in ("tokens", "positions", "segment_ids"))))
         logp = log_softmax(logits.astype(np.float64)[..., :TOKENS])
         picked = np.take_along_axis(logp, np.asarray(b["targets"])[..., None], -1)[..., 0]
         mask = np.asarray(b["loss_mask"], np.float64) * (np.asarray(b["segment_ids"]) > 0)

@@ -67,6 +67,19 @@ def _phi3(**kw):
     return model
 
 
+@nnx.jit
+def _forward(model, tokens_BxL, segment_ids_BxL):
+    return model(tokens_BxL, None, segment_ids_BxL)
+
+
+def _logits(model, tokens_BxL, segment_ids_BxL=None) -> np.ndarray:
+    """`model`'s logits as one compiled program: run op by op, a forward of these tiny models costs 5-7 s of
+    dispatch, a compile per op and shape (longrope's random factors are constants of the program, so its compile is
+    never found in the persistent cache either)."""
+    segments = None if segment_ids_BxL is None else jnp.asarray(segment_ids_BxL)
+    return np.asarray(_forward(model, jnp.asarray(tokens_BxL), segments))
+
+
 def _greedy_matches(ref, model, prompt: np.ndarray, new: int = 6) -> None:
     key = jax.random.key(0)
     out = generate(model, jnp.asarray(prompt[None]), np.array([len(prompt)]), key, max_new_tokens=new, temperature=0)
@@ -98,12 +111,12 @@ def test_import_matches_transformers(tmp_path, kw, scan):
     tokens = _tokens(2, 40)
     expected = _hf_logits(ref, tokens)
     assert np.std(expected) > 0.5
-    ours = np.asarray(model(jnp.asarray(tokens)))
+    ours = _logits(model, tokens)
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
     if cfg.partial_rotary_factor != 1.0:  # the unrotated dims matter: full-width RoPE computes other logits
         full = Llama(ModelConfig(**{**vars(cfg), "partial_rotary_factor": 1.0, "rope_scaling": None}), rngs=nnx.Rngs(0))
         nnx.update(full, nnx.state(model))
-        assert np.abs(np.asarray(full(jnp.asarray(tokens))) - ours).max() > 1e-2
+        assert np.abs(_logits(full, tokens) - ours).max() > 1e-2
 
 
 @pytest.mark.parametrize(
@@ -127,13 +140,13 @@ def test_longrope_takes_the_long_factors_past_the_original_context(tmp_path):
     assert cfg.rope_scaling[:2] == ("longrope", 16)
     assert llama.rope_attention_factor(cfg) == pytest.approx(np.sqrt(1 + np.log(128 / 16) / np.log(16)), rel=1e-12)
     row = _tokens(1, 40)
-    short, long = np.asarray(model(jnp.asarray(row[:, :12]))), np.asarray(model(jnp.asarray(row)))
+    short, long = _logits(model, row[:, :12]), _logits(model, row)
     np.testing.assert_allclose(short, _hf_logits(ref, row[:, :12]), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(long, _hf_logits(ref, row), atol=1e-4, rtol=1e-4)
     assert np.abs(long[:, :12] - short).max() > 1e-2  # the same tokens, the other factors
     padded = np.concatenate([row[:, :12], np.zeros((1, 30), int)], axis=1)  # padding (segment 0) reaches no further
-    out = model(jnp.asarray(padded), None, jnp.asarray([[1] * 12 + [0] * 30]))
-    np.testing.assert_allclose(np.asarray(out)[:, :12], short, atol=1e-5, rtol=1e-5)
+    out = _logits(model, padded, [[1] * 12 + [0] * 30])
+    np.testing.assert_allclose(out[:, :12], short, atol=1e-5, rtol=1e-5)
     graphdef, state = nnx.split(model)
     decode = jax.jit(lambda st, t, p, cache: nnx.merge(graphdef, st).decode(t, p, jnp.ones_like(p), cache))
     cache, parts = model.init_cache(1, 40), []
@@ -151,6 +164,7 @@ def test_export_loads_back_as_phi3_with_its_fields(tmp_path):
     assert cfg.windowed and cfg.tie_embeddings
     source = json.loads((tmp_path / "src" / "config.json").read_text())
     tokens = _tokens(2, 40)  # past the original 32: the long factors
+    ours = {n: _logits(model, tokens[:, :n]) for n in (20, 40)}  # (the one model both exports are compared with)
     for out, src in ((tmp_path / "with-source", tmp_path / "src"), (tmp_path / "from-config", None)):
         hf.save_hf(model, cfg, out, source=src)
         written = json.loads((out / "config.json").read_text())
@@ -167,8 +181,7 @@ def test_export_loads_back_as_phi3_with_its_fields(tmp_path):
         back = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
         assert type(back).__name__ == "Phi3ForCausalLM"
         for n in (20, 40):
-            theirs = _hf_logits(back, tokens[:, :n])
-            np.testing.assert_allclose(theirs, np.asarray(model(jnp.asarray(tokens[:, :n]))), atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(_hf_logits(back, tokens[:, :n]), ours[n], atol=1e-4, rtol=1e-4)
         assert hf.read_config(out) == cfg
 
 
@@ -187,7 +200,7 @@ def test_export_of_a_config_keeps_an_attention_factor_of_its_own(tmp_path):
     assert written["rope_scaling"]["attention_factor"] == written["rope_parameters"]["attention_factor"] == 1.7
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     tokens = _tokens(2, 30)
-    np.testing.assert_allclose(_hf_logits(back, tokens), np.asarray(model(jnp.asarray(tokens))), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(_hf_logits(back, tokens), _logits(model, tokens), atol=1e-4, rtol=1e-4)
     assert hf.read_config(tmp_path) == cfg
     plain = ModelConfig(**{**vars(cfg), "partial_rotary_factor": 1.0, "rope_scaling": None})
     hf.save_hf(Llama(plain, rngs=nnx.Rngs(0)), plain, tmp_path / "plain")

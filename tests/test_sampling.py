@@ -24,22 +24,27 @@ CFG = ModelConfig(
 
 @pytest.fixture(scope="module")
 def model():
-    m = Llama(CFG, rngs=nnx.Rngs(0))
-    state = nnx.state(m, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(11), len(leaves))
-    nnx.update(
-        m,
-        jax.tree.unflatten(
-            treedef, [0.4 * jax.random.normal(k, x.shape) + (1.0 if x.ndim == 1 else 0.0) for k, x in zip(keys, leaves)]
-        ),
-    )
-    return m
+    @nnx.jit  # (one compiled program: op by op, the init and the draws cost a compile per op and shape)
+    def build():
+        m = Llama(CFG, rngs=nnx.Rngs(0))
+        state = nnx.state(m, nnx.Param)
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.key(11), len(leaves))
+        fresh = [0.4 * jax.random.normal(k, x.shape) + (1.0 if x.ndim == 1 else 0.0) for k, x in zip(keys, leaves)]
+        nnx.update(m, jax.tree.unflatten(treedef, fresh))
+        return m
+
+    return build()
 
 
 @nnx.jit
 def _full_logits(model, tokens_1xW):
     return model(tokens_1xW)
+
+
+@nnx.jit
+def _decode(model, tokens_BxT, positions_BxT, segment_ids_BxT, cache):
+    return model.decode(tokens_BxT, positions_BxT, segment_ids_BxT, cache)
 
 
 def full_logits(model, seq, width=24):
@@ -72,11 +77,11 @@ def test_kv_cache_logits_equal_full_forward(model):
     full = np.stack([full_logits(model, row) for row in tokens])
     cache = model.init_cache(2, 16)
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    logits_pre, cache = model.decode(jnp.asarray(tokens[:, :5]), pos[:, :5], jnp.ones((2, 5), jnp.int32), cache)
+    logits_pre, cache = _decode(model, jnp.asarray(tokens[:, :5]), pos[:, :5], jnp.ones((2, 5), jnp.int32), cache)
     steps = [logits_pre]
     for t in range(5, 12):
-        lg, cache = model.decode(
-            jnp.asarray(tokens[:, t : t + 1]), pos[:, t : t + 1], jnp.ones((2, 1), jnp.int32), cache
+        lg, cache = _decode(
+            model, jnp.asarray(tokens[:, t : t + 1]), pos[:, t : t + 1], jnp.ones((2, 1), jnp.int32), cache
         )
         steps.append(lg)
     np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], 1), full, rtol=1e-5, atol=1e-5)
@@ -252,11 +257,15 @@ def test_per_row_keys_make_rows_independent_of_their_batch(model):
         generate(model, prompts, lengths, keys[:2], max_new_tokens=2)
 
 
+# one compiled program per shape and top_k (as `generate` runs it): op by op, the 20,000-row draws cost seconds
+_sample_logits = jax.jit(sample_logits, static_argnames="top_k")
+
+
 def _draws(logits_V, n, **kw):
     logits = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32), (n, len(logits_V)))
     temperature = jnp.full((n,), kw.pop("temperature", 1.0))
     top_p = jnp.full((n,), kw.pop("top_p", 1.0))
-    return np.asarray(sample_logits(logits, jax.random.key(42), temperature, top_p, **kw))
+    return np.asarray(_sample_logits(logits, jax.random.key(42), temperature, top_p, **kw))
 
 
 def test_top_k_and_top_p_restrict_support():
@@ -368,5 +377,5 @@ def test_nucleus_boundary_ties_are_taken_in_id_order():
     # per-row settings: a row at top_p = 1 keeps every token, a greedy row takes the lowest-id maximum
     rows = jnp.broadcast_to(jnp.asarray(flat, jnp.float32), (3, 10))
     keys = jax.random.split(jax.random.key(1), 3)
-    drawn = sample_logits(rows, keys, jnp.asarray([1.0, 1.0, 0.0]), jnp.asarray([0.35, 1.0, 0.35]))
+    drawn = _sample_logits(rows, keys, jnp.asarray([1.0, 1.0, 0.0]), jnp.asarray([0.35, 1.0, 0.35]))
     assert int(drawn[2]) == 0 and 0 <= int(drawn[0]) <= 3
