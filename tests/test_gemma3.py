@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_hf import _hf_logits, packed_and_cached_match
+from test_hf import _hf_logits, _logits, packed_and_cached_match
 
 from proxykd_jax.align import lora
 from proxykd_jax.models import hf
@@ -50,17 +50,6 @@ def _seed() -> int:
 
 def _tokens(rows: int, length: int) -> np.ndarray:
     return np.random.default_rng().integers(0, VOCAB, (rows, length))
-
-
-@nnx.jit
-def _forward(model, tokens_BxL):
-    return model(tokens_BxL)
-
-
-def _logits(model, tokens_BxL) -> np.ndarray:
-    """`model`'s logits as one compiled program (found in the persistent cache on later runs): run op by op, a
-    forward of these tiny models costs seconds of dispatch, a compile per op and shape."""
-    return np.asarray(_forward(model, jnp.asarray(tokens_BxL)))
 
 
 def _gemma3(**kw):

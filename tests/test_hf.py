@@ -50,6 +50,18 @@ def _hf_logits(model, tokens):
         return model(torch.tensor(tokens)).logits.numpy()
 
 
+@nnx.jit
+def _forward(model, tokens_BxL, segment_ids_BxL):
+    return model(tokens_BxL, None, segment_ids_BxL)
+
+
+def _logits(model, tokens_BxL, segment_ids_BxL=None) -> np.ndarray:
+    """Our `model`'s logits as one compiled program, to set beside `_hf_logits`: run op by op, a forward of these
+    tiny models costs seconds of dispatch, a compile per op and shape, never found in the persistent cache."""
+    segments = None if segment_ids_BxL is None else jnp.asarray(segment_ids_BxL)
+    return np.asarray(_forward(model, jnp.asarray(tokens_BxL), segments))
+
+
 def packed_and_cached_match(ref, model, draw) -> np.ndarray:
     """Checks an imported `model` against transformers' `ref` on packed and padded rows (sequences of 6 and 9
     tokens, then a padding tail; and one of 19), each sequence as if alone, and a prompt prefill then two steps of

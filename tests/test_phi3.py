@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_hf import _hf_logits, packed_and_cached_match
+from test_hf import _hf_logits, _logits, packed_and_cached_match
 from test_hf_sharded import _bits, _CountingReads, _mesh
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -65,19 +65,6 @@ def _phi3(**kw):
         for p in model.parameters():
             p.copy_(1 + 0.2 * torch.randn_like(p) if p.ndim == 1 else 0.2 * torch.randn_like(p))
     return model
-
-
-@nnx.jit
-def _forward(model, tokens_BxL, segment_ids_BxL):
-    return model(tokens_BxL, None, segment_ids_BxL)
-
-
-def _logits(model, tokens_BxL, segment_ids_BxL=None) -> np.ndarray:
-    """`model`'s logits as one compiled program: run op by op, a forward of these tiny models costs 5-7 s of
-    dispatch, a compile per op and shape (longrope's random factors are constants of the program, so its compile is
-    never found in the persistent cache either)."""
-    segments = None if segment_ids_BxL is None else jnp.asarray(segment_ids_BxL)
-    return np.asarray(_forward(model, jnp.asarray(tokens_BxL), segments))
 
 
 def _greedy_matches(ref, model, prompt: np.ndarray, new: int = 6) -> None:
