@@ -302,7 +302,7 @@ def self_attend(
         raise ValueError(f"self_attend: {n} query blocks do not divide the sequence length {l}.")
     args = (q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL)
     static = isinstance(window, (int, np.integer))
-    bound = window_bound if window_bound is not None or not static else int(window)
+    bound = int(window) if static and window_bound is None else window_bound
     plan = None if window is None or bound is None else band_plan(l, bound, n)
     if plan is None:
         return _causal_attend(*args, n, window)
