@@ -211,6 +211,8 @@ class PeerWatch:
         self.left = self.ended = False  # it said "done" or "failed" (`leave`); it is stopping (`end`)
         self.seen: dict[int, tuple[str, float]] = {}  # process -> (its value, when it last changed as seen here)
         self._lock = threading.Lock()  # one write at a time: no counter after "done", one `leave` or `end`
+        self._closing = threading.Event()  # jax's shutdown barrier is passed: the thread stops (`finish`)
+        self._thread: threading.Thread | None = None
 
     @classmethod
     def start(cls, timeout_s: float, label: str) -> PeerWatch | None:
@@ -224,8 +226,9 @@ class PeerWatch:
         global _watch
         watch = _watch = cls(client, jax.process_index(), jax.process_count(), timeout_s, label)
         watch.write(str(watch.beats))
-        atexit.register(watch.leave)
-        threading.Thread(target=watch.run, name="proxykd-peer-watch", daemon=True).start()
+        atexit.register(watch.finish)  # (before jax's own exit hook, registered when jax was imported)
+        watch._thread = threading.Thread(target=watch.run, name="proxykd-peer-watch", daemon=True)
+        watch._thread.start()
         return watch
 
     def _set(self, value: str) -> bool:
@@ -327,12 +330,23 @@ class PeerWatch:
         self.stop(self.code if self.left else 1)
 
     def run(self) -> None:
-        while True:
-            time.sleep(self.interval_s)
+        while not self._closing.wait(self.interval_s):
             why = self.check(time.monotonic())
             if why is not None:
                 self.end(why)
                 return
+
+    def finish(self) -> None:
+        """At exit: says "done" (unless it failed), waits at jax's shutdown barrier while the thread still watches
+        (a process that says "lost" there ends this one with its own status), then stops the thread and waits for it.
+        Left running, the thread could be inside a call to the coordination client when the interpreter finalizes:
+        a daemon thread that comes back from C++ then is unwound, which aborts the process ("FATAL: exception not
+        rethrown") after a run that succeeded."""
+        self.leave()
+        jax.distributed.shutdown()  # what jax's own exit hook does after this one (then a no-op)
+        self._closing.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.interval_s + 10)
 
     def leave(self, ok: bool = True, code: int = 1) -> None:
         """This process stops through Python: "done" (atexit), or "failed" (`failed`, from the CLI's error paths)
