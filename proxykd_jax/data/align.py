@@ -4,7 +4,9 @@ Two rules (docs/TOKENIZERS.md), chosen by `data.teacher_head`:
 
 - `exact` (the teacher's tokenizer is ours): a teacher position is kept when its byte span in the
   response equals the span of exactly one of our response tokens; its alternatives are mapped where
-  each is a single token of our vocabulary, and the rest of its probability is counted as unmapped.
+  each is a single token of our vocabulary (a special token given with empty bytes, as a server that leaves
+  it out of the text lists `<|im_end|>`, by its name: `SampleEncoder._alt_id`), and the rest of its
+  probability is counted as unmapped.
   Positions whose span covers zero or several of our tokens are dropped and counted.
 - `bytes` (another tokenizer): teacher token boundaries are matched to our token starts by byte
   offset; at each of our positions that starts on a teacher boundary the alternatives are summed by
@@ -34,7 +36,7 @@ from proxykd_jax.data.teacher_positions import (
     _teacher_byte_starts,
 )
 from proxykd_jax.models.tokenizer import TEMPLATE_ERRORS, chat_prompt, end_of_turn_id
-from proxykd_jax.teacher.token_bytes import BYTE_TOKEN
+from proxykd_jax.teacher.token_bytes import BYTE_TOKEN, special_ids
 
 HEADS = ("exact", "bytes")
 _ALT_CACHE_MAX = 1 << 18  # teacher alternatives whose id an encoder remembers (forgotten when full)
@@ -156,10 +158,12 @@ class SampleEncoder:
         self._token_bytes = byte_head.token_bytes(tokenizer)
         self._ids_by_bytes: dict[bytes, int] | None = None  # built on the first partial-UTF-8 alternative
         self._symbol = functools.lru_cache(maxsize=1 << 16)(lambda t: byte_head.teacher_symbol(t))
-        self._alt_ids_seen: dict[str | bytes, int] = {}  # `_alt_id` by the bytes where given, else the text
+        self._alt_ids_seen: dict[str | bytes | tuple[str], int] = {}  # `_alt_id` by what it depends on: `_alt_ids`
         self._dummy_prefix = _adds_dummy_prefix(tokenizer, self._token_bytes)
         self._prefixes_alone = _prefixes_alone(tokenizer, self._token_bytes)
         self._added = tokenizer.get_added_vocab()  # "</s>" is the eos, tokenised alone as it is
+        # Our special and added tokens by name: what a teacher alternative with empty bytes is read as (`_alt_id`).
+        self._named = {**{tokenizer.convert_ids_to_tokens(i): i for i in special_ids(tokenizer)}, **self._added}
 
     def _in_context(self, text: str) -> str:
         """The text to tokenise for `text` as it reads after a prompt: without its leading space where our
@@ -197,7 +201,15 @@ class SampleEncoder:
     def _alt_id(self, text: str, raw: bytes | None) -> int:
         """Our token id of a teacher alternative (-1: not one of our tokens), from its bytes (`raw`
         where the corpus gives them): by tokenising their text, or, for bytes that are not whole
-        UTF-8 (which an API spells as a replacement character or `bytes:\\xNN`), by our tokens' bytes."""
+        UTF-8 (which an API spells as a replacement character or `bytes:\\xNN`), by our tokens' bytes.
+
+        Given empty bytes, by its name: a special token that the server leaves out of the text (vLLM's
+        skip_special_tokens, `serve`) still names it, `<|im_end|>` with `bytes: []`, and the teacher's tokenizer
+        is ours here, so the name is our special or added token of that string (the end of turn's probability is
+        what teaches the student to stop). A name that is none of ours, or the empty string (end of text, which
+        names no token; with its bytes omitted it is not mapped either), stays unmapped."""
+        if raw == b"":
+            return self._named.get(text, -1)
         raw = _bytes_of(text, raw)
         try:
             return self._single_id(raw.decode("utf-8"))
@@ -206,11 +218,12 @@ class SampleEncoder:
 
     def _alt_ids(self, alts, raws) -> list[int]:
         """`_alt_id` of each alternative of one teacher position (`raws`: their bytes, None where not
-        given), remembered by the bytes where given, else by the text: what it depends on."""
+        given), remembered by what it depends on: the bytes where given and not empty, else the text (in a
+        1-tuple where the bytes are empty: read by its name, another rule than for the text without bytes)."""
         seen = self._alt_ids_seen
         if len(seen) > _ALT_CACHE_MAX:
             seen.clear()
-        keys = [text if raw is None else raw for (text, _), raw in zip(alts, raws)]
+        keys = [text if raw is None else raw if raw else (text,) for (text, _), raw in zip(alts, raws)]
         out = list(map(seen.get, keys))
         if None in out:
             for j, key in enumerate(keys):
