@@ -55,7 +55,12 @@ def _mark_failed(code: int) -> None:
 
 
 class PeerLost(RuntimeError):
-    """Another process of a multi-process run is gone mid-step: printed as one sentence, exit 1 at once."""
+    """Another process of a multi-process run is gone mid-step: printed as one sentence, exit 1 at once. `why`
+    is what the run's other processes are told (`parallel.distributed.lost`)."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
 
 
 def stage_help(stage: str) -> str:
@@ -307,7 +312,8 @@ def _run_stage(stage: str, argv: list[str]) -> int:
                 raise PeerLost(
                     f"process {jax.process_index()} of {jax.process_count()} lost the others mid-step ({said}): "
                     "another process of this run stopped, and its own log says why; once that is fixed, run the "
-                    "same command on every process to resume from the last checkpoint."
+                    "same command on every process to resume from the last checkpoint.",
+                    why=f"process {jax.process_index()}'s collective broke mid-step: {said}",
                 ) from e
         if line is None:
             raise
@@ -441,8 +447,14 @@ def main(argv: list[str] | None = None) -> None:
     except PeerLost as e:
         # jax's exit would wait at a shutdown barrier for the lost process until its heartbeat times out, then
         # abort with a C++ stack trace; the run-directory lock is released already (a save cut short is a
-        # checkpoint's temporary folder, which the next run removes)
-        print(f"error: proxykd {stage}: {one_line(e)}", file=sys.stderr)
+        # checkpoint's temporary folder, which the next run removes). The run's watch says "lost" (the others stop
+        # at once, naming the cause; process 0, which holds jax's coordination service, waits for them first),
+        # prints the line and exits 1; without a watch (one process) it returns
+        from proxykd_jax.parallel import distributed
+
+        line = f"error: proxykd {stage}: {one_line(e)}"
+        distributed.lost(e.why, line)
+        print(line, file=sys.stderr)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -5,9 +5,11 @@ runs are in test_multiprocess_stages.py (`..._while_its_collective_hangs_stops_i
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+import threading
 
 import ml_collections
 import pytest
@@ -192,3 +194,137 @@ def test_sigterm_still_reaches_the_cli_once_jax_distributed_has_started(tmp_path
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
     assert out.stdout.strip().splitlines()[-1] == "interrupted SIGTERM", out.stdout + out.stderr
+
+
+# The CLI's lost-peer path: a process whose collective broke because another process is gone (gloo's error on CPU)
+_GLOO = "Gloo AllReduce failed: [pair.cc:598] Connection reset by peer [127.0.0.1]:41234\nmore of jax's message"
+_BROKE = "'s collective broke mid-step: Gloo AllReduce failed: [pair.cc:598] Connection reset by peer [127.0.0.1]:41234"
+
+
+class Exited(Exception):
+    """`os._exit` in these tests: the process stops here."""
+
+
+def _exit(code):
+    raise Exited(code)
+
+
+def _collective_breaks(monkeypatch, watch) -> int:
+    """`proxykd distill` on `watch`'s process, whose collective breaks mid-step (`lost_peer` reads it as it would
+    once jax.distributed has started); the exit status it stops with."""
+    from proxykd_jax import cli
+
+    def run_loaded(stage, cfg):
+        raise RuntimeError(_GLOO)
+
+    monkeypatch.setattr(cli, "load_config", lambda stage, argv: None)
+    monkeypatch.setattr(cli, "_run_loaded", run_loaded)
+    monkeypatch.setattr(distributed, "lost_peer", lambda e: str(e).splitlines()[0])
+    monkeypatch.setattr(distributed.jax, "process_index", lambda: watch.process)
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: watch.count)
+    monkeypatch.setattr(distributed, "_watch", watch)
+    monkeypatch.setattr(os, "_exit", _exit)
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: None)  # (the path without a watch: pytest's logs)
+    watch.stop = _exit
+    with pytest.raises(Exited) as exited:
+        cli.main(["distill"])
+    return exited.value.args[0]
+
+
+def _cli_line(p, count=3):
+    return (
+        f"error: proxykd distill: process {p} of {count} lost the others mid-step (Gloo AllReduce failed: [pair.cc:598]"
+        " Connection reset by peer [127.0.0.1]:41234): another process of this run stopped, and its own log says why;"
+        " once that is fixed, run the same command on every process to resume from the last checkpoint.\n"
+    )
+
+
+def test_a_process_whose_collective_broke_says_lost_and_prints_the_clis_line(monkeypatch, capsys):
+    """Process 2 is killed; process 1's collective breaks: it said nothing in the store, so the others waited
+    `heartbeat_timeout_s` and then named the wrong process (process 1, silent since). It now says "lost:<why>" (its
+    last act, after its one line, as `PeerWatch.end`)."""
+    store, (w0, w1, w2), stopped = _watches()
+    for w in (w0, w1, w2):
+        w.check(0.0)
+    assert _collective_breaks(monkeypatch, w1) == 1
+    assert capsys.readouterr().err == _cli_line(1)  # the CLI's line, once
+    assert store.kv["proxykd/heartbeat/1"] == "lost:process 1" + _BROKE
+    assert stopped == []
+
+
+def test_the_others_stop_at_once_naming_the_broken_collective(monkeypatch, capsys):
+    """After process 1 took the lost-peer path, process 0 and process 2 (stuck in a collective that hangs, say)
+    stop at their next round, their line naming process 1's broken collective, not a silent process."""
+    store, (w0, w1, w2), stopped = _watches()
+    for w in (w0, w1, w2):
+        w.check(0.0)
+    _collective_breaks(monkeypatch, w1)
+    capsys.readouterr()
+    why = "process 1" + _BROKE
+    assert w2.check(0.5) == why and w0.check(0.5) == why  # at once, not timeout_s (4 s) later
+    w2.end(why)
+    assert stopped == [1] and capsys.readouterr().err == (
+        f"error: proxykd distill: process 2 of 3 lost the others ({why}): another process of this run is gone or "
+        "unreachable, and its own log says why; once that is fixed, run the same command on every process to resume "
+        "from the last checkpoint.\n"
+    )
+
+
+def test_process_0_on_the_lost_peer_path_says_lost_first_and_waits_for_the_others(monkeypatch, capsys):
+    """Process 2 is killed; process 0's collective breaks while process 1 still runs. Process 0 went at once and
+    took jax's coordination service with it: process 1 aborted with jax's C++ stack trace. Now process 0 says
+    "lost" first and waits (two beats at most, as `PeerWatch.end`) for process 1 to read it and go."""
+    store, (w0, w1, w2), stopped = _watches()
+    for w in (w0, w1, w2):
+        w.check(0.0)
+    clock, order = [1.0], []
+
+    def sleep(seconds):  # process 0 waits a quarter beat at a time; every beat, process 1's watch runs a round
+        clock[0] += seconds
+        order.append(("process 1 sees", store.kv["proxykd/heartbeat/0"][:5]))
+        if len(order) % 4 == 0 and (why := w1.check(clock[0])) is not None:
+            w1.end(why)
+            order.append(("process 1 stopped", stopped[-1]))
+
+    monkeypatch.setattr(
+        distributed.PeerWatch, "end", functools.partialmethod(PeerWatch.end, clock=lambda: clock[0], sleep=sleep)
+    )
+    assert _collective_breaks(monkeypatch, w0) == 1
+    assert order[0] == ("process 1 sees", "lost:") and ("process 1 stopped", 1) in order
+    assert clock[0] == pytest.approx(1.0 + 2 * w0.interval_s + w0.interval_s / 2)  # two beats for process 2, dead
+    err = capsys.readouterr().err.splitlines(keepends=True)
+    assert err[-1] == _cli_line(0) and err[0].startswith(
+        "error: proxykd distill: process 1 of 3 lost the others (process 0" + _BROKE
+    )
+    assert store.kv["proxykd/heartbeat/0"] == "lost:process 0" + _BROKE
+
+
+def test_without_a_watch_the_lost_peer_path_is_the_clis_own(monkeypatch, capsys):
+    """One process, or a jax without the key-value store: `lost` returns and prints nothing (the CLI prints its
+    line and exits 1 as before)."""
+    monkeypatch.setattr(distributed, "_watch", None)
+    assert distributed.lost("process 1" + _BROKE, _cli_line(1)) is None
+    assert capsys.readouterr().err == ""
+
+
+def test_a_second_end_waits_for_the_first_to_stop_the_process(capsys):
+    """Process 0's watch ends the run (another process said "lost") and is waiting for the others when its own
+    collective breaks: the CLI's lost-peer path must not stop process 0 before the watch's wait is over (it went
+    at once, and jax aborted the others still connected)."""
+    store, (w0, w1), _ = _watches(count=2)
+    waiting, release, order = threading.Event(), threading.Event(), []
+    w0.stop = lambda code: order.append(("the watch stops it", code))
+
+    def sleep(seconds):
+        waiting.set()
+        release.wait(10)
+
+    first = threading.Thread(target=w0.end, args=("process 1 sent no heartbeat",), kwargs=dict(sleep=sleep))
+    first.start()
+    assert waiting.wait(10)
+    threading.Timer(0.3, release.set).start()
+    w0.end("process 0" + _BROKE, line=_cli_line(0, 2))  # the main thread: waits for the first, prints nothing
+    order.append("the second end returns")
+    first.join(10)
+    assert order == [("the watch stops it", 1), "the second end returns"]
+    assert capsys.readouterr().err.count("\n") == 1

@@ -252,7 +252,9 @@ def test_a_process_whose_peer_is_killed_stops_at_once_in_one_line(base, tmp_path
     with cfg.unlocked():
         cfg.train.steps, cfg.train.checkpoint_every, cfg.train.log_every = 100_000, 0, 1
         cfg.mesh.shape.update(data=2, fsdp=1, tensor=1)  # one device each: gloo's socket to the peer breaks
-    code, _, err = _stop_one_of_two(cfg, tmp_path, devices=1, wait_s=90)  # before jax's heartbeat timeout
+        # process 0 says "lost" and waits two beats (timeout / 10 each) for a peer that might still be stopping
+        cfg.mesh.distributed.heartbeat_timeout_s = 20
+    code, _, err = _stop_one_of_two(cfg, tmp_path, devices=1, wait_s=90)  # past jax's own abort (3 x 20 s)
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 1 and len(lines) == 1, err[-4000:]
     assert lines[0].startswith("error: proxykd distill: process 0 of 2 lost the others mid-step ("), lines[0]

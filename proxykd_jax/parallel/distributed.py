@@ -201,7 +201,8 @@ class PeerWatch:
     connected aborts at once without it; so where it stops, it says "lost" first and waits (two beats at most)
     for the others, which say "lost" just before they go. Where process 0 itself dies, jax aborts the others at
     once, before anything here can run. The run-directory lock is left to the next run, which takes it over as
-    stale (its pid is gone).
+    stale (its pid is gone). A process whose collective broke mid-step (the CLI's lost-peer path, `lost`) ends
+    the same way, with the CLI's line.
     """
 
     def __init__(self, client, process: int, count: int, timeout_s: float, label: str = "proxykd", stop=os._exit):
@@ -212,6 +213,7 @@ class PeerWatch:
         self.seen: dict[int, tuple[str, float]] = {}  # process -> (its value, when it last changed as seen here)
         self._lock = threading.Lock()  # one write at a time: no counter after "done", one `leave` or `end`
         self._closing = threading.Event()  # jax's shutdown barrier is passed: the thread stops (`finish`)
+        self._done = threading.Event()  # `end` has stopped the process (seen only where `stop` returns: tests)
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -301,14 +303,17 @@ class PeerWatch:
             "on every process to resume from the last checkpoint."
         )
 
-    def end(self, why: str, clock=time.monotonic, sleep=time.sleep) -> None:
-        """Says "lost" (the others stop at once), prints the line and stops the process with exit 1; one that has
-        left (its error printed, or finished) prints nothing and stops with its own status. Process 0 says it first
-        and waits (up to two beats) for the others to go; the others say it last, just before they go."""
+    def end(self, why: str, clock=time.monotonic, sleep=time.sleep, line: str | None = None) -> None:
+        """Says "lost" (the others stop at once), prints the line (`line`, else the watch's own) and stops the
+        process with exit 1; one that has left (its error printed, or finished) prints nothing and stops with its
+        own status. Process 0 says it first and waits (up to two beats) for the others to go; the others say it
+        last, just before they go. Where it is stopping already (the thread and the main thread both found a peer
+        gone), the second call waits for the first to stop the process: process 0 must not go before the others."""
         with self._lock:
-            if self.ended:
-                return
-            self.ended = True
+            second, self.ended = self.ended, True
+        if second:
+            self._done.wait(2 * self.interval_s + 5)
+            return
         if self.process == 0:
             self._set(f"lost:{why}")
             deadline = clock() + 2 * self.interval_s
@@ -320,7 +325,7 @@ class PeerWatch:
             if any(values.get(p, "").startswith("lost:") for p in range(1, self.count)):
                 sleep(min(self.interval_s / 2, 0.5))  # their own exit, just begun, ends before the service does
         if not self.left:
-            print(self.line(why), file=sys.stderr)
+            print(line or self.line(why), file=sys.stderr)
         for handler in logging.getLogger().handlers:  # flushed, not closed: the main thread may still log
             handler.flush()
         sys.stdout.flush()
@@ -328,9 +333,10 @@ class PeerWatch:
         if self.process != 0:
             self._set(f"lost:{why}")
         self.stop(self.code if self.left else 1)
+        self._done.set()
 
     def run(self) -> None:
-        while not self._closing.wait(self.interval_s):
+        while not self._closing.wait(self.interval_s) and not self.ended:  # (ended: the main thread stops it)
             why = self.check(time.monotonic())
             if why is not None:
                 self.end(why)
@@ -359,6 +365,16 @@ class PeerWatch:
 
 
 _watch: PeerWatch | None = None  # this process's, once started
+
+
+def lost(why: str, line: str) -> None:
+    """Stops this process of a multi-process run whose collective broke because another process is gone (the CLI's
+    lost-peer path) through its watch: it says "lost:<why>", so the others stop at once naming the cause rather
+    than wait `heartbeat_timeout_s` and name a silent process; process 0 first waits for them, since jax aborts
+    every process still connected once it goes; `line`, the CLI's, is printed; exit 1. Returns only where no watch
+    runs (one process, or a jax without the store): the caller prints its line and exits."""
+    if _watch is not None:
+        _watch.end(why, line=line)
 
 
 def failed(code: int = 1) -> None:
