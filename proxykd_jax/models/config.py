@@ -381,7 +381,7 @@ def resolve_scan_layers(value, num_layers: int, remat: str = "none", platform: s
 def default_config() -> ml_collections.ConfigDict:
     """Defaults of the `model` config group (a tiny model; presets override every shape field)."""
     cd = ml_collections.ConfigDict()
-    cd.vocab_size = 512  # vocabulary size (must match the tokenizer)
+    cd.vocab_size = 512  # vocabulary size: embedding rows, at least the tokenizer's tokens (padded rows are fine)
     cd.d_model = 64  # residual stream width D
     cd.num_layers = 2  # number of decoder blocks
     cd.num_heads = 4  # query heads H
@@ -391,7 +391,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.rope_theta = 10000.0  # RoPE base
     cd.rope_scaling = ml_collections.FieldReference(
         None, field_type=tuple
-    )  # None, ("linear", factor), ("llama3", ...) or ("yarn", ...): models/config.py ROPE_SCALING_FORMS
+    )  # None or ("linear" | "llama3" | "yarn" | "longrope", ...): models/config.py ROPE_SCALING_FORMS
     cd.rms_eps = 1e-5  # RMSNorm epsilon
     cd.qkv_bias = False  # bias on q/k/v projections (Qwen2)
     cd.qk_norm = False  # per-head RMSNorm of queries and keys after the projection, before RoPE (Qwen3)
