@@ -19,7 +19,7 @@ model's FLOPs per device (`models.llama.flops_per_token`) and the step time they
 (`cost_analysis()`, kept in `StepPlan.hlo_flops`) is not printed: XLA counts a `while`/scan body once,
 so with scanned layers it is about one layer's work, not the step's.
 
-`--layers=A,B` compiles the models with A and then B layers and extrapolates bytes linearly to the
+`--layers=A,B` compiles the models with A and then B layers and extrapolates bytes (and FLOPs) linearly to the
 configured depth: with scanned layers every per-layer buffer (parameters, optimizer moments, saved
 activations) grows linearly with depth, so two depths fix the line (use it when compiling the
 full depth on CPU is too slow). The memory figures are those of the XLA:CPU compilation of the
@@ -242,7 +242,9 @@ def arguments() -> argparse.ArgumentParser:
     )
     ap.add_argument("--limit-gb", type=float, default=80.0, help="per-device GB the 'fits' column checks (default 80)")
     ap.add_argument(
-        "--layers", default="", help="A,B (2 <= A < B): compile at A and B layers, extrapolate bytes to full depth"
+        "--layers",
+        default="",
+        help="A,B (2 <= A < B): compile at A and B layers, extrapolate bytes and FLOPs to full depth",
     )
     return ap
 

@@ -35,7 +35,7 @@ def _env() -> dict:
     env.update(
         PYTHONPATH=str(REPO),  # the checkout under test (a script's own folder is tests/, not the repository)
         JAX_PLATFORMS="cpu",
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
