@@ -449,9 +449,13 @@ def main(argv: list[str] | None = None) -> None:
         # abort with a C++ stack trace; the run-directory lock is released already (a save cut short is a
         # checkpoint's temporary folder, which the next run removes). The run's watch says "lost" (the others stop
         # at once, naming the cause; process 0, which holds jax's coordination service, waits for them first),
-        # prints the line and exits 1; without a watch (one process) it returns
+        # prints the line and exits 1; without a watch (one process) it returns. Ctrl-C and SIGTERM are ignored from
+        # here on: raised out of that wait (two beats at most) they left a traceback instead of the line, and jax's
+        # exit hook then waited for the lost process
         from proxykd_jax.parallel import distributed
 
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
         line = f"error: proxykd {stage}: {one_line(e)}"
         distributed.lost(e.why, line)
         print(line, file=sys.stderr)

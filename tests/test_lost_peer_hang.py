@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -297,6 +298,37 @@ def test_process_0_on_the_lost_peer_path_says_lost_first_and_waits_for_the_other
         "error: proxykd distill: process 1 of 3 lost the others (process 0" + _BROKE
     )
     assert store.kv["proxykd/heartbeat/0"] == "lost:process 0" + _BROKE
+
+
+def test_a_signal_while_process_0_waits_for_the_others_does_not_cut_the_wait_short(monkeypatch, capsys):
+    """SIGTERM (a batch system stopping the job) and Ctrl-C while process 0 waits for the others on the lost-peer
+    path: the CLI's handler raised KeyboardInterrupt out of the wait (no line, a traceback, and at exit jax's
+    shutdown barrier waiting for the lost process). They are ignored there: the wait (two beats at most) goes on,
+    and process 0 stops with its line and exit 1."""
+    store, (w0, w1, w2), stopped = _watches()
+    for w in (w0, w1, w2):
+        w.check(0.0)
+    clock, sent = [1.0], []
+
+    def sleep(seconds):  # in the first quarter beat both signals arrive
+        clock[0] += seconds
+        if not sent:
+            sent.append(True)
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(
+        distributed.PeerWatch, "end", functools.partialmethod(PeerWatch.end, clock=lambda: clock[0], sleep=sleep)
+    )
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    try:
+        code = _collective_breaks(monkeypatch, w0)
+    except KeyboardInterrupt as e:  # (caught: one escaping would stop the whole test session)
+        pytest.fail(f"a signal cut process 0's wait short: KeyboardInterrupt({e})")
+    assert code == 1 and capsys.readouterr().err == _cli_line(0)
+    assert clock[0] >= 1.0 + 2 * w0.interval_s - 1e-9  # the whole wait: processes 1 and 2 never said "lost"
+    assert store.kv["proxykd/heartbeat/0"] == "lost:process 0" + _BROKE
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # the CLI's restored
 
 
 def test_without_a_watch_the_lost_peer_path_is_the_clis_own(monkeypatch, capsys):
