@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 from test_serve_special_tokens import WORDS
+from test_xtok_align_heads import _assert_heads, _heads
 from tokenizers import AddedToken
 
 from proxykd_jax.data import align, byte_head
@@ -38,24 +39,6 @@ def _answer(rng, tok):
 def _sample(text, pieces, alts, alt_bytes) -> Sample:
     tokens = [p.decode() for p in pieces]
     return Sample("t.jsonl:1", "x", 0, "p", None, text, tokens, alts, {"finish_reason": "stop"}, pieces, alt_bytes)
-
-
-def _heads(e) -> dict[int, dict[int, float]]:
-    """{row: {id or symbol: probability}} of the rows of `e` that hold a head."""
-    out = {}
-    for row in range(len(e.tokens_L)):
-        ok = np.isfinite(e.teacher_topk_logprobs_LxK[row])
-        if ok.any():
-            ids, lps = e.teacher_topk_ids_LxK[row][ok].tolist(), e.teacher_topk_logprobs_LxK[row][ok]
-            out[row] = dict(zip(ids, np.exp(lps.astype(np.float64)).tolist()))
-    return out
-
-
-def _assert_heads(got: dict, want: dict):
-    assert got.keys() == want.keys(), (got, want)
-    for row, w in want.items():
-        assert got[row].keys() == w.keys(), (row, got[row], w)
-        np.testing.assert_allclose([got[row][k] for k in w], list(w.values()), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["<|im_end|>", "<end_of_turn>", "<eos>", "<bos>"])
