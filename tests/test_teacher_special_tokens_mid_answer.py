@@ -74,7 +74,7 @@ def test_positions_after_a_special_token_keep_the_heads_of_the_answer_without_it
         with_special.insert(at, (special, special.encode(), alts))
     enc = align.SampleEncoder(tok, seq_len=128, head=head)
     want, got = enc.encode_batch([_sample(plain, layout, text), _sample(with_special, layout, text)])
-    assert want.stats.positions_kept == len(plain) - (head == "exact")  # exact: the end has none of our tokens
+    assert want.stats.positions_kept == len(plain)  # both heads: the final end token on our end row
     np.testing.assert_array_equal(got.tokens_L, want.tokens_L)
     np.testing.assert_array_equal(got.teacher_topk_ids_LxK, want.teacher_topk_ids_LxK)
     np.testing.assert_array_equal(got.teacher_topk_logprobs_LxK, want.teacher_topk_logprobs_LxK)

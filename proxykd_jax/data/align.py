@@ -7,7 +7,10 @@ Two rules (docs/TOKENIZERS.md), chosen by `data.teacher_head`:
   each is a single token of our vocabulary (a special token given with empty bytes, as a server that leaves
   it out of the text lists `<|im_end|>`, by its name: `SampleEncoder._alt_id`), and the rest of its
   probability is counted as unmapped.
-  Positions whose span covers zero or several of our tokens are dropped and counted.
+  A final end-of-text position (the stop token a server lists: its empty span at the end of the response) is
+  kept on our end row (the appended end token), its stop alternative at our end token (`SampleEncoder._align`).
+  Other positions whose span covers zero or several of our tokens are dropped and counted, as is that one
+  where the sample has no end row (cut at max_tokens or data.seq_len).
 - `bytes` (another tokenizer): teacher token boundaries are matched to our token starts by byte
   offset; at each of our positions that starts on a teacher boundary the alternatives are summed by
   their first byte (end of text is symbol 256): the head holds (symbol, log mass) pairs, and the
@@ -31,6 +34,7 @@ from proxykd_jax.data.teacher_positions import (
     _bytes_of,
     _position_probs,
     _special,
+    _stop_alternative,
     _symbol_of_bytes,
     _teacher_byte_spans,
     _teacher_byte_starts,
@@ -323,15 +327,23 @@ class SampleEncoder:
             if self.head == "bytes":
                 t_ids, t_lps = self._align_bytes(s, len(p_ids), r_ids, offs, len(tokens), stats, bool(n_extra))
             else:
-                t_ids, t_lps = self._align(s, len(p_ids), r_ids, offs, len(tokens), stats)
+                t_ids, t_lps = self._align(s, len(p_ids), r_ids, offs, len(tokens), stats, end if n_extra else None)
             # Our response tokens, the appended end token excluded (APIs send no log-probs for the stop token).
             resp_rows = slice(len(p_ids), len(p_ids) + len(r_ids))
             stats.student_positions_total = len(r_ids)
             stats.student_positions_covered = int(np.isfinite(t_lps[resp_rows]).any(1).sum())
         return Encoded(s, tokens, len(p_ids), t_ids, t_lps, stats, truncated, kept_chars)
 
-    def _align(self, s: Sample, prompt_len: int, r_ids, offs, n: int, stats: AlignStats):
+    def _align(self, s: Sample, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, end_id: int | None):
         """Teacher head rows [n, K] (row i predicts token i) and alignment counts for one sample.
+
+        `end_id`: the appended end token, the last row's target (None: the sample has none). The teacher's final
+        end-of-text position (the stop token it sampled, as a server that lists it reports it: the empty span at
+        the end of the response) goes on that row, as in the `bytes` head: its distribution where it chose to
+        stop is what teaches the student when to stop (dropped, it also cost a same-tokenizer teacher 1 of 11
+        positions of a short answer, below `choose_head`'s bar). Its stop alternative (`_stop_alternative`) maps
+        to `end_id` whatever its name (a chat teacher's `<|im_end|>` on a plain-text row that ends with our eos),
+        the others as at every position.
 
         Spans are in bytes, so a teacher token holding part of a UTF-8 character (spelled as a
         replacement character by vLLM) is placed by its `token_bytes` like any other, and the tokens
@@ -353,22 +365,28 @@ class SampleEncoder:
         for i, (span, alts) in enumerate(zip(_teacher_byte_spans(s), s.teacher_alts)):
             stats.positions_total += 1
             stats.mass_total += masses[i]
-            if span is not None and span[0] == span[1]:  # end of text: none of our tokens
-                span = None
+            raws, row = _alt_bytes_row(s, i, len(alts)), None
+            if span is not None and span[0] == span[1]:  # end of text: none of our tokens; our end row, if any
+                span, row = None, None if end_id is None else n - 1
             if span is not None and span not in by_span:
                 span = _trim_uncovered_space(resp, span, covered)
             ours = by_span.get(span) if span is not None else None
-            if not ours or len(ours) != 1:
+            if row is None and (not ours or len(ours) != 1):
                 continue
             stats.mass_matched += masses[i]
+            ids = self._alt_ids(alts, raws)
+            if row is None:
+                row = prompt_len + ours[0]
+            elif (stop := _stop_alternative(s, i, raws)) is not None:
+                ids[stop] = end_id
             merged: dict[int, float] = {}
-            for tid, p in zip(self._alt_ids(alts, _alt_bytes_row(s, i, len(alts))), probs[i]):
+            for tid, p in zip(ids, probs[i]):
                 if tid >= 0:
                     merged[tid] = merged.get(tid, 0.0) + p
             best = _top(merged, self.topk)
             stats.positions_kept += 1
             stats.mass_kept += sum([p for _, p in best])
-            heads.append((prompt_len + ours[0], best))
+            heads.append((row, best))
         _write_heads(t_ids, t_lps, heads)
         return t_ids, t_lps
 

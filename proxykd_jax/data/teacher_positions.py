@@ -272,6 +272,21 @@ def _special(text: str, raw: bytes | None) -> bool:
     return known and text not in byte_head.END_STRINGS and raw in (None, text.encode("utf-8"))
 
 
+def _stop_alternative(s: Sample, i: int, raws: list[bytes | None]) -> int | None:
+    """Which alternative of teacher position `i`, read as end of text at the end of the response, is the stop token
+    sampled there (`raws`: the alternatives' bytes, `_alt_bytes_row`): the likeliest one of the position's string
+    where `tokens` gives it, else (not given, or not among the alternatives) the likeliest end-of-text alternative
+    (the empty string, an end-of-text name: `_symbol_of_bytes`); None where there is none."""
+    alts, tok = s.teacher_alts[i], _given(s.teacher_tokens, i)
+    named = [j for j, (text, _) in enumerate(alts) if tok is not None and text == tok]
+    ends = named or [
+        j
+        for j, ((text, _), raw) in enumerate(zip(alts, raws))
+        if (byte_head.teacher_symbol(text) if raw is None else _symbol_of_bytes(text, raw)) == byte_head.END_SYMBOL
+    ]
+    return max(ends, key=lambda j: alts[j][1], default=None)
+
+
 def _symbol_of_bytes(text: str, raw: bytes) -> int | None:
     """`byte_head.teacher_symbol` for an alternative whose true bytes are known (none and no string, or an
     end-of-text name: end of text); None for a special token that is not end of text (`_special`)."""
