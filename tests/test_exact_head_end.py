@@ -7,6 +7,7 @@ distribution where it chose to stop was lost, and on short answers `auto` fell b
 `bytes` head for a teacher whose tokenizer is ours. A sample without an end row (cut by max_tokens or data.seq_len,
 data.add_eos off) still drops it, and a final position that is not a stop token is placed as before."""
 
+import dataclasses
 import importlib
 import json
 import math
@@ -116,10 +117,12 @@ def test_the_end_row_gets_the_teachers_stop_distribution(tok, stop, layout, kind
     assert st.student_positions_covered == st.student_positions_total == len(ids)
 
 
-def test_auto_picks_exact_for_a_teacher_that_lists_its_stop_token(tok, tmp_path):
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_auto_picks_exact_for_a_teacher_that_lists_its_stop_token(tok, tmp_path, add_eos):
     """`prepare`'s head probe on a corpus of short answers whose last teacher position is `<|im_end|>` with
     `bytes: []` (as `serve` writes it): the span rule keeps every position and all mapped mass, so `auto` picks
-    `exact` (it kept 10 of 11 positions of such an answer and picked `bytes`)."""
+    `exact` (it kept 10 of 11 positions of such an answer and picked `bytes`). Also with data.add_eos off: the
+    probe appends the end token all the same (without it the stop positions were dropped and it picked `bytes`)."""
     rng = np.random.default_rng()
     lines = []
     for r in range(40):
@@ -136,7 +139,7 @@ def test_auto_picks_exact_for_a_teacher_that_lists_its_stop_token(tok, tmp_path)
         lines.append(json.dumps(row))
     path = tmp_path / "c.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    head, evidence = prepare_mod.decide_head([path], tok, tiny_cfg())
+    head, evidence = prepare_mod.decide_head([path], tok, tiny_cfg(add_eos=add_eos))
     assert head == "exact" and evidence["probe_samples"] == 40
     assert evidence["span_position_fraction"] == 1.0 and evidence["span_mass_fraction"] == pytest.approx(1.0)
 
@@ -161,6 +164,27 @@ def test_without_an_end_row_the_stop_position_is_dropped(tok, why):
     st = e.stats
     assert st.positions_total == len(ids) + 1 and st.positions_kept == kept
     np.testing.assert_allclose(st.mass_total - st.mass_matched, p[kept:].sum(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["no_tokens", "bytes_only", "server"])
+def test_a_text_token_a_stop_string_cut_from_the_text_is_not_the_stop(tok, layout):
+    """A stop string cut the answer's last token out of the text, the teacher listing that token (vLLM's `stop`):
+    the last position lies at the end of the text. Without `tokens` (only the alternatives' bytes, or `token_bytes`
+    too) it read as end of text there and its head, none of whose alternatives is end of text, went on the end row
+    (target: our eos), saying the teacher did not stop; it is dropped, as where `tokens` say which token it is."""
+    rng = np.random.default_rng()
+    s, ids, p, others = _case(rng, tok, None, "server")
+    table = byte_head.token_bytes(tok)
+    cut = s.response.encode()[: -len(table[ids[-1]])].decode()
+    tokens = s.teacher_tokens if layout == "server" else None
+    token_bytes = None if layout == "no_tokens" else s.teacher_token_bytes
+    s = dataclasses.replace(s, response=cut, teacher_tokens=tokens, teacher_token_bytes=token_bytes)
+    e = _encode(tok, s)
+    n0 = e.prompt_len
+    assert e.tokens_L[n0:].tolist() == ids[:-1] + [tok.eos_token_id]
+    _assert_heads(_heads(e), {n0 + j: {ids[j]: p[j][0], others[j]: p[j][1]} for j in range(len(ids) - 1)})
+    assert e.stats.positions_kept == len(ids) - 1 and e.stats.positions_total == len(ids)
+    np.testing.assert_allclose(e.stats.mass_total - e.stats.mass_matched, p[-1].sum(), rtol=1e-9)
 
 
 @pytest.mark.parametrize("final", ["none", "<|im_start|>"])

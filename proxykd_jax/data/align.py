@@ -10,7 +10,8 @@ Two rules (docs/TOKENIZERS.md), chosen by `data.teacher_head`:
   A final end-of-text position (the stop token a server lists: its empty span at the end of the response) is
   kept on our end row (the appended end token), its stop alternative at our end token (`SampleEncoder._align`).
   Other positions whose span covers zero or several of our tokens are dropped and counted, as is that one
-  where the sample has no end row (cut at max_tokens or data.seq_len).
+  where the sample has no end row (cut at max_tokens or data.seq_len) or, without the teacher's `tokens`, where
+  none of its alternatives is end of text (it may be a text token a stop string cut out of the text).
 - `bytes` (another tokenizer): teacher token boundaries are matched to our token starts by byte
   offset; at each of our positions that starts on a teacher boundary the alternatives are summed by
   their first byte (end of text is symbol 256): the head holds (symbol, log mass) pairs, and the
@@ -343,7 +344,9 @@ class SampleEncoder:
         stop is what teaches the student when to stop (dropped, it also cost a same-tokenizer teacher 1 of 11
         positions of a short answer, below `choose_head`'s bar). Its stop alternative (`_stop_alternative`) maps
         to `end_id` whatever its name (a chat teacher's `<|im_end|>` on a plain-text row that ends with our eos),
-        the others as at every position.
+        the others as at every position. Without `tokens` it is kept only where one of its alternatives is end of
+        text: there any position left at the end of the text reads as end of text, a text token too (one that a
+        stop string cut out of the text), whose head on the end row would say the teacher did not stop.
 
         Spans are in bytes, so a teacher token holding part of a UTF-8 character (spelled as a
         replacement character by vLLM) is placed by its `token_bytes` like any other, and the tokens
@@ -365,9 +368,13 @@ class SampleEncoder:
         for i, (span, alts) in enumerate(zip(_teacher_byte_spans(s), s.teacher_alts)):
             stats.positions_total += 1
             stats.mass_total += masses[i]
-            raws, row = _alt_bytes_row(s, i, len(alts)), None
+            raws, row, stop = _alt_bytes_row(s, i, len(alts)), None, None
             if span is not None and span[0] == span[1]:  # end of text: none of our tokens; our end row, if any
-                span, row = None, None if end_id is None else n - 1
+                span, stop = None, _stop_alternative(s, i, raws)
+                # Without `tokens` any position left at the end of the text reads as end of text (one a stop string
+                # cut off, one whose text a likelier reading took): only one with an end-of-text alternative is kept.
+                if end_id is not None and (stop is not None or s.teacher_tokens is not None):
+                    row = n - 1
             if span is not None and span not in by_span:
                 span = _trim_uncovered_space(resp, span, covered)
             ours = by_span.get(span) if span is not None else None
@@ -377,7 +384,7 @@ class SampleEncoder:
             ids = self._alt_ids(alts, raws)
             if row is None:
                 row = prompt_len + ours[0]
-            elif (stop := _stop_alternative(s, i, raws)) is not None:
+            elif stop is not None:
                 ids[stop] = end_id
             merged: dict[int, float] = {}
             for tid, p in zip(ids, probs[i]):

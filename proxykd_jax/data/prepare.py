@@ -297,8 +297,10 @@ def decide_head(corpus_paths, tokenizer, dcfg, progress: bool = False, rows: int
         raise ValueError(f"data.teacher_head={mode!r} is not one of {('auto',) + align.HEADS}.")
     if mode != "auto":
         return mode, {"source": "config"}
+    # An end row whatever data.add_eos: the probe asks whether the teacher tokenises like us, and without one each
+    # answer's final stop position (`SampleEncoder._align`) was dropped, short answers falling below the bar.
     encoder = align.SampleEncoder(
-        tokenizer, seq_len=1 << 30, teacher_topk=dcfg.teacher_topk, add_eos=dcfg.add_eos, head="exact"
+        tokenizer, seq_len=1 << 30, teacher_topk=dcfg.teacher_topk, add_eos=True, head="exact"
     )
     stats = align.AlignStats()
     budget = int(dcfg.prepare_buffer_mb * (1 << 20))
