@@ -187,6 +187,24 @@ def test_a_text_token_a_stop_string_cut_from_the_text_is_not_the_stop(tok, layou
     np.testing.assert_allclose(e.stats.mass_total - e.stats.mass_matched, p[-1].sum(), rtol=1e-9)
 
 
+@pytest.mark.parametrize("layout", ["no_tokens", "bytes_only", "server"])
+def test_the_bytes_head_keeps_no_text_token_cut_from_the_text_on_the_end_row(tok, layout):
+    """As above, in the `bytes` head: the cut token's first bytes went on the end row without `tokens`."""
+    rng = np.random.default_rng()
+    s, ids, p, _ = _case(rng, tok, None, "server")
+    table = byte_head.token_bytes(tok)
+    cut = s.response.encode()[: -len(table[ids[-1]])].decode()
+    tokens = s.teacher_tokens if layout == "server" else None
+    token_bytes = None if layout == "no_tokens" else s.teacher_token_bytes
+    s = dataclasses.replace(s, response=cut, teacher_tokens=tokens, teacher_token_bytes=token_bytes)
+    e = _encode(tok, s, head="bytes")
+    n0 = e.prompt_len
+    assert e.tokens_L[n0:].tolist() == ids[:-1] + [tok.eos_token_id]
+    assert sorted(_heads(e)) == [n0 + j for j in range(len(ids) - 1)]  # the end row holds no head
+    assert e.stats.positions_kept == len(ids) - 1 and e.stats.positions_total == len(ids)
+    np.testing.assert_allclose(e.stats.mass_total - e.stats.mass_matched, p[-1].sum(), rtol=1e-9)
+
+
 @pytest.mark.parametrize("final", ["none", "<|im_start|>"])
 def test_a_final_position_that_is_no_stop_token_is_placed_as_before(tok, final):
     """A teacher that lists no stop token: the end row gets no head. One whose last position is a special token

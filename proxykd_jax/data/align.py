@@ -453,11 +453,14 @@ class SampleEncoder:
             stats.positions_total += 1
             stats.mass_total += masses[i]
             row = row_at.get(start) if start is not None else None
+            syms = self._alt_symbols(alts, _alt_bytes_row(s, i, len(alts))) if row is not None else []
+            if row == n - 1 and eos_row and s.teacher_tokens is None and byte_head.END_SYMBOL not in syms:
+                row = None  # without `tokens` a text token a stop string cut from the text also starts there (`_align`)
             if row is None:
                 continue
             stats.mass_matched += masses[i]
             merged: dict[int, float] = {}
-            for sym, p in zip(self._alt_symbols(alts, _alt_bytes_row(s, i, len(alts))), probs[i]):
+            for sym, p in zip(syms, probs[i]):
                 if sym is not None:
                     merged[sym] = merged.get(sym, 0.0) + p
             best = _top(merged, self.topk)
