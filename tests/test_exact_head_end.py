@@ -166,19 +166,24 @@ def test_without_an_end_row_the_stop_position_is_dropped(tok, why):
     np.testing.assert_allclose(st.mass_total - st.mass_matched, p[kept:].sum(), rtol=1e-9)
 
 
+def _cut_case(tok, layout: str):
+    """`_case` without a stop token, its last token cut from the text (as a stop string cuts it) while the teacher
+    still lists it; `layout`: "server" (with `tokens`), "bytes_only" (`token_bytes` and the alternatives' bytes) or
+    "no_tokens" (the alternatives' bytes only)."""
+    s, ids, p, others = _case(np.random.default_rng(), tok, None, "server")
+    cut = s.response.encode()[: -len(byte_head.token_bytes(tok)[ids[-1]])].decode()
+    tokens = s.teacher_tokens if layout == "server" else None
+    token_bytes = None if layout == "no_tokens" else s.teacher_token_bytes
+    return dataclasses.replace(s, response=cut, teacher_tokens=tokens, teacher_token_bytes=token_bytes), ids, p, others
+
+
 @pytest.mark.parametrize("layout", ["no_tokens", "bytes_only", "server"])
 def test_a_text_token_a_stop_string_cut_from_the_text_is_not_the_stop(tok, layout):
     """A stop string cut the answer's last token out of the text, the teacher listing that token (vLLM's `stop`):
     the last position lies at the end of the text. Without `tokens` (only the alternatives' bytes, or `token_bytes`
     too) it read as end of text there and its head, none of whose alternatives is end of text, went on the end row
     (target: our eos), saying the teacher did not stop; it is dropped, as where `tokens` say which token it is."""
-    rng = np.random.default_rng()
-    s, ids, p, others = _case(rng, tok, None, "server")
-    table = byte_head.token_bytes(tok)
-    cut = s.response.encode()[: -len(table[ids[-1]])].decode()
-    tokens = s.teacher_tokens if layout == "server" else None
-    token_bytes = None if layout == "no_tokens" else s.teacher_token_bytes
-    s = dataclasses.replace(s, response=cut, teacher_tokens=tokens, teacher_token_bytes=token_bytes)
+    s, ids, p, others = _cut_case(tok, layout)
     e = _encode(tok, s)
     n0 = e.prompt_len
     assert e.tokens_L[n0:].tolist() == ids[:-1] + [tok.eos_token_id]
@@ -190,13 +195,7 @@ def test_a_text_token_a_stop_string_cut_from_the_text_is_not_the_stop(tok, layou
 @pytest.mark.parametrize("layout", ["no_tokens", "bytes_only", "server"])
 def test_the_bytes_head_keeps_no_text_token_cut_from_the_text_on_the_end_row(tok, layout):
     """As above, in the `bytes` head: the cut token's first bytes went on the end row without `tokens`."""
-    rng = np.random.default_rng()
-    s, ids, p, _ = _case(rng, tok, None, "server")
-    table = byte_head.token_bytes(tok)
-    cut = s.response.encode()[: -len(table[ids[-1]])].decode()
-    tokens = s.teacher_tokens if layout == "server" else None
-    token_bytes = None if layout == "no_tokens" else s.teacher_token_bytes
-    s = dataclasses.replace(s, response=cut, teacher_tokens=tokens, teacher_token_bytes=token_bytes)
+    s, ids, p, _ = _cut_case(tok, layout)
     e = _encode(tok, s, head="bytes")
     n0 = e.prompt_len
     assert e.tokens_L[n0:].tolist() == ids[:-1] + [tok.eos_token_id]
