@@ -291,10 +291,11 @@ def self_attend(
     log-sum-exp form): no second branch to trace and compile per layer. Forward + backward against the masked kernel
     (benchmarks/attention_window.py, XLA:CPU, B 2, H 8, G 2, E 64, a shared 2-core machine): 0.36-0.43x at L 2048,
     W 256; 0.7-0.8x at L 2048, W 512 (one run of five 1.3x); 0.11-0.18x at L 4096, W 256; 0.24-0.31x at L 4096,
-    W 512; a full layer behind the cond 0.8-1.4x (its probabilities recomputed). The cond's one-layer temporaries are twice the masked kernel's, but
-    each layer saves only the band's residuals: jit(grad) through 24 scanned layers (5 of 6 sliding) at L 4096,
-    W 512 took 7.0 GB of XLA temporaries instead of 15.7 GB. Without a plan (no block size fits, or a window near
-    the row's length) the causal kernel masks the window; without a window it is unchanged.
+    W 512; a full layer behind the cond 0.8-1.4x (its probabilities recomputed). The cond's one-layer temporaries
+    are twice the masked kernel's, but each layer saves only the band's residuals: jit(grad) through 24 scanned
+    layers (5 of 6 sliding) at L 4096, W 512 took 7.0 GB of XLA temporaries instead of 15.7 GB. Without a plan (no
+    block size fits, or a window near the row's length) the causal kernel masks the window; without a window it is
+    unchanged.
     """
     l = q_BxLxHxE.shape[1]
     n = causal_blocks(l) if num_blocks is None else num_blocks

@@ -327,7 +327,7 @@ def run_layers(cfg: ModelConfig, layers: Block, x_BxLxD, positions_BxL, segment_
     returns (x, (new_k, new_v)); without, (x, None).
 
     The `local` flag (`cfg.layer_types`) is scanned with the parameters only where one scanned body serves both
-    layer kinds; unrolled layers, or layers all of one kind, get it as a Python bool (`static`), so that each
+    layer kinds; unrolled layers, or layers all of one kind, get it as a Python bool (`static_flags`), so that each
     layer's window is static and the blocked kernel picks its branch at trace time (`self_attend`), not with a
     `lax.cond` per layer (both branches traced and compiled; under remat XLA kept the conds and their temporaries).
     """
@@ -353,14 +353,14 @@ def run_layers(cfg: ModelConfig, layers: Block, x_BxLxD, positions_BxL, segment_
         flags["rope"] = jnp.asarray(cfg.rope_layers)
     xs = (state, None if cache is None else (cache[0], cache[1]), flags)
 
-    def static(i):
+    def static_flags(i):  # layer i's flags known when tracing: `body`'s `static`
         return () if local is None or "local" in flags else (("local", local[i]),)
 
     if cfg.scan_layers:
-        return jax.lax.scan(lambda x, layer_in: body(x, layer_in, static(0)), x_BxLxD, xs)
+        return jax.lax.scan(lambda x, layer_in: body(x, layer_in, static_flags(0)), x_BxLxD, xs)
     outs = []
     for i in range(cfg.num_layers):
-        x_BxLxD, out = body(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], xs), static(i))
+        x_BxLxD, out = body(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], xs), static_flags(i))
         outs.append(out)
     return x_BxLxD, None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
