@@ -329,7 +329,8 @@ class SampleEncoder:
                 t_ids, t_lps = self._align_bytes(s, len(p_ids), r_ids, offs, len(tokens), stats, bool(n_extra))
             else:
                 t_ids, t_lps = self._align(s, len(p_ids), r_ids, offs, len(tokens), stats, end if n_extra else None)
-            # Our response tokens, the appended end token excluded (APIs send no log-probs for the stop token).
+            # Our response tokens, the appended end token excluded (its head, where a server lists the stop token,
+            # is counted with the teacher's positions).
             resp_rows = slice(len(p_ids), len(p_ids) + len(r_ids))
             stats.student_positions_total = len(r_ids)
             stats.student_positions_covered = int(np.isfinite(t_lps[resp_rows]).any(1).sum())
