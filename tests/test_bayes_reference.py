@@ -202,6 +202,8 @@ def test_prior_pseudo_counts_match_reference(seed):
         rows = [(k, s, t) for k, s in zip(qk, qs) for t in range(len(s))]
         want = np.array([ref.exact_row(k, s, t, exact_top_s, mode == "leave_one_out") for k, s, t in rows])
         np.testing.assert_array_equal(exact, want, err_msg=mode)
+        if mode != "external":  # read without each position's own pair: tests/test_prior_ngram_own.py
+            continue
         want = np.array([ref.ngram_row(s, t, ngram_top_s) for _, s, t in rows])
         np.testing.assert_allclose(ngram, want, rtol=2e-6, atol=1e-9, err_msg=mode)
         np.testing.assert_allclose(ngram.sum(1), 1.0, atol=1e-6)
@@ -219,14 +221,15 @@ def test_prior_pseudo_counts_match_reference(seed):
     ],
 )
 def test_posterior_topk_matches_reference_end_to_end(seed, mode, padded, head):
-    """Corpus -> tables -> include_self prior; proxy logits -> w -> N_t = N_max w; the kernel's top k and tail
-    against the dense float64 posterior, at several kappa and N_max (0 and large included)."""
+    """Corpus -> tables -> prior (queried as held out: the full tables' counts); proxy logits -> w -> N_t = N_max w;
+    the kernel's top k and tail against the dense float64 posterior, at several kappa and N_max (0 and large
+    included)."""
     rng = np.random.default_rng(300 + seed)
     vocab, order = int(rng.integers(50, 301)), int(rng.integers(1, 6))
     model_vocab = vocab + (int(rng.integers(1, 40)) if padded else 0)
     keys, seqs = corpus(rng, vocab, 8, eos=vocab - 1)
     tables = PriorTables.build(keys, seqs, vocab_size=vocab, order=order, exact_top_s=vocab, ngram_top_s=vocab)
-    prior = tables.query(keys, seqs, mode="include_self")
+    prior = tables.query(keys, seqs, mode="external")
     ref = RefPrior(keys, seqs, vocab, order)
     length = max(len(s) for s in seqs)
     logits = (rng.normal(size=(len(seqs), length, model_vocab)) * 2.5).astype(np.float32)

@@ -234,6 +234,38 @@ class CountTable:
         cnt = np.where(valid, self.cont_counts[flat], 0).astype(np.int32)
         return found, total, distinct, ids, cnt
 
+    def lookup_without_own(self, query_keys_N, own_N, width):
+        """`lookup` without one occurrence of (query key, own id): the table as built without it, for a
+        position whose own pair the table counted (a leave-one-out query).
+
+        count(own) - 1, total - 1, and distinct - 1 where the own count was 1; a context whose total drops to 0
+        is returned as not found (it passes all its mass down). Exact where the context's continuations all
+        fit in the table's top s. Beyond that two cases are approximate, with totals that stay consistent (an
+        n-gram built on them still sums to one): `own` kept, but a pruned continuation would take its rank
+        after the decrement (that one stays pruned: its id is not stored); `own` pruned (its count is not
+        stored, so distinct drops by the pruned continuations' distinct / total: exact, 1, when all of them
+        were seen once, otherwise an estimate; the kept entries and total - 1 are exact). Where the context is
+        unknown, or `own` is neither kept nor possibly pruned, nothing is taken out (the pair was never
+        counted). Returns (found_N bool, total_N float64, distinct_N float64, ids_NxW int32, counts_NxW
+        int32); an entry whose count drops to 0 becomes padding (id 0, count 0).
+        """
+        found, total, distinct, ids, cnt = self.lookup(query_keys_N, width)
+        rows = np.arange(ids.shape[0])
+        match = ids == np.asarray(own_N)[:, None]
+        col = np.argmax(match, axis=1)  # kept ids are unique and come before the padding (id 0, count 0)
+        own_count = np.where(match[rows, col], cnt[rows, col], 0)
+        kept = own_count > 0
+        pruned_total = total - cnt.sum(axis=1)
+        pruned_distinct = distinct - np.count_nonzero(cnt, axis=1)
+        in_pruned = found & ~kept & (pruned_total > 0)
+        singleton = np.where(in_pruned, pruned_distinct / np.maximum(pruned_total, 1), 0.0)
+        total = (total - (kept | in_pruned)).astype(np.float64)
+        distinct = distinct - np.where(kept, own_count == 1, singleton)
+        cnt[rows[kept], col[kept]] -= 1
+        gone = kept & (own_count == 1)
+        ids[rows[gone], col[gone]] = 0
+        return found & (total > 0), total, distinct, ids, cnt
+
     @property
     def nbytes(self):
         return sum(a.nbytes for a in dataclasses.astuple(self))

@@ -13,7 +13,8 @@ represented exactly as a sparse part plus a shared dense floor:
 
 with `base` the Witten–Bell-smoothed unigram distribution. Each order keeps its `ngram_top_s` most
 frequent continuations per context; the mass of the rest is moved into `floor` (so the represented
-distribution still sums to one). Ids may repeat across orders: consumers sum duplicates.
+distribution still sums to one). Ids may repeat across orders: consumers sum duplicates. Responses
+that are in the tables read the n-gram without their own occurrence (`PriorTables.query`).
 """
 
 import typing
@@ -146,8 +147,17 @@ class PriorTables:
 
         mode: "include_self" — the responses were in the tables, the exact counts include their own
         token (the observed token always counts 1); "leave_one_out" — they were in the tables and
-        their own token is subtracted from the exact counts (the n-gram still holds the response: it
-        is not held out); "external" — they were not in the tables (held-out scoring).
+        their own token is subtracted from the exact counts; "external" — they were not in the tables
+        (held-out scoring).
+
+        In both modes for responses in the tables the n-gram is read leave-one-out: at every order the
+        position's own (context, y_t) occurrence is taken out, as if the tables were built without it, so
+        that kappa * p_ngram does not count y_t a second time (the empirical-Bayes fit scored n-grams that
+        never held it). This is exact without top-s truncation; with it, see
+        `CountTable.lookup_without_own` for the two cases that are approximated (the result still sums
+        to one). The shared base (the smoothed unigram) keeps the own
+        token, so that it stays one dense vector for all positions: taking the token out would move it by
+        at most 2 / (num_tokens + distinct tokens - 2) in total variation.
         """
         if mode not in QUERY_MODES:
             raise ValueError(f"prior.query: mode={mode!r} is not one of {QUERY_MODES}.")
@@ -163,7 +173,7 @@ class PriorTables:
                 f"{self.vocab_size}; the records and the prior tables use different vocabularies."
             )
         ids, cnts = self._exact(flat, mode)
-        ng_ids, ng_probs, floor = self._ngram(flat)
+        ng_ids, ng_probs, floor = self._ngram(flat, without_own=mode != "external")
         return SparsePrior(ids, cnts, ng_ids, ng_probs, floor)
 
     def _exact(self, flat, mode):
@@ -180,17 +190,25 @@ class PriorTables:
             cnt[~found, 0] = 1.0
         return ids, cnt
 
-    def _ngram(self, flat):
-        """Interpolated Witten–Bell, highest order first, as sparse entries plus a floor weight."""
+    def _ngram(self, flat, without_own=False):
+        """Interpolated Witten–Bell, highest order first, as sparse entries plus a floor weight.
+
+        without_own: every order's table is read without this position's own (context, y_t) occurrence
+        (`CountTable.lookup_without_own`, exact up to the top-s truncation it describes); the shared base
+        keeps it (see `query`)."""
         n = flat.tokens_N.shape[0]
         keys = counts_lib.ngram_keys(flat, self.order)
         remaining = np.ones(n, np.float64)
         dropped = np.zeros(n, np.float64)
         all_ids, all_probs = [], []
         for j in range(self.order - 1, 0, -1):
-            found, total, distinct, ids, cnt = self.ngrams[j - 1].lookup(keys[j - 1], self.ngram_top_s)
+            if without_own:
+                table = self.ngrams[j - 1].lookup_without_own(keys[j - 1], flat.tokens_N, self.ngram_top_s)
+            else:
+                table = self.ngrams[j - 1].lookup(keys[j - 1], self.ngram_top_s)
+            found, total, distinct, ids, cnt = table
             tot = np.maximum(total, 1).astype(np.float64)
-            lam = np.where(found, total / (total + distinct + (~found)), 0.0)
+            lam = np.where(found, total / np.maximum(total + distinct, 1), 0.0)
             scale = remaining * lam / tot
             probs = cnt * scale[:, None]
             all_ids.append(ids)
