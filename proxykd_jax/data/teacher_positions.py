@@ -54,21 +54,25 @@ def _teacher_ends(s: Sample, resp: bytes, i: int, c: int) -> list[int]:
     """Where teacher token `i` ends if it starts at byte `c` of the response, the likeliest first: its
     bytes (the corpus's `token_bytes` where given, else those of its string) if they continue the text;
     without `tokens`, those of each alternative that does (the sampled token is one of them). `_ENDED`
-    for an end-of-text token at the end of the response. `c` itself (it occupies no bytes) for a token
-    whose given bytes are empty, or a special token (`_SPECIAL_TOKEN`) whose bytes do not continue the
-    text: one sampled mid-answer that the text leaves out, after which the chain goes on. (Not without
-    `tokens`: the sampled token is unknown there, and the end tokens most positions list would let every
-    position be read as empty, the search growing with the text.)"""
+    for an end-of-text token at the end of the response; given `token_bytes` without `tokens`, one of no bytes
+    or of an end-of-text name's (a token of other bytes there is a text token, whose bytes the text replaced or
+    cut off) at the last position (nothing follows an end of text: one of no bytes before it is left out of the
+    text). `c` itself (it occupies no bytes) for a token whose given bytes are empty, or a special token
+    (`_SPECIAL_TOKEN`) whose bytes do not continue the text: one sampled mid-answer that the text leaves out,
+    after which the chain goes on. (Not without `tokens` or `token_bytes`: the sampled token is unknown there,
+    and the end tokens most positions list would let every position be read as empty, the search growing with
+    the text.)"""
     raw = _known_bytes(s, i)
     if raw is not None:
-        tok = s.teacher_tokens[i] if s.teacher_tokens is not None else ""
+        tok = s.teacher_tokens[i] if s.teacher_tokens is not None else raw.decode("utf-8", errors="replace")
         ends = [c + len(raw)] if raw and resp.startswith(raw, c) else []
     else:
         tok, alts = "", s.teacher_alts[i]
         raws = [_bytes_of(t, _alt_bytes(s, i, j)) for j, (t, _) in enumerate(alts)]
         fits = [(lp, t, j) for j, (t, lp) in enumerate(alts) if t and raws[j] and resp.startswith(raws[j], c)]
         ends = [c + len(raws[j]) for _, _, j in sorted(fits, reverse=True)]
-    if not ends and c == len(resp) and byte_head.teacher_symbol(tok) == byte_head.END_SYMBOL:
+    may_end = s.teacher_tokens is not None or raw is None or i == len(s.teacher_alts) - 1  # (`token_bytes` alone)
+    if not ends and c == len(resp) and may_end and byte_head.teacher_symbol(tok) == byte_head.END_SYMBOL:
         return [_ENDED]
     if not ends and raw is not None and (not raw or _SPECIAL_TOKEN.fullmatch(tok)):
         return [c]
