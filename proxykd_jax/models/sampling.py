@@ -1,9 +1,9 @@
 """Batched autoregressive sampling with a KV cache, jitted once per shape and static settings.
 
 Prompts arrive left-aligned in `prompt_tokens_BxP` with `prompt_lengths_B` real tokens each (the
-rest is padding). The whole padded prompt is prefilled in one `Llama.decode` call with padding
-slots given segment 0 (invisible); every generated token of row b then sits at position
-`prompt_lengths_B[b] + t` and cache slot `P + t`, so rows of different lengths decode together
+rest is padding, whatever ids it holds). The whole padded prompt is prefilled in one `Llama.decode` call with
+padding slots given segment 0 (invisible) and id 0 (`_padding_as_zero`); every generated token of row b then
+sits at position `prompt_lengths_B[b] + t` and cache slot `P + t`, so rows of different lengths decode together
 and each gets exactly what it would get alone.
 
 Stop tokens: a row stops after emitting one; the stop token is kept in `tokens_BxT` and counted in
@@ -185,7 +185,8 @@ def _generate(
     positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     segments_BxP = (positions_BxP < prompt_lengths_B[:, None]).astype(jnp.int32)
     # each row's last prompt token's logits alone: [B, P, V] float32 is never held (16 GB at B 8, P 4096, V 128k)
-    logits_Bx1xV, cache = model.decode(prompt_BxP, positions_BxP, segments_BxP, cache, logits_at_B=prompt_lengths_B - 1)
+    fed_BxP = _padding_as_zero(prompt_BxP, segments_BxP)
+    logits_Bx1xV, cache = model.decode(fed_BxP, positions_BxP, segments_BxP, cache, logits_at_B=prompt_lengths_B - 1)
     cache = _constrain(cache, cache_sharding)
     last_BxV = tokens_only(logits_Bx1xV[:, 0])
     stop_S = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
@@ -258,6 +259,13 @@ def _generate(
     )
 
 
+def _padding_as_zero(tokens_BxL, segment_ids_BxL):
+    """`tokens_BxL` with id 0 in its padding slots (segment 0). What a padding slot holds must not matter, but an id
+    outside the embedding (a pad id past the model's vocabulary, -100) looks up NaN, and the attention's zero weight
+    on a masked key still spreads its NaN value (0 * NaN) over the row's real tokens."""
+    return jnp.where(segment_ids_BxL > 0, tokens_BxL, 0)
+
+
 def _recross(model, crosses_B, fed, logits_BxV, cache, tokens_only, shardings: CacheShardings | None):
     """Re-prefills each row of `crosses_B`, one at a time (a `while_loop` over them: nothing runs at a step no row
     crosses): its prompt and tokens so far (`fed` = (prompt_BxP, prompt_lengths_B, tokens_BxT, step t); token t, the
@@ -285,9 +293,9 @@ def _recross(model, crosses_B, fed, logits_BxV, cache, tokens_only, shardings: C
         prompt_1xP = jax.lax.dynamic_slice_in_dim(prompt_BxP, i, 1)
         tokens_1xG = jax.lax.dynamic_slice_in_dim(tokens_BxT, i, 1)[:, :generated]
         positions_1xP = jnp.arange(p, dtype=jnp.int32)[None]
-        tokens_1xW = jnp.concatenate([prompt_1xP, tokens_1xG], axis=1)
         positions_1xW = jnp.concatenate([positions_1xP, length[:, None] + j_G[None]], axis=1)
         segments_1xW = jnp.concatenate([positions_1xP < length[:, None], (j_G <= t)[None]], axis=1).astype(jnp.int32)
+        tokens_1xW = _padding_as_zero(jnp.concatenate([prompt_1xP, tokens_1xG], axis=1), segments_1xW)
         fresh = _constrain(model.init_cache(1, slots), row_sharding)
         at_1 = jnp.reshape(p + t, (1,)).astype(jnp.int32)  # the fed token's logits alone: [1, W, V] never held
         logits_1x1xV, fresh = model.decode(tokens_1xW, positions_1xW, segments_1xW, fresh, logits_at_B=at_1)
