@@ -39,7 +39,9 @@ def teacher_logprobs(tokenizer, text: str, rng: random.Random, n_alts: int = 3):
     for p in pieces:
         alts = [p] + [" " + rng.choice(WORDS) for _ in range(n_alts - 1)]
         alts = list(dict.fromkeys(alts))
-        lps = sorted((math.log(rng.uniform(0.05, 0.5)) for _ in alts), reverse=True)
+        probs = [rng.uniform(0.05, 0.5) for _ in alts]
+        scale = min(1.0, 0.99 / sum(probs))  # one distribution's top alternatives: they sum to less than 1
+        lps = sorted((math.log(q * scale) for q in probs), reverse=True)
         top.append([{"token": a, "logprob": lp} for a, lp in zip(alts, lps)])
     return pieces, top
 

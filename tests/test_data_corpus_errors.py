@@ -7,6 +7,7 @@ damaged parquet) is one DataError naming it, whatever data.on_error says.
 
 import gzip
 import json
+import math
 import re
 
 import pytest
@@ -38,6 +39,13 @@ BAD_ROWS = {
         _row(top_logprobs=[[{"token": "the", "logprob": 0.5}]]),
         "bad_logprobs",
         "log-prob 0.5, outside (-inf, 0]",
+    ),
+    "alternatives-summing-over-one": (  # log-probs rounded to one decimal: e^0 + e^-0.7 = 1.4966
+        _row(
+            tokens=["the fox"], top_logprobs=[[{"token": "the fox", "logprob": 0.0}, {"token": "the", "logprob": -0.7}]]
+        ),
+        "bad_logprobs",
+        "teacher token 0 (its entry 0 of the top log-probs) have probabilities summing to 1.4966, more than 1",
     ),
     "position-not-a-list": (_row(top_logprobs=[5]), "bad_logprobs", "field 'top_logprobs[0]' is 5"),
     "top-logprobs-not-a-list": (_row(top_logprobs="x"), "bad_logprobs", "field 'top_logprobs' is 'x'"),
@@ -173,3 +181,12 @@ def test_unreadable_file_is_one_error_naming_it(tok, tmp_path, case, on_error):
     assert isinstance(e.value, DataError) and e.value.reason == "unreadable_file"
     assert str(e.value).startswith(f"{tmp_path / name}: ") and "data.corpus" in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing left behind
+
+
+def test_alternatives_a_rounding_past_one_are_kept(tok, tmp_path):
+    """Top log-probs whose probabilities sum a little past 1 (an API's rounding: here 1.005) are read as given;
+    past `align._MASS_SLACK` the row is refused (above)."""
+    alts = [{"token": "the fox", "logprob": math.log(0.905)}, {"token": "the", "logprob": math.log(0.1)}]
+    path = write_jsonl(tmp_path / "c.jsonl", [], extra_lines=[_row(tokens=["the fox"], top_logprobs=[alts])])
+    m = prepare([path], tok, tmp_path / "o", tiny_cfg(), progress=False)
+    assert m["counts"]["samples"] == 1 and not m["counts"].get("skipped")

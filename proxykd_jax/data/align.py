@@ -45,6 +45,9 @@ from proxykd_jax.teacher.token_bytes import BYTE_TOKEN, special_ids
 
 HEADS = ("exact", "bytes")
 _ALT_CACHE_MAX = 1 << 18  # teacher alternatives whose id an encoder remembers (forgotten when full)
+# How far a teacher position's alternatives' probabilities may sum past 1 (an API's rounding of its log-probs):
+# beyond it a row is refused as bad log-probs (a head holding more than the whole mass is no distribution).
+_MASS_SLACK = 1e-2
 
 
 @dataclasses.dataclass
@@ -325,10 +328,21 @@ class SampleEncoder:
         stats = AlignStats()
         t_ids = t_lps = None
         if s.teacher_alts is not None:
+            probs = _position_probs(s.teacher_alts)
+            over = next((i for i, mass in enumerate(probs[1]) if mass > 1.0 + _MASS_SLACK), None)
+            if over is not None:
+                return DataError(
+                    f"{s.where}: sample {s.record_id!r}/{s.response_index}: the alternatives of teacher token {over} "
+                    f"(its entry {over} of the top log-probs) have probabilities summing to {probs[1][over]:.4f}, "
+                    "more than 1, so they are not the log-probs of one distribution; fix or remove the line, or set "
+                    "data.on_error=skip.",
+                    "bad_logprobs",
+                )
             if self.head == "bytes":
-                t_ids, t_lps = self._align_bytes(s, len(p_ids), r_ids, offs, len(tokens), stats, bool(n_extra))
+                t_ids, t_lps = self._align_bytes(s, probs, len(p_ids), r_ids, offs, len(tokens), stats, bool(n_extra))
             else:
-                t_ids, t_lps = self._align(s, len(p_ids), r_ids, offs, len(tokens), stats, end if n_extra else None)
+                end_id = end if n_extra else None
+                t_ids, t_lps = self._align(s, probs, len(p_ids), r_ids, offs, len(tokens), stats, end_id)
             # Our response tokens, the appended end token excluded (its head, where a server lists the stop token,
             # is counted with the teacher's positions).
             resp_rows = slice(len(p_ids), len(p_ids) + len(r_ids))
@@ -336,8 +350,9 @@ class SampleEncoder:
             stats.student_positions_covered = int(np.isfinite(t_lps[resp_rows]).any(1).sum())
         return Encoded(s, tokens, len(p_ids), t_ids, t_lps, stats, truncated, kept_chars)
 
-    def _align(self, s: Sample, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, end_id: int | None):
-        """Teacher head rows [n, K] (row i predicts token i) and alignment counts for one sample.
+    def _align(self, s: Sample, probs, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, end_id: int | None):
+        """Teacher head rows [n, K] (row i predicts token i) and alignment counts for one sample; `probs`: its
+        positions' alternatives' probabilities and masses (`_position_probs`).
 
         `end_id`: the appended end token, the last row's target (None: the sample has none). The teacher's final
         end-of-text position (the stop token it sampled, as a server that lists it reports it: the empty span at
@@ -364,7 +379,7 @@ class SampleEncoder:
         covered = np.zeros(len(resp) + 1, bool)
         for a, b in ours_spans:
             covered[a:b] = True
-        probs, masses = _position_probs(s.teacher_alts)
+        probs, masses = probs
         heads = []
         for i, (span, alts) in enumerate(zip(_teacher_byte_spans(s), s.teacher_alts)):
             stats.positions_total += 1
@@ -438,9 +453,10 @@ class SampleEncoder:
         c2b = _char_to_byte(text)
         return [(int(c2b[int(a)]), int(c2b[int(b)])) for a, b in offs]
 
-    def _align_bytes(self, s: Sample, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, eos_row: bool):
-        """First-byte head rows [n, K] (row i predicts token i: symbols and log masses); `eos_row`: the
-        last row is an appended end token (eos or end of turn), where the teacher's end-of-text mass goes."""
+    def _align_bytes(self, s: Sample, probs, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, eos_row: bool):
+        """First-byte head rows [n, K] (row i predicts token i: symbols and log masses), `probs` as for `_align`;
+        `eos_row`: the last row is an appended end token (eos or end of turn), where the teacher's end-of-text mass
+        goes."""
         t_ids = np.zeros((n, self.topk), np.int32)
         t_lps = np.full((n, self.topk), -np.inf, np.float32)
         row_at = {b: prompt_len + j for j, b in enumerate(self._student_byte_starts(s.response, r_ids, offs))}
@@ -448,7 +464,7 @@ class SampleEncoder:
         if eos_row:
             row_at[len(s.response.encode("utf-8"))] = n - 1
         stats.samples_with_logprobs = 1
-        probs, masses = _position_probs(s.teacher_alts)
+        probs, masses = probs
         heads = []
         for i, (start, alts) in enumerate(zip(_teacher_byte_starts(s), s.teacher_alts)):
             stats.positions_total += 1
