@@ -9,8 +9,8 @@ only its own block (`safetensors_io`); nothing is randomly initialised or built 
 imported from, its config.json: the same family; else Phi3ForCausalLM when it has Phi-3's partial rotary or
 longrope, Gemma3ForCausalLM when the model has Gemma's norms,
 Qwen3ForCausalLM when it has q/k norms, Qwen2ForCausalLM when it has q/k/v bias, MistralForCausalLM when it has a
-sliding window, LlamaForCausalLM otherwise), one tensor at a time, in files of at most 5 GB, with the tokenizer and a
-generation_config.json of its stop ids (and `source`'s sampling defaults).
+sliding window or a d_model not a multiple of its heads, LlamaForCausalLM otherwise), one tensor at a time, in files
+of at most 5 GB, with the tokenizer and a generation_config.json of its stop ids (and `source`'s sampling defaults).
 `tensor_map` is the one place that maps our parameter paths to HF tensor names and layouts; Phi-3's fused
 qkv_proj and gate_up_proj are read as the row ranges of the q/k/v and gate/up tensors they hold (`_Unfused`, block by
 block as any tensor) and written fused back (`_FUSED`) when the export's config.json names Phi3ForCausalLM.
@@ -218,6 +218,15 @@ class _Unfused:
         return self.source.read(fused, (slice(start + lo, start + hi), *ranges[1:]))
 
 
+def _same_rows(source: SafetensorsFolder, a: str, b: str, rows: int = 4096) -> bool:
+    """Whether tensors `a` and `b` of `source` are equal, read `rows` rows at a time (b may be absent: False)."""
+    if b not in source.files or source.shape(a) != source.shape(b):
+        return False
+    size = source.shape(a)[0]
+    blocks = [(slice(i, min(i + rows, size)),) for i in range(0, size, rows)]
+    return all(np.array_equal(source.read(a, block), source.read(b, block)) for block in blocks)
+
+
 def _checked_folder(folder: pathlib.Path, cfg: ModelConfig) -> SafetensorsFolder:
     """The folder's tensors, checked against the config from the file headers alone (Phi-3's fused ones as the
     unfused tensors they hold, `_Unfused`)."""
@@ -226,8 +235,13 @@ def _checked_folder(folder: pathlib.Path, cfg: ModelConfig) -> SafetensorsFolder
     if any(name.endswith(tuple(_FUSED)) for name in source.files):
         source = _Unfused(source, expected)
     present = {n for n in source.files if not n.endswith(_IGNORED_SUFFIXES)}
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and "lm_head.weight" in present:  # (transformers ties them only where they are equal)
         present.discard("lm_head.weight")
+        if not _same_rows(source, "lm_head.weight", "model.embed_tokens.weight"):
+            raise ValueError(
+                f"{folder} holds an lm_head.weight unlike its model.embed_tokens.weight while config.json sets "
+                "tie_word_embeddings=true, which transformers runs untied; set tie_word_embeddings to false."
+            )
     missing = sorted(set(expected) - present)
     if missing:
         raise ValueError(
@@ -417,7 +431,7 @@ def save_params(
     token ids and dtype; else one written from `cfg` (Phi3ForCausalLM with Phi-3's partial rotary or longrope, its
     q/k/v and gate/up fused as with a Phi-3 `source`, Gemma3ForCausalLM with Gemma's norms, SmolLM3ForCausalLM with
     layers without RoPE, Qwen3ForCausalLM with q/k norms, Qwen2ForCausalLM with q/k/v bias, else MistralForCausalLM
-    with a sliding window, else LlamaForCausalLM).
+    with a sliding window or a d_model not a multiple of num_heads (which LlamaConfig refuses), else LlamaForCausalLM).
 
     `params` maps our parameter paths to (possibly sharded) arrays. Nothing is gathered whole: each
     tensor (one layer of a stacked leaf) is brought to the host only when it is written. When the
@@ -427,7 +441,8 @@ def save_params(
     (eos with the end-of-turn `stop_ids`, `token_ids_of`), so `generate()` in transformers and
     `proxykd serve` stop at them by themselves; generation_config.json also keeps `source`'s other fields, its
     sampling defaults (`source_generation`), so `generate()` samples as it did on the source."""
-    plain = "MistralForCausalLM" if cfg.windowed else "LlamaForCausalLM"  # (a Mistral slides on every layer)
+    # (a Mistral slides on every layer, or on none without a window: a Llama whose d_model need not be heads * E)
+    plain = "MistralForCausalLM" if cfg.windowed or cfg.d_model % cfg.num_heads else "LlamaForCausalLM"
     arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else plain
     arch = GEMMA3 if cfg.sandwich_norms else "SmolLM3ForCausalLM" if cfg.rope_layers is not None else arch
     like = source_config(source, cfg)  # (every process: a Phi-3 source's config.json means fused tensors)

@@ -5,7 +5,8 @@ YaRN with transformers 5's defaults; old top-level or v5 `rope_parameters` keys)
 RoPE, and the sliding windows (`sliding_window`: Mistral's on every layer; Qwen's with `use_sliding_window` on the
 layers its `layer_types` or `max_window_layers` name; Gemma 3's `layer_types` or `sliding_window_pattern`, its
 sliding layers with their own RoPE base; SmolLM3's with `use_sliding_window` on its `layer_types`' sliding layers, by
-default those without RoPE), and SmolLM3's `no_rope_layers` (`rope_layers`; by default every 4th layer without).
+default those without RoPE, all of them or none where every layer has RoPE), and SmolLM3's `no_rope_layers`
+(`rope_layers`; by default every 4th layer without).
 Phi-3's (Phi-3.5, Phi-4-mini): `partial_rotary_factor`, longrope (`_rope_scaling`: its short and long factors, the
 top-level original_max_position_embeddings, attention_factor resolved) and Mistral's window on every layer.
 `max_seq_len` is the model's context (`max_position_embeddings`); a window at least that long is no window. Gemma 3's
@@ -192,7 +193,13 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         window = window if window and window < max_seq_len else None  # one as long as the context: full attention
         if arch == SMOLLM3:  # its NoPE layers, and the sliding ones (by default the NoPE ones)
             flags = _smollm3_rope_layers(hf)
-            gemma = dict(rope_layers=flags, layer_types=_smollm3_layer_types(hf, flags) if window else None)
+            types = _smollm3_layer_types(hf, flags) if window else None
+            if types and all(flags) and "full_attention" in types:  # (RoPE on every layer: a Mistral's window or none)
+                raise ValueError(
+                    "config.json's layer_types slide only some layers of a SmolLM3 whose no_rope_layers give every "
+                    "layer RoPE, which is not supported; slide every layer or none."
+                )
+            gemma = dict(rope_layers=flags, layer_types=None if all(flags) else types)
         elif not gemma:  # Qwen's sliding layers (Gemma's layer_types, which also pick the RoPE base: `_gemma3_fields`)
             gemma = dict(layer_types=_qwen_layer_types(hf) if window and arch.startswith("Qwen") else None)
         return ModelConfig(
@@ -233,7 +240,8 @@ def _gemma3_fields(hf: dict) -> dict:
     """The `ModelConfig` fields of a Gemma 3 config.json (its defaults filled in) beyond the Llama ones, and
     "full_rope", the full-attention layers' RoPE dict, read as transformers 5's `convert_rope_params_to_dict`
     does: `rope_parameters` keyed by layer type, updated by a top-level `rope_scaling` (full layers), each type's
-    rope_theta else top-level `rope_theta` (full) / `rope_local_base_freq` (sliding)."""
+    rope_theta else top-level `rope_theta` (full) / `rope_local_base_freq` (sliding), YaRN's truncate left out (its
+    `_compute_yarn_parameters` looks for it beside the layer types' dicts, so a Gemma 3's YaRN is always truncated)."""
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if hf.get(key) is not None:
             raise ValueError(f"config.json sets {key}={hf[key]!r} (logit soft-capping), which is not supported.")
@@ -246,6 +254,7 @@ def _gemma3_fields(hf: dict) -> dict:
     full = dict(params.get("full_attention") or {"rope_type": "default"}, **(hf.get("rope_scaling") or {}))
     local = dict(params.get("sliding_attention") or {"rope_type": "default"})
     full.setdefault("rope_theta", hf.get("rope_theta", 1e6))
+    full.pop("truncate", None)  # (transformers 5 runs it as true)
     local.setdefault("rope_theta", hf.get("rope_local_base_freq", 1e4))
     if local.get("rope_type", local.get("type", "default")) != "default":
         raise ValueError(
@@ -352,6 +361,11 @@ def _gemma3_config(cfg: ModelConfig, kwargs: dict) -> dict:
     it; the sliding window (without one the context, where the window's attention is the full one)."""
     from transformers import Gemma3TextConfig
 
+    if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "yarn" and not cfg.rope_scaling[5]:
+        raise ValueError(
+            "model.rope_scaling sets YaRN's truncate to False, which a Gemma 3 export cannot keep (transformers runs a "
+            "Gemma 3's YaRN truncated whatever config.json says); set it to True."
+        )
     full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         full = {**_rope_to_hf(cfg.rope_scaling), "rope_theta": cfg.rope_theta}
