@@ -143,6 +143,15 @@ def _field(loc) -> str:
     return ".".join(str(x) for x in loc if x != "body")
 
 
+def _unreadable(err: Exception) -> str:
+    """Why a body that is no JSON syntax error still could not be read as JSON (FastAPI's bare 400)."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"byte {err.start} is not UTF-8"
+    if isinstance(err, RecursionError):
+        return "it is nested too deeply"
+    return str(err).split(";")[0]  # (an integer past Python's digit limit: not its advice on raising the limit)
+
+
 def make_app(
     backend,
     faults: Faults | None = None,
@@ -168,6 +177,10 @@ def make_app(
 
     @app.exception_handler(HTTPException)
     async def _http_error(_, err: HTTPException):
+        if err.status_code == 400 and isinstance(err.__cause__, (ValueError, RecursionError)):  # body not read as JSON
+            return error_response(
+                400, f"the request body cannot be read as JSON ({_unreadable(err.__cause__)}).", "invalid_json"
+            )
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(err.status_code, "error")
         return error_response(err.status_code, str(err.detail), code)
 
@@ -333,7 +346,8 @@ def make_app(
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         k = req.logprobs or 0  # logprobs=0: the chosen tokens' log-probs, no alternatives
-        max_tokens = req.max_tokens
+        # left out: the API's default of 16, within this server's limit (a client that sent none is not refused for it)
+        max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set else min(req.max_tokens, max_tokens_limit)
         check(req.model, max_tokens or 1, "max_tokens")
         check_text([t for t in req.prompt if isinstance(t, str)], "prompt")
         check_ids([t for t in req.prompt if not isinstance(t, str)])
