@@ -161,13 +161,16 @@ def sampled_divergence(
 ):
     """Unbiased importance-sampled estimate of D(p || q) per row, RS-KD style.
 
-    With draws x_1..x_S ~ r (inverse-CDF from the given uniforms in [0, 1)) the estimate is
-        D_hat = (1/S) sum_s d(p_{x_s}, q_{x_s}) / r_{x_s},
-    where d is the per-id term (`divergence_terms`), so E_r[D_hat] = sum_v d(p_v, q_v) = D(p || q)
+    With draws x_1..x_S ~ r / Z (inverse-CDF from the given uniforms in [0, 1), Z = sum_v r_v) the estimate is
+        D_hat = (Z/S) sum_s d(p_{x_s}, q_{x_s}) / r_{x_s},
+    where d is the per-id term (`divergence_terms`), so E[D_hat] = sum_v d(p_v, q_v) = D(p || q)
     whenever r > 0 wherever d != 0. The proposal r is the target p for forward_kl and skew_kl (their
-    terms vanish where p does; forward_kl's estimate is then (1/S) sum_s log p_x - log q_x) and the
-    even mixture (p + q)/2 otherwise. r is held constant under differentiation, so the gradient of
-    D_hat is also an unbiased estimate of the gradient of D. Sampling uses a float32 CDF.
+    terms vanish where p does; forward_kl's estimate is then (Z/S) sum_s log p_x - log q_x) and the
+    even mixture (p + q)/2 otherwise. Z is 1 up to rounding for a normalised target, but a stored
+    sparse row's top-k and tail sum to 1 only within its encoding (up to ~4e-3 for bfloat16 or uint8
+    log-probs): without Z the estimate's expectation was the `tail` value divided by Z (or by (1 + Z)/2).
+    r is held constant under differentiation, so the gradient of D_hat is also an unbiased estimate of
+    the gradient of D. Sampling uses a float32 CDF.
     """
     check_divergence_args(kind, jsd_beta, skew_alpha)
     logp_MxV = target_logprobs_MxV
@@ -176,7 +179,8 @@ def sampled_divergence(
     else:
         logr_MxV = jax.lax.stop_gradient(_log_mix(0.5, logp_MxV, student_logprobs_MxV))
     cdf_MxV = jnp.cumsum(jnp.exp(logr_MxV), axis=-1)
-    points_MxS = sample_uniforms_MxS * cdf_MxV[:, -1:]
+    total_Mx1 = cdf_MxV[:, -1:]  # Z: the draws' probabilities are r / Z
+    points_MxS = sample_uniforms_MxS * total_Mx1
     draws_MxS = jax.vmap(lambda c, u: jnp.searchsorted(c, u, side="right"))(cdf_MxV, points_MxS)
     draws_MxS = jnp.minimum(draws_MxS, logp_MxV.shape[-1] - 1)
     terms_MxS = divergence_terms(
@@ -187,7 +191,7 @@ def sampled_divergence(
         skew_alpha=skew_alpha,
     )
     logr_MxS = jnp.take_along_axis(logr_MxV, draws_MxS, axis=-1)
-    weights_MxS = jnp.exp(-jnp.where(jnp.isfinite(logr_MxS), logr_MxS, 0.0))
+    weights_MxS = total_Mx1 * jnp.exp(-jnp.where(jnp.isfinite(logr_MxS), logr_MxS, 0.0))
     return jnp.mean(jnp.where(jnp.isfinite(logr_MxS), terms_MxS * weights_MxS, 0.0), axis=-1)
 
 
