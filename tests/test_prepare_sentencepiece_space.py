@@ -88,6 +88,12 @@ def test_a_response_with_a_leading_space_is_tokenised_as_in_context(style, tmp_p
         assert enc.tokens_L[enc.prompt_len :].tolist() == tok(response, add_special_tokens=False)["input_ids"]
 
 
+def _one_distribution(lps):
+    """Log-probs lowered together where needed so that their probabilities sum to at most 0.99, as one
+    distribution's top alternatives do (`prepare` refuses a position whose alternatives sum past 1.01)."""
+    return lps - max(0.0, float(np.log(np.exp(lps).sum())) - np.log(0.99))
+
+
 def served_case(rng, tok):
     """A prompt, a response of random vocabulary words with its leading space, the teacher's tokens spelled as
     `serve` spells them (" the") and per token random word-start alternatives, the sampled one among them."""
@@ -98,7 +104,7 @@ def served_case(rng, tok):
     alts = []
     for w in body:
         others = [str(o) for o in rng.choice([o for o in words if o != w], size=3, replace=False)]
-        lps = np.sort(rng.uniform(-4.0, -0.05, size=4))[::-1]
+        lps = _one_distribution(np.sort(rng.uniform(-4.0, -0.05, size=4))[::-1])
         alts.append([(" " + a, float(lp)) for a, lp in zip([w, *others], lps)])
     return prompt, "".join(tokens), tokens, alts
 
@@ -173,7 +179,7 @@ def test_alternatives_inside_a_word_are_pieces_without_the_word_start(style, tmp
     assert len(inner) >= 4 and pairs, (inner, pairs)
     w, p = pairs[int(rng.integers(len(pairs)))]
     others = [str(o) for o in rng.choice([o for o in inner if o != p], size=3, replace=False)]
-    lps = np.sort(rng.uniform(-4.0, -0.05, size=5))[::-1]
+    lps = _one_distribution(np.sort(rng.uniform(-4.0, -0.05, size=5))[::-1])
     alts = [[(" " + w, -0.1)], [(p, lps[0]), *zip(others, lps[1:4]), (" " + others[0], lps[4]), ("</s>", -6.0)]]
     prompt = " ".join(rng.choice(words, size=2))
     enc = encode(tok, prompt, " " + w + p, tokens=[" " + w, p], alts=alts)
