@@ -44,6 +44,23 @@ def _top(counter, top_s):
     return sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:top_s]
 
 
+def witten_bell_row(counters, vocab, top_s, base):
+    """Interpolated Witten–Bell over the contexts' continuation counts, highest order first (an empty or None
+    counter: a context never seen, which passes all its mass down): each kept continuation's share count / (N + T),
+    T / (N + T) passed down, the mass of those past the top s and the last remainder on `base`."""
+    sparse, remaining, dropped = np.zeros(vocab), 1.0, 0.0
+    for c in counters:
+        if not c:
+            continue
+        n, d = sum(c.values()), len(c)
+        kept = _top(c, top_s)
+        for v, m in kept:
+            sparse[v] += remaining * m / (n + d)
+        dropped += remaining * (n - sum(m for _, m in kept)) / (n + d)
+        remaining *= d / (n + d)
+    return sparse + (remaining + dropped) * base
+
+
 class RefPrior:
     """Corpus statistics of docs/METHOD.md, "The prior", as dense float64 rows."""
 
@@ -74,18 +91,8 @@ class RefPrior:
 
     def ngram_row(self, s, t, top_s):
         """Highest order first: share count / (N + T), T / (N + T) passed down; dropped mass -> floor * base."""
-        sparse, remaining, dropped = np.zeros(self.vocab), 1.0, 0.0
-        for j in range(self.order - 1, 0, -1):
-            c = self.ctx[j].get(_context(s, t, j))
-            if not c:
-                continue
-            n, d = sum(c.values()), len(c)
-            kept = _top(c, top_s)
-            for v, m in kept:
-                sparse[v] += remaining * m / (n + d)
-            dropped += remaining * (n - sum(m for _, m in kept)) / (n + d)
-            remaining *= d / (n + d)
-        return sparse + (remaining + dropped) * self.base()
+        counters = [self.ctx[j].get(_context(s, t, j)) for j in range(self.order - 1, 0, -1)]
+        return witten_bell_row(counters, self.vocab, top_s, self.base())
 
     def ngram_row_recursive(self, s, t):
         """Untruncated, written as the recursion p_j = (c_j + T_j p_{j-1}) / (N_j + T_j) from p_0 = base."""

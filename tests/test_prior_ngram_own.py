@@ -14,6 +14,7 @@ import collections
 
 import numpy as np
 import pytest
+from test_bayes_reference import witten_bell_row
 
 from proxykd_jax.bayes import PriorTables
 
@@ -57,17 +58,8 @@ class Ref:
         return out
 
     def row(self, s, t, top_s, without_own, base=None):
-        sparse, remaining, dropped = np.zeros(self.vocab), 1.0, 0.0
-        for c in self.counters(s, t, without_own):
-            if not c:
-                continue
-            n, d = sum(c.values()), len(c)
-            kept = _top(c, top_s)
-            for v, m in kept:
-                sparse[v] += remaining * m / (n + d)
-            dropped += remaining * (n - sum(m for _, m in kept)) / (n + d)
-            remaining *= d / (n + d)
-        return sparse + (remaining + dropped) * (self.base() if base is None else base)
+        base = self.base() if base is None else base
+        return witten_bell_row(self.counters(s, t, without_own), self.vocab, top_s, base)
 
     def approximated(self, s, t, top_s):
         """Whether the library's top-s tables cannot know position t's rebuilt tables: a pruned continuation
