@@ -328,21 +328,22 @@ class SampleEncoder:
         stats = AlignStats()
         t_ids = t_lps = None
         if s.teacher_alts is not None:
-            probs = _position_probs(s.teacher_alts)
-            over = next((i for i, mass in enumerate(probs[1]) if mass > 1.0 + _MASS_SLACK), None)
+            probs, masses = _position_probs(s.teacher_alts)
+            over = next((i for i, mass in enumerate(masses) if mass > 1.0 + _MASS_SLACK), None)
             if over is not None:
                 return DataError(
                     f"{s.where}: sample {s.record_id!r}/{s.response_index}: the alternatives of teacher token {over} "
-                    f"(its entry {over} of the top log-probs) have probabilities summing to {probs[1][over]:.4f}, "
+                    f"(its entry {over} of the top log-probs) have probabilities summing to {masses[over]:.4f}, "
                     "more than 1, so they are not the log-probs of one distribution; fix or remove the line, or set "
                     "data.on_error=skip.",
                     "bad_logprobs",
                 )
             if self.head == "bytes":
-                t_ids, t_lps = self._align_bytes(s, probs, len(p_ids), r_ids, offs, len(tokens), stats, bool(n_extra))
+                eos_row = bool(n_extra)
+                t_ids, t_lps = self._align_bytes(s, probs, masses, len(p_ids), r_ids, offs, len(tokens), stats, eos_row)
             else:
                 end_id = end if n_extra else None
-                t_ids, t_lps = self._align(s, probs, len(p_ids), r_ids, offs, len(tokens), stats, end_id)
+                t_ids, t_lps = self._align(s, probs, masses, len(p_ids), r_ids, offs, len(tokens), stats, end_id)
             # Our response tokens, the appended end token excluded (its head, where a server lists the stop token,
             # is counted with the teacher's positions).
             resp_rows = slice(len(p_ids), len(p_ids) + len(r_ids))
@@ -350,9 +351,11 @@ class SampleEncoder:
             stats.student_positions_covered = int(np.isfinite(t_lps[resp_rows]).any(1).sum())
         return Encoded(s, tokens, len(p_ids), t_ids, t_lps, stats, truncated, kept_chars)
 
-    def _align(self, s: Sample, probs, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, end_id: int | None):
-        """Teacher head rows [n, K] (row i predicts token i) and alignment counts for one sample; `probs`: its
-        positions' alternatives' probabilities and masses (`_position_probs`).
+    def _align(
+        self, s: Sample, probs, masses, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, end_id: int | None
+    ):
+        """Teacher head rows [n, K] (row i predicts token i) and alignment counts for one sample; `probs`,
+        `masses`: its positions' alternatives' probabilities and their sums (`_position_probs`).
 
         `end_id`: the appended end token, the last row's target (None: the sample has none). The teacher's final
         end-of-text position (the stop token it sampled, as a server that lists it reports it: the empty span at
@@ -379,7 +382,6 @@ class SampleEncoder:
         covered = np.zeros(len(resp) + 1, bool)
         for a, b in ours_spans:
             covered[a:b] = True
-        probs, masses = probs
         heads = []
         for i, (span, alts) in enumerate(zip(_teacher_byte_spans(s), s.teacher_alts)):
             stats.positions_total += 1
@@ -453,10 +455,12 @@ class SampleEncoder:
         c2b = _char_to_byte(text)
         return [(int(c2b[int(a)]), int(c2b[int(b)])) for a, b in offs]
 
-    def _align_bytes(self, s: Sample, probs, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, eos_row: bool):
-        """First-byte head rows [n, K] (row i predicts token i: symbols and log masses), `probs` as for `_align`;
-        `eos_row`: the last row is an appended end token (eos or end of turn), where the teacher's end-of-text mass
-        goes."""
+    def _align_bytes(
+        self, s: Sample, probs, masses, prompt_len: int, r_ids, offs, n: int, stats: AlignStats, eos_row: bool
+    ):
+        """First-byte head rows [n, K] (row i predicts token i: symbols and log masses), `probs` and `masses` as for
+        `_align`; `eos_row`: the last row is an appended end token (eos or end of turn), where the teacher's
+        end-of-text mass goes."""
         t_ids = np.zeros((n, self.topk), np.int32)
         t_lps = np.full((n, self.topk), -np.inf, np.float32)
         row_at = {b: prompt_len + j for j, b in enumerate(self._student_byte_starts(s.response, r_ids, offs))}
@@ -464,7 +468,6 @@ class SampleEncoder:
         if eos_row:
             row_at[len(s.response.encode("utf-8"))] = n - 1
         stats.samples_with_logprobs = 1
-        probs, masses = probs
         heads = []
         for i, (start, alts) in enumerate(zip(_teacher_byte_starts(s), s.teacher_alts)):
             stats.positions_total += 1
