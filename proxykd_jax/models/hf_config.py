@@ -1,19 +1,23 @@
 """Hugging Face config.json <-> `ModelConfig` for Llama, Mistral, Qwen2, Qwen3, Gemma 3, SmolLM3 and Phi-3 causal LMs.
 
-`config_from_hf` / `read_config` read a config.json as transformers does: RoPE (`_rope_scaling`: linear, llama3,
-YaRN with transformers 5's defaults; old top-level or v5 `rope_parameters` keys), Gemma 3's fields and per-layer-type
-RoPE, and the sliding windows (`sliding_window`: Mistral's on every layer; Qwen's with `use_sliding_window` on the
-layers its `layer_types` or `max_window_layers` name; Gemma 3's `layer_types` or `sliding_window_pattern`, its
-sliding layers with their own RoPE base; SmolLM3's with `use_sliding_window` on its `layer_types`' sliding layers, by
-default those without RoPE, all of them or none where every layer has RoPE), and SmolLM3's `no_rope_layers`
-(`rope_layers`; by default every 4th layer without).
+`config_from_hf` / `read_config` read a config.json as transformers does: each family's class defaults for the keys it
+leaves out, its nulls, and the keys its modelling code ignores (`models.hf_families`: Mistral's, Qwen2's and Phi-3's
+attention_bias / mlp_bias...), RoPE (`_rope_scaling`: linear, llama3, YaRN with transformers 5's defaults; old
+top-level or v5 `rope_parameters` keys), Gemma 3's fields and per-layer-type RoPE, and the sliding windows
+(`hf_families.sliding_window`: Mistral's on every layer; Qwen's with `use_sliding_window` on the layers its
+`layer_types` or `max_window_layers` name; Gemma 3's `layer_types` or `sliding_window_pattern`, its sliding layers with
+their own RoPE base; SmolLM3's with `use_sliding_window` on its `layer_types`' sliding layers, by default those without
+RoPE, all of them or none where every layer has RoPE), and SmolLM3's `no_rope_layers` (`rope_layers`; by default every
+4th layer without).
 Phi-3's (Phi-3.5, Phi-4-mini): `partial_rotary_factor`, longrope (`_rope_scaling`: its short and long factors, the
 top-level original_max_position_embeddings, attention_factor resolved) and Mistral's window on every layer.
 `max_seq_len` is the model's context (`max_position_embeddings`); a window at least that long is no window. Gemma 3's
-logit soft-capping and bidirectional attention are refused. `_hf_config` writes an export's config.json back
-(`_rope_to_hf`; Mistral: its window; Qwen: `use_sliding_window` and `layer_types`; SmolLM3: `no_rope_layers` too;
-Gemma 3 `_gemma3_config`: its `sliding_window`; Phi-3 `_phi3_config`), and `source_config` is a source folder's
-config.json where it describes the model exported. The weights, tokenizer and generation_config.json are `models.hf`'s.
+logit soft-capping and bidirectional attention are refused, and so is what transformers cannot run (query heads not a
+multiple of the key/value heads, an odd head), each naming its config.json key. `_hf_config` writes an export's
+config.json back (`_rope_to_hf`; Mistral: its window; Qwen: `use_sliding_window` and `layer_types`; SmolLM3:
+`no_rope_layers` too; Gemma 3 `_gemma3_config`: its `sliding_window`; Phi-3 `_phi3_config`), and `source_config` is a
+source folder's config.json where it describes the model exported. The weights, tokenizer and generation_config.json
+are `models.hf`'s.
 """
 
 from __future__ import annotations
@@ -24,41 +28,11 @@ import logging
 import math
 import pathlib
 
+from proxykd_jax.models import hf_families as families
+from proxykd_jax.models.hf_families import GEMMA3, PHI3, SMOLLM3, SUPPORTED, sliding_window  # noqa: F401 (re-exported)
 from proxykd_jax.models.llama import ModelConfig
 
 log = logging.getLogger(__name__)
-
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM")
-SUPPORTED += ("SmolLM3ForCausalLM", "Phi3ForCausalLM")
-_QWEN3_HEAD_DIM = 128  # transformers' Qwen3Config default, what it runs a config.json without head_dim with
-GEMMA3 = "Gemma3ForCausalLM"
-# transformers' Gemma3TextConfig defaults for keys a config.json may leave out
-_GEMMA3_DEFAULTS = dict(
-    head_dim=256,
-    query_pre_attn_scalar=256,
-    max_position_embeddings=131_072,
-    sliding_window=4096,
-    tie_word_embeddings=True,
-    hidden_activation="gelu_pytorch_tanh",
-)
-_GEMMA3_PATTERN = 6  # sliding_window_pattern's default: every 6th layer full, the others sliding
-SMOLLM3 = "SmolLM3ForCausalLM"
-# transformers' SmolLM3Config defaults for keys a config.json may leave out (its RoPE base: default_theta)
-_SMOLLM3_DEFAULTS = dict(
-    rope_theta=2_000_000.0, max_position_embeddings=32_768, tie_word_embeddings=True, no_rope_layer_interval=4
-)
-PHI3 = "Phi3ForCausalLM"
-# transformers' Phi3Config defaults for keys a config.json may leave out (its longrope's original_max_position:
-# the top-level original_max_position_embeddings, before the RoPE dict's)
-_PHI3_DEFAULTS = dict(max_position_embeddings=4096, original_max_position_embeddings=4096, rms_norm_eps=1e-5)
-_DEFAULTS = {GEMMA3: _GEMMA3_DEFAULTS, SMOLLM3: _SMOLLM3_DEFAULTS, PHI3: _PHI3_DEFAULTS}
-
-
-def _with_defaults(hf: dict, arch: str) -> dict:
-    """A config.json dict with its family's defaults (`_DEFAULTS`) for the keys it leaves out or sets to null."""
-    if arch not in _DEFAULTS:
-        return hf
-    return {**_DEFAULTS[arch], **{k: v for k, v in hf.items() if v is not None}}
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -159,20 +133,22 @@ def _rope_to_hf(scaling: tuple) -> dict:
 def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "float32") -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict (old top-level or v5 `rope_parameters` RoPE keys, read
     with transformers' priorities: `rope_scaling` before `rope_parameters`, the RoPE dict's rope_theta before the
-    top-level one)."""
+    top-level one; the family's defaults for the keys it leaves out: `hf_families.with_defaults`)."""
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
         raise ValueError(
             f"Unsupported architecture {archs or hf.get('model_type')!r}; supported: {', '.join(SUPPORTED)}."
         )
-    gemma, hf = {}, _with_defaults(hf, arch)
+    gemma, given = {}, hf
     try:
+        hf = families.with_defaults(hf, arch)
         if arch == GEMMA3:
-            gemma = _gemma3_fields(hf)
+            gemma = families.gemma3_fields(hf)
         d_model, num_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+        num_kv_heads, head_dim = _heads(hf, given, arch)
         rope = (gemma.pop("full_rope") if gemma else None) or hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-        rope_theta = float(rope.get("rope_theta") or hf.get("rope_theta") or 10000.0)
+        rope_theta = float(rope.get("rope_theta") or hf["rope_theta"])
         rope_scaling = _rope_scaling(rope, hf, arch)
         partial = float(rope.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0)
         if partial != 1.0 and arch != PHI3:
@@ -180,42 +156,55 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
                 f"config.json sets partial_rotary_factor={partial} (RoPE on part of each head), which is supported on "
                 "a Phi3ForCausalLM only."
             )
-        if arch != "Qwen2ForCausalLM" and hf.get("attention_bias"):  # Qwen3's attention_bias: o_proj's too
+        if int(head_dim * partial) % 2 or int(head_dim * partial) < 2:
+            raise ValueError(
+                f"config.json's partial_rotary_factor={partial} rotates int(head_dim * factor) = "
+                f"{int(head_dim * partial)} dims of its {head_dim}-dim heads, which RoPE cannot rotate in halves "
+                "(transformers fails on it); set head_dim or partial_rotary_factor so that it is even."
+            )
+        half = int(head_dim * partial) // 2  # (rotated frequencies)
+        lengths = {len(f) for f in rope_scaling[3:]} if rope_scaling and rope_scaling[0] == "longrope" else set()
+        if lengths and lengths != {half}:
+            raise ValueError(
+                f"config.json's longrope short_factor and long_factor give {sorted(lengths)} factors where each "
+                f"rotated frequency needs one (int(head_dim * partial_rotary_factor) / 2 = {half}), which transformers "
+                "refuses; fix the factors or partial_rotary_factor."
+            )
+        if hf.get("attention_bias"):  # (where the family reads it: `hf_families.IGNORED`)
             raise ValueError("config.json sets attention_bias=true (bias on o_proj too), which is not supported.")
         if hf.get("mlp_bias"):
             raise ValueError("config.json sets mlp_bias=true (biases on the MLP projections), which is not supported.")
         act = hf.get("hidden_act", "silu")
         if act not in ("silu", "swish") and not gemma:
             raise ValueError(f"config.json sets hidden_act={act!r}; only silu (SwiGLU) is supported.")
-        default_head_dim = _QWEN3_HEAD_DIM if arch == "Qwen3ForCausalLM" else d_model // num_heads
-        max_seq_len = int(hf.get("max_position_embeddings", 2048))
-        window = sliding_window(hf, arch)
+        max_seq_len = int(hf["max_position_embeddings"])
+        window = families.window_of(hf, arch)
         window = window if window and window < max_seq_len else None  # one as long as the context: full attention
         if arch == SMOLLM3:  # its NoPE layers, and the sliding ones (by default the NoPE ones)
-            flags = _smollm3_rope_layers(hf)
-            types = _smollm3_layer_types(hf, flags) if window else None
+            flags = families.smollm3_rope_layers(hf)
+            types = families.smollm3_layer_types(hf, flags) if window else None
             if types and all(flags) and "full_attention" in types:  # (RoPE on every layer: a Mistral's window or none)
                 raise ValueError(
                     "config.json's layer_types slide only some layers of a SmolLM3 whose no_rope_layers give every "
                     "layer RoPE, which is not supported; slide every layer or none."
                 )
             gemma = dict(rope_layers=flags, layer_types=None if all(flags) else types)
-        elif not gemma:  # Qwen's sliding layers (Gemma's layer_types, which also pick the RoPE base: `_gemma3_fields`)
-            gemma = dict(layer_types=_qwen_layer_types(hf) if window and arch.startswith("Qwen") else None)
+        elif not gemma:  # Qwen's sliding layers (Gemma's layer_types, which also pick the RoPE base: `gemma3_fields`)
+            gemma = dict(layer_types=families.qwen_layer_types(hf) if window and arch.startswith("Qwen") else None)
         return ModelConfig(
             vocab_size=int(hf["vocab_size"]),
             d_model=d_model,
             num_layers=int(hf["num_hidden_layers"]),
             num_heads=num_heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=int(hf.get("head_dim") or default_head_dim),
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
             d_ff=int(hf["intermediate_size"]),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rms_eps=float(hf["rms_norm_eps"]),
             qkv_bias=arch == "Qwen2ForCausalLM",
             qk_norm=arch in ("Qwen3ForCausalLM", GEMMA3),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(hf["tie_word_embeddings"]),
             max_seq_len=max_seq_len,
             param_dtype=param_dtype,
             dtype=dtype,
@@ -227,114 +216,26 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         raise ValueError(f"config.json lacks the field {e.args[0]!r} that a {arch} config must have.") from None
 
 
-def _gemma3_layer_types(hf: dict) -> list:
-    """A Gemma 3 config.json's `layer_types`, or transformers' from `sliding_window_pattern` without them."""
-    pattern = int(hf.get("sliding_window_pattern") or _GEMMA3_PATTERN)
-    layers = int(hf["num_hidden_layers"])
-    return list(hf.get("layer_types") or [
-        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)
-    ])  # fmt: skip
-
-
-def _gemma3_fields(hf: dict) -> dict:
-    """The `ModelConfig` fields of a Gemma 3 config.json (its defaults filled in) beyond the Llama ones, and
-    "full_rope", the full-attention layers' RoPE dict, read as transformers 5's `convert_rope_params_to_dict`
-    does: `rope_parameters` keyed by layer type, updated by a top-level `rope_scaling` (full layers), each type's
-    rope_theta else top-level `rope_theta` (full) / `rope_local_base_freq` (sliding), YaRN's truncate left out (its
-    `_compute_yarn_parameters` looks for it beside the layer types' dicts, so a Gemma 3's YaRN is always truncated)."""
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if hf.get(key) is not None:
-            raise ValueError(f"config.json sets {key}={hf[key]!r} (logit soft-capping), which is not supported.")
-    if hf.get("use_bidirectional_attention"):
-        raise ValueError("config.json sets use_bidirectional_attention=true (an encoder), which is not supported.")
-    act = hf.get("hidden_activation")
-    if act != "gelu_pytorch_tanh":
-        raise ValueError(f"config.json sets hidden_activation={act!r}; a Gemma 3 must use gelu_pytorch_tanh.")
-    params = hf.get("rope_parameters") or {}
-    full = dict(params.get("full_attention") or {"rope_type": "default"}, **(hf.get("rope_scaling") or {}))
-    local = dict(params.get("sliding_attention") or {"rope_type": "default"})
-    full.setdefault("rope_theta", hf.get("rope_theta", 1e6))
-    full.pop("truncate", None)  # (transformers 5 runs it as true)
-    local.setdefault("rope_theta", hf.get("rope_local_base_freq", 1e4))
-    if local.get("rope_type", local.get("type", "default")) != "default":
+def _heads(hf: dict, given: dict, arch: str) -> tuple[int, int]:
+    """(key/value heads, head_dim) of a config.json `with_defaults` has read (`given`: as written), refused where
+    transformers cannot run them: query heads not a multiple of the key/value heads, or an odd head (RoPE rotates
+    halves)."""
+    d_model, num_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
+    num_kv_heads = int(hf["num_key_value_heads"] or num_heads)
+    left_out = f", the {arch} default without the key" if "num_key_value_heads" not in given else ""
+    if num_heads % num_kv_heads:
         raise ValueError(
-            f"config.json's rope_parameters scale the sliding_attention layers' RoPE ({local}), which is not "
-            "supported; only their rope_theta may differ."
+            f"config.json's num_attention_heads ({num_heads}) is not a multiple of its num_key_value_heads "
+            f"({num_kv_heads}{left_out}), which transformers cannot run; set num_key_value_heads."
         )
-    types = _gemma3_layer_types(hf)
-    sliding = "sliding_attention" in types
-    scalar = int(hf["query_pre_attn_scalar"])
-    return dict(
-        full_rope=full,
-        norm_plus_one=True,
-        embed_scale=True,
-        activation="gelu_tanh",
-        sandwich_norms=True,
-        query_pre_attn_scalar=None if scalar == int(hf["head_dim"]) else scalar,
-        layer_types=tuple(types) if sliding else None,  # none sliding: every layer the full RoPE, as ours
-        rope_local_theta=float(local["rope_theta"]) if sliding else None,
-    )
-
-
-def _qwen_layer_types(hf: dict) -> tuple:
-    """A Qwen2 / Qwen3 config.json's layer types, as transformers reads them: its `layer_types`, else sliding from
-    layer `max_window_layers` on."""
-    layers = int(hf["num_hidden_layers"])
-    return tuple(hf.get("layer_types") or [
-        "sliding_attention" if i >= int(hf.get("max_window_layers", 28)) else "full_attention" for i in range(layers)
-    ])  # fmt: skip
-
-
-def _smollm3_rope_layers(hf: dict) -> tuple:
-    """A SmolLM3 config.json's `no_rope_layers` (1: RoPE, 0: none) as bools, or transformers' without them: every
-    `no_rope_layer_interval`-th layer without RoPE."""
-    layers = int(hf["num_hidden_layers"])
-    flags = hf.get("no_rope_layers")
-    if flags is None:
-        interval = int(hf.get("no_rope_layer_interval") or 4)
-        flags = [(i + 1) % interval != 0 for i in range(layers)]
-    if len(flags) < layers or any(f not in (0, 1) for f in flags):
+    head_dim = int(hf["head_dim"] or d_model // num_heads)
+    if head_dim % 2:
+        given = "" if hf["head_dim"] else " (hidden_size // num_attention_heads without a head_dim)"
         raise ValueError(
-            f"config.json's no_rope_layers must list 1 (RoPE) or 0 (no RoPE) for each of the {layers} layers, "
-            f"got {flags!r}."
+            f"config.json's head_dim is {head_dim}{given}, an odd head RoPE cannot rotate in halves (transformers "
+            "fails on it); set an even head_dim."
         )
-    return tuple(bool(f) for f in flags[:layers])
-
-
-def _smollm3_layer_types(hf: dict, rope_layers: tuple) -> tuple:
-    """A SmolLM3 config.json's layer types, as transformers reads them: its `layer_types`, else sliding on the layers
-    without RoPE where `use_sliding_window` and `sliding_window` are set."""
-    layers = int(hf["num_hidden_layers"])
-    slide = bool(hf.get("use_sliding_window")) and hf.get("sliding_window") is not None
-    return tuple(hf.get("layer_types") or [
-        "sliding_attention" if slide and not rope else "full_attention" for rope in rope_layers[:layers]
-    ])  # fmt: skip
-
-
-def sliding_window(hf: dict, arch: str) -> int | None:
-    """The attention window a config.json's model runs some layers with, as transformers reads it (None: none):
-    Mistral's and Phi-3's `sliding_window` on every layer; Qwen2's and Qwen3's only with `use_sliding_window`, on the
-    layers their `layer_types` name "sliding_attention" (without them: layers from `max_window_layers` on); Gemma 3's
-    on its "sliding_attention" layers (`sliding_window_pattern` without `layer_types`), 4096 by default."""
-    hf = _with_defaults(hf, arch)
-    if arch == GEMMA3:
-        return int(hf["sliding_window"]) if "sliding_attention" in _gemma3_layer_types(hf) else None
-    window = hf.get("sliding_window")
-    if not window or arch == "LlamaForCausalLM":
-        return None
-    if arch == SMOLLM3:
-        types = _smollm3_layer_types(hf, _smollm3_rope_layers(hf))
-        if "sliding_attention" in types and not hf.get("use_sliding_window"):  # (its masks slide, flash would not)
-            raise ValueError(
-                "config.json's layer_types name sliding layers while use_sliding_window is false, which transformers "
-                "runs with or without the window by attention kernel; set use_sliding_window, or sliding_window to "
-                "null."
-            )
-        return int(window) if "sliding_attention" in types else None
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        if not hf.get("use_sliding_window") or "sliding_attention" not in _qwen_layer_types(hf):
-            return None
-    return int(window)
+    return num_kv_heads, head_dim
 
 
 # ModelConfig fields that say how a model runs, not what it computes: a folder's config.json leaves them out.
