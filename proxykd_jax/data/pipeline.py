@@ -9,6 +9,11 @@ tokens, targets, positions, segment_ids (0 = padding), loss_mask (float32; 1 whe
 a response token), sample_ids (-1 on padding); with a store: kd_ids [B, L, K], kd_logprobs
 [B, L, K] (-inf where absent), kd_tail, weight; with teacher log-probs in the corpus:
 teacher_topk_ids / teacher_topk_logprobs [B, L, 20]. `iter_samples` gives one sample per row instead.
+
+What reaches the rows: a sample of one token has no target, so neither reader gives it a place (nor needs
+its store entry, which `posterior` does not write). Nothing is truncated here (`prepare`'s data.truncate
+cuts): a sample of more inputs than the rows' seq_len stops the reader with a DataError (`too_long`) when it
+is reached. With data.num_epochs > 0 the stream's last packed rows that fill no batch are dropped.
 """
 
 import logging
@@ -102,6 +107,8 @@ class _ToExample(grain.transforms.Map):
         # give them to `posterior`) start at the second token.
         tokens, p = rec["tokens"].astype(np.int32), max(int(rec["prompt_len"]), 1)
         n, sid = len(tokens), int(rec["sample_id"])
+        if n < 2:  # no target: skipped like `_NotIn`'s (a packed segment of no tokens would use a segment id)
+            return {}
         if n - 1 > self.seq_len:
             raise DataError(
                 f"{self.where}: sample id {sid} has {n - 1} input tokens, more than the rows' seq_len {self.seq_len} "
@@ -229,6 +236,18 @@ class _Rename(grain.transforms.Map):
         return out
 
 
+def _without_targets(prepared: PreparedData, split: str, ids: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """The ids among `missing` (no store entry) of samples of one token, which need none. Their records are read
+    in split order (`ids`, the split's sample_ids.npy) up to the first missing sample that has a target: that one
+    is refused, and the count then reported may include one-token samples after it."""
+    source, exempt = prepared.source(split), []
+    for i in np.flatnonzero(np.isin(ids, missing)):
+        if len(decode_record(source[int(i)])["tokens"]) > 1:
+            break
+        exempt.append(int(ids[i]))
+    return np.asarray(exempt, np.int64)
+
+
 def _samples(
     prepared: PreparedData,
     split: str,
@@ -244,7 +263,7 @@ def _samples(
     seq_len: int,
 ):
     """MapDataset of per-sample examples for this process (shared by both readers); `{}` for a
-    sample that data.on_error=skip drops because the store misses it."""
+    sample of one token (no target) and one that data.on_error=skip drops because the store misses it."""
     prepared.require_samples(split)  # an empty split: one sentence (more prompts, or its data.split fraction)
     ds = grain.MapDataset.source(prepared.source(split))
     if len(ds) == 0:
@@ -258,6 +277,7 @@ def _samples(
         reader = open_store(prepared, store, vocab_size)
         ids = np.load(prepared.root / split / "sample_ids.npy")
         missing = reader.missing(ids)
+        missing = missing[~np.isin(missing, _without_targets(prepared, split, ids, missing))]
         if len(missing):
             msg = (
                 f"{reader.dir}: store misses {len(missing)} of {len(ids)} samples of split {split!r} "
@@ -287,7 +307,9 @@ def make_dataset(
     """The packed-batch grain IterDataset of `split` for this jax process (see module docstring).
 
     `store` is a StoreReader or store folder to join; `dcfg` the `data` config group. The iterator
-    of the result has get_state/set_state for exact resume.
+    of the result has get_state/set_state for exact resume. With process_count > 1 each process packs
+    its own slice, so a finite stream may give processes different numbers of batches (`distill` packs
+    the global batches on every process and keeps its rows instead).
     """
     prepared = _open(prepared)
     pi = jax.process_index() if process_index is None else process_index
@@ -376,7 +398,8 @@ def iter_samples(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.DatasetIterator:
-    """One sample per row, padded to [batch_size, seq_len]; the last batch is padded with empty rows.
+    """One sample per row (none for a sample of one token), padded to [batch_size, seq_len]; the last batch is
+    padded with empty rows.
 
     Adds `lengths` (input tokens per row, 0 on padding rows) and `prompt_lengths` (prompt tokens of
     the sample: the first response token is the target at input index prompt_lengths - 1) to the
