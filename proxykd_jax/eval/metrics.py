@@ -158,7 +158,8 @@ def reference_estimator_kl(prepared, tables, store, teacher, estimate: dict, bat
     """E_t KL(q_t || .) on distillation-split response positions (`batches`) of the estimates no model makes:
     the smoothed one-hot label, the prior (the one the store was built on: `estimate` is the posterior's
     estimate.json, its kappa and whether the response's own token counts) and the posterior as stored; with
-    the number of positions."""
+    the number of positions. A KL is infinite where its estimate gives a token the teacher can write no
+    probability (a stored row without tail mass), not floored to a finite number: `finite_or_null`."""
     vocab = tables.vocab_size
     kappa = float(estimate["kappa"])
     query_mode = "include_self" if estimate.get("count_own_token", True) else "leave_one_out"
@@ -187,7 +188,8 @@ def reference_estimator_kl(prepared, tables, store, teacher, estimate: dict, bat
                 "posterior (store)": _dense_store(store.get(sid), vocab),
             }
             for name, e in estimates.items():
-                sums[name] += float(np.sum(kl_terms(q, np.log(np.maximum(e, 1e-300)))))
+                with np.errstate(divide="ignore"):  # log 0 = -inf: an estimate without the teacher's token
+                    sums[name] += float(np.sum(kl_terms(q, np.log(e))))
             n += len(y)
     total = hosts.allsum({**sums, "positions": n})
     return {name: total[name] / total["positions"] for name in names} | {"positions": int(total["positions"])}
@@ -203,8 +205,7 @@ def proxy_estimator_kl(proxy, teacher, batches, scorer: Scorer) -> dict:
             continue
         q_all = teacher.distributions(batch["tokens"], batch["lengths"]).astype(np.float64)
         for row, _, sl in _response_rows(batch):
-            e = np.exp(lp[row, sl])
-            total += float(np.sum(kl_terms(q_all[row, sl], np.log(np.maximum(e, 1e-300)))))
+            total += float(np.sum(kl_terms(q_all[row, sl], lp[row, sl])))
             n += len(batch["targets"][row, sl])
     sums = hosts.allsum({"kl": total, "positions": n})
     return {"kl": sums["kl"] / sums["positions"], "positions": int(sums["positions"])}

@@ -41,9 +41,15 @@ def text_bytes(ids, tokenizer) -> int:
 
 
 def target_bytes(batch, tokenizer) -> int:
-    """`text_bytes` of the scored targets (the response, its eos included) of every row of `batch`."""
-    targets, mask = np.asarray(batch["targets"]), _mask(batch)
-    return sum(text_bytes(targets[r][mask[r] > 0], tokenizer) for r in range(mask.shape[0]))
+    """`text_bytes` of the scored targets (the response, its eos included) of every sample of `batch`: each
+    segment of a packed row on its own, as decoding two responses as one text would count a separator (a word
+    tokenizer's space) that neither holds."""
+    targets, mask, segments = np.asarray(batch["targets"]), _mask(batch), np.asarray(batch["segment_ids"])
+    return sum(
+        text_bytes(targets[r][(mask[r] > 0) & (segments[r] == s)], tokenizer)
+        for r in range(mask.shape[0])
+        for s in np.unique(segments[r][mask[r] > 0])
+    )
 
 
 def heldout_nats_per_byte(models: dict, batches: list, tokenizer, scorer) -> dict:
