@@ -351,7 +351,9 @@ class KnownTeacher:
 
         The text is scored as the teacher tokenises it, followed by <eos> where it `ended` (default: every
         text; not a text cut at a length limit, whose writer went on) so nats per byte compare across
-        tokenizers. The <eos> adds no byte (eval/per_byte.py `text_bytes`: the convention)."""
+        tokenizers. The <eos> adds no byte (eval/per_byte.py `text_bytes`: the convention). Each token's
+        probability is floored at 1e-30: a token the teacher gives (float32) zero, such as a character outside
+        its alphabet, costs 69 nats instead of making the score infinite."""
         ended = [True] * len(texts) if ended is None else [bool(e) for e in ended]
         self._check_prompts(prompts, "text_logprob")
         contexts = [
