@@ -2,7 +2,10 @@
 
 For a targeted weight W (e.g. `wq` [D, H, E]) the adapter holds A [in..., r] and B [r, out...]
 with W_eff = W + (alpha / r) * A @ B, contracting the input axes of W (`wo` [H, E, D] has two).
-B starts at zero so the adapted model equals the base at initialisation.
+B starts at zero so the adapted model equals the base at initialisation. A and B are float32 whatever
+the base's `param_dtype` (as PEFT's default `autocast_adapter_dtype`): stored in a bfloat16 base's dtype, A
+(entries ~ 1 / sqrt(fan-in)) lost every update below its ulp, e.g. 98% of its entries unchanged after 20 Adam
+steps at align.dpo_lr = 1e-5. They are small; the merged weight takes the base's dtype.
 
 The adapters are merged into the weights inside the forward pass (`merged`): the model code stays
 untouched, and under jit the merged weight inherits W's sharding, so the extra memory is one
@@ -63,10 +66,10 @@ class LoraAdapters(nnx.Module):
             n_in = lead + INPUT_AXES[name]
             stack_shape, in_shape, out_shape = shape[:lead], shape[lead:n_in], shape[n_in:]
             a = jax.random.normal(rngs.params(), shape[:n_in] + (rank,), jnp.float32) / math.sqrt(math.prod(in_shape))
-            a_list.append(nnx.Param(a.astype(var[...].dtype), out_sharding=axes[:n_in] + (None,), eager_sharding=False))
+            a_list.append(nnx.Param(a, out_sharding=axes[:n_in] + (None,), eager_sharding=False))
             b_list.append(
                 nnx.Param(
-                    jnp.zeros(stack_shape + (rank,) + out_shape, var[...].dtype),
+                    jnp.zeros(stack_shape + (rank,) + out_shape, jnp.float32),
                     out_sharding=axes[:lead] + (None,) + axes[n_in:],
                     eager_sharding=False,
                 )
