@@ -15,6 +15,7 @@ reads a finished phase's `params/` only.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
 
@@ -59,6 +60,17 @@ def drop_checkpoints(phase_dirs) -> None:
     sync("align: finished phases' checkpoints removed")
 
 
+def drop_torn_row(path: pathlib.Path) -> None:
+    """Cuts off the last row of `path` where a kill left it without its newline (process 0, which appends there):
+    the next row appended would be glued to it, and neither read back. In place, so a sink already open to append
+    there writes on from the cut."""
+    if jax.process_index() != 0 or not path.exists():
+        return
+    text = path.read_bytes()
+    if text and not text.endswith(b"\n"):
+        os.truncate(path, text.rfind(b"\n") + 1)
+
+
 def read_summaries(path: pathlib.Path) -> list[dict]:
     """The phase summaries of an align `metrics.jsonl` in file order (none where it does not exist; a line a
     crash cut short is skipped)."""
@@ -76,11 +88,14 @@ def read_summaries(path: pathlib.Path) -> list[dict]:
 class OncePerPhase:
     """A sink (`append(record)`) that passes on one summary per phase: those already in `out_dir/metrics.jsonl`
     are not written again. A phase summarised before a kill (the initial proxy, before the warm-up's first
-    checkpoint; a phase, before its DONE marker) is summarised again, to the same values, when the run resumes."""
+    checkpoint; a phase, before its DONE marker) is summarised again, to the same values, when the run resumes;
+    a summary the kill cut short is cut off the file first (`drop_torn_row`)."""
 
     def __init__(self, sink, out_dir: pathlib.Path):
         self.sink = sink
-        self.phases = {row.get("phase") for row in read_summaries(pathlib.Path(out_dir) / "metrics.jsonl")}
+        path = pathlib.Path(out_dir) / "metrics.jsonl"
+        drop_torn_row(path)
+        self.phases = {row.get("phase") for row in read_summaries(path)}
 
     def append(self, record: dict) -> None:
         if record.get("phase") not in self.phases:

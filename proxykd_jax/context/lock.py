@@ -1,8 +1,9 @@
 """The run-directory lock: one stage at a time per run directory.
 
-A stage that writes into a run directory first creates `<run>/proxykd.lock` with `O_EXCL`
-(atomic on local and NFS file systems) holding the owner's pid, host, stage, the artifact it writes,
-process start time and the time it was taken. A second process finds the file and stops with
+A stage that writes into a run directory first creates `<run>/proxykd.lock` (hard-linked into place from a
+file already written, atomic on local and NFS file systems; `O_EXCL` where there are no hard links) holding
+the owner's pid, host, stage, the artifact it writes, process start time and the time it was taken (a kill -9
+never leaves it without them: `RunLock._create`). A second process finds the file and stops with
 `RunLocked` (the CLI exits 2) naming the holder's pid, host and stage. A lock whose holder is gone
 is stale: same host, and either no process with that pid exists or the pid now belongs to a process
 started at another time (pid reuse). A stale lock is taken over with a warning, so a run killed with
@@ -15,6 +16,7 @@ outcome from it (`context.RunContext` broadcasts it), so every process stops or 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -81,28 +83,62 @@ class RunLock:
         """Takes the lock; raises RunLocked when a live process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(50):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read()
-                if holder is None:
-                    continue  # released meanwhile: try again
-                if not holder:
-                    time.sleep(0.02)  # the holder is writing its details: read them again
-                    continue
-                self._check_holder(holder)
+            if self._create():
+                self.held = True
+                return
+            holder = self._read()
+            if holder is None:
+                continue  # released meanwhile: try again
+            if not holder:
+                time.sleep(0.02)  # the holder is writing its details: read them again
                 continue
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(self._owner(), f)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except BaseException:  # a full disk: a lock without its owner would refuse every later command
-                self.path.unlink(missing_ok=True)
-                raise
-            self.held = True
-            return
+            self._check_holder(holder)
         raise RunLocked(f"{self.path}: could not take the run-directory lock; delete the file if no stage is running.")
+
+    def _create(self) -> bool:
+        """Creates the lock file holding this process's details; False when it exists. They are written to a file
+        of this process's own and hard-linked into place, so no kill -9 leaves a lock without its owner (every
+        later command would wait for the owner to be written, then refuse the run directory); on a file system
+        without hard links the lock is created with O_EXCL and written, as before."""
+        tmp = self.path.with_name(f"{self.path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+        try:
+            self._write(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY)
+            os.link(tmp, self.path)
+            self._tidy()
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        try:
+            self._write(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        return True
+
+    def _tidy(self) -> None:
+        """Removes the owner files that processes of this host killed before they linked them left behind."""
+        prefix = f"{self.path.name}.{socket.gethostname()}."
+        for left in self.path.parent.iterdir():
+            pid = left.name[len(prefix) : -len(".tmp")]
+            if left.name.startswith(prefix) and left.name.endswith(".tmp") and pid.isdigit():
+                if not process_alive(int(pid), None):
+                    left.unlink(missing_ok=True)
+
+    def _write(self, path: pathlib.Path, flags: int) -> None:
+        """Creates `path` (`flags`) holding this process's details, on disk before it returns."""
+        fd = os.open(path, flags, 0o644)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._owner(), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # a full disk: a lock without its owner would refuse every later command
+            path.unlink(missing_ok=True)
+            raise
 
     def _check_holder(self, holder: dict) -> None:
         """Raises RunLocked for a live holder; moves a stale lock aside (one process wins that race)."""

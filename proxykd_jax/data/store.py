@@ -177,12 +177,15 @@ class StoreWriter:
                         "write to a new store folder or delete the old shards."
                     )
             self._finished.append(m)
-        # The next shard number follows the highest one on disk (finished or not), never the count of
-        # finished shards: after a shard is deleted, the count would name an existing shard and overwrite it.
-        self._seq = 1 + max((_shard_seq(p) for p in self.dir.glob(f"shard-{host:05d}-*")), default=-1)
         for orphan in self.dir.glob(f"shard-{host:05d}-*.bin"):  # data of a shard whose manifest was never written
             if not orphan.with_suffix(".json").exists():
                 orphan.unlink()
+        for part in self.dir.glob(f"shard-{host:05d}-*.tmp"):  # a file a killed run wrote but never renamed
+            part.unlink()
+        # The next shard number follows the highest one left on disk, never the count of finished shards: after a
+        # shard is deleted, the count would name an existing shard and overwrite it. (A resumed run's next shard
+        # takes the number and the samples an unfinished one had: the store is the one an unbroken run writes.)
+        self._seq = 1 + max((_shard_seq(p) for p in self.dir.glob(f"shard-{host:05d}-*")), default=-1)
         self._reset()
 
     @classmethod

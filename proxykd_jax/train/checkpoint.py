@@ -4,8 +4,9 @@ Each checkpoint is one orbax step directory with two items: `state` (StandardSav
 TrainState, restored onto whatever mesh the target shardings name) and `data` (the iterator's
 position: grain's own handler for grain iterators, JSON of `get_state()` for plain Python
 iterators that define `get_state`/`set_state`). Saves are asynchronous; the manager keeps the
-last `keep` checkpoints (a lowered `keep` deletes the oldest at the next save) and removes, when it opens, the
-unfinished steps of a killed run. A restore onto arrays of other shapes or another tree (another model or
+last `keep` checkpoints (a lowered `keep` deletes the oldest at the next save; a step a killed run was deleting,
+at the end of the run that resumes it: `drop_old_steps`) and removes, when it opens, the unfinished steps of a
+killed run. A restore onto arrays of other shapes or another tree (another model or
 optimizer config) is refused before reading any array, naming one; one that fails on the files
 says the checkpoint is damaged and what to delete, in one error: the reads it leaves in flight report
 nothing (`_WithoutClosedLoopReports`, `_WithoutUnretrievedReads`).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import shutil
 import sys
 
 import grain
@@ -164,7 +166,7 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, keep: int):
         if keep < 1:
             raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}.")
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory, self.keep = pathlib.Path(directory).absolute(), int(keep)
         # a step a killed run left half-written (`<step>.orbax-checkpoint-tmp`) is removed here: the run that
         # resumes may never save that step again (another train.checkpoint_every)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
@@ -283,6 +285,17 @@ class Checkpointer:
     def wait(self) -> None:
         """Blocks until in-flight saves are finished."""
         self.manager.wait_until_finished()
+
+    def drop_old_steps(self) -> None:
+        """Removes the steps older than the newest `keep`, once the saves in flight are finished (process 0). Orbax
+        removes them after each save; a run killed while it did leaves one half removed, which nothing removes
+        when no save follows (the kill came after the last step's save): the run that trains here calls this at
+        its end (not an export, which may only read the folder)."""
+        self.wait()
+        if jax.process_index() == 0:
+            steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            for step in steps[: -self.keep]:
+                shutil.rmtree(self.directory / str(step), ignore_errors=True)
 
     def close(self) -> None:
         self.manager.wait_until_finished()

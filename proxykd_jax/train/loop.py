@@ -210,6 +210,8 @@ class Loop:
             # rows past `start` come from a run killed after that checkpoint: they are written again
             writer = MetricsWriter(self.run_dir, cfg.tensorboard, resume_step=start)
             if start >= cfg.steps:
+                if ckpt is not None:  # killed after its last save: maybe while orbax removed the steps past `keep`
+                    ckpt.drop_old_steps()
                 return state
             peak = self._peak_flops() if self.flops_per_step > 0 else 0.0
             bar = progress.bar(
@@ -308,6 +310,8 @@ class Loop:
             if pending is not None:
                 report_all(*pending)
             bar.close()
+            if ckpt is not None:
+                ckpt.drop_old_steps()
             return state
         finally:
             if writer is not None:
