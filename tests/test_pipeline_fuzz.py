@@ -453,8 +453,26 @@ def assert_same_batches(got: list, want: list, where: str = ""):
         assert_batch(g, w, f"{where} batch {i}")
 
 
-def packed_reader(case: Case, **kw):
-    return make_iterator(case.root / "prep", SPLIT, case.dcfg(), store=case.store_dir, seq_len=case.seq_len, **kw)
+def packed_reader(case: Case, *, workers: int = 0, **kw):
+    """The packed reader over `case` (`workers` grain worker processes)."""
+    prep, dcfg = case.root / "prep", case.dcfg(num_workers=workers)
+    return make_iterator(prep, SPLIT, dcfg, store=case.store_dir, seq_len=case.seq_len, **kw)
+
+
+def row_reader(case: Case, batch_size: int, **kw):
+    """`iter_samples` over `case`: one sample per row, `batch_size` rows."""
+    return iter_samples(
+        case.root / "prep",
+        SPLIT,
+        case.dcfg(),
+        batch_size=batch_size,
+        store=case.store_dir,
+        seq_len=case.seq_len,
+        shuffle=case.shuffle,
+        seed=case.seed,
+        num_epochs=case.num_epochs,
+        **kw,
+    )
 
 
 def check_case(case: Case, *, workers: int = 0) -> dict:
@@ -463,27 +481,11 @@ def check_case(case: Case, *, workers: int = 0) -> dict:
         raise ValueError("check_case reads to the end: give a finite num_epochs")
     local = case.batch_size
     want = ref_packed(case, stream(case), local)
-    got = list(
-        make_iterator(
-            case.root / "prep", SPLIT, case.dcfg(num_workers=workers), store=case.store_dir, seq_len=case.seq_len
-        )
-    )
+    got = list(packed_reader(case, workers=workers))
     assert_same_batches(got, want, "packed")
     rows = int(np.random.default_rng(len(case.samples)).integers(1, 5))
     want_rows = ref_rows(case, stream(case), rows)
-    got_rows = list(
-        iter_samples(
-            case.root / "prep",
-            SPLIT,
-            case.dcfg(),
-            batch_size=rows,
-            store=case.store_dir,
-            seq_len=case.seq_len,
-            shuffle=case.shuffle,
-            seed=case.seed,
-            num_epochs=case.num_epochs,
-        )
-    )
+    got_rows = list(row_reader(case, rows))
     assert_same_batches(got_rows, want_rows, "iter_samples")
     return {"batches": len(got), "row_batches": len(got_rows)}
 
@@ -515,19 +517,13 @@ def check_resume(case: Case, rng, *, n: int | None = None, restore_workers: int 
     """n batches, the iterator state through JSON, a new iterator (reading with `restore_workers` worker
     processes) from it: the next batches are the same and, for an endless stream, those of the reference."""
     n, m = int(rng.integers(0, 12)) if n is None else n, int(rng.integers(1, 6))
-
-    def reader(workers):
-        return make_iterator(
-            case.root / "prep", SPLIT, case.dcfg(num_workers=workers), store=case.store_dir, seq_len=case.seq_len
-        )
-
-    it = reader(0)
+    it = packed_reader(case)
     before = take(it, n)
     state = json.loads(json.dumps(it.get_state()))
     after = take(it, m)
     if case.num_epochs == 0:
         assert_same_batches(before + after, ref_prefix(case, n + m, case.batch_size), "uninterrupted")
-    fresh = reader(restore_workers)
+    fresh = packed_reader(case, workers=restore_workers)
     fresh.set_state(state)
     assert_same_batches(take(fresh, m), after, f"resumed after {n}")
     read = sum(int(b["segment_ids"].max(1).sum()) for b in before)  # samples in the batches before the state
@@ -543,18 +539,7 @@ def check_processes(case: Case, process_count: int) -> dict:
         kw = {"process_index": pi, "process_count": process_count}
         got = list(packed_reader(case, **kw))
         assert_same_batches(got, ref_packed(case, stream(case, pi, process_count), local), f"process {pi}")
-        rows = iter_samples(
-            case.root / "prep",
-            SPLIT,
-            case.dcfg(),
-            batch_size=2,
-            store=case.store_dir,
-            seq_len=case.seq_len,
-            shuffle=case.shuffle,
-            seed=case.seed,
-            num_epochs=case.num_epochs,
-            **kw,
-        )
+        rows = row_reader(case, 2, **kw)
         seen.append([int(s) for b in rows for s in b["sample_ids"][:, 0] if s >= 0])
     every = sorted(s.sid for s in case.samples if trainable(case, s)) * case.num_epochs
     assert sorted(sum(seen, [])) == sorted(every)
@@ -570,20 +555,8 @@ def check_too_long(case: Case, *, workers: int = 0) -> dict:
     first = next((s for s in order if len(s.tokens) - 1 > case.seq_len), None)
     assert first is not None, "the case has no sample longer than its rows"
     readers = {
-        "packed": lambda: make_iterator(
-            case.root / "prep", SPLIT, case.dcfg(num_workers=workers), store=case.store_dir, seq_len=case.seq_len
-        ),
-        "iter_samples": lambda: iter_samples(
-            case.root / "prep",
-            SPLIT,
-            case.dcfg(),
-            batch_size=3,
-            store=case.store_dir,
-            seq_len=case.seq_len,
-            shuffle=case.shuffle,
-            seed=case.seed,
-            num_epochs=case.num_epochs,
-        ),
+        "packed": lambda: packed_reader(case, workers=workers),
+        "iter_samples": lambda: row_reader(case, 3),
     }
     for name, reader in readers.items():
         with pytest.raises(DataError) as e:
