@@ -107,7 +107,7 @@ class _ToExample(grain.transforms.Map):
         # give them to `posterior`) start at the second token.
         tokens, p = rec["tokens"].astype(np.int32), max(int(rec["prompt_len"]), 1)
         n, sid = len(tokens), int(rec["sample_id"])
-        if n < 2:  # no target: skipped like `_NotIn`'s (a packed segment of no tokens would use a segment id)
+        if not _has_target(tokens):  # skipped like `_NotIn`'s (a packed segment of no tokens would use a segment id)
             return {}
         if n - 1 > self.seq_len:
             raise DataError(
@@ -236,13 +236,18 @@ class _Rename(grain.transforms.Map):
         return out
 
 
+def _has_target(tokens) -> bool:
+    """Whether a sample's tokens hold a target: one token has none, so it takes no row and needs no store entry."""
+    return len(tokens) > 1
+
+
 def _without_targets(prepared: PreparedData, split: str, ids: np.ndarray, missing: np.ndarray) -> np.ndarray:
     """The ids among `missing` (no store entry) of samples of one token, which need none. Their records are read
     in split order (`ids`, the split's sample_ids.npy) up to the first missing sample that has a target: that one
     is refused, and the count then reported may include one-token samples after it."""
     source, exempt = prepared.source(split), []
     for i in np.flatnonzero(np.isin(ids, missing)):
-        if len(decode_record(source[int(i)])["tokens"]) > 1:
+        if _has_target(decode_record(source[int(i)])["tokens"]):
             break
         exempt.append(int(ids[i]))
     return np.asarray(exempt, np.int64)
