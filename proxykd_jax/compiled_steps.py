@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 from proxykd_jax.batch_steps import STEPS, model_group, row_shape
+from proxykd_jax.errors import ConfigError
 
 log = logging.getLogger("proxykd_jax.plan")  # the `proxykd plan` command's log: its compile lines keep its name
 
@@ -77,6 +79,22 @@ def _batch(fields: dict, mesh, rules):
 
     sh = batch_sharding(mesh, rules)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in fields.items()}
+
+
+def _check_rows(name: str, rows: int, field: str, mesh, rules) -> None:
+    """Refuses, before anything is lowered, a step whose `rows` (from config `field`) the mesh's batch shards do
+    not split: jax would raise its own IndivisibleError from inside the lowering."""
+    from proxykd_jax.parallel.sharding import batch_sharding, spec_axes
+
+    axes = spec_axes(batch_sharding(mesh, rules).spec[0])
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if rows % ways:
+        per = 2 if field.startswith("2 x ") else 1  # a DPO pair is two rows
+        raise ConfigError(
+            f"the {name} step's {rows} rows ({field}) do not split over the mesh's {ways} batch shards "
+            f"({' x '.join(f'{a}={mesh.shape[a]}' for a in axes)}); make {field.removeprefix('2 x ')} a multiple of "
+            f"{ways // math.gcd(ways, per)}."
+        )
 
 
 def _rows(b, length, *names, dtype="int32"):
@@ -158,6 +176,9 @@ def plan_steps(cfg, mesh, steps=STEPS, layers: int | None = None) -> list[StepPl
     student, proxy = model_cfg(cfg.model), model_cfg(cfg.proxy)
     optimizer = optim.make_optimizer(cfg.optim, max(int(cfg.train.steps), 1))
     k = int(cfg.data.store.k)
+    for name in steps:  # every step's rows checked before the first is lowered
+        rows, _, field, _ = row_shape(cfg, name)
+        _check_rows(name, rows, field, mesh, rules)
     out = []
     for i, name in enumerate(steps):
         mc = student if model_group(name) == "model" else proxy

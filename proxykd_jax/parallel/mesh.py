@@ -12,8 +12,10 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from proxykd_jax.errors import ConfigError
 from proxykd_jax.parallel.rules import LOGICAL_RULES
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -36,15 +38,27 @@ def default_config() -> ml_collections.ConfigDict:
     return cd
 
 
+def _whole(size) -> bool:
+    """Whether a mesh.shape size is a whole number (an int, or a float such as 2.0; not a bool or a string)."""
+    number = isinstance(size, (int, float, np.integer, np.floating)) and not isinstance(size, (bool, np.bool_))
+    return number and float(size).is_integer()
+
+
 def resolve_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """Concrete (data, fsdp, tensor) sizes for `num_devices`, filling at most one -1 axis."""
+    """Concrete (data, fsdp, tensor) sizes for `num_devices`, filling at most one -1 axis. A shape that does not fit
+    is a `ConfigError` naming mesh.shape (one line from the CLI; a `ValueError`, which callers catch)."""
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
-        raise ValueError(f"mesh.shape has unknown axes {unknown}; the axes are {list(MESH_AXES)}.")
-    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+        raise ConfigError(f"mesh.shape has unknown axes {unknown}; the axes are {list(MESH_AXES)}.")
+    given = [shape.get(axis, 1) for axis in MESH_AXES]
+    if not all(_whole(s) for s in given):
+        raise ConfigError(
+            f"mesh.shape {dict(zip(MESH_AXES, given))} has a size that is no whole number; change mesh.shape."
+        )
+    sizes = [int(s) for s in given]
     fill = [i for i, s in enumerate(sizes) if s == -1]
     if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(
+        raise ConfigError(
             f"mesh.shape {dict(zip(MESH_AXES, sizes))} is invalid: use positive sizes and at most one -1; "
             "change mesh.shape."
         )
@@ -52,12 +66,12 @@ def resolve_shape(shape: Mapping[str, int], num_devices: int) -> tuple[int, int,
     described = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
     if fill:
         if num_devices % known:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh {described} needs a multiple of {known} devices, {num_devices} available; change mesh.shape."
             )
         sizes[fill[0]] = num_devices // known
     elif known != num_devices:
-        raise ValueError(f"mesh {described} needs {known} devices, {num_devices} available; change mesh.shape.")
+        raise ConfigError(f"mesh {described} needs {known} devices, {num_devices} available; change mesh.shape.")
     return tuple(sizes)
 
 

@@ -69,6 +69,17 @@ def mesh_of(tree):
     return contextlib.nullcontext()
 
 
+# The model config field (group `model` or `proxy`) each split logical axis of the decoder's parameters measures,
+# named beside the axis in a refusal
+MODEL_FIELDS = {
+    "vocab": "vocab_size",
+    "embed": "d_model",
+    "mlp": "d_ff",
+    "heads": "num_heads",
+    "kv_heads": "num_kv_heads",
+}
+
+
 def variable_sharding(path: str, variable: nnx.Variable, mesh: Mesh, rules) -> NamedSharding:
     """NamedSharding of one (abstract) Variable from its logical `out_sharding` names.
 
@@ -90,9 +101,10 @@ def variable_sharding(path: str, variable: nnx.Variable, mesh: Mesh, rules) -> N
     for dim, (size, axes) in enumerate(zip(shape, spec)):
         ways = _ways(axes, mesh)
         if size % ways:
+            field = f" (or the model's {MODEL_FIELDS[names[dim]]})" if names[dim] in MODEL_FIELDS else ""
             raise ConfigError(
                 f"parameter {path} dim {dim} ({names[dim]!r}, size {size}) does not split over mesh axes "
-                f"{axes} ({ways} ways); change mesh.shape, or keep {names[dim]!r} whole on every device with "
+                f"{axes} ({ways} ways); change mesh.shape{field}, or keep {names[dim]!r} whole on every device with "
                 f'--config.mesh.rules="{_rules_without(rules, names[dim])}".'
             )
     return NamedSharding(mesh, spec)
