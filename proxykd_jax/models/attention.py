@@ -23,7 +23,9 @@ Implementations (`model.attention`):
 - `blocked`: the block-causal custom-VJP kernels of `blocked_attention.py` (`self_attend`), tuned for XLA:CPU; it saves
   the float32 probabilities of the visible blocks for the backward pass (with a window, of the window's band).
 - `xla`: `jax.nn.dot_product_attention(implementation="xla")` with a boolean mask built from the
-  segment ids and positions (float32 softmax inside jax).
+  segment ids and positions (float32 softmax inside jax). Upstream limit (jax 0.10.2): XLA:CPU cannot compile
+  its bf16 x bf16 -> f32 scores dot where that dot has one element (one row of one token, one query head, one
+  key/value head): "Algorithm not supported by the ElementalIrEmitter" (`blocked` compiles it).
 - `cudnn`: cuDNN fused flash attention (bf16/fp16, NVIDIA Hopper or newer) in its packed-sequence
   layout: each row's contiguous segments (a padding tail joined to the segment before it) are passed
   as lengths and offsets with the padding-causal mask type, so no [B, L, L] mask is built, read, or
