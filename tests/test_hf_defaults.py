@@ -68,7 +68,7 @@ def _layers_windows(config, arch: str) -> list:
     if arch in (MISTRAL, PHI3, LLAMA):
         return [window] * n
     sliding = [t == "sliding_attention" for t in config.layer_types]
-    if any(sliding) and window is None:
+    if (any(sliding) or arch == GEMMA3) and window is None:  # (a Gemma 3 builds the sliding mask whatever its layers)
         raise RuntimeError("transformers builds no mask for sliding layers without a sliding_window")
     return [window if s else None for s in sliding]
 
@@ -332,6 +332,73 @@ def test_what_transformers_cannot_run_is_refused_in_one_sentence_naming_the_key(
         hf.config_from_hf(spec)
     message = str(e.value)
     assert message.startswith("config.json") and message.endswith(".") and ". " not in message, message
+
+
+def _runs_in_transformers(folder) -> str | None:
+    """None where transformers' model of `folder` (random weights) runs a forward with eager and with sdpa
+    attention; else its first error."""
+    config = transformers.AutoConfig.from_pretrained(folder)
+    for kernel in ("eager", "sdpa"):
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=kernel).eval()
+            with torch.no_grad():
+                model(torch.randint(0, config.vocab_size, (1, 12)))
+        except Exception as e:  # (its own errors, of several types)
+            return f"{kernel}: {type(e).__name__}: {e}"
+    return None
+
+
+NULL_WINDOW = dict(sliding_window=None, num_key_value_heads=8, head_dim=4, query_pre_attn_scalar=4)
+SLIDING = dict(layer_types=["full_attention", "sliding_attention"])
+
+
+@pytest.mark.parametrize(
+    "arch, extra, named",
+    [
+        (GEMMA3, SLIDING, "config.json's layer_types name sliding_attention layers while sliding_window is null"),
+        (GEMMA3, dict(sliding_window_pattern=2), "config.json's layer_types (sliding_window_pattern without them)"),
+        (GEMMA3, dict(layer_types=["full_attention"] * 2), "config.json sets sliding_window to null"),
+        (QWEN2, dict(SLIDING, use_sliding_window=True), "layer_types name sliding_attention layers while sliding_"),
+        (QWEN2, dict(SLIDING, use_sliding_window=False), "layer_types name sliding_attention layers while sliding_"),
+        (QWEN3, dict(SLIDING, use_sliding_window=True), "layer_types name sliding_attention layers while sliding_"),
+        (SMOLLM3, dict(SLIDING, use_sliding_window=True, no_rope_layers=[1, 0]), "layer_types name sliding_attention"),
+    ],
+)
+def test_a_null_sliding_window_is_refused_where_transformers_cannot_run_it(tmp_path, arch, extra, named):
+    """A null sliding_window where layer_types (or a Gemma 3's sliding_window_pattern) name sliding layers, and on
+    any Gemma 3: transformers reads the config but its model fails on the first forward (its sliding mask and cache
+    need the window); the import read it as no window and ran every layer full. Refused in one sentence naming
+    sliding_window and layer_types."""
+    spec = _minimal(arch, **NULL_WINDOW, **extra)
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    assert _runs_in_transformers(tmp_path) is not None
+    with pytest.raises(ValueError) as e:
+        hf.config_from_hf(spec)
+    message = str(e.value)
+    assert message.startswith("config.json") and named in message, message
+    assert message.endswith(".") and ". " not in message, message
+    assert "sliding_window" in message and "layer_types" in message, message
+
+
+@pytest.mark.parametrize(
+    "arch, extra",
+    [
+        (QWEN2, dict(use_sliding_window=True, max_window_layers=1)),  # (no layer_types: the null window slides none)
+        (QWEN3, dict(use_sliding_window=True)),
+        (SMOLLM3, dict(use_sliding_window=True, no_rope_layers=[1, 0])),
+        (MISTRAL, {}),
+        (PHI3, {}),
+    ],
+)
+def test_a_null_sliding_window_transformers_runs_is_read_as_no_window(tmp_path, arch, extra):
+    """Where transformers runs a null sliding_window (no layer_types naming sliding layers; Mistral's and Phi-3's
+    every layer) it runs it as no window, as the import does."""
+    spec = _minimal(arch, **NULL_WINDOW, **extra)
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    assert _runs_in_transformers(tmp_path) is None
+    t, o = _both(tmp_path, spec)
+    assert o["windows"] == [None, None]
+    assert_same(t, o, f"{arch} with a null sliding_window")
 
 
 # ---------------------------------------------------------------------------------------------- logits

@@ -52,7 +52,8 @@ def test_a_windowed_model_matches_transformers_past_its_window(tmp_path, kind, k
     # the same weights without a window differ past it: the window is what made them agree
     spec = json.loads((tmp_path / "src" / "config.json").read_text())
     (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "config.json").write_text(json.dumps({**spec, "sliding_window": None}))
+    no_window = {**spec, "sliding_window": spec["max_position_embeddings"]}  # (a null: refused where layers slide)
+    (tmp_path / "full" / "config.json").write_text(json.dumps(no_window))
     (tmp_path / "full" / "model.safetensors").symlink_to(tmp_path / "src" / "model.safetensors")
     _, full = hf.load_hf(tmp_path / "full", run={"scan_layers": scan})
     gap = np.abs(np.asarray(full(jnp.asarray(tokens))) - ours).max(axis=(0, 2))

@@ -13,11 +13,11 @@ Phi-3's (Phi-3.5, Phi-4-mini): `partial_rotary_factor`, longrope (`_rope_scaling
 top-level original_max_position_embeddings, attention_factor resolved) and Mistral's window on every layer.
 `max_seq_len` is the model's context (`max_position_embeddings`); a window at least that long is no window. Gemma 3's
 logit soft-capping and bidirectional attention are refused, and so is what transformers cannot run (query heads not a
-multiple of the key/value heads, an odd head), each naming its config.json key. `_hf_config` writes an export's
-config.json back (`_rope_to_hf`; Mistral: its window; Qwen: `use_sliding_window` and `layer_types`; SmolLM3:
-`no_rope_layers` too; Gemma 3 `_gemma3_config`: its `sliding_window`; Phi-3 `_phi3_config`), and `source_config` is a
-source folder's config.json where it describes the model exported. The weights, tokenizer and generation_config.json
-are `models.hf`'s.
+multiple of the key/value heads, an odd head, a null sliding_window for sliding layers), each naming its config.json
+key. `_hf_config` writes an export's config.json back (`_rope_to_hf`; Mistral: its window; Qwen: `use_sliding_window`
+and `layer_types`; SmolLM3: `no_rope_layers` too; Gemma 3 `_gemma3_config`: its `sliding_window`; Phi-3 `_phi3_config`),
+and `source_config` is a source folder's config.json where it describes the model exported. The weights, tokenizer and
+generation_config.json are `models.hf`'s.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ which layers slide or skip RoPE (`sliding_window`, `gemma3_fields`, `qwen_layer_
 `with_defaults` reads a config.json as transformers 5's config classes do: a key left out is the class default
 (Mistral's window 4096, Qwen's and Gemma 3's key/value heads, each family's context...); a null is what the class makes
 of it where its field is optional (key/value heads: the query heads; a head: hidden_size / heads; sliding_window: no
-window) and is refused, naming the key, where transformers' strict typed fields refuse it. The RoPE dicts are read by
-`hf_config`, which re-exports `SUPPORTED`, `GEMMA3`, `PHI3`, `SMOLLM3` and `sliding_window`.
+window) and is refused, naming the key, where transformers' strict typed fields refuse it, or where its model cannot
+run it (a null sliding_window where layers are named sliding, or any on a Gemma 3: `window_of`). The RoPE dicts are
+read by `hf_config`, which re-exports `SUPPORTED`, `GEMMA3`, `PHI3`, `SMOLLM3` and `sliding_window`.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def smollm3_layer_types(hf: dict, rope_layers: tuple) -> tuple:
 
 def sliding_window(hf: dict, arch: str) -> int | None:
     """The attention window a config.json's model runs some layers with, as transformers reads it (None: none; a
-    null `sliding_window` is none, even where layers are named sliding, which transformers cannot run): Mistral's
+    null `sliding_window` is none, and refused where transformers cannot run it: `_refuse_null_window`): Mistral's
     (4096 where the key is left out) and Phi-3's `sliding_window` on every layer; Qwen2's and Qwen3's only with
     `use_sliding_window`, on the layers their `layer_types` name "sliding_attention" (without them: layers from
     `max_window_layers` on); Gemma 3's on its "sliding_attention" layers (`sliding_window_pattern` without
@@ -196,6 +197,8 @@ def sliding_window(hf: dict, arch: str) -> int | None:
 def window_of(hf: dict, arch: str) -> int | None:
     """`sliding_window` of a config.json dict `with_defaults` has read."""
     window = hf.get("sliding_window")
+    if window is None:
+        _refuse_null_window(hf, arch)
     if not window or arch == LLAMA:
         return None
     if arch == GEMMA3:
@@ -213,3 +216,30 @@ def window_of(hf: dict, arch: str) -> int | None:
         if not hf.get("use_sliding_window") or "sliding_attention" not in qwen_layer_types(hf):
             return None
     return int(window)
+
+
+def _refuse_null_window(hf: dict, arch: str) -> None:
+    """Refuses a null `sliding_window` that transformers 5 cannot run (its sliding layers' mask and cache need the
+    window, which it never reads as "no window"): where a Qwen2's, Qwen3's or SmolLM3's `layer_types` name sliding
+    layers (without them its layer types slide none), and on every Gemma 3, whose model builds the sliding mask
+    whatever its layer types (`sliding_window_pattern` without them). Mistral's and Phi-3's null is no window."""
+    if arch == GEMMA3:
+        types = gemma3_layer_types(hf)
+    elif arch in (QWEN2, QWEN3, SMOLLM3):
+        types = hf.get("layer_types") or ()
+    else:
+        return
+    named = "layer_types" if hf.get("layer_types") else "layer_types (sliding_window_pattern without them)"
+    if "sliding_attention" in types:
+        use = " with use_sliding_window true" if arch != GEMMA3 else ""
+        raise ValueError(
+            f"config.json's {named} name sliding_attention layers while sliding_window is null, which transformers' "
+            f"{arch} cannot run; set sliding_window to their window{use}, or name every layer full_attention in "
+            "layer_types."
+        )
+    if arch == GEMMA3:
+        raise ValueError(
+            "config.json sets sliding_window to null, which transformers' Gemma3ForCausalLM cannot run even where "
+            "its layer_types name no sliding_attention layer; set sliding_window to any window (no layer slides), or "
+            "leave it out for its default (4096)."
+        )
