@@ -256,10 +256,35 @@ def scored_alone(load_model, folder, score, **load):
         gc.collect()
 
 
+def _strict_json(value, at=()) -> tuple:
+    """(`value` with each NaN or infinite number as None, [[key path..., its repr]] of those): JSON without the
+    Infinity / NaN that strict readers refuse, and what `_unstrict` puts back."""
+    if isinstance(value, dict):
+        pairs = [(k, _strict_json(v, (*at, str(k)))) for k, v in value.items()]  # (JSON's keys: strings)
+        return {k: v for k, (v, _) in pairs}, [m for _, (_, marks) in pairs for m in marks]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [[*at, repr(value)]]
+    return value, []
+
+
+def _unstrict(value, marks: list):
+    """`value` (`_strict_json`'s) with its NaN and infinite numbers back where `marks` put them."""
+    for *path, number in marks:
+        if not path:
+            return float(number)
+        node = value
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = float(number)
+    return value
+
+
 class Kept:
     """Scores kept in `folder` (the eval artifact's scored/), one small JSON file per model (or per part that
     no model takes part in), so a killed eval resumes with what it finished. `write(path, obj)` writes
-    atomically (process 0's `RunContext.write_json`); `writer`: whether this process reads the files."""
+    atomically (process 0's `RunContext.write_json`); `writer`: whether this process reads the files. A score
+    that is not finite (an infinite KL) is stored as null, as metrics.json stores it, and listed in the file's
+    "not_finite" ([key path..., "inf"]), which reading it back restores."""
 
     def __init__(self, folder: pathlib.Path, write, writer: bool):
         self.folder, self.write, self.writer = pathlib.Path(folder), write, writer
@@ -274,15 +299,16 @@ class Kept:
             try:
                 kept = json.loads(path.read_text())
                 if isinstance(kept, dict) and kept.get("key") == key and "scores" in kept:
-                    text = json.dumps(kept["scores"])
-            except (OSError, ValueError):  # missing or damaged (a torn write): scored again
+                    text = json.dumps(_unstrict(kept["scores"], kept.get("not_finite", [])))
+            except (OSError, ValueError, LookupError, TypeError):  # missing or damaged (a torn write): scored again
                 pass
         scores = json.loads(hosts.broadcast_text(text))
         if scores is not None:
             log.info("eval: %s was scored before the run stopped; reusing %s", name, path)
             return scores
         scores = score()
-        self.write(path, {"key": key, "scores": scores})
+        strict, marks = _strict_json(scores)
+        self.write(path, {"key": key, "scores": strict} | ({"not_finite": marks} if marks else {}))
         return scores
 
 

@@ -13,6 +13,7 @@ over that tokenizer (a proxy cannot share weights with a teacher over other toke
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 
@@ -34,10 +35,41 @@ def text_bytes(ids, tokenizer) -> int:
     The convention: a model's log-prob of the end of a text (<eos>, where the text ended) counts in
     the numerator, and the end adds no byte; bytes are the decoded text's UTF-8 bytes (every special
     token adds none). So the same text has the same bytes under any tokenizer, a word tokenizer's
-    spaces included, and a teacher scoring text (`KnownTeacher.text_logprob`) counts it the same way."""
+    spaces included, and a teacher scoring text (`KnownTeacher.text_logprob`) counts it the same way.
+    Where the tokens hold bytes that are not UTF-8 (a response data.truncate cut inside a character), the
+    bytes they hold count, not the 3 of each replacement character decoding wrote for them
+    (`_replaced_bytes`)."""
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
     words = [int(i) for i in ids if int(i) not in special]
-    return len(tokenizer.decode(words).encode("utf-8")) if words else 0
+    if not words:
+        return 0
+    text = tokenizer.decode(words)
+    return len(text.encode("utf-8")) + _replaced_bytes(words, tokenizer, text)
+
+
+@functools.lru_cache(maxsize=8)
+def _token_bytes(tokenizer) -> list[bytes | None]:
+    """`byte_head.token_bytes(tokenizer)`, read once per tokenizer (a pass over its vocabulary)."""
+    return byte_head.token_bytes(tokenizer)
+
+
+def _replaced_bytes(words: list[int], tokenizer, text: str) -> int:
+    """The bytes tokens `words` hold that are not UTF-8, less the 3 of each replacement character (U+FFFD) their
+    decoded `text` holds for them: the correction from `text`'s UTF-8 bytes to the bytes actually there. 0 where
+    `text` holds no replacement character, or a token's bytes are unknown (`byte_head.token_bytes`)."""
+    mark = "\ufffd"
+    if mark not in text:
+        return 0
+    table = _token_bytes(tokenizer)
+    pieces = [table[i] if i < len(table) else None for i in words]
+    if any(p is None for p in pieces):
+        return 0
+    raw = b"".join(pieces)
+    genuine = raw.count(mark.encode())  # U+FFFD characters the text really holds
+    lossy = raw.decode("utf-8", errors="replace")
+    invalid = len(raw) - (len(lossy.encode("utf-8")) - 3 * (lossy.count(mark) - genuine))
+    written = text.count(mark) - genuine  # (however the tokenizer's decoder groups the invalid bytes)
+    return invalid - 3 * written if invalid and written > 0 else 0
 
 
 def target_bytes(batch, tokenizer) -> int:

@@ -1,9 +1,9 @@
 """`proxykd eval`: score the run's models on held-out teacher data (and against a known teacher,
 `eval.known_teacher`, refused unless its tokenizer is the prepared data's or character-level), one model on the
 mesh at a time (`eval/metrics.py`): each is loaded in its group's dtypes, scored for everything it takes part in,
-its scores written to `<run>/eval/scored/<model>.json` and released before the next loads, so a killed eval
-resumes with the models it finished. Writes `<run>/eval/metrics.json` (a value that is not finite as null) and
-prints a table."""
+its scores written to `<run>/eval/scored/<model>.json` (an infinite KL as null, read back as infinite:
+`metrics.Kept`) and released before the next loads, so a killed eval resumes with the models it finished.
+Writes `<run>/eval/metrics.json` (a value that is not finite as null) and prints a table."""
 
 from __future__ import annotations
 
