@@ -11,10 +11,17 @@ DPO reference: the reference (the proxy at the start of a round, or the post-SFT
 `align.reference = "initial"`) is frozen for the whole round, so its sequence log-probs are constants of each pair. `reference_logprobs` computes them once per
 round in its own jitted forward (no gradient, nothing donated) and they travel with the pairs as
 `ref_chosen_logp` / `ref_rejected_logp`; the gradient step reads them from the batch.
+
+Gradient accumulation: with `optim.grad_accum` = k > 1 an optimizer update averages the gradients of k
+micro-batches (`train.optim.accumulate`). SFT weights them by their response tokens (its loss is a token mean);
+DPO rounds weight them equally, right for the preference term (a mean over pairs, as many in every micro-batch),
+and `UpdateTokenBatches` gives the NLL term the whole update's token count instead of the micro-batch's own
+(`dpo_loss_fn`), so that the update equals one step on the k micro-batches at once.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -119,7 +126,14 @@ def dpo_loss_fn(
     DPO or IPO) against the precomputed reference log-probs.
 
     `batch` rows are pairs interleaved (chosen i at row 2i, rejected i at row 2i + 1; see
-    `phases.interleave_pairs`) with `ref_logp` [2P]; both go through one forward."""
+    `phases.interleave_pairs`) with `ref_logp` [2P]; both go through one forward.
+
+    A micro-batch of a k-batch optimizer update carries `update_tokens` [2P] (`UpdateTokenBatches`), whose chosen
+    rows sum to N / k, N the update's chosen response tokens: the NLL term differentiated is then the micro-batch's
+    chosen log-likelihood sum over N / k (not over its own tokens), and the equal-weight mean of the k micro-batch
+    gradients is the gradient of nll_weight * (the update's token-mean NLL) + (its mean preference term). The
+    metrics keep their meaning either way: `loss`, `nll`, `dpo_loss` are the micro-batch's own (`nll` its token
+    mean), and so is the returned loss without `update_tokens` (one micro-batch per update)."""
     policy = policy_of(model, frozen)
     logp_2P = sequence_logprobs(policy, batch, chunk=chunk)
     pol_chosen_P, pol_rejected_P = logp_2P[0::2], logp_2P[1::2]
@@ -137,7 +151,57 @@ def dpo_loss_fn(
     loss = nll_weight * nll + dpo
     metrics = {f"dpo/{k}": v for k, v in dpo_metrics.items()}
     metrics.update({"loss": loss, "nll": nll, "dpo_loss": dpo, "response_tokens": n_chosen})
-    return loss, metrics
+    if UPDATE_TOKENS not in batch:
+        return loss, metrics
+    n_update = jnp.sum(batch[UPDATE_TOKENS][0::2])  # N / k: the update's chosen tokens per micro-batch
+    update_nll = -jnp.sum(pol_chosen_P) / jnp.where(n_update > 0, n_update, 1.0)
+    return nll_weight * update_nll + dpo, metrics
+
+
+UPDATE_TOKENS = "update_tokens"
+
+
+class UpdateTokenBatches:
+    """Interleaved pair batches (`phases.pair_batches`, `inner`), every `grad_accum` consecutive ones one optimizer
+    update, each given `update_tokens` [2P]: per row, the response tokens of its row slot averaged over the update's
+    batches. The chosen rows then sum to N / grad_accum (N: the update's chosen response tokens; `dpo_loss_fn`'s
+    NLL normaliser) on any split of the rows over processes and devices: each process averages its own slots.
+
+    Reads an update's batches ahead; `get_state` / `set_state` (JSON, the train Loop's checkpoints) hold the inner
+    iterator's state at the update's first batch and the position within it, so a run resumed in the middle of an
+    update gets the same batches with the same counts (its accumulator is restored with it)."""
+
+    def __init__(self, inner, grad_accum: int):
+        self.inner, self.grad_accum = inner, int(grad_accum)
+        self.start, self.group, self.pos = None, [], 0
+
+    def __iter__(self):
+        return self
+
+    def _read_update(self) -> None:
+        self.start = copy.deepcopy(self.inner.get_state())
+        group = [next(self.inner) for _ in range(self.grad_accum)]
+        tokens_2P = np.mean([np.sum(b["loss_mask"], axis=-1, dtype=np.float64) for b in group], axis=0)
+        self.group = [dict(b, **{UPDATE_TOKENS: tokens_2P.astype(np.float32)}) for b in group]
+        self.pos = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.pos == len(self.group):
+            self._read_update()
+        self.pos += 1
+        return self.group[self.pos - 1]
+
+    def get_state(self) -> dict:
+        if self.pos == len(self.group):  # between updates: the next batch starts one
+            return {"inner": self.inner.get_state(), "pos": 0}
+        return {"inner": self.start, "pos": self.pos}
+
+    def set_state(self, state: dict) -> None:
+        self.inner.set_state(state["inner"])
+        self.group, self.pos = [], 0
+        if state["pos"]:
+            self._read_update()
+            self.pos = int(state["pos"])
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk", "lora_on"))

@@ -426,17 +426,24 @@ def align_proxy(
                 trainable,
                 frozen,
                 loss_fn,
-                phases.pair_batches(rows, acfg.batch_size, seed + 1 + r),
+                round_batches(rows, acfg.batch_size, seed + 1 + r, int(optim_cfg.grad_accum)),
                 steps=steps,
                 lr=acfg.dpo_lr,
                 rows_per_step=2 * acfg.batch_size,
                 cache_key=("dpo", steps),
-            )
+            )  # no accum_weight: micro-batches of as many pairs weigh equally (the NLL term: `round_batches`)
             extra = {"pairs": n_pairs, "dropped_equal": dropped, "steps": steps}
         phases.save_params(trainable, phase_dir / "params")
         record = evaluate(name, extra)
         phases.mark_done(phase_dir, record)
     return trainable, frozen, summaries
+
+
+def round_batches(rows: dict[str, np.ndarray], pairs_per_batch: int, seed: int, grad_accum: int):
+    """A round's pair batches (`phases.pair_batches`); with grad_accum > 1 micro-batches, each carries its update's
+    chosen token count (`objectives.UpdateTokenBatches`): the update is one step on the update's pairs at once."""
+    batches = phases.pair_batches(rows, pairs_per_batch, seed)
+    return objectives.UpdateTokenBatches(batches, grad_accum) if grad_accum > 1 else batches
 
 
 def _round_pairs(trainable, frozen, data: AlignData, acfg, phase_dir, r, seed, seq_len, put_batch):
