@@ -15,8 +15,10 @@ bytes: their first token spans their replacement characters, the others none; a 
 stop token the empty span at the end); elsewhere the chain the code read must be a reading of each position. A
 position goes on the one of our tokens with its span (`exact`: each alternative on our token of exactly its bytes, a
 special one by its name, the stop alternative on our end row) or starting there (`bytes`: probabilities summed by
-first byte, end of text 256, other special tokens on none). Known limits left out of the checks: a token spelled
-U+FFFD without bytes stops the chain; so do replaced bytes without `tokens` and `token_bytes` (BUILD_NOTES.md).
+first byte, end of text 256, other special tokens on none). Left out of the checks here: how many positions a token
+spelled U+FFFD without bytes keeps (placed only where every reading of it agrees; tests/test_teacher_span_replaced.py
+checks those spans against every reading), and replaced bytes without `tokens` and `token_bytes`, which still stop
+the chain where the text holds fewer replacement characters than the tokens spell (docs/DATA_FORMATS.md).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ The tokens are laid end to end on the response's bytes (the span chain, `_teache
 are not UTF-8 (a lead byte never completed, a stray continuation byte) the text holds replacement characters
 (U+FFFD) instead: one per maximal invalid subpart (byte-level BPE decoders, Python's errors="replace") or one per
 byte of a run of byte tokens (SentencePiece's byte fallback, Gemma's). The chain goes on after them (`_resync`).
+Where instead a token's string holds them for part of a character the text holds whole (vLLM's legacy layout writes
+"\\ufffd" for a byte-level token of an emoji's first bytes, and sends no `bytes`), the token is read as the text's
+bytes that spell its string when decoded on their own (`_split_ends`), and the chain goes on too (`_split_resync`).
 """
 
 import re
@@ -53,7 +56,9 @@ _CHECKED = 8  # tokens that must spell the text after replaced bytes (and the ch
 def _teacher_ends(s: Sample, resp: bytes, i: int, c: int) -> list[int]:
     """Where teacher token `i` ends if it starts at byte `c` of the response, the likeliest first: its
     bytes (the corpus's `token_bytes` where given, else those of its string) if they continue the text;
-    without `tokens`, those of each alternative that does (the sampled token is one of them). `_ENDED`
+    without `tokens`, those of each alternative that does (the sampled token is one of them), an alternative
+    spelled with replacement characters also where the text's next bytes spell it decoded on their own
+    (`_split_ends`: part of a character the text holds whole). `_ENDED`
     for an end-of-text token at the end of the response; given `token_bytes` without `tokens`, one of no bytes
     or of an end-of-text name's (a token of other bytes there is a text token, whose bytes the text replaced or
     cut off) at the last position (nothing follows an end of text: one of no bytes before it is left out of the
@@ -69,8 +74,15 @@ def _teacher_ends(s: Sample, resp: bytes, i: int, c: int) -> list[int]:
     else:
         tok, alts = "", s.teacher_alts[i]
         raws = [_bytes_of(t, _alt_bytes(s, i, j)) for j, (t, _) in enumerate(alts)]
-        fits = [(lp, t, j) for j, (t, lp) in enumerate(alts) if t and raws[j] and resp.startswith(raws[j], c)]
-        ends = [c + len(raws[j]) for _, _, j in sorted(fits, reverse=True)]
+        fits = [
+            (lp, t, j, c + len(raws[j]))
+            for j, (t, lp) in enumerate(alts)
+            if t and raws[j] and resp.startswith(raws[j], c)
+        ]
+        if not s.response.isascii() and _REPLACEMENT in b"\0".join(raws):  # (fast: isascii is O(1) on a str)
+            split = [(j, raw) for j, raw in enumerate(raws) if _REPLACEMENT in raw]
+            fits += [(alts[j][1], alts[j][0], j, e) for j, raw in split for e in _split_ends(resp, raw, c)]
+        ends = [e for *_, e in sorted(fits, reverse=True)]
     may_end = s.teacher_tokens is not None or raw is None or i == len(s.teacher_alts) - 1  # (`token_bytes` alone)
     if not ends and c == len(resp) and may_end and byte_head.teacher_symbol(tok) == byte_head.END_SYMBOL:
         return [_ENDED]
@@ -86,15 +98,18 @@ def _teacher_byte_spans(s: Sample) -> list[tuple[int, int] | None]:
     the corpus's `token_bytes` where given (exact for a token holding part of a UTF-8 character, which the
     API spells as a replacement character), else those of its string. Where the tokens' bytes are not UTF-8
     and the text holds replacement characters for them, the chain goes on after those (`_resync`; the tokens
-    that start inside the replaced bytes get None). Without `tokens` each token is read as the likeliest
-    alternative that continues the text and lets the chain go on farthest (a likelier " the" that is a prefix
-    of the sampled " there" would stop it at the next token); there (and without `token_bytes`) the chain still
-    stops at replaced bytes: the sampled token, whose bytes the resynchronisation reads, is unknown."""
+    that start inside the replaced bytes get None). Where instead a token's bytes are its string's and hold
+    replacement characters for part of a character the text holds whole (no `token_bytes`), the tokens so
+    spelled are read as the text's bytes that spell them (`_split_resync`). Without `tokens` each token is read
+    as the likeliest alternative that continues the text, so spelled too, and lets the chain go on farthest (a
+    likelier " the" that is a prefix of the sampled " there" would stop it at the next token); there (and
+    without `token_bytes`) the chain still stops at bytes the text replaced: the sampled token, whose bytes the
+    resynchronisation reads, is unknown."""
     resp, n, out, c = s.response.encode("utf-8"), len(s.teacher_alts), [], 0
     while len(out) < n:  # each token's likeliest reading
         ends = _teacher_ends(s, resp, len(out), c)
-        resumed = None if ends else _resync(s, resp, len(out), c)
-        if resumed is not None:  # the tokens in bytes the text replaced, and where the next one starts
+        resumed = None if ends else _resync(s, resp, len(out), c) or _split_resync(s, resp, len(out), c)
+        if resumed is not None:  # the tokens in replaced bytes or spelled as such, and where the next one starts
             spans, c = resumed
             out += spans
             continue
@@ -103,7 +118,7 @@ def _teacher_byte_spans(s: Sample) -> list[tuple[int, int] | None]:
             break
         out.append(None if ends[0] == c else (c, ends[0]))
         c = ends[0]
-    if len(out) < n and s.teacher_tokens is None:
+    if s.teacher_tokens is None and (len(out) < n or _cuts_by_alternative(s, resp, out)):
         out = _farthest_chain(s, resp)
     return out + [None] * (n - len(out))
 
@@ -200,11 +215,105 @@ def _spells_on(s: Sample, resp: bytes, j: int, b: int, e: int, run_end: int) -> 
     end, t, checked = pos, j + 1, 0
     while pos < len(resp) and t < len(s.teacher_alts) and checked < _CHECKED:
         ends = _teacher_ends(s, resp, t, pos)
-        if not ends:  # past them, at more replaced bytes (the next `_resync`'s), else a wrong reading
+        if not ends:  # past them, at more replaced bytes (the next `_resync`'s or `_split_resync`'s), else wrong
             raw = _known_bytes(s, t)
-            return end if pos >= past and (raw is None or _replaced_at(resp, raw, pos) is not None) else None
+            more = raw is None or _replaced_at(resp, raw, pos) is not None or _split_ends(resp, raw, pos)
+            return end if pos >= past and more else None
         pos, t, checked = ends[0], t + 1, checked + (pos >= past)
     return end if pos >= past else None
+
+
+def _split_ends(resp: bytes, raw: bytes, c: int) -> list[int]:
+    """Where a token whose bytes `raw` (its string's) hold replacement characters ends if it starts at byte `c`,
+    read as part of a character the text holds whole: each end whose bytes from `c`, decoded on their own, spell
+    its string, and are not `raw` (what a decoder writes for a token of a character's first or last bytes: one
+    U+FFFD per maximal invalid subpart, as Python's errors="replace" and Rust's from_utf8_lossy do). Not into a
+    replacement character of the text: bytes it replaced are `_resync`'s, whose own bytes are unknown here."""
+    at = raw.find(_REPLACEMENT)
+    if at < 0 or c + at >= len(resp) or resp[c + at] < 0x80 or not resp.startswith(raw[:at], c):
+        return []
+    return [
+        e
+        for e in range(c + at + 1, min(len(resp), c + len(raw)) + 1)  # each U+FFFD (3 bytes) stands for 1 to 3
+        if resp[c:e] != raw
+        and resp[c:e].decode("utf-8", errors="replace").encode("utf-8") == raw
+        and _REPLACEMENT not in resp[_char_start(resp, c) : _char_end(resp, e)]
+    ]
+
+
+def _inside(resp: bytes, p: int) -> bool:
+    """Whether byte `p` of the text lies inside a character (a UTF-8 continuation byte)."""
+    return 0 <= p < len(resp) and 0x80 <= resp[p] < 0xC0
+
+
+def _char_start(resp: bytes, p: int) -> int:
+    """The start of the character of the text that byte `p` lies in."""
+    while p > 0 and _inside(resp, p):
+        p -= 1
+    return p
+
+
+def _char_end(resp: bytes, p: int) -> int:
+    """The end of the character of the text that byte `p - 1` lies in, or `p` where a character starts there."""
+    while _inside(resp, p):
+        p += 1
+    return p
+
+
+def _cuts_by_alternative(s: Sample, resp: bytes, spans: list[tuple[int, int] | None]) -> bool:
+    """Whether a token read as an alternative (no `token_bytes`) is read as part of a character (`_split_ends`: its
+    span ends inside one, and no alternative's bytes are its span's): there the readings may be several, which
+    `_farthest_chain` looks at."""
+    if s.response.isascii() or (s.teacher_token_bytes is not None and None not in s.teacher_token_bytes):
+        return False
+    return any(
+        span is not None
+        and _inside(resp, span[1])
+        and _known_bytes(s, i) is None
+        and not _spelled(s, i, resp[slice(*span)])
+        for i, span in enumerate(spans)
+    )
+
+
+def _split_resync(s: Sample, resp: bytes, i: int, c: int) -> tuple[list[tuple[int, int] | None], int] | None:
+    """Where the span chain goes on when teacher token `i`, at byte `c`, is spelled with replacement characters
+    for part of a character the text holds whole (a byte-level token of an emoji's first bytes, which vLLM's legacy
+    layout writes as "\\ufffd" and sends without `bytes`): (the spans of tokens `i`.. up to the one the chain goes
+    on with, where that one starts); None where no single reading gets past them.
+
+    Each token from `i` on is read as any stretch of the text that spells it (`_split_ends`; a special token the
+    text leaves out as none), up to the first token from which the tokens spell the text again (`_spells_on`: the
+    next character and `_CHECKED` more tokens) or, where the tokens run out, the end of the text. A token gets the
+    span that every such reading gives it, else None (a token of a character's first bytes decodes to one U+FFFD
+    whatever their number, which only the tokens after it may fix); the chain stops where two readings go on at
+    different bytes."""
+    n, layers, at = len(s.teacher_alts), [{c: set()}], []  # layers[t]: token i + t's starts -> token i + t - 1's
+    for k in range(i, n + 1):
+        if k > i:
+            at = [p for p in layers[-1] if (_spells_on(s, resp, k, 0, p, p) is not None if k < n else p == len(resp))]
+        if at or k == n:
+            break
+        raw, tok = _known_bytes(s, k), s.teacher_tokens[k] if s.teacher_tokens is not None else ""
+        if raw is None:
+            return None
+        nxt: dict[int, set[int]] = {}
+        for p in layers[-1]:
+            for e in _split_ends(resp, raw, p):
+                nxt.setdefault(e, set()).add(p)
+        if not nxt and k > i and (not raw or _SPECIAL_TOKEN.fullmatch(tok)):  # a special token, likely: no bytes
+            nxt = {p: {p} for p in layers[-1]}
+        if not nxt:
+            return None
+        layers.append(nxt)
+    if len(at) != 1:
+        return None
+    spans, good = [], set(at)
+    for layer in reversed(layers[1:]):  # from the last token read so backwards, on the readings that go on there
+        pairs = {(a, e) for e in good for a in layer[e]}
+        (a, e), *other = pairs
+        spans.append(None if other or a == e else (a, e))
+        good = {a for a, _ in pairs}
+    return spans[::-1], at[0]
 
 
 def _known_bytes(s: Sample, i: int) -> bytes | None:
@@ -215,9 +324,13 @@ def _known_bytes(s: Sample, i: int) -> bytes | None:
 
 
 def _farthest_chain(s: Sample, resp: bytes) -> list[tuple[int, int] | None]:
-    """The spans of the longest chain of teacher tokens laid end to end from the start of the response,
-    each token the likeliest reading (`_teacher_ends`) that still reaches the chain's length (None: a
-    token of no bytes)."""
+    """The spans of the longest chain of teacher tokens laid end to end from the start of the response (of those,
+    one that spells it farthest), each token the likeliest reading (`_teacher_ends`) that is still on such a chain
+    (None: a token of no bytes). A token read as part of a character (`_split_ends`: no alternative's bytes are
+    its span's) gets None where the longest chains give it different spans: a token of a character's first
+    bytes, spelled "\\ufffd" without `bytes`, decodes so whatever their number, and the likeliest reading of the
+    tokens after it need not be the sampled one; in a chain that stops short of the end of the text such
+    readings count only where the tokens after them follow on (`_unproven_from`)."""
     reach, ends = [{0}], {}  # reach[i]: where token i may start; ends[i, c]: `_teacher_ends` there
     while len(reach) <= len(s.teacher_alts):
         i, nxt = len(reach) - 1, set()
@@ -227,16 +340,48 @@ def _farthest_chain(s: Sample, resp: bytes) -> list[tuple[int, int] | None]:
         if not nxt:
             break
         reach.append(nxt)
-    good = [reach[-1]]  # where token i may start on a longest chain, from the last token backwards
+    upto = {e: len(resp) if e == _ENDED else e for e in reach[-1]}  # of the longest chains, the farthest spelling
+    good = [{e for e in upto if upto[e] == max(upto.values())}]  # where token i may start on one, from the last back
     for i in range(len(reach) - 2, -1, -1):
         good.append({c for c in reach[i] - {_ENDED} if any(e in good[-1] for e in ends[i, c])})
     good.reverse()
-    out, c = [], 0
+    out, cuts, c = [], [], 0
     for i in range(len(reach) - 1):
         e = next(e for e in ends[i, c] if e in good[i + 1])
-        out.append((c, c) if e == _ENDED else None if e == c else (c, e))
+        span = (c, c) if e == _ENDED else None if e == c else (c, e)
+        cuts.append(span is not None and (_inside(resp, c) or _inside(resp, e)) and not _spelled(s, i, resp[c:e]))
+        if cuts[-1] and len({(a, b) for a in good[i] for b in ends[i, a] if b in good[i + 1]}) > 1:
+            span = None
+        out.append(span)
         c = e
+    if max(upto.values()) < len(resp):  # a chain that stops short of the end: only what the tokens after prove
+        unproven = _unproven_from(cuts)
+        out[unproven:] = [None] * (len(out) - unproven)
     return out
+
+
+def _spelled(s: Sample, i: int, piece: bytes) -> bool:
+    """Whether an alternative of teacher position `i` has the bytes `piece`."""
+    return any(_bytes_of(t, _alt_bytes(s, i, j)) == piece for j, (t, _) in enumerate(s.teacher_alts[i]))
+
+
+def _unproven_from(cuts: list[bool]) -> int:
+    """Where a chain of alternatives that does not spell the whole text stops being evidence (`cuts`: which
+    tokens are read as part of a character, `_split_ends`): at the first run of such tokens that the tokens after
+    do not follow for `_CHECKED` tokens, or for at least one up to a run that is so followed (`_spells_on`'s rule).
+    A "\\ufffd" alternative reads any lone lead or continuation byte, so it also stretches a chain whose sampled
+    token is not among the alternatives a few tokens into the next whole character."""
+    runs: list[list[int]] = []  # [first, last + 1] of each run of tokens that cut characters
+    for i, cut in enumerate(cuts):
+        if cut and runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        elif cut:
+            runs.append([i, i + 1])
+    unproven, proven, after = len(cuts), False, len(cuts)  # `after`: where the next run starts
+    for first, end in reversed(runs):
+        proven = after - end >= _CHECKED or (after > end and proven)
+        unproven, after = unproven if proven else first, first
+    return unproven
 
 
 def _teacher_byte_starts(s: Sample) -> list[int | None]:
