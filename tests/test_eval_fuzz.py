@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from test_known_cut_generation import reference_generation
 from test_nats_per_byte import NLL, _scorer
 
 from proxykd_jax.bayes.prior import PriorTables
@@ -251,10 +252,10 @@ def test_per_byte_scores_match_float64_on_a_char_teacher_and_bpe_student(tmp_pat
         b"".join(bytes(byte_of[c] for c in tok.convert_ids_to_tokens(i)) for i in a if i not in special)
         for a in answers
     ]
-    ll, nbytes = teacher_ll(
-        prompts, [t.decode("utf-8", errors="replace") for t in texts], [a[-1] in stops for a in answers]
-    )
-    assert got == pytest.approx(-ll / nbytes, rel=1e-5)
+    ends = [a[-1] in stops for a in answers]
+    refs = [reference_generation(t, e) for t, e in zip(texts, ends)]  # (a cut answer: up to its last whole character)
+    ll, _ = teacher_ll(prompts, [t for t, _ in refs], ends)
+    assert got == pytest.approx(-ll / sum(n for _, n in refs), rel=1e-5)
 
 
 def test_estimator_kl_matches_float64_from_the_stored_top_k_and_tail(teacher, tmp_path):

@@ -4,7 +4,9 @@ Models with different tokenizers are compared in nats per byte of text: a model'
 log-likelihood of a held-out response (its end included where it ended: our eos token, the
 teacher's <eos>) divided by the response's UTF-8 bytes, to which the end adds none (`text_bytes`,
 the report's convention too). For the student's own text the judge is the teacher: its
-log-likelihood per byte of the student's generations.
+log-likelihood per byte of the student's generations, each the text of its tokens up to its last whole
+character where max_new_tokens cut it inside one (`generation_text`: the numerator and the denominator
+cover the same bytes).
 
 The setup half builds the known teacher with its own tokenizer: a character-level `KnownTeacher`,
 a byte-level BPE student tokenizer trained on the teacher's text, and a randomly initialised proxy
@@ -13,6 +15,7 @@ over that tokenizer (a proxy cannot share weights with a teacher over other toke
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import pathlib
@@ -106,7 +109,8 @@ def generation_nats_per_byte(
 
     Each student answers `prompts` (tokenised with our `tokenizer`) by sampling at temperature 1;
     the teacher scores the decoded text with its own tokenizer (`teacher.text_logprob`), its <eos>
-    only after an answer that ended (not one cut at max_new_tokens). {} without prompts or with
+    only after an answer that ended (not one cut at max_new_tokens), up to the last whole character of
+    an answer cut inside one, over the bytes `generation_text` counts. {} without prompts or with
     max_new_tokens = 0 (no generations)."""
     if not prompts or max_new_tokens < 1:
         return {}
@@ -117,10 +121,43 @@ def generation_nats_per_byte(
     out = {}
     for name, model in students.items():
         answers = sample_answers(model, ids, tokenizer, stops, max_new_tokens=max_new_tokens, seed=seed)
-        texts = [tokenizer.decode([t for t in a if t not in stops]) for a in answers]
-        ll, nbytes = teacher.text_logprob(prompts, texts, ended=[bool(a) and a[-1] in stops for a in answers])
-        out[name] = float(-ll.sum() / max(nbytes.sum(), 1))
+        ended = [bool(a) and a[-1] in stops for a in answers]
+        scored = [generation_text([t for t in a if t not in stops], tokenizer, e) for a, e in zip(answers, ended)]
+        ll, _ = teacher.text_logprob(prompts, [t for t, _ in scored], ended=ended)  # (its bytes: U+FFFD's 3 each)
+        out[name] = float(-ll.sum() / max(sum(n for _, n in scored), 1))
     return out
+
+
+def generation_text(ids, tokenizer, ended: bool) -> tuple[str, int]:
+    """(the text a teacher scores, its bytes) of a generated answer, our token `ids` (special tokens, the stop
+    among them, hold no text); `ended`: the answer stopped (else max_new_tokens cut it).
+
+    The convention for bytes that are not UTF-8: the first bytes of a character that an answer cut at the length
+    limit ends with (its writer would have gone on to complete it) are no text, and a teacher over characters
+    cannot score part of one: the answer is scored and counted up to its last whole character. Any other such
+    bytes (in the middle, or ending an answer that stopped) are what the model wrote: the teacher scores the
+    replacement characters (U+FFFD) decoding writes for them, and they count the bytes they hold (`text_bytes`),
+    not the 3 of a replacement character."""
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    words = [int(i) for i in ids if int(i) not in special]
+    text = tokenizer.decode(words) if words else ""
+    nbytes = text_bytes(words, tokenizer)
+    if ended or "\ufffd" not in text:
+        return text, nbytes
+    table = _token_bytes(tokenizer)
+    pieces = [table[i] if i < len(table) else None for i in words]
+    if any(p is None for p in pieces):  # (bytes unknown: the text as decoded)
+        return text, nbytes
+    raw = b"".join(pieces)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(raw, final=False)
+    tail = decoder.getstate()[0]  # the bytes it waits on to finish a character
+    if not tail or tail.decode("utf-8", "replace") != "\ufffd":  # (CPython also waits on ED A0-BF: no character)
+        return text, nbytes
+    whole = raw[: -len(tail)].decode("utf-8", "replace")
+    kept = len(whole) - len(whole.rstrip("\ufffd"))  # marks before the tail, genuine or written
+    marks = len(text) - len(text.rstrip("\ufffd"))  # those and the tail's (one; a byte-fallback decoder's: one a byte)
+    return text[: len(text) - max(marks - kept, 0)], nbytes - len(tail)
 
 
 def batch_sample_ids(batches: list) -> np.ndarray:

@@ -353,7 +353,9 @@ class KnownTeacher:
         text; not a text cut at a length limit, whose writer went on) so nats per byte compare across
         tokenizers. The <eos> adds no byte (eval/per_byte.py `text_bytes`: the convention). Each token's
         probability is floored at 1e-30: a token the teacher gives (float32) zero, such as a character outside
-        its alphabet, costs 69 nats instead of making the score infinite."""
+        its alphabet, costs 69 nats instead of making the score infinite. The bytes are each text's UTF-8 bytes,
+        3 for a replacement character: the text and bytes of tokens that are not UTF-8 (a generation cut inside a
+        character) are eval/per_byte.py `generation_text`'s."""
         ended = [True] * len(texts) if ended is None else [bool(e) for e in ended]
         self._check_prompts(prompts, "text_logprob")
         contexts = [

@@ -1,0 +1,159 @@
+"""The teacher's nats per byte of a student's generations that are not UTF-8 (eval/per_byte.py `generation_text`).
+
+A generation max_new_tokens cut inside a multi-byte character (a byte-level BPE's byte tokens) decodes with a
+replacement character, which the character teacher scored as a character it never writes (69 nats) and which
+counted 3 bytes for the 1 to 3 its tokens held. The convention: such a cut answer is scored and counted up to its
+last whole character; other bytes that are not UTF-8 (in the middle, or ending an answer that stopped) are scored
+as the replacement characters decoding writes and count the bytes they hold. The reference is written plainly:
+the bytes of each generation as the test builds them, the incomplete tail found among all proper prefixes of every
+character's UTF-8, the character teacher's ids spelled from its alphabet, its float64 log-probs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from proxykd_jax.eval import per_byte
+from proxykd_jax.models.tokenizer import SPECIAL_TOKENS, build_bpe_tokenizer
+from proxykd_jax.teacher.known import CHAR_ALPHABET, KnownTeacher
+
+V = 36  # the character teacher's vocabulary: its first 32 characters (é ü ß ø among them, two bytes each)
+# the student's characters: 1 to 4 bytes, some the teacher never writes, U+FFFD itself
+ALPHABET = list(CHAR_ALPHABET[:20]) + ["é", "ü", "ß", "文", "語", "😀", "🦊", "\ufffd", "Ω"]
+
+
+@functools.cache
+def incomplete_prefixes() -> frozenset[bytes]:
+    """Every proper prefix of the UTF-8 of every character (surrogates are none): the bytes that start a
+    character and stop before its end."""
+    out = set()
+    for cp in range(0x80, 0x110000):
+        if 0xD800 <= cp < 0xE000:
+            continue
+        enc = chr(cp).encode("utf-8")
+        out.update(enc[:k] for k in range(1, len(enc)))
+    return frozenset(out)
+
+
+def reference_generation(raw: bytes, ended: bool) -> tuple[str, int]:
+    """(text, bytes) a generation holding `raw` is scored and counted as: a cut answer (not `ended`) up to its
+    last whole character; the rest decoded with a replacement character for each bytes that are not UTF-8, its
+    bytes the bytes held."""
+    cuts = [k for k in (1, 2, 3) if k <= len(raw) and raw[-k:] in incomplete_prefixes()]
+    tail = 0 if ended else max(cuts, default=0)
+    kept = raw[: len(raw) - tail]
+    return kept.decode("utf-8", errors="replace"), len(kept)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cut")
+    teacher = KnownTeacher.create(
+        4, vocab_size=V, d_model=16, num_layers=1, num_heads=2, num_kv_heads=1, d_ff=32, max_seq_len=64,
+        tokenizer="char", eos_rate=0.2, folder=root / "teacher",
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    tok = build_bpe_tokenizer(["".join(rng.choice(ALPHABET, 20)) for _ in range(20)], 280, root / "bpe")
+    return teacher, tok
+
+
+def _generations(rng, tok, n: int) -> list[tuple[list[int], bytes, bool]]:
+    """`n` random generations (our token ids, the bytes they hold, whether they ended): random text cut at a
+    random byte offset (half the time one inside a character, where there is one; the bytes past the last whole
+    character as single byte tokens), some with a random non-ASCII byte token put in at a random character
+    boundary, some ended (our eos after them)."""
+    byte_token = {b: tok.convert_tokens_to_ids(c) for c, b in _byte_level().items()}
+    out = []
+    for _ in range(n):
+        chars = list(rng.choice(ALPHABET, int(rng.integers(1, 8))))
+        if rng.random() < 0.4:
+            chars.insert(int(rng.integers(0, len(chars) + 1)), bytes([int(rng.integers(0x80, 0x100))]))
+        pieces = [c if isinstance(c, bytes) else c.encode("utf-8") for c in chars]
+        whole = b"".join(pieces)
+        inside = sorted(set(range(1, len(whole))) - set(np.cumsum([len(x) for x in pieces]).tolist()))
+        cut = int(rng.choice(inside)) if inside and rng.random() < 0.5 else int(rng.integers(1, len(whole) + 1))
+        raw = whole[:cut]
+        ids, done = [], 0
+        for piece in pieces:  # whole characters through the BPE, any other byte on its own
+            if done + len(piece) <= len(raw) and _is_utf8(piece):
+                ids += tok.encode(piece.decode("utf-8"), add_special_tokens=False)
+            else:
+                ids += [byte_token[b] for b in piece[: len(raw) - done]]
+            done += len(piece)
+            if done >= len(raw):
+                break
+        ended = bool(rng.random() < 0.3)
+        out.append((ids + [tok.eos_token_id] * ended, raw, ended))
+    return out
+
+
+def _is_utf8(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@functools.cache
+def _byte_level() -> dict[str, int]:
+    """GPT-2's byte alphabet (a byte-level BPE's token strings): character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _teacher_ll(teacher, prompts: list[str], texts: list[str], ended: list[bool]) -> float:
+    """float64 log-likelihood of each text after its prompt (the teacher's <eos> where it ended), the teacher's
+    ids spelled from its alphabet (<unk> for any other character), each probability floored at 1e-30."""
+    chars = CHAR_ALPHABET[: V - len(SPECIAL_TOKENS)]
+    ids = lambda s: [len(SPECIAL_TOKENS) + chars.index(c) if c in chars else 3 for c in s]  # noqa: E731
+    contexts = [ids(p) + ids(t) + [teacher.eos_id] * e for p, t, e in zip(prompts, texts, ended)]
+    q = teacher.distributions([c[:-1] for c in contexts])
+    total = 0.0
+    for i, (p, c) in enumerate(zip(prompts, contexts)):
+        rows = np.arange(len(p) - 1, len(c) - 1)
+        total += np.log(np.maximum(q[i, rows, c[len(p) :]].astype(np.float64), 1e-30)).sum()
+    return float(total)
+
+
+def test_generations_cut_inside_a_character_score_and_count_their_whole_characters(setup, monkeypatch):
+    """Random generations cut at random byte offsets, some with a stray byte in the middle, some ended: the
+    teacher's nats per byte of them (`generation_nats_per_byte`, the eval's and the report's) and each one's text
+    and bytes (`generation_text`) are the reference's."""
+    teacher, tok = setup
+    seed = int(np.random.SeedSequence().entropy % (1 << 32))
+    rng = np.random.default_rng(seed)
+    gens = _generations(rng, tok, 48)
+    prompts = ["".join(rng.choice(list(CHAR_ALPHABET[:32]), int(rng.integers(2, 8)))) for _ in gens]
+    refs = [reference_generation(raw, ended) for _, raw, ended in gens]
+    cut_inside = sum(len(text.encode("utf-8")) < len(raw) for (text, _), (_, raw, e) in zip(refs, gens) if not e)
+    stray = sum(text.count("\ufffd") > raw.count("\ufffd".encode()) for (text, _), (_, raw, _) in zip(refs, gens))
+    assert cut_inside >= 3 and stray >= 3, (seed, cut_inside, stray)  # (over 2000 seeds: at least 4 and 5)
+    for (ids, raw, ended), want in zip(gens, refs):
+        assert per_byte.generation_text(ids, tok, ended) == want, (seed, raw, ended)
+
+    monkeypatch.setattr(per_byte, "sample_answers", lambda *a, **k: [ids for ids, _, _ in gens])
+    got = per_byte.generation_nats_per_byte({"s": None}, prompts, teacher, tok, max_new_tokens=32, seed=0)["s"]
+    ll = _teacher_ll(teacher, prompts, [t for t, _ in refs], [e for _, _, e in gens])
+    assert got == pytest.approx(-ll / sum(n for _, n in refs), rel=1e-5), seed
+
+
+def test_an_answer_of_one_cut_character_scores_nothing(setup, monkeypatch):
+    """A cut answer that holds only the first bytes of one character is no text: no log-likelihood and no byte
+    (nats per byte 0 over it alone), where the teacher scored a replacement character over 3 bytes."""
+    teacher, tok = setup
+    table = per_byte._token_bytes(tok)
+    lead = table.index("😀".encode()[:1])
+    assert per_byte.generation_text([lead], tok, False) == ("", 0)
+    monkeypatch.setattr(per_byte, "sample_answers", lambda *a, **k: [[lead]])
+    assert per_byte.generation_nats_per_byte({"s": None}, ["ab"], teacher, tok, max_new_tokens=1, seed=0) == {"s": 0.0}
