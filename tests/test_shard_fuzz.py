@@ -193,7 +193,7 @@ def run_steps(cfg, mesh, host: dict, *, rules=LOGICAL_RULES, tail_mode="tail", s
         def forward(s, b):
             return s.model(graphdef)(b["tokens"], b["positions"], b["segment_ids"])
 
-        logits = under_mesh(jax.jit(forward), mesh)(state, batch)
+        logits = under_mesh(jax.jit(forward), mesh, rules)(state, batch)
         row_shard = batch_sharding(mesh, rules).shard_shape(logits.shape[:1])[0]
         assert logits.sharding.shard_shape(logits.shape)[0] <= row_shard, logits.sharding  # rows not gathered
         out["logits"] = np.asarray(logits)

@@ -158,9 +158,9 @@ def fit_estimate(
         head_symbols(prepared, model.cfg.vocab_size) if pcfg.use_teacher_topk and prepared.has_teacher_head else None
     )
     if head_sym is None:
-        fwd = under_mesh(jax.jit(target_logprobs, static_argnums=(0, 3), out_shardings=replicated(mesh)), mesh)
+        fwd = under_mesh(jax.jit(target_logprobs, static_argnums=(0, 3), out_shardings=replicated(mesh)), mesh, rules)
     else:
-        fwd = under_mesh(jax.jit(target_scores, static_argnums=(0, 4), out_shardings=replicated(mesh)), mesh)
+        fwd = under_mesh(jax.jit(target_scores, static_argnums=(0, 4), out_shardings=replicated(mesh)), mesh, rules)
     total, rows = prepared.num_samples(SPLIT), local_rows(batch_size)
     every = pass1_log.chunk_batches(hosts.batches_per_process(total, rows))
     fingerprint = dict(batch_size=batch_size, seq_len=seq_len, processes=jax.process_count(), head=head_sym is not None)
@@ -400,7 +400,7 @@ def make_posterior_step(graphdef, pcfg, *, k: int, mesh, rules, vocab: int = 0):
             **options,
         )
 
-    return under_mesh(jax.jit(step, out_shardings=replicated(mesh)), mesh)
+    return under_mesh(jax.jit(step, out_shardings=replicated(mesh)), mesh, rules)
 
 
 def write_store(

@@ -59,7 +59,9 @@ def _scorer(mesh, full: bool, vocab: int = 0):
         picked = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
         return picked, (logp if full else None)
 
-    return under_mesh(jax.jit(score, static_argnums=0, out_shardings=replicated(mesh)), mesh)
+    return under_mesh(
+        jax.jit(score, static_argnums=0, out_shardings=replicated(mesh)), mesh, placed=lambda g, s, b: (b, s)
+    )
 
 
 def _empty(batch: dict) -> dict:

@@ -255,9 +255,14 @@ def _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL):
 
 
 def row_axes(mesh, rows: int) -> tuple[str, ...]:
-    """The mesh's batch axes (`data`, `fsdp`) that it has, or () when they do not divide `rows`: the
-    axes activation rows are split over (`llama.shard_batch`, the splash kernel's `shard_map`)."""
-    axes = tuple(a for a in ("data", "fsdp") if mesh is not None and a in (mesh.axis_names or ()))
+    """The mesh axes activation rows split over (`llama.shard_batch`, the embedding lookup, the splash kernel's
+    `shard_map`): those of the `batch` entry of the rules the step runs under (`parallel.rules.current_rules`, set by
+    `parallel.under_mesh`; by default data x fsdp, as `parallel.batch_sharding` places the input rows) that the mesh
+    has, or () when they do not divide `rows`."""
+    from proxykd_jax.parallel.rules import current_rules
+
+    names = (mesh.axis_names or ()) if mesh is not None else ()
+    axes = tuple(a for a in dict(current_rules()).get("batch", ()) if a in names)
     return () if axes and rows % math.prod(mesh.shape[a] for a in axes) else axes
 
 

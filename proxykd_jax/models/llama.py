@@ -293,15 +293,35 @@ class Block(nnx.Module):
 
 
 def shard_batch(x):
-    """Pins dim 0 (rows) of an activation to the batch mesh axes (`data`, `fsdp`) when a mesh is set
-    (`jax.set_mesh`); a no-op otherwise. Without it, XLA may resolve the FSDP conflict of a
-    matmul (rows and the weight's `embed` dim both on `fsdp`) by gathering the rows: measured with
-    `proxykd plan`, the 70B proxy's [rows, L, V] logits then end up whole on every device."""
+    """Pins dim 0 (rows) of an activation to the batch mesh axes (`row_axes`: the `batch` entry of the rules the step
+    runs under, by default data x fsdp) when a mesh is set (`jax.set_mesh`); a no-op otherwise. Without it, XLA may
+    resolve the FSDP conflict of a matmul (rows and the weight's `embed` dim both on `fsdp`) by gathering the rows:
+    measured with `proxykd plan`, the 70B proxy's [rows, L, V] logits then end up whole on every device."""
     axes = row_axes(jax.sharding.get_abstract_mesh(), x.shape[0])
     if not axes:
         return x
     spec = jax.sharding.PartitionSpec(axes, *([jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def lookup_specs(rows: int, d_model: int):
+    """(tokens, output) PartitionSpecs of the embedding lookup when a mesh is set, or None where it needs none.
+
+    Where the table's `embed` mesh axes (the rules' `vocab` and `embed` entries) are also row axes (FSDP: `fsdp` on
+    both), XLA looked the rows up split over the other row axes, D over `fsdp`, then moved that to the rows' layout
+    by gathering the rows whole over those other axes (data 2 x fsdp 4: every device held [B, L, D / 4]) before an
+    all-to-all, and summed the whole [vocab, D] table gradient. Pinning that lookup layout (tokens gathered over the
+    `embed` axes only) leaves the all-to-all alone, and the table gradient split (tests/test_row_rules.py)."""
+    from proxykd_jax.parallel.rules import current_rules, logical_to_pspec
+
+    mesh = jax.sharding.get_abstract_mesh()
+    rows_axes = row_axes(mesh, rows)
+    entry = logical_to_pspec(("vocab", "embed"), current_rules())[1]
+    embed = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in rows_axes)
+    if not embed or d_model % math.prod(mesh.shape[a] for a in embed):
+        return None
+    keep = tuple(a for a in rows_axes if a not in embed) or None
+    return jax.sharding.PartitionSpec(keep, None), jax.sharding.PartitionSpec(keep, None, embed)
 
 
 def remat_policy(name: str):
@@ -394,8 +414,14 @@ class Llama(nnx.Module):
         return shard_batch(dense(shard_batch(hidden_BxLxD), self.unembedding(), preferred_element_type=jnp.float32))
 
     def embed(self, tokens_BxL) -> jax.Array:
-        """Input embeddings in the compute dtype (times sqrt(d_model), cast to it, with `cfg.embed_scale`)."""
+        """Input embeddings in the compute dtype (times sqrt(d_model), cast to it, with `cfg.embed_scale`); under a
+        mesh looked up where `lookup_specs` says."""
+        specs = lookup_specs(tokens_BxL.shape[0], self.cfg.d_model)
+        if specs is not None:
+            tokens_BxL = jax.lax.with_sharding_constraint(tokens_BxL, specs[0])
         x = jnp.take(self.embedding[...], tokens_BxL, axis=0).astype(self.dtype)
+        if specs is not None:
+            x = jax.lax.with_sharding_constraint(x, specs[1])
         return x * jnp.asarray(self.cfg.d_model**0.5, self.dtype) if self.cfg.embed_scale else x
 
     def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None) -> jax.Array:

@@ -6,7 +6,14 @@ The names of `parallel/sharding.py` (flax) load on their first use (`proxykd_jax
 from proxykd_jax.deferred import names_of
 from proxykd_jax.parallel.distributed import DistributedPlan, maybe_initialize_distributed, resolve_distributed
 from proxykd_jax.parallel.mesh import MESH_AXES, default_config, make_mesh, resolve_shape
-from proxykd_jax.parallel.rules import LOGICAL_RULES, logical_to_pspec, logical_to_sharding, normalize_rules
+from proxykd_jax.parallel.rules import (
+    LOGICAL_RULES,
+    current_rules,
+    logical_to_pspec,
+    logical_to_sharding,
+    normalize_rules,
+    step_rules,
+)
 
 __all__ = [
     "DistributedPlan",
@@ -15,6 +22,7 @@ __all__ = [
     "ModelBuilder",
     "batch_sharding",
     "create_sharded_model",
+    "current_rules",
     "default_config",
     "global_batch",
     "global_batches",
@@ -27,9 +35,11 @@ __all__ = [
     "replicated",
     "resolve_distributed",
     "resolve_shape",
+    "rules_of",
     "shardings_of",
     "mesh_of",
     "state_shardings",
+    "step_rules",
     "under_mesh",
     "variable_sharding",
 ]
@@ -46,6 +56,7 @@ __getattr__ = names_of(
             "mesh_of",
             "place_model",
             "replicated",
+            "rules_of",
             "shardings_of",
             "state_shardings",
             "under_mesh",

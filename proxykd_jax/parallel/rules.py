@@ -6,12 +6,17 @@ mesh axes, or None (replicated). A logical axis missing from the table is an err
 replication. Within one array a mesh axis is used at most once: a later dimension whose rule names
 an axis already taken by an earlier dimension keeps only the untaken axes (so an activation
 [batch, length, embed] is split over (data, fsdp) on batch and left whole on embed).
+
+The model places its activations by the table of the step being traced (`step_rules`, entered by
+`parallel.under_mesh` with `jax.set_mesh`; `current_rules` reads it): rows over the `batch` entry's mesh axes
+(`models.attention.row_axes`), the embedding lookup by the `vocab` and `embed` entries (`models.llama.Llama.embed`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from proxykd_jax.errors import ConfigError
@@ -86,3 +91,19 @@ def logical_to_pspec(
 def logical_to_sharding(logical_axes: Sequence[str | None], mesh: Mesh, rules=LOGICAL_RULES) -> NamedSharding:
     """NamedSharding on `mesh` for an array with dimensions named by `logical_axes`."""
     return NamedSharding(mesh, logical_to_pspec(logical_axes, rules, mesh))
+
+
+# The rules table of the step being traced (None: LOGICAL_RULES). A jax user context, so part of jit's cache key: a
+# function traced under one table is traced again under another, never reused.
+_STEP_RULES = jax.make_user_context(None)
+
+
+def step_rules(rules):
+    """A context (`with step_rules(rules):`) in which traced models place activations by `rules` (`current_rules`)."""
+    return _STEP_RULES(normalize_rules(rules))
+
+
+def current_rules() -> Rules:
+    """The rules table of the enclosing `step_rules`; LOGICAL_RULES outside one."""
+    rules = _STEP_RULES.value
+    return normalize_rules(LOGICAL_RULES) if rules is None else rules

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from proxykd_jax.errors import ConfigError
-from proxykd_jax.parallel.rules import logical_to_pspec
+from proxykd_jax.parallel.rules import LOGICAL_RULES, logical_to_pspec, normalize_rules, step_rules
 
 
 def _is_variable(x) -> bool:
@@ -41,32 +41,74 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def under_mesh(jitted, mesh: Mesh):
-    """`jitted` traced and run with `mesh` set (`jax.set_mesh`), so the model can pin activation rows
-    to the batch axes (`models.llama.shard_batch`); without it, XLA may resolve a matmul's FSDP
-    conflict by gathering the rows (whole logits on every device). `.lower` is kept for ahead-of-time
-    compilation."""
+def under_mesh(jitted, mesh: Mesh, rules=None, *, placed=None):
+    """`jitted` traced and run with `mesh` set (`jax.set_mesh`) and the rules table its inputs are laid out by
+    (`rules.step_rules`), so the model can pin activation rows to the rules' `batch` axes (`models.llama.shard_batch`)
+    and look embeddings up where the rows are (`Llama.embed`); without it, XLA may resolve a matmul's FSDP conflict
+    by gathering the rows (whole logits on every device). The table: `rules` (the `mesh.rules` value), or read back
+    by `rules_of` from `placed` (a tuple: the batch's sharding, then state shardings; or a function of the call's
+    arguments that returns one); with neither, the default (or an enclosing `step_rules`). `.lower` is kept for
+    ahead-of-time compilation; `.rules` is the table (None where it is read at call time)."""
+    fixed = normalize_rules(rules) if rules is not None else rules_of(*placed) if isinstance(placed, tuple) else None
+
+    def context(args, kwargs):
+        table = fixed if fixed is not None or placed is None else rules_of(*placed(*args, **kwargs))
+        return step_rules(table) if table is not None else contextlib.nullcontext()
 
     def call(*args, **kwargs):
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), context(args, kwargs):
             return jitted(*args, **kwargs)
 
     def lower(*args, **kwargs):
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), context(args, kwargs):
             return jitted.lower(*args, **kwargs)
 
-    call.lower = lower
+    call.lower, call.rules = lower, fixed
     return call
 
 
+def _named(x):
+    """The NamedSharding of `x` (itself, or a placed array's), else None."""
+    sharding = x if isinstance(x, NamedSharding) else getattr(x, "sharding", None)
+    return sharding if isinstance(sharding, NamedSharding) else None
+
+
+def rules_of(batch=None, *states):
+    """The rules table a step's inputs were laid out by, read back from their shardings: the `batch` entry from
+    `batch` (a NamedSharding or placed array, or a tree of them: the first one's dim 0), every other logical axis from
+    a Variable of `states` (trees of nnx Variables holding NamedShardings or placed arrays: a TrainState's `params`
+    shardings, a model's state) that names it as its dim 0 (a first dim keeps every mesh axis of its rule). Entries
+    found nowhere keep the default table's (LOGICAL_RULES)."""
+    table = dict(normalize_rules(LOGICAL_RULES))
+    rows = (x for x in jax.tree.leaves(batch) if getattr(x, "ndim", 1) >= 1)  # (a placed scalar has no rows)
+    first = next((s for s in map(_named, rows) if s is not None), None)
+    if first is not None:
+        table["batch"] = spec_axes(first.spec[0]) if len(first.spec) else ()
+    found = set()
+    for variable in jax.tree.leaves(states, is_leaf=_is_variable):
+        names = variable.get_metadata().get("out_sharding") if _is_variable(variable) else None
+        sharding = _named(variable.get_value()) if names else None
+        if sharding is not None and isinstance(names[0], str) and names[0] not in found:
+            table[names[0]] = spec_axes(sharding.spec[0]) if len(sharding.spec) else ()
+            found.add(names[0])
+    return tuple(table.items())
+
+
 def mesh_of(tree):
-    """A context that sets the mesh of the first NamedSharding-placed array in `tree` (a no-op when
-    there is none): for jitted functions called on batches a caller has already placed."""
+    """A context that sets the mesh of the first NamedSharding-placed array in `tree`, with its dim 0's mesh axes as
+    the rules' `batch` entry (`rules_of`; a no-op when there is none): for jitted functions called on batches a
+    caller has already placed."""
     for leaf in jax.tree.leaves(tree):
         sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding):
-            return jax.set_mesh(sharding.mesh)
+            return _both(jax.set_mesh(sharding.mesh), step_rules(rules_of(tree)))
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _both(first, second):
+    with first, second:
+        yield
 
 
 # The model config field (group `model` or `proxy`) each split logical axis of the decoder's parameters measures,

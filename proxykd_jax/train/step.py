@@ -97,7 +97,9 @@ def make_train_step(
         donate_argnums=(0,),
         compiler_options=compiler_options,
     )
-    train_step = under_mesh(jitted, state_shardings.step.mesh)
+    train_step = under_mesh(
+        jitted, state_shardings.step.mesh, placed=(batch_shardings, state_shardings.params, *frozen_shardings)
+    )
     train_step.step_fn = step  # the pure step, for `make_multi_step`
     return train_step
 
@@ -151,7 +153,7 @@ def make_multi_step(train_step, state_shardings: TrainState):
         donate_argnums=(0,),
         compiler_options=default_compiler_options(state_shardings),
     )
-    train_step.multi = under_mesh(jitted, state_shardings.step.mesh)
+    train_step.multi = under_mesh(jitted, state_shardings.step.mesh, getattr(train_step, "rules", None))
     return train_step.multi
 
 
@@ -170,4 +172,6 @@ def make_eval_step(
         out_shardings=_metrics_sharding(state_shardings),
         compiler_options=default_compiler_options(state_shardings),
     )
-    return under_mesh(jitted, state_shardings.step.mesh)
+    return under_mesh(
+        jitted, state_shardings.step.mesh, placed=(batch_shardings, state_shardings.params, *frozen_shardings)
+    )
