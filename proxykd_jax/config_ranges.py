@@ -227,6 +227,7 @@ def check_ranges(cfg, groups) -> None:
         ("distill.loss.tail_mode", TAIL_MODES),
         ("eval.split", SPLITS),  # the prepared splits (data.split.*)
         ("distill.split", SPLITS),
+        ("distill.eval_split", SPLITS),
     )
     for field, allowed in choices:
         value = get_field(cfg, field)

@@ -196,6 +196,7 @@ ARTIFACTS: dict[str, Spec] = {
             "train.steps",
             "train.batch_size",
             "train.seq_len",
+            "train.eval_every",  # the steps distill.keep_best chooses from
             "data.packing_bins",
             "data.shuffle",
             "data.shuffle_seed",
@@ -238,6 +239,7 @@ ARTIFACTS: dict[str, Spec] = {
             "train.progress",
             "train.log_every",
             "train.steps_per_call",
+            "train.eval_every",  # (each student's own record holds it)
             "posterior.kernel",
             "collect.*",
             "report.settings",

@@ -1,7 +1,9 @@
 """`proxykd distill`: the student on teacher tokens plus a weighted divergence to the posterior
 (`train/distill.py`); writes `<run>/student/` (`<run>/student_sft/` for the alpha = 0 baseline,
 or `distill.output`) with checkpoints, metrics and the student as a Hugging Face folder in `final/`.
-A killed run resumes from its newest checkpoint."""
+A killed run resumes from its newest checkpoint. With `train.eval_every` > 0 the student is scored on
+`distill.eval_split` as it trains (`eval_*` rows); with `distill.keep_best`, `final/` is the evaluated step of
+the lowest eval loss (kept in `best/<step>/`), which the summary names (`best_step`, `best_eval_nll`)."""
 
 from __future__ import annotations
 
@@ -29,10 +31,17 @@ def setup(ctx, art) -> distill.Distillation:
     """The distillation of this context's config into artifact `art` (begun here), ready to `train()`."""
     cfg, paths = ctx.cfg, ctx.paths
     distill.check_steps(cfg.train, cfg.optim)  # before any model is read
+    distill.check_eval(cfg.distill, cfg.train)
     _require(paths.prepared / "manifest.json", "the prepared data", "prepare")
     # an empty training split (or a manifest of another format) stops here, before the model is built
     prepared = PreparedData(paths.prepared)
     samples = prepared.require_samples(str(cfg.distill.split), short=" to train the student on")
+    if int(cfg.train.eval_every) > 0:
+        prepared.require_samples(
+            str(cfg.distill.eval_split),
+            short=" to score the student on every train.eval_every steps",
+            fix="choose another --config.distill.eval_split, set train.eval_every=0, or ",
+        )
     require_vocab(prepared, cfg.model.vocab_size, "model.vocab_size")  # (init_from's must equal the group's)
     epochs, steps, rows = int(cfg.data.num_epochs), int(cfg.train.steps), int(cfg.train.batch_size)
     if epochs and samples * epochs < steps * rows:  # a packed row holds one sample or more
@@ -84,12 +93,14 @@ def setup(ctx, art) -> distill.Distillation:
 
 def run(ctx) -> dict:
     """Trains (or resumes, or reuses) the student; returns the artifact's summary."""
+    distill.check_eval(ctx.cfg.distill, ctx.cfg.train)  # before the artifact is opened
     art = ctx.artifact("distill")
     if art.done:
         log.info("distill: %s is finished with these settings; reusing it", art.path)
         return art.summary
-    state = setup(ctx, art).train()
-    summary = {"steps": int(to_host(state.step)), "final": str(art.path / "final")}
+    distillation = setup(ctx, art)
+    state = distillation.train()
+    summary = {"steps": int(to_host(state.step)), "final": str(art.path / "final")} | distillation.best
     art.finish(summary)
     log.info("distill: student written to %s", summary["final"])
     return summary

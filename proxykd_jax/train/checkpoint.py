@@ -194,6 +194,14 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def finished_step(self) -> int | None:
+        """The newest step whose save is finished, or None: the step a run killed now resumes after (orbax
+        lists a step from the start of its save, and starts a save only once the previous one is finished)."""
+        steps = self.all_steps()
+        if steps and self.manager.is_saving_in_progress():
+            steps = steps[:-1]
+        return steps[-1] if steps else None
+
     def save(self, step: int, state: TrainState, data_iter=None) -> None:
         """Starts an asynchronous save (device arrays are copied before this returns). A save whose write
         fails (a full disk) leaves tensorstore reporting to a closed loop, as a failed restore does."""

@@ -33,7 +33,7 @@ def loop_config() -> ml_collections.ConfigDict:
     cd.checkpoint_every = 200  # save every N steps and at the end; 0 = never save or resume
     cd.keep_checkpoints = 3  # keep the newest K checkpoints
     cd.log_every = 10  # write metrics (JSONL, TensorBoard, progress bar) every N steps
-    cd.eval_every = 0  # run the eval step over the eval batches every N steps; 0 = never
+    cd.eval_every = 0  # run the eval step over the eval batches every N steps (distill: distill.eval_split); 0 = never
     cd.tensorboard = True  # also write TensorBoard event files into tensorboard/ beside the run's metrics.jsonl
     cd.peak_flops = 0.0  # peak FLOP/s per device for MFU; 0 = measure a matmul in the model's compute dtype at start
     cd.progress = True  # show a tqdm progress bar (process 0)
@@ -46,6 +46,8 @@ def distill_config() -> ml_collections.ConfigDict:
     cd = ml_collections.ConfigDict()
     cd.loss = losses.default_config()  # CE + KD settings: alpha (0 = SFT baseline), divergence, tail_mode, ...
     cd.split = "distill"  # prepared split the student trains on
+    cd.eval_split = "heldout"  # split scored every train.eval_every steps (eval_loss: NLL/token); no stage trains on it
+    cd.keep_best = False  # final/ = the evaluated step of the lowest eval_loss (needs train.eval_every > 0)
     cd.white_box = ""  # Hugging Face folder of an open teacher: distil from its live logits; "" = use the store
     cd.output = ""  # run-dir subfolder for checkpoints; "" = student, or student_sft when loss.alpha == 0
     cd.seed = 1  # offset added to run.seed for the student's init and the sampled-tail draws

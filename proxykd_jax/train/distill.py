@@ -17,6 +17,12 @@ full distribution, computed in the same step from its frozen, non-donated parame
 
 The store holds the posterior only (no separate prior term in the loss); train on a prior-only
 store (`posterior` with N_max = 0) to compare with the prior as target.
+
+Validation: with `train.eval_every` > 0 the student's plain next-token NLL on the teacher responses of
+`distill.eval_split` (one sample per row, every sample of the split) is computed every eval_every steps
+(`make_eval_loss_fn`, `eval_data`): `eval_loss` (per response token), `eval_nats_per_byte`, `eval_tokens` in
+metrics.jsonl. With `distill.keep_best`, final/ is the student of the evaluated step of the lowest eval_loss
+(`BestKeeper`).
 """
 
 from __future__ import annotations
@@ -24,19 +30,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import shutil
 from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from proxykd_jax import data, losses, models, parallel, train
-from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.errors import ConfigError, ProxyKDError
 from proxykd_jax.models import hf
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.parallel import hosts
 from proxykd_jax.train.config import distill_config as default_config  # noqa: F401  (re-exported)
+from proxykd_jax.train.loop import BEST_RECORD, BestKeeper
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +157,78 @@ def make_white_box_loss_fn(loss_cfg, teacher_graphdef, *, seed: int = 0):
     return loss_fn
 
 
+def make_eval_loss_fn(*, vocab: int = 0, chunk_size: int = 256, tokens_per_byte: float = 0.0):
+    """loss_fn(model, batch, *frozen) -> (NLL per response token, metrics): the eval step's, the student's plain
+    next-token NLL of the targets (`eval_data`'s batches; a white-box teacher, frozen, is not read). Over the
+    first `vocab` ids where the embedding is padded past the tokenizer's (0: every row), as the eval stage scores.
+    Metrics: `tokens` and, with `tokens_per_byte` > 0, `nats_per_byte` = the NLL per token times the split's
+    tokens per byte (their token-weighted mean over batches, `Loop.evaluate`'s, is the split's NLL per byte)."""
+
+    def loss_fn(model, batch, *frozen):
+        hidden_BxLxD = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
+        hidden_NxD = hidden_BxLxD.reshape(-1, hidden_BxLxD.shape[-1])
+        W_DxV = model.unembedding()
+        if 0 < vocab < W_DxV.shape[-1]:
+            W_DxV = W_DxV[:, :vocab]
+        targets_N, mask_N, segments_N = _flatten(batch, "targets", "loss_mask", "segment_ids")
+        mask_N = mask_N.astype(jnp.float32) * (segments_N > 0)
+        nll_sum, n_tokens = losses.cross_entropy_chunked(hidden_NxD, W_DxV, targets_N, mask_N, chunk_size=chunk_size)
+        nll = nll_sum / jnp.maximum(n_tokens, 1.0)
+        metrics = {"tokens": n_tokens}
+        if tokens_per_byte > 0:
+            metrics["nats_per_byte"] = nll * tokens_per_byte
+        return nll, metrics
+
+    return loss_fn
+
+
+_EVAL_FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def eval_data(prepared_dir, split: str, data_cfg, *, batch_size: int, seq_len: int, tokenizer=None):
+    """(batches, tokens per byte) of `split` for the eval step. `batches()` gives, each time it is called, this
+    process's rows of every sample of the split, one per row of `seq_len` tokens, in global batches of
+    `batch_size` rows (the last padded with empty rows, as many on every process); tokens per byte: the split's
+    scored tokens over their text's UTF-8 bytes (`eval.per_byte.text_bytes`, as the eval stage counts them; 0
+    without a tokenizer)."""
+    prepared = data.PreparedData(prepared_dir)
+    local = batch_size // jax.process_count()
+    count = hosts.batches_per_process(prepared.num_samples(split), local)
+
+    def batches():
+        rows = data.iter_samples(prepared, split, data_cfg, batch_size=local, seq_len=seq_len)
+        empty = lambda batch: {k: np.zeros_like(v) for k, v in batch.items()}  # noqa: E731  (no sample: masked)
+        for batch in hosts.lockstep(rows, count, empty):
+            yield {k: batch[k] for k in _EVAL_FIELDS}
+
+    if tokenizer is None:
+        return batches, 0.0
+    from proxykd_jax.eval.per_byte import text_bytes
+
+    tokens = nbytes = 0
+    for rec in prepared.iter_split(split):
+        targets = np.asarray(rec["tokens"])[1:][np.asarray(rec["loss_mask"])[1:] > 0]
+        tokens, nbytes = tokens + len(targets), nbytes + text_bytes(targets, tokenizer)
+    return batches, (tokens / nbytes if nbytes else 0.0)
+
+
+def check_eval(dcfg, train_cfg) -> None:
+    """Refuses `distill.keep_best` without an evaluated step to keep, before anything is read or written."""
+    every, steps = int(train_cfg.eval_every), int(train_cfg.steps)
+    if not dcfg.get("keep_best", False):
+        return
+    if every <= 0:
+        raise ConfigError(
+            f"config.distill.keep_best=True keeps the evaluated step of the lowest eval loss, but train.eval_every="
+            f"{every} evaluates none; set train.eval_every to N > 0 (every N steps) or distill.keep_best=False."
+        )
+    if every > steps:
+        raise ConfigError(
+            f"config.distill.keep_best=True with train.eval_every={every} above train.steps={steps} evaluates no "
+            f"step; set train.eval_every to at most {steps}."
+        )
+
+
 class _DropStore(grain.transforms.Map):
     """Removes the store fields from a packed batch (the α = 0 step never reads them)."""
 
@@ -191,21 +272,39 @@ class Distillation:
     tokenizer: Any
     stop_ids: tuple = ()  # besides the eos, the ids final/ lists as ending an answer (`hf.trained_stop_ids`)
     source: str = ""  # the folder the student started from, whose config.json final/ keeps (`hf.source_config`)
+    eval_batches: Any = None  # () -> the eval split's batches (`eval_data`), with train.eval_every > 0
+    keeper: BestKeeper | None = None  # with distill.keep_best
+
+    def save(self, state: train.TrainState, folder: pathlib.Path) -> None:
+        """The student of `state` as an HF folder. The sharded state as it is: save_hf brings one tensor at a time
+        to the host (collectively, when the model spans processes) and process 0 writes; nothing is replicated whole."""
+        student = nnx.merge(self.graphdef, state.params, state.rest)
+        hf.save_hf(
+            student, self.model_cfg, folder, tokenizer=self.tokenizer, stop_ids=self.stop_ids, source=self.source
+        )
+
+    @property
+    def best(self) -> dict:
+        """{"best_step", "best_eval_nll"} of the student final/ holds with distill.keep_best ({} without)."""
+        return {} if self.keeper is None else {"best_step": self.keeper.step, "best_eval_nll": self.keeper.value}
 
     def train(self) -> train.TrainState:
-        """Trains (resuming from the newest checkpoint), then writes <out_dir>/final/ as an HF folder
-        (written beside and renamed into place)."""
-        import shutil
-
-        state = self.loop.run(self.state, self.data_iter, frozen=self.frozen)
+        """Trains (resuming from the newest checkpoint), then writes <out_dir>/final/ as an HF folder (written
+        beside and renamed into place): the trained student, or with keep_best a copy of the kept one."""
+        state = self.loop.run(
+            self.state, self.data_iter, frozen=self.frozen, eval_batches=self.eval_batches, watcher=self.keeper
+        )
         final, tmp = self.out_dir / "final", self.out_dir / "final.tmp"
         if jax.process_index() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         hosts.sync("distill: final.tmp cleared")
-        # The sharded state as it is: save_hf brings one tensor at a time to the host (collectively,
-        # when the model spans processes) and process 0 writes; nothing is replicated whole.
-        student = nnx.merge(self.graphdef, state.params, state.rest)
-        hf.save_hf(student, self.model_cfg, tmp, tokenizer=self.tokenizer, stop_ids=self.stop_ids, source=self.source)
+        if self.keeper is None:
+            self.save(state, tmp)
+        else:
+            best = self.keeper.finish()
+            if jax.process_index() == 0:
+                shutil.copytree(best, tmp, ignore=shutil.ignore_patterns(BEST_RECORD))
+            log.info("distill: final/ is the student of step %d (eval loss %.6g)", self.keeper.step, self.keeper.value)
         if jax.process_index() == 0:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
@@ -253,6 +352,7 @@ def setup(
     the student started from, whose config.json final/ keeps (its family: a Mistral stays a Mistral).
     """
     check_steps(train_cfg, optim_cfg)
+    check_eval(dcfg, train_cfg)
     alpha = float(dcfg.loss.alpha)
     steps = train_cfg.steps
     optimizer = train.make_optimizer(optim_cfg, steps)
@@ -285,6 +385,17 @@ def setup(
         grad_accum=optim_cfg.grad_accum,
     )
     flops = train.step_flops(train_cfg.batch_size * seq_len, train_flops, frozen_flops)
+    eval_step = eval_batches = None
+    if int(train_cfg.eval_every) > 0:
+        split = str(dcfg.get("eval_split", "heldout"))
+        eval_batches, tokens_per_byte = eval_data(
+            prepared_dir, split, data_cfg, batch_size=train_cfg.batch_size, seq_len=seq_len, tokenizer=tokenizer
+        )
+        vocab = int(data.PreparedData(prepared_dir).manifest["tokenizer"]["vocab_size"])
+        eval_loss = make_eval_loss_fn(vocab=vocab, chunk_size=dcfg.loss.chunk_size, tokens_per_byte=tokens_per_byte)
+        eval_step = train.make_eval_step(
+            eval_loss, graphdef, state_shardings=shardings, batch_shardings=batch_sh, frozen_shardings=frozen_sh
+        )
     loop = train.Loop(
         train_cfg,
         run_dir=out_dir,
@@ -292,6 +403,7 @@ def setup(
         rules=rules,
         train_step=step,
         state_shardings=shardings,
+        eval_step=eval_step,
         flops_per_step=flops,
         compute_dtype=model_cfg.dtype,
     )
@@ -323,7 +435,7 @@ def setup(
         dcfg.split,
         out_dir,
     )
-    return Distillation(
+    run = Distillation(
         loop=loop,
         state=state,
         graphdef=graphdef,
@@ -334,4 +446,8 @@ def setup(
         tokenizer=tokenizer,
         stop_ids=tuple(stop_ids),
         source=str(source or ""),
+        eval_batches=eval_batches,
     )
+    if dcfg.get("keep_best", False):
+        run.keeper = BestKeeper(out_dir / "best", run.save)
+    return run

@@ -9,6 +9,10 @@ wrote past it (TensorBoard is told to hide them). A non-finite loss or gradient 
 with `TrainingDiverged`. Re-running the same command resumes from the newest checkpoint (state and
 data position).
 
+With an eval step and `train.eval_every` > 0, every eval_every-th step's state is evaluated (`Loop.evaluate`)
+right after that step: its `eval_*` row goes to metrics.jsonl and TensorBoard, `eval_loss` to the progress bar,
+and an `EvalWatcher` (distill's `keep_best`) is told.
+
 A logged row's tokens_per_s and mfu cover the steps since the previous row; both count every position
 of the batch's rows (rows x seq_len, padding included: what the step computes, not the tokens it trains
 on, which a step's own metrics report where it has them). They are timed per compiled call
@@ -20,9 +24,11 @@ compile), is split evenly over its steps.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import pathlib
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -34,6 +40,7 @@ from jax.sharding import Mesh
 
 from proxykd_jax import progress
 from proxykd_jax.errors import ProxyKDError
+from proxykd_jax.parallel import hosts
 from proxykd_jax.parallel.sharding import global_batch, global_batches
 from proxykd_jax.train.checkpoint import Checkpointer
 from proxykd_jax.train.config import loop_config as default_config  # noqa: F401  (re-exported)
@@ -110,6 +117,101 @@ class CallTimer:
 
 class TrainingDiverged(FloatingPointError):
     """Raised when a step's loss or gradient norm is NaN or infinite."""
+
+
+class EvalWatcher:
+    """What `Loop.run` tells of its evaluations (distill's `keep_best` keeps the best step's student); these
+    methods do nothing."""
+
+    def resumed(self, step: int) -> None:
+        """Training goes on after `step` (0: from the start; train.steps: nothing is left to train)."""
+
+    def evaluated(self, step: int, metrics: dict[str, float], state: TrainState, resume_step: int | None) -> None:
+        """Step `step` was evaluated: `metrics` as `Loop.evaluate` gives them, `state` after the step (donated to
+        the next step once this returns). `resume_step`: the step a run killed now resumes after (its newest
+        finished checkpoint, 0 before one); None when the loop writes no checkpoints (a killed run starts over)."""
+
+
+BEST_RECORD = "best.json"  # in each kept folder: {"step", "eval_loss", "eval": the step's eval metrics}
+
+
+def _remove(path: pathlib.Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+class BestKeeper(EvalWatcher):
+    """Keeps the model of the evaluated step of the lowest eval loss (ties: the earliest), as the folder
+    `<folder>/<step>/` that `save(state, folder)` writes (collectively) with its `BEST_RECORD`: written beside it
+    (`<step>.tmp`) and renamed into place when a step beats the best so far. A resumed run removes the folders past
+    the step it resumes after (a killed run's, of evaluations it makes again) and goes on from the newest one left;
+    a folder is removed once a newer one is kept at or before a finished checkpoint (no run resumes before that).
+    Process 0 moves the files; every process decides alike, from the replicated eval metrics. (distill.keep_best)"""
+
+    def __init__(self, folder: pathlib.Path, save: Callable[[TrainState, pathlib.Path], None]):
+        self.folder, self.save = pathlib.Path(folder), save
+        self.step, self.value = 0, math.inf
+
+    def _kept(self) -> list[int]:
+        """The steps of the kept folders, oldest first (process 0's view)."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.folder.iterdir() if p.name.isdigit() and (p / BEST_RECORD).is_file())
+
+    def _prune(self, upto: int) -> None:
+        """Removes the folders older than the newest one at or before step `upto` (process 0)."""
+        kept = self._kept()
+        base = max((s for s in kept if s <= upto), default=None)
+        for s in kept:
+            if base is not None and s < base:
+                _remove(self.folder / str(s))
+
+    def resumed(self, step: int) -> None:
+        text = "null"
+        if jax.process_index() == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for path in self.folder.iterdir():  # a half-written folder, or one past `step`: its step runs again
+                if not path.name.isdigit() or int(path.name) > step or not (path / BEST_RECORD).is_file():
+                    _remove(path)
+            kept = self._kept()
+            text = (self.folder / str(kept[-1]) / BEST_RECORD).read_text() if kept else text
+        best = json.loads(hosts.broadcast_text(text))
+        self.step, self.value = (int(best["step"]), float(best["eval_loss"])) if best else (0, math.inf)
+        if best:
+            log.info(
+                "resuming with the model of step %d kept in %s (eval loss %.6g)", self.step, self.folder, self.value
+            )
+
+    def evaluated(self, step: int, metrics: dict[str, float], state: TrainState, resume_step: int | None) -> None:
+        value = float(metrics["loss"])
+        if not value < self.value:  # a tie (or NaN) keeps the earlier step
+            return
+        tmp, path = self.folder / f"{step}.tmp", self.folder / str(step)
+        if jax.process_index() == 0:
+            _remove(tmp)
+        hosts.sync("keep best: tmp cleared")
+        self.save(state, tmp)
+        if jax.process_index() == 0:
+            record = {"step": step, "eval_loss": value, "eval": {k: float(v) for k, v in metrics.items()}}
+            (tmp / BEST_RECORD).write_text(json.dumps(record, sort_keys=True) + "\n")
+            tmp.rename(path)
+            self._prune(step if resume_step is None else resume_step)
+        hosts.sync("keep best: kept")
+        self.step, self.value = step, value
+
+    def finish(self) -> pathlib.Path:
+        """The kept model's folder, once training is over (its checkpoints finished): the older ones removed."""
+        if not math.isfinite(self.value):
+            raise ProxyKDError(
+                f"no evaluated step had a finite eval loss, so {self.folder} keeps no model; check the eval data "
+                "(train.eval_every, the eval split), or stop keeping the best step."
+            )
+        if jax.process_index() == 0:
+            self._prune(self.step)
+        hosts.sync("keep best: pruned")
+        return self.folder / str(self.step)
 
 
 class Loop:
@@ -197,8 +299,11 @@ class Loop:
         *,
         frozen: Sequence[Any] = (),
         eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
+        watcher: EvalWatcher | None = None,
     ) -> TrainState:
-        """Trains from `state` (or the newest checkpoint in run_dir) to `train.steps`; returns the state."""
+        """Trains from `state` (or the newest checkpoint in run_dir) to `train.steps`; returns the state.
+        `eval_batches()` gives the batches of each evaluation; `watcher` is told where training starts and
+        of each evaluation."""
         cfg = self.cfg
         ckpt = Checkpointer(self.run_dir / "checkpoints", cfg.keep_checkpoints) if cfg.checkpoint_every > 0 else None
         start, writer = 0, None
@@ -209,6 +314,8 @@ class Loop:
                 log.info("resumed from step %d in %s", start, ckpt.directory)
             # rows past `start` come from a run killed after that checkpoint: they are written again
             writer = MetricsWriter(self.run_dir, cfg.tensorboard, resume_step=start)
+            if watcher is not None:
+                watcher.resumed(start)
             if start >= cfg.steps:
                 if ckpt is not None:  # killed after its last save: maybe while orbax removed the steps past `keep`
                     ckpt.drop_old_steps()
@@ -222,6 +329,7 @@ class Loop:
                 disable=not cfg.progress or jax.process_index() != 0,
             )
             timer = CallTimer()
+            shown_eval: dict[str, str] = {}  # the last evaluation's loss, on the progress bar
 
             def report_all(first: int, metrics, tokens: list[int], prep_seconds: float) -> None:
                 """Reads one call's metrics (waits for that call only): one value per step, or [n] each."""
@@ -254,7 +362,8 @@ class Loop:
                         if peak > 0:
                             values["mfu"] = self.flops_per_step * rates[1] / peak
                     writer.write(step, values)
-                    bar.set_postfix({k: f"{values[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in values})
+                    shown = {k: f"{values[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in values}
+                    bar.set_postfix(shown | shown_eval)
                 bar.update(step - bar.n)
 
             # Several steps per call need the step's pure function (`make_train_step`); a wrapped step
@@ -300,9 +409,13 @@ class Loop:
                     and cfg.eval_every > 0
                     and last % cfg.eval_every == 0
                 ):
-                    writer.write(
-                        last, {f"eval_{k}": v for k, v in self.evaluate(state, eval_batches(), frozen).items()}
-                    )
+                    evaluated = self.evaluate(state, eval_batches(), frozen)
+                    writer.write(last, {f"eval_{k}": v for k, v in evaluated.items()})
+                    if "loss" in evaluated:
+                        shown_eval["eval_loss"] = f"{evaluated['loss']:.4g}"
+                    if watcher is not None:  # a killed run resumes after its newest finished checkpoint
+                        resume_step = (ckpt.finished_step() or 0) if ckpt is not None else None
+                        watcher.evaluated(last, evaluated, state, resume_step)
                 if saves:  # after every row up to its step is on disk: a resumed run writes none of them again
                     writer.flush()
                     ckpt.save(last, state, data_iter)
