@@ -1,4 +1,5 @@
-"""Running a stage from a test as the CLI does: one run context (mesh, paths, lock) per call."""
+"""Running a stage from a test as the CLI does: one run context (mesh, paths, lock) per call; a synthetic
+posterior store for the distill stage to read."""
 
 from __future__ import annotations
 
@@ -9,3 +10,22 @@ def run_stage(name: str, cfg, *, devices=None, **kwargs):
 
     with context.create(cfg, name, devices=devices) as ctx:
         return stages.run_stage(name, ctx, **kwargs)
+
+
+def synthetic_store(run, k: int, vocab: int, rng) -> None:
+    """`<run>/posterior`: random top-`k` posteriors over `vocab` ids (Dirichlet, with a tail) and random sample
+    weights for every response position of the prepared distillation split, drawn from `rng`."""
+    import numpy as np
+
+    from proxykd_jax.data.records import PreparedData
+    from proxykd_jax.data.store import StoreWriter
+
+    prepared = PreparedData(run / "prepared")
+    with StoreWriter(
+        run / "posterior", k=k, vocab_size=vocab, tokenizer_hash=prepared.tokenizer_hash, value_dtype="float32"
+    ) as writer:
+        for rec in prepared.iter_split("distill"):
+            t = len(rec["tokens"]) - int(rec["prompt_len"])
+            ids = np.stack([rng.permutation(vocab)[:k] for _ in range(t)]).astype(np.int32)
+            probs = rng.dirichlet(np.full(k + 1, 0.3), size=t)
+            writer.add(int(rec["sample_id"]), ids, np.log(probs[:, :k]), probs[:, k], weight=rng.uniform(0.2, 1.0))

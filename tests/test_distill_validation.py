@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from stage_helpers import run_stage
+from stage_helpers import run_stage, synthetic_store
 from test_distill_stage import BATCH, WORDS, K, final_params, make_config, read_metrics
 
 from proxykd_jax import context, data
@@ -49,16 +49,8 @@ def build(root):
     data_cfg = config(run).data
     data.prepare([corpus], tokenizer, run / "prepared", data_cfg, progress=False)
     tokenizer.save_pretrained(run / "prepared" / "tokenizer")
-    prepared = data.PreparedData(run / "prepared")
-    with data.StoreWriter(
-        run / "posterior", k=K, vocab_size=TOKENS, tokenizer_hash=prepared.tokenizer_hash, value_dtype="float32"
-    ) as w:
-        for rec in prepared.iter_split("distill"):
-            t = len(rec["tokens"]) - int(rec["prompt_len"])
-            ids = np.stack([rng.permutation(TOKENS)[:K] for _ in range(t)]).astype(np.int32)
-            probs = rng.dirichlet(np.full(K + 1, 0.3), size=t)
-            w.add(int(rec["sample_id"]), ids, np.log(probs[:, :K]), probs[:, K], weight=rng.uniform(0.2, 1.0))
-    assert prepared.num_samples("heldout") > BATCH  # two eval batches, the last padded
+    synthetic_store(run, K, TOKENS, rng)
+    assert data.PreparedData(run / "prepared").num_samples("heldout") > BATCH  # two eval batches, the last padded
     return run
 
 

@@ -71,7 +71,7 @@ def test_a_scored_file_with_an_infinite_kl_is_strict_json_and_resumes_with_it(tm
     assert kept("old", key, again) == {"models": {"kl_to_teacher": math.inf}}
 
 
-def _gpt2_bytes() -> dict[str, int]:
+def gpt2_bytes() -> dict[str, int]:
     """GPT-2's byte-level alphabet (`bytes_to_unicode`), character -> byte: the reference's own reading of a
     byte-level BPE token."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -96,7 +96,7 @@ def test_text_bytes_of_tokens_cut_inside_a_character_are_the_bytes_they_hold(tmp
     rng = np.random.default_rng()
     texts = ["".join(rng.choice(ALPHABET, int(rng.integers(4, 30)))) for _ in range(160)]
     tok = build_bpe_tokenizer(texts[:5], 270, tmp_path / "tok")
-    byte_of = _gpt2_bytes()
+    byte_of = gpt2_bytes()
     cut_inside = 0
     for text in texts[:40]:
         ids = tok.encode(text, add_special_tokens=False)

@@ -15,6 +15,7 @@ import functools
 
 import numpy as np
 import pytest
+from test_eval_small_fixes import gpt2_bytes
 
 from proxykd_jax.eval import per_byte
 from proxykd_jax.models.tokenizer import SPECIAL_TOKENS, build_bpe_tokenizer
@@ -65,7 +66,7 @@ def _generations(rng, tok, n: int) -> list[tuple[list[int], bytes, bool]]:
     random byte offset (half the time one inside a character, where there is one; the bytes past the last whole
     character as single byte tokens), some with a random non-ASCII byte token put in at a random character
     boundary, some ended (our eos after them)."""
-    byte_token = {b: tok.convert_tokens_to_ids(c) for c, b in _byte_level().items()}
+    byte_token = {b: tok.convert_tokens_to_ids(c) for c, b in gpt2_bytes().items()}
     out = []
     for _ in range(n):
         chars = list(rng.choice(ALPHABET, int(rng.integers(1, 8))))
@@ -96,20 +97,6 @@ def _is_utf8(piece: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-@functools.cache
-def _byte_level() -> dict[str, int]:
-    """GPT-2's byte alphabet (a byte-level BPE's token strings): character -> byte."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
 
 
 def _teacher_ll(teacher, prompts: list[str], texts: list[str], ended: list[bool]) -> float:

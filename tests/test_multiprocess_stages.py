@@ -22,10 +22,10 @@ import time
 
 import numpy as np
 import pytest
-from stage_helpers import run_stage
+from stage_helpers import run_stage, synthetic_store
 
 from proxykd_jax.data.records import PreparedData
-from proxykd_jax.data.store import StoreReader, StoreWriter
+from proxykd_jax.data.store import StoreReader
 from tests.pipeline_fixtures import build_run
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -64,16 +64,7 @@ class Launch:
 
 def _synthetic_store(run: pathlib.Path, k: int, vocab: int, seed: int = 0) -> None:
     """A posterior store of random top-k distributions (+ estimate.json) for the distillation split."""
-    rng = np.random.default_rng(seed)
-    prepared = PreparedData(run / "prepared")
-    with StoreWriter(
-        run / "posterior", k=k, vocab_size=vocab, tokenizer_hash=prepared.tokenizer_hash, value_dtype="float32"
-    ) as writer:
-        for rec in prepared.iter_split("distill"):
-            t = len(rec["tokens"]) - int(rec["prompt_len"])
-            ids = np.stack([rng.permutation(vocab)[:k] for _ in range(t)]).astype(np.int32)
-            probs = rng.dirichlet(np.full(k + 1, 0.3), size=t)
-            writer.add(int(rec["sample_id"]), ids, np.log(probs[:, :k]), probs[:, k], weight=rng.uniform(0.2, 1.0))
+    synthetic_store(run, k, vocab, np.random.default_rng(seed))
     (run / "posterior" / "estimate.json").write_text(json.dumps({"kappa": 1.0}))
 
 
