@@ -330,7 +330,9 @@ class SeedRun:
             pctx, _ = self.posterior(v.align, v.posterior)
             over = {"distill.output": name} | ({"distill.loss.alpha": 0.0} if v.alpha_zero else {})
             dctx = self.context(pctx.paths.root, {"posterior.proxy": pctx.cfg.posterior.proxy, **over})
-        self.runner.stage("distill", dctx)
+        summary = self.runner.stage("distill", dctx)
+        if "best_step" in summary:  # distill.keep_best: final/ is this evaluated step, not the last one
+            res["best_step"] = int(summary["best_step"])
         student = dctx.paths.student(name)
         res.update(self.score(dctx, student / "final"))
         res["curve"] = _curve(student / "metrics.jsonl")

@@ -52,15 +52,26 @@ def _paired_delta(rows: list[dict], name: str, base: str, key: str) -> list[floa
     return [a[s] - b[s] for s in sorted(set(a) & set(b))]
 
 
+def _kept_steps(rows: list[dict]) -> str:
+    """The students' kept steps (`distill.keep_best`) in seed order, "-" for one that kept its last step."""
+    return ", ".join(str(r.get("best_step", "-")) for r in sorted(rows, key=lambda r: r["seed"]))
+
+
 def variant_table(rows: list[dict]) -> str:
+    """One row per variant: its seeds, each metric's mean ± std, the paired gains; with a column of the students'
+    kept steps (by seed) where any was chosen by `distill.keep_best`."""
     names = [n for n in VARIANTS if any(r["variant"] == n for r in rows)]
+    kept = any("best_step" in r for r in rows)
     head = (
-        "| variant | seeds | " + " | ".join(t for _, t in METRICS) + " | Δ nats/byte vs SFT | Δ nats/byte vs Proxy-KD |"
+        "| variant | seeds | "
+        + ("kept step (by seed) | " if kept else "")
+        + " | ".join(t for _, t in METRICS)
+        + " | Δ nats/byte vs SFT | Δ nats/byte vs Proxy-KD |"
     )
-    lines = [head, "|---" * (len(METRICS) + 4) + "|"]
+    lines = [head, "|---" * (len(METRICS) + 4 + kept) + "|"]
     for n in names:
         mine = [r for r in rows if r["variant"] == n]
-        cells = [_metric_cell(mine, k) for k, _ in METRICS]
+        cells = ([_kept_steps(mine)] if kept else []) + [_metric_cell(mine, k) for k, _ in METRICS]
         d_sft = _cell(_paired_delta(rows, n, "sft", "nats_per_byte")) if n != "sft" else ""
         d_kd = _cell(_paired_delta(rows, n, "proxykd", "nats_per_byte")) if n != "proxykd" else ""
         lines.append(f"| {VARIANTS[n].label} | {len(mine)} | " + " | ".join(cells) + f" | {d_sft} | {d_kd} |")
@@ -116,6 +127,16 @@ def phase_table(estimates: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _kept_note(cfg) -> str:
+    """The header's words on `distill.keep_best` (empty without it)."""
+    if not cfg.distill.get("keep_best", False):
+        return ""
+    return (
+        f", each student kept at the step of its lowest NLL on the {cfg.distill.eval_split} split's teacher responses "
+        f"(scored every {cfg.train.eval_every})"
+    )
+
+
 def report_markdown(cfg, results: list[dict], estimates: list[dict], left_out: str | None = None) -> str:
     """The report of `results` and `estimates` (this run's plan); `left_out`: a line on the results on disk
     outside it, said under the introduction."""
@@ -126,8 +147,8 @@ def report_markdown(cfg, results: list[dict], estimates: list[dict], left_out: s
         "",
         f"Mean ± std (sample std) over seeds; Δ columns are paired by seed (variant − reference; "
         f"negative = fewer nats/byte = better). Student: d_model {cfg.model.d_model}, {cfg.model.num_layers} "
-        f"layers, {cfg.train.steps} steps; {cfg.demo.num_prompts} prompts × {cfg.demo.samples_per_prompt} "
-        f"teacher responses per seed.",
+        f"layers, {cfg.train.steps} steps{_kept_note(cfg)}; {cfg.demo.num_prompts} prompts × "
+        f"{cfg.demo.samples_per_prompt} teacher responses per seed.",
     ]
     if left_out:
         parts += ["", left_out]
