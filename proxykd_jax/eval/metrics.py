@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import json
 import logging
 import math
@@ -73,21 +74,22 @@ def _empty(batch: dict) -> dict:
     return out
 
 
-def eval_batches(prepared, split: str, data_cfg, *, batch_size: int, limit: int = 0) -> list[dict]:
+def iter_eval_batches(prepared, split: str, data_cfg, *, batch_size: int, limit: int = 0, seq_len=None):
     """This process's rows of the first ceil(limit / batch_size) global batches of `split` (all when
-    limit = 0): one sample per row, `batch_size` rows per global batch split over processes."""
+    limit = 0), read as they are used: one sample per row of `seq_len` tokens (default data.seq_len),
+    `batch_size` rows per global batch split over processes, as many batches on every process."""
     if batch_size % jax.process_count():
         raise ValueError(f"eval.batch_size={batch_size} must be a multiple of the {jax.process_count()} processes.")
     local = batch_size // jax.process_count()
     total = prepared.num_samples(split)
     count = math.ceil(min(total, limit or total) / batch_size)
-    it = pipeline.iter_samples(prepared, split, data_cfg, batch_size=local)
-    out = []
-    for batch in hosts.lockstep(it, hosts.batches_per_process(total, local), _empty):
-        if len(out) == count:  # every process stops at the same global batch
-            break
-        out.append(batch)
-    return out
+    it = pipeline.iter_samples(prepared, split, data_cfg, batch_size=local, seq_len=seq_len)
+    return itertools.islice(hosts.lockstep(it, hosts.batches_per_process(total, local), _empty), count)
+
+
+def eval_batches(prepared, split: str, data_cfg, *, batch_size: int, limit: int = 0) -> list[dict]:
+    """`iter_eval_batches`' batches, read at once."""
+    return list(iter_eval_batches(prepared, split, data_cfg, batch_size=batch_size, limit=limit))
 
 
 def _mask(batch) -> np.ndarray:
@@ -439,22 +441,12 @@ def finite_or_null(metrics: dict) -> dict:
     """A copy of `metrics` with each NaN or infinite number as None (JSON null: NaN and Infinity are not
     JSON), said in one warning. A KL can be infinite where an estimate gives no probability to a token
     the teacher can write (a posterior entry without tail mass)."""
-    bad = []
-
-    def walk(value, name):
-        if isinstance(value, dict):
-            return {k: walk(v, f"{name}.{k}" if name else str(k)) for k, v in value.items()}
-        if isinstance(value, float) and not math.isfinite(value):
-            bad.append(f"{name} = {value}")
-            return None
-        return value
-
-    safe = walk(metrics, "")
-    if bad:
+    safe, marks = _strict_json(metrics)
+    if marks:
         log.warning(
             "eval: %s not finite (a KL is infinite where a model or an estimate gives no probability to a token "
             "the teacher writes); metrics.json stores null there",
-            ", ".join(bad),
+            ", ".join(f"{'.'.join(path)} = {number}" for *path, number in marks),
         )
     return safe
 

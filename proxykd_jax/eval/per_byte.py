@@ -42,12 +42,17 @@ def text_bytes(ids, tokenizer) -> int:
     Where the tokens hold bytes that are not UTF-8 (a response data.truncate cut inside a character), the
     bytes they hold count, not the 3 of each replacement character decoding wrote for them
     (`_replaced_bytes`)."""
+    return _decoded(ids, tokenizer)[2]
+
+
+def _decoded(ids, tokenizer) -> tuple[list[int], str, int]:
+    """(the ids that are no special token, their decoded text, its bytes as `text_bytes` counts them)."""
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
     words = [int(i) for i in ids if int(i) not in special]
     if not words:
-        return 0
+        return words, "", 0
     text = tokenizer.decode(words)
-    return len(text.encode("utf-8")) + _replaced_bytes(words, tokenizer, text)
+    return words, text, len(text.encode("utf-8")) + _replaced_bytes(words, tokenizer, text)
 
 
 @functools.lru_cache(maxsize=8)
@@ -56,18 +61,21 @@ def _token_bytes(tokenizer) -> list[bytes | None]:
     return byte_head.token_bytes(tokenizer)
 
 
+def _held_bytes(words: list[int], tokenizer) -> bytes | None:
+    """The bytes tokens `words` hold, end to end; None where one token's bytes are unknown (`_token_bytes`)."""
+    table = _token_bytes(tokenizer)
+    pieces = [table[i] if i < len(table) else None for i in words]
+    return None if any(p is None for p in pieces) else b"".join(pieces)
+
+
 def _replaced_bytes(words: list[int], tokenizer, text: str) -> int:
     """The bytes tokens `words` hold that are not UTF-8, less the 3 of each replacement character (U+FFFD) their
     decoded `text` holds for them: the correction from `text`'s UTF-8 bytes to the bytes actually there. 0 where
     `text` holds no replacement character, or a token's bytes are unknown (`byte_head.token_bytes`)."""
     mark = "\ufffd"
-    if mark not in text:
+    raw = _held_bytes(words, tokenizer) if mark in text else None
+    if raw is None:
         return 0
-    table = _token_bytes(tokenizer)
-    pieces = [table[i] if i < len(table) else None for i in words]
-    if any(p is None for p in pieces):
-        return 0
-    raw = b"".join(pieces)
     genuine = raw.count(mark.encode())  # U+FFFD characters the text really holds
     lossy = raw.decode("utf-8", errors="replace")
     invalid = len(raw) - (len(lossy.encode("utf-8")) - 3 * (lossy.count(mark) - genuine))
@@ -138,17 +146,10 @@ def generation_text(ids, tokenizer, ended: bool) -> tuple[str, int]:
     bytes (in the middle, or ending an answer that stopped) are what the model wrote: the teacher scores the
     replacement characters (U+FFFD) decoding writes for them, and they count the bytes they hold (`text_bytes`),
     not the 3 of a replacement character."""
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    words = [int(i) for i in ids if int(i) not in special]
-    text = tokenizer.decode(words) if words else ""
-    nbytes = text_bytes(words, tokenizer)
-    if ended or "\ufffd" not in text:
+    words, text, nbytes = _decoded(ids, tokenizer)
+    raw = None if ended or "\ufffd" not in text else _held_bytes(words, tokenizer)
+    if raw is None:  # (no cut character, or the bytes are unknown: the text as decoded)
         return text, nbytes
-    table = _token_bytes(tokenizer)
-    pieces = [table[i] if i < len(table) else None for i in words]
-    if any(p is None for p in pieces):  # (bytes unknown: the text as decoded)
-        return text, nbytes
-    raw = b"".join(pieces)
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     decoder.decode(raw, final=False)
     tail = decoder.getstate()[0]  # the bytes it waits on to finish a character

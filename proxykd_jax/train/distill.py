@@ -191,14 +191,12 @@ def eval_data(prepared_dir, split: str, data_cfg, *, batch_size: int, seq_len: i
     `batch_size` rows (the last padded with empty rows, as many on every process); tokens per byte: the split's
     scored tokens over their text's UTF-8 bytes (`eval.per_byte.text_bytes`, as the eval stage counts them; 0
     without a tokenizer)."""
+    from proxykd_jax.eval.metrics import iter_eval_batches
+
     prepared = data.PreparedData(prepared_dir)
-    local = batch_size // jax.process_count()
-    count = hosts.batches_per_process(prepared.num_samples(split), local)
 
     def batches():
-        rows = data.iter_samples(prepared, split, data_cfg, batch_size=local, seq_len=seq_len)
-        empty = lambda batch: {k: np.zeros_like(v) for k, v in batch.items()}  # noqa: E731  (no sample: masked)
-        for batch in hosts.lockstep(rows, count, empty):
+        for batch in iter_eval_batches(prepared, split, data_cfg, batch_size=batch_size, seq_len=seq_len):
             yield {k: batch[k] for k in _EVAL_FIELDS}
 
     if tokenizer is None:
