@@ -106,10 +106,19 @@ def _check_split(cfg) -> None:
 
 
 def _check_mesh(cfg, stage: str | None, num_devices: int, process_count: int) -> None:
-    from proxykd_jax.parallel import mesh as mesh_lib
+    import math
 
-    data, fsdp, _ = mesh_lib.resolve_shape(dict(cfg.mesh.shape), num_devices)  # (a misfit: its ConfigError)
-    shards = data * fsdp  # the batch dimension is split over ("data", "fsdp")
+    from proxykd_jax.parallel import mesh as mesh_lib
+    from proxykd_jax.parallel import rules as rules_lib
+
+    sizes = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_shape(dict(cfg.mesh.shape), num_devices)))
+    # the batch dimension is split over the mesh axes of the rules' `batch` entry (default data x fsdp)
+    table = dict(rules_lib.normalize_rules(cfg.mesh.get("rules", rules_lib.LOGICAL_RULES)))
+    axes = table.get("batch", ())
+    if any(a not in sizes for a in axes):
+        raise ConfigError(f"mesh.rules maps 'batch' to {list(axes)}; use mesh axes from {list(mesh_lib.MESH_AXES)}.")
+    shards = math.prod(sizes[a] for a in axes)
+    described = " x ".join(axes) + " = " + " x ".join(str(sizes[a]) for a in axes) if axes else "no axes = 1"
     # the batches each stage splits over the batch shards, and whether processes hold different rows
     # of them (align's held-out and reference passes: every process holds the whole batch)
     for stage_name, group, field, per_process in (
@@ -123,7 +132,7 @@ def _check_mesh(cfg, stage: str | None, num_devices: int, process_count: int) ->
             continue
         value = int(cfg[group][field])
         for ways, what in (
-            (shards, f"the mesh's data x fsdp = {data} x {fsdp} batch shards"),
+            (shards, f"the mesh's {described} batch shards"),
             (process_count if per_process else 1, f"the {process_count} processes"),
         ):
             if value % ways:

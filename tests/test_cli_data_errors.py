@@ -5,6 +5,7 @@ too small split, a manifest of another format or not JSON, and align's batch of 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -127,6 +128,33 @@ def test_every_sharded_batch_size_must_split_over_the_batch_shards(stage, field,
     with pytest.raises(ConfigError, match=rf"config.{field}={value} is not a multiple of .* 8 batch shards"):
         config_lib.validate(cfg, stage, num_devices=8)
     config_lib.validate(cfg, "prior", num_devices=8)  # a stage that does not use the field
+
+
+@pytest.mark.parametrize(
+    "shape, batch_axes, ways",
+    [
+        ({"data": 2, "fsdp": 2, "tensor": 2}, ("data", "fsdp", "tensor"), 8),
+        ({"data": 2, "fsdp": 2, "tensor": 2}, ("data",), 2),
+        ({"data": 1, "fsdp": 4, "tensor": 2}, ("tensor",), 2),
+    ],
+)
+def test_batch_sizes_are_checked_against_the_rules_batch_entry(shape, batch_axes, ways):
+    """The rows split over the mesh axes that `mesh.rules` maps `batch` to, not always data x fsdp: a table adding
+    `tensor` used to pass validation and be refused only when the first batch was placed, after the model loaded;
+    a table keeping rows off fsdp was refused a batch size it could run."""
+    cfg = config_lib.base_config()
+    cfg.mesh.shape = shape
+    cfg.mesh.rules = tuple((k, batch_axes if k == "batch" else v) for k, v in cfg.mesh.rules)
+    cfg.train.batch_size = ways  # splits
+    config_lib.validate(cfg, "distill", num_devices=8)
+    cfg.train.batch_size = ways + ways // 2  # does not (ways is even)
+    described = " x ".join(batch_axes) + " = " + " x ".join(str(shape[a]) for a in batch_axes)
+    with pytest.raises(ConfigError, match=re.escape(f"config.train.batch_size={ways + ways // 2} is not a multiple of "
+                                                    f"the mesh's {described} batch shards; make it a multiple of {ways}.")):  # fmt: skip
+        config_lib.validate(cfg, "distill", num_devices=8)
+    cfg.mesh.rules = tuple((k, ("data", "pipeline") if k == "batch" else v) for k, v in cfg.mesh.rules)
+    with pytest.raises(ConfigError, match=r"mesh.rules maps 'batch' to \['data', 'pipeline'\]; use mesh axes from"):
+        config_lib.validate(cfg, "distill", num_devices=8)
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "corrupted"])
