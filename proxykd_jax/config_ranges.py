@@ -216,7 +216,7 @@ def check_ranges(cfg, groups) -> None:
             continue
         if not (low <= float(value) <= high if closed else low <= float(value) < high):
             raise ConfigError(f"config.{field}={value!r} must lie in [{low:g}, {high:g}{']' if closed else ')'}.")
-    from proxykd_jax.bayes.config import KERNELS, MODES
+    from proxykd_jax.bayes.config import KERNELS, MODES, OWN_TOKEN
     from proxykd_jax.data.config import SPLITS
     from proxykd_jax.losses.divergences import KINDS, TAIL_MODES
 
@@ -235,3 +235,16 @@ def check_ranges(cfg, groups) -> None:
             raise ConfigError(
                 f"config.{field}={value!r} must be one of {', '.join(allowed)}; set --config.{field} to one of them."
             )
+    own = get_field(cfg, "posterior.own_token")
+    if "posterior" in groups and own is not None and str(own) not in OWN_TOKEN and not _unit_number(own):
+        raise ConfigError(
+            f"config.posterior.own_token={own!r} must be one of {', '.join(OWN_TOKEN)} or a weight from 0 to 1 "
+            "(e.g. 0.5); set --config.posterior.own_token to one of them."
+        )
+
+
+def _unit_number(value) -> bool:
+    try:
+        return 0.0 <= float(value) <= 1.0  # (NaN fails both)
+    except (TypeError, ValueError):
+        return False

@@ -53,6 +53,30 @@ def test_exact_counts_match_bruteforce(mode):
     np.testing.assert_array_equal(got, np.array(want, np.float64))
 
 
+@pytest.mark.parametrize("own_weight", [0.0, 0.3, 0.5, 1.0])
+def test_the_own_token_counts_its_weight(own_weight):
+    """`posterior.own_token` as a weight: include_self with own_weight w counts each position's own token w
+    times (the other responses' counts whole), so w = 1 is include_self and w = 0 is leave_one_out."""
+    keys, seqs = random_corpus(2)
+    tables = PriorTables.build(keys, seqs, vocab_size=V, order=3, exact_top_s=V)
+    pr = tables.query(keys, seqs, mode="include_self", own_weight=own_weight)
+    ref = exact_reference(keys, seqs)
+    want = []
+    for k, s in zip(keys, seqs):
+        for t, y in enumerate(s):
+            c = collections.Counter(ref.get((int(k), tuple(int(x) for x in s[:t])), {}))
+            row = np.array([c[v] for v in range(V)], np.float64)
+            row[int(y)] -= 1.0 - own_weight
+            want.append(row)
+    got = to_dense(pr.ids_NxS, pr.counts_NxS, len(want))
+    np.testing.assert_allclose(got, np.array(want), atol=1e-6)
+    for mode, w in (("include_self", 1.0), ("leave_one_out", 0.0)):
+        if w == own_weight:
+            np.testing.assert_array_equal(got, to_dense(*tables.query(keys, seqs, mode=mode)[:2], len(want)))
+    with pytest.raises(ValueError, match="own_weight"):
+        tables.query(keys, seqs, mode="leave_one_out", own_weight=0.5)
+
+
 def witten_bell_reference(keys, seqs, order, queries):
     """Interpolated Witten–Bell from Python dicts, base = WB unigram vs uniform."""
     ctx = [collections.defaultdict(collections.Counter) for _ in range(order)]

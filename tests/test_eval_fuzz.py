@@ -260,7 +260,8 @@ def test_per_byte_scores_match_float64_on_a_char_teacher_and_bpe_student(tmp_pat
 
 def test_estimator_kl_matches_float64_from_the_stored_top_k_and_tail(teacher, tmp_path):
     """The one-hot, prior and stored-posterior KLs on random stores (absent entries, each value dtype's
-    rounding read back as stored), and an infinite KL, not a floored number, where a stored row gives no
+    rounding read back as stored; the prior's own token counted 0, 1 or a weight between, as estimate.json
+    says), and an infinite KL, not a floored number, where a stored row gives no
     probability to a token the teacher writes (no tail mass)."""
     rng = np.random.default_rng(7)
     samples = _samples(rng, V, 9, teacher.eos_id)
@@ -284,7 +285,9 @@ def test_estimator_kl_matches_float64_from_the_stored_top_k_and_tail(teacher, tm
                 tail = np.zeros(len(y)) if no_tail else 1 - np.exp(lps).sum(1)
                 w.add(sid, np.stack([rng.choice(V, k, replace=False) for _ in y]), lps, tail)
         store = StoreReader(tmp_path / f"store{case}")
-        kappa, own = float(rng.uniform(0.2, 4)), bool(case % 2)
+        kappa, own = float(rng.uniform(0.2, 4)), [0.0, 1.0, float(rng.uniform(0.1, 0.9))][case]
+        # what estimate.json says: recorded before posterior.own_token had weights, or with a weight
+        estimate = {"kappa": kappa, "count_own_token": bool(own)} if case < 2 else {"kappa": kappa, "own_weight": own}
         sums = dict.fromkeys(("one-hot (smoothed)", "prior", "posterior (store)"), 0.0)
         for (sid, _, p), y, lq in zip(samples, responses, lqs):
             lq, n = lq[p - 1 :], len(y)
@@ -294,8 +297,9 @@ def test_estimator_kl_matches_float64_from_the_stored_top_k_and_tail(teacher, tm
                 ok = np.isfinite(entry.logprobs_TxK[t])
                 dense[t] = float(entry.tail_T[t]) / (V - ok.sum())
                 dense[t, entry.ids_TxK[t][ok]] = np.exp(entry.logprobs_TxK[t][ok].astype(np.float64))
-            prior = tables.query(np.asarray([keys[sid]]), [y], mode="include_self" if own else "leave_one_out")
+            prior = tables.query(np.asarray([keys[sid]]), [y], mode="leave_one_out")
             a = kappa * np.asarray(prior.floor_N, np.float64)[:, None] * tables.base_V[None]
+            a[np.arange(n), y] += own  # the own token's count, on top of the others'
             for t in range(n):
                 np.add.at(a[t], prior.ngram_ids_NxS2[t], kappa * np.asarray(prior.ngram_probs_NxS2[t], np.float64))
                 np.add.at(a[t], prior.ids_NxS[t], np.asarray(prior.counts_NxS[t], np.float64))
@@ -308,9 +312,7 @@ def test_estimator_kl_matches_float64_from_the_stored_top_k_and_tail(teacher, tm
                     sums[name] += _kl64(lq, np.log(e)).sum()
         count = sum(len(y) for y in responses)
         for size in (2, 4):
-            got = metrics_lib.reference_estimator_kl(
-                prepared, tables, store, teacher, {"kappa": kappa, "count_own_token": own}, _rows(samples, size)
-            )
+            got = metrics_lib.reference_estimator_kl(prepared, tables, store, teacher, estimate, _rows(samples, size))
             assert got == pytest.approx({name: s / count for name, s in sums.items()} | {"positions": count}, rel=1e-5)
         assert np.isinf(got["posterior (store)"]) == no_tail
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from proxykd_jax import config as config_lib
 from proxykd_jax import context
 from proxykd_jax.bayes import estimate
 from proxykd_jax.bayes.tables import built_with, load_prior
@@ -131,6 +132,55 @@ def test_a_run_killed_in_pass_one_resumes_at_its_last_chunk(run, tmp_path, monke
     total = hosts.batches_per_process(prepared.num_samples("distill"), estimate.local_rows(cfg.posterior.batch_size))
     assert len(scored) == total - 2 * pass1_log.chunk_batches(total) and total > 3
     assert sum(len(p["ids"]) for p in saves) > 0 and again == whole
+
+
+def test_own_token_weight_moves_the_stored_posterior_by_its_share(run, tmp_path):
+    """posterior.own_token (the report's no_own_token and half_own_token variants): with several responses per
+    prompt the fit sets the scale and the store counts each response's own token once (auto); left out, or counting
+    one half, the fit is the same, the estimate records the weight, and at every stored position the posterior is
+    the leave-one-out one plus that weight on the observed token: q_w(v) = S q_0(v) / (S + w) for v != y and
+    q_w(y) = (S q_0(y) + w) / (S + w), with one S (the leave-one-out pseudo-count total) for every weight."""
+    cfg, _, _ = run  # 3 responses per prompt: the fit sets the scale
+    runs, estimates, stores = {}, {}, {}
+    for own in ("auto", "0.5", "leave_out"):
+        runs[own] = other = cfg.copy_and_resolve_references()
+        other.run.dir = str(tmp_path / own)
+        shutil.copytree(cfg.run.dir, other.run.dir, ignore=shutil.ignore_patterns("posterior"))
+        other.posterior.own_token = own
+        other.data.store.value_dtype = "float32"  # (bf16 log-probs would blur the ratios below by 2%)
+        run_stage("posterior", other)
+        estimates[own] = json.loads((RunPaths.from_config(other).posterior / posterior.ESTIMATE).read_text())
+        prepared, stores[own] = _store(other)
+    assert [(e["own_weight"], e["count_own_token"]) for e in estimates.values()] == [(1, True), (0.5, True), (0, False)]
+    assert len({(e["kappa"], e["n_max"], json.dumps(e["weights"])) for e in estimates.values()}) == 1
+    compared = 0
+    for rec in prepared.iter_split("distill"):
+        sid = int(rec["sample_id"])
+        entries = {own: store.get(sid) for own, store in stores.items()}
+        for t, y in enumerate(rec["tokens"][int(rec["prompt_len"]) :]):
+            q = {own: {int(i): float(np.exp(lp)) for i, lp in zip(e.ids_TxK[t], e.logprobs_TxK[t])}
+                 for own, e in entries.items()}  # fmt: skip
+            q0 = q["leave_out"]
+            shared = set.intersection(*map(set, q.values()))
+            others = [v for v in shared if v != y and q0[v] > 1e-3]
+            if y not in shared or len(others) < 2:
+                continue
+            totals = []
+            for own, w in (("auto", 1.0), ("0.5", 0.5)):
+                ratios = np.asarray([q[own][v] / q0[v] for v in others])
+                r = float(np.median(ratios))  # S / (S + w)
+                np.testing.assert_allclose(ratios, r, rtol=1e-4)
+                np.testing.assert_allclose(q[own][y], r * q0[y] + 1 - r, atol=1e-4)
+                assert r < 0.995 and q[own][y] > q0[y]
+                totals.append(w * r / (1 - r))
+            np.testing.assert_allclose(totals[0], totals[1], rtol=2e-2)  # one S
+            compared += 1
+    assert compared > 100
+    other.posterior.own_token = "drop"
+    with pytest.raises(
+        ConfigError, match=r"posterior.own_token='drop' must be one of auto, count, leave_out or a weight from 0 to 1"
+    ):
+        config_lib.validate(other, "posterior")
 
 
 def test_missing_proxy_is_a_clear_error(run, tmp_path):
@@ -292,7 +342,7 @@ def test_one_response_per_prompt_stores_the_posterior_the_fit_scored(one_respons
             estimate.write_store(
                 prepared,
                 tables,
-                scaled | {"count_own_token": count_own_token},
+                scaled | {"count_own_token": count_own_token, "own_weight": float(count_own_token)},
                 model,
                 cfg.posterior,
                 cfg.data,

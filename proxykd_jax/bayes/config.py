@@ -4,6 +4,7 @@ import ml_collections
 
 MODES = ("expected", "sampled", "geometric")  # posterior.mode
 KERNELS = ("xla", "pallas")  # posterior.kernel: expected mode's top-k as XLA ops, or in one Pallas kernel (GPU)
+OWN_TOKEN = ("auto", "count", "leave_out")  # posterior.own_token's names (or a weight in [0, 1], as a string)
 
 
 def prior_config() -> ml_collections.ConfigDict:
@@ -34,6 +35,9 @@ def posterior_config() -> ml_collections.ConfigDict:
     cd.fit_empirical_bayes = True  # fit kappa and N_max by held-out log-likelihood before the pass
     cd.eb_holdout_fraction = 0.05  # fraction of the distillation split's responses held out for the EB fit
     cd.eb_refine_steps = 12  # golden-section steps per parameter after the grid search
+    # a stored response's own token in its exact counts: "count" (once, the observed draw), "leave_out" (the
+    # leave-one-out posterior the fit scored), a weight such as "0.5", "auto" (count where the fit set the scale)
+    cd.own_token = "auto"
     return cd
 
 

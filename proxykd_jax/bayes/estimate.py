@@ -34,7 +34,7 @@ from proxykd_jax.bayes import empirical, pass1_log
 from proxykd_jax.bayes import posterior as kernel
 from proxykd_jax.bayes import weights as weights_lib
 from proxykd_jax.bayes.posterior_bytes import OTHER_SYMBOL
-from proxykd_jax.bayes.prior import SparsePrior
+from proxykd_jax.bayes.prior import SparsePrior, own_weight, prior_query
 from proxykd_jax.bayes.tables import build_prior
 from proxykd_jax.data import pipeline
 from proxykd_jax.data.store import StoreWriter
@@ -245,6 +245,9 @@ def fit_estimate(
                 None if head_sym is None else np.asarray(head_sym),
             )
         )
+    # (unfitted: the config's kappa and N_max, whose scale is the user's, and the own token counted unless told)
+    est["own_weight"] = own_weight(str(pcfg.get("own_token", "auto")), est.get("count_own_token", True))
+    est["count_own_token"] = est["own_weight"] > 0
     est["weights"] = {str(s): float(x) for s, x in sorted(zip(all_ids.tolist(), all_w.tolist()))}
     return est
 
@@ -283,7 +286,7 @@ def _fit(prepared, pcfg, prior_cfg, w_of: dict, hold_sid, hold_seqs, hold_proxy_
     # what they weigh against the one count of a response's own token: the store then leaves that
     # count out and stores the posterior the fit scored.
     scaled = bool(stats.exact_total_N.size and np.max(stats.exact_total_N) > 0)
-    if not scaled:
+    if not scaled and str(pcfg.get("own_token", "auto")) == "auto":
         log.warning(
             "posterior: no held-out token has a count from another response to its prompt (one response "
             "per prompt?), so the fit sets kappa : N_max but not their scale; the store leaves each "
@@ -338,10 +341,10 @@ def _or_empty(stats_parts):
     return [np.zeros((0,), np.float64) for _ in empirical.HeldoutStats._fields]
 
 
-def _dense_prior_rows(tables, keys, seqs, spans, rows: int, length: int, mode: str) -> SparsePrior:
-    """The prior at every position of a [rows, length] batch (zeros off the response tokens); `mode`
-    as in `PriorTables.query`."""
-    q = tables.query(np.asarray(keys, np.int64), seqs, mode=mode)
+def _dense_prior_rows(tables, keys, seqs, spans, rows: int, length: int, query: dict) -> SparsePrior:
+    """The prior at every position of a [rows, length] batch (zeros off the response tokens), read with the
+    `PriorTables.query` arguments `query`."""
+    q = tables.query(np.asarray(keys, np.int64), seqs, **query)
     out = []
     for field in q:
         field = np.asarray(field)
@@ -428,7 +431,7 @@ def write_store(
     kappa = jnp.float32(est["kappa"])
     # The observed token counts 1 (the conjugate update with it), unless the fit could not scale
     # kappa and N_max against a count (`_fit`).
-    query_mode = "include_self" if est.get("count_own_token", True) else "leave_one_out"
+    query = prior_query(est)
     n_max = min(float(est["n_max"]), _N_MAX_CAP)
     base = jnp.asarray(_padded_base(tables, model.cfg.vocab_size), jnp.float32)
     use_head = pcfg.use_teacher_topk and prepared.has_teacher_head
@@ -447,7 +450,7 @@ def write_store(
             sids = [int(host_batch["sample_ids"][row, 0]) for row, _, _ in todo]
             seqs = [np.asarray(host_batch["targets"][row, s : s + t], np.int32) for row, s, t in todo]
             rows, length = host_batch["tokens"].shape
-            prior = _dense_prior_rows(tables, [keys_of[s] for s in sids], seqs, todo, rows, length, query_mode)
+            prior = _dense_prior_rows(tables, [keys_of[s] for s in sids], seqs, todo, rows, length, query)
             n_pseudo = np.zeros((rows, length), np.float32)
             for (row, s, t), sid in zip(todo, sids):
                 n_pseudo[row, s : s + t] = n_max * weights[str(sid)]

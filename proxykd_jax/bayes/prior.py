@@ -26,6 +26,20 @@ from proxykd_jax.bayes import counts as counts_lib
 QUERY_MODES = ("include_self", "leave_one_out", "external")
 
 
+def own_weight(own_token: str, counted: bool = True) -> float:
+    """What a stored response's own token counts in its exact counts, from `posterior.own_token`: count 1,
+    leave_out 0, a number in [0, 1] itself, auto `counted` (the fit's `count_own_token`: 1 where it set the scale)."""
+    named = {"count": 1.0, "leave_out": 0.0, "auto": 1.0 if counted else 0.0}
+    return named[own_token] if own_token in named else float(own_token)
+
+
+def prior_query(estimate: dict) -> dict:
+    """The `PriorTables.query` arguments the store reads its prior with, from its estimate.json (`own_weight`, or,
+    recorded before it, `count_own_token`)."""
+    weight = float(estimate.get("own_weight", 1.0 if estimate.get("count_own_token", True) else 0.0))
+    return {"mode": "include_self", "own_weight": weight} if weight > 0 else {"mode": "leave_one_out"}
+
+
 class SparsePrior(typing.NamedTuple):
     """The prior at N positions, sparse except for `floor_N * base_V` (a pytree, jit-friendly).
 
@@ -142,13 +156,14 @@ class PriorTables:
             meta["exact_min_count"],
         )
 
-    def query(self, prompt_keys, sequences, *, mode="include_self") -> SparsePrior:
+    def query(self, prompt_keys, sequences, *, mode="include_self", own_weight: float = 1.0) -> SparsePrior:
         """The prior at every position of the given responses, flattened (N = total tokens).
 
         mode: "include_self" — the responses were in the tables, the exact counts include their own
         token (the observed token always counts 1); "leave_one_out" — they were in the tables and
         their own token is subtracted from the exact counts; "external" — they were not in the tables
-        (held-out scoring).
+        (held-out scoring). `own_weight` (include_self only): what the own token counts, from 0 (as
+        leave_one_out) to 1.
 
         In both modes for responses in the tables the n-gram is read leave-one-out: at every order the
         position's own (context, y_t) occurrence is taken out, as if the tables were built without it, so
@@ -172,11 +187,13 @@ class PriorTables:
                 f"prior.query: token id {int(flat.tokens_N.max())} >= vocab_size "
                 f"{self.vocab_size}; the records and the prior tables use different vocabularies."
             )
-        ids, cnts = self._exact(flat, mode)
+        if not 0.0 <= own_weight <= 1.0 or (own_weight != 1.0 and mode != "include_self"):
+            raise ValueError(f"prior.query: own_weight={own_weight} needs mode='include_self' and a value in [0, 1].")
+        ids, cnts = self._exact(flat, mode, own_weight)
         ng_ids, ng_probs, floor = self._ngram(flat, without_own=mode != "external")
         return SparsePrior(ids, cnts, ng_ids, ng_probs, floor)
 
-    def _exact(self, flat, mode):
+    def _exact(self, flat, mode, own_weight=1.0):
         """Exact trie counts (prefixes seen fewer than exact_min_count times are not stored)."""
         y = flat.tokens_N.astype(np.int32)
         found, _, _, ids, cnt = self.exact.lookup(counts_lib.prefix_keys(flat), self.exact_top_s)
@@ -188,6 +205,8 @@ class PriorTables:
             # A prefix absent from the table was pruned as seen once: by this response, with its token.
             ids[~found, 0] = y[~found]
             cnt[~found, 0] = 1.0
+            if own_weight != 1.0:
+                cnt = np.where((ids == y[:, None]) & (cnt > 0), cnt - (1.0 - own_weight), cnt)
         return ids, cnt
 
     def _ngram(self, flat, without_own=False):

@@ -76,6 +76,7 @@ def _matches(key: str, patterns) -> bool:
 # was added (and their hashes) still match.
 _ADDED_FIELDS = {"qk_norm": False, "token_limit": "max_tokens", "send_sampling": True}
 _ADDED_FIELDS |= {"keep_best": False, "eval_split": "heldout", "eval_every": 0}  # (distill's validation)
+_ADDED_FIELDS |= {"own_token": "auto"}  # (the posterior's own-token choice)
 _ADDED_FIELDS |= {  # the model's Gemma 3 numerics
     "norm_plus_one": False,
     "embed_scale": False,

@@ -166,7 +166,9 @@ def reference_estimator_kl(prepared, tables, store, teacher, estimate: dict, bat
     probability (a stored row without tail mass), not floored to a finite number: `finite_or_null`."""
     vocab = tables.vocab_size
     kappa = float(estimate["kappa"])
-    query_mode = "include_self" if estimate.get("count_own_token", True) else "leave_one_out"
+    from proxykd_jax.bayes.prior import prior_query
+
+    query = prior_query(estimate)
     keys = {int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split("distill")}
     names = ["one-hot (smoothed)", "prior", "posterior (store)"]
     sums, n = dict.fromkeys(names, 0.0), 0.0
@@ -177,7 +179,7 @@ def reference_estimator_kl(prepared, tables, store, teacher, estimate: dict, bat
         for row, sid, sl in _response_rows(batch):
             y = batch["targets"][row, sl].astype(np.int64)
             q = q_all[row, sl]
-            prior = tables.query(np.asarray([keys[sid]], np.int64), [y.astype(np.int32)], mode=query_mode)
+            prior = tables.query(np.asarray([keys[sid]], np.int64), [y.astype(np.int32)], **query)
             a = kappa * tables.dense_ngram(prior)
             np.add.at(
                 a,
