@@ -189,6 +189,33 @@ def test_distill(base, tmp_path):
     _close(first, second, 1e-5)
 
 
+def test_distill_validation_keeps_the_same_best_step(base, tmp_path):
+    """train.eval_every scores the student on the held-out split in lockstep batches across processes, and
+    distill.keep_best keeps the step of the lowest score: the same eval losses (1e-5), the same kept step and the
+    same final/ weights on 2 processes as on 1."""
+    from safetensors.numpy import load_file
+
+    one, two = two_runs(base, tmp_path, "student")
+    for cfg in (one, two):
+        cfg.train.eval_every, cfg.distill.keep_best = 2, True
+    launch = Launch("distill", two, tmp_path / "distill.log")
+    run_stage("distill", one)
+    launch.wait()
+    student_one, student_two = (pathlib.Path(c.run.dir) / "student" for c in (one, two))
+    keys = ("loss", "ce", "kd", "eval_loss", "eval_nats_per_byte", "eval_tokens")
+    first, second = _metrics(student_one / "metrics.jsonl", keys), _metrics(student_two / "metrics.jsonl", keys)
+    scored = [r["at"] for r in first if "eval_loss" in r]
+    assert scored == [2, 4] and all(r["eval_tokens"] > 0 for r in first if "eval_loss" in r)
+    _close(first, second, 1e-5)
+    kept = [json.loads((s / "artifact.json").read_text())["summary"] for s in (student_one, student_two)]
+    assert kept[0]["best_step"] == kept[1]["best_step"] and kept[0]["best_step"] in scored, kept
+    np.testing.assert_allclose(kept[0]["best_eval_nll"], kept[1]["best_eval_nll"], rtol=1e-5)
+    a, b = (load_file(str(s / "final" / "model.safetensors")) for s in (student_one, student_two))
+    assert sorted(a) == sorted(b) and a
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
 def _stop_one_of_two(cfg, tmp_path, devices: int, wait_s: float, sig=signal.SIGKILL) -> tuple[int | None, float, str]:
     """Runs `cfg`'s distill as 2 processes x `devices` CPU devices, sends process 1 `sig` once both are stepping
     and waits up to `wait_s` for process 0: (its exit code, None if it is still running; seconds from the signal
