@@ -248,6 +248,11 @@ def fit_estimate(
     # (unfitted: the config's kappa and N_max, whose scale is the user's, and the own token counted unless told)
     est["own_weight"] = own_weight(str(pcfg.get("own_token", "auto")), est.get("count_own_token", True))
     est["count_own_token"] = est["own_weight"] > 0
+    log.info(
+        "posterior: a stored response's own token counts %g in its exact counts (posterior.own_token=%s)",
+        est["own_weight"],
+        pcfg.get("own_token", "auto"),
+    )
     est["weights"] = {str(s): float(x) for s, x in sorted(zip(all_ids.tolist(), all_w.tolist()))}
     return est
 

@@ -7,9 +7,10 @@ warm-up only; nll = the same rounds with beta -> 0 (`report.nll_beta`: DPO's gra
 rounds are NLL on teacher text); none = the initial proxy. Posteriors (`POSTERIORS`): eb = the
 config's (weights, empirical Bayes); noweights = N_t = N_max everywhere; proxyonly = N_max = inf
 (the proxy's soft labels); prioronly = N_max = 0 (the corpus prior's, kappa from the eb fit);
-nohead = the eb posterior without the teacher's top log-probs (only where the corpus has them); noown = the eb
-posterior with each stored response's own token left out of its exact counts (the leave-one-out posterior the fit
-scores); halfown = the eb posterior with the own token counting one half.
+nohead = the eb posterior without the teacher's top log-probs (only where the corpus has them). The own token of a
+stored response in its exact counts (`posterior.own_token`): noown = left out (the leave-one-out posterior the fit
+scores: the default), halfown = counting one half, ownauto = counted once where the fit set the scale (`auto`, the
+default before 2026-12-07: with several responses per prompt, as in every report setting, counted).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 ALIGNMENTS = ("full", "sft", "nll", "none")
-POSTERIORS = ("eb", "noweights", "proxyonly", "prioronly", "nohead", "noown", "halfown")
+POSTERIORS = ("eb", "noweights", "proxyonly", "prioronly", "nohead", "noown", "halfown", "ownauto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,7 @@ VARIANTS: dict[str, Variant] = {
     "prior_only": Variant("prior-only soft labels (N_max = 0)", "full", "prioronly"),
     "no_own_token": Variant("posterior without the response's own token", "full", "noown"),
     "half_own_token": Variant("posterior with the own token counting 1/2", "full", "halfown"),
+    "own_token": Variant("posterior counting the response's own token", "full", "ownauto"),
     "no_head": Variant("no teacher head (top log-probs unused)", "full", "nohead", needs_logprobs=True),
     "white_box": Variant("white-box ceiling (teacher's true distributions)", None, None, white_box=True),
 }
@@ -56,8 +58,9 @@ def posterior_overrides(name: str, eb_estimate: dict | None) -> dict:
         return {}
     if name == "noweights":
         return {"posterior.use_weights": False}
-    if name in ("noown", "halfown"):
-        return {"posterior.own_token": "leave_out" if name == "noown" else "0.5"}
+    own = {"noown": "leave_out", "halfown": "0.5", "ownauto": "auto"}
+    if name in own:
+        return {"posterior.own_token": own[name]}
     if name == "nohead":
         return {"posterior.use_teacher_topk": False}
     if name == "proxyonly":
