@@ -35,9 +35,9 @@ def posterior_config() -> ml_collections.ConfigDict:
     cd.fit_empirical_bayes = True  # fit kappa and N_max by held-out log-likelihood before the pass
     cd.eb_holdout_fraction = 0.05  # fraction of the distillation split's responses held out for the EB fit
     cd.eb_refine_steps = 12  # golden-section steps per parameter after the grid search
-    # a stored response's own token in its exact counts: "leave_out" (the leave-one-out posterior the fit scored),
-    # "count" (once, the observed draw), a weight such as "0.5", "auto" (count where the fit set the scale)
-    cd.own_token = "leave_out"
+    # (the leave-one-out posterior the fit scored; "count": once, as the observed draw; "auto": count where the fit
+    # set the scale; docs/METHOD.md)
+    cd.own_token = "leave_out"  # a stored response's own token in its exact counts: leave_out, count, auto, or "0.5"
     return cd
 
 
