@@ -288,8 +288,8 @@ def _fit(prepared, pcfg, prior_cfg, w_of: dict, hold_sid, hold_seqs, hold_proxy_
     log.info("posterior: %s on %d held-out tokens", res.summary(), stats.proxy_y_N.shape[0])
     # Only another response to the same prompt gives a held-out token an exact count. Without one the
     # score depends on kappa : N_max alone (scaling both leaves it unchanged), so the fit cannot say
-    # what they weigh against the one count of a response's own token: the store then leaves that
-    # count out and stores the posterior the fit scored.
+    # what they weigh against the one count of a response's own token: under posterior.own_token=auto the
+    # store then leaves that count out and stores the posterior the fit scored.
     scaled = bool(stats.exact_total_N.size and np.max(stats.exact_total_N) > 0)
     if not scaled and str(pcfg.get("own_token", "auto")) == "auto":
         log.warning(
@@ -434,8 +434,8 @@ def write_store(
     keys_of = {int(r["sample_id"]): int(r["prompt_key"]) for r in prepared.iter_split(SPLIT)}
     weights = est["weights"]
     kappa = jnp.float32(est["kappa"])
-    # The observed token counts 1 (the conjugate update with it), unless the fit could not scale
-    # kappa and N_max against a count (`_fit`).
+    # What the observed token counts in its exact counts: estimate.json's own_weight (posterior.own_token; by
+    # default 0, the leave-one-out posterior the fit scored; 1 is the conjugate update with it).
     query = prior_query(est)
     n_max = min(float(est["n_max"]), _N_MAX_CAP)
     base = jnp.asarray(_padded_base(tables, model.cfg.vocab_size), jnp.float32)
