@@ -120,6 +120,25 @@ def test_bad_report_input_is_one_sentence(tmp_path):
     assert runner_lib._older_report(tmp_path / "run") is None
 
 
+def test_own_token_variants_run_only_when_named():
+    """ "" runs every variant but the opt-in own-token ones (under the default they repeat Proxy-KD's posterior or
+    measure the old default); named, they run, and each sets posterior.own_token."""
+    from proxykd_jax.report.variants import DEFAULT_VARIANTS, VARIANTS, posterior_overrides
+
+    everything = runner_lib._names("", VARIANTS, "variants", DEFAULT_VARIANTS)
+    assert "proxykd" in everything and not {"no_own_token", "half_own_token", "own_token"} & set(everything)
+    assert len(everything) == len(VARIANTS) - 3
+    assert runner_lib._names("sft,own_token", VARIANTS, "variants", everything) == ["sft", "own_token"]
+    owns = {
+        n: posterior_overrides(VARIANTS[n].posterior, None) for n in ("no_own_token", "half_own_token", "own_token")
+    }
+    assert owns == {
+        "no_own_token": {"posterior.own_token": "leave_out"},
+        "half_own_token": {"posterior.own_token": "0.5"},
+        "own_token": {"posterior.own_token": "auto"},
+    }
+
+
 def test_specialised_teacher_is_a_different_model_of_the_same_family(tmp_path):
     from proxykd_jax.report.settings import kl_between
     from proxykd_jax.teacher.known import KnownTeacher

@@ -7,7 +7,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd = ml_collections.ConfigDict()
     cd.settings = "specialised,perturbed"  # teacher–proxy pairs to run (report/settings.py), comma-separated
     cd.seeds = "0,1,2"  # seeds: each changes the prompts (so the samples), the inits and the data order
-    cd.variants = ""  # variants to run (report/variants.py), comma-separated; "" = all
+    cd.variants = ""  # variants to run (report/variants.py), comma-separated; "" = all but the own-token ones
     cd.nll_beta = 1e-6  # DPO beta of the NLL-only control rounds (beta -> 0 switches the preference term off)
     cd.specialise_noise = 0.1  # specialised teacher = general model's weights * (1 + noise * N(0, 1)) ...
     cd.style_words = 48  # ... with this many words favoured ...

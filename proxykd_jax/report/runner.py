@@ -28,13 +28,13 @@ from proxykd_jax.eval import metrics as metrics_lib
 from proxykd_jax.report import metrics as report_metrics
 from proxykd_jax.report.metrics import NA_METRICS, NA_TOKENIZERS
 from proxykd_jax.report.settings import SETTINGS
-from proxykd_jax.report.variants import VARIANTS, align_overrides, posterior_overrides
+from proxykd_jax.report.variants import DEFAULT_VARIANTS, VARIANTS, align_overrides, posterior_overrides
 
 log = logging.getLogger(__name__)
 
 
-def _names(text: str, known: dict, what: str) -> list[str]:
-    names = [n.strip() for n in str(text).split(",") if n.strip()] or list(known)
+def _names(text: str, known: dict, what: str, default=None) -> list[str]:
+    names = [n.strip() for n in str(text).split(",") if n.strip()] or list(default or known)
     bad = [n for n in names if n not in known]
     if bad:
         raise ProxyKDError(f"config.report.{what}: unknown {', '.join(bad)}; choose from {', '.join(known)}.")
@@ -167,7 +167,7 @@ class Runner:
         return (
             _names(rcfg.settings, SETTINGS, "settings"),
             _seeds(rcfg.seeds),
-            _names(rcfg.variants, VARIANTS, "variants"),
+            _names(rcfg.variants, VARIANTS, "variants", DEFAULT_VARIANTS),
         )
 
     def run(self) -> list[dict]:

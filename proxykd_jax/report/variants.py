@@ -10,7 +10,9 @@ config's (weights, empirical Bayes); noweights = N_t = N_max everywhere; proxyon
 nohead = the eb posterior without the teacher's top log-probs (only where the corpus has them). The own token of a
 stored response in its exact counts (`posterior.own_token`): noown = left out (the leave-one-out posterior the fit
 scores: the default), halfown = counting one half, ownauto = counted once where the fit set the scale (`auto`, the
-default before 2026-12-07: with several responses per prompt, as in every report setting, counted).
+default before 2026-12-07: with several responses per prompt, as in every report setting, counted). Their
+variants (no_own_token, half_own_token, own_token) are opt-in: a report runs them only where
+`report.variants` names them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Variant:
     alpha_zero: bool = False  # the SFT baseline (distill.loss.alpha = 0)
     white_box: bool = False  # distil on the known teacher's true distributions (the ceiling)
     needs_logprobs: bool = False  # only in settings whose corpus has the teacher's top log-probs
+    opt_in: bool = False  # run only when named in report.variants (not in the default "" = all)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -40,12 +43,15 @@ VARIANTS: dict[str, Variant] = {
     "no_weights": Variant("no sample weights", "full", "noweights"),
     "proxy_only": Variant("proxy-only soft labels (N_max = inf)", "full", "proxyonly"),
     "prior_only": Variant("prior-only soft labels (N_max = 0)", "full", "prioronly"),
-    "no_own_token": Variant("posterior without the response's own token", "full", "noown"),
-    "half_own_token": Variant("posterior with the own token counting 1/2", "full", "halfown"),
-    "own_token": Variant("posterior counting the response's own token", "full", "ownauto"),
+    "no_own_token": Variant("posterior without the response's own token", "full", "noown", opt_in=True),
+    "half_own_token": Variant("posterior with the own token counting 1/2", "full", "halfown", opt_in=True),
+    "own_token": Variant("posterior counting the response's own token", "full", "ownauto", opt_in=True),
     "no_head": Variant("no teacher head (top log-probs unused)", "full", "nohead", needs_logprobs=True),
     "white_box": Variant("white-box ceiling (teacher's true distributions)", None, None, white_box=True),
 }
+
+
+DEFAULT_VARIANTS = tuple(name for name, v in VARIANTS.items() if not v.opt_in)  # report.variants = ""
 
 
 def align_overrides(name: str, rcfg) -> dict:
