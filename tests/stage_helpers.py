@@ -1,7 +1,33 @@
-"""Running a stage from a test as the CLI does: one run context (mesh, paths, lock) per call; a synthetic
-posterior store for the distill stage to read."""
+"""Running a stage from a test as the CLI does: one run context (mesh, paths, lock) per call; the distill stage
+stopped mid-run; a synthetic posterior store for the distill stage to read."""
 
 from __future__ import annotations
+
+
+class Stop(Exception):
+    """An interruption a test injects (as a kill would leave the artifact: the lock released)."""
+
+
+def interrupted_distill(cfg, at_call: int) -> None:
+    """The distill stage on `cfg`, stopped by `Stop` raised at its `at_call`-th train step call (the step not run)."""
+    import pytest
+
+    from proxykd_jax import context
+    from proxykd_jax.stages import distill
+
+    with context.create(cfg, "distill") as ctx:
+        setup = distill.setup(ctx, ctx.artifact("distill"))
+        step, calls = setup.loop.train_step, [0]
+
+        def stopping_step(*args):
+            calls[0] += 1
+            if calls[0] == at_call:
+                raise Stop
+            return step(*args)
+
+        setup.loop.train_step = stopping_step
+        with pytest.raises(Stop):
+            setup.train()
 
 
 def run_stage(name: str, cfg, *, devices=None, **kwargs):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from stage_helpers import run_stage, synthetic_store
+from stage_helpers import interrupted_distill, run_stage, synthetic_store
 from test_distill_stage import BATCH, WORDS, K, final_params, make_config, read_metrics
 
 from proxykd_jax import context, data
@@ -129,32 +129,14 @@ def test_keep_best_writes_the_student_of_the_lowest_eval_loss(trained, tmp_path)
     assert json.loads((kept / str(best) / "best.json").read_text())["step"] == best
 
 
-class Stop(Exception):
-    """The simulated kill."""
-
-
 def test_an_interrupted_run_resumes_to_the_same_best(trained):
     """Stopped after step 7 (its newest checkpoint step 4, evaluated up to step 6), then run again: it resumes from
     step 4 and ends with the uninterrupted run's best. A kept folder past step 4 (a killed run's, planted here with a
     better eval loss) is dropped: its step is trained and evaluated again."""
-    from proxykd_jax.stages import distill
-
     run, summary = trained
     cfg = config(run, **{"distill.output": "student_cut", "train.checkpoint_every": 4})
     out = run / "student_cut"
-    with pytest.raises(Stop):
-        with context.create(cfg, "distill") as ctx:
-            setup = distill.setup(ctx, ctx.artifact("distill"))
-            step, calls = setup.loop.train_step, [0]
-
-            def stopping_step(*args):
-                calls[0] += 1
-                if calls[0] == 7:
-                    raise Stop
-                return step(*args)
-
-            setup.loop.train_step = stopping_step
-            setup.train()
+    interrupted_distill(cfg, 7)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4"] and not (out / "final").exists()
     kept = sorted(int(p.name) for p in (out / "best").iterdir())
     assert kept and max(kept) <= 6

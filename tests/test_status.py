@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 from pipeline_fixtures import build_run
-from stage_helpers import run_stage
+from stage_helpers import interrupted_distill, run_stage
 
 from proxykd_jax import cli, context, status
 from proxykd_jax.bayes import pass1_log
@@ -55,25 +55,6 @@ def _interrupted_posterior(cfg) -> None:
         run_stage("posterior", cfg)
 
 
-def _interrupted_distill(cfg) -> None:
-    """The distill stage stopped at its 5th step, after the step-3 checkpoint (as test_distill_resume.py)."""
-    from proxykd_jax.stages import distill
-
-    with context.create(cfg, "distill") as ctx:
-        setup = distill.setup(ctx, ctx.artifact("distill"))
-        step, calls = setup.loop.train_step, [0]
-
-        def stopping_step(*args):
-            calls[0] += 1
-            if calls[0] == 5:
-                raise Stop
-            return step(*args)
-
-        setup.loop.train_step = stopping_step
-        with pytest.raises(Stop):
-            setup.train()
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The tiny run's config: prepared, prior and posterior finished (the proxy: the tiny run's proxy init),
@@ -83,7 +64,7 @@ def run(tmp_path_factory):
     cfg = _changed(cfg, posterior__proxy=str(root / "run" / "proxy_init"))
     for stage in ("prior", "posterior"):
         run_stage(stage, cfg)
-    _interrupted_distill(_sft(cfg))
+    interrupted_distill(_sft(cfg), 5)  # stopped at its 5th step, after the step-3 checkpoint
     return cfg
 
 
