@@ -35,8 +35,8 @@ def own_weight(own_token: str, counted: bool = True) -> float:
 
 def prior_query(estimate: dict) -> dict:
     """The `PriorTables.query` arguments the store reads its prior with, from its estimate.json (`own_weight`, or,
-    recorded before it, `count_own_token`)."""
-    weight = float(estimate.get("own_weight", 1.0 if estimate.get("count_own_token", True) else 0.0))
+    recorded before it, `count_own_token` as `auto` set it)."""
+    weight = float(estimate.get("own_weight", own_weight("auto", estimate.get("count_own_token", True))))
     return {"mode": "include_self", "own_weight": weight} if weight > 0 else {"mode": "leave_one_out"}
 
 
