@@ -84,10 +84,10 @@ def _batch(fields: dict, mesh, rules):
 def _check_rows(name: str, rows: int, field: str, mesh, rules) -> None:
     """Refuses, before anything is lowered, a step whose `rows` (from config `field`) the mesh's batch shards do
     not split: jax would raise its own IndivisibleError from inside the lowering."""
-    from proxykd_jax.parallel.sharding import batch_sharding, spec_axes
+    from proxykd_jax.parallel.sharding import batch_sharding, spec_axes, spec_ways
 
-    axes = spec_axes(batch_sharding(mesh, rules).spec[0])
-    ways = math.prod(mesh.shape[a] for a in axes)
+    entry = batch_sharding(mesh, rules).spec[0]
+    axes, ways = spec_axes(entry), spec_ways(entry, mesh)
     if rows % ways:
         per = 2 if field.startswith("2 x ") else 1  # a DPO pair is two rows
         raise ConfigError(

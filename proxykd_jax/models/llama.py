@@ -313,11 +313,11 @@ def lookup_specs(rows: int, d_model: int):
     all-to-all, and summed the whole [vocab, D] table gradient. Pinning that lookup layout (tokens gathered over the
     `embed` axes only) leaves the all-to-all alone, and the table gradient split (tests/test_row_rules.py)."""
     from proxykd_jax.parallel.rules import current_rules, logical_to_pspec
+    from proxykd_jax.parallel.sharding import spec_axes
 
     mesh = jax.sharding.get_abstract_mesh()
     rows_axes = row_axes(mesh, rows)
-    entry = logical_to_pspec(("vocab", "embed"), current_rules())[1]
-    embed = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in rows_axes)
+    embed = tuple(a for a in spec_axes(logical_to_pspec(("vocab", "embed"), current_rules())[1]) if a in rows_axes)
     if not embed or d_model % math.prod(mesh.shape[a] for a in embed):
         return None
     keep = tuple(a for a in rows_axes if a not in embed) or None

@@ -31,7 +31,7 @@ def spec_axes(spec_entry) -> tuple:
     return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
 
 
-def _ways(spec_entry, mesh: Mesh) -> int:
+def spec_ways(spec_entry, mesh: Mesh) -> int:
     """How many shards one PartitionSpec entry makes."""
     return math.prod(mesh.shape[a] for a in spec_axes(spec_entry))
 
@@ -141,7 +141,7 @@ def variable_sharding(path: str, variable: nnx.Variable, mesh: Mesh, rules) -> N
         raise ValueError(f"parameter {path} has shape {shape} but {len(names)} logical axis names {names}.")
     spec = logical_to_pspec(names, rules, mesh)
     for dim, (size, axes) in enumerate(zip(shape, spec)):
-        ways = _ways(axes, mesh)
+        ways = spec_ways(axes, mesh)
         if size % ways:
             field = f" (or the model's {MODEL_FIELDS[names[dim]]})" if names[dim] in MODEL_FIELDS else ""
             raise ConfigError(
@@ -257,7 +257,7 @@ def global_batches(host_batches: Sequence[Mapping[str, np.ndarray]], mesh: Mesh,
 
 def _assemble(host_batch, mesh: Mesh, rules, *, stacked: int) -> dict[str, jax.Array]:
     sharding = batch_sharding(mesh, rules)
-    ways = _ways(sharding.spec[0], mesh)
+    ways = spec_ways(sharding.spec[0], mesh)
     if stacked:
         sharding = NamedSharding(mesh, PartitionSpec(None, *sharding.spec))
     lead = 1 if stacked else 0
