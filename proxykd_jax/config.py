@@ -228,6 +228,7 @@ def _check_report_seeds(text) -> None:
 _KNOWN_TEACHER_NUMERICS = ("rope_theta", "rope_scaling", "rms_eps", "qkv_bias", "qk_norm", "tie_embeddings")
 _KNOWN_TEACHER_NUMERICS += ("norm_plus_one", "embed_scale", "activation", "sandwich_norms", "query_pre_attn_scalar")
 _KNOWN_TEACHER_NUMERICS += ("layer_types", "rope_local_theta", "sliding_window", "rope_layers", "partial_rotary_factor")
+_KNOWN_TEACHER_NUMERICS += ("attn_softcap", "logit_softcap")
 
 
 def _check_known_teacher(cfg, stage: str) -> None:

@@ -24,7 +24,20 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_hf_fuzz import CLASSES, GEMMA3, PHI3, SMOLLM3, _close, _forward, _hf_logits, _legacy, random_spec
+from test_hf_fuzz import (
+    ARCHS,
+    CLASSES,
+    GEMMA2,
+    GEMMA3,
+    GEMMAS,
+    PHI3,
+    SMOLLM3,
+    _close,
+    _forward,
+    _hf_logits,
+    _legacy,
+    random_spec,
+)
 
 from proxykd_jax.models import hf, hf_families
 from proxykd_jax.models.rope import rope_attention_factor, rope_inv_freq
@@ -68,7 +81,7 @@ def _layers_windows(config, arch: str) -> list:
     if arch in (MISTRAL, PHI3, LLAMA):
         return [window] * n
     sliding = [t == "sliding_attention" for t in config.layer_types]
-    if (any(sliding) or arch == GEMMA3) and window is None:  # (a Gemma 3 builds the sliding mask whatever its layers)
+    if (any(sliding) or arch in GEMMAS) and window is None:  # (a Gemma builds the sliding mask whatever its layers)
         raise RuntimeError("transformers builds no mask for sliding layers without a sliding_window")
     return [window if s else None for s in sliding]
 
@@ -114,6 +127,10 @@ def theirs(folder, arch: str) -> dict:
         max_pos=max_pos,
         windows=[w if w is not None and w < max_pos else None for w in _layers_windows(config, arch)],
         ropes=ropes,
+        caps=(  # (transformers 5's Gemma 3 attention never applies its attn_logit_softcapping)
+            getattr(config, "attn_logit_softcapping", None) if arch == GEMMA2 else None,
+            getattr(config, "final_logit_softcapping", None),
+        ),
     )
 
 
@@ -145,6 +162,7 @@ def ours(cfg) -> dict:
         max_pos=cfg.max_seq_len,
         windows=[w if w is not None and w < cfg.max_seq_len else None for w in windows],
         ropes=ropes,
+        caps=(cfg.attn_softcap, cfg.logit_softcap),
     )
 
 
@@ -193,7 +211,7 @@ def test_config_json_keys_left_out_are_read_as_transformers_reads_them(tmp_path,
     some folder (Qwen's 32 key/value heads: one transformers cannot run with our 2-8 query heads, refused)."""
     outcomes, checked = [], set()
     for index in range(16):
-        rng = np.random.default_rng([sorted(CLASSES).index(arch), index, 5150])
+        rng = np.random.default_rng([ARCHS.index(arch), index, 5150])
         folder = tmp_path / str(index)
         written = dropped_folder(arch, rng, folder)
         if written is None:
@@ -210,8 +228,8 @@ def test_config_json_nulls_are_read_or_refused_as_transformers_does(tmp_path):
     window), refused naming the key where its strict fields refuse them (the import read some as the default and
     failed on others with a traceback: max_position_embeddings, rms_norm_eps)."""
     outcomes = []
-    for index in range(40):
-        arch = sorted(CLASSES)[index % len(CLASSES)]
+    older = ARCHS[: ARCHS.index(GEMMA2)]  # (their draws as before Gemma 2 came, then Gemma 2's)
+    for index, arch in [*((i, older[i % len(older)]) for i in range(40)), *((i, GEMMA2) for i in range(40, 46))]:
         rng = np.random.default_rng([index, 5151])
         written = dropped_folder(arch, rng, tmp_path / str(index), nulls=0.1)
         if written is not None:
@@ -255,6 +273,7 @@ def test_a_mistral_without_sliding_window_runs_transformers_default_window(tmp_p
         (QWEN3, dict(kv=32, max_pos=32_768, head_dim=128)),
         (SMOLLM3, dict(kv=4, max_pos=32_768)),
         (GEMMA3, dict(kv=4, max_pos=131_072, head_dim=256)),
+        (GEMMA2, dict(kv=4, max_pos=8192, head_dim=256)),
         (PHI3, dict(kv=64, max_pos=4096)),
         (LLAMA, dict(kv=64, max_pos=2048)),
     ],
@@ -280,6 +299,7 @@ def test_qwen_use_sliding_window_without_sliding_window_slides_by_4096(tmp_path)
 
 BIAS_READ = {LLAMA: ("attention_bias", "mlp_bias"), SMOLLM3: ("attention_bias", "mlp_bias")}
 BIAS_READ |= {QWEN3: ("attention_bias",), GEMMA3: ("attention_bias",), MISTRAL: (), QWEN2: (), PHI3: ()}
+BIAS_READ |= {GEMMA2: ("attention_bias",)}
 
 
 @pytest.mark.parametrize("key", ["attention_bias", "mlp_bias"])
@@ -409,7 +429,7 @@ def _random_weights(model, arch: str, seed: int):
     with torch.no_grad():
         for name, p in model.named_parameters():
             norm = p.ndim == 1 and "norm" in name
-            p.copy_((0.0 if arch == GEMMA3 or not norm else 1.0) + 0.2 * torch.randn_like(p))
+            p.copy_((0.0 if arch in GEMMAS or not norm else 1.0) + 0.2 * torch.randn_like(p))
     return model.eval()
 
 
@@ -417,6 +437,7 @@ LOGIT_CASES = [
     (MISTRAL, dict(attention_bias=True, mlp_bias=True)),  # 16 heads, 8 key/value heads, window 4096, context
     (QWEN2, dict(num_attention_heads=8, num_key_value_heads=4, mlp_bias=True, use_sliding_window=True)),
     (GEMMA3, dict(num_attention_heads=8, head_dim=8, query_pre_attn_scalar=8, mlp_bias=True, sliding_window=5)),
+    (GEMMA2, dict(num_attention_heads=8, head_dim=8, query_pre_attn_scalar=8, sliding_window=5)),  # (caps 50, 30)
     (PHI3, dict(num_attention_heads=8, attention_bias=True, mlp_bias=True, sliding_window=6)),
 ]
 

@@ -34,11 +34,16 @@ CLASSES = {
     "MistralForCausalLM": transformers.MistralConfig,
     "Qwen2ForCausalLM": transformers.Qwen2Config,
     "Qwen3ForCausalLM": transformers.Qwen3Config,
+    "Gemma2ForCausalLM": transformers.Gemma2Config,
     "Gemma3ForCausalLM": transformers.Gemma3TextConfig,
     "SmolLM3ForCausalLM": transformers.SmolLM3Config,
     "Phi3ForCausalLM": transformers.Phi3Config,
 }
-GEMMA3, PHI3, SMOLLM3 = "Gemma3ForCausalLM", "Phi3ForCausalLM", "SmolLM3ForCausalLM"
+GEMMA2, GEMMA3, PHI3, SMOLLM3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "SmolLM3ForCausalLM"
+GEMMAS = (GEMMA2, GEMMA3)
+# Each family's place in the seeds: the families in the order they had before Gemma 2 came, then it (so that the other
+# families' seeded draws stay what they were)
+ARCHS = (*sorted(set(CLASSES) - {GEMMA2}), GEMMA2)
 QWEN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
 TOL = 1e-4  # on logits of std about 1-10 (float32 both sides)
 
@@ -100,9 +105,9 @@ def _heads(rng, arch: str) -> tuple[int, int, int, int | None]:
     kv = heads // int(rng.choice([r for r in (1, 2, 4) if heads % r == 0]))
     d_model = heads * int(rng.choice([k for k in range(4, 49, 2) if 32 <= heads * k <= 96]))
     head_dim = None
-    if arch in (GEMMA3, "Qwen3ForCausalLM") or rng.random() < 0.6:
+    if arch in (*GEMMAS, "Qwen3ForCausalLM") or rng.random() < 0.6:
         head_dim = int(rng.choice([8, 12, 16, 20, 24]))
-    if head_dim and arch not in ("LlamaForCausalLM", GEMMA3) and rng.random() < 0.25:  # (their configs refuse it)
+    if head_dim and arch not in ("LlamaForCausalLM", *GEMMAS) and rng.random() < 0.25:  # (their configs refuse it)
         d_model = int(rng.choice([d for d in range(32, 97) if d % heads]))
     return d_model, heads, kv, head_dim
 
@@ -130,10 +135,10 @@ def random_spec(arch: str, rng) -> tuple[dict, set]:
     if head_dim is not None:
         spec["head_dim"] = head_dim
     refused: set = set()
-    if rng.random() < 0.05 and arch != GEMMA3:
+    if rng.random() < 0.05 and arch not in GEMMAS:
         spec["hidden_act"] = "gelu"
         refused.add("hidden_act")
-    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", SMOLLM3, GEMMA3) and rng.random() < 0.08:
+    if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", SMOLLM3, *GEMMAS) and rng.random() < 0.08:
         spec["attention_bias"] = True
         refused.add("attention_bias")
     if arch in ("LlamaForCausalLM", SMOLLM3) and rng.random() < 0.05:
@@ -141,6 +146,8 @@ def random_spec(arch: str, rng) -> tuple[dict, set]:
         refused.add("mlp_bias")
     if arch == GEMMA3:
         return _gemma3_spec(spec, rng, theta, refused)
+    if arch == GEMMA2:
+        return _gemma2_spec(spec, rng, theta, refused)
     if arch == PHI3:
         return _phi3_spec(spec, rng, theta, refused)
     kinds = ["default", "linear", "llama3", "yarn", "dynamic", "longrope"]
@@ -194,10 +201,31 @@ def _gemma3_spec(spec: dict, rng, theta: float, refused: set) -> tuple[dict, set
         local.update(rope_type="linear", factor=2.0)
         refused.add("sliding_attention")
     spec["rope_parameters"] = {"full_attention": {**full, "rope_theta": theta}, "sliding_attention": local}
+    _softcaps(spec, rng, 0.3)
+    return spec, refused
+
+
+def _softcaps(spec: dict, rng, p: float) -> None:
+    """Each of Gemma's soft-caps, with probability `p`, set small enough to bind on the random weights (else left
+    out: transformers' default, Gemma 2's 50 and 30, Gemma 3's none), now and then null (no cap)."""
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if rng.random() < 0.05:
-            spec[key] = float(rng.uniform(10, 50))
-            refused.add(key)
+        pick = rng.random()
+        if pick < p:
+            spec[key] = float(rng.uniform(0.5, 8.0))
+        elif pick < p + 0.1:
+            spec[key] = None
+
+
+def _gemma2_spec(spec: dict, rng, theta: float, refused: set) -> tuple[dict, set]:
+    layers, max_pos = spec["num_hidden_layers"], spec["max_position_embeddings"]
+    spec["query_pre_attn_scalar"] = int(rng.choice([spec["head_dim"], int(rng.integers(8, 65))]))
+    spec["sliding_window"] = _window(rng, max_pos)
+    if rng.random() < 0.6:  # (else transformers' default: every other layer sliding)
+        spec["layer_types"] = [str(rng.choice(["sliding_attention", "full_attention"])) for _ in range(layers)]
+    kind = str(rng.choice(["default", "linear", "llama3", "yarn"], p=[0.5, 0.2, 0.15, 0.15]))
+    rope = {"rope_type": "default"} if kind == "default" else _scaled_rope(kind, rng, max_pos)
+    spec["rope_parameters"] = {**rope, "rope_theta": theta}
+    _softcaps(spec, rng, 0.6)
     return spec, refused
 
 
@@ -229,7 +257,7 @@ def _reference(arch: str, spec: dict, seed: int):
     with torch.no_grad():
         for name, p in model.named_parameters():
             norm = p.ndim == 1 and "norm" in name
-            p.copy_((0.0 if arch == GEMMA3 or not norm else 1.0) + 0.2 * torch.randn_like(p))
+            p.copy_((0.0 if arch in GEMMAS or not norm else 1.0) + 0.2 * torch.randn_like(p))
     return model
 
 
@@ -256,6 +284,10 @@ def _derived_left_out(folder, arch: str) -> None:
     spec = json.loads((folder / "config.json").read_text())
     for key in ("layer_types",) if arch in QWEN else ("layer_types", "no_rope_layers") if arch == SMOLLM3 else ():
         spec.pop(key, None)
+    if arch == GEMMA2 and spec["layer_types"] == [
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(len(spec["layer_types"]))
+    ]:
+        spec.pop("layer_types")
     for pattern in range(1, 7) if arch == GEMMA3 else ():
         every = [
             "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(len(spec["layer_types"]))
@@ -348,7 +380,7 @@ CONFIGS_PER_ARCH = 2
 @pytest.mark.parametrize("index", range(CONFIGS_PER_ARCH))
 @pytest.mark.parametrize("arch", sorted(CLASSES))
 def test_random_configs_match_transformers(tmp_path, arch, index):
-    rng = np.random.default_rng([sorted(CLASSES).index(arch), index, 20240])
+    rng = np.random.default_rng([ARCHS.index(arch), index, 20240])
     spec, refused = random_spec(arch, rng)
     check_spec(arch, spec, refused, tmp_path, rng)
 
@@ -359,16 +391,20 @@ def test_the_generator_reaches_what_each_family_runs_and_refuses():
     seen: dict = {arch: set() for arch in CLASSES}
     for seed in range(300):
         for arch in CLASSES:
-            spec, refused = random_spec(arch, np.random.default_rng([seed, sorted(CLASSES).index(arch)]))
+            spec, refused = random_spec(arch, np.random.default_rng([seed, ARCHS.index(arch)]))
             rope = spec["rope_parameters"]
             seen[arch] |= {rope.get("full_attention", rope)["rope_type"], *refused}
             seen[arch] |= {"gqa"} if spec["num_key_value_heads"] < spec["num_attention_heads"] else set()
             seen[arch] |= {"head_dim"} if spec.get("head_dim") else set()
             seen[arch] |= {"window"} if (spec.get("sliding_window") or 999) < spec["max_position_embeddings"] else set()
+            seen[arch] |= (
+                {"softcap"} if spec.get("attn_logit_softcapping") or spec.get("final_logit_softcapping") else set()
+            )
     scaled = {"default", "linear", "llama3", "yarn"}
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", *QWEN, SMOLLM3):
         assert seen[arch] >= scaled | {"dynamic", "longrope", "gqa", "head_dim"}, (arch, seen[arch])
-    assert seen[GEMMA3] >= scaled | {"gqa", "head_dim", "window", "sliding_attention", "final_logit_softcapping"}
+    assert seen[GEMMA3] >= scaled | {"gqa", "head_dim", "window", "sliding_attention", "softcap"}
+    assert seen[GEMMA2] >= scaled | {"gqa", "head_dim", "window", "softcap", "attention_bias"}
     assert seen[PHI3] >= {"default", "longrope", "gqa", "head_dim", "window"}
     assert all("window" in seen[arch] for arch in ("MistralForCausalLM", *QWEN, SMOLLM3))
 

@@ -47,7 +47,12 @@ def sequence_logprobs(model: nnx.Module, rows: dict, prefix: str = "", *, chunk:
     """Sum over masked target positions of log p(target), per row: logp_B (float32)."""
     hidden_BxLxD = model.hidden(rows[prefix + "tokens"], None, rows[prefix + "segment_ids"])
     return losses.sequence_logprobs(
-        hidden_BxLxD, model.unembedding(), rows[prefix + "targets"], rows[prefix + "loss_mask"], chunk_size=chunk
+        hidden_BxLxD,
+        model.unembedding(),
+        rows[prefix + "targets"],
+        rows[prefix + "loss_mask"],
+        chunk_size=chunk,
+        softcap=model.cfg.logit_softcap,
     )
 
 
@@ -61,6 +66,7 @@ def sft_loss_fn(model, batch, *frozen, chunk: int):
         batch["targets"].reshape(-1),
         batch["loss_mask"].reshape(-1),
         chunk_size=chunk,
+        softcap=policy.cfg.logit_softcap,
     )
     nll = ce_sum / jnp.maximum(n_tokens, 1.0)
     return nll, {"loss": nll, "nll": nll, "response_tokens": n_tokens}

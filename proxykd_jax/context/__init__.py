@@ -61,6 +61,8 @@ _NUMERICS_FIELDS += (  # Gemma 3's
     "sliding_window",
     "rope_layers",  # SmolLM3's
     "partial_rotary_factor",  # Phi-3's
+    "attn_softcap",  # Gemma 2's
+    "logit_softcap",
 )
 FOLDER_FIELDS = _SHAPE_FIELDS + _NUMERICS_FIELDS  # what an init_from folder's config.json must agree on with its group
 

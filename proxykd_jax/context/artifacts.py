@@ -88,6 +88,8 @@ _ADDED_FIELDS |= {  # the model's Gemma 3 numerics
     "sliding_window": None,  # (the model's sliding window)
     "rope_layers": None,  # (SmolLM3's layers without RoPE)
     "partial_rotary_factor": 1.0,  # (Phi-3's RoPE on part of each head)
+    "attn_softcap": None,  # (Gemma 2's soft-capping)
+    "logit_softcap": None,
 }
 
 

@@ -22,6 +22,13 @@ The student's log-softmax is computed once per tile and shared by the CE and KD 
 only when temperature != 1). Every chunked function has a `*_dense` twin (or, for the fused
 objectives, the `*_loss_dense` one) computing the same from full logits, for tests.
 
+Soft-capping (Gemma 2's `final_logit_softcapping`): with `softcap` set, every loss reads the logits
+softcap * tanh(z / softcap) of z = hidden . W (float32), and `teacher_softcap` does the same for a
+white-box teacher's logits. The cap is applied where a tile's logits are formed: inside the
+checkpointed tile when rematerialised, and inside the function the fused pass differentiates, so the
+tile's logits gradient is chained through tanh by autodiff. None (the default) leaves the logits, and
+the computation, as they are.
+
 Normalisation is the caller's: the losses return sums and the token count; the default objective
 (`kd_objective`) is the per-token mean L = CE_sum / n_tokens + alpha * KD_weighted_sum / n_tokens.
 All keyword arguments are static: bind them with functools.partial before jax.jit.
@@ -30,6 +37,7 @@ All keyword arguments are static: bind them with functools.partial before jax.ji
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +51,13 @@ def _check_static(chunk_size, temperature, num_samples=1):
         raise ValueError(f"loss.temperature is {temperature}; it must be positive.")
     if num_samples <= 0:
         raise ValueError(f"loss.num_samples is {num_samples}; it must be a positive number of draws.")
+
+
+def _check_softcap(softcap, name: str = "softcap"):
+    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(
+            f"losses: {name} is {softcap}; it must be a positive finite logit cap, or None for no capping."
+        )
 
 
 def _check_rows(name_to_array: dict, n: int):
@@ -87,8 +102,15 @@ def _map_tiles(tile_fn, inputs: tuple, chunk_size: int):
     return jax.tree.map(lambda y: _untile(y, n), outputs)
 
 
-def _logits(hidden_CxD, W_DxV):
-    return jnp.dot(hidden_CxD, W_DxV, preferred_element_type=jnp.float32)
+def _softcap(logits_CxV, softcap):
+    """softcap * tanh(logits / softcap) (Gemma 2's final-logit soft-capping); None leaves them as they are."""
+    if softcap is None:
+        return logits_CxV
+    return softcap * jnp.tanh(logits_CxV / softcap)
+
+
+def _logits(hidden_CxD, W_DxV, softcap=None):
+    return _softcap(jnp.dot(hidden_CxD, W_DxV, preferred_element_type=jnp.float32), softcap)
 
 
 def _student(logits_CxV, temperature: float):
@@ -200,8 +222,21 @@ def _fused_linear_loss_bwd(tile_fn, chunk_size, res, cotangents):
 _fused_linear_loss.defvjp(_fused_linear_loss_fwd, _fused_linear_loss_bwd)
 
 
-def _fused(tile_fn, hidden_NxD, W_DxV, mask_N, per_token=(), shared=(), *, chunk_size: int):
+def _capped_tile(tile_fn, softcap):
+    """tile_fn of the soft-capped logits: the cap sits inside what the fused pass's VJP differentiates,
+    so dLoss/dz = dLoss/dlogits * (1 - tanh^2) comes from autodiff around the tile's own gradient."""
+    if softcap is None:
+        return tile_fn
+
+    def capped_tile_fn(z_CxV, *rest):
+        return tile_fn(_softcap(z_CxV, softcap), *rest)
+
+    return capped_tile_fn
+
+
+def _fused(tile_fn, hidden_NxD, W_DxV, mask_N, per_token=(), shared=(), *, chunk_size: int, softcap=None):
     _tiling(hidden_NxD.shape[0], chunk_size)  # rejects N = 0 before tracing
+    tile_fn = _capped_tile(tile_fn, softcap)
     loss, aux = _fused_linear_loss(
         tile_fn, hidden_NxD, W_DxV, mask_N.astype(jnp.float32), tuple(per_token), tuple(shared), chunk_size
     )

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from proxykd_jax.losses.chunked import (
     _check_rows,
+    _check_softcap,
     _check_static,
     _fused,
     _grad_coefs,
@@ -59,9 +60,13 @@ def _dense_setup(
     skew_alpha,
     num_samples,
     chunk_size,
+    softcap,
+    teacher_softcap,
 ):
     check_divergence_args(divergence, jsd_beta, skew_alpha)
     _check_static(chunk_size, temperature, num_samples)
+    _check_softcap(softcap)
+    _check_softcap(teacher_softcap, "teacher_softcap")
     _check_rows(
         dict(targets_N=targets_N, teacher_hidden_NxE=teacher_hidden_NxE, mask_N=mask_N, weight_N=weight_N),
         hidden_NxD.shape[0],
@@ -90,12 +95,15 @@ def dense_kd_loss(
     num_samples: int = 16,
     chunk_size: int = 256,
     rng=None,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ):
     """White-box KD: CE plus D(teacher || student) between full distributions, tiled over tokens.
 
     The teacher's logits are computed per tile from its final hidden states and unembedding (no
     gradient flows into them); `temperature` divides both sides' logits in the KD term. With
-    sampled=True the KD term is the importance-sampled estimate (`sampled_divergence`).
+    sampled=True the KD term is the importance-sampled estimate (`sampled_divergence`). `softcap`
+    soft-caps the student's logits and `teacher_softcap` the teacher's (see `chunked`; None: no cap).
     Returns (ce_sum, kd_sum, n_tokens) as `sparse_kd_loss`.
     """
     _dense_setup(
@@ -112,6 +120,8 @@ def dense_kd_loss(
         skew_alpha,
         num_samples,
         chunk_size,
+        softcap,
+        teacher_softcap,
     )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], sampled, num_samples)
     kw = dict(divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha, sampled=sampled)
@@ -119,7 +129,11 @@ def dense_kd_loss(
     def tile_fn(args):
         hidden_CxD, teacher_hidden_CxE, targets_C, uniforms_CxS = args
         return _dense_tile(
-            _logits(hidden_CxD, W_DxV), _logits(teacher_hidden_CxE, teacher_W_ExV), targets_C, uniforms_CxS, **kw
+            _logits(hidden_CxD, W_DxV, softcap),
+            _logits(teacher_hidden_CxE, teacher_W_ExV, teacher_softcap),
+            targets_C,
+            uniforms_CxS,
+            **kw,
         )
 
     ce_N, kd_N = _map_tiles(tile_fn, (hidden_NxD, teacher_hidden_NxE, targets_N, uniforms_NxS), chunk_size)
@@ -143,6 +157,8 @@ def dense_kd_loss_dense(
     num_samples: int = 16,
     chunk_size: int = 256,
     rng=None,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ):
     """Reference for `dense_kd_loss` from the full [N, V] logits of both models."""
     _dense_setup(
@@ -159,11 +175,13 @@ def dense_kd_loss_dense(
         skew_alpha,
         num_samples,
         chunk_size,
+        softcap,
+        teacher_softcap,
     )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], sampled, num_samples)
     ce_N, kd_N = _dense_tile(
-        _logits(hidden_NxD, W_DxV),
-        _logits(teacher_hidden_NxE, teacher_W_ExV),
+        _logits(hidden_NxD, W_DxV, softcap),
+        _logits(teacher_hidden_NxE, teacher_W_ExV, teacher_softcap),
         targets_N,
         uniforms_NxS,
         divergence=divergence,
@@ -201,11 +219,12 @@ def _dense_fkl_grad(residuals, cotangents):
     return cotangents[0] * (student - g_kd_C[:, None] * p_CxV)
 
 
-def _dense_fkl_tile(alpha):
+def _dense_fkl_tile(alpha, teacher_softcap):
     loss_fn = _logits_vjp(functools.partial(_dense_fkl_forward, alpha), _dense_fkl_grad)
 
     def tile_fn(logits_CxV, mask_C, weight_C, teacher_hidden_CxE, targets_C, uniforms_CxS, teacher_W):
-        loss, ce, kd = loss_fn(logits_CxV, mask_C, weight_C, targets_C, _logits(teacher_hidden_CxE, teacher_W))
+        teacher_logits_CxV = _logits(teacher_hidden_CxE, teacher_W, teacher_softcap)
+        loss, ce, kd = loss_fn(logits_CxV, mask_C, weight_C, targets_C, teacher_logits_CxV)
         return loss, (ce, kd)
 
     return tile_fn
@@ -229,6 +248,8 @@ def dense_kd_objective(
     num_samples: int = 16,
     chunk_size: int = 256,
     rng=None,
+    softcap: float | None = None,
+    teacher_softcap: float | None = None,
 ):
     """`dense_kd_loss` fused into one objective: (loss_sum, ce_sum, kd_sum, n_tokens), as
     `sparse_kd_objective` (the teacher's logits are computed per tile; no gradient reaches the teacher)."""
@@ -246,21 +267,25 @@ def dense_kd_objective(
         skew_alpha,
         num_samples,
         chunk_size,
+        softcap,
+        teacher_softcap,
     )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], sampled, num_samples)
     kw = dict(divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha, sampled=sampled)
 
     def terms(logits_CxV, teacher_hidden_CxE, targets_C, uniforms_CxS, teacher_W):
-        return _dense_tile(logits_CxV, _logits(teacher_hidden_CxE, teacher_W), targets_C, uniforms_CxS, **kw)
+        teacher_logits_CxV = _logits(teacher_hidden_CxE, teacher_W, teacher_softcap)
+        return _dense_tile(logits_CxV, teacher_logits_CxV, targets_C, uniforms_CxS, **kw)
 
     analytic = (divergence, temperature, sampled) == ("forward_kl", 1.0, False)  # the gradient written out
     loss_sum, (ce_sum, kd_sum) = _fused(
-        _dense_fkl_tile(float(alpha)) if analytic else _objective_tile(terms, float(alpha)),
+        _dense_fkl_tile(float(alpha), teacher_softcap) if analytic else _objective_tile(terms, float(alpha)),
         hidden_NxD,
         W_DxV,
         mask_N,
         (weight_N, teacher_hidden_NxE, targets_N, uniforms_NxS),
         (teacher_W_ExV,),
         chunk_size=chunk_size,
+        softcap=softcap,
     )
     return loss_sum, ce_sum, kd_sum, jnp.sum(mask_N.astype(jnp.float32))

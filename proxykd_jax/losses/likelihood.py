@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from proxykd_jax.losses.chunked import (
     _check_rows,
+    _check_softcap,
     _check_static,
     _fused,
     _logits,
@@ -43,14 +44,16 @@ def _ce_tile(logits_CxV, mask_C, targets_C):
     return _ce_loss(logits_CxV, mask_C, targets_C), ()
 
 
-def cross_entropy_chunked(hidden_NxD, W_DxV, targets_N, mask_N, *, chunk_size: int = 256):
+def cross_entropy_chunked(hidden_NxD, W_DxV, targets_N, mask_N, *, chunk_size: int = 256, softcap: float | None = None):
     """Masked CE from hidden states and the unembedding, tiled over tokens: (ce_sum, n_tokens).
 
     Fused (see above): the gradient wrt hidden_NxD and W_DxV is computed in the forward pass.
+    `softcap` soft-caps the logits (see `chunked`; None: no cap).
     """
     _check_static(chunk_size, 1.0)
+    _check_softcap(softcap)
     _check_rows(dict(targets_N=targets_N, mask_N=mask_N), hidden_NxD.shape[0])
-    ce_sum, _ = _fused(_ce_tile, hidden_NxD, W_DxV, mask_N, (targets_N,), chunk_size=chunk_size)
+    ce_sum, _ = _fused(_ce_tile, hidden_NxD, W_DxV, mask_N, (targets_N,), chunk_size=chunk_size, softcap=softcap)
     return ce_sum, jnp.sum(mask_N.astype(jnp.float32))
 
 
@@ -80,8 +83,9 @@ def _row_sums(logp_BxL, mask_BxL, length_normalize: bool):
     return total_B
 
 
-def _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size):
+def _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size, softcap):
     _check_static(chunk_size, 1.0)
+    _check_softcap(softcap)
     if targets_BxL.shape != hidden_BxLxD.shape[:2] or mask_BxL.shape != targets_BxL.shape:
         raise ValueError(
             f"losses: targets_BxL {targets_BxL.shape} and mask_BxL {mask_BxL.shape} must "
@@ -90,26 +94,41 @@ def _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size):
 
 
 def sequence_logprobs(
-    hidden_BxLxD, W_DxV, targets_BxL, mask_BxL, *, chunk_size: int = 256, length_normalize: bool = False
+    hidden_BxLxD,
+    W_DxV,
+    targets_BxL,
+    mask_BxL,
+    *,
+    chunk_size: int = 256,
+    length_normalize: bool = False,
+    softcap: float | None = None,
 ):
     """sum_t mask * log q(target_t) per row (divided by the row's mask sum when length_normalize),
-    tiled over the B*L tokens. Used for DPO (policy and reference) and NLL terms."""
-    _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
+    tiled over the B*L tokens, q from the logits soft-capped by `softcap` (None: no cap). Used for DPO
+    (policy and reference) and NLL terms."""
+    _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size, softcap)
     b, length, d = hidden_BxLxD.shape
 
     def tile_fn(args):
         hidden_CxD, targets_C = args
-        return _target_logprobs(_logits(hidden_CxD, W_DxV), targets_C)
+        return _target_logprobs(_logits(hidden_CxD, W_DxV, softcap), targets_C)
 
     logp_N = _map_tiles(tile_fn, (hidden_BxLxD.reshape(b * length, d), targets_BxL.reshape(-1)), chunk_size)
     return _row_sums(logp_N.reshape(b, length), mask_BxL, length_normalize)
 
 
 def sequence_logprobs_dense(
-    hidden_BxLxD, W_DxV, targets_BxL, mask_BxL, *, chunk_size: int = 256, length_normalize: bool = False
+    hidden_BxLxD,
+    W_DxV,
+    targets_BxL,
+    mask_BxL,
+    *,
+    chunk_size: int = 256,
+    length_normalize: bool = False,
+    softcap: float | None = None,
 ):
     """Reference for `sequence_logprobs` from the full [B, L, V] logits."""
-    _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size)
-    logq_BxLxV = jax.nn.log_softmax(_logits(hidden_BxLxD, W_DxV), axis=-1)
+    _check_sequence(hidden_BxLxD, targets_BxL, mask_BxL, chunk_size, softcap)
+    logq_BxLxV = jax.nn.log_softmax(_logits(hidden_BxLxD, W_DxV, softcap), axis=-1)
     logp_BxL = jnp.take_along_axis(logq_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
     return _row_sums(logp_BxL, mask_BxL, length_normalize)

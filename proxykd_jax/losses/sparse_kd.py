@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from proxykd_jax.losses.chunked import (
     _check_rows,
+    _check_softcap,
     _check_static,
     _fused,
     _grad_coefs,
@@ -73,9 +74,11 @@ def _sparse_setup(
     skew_alpha,
     num_samples,
     chunk_size,
+    softcap,
 ):
     check_divergence_args(divergence, jsd_beta, skew_alpha, tail_mode)
     _check_static(chunk_size, temperature, num_samples)
+    _check_softcap(softcap)
     _check_rows(
         dict(
             targets_N=targets_N,
@@ -112,12 +115,14 @@ def sparse_kd_loss(
     num_samples: int = 16,
     chunk_size: int = 256,
     rng=None,
+    softcap: float | None = None,
 ):
     """Student CE plus sparse-target KD, tiled over tokens.
 
     Returns (ce_sum, kd_sum, n_tokens): ce_sum = sum_t mask_t * NLL_t,
     kd_sum = sum_t mask_t * weight_t * D(target_t || q_t), n_tokens = sum_t mask_t.
-    `rng` (a key) is needed only for tail_mode 'sampled' (num_samples draws per token).
+    `rng` (a key) is needed only for tail_mode 'sampled' (num_samples draws per token). `softcap`
+    soft-caps the student's logits (see `chunked`; None: no cap).
     """
     _sparse_setup(
         hidden_NxD,
@@ -134,6 +139,7 @@ def sparse_kd_loss(
         skew_alpha,
         num_samples,
         chunk_size,
+        softcap,
     )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], tail_mode == "sampled", num_samples)
     kw = dict(
@@ -142,7 +148,7 @@ def sparse_kd_loss(
 
     def tile_fn(args):
         hidden_CxD, *rest = args
-        return _sparse_tile(_logits(hidden_CxD, W_DxV), *rest, **kw)
+        return _sparse_tile(_logits(hidden_CxD, W_DxV, softcap), *rest, **kw)
 
     ce_N, kd_N = _map_tiles(
         tile_fn, (hidden_NxD, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, uniforms_NxS), chunk_size
@@ -168,6 +174,7 @@ def sparse_kd_loss_dense(
     num_samples: int = 16,
     chunk_size: int = 256,
     rng=None,
+    softcap: float | None = None,
 ):
     """Reference for `sparse_kd_loss` from the full [N, V] logits (chunk_size is ignored)."""
     _sparse_setup(
@@ -185,10 +192,11 @@ def sparse_kd_loss_dense(
         skew_alpha,
         num_samples,
         chunk_size,
+        softcap,
     )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], tail_mode == "sampled", num_samples)
     ce_N, kd_N = _sparse_tile(
-        _logits(hidden_NxD, W_DxV),
+        _logits(hidden_NxD, W_DxV, softcap),
         targets_N,
         kd_ids_NxK,
         kd_logprobs_NxK,
@@ -300,6 +308,7 @@ def sparse_kd_objective(
     num_samples: int = 16,
     chunk_size: int = 256,
     rng=None,
+    softcap: float | None = None,
 ):
     """`sparse_kd_loss` fused into one objective: (loss_sum, ce_sum, kd_sum, n_tokens).
 
@@ -323,6 +332,7 @@ def sparse_kd_objective(
         skew_alpha,
         num_samples,
         chunk_size,
+        softcap,
     )
     uniforms_NxS = _uniforms(rng, hidden_NxD.shape[0], tail_mode == "sampled", num_samples)
     terms = functools.partial(
@@ -342,5 +352,6 @@ def sparse_kd_objective(
         mask_N,
         (weight_N, targets_N, kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, uniforms_NxS),
         chunk_size=chunk_size,
+        softcap=softcap,
     )
     return loss_sum, ce_sum, kd_sum, jnp.sum(mask_N.astype(jnp.float32))

@@ -18,6 +18,15 @@ the window (a static one, or a traced one with `window_bound`, its static value 
 `self_attend`): its attention costs O(L W) instead of O(L^2), exactly while positions grow by at least 1 per index
 within a segment, as the packer's and `positions_from_segments`' do.
 
+Soft-capping (`softcap`, Gemma 2's `attn_logit_softcapping`, a model's `attn_softcap`; a static Python float): the
+scaled float32 scores s become softcap * tanh(s / softcap) before the mask and softmax (transformers' eager Gemma 2
+order), on every path below but `cudnn` and `cudnn_masked` (cuDNN's fused attention has no soft-cap): with a cap,
+`auto` resolves to `xla` on GPU, in any dtype (which then runs our own dense float32 attention in `attend`'s layout,
+since jax 0.10.2's `jax.nn.dot_product_attention` has no soft-cap either), to `pallas` on TPU (`xla` with a window
+too) and to `blocked` on CPU, and an explicit `cudnn` or `cudnn_masked` is refused. The blocked kernel caps the
+scores of its visible blocks and recomputes the raw ones in its backward pass for the cap's derivative; splash
+attention takes the cap itself (`attn_logits_soft_cap`). Without a cap every path is unchanged.
+
 Implementations (`model.attention`):
 
 - `blocked`: the block-causal custom-VJP kernels of `blocked_attention.py` (`self_attend`), tuned for XLA:CPU; it saves
@@ -39,10 +48,11 @@ Implementations (`model.attention`):
   same kernel goes through Pallas' interpreter (slow, but it lets the tests check this path's values
   and gradients on CPU, and export it for a TPU from a CPU host).
 - `auto`: on GPU cudnn (Hopper or newer) or cudnn_masked when the compute dtype is bf16/fp16, else
-  xla; pallas on TPU; blocked on CPU (with a window: see above).
+  xla; pallas on TPU; blocked on CPU (with a window or a soft-cap: see above).
 
 The cache path used by decoding (`attend`) stays dense: its keys are the cache slots, not the row; it applies the
-window too (it could not skip by slot: a prompt's padding slots sit between its tokens and the generated ones).
+window too (it could not skip by slot: a prompt's padding slots sit between its tokens and the generated ones), and
+the soft-cap.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from proxykd_jax.models.blocked_attention import (  # noqa: F401  (band_plan, ca
     band_plan,
     causal_blocks,
     self_attend,
+    soft_cap,
 )
 
 IMPLEMENTATIONS = ("auto", "blocked", "xla", "cudnn", "cudnn_masked", "pallas")
@@ -70,8 +81,9 @@ PACKED_MAX_SEGMENTS = 8
 _SPLASH_TILE = 128  # splash attention's default query/key tile (`BlockSizes.get_default()`)
 
 
-def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_seg_BxC, window=None):
-    """Masked grouped-query attention; scores and softmax in float32; `window`: the sliding window (None: none).
+def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_seg_BxC, window=None, softcap=None):
+    """Masked grouped-query attention; scores and softmax in float32; `window`: the sliding window (None: none);
+    `softcap`: the scores' soft-cap, applied before the mask (None: none).
 
     Laid out for XLA:CPU, measured on the benchmark shapes (B 8, L 256, H 8, E 32): heads move ahead
     of the sequence axes so both batched matmuls have leading batch axes, q is scaled before the
@@ -79,6 +91,12 @@ def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_s
     written out with a stop-gradient max; together 2.4x faster forward and 1.7x faster
     forward + backward than contracting in [B, L, H, E] with `jnp.where` and `jax.nn.softmax`.
     """
+    bias_BxLxC = _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, window=window)
+    return _dense_attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, bias_BxLxC, softcap)
+
+
+def _dense_attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, bias_BxLxC, softcap=None):
+    """`attend` with its additive mask `bias_BxLxC` given (the capped `xla` path adds index causality to it)."""
     b, l, h, e = q_BxLxHxE.shape
     c, g = k_BxCxGxE.shape[1], k_BxCxGxE.shape[2]
     r = h // g  # query heads per key/value head, folded into the matmul's row axis (M = R * L)
@@ -86,9 +104,8 @@ def attend(q_BxLxHxE, k_BxCxGxE, v_BxCxGxE, q_pos_BxL, k_pos_BxC, q_seg_BxL, k_s
     q_BxGxMxE = q.transpose(0, 2, 3, 1, 4).reshape(b, g, r * l, e)
     k_BxGxCxE = k_BxCxGxE.transpose(0, 2, 1, 3)
     v_BxGxCxE = v_BxCxGxE.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bgme,bgce->bgmc", q_BxGxMxE, k_BxGxCxE, preferred_element_type=jnp.float32)
-    bias_Bx1xLxC = _mask_bias(q_seg_BxL, k_seg_BxC, q_pos_BxL, k_pos_BxC, window=window)[:, None]
-    scores = (scores.reshape(b, g * r, l, c) + bias_Bx1xLxC).reshape(b, g, r * l, c)
+    scores = soft_cap(jnp.einsum("bgme,bgce->bgmc", q_BxGxMxE, k_BxGxCxE, preferred_element_type=jnp.float32), softcap)
+    scores = (scores.reshape(b, g * r, l, c) + bias_BxLxC[:, None]).reshape(b, g, r * l, c)
     unnorm = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
     probs = (unnorm / jnp.sum(unnorm, axis=-1, keepdims=True)).astype(v_BxCxGxE.dtype)
     out = jnp.einsum("bgmc,bgce->bgme", probs, v_BxGxCxE)
@@ -121,18 +138,39 @@ def refuse_unwindowed(implementation: str) -> None:
         )
 
 
-def resolve(implementation: str, dtype=jnp.float32, platform: str | None = None, windowed: bool = False) -> str:
+UNCAPPED = ("cudnn", "cudnn_masked")  # the paths that cannot soft-cap the scores
+
+
+def refuse_uncapped(implementation: str) -> None:
+    """Refuses, for a model that soft-caps its attention scores, an `UNCAPPED` path."""
+    if implementation in UNCAPPED:
+        raise ValueError(
+            f"model.attention={implementation!r} cannot soft-cap the attention scores (model.attn_softcap: cuDNN's "
+            "fused attention has no soft-cap); use 'auto' or 'xla' on GPU."
+        )
+
+
+def resolve(
+    implementation: str,
+    dtype=jnp.float32,
+    platform: str | None = None,
+    windowed: bool = False,
+    capped: bool = False,
+) -> str:
     """The concrete implementation `auto` stands for on `platform` (default: jax's default backend), for a model
-    with a sliding window when `windowed` (an explicit `UNWINDOWED` path is then refused)."""
+    with a sliding window when `windowed` (an explicit `UNWINDOWED` path is then refused) and one that soft-caps its
+    scores when `capped` (an explicit `UNCAPPED` path is then refused)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {implementation!r}.")
     if windowed:
         refuse_unwindowed(implementation)
+    if capped:
+        refuse_uncapped(implementation)
     if implementation != "auto":
         return implementation
     platform = platform or jax.default_backend()
     if platform in GPU_PLATFORMS:
-        if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        if capped or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
             return "xla"
         if windowed:
             return "cudnn_masked"
@@ -142,6 +180,15 @@ def resolve(implementation: str, dtype=jnp.float32, platform: str | None = None,
     if platform == "tpu":
         return "xla" if windowed else "pallas"
     return "blocked"
+
+
+def _capped_xla(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, window, softcap):
+    """The `xla` path with a soft-cap: `attend`'s dense float32 attention with the row as its keys and index causality
+    added to its mask (`jax.nn.dot_product_attention` has no soft-cap); plain autodiff."""
+    index = jnp.arange(segment_ids_BxL.shape[1])
+    causal_1xLxL = (index[None, :] <= index[:, None])[None]
+    bias_BxLxL = _mask_bias(segment_ids_BxL, segment_ids_BxL, positions_BxL, positions_BxL, causal_1xLxL, window)
+    return _dense_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, bias_BxLxL, softcap)
 
 
 def _dpa(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, implementation, window=None):
@@ -210,8 +257,9 @@ def _cudnn_packed(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_Bx
     return jax.lax.cond(jnp.all(fits_B), packed, masked, q_BxLxHxE, k_BxLxGxE, v_BxLxGxE)
 
 
-def _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL):
-    """Pallas splash attention (TPU): one MQA kernel per key/value head, causal mask + segment ids.
+def _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL, softcap=None):
+    """Pallas splash attention (TPU): one MQA kernel per key/value head, causal mask + segment ids, scores soft-capped
+    by the kernel (`attn_logits_soft_cap`, before its mask) with `softcap`.
 
     Packed rows restart positions at segment boundaries, so segment ids plus index causality are the
     whole mask. Imported here so that non-TPU installs never load the kernel. `lax.platform_dependent`
@@ -236,7 +284,9 @@ def _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL):
     v = v_BxLxGxE.transpose(0, 2, 1, 3)
 
     def run(interpret):
-        kernel = sk.make_splash_mqa_single_device(mask=mask, interpret=interpret)  # 128-wide tiles
+        kernel = sk.make_splash_mqa_single_device(  # 128-wide tiles
+            mask=mask, interpret=interpret, attn_logits_soft_cap=softcap
+        )
 
         def one_row(q_GxRxLxE, k_GxLxE, v_GxLxE, seg_L):
             ids = sk.SegmentIds(q=seg_L, kv=seg_L)
@@ -303,20 +353,32 @@ def self_attention(
     max_segments: int = PACKED_MAX_SEGMENTS,
     window=None,
     window_bound: int | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Causal grouped-query self-attention over packed rows with the chosen implementation.
 
     q [B, L, H, E] (unscaled), k/v [B, L, G, E] with H % G == 0; returns [B, L, H, E] in q's dtype,
     zero on padding queries (segment 0). `window`: the sliding window (an int or a traced int32 scalar; None: none);
     `window_bound`: with a traced one, the int it is on the layers that slide (the blocked kernel skips the keys
-    behind it there, `self_attend`).
+    behind it there, `self_attend`); `softcap`: the scores' soft-cap (a Python float; None: none; see the module
+    docstring for the paths that take it).
     """
-    impl = resolve(implementation, q_BxLxHxE.dtype, windowed=window is not None)
+    softcap = None if softcap is None else float(softcap)  # static (a kernel parameter), never traced
+    impl = resolve(implementation, q_BxLxHxE.dtype, windowed=window is not None, capped=softcap is not None)
     segment_ids_BxL = contiguous_segments(segment_ids_BxL)
     if impl == "blocked":
         out = self_attend(
-            q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, window=window, window_bound=window_bound
+            q_BxLxHxE,
+            k_BxLxGxE,
+            v_BxLxGxE,
+            positions_BxL,
+            segment_ids_BxL,
+            window=window,
+            window_bound=window_bound,
+            softcap=softcap,
         )
+    elif impl == "xla" and softcap is not None:
+        out = _capped_xla(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, window, softcap)
     elif impl == "cudnn":
         out = _cudnn_packed(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, max_segments)
     elif impl in ("xla", "cudnn_masked"):
@@ -324,6 +386,6 @@ def self_attention(
             q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, impl.removesuffix("_masked"), window
         )
     else:
-        out = _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL)
+        out = _splash(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, segment_ids_BxL, softcap)
     keep_BxLx1x1 = (segment_ids_BxL != 0)[:, :, None, None]
     return jnp.where(keep_BxLx1x1, out, jnp.zeros((), out.dtype)).astype(q_BxLxHxE.dtype)

@@ -6,7 +6,8 @@ the key prefix up to its own block (`_causal_core`, which saves the float32 prob
 backward), or, with a sliding window, the band of key blocks the window reaches (`band_plan`, `_band_core`); a traced
 window (one scanned body for a mixed model's sliding and full layers) picks between the band and the prefix kernel
 in its log-sum-exp form (`_causal_lse_core`) with a `lax.cond`. The masks are those `attention.attend` applies: same
-non-zero segment, position and index not after the query's, and within the window.
+non-zero segment, position and index not after the query's, and within the window. With a `softcap` (Gemma 2) every
+kernel soft-caps the scores before the mask, and its backward pass applies the cap's derivative (`_block_grads`).
 """
 
 from __future__ import annotations
@@ -50,28 +51,48 @@ def causal_blocks(length: int) -> int:
     return 1
 
 
-def _block_scores(q_i, k_c, bias_i, r):
-    """float32 scores of one query block ([B, G, R * bq, E], rows ordered (r, t)) against its keys, masked by the
-    additive `bias_i` [B, bq, C]."""
+def soft_cap(scores, softcap: float | None):
+    """Gemma 2's soft-capping of float32 scores (attention) or logits (`Llama.logits`): softcap * tanh(scores /
+    softcap) (transformers' order); None leaves them as they are."""
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+
+def _raw_scores(q_i, k_c):
+    """float32 scores q . k of one query block ([B, G, R * bq, E], q scaled) against its keys [B, G, C, E]."""
+    return jnp.einsum("bgme,bgce->bgmc", q_i, k_c, preferred_element_type=jnp.float32)
+
+
+def _block_scores(q_i, k_c, bias_i, r, softcap=None, raw=None):
+    """float32 scores of one query block ([B, G, R * bq, E], rows ordered (r, t)) against its keys, soft-capped with
+    `softcap` (None: not), then masked by the additive `bias_i` [B, bq, C]; `raw`: the block's `_raw_scores` when
+    already computed."""
     b, g, m, _ = q_i.shape
-    s = jnp.einsum("bgme,bgce->bgmc", q_i, k_c, preferred_element_type=jnp.float32)
+    s = soft_cap(_raw_scores(q_i, k_c) if raw is None else raw, softcap)
     return (s.reshape(b, g, r, m // r, -1) + bias_i[:, None, None]).reshape(b, g, m, -1)
 
 
-def _block_probs(q_i, k_c, bias_i, r):
+def _block_probs(q_i, k_c, bias_i, r, softcap=None):
     """Softmax probabilities (float32) of one query block against its keys (its visible prefix, or its band)."""
-    s = _block_scores(q_i, k_c, bias_i, r)
+    s = _block_scores(q_i, k_c, bias_i, r, softcap)
     u = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     return u / jnp.sum(u, axis=-1, keepdims=True)
 
 
-def _block_grads(q_i, k_c, v_c, p, out_i, do):
-    """(dq, dk, dv) of one query block from its probabilities `p` (dS = P (dP - rowsum(dO O))); dk, dv float32."""
+def _block_grads(q_i, k_c, v_c, p, out_i, do, softcap=None, raw=None):
+    """(dq, dk, dv) of one query block from its probabilities `p` (dS = P (dP - rowsum(dO O))); dk, dv float32.
+
+    With `softcap`, dS of the capped scores times the cap's derivative 1 - tanh(s / softcap)^2 at the raw scores s:
+    `raw` (the block's `_raw_scores`), recomputed from q and k when not given (recovering them from `p` would lose
+    the masked and underflowed entries, and the precision of saturated ones)."""
     f32 = jnp.float32
     dv = jnp.einsum("bgmc,bgme->bgce", p.astype(do.dtype), do, preferred_element_type=f32)
     dp = jnp.einsum("bgme,bgce->bgmc", do, v_c, preferred_element_type=f32)
     delta = jnp.sum(do.astype(f32) * out_i.astype(f32), axis=-1, keepdims=True)
-    ds = (p * (dp - delta)).astype(q_i.dtype)
+    ds = p * (dp - delta)
+    if softcap is not None:
+        t = jnp.tanh((_raw_scores(q_i, k_c) if raw is None else raw) / softcap)
+        ds = ds * (1 - t * t)
+    ds = ds.astype(q_i.dtype)
     return (
         jnp.einsum("bgmc,bgce->bgme", ds, k_c),
         jnp.einsum("bgmc,bgme->bgce", ds, q_i, preferred_element_type=f32),
@@ -79,31 +100,32 @@ def _block_grads(q_i, k_c, v_c, p, out_i, do):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _causal_core(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r):
-    """Query blocks q[i] ([B, G, R * bq, E], rows of head group g) against keys [0, (i + 1) bq)."""
-    return _causal_core_fwd(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _causal_core(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r, softcap=None):
+    """Query blocks q[i] ([B, G, R * bq, E], rows of head group g) against keys [0, (i + 1) bq); scores soft-capped
+    with `softcap` (a Python float; None: not)."""
+    return _causal_core_fwd(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, biases, r, softcap)[0]
 
 
-def _causal_core_fwd(q, k, v, biases, r):
+def _causal_core_fwd(q, k, v, biases, r, softcap=None):
     bq = q.shape[3] // r
     outs, probs = [], []
     for i in range(q.shape[0]):
         c = (i + 1) * bq
-        p = _block_probs(q[i], k[:, :, :c], biases[i], r)
+        p = _block_probs(q[i], k[:, :, :c], biases[i], r, softcap)
         probs.append(p)
         outs.append(jnp.einsum("bgmc,bgce->bgme", p.astype(v.dtype), v[:, :, :c]))
     out = jnp.stack(outs)
     return out, (q, k, v, tuple(probs), out)
 
 
-def _causal_core_bwd(r, res, dout):
+def _causal_core_bwd(r, softcap, res, dout):
     q, k, v, probs, out = res
     bq = q.shape[3] // r
     dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     for i, p in enumerate(probs):
         c = (i + 1) * bq
-        dq_i, dk_c, dv_c = _block_grads(q[i], k[:, :, :c], v[:, :, :c], p, out[i], dout[i])
+        dq_i, dk_c, dv_c = _block_grads(q[i], k[:, :, :c], v[:, :, :c], p, out[i], dout[i], softcap)
         dq, dk, dv = [*dq, dq_i], dk.at[:, :, :c].add(dk_c), dv.at[:, :, :c].add(dv_c)
     return jnp.stack(dq), dk.astype(k.dtype), dv.astype(v.dtype), None
 
@@ -131,33 +153,36 @@ def _causal_biases(positions_BxL, segment_ids_BxL, n: int, window):
     return tuple(biases)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _causal_lse_core(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, positions_BxL, segment_ids_BxL, window, r, n):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _causal_lse_core(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, positions_BxL, segment_ids_BxL, window, r, n, softcap=None):
     """`_causal_core` keeping only each row's log-sum-exp: the backward pass rebuilds the masks and recomputes the
     probabilities (the full layers of a mixed model, whose saved probabilities a `lax.cond` would otherwise
-    allocate on the sliding layers too: `self_attend`)."""
-    return _causal_lse_fwd(q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, positions_BxL, segment_ids_BxL, window, r, n)[0]
+    allocate on the sliding layers too: `self_attend`), and with `softcap` the cap's derivative from the same raw
+    scores."""
+    args = (q_NxBxGxMxE, k_BxGxLxE, v_BxGxLxE, positions_BxL, segment_ids_BxL, window)
+    return _causal_lse_fwd(*args, r, n, softcap)[0]
 
 
-def _causal_lse_fwd(q, k, v, positions, segment_ids, window, r, n):
+def _causal_lse_fwd(q, k, v, positions, segment_ids, window, r, n, softcap=None):
     bq = q.shape[3] // r
     outs, lses = [], []
     for i, bias in enumerate(_causal_biases(positions, segment_ids, n, window)):
-        s = _block_scores(q[i], k[:, :, : (i + 1) * bq], bias, r)
+        s = _block_scores(q[i], k[:, :, : (i + 1) * bq], bias, r, softcap)
         lses.append(jax.nn.logsumexp(s, axis=-1, keepdims=True))
         outs.append(jnp.einsum("bgmc,bgce->bgme", jnp.exp(s - lses[-1]).astype(v.dtype), v[:, :, : (i + 1) * bq]))
     out = jnp.stack(outs)
     return out, (q, k, v, positions, segment_ids, window, jnp.stack(lses), out)
 
 
-def _causal_lse_bwd(r, n, res, dout):
+def _causal_lse_bwd(r, n, softcap, res, dout):
     q, k, v, positions, segment_ids, window, lse, out = res
     bq = q.shape[3] // r
     dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     for i, bias in enumerate(_causal_biases(positions, segment_ids, n, window)):
         c = (i + 1) * bq
-        p = jnp.exp(_block_scores(q[i], k[:, :, :c], bias, r) - lse[i])
-        dq_i, dk_c, dv_c = _block_grads(q[i], k[:, :, :c], v[:, :, :c], p, out[i], dout[i])
+        raw = None if softcap is None else _raw_scores(q[i], k[:, :, :c])
+        p = jnp.exp(_block_scores(q[i], k[:, :, :c], bias, r, softcap, raw) - lse[i])
+        dq_i, dk_c, dv_c = _block_grads(q[i], k[:, :, :c], v[:, :, :c], p, out[i], dout[i], softcap, raw)
         dq, dk, dv = [*dq, dq_i], dk.at[:, :, :c].add(dk_c), dv.at[:, :, :c].add(dv_c)
     return jnp.stack(dq), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
@@ -195,23 +220,24 @@ def _band_keys(k_BxGxLxE, bq: int, behind: int):
     return bands.transpose(0, 2, 1, 3, 4).reshape(b * (l // bq), g, -1, e)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _band_core(q_ZxGxMxE, k_BxGxLxE, v_BxGxLxE, bias_ZxTxC, r, behind):
-    """Query blocks (Z = B * N of them, [R * bq, E] rows of head group g) against their bands (`_band_keys`)."""
-    return _band_core_fwd(q_ZxGxMxE, k_BxGxLxE, v_BxGxLxE, bias_ZxTxC, r, behind)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _band_core(q_ZxGxMxE, k_BxGxLxE, v_BxGxLxE, bias_ZxTxC, r, behind, softcap=None):
+    """Query blocks (Z = B * N of them, [R * bq, E] rows of head group g) against their bands (`_band_keys`); scores
+    soft-capped with `softcap` (None: not)."""
+    return _band_core_fwd(q_ZxGxMxE, k_BxGxLxE, v_BxGxLxE, bias_ZxTxC, r, behind, softcap)[0]
 
 
-def _band_core_fwd(q, k, v, bias, r, behind):
+def _band_core_fwd(q, k, v, bias, r, behind, softcap=None):
     bq = q.shape[2] // r
-    p = _block_probs(q, _band_keys(k, bq, behind), bias, r)
+    p = _block_probs(q, _band_keys(k, bq, behind), bias, r, softcap)
     out = jnp.einsum("bgmc,bgce->bgme", p.astype(v.dtype), _band_keys(v, bq, behind))
     return out, (q, k, v, p, out)
 
 
-def _band_core_bwd(r, behind, res, dout):
+def _band_core_bwd(r, behind, softcap, res, dout):
     q, k, v, p, out = res
     bands = functools.partial(_band_keys, bq=q.shape[2] // r, behind=behind)
-    dq, dk, dv = _block_grads(q, bands(k), bands(v), p, out, dout)
+    dq, dk, dv = _block_grads(q, bands(k), bands(v), p, out, dout, softcap)
     unband = jax.linear_transpose(bands, jax.ShapeDtypeStruct(k.shape, jnp.float32))
     return dq, unband(dk)[0].astype(k.dtype), unband(dv)[0].astype(v.dtype), None
 
@@ -219,9 +245,10 @@ def _band_core_bwd(r, behind, res, dout):
 _band_core.defvjp(_band_core_fwd, _band_core_bwd)
 
 
-def _band_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, window, plan):
+def _band_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, window, plan, softcap=None):
     """The sliding-window kernel (`band_plan`'s `plan`): query block i meets only key blocks i - behind .. i; the
-    mask (`window` on positions, which may be traced and smaller than the plan's) applies within them."""
+    mask (`window` on positions, which may be traced and smaller than the plan's) applies within them, after the
+    `softcap` (None: none)."""
     b, l, h, e = q_BxLxHxE.shape
     g = k_BxLxGxE.shape[2]
     r = h // g
@@ -233,13 +260,15 @@ def _band_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL
     causal_TxC = jnp.arange((behind + 1) * bq)[None, :] <= jnp.arange(bq)[:, None] + behind * bq  # key index <= query's
     seg_ZxT, pos_ZxT = segment_ids_BxL.reshape(b * n, bq), positions_BxL.reshape(b * n, bq)
     bias = _mask_bias(seg_ZxT, k_seg, pos_ZxT, k_pos, causal_TxC[None], window)
-    out = _band_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), bias, r, behind)
+    out = _band_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), bias, r, behind, softcap)
     return out.reshape(b, n, g, r, bq, e).transpose(0, 1, 4, 2, 3, 5).reshape(b, l, h, e)
 
 
-def _causal_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, n: int, window, lse=False):
-    """The block-causal kernel: query block i of n against the key prefix [0, (i + 1) L / n), `window` masked;
-    with `lse`, `_causal_lse_core`."""
+def _causal_attend(
+    q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_BxL, n: int, window, lse=False, softcap=None
+):
+    """The block-causal kernel: query block i of n against the key prefix [0, (i + 1) L / n), `window` masked, scores
+    soft-capped with `softcap` (None: not); with `lse`, `_causal_lse_core`."""
     b, l, h, e = q_BxLxHxE.shape
     g = k_BxLxGxE.shape[2]
     r = h // g
@@ -249,10 +278,10 @@ def _causal_attend(q_BxLxHxE, k_BxLxGxE, v_BxLxGxE, positions_BxL, segment_ids_B
     q = q.transpose(1, 0, 3, 4, 2, 5).reshape(n, b, g, r * bq, e)
     if lse:
         k, v = k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3)
-        out = _causal_lse_core(q, k, v, positions_BxL, segment_ids_BxL, window, r, n)
+        out = _causal_lse_core(q, k, v, positions_BxL, segment_ids_BxL, window, r, n, softcap)
     else:
         biases = _causal_biases(positions_BxL, segment_ids_BxL, n, window)
-        out = _causal_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), biases, r)
+        out = _causal_core(q, k_BxLxGxE.transpose(0, 2, 1, 3), v_BxLxGxE.transpose(0, 2, 1, 3), biases, r, softcap)
     return out.reshape(n, b, g, r, bq, e).transpose(1, 0, 4, 2, 3, 5).reshape(b, l, h, e)
 
 
@@ -265,6 +294,7 @@ def self_attend(
     num_blocks: int | None = None,
     window=None,
     window_bound: int | None = None,
+    softcap: float | None = None,
 ):
     """Causal self-attention over packed rows (training and scoring; no cache).
 
@@ -296,8 +326,15 @@ def self_attend(
     layers (5 of 6 sliding) at L 4096, W 512 took 7.0 GB of XLA temporaries instead of 15.7 GB. Without a plan (no
     block size fits, or a window near the row's length) the causal kernel masks the window; without a window it is
     unchanged.
+
+    `softcap` (Gemma 2's `attn_logit_softcapping`, a Python float; None: none): every kernel caps the float32 scores
+    of its visible blocks, softcap * tanh(s / softcap), before the mask; its backward pass multiplies dS by the cap's
+    derivative 1 - tanh(s / softcap)^2 at the raw scores s, recomputed from q and k (one more [L, E] x [E, C]
+    matmul per block; the log-sum-exp form reuses the scores it recomputes anyway). Without it every kernel is
+    unchanged.
     """
     l = q_BxLxHxE.shape[1]
+    softcap = None if softcap is None else float(softcap)  # static: a custom VJP's non-differentiable argument
     n = causal_blocks(l) if num_blocks is None else num_blocks
     if l % n:
         raise ValueError(f"self_attend: {n} query blocks do not divide the sequence length {l}.")
@@ -306,13 +343,15 @@ def self_attend(
     bound = int(window) if static and window_bound is None else window_bound
     plan = None if window is None or bound is None else band_plan(l, bound, n)
     if plan is None:
-        return _causal_attend(*args, n, window)
+        return _causal_attend(*args, n, window, softcap=softcap)
     if static:  # picked at trace time (an unrolled layer of a mixed model): a full layer saves its probabilities
-        return _band_attend(*args, window, plan) if window <= bound else _causal_attend(*args, n, window)
+        if window <= bound:
+            return _band_attend(*args, window, plan, softcap)
+        return _causal_attend(*args, n, window, softcap=softcap)
     return jax.lax.cond(
         window <= bound,
-        lambda *a: _band_attend(*a, plan),
-        lambda *a: _causal_attend(*a[:-1], n, a[-1], lse=True),
+        lambda *a: _band_attend(*a, plan, softcap),
+        lambda *a: _causal_attend(*a[:-1], n, a[-1], lse=True, softcap=softcap),
         *args,
         jnp.asarray(window, jnp.int32),
     )

@@ -12,7 +12,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from proxykd_jax.models.attention import GPU_PLATFORMS, IMPLEMENTATIONS, PACKED_MAX_SEGMENTS, refuse_unwindowed
+from proxykd_jax.models.attention import (
+    GPU_PLATFORMS,
+    IMPLEMENTATIONS,
+    PACKED_MAX_SEGMENTS,
+    refuse_uncapped,
+    refuse_unwindowed,
+)
 
 REMAT_POLICIES = ("none", "full", "save_dots", "dots_with_no_batch_dims", "offload")
 # The forms of `model.rope_scaling`, each transformers 5's RoPE type of that name (modeling_rope_utils) with every
@@ -109,6 +115,9 @@ class ModelConfig:
     # Phi-3 / Phi-4-mini: RoPE on the first `rotary_dim` = int(head_dim * this) dims of each head, the rest passed
     # through unrotated (1.0: every dim, the other families)
     partial_rotary_factor: float = 1.0
+    # Gemma 2 (and a Gemma 3 that sets them): scores or output logits z become cap * tanh(z / cap); None: not capped
+    attn_softcap: float | None = None  # attention scores, before the mask and softmax (attn_logit_softcapping)
+    logit_softcap: float | None = None  # output logits (final_logit_softcapping)
 
     def __post_init__(self):
         for name in (
@@ -147,6 +156,15 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be None or a positive integer, got {value!r}.")
         if self.sliding_window is not None:
             object.__setattr__(self, "sliding_window", int(self.sliding_window))
+        for name in ("attn_softcap", "logit_softcap"):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+                value, (bool, np.bool_)
+            )
+            if value is not None and not (number and 0 < value < math.inf):
+                raise ValueError(f"model.{name} must be None or a positive number (the cap), got {value!r}.")
+            if value is not None:
+                object.__setattr__(self, name, float(value))
         self._check_layer_types()
         self._check_rope_layers()
         self._check_gemma()
@@ -156,6 +174,8 @@ class ModelConfig:
             raise ValueError(f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {self.attention!r}.")
         if self.windowed:
             refuse_unwindowed(self.attention)
+        if self.attn_softcap is not None:
+            refuse_uncapped(self.attention)
         object.__setattr__(self, "scan_layers", resolve_scan_layers(self.scan_layers, int(self.num_layers), self.remat))
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
@@ -273,33 +293,60 @@ class ModelConfig:
                 "rope_layers to None or those to their defaults."
             )
 
+    @property
+    def gemma(self) -> bool:
+        """Whether this is a Gemma model (`_check_gemma`: Gemma 3 with qk_norm, Gemma 2 without)."""
+        return self.sandwich_norms
+
     def _check_gemma(self) -> None:
-        """Gemma 3's numerics come together: a part of them is a model no Hugging Face family holds."""
+        """Gemma's numerics come together (norm_plus_one, embed_scale, gelu_tanh, sandwich_norms; Gemma 3 adds
+        qk_norm and may give its sliding layers their own RoPE base, Gemma 2 has neither): a part of them is a model
+        no Hugging Face family holds. Soft-capping is Gemma's only: the logits' (`logit_softcap`) on either, the attention
+        scores' (`attn_softcap`) on a Gemma 2 (transformers' Gemma 3 keeps the value and never applies it)."""
         parts = dict(
             norm_plus_one=self.norm_plus_one,
             embed_scale=self.embed_scale,
             activation=self.activation == "gelu_tanh",
             sandwich_norms=self.sandwich_norms,
-            qk_norm=self.qk_norm,
         )
-        extras = self.query_pre_attn_scalar is not None or self.rope_local_theta is not None
-        if (any(v for k, v in parts.items() if k != "qk_norm") or extras) and not all(parts.values()):
+        extras = self.query_pre_attn_scalar is not None
+        if (any(parts.values()) or extras) and not all(parts.values()):
             off = [k for k, v in parts.items() if not v]
             raise ValueError(
-                "model.norm_plus_one, embed_scale, activation='gelu_tanh', sandwich_norms and qk_norm make a Gemma 3 "
-                "model together (query_pre_attn_scalar and rope_local_theta only with them), and a part of them is a "
-                f"model no Hugging Face family holds, so it could not be exported; set all of them or none "
-                f"({', '.join(off)} not set)."
+                "model.norm_plus_one, embed_scale, activation='gelu_tanh' and sandwich_norms make a Gemma model "
+                "together (with qk_norm a Gemma 3, without it a Gemma 2; query_pre_attn_scalar only with them), and a "
+                "part of them is a model no Hugging Face family holds, so it could not be exported; set all of them or "
+                f"none ({', '.join(off)} not set)."
             )
-        if self.layer_types is not None and not (self.qkv_bias or self.qk_norm or self.rope_layers is not None):
+        if self.rope_local_theta is not None and not (self.gemma and self.qk_norm):
+            raise ValueError(
+                "model.rope_local_theta (the sliding layers' own RoPE base) is Gemma 3's (Gemma's numerics with "
+                "qk_norm); on another model no Hugging Face family holds it, so it could not be exported; set it to "
+                "None."
+            )
+        capped = [name for name in ("attn_softcap", "logit_softcap") if getattr(self, name) is not None]
+        if capped and not self.gemma:
+            raise ValueError(
+                f"model.{capped[0]} (logit soft-capping) is Gemma's (Gemma 2's, or a Gemma 3 that sets it); on a model "
+                "without Gemma's numerics no Hugging Face family holds it, so it could not be exported; set it to None."
+            )
+        if self.attn_softcap is not None and self.qk_norm:
+            raise ValueError(
+                "model.attn_softcap on a Gemma 3 model (Gemma's numerics with qk_norm) is a model no Hugging Face family "
+                "holds (transformers' Gemma 3 never caps its attention scores), so it could not be exported; set it to "
+                "None, or qk_norm to False (a Gemma 2)."
+            )
+        if self.layer_types is not None and not (
+            self.qkv_bias or self.qk_norm or self.rope_layers is not None or self.gemma
+        ):
             raise ValueError(
                 "model.layer_types (sliding and full layers) on a model without qkv_bias (Qwen2), qk_norm (Qwen3), "
-                "rope_layers (SmolLM3) or Gemma 3's numerics is a model no Hugging Face family holds, so it could not "
+                "rope_layers (SmolLM3) or Gemma's numerics is a model no Hugging Face family holds, so it could not "
                 "be exported; set layer_types to None (every layer slides, as Mistral's)."
             )
         if self.sandwich_norms and self.sliding_window is not None and self.layer_types is None:
             raise ValueError(
-                "model.sliding_window on a Gemma 3 model needs model.layer_types (which layers slide), as its "
+                "model.sliding_window on a Gemma model needs model.layer_types (which layers slide), as its "
                 "config.json has them; set layer_types."
             )
 
@@ -422,4 +469,7 @@ def default_config() -> ml_collections.ConfigDict:
         None, field_type=tuple
     )  # None (RoPE on every layer) or per layer True (RoPE) / False (no RoPE: SmolLM3's NoPE layers)
     cd.partial_rotary_factor = 1.0  # RoPE on the first int(head_dim * this) dims of each head (Phi-4-mini: 0.75)
+    # scores / output logits z become cap * tanh(z / cap) (Gemma 2: 50 and 30); None: not capped
+    cd.attn_softcap = ml_collections.FieldReference(None, field_type=float)  # attention scores, before the mask
+    cd.logit_softcap = ml_collections.FieldReference(None, field_type=float)  # output logits
     return cd

@@ -1,5 +1,5 @@
-"""Hugging Face safetensors import/export for Llama, Mistral, Qwen2, Qwen3, Gemma 3, SmolLM3 and Phi-3 causal LMs (no
-torch needed).
+"""Hugging Face safetensors import/export for Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, SmolLM3 and Phi-3
+causal LMs (no torch needed).
 
 `load_hf(folder, mesh=..., rules=...)` reads config.json (`models.hf_config`) and model.safetensors (or a sharded
 model.safetensors.index.json), checks every tensor's shape against the config from the file headers
@@ -7,14 +7,14 @@ alone, then builds each parameter straight into its sharded global array, every 
 only its own block (`safetensors_io`); nothing is randomly initialised or built whole on one host.
 `save_hf(model, cfg, folder)` writes a folder `transformers` loads (with `source`, the folder the model was
 imported from, its config.json: the same family; else Phi3ForCausalLM when it has Phi-3's partial rotary or
-longrope, Gemma3ForCausalLM when the model has Gemma's norms,
+longrope, Gemma3ForCausalLM when the model has Gemma's norms and q/k norms, Gemma2ForCausalLM with Gemma's norms alone,
 Qwen3ForCausalLM when it has q/k norms, Qwen2ForCausalLM when it has q/k/v bias, MistralForCausalLM when it has a
 sliding window or a d_model not a multiple of its heads, LlamaForCausalLM otherwise), one tensor at a time, in files
 of at most 5 GB, with the tokenizer and a generation_config.json of its stop ids (and `source`'s sampling defaults).
 `tensor_map` is the one place that maps our parameter paths to HF tensor names and layouts; Phi-3's fused
 qkv_proj and gate_up_proj are read as the row ranges of the q/k/v and gate/up tensors they hold (`_Unfused`, block by
 block as any tensor) and written fused back (`_FUSED`) when the export's config.json names Phi3ForCausalLM.
-How a config.json maps to a `ModelConfig` and back (RoPE, sliding windows, Gemma 3's fields) is `models.hf_config`'s;
+How a config.json maps to a `ModelConfig` and back (RoPE, sliding windows, Gemma's fields) is `models.hf_config`'s;
 its `config_from_hf`, `read_config`, `sliding_window`, `SUPPORTED` and `RUN_FIELDS` are importable from here too.
 """
 
@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.models.hf_config import (
+    GEMMA2,
     GEMMA3,
     PHI3,
     RUN_FIELDS,
@@ -429,8 +430,9 @@ def save_params(
     config.json is `source`'s (the folder the model was imported from, when it describes this model: its
     family, a Mistral's sliding window and full context, fields transformers keeps) with this folder's
     token ids and dtype; else one written from `cfg` (Phi3ForCausalLM with Phi-3's partial rotary or longrope, its
-    q/k/v and gate/up fused as with a Phi-3 `source`, Gemma3ForCausalLM with Gemma's norms, SmolLM3ForCausalLM with
-    layers without RoPE, Qwen3ForCausalLM with q/k norms, Qwen2ForCausalLM with q/k/v bias, else MistralForCausalLM
+    q/k/v and gate/up fused as with a Phi-3 `source`, Gemma3ForCausalLM with Gemma's norms and q/k norms,
+    Gemma2ForCausalLM with Gemma's norms without them, SmolLM3ForCausalLM with layers without RoPE,
+    Qwen3ForCausalLM with q/k norms, Qwen2ForCausalLM with q/k/v bias, else MistralForCausalLM
     with a sliding window or a d_model not a multiple of num_heads (which LlamaConfig refuses), else LlamaForCausalLM).
 
     `params` maps our parameter paths to (possibly sharded) arrays. Nothing is gathered whole: each
@@ -444,7 +446,8 @@ def save_params(
     # (a Mistral slides on every layer, or on none without a window: a Llama whose d_model need not be heads * E)
     plain = "MistralForCausalLM" if cfg.windowed or cfg.d_model % cfg.num_heads else "LlamaForCausalLM"
     arch = "Qwen3ForCausalLM" if cfg.qk_norm else "Qwen2ForCausalLM" if cfg.qkv_bias else plain
-    arch = GEMMA3 if cfg.sandwich_norms else "SmolLM3ForCausalLM" if cfg.rope_layers is not None else arch
+    gemma = GEMMA3 if cfg.qk_norm else GEMMA2  # (Gemma's numerics: `ModelConfig.gemma`)
+    arch = gemma if cfg.gemma else "SmolLM3ForCausalLM" if cfg.rope_layers is not None else arch
     like = source_config(source, cfg)  # (every process: a Phi-3 source's config.json means fused tensors)
     arch = PHI3 if is_phi3(cfg) or PHI3 in ((like or {}).get("architectures") or []) else arch
     folder = pathlib.Path(folder)

@@ -1,21 +1,24 @@
-"""Hugging Face config.json <-> `ModelConfig` for Llama, Mistral, Qwen2, Qwen3, Gemma 3, SmolLM3 and Phi-3 causal LMs.
+"""Hugging Face config.json <-> `ModelConfig` for Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, SmolLM3 and Phi-3
+causal LMs.
 
 `config_from_hf` / `read_config` read a config.json as transformers does: each family's class defaults for the keys it
 leaves out, its nulls, and the keys its modelling code ignores (`models.hf_families`: Mistral's, Qwen2's and Phi-3's
 attention_bias / mlp_bias...), RoPE (`_rope_scaling`: linear, llama3, YaRN with transformers 5's defaults; old
-top-level or v5 `rope_parameters` keys), Gemma 3's fields and per-layer-type RoPE, and the sliding windows
+top-level or v5 `rope_parameters` keys), Gemma's fields (Gemma 3's per-layer-type RoPE, Gemma 2's and any Gemma's
+soft-caps: `attn_softcap`, `logit_softcap`), and the sliding windows
 (`hf_families.sliding_window`: Mistral's on every layer; Qwen's with `use_sliding_window` on the layers its
 `layer_types` or `max_window_layers` name; Gemma 3's `layer_types` or `sliding_window_pattern`, its sliding layers with
-their own RoPE base; SmolLM3's with `use_sliding_window` on its `layer_types`' sliding layers, by default those without
-RoPE, all of them or none where every layer has RoPE), and SmolLM3's `no_rope_layers` (`rope_layers`; by default every
+their own RoPE base; Gemma 2's `layer_types`, by default every other layer; SmolLM3's with `use_sliding_window` on
+its `layer_types`' sliding layers, by default those without RoPE, all of them or none where every layer has RoPE), and SmolLM3's `no_rope_layers` (`rope_layers`; by default every
 4th layer without).
 Phi-3's (Phi-3.5, Phi-4-mini): `partial_rotary_factor`, longrope (`_rope_scaling`: its short and long factors, the
 top-level original_max_position_embeddings, attention_factor resolved) and Mistral's window on every layer.
-`max_seq_len` is the model's context (`max_position_embeddings`); a window at least that long is no window. Gemma 3's
-logit soft-capping and bidirectional attention are refused, and so is what transformers cannot run (query heads not a
+`max_seq_len` is the model's context (`max_position_embeddings`); a window at least that long is no window. Gemma's
+bidirectional attention is refused, and so is what transformers cannot run (query heads not a
 multiple of the key/value heads, an odd head, a null sliding_window for sliding layers), each naming its config.json
 key. `_hf_config` writes an export's config.json back (`_rope_to_hf`; Mistral: its window; Qwen: `use_sliding_window`
-and `layer_types`; SmolLM3: `no_rope_layers` too; Gemma 3 `_gemma3_config`: its `sliding_window`; Phi-3 `_phi3_config`),
+and `layer_types`; SmolLM3: `no_rope_layers` too; Gemma `_gemma3_config`, `_gemma2_config`: their `sliding_window`;
+Phi-3 `_phi3_config`),
 and `source_config` is a source folder's config.json where it describes the model exported. The weights, tokenizer and
 generation_config.json are `models.hf`'s.
 """
@@ -29,7 +32,14 @@ import math
 import pathlib
 
 from proxykd_jax.models import hf_families as families
-from proxykd_jax.models.hf_families import GEMMA3, PHI3, SMOLLM3, SUPPORTED, sliding_window  # noqa: F401 (re-exported)
+from proxykd_jax.models.hf_families import (  # noqa: F401 (re-exported)
+    GEMMA2,
+    GEMMA3,
+    PHI3,
+    SMOLLM3,
+    SUPPORTED,
+    sliding_window,
+)
 from proxykd_jax.models.llama import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -145,9 +155,11 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         hf = families.with_defaults(hf, arch)
         if arch == GEMMA3:
             gemma = families.gemma3_fields(hf)
+        elif arch == GEMMA2:
+            gemma = families.gemma2_fields(hf)
         d_model, num_heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         num_kv_heads, head_dim = _heads(hf, given, arch)
-        rope = (gemma.pop("full_rope") if gemma else None) or hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        rope = gemma.pop("full_rope", None) or hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         rope_theta = float(rope.get("rope_theta") or hf["rope_theta"])
         rope_scaling = _rope_scaling(rope, hf, arch)
         partial = float(rope.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0)
@@ -180,6 +192,8 @@ def config_from_hf(hf: dict, *, dtype: str = "float32", param_dtype: str = "floa
         max_seq_len = int(hf["max_position_embeddings"])
         window = families.window_of(hf, arch)
         window = window if window and window < max_seq_len else None  # one as long as the context: full attention
+        if arch == GEMMA2 and window is None:  # (its layer types only say where the window applies)
+            gemma["layer_types"] = None
         if arch == SMOLLM3:  # its NoPE layers, and the sliding ones (by default the NoPE ones)
             flags = families.smollm3_rope_layers(hf)
             types = families.smollm3_layer_types(hf, flags) if window else None
@@ -284,12 +298,49 @@ def _gemma3_config(cfg: ModelConfig, kwargs: dict) -> dict:
             "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
         },
         attention_bias=False,
+        final_logit_softcapping=cfg.logit_softcap,  # (no attention cap: `ModelConfig._check_gemma`)
     )
     out = hf_cfg.to_dict()
     out["architectures"] = [GEMMA3]
     out["dtype"] = out["torch_dtype"] = cfg.param_dtype
     out["rope_theta"], out["rope_local_base_freq"] = cfg.rope_theta, local_theta
     scaling = {k: v for k, v in full.items() if k != "rope_theta"}
+    out["rope_scaling"] = None if cfg.rope_scaling is None else {"type": scaling["rope_type"], **scaling}
+    return out
+
+
+def _gemma2_config(cfg: ModelConfig, kwargs: dict) -> dict:
+    """config.json of a Gemma 2 `cfg` (`kwargs`: `_hf_config`'s common keys): its soft-caps (null: none), its layer
+    types and sliding window (without one the context, where the window's attention is the full one), RoPE as
+    transformers 5 writes it (`rope_parameters`) and as top-level rope_theta / rope_scaling for readers before it."""
+    from transformers import Gemma2Config
+
+    if cfg.d_model % cfg.num_heads:
+        raise ValueError(
+            f"model.d_model ({cfg.d_model}) is not a multiple of model.num_heads ({cfg.num_heads}), which transformers' "
+            "Gemma2Config refuses, so a Gemma 2 model of this shape could not be exported; pick a d_model that is."
+        )
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {**_rope_to_hf(cfg.rope_scaling), "rope_theta": cfg.rope_theta}
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("rope_theta", "hidden_act", "rms_norm_eps")}
+    hf_cfg = Gemma2Config(
+        **kwargs,
+        rms_norm_eps=cfg.rms_eps,
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+        sliding_window=cfg.sliding_window or cfg.max_seq_len,
+        layer_types=list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
+        rope_parameters=rope,
+        attention_bias=False,
+        attn_logit_softcapping=cfg.attn_softcap,
+        final_logit_softcapping=cfg.logit_softcap,
+    )
+    out = hf_cfg.to_dict()
+    out["architectures"] = [GEMMA2]
+    out["dtype"] = out["torch_dtype"] = cfg.param_dtype
+    out["rope_theta"] = cfg.rope_theta
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     out["rope_scaling"] = None if cfg.rope_scaling is None else {"type": scaling["rope_type"], **scaling}
     return out
 
@@ -349,6 +400,8 @@ def _hf_config(cfg: ModelConfig, arch: str, token_ids: dict) -> dict:
     )
     if arch == GEMMA3:
         return _gemma3_config(cfg, kwargs)
+    if arch == GEMMA2:
+        return _gemma2_config(cfg, kwargs)
     if arch == PHI3:
         return _phi3_config(cfg, kwargs)
     if cfg.rope_scaling is not None:

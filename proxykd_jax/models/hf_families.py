@@ -17,8 +17,9 @@ import logging
 log = logging.getLogger(__name__)
 
 LLAMA, MISTRAL, QWEN2, QWEN3 = "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"
-GEMMA3, SMOLLM3, PHI3 = "Gemma3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM"
-SUPPORTED = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3, SMOLLM3, PHI3)
+GEMMA2, GEMMA3, SMOLLM3, PHI3 = "Gemma2ForCausalLM", "Gemma3ForCausalLM", "SmolLM3ForCausalLM", "Phi3ForCausalLM"
+SUPPORTED = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, SMOLLM3, PHI3)
+GEMMAS = (GEMMA2, GEMMA3)
 
 # transformers 5's class defaults (models/<family>/configuration_<family>.py) of the keys each family's modelling code
 # reads; None: derived (num_key_value_heads: num_attention_heads; head_dim: hidden_size / num_attention_heads).
@@ -64,6 +65,19 @@ DEFAULTS = {
         sliding_window=4096,
         attention_bias=False,
     ),
+    GEMMA2: dict(
+        {k: v for k, v in _COMMON.items() if k != "hidden_act"},  # (it reads hidden_activation)
+        num_key_value_heads=4,
+        head_dim=256,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=256,
+        sliding_window=4096,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        attention_bias=False,
+    ),
 }
 # Keys whose class field is optional: a null is read as the derived value or no window, as transformers reads it
 _OPTIONAL = dict(num_key_value_heads=(LLAMA, QWEN2, QWEN3, PHI3, SMOLLM3), head_dim=(LLAMA, MISTRAL))
@@ -71,8 +85,9 @@ _OPTIONAL["sliding_window"] = SUPPORTED
 _LENIENT = ("rope_theta", "rope_local_base_freq")  # (a null base transformers cannot run: read as left out, as before)
 # Keys a family's modelling code never reads (its projections' biases fixed: Qwen2's q/k/v biased, the others none)
 IGNORED = {MISTRAL: ("attention_bias", "mlp_bias"), QWEN2: ("attention_bias", "mlp_bias")}
-IGNORED.update({PHI3: IGNORED[MISTRAL], QWEN3: ("mlp_bias",), GEMMA3: ("mlp_bias",)})
+IGNORED.update({PHI3: IGNORED[MISTRAL], QWEN3: ("mlp_bias",), GEMMA3: ("mlp_bias",), GEMMA2: ("mlp_bias",)})
 _GEMMA3_PATTERN = 6  # sliding_window_pattern's default: every 6th layer full, the others sliding
+_OPTIONAL.update(final_logit_softcapping=(GEMMA2, GEMMA3), attn_logit_softcapping=(GEMMA2, GEMMA3))  # null: no cap
 
 
 def _default_words(key: str, default) -> str:
@@ -109,20 +124,64 @@ def gemma3_layer_types(hf: dict) -> list:
     ])  # fmt: skip
 
 
+def gemma2_layer_types(hf: dict) -> list:
+    """A Gemma 2 config.json's `layer_types`, or transformers' without them: every other layer sliding, from the first."""
+    layers = int(hf["num_hidden_layers"])
+    return list(
+        hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    )
+
+
+def gemma_layer_types(hf: dict, arch: str) -> list:
+    """A Gemma 2's or Gemma 3's layer types (`gemma2_layer_types`, `gemma3_layer_types`)."""
+    return gemma2_layer_types(hf) if arch == GEMMA2 else gemma3_layer_types(hf)
+
+
+def _gemma_common(hf: dict, arch: str) -> dict:
+    """The `ModelConfig` fields a Gemma 2 and a Gemma 3 config.json (`with_defaults`' dict) both have: Gemma's norms,
+    scaled embeddings, GeGLU, the score scalar, the layer types (None where none slides) and the soft-caps (a null:
+    none; a Gemma 3's attention cap ignored, as transformers 5's Gemma 3 attention never applies it)."""
+    name = "Gemma 2" if arch == GEMMA2 else "Gemma 3"
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError("config.json sets use_bidirectional_attention=true (an encoder), which is not supported.")
+    act = hf.get("hidden_activation")
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"config.json sets hidden_activation={act!r}; a {name} must use gelu_pytorch_tanh.")
+    caps = {}
+    for key, field in (("attn_logit_softcapping", "attn_softcap"), ("final_logit_softcapping", "logit_softcap")):
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ValueError(f"config.json sets {key}={value!r}; it must be a positive number, or null for no cap.")
+        caps[field] = None if value is None else float(value)
+    if arch == GEMMA3 and caps["attn_softcap"] is not None:  # (its attention keeps the value and never applies it)
+        log.info("config.json sets attn_logit_softcapping, which a %s ignores, as transformers 5 does", arch)
+        caps["attn_softcap"] = None
+    types = gemma_layer_types(hf, arch)
+    scalar = int(hf["query_pre_attn_scalar"])
+    return dict(
+        norm_plus_one=True,
+        embed_scale=True,
+        activation="gelu_tanh",
+        sandwich_norms=True,
+        query_pre_attn_scalar=None if scalar == int(hf["head_dim"]) else scalar,
+        layer_types=tuple(types) if "sliding_attention" in types else None,  # none sliding: every layer full
+        **caps,
+    )
+
+
+def gemma2_fields(hf: dict) -> dict:
+    """The `ModelConfig` fields of a Gemma 2 config.json (`with_defaults`' dict) beyond the Llama ones
+    (`_gemma_common`): its RoPE is one dict for every layer, read as a Llama's."""
+    return _gemma_common(hf, GEMMA2)
+
+
 def gemma3_fields(hf: dict) -> dict:
     """The `ModelConfig` fields of a Gemma 3 config.json (`with_defaults`' dict) beyond the Llama ones, and
     "full_rope", the full-attention layers' RoPE dict, read as transformers 5's `convert_rope_params_to_dict`
     does: `rope_parameters` keyed by layer type, updated by a top-level `rope_scaling` (full layers), each type's
     rope_theta else top-level `rope_theta` (full) / `rope_local_base_freq` (sliding), YaRN's truncate left out (its
     `_compute_yarn_parameters` looks for it beside the layer types' dicts, so a Gemma 3's YaRN is always truncated)."""
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if hf.get(key) is not None:
-            raise ValueError(f"config.json sets {key}={hf[key]!r} (logit soft-capping), which is not supported.")
-    if hf.get("use_bidirectional_attention"):
-        raise ValueError("config.json sets use_bidirectional_attention=true (an encoder), which is not supported.")
-    act = hf.get("hidden_activation")
-    if act != "gelu_pytorch_tanh":
-        raise ValueError(f"config.json sets hidden_activation={act!r}; a Gemma 3 must use gelu_pytorch_tanh.")
+    common = _gemma_common(hf, GEMMA3)
     params = hf.get("rope_parameters") or {}
     full = dict(params.get("full_attention") or {"rope_type": "default"}, **(hf.get("rope_scaling") or {}))
     local = dict(params.get("sliding_attention") or {"rope_type": "default"})
@@ -134,19 +193,8 @@ def gemma3_fields(hf: dict) -> dict:
             f"config.json's rope_parameters scale the sliding_attention layers' RoPE ({local}), which is not "
             "supported; only their rope_theta may differ."
         )
-    types = gemma3_layer_types(hf)
-    sliding = "sliding_attention" in types
-    scalar = int(hf["query_pre_attn_scalar"])
-    return dict(
-        full_rope=full,
-        norm_plus_one=True,
-        embed_scale=True,
-        activation="gelu_tanh",
-        sandwich_norms=True,
-        query_pre_attn_scalar=None if scalar == int(hf["head_dim"]) else scalar,
-        layer_types=tuple(types) if sliding else None,  # none sliding: every layer the full RoPE, as ours
-        rope_local_theta=float(local["rope_theta"]) if sliding else None,
-    )
+    sliding = common["layer_types"] is not None  # (none sliding: every layer the full RoPE, as ours)
+    return dict(common, full_rope=full, rope_local_theta=float(local["rope_theta"]) if sliding else None)
 
 
 def qwen_layer_types(hf: dict) -> tuple:
@@ -201,8 +249,8 @@ def window_of(hf: dict, arch: str) -> int | None:
         _refuse_null_window(hf, arch)
     if not window or arch == LLAMA:
         return None
-    if arch == GEMMA3:
-        return int(window) if "sliding_attention" in gemma3_layer_types(hf) else None
+    if arch in GEMMAS:
+        return int(window) if "sliding_attention" in gemma_layer_types(hf, arch) else None
     if arch == SMOLLM3:
         types = smollm3_layer_types(hf, smollm3_rope_layers(hf))
         if "sliding_attention" in types and not hf.get("use_sliding_window"):  # (its masks slide, flash would not)
@@ -221,25 +269,27 @@ def window_of(hf: dict, arch: str) -> int | None:
 def _refuse_null_window(hf: dict, arch: str) -> None:
     """Refuses a null `sliding_window` that transformers 5 cannot run (its sliding layers' mask and cache need the
     window, which it never reads as "no window"): where a Qwen2's, Qwen3's or SmolLM3's `layer_types` name sliding
-    layers (without them its layer types slide none), and on every Gemma 3, whose model builds the sliding mask
-    whatever its layer types (`sliding_window_pattern` without them). Mistral's and Phi-3's null is no window."""
-    if arch == GEMMA3:
-        types = gemma3_layer_types(hf)
+    layers (without them its layer types slide none), and on every Gemma 2 and Gemma 3, whose model builds the sliding
+    mask whatever its layer types. Mistral's and Phi-3's null is no window."""
+    if arch in GEMMAS:
+        types = gemma_layer_types(hf, arch)
     elif arch in (QWEN2, QWEN3, SMOLLM3):
         types = hf.get("layer_types") or ()
     else:
         return
-    named = "layer_types" if hf.get("layer_types") else "layer_types (sliding_window_pattern without them)"
+    named = "layer_types"
+    if not hf.get("layer_types") and arch in GEMMAS:
+        named += " (sliding_window_pattern without them)" if arch == GEMMA3 else " (every other layer without them)"
     if "sliding_attention" in types:
-        use = " with use_sliding_window true" if arch != GEMMA3 else ""
+        use = " with use_sliding_window true" if arch not in GEMMAS else ""
         raise ValueError(
             f"config.json's {named} name sliding_attention layers while sliding_window is null, which transformers' "
             f"{arch} cannot run; set sliding_window to their window{use}, or name every layer full_attention in "
             "layer_types."
         )
-    if arch == GEMMA3:
+    if arch in GEMMAS:
         raise ValueError(
-            "config.json sets sliding_window to null, which transformers' Gemma3ForCausalLM cannot run even where "
+            f"config.json sets sliding_window to null, which transformers' {arch} cannot run even where "
             "its layer_types name no sliding_attention layer; set sliding_window to any window (no layer slides), or "
             "leave it out for its default (4096)."
         )

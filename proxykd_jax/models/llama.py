@@ -1,12 +1,13 @@
-"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3 text, SmolLM3, Phi-3).
+"""Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, SmolLM3, Phi-3).
 
 RoPE (optionally scaled as transformers does: linear, Llama-3, YaRN or Phi-3's longrope; on part of each head
 with Phi-3's `partial_rotary_factor`), grouped-query attention, RMSNorm,
 SwiGLU, optional q/k/v bias (Qwen2), optional per-head RMSNorm of queries and keys before RoPE (Qwen3), tied or
-untied embeddings. Gemma 3's numerics are fields of `ModelConfig`: norms times 1 + weight, scaled embeddings,
-GeGLU, norms on the attention and MLP outputs, the query_pre_attn_scalar score scale, and per-layer RoPE
-(`layer_types`: a scanned per-layer flag picks the sliding layers' `rope_local_theta` frequencies). Sliding-window
-attention (Mistral, Qwen2 / Qwen3, Gemma 3: `sliding_window`) on the `layer_types`' sliding layers (every layer
+untied embeddings. Gemma's numerics are fields of `ModelConfig`: norms times 1 + weight, scaled embeddings,
+GeGLU, norms on the attention and MLP outputs, the query_pre_attn_scalar score scale, Gemma 3's per-layer RoPE
+(`layer_types`: a scanned per-layer flag picks the sliding layers' `rope_local_theta` frequencies) and q/k norms,
+Gemma 2's soft-capped attention scores and output logits (`attn_softcap`, `logit_softcap`: cap * tanh(z / cap)).
+Sliding-window attention (Mistral, Qwen2 / Qwen3, Gemma 2 / 3: `sliding_window`) on the `layer_types`' sliding layers (every layer
 without them): the same per-layer flag makes a traced window, the model's or one wider than any row (a static one
 where the layers are unrolled or all of one kind, `run_layers`). SmolLM3's NoPE layers (`rope_layers`): a second
 scanned per-layer flag keeps q and k unrotated on them.
@@ -52,6 +53,7 @@ from proxykd_jax.models.attention import (  # noqa: F401  (attend/self_attend/ca
     row_axes,
     self_attend,
     self_attention,
+    soft_cap,
 )
 from proxykd_jax.models.config import (  # noqa: F401  (the config half: callers import it from here too)
     AUTO_UNROLL_MAX_LAYERS,
@@ -242,12 +244,23 @@ class Attention(nnx.Module):
                 max_segments=self.cfg.attention_segments,
                 window=window,
                 window_bound=bound,  # with a traced window, the blocked kernel's static one (skips the keys behind it)
+                softcap=self.cfg.attn_softcap,
             )
         else:
             k_cache, v_cache = cache_kv
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-            out = attend(q, k.astype(dt), v.astype(dt), positions_BxL, k_pos, segment_ids_BxL, k_seg, window)
+            out = attend(
+                q,
+                k.astype(dt),
+                v.astype(dt),
+                positions_BxL,
+                k_pos,
+                segment_ids_BxL,
+                k_seg,
+                window,
+                self.cfg.attn_softcap,
+            )
         return dense(out, self.wo[...].astype(dt), 2), (k, v)
 
 
@@ -410,8 +423,9 @@ class Llama(nnx.Module):
         return w.astype(self.dtype)
 
     def logits(self, hidden_BxLxD) -> jax.Array:
-        """float32 logits from final-norm hidden states."""
-        return shard_batch(dense(shard_batch(hidden_BxLxD), self.unembedding(), preferred_element_type=jnp.float32))
+        """float32 logits from final-norm hidden states (soft-capped with `cfg.logit_softcap`)."""
+        logits = dense(shard_batch(hidden_BxLxD), self.unembedding(), preferred_element_type=jnp.float32)
+        return shard_batch(soft_cap(logits, self.cfg.logit_softcap))
 
     def embed(self, tokens_BxL) -> jax.Array:
         """Input embeddings in the compute dtype (times sqrt(d_model), cast to it, with `cfg.embed_scale`); under a

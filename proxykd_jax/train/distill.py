@@ -88,7 +88,7 @@ def make_loss_fn(loss_cfg, *, seed: int = 0):
         targets_N, mask_N = _flatten(batch, "targets", "loss_mask")
         if alpha == 0.0:
             ce_sum, n_tokens = losses.cross_entropy_chunked(
-                hidden_NxD, W_DxV, targets_N, mask_N, chunk_size=kw["chunk_size"]
+                hidden_NxD, W_DxV, targets_N, mask_N, chunk_size=kw["chunk_size"], softcap=model.cfg.logit_softcap
             )
             return _metrics(ce_sum, ce_sum, jnp.zeros((), jnp.float32), n_tokens)
         kd_ids_NxK, kd_logprobs_NxK, kd_tail_N, weight_N = _flatten(batch, "kd_ids", "kd_logprobs", "kd_tail", "weight")
@@ -104,6 +104,7 @@ def make_loss_fn(loss_cfg, *, seed: int = 0):
             weight_N,
             alpha=alpha,
             rng=rng,
+            softcap=model.cfg.logit_softcap,
             **kw,
         )
         return _metrics(loss_sum, ce_sum, kd_sum, n_tokens)
@@ -150,6 +151,8 @@ def make_white_box_loss_fn(loss_cfg, teacher_graphdef, *, seed: int = 0):
             alpha=alpha,
             sampled=sampled,
             rng=rng,
+            softcap=model.cfg.logit_softcap,
+            teacher_softcap=teacher.cfg.logit_softcap,
             **kw,
         )
         return _metrics(loss_sum, ce_sum, kd_sum, n_tokens)
@@ -172,7 +175,9 @@ def make_eval_loss_fn(*, vocab: int = 0, chunk_size: int = 256, tokens_per_byte:
             W_DxV = W_DxV[:, :vocab]
         targets_N, mask_N, segments_N = _flatten(batch, "targets", "loss_mask", "segment_ids")
         mask_N = mask_N.astype(jnp.float32) * (segments_N > 0)
-        nll_sum, n_tokens = losses.cross_entropy_chunked(hidden_NxD, W_DxV, targets_N, mask_N, chunk_size=chunk_size)
+        nll_sum, n_tokens = losses.cross_entropy_chunked(
+            hidden_NxD, W_DxV, targets_N, mask_N, chunk_size=chunk_size, softcap=model.cfg.logit_softcap
+        )
         nll = nll_sum / jnp.maximum(n_tokens, 1.0)
         metrics = {"tokens": n_tokens}
         if tokens_per_byte > 0:
