@@ -26,6 +26,21 @@ def median_time(fn: Callable[[], object], *, warmup: int, repeats: int) -> float
     return statistics.median(times)
 
 
+def round_robin_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """name -> median wall seconds of `fns[name]()` over `reps` rounds of one call of each (after an untimed warm-up
+    round), so that load from other processes hits them alike; each result is blocked on."""
+    import jax
+
+    times = {name: [] for name in fns}
+    for r in range(reps + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            if r:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def print_table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
     """Prints (and returns) a plain-text table with right-aligned numeric columns."""
 

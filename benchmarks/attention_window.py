@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks._common import print_table  # noqa: E402
+from benchmarks._common import print_table, round_robin_medians  # noqa: E402
 from proxykd_jax.models import attention  # noqa: E402
 from proxykd_jax.models.llama import positions_from_segments  # noqa: E402
 
@@ -69,18 +67,6 @@ def _compile(q, k, v, cot, seg, pos, window, bound):
     return (lambda: compiled(q, k, v, *traced)), compiled.memory_analysis().temp_size_in_bytes
 
 
-def _round_robin(fns: dict, reps: int) -> dict:
-    """name -> median seconds, one call of each per round (a warm-up round first)."""
-    times = {name: [] for name in fns}
-    for r in range(reps + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            if r:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096])
@@ -102,7 +88,7 @@ def main(argv=None) -> None:
         for window in args.windows:
             plan = attention.band_plan(length, window)
             built = {name: _compile(*inputs, w, bound) for name, (w, bound) in _rows(window).items()}
-            seconds = _round_robin({name: fn for name, (fn, _) in built.items()}, args.reps)
+            seconds = round_robin_medians({name: fn for name, (fn, _) in built.items()}, args.reps)
             for name, (_, temp) in built.items():
                 ratio = seconds[name] / seconds["masked"]
                 table.append([length, window, str(plan), name, seconds[name] * 1e3, ratio, temp / 2**20])

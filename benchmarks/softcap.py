@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks._common import print_table  # noqa: E402
+from benchmarks._common import print_table, round_robin_medians  # noqa: E402
 from proxykd_jax import losses  # noqa: E402
 from proxykd_jax.models import attention  # noqa: E402
 from proxykd_jax.models.llama import positions_from_segments  # noqa: E402
@@ -63,18 +61,6 @@ def _fused_ce(n, d, vocab, cap):
     return lambda: compiled(hidden, w)
 
 
-def _round_robin(fns: dict, reps: int) -> dict:
-    """name -> median seconds, one call of each per round (a warm-up round first)."""
-    times = {name: [] for name in fns}
-    for r in range(reps + 1):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            if r:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--length", type=int, default=2048)
@@ -106,7 +92,7 @@ def main(argv=None) -> None:
     ]
     table = []
     for name, cap, build in pairs:
-        seconds = _round_robin({"uncapped": build(None), "capped": build(cap)}, args.reps)
+        seconds = round_robin_medians({"uncapped": build(None), "capped": build(cap)}, args.reps)
         ratio = seconds["capped"] / seconds["uncapped"]
         table.append([name, cap, seconds["uncapped"] * 1e3, seconds["capped"] * 1e3, ratio])
     print_table(table, ["computation", "cap", "uncapped ms", "capped ms", "capped / uncapped"])

@@ -14,16 +14,15 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_hf import _hf_logits, _logits, packed_and_cached_match
+from test_gemma3 import VOCAB, _randomised, _seed, _tokens, packed_cached_and_generated_match, random_gemma
+from test_hf import _hf_logits, _logits
 
 from proxykd_jax import losses
 from proxykd_jax.align import objectives
 from proxykd_jax.models import hf
 from proxykd_jax.models.llama import Llama, ModelConfig
-from proxykd_jax.models.sampling import generate
 from proxykd_jax.train import distill
 
-VOCAB = 300
 GEMMA2 = dict(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -42,23 +41,8 @@ GEMMA2 = dict(
 )
 
 
-def _seed() -> int:
-    return int(np.random.default_rng().integers(1 << 31))
-
-
-def _tokens(rows: int, length: int) -> np.ndarray:
-    return np.random.default_rng().integers(0, VOCAB, (rows, length))
-
-
 def _gemma2(**kw):
-    """A tiny Gemma 2 with every tensor random (norm weights too, around 0: Gemma's norms scale by 1 + w)."""
-    torch.manual_seed(_seed())
-    config = transformers.Gemma2Config(**{**GEMMA2, **kw}, attn_implementation="eager")
-    model = transformers.Gemma2ForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.2))
-    return model
+    return random_gemma(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, {**GEMMA2, **kw})
 
 
 def _uncapped_logits(ref, tokens) -> np.ndarray:
@@ -96,17 +80,7 @@ def test_import_matches_transformers(tmp_path, scan, tie):
 
 
 def test_packed_rows_cached_decoding_and_generation_match_transformers(tmp_path):
-    ref = _gemma2(sliding_window=5)  # every sequence below longer than the window
-    ref.save_pretrained(tmp_path)
-    _, model = hf.load_hf(tmp_path, run={"scan_layers": True})
-    c = packed_and_cached_match(ref, model, lambda n: _tokens(1, n)[0])
-    out = generate(model, jnp.asarray(c[None, :8]), np.array([8]), jax.random.key(0), max_new_tokens=6, temperature=0)
-    with torch.no_grad():  # (a whole mask: without one, transformers masks out a prompt token equal to the pad id)
-        prompt = torch.tensor(c[None, :8])
-        theirs = ref.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, eos_token_id=None
-        )
-    np.testing.assert_array_equal(np.asarray(out.tokens_BxT)[0], theirs[0, 8:].numpy())
+    packed_cached_and_generated_match(_gemma2(sliding_window=5), tmp_path)  # every sequence longer than the window
 
 
 def _batch(tokens: np.ndarray) -> dict:
@@ -182,13 +156,6 @@ def tiny_config(**numerics) -> ModelConfig:
     )  # fmt: skip
 
 
-def _randomised(model: Llama) -> Llama:
-    rng = np.random.default_rng()
-    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        var.set_value(jnp.asarray(rng.normal(0.0, 0.3, var.get_value().shape), var.get_value().dtype))
-    return model
-
-
 @pytest.mark.parametrize("caps, window", [((4.0, 6.0), 7), ((None, None), None)])
 def test_export_loads_in_transformers_as_gemma2(tmp_path, caps, window):
     types = None if window is None else tiny_config().layer_types
@@ -210,15 +177,9 @@ def test_a_gemma3_with_caps_is_read_as_transformers_runs_it(tmp_path):
     """Gemma3TextConfig has the same soft-caps (None by default): transformers 5's Gemma 3 caps its logits with
     final_logit_softcapping, and keeps attn_logit_softcapping without ever applying it (in eager attention too), so
     the import reads the first and ignores the second; the export writes the logit cap back."""
-    torch.manual_seed(_seed())
     spec = {k: v for k, v in GEMMA2.items() if k != "rope_parameters"}
-    config = transformers.Gemma3TextConfig(
-        **spec, layer_types=["sliding_attention", "full_attention"] * 2, attn_implementation="eager"
-    )
-    ref = transformers.Gemma3ForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.2))
+    spec["layer_types"] = ["sliding_attention", "full_attention"] * 2
+    ref = random_gemma(transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, spec)
     ref.save_pretrained(tmp_path)
     cfg, model = hf.load_hf(tmp_path)
     assert cfg.qk_norm and (cfg.attn_softcap, cfg.logit_softcap) == (None, 3.0)

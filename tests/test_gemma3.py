@@ -52,15 +52,19 @@ def _tokens(rows: int, length: int) -> np.ndarray:
     return np.random.default_rng().integers(0, VOCAB, (rows, length))
 
 
-def _gemma3(**kw):
-    """A tiny Gemma 3 with every tensor random (norm weights too, around 0: Gemma's norms scale by 1 + w)."""
+def random_gemma(config_cls, model_cls, spec: dict):
+    """A tiny transformers Gemma of `spec` (eager attention) with every tensor random (norm weights too, around 0:
+    Gemma's norms scale by 1 + w)."""
     torch.manual_seed(_seed())
-    config = transformers.Gemma3TextConfig(**{**GEMMA3, **kw}, attn_implementation="eager")
-    model = transformers.Gemma3ForCausalLM(config).float().eval()
+    model = model_cls(config_cls(**spec, attn_implementation="eager")).float().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.2))
     return model
+
+
+def _gemma3(**kw):
+    return random_gemma(transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, {**GEMMA3, **kw})
 
 
 @pytest.mark.parametrize("scan, tie", [(True, True), (False, False)])
@@ -81,11 +85,15 @@ def test_import_matches_transformers(tmp_path, scan, tie):
 
 
 def test_packed_rows_cached_decoding_and_generation_match_transformers(tmp_path):
-    ref = _gemma3(sliding_window=5)  # every sequence below longer than the window
+    packed_cached_and_generated_match(_gemma3(sliding_window=5), tmp_path)  # every sequence longer than the window
+
+
+def packed_cached_and_generated_match(ref, tmp_path) -> None:
+    """`ref` saved and imported (scanned): packed and padded rows and cached decoding match transformers
+    (`packed_and_cached_match`), and so does greedy generation, transformers' own continuation."""
     ref.save_pretrained(tmp_path)
     _, model = hf.load_hf(tmp_path, run={"scan_layers": True})
     c = packed_and_cached_match(ref, model, lambda n: _tokens(1, n)[0])
-    # greedy generation: transformers' own continuation
     out = generate(model, jnp.asarray(c[None, :8]), np.array([8]), jax.random.key(0), max_new_tokens=6, temperature=0)
     with torch.no_grad():  # (a whole mask: without one, transformers masks out a prompt token equal to the pad id)
         prompt = torch.tensor(c[None, :8])

@@ -164,14 +164,12 @@ def test_sequence_logprobs_softcap_matches_float64_reference(normalize):
 SPARSE_CASES = [("forward_kl", "tail", 1.0), ("jsd", "renorm", 0.7)]
 
 
-@pytest.mark.parametrize("kind,tail_mode,temperature", SPARSE_CASES)
-def test_sparse_kd_softcap_matches_float64_reference(kind, tail_mode, temperature):
-    hidden, w, targets, ids, lps, tail, mask, weight, *_ = _inputs(2)
-    data = (targets, ids, lps, tail, mask, weight)
-    kw = dict(divergence=kind, tail_mode=tail_mode, temperature=temperature, jsd_beta=0.3, softcap=CAP)
+def _three_ways(objective_fn, loss_fn, dense_fn, hidden, w, data, kw):
+    """((value, aux), grads) wrt hidden and W of the fused objective, the tiled loss and its dense twin (the latter
+    two as ce + ALPHA * kd), each under jit; aux = (ce, kd, n_tokens)."""
 
     def objective(h, W):
-        loss_sum, ce, kd, n = L.sparse_kd_objective(h, W, *data, alpha=ALPHA, chunk_size=CHUNK, **kw)
+        loss_sum, ce, kd, n = objective_fn(h, W, *data, alpha=ALPHA, chunk_size=CHUNK, **kw)
         return loss_sum, (ce, kd, n)
 
     def split(f):
@@ -184,9 +182,18 @@ def test_sparse_kd_softcap_matches_float64_reference(kind, tail_mode, temperatur
     def run(f):
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(hidden, w)
 
-    (val_f, aux_f), grads_f = run(objective)
-    (val_c, aux_c), grads_c = run(split(functools.partial(L.sparse_kd_loss, chunk_size=CHUNK)))
-    (val_d, aux_d), grads_d = run(split(L.sparse_kd_loss_dense))
+    return (*run(objective), *run(split(functools.partial(loss_fn, chunk_size=CHUNK))), *run(split(dense_fn)))
+
+
+@pytest.mark.parametrize("kind,tail_mode,temperature", SPARSE_CASES)
+def test_sparse_kd_softcap_matches_float64_reference(kind, tail_mode, temperature):
+    hidden, w, targets, ids, lps, tail, mask, weight, *_ = _inputs(2)
+    data = (targets, ids, lps, tail, mask, weight)
+    kw = dict(divergence=kind, tail_mode=tail_mode, temperature=temperature, jsd_beta=0.3, softcap=CAP)
+
+    (val_f, aux_f), grads_f, (val_c, aux_c), grads_c, (val_d, aux_d), grads_d = _three_ways(
+        L.sparse_kd_objective, L.sparse_kd_loss, L.sparse_kd_loss_dense, hidden, w, data, kw
+    )
     uncapped = L.sparse_kd_objective(hidden, w, *data, alpha=ALPHA, chunk_size=CHUNK, **{**kw, "softcap": None})
 
     with jax.enable_x64(True):
@@ -232,23 +239,9 @@ def test_dense_kd_softcap_matches_float64_reference(kind, temperature, softcap, 
     data = (targets, t_hidden, t_w, mask, weight)
     kw = dict(divergence=kind, temperature=temperature, jsd_beta=0.3, softcap=softcap, teacher_softcap=teacher_softcap)
 
-    def objective(h, W):
-        loss_sum, ce, kd, n = L.dense_kd_objective(h, W, *data, alpha=ALPHA, chunk_size=CHUNK, **kw)
-        return loss_sum, (ce, kd, n)
-
-    def split(f):
-        def loss(h, W):
-            ce, kd, n = f(h, W, *data, **kw)
-            return ce + ALPHA * kd, (ce, kd, n)
-
-        return loss
-
-    def run(f):
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(hidden, w)
-
-    (val_f, aux_f), grads_f = run(objective)
-    (val_c, aux_c), grads_c = run(split(functools.partial(L.dense_kd_loss, chunk_size=CHUNK)))
-    (val_d, aux_d), grads_d = run(split(L.dense_kd_loss_dense))
+    (val_f, aux_f), grads_f, (val_c, aux_c), grads_c, (val_d, aux_d), grads_d = _three_ways(
+        L.dense_kd_objective, L.dense_kd_loss, L.dense_kd_loss_dense, hidden, w, data, kw
+    )
 
     with jax.enable_x64(True):
         m64, w64, th64, tw64 = _f64(mask, weight, t_hidden, t_w)
