@@ -1,5 +1,5 @@
-"""Gemma 3 and sliding-window models on a mesh: a Gemma 3 and a Qwen2 whose upper layers slide,
-loaded onto 8 devices (fsdp=8, and fsdp=2 x tensor=4), give one device's logits, loss gradients and KV-cache
+"""Gemma 3 and sliding-window models on a mesh: a Gemma 3, a Gemma 2 (soft-capped) and a Qwen2 whose upper layers
+slide, loaded onto 8 devices (fsdp=8, and fsdp=2 x tensor=4), give one device's logits, loss gradients and KV-cache
 generations on packed rows longer than the window (scanned layers); a LoRA align and a distill of a Gemma 3 student
 and windowed Mistral proxy through `configs/hf.py` on fsdp=4 x tensor=2 train what one device trains; and `proxykd
 plan` compiles their steps."""
@@ -59,6 +59,22 @@ def _gemma3(folder):
     return ref
 
 
+def _gemma2(folder):
+    """A Gemma 2 whose soft-caps bind on its random weights (attention 2, logits 3)."""
+    torch.manual_seed(_seed())
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=24, rms_norm_eps=1e-6, max_position_embeddings=128,
+        sliding_window=5, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, attn_implementation="eager",
+    )  # fmt: skip
+    ref = transformers.Gemma2ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.2))
+    ref.save_pretrained(folder)
+    return ref
+
+
 def _windowed(kind, **kw):
     def build(folder):
         ref = _hf_model(kind, seed=_seed(), attn_implementation="eager", vocab_size=VOCAB, num_key_value_heads=4, **kw)
@@ -70,6 +86,7 @@ def _windowed(kind, **kw):
 
 FOLDERS = {  # (a Mistral, whose every layer slides, is the stage test's proxy below)
     "gemma3": _gemma3,
+    "gemma2": _gemma2,  # (soft-capped attention and logits)
     "qwen2": _windowed("qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=1),
 }
 
