@@ -1,7 +1,7 @@
 """The decoder's execution variants against one float64 numpy reference forward, on random configs and random packed
 rows: scanned and unrolled layers, every CPU remat policy, the blocked, XLA and Pallas (interpreted) attention paths,
 float32 and bfloat16 compute (float32 master weights), uniform and per-layer sliding windows, GQA ratios, every RoPE
-scaling, partial rotary and NoPE layers, qk-norm, biases, Gemma 3's numerics, tied embeddings; rows of several
+scaling, partial rotary and NoPE layers, qk-norm, biases, Gemma 3's numerics, Gemma 2's soft-caps, tied embeddings; rows of several
 segments, segments of one token, rows of padding only, ids that come back, explicit positions with offsets.
 
 `reference_logits` is written from the families' definitions (transformers' modeling files), not from the model's
@@ -155,7 +155,10 @@ def _reference_row(p, cfg: ModelConfig, tokens_L, seg_L, pos_L):
         sliding = cfg.layer_types is None or cfg.layer_types[i] == SLIDING
         if cfg.sliding_window is not None and sliding:
             visible = visible & (pos_L[:, None] - pos_L[None, :] < cfg.sliding_window)
-        s = np.where(visible[None], np.einsum("lhe,mhe->hlm", q, k) * scale, -np.inf)
+        s = np.einsum("lhe,mhe->hlm", q, k) * scale
+        if cfg.attn_softcap is not None:  # Gemma 2: capped before the mask
+            s = cfg.attn_softcap * np.tanh(s / cfg.attn_softcap)
+        s = np.where(visible[None], s, -np.inf)
         s = np.where(visible.any(-1)[None, :, None], s, 0.0)  # (a padding query sees nothing: its output is 0)
         prob = np.exp(s - s.max(-1, keepdims=True))
         o = np.einsum("hlm,mhe->lhe", prob / prob.sum(-1, keepdims=True), v) * visible.any(-1)[:, None, None]
@@ -171,7 +174,8 @@ def _reference_row(p, cfg: ModelConfig, tokens_L, seg_L, pos_L):
         out = (act * (y @ m["w_up"])) @ m["w_down"]
         x = x + (_rms(out, lp["mlp_out_norm"]["scale"], cfg) if cfg.sandwich_norms else out)
     x = _rms(x, p["final_norm"]["scale"], cfg)
-    return x @ (p["embedding"].T if cfg.tie_embeddings else p["lm_head"])
+    logits = x @ (p["embedding"].T if cfg.tie_embeddings else p["lm_head"])
+    return logits if cfg.logit_softcap is None else cfg.logit_softcap * np.tanh(logits / cfg.logit_softcap)
 
 
 def reference_logits(p, cfg: ModelConfig, tokens_BxL, seg_BxL, pos_BxL=None) -> np.ndarray:
@@ -188,9 +192,12 @@ def reference_logits(p, cfg: ModelConfig, tokens_BxL, seg_BxL, pos_BxL=None) -> 
 
 
 def random_config(rng: np.random.Generator, length: int, **overrides) -> ModelConfig:
-    """A random small decoder of one family's numerics (Llama / Mistral, Qwen2, Qwen3, Gemma 3, SmolLM3, Phi-3) for
-    rows of `length`: GQA ratio 1, 2 or 4, head_dim even (some not a multiple of 8), a window of any width."""
+    """A random small decoder of one family's numerics (Llama / Mistral, Qwen2, Qwen3, Gemma 3 or 2, SmolLM3, Phi-3)
+    for rows of `length`: GQA ratio 1, 2 or 4, head_dim even (some not a multiple of 8), a window of any width; half
+    the Gemmas are Gemma 2s, with soft-caps that bind on unit-scale activations."""
     family = overrides.pop("family", None) or rng.choice(["llama", "qwen2", "qwen3", "gemma3", "smollm3", "phi3"])
+    if family == "gemma3" and "family" not in overrides and rng.random() < 0.5:  # (the other families' draws kept)
+        family = "gemma2"
     g = int(rng.choice([1, 2]))
     h = g * int(rng.choice([1, 2, 4]))
     e = int(rng.choice([2, 4, 6, 8, 10, 12, 16]))
@@ -222,6 +229,12 @@ def random_config(rng: np.random.Generator, length: int, **overrides) -> ModelCo
             norm_plus_one=True, embed_scale=True, activation="gelu_tanh", sandwich_norms=True, qk_norm=True,
             query_pre_attn_scalar=int(rng.choice([e, 3 * e + 1])), layer_types=mixed,
             rope_local_theta=float(rng.choice([10.0, 100.0])), sliding_window=window,
+        )  # fmt: skip
+    elif family == "gemma2":
+        kw.update(
+            norm_plus_one=True, embed_scale=True, activation="gelu_tanh", sandwich_norms=True,
+            query_pre_attn_scalar=int(rng.choice([e, 3 * e + 1])), layer_types=mixed if window else None,
+            sliding_window=window, attn_softcap=float(rng.uniform(0.5, 3.0)), logit_softcap=float(rng.uniform(1, 5)),
         )  # fmt: skip
     elif family == "smollm3":
         kw["rope_layers"] = tuple(bool(rng.random() < 0.6) for _ in range(layers))
@@ -485,6 +498,15 @@ CASES = {
              sandwich_norms=True, qk_norm=True, query_pre_attn_scalar=24, layer_types=(FULL, SLIDING),
              rope_local_theta=10.0, sliding_window=130),
         4, 130, None, [BASELINE, "scan/none/blocked/f32", "unroll/none/blocked/bf16"], dict(rope_local_theta=None),
+    ),
+    # Gemma 2 on rows of 130: soft-capped scores (0.7) and logits (2.0) that bind, sliding and full layers (window
+    # 20: the causal kernel masking it, a traced window scanned under remat), the capped XLA path
+    "gemma2-capped-window": Case(
+        dict(num_heads=2, num_kv_heads=1, head_dim=10, norm_plus_one=True, embed_scale=True, activation="gelu_tanh",
+             sandwich_norms=True, query_pre_attn_scalar=24, layer_types=(SLIDING, FULL), sliding_window=20,
+             attn_softcap=0.7, logit_softcap=2.0),
+        4, 130, None, [BASELINE, "scan/full/blocked/f32", "unroll/none/xla/f32"],
+        dict(attn_softcap=None, logit_softcap=None),
     ),
     # Phi-3: longrope past its original 40 positions on 6 of the 8 sequences (explicit positions offset per sequence),
     # partial rotary (half of each head), window 5
