@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_gemma3 import VOCAB, _randomised, _seed, _tokens, packed_cached_and_generated_match, random_gemma
+from test_gemma3 import GEMMA3, VOCAB, _randomised, _seed, _tokens, packed_cached_and_generated_match, random_gemma
 from test_hf import _hf_logits, _logits
 
 from proxykd_jax import losses
@@ -23,22 +23,11 @@ from proxykd_jax.models import hf
 from proxykd_jax.models.llama import Llama, ModelConfig
 from proxykd_jax.train import distill
 
-GEMMA2 = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,  # not hidden_size / heads = 8
-    query_pre_attn_scalar=24,  # not head_dim
-    rms_norm_eps=1e-6,
-    max_position_embeddings=128,
-    sliding_window=64,
+GEMMA2 = {k: v for k, v in GEMMA3.items() if k not in ("layer_types", "rope_parameters")} | dict(
     rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
     attn_logit_softcapping=2.0,  # small enough that random weights' scores pass it
     final_logit_softcapping=3.0,
-)
+)  # (Gemma 3's shapes: head_dim 16 != hidden_size / heads, query_pre_attn_scalar 24 != head_dim; window 64)
 
 
 def _gemma2(**kw):

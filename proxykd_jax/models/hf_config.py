@@ -270,10 +270,48 @@ def read_config(folder, *, dtype: str = "float32", param_dtype: str = "float32")
     return config_from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype)
 
 
+def _gemma_config(config_cls, arch: str, cfg: ModelConfig, kwargs: dict, rope_parameters: dict, **extra) -> dict:
+    """config.json of a Gemma `cfg` (`kwargs`: `_hf_config`'s common keys) as `config_cls` writes it: Gemma's fields,
+    the layer types and sliding window (without one the context, where the window's attention is the full one), the
+    logit soft-cap (null: none), `rope_parameters` and `extra`, then the full layers' RoPE as top-level rope_theta /
+    rope_scaling for readers before transformers 5."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("rope_theta", "hidden_act", "rms_norm_eps")}
+    hf_cfg = config_cls(
+        **kwargs,
+        rms_norm_eps=cfg.rms_eps,
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+        sliding_window=cfg.sliding_window or cfg.max_seq_len,
+        layer_types=list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
+        rope_parameters=rope_parameters,
+        attention_bias=False,
+        final_logit_softcapping=cfg.logit_softcap,
+        **extra,
+    )
+    out = hf_cfg.to_dict()
+    out["architectures"] = [arch]
+    out["dtype"] = out["torch_dtype"] = cfg.param_dtype
+    out["rope_theta"] = cfg.rope_theta
+    out["rope_scaling"] = None if cfg.rope_scaling is None else _legacy_scaling(cfg)
+    return out
+
+
+def _full_rope(cfg: ModelConfig) -> dict:
+    """The full-attention layers' RoPE dict as transformers 5 writes it."""
+    if cfg.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {**_rope_to_hf(cfg.rope_scaling), "rope_theta": cfg.rope_theta}
+
+
+def _legacy_scaling(cfg: ModelConfig) -> dict:
+    """A scaled RoPE as the top-level `rope_scaling` of readers before transformers 5 (`type` and the parameters)."""
+    scaling = {k: v for k, v in _full_rope(cfg).items() if k != "rope_theta"}
+    return {"type": scaling["rope_type"], **scaling}
+
+
 def _gemma3_config(cfg: ModelConfig, kwargs: dict) -> dict:
-    """config.json of a Gemma 3 `cfg` (`kwargs`: `_hf_config`'s common keys): RoPE keyed by layer type as
-    transformers 5 writes it, and as top-level rope_theta / rope_local_base_freq / rope_scaling for readers before
-    it; the sliding window (without one the context, where the window's attention is the full one)."""
+    """config.json of a Gemma 3 `cfg` (`_gemma_config`): RoPE keyed by layer type as transformers 5 writes it, and the
+    sliding layers' base as top-level rope_local_base_freq too; no attention cap (`ModelConfig._check_gemma`)."""
     from transformers import Gemma3TextConfig
 
     if cfg.rope_scaling is not None and cfg.rope_scaling[0] == "yarn" and not cfg.rope_scaling[5]:
@@ -281,38 +319,15 @@ def _gemma3_config(cfg: ModelConfig, kwargs: dict) -> dict:
             "model.rope_scaling sets YaRN's truncate to False, which a Gemma 3 export cannot keep (transformers runs a "
             "Gemma 3's YaRN truncated whatever config.json says); set it to True."
         )
-    full = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling is not None:
-        full = {**_rope_to_hf(cfg.rope_scaling), "rope_theta": cfg.rope_theta}
     local_theta = cfg.rope_theta if cfg.rope_local_theta is None else cfg.rope_local_theta
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("rope_theta", "hidden_act", "rms_norm_eps")}
-    hf_cfg = Gemma3TextConfig(
-        **kwargs,
-        rms_norm_eps=cfg.rms_eps,
-        hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
-        sliding_window=cfg.sliding_window or cfg.max_seq_len,
-        layer_types=list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
-        rope_parameters={
-            "full_attention": full,
-            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
-        },
-        attention_bias=False,
-        final_logit_softcapping=cfg.logit_softcap,  # (no attention cap: `ModelConfig._check_gemma`)
-    )
-    out = hf_cfg.to_dict()
-    out["architectures"] = [GEMMA3]
-    out["dtype"] = out["torch_dtype"] = cfg.param_dtype
-    out["rope_theta"], out["rope_local_base_freq"] = cfg.rope_theta, local_theta
-    scaling = {k: v for k, v in full.items() if k != "rope_theta"}
-    out["rope_scaling"] = None if cfg.rope_scaling is None else {"type": scaling["rope_type"], **scaling}
+    rope = {"full_attention": _full_rope(cfg), "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}}
+    out = _gemma_config(Gemma3TextConfig, GEMMA3, cfg, kwargs, rope)
+    out["rope_local_base_freq"] = local_theta
     return out
 
 
 def _gemma2_config(cfg: ModelConfig, kwargs: dict) -> dict:
-    """config.json of a Gemma 2 `cfg` (`kwargs`: `_hf_config`'s common keys): its soft-caps (null: none), its layer
-    types and sliding window (without one the context, where the window's attention is the full one), RoPE as
-    transformers 5 writes it (`rope_parameters`) and as top-level rope_theta / rope_scaling for readers before it."""
+    """config.json of a Gemma 2 `cfg` (`_gemma_config`): one RoPE dict for every layer and the attention cap."""
     from transformers import Gemma2Config
 
     if cfg.d_model % cfg.num_heads:
@@ -320,29 +335,7 @@ def _gemma2_config(cfg: ModelConfig, kwargs: dict) -> dict:
             f"model.d_model ({cfg.d_model}) is not a multiple of model.num_heads ({cfg.num_heads}), which transformers' "
             "Gemma2Config refuses, so a Gemma 2 model of this shape could not be exported; pick a d_model that is."
         )
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling is not None:
-        rope = {**_rope_to_hf(cfg.rope_scaling), "rope_theta": cfg.rope_theta}
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("rope_theta", "hidden_act", "rms_norm_eps")}
-    hf_cfg = Gemma2Config(
-        **kwargs,
-        rms_norm_eps=cfg.rms_eps,
-        hidden_activation="gelu_pytorch_tanh",
-        query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
-        sliding_window=cfg.sliding_window or cfg.max_seq_len,
-        layer_types=list(cfg.layer_types or ["full_attention"] * cfg.num_layers),
-        rope_parameters=rope,
-        attention_bias=False,
-        attn_logit_softcapping=cfg.attn_softcap,
-        final_logit_softcapping=cfg.logit_softcap,
-    )
-    out = hf_cfg.to_dict()
-    out["architectures"] = [GEMMA2]
-    out["dtype"] = out["torch_dtype"] = cfg.param_dtype
-    out["rope_theta"] = cfg.rope_theta
-    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    out["rope_scaling"] = None if cfg.rope_scaling is None else {"type": scaling["rope_type"], **scaling}
-    return out
+    return _gemma_config(Gemma2Config, GEMMA2, cfg, kwargs, _full_rope(cfg), attn_logit_softcapping=cfg.attn_softcap)
 
 
 def is_phi3(cfg: ModelConfig) -> bool:
