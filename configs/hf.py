@@ -4,9 +4,9 @@
     configs/hf.py:/models/qwen2-0.5b                     one folder: the proxy has the student's shape
 
 Each model group takes its shape and numerics (vocabulary, widths, depth, heads, RoPE, norm epsilon,
-q/k/v bias, q/k norm, tied embeddings, context; Gemma 3's norms, activation, attention scale and per-layer RoPE)
-from its folder's config.json (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text (`Gemma3ForCausalLM`), SmolLM3 and Phi-3
-architectures)
+q/k/v bias, q/k norm, tied embeddings, context; Gemma's norms, activation, attention scale, Gemma 3's per-layer RoPE
+and Gemma 2's soft-caps) from its folder's config.json (Llama, Mistral, Qwen2, Qwen3, Gemma 2 (`Gemma2ForCausalLM`),
+Gemma 3 text (`Gemma3ForCausalLM`), SmolLM3 and Phi-3 architectures)
 and points `init_from` at the folder, so nothing is typed twice and the load-time check (the folder must agree
 with its group) holds by construction. `data.tokenizer` is the proxy folder's
 tokenizer (the student's if the proxy folder has none): the two must share it (prepare, align and distill
