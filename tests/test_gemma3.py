@@ -186,19 +186,28 @@ def _randomised(model: Llama) -> Llama:
 
 @pytest.mark.parametrize("scaling, window", [(None, None), (("linear", 4.0), 7)])
 def test_export_loads_in_transformers_as_gemma3(tmp_path, scaling, window):
-    cfg = tiny_config(rope_scaling=scaling, sliding_window=window)
-    model = _randomised(Llama(cfg, rngs=nnx.Rngs(_seed())))
-    hf.save_hf(model, cfg, tmp_path)
-    written = json.loads((tmp_path / "config.json").read_text())
-    assert (written["architectures"], written["model_type"]) == (["Gemma3ForCausalLM"], "gemma3_text")
+    written = exported_and_loaded_back(
+        tiny_config(rope_scaling=scaling, sliding_window=window), tmp_path, "Gemma3ForCausalLM"
+    )
+    assert written["model_type"] == "gemma3_text"
     expected = (TYPES, 20, window or 64)  # without a window: the context's, which is full attention
     assert (written["layer_types"], written["query_pre_attn_scalar"], written["sliding_window"]) == expected
     assert written["rope_local_base_freq"] == written["rope_parameters"]["sliding_attention"]["rope_theta"] == 50.0
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert type(back).__name__ == "Gemma3ForCausalLM"
+
+
+def exported_and_loaded_back(cfg: ModelConfig, folder, arch: str) -> dict:
+    """A random model of `cfg` exported to `folder`: its config.json names `arch`, transformers loads it as one with our
+    logits, and it reads back as `cfg`. Returns the config.json written."""
+    model = _randomised(Llama(cfg, rngs=nnx.Rngs(_seed())))
+    hf.save_hf(model, cfg, folder)
+    written = json.loads((folder / "config.json").read_text())
+    assert written["architectures"] == [arch]
+    back = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert type(back).__name__ == arch
     tokens = _tokens(2, 40)
     np.testing.assert_allclose(_hf_logits(back, tokens), _logits(model, tokens), atol=1e-4, rtol=1e-4)
-    assert hf.read_config(tmp_path) == cfg
+    assert hf.read_config(folder) == cfg
+    return written
 
 
 def test_an_imported_gemma_exports_with_its_source_config(tmp_path):
