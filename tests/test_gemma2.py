@@ -142,8 +142,8 @@ def _sft_loss_cfg():
 
 
 def tiny_config(**numerics) -> ModelConfig:
-    """The Gemma 3 tests' 4-layer model (`gemma3_tiny_config`) as a Gemma 2: no q/k norms nor local RoPE base, every other
-    layer sliding (window 8), both caps."""
+    """The Gemma 3 tests' 4-layer model (`gemma3_tiny_config`) as a Gemma 2: no q/k norms nor local RoPE base, every
+    other layer sliding (window 8), both caps."""
     types = ("sliding_attention", "full_attention") * 2
     gemma2 = dict(qk_norm=False, rope_local_theta=None, layer_types=types, sliding_window=8)
     return gemma3_tiny_config(**{**gemma2, "attn_softcap": 4.0, "logit_softcap": 6.0, **numerics})

@@ -1,8 +1,9 @@
 """The decoder's execution variants against one float64 numpy reference forward, on random configs and random packed
 rows: scanned and unrolled layers, every CPU remat policy, the blocked, XLA and Pallas (interpreted) attention paths,
 float32 and bfloat16 compute (float32 master weights), uniform and per-layer sliding windows, GQA ratios, every RoPE
-scaling, partial rotary and NoPE layers, qk-norm, biases, Gemma 3's numerics, Gemma 2's soft-caps, tied embeddings; rows of several
-segments, segments of one token, rows of padding only, ids that come back, explicit positions with offsets.
+scaling, partial rotary and NoPE layers, qk-norm, biases, Gemma 3's numerics, Gemma 2's soft-caps, tied embeddings;
+rows of several segments, segments of one token, rows of padding only, ids that come back, explicit positions with
+offsets.
 
 `reference_logits` is written from the families' definitions (transformers' modeling files), not from the model's
 code: per row, per layer, dense masked softmax attention with repeated key/value heads, in float64. Logits of the

@@ -301,8 +301,8 @@ class ModelConfig:
     def _check_gemma(self) -> None:
         """Gemma's numerics come together (norm_plus_one, embed_scale, gelu_tanh, sandwich_norms; Gemma 3 adds
         qk_norm and may give its sliding layers their own RoPE base, Gemma 2 has neither): a part of them is a model
-        no Hugging Face family holds. Soft-capping is Gemma's only: the logits' (`logit_softcap`) on either, the attention
-        scores' (`attn_softcap`) on a Gemma 2 (transformers' Gemma 3 keeps the value and never applies it)."""
+        no Hugging Face family holds. Soft-capping is Gemma's only: the logits' (`logit_softcap`) on either, the
+        attention scores' (`attn_softcap`) on a Gemma 2 (transformers' Gemma 3 keeps the value and never applies it)."""
         parts = dict(
             norm_plus_one=self.norm_plus_one,
             embed_scale=self.embed_scale,
@@ -332,9 +332,9 @@ class ModelConfig:
             )
         if self.attn_softcap is not None and self.qk_norm:
             raise ValueError(
-                "model.attn_softcap on a Gemma 3 model (Gemma's numerics with qk_norm) is a model no Hugging Face family "
-                "holds (transformers' Gemma 3 never caps its attention scores), so it could not be exported; set it to "
-                "None, or qk_norm to False (a Gemma 2)."
+                "model.attn_softcap on a Gemma 3 model (Gemma's numerics with qk_norm) is a model no Hugging Face "
+                "family holds (transformers' Gemma 3 never caps its attention scores), so it could not be exported; "
+                "set it to None, or qk_norm to False (a Gemma 2)."
             )
         if self.layer_types is not None and not (
             self.qkv_bias or self.qk_norm or self.rope_layers is not None or self.gemma

@@ -9,8 +9,8 @@ soft-caps: `attn_softcap`, `logit_softcap`), and the sliding windows
 (`hf_families.sliding_window`: Mistral's on every layer; Qwen's with `use_sliding_window` on the layers its
 `layer_types` or `max_window_layers` name; Gemma 3's `layer_types` or `sliding_window_pattern`, its sliding layers with
 their own RoPE base; Gemma 2's `layer_types`, by default every other layer; SmolLM3's with `use_sliding_window` on
-its `layer_types`' sliding layers, by default those without RoPE, all of them or none where every layer has RoPE), and SmolLM3's `no_rope_layers` (`rope_layers`; by default every
-4th layer without).
+its `layer_types`' sliding layers, by default those without RoPE, all of them or none where every layer has RoPE), and
+SmolLM3's `no_rope_layers` (`rope_layers`; by default every 4th layer without).
 Phi-3's (Phi-3.5, Phi-4-mini): `partial_rotary_factor`, longrope (`_rope_scaling`: its short and long factors, the
 top-level original_max_position_embeddings, attention_factor resolved) and Mistral's window on every layer.
 `max_seq_len` is the model's context (`max_position_embeddings`); a window at least that long is no window. Gemma's
@@ -332,8 +332,9 @@ def _gemma2_config(cfg: ModelConfig, kwargs: dict) -> dict:
 
     if cfg.d_model % cfg.num_heads:
         raise ValueError(
-            f"model.d_model ({cfg.d_model}) is not a multiple of model.num_heads ({cfg.num_heads}), which transformers' "
-            "Gemma2Config refuses, so a Gemma 2 model of this shape could not be exported; pick a d_model that is."
+            f"model.d_model ({cfg.d_model}) is not a multiple of model.num_heads ({cfg.num_heads}), which "
+            "transformers' Gemma2Config refuses, so a Gemma 2 model of this shape could not be exported; pick a "
+            "d_model that is."
         )
     return _gemma_config(Gemma2Config, GEMMA2, cfg, kwargs, _full_rope(cfg), attn_logit_softcapping=cfg.attn_softcap)
 

@@ -125,7 +125,8 @@ def gemma3_layer_types(hf: dict) -> list:
 
 
 def gemma2_layer_types(hf: dict) -> list:
-    """A Gemma 2 config.json's `layer_types`, or transformers' without them: every other layer sliding, from the first."""
+    """A Gemma 2 config.json's `layer_types`, or transformers' without them: every other layer sliding, from the
+    first."""
     layers = int(hf["num_hidden_layers"])
     return list(
         hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]

@@ -7,10 +7,10 @@ untied embeddings. Gemma's numerics are fields of `ModelConfig`: norms times 1 +
 GeGLU, norms on the attention and MLP outputs, the query_pre_attn_scalar score scale, Gemma 3's per-layer RoPE
 (`layer_types`: a scanned per-layer flag picks the sliding layers' `rope_local_theta` frequencies) and q/k norms,
 Gemma 2's soft-capped attention scores and output logits (`attn_softcap`, `logit_softcap`: cap * tanh(z / cap)).
-Sliding-window attention (Mistral, Qwen2 / Qwen3, Gemma 2 / 3: `sliding_window`) on the `layer_types`' sliding layers (every layer
-without them): the same per-layer flag makes a traced window, the model's or one wider than any row (a static one
-where the layers are unrolled or all of one kind, `run_layers`). SmolLM3's NoPE layers (`rope_layers`): a second
-scanned per-layer flag keeps q and k unrotated on them.
+Sliding-window attention (Mistral, Qwen2 / Qwen3, Gemma 2 / 3: `sliding_window`) on the `layer_types`' sliding layers
+(every layer without them): the same per-layer flag makes a traced window, the model's or one wider than any row
+(a static one where the layers are unrolled or all of one kind, `run_layers`). SmolLM3's NoPE layers (`rope_layers`):
+a second scanned per-layer flag keeps q and k unrotated on them.
 Parameters are stored in `param_dtype` and cast to the compute `dtype`; logits are always float32. Every
 `nnx.Param` carries `out_sharding=` logical axis names (see docs/CONTRACTS.md); the mesh
 rules in `proxykd_jax.parallel` map them to devices.
