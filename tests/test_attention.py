@@ -25,12 +25,15 @@ def _packed_batch(seed, b=3, length=64, h=4, g=2, e=8):
     return q, k, v, positions_from_segments(seg), seg, cot
 
 
-def _dense_reference(q, k, v, pos, seg, window=None):
+def _dense_reference(q, k, v, pos, seg, window=None, softcap=None):
     """Plain masked softmax attention (repeated k/v heads), zero on padding queries; with `window` a query sees
-    only the keys less than `window` positions before its own (transformers' `sliding_window_overlay`)."""
+    only the keys less than `window` positions before its own (transformers' `sliding_window_overlay`); with
+    `softcap` the scores s are softcap * tanh(s / softcap) before the mask (transformers' eager Gemma 2)."""
     r = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
     s = jnp.einsum("blhe,bmhe->bhlm", q, k) / jnp.sqrt(q.shape[-1])
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
     mask = attention.visible_mask(pos, seg)[:, None]
     if window is not None:
         mask = mask & (pos[:, None, :, None] - pos[:, None, None, :] < window)

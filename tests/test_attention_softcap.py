@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_attention import _packed_batch
+from test_attention import _dense_reference, _packed_batch
+from test_attention_window import _reference as _window_reference
 
 from proxykd_jax.models import attention
 
@@ -25,38 +26,9 @@ def _rows(seed, length):
     return q * _SPREAD, k, v, pos, seg, cot
 
 
-def _reference(q, k, v, pos, seg, softcap, window=None):
-    """float64 capped masked attention (jax under x64, for its gradients): repeated k/v heads, the mask built in
-    NumPy (same non-zero segment, key position and index not after the query's, within `window`), the cap before
-    it; zero on padding queries."""
-    seg_np, pos_np = np.asarray(seg), np.asarray(pos)
-    index = np.arange(seg_np.shape[1])
-    mask = (
-        (seg_np[:, :, None] == seg_np[:, None, :])
-        & (seg_np[:, None, :] != 0)
-        & (pos_np[:, None, :] <= pos_np[:, :, None])
-        & (index[None, None, :] <= index[None, :, None])
-    )
-    if window is not None:
-        mask &= pos_np[:, :, None] - pos_np[:, None, :] < window
-    mask_Bx1xLxL = jnp.asarray(mask[:, None])
-    r = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
-    s = jnp.einsum("blhe,bmhe->bhlm", q, k) / np.sqrt(q.shape[-1])
-    if softcap is not None:
-        s = softcap * jnp.tanh(s / softcap)
-    s = jnp.where(mask_Bx1xLxL, s, -jnp.inf)
-    s = jnp.where(jnp.any(mask_Bx1xLxL, -1, keepdims=True), s, 0.0)
-    out = jnp.einsum("bhlm,bmhe->blhe", jax.nn.softmax(s, axis=-1), v)
-    return jnp.where(jnp.asarray(seg_np != 0)[:, :, None, None], out, 0.0)
-
-
 def _reference_vjp(q, k, v, pos, seg, cot, softcap, window=None):
-    """The reference's output and q/k/v cotangents in float64."""
-    with jax.enable_x64(True):
-        q64, k64, v64, cot64 = (jnp.asarray(np.asarray(x, np.float32), jnp.float64) for x in (q, k, v, cot))
-        out, vjp = jax.vjp(lambda *a: _reference(*a, pos, seg, softcap, window), q64, k64, v64)
-        return np.asarray(out), [np.asarray(g) for g in vjp(cot64)]
+    """The float64 reference (`test_attention._dense_reference`, the cap before the mask) and its q/k/v cotangents."""
+    return _window_reference(q, k, v, pos, seg, cot, window, softcap)
 
 
 def _max_score(q, k):
@@ -144,8 +116,8 @@ def test_the_cache_path_caps_before_the_mask():
     real = np.asarray(seg) != 0
     with jax.enable_x64(True):
         q64, k64, v64 = (jnp.asarray(np.asarray(x), jnp.float64) for x in (q, k, v))
-        refs = {w: np.asarray(_reference(q64, k64, v64, pos, seg, CAP, w)) for w in (None, 5)}
-        uncapped = np.asarray(_reference(q64, k64, v64, pos, seg, None))
+        refs = {w: np.asarray(_dense_reference(q64, k64, v64, pos, seg, w, CAP)) for w in (None, 5)}
+        uncapped = np.asarray(_dense_reference(q64, k64, v64, pos, seg))
     for window in (None, 5):
         got = np.asarray(attention.attend(q, k, v, pos, pos, seg, seg, window, CAP))
         np.testing.assert_allclose(got[real], refs[window][real], rtol=1e-5, atol=1e-5)

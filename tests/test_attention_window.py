@@ -51,10 +51,11 @@ def _run(q, k, v, pos, seg, cot, window, bound=None, traced=False, kernel=None):
     return jax.jit(run)(q, k, v, cot, *([jnp.int32(window)] if traced else []))
 
 
-def _reference(q, k, v, pos, seg, cot, window):
+def _reference(q, k, v, pos, seg, cot, window, softcap=None):
+    """`_dense_reference`'s output and q/k/v cotangents in float64."""
     with jax.enable_x64(True):
         q64, k64, v64, cot64 = (jnp.asarray(np.asarray(x, np.float32), jnp.float64) for x in (q, k, v, cot))
-        out, vjp = jax.vjp(lambda *a: _dense_reference(*a, pos, seg, window), q64, k64, v64)
+        out, vjp = jax.vjp(lambda *a: _dense_reference(*a, pos, seg, window, softcap), q64, k64, v64)
         return np.asarray(out), [np.asarray(x) for x in vjp(cot64)]
 
 
