@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from flax import nnx
 from parallel_helpers import mesh_cfg
 from safetensors.numpy import load_file
 from stage_helpers import run_stage
 from test_data_common import WORDS, sentence
+from test_gemma3 import random_gemma
 from test_hf import _hf_logits, _hf_model
 
 from proxykd_jax import cli
@@ -39,38 +39,31 @@ def _seed() -> int:
     return int(np.random.default_rng().integers(1 << 31))
 
 
+_GEMMA = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=24, rms_norm_eps=1e-6, max_position_embeddings=128,
+    sliding_window=5,
+)  # fmt: skip
+
+
 def _gemma3(folder):
-    torch.manual_seed(_seed())
-    config = transformers.Gemma3TextConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=24, rms_norm_eps=1e-6, max_position_embeddings=128,
-        sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    spec = dict(
+        _GEMMA,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 5000.0},
         },
-        attn_implementation="eager",
-    )  # fmt: skip
-    ref = transformers.Gemma3ForCausalLM(config).float().eval()
-    with torch.no_grad():  # norm weights too: Gemma's norms scale by 1 + w
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.2))
+    )
+    ref = random_gemma(transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, spec)
     ref.save_pretrained(folder)
     return ref
 
 
 def _gemma2(folder):
     """A Gemma 2 whose soft-caps bind on its random weights (attention 2, logits 3)."""
-    torch.manual_seed(_seed())
-    config = transformers.Gemma2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=16, query_pre_attn_scalar=24, rms_norm_eps=1e-6, max_position_embeddings=128,
-        sliding_window=5, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, attn_implementation="eager",
-    )  # fmt: skip
-    ref = transformers.Gemma2ForCausalLM(config).float().eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.2))
+    spec = dict(_GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+    ref = random_gemma(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, spec)
     ref.save_pretrained(folder)
     return ref
 
