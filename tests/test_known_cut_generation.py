@@ -4,7 +4,9 @@ A generation max_new_tokens cut inside a multi-byte character (a byte-level BPE'
 replacement character, which the character teacher scored as a character it never writes (69 nats) and which
 counted 3 bytes for the 1 to 3 its tokens held. The convention: such a cut answer is scored and counted up to its
 last whole character; other bytes that are not UTF-8 (in the middle, or ending an answer that stopped) are scored
-as the replacement characters decoding writes and count the bytes they hold. The reference is written plainly:
+as the replacement characters decoding writes and count the bytes they hold. A byte-fallback tokenizer's decoder
+turns every byte of a run of `<0xNN>` tokens that is not UTF-8 into a replacement character; its generations are
+read as Python decodes their bytes, as a byte-level BPE's are. The reference is written plainly:
 the bytes of each generation as the test builds them, the incomplete tail found among all proper prefixes of every
 character's UTF-8, the character teacher's ids spelled from its alphabet, its float64 log-probs.
 """
@@ -16,6 +18,7 @@ import functools
 import numpy as np
 import pytest
 from test_eval_small_fixes import gpt2_bytes
+from test_xtok_token_bytes import byte_fallback_tokenizer
 
 from proxykd_jax.eval import per_byte
 from proxykd_jax.models.tokenizer import SPECIAL_TOKENS, build_bpe_tokenizer
@@ -144,3 +147,48 @@ def test_an_answer_of_one_cut_character_scores_nothing(setup, monkeypatch):
     assert per_byte.generation_text([lead], tok, False) == ("", 0)
     monkeypatch.setattr(per_byte, "sample_answers", lambda *a, **k: [[lead]])
     assert per_byte.generation_nats_per_byte({"s": None}, ["ab"], teacher, tok, max_new_tokens=1, seed=0) == {"s": 0.0}
+
+
+def _fallback_generations(rng, tok, n: int) -> list[tuple[list[int], bytes, bool]]:
+    """`n` random generations of a byte-fallback tokenizer (our token ids, the bytes they hold, whether they
+    ended): random characters, some with a random non-ASCII byte put in at a character boundary, cut at a random
+    byte offset (half the time inside a character), each byte its `<0xNN>` token or, half the time for a letter
+    the vocabulary holds, that letter's piece (which ends a run of byte tokens)."""
+    pieces = tok.get_vocab()
+    out = []
+    for _ in range(n):
+        chars = [c.encode("utf-8") for c in rng.choice(ALPHABET, int(rng.integers(1, 8)))]
+        if rng.random() < 0.4:
+            chars.insert(int(rng.integers(0, len(chars) + 1)), bytes([int(rng.integers(0x80, 0x100))]))
+        whole = b"".join(chars)
+        inside = sorted(set(range(1, len(whole))) - set(np.cumsum([len(x) for x in chars]).tolist()))
+        cut = int(rng.choice(inside)) if inside and rng.random() < 0.5 else int(rng.integers(1, len(whole) + 1))
+        raw = whole[:cut]
+        ids = [
+            pieces[chr(b)] if chr(b) in pieces and rng.random() < 0.5 else tok.convert_tokens_to_ids(f"<0x{b:02X}>")
+            for b in raw
+        ]
+        ended = bool(rng.random() < 0.3)
+        out.append((ids + [tok.eos_token_id] * ended, raw, ended))
+    return out
+
+
+def test_byte_fallback_generations_score_and_count_like_byte_level_ones():
+    """A SentencePiece-style byte-fallback decoder writes a replacement character for every byte of a run of byte
+    tokens that is not UTF-8, the run's whole characters too: `é` then a cut character's first byte decoded as three
+    marks, scored as no text and counted as no byte. Random generations of such a tokenizer (whole characters as
+    byte runs or letter pieces, stray bytes, cuts inside a character, some ended) are scored and counted as the
+    reference reads their bytes (`generation_text`), and every byte they hold counts in `text_bytes`."""
+    tok = byte_fallback_tokenizer()
+    seed = int(np.random.SeedSequence().entropy % (1 << 32))
+    gens = _fallback_generations(np.random.default_rng(seed), tok, 64)
+    refs = [reference_generation(raw, ended) for _, raw, ended in gens]
+    cut = sum(len(text.encode("utf-8")) < len(raw) for (text, _), (_, raw, e) in zip(refs, gens) if not e)
+    stray = sum(text.count("\ufffd") > raw.count("\ufffd".encode()) for (text, _), (_, raw, _) in zip(refs, gens))
+    assert cut >= 3 and stray >= 3, (seed, cut, stray)  # (over 300 seeds: at least 8 and 12)
+    for (ids, raw, ended), want in zip(gens, refs):
+        assert per_byte.generation_text(ids, tok, ended) == want, (seed, raw, ended)
+        assert per_byte.text_bytes(ids, tok) == len(raw), (seed, raw)
+    e_cut = [tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "é文".encode()[:3]]
+    assert tok.decode(e_cut) == "\ufffd" * 3  # the decoder's reading, which lost the é
+    assert per_byte.generation_text(e_cut, tok, False) == ("é", 2)

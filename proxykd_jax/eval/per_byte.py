@@ -29,6 +29,7 @@ from proxykd_jax.eval.folders import save_atomic, saved_teacher
 from proxykd_jax.eval.metrics import _mask, sample_answers
 from proxykd_jax.models.tokenizer import end_of_turn_id
 from proxykd_jax.parallel import hosts
+from proxykd_jax.teacher import token_bytes
 
 
 def text_bytes(ids, tokenizer) -> int:
@@ -52,7 +53,44 @@ def _decoded(ids, tokenizer) -> tuple[list[int], str, int]:
     if not words:
         return words, "", 0
     text = tokenizer.decode(words)
+    if "\ufffd" in text:  # (a byte-fallback run that is not UTF-8: decoded again as Python and byte-level BPE do)
+        lossy = _lossy_byte_runs(words, tokenizer)
+        text = text if lossy == words else tokenizer.decode(lossy)
     return words, text, len(text.encode("utf-8")) + _replaced_bytes(words, tokenizer, text)
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_fallback_ids(tokenizer) -> list[int] | None:
+    """`token_bytes.byte_fallback_ids(tokenizer)`, read once per tokenizer."""
+    return token_bytes.byte_fallback_ids(tokenizer)
+
+
+def _lossy_byte_runs(words: list[int], tokenizer) -> list[int]:
+    """`words` with every run of byte-fallback `<0xNN>` tokens whose bytes are not UTF-8 spelled again, as byte
+    tokens, in the UTF-8 of their lossy decoding: one replacement character (U+FFFD) for each maximal invalid
+    subpart, as Python's and a byte-level BPE's decoding write. A `ByteFallback` decoder writes one for every byte
+    of such a run, its whole characters' bytes too (`é` then a cut character's first byte: three). Unchanged for a
+    tokenizer without byte fallback."""
+    ids = _byte_fallback_ids(tokenizer)
+    if ids is None:
+        return words
+    byte_of = {i: b for b, i in enumerate(ids)}
+    out, run = [], []
+
+    def flush():
+        raw = bytes(byte_of[i] for i in run)
+        lossy = raw.decode("utf-8", errors="replace").encode("utf-8")
+        out.extend(run if lossy == raw else [ids[b] for b in lossy])
+        run.clear()
+
+    for w in words:
+        if w in byte_of:
+            run.append(w)
+        else:
+            flush()
+            out.append(w)
+    flush()
+    return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -157,7 +195,7 @@ def generation_text(ids, tokenizer, ended: bool) -> tuple[str, int]:
         return text, nbytes
     whole = raw[: -len(tail)].decode("utf-8", "replace")
     kept = len(whole) - len(whole.rstrip("\ufffd"))  # marks before the tail, genuine or written
-    marks = len(text) - len(text.rstrip("\ufffd"))  # those and the tail's (one; a byte-fallback decoder's: one a byte)
+    marks = len(text) - len(text.rstrip("\ufffd"))  # those and the tail's one (`_lossy_byte_runs`)
     return text[: len(text) - max(marks - kept, 0)], nbytes - len(tail)
 
 

@@ -82,6 +82,16 @@ def drops_word_start_space(tokenizer) -> bool:
     return False
 
 
+def byte_fallback_ids(tokenizer) -> list[int] | None:
+    """The id of each byte's `<0xNN>` token, by byte value, of a tokenizer with byte fallback (all 256 in its
+    vocabulary); None for any other."""
+    if not (_spec(tokenizer).get("model") or {}).get("byte_fallback"):
+        return None
+    vocab = tokenizer.get_vocab()
+    ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
+    return None if None in ids else ids
+
+
 def token_byte_table(tokenizer) -> list[bytes | None]:
     """Per token id: the token's bytes where the byte mapping fixes them, else None."""
     spec = _spec(tokenizer)
