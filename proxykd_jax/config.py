@@ -29,7 +29,7 @@ def model_group(init_from: str = "") -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
     """All groups with their owners' defaults (unlocked: callers lock it)."""
-    from proxykd_jax import context
+    from proxykd_jax import choose, context
     from proxykd_jax.align import config as align_config
     from proxykd_jax.bayes import config as bayes_config
     from proxykd_jax.data import config as data_config
@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     cfg.export = export_config()
     cfg.demo = eval_config.demo_config()
     cfg.report = report_config.default_config()
+    cfg.choose = choose.default_config()
     return cfg
 
 
@@ -128,7 +129,8 @@ def _check_mesh(cfg, stage: str | None, num_devices: int, process_count: int) ->
         ("posterior", "posterior", "batch_size", True),
         ("eval", "eval", "batch_size", True),
     ):
-        if stage not in (None, "demo", stage_name) or group not in cfg:
+        runs = (None, "demo", stage_name) + (("choose",) if stage_name in ("distill", "posterior") else ())
+        if stage not in runs or group not in cfg:  # (choose runs posterior and distill in its trials)
             continue
         value = int(cfg[group][field])
         for ways, what in (
@@ -328,6 +330,10 @@ def validate(
         _check_report_seeds(cfg.report.seeds)
     if stage in ("demo", "report") and "demo" in cfg:
         _check_known_teacher(cfg, stage)
+    if stage == "choose":  # the field, its values, and each trial's config as its own stages check it
+        from proxykd_jax import choose
+
+        choose.validate(cfg)
     if num_devices is not None and "mesh" in cfg and "mesh" in groups:
         _check_mesh(cfg, stage, num_devices, process_count)
     _check_paths(cfg, stage)

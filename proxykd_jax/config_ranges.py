@@ -87,6 +87,7 @@ _AT_LEAST = (
     ("report.pretrain_steps", 0),
     ("report.chartok_sft_steps", 0),
     ("report.style_words", 0),
+    ("choose.eval_every", 1),
 )
 # what a refused value of these fields would have meant, and what to use instead
 _HINTS = {

@@ -1,6 +1,6 @@
 """`proxykd status --config=CFG [--config.FIELD=VALUE ...]`: where does this run stand?
 
-One table, a row per stage in pipeline order (demo and report where their folders exist; one distill row per
+One table, a row per stage in pipeline order (demo, choose and report where their folders exist; one distill row per
 student folder the config names: its own, `distill.output` or student / student_sft by alpha, and the
 alpha = 0 SFT baseline where its folder exists), each with:
   * state: `finished`, `unfinished` (", other settings" where its record was made from other settings or
@@ -10,8 +10,9 @@ alpha = 0 SFT baseline where its folder exists), each with:
     in the stage's own sentence), replaces (run.overwrite), or `running now`;
   * size on disk, and a detail: the record's summary of a finished artifact, the progress of an unfinished
     one where cheap to read (collect's samples, align's phases and distill's last checkpoint step from the
-    checkpoint folders' names, posterior's pass-1 chunks and pass-2 shards, eval's scored models, the
-    report's variant results), what changed, and an upstream artifact that is unfinished or has other settings.
+    checkpoint folders' names, posterior's pass-1 chunks and pass-2 shards, eval's scored models, choose's
+    finished trials, the report's variant results), what changed, and an upstream artifact that is unfinished or
+    has other settings.
 
 The decisions are the stages' own (`context.artifacts.outlook`, which `open_artifact` acts on). Read-only: it
 takes no lock (the header names a lock's holder: pid, host, stage, the artifact it writes, since, and whether it
@@ -40,8 +41,8 @@ from proxykd_jax.context.records import read_record, record_path
 from proxykd_jax.context.specs import ARTIFACTS
 from proxykd_jax.errors import ProxyKDError, one_line
 
-ORDER = ("demo", "collect", "prepare", "prior", "align", "posterior", "distill", "eval", "export", "report")
-WHERE_PRESENT = ("demo", "report")  # rows shown only where the artifact exists (another command makes them)
+ORDER = ("demo", "collect", "prepare", "prior", "align", "posterior", "distill", "eval", "export", "choose", "report")
+WHERE_PRESENT = ("demo", "choose", "report")  # rows shown only where the artifact exists (another command makes them)
 SHOWN_CHANGES = 3
 USAGE = "usage: proxykd status --config=CONFIG_FILE[:ARG] [--config.FIELD=VALUE ...]\n\n" + __doc__.split("\n\n")[1]
 
@@ -235,6 +236,17 @@ def report_progress(cfg, folder: pathlib.Path) -> str:
     return f"{sum(p.exists() for p in variants)} of {len(variants)} variant results"
 
 
+def choose_progress(cfg, folder: pathlib.Path) -> str:
+    """Trials whose student is finished, of those `choose.candidates` names (`choose.trials`)."""
+    from proxykd_jax import choose
+
+    planned = choose.trials(cfg)
+    done = sum(
+        bool((read_record(folder / t.name / student_name(t.cfg.distill), False) or {}).get("finished")) for t in planned
+    )
+    return f"{done} of {len(planned)} trials' students finished"
+
+
 def progress(name: str, cfg, paths: RunPaths, path: pathlib.Path) -> str:
     """How far the unfinished artifact at `path` got, where that is cheap to read ("" elsewhere)."""
     if name == "collect":
@@ -251,6 +263,8 @@ def progress(name: str, cfg, paths: RunPaths, path: pathlib.Path) -> str:
         return f"scored: {', '.join(scored)}" if scored else "nothing scored yet"
     if name == "report":
         return report_progress(cfg, path)
+    if name == "choose":
+        return choose_progress(cfg, path)
     return ""
 
 
@@ -283,6 +297,8 @@ def summary(name: str, rec: dict, cfg, path: pathlib.Path) -> str:
         return f"step {s['step']}"
     if name == "report":
         return report_progress(cfg, path)
+    if name == "choose":
+        return f"{cfg.choose.field}={s['chosen']} chosen of {s['values']} values"
     return ""
 
 

@@ -577,6 +577,25 @@ CASES = [
     ),
     Case("demo-mesh-two-fill-axes", "demo", ("--config.mesh.shape.tensor=-1",), ("at most one -1",), run_dir="missing"),
     Case("demo-steps-negative", "demo", ("--config.train.steps=-1",), ("train.steps=-1",), True, run_dir="missing"),
+    # ---------------------------------------------------------------- choose
+    Case("choose-field-fixed", "choose", ("--config.choose.field=posterior.proxy",), ("cannot be chosen",), True),
+    Case(
+        "choose-candidate-not-a-number",
+        "choose",
+        ("--config.choose.field=distill.loss.alpha", "--config.choose.candidates=0.5,half"),
+        ("config.choose.candidates", "'half'", "a finite number"),
+        True,
+    ),
+    Case(
+        "choose-split-unknown",
+        "choose",
+        (
+            "--config.choose.field=distill.loss.alpha",
+            "--config.choose.candidates=0.5,1",
+            "--config.choose.eval_split=x",
+        ),
+        ("config.choose.eval_split='x'", "not a split"),
+    ),
     # ---------------------------------------------------------------- report
     Case("report-variant-unknown", "report", ("--config.report.variants=sft,nope",), ("report.variants", "nope")),
     Case("report-seeds-not-integers", "report", ("--config.report.seeds=0,x",), ("comma-separated integers",), True),

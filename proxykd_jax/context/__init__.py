@@ -290,7 +290,9 @@ def _needs(cfg, stage: str, paths: RunPaths) -> list[tuple[pathlib.Path, str, st
         return [(corpus, "the collected corpus (data.corpus is empty)", "collect")]
     if stage in ("prior", "align", "eval"):
         return [prepared]
-    if stage == "posterior":
+    if stage == "choose" and not str(cfg.choose.field).startswith("posterior."):
+        return [prepared, (paths.posterior, "the posterior store", "posterior")]
+    if stage in ("posterior", "choose"):
         proxy = pathlib.Path(cfg.posterior.proxy or paths.proxy / "final").expanduser()
         return [
             prepared,

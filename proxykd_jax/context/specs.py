@@ -246,6 +246,11 @@ ARTIFACTS: dict[str, Spec] = {
         )
         + ("report.seeds", "report.variants"),
     ),
+    "choose": Spec(  # the trials of one field (choose.py): each its own run directory, choice.json
+        path=lambda cfg, paths: paths.root / "choose" / str(cfg.choose.field),
+        # each trial's stages record and check their own settings; a value added later is one more trial
+        fields=("choose.field",),
+    ),
     "export": Spec(
         path=lambda cfg, paths: pathlib.Path(cfg.export.out).expanduser() if cfg.export.out else paths.export,
         fields=("export.*", "model.*"),

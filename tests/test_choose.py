@@ -1,0 +1,165 @@
+"""`proxykd choose` on a real tiny run: one trial run directory per candidate value, its posterior (for a
+posterior field) and its student made there, the value of the lowest validation loss chosen; a killed trial
+resumes and finished ones are reused, a candidate added later is one more trial, a distill field shares the run's
+posterior, and bad choices are refused in one sentence before any work."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+from pipeline_fixtures import build_run
+from stage_helpers import Stop, interrupted_distill, run_stage
+
+from proxykd_jax import config as config_lib
+from proxykd_jax import stages, status
+from proxykd_jax.context import preflight
+from proxykd_jax.context.records import read_record
+from proxykd_jax.errors import ConfigError, ProxyKDError
+
+
+def _with(cfg, **fields):
+    """A copy of `cfg` with `group__field=value` set (`__` for the dots of a field's path)."""
+    cfg = cfg.copy_and_resolve_references()
+    cfg.update_from_flattened_dict({key.replace("__", "."): value for key, value in fields.items()})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The tiny run (6 distill steps) with prepared data, prior and posterior (the proxy: its init folder)."""
+    root = tmp_path_factory.mktemp("choose")
+    cfg, _ = build_run(root / "run")
+    cfg = _with(cfg, posterior__proxy=str(root / "run" / "proxy_init"), choose__eval_every=3)
+    for stage in ("prior", "posterior"):
+        run_stage(stage, cfg)
+    return cfg
+
+
+def _eval_rows(student: pathlib.Path) -> list[dict]:
+    rows = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval_loss" in r]
+
+
+def _updated(folder: pathlib.Path) -> str:
+    return read_record(folder, False)["updated"]
+
+
+def _check_choice(choice: dict, folder: pathlib.Path, names: list[str]) -> None:
+    """Every trial's lowest eval loss and step are its student's metrics', and the lowest of them is chosen."""
+    assert [str(r["value"]) for r in choice["trials"]] == names
+    for row, name in zip(choice["trials"], names):
+        evals = _eval_rows(folder / name / "student")
+        assert [r["step"] for r in evals] == [3, 6]  # choose.eval_every = 3, on the align split
+        best = min(evals, key=lambda r: r["eval_loss"])
+        assert (row["best_step"], row["best_eval_loss"]) == (best["step"], pytest.approx(best["eval_loss"], rel=1e-6))
+        assert row["student"] == str(folder / name / "student")
+    assert choice["chosen"] == min(choice["trials"], key=lambda r: r["best_eval_loss"])["value"]
+    assert json.loads((folder / "choice.json").read_text()) == choice
+
+
+def test_a_posterior_field_gets_a_posterior_and_student_per_value_resumes_and_reuses(run, monkeypatch):
+    """posterior.own_token over leave_out and count: a posterior and a student in each trial, the stores the value
+    asks for, the run's prepared and prior linked; the count trial killed in its distill resumes from its checkpoint
+    and the leave_out trial is reused; a third value later trains that one trial only."""
+    cfg = _with(run, choose__field="posterior.own_token", choose__candidates="leave_out,count")
+    folder = pathlib.Path(cfg.run.dir) / "choose" / "posterior.own_token"
+    real = stages.run_stage
+
+    def killed_once(name, ctx, **kwargs):  # the count trial's student stopped after its step-3 checkpoint
+        if name == "distill" and ctx.paths.root.name == "count" and not (ctx.paths.root / "student").exists():
+            interrupted_distill(ctx.cfg, 5)
+            raise Stop
+        return real(name, ctx, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(stages, "run_stage", killed_once)
+        with pytest.raises(Stop):
+            run_stage("choose", cfg)
+    first = _updated(folder / "leave_out" / "student")
+    assert (folder / "count" / "student" / "checkpoints").exists() and not (folder / "choice.json").exists()
+    choice = run_stage("choose", cfg)
+    _check_choice(choice, folder, ["leave_out", "count"])
+    assert _updated(folder / "leave_out" / "student") == first  # reused, not trained again
+    for name, counted in (("leave_out", False), ("count", True)):
+        trial = folder / name
+        for link in ("prepared", "prior"):
+            assert (trial / link).is_symlink() and (trial / link).resolve() == (pathlib.Path(cfg.run.dir) / link)
+        estimate = json.loads((trial / "posterior" / "estimate.json").read_text())
+        assert estimate["count_own_token"] is counted
+        assert read_record(trial / "posterior", False)["fields"]["posterior.own_token"] == name
+    assert read_record(folder, False)["summary"] == {"chosen": choice["chosen"], "values": 2}
+
+    before = {name: _updated(folder / name / "student") for name in ("leave_out", "count")}
+    more = run_stage("choose", _with(cfg, choose__candidates="leave_out,count,0.5"))
+    _check_choice(more, folder, ["leave_out", "count", "0.5"])
+    assert more["trials"][:2] == choice["trials"]
+    assert {name: _updated(folder / name / "student") for name in before} == before
+    assert json.loads((folder / "0.5" / "posterior" / "estimate.json").read_text())["own_weight"] == 0.5
+    rows = {row.artifact: row for row in status.stage_rows(_with(cfg, choose__candidates="leave_out,count,0.5"))}
+    row = rows["choose/posterior.own_token/"]
+    assert (row.state, row.next) == ("finished", "reuses")
+    assert "; ".join(row.detail) == f"posterior.own_token={more['chosen']} chosen of 3 values"
+
+
+def test_a_distill_field_shares_the_runs_posterior(run):
+    """distill.loss.alpha over 0.3 and 1.0: no posterior of their own (the run's, linked), a student each."""
+    cfg = _with(run, choose__field="distill.loss.alpha", choose__candidates="0.3,1.0")
+    folder = pathlib.Path(cfg.run.dir) / "choose" / "distill.loss.alpha"
+    choice = run_stage("choose", cfg)
+    _check_choice(choice, folder, ["0.3", "1.0"])
+    assert [r["value"] for r in choice["trials"]] == [0.3, 1.0]  # the field's type
+    for name, alpha in (("0.3", 0.3), ("1.0", 1.0)):
+        trial = folder / name
+        assert (trial / "posterior").is_symlink()
+        assert (trial / "posterior").resolve() == pathlib.Path(cfg.run.dir) / "posterior"
+        assert read_record(trial / "student", False)["fields"]["distill.loss.alpha"] == alpha
+
+
+@pytest.mark.parametrize(
+    "fields, expect",
+    [
+        (dict(choose__field="train.steps"), "config.choose.field='train.steps' is not a posterior or distill"),
+        (dict(choose__field="posterior.nope"), "is not a posterior or distill setting; choose one of"),
+        (dict(choose__field="posterior.proxy"), "config.choose.field='posterior.proxy' cannot be chosen"),
+        (dict(choose__candidates="count"), "must name at least two different values of posterior.own_token"),
+        (dict(choose__candidates="count, count"), "must name at least two different values"),
+        (dict(choose__candidates="leave_out,bogus"), "with posterior.own_token=bogus: config.posterior.own_token="),
+        (dict(choose__field="distill.loss.alpha", choose__candidates="0.5,abc"), "'abc' is not a value of"),
+        (dict(choose__field="distill.loss.alpha", choose__candidates="0.5,-1"), "distill.loss.alpha=-1"),
+        (dict(choose__field="posterior.use_weights", choose__candidates="true,maybe"), "takes true or false"),
+        (dict(choose__candidates="leave_out,../up"), "names the trial's folder"),
+        (dict(choose__eval_every=7), "config.choose.eval_every=7 must be between 1 and train.steps=6"),
+        (dict(choose__eval_every=0), "config.choose.eval_every=0"),
+        (dict(choose__eval_split="distill"), "is the split the students train on (distill.split)"),
+    ],
+)
+def test_bad_choices_are_refused_before_any_work(run, fields, expect):
+    cfg = _with(run, **fields)
+    with pytest.raises(ConfigError, match=None) as e:
+        config_lib.validate(cfg, "choose")
+    assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_inputs_are_named_before_any_work(run, tmp_path):
+    """Before any work: without prepared data, `prepare` is named; without the run's posterior a distill field names
+    the posterior stage; without an aligned proxy a posterior field names align; a split the prepared data does not
+    have names choose.eval_split. Nothing is written."""
+    with pytest.raises(ProxyKDError, match=r"the prepared data is missing; run `proxykd prepare` first"):
+        preflight(_with(run, run__dir=str(tmp_path / "none")), "choose")
+    bare = tmp_path / "bare"  # the run's prepared data and prior, nothing else
+    bare.mkdir()
+    for name in ("prepared", "prior"):
+        (bare / name).symlink_to(pathlib.Path(run.run.dir) / name)
+    bare_cfg = _with(run, run__dir=str(bare), posterior__proxy="")
+    with pytest.raises(ProxyKDError, match=r"the posterior store is missing; run `proxykd posterior` first"):
+        preflight(_with(bare_cfg, choose__field="distill.loss.alpha", choose__candidates="0.5,1.0"), "choose")
+    with pytest.raises(ProxyKDError, match=r"the aligned proxy is missing; run `proxykd align` first"):
+        preflight(bare_cfg, "choose")
+    with pytest.raises(ProxyKDError, match=r"config.choose.eval_split='nosuch' is not a split of .*; choose one of"):
+        run_stage(
+            "choose", _with(run, choose__field="posterior.n_max", choose__candidates="4,8", choose__eval_split="nosuch")
+        )
+    assert sorted(p.name for p in bare.iterdir()) == ["prepared", "prior"] and not (tmp_path / "none").exists()
+    assert not (pathlib.Path(run.run.dir) / "choose" / "posterior.n_max").exists()
