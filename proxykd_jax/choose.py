@@ -1,25 +1,30 @@
-"""`proxykd choose`: one posterior or distill setting chosen by the students' validation loss.
+"""`proxykd choose`: one setting chosen by the students' validation loss.
 
 Some settings are measured, not derived: whether the stored posterior counts the response's own token
-(`posterior.own_token`) helps on one teacher–proxy pair and hurts on another (docs/METHOD.md), and the KL weight
-`distill.loss.alpha` or the proxy's evidence `posterior.n_max` have no value right for every pair. `choose` tries
-each value of `choose.field` in `choose.candidates` and keeps the one whose student scores best on text none of them
-trained on.
+(`posterior.own_token`) helps on one teacher–proxy pair and hurts on another, and so does aligning the proxy at all
+(README, Results); the KL weight `distill.loss.alpha` or the proxy's evidence `posterior.n_max` have no value right
+for every pair. `choose` tries each value of `choose.field` in `choose.candidates` and keeps the one whose student
+scores best on text none of them trained on.
 
-Each value is a run directory of its own, `<run>/choose/<field>/<value>/`, whose `prepared` and `prior` (and, for a
-`distill.*` field, `posterior`) are links to the run's. There the posterior stage (for a `posterior.*` field) and the
-distill stage run with the field set to the value, the student scored every `choose.eval_every` steps on
-`choose.eval_split` (the `align` split by default: no stage distils on it, and `heldout` stays for `eval`), its
-lowest-loss step kept (`distill.keep_best`). The value whose student reached the lowest loss is chosen;
-`<run>/choose/<field>/choice.json` holds every value's lowest loss (per token of the split's responses) and its step.
-Every trial is an ordinary run directory: each stage in it resumes after `kill -9`, one made with other settings is
-refused as anywhere else (`run.overwrite` replaces it), values added later reuse the trials already finished, and
-`eval` or `export` run in a trial's directory as in any run.
+A field is tried where it acts: a trial runs the stages of prior, align, posterior and distill whose artifact depends
+on the field (the artifact table, `context.specs`) and every later one that reads theirs (`stages_for`:
+`posterior.own_token` runs posterior and distill; `align.rounds` align, posterior and distill; `distill.loss.alpha`
+distill alone). Each value is a run directory of its own, `<run>/choose/<field>/<value>/`, whose folders of the
+stages it does not run (`prepared`, and `prior`, `proxy` or `posterior`) are links to the run's (`links`). Its student
+is scored every `choose.eval_every` steps on `choose.eval_split` (the `align` split by default: no stage distils on
+it, and `heldout` stays for `eval`) and its lowest-loss step kept (`distill.keep_best`). The value whose student
+reached the lowest loss is chosen; `<run>/choose/<field>/choice.json` holds every value's lowest loss (per token of
+the split's responses) and its step. Every trial is an ordinary run directory: each stage in it resumes after
+`kill -9`, one made with other settings is refused as anywhere else (`run.overwrite` replaces it), values added later
+reuse the trials already finished, and `eval` or `export` run in a trial's directory as in any run. Fields that place
+inputs or outputs, score the students, change the prepared data every trial shares, or change no result are refused
+before any work (`FIXED`, `_check_field`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import math
 import pathlib
@@ -32,27 +37,68 @@ from proxykd_jax.errors import ConfigError, ProxyKDError
 log = logging.getLogger(__name__)
 
 CHOICE = "choice.json"
-# Fields a trial may not vary: where its inputs or outputs are, how its students are scored, and settings that
-# change no result (a memory bound, a kernel choice).
+# The stages a trial may run, in pipeline order, each with the stages whose artifacts it reads, and the run
+# directory's folder its own artifact is (linked into a trial that does not run it).
+CHAIN = ("prior", "align", "posterior", "distill")
+READS = {"prior": (), "align": (), "posterior": ("prior", "align"), "distill": ("posterior",)}
+FOLDER = {"prepare": "prepared", "prior": "prior", "align": "proxy", "posterior": "posterior"}
+# Fields a trial may not vary: where its inputs or outputs are, how its students are scored and kept, and the
+# run's own settings (the path fields, `specs.PATH_FIELDS`, too).
 FIXED = (
-    "posterior.proxy",
-    "posterior.batch_size",
-    "posterior.chunk_tokens",
-    "posterior.kernel",
+    "run.*",
+    "mesh.*",
+    "choose.*",
+    "train.eval_every",
     "distill.output",
     "distill.split",
     "distill.eval_split",
     "distill.keep_best",
     "distill.white_box",
-    "distill.loss.chunk_size",
 )
+
+
+def stages_for(field: str) -> tuple[str, ...]:
+    """The stages a trial of `field` runs: those of `CHAIN` whose artifact depends on it (`context.specs`), and
+    every later one that reads one of theirs; () where none does (then it changes none of their results)."""
+    from proxykd_jax.context.artifacts import depends
+    from proxykd_jax.context.specs import ARTIFACTS
+
+    run: list[str] = []
+    for stage in CHAIN:
+        if depends(ARTIFACTS[stage], field) or any(up in run for up in READS[stage]):
+            run.append(stage)
+    return tuple(run)
+
+
+def links(cfg, field: str) -> tuple[str, ...]:
+    """The run directory's folders a trial of `field` reads as they are: links in its own directory."""
+    run = stages_for(field)
+    linked = ["prepared"] + [FOLDER[s] for s in ("prior", "posterior") if s not in run]
+    if "align" not in run and "posterior" in run and not str(cfg.posterior.proxy):
+        linked.append("proxy")  # (posterior.proxy set: the trials' posteriors read that folder)
+    return tuple(linked)
+
+
+def needs(cfg, paths: RunPaths) -> list[tuple[pathlib.Path, str, str]]:
+    """(path that must exist, what it is, the stage that makes it) for the trials of `cfg`'s `choose.field`,
+    checked before any work (`context.preflight`)."""
+    run = stages_for(str(cfg.choose.field))
+    out = [(paths.prepared / "manifest.json", "the prepared data", "prepare")]
+    if "posterior" in run and "prior" not in run:
+        out.append((paths.prior, "the prior tables", "prior"))
+    if "posterior" in run and "align" not in run:
+        proxy = pathlib.Path(cfg.posterior.proxy or paths.proxy / "final").expanduser()
+        out.append((proxy / "config.json", "the aligned proxy", "align"))
+    if "posterior" not in run:
+        out.append((paths.posterior, "the posterior store", "posterior"))
+    return out
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The `choose` group."""
     cd = ml_collections.ConfigDict()
-    cd.field = "posterior.own_token"  # the setting to choose: a posterior.* or distill.* field
-    cd.candidates = "leave_out,count"  # its values to try, comma-separated (each its own posterior and/or student)
+    cd.field = "posterior.own_token"  # the setting to choose: one of prior, align, posterior or distill (align.rounds)
+    cd.candidates = "leave_out,count"  # its values to try, comma-separated: a trial run directory each
     cd.eval_every = 50  # score each trial's student every N distill steps (at most train.steps)
     cd.eval_split = "align"  # the split the students are scored on (no stage distils on it)
     return cd
@@ -88,18 +134,41 @@ def _parse(field: str, text: str, like):
 
 
 def _check_field(cfg) -> str:
+    from proxykd_jax.context.artifacts import depends
+    from proxykd_jax.context.specs import ARTIFACTS, PATH_FIELDS
+
     field = str(cfg.choose.field).strip()
-    group = field.split(".", 1)[0]
-    flat = set(_flatten(cfg))
-    if group not in ("posterior", "distill") or field not in flat:
-        known = sorted(k for k in flat if k.split(".", 1)[0] in ("posterior", "distill") and k not in FIXED)
+    flat = _flatten(cfg)
+    if field not in flat:
         raise ConfigError(
-            f"config.choose.field={field!r} is not a posterior or distill setting; choose one of: {', '.join(known)}."
+            f"config.choose.field={field!r} is not a config field; name one as --config.FIELD names it, e.g. "
+            "posterior.own_token, posterior.n_max, distill.loss.alpha or align.rounds."
         )
-    if field in FIXED:
+    if not isinstance(flat[field], (bool, int, float, str)):
+        raise ConfigError(
+            f"config.choose.field={field!r} holds a {type(flat[field]).__name__}; choose tries settings that take one "
+            "number, word or true/false."
+        )
+    if any(fnmatch.fnmatchcase(field, pattern) for pattern in FIXED) or field in PATH_FIELDS:
         raise ConfigError(
             f"config.choose.field={field!r} cannot be chosen: every trial keeps it as the run has it (it places the "
-            "trials' inputs or outputs, scores their students, or changes no result)."
+            "trials' inputs or outputs, scores or keeps their students, or is the run's own setting)."
+        )
+    if depends(ARTIFACTS["prepare"], field):
+        raise ConfigError(
+            f"config.choose.field={field!r} changes the prepared data, which every trial shares; choose a setting of "
+            "prior, align, posterior or distill."
+        )
+    run = stages_for(field)
+    if not run:
+        raise ConfigError(
+            f"config.choose.field={field!r} changes no result of prior, align, posterior or distill (it bounds memory "
+            "or time, or no stage of theirs reads it); choose a setting that does."
+        )
+    if "align" in run and str(cfg.posterior.proxy):
+        raise ConfigError(
+            f"config.choose.field={field!r} makes each trial align its own proxy, but posterior.proxy names a proxy "
+            "folder its posterior would read instead; set --config.posterior.proxy='' (the aligned proxy)."
         )
     return field
 
@@ -148,9 +217,6 @@ def trials(cfg) -> list[Trial]:
             trial.train.eval_every = every
             trial.distill.eval_split = str(cfg.choose.eval_split)
             trial.distill.keep_best = True
-            proxy = RunPaths.from_config(cfg).proxy / "final"  # the run's aligned proxy (a trial has no proxy/)
-            if not str(cfg.posterior.proxy) and proxy.exists():  # (missing: the stage's preflight names `align`)
-                trial.posterior.proxy = str(proxy.expanduser().resolve())
             group, *rest = field.split(".")
             node = trial[group]
             for part in rest[:-1]:
@@ -165,7 +231,7 @@ def validate(cfg) -> None:
     from proxykd_jax import config as config_lib
 
     for trial in trials(cfg):
-        for stage in ("posterior", "distill") if str(cfg.choose.field).startswith("posterior.") else ("distill",):
+        for stage in stages_for(str(cfg.choose.field)):
             try:
                 config_lib.validate(trial.cfg, stage)
             except ConfigError as e:
@@ -201,14 +267,13 @@ def run_choose(ctx, run_stage) -> dict:
     prepared.require_samples(
         split, short=" to score the trials' students on", fix="choose another --config.choose.eval_split, or "
     )
-    on_posterior = field.startswith("posterior.")
+    run, linked = stages_for(field), links(cfg, field)
     art = ctx.artifact("choose")
     if not art.done:
         art.begin()
-    links = ("prepared", "prior") if on_posterior else ("prepared", "prior", "posterior")
     if ctx.is_writer:
         for trial in planned:
-            _link(art.work / trial.name, links)
+            _link(art.work / trial.name, linked)
     hosts.sync("choose_links")
     rows = []
     for i, trial in enumerate(planned):
@@ -218,8 +283,8 @@ def run_choose(ctx, run_stage) -> dict:
         # (the run directory's lock, which `ctx` holds, covers the trials)
         tctx = dataclasses.replace(ctx.with_config(trial.cfg), paths=RunPaths(folder), lock=None)
         log.info("choose: %s=%s (%d of %d)", field, trial.name, i + 1, len(planned))
-        if on_posterior:
-            run_stage("posterior", tctx)
+        for stage in run[:-1]:
+            run_stage(stage, tctx)
         summary = run_stage("distill", tctx)
         rows.append(
             {

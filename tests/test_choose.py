@@ -117,12 +117,33 @@ def test_a_distill_field_shares_the_runs_posterior(run):
         assert read_record(trial / "student", False)["fields"]["distill.loss.alpha"] == alpha
 
 
+def test_an_align_field_aligns_a_proxy_in_each_trial(run):
+    """align.rounds over 0 and 1: each trial aligns its own proxy (SFT alone, or SFT and one DPO round), makes
+    its posterior from it and its student; only the prepared data and the prior are the run's."""
+    cfg = _with(run, posterior__proxy="", choose__field="align.rounds", choose__candidates="0,1")
+    folder = pathlib.Path(cfg.run.dir) / "choose" / "align.rounds"
+    choice = run_stage("choose", cfg)
+    _check_choice(choice, folder, ["0", "1"])
+    for name, phases in (("0", ["sft"]), ("1", ["round_000", "sft"])):
+        trial = folder / name
+        assert sorted(p.name for p in trial.iterdir() if p.is_symlink()) == ["prepared", "prior"]
+        assert sorted(p.name for p in (trial / "proxy").iterdir() if p.name in ("sft", "round_000")) == phases
+        assert (trial / "proxy" / "final" / "config.json").exists()
+        # its posterior read its own aligned proxy
+        assert read_record(trial / "posterior", False)["inputs"]["proxy"] == read_record(trial / "proxy", False)["hash"]
+
+
 @pytest.mark.parametrize(
     "fields, expect",
     [
-        (dict(choose__field="train.steps"), "config.choose.field='train.steps' is not a posterior or distill"),
-        (dict(choose__field="posterior.nope"), "is not a posterior or distill setting; choose one of"),
+        (dict(choose__field="posterior.nope"), "config.choose.field='posterior.nope' is not a config field"),
         (dict(choose__field="posterior.proxy"), "config.choose.field='posterior.proxy' cannot be chosen"),
+        (dict(choose__field="run.seed"), "config.choose.field='run.seed' cannot be chosen"),
+        (dict(choose__field="distill.eval_split"), "config.choose.field='distill.eval_split' cannot be chosen"),
+        (dict(choose__field="data.seq_len"), "changes the prepared data, which every trial shares"),
+        (dict(choose__field="posterior.chunk_tokens"), "changes no result of prior, align, posterior or distill"),
+        (dict(choose__field="align.rounds"), "makes each trial align its own proxy, but posterior.proxy names"),
+        (dict(choose__field="align.lora.targets"), "holds a tuple; choose tries settings that take one"),
         (dict(choose__candidates="count"), "must name at least two different values of posterior.own_token"),
         (dict(choose__candidates="count, count"), "must name at least two different values"),
         (dict(choose__candidates="leave_out,bogus"), "with posterior.own_token=bogus: config.posterior.own_token="),

@@ -262,6 +262,27 @@ def _stop_one_of_two(cfg, tmp_path, devices: int, wait_s: float, sig=signal.SIGK
     return code, took, logs[0].read()
 
 
+def test_choose_makes_the_same_choice(base, tmp_path):
+    """`proxykd choose` over distill.loss.alpha: the trials' links made once, their students scored in lockstep on
+    every process, and the same lowest losses (1e-5), steps and choice on 2 processes as on 1."""
+    one, two = two_runs(base, tmp_path, "choose")
+    for cfg in (one, two):
+        cfg.choose.field, cfg.choose.candidates, cfg.choose.eval_every = "distill.loss.alpha", "0.5,1.0", 2
+    launch = Launch("choose", two, tmp_path / "choose.log")
+    run_stage("choose", one)
+    launch.wait()
+    first, second = (
+        json.loads((pathlib.Path(c.run.dir) / "choose" / "distill.loss.alpha" / "choice.json").read_text())
+        for c in (one, two)
+    )
+    assert first["chosen"] == second["chosen"] and [r["value"] for r in first["trials"]] == [0.5, 1.0]
+    for a, b in zip(first["trials"], second["trials"]):
+        assert a["best_step"] == b["best_step"] in (2, 4)
+        np.testing.assert_allclose(a["best_eval_loss"], b["best_eval_loss"], rtol=1e-5)
+    trial = pathlib.Path(two.run.dir) / "choose" / "distill.loss.alpha" / "0.5"
+    assert sorted(p.name for p in trial.iterdir() if p.is_symlink()) == ["posterior", "prepared", "prior"]
+
+
 def test_a_process_whose_peer_is_killed_stops_at_once_in_one_line(base, tmp_path):
     """`kill -9` of one process mid-distill: the other printed the broken collective's traceback, then waited at
     jax's shutdown barrier for the heartbeat timeout (100 s) and aborted with a C++ stack trace (exit 134). Now

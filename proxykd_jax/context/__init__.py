@@ -290,9 +290,11 @@ def _needs(cfg, stage: str, paths: RunPaths) -> list[tuple[pathlib.Path, str, st
         return [(corpus, "the collected corpus (data.corpus is empty)", "collect")]
     if stage in ("prior", "align", "eval"):
         return [prepared]
-    if stage == "choose" and not str(cfg.choose.field).startswith("posterior."):
-        return [prepared, (paths.posterior, "the posterior store", "posterior")]
-    if stage in ("posterior", "choose"):
+    if stage == "choose":  # what the trials of its field read from the run
+        from proxykd_jax import choose
+
+        return choose.needs(cfg, paths)
+    if stage == "posterior":
         proxy = pathlib.Path(cfg.posterior.proxy or paths.proxy / "final").expanduser()
         return [
             prepared,

@@ -93,11 +93,16 @@ _ADDED_FIELDS |= {  # the model's Gemma 3 numerics
 }
 
 
+def depends(spec: Spec, key: str) -> bool:
+    """Whether the artifact of `spec` depends on config field `key` (a dotted key)."""
+    return _matches(key, spec.fields) and not _matches(key, spec.ignore)
+
+
 def depends_on(cfg, spec: Spec) -> dict:
     """{dotted key: value} of the config fields `spec` depends on, as JSON values (less `_ADDED_FIELDS` at the
     value that runs before them computed; `PATH_FIELDS` as what they name: `resolve_path`)."""
     flat = flatten(cfg.to_dict())
-    picked = {k: v for k, v in flat.items() if _matches(k, spec.fields) and not _matches(k, spec.ignore)}
+    picked = {k: v for k, v in flat.items() if depends(spec, k)}
     missing = object()
     picked = {k: v for k, v in picked.items() if _ADDED_FIELDS.get(k.rsplit(".", 1)[-1], missing) != v}
     picked = {k: resolve_path(k, v) if k in PATH_FIELDS and isinstance(v, str) else v for k, v in picked.items()}

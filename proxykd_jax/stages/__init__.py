@@ -60,8 +60,8 @@ STAGES = {
         "Run the whole pipeline on the built-in tiny known-teacher setup.", (), one_process="it runs collect and serve"
     ),
     "choose": Stage(
-        "Choose a posterior or distill setting by the students' validation loss: one trial per value.",
-        ("run", "mesh", "model", "proxy", "data", "prior", "posterior", "optim", "train", "distill", "choose"),
+        "Choose a setting (posterior.own_token, align.rounds, ...) by the students' validation loss, one trial each.",
+        ("run", "mesh", "model", "proxy", "data", "prior", "align", "posterior", "optim", "train", "distill", "choose"),
     ),
     "report": Stage(
         "Ablation report: every part of Proxy-KD over settings and seeds, with plots.",
