@@ -118,16 +118,16 @@ def test_a_distill_field_shares_the_runs_posterior(run):
 
 
 def test_an_align_field_aligns_a_proxy_in_each_trial(run):
-    """align.rounds over 0 and 1: each trial aligns its own proxy (SFT alone, or SFT and one DPO round), makes
-    its posterior from it and its student; only the prepared data and the prior are the run's."""
-    cfg = _with(run, posterior__proxy="", choose__field="align.rounds", choose__candidates="0,1")
-    folder = pathlib.Path(cfg.run.dir) / "choose" / "align.rounds"
+    """align.sft_steps over 2 and 4 (no DPO round): each trial aligns its own proxy, makes its posterior from it and
+    its student; only the prepared data and the prior are the run's."""
+    cfg = _with(run, posterior__proxy="", align__rounds=0, choose__field="align.sft_steps", choose__candidates="2,4")
+    folder = pathlib.Path(cfg.run.dir) / "choose" / "align.sft_steps"
     choice = run_stage("choose", cfg)
-    _check_choice(choice, folder, ["0", "1"])
-    for name, phases in (("0", ["sft"]), ("1", ["round_000", "sft"])):
+    _check_choice(choice, folder, ["2", "4"])
+    for name, steps in (("2", 2), ("4", 4)):
         trial = folder / name
         assert sorted(p.name for p in trial.iterdir() if p.is_symlink()) == ["prepared", "prior"]
-        assert sorted(p.name for p in (trial / "proxy").iterdir() if p.name in ("sft", "round_000")) == phases
+        assert read_record(trial / "proxy", False)["fields"]["align.sft_steps"] == steps
         assert (trial / "proxy" / "final" / "config.json").exists()
         # its posterior read its own aligned proxy
         assert read_record(trial / "posterior", False)["inputs"]["proxy"] == read_record(trial / "proxy", False)["hash"]
