@@ -64,22 +64,34 @@ def setup(tmp_path_factory):
     return teacher, tok
 
 
+def _random_bytes(rng) -> tuple[list[bytes], bytes]:
+    """(pieces, raw): random characters' UTF-8, some with a random non-ASCII byte put in at a character boundary,
+    and their bytes cut at a random offset (half the time one inside a character, where there is one)."""
+    pieces = [c.encode("utf-8") for c in rng.choice(ALPHABET, int(rng.integers(1, 8)))]
+    if rng.random() < 0.4:
+        pieces.insert(int(rng.integers(0, len(pieces) + 1)), bytes([int(rng.integers(0x80, 0x100))]))
+    whole = b"".join(pieces)
+    inside = sorted(set(range(1, len(whole))) - set(np.cumsum([len(x) for x in pieces]).tolist()))
+    cut = int(rng.choice(inside)) if inside and rng.random() < 0.5 else int(rng.integers(1, len(whole) + 1))
+    return pieces, whole[:cut]
+
+
+def _references(gens) -> tuple[list[tuple[str, int]], int, int]:
+    """(each generation's reference reading, how many were cut inside a character, how many hold a stray byte)."""
+    refs = [reference_generation(raw, ended) for _, raw, ended in gens]
+    cut = sum(len(text.encode("utf-8")) < len(raw) for (text, _), (_, raw, e) in zip(refs, gens) if not e)
+    stray = sum(text.count("\ufffd") > raw.count("\ufffd".encode()) for (text, _), (_, raw, _) in zip(refs, gens))
+    return refs, cut, stray
+
+
 def _generations(rng, tok, n: int) -> list[tuple[list[int], bytes, bool]]:
-    """`n` random generations (our token ids, the bytes they hold, whether they ended): random text cut at a
-    random byte offset (half the time one inside a character, where there is one; the bytes past the last whole
-    character as single byte tokens), some with a random non-ASCII byte token put in at a random character
-    boundary, some ended (our eos after them)."""
+    """`n` random generations (our token ids, the bytes they hold, whether they ended) of `_random_bytes` (whole
+    characters through the BPE, the bytes past the last whole one and a stray byte as single byte tokens), some
+    ended (our eos after them)."""
     byte_token = {b: tok.convert_tokens_to_ids(c) for c, b in gpt2_bytes().items()}
     out = []
     for _ in range(n):
-        chars = list(rng.choice(ALPHABET, int(rng.integers(1, 8))))
-        if rng.random() < 0.4:
-            chars.insert(int(rng.integers(0, len(chars) + 1)), bytes([int(rng.integers(0x80, 0x100))]))
-        pieces = [c if isinstance(c, bytes) else c.encode("utf-8") for c in chars]
-        whole = b"".join(pieces)
-        inside = sorted(set(range(1, len(whole))) - set(np.cumsum([len(x) for x in pieces]).tolist()))
-        cut = int(rng.choice(inside)) if inside and rng.random() < 0.5 else int(rng.integers(1, len(whole) + 1))
-        raw = whole[:cut]
+        pieces, raw = _random_bytes(rng)
         ids, done = [], 0
         for piece in pieces:  # whole characters through the BPE, any other byte on its own
             if done + len(piece) <= len(raw) and _is_utf8(piece):
@@ -125,9 +137,7 @@ def test_generations_cut_inside_a_character_score_and_count_their_whole_characte
     rng = np.random.default_rng(seed)
     gens = _generations(rng, tok, 48)
     prompts = ["".join(rng.choice(list(CHAR_ALPHABET[:32]), int(rng.integers(2, 8)))) for _ in gens]
-    refs = [reference_generation(raw, ended) for _, raw, ended in gens]
-    cut_inside = sum(len(text.encode("utf-8")) < len(raw) for (text, _), (_, raw, e) in zip(refs, gens) if not e)
-    stray = sum(text.count("\ufffd") > raw.count("\ufffd".encode()) for (text, _), (_, raw, _) in zip(refs, gens))
+    refs, cut_inside, stray = _references(gens)
     assert cut_inside >= 3 and stray >= 3, (seed, cut_inside, stray)  # (over 2000 seeds: at least 4 and 5)
     for (ids, raw, ended), want in zip(gens, refs):
         assert per_byte.generation_text(ids, tok, ended) == want, (seed, raw, ended)
@@ -151,19 +161,12 @@ def test_an_answer_of_one_cut_character_scores_nothing(setup, monkeypatch):
 
 def _fallback_generations(rng, tok, n: int) -> list[tuple[list[int], bytes, bool]]:
     """`n` random generations of a byte-fallback tokenizer (our token ids, the bytes they hold, whether they
-    ended): random characters, some with a random non-ASCII byte put in at a character boundary, cut at a random
-    byte offset (half the time inside a character), each byte its `<0xNN>` token or, half the time for a letter
-    the vocabulary holds, that letter's piece (which ends a run of byte tokens)."""
+    ended) of `_random_bytes`: each byte its `<0xNN>` token or, half the time for a letter the vocabulary holds, that
+    letter's piece (which ends a run of byte tokens); some ended."""
     pieces = tok.get_vocab()
     out = []
     for _ in range(n):
-        chars = [c.encode("utf-8") for c in rng.choice(ALPHABET, int(rng.integers(1, 8)))]
-        if rng.random() < 0.4:
-            chars.insert(int(rng.integers(0, len(chars) + 1)), bytes([int(rng.integers(0x80, 0x100))]))
-        whole = b"".join(chars)
-        inside = sorted(set(range(1, len(whole))) - set(np.cumsum([len(x) for x in chars]).tolist()))
-        cut = int(rng.choice(inside)) if inside and rng.random() < 0.5 else int(rng.integers(1, len(whole) + 1))
-        raw = whole[:cut]
+        raw = _random_bytes(rng)[1]
         ids = [
             pieces[chr(b)] if chr(b) in pieces and rng.random() < 0.5 else tok.convert_tokens_to_ids(f"<0x{b:02X}>")
             for b in raw
@@ -182,9 +185,7 @@ def test_byte_fallback_generations_score_and_count_like_byte_level_ones():
     tok = byte_fallback_tokenizer()
     seed = int(np.random.SeedSequence().entropy % (1 << 32))
     gens = _fallback_generations(np.random.default_rng(seed), tok, 64)
-    refs = [reference_generation(raw, ended) for _, raw, ended in gens]
-    cut = sum(len(text.encode("utf-8")) < len(raw) for (text, _), (_, raw, e) in zip(refs, gens) if not e)
-    stray = sum(text.count("\ufffd") > raw.count("\ufffd".encode()) for (text, _), (_, raw, _) in zip(refs, gens))
+    refs, cut, stray = _references(gens)
     assert cut >= 3 and stray >= 3, (seed, cut, stray)  # (over 300 seeds: at least 8 and 12)
     for (ids, raw, ended), want in zip(gens, refs):
         assert per_byte.generation_text(ids, tok, ended) == want, (seed, raw, ended)

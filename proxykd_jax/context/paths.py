@@ -12,6 +12,7 @@
   student_sft/                distill with distill.loss.alpha = 0 (the SFT baseline)
   eval/                       eval      metrics.json, scored/<model>.json (each model's scores, kept for a resume)
   export/                     export    Hugging Face folder
+  choose/<field>/             choose    <value>/ per candidate (a run directory, linking the run's folders), choice.json
 Each finished folder holds `artifact.json` (the corpus: `teacher.jsonl.artifact.json` beside it):
 the config fields, upstream artifacts, input files and model folders it was made from and their
 hash (context/artifacts.py).
