@@ -73,9 +73,9 @@ def stages_for(field: str) -> tuple[str, ...]:
 def links(cfg, field: str) -> tuple[str, ...]:
     """The run directory's folders a trial of `field` reads as they are: links in its own directory."""
     run = stages_for(field)
-    linked = ["prepared"] + [FOLDER[s] for s in ("prior", "posterior") if s not in run]
+    linked = [FOLDER["prepare"]] + [FOLDER[s] for s in ("prior", "posterior") if s not in run]
     if "align" not in run and "posterior" in run and not str(cfg.posterior.proxy):
-        linked.append("proxy")  # (posterior.proxy set: the trials' posteriors read that folder)
+        linked.append(FOLDER["align"])  # (posterior.proxy set: the trials' posteriors read that folder)
     return tuple(linked)
 
 
