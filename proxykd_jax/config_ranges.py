@@ -229,6 +229,7 @@ def check_ranges(cfg, groups) -> None:
         ("eval.split", SPLITS),  # the prepared splits (data.split.*)
         ("distill.split", SPLITS),
         ("distill.eval_split", SPLITS),
+        ("choose.eval_split", SPLITS),
     )
     for field, allowed in choices:
         value = get_field(cfg, field)

@@ -592,9 +592,11 @@ CASES = [
         (
             "--config.choose.field=distill.loss.alpha",
             "--config.choose.candidates=0.5,1",
+            "--config.choose.eval_every=3",
             "--config.choose.eval_split=x",
         ),
-        ("config.choose.eval_split='x'", "not a split"),
+        ("config.choose.eval_split='x'", "must be one of"),
+        True,
     ),
     # ---------------------------------------------------------------- report
     Case("report-variant-unknown", "report", ("--config.report.variants=sft,nope",), ("report.variants", "nope")),

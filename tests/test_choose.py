@@ -154,6 +154,7 @@ def test_an_align_field_aligns_a_proxy_in_each_trial(run):
         (dict(choose__eval_every=7), "config.choose.eval_every=7 must be between 1 and train.steps=6"),
         (dict(choose__eval_every=0), "config.choose.eval_every=0"),
         (dict(choose__eval_split="distill"), "is the split the students train on (distill.split)"),
+        (dict(choose__eval_split="valid"), "config.choose.eval_split='valid' must be one of warmup, align, distill"),
     ],
 )
 def test_bad_choices_are_refused_before_any_work(run, fields, expect):
@@ -166,7 +167,8 @@ def test_bad_choices_are_refused_before_any_work(run, fields, expect):
 def test_missing_inputs_are_named_before_any_work(run, tmp_path):
     """Before any work: without prepared data, `prepare` is named; without the run's posterior a distill field names
     the posterior stage; without an aligned proxy a posterior field names align; a split the prepared data does not
-    have names choose.eval_split. Nothing is written."""
+    have names choose.eval_split (the stage called as a library, without the config's checks). Nothing is
+    written."""
     with pytest.raises(ProxyKDError, match=r"the prepared data is missing; run `proxykd prepare` first"):
         preflight(_with(run, run__dir=str(tmp_path / "none")), "choose")
     bare = tmp_path / "bare"  # the run's prepared data and prior, nothing else
