@@ -10,7 +10,9 @@ A field is tried where it acts: a trial runs the stages of prior, align, posteri
 on the field (the artifact table, `context.specs`) and every later one that reads theirs (`stages_for`:
 `posterior.own_token` runs posterior and distill; `align.rounds` align, posterior and distill; `distill.loss.alpha`
 distill alone). Each value is a run directory of its own, `<run>/choose/<field>/<value>/`, whose folders of the
-stages it does not run (`prepared`, and `prior`, `proxy` or `posterior`) are links to the run's (`links`). Its student
+stages it does not run (`prepared`, and `prior`, `proxy` or `posterior`) are links to the run's (`links`); so are
+those of the stages it runs whose artifact the run already has finished with the trial's settings and inputs, a
+candidate that is the run's own value (`_reusable`: they are reused, not made again). Its student
 is scored every `choose.eval_every` steps on `choose.eval_split` (the `align` split by default: no stage distils on
 it, and `heldout` stays for `eval`) and its lowest-loss step kept (`distill.keep_best`). The value whose student
 reached the lowest loss is chosen; `<run>/choose/<field>/choice.json` holds every value's lowest loss (per token of
@@ -238,15 +240,38 @@ def validate(cfg) -> None:
                 raise ConfigError(f"config.choose.candidates: with {cfg.choose.field}={trial.name}: {e}") from None
 
 
-def _link(folder: pathlib.Path, names: tuple[str, ...]) -> None:
-    """`folder/<name>` -> the run's `<name>` (three levels up), for each name."""
+def _link(folder: pathlib.Path, names, made_here: bool = False) -> None:
+    """`folder/<name>` -> the run's `<name>` (three levels up), for each name. `made_here`: a folder the trial made
+    itself in an earlier run is kept (its stage decides about it) rather than refused."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         link = folder / name
         if not link.is_symlink():
+            if link.exists() and made_here:
+                continue
             if link.exists():
                 raise ProxyKDError(f"{link} exists and is not a link to the run's {name}; remove it and run again.")
             link.symlink_to(pathlib.Path("..", "..", "..", name))
+
+
+def _reusable(ctx, trial_cfg, run: tuple[str, ...]) -> list[str]:
+    """The folders, in the run directory, of the leading stages of `run` whose artifact there is finished with the
+    trial's settings and inputs (a candidate that is the run's own value): linked into the trial, they are reused
+    rather than made again. The first stage that differs, and every later one, is the trial's own."""
+    from proxykd_jax.context.artifacts import outlook
+    from proxykd_jax.context.paths import student_name
+    from proxykd_jax.parallel import hosts
+
+    as_run = trial_cfg.copy_and_resolve_references()
+    with as_run.unlocked():
+        as_run.run.dir = str(ctx.paths.root)
+    out = []
+    for stage in run:
+        look = outlook(stage, as_run, ctx.paths, share=hosts.broadcast_text)
+        if look.state != "finished":  # (", other settings" where it differs)
+            break
+        out.append(student_name(as_run.distill) if stage == "distill" else FOLDER[stage])
+    return out
 
 
 def run_choose(ctx, run_stage) -> dict:
@@ -268,12 +293,14 @@ def run_choose(ctx, run_stage) -> dict:
         split, short=" to score the trials' students on", fix="choose another --config.choose.eval_split, or "
     )
     run, linked = stages_for(field), links(cfg, field)
+    reused = {trial.name: _reusable(ctx, trial.cfg, run) for trial in planned}
     art = ctx.artifact("choose")
     if not art.done:
         art.begin()
     if ctx.is_writer:
         for trial in planned:
             _link(art.work / trial.name, linked)
+            _link(art.work / trial.name, reused[trial.name], made_here=True)
     hosts.sync("choose_links")
     rows = []
     for i, trial in enumerate(planned):

@@ -60,9 +60,10 @@ def _check_choice(choice: dict, folder: pathlib.Path, names: list[str]) -> None:
 
 
 def test_a_posterior_field_gets_a_posterior_and_student_per_value_resumes_and_reuses(run, monkeypatch):
-    """posterior.own_token over leave_out and count: a posterior and a student in each trial, the stores the value
-    asks for, the run's prepared and prior linked; the count trial killed in its distill resumes from its checkpoint
-    and the leave_out trial is reused; a third value later trains that one trial only."""
+    """posterior.own_token over leave_out and count: a student in each trial, the stores the value asks for (the run's
+    own for leave_out, its value: linked, not made again), the run's prepared and prior linked; the count trial
+    killed in its distill resumes from its checkpoint and the leave_out trial is reused; a third value later trains
+    that one trial only."""
     cfg = _with(run, choose__field="posterior.own_token", choose__candidates="leave_out,count")
     folder = pathlib.Path(cfg.run.dir) / "choose" / "posterior.own_token"
     real = stages.run_stage
@@ -86,6 +87,8 @@ def test_a_posterior_field_gets_a_posterior_and_student_per_value_resumes_and_re
         trial = folder / name
         for link in ("prepared", "prior"):
             assert (trial / link).is_symlink() and (trial / link).resolve() == (pathlib.Path(cfg.run.dir) / link)
+        # leave_out is the run's own value, whose posterior the run has: linked and reused, not made again
+        assert (trial / "posterior").is_symlink() is (name == "leave_out")
         estimate = json.loads((trial / "posterior" / "estimate.json").read_text())
         assert estimate["count_own_token"] is counted
         assert read_record(trial / "posterior", False)["fields"]["posterior.own_token"] == name
@@ -104,10 +107,16 @@ def test_a_posterior_field_gets_a_posterior_and_student_per_value_resumes_and_re
 
 
 def test_a_distill_field_shares_the_runs_posterior(run):
-    """distill.loss.alpha over 0.3 and 1.0: no posterior of their own (the run's, linked), a student each."""
+    """distill.loss.alpha over 0.3 and 1.0: no posterior of their own (the run's, linked), a student each; the
+    run's own student, distilled with alpha 1.0 and the trials' scoring, is that trial's (linked, not trained)."""
     cfg = _with(run, choose__field="distill.loss.alpha", choose__candidates="0.3,1.0")
+    own = _with(
+        run, distill__loss__alpha=1.0, train__eval_every=3, distill__eval_split="align", distill__keep_best=True
+    )
+    run_stage("distill", own)
     folder = pathlib.Path(cfg.run.dir) / "choose" / "distill.loss.alpha"
     choice = run_stage("choose", cfg)
+    assert (folder / "1.0" / "student").is_symlink() and not (folder / "0.3" / "student").is_symlink()
     _check_choice(choice, folder, ["0.3", "1.0"])
     assert [r["value"] for r in choice["trials"]] == [0.3, 1.0]  # the field's type
     for name, alpha in (("0.3", 0.3), ("1.0", 1.0)):
