@@ -7,7 +7,7 @@ for every pair. `choose` tries each value of `choose.field` in `choose.candidate
 scores best on text none of them trained on.
 
 A field is tried where it acts: a trial runs the stages of prior, align, posterior and distill whose artifact depends
-on the field (the artifact table, `context.specs`) and every later one that reads theirs (`stages_for`:
+on the field (the artifact table, `context.specs`) and every later one that reads theirs (`specs.trial_stages`:
 `posterior.own_token` runs posterior and distill; `align.rounds` align, posterior and distill; `distill.loss.alpha`
 distill alone). Each value is a run directory of its own, `<run>/choose/<field>/<value>/`, whose folders of the
 stages it does not run (`prepared`, and `prior`, `proxy` or `posterior`) are links to the run's (`links`); so are
@@ -33,16 +33,14 @@ import pathlib
 
 import ml_collections
 
-from proxykd_jax.context import RunPaths
+from proxykd_jax.context.paths import RunPaths
+from proxykd_jax.context.specs import ARTIFACTS, PATH_FIELDS, depends, trial_stages
 from proxykd_jax.errors import ConfigError, ProxyKDError
 
 log = logging.getLogger(__name__)
 
 CHOICE = "choice.json"
-# The stages a trial may run, in pipeline order, each with the stages whose artifacts it reads, and the run
-# directory's folder its own artifact is (linked into a trial that does not run it).
-CHAIN = ("prior", "align", "posterior", "distill")
-READS = {"prior": (), "align": (), "posterior": ("prior", "align"), "distill": ("posterior",)}
+# The run directory's folder of each stage's artifact (linked into a trial that does not make it).
 FOLDER = {"prepare": "prepared", "prior": "prior", "align": "proxy", "posterior": "posterior"}
 # Fields a trial may not vary: where its inputs or outputs are, how its students are scored and kept, and the
 # run's own settings (the path fields, `specs.PATH_FIELDS`, too).
@@ -59,41 +57,13 @@ FIXED = (
 )
 
 
-def stages_for(field: str) -> tuple[str, ...]:
-    """The stages a trial of `field` runs: those of `CHAIN` whose artifact depends on it (`context.specs`), and
-    every later one that reads one of theirs; () where none does (then it changes none of their results)."""
-    from proxykd_jax.context.artifacts import depends
-    from proxykd_jax.context.specs import ARTIFACTS
-
-    run: list[str] = []
-    for stage in CHAIN:
-        if depends(ARTIFACTS[stage], field) or any(up in run for up in READS[stage]):
-            run.append(stage)
-    return tuple(run)
-
-
 def links(cfg, field: str) -> tuple[str, ...]:
     """The run directory's folders a trial of `field` reads as they are: links in its own directory."""
-    run = stages_for(field)
+    run = trial_stages(field)
     linked = [FOLDER["prepare"]] + [FOLDER[s] for s in ("prior", "posterior") if s not in run]
     if "align" not in run and "posterior" in run and not str(cfg.posterior.proxy):
         linked.append(FOLDER["align"])  # (posterior.proxy set: the trials' posteriors read that folder)
     return tuple(linked)
-
-
-def needs(cfg, paths: RunPaths) -> list[tuple[pathlib.Path, str, str]]:
-    """(path that must exist, what it is, the stage that makes it) for the trials of `cfg`'s `choose.field`,
-    checked before any work (`context.preflight`)."""
-    run = stages_for(str(cfg.choose.field))
-    out = [(paths.prepared / "manifest.json", "the prepared data", "prepare")]
-    if "posterior" in run and "prior" not in run:
-        out.append((paths.prior, "the prior tables", "prior"))
-    if "posterior" in run and "align" not in run:
-        proxy = pathlib.Path(cfg.posterior.proxy or paths.proxy / "final").expanduser()
-        out.append((proxy / "config.json", "the aligned proxy", "align"))
-    if "posterior" not in run:
-        out.append((paths.posterior, "the posterior store", "posterior"))
-    return out
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -136,9 +106,6 @@ def _parse(field: str, text: str, like):
 
 
 def _check_field(cfg) -> str:
-    from proxykd_jax.context.artifacts import depends
-    from proxykd_jax.context.specs import ARTIFACTS, PATH_FIELDS
-
     field = str(cfg.choose.field).strip()
     flat = _flatten(cfg)
     if field not in flat:
@@ -161,7 +128,7 @@ def _check_field(cfg) -> str:
             f"config.choose.field={field!r} changes the prepared data, which every trial shares; choose a setting of "
             "prior, align, posterior or distill."
         )
-    run = stages_for(field)
+    run = trial_stages(field)
     if not run:
         raise ConfigError(
             f"config.choose.field={field!r} changes no result of prior, align, posterior or distill (it bounds memory "
@@ -228,18 +195,6 @@ def trials(cfg) -> list[Trial]:
     return out
 
 
-def validate(cfg) -> None:
-    """The choose group's checks, and each trial's config checked as its stages check theirs."""
-    from proxykd_jax import config as config_lib
-
-    for trial in trials(cfg):
-        for stage in stages_for(str(cfg.choose.field)):
-            try:
-                config_lib.validate(trial.cfg, stage)
-            except ConfigError as e:
-                raise ConfigError(f"config.choose.candidates: with {cfg.choose.field}={trial.name}: {e}") from None
-
-
 def _link(folder: pathlib.Path, names, made_here: bool = False) -> None:
     """`folder/<name>` -> the run's `<name>` (three levels up), for each name. `made_here`: a folder the trial made
     itself in an earlier run is kept (its stage decides about it) rather than refused."""
@@ -292,7 +247,7 @@ def run_choose(ctx, run_stage) -> dict:
     prepared.require_samples(
         split, short=" to score the trials' students on", fix="choose another --config.choose.eval_split, or "
     )
-    run, linked = stages_for(field), links(cfg, field)
+    run, linked = trial_stages(field), links(cfg, field)
     reused = {trial.name: _reusable(ctx, trial.cfg, run) for trial in planned}
     art = ctx.artifact("choose")
     if not art.done:

@@ -331,12 +331,24 @@ def validate(
     if stage in ("demo", "report") and "demo" in cfg:
         _check_known_teacher(cfg, stage)
     if stage == "choose":  # the field, its values, and each trial's config as its own stages check it
-        from proxykd_jax import choose
-
-        choose.validate(cfg)
+        _check_choose(cfg)
     if num_devices is not None and "mesh" in cfg and "mesh" in groups:
         _check_mesh(cfg, stage, num_devices, process_count)
     _check_paths(cfg, stage)
+
+
+def _check_choose(cfg) -> None:
+    """`proxykd choose`'s field and candidates (`choose.trials`), and each trial's config checked as every stage
+    it runs checks its own."""
+    from proxykd_jax import choose
+    from proxykd_jax.context.specs import trial_stages
+
+    for trial in choose.trials(cfg):
+        for stage in trial_stages(str(cfg.choose.field)):
+            try:
+                validate(trial.cfg, stage)
+            except ConfigError as e:
+                raise ConfigError(f"config.choose.candidates: with {cfg.choose.field}={trial.name}: {e}") from None
 
 
 def field_docs(fn=None, prefix: str = "") -> dict[str, str]:

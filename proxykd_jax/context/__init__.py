@@ -27,7 +27,7 @@ from proxykd_jax.context.artifacts import check_inputs, open_artifact, run_relat
 from proxykd_jax.context.lock import RunLock, RunLocked
 from proxykd_jax.context.paths import STUDENT, RunPaths, student_name
 from proxykd_jax.context.records import Artifact
-from proxykd_jax.context.specs import ARTIFACTS
+from proxykd_jax.context.specs import ARTIFACTS, trial_stages
 from proxykd_jax.errors import ConfigError, ProxyKDError
 
 log = logging.getLogger(__name__)
@@ -291,9 +291,16 @@ def _needs(cfg, stage: str, paths: RunPaths) -> list[tuple[pathlib.Path, str, st
     if stage in ("prior", "align", "eval"):
         return [prepared]
     if stage == "choose":  # what the trials of its field read from the run
-        from proxykd_jax import choose
-
-        return choose.needs(cfg, paths)
+        run = trial_stages(str(cfg.choose.field))
+        out = [prepared]
+        if "posterior" in run and "prior" not in run:
+            out.append((paths.prior, "the prior tables", "prior"))
+        if "posterior" in run and "align" not in run:
+            proxy = pathlib.Path(cfg.posterior.proxy or paths.proxy / "final").expanduser()
+            out.append((proxy / "config.json", "the aligned proxy", "align"))
+        if "posterior" not in run:
+            out.append((paths.posterior, "the posterior store", "posterior"))
+        return out
     if stage == "posterior":
         proxy = pathlib.Path(cfg.posterior.proxy or paths.proxy / "final").expanduser()
         return [

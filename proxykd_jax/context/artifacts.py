@@ -43,7 +43,6 @@ files' and model folders' identities).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import json
 import pathlib
@@ -52,7 +51,7 @@ from collections.abc import Callable
 from proxykd_jax.context.identity import input_files
 from proxykd_jax.context.paths import RunPaths
 from proxykd_jax.context.records import RECORD, Artifact, read_record, record_path, swap_into_place, tidy
-from proxykd_jax.context.specs import ARTIFACTS, PATH_FIELDS, Spec, path_parts, resolve_path
+from proxykd_jax.context.specs import ARTIFACTS, PATH_FIELDS, Spec, depends, matches, path_parts, resolve_path
 from proxykd_jax.errors import ProxyKDError
 
 
@@ -65,10 +64,6 @@ def flatten(tree, prefix: str = "") -> dict:
         else:
             out[name] = value
     return out
-
-
-def _matches(key: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(key, p) or key == p for p in patterns)
 
 
 # Fields added after artifacts were recorded, by their last name, with the value that computes what runs
@@ -91,11 +86,6 @@ _ADDED_FIELDS |= {  # the model's Gemma 3 numerics
     "attn_softcap": None,  # (Gemma 2's soft-capping)
     "logit_softcap": None,
 }
-
-
-def depends(spec: Spec, key: str) -> bool:
-    """Whether the artifact of `spec` depends on config field `key` (a dotted key)."""
-    return _matches(key, spec.fields) and not _matches(key, spec.ignore)
 
 
 def depends_on(cfg, spec: Spec) -> dict:
@@ -310,7 +300,7 @@ def outlook(
     # and a derived field recorded as the config had it (before it was derived) is taken so
     old = rec.get("fields", {})
     old = old if isinstance(old, dict) else {}
-    then = {k: v for k, v in old.items() if _matches(k, spec.ignore)}
+    then = {k: v for k, v in old.items() if matches(k, spec.ignore)}
     hashes = {digest}
     labelled = _inputs_as_recorded(old, inputs, paths)
     for variant in (fields, configured):

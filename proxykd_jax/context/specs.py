@@ -10,6 +10,7 @@ counts) are left out of an artifact's fields: changing them never changes a resu
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import pathlib
 from collections.abc import Callable, Sequence
 
@@ -261,3 +262,29 @@ ARTIFACTS: dict[str, Spec] = {
         derived=lambda cfg, paths: {"model.init_from": cfg.model.init_from or recorded_start(cfg, paths)[0]},
     ),
 }
+
+
+def matches(key: str, patterns) -> bool:
+    """Whether dotted config key `key` is one of `patterns` ("group.*" patterns match a whole group)."""
+    return any(fnmatch.fnmatchcase(key, p) or key == p for p in patterns)
+
+
+def depends(spec: Spec, key: str) -> bool:
+    """Whether the artifact of `spec` depends on config field `key` (a dotted key)."""
+    return matches(key, spec.fields) and not matches(key, spec.ignore)
+
+
+# The stages a `proxykd choose` trial may run, in pipeline order, each with those whose artifacts it reads.
+TRIAL_CHAIN = ("prior", "align", "posterior", "distill")
+_TRIAL_READS = {"prior": (), "align": (), "posterior": ("prior", "align"), "distill": ("posterior",)}
+
+
+def trial_stages(field: str) -> tuple[str, ...]:
+    """The stages a `proxykd choose` trial of config field `field` runs: those of `TRIAL_CHAIN` whose artifact
+    depends on it, and every later one that reads one of theirs; () where none does (it changes none of their
+    results)."""
+    run: list[str] = []
+    for stage in TRIAL_CHAIN:
+        if depends(ARTIFACTS[stage], field) or any(up in run for up in _TRIAL_READS[stage]):
+            run.append(stage)
+    return tuple(run)
