@@ -16,7 +16,7 @@ from proxykd_jax import context, stages
 from proxykd_jax.context import artifacts
 from proxykd_jax.context.artifacts import open_artifact
 from proxykd_jax.context.records import read_record
-from proxykd_jax.context.specs import ARTIFACTS
+from proxykd_jax.context.specs import ARTIFACTS, matches
 from proxykd_jax.errors import ProxyKDError
 
 
@@ -39,9 +39,9 @@ def test_every_stage_declares_its_artifact(stage):
         return
     spec = ARTIFACTS[stage]
     for pattern in spec.fields + spec.ignore:  # each pattern names real fields
-        assert any(artifacts._matches(k, [pattern]) for k in flat), pattern
+        assert any(matches(k, [pattern]) for k in flat), pattern
     fields = artifacts.depends_on(config_lib.base_config(), spec)
-    assert fields and not any(artifacts._matches(k, spec.ignore) for k in fields)
+    assert fields and not any(matches(k, spec.ignore) for k in fields)
     assert "run.overwrite" not in fields and "run.dir" not in fields
 
 
