@@ -109,6 +109,7 @@ def _check_split(cfg) -> None:
 def _check_mesh(cfg, stage: str | None, num_devices: int, process_count: int) -> None:
     import math
 
+    from proxykd_jax.context.specs import trial_stages
     from proxykd_jax.parallel import mesh as mesh_lib
     from proxykd_jax.parallel import rules as rules_lib
 
@@ -121,7 +122,9 @@ def _check_mesh(cfg, stage: str | None, num_devices: int, process_count: int) ->
     shards = math.prod(sizes[a] for a in axes)
     described = " x ".join(axes) + " = " + " x ".join(str(sizes[a]) for a in axes) if axes else "no axes = 1"
     # the batches each stage splits over the batch shards, and whether processes hold different rows
-    # of them (align's held-out and reference passes: every process holds the whole batch)
+    # of them (align's held-out and reference passes: every process holds the whole batch); `choose` runs those
+    # of its field's trials (`specs.trial_stages`)
+    chosen = trial_stages(str(cfg.choose.field)) if stage == "choose" else ()
     for stage_name, group, field, per_process in (
         ("distill", "train", "batch_size", True),
         ("align", "align", "batch_size", True),
@@ -129,8 +132,8 @@ def _check_mesh(cfg, stage: str | None, num_devices: int, process_count: int) ->
         ("posterior", "posterior", "batch_size", True),
         ("eval", "eval", "batch_size", True),
     ):
-        runs = (None, "demo", stage_name) + (("choose",) if stage_name in ("distill", "posterior") else ())
-        if stage not in runs or group not in cfg:  # (choose runs posterior and distill in its trials)
+        runs = (None, "demo", stage_name) + (("choose",) if stage_name in chosen else ())
+        if stage not in runs or group not in cfg:
             continue
         value = int(cfg[group][field])
         for ways, what in (

@@ -195,3 +195,17 @@ def test_missing_inputs_are_named_before_any_work(run, tmp_path):
         )
     assert sorted(p.name for p in bare.iterdir()) == ["prepared", "prior"] and not (tmp_path / "none").exists()
     assert not (pathlib.Path(run.run.dir) / "choose" / "posterior.n_max").exists()
+
+
+def test_the_batch_sizes_of_the_stages_its_trials_run_must_split_over_the_mesh(run):
+    """On 8 devices (fsdp 8) a batch of 7 rows does not split: refused for the stages the field's trials run
+    (train.batch_size for any field, posterior.batch_size for a posterior field), not for a stage they skip."""
+    mesh = dict(mesh__shape__data=1, mesh__shape__fsdp=8, mesh__shape__tensor=1)
+    cfg = _with(run, train__batch_size=7, **mesh)
+    with pytest.raises(ConfigError, match=r"train\.batch_size=7"):
+        config_lib.validate(cfg, "choose", num_devices=8)
+    posterior = _with(run, posterior__batch_size=7, **mesh)
+    with pytest.raises(ConfigError, match=r"posterior\.batch_size=7"):
+        config_lib.validate(posterior, "choose", num_devices=8)
+    alpha = _with(posterior, choose__field="distill.loss.alpha", choose__candidates="0.5,1.0")
+    config_lib.validate(alpha, "choose", num_devices=8)  # (its trials run no posterior)

@@ -1,6 +1,6 @@
-"""`proxykd choose`: a posterior or distill setting chosen by the students' validation loss (`choose.py`): one
-trial run directory per value under `<run>/choose/<field>/`, its posterior and student made there, and
-`choice.json`; resumes after `kill -9` (every trial's stages resume as usual)."""
+"""`proxykd choose`: one setting of prior, align, posterior or distill chosen by the students' validation loss
+(`choose.py`): a trial run directory per candidate value under `<run>/choose/<field>/`, the stages the field acts on
+run there, and `choice.json`; resumes after `kill -9` (every trial's stages resume as usual)."""
 
 from __future__ import annotations
 
