@@ -26,7 +26,6 @@ before any work (`FIXED`, `_check_field`).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
 import math
 import pathlib
@@ -34,7 +33,7 @@ import pathlib
 import ml_collections
 
 from proxykd_jax.context.paths import RunPaths
-from proxykd_jax.context.specs import ARTIFACTS, PATH_FIELDS, depends, trial_stages
+from proxykd_jax.context.specs import ARTIFACTS, PATH_FIELDS, depends, matches, trial_stages
 from proxykd_jax.errors import ConfigError, ProxyKDError
 
 log = logging.getLogger(__name__)
@@ -105,9 +104,9 @@ def _parse(field: str, text: str, like):
     return text
 
 
-def _check_field(cfg) -> str:
+def _check_field(cfg, flat: dict) -> str:
+    """`choose.field`, refused where it cannot be chosen; `flat`: the config's fields by dotted key."""
     field = str(cfg.choose.field).strip()
-    flat = _flatten(cfg)
     if field not in flat:
         raise ConfigError(
             f"config.choose.field={field!r} is not a config field; name one as --config.FIELD names it, e.g. "
@@ -118,7 +117,7 @@ def _check_field(cfg) -> str:
             f"config.choose.field={field!r} holds a {type(flat[field]).__name__}; choose tries settings that take one "
             "number, word or true/false."
         )
-    if any(fnmatch.fnmatchcase(field, pattern) for pattern in FIXED) or field in PATH_FIELDS:
+    if matches(field, FIXED) or field in PATH_FIELDS:
         raise ConfigError(
             f"config.choose.field={field!r} cannot be chosen: every trial keeps it as the run has it (it places the "
             "trials' inputs or outputs, scores or keeps their students, or is the run's own setting)."
@@ -142,20 +141,16 @@ def _check_field(cfg) -> str:
     return field
 
 
-def _flatten(cfg) -> dict:
-    from proxykd_jax.context.artifacts import flatten
-
-    return flatten(cfg.to_dict())
-
-
 def trials(cfg) -> list[Trial]:
     """Each value's trial config (`choose.field` set, run.dir its folder, its student scored and the best step
     kept), checked before any work: a field not chosen from, a value not of the field's type, fewer than two
     distinct values, a name that is no folder name."""
-    field = _check_field(cfg)
+    from proxykd_jax.context.artifacts import flatten
+
+    flat = flatten(cfg.to_dict())
+    field = _check_field(cfg, flat)
     names = [v.strip() for v in str(cfg.choose.candidates).split(",") if v.strip()]
-    like = _flatten(cfg)[field]
-    values = [_parse(field, n, like) for n in names]
+    values = [_parse(field, n, flat[field]) for n in names]
     if len(set(map(repr, values))) != len(values) or len(values) < 2:
         raise ConfigError(
             f"config.choose.candidates={cfg.choose.candidates!r} must name at least two different values of {field}, "
@@ -186,11 +181,7 @@ def trials(cfg) -> list[Trial]:
             trial.train.eval_every = every
             trial.distill.eval_split = str(cfg.choose.eval_split)
             trial.distill.keep_best = True
-            group, *rest = field.split(".")
-            node = trial[group]
-            for part in rest[:-1]:
-                node = node[part]
-            node[rest[-1]] = value
+            trial.update_from_flattened_dict({field: value})
         out.append(Trial(value, name, trial))
     return out
 

@@ -30,6 +30,13 @@ def interrupted_distill(cfg, at_call: int) -> None:
             setup.train()
 
 
+def changed(cfg, **fields):
+    """A copy of `cfg` with `group__field=value` set (`__` for the dots of a field's path)."""
+    cfg = cfg.copy_and_resolve_references()
+    cfg.update_from_flattened_dict({key.replace("__", "."): value for key, value in fields.items()})
+    return cfg
+
+
 def run_stage(name: str, cfg, *, devices=None, **kwargs):
     """`proxykd <name>` on `cfg` in this process (mesh over `devices`, default all); returns its result."""
     from proxykd_jax import context, stages

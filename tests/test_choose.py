@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 from pipeline_fixtures import build_run
-from stage_helpers import Stop, interrupted_distill, run_stage
+from stage_helpers import Stop, changed, interrupted_distill, run_stage
 
 from proxykd_jax import config as config_lib
 from proxykd_jax import stages, status
@@ -19,19 +19,12 @@ from proxykd_jax.context.records import read_record
 from proxykd_jax.errors import ConfigError, ProxyKDError
 
 
-def _with(cfg, **fields):
-    """A copy of `cfg` with `group__field=value` set (`__` for the dots of a field's path)."""
-    cfg = cfg.copy_and_resolve_references()
-    cfg.update_from_flattened_dict({key.replace("__", "."): value for key, value in fields.items()})
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The tiny run (6 distill steps) with prepared data, prior and posterior (the proxy: its init folder)."""
     root = tmp_path_factory.mktemp("choose")
     cfg, _ = build_run(root / "run")
-    cfg = _with(cfg, posterior__proxy=str(root / "run" / "proxy_init"), choose__eval_every=3)
+    cfg = changed(cfg, posterior__proxy=str(root / "run" / "proxy_init"), choose__eval_every=3)
     for stage in ("prior", "posterior"):
         run_stage(stage, cfg)
     return cfg
@@ -64,7 +57,7 @@ def test_a_posterior_field_gets_a_posterior_and_student_per_value_resumes_and_re
     own for leave_out, its value: linked, not made again), the run's prepared and prior linked; the count trial
     killed in its distill resumes from its checkpoint and the leave_out trial is reused; a third value later trains
     that one trial only."""
-    cfg = _with(run, choose__field="posterior.own_token", choose__candidates="leave_out,count")
+    cfg = changed(run, choose__field="posterior.own_token", choose__candidates="leave_out,count")
     folder = pathlib.Path(cfg.run.dir) / "choose" / "posterior.own_token"
     real = stages.run_stage
 
@@ -95,12 +88,12 @@ def test_a_posterior_field_gets_a_posterior_and_student_per_value_resumes_and_re
     assert read_record(folder, False)["summary"] == {"chosen": choice["chosen"], "values": 2}
 
     before = {name: _updated(folder / name / "student") for name in ("leave_out", "count")}
-    more = run_stage("choose", _with(cfg, choose__candidates="leave_out,count,0.5"))
+    more = run_stage("choose", changed(cfg, choose__candidates="leave_out,count,0.5"))
     _check_choice(more, folder, ["leave_out", "count", "0.5"])
     assert more["trials"][:2] == choice["trials"]
     assert {name: _updated(folder / name / "student") for name in before} == before
     assert json.loads((folder / "0.5" / "posterior" / "estimate.json").read_text())["own_weight"] == 0.5
-    rows = {row.artifact: row for row in status.stage_rows(_with(cfg, choose__candidates="leave_out,count,0.5"))}
+    rows = {row.artifact: row for row in status.stage_rows(changed(cfg, choose__candidates="leave_out,count,0.5"))}
     row = rows["choose/posterior.own_token/"]
     assert (row.state, row.next) == ("finished", "reuses")
     assert "; ".join(row.detail) == f"posterior.own_token={more['chosen']} chosen of 3 values"
@@ -109,8 +102,8 @@ def test_a_posterior_field_gets_a_posterior_and_student_per_value_resumes_and_re
 def test_a_distill_field_shares_the_runs_posterior(run):
     """distill.loss.alpha over 0.3 and 1.0: no posterior of their own (the run's, linked), a student each; the
     run's own student, distilled with alpha 1.0 and the trials' scoring, is that trial's (linked, not trained)."""
-    cfg = _with(run, choose__field="distill.loss.alpha", choose__candidates="0.3,1.0")
-    own = _with(
+    cfg = changed(run, choose__field="distill.loss.alpha", choose__candidates="0.3,1.0")
+    own = changed(
         run, distill__loss__alpha=1.0, train__eval_every=3, distill__eval_split="align", distill__keep_best=True
     )
     run_stage("distill", own)
@@ -129,7 +122,7 @@ def test_a_distill_field_shares_the_runs_posterior(run):
 def test_an_align_field_aligns_a_proxy_in_each_trial(run):
     """align.sft_steps over 2 and 4 (no DPO round): each trial aligns its own proxy, makes its posterior from it and
     its student; only the prepared data and the prior are the run's."""
-    cfg = _with(run, posterior__proxy="", align__rounds=0, choose__field="align.sft_steps", choose__candidates="2,4")
+    cfg = changed(run, posterior__proxy="", align__rounds=0, choose__field="align.sft_steps", choose__candidates="2,4")
     folder = pathlib.Path(cfg.run.dir) / "choose" / "align.sft_steps"
     choice = run_stage("choose", cfg)
     _check_choice(choice, folder, ["2", "4"])
@@ -167,7 +160,7 @@ def test_an_align_field_aligns_a_proxy_in_each_trial(run):
     ],
 )
 def test_bad_choices_are_refused_before_any_work(run, fields, expect):
-    cfg = _with(run, **fields)
+    cfg = changed(run, **fields)
     with pytest.raises(ConfigError, match=None) as e:
         config_lib.validate(cfg, "choose")
     assert expect in str(e.value) and "\n" not in str(e.value)
@@ -179,19 +172,20 @@ def test_missing_inputs_are_named_before_any_work(run, tmp_path):
     have names choose.eval_split (the stage called as a library, without the config's checks). Nothing is
     written."""
     with pytest.raises(ProxyKDError, match=r"the prepared data is missing; run `proxykd prepare` first"):
-        preflight(_with(run, run__dir=str(tmp_path / "none")), "choose")
+        preflight(changed(run, run__dir=str(tmp_path / "none")), "choose")
     bare = tmp_path / "bare"  # the run's prepared data and prior, nothing else
     bare.mkdir()
     for name in ("prepared", "prior"):
         (bare / name).symlink_to(pathlib.Path(run.run.dir) / name)
-    bare_cfg = _with(run, run__dir=str(bare), posterior__proxy="")
+    bare_cfg = changed(run, run__dir=str(bare), posterior__proxy="")
     with pytest.raises(ProxyKDError, match=r"the posterior store is missing; run `proxykd posterior` first"):
-        preflight(_with(bare_cfg, choose__field="distill.loss.alpha", choose__candidates="0.5,1.0"), "choose")
+        preflight(changed(bare_cfg, choose__field="distill.loss.alpha", choose__candidates="0.5,1.0"), "choose")
     with pytest.raises(ProxyKDError, match=r"the aligned proxy is missing; run `proxykd align` first"):
         preflight(bare_cfg, "choose")
     with pytest.raises(ProxyKDError, match=r"config.choose.eval_split='nosuch' is not a split of .*; choose one of"):
         run_stage(
-            "choose", _with(run, choose__field="posterior.n_max", choose__candidates="4,8", choose__eval_split="nosuch")
+            "choose",
+            changed(run, choose__field="posterior.n_max", choose__candidates="4,8", choose__eval_split="nosuch"),
         )
     assert sorted(p.name for p in bare.iterdir()) == ["prepared", "prior"] and not (tmp_path / "none").exists()
     assert not (pathlib.Path(run.run.dir) / "choose" / "posterior.n_max").exists()
@@ -201,11 +195,11 @@ def test_the_batch_sizes_of_the_stages_its_trials_run_must_split_over_the_mesh(r
     """On 8 devices (fsdp 8) a batch of 7 rows does not split: refused for the stages the field's trials run
     (train.batch_size for any field, posterior.batch_size for a posterior field), not for a stage they skip."""
     mesh = dict(mesh__shape__data=1, mesh__shape__fsdp=8, mesh__shape__tensor=1)
-    cfg = _with(run, train__batch_size=7, **mesh)
+    cfg = changed(run, train__batch_size=7, **mesh)
     with pytest.raises(ConfigError, match=r"train\.batch_size=7"):
         config_lib.validate(cfg, "choose", num_devices=8)
-    posterior = _with(run, posterior__batch_size=7, **mesh)
+    posterior = changed(run, posterior__batch_size=7, **mesh)
     with pytest.raises(ConfigError, match=r"posterior\.batch_size=7"):
         config_lib.validate(posterior, "choose", num_devices=8)
-    alpha = _with(posterior, choose__field="distill.loss.alpha", choose__candidates="0.5,1.0")
+    alpha = changed(posterior, choose__field="distill.loss.alpha", choose__candidates="0.5,1.0")
     config_lib.validate(alpha, "choose", num_devices=8)  # (its trials run no posterior)

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 from pipeline_fixtures import build_run
-from stage_helpers import interrupted_distill, run_stage
+from stage_helpers import changed, interrupted_distill, run_stage
 
 from proxykd_jax import cli, context, status
 from proxykd_jax.bayes import pass1_log
@@ -25,15 +25,8 @@ from proxykd_jax.errors import ProxyKDError
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _changed(cfg, **fields):
-    """A copy of `cfg` with `group__field=value` set (`__` for the dots of a field's path)."""
-    cfg = cfg.copy_and_resolve_references()
-    cfg.update_from_flattened_dict({key.replace("__", "."): value for key, value in fields.items()})
-    return cfg
-
-
 def _sft(cfg):
-    return _changed(cfg, distill__loss__alpha=0.0)
+    return changed(cfg, distill__loss__alpha=0.0)
 
 
 class Stop(Exception):
@@ -61,7 +54,7 @@ def run(tmp_path_factory):
     the SFT student stopped after its step-3 checkpoint; align, the Proxy-KD student, eval, export not started."""
     root = tmp_path_factory.mktemp("status")
     cfg, _ = build_run(root / "run")
-    cfg = _changed(cfg, posterior__proxy=str(root / "run" / "proxy_init"))
+    cfg = changed(cfg, posterior__proxy=str(root / "run" / "proxy_init"))
     for stage in ("prior", "posterior"):
         run_stage(stage, cfg)
     interrupted_distill(_sft(cfg), 5)  # stopped at its 5th step, after the step-3 checkpoint
@@ -101,7 +94,7 @@ def test_each_stage_in_its_state(run):
 def test_an_interrupted_posterior_shows_its_pass_1_and_stops_its_dependants(run, tmp_path):
     """The posterior stopped in pass 1 after its second chunk, in a run of its own (the prepared records and
     prior copied): 49 distill samples in batches of 8 are 7 batches, a chunk each."""
-    cfg = _changed(run, run__dir=str(tmp_path / "run"))
+    cfg = changed(run, run__dir=str(tmp_path / "run"))
     for name in ("prepared", "prior"):
         shutil.copytree(pathlib.Path(run.run.dir) / name, tmp_path / "run" / name)
     _interrupted_posterior(cfg)
@@ -112,17 +105,17 @@ def test_an_interrupted_posterior_shows_its_pass_1_and_stops_its_dependants(run,
 
 
 def test_a_changed_field_is_named_as_the_refusal_names_it(run):
-    changed = _changed(run, prior__ngram_order=3)
-    rows = _rows(changed)
+    other = changed(run, prior__ngram_order=3)
+    rows = _rows(other)
     prior = rows["prior/"]
     assert (prior.state, prior.next) == ("finished, other settings", "refuses")
     assert "changed: prior.ngram_order 4 -> 3" in _detail(prior)
     with pytest.raises(ProxyKDError, match="prior.ngram_order 4 -> 3"):  # the stage's own refusal, same words
-        open_artifact("prior", changed, context.RunPaths.from_config(changed), overwrite=False)
+        open_artifact("prior", other, context.RunPaths.from_config(other), overwrite=False)
     assert "upstream prior/ has other settings" in _detail(rows["posterior/"])
     assert rows["posterior/"].state == "finished"  # its record still matches the prior/ on disk
-    assert _rows(_changed(changed, run__overwrite=True))["prior/"].next == "replaces"
-    sft = _rows(_sft(_changed(run, train__steps=8)))["student_sft/"]
+    assert _rows(changed(other, run__overwrite=True))["prior/"].next == "replaces"
+    sft = _rows(_sft(changed(run, train__steps=8)))["student_sft/"]
     assert (sft.state, sft.next) == ("unfinished, other settings", "refuses")
     assert "step 3 of 8" in _detail(sft) and "train.steps 6 -> 8" in _detail(sft)
 
@@ -193,7 +186,7 @@ def test_progress_of_align_and_eval_from_their_folders(run, tmp_path):
     scored models, laid out by the writers' own calls in a run of their own."""
     from proxykd_jax.align import phases
 
-    cfg = _changed(run, run__dir=str(tmp_path / "run"))
+    cfg = changed(run, run__dir=str(tmp_path / "run"))
     paths = context.RunPaths.from_config(cfg)
     for name in ("eval", "align"):  # (eval first: an unfinished proxy/ stops it)
         open_artifact(name, cfg, paths, overwrite=False).begin()
@@ -223,7 +216,7 @@ def test_collect_progress_counts_the_samples_asked_for(run, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}"}) + "\n" for i in range(5)))
     with ServerThread(make_app(ToyBackend(), Faults(fail_500_rate=0.5, seed=1))) as server:
-        cfg = _changed(
+        cfg = changed(
             run,
             run__dir=str(tmp_path / "run"),
             data__corpus="",
@@ -243,7 +236,7 @@ def test_collect_progress_counts_the_samples_asked_for(run, tmp_path):
     assert 0 < stored < 10
     row = _rows(cfg)["corpus/teacher.jsonl"]
     assert (row.state, row.next, _detail(row)) == ("unfinished", "resumes", f"{stored} of 10 samples")
-    more = _rows(_changed(cfg, collect__samples_per_prompt=3))["corpus/teacher.jsonl"]
+    more = _rows(changed(cfg, collect__samples_per_prompt=3))["corpus/teacher.jsonl"]
     assert more.state == "unfinished, other settings"
     assert _detail(more) == f"{stored} of 15 samples; changed: collect.samples_per_prompt 2 -> 3"
 
@@ -253,7 +246,7 @@ def test_running_now_is_only_the_student_the_lock_holder_writes(tmp_path):
     earlier, unfinished too) is what the next run with its config resumes; the header names the folder."""
     from pipeline_fixtures import tiny_config
 
-    cfgs = {name: _changed(tiny_config(tmp_path / "run"), distill__output=name) for name in ("student_b", "student_c")}
+    cfgs = {name: changed(tiny_config(tmp_path / "run"), distill__output=name) for name in ("student_b", "student_c")}
     for cfg in cfgs.values():
         open_artifact("distill", cfg, context.RunPaths.from_config(cfg), overwrite=False).begin()
     with context.create(cfgs["student_c"], "distill", on_mesh=False):
@@ -297,15 +290,15 @@ def test_collect_says_it_refuses_what_the_stage_refuses(tmp_path):
     says so with the same sentence (it said `starts`); a prompts file and a model name: it starts."""
     from pipeline_fixtures import tiny_config
 
-    cfg = _changed(tiny_config(tmp_path / "run"), data__corpus="", collect__model="teacher-model")
+    cfg = changed(tiny_config(tmp_path / "run"), data__corpus="", collect__model="teacher-model")
     prompts = tmp_path / "prompts.jsonl"
     words = np.random.default_rng().integers(0, 1000, 6)
     prompts.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in words))
     for fields in ({}, {"collect__model": ""}):
-        refusing = _changed(cfg, **fields)
+        refusing = changed(cfg, **fields)
         row = _rows(refusing)["corpus/teacher.jsonl"]
         with pytest.raises(ProxyKDError) as refused:
             run_stage("collect", refusing)
         assert (row.state, row.next, _detail(row)) == ("not started", "refuses", str(refused.value))
-    row = _rows(_changed(cfg, collect__prompts=str(prompts)))["corpus/teacher.jsonl"]
+    row = _rows(changed(cfg, collect__prompts=str(prompts)))["corpus/teacher.jsonl"]
     assert (row.state, row.next, _detail(row)) == ("not started", "starts", "")

@@ -282,6 +282,12 @@ def _take_lock(paths: RunPaths, stage: str, artifact: str = "") -> RunLock:
     return lock
 
 
+def _aligned_proxy(cfg, paths: RunPaths) -> tuple[pathlib.Path, str, str]:
+    """The posterior's proxy as `_needs` names it: `posterior.proxy`, else the run's aligned one."""
+    proxy = pathlib.Path(cfg.posterior.proxy or paths.proxy / "final").expanduser()
+    return proxy / "config.json", "the aligned proxy", "align"
+
+
 def _needs(cfg, stage: str, paths: RunPaths) -> list[tuple[pathlib.Path, str, str]]:
     """(path that must exist, what it is, the stage that makes it) for `stage`'s upstream inputs."""
     prepared = (paths.prepared / "manifest.json", "the prepared data", "prepare")
@@ -296,18 +302,12 @@ def _needs(cfg, stage: str, paths: RunPaths) -> list[tuple[pathlib.Path, str, st
         if "posterior" in run and "prior" not in run:
             out.append((paths.prior, "the prior tables", "prior"))
         if "posterior" in run and "align" not in run:
-            proxy = pathlib.Path(cfg.posterior.proxy or paths.proxy / "final").expanduser()
-            out.append((proxy / "config.json", "the aligned proxy", "align"))
+            out.append(_aligned_proxy(cfg, paths))
         if "posterior" not in run:
             out.append((paths.posterior, "the posterior store", "posterior"))
         return out
     if stage == "posterior":
-        proxy = pathlib.Path(cfg.posterior.proxy or paths.proxy / "final").expanduser()
-        return [
-            prepared,
-            (paths.prior, "the prior tables", "prior"),
-            (proxy / "config.json", "the aligned proxy", "align"),
-        ]
+        return [prepared, (paths.prior, "the prior tables", "prior"), _aligned_proxy(cfg, paths)]
     if stage == "distill":
         needs = [prepared]
         if not cfg.distill.white_box and float(cfg.distill.loss.alpha) > 0:

@@ -136,12 +136,7 @@ class Runner:
             cfg.data.corpus = str(pathlib.Path(folder) / "corpus" / "teacher.jsonl")
             cfg.data.tokenizer = str(tokenizer)
             cfg.proxy.init_from = str(proxy_init or tokenizer)
-            for key, value in overrides.items():
-                group, *rest = key.split(".")
-                node = cfg[group]
-                for part in rest[:-1]:
-                    node = node[part]
-                node[rest[-1]] = value
+            cfg.update_from_flattened_dict(overrides)
         return dataclasses.replace(self.ctx, cfg=cfg, paths=RunPaths(pathlib.Path(folder)), lock=None)
 
     def stage(self, name: str, ctx, **kwargs):
