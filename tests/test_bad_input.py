@@ -33,6 +33,7 @@ from proxykd_jax.teacher.server import make_app
 from proxykd_jax.teacher.wire import Faults
 
 JAX_STARTED = "proxykd_jax.parallel.distributed"  # the log line that follows jax's start-up
+MODEL_INIT = "compilation of jit(init)"  # JAX_LOG_COMPILES's line for a model's initialisation
 WORKERS = 4
 
 
@@ -691,7 +692,7 @@ def _run_case(case: Case, base: pathlib.Path, servers: dict) -> dict:
         *(a.format(**fmt) for a in case.args),
     ]
     env = os.environ | {"PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    env |= {"JAX_PLATFORMS": "cpu"}
+    env |= {"JAX_PLATFORMS": "cpu", "JAX_LOG_COMPILES": "1"}  # jax names each program it compiles
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
     return dict(
@@ -751,6 +752,9 @@ def test_bad_input_exits_2_with_one_sentence_and_writes_nothing(case, results):
         assert want in line, f"{want!r} not in {line!r}"
     if case.fast:
         assert JAX_STARTED not in err, f"{case.id} started jax before refusing: {err[-2000:]}"
+    # bad input is refused before the long work: no row builds a model (a damaged store was once found only
+    # after the student's state was initialised)
+    assert MODEL_INIT not in err, f"{case.id} built a model before refusing: {err[-2000:]}"
     before, after = res["before"], res["after"]
     assert {k: v for k, v in after.items() if k in before} == before, "a file was changed or lost"
     if not case.may_write:

@@ -51,14 +51,17 @@ def load_tokenizer(folder):
             f"Tokenizer folder {folder} has no tokenizer.json, tokenizer_config.json or tokenizer.model; "
             "save a tokenizer there with tokenizer.save_pretrained(folder)."
         )
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     config_file = folder / "tokenizer_config.json"
     declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.exists() else None
     if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (folder / "tokenizer.json").exists():
         # A generic tokenizer.json: AutoTokenizer would swap in the model type's class (e.g. Qwen2Tokenizer
-        # beside a qwen2 config.json), which re-builds the pre-tokenizer; load it as written instead.
+        # beside a qwen2 config.json), which re-builds the pre-tokenizer; load it as written instead. Importing
+        # AutoTokenizer alone costs about 2 s (it imports every model config, and torch where it is installed).
+        from transformers import PreTrainedTokenizerFast
+
         return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 

@@ -55,6 +55,8 @@ def setup(ctx, art) -> distill.Distillation:
         _require(paths.posterior, "the posterior store", "posterior")
         store = paths.posterior
     model_cfg = ctx.model_config(cfg.model)
+    # the batches before any model: a damaged store or split stops here
+    dataset = distill.train_data(cfg.distill, model_cfg, cfg.train, cfg.data, prepared_dir=paths.prepared, store=store)
     if cfg.distill.white_box:
         # its full distribution is compared with the student's id by id: one vocabulary size, checked
         # before any weight is read (`distill.setup` checks it again for library calls)
@@ -86,6 +88,7 @@ def setup(ctx, art) -> distill.Distillation:
         tokenizer=load_tokenizer(paths.tokenizer) if paths.tokenizer.exists() else None,
         stop_ids=hf.trained_stop_ids((cfg.model.init_from, cfg.data.tokenizer), paths.prepared),
         source=cfg.model.init_from,
+        dataset=dataset,
     )
     art.begin()
     return run

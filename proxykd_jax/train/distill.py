@@ -326,6 +326,31 @@ def check_teacher_rows(teacher, teacher_rows: int, student_rows: int) -> None:
         )
 
 
+def train_data(dcfg, model_cfg: ModelConfig, train_cfg, data_cfg, *, prepared_dir: pathlib.Path, store):
+    """The student's training batches (a grain dataset): `dcfg.split` packed into `train_cfg` rows, joined with the
+    posterior `store` (None: none). It opens the store and checks its shards' checksums, so a damaged store or split
+    stops here: call it before any model is read or built, and hand it to `setup`.
+
+    Every process packs the same global batches and keeps its rows, so a run on P processes trains on exactly the
+    batches of a run on one (each host decodes the whole global batch)."""
+    dataset = data.make_dataset(
+        prepared_dir,
+        dcfg.split,
+        data_cfg,
+        store=None if store is None else str(store),
+        vocab_size=model_cfg.vocab_size,
+        seq_len=train_cfg.seq_len,
+        batch_size=train_cfg.batch_size,
+        process_index=0,
+        process_count=1,
+    )
+    if jax.process_count() > 1:
+        dataset = dataset.map(_ProcessRows(jax.process_index(), jax.process_count()))
+    if store is not None and float(dcfg.loss.alpha) == 0.0:
+        dataset = dataset.map(_DropStore())
+    return dataset
+
+
 def setup(
     dcfg,
     model_cfg: ModelConfig,
@@ -344,6 +369,7 @@ def setup(
     tokenizer=None,
     stop_ids=(),
     source="",
+    dataset=None,
 ) -> Distillation:
     """Builds the student state, data iterator, (white-box) teacher, train step and Loop.
 
@@ -352,12 +378,15 @@ def setup(
     so both students see the same samples); `init_model` a placed Llama whose parameters start the
     student (None: random init from `seed`); `teacher` a placed (ModelConfig, Llama) in white-box mode;
     `stop_ids` what final/ lists besides the eos as ending an answer (`hf.trained_stop_ids`); `source` the folder
-    the student started from, whose config.json final/ keeps (its family: a Mistral stays a Mistral).
+    the student started from, whose config.json final/ keeps (its family: a Mistral stays a Mistral); `dataset`
+    the batches of `train_data` for these arguments (None: made here, first).
     """
     check_steps(train_cfg, optim_cfg)
     check_eval(dcfg, train_cfg)
     alpha = float(dcfg.loss.alpha)
     steps = train_cfg.steps
+    if dataset is None:
+        dataset = train_data(dcfg, model_cfg, train_cfg, data_cfg, prepared_dir=prepared_dir, store=store)
     optimizer = train.make_optimizer(optim_cfg, steps)
     graphdef, state, shardings = train.create_train_state(optimizer, mesh, rules, Llama, model_cfg, rngs=nnx.Rngs(seed))
     if init_model is not None:
@@ -410,23 +439,6 @@ def setup(
         flops_per_step=flops,
         compute_dtype=model_cfg.dtype,
     )
-    # Every process packs the same global batches and keeps its rows, so a run on P processes
-    # trains on exactly the batches of a run on one (each host decodes the whole global batch).
-    dataset = data.make_dataset(
-        prepared_dir,
-        dcfg.split,
-        data_cfg,
-        store=None if store is None else str(store),
-        vocab_size=model_cfg.vocab_size,
-        seq_len=seq_len,
-        batch_size=train_cfg.batch_size,
-        process_index=0,
-        process_count=1,
-    )
-    if jax.process_count() > 1:
-        dataset = dataset.map(_ProcessRows(jax.process_index(), jax.process_count()))
-    if store is not None and alpha == 0.0:
-        dataset = dataset.map(_DropStore())
     log.info(
         "distill: %s, alpha=%g, %s -> %s",
         "white-box teacher " + dcfg.white_box
