@@ -1,5 +1,6 @@
-"""Start-up of the command line: how long `proxykd` takes to refuse a bad field, print a stage's help, or
-show a run's status, each in a fresh interpreter, and which heavy libraries each imported.
+"""Start-up of the command line: how long `proxykd` takes to refuse a bad field, print a stage's help, show a
+run's status, or start a stage (prepare: load a tokenizer, then refuse the corpus's second line), each in a fresh
+interpreter, and which heavy libraries each imported.
 
     python benchmarks/cli_startup.py [--repeats 3] [--tree PATH ...]
 
@@ -39,11 +40,24 @@ print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})), file=sys.__std
 """
 
 
-def commands(missing_run: str) -> dict[str, list[str]]:
+def commands(tmp: str) -> dict[str, list[str]]:
+    from proxykd_jax.models.tokenizer import build_word_tokenizer
+
+    build_word_tokenizer(["a", "b"], os.path.join(tmp, "tokenizer"))  # generic, as `prepare` saves one
+    with open(os.path.join(tmp, "corpus.jsonl"), "w") as f:
+        f.write('{"prompt": "a", "response": "b"}\n{not json\n')
+    missing_run = os.path.join(tmp, "no_run")
     return {
         "refusal": ["distill", "--config=configs/demo.py", "--config.model.num_kv_heads=0"],
         "distill --help": ["distill", "--help"],
         "status": ["status", "--config=configs/demo.py", f"--config.run.dir={missing_run}"],
+        "prepare, line 2 refused": [
+            "prepare",
+            "--config=configs/demo.py",
+            f"--config.data.tokenizer={os.path.join(tmp, 'tokenizer')}",
+            f"--config.data.corpus={os.path.join(tmp, 'corpus.jsonl')}",
+            f"--config.run.dir={missing_run}",
+        ],
     }
 
 
@@ -67,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     trees = [REPO, *args.tree]
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {"import jax": None, **commands(os.path.join(tmp, "no_run"))}
+        runs = {"import jax": None, **commands(tmp)}
         times: dict[tuple[str, str], list[float]] = {}
         heavy: dict[tuple[str, str], list[str]] = {}
         for _ in range(args.repeats):

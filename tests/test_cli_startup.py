@@ -102,3 +102,23 @@ def test_the_deferred_package_names_all_load():
     env = os.environ | {"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", DEFERRED_NAMES], capture_output=True, text=True, env=env, timeout=120)
     assert proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+GENERIC_TOKENIZER = """
+import sys
+from proxykd_jax.models.tokenizer import build_word_tokenizer, load_tokenizer
+build_word_tokenizer(["a", "b"], sys.argv[1])
+tokenizer = load_tokenizer(sys.argv[1])
+assert tokenizer("a b")["input_ids"], tokenizer
+print(" ".join(sorted(m for m in ("torch", "transformers.models.auto.tokenization_auto") if m in sys.modules)))
+"""
+
+
+def test_a_generic_tokenizer_loads_without_the_auto_classes_or_torch(tmp_path):
+    # every stage loads the prepared tokenizer (a generic tokenizer.json): AutoTokenizer's module imports every
+    # model config, and torch where it is installed, about 2 s a process; only a model-specific class needs it
+    env = os.environ | {"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    code = ["-c", GENERIC_TOKENIZER, str(tmp_path / "tok")]
+    proc = subprocess.run([sys.executable, *code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "", proc.stdout
