@@ -60,6 +60,10 @@ def truncate(path: pathlib.Path, keep: float = 0.5) -> None:
     path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
 
 
+def _add_a_token(manifest):
+    _edit_json(manifest, num_tokens=json.loads(manifest.read_text())["num_tokens"] + 1)
+
+
 def _shards(run):
     return sorted((run / "posterior").glob("shard-*.bin"))
 
@@ -126,6 +130,9 @@ SETUPS = {
         lambda run: truncate(run / "proxy_copy" / "model.safetensors", 0.6), _without("posterior")
     ),
     "no_prior": _without("prior", "posterior"),
+    "prior_flipped": _both(lambda run: flip_byte(run / "prior" / "tables.npz"), _without("posterior")),
+    # valid JSON with one number changed: the data file's checksum holds, its sections would read wrong
+    "store_manifest_count": _both(lambda run: _add_a_token(_shards(run)[0].with_suffix(".json")), _without("student")),
     "no_student": _without("student"),
     "no_prepared": _without("prepared"),
     "no_store": _without("posterior", "student"),
@@ -417,6 +424,13 @@ CASES = [
     ),
     Case("posterior-no-prior", "posterior", (), ("prior", "run `proxykd prior` first"), True, setup="no_prior"),
     Case(
+        "posterior-prior-bit-flipped",
+        "posterior",
+        ("--config.posterior.proxy={run}/proxy_copy",),
+        ("tables.npz", "damaged", "re-run `proxykd prior`"),
+        setup="prior_flipped",
+    ),
+    Case(
         "posterior-unknown-kernel",
         "posterior",
         ("--config.posterior.kernel=triton",),
@@ -467,6 +481,9 @@ CASES = [
     ),
     Case("distill-store-shard-bit-flipped", "distill", (), ("shard-", "sha256"), setup="store_flipped"),
     Case("distill-store-manifest-garbage", "distill", (), ("shard-", "not valid JSON"), setup="store_manifest_garbage"),
+    Case(
+        "distill-store-manifest-count", "distill", (), ("shard-", "manifest is damaged"), setup="store_manifest_count"
+    ),
     Case("distill-no-store", "distill", (), ("posterior", "run `proxykd posterior` first"), True, setup="no_store"),
     Case(
         "distill-split-empty",

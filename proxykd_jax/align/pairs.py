@@ -16,7 +16,8 @@ import os
 import jax
 import numpy as np
 
-from proxykd_jax.errors import ConfigError
+from proxykd_jax.errors import ConfigError, InputFileError
+from proxykd_jax.npfiles import read_npz
 from proxykd_jax.parallel.hosts import to_host
 
 ROW_FIELDS = ("tokens", "targets", "segment_ids", "loss_mask")
@@ -155,6 +156,9 @@ def save_pairs(path, rows: dict[str, np.ndarray], dropped: int) -> None:
 
 
 def load_pairs(path) -> tuple[dict[str, np.ndarray], int]:
-    with np.load(str(path)) as data:
-        rows = {k: data[k] for k in data.files if k != "dropped"}
-        return rows, int(data["dropped"])
+    """(pair arrays, pairs dropped) of a round's `save_pairs` file; a damaged one is `InputFileError`."""
+    fix = "delete it and run the same command again: the round samples its pairs again."
+    rows = read_npz(path, fix=fix)
+    if "dropped" not in rows:
+        raise InputFileError(f"{path}: the file is damaged (it has no 'dropped' array); {fix}")
+    return {k: v for k, v in rows.items() if k != "dropped"}, int(rows["dropped"])

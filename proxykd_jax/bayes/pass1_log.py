@@ -15,11 +15,11 @@ import json
 import math
 import os
 import pathlib
-import zipfile
 
 import jax
 import numpy as np
 
+from proxykd_jax.npfiles import DAMAGED
 from proxykd_jax.parallel import hosts
 
 CHUNKS = 100  # a killed pass loses at most about 1/CHUNKS of its work
@@ -53,7 +53,7 @@ class Pass1Log:
                     if str(z["fingerprint"]) != self.fingerprint:
                         break
                     chunks.append({k: z[k] for k in z.files if k != "fingerprint"})
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: score its batches again
+            except DAMAGED:  # score its batches again
                 break
             count += 1
         agreed = int(hosts.allgather(np.asarray([len(chunks)], np.int64)).min())

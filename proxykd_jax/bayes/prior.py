@@ -129,20 +129,33 @@ class PriorTables:
 
     @classmethod
     def load(cls, directory) -> "PriorTables":
-        """Reads tables written by `save`."""
+        """Reads tables written by `save`; a damaged file raises `InputFileError` naming it."""
         import dataclasses
         import json
         import pathlib  # pylint: disable=import-outside-toplevel,multiple-imports
 
+        from proxykd_jax.errors import InputFileError
+        from proxykd_jax.npfiles import read_npz
+
         src = pathlib.Path(directory)
         if not (src / "tables.json").exists() or not (src / "tables.npz").exists():
             raise FileNotFoundError(f"{src}: no prior tables (tables.json + tables.npz); run the `prior` stage first.")
-        meta = json.loads((src / "tables.json").read_text())
-        arrays = np.load(src / "tables.npz")
-        names = [f.name for f in dataclasses.fields(counts_lib.CountTable)]
+        fix = f"delete the folder {src} and re-run `proxykd prior`."
+        keys = ("vocab_size", "order", "exact_top_s", "ngram_top_s", "num_tokens", "exact_min_count")
+        try:
+            meta = json.loads((src / "tables.json").read_text())
+            meta = {key: int(meta[key]) for key in keys}
+        except (ValueError, KeyError, TypeError) as e:  # (JSON and UTF-8 decoding errors are ValueErrors)
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise InputFileError(f"{src / 'tables.json'}: the file is damaged ({detail}); {fix}") from None
+        fields = [f.name for f in dataclasses.fields(counts_lib.CountTable)]
+        prefixes = ["exact", *(f"ngram{j}" for j in range(meta["order"] - 1))]
+        arrays = read_npz(
+            src / "tables.npz", fix=fix, names=[*(f"{p}.{n}" for p in prefixes for n in fields), "base_V"]
+        )
 
         def table(prefix):
-            return counts_lib.CountTable(*(arrays[f"{prefix}.{n}"] for n in names))
+            return counts_lib.CountTable(*(arrays[f"{prefix}.{n}"] for n in fields))
 
         return cls(
             meta["vocab_size"],
@@ -150,7 +163,7 @@ class PriorTables:
             meta["exact_top_s"],
             meta["ngram_top_s"],
             table("exact"),
-            [table(f"ngram{j}") for j in range(meta["order"] - 1)],
+            [table(p) for p in prefixes[1:]],
             arrays["base_V"],
             meta["num_tokens"],
             meta["exact_min_count"],

@@ -280,7 +280,7 @@ def _samples(
     reader = None
     if store is not None:
         reader = open_store(prepared, store, vocab_size)
-        ids = np.load(prepared.root / split / "sample_ids.npy")
+        ids = prepared.sample_ids(split)
         missing = reader.missing(ids)
         missing = missing[~np.isin(missing, _without_targets(prepared, split, ids, missing))]
         if len(missing):

@@ -12,6 +12,7 @@ import msgpack
 import numpy as np
 
 from proxykd_jax.errors import InputFileError, ProxyKDError
+from proxykd_jax.npfiles import read_npy
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -147,7 +148,15 @@ class PreparedData:
         path = self.root / SYMBOLS
         if not path.exists():
             raise FileNotFoundError(f"{path}: a bytes teacher head needs this file; re-run `prepare`.")
-        return np.load(path)
+        return read_npy(path, fix=self._fix)
+
+    def sample_ids(self, split: str) -> np.ndarray:
+        """int64 [S]: the sample ids of `split`'s samples, in the order its records hold them."""
+        return read_npy(self.root / split / "sample_ids.npy", fix=self._fix)
+
+    @property
+    def _fix(self) -> str:
+        return f"delete {self.root} and re-run `proxykd prepare` (with --config.run.overwrite=True)."
 
     @property
     def has_teacher_head(self) -> bool:

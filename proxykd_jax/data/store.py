@@ -300,6 +300,65 @@ class StoreWriter:
             self.close()
 
 
+# a shard manifest's fields and their types (`StoreWriter.flush`; `sample_id_min`, `_max`, `host` and `shard` go unread)
+_REQUIRED = dict(store_version=int, k=int, vocab_size=int, tokenizer_hash=str, index_dtype=str, index_bits=int)
+_REQUIRED |= dict(
+    value_dtype=str, tail_dtype=str, num_samples=int, num_tokens=int, bytes=int, sha256=str, sections=dict
+)
+
+
+def _layout(meta: dict) -> tuple[dict, int]:
+    """(section table, data bytes) that `StoreWriter.flush` writes for a shard of these fields."""
+    n, t, k = meta["num_samples"], meta["num_tokens"], meta["k"]
+    encoding, bits = index_encoding(meta["vocab_size"], meta["index_dtype"])
+    if bits != meta["index_bits"]:
+        raise ValueError(f"index_bits={meta['index_bits']} for vocab_size={meta['vocab_size']}")
+    ids = {"uint16": (np.uint16, [t, k]), "uint32": (np.uint32, [t, k])}.get(
+        encoding, (np.uint8, [t, -(-k * bits // 8)])
+    )
+    values = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint8": np.uint8}
+    sections = {
+        "sample_ids": (np.int64, [n]),
+        "offsets": (np.int64, [n + 1]),
+        "weights": (np.float32, [n]),
+        "ids": ids,
+        "tail": (np.dtype(meta["tail_dtype"]), [t]),
+        "values": (values[meta["value_dtype"]], [t, k]),
+    }
+    if meta["value_dtype"] == "uint8":
+        sections |= {"hi": (np.float32, [t]), "span": (np.float32, [t])}
+    layout, pos = {}, 0
+    for name, (dtype, shape) in sections.items():
+        pos += (-pos) % _ALIGN
+        layout[name] = {"offset": pos, "dtype": np.dtype(dtype).str, "shape": shape}
+        pos += np.dtype(dtype).itemsize * math.prod(shape)
+    return layout, pos
+
+
+def _check_layout(manifest: pathlib.Path, meta, folder: pathlib.Path) -> None:
+    """Refuses a shard manifest that is not what `StoreWriter.flush` writes: every field of its type, and the
+    section table (offsets, dtypes, shapes) the one its fields give. The data file's checksum does not cover its
+    manifest, and a damaged one would read the right bytes as wrong arrays."""
+    try:
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        for key, kind in _REQUIRED.items():
+            if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+                raise ValueError(f"{key}={meta[key]!r} is not of type {kind.__name__}")
+        if meta["store_version"] != STORE_VERSION:
+            raise ValueError(f"store_version={meta['store_version']}, this library reads {STORE_VERSION}")
+        layout, end = _layout(meta)
+        if meta["sections"] != layout:
+            raise ValueError(f"its section table is not the one its fields give: {layout}")
+        if end != meta["bytes"]:
+            raise ValueError(f"its sections end at byte {end}, not at bytes={meta['bytes']}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputFileError(
+            f"{manifest}: the shard manifest is damaged ({' '.join(str(e).split())}); delete the store folder "
+            f"{folder} and re-run `proxykd posterior`."
+        ) from None
+
+
 class StoreReader:
     """Validated random access to a store by sample id; picklable (files reopen in each process)."""
 
@@ -321,6 +380,10 @@ class StoreReader:
                     f"{m}: the shard manifest is not valid JSON ({e}); delete the store folder {self.dir} "
                     "and re-run `proxykd posterior`."
                 ) from None
+            path = m.with_suffix(".bin")
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: data file of finished shard {m.name} is missing.")
+            _check_layout(m, meta, self.dir)
             for key, want in (("tokenizer_hash", tokenizer_hash), ("vocab_size", vocab_size)):
                 if want is not None and meta[key] != want:
                     raise InputFileError(
@@ -334,13 +397,15 @@ class StoreReader:
                         f"{m}: {key}={meta[key]!r} differs from other shards ({first[key]!r}); "
                         "one store folder must hold shards of one run."
                     )
-            path = m.with_suffix(".bin")
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: data file of finished shard {m.name} is missing.")
             if verify and _sha256(path) != meta["sha256"]:
                 raise InputFileError(
                     f"{path}: sha256 checksum does not match its manifest (corrupt or truncated); delete "
                     f"the store folder {self.dir} and re-run `proxykd posterior`."
+                )
+            if path.stat().st_size != meta["bytes"]:  # (unverified: the checksum would have said so)
+                raise InputFileError(
+                    f"{path}: the data file holds {path.stat().st_size} bytes, its manifest {meta['bytes']} (truncated "
+                    f"or corrupt); delete the store folder {self.dir} and re-run `proxykd posterior`."
                 )
             self.shards.append((path, meta))
         self.k = self.shards[0][1]["k"]

@@ -51,18 +51,31 @@ def load_tokenizer(folder):
             f"Tokenizer folder {folder} has no tokenizer.json, tokenizer_config.json or tokenizer.model; "
             "save a tokenizer there with tokenizer.save_pretrained(folder)."
         )
-    config_file = folder / "tokenizer_config.json"
-    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.exists() else None
-    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (folder / "tokenizer.json").exists():
-        # A generic tokenizer.json: AutoTokenizer would swap in the model type's class (e.g. Qwen2Tokenizer
-        # beside a qwen2 config.json), which re-builds the pre-tokenizer; load it as written instead. Importing
-        # AutoTokenizer alone costs about 2 s (it imports every model config, and torch where it is installed).
-        from transformers import PreTrainedTokenizerFast
+    try:
+        config_file = folder / "tokenizer_config.json"
+        declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.exists() else None
+        if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and (folder / "tokenizer.json").exists():
+            # A generic tokenizer.json: AutoTokenizer would swap in the model type's class (e.g. Qwen2Tokenizer
+            # beside a qwen2 config.json), which re-builds the pre-tokenizer; load it as written instead. Importing
+            # AutoTokenizer alone costs about 2 s (it imports every model config, and torch where it is installed).
+            from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
-    from transformers import AutoTokenizer
+            return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # pylint: disable=broad-except  # json, the tokenizers library and transformers each
+        # raise their own (tokenizers: a bare Exception) for files that do not parse
+        if isinstance(e, (ImportError, MemoryError)):
+            raise
+        from proxykd_jax.errors import InputFileError
+
+        if folder.name == "tokenizer" and (folder.parent / "manifest.json").exists():  # prepare's copy
+            fix = f"delete {folder.parent} and re-run `proxykd prepare` (with --config.run.overwrite=True)"
+        else:
+            fix = "fix or replace its files (a tokenizer saved with tokenizer.save_pretrained(folder) loads)"
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise InputFileError(f"{folder}: the tokenizer cannot be loaded ({type(e).__name__}: {detail}); {fix}.") from e
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> tuple[str, bool]:

@@ -1,0 +1,43 @@
+"""Reading the run's NumPy files (`.npy`, `.npz`) whole, with a damaged file as one sentence.
+
+np.load reads an `.npz` member only when it is indexed, and a damaged file fails there with whichever error its
+damage reaches first (zipfile's CRC check, a short read, a header that does not parse). These helpers read every
+array at once and turn each of those into `InputFileError`, naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import zipfile
+
+import numpy as np
+
+from proxykd_jax.errors import InputFileError
+
+# what np.load raises on a truncated, bit-flipped or foreign file (zipfile's CRC check: BadZipFile)
+DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def _damaged(path, error: Exception, fix: str) -> InputFileError:
+    detail = " ".join(str(error).split()) or type(error).__name__
+    return InputFileError(f"{path}: the file is damaged ({detail}); {fix}")
+
+
+def read_npz(path, *, fix: str, names=None) -> dict[str, np.ndarray]:
+    """Every array of the `.npz` at `path` (or those in `names`, each required), read whole; a damaged or
+    incomplete file raises `InputFileError` ending in `fix` (what to delete and re-run)."""
+    path = pathlib.Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {name: np.asarray(z[name]) for name in (z.files if names is None else names)}
+    except DAMAGED as e:
+        raise _damaged(path, e, fix) from None
+
+
+def read_npy(path, *, fix: str) -> np.ndarray:
+    """The array of the `.npy` at `path`; a damaged file raises `InputFileError` ending in `fix`."""
+    path = pathlib.Path(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except DAMAGED as e:
+        raise _damaged(path, e, fix) from None
