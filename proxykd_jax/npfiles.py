@@ -18,9 +18,18 @@ from proxykd_jax.errors import InputFileError
 DAMAGED = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
+def detail(error: Exception) -> str:
+    """What a damaged file's reading error says, in a few words (a missing key as such; numpy's advice to load a
+    foreign file's pickled bytes left out)."""
+    if isinstance(error, KeyError):
+        return f"it has no {error.args[0]!r}" if error.args else "a field is missing"
+    if "pickled" in str(error):
+        return "it is not a NumPy array file"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _damaged(path, error: Exception, fix: str) -> InputFileError:
-    detail = " ".join(str(error).split()) or type(error).__name__
-    return InputFileError(f"{path}: the file is damaged ({detail}); {fix}")
+    return InputFileError(f"{path}: the file is damaged ({detail(error)}); {fix}")
 
 
 def read_npz(path, *, fix: str, names=None) -> dict[str, np.ndarray]:

@@ -135,7 +135,7 @@ class PriorTables:
         import pathlib  # pylint: disable=import-outside-toplevel,multiple-imports
 
         from proxykd_jax.errors import InputFileError
-        from proxykd_jax.npfiles import read_npz
+        from proxykd_jax.npfiles import detail, read_npz
 
         src = pathlib.Path(directory)
         if not (src / "tables.json").exists() or not (src / "tables.npz").exists():
@@ -146,8 +146,7 @@ class PriorTables:
             meta = json.loads((src / "tables.json").read_text())
             meta = {key: int(meta[key]) for key in keys}
         except (ValueError, KeyError, TypeError) as e:  # (JSON and UTF-8 decoding errors are ValueErrors)
-            detail = " ".join(str(e).split()) or type(e).__name__
-            raise InputFileError(f"{src / 'tables.json'}: the file is damaged ({detail}); {fix}") from None
+            raise InputFileError(f"{src / 'tables.json'}: the file is damaged ({detail(e)}); {fix}") from None
         fields = [f.name for f in dataclasses.fields(counts_lib.CountTable)]
         prefixes = ["exact", *(f"ngram{j}" for j in range(meta["order"] - 1))]
         arrays = read_npz(

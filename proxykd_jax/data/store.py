@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from proxykd_jax.errors import InputFileError
+from proxykd_jax.npfiles import detail
 
 STORE_VERSION = 1
 _ALIGN = 64
@@ -354,7 +355,7 @@ def _check_layout(manifest: pathlib.Path, meta, folder: pathlib.Path) -> None:
             raise ValueError(f"its sections end at byte {end}, not at bytes={meta['bytes']}")
     except (KeyError, TypeError, ValueError) as e:
         raise InputFileError(
-            f"{manifest}: the shard manifest is damaged ({' '.join(str(e).split())}); delete the store folder "
+            f"{manifest}: the shard manifest is damaged ({detail(e)}); delete the store folder "
             f"{folder} and re-run `proxykd posterior`."
         ) from None
 
