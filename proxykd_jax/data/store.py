@@ -350,7 +350,8 @@ def _check_layout(manifest: pathlib.Path, meta, folder: pathlib.Path) -> None:
             raise ValueError(f"store_version={meta['store_version']}, this library reads {STORE_VERSION}")
         layout, end = _layout(meta)
         if meta["sections"] != layout:
-            raise ValueError(f"its section table is not the one its fields give: {layout}")
+            name = next((n for n in {**layout, **meta["sections"]} if meta["sections"].get(n) != layout.get(n)), "")
+            raise ValueError(f"section {name!r} is {meta['sections'].get(name)}, its fields give {layout.get(name)}")
         if end != meta["bytes"]:
             raise ValueError(f"its sections end at byte {end}, not at bytes={meta['bytes']}")
     except (KeyError, TypeError, ValueError) as e:
