@@ -318,6 +318,8 @@ def _layout(meta: dict) -> tuple[dict, int]:
         encoding, (np.uint8, [t, -(-k * bits // 8)])
     )
     values = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16, "uint8": np.uint8}
+    if meta["value_dtype"] not in values:
+        raise ValueError(f"value_dtype={meta['value_dtype']!r}")
     sections = {
         "sample_ids": (np.int64, [n]),
         "offsets": (np.int64, [n + 1]),
