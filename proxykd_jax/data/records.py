@@ -125,10 +125,7 @@ class PreparedData:
         files = self.files(split)
         for f in files:
             if not pathlib.Path(f).is_file():
-                raise InputFileError(
-                    f"{f}: a record file of the prepared data is missing; delete {self.root} and re-run "
-                    "`proxykd prepare` (with --config.run.overwrite=True)."
-                )
+                raise InputFileError(f"{f}: a record file of the prepared data is missing; {_prepare_again(self.root)}")
         return files
 
     @property
@@ -148,28 +145,26 @@ class PreparedData:
         path = self.root / SYMBOLS
         if not path.exists():
             raise FileNotFoundError(f"{path}: a bytes teacher head needs this file; re-run `prepare`.")
-        return read_npy(path, fix=self._fix)
+        return read_npy(path, fix=_prepare_again(self.root))
 
     def sample_ids(self, split: str) -> np.ndarray:
         """int64 [S]: the sample ids of `split`'s samples, in the order its records hold them."""
-        return read_npy(self.root / split / "sample_ids.npy", fix=self._fix)
-
-    @property
-    def _fix(self) -> str:
-        return f"delete {self.root} and re-run `proxykd prepare` (with --config.run.overwrite=True)."
+        return read_npy(self.root / split / "sample_ids.npy", fix=_prepare_again(self.root))
 
     @property
     def has_teacher_head(self) -> bool:
         return bool(self.manifest["teacher_logprobs"]["samples_with_logprobs"])
 
 
+def _prepare_again(root: pathlib.Path) -> str:
+    """What to do about a damaged or missing file of the prepared data in `root`."""
+    return f"delete {root} and re-run `proxykd prepare` (with --config.run.overwrite=True)."
+
+
 def _damaged(root: pathlib.Path, where, error: Exception) -> InputFileError:
     """One sentence for array_record's RuntimeError on a damaged record file (truncated: no message)."""
     detail = " ".join(str(error).split()) or "it cannot be read"
-    return InputFileError(
-        f"{where}: the prepared records are damaged ({detail}); delete {root} and re-run `proxykd prepare` "
-        "(with --config.run.overwrite=True)."
-    )
+    return InputFileError(f"{where}: the prepared records are damaged ({detail}); {_prepare_again(root)}")
 
 
 class _Source:
