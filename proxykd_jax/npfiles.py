@@ -7,6 +7,8 @@ array at once and turn each of those into `InputFileError`, naming the file and 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pathlib
 import zipfile
 
@@ -43,10 +45,26 @@ def read_npz(path, *, fix: str, names=None) -> dict[str, np.ndarray]:
         raise _damaged(path, e, fix) from None
 
 
-def read_npy(path, *, fix: str) -> np.ndarray:
-    """The array of the `.npy` at `path`; a damaged file raises `InputFileError` ending in `fix`."""
+def sha256(path) -> str:
+    """The sha256 hex digest of the file at `path` (recorded beside an `.npy` when it is written)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_npy(path, *, fix: str, checksum: str | None = None) -> np.ndarray:
+    """The array of the `.npy` at `path`; a damaged file raises `InputFileError` ending in `fix`. With `checksum`
+    (the file's sha256 when written) a file whose bytes changed is refused too: a flip in its data would
+    otherwise read as other numbers."""
     path = pathlib.Path(path)
     try:
-        return np.load(path, allow_pickle=False)
+        if checksum is None:
+            return np.load(path, allow_pickle=False)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() == checksum:
+            return np.load(io.BytesIO(data), allow_pickle=False)
     except DAMAGED as e:
         raise _damaged(path, e, fix) from None
+    raise InputFileError(f"{path}: the file is damaged (its sha256 is not the one recorded when it was written); {fix}")

@@ -1,10 +1,11 @@
 """A run's own files damaged at random (bit rot, a truncated copy, a foreign file) are read as what was written or
 refused in one sentence naming the file (`InputFileError`), never as other numbers or a library's exception: the
 prior's tables, a posterior store shard's manifest (its data file has a checksum, the manifest did not), the
-prepared splits' sample ids and tokenizer, and a DPO round's saved pairs."""
+prepared splits' sample ids (checked against the sha256 the prepared manifest records) and tokenizer, and a DPO round's saved pairs."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 
@@ -14,10 +15,11 @@ from test_bayes_prior import V, random_corpus
 
 from proxykd_jax.align.pairs import load_pairs, save_pairs
 from proxykd_jax.bayes.prior import PriorTables
+from proxykd_jax.data.records import PreparedData
 from proxykd_jax.data.store import StoreReader, StoreWriter
 from proxykd_jax.errors import InputFileError
 from proxykd_jax.models.tokenizer import build_word_tokenizer, load_tokenizer
-from proxykd_jax.npfiles import read_npy
+from proxykd_jax.npfiles import sha256
 
 DRAWS = 40
 
@@ -107,29 +109,60 @@ def test_a_store_manifest_damaged_anywhere_reads_as_written_or_is_refused(tmp_pa
     assert refused >= 4 * DRAWS
 
 
+def _prepared_ids(root: pathlib.Path, ids: np.ndarray, checksums: bool) -> PreparedData:
+    """A prepared folder holding only what `PreparedData.sample_ids` reads: the manifest and one split's ids."""
+    (root / "distill").mkdir(parents=True)
+    np.save(root / "distill" / "sample_ids.npy", ids)
+    manifest = {"format_version": 1, "splits": {"distill": {"samples": len(ids), "files": []}}}
+    if checksums:
+        manifest["checksums"] = {"distill/sample_ids.npy": sha256(root / "distill" / "sample_ids.npy")}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return PreparedData(root)
+
+
 def test_damaged_sample_ids_and_pairs_are_refused_naming_the_file(tmp_path):
     rng = np.random.default_rng(11)
     ids = rng.integers(0, 1 << 62, 50)
-    np.save(tmp_path / "ids.npy", ids)
+    prepared = _prepared_ids(tmp_path / "prepared", ids, checksums=True)
     rows = {"chosen": rng.integers(0, 9, (5, 7)), "rejected_len": rng.integers(0, 7, 5)}
     save_pairs(tmp_path / "pairs.npz", rows, dropped=3)
     for path, load in (
-        (tmp_path / "ids.npy", lambda p: read_npy(p, fix="do X.")),
+        (tmp_path / "prepared" / "distill" / "sample_ids.npy", lambda _: prepared.sample_ids("distill")),
         (tmp_path / "pairs.npz", load_pairs),
     ):
         want, intact, refused = load(path), path.read_bytes(), 0
+        copy = path if path.suffix == ".npy" else tmp_path / "copy.npz"
         for _ in range(DRAWS):
-            copy = tmp_path / ("copy" + path.suffix)
             copy.write_bytes(_damage(intact, rng))
             try:
                 got = load(copy)
             except InputFileError as e:
-                assert str(copy) in str(e), e
+                assert str(copy) in str(e) and "delete" in str(e), e
                 refused += 1
                 continue
-            # an .npy holds no checksum: a flip in its data reads as another id (the store then misses it)
-            assert path.suffix == ".npy" or _same(got, want)
+            assert _same(got, want)
         assert refused >= DRAWS // 2
+
+
+def test_a_flip_in_the_sample_ids_data_is_refused_by_the_checksum_and_an_older_folder_reads_unchecked(tmp_path):
+    rng = np.random.default_rng(12)
+    ids = rng.integers(0, 1 << 62, 30)
+    for checksums in (True, False):
+        root = tmp_path / str(checksums)
+        prepared = _prepared_ids(root, ids, checksums)
+        path = root / "distill" / "sample_ids.npy"
+        data = bytearray(path.read_bytes())
+        at = len(data) - 8 * len(ids) + int(rng.integers(8 * len(ids)))  # inside the ids, past the header
+        data[at] ^= 1 << int(rng.integers(8))
+        path.write_bytes(bytes(data))
+        if checksums:
+            with pytest.raises(
+                InputFileError, match="sample_ids.npy: the file is damaged .*sha256.*re-run `proxykd prepare`"
+            ):
+                prepared.sample_ids("distill")
+        else:  # written before the manifest recorded checksums: the flip reads as another id
+            got = prepared.sample_ids("distill")
+            assert (got != ids).sum() == 1
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])

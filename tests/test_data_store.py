@@ -178,6 +178,8 @@ def test_prepared_splits_keep_prompts_together(tmp_path):
                 where.setdefault(name, {}).setdefault(r["record_id"], set()).add(split)
             ids = np.load(tmp_path / name / split / "sample_ids.npy")
             assert len(ids) == pd.num_samples(split)
+            np.testing.assert_array_equal(pd.sample_ids(split), ids)  # as the manifest's checksum says
+        assert sorted(pd.manifest["checksums"]) == sorted(f"{split}/sample_ids.npy" for split in SPLITS)
     assert all(len(s) == 1 for s in where["a"].values())  # all responses of a prompt together
     assert all(where["b"][rid] == s for rid, s in where["a"].items())  # stable under additions
 

@@ -18,6 +18,7 @@ from proxykd_jax.models.tokenizer import (
     end_of_turn_id,
     load_tokenizer,
 )
+from proxykd_jax.npfiles import sha256
 
 LLAMA3 = (
     "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
@@ -144,7 +145,8 @@ def test_turn_end_changes_the_tokenizer_hash_and_the_byte_symbols(toks, tmp_path
     rows = _rows(random.Random(3))
     path = write_jsonl(tmp_path / "c.jsonl", rows)
     a = prepare([path], tok, tmp_path / "a", tiny_cfg(teacher_head="bytes", seq_len=256), progress=False)
-    sym = np.load(tmp_path / "a" / records.SYMBOLS)
+    sym = PreparedData(tmp_path / "a").head_symbols()  # checked against the manifest's sha256
+    assert a["checksums"][records.SYMBOLS] == sha256(tmp_path / "a" / records.SYMBOLS)
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     assert sym[eot] == sym[tok.eos_token_id] == byte_head.END_SYMBOL
     try:

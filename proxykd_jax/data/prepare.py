@@ -47,6 +47,7 @@ from proxykd_jax.data.prepare_errors import (
     truncated_line,
 )
 from proxykd_jax.models.tokenizer import end_of_turn_id, tokenizer_hash
+from proxykd_jax.npfiles import sha256
 
 log = logging.getLogger(__name__)
 _HEAD_PROBE_SAMPLES = 2000  # samples with teacher log-probs read to decide data.teacher_head=auto
@@ -142,7 +143,7 @@ class _SplitWriter:
 
     def close(self) -> dict:
         self._close_file()
-        np.save(self.dir / "sample_ids.npy", np.frombuffer(self.sample_ids, np.int64))
+        np.save(self.dir / records.SAMPLE_IDS, np.frombuffer(self.sample_ids, np.int64))
         return {
             "samples": self.samples,
             "prompts": self.prompts,
@@ -446,6 +447,10 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
     if counts["samples"] == 0:
         raise empty_corpus(sources, counts["rows"], skipped, errors)
     split_info = {name: w.close() for name, w in writers.items()}
+    npy = [f"{name}/{records.SAMPLE_IDS}" for name in writers]
+    if head == "bytes":
+        np.save(tmp / records.SYMBOLS, byte_head.token_symbols(tokenizer))
+        npy.append(records.SYMBOLS)
     manifest = {
         "format_version": records.FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -475,10 +480,9 @@ def _prepare_into(corpus_paths, tokenizer, tmp: pathlib.Path, dcfg, fractions, p
         "teacher_logprobs": stats.as_dict(),
         "teacher_head": head,
         "teacher_head_decision": head_evidence,
+        "checksums": {name: sha256(tmp / name) for name in npy},  # an .npy holds none of its own
         "seconds": time.time() - t0,
     }
-    if head == "bytes":
-        np.save(tmp / records.SYMBOLS, byte_head.token_symbols(tokenizer))
     path = tmp / records.MANIFEST
     with open(path, "w") as f:
         json.dump(manifest, f, indent=1)

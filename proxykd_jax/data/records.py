@@ -17,6 +17,7 @@ from proxykd_jax.npfiles import read_npy
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SYMBOLS = "first_byte_symbols.npy"  # int32 [V]: first-byte symbol of each of our tokens (bytes heads)
+SAMPLE_IDS = "sample_ids.npy"  # int64 [S] in each split's folder: its samples' ids in record order
 
 
 def encode_record(fields: dict) -> bytes:
@@ -145,11 +146,18 @@ class PreparedData:
         path = self.root / SYMBOLS
         if not path.exists():
             raise FileNotFoundError(f"{path}: a bytes teacher head needs this file; re-run `prepare`.")
-        return read_npy(path, fix=_prepare_again(self.root))
+        return self._read_npy(SYMBOLS)
 
     def sample_ids(self, split: str) -> np.ndarray:
         """int64 [S]: the sample ids of `split`'s samples, in the order its records hold them."""
-        return read_npy(self.root / split / "sample_ids.npy", fix=_prepare_again(self.root))
+        self._split(split)
+        return self._read_npy(f"{split}/{SAMPLE_IDS}")
+
+    def _read_npy(self, name: str) -> np.ndarray:
+        """The `.npy` at `name` (relative to the root), checked against the sha256 the manifest records for it
+        (prepared folders written before `checksums` existed are read unchecked)."""
+        checksum = self.manifest.get("checksums", {}).get(name)
+        return read_npy(self.root / name, fix=_prepare_again(self.root), checksum=checksum)
 
     @property
     def has_teacher_head(self) -> bool:

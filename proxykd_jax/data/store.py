@@ -9,7 +9,6 @@ linearly between each row's top-1 and k-th log-prob; tail as float16 or float32.
 """
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from proxykd_jax.errors import InputFileError
-from proxykd_jax.npfiles import detail
+from proxykd_jax.npfiles import detail, sha256
 
 STORE_VERSION = 1
 _ALIGN = 64
@@ -113,14 +112,6 @@ def kl_to_stored(lp_NxK, tail_N, stored_lp_NxK, stored_tail_N) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * (np.log(p) - np.log(np.maximum(q, 1e-300))), 0.0)
     return terms.sum(1)
-
-
-def _sha256(path: pathlib.Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_atomic(path: pathlib.Path, chunks):
@@ -282,7 +273,7 @@ class StoreWriter:
             "sample_id_min": int(sid.min()),
             "sample_id_max": int(sid.max()),
             "bytes": pos,
-            "sha256": _sha256(bin_path),
+            "sha256": sha256(bin_path),
             "sections": layout,
         }
         _write_atomic(self.dir / f"{name}.json", [json.dumps(meta, indent=1).encode()])
@@ -401,7 +392,7 @@ class StoreReader:
                         f"{m}: {key}={meta[key]!r} differs from other shards ({first[key]!r}); "
                         "one store folder must hold shards of one run."
                     )
-            if verify and _sha256(path) != meta["sha256"]:
+            if verify and sha256(path) != meta["sha256"]:
                 raise InputFileError(
                     f"{path}: sha256 checksum does not match its manifest (corrupt or truncated); delete "
                     f"the store folder {self.dir} and re-run `proxykd posterior`."
