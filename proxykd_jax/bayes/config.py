@@ -30,7 +30,7 @@ def posterior_config() -> ml_collections.ConfigDict:
     cd.use_teacher_topk = True  # fix the head to the teacher's top log-probs where the corpus has them
     cd.weight_normalize = "mean"  # proxy log-likelihood per sample: "mean" per token, or "sum"
     cd.use_weights = True  # N_t = N_max * w(x, y); False: N_t = N_max everywhere
-    cd.chunk_tokens = 1024  # tokens per kernel block: bounds [tokens, vocab] buffers (expected mode has none: whole)
+    cd.chunk_tokens = 1024  # tokens of the batch per tile of the proxy's logits in both passes: bounds [tokens, vocab]
     cd.kernel = "xla"  # expected mode's top-k: "xla", or "pallas" (one kernel, one read of the logits, CUDA; untimed)
     cd.fit_empirical_bayes = True  # fit kappa and N_max by held-out log-likelihood before the pass
     cd.eb_holdout_fraction = 0.05  # fraction of the distillation split's responses held out for the EB fit

@@ -48,26 +48,68 @@ _N_MAX_CAP = 1e9  # N_max = inf (the proxy alone) is run as this many pseudo-obs
 _MODEL_FIELDS = ("tokens", "targets", "positions", "segment_ids")
 
 
-def token_logits(model, batch, vocab: int = 0):
-    """The proxy's logits [B, L, V]; with `vocab` below V (a padded embedding, as Qwen's), the ids from
-    `vocab` on are no token of the tokenizer and get no probability."""
-    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+def token_logits(model, hidden_BxLxD, vocab: int = 0):
+    """The proxy's logits [B, L, V] at final-norm hidden states; with `vocab` below V (a padded embedding, as
+    Qwen's), the ids from `vocab` on are no token of the tokenizer and get no probability."""
+    logits = model.logits(hidden_BxLxD)
     if 0 < vocab < logits.shape[-1]:
         real = jnp.arange(logits.shape[-1]) < vocab
         logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
     return logits
 
 
-def target_logprobs(graphdef, state, batch, vocab: int = 0):
-    """log p_proxy(target) at every position [B, L] (float32; vocabulary never leaves the device)."""
-    return _picked_logprobs(token_logits(nnx.merge(graphdef, state), batch, vocab), batch["targets"])
+def _tile_width(rows: int, length: int, chunk_tokens: int) -> int:
+    """Positions per tile of a [rows, length] batch's logits: about `chunk_tokens` tokens (0: the whole row)."""
+    return length if chunk_tokens <= 0 else max(1, min(length, chunk_tokens // rows))
 
 
-def target_scores(graphdef, state, batch, sym_V, vocab: int = 0):
+def over_tiles(fn, width: int, *per_position):
+    """`fn` on tiles of `width` positions of [B, L, ...] arrays (pytrees of them; None leaves stay None), one tile
+    at a time (`lax.map`), the outputs put back as [B, L, ...]. The last tile is padded with the row's last position.
+
+    Tiles cut the sequence axis, never the batch axis, so they keep the rows' sharding over the mesh; the proxy's
+    [B, L, V] logits exist one tile at a time ([B, width, V]): on a CPU, writing the whole batch's logits cost more
+    in page faults than computing them (BUILD_NOTES, "The posterior's logits one tile at a time")."""
+    length = jax.tree.leaves(per_position)[0].shape[1]
+    pad = (-length) % width
+
+    def tiles(x):  # [B, L, ...] -> [T, B, width, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), mode="edge")
+        return jnp.moveaxis(x.reshape((x.shape[0], -1, width) + x.shape[2:]), 1, 0)
+
+    def untile(y):  # [T, B, width, ...] -> [B, L, ...]
+        y = jnp.moveaxis(y, 0, 1)
+        return y.reshape((y.shape[0], -1) + y.shape[3:])[:, :length]
+
+    if pad == 0 and width == length:
+        return fn(*per_position)
+    return jax.tree.map(untile, jax.lax.map(lambda xs: fn(*xs), jax.tree.map(tiles, per_position)))
+
+
+def _hidden(graphdef, state, batch):
+    model = nnx.merge(graphdef, state)
+    return model, model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
+
+
+def target_logprobs(graphdef, state, batch, vocab: int = 0, chunk_tokens: int = 0):
+    """log p_proxy(target) at every position [B, L] (float32; the logits are formed `chunk_tokens` tokens at a
+    time, `over_tiles`; 0: all at once)."""
+    model, hidden = _hidden(graphdef, state, batch)
+    width = _tile_width(*batch["tokens"].shape, chunk_tokens)
+    return over_tiles(lambda h, t: _picked_logprobs(token_logits(model, h, vocab), t), width, hidden, batch["targets"])
+
+
+def target_scores(graphdef, state, batch, sym_V, vocab: int = 0, chunk_tokens: int = 0):
     """log p_proxy(target) [B, L] and, for a `bytes` head (its first-byte symbols `sym_V`), the proxy's mass of
     each target's first-byte group [B, L] (the head's EB statistics): one forward pass gives both."""
-    logits = token_logits(nnx.merge(graphdef, state), batch, vocab)
-    return _picked_logprobs(logits, batch["targets"]), _group_mass(logits, batch["targets"], sym_V)
+    model, hidden = _hidden(graphdef, state, batch)
+    width = _tile_width(*batch["tokens"].shape, chunk_tokens)
+
+    def tile(h, t):
+        logits = token_logits(model, h, vocab)
+        return _picked_logprobs(logits, t), _group_mass(logits, t, sym_V)
+
+    return over_tiles(tile, width, hidden, batch["targets"])
 
 
 def _picked_logprobs(logits, targets):
@@ -157,10 +199,13 @@ def fit_estimate(
     head_sym = (
         head_symbols(prepared, model.cfg.vocab_size) if pcfg.use_teacher_topk and prepared.has_teacher_head else None
     )
+    tile_tokens = int(pcfg.chunk_tokens)
     if head_sym is None:
-        fwd = under_mesh(jax.jit(target_logprobs, static_argnums=(0, 3), out_shardings=replicated(mesh)), mesh, rules)
+        fwd = under_mesh(
+            jax.jit(target_logprobs, static_argnums=(0, 3, 4), out_shardings=replicated(mesh)), mesh, rules
+        )
     else:
-        fwd = under_mesh(jax.jit(target_scores, static_argnums=(0, 4), out_shardings=replicated(mesh)), mesh, rules)
+        fwd = under_mesh(jax.jit(target_scores, static_argnums=(0, 4, 5), out_shardings=replicated(mesh)), mesh, rules)
     total, rows = prepared.num_samples(SPLIT), local_rows(batch_size)
     every = pass1_log.chunk_batches(hosts.batches_per_process(total, rows))
     fingerprint = dict(batch_size=batch_size, seq_len=seq_len, processes=jax.process_count(), head=head_sym is not None)
@@ -188,9 +233,9 @@ def fit_estimate(
                 continue
             gb = global_batch({k: host_batch[k] for k in _MODEL_FIELDS}, mesh, rules)
             if head_sym is None:
-                lp = hosts.host_rows(fwd(graphdef, state, gb, vocab), rows)
+                lp = hosts.host_rows(fwd(graphdef, state, gb, vocab, tile_tokens), rows)
             else:
-                lp, g = (hosts.host_rows(x, rows) for x in fwd(graphdef, state, gb, head_sym, vocab))
+                lp, g = (hosts.host_rows(x, rows) for x in fwd(graphdef, state, gb, head_sym, vocab, tile_tokens))
             spans = response_spans(host_batch)
             for row, start, t in spans:
                 sid = int(host_batch["sample_ids"][row, 0])
@@ -379,10 +424,13 @@ def make_posterior_step(graphdef, pcfg, *, k: int, mesh, rules, vocab: int = 0):
 
     `vocab`: the tokenizer's size, where the proxy's embedding is padded past it (`token_logits`).
 
-    The kernel runs on each device's own rows of the logits (`make_sharded_posterior` over the mesh
-    axes of logical `batch`), so the [B*L, V] logits are never gathered: with the kernel as plain jit
-    XLA gathered them, 125 GB per device for the 70B proxy on 64 devices (`proxykd plan`, which
-    compiles this same step). Without a sharded batch axis the kernel is `posterior_topk` as is."""
+    The logits are formed and the kernel run on tiles of about `posterior.chunk_tokens` tokens of the batch
+    (`over_tiles`: every row, a span of positions), so no [B*L, V] array exists. Within a tile the kernel runs on
+    each device's own rows of the logits (`make_sharded_posterior` over the mesh axes of logical `batch`), so the
+    logits are never gathered: with the kernel as plain jit XLA gathered them, 125 GB per device for the 70B proxy
+    on 64 devices (`proxykd plan`, which compiles this same step). Without a sharded batch axis the kernel is
+    `posterior_topk` as is. `sampled` mode's draws are made for the whole batch first, so that they do not depend
+    on the tiles."""
     spec = batch_sharding(mesh, rules).spec
     axes = spec_axes(spec[0] if spec else None)
     options = dict(
@@ -391,22 +439,31 @@ def make_posterior_step(graphdef, pcfg, *, k: int, mesh, rules, vocab: int = 0):
     sharded = kernel.make_sharded_posterior(mesh, axes=axes, **options) if axes else None
 
     def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps, head_sym_V=None):
-        logits = token_logits(nnx.merge(graphdef, state), batch, vocab)
-        logits = logits.reshape(logits.shape[0] * logits.shape[1], -1)
-        if sharded is not None:
-            return sharded(logits, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps, head_sym_V)
-        return kernel.posterior_topk(
-            logits,
-            prior,
-            base_V,
-            n_pseudo_N,
-            kappa,
-            rng=rng,
-            head_ids_NxH=head_ids,
-            head_logprobs_NxH=head_lps,
-            head_sym_V=head_sym_V,
-            **options,
-        )
+        model, hidden = _hidden(graphdef, state, batch)
+        rows, length = batch["tokens"].shape
+        uniforms = None
+        if pcfg.mode == "sampled":
+            if rng is None:
+                raise ValueError("posterior: mode='sampled' needs an rng key for the proxy draws.")
+            uniforms = jax.random.uniform(rng, (rows * length, pcfg.num_samples), jnp.float32)
+
+        def tile(h, pr, npn, un, hi, hl):
+            logits = token_logits(model, h, vocab)
+            n = logits.shape[0] * logits.shape[1]
+            flat = lambda x: None if x is None else x.reshape((n,) + x.shape[2:])  # noqa: E731
+            args = (flat(logits), SparsePrior(*map(flat, pr)), base_V, flat(npn), kappa)
+            extra = dict(head_ids_NxH=flat(hi), head_logprobs_NxH=flat(hl), uniforms_NxM=flat(un))
+            if sharded is not None:
+                out = sharded(*args, head_sym_V=head_sym_V, **extra)
+            else:
+                out = kernel.posterior_topk(*args, head_sym_V=head_sym_V, **extra, **options)
+            return tuple(x.reshape(h.shape[:2] + x.shape[1:]) for x in out)
+
+        as_rows = lambda x: None if x is None else x.reshape((rows, length) + x.shape[1:])  # noqa: E731
+        per_position = (SparsePrior(*map(as_rows, prior)), as_rows(n_pseudo_N), as_rows(uniforms))
+        per_position += (as_rows(head_ids), as_rows(head_lps))
+        out = over_tiles(tile, _tile_width(rows, length, int(pcfg.chunk_tokens)), hidden, *per_position)
+        return tuple(x.reshape((rows * length,) + x.shape[2:]) for x in out)
 
     return under_mesh(jax.jit(step, out_shardings=replicated(mesh)), mesh, rules)
 

@@ -264,6 +264,16 @@ def _run_blocked(
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:n], out)
 
 
+def _uniforms(rng, uniforms_NxM, n: int, num_samples: int):
+    """`sampled` mode's uniforms [N, M]: those given (drawn by a caller that runs the positions in parts, so that
+    the draws do not depend on the parts), else drawn from `rng`."""
+    if uniforms_NxM is not None:
+        return jnp.asarray(uniforms_NxM, jnp.float32)
+    if rng is None:
+        raise ValueError("posterior: mode='sampled' needs an rng key for the proxy draws.")
+    return jax.random.uniform(rng, (n, num_samples), jnp.float32)
+
+
 def _check(mode, k, v, kernel="xla"):
     if mode not in MODES:
         raise ValueError(f"posterior: mode={mode!r} is not one of {MODES}; set posterior.mode.")
@@ -291,6 +301,7 @@ def posterior_topk(
     head_sym_V=None,
     top_k_block=16,
     kernel="xla",
+    uniforms_NxM=None,
 ):
     """The posterior's exact top-k at N positions (pure; jit it, or call it inside a jitted step).
 
@@ -303,7 +314,8 @@ def posterior_topk(
     symbols and masses (a `bytes` head) and q̂ is I-projected onto them; top_k_block: ids per block of
     `blocked_top_k` (0: a dense score and `lax.top_k`); kernel: "xla", or "pallas" for the one-pass GPU
     kernel of `score_topk` (`expected` mode without a bytes head; other modes ignore it; off a CUDA GPU
-    it runs in Pallas' interpreter). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32),
+    it runs in Pallas' interpreter); uniforms_NxM: `sampled` mode's draws, given by a caller that runs a batch's
+    positions in parts (else drawn from rng). Returns (ids_NxK int32, logprobs_NxK float32, tail_N float32),
     sorted by probability (with a teacher head: the head's entries first, each part sorted), with
     exp(logprobs).sum() + tail == 1. A position whose total pseudo-count
     is zero (N_t = 0 with an empty prior) has no posterior and yields NaN; include_self queries never do.
@@ -312,9 +324,7 @@ def posterior_topk(
     _check(mode, k, v, kernel)
     uniforms = None
     if mode == "sampled":
-        if rng is None:
-            raise ValueError("posterior: mode='sampled' needs an rng key for the proxy draws.")
-        uniforms = jax.random.uniform(rng, (n, num_samples), jnp.float32)
+        uniforms = _uniforms(rng, uniforms_NxM, n, num_samples)
     core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta, block=top_k_block, kernel=kernel)
     return _run_blocked(
         core,
@@ -346,7 +356,7 @@ def make_sharded_posterior(
     """A jitted posterior with the token axis sharded over `axes` of `mesh` (shard_map inside).
 
     Returns f(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, rng=None, head_ids_NxH=None,
-    head_logprobs_NxH=None, head_sym_V=None) with the outputs of `posterior_topk`, sharded the same way over tokens;
+    head_logprobs_NxH=None, head_sym_V=None, uniforms_NxM=None) with the outputs of `posterior_topk`, sharded the same way over tokens;
     N must divide evenly over the product of the mesh axes.
     """
     axes = tuple(a for a in axes if a in mesh.axis_names)
@@ -370,6 +380,7 @@ def make_sharded_posterior(
         head_ids_NxH=None,
         head_logprobs_NxH=None,
         head_sym_V=None,
+        uniforms_NxM=None,
     ):
         n, v = proxy_logits_NxV.shape
         _check(mode, k, v, kernel)
@@ -378,11 +389,9 @@ def make_sharded_posterior(
                 f"posterior: {n} tokens do not split over {n_shards} devices on mesh axes "
                 f"{axes}; pad the batch to a multiple of {n_shards}."
             )
-        if mode == "sampled" and rng is None:
-            raise ValueError("posterior: mode='sampled' needs an rng key for the proxy draws.")
         extras = {}
         if mode == "sampled":
-            extras["uniforms"] = jax.random.uniform(rng, (n, num_samples), jnp.float32)
+            extras["uniforms"] = _uniforms(rng, uniforms_NxM, n, num_samples)
         if head_ids_NxH is not None:
             extras["head_ids"], extras["head_lp"] = head_ids_NxH, head_logprobs_NxH
 
