@@ -292,7 +292,7 @@ def test_collect_says_it_refuses_what_the_stage_refuses(tmp_path):
 
     cfg = changed(tiny_config(tmp_path / "run"), data__corpus="", collect__model="teacher-model")
     prompts = tmp_path / "prompts.jsonl"
-    words = np.random.default_rng().integers(0, 1000, 6)
+    words = np.random.default_rng().choice(1000, 6, replace=False)  # (a repeated prompt is refused)
     prompts.write_text("".join(json.dumps({"prompt": f"say {w}"}) + "\n" for w in words))
     for fields in ({}, {"collect__model": ""}):
         refusing = changed(cfg, **fields)

@@ -23,7 +23,7 @@ def posterior_config() -> ml_collections.ConfigDict:
     cd = ml_collections.ConfigDict()
     cd.mode = "expected"  # "expected" (N p_t), "sampled" (M proxy draws), "geometric" (ablation)
     cd.proxy = ""  # aligned proxy (Hugging Face folder); "" = <run>/proxy/final from `align`
-    cd.batch_size = 8  # samples per proxy forward (global, one sample per row; data.seq_len long)
+    cd.batch_size = 8  # samples per proxy forward (global, one per row; cut to the batch's longest of seq_len's halves)
     cd.n_max = 16.0  # N_max: proxy evidence in pseudo-observations, N_t = N_max * w (EB may replace it)
     cd.num_samples = 64  # M, proxy draws per token in "sampled" mode
     cd.beta = 1.0  # weight of log prior_mean in "geometric" mode (> 0)
