@@ -1,7 +1,8 @@
 """A run's own files damaged at random (bit rot, a truncated copy, a foreign file) are read as what was written or
 refused in one sentence naming the file (`InputFileError`), never as other numbers or a library's exception: the
 prior's tables, a posterior store shard's manifest (its data file has a checksum, the manifest did not), the
-prepared splits' sample ids (checked against the sha256 the prepared manifest records) and tokenizer, and a DPO round's saved pairs."""
+prepared splits' sample ids (checked against the sha256 the prepared manifest records) and tokenizer, and a DPO
+round's saved pairs."""
 
 from __future__ import annotations
 

@@ -356,8 +356,8 @@ def make_sharded_posterior(
     """A jitted posterior with the token axis sharded over `axes` of `mesh` (shard_map inside).
 
     Returns f(proxy_logits_NxV, prior, base_V, n_pseudo_N, kappa, rng=None, head_ids_NxH=None,
-    head_logprobs_NxH=None, head_sym_V=None, uniforms_NxM=None) with the outputs of `posterior_topk`, sharded the same way over tokens;
-    N must divide evenly over the product of the mesh axes.
+    head_logprobs_NxH=None, head_sym_V=None, uniforms_NxM=None) with the outputs of `posterior_topk`, sharded the
+    same way over tokens; N must divide evenly over the product of the mesh axes.
     """
     axes = tuple(a for a in axes if a in mesh.axis_names)
     if not axes:
