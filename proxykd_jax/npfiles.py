@@ -48,8 +48,8 @@ def read_npz(path, *, fix: str, names=None) -> dict[str, np.ndarray]:
 def sha256(path) -> str:
     """The sha256 hex digest of the file at `path` (recorded beside an `.npy` when it is written)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 23), b""):
+    with open(path, "rb") as f:  # in 64 KiB reads: a hash costs the stage that writes the file no memory
+        for block in iter(lambda: f.read(1 << 16), b""):
             h.update(block)
     return h.hexdigest()
 
