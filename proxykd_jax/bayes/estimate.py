@@ -92,25 +92,28 @@ def _hidden(graphdef, state, batch):
     return model, model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
 
 
+def _tiled_scores(graphdef, state, batch, vocab: int, chunk_tokens: int, score):
+    """`score(logits, targets)` of the proxy's logits, formed `chunk_tokens` tokens at a time (`over_tiles`; 0: all
+    at once) from one forward pass's hidden states."""
+    model, hidden = _hidden(graphdef, state, batch)
+    width = _tile_width(*batch["tokens"].shape, chunk_tokens)
+    return over_tiles(lambda h, t: score(token_logits(model, h, vocab), t), width, hidden, batch["targets"])
+
+
 def target_logprobs(graphdef, state, batch, vocab: int = 0, chunk_tokens: int = 0):
     """log p_proxy(target) at every position [B, L] (float32; the logits are formed `chunk_tokens` tokens at a
     time, `over_tiles`; 0: all at once)."""
-    model, hidden = _hidden(graphdef, state, batch)
-    width = _tile_width(*batch["tokens"].shape, chunk_tokens)
-    return over_tiles(lambda h, t: _picked_logprobs(token_logits(model, h, vocab), t), width, hidden, batch["targets"])
+    return _tiled_scores(graphdef, state, batch, vocab, chunk_tokens, _picked_logprobs)
 
 
 def target_scores(graphdef, state, batch, sym_V, vocab: int = 0, chunk_tokens: int = 0):
     """log p_proxy(target) [B, L] and, for a `bytes` head (its first-byte symbols `sym_V`), the proxy's mass of
     each target's first-byte group [B, L] (the head's EB statistics): one forward pass gives both."""
-    model, hidden = _hidden(graphdef, state, batch)
-    width = _tile_width(*batch["tokens"].shape, chunk_tokens)
 
-    def tile(h, t):
-        logits = token_logits(model, h, vocab)
-        return _picked_logprobs(logits, t), _group_mass(logits, t, sym_V)
+    def score(logits, targets):
+        return _picked_logprobs(logits, targets), _group_mass(logits, targets, sym_V)
 
-    return over_tiles(tile, width, hidden, batch["targets"])
+    return _tiled_scores(graphdef, state, batch, vocab, chunk_tokens, score)
 
 
 def _picked_logprobs(logits, targets):
@@ -478,11 +481,8 @@ def make_posterior_step(graphdef, pcfg, *, k: int, mesh, rules, vocab: int = 0):
     def step(state, batch, prior, base_V, n_pseudo_N, kappa, rng, head_ids, head_lps, head_sym_V=None):
         model, hidden = _hidden(graphdef, state, batch)
         rows, length = batch["tokens"].shape
-        uniforms = None
-        if pcfg.mode == "sampled":
-            if rng is None:
-                raise ValueError("posterior: mode='sampled' needs an rng key for the proxy draws.")
-            uniforms = jax.random.uniform(rng, (rows * length, pcfg.num_samples), jnp.float32)
+        sampled = pcfg.mode == "sampled"
+        uniforms = kernel.sampled_uniforms(rng, None, rows * length, pcfg.num_samples) if sampled else None
 
         def tile(h, pr, npn, un, hi, hl):
             logits = token_logits(model, h, vocab)

@@ -264,7 +264,7 @@ def _run_blocked(
     return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:n], out)
 
 
-def _uniforms(rng, uniforms_NxM, n: int, num_samples: int):
+def sampled_uniforms(rng, uniforms_NxM, n: int, num_samples: int):
     """`sampled` mode's uniforms [N, M]: those given (drawn by a caller that runs the positions in parts, so that
     the draws do not depend on the parts), else drawn from `rng`."""
     if uniforms_NxM is not None:
@@ -324,7 +324,7 @@ def posterior_topk(
     _check(mode, k, v, kernel)
     uniforms = None
     if mode == "sampled":
-        uniforms = _uniforms(rng, uniforms_NxM, n, num_samples)
+        uniforms = sampled_uniforms(rng, uniforms_NxM, n, num_samples)
     core = functools.partial(_posterior_core, k=k, mode=mode, beta=beta, block=top_k_block, kernel=kernel)
     return _run_blocked(
         core,
@@ -391,7 +391,7 @@ def make_sharded_posterior(
             )
         extras = {}
         if mode == "sampled":
-            extras["uniforms"] = _uniforms(rng, uniforms_NxM, n, num_samples)
+            extras["uniforms"] = sampled_uniforms(rng, uniforms_NxM, n, num_samples)
         if head_ids_NxH is not None:
             extras["head_ids"], extras["head_lp"] = head_ids_NxH, head_logprobs_NxH
 
