@@ -166,7 +166,7 @@ def test_posterior(base, tmp_path):
     assert len(list((pathlib.Path(two.run.dir) / "posterior").glob("shard-00001-*.json"))) >= 1  # process 1's shards
     ids = sorted(int(s) for s in stores[0].sample_ids)
     assert ids == sorted(int(s) for s in stores[1].sample_ids) and len(ids) > 0
-    # Each process puts its own rows in order of length (`estimate.by_length`), so a sample can run in a batch
+    # Each process puts its own rows in order of length (`pipeline.by_length`), so a sample can run in a batch
     # cut to another length than on one process: the proxy's sums in another shape, a few 1e-6 apart.
     same = total = 0
     for sid in ids:

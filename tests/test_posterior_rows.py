@@ -1,5 +1,5 @@
-"""The posterior's batches: rows in order of length within windows (`estimate.by_length`) and each batch cut to the
-fewest positions that hold its longest row (`estimate.cut`). Every row comes through whole, and the stage writes the
+"""The posterior's batches: rows in order of length within windows (`pipeline.by_length`) and each batch cut to the
+fewest positions that hold its longest row (`pipeline.cut`). Every row comes through whole, and the stage writes the
 same estimate and the same store as with its rows in file order at full length."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 
 from proxykd_jax.bayes import estimate
 from proxykd_jax.context import RunPaths
+from proxykd_jax.data import pipeline
 from proxykd_jax.data.records import PreparedData
 from proxykd_jax.data.store import StoreReader
 from tests.pipeline_fixtures import build_run
@@ -47,14 +48,14 @@ def test_rows_in_order_of_length_and_cut_batches_keep_every_row_whole(count, win
     rng = np.random.default_rng()
     rows, seq_len = int(rng.integers(1, 9)), int(rng.integers(9, 70))
     batches = _random_batches(rng, count, rows, seq_len)
-    sorted_ = list(estimate.by_length(iter(batches), window))
+    sorted_ = list(pipeline.by_length(iter(batches), window))
     assert len(sorted_) == count and all(len(b["lengths"]) == rows for b in sorted_)
     for w in range(0, count, window):  # each window's rows in order of length
         lengths = np.concatenate([b["lengths"] for b in sorted_[w : w + window]])
         assert (np.diff(lengths) >= 0).all()
-    allowed = estimate.lengths_of(seq_len)
+    allowed = pipeline.lengths_of(seq_len)
     assert allowed[-1] == seq_len and len(allowed) <= 4 and allowed[0] >= seq_len / 8
-    cut = list(estimate.cut(iter(sorted_), seq_len))
+    cut = list(pipeline.cut(iter(sorted_), seq_len))
     for b in cut:
         length = b["tokens"].shape[1]
         assert length in allowed and length >= b["lengths"].max(initial=0)
@@ -86,8 +87,8 @@ def test_the_stage_writes_what_rows_in_file_order_at_full_length_write(run, tmp_
         other.run.dir = str(tmp_path / "run")
     shutil.copytree(cfg.run.dir, other.run.dir, ignore=shutil.ignore_patterns("posterior", "proxykd.lock"))
     est = run_stage("posterior", cfg)
-    monkeypatch.setattr(estimate, "by_length", lambda batches, window: batches)
-    monkeypatch.setattr(estimate, "cut", lambda batches, seq_len: batches)
+    monkeypatch.setattr(pipeline, "by_length", lambda batches, window: batches)
+    monkeypatch.setattr(pipeline, "cut", lambda batches, seq_len: batches)
     assert {b["tokens"].shape[1] for b in estimate.batches(
         PreparedData(RunPaths.from_config(other).prepared), other.data, seq_len=other.data.seq_len,
         batch_size=other.posterior.batch_size,

@@ -20,7 +20,6 @@ same number of times (`parallel.hosts.lockstep`), and the statistics are gathere
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import pathlib
@@ -157,46 +156,16 @@ def local_rows(batch_size: int) -> int:
     return batch_size // jax.process_count()
 
 
-SORT_WINDOW = 32  # batches whose rows are put in order of length together (`by_length`)
-ROWS = f"by length in windows of {SORT_WINDOW} batches, cut to the longest"  # pass 1's chunks record it
+ROWS = f"by length in windows of {pipeline.SORT_WINDOW} batches, cut to the longest"  # pass 1's chunks record it
 
 
 def batches(prepared, data_cfg, *, seq_len: int, batch_size: int):
-    """This process's rows of the split's global batches (`batch_size` samples, one per row), padded to the
-    count every process runs: windows of `SORT_WINDOW` batches with their rows in order of length (`by_length`),
-    each batch cut to the fewest positions of `lengths_of(seq_len)` that hold its longest row on every process
-    (`cut`). The store and the fit are keyed by sample id, so the order changes no result; it spares the proxy
-    the padding of one-sample rows: a batch of short samples runs a short forward."""
-    local = local_rows(batch_size)
-    it = by_length(pipeline.iter_samples(prepared, SPLIT, data_cfg, batch_size=local, seq_len=seq_len), SORT_WINDOW)
-    return cut(hosts.lockstep(it, hosts.batches_per_process(prepared.num_samples(SPLIT), local), _empty), seq_len)
-
-
-def by_length(batches, window: int):
-    """`batches` (same-size [rows, ...] arrays) re-formed a window of `window` at a time, with the window's rows in
-    order of `lengths` (stably): as many batches, as many rows each."""
-    batches = iter(batches)
-    while group := list(itertools.islice(batches, window)):
-        rows = {k: np.concatenate([b[k] for b in group]) for k in group[0]}
-        order = np.argsort(rows["lengths"], kind="stable").reshape(len(group), -1)
-        for sel in order:
-            yield {k: v[sel] for k, v in rows.items()}
-
-
-def lengths_of(seq_len: int) -> list[int]:
-    """The row lengths a batch is cut to: seq_len, and its halves down to an eighth (at most four shapes to
-    compile for each pass)."""
-    return sorted({-(-seq_len // 2**j) for j in range(4)})
-
-
-def cut(batches, seq_len: int):
-    """Each batch's per-position fields cut to the fewest of `lengths_of(seq_len)` positions that hold its longest
-    row (`lengths`) on every process (the global batch has one shape)."""
-    lengths = lengths_of(seq_len)
-    for batch in batches:
-        need = int(hosts.allgather(np.asarray([batch["lengths"].max(initial=0)], np.int64)).max())
-        length = next(n for n in lengths if n >= need)
-        yield {k: v[:, :length] if v.ndim > 1 else v for k, v in batch.items()}
+    """This process's rows of the split's global batches (`batch_size` samples, one per row), in order of length
+    within windows and each cut to its longest row (`pipeline.sample_batches`). The store and the fit are keyed by
+    sample id, so the order changes no result; it spares the proxy the padding of one-sample rows: a batch of short
+    samples runs a short forward."""
+    local_rows(batch_size)
+    return pipeline.sample_batches(prepared, SPLIT, data_cfg, batch_size=batch_size, seq_len=seq_len, empty=_empty)
 
 
 def is_holdout(sample_ids: np.ndarray, fraction: float) -> np.ndarray:

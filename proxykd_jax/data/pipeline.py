@@ -16,7 +16,10 @@ cuts): a sample of more inputs than the rows' seq_len stops the reader with a Da
 is reached. With data.num_epochs > 0 the stream's last packed rows that fill no batch are dropped.
 """
 
+import itertools
 import logging
+import math
+from collections.abc import Iterable, Iterator
 
 import grain
 import jax
@@ -26,6 +29,7 @@ from proxykd_jax.data.corpus_errors import DataError
 from proxykd_jax.data.records import PreparedData, decode_record
 from proxykd_jax.data.store import StoreReader
 from proxykd_jax.errors import ConfigError, InputFileError
+from proxykd_jax.parallel import hosts
 
 _SEQ_FIELDS = ("tokens", "targets", "loss_mask", "sample_ids")
 _PAD = {"sample_ids": -1, "kd_logprobs": -np.inf, "teacher_topk_logprobs": -np.inf}
@@ -431,6 +435,51 @@ def iter_samples(
     pad_id = prepared.manifest["tokenizer"]["eos_id"] if pad_id is None else pad_id
     collate = _PadBatch(batch_size, seq_len, int(pad_id or 0))
     return iter(_InOrder(ds, 0, 0).batch(batch_size, batch_fn=collate))
+
+
+SORT_WINDOW = 32  # batches whose rows are put in order of length together (`by_length`)
+
+
+def sample_batches(
+    prepared, split: str, dcfg, *, batch_size: int, empty, seq_len: int | None = None, limit: int = 0
+) -> Iterator[dict]:
+    """This process's rows of the first ceil(limit / batch_size) global batches of `split` (all: limit 0), one sample
+    per row (`iter_samples`), `batch_size` rows per global batch split over processes, as many batches on every
+    process (`hosts.lockstep`; `empty(template)` pads). Windows of `SORT_WINDOW` batches have their rows in order of
+    length (`by_length`, each process its own rows), and each batch is cut to the fewest positions of
+    `lengths_of(seq_len)` that hold its longest row on every process (`cut`): a batch of short samples runs a
+    short forward. The batches hold the same samples as in file order, so a sum over them is the same."""
+    total, seq_len = _open(prepared).num_samples(split), int(seq_len or dcfg.seq_len)
+    count = math.ceil(min(total, limit or total) / batch_size)  # (each process's slice fills at most as many)
+    it = iter_samples(prepared, split, dcfg, batch_size=batch_size // jax.process_count(), seq_len=seq_len)
+    return cut(hosts.lockstep(by_length(itertools.islice(it, count), SORT_WINDOW), count, empty), seq_len)
+
+
+def by_length(batches: Iterable[dict], window: int) -> Iterator[dict]:
+    """`batches` (same-size [rows, ...] arrays) re-formed a window of `window` at a time, with the window's rows in
+    order of `lengths` (stably): as many batches, as many rows each."""
+    batches = iter(batches)
+    while group := list(itertools.islice(batches, window)):
+        rows = {k: np.concatenate([b[k] for b in group]) for k in group[0]}
+        order = np.argsort(rows["lengths"], kind="stable").reshape(len(group), -1)
+        for sel in order:
+            yield {k: v[sel] for k, v in rows.items()}
+
+
+def lengths_of(seq_len: int) -> list[int]:
+    """The row lengths a batch is cut to: seq_len, and its halves down to an eighth (at most four shapes to
+    compile for each step that runs on them)."""
+    return sorted({-(-seq_len // 2**j) for j in range(4)})
+
+
+def cut(batches: Iterable[dict], seq_len: int) -> Iterator[dict]:
+    """Each batch's per-position fields cut to the fewest of `lengths_of(seq_len)` positions that hold its longest
+    row (`lengths`) on every process (the global batch has one shape)."""
+    lengths = lengths_of(seq_len)
+    for batch in batches:
+        need = int(hosts.allgather(np.asarray([batch["lengths"].max(initial=0)], np.int64)).max())
+        length = next(n for n in lengths if n >= need)
+        yield {k: v[:, :length] if v.ndim > 1 else v for k, v in batch.items()}
 
 
 def to_global_batch(batch: dict, mesh, rules=None) -> dict:

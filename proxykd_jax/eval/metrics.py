@@ -13,16 +13,16 @@ alignment, Proxy-KD student, SFT student). With a known teacher (the demo's) als
 releases one model at a time); `reference_estimator_kl` is the estimator's part that needs no model;
 `join_metrics` puts them together.
 
-Batches are global (`eval.batch_size` rows, split over processes), so batch g holds the same
-samples on one process or many; per-token log-probs come back from the mesh whole
-(replicated), each process scores its own rows in float64 and the sums are added over processes.
+Batches are global (`eval.batch_size` rows, split over processes; each process puts its rows in order of
+length within windows of batches, `pipeline.sample_batches`), so the batches hold the same samples on one
+process or many; per-token log-probs come back from the mesh whole (replicated), each process scores its own
+rows in float64 and the sums are added over processes.
 """
 
 from __future__ import annotations
 
 import functools
 import gc
-import itertools
 import json
 import logging
 import math
@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from proxykd_jax import progress as progress_bars
+from proxykd_jax.bayes import estimate
 from proxykd_jax.data import pipeline
 from proxykd_jax.errors import ConfigError
 from proxykd_jax.eval.known_teacher import kl_terms
@@ -47,18 +48,24 @@ ONE_HOT_SMOOTHING = 0.1  # label smoothing of the one-hot reference estimate
 _MODEL_FIELDS = ("tokens", "positions", "segment_ids", "targets")
 
 
+TILE_TOKENS = 1024  # a model's logits are formed this many tokens at a time where only the targets' are needed
+
+
 @functools.cache
-def _scorer(mesh, full: bool, vocab: int = 0):
+def _scorer(mesh, full: bool, vocab: int, tile_tokens: int):
     """jit(model, batch) -> (log p(target) [B, L], log p [B, L, V] when `full`), replicated on `mesh`; with
     `vocab` below the model's rows (a padded embedding), the distribution over the first `vocab` ids only,
-    as the posterior and sampling take it (V = `vocab`)."""
+    as the posterior and sampling take it (V = `vocab`). Without `full`, the logits exist `tile_tokens` tokens
+    at a time (`estimate.target_logprobs`; 0: the whole batch's at once), as the posterior forms them."""
 
     def score(graphdef, state, batch):
+        if not full:
+            return estimate.target_logprobs(graphdef, state, batch, vocab, tile_tokens), None
         model = nnx.merge(graphdef, state)
         logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
         logp = jax.nn.log_softmax(logits[..., :vocab] if 0 < vocab < logits.shape[-1] else logits, axis=-1)
         picked = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-        return picked, (logp if full else None)
+        return picked, logp
 
     return under_mesh(
         jax.jit(score, static_argnums=0, out_shardings=replicated(mesh)), mesh, placed=lambda g, s, b: (b, s)
@@ -76,15 +83,15 @@ def _empty(batch: dict) -> dict:
 
 def iter_eval_batches(prepared, split: str, data_cfg, *, batch_size: int, limit: int = 0, seq_len=None):
     """This process's rows of the first ceil(limit / batch_size) global batches of `split` (all when
-    limit = 0), read as they are used: one sample per row of `seq_len` tokens (default data.seq_len),
-    `batch_size` rows per global batch split over processes, as many batches on every process."""
+    limit = 0), read as they are used: one sample per row of at most `seq_len` tokens (default data.seq_len),
+    `batch_size` rows per global batch split over processes, as many batches on every process; rows in
+    order of length within windows of batches, each batch cut to its longest row (`pipeline.sample_batches`).
+    The scores are sums over the batches' positions, so the order changes none of them."""
     if batch_size % jax.process_count():
         raise ValueError(f"eval.batch_size={batch_size} must be a multiple of the {jax.process_count()} processes.")
-    local = batch_size // jax.process_count()
-    total = prepared.num_samples(split)
-    count = math.ceil(min(total, limit or total) / batch_size)
-    it = pipeline.iter_samples(prepared, split, data_cfg, batch_size=local, seq_len=seq_len)
-    return itertools.islice(hosts.lockstep(it, hosts.batches_per_process(total, local), _empty), count)
+    return pipeline.sample_batches(
+        prepared, split, data_cfg, batch_size=batch_size, empty=_empty, seq_len=seq_len, limit=limit
+    )
 
 
 def eval_batches(prepared, split: str, data_cfg, *, batch_size: int, limit: int = 0) -> list[dict]:
@@ -106,7 +113,7 @@ class Scorer:
     def __call__(self, model, batch, *, full: bool):
         graphdef, state = nnx.split(model)
         gb = global_batch({k: batch[k] for k in _MODEL_FIELDS}, self.mesh, self.rules)
-        picked, logp = _scorer(self.mesh, full, self.vocab)(graphdef, state, gb)
+        picked, logp = _scorer(self.mesh, full, self.vocab, TILE_TOKENS)(graphdef, state, gb)
         rows = batch["tokens"].shape[0]
         picked = hosts.host_rows(picked, rows).astype(np.float64)
         return picked, (hosts.host_rows(logp, rows).astype(np.float64) if full else None)

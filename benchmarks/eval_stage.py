@@ -1,0 +1,94 @@
+"""The eval stage on a realistic vocabulary: its rows by length, each batch cut to the longest, and the logits a tile
+at a time, against file order at full length with the whole batch's logits.
+
+Uses the corpus, 32,000-token tokenizer and d64 proxy of `benchmarks/posterior_stage.py` (built once in `--dir`),
+runs `proxykd prepare` on `configs/demo.py` with `data.seq_len=--seq-len` and a quarter of the prompts held out
+(`data.split`), then `proxykd eval` of the proxy (its only model, `proxy.init_from`) on every sample of the held-out
+split, each variant in a fresh process:
+
+  - as the stage is;
+  - rows in file order at full length (`pipeline.by_length` and `pipeline.cut` replaced by the identity), logits
+    still in tiles;
+  - that, with the whole batch's logits at once (`metrics.TILE_TOKENS = 0`): the stage before 2026-12-08.
+
+Prints each run's wall seconds, peak resident memory, the ratios and each run's held-out NLL (the order and tiles
+change no result).
+
+  .venv/bin/python benchmarks/eval_stage.py [--dir /tmp/posterior_stage] [--prompts 1000] [--seq-len 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+from _common import print_table
+from posterior_stage import REPO, build, stage
+
+FILE_ORDER = (
+    "from proxykd_jax.data import pipeline; pipeline.by_length = lambda b, w: b; pipeline.cut = lambda b, s: b; "
+)
+WHOLE = "from proxykd_jax.eval import metrics; metrics.TILE_TOKENS = 0; "
+CLI = "import sys; from proxykd_jax import cli; cli.main(sys.argv[1:])"
+VARIANTS = {
+    "by length, cut, tiles": None,
+    "file order, full length, tiles": FILE_ORDER + CLI,
+    "file order, full length, whole logits": FILE_ORDER + WHOLE + CLI,
+}
+
+
+def measured(name: str, args: list[str], code: str | None) -> tuple[float, float]:
+    """(wall seconds, peak resident GB) of `proxykd <name> <args>` in a fresh process (`code`: run instead)."""
+    cmd = [sys.executable, "-c", code, name, *args] if code else [sys.executable, "-m", "proxykd_jax", name, *args]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"`proxykd {name}` failed: {cmd}")
+    return time.perf_counter() - start, usage.ru_maxrss / 2**20  # (kB on Linux)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default="/tmp/posterior_stage", help="where the corpus, proxy and run are kept")
+    ap.add_argument("--prompts", type=int, default=1000)
+    ap.add_argument("--seq-len", type=int, default=1024, help="data.seq_len (at most 2,048: the proxy's context)")
+    ap.add_argument("--batch-size", type=int, default=16, help="eval.batch_size")
+    args = ap.parse_args()
+    folder = pathlib.Path(args.dir)
+    build(folder, args.prompts)
+    run = folder / f"eval_{args.seq_len}"
+    flags = [
+        "--config=configs/demo.py", f"--config.run.dir={run}", f"--config.data.corpus={folder / 'corpus.jsonl'}",
+        f"--config.data.tokenizer={folder / 'proxy'}", f"--config.proxy.init_from={folder / 'proxy'}",
+        f"--config.data.seq_len={args.seq_len}", "--config.eval.max_samples=0",
+        f"--config.eval.batch_size={args.batch_size}", "--config.eval.known_teacher=",
+        "--config.data.split.warmup=0.1", "--config.data.split.align=0.3", "--config.data.split.distill=0.35",
+        "--config.data.split.heldout=0.25",
+    ]  # fmt: skip
+    stage("prepare", flags)  # (a finished one is reused)
+    from proxykd_jax.data.records import PreparedData
+
+    samples = PreparedData(run / "prepared").num_samples("heldout")
+    seconds, peak, nll = {}, {}, {}
+    for label, code in VARIANTS.items():
+        shutil.rmtree(run / "eval", ignore_errors=True)
+        seconds[label], peak[label] = measured("eval", flags, code)
+        metrics = json.loads((run / "eval" / "metrics.json").read_text())
+        nll[label] = metrics["models"]["proxy (before align)"]["heldout_nll"]
+    print(f"{samples} held-out samples, data.seq_len {args.seq_len}, eval.batch_size {args.batch_size}, "
+          "32,000-token vocabulary, d64 proxy")  # fmt: skip
+    rows = [[label, s, samples / s, peak[label], f"{nll[label]:.6f}"] for label, s in seconds.items()]
+    print_table(rows, ["eval rows", "wall s", "samples/s", "peak RSS GB", "held-out NLL"])
+    first = next(iter(seconds.values()))
+    print("; ".join(f"{label} / the stage: {s / first:.2f}x" for label, s in list(seconds.items())[1:]))
+
+
+if __name__ == "__main__":
+    main()
