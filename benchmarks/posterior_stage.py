@@ -3,7 +3,7 @@
 Builds once, in `--dir`, a corpus of `--prompts` prompts x 4 responses of Zipfian pseudo-words (25-180 words), a
 32,000-token byte-level BPE trained on it and a random 2-layer d64 proxy of context 2,048, and runs `proxykd prepare`
 and `prior` on `configs/demo.py` with `data.seq_len=--seq-len`. Then `proxykd posterior` runs twice, each in a fresh
-process: as the stage is, and with `estimate.by_length` and `estimate.cut` replaced by the identity (rows in file
+process: as the stage is, and with `pipeline.by_length` and `pipeline.cut` replaced by the identity (rows in file
 order at full length, as the stage read them before 2026-12-07). Prints each run's wall seconds and samples/s, the
 ratio, and how many stored ids the two stores share (the order changes no result).
 
@@ -25,8 +25,8 @@ from _common import print_table
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 FILE_ORDER = (
-    "import sys; from proxykd_jax.bayes import estimate; estimate.by_length = lambda b, w: b; "
-    "estimate.cut = lambda b, s: b; from proxykd_jax import cli; cli.main(sys.argv[1:])"
+    "import sys; from proxykd_jax.data import pipeline; pipeline.by_length = lambda b, w: b; "
+    "pipeline.cut = lambda b, s: b; from proxykd_jax import cli; cli.main(sys.argv[1:])"
 )
 
 
