@@ -194,9 +194,9 @@ def eval_data(prepared_dir, split: str, data_cfg, *, batch_size: int, seq_len: i
     """(batches, tokens per byte) of `split` for the eval step. `batches()` gives, each time it is called, this
     process's rows of every sample of the split, one per row of at most `seq_len` tokens, in global batches of
     `batch_size` rows (the last padded with empty rows, as many on every process; rows in order of length within
-    windows of batches, each batch cut to its longest row: `eval.metrics.iter_eval_batches`); tokens per byte: the split's
-    scored tokens over their text's UTF-8 bytes (`eval.per_byte.text_bytes`, as the eval stage counts them; 0
-    without a tokenizer)."""
+    windows of batches, each batch cut to its longest row: `eval.metrics.iter_eval_batches`); tokens per byte: the
+    split's scored tokens over their text's UTF-8 bytes (`eval.per_byte.text_bytes`, as the eval stage counts
+    them; 0 without a tokenizer)."""
     from proxykd_jax.eval.metrics import iter_eval_batches
 
     prepared = data.PreparedData(prepared_dir)
