@@ -12,7 +12,9 @@ split, each variant in a fresh process:
   - that, with the whole batch's logits at once (`metrics.TILE_TOKENS = 0`): the stage before 2026-12-08.
 
 Prints each run's wall seconds, peak resident memory, the ratios and each run's held-out NLL (the order and tiles
-change no result).
+change no result). Then distill's validation (`train.eval_every`) on the same split: `proxykd distill` of the demo's
+d32 student (alpha 0: no posterior needed) for 2 steps with one validation pass, by length and in file order, and
+without validation; a pass's seconds are a run's less the run without one.
 
   .venv/bin/python benchmarks/eval_stage.py [--dir /tmp/posterior_stage] [--prompts 1000] [--seq-len 1024]
 """
@@ -88,6 +90,30 @@ def main():
     print_table(rows, ["eval rows", "wall s", "samples/s", "peak RSS GB", "held-out NLL"])
     first = next(iter(seconds.values()))
     print("; ".join(f"{label} / the stage: {s / first:.2f}x" for label, s in list(seconds.items())[1:]))
+
+    student = [
+        "--config.distill.loss.alpha=0", "--config.train.steps=2", f"--config.train.seq_len={args.seq_len}",
+        "--config.model.vocab_size=32000", "--config.model.max_seq_len=2048", "--config.train.checkpoint_every=0",
+        "--config.optim.warmup_steps=0", f"--config.train.batch_size={args.batch_size}",
+    ]  # fmt: skip
+    runs = {
+        "no validation": ("0", None),
+        "by length, cut": ("2", None),
+        "file order, full length": ("2", FILE_ORDER + CLI),
+    }
+    seconds, loss = {}, {}
+    for label, (every, code) in runs.items():
+        shutil.rmtree(run / "student_sft", ignore_errors=True)
+        seconds[label] = measured("distill", flags + student + [f"--config.train.eval_every={every}"], code)[0]
+        rows = [json.loads(line) for line in (run / "student_sft" / "metrics.jsonl").read_text().splitlines()]
+        loss[label] = next((r["eval_loss"] for r in rows if "eval_loss" in r), None)
+    base = seconds.pop("no validation")
+    loss.pop("no validation")
+    print(f"distill: the d32 student, 2 steps of {args.batch_size} x {args.seq_len}; {base:.1f} s without validation")
+    rows = [[label, s, s - base, f"{loss[label]:.8f}"] for label, s in seconds.items()]
+    print_table(rows, ["validation rows", "wall s", "validation pass s", "eval_loss"])
+    (_, a), (_, b) = ((k, s - base) for k, s in seconds.items())
+    print(f"validation pass, file order / by length: {b / a:.2f}x")
 
 
 if __name__ == "__main__":
