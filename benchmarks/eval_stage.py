@@ -21,17 +21,15 @@ without validation; a pass's seconds are a run's less the run without one.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
 import time
 
 from _common import print_table
-from posterior_stage import REPO, build, stage
+from posterior_stage import REPO, setup, stage
 
 FILE_ORDER = (
     "from proxykd_jax.data import pipeline; pipeline.by_length = lambda b, w: b; pipeline.cut = lambda b, s: b; "
@@ -57,19 +55,10 @@ def measured(name: str, args: list[str], code: str | None) -> tuple[float, float
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", default="/tmp/posterior_stage", help="where the corpus, proxy and run are kept")
-    ap.add_argument("--prompts", type=int, default=1000)
-    ap.add_argument("--seq-len", type=int, default=1024, help="data.seq_len (at most 2,048: the proxy's context)")
-    ap.add_argument("--batch-size", type=int, default=16, help="eval.batch_size")
-    args = ap.parse_args()
-    folder = pathlib.Path(args.dir)
-    build(folder, args.prompts)
-    run = folder / f"eval_{args.seq_len}"
-    flags = [
-        "--config=configs/demo.py", f"--config.run.dir={run}", f"--config.data.corpus={folder / 'corpus.jsonl'}",
-        f"--config.data.tokenizer={folder / 'proxy'}", f"--config.proxy.init_from={folder / 'proxy'}",
-        f"--config.data.seq_len={args.seq_len}", "--config.eval.max_samples=0",
+    batch = ("--batch-size", dict(type=int, default=16, help="eval.batch_size"))
+    args, folder, run, flags = setup(__doc__.splitlines()[0], "eval", batch)
+    flags += [
+        f"--config.proxy.init_from={folder / 'proxy'}", "--config.eval.max_samples=0",
         f"--config.eval.batch_size={args.batch_size}", "--config.eval.known_teacher=",
         "--config.data.split.warmup=0.1", "--config.data.split.align=0.3", "--config.data.split.distill=0.35",
         "--config.data.split.heldout=0.25",

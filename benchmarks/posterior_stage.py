@@ -71,20 +71,29 @@ def stage(name: str, args: list[str], code: str | None = None) -> float:
     return time.perf_counter() - start
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def setup(description: str, name: str, *extra: tuple[str, dict]):
+    """(args, corpus folder, run folder `<dir>/<name>_<seq len>`, the flags every stage of the run takes) of a
+    benchmark over the corpus `build` makes: the flags `--dir`, `--prompts`, `--seq-len` and `extra` ones."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--dir", default="/tmp/posterior_stage", help="where the corpus, proxy and run are kept")
     ap.add_argument("--prompts", type=int, default=1000)
     ap.add_argument("--seq-len", type=int, default=1024, help="data.seq_len (at most 2,048: the proxy's context)")
+    for flag, kw in extra:
+        ap.add_argument(flag, **kw)
     args = ap.parse_args()
     folder = pathlib.Path(args.dir)
     build(folder, args.prompts)
-    run = folder / f"run_{args.seq_len}"
+    run = folder / f"{name}_{args.seq_len}"
     flags = [
         "--config=configs/demo.py", f"--config.run.dir={run}", f"--config.data.corpus={folder / 'corpus.jsonl'}",
-        f"--config.data.tokenizer={folder / 'proxy'}", f"--config.posterior.proxy={folder / 'proxy'}",
-        f"--config.data.seq_len={args.seq_len}",
+        f"--config.data.tokenizer={folder / 'proxy'}", f"--config.data.seq_len={args.seq_len}",
     ]  # fmt: skip
+    return args, folder, run, flags
+
+
+def main():
+    args, folder, run, flags = setup(__doc__.splitlines()[0], "run")
+    flags.append(f"--config.posterior.proxy={folder / 'proxy'}")
     for name in ("prepare", "prior"):  # (a finished one is reused)
         stage(name, flags)
     from proxykd_jax.data.records import PreparedData
