@@ -72,6 +72,10 @@ def test_the_stage_scores_what_file_order_at_full_length_with_whole_logits_score
         cfg.run.dir = str(tmp_path / "ours")
         cfg.eval.known_teacher = cfg.eval.known_teacher if teacher else ""
     shutil.copytree(run.run.dir, cfg.run.dir, ignore=shutil.ignore_patterns("eval", "proxykd.lock"))
+    # tiles of 3 positions of eval.batch_size 8 rows (the default's would hold the tiny run's whole rows), the last
+    # one padded: none of the cut lengths is a multiple of 3
+    assert cfg.eval.batch_size == 8 and all(n % 3 for n in pipeline.lengths_of(cfg.data.seq_len))
+    monkeypatch.setattr(metrics, "TILE_TOKENS", 24)
     run_stage("eval", cfg)
     other = cfg.copy_and_resolve_references()
     with other.unlocked():
