@@ -164,7 +164,7 @@ def batches(prepared, data_cfg, *, seq_len: int, batch_size: int):
     within windows and each cut to its longest row (`pipeline.sample_batches`). The store and the fit are keyed by
     sample id, so the order changes no result; it spares the proxy the padding of one-sample rows: a batch of short
     samples runs a short forward."""
-    local_rows(batch_size)
+    local_rows(batch_size)  # refuses a batch that does not split over the processes (pass 2 reads no other check)
     return pipeline.sample_batches(prepared, SPLIT, data_cfg, batch_size=batch_size, seq_len=seq_len, empty=_empty)
 
 

@@ -449,7 +449,8 @@ def sample_batches(
     length (`by_length`, each process its own rows), and each batch is cut to the fewest positions of
     `lengths_of(seq_len)` that hold its longest row on every process (`cut`): a batch of short samples runs a
     short forward. The batches hold the same samples as in file order, so a sum over them is the same."""
-    total, seq_len = _open(prepared).num_samples(split), int(seq_len or dcfg.seq_len)
+    prepared, seq_len = _open(prepared), int(seq_len or dcfg.seq_len)
+    total = prepared.num_samples(split)
     count = math.ceil(min(total, limit or total) / batch_size)  # (each process's slice fills at most as many)
     it = iter_samples(prepared, split, dcfg, batch_size=batch_size // jax.process_count(), seq_len=seq_len)
     return cut(hosts.lockstep(by_length(itertools.islice(it, count), SORT_WINDOW), count, empty), seq_len)
