@@ -16,42 +16,23 @@ change no result). Then distill's validation (`train.eval_every`) on the same sp
 d32 student (alpha 0: no posterior needed) for 2 steps with one validation pass, by length and in file order, and
 without validation; a pass's seconds are a run's less the run without one.
 
-  .venv/bin/python benchmarks/eval_stage.py [--dir /tmp/posterior_stage] [--prompts 1000] [--seq-len 1024]
+  .venv/bin/python benchmarks/eval_stage.py [--dir /tmp/posterior_stage] [--prompts 1000] [--seq-len 1024] [--batch-size 16]
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import time
 
 from _common import print_table
-from posterior_stage import REPO, setup, stage
+from posterior_stage import CLI, FILE_ORDER, measured, setup, stage
 
-FILE_ORDER = (
-    "from proxykd_jax.data import pipeline; pipeline.by_length = lambda b, w: b; pipeline.cut = lambda b, s: b; "
-)
 WHOLE = "from proxykd_jax.eval import metrics; metrics.TILE_TOKENS = 0; "
-CLI = "import sys; from proxykd_jax import cli; cli.main(sys.argv[1:])"
 VARIANTS = {
     "by length, cut, tiles": None,
     "file order, full length, tiles": FILE_ORDER + CLI,
     "file order, full length, whole logits": FILE_ORDER + WHOLE + CLI,
 }
-
-
-def measured(name: str, args: list[str], code: str | None) -> tuple[float, float]:
-    """(wall seconds, peak resident GB) of `proxykd <name> <args>` in a fresh process (`code`: run instead)."""
-    cmd = [sys.executable, "-c", code, name, *args] if code else [sys.executable, "-m", "proxykd_jax", name, *args]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"`proxykd {name}` failed: {cmd}")
-    return time.perf_counter() - start, usage.ru_maxrss / 2**20  # (kB on Linux)
 
 
 def main():

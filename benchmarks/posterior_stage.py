@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -24,10 +25,10 @@ import numpy as np
 from _common import print_table
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-FILE_ORDER = (
-    "import sys; from proxykd_jax.data import pipeline; pipeline.by_length = lambda b, w: b; "
-    "pipeline.cut = lambda b, s: b; from proxykd_jax import cli; cli.main(sys.argv[1:])"
+FILE_ORDER = (  # put before CLI: the rows in file order at full length
+    "from proxykd_jax.data import pipeline; pipeline.by_length = lambda b, w: b; pipeline.cut = lambda b, s: b; "
 )
+CLI = "import sys; from proxykd_jax import cli; cli.main(sys.argv[1:])"
 
 
 def build(folder: pathlib.Path, prompts: int) -> None:
@@ -63,12 +64,21 @@ def build(folder: pathlib.Path, prompts: int) -> None:
     hf.save_hf(Llama(cfg, rngs=nnx.Rngs(0)), cfg, folder / "proxy", tokenizer=tok)
 
 
-def stage(name: str, args: list[str], code: str | None = None) -> float:
-    """Wall seconds of `proxykd <name> <args>` in a fresh process (`code`: run instead of the CLI's module)."""
+def measured(name: str, args: list[str], code: str | None = None) -> tuple[float, float]:
+    """(wall seconds, peak resident GB) of `proxykd <name> <args>` in a fresh process (`code`: run instead of the
+    CLI's module)."""
     cmd = [sys.executable, "-c", code, name, *args] if code else [sys.executable, "-m", "proxykd_jax", name, *args]
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"`proxykd {name}` failed: {cmd}")
+    return time.perf_counter() - start, usage.ru_maxrss / 2**20  # (kB on Linux)
+
+
+def stage(name: str, args: list[str], code: str | None = None) -> float:
+    """Wall seconds of `proxykd <name> <args>` in a fresh process (`measured`)."""
+    return measured(name, args, code)[0]
 
 
 def setup(description: str, name: str, *extra: tuple[str, dict]):
@@ -102,7 +112,7 @@ def main():
     prepared = PreparedData(run / "prepared")
     samples = prepared.num_samples("distill")
     seconds, stores = {}, {}
-    for label, code in (("by length, cut", None), ("file order, full length", FILE_ORDER)):
+    for label, code in (("by length, cut", None), ("file order, full length", FILE_ORDER + CLI)):
         shutil.rmtree(run / "posterior", ignore_errors=True)
         seconds[label] = stage("posterior", flags, code)
         kept = folder / f"posterior_{args.seq_len}_{label.split(',')[0].replace(' ', '_')}"
