@@ -503,6 +503,6 @@ def test_phase_mfu_counts_no_weight_gradients_for_a_lora_base(tmp_path, monkeypa
     with pytest.raises(Stop):
         trainer.train(tmp_path, trainable, frozen, loss_fn, iter(()), steps=4, lr=1e-3, rows_per_step=4)
     forward = 4 * 16 * flops_per_token(base.cfg, 16, backward=False)
-    assert seen["flops"] == pytest.approx(
+    assert seen["flops"](16) == pytest.approx(
         2 * forward if rank else 4 * 16 * flops_per_token(base.cfg, 16, backward=True)
     )

@@ -28,6 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
     cd.sample_batch_size = 16  # prompts per generation call (fixed shape: compiled once)
     cd.logprob_chunk = 256  # tokens per vocabulary projection chunk in sequence log-probs
     cd.eval_batch_size = 16  # rows per forward in the reference and held-out passes
+    cd.cut_rows = True  # each batch cut to its longest row (of seq_len, /2, /4, /8: at most 4 compiles per step)
     cd.heldout_samples = 64  # held-out split examples scored (NLL) after every phase; 0 = all
     cd.warmup_steps = 10  # linear LR warm-up of each phase (replaces optim.warmup_steps; capped below its updates)
     cd.checkpoint_every = 50  # steps between checkpoints within a phase

@@ -31,6 +31,7 @@ from flax import nnx
 
 from proxykd_jax import losses
 from proxykd_jax.align import lora
+from proxykd_jax.align.pairs import ROW_FIELDS, row_lengths
 from proxykd_jax.parallel.hosts import to_host
 from proxykd_jax.parallel.sharding import mesh_of
 
@@ -219,31 +220,54 @@ def _pair_logprobs(graphdef, state, rows, *, chunk: int, lora_on: bool):
     return chosen, rejected
 
 
+def pass_batches(lengths: np.ndarray, batch_size: int, seq_len: int, cut: bool):
+    """(row indices, real rows, row length) of each fixed-size batch of a pass over rows of `lengths` positions:
+    with `cut` the rows go in order of length (stably), each batch cut to the fewest of `pipeline.lengths_of(seq_len)`
+    positions that hold its longest row; else in order at seq_len. A last batch short of `batch_size` rows repeats
+    its first row, whose outputs are dropped."""
+    from proxykd_jax.data import pipeline
+
+    n = len(lengths)
+    order = np.argsort(lengths, kind="stable") if cut else np.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        real = len(idx)
+        idx = np.concatenate([idx, np.full(batch_size - real, idx[0])])
+        yield idx, real, pipeline.cut_length(int(lengths[idx].max()), seq_len) if cut else seq_len
+
+
 def reference_logprobs(
-    model: nnx.Module, frozen: tuple, rows: dict[str, np.ndarray], *, batch_size: int, chunk: int, put_batch=None
+    model: nnx.Module,
+    frozen: tuple,
+    rows: dict[str, np.ndarray],
+    *,
+    batch_size: int,
+    chunk: int,
+    put_batch=None,
+    cut: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference sequence log-probs of every pair in `rows` ({chosen_*, rejected_*} [S, L]).
 
     `model`/`frozen` as in the loss functions (the reference is the policy as it is now). Runs in
-    fixed-shape batches (the last padded by repeating row 0) through one jitted forward; `put_batch`
-    places a host batch on the mesh (default: as is). Returns float32 numpy arrays [S].
+    fixed-size batches (`pass_batches`; with `cut`, pairs in order of length, each batch cut to its longest row)
+    through one jitted forward; `put_batch` places a host batch on the mesh (default: as is). Returns float32 numpy
+    arrays [S], in the rows' order.
     """
     module = (frozen[0], model) if frozen else model
     graphdef, state = nnx.split(module)
     n = next(iter(rows.values())).shape[0]
     chosen_out, rejected_out = np.zeros((n,), np.float32), np.zeros((n,), np.float32)
     keys = [k for k in rows if k.startswith(("chosen_", "rejected_"))]
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        idx = np.where(idx < n, idx, 0)
-        batch = {k: rows[k][idx] for k in keys}
+    seq_len = rows["chosen_segment_ids"].shape[1]
+    lengths = np.maximum(row_lengths(rows["chosen_segment_ids"]), row_lengths(rows["rejected_segment_ids"]))
+    for idx, m, length in pass_batches(lengths, batch_size, seq_len, cut):
+        batch = {k: rows[k][idx, :length] for k in keys}
         if put_batch is not None:
             batch = put_batch(batch)
         with mesh_of(batch):  # rows pinned to the batch axes, as in the train step
             c, r = _pair_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen))
-        m = min(batch_size, n - start)
-        chosen_out[start : start + m] = to_host(c)[:m]
-        rejected_out[start : start + m] = to_host(r)[:m]
+        chosen_out[idx[:m]] = to_host(c)[:m]
+        rejected_out[idx[:m]] = to_host(r)[:m]
     return chosen_out, rejected_out
 
 
@@ -255,21 +279,26 @@ def _row_logprobs(graphdef, state, rows, *, chunk: int, lora_on: bool):
 
 
 def heldout_nll(
-    model: nnx.Module, frozen: tuple, rows: dict[str, np.ndarray], *, batch_size: int, chunk: int, put_batch=None
+    model: nnx.Module,
+    frozen: tuple,
+    rows: dict[str, np.ndarray],
+    *,
+    batch_size: int,
+    chunk: int,
+    put_batch=None,
+    cut: bool = False,
 ) -> float:
-    """Token-mean NLL of the response targets of padded `rows` (tokens/targets/segment_ids/loss_mask)."""
+    """Token-mean NLL of the response targets of padded `rows` (tokens/targets/segment_ids/loss_mask), in batches
+    of `pass_batches` (with `cut`: rows in order of length, each batch cut to its longest row)."""
     module = (frozen[0], model) if frozen else model
     graphdef, state = nnx.split(module)
-    n = rows["tokens"].shape[0]
     total = 0.0
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        keep = (idx < n).astype(np.float32)
-        idx = np.where(idx < n, idx, 0)
-        batch = {k: rows[k][idx] for k in ("tokens", "targets", "segment_ids", "loss_mask")}
+    seq_len = rows["tokens"].shape[1]
+    for idx, m, length in pass_batches(row_lengths(rows["segment_ids"]), batch_size, seq_len, cut):
+        batch = {k: rows[k][idx, :length] for k in ROW_FIELDS}
         if put_batch is not None:
             batch = put_batch(batch)
         with mesh_of(batch):
             logp_B = to_host(_row_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen)))
-        total += float(np.sum(logp_B.astype(np.float64) * keep))
+        total += float(np.sum(logp_B[:m].astype(np.float64)))
     return -total / max(float(np.sum(rows["loss_mask"])), 1.0)

@@ -84,6 +84,13 @@ def pad_rows(prompts, responses, length: int, pad_id: int = 0) -> dict[str, np.n
     return rows
 
 
+def row_lengths(segment_ids: np.ndarray) -> np.ndarray:
+    """Positions each row uses, its padding left out: its last nonzero segment id's index + 1 (0 for a row of padding
+    alone), over the last axis of `segment_ids` [..., L]."""
+    used = segment_ids != 0
+    return np.where(used.any(-1), used.shape[-1] - np.argmax(used[..., ::-1], axis=-1), 0)
+
+
 def example_rows(examples, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """SFT rows of (prompt, teacher response) examples."""
     return pad_rows([e.prompt for e in examples], [e.response for e in examples], length, pad_id)

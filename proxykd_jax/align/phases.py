@@ -143,13 +143,19 @@ def restore_params(module: nnx.Module, path: pathlib.Path) -> nnx.Module:
     return nnx.merge(graphdef, restored, rest)
 
 
-def row_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int):
+def row_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int, *, cut: bool = False):
     """An endless, checkpointable grain iterator of shuffled host-local batches of `rows`.
 
     Every process builds the same global batch order (epoch reshuffles from `seed`) and keeps its
-    slice of rows [p * B_local, (p + 1) * B_local).
+    slice of rows [p * B_local, (p + 1) * B_local). With `cut` the position fields (`pairs.ROW_FIELDS`, [..., L]) of
+    each batch are cut to the fewest of `pipeline.lengths_of(L)` positions that hold the global batch's longest row
+    (every process holds all rows, so each finds the same length alone): a batch of short rows trains a short
+    step, and the loss, a sum over positions, is the same.
     """
     import grain
+
+    from proxykd_jax.align.pairs import ROW_FIELDS, row_lengths
+    from proxykd_jax.data import pipeline
 
     n = next(iter(rows.values())).shape[0]
     if n < batch_size:
@@ -162,10 +168,17 @@ def row_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int):
     if batch_size % procs:
         raise ProxyKDError(f"align.batch_size={batch_size} must be a multiple of the {procs} processes.")
     local = batch_size // procs
+    if cut:
+        seq_len = rows["segment_ids"].shape[-1]
+        used = row_lengths(rows["segment_ids"]).reshape(n, -1).max(axis=1)  # a pair's rows are cut together
 
     def gather(idx):
-        idx = np.asarray(idx)[proc * local : (proc + 1) * local]
-        return {k: v[idx] for k, v in rows.items()}
+        idx = np.asarray(idx)
+        mine = idx[proc * local : (proc + 1) * local]
+        if not cut:
+            return {k: v[mine] for k, v in rows.items()}
+        length = pipeline.cut_length(int(used[idx].max()), seq_len)
+        return {k: v[mine][..., :length] if k in ROW_FIELDS else v[mine] for k, v in rows.items()}
 
     ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
     return iter(ds.map(gather).to_iter_dataset())
@@ -197,11 +210,12 @@ def interleave_pairs(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def pair_batches(rows: dict[str, np.ndarray], pairs_per_batch: int, seed: int):
-    """Endless checkpointable grain iterator of interleaved pair batches ([2 * pairs_per_batch, L])."""
+def pair_batches(rows: dict[str, np.ndarray], pairs_per_batch: int, seed: int, *, cut: bool = False):
+    """Endless checkpointable grain iterator of interleaved pair batches ([2 * pairs_per_batch, L]; with `cut`, L
+    cut to the batch's longest row as `row_batches` does)."""
     inter = interleave_pairs(rows)
     as_pairs = {k: v.reshape((-1, 2) + v.shape[1:]) for k, v in inter.items()}
-    it = row_batches(as_pairs, pairs_per_batch, seed)
+    it = row_batches(as_pairs, pairs_per_batch, seed, cut=cut)
     return _Flatten(it)
 
 

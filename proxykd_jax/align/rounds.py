@@ -201,6 +201,7 @@ def make_round_pairs(
         batch_size=acfg.eval_batch_size,
         chunk=acfg.logprob_chunk,
         put_batch=put_batch,
+        cut=acfg.cut_rows,
     )
     rows["ref_chosen_logp"], rows["ref_rejected_logp"] = ref_c, ref_r
     return rows, dropped
@@ -274,6 +275,7 @@ class PhaseTrainer:
         LoRA-adapted frozen base (about 2x forward, the adapters' own FLOPs left out)."""
         from flax import nnx
 
+        from proxykd_jax.data import pipeline
         from proxykd_jax.models.llama import flops_per_token
         from proxykd_jax.parallel import sharding as sharding_lib
         from proxykd_jax.train import metrics as metrics_lib
@@ -301,11 +303,15 @@ class PhaseTrainer:
             optimizer, step = cached
             graphdef, state, shardings = phases.train_state_from(trainable, optimizer, self.mesh, self.rules)
         model_cfg = (frozen[0] if frozen else trainable).cfg
-        if int(self.acfg.lora.rank) > 0:  # a frozen base: forward + input gradients, no weight gradients (as `plan`)
-            flops_tok = 2 * flops_per_token(model_cfg, self.seq_len, backward=False)
-        else:
-            flops_tok = flops_per_token(model_cfg, self.seq_len, backward=True)
-        flops = metrics_lib.step_flops(rows_per_step * self.seq_len, flops_tok)
+
+        def flops(length: int) -> float:
+            """A step's model FLOPs on rows of `length` positions."""
+            if int(self.acfg.lora.rank) > 0:  # a frozen base: forward + input gradients, no weight gradients (`plan`)
+                flops_tok = 2 * flops_per_token(model_cfg, length, backward=False)
+            else:
+                flops_tok = flops_per_token(model_cfg, length, backward=True)
+            return metrics_lib.step_flops(rows_per_step * length, flops_tok)
+
         tcfg = ml_collections.ConfigDict(self.train_cfg.to_dict())
         tcfg.steps, tcfg.batch_size, tcfg.seq_len = steps, rows_per_step, self.seq_len
         tcfg.checkpoint_every = self.acfg.checkpoint_every
@@ -318,6 +324,7 @@ class PhaseTrainer:
             state_shardings=shardings,
             flops_per_step=flops,
             compute_dtype=model_cfg.dtype,
+            row_lengths=pipeline.lengths_of(self.seq_len) if self.acfg.cut_rows else (),
         )
         state = loop.run(state, data_iter, frozen=frozen)
         return nnx.merge(graphdef, state.params, state.rest)
@@ -363,6 +370,7 @@ def align_proxy(
                 batch_size=acfg.eval_batch_size,
                 chunk=acfg.logprob_chunk,
                 put_batch=put_batch,
+                cut=acfg.cut_rows,
             )
             if teacher_probs_fn is not None:
                 policy = objectives.policy_of(trainable, frozen)
@@ -393,7 +401,7 @@ def align_proxy(
                     )
                 rows = pairs_lib.example_rows(data.warmup, seq_len, data.pad_id)
                 loss_fn = functools.partial(objectives.sft_loss_fn, chunk=acfg.logprob_chunk)
-                data_iter = phases.row_batches(rows, acfg.batch_size, seed)
+                data_iter = phases.row_batches(rows, acfg.batch_size, seed, cut=acfg.cut_rows)
                 trainable = trainer.train(
                     phase_dir,
                     trainable,
@@ -426,7 +434,7 @@ def align_proxy(
                 trainable,
                 frozen,
                 loss_fn,
-                round_batches(rows, acfg.batch_size, seed + 1 + r, int(optim_cfg.grad_accum)),
+                round_batches(rows, acfg.batch_size, seed + 1 + r, int(optim_cfg.grad_accum), cut=acfg.cut_rows),
                 steps=steps,
                 lr=acfg.dpo_lr,
                 rows_per_step=2 * acfg.batch_size,
@@ -439,10 +447,10 @@ def align_proxy(
     return trainable, frozen, summaries
 
 
-def round_batches(rows: dict[str, np.ndarray], pairs_per_batch: int, seed: int, grad_accum: int):
+def round_batches(rows: dict[str, np.ndarray], pairs_per_batch: int, seed: int, grad_accum: int, *, cut: bool = False):
     """A round's pair batches (`phases.pair_batches`); with grad_accum > 1 micro-batches, each carries its update's
     chosen token count (`objectives.UpdateTokenBatches`): the update is one step on the update's pairs at once."""
-    batches = phases.pair_batches(rows, pairs_per_batch, seed)
+    batches = phases.pair_batches(rows, pairs_per_batch, seed, cut=cut)
     return objectives.UpdateTokenBatches(batches, grad_accum) if grad_accum > 1 else batches
 
 

@@ -176,7 +176,7 @@ ARTIFACTS: dict[str, Spec] = {
         path=lambda cfg, paths: paths.proxy,
         fields=("align.*", "proxy.*", "optim.*", "data.seq_len", "run.seed"),
         # each phase's schedule is its own: align.sft_lr / dpo_lr, align.warmup_steps, the decay over the phase
-        ignore=("align.checkpoint_every", "align.logprob_chunk", "align.eval_batch_size")
+        ignore=("align.checkpoint_every", "align.logprob_chunk", "align.eval_batch_size", "align.cut_rows")
         + ("optim.lr", "optim.warmup_steps", "optim.decay_steps"),
         inputs=lambda cfg, paths: [paths.demo, paths.prepared],
         models=lambda cfg, paths: _path_list("proxy.init_from", cfg.proxy.init_from),

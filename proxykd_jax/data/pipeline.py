@@ -473,13 +473,17 @@ def lengths_of(seq_len: int) -> list[int]:
     return sorted({-(-seq_len // 2**j) for j in range(4)})
 
 
+def cut_length(need: int, seq_len: int) -> int:
+    """The fewest of `lengths_of(seq_len)` positions that hold a row of `need` positions."""
+    return next(n for n in lengths_of(seq_len) if n >= need)
+
+
 def cut(batches: Iterable[dict], seq_len: int) -> Iterator[dict]:
     """Each batch's per-position fields cut to the fewest of `lengths_of(seq_len)` positions that hold its longest
     row (`lengths`) on every process (the global batch has one shape)."""
-    lengths = lengths_of(seq_len)
     for batch in batches:
         need = int(hosts.allgather(np.asarray([batch["lengths"].max(initial=0)], np.int64)).max())
-        length = next(n for n in lengths if n >= need)
+        length = cut_length(need, seq_len)
         yield {k: v[:, :length] if v.ndim > 1 else v for k, v in batch.items()}
 
 

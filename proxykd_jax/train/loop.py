@@ -14,11 +14,15 @@ right after that step: its `eval_*` row goes to metrics.jsonl and TensorBoard, `
 and an `EvalWatcher` (distill's `keep_best`) is told.
 
 A logged row's tokens_per_s and mfu cover the steps since the previous row; both count every position
-of the batch's rows (rows x seq_len, padding included: what the step computes, not the tokens it trains
+of the batch's rows (rows x its length, padding included: what the step computes, not the tokens it trains
 on, which a step's own metrics report where it has them). They are timed per compiled call
 (`CallTimer`): a call's time, from the previous call's metrics arriving on the host to its own
 arriving (for the first call after start or resume: from its dispatch returning, after its
 compile), is split evenly over its steps.
+
+A loop given `row_lengths` (align's, whose batches are cut to their longest row) takes batches of any of those
+lengths, with FLOPs per step a function of the length; the batches of a several-step call are padded to the
+longest of them (`padded`), as one compiled program stacks them.
 """
 
 from __future__ import annotations
@@ -86,12 +90,12 @@ class CallTimer:
     is the bottleneck, each interval between arrivals holds the preparation of the next call, and
     the last call's metrics are ready as soon as they are asked for. The first call after start or
     resume is timed from its dispatch returning, its compile left out. A call's time is split
-    evenly over its steps; a window's rates are its steps' tokens (and count) over their summed seconds.
+    evenly over its steps; a window's rates are its steps' tokens (and FLOPs) over their summed seconds.
     """
 
     def __init__(self):
         self.last: float | None = None  # the previous call's metrics arrived (or the first call was dispatched)
-        self.tokens, self.steps, self.seconds = 0, 0, 0.0  # the window's steps
+        self.tokens, self.flops, self.seconds = 0, 0.0, 0.0  # the window's steps
 
     def start(self, now: float) -> None:
         """The first call's dispatch returned (after its compile) at `now`."""
@@ -104,15 +108,33 @@ class CallTimer:
         self.last = now
         return per_step
 
-    def add(self, tokens: int, seconds: float) -> None:
-        """One step of the window, with its seconds from `arrived`."""
-        self.tokens, self.steps, self.seconds = self.tokens + tokens, self.steps + 1, self.seconds + seconds
+    def add(self, tokens: int, seconds: float, flops: float = 0.0) -> None:
+        """One step of the window, of `tokens` and `flops`, with its seconds from `arrived`."""
+        self.tokens, self.flops, self.seconds = self.tokens + tokens, self.flops + flops, self.seconds + seconds
 
     def take(self) -> tuple[float, float] | None:
-        """(tokens/s, steps/s) of the window, or None when it took no measurable time; starts the next window."""
-        rates = (self.tokens / self.seconds, self.steps / self.seconds) if self.seconds > 0 else None
-        self.tokens, self.steps, self.seconds = 0, 0, 0.0
+        """(tokens/s, FLOP/s) of the window, or None when it took no measurable time; starts the next window."""
+        rates = (self.tokens / self.seconds, self.flops / self.seconds) if self.seconds > 0 else None
+        self.tokens, self.flops, self.seconds = 0, 0.0, 0.0
         return rates
+
+
+def _same(value: float, length: int) -> float:
+    """A step's FLOPs whatever its row length (a loop whose rows are never cut)."""
+    return value
+
+
+def padded(host_batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """`host_batch` with its position fields (axis 1 as long as `tokens`'s) padded with zeros to `length` positions:
+    padding in the batch contract (segment id 0, loss mask 0), which changes no real position's loss."""
+    have = np.shape(host_batch["tokens"])[1]
+
+    def pad(v):
+        if v.ndim < 2 or v.shape[1] != have:
+            return v
+        return np.pad(v, [(0, 0), (0, length - have)] + [(0, 0)] * (v.ndim - 2))
+
+    return {k: pad(np.asarray(v)) for k, v in host_batch.items()}
 
 
 class TrainingDiverged(FloatingPointError):
@@ -234,15 +256,19 @@ class Loop:
         train_step: Callable,
         state_shardings: TrainState,
         eval_step: Callable | None = None,
-        flops_per_step: float = 0.0,
+        flops_per_step: float | Callable[[int], float] = 0.0,
         compute_dtype="float32",
         clock: Callable[[], float] = time.perf_counter,
+        row_lengths: Sequence[int] = (),
     ):
+        """`flops_per_step`: a step's FLOPs, or a function of its batch's row length (with `row_lengths`).
+        `row_lengths`: the lengths a batch's rows may have besides train.seq_len (`pipeline.lengths_of`)."""
         self.cfg, self.mesh, self.rules = train_cfg, mesh, rules
         self.run_dir = pathlib.Path(run_dir)
         self.train_step, self.eval_step = train_step, eval_step
         self.state_shardings = state_shardings
-        self.flops_per_step = float(flops_per_step)
+        self.flops_at = flops_per_step if callable(flops_per_step) else functools.partial(_same, float(flops_per_step))
+        self.row_lengths = {int(train_cfg.seq_len), *map(int, row_lengths)}
         self.compute_dtype = jnp.dtype(compute_dtype).name
         self.clock = clock
 
@@ -251,18 +277,19 @@ class Loop:
             return self.cfg.peak_flops * jax.device_count()
         return _measured_peak_per_device(self.compute_dtype) * jax.device_count()
 
-    def _check_batch(self, host_batch: dict[str, np.ndarray]) -> int:
-        """Validates the batch shape against train.batch_size / seq_len; returns global tokens."""
+    def _check_batch(self, host_batch: dict[str, np.ndarray]) -> tuple[int, int]:
+        """Validates the batch shape against train.batch_size / seq_len (or `row_lengths`); returns (global tokens,
+        row length)."""
         if "tokens" not in host_batch:
             raise ValueError(f"a train batch needs a 'tokens' field; got fields {sorted(host_batch)}.")
         local_rows, length = np.shape(host_batch["tokens"])
         rows = local_rows * jax.process_count()
-        if rows != self.cfg.batch_size or length != self.cfg.seq_len:
+        if rows != self.cfg.batch_size or length not in self.row_lengths:
             raise ValueError(
                 f"batch 'tokens' is [{rows} global rows, {length}] but train.batch_size={self.cfg.batch_size}, "
                 f"train.seq_len={self.cfg.seq_len}; make the data pipeline and the train config agree."
             )
-        return rows * length
+        return rows * length, length
 
     def _next_batch(self, data_iter, step: int) -> dict[str, np.ndarray]:
         try:
@@ -320,7 +347,7 @@ class Loop:
                 if ckpt is not None:  # killed after its last save: maybe while orbax removed the steps past `keep`
                     ckpt.drop_old_steps()
                 return state
-            peak = self._peak_flops() if self.flops_per_step > 0 else 0.0
+            peak = self._peak_flops() if self.flops_at(int(cfg.seq_len)) > 0 else 0.0
             bar = progress.bar(
                 total=cfg.steps,
                 initial=start,
@@ -331,15 +358,16 @@ class Loop:
             timer = CallTimer()
             shown_eval: dict[str, str] = {}  # the last evaluation's loss, on the progress bar
 
-            def report_all(first: int, metrics, tokens: list[int], prep_seconds: float) -> None:
-                """Reads one call's metrics (waits for that call only): one value per step, or [n] each."""
+            def report_all(first: int, metrics, shapes: list[tuple[int, int]], prep_seconds: float) -> None:
+                """Reads one call's metrics (waits for that call only): one value per step, or [n] each.
+                `shapes`: each step's (tokens, row length)."""
                 host = jax.device_get(metrics)
-                seconds = timer.arrived(self.clock(), len(tokens), prep_seconds)
-                for i, step_tokens in enumerate(tokens):
-                    values = {k: (v[i] if len(tokens) > 1 else v) for k, v in host.items()}
-                    report(first + i, values, step_tokens, seconds)
+                seconds = timer.arrived(self.clock(), len(shapes), prep_seconds)
+                for i, (step_tokens, length) in enumerate(shapes):
+                    values = {k: (v[i] if len(shapes) > 1 else v) for k, v in host.items()}
+                    report(first + i, values, step_tokens, self.flops_at(length), seconds)
 
-            def report(step: int, host_metrics, tokens: int, seconds: float) -> None:
+            def report(step: int, host_metrics, tokens: int, flops: float, seconds: float) -> None:
                 """Checks one step's metrics and logs them; `seconds`: the step's share of its call's time."""
                 values = {k: float(v) for k, v in host_metrics.items()}
                 bad = [k for k in ("loss", "grad_norm") if k in values and not math.isfinite(values[k])]
@@ -354,13 +382,13 @@ class Loop:
                         f"{bad[0]} is {values[bad[0]]} at step {step}; training stopped and {where}. "
                         "Lower optim.lr, tighten optim.clip_norm or check the data of this step."
                     )
-                timer.add(tokens, seconds)
+                timer.add(tokens, seconds, flops)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     rates = timer.take()
                     if rates is not None:  # a window that took no measurable time has no meaningful rate
                         values["tokens_per_s"] = rates[0]
                         if peak > 0:
-                            values["mfu"] = self.flops_per_step * rates[1] / peak
+                            values["mfu"] = rates[1] / peak
                     writer.write(step, values)
                     shown = {k: f"{values[k]:.4g}" for k in ("loss", "tokens_per_s", "mfu") if k in values}
                     bar.set_postfix(shown | shown_eval)
@@ -383,7 +411,10 @@ class Loop:
                 # step or the end: those steps run one at a time, so every boundary ends a call.
                 n = per_call if per_call > 1 and _steps_to_boundary(step, cfg) >= per_call - 1 else 1
                 host_batches += [self._next_batch(data_iter, step + i) for i in range(1, n)]
-                tokens = [self._check_batch(b) for b in host_batches]
+                shapes = [self._check_batch(b) for b in host_batches]
+                if n > 1 and len({length for _, length in shapes}) > 1:  # one program: stacked at one length
+                    host_batches = [padded(b, max(length for _, length in shapes)) for b in host_batches]
+                    shapes = [self._check_batch(b) for b in host_batches]
                 if n > 1:
                     multi = make_multi_step(self.train_step, self.state_shardings)
                     batches = global_batches(host_batches, self.mesh, self.rules)
@@ -398,7 +429,7 @@ class Loop:
                 if pending is not None:
                     report_all(*pending)
                 last = step + n - 1
-                pending = (step, metrics, tokens, prep_seconds)
+                pending = (step, metrics, shapes, prep_seconds)
                 saves = ckpt is not None and (last % cfg.checkpoint_every == 0 or last == cfg.steps)
                 if saves:
                     report_all(*pending)
