@@ -37,8 +37,10 @@ def main():
         ("--prompts-per-round", dict(type=int, default=64, help="align.prompts_per_round (one DPO round)")),
         ("--repeats", dict(type=int, default=1, help="runs of each variant, in alternation")),
     )
+    vocab = json.loads((folder / "proxy" / "config.json").read_text())["vocab_size"]  # (32,000 but on few prompts)
     flags += [
-        f"--config.proxy.init_from={folder / 'proxy'}", "--config.proxy.vocab_size=32000", "--config.proxy.max_seq_len=2048",
+        f"--config.proxy.init_from={folder / 'proxy'}", f"--config.proxy.vocab_size={vocab}",
+        "--config.proxy.max_seq_len=2048",
         f"--config.align.sft_steps={args.sft_steps}",
         "--config.align.rounds=1", f"--config.align.prompts_per_round={args.prompts_per_round}",
         "--config.align.batch_size=8", "--config.align.heldout_samples=64", "--config.align.max_new_tokens=64",
@@ -54,7 +56,7 @@ def main():
             seconds[label].append((s, sft - start, done - sft))
             records = [json.loads(line) for line in (run / "proxy" / "metrics.jsonl").read_text().splitlines()]
             nll[label] = {r["phase"]: r["heldout_nll"] for r in records}
-    print(f"align: d64 proxy, 32,000-token vocabulary, data.seq_len {args.seq_len}, {args.sft_steps} SFT steps of 8 "
+    print(f"align: d64 proxy, {vocab:,}-token vocabulary, data.seq_len {args.seq_len}, {args.sft_steps} SFT steps of 8 "
           f"rows, one DPO round on {args.prompts_per_round} prompts (pairs of 8 per step)")  # fmt: skip
     phases = list(next(iter(nll.values())))
     rows = [
