@@ -236,6 +236,15 @@ def pass_batches(lengths: np.ndarray, batch_size: int, seq_len: int, cut: bool):
         yield idx, real, pipeline.cut_length(int(lengths[idx].max()), seq_len) if cut else seq_len
 
 
+def _placed_batches(rows: dict, keys, lengths: np.ndarray, batch_size: int, cut: bool, put_batch):
+    """(rows' indices, the batch placed by `put_batch`) of each `pass_batches` batch of the fields `keys` of
+    `rows`, the indices those of its real rows (in the batch's first places)."""
+    seq_len = rows[keys[0]].shape[1]
+    for idx, real, length in pass_batches(lengths, batch_size, seq_len, cut):
+        batch = {k: rows[k][idx, :length] for k in keys}
+        yield idx[:real], batch if put_batch is None else put_batch(batch)
+
+
 def reference_logprobs(
     model: nnx.Module,
     frozen: tuple,
@@ -258,16 +267,12 @@ def reference_logprobs(
     n = next(iter(rows.values())).shape[0]
     chosen_out, rejected_out = np.zeros((n,), np.float32), np.zeros((n,), np.float32)
     keys = [k for k in rows if k.startswith(("chosen_", "rejected_"))]
-    seq_len = rows["chosen_segment_ids"].shape[1]
     lengths = np.maximum(row_lengths(rows["chosen_segment_ids"]), row_lengths(rows["rejected_segment_ids"]))
-    for idx, m, length in pass_batches(lengths, batch_size, seq_len, cut):
-        batch = {k: rows[k][idx, :length] for k in keys}
-        if put_batch is not None:
-            batch = put_batch(batch)
+    for idx, batch in _placed_batches(rows, keys, lengths, batch_size, cut, put_batch):
         with mesh_of(batch):  # rows pinned to the batch axes, as in the train step
             c, r = _pair_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen))
-        chosen_out[idx[:m]] = to_host(c)[:m]
-        rejected_out[idx[:m]] = to_host(r)[:m]
+        chosen_out[idx] = to_host(c)[: len(idx)]
+        rejected_out[idx] = to_host(r)[: len(idx)]
     return chosen_out, rejected_out
 
 
@@ -293,12 +298,8 @@ def heldout_nll(
     module = (frozen[0], model) if frozen else model
     graphdef, state = nnx.split(module)
     total = 0.0
-    seq_len = rows["tokens"].shape[1]
-    for idx, m, length in pass_batches(row_lengths(rows["segment_ids"]), batch_size, seq_len, cut):
-        batch = {k: rows[k][idx, :length] for k in ROW_FIELDS}
-        if put_batch is not None:
-            batch = put_batch(batch)
+    for idx, batch in _placed_batches(rows, ROW_FIELDS, row_lengths(rows["segment_ids"]), batch_size, cut, put_batch):
         with mesh_of(batch):
             logp_B = to_host(_row_logprobs(graphdef, state, batch, chunk=chunk, lora_on=bool(frozen)))
-        total += float(np.sum(logp_B[:m].astype(np.float64)))
+        total += float(np.sum(logp_B[: len(idx)].astype(np.float64)))
     return -total / max(float(np.sum(rows["loss_mask"])), 1.0)
