@@ -220,3 +220,23 @@ def test_the_loop_refuses_a_length_it_was_not_given(tmp_path):
     plain = Loop(tcfg, run_dir=tmp_path, mesh=None, rules=None, train_step=None, state_shardings=None)
     with pytest.raises(ValueError, match=r"\[2 global rows, 8\]"):
         plain._check_batch({"tokens": np.zeros((2, 8), np.int32)})
+
+
+def test_padded_fills_the_position_fields_with_padding():
+    from proxykd_jax.train.loop import padded
+
+    rng = np.random.default_rng(5)
+    batch = {
+        "tokens": rng.integers(1, 9, (2, 8)).astype(np.int32),
+        "loss_mask": np.ones((2, 8), np.float32),
+        "per_token": rng.normal(size=(2, 8, 3)).astype(np.float32),
+        "ref_logp": rng.normal(size=(2,)).astype(np.float32),
+    }
+    out = padded(batch, 16)
+    assert {k: v.shape for k, v in out.items()} == {
+        "tokens": (2, 16), "loss_mask": (2, 16), "per_token": (2, 16, 3), "ref_logp": (2,)
+    }  # fmt: skip
+    for k in ("tokens", "loss_mask", "per_token"):
+        np.testing.assert_array_equal(out[k][:, :8], batch[k])
+        assert not out[k][:, 8:].any()
+    np.testing.assert_array_equal(out["ref_logp"], batch["ref_logp"])

@@ -405,8 +405,8 @@ class Loop:
             while step <= cfg.steps:
                 prep_start = self.clock()
                 host_batches = [self._next_batch(data_iter, step)]
-                if auto and step == start + 1:  # auto: capped by the first batch's size
-                    per_call = auto_steps_for_batch(per_call, host_batches[0])
+                if auto and step == start + 1:  # auto: capped by the first batch's size (at full length)
+                    per_call = auto_steps_for_batch(per_call, padded(host_batches[0], int(cfg.seq_len)))
                 # Several steps per call (`make_multi_step`) unless that would cross a checkpoint or eval
                 # step or the end: those steps run one at a time, so every boundary ends a call.
                 n = per_call if per_call > 1 and _steps_to_boundary(step, cfg) >= per_call - 1 else 1
