@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from proxykd_jax.align.pairs import ROW_FIELDS, row_lengths
 from proxykd_jax.errors import ProxyKDError
 from proxykd_jax.parallel import sharding as sharding_lib
 from proxykd_jax.parallel.hosts import sync
@@ -154,8 +155,7 @@ def row_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int, *, cut:
     """
     import grain
 
-    from proxykd_jax.align.pairs import ROW_FIELDS, row_lengths
-    from proxykd_jax.data import pipeline
+    from proxykd_jax.data import pipeline  # (grain at its import: loaded where batches are made)
 
     n = next(iter(rows.values())).shape[0]
     if n < batch_size:
